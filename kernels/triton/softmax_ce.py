@@ -1,0 +1,261 @@
+"""Triton kernels for softmax, log_softmax and cross-entropy, forward and backward.
+
+Every kernel sees its tensor as rows of an (outer, n, inner) view: row r = (r // inner,
+r % inner) starts at (r // inner) * stride_outer + (r % inner) * stride_inner and its n
+elements lie stride_n apart. So softmax over any dim, (N, C) logits of any strides and
+(N, C, d1, ...) logits need no copy. One program handles a tile of BLOCK_R rows x BLOCK_N
+columns; rows wider than BLOCK_N are walked in blocks with an online max/sum (the row's
+running maximum m and the sum s of exp(x - m), rescaled by exp(m_old - m_new) when m grows),
+so no row length is capped by the block size. All arithmetic is fp32 whatever the input dtype.
+
+When SINGLE is set (n <= BLOCK_N) a row is loaded once and kept in registers; otherwise the
+forward makes one pass for the statistics and one to write, reading the row twice.
+"""
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _row_starts(row0, n_rows, inner, stride_outer, stride_inner, BLOCK_R: tl.constexpr):
+    """Offsets (int64) of the BLOCK_R rows that start at row0, and which of them exist."""
+    rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
+    offsets = (rows // inner) * stride_outer + (rows % inner) * stride_inner
+    return rows, offsets, rows < n_rows
+
+
+@triton.jit
+def _online_update(m, s, x):
+    """Fold a block x into per-lane running max m and rescaled sum s.
+
+    A lane that has only seen -inf keeps m = -inf and s = 0 (exp(-inf - -inf) would be NaN).
+    """
+    m_new = tl.maximum(m, x)
+    seen = m_new != NEG_INF
+    alpha = tl.where(seen, tl.exp(m - m_new), 0.0)
+    p = tl.where(seen, tl.exp(x - m_new), 0.0)
+    return m_new, s * alpha + p
+
+
+@triton.jit
+def _lanes_to_row(m, s):
+    """Combine per-lane (m, s) of a [BLOCK_R, BLOCK_N] tile into per-row (max, sum)."""
+    m_row = tl.max(m, 1)
+    s_row = tl.sum(tl.where(m != NEG_INF, s * tl.exp(m - m_row[:, None]), 0.0), 1)
+    return m_row, s_row
+
+
+@triton.jit
+def softmax_fwd(
+    x_ptr, y_ptr,
+    n_rows, n, inner,                       # rows = outer * inner; n = length of each row
+    sx_outer, sx_n, sx_inner,               # strides of x's (outer, n, inner) view
+    sy_outer, sy_n, sy_inner,               # strides of y's (outer, n, inner) view
+    LOG: tl.constexpr,                      # write log_softmax instead of softmax
+    SINGLE: tl.constexpr,                   # n <= BLOCK_N: one load per row
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
+    y_off = (rows // inner) * sy_outer + (rows % inner) * sy_inner
+    cols = tl.arange(0, BLOCK_N)
+    if SINGLE:
+        mask = rmask[:, None] & (cols < n)[None, :]
+        x = tl.load(x_ptr + x_off[:, None] + cols[None, :] * sx_n, mask=mask,
+                    other=NEG_INF).to(tl.float32)
+        m = tl.max(x, 1)
+        e = tl.exp(x - m[:, None])
+        s = tl.sum(e, 1)
+        if LOG:
+            y = x - (m + tl.log(s))[:, None]
+        else:
+            y = e / s[:, None]
+        tl.store(y_ptr + y_off[:, None] + cols[None, :] * sy_n,
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
+        s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        for start in range(0, n, BLOCK_N):
+            c = start + cols
+            mask = rmask[:, None] & (c < n)[None, :]
+            x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
+                        other=NEG_INF).to(tl.float32)
+            m, s = _online_update(m, s, x)
+        m_row, s_row = _lanes_to_row(m, s)
+        lse = m_row + tl.log(s_row)
+        for start in range(0, n, BLOCK_N):
+            c = start + cols
+            mask = rmask[:, None] & (c < n)[None, :]
+            x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
+                        other=NEG_INF).to(tl.float32)
+            if LOG:
+                y = x - lse[:, None]
+            else:
+                y = tl.exp(x - m_row[:, None]) / s_row[:, None]
+            tl.store(y_ptr + y_off[:, None] + c[None, :] * sy_n,
+                     y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_bwd(
+    y_ptr, dy_ptr, dx_ptr,
+    n_rows, n, inner,
+    sy_outer, sy_n, sy_inner,               # strides of the saved output y
+    sdy_outer, sdy_n, sdy_inner,            # strides of the incoming gradient
+    sdx_outer, sdx_n, sdx_inner,            # strides of the gradient written
+    LOG: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """softmax: dx = y * (dy - sum(dy * y)); log_softmax: dx = dy - exp(y) * sum(dy)."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows, y_off, rmask = _row_starts(row0, n_rows, inner, sy_outer, sy_inner, BLOCK_R)
+    dy_off = (rows // inner) * sdy_outer + (rows % inner) * sdy_inner
+    dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
+    cols = tl.arange(0, BLOCK_N)
+    if SINGLE:
+        mask = rmask[:, None] & (cols < n)[None, :]
+        y = tl.load(y_ptr + y_off[:, None] + cols[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + dy_off[:, None] + cols[None, :] * sdy_n, mask=mask, other=0.0).to(tl.float32)
+        if LOG:
+            dx = dy - tl.exp(y) * tl.sum(dy, 1)[:, None]
+        else:
+            dx = y * (dy - tl.sum(dy * y, 1)[:, None])
+        tl.store(dx_ptr + dx_off[:, None] + cols[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        for start in range(0, n, BLOCK_N):
+            c = start + cols
+            mask = rmask[:, None] & (c < n)[None, :]
+            dy = tl.load(dy_ptr + dy_off[:, None] + c[None, :] * sdy_n, mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                acc += dy
+            else:
+                y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
+                acc += dy * y
+        total = tl.sum(acc, 1)[:, None]
+        for start in range(0, n, BLOCK_N):
+            c = start + cols
+            mask = rmask[:, None] & (c < n)[None, :]
+            y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + dy_off[:, None] + c[None, :] * sdy_n, mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                dx = dy - tl.exp(y) * total
+            else:
+                dx = y * (dy - total)
+            tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_fwd(
+    x_ptr, target_ptr, weight_ptr,          # logits (outer, C, inner) view; targets (rows,); weights (C,)
+    loss_ptr, lse_ptr, row_weight_ptr,      # fp32 outputs per row: loss, logsumexp, w[target] (0 if ignored)
+    n_rows, n, inner,
+    sx_outer, sx_n, sx_inner,
+    ignore_index, smoothing,                # label_smoothing eps
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
+
+    Single pass over the logits; probabilities are never written. For the smoothing term each
+    lane keeps d = sum w (x - m_lane) relative to its own running max, updated exactly when the
+    max grows (d -= W_lane (m_new - m_old)), so huge logits do not cancel catastrophically.
+    """
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
+    t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
+    valid = rmask & (t != ignore_index)
+    t_safe = tl.where(valid, t, 0)
+    cols = tl.arange(0, BLOCK_N)
+    m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)   # sum_c w_c (x_c - m_lane)
+    wl = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # sum_c w_c per lane
+    for start in range(0, n, BLOCK_N):
+        c = start + cols
+        cmask = c < n
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
+                    other=NEG_INF).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            else:
+                w = tl.where(cmask, 1.0, 0.0)[None, :]
+            d = d - tl.where(wl == 0.0, 0.0, wl * (m_new - m))
+            d += tl.where(mask, w * (x - m_new), 0.0)
+            wl += tl.where(mask, w, 0.0)
+        seen = m_new != NEG_INF
+        s = s * tl.where(seen, tl.exp(m - m_new), 0.0) + tl.where(seen, tl.exp(x - m_new), 0.0)
+        m = m_new
+    m_row, s_row = _lanes_to_row(m, s)
+    lse = m_row + tl.log(s_row)
+    x_t = tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=valid, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t_safe, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w_t = tl.where(valid, 1.0, 0.0)
+    loss = w_t * (lse - x_t)
+    if HAS_SMOOTHING:
+        # sum_c w_c (lse - x_c) = sum_lanes [W_lane (lse - m_lane) - d_lane]
+        smooth = tl.sum(tl.where(wl == 0.0, 0.0, wl * (lse[:, None] - m) - d), 1)
+        loss = (1.0 - smoothing) * loss + (smoothing / n) * smooth
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + rows, loss, mask=rmask)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(row_weight_ptr + rows, w_t, mask=rmask)
+
+
+@triton.jit
+def cross_entropy_bwd(
+    x_ptr, target_ptr, weight_ptr, lse_ptr,
+    grad_ptr, grad_stride,                  # upstream gradient per row: stride 0 broadcasts a scalar
+    weight_sum_ptr,                         # 0-d fp32: sum of the class weights (smoothing only)
+    dx_ptr,
+    n_rows, n, inner,
+    sx_outer, sx_n, sx_inner,
+    sdx_outer, sdx_n, sdx_inner,
+    ignore_index, smoothing,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
+    one pass over the logits, rows with an ignored target get zeros."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
+    dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
+    t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
+    valid = rmask & (t != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    g = tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)
+    g = tl.where(valid, g, 0.0)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + tl.where(valid, t, 0), mask=valid, other=0.0).to(tl.float32)
+    else:
+        w_t = tl.where(valid, 1.0, 0.0)
+    g_nll = (g * (1.0 - smoothing) * w_t)[:, None]
+    if HAS_SMOOTHING:
+        g_smooth = (g * (smoothing / n))[:, None]
+        if HAS_WEIGHT:
+            w_sum = tl.load(weight_sum_ptr).to(tl.float32)
+        else:
+            w_sum = n * 1.0
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(0, n, BLOCK_N):
+        c = start + cols
+        cmask = c < n
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse[:, None])
+        dx = g_nll * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            else:
+                w = 1.0
+            dx += g_smooth * (w_sum * p - w)
+        # ignored rows: g = 0, but 0 * NaN/inf logits must still give exactly 0
+        dx = tl.where(valid[:, None], dx, 0.0)
+        tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,78 @@
+"""Launch helpers shared by every op: output allocation, Numba array views, block sizing.
+
+Kept in one place so the Triton and Numba launchers never each grow their own copy.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from . import _env
+
+# When set (by the test suite, through `poisoned_outputs()`), every output buffer a launcher
+# allocates is filled with NaN (or the integer minimum), so an element a kernel forgets to
+# write fails the comparison instead of passing on whatever the allocator left there.
+_POISON = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
+    global _POISON
+    old, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = old
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised kernel output (NaN-filled under `poisoned_outputs`)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON:
+        if dtype.is_floating_point:
+            out.fill_(float("nan"))
+        elif dtype != torch.bool:
+            out.fill_(torch.iinfo(dtype).min)
+    return out
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- Numba ---------------------------------------------------------------------------------
+
+def numba_threads(gpu: int) -> int:
+    """Threads per block: `gpu` on a device; 32 in the CUDA simulator, where each CUDA thread
+    is an OS thread and large blocks make tests crawl. Kernels must be correct for any count
+    that is a power of two."""
+    return 32 if _env.INTERPRET else gpu
+
+
+def numba_array(t: torch.Tensor):
+    """A zero-copy Numba view of a torch tensor.
+
+    CUDA tensors go through the CUDA array interface; CPU tensors (simulator only) through
+    NumPy. NumPy and the CUDA array interface have no bfloat16, so bf16 tensors are viewed as
+    int16 bit patterns; kernels decode them (see kernels/numba/_dtypes.py).
+    """
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    if t.device.type == "cuda":
+        from numba import cuda
+        return cuda.as_cuda_array(t.detach())
+    return t.detach().numpy()
+
+
+def numba_stream(device: torch.device):
+    """Numba stream wrapping torch's current stream, so Numba kernels order with torch's work."""
+    if device.type != "cuda":
+        return 0
+    from numba import cuda
+    return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)

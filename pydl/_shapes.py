@@ -1,0 +1,100 @@
+"""Shape arithmetic, once for the whole library (kernels, references, tests and benchmarks).
+
+The output-size rule of convolution and pooling, argument normalisation for int-or-pair
+options, and the (outer, n, inner) view that row-wise kernels (softmax, cross-entropy) use.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def pair(value, name: str) -> tuple[int, int]:
+    """An int or a length-2 sequence of ints as a pair; a clear error otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, Sequence) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return (int(value[0]), int(value[1]))
+    if isinstance(value, Sequence) and len(value) == 1 and isinstance(value[0], int):
+        return (int(value[0]), int(value[0]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,
+                     dilation: int = 1, *, exact: bool = False, name: str = "input") -> int:
+    """floor((N + 2P - D(K - 1) - 1) / S) + 1, the output length of a convolution.
+
+    PyTorch (and so pydl's ops) floor a window that does not fit the last stride step; with
+    `exact=True` such a configuration is rejected, as the lecture notes do (7x7 input, 3x3
+    kernel, stride 3 gives 2.33 and "does not fit").
+    """
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if dilation <= 0:
+        raise ValueError(f"dilation must be positive, got {dilation}")
+    if padding < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
+    span = dilation * (kernel - 1) + 1
+    room = size + 2 * padding - span
+    if room < 0:
+        raise ValueError(f"kernel size {kernel} (dilated span {span}) is larger than the padded "
+                         f"{name} size {size + 2 * padding}")
+    if exact and room % stride:
+        raise ValueError(f"a kernel of {kernel} at stride {stride} does not fit {name} size {size} "
+                         f"with padding {padding}: (N + 2P - D(K-1) - 1)/S + 1 = "
+                         f"{room / stride + 1:.2f} is not an integer")
+    return room // stride + 1
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1,
+                     ceil_mode: bool = False, *, name: str = "input") -> int:
+    """Pooling output length with PyTorch's ceil_mode rule: rounding up may add a last window,
+    but never one that starts inside the right padding."""
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if padding * 2 > kernel:
+        raise ValueError(f"padding ({padding}) must be at most half the kernel size ({kernel})")
+    span = dilation * (kernel - 1) + 1
+    room = size + 2 * padding - span
+    if room < 0:
+        raise ValueError(f"kernel size {kernel} (dilated span {span}) is larger than the padded "
+                         f"{name} size {size + 2 * padding}")
+    out = (math.ceil(room / stride) if ceil_mode else room // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def same_padding(kernel: int, dilation: int = 1) -> tuple[int, int]:
+    """(left, right) padding that keeps the size at stride 1; uneven spans pad more on the right,
+    as PyTorch does for padding="same"."""
+    total = dilation * (kernel - 1)
+    return total // 2, total - total // 2
+
+
+def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"{name} must be an int, got {dim!r}")
+    if not -max(ndim, 1) <= dim < max(ndim, 1):
+        raise IndexError(f"{name}={dim} is out of range for a tensor of {ndim} dimensions")
+    return dim % max(ndim, 1)
+
+
+def as_rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, int, int]:
+    """View `x` as (outer, n, inner) around `dim`; returns (view, outer, n, inner).
+
+    Row r = (o, i) holds x[o, :, i]; a row-wise kernel addresses it with the view's three
+    strides, so contiguous tensors and 2-D tensors of any strides need no copy. Only a
+    layout that cannot be expressed with one outer and one inner stride is copied.
+    """
+    dim = normalize_dim(dim, x.dim())
+    shape = x.shape if x.dim() else (1,)
+    outer = math.prod(shape[:dim])
+    n = shape[dim]
+    inner = math.prod(shape[dim + 1:])
+    return x.reshape(outer, n, inner), outer, n, inner

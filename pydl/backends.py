@@ -1,0 +1,107 @@
+"""Backend registry and selection: the one place that decides which implementation runs.
+
+Backends:
+  "triton" - pydl's Triton kernels (the default for CUDA tensors)
+  "numba"  - pydl's Numba CUDA kernels
+  "torch"  - the baseline: PyTorch's own ATen/cuDNN implementation, named as such. It is what
+             pydl is measured against, never a silent substitute for a missing kernel.
+
+Selection, first match wins: the op's `backend=` keyword, the innermost `pydl.use_backend(...)`
+context, the PYDL_BACKEND environment variable, then "triton".
+
+Each op family registers its implementations with `@register(op, backend)`; `dispatch` returns
+the implementation after checking that the tensors can run there (same device; a CUDA device,
+or CPU tensors under PYDL_INTERPRET=1 emulation).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable, Iterator
+
+import torch
+
+from . import _env
+
+BACKENDS: tuple[str, ...] = ("triton", "numba", "torch")
+KERNEL_BACKENDS: tuple[str, ...] = ("triton", "numba")
+DEFAULT_BACKEND = "triton"
+
+_registry: dict[str, dict[str, Callable]] = {}
+_context: contextvars.ContextVar[str | None] = contextvars.ContextVar("pydl_backend", default=None)
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name.lower()
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` as the implementation of `op` on `backend`."""
+    backend = _check_name(backend, "register")
+
+    def wrap(fn: Callable) -> Callable:
+        _registry.setdefault(op, {})[backend] = fn
+        return fn
+
+    return wrap
+
+
+def implementations(op: str) -> dict[str, Callable]:
+    """The registered implementations of `op`, by backend name."""
+    return dict(_registry.get(op, {}))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the ops inside the `with` block on `name` unless an op's `backend=` says otherwise."""
+    token = _context.set(_check_name(name, "use_backend"))
+    try:
+        yield name
+    finally:
+        _context.reset(token)
+
+
+def current_backend() -> str:
+    """The backend an op without `backend=` would use: context, then PYDL_BACKEND, then default."""
+    name = _context.get()
+    if name is not None:
+        return name
+    env = os.environ.get("PYDL_BACKEND")
+    if env:
+        return _check_name(env, "PYDL_BACKEND")
+    return DEFAULT_BACKEND
+
+
+def check_device(backend: str, *tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device, and that device can run `backend`; returns the device."""
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not ts:
+        raise TypeError("expected at least one tensor argument")
+    device = ts[0].device
+    for t in ts[1:]:
+        if t.device != device:
+            raise RuntimeError(f"expected all tensors on one device, got {device} and {t.device}")
+    if backend in KERNEL_BACKENDS:
+        if device.type == "cpu" and not _env.INTERPRET:
+            raise RuntimeError(
+                f"the {backend!r} backend runs GPU kernels and got CPU tensors. Move the tensors to "
+                "a CUDA device, or set PYDL_INTERPRET=1 before importing pydl to run the kernels "
+                "in emulation on the CPU (slow; for tests and debugging), or pass "
+                "backend='torch' (or use pydl.use_backend('torch')) for PyTorch's own implementation")
+        if device.type not in ("cuda", "cpu"):
+            raise RuntimeError(f"the {backend!r} backend does not run on {device.type} tensors")
+    return device
+
+
+def dispatch(op: str, backend: str | None, *tensors: torch.Tensor) -> tuple[str, Callable]:
+    """(backend name, implementation) of `op` for `backend` (None = current) on these tensors."""
+    name = current_backend() if backend is None else _check_name(backend, f"{op}(backend=...)")
+    impls = _registry.get(op, {})
+    if name not in impls:
+        have = ", ".join(sorted(impls)) or "none"
+        raise NotImplementedError(f"{op} has no {name!r} implementation yet (available: {have})")
+    check_device(name, *tensors)
+    return name, impls[name]

@@ -1,0 +1,7 @@
+"""The public ops, with torch.nn.functional signatures plus keyword-only `backend=` (and `algo=`
+where an op has variants). Each op is defined once, in its family's module; this module is the
+index users import (`import pydl.functional as F`).
+"""
+from .softmax_ce import cross_entropy, log_softmax, softmax
+
+__all__ = ["softmax", "log_softmax", "cross_entropy"]

@@ -1,0 +1,334 @@
+"""softmax, log_softmax and cross_entropy: argument checks, autograd Functions, kernel launches.
+
+Layers (trident's order): kernels/{triton,numba}/softmax_ce.py hold the kernels; the launchers
+below size the grid and allocate outputs; the autograd Functions save what the backward needs;
+the public functions at the bottom check arguments and dispatch through pydl.backends.
+
+Every kernel works on the (outer, n, inner) view of its tensor (see pydl._shapes.as_rows), so
+softmax over any dim and (N, C, d1, ...) cross-entropy need no transposed copy.
+
+Cross-entropy saves only the per-row logsumexp (4 bytes a row) and the logits the caller
+already holds; its backward writes softmax - one-hot (with weights and smoothing) in one pass.
+The mean reduction's sum over rows and the sum of the class weights are small torch
+reductions over per-row vectors (N floats, C floats), not over the logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._launch import cdiv, new_output, next_power_of_2, numba_array, numba_stream, numba_threads
+from ._shapes import as_rows, normalize_dim
+from .backends import dispatch, register
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REDUCTIONS = ("none", "mean", "sum")
+
+# Widest column block a Triton program loads at once; wider rows are walked with the online
+# max/sum. Tests lower it to exercise the multi-block path on small rows.
+MAX_BLOCK_N = 4096
+# Elements per program tile (BLOCK_R rows x BLOCK_N columns): short rows are batched.
+TILE_ELEMENTS = 4096
+
+
+# --- Triton launch ------------------------------------------------------------------------
+
+def _triton_config(n_rows: int, n: int) -> dict:
+    block_n = min(next_power_of_2(n), MAX_BLOCK_N)
+    block_r = max(1, min(next_power_of_2(n_rows), TILE_ELEMENTS // block_n, 64))
+    tile = block_r * block_n
+    num_warps = 4 if tile <= 2048 else (8 if tile <= 4096 else 16)
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
+
+
+class _TritonLaunch:
+    @staticmethod
+    def softmax_fwd(x3, y3, log: bool) -> None:
+        from .kernels.triton import softmax_ce as k
+        outer, n, inner = x3.shape
+        cfg = _triton_config(outer * inner, n)
+        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
+        k.softmax_fwd[grid](x3, y3, outer * inner, n, inner, *x3.stride(), *y3.stride(),
+                            LOG=log, SINGLE=n <= cfg["BLOCK_N"], **cfg)
+
+    @staticmethod
+    def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
+        from .kernels.triton import softmax_ce as k
+        outer, n, inner = y3.shape
+        cfg = _triton_config(outer * inner, n)
+        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
+        k.softmax_bwd[grid](y3, dy3, dx3, outer * inner, n, inner, *y3.stride(), *dy3.stride(),
+                            *dx3.stride(), LOG=log, SINGLE=n <= cfg["BLOCK_N"], **cfg)
+
+    @staticmethod
+    def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
+        from .kernels.triton import softmax_ce as k
+        outer, n, inner = x3.shape
+        cfg = _triton_config(outer * inner, n)
+        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
+        k.cross_entropy_fwd[grid](
+            x3, target, weight if weight is not None else x3, loss, lse, row_weight,
+            outer * inner, n, inner, *x3.stride(), ignore_index, smoothing,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, **cfg)
+
+    @staticmethod
+    def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, weight_sum, dx3,
+                          ignore_index, smoothing):
+        from .kernels.triton import softmax_ce as k
+        outer, n, inner = x3.shape
+        cfg = _triton_config(outer * inner, n)
+        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
+        k.cross_entropy_bwd[grid](
+            x3, target, weight if weight is not None else x3, lse, grad, grad_stride,
+            weight_sum if weight_sum is not None else lse, dx3,
+            outer * inner, n, inner, *x3.stride(), *dx3.stride(), ignore_index, smoothing,
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, **cfg)
+
+
+# --- Numba launch -------------------------------------------------------------------------
+
+class _NumbaLaunch:
+    """Same methods as _TritonLaunch, on the Numba kernels (one block of threads per row)."""
+
+    @staticmethod
+    def _threads(n: int) -> int:
+        return min(numba_threads(256), max(32, next_power_of_2(n)))
+
+    @staticmethod
+    def softmax_fwd(x3, y3, log: bool) -> None:
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = x3.shape
+        threads = _NumbaLaunch._threads(n)
+        k.softmax_fwd[outer * inner, threads, numba_stream(x3.device)](
+            numba_array(x3), numba_array(y3), inner, log, k.dtype_code(x3.dtype))
+
+    @staticmethod
+    def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = y3.shape
+        threads = _NumbaLaunch._threads(n)
+        k.softmax_bwd[outer * inner, threads, numba_stream(y3.device)](
+            numba_array(y3), numba_array(dy3), numba_array(dx3), inner, log,
+            k.dtype_code(y3.dtype))
+
+    @staticmethod
+    def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = x3.shape
+        threads = _NumbaLaunch._threads(n)
+        w = weight if weight is not None else loss[:1]
+        k.cross_entropy_fwd[outer * inner, threads, numba_stream(x3.device)](
+            numba_array(x3), numba_array(target), numba_array(w), numba_array(loss),
+            numba_array(lse), numba_array(row_weight), inner, ignore_index, float(smoothing),
+            weight is not None, k.dtype_code(x3.dtype))
+
+    @staticmethod
+    def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, weight_sum, dx3,
+                          ignore_index, smoothing):
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = x3.shape
+        threads = _NumbaLaunch._threads(n)
+        w = weight if weight is not None else lse[:1]
+        ws = weight_sum if weight_sum is not None else lse[:1]
+        k.cross_entropy_bwd[outer * inner, threads, numba_stream(x3.device)](
+            numba_array(x3), numba_array(target), numba_array(w), numba_array(lse),
+            numba_array(grad.reshape(-1)), grad_stride, numba_array(ws.reshape(1)),
+            numba_array(dx3), inner, ignore_index, float(smoothing), weight is not None,
+            k.dtype_code(x3.dtype))
+
+
+LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
+
+
+# --- autograd Functions -------------------------------------------------------------------
+
+class SoftmaxFunction(torch.autograd.Function):
+    """softmax / log_softmax over `dim`; saves its output, which is all the backward needs."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int, log: bool, launch):
+        x3, outer, n, inner = as_rows(x, dim)
+        y3 = new_output((outer, n, inner), x.dtype, x.device)
+        if y3.numel():
+            launch.softmax_fwd(x3, y3, log)
+        ctx.save_for_backward(y3)
+        ctx.log, ctx.launch, ctx.shape = log, launch, x.shape
+        return y3.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y3,) = ctx.saved_tensors
+        dy3 = dy.reshape(y3.shape)
+        dx3 = new_output(y3.shape, y3.dtype, y3.device)
+        if dx3.numel():
+            ctx.launch.softmax_bwd(y3, dy3, dx3, ctx.log)
+        return dx3.view(ctx.shape), None, None, None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Fused log_softmax + NLL (+ weights, ignore_index, label smoothing) over class dim 1."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index: int, reduction: str, smoothing: float, launch):
+        dim = 0 if x.dim() == 1 else 1
+        x3, outer, n, inner = as_rows(x, dim)
+        rows = outer * inner
+        t = target.reshape(rows)
+        loss = new_output(rows, torch.float32, x.device)
+        lse = new_output(rows, torch.float32, x.device)
+        row_weight = new_output(rows, torch.float32, x.device)
+        if rows:
+            launch.cross_entropy_fwd(x3, t, weight, loss, lse, row_weight, ignore_index, smoothing)
+        if reduction == "none":
+            out = loss.view(target.shape)
+            denom = None
+        elif reduction == "sum":
+            out = loss.sum()
+            denom = None
+        else:
+            denom = row_weight.sum()
+            out = loss.sum() / denom
+        ctx.save_for_backward(x3, t, weight, lse, denom)
+        ctx.ignore_index, ctx.reduction, ctx.smoothing, ctx.launch = ignore_index, reduction, smoothing, launch
+        ctx.x_shape = x.shape
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x3, t, weight, lse, denom = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad, stride = grad_out.reshape(-1).float().contiguous(), 1
+        elif ctx.reduction == "sum":
+            grad, stride = grad_out.float().reshape(1), 0
+        else:
+            grad, stride = (grad_out.float() / denom).reshape(1), 0
+        weight_sum = weight.float().sum().reshape(1) if weight is not None and ctx.smoothing > 0 else None
+        dx3 = new_output(x3.shape, x3.dtype, x3.device)
+        if dx3.numel():
+            ctx.launch.cross_entropy_bwd(x3, t, weight, lse, grad, stride, weight_sum, dx3,
+                                         ctx.ignore_index, ctx.smoothing)
+        return dx3.view(ctx.x_shape), None, None, None, None, None, None
+
+
+# --- implementations by backend -----------------------------------------------------------
+
+def _kernel_softmax(launch):
+    def impl(x, dim, log):
+        return SoftmaxFunction.apply(x, dim, log, launch)
+    return impl
+
+
+def _kernel_cross_entropy(launch):
+    def impl(x, target, weight, ignore_index, reduction, smoothing):
+        return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction, smoothing, launch)
+    return impl
+
+
+for _name, _launch in LAUNCHERS.items():
+    register("softmax", _name)(_kernel_softmax(_launch))
+    register("cross_entropy", _name)(_kernel_cross_entropy(_launch))
+
+
+@register("softmax", "torch")
+def _torch_softmax(x, dim, log):
+    return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
+
+
+@register("cross_entropy", "torch")
+def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing):
+    return torch.nn.functional.cross_entropy(x, target, weight=weight, ignore_index=ignore_index,
+                                             reduction=reduction, label_smoothing=smoothing)
+
+
+# --- argument checks and the public functions ---------------------------------------------
+
+def _check_float(x: torch.Tensor, name: str, backend: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if backend != "torch" and x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the {backend!r} backend, "
+                        f"got {x.dtype} (backend='torch' handles other dtypes)")
+
+
+def _softmax(input, dim, log, dtype, backend):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if dim is None:
+        raise TypeError("dim must be given (an int); the implicit-dim form of torch is deprecated")
+    if dtype is not None:
+        input = input.to(dtype)
+    name, impl = dispatch("softmax", backend, input)
+    _check_float(input, "input", name)
+    dim = normalize_dim(dim, input.dim())
+    return impl(input, dim, log)
+
+
+def softmax(input, dim=-1, *, dtype=None, backend=None):
+    """softmax(input, dim) as torch.nn.functional.softmax; `dtype` casts the input first."""
+    return _softmax(input, dim, False, dtype, backend)
+
+
+def log_softmax(input, dim=-1, *, dtype=None, backend=None):
+    """log_softmax(input, dim) as torch.nn.functional.log_softmax."""
+    return _softmax(input, dim, True, dtype, backend)
+
+
+def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, backend):
+    _check_float(input, "input", backend)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (C,) or (N, C, d1, ...)")
+    if target.dtype.is_floating_point:
+        if target.shape == input.shape:
+            raise NotImplementedError("class-probability targets are not supported yet; "
+                                      "give class indices (int64) or use backend='torch'")
+        raise TypeError(f"target must hold int64 class indices, got {target.dtype}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64 (torch.long) class indices, got {target.dtype}")
+    expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
+                         f"{tuple(input.shape)}: expected {expected} (batch and spatial dims of input)")
+    if target.device != input.device:
+        raise RuntimeError(f"target is on {target.device} but input is on {input.device}")
+    n_classes = input.shape[0 if input.dim() == 1 else 1]
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != n_classes:
+            raise ValueError(f"weight must be a 1-D tensor of length C={n_classes}, got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        if weight.device != input.device:
+            raise RuntimeError(f"weight is on {weight.device} but input is on {input.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if target.numel():
+        # One small reduction and a host sync; the kernels index by target, so an
+        # out-of-range value would read outside the row.
+        bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+        if bool(bad.any()):
+            value = int(target[bad].reshape(-1)[0])
+            raise IndexError(f"target holds {value}, out of range for {n_classes} classes "
+                             f"(valid: 0..{n_classes - 1}, or ignore_index={ignore_index})")
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0, *, backend=None):
+    """Cross-entropy over class-index targets, as torch.nn.functional.cross_entropy.
+
+    Fused: log_softmax is never materialised; the backward writes the gradient in one pass.
+    The deprecated `size_average` / `reduce` arguments are rejected with a clear error.
+    """
+    if size_average is not None or reduce is not None:
+        raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
+    name, impl = dispatch("cross_entropy", backend, input, target,
+                          *([weight] if isinstance(weight, torch.Tensor) else []))
+    _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, name)
+    return impl(input, target, weight, int(ignore_index), reduction, float(label_smoothing))
+
+
+__all__ = ["softmax", "log_softmax", "cross_entropy", "SoftmaxFunction", "CrossEntropyFunction"]
