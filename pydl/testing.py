@@ -77,3 +77,26 @@ def random_tensor(shape, dtype: torch.dtype = torch.float32, device: str | torch
     """Fresh normal random values (never all zeros), made in fp32 and rounded to `dtype`."""
     t = torch.randn(shape, dtype=torch.float32, generator=generator) * scale
     return t.to(device=device, dtype=dtype)
+
+
+def run_with_grad(fn, inputs, grad_out=None, *, seed: int = 0):
+    """Call fn(*inputs) on fresh leaf copies of the floating-point tensor inputs and
+    backpropagate `grad_out` (a fixed random cotangent when None).
+
+    Returns (output, grad_out, grads): one grad per input, None for non-float inputs, so the
+    same inputs and cotangent can be given to another implementation and compared.
+    """
+    leaves = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+            leaves.append(t.detach().clone().requires_grad_(True))
+        else:
+            leaves.append(t)
+    out = fn(*leaves)
+    if grad_out is None:
+        gen = torch.Generator().manual_seed(seed)
+        grad_out = random_tensor(out.shape, out.dtype, out.device, generator=gen)
+    out.backward(grad_out)
+    grads = [leaf.grad if isinstance(leaf, torch.Tensor) and leaf.requires_grad else None
+             for leaf in leaves]
+    return out.detach(), grad_out, grads

@@ -68,7 +68,8 @@ def softmax_fwd(
         e = tl.exp(x - m[:, None])
         s = tl.sum(e, 1)
         if LOG:
-            y = x - (m + tl.log(s))[:, None]
+            # (x - m) - log s, not x - lse: lse = m + log s rounds away log s when |m| is large
+            y = (x - m[:, None]) - tl.log(s)[:, None]
         else:
             y = e / s[:, None]
         tl.store(y_ptr + y_off[:, None] + cols[None, :] * sy_n,
@@ -83,14 +84,14 @@ def softmax_fwd(
                         other=NEG_INF).to(tl.float32)
             m, s = _online_update(m, s, x)
         m_row, s_row = _lanes_to_row(m, s)
-        lse = m_row + tl.log(s_row)
+        log_s = tl.log(s_row)
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
             x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
                         other=NEG_INF).to(tl.float32)
             if LOG:
-                y = x - lse[:, None]
+                y = (x - m_row[:, None]) - log_s[:, None]
             else:
                 y = tl.exp(x - m_row[:, None]) / s_row[:, None]
             tl.store(y_ptr + y_off[:, None] + c[None, :] * sy_n,
@@ -191,20 +192,21 @@ def cross_entropy_fwd(
         s = s * tl.where(seen, tl.exp(m - m_new), 0.0) + tl.where(seen, tl.exp(x - m_new), 0.0)
         m = m_new
     m_row, s_row = _lanes_to_row(m, s)
-    lse = m_row + tl.log(s_row)
+    log_s = tl.log(s_row)
     x_t = tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=valid, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + t_safe, mask=valid, other=0.0).to(tl.float32)
     else:
         w_t = tl.where(valid, 1.0, 0.0)
-    loss = w_t * (lse - x_t)
+    # lse - x as (m - x) + log s keeps log s's digits when |m| is large
+    loss = w_t * ((m_row - x_t) + log_s)
     if HAS_SMOOTHING:
         # sum_c w_c (lse - x_c) = sum_lanes [W_lane (lse - m_lane) - d_lane]
-        smooth = tl.sum(tl.where(wl == 0.0, 0.0, wl * (lse[:, None] - m) - d), 1)
+        smooth = tl.sum(tl.where(wl == 0.0, 0.0, wl * ((m_row[:, None] - m) + log_s[:, None]) - d), 1)
         loss = (1.0 - smoothing) * loss + (smoothing / n) * smooth
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + rows, loss, mask=rmask)
-    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(lse_ptr + rows, m_row + log_s, mask=rmask)
     tl.store(row_weight_ptr + rows, w_t, mask=rmask)
 
 
@@ -222,7 +224,8 @@ def cross_entropy_bwd(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
-    one pass over the logits, rows with an ignored target get zeros."""
+    one pass over the logits; rows with an ignored target get g = 0, hence zeros (NaN where
+    the logits hold NaN, as torch gives)."""
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
     dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
@@ -256,6 +259,4 @@ def cross_entropy_bwd(
             else:
                 w = 1.0
             dx += g_smooth * (w_sum * p - w)
-        # ignored rows: g = 0, but 0 * NaN/inf logits must still give exactly 0
-        dx = tl.where(valid[:, None], dx, 0.0)
         tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)

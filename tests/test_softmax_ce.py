@@ -1,0 +1,290 @@
+"""softmax, log_softmax and cross_entropy: Triton and Numba kernels against the float64
+reference and against torch, forward and backward, every option of the signature."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydl
+from pydl import reference as ref
+from pydl import softmax_ce
+from pydl.testing import assert_close, random_tensor, run_with_grad
+
+from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
+
+backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+
+
+def _check_softmax(x, dim, log, backend, dtype, scale=None):
+    op = pydl.log_softmax if log else pydl.softmax
+    out, g, (dx,) = run_with_grad(lambda t: op(t, dim, backend=backend), [x])
+    t_out, _, (t_dx,) = run_with_grad(lambda t: (torch.log_softmax if log else torch.softmax)(t, dim), [x], g)
+    n = x.shape[dim] if x.dim() else 1
+    x64, g64 = x.double().cpu().numpy(), g.double().cpu().numpy()
+    y64 = (ref.log_softmax if log else ref.softmax)(x64, dim)
+    dx64 = (ref.log_softmax_backward if log else ref.softmax_backward)(g64, y64, dim)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert_close(out, y64, dtype, reduction=n, name="forward vs reference", scale=scale)
+    assert_close(out, t_out, dtype, reduction=n, name="forward vs torch", scale=scale)
+    assert_close(dx, dx64, dtype, reduction=n, name="grad vs reference", scale=scale)
+    assert_close(dx, t_dx, dtype, reduction=n, name="grad vs torch", scale=scale)
+
+
+# --- the lecture's worked example -----------------------------------------------------------
+
+def test_reference_softmax_lecture_fixture():
+    np.testing.assert_allclose(ref.softmax([1.2, 0.9, 0.4]), [0.456590, 0.338250, 0.205159], atol=1e-6)
+    # rounded as the deck does
+    np.testing.assert_allclose(np.round(ref.softmax([1.2, 0.9, 0.4]), 4), [0.4566, 0.3383, 0.2052])
+    # shift invariance: softmax(z) = softmax(z - max z), also where exp would overflow
+    np.testing.assert_allclose(ref.softmax([1001.2, 1000.9, 1000.4]), ref.softmax([1.2, 0.9, 0.4]))
+
+
+def test_reference_mse_vs_ce_lecture_fixture():
+    target = np.array([0.0, 0.0, 1.0])
+    assert np.isclose(((np.array([0.8, 0.0, 0.2]) - target) ** 2).sum(), 1.28)
+    assert np.isclose(((np.array([0.4, 0.4, 0.2]) - target) ** 2).sum(), 0.96)
+    # both predictions put 0.2 on the true class, so their cross-entropy is the same: -log 0.2
+    logits = np.log(np.array([[0.8, 1e-12, 0.2], [0.4, 0.4, 0.2]]))
+    np.testing.assert_allclose(ref.cross_entropy(logits, [2, 2], reduction="none"), [-np.log(0.2)] * 2)
+
+
+@backends
+def test_softmax_lecture_fixture(backend):
+    x = torch.tensor([[1.2, 0.9, 0.4]], device=DEVICE)
+    y = pydl.softmax(x, -1, backend=backend)
+    assert_close(y, [[0.456590, 0.338250, 0.205159]], torch.float32, scale=2)
+
+
+# --- softmax / log_softmax ------------------------------------------------------------------
+
+@backends
+@dtypes
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((3, 7), 1), ((5, 37), -1), ((2, 3, 5), 0),
+                                       ((2, 3, 5), 1), ((2, 3, 5), 2), ((9,), 0), ((4, 130), 1)])
+def test_softmax(backend, dtype, log, shape, dim):
+    x = random_tensor(shape, dtype, DEVICE, scale=3.0)
+    _check_softmax(x, dim, log, backend, dtype)
+
+
+@backends
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_multi_block_rows(backend, log, monkeypatch):
+    """Rows wider than one block go through the online max/sum path."""
+    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    x = random_tensor((3, 101), torch.float32, DEVICE, scale=4.0)
+    x[1, 60] = 30.0  # the max arrives late: the running sum must be rescaled
+    _check_softmax(x, -1, log, backend, torch.float32)
+
+
+@backends
+def test_softmax_non_contiguous(backend):
+    x = random_tensor((37, 6), torch.float32, DEVICE).t()          # strided rows
+    _check_softmax(x, 1, False, backend, torch.float32)
+    y = random_tensor((4, 10, 8), torch.float32, DEVICE)[:, ::2, 1:7]  # sliced, not viewable as rows
+    _check_softmax(y, 1, True, backend, torch.float32)
+    z = random_tensor((2, 3, 4, 5), torch.float32, DEVICE).to(memory_format=torch.channels_last)
+    _check_softmax(z, 1, False, backend, torch.float32)
+
+
+@backends
+def test_softmax_extreme_and_special_values(backend):
+    x = torch.tensor([[1e4, -1e4, 0.0, 5e3], [-1e4, -1e4, -1e4, -1e4],
+                      [0.0, float("-inf"), 1.0, 2.0], [float("nan"), 1.0, 2.0, 3.0]], device=DEVICE)
+    for op, top in ((pydl.softmax, torch.softmax), (pydl.log_softmax, torch.log_softmax)):
+        assert_close(op(x, 1, backend=backend), top(x, 1), torch.float32, name=op.__name__)
+
+
+@backends
+def test_softmax_dtype_argument_and_module(backend):
+    x = random_tensor((3, 11), torch.float16, DEVICE)
+    y = pydl.softmax(x, 1, dtype=torch.float32, backend=backend)
+    assert y.dtype == torch.float32
+    assert_close(y, torch.softmax(x.float(), 1), torch.float32)
+    m = pydl.nn.LogSoftmax(dim=1, backend=backend)
+    assert_close(m(x.float()), torch.nn.LogSoftmax(dim=1)(x.float()), torch.float32)
+
+
+@backends
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 6), n=st.integers(1, 70), log=st.booleans())
+def test_softmax_fuzz(backend, rows, n, log):
+    x = random_tensor((rows, n), torch.float32, DEVICE, scale=5.0)
+    _check_softmax(x, -1, log, backend, torch.float32)
+
+
+# --- cross-entropy --------------------------------------------------------------------------
+
+def _check_cross_entropy(x, target, backend, dtype, weight=None, scale=None, **kw):
+    fn = lambda t: pydl.cross_entropy(t, target, weight, backend=backend, **kw)  # noqa: E731
+    out, g, (dx,) = run_with_grad(fn, [x])
+    t_out, _, (t_dx,) = run_with_grad(
+        lambda t: torch.nn.functional.cross_entropy(t, target, weight, **kw), [x], g)
+    C = x.shape[0 if x.dim() == 1 else 1]
+    w64 = None if weight is None else weight.double().cpu().numpy()
+    args = (x.double().cpu().numpy(), target.cpu().numpy(), w64)
+    loss64 = ref.cross_entropy(*args, **kw)
+    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw)
+    assert out.dtype == x.dtype and out.shape == t_out.shape
+    red = C * (x.numel() // C if kw.get("reduction", "mean") != "none" else 1)
+    assert_close(out, loss64, dtype, reduction=red, name="loss vs reference", scale=scale)
+    assert_close(out, t_out, dtype, reduction=red, name="loss vs torch", scale=scale)
+    assert_close(dx, dx64, dtype, reduction=C, name="grad vs reference", scale=scale)
+    assert_close(dx, t_dx, dtype, reduction=C, name="grad vs torch", scale=scale)
+
+
+def _targets(shape, C, ignore_index=None, frac=0.3):
+    t = torch.randint(0, C, shape)
+    if ignore_index is not None:
+        t[torch.rand(shape) < frac] = ignore_index
+    return t.to(DEVICE)
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_cross_entropy_options(backend, reduction, weighted, smoothing, ignore_index):
+    N, C = 7, 11
+    x = random_tensor((N, C), torch.float32, DEVICE, scale=2.0)
+    t = _targets((N,), C, ignore_index)
+    w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
+    _check_cross_entropy(x, t, backend, torch.float32, w, reduction=reduction,
+                         label_smoothing=smoothing, ignore_index=ignore_index)
+
+
+@backends
+@dtypes
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (3, 130), (2, 5, 3, 4), (6,)])
+def test_cross_entropy_shapes_dtypes(backend, dtype, shape):
+    C = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    x = random_tensor(shape, dtype, DEVICE, scale=2.0)
+    _check_cross_entropy(x, _targets(tshape, C, -100), backend, dtype, label_smoothing=0.05)
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_multi_block(backend, reduction, monkeypatch):
+    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    x = random_tensor((4, 75), torch.float32, DEVICE, scale=3.0)
+    x[2, 70] = 25.0
+    w = torch.rand(75, device=DEVICE) + 0.5
+    _check_cross_entropy(x, _targets((4,), 75), backend, torch.float32, w, reduction=reduction,
+                         label_smoothing=0.2)
+
+
+@backends
+def test_cross_entropy_wide_vocabulary(backend):
+    """A 4 x 50,000 row set: wider than any block, handled by the online reduction."""
+    x = random_tensor((4, 50_000), torch.float32, DEVICE, scale=2.0)
+    t = _targets((4,), 50_000)
+    _check_cross_entropy(x, t, backend, torch.float32, label_smoothing=0.1)
+
+
+@backends
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_cross_entropy_extreme_logits(backend, smoothing):
+    x = (torch.randint(0, 3, (6, 9)).float() - 1.0) * 1e4   # values in {-1e4, 0, 1e4}
+    x[5] = 1e4 + torch.randn(9)                              # all huge: smoothing must not cancel
+    x = x.to(DEVICE)
+    t = _targets((6,), 9)
+    _check_cross_entropy(x, t, backend, torch.float32, reduction="none", label_smoothing=smoothing,
+                         scale=1e4)
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_all_ignored(backend, reduction):
+    x = random_tensor((3, 5), torch.float32, DEVICE)
+    t = torch.full((3,), -100, dtype=torch.long, device=DEVICE)
+    _check_cross_entropy(x, t, backend, torch.float32, reduction=reduction)
+
+
+@backends
+def test_cross_entropy_non_contiguous(backend):
+    x = random_tensor((13, 6), torch.float32, DEVICE).t()           # (6, 13), column-major
+    _check_cross_entropy(x, _targets((6,), 13, -100), backend, torch.float32, label_smoothing=0.1)
+    y = random_tensor((2, 4, 3, 5), torch.float32, DEVICE).to(memory_format=torch.channels_last)
+    _check_cross_entropy(y, _targets((2, 3, 5), 4, -100), backend, torch.float32)
+
+
+@backends
+@settings(max_examples=15, deadline=None)
+@given(N=st.integers(1, 6), C=st.integers(1, 60), smoothing=st.sampled_from([0.0, 0.1]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), weighted=st.booleans())
+def test_cross_entropy_fuzz(backend, N, C, smoothing, reduction, weighted):
+    x = random_tensor((N, C), torch.float32, DEVICE, scale=3.0)
+    w = torch.rand(C, device=DEVICE) + 0.1 if weighted else None
+    _check_cross_entropy(x, _targets((N,), C, -100, 0.2), backend, torch.float32, w,
+                         reduction=reduction, label_smoothing=smoothing)
+
+
+@backends
+def test_cross_entropy_loss_module_is_drop_in(backend):
+    w = torch.rand(8, device=DEVICE) + 0.5
+    ours = pydl.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1, backend=backend)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x, t = random_tensor((5, 8), torch.float32, DEVICE), _targets((5,), 8, 1)
+    assert_close(ours(x, t), theirs(x, t), torch.float32, reduction=40)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@backends
+def test_cross_entropy_bad_input(backend):
+    x = random_tensor((4, 5), torch.float32, DEVICE)
+    t = _targets((4,), 5)
+    ce = lambda *a, **k: pydl.cross_entropy(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(IndexError, match="out of range"):
+        ce(x, torch.tensor([0, 1, 5, 2], device=DEVICE))
+    with pytest.raises(IndexError, match="out of range"):
+        ce(x, torch.tensor([0, -1, 2, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="target shape"):
+        ce(x, _targets((3,), 5))
+    with pytest.raises(TypeError, match="int64"):
+        ce(x, t.int())
+    with pytest.raises(ValueError, match="weight"):
+        ce(x, t, weight=torch.ones(4, device=DEVICE))
+    with pytest.raises(ValueError, match="reduction"):
+        ce(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ce(x, t, label_smoothing=1.5)
+    with pytest.raises(NotImplementedError, match="probabilit"):
+        ce(x, torch.softmax(x, 1))
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        ce(x.double(), t)
+    with pytest.raises(ValueError, match="deprecated"):
+        pydl.cross_entropy(x, t, size_average=True, backend=backend)
+
+
+@backends
+def test_softmax_bad_input(backend):
+    x = random_tensor((4, 5), torch.float32, DEVICE)
+    with pytest.raises(IndexError, match="dim"):
+        pydl.softmax(x, 2, backend=backend)
+    with pytest.raises(TypeError, match="Tensor"):
+        pydl.softmax([1.0, 2.0], 0, backend=backend)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        pydl.softmax(x.to(torch.int32), 0, backend=backend)
+
+
+# --- GPU-only: large offsets ----------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.full
+def test_cross_entropy_beyond_int32_offsets():
+    """2**31+ logits: row offsets must be computed in int64."""
+    N, C = 2 ** 16 + 3, 2 ** 15
+    x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, C, (N,), device="cuda")
+    ours = pydl.cross_entropy(x, t, reduction="none")
+    ref_rows = torch.nn.functional.cross_entropy(x[-4:].float(), t[-4:], reduction="none")
+    assert_close(ours[-4:], ref_rows, torch.bfloat16, reduction=C)
