@@ -27,9 +27,10 @@ def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
         _POISON = old
 
 
-def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def new_output(shape, dtype: torch.dtype, device: torch.device,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """An uninitialised kernel output (NaN-filled under `poisoned_outputs`)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if _POISON:
         if dtype.is_floating_point:
             out.fill_(float("nan"))

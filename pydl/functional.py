@@ -2,6 +2,8 @@
 where an op has variants). Each op is defined once, in its family's module; this module is the
 index users import (`import pydl.functional as F`).
 """
+from .pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .softmax_ce import cross_entropy, log_softmax, softmax
 
-__all__ = ["softmax", "log_softmax", "cross_entropy"]
+__all__ = ["softmax", "log_softmax", "cross_entropy", "max_pool2d", "avg_pool2d",
+           "adaptive_avg_pool2d"]

@@ -46,4 +46,43 @@ class LogSoftmax(torch.nn.LogSoftmax):
         return F.log_softmax(input, self.dim, backend=self.backend)
 
 
-__all__ = ["CrossEntropyLoss", "Softmax", "LogSoftmax"]
+class MaxPool2d(torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d computed by pydl's kernels."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices: bool = False,
+                 ceil_mode: bool = False, *, backend: str | None = None):
+        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor):
+        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode, return_indices=self.return_indices,
+                            backend=self.backend)
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    """torch.nn.AvgPool2d computed by pydl's kernels."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, divisor_override=None, *, backend: str | None = None):
+        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, self.divisor_override, backend=self.backend)
+
+
+class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
+    """torch.nn.AdaptiveAvgPool2d computed by pydl's kernels."""
+
+    def __init__(self, output_size, *, backend: str | None = None):
+        super().__init__(output_size)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
+
+
+__all__ = ["CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
+           "AdaptiveAvgPool2d"]

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_tensor
 from ._launch import cdiv, new_output, next_power_of_2, numba_array, numba_stream, numba_threads
 from ._shapes import as_rows, normalize_dim
 from .backends import dispatch, register
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("none", "mean", "sum")
 
 # Widest column block a Triton program loads at once; wider rows are walked with the online
@@ -94,46 +94,60 @@ class _NumbaLaunch:
         return min(numba_threads(256), max(32, next_power_of_2(n)))
 
     @staticmethod
+    def _array(t: torch.Tensor):
+        """numba_array(t), and under emulation (CPU tensors) the NumPy view wrapped as a
+        simulator device array: the simulator would otherwise copy every array argument in
+        and out, and refuses strided views that are neither C- nor F-contiguous."""
+        a = numba_array(t)
+        if t.device.type == "cpu":
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+            return FakeCUDAArray(a)
+        return a
+
+    @staticmethod
+    def _weights(weight, dummy):
+        """Class weights as fp32 whatever their dtype (C floats; the kernels read them as
+        fp32), or a placeholder the kernel never reads."""
+        return dummy if weight is None else weight.to(torch.float32)
+
+    @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
-        threads = _NumbaLaunch._threads(n)
-        k.softmax_fwd[outer * inner, threads, numba_stream(x3.device)](
-            numba_array(x3), numba_array(y3), inner, log, k.dtype_code(x3.dtype))
+        arr = _NumbaLaunch._array
+        k.softmax_fwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
+            arr(x3), arr(y3), inner, log, k.dtype_code(x3.dtype))
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
         from .kernels.numba import softmax_ce as k
         outer, n, inner = y3.shape
-        threads = _NumbaLaunch._threads(n)
-        k.softmax_bwd[outer * inner, threads, numba_stream(y3.device)](
-            numba_array(y3), numba_array(dy3), numba_array(dx3), inner, log,
-            k.dtype_code(y3.dtype))
+        arr = _NumbaLaunch._array
+        k.softmax_bwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(y3.device)](
+            arr(y3), arr(dy3), arr(dx3), inner, log, k.dtype_code(y3.dtype))
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
-        threads = _NumbaLaunch._threads(n)
-        w = weight if weight is not None else loss[:1]
-        k.cross_entropy_fwd[outer * inner, threads, numba_stream(x3.device)](
-            numba_array(x3), numba_array(target), numba_array(w), numba_array(loss),
-            numba_array(lse), numba_array(row_weight), inner, ignore_index, float(smoothing),
-            weight is not None, k.dtype_code(x3.dtype))
+        arr = _NumbaLaunch._array
+        w = _NumbaLaunch._weights(weight, loss[:1])
+        k.cross_entropy_fwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
+            arr(x3), arr(target), arr(w), arr(loss), arr(lse), arr(row_weight), inner,
+            ignore_index, float(smoothing), weight is not None, k.dtype_code(x3.dtype))
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, weight_sum, dx3,
                           ignore_index, smoothing):
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
-        threads = _NumbaLaunch._threads(n)
-        w = weight if weight is not None else lse[:1]
+        arr = _NumbaLaunch._array
+        w = _NumbaLaunch._weights(weight, lse[:1])
         ws = weight_sum if weight_sum is not None else lse[:1]
-        k.cross_entropy_bwd[outer * inner, threads, numba_stream(x3.device)](
-            numba_array(x3), numba_array(target), numba_array(w), numba_array(lse),
-            numba_array(grad.reshape(-1)), grad_stride, numba_array(ws.reshape(1)),
-            numba_array(dx3), inner, ignore_index, float(smoothing), weight is not None,
-            k.dtype_code(x3.dtype))
+        k.cross_entropy_bwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
+            arr(x3), arr(target), arr(w), arr(lse), arr(grad.reshape(-1)), grad_stride,
+            arr(ws.reshape(1).float()), arr(dx3), inner, ignore_index, float(smoothing),
+            weight is not None, k.dtype_code(x3.dtype))
 
 
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
@@ -241,14 +255,6 @@ def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing):
 
 # --- argument checks and the public functions ---------------------------------------------
 
-def _check_float(x: torch.Tensor, name: str, backend: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if backend != "torch" and x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32 for the {backend!r} backend, "
-                        f"got {x.dtype} (backend='torch' handles other dtypes)")
-
-
 def _softmax(input, dim, log, dtype, backend):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -257,7 +263,7 @@ def _softmax(input, dim, log, dtype, backend):
     if dtype is not None:
         input = input.to(dtype)
     name, impl = dispatch("softmax", backend, input)
-    _check_float(input, "input", name)
+    check_tensor(input, "input", name)
     dim = normalize_dim(dim, input.dim())
     return impl(input, dim, log)
 
@@ -273,7 +279,7 @@ def log_softmax(input, dim=-1, *, dtype=None, backend=None):
 
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, backend):
-    _check_float(input, "input", backend)
+    check_tensor(input, "input", backend)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() == 0:

@@ -1,0 +1,285 @@
+"""Triton kernels for 2-D max, average and adaptive average pooling, forward and backward.
+
+Layout: every kernel takes explicit (N, C, H, W) strides for each tensor, so NCHW,
+channels_last and sliced inputs need no copy. A program owns a tile of BLOCK_S spatial
+positions x BLOCK_C channels of one image (grid: spatial blocks, channel blocks, batch); the
+launcher picks a wide BLOCK_S for NCHW (W is the contiguous axis) and a wide BLOCK_C for
+channels_last (C is contiguous), so loads are coalesced either way.
+
+Backward passes are gathers, not scatters: a program owns a tile of INPUT positions and, for
+each kernel offset (kh, kw), finds the one output window that holds the element at that offset
+(if any). Every input gradient is written exactly once: no atomics, no zero-fill, deterministic
+for overlapping windows (stride < kernel).
+
+Max pooling's backward needs the argmax of each window. Training without return_indices saves
+it as a one-byte window offset kh * KW + kw (INDEX_LOCAL), an eighth of torch's int64 flat
+index; return_indices=True writes torch's flat per-plane index h * W + w (INDEX_FLAT) and the
+backward uses that. Recomputing the argmax from the input in the backward would re-read up to
+KH * KW windows per element, costlier than one byte per output.
+
+Max semantics are torch's: a window is scanned row-major and an element is taken when
+`v > best or isnan(v)` (ties keep the first maximum, the last NaN wins); best starts at -inf
+with the index of the window's first non-negative row and column, so an all -inf window
+reports that element.
+"""
+import triton
+import triton.language as tl
+
+INDEX_NONE = tl.constexpr(0)   # inference: no indices
+INDEX_LOCAL = tl.constexpr(1)  # window offset kh * KW + kw (int8 when KH * KW < 128)
+INDEX_FLAT = tl.constexpr(2)   # int64 h * W + w, torch's return_indices format
+
+
+@triton.jit
+def _tile(BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, n_spatial, C):
+    """Spatial positions and channels of this program's tile, their masks, and the image."""
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(2).to(tl.int64)
+    return s, c, n, s < n_spatial, c < C
+
+
+@triton.jit
+def _first_in_window(start, D):
+    """The first non-negative coordinate start + k * D (torch's starting index)."""
+    return tl.where(start < 0, start + ((-start + D - 1) // D) * D, start)
+
+
+@triton.jit
+def max_pool2d_fwd(
+    x_ptr, y_ptr, idx_ptr,
+    C, H, W, OH, OW,
+    sx_n, sx_c, sx_h, sx_w,            # input strides
+    sy_n, sy_c, sy_h, sy_w,            # output strides (indices use the same)
+    SH, SW, PH, PW, DH, DW,            # stride, padding, dilation
+    KH: tl.constexpr, KW: tl.constexpr,
+    INDEX_MODE: tl.constexpr,          # INDEX_NONE / INDEX_LOCAL / INDEX_FLAT
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, OH * OW, C)
+    oh = s // OW
+    ow = s % OW
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
+    tile_mask = smask[:, None] & cmask[None, :]
+    best = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
+    if INDEX_MODE == INDEX_FLAT:
+        start = _first_in_window(h0, DH) * W + _first_in_window(w0, DW)
+        best_idx = tl.zeros([BLOCK_S, BLOCK_C], tl.int32) + start[:, None]
+    else:
+        # window offset of the first non-negative row and column
+        start = ((_first_in_window(h0, DH) - h0) // DH) * KW + (_first_in_window(w0, DW) - w0) // DW
+        best_idx = tl.zeros([BLOCK_S, BLOCK_C], tl.int32) + start[:, None]
+    for kh in tl.static_range(KH):
+        h = h0 + kh * DH
+        h_ok = (h >= 0) & (h < H)
+        for kw in tl.static_range(KW):
+            w = w0 + kw * DW
+            ok = (h_ok & (w >= 0) & (w < W))[:, None] & tile_mask
+            off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+            v = tl.load(x_base + off[:, None], mask=ok, other=float("-inf")).to(tl.float32)
+            take = ok & ((v > best) | (v != v))
+            best = tl.where(take, v, best)
+            if INDEX_MODE == INDEX_FLAT:
+                best_idx = tl.where(take, (h * W + w)[:, None], best_idx)
+            else:
+                best_idx = tl.where(take, kh * KW + kw, best_idx)
+    out_off = n * sy_n + c[None, :].to(tl.int64) * sy_c + (oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None]
+    tl.store(y_ptr + out_off, best.to(y_ptr.dtype.element_ty), mask=tile_mask)
+    if INDEX_MODE != INDEX_NONE:
+        tl.store(idx_ptr + out_off, best_idx.to(idx_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def max_pool2d_bwd(
+    dy_ptr, idx_ptr, dx_ptr,
+    C, H, W, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,        # strides of grad_out
+    si_n, si_c, si_h, si_w,            # strides of the saved indices
+    sdx_n, sdx_c, sdx_h, sdx_w,        # strides of grad_input
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_input[h, w] = sum of grad_out over the windows whose argmax is (h, w)."""
+    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, H * W, C)
+    h = s // W
+    w = s % W
+    tile_mask = smask[:, None] & cmask[None, :]
+    dy_base = dy_ptr + n * sdy_n + c[None, :].to(tl.int64) * sdy_c
+    idx_base = idx_ptr + n * si_n + c[None, :].to(tl.int64) * si_c
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for kh in tl.static_range(KH):
+        # the window holding (h, w) at row offset kh starts at oh * SH - PH = h - kh * DH
+        th = h + PH - kh * DH
+        oh = th // SH
+        h_ok = (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        for kw in tl.static_range(KW):
+            tw = w + PW - kw * DW
+            ow = tw // SW
+            ok = (h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW))[:, None] & tile_mask
+            oh64 = oh.to(tl.int64)
+            ow64 = ow.to(tl.int64)
+            idx = tl.load(idx_base + (oh64 * si_h + ow64 * si_w)[:, None], mask=ok, other=-1)
+            if INDEX_MODE == INDEX_FLAT:
+                hit = idx == (h * W + w)[:, None]
+            else:
+                hit = idx == kh * KW + kw
+            g = tl.load(dy_base + (oh64 * sdy_h + ow64 * sdy_w)[:, None], mask=ok & hit,
+                        other=0.0).to(tl.float32)
+            acc += g
+    dx_off = n * sdx_n + c[None, :].to(tl.int64) * sdx_c + (h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH: tl.constexpr, KW: tl.constexpr,
+                 COUNT_PAD: tl.constexpr, DIVISOR):
+    """torch's divisor of window (oh, ow): divisor_override if > 0; else the window clipped to
+    the padded input (count_include_pad) or to the input."""
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    h1 = tl.minimum(h0 + KH, H + PH)
+    w1 = tl.minimum(w0 + KW, W + PW)
+    if COUNT_PAD:
+        count = (h1 - h0) * (w1 - w0)
+    else:
+        count = (tl.minimum(h1, H) - tl.maximum(h0, 0)) * (tl.minimum(w1, W) - tl.maximum(w0, 0))
+    return tl.where(DIVISOR > 0, DIVISOR, count).to(tl.float32)
+
+
+@triton.jit
+def avg_pool2d_fwd(
+    x_ptr, y_ptr,
+    C, H, W, OH, OW,
+    sx_n, sx_c, sx_h, sx_w,
+    sy_n, sy_c, sy_h, sy_w,
+    SH, SW, PH, PW,
+    DIVISOR,                           # divisor_override, or 0 for torch's rule
+    KH: tl.constexpr, KW: tl.constexpr, COUNT_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, OH * OW, C)
+    oh = s // OW
+    ow = s % OW
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
+    tile_mask = smask[:, None] & cmask[None, :]
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for kh in tl.static_range(KH):
+        h = h0 + kh
+        h_ok = (h >= 0) & (h < H)
+        for kw in tl.static_range(KW):
+            w = w0 + kw
+            ok = (h_ok & (w >= 0) & (w < W))[:, None] & tile_mask
+            off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+            acc += tl.load(x_base + off[:, None], mask=ok, other=0.0).to(tl.float32)
+    div = _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
+    out_off = n * sy_n + c[None, :].to(tl.int64) * sy_c + (oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None]
+    tl.store(y_ptr + out_off, (acc / div[:, None]).to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def avg_pool2d_bwd(
+    dy_ptr, dx_ptr,
+    C, H, W, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    SH, SW, PH, PW,
+    DIVISOR,
+    KH: tl.constexpr, KW: tl.constexpr, COUNT_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_input[h, w] = sum over windows holding (h, w) of grad_out / divisor."""
+    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, H * W, C)
+    h = s // W
+    w = s % W
+    tile_mask = smask[:, None] & cmask[None, :]
+    dy_base = dy_ptr + n * sdy_n + c[None, :].to(tl.int64) * sdy_c
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for kh in tl.static_range(KH):
+        th = h + PH - kh
+        oh = th // SH
+        h_ok = (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        for kw in tl.static_range(KW):
+            tw = w + PW - kw
+            ow = tw // SW
+            ok_s = h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW)
+            off = (oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[:, None]
+            g = tl.load(dy_base + off, mask=ok_s[:, None] & tile_mask, other=0.0).to(tl.float32)
+            div = _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
+            acc += g / div[:, None]
+    dx_off = n * sdx_n + c[None, :].to(tl.int64) * sdx_c + (h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def adaptive_avg_pool2d_fwd(
+    x_ptr, y_ptr,
+    C, H, W, OH, OW,
+    sx_n, sx_c, sx_h, sx_w,
+    sy_n, sy_c, sy_h, sy_w,
+    MAX_KH, MAX_KW,                    # the largest window: ceil(H / OH) + 1 bounds it
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Output (oh, ow) averages rows [floor(oh H / OH), ceil((oh + 1) H / OH)), columns likewise."""
+    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, OH * OW, C)
+    oh = s // OW
+    ow = s % OW
+    h0 = (oh * H) // OH
+    h1 = ((oh + 1) * H + OH - 1) // OH
+    w0 = (ow * W) // OW
+    w1 = ((ow + 1) * W + OW - 1) // OW
+    x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
+    tile_mask = smask[:, None] & cmask[None, :]
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for kh in range(0, MAX_KH):
+        h = h0 + kh
+        for kw in range(0, MAX_KW):
+            w = w0 + kw
+            ok = ((h < h1) & (w < w1))[:, None] & tile_mask
+            off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+            acc += tl.load(x_base + off[:, None], mask=ok, other=0.0).to(tl.float32)
+    area = ((h1 - h0) * (w1 - w0)).to(tl.float32)
+    out_off = n * sy_n + c[None, :].to(tl.int64) * sy_c + (oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None]
+    tl.store(y_ptr + out_off, (acc / area[:, None]).to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def adaptive_avg_pool2d_bwd(
+    dy_ptr, dx_ptr,
+    C, H, W, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    MAX_OH, MAX_OW,                    # most windows one row / column can fall in: OH // H + 2
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_input[h, w] = sum over the windows holding (h, w) of grad_out / window area."""
+    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, H * W, C)
+    h = s // W
+    w = s % W
+    tile_mask = smask[:, None] & cmask[None, :]
+    dy_base = dy_ptr + n * sdy_n + c[None, :].to(tl.int64) * sdy_c
+    # the first window that can hold row h: window oh starts at floor(oh H / OH) <= h
+    oh_first = tl.maximum((h * OH) // H - 1, 0)
+    ow_first = tl.maximum((w * OW) // W - 1, 0)
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for i in range(0, MAX_OH):
+        oh = oh_first + i
+        h0 = (oh * H) // OH
+        h1 = ((oh + 1) * H + OH - 1) // OH
+        h_ok = (oh < OH) & (h0 <= h) & (h < h1)
+        for j in range(0, MAX_OW):
+            ow = ow_first + j
+            w0 = (ow * W) // OW
+            w1 = ((ow + 1) * W + OW - 1) // OW
+            ok_s = h_ok & (ow < OW) & (w0 <= w) & (w < w1)
+            off = (oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[:, None]
+            g = tl.load(dy_base + off, mask=ok_s[:, None] & tile_mask, other=0.0).to(tl.float32)
+            area = tl.where(ok_s, (h1 - h0) * (w1 - w0), 1).to(tl.float32)
+            acc += g / area[:, None]
+    dx_off = n * sdx_n + c[None, :].to(tl.int64) * sdx_c + (h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)

@@ -1,0 +1,292 @@
+"""max_pool2d, avg_pool2d and adaptive_avg_pool2d: argument checks, autograd Functions, launches.
+
+Kernels: kernels/{triton,numba}/pool.py. The launchers here size the grid and allocate outputs
+in the input's memory format (channels_last stays channels_last, as in torch); the kernels read
+any strides, so no input is copied.
+
+Max pooling's training path saves the argmax as a one-byte window offset (see the kernel
+module's docstring); return_indices=True returns torch's int64 flat per-plane indices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import check_tensor
+from ._launch import cdiv, new_output, next_power_of_2
+from ._shapes import pair, pool_output_size
+from .backends import dispatch, register
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """One pooling configuration on an (N, C, H, W) input."""
+    N: int
+    C: int
+    H: int
+    W: int
+    OH: int
+    OW: int
+    KH: int
+    KW: int
+    SH: int
+    SW: int
+    PH: int = 0
+    PW: int = 0
+    DH: int = 1
+    DW: int = 1
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+    divisor: int = 0  # divisor_override, 0 = torch's rule
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# --- Triton launch --------------------------------------------------------------------------
+
+def _triton_tile(x: torch.Tensor, C: int, n_spatial: int) -> dict:
+    """A wide channel block when channels are the contiguous axis, else a wide spatial block."""
+    if x.stride(1) == 1 and C > 1:
+        block_c = min(next_power_of_2(C), 64)
+        block_s = max(1, min(next_power_of_2(n_spatial), 1024 // block_c))
+    else:
+        block_c = min(next_power_of_2(C), 4)
+        block_s = max(1, min(next_power_of_2(n_spatial), 1024 // block_c))
+    return dict(BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4)
+
+
+def _grid(cfg: dict, n_spatial: int, g: PoolGeometry) -> tuple[int, int, int]:
+    return (cdiv(n_spatial, cfg["BLOCK_S"]), cdiv(g.C, cfg["BLOCK_C"]), g.N)
+
+
+class _TritonPool:
+    @staticmethod
+    def max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> None:
+        from .kernels.triton import pool as k
+        cfg = _triton_tile(x, g.C, g.OH * g.OW)
+        k.max_pool2d_fwd[_grid(cfg, g.OH * g.OW, g)](
+            x, y, idx if idx is not None else y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(),
+            *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW,
+            INDEX_MODE=index_mode, **cfg)
+
+    @staticmethod
+    def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
+        from .kernels.triton import pool as k
+        cfg = _triton_tile(dx, g.C, g.H * g.W)
+        k.max_pool2d_bwd[_grid(cfg, g.H * g.W, g)](
+            dy, idx, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(),
+            g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, INDEX_MODE=index_mode, **cfg)
+
+    @staticmethod
+    def avg_fwd(x, y, g: PoolGeometry) -> None:
+        from .kernels.triton import pool as k
+        cfg = _triton_tile(x, g.C, g.OH * g.OW)
+        k.avg_pool2d_fwd[_grid(cfg, g.OH * g.OW, g)](
+            x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW,
+            g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad, **cfg)
+
+    @staticmethod
+    def avg_bwd(dy, dx, g: PoolGeometry) -> None:
+        from .kernels.triton import pool as k
+        cfg = _triton_tile(dx, g.C, g.H * g.W)
+        k.avg_pool2d_bwd[_grid(cfg, g.H * g.W, g)](
+            dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW, g.PH, g.PW,
+            g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad, **cfg)
+
+    @staticmethod
+    def adaptive_fwd(x, y, g: PoolGeometry) -> None:
+        from .kernels.triton import pool as k
+        cfg = _triton_tile(x, g.C, g.OH * g.OW)
+        k.adaptive_avg_pool2d_fwd[_grid(cfg, g.OH * g.OW, g)](
+            x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
+            cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1, **cfg)
+
+    @staticmethod
+    def adaptive_bwd(dy, dx, g: PoolGeometry) -> None:
+        from .kernels.triton import pool as k
+        cfg = _triton_tile(dx, g.C, g.H * g.W)
+        k.adaptive_avg_pool2d_bwd[_grid(cfg, g.H * g.W, g)](
+            dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
+            g.OH // g.H + 3, g.OW // g.W + 3, **cfg)
+
+
+LAUNCHERS = {"triton": _TritonPool}
+
+# index modes shared with the kernels (kernels/*/pool.py)
+INDEX_NONE, INDEX_LOCAL, INDEX_FLAT = 0, 1, 2
+
+
+def _local_index_dtype(g: PoolGeometry) -> torch.dtype:
+    return torch.int8 if g.KH * g.KW <= 127 else torch.int32
+
+
+# --- autograd Functions ---------------------------------------------------------------------
+
+class MaxPool2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g: PoolGeometry, return_indices: bool, launch):
+        fmt = _memory_format(x)
+        y = new_output((g.N, g.C, g.OH, g.OW), x.dtype, x.device, fmt)
+        needs_grad = ctx.needs_input_grad[0]
+        if return_indices:
+            mode, idx = INDEX_FLAT, new_output(y.shape, torch.int64, x.device, fmt)
+        elif needs_grad:
+            mode, idx = INDEX_LOCAL, new_output(y.shape, _local_index_dtype(g), x.device, fmt)
+        else:
+            mode, idx = INDEX_NONE, None
+        if y.numel():
+            launch.max_fwd(x, y, idx, g, mode)
+        ctx.g, ctx.mode, ctx.launch = g, mode, launch
+        ctx.x_meta = (x.dtype, x.device, fmt)
+        if needs_grad:
+            ctx.save_for_backward(idx)
+        if return_indices:
+            ctx.mark_non_differentiable(idx)
+            return y, idx
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, *unused):
+        (idx,) = ctx.saved_tensors
+        g = ctx.g
+        dtype, device, fmt = ctx.x_meta
+        dx = new_output((g.N, g.C, g.H, g.W), dtype, device, fmt)
+        if dx.numel():
+            ctx.launch.max_bwd(dy, idx, dx, g, ctx.mode)
+        return dx, None, None, None
+
+
+class AvgPool2dFunction(torch.autograd.Function):
+    """avg_pool2d (adaptive=False) or adaptive_avg_pool2d (adaptive=True)."""
+
+    @staticmethod
+    def forward(ctx, x, g: PoolGeometry, adaptive: bool, launch):
+        fmt = _memory_format(x)
+        y = new_output((g.N, g.C, g.OH, g.OW), x.dtype, x.device, fmt)
+        if y.numel():
+            (launch.adaptive_fwd if adaptive else launch.avg_fwd)(x, y, g)
+        ctx.g, ctx.adaptive, ctx.launch = g, adaptive, launch
+        ctx.x_meta = (x.dtype, x.device, fmt)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        g = ctx.g
+        dtype, device, fmt = ctx.x_meta
+        dx = new_output((g.N, g.C, g.H, g.W), dtype, device, fmt)
+        if dx.numel():
+            (ctx.launch.adaptive_bwd if ctx.adaptive else ctx.launch.avg_bwd)(dy, dx, g)
+        return dx, None, None, None
+
+
+# --- implementations by backend -------------------------------------------------------------
+
+def _register(name, launch):
+    register("max_pool2d", name)(
+        lambda x, g, return_indices: MaxPool2dFunction.apply(x, g, return_indices, launch))
+    register("avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, False, launch))
+    register("adaptive_avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, True, launch))
+
+
+for _name, _launch in LAUNCHERS.items():
+    _register(_name, _launch)
+
+
+@register("max_pool2d", "torch")
+def _torch_max_pool2d(x, g, return_indices):
+    return torch.nn.functional.max_pool2d(x, (g.KH, g.KW), (g.SH, g.SW), (g.PH, g.PW), (g.DH, g.DW),
+                                          ceil_mode=g.ceil_mode, return_indices=return_indices)
+
+
+@register("avg_pool2d", "torch")
+def _torch_avg_pool2d(x, g):
+    return torch.nn.functional.avg_pool2d(
+        x, (g.KH, g.KW), (g.SH, g.SW), (g.PH, g.PW),
+        ceil_mode=g.ceil_mode, count_include_pad=g.count_include_pad, divisor_override=g.divisor or None)
+
+
+@register("adaptive_avg_pool2d", "torch")
+def _torch_adaptive_avg_pool2d(x, g):
+    return torch.nn.functional.adaptive_avg_pool2d(x, (g.OH, g.OW))
+
+
+# --- argument checks and the public functions -----------------------------------------------
+
+def _batched(input, backend):
+    check_tensor(input, "input", backend, ndims=(3, 4))
+    if input.dim() == 3:
+        return input.unsqueeze(0), True
+    return input, False
+
+
+def _geometry(x, kernel_size, stride, padding, dilation, ceil_mode, **extra) -> PoolGeometry:
+    N, C, H, W = x.shape
+    KH, KW = pair(kernel_size, "kernel_size")
+    if KH <= 0 or KW <= 0:
+        raise ValueError(f"kernel_size must be positive, got {kernel_size}")
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        SH, SW = KH, KW
+    else:
+        SH, SW = pair(stride, "stride")
+    PH, PW = pair(padding, "padding")
+    DH, DW = pair(dilation, "dilation")
+    if H == 0 or W == 0:
+        raise ValueError(f"input has an empty spatial dimension: shape {tuple(x.shape)}")
+    OH = pool_output_size(H, KH, SH, PH, DH, ceil_mode, name="input height")
+    OW = pool_output_size(W, KW, SW, PW, DW, ceil_mode, name="input width")
+    return PoolGeometry(N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, **extra)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False, *, backend=None):
+    """torch.nn.functional.max_pool2d; with return_indices, (output, int64 flat indices)."""
+    name, impl = dispatch("max_pool2d", backend, input)
+    x, unbatched = _batched(input, name)
+    g = _geometry(x, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    out = impl(x, g, bool(return_indices))
+    if unbatched:
+        return (out[0].squeeze(0), out[1].squeeze(0)) if return_indices else out.squeeze(0)
+    return out
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None, *, backend=None):
+    """torch.nn.functional.avg_pool2d."""
+    name, impl = dispatch("avg_pool2d", backend, input)
+    x, unbatched = _batched(input, name)
+    if divisor_override is not None and (not isinstance(divisor_override, int) or divisor_override <= 0):
+        raise ValueError(f"divisor_override must be a positive int, got {divisor_override!r}")
+    g = _geometry(x, kernel_size, stride, padding, 1, bool(ceil_mode),
+                  count_include_pad=bool(count_include_pad), divisor=divisor_override or 0)
+    out = impl(x, g)
+    return out.squeeze(0) if unbatched else out
+
+
+def adaptive_avg_pool2d(input, output_size, *, backend=None):
+    """torch.nn.functional.adaptive_avg_pool2d; output_size an int, a pair, or None entries
+    (keep that input dimension). output_size=1 is global average pooling."""
+    name, impl = dispatch("adaptive_avg_pool2d", backend, input)
+    x, unbatched = _batched(input, name)
+    N, C, H, W = x.shape
+    if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
+        OH = H if output_size[0] is None else output_size[0]
+        OW = W if output_size[1] is None else output_size[1]
+    else:
+        OH, OW = pair(output_size, "output_size")
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"output_size must be positive, got {output_size}")
+    if H == 0 or W == 0:
+        raise ValueError(f"input has an empty spatial dimension: shape {tuple(x.shape)}")
+    g = PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1)
+    out = impl(x, g)
+    return out.squeeze(0) if unbatched else out
+
+
+__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "PoolGeometry",
+           "MaxPool2dFunction", "AvgPool2dFunction"]

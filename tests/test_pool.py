@@ -1,0 +1,209 @@
+"""max_pool2d, avg_pool2d, adaptive_avg_pool2d: kernels against the float64 reference and
+torch, forward, indices and gradient, every option of the signature."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydl
+from pydl import reference as ref
+from pydl.testing import assert_close, random_tensor, run_with_grad
+
+from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
+
+backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+F = torch.nn.functional
+
+# (input shape, kernel, stride, padding, dilation, ceil_mode)
+MAX_CASES = [
+    ((1, 1, 6, 6), 3, 3, 0, 1, False),      # the lecture's 6x6 with 3x3 windows -> 2x2
+    ((2, 3, 8, 8), 2, 2, 0, 1, False),      # VGG's 2x2/2
+    ((2, 3, 13, 13), 3, 2, 0, 1, False),    # AlexNet's overlapping 3x3/2
+    ((1, 2, 9, 11), 3, 2, 1, 1, False),     # ResNet stem's 3x3/2 p1, odd sizes
+    ((2, 1, 9, 9), 3, 1, 1, 2, False),      # dilation 2
+    ((1, 3, 8, 7), 2, 2, 0, 1, True),       # ceil_mode: a last partial window
+    ((2, 2, 7, 7), 3, 2, 1, 1, True),       # ceil_mode with padding
+    ((1, 2, 5, 9), (2, 3), (1, 2), (1, 1), (1, 2), False),  # non-square everything
+    ((3, 5, 4, 4), 4, 1, 2, 1, False),      # window = input, padding = half the kernel
+]
+
+
+def _max_case_id(case):
+    shape, k, s, p, d, cm = case
+    return f"{'x'.join(map(str, shape))}-k{k}-s{s}-p{p}-d{d}{'-ceil' if cm else ''}"
+
+
+def _check_max(x, k, s, p, d, cm, backend, dtype):
+    run = lambda t: pydl.max_pool2d(t, k, s, p, d, cm, backend=backend)  # noqa: E731
+    out, g, (dx,) = run_with_grad(run, [x])
+    t_out, _, (t_dx,) = run_with_grad(lambda t: F.max_pool2d(t, k, s, p, d, cm), [x], g)
+    y64, idx64 = ref.max_pool2d(x.double().cpu().numpy(), k, s, p, d, cm)
+    dx64 = ref.max_pool2d_backward(g.double().cpu().numpy(), idx64, tuple(x.shape))
+    # an input element can be the argmax of up to KH * KW overlapping windows
+    overlap = k * k if isinstance(k, int) else k[0] * k[1]
+    assert_close(out, y64, dtype, name="forward vs reference")
+    assert_close(out, t_out, dtype, name="forward vs torch")
+    assert_close(dx, dx64, dtype, reduction=overlap, name="grad vs reference")
+    assert_close(dx, t_dx, dtype, reduction=overlap, name="grad vs torch")
+    # return_indices: torch's flat per-plane indices, and the backward through them
+    out_i, idx = pydl.max_pool2d(x, k, s, p, d, cm, return_indices=True, backend=backend)
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx.cpu(), torch.from_numpy(idx64)), "indices differ from the reference"
+    xi = x.detach().clone().requires_grad_()
+    yi, _ = pydl.max_pool2d(xi, k, s, p, d, cm, return_indices=True, backend=backend)
+    yi.backward(g)
+    assert_close(xi.grad, dx64, dtype, reduction=overlap, name="grad through return_indices")
+
+
+@backends
+@dtypes
+@pytest.mark.parametrize("case", MAX_CASES, ids=_max_case_id)
+def test_max_pool2d(backend, dtype, case):
+    shape, k, s, p, d, cm = case
+    _check_max(random_tensor(shape, dtype, DEVICE), k, s, p, d, cm, backend, dtype)
+
+
+@backends
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "unbatched"])
+def test_max_pool2d_layouts(backend, layout):
+    x = random_tensor((2, 6, 10, 9), torch.float32, DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[:, 1::2, 1:, ::2]
+    else:
+        x = x[0]
+    _check_max(x, 3, 2, 1, 1, True, backend, torch.float32)
+    if layout == "channels_last":
+        y = pydl.max_pool2d(x, 3, 2, backend=backend)
+        assert y.is_contiguous(memory_format=torch.channels_last), "channels_last must be kept"
+
+
+@backends
+def test_max_pool2d_ties_nan_and_inf(backend):
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0] = torch.tensor([[1., 1, 0, 2], [1, 1, 2, 2], [0, 0, -1, -1], [0, 0, -1, -1]])  # ties
+    x[0, 1] = float("-inf")
+    x[0, 1, 0, 1] = float("nan")
+    x[0, 1, 1, 0] = float("nan")    # two NaNs in one window: torch reports the last
+    x[0, 1, 2, 2] = 5.0
+    x = x.to(DEVICE)
+    for k, s, p in ((2, 2, 0), (3, 1, 1)):
+        y, idx = pydl.max_pool2d(x, k, s, p, return_indices=True, backend=backend)
+        t_y, t_idx = F.max_pool2d(x, k, s, p, return_indices=True)
+        assert_close(y, t_y, torch.float32)
+        assert torch.equal(idx, t_idx), f"k={k}: {idx} != {t_idx}"
+
+
+MAX_POOL_FUZZ = dict(H=st.integers(1, 12), W=st.integers(1, 12), k=st.integers(1, 4),
+                     s=st.integers(1, 3), d=st.integers(1, 2), cm=st.booleans())
+
+
+@backends
+@settings(max_examples=20, deadline=None)
+@given(**MAX_POOL_FUZZ, p_frac=st.integers(0, 2))
+def test_max_pool2d_fuzz(backend, H, W, k, s, d, cm, p_frac):
+    p = min(p_frac, k // 2)
+    if (H + 2 * p - d * (k - 1) - 1) < 0 or (W + 2 * p - d * (k - 1) - 1) < 0:
+        return
+    _check_max(random_tensor((1, 2, H, W), torch.float32, DEVICE), k, s, p, d, cm, backend,
+               torch.float32)
+
+
+# --- average pooling ------------------------------------------------------------------------
+
+AVG_CASES = [
+    ((1, 1, 6, 6), 3, 3, 0, False),
+    ((2, 3, 8, 8), 2, 2, 0, False),
+    ((2, 2, 9, 11), 3, 2, 1, False),
+    ((1, 3, 8, 7), 3, 2, 1, True),         # ceil_mode window running past the padded edge
+    ((2, 2, 5, 6), (2, 3), (1, 2), (1, 1), True),
+]
+
+
+@backends
+@dtypes
+@pytest.mark.parametrize("case", AVG_CASES, ids=lambda c: f"{c[0]}-k{c[1]}-s{c[2]}-p{c[3]}-{c[4]}")
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("divisor_override", [None, 3])
+def test_avg_pool2d(backend, dtype, case, count_include_pad, divisor_override):
+    shape, k, s, p, cm = case
+    x = random_tensor(shape, dtype, DEVICE)
+    opts = dict(ceil_mode=cm, count_include_pad=count_include_pad, divisor_override=divisor_override)
+    out, g, (dx,) = run_with_grad(lambda t: pydl.avg_pool2d(t, k, s, p, backend=backend, **opts), [x])
+    t_out, _, (t_dx,) = run_with_grad(lambda t: F.avg_pool2d(t, k, s, p, **opts), [x], g)
+    y64 = ref.avg_pool2d(x.double().cpu().numpy(), k, s, p, **opts)
+    dx64 = ref.avg_pool2d_backward(g.double().cpu().numpy(), tuple(x.shape), k, s, p, **opts)
+    kk = k * k if isinstance(k, int) else k[0] * k[1]
+    assert_close(out, y64, dtype, reduction=kk, name="forward vs reference")
+    assert_close(out, t_out, dtype, reduction=kk, name="forward vs torch")
+    assert_close(dx, dx64, dtype, reduction=kk, name="grad vs reference")
+    assert_close(dx, t_dx, dtype, reduction=kk, name="grad vs torch")
+
+
+@backends
+@pytest.mark.parametrize("output_size", [1, (3, 2), (4, 5), (None, 4), (7, 9)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_adaptive_avg_pool2d(backend, output_size, layout):
+    x = random_tensor((2, 3, 7, 9), torch.float32, DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    out, g, (dx,) = run_with_grad(lambda t: pydl.adaptive_avg_pool2d(t, output_size, backend=backend), [x])
+    t_out, _, (t_dx,) = run_with_grad(lambda t: F.adaptive_avg_pool2d(t, output_size), [x], g)
+    y64 = ref.adaptive_avg_pool2d(x.double().cpu().numpy(), output_size)
+    dx64 = ref.adaptive_avg_pool2d_backward(g.double().cpu().numpy(), tuple(x.shape))
+    assert_close(out, y64, torch.float32, reduction=63, name="forward vs reference")
+    assert_close(out, t_out, torch.float32, reduction=63, name="forward vs torch")
+    assert_close(dx, dx64, torch.float32, name="grad vs reference")
+    assert_close(dx, t_dx, torch.float32, name="grad vs torch")
+
+
+# --- modules --------------------------------------------------------------------------------
+
+@backends
+def test_modules_are_drop_in(backend):
+    x = random_tensor((2, 3, 9, 9), torch.float32, DEVICE)
+    pairs = [
+        (pydl.nn.MaxPool2d(3, 2, 1, ceil_mode=True, backend=backend), torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)),
+        (pydl.nn.AvgPool2d(2, count_include_pad=False, backend=backend), torch.nn.AvgPool2d(2, count_include_pad=False)),
+        (pydl.nn.AdaptiveAvgPool2d(1, backend=backend), torch.nn.AdaptiveAvgPool2d(1)),
+    ]
+    for ours, theirs in pairs:
+        assert isinstance(ours, type(theirs))
+        assert repr(ours).split("(")[1] == repr(theirs).split("(")[1]
+        assert_close(ours(x), theirs(x), torch.float32, reduction=81)
+    y, idx = pydl.nn.MaxPool2d(2, return_indices=True, backend=backend)(x)
+    assert torch.equal(idx, torch.nn.MaxPool2d(2, return_indices=True)(x)[1])
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@backends
+def test_pool_bad_input(backend):
+    x = random_tensor((1, 2, 5, 5), torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="larger than the padded"):
+        pydl.max_pool2d(x, 7, backend=backend)
+    with pytest.raises(ValueError, match="half the kernel"):
+        pydl.max_pool2d(x, 3, 1, 2, backend=backend)
+    with pytest.raises(ValueError, match="stride must be positive"):
+        pydl.avg_pool2d(x, 2, 0, backend=backend)
+    with pytest.raises(ValueError, match="3-D or 4-D"):
+        pydl.max_pool2d(x[0, 0], 2, backend=backend)
+    with pytest.raises(TypeError, match="kernel_size"):
+        pydl.max_pool2d(x, 2.5, backend=backend)
+    with pytest.raises(ValueError, match="divisor_override"):
+        pydl.avg_pool2d(x, 2, divisor_override=0, backend=backend)
+    with pytest.raises(ValueError, match="output_size"):
+        pydl.adaptive_avg_pool2d(x, 0, backend=backend)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        pydl.max_pool2d(x.double(), 2, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.full
+def test_max_pool2d_beyond_int32_offsets():
+    """More than 2**31 input elements: offsets must be computed in int64."""
+    x = torch.randn(2 ** 15 + 1, 64, 32, 32, device="cuda", dtype=torch.float16)
+    y = pydl.max_pool2d(x, 2)
+    assert_close(y[-2:], F.max_pool2d(x[-2:], 2), torch.float16)
