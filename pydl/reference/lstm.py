@@ -1,0 +1,323 @@
+"""float64 NumPy references for the LSTM (cell and full multi-layer, bidirectional layer) and the
+GRU cell, forward and backward, written from the math (never by calling torch).
+
+Layout and gate order are PyTorch's: the four LSTM gates are stacked as rows [i; f; g; o] of
+w_ih (4H, I) and w_hh (4H, H), the three GRU gates as [r; z; n] of (3H, I) and (3H, H).
+
+LSTM cell, for a batch of rows x (B, I), h (B, H), c (B, H):
+    a = x W_ih^T + b_ih + h W_hh^T + b_hh                      (B, 4H), split as [a_i a_f a_g a_o]
+    i = sigma(a_i)   f = sigma(a_f)   g = tanh(a_g)   o = sigma(a_o)
+    c' = f * c + i * g
+    h' = o * tanh(c')
+Backward, given dh' and dc' (the gradient reaching c' from the next step):
+    dc'_tot = dc' + dh' * o * (1 - tanh(c')^2)
+    da_i = dc'_tot * g * i (1 - i)     da_f = dc'_tot * c * f (1 - f)
+    da_g = dc'_tot * i * (1 - g^2)     da_o = dh' * tanh(c') * o (1 - o)
+    dx = da W_ih   dh = da W_hh   dc = dc'_tot * f
+    dW_ih = da^T x   dW_hh = da^T h   db_ih = db_hh = sum_rows(da)
+The path dc = f * dc'_tot is the "constant error carousel": with f = 1 and i = 0 the cell state,
+and its gradient, pass through any number of steps unchanged.
+
+Full LSTM (torch.nn.LSTM, no dropout, no proj_size): layer l, direction d (0 forward, 1 reverse)
+runs the cell over time (reverse: from t = T-1 down to 0) starting from h0[l*D + d], c0[l*D + d];
+the layer's output at time t is the concatenation over directions of h_t (T, B, D*H), which is
+the input of layer l+1. h_n / c_n hold each (layer, direction)'s final state at index l*D + d.
+Backward is backpropagation through time: walk each direction's steps in the reverse of the
+order they ran, adding the output gradient of step t to the recurrent dh.
+
+GRU cell (torch.nn.GRUCell):
+    gi = x W_ih^T + b_ih = [gi_r gi_z gi_n]      gh = h W_hh^T + b_hh = [gh_r gh_z gh_n]
+    r = sigma(gi_r + gh_r)   z = sigma(gi_z + gh_z)   n = tanh(gi_n + r * gh_n)
+    h' = (1 - z) * n + z * h
+Note b_hn sits inside r * (...), so b_ih and b_hh are not interchangeable for the n gate.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def sigmoid(x) -> np.ndarray:
+    """1 / (1 + exp(-x)) without overflow: exp is only ever taken of -|x|."""
+    x = _f64(x)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _rows(a, width: int | None, name: str) -> np.ndarray:
+    a = _f64(a)
+    if a.ndim != 2 or (width is not None and a.shape[1] != width):
+        raise ValueError(f"{name}: expected (batch, {width}), got shape {a.shape}")
+    return a
+
+
+def _cell_inputs(x, states, w_ih, w_hh, gates: int):
+    """Batch the inputs of a cell: unbatched (I,) vectors become one row; None states are zeros."""
+    if w_ih is None or w_hh is None:
+        raise ValueError("w_ih and w_hh are required")
+    w_ih, w_hh = _f64(w_ih), _f64(w_hh)
+    H = w_hh.shape[1]
+    if w_hh.shape != (gates * H, H) or w_ih.ndim != 2 or w_ih.shape[0] != gates * H:
+        raise ValueError(f"weights: expected w_ih ({gates}H, I) and w_hh ({gates}H, H), got "
+                         f"{w_ih.shape} and {w_hh.shape}")
+    x = _f64(x)
+    unbatched = x.ndim == 1
+    x = _rows(x[None] if unbatched else x, w_ih.shape[1], "x")
+    out = []
+    for s, name in zip(states, ("h", "c")):
+        if s is None:
+            out.append(np.zeros((x.shape[0], H)))
+        else:
+            s = _f64(s)
+            out.append(_rows(s[None] if unbatched else s, H, name))
+    return x, out, w_ih, w_hh, unbatched
+
+
+def _bias(b, n: int) -> np.ndarray:
+    return np.zeros(n) if b is None else _f64(b).reshape(n)
+
+
+# ----------------------------------------------------------------------------------- LSTM cell
+
+def lstm_cell(x, h=None, c=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
+    """One LSTM step (torch.nn.LSTMCell). x (B, I) or (I,); h, c (B, H) or (H,), None = zeros.
+
+    Returns (h1, c1, cache); cache feeds lstm_cell_backward.
+    """
+    x, (h, c), w_ih, w_hh, unbatched = _cell_inputs(x, (h, c), w_ih, w_hh, 4)
+    H = w_hh.shape[1]
+    a = x @ w_ih.T + _bias(b_ih, 4 * H) + h @ w_hh.T + _bias(b_hh, 4 * H)
+    i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H:2 * H]), sigmoid(a[:, 3 * H:])
+    g = np.tanh(a[:, 2 * H:3 * H])
+    c1 = f * c + i * g
+    tc1 = np.tanh(c1)
+    h1 = o * tc1
+    cache = dict(x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, i=i, f=f, g=g, o=o, tc1=tc1,
+                 bias=(b_ih is not None, b_hh is not None), unbatched=unbatched)
+    if unbatched:
+        return h1[0], c1[0], cache
+    return h1, c1, cache
+
+
+def _lstm_gate_grads(dh1, dc1, cache):
+    """(da, dc): gradient of the pre-activations (B, 4H) and of the previous cell state."""
+    i, f, g, o, tc1 = (cache[k] for k in ("i", "f", "g", "o", "tc1"))
+    dc_tot = dc1 + dh1 * o * (1.0 - tc1 * tc1)
+    da = np.concatenate([dc_tot * g * i * (1.0 - i),
+                         dc_tot * cache["c"] * f * (1.0 - f),
+                         dc_tot * i * (1.0 - g * g),
+                         dh1 * tc1 * o * (1.0 - o)], axis=1)
+    return da, dc_tot * f
+
+
+def _state_grad(d, like, unbatched):
+    if d is None:
+        return np.zeros_like(like)
+    d = _f64(d)
+    return np.broadcast_to(d[None] if unbatched else d, like.shape)
+
+
+def lstm_cell_backward(dh1, dc1, cache):
+    """Gradients of one LSTM step: (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh).
+
+    dh1 / dc1 may be None (no gradient reaches that output). db_* are None where the forward
+    had no such bias.
+    """
+    u = cache["unbatched"]
+    dh1 = _state_grad(dh1, cache["h"], u)
+    dc1 = _state_grad(dc1, cache["c"], u)
+    da, dc = _lstm_gate_grads(dh1, dc1, cache)
+    dx, dh = da @ cache["w_ih"], da @ cache["w_hh"]
+    dw_ih, dw_hh = da.T @ cache["x"], da.T @ cache["h"]
+    db = da.sum(axis=0)
+    db_ih = db if cache["bias"][0] else None
+    db_hh = db.copy() if cache["bias"][1] else None
+    if u:
+        dx, dh, dc = dx[0], dh[0], dc[0]
+    return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
+
+
+# ------------------------------------------------------------------------------------ GRU cell
+
+def gru_cell(x, h=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
+    """One GRU step (torch.nn.GRUCell). x (B, I) or (I,); h (B, H) or (H,), None = zeros.
+
+    Returns (h1, cache); cache feeds gru_cell_backward.
+    """
+    x, (h,), w_ih, w_hh, unbatched = _cell_inputs(x, (h,), w_ih, w_hh, 3)
+    H = w_hh.shape[1]
+    gi = x @ w_ih.T + _bias(b_ih, 3 * H)
+    gh = h @ w_hh.T + _bias(b_hh, 3 * H)
+    r = sigmoid(gi[:, :H] + gh[:, :H])
+    z = sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+    ghn = gh[:, 2 * H:]
+    n = np.tanh(gi[:, 2 * H:] + r * ghn)
+    h1 = (1.0 - z) * n + z * h
+    cache = dict(x=x, h=h, w_ih=w_ih, w_hh=w_hh, r=r, z=z, n=n, ghn=ghn,
+                 bias=(b_ih is not None, b_hh is not None), unbatched=unbatched)
+    return (h1[0] if unbatched else h1), cache
+
+
+def gru_cell_backward(dh1, cache):
+    """Gradients of one GRU step: (dx, dh, dw_ih, dw_hh, db_ih, db_hh)."""
+    u = cache["unbatched"]
+    dh1 = _state_grad(dh1, cache["h"], u)
+    r, z, n, ghn, h = (cache[k] for k in ("r", "z", "n", "ghn", "h"))
+    dan = dh1 * (1.0 - z) * (1.0 - n * n)          # through tanh of the n pre-activation
+    dar = dan * ghn * r * (1.0 - r)                # r multiplies W_hn h + b_hn
+    daz = dh1 * (h - n) * z * (1.0 - z)
+    dgi = np.concatenate([dar, daz, dan], axis=1)
+    dgh = np.concatenate([dar, daz, dan * r], axis=1)
+    dx = dgi @ cache["w_ih"]
+    dh = dgh @ cache["w_hh"] + dh1 * z
+    dw_ih, dw_hh = dgi.T @ cache["x"], dgh.T @ h
+    db_ih = dgi.sum(axis=0) if cache["bias"][0] else None
+    db_hh = dgh.sum(axis=0) if cache["bias"][1] else None
+    if u:
+        dx, dh = dx[0], dh[0]
+    return dx, dh, dw_ih, dw_hh, db_ih, db_hh
+
+
+# ---------------------------------------------------------------------------------- full LSTM
+
+def lstm_weight_names(num_layers: int = 1, bidirectional: bool = False, bias: bool = True):
+    """torch.nn.LSTM's state_dict keys in its order: per layer, per direction, ih, hh, b_ih, b_hh."""
+    names = []
+    for layer in range(num_layers):
+        for suffix in ("", "_reverse")[:2 if bidirectional else 1]:
+            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+            names += [f"{k}_l{layer}{suffix}" for k in kinds]
+    return names
+
+
+def _sequence_major(x, batch_first: bool, what: str):
+    """(T, B, F) view of a sequence input; unbatched (T, F) becomes (T, 1, F)."""
+    x = _f64(x)
+    if x.ndim == 2:
+        return x[:, None, :], True
+    if x.ndim != 3:
+        raise ValueError(f"{what}: expected 2 or 3 dimensions, got shape {x.shape}")
+    return (np.swapaxes(x, 0, 1) if batch_first else x), False
+
+
+def lstm(x, h0=None, c0=None, weights=None, num_layers: int = 1, bidirectional: bool = False,
+         batch_first: bool = False, *, return_cache: bool = False):
+    """torch.nn.LSTM forward. x (T, B, I), (B, T, I) if batch_first, or unbatched (T, I);
+    h0, c0 (L*D, B, H) or (L*D, H), None = zeros; weights keyed by torch's state_dict names
+    (a layer without bias_* keys has no bias, like bias=False).
+
+    Returns (output, (h_n, c_n)) shaped like torch's: output (T, B, D*H) ((B, T, D*H) if
+    batch_first, (T, D*H) unbatched), h_n / c_n like h0. With return_cache=True a third item,
+    the cache that lstm_backward needs.
+    """
+    if weights is None:
+        raise ValueError("weights are required")
+    D = 2 if bidirectional else 1
+    xs, unbatched = _sequence_major(x, batch_first, "x")
+    T, B = xs.shape[:2]
+    H = _f64(weights["weight_hh_l0"]).shape[1]
+    states = []
+    for s in (h0, c0):
+        if s is None:
+            states.append(np.zeros((num_layers * D, B, H)))
+        else:
+            s = _f64(s)
+            s = s[:, None, :] if unbatched else s
+            if s.shape != (num_layers * D, B, H):
+                raise ValueError(f"initial state: expected {(num_layers * D, B, H)}, got {s.shape}")
+            states.append(s)
+    h0s, c0s = states
+    h_n, c_n = np.empty_like(h0s), np.empty_like(c0s)
+    layers = []
+    inp = xs
+    for layer in range(num_layers):
+        out = np.empty((T, B, D * H))
+        dirs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w = {k: (None if weights.get(k + sfx) is None else _f64(weights[k + sfx]))
+                 for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            if w["weight_ih"].shape[1] != inp.shape[2]:
+                raise ValueError(f"weight_ih{sfx}: input size {w['weight_ih'].shape[1]} != "
+                                 f"{inp.shape[2]}")
+            h, c = h0s[layer * D + d], c0s[layer * D + d]
+            steps = []
+            for t in (range(T - 1, -1, -1) if d else range(T)):
+                h, c, cache = lstm_cell(inp[t], h, c, w["weight_ih"], w["weight_hh"],
+                                        w["bias_ih"], w["bias_hh"])
+                out[t, :, d * H:(d + 1) * H] = h
+                steps.append((t, cache))
+            h_n[layer * D + d], c_n[layer * D + d] = h, c
+            dirs.append((sfx, w, steps))
+        layers.append(dirs)
+        inp = out
+    cache = dict(layers=layers, T=T, B=B, H=H, D=D, num_layers=num_layers,
+                 in_size=xs.shape[2], batch_first=batch_first, unbatched=unbatched)
+    if unbatched:
+        out, h_n, c_n = out[:, 0], h_n[:, 0], c_n[:, 0]
+    elif batch_first:
+        out = np.swapaxes(out, 0, 1)
+    return (out, (h_n, c_n), cache) if return_cache else (out, (h_n, c_n))
+
+
+def lstm_backward(grad_output, grad_hn, grad_cn, cache):
+    """Backpropagation through time for `lstm`. Any of the three incoming gradients may be None.
+
+    Returns (dx, dh0, dc0, dweights): dx shaped like the input, dh0 / dc0 like the initial
+    states (the gradient w.r.t. the zero state when none was given), dweights keyed like
+    `weights` (only the keys the forward used).
+    """
+    T, B, H, D, L = (cache[k] for k in ("T", "B", "H", "D", "num_layers"))
+    u = cache["unbatched"]
+
+    def seq(g, width):
+        if g is None:
+            return np.zeros((T, B, width))
+        g = _f64(g)
+        if u:
+            return g[:, None, :]
+        return np.swapaxes(g, 0, 1) if cache["batch_first"] else g
+
+    def state(g):
+        if g is None:
+            return np.zeros((L * D, B, H))
+        g = _f64(g)
+        return g[:, None, :] if u else g
+
+    d_out = seq(grad_output, D * H)
+    g_hn, g_cn = state(grad_hn), state(grad_cn)
+    dh0, dc0 = np.zeros((L * D, B, H)), np.zeros((L * D, B, H))
+    dweights = {}
+    for layer in range(L - 1, -1, -1):
+        dirs = cache["layers"][layer]
+        in_size = dirs[0][1]["weight_ih"].shape[1]
+        d_in = np.zeros((T, B, in_size))
+        for d, (sfx, w, steps) in enumerate(dirs):
+            dh, dc = g_hn[layer * D + d].copy(), g_cn[layer * D + d].copy()
+            da_all = np.empty((T, B, 4 * H))
+            x_all, h_all = np.empty((T, B, in_size)), np.empty((T, B, H))
+            for t, step in reversed(steps):  # reverse of the order the steps ran
+                dh = dh + d_out[t, :, d * H:(d + 1) * H]
+                da, dc = _lstm_gate_grads(dh, dc, step)
+                dh = da @ w["weight_hh"]
+                da_all[t], x_all[t], h_all[t] = da, step["x"], step["h"]
+            d_in += da_all @ w["weight_ih"]
+            # Weight gradients summed over all steps and rows at once.
+            dweights["weight_ih" + sfx] = np.einsum("tbg,tbi->gi", da_all, x_all)
+            dweights["weight_hh" + sfx] = np.einsum("tbg,tbh->gh", da_all, h_all)
+            db = da_all.sum(axis=(0, 1))
+            if w["bias_ih"] is not None:
+                dweights["bias_ih" + sfx] = db
+            if w["bias_hh"] is not None:
+                dweights["bias_hh" + sfx] = db.copy()
+            dh0[layer * D + d], dc0[layer * D + d] = dh, dc
+        d_out = d_in
+    dx = d_out
+    if u:
+        return dx[:, 0], dh0[:, 0], dc0[:, 0], dweights
+    if cache["batch_first"]:
+        dx = np.swapaxes(dx, 0, 1)
+    return dx, dh0, dc0, dweights
