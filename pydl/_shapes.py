@@ -33,12 +33,7 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,
     `exact=True` such a configuration is rejected, as the lecture notes do (7x7 input, 3x3
     kernel, stride 3 gives 2.33 and "does not fit").
     """
-    if stride <= 0:
-        raise ValueError(f"stride must be positive, got {stride}")
-    if dilation <= 0:
-        raise ValueError(f"dilation must be positive, got {dilation}")
-    if padding < 0:
-        raise ValueError(f"padding must be non-negative, got {padding}")
+    _check_window(kernel, stride, padding, dilation)
     span = dilation * (kernel - 1) + 1
     room = size + 2 * padding - span
     if room < 0:
@@ -54,20 +49,36 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,
 def pool_output_size(size: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1,
                      ceil_mode: bool = False, *, name: str = "input") -> int:
     """Pooling output length with PyTorch's ceil_mode rule: rounding up may add a last window,
-    but never one that starts inside the right padding."""
-    if stride <= 0:
-        raise ValueError(f"stride must be positive, got {stride}")
+    but never one that starts inside the right padding.
+
+    With ceil_mode the last window may run past the padded edge, so PyTorch accepts a kernel up
+    to stride - 1 elements longer than the padded input (size 2, kernel 3, stride 2 gives one
+    window); only a configuration with no window at all is rejected.
+    """
+    _check_window(kernel, stride, padding, dilation)
     if padding * 2 > kernel:
         raise ValueError(f"padding ({padding}) must be at most half the kernel size ({kernel})")
     span = dilation * (kernel - 1) + 1
     room = size + 2 * padding - span
-    if room < 0:
-        raise ValueError(f"kernel size {kernel} (dilated span {span}) is larger than the padded "
-                         f"{name} size {size + 2 * padding}")
-    out = (math.ceil(room / stride) if ceil_mode else room // stride) + 1
+    # ceil(room / stride) with integers; it is floor((room + stride - 1) / stride) in PyTorch.
+    out = (-(-room // stride) if ceil_mode else room // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
+    if out <= 0:
+        raise ValueError(f"kernel size {kernel} (dilated span {span}) is larger than the padded "
+                         f"{name} size {size + 2 * padding}")
     return out
+
+
+def _check_window(kernel: int, stride: int, padding: int, dilation: int) -> None:
+    if kernel <= 0:
+        raise ValueError(f"kernel size must be positive, got {kernel}")
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if dilation <= 0:
+        raise ValueError(f"dilation must be positive, got {dilation}")
+    if padding < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
 
 
 def same_padding(kernel: int, dilation: int = 1) -> tuple[int, int]:
@@ -98,3 +109,33 @@ def as_rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, int, int]:
     n = shape[dim]
     inner = math.prod(shape[dim + 1:])
     return x.reshape(outer, n, inner), outer, n, inner
+
+
+def conv_padding(padding, kernel: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) for a conv's padding: an int, a pair, "valid" or "same".
+
+    "same" (stride 1 only, as in torch) puts the extra row/column of an uneven total at the
+    bottom/right, as torch does.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if tuple(stride) != (1, 1):
+                raise ValueError(f"padding='same' is not supported for strided convolutions "
+                                 f"(stride={tuple(stride)})")
+            return same_padding(kernel[0], dilation[0]) + same_padding(kernel[1], dilation[1])
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return (ph, ph, pw, pw)
+
+
+def conv_output_size_padded(size: int, kernel: int, stride: int, before: int, after: int,
+                            dilation: int = 1, *, name: str = "input") -> int:
+    """conv_output_size with possibly uneven padding (only the total matters)."""
+    if before == after:
+        return conv_output_size(size, kernel, stride, before, dilation, name=name)
+    return conv_output_size(size + before + after, kernel, stride, 0, dilation, name=f"padded {name}")

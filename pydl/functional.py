@@ -2,8 +2,9 @@
 where an op has variants). Each op is defined once, in its family's module; this module is the
 index users import (`import pydl.functional as F`).
 """
+from .conv import conv2d
 from .pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .softmax_ce import cross_entropy, log_softmax, softmax
 
-__all__ = ["softmax", "log_softmax", "cross_entropy", "max_pool2d", "avg_pool2d",
+__all__ = ["conv2d", "softmax", "log_softmax", "cross_entropy", "max_pool2d", "avg_pool2d",
            "adaptive_avg_pool2d"]

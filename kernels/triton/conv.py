@@ -1,0 +1,197 @@
+"""Triton kernels for 2-D convolution (cross-correlation, as cuDNN computes it).
+
+Implicit GEMM: the convolution is a matrix product whose operands are never materialised.
+For group g, forward is
+
+    Y[m, oc] = sum_k X[m, k] * Wt[k, oc]     m = (n, oh, ow),  k = (kh, kw, c)
+
+with X[m, k] = x[n, g*Cg + c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW] (zero outside the input)
+gathered tile by tile inside the K loop. The reduction runs over (kh, kw) outermost and channels
+innermost, so for channels_last inputs each A tile is BLOCK_M rows of contiguous channels.
+Every tensor comes with its four strides, so NCHW, channels_last and sliced tensors need no copy.
+
+The backward passes are implicit GEMMs of the same shape family:
+  grad_input  dX[(n, h, w), c]  = sum over (kh, kw, oc) of dY[n, oc, oh, ow] * W[oc, c, kh, kw]
+              with oh = (h + PH - kh*DH) / SH where that divides exactly (else no term);
+  grad_weight dW[oc, (kh, kw, c)] = sum over (n, oh, ow) of dY[n, oc, oh, ow] * X[...];
+  grad_bias   a column sum of dY.
+
+Accumulation is fp32. fp32 inputs use `tl.dot` with INPUT_PRECISION "tf32" or "ieee" (the
+launcher follows torch.backends.cudnn.allow_tf32, so pydl rounds like cuDNN does under the same
+setting).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def conv2d_implicit_fwd(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, OC, OH, OW,             # C and OC are totals over all groups
+    sx_n, sx_c, sx_h, sx_w,             # input strides
+    sw_o, sw_c, sw_h, sw_w,             # weight strides (OC, C / groups, KH, KW)
+    sy_n, sy_c, sy_h, sy_w,             # output strides
+    SH, SW, PH, PW, DH, DW,             # stride, padding (top, left), dilation
+    KH: tl.constexpr, KW: tl.constexpr,
+    CG, OCG,                            # channels per group in and out
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # output pixels (n, oh, ow)
+    oc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)         # output channels within the group
+    m_ok = m < N * OH * OW
+    oc_ok = oc < OCG
+    n = (m // (OH * OW)).to(tl.int64)
+    ohw = m % (OH * OW)
+    oh = ohw // OW
+    ow = ohw % OW
+    oc_abs = (group * OCG + oc).to(tl.int64)
+    kc = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kh in range(KH):
+        h = oh * SH - PH + kh * DH
+        h_ok = m_ok & (h >= 0) & (h < H)
+        for kw in range(KW):
+            w = ow * SW - PW + kw * DW
+            a_ok = h_ok & (w >= 0) & (w < W)
+            a_row = x_ptr + n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+            b_col = w_ptr + oc_abs * sw_o + kh * sw_h + kw * sw_w
+            for c0 in range(0, CG, BLOCK_K):
+                c = c0 + kc
+                c_ok = c < CG
+                c_abs = (group * CG + c).to(tl.int64)
+                a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
+                            mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
+                            mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc_abs, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = (n * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] + oc_abs[None, :] * sy_c
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
+
+
+@triton.jit
+def conv2d_implicit_bwd_input(
+    dy_ptr, w_ptr, dx_ptr,
+    N, C, H, W, OC, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sw_o, sw_c, sw_h, sw_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CG, OCG,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dX[(n, h, w), c] = sum_(kh, kw, oc) dY[n, oc, oh, ow] W[oc, c, kh, kw]: a gather over
+    the output positions whose window holds (h, w), so every dX element is written once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # input pixels (n, h, w)
+    c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # input channels within the group
+    m_ok = m < N * H * W
+    c_ok = c < CG
+    n = (m // (H * W)).to(tl.int64)
+    hw = m % (H * W)
+    h = hw // W
+    w = hw % W
+    c_abs = (group * CG + c).to(tl.int64)
+    ko = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kh in range(KH):
+        th = h + PH - kh * DH
+        oh = th // SH
+        h_ok = m_ok & (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        for kw in range(KW):
+            tw = w + PW - kw * DW
+            ow = tw // SW
+            a_ok = h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW)
+            a_row = dy_ptr + n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w
+            b_col = w_ptr + c.to(tl.int64) * sw_c + kh * sw_h + kw * sw_w
+            for o0 in range(0, OCG, BLOCK_K):
+                o = o0 + ko
+                o_ok = o < OCG
+                o_abs = (group * OCG + o).to(tl.int64)
+                a = tl.load(a_row[:, None] + o_abs[None, :] * sdy_c,
+                            mask=a_ok[:, None] & o_ok[None, :], other=0.0)
+                b = tl.load(b_col[None, :] + o_abs[:, None] * sw_o,
+                            mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    dx_off = (n * sdx_n + h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None] + c_abs[None, :] * sdx_c
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def conv2d_implicit_bwd_weight(
+    dy_ptr, x_ptr, dw_ptr,
+    N, C, H, W, OC, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sdw_o, sdw_c, sdw_h, sdw_w,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CG, OCG,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW[oc, (c, kh, kw)] = sum over pixels (n, oh, ow) of dY[n, oc, oh, ow] X[...]:
+    M = output channels, N = (c, kh, kw) of the group, K = N * OH * OW output pixels."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2)
+    oc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # (c, kh, kw) flattened
+    oc_ok = oc < OCG
+    j_ok = j < CG * KH * KW
+    c = j // (KH * KW)
+    kk = j % (KH * KW)
+    kh = kk // KW
+    kw = kk % KW
+    oc_abs = (group * OCG + oc).to(tl.int64)
+    c_abs = (group * CG + c).to(tl.int64)
+    pk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for p0 in range(0, N * OH * OW, BLOCK_K):
+        p = p0 + pk
+        p_ok = p < N * OH * OW
+        n = (p // (OH * OW)).to(tl.int64)
+        ohw = p % (OH * OW)
+        oh = ohw // OW
+        ow = ohw % OW
+        a = tl.load(dy_ptr + oc_abs[:, None] * sdy_c
+                    + (n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[None, :],
+                    mask=oc_ok[:, None] & p_ok[None, :], other=0.0)
+        h = oh[:, None] * SH - PH + kh[None, :] * DH
+        w = ow[:, None] * SW - PW + kw[None, :] * DW
+        b_ok = p_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        b = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c
+                    + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w, mask=b_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    dw_off = oc_abs[:, None] * sdw_o + (c.to(tl.int64) * sdw_c + kh * sdw_h + kw * sdw_w)[None, :]
+    tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=oc_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def conv2d_bwd_bias(
+    dy_ptr, db_ptr,
+    N, OC, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """db[oc] = sum over (n, oh, ow) of dY[n, oc, oh, ow]; one program per channel block."""
+    oc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    oc_ok = oc < OC
+    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for p0 in range(0, N * OH * OW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        n = (p // (OH * OW)).to(tl.int64)
+        ohw = p % (OH * OW)
+        off = (n * sdy_n + (ohw // OW).to(tl.int64) * sdy_h + (ohw % OW).to(tl.int64) * sdy_w)
+        acc += tl.load(dy_ptr + oc.to(tl.int64)[:, None] * sdy_c + off[None, :],
+                       mask=oc_ok[:, None] & (p < N * OH * OW)[None, :], other=0.0).to(tl.float32)
+    tl.store(db_ptr + oc, tl.sum(acc, 1).to(db_ptr.dtype.element_ty), mask=oc_ok)
