@@ -24,3 +24,6 @@ if INTERPRET:
                       "backend cannot use the CUDA simulator: import pydl first")
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba.core.config" in sys.modules and "numba.cuda" not in sys.modules:
+        # numba read its configuration already (some tool imported numba); read it again
+        sys.modules["numba.core.config"].reload_config()

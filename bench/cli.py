@@ -1,0 +1,215 @@
+"""`python -m bench`: arguments, the run, what is printed, the exit status.
+
+Subcommands: (none) run the suites; `list`; `compare A.json B.json`; `report [FILE]`.
+Nothing here imports pydl before bench.environment.prepare() has decided on emulation.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import environment, schema, tables
+
+SUBCOMMANDS = ("list", "compare", "report")
+DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Check, then time (on a GPU), pydl's kernels against torch and peers. "
+                    "Other commands: `list`, `compare A.json B.json`, `report [FILE]`.")
+    p.add_argument("ops", nargs="*", help="ops to run (default: all; see `python -m bench list`)")
+    p.add_argument("--variants", nargs="+", metavar="V",
+                   help="variants to run: triton, numba, torch, installed peers (default: all)")
+    p.add_argument("--shapes", choices=("tiny", "quick", "full"), default=None,
+                   help="shape set (default: quick on a GPU; always tiny in emulation)")
+    p.add_argument("--dtype", nargs="+", metavar="D",
+                   help="run every case in these dtypes (fp32, fp16, bf16) instead of its own")
+    p.add_argument("--direction", choices=DIRECTION_CHOICES, default="all")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"directory for the JSON and plots (default on a GPU: {schema.DEFAULT_DIR}; "
+                        "in emulation a JSON is written only when --out is given)")
+    p.add_argument("--results-dir", type=Path, default=schema.DEFAULT_DIR,
+                   help="where recorded GPU runs are looked up (emulation mode)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="timed milliseconds per row (GPU)")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up milliseconds per row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return {"list": cmd_list, "compare": cmd_compare, "report": cmd_report}[argv[0]](argv[1:])
+    return cmd_run(argv)
+
+
+# --- run ---------------------------------------------------------------------------------
+
+def cmd_run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    mode, must_relaunch = environment.prepare()
+    if must_relaunch:
+        print("pydl was imported without PYDL_INTERPRET on a machine with no GPU: "
+              "running again in a fresh process with PYDL_INTERPRET=1.", flush=True)
+        return environment.relaunch(argv)
+
+    import torch
+    from . import peaks as peaks_mod, runner, suites
+
+    gpu = mode == "gpu"
+    if not gpu:
+        print(environment.NO_GPU_NOTE if not torch.cuda.is_available()
+              else environment.INTERPRET_NOTE)
+        if args.shapes not in (None, "tiny"):
+            print(f"(--shapes {args.shapes} needs a GPU: checking the tiny set instead.)")
+    shapes = (args.shapes or "quick") if gpu else "tiny"
+    try:
+        selected = suites.select(args.ops)
+        dtypes = [suites.parse_dtype(d) for d in args.dtype] if args.dtype else None
+        _check_variants(selected, args.variants)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = runner.Options(
+        shapes=shapes, dtypes=dtypes,
+        directions=suites.DIRECTIONS if args.direction == "all" else (args.direction,),
+        variants=args.variants, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+        progress=not args.no_progress, seed=args.seed)
+
+    env = environment.describe(mode)
+    print(f"device: {env['device']}  |  torch {env['torch']}  triton {env['triton']}  "
+          f"cuda {env['cuda']}  |  shapes: {shapes}", flush=True)
+    if gpu:
+        print("measuring the device's peaks (1 GiB copy, 8192^3 bf16 matmul) ...", flush=True)
+        peaks = peaks_mod.measure()
+        print(f"copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['bf16_tflops']:.0f} TFLOP/s",
+              flush=True)
+    else:
+        peaks = dict(peaks_mod.NO_PEAKS)
+
+    rows = runner.run(selected, options, mode, peaks)
+    cases = {s.op: {c.name: {"shape": list(c.shape), "dtype": suites.dtype_name(c.dtype),
+                             "source": c.source} for c in s.cases(shapes)} for s in selected}
+    result = schema.new_result(env, mode, peaks, shapes, cases, rows)
+
+    print()
+    print(tables.timing_table(result) if gpu else tables.check_table(result))
+    for line in tables.messages(result):
+        print(line)
+    counts = tables.status_counts(result)
+    print("\nrows (one per case, dtype, direction and variant): "
+          + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+    out = args.out if args.out is not None else (schema.DEFAULT_DIR if gpu else None)
+    if out is not None:
+        path = schema.write(result, out)
+        print(f"results: {path}")
+        if gpu and not args.no_plots:
+            from .plots import plot_result
+            for png in plot_result(result, path):
+                print(f"plot:    {png}")
+    if not gpu:
+        _print_recorded(args.results_dir, [s.op for s in selected])
+    return 1 if schema.failed(result) else 0
+
+
+def _check_variants(selected, names: list[str] | None) -> None:
+    if not names:
+        return
+    known = {"triton", "numba", "torch"} | {v.name for s in selected for v in s.variants()} \
+        | {p for s in selected for p in s.peers}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown variant {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(sorted(known))}")
+    for n in names:
+        if not any(v.name == n for s in selected for v in s.variants()):
+            print(f"note: variant {n!r} is not installed here (a peer library), so it is not run.")
+
+
+def _print_recorded(results_dir: Path, ops: list[str]) -> None:
+    found = schema.newest_gpu(results_dir)
+    print()
+    if found is None:
+        print(f"No GPU results are recorded yet (none in {results_dir}). "
+              "Run `python -m bench` on a machine with a CUDA device to record some.")
+        return
+    path, result = found
+    print(f"Newest recorded GPU results ({path.name}), measured on that device, not here:")
+    for line in tables.header_lines(result):
+        print("  " + line)
+    print()
+    print(tables.timing_table(result, ops=ops))
+
+
+# --- list, compare, report ------------------------------------------------------------------
+
+def cmd_list(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="python -m bench list",
+                            description="List ops, shape sets and variants.").parse_args(argv)
+    mode, _ = environment.prepare()
+    from . import suites
+    for suite in suites.all_suites().values():
+        variants = ", ".join(v.name + (f" (skipped: {v.skip})" if v.skip else "")
+                             for v in suite.variants())
+        print(f"{suite.op}: {suite.notes}; {suite.bound}-bound\n  variants: {variants}")
+        missing = [p for p in suite.peers if p not in {v.name for v in suite.variants()}]
+        if missing:
+            print(f"  peers not installed: {', '.join(missing)}")
+        shown: set[str] = set()
+        for name, cases in suite.shape_sets.items():
+            old = [c.name for c in cases if c.name in shown]
+            print(f"  {name}:" + (f" ({', '.join(old)}, as above, and)" if old else ""))
+            for c in (c for c in cases if c.name not in shown):
+                shown.add(c.name)
+                print(f"    {c.name:20s} {'x'.join(map(str, c.shape)):>14s} "
+                      f"{suites.dtype_name(c.dtype):5s} {c.source}")
+    return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench compare",
+                                description="Per-row median-time ratios B/A of two runs.")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        a, b = schema.load(args.a), schema.load(args.b)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(tables.compare(a, b, markdown=args.markdown))
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench report",
+                                description="Markdown results table of FILE, or of the newest "
+                                            "GPU run in the results directory.")
+    p.add_argument("file", nargs="?", type=Path)
+    p.add_argument("--results-dir", type=Path, default=schema.DEFAULT_DIR)
+    args = p.parse_args(argv)
+    try:
+        if args.file is not None:
+            path, result = args.file, schema.load(args.file)
+        else:
+            found = schema.newest_gpu(args.results_dir)
+            if found is None:
+                print(f"No GPU results are recorded yet in {args.results_dir}.", file=sys.stderr)
+                return 1
+            path, result = found
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not schema.is_gpu_result(result):
+        print(f"error: {path} is an emulation run: it holds correctness checks, no times",
+              file=sys.stderr)
+        return 2
+    print(tables.report(result, path), end="")
+    return 0

@@ -1,0 +1,142 @@
+"""The correctness gate every variant passes before it is timed.
+
+The torch variant is the reference. Each other variant runs on clones of the same inputs (so
+a variant that writes into its input, as Liger's cross-entropy does, cannot disturb the
+next), with pydl's NaN-poisoned outputs; its output and its gradients (for the same upstream
+gradient) are compared with torch's by pydl.testing.assert_close at the case dtype's
+tolerance, reduction length = the row length. assert_close's `scale` is set to the largest
+expected magnitude when that is below 1, so small outputs (probabilities, gradients of a mean
+loss) are not passed by an absolute tolerance larger than themselves.
+
+Statuses: "pass", "wrong" (out of tolerance, with assert_close's message), "error" (raised),
+"skipped" (cannot run here, with the reason). Outputs above `SAMPLE_LIMIT` elements are
+compared on evenly spaced rows (first and last included) after a NaN-placement check of the
+whole tensor, to keep the host-side float64 comparison small on GPU-sized cases.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pydl.testing import assert_close, poisoned_outputs
+
+from .suites.base import Suite, Variant
+
+PASS, WRONG, ERROR, SKIPPED = "pass", "wrong", "error", "skipped"
+_SEVERITY = {PASS: 0, SKIPPED: 1, WRONG: 2, ERROR: 3}
+SAMPLE_LIMIT = 1 << 22
+MESSAGE_CHARS = 600
+
+
+@dataclass
+class Check:
+    fwd: str
+    bwd: str
+    fwd_message: str | None = None
+    bwd_message: str | None = None
+
+    def status(self, direction: str) -> tuple[str, str | None]:
+        """Status of a direction: fwd -> forward check; bwd -> gradient check;
+        fwd+bwd -> the worse of the two."""
+        if direction == "fwd":
+            return self.fwd, self.fwd_message
+        if direction == "bwd":
+            return self.bwd, self.bwd_message
+        if _SEVERITY[self.fwd] >= _SEVERITY[self.bwd]:
+            return self.fwd, self.fwd_message
+        return self.bwd, self.bwd_message
+
+
+@dataclass
+class Reference:
+    out: torch.Tensor
+    grads: list[torch.Tensor]
+    grad_out: torch.Tensor
+
+
+def clone_inputs(inputs, differentiable) -> list[torch.Tensor]:
+    """Fresh leaf copies; the differentiable ones require grad."""
+    return [t.detach().clone().requires_grad_(i in differentiable and t.is_floating_point())
+            for i, t in enumerate(inputs)]
+
+
+def leaves(args, differentiable) -> list[torch.Tensor]:
+    return [args[i] for i in differentiable]
+
+
+def reference(suite: Suite, inputs, generator: torch.Generator) -> Reference:
+    args = clone_inputs(inputs, suite.differentiable)
+    out = suite.torch_fn()(*args)
+    grad_out = suite.grad_output(out, generator)
+    grads = torch.autograd.grad(out, leaves(args, suite.differentiable), grad_out)
+    return Reference(out.detach(), [g.detach() for g in grads], grad_out)
+
+
+def error_message(exc: BaseException) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + " ..."
+
+
+def _sample(t: torch.Tensor) -> tuple[torch.Tensor, str]:
+    if t.numel() <= SAMPLE_LIMIT:
+        return t, ""
+    v = t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(-1, 1)
+    rows = v.shape[0]
+    step = max(1, math.ceil(t.numel() / SAMPLE_LIMIT))
+    idx = sorted(set(range(0, rows, step)) | {rows - 1})
+    index = torch.tensor(idx, device=t.device)
+    return v.index_select(0, index), f" (compared {len(idx)} evenly spaced rows of {rows})"
+
+
+def compare(actual, expected: torch.Tensor, dtype: torch.dtype, reduction: int,
+            name: str) -> str | None:
+    """None when `actual` matches `expected`, else why not."""
+    if not isinstance(actual, torch.Tensor):
+        return f"{name}: expected a tensor, got {type(actual).__name__}"
+    if tuple(actual.shape) != tuple(expected.shape):
+        return f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a, e = actual.detach(), expected.detach()
+    if a.numel() > SAMPLE_LIMIT:
+        mismatch = torch.isnan(a) != torch.isnan(e)
+        if bool(mismatch.any()):
+            return f"{name}: NaN where torch has none, or the reverse ({int(mismatch.sum())} elements)"
+    a, note = _sample(a)
+    e, _ = _sample(e)
+    finite = e[torch.isfinite(e)]
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    scale = largest if 0.0 < largest < 1.0 else None
+    try:
+        assert_close(a, e, dtype, reduction=reduction, name=name, scale=scale)
+    except AssertionError as exc:
+        return str(exc) + note
+    return None
+
+
+def check(variant: Variant, suite: Suite, dtype: torch.dtype, reduction: int, inputs,
+          ref: Reference, device: torch.device) -> Check:
+    """Run `variant` once forward and backward and compare with the reference."""
+    if variant.skip:
+        return Check(SKIPPED, SKIPPED, variant.skip, variant.skip)
+    if variant.gpu_only and device.type != "cuda":
+        reason = "a peer implementation: run on a GPU only, not in emulation"
+        return Check(SKIPPED, SKIPPED, reason, reason)
+    with poisoned_outputs():
+        args = clone_inputs(inputs, suite.differentiable)
+        try:
+            out = variant.fn(*args)
+        except Exception as exc:  # noqa: BLE001  (any failure is recorded, never raised)
+            msg = "forward raised " + error_message(exc)
+            return Check(ERROR, ERROR, msg, msg)
+        wrong = compare(out, ref.out, dtype, reduction, "output")
+        fwd = (WRONG, wrong) if wrong else (PASS, None)
+        try:
+            grads = torch.autograd.grad(out, leaves(args, suite.differentiable), ref.grad_out)
+        except Exception as exc:  # noqa: BLE001
+            return Check(fwd[0], ERROR, fwd[1], "backward raised " + error_message(exc))
+    for i, (g, r) in enumerate(zip(grads, ref.grads)):
+        wrong = compare(g, r, dtype, reduction, f"grad of input {suite.differentiable[i]}")
+        if wrong:
+            return Check(fwd[0], WRONG, fwd[1], wrong)
+    return Check(fwd[0], PASS, fwd[1], None)

@@ -1,0 +1,215 @@
+"""Cases to result rows: inputs, the correctness gate, then (GPU only) timing and memory.
+
+One row per (op, case, dtype, direction, variant). The steps that are timed are built here by
+`make_step`, the one definition of what "fwd", "bwd" and "fwd+bwd" mean, shared with the
+pytest-benchmark module:
+
+    fwd      the forward on inputs that do not require grad (no graph is recorded; a peer
+             that computes its gradient inside the forward when asked to, like Liger's
+             cross-entropy, is not charged for it here)
+    bwd      the backward alone: each run first calls the forward outside the timed region
+             (a fresh graph per run, no retain_graph), then times torch.autograd.grad of
+             the output for a fixed upstream gradient
+    fwd+bwd  forward then torch.autograd.grad, both timed: the number to compare across
+             implementations that split work differently between the two
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import gate, timing
+from .suites.base import BASELINE, DIRECTIONS, Case, Suite, Variant, dtype_name
+
+OK = "ok"   # passed the gate and timed (GPU)
+BF16_EMULATION = ("bf16 is checked on a GPU only (NumPy has no bf16 and Triton's interpreter "
+                  "mishandles it; see tests/conftest.py)")
+
+
+@dataclass
+class Options:
+    shapes: str = "quick"
+    dtypes: list[torch.dtype] | None = None       # None: each case's own dtype
+    directions: tuple[str, ...] = DIRECTIONS
+    variants: list[str] | None = None             # None: all
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    progress: bool = True
+    seed: int = 0
+
+
+def make_step(suite: Suite, fn, inputs, direction: str, copies: int,
+              grad_out: torch.Tensor) -> timing.Step:
+    """The work of one direction, rotating over `copies` fresh copies of `inputs`."""
+    diff = suite.differentiable
+    sets = [gate.clone_inputs(inputs, diff) for _ in range(copies)]
+    if direction == "fwd":
+        def prepare(i):
+            return [t.detach() for t in sets[i]]
+
+        def run(args):
+            return fn(*args)
+    elif direction == "bwd":
+        def prepare(i):
+            args = sets[i]
+            return fn(*args), gate.leaves(args, diff)
+
+        def run(state):
+            return torch.autograd.grad(state[0], state[1], grad_out)
+    elif direction == "fwd+bwd":
+        def prepare(i):
+            return sets[i]
+
+        def run(args):
+            return torch.autograd.grad(fn(*args), gate.leaves(args, diff), grad_out)
+    else:
+        raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
+    return timing.Step(prepare, run, copies)
+
+
+class CaseRun:
+    """One (suite, case, dtype): the inputs, torch's reference, and each variant's check."""
+
+    def __init__(self, suite: Suite, case: Case, dtype: torch.dtype, device, seed: int = 0):
+        self.suite, self.case, self.dtype = suite, case, dtype
+        self.device = torch.device(device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.inputs = suite.make_inputs(case, dtype, self.device, gen)
+        self.ref = gate.reference(suite, self.inputs, gen)
+        self.checks: dict[str, gate.Check] = {}
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.nbytes for t in self.inputs)
+
+    def check(self, variant: Variant) -> gate.Check:
+        if variant.name not in self.checks:
+            self.checks[variant.name] = gate.check(
+                variant, self.suite, self.dtype, self.suite.reduction_length(self.case),
+                self.inputs, self.ref, self.device)
+        return self.checks[variant.name]
+
+    def step(self, variant: Variant, direction: str, copies: int = 1) -> timing.Step:
+        return make_step(self.suite, variant.fn, self.inputs, direction, copies,
+                         self.ref.grad_out)
+
+
+def base_row(suite: Suite, case: Case, dtype: torch.dtype, direction: str, variant: str,
+             status: str, message: str | None) -> dict:
+    return {
+        "op": suite.op, "case": case.name, "shape": list(case.shape),
+        "dtype": dtype_name(dtype), "direction": direction, "variant": variant,
+        "status": status, "message": message,
+        "median_ms": None, "min_ms": None, "reps": None, "copies": None,
+        "flops": suite.flops(case, direction), "bytes": suite.bytes(case, dtype, direction),
+        "peak_mem_bytes": None, "tflops": None, "gbps": None, "bound": suite.bound,
+        "peak_fraction": None, "speedup_vs_torch": None,
+    }
+
+
+def _measure(row: dict, run: CaseRun, variant: Variant, direction: str, copies: int,
+             options: Options) -> None:
+    step = run.step(variant, direction, copies)
+    row["peak_mem_bytes"] = timing.peak_extra_bytes(step)
+    t = timing.time_step(step, warmup_ms=options.warmup_ms, rep_ms=options.rep_ms)
+    row.update(status=OK, median_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, copies=copies)
+
+
+def derive(rows: list[dict], peaks: dict) -> None:
+    """Fill tflops, gbps, peak_fraction and speedup_vs_torch from the timed rows."""
+    base = {(r["op"], r["case"], r["dtype"], r["direction"]): r["median_ms"]
+            for r in rows if r["variant"] == BASELINE and r["median_ms"]}
+    for r in rows:
+        ms = r["median_ms"]
+        if not ms:
+            continue
+        if r["flops"]:
+            r["tflops"] = r["flops"] / (ms * 1e-3) / 1e12
+        if r["bytes"]:
+            r["gbps"] = r["bytes"] / (ms * 1e-3) / 1e9
+        achieved, peak = ((r["gbps"], peaks.get("copy_gbps")) if r["bound"] == "memory"
+                          else (r["tflops"], peaks.get("bf16_tflops")))
+        if achieved and peak:
+            r["peak_fraction"] = achieved / peak
+        ref = base.get((r["op"], r["case"], r["dtype"], r["direction"]))
+        if ref:
+            r["speedup_vs_torch"] = ref / ms
+
+
+def selected_variants(suite: Suite, names: list[str] | None) -> list[Variant]:
+    return [v for v in suite.variants() if names is None or v.name in names]
+
+
+def tasks(suites: list[Suite], options: Options) -> list[tuple[Suite, Case, torch.dtype]]:
+    out = []
+    for suite in suites:
+        for case in suite.cases(options.shapes):
+            for dtype in options.dtypes or [case.dtype]:
+                out.append((suite, case, dtype))
+    return out
+
+
+def run(suites: list[Suite], options: Options, mode: str, peaks: dict,
+        device: str | None = None) -> list[dict]:
+    """Every selected case and variant: checked always, timed in GPU mode. Returns rows.
+    `device` defaults to cuda in GPU mode and cpu in emulation (tests override it)."""
+    from tqdm import tqdm
+    gpu = mode == "gpu"
+    device = torch.device(device or ("cuda" if gpu else "cpu"))
+    work = [(s, c, d, selected_variants(s, options.variants)) for s, c, d in tasks(suites, options)]
+    rows: list[dict] = []
+    l2 = timing.l2_bytes() if gpu else 0
+    bar = tqdm(total=sum(len(v) for *_, v in work), disable=not options.progress,
+               unit="variant", dynamic_ncols=True, leave=False)
+    try:
+        with warnings.catch_warnings():
+            if not gpu:
+                # NumPy's floating-point warnings from Triton's interpreter (masked lanes
+                # computing -inf - -inf, say): the comparison with torch is what counts.
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
+            for suite, case, dtype, variants in work:
+                _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar)
+    finally:
+        bar.close()
+    derive(rows, peaks)
+    return rows
+
+
+def _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar) -> None:
+    def emit(variant: str, statuses) -> list[dict]:
+        new = [base_row(suite, case, dtype, d, variant, *statuses(d)) for d in options.directions]
+        rows.extend(new)
+        return new
+
+    if not gpu and dtype == torch.bfloat16:
+        for v in variants:
+            emit(v.name, lambda d: (gate.SKIPPED, BF16_EMULATION))
+            bar.update()
+        return
+    try:
+        run = CaseRun(suite, case, dtype, device, options.seed)
+    except Exception as exc:  # noqa: BLE001
+        msg = "inputs or the torch reference raised " + gate.error_message(exc)
+        if gpu:
+            torch.cuda.empty_cache()
+        for v in variants:
+            emit(v.name, lambda d: (gate.ERROR, msg))
+            bar.update()
+        return
+    copies = timing.rotation_copies(run.input_bytes, l2) if gpu else 1
+    for v in variants:
+        bar.set_description(f"{suite.op} {case.name} {dtype_name(dtype)} {v.name}")
+        check = run.check(v)
+        for row in emit(v.name, check.status):
+            if gpu and row["status"] == gate.PASS:
+                try:
+                    _measure(row, run, v, row["direction"], copies, options)
+                except Exception as exc:  # noqa: BLE001
+                    row.update(status=gate.ERROR, message="timing raised " + gate.error_message(exc))
+                    torch.cuda.empty_cache()
+        bar.update()
+    del run
+    if gpu:
+        torch.cuda.empty_cache()

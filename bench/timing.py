@@ -1,0 +1,101 @@
+"""GPU timing: CUDA events around each run, median of many; peak extra memory of one run.
+
+A `Step` is what gets timed: `prepare(i)` builds the state for run i from input copy
+i % copies outside the timed region (for a backward-only step it runs the forward), and
+`run(state)` is the timed work. Each run is bracketed by its own pair of CUDA events recorded
+on the current stream, so untimed work enqueued by `prepare` finishes before the start event
+and is not counted. Only used with a CUDA device: emulated or CPU times are never reported.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+DEFAULT_L2_BYTES = 50 * 2**20   # H100's L2; used when the device does not report its own
+MAX_COPIES = 256
+
+
+@dataclass
+class Step:
+    prepare: Callable[[int], Any]
+    run: Callable[[Any], Any]
+    copies: int = 1
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    reps: int
+
+
+def l2_bytes() -> int:
+    import torch
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+
+
+def rotation_copies(input_bytes: int, l2: int) -> int:
+    """How many input copies to rotate through so that together they exceed the L2 cache
+    (1 when a single copy already does): a run never finds its inputs cached by the last."""
+    if input_bytes <= 0:
+        return 1
+    if input_bytes > l2:
+        return 1
+    return min(MAX_COPIES, l2 // input_bytes + 1)
+
+
+def _timed_run(step: Step, i: int):
+    import torch
+    state = step.prepare(i % step.copies)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step.run(state)
+    end.record()
+    return start, end
+
+
+def time_step(step: Step, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+              min_reps: int = 10, max_reps: int = 1000) -> Timing:
+    """Median time of `step.run` in ms: one untimed call (compilation, autotuning), an
+    estimate from 5 runs, warm-up for `warmup_ms`, then about `rep_ms` of timed runs."""
+    import torch
+    step.run(step.prepare(0))
+    torch.cuda.synchronize()
+    probe = [_timed_run(step, i) for i in range(5)]
+    torch.cuda.synchronize()
+    estimate = max(1e-3, statistics.median(s.elapsed_time(e) for s, e in probe))
+    for i in range(min(max_reps, math.ceil(warmup_ms / estimate))):
+        step.run(step.prepare(i))
+    reps = max(min_reps, min(max_reps, math.ceil(rep_ms / estimate)))
+    events = [_timed_run(step, i) for i in range(reps)]
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in events]
+    return Timing(statistics.median(times), min(times), reps)
+
+
+def peak_extra_bytes(step: Step) -> int:
+    """Peak memory one run allocates beyond what was live before it: the inputs (and for a
+    backward-only step, the forward's output and saved tensors) are not counted; outputs,
+    gradients and workspaces are."""
+    import torch
+    state = step.prepare(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = step.run(state)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    del result, state
+    return int(extra)
+
+
+def synchronized_perf_counter() -> float:
+    """A wall clock that first waits for the device: pytest-benchmark's timer on a GPU."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()

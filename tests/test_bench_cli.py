@@ -1,0 +1,276 @@
+"""The benchmark tool on CPU: the CLI end to end on tiny shapes in emulation, the JSON schema,
+the correctness gate, `compare`, `report`, and the GPU timing path driven by a fake CUDA
+clock (its numbers mean nothing; the test checks the plumbing, never a speed)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import pydl
+from bench import cli, runner, schema, tables, timing
+from bench.suites import all_suites
+from bench.suites.base import Variant
+
+REPO = Path(__file__).resolve().parent.parent
+EMULATION = pydl.INTERPRET or not torch.cuda.is_available()
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    rc = cli.main([*argv, "--no-progress"])
+    return rc, capsys.readouterr().out
+
+
+def _only_json(out_dir: Path) -> dict:
+    files = sorted(out_dir.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+# --- synthetic results ------------------------------------------------------------------
+
+def _row(op="cross_entropy", case="v32k", dtype="bf16", direction="fwd", variant="triton",
+         status="ok", ms=1.0, **extra):
+    row = dict.fromkeys(schema.ROW_KEYS)
+    row.update(op=op, case=case, shape=[8192, 32768], dtype=dtype, direction=direction,
+               variant=variant, status=status, median_ms=ms, bound="memory", **extra)
+    return row
+
+
+def _result(rows, created="2025-01-01T00:00:00+00:00", mode="gpu", device="NVIDIA H100"):
+    env = {"device": device, "torch": "2.13.0", "triton": "3.6.0", "numba": "0.68.1",
+           "cuda": "12.8" if mode == "gpu" else None, "python": "3.11", "commit": "abc123",
+           "dirty": False, "created": created, "interpret": mode != "gpu"}
+    peaks = {"copy_gbps": 3000.0, "bf16_tflops": 700.0} if mode == "gpu" else \
+        {"copy_gbps": None, "bf16_tflops": None}
+    cases = {"cross_entropy": {"v32k": {"shape": [8192, 32768], "dtype": "bf16",
+                                        "source": "32k vocabulary"}}}
+    return schema.new_result(env, mode, peaks, "quick", cases, rows)
+
+
+# --- the CLI in emulation -----------------------------------------------------------------
+
+@pytest.mark.skipif(not EMULATION, reason="checks the CPU (emulation) behaviour")
+def test_run_writes_json_with_schema(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, text = _run(capsys, "softmax", "--variants", "triton", "torch", "--out", str(out),
+                    "--results-dir", str(tmp_path / "none"))
+    assert rc == 0, text
+    assert "No GPU" in text or "PYDL_INTERPRET=1" in text
+    assert "No GPU results are recorded yet" in text
+    result = _only_json(out)
+    for key in ("device", "torch", "triton", "cuda", "commit", "created", "peaks", "interpret",
+                "rows"):
+        assert key in result
+    assert result["interpret"] is True and result["mode"] == "emulation"
+    assert result["peaks"] == {"copy_gbps": None, "bf16_tflops": None}
+    assert result["shapes"] == "tiny"
+    rows = result["rows"]
+    n_cases = len(all_suites()["softmax"].cases("tiny"))
+    assert len(rows) == n_cases * 3 * 2
+    assert {r["direction"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["variant"] for r in rows} == {"triton", "torch"}
+    for r in rows:
+        assert set(schema.ROW_KEYS) <= set(r)
+        assert r["op"] == "softmax" and r["status"] == "pass", r
+        assert r["flops"] > 0 and r["bytes"] > 0
+        # nothing emulated is ever reported as a time
+        for k in schema.TIMED_KEYS:
+            assert r[k] is None
+    assert "forward" in text and "gradient" in text and "median" not in text
+
+
+@pytest.mark.skipif(not EMULATION, reason="checks the CPU (emulation) behaviour")
+def test_wrong_and_raising_variants_are_recorded(tmp_path, capsys, monkeypatch):
+    suite = all_suites()["softmax"]
+    real = suite.variants
+
+    def broken(x):
+        return torch.softmax(x, -1) * 1.1
+
+    def raises(x):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(suite, "variants", lambda: real() + [
+        Variant("broken", broken, "peer"), Variant("raises", raises, "peer")])
+    rc, text = _run(capsys, "softmax", "--variants", "torch", "broken", "raises",
+                    "--out", str(tmp_path), "--results-dir", str(tmp_path))
+    assert rc == 1
+    rows = _only_json(tmp_path)["rows"]
+    by = {(r["variant"], r["direction"]): r for r in rows if r["case"] == "tiny-row"}
+    assert by[("broken", "fwd")]["status"] == "wrong"
+    assert "out of tolerance" in by[("broken", "fwd")]["message"]
+    assert by[("broken", "bwd")]["status"] == "wrong"
+    assert by[("raises", "fwd")]["status"] == "error"
+    assert "kernel exploded" in by[("raises", "fwd+bwd")]["message"]
+    assert by[("torch", "fwd")]["status"] == "pass"
+    assert "kernel exploded" in text
+
+
+@pytest.mark.skipif(not EMULATION, reason="checks the CPU (emulation) behaviour")
+def test_emulation_shows_newest_recorded_gpu_results(tmp_path, capsys):
+    old = _result([_row(ms=2.0)], created="2024-01-01T00:00:00+00:00", device="Old GPU")
+    new = _result([_row(ms=1.0)], created="2025-06-01T00:00:00+00:00", device="New GPU")
+    emu = _result([_row(status="pass", ms=None)], created="2026-01-01T00:00:00+00:00",
+                  mode="emulation", device="cpu")
+    for r in (old, new, emu):
+        schema.write(r, tmp_path)
+    rc, text = _run(capsys, "cross_entropy", "--variants", "torch", "--results-dir", str(tmp_path))
+    assert rc == 0
+    assert "Newest recorded GPU results" in text and "New GPU" in text and "2025-06-01" in text
+    assert "Old GPU" not in text
+
+
+def test_bad_arguments(capsys):
+    assert cli.main(["no_such_op", "--no-progress"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["--direction", "sideways"])
+
+
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "cross_entropy" in out and "32768" in out and "Llama-3" in out
+
+
+def test_relaunches_when_pydl_was_imported_without_emulation(monkeypatch, capsys):
+    """No GPU and pydl already imported without PYDL_INTERPRET: the run goes to a fresh
+    process with PYDL_INTERPRET=1 (the subprocess call is intercepted here)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(pydl, "INTERPRET", False)
+    monkeypatch.delenv("PYDL_INTERPRET", raising=False)
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 7)
+    assert cli.main(["softmax", "--variants", "torch"]) == 7
+    (cmd, env), = calls
+    assert cmd == [sys.executable, "-m", "bench", "softmax", "--variants", "torch"]
+    assert env["PYDL_INTERPRET"] == "1" and str(REPO) in env["PYTHONPATH"]
+    assert "running again in a fresh process" in capsys.readouterr().out
+
+
+# --- schema, compare, report ------------------------------------------------------------
+
+def test_schema_round_trip_and_validation(tmp_path):
+    result = _result([_row()])
+    path = schema.write(result, tmp_path)
+    assert path.name.startswith("20250101-000000_nvidia-h100")
+    assert schema.load(path) == result
+    assert schema.write(result, tmp_path) != path       # same second: a new name
+    bad = dict(result, rows=[{"op": "x"}])
+    with pytest.raises(ValueError, match="lacks"):
+        schema.validate(bad)
+    with pytest.raises(ValueError, match="must not record times"):
+        _result([_row(ms=1.0)], mode="emulation")
+
+
+def test_compare(tmp_path, capsys):
+    a = _result([_row(ms=2.0), _row(variant="torch", ms=4.0), _row(direction="bwd", ms=1.0)])
+    b = _result([_row(ms=1.0), _row(variant="torch", ms=4.0),
+                 _row(variant="numba", ms=3.0)], created="2025-02-01T00:00:00+00:00")
+    pa, pb = schema.write(a, tmp_path / "a"), schema.write(b, tmp_path / "b")
+    assert cli.main(["compare", str(pa), str(pb)]) == 0
+    out = capsys.readouterr().out
+    lines = {tuple(l.split()[:5]): l.split() for l in out.splitlines() if l.startswith("cross")}
+    assert lines[("cross_entropy", "v32k", "bf16", "fwd", "triton")][-1] == "0.500"
+    assert lines[("cross_entropy", "v32k", "bf16", "fwd", "torch")][-1] == "1.000"
+    assert lines[("cross_entropy", "v32k", "bf16", "bwd", "triton")][-2:] == ["-", "-"]
+    assert lines[("cross_entropy", "v32k", "bf16", "fwd", "numba")][-1] == "-"
+    assert "geometric mean of B/A over 2 rows" in out and "0.707" in out
+    assert cli.main(["compare", str(pa), str(tmp_path / "missing.json")]) == 2
+
+
+def test_report(tmp_path, capsys):
+    rows = [_row(ms=1.0), _row(variant="torch", ms=2.0)]
+    runner.derive(rows, {"copy_gbps": 3000.0, "bf16_tflops": 700.0})
+    assert rows[0]["speedup_vs_torch"] == pytest.approx(2.0)
+    assert rows[1]["speedup_vs_torch"] == pytest.approx(1.0)
+    result = _result(rows)
+    md = tables.report(result)
+    assert "### cross_entropy" in md and "NVIDIA H100" in md and "2.00x" in md
+    assert "| v32k (8192x32768) | bf16" in md and "32k vocabulary" in md
+    path = schema.write(result, tmp_path)
+    assert cli.main(["report", "--results-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == tables.report(result, path)
+    assert cli.main(["report", "--results-dir", str(tmp_path / "empty")]) == 1
+    emu = schema.write(_result([_row(status="pass", ms=None)], mode="emulation"), tmp_path / "e")
+    assert cli.main(["report", str(emu)]) == 2
+
+
+def test_derive_rates_and_peak_fraction():
+    rows = [_row(ms=2.0, bytes=6 * 10**9, flops=2 * 10**12)]
+    runner.derive(rows, {"copy_gbps": 3000.0, "bf16_tflops": 700.0})
+    r = rows[0]
+    assert r["gbps"] == pytest.approx(3000.0) and r["tflops"] == pytest.approx(1000.0)
+    assert r["peak_fraction"] == pytest.approx(1.0)          # memory-bound: vs copy bandwidth
+    assert r["speedup_vs_torch"] is None                       # no torch row
+
+
+def test_rotation_copies():
+    l2 = 50 * 2**20
+    assert timing.rotation_copies(4 * 2**20, l2) == 13          # 13 x 4 MiB > 50 MiB
+    assert timing.rotation_copies(100 * 2**20, l2) == 1
+    assert timing.rotation_copies(1, l2) == timing.MAX_COPIES
+
+
+# --- the GPU path, on a fake CUDA clock ------------------------------------------------------
+
+class _FakeEvent:
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_gpu_path_with_fake_cuda_clock(monkeypatch, tmp_path):
+    """Drive runner.run in GPU mode on CPU tensors with CUDA's clock and memory counters faked:
+    rows of passing variants are timed, a wrong one is not. The numbers mean nothing."""
+    for name, fn in {"Event": _FakeEvent, "synchronize": lambda *a: None,
+                     "reset_peak_memory_stats": lambda *a: None,
+                     "memory_allocated": lambda *a: 100, "max_memory_allocated": lambda *a: 164,
+                     "empty_cache": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(timing, "l2_bytes", lambda: 50 * 2**20)
+    suite = all_suites()["softmax"]
+    real = suite.variants
+    monkeypatch.setattr(suite, "variants", lambda: real() + [
+        Variant("broken", lambda x: torch.softmax(x, -1) + 0.5, "peer")])
+    options = runner.Options(shapes="tiny", variants=["torch", "broken"], warmup_ms=0.0,
+                             rep_ms=0.0, progress=False)
+    rows = runner.run([suite], options, "gpu", {"copy_gbps": 100.0, "bf16_tflops": 10.0},
+                      device="cpu")
+    torch_rows = [r for r in rows if r["variant"] == "torch"]
+    assert torch_rows and all(r["status"] == "ok" for r in torch_rows)
+    for r in torch_rows:
+        assert r["median_ms"] > 0 and r["reps"] >= 10 and r["peak_mem_bytes"] == 64
+        assert r["copies"] > 1                                  # tiny inputs are rotated
+        assert r["gbps"] > 0 and r["peak_fraction"] is not None
+        assert r["speedup_vs_torch"] == pytest.approx(1.0)
+    # +0.5 breaks the output, not the gradient: fwd and fwd+bwd are wrong and untimed,
+    # the backward alone is correct and timed.
+    broken = [r for r in rows if r["variant"] == "broken"]
+    assert broken
+    for r in broken:
+        if r["direction"] == "bwd":
+            assert r["status"] == "ok" and r["median_ms"] > 0
+        else:
+            assert r["status"] == "wrong" and r["median_ms"] is None, r
+
+    env = {"device": "Fake GPU", "torch": torch.__version__, "triton": None, "numba": None,
+           "cuda": None, "python": "3", "commit": None, "dirty": None,
+           "created": "2025-01-01T00:00:00+00:00", "interpret": False}
+    result = schema.new_result(env, "gpu", {"copy_gbps": 100.0, "bf16_tflops": 10.0}, "tiny",
+                               {}, rows)
+    text = tables.timing_table(result)
+    assert "GB/s" in text and "1.00x" in text and "wrong" in text
+    from bench.plots import plot_result
+    pngs = plot_result(result, schema.write(result, tmp_path))
+    assert [p.name.endswith("_softmax.png") and p.stat().st_size > 0 for p in pngs] == [True]

@@ -1,0 +1,220 @@
+"""conv2d: every kernel variant against the float64 reference and torch, forward and the three
+gradients, every option of the signature."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydl
+from pydl import reference as ref
+from pydl.testing import assert_close, random_tensor, run_with_grad
+
+from conftest import DEVICE, DTYPES
+
+F = torch.nn.functional
+# (backend, algo) pairs with a kernel; each is tested on every case below
+VARIANTS = [("triton", "implicit")]
+variants = pytest.mark.parametrize("backend,algo", VARIANTS, ids=[f"{b}-{a}" for b, a in VARIANTS])
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+TF32 = DEVICE == "cuda" and torch.backends.cudnn.allow_tf32
+
+
+def check_conv(x, w, b, backend, algo, dtype, **opts):
+    """Forward and grad input/weight/bias against the reference and torch, same cotangent."""
+    inputs = [x, w] + ([b] if b is not None else [])
+    fn = lambda x, w, b=None: pydl.conv2d(x, w, b, backend=backend, algo=algo, **opts)  # noqa: E731
+    out, g, grads = run_with_grad(fn, inputs)
+    t_out, _, t_grads = run_with_grad(lambda x, w, b=None: F.conv2d(x, w, b, **opts), inputs, g)
+    x64, w64 = x.double().cpu().numpy(), w.double().cpu().numpy()
+    b64 = None if b is None else b.double().cpu().numpy()
+    y64 = ref.conv2d(x64, w64, b64, **opts)
+    r_grads = ref.conv2d_backward(g.double().cpu().numpy(), x64, w64, has_bias=b is not None, **opts)
+    OC, CG, KH, KW = w.shape
+    groups = opts.get("groups", 1)
+    # grad input sums over (oc, kh, kw) of a group; grad weight and bias over all output pixels
+    reductions = [(OC // groups) * KH * KW, out.numel() // OC, out.numel() // OC]
+    assert out.shape == t_out.shape and out.dtype == x.dtype
+    assert_close(out, y64, dtype, reduction=CG * KH * KW, tf32=TF32, name="forward vs reference")
+    assert_close(out, t_out, dtype, reduction=CG * KH * KW, tf32=TF32, name="forward vs torch")
+    names = ["grad input", "grad weight", "grad bias"]
+    for i, (ours, theirs, r, red) in enumerate(zip(grads, t_grads, r_grads, reductions)):
+        assert_close(ours, r, dtype, reduction=red, tf32=TF32, name=f"{names[i]} vs reference")
+        assert_close(ours, theirs, dtype, reduction=red, tf32=TF32, name=f"{names[i]} vs torch")
+    return out
+
+
+# --- the lecture's filters --------------------------------------------------------------------
+
+FILTERS = {
+    "identity": [[0, 0, 0], [0, 1, 0], [0, 0, 0]],
+    "edge_diag": [[1, 0, -1], [0, 0, 0], [-1, 0, 1]],
+    "laplacian": [[0, 1, 0], [1, -4, 1], [0, 1, 0]],
+    "edge_all": [[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]],
+    "vertical_edge": [[1, 0, -1], [1, 0, -1], [1, 0, -1]],
+    "sharpen": [[0, -1, 0], [-1, 5, -1], [0, -1, 0]],
+    "box_blur": (np.ones((3, 3)) / 9).tolist(),
+    "gaussian3": (np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16).tolist(),
+    "gaussian5": (np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]) / 256).tolist(),
+    # asymmetric: these tell cross-correlation from (flipped) convolution
+    "shift_right": [[0, 0, 0], [1, 0, 0], [0, 0, 0]],
+    "sobel_x": [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
+    "ramp": [[1, 2, 3], [4, 5, 6], [7, 8, 9.5]],
+}
+
+
+@variants
+@pytest.mark.parametrize("name", FILTERS)
+def test_lecture_filters(backend, algo, name):
+    k = torch.tensor(FILTERS[name], dtype=torch.float32, device=DEVICE)[None, None]
+    img = random_tensor((1, 1, 9, 11), torch.float32, DEVICE)
+    pad = k.shape[-1] // 2
+    y = check_conv(img, k, None, backend, algo, torch.float32, padding=pad)
+    if name == "identity":
+        assert_close(y, img, torch.float32)
+
+
+@variants
+def test_asymmetric_kernel_is_cross_correlation(backend, algo):
+    """y[i, j] = sum x[i + p, j + q] w[p, q]: the kernel is not flipped."""
+    x = torch.arange(25, dtype=torch.float32, device=DEVICE).reshape(1, 1, 5, 5)
+    w = torch.tensor([[0., 0, 0], [0, 0, 1], [0, 0, 0]], device=DEVICE)[None, None]  # picks x[i, j + 1]
+    y = pydl.conv2d(x, w, backend=backend, algo=algo)
+    assert_close(y, x[..., 1:4, 2:5], torch.float32)
+    flipped = ref.conv2d(x.cpu().numpy(), w.flip(-1, -2).cpu().numpy())
+    assert not np.allclose(y.cpu().numpy(), flipped), "result equals flipped convolution"
+
+
+# --- network layers at small sizes ----------------------------------------------------------
+
+# (input shape, weight shape, options)
+LAYERS = {
+    "alexnet_conv1": ((1, 3, 19, 19), (4, 3, 11, 11), dict(stride=4)),
+    "alexnet_conv2": ((2, 8, 9, 9), (12, 8, 5, 5), dict(padding=2)),
+    "alexnet_conv3": ((2, 12, 5, 5), (10, 12, 3, 3), dict(padding=1)),
+    "vgg_3x3": ((2, 5, 8, 8), (7, 5, 3, 3), dict(padding=1)),
+    "vgg_1x1": ((2, 6, 7, 7), (9, 6, 1, 1), dict()),
+    "resnet_stem": ((1, 3, 10, 10), (4, 3, 7, 7), dict(stride=2, padding=3)),
+    "resnet_3x3_s2": ((2, 8, 9, 9), (8, 8, 3, 3), dict(stride=2, padding=1)),
+    "resnet_1x1_s2": ((2, 8, 9, 9), (16, 8, 1, 1), dict(stride=2)),
+    "depthwise": ((2, 6, 8, 8), (6, 1, 3, 3), dict(padding=1, groups=6)),
+    "depthwise_x2": ((1, 4, 7, 7), (8, 1, 3, 3), dict(stride=2, groups=4)),
+    "grouped": ((2, 6, 7, 9), (9, 2, 3, 3), dict(padding=1, groups=3)),
+    "dilated": ((1, 3, 11, 11), (4, 3, 3, 3), dict(padding=2, dilation=2)),
+    "same_odd": ((1, 3, 7, 8), (4, 3, 3, 5), dict(padding="same")),
+    "same_even": ((1, 3, 7, 7), (4, 3, 4, 2), dict(padding="same")),
+    "same_dilated": ((1, 2, 9, 9), (3, 2, 3, 3), dict(padding="same", dilation=(2, 1))),
+    "valid": ((2, 3, 6, 6), (2, 3, 3, 3), dict(padding="valid")),
+    "non_square": ((1, 3, 6, 13), (5, 3, 2, 5), dict(stride=(1, 2), padding=(1, 0))),
+    "single_channel_batch1": ((1, 1, 6, 6), (1, 1, 3, 3), dict()),
+    "floor_last_window": ((1, 2, 8, 8), (3, 2, 3, 3), dict(stride=3)),
+}
+
+
+@variants
+@pytest.mark.parametrize("layer", LAYERS)
+def test_layers(backend, algo, layer):
+    _check_layer(backend, algo, layer, bias=True)
+
+
+@variants
+@pytest.mark.parametrize("layer", ["vgg_1x1", "depthwise", "same_even"])
+def test_layers_without_bias(backend, algo, layer):
+    _check_layer(backend, algo, layer, bias=False)
+
+
+def _check_layer(backend, algo, layer, bias):
+    xs, ws, opts = LAYERS[layer]
+    x = random_tensor(xs, torch.float32, DEVICE)
+    w = random_tensor(ws, torch.float32, DEVICE, scale=0.3)
+    b = random_tensor(ws[0], torch.float32, DEVICE) if bias else None
+    check_conv(x, w, b, backend, algo, torch.float32, **opts)
+
+
+@variants
+@dtypes
+@pytest.mark.parametrize("layer", ["vgg_3x3", "resnet_3x3_s2", "depthwise", "grouped"])
+def test_dtypes(backend, algo, dtype, layer):
+    xs, ws, opts = LAYERS[layer]
+    x = random_tensor(xs, dtype, DEVICE)
+    w = random_tensor(ws, dtype, DEVICE, scale=0.3)
+    b = random_tensor(ws[0], dtype, DEVICE)
+    check_conv(x, w, b, backend, algo, dtype, **opts)
+
+
+@variants
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "unbatched", "weight_channels_last"])
+def test_layouts(backend, algo, layout):
+    x = random_tensor((2, 6, 9, 10), torch.float32, DEVICE)
+    w = random_tensor((5, 6, 3, 3), torch.float32, DEVICE, scale=0.3)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[:, ::2, 1:, ::2]
+        w = w[:, ::2]
+    elif layout == "unbatched":
+        x = x[0]
+    else:
+        w = w.to(memory_format=torch.channels_last)
+    y = check_conv(x, w, random_tensor(5, torch.float32, DEVICE), backend, algo, torch.float32,
+                   stride=2, padding=1)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last), "channels_last must be kept"
+
+
+@variants
+@settings(max_examples=15, deadline=None)
+@given(N=st.integers(1, 2), C=st.integers(1, 5), OC=st.integers(1, 5), H=st.integers(3, 9),
+       W=st.integers(3, 9), K=st.integers(1, 3), S=st.integers(1, 3), P=st.integers(0, 2),
+       D=st.integers(1, 2), G=st.sampled_from([1, 2]))
+def test_fuzz(backend, algo, N, C, OC, H, W, K, S, P, D, G):
+    C, OC = C * G, OC * G
+    if H + 2 * P < D * (K - 1) + 1 or W + 2 * P < D * (K - 1) + 1:
+        return
+    x = random_tensor((N, C, H, W), torch.float32, DEVICE)
+    w = random_tensor((OC, C // G, K, K), torch.float32, DEVICE, scale=0.5)
+    check_conv(x, w, random_tensor(OC, torch.float32, DEVICE), backend, algo, torch.float32,
+               stride=S, padding=P, dilation=D, groups=G)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@variants
+def test_bad_input(backend, algo):
+    x = random_tensor((1, 4, 6, 6), torch.float32, DEVICE)
+    w = random_tensor((2, 4, 3, 3), torch.float32, DEVICE)
+    conv = lambda *a, **k: pydl.conv2d(*a, backend=backend, algo=algo, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="weight expects 2 x groups=1"):
+        conv(x, w[:, :2])
+    with pytest.raises(ValueError, match="divisible by groups"):
+        conv(x, w[:, :1], groups=3)
+    with pytest.raises(ValueError, match="larger than the padded"):
+        conv(x[..., :2, :2], w)
+    with pytest.raises(ValueError, match="stride must be positive"):
+        conv(x, w, stride=0)
+    with pytest.raises(ValueError, match="stride must be positive"):
+        conv(x, w, stride=-1)
+    with pytest.raises(ValueError, match="3-D or 4-D"):
+        conv(x[0, 0], w)
+    with pytest.raises(ValueError, match="4-D"):
+        conv(x, w[0])
+    with pytest.raises(TypeError, match="same dtype"):
+        conv(x, w.half())
+    with pytest.raises(ValueError, match="bias"):
+        conv(x, w, torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="not supported for strided"):
+        conv(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding must be"):
+        conv(x, w, padding="full")
+    with pytest.raises(ValueError, match="algo"):
+        pydl.conv2d(x, w, backend=backend, algo="winograd")
+
+
+@pytest.mark.gpu
+@pytest.mark.full
+def test_conv2d_beyond_int32_offsets():
+    """More than 2**31 input elements: offsets must be computed in int64."""
+    x = torch.randn(2 ** 11 + 1, 16, 256, 256, device="cuda", dtype=torch.float16)
+    w = torch.randn(8, 16, 3, 3, device="cuda", dtype=torch.float16)
+    y = pydl.conv2d(x, w, padding=1)
+    assert_close(y[-1:], F.conv2d(x[-1:], w, padding=1), torch.float16, reduction=144)
