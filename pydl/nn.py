@@ -7,6 +7,32 @@ import torch
 from . import functional as F
 
 
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d computed by pydl's kernels; `algo=` picks the kernel variant.
+
+    padding_mode "reflect" / "replicate" / "circular" pads the input with
+    torch.nn.functional.pad first (a copy), exactly as torch.nn.Conv2d does, then runs pydl's
+    convolution with no padding.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None, *, backend: str | None = None, algo: str | None = None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device, dtype)
+        self.backend, self.algo = backend, algo
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias):
+        if self.padding_mode != "zeros":
+            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
+                                            mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return F.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups,
+                        backend=self.backend, algo=self.algo)
+
+
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss computed by pydl's fused kernel."""
 
@@ -84,5 +110,5 @@ class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
         return F.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
 
 
-__all__ = ["CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
+__all__ = ["Conv2d", "CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
            "AdaptiveAvgPool2d"]

@@ -218,3 +218,25 @@ def test_conv2d_beyond_int32_offsets():
     w = torch.randn(8, 16, 3, 3, device="cuda", dtype=torch.float16)
     y = pydl.conv2d(x, w, padding=1)
     assert_close(y[-1:], F.conv2d(x[-1:], w, padding=1), torch.float16, reduction=144)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_module_is_drop_in(padding_mode):
+    backend, algo = VARIANTS[0]
+    theirs = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode).to(DEVICE)
+    ours = pydl.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode,
+                          device=DEVICE, backend=backend, algo=algo)
+    assert isinstance(ours, torch.nn.Conv2d)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor((2, 4, 7, 8), torch.float32, DEVICE)
+    out, g, grads = run_with_grad(lambda x: ours(x), [x])
+    t_out, _, t_grads = run_with_grad(lambda x: theirs(x), [x], g)
+    assert_close(out, t_out, torch.float32, reduction=18, tf32=TF32)
+    assert_close(grads[0], t_grads[0], torch.float32, reduction=27, tf32=TF32)
+    ours.zero_grad()
+    ours(x).sum().backward()
+    theirs.zero_grad()
+    theirs(x).sum().backward()
+    assert_close(ours.weight.grad, theirs.weight.grad, torch.float32, reduction=32, tf32=TF32)
+    assert_close(ours.bias.grad, theirs.bias.grad, torch.float32, reduction=32, tf32=TF32)
