@@ -68,7 +68,11 @@ def numba_array(t: torch.Tensor):
     if t.device.type == "cuda":
         from numba import cuda
         return cuda.as_cuda_array(t.detach())
-    return t.detach().numpy()
+    # Simulator: wrap the NumPy view as a simulated device array. A plain NumPy argument would
+    # be copied in and out on every launch, and strided views that are neither C- nor
+    # F-contiguous would be refused.
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    return FakeCUDAArray(t.detach().numpy())
 
 
 def numba_stream(device: torch.device):

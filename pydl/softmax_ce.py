@@ -94,17 +94,6 @@ class _NumbaLaunch:
         return min(numba_threads(256), max(32, next_power_of_2(n)))
 
     @staticmethod
-    def _array(t: torch.Tensor):
-        """numba_array(t), and under emulation (CPU tensors) the NumPy view wrapped as a
-        simulator device array: the simulator would otherwise copy every array argument in
-        and out, and refuses strided views that are neither C- nor F-contiguous."""
-        a = numba_array(t)
-        if t.device.type == "cpu":
-            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-            return FakeCUDAArray(a)
-        return a
-
-    @staticmethod
     def _weights(weight, dummy):
         """Class weights as fp32 whatever their dtype (C floats; the kernels read them as
         fp32), or a placeholder the kernel never reads."""
@@ -114,26 +103,23 @@ class _NumbaLaunch:
     def softmax_fwd(x3, y3, log: bool) -> None:
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
-        arr = _NumbaLaunch._array
         k.softmax_fwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            arr(x3), arr(y3), inner, log, k.dtype_code(x3.dtype))
+            numba_array(x3), numba_array(y3), inner, log, k.dtype_code(x3.dtype))
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
         from .kernels.numba import softmax_ce as k
         outer, n, inner = y3.shape
-        arr = _NumbaLaunch._array
         k.softmax_bwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(y3.device)](
-            arr(y3), arr(dy3), arr(dx3), inner, log, k.dtype_code(y3.dtype))
+            numba_array(y3), numba_array(dy3), numba_array(dx3), inner, log, k.dtype_code(y3.dtype))
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
-        arr = _NumbaLaunch._array
         w = _NumbaLaunch._weights(weight, loss[:1])
         k.cross_entropy_fwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            arr(x3), arr(target), arr(w), arr(loss), arr(lse), arr(row_weight), inner,
+            numba_array(x3), numba_array(target), numba_array(w), numba_array(loss), numba_array(lse), numba_array(row_weight), inner,
             ignore_index, float(smoothing), weight is not None, k.dtype_code(x3.dtype))
 
     @staticmethod
@@ -141,12 +127,11 @@ class _NumbaLaunch:
                           ignore_index, smoothing):
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
-        arr = _NumbaLaunch._array
         w = _NumbaLaunch._weights(weight, lse[:1])
         ws = weight_sum if weight_sum is not None else lse[:1]
         k.cross_entropy_bwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            arr(x3), arr(target), arr(w), arr(lse), arr(grad.reshape(-1)), grad_stride,
-            arr(ws.reshape(1).float()), arr(dx3), inner, ignore_index, float(smoothing),
+            numba_array(x3), numba_array(target), numba_array(w), numba_array(lse), numba_array(grad.reshape(-1)), grad_stride,
+            numba_array(ws.reshape(1).float()), numba_array(dx3), inner, ignore_index, float(smoothing),
             weight is not None, k.dtype_code(x3.dtype))
 
 

@@ -1,0 +1,302 @@
+"""Numba CUDA kernels for softmax, log_softmax and cross-entropy, forward and backward.
+
+Same math and layout as kernels/triton/softmax_ce.py. Every tensor arrives as an
+(outer, n, inner) array of any strides (Numba arrays keep them), and row r is
+a[r // inner, :, r % inner]. One block of threads handles one row (grid = number of rows);
+the threads stride over the row's columns, each keeping its own online (max m, sum s of
+exp(x - m)) pair, and a shared-memory tree reduction combines the pairs, so no row length is
+capped by the block size. Block size: any power of two up to MAX_THREADS.
+
+All arithmetic is fp32 whatever the tensor dtype (see _dtypes for fp16 and bf16). Constants
+are typed fp32 on purpose: an int or a Python float literal would promote the arithmetic to
+fp64 on the GPU. The row reductions use shared memory and __syncthreads only, no warp
+shuffles, so the kernels run unchanged in the CUDA simulator.
+"""
+import math
+
+import numpy as np
+from numba import cuda, float32, int64
+
+from ._dtypes import dtype_code, load_f32, store_f32  # noqa: F401  (dtype_code: for launchers)
+
+# Largest block the shared-memory reductions hold (their arrays need a compile-time size).
+MAX_THREADS = 256
+
+NEG_INF = np.float32(-np.inf)
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+
+
+# --- row statistics ------------------------------------------------------------------------
+
+@cuda.jit(device=True)
+def _online_add(m, s, v):
+    """Fold one value v into a running (max m, sum s of exp(x - m)); one exp per value.
+
+    -inf values add nothing (exp(-inf - -inf) would be NaN); a NaN makes s NaN for good, so
+    a row holding a NaN gives NaN as torch does.
+    """
+    if v <= m:
+        if v != NEG_INF:
+            s += math.exp(v - m)
+    else:
+        s = s * math.exp(m - v) + ONE
+        m = v
+    return m, float32(s)
+
+
+@cuda.jit(device=True)
+def _merge(m1, s1, m2, s2):
+    """(max, sum) of the union of two parts summarised as (m1, s1) and (m2, s2)."""
+    m = m1 if m2 <= m1 else m2
+    if m == NEG_INF:
+        # Each part is empty / all -inf (s = 0) or saw a NaN (s = NaN, and m1 = NaN loses
+        # the comparison above): keep the NaN in s, where exp(-inf - -inf) would not.
+        return m, s1 + s2
+    return m, float32(s1 * math.exp(m1 - m) + s2 * math.exp(m2 - m))
+
+
+@cuda.jit(device=True)
+def _block_max_sum(m, s):
+    """Combine every thread's (m, s) into the row's; every thread gets the result."""
+    # One shared array per line: the simulator keys shared arrays by source line.
+    shared_max = cuda.shared.array(MAX_THREADS, float32)
+    shared_sum = cuda.shared.array(MAX_THREADS, float32)
+    tid = cuda.threadIdx.x
+    shared_max[tid] = m
+    shared_sum[tid] = s
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if tid < half:
+            mm, ss = _merge(shared_max[tid], shared_sum[tid],
+                            shared_max[tid + half], shared_sum[tid + half])
+            shared_max[tid] = mm
+            shared_sum[tid] = ss
+        cuda.syncthreads()
+        half //= 2
+    m = shared_max[0]
+    s = shared_sum[0]
+    cuda.syncthreads()  # everyone has read slot 0 before a later call overwrites it
+    return m, s
+
+
+@cuda.jit(device=True)
+def _block_sum(v):
+    """Sum of every thread's v; every thread gets the result."""
+    shared = cuda.shared.array(MAX_THREADS, float32)
+    tid = cuda.threadIdx.x
+    shared[tid] = v
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if tid < half:
+            shared[tid] = shared[tid] + shared[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    total = shared[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True)
+def _log_sum(s):
+    """log(s) of a row's sum s: -inf for an all -inf row (s = 0), where the simulator's
+    math.log would raise instead of returning -inf. s is >= 1 or NaN otherwise."""
+    if s == ZERO:
+        return NEG_INF
+    return float32(math.log(s))
+
+
+# --- softmax / log_softmax -----------------------------------------------------------------
+
+@cuda.jit
+def softmax_fwd(x, y, inner, log, code):
+    """y = softmax(x) (or log_softmax when `log`) along axis 1, one block per row.
+
+    x:     input, (outer, n, inner) array, any strides
+    y:     output, (outer, n, inner) array of x's dtype, any strides
+    inner: size of axis 2 (rows = outer * inner; row r = (r // inner, r % inner))
+    log:   write log_softmax instead of softmax
+    code:  dtype_code of x and y (BF16: int16 arrays of bf16 bits)
+    """
+    row = int64(cuda.blockIdx.x)
+    o = row // inner
+    i = row - o * inner
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    n = x.shape[1]
+    m = NEG_INF
+    s = ZERO
+    for c in range(tid, n, nthreads):
+        m, s = _online_add(m, s, load_f32(x, o, c, i, code))
+    m, s = _block_max_sum(m, s)
+    if log:
+        # (x - m) - log s, not x - lse: with |x| ~ 1e4 the rounding of lse = m + log s alone
+        # would cost ~5e-4 absolute, while x - m is exact near the max
+        log_s = _log_sum(s)
+        for c in range(tid, n, nthreads):
+            store_f32(y, o, c, i, (load_f32(x, o, c, i, code) - m) - log_s, code)
+    else:
+        for c in range(tid, n, nthreads):
+            store_f32(y, o, c, i, float32(math.exp(load_f32(x, o, c, i, code) - m)) / s, code)
+
+
+@cuda.jit
+def softmax_bwd(y, dy, dx, inner, log, code):
+    """Gradient of softmax / log_softmax along axis 1 from its output, one block per row.
+
+    softmax: dx = y * (dy - sum(dy * y)); log_softmax: dx = dy - exp(y) * sum(dy).
+
+    y:     the forward's output, (outer, n, inner) array, any strides
+    dy:    gradient of the loss w.r.t. y, same shape and dtype, any strides
+    dx:    output: gradient w.r.t. the forward's input, same shape and dtype
+    inner: size of axis 2 (rows = outer * inner)
+    log:   y is log_softmax rather than softmax
+    code:  dtype_code of y, dy and dx
+    """
+    row = int64(cuda.blockIdx.x)
+    o = row // inner
+    i = row - o * inner
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    n = y.shape[1]
+    acc = ZERO
+    if log:
+        for c in range(tid, n, nthreads):
+            acc += load_f32(dy, o, c, i, code)
+    else:
+        for c in range(tid, n, nthreads):
+            acc += load_f32(dy, o, c, i, code) * load_f32(y, o, c, i, code)
+    total = _block_sum(acc)
+    for c in range(tid, n, nthreads):
+        yv = load_f32(y, o, c, i, code)
+        g = load_f32(dy, o, c, i, code)
+        if log:
+            out = g - float32(math.exp(yv)) * total
+        else:
+            out = yv * (g - total)
+        store_f32(dx, o, c, i, out, code)
+
+
+# --- cross-entropy -------------------------------------------------------------------------
+
+@cuda.jit
+def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_index,
+                      smoothing, has_weight, code):
+    """Per-row cross-entropy over class axis 1, one block per row:
+    loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
+
+    x:            logits, (outer, C, inner) array, any strides
+    target:       int64 (rows,) class indices; row r's target is target[r]
+    weight:       (C,) class weights, fp32 (or fp64); unread unless has_weight
+    loss:         output, fp32 (rows,): the row's loss
+    lse:          output, fp32 (rows,): logsumexp of the row, for the backward
+    row_weight:   output, fp32 (rows,): w[t] (1 without weights), 0 for ignored rows
+    inner:        size of axis 2 (rows = outer * inner)
+    ignore_index: target value whose rows contribute nothing
+    smoothing:    label smoothing eps in [0, 1]
+    has_weight:   use `weight`; otherwise every class weighs 1
+    code:         dtype_code of x
+
+    One pass over the logits. The smoothing sum is kept per thread as d = sum w (x - m_thread)
+    relative to the thread's running max (shifted by W_thread (m_new - m_old) when the max
+    grows), and sum_c w (lse - x_c) is assembled at the end from terms that are all >= 0, so
+    huge logits (|x| ~ 1e4) do not cancel catastrophically.
+    """
+    row = int64(cuda.blockIdx.x)
+    o = row // inner
+    i = row - o * inner
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    n = x.shape[1]
+    smooth = smoothing > 0
+    m = NEG_INF
+    s = ZERO
+    d = ZERO     # this thread's sum_c w_c (x_c - m), m its running max
+    w_sum = ZERO  # this thread's sum_c w_c
+    for c in range(tid, n, nthreads):
+        v = load_f32(x, o, c, i, code)
+        m_old = m
+        m, s = _online_add(m, s, v)
+        if smooth:
+            w = float32(weight[c]) if has_weight else ONE
+            if m != m_old and w_sum != ZERO:
+                d -= w_sum * (m - m_old)  # -inf when m_old was -inf: the term is +inf
+            if w != ZERO:
+                # x_c = m = -inf: (x_c - m) is NaN, but the row's term lse - x_c is +inf
+                d += w * (v - m) if m != NEG_INF else NEG_INF
+            w_sum += w
+    m_row, s_row = _block_max_sum(m, s)
+    log_s = _log_sum(s_row)
+    smooth_sum = ZERO
+    if smooth:
+        # sum over this thread's c of w_c (lse - x_c) = W (m_row - m + log s) - d
+        part = ZERO
+        if w_sum != ZERO:
+            part = w_sum * ((m_row - m) + log_s) - d
+        smooth_sum = _block_sum(part)
+    if tid == 0:
+        t = target[row]
+        valid = t != ignore_index
+        row_loss = ZERO
+        w_t = ZERO
+        if valid:
+            w_t = float32(weight[t]) if has_weight else ONE
+            # (m - x_t) + log s rather than lse - x_t: m - x_t loses nothing for huge logits
+            row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
+            if smooth:
+                eps = float32(smoothing)
+                row_loss = (ONE - eps) * row_loss + (eps / float32(n)) * smooth_sum
+        loss[row] = row_loss
+        lse[row] = m_row + log_s
+        row_weight[row] = w_t
+
+
+@cuda.jit
+def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx, inner,
+                      ignore_index, smoothing, has_weight, code):
+    """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
+    dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
+    rows with an ignored target get exact zeros (even with NaN or inf logits).
+
+    x:            logits, (outer, C, inner) array, any strides
+    target:       int64 (rows,) class indices
+    weight:       (C,) class weights, fp32 (or fp64); unread unless has_weight
+    lse:          fp32 (rows,) logsumexp per row, from the forward
+    grad:         fp32 upstream gradient; row r's is grad[r * grad_stride]
+    grad_stride:  1 for per-row gradients (reduction "none"), 0 to broadcast grad[0]
+    weight_sum:   fp32 (1,): W = sum of the class weights; read only with has_weight and eps > 0
+    dx:           output, (outer, C, inner) array of x's dtype, any strides
+    inner:        size of axis 2 (rows = outer * inner)
+    ignore_index: target value whose rows get zero gradient
+    smoothing:    label smoothing eps in [0, 1]
+    has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
+    code:         dtype_code of x and dx
+    """
+    row = int64(cuda.blockIdx.x)
+    o = row // inner
+    i = row - o * inner
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    n = x.shape[1]
+    t = target[row]
+    if t == ignore_index:
+        for c in range(tid, n, nthreads):
+            store_f32(dx, o, c, i, ZERO, code)
+        return
+    g = float32(grad[row * grad_stride])
+    eps = float32(smoothing)
+    row_lse = lse[row]
+    w_t = float32(weight[t]) if has_weight else ONE
+    g_nll = g * (ONE - eps) * w_t
+    smooth = smoothing > 0
+    g_smooth = g * (eps / float32(n))
+    total_weight = float32(weight_sum[0]) if (has_weight and smooth) else float32(n)
+    for c in range(tid, n, nthreads):
+        p = float32(math.exp(load_f32(x, o, c, i, code) - row_lse))
+        out = g_nll * (p - ONE) if c == t else g_nll * p
+        if smooth:
+            w = float32(weight[c]) if has_weight else ONE
+            out += g_smooth * (total_weight * p - w)
+        store_f32(dx, o, c, i, out, code)
