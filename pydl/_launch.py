@@ -81,3 +81,20 @@ def numba_stream(device: torch.device):
         return 0
     from numba import cuda
     return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
+# The CUDA simulator starts a block in tens of milliseconds and runs each thread as an OS
+# thread: under emulation 1-D launches get at most this many blocks, and the kernels'
+# grid-stride loops let those threads cover every element. On a GPU the grid covers every
+# element, so each thread does exactly one.
+SIM_MAX_BLOCKS = 1
+
+
+def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, threads: int = 256) -> None:
+    """Launch a grid-stride Numba kernel over `n_elements`, one thread per element on a GPU,
+    on torch's current stream."""
+    threads = numba_threads(threads)
+    blocks = max(1, cdiv(n_elements, threads))
+    if _env.INTERPRET:
+        blocks = min(blocks, SIM_MAX_BLOCKS)
+    kernel[blocks, threads, numba_stream(device)](*args)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_tensor
-from ._launch import cdiv, new_output, next_power_of_2
+from ._launch import cdiv, launch_numba_1d, new_output, next_power_of_2, numba_array
 from ._shapes import pair, pool_output_size
 from .backends import dispatch, register
 
@@ -48,11 +48,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _channels_fastest(t: torch.Tensor) -> bool:
+    """Channels are the contiguous axis: tile (Triton) or order (Numba) the work c-fastest."""
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
 # --- Triton launch --------------------------------------------------------------------------
 
 def _triton_tile(x: torch.Tensor, C: int, n_spatial: int) -> dict:
     """A wide channel block when channels are the contiguous axis, else a wide spatial block."""
-    if x.stride(1) == 1 and C > 1:
+    if _channels_fastest(x):
         block_c = min(next_power_of_2(C), 64)
         block_s = max(1, min(next_power_of_2(n_spatial), 1024 // block_c))
     else:
@@ -116,7 +121,55 @@ class _TritonPool:
             g.OH // g.H + 3, g.OW // g.W + 3, **cfg)
 
 
-LAUNCHERS = {"triton": _TritonPool}
+# --- Numba launch ---------------------------------------------------------------------------
+
+class _NumbaPool:
+    """Same methods as _TritonPool, on the Numba kernels: one thread per output element
+    (forward) or input element (backward), ordered in the memory order of the tensor."""
+
+    @staticmethod
+    def max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> None:
+        from .kernels.numba import pool as k
+        arrays = map(numba_array, (x, y, idx if idx is not None else y))
+        launch_numba_1d(k.max_pool2d_fwd, y.numel(), y.device, *arrays,
+                        g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
+                        _channels_fastest(x), k.dtype_code(x.dtype))
+
+    @staticmethod
+    def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
+        from .kernels.numba import pool as k
+        launch_numba_1d(k.max_pool2d_bwd, dx.numel(), dx.device, *map(numba_array, (dy, idx, dx)),
+                        g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
+                        _channels_fastest(dx), k.dtype_code(dx.dtype))
+
+    @staticmethod
+    def avg_fwd(x, y, g: PoolGeometry) -> None:
+        from .kernels.numba import pool as k
+        launch_numba_1d(k.avg_pool2d_fwd, y.numel(), y.device, *map(numba_array, (x, y)),
+                        g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
+                        _channels_fastest(x), k.dtype_code(x.dtype))
+
+    @staticmethod
+    def avg_bwd(dy, dx, g: PoolGeometry) -> None:
+        from .kernels.numba import pool as k
+        launch_numba_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, *map(numba_array, (dy, dx)),
+                        g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
+                        _channels_fastest(dx), k.dtype_code(dx.dtype))
+
+    @staticmethod
+    def adaptive_fwd(x, y, g: PoolGeometry) -> None:
+        from .kernels.numba import pool as k
+        launch_numba_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, *map(numba_array, (x, y)),
+                        _channels_fastest(x), k.dtype_code(x.dtype))
+
+    @staticmethod
+    def adaptive_bwd(dy, dx, g: PoolGeometry) -> None:
+        from .kernels.numba import pool as k
+        launch_numba_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device, *map(numba_array, (dy, dx)),
+                        _channels_fastest(dx), k.dtype_code(dx.dtype))
+
+
+LAUNCHERS = {"triton": _TritonPool, "numba": _NumbaPool}
 
 # index modes shared with the kernels (kernels/*/pool.py)
 INDEX_NONE, INDEX_LOCAL, INDEX_FLAT = 0, 1, 2
