@@ -2,9 +2,10 @@
 where an op has variants). Each op is defined once, in its family's module; this module is the
 index users import (`import pydl.functional as F`).
 """
+from .attention import scaled_dot_product_attention
 from .conv import conv2d
 from .pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .softmax_ce import cross_entropy, log_softmax, softmax
 
 __all__ = ["conv2d", "softmax", "log_softmax", "cross_entropy", "max_pool2d", "avg_pool2d",
-           "adaptive_avg_pool2d"]
+           "adaptive_avg_pool2d", "scaled_dot_product_attention"]

@@ -1,0 +1,287 @@
+"""Triton kernels for scaled dot-product attention: flash-style forward and backward.
+
+Forward (one program = BLOCK_M query rows of one (batch, head)): stream K/V in BLOCK_N tiles,
+keep the running row max m, the running sum l of exp(s - m) and the unnormalised output acc
+on chip, rescaling by exp(m_old - m_new) when the max grows. The L x S score matrix is never
+written; the log-sum-exp per row (lse = m + log l) is saved for the backward.
+
+Backward (FlashAttention-2's split): `attention_bwd_preprocess` computes D_i = sum(dO_i * O_i);
+`attention_bwd_dkdv` owns a K/V tile and loops over every query tile of every query head that
+shares the K/V head (grouped-query attention), recomputing P = exp(s - lse) and accumulating
+dV = P^T dO and dK = dS^T Q * scale, where dS = P * (dP - D) and dP = dO V^T;
+`attention_bwd_dq` owns a query tile and accumulates dQ = dS K * scale. Each gradient element
+is written once, by one program: no atomics, deterministic.
+
+Scores: s = (q . k) * scale, then -inf where a key index is out of range, where the boolean
+mask is False, or above the diagonal for causal attention (torch's top-left alignment: query i
+sees keys j <= i); a float mask is added. A row with every key masked has l = 0: its output is 0
+(torch's behaviour) and its saved lse is +inf so that the backward's exp(s - lse) is 0, not NaN.
+
+Dropout: keep(i, j) = rand(seed + bh, i * S + j) >= p from Triton's counter-based Philox
+generator, recomputed bit-identically in the backward (`_dropout_keep` is the one definition);
+kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P.
+
+Exponentials use exp2 with log2(e) folded into the scale.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_FLOAT = tl.constexpr(2)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, S, p):
+    """Which (row, col) scores of (batch*head) bh survive dropout with probability 1 - p."""
+    offsets = rows[:, None] * S + cols[None, :]
+    return tl.rand(seed + bh, offsets) >= p
+
+
+@triton.jit
+def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_N] tile in log2 units (s * log2 e), masked with -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+    valid = (cols[None, :] < S) & (rows[:, None] < L)
+    if IS_CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    if MASK_KIND == MASK_BOOL:
+        keep = tl.load(mask_ptr + rows[:, None].to(tl.int64) * sm_m + cols[None, :].to(tl.int64) * sm_n,
+                       mask=valid, other=0)
+        valid = valid & (keep != 0)
+    if MASK_KIND == MASK_FLOAT:
+        add = tl.load(mask_ptr + rows[:, None].to(tl.int64) * sm_m + cols[None, :].to(tl.int64) * sm_n,
+                      mask=valid, other=0.0).to(tl.float32)
+        s = s + add * LOG2E
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def attention_fwd(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
+    sq_b, sq_h, sq_m, sq_d,            # query strides (B, Hq, L, E)
+    sk_b, sk_h, sk_n, sk_d,            # key strides (B, Hkv, S, E)
+    sv_b, sv_h, sv_n, sv_d,            # value strides (B, Hkv, S, Ev)
+    so_b, so_h, so_m, so_d,            # output strides (B, Hq, L, Ev)
+    sm_b, sm_h, sm_m, sm_n,            # mask strides (broadcast dims have stride 0)
+    H, L, S, E, EV,                    # query heads, lengths, head dims
+    GROUP,                             # query heads per K/V head (GQA); 1 without
+    scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_m + d[None, :] * sq_d,
+                mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    m_base = mask_ptr + b * sm_b + h * sm_h
+    scale_log2 = scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    end = S
+    if IS_CAUSAL:
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M)   # keys past the tile's last row are all masked
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_n + d[None, :] * sk_d,
+                    mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
+        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
+                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        seen = m_new != float("-inf")
+        m_safe = tl.where(seen, m_new, 0.0)
+        alpha = tl.where(seen, tl.math.exp2(m_i - m_safe), 1.0)
+        p = tl.math.exp2(s - m_safe[:, None])           # 0 where s = -inf
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_n + dv[None, :] * sv_d,
+                    mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # lse in natural-log units; +inf for rows with no visible key (their P is 0 in the backward)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + dv[None, :] * so_d,
+             out.to(o_ptr.dtype.element_ty), mask=(rows[:, None] < L) & (dv[None, :] < EV))
+    tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=rows < L)
+
+
+@triton.jit
+def attention_bwd_preprocess(
+    o_ptr, do_ptr, delta_ptr,
+    so_b, so_h, so_m, so_d,
+    sdo_b, sdo_h, sdo_m, sdo_d,
+    H, L, EV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[bh, i] = sum_d dO[i, d] * O[i, d] (= sum_j P_ij dP_ij)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dv = tl.arange(0, BLOCK_DV)
+    msk = (rows[:, None] < L) & (dv[None, :] < EV)
+    o = tl.load(o_ptr + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + dv[None, :] * so_d,
+                mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None].to(tl.int64) * sdo_m + dv[None, :] * sdo_d,
+                 mask=msk, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
+
+
+@triton.jit
+def attention_bwd_dkdv(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_m, sdo_d,
+    sm_b, sm_h, sm_m, sm_n,
+    sdk_b, sdk_h, sdk_n, sdk_d,        # dK strides (B, Hkv, S, E)
+    sdv_b, sdv_h, sdv_n, sdv_d,        # dV strides (B, Hkv, S, Ev)
+    H, HKV, L, S, E, EV, GROUP,
+    scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One K/V tile of one K/V head; sums over the GROUP query heads that read it."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(k_ptr + b * sk_b + hk * sk_h + cols[:, None].to(tl.int64) * sk_n + d[None, :] * sk_d,
+                mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
+    v = tl.load(v_ptr + b * sv_b + hk * sv_h + cols[:, None].to(tl.int64) * sv_n + dv[None, :] * sv_d,
+                mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+    scale_log2 = scale * LOG2E
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    start = 0
+    if IS_CAUSAL:
+        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M    # rows above the tile's first key see none of it
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = (b * H + h).to(tl.int32)
+        q_base = q_ptr + b * sq_b + h * sq_h
+        do_base = do_ptr + b * sdo_b + h * sdo_h
+        m_base = mask_ptr + b * sm_b + h * sm_h
+        for start_m in range(start, L, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q = tl.load(q_base + rows[:, None].to(tl.int64) * sq_m + d[None, :] * sq_d,
+                        mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
+            do = tl.load(do_base + rows[:, None].to(tl.int64) * sdo_m + dv[None, :] * sdo_d,
+                         mask=(rows[:, None] < L) & (dv[None, :] < EV), other=0.0)
+            lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=float("inf"))
+            delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+            s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
+                        IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+            p = tl.math.exp2(s - lse[:, None] * LOG2E)            # [BLOCK_M, BLOCK_N]
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+                p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                p_used = p
+            dvacc += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+    dk = dk * scale
+    tl.store(dk_ptr + b * sdk_b + hk * sdk_h + cols[:, None].to(tl.int64) * sdk_n + d[None, :] * sdk_d,
+             dk.to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < S) & (d[None, :] < E))
+    tl.store(dv_ptr + b * sdv_b + hk * sdv_h + cols[:, None].to(tl.int64) * sdv_n + dv[None, :] * sdv_d,
+             dvacc.to(dv_ptr.dtype.element_ty), mask=(cols[:, None] < S) & (dv[None, :] < EV))
+
+
+@triton.jit
+def attention_bwd_dq(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr,
+    sq_b, sq_h, sq_m, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_m, sdo_d,
+    sm_b, sm_h, sm_m, sm_n,
+    sdq_b, sdq_h, sdq_m, sdq_d,
+    H, L, S, E, EV, GROUP,
+    scale, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """One query tile: dQ = sum over K/V tiles of dS K * scale."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_m + d[None, :] * sq_d,
+                mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
+    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None].to(tl.int64) * sdo_m + dv[None, :] * sdo_d,
+                 mask=(rows[:, None] < L) & (dv[None, :] < EV), other=0.0)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=float("inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    m_base = mask_ptr + b * sm_b + h * sm_h
+    scale_log2 = scale * LOG2E
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = S
+    if IS_CAUSAL:
+        end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_n + d[None, :] * sk_d,
+                    mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_n + dv[None, :] * sv_d,
+                    mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
+                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    dq = dq * scale
+    tl.store(dq_ptr + b * sdq_b + h * sdq_h + rows[:, None].to(tl.int64) * sdq_m + d[None, :] * sdq_d,
+             dq.to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < L) & (d[None, :] < E))
+
+
+@triton.jit
+def attention_dropout_mask(
+    keep_ptr, L, S, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Writes the keep mask the kernels above use for (batch*head) program_id(1): for tests."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, S, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+        tl.store(keep_ptr + (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :],
+                 keep.to(tl.int8), mask=(rows[:, None] < L) & (cols[None, :] < S))

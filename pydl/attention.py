@@ -1,0 +1,211 @@
+"""scaled_dot_product_attention: argument checks, autograd Function, kernel launches.
+
+Kernels: kernels/triton/attention.py (flash-style forward and backward). Semantics are
+torch.nn.functional.scaled_dot_product_attention's: softmax(q k^T * scale + mask) v with scale
+1/sqrt(E) by default, boolean masks (True = attend) or float masks (added) broadcast over batch
+and heads, top-left causal alignment, grouped-query K/V heads (enable_gqa), dropout applied
+whenever dropout_p > 0 (as torch does, with no training flag), and rows with every key masked
+giving 0 (torch's safe softmax).
+
+Inputs are (..., L, E) with up to two leading dims (batch, heads); they are viewed as
+(B, H, L, E) without copies and the kernels read their strides.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _env
+from ._checks import check_tensor
+from ._launch import cdiv, new_output, next_power_of_2
+from .backends import dispatch, register
+
+MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _blocks(E: int, EV: int) -> dict:
+    # Small tiles in emulation so that short test sequences still span several tiles.
+    bm = 16 if _env.INTERPRET else 64
+    bn = 16 if _env.INTERPRET else 64
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(E)),
+                BLOCK_DV=max(16, next_power_of_2(EV)))
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+class _TritonAttention:
+    @staticmethod
+    def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        from .kernels.triton import attention as kt
+        B, H, L, E = q.shape
+        HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+        cfg = _blocks(E, EV)
+        grid = (cdiv(L, cfg["BLOCK_M"]), B * H)
+        kt.attention_fwd[grid](
+            q, k, v, o, lse, mask if mask is not None else q,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
+            H, L, S, E, EV, H // HKV, scale, dropout_p, seed,
+            IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+            INPUT_PRECISION=_input_precision(q.dtype), num_warps=4, **cfg)
+
+    @staticmethod
+    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        from .kernels.triton import attention as kt
+        B, H, L, E = q.shape
+        HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+        cfg = _blocks(E, EV)
+        delta = new_output((B * H, L), torch.float32, q.device)
+        kt.attention_bwd_preprocess[(cdiv(L, cfg["BLOCK_M"]), B * H)](
+            o, do, delta, *o.stride(), *do.stride(), H, L, EV,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_DV=cfg["BLOCK_DV"])
+        common = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+                      INPUT_PRECISION=_input_precision(q.dtype), num_warps=4, **cfg)
+        m = mask if mask is not None else q
+        kt.attention_bwd_dkdv[(cdiv(S, cfg["BLOCK_N"]), B * HKV)](
+            q, k, v, do, lse, delta, m, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask),
+            *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, H // HKV, scale, dropout_p, seed,
+            **common)
+        kt.attention_bwd_dq[(cdiv(L, cfg["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, m, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask), *dq.stride(),
+            H, L, S, E, EV, H // HKV, scale, dropout_p, seed, **common)
+
+    @staticmethod
+    def dropout_mask(B, H, L, S, dropout_p, seed, device) -> torch.Tensor:
+        """The keep mask (B, H, L, S) that forward and backward use for this seed."""
+        from .kernels.triton import attention as kt
+        keep = new_output((B, H, L, S), torch.int8, device)
+        kt.attention_dropout_mask[(cdiv(L, 16), B * H)](keep, L, S, dropout_p, seed,
+                                                        BLOCK_M=16, BLOCK_N=16)
+        return keep.bool()
+
+
+LAUNCHERS = {"triton": _TritonAttention}
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed, launch):
+        B, H, L, _ = q.shape
+        o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
+        lse = new_output((B * H, L), torch.float32, q.device)
+        launch.forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, mask)
+        ctx.args = (mask_kind, is_causal, scale, dropout_p, seed)
+        ctx.launch = launch
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        dq = new_output(q.shape, q.dtype, q.device)
+        dk = new_output(k.shape, k.dtype, k.device)
+        dv = new_output(v.shape, v.dtype, v.device)
+        ctx.launch.backward(q, k, v, o, lse, do, dq, dk, dv, mask, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _kernel_attention(launch):
+    def impl(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
+                                       seed, launch)
+    return impl
+
+
+for _name, _launch in LAUNCHERS.items():
+    register("scaled_dot_product_attention", _name)(_kernel_attention(_launch))
+
+
+@register("scaled_dot_product_attention", "torch")
+def _torch_attention(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1])
+
+
+# --- argument checks and the public function ------------------------------------------------
+
+def dropout_seed() -> int:
+    """The dropout seed of the next call: drawn from torch's default generator, so
+    torch.manual_seed makes dropout reproducible."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *, backend=None):
+    """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
+
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
+    bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
+    """
+    tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
+    name, impl = dispatch("scaled_dot_product_attention", backend, *tensors)
+    for t, nm in ((query, "query"), (key, "key"), (value, "value")):
+        check_tensor(t, nm, name, ndims=(2, 3, 4))
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, "
+                        f"{key.dtype}, {value.dtype}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, "
+                         f"{key.dim()}, {value.dim()}")
+    q, k, v = _as4d(query), _as4d(key), _as4d(value)
+    B, H, L, E = q.shape
+    Bk, HKV, S, Ek = k.shape
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in "
+                         f"batch, heads and sequence length")
+    if E != Ek:
+        raise ValueError(f"query head dim {E} does not match key head dim {Ek}")
+    if B != Bk:
+        raise ValueError(f"query batch {B} does not match key/value batch {Bk}")
+    if H != HKV:
+        if not enable_gqa:
+            raise ValueError(f"query has {H} heads but key/value have {HKV}: pass enable_gqa=True "
+                             f"for grouped-query attention")
+        if H % HKV:
+            raise ValueError(f"grouped-query attention needs query heads ({H}) divisible by "
+                             f"key/value heads ({HKV})")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(E)
+    mask, mask_kind = None, MASK_NONE
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, H, L, S))
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"the scores' shape {(B, H, L, S)}") from None
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must have at most 4 dims, got {attn_mask.dim()}")
+        mask = _as4d(attn_mask).expand(B, H, L, S)   # stride 0 on broadcast dims: no copy
+        if attn_mask.dtype == torch.bool:
+            mask_kind = MASK_BOOL
+        elif attn_mask.dtype.is_floating_point:
+            mask_kind = MASK_FLOAT
+        else:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    seed = dropout_seed() if dropout_p > 0 else 0
+    out = impl(q, k, v, mask, mask_kind, bool(is_causal), float(scale), float(dropout_p), seed)
+    return out.reshape(query.shape[:-2] + out.shape[-2:])
+
+
+__all__ = ["scaled_dot_product_attention", "AttentionFunction"]

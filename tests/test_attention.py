@@ -1,0 +1,227 @@
+"""scaled_dot_product_attention: flash kernels against the float64 reference and torch, forward
+and the three gradients: odd lengths, Lq != Lk with causal, masks of every broadcast shape, GQA,
+head dims 24/80, fully masked rows, dropout statistics and reproducibility."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydl
+from pydl import attention
+from pydl import reference as ref
+from pydl.testing import assert_close, random_tensor, run_with_grad
+
+from conftest import DEVICE, DTYPES
+
+BACKENDS = ("triton",)
+backends = pytest.mark.parametrize("backend", BACKENDS)
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+F = torch.nn.functional
+TF32 = DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
+def check_attention(q, k, v, backend, dtype, **opts):
+    fn = lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend=backend, **opts)  # noqa: E731
+    out, g, grads = run_with_grad(fn, [q, k, v])
+    t_out, _, t_grads = run_with_grad(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **opts),
+                                      [q, k, v], g)
+    np64 = lambda t: None if t is None else t.detach().cpu().double().numpy() if t.dtype != torch.bool \
+        else t.cpu().numpy()  # noqa: E731
+    mask = opts.get("attn_mask")
+    r_opts = dict(attn_mask=np64(mask), is_causal=opts.get("is_causal", False),
+                  scale=opts.get("scale"), enable_gqa=opts.get("enable_gqa", False))
+    r_out = ref.scaled_dot_product_attention(np64(q), np64(k), np64(v), **r_opts)
+    r_grads = ref.scaled_dot_product_attention_backward(np64(g), np64(q), np64(k), np64(v), **r_opts)
+    S, E = k.shape[-2], q.shape[-1]
+    assert out.shape == t_out.shape and out.dtype == q.dtype
+    assert_close(out, r_out, dtype, reduction=S, tf32=TF32, name="forward vs reference")
+    assert_close(out, t_out, dtype, reduction=S, tf32=TF32, name="forward vs torch")
+    for name, ours, theirs, r in zip("qkv", grads, t_grads, r_grads):
+        red = S * E if name == "q" else q.shape[-2] * max(E, v.shape[-1])
+        assert_close(ours, r, dtype, reduction=red, tf32=TF32, name=f"d{name} vs reference")
+        assert_close(ours, theirs, dtype, reduction=red, tf32=TF32, name=f"d{name} vs torch")
+
+
+def qkv(B, H, HKV, L, S, E, EV=None, dtype=torch.float32):
+    return (random_tensor((B, H, L, E), dtype, DEVICE), random_tensor((B, HKV, S, E), dtype, DEVICE),
+            random_tensor((B, HKV, S, EV or E), dtype, DEVICE))
+
+
+# (B, Hq, Hkv, L, S, E, Ev)
+SHAPES = {
+    "odd_lengths": (2, 2, 2, 37, 29, 24, 24),
+    "single_query": (1, 1, 1, 1, 19, 16, 16),
+    "long_keys": (1, 2, 2, 9, 70, 16, 16),
+    "head_dim_80": (1, 2, 2, 20, 18, 80, 80),
+    "value_dim_differs": (1, 1, 1, 17, 23, 32, 16),
+}
+
+
+@backends
+@dtypes
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention(backend, dtype, shape, causal):
+    B, H, HKV, L, S, E, EV = SHAPES[shape]
+    check_attention(*qkv(B, H, HKV, L, S, E, EV, dtype), backend, dtype, is_causal=causal)
+
+
+@backends
+@pytest.mark.parametrize("L,S", [(40, 17), (17, 40), (33, 33)])
+def test_causal_top_left_alignment_when_lengths_differ(backend, L, S):
+    check_attention(*qkv(1, 2, 2, L, S, 16), backend, torch.float32, is_causal=True)
+
+
+@backends
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("mask_shape", [(19, 23), (1, 1, 19, 23), (2, 1, 19, 23), (2, 3, 19, 23),
+                                        (1, 3, 19, 23), (19, 1)])
+def test_masks_broadcast(backend, kind, mask_shape):
+    q, k, v = qkv(2, 3, 3, 19, 23, 16)
+    if kind == "bool":
+        mask = torch.rand(mask_shape, device=DEVICE) > 0.3
+        mask[..., 0] = True   # a live key in every row (fully masked rows: their own test)
+    else:
+        mask = random_tensor(mask_shape, torch.float32, DEVICE)
+    check_attention(q, k, v, backend, torch.float32, attn_mask=mask)
+
+
+@backends
+def test_fully_masked_rows_give_zeros_like_torch(backend):
+    q, k, v = qkv(1, 2, 2, 9, 12, 16)
+    mask = torch.rand(1, 2, 9, 12, device=DEVICE) > 0.4
+    mask[0, 0, 3] = False
+    mask[0, 1, :2] = False
+    check_attention(q, k, v, backend, torch.float32, attn_mask=mask)
+
+
+@backends
+@pytest.mark.parametrize("heads", [(4, 2), (6, 3), (4, 1)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_grouped_query_attention(backend, heads, causal):
+    H, HKV = heads
+    check_attention(*qkv(2, H, HKV, 21, 18, 16), backend, torch.float32, enable_gqa=True,
+                    is_causal=causal)
+
+
+@backends
+def test_scale_and_lecture_fixture(backend):
+    # d_model 512 with 8 heads of 64: the default scale is 1/sqrt(64) = 1/8
+    q, k, v = qkv(1, 8, 8, 5, 6, 64)
+    default = pydl.scaled_dot_product_attention(q, k, v, backend=backend)
+    assert_close(default, pydl.scaled_dot_product_attention(q, k, v, scale=0.125, backend=backend),
+                 torch.float32)
+    check_attention(q, k, v, backend, torch.float32, scale=0.3)
+
+
+@backends
+@pytest.mark.parametrize("layout", ["3d", "2d", "transposed"])
+def test_layouts(backend, layout):
+    if layout == "3d":
+        q, k, v = (t[0] for t in qkv(1, 3, 3, 11, 13, 16))
+    elif layout == "2d":
+        q, k, v = (t[0, 0] for t in qkv(1, 1, 1, 11, 13, 16))
+    else:  # (B, L, H, E) memory viewed as (B, H, L, E), as multi-head projections produce
+        q, k, v = (random_tensor((2, n, 3, 16), torch.float32, DEVICE).transpose(1, 2)
+                   for n in (11, 13, 13))
+    check_attention(q, k, v, backend, torch.float32, is_causal=True)
+
+
+@backends
+@settings(max_examples=12, deadline=None)
+@given(L=st.integers(1, 40), S=st.integers(1, 40), E=st.sampled_from([16, 24, 32]),
+       causal=st.booleans(), group=st.sampled_from([1, 2]))
+def test_fuzz(backend, L, S, E, causal, group):
+    check_attention(*qkv(1, 2 * group, 2, L, S, E), backend, torch.float32, is_causal=causal,
+                    enable_gqa=group > 1)
+
+
+# --- dropout --------------------------------------------------------------------------------
+
+def _dropout_reference(q, k, v, keep, p, **opts):
+    """Attention with an explicit keep mask, in float64 torch autograd (the same math)."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = q @ k.transpose(-1, -2) * (opts.get("scale") or 1 / math.sqrt(q.shape[-1]))
+    if opts.get("is_causal"):
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    probs = torch.softmax(s, -1) * keep / (1 - p)
+    return probs @ v, (q, k, v)
+
+
+@backends
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_matches_its_mask_forward_and_backward(backend, causal):
+    p = 0.3
+    q, k, v = qkv(2, 2, 2, 17, 21, 16)
+    torch.manual_seed(1234)
+    out, g, grads = run_with_grad(
+        lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal,
+                                                          backend=backend), [q, k, v])
+    torch.manual_seed(1234)
+    seed = attention.dropout_seed()
+    keep = attention.LAUNCHERS[backend].dropout_mask(2, 2, 17, 21, p, seed, q.device)
+    r_out, leaves = _dropout_reference(q, k, v, keep, p, is_causal=causal)
+    r_out.backward(g.double())
+    assert_close(out, r_out, torch.float32, reduction=21, name="forward")
+    for name, ours, leaf in zip("qkv", grads, leaves):
+        assert_close(ours, leaf.grad, torch.float32, reduction=21 * 16, name=f"d{name}")
+
+
+@backends
+def test_dropout_is_reproducible_and_has_the_right_rate(backend):
+    p = 0.25
+    q, k, v = qkv(1, 2, 2, 20, 24, 16)
+    torch.manual_seed(7)
+    a = pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    torch.manual_seed(7)
+    b = pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    c = pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    assert torch.equal(a, b), "same seed, different dropout"
+    assert not torch.equal(a, c), "a new draw gave the same dropout mask"
+    keep = attention.LAUNCHERS[backend].dropout_mask(2, 2, 64, 64, p, 99, q.device)
+    rate = 1 - keep.float().mean().item()
+    # 16384 Bernoulli(0.25) draws: standard deviation ~0.0034
+    assert abs(rate - p) < 0.015, f"dropped fraction {rate:.4f}, expected {p}"
+    # and independent across (batch, head) planes
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@backends
+def test_bad_input(backend):
+    q, k, v = qkv(2, 4, 2, 5, 6, 16)
+    sdpa = lambda *a, **kw: pydl.scaled_dot_product_attention(*a, backend=backend, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="enable_gqa"):
+        sdpa(q, k, v)
+    with pytest.raises(ValueError, match="divisible"):
+        sdpa(q[:, :3], k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match="head dim"):
+        sdpa(q, k[..., :8], v, enable_gqa=True)
+    with pytest.raises(ValueError, match="sequence length"):
+        sdpa(q, k, v[:, :, :5], enable_gqa=True)
+    with pytest.raises(ValueError, match="batch"):
+        sdpa(q[:1], k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool, device=DEVICE), enable_gqa=True)
+    with pytest.raises(ValueError, match="is_causal"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool, device=DEVICE), is_causal=True,
+             enable_gqa=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        sdpa(q, k, v, dropout_p=1.0, enable_gqa=True)
+    with pytest.raises(TypeError, match="one dtype"):
+        sdpa(q, k.half(), v, enable_gqa=True)
+    with pytest.raises(TypeError, match="bool or floating"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.int32, device=DEVICE), enable_gqa=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.full
+def test_attention_beyond_int32_offsets():
+    """A (B, H, L, E) tensor past 2**31 elements: offsets must be computed in int64."""
+    q = torch.randn(1, 4100, 4096, 128, device="cuda", dtype=torch.bfloat16)
+    out = pydl.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert_close(out[:, -1:], F.scaled_dot_product_attention(q[:, -1:], q[:, -1:], q[:, -1:], is_causal=True),
+                 torch.bfloat16, reduction=4096)
