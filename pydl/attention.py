@@ -113,19 +113,89 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _kernel_attention(launch):
-    def impl(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed):
-        return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                       seed, launch)
+class NaiveAttentionFunction(torch.autograd.Function):
+    """algo="naive": materialised scores in three kernels (scores GEMM, masked softmax, P @ V
+    GEMM), for comparison with the flash kernels and for callers that need the attention
+    weights (nn.MultiheadAttention with need_weights=True). Returns (output, weights).
+
+    Grouped-query heads are handled by viewing q as (B, Hkv, G * L, E): the G query heads of a
+    K/V head become extra rows of one GEMM, so dK and dV sum over the group inside the GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale):
+        from ._gemm import gemm
+        from .kernels.triton import attention as kt
+        B, H, L, E = q.shape
+        HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+        G = H // HKV
+        qg = q.reshape(B, HKV, G * L, E)
+        scores = new_output((B, HKV, G * L, S), torch.float32, q.device)
+        gemm(qg, k, scores, trans_b=True, alpha=scale)
+        sc = scores.view(B, H, L, S)
+        p = new_output((B, H, L, S), q.dtype, q.device)
+        kt.attention_naive_softmax[(L, B * H)](
+            sc, mask if mask is not None else sc, p, *sc.stride(), *_strides4(mask), *p.stride(),
+            H, L, S, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+            BLOCK_N=min(1024, max(16, next_power_of_2(S))))
+        o = new_output((B, HKV, G * L, EV), q.dtype, q.device)
+        gemm(p.view(B, HKV, G * L, S), v, o)
+        ctx.save_for_backward(qg, k, v, p)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(p)
+        return o.view(B, H, L, EV), p
+
+    @staticmethod
+    def backward(ctx, do, _dweights):
+        from ._gemm import gemm
+        from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
+        qg, k, v, p = ctx.saved_tensors
+        B, H, L, S = p.shape
+        HKV, GL, E, EV = k.shape[1], qg.shape[2], qg.shape[3], v.shape[3]
+        pg = p.view(B, HKV, GL, S)
+        dog = do.reshape(B, HKV, GL, EV)
+        dv = new_output(v.shape, v.dtype, v.device)
+        gemm(pg, dog, dv, trans_a=True)
+        dp = new_output((B, HKV, GL, S), torch.float32, p.device)
+        gemm(dog, v, dp, trans_b=True)
+        # dS = P * (dP - rowsum(dP * P)): the softmax backward kernel, rows of length S
+        ds = new_output((B * H * L, S, 1), qg.dtype, p.device)
+        ROW_LAUNCHERS["triton"].softmax_bwd(p.reshape(B * H * L, S, 1), dp.view(B * H * L, S, 1),
+                                            ds, False)
+        dsg = ds.view(B, HKV, GL, S)
+        dq = new_output((B, HKV, GL, E), qg.dtype, qg.device)
+        gemm(dsg, k, dq, alpha=ctx.scale)
+        dk = new_output(k.shape, k.dtype, k.device)
+        gemm(dsg, qg, dk, trans_a=True, alpha=ctx.scale)
+        return dq.view(B, H, L, E), dk, dv, None, None, None, None
+
+
+ALGOS = ("flash", "naive")
+
+
+def _kernel_attention(backend, launch):
+    def impl(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed, algo):
+        if algo in (None, "flash"):
+            return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
+                                           seed, launch)
+        if algo == "naive" and backend == "triton":
+            if dropout_p > 0:
+                raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
+            return NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale)[0]
+        have = "flash, naive" if backend == "triton" else "flash"
+        raise ValueError(f"scaled_dot_product_attention: algo={algo!r} is not available on the "
+                         f"{backend!r} backend (available: {have})")
     return impl
 
 
 for _name, _launch in LAUNCHERS.items():
-    register("scaled_dot_product_attention", _name)(_kernel_attention(_launch))
+    register("scaled_dot_product_attention", _name)(_kernel_attention(_name, _launch))
 
 
 @register("scaled_dot_product_attention", "torch")
-def _torch_attention(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed):
+def _torch_attention(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed, algo):
+    if algo is not None:
+        raise ValueError("scaled_dot_product_attention: the torch backend has no algo= choice")
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
@@ -146,8 +216,11 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False, *, backend=None):
+                                 is_causal=False, scale=None, enable_gqa=False, *, backend=None,
+                                 algo=None):
     """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
+
+    algo: "flash" (default) or "naive" (triton: materialised scores, three kernels).
 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
     bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
@@ -204,7 +277,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         else:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
     seed = dropout_seed() if dropout_p > 0 else 0
-    out = impl(q, k, v, mask, mask_kind, bool(is_causal), float(scale), float(dropout_p), seed)
+    out = impl(q, k, v, mask, mask_kind, bool(is_causal), float(scale), float(dropout_p), seed, algo)
     return out.reshape(query.shape[:-2] + out.shape[-2:])
 
 

@@ -22,8 +22,9 @@ F = torch.nn.functional
 TF32 = DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
-def check_attention(q, k, v, backend, dtype, **opts):
-    fn = lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend=backend, **opts)  # noqa: E731
+def check_attention(q, k, v, backend, dtype, algo=None, **opts):
+    fn = lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend=backend, algo=algo,  # noqa: E731
+                                                           **opts)
     out, g, grads = run_with_grad(fn, [q, k, v])
     t_out, _, t_grads = run_with_grad(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **opts),
                                       [q, k, v], g)
@@ -136,6 +137,25 @@ def test_layouts(backend, layout):
 def test_fuzz(backend, L, S, E, causal, group):
     check_attention(*qkv(1, 2 * group, 2, L, S, E), backend, torch.float32, is_causal=causal,
                     enable_gqa=group > 1)
+
+
+# --- the naive variant (materialised scores) -----------------------------------------------
+
+@pytest.mark.parametrize("case", ["odd_causal", "gqa_causal", "bool_mask_with_empty_row",
+                                  "float_mask", "fp16"])
+def test_naive_variant(case):
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    q, k, v = qkv(2, 4, 2 if case.startswith("gqa") else 4, 19, 23, 24, 16, dtype)
+    opts = dict(enable_gqa=True) if case.startswith("gqa") else {}
+    if "causal" in case:
+        opts["is_causal"] = True
+    if case == "bool_mask_with_empty_row":
+        mask = torch.rand(2, 1, 19, 23, device=DEVICE) > 0.3
+        mask[1, 0, 4] = False
+        opts["attn_mask"] = mask
+    if case == "float_mask":
+        opts["attn_mask"] = random_tensor((19, 23), torch.float32, DEVICE)
+    check_attention(q, k, v, "triton", dtype, algo="naive", **opts)
 
 
 # --- dropout --------------------------------------------------------------------------------

@@ -40,10 +40,10 @@ def _dropout_keep(seed, bh, rows, cols, S, p):
 
 
 @triton.jit
-def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2,
-            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Scores of a [BLOCK_M, BLOCK_N] tile in log2 units (s * log2 e), masked with -inf."""
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+def _apply_masks(s, rows, cols, L, S, mask_ptr, sm_m, sm_n, float_mask_scale,
+                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """-inf where a key is out of range, masked out (bool False) or in the causal future;
+    a float mask is added (times float_mask_scale: log2 e for scores in log2 units)."""
     valid = (cols[None, :] < S) & (rows[:, None] < L)
     if IS_CAUSAL:
         valid = valid & (cols[None, :] <= rows[:, None])
@@ -54,8 +54,16 @@ def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2,
     if MASK_KIND == MASK_FLOAT:
         add = tl.load(mask_ptr + rows[:, None].to(tl.int64) * sm_m + cols[None, :].to(tl.int64) * sm_n,
                       mask=valid, other=0.0).to(tl.float32)
-        s = s + add * LOG2E
+        s = s + add * float_mask_scale
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_N] tile in log2 units (s * log2 e), masked with -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+    return _apply_masks(s, rows, cols, L, S, mask_ptr, sm_m, sm_n, LOG2E, IS_CAUSAL, MASK_KIND)
 
 
 @triton.jit
@@ -285,3 +293,53 @@ def attention_dropout_mask(
         keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
         tl.store(keep_ptr + (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :],
                  keep.to(tl.int8), mask=(rows[:, None] < L) & (cols[None, :] < S))
+
+
+@triton.jit
+def attention_naive_softmax(
+    s_ptr, mask_ptr, p_ptr,
+    ss_b, ss_h, ss_m, ss_n,            # scores strides (B, H, L, S), fp32, already scaled
+    sm_b, sm_h, sm_m, sm_n,            # mask strides (broadcast dims have stride 0)
+    sp_b, sp_h, sp_m, sp_n,            # probabilities strides
+    H, L, S,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The naive variant's middle kernel: P = softmax(scores + mask) for one row (b, h, i),
+    with the flash kernels' masking rules; a row with no visible key gets zeros."""
+    row = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = tl.full([1], row, tl.int32)
+    s_base = s_ptr + b * ss_b + h * ss_h + row * ss_m
+    m_base = mask_ptr + b * sm_b + h * sm_h
+    m_i = tl.full([1, BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([1, BLOCK_N], tl.float32)
+    for start in range(0, S, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n, IS_CAUSAL, MASK_KIND)
+        m_new = tl.maximum(m_i, s)
+        seen = m_new != float("-inf")
+        l_i = l_i * tl.where(seen, tl.exp(m_i - m_new), 0.0) + tl.where(seen, tl.exp(s - m_new), 0.0)
+        m_i = m_new
+    m_row = tl.max(m_i, 1)
+    l_row = tl.sum(tl.where(m_i != float("-inf"), l_i * tl.exp(m_i - m_row[:, None]), 0.0), 1)
+    empty = l_row == 0.0
+    m_row = tl.where(empty, 0.0, m_row)
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_row))
+    p_base = p_ptr + b * sp_b + h * sp_h + row * sp_m
+    for start in range(0, S, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        s = _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n, IS_CAUSAL, MASK_KIND)
+        p = tl.exp(s - m_row[:, None]) * inv[:, None]
+        tl.store(p_base + cols[None, :].to(tl.int64) * sp_n, p.to(p_ptr.dtype.element_ty),
+                 mask=(cols < S)[None, :])
+
+
+@triton.jit
+def _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n,
+                   IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """A [1, BLOCK_N] slice of one score row with the masks applied (-inf = hidden)."""
+    s = tl.load(s_base + cols[None, :].to(tl.int64) * ss_n, mask=(cols < S)[None, :],
+                other=float("-inf"))
+    return _apply_masks(s, rows, cols, L, S, m_base, sm_m, sm_n, 1.0, IS_CAUSAL, MASK_KIND)
