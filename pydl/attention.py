@@ -215,16 +215,9 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False, *, backend=None,
-                                 algo=None):
-    """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
-
-    algo: "flash" (default) or "naive" (triton: materialised scores, three kernels).
-
-    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
-    bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
-    """
+def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+    """Checks shared by the public entry points; returns (backend name, implementation,
+    q, k, v as (B, H, L, E) views, the mask expanded to (B, Hq, L, S) or None, its kind, scale)."""
     tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
     name, impl = dispatch("scaled_dot_product_attention", backend, *tensors)
     for t, nm in ((query, "query"), (key, "key"), (value, "value")):
@@ -262,13 +255,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must have at most 4 dims, got {attn_mask.dim()}")
         try:
             torch.broadcast_shapes(attn_mask.shape, (B, H, L, S))
         except RuntimeError:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"the scores' shape {(B, H, L, S)}") from None
-        if attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask must have at most 4 dims, got {attn_mask.dim()}")
         mask = _as4d(attn_mask).expand(B, H, L, S)   # stride 0 on broadcast dims: no copy
         if attn_mask.dtype == torch.bool:
             mask_kind = MASK_BOOL
@@ -276,9 +269,50 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             mask_kind = MASK_FLOAT
         else:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    return name, impl, q, k, v, mask, mask_kind, float(scale)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *, backend=None,
+                                 algo=None):
+    """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
+
+    algo: "flash" (default) or "naive" (triton: materialised scores, three kernels).
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
+    bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
+    """
+    name, impl, q, k, v, mask, mask_kind, scale = _prepare(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     seed = dropout_seed() if dropout_p > 0 else 0
-    out = impl(q, k, v, mask, mask_kind, bool(is_causal), float(scale), float(dropout_p), seed, algo)
+    out = impl(q, k, v, mask, mask_kind, bool(is_causal), scale, float(dropout_p), seed, algo)
     return out.reshape(query.shape[:-2] + out.shape[-2:])
 
 
-__all__ = ["scaled_dot_product_attention", "AttentionFunction"]
+def attention_with_weights(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                           enable_gqa=False, *, backend=None):
+    """(output, attention weights (B, Hq, L, S)) without dropout, for callers that need the
+    weights (nn.MultiheadAttention's need_weights=True): the triton backend's naive variant,
+    or torch's own ops on the "torch" backend."""
+    name, impl, q, k, v, mask, mask_kind, scale = _prepare(
+        query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, backend)
+    if name == "triton":
+        out, weights = NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, bool(is_causal), scale)
+    elif name == "torch":
+        G = q.shape[1] // k.shape[1]
+        kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        s = (q @ kk.transpose(-1, -2)) * scale
+        if is_causal:
+            s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(),
+                              float("-inf"))
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        weights = torch.softmax(s, -1).nan_to_num(0.0)
+        out = weights @ vv
+    else:
+        raise NotImplementedError(f"attention weights need a materialising kernel, which the "
+                                  f"{name!r} backend does not have; use backend='triton'")
+    return out.reshape(query.shape[:-2] + out.shape[-2:]), weights
+
+
+__all__ = ["scaled_dot_product_attention", "attention_with_weights", "AttentionFunction",
+           "NaiveAttentionFunction"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as F
+from .attention import attention_with_weights
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -110,5 +111,94 @@ class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
         return F.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
 
 
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention whose attention runs on pydl's kernels.
+
+    Same constructor arguments and state_dict. The input and output projections are torch's
+    linear layers, as in torch's module; the attention itself is pydl.scaled_dot_product_attention
+    (the flash kernels; need_weights=True uses algo="naive", which materialises the weights).
+    Masks keep torch.nn.MultiheadAttention's convention: a True in a boolean attn_mask or
+    key_padding_mask means "do not attend". add_bias_kv and add_zero_attn are not supported.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
+                 dtype=None, *, backend: str | None = None):
+        if add_bias_kv or add_zero_attn:
+            raise NotImplementedError("pydl.nn.MultiheadAttention does not support add_bias_kv or "
+                                      "add_zero_attn")
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim,
+                         vdim, batch_first, device, dtype)
+        self.backend = backend
+
+    def _projections(self):
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        return (w_q, b[0]), (w_k, b[1]), (w_v, b[2])
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as in torch)")
+        N, L, _ = query.shape
+        S, H = key.shape[1], self.num_heads
+        # (N, len, E) -> (N, H, len, head_dim) as a strided view: the kernels read its strides
+        q, k, v = (torch.nn.functional.linear(x, w, b).unflatten(-1, (H, -1)).transpose(1, 2)
+                   for x, (w, b) in zip((query, key, value), self._projections()))
+        mask = _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            if dropout > 0:
+                raise NotImplementedError("need_weights=True with dropout in training is not "
+                                          "supported; pass need_weights=False")
+            out, weights = attention_with_weights(q, k, v, attn_mask=mask, backend=self.backend)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 backend=self.backend)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        if not batched:
+            return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _merge_masks(attn_mask, key_padding_mask, N, H, L, S, dtype):
+    """torch.nn.MultiheadAttention's masks (True = do not attend, or float added) as one
+    scaled_dot_product_attention mask (True = attend, or float added), broadcast to (N, H, L, S)."""
+    masks = []
+    if attn_mask is not None:
+        m = attn_mask if attn_mask.dim() == 2 else attn_mask.view(N, H, L, S)
+        masks.append(m)
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(N, 1, 1, S))
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        keep = ~masks[0]
+        for m in masks[1:]:
+            keep = keep & ~m
+        return keep
+    total = None
+    for m in masks:
+        add = (torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+               if m.dtype == torch.bool else m.to(dtype))
+        total = add if total is None else total + add
+    return total
+
+
 __all__ = ["Conv2d", "CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d"]
+           "AdaptiveAvgPool2d", "MultiheadAttention"]

@@ -245,3 +245,53 @@ def test_attention_beyond_int32_offsets():
     out = pydl.scaled_dot_product_attention(q, q, q, is_causal=True)
     assert_close(out[:, -1:], F.scaled_dot_product_attention(q[:, -1:], q[:, -1:], q[:, -1:], is_causal=True),
                  torch.bfloat16, reduction=4096)
+
+
+# --- nn.MultiheadAttention ------------------------------------------------------------------
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["flash", "weights"])
+@pytest.mark.parametrize("config", ["plain", "batch_first_kpm", "kdim_vdim_bool_mask", "float_mask",
+                                    "unbatched"])
+def test_multihead_attention_is_drop_in(config, need_weights):
+    E, H, N, L, S = 32, 4, 2, 7, 9
+    kw = dict(batch_first=config == "batch_first_kpm")
+    if config == "kdim_vdim_bool_mask":
+        kw.update(kdim=24, vdim=20)
+    theirs = torch.nn.MultiheadAttention(E, H, **kw).to(DEVICE)
+    ours = pydl.nn.MultiheadAttention(E, H, device=DEVICE, backend="triton", **kw)
+    assert isinstance(ours, torch.nn.MultiheadAttention)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    shape = (lambda n: (N, n, E)) if kw["batch_first"] else (lambda n: (n, N, E))
+    q = random_tensor(shape(L), torch.float32, DEVICE)
+    k = random_tensor(shape(S)[:-1] + (kw.get("kdim", E),), torch.float32, DEVICE)
+    v = random_tensor(shape(S)[:-1] + (kw.get("vdim", E),), torch.float32, DEVICE)
+    opts = dict(need_weights=need_weights)
+    if config == "batch_first_kpm":
+        kpm = torch.zeros(N, S, dtype=torch.bool, device=DEVICE)
+        kpm[0, -3:] = True
+        opts["key_padding_mask"] = kpm
+    if config == "kdim_vdim_bool_mask":
+        opts["attn_mask"] = torch.rand(L, S, device=DEVICE) > 0.7   # True = do not attend
+        opts["attn_mask"][:, 0] = False
+    if config == "float_mask":
+        opts["attn_mask"] = random_tensor((N * H, L, S), torch.float32, DEVICE)
+    if config == "unbatched":
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    out, w = ours(q, k, v, **opts)
+    t_out, t_w = theirs(q, k, v, **opts)
+    assert_close(out, t_out, torch.float32, reduction=S * E, tf32=TF32, name="output")
+    if need_weights:
+        assert_close(w, t_w, torch.float32, reduction=S, tf32=TF32, name="weights")
+    else:
+        assert w is None and t_w is None
+    g = random_tensor(out.shape, torch.float32, DEVICE)
+    out.backward(g)
+    t_out.backward(g)
+    for (name, p), tp in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.grad, tp.grad, torch.float32, reduction=N * L * S, tf32=TF32, name=name)
+
+
+def test_multihead_attention_rejects_unsupported_options():
+    with pytest.raises(NotImplementedError, match="add_bias_kv"):
+        pydl.nn.MultiheadAttention(16, 2, add_bias_kv=True)
