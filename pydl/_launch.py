@@ -39,6 +39,15 @@ def new_output(shape, dtype: torch.dtype, device: torch.device,
     return out
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D channels-last tensor (with more than one channel), else
+    contiguous: outputs are allocated in the input's format, as torch does."""
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_tensor
-from ._launch import cdiv, launch_numba_1d, new_output, next_power_of_2, numba_array
+from ._launch import (cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2,
+                      numba_array)
 from ._shapes import pair, pool_output_size
 from .backends import dispatch, register
 
@@ -39,13 +40,6 @@ class PoolGeometry:
     ceil_mode: bool = False
     count_include_pad: bool = True
     divisor: int = 0  # divisor_override, 0 = torch's rule
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _channels_fastest(t: torch.Tensor) -> bool:
@@ -184,7 +178,7 @@ def _local_index_dtype(g: PoolGeometry) -> torch.dtype:
 class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g: PoolGeometry, return_indices: bool, launch):
-        fmt = _memory_format(x)
+        fmt = memory_format_of(x)
         y = new_output((g.N, g.C, g.OH, g.OW), x.dtype, x.device, fmt)
         needs_grad = ctx.needs_input_grad[0]
         if return_indices:
@@ -220,7 +214,7 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g: PoolGeometry, adaptive: bool, launch):
-        fmt = _memory_format(x)
+        fmt = memory_format_of(x)
         y = new_output((g.N, g.C, g.OH, g.OW), x.dtype, x.device, fmt)
         if y.numel():
             (launch.adaptive_fwd if adaptive else launch.avg_fwd)(x, y, g)
