@@ -99,11 +99,14 @@ def numba_stream(device: torch.device):
 SIM_MAX_BLOCKS = 1
 
 
+def numba_blocks(blocks: int) -> int:
+    """Blocks of a grid-stride Numba launch: all of them on a GPU, SIM_MAX_BLOCKS simulated."""
+    blocks = max(1, blocks)
+    return min(blocks, SIM_MAX_BLOCKS) if _env.INTERPRET else blocks
+
+
 def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, threads: int = 256) -> None:
     """Launch a grid-stride Numba kernel over `n_elements`, one thread per element on a GPU,
     on torch's current stream."""
     threads = numba_threads(threads)
-    blocks = max(1, cdiv(n_elements, threads))
-    if _env.INTERPRET:
-        blocks = min(blocks, SIM_MAX_BLOCKS)
-    kernel[blocks, threads, numba_stream(device)](*args)
+    kernel[numba_blocks(cdiv(n_elements, threads)), threads, numba_stream(device)](*args)

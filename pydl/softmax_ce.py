@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_tensor
-from ._launch import cdiv, new_output, next_power_of_2, numba_array, numba_stream, numba_threads
+from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
+                      numba_threads)
 from ._shapes import as_rows, normalize_dim
 from .backends import dispatch, register
 
@@ -103,14 +104,14 @@ class _NumbaLaunch:
     def softmax_fwd(x3, y3, log: bool) -> None:
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
-        k.softmax_fwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
+        k.softmax_fwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
             numba_array(x3), numba_array(y3), inner, log, k.dtype_code(x3.dtype))
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
         from .kernels.numba import softmax_ce as k
         outer, n, inner = y3.shape
-        k.softmax_bwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(y3.device)](
+        k.softmax_bwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(y3.device)](
             numba_array(y3), numba_array(dy3), numba_array(dx3), inner, log, k.dtype_code(y3.dtype))
 
     @staticmethod
@@ -118,7 +119,7 @@ class _NumbaLaunch:
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
         w = _NumbaLaunch._weights(weight, loss[:1])
-        k.cross_entropy_fwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
+        k.cross_entropy_fwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
             numba_array(x3), numba_array(target), numba_array(w), numba_array(loss), numba_array(lse), numba_array(row_weight), inner,
             ignore_index, float(smoothing), weight is not None, k.dtype_code(x3.dtype))
 
@@ -129,7 +130,7 @@ class _NumbaLaunch:
         outer, n, inner = x3.shape
         w = _NumbaLaunch._weights(weight, lse[:1])
         ws = weight_sum if weight_sum is not None else lse[:1]
-        k.cross_entropy_bwd[outer * inner, _NumbaLaunch._threads(n), numba_stream(x3.device)](
+        k.cross_entropy_bwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
             numba_array(x3), numba_array(target), numba_array(w), numba_array(lse), numba_array(grad.reshape(-1)), grad_stride,
             numba_array(ws.reshape(1).float()), numba_array(dx3), inner, ignore_index, float(smoothing),
             weight is not None, k.dtype_code(x3.dtype))

@@ -2,7 +2,7 @@
 
 Same math and layout as kernels/triton/softmax_ce.py. Every tensor arrives as an
 (outer, n, inner) array of any strides (Numba arrays keep them), and row r is
-a[r // inner, :, r % inner]. One block of threads handles one row (grid = number of rows);
+a[r // inner, :, r % inner]. One block of threads handles one row at a time (grid-stride over the rows);
 the threads stride over the row's columns, each keeping its own online (max m, sum s of
 exp(x - m)) pair, and a shared-memory tree reduction combines the pairs, so no row length is
 capped by the block size. Block size: any power of two up to MAX_THREADS.
@@ -120,26 +120,27 @@ def softmax_fwd(x, y, inner, log, code):
     log:   write log_softmax instead of softmax
     code:  dtype_code of x and y (BF16: int16 arrays of bf16 bits)
     """
-    row = int64(cuda.blockIdx.x)
-    o = row // inner
-    i = row - o * inner
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    n = x.shape[1]
-    m = NEG_INF
-    s = ZERO
-    for c in range(tid, n, nthreads):
-        m, s = _online_add(m, s, load_f32(x, o, c, i, code))
-    m, s = _block_max_sum(m, s)
-    if log:
-        # (x - m) - log s, not x - lse: with |x| ~ 1e4 the rounding of lse = m + log s alone
-        # would cost ~5e-4 absolute, while x - m is exact near the max
-        log_s = _log_sum(s)
+    # grid-stride over rows: a GPU launch has one block per row; the simulator a few
+    for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
+        o = row // inner
+        i = row - o * inner
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        n = x.shape[1]
+        m = NEG_INF
+        s = ZERO
         for c in range(tid, n, nthreads):
-            store_f32(y, o, c, i, (load_f32(x, o, c, i, code) - m) - log_s, code)
-    else:
-        for c in range(tid, n, nthreads):
-            store_f32(y, o, c, i, float32(math.exp(load_f32(x, o, c, i, code) - m)) / s, code)
+            m, s = _online_add(m, s, load_f32(x, o, c, i, code))
+        m, s = _block_max_sum(m, s)
+        if log:
+            # (x - m) - log s, not x - lse: with |x| ~ 1e4 the rounding of lse = m + log s alone
+            # would cost ~5e-4 absolute, while x - m is exact near the max
+            log_s = _log_sum(s)
+            for c in range(tid, n, nthreads):
+                store_f32(y, o, c, i, (load_f32(x, o, c, i, code) - m) - log_s, code)
+        else:
+            for c in range(tid, n, nthreads):
+                store_f32(y, o, c, i, float32(math.exp(load_f32(x, o, c, i, code) - m)) / s, code)
 
 
 @cuda.jit
@@ -155,31 +156,32 @@ def softmax_bwd(y, dy, dx, inner, log, code):
     log:   y is log_softmax rather than softmax
     code:  dtype_code of y, dy and dx
     """
-    row = int64(cuda.blockIdx.x)
-    o = row // inner
-    i = row - o * inner
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    n = y.shape[1]
-    acc = ZERO
-    if log:
-        for c in range(tid, n, nthreads):
-            acc += load_f32(dy, o, c, i, code)
-    else:
-        for c in range(tid, n, nthreads):
-            acc += load_f32(dy, o, c, i, code) * load_f32(y, o, c, i, code)
-    total = _block_sum(acc)
-    for c in range(tid, n, nthreads):
-        yv = load_f32(y, o, c, i, code)
-        g = load_f32(dy, o, c, i, code)
+    # grid-stride over rows: a GPU launch has one block per row; the simulator a few
+    for row in range(int64(cuda.blockIdx.x), y.shape[0] * inner, cuda.gridDim.x):
+        o = row // inner
+        i = row - o * inner
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        n = y.shape[1]
+        acc = ZERO
         if log:
-            out = g - float32(math.exp(yv)) * total
+            for c in range(tid, n, nthreads):
+                acc += load_f32(dy, o, c, i, code)
         else:
-            out = yv * (g - total)
-        store_f32(dx, o, c, i, out, code)
+            for c in range(tid, n, nthreads):
+                acc += load_f32(dy, o, c, i, code) * load_f32(y, o, c, i, code)
+        total = _block_sum(acc)
+        for c in range(tid, n, nthreads):
+            yv = load_f32(y, o, c, i, code)
+            g = load_f32(dy, o, c, i, code)
+            if log:
+                out = g - float32(math.exp(yv)) * total
+            else:
+                out = yv * (g - total)
+            store_f32(dx, o, c, i, out, code)
 
 
-# --- cross-entropy -------------------------------------------------------------------------
+    # --- cross-entropy -------------------------------------------------------------------------
 
 @cuda.jit
 def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_index,
@@ -204,53 +206,54 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
     grows), and sum_c w (lse - x_c) is assembled at the end from terms that are all >= 0, so
     huge logits (|x| ~ 1e4) do not cancel catastrophically.
     """
-    row = int64(cuda.blockIdx.x)
-    o = row // inner
-    i = row - o * inner
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    n = x.shape[1]
-    smooth = smoothing > 0
-    m = NEG_INF
-    s = ZERO
-    d = ZERO     # this thread's sum_c w_c (x_c - m), m its running max
-    w_sum = ZERO  # this thread's sum_c w_c
-    for c in range(tid, n, nthreads):
-        v = load_f32(x, o, c, i, code)
-        m_old = m
-        m, s = _online_add(m, s, v)
-        if smooth:
-            w = float32(weight[c]) if has_weight else ONE
-            if m != m_old and w_sum != ZERO:
-                d -= w_sum * (m - m_old)  # -inf when m_old was -inf: the term is +inf
-            if w != ZERO:
-                # x_c = m = -inf: (x_c - m) is NaN, but the row's term lse - x_c is +inf
-                d += w * (v - m) if m != NEG_INF else NEG_INF
-            w_sum += w
-    m_row, s_row = _block_max_sum(m, s)
-    log_s = _log_sum(s_row)
-    smooth_sum = ZERO
-    if smooth:
-        # sum over this thread's c of w_c (lse - x_c) = W (m_row - m + log s) - d
-        part = ZERO
-        if w_sum != ZERO:
-            part = w_sum * ((m_row - m) + log_s) - d
-        smooth_sum = _block_sum(part)
-    if tid == 0:
-        t = target[row]
-        valid = t != ignore_index
-        row_loss = ZERO
-        w_t = ZERO
-        if valid:
-            w_t = float32(weight[t]) if has_weight else ONE
-            # (m - x_t) + log s rather than lse - x_t: m - x_t loses nothing for huge logits
-            row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
+    # grid-stride over rows: a GPU launch has one block per row; the simulator a few
+    for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
+        o = row // inner
+        i = row - o * inner
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        n = x.shape[1]
+        smooth = smoothing > 0
+        m = NEG_INF
+        s = ZERO
+        d = ZERO     # this thread's sum_c w_c (x_c - m), m its running max
+        w_sum = ZERO  # this thread's sum_c w_c
+        for c in range(tid, n, nthreads):
+            v = load_f32(x, o, c, i, code)
+            m_old = m
+            m, s = _online_add(m, s, v)
             if smooth:
-                eps = float32(smoothing)
-                row_loss = (ONE - eps) * row_loss + (eps / float32(n)) * smooth_sum
-        loss[row] = row_loss
-        lse[row] = m_row + log_s
-        row_weight[row] = w_t
+                w = float32(weight[c]) if has_weight else ONE
+                if m != m_old and w_sum != ZERO:
+                    d -= w_sum * (m - m_old)  # -inf when m_old was -inf: the term is +inf
+                if w != ZERO:
+                    # x_c = m = -inf: (x_c - m) is NaN, but the row's term lse - x_c is +inf
+                    d += w * (v - m) if m != NEG_INF else NEG_INF
+                w_sum += w
+        m_row, s_row = _block_max_sum(m, s)
+        log_s = _log_sum(s_row)
+        smooth_sum = ZERO
+        if smooth:
+            # sum over this thread's c of w_c (lse - x_c) = W (m_row - m + log s) - d
+            part = ZERO
+            if w_sum != ZERO:
+                part = w_sum * ((m_row - m) + log_s) - d
+            smooth_sum = _block_sum(part)
+        if tid == 0:
+            t = target[row]
+            valid = t != ignore_index
+            row_loss = ZERO
+            w_t = ZERO
+            if valid:
+                w_t = float32(weight[t]) if has_weight else ONE
+                # (m - x_t) + log s rather than lse - x_t: m - x_t loses nothing for huge logits
+                row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
+                if smooth:
+                    eps = float32(smoothing)
+                    row_loss = (ONE - eps) * row_loss + (eps / float32(n)) * smooth_sum
+            loss[row] = row_loss
+            lse[row] = m_row + log_s
+            row_weight[row] = w_t
 
 
 @cuda.jit
@@ -274,29 +277,30 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx,
     has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
     code:         dtype_code of x and dx
     """
-    row = int64(cuda.blockIdx.x)
-    o = row // inner
-    i = row - o * inner
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    n = x.shape[1]
-    t = target[row]
-    if t == ignore_index:
+    # grid-stride over rows: a GPU launch has one block per row; the simulator a few
+    for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
+        o = row // inner
+        i = row - o * inner
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        n = x.shape[1]
+        t = target[row]
+        if t == ignore_index:
+            for c in range(tid, n, nthreads):
+                store_f32(dx, o, c, i, ZERO, code)
+            continue
+        g = float32(grad[row * grad_stride])
+        eps = float32(smoothing)
+        row_lse = lse[row]
+        w_t = float32(weight[t]) if has_weight else ONE
+        g_nll = g * (ONE - eps) * w_t
+        smooth = smoothing > 0
+        g_smooth = g * (eps / float32(n))
+        total_weight = float32(weight_sum[0]) if (has_weight and smooth) else float32(n)
         for c in range(tid, n, nthreads):
-            store_f32(dx, o, c, i, ZERO, code)
-        return
-    g = float32(grad[row * grad_stride])
-    eps = float32(smoothing)
-    row_lse = lse[row]
-    w_t = float32(weight[t]) if has_weight else ONE
-    g_nll = g * (ONE - eps) * w_t
-    smooth = smoothing > 0
-    g_smooth = g * (eps / float32(n))
-    total_weight = float32(weight_sum[0]) if (has_weight and smooth) else float32(n)
-    for c in range(tid, n, nthreads):
-        p = float32(math.exp(load_f32(x, o, c, i, code) - row_lse))
-        out = g_nll * (p - ONE) if c == t else g_nll * p
-        if smooth:
-            w = float32(weight[c]) if has_weight else ONE
-            out += g_smooth * (total_weight * p - w)
-        store_f32(dx, o, c, i, out, code)
+            p = float32(math.exp(load_f32(x, o, c, i, code) - row_lse))
+            out = g_nll * (p - ONE) if c == t else g_nll * p
+            if smooth:
+                w = float32(weight[c]) if has_weight else ONE
+                out += g_smooth * (total_weight * p - w)
+            store_f32(dx, o, c, i, out, code)
