@@ -6,10 +6,14 @@
     python -m bench compare A.json B.json # per-row time ratio B/A of two runs
     python -m bench report [FILE]         # markdown table of FILE or of the newest GPU run
 
-OPS are suite names (softmax, log_softmax, cross_entropy, ...; default: all). Variants are
-pydl's backends ("triton", "numba"), "torch" (the ATen/cuDNN baseline) and peers that are
-installed (e.g. "liger"). Every variant first passes a correctness gate against "torch" on the
-same inputs (pydl.testing.assert_close); a wrong or failing variant is recorded, never timed.
+OPS are suite names (softmax, log_softmax, cross_entropy, conv2d, max_pool2d, avg_pool2d,
+adaptive_avg_pool2d, attention, lstm; default: all). Variants are pydl's backends ("triton",
+"numba"), one per algorithm where an op has several ("triton-implicit", "triton-im2col",
+"numba-im2col"; "triton-flash", "triton-naive"), "torch" (the ATen/cuDNN baseline), torch's
+other kernels for the op on a GPU ("torch-cudnn", "torch-flash" for attention) and peers that
+are installed (e.g. "liger"); --variants triton selects every "triton-..." variant. Every
+variant first passes a correctness gate against "torch" on the same inputs
+(pydl.testing.assert_close); a wrong or failing variant is recorded, never timed.
 
 With a CUDA device: the device's copy bandwidth and bf16 matmul rate are measured first, then
 each case is timed per direction (median of many runs, CUDA events, inputs rotated to defeat

@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Other commands: `list`, `compare A.json B.json`, `report [FILE]`.")
     p.add_argument("ops", nargs="*", help="ops to run (default: all; see `python -m bench list`)")
     p.add_argument("--variants", nargs="+", metavar="V",
-                   help="variants to run: triton, numba, torch, installed peers (default: all)")
+                   help="variants to run (default: all): a backend (triton, numba, torch) "
+                        "selects all its variants; or exact names (triton-im2col, torch-cudnn, "
+                        "installed peers); see `python -m bench list`")
     p.add_argument("--shapes", choices=("tiny", "quick", "full"), default=None,
                    help="shape set (default: quick on a GPU; always tiny in emulation)")
     p.add_argument("--dtype", nargs="+", metavar="D",
@@ -93,8 +95,8 @@ def cmd_run(argv: list[str]) -> int:
         peaks = dict(peaks_mod.NO_PEAKS)
 
     rows = runner.run(selected, options, mode, peaks)
-    cases = {s.op: {c.name: {"shape": list(c.shape), "dtype": suites.dtype_name(c.dtype),
-                             "source": c.source} for c in s.cases(shapes)} for s in selected}
+    cases = {s.op: {c.name: _case_entry(c, suites.dtype_name(c.dtype)) for c in s.cases(shapes)}
+             for s in selected}
     result = schema.new_result(env, mode, peaks, shapes, cases, rows)
 
     print()
@@ -118,18 +120,36 @@ def cmd_run(argv: list[str]) -> int:
     return 1 if schema.failed(result) else 0
 
 
+def _case_entry(case, dtype: str) -> dict:
+    entry = {"shape": list(case.shape), "dtype": dtype, "source": case.source}
+    if case.params:
+        entry["params"] = case.params
+    return entry
+
+
 def _check_variants(selected, names: list[str] | None) -> None:
+    """Unknown names are an error; a known name no selected suite has (a peer that is not
+    installed, an algorithm of another op) gets a note. A backend name selects all of its
+    variants ("triton": "triton-implicit", "triton-im2col", ...)."""
     if not names:
         return
-    known = {"triton", "numba", "torch"} | {v.name for s in selected for v in s.variants()} \
-        | {p for s in selected for p in s.peers}
+    from .suites import variant_selected
+    have = [v.name for s in selected for v in s.variants()]
+    known = {"triton", "numba", "torch"} | set(have) | {p for s in selected for p in s.peers} \
+        | {n for s in _all_suites() for v in s.variants() for n in (v.name, v.backend) if n}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown variant {', '.join(map(repr, unknown))}; known: "
                          f"{', '.join(sorted(known))}")
     for n in names:
-        if not any(v.name == n for s in selected for v in s.variants()):
-            print(f"note: variant {n!r} is not installed here (a peer library), so it is not run.")
+        if not any(variant_selected(v, [n]) for v in have):
+            print(f"note: no selected op has a variant {n!r} here (a peer library that is not "
+                  f"installed, or another op's variant), so it is not run.")
+
+
+def _all_suites():
+    from . import suites
+    return suites.all_suites().values()
 
 
 def _print_recorded(results_dir: Path, ops: list[str]) -> None:
@@ -156,6 +176,7 @@ def cmd_list(argv: list[str]) -> int:
     from . import suites
     for suite in suites.all_suites().values():
         variants = ", ".join(v.name + (f" (skipped: {v.skip})" if v.skip else "")
+                             + (" (GPU only)" if v.gpu_only and not v.skip else "")
                              for v in suite.variants())
         print(f"{suite.op}: {suite.notes}; {suite.bound}-bound\n  variants: {variants}")
         missing = [p for p in suite.peers if p not in {v.name for v in suite.variants()}]

@@ -4,12 +4,16 @@ The torch variant is the reference. Each other variant runs on clones of the sam
 a variant that writes into its input, as Liger's cross-entropy does, cannot disturb the
 next), with pydl's NaN-poisoned outputs; its output and its gradients (for the same upstream
 gradient) are compared with torch's by pydl.testing.assert_close at the case dtype's
-tolerance, reduction length = the row length. assert_close's `scale` is set to the largest
-expected magnitude when that is below 1, so small outputs (probabilities, gradients of a mean
-loss) are not passed by an absolute tolerance larger than themselves.
+tolerance, with the reduction length of each comparison from the suite
+(`Suite.reduction_lengths`: the row length by default; a convolution's output, grad input and
+grad weight sum over different lengths) and TF32's tolerance where the suite says fp32
+products round to TF32 on this device (`Suite.tf32`). assert_close's `scale` is set to the
+largest expected magnitude when that is below 1, so small outputs (probabilities, gradients of
+a mean loss) are not passed by an absolute tolerance larger than themselves.
 
 Statuses: "pass", "wrong" (out of tolerance, with assert_close's message), "error" (raised),
-"skipped" (cannot run here, with the reason). Outputs above `SAMPLE_LIMIT` elements are
+"skipped" (cannot run here, with the reason: listed as skipped by the suite, GPU only, or
+`Unsupported` raised by the variant for this case). Outputs above `SAMPLE_LIMIT` elements are
 compared on evenly spaced rows (first and last included) after a NaN-placement check of the
 whole tensor, to keep the host-side float64 comparison small on GPU-sized cases.
 """
@@ -22,7 +26,7 @@ import torch
 
 from pydl.testing import assert_close, poisoned_outputs
 
-from .suites.base import Suite, Variant
+from .suites.base import Suite, Unsupported, Variant
 
 PASS, WRONG, ERROR, SKIPPED = "pass", "wrong", "error", "skipped"
 _SEVERITY = {PASS: 0, SKIPPED: 1, WRONG: 2, ERROR: 3}
@@ -56,8 +60,11 @@ class Reference:
     grad_out: torch.Tensor
 
 
-def clone_inputs(inputs, differentiable) -> list[torch.Tensor]:
-    """Fresh leaf copies; the differentiable ones require grad."""
+def clone_inputs(inputs, differentiable, suite: Suite | None = None) -> list[torch.Tensor]:
+    """Fresh leaf copies; the differentiable ones require grad (`suite.clone_inputs` when a
+    suite is given: it may keep a storage layout the plain copies would lose)."""
+    if suite is not None:
+        return suite.clone_inputs(inputs)
     return [t.detach().clone().requires_grad_(i in differentiable and t.is_floating_point())
             for i, t in enumerate(inputs)]
 
@@ -66,9 +73,11 @@ def leaves(args, differentiable) -> list[torch.Tensor]:
     return [args[i] for i in differentiable]
 
 
-def reference(suite: Suite, inputs, generator: torch.Generator) -> Reference:
-    args = clone_inputs(inputs, suite.differentiable)
-    out = suite.torch_fn()(*args)
+def reference(suite: Suite, inputs, generator: torch.Generator, options: dict | None = None
+              ) -> Reference:
+    """torch's output and gradients on `inputs` (`options`: the case's keyword arguments)."""
+    args = clone_inputs(inputs, suite.differentiable, suite)
+    out = suite.torch_fn()(*args, **(options or {}))
     grad_out = suite.grad_output(out, generator)
     grads = torch.autograd.grad(out, leaves(args, suite.differentiable), grad_out)
     return Reference(out.detach(), [g.detach() for g in grads], grad_out)
@@ -91,7 +100,7 @@ def _sample(t: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def compare(actual, expected: torch.Tensor, dtype: torch.dtype, reduction: int,
-            name: str) -> str | None:
+            name: str, tf32: bool = False) -> str | None:
     """None when `actual` matches `expected`, else why not."""
     if not isinstance(actual, torch.Tensor):
         return f"{name}: expected a tensor, got {type(actual).__name__}"
@@ -108,35 +117,58 @@ def compare(actual, expected: torch.Tensor, dtype: torch.dtype, reduction: int,
     largest = float(finite.abs().max()) if finite.numel() else 0.0
     scale = largest if 0.0 < largest < 1.0 else None
     try:
-        assert_close(a, e, dtype, reduction=reduction, name=name, scale=scale)
+        assert_close(a, e, dtype, reduction=reduction, name=name, scale=scale, tf32=tf32)
     except AssertionError as exc:
         return str(exc) + note
     return None
 
 
-def check(variant: Variant, suite: Suite, dtype: torch.dtype, reduction: int, inputs,
-          ref: Reference, device: torch.device) -> Check:
-    """Run `variant` once forward and backward and compare with the reference."""
+def gpu_only_reason(variant: Variant) -> str:
+    if variant.kind == "peer":
+        return "a peer implementation: run on a GPU only, not in emulation"
+    return f"{variant.name}: one of torch's CUDA kernels, run on a GPU only, not in emulation"
+
+
+def check(variant: Variant, suite: Suite, dtype: torch.dtype, reduction, inputs,
+          ref: Reference, device: torch.device, options: dict | None = None,
+          unsupported: str | None = None) -> Check:
+    """Run `variant` once forward and backward and compare with the reference.
+
+    reduction: one length for every comparison, or one for the output then one per
+    differentiable input's gradient (Suite.reduction_lengths). options: the case's keyword
+    arguments. unsupported: the suite's reason this variant cannot run the case, if any."""
     if variant.skip:
         return Check(SKIPPED, SKIPPED, variant.skip, variant.skip)
     if variant.gpu_only and device.type != "cuda":
-        reason = "a peer implementation: run on a GPU only, not in emulation"
+        reason = gpu_only_reason(variant)
         return Check(SKIPPED, SKIPPED, reason, reason)
+    if unsupported:
+        return Check(SKIPPED, SKIPPED, unsupported, unsupported)
+    n = 1 + len(suite.differentiable)
+    lengths = tuple(reduction) if isinstance(reduction, (tuple, list)) else (reduction,) * n
+    if len(lengths) != n:
+        raise ValueError(f"{suite.op}: {len(lengths)} reduction lengths for {n} comparisons")
+    tf32 = suite.tf32(dtype, device)
     with poisoned_outputs():
-        args = clone_inputs(inputs, suite.differentiable)
+        args = clone_inputs(inputs, suite.differentiable, suite)
         try:
-            out = variant.fn(*args)
+            out = variant.fn(*args, **(options or {}))
+        except Unsupported as exc:
+            return Check(SKIPPED, SKIPPED, str(exc), str(exc))
         except Exception as exc:  # noqa: BLE001  (any failure is recorded, never raised)
             msg = "forward raised " + error_message(exc)
             return Check(ERROR, ERROR, msg, msg)
-        wrong = compare(out, ref.out, dtype, reduction, "output")
+        wrong = compare(out, ref.out, dtype, lengths[0], "output", tf32)
         fwd = (WRONG, wrong) if wrong else (PASS, None)
         try:
             grads = torch.autograd.grad(out, leaves(args, suite.differentiable), ref.grad_out)
+        except Unsupported as exc:
+            return Check(fwd[0], SKIPPED, fwd[1], str(exc))
         except Exception as exc:  # noqa: BLE001
             return Check(fwd[0], ERROR, fwd[1], "backward raised " + error_message(exc))
     for i, (g, r) in enumerate(zip(grads, ref.grads)):
-        wrong = compare(g, r, dtype, reduction, f"grad of input {suite.differentiable[i]}")
+        wrong = compare(g, r, dtype, lengths[1 + i], f"grad of input {suite.differentiable[i]}",
+                        tf32)
         if wrong:
             return Check(fwd[0], WRONG, fwd[1], wrong)
     return Check(fwd[0], PASS, fwd[1], None)

@@ -12,16 +12,22 @@ pytest-benchmark module:
              the output for a fixed upstream gradient
     fwd+bwd  forward then torch.autograd.grad, both timed: the number to compare across
              implementations that split work differently between the two
+
+On a GPU the run sets torch.backends.cudnn.benchmark = True (restored afterwards), as CNN
+training scripts do: cuDNN then autotunes its algorithm per shape on the first call, which is
+the gate's untimed reference call, so the torch baseline of a convolution is cuDNN's best
+algorithm for that shape, the fair target. It changes nothing but cuDNN's choices.
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import gate, timing
-from .suites.base import BASELINE, DIRECTIONS, Case, Suite, Variant, dtype_name
+from .suites.base import BASELINE, DIRECTIONS, Case, Suite, Variant, dtype_name, variant_selected
 
 OK = "ok"   # passed the gate and timed (GPU)
 BF16_EMULATION = ("bf16 is checked on a GPU only (NumPy has no bf16 and Triton's interpreter "
@@ -33,7 +39,7 @@ class Options:
     shapes: str = "quick"
     dtypes: list[torch.dtype] | None = None       # None: each case's own dtype
     directions: tuple[str, ...] = DIRECTIONS
-    variants: list[str] | None = None             # None: all
+    variants: list[str] | None = None             # None: all; a prefix selects "<prefix>-*"
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     progress: bool = True
@@ -44,7 +50,7 @@ def make_step(suite: Suite, fn, inputs, direction: str, copies: int,
               grad_out: torch.Tensor) -> timing.Step:
     """The work of one direction, rotating over `copies` fresh copies of `inputs`."""
     diff = suite.differentiable
-    sets = [gate.clone_inputs(inputs, diff) for _ in range(copies)]
+    sets = [gate.clone_inputs(inputs, diff, suite) for _ in range(copies)]
     if direction == "fwd":
         def prepare(i):
             return [t.detach() for t in sets[i]]
@@ -76,8 +82,9 @@ class CaseRun:
         self.suite, self.case, self.dtype = suite, case, dtype
         self.device = torch.device(device)
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.options = suite.options(case)
         self.inputs = suite.make_inputs(case, dtype, self.device, gen)
-        self.ref = gate.reference(suite, self.inputs, gen)
+        self.ref = gate.reference(suite, self.inputs, gen, self.options)
         self.checks: dict[str, gate.Check] = {}
 
     @property
@@ -87,12 +94,19 @@ class CaseRun:
     def check(self, variant: Variant) -> gate.Check:
         if variant.name not in self.checks:
             self.checks[variant.name] = gate.check(
-                variant, self.suite, self.dtype, self.suite.reduction_length(self.case),
-                self.inputs, self.ref, self.device)
+                variant, self.suite, self.dtype, self.suite.reduction_lengths(self.case),
+                self.inputs, self.ref, self.device, self.options,
+                self.suite.unsupported(self.case, self.dtype, variant))
         return self.checks[variant.name]
 
+    def bound(self, variant: Variant) -> Variant:
+        """`variant` with the case's keyword arguments bound into its callable."""
+        if variant.fn is None or not self.options:
+            return variant
+        return replace(variant, fn=functools.partial(variant.fn, **self.options))
+
     def step(self, variant: Variant, direction: str, copies: int = 1) -> timing.Step:
-        return make_step(self.suite, variant.fn, self.inputs, direction, copies,
+        return make_step(self.suite, self.bound(variant).fn, self.inputs, direction, copies,
                          self.ref.grad_out)
 
 
@@ -139,7 +153,7 @@ def derive(rows: list[dict], peaks: dict) -> None:
 
 
 def selected_variants(suite: Suite, names: list[str] | None) -> list[Variant]:
-    return [v for v in suite.variants() if names is None or v.name in names]
+    return [v for v in suite.variants() if variant_selected(v.name, names)]
 
 
 def tasks(suites: list[Suite], options: Options) -> list[tuple[Suite, Case, torch.dtype]]:
@@ -161,6 +175,9 @@ def run(suites: list[Suite], options: Options, mode: str, peaks: dict,
     work = [(s, c, d, selected_variants(s, options.variants)) for s, c, d in tasks(suites, options)]
     rows: list[dict] = []
     l2 = timing.l2_bytes() if gpu else 0
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if gpu:
+        torch.backends.cudnn.benchmark = True     # cuDNN's autotuned algorithm: see the docstring
     bar = tqdm(total=sum(len(v) for *_, v in work), disable=not options.progress,
                unit="variant", dynamic_ncols=True, leave=False)
     try:
@@ -173,6 +190,7 @@ def run(suites: list[Suite], options: Options, mode: str, peaks: dict,
                 _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar)
     finally:
         bar.close()
+        torch.backends.cudnn.benchmark = cudnn_benchmark
     derive(rows, peaks)
     return rows
 

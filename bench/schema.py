@@ -11,7 +11,9 @@
       "mode": "gpu" | "emulation",
       "peaks": {"copy_gbps": float | null, "bf16_tflops": float | null},
       "shapes": "quick",
-      "cases": {op: {case: {"shape": [...], "dtype": "bf16", "source": "..."}}},
+      "cases": {op: {case: {"shape": [...], "dtype": "bf16", "source": "...",
+                            "params": {...}}}},   # params: the case's geometry beyond its
+                                                  # shape (kernel, stride, causal, ...), if any
       "rows": [ROW, ...]
     }
 

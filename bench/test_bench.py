@@ -25,6 +25,8 @@ if not GPU and not pydl.INTERPRET:
     pytest.skip("no GPU, and pydl was imported without PYDL_INTERPRET=1",
                 allow_module_level=True)
 SHAPES = os.environ.get("BENCH_SHAPES", "quick") if GPU else "tiny"
+if GPU:
+    torch.backends.cudnn.benchmark = True   # cuDNN's autotuned algorithm, as bench.runner does
 DEVICE = "cuda" if GPU else "cpu"
 ROUNDS, WARMUP_ROUNDS = 50, 5
 

@@ -15,6 +15,7 @@ import torch
 import pydl
 from bench import cli, runner, schema, tables, timing
 from bench.suites import all_suites
+from bench.suites import base as suites_base
 from bench.suites.base import Variant
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,3 +275,266 @@ def test_gpu_path_with_fake_cuda_clock(monkeypatch, tmp_path):
     from bench.plots import plot_result
     pngs = plot_result(result, schema.write(result, tmp_path))
     assert [p.name.endswith("_softmax.png") and p.stat().st_size > 0 for p in pngs] == [True]
+
+
+# --- suites with algorithm variants, torch's other backends, case options -------------------
+
+def test_list_shows_every_suite_and_algorithm_variants(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for op in ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "attention", "lstm",
+               "softmax", "cross_entropy"):
+        assert f"\n{op}: " in "\n" + out, op
+    for name in ("triton-implicit", "triton-im2col", "numba-im2col", "triton-flash",
+                 "triton-naive", "torch-cudnn (GPU only)", "torch-flash (GPU only)",
+                 "triton-steps", "triton-persistent"):
+        assert name in out, name
+    assert "ResNet-50 v1.5" in out and "FlashAttention-2 sweep" in out and "DeepBench" in out
+
+
+def _names(op):
+    return [v.name for v in all_suites()[op].variants()]
+
+
+def test_variants_of_the_new_suites():
+    conv = {v.name: v for v in all_suites()["conv2d"].variants()}
+    # the declared algorithms, in order (one pydl adds later is appended after its backend's)
+    assert [n for n in conv if n in ("triton-implicit", "triton-im2col", "numba-im2col",
+                                     "torch")] == [
+        "triton-implicit", "triton-im2col", "numba-im2col", "torch"]
+    assert [(conv[n].backend, conv[n].algo) for n in ("triton-implicit", "numba-im2col")] == [
+        ("triton", "implicit"), ("numba", "im2col")]
+    assert all(v.skip is None and v.fn is not None for v in conv.values())
+    attn = {v.name: v for v in all_suites()["attention"].variants()}
+    assert {"triton-flash", "triton-naive", "torch", "torch-flash", "torch-cudnn"} <= set(attn)
+    assert _names("attention")[:2] == ["triton-flash", "triton-naive"]
+    for name in ("torch-flash", "torch-cudnn"):
+        assert attn[name].gpu_only and attn[name].kind == "torch" and attn[name].backend == "torch"
+    assert attn["torch"].kind == "baseline" and not attn["torch"].gpu_only
+    for op in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"):
+        assert _names(op) == ["triton", "numba", "torch"]
+    assert {"triton-steps", "triton-persistent", "numba-steps", "torch"} <= set(_names("lstm"))
+
+
+class _AlgoSuite(suites_base.Suite):
+    """Listing only: declares algos a, b on triton; 'pydl' has a and c."""
+
+    def __init__(self, registry_op="softmax"):
+        super().__init__(op="fake", registry_op=registry_op, shape_sets={}, algos={
+            "triton": ("a", "b")})
+        self.built = []
+
+    def pydl_algos(self, backend):
+        return ("a", "c") if backend == "triton" else None
+
+    def pydl_fn(self, backend, algo=None):
+        self.built.append((backend, algo))
+        return lambda x: x
+
+    def torch_fn(self):
+        return lambda x: x
+
+
+def test_variants_from_algos_listing_only():
+    suite = _AlgoSuite()
+    vs = {v.name: v for v in suite.variants()}
+    assert list(vs) == ["triton-a", "triton-b", "triton-c", "numba", "torch"]
+    assert vs["triton-a"].fn is not None and vs["triton-a"].algo == "a"
+    assert vs["triton-b"].fn is None and "no algo='b'" in vs["triton-b"].skip     # listed, absent
+    assert vs["triton-c"].skip is None                    # pydl has it: appended by itself
+    assert vs["numba"].algo is None and vs["numba"].backend == "numba"
+    assert ("triton", "b") not in suite.built             # a skipped variant builds nothing
+    missing = _AlgoSuite(registry_op="no_such_op")
+    vs = {v.name: v for v in missing.variants()}
+    assert all("pydl has no 'triton' implementation" in vs[n].skip
+               for n in ("triton-a", "triton-b"))
+    assert missing.built == []
+
+
+def test_variant_selection_by_name_or_prefix():
+    from bench.suites import variant_selected
+    assert variant_selected("triton-im2col", ["triton"])
+    assert variant_selected("torch-cudnn", ["torch"]) and variant_selected("torch", ["torch"])
+    assert variant_selected("triton-im2col", ["triton-im2col"])
+    assert not variant_selected("triton-im2col", ["triton-implicit"])
+    assert not variant_selected("tritonx", ["triton"])
+    assert variant_selected("anything", None)
+    conv = all_suites()["conv2d"]
+    assert [v.name for v in runner.selected_variants(conv, ["triton"])] == [
+        "triton-implicit", "triton-im2col"]
+    assert [v.name for v in runner.selected_variants(conv, ["numba-im2col", "torch"])] == [
+        "numba-im2col", "torch"]
+
+
+def test_unknown_variant_is_an_error_and_another_ops_variant_a_note(capsys):
+    assert cli.main(["conv2d", "--variants", "triton-bogus", "--no-progress"]) == 2
+    assert "unknown variant 'triton-bogus'" in capsys.readouterr().err
+    cli._check_variants([all_suites()["softmax"]], ["triton-im2col", "triton"])
+    out = capsys.readouterr().out
+    assert "'triton-im2col'" in out and "'triton'" not in out
+
+
+def test_case_names_are_unique_and_sets_are_declared():
+    for suite in all_suites().values():
+        assert set(suite.shape_sets) == {"tiny", "quick", "full"}, suite.op
+        for name, cases in suite.shape_sets.items():
+            names = [c.name for c in cases]
+            assert len(names) == len(set(names)), (suite.op, name)
+            assert all(c.source for c in cases)
+        # every quick case is in full; the tiny set runs in emulation: no bf16-only tiny set
+        assert {c.name for c in suite.cases("quick")} <= {c.name for c in suite.cases("full")}
+        assert any(c.dtype != torch.bfloat16 for c in suite.cases("tiny"))
+
+
+def test_flop_and_byte_conventions():
+    s = all_suites()
+    conv = s["conv2d"]
+    stem = next(c for c in conv.cases("quick") if c.name == "stem")
+    fwd = 2 * 32 * 64 * 112 * 112 * 3 * 7 * 7
+    assert [conv.flops(stem, d) for d in ("fwd", "bwd", "fwd+bwd")] == [fwd, 2 * fwd, 3 * fwd]
+    assert conv.options(stem) == {"stride": 2, "padding": 3}
+    # the 23 distinct layers of ResNet-50 in bf16, then in fp32, then the quick ones in NCHW
+    assert len(conv.cases("full")) == 23 + 23 + 6
+    attn = s["attention"]
+    full = {c.name: c for c in attn.cases("full")}
+    plain, causal = full["d64-2k"], full["d64-2k-causal"]
+    assert plain.shape == (8, 32, 2048, 64)          # 16k tokens, 32 heads x 64 = 2048
+    f = 4 * 8 * 32 * 2048 * 2048 * 64
+    assert attn.flops(plain, "fwd") == f and attn.flops(causal, "fwd") == f // 2
+    assert attn.flops(plain, "bwd") == 5 * f // 2 and attn.flops(plain, "fwd+bwd") == 7 * f // 2
+    assert len(full) == 2 * 6 * 2 * 2                 # head dims x lengths x causal x dtypes
+    lstm = s["lstm"]
+    case = next(c for c in lstm.cases("quick") if c.name == "h1024-b32-t25")
+    f = 2 * 4 * 1024 * (1024 + 1024) * 32 * 25
+    assert [lstm.flops(case, d) for d in ("fwd", "bwd", "fwd+bwd")] == [f, 2 * f, 3 * f]
+    mp = s["max_pool2d"]
+    stem_pool = next(c for c in mp.cases("quick") if c.name == "r50-stem")
+    x, y = 256 * 64 * 112 * 112, 256 * 64 * 56 * 56
+    assert mp.bytes(stem_pool, torch.bfloat16, "fwd") == 2 * (x + y)
+    assert mp.bytes(stem_pool, torch.bfloat16, "bwd") == 2 * (x + y) + y     # + 1-byte argmax
+    assert mp.bytes(stem_pool, torch.bfloat16, "fwd+bwd") == 4 * (x + y) + 2 * y
+    ap = s["avg_pool2d"]
+    case = ap.cases("quick")[0]
+    assert ap.bytes(case, torch.float32, "bwd") == 4 * (case.numel + case.out_numel)
+    head = s["adaptive_avg_pool2d"].cases("quick")[0]
+    assert head.shape == (256, 2048, 7, 7) and head.out_numel == 256 * 2048
+
+
+def test_skips_for_algorithm_limits_and_torch_backend_dtypes():
+    s = all_suites()
+    attn = s["attention"]
+    v = {x.name: x for x in attn.variants()}
+    full = {c.name: c for c in attn.cases("full")}
+    assert attn.unsupported(full["d128-16k"], torch.bfloat16, v["triton-naive"])
+    assert attn.unsupported(full["d128-4k"], torch.bfloat16, v["triton-naive"]) is None
+    assert attn.unsupported(full["d128-4k"], torch.bfloat16, v["triton-flash"]) is None
+    assert "fp16 and bf16 only" in attn.unsupported(full["d128-4k"], torch.float32,
+                                                    v["torch-cudnn"])
+    lstm = s["lstm"]
+    v = {x.name: x for x in lstm.variants()}
+    big, tiny = lstm.cases("quick")[0], lstm.cases("tiny")[0]
+    assert "hidden <= " in lstm.unsupported(big, torch.float16, v["triton-persistent"])
+    assert lstm.unsupported(tiny, torch.float32, v["triton-persistent"]) is None
+
+
+def test_lstm_copies_keep_the_weights_in_one_buffer():
+    lstm = all_suites()["lstm"]
+    case = lstm.cases("tiny")[1]
+    gen = torch.Generator().manual_seed(0)
+    inputs = lstm.make_inputs(case, torch.float32, torch.device("cpu"), gen)
+    x, w_ih, w_hh, b_ih, b_hh = inputs
+    assert x.shape == case.shape and w_ih.shape == (4 * 16, 12) and w_hh.shape == (64, 16)
+    copies = lstm.clone_inputs(inputs)
+    assert all(t.is_leaf and t.requires_grad for t in copies)
+    ptr = copies[1].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == ptr for t in copies[1:])
+    assert copies[1].untyped_storage().data_ptr() != w_ih.untyped_storage().data_ptr()
+    for a, b in zip(copies, inputs):
+        assert torch.equal(a.detach(), b)
+
+
+class _OptionSuite(suites_base.Suite):
+    """torch-only callables: case options reach every callable; skips by the suite and by
+    an Unsupported raised from a variant; per-comparison reduction lengths."""
+
+    def __init__(self):
+        case = suites_base.Case("c", (4, 8), torch.float32, "test")
+        super().__init__(op="opt", registry_op="no_such_op", shape_sets={"tiny": (case,)},
+                         differentiable=(0,))
+        self.seen = []
+
+    def options(self, case):
+        return {"factor": 3.0}
+
+    def make_inputs(self, case, dtype, device, generator):
+        return (suites_base.randn(case.shape, dtype, device, generator),)
+
+    def torch_fn(self):
+        def fn(x, factor):
+            self.seen.append(factor)
+            return x * factor
+        return fn
+
+    def reduction_lengths(self, case):
+        return (8, 1)
+
+    def unsupported(self, case, dtype, variant):
+        return "too big for it" if variant.name == "limited" else None
+
+    def variants(self):
+        def unsupported(x, factor):
+            raise suites_base.Unsupported("no kernel for this")
+        return [Variant("torch", self.torch_fn(), "baseline"),
+                Variant("same", lambda x, factor: x * factor, "peer"),
+                Variant("limited", lambda x, factor: x * factor, "peer"),
+                Variant("nokernel", unsupported, "peer"),
+                Variant("wrong", lambda x, factor: x * (factor + 1), "peer")]
+
+
+def test_case_options_unsupported_and_skips_through_the_runner():
+    suite = _OptionSuite()
+    rows = runner.run([suite], runner.Options(shapes="tiny", progress=False), "emulation",
+                      {"copy_gbps": None, "bf16_tflops": None}, device="cpu")
+    by = {(r["variant"], r["direction"]): r for r in rows}
+    assert suite.seen and set(suite.seen) == {3.0}
+    assert by[("torch", "fwd")]["status"] == "pass" and by[("same", "fwd+bwd")]["status"] == "pass"
+    assert by[("limited", "fwd")]["status"] == "skipped"
+    assert by[("limited", "bwd")]["message"] == "too big for it"
+    assert by[("nokernel", "fwd+bwd")]["status"] == "skipped"
+    assert by[("nokernel", "fwd")]["message"] == "no kernel for this"
+    assert by[("wrong", "fwd")]["status"] == "wrong" and by[("wrong", "bwd")]["status"] == "wrong"
+    assert not [r for r in rows if r["status"] == "error"]
+
+
+def test_gpu_path_binds_case_options_and_sets_cudnn_benchmark(monkeypatch):
+    """The fake-clock GPU path on a conv case (torch only: no kernels emulated): the case's
+    stride and padding reach the timed step; cudnn.benchmark is on during the run only."""
+    for name, fn in {"Event": _FakeEvent, "synchronize": lambda *a: None,
+                     "reset_peak_memory_stats": lambda *a: None,
+                     "memory_allocated": lambda *a: 0, "max_memory_allocated": lambda *a: 0,
+                     "empty_cache": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(timing, "l2_bytes", lambda: 1 << 16)
+    conv = all_suites()["conv2d"]
+    seen = []
+    real_torch_fn = conv.torch_fn
+
+    def spy():
+        fn = real_torch_fn()
+
+        def wrapped(x, w, stride, padding):
+            seen.append((stride, padding, torch.backends.cudnn.benchmark))
+            return fn(x, w, stride, padding)
+        return wrapped
+
+    monkeypatch.setattr(conv, "torch_fn", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    options = runner.Options(shapes="tiny", variants=["torch"], warmup_ms=0.0, rep_ms=0.0,
+                             progress=False)
+    rows = runner.run([conv], options, "gpu", {"copy_gbps": 100.0, "bf16_tflops": 10.0},
+                      device="cpu")
+    assert rows and all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows), rows
+    assert all(r["tflops"] > 0 for r in rows)
+    assert {(s, p) for s, p, _ in seen} == {(1, 1), (2, 1), (2, 0)}   # the three tiny layers
+    assert all(bench for *_, bench in seen)
+    assert torch.backends.cudnn.benchmark is False                     # restored

@@ -1,0 +1,185 @@
+"""conv2d: the convolutions of ResNet-50 v1.5 at batch 32, training (forward and backward).
+
+Shapes: every distinct (C_in, C_out, kernel, stride, input size) of torchvision's resnet50
+(v1.5: the stride-2 of a stage's first bottleneck sits in its 3x3 conv, not its first 1x1),
+ImageNet 224x224 input, batch 32 (a common per-GPU training batch), no bias (batch norm
+follows every conv). 23 distinct layers make up the network's 53 convolutions; each case's
+source names the layers it stands for and how often the shape occurs. Layout channels_last
+(NHWC, as a mixed-precision CNN is trained) with the weight in channels_last too
+(`model.to(memory_format=torch.channels_last)` converts both; cuDNN would otherwise convert
+the weight on every call); bf16 is the main dtype.
+    quick  6 representative layers: the stem, a 3x3 and a 1x1 expansion of layer1, the
+           strided 3x3 of layer2, a 1x1 reduction of layer3 and a 3x3 of layer4
+    full   all 23 layers in bf16, all 23 in fp32 (TF32 products on both sides when
+           torch.backends.cudnn.allow_tf32 is on, torch's default; pydl follows the same
+           flag), and the quick layers in NCHW bf16 (the layout's cost)
+    tiny   emulation checks: three small layers, fp32 and fp16, NCHW and channels_last
+
+Variants: one per pydl algorithm (pydl.conv.ALGOS): "triton-implicit" (implicit GEMM),
+"triton-im2col" and "numba-im2col" (explicit im2col + GEMM); "torch" is cuDNN. The run sets
+torch.backends.cudnn.benchmark = True on a GPU (bench.runner): cuDNN autotunes its algorithm
+for each shape on the gate's untimed first call, so the baseline is cuDNN's best algorithm for
+the shape, the fair target (without it cuDNN picks by heuristics, sometimes far from its best).
+
+Compute-bound: judged against the measured bf16 matmul rate. FLOPs, multiply-add = 2:
+    fwd      2 N OC OH OW (C / groups) KH KW
+    bwd      2 x fwd: grad input and grad weight, one GEMM-sized product each (the stem's grad
+             input is computed and counted too, though training never needs it)
+    fwd+bwd  3 x fwd
+Minimal bytes (s = element size; x, w, y as stored): fwd x + w + y; bwd read dy, x, w and
+write dx, dw; fwd+bwd the sum. Informational only: the roofline is compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Case, Suite, dtype_size, randn
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+BATCH = 32
+
+
+@dataclass(frozen=True)
+class ConvCase(Case):
+    """shape = the input (N, C, H, W); a square kernel, no bias, groups 1."""
+    out_channels: int = 0
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    channels_last: bool = True
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int, int, int, int]:
+        """(N, C, OC, K, OH, OW, stride)"""
+        n, c, h, w = self.shape
+        oh = (h + 2 * self.padding - self.kernel) // self.stride + 1
+        ow = (w + 2 * self.padding - self.kernel) // self.stride + 1
+        return n, c, self.out_channels, self.kernel, oh, ow, self.stride
+
+
+# ResNet-50 v1.5's distinct convolutions: (name, C_in, C_out, kernel, stride, input size,
+# layers of torchvision's resnet50 with this shape, count in the network). 53 in all.
+RESNET50 = (
+    ("stem", 3, 64, 7, 2, 224, "conv1 (7x7/2, pad 3, 224 -> 112)", 1),
+    ("l1-1x1-64-64", 64, 64, 1, 1, 56, "layer1.0.conv1", 1),
+    ("l1-3x3-64", 64, 64, 3, 1, 56, "layer1.*.conv2", 3),
+    ("l1-1x1-64-256", 64, 256, 1, 1, 56, "layer1.*.conv3 and layer1.0.downsample", 4),
+    ("l1-1x1-256-64", 256, 64, 1, 1, 56, "layer1.1-2.conv1", 2),
+    ("l2-1x1-256-128", 256, 128, 1, 1, 56, "layer2.0.conv1", 1),
+    ("l2-3x3s2-128", 128, 128, 3, 2, 56, "layer2.0.conv2 (the stage's stride 2, 56 -> 28)", 1),
+    ("l2-1x1-128-512", 128, 512, 1, 1, 28, "layer2.*.conv3", 4),
+    ("l2-down-256-512", 256, 512, 1, 2, 56, "layer2.0.downsample (1x1/2 projection, 56 -> 28)", 1),
+    ("l2-1x1-512-128", 512, 128, 1, 1, 28, "layer2.1-3.conv1", 3),
+    ("l2-3x3-128", 128, 128, 3, 1, 28, "layer2.1-3.conv2", 3),
+    ("l3-1x1-512-256", 512, 256, 1, 1, 28, "layer3.0.conv1", 1),
+    ("l3-3x3s2-256", 256, 256, 3, 2, 28, "layer3.0.conv2 (stride 2, 28 -> 14)", 1),
+    ("l3-1x1-256-1024", 256, 1024, 1, 1, 14, "layer3.*.conv3", 6),
+    ("l3-down-512-1024", 512, 1024, 1, 2, 28, "layer3.0.downsample (1x1/2 projection, 28 -> 14)", 1),
+    ("l3-1x1-1024-256", 1024, 256, 1, 1, 14, "layer3.1-5.conv1", 5),
+    ("l3-3x3-256", 256, 256, 3, 1, 14, "layer3.1-5.conv2", 5),
+    ("l4-1x1-1024-512", 1024, 512, 1, 1, 14, "layer4.0.conv1", 1),
+    ("l4-3x3s2-512", 512, 512, 3, 2, 14, "layer4.0.conv2 (stride 2, 14 -> 7)", 1),
+    ("l4-1x1-512-2048", 512, 2048, 1, 1, 7, "layer4.*.conv3", 3),
+    ("l4-down-1024-2048", 1024, 2048, 1, 2, 14, "layer4.0.downsample (1x1/2 projection, 14 -> 7)", 1),
+    ("l4-1x1-2048-512", 2048, 512, 1, 1, 7, "layer4.1-2.conv1", 2),
+    ("l4-3x3-512", 512, 512, 3, 1, 7, "layer4.1-2.conv2", 2),
+)
+QUICK = ("stem", "l1-3x3-64", "l1-1x1-64-256", "l2-3x3s2-128", "l3-1x1-1024-256", "l4-3x3-512")
+assert sum(row[-1] for row in RESNET50) == 53, "ResNet-50 has 53 convolutions"
+
+
+def _resnet_case(row, dtype=BF16, channels_last=True, suffix="") -> ConvCase:
+    name, cin, cout, k, s, h, layers, count = row
+    layout = "channels_last" if channels_last else "NCHW"
+    return ConvCase(
+        name + suffix, (BATCH, cin, h, h), dtype,
+        f"ResNet-50 v1.5 {layers}: {k}x{k}/{s} conv {cin}->{cout} at {h}x{h}, pad {k // 2}; "
+        f"{count}x in the network; batch {BATCH}, {layout}",
+        out_channels=cout, kernel=k, stride=s, padding=k // 2, channels_last=channels_last)
+
+
+_BY_NAME = {row[0]: row for row in RESNET50}
+
+SHAPES: dict[str, tuple[Case, ...]] = {
+    # Emulation (no GPU): small enough for Triton's interpreter and Numba's simulator.
+    "tiny": (
+        ConvCase("tiny-3x3", (1, 4, 6, 6), F32,
+                 "emulation check: 3x3/1 pad 1, 4->8 channels, NCHW",
+                 out_channels=8, kernel=3, stride=1, padding=1, channels_last=False),
+        ConvCase("tiny-3x3s2", (2, 8, 7, 7), F16,
+                 "emulation check: 3x3/2 pad 1 (ResNet v1.5's strided 3x3, ragged 7x7 input), "
+                 "8->8 channels, channels_last", out_channels=8, kernel=3, stride=2, padding=1),
+        ConvCase("tiny-1x1s2", (2, 16, 7, 7), F16,
+                 "emulation check: 1x1/2 projection (ResNet's downsample), 16->8 channels, "
+                 "channels_last", out_channels=8, kernel=1, stride=2, padding=0),
+    ),
+    "quick": tuple(_resnet_case(_BY_NAME[n]) for n in QUICK),
+}
+SHAPES["full"] = SHAPES["quick"] + tuple(
+    _resnet_case(row) for row in RESNET50 if row[0] not in QUICK) + tuple(
+    _resnet_case(row, F32, suffix="-fp32") for row in RESNET50) + tuple(
+    _resnet_case(_BY_NAME[n], channels_last=False, suffix="-nchw") for n in QUICK)
+
+
+class Conv2dSuite(Suite):
+    def __init__(self):
+        super().__init__(
+            op="conv2d", registry_op="conv2d", shape_sets=SHAPES, bound="compute",
+            differentiable=(0, 1),
+            notes="conv2d(x, w, stride, padding), no bias; grads of x and w",
+            algos={"triton": ("implicit", "im2col"), "numba": ("im2col",)})
+
+    def pydl_algos(self, backend):
+        from pydl.conv import ALGOS
+        return tuple(ALGOS.get(backend, ()))
+
+    def options(self, case):
+        return {"stride": case.stride, "padding": case.padding}
+
+    def make_inputs(self, case, dtype, device, generator):
+        n, c, h, w = case.shape
+        fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+        # unit-variance weights: each output is a sum of C*K*K unit terms, as the gate's
+        # tolerance model assumes (values grow like sqrt(C*K*K), far from fp16's range)
+        x = randn((n, c, h, w), dtype, device, generator).contiguous(memory_format=fmt)
+        wt = randn((case.out_channels, c, case.kernel, case.kernel), dtype, device, generator)
+        return x, wt.contiguous(memory_format=fmt)
+
+    def pydl_fn(self, backend, algo=None):
+        import pydl
+        return lambda x, w, stride, padding: pydl.conv2d(x, w, None, stride, padding,
+                                                         backend=backend, algo=algo)
+
+    def torch_fn(self):
+        return lambda x, w, stride, padding: torch.nn.functional.conv2d(x, w, None, stride,
+                                                                        padding)
+
+    def tf32(self, dtype, device):
+        return dtype == F32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+
+    def reduction_length(self, case):
+        _, c, _, k, _, _, _ = case.geometry
+        return c * k * k
+
+    def reduction_lengths(self, case):
+        n, c, oc, k, oh, ow, _ = case.geometry
+        # output: C K K terms; grad input: at most OC K K; grad weight: N OH OW
+        return (c * k * k, oc * k * k, n * oh * ow)
+
+    def flops(self, case, direction):
+        n, c, oc, k, oh, ow, _ = case.geometry
+        fwd = 2 * n * oc * oh * ow * c * k * k
+        return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[direction]
+
+    def bytes(self, case, dtype, direction):
+        n, c, oc, k, oh, ow, _ = case.geometry
+        _, _, h, w = case.shape
+        x, wt, y = n * c * h * w, oc * c * k * k, n * oc * oh * ow
+        fwd = x + wt + y
+        bwd = y + x + wt + x + wt          # read dy, x, w; write dx, dw
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction] * dtype_size(dtype)
+
+
+SUITES = [Conv2dSuite()]
