@@ -4,6 +4,13 @@ Algorithms (`algo=`), each a handwritten kernel path:
   "implicit"  Triton implicit GEMM (kernels/triton/conv.py): input patches are gathered inside
               the GEMM's K loop, never materialised; backward passes are implicit GEMMs too.
               The default for the triton backend.
+  "im2col"    Triton explicit im2col + tiled GEMM (kernels/triton/conv.py, kernels/triton/gemm.py):
+              the column matrix of a chunk of images is materialised, then multiplied by the
+              weight; grad input is a GEMM then a col2im gather, grad weight a GEMM. The batch
+              goes in chunks so the workspace stays under IM2COL_WORKSPACE_BYTES (256 MiB).
+              On the numba backend (its only algo, so its default): the same steps as Numba
+              CUDA kernels (kernels/numba/conv.py; the shared-memory tiled GEMM of
+              kernels/numba/gemm.py via pydl/_gemm_numba.py), the same workspace bound.
 
 Semantics are torch.nn.functional.conv2d's: cross-correlation, padding int / pair / "same" /
 "valid", stride, dilation, groups (depthwise included), optional bias; NCHW or channels_last
@@ -15,8 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _env
 from ._checks import check_tensor
-from ._launch import cdiv, new_output, next_power_of_2
+from ._gemm import gemm
+from ._gemm_numba import array as _numba_array
+from ._gemm_numba import gemm as gemm_numba
+from ._gemm_numba import simulator_switching
+from ._launch import (cdiv, memory_format_of, new_output, next_power_of_2, numba_stream,
+                      numba_threads)
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from .backends import dispatch, register
 
@@ -50,13 +63,6 @@ class ConvGeometry:
     @property
     def OCG(self) -> int:
         return self.OC // self.groups
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -117,9 +123,364 @@ class _TritonImplicit:
             dy, db, g.N, g.OC, g.OH, g.OW, *dy.stride(), BLOCK_C=block_c, BLOCK_P=128)
 
 
+# --- Triton explicit im2col + GEMM -----------------------------------------------------------
+
+# Workspace bound of the im2col algorithm, in bytes. The batch is processed in chunks of whole
+# images, as many as fit: the column matrix of a chunk (N_chunk * OH * OW * C * KH * KW
+# elements of the input's dtype; fp32 for its gradient in backward_input), plus a pixel-major
+# copy of grad_output where its strides need one, stays under this bound. A single image whose
+# columns exceed it is still processed (one image per chunk). Small fixed extras are not
+# counted: a packed copy of a weight whose strides do not flatten, and an fp32 grad-weight
+# accumulator when a 16-bit grad weight sums several chunks. Tests lower it to force chunks.
+IM2COL_WORKSPACE_BYTES = 256 * 2 ** 20
+
+
+# Elements per im2col / col2im tile: few channels (or columns) -> more pixels per program.
+_TILE_ELEMS = 4096
+
+
+def _merged_stride(sizes, strides) -> int | None:
+    """The one stride of dims `sizes` flattened row-major, or None if they do not flatten."""
+    if 0 in sizes:
+        return 1
+    stride = expected = None
+    for size, st in reversed(list(zip(sizes, strides))):
+        if size == 1:
+            continue
+        if stride is None:
+            stride = st
+        elif st != expected:
+            return None
+        expected = st * size
+    return 1 if stride is None else stride
+
+
+def _pixel_matrix(t: torch.Tensor, n0: int, nb: int, groups: int) -> torch.Tensor | None:
+    """Images n0 .. n0+nb-1 of t (N, C, H, W) as (B1, groups, pixels, C / groups) matrices,
+    a view: B1 = 1 and all the chunk's pixels in one matrix when (n, h, w) flatten to one
+    stride (channels_last, broadcast), else B1 = nb matrices of H*W pixels, one per image
+    (NCHW); None when (h, w) do not flatten either."""
+    _, C, H, W = t.shape
+    sn, sc, sh, sw = t.stride()
+    cg = C // groups
+    off = t.storage_offset() + n0 * sn
+    s = _merged_stride((nb, H, W), (sn, sh, sw))
+    if s is not None:
+        return t.as_strided((1, groups, nb * H * W, cg), (0, cg * sc, s, sc), off)
+    s = _merged_stride((H, W), (sh, sw))
+    if s is not None:
+        return t.as_strided((nb, groups, H * W, cg), (sn, cg * sc, s, sc), off)
+    return None
+
+
+def _rows_view(ws: torch.Tensor, b1: int, rows: int) -> torch.Tensor:
+    """A (groups, pixels, J) contiguous workspace viewed like a _pixel_matrix: (b1, groups,
+    rows, J) with b1 * rows of its pixels."""
+    G, _, J = ws.shape
+    return ws.as_strided((b1, G, rows, J), (rows * J if b1 > 1 else 0, ws.stride(0), J, 1))
+
+
+def _im2col(src, cols, n0, nb, C, H, W, OH, OW, KH, KW, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1,
+            groups=1) -> None:
+    """cols[g, p, j] of images n0 .. n0+nb-1 of src (kernels/triton/conv.py: conv2d_im2col)."""
+    from .kernels.triton import conv as k
+    J = C // groups * KH * KW
+    if nb * OH * OW * J == 0:
+        return
+    block_j = min(64, next_power_of_2(J))
+    block_p = min(max(64, _TILE_ELEMS // block_j), max(16, next_power_of_2(nb * OH * OW)))
+    grid = (cdiv(nb * OH * OW, block_p), cdiv(J, block_j), groups)
+    k.conv2d_im2col[grid](src, cols, n0, nb, C, H, W, OH, OW, *src.stride(), cols.stride(0),
+                          cols.stride(1), SH, SW, PH, PW, DH, DW, KH=KH, KW=KW, CG=C // groups,
+                          BLOCK_P=block_p, BLOCK_J=block_j)
+
+
+def _weight_matrix(w: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+    """The weight as (groups, OC / groups, CG*KH*KW) matrices, j = (c, kh, kw): a view when
+    its strides flatten (contiguous weights), else packed into a contiguous copy by the
+    im2col kernel (the whole weight as one 'window' per output channel)."""
+    so, sc, sh, sw = w.stride()
+    J = g.CG * g.KH * g.KW
+    sj = _merged_stride((g.CG, g.KH, g.KW), (sc, sh, sw))
+    if sj is None:
+        packed = new_output((1, g.OC, J), w.dtype, w.device)
+        _im2col(w, packed, 0, g.OC, g.CG, g.KH, g.KW, 1, 1, g.KH, g.KW)
+        w, so, sj = packed, J, 1
+    return w.as_strided((g.groups, g.OCG, J), (g.OCG * so, so, sj), w.storage_offset())
+
+
+def _chunks(n: int, per_image_bytes: int) -> list[tuple[int, int]]:
+    """(first image, image count) of each chunk, whole images, within IM2COL_WORKSPACE_BYTES."""
+    step = max(1, min(n, IM2COL_WORKSPACE_BYTES // max(1, per_image_bytes)))
+    return [(n0, min(step, n - n0)) for n0 in range(0, n, step)] or [(0, 0)]
+
+
+class _TritonIm2col:
+    """im2col + tiled GEMM, every step a Triton kernel, batch in chunks (IM2COL_WORKSPACE_BYTES).
+
+    forward          cols = im2col(x chunk); Y_g = cols[g] @ W_g^T + bias (GEMM epilogue),
+                     written straight into y through its strides
+    backward_input   dcols[g] = dY_g @ W_g (fp32); dX = col2im(dcols) (gather, deterministic)
+    backward_weight  dW_g (+)= dY_g^T @ cols[g], summed over the chunks
+    backward_bias    the implicit algorithm's column-sum kernel
+    All groups go in one launch per step: the GEMM's batch is (images or 1, groups).
+    """
+
+    @staticmethod
+    def forward(x, w, b, y, g: ConvGeometry) -> None:
+        J, P = g.CG * g.KH * g.KW, g.OH * g.OW
+        wm = _weight_matrix(w, g)
+        bias = None                                     # (groups, OC / groups), a view
+        if b is not None:
+            bias = b.as_strided((g.groups, g.OCG), (g.OCG * b.stride(0), b.stride(0)),
+                                b.storage_offset())
+        chunks = _chunks(g.N, P * g.groups * J * x.element_size())
+        cols = new_output((g.groups, chunks[0][1] * P, J), x.dtype, x.device)
+        for n0, nb in chunks:
+            _im2col(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH, g.SW, g.PH,
+                    g.PW, g.DH, g.DW, g.groups)
+            ym = _pixel_matrix(y, n0, nb, g.groups)     # y is ours: NCHW or channels_last
+            gemm(_rows_view(cols, ym.shape[0], ym.shape[2]), wm, ym, trans_b=True, bias=bias,
+                 input_precision=_input_precision(x.dtype))
+
+    @staticmethod
+    def _dy_matrix(dy, g: ConvGeometry, n0: int, nb: int, ws, whole: bool):
+        """dY of a chunk as a _pixel_matrix view; packed pixel-major into `ws` (1x1 im2col)
+        when its strides do not allow one (or, with `whole`, not one over the whole chunk)."""
+        m = _pixel_matrix(dy, n0, nb, g.groups)
+        if m is not None and (not whole or m.shape[0] == 1):
+            return m
+        _im2col(dy, ws, n0, nb, g.OC, g.OH, g.OW, g.OH, g.OW, 1, 1)
+        P = nb * g.OH * g.OW
+        return ws.as_strided((1, g.groups, P, g.OCG), (0, g.OCG, g.OC, 1), ws.storage_offset())
+
+    @staticmethod
+    def _dy_needs_pack(dy, g: ConvGeometry, nb: int, whole: bool) -> bool:
+        m = _pixel_matrix(dy, 0, nb, g.groups)
+        return m is None or (whole and m.shape[0] != 1)
+
+    @staticmethod
+    def backward_input(dy, w, dx, g: ConvGeometry) -> None:
+        from .kernels.triton import conv as k
+        J, P = g.CG * g.KH * g.KW, g.OH * g.OW
+        wm = _weight_matrix(w, g)
+        pack = _TritonIm2col._dy_needs_pack(dy, g, g.N, whole=False)
+        chunks = _chunks(g.N, P * (g.groups * J * 4 + (g.OC * dy.element_size() if pack else 0)))
+        nmax = chunks[0][1]
+        dcols = new_output((g.groups, nmax * P, J), torch.float32, dy.device)
+        dy_ws = new_output((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
+        block_c = min(32, next_power_of_2(g.CG))
+        block_m = min(max(64, _TILE_ELEMS // block_c), max(16, next_power_of_2(nmax * g.H * g.W)))
+        for n0, nb in chunks:
+            dym = _TritonIm2col._dy_matrix(dy, g, n0, nb, dy_ws, whole=False)
+            gemm(dym, wm, _rows_view(dcols, dym.shape[0], dym.shape[2]),
+                 input_precision=_input_precision(dy.dtype))
+            grid = (cdiv(nb * g.H * g.W, block_m), cdiv(g.CG, block_c), g.groups)
+            k.conv2d_col2im[grid](dcols, dx, n0, nb, g.C, g.H, g.W, g.OH, g.OW, dcols.stride(0),
+                                  dcols.stride(1), *dx.stride(), g.SH, g.SW, g.PH, g.PW, g.DH,
+                                  g.DW, KH=g.KH, KW=g.KW, CG=g.CG, BLOCK_M=block_m,
+                                  BLOCK_C=block_c)
+
+    @staticmethod
+    def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
+        J, P = g.CG * g.KH * g.KW, g.OH * g.OW
+        assert dw.is_contiguous()                       # dw is ours: (groups, OCG, J) rows
+        dwm = dw.view(g.groups, g.OCG, J)
+        pack = _TritonIm2col._dy_needs_pack(dy, g, g.N, whole=True)
+        chunks = _chunks(g.N, P * (g.groups * J * x.element_size()
+                                   + (g.OC * dy.element_size() if pack else 0)))
+        nmax = chunks[0][1]
+        pack = pack and _TritonIm2col._dy_needs_pack(dy, g, nmax, whole=True)  # 1 image: maybe not
+        cols = new_output((g.groups, nmax * P, J), x.dtype, x.device)
+        dy_ws = new_output((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
+        # several chunks into a 16-bit dW: sum them in fp32, round once in the last GEMM
+        acc = dwm
+        if len(chunks) > 1 and dw.dtype != torch.float32:
+            acc = new_output((g.groups, g.OCG, J), torch.float32, dw.device)
+        for i, (n0, nb) in enumerate(chunks):
+            _im2col(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH, g.SW, g.PH,
+                    g.PW, g.DH, g.DW, g.groups)
+            dym = _TritonIm2col._dy_matrix(dy, g, n0, nb, dy_ws, whole=True)[0]
+            out = dwm if i == len(chunks) - 1 else acc
+            gemm(dym, cols[:, :nb * P], out, trans_a=True, addend=acc if i else None,
+                 input_precision=_input_precision(dy.dtype))
+
+    @staticmethod
+    def backward_bias(dy, db, g: ConvGeometry) -> None:
+        _TritonImplicit.backward_bias(dy, db, g)
+
+
+# --- Numba explicit im2col + GEMM ------------------------------------------------------------
+
+def _numba_1d(kernel, total: int, device: torch.device, *args) -> None:
+    """A 1-D grid-stride Numba kernel over `total` elements on torch's current stream; one
+    block under emulation (starting a simulated block costs tens of milliseconds)."""
+    threads = numba_threads(256)
+    blocks = 1 if _env.INTERPRET else max(1, min(cdiv(total, threads), 1 << 20))
+    kernel[blocks, threads, numba_stream(device)](*args)
+
+
+def _numba_weight_matrix(w: torch.Tensor, g: ConvGeometry):
+    """(c_last, W) with W the weight as a (groups, OCG, K) strided view, k = (c, kh, kw), or
+    (kh, kw, c) with c_last (a channels_last weight); None when neither order flattens."""
+    so, sc, sh, sw = w.stride()
+    K = g.CG * g.KH * g.KW
+    for c_last, sizes, strides in ((False, (g.CG, g.KH, g.KW), (sc, sh, sw)),
+                                   (True, (g.KH, g.KW, g.CG), (sh, sw, sc))):
+        sk = _merged_stride(sizes, strides)
+        if sk is not None:
+            return c_last, w.as_strided((g.groups, g.OCG, K), (g.OCG * so, so, sk),
+                                        w.storage_offset())
+    return None
+
+
+def _numba_pixel_matrix(t: torch.Tensor, n0: int, nb: int, groups: int) -> torch.Tensor | None:
+    """Images n0 .. n0+nb-1 of t (N, C, H, W) as (groups, nb, H*W, C / groups) matrices, a
+    view; None when (h, w) do not flatten to one stride."""
+    _, C, H, W = t.shape
+    sn, sc, sh, sw = t.stride()
+    sp = _merged_stride((H, W), (sh, sw))
+    if sp is None:
+        return None
+    cg = C // groups
+    return t.as_strided((groups, nb, H * W, cg), (cg * sc, sn, sp, sc),
+                        t.storage_offset() + n0 * sn)
+
+
+class _NumbaIm2col:
+    """im2col + tiled GEMM on the Numba backend, every step a Numba CUDA kernel
+    (kernels/numba/conv.py, kernels/numba/gemm.py via pydl/_gemm_numba.py); the batch goes in
+    chunks of whole images so the column workspace stays under IM2COL_WORKSPACE_BYTES.
+
+    forward          cols = im2col(x chunk); Y[g, n] = cols[g, n] @ W_g^T + bias (GEMM
+                     epilogue), written straight into y through its strides
+    backward_input   dcols[g, n] = dY[g, n] @ W_g (fp32); dX = col2im(dcols), a gather
+    backward_weight  dW_g (+)= sum over the chunk's images of dY[g, n]^T @ cols[g, n] (the
+                     GEMM's batch reduction), summed over the chunks in fp32
+    backward_bias    a per-channel tree reduction
+    The GEMM's batch is (groups, images): all groups and images of a chunk in one launch.
+    The column order k follows the weight's layout ((c, kh, kw) or (kh, kw, c)), so weights
+    are strided views; a weight or cotangent whose strides flatten neither way is first packed
+    by a Numba copy kernel.
+    """
+
+    @staticmethod
+    def _weight(w, g: ConvGeometry):
+        """(c_last, (groups, OCG, K) weight matrix), packing w if it has no such view."""
+        from .kernels.numba import conv as k
+        got = _numba_weight_matrix(w, g)
+        if got is None:
+            packed = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+            _numba_1d(k.copy4, w.numel(), w.device, _numba_array(w), _numba_array(packed),
+                      k.dtype_code(w.dtype), k.dtype_code(w.dtype))
+            got = _numba_weight_matrix(packed, g)
+        return got
+
+    @staticmethod
+    def _workspace(dtype, shape, nmax: int, device) -> torch.Tensor:
+        """A flat buffer for nmax images of (groups, n, P, K) columns."""
+        G, P, K = shape
+        return torch.empty(G * nmax * P * K, dtype=dtype, device=device)
+
+    @staticmethod
+    def _im2col(x, ws, n0: int, nb: int, g: ConvGeometry, c_last: bool) -> torch.Tensor:
+        """Columns of images n0 .. n0+nb-1, (groups, nb, P, K), contiguous in `ws`."""
+        from .kernels.numba import conv as k
+        P, K = g.OH * g.OW, g.CG * g.KH * g.KW
+        cols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
+        _numba_1d(k.im2col, cols.numel(), x.device, _numba_array(x), _numba_array(cols), n0,
+                  g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OW, c_last)
+        return cols
+
+    @staticmethod
+    def _dy(dy, ws, n0: int, nb: int, g: ConvGeometry) -> torch.Tensor:
+        """dY of images n0 .. n0+nb-1 as (groups, nb, P, OCG): a view, or when its (oh, ow)
+        do not flatten a contiguous copy in `ws` (a Numba copy kernel)."""
+        m = _numba_pixel_matrix(dy, n0, nb, g.groups)
+        if m is not None:
+            return m
+        from .kernels.numba import conv as k
+        packed = ws[:nb * g.OC * g.OH * g.OW].view(nb, g.OC, g.OH, g.OW)
+        code = k.dtype_code(dy.dtype)
+        _numba_1d(k.copy4, packed.numel(), dy.device, _numba_array(dy[n0:n0 + nb]),
+                  _numba_array(packed), code, code)
+        return _numba_pixel_matrix(packed, 0, nb, g.groups)
+
+    @staticmethod
+    def forward(x, w, b, y, g: ConvGeometry) -> None:
+        P, K = g.OH * g.OW, g.CG * g.KH * g.KW
+        c_last, wm = _NumbaIm2col._weight(w, g)
+        wt = wm.unsqueeze(1).transpose(2, 3)                       # (groups, 1, K, OCG)
+        bias = None if b is None else b.view(g.groups, g.OCG)
+        chunks = _chunks(g.N, g.groups * P * K * x.element_size())
+        ws = _NumbaIm2col._workspace(x.dtype, (g.groups, P, K), chunks[0][1], x.device)
+        for n0, nb in chunks:
+            cols = _NumbaIm2col._im2col(x, ws, n0, nb, g, c_last)
+            ym = _numba_pixel_matrix(y, n0, nb, g.groups)          # y is ours: flattens
+            gemm_numba(cols, wt, ym, bias=bias)
+
+    @staticmethod
+    def backward_input(dy, w, dx, g: ConvGeometry) -> None:
+        from .kernels.numba import conv as k
+        P, K = g.OH * g.OW, g.CG * g.KH * g.KW
+        c_last, wm = _NumbaIm2col._weight(w, g)
+        wm = wm.unsqueeze(1)                                       # (groups, 1, OCG, K)
+        pack = _numba_pixel_matrix(dy, 0, g.N, g.groups) is None
+        chunks = _chunks(g.N, P * (g.groups * K * 4 + (g.OC * dy.element_size() if pack else 0)))
+        nmax = chunks[0][1]
+        ws = _NumbaIm2col._workspace(torch.float32, (g.groups, P, K), nmax, dy.device)
+        dy_ws = torch.empty(nmax * g.OC * P, dtype=dy.dtype, device=dy.device) if pack else None
+        channels_last = dx.stride(1) == 1 and g.C > 1
+        for n0, nb in chunks:
+            dcols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
+            gemm_numba(_NumbaIm2col._dy(dy, dy_ws, n0, nb, g), wm, dcols)
+            _numba_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, _numba_array(dcols),
+                      _numba_array(dx), n0, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW,
+                      g.OH, g.OW, c_last, channels_last, k.dtype_code(dx.dtype))
+
+    @staticmethod
+    def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
+        P, K = g.OH * g.OW, g.CG * g.KH * g.KW
+        # dw is ours (Conv2dFunction allocates it contiguous): a matrix view
+        c_last, dwm = _numba_weight_matrix(dw, g)
+        dwm = dwm.unsqueeze(1)                                     # (groups, 1, OCG, K)
+        pack = _numba_pixel_matrix(dy, 0, g.N, g.groups) is None
+        chunks = _chunks(g.N, P * (g.groups * K * x.element_size()
+                                   + (g.OC * dy.element_size() if pack else 0)))
+        nmax = chunks[0][1]
+        ws = _NumbaIm2col._workspace(x.dtype, (g.groups, P, K), nmax, x.device)
+        dy_ws = torch.empty(nmax * g.OC * P, dtype=dy.dtype, device=dy.device) if pack else None
+        # Sum the chunks straight into dW when it is fp32 or takes one chunk; otherwise in an
+        # fp32 accumulator, the last chunk's GEMM rounding once into dW.
+        acc = dwm
+        if dw.dtype != torch.float32 and len(chunks) > 1:
+            acc = torch.empty(dwm.shape, dtype=torch.float32, device=dw.device)
+        for i, (n0, nb) in enumerate(chunks):
+            cols = _NumbaIm2col._im2col(x, ws, n0, nb, g, c_last)
+            dyt = _NumbaIm2col._dy(dy, dy_ws, n0, nb, g).transpose(2, 3)   # (G, nb, OCG, P)
+            out = dwm if i == len(chunks) - 1 else acc
+            gemm_numba(dyt, cols, out, c_in=acc if i else None)
+
+    @staticmethod
+    def backward_bias(dy, db, g: ConvGeometry) -> None:
+        from .kernels.numba import conv as k
+        threads = BIAS_SIM_THREADS if _env.INTERPRET else 256
+        blocks = 1 if _env.INTERPRET else min(g.OC, 65535)
+        with simulator_switching():
+            k.bias_grad[blocks, threads, numba_stream(dy.device)](
+                _numba_array(dy), _numba_array(db.view(1, 1, 1, g.OC)), k.dtype_code(dy.dtype),
+                k.dtype_code(db.dtype))
+
+
+# Threads of the bias-gradient reduction in the CUDA simulator, where each syncthreads costs
+# milliseconds per thread (a power of two; the kernel is correct for any).
+BIAS_SIM_THREADS = 4
+
+
 # backend -> algo -> launcher; the first algo listed is the backend's default
 ALGOS: dict[str, dict[str, type]] = {
-    "triton": {"implicit": _TritonImplicit},
+    "triton": {"implicit": _TritonImplicit, "im2col": _TritonIm2col},
+    "numba": {"im2col": _NumbaIm2col},
 }
 
 
@@ -128,7 +489,7 @@ ALGOS: dict[str, dict[str, type]] = {
 class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, g: ConvGeometry, launch):
-        y = new_output((g.N, g.OC, g.OH, g.OW), x.dtype, x.device, _memory_format(x))
+        y = new_output((g.N, g.OC, g.OH, g.OW), x.dtype, x.device, memory_format_of(x))
         if y.numel():
             launch.forward(x, w, b, y, g)
         ctx.save_for_backward(x, w)
@@ -141,7 +502,7 @@ class Conv2dFunction(torch.autograd.Function):
         g, launch = ctx.g, ctx.launch
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = new_output(x.shape, x.dtype, x.device, _memory_format(x))
+            dx = new_output(x.shape, x.dtype, x.device, memory_format_of(x))
             if dx.numel():
                 launch.backward_input(dy, w, dx, g)
         if ctx.needs_input_grad[1]:
@@ -214,7 +575,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
            backend=None, algo=None):
     """torch.nn.functional.conv2d (cross-correlation) on pydl's kernels.
 
-    algo: "implicit" (Triton implicit GEMM, the default).
+    algo: on the triton backend "implicit" (implicit GEMM, the default) or "im2col" (explicit
+    im2col + GEMM, batch in chunks bounded by IM2COL_WORKSPACE_BYTES); on the numba backend
+    "im2col" (the default and only one: Numba im2col, tiled GEMM and col2im kernels).
     """
     name, impl = dispatch("conv2d", backend, input, weight,
                           *([bias] if isinstance(bias, torch.Tensor) else []))

@@ -14,17 +14,18 @@ from conftest import DEVICE, DTYPES
 
 F = torch.nn.functional
 # (backend, algo) pairs with a kernel; each is tested on every case below
-VARIANTS = [("triton", "implicit")]
+VARIANTS = [("triton", "implicit"), ("triton", "im2col"), ("numba", "im2col")]
 variants = pytest.mark.parametrize("backend,algo", VARIANTS, ids=[f"{b}-{a}" for b, a in VARIANTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 TF32 = DEVICE == "cuda" and torch.backends.cudnn.allow_tf32
 
 
-def check_conv(x, w, b, backend, algo, dtype, **opts):
-    """Forward and grad input/weight/bias against the reference and torch, same cotangent."""
+def check_conv(x, w, b, backend, algo, dtype, grad_out=None, **opts):
+    """Forward and grad input/weight/bias against the reference and torch, same cotangent
+    (`grad_out`, any strides, or a fixed random one)."""
     inputs = [x, w] + ([b] if b is not None else [])
     fn = lambda x, w, b=None: pydl.conv2d(x, w, b, backend=backend, algo=algo, **opts)  # noqa: E731
-    out, g, grads = run_with_grad(fn, inputs)
+    out, g, grads = run_with_grad(fn, inputs, grad_out)
     t_out, _, t_grads = run_with_grad(lambda x, w, b=None: F.conv2d(x, w, b, **opts), inputs, g)
     x64, w64 = x.double().cpu().numpy(), w.double().cpu().numpy()
     b64 = None if b is None else b.double().cpu().numpy()
@@ -177,6 +178,67 @@ def test_fuzz(backend, algo, N, C, OC, H, W, K, S, P, D, G):
                stride=S, padding=P, dilation=D, groups=G)
 
 
+# --- im2col: the batch in workspace-bounded chunks --------------------------------------------
+
+@pytest.mark.parametrize("case", ["nchw", "channels_last", "grouped_fp16", "transposed_grad"])
+def test_im2col_workspace_chunks(monkeypatch, case):
+    """A workspace budget of two images' columns: a batch of 5 goes in several chunks (the last
+    one short) in every pass, and all still match. Covers one GEMM per image (NCHW), one GEMM
+    over the whole chunk (channels_last input and cotangent), the fp32 sum of a 16-bit grad
+    weight over chunks, and a cotangent whose strides need the pixel-major copy."""
+    import pydl.conv as conv_mod
+    dtype = torch.float16 if case == "grouped_fp16" else torch.float32
+    groups = 2 if case == "grouped_fp16" else 1
+    N, C, H, W, OC = 5, 4, 6, 5, 6
+    x = random_tensor((N, C, H, W), dtype, DEVICE)
+    w = random_tensor((OC, C // groups, 3, 3), dtype, DEVICE, scale=0.3)
+    b = random_tensor(OC, dtype, DEVICE)
+    g = random_tensor((N, OC, H, W), dtype, DEVICE)          # padding=1 keeps H x W
+    if case == "channels_last":
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    elif case == "transposed_grad":
+        g = random_tensor((N, OC, W, H), dtype, DEVICE).transpose(2, 3)
+    # forward's columns of two images (the backward workspaces are larger: one image each)
+    monkeypatch.setattr(conv_mod, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
+    seen = []
+    chunks = conv_mod._chunks
+    monkeypatch.setattr(conv_mod, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
+    y = check_conv(x, w, b, "triton", "im2col", dtype, grad_out=g, padding=1, groups=groups)
+    assert len(seen) == 3 and all(len(c) >= 3 for c in seen), seen
+    assert seen[0] == [(0, 2), (2, 2), (4, 1)]
+    if case == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", ["grouped_fp16", "channels_last_transposed_grad"])
+def test_numba_im2col_workspace_chunks(monkeypatch, case):
+    """The numba im2col path with a workspace of two images' columns: a batch of 3 in several
+    chunks in every pass. Covers the fp32 sum of a 16-bit grad weight over chunks (rounded once
+    by the last GEMM), (kh, kw, c) columns for a channels_last weight, and a cotangent whose
+    (oh, ow) strides do not flatten (packed per chunk by the copy kernel)."""
+    import pydl.conv as conv_mod
+    dtype = torch.float16 if case == "grouped_fp16" else torch.float32
+    groups = 2 if case == "grouped_fp16" else 1
+    N, C, H, W, OC = 3, 4, 5, 4, 6
+    x = random_tensor((N, C, H, W), dtype, DEVICE)
+    w = random_tensor((OC, C // groups, 3, 3), dtype, DEVICE, scale=0.3)
+    b = random_tensor(OC, dtype, DEVICE)
+    g = random_tensor((N, OC, H, W), dtype, DEVICE)          # padding=1 keeps H x W
+    if case != "grouped_fp16":
+        x = x.to(memory_format=torch.channels_last)
+        w = w.to(memory_format=torch.channels_last)
+        g = random_tensor((N, OC, W, H), dtype, DEVICE).transpose(2, 3)
+    monkeypatch.setattr(conv_mod, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
+    seen = []
+    chunks = conv_mod._chunks
+    monkeypatch.setattr(conv_mod, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
+    y = check_conv(x, w, b, "numba", "im2col", dtype, grad_out=g, padding=1, groups=groups)
+    assert len(seen) == 3 and all(len(c) >= 2 for c in seen), seen
+    assert seen[0] == [(0, 2), (2, 1)]
+    if case != "grouped_fp16":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 @variants
@@ -240,3 +302,13 @@ def test_conv2d_module_is_drop_in(padding_mode):
     theirs(x).sum().backward()
     assert_close(ours.weight.grad, theirs.weight.grad, torch.float32, reduction=32, tf32=TF32)
     assert_close(ours.bias.grad, theirs.bias.grad, torch.float32, reduction=32, tf32=TF32)
+
+
+@pytest.mark.gpu
+@pytest.mark.full
+def test_conv2d_im2col_beyond_int32_offsets():
+    """The im2col path on more than 2**31 input elements (many workspace chunks)."""
+    x = torch.randn(2 ** 11 + 1, 16, 256, 256, device="cuda", dtype=torch.float16)
+    w = torch.randn(8, 16, 3, 3, device="cuda", dtype=torch.float16)
+    y = pydl.conv2d(x, w, padding=1, algo="im2col")
+    assert_close(y[-1:], F.conv2d(x[-1:], w, padding=1), torch.float16, reduction=144)

@@ -195,3 +195,106 @@ def conv2d_bwd_bias(
         acc += tl.load(dy_ptr + oc.to(tl.int64)[:, None] * sdy_c + off[None, :],
                        mask=oc_ok[:, None] & (p < N * OH * OW)[None, :], other=0.0).to(tl.float32)
     tl.store(db_ptr + oc, tl.sum(acc, 1).to(db_ptr.dtype.element_ty), mask=oc_ok)
+
+
+# --- explicit im2col ------------------------------------------------------------------------
+#
+# The im2col algorithm materialises the GEMM operand that the implicit kernels gather on the
+# fly. For group g and a chunk of images the column matrix is
+#
+#     cols[g, p, j] = x[n, g*Cg + c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW]   (0 outside)
+#     p = (n - n0, oh, ow) flattened,   j = (c, kh, kw) flattened (the weight's own order)
+#
+# so forward is Y_g = cols[g] @ W_g^T and grad weight dW_g = dY_g^T @ cols[g] (plain GEMMs,
+# kernels/triton/gemm.py). Grad input computes dcols[g] = dY_g @ W_g and folds it back with
+# col2im. cols is written with its group and pixel strides; j is contiguous.
+
+
+@triton.jit
+def conv2d_im2col(
+    x_ptr, cols_ptr,
+    n0, NB, C, H, W, OH, OW,            # images n0 .. n0 + NB - 1 of x (N, C, H, W); C is the total
+    sx_n, sx_c, sx_h, sx_w,             # input strides
+    scol_g, scol_p,                     # cols strides: group, pixel (the column j has stride 1)
+    SH, SW, PH, PW, DH, DW,             # stride, padding (top, left), dilation
+    KH: tl.constexpr, KW: tl.constexpr,
+    CG,                                 # input channels per group
+    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """cols[g, p, j] for a BLOCK_P x BLOCK_J tile; grid (cdiv(NB*OH*OW, BLOCK_P),
+    cdiv(CG*KH*KW, BLOCK_J), groups). Every element of the tile is written (zeros for padding).
+
+    With a 1x1 kernel (stride 1, no padding) this is a layout change to a pixel-major
+    (NB*H*W, C) matrix; with the kernel spanning the whole input (H = KH, W = KW) it packs a
+    (N, C, KH, KW) weight into a contiguous (N, C*KH*KW) matrix."""
+    pid_p = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    group = tl.program_id(2)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)          # chunk pixels (n - n0, oh, ow)
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)          # (c, kh, kw)
+    p_ok = p < NB * OH * OW
+    j_ok = j < CG * KH * KW
+    n = (n0 + p // (OH * OW)).to(tl.int64)
+    ohw = p % (OH * OW)
+    oh = ohw // OW
+    ow = ohw % OW
+    c = j // (KH * KW)
+    kk = j % (KH * KW)
+    kh = kk // KW
+    kw = kk % KW
+    c_abs = (group * CG + c).to(tl.int64)
+    h = oh[:, None] * SH - PH + kh[None, :] * DH
+    w = ow[:, None] * SW - PW + kw[None, :] * DW
+    ok = p_ok[:, None] & j_ok[None, :]
+    x_ok = ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    v = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c + h.to(tl.int64) * sx_h
+                + w.to(tl.int64) * sx_w, mask=x_ok, other=0.0)
+    col_off = group.to(tl.int64) * scol_g + p.to(tl.int64)[:, None] * scol_p + j[None, :]
+    tl.store(cols_ptr + col_off, v.to(cols_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def conv2d_col2im(
+    cols_ptr, dx_ptr,
+    n0, NB, C, H, W, OH, OW,            # dx images n0 .. n0 + NB - 1; cols holds their pixels
+    scol_g, scol_p,                     # dcols strides: group, pixel (the column j has stride 1)
+    sdx_n, sdx_c, sdx_h, sdx_w,         # grad input strides
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    CG,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dX[n, g*Cg + c, h, w] = sum over (kh, kw) of dcols[g, (n - n0, oh, ow), (c, kh, kw)] with
+    oh = (h + PH - kh*DH) / SH (and ow likewise) where that divides exactly and lies in the
+    output. A gather, as in conv2d_implicit_bwd_input: every dX element of the chunk is
+    written once by one program (no atomics, deterministic). Sums in fp32.
+    Grid (cdiv(NB*H*W, BLOCK_M), cdiv(CG, BLOCK_C), groups)."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    group = tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # chunk input pixels (n - n0, h, w)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)          # input channels within the group
+    m_ok = m < NB * H * W
+    c_ok = c < CG
+    nl = m // (H * W)
+    hw = m % (H * W)
+    h = hw // W
+    w = hw % W
+    col_c = cols_ptr + group.to(tl.int64) * scol_g + (c * (KH * KW)).to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for kh in range(KH):
+        th = h + PH - kh * DH
+        oh = th // SH
+        h_ok = m_ok & (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        row = ((nl * OH + oh) * OW).to(tl.int64)         # first pixel of output row (n, oh)
+        for kw in range(KW):
+            tw = w + PW - kw * DW
+            ow = tw // SW
+            ok = h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW)
+            ptr = col_c[None, :] + ((row + ow) * scol_p)[:, None] + (kh * KW + kw)
+            acc += tl.load(ptr, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+    n = (n0 + nl).to(tl.int64)
+    c_abs = (group * CG + c).to(tl.int64)
+    dx_row = n * sdx_n + h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w
+    tl.store(dx_ptr + dx_row[:, None] + c_abs[None, :] * sdx_c, acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & c_ok[None, :])

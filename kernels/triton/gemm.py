@@ -1,0 +1,85 @@
+"""A general tiled GEMM in Triton, shared by every op that needs a plain matrix product.
+
+    C[b] = alpha * A[b] @ B[b]  (+ bias[b] broadcast over rows)  (+ D[b] if ACCUMULATE)
+
+for every batch index b = (b1, b2) of a two-level batch, each operand addressed through its
+own strides, so transposed, sliced, broadcast (stride 0) and channels_last operands need no
+copy: op(A) = A^T is just A's two matrix strides swapped. D is usually C itself (accumulate
+into the output); it may be another tensor of C's shape (e.g. an fp32 running sum while C is
+fp16), read before C is written by the same program.
+
+Tiling: one program computes a BLOCK_M x BLOCK_N tile of C, looping over K in BLOCK_K steps
+with an fp32 accumulator (`tl.dot`; fp32 operands round as INPUT_PRECISION says: "ieee" or
+"tf32"). The tile index is swizzled in groups of GROUP_M tile rows (the Triton matmul
+tutorial's L2-friendly ordering): consecutive programs sweep GROUP_M rows of A against a few
+columns of B, so both stay in L2 instead of streaming all of B per row of tiles.
+
+Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), 1, B1 * B2). program_id(2) = b1 * B2 + b2.
+Every load and store is masked, so M, N, K need not be multiples of the blocks; all offsets
+are computed in int64, so operands may exceed 2**31 elements. The result is cast to C's dtype.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gemm_kernel(
+    a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr,
+    M, N, K,                            # C is M x N, the reduction is K long
+    B2,                                 # size of the inner batch level (program_id(2) = b1*B2 + b2)
+    sa_b1, sa_b2, sa_m, sa_k,           # A strides: outer batch, inner batch, row, reduction
+    sb_b1, sb_b2, sb_k, sb_n,           # B strides: outer batch, inner batch, reduction, column
+    sc_b1, sc_b2, sc_m, sc_n,           # C (output) strides
+    sd_b1, sd_b2, sd_m, sd_n,           # D (addend) strides; read only if ACCUMULATE
+    sbias_b1, sbias_b2, sbias_n,        # bias strides (a vector along N per batch); if HAS_BIAS
+    alpha,                              # scale of the product (not of the bias or D)
+    ACCUMULATE: tl.constexpr,           # add D (loaded in its dtype, summed in fp32)
+    HAS_BIAS: tl.constexpr,             # add bias[b, n] to every row
+    INPUT_PRECISION: tl.constexpr,      # "ieee" or "tf32": how fp32 operands enter tl.dot
+    GROUP_M: tl.constexpr,              # tile rows per swizzle group (L2 reuse)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # each >= 16
+):
+    pid = tl.program_id(0)
+    z = tl.program_id(2)
+    b1 = (z // B2).to(tl.int64)
+    b2 = (z % B2).to(tl.int64)
+    # grouped ordering: GROUP_M tile rows are swept column by column
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    a_rows = a_ptr + b1 * sa_b1 + b2 * sa_b2 + rm64 * sa_m
+    b_cols = b_ptr + b1 * sb_b1 + b2 * sb_b2 + rn64 * sb_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        k64 = k.to(tl.int64)
+        a = tl.load(a_rows[:, None] + k64[None, :] * sa_k, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(b_cols[None, :] + k64[:, None] * sb_k, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = acc * alpha
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b1 * sbias_b1 + b2 * sbias_b2 + rn64 * sbias_n, mask=n_ok,
+                       other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        d_off = b1 * sd_b1 + b2 * sd_b2 + rm64[:, None] * sd_m + rn64[None, :] * sd_n
+        acc += tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+    c_off = b1 * sc_b1 + b2 * sc_b2 + rm64[:, None] * sc_m + rn64[None, :] * sc_n
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask)

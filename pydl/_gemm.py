@@ -1,0 +1,121 @@
+"""Launcher of the Triton tiled GEMM (kernels/triton/gemm.py), for any op that needs a matmul.
+
+    gemm(a, b, out)                       out = a @ b
+    gemm(a, b, out, trans_b=True)         out = a @ b^T   (b given as (..., N, K))
+    gemm(a, b, out, accumulate=True)      out += a @ b
+    gemm(a, b, out, addend=acc32)         out = a @ b + acc32   (acc32 may have another dtype)
+    gemm(a, b, out, bias=v, alpha=s)      out = s * (a @ b) + v  (v along out's columns)
+
+Operands are torch views with any strides: a transposed, sliced, permuted or broadcast
+(stride 0) operand costs nothing, and the result is written through `out`'s strides. 2-D
+matrices or batches with up to two leading batch dimensions (the kernel's two-level batch,
+e.g. (batch, heads) or (images, groups)); a, b, bias and addend broadcast to out's batch shape.
+Accumulation is fp32; the result is rounded once, to out's dtype.
+
+fp32 operands enter tl.dot as `input_precision` says: "ieee" (exact fp32 products) or "tf32";
+the default follows torch.backends.cuda.matmul.allow_tf32, as torch.matmul does.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._launch import cdiv, next_power_of_2
+
+# CUDA caps grid dimensions 1 and 2 at 65535: larger batches are launched in slices.
+_MAX_GRID_Z = 65535
+GROUP_M = 8
+
+
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
+    """Block sizes for an (m x k) @ (k x n) product: up to 128 x 128 output tiles (8 warps for
+    the full tile), never below 16 (tl.dot's minimum); 16-bit operands take 64-deep K steps,
+    fp32 ones 32 (the same shared-memory bytes)."""
+    block_m = min(128, max(16, next_power_of_2(m)))
+    block_n = min(128, max(16, next_power_of_2(n)))
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    block_k = min(64 if dtype.itemsize <= 2 else 32, max(16, next_power_of_2(k)))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+                num_warps=num_warps, num_stages=3)
+
+
+def default_input_precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _batched(t: torch.Tensor, batch: tuple[int, ...], tail: tuple[int, ...], name: str):
+    """t broadcast to batch + tail, then given exactly two (possibly size-1) batch dims."""
+    try:
+        t = t.expand(*batch, *tail)
+    except RuntimeError:
+        raise ValueError(f"gemm: {name} of shape {tuple(t.shape)} does not broadcast to "
+                         f"{batch + tail}") from None
+    while t.dim() < 2 + len(tail):
+        t = t.unsqueeze(0)
+    return t
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
+         trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
+         accumulate: bool = False, addend: torch.Tensor | None = None,
+         input_precision: str | None = None) -> torch.Tensor:
+    """out = alpha * op(a) @ op(b) (+ bias) (+ out if accumulate, or + addend); returns out.
+
+    a:      (..., M, K), or (..., K, M) with trans_a (op(a) = a^T, a stride swap, no copy)
+    b:      (..., K, N), or (..., N, K) with trans_b
+    out:    (..., M, N), written in place through its strides; its dtype is the result's
+    bias:   (..., N) or (N,): added to every row of the product (after alpha)
+    accumulate: add out's previous contents (beta = 1)
+    addend: (..., M, N) tensor added instead of out's contents (any dtype; may be out itself)
+    input_precision: "ieee" or "tf32" for fp32 operands (default: torch's matmul setting)
+    Leading batch dims (at most two) follow out; the others broadcast to them. a and b must
+    share a dtype.
+    """
+    from .kernels.triton import gemm as k
+    if a.dim() < 2 or b.dim() < 2 or out.dim() < 2 or out.dim() > 4:
+        raise ValueError(f"gemm: needs matrices with at most two batch dims, got "
+                         f"{tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)}")
+    if trans_a:
+        a = a.transpose(-1, -2)
+    if trans_b:
+        b = b.transpose(-1, -2)
+    M, N = out.shape[-2:]
+    K = a.shape[-1]
+    if a.shape[-2] != M or b.shape[-1] != N or b.shape[-2] != K:
+        raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"gemm: operands must share a dtype, got {a.dtype} and {b.dtype}")
+    if accumulate and addend is not None:
+        raise ValueError("gemm: give accumulate=True or addend=, not both")
+    if accumulate:
+        addend = out
+    batch = tuple(out.shape[:-2])
+    a4 = _batched(a, batch, (M, K), "a")
+    b4 = _batched(b, batch, (K, N), "b")
+    c4 = _batched(out, batch, (M, N), "out")
+    d4 = _batched(addend, batch, (M, N), "addend") if addend is not None else c4
+    bias4 = _batched(bias, batch, (N,), "bias") if bias is not None else None
+    if out.numel() == 0:
+        return out
+    B1, B2 = c4.shape[0], c4.shape[1]
+    cfg = gemm_config(M, N, K, a.dtype)
+    precision = input_precision or default_input_precision(a.dtype)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    # slices of the batch that fit the grid's z dimension (one launch when B1 * B2 <= 65535)
+    step2 = min(B2, _MAX_GRID_Z)
+    step1 = max(1, _MAX_GRID_Z // step2)
+    for i1 in range(0, B1, step1):
+        for i2 in range(0, B2, step2):
+            s1, s2 = slice(i1, i1 + step1), slice(i2, i2 + step2)
+            aa, bb, cc, dd = a4[s1, s2], b4[s1, s2], c4[s1, s2], d4[s1, s2]
+            vv = bias4[s1, s2] if bias4 is not None else cc
+            nb1, nb2 = cc.shape[0], cc.shape[1]
+            k.gemm_kernel[(tiles, 1, nb1 * nb2)](
+                aa, bb, cc, dd, vv, M, N, K, nb2,
+                *aa.stride(), *bb.stride(), *cc.stride(), *dd.stride(),
+                *(vv.stride() if bias4 is not None else (0, 0, 0)),
+                float(alpha), ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
+                INPUT_PRECISION=precision, **cfg)
+    return out
+
+
+__all__ = ["gemm", "gemm_config", "default_input_precision"]

@@ -1,0 +1,112 @@
+"""pydl._gemm.gemm (the Triton tiled GEMM every op shares) against torch.matmul in float64:
+odd sizes (partial tiles on every side), transposed / strided / broadcast operands, batches,
+alpha, bias, accumulate and a separate addend."""
+import pytest
+import torch
+
+from pydl._gemm import gemm, gemm_config
+from pydl.testing import assert_close, random_tensor
+
+from conftest import DEVICE, DTYPES
+
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
+TF32 = DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
+def expected(a, b, trans_a=False, trans_b=False):
+    a, b = a.double(), b.double()
+    return (a.mT if trans_a else a) @ (b.mT if trans_b else b)
+
+
+@dtypes
+@pytest.mark.parametrize("trans_a", [False, True], ids=["a", "aT"])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("mnk", [(1, 1, 1), (37, 29, 45), (130, 17, 70)], ids=str)
+def test_gemm_2d(dtype, trans_a, trans_b, mnk):
+    M, N, K = mnk
+    a = random_tensor((K, M) if trans_a else (M, K), dtype, DEVICE)
+    b = random_tensor((N, K) if trans_b else (K, N), dtype, DEVICE)
+    out = torch.empty(M, N, dtype=dtype, device=DEVICE)
+    assert gemm(a, b, out, trans_a=trans_a, trans_b=trans_b) is out
+    assert_close(out, expected(a, b, trans_a, trans_b), dtype, reduction=K, tf32=TF32)
+
+
+def test_gemm_strided_operands_and_output():
+    """Sliced, transposed and broadcast views, and an output written through its strides."""
+    M, N, K = 23, 19, 33
+    a = random_tensor((2 * M, K + 5), torch.float32, DEVICE)[::2, 3:3 + K]   # row stride 2*(K+5)
+    b = random_tensor((N, K), torch.float32, DEVICE).t()                    # column-major
+    big = torch.full((N, 2 * M), float("nan"), device=DEVICE)
+    out = big.t()[::2]                                                     # (M, N), strides (2, 2M)
+    gemm(a, b, out)
+    assert_close(out, expected(a, b), torch.float32, reduction=K)
+    assert torch.isnan(big[:, 1::2]).all(), "wrote outside the output view"
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float16], ids=str)
+def test_gemm_batched_alpha_bias_accumulate(acc_dtype):
+    """Two batch dims, b broadcast over the first (stride 0), alpha, a per-batch bias, then
+    accumulate into the result, then an fp32 addend into a 16-bit output."""
+    B1, B2, M, N, K = 2, 3, 21, 18, 40
+    a = random_tensor((B1, B2, M, K), acc_dtype, DEVICE)
+    b = random_tensor((B2, N, K), acc_dtype, DEVICE)
+    bias = random_tensor((B2, N), acc_dtype, DEVICE)
+    out = torch.empty(B1, B2, M, N, dtype=acc_dtype, device=DEVICE)
+    gemm(a, b, out, trans_b=True, alpha=0.5, bias=bias)
+    want = 0.5 * expected(a, b, trans_b=True) + bias.double()[:, None, :]
+    assert_close(out, want, acc_dtype, reduction=K)
+    c = random_tensor((M, K), acc_dtype, DEVICE)
+    gemm(c, b, out, trans_b=True, accumulate=True)                     # a broadcast over B1, B2
+    want = want + expected(c, b, trans_b=True)
+    assert_close(out, want, acc_dtype, reduction=2 * K)
+    d = random_tensor((B1, B2, M, N), torch.float32, DEVICE)
+    gemm(a, b, out, trans_b=True, addend=d)
+    assert_close(out, expected(a, b, trans_b=True) + d.double(), acc_dtype, reduction=K)
+
+
+def test_gemm_empty_reduction_writes_bias_or_zeros():
+    out = torch.full((5, 7), float("nan"), device=DEVICE)
+    gemm(torch.empty(5, 0, device=DEVICE), torch.empty(0, 7, device=DEVICE), out)
+    assert (out == 0).all()
+    bias = random_tensor(7, torch.float32, DEVICE)
+    gemm(torch.empty(5, 0, device=DEVICE), torch.empty(0, 7, device=DEVICE), out, bias=bias)
+    assert_close(out, bias.expand(5, 7), torch.float32)
+
+
+def test_gemm_grouped_ordering_covers_every_tile():
+    """More tile rows than GROUP_M and a ragged last group: every tile is computed once."""
+    N, K = 265, 16
+    cfg = gemm_config(1024, N, K, torch.float32)
+    M = cfg["BLOCK_M"] * (cfg["GROUP_M"] + 3) - 5        # 11 tile rows: a group of 8, one of 3
+    assert gemm_config(M, N, K, torch.float32) == cfg and N > 2 * cfg["BLOCK_N"]
+    a = random_tensor((M, K), torch.float32, DEVICE)
+    b = random_tensor((K, N), torch.float32, DEVICE)
+    out = torch.full((M, N), float("nan"), device=DEVICE)
+    gemm(a, b, out)
+    assert_close(out, expected(a, b), torch.float32, reduction=K)
+
+
+def test_gemm_bad_arguments():
+    a = torch.zeros(4, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm(a, torch.zeros(4, 3, device=DEVICE), torch.empty(4, 3, device=DEVICE))
+    with pytest.raises(TypeError, match="dtype"):
+        gemm(a, torch.zeros(5, 3, device=DEVICE).half(), torch.empty(4, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="not both"):
+        out = torch.empty(4, 3, device=DEVICE)
+        gemm(a, torch.zeros(5, 3, device=DEVICE), out, accumulate=True, addend=out)
+    with pytest.raises(ValueError, match="broadcast"):
+        gemm(torch.zeros(2, 4, 5, device=DEVICE), torch.zeros(3, 5, 3, device=DEVICE),
+             torch.empty(2, 4, 3, device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.full
+def test_gemm_beyond_int32_offsets():
+    """An operand of more than 2**31 elements: offsets must be computed in int64."""
+    M, N, K = 2 ** 16 + 3, 16, 2 ** 15
+    a = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    b = torch.randn(K, N, device="cuda", dtype=torch.float16)
+    out = torch.empty(M, N, device="cuda", dtype=torch.float16)
+    gemm(a, b, out)
+    assert_close(out[-5:], expected(a[-5:], b), torch.float16, reduction=K)

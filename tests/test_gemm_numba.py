@@ -1,0 +1,101 @@
+"""pydl._gemm_numba.gemm (the Numba tiled GEMM) against float64 torch.matmul: partial tiles on
+every side, strided / transposed / broadcast operands, an output written through its strides
+(including the transposed-problem path), the batch-axis reduction, c_in, bias, mixed dtypes,
+and the GPU's untrimmed code path run in the simulator."""
+import pytest
+import torch
+
+import pydl._gemm_numba as G
+from pydl.testing import assert_close, random_tensor
+
+from conftest import DEVICE, DTYPES
+
+HALF = [d for d in DTYPES if d != torch.float32]
+
+
+def expected(a, b, out_shape, c_in=None, bias=None):
+    r = a.double() @ b.double()
+    if out_shape[1] == 1 and r.shape[1] != 1:
+        r = r.sum(1, keepdim=True)
+    if c_in is not None:
+        r = r + c_in.double()
+    if bias is not None:
+        r = r + bias.double().reshape(-1, 1, 1, bias.shape[-1])
+    return r
+
+
+@pytest.mark.parametrize("orient", ["nn", "tt"])
+def test_gemm_odd_sizes_and_orientations(orient):
+    """M, N, K not multiples of the tile; row- or column-major operands (both tile-load
+    mappings); a row-major output and a column-major one (computed as out^T = b^T a^T), bias
+    along columns and then along rows."""
+    M, N, K = 37, 45, 70
+    if orient == "nn":
+        a = random_tensor((1, 1, M, K), torch.float32, DEVICE)
+        b = random_tensor((1, 1, K, N), torch.float32, DEVICE)
+        out = torch.full((1, 1, M, N), float("nan"), device=DEVICE)
+    else:
+        a = random_tensor((1, 1, K, M), torch.float32, DEVICE).transpose(2, 3)
+        b = random_tensor((1, 1, N, K), torch.float32, DEVICE).transpose(2, 3)
+        out = torch.full((1, 1, N, M), float("nan"), device=DEVICE).transpose(2, 3)
+    bias = random_tensor(N, torch.float32, DEVICE)
+    G.gemm(a, b, out, bias=bias)
+    assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
+
+
+def test_gemm_batches_broadcast_reduce_and_c_in():
+    """(B1, B2) batches with b broadcast over B2; then the B2 axis summed into a B2c = 1
+    output, added to c_in; a sliced output view leaves its neighbours alone."""
+    B1, B2, M, N, K = 2, 3, 9, 11, 13
+    a = random_tensor((B1, B2, M, K), torch.float32, DEVICE)
+    b = random_tensor((B1, 1, K, N), torch.float32, DEVICE)
+    big = torch.full((B1, B2, M, 2 * N), float("nan"), device=DEVICE)
+    out = big[..., ::2]
+    bias = random_tensor((B1, N), torch.float32, DEVICE)
+    G.gemm(a, b, out, bias=bias)
+    assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
+    assert torch.isnan(big[..., 1::2]).all(), "wrote outside the output view"
+    b2 = random_tensor((B1, B2, K, N), torch.float32, DEVICE)
+    c_in = random_tensor((B1, 1, M, N), torch.float32, DEVICE)
+    red = torch.empty(B1, 1, M, N, device=DEVICE)
+    G.gemm(a, b2, red, c_in=c_in)
+    assert_close(red, expected(a, b2, red.shape, c_in=c_in), torch.float32, reduction=B2 * K)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_gemm_half_operands_fp32_accumulator(dtype):
+    """16-bit operands into an fp32 output; then an fp32 c_in into a 16-bit output."""
+    M, N, K = 20, 7, 40
+    a = random_tensor((1, 1, M, K), dtype, DEVICE)
+    b = random_tensor((1, 1, K, N), dtype, DEVICE)
+    acc = torch.empty(1, 1, M, N, device=DEVICE)
+    G.gemm(a, b, acc)
+    assert_close(acc, expected(a, b, acc.shape), torch.float32, reduction=K)
+    out = torch.empty(1, 1, M, N, dtype=dtype, device=DEVICE)
+    G.gemm(a, b, out, c_in=acc)
+    assert_close(out, 2 * expected(a, b, out.shape), dtype, reduction=K)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the simulator's tile settings")
+@pytest.mark.parametrize("tile,micro", [(8, 2), (4, 1)])
+def test_gemm_untrimmed_path_other_tiles(monkeypatch, tile, micro):
+    """The code path a GPU runs (no trimming: zero-filled tile edges, full loops) and other
+    tile shapes, in the simulator."""
+    monkeypatch.setattr(G, "SIM_TILE", tile)
+    monkeypatch.setattr(G, "SIM_MICRO", micro)
+    monkeypatch.setattr(G, "SIM_TRIM", False)
+    M, N, K = 11, 6, 13
+    a = random_tensor((2, 1, K, M), torch.float32, DEVICE).transpose(2, 3)
+    b = random_tensor((1, 1, K, N), torch.float32, DEVICE)
+    out = torch.empty(2, 1, N, M, device=DEVICE).transpose(2, 3)
+    bias = random_tensor((2, N), torch.float32, DEVICE)
+    G.gemm(a, b, out, bias=bias)
+    assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
+
+
+def test_gemm_bad_shapes():
+    a = torch.zeros(1, 1, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="shapes"):
+        G.gemm(a, torch.zeros(1, 1, 5, 2, device=DEVICE), torch.zeros(1, 1, 3, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="broadcast"):
+        G.gemm(a, torch.zeros(1, 2, 4, 2, device=DEVICE), torch.zeros(1, 3, 3, 2, device=DEVICE))
