@@ -18,7 +18,8 @@ import torch
 
 from . import _env
 from ._checks import check_tensor
-from ._launch import cdiv, new_output, next_power_of_2
+from ._launch import (SIM_MAX_BLOCKS, cdiv, launch_numba_1d, new_output, next_power_of_2,
+                      numba_array, numba_stream, numba_threads)
 from .backends import dispatch, register
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -88,7 +89,83 @@ class _TritonAttention:
         return keep.bool()
 
 
-LAUNCHERS = {"triton": _TritonAttention}
+def _numba_grid(n_items: int) -> int:
+    """Blocks for a Numba kernel that loops grid-stride over `n_items` work items: one each on
+    a GPU; a single block in the CUDA simulator, where each block costs tens of ms to start."""
+    return max(1, min(n_items, SIM_MAX_BLOCKS) if _env.INTERPRET else n_items)
+
+
+def _numba_mask(mask):
+    """(array, dtype code) of an attention mask: bool as uint8 bytes, float as is."""
+    from .kernels.numba import attention as kn
+    if mask is None:
+        return None, 0
+    if mask.dtype == torch.bool:
+        return numba_array(mask.view(torch.uint8)), 0
+    return numba_array(mask), kn.BF16 if mask.dtype == torch.bfloat16 else 0
+
+
+def _numba_dropout(dropout_p: float, seed: int) -> tuple:
+    """(dropout, threshold, drop_scale, seed) kernel arguments: a score is dropped when its
+    32-bit hash is below threshold = p * 2**32."""
+    if dropout_p > 0:
+        return True, int(dropout_p * 4294967296.0), 1.0 / (1.0 - dropout_p), int(seed)
+    return False, 0, 1.0, 0
+
+
+class _NumbaAttention:
+    """Same methods as _TritonAttention, on the Numba kernels (kernels/numba/attention.py)."""
+
+    @staticmethod
+    def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        from .kernels.numba import attention as kn
+        B, H, L, E = q.shape
+        owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
+        nt = numba_threads(128)
+        kernel = kn.fwd_kernel(owned, streamed, BD, BDV, nt)
+        qa = numba_array(q)
+        m, mask_code = _numba_mask(mask)
+        kernel[_numba_grid(cdiv(L, owned) * B * H), nt, numba_stream(q.device)](
+            qa, numba_array(k), numba_array(v), numba_array(o), numba_array(lse),
+            m if m is not None else qa, mask_kind, mask_code, bool(is_causal), float(scale),
+            *_numba_dropout(dropout_p, seed), kn.dtype_code(q.dtype))
+
+    @staticmethod
+    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        from .kernels.numba import attention as kn
+        B, H, L, E = q.shape
+        HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+        owned, streamed, BD, BDV = kn.tile_sizes(E, EV)
+        nt = numba_threads(128)
+        code = kn.dtype_code(q.dtype)
+        stream = numba_stream(q.device)
+        do = do.to(o.dtype)
+        qa, ka, va, doa, lsea = map(numba_array, (q, k, v, do, lse))
+        delta = new_output((B * H, L), torch.float32, q.device)
+        deltaa = numba_array(delta)
+        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, numba_array(o), doa, deltaa, code)
+        m, mask_code = _numba_mask(mask)
+        m = m if m is not None else qa
+        tail = (mask_kind, mask_code, bool(is_causal), float(scale),
+                *_numba_dropout(dropout_p, seed), code)
+        kn.dkdv_kernel(owned, streamed, BD, BDV, nt)[
+            _numba_grid(cdiv(S, owned) * B * HKV), nt, stream](
+            qa, ka, va, doa, lsea, deltaa, numba_array(dk), numba_array(dv), m, *tail)
+        kn.dq_kernel(owned, streamed, BD, BDV, nt)[_numba_grid(cdiv(L, owned) * B * H), nt, stream](
+            qa, ka, va, doa, lsea, deltaa, numba_array(dq), m, *tail)
+
+    @staticmethod
+    def dropout_mask(B, H, L, S, dropout_p, seed, device) -> torch.Tensor:
+        """The keep mask (B, H, L, S) that forward and backward use for this seed."""
+        from .kernels.numba import attention as kn
+        keep = new_output((B * H, L, S), torch.int8, device)
+        _, threshold, _, seed = _numba_dropout(dropout_p, seed)
+        launch_numba_1d(kn.attention_dropout_mask, B * H * L, device, numba_array(keep),
+                        seed, threshold)
+        return keep.view(B, H, L, S).bool()
+
+
+LAUNCHERS = {"triton": _TritonAttention, "numba": _NumbaAttention}
 
 
 class AttentionFunction(torch.autograd.Function):

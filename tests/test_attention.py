@@ -15,7 +15,7 @@ from pydl.testing import assert_close, random_tensor, run_with_grad
 
 from conftest import DEVICE, DTYPES
 
-BACKENDS = ("triton",)
+BACKENDS = ("triton", "numba")
 backends = pytest.mark.parametrize("backend", BACKENDS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 F = torch.nn.functional

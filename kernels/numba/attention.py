@@ -1,0 +1,668 @@
+"""Numba CUDA kernels for scaled dot-product attention: flash-style forward and backward.
+
+Same semantics as kernels/triton/attention.py (see its docstring), mirrored kernel for kernel:
+
+- scores s = (q . k) * scale, -inf where a key index is out of range, where the boolean mask is
+  False (True = attend), or above the diagonal for causal attention (top-left: query i sees keys
+  j <= i); a float mask is added. Masks are (B, H, L, S) arrays of any strides (broadcast dims
+  have stride 0), indexed with the query head.
+- grouped-query attention: query head h reads K/V head h // GROUP, GROUP = H // HKV; dK and dV
+  sum over the GROUP query heads of their K/V head inside one block (no atomics).
+- a row with every key masked gets output 0 and lse = +inf (so the backward's exp(s - lse) is 0).
+- dropout: keep(i, j) of plane bh is decided by a counter-based hash of (seed, bh, i * S + j)
+  (`_dropout_base`, `_dropout_keep`: the one definition, used by forward, backward and
+  `attention_dropout_mask`); kept probabilities are scaled by 1 / (1 - p); the softmax
+  normaliser uses the undropped probabilities. The bits differ from Triton's Philox stream.
+
+Forward (`fwd_kernel`): a block owns BM query rows of one (batch, head) and streams K/V in tiles
+of BN keys through shared memory; the L x S scores are never written. Per K/V tile: the tile is
+loaded (double-buffered), the block computes the BM x BN scores into shared memory, then each
+query row runs the online softmax (running max m, running sum l of exp(s - m), rescaling by
+exp(m_old - m_new)) and accumulates P V into registers. lse = m + log l (natural log) is saved.
+
+Backward (FlashAttention-2's split): `delta_kernel` computes D_i = sum_d dO_i,d O_i,d;
+`dkdv_kernel` owns BN keys of one K/V head and streams the BM-row query tiles of every query
+head of its group, recomputing P = exp(s - lse) and accumulating dV = P^T dO and
+dK = dS^T Q * scale in registers, dS = P * (dP - D), dP = dO V^T; `dq_kernel` owns BM query rows
+and streams K/V tiles, accumulating dQ = dS K * scale. Every gradient element is written once,
+by one thread: deterministic, no atomics, no zero-fill.
+
+Thread layout (NT threads, a compile-time constant, like the tile sizes): the G = NT / rows
+threads of an owned row share it; thread g of a row owns the head-dim columns d = g + c * G
+(interleaved, so neighbouring threads touch neighbouring addresses) of the row's accumulator,
+held in a local (register) array, and computes the scores of that row's keys j = g + c * G.
+Each thread of a row runs the row's online softmax itself (the G copies do identical work, so
+they agree exactly). In the dK/dV kernel the roles swap: the owned rows are keys and thread g
+of key j computes the pairs (i, j) with query rows i = g + c * G. Shared tiles are fp32, padded
+to an odd row length against bank conflicts; each tile is stored in the orientation its inner
+loops read along (V transposed in the forward, P and dS transposed in the dK/dV kernel), so the
+products are runs over contiguous rows of shared memory (which is also what keeps the
+simulator's interpreted inner loops short).
+
+Synchronisation: two __syncthreads per streamed tile (after its load, after the score tile is
+written). The streamed tiles are double-buffered, so the load of tile n + 1 cannot overwrite a
+buffer another thread still reads for tile n - 1 (every thread passed the sync that ends its
+last use); the score tile is single-buffered, since it is written only after the next tile's
+first sync, which every reader of the previous scores has passed. Blocks loop over their work
+items grid-stride (one item per block on a GPU; the CUDA simulator runs one block over all of
+them, since starting a block costs tens of milliseconds there); every loop bound the syncs sit
+in is uniform across the block. Shared memory stays below the 48 KiB static limit for head dims
+up to 256: the launcher shrinks the tiles as the head dim grows (`tile_sizes`).
+
+All arithmetic is fp32 whatever the tensor dtype (fp16; bf16 arrives as int16 bits and is
+decoded with kernels/numba/_dtypes.py); constants are typed fp32 so that nothing promotes to
+fp64 on the GPU (math.exp / math.log of an fp32 value are fp32 in Numba). Loads and stores are
+written inline rather than through device functions, and the hot loops call no Numba type
+casts: in the CUDA simulator each device-function call costs tens of microseconds and each
+`float32(x)` several.
+"""
+import math
+
+import numpy as np
+from numba import cuda, float32, int8, int64
+
+from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits  # noqa: F401
+
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_FLOAT = 2
+
+NEG_INF = np.float32(-np.inf)
+POS_INF = np.float32(np.inf)
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+
+# Largest shared-memory footprint the tile choice allows (the static limit is 48 KiB).
+SHARED_LIMIT = 48 * 1024
+
+
+# --- dropout: a counter-based hash ---------------------------------------------------------
+# lowbias32 (C. Wellons' integer hash, constants 0x21f0aaad / 0x735a2d97). Values are held in
+# int64 and kept below 2**32; both multipliers are below 2**31, so no product reaches 2**63:
+# the same code is exact on the GPU (int64) and in the simulator (Python ints), with no
+# overflow anywhere.
+
+_M32 = 0xFFFFFFFF
+
+
+@cuda.jit(device=True)
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+@cuda.jit(device=True)
+def _dropout_base(seed, bh):
+    """The key of (seed, batch*head plane bh), computed once per plane."""
+    return _mix32(_mix32((int64(seed) & _M32) ^ 0x9E3779B9) ^ (int64(bh) & _M32))
+
+
+@cuda.jit(device=True)
+def _dropout_keep(base, offset, threshold):
+    """Whether score `offset` = i * S + j of the plane keyed `base` survives dropout:
+    hash >= threshold = p * 2**32, so it is dropped with probability p. Two hash rounds, the
+    second mixing in the offset's high word (offsets past 2**32 stay distinct)."""
+    x = base ^ (offset & _M32)
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    x = x ^ (x >> 15)
+    x = x ^ (offset >> 32)
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    x = x ^ (x >> 15)
+    return x >= threshold
+
+
+@cuda.jit
+def attention_dropout_mask(keep, seed, threshold):
+    """keep[bh, i, j] = 1 where the kernels keep score (i, j) of plane bh, else 0: for tests.
+    keep is an int8 (B*H, L, S) array; one thread per row (bh, i), grid-stride."""
+    L = keep.shape[1]
+    S = keep.shape[2]
+    total = int64(keep.shape[0]) * L
+    start = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = int64(cuda.gridDim.x) * cuda.blockDim.x
+    for r in range(start, total, step):
+        bh = r // L
+        i = r - bh * L
+        base = _dropout_base(seed, bh)
+        for j in range(S):
+            keep[bh, i, j] = 1 if _dropout_keep(base, i * S + j, threshold) else 0
+
+
+# --- tiles -----------------------------------------------------------------------------------
+
+def tile_sizes(E: int, EV: int) -> tuple[int, int, int, int]:
+    """(owned, streamed, BD, BDV): rows a block owns, rows per streamed tile, and the padded
+    head dims (powers of two, at least 16) the shared arrays are sized for.
+
+    The footprints (fp32; each streamed tile double-buffered; rows padded by one) are at most
+      forward: owned (BD+1) + 2 streamed (BD+1 + BDV+1)
+      dQ, dK/dV: owned (BD+1 + BDV+1) + 2 streamed (BD+1 + BDV+1)
+    so owned 16 / streamed 1024 / max(BD, BDV) (16, 8, 4 for 64, 128, 256) and owned 8 for 256
+    keep every kernel near 33 KiB.
+    """
+    BD = max(16, 1 << (max(E, 1) - 1).bit_length())
+    BDV = max(16, 1 << (max(EV, 1) - 1).bit_length())
+    big = max(BD, BDV)
+    if big > 256:
+        raise ValueError(f"Numba attention supports head dims up to 256, got {E} and {EV}")
+    owned = 16 if big <= 128 else 8
+    streamed = min(16, 1024 // big)
+    return owned, streamed, BD, BDV
+
+
+def _check_shared(nbytes: int) -> None:
+    if nbytes > SHARED_LIMIT:  # pragma: no cover - guarded by tile_sizes
+        raise ValueError(f"attention tiles need {nbytes} bytes of shared memory")
+
+
+_KERNELS = {}
+
+
+def _cached(key, build):
+    k = _KERNELS.get(key)
+    if k is None:
+        k = _KERNELS[key] = build()
+    return k
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+def fwd_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
+    """The forward kernel for BM query rows per block, BN keys per streamed tile, head dims
+    padded to BD / BDV, and NT threads per block (NT a multiple of BM). Arguments:
+
+    q, k, v:     (B, H, L, E), (B, HKV, S, E), (B, HKV, S, EV) arrays, any strides
+    o:           output (B, H, L, EV), q's dtype
+    lse:         output fp32 (B*H, L): natural-log logsumexp per row, +inf for masked rows
+    mask:        (B, H, L, S) uint8 (MASK_BOOL) or float (MASK_FLOAT) array, any strides;
+                 unread for MASK_NONE
+    mask_kind, mask_code: MASK_* and the dtype code of a float mask
+    is_causal:   top-left causal masking
+    scale:       score scale
+    dropout, threshold, drop_scale, seed: dropout on/off, p * 2**32, 1 / (1 - p), the seed
+    code:        dtype code of q, k, v and o
+    """
+    return _cached(("fwd", BM, BN, BD, BDV, NT), lambda: _build_fwd(BM, BN, BD, BDV, NT))
+
+
+def _build_fwd(BM, BN, BD, BDV, NT):
+    G = NT // BM
+    assert G * BM == NT and G >= 1, (BM, NT)
+    NCV = max(1, BDV // G)
+    BDP, BNP = BD + 1, BN + 1
+    _check_shared(4 * (BM * BDP + 2 * BN * BDP + 2 * BDV * BNP + BM * BNP) + BM * BN)
+
+    @cuda.jit
+    def attention_fwd(q, k, v, o, lse, mask, mask_kind, mask_code, is_causal, scale,
+                      dropout, threshold, drop_scale, seed, code):
+        # One shared array per line: the simulator keys shared arrays by source line.
+        sq = cuda.shared.array((BM, BDP), float32)        # the block's query rows
+        sk = cuda.shared.array((2, BN, BDP), float32)     # streamed keys, double-buffered
+        svt = cuda.shared.array((2, BDV, BNP), float32)   # streamed values, transposed
+        ss = cuda.shared.array((BM, BNP), float32)        # scores of the current tile
+        skeep = cuda.shared.array((BM, BN), int8)         # dropout keep flags of the tile
+        acc = cuda.local.array(NCV, float32)              # this thread's columns of P V
+        pl = cuda.local.array(BN, float32)                # the row's (dropped) P of the tile
+        t = cuda.threadIdx.x
+        i = t // G
+        g = t - i * G
+        B = q.shape[0]
+        H = q.shape[1]
+        L = q.shape[2]
+        E = q.shape[3]
+        S = k.shape[2]
+        EV = v.shape[3]
+        group = H // k.shape[1]
+        sc = float32(scale)
+        dscale = float32(drop_scale)
+        ncv = (EV - g + G - 1) // G          # columns g + c * G below EV
+        nq = (L + BM - 1) // BM
+        qrow = sq[i]
+        srow = ss[i]
+        it = 0                               # streamed tiles so far: picks the buffer
+        for w in range(cuda.blockIdx.x, nq * B * H, cuda.gridDim.x):
+            bh = w // nq
+            q0 = (w - bh * nq) * BM
+            b = bh // H
+            h = bh - b * H
+            hk = h // group
+            nrows = min(BM, L - q0)
+            # sq was last read before the final sync of the previous item: free to overwrite
+            for e in range(t, nrows * E, NT):
+                r = e // E
+                d = e - r * E
+                if code == BF16:
+                    sq[r, d] = bf16_bits_to_f32(q[b, h, q0 + r, d])
+                else:
+                    sq[r, d] = q[b, h, q0 + r, d]
+            for c in range(NCV):
+                acc[c] = ZERO
+            m = NEG_INF
+            lsum = ZERO
+            row = q0 + i
+            live = i < nrows
+            base = _dropout_base(seed, bh) if dropout else int64(0)
+            end = min(S, q0 + nrows) if is_causal else S
+            for k0 in range(0, end, BN):
+                buf = it & 1
+                it += 1
+                ncols = min(BN, S - k0)
+                for e in range(t, ncols * E, NT):
+                    r = e // E
+                    d = e - r * E
+                    if code == BF16:
+                        sk[buf, r, d] = bf16_bits_to_f32(k[b, hk, k0 + r, d])
+                    else:
+                        sk[buf, r, d] = k[b, hk, k0 + r, d]
+                for e in range(t, ncols * EV, NT):
+                    r = e // EV
+                    d = e - r * EV
+                    if code == BF16:
+                        svt[buf, d, r] = bf16_bits_to_f32(v[b, hk, k0 + r, d])
+                    else:
+                        svt[buf, d, r] = v[b, hk, k0 + r, d]
+                cuda.syncthreads()
+                if live:
+                    for j in range(g, ncols, G):
+                        col = k0 + j
+                        s = NEG_INF
+                        ok = not (is_causal and col > row)
+                        if ok and mask_kind == MASK_BOOL:
+                            ok = mask[b, h, row, col] != 0
+                        if ok:
+                            krow = sk[buf, j]
+                            dot = ZERO
+                            for d in range(E):
+                                dot += qrow[d] * krow[d]
+                            s = dot * sc
+                            if mask_kind == MASK_FLOAT:
+                                if mask_code == BF16:
+                                    s += bf16_bits_to_f32(mask[b, h, row, col])
+                                else:
+                                    s += mask[b, h, row, col]
+                        srow[j] = s
+                        if dropout:
+                            skeep[i, j] = 1 if _dropout_keep(base, row * S + col, threshold) else 0
+                cuda.syncthreads()
+                if live:
+                    m_new = m
+                    for j in range(ncols):
+                        m_new = max(m_new, srow[j])
+                    if m_new != NEG_INF:                 # else nothing visible yet: no change
+                        alpha = math.exp(m - m_new)      # 0 while m is still -inf
+                        lsum *= alpha
+                        for j in range(ncols):
+                            p = math.exp(srow[j] - m_new)     # 0 for masked scores
+                            lsum += p                    # the normaliser: undropped
+                            if dropout:
+                                p = p * dscale if skeep[i, j] != 0 else ZERO
+                            pl[j] = p
+                        vb = svt[buf]
+                        for c in range(ncv):
+                            vcol = vb[g + c * G]
+                            a = acc[c] * alpha
+                            for j in range(ncols):
+                                a += pl[j] * vcol[j]
+                            acc[c] = a
+                        m = m_new
+            if live:
+                for c in range(ncv):
+                    out = acc[c] / lsum if lsum > ZERO else ZERO
+                    if code == BF16:
+                        o[b, h, row, g + c * G] = f32_to_bf16_bits(out)
+                    else:
+                        o[b, h, row, g + c * G] = out
+                if g == 0:
+                    lse[bh, row] = m + math.log(lsum) if lsum > ZERO else POS_INF
+
+    return attention_fwd
+
+
+# --- backward ------------------------------------------------------------------------------
+
+@cuda.jit
+def delta_kernel(o, do, delta, code):
+    """delta[bh, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32 (= sum_j P_ij dP_ij), one
+    thread per row, grid-stride. o, do: (B, H, L, EV) arrays of any strides (do may be a
+    broadcast gradient with stride 0); delta: fp32 (B*H, L); code: dtype code of o and do."""
+    H = o.shape[1]
+    L = o.shape[2]
+    EV = o.shape[3]
+    total = int64(o.shape[0]) * H * L
+    start = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = int64(cuda.gridDim.x) * cuda.blockDim.x
+    for r in range(start, total, step):
+        bh = r // L
+        i = r - bh * L
+        b = bh // H
+        h = bh - b * H
+        acc = ZERO
+        for d in range(EV):
+            if code == BF16:
+                acc += bf16_bits_to_f32(o[b, h, i, d]) * bf16_bits_to_f32(do[b, h, i, d])
+            else:
+                acc += float32(o[b, h, i, d]) * float32(do[b, h, i, d])
+        delta[bh, i] = acc
+
+
+def dq_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
+    """dQ kernel: a block owns BM query rows of one (batch, head) and streams K/V tiles of BN
+    keys. Arguments: q, k, v, do (any strides), lse and delta (fp32 (B*H, L)), dq (output,
+    q's dtype), then mask ... code as for `fwd_kernel`."""
+    return _cached(("dq", BM, BN, BD, BDV, NT), lambda: _build_dq(BM, BN, BD, BDV, NT))
+
+
+def _build_dq(BM, BN, BD, BDV, NT):
+    G = NT // BM
+    assert G * BM == NT and G >= 1, (BM, NT)
+    NCD = max(1, BD // G)
+    BDP, BDVP, BNP = BD + 1, BDV + 1, BN + 1
+    _check_shared(4 * (BM * (BDP + BDVP) + 2 * BN * (BDP + BDVP) + BM * BNP))
+
+    @cuda.jit
+    def attention_bwd_dq(q, k, v, do, lse, delta, dq, mask, mask_kind, mask_code, is_causal,
+                         scale, dropout, threshold, drop_scale, seed, code):
+        sq = cuda.shared.array((BM, BDP), float32)        # the block's query rows
+        sdo = cuda.shared.array((BM, BDVP), float32)      # and their output gradients
+        sk = cuda.shared.array((2, BN, BDP), float32)     # streamed keys, double-buffered
+        sv = cuda.shared.array((2, BN, BDVP), float32)    # streamed values, double-buffered
+        sds = cuda.shared.array((BM, BNP), float32)       # dS of the current tile
+        acc = cuda.local.array(NCD, float32)              # this thread's columns of dQ
+        t = cuda.threadIdx.x
+        i = t // G
+        g = t - i * G
+        B = q.shape[0]
+        H = q.shape[1]
+        L = q.shape[2]
+        E = q.shape[3]
+        S = k.shape[2]
+        EV = v.shape[3]
+        group = H // k.shape[1]
+        sc = float32(scale)
+        dscale = float32(drop_scale)
+        ncd = (E - g + G - 1) // G
+        nq = (L + BM - 1) // BM
+        qrow = sq[i]
+        dorow = sdo[i]
+        dsrow = sds[i]
+        it = 0
+        for w in range(cuda.blockIdx.x, nq * B * H, cuda.gridDim.x):
+            bh = w // nq
+            q0 = (w - bh * nq) * BM
+            b = bh // H
+            h = bh - b * H
+            hk = h // group
+            nrows = min(BM, L - q0)
+            for e in range(t, nrows * E, NT):
+                r = e // E
+                d = e - r * E
+                if code == BF16:
+                    sq[r, d] = bf16_bits_to_f32(q[b, h, q0 + r, d])
+                else:
+                    sq[r, d] = q[b, h, q0 + r, d]
+            for e in range(t, nrows * EV, NT):
+                r = e // EV
+                d = e - r * EV
+                if code == BF16:
+                    sdo[r, d] = bf16_bits_to_f32(do[b, h, q0 + r, d])
+                else:
+                    sdo[r, d] = do[b, h, q0 + r, d]
+            for c in range(NCD):
+                acc[c] = ZERO
+            row = q0 + i
+            live = i < nrows
+            row_lse = POS_INF
+            row_delta = ZERO
+            if live:
+                row_lse = lse[bh, row]
+                row_delta = delta[bh, row]
+            base = _dropout_base(seed, bh) if dropout else int64(0)
+            end = min(S, q0 + nrows) if is_causal else S
+            for k0 in range(0, end, BN):
+                buf = it & 1
+                it += 1
+                ncols = min(BN, S - k0)
+                for e in range(t, ncols * E, NT):
+                    r = e // E
+                    d = e - r * E
+                    if code == BF16:
+                        sk[buf, r, d] = bf16_bits_to_f32(k[b, hk, k0 + r, d])
+                    else:
+                        sk[buf, r, d] = k[b, hk, k0 + r, d]
+                for e in range(t, ncols * EV, NT):
+                    r = e // EV
+                    d = e - r * EV
+                    if code == BF16:
+                        sv[buf, r, d] = bf16_bits_to_f32(v[b, hk, k0 + r, d])
+                    else:
+                        sv[buf, r, d] = v[b, hk, k0 + r, d]
+                cuda.syncthreads()
+                if live:
+                    for j in range(g, ncols, G):
+                        col = k0 + j
+                        ds = ZERO
+                        ok = not (is_causal and col > row)
+                        if ok and mask_kind == MASK_BOOL:
+                            ok = mask[b, h, row, col] != 0
+                        if ok:
+                            krow = sk[buf, j]
+                            dot = ZERO
+                            for d in range(E):
+                                dot += qrow[d] * krow[d]
+                            s = dot * sc
+                            if mask_kind == MASK_FLOAT:
+                                if mask_code == BF16:
+                                    s += bf16_bits_to_f32(mask[b, h, row, col])
+                                else:
+                                    s += mask[b, h, row, col]
+                            p = math.exp(s - row_lse)    # 0 for a fully masked row
+                            if p != ZERO:
+                                vrow = sv[buf, j]
+                                dp = ZERO
+                                for d in range(EV):
+                                    dp += dorow[d] * vrow[d]
+                                if dropout:
+                                    kept = _dropout_keep(base, row * S + col, threshold)
+                                    dp = dp * dscale if kept else ZERO
+                                ds = p * (dp - row_delta)
+                        dsrow[j] = ds
+                cuda.syncthreads()
+                if live:
+                    kb = sk[buf]
+                    for c in range(ncd):
+                        d = g + c * G
+                        a = acc[c]
+                        for j in range(ncols):
+                            a += dsrow[j] * kb[j, d]
+                        acc[c] = a
+            if live:
+                for c in range(ncd):
+                    out = acc[c] * sc
+                    if code == BF16:
+                        dq[b, h, row, g + c * G] = f32_to_bf16_bits(out)
+                    else:
+                        dq[b, h, row, g + c * G] = out
+
+    return attention_bwd_dq
+
+
+def dkdv_kernel(BN: int, BM: int, BD: int, BDV: int, NT: int):
+    """dK/dV kernel: a block owns BN keys of one (batch, K/V head) and streams query tiles of
+    BM rows of each of the GROUP query heads reading that K/V head. Arguments: q, k, v, do,
+    lse, delta, dk, dv (outputs, K's and V's dtype), then mask ... code as for `fwd_kernel`."""
+    return _cached(("dkdv", BN, BM, BD, BDV, NT), lambda: _build_dkdv(BN, BM, BD, BDV, NT))
+
+
+def _build_dkdv(BN, BM, BD, BDV, NT):
+    G = NT // BN
+    assert G * BN == NT and G >= 1, (BN, NT)
+    NCD = max(1, BD // G)
+    NCV = max(1, BDV // G)
+    BDP, BDVP, BMP = BD + 1, BDV + 1, BM + 1
+    _check_shared(4 * (BN * (BDP + BDVP) + 2 * BM * (BDP + BDVP + 2) + 2 * BN * BMP))
+
+    @cuda.jit
+    def attention_bwd_dkdv(q, k, v, do, lse, delta, dk, dv, mask, mask_kind, mask_code,
+                           is_causal, scale, dropout, threshold, drop_scale, seed, code):
+        sk = cuda.shared.array((BN, BDP), float32)        # the block's keys
+        sv = cuda.shared.array((BN, BDVP), float32)       # and values
+        sq = cuda.shared.array((2, BM, BDP), float32)     # streamed queries, double-buffered
+        sdo = cuda.shared.array((2, BM, BDVP), float32)   # streamed dO, double-buffered
+        slse = cuda.shared.array((2, BM), float32)        # streamed lse
+        sdelta = cuda.shared.array((2, BM), float32)      # streamed delta
+        spt = cuda.shared.array((BN, BMP), float32)       # (dropped) P^T of the current tile
+        sdst = cuda.shared.array((BN, BMP), float32)      # dS^T of the current tile
+        acck = cuda.local.array(NCD, float32)             # this thread's columns of dK
+        accv = cuda.local.array(NCV, float32)             # and of dV
+        t = cuda.threadIdx.x
+        j = t // G                                        # the thread's key within the tile
+        g = t - j * G
+        B = q.shape[0]
+        H = q.shape[1]
+        L = q.shape[2]
+        E = q.shape[3]
+        HKV = k.shape[1]
+        S = k.shape[2]
+        EV = v.shape[3]
+        group = H // HKV
+        sc = float32(scale)
+        dscale = float32(drop_scale)
+        ncd = (E - g + G - 1) // G
+        ncv = (EV - g + G - 1) // G
+        nk = (S + BN - 1) // BN
+        krow = sk[j]
+        vrow = sv[j]
+        prow = spt[j]
+        dsrow = sdst[j]
+        it = 0
+        for w in range(cuda.blockIdx.x, nk * B * HKV, cuda.gridDim.x):
+            bhk = w // nk
+            k0 = (w - bhk * nk) * BN
+            b = bhk // HKV
+            hk = bhk - b * HKV
+            ncols = min(BN, S - k0)
+            # sk / sv were last read before the previous item's final sync
+            for e in range(t, ncols * E, NT):
+                r = e // E
+                d = e - r * E
+                if code == BF16:
+                    sk[r, d] = bf16_bits_to_f32(k[b, hk, k0 + r, d])
+                else:
+                    sk[r, d] = k[b, hk, k0 + r, d]
+            for e in range(t, ncols * EV, NT):
+                r = e // EV
+                d = e - r * EV
+                if code == BF16:
+                    sv[r, d] = bf16_bits_to_f32(v[b, hk, k0 + r, d])
+                else:
+                    sv[r, d] = v[b, hk, k0 + r, d]
+            for c in range(NCD):
+                acck[c] = ZERO
+            for c in range(NCV):
+                accv[c] = ZERO
+            col = k0 + j
+            live = j < ncols
+            # causal: query rows below k0 see none of these keys
+            qstart = (k0 // BM) * BM if is_causal else 0
+            for gg in range(group):
+                h = hk * group + gg
+                bh = b * H + h
+                base = _dropout_base(seed, bh) if dropout else int64(0)
+                for q0 in range(qstart, L, BM):
+                    buf = it & 1
+                    it += 1
+                    nrows = min(BM, L - q0)
+                    for e in range(t, nrows * E, NT):
+                        r = e // E
+                        d = e - r * E
+                        if code == BF16:
+                            sq[buf, r, d] = bf16_bits_to_f32(q[b, h, q0 + r, d])
+                        else:
+                            sq[buf, r, d] = q[b, h, q0 + r, d]
+                    for e in range(t, nrows * EV, NT):
+                        r = e // EV
+                        d = e - r * EV
+                        if code == BF16:
+                            sdo[buf, r, d] = bf16_bits_to_f32(do[b, h, q0 + r, d])
+                        else:
+                            sdo[buf, r, d] = do[b, h, q0 + r, d]
+                    for r in range(t, nrows, NT):
+                        slse[buf, r] = lse[bh, q0 + r]
+                        sdelta[buf, r] = delta[bh, q0 + r]
+                    cuda.syncthreads()
+                    if live:
+                        for r in range(g, nrows, G):
+                            row = q0 + r
+                            pu = ZERO
+                            ds = ZERO
+                            ok = not (is_causal and col > row)
+                            if ok and mask_kind == MASK_BOOL:
+                                ok = mask[b, h, row, col] != 0
+                            if ok:
+                                qrow = sq[buf, r]
+                                dot = ZERO
+                                for d in range(E):
+                                    dot += qrow[d] * krow[d]
+                                s = dot * sc
+                                if mask_kind == MASK_FLOAT:
+                                    if mask_code == BF16:
+                                        s += bf16_bits_to_f32(mask[b, h, row, col])
+                                    else:
+                                        s += mask[b, h, row, col]
+                                p = math.exp(s - slse[buf, r])
+                                if p != ZERO:
+                                    dorow = sdo[buf, r]
+                                    dp = ZERO
+                                    for d in range(EV):
+                                        dp += dorow[d] * vrow[d]
+                                    pu = p
+                                    if dropout:
+                                        if _dropout_keep(base, row * S + col, threshold):
+                                            pu = p * dscale
+                                            dp = dp * dscale
+                                        else:
+                                            pu = ZERO
+                                            dp = ZERO
+                                    ds = p * (dp - sdelta[buf, r])
+                            prow[r] = pu
+                            dsrow[r] = ds
+                    cuda.syncthreads()
+                    if live:
+                        dob = sdo[buf]
+                        for c in range(ncv):
+                            d = g + c * G
+                            a = accv[c]
+                            for r in range(nrows):
+                                a += prow[r] * dob[r, d]
+                            accv[c] = a
+                        qb = sq[buf]
+                        for c in range(ncd):
+                            d = g + c * G
+                            a = acck[c]
+                            for r in range(nrows):
+                                a += dsrow[r] * qb[r, d]
+                            acck[c] = a
+            if live:
+                for c in range(ncd):
+                    out = acck[c] * sc
+                    if code == BF16:
+                        dk[b, hk, col, g + c * G] = f32_to_bf16_bits(out)
+                    else:
+                        dk[b, hk, col, g + c * G] = out
+                for c in range(ncv):
+                    out = accv[c]
+                    if code == BF16:
+                        dv[b, hk, col, g + c * G] = f32_to_bf16_bits(out)
+                    else:
+                        dv[b, hk, col, g + c * G] = out
+
+    return attention_bwd_dkdv
