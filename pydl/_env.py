@@ -24,6 +24,10 @@ if INTERPRET:
                       "backend cannot use the CUDA simulator: import pydl first")
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    # The CUDA simulator runs each CUDA thread as an OS thread, released from a syncthreads by
+    # a busy-polling manager thread; with Python's default 5 ms switch interval every barrier
+    # costs milliseconds. 0.1 ms makes barrier-heavy simulated kernels several times faster.
+    sys.setswitchinterval(1e-4)
     if "numba.core.config" in sys.modules and "numba.cuda" not in sys.modules:
         # numba read its configuration already (some tool imported numba); read it again
         sys.modules["numba.core.config"].reload_config()

@@ -8,9 +8,6 @@ workspace fed by fp16 operands, say).
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-from typing import Iterator
 
 import torch
 
@@ -28,41 +25,9 @@ SIM_TILE, SIM_MICRO = 32, 16
 # Under emulation the kernel skips the multiply-adds and loads outside the matrices (see
 # kernels/numba/gemm.py: trim); tests turn this off to run the GPU's code path in the simulator.
 SIM_TRIM = True
-# GIL switch interval (seconds) while a simulated kernel runs: see simulator_switching.
-SIM_SWITCH_INTERVAL = 1e-4
 # Grid limits on the y and z axes (x goes to 2^31 - 1); the kernel's grid-stride loops cover
 # what a capped grid leaves over.
 _MAX_GRID_YZ = 65535
-
-
-@contextlib.contextmanager
-def simulator_switching() -> Iterator[None]:
-    """Around a kernel launch under emulation: a short GIL switch interval while it runs.
-
-    The CUDA simulator runs each CUDA thread as an OS thread and a busy-polling manager
-    thread releases them from a syncthreads; with Python's default 5 ms switch interval a
-    barrier costs milliseconds even for a handful of threads. 0.1 ms makes barrier-heavy
-    kernels (the GEMM, the bias reduction) several times faster. The launch is synchronous,
-    so the old interval is back before the caller continues. No-op on a GPU."""
-    if not _env.INTERPRET:
-        yield
-        return
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(SIM_SWITCH_INTERVAL)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
-
-def array(t: torch.Tensor):
-    """Numba view of a tensor; under emulation wrapped as a simulator device array, so the
-    simulator neither copies it in and out nor refuses non-contiguous strides."""
-    a = numba_array(t)
-    if t.device.type == "cpu":
-        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-        return FakeCUDAArray(a)
-    return a
 
 
 def tile() -> tuple[int, int]:
@@ -117,8 +82,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     code = k.dtype_code
     c_in_ = c_in if c_in is not None else out     # placeholders the kernel does not read
     bias_ = bias if bias is not None else out
-    with simulator_switching():
-        kernel[grid, (T // R, T // R), numba_stream(out.device)](
-            array(a), array(b), array(c_in_), array(out), array(bias_), c_in is not None,
-            bias_mode, a.stride(3) <= a.stride(2), b.stride(3) <= b.stride(2), code(a.dtype),
-            code(b.dtype), code(c_in_.dtype), code(out.dtype), code(bias_.dtype))
+    kernel[grid, (T // R, T // R), numba_stream(out.device)](
+        *map(numba_array, (a, b, c_in_, out, bias_)), c_in is not None,
+        bias_mode, a.stride(3) <= a.stride(2), b.stride(3) <= b.stride(2), code(a.dtype),
+        code(b.dtype), code(c_in_.dtype), code(out.dtype), code(bias_.dtype))

@@ -25,11 +25,9 @@ import torch
 from . import _env
 from ._checks import check_tensor
 from ._gemm import gemm
-from ._gemm_numba import array as _numba_array
 from ._gemm_numba import gemm as gemm_numba
-from ._gemm_numba import simulator_switching
-from ._launch import (cdiv, memory_format_of, new_output, next_power_of_2, numba_stream,
-                      numba_threads)
+from ._launch import (cdiv, memory_format_of, new_output, next_power_of_2, numba_array,
+                      numba_stream, numba_threads)
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from .backends import dispatch, register
 
@@ -371,7 +369,7 @@ class _NumbaIm2col:
         got = _numba_weight_matrix(w, g)
         if got is None:
             packed = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-            _numba_1d(k.copy4, w.numel(), w.device, _numba_array(w), _numba_array(packed),
+            _numba_1d(k.copy4, w.numel(), w.device, numba_array(w), numba_array(packed),
                       k.dtype_code(w.dtype), k.dtype_code(w.dtype))
             got = _numba_weight_matrix(packed, g)
         return got
@@ -388,7 +386,7 @@ class _NumbaIm2col:
         from .kernels.numba import conv as k
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
         cols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
-        _numba_1d(k.im2col, cols.numel(), x.device, _numba_array(x), _numba_array(cols), n0,
+        _numba_1d(k.im2col, cols.numel(), x.device, numba_array(x), numba_array(cols), n0,
                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OW, c_last)
         return cols
 
@@ -402,8 +400,8 @@ class _NumbaIm2col:
         from .kernels.numba import conv as k
         packed = ws[:nb * g.OC * g.OH * g.OW].view(nb, g.OC, g.OH, g.OW)
         code = k.dtype_code(dy.dtype)
-        _numba_1d(k.copy4, packed.numel(), dy.device, _numba_array(dy[n0:n0 + nb]),
-                  _numba_array(packed), code, code)
+        _numba_1d(k.copy4, packed.numel(), dy.device, numba_array(dy[n0:n0 + nb]),
+                  numba_array(packed), code, code)
         return _numba_pixel_matrix(packed, 0, nb, g.groups)
 
     @staticmethod
@@ -434,8 +432,8 @@ class _NumbaIm2col:
         for n0, nb in chunks:
             dcols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
             gemm_numba(_NumbaIm2col._dy(dy, dy_ws, n0, nb, g), wm, dcols)
-            _numba_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, _numba_array(dcols),
-                      _numba_array(dx), n0, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW,
+            _numba_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, numba_array(dcols),
+                      numba_array(dx), n0, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW,
                       g.OH, g.OW, c_last, channels_last, k.dtype_code(dx.dtype))
 
     @staticmethod
@@ -466,10 +464,9 @@ class _NumbaIm2col:
         from .kernels.numba import conv as k
         threads = BIAS_SIM_THREADS if _env.INTERPRET else 256
         blocks = 1 if _env.INTERPRET else min(g.OC, 65535)
-        with simulator_switching():
-            k.bias_grad[blocks, threads, numba_stream(dy.device)](
-                _numba_array(dy), _numba_array(db.view(1, 1, 1, g.OC)), k.dtype_code(dy.dtype),
-                k.dtype_code(db.dtype))
+        k.bias_grad[blocks, threads, numba_stream(dy.device)](
+            numba_array(dy), numba_array(db.view(1, 1, 1, g.OC)), k.dtype_code(dy.dtype),
+            k.dtype_code(db.dtype))
 
 
 # Threads of the bias-gradient reduction in the CUDA simulator, where each syncthreads costs

@@ -200,5 +200,56 @@ def _merge_masks(attn_mask, key_padding_mask, N, H, L, S, dtype):
     return total
 
 
+class LSTMCell(torch.nn.LSTMCell):
+    """torch.nn.LSTMCell computed by pydl's fused cell kernel (forward in one launch)."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: str | None = None):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, hx=None):
+        return F.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                           backend=self.backend)
+
+
+class LSTM(torch.nn.LSTM):
+    """torch.nn.LSTM on pydl's kernels: the input projection of all steps as one GEMM, then one
+    fused kernel per time step (or, with algo="persistent" on triton, one launch per layer and
+    direction); backward through time from the saved gate activations.
+
+    Same constructor arguments and state_dict as torch.nn.LSTM, plus `backend=` and `algo=`.
+    proj_size != 0 and PackedSequence inputs are not supported (NotImplementedError).
+    """
+
+    def __init__(self, *args, backend: str | None = None, algo: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.proj_size != 0:
+            raise NotImplementedError("pydl.nn.LSTM: proj_size != 0 (LSTM with projections) is "
+                                      "not implemented; use torch.nn.LSTM for it")
+        self.backend, self.algo = backend, algo
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+            raise NotImplementedError("pydl.nn.LSTM does not take PackedSequence inputs; pass "
+                                      "the padded tensor (torch.nn.utils.rnn.pad_packed_sequence)")
+        return F.lstm(input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
+                      batch_first=self.batch_first, dropout=self.dropout, training=self.training,
+                      bidirectional=self.bidirectional, backend=self.backend, algo=self.algo)
+
+
+class GRUCell(torch.nn.GRUCell):
+    """torch.nn.GRUCell computed by pydl's fused GRU cell kernel."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: str | None = None):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, hx=None) -> torch.Tensor:
+        return F.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                          backend=self.backend)
+
+
 __all__ = ["Conv2d", "CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d", "MultiheadAttention"]
+           "AdaptiveAvgPool2d", "MultiheadAttention", "LSTMCell", "LSTM", "GRUCell"]

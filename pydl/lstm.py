@@ -1,0 +1,808 @@
+"""LSTM: the fused cell and the full multi-layer, bidirectional layer, forward and backward
+through time. Argument checks, autograd Functions, kernel launches.
+
+Kernels: kernels/{triton,numba}/lstm.py (the fused forward and backward steps, the
+persistent layer, bias sums, dropout's product); GEMMs as described under "GEMMs" below. torch computes nothing on
+the kernel path; it allocates buffers and, for dropout between layers, draws the mask with
+its own random generator (bernoulli_, as torch's CPU LSTM does, so the masks are the ones
+torch would draw from the same seed there).
+
+The cell (pydl.lstm_cell / nn.LSTMCell), forward in ONE kernel:
+    gates = x W_ih^T + h W_hh^T + b_ih + b_hh; i, f, o = sigmoid; g = tanh;
+    c1 = f c + i g; h1 = o tanh(c1)
+saving the fp32 activations (i, f, g, o) and an fp32 copy of c1 (4H + H floats a row).
+Backward: one elementwise kernel for the gate gradients dg (B, 4H) and dc, then GEMMs
+dx = dg W_ih, dh = dg W_hh, dW_ih = dg^T x, dW_hh = dg^T h, and a column sum for the biases
+(db_ih = db_hh). Mixed-dtype products (fp32 dg times fp16 weights) run in fp32.
+
+The layer (pydl.lstm / nn.LSTM), per layer and direction:
+    xp = X W_ih^T + b_ih for ALL time steps: one GEMM, (T, B, 4H) fp32;
+    then the recurrence, by algo:
+      "steps"       one fused kernel per time step (h_{t-1} W_hh^T + xp[t] + b_hh, the
+                    nonlinearities and the state update), h_t written into the output;
+      "persistent"  (Triton, hidden_size <= 64) one launch for the whole sequence: each
+                    program owns a block of batch rows and all hidden units, so no program
+                    waits for another between steps (no grid-wide synchronisation), and
+                    W_hh, h and c stay in registers throughout.
+Backward through time walks each direction's steps in reverse run order, one fused kernel
+per step: dh_t = dg_{t+1} W_hh as the GEMM prologue of the gate-gradient math (so one launch
+per step each way), or one persistent launch; then the weight gradients as GEMMs summed over
+every (t, b) row at once (dW_hh pairs dg_t with the output one step earlier, h0 for the
+first step), dX = dg W_ih for all steps (both directions summed in an fp32 buffer), and the
+bias column sums. Dropout's mask multiplies the gradient on its way to the layer below.
+
+GEMMs: same-dtype products without a reduction over a batch axis (the input projection; dx
+and dh in fp32) run on the library's shared Triton GEMM (pydl/_gemm.py); the others (fp32
+dg times fp16/bf16 weights, weight gradients summed over time steps whose (t, b) rows do not
+merge into one stride, e.g. a batch_first input) on `gemm_batched` in kernels/triton/lstm.py,
+which has the shared Numba GEMM's semantics.
+
+The c state is carried in fp32 between steps (torch carries it in the input dtype); h is
+rounded to the dtype, as it is an output and the next step's GEMM operand.
+
+Gate activations and cell states are kept in fp32 workspaces (5H floats per row and step)
+whatever the dtype: the backward then loses nothing to fp16 rounding of saved values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _env
+from ._checks import check_tensor
+from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
+                      numba_threads)
+from .backends import dispatch, register
+from .conv import _input_precision
+
+F32 = torch.float32
+
+# algo="persistent" keeps four BLOCK_H x BLOCK_H tiles of W_hh in registers.
+PERSISTENT_MAX_HIDDEN = 64
+
+
+def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+# --- Triton launch --------------------------------------------------------------------------
+
+def _dot_block(n: int, cap: int) -> int:
+    """A tl.dot block size: a power of two, at least 16 (the tensor-core minimum)."""
+    return max(16, min(next_power_of_2(n), cap))
+
+
+class _TritonLSTM:
+    @staticmethod
+    def step_fwd(x, w_ih, xp, b_ih, b_hh, h, c, w_hh, h1, c1, hn, cn, gates) -> None:
+        """One fused step (see kernels/triton/lstm.py): any of x/w_ih, xp, biases, h, c, hn,
+        cn may be None."""
+        from .kernels.triton import lstm as k
+        B, H = h1.shape
+        I = x.shape[1] if x is not None else 0
+        cfg = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
+                   BLOCK_K=_dot_block(max(I, H), 32), num_warps=4)
+        grid = (cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))
+        d = h1
+        k.lstm_step_fwd[grid](
+            x if x is not None else d, w_ih if w_ih is not None else d, xp if xp is not None else d,
+            b_ih if b_ih is not None else d, b_hh if b_hh is not None else d,
+            h if h is not None else d, c if c is not None else d, w_hh, h1, c1,
+            hn if hn is not None else d, cn if cn is not None else d, gates,
+            B, I, H, *_strides(x, 2), *_strides(w_ih, 2), *_strides(xp, 2),
+            *_strides(h, 2), *_strides(c, 2), *w_hh.stride(), *h1.stride(), *c1.stride(),
+            *_strides(hn, 2), *_strides(cn, 2), *gates.stride(),
+            HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
+            HAS_BHH=b_hh is not None, HAS_H=h is not None, HAS_C=c is not None,
+            WRITE_HN=hn is not None, WRITE_CN=cn is not None,
+            INPUT_PRECISION=_input_precision(h1.dtype), **cfg)
+
+    @staticmethod
+    def step_bwd(gates, c_prev, c1, dg_next, w_hh, dh_a, dh_b, dc, dg, dc_prev) -> None:
+        """One fused backward step (dh = dg_next W_hh, then the gate gradients); c_prev,
+        dg_next, dh_a, dh_b, dc, dc_prev may be None."""
+        from .kernels.triton import lstm as k
+        B, H = c1.shape
+        cfg = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
+                   BLOCK_K=_dot_block(4 * H, 32), num_warps=4)
+        d = c1
+        k.lstm_step_bwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
+            gates, c_prev if c_prev is not None else d, c1,
+            dg_next if dg_next is not None else d, w_hh, dh_a if dh_a is not None else d,
+            dh_b if dh_b is not None else d, dc if dc is not None else d, dg,
+            dc_prev if dc_prev is not None else d, B, H,
+            *gates.stride(), *_strides(c_prev, 2), *c1.stride(), *_strides(dg_next, 2),
+            *w_hh.stride(), *_strides(dh_a, 2), *_strides(dh_b, 2), *_strides(dc, 2),
+            *dg.stride(), *_strides(dc_prev, 2),
+            HAS_CPREV=c_prev is not None, HAS_DGN=dg_next is not None,
+            HAS_DHA=dh_a is not None, HAS_DHB=dh_b is not None, HAS_DC=dc is not None,
+            WRITE_DCPREV=dc_prev is not None, INPUT_PRECISION=_input_precision(F32), **cfg)
+
+    @staticmethod
+    def gemm(a, b, out, c_in=None, bias=None) -> None:
+        """out[b1, b2] = a[b1, b2] @ b[b1, b2] (+ c_in) (+ bias[b1] per column), 4-D views;
+        a size-1 batch axis of an operand broadcasts, and out's second batch axis of size 1
+        sums over the operands' (the semantics of pydl/_gemm_numba.py's gemm)."""
+        from .kernels.triton import lstm as k
+        B1, B2c, M, N = out.shape
+        K = a.shape[3]
+        B2 = a.shape[1] if a.shape[1] != 1 else b.shape[1]
+        n_red = B2 if (B2c == 1 and B2 != 1) else 1
+        if out.numel() == 0:
+            return
+        if n_red == 1 and a.dtype == b.dtype:
+            # the library's shared GEMM (pydl/_gemm.py) covers same-dtype products without a
+            # reduction over a batch axis: the input projection, and dx / dh in fp32
+            from ._gemm import gemm
+            gemm(a, b, out, addend=c_in, bias=bias, input_precision=_input_precision(a.dtype))
+            return
+
+        def batch_strides(t):
+            return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1)) + tuple(t.stride()[2:])
+
+        dot_f32 = a.dtype != b.dtype or a.dtype == F32
+        cfg = dict(BLOCK_M=_dot_block(M, 64), BLOCK_N=_dot_block(N, 64),
+                   BLOCK_K=_dot_block(K, 32), num_warps=4)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
+        k.gemm_batched[grid](
+            a, b, c_in if c_in is not None else out, out, bias if bias is not None else out,
+            M, N, K, B1 * B2c, B2c, n_red,
+            *batch_strides(a), *batch_strides(b),
+            *(batch_strides(c_in) if c_in is not None else (0,) * 4), *out.stride(),
+            *((0 if bias.shape[0] == 1 else bias.stride(0), bias.stride(1))
+              if bias is not None else (0, 0)),
+            ACCUMULATE=c_in is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
+            INPUT_PRECISION=_input_precision(F32) if dot_f32 else "ieee", **cfg)
+
+    @staticmethod
+    def bias_grad(dg, db1, db2) -> None:
+        """db1 (and db2) = column sums of dg (T, B, N)."""
+        from .kernels.triton import lstm as k
+        T, B, N = dg.shape
+        block_n = min(next_power_of_2(N), 64)
+        k.bias_grad[(cdiv(N, block_n),)](
+            dg, db1, db2 if db2 is not None else db1, T, B, N, *dg.stride(),
+            WRITE_DB2=db2 is not None, BLOCK_R=min(next_power_of_2(T * B), 32),
+            BLOCK_N=block_n, num_warps=4)
+
+    @staticmethod
+    def mul(x, s, y) -> None:
+        """y = x * s over 3-D tensors (y may be x)."""
+        from .kernels.triton import lstm as k
+        block = 1024
+        k.mul_3d[(cdiv(x.numel(), block),)](x, s, y, *x.shape, *x.stride(), *s.stride(),
+                                             *y.stride(), BLOCK=block, num_warps=4)
+
+    @staticmethod
+    def persistent_fwd(xp, b_hh, h0, c0, w_hh, out, cs, gates, hn, cn, reverse: bool) -> None:
+        from .kernels.triton import lstm as k
+        T, B, H = out.shape
+        block_h = _dot_block(H, PERSISTENT_MAX_HIDDEN)
+        block_b = 16
+        d = out
+        k.lstm_persistent_fwd[(cdiv(B, block_b),)](
+            xp, b_hh if b_hh is not None else d, h0 if h0 is not None else d,
+            c0 if c0 is not None else d, w_hh, out, cs, gates, hn, cn, T, B, H,
+            *xp.stride(), *_strides(h0, 2), *_strides(c0, 2), *w_hh.stride(), *out.stride(),
+            *cs.stride(), *gates.stride(), *hn.stride(), *cn.stride(),
+            REVERSE=reverse, HAS_BHH=b_hh is not None, HAS_H0=h0 is not None,
+            HAS_C0=c0 is not None, INPUT_PRECISION=_input_precision(out.dtype),
+            BLOCK_B=block_b, BLOCK_H=block_h, num_warps=4 if block_h <= 32 else 8)
+
+    @staticmethod
+    def persistent_bwd(gates, cs, c0, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, reverse: bool) -> None:
+        from .kernels.triton import lstm as k
+        T, B, H = cs.shape
+        block_h = _dot_block(H, PERSISTENT_MAX_HIDDEN)
+        block_b = 16
+        d = cs
+        k.lstm_persistent_bwd[(cdiv(B, block_b),)](
+            gates, cs, c0 if c0 is not None else d, w_hh, d_out if d_out is not None else d,
+            d_hn if d_hn is not None else d, d_cn if d_cn is not None else d, dg, dh0, dc0,
+            T, B, H, *gates.stride(), *cs.stride(), *_strides(c0, 2), *w_hh.stride(),
+            *_strides(d_out, 3), *_strides(d_hn, 2), *_strides(d_cn, 2), *dg.stride(),
+            *dh0.stride(), *dc0.stride(),
+            REVERSE=reverse, HAS_C0=c0 is not None, HAS_DOUT=d_out is not None,
+            HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None,
+            INPUT_PRECISION=_input_precision(F32), BLOCK_B=block_b, BLOCK_H=block_h,
+            num_warps=4 if block_h <= 32 else 8)
+
+
+# --- Numba launch ---------------------------------------------------------------------------
+
+# Step-kernel tiles (rows x units x K): 8 x 32 x 32 (256 threads) on a GPU; 4 x 8 x 8 (32
+# threads) in the simulator, where every thread is an OS thread.
+_NUMBA_STEP_TILE = (8, 32, 32)
+_NUMBA_SIM_STEP_TILE = (4, 8, 8)
+
+
+def _numba_launch(kernel, blocks, threads, device, *args) -> None:
+    """kernel[blocks, threads](*args) on torch's current stream."""
+    kernel[blocks, threads, numba_stream(device)](*args)
+
+
+def _numba_grid(n_items: int, threads: int) -> int:
+    # the kernels' grid-stride loops cover all items when the simulator gets fewer blocks
+    return numba_blocks(cdiv(n_items, threads))
+
+
+class _NumbaLSTM:
+    """Same methods as _TritonLSTM (no persistent variant), on the Numba kernels."""
+
+    @staticmethod
+    def step_fwd(x, w_ih, xp, b_ih, b_hh, h, c, w_hh, h1, c1, hn, cn, gates) -> None:
+        from .kernels.numba import lstm as k
+        arr = numba_array
+        code = k.dtype_code
+        B, H = h1.shape
+        tb, tu, tk = _NUMBA_SIM_STEP_TILE if _env.INTERPRET else _NUMBA_STEP_TILE
+        kernel = k.lstm_step_kernel(tb, tu, tk)
+        d2, d1 = h1, gates.reshape(-1)  # placeholders of the right rank, never read
+        blocks = 1 if _env.INTERPRET else cdiv(B, tb) * cdiv(H, tu)
+
+        def a2(t):
+            return arr(t if t is not None else d2)
+
+        def a1(t):
+            return arr(t if t is not None else d1)
+
+        def cd(t):
+            return code(t.dtype) if t is not None else 0
+
+        bias = b_ih if b_ih is not None else b_hh
+        _numba_launch(
+            kernel, blocks, (tu, tb), h1.device,
+            a2(x), a2(w_ih), a2(xp), a1(b_ih), a1(b_hh), a2(h), a2(c), arr(w_hh),
+            arr(h1), arr(c1), a2(hn), a2(cn), arr(gates),
+            x is not None, xp is not None, b_ih is not None, b_hh is not None, h is not None,
+            c is not None, hn is not None, cn is not None,
+            cd(x), cd(xp), cd(bias), code(w_hh.dtype), cd(c), code(h1.dtype), code(c1.dtype),
+            cd(hn), cd(cn))
+
+    @staticmethod
+    def step_bwd(gates, c_prev, c1, dg_next, w_hh, dh_a, dh_b, dc, dg, dc_prev) -> None:
+        from .kernels.numba import lstm as k
+        arr = numba_array
+        B, H = c1.shape
+        tb, tu, tk = _NUMBA_SIM_STEP_TILE if _env.INTERPRET else _NUMBA_STEP_TILE
+        kernel = k.lstm_step_bwd_kernel(tb, tu, tk)
+        blocks = 1 if _env.INTERPRET else cdiv(B, tb) * cdiv(H, tu)
+
+        def a2(t):
+            return arr(t if t is not None else c1)
+
+        def cd(t):
+            return k.dtype_code(t.dtype) if t is not None else 0
+
+        _numba_launch(
+            kernel, blocks, (tu, tb), c1.device,
+            arr(gates), a2(c_prev), arr(c1), a2(dg_next), arr(w_hh), a2(dh_a), a2(dh_b), a2(dc),
+            arr(dg), a2(dc_prev),
+            c_prev is not None, dg_next is not None, dh_a is not None, dh_b is not None,
+            dc is not None, dc_prev is not None,
+            cd(c_prev), cd(w_hh), cd(dh_a), cd(dh_b), cd(dc), cd(dc_prev))
+
+    @staticmethod
+    def gemm(a, b, out, c_in=None, bias=None) -> None:
+        from ._gemm_numba import gemm
+        gemm(a, b, out, c_in=c_in, bias=bias)
+
+    @staticmethod
+    def bias_grad(dg, db1, db2) -> None:
+        from .kernels.numba import lstm as k
+        arr = numba_array
+        N = dg.shape[2]
+        threads = numba_threads(128)
+        _numba_launch(
+            k.bias_grad, _numba_grid(N, threads), threads, dg.device,
+            arr(dg), arr(db1), arr(db2 if db2 is not None else db1), db2 is not None,
+            k.dtype_code(db1.dtype))
+
+    @staticmethod
+    def mul(x, s, y) -> None:
+        from .kernels.numba import lstm as k
+        arr = numba_array
+        threads = numba_threads(256)
+        _numba_launch(
+            k.mul_3d, _numba_grid(x.numel(), threads), threads, x.device,
+            arr(x), arr(s), arr(y), k.dtype_code(x.dtype), k.dtype_code(s.dtype),
+            k.dtype_code(y.dtype))
+
+
+LAUNCHERS = {"triton": _TritonLSTM, "numba": _NumbaLSTM}
+# backend -> the layer's algorithms; the first is the default
+ALGOS = {"triton": ("steps", "persistent"), "numba": ("steps",)}
+
+
+def _mm(launch, a, b, out, c_in=None, bias=None) -> None:
+    """out = a @ b (+ c_in) (+ bias) for 2-D operands, through the 4-D batched GEMM."""
+    launch.gemm(a[None, None], b[None, None], out[None, None],
+                c_in=None if c_in is None else c_in[None, None],
+                bias=None if bias is None else bias[None])
+
+
+# --- the cell -------------------------------------------------------------------------------
+
+class LSTMCellFunction(torch.autograd.Function):
+    """(h1, c1) of one LSTM step for x (B, I), h and c (B, H) or None (zeros)."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, launch):
+        B, H = x.shape[0], w_hh.shape[1]
+        h1 = new_output((B, H), x.dtype, x.device)
+        c1 = new_output((B, H), x.dtype, x.device)
+        c32 = new_output((B, H), F32, x.device)
+        gates = new_output((B, 4 * H), F32, x.device)
+        if B and H:
+            launch.step_fwd(x, w_ih, None, b_ih, b_hh, h, c, w_hh, h1, c32, None, c1, gates)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c32)
+        ctx.launch = launch
+        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        return h1, c1
+
+    @staticmethod
+    def backward(ctx, dh1, dc1):
+        x, h, c, w_ih, w_hh, gates, c32 = ctx.saved_tensors
+        launch = ctx.launch
+        need = ctx.needs_input_grad
+        B, H = c32.shape
+        dg = new_output((B, 4 * H), F32, x.device)
+        dc = new_output(c.shape, c.dtype, c.device) if c is not None and need[2] else None
+        if B and H:
+            launch.step_bwd(gates, c, c32, None, w_hh, dh1, None, dc1, dg, dc)
+        dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
+        if need[0]:
+            dx = new_output(x.shape, x.dtype, x.device)
+            _mm(launch, dg, w_ih, dx)
+        if h is not None and need[1]:
+            dh = new_output(h.shape, h.dtype, h.device)
+            _mm(launch, dg, w_hh, dh)
+        if need[3]:
+            dw_ih = new_output(w_ih.shape, w_ih.dtype, w_ih.device)
+            _mm(launch, dg.t(), x, dw_ih)
+        if need[4]:
+            if h is None:   # zero state: no gradient reaches W_hh
+                dw_hh = torch.zeros_like(w_hh)
+            else:
+                dw_hh = new_output(w_hh.shape, w_hh.dtype, w_hh.device)
+                _mm(launch, dg.t(), h, dw_hh)
+        want_ih = ctx.has_bias[0] and need[5]
+        want_hh = ctx.has_bias[1] and need[6]
+        if want_ih or want_hh:
+            like = w_ih
+            first = new_output((4 * H,), like.dtype, like.device)
+            second = new_output((4 * H,), like.dtype, like.device) if want_ih and want_hh else None
+            launch.bias_grad(dg[None], first, second)
+            db_ih, db_hh = (first, second) if want_ih and want_hh else (
+                (first, None) if want_ih else (None, first))
+        return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, None
+
+
+# --- the layer ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    """The static options of a (multi-layer) LSTM call."""
+    num_layers: int
+    bidirectional: bool
+    bias: bool
+    dropout: float
+    training: bool
+    algo: str
+
+    @property
+    def D(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def per_direction(self) -> int:
+        return 4 if self.bias else 2
+
+
+def _direction_weights(weights, cfg: LSTMConfig, layer: int, d: int):
+    """(w_ih, w_hh, b_ih, b_hh) of one layer and direction; biases None without bias."""
+    n = cfg.per_direction
+    w = weights[(layer * cfg.D + d) * n:(layer * cfg.D + d + 1) * n]
+    return (w[0], w[1], w[2], w[3]) if cfg.bias else (w[0], w[1], None, None)
+
+
+def _run_order(T: int, reverse: bool):
+    """(t, t_prev) of each step in the order it runs; t_prev is None for the first."""
+    ts = range(T - 1, -1, -1) if reverse else range(T)
+    prev = None
+    for t in ts:
+        yield t, prev
+        prev = t
+
+
+class LSTMFunction(torch.autograd.Function):
+    """The whole stack: x (T, B, I) -> (out (T, B, D*H), h_n, c_n (L*D, B, H)).
+
+    h0, c0: (L*D, B, H) or None (zeros). weights: torch's flat order (per layer, per
+    direction: w_ih, w_hh[, b_ih, b_hh])."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, cfg: LSTMConfig, launch, *weights):
+        T, B, _ = x.shape
+        L, D = cfg.num_layers, cfg.D
+        H = weights[1].shape[1]
+        dt, dev = x.dtype, x.device
+        h_n = new_output((L * D, B, H), dt, dev)
+        c_n = new_output((L * D, B, H), dt, dev)
+        inputs, outs, masks, saved = [], [], [], []
+        inp = x
+        for layer in range(L):
+            out = new_output((T, B, D * H), dt, dev)
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
+                idx = layer * D + d
+                h0_ = h0[idx] if h0 is not None else None
+                c0_ = c0[idx] if c0 is not None else None
+                o_d = out[:, :, d * H:(d + 1) * H]
+                xp = new_output((T, B, 4 * H), F32, dev)
+                launch.gemm(inp[None], w_ih.t()[None, None], xp[None],
+                            bias=None if b_ih is None else b_ih[None])
+                gates = new_output((T, B, 4 * H), F32, dev)
+                cs = new_output((T, B, H), F32, dev)
+                if cfg.algo == "persistent":
+                    launch.persistent_fwd(xp, b_hh, h0_, c0_, w_hh, o_d, cs, gates, h_n[idx],
+                                          c_n[idx], d == 1)
+                else:
+                    for s, (t, tp) in enumerate(_run_order(T, d == 1)):
+                        last = s == T - 1
+                        launch.step_fwd(None, None, xp[t], None, b_hh,
+                                        h0_ if tp is None else o_d[tp],
+                                        c0_ if tp is None else cs[tp], w_hh, o_d[t], cs[t],
+                                        h_n[idx] if last else None, c_n[idx] if last else None,
+                                        gates[t])
+                saved.append((gates, cs))
+            inputs.append(inp)
+            outs.append(out)
+            if layer < L - 1 and cfg.dropout > 0 and cfg.training:
+                # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p)
+                noise = torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
+                dropped = new_output(out.shape, dt, dev)
+                launch.mul(out, noise, dropped)
+                masks.append(noise)
+                inp = dropped
+            else:
+                masks.append(None)
+                inp = out
+        ctx.save_for_backward(x, h0, c0, *weights)
+        # Workspaces and the inner layers' activations are not inputs or outputs of the
+        # Function, so they live on ctx (nothing else holds them).
+        ctx.inner = (inputs[1:], outs, masks, saved)
+        ctx.cfg, ctx.launch = cfg, launch
+        return outs[-1], h_n, c_n
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        x, h0, c0, *weights = ctx.saved_tensors
+        inner_inputs, outs, masks, saved = ctx.inner
+        inputs = [x] + list(inner_inputs)
+        cfg, launch = ctx.cfg, ctx.launch
+        need = ctx.needs_input_grad
+        L, D = cfg.num_layers, cfg.D
+        T, B, _ = x.shape
+        H = weights[1].shape[1]
+        dt, dev = x.dtype, x.device
+        dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
+        dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
+        dweights = [None] * len(weights)
+        need_w = need[5:]
+        for layer in range(L - 1, -1, -1):
+            inp, out = inputs[layer], outs[layer]
+            # gradient of this layer's input: fp32 below the top, x's dtype for layer 0
+            if layer > 0:
+                d_in = new_output(inp.shape, F32, dev)
+            elif need[0]:
+                d_in = new_output(x.shape, dt, dev)
+            else:
+                d_in = None
+            acc = new_output(inp.shape, F32, dev) if d_in is not None and D == 2 else None
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
+                idx = layer * D + d
+                base = idx * cfg.per_direction
+                gates, cs = saved[idx]
+                h0_ = h0[idx] if h0 is not None else None
+                c0_ = c0[idx] if c0 is not None else None
+                dho = d_out[:, :, d * H:(d + 1) * H] if d_out is not None else None
+                dhn = d_hn[idx] if d_hn is not None else None
+                dcn = d_cn[idx] if d_cn is not None else None
+                dh0_ = dh0[idx] if dh0 is not None else None
+                dc0_ = dc0[idx] if dc0 is not None else None
+                dg = new_output((T, B, 4 * H), F32, dev)
+                if cfg.algo == "persistent":
+                    launch.persistent_bwd(
+                        gates, cs, c0_, w_hh, dho, dhn, dcn, dg,
+                        dh0_ if dh0_ is not None else new_output((B, H), F32, dev),
+                        dc0_ if dc0_ is not None else new_output((B, H), F32, dev), d == 1)
+                else:
+                    dc_run = new_output((B, H), F32, dev)
+                    t_next = None   # the step that ran after t: its dg feeds dh_t
+                    for s, (t, tp) in enumerate(reversed(list(_run_order(T, d == 1)))):
+                        first, last = s == 0, s == T - 1
+                        launch.step_bwd(gates[t], c0_ if tp is None else cs[tp], cs[t],
+                                        None if first else dg[t_next], w_hh,
+                                        dhn if first else None,
+                                        None if dho is None else dho[t],
+                                        dcn if first else dc_run, dg[t],
+                                        dc0_ if last else dc_run)
+                        t_next = t
+                    if dh0_ is not None:
+                        _mm(launch, dg[t_next], w_hh, dh0_)
+                # weight gradients: sums over every (t, b) row
+                if need_w[base]:
+                    dw = new_output(w_ih.shape, w_ih.dtype, dev)
+                    launch.gemm(dg.transpose(1, 2)[None], inp[None], dw[None, None])
+                    dweights[base] = dw
+                if need_w[base + 1]:
+                    dweights[base + 1] = _grad_w_hh(launch, dg, out[:, :, d * H:(d + 1) * H],
+                                                    h0_, w_hh, d == 1)
+                if cfg.bias:
+                    want = [need_w[base + 2], need_w[base + 3]]
+                    if any(want):
+                        dbs = [new_output((4 * H,), b_ih.dtype, dev) if w else None for w in want]
+                        first_db = dbs[0] if dbs[0] is not None else dbs[1]
+                        launch.bias_grad(dg, first_db, dbs[1] if dbs[0] is not None else None)
+                        dweights[base + 2], dweights[base + 3] = dbs
+                if d_in is not None:
+                    # d_in = sum over directions of dg W_ih; the first into an fp32 buffer
+                    last_dir = d == D - 1
+                    launch.gemm(dg[None], w_ih[None, None], (d_in if last_dir else acc)[None],
+                                c_in=None if d == 0 else acc[None])
+            if layer > 0 and masks[layer - 1] is not None:
+                launch.mul(d_in, masks[layer - 1], d_in)
+            d_out = d_in    # the output gradient of the layer below
+        return (d_out if need[0] else None, dh0, dc0, None, None, *dweights)
+
+
+def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
+    """dW_hh = sum_t dg_t^T h_prev(t): h_prev is the direction's output one step earlier in
+    run order (out[t-1], or out[t+1] in reverse), h0 for the first step (no term if None)."""
+    T = dg.shape[0]
+    terms = []
+    if T > 1:
+        terms.append((dg[:-1], out_d[1:]) if reverse else (dg[1:], out_d[:-1]))
+    if h0 is not None:
+        t0 = T - 1 if reverse else 0
+        terms.append((dg[t0:t0 + 1], h0[None]))
+    if not terms:   # one step from a zero state: no gradient reaches W_hh
+        return torch.zeros_like(w_hh)
+    dw = new_output(w_hh.shape, w_hh.dtype, dg.device)
+    acc = new_output(w_hh.shape, F32, dg.device) if len(terms) > 1 else None
+    for j, (a, b) in enumerate(terms):
+        target = dw if j == len(terms) - 1 else acc
+        launch.gemm(a.transpose(1, 2)[None], b[None], target[None, None],
+                    c_in=None if j == 0 else acc[None, None])
+    return dw
+
+
+# --- implementations by backend -------------------------------------------------------------
+
+def _kernel_lstm_cell(launch):
+    def impl(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return LSTMCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, launch)
+    return impl
+
+
+def _kernel_lstm(backend: str):
+    launch = LAUNCHERS[backend]
+
+    def impl(x, h0, c0, weights, cfg: LSTMConfig):
+        algo = cfg.algo or ALGOS[backend][0]
+        if algo not in ALGOS[backend]:
+            raise ValueError(f"lstm: algo={cfg.algo!r} is not available on the {backend!r} "
+                             f"backend (available: {', '.join(ALGOS[backend])})")
+        H = weights[1].shape[1]
+        if algo == "persistent" and H > PERSISTENT_MAX_HIDDEN:
+            raise ValueError(f"lstm: algo='persistent' keeps W_hh in registers and needs "
+                             f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, got {H}; use algo='steps'")
+        cfg = LSTMConfig(cfg.num_layers, cfg.bidirectional, cfg.bias, cfg.dropout, cfg.training, algo)
+        return LSTMFunction.apply(x, h0, c0, cfg, launch, *weights)
+    return impl
+
+
+for _name, _launch in LAUNCHERS.items():
+    register("lstm_cell", _name)(_kernel_lstm_cell(_launch))
+    register("lstm", _name)(_kernel_lstm(_name))
+
+
+@register("lstm_cell", "torch")
+def _torch_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    B, H = x.shape[0], w_hh.shape[1]
+    zeros = lambda: x.new_zeros(B, H)  # noqa: E731
+    return torch._VF.lstm_cell(x, (zeros() if h is None else h, zeros() if c is None else c),
+                               w_ih, w_hh, b_ih, b_hh)
+
+
+@register("lstm", "torch")
+def _torch_lstm(x, h0, c0, weights, cfg: LSTMConfig):
+    if cfg.algo is not None:
+        raise ValueError("lstm: the torch backend has no algo= choice")
+    L, D = cfg.num_layers, cfg.D
+    B, H = x.shape[1], weights[1].shape[1]
+    zeros = lambda: x.new_zeros(L * D, B, H)  # noqa: E731
+    out, h_n, c_n = torch._VF.lstm(x, (zeros() if h0 is None else h0, zeros() if c0 is None else c0),
+                                   list(weights), cfg.bias, L, cfg.dropout, cfg.training,
+                                   cfg.bidirectional, False)
+    return out, h_n, c_n
+
+
+# --- argument checks and the public functions -----------------------------------------------
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def _check_same(t, name: str, ref: torch.Tensor, backend: str) -> None:
+    check_tensor(t, name, backend)
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but input has {ref.dtype}: every tensor "
+                        f"of an LSTM must have one dtype")
+
+
+def _split_state(hx, name: str):
+    """hx = (h, c), or None: (None, None)."""
+    if hx is None:
+        return None, None
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"{name} must be a pair (h, c) of tensors or None, got "
+                        f"{type(hx).__name__}" + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+    if (hx[0] is None) != (hx[1] is None):
+        raise ValueError(f"{name} must hold both h and c (or be None for zeros), got one None")
+    return hx[0], hx[1]
+
+
+def _check_cell_weights(w_ih, w_hh, b_ih, b_hh, input, backend: str, gates: int = 4):
+    """Hidden size H from w_hh, with every weight's shape checked against it and the input."""
+    for t, name in ((w_ih, "w_ih"), (w_hh, "w_hh")):
+        _check_same(t, name, input, backend)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D ({gates}*hidden_size, ...), got shape {_shape(t)}")
+    H = w_hh.shape[1]
+    if w_hh.shape[0] != gates * H:
+        raise ValueError(f"w_hh must have shape ({gates}*hidden_size, hidden_size) = "
+                         f"({gates * H}, {H}), got {_shape(w_hh)}")
+    if w_ih.shape[0] != gates * H:
+        raise ValueError(f"w_ih has {w_ih.shape[0]} rows but hidden_size {H} (from w_hh) "
+                         f"needs {gates}*{H} = {gates * H}")
+    if input.shape[-1] != w_ih.shape[1]:
+        raise ValueError(f"input has size {input.shape[-1]} in its last dimension but w_ih "
+                         f"expects input_size {w_ih.shape[1]} (w_ih shape {_shape(w_ih)})")
+    for b, name in ((b_ih, "b_ih"), (b_hh, "b_hh")):
+        if b is not None:
+            _check_same(b, name, input, backend)
+            if _shape(b) != (gates * H,):
+                raise ValueError(f"{name} must have shape ({gates}*hidden_size,) = ({gates * H},), "
+                                 f"got {_shape(b)}")
+    return H
+
+
+def _check_cell_state(s, name: str, input, expected: tuple, backend: str):
+    if s is None:
+        return
+    _check_same(s, name, input, backend)
+    if _shape(s) != expected:
+        raise ValueError(f"{name} must have shape {expected} (batch, hidden_size), got {_shape(s)}")
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
+    """One LSTM step, as torch.nn.LSTMCell: returns (h1, c1).
+
+    input (B, I) or unbatched (I,); hx = (h, c), each (B, H) (or (H,)), or None for zeros;
+    w_ih (4H, I), w_hh (4H, H), b_ih / b_hh (4H,) or None; gate order i, f, g, o.
+    """
+    h, c = _split_state(hx, "hx")
+    name, impl = dispatch("lstm_cell", backend, input, w_ih, w_hh,
+                          *[t for t in (h, c, b_ih, b_hh) if isinstance(t, torch.Tensor)])
+    check_tensor(input, "input", name, ndims=(1, 2))
+    H = _check_cell_weights(w_ih, w_hh, b_ih, b_hh, input, name)
+    unbatched = input.dim() == 1
+    x = input.unsqueeze(0) if unbatched else input
+    expected = (H,) if unbatched else (x.shape[0], H)
+    _check_cell_state(h, "hx[0] (h)", input, expected, name)
+    _check_cell_state(c, "hx[1] (c)", input, expected, name)
+    if unbatched:
+        h = h.unsqueeze(0) if h is not None else None
+        c = c.unsqueeze(0) if c is not None else None
+    h1, c1 = impl(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
+
+
+def lstm_weight_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
+    """torch.nn.LSTM's parameter names in its flat order (per layer, per direction)."""
+    from .reference.lstm import lstm_weight_names as names
+    return names(num_layers, bidirectional, bias)
+
+
+def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_first: bool = False,
+         dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
+         backend=None, algo=None):
+    """A multi-layer LSTM over a sequence, as torch.nn.LSTM (no proj_size): returns
+    (output, (h_n, c_n)).
+
+    input:   (T, B, I), (B, T, I) with batch_first, or unbatched (T, I)
+    hx:      (h0, c0), each (num_layers * D, B, H) (unbatched: (num_layers * D, H)), or None
+             for zeros; D = 2 if bidirectional else 1
+    weights: the flat list torch.nn.LSTM keeps in `_flat_weights` (per layer, per direction:
+             w_ih (4H, I or D*H), w_hh (4H, H), then b_ih, b_hh (4H,) when bias)
+    dropout: applied to the outputs of every layer but the last, when training
+    algo:    "steps" (default: one fused kernel per time step) or "persistent" (triton only,
+             hidden size <= 64: one launch per layer and direction loops over time)
+    output:  (T, B, D*H) ((B, T, D*H) with batch_first: a transposed view, as torch's CPU
+             LSTM returns; (T, D*H) unbatched); h_n, c_n shaped like h0.
+    """
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if not 0.0 <= float(dropout) <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    D = 2 if bidirectional else 1
+    per = 4 if bias else 2
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list of tensors (torch.nn.LSTM's _flat_weights), "
+                        f"got {type(weights).__name__}")
+    names = lstm_weight_names(num_layers, bidirectional, bias)
+    if len(weights) != len(names):
+        raise ValueError(f"weights: expected {len(names)} tensors for num_layers={num_layers}, "
+                         f"bidirectional={bidirectional}, bias={bias} ({', '.join(names[:per])}, ...), "
+                         f"got {len(weights)}")
+    h0, c0 = _split_state(hx, "hx")
+    name, impl = dispatch("lstm", backend, input, *weights,
+                          *[t for t in (h0, c0) if isinstance(t, torch.Tensor)])
+    if name == "torch" and algo is not None:
+        raise ValueError("lstm: the torch backend has no algo= choice")
+    check_tensor(input, "input", name, ndims=(2, 3))
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+    T, B, I = x.shape
+    if T == 0:
+        raise ValueError(f"input has sequence length 0 (shape {_shape(input)}); an LSTM needs "
+                         "at least one time step")
+    H = None
+    for layer in range(num_layers):
+        for d in range(D):
+            base = (layer * D + d) * per
+            w = weights[base:base + per]
+            wn = names[base:base + per]
+            for t, n in zip(w, wn):
+                _check_same(t, f"weights[{names.index(n)}] ({n})", input, name)
+            w_ih, w_hh = w[0], w[1]
+            if w_hh.dim() != 2:
+                raise ValueError(f"{wn[1]} must be 2-D (4*hidden_size, hidden_size), got {_shape(w_hh)}")
+            if H is None:
+                H = w_hh.shape[1]
+            if _shape(w_hh) != (4 * H, H):
+                raise ValueError(f"{wn[1]} must have shape (4*hidden_size, hidden_size) = "
+                                 f"({4 * H}, {H}), got {_shape(w_hh)}")
+            in_size = I if layer == 0 else D * H
+            if _shape(w_ih) != (4 * H, in_size):
+                what = "input_size" if layer == 0 else f"{D}*hidden_size (the layer below's output)"
+                raise ValueError(f"{wn[0]} must have shape (4*hidden_size, {what}) = "
+                                 f"({4 * H}, {in_size}), got {_shape(w_ih)}"
+                                 + (f": input has size {I} in its last dimension" if layer == 0 else ""))
+            for t, n in zip(w[2:], wn[2:]):
+                if _shape(t) != (4 * H,):
+                    raise ValueError(f"{n} must have shape (4*hidden_size,) = ({4 * H},), got {_shape(t)}")
+    expected = (num_layers * D, H) if unbatched else (num_layers * D, B, H)
+    for s, n in ((h0, "hx[0] (h0)"), (c0, "hx[1] (c0)")):
+        if s is not None:
+            _check_same(s, n, input, name)
+            if _shape(s) != expected:
+                raise ValueError(f"{n} must have shape {expected} (num_layers * num_directions, "
+                                 f"{'' if unbatched else 'batch, '}hidden_size), got {_shape(s)}")
+    if unbatched:
+        h0 = h0.unsqueeze(1) if h0 is not None else None
+        c0 = c0.unsqueeze(1) if c0 is not None else None
+    cfg = LSTMConfig(num_layers, bool(bidirectional), bool(bias), float(dropout), bool(training), algo)
+    out, h_n, c_n = impl(x, h0, c0, tuple(weights), cfg)
+    if unbatched:
+        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    if batch_first:
+        out = out.transpose(0, 1)
+    return out, (h_n, c_n)
+
+
+__all__ = ["lstm_cell", "lstm", "LSTMCellFunction", "LSTMFunction", "LSTMConfig", "ALGOS"]
