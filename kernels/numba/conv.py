@@ -33,22 +33,11 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from ._dtypes import dtype_code, load4_f32, store4_f32  # noqa: F401  (dtype_code: launchers)
+from ._grid import grid_threads, thread_index
 
 ZERO = np.float32(0.0)
 # Largest block of the bias reduction (its shared array needs a compile-time size).
 MAX_THREADS = 256
-
-
-@cuda.jit(device=True)
-def _thread_index():
-    """This thread's flat index over a 1-D grid, in int64."""
-    return int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
-
-
-@cuda.jit(device=True)
-def _grid_threads():
-    """Number of threads in a 1-D grid, in int64: the step of the grid-stride loops."""
-    return int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
 
 
 @cuda.jit(device=True)
@@ -88,7 +77,7 @@ def im2col(x, cols, n0, SH, SW, PH, PW, DH, DW, KH, KW, OW, c_last):
     H = x.shape[2]
     W = x.shape[3]
     CG = x.shape[1] // G
-    for i in range(_thread_index(), G * NC * P * K, _grid_threads()):
+    for i in range(thread_index(), G * NC * P * K, grid_threads()):
         k = i % K
         t = i // K
         p = t % P
@@ -126,7 +115,7 @@ def col2im(dcols, dx, n0, SH, SW, PH, PW, DH, DW, KH, KW, OH, OW, c_last, channe
     H = dx.shape[2]
     W = dx.shape[3]
     CG = C // G
-    for i in range(_thread_index(), NC * C * H * W, _grid_threads()):
+    for i in range(thread_index(), NC * C * H * W, grid_threads()):
         if channels_last:
             c = i % C
             t = i // C
@@ -203,7 +192,7 @@ def copy4(src, dst, code_src, code_dst):
     weight-sized tensor, when no strided view will do). Both (A, B, C, D) arrays, any strides;
     one thread per element."""
     A, B, C, D = dst.shape
-    for i in range(_thread_index(), A * B * C * D, _grid_threads()):
+    for i in range(thread_index(), A * B * C * D, grid_threads()):
         i3 = i % D
         t = i // D
         i2 = t % C

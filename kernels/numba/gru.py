@@ -10,7 +10,8 @@ separately (gh_n is needed alone: r multiplies it). TB, TU, TK are compile-time 
 from numba import cuda, float32, int64
 
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
-from .lstm import ONE, ZERO, _flat_index, _grid_threads, ld1, ld2, sigmoid, st2, tanh
+from ._grid import grid_threads, thread_index
+from .lstm import ONE, ZERO, ld1, ld2, sigmoid, st2, tanh
 
 _KERNELS = {}
 
@@ -112,7 +113,7 @@ def gru_cell_bwd(ws, h, dh1, dgi, dgh, dhd, has_h, code_h, code_dh1):
     and arguments as the Triton kernel (ws, dgi, dgh, dhd fp32)."""
     B = dh1.shape[0]
     H = dh1.shape[1]
-    for e in range(_flat_index(), int64(B) * H, _grid_threads()):
+    for e in range(thread_index(), int64(B) * H, grid_threads()):
         b = e // H
         u = e - b * H
         r = ws[b, u]

@@ -30,6 +30,7 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits  # noqa: F401
+from ._grid import grid_threads, thread_index
 
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
@@ -105,16 +106,6 @@ def tanh(a):
     if a >= ZERO:
         return t
     return -t
-
-
-@cuda.jit(device=True)
-def _flat_index():
-    return int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
-
-
-@cuda.jit(device=True)
-def _grid_threads():
-    return int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
 
 
 # --- the fused step ------------------------------------------------------------------------
@@ -342,7 +333,7 @@ def bias_grad(dg, db1, db2, write_db2, code_db):
     T = dg.shape[0]
     B = dg.shape[1]
     N = dg.shape[2]
-    for n in range(_flat_index(), N, _grid_threads()):
+    for n in range(thread_index(), N, grid_threads()):
         acc = ZERO
         for t in range(T):
             for b in range(B):
@@ -357,7 +348,7 @@ def mul_3d(x, s, y, code_x, code_s, code_y):
     """y = x * s elementwise over 3-D arrays of any strides; y may alias x."""
     D1 = x.shape[1]
     D2 = x.shape[2]
-    for e in range(_flat_index(), int64(x.shape[0]) * D1 * D2, _grid_threads()):
+    for e in range(thread_index(), int64(x.shape[0]) * D1 * D2, grid_threads()):
         i0 = e // (D1 * D2)
         rem = e - i0 * (D1 * D2)
         i1 = rem // D2

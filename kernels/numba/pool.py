@@ -33,6 +33,7 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from ._dtypes import BF16, FP16, FP32, dtype_code, load4_f32, store4_f32  # noqa: F401
+from ._grid import grid_threads, thread_index
 
 INDEX_NONE = 0   # inference: no indices
 INDEX_LOCAL = 1  # window offset kh * KW + kw
@@ -43,18 +44,6 @@ ZERO = np.float32(0.0)
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-@cuda.jit(device=True)
-def _thread_index():
-    """This thread's flat index over the grid, in int64."""
-    return int64(cuda.blockIdx.x) * int64(cuda.blockDim.x) + int64(cuda.threadIdx.x)
-
-
-@cuda.jit(device=True)
-def _grid_threads():
-    """Number of threads in the grid, in int64: the step of the grid-stride loops."""
-    return int64(cuda.gridDim.x) * int64(cuda.blockDim.x)
-
 
 @cuda.jit(device=True)
 def _decompose(i, C, A, B, channels_last):
@@ -127,7 +116,7 @@ def max_pool2d_fwd(x, y, idx, SH, SW, PH, PW, DH, DW, KH, KW, index_mode, channe
     N, C, OH, OW = y.shape
     H = x.shape[2]
     W = x.shape[3]
-    for i in range(_thread_index(), N * C * OH * OW, _grid_threads()):
+    for i in range(thread_index(), N * C * OH * OW, grid_threads()):
         n, c, oh, ow = _decompose(i, C, OH, OW, channels_last)
         h0 = oh * SH - PH
         w0 = ow * SW - PW
@@ -173,7 +162,7 @@ def max_pool2d_bwd(dy, idx, dx, SH, SW, PH, PW, DH, DW, KH, KW, index_mode, chan
     N, C, H, W = dx.shape
     OH = dy.shape[2]
     OW = dy.shape[3]
-    for i in range(_thread_index(), N * C * H * W, _grid_threads()):
+    for i in range(thread_index(), N * C * H * W, grid_threads()):
         n, c, h, w = _decompose(i, C, H, W, channels_last)
         flat = h * W + w
         acc = ZERO
@@ -220,7 +209,7 @@ def avg_pool2d_fwd(x, y, SH, SW, PH, PW, KH, KW, divisor, count_pad, channels_la
     N, C, OH, OW = y.shape
     H = x.shape[2]
     W = x.shape[3]
-    for i in range(_thread_index(), N * C * OH * OW, _grid_threads()):
+    for i in range(thread_index(), N * C * OH * OW, grid_threads()):
         n, c, oh, ow = _decompose(i, C, OH, OW, channels_last)
         h0 = oh * SH - PH
         w0 = ow * SW - PW
@@ -243,7 +232,7 @@ def avg_pool2d_bwd(dy, dx, SH, SW, PH, PW, KH, KW, divisor, count_pad, channels_
     N, C, H, W = dx.shape
     OH = dy.shape[2]
     OW = dy.shape[3]
-    for i in range(_thread_index(), N * C * H * W, _grid_threads()):
+    for i in range(thread_index(), N * C * H * W, grid_threads()):
         n, c, h, w = _decompose(i, C, H, W, channels_last)
         # window oh holds row h when oh * SH <= h + PH < oh * SH + KH
         oh_lo = _first_window(h + PH, KH, SH)
@@ -274,7 +263,7 @@ def adaptive_avg_pool2d_fwd(x, y, channels_last, code):
     N, C, OH, OW = y.shape
     H = x.shape[2]
     W = x.shape[3]
-    for i in range(_thread_index(), N * C * OH * OW, _grid_threads()):
+    for i in range(thread_index(), N * C * OH * OW, grid_threads()):
         n, c, oh, ow = _decompose(i, C, OH, OW, channels_last)
         h0 = (oh * H) // OH
         h1 = ((oh + 1) * H + OH - 1) // OH
@@ -303,7 +292,7 @@ def adaptive_avg_pool2d_bwd(dy, dx, channels_last, code):
     N, C, H, W = dx.shape
     OH = dy.shape[2]
     OW = dy.shape[3]
-    for i in range(_thread_index(), N * C * H * W, _grid_threads()):
+    for i in range(thread_index(), N * C * H * W, grid_threads()):
         n, c, h, w = _decompose(i, C, H, W, channels_last)
         ow_first = (w * OW) // W
         acc = ZERO
