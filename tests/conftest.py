@@ -4,7 +4,8 @@
   before anything imports pydl (and so triton or numba). With a device, kernels compile.
 - Every output a launcher allocates is NaN-poisoned, so an element a kernel skips fails.
 - `--full` enables the heavy cases (large shapes, sweeps) meant for a GPU run; `gpu` cases are
-  skipped without a device.
+  skipped without a device; `sim_heavy` cases (slow in the simulators, their ground covered by
+  lighter cases) run on a GPU, or in emulation with --full.
 """
 import os
 import zlib
@@ -32,9 +33,12 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     skip_full = pytest.mark.skip(reason="heavy case: run with --full")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_sim = pytest.mark.skip(reason="slow in emulation (covered by lighter cases): run with --full")
     for item in items:
         if "full" in item.keywords and not config.getoption("--full"):
             item.add_marker(skip_full)
+        if "sim_heavy" in item.keywords and not HAS_CUDA and not config.getoption("--full"):
+            item.add_marker(skip_sim)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
 
