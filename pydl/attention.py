@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import _env
 from ._checks import check_tensor
+from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, cdiv, launch_numba_1d, new_output, next_power_of_2,
                       numba_array, numba_stream, numba_threads)
 from .backends import dispatch, register
@@ -168,26 +172,113 @@ class _NumbaAttention:
 LAUNCHERS = {"triton": _TritonAttention, "numba": _NumbaAttention}
 
 
+# --- kernel ops (pydl::...) and autograd Functions ------------------------------------------
+
+def _attention_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, backend):
+    B, H, L, _ = q.shape
+    return (empty_like_shape(q, (B, H, L, v.shape[3])),
+            empty_like_shape(q, (B * H, L), torch.float32),
+            torch.empty((), dtype=torch.int64))
+
+
+@kernel_op("attention_fwd", _attention_fwd_fake)
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
+                   is_causal: bool, scale: float, dropout_p: float,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, per-row logsumexp, the dropout seed as a CPU int64 scalar). The seed is drawn
+    here, inside the op, so a compiled graph holds no data-dependent scalar."""
+    B, H, L, _ = q.shape
+    seed = dropout_seed() if dropout_p > 0 else 0
+    o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
+    lse = new_output((B * H, L), torch.float32, q.device)
+    LAUNCHERS[backend].forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed)
+    return o, lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@kernel_op("attention_bwd", lambda q, k, v, *rest: (
+    empty_like_shape(q), empty_like_shape(k), empty_like_shape(v)))
+def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                   mask: Optional[Tensor], seed: Tensor, mask_kind: int, is_causal: bool,
+                   scale: float, dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
+    LAUNCHERS[backend].backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
+                                scale, dropout_p, int(seed))
+    return dq, dk, dv
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed, launch):
-        B, H, L, _ = q.shape
-        o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
-        lse = new_output((B * H, L), torch.float32, q.device)
-        launch.forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, mask)
-        ctx.args = (mask_kind, is_causal, scale, dropout_p, seed)
-        ctx.launch = launch
+    def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, backend):
+        o, lse, seed = _attention_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
+                                      backend)
+        ctx.save_for_backward(q, k, v, o, lse, mask, seed)
+        ctx.args = (mask_kind, is_causal, scale, dropout_p, backend)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, mask = ctx.saved_tensors
-        dq = new_output(q.shape, q.dtype, q.device)
-        dk = new_output(k.shape, k.dtype, k.device)
-        dv = new_output(v.shape, v.dtype, v.device)
-        ctx.launch.backward(q, k, v, o, lse, do, dq, dk, dv, mask, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        q, k, v, o, lse, mask, seed = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(q, k, v, o, lse, do, mask, seed, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale):
+    B, H, L, _ = q.shape
+    return (empty_like_shape(q, (B, H, L, v.shape[3])),
+            empty_like_shape(q, (B, H, L, k.shape[2])))
+
+
+@kernel_op("attention_naive_fwd", _naive_fwd_fake)
+def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
+                         is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(output, attention weights P)."""
+    from ._gemm import gemm
+    from .kernels.triton import attention as kt
+    B, H, L, E = q.shape
+    HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    G = H // HKV
+    qg = q.reshape(B, HKV, G * L, E)
+    scores = new_output((B, HKV, G * L, S), torch.float32, q.device)
+    gemm(qg, k, scores, trans_b=True, alpha=scale)
+    sc = scores.view(B, H, L, S)
+    p = new_output((B, H, L, S), q.dtype, q.device)
+    kt.attention_naive_softmax[(L, B * H)](
+        sc, mask if mask is not None else sc, p, *sc.stride(), *_strides4(mask), *p.stride(),
+        H, L, S, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+        BLOCK_N=min(1024, max(16, next_power_of_2(S))))
+    o = new_output((B, HKV, G * L, EV), q.dtype, q.device)
+    gemm(p.view(B, HKV, G * L, S), v, o)
+    return o.view(B, H, L, EV), p
+
+
+@kernel_op("attention_naive_bwd", lambda q, k, v, *rest: (
+    empty_like_shape(q), empty_like_shape(k), empty_like_shape(v)))
+def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
+                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from ._gemm import gemm
+    from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
+    B, H, L, S = p.shape
+    HKV, E, EV = k.shape[1], q.shape[3], v.shape[3]
+    GL = H // HKV * L
+    qg = q.reshape(B, HKV, GL, E)
+    pg = p.view(B, HKV, GL, S)
+    dog = do.reshape(B, HKV, GL, EV)
+    dv = new_output(v.shape, v.dtype, v.device)
+    gemm(pg, dog, dv, trans_a=True)
+    dp = new_output((B, HKV, GL, S), torch.float32, p.device)
+    gemm(dog, v, dp, trans_b=True)
+    # dS = P * (dP - rowsum(dP * P)): the softmax backward kernel, rows of length S
+    ds = new_output((B * H * L, S, 1), q.dtype, p.device)
+    ROW_LAUNCHERS["triton"].softmax_bwd(p.reshape(B * H * L, S, 1), dp.view(B * H * L, S, 1),
+                                        ds, False)
+    dsg = ds.view(B, HKV, GL, S)
+    dq = new_output((B, HKV, GL, E), q.dtype, q.device)
+    gemm(dsg, k, dq, alpha=scale)
+    dk = new_output(k.shape, k.dtype, k.device)
+    gemm(dsg, qg, dk, trans_a=True, alpha=scale)
+    return dq.view(B, H, L, E), dk, dv
 
 
 class NaiveAttentionFunction(torch.autograd.Function):
@@ -201,60 +292,27 @@ class NaiveAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale):
-        from ._gemm import gemm
-        from .kernels.triton import attention as kt
-        B, H, L, E = q.shape
-        HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        G = H // HKV
-        qg = q.reshape(B, HKV, G * L, E)
-        scores = new_output((B, HKV, G * L, S), torch.float32, q.device)
-        gemm(qg, k, scores, trans_b=True, alpha=scale)
-        sc = scores.view(B, H, L, S)
-        p = new_output((B, H, L, S), q.dtype, q.device)
-        kt.attention_naive_softmax[(L, B * H)](
-            sc, mask if mask is not None else sc, p, *sc.stride(), *_strides4(mask), *p.stride(),
-            H, L, S, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-            BLOCK_N=min(1024, max(16, next_power_of_2(S))))
-        o = new_output((B, HKV, G * L, EV), q.dtype, q.device)
-        gemm(p.view(B, HKV, G * L, S), v, o)
-        ctx.save_for_backward(qg, k, v, p)
+        o, p = _attention_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale)
+        ctx.save_for_backward(q, k, v, p)
         ctx.scale = scale
         ctx.mark_non_differentiable(p)
-        return o.view(B, H, L, EV), p
+        return o, p
 
     @staticmethod
     def backward(ctx, do, _dweights):
-        from ._gemm import gemm
-        from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
-        qg, k, v, p = ctx.saved_tensors
-        B, H, L, S = p.shape
-        HKV, GL, E, EV = k.shape[1], qg.shape[2], qg.shape[3], v.shape[3]
-        pg = p.view(B, HKV, GL, S)
-        dog = do.reshape(B, HKV, GL, EV)
-        dv = new_output(v.shape, v.dtype, v.device)
-        gemm(pg, dog, dv, trans_a=True)
-        dp = new_output((B, HKV, GL, S), torch.float32, p.device)
-        gemm(dog, v, dp, trans_b=True)
-        # dS = P * (dP - rowsum(dP * P)): the softmax backward kernel, rows of length S
-        ds = new_output((B * H * L, S, 1), qg.dtype, p.device)
-        ROW_LAUNCHERS["triton"].softmax_bwd(p.reshape(B * H * L, S, 1), dp.view(B * H * L, S, 1),
-                                            ds, False)
-        dsg = ds.view(B, HKV, GL, S)
-        dq = new_output((B, HKV, GL, E), qg.dtype, qg.device)
-        gemm(dsg, k, dq, alpha=ctx.scale)
-        dk = new_output(k.shape, k.dtype, k.device)
-        gemm(dsg, qg, dk, trans_a=True, alpha=ctx.scale)
-        return dq.view(B, H, L, E), dk, dv, None, None, None, None
+        q, k, v, p = ctx.saved_tensors
+        dq, dk, dv = _attention_naive_bwd(q, k, v, p, do, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
 ALGOS = ("flash", "naive")
 
 
-def _kernel_attention(backend, launch):
-    def impl(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed, algo):
+def _kernel_attention(backend):
+    def impl(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, algo):
         if algo in (None, "flash"):
             return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                           seed, launch)
+                                           backend)
         if algo == "naive" and backend == "triton":
             if dropout_p > 0:
                 raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
@@ -265,12 +323,12 @@ def _kernel_attention(backend, launch):
     return impl
 
 
-for _name, _launch in LAUNCHERS.items():
-    register("scaled_dot_product_attention", _name)(_kernel_attention(_name, _launch))
+for _name in LAUNCHERS:
+    register("scaled_dot_product_attention", _name)(_kernel_attention(_name))
 
 
 @register("scaled_dot_product_attention", "torch")
-def _torch_attention(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, seed, algo):
+def _torch_attention(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, algo):
     if algo is not None:
         raise ValueError("scaled_dot_product_attention: the torch backend has no algo= choice")
     return torch.nn.functional.scaled_dot_product_attention(
@@ -295,6 +353,7 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     """Checks shared by the public entry points; returns (backend name, implementation,
     q, k, v as (B, H, L, E) views, the mask expanded to (B, Hq, L, S) or None, its kind, scale)."""
+    query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
     tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
     name, impl = dispatch("scaled_dot_product_attention", backend, *tensors)
     for t, nm in ((query, "query"), (key, "key"), (value, "value")):
@@ -360,8 +419,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     name, impl, q, k, v, mask, mask_kind, scale = _prepare(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
-    seed = dropout_seed() if dropout_p > 0 else 0
-    out = impl(q, k, v, mask, mask_kind, bool(is_causal), scale, float(dropout_p), seed, algo)
+    out = impl(q, k, v, mask, mask_kind, bool(is_causal), scale, float(dropout_p), algo)
     return out.reshape(query.shape[:-2] + out.shape[-2:])
 
 

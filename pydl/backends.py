@@ -16,8 +16,8 @@ or CPU tensors under PYDL_INTERPRET=1 emulation).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -29,7 +29,10 @@ KERNEL_BACKENDS: tuple[str, ...] = ("triton", "numba")
 DEFAULT_BACKEND = "triton"
 
 _registry: dict[str, dict[str, Callable]] = {}
-_context: contextvars.ContextVar[str | None] = contextvars.ContextVar("pydl_backend", default=None)
+# The stack of `use_backend` contexts, per thread. A threading.local rather than a ContextVar:
+# torch.compile's dynamo can read (and guard on) it, so a compiled model re-traces when the
+# backend around it changes instead of breaking the graph.
+_context = threading.local()
 
 
 def _check_name(name: str, what: str) -> str:
@@ -57,18 +60,19 @@ def implementations(op: str) -> dict[str, Callable]:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Run the ops inside the `with` block on `name` unless an op's `backend=` says otherwise."""
-    token = _context.set(_check_name(name, "use_backend"))
+    stack = _context.__dict__.setdefault("stack", [])
+    stack.append(_check_name(name, "use_backend"))
     try:
         yield name
     finally:
-        _context.reset(token)
+        stack.pop()
 
 
 def current_backend() -> str:
     """The backend an op without `backend=` would use: context, then PYDL_BACKEND, then default."""
-    name = _context.get()
-    if name is not None:
-        return name
+    stack = getattr(_context, "stack", None)
+    if stack:
+        return stack[-1]
     env = os.environ.get("PYDL_BACKEND")
     if env:
         return _check_name(env, "PYDL_BACKEND")

@@ -19,13 +19,16 @@ input (the output keeps the input's memory format), any strides without a copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from . import _env
 from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
+from ._library import autocast_inputs, empty_like_shape, geometry_args, geometry_from, kernel_op
 from ._launch import (cdiv, memory_format_of, new_output, next_power_of_2, numba_array,
                       numba_stream, numba_threads)
 from ._shapes import conv_output_size_padded, conv_padding, pair
@@ -481,34 +484,70 @@ ALGOS: dict[str, dict[str, type]] = {
 }
 
 
-# --- autograd Function ----------------------------------------------------------------------
+# --- kernel ops (pydl::...) and the autograd Function ---------------------------------------
+# The geometry travels as its fields (`geometry_args`): custom ops take ints, not dataclasses.
+
+def _y_shape(g: ConvGeometry) -> tuple:
+    return (g.N, g.OC, g.OH, g.OW)
+
+
+@kernel_op("conv2d_fwd", lambda x, w, b, geom, algo, backend: empty_like_shape(
+    x, _y_shape(geometry_from(ConvGeometry, geom)), memory_format=memory_format_of(x)))
+def _conv2d_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], geom: list[int], algo: str,
+                backend: str) -> Tensor:
+    g = geometry_from(ConvGeometry, geom)
+    y = new_output(_y_shape(g), x.dtype, x.device, memory_format_of(x))
+    if y.numel():
+        ALGOS[backend][algo].forward(x, w, b, y, g)
+    return y
+
+
+@kernel_op("conv2d_bwd_input", lambda dy, w, x, geom, algo, backend: empty_like_shape(
+    x, memory_format=memory_format_of(x)))
+def _conv2d_bwd_input(dy: Tensor, w: Tensor, x: Tensor, geom: list[int], algo: str,
+                      backend: str) -> Tensor:
+    """dL/dx; x gives only the shape and memory format."""
+    dx = new_output(x.shape, x.dtype, x.device, memory_format_of(x))
+    if dx.numel():
+        ALGOS[backend][algo].backward_input(dy, w, dx, geometry_from(ConvGeometry, geom))
+    return dx
+
+
+@kernel_op("conv2d_bwd_weight", lambda dy, x, w, geom, algo, backend: empty_like_shape(w))
+def _conv2d_bwd_weight(dy: Tensor, x: Tensor, w: Tensor, geom: list[int], algo: str,
+                       backend: str) -> Tensor:
+    """dL/dw; w gives only the shape."""
+    dw = new_output(w.shape, w.dtype, w.device)
+    ALGOS[backend][algo].backward_weight(dy, x, dw, geometry_from(ConvGeometry, geom))
+    return dw
+
+
+@kernel_op("conv2d_bwd_bias", lambda dy, geom, algo, backend: empty_like_shape(
+    dy, (geometry_from(ConvGeometry, geom).OC,)))
+def _conv2d_bwd_bias(dy: Tensor, geom: list[int], algo: str, backend: str) -> Tensor:
+    g = geometry_from(ConvGeometry, geom)
+    db = new_output((g.OC,), dy.dtype, dy.device)
+    ALGOS[backend][algo].backward_bias(dy, db, g)
+    return db
+
 
 class Conv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, g: ConvGeometry, launch):
-        y = new_output((g.N, g.OC, g.OH, g.OW), x.dtype, x.device, memory_format_of(x))
-        if y.numel():
-            launch.forward(x, w, b, y, g)
+    def forward(ctx, x, w, b, g: ConvGeometry, algo: str, backend: str):
+        geom = geometry_args(g)
+        y = _conv2d_fwd(x, w, b, geom, algo, backend)
         ctx.save_for_backward(x, w)
-        ctx.g, ctx.launch, ctx.has_bias = g, launch, b is not None
+        ctx.args, ctx.has_bias = (geom, algo, backend), b is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        g, launch = ctx.g, ctx.launch
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = new_output(x.shape, x.dtype, x.device, memory_format_of(x))
-            if dx.numel():
-                launch.backward_input(dy, w, dx, g)
-        if ctx.needs_input_grad[1]:
-            dw = new_output(w.shape, w.dtype, w.device)
-            launch.backward_weight(dy, x, dw, g)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = new_output((g.OC,), dy.dtype, dy.device)
-            launch.backward_bias(dy, db, g)
-        return dx, dw, db, None, None
+        need = ctx.needs_input_grad
+        dx = _conv2d_bwd_input(dy, w, x, *ctx.args) if need[0] else None
+        dw = _conv2d_bwd_weight(dy, x, w, *ctx.args) if need[1] else None
+        db = _conv2d_bwd_bias(dy, *ctx.args) if ctx.has_bias and need[2] else None
+        return dx, dw, db, None, None, None
 
 
 # --- implementations by backend -------------------------------------------------------------
@@ -521,7 +560,7 @@ def _kernel_conv2d(backend: str):
         if name not in algos:
             raise ValueError(f"conv2d: algo={algo!r} is not available on the {backend!r} backend "
                              f"(available: {', '.join(algos)})")
-        return Conv2dFunction.apply(x, w, b, g, algos[name])
+        return Conv2dFunction.apply(x, w, b, g, name, backend)
     return impl
 
 
@@ -576,6 +615,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     im2col + GEMM, batch in chunks bounded by IM2COL_WORKSPACE_BYTES); on the numba backend
     "im2col" (the default and only one: Numba im2col, tiled GEMM and col2im kernels).
     """
+    input, weight, bias = autocast_inputs("conv2d", input, weight, bias)
     name, impl = dispatch("conv2d", backend, input, weight,
                           *([bias] if isinstance(bias, torch.Tensor) else []))
     check_tensor(input, "input", name, ndims=(3, 4))

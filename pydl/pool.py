@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ._checks import check_tensor
+from ._library import empty_like_shape, geometry_args, geometry_from, kernel_op, memory_format
 from ._launch import (cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2,
                       numba_array)
 from ._shapes import pair, pool_output_size
@@ -173,24 +175,86 @@ def _local_index_dtype(g: PoolGeometry) -> torch.dtype:
     return torch.int8 if g.KH * g.KW <= 127 else torch.int32
 
 
-# --- autograd Functions ---------------------------------------------------------------------
+# --- kernel ops (pydl::...) and autograd Functions ------------------------------------------
+
+def _y_shape(g: PoolGeometry) -> tuple:
+    return (g.N, g.C, g.OH, g.OW)
+
+
+def _index_dtype(g: PoolGeometry, mode: int) -> torch.dtype:
+    return {INDEX_FLAT: torch.int64, INDEX_LOCAL: _local_index_dtype(g)}.get(mode, torch.int8)
+
+
+def _max_fwd_fake(x, geom, mode, backend):
+    g, fmt = geometry_from(PoolGeometry, geom), memory_format_of(x)
+    idx_shape = _y_shape(g) if mode != INDEX_NONE else (0,)
+    return (empty_like_shape(x, _y_shape(g), memory_format=fmt),
+            empty_like_shape(x, idx_shape, _index_dtype(g, mode),
+                             memory_format=fmt if mode != INDEX_NONE else torch.contiguous_format))
+
+
+@kernel_op("max_pool2d_fwd", _max_fwd_fake)
+def _max_pool2d_fwd(x: Tensor, geom: list[int], mode: int, backend: str) -> tuple[Tensor, Tensor]:
+    """(output, argmax in `mode`'s format; an empty tensor for INDEX_NONE)."""
+    g, fmt = geometry_from(PoolGeometry, geom), memory_format_of(x)
+    y = new_output(_y_shape(g), x.dtype, x.device, fmt)
+    idx = (new_output(y.shape, _index_dtype(g, mode), x.device, fmt) if mode != INDEX_NONE
+           else torch.empty(0, dtype=torch.int8, device=x.device))
+    if y.numel():
+        LAUNCHERS[backend].max_fwd(x, y, idx if mode != INDEX_NONE else None, g, mode)
+    return y, idx
+
+
+def _dx_fake(dy, *args):
+    *_, geom, channels_last, backend = args
+    g = geometry_from(PoolGeometry, geom)
+    return empty_like_shape(dy, (g.N, g.C, g.H, g.W), memory_format=memory_format(channels_last))
+
+
+def _new_dx(dy: Tensor, g: PoolGeometry, channels_last: bool) -> Tensor:
+    return new_output((g.N, g.C, g.H, g.W), dy.dtype, dy.device, memory_format(channels_last))
+
+
+@kernel_op("max_pool2d_bwd", _dx_fake)
+def _max_pool2d_bwd(dy: Tensor, idx: Tensor, mode: int, geom: list[int], channels_last: bool,
+                    backend: str) -> Tensor:
+    g = geometry_from(PoolGeometry, geom)
+    dx = _new_dx(dy, g, channels_last)
+    if dx.numel():
+        LAUNCHERS[backend].max_bwd(dy, idx, dx, g, mode)
+    return dx
+
+
+@kernel_op("avg_pool2d_fwd", lambda x, geom, adaptive, backend: empty_like_shape(
+    x, _y_shape(geometry_from(PoolGeometry, geom)), memory_format=memory_format_of(x)))
+def _avg_pool2d_fwd(x: Tensor, geom: list[int], adaptive: bool, backend: str) -> Tensor:
+    g = geometry_from(PoolGeometry, geom)
+    y = new_output(_y_shape(g), x.dtype, x.device, memory_format_of(x))
+    if y.numel():
+        launch = LAUNCHERS[backend]
+        (launch.adaptive_fwd if adaptive else launch.avg_fwd)(x, y, g)
+    return y
+
+
+@kernel_op("avg_pool2d_bwd", _dx_fake)
+def _avg_pool2d_bwd(dy: Tensor, adaptive: bool, geom: list[int], channels_last: bool,
+                    backend: str) -> Tensor:
+    g = geometry_from(PoolGeometry, geom)
+    dx = _new_dx(dy, g, channels_last)
+    if dx.numel():
+        launch = LAUNCHERS[backend]
+        (launch.adaptive_bwd if adaptive else launch.avg_bwd)(dy, dx, g)
+    return dx
+
 
 class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g: PoolGeometry, return_indices: bool, launch):
-        fmt = memory_format_of(x)
-        y = new_output((g.N, g.C, g.OH, g.OW), x.dtype, x.device, fmt)
+    def forward(ctx, x, g: PoolGeometry, return_indices: bool, backend: str):
         needs_grad = ctx.needs_input_grad[0]
-        if return_indices:
-            mode, idx = INDEX_FLAT, new_output(y.shape, torch.int64, x.device, fmt)
-        elif needs_grad:
-            mode, idx = INDEX_LOCAL, new_output(y.shape, _local_index_dtype(g), x.device, fmt)
-        else:
-            mode, idx = INDEX_NONE, None
-        if y.numel():
-            launch.max_fwd(x, y, idx, g, mode)
-        ctx.g, ctx.mode, ctx.launch = g, mode, launch
-        ctx.x_meta = (x.dtype, x.device, fmt)
+        mode = INDEX_FLAT if return_indices else (INDEX_LOCAL if needs_grad else INDEX_NONE)
+        geom = geometry_args(g)
+        y, idx = _max_pool2d_fwd(x, geom, mode, backend)
+        ctx.args = (mode, geom, memory_format_of(x) == torch.channels_last, backend)
         if needs_grad:
             ctx.save_for_backward(idx)
         if return_indices:
@@ -201,48 +265,34 @@ class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *unused):
         (idx,) = ctx.saved_tensors
-        g = ctx.g
-        dtype, device, fmt = ctx.x_meta
-        dx = new_output((g.N, g.C, g.H, g.W), dtype, device, fmt)
-        if dx.numel():
-            ctx.launch.max_bwd(dy, idx, dx, g, ctx.mode)
-        return dx, None, None, None
+        return _max_pool2d_bwd(dy, idx, *ctx.args), None, None, None
 
 
 class AvgPool2dFunction(torch.autograd.Function):
     """avg_pool2d (adaptive=False) or adaptive_avg_pool2d (adaptive=True)."""
 
     @staticmethod
-    def forward(ctx, x, g: PoolGeometry, adaptive: bool, launch):
-        fmt = memory_format_of(x)
-        y = new_output((g.N, g.C, g.OH, g.OW), x.dtype, x.device, fmt)
-        if y.numel():
-            (launch.adaptive_fwd if adaptive else launch.avg_fwd)(x, y, g)
-        ctx.g, ctx.adaptive, ctx.launch = g, adaptive, launch
-        ctx.x_meta = (x.dtype, x.device, fmt)
-        return y
+    def forward(ctx, x, g: PoolGeometry, adaptive: bool, backend: str):
+        geom = geometry_args(g)
+        ctx.args = (adaptive, geom, memory_format_of(x) == torch.channels_last, backend)
+        return _avg_pool2d_fwd(x, geom, adaptive, backend)
 
     @staticmethod
     def backward(ctx, dy):
-        g = ctx.g
-        dtype, device, fmt = ctx.x_meta
-        dx = new_output((g.N, g.C, g.H, g.W), dtype, device, fmt)
-        if dx.numel():
-            (ctx.launch.adaptive_bwd if ctx.adaptive else ctx.launch.avg_bwd)(dy, dx, g)
-        return dx, None, None, None
+        return _avg_pool2d_bwd(dy, *ctx.args), None, None, None
 
 
 # --- implementations by backend -------------------------------------------------------------
 
-def _register(name, launch):
+def _register(name: str):
     register("max_pool2d", name)(
-        lambda x, g, return_indices: MaxPool2dFunction.apply(x, g, return_indices, launch))
-    register("avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, False, launch))
-    register("adaptive_avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, True, launch))
+        lambda x, g, return_indices: MaxPool2dFunction.apply(x, g, return_indices, name))
+    register("avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, False, name))
+    register("adaptive_avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, True, name))
 
 
-for _name, _launch in LAUNCHERS.items():
-    _register(_name, _launch)
+for _name in LAUNCHERS:
+    _register(_name)
 
 
 @register("max_pool2d", "torch")

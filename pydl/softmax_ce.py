@@ -14,9 +14,13 @@ reductions over per-row vectors (N floats, C floats), not over the logits.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from ._checks import check_tensor
+from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
                       numba_threads)
 from ._shapes import as_rows, normalize_dim
@@ -139,93 +143,135 @@ class _NumbaLaunch:
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
 
 
-# --- autograd Functions -------------------------------------------------------------------
+# --- kernel ops (pydl::...) and autograd Functions ----------------------------------------
+
+def _softmax_fake(x, dim, log, backend):
+    return empty_like_shape(x)
+
+
+@kernel_op("softmax_fwd", _softmax_fake)
+def _softmax_fwd(x: Tensor, dim: int, log: bool, backend: str) -> Tensor:
+    x3, outer, n, inner = as_rows(x, dim)
+    y3 = new_output((outer, n, inner), x.dtype, x.device)
+    if y3.numel():
+        LAUNCHERS[backend].softmax_fwd(x3, y3, log)
+    return y3.view(x.shape)
+
+
+@kernel_op("softmax_bwd", lambda y, dy, dim, log, backend: empty_like_shape(y))
+def _softmax_bwd(y: Tensor, dy: Tensor, dim: int, log: bool, backend: str) -> Tensor:
+    y3, outer, n, inner = as_rows(y, dim)
+    dy3 = dy.reshape(y3.shape)
+    dx3 = new_output(y3.shape, y3.dtype, y3.device)
+    if dx3.numel():
+        LAUNCHERS[backend].softmax_bwd(y3, dy3, dx3, log)
+    return dx3.view(y.shape)
+
 
 class SoftmaxFunction(torch.autograd.Function):
     """softmax / log_softmax over `dim`; saves its output, which is all the backward needs."""
 
     @staticmethod
-    def forward(ctx, x, dim: int, log: bool, launch):
-        x3, outer, n, inner = as_rows(x, dim)
-        y3 = new_output((outer, n, inner), x.dtype, x.device)
-        if y3.numel():
-            launch.softmax_fwd(x3, y3, log)
-        ctx.save_for_backward(y3)
-        ctx.log, ctx.launch, ctx.shape = log, launch, x.shape
-        return y3.view(x.shape)
+    def forward(ctx, x, dim: int, log: bool, backend: str):
+        y = _softmax_fwd(x, dim, log, backend)
+        ctx.save_for_backward(y)
+        ctx.dim, ctx.log, ctx.backend = dim, log, backend
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        (y3,) = ctx.saved_tensors
-        dy3 = dy.reshape(y3.shape)
-        dx3 = new_output(y3.shape, y3.dtype, y3.device)
-        if dx3.numel():
-            ctx.launch.softmax_bwd(y3, dy3, dx3, ctx.log)
-        return dx3.view(ctx.shape), None, None, None
+        (y,) = ctx.saved_tensors
+        return _softmax_bwd(y, dy, ctx.dim, ctx.log, ctx.backend), None, None, None
+
+
+def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, backend):
+    rows = target.numel()
+    out = empty_like_shape(x, target.shape if reduction == "none" else ())
+    return out, empty_like_shape(x, (rows,), torch.float32), empty_like_shape(x, (), torch.float32)
+
+
+@kernel_op("cross_entropy_fwd", _cross_entropy_fake)
+def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                       reduction: str, smoothing: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss in x's dtype, per-row logsumexp, the mean's denominator: the summed weights of
+    the rows that count; 1 for other reductions)."""
+    _check_target_range(target, x.shape[0 if x.dim() == 1 else 1], ignore_index)
+    dim = 0 if x.dim() == 1 else 1
+    x3, outer, n, inner = as_rows(x, dim)
+    rows = outer * inner
+    t = target.reshape(rows)
+    loss = new_output(rows, torch.float32, x.device)
+    lse = new_output(rows, torch.float32, x.device)
+    row_weight = new_output(rows, torch.float32, x.device)
+    if rows:
+        LAUNCHERS[backend].cross_entropy_fwd(x3, t, weight, loss, lse, row_weight, ignore_index,
+                                             smoothing)
+    if reduction == "none":
+        return loss.view(target.shape).to(x.dtype), lse, torch.ones((), device=x.device)
+    if reduction == "sum":
+        return loss.sum().to(x.dtype), lse, torch.ones((), device=x.device)
+    denom = row_weight.sum()
+    return (loss.sum() / denom).to(x.dtype), lse, denom
+
+
+@kernel_op("cross_entropy_bwd", lambda x, *rest: empty_like_shape(x))
+def _cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                       denom: Tensor, grad_out: Tensor, ignore_index: int, reduction: str,
+                       smoothing: float, backend: str) -> Tensor:
+    dim = 0 if x.dim() == 1 else 1
+    x3, outer, n, inner = as_rows(x, dim)
+    t = target.reshape(outer * inner)
+    if reduction == "none":
+        grad, stride = grad_out.reshape(-1).float().contiguous(), 1
+    elif reduction == "sum":
+        grad, stride = grad_out.float().reshape(1), 0
+    else:
+        grad, stride = (grad_out.float() / denom).reshape(1), 0
+    weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 else None
+    dx3 = new_output(x3.shape, x3.dtype, x3.device)
+    if dx3.numel():
+        LAUNCHERS[backend].cross_entropy_bwd(x3, t, weight, lse, grad, stride, weight_sum, dx3,
+                                             ignore_index, smoothing)
+    return dx3.view(x.shape)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused log_softmax + NLL (+ weights, ignore_index, label smoothing) over class dim 1."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index: int, reduction: str, smoothing: float, launch):
-        dim = 0 if x.dim() == 1 else 1
-        x3, outer, n, inner = as_rows(x, dim)
-        rows = outer * inner
-        t = target.reshape(rows)
-        loss = new_output(rows, torch.float32, x.device)
-        lse = new_output(rows, torch.float32, x.device)
-        row_weight = new_output(rows, torch.float32, x.device)
-        if rows:
-            launch.cross_entropy_fwd(x3, t, weight, loss, lse, row_weight, ignore_index, smoothing)
-        if reduction == "none":
-            out = loss.view(target.shape)
-            denom = None
-        elif reduction == "sum":
-            out = loss.sum()
-            denom = None
-        else:
-            denom = row_weight.sum()
-            out = loss.sum() / denom
-        ctx.save_for_backward(x3, t, weight, lse, denom)
-        ctx.ignore_index, ctx.reduction, ctx.smoothing, ctx.launch = ignore_index, reduction, smoothing, launch
-        ctx.x_shape = x.shape
-        return out.to(x.dtype)
+    def forward(ctx, x, target, weight, ignore_index: int, reduction: str, smoothing: float,
+                backend: str):
+        out, lse, denom = _cross_entropy_fwd(x, target, weight, ignore_index, reduction,
+                                             smoothing, backend)
+        ctx.save_for_backward(x, target, weight, lse, denom)
+        ctx.args = (ignore_index, reduction, smoothing, backend)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x3, t, weight, lse, denom = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad, stride = grad_out.reshape(-1).float().contiguous(), 1
-        elif ctx.reduction == "sum":
-            grad, stride = grad_out.float().reshape(1), 0
-        else:
-            grad, stride = (grad_out.float() / denom).reshape(1), 0
-        weight_sum = weight.float().sum().reshape(1) if weight is not None and ctx.smoothing > 0 else None
-        dx3 = new_output(x3.shape, x3.dtype, x3.device)
-        if dx3.numel():
-            ctx.launch.cross_entropy_bwd(x3, t, weight, lse, grad, stride, weight_sum, dx3,
-                                         ctx.ignore_index, ctx.smoothing)
-        return dx3.view(ctx.x_shape), None, None, None, None, None, None
+        x, target, weight, lse, denom = ctx.saved_tensors
+        dx = _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, *ctx.args)
+        return dx, None, None, None, None, None, None
 
 
 # --- implementations by backend -----------------------------------------------------------
 
-def _kernel_softmax(launch):
+def _kernel_softmax(backend: str):
     def impl(x, dim, log):
-        return SoftmaxFunction.apply(x, dim, log, launch)
+        return SoftmaxFunction.apply(x, dim, log, backend)
     return impl
 
 
-def _kernel_cross_entropy(launch):
+def _kernel_cross_entropy(backend: str):
     def impl(x, target, weight, ignore_index, reduction, smoothing):
-        return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction, smoothing, launch)
+        return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction, smoothing,
+                                          backend)
     return impl
 
 
-for _name, _launch in LAUNCHERS.items():
-    register("softmax", _name)(_kernel_softmax(_launch))
-    register("cross_entropy", _name)(_kernel_cross_entropy(_launch))
+for _name in LAUNCHERS:
+    register("softmax", _name)(_kernel_softmax(_name))
+    register("cross_entropy", _name)(_kernel_cross_entropy(_name))
 
 
 @register("softmax", "torch")
@@ -248,6 +294,8 @@ def _softmax(input, dim, log, dtype, backend):
         raise TypeError("dim must be given (an int); the implicit-dim form of torch is deprecated")
     if dtype is not None:
         input = input.to(dtype)
+    elif isinstance(input, torch.Tensor):
+        (input,) = autocast_inputs("log_softmax" if log else "softmax", input)
     name, impl = dispatch("softmax", backend, input)
     check_tensor(input, "input", name)
     dim = normalize_dim(dim, input.dim())
@@ -298,9 +346,13 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
+    """Every target a class index or ignore_index. The kernels index by target, so an
+    out-of-range value would read outside the row. One small reduction and a host sync; it
+    runs inside the kernel op, so a compiled graph does not break on it."""
     if target.numel():
-        # One small reduction and a host sync; the kernels index by target, so an
-        # out-of-range value would read outside the row.
         bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
         if bool(bad.any()):
             value = int(target[bad].reshape(-1)[0])
@@ -317,6 +369,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     if size_average is not None or reduce is not None:
         raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
+    input, weight = autocast_inputs("cross_entropy", input, weight)
     name, impl = dispatch("cross_entropy", backend, input, target,
                           *([weight] if isinstance(weight, torch.Tensor) else []))
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, name)

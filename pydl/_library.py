@@ -1,0 +1,108 @@
+"""torch.library registration: every kernel launch of pydl is a custom op `pydl::<name>`.
+
+pydl's autograd Functions stay the public wrappers (forward and backward in Python), but
+the work inside them - allocating outputs and launching Triton or Numba kernels - runs
+through custom ops with fake (meta) implementations. That is what lets `torch.compile`
+trace a model that calls pydl ops with `fullgraph=True`: dynamo traces the Function's
+Python, sees each launch as one opaque op, and learns its output shapes from the fake
+implementation instead of running the kernel. FlashAttention wraps its kernels the same way.
+
+Rules the ops follow (torch.library's contract):
+- outputs never alias inputs or each other (a kernel writes fresh tensors);
+- the fake implementation returns tensors of exactly the real one's shapes, dtypes and
+  strides;
+- the backend travels as a string (`"triton"` / `"numba"`), never as a Python object.
+
+Autocast: the public functions cast their inputs as torch's autocast does for the op they
+replace (`autocast_inputs`), so a pydl op under `torch.autocast` runs in the dtype the torch
+op would, eager or compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+
+NAMESPACE = "pydl"
+
+# torch's autocast policies (aten/src/ATen/autocast_mode.cpp), by device type and op: inputs
+# cast to the autocast dtype ("lower"), or to float32 ("float32"). Ops absent from a device's
+# table (pooling everywhere; softmax and the RNNs on the CPU) keep their input dtype.
+LOWER, FLOAT32 = "lower", "float32"
+AUTOCAST_POLICY = {
+    "cuda": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "lstm_cell": LOWER,
+             "gru_cell": LOWER, "lstm": LOWER, "gru": LOWER,
+             "softmax": FLOAT32, "log_softmax": FLOAT32, "cross_entropy": FLOAT32},
+    "cpu": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "cross_entropy": FLOAT32},
+}
+
+
+def _plain(args) -> bool:
+    """No argument is a tensor subclass (FakeTensor, FunctionalTensor, ...) that needs the
+    dispatcher; Parameters are plain tensors here."""
+    return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args
+               if isinstance(a, torch.Tensor))
+
+
+def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` (annotated with torch types) as the custom op pydl::name,
+    with `fake` as its fake-tensor implementation.
+
+    Returns a function with fn's signature that calls the op while torch.compile traces
+    (and for tensor subclasses such as FakeTensor), and calls `fn` directly in eager mode:
+    a custom op's Python dispatch costs tens of microseconds a call, as much as a small
+    kernel, and eager mode gains nothing from it. The op itself is the `.op` attribute
+    (`torch.ops.pydl.<name>`), for torch.library.opcheck and for users who want it.
+    """
+    def wrap(fn: Callable) -> Callable:
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args):
+            if torch.compiler.is_compiling() or not _plain(args):
+                return op(*args)
+            return fn(*args)
+
+        call.op = op
+        return call
+    return wrap
+
+
+def empty_like_shape(t: torch.Tensor, shape=None, dtype: torch.dtype | None = None,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A fresh tensor on t's device (for fake implementations and placeholders)."""
+    return torch.empty(t.shape if shape is None else shape, dtype=t.dtype if dtype is None else dtype,
+                       device=t.device, memory_format=memory_format)
+
+
+def autocast_inputs(op: str, *tensors):
+    """`tensors` cast as torch.autocast casts the inputs of the torch op `op` replaces, when
+    autocast is on for their device: floating tensors only; None and others pass through."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return tensors
+    device_type = first.device.type
+    policy = AUTOCAST_POLICY.get(device_type, {}).get(op)
+    if policy is None or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in tensors)
+
+
+def geometry_args(g) -> list[int]:
+    """A frozen geometry dataclass as the int list a custom op takes (bools as 0/1)."""
+    return [int(getattr(g, f.name)) for f in dataclasses.fields(g)]
+
+
+def geometry_from(cls, args) -> object:
+    """The inverse of geometry_args: the dataclass `cls` from its int list."""
+    return cls(*[bool(a) if f.type in (bool, "bool") else int(a)
+                 for f, a in zip(dataclasses.fields(cls), args)])
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format

@@ -1,0 +1,151 @@
+"""torch.compile, torch.library and autocast: every kernel launch is a registered custom op
+(pydl._library), so compiled models trace through pydl's ops without graph breaks.
+
+- each op passes torch.library.opcheck (schema, fake tensor, AOT dispatch with dynamic shapes);
+- `torch._dynamo.explain` finds no graph break in a function of pydl ops, and a compiled
+  (fullgraph, "aot_eager") function gives the eager outputs and gradients;
+- under torch.autocast a pydl op returns the dtype the torch op it replaces returns.
+"""
+import pytest
+import torch
+
+import pydl
+from pydl import attention, conv, pool, softmax_ce
+
+from conftest import DEVICE
+
+BACKEND = "triton"
+
+
+def _x(*shape, grad=False):
+    return torch.randn(*shape, device=DEVICE, requires_grad=grad)
+
+
+# --- opcheck: the registration itself -----------------------------------------------------
+
+def _ce_args():
+    return (_x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "mean", 0.1)
+
+
+OPCHECKS = {
+    "softmax_fwd": lambda: (softmax_ce._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
+    "softmax_bwd": lambda: (softmax_ce._softmax_bwd,
+                            (torch.softmax(_x(3, 5), 0), _x(3, 5), 0, False, BACKEND)),
+    "cross_entropy_fwd": lambda: (softmax_ce._cross_entropy_fwd, (*_ce_args(), BACKEND)),
+    "conv2d_fwd": lambda: (conv._conv2d_fwd, (
+        _x(2, 3, 6, 6), _x(4, 3, 3, 3), _x(4), _geom_conv(), "implicit", BACKEND)),
+    "conv2d_bwd_input": lambda: (conv._conv2d_bwd_input, (
+        _x(2, 4, 4, 4), _x(4, 3, 3, 3), _x(2, 3, 6, 6), _geom_conv(), "implicit", BACKEND)),
+    "conv2d_bwd_weight": lambda: (conv._conv2d_bwd_weight, (
+        _x(2, 4, 4, 4), _x(2, 3, 6, 6), _x(4, 3, 3, 3), _geom_conv(), "im2col", BACKEND)),
+    "max_pool2d_fwd": lambda: (pool._max_pool2d_fwd, (
+        _x(2, 3, 6, 6), _geom_pool(), pool.INDEX_LOCAL, BACKEND)),
+    "avg_pool2d_fwd": lambda: (pool._avg_pool2d_fwd, (_x(2, 3, 6, 6), _geom_pool(), False, BACKEND)),
+    "attention_fwd": lambda: (attention._attention_fwd, (
+        _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
+    "attention_naive_fwd": lambda: (attention._attention_naive_fwd, (
+        _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
+}
+
+
+def _geom_conv():
+    from pydl._library import geometry_args
+    return geometry_args(conv.conv_geometry((2, 3, 6, 6), (4, 3, 3, 3), 1, 0, 1, 1))
+
+
+def _geom_pool():
+    from pydl._library import geometry_args
+    return geometry_args(pool._geometry(torch.empty(2, 3, 6, 6), 2, None, 0, 1, False))
+
+
+@pytest.mark.parametrize("name", sorted(OPCHECKS))
+def test_opcheck(name):
+    fn, args = OPCHECKS[name]()
+    assert fn.op._qualname == f"pydl::{name}"
+    torch.library.opcheck(fn.op, args)
+
+
+# --- no graph breaks, compiled == eager ---------------------------------------------------
+
+def _conv_pool_ce(x, w, b, t):
+    y = pydl.conv2d(x, w, b, padding=1, backend=BACKEND)
+    y = pydl.max_pool2d(y, 2, backend=BACKEND) + pydl.avg_pool2d(y, 2, backend=BACKEND)
+    y = pydl.adaptive_avg_pool2d(y, 1, backend=BACKEND).flatten(1)
+    return pydl.cross_entropy(y, t, label_smoothing=0.1, backend=BACKEND) \
+        + pydl.log_softmax(y, 1, backend=BACKEND).sum() * 0.01
+
+
+def _attention(q, k, v):
+    a = pydl.scaled_dot_product_attention(q, k, v, is_causal=True, backend=BACKEND)
+    b = pydl.scaled_dot_product_attention(q, k, v, algo="naive", backend=BACKEND)
+    return (a * b).sum() + pydl.softmax(a, -1, backend=BACKEND).sum()
+
+
+CASES = {
+    "conv_pool_ce": (_conv_pool_ce, lambda: (_x(2, 3, 8, 8, grad=True), _x(4, 3, 3, 3, grad=True),
+                                             _x(4, grad=True), torch.randint(0, 4, (2,), device=DEVICE))),
+    "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),
+                                       _x(1, 2, 6, 8, grad=True))),
+}
+
+
+def _grads(fn, args):
+    out = fn(*args)
+    leaves = [a for a in args if a.requires_grad]
+    return out, torch.autograd.grad(out, leaves)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_compiled_matches_eager_without_graph_breaks(case):
+    fn, make = CASES[case]
+    args = make()
+    explained = torch._dynamo.explain(fn)(*args)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    out, grads = _grads(fn, args)
+    c_out, c_grads = _grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), args)
+    torch.testing.assert_close(c_out, out)
+    for a, b in zip(c_grads, grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_switch_recompiles():
+    """The backend is read at trace time and guarded on: changing it re-traces."""
+    fn = torch.compile(lambda x: pydl.softmax(x, -1) * 2, fullgraph=True, backend="eager")
+    x = _x(3, 5)
+    a = fn(x)
+    calls = []
+    real = softmax_ce.LAUNCHERS["numba"].softmax_fwd
+    softmax_ce.LAUNCHERS["numba"].softmax_fwd = staticmethod(
+        lambda *args: (calls.append(1), real(*args)))
+    try:
+        with pydl.use_backend("numba"):
+            b = fn(x)
+    finally:
+        softmax_ce.LAUNCHERS["numba"].softmax_fwd = real
+    assert calls, "the compiled function kept the triton launch after use_backend('numba')"
+    torch.testing.assert_close(a, b)
+
+
+# --- autocast -----------------------------------------------------------------------------
+
+AUTOCAST = {
+    "conv2d": (lambda x, m: m.conv2d(x, x[:2, :, :3, :3].contiguous()), (3, 3, 6, 6)),
+    "max_pool2d": (lambda x, m: m.max_pool2d(x, 2), (2, 3, 6, 6)),
+    "softmax": (lambda x, m: m.softmax(x, -1), (3, 5)),
+    "cross_entropy": (lambda x, m: m.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=x.device)),
+                      (3, 5)),
+    "sdpa": (lambda x, m: m.scaled_dot_product_attention(x, x, x), (1, 2, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(AUTOCAST))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32_in", "fp16_in"])
+def test_autocast_dtype_matches_torch(op, dtype):
+    fn, shape = AUTOCAST[op]
+    x = torch.randn(*shape, device=DEVICE).to(dtype)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        ours = fn(x, pydl)
+        theirs = fn(x, torch.nn.functional)
+    assert ours.dtype == theirs.dtype, f"{op}: pydl gives {ours.dtype}, torch {theirs.dtype}"
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
