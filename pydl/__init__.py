@@ -13,9 +13,11 @@ from .backends import BACKENDS, current_backend, use_backend
 from .functional import *  # noqa: F401,F403
 from .functional import __all__ as _functional_all
 from . import functional, nn, reference  # noqa: F401
+from .patch import PatchReport, patch, unpatch  # after nn: patch maps onto its classes
 
 __version__ = "0.1.0"
 INTERPRET = _env.INTERPRET
 
 __all__ = ["BACKENDS", "current_backend", "use_backend", "functional", "nn", "reference",
            "INTERPRET", *_functional_all]
+__all__ += ["patch", "unpatch", "PatchReport"]
