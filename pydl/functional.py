@@ -4,10 +4,19 @@ index users import (`import pydl.functional as F`).
 """
 from .attention import scaled_dot_product_attention
 from .conv import conv2d
-from .gru import gru_cell
+from .gru import gru, gru_cell
 from .lstm import lstm, lstm_cell
 from .pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .softmax_ce import cross_entropy, log_softmax, softmax
 
 __all__ = ["conv2d", "softmax", "log_softmax", "cross_entropy", "max_pool2d", "avg_pool2d",
-           "adaptive_avg_pool2d", "scaled_dot_product_attention", "lstm_cell", "lstm", "gru_cell"]
+           "adaptive_avg_pool2d", "scaled_dot_product_attention", "lstm_cell", "lstm", "gru_cell",
+           "gru"]
+
+# Every op also takes CuPy arrays (any DLPack array) and then returns that kind of array:
+# see pydl._interop.
+from ._interop import accepts_arrays  # noqa: E402
+
+for _op in __all__:
+    globals()[_op] = accepts_arrays(globals()[_op])
+del _op

@@ -1,11 +1,15 @@
 """LSTM: the fused cell and the full multi-layer, bidirectional layer, forward and backward
-through time. Argument checks, autograd Functions, kernel launches.
+through time. Argument checks, autograd Functions, kernel launches; and the layer machinery
+the GRU shares (pydl/gru.py): RNNFunction runs the stack (layers, directions, input
+projections, dropout, the backward's weight-gradient GEMMs and accumulation) over a "cell"
+object that says the gate count, whether there is a cell state, and runs one direction's
+recurrence forward, recomputed and backward (LSTMRecurrence here, GRURecurrence there).
 
 Kernels: kernels/{triton,numba}/lstm.py (the fused forward and backward steps, the
-persistent layer, bias sums, dropout's product); GEMMs as described under "GEMMs" below. torch computes nothing on
-the kernel path; it allocates buffers and, for dropout between layers, draws the mask with
-its own random generator (bernoulli_, as torch's CPU LSTM does, so the masks are the ones
-torch would draw from the same seed there).
+persistent layer, bias sums, dropout's product); GEMMs as described under "GEMMs" below.
+torch computes nothing on the kernel path; it allocates buffers and, for dropout between
+layers, draws the mask with its own random generator (bernoulli_, as torch's CPU LSTM and
+GRU do, so the masks are the ones torch would draw from the same seed there).
 
 The cell (pydl.lstm_cell / nn.LSTMCell), forward in ONE kernel:
     gates = x W_ih^T + h W_hh^T + b_ih + b_hh; i, f, o = sigmoid; g = tanh;
@@ -42,10 +46,17 @@ rounded to the dtype, as it is an output and the next step's GEMM operand.
 
 Gate activations and cell states are kept in fp32 workspaces (5H floats per row and step)
 whatever the dtype: the backward then loses nothing to fp16 rounding of saved values.
+With recompute=True the gate activations (4H of the 5H) are not kept past the forward: the
+backward recomputes them one layer and direction at a time, just before that direction's
+BPTT, from what is saved anyway (the layer's input, its output h_t and the cell states c_t):
+the input projection again, then the step kernel over all T*B rows at once (every step's
+starting state is saved, so the steps need not run in order; two launches), into a scratch
+buffer freed after the direction. This holds for algo="persistent" too (the recomputation
+uses the step kernel; the persistent backward then reads its output).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -379,17 +390,18 @@ class LSTMCellFunction(torch.autograd.Function):
         return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, None
 
 
-# --- the layer ------------------------------------------------------------------------------
+# --- the layer: the stack machinery the LSTM and the GRU share ------------------------------
 
 @dataclass(frozen=True)
-class LSTMConfig:
-    """The static options of a (multi-layer) LSTM call."""
+class RNNConfig:
+    """The static options of a (multi-layer) LSTM or GRU call."""
     num_layers: int
     bidirectional: bool
     bias: bool
     dropout: float
     training: bool
-    algo: str
+    algo: str | None
+    recompute: bool = False
 
     @property
     def D(self) -> int:
@@ -400,7 +412,7 @@ class LSTMConfig:
         return 4 if self.bias else 2
 
 
-def _direction_weights(weights, cfg: LSTMConfig, layer: int, d: int):
+def _direction_weights(weights, cfg: RNNConfig, layer: int, d: int):
     """(w_ih, w_hh, b_ih, b_hh) of one layer and direction; biases None without bias."""
     n = cfg.per_direction
     w = weights[(layer * cfg.D + d) * n:(layer * cfg.D + d + 1) * n]
@@ -416,20 +428,127 @@ def _run_order(T: int, reverse: bool):
         prev = t
 
 
-class LSTMFunction(torch.autograd.Function):
-    """The whole stack: x (T, B, I) -> (out (T, B, D*H), h_n, c_n (L*D, B, H)).
+def _at(t: torch.Tensor | None, i: int):
+    return t[i] if t is not None else None
 
-    h0, c0: (L*D, B, H) or None (zeros). weights: torch's flat order (per layer, per
-    direction: w_ih, w_hh[, b_ih, b_hh])."""
+
+def _seq_rows(t: torch.Tensor) -> torch.Tensor:
+    """(T, B, N) as (T*B, N) rows, a view: the sequence buffers here (outputs, workspaces) all
+    have a time stride of B times the batch stride."""
+    return t.view(t.shape[0] * t.shape[1], t.shape[2])
+
+
+def _steps_after_first(T: int, reverse: bool):
+    """For recomputation: (t of the first step in run order, the slice of the other steps,
+    the slice of the steps that ran just before each of them)."""
+    if reverse:
+        return T - 1, slice(0, T - 1), slice(1, T)
+    return 0, slice(1, T), slice(0, T - 1)
+
+
+def _input_projection(launch, inp, w_ih, b_ih):
+    """xp = inp W_ih^T + b_ih for every time step at once: one GEMM into (T, B, G*H) fp32."""
+    T, B, _ = inp.shape
+    xp = new_output((T, B, w_ih.shape[0]), F32, inp.device)
+    launch.gemm(inp[None], w_ih.t()[None, None], xp[None],
+                bias=None if b_ih is None else b_ih[None])
+    return xp
+
+
+class LSTMRecurrence:
+    """What RNNFunction needs to know of the LSTM cell: 4 gates, a cell state, and the
+    recurrence of one direction forward, recomputed, and backward (per-step kernels, or
+    the persistent ones). `launch` is a backend's launcher (_TritonLSTM, _NumbaLSTM)."""
+    name = "lstm"
+    gates = 4
+    has_cell_state = True
 
     @staticmethod
-    def forward(ctx, x, h0, c0, cfg: LSTMConfig, launch, *weights):
+    def forward(launch, algo, xp, b_hh, h0, c0, w_hh, out, h_n, c_n, reverse):
+        """Run one direction: writes out (T, B, H) (a view into the layer's output), h_n and
+        c_n (B, H). Returns (acts, cs): the fp32 gate activations (T, B, 4H) and cell states
+        (T, B, H) the backward reads."""
+        T, B, H = out.shape
+        acts = new_output((T, B, 4 * H), F32, out.device)
+        cs = new_output((T, B, H), F32, out.device)
+        if algo == "persistent":
+            launch.persistent_fwd(xp, b_hh, h0, c0, w_hh, out, cs, acts, h_n, c_n, reverse)
+            return acts, cs
+        for s, (t, tp) in enumerate(_run_order(T, reverse)):
+            last = s == T - 1
+            launch.step_fwd(None, None, xp[t], None, b_hh, h0 if tp is None else out[tp],
+                            c0 if tp is None else cs[tp], w_hh, out[t], cs[t],
+                            h_n if last else None, c_n if last else None, acts[t])
+        return acts, cs
+
+    @staticmethod
+    def recompute(launch, xp, b_hh, h0, c0, w_hh, out, cs, reverse):
+        """The gate activations forward() computed, again. A step's gates depend only on the
+        state it started from (h_{t-1}, c_{t-1}), and those were saved (the output and cs),
+        so every step runs at once: the step kernel over T*B rows (two launches: the first
+        step starts from h0, c0). The new states it writes are scratch."""
+        T, B, H = out.shape
+        dev = out.device
+        acts = new_output((T, B, 4 * H), F32, dev)
+        h_tmp = new_output((T, B, H), out.dtype, dev)
+        c_tmp = new_output((T, B, H), F32, dev)
+        t0, rest, prev = _steps_after_first(T, reverse)
+        launch.step_fwd(None, None, xp[t0], None, b_hh, h0, c0, w_hh, h_tmp[t0], c_tmp[t0],
+                        None, None, acts[t0])
+        if T > 1:
+            r = _seq_rows
+            launch.step_fwd(None, None, r(xp[rest]), None, b_hh, r(out[prev]), r(cs[prev]),
+                            w_hh, r(h_tmp[rest]), r(c_tmp[rest]), None, None, r(acts[rest]))
+        return acts
+
+    @staticmethod
+    def backward(launch, algo, acts, cs, h0, c0, out, w_hh, d_out, d_hn, d_cn, dh0, dc0, reverse):
+        """Backpropagation through one direction, walking its steps in reverse run order.
+        Returns (dg_ih, dg_hh), the fp32 gradients (T, B, G*H) of the pre-activations of
+        x W_ih^T and of h W_hh^T (one tensor for the LSTM); writes dh0 / dc0 where given.
+        d_out (T, B, H), d_hn, d_cn (B, H) may be None."""
+        T, B, H = cs.shape
+        dev = cs.device
+        dg = new_output((T, B, 4 * H), F32, dev)
+        if algo == "persistent":
+            launch.persistent_bwd(acts, cs, c0, w_hh, d_out, d_hn, d_cn, dg,
+                                  dh0 if dh0 is not None else new_output((B, H), F32, dev),
+                                  dc0 if dc0 is not None else new_output((B, H), F32, dev),
+                                  reverse)
+            return dg, dg
+        dc_run = new_output((B, H), F32, dev)
+        t_next = None   # the step that ran after t: its dg feeds dh_t
+        for s, (t, tp) in enumerate(reversed(list(_run_order(T, reverse)))):
+            first, last = s == 0, s == T - 1
+            launch.step_bwd(acts[t], c0 if tp is None else cs[tp], cs[t],
+                            None if first else dg[t_next], w_hh, d_hn if first else None,
+                            None if d_out is None else d_out[t], d_cn if first else dc_run,
+                            dg[t], dc0 if last else dc_run)
+            t_next = t
+        if dh0 is not None:
+            _mm(launch, dg[t_next], w_hh, dh0)
+        return dg, dg
+
+
+class RNNFunction(torch.autograd.Function):
+    """A whole LSTM or GRU stack (`cell`: LSTMRecurrence or the GRU's): x (T, B, I) ->
+    (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H), None for a cell without one).
+
+    h0, c0: (L*D, B, H) or None (zeros). weights: torch's flat order (per layer, per
+    direction: w_ih, w_hh[, b_ih, b_hh]). Per layer and direction: the input projection of
+    all steps as one GEMM, the cell's recurrence, and in the backward the cell's BPTT, then
+    the weight gradients as GEMMs over every (t, b) row and dX = dg_ih W_ih (both directions
+    summed). With cfg.recompute the forward keeps no gate activations: the backward rebuilds
+    them for one layer and direction at a time, just before its BPTT."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, cfg: RNNConfig, cell, launch, *weights):
         T, B, _ = x.shape
         L, D = cfg.num_layers, cfg.D
         H = weights[1].shape[1]
         dt, dev = x.dtype, x.device
         h_n = new_output((L * D, B, H), dt, dev)
-        c_n = new_output((L * D, B, H), dt, dev)
+        c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
         inputs, outs, masks, saved = [], [], [], []
         inp = x
         for layer in range(L):
@@ -437,26 +556,11 @@ class LSTMFunction(torch.autograd.Function):
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
-                h0_ = h0[idx] if h0 is not None else None
-                c0_ = c0[idx] if c0 is not None else None
-                o_d = out[:, :, d * H:(d + 1) * H]
-                xp = new_output((T, B, 4 * H), F32, dev)
-                launch.gemm(inp[None], w_ih.t()[None, None], xp[None],
-                            bias=None if b_ih is None else b_ih[None])
-                gates = new_output((T, B, 4 * H), F32, dev)
-                cs = new_output((T, B, H), F32, dev)
-                if cfg.algo == "persistent":
-                    launch.persistent_fwd(xp, b_hh, h0_, c0_, w_hh, o_d, cs, gates, h_n[idx],
-                                          c_n[idx], d == 1)
-                else:
-                    for s, (t, tp) in enumerate(_run_order(T, d == 1)):
-                        last = s == T - 1
-                        launch.step_fwd(None, None, xp[t], None, b_hh,
-                                        h0_ if tp is None else o_d[tp],
-                                        c0_ if tp is None else cs[tp], w_hh, o_d[t], cs[t],
-                                        h_n[idx] if last else None, c_n[idx] if last else None,
-                                        gates[t])
-                saved.append((gates, cs))
+                xp = _input_projection(launch, inp, w_ih, b_ih)
+                acts, cs = cell.forward(launch, cfg.algo, xp, b_hh, _at(h0, idx), _at(c0, idx),
+                                        w_hh, out[:, :, d * H:(d + 1) * H], h_n[idx],
+                                        _at(c_n, idx), d == 1)
+                saved.append((None if cfg.recompute else acts, cs))
             inputs.append(inp)
             outs.append(out)
             if layer < L - 1 and cfg.dropout > 0 and cfg.training:
@@ -469,28 +573,30 @@ class LSTMFunction(torch.autograd.Function):
             else:
                 masks.append(None)
                 inp = out
-        ctx.save_for_backward(x, h0, c0, *weights)
+        # The last layer's output is an output of the Function: saved through
+        # save_for_backward (an output kept as a ctx attribute would be a reference cycle).
+        ctx.save_for_backward(x, h0, c0, outs[-1], *weights)
         # Workspaces and the inner layers' activations are not inputs or outputs of the
         # Function, so they live on ctx (nothing else holds them).
-        ctx.inner = (inputs[1:], outs, masks, saved)
-        ctx.cfg, ctx.launch = cfg, launch
+        ctx.inner = (inputs[1:], outs[:-1], masks, saved)
+        ctx.cfg, ctx.cell, ctx.launch = cfg, cell, launch
         return outs[-1], h_n, c_n
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        x, h0, c0, *weights = ctx.saved_tensors
-        inner_inputs, outs, masks, saved = ctx.inner
-        inputs = [x] + list(inner_inputs)
-        cfg, launch = ctx.cfg, ctx.launch
+        x, h0, c0, last_out, *weights = ctx.saved_tensors
+        inner_inputs, inner_outs, masks, saved = ctx.inner
+        inputs, outs = [x] + list(inner_inputs), list(inner_outs) + [last_out]
+        cfg, cell, launch = ctx.cfg, ctx.cell, ctx.launch
         need = ctx.needs_input_grad
-        L, D = cfg.num_layers, cfg.D
+        L, D, G = cfg.num_layers, cfg.D, cell.gates
         T, B, _ = x.shape
         H = weights[1].shape[1]
         dt, dev = x.dtype, x.device
         dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
         dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
         dweights = [None] * len(weights)
-        need_w = need[5:]
+        need_w = need[6:]
         for layer in range(L - 1, -1, -1):
             inp, out = inputs[layer], outs[layer]
             # gradient of this layer's input: fp32 below the top, x's dtype for layer 0
@@ -505,58 +611,47 @@ class LSTMFunction(torch.autograd.Function):
                 w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
                 base = idx * cfg.per_direction
-                gates, cs = saved[idx]
-                h0_ = h0[idx] if h0 is not None else None
-                c0_ = c0[idx] if c0 is not None else None
-                dho = d_out[:, :, d * H:(d + 1) * H] if d_out is not None else None
-                dhn = d_hn[idx] if d_hn is not None else None
-                dcn = d_cn[idx] if d_cn is not None else None
-                dh0_ = dh0[idx] if dh0 is not None else None
-                dc0_ = dc0[idx] if dc0 is not None else None
-                dg = new_output((T, B, 4 * H), F32, dev)
-                if cfg.algo == "persistent":
-                    launch.persistent_bwd(
-                        gates, cs, c0_, w_hh, dho, dhn, dcn, dg,
-                        dh0_ if dh0_ is not None else new_output((B, H), F32, dev),
-                        dc0_ if dc0_ is not None else new_output((B, H), F32, dev), d == 1)
-                else:
-                    dc_run = new_output((B, H), F32, dev)
-                    t_next = None   # the step that ran after t: its dg feeds dh_t
-                    for s, (t, tp) in enumerate(reversed(list(_run_order(T, d == 1)))):
-                        first, last = s == 0, s == T - 1
-                        launch.step_bwd(gates[t], c0_ if tp is None else cs[tp], cs[t],
-                                        None if first else dg[t_next], w_hh,
-                                        dhn if first else None,
-                                        None if dho is None else dho[t],
-                                        dcn if first else dc_run, dg[t],
-                                        dc0_ if last else dc_run)
-                        t_next = t
-                    if dh0_ is not None:
-                        _mm(launch, dg[t_next], w_hh, dh0_)
+                h0_, c0_ = _at(h0, idx), _at(c0, idx)
+                out_d = out[:, :, d * H:(d + 1) * H]
+                acts, cs = saved[idx]
+                if acts is None:    # recompute: this layer-direction's activations only
+                    xp = _input_projection(launch, inp, w_ih, b_ih)
+                    acts = cell.recompute(launch, xp, b_hh, h0_, c0_, w_hh, out_d, cs, d == 1)
+                    del xp
+                dg_ih, dg_hh = cell.backward(
+                    launch, cfg.algo, acts, cs, h0_, c0_, out_d, w_hh,
+                    d_out[:, :, d * H:(d + 1) * H] if d_out is not None else None,
+                    _at(d_hn, idx), _at(d_cn, idx), _at(dh0, idx), _at(dc0, idx), d == 1)
+                del acts
                 # weight gradients: sums over every (t, b) row
                 if need_w[base]:
                     dw = new_output(w_ih.shape, w_ih.dtype, dev)
-                    launch.gemm(dg.transpose(1, 2)[None], inp[None], dw[None, None])
+                    launch.gemm(dg_ih.transpose(1, 2)[None], inp[None], dw[None, None])
                     dweights[base] = dw
                 if need_w[base + 1]:
-                    dweights[base + 1] = _grad_w_hh(launch, dg, out[:, :, d * H:(d + 1) * H],
-                                                    h0_, w_hh, d == 1)
+                    dweights[base + 1] = _grad_w_hh(launch, dg_hh, out_d, h0_, w_hh, d == 1)
                 if cfg.bias:
-                    want = [need_w[base + 2], need_w[base + 3]]
-                    if any(want):
-                        dbs = [new_output((4 * H,), b_ih.dtype, dev) if w else None for w in want]
-                        first_db = dbs[0] if dbs[0] is not None else dbs[1]
-                        launch.bias_grad(dg, first_db, dbs[1] if dbs[0] is not None else None)
-                        dweights[base + 2], dweights[base + 3] = dbs
+                    dbs = [new_output((G * H,), b.dtype, dev) if need_w[base + j] else None
+                           for j, b in ((2, b_ih), (3, b_hh))]
+                    if dg_ih is dg_hh:
+                        # b_ih and b_hh get the same gradient: one pass writes both
+                        if dbs[0] is not None or dbs[1] is not None:
+                            first = dbs[0] if dbs[0] is not None else dbs[1]
+                            launch.bias_grad(dg_ih, first, dbs[1] if dbs[0] is not None else None)
+                    else:
+                        for db, dg in zip(dbs, (dg_ih, dg_hh)):
+                            if db is not None:
+                                launch.bias_grad(dg, db, None)
+                    dweights[base + 2], dweights[base + 3] = dbs
                 if d_in is not None:
-                    # d_in = sum over directions of dg W_ih; the first into an fp32 buffer
+                    # d_in = sum over directions of dg_ih W_ih; the first into an fp32 buffer
                     last_dir = d == D - 1
-                    launch.gemm(dg[None], w_ih[None, None], (d_in if last_dir else acc)[None],
+                    launch.gemm(dg_ih[None], w_ih[None, None], (d_in if last_dir else acc)[None],
                                 c_in=None if d == 0 else acc[None])
             if layer > 0 and masks[layer - 1] is not None:
                 launch.mul(d_in, masks[layer - 1], d_in)
             d_out = d_in    # the output gradient of the layer below
-        return (d_out if need[0] else None, dh0, dc0, None, None, *dweights)
+        return (d_out if need[0] else None, dh0, dc0, None, None, None, *dweights)
 
 
 def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
@@ -580,6 +675,22 @@ def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
     return dw
 
 
+def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
+    """The kernel implementation of a layer op ("lstm", "gru") on `backend`, for the
+    registry: impl(x, h0, c0, weights, cfg) -> (out, h_n, c_n or None)."""
+    def impl(x, h0, c0, weights, cfg: RNNConfig):
+        algo = cfg.algo or algos[0]
+        if algo not in algos:
+            raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
+                             f"backend (available: {', '.join(algos)})")
+        H = weights[1].shape[1]
+        if algo == "persistent" and H > PERSISTENT_MAX_HIDDEN:
+            raise ValueError(f"{op}: algo='persistent' keeps W_hh in registers and needs "
+                             f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, got {H}; use algo='steps'")
+        return RNNFunction.apply(x, h0, c0, replace(cfg, algo=algo), cell, launch, *weights)
+    return impl
+
+
 # --- implementations by backend -------------------------------------------------------------
 
 def _kernel_lstm_cell(launch):
@@ -588,26 +699,9 @@ def _kernel_lstm_cell(launch):
     return impl
 
 
-def _kernel_lstm(backend: str):
-    launch = LAUNCHERS[backend]
-
-    def impl(x, h0, c0, weights, cfg: LSTMConfig):
-        algo = cfg.algo or ALGOS[backend][0]
-        if algo not in ALGOS[backend]:
-            raise ValueError(f"lstm: algo={cfg.algo!r} is not available on the {backend!r} "
-                             f"backend (available: {', '.join(ALGOS[backend])})")
-        H = weights[1].shape[1]
-        if algo == "persistent" and H > PERSISTENT_MAX_HIDDEN:
-            raise ValueError(f"lstm: algo='persistent' keeps W_hh in registers and needs "
-                             f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, got {H}; use algo='steps'")
-        cfg = LSTMConfig(cfg.num_layers, cfg.bidirectional, cfg.bias, cfg.dropout, cfg.training, algo)
-        return LSTMFunction.apply(x, h0, c0, cfg, launch, *weights)
-    return impl
-
-
 for _name, _launch in LAUNCHERS.items():
     register("lstm_cell", _name)(_kernel_lstm_cell(_launch))
-    register("lstm", _name)(_kernel_lstm(_name))
+    register("lstm", _name)(layer_impl("lstm", LSTMRecurrence, _name, _launch, ALGOS[_name]))
 
 
 @register("lstm_cell", "torch")
@@ -619,9 +713,7 @@ def _torch_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
 
 
 @register("lstm", "torch")
-def _torch_lstm(x, h0, c0, weights, cfg: LSTMConfig):
-    if cfg.algo is not None:
-        raise ValueError("lstm: the torch backend has no algo= choice")
+def _torch_lstm(x, h0, c0, weights, cfg: RNNConfig):
     L, D = cfg.num_layers, cfg.D
     B, H = x.shape[1], weights[1].shape[1]
     zeros = lambda: x.new_zeros(L * D, B, H)  # noqa: E731
@@ -640,8 +732,8 @@ def _shape(t) -> tuple:
 def _check_same(t, name: str, ref: torch.Tensor, backend: str) -> None:
     check_tensor(t, name, backend)
     if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but input has {ref.dtype}: every tensor "
-                        f"of an LSTM must have one dtype")
+        raise TypeError(f"{name} has dtype {t.dtype} but input has {ref.dtype}: all tensors "
+                        f"must have one dtype")
 
 
 def _split_state(hx, name: str):
@@ -713,14 +805,106 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
 
 
 def lstm_weight_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
-    """torch.nn.LSTM's parameter names in its flat order (per layer, per direction)."""
+    """torch.nn.LSTM's (and torch.nn.GRU's) parameter names in its flat order (per layer,
+    per direction)."""
     from .reference.lstm import lstm_weight_names as names
     return names(num_layers, bidirectional, bias)
 
 
+# op -> (what to call one in a message, the torch module whose _flat_weights it takes)
+_LAYER_NAMES = {"lstm": ("an LSTM", "torch.nn.LSTM"), "gru": ("a GRU", "torch.nn.GRU")}
+
+
+def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bias, batch_first,
+                  dropout, training, bidirectional, backend, algo, recompute):
+    """The argument checks pydl.lstm and pydl.gru share (`gates` = 4 or 3 per hidden unit).
+
+    states: ((tensor or None, its name in messages), ...), the initial states.
+    Returns (impl, x (T, B, I), the states as (L*D, B, H) or None, cfg, unbatched).
+    """
+    a_op, module = _LAYER_NAMES[op]
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if not 0.0 <= float(dropout) <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    D = 2 if bidirectional else 1
+    per = 4 if bias else 2
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list of tensors ({module}'s _flat_weights), "
+                        f"got {type(weights).__name__}")
+    names = lstm_weight_names(num_layers, bidirectional, bias)
+    if len(weights) != len(names):
+        raise ValueError(f"weights: expected {len(names)} tensors for num_layers={num_layers}, "
+                         f"bidirectional={bidirectional}, bias={bias} ({', '.join(names[:per])}, ...), "
+                         f"got {len(weights)}")
+    name, impl = dispatch(op, backend, input, *weights,
+                          *[s for s, _ in states if isinstance(s, torch.Tensor)])
+    if name == "torch" and algo is not None:
+        raise ValueError(f"{op}: the torch backend has no algo= choice")
+    if name == "torch" and recompute:
+        raise ValueError(f"{op}: the torch backend has no recompute= option (it is pydl's "
+                         f"kernels' memory saving; torch keeps its own workspace)")
+    check_tensor(input, "input", name, ndims=(2, 3))
+    unbatched = input.dim() == 2
+    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+    T, B, I = x.shape
+    if T == 0:
+        raise ValueError(f"input has sequence length 0 (shape {_shape(input)}); {a_op} needs "
+                         "at least one time step")
+    G = gates
+    H = None
+    for layer in range(num_layers):
+        for d in range(D):
+            base = (layer * D + d) * per
+            w = weights[base:base + per]
+            wn = names[base:base + per]
+            for t, n in zip(w, wn):
+                _check_same(t, f"weights[{names.index(n)}] ({n})", input, name)
+            w_ih, w_hh = w[0], w[1]
+            if w_hh.dim() != 2:
+                raise ValueError(f"{wn[1]} must be 2-D ({G}*hidden_size, hidden_size), got {_shape(w_hh)}")
+            if H is None:
+                H = w_hh.shape[1]
+            if _shape(w_hh) != (G * H, H):
+                raise ValueError(f"{wn[1]} must have shape ({G}*hidden_size, hidden_size) = "
+                                 f"({G * H}, {H}), got {_shape(w_hh)}")
+            in_size = I if layer == 0 else D * H
+            if _shape(w_ih) != (G * H, in_size):
+                what = "input_size" if layer == 0 else f"{D}*hidden_size (the layer below's output)"
+                raise ValueError(f"{wn[0]} must have shape ({G}*hidden_size, {what}) = "
+                                 f"({G * H}, {in_size}), got {_shape(w_ih)}"
+                                 + (f": input has size {I} in its last dimension" if layer == 0 else ""))
+            for t, n in zip(w[2:], wn[2:]):
+                if _shape(t) != (G * H,):
+                    raise ValueError(f"{n} must have shape ({G}*hidden_size,) = ({G * H},), got {_shape(t)}")
+    expected = (num_layers * D, H) if unbatched else (num_layers * D, B, H)
+    out_states = []
+    for s, n in states:
+        if s is not None:
+            _check_same(s, n, input, name)
+            if _shape(s) != expected:
+                raise ValueError(f"{n} must have shape {expected} (num_layers * num_directions, "
+                                 f"{'' if unbatched else 'batch, '}hidden_size), got {_shape(s)}")
+            if unbatched:
+                s = s.unsqueeze(1)
+        out_states.append(s)
+    cfg = RNNConfig(num_layers, bool(bidirectional), bool(bias), float(dropout), bool(training),
+                    algo, recompute)
+    return impl, x, out_states, cfg, unbatched
+
+
+def layer_output(out, states, unbatched: bool, batch_first: bool):
+    """The layer's output (T, B, D*H) and final states (L*D, B, H) in the caller's layout."""
+    if unbatched:
+        return out.squeeze(1), [s.squeeze(1) for s in states]
+    return (out.transpose(0, 1) if batch_first else out), list(states)
+
+
 def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_first: bool = False,
          dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
-         backend=None, algo=None):
+         backend=None, algo=None, recompute: bool = False):
     """A multi-layer LSTM over a sequence, as torch.nn.LSTM (no proj_size): returns
     (output, (h_n, c_n)).
 
@@ -732,77 +916,22 @@ def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_fi
     dropout: applied to the outputs of every layer but the last, when training
     algo:    "steps" (default: one fused kernel per time step) or "persistent" (triton only,
              hidden size <= 64: one launch per layer and direction loops over time)
+    recompute: keep no gate activations (T * B * 4H fp32 per layer and direction) between
+             forward and backward; the backward recomputes them one layer and direction at a
+             time (one GEMM and two step launches), so its peak holds one direction's only
     output:  (T, B, D*H) ((B, T, D*H) with batch_first: a transposed view, as torch's CPU
              LSTM returns; (T, D*H) unbatched); h_n, c_n shaped like h0.
     """
-    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    if not 0.0 <= float(dropout) <= 1.0:
-        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
-    D = 2 if bidirectional else 1
-    per = 4 if bias else 2
-    if not isinstance(weights, (list, tuple)):
-        raise TypeError(f"weights must be a list of tensors (torch.nn.LSTM's _flat_weights), "
-                        f"got {type(weights).__name__}")
-    names = lstm_weight_names(num_layers, bidirectional, bias)
-    if len(weights) != len(names):
-        raise ValueError(f"weights: expected {len(names)} tensors for num_layers={num_layers}, "
-                         f"bidirectional={bidirectional}, bias={bias} ({', '.join(names[:per])}, ...), "
-                         f"got {len(weights)}")
     h0, c0 = _split_state(hx, "hx")
-    name, impl = dispatch("lstm", backend, input, *weights,
-                          *[t for t in (h0, c0) if isinstance(t, torch.Tensor)])
-    if name == "torch" and algo is not None:
-        raise ValueError("lstm: the torch backend has no algo= choice")
-    check_tensor(input, "input", name, ndims=(2, 3))
-    unbatched = input.dim() == 2
-    x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
-    T, B, I = x.shape
-    if T == 0:
-        raise ValueError(f"input has sequence length 0 (shape {_shape(input)}); an LSTM needs "
-                         "at least one time step")
-    H = None
-    for layer in range(num_layers):
-        for d in range(D):
-            base = (layer * D + d) * per
-            w = weights[base:base + per]
-            wn = names[base:base + per]
-            for t, n in zip(w, wn):
-                _check_same(t, f"weights[{names.index(n)}] ({n})", input, name)
-            w_ih, w_hh = w[0], w[1]
-            if w_hh.dim() != 2:
-                raise ValueError(f"{wn[1]} must be 2-D (4*hidden_size, hidden_size), got {_shape(w_hh)}")
-            if H is None:
-                H = w_hh.shape[1]
-            if _shape(w_hh) != (4 * H, H):
-                raise ValueError(f"{wn[1]} must have shape (4*hidden_size, hidden_size) = "
-                                 f"({4 * H}, {H}), got {_shape(w_hh)}")
-            in_size = I if layer == 0 else D * H
-            if _shape(w_ih) != (4 * H, in_size):
-                what = "input_size" if layer == 0 else f"{D}*hidden_size (the layer below's output)"
-                raise ValueError(f"{wn[0]} must have shape (4*hidden_size, {what}) = "
-                                 f"({4 * H}, {in_size}), got {_shape(w_ih)}"
-                                 + (f": input has size {I} in its last dimension" if layer == 0 else ""))
-            for t, n in zip(w[2:], wn[2:]):
-                if _shape(t) != (4 * H,):
-                    raise ValueError(f"{n} must have shape (4*hidden_size,) = ({4 * H},), got {_shape(t)}")
-    expected = (num_layers * D, H) if unbatched else (num_layers * D, B, H)
-    for s, n in ((h0, "hx[0] (h0)"), (c0, "hx[1] (c0)")):
-        if s is not None:
-            _check_same(s, n, input, name)
-            if _shape(s) != expected:
-                raise ValueError(f"{n} must have shape {expected} (num_layers * num_directions, "
-                                 f"{'' if unbatched else 'batch, '}hidden_size), got {_shape(s)}")
-    if unbatched:
-        h0 = h0.unsqueeze(1) if h0 is not None else None
-        c0 = c0.unsqueeze(1) if c0 is not None else None
-    cfg = LSTMConfig(num_layers, bool(bidirectional), bool(bias), float(dropout), bool(training), algo)
+    impl, x, (h0, c0), cfg, unbatched = prepare_layer(
+        "lstm", 4, input, ((h0, "hx[0] (h0)"), (c0, "hx[1] (c0)")), weights,
+        num_layers=num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
+        training=training, bidirectional=bidirectional, backend=backend, algo=algo,
+        recompute=recompute)
     out, h_n, c_n = impl(x, h0, c0, tuple(weights), cfg)
-    if unbatched:
-        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-    if batch_first:
-        out = out.transpose(0, 1)
+    out, (h_n, c_n) = layer_output(out, (h_n, c_n), unbatched, batch_first)
     return out, (h_n, c_n)
 
 
-__all__ = ["lstm_cell", "lstm", "LSTMCellFunction", "LSTMFunction", "LSTMConfig", "ALGOS"]
+__all__ = ["lstm_cell", "lstm", "LSTMCellFunction", "RNNFunction", "RNNConfig", "LSTMRecurrence",
+           "ALGOS"]

@@ -216,18 +216,22 @@ class LSTMCell(torch.nn.LSTMCell):
 class LSTM(torch.nn.LSTM):
     """torch.nn.LSTM on pydl's kernels: the input projection of all steps as one GEMM, then one
     fused kernel per time step (or, with algo="persistent" on triton, one launch per layer and
-    direction); backward through time from the saved gate activations.
+    direction); backward through time from the saved gate activations, or with
+    recompute=True from activations recomputed one layer and direction at a time (less
+    memory: the forward keeps none).
 
-    Same constructor arguments and state_dict as torch.nn.LSTM, plus `backend=` and `algo=`.
-    proj_size != 0 and PackedSequence inputs are not supported (NotImplementedError).
+    Same constructor arguments and state_dict as torch.nn.LSTM, plus `backend=`, `algo=` and
+    `recompute=`. proj_size != 0 and PackedSequence inputs are not supported
+    (NotImplementedError).
     """
 
-    def __init__(self, *args, backend: str | None = None, algo: str | None = None, **kwargs):
+    def __init__(self, *args, backend: str | None = None, algo: str | None = None,
+                 recompute: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if self.proj_size != 0:
             raise NotImplementedError("pydl.nn.LSTM: proj_size != 0 (LSTM with projections) is "
                                       "not implemented; use torch.nn.LSTM for it")
-        self.backend, self.algo = backend, algo
+        self.backend, self.algo, self.recompute = backend, algo, recompute
 
     def forward(self, input, hx=None):
         if isinstance(input, torch.nn.utils.rnn.PackedSequence):
@@ -235,7 +239,8 @@ class LSTM(torch.nn.LSTM):
                                       "the padded tensor (torch.nn.utils.rnn.pad_packed_sequence)")
         return F.lstm(input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
                       batch_first=self.batch_first, dropout=self.dropout, training=self.training,
-                      bidirectional=self.bidirectional, backend=self.backend, algo=self.algo)
+                      bidirectional=self.bidirectional, backend=self.backend, algo=self.algo,
+                      recompute=self.recompute)
 
 
 class GRUCell(torch.nn.GRUCell):
@@ -251,5 +256,29 @@ class GRUCell(torch.nn.GRUCell):
                           backend=self.backend)
 
 
+class GRU(torch.nn.GRU):
+    """torch.nn.GRU on pydl's kernels: the input projection of all steps as one GEMM, then one
+    fused kernel per time step; backward through time from the saved gate activations (or,
+    with recompute=True, from activations recomputed one layer and direction at a time).
+
+    Same constructor arguments and state_dict as torch.nn.GRU, plus `backend=`, `algo=`
+    ("steps") and `recompute=`. PackedSequence inputs are not supported (NotImplementedError).
+    """
+
+    def __init__(self, *args, backend: str | None = None, algo: str | None = None,
+                 recompute: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend, self.algo, self.recompute = backend, algo, recompute
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+            raise NotImplementedError("pydl.nn.GRU does not take PackedSequence inputs; pass "
+                                      "the padded tensor (torch.nn.utils.rnn.pad_packed_sequence)")
+        return F.gru(input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
+                     batch_first=self.batch_first, dropout=self.dropout, training=self.training,
+                     bidirectional=self.bidirectional, backend=self.backend, algo=self.algo,
+                     recompute=self.recompute)
+
+
 __all__ = ["Conv2d", "CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d", "MultiheadAttention", "LSTMCell", "LSTM", "GRUCell"]
+           "AdaptiveAvgPool2d", "MultiheadAttention", "LSTMCell", "LSTM", "GRUCell", "GRU"]

@@ -212,10 +212,29 @@ def test_lstm_cell_bad_input(backend):
 
 # --- the layer ------------------------------------------------------------------------------
 
+def _layer_fn(kind, backend, algo=None, recompute=False, **opts):
+    """fn(x, *states, *weights) -> the layer's outputs as a tuple: (out, h_n, c_n) for the
+    LSTM (states h0, c0), (out, h_n) for the GRU (state h0); None states are zeros."""
+    extra = {} if backend == "torch" else dict(algo=algo, recompute=recompute)
+
+    def lstm(x, h0, c0, *w):
+        out, (hn, cn) = pydl.lstm(x, None if h0 is None else (h0, c0), list(w), backend=backend,
+                                  **extra, **opts)
+        return out, hn, cn
+
+    def gru(x, h0, *w):
+        return pydl.gru(x, h0, list(w), backend=backend, **extra, **opts)
+    return lstm if kind == "lstm" else gru
+
+
 def _check_layer(backend, algo, dtype, T, B, I, H, L=1, bidirectional=False, batch_first=False,
-                 with_state=True, bias=True, unbatched=False):
+                 with_state=True, bias=True, unbatched=False, kind="lstm", recompute=False):
+    """pydl.lstm / pydl.gru (kind) against the float64 reference and torch: outputs and the
+    gradients of the input, the initial states and every weight."""
     D = 2 if bidirectional else 1
-    module = torch.nn.LSTM(I, H, L, bias=bias, bidirectional=bidirectional)
+    n_states, G = (2, 4) if kind == "lstm" else (1, 3)
+    module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(I, H, L, bias=bias,
+                                                                  bidirectional=bidirectional)
     names = ref.lstm_weight_names(L, bidirectional, bias)
     ws = [getattr(module, n).detach().to(DEVICE, dtype) for n in names]
     if unbatched:
@@ -223,40 +242,43 @@ def _check_layer(backend, algo, dtype, T, B, I, H, L=1, bidirectional=False, bat
     else:
         xs, ss = ((B, T, I) if batch_first else (T, B, I)), (L * D, B, H)
     x = random_tensor(xs, dtype, DEVICE)
-    h0 = random_tensor(ss, dtype, DEVICE) if with_state else None
-    c0 = random_tensor(ss, dtype, DEVICE) if with_state else None
+    states = [random_tensor(ss, dtype, DEVICE) if with_state else None for _ in range(n_states)]
     out_shape = xs[:-1] + (D * H,)
-    cot = [random_tensor(out_shape, dtype, DEVICE), random_tensor(ss, dtype, DEVICE),
-           random_tensor(ss, dtype, DEVICE)]
+    cot = [random_tensor(out_shape, dtype, DEVICE)] + [random_tensor(ss, dtype, DEVICE)
+                                                        for _ in range(n_states)]
     opts = dict(num_layers=L, bias=bias, batch_first=batch_first, bidirectional=bidirectional)
 
-    def run(be, algo_, tensors, cotangents):
-        def fn(x, h0, c0, *w):
-            out, (hn, cn) = pydl.lstm(x, None if h0 is None else (h0, c0), list(w), backend=be,
-                                      algo=algo_, **opts)
-            return out, hn, cn
-        return _run(fn, tensors, cotangents)
-
-    outs, grads = run(backend, algo, [x, h0, c0, *ws], cot)
+    outs, grads = _run(_layer_fn(kind, backend, algo, recompute, **opts), [x, *states, *ws], cot)
     up = torch.float32 if dtype == torch.float16 else dtype
-    t_outs, t_grads = run("torch", None, [None if t is None else t.to(up) for t in [x, h0, c0, *ws]],
-                          [t.to(up) for t in cot])
-    r_out, (r_hn, r_cn), cache = ref.lstm(_np(x), _np(h0), _np(c0), dict(zip(names, map(_np, ws))),
-                                          L, bidirectional, batch_first, return_cache=True)
-    r_dx, r_dh0, r_dc0, r_dw = ref.lstm_backward(*map(_np, cot), cache)
-    r_grads = [r_dx, r_dh0, r_dc0] + [r_dw[n] for n in names]
+    t_outs, t_grads = _run(_layer_fn(kind, "torch", **opts),
+                           [None if t is None else t.to(up) for t in [x, *states, *ws]],
+                           [t.to(up) for t in cot])
+    w64 = dict(zip(names, map(_np, ws)))
+    if kind == "lstm":
+        r_out, (r_hn, r_cn), cache = ref.lstm(_np(x), *map(_np, states), w64, L, bidirectional,
+                                              batch_first, return_cache=True)
+        r_dx, r_dh0, r_dc0, r_dw = ref.lstm_backward(*map(_np, cot), cache)
+        r_outs, r_grads = (r_out, r_hn, r_cn), [r_dx, r_dh0, r_dc0]
+        out_names, state_names = ("output", "h_n", "c_n"), ["dh0", "dc0"]
+    else:
+        r_out, r_hn, cache = ref.gru(_np(x), _np(states[0]), w64, L, bidirectional, batch_first,
+                                     return_cache=True)
+        r_dx, r_dh0, r_dw = ref.gru_backward(*map(_np, cot), cache)
+        r_outs, r_grads = (r_out, r_hn), [r_dx, r_dh0]
+        out_names, state_names = ("output", "h_n"), ["dh0"]
+    r_grads += [r_dw[n] for n in names]
     # errors compound through time and layers: scale the reduction length with both
     red = T * L * (I + D * H)
-    for ours, r, t, name in zip(outs, (r_out, r_hn, r_cn), t_outs, ("output", "h_n", "c_n")):
+    for ours, r, t, name in zip(outs, r_outs, t_outs, out_names):
         assert ours.dtype == dtype
         assert_close(ours, r, dtype, reduction=red, tf32=TF32, name=f"{name} vs reference")
         assert_close(ours, t, dtype, reduction=red, tf32=TF32, name=f"{name} vs torch")
-    for g, r, t, name in zip(grads, r_grads, t_grads, ["dx", "dh0", "dc0"] + names):
+    for g, r, t, name in zip(grads, r_grads, t_grads, ["dx"] + state_names + names):
         if g is None:
-            assert name in ("dh0", "dc0") and not with_state
+            assert name in state_names and not with_state
             continue
         assert g.dtype == dtype, name
-        red_g = red * (T * B + 4 * H)
+        red_g = red * (T * B + G * H)
         assert_close(g, r, dtype, reduction=red_g, tf32=TF32, name=f"{name} vs reference")
         assert_close(g, t, dtype, reduction=red_g, tf32=TF32, name=f"{name} vs torch")
 
@@ -474,3 +496,178 @@ def test_gru_cell_bad_input(backend):
         gru(x, h[:, :4], w_ih, w_hh)
     with pytest.raises(TypeError, match="hx must be a tensor or None"):
         gru(x, (h, h), w_ih, w_hh)
+
+
+# --- GRU layer ------------------------------------------------------------------------------
+
+# (T, B, I, H, layers, bidirectional, batch_first, with_state, bias); the Numba simulator runs
+# the marked few (its kernels are the cell's, covered above; these check the layer's wiring)
+GRU_LAYER_CASES = {
+    "T3-B2-H5": (3, 2, 4, 5, 1, False, False, True, True),
+    "T1-B1-H7": (1, 1, 3, 7, 1, False, False, True, True),          # one step, batch 1
+    "nostate-nobias": (3, 2, 3, 6, 1, False, False, False, False),
+    "2layers-bidir-batch_first": (2, 2, 3, 5, 2, True, True, True, True),
+    "bidir-H13": (2, 2, 4, 13, 1, True, False, True, True),         # hidden not a block multiple
+}
+GRU_NUMBA_CASES = ("T1-B1-H7", "nostate-nobias", "2layers-bidir-batch_first")
+
+
+@pytest.mark.parametrize("backend,case", [("triton", c) for c in GRU_LAYER_CASES]
+                         + [("numba", c) for c in GRU_NUMBA_CASES])
+def test_gru(backend, case):
+    _check_layer(backend, None, torch.float32, *GRU_LAYER_CASES[case], kind="gru")
+
+
+@backends
+def test_gru_half(backend):
+    _check_layer(backend, None, torch.float16, 2, 2, 3, 5, 1, True, False, True, True, kind="gru")
+
+
+def test_gru_unbatched():
+    _check_layer("triton", None, torch.float32, 3, 1, 4, 5, 1, False, unbatched=True, kind="gru")
+
+
+@backends
+def test_gru_module_is_drop_in(backend):
+    kw = dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, batch_first=True)
+    theirs = torch.nn.GRU(**kw).to(DEVICE)
+    ours = pydl.nn.GRU(**kw, backend=backend).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours, torch.nn.GRU)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    x = random_tensor((2, 3, 4), torch.float32, DEVICE)
+    h0 = random_tensor((4, 2, 6), torch.float32, DEVICE)
+    out, hn = ours(x, h0)
+    t_out, t_hn = theirs(x, h0)
+    for a, b in ((out, t_out), (hn, t_hn)):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float32, reduction=64, tf32=TF32)
+    (out.square().sum() + hn.sum()).backward()
+    (t_out.square().sum() + t_hn.sum()).backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, reduction=64 * 30, tf32=TF32, name=name)
+
+
+@backends
+def test_gru_dropout_between_layers(backend):
+    """As test_lstm_dropout_between_layers: on the CPU the same seed draws torch's mask."""
+    kw = dict(input_size=3, hidden_size=5, num_layers=2, dropout=0.5)
+    theirs = torch.nn.GRU(**kw).to(DEVICE)
+    ours = pydl.nn.GRU(**kw, backend=backend).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor((2, 2, 3), torch.float32, DEVICE)
+    if DEVICE == "cpu":
+        torch.manual_seed(11)
+        out, hn = ours(x)
+        torch.manual_seed(11)
+        t_out, t_hn = theirs(x)
+        assert_close(out, t_out, torch.float32, reduction=48, name="train output")
+        assert_close(hn, t_hn, torch.float32, reduction=48, name="train h_n")
+        (out.sum() + hn.square().sum()).backward()
+        (t_out.sum() + t_hn.square().sum()).backward()
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert_close(p.grad, q.grad, torch.float32, reduction=48 * 20, name=name)
+        assert not torch.allclose(ours(x)[0], out)
+    ours.eval()
+    theirs.eval()
+    assert_close(ours(x)[0], theirs(x)[0], torch.float32, reduction=48, tf32=TF32, name="eval")
+
+
+@backends
+def test_gru_bad_input(backend):
+    T, B, I, H = 3, 2, 4, 5
+    m = torch.nn.GRU(I, H, 2).to(DEVICE)
+    w = list(m._flat_weights)
+    x = random_tensor((T, B, I), torch.float32, DEVICE)
+    h0 = random_tensor((2, B, H), torch.float32, DEVICE)
+    gru = lambda *a, **k: pydl.gru(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match=r"weight_ih_l0 must have shape \(3\*hidden_size, input_size\) "
+                                         r"= \(15, 3\), got \(15, 4\): input has size 3"):
+        gru(x[..., :3], None, w, num_layers=2)
+    with pytest.raises(ValueError, match="input must be 2-D or 3-D"):
+        gru(x[None], None, w, num_layers=2)
+    with pytest.raises(ValueError, match=r"hx \(h0\) must have shape \(2, 2, 5\)"):
+        gru(x, h0[:1], w, num_layers=2)
+    with pytest.raises(TypeError, match="hx must be a tensor"):
+        gru(x, (h0, h0), w, num_layers=2)
+    with pytest.raises(ValueError, match="weights: expected 8 tensors"):
+        gru(x, None, w[:4], num_layers=2)
+    with pytest.raises(ValueError, match=r"weight_hh_l1 must have shape \(3\*hidden_size"):
+        gru(x, None, w[:5] + [w[5][:, :4]] + w[6:], num_layers=2)
+    with pytest.raises(ValueError, match=r"weight_hh_l0 must have shape \(3\*hidden_size"):
+        gru(x, None, list(torch.nn.LSTM(I, H, 2).to(DEVICE)._flat_weights), num_layers=2)
+    with pytest.raises(ValueError, match=r"bias_hh_l1 must have shape \(3\*hidden_size,\) = \(15,\)"):
+        gru(x, None, w[:7] + [w[7][:14]], num_layers=2)
+    with pytest.raises(ValueError, match="sequence length 0.*a GRU needs"):
+        gru(x[:0], None, w, num_layers=2)
+    with pytest.raises(ValueError, match="algo='persistent' is not available"):
+        gru(x, None, w, num_layers=2, algo="persistent")
+    with pytest.raises(TypeError, match="recompute must be a bool"):
+        gru(x, None, w, num_layers=2, recompute="yes")
+    with pytest.raises(TypeError, match="weights.* has dtype torch.float16 but input has torch.float32"):
+        gru(x, None, w[:1] + [w[1].half()] + w[2:], num_layers=2)
+    with pytest.raises(ValueError, match="the torch backend has no recompute"):
+        pydl.gru(x, None, w, num_layers=2, backend="torch", recompute=True)
+
+
+def test_gru_torch_backend_matches_torch():
+    """backend='torch' is torch's own GRU, the baseline, with the same signature."""
+    m = torch.nn.GRU(3, 4, 2, bidirectional=True, batch_first=True).to(DEVICE)
+    x = random_tensor((2, 3, 3), torch.float32, DEVICE)
+    out, hn = pydl.gru(x, None, list(m._flat_weights), num_layers=2, bidirectional=True,
+                       batch_first=True, backend="torch")
+    t_out, t_hn = m(x)
+    assert torch.equal(out, t_out) and torch.equal(hn, t_hn)
+
+
+# --- recompute: no gate activations kept between forward and backward -----------------------
+
+@pytest.mark.parametrize("kind,case", [("lstm", "T1-B1-H7"), ("gru", "nostate-nobias")])
+def test_recompute_vs_reference(kind, case):
+    """recompute=True against the reference: one step (no batched recomputation of the
+    later steps), and a zero initial state."""
+    cases = LAYER_CASES if kind == "lstm" else GRU_LAYER_CASES
+    _check_layer("triton", None, torch.float32, *cases[case], kind=kind, recompute=True)
+
+
+def _saved_gate_activations(out):
+    """The per-layer-direction gate activations the layer's autograd node keeps (None where
+    it keeps none), and every tensor it holds."""
+    node = out.grad_fn
+    inner_inputs, inner_outs, masks, saved = node.inner
+    held = [t for t in node.saved_tensors if t is not None] + list(inner_inputs) + list(inner_outs) + \
+        [m for m in masks if m is not None] + [t for pair in saved for t in pair if t is not None]
+    return [acts for acts, _ in saved], held
+
+
+@pytest.mark.parametrize("kind,backend,algo,L", [
+    ("lstm", "triton", None, 2), ("lstm", "triton", "persistent", 1), ("lstm", "numba", None, 1),
+    ("gru", "triton", None, 1), ("gru", "numba", None, 1)])
+def test_recompute(kind, backend, algo, L):
+    """recompute=True (the nn modules' keyword, passed to pydl.lstm / pydl.gru): the same
+    outputs and gradients as without it, and the autograd node holds no gate activations."""
+    T, B, I, H = 3, 2, 3, 5
+    G = 4 if kind == "lstm" else 3
+    cls = pydl.nn.LSTM if kind == "lstm" else pydl.nn.GRU
+    extra = dict(algo=algo) if algo else {}
+    x = random_tensor((T, B, I), torch.float32, DEVICE)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(5)    # the same weights both times
+        m = cls(I, H, L, bidirectional=True, backend=backend, recompute=recompute, **extra).to(DEVICE)
+        xr = x.clone().requires_grad_(True)
+        out, hn = m(xr)
+        hn = hn[0] if kind == "lstm" else hn
+        acts, held = _saved_gate_activations(out)
+        if recompute:
+            assert all(a is None for a in acts)
+            assert not any(t.dtype == torch.float32 and t.dim() == 3 and t.shape[-1] in (G * H, 4 * H)
+                           for t in held), [tuple(t.shape) for t in held]
+        else:
+            assert all(a is not None and a.shape == (T, B, 4 * H) for a in acts)
+        (out.square().sum() + hn.sum()).backward()
+        results.append([out.detach(), hn.detach(), xr.grad] + [p.grad for p in m.parameters()])
+    # fp32 rounding at most: the recomputation runs every step in one launch (other tiles)
+    for a, b in zip(*results):
+        assert_close(b, a, torch.float32, reduction=4, tf32=TF32)

@@ -305,6 +305,47 @@ def test_gru_cell_n_gate_bias_placement_matters():
         close(ref.gru_cell(x.numpy(), h.numpy(), **moved)[0], expected, "h1")
 
 
+# ======================================================================================= full GRU
+
+@pytest.mark.parametrize("T,B,I,H,num_layers,bidirectional,batch_first,with_state,bias", [
+    (4, 3, 3, 5, 2, True, True, True, True),
+    (3, 2, 4, 6, 1, False, False, False, True),   # zero initial state
+    (1, 1, 2, 3, 2, True, False, True, False),    # one step, batch 1, no bias
+])
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_gru(T, B, I, H, num_layers, bidirectional, batch_first, with_state, bias, unbatched):
+    D = 2 if bidirectional else 1
+    mod = torch.nn.GRU(I, H, num_layers, bias=bias, batch_first=batch_first,
+                       bidirectional=bidirectional, dtype=F64)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn_like(p) * 0.6)
+    weights = {k: v.detach().numpy().copy() for k, v in mod.state_dict().items()}
+    if unbatched:
+        x_shape, s_shape = (T, I), (num_layers * D, H)
+    else:
+        x_shape = (B, T, I) if batch_first else (T, B, I)
+        s_shape = (num_layers * D, B, H)
+    x = leaf(randn(*x_shape))
+    h0 = leaf(randn(*s_shape)) if with_state else None
+    out, hn = mod(x, h0)
+    gout, ghn = randn(*out.shape), randn(*hn.shape)
+    ((out * gout).sum() + (hn * ghn).sum()).backward()
+    r_out, r_hn, cache = ref.gru(np_(x), np_(h0), weights, num_layers, bidirectional, batch_first,
+                                 return_cache=True)
+    close(r_out, out.detach(), "output")
+    close(r_hn, hn.detach(), "h_n")
+    dx, dh0, dw = ref.gru_backward(np_(gout), np_(ghn), cache)
+    red = T * max(B, 1) * max(I, D * H)
+    close(dx, x.grad, "dx", red)
+    if with_state:
+        close(dh0, h0.grad, "dh0", red)
+    params = dict(mod.named_parameters())
+    assert sorted(dw) == sorted(params)
+    for name, p in params.items():
+        close(dw[name], p.grad, f"d{name}", red)
+
+
 # ============================================================================ scaled dot-product attn
 
 def _torch_sdpa(q, k, v, go, backend=None, **kw):

@@ -1,25 +1,30 @@
-"""Numba CUDA kernels for the GRU cell (torch.nn.GRUCell): the fused forward and the gate
-gradients. Same math, layout and workspace as kernels/triton/gru.py (see its docstring).
+"""Numba CUDA kernels for the GRU (torch.nn.GRUCell and torch.nn.GRU): the fused step forward
+and its gate gradients. Same math, layout, flags and workspace as kernels/triton/gru.py (see
+its docstring).
 
-The forward is tiled as the LSTM step (kernels/numba/lstm.py): a block of TB x TU threads
-owns TB rows x TU units; the x-phase and the h-phase each stage an A tile (TB x TK) and the
-three gates' TK x TU weight tiles in shared memory per K step, accumulating gi and gh
-separately (gh_n is needed alone: r multiplies it). TB, TU, TK are compile-time constants:
-`gru_cell_kernel` builds and caches one kernel per tiling, launched with a (tu, tb) block.
+Both are tiled as the LSTM step (kernels/numba/lstm.py): a block of TB x TU threads owns TB
+rows x TU units. The forward's x-phase (the cell) and h-phase each stage an A tile (TB x TK)
+and the three gates' TK x TU weight tiles in shared memory per K step, accumulating gi and gh
+separately (gh_n is needed alone: r multiplies it); a layer's step adds the precomputed xp
+instead of the x-phase. The backward's prologue is the LSTM's recurrent GEMM
+(recurrent_dh_device), over the 3H rows of W_hh. TB, TU, TK are compile-time constants:
+`gru_step_kernel` / `gru_step_bwd_kernel` build and cache one kernel per tiling, launched
+with a (tu, tb) block.
 """
 from numba import cuda, float32, int64
 
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
-from ._grid import grid_threads, thread_index
-from .lstm import ONE, ZERO, ld1, ld2, sigmoid, st2, tanh
+from .lstm import ONE, ZERO, ld1, ld2, recurrent_dh_device, sigmoid, st2, tanh
 
 _KERNELS = {}
+_BWD_KERNELS = {}
 
 
-def gru_cell_kernel(tb: int, tu: int, tk: int):
-    """The fused GRU cell kernel for a TB x TU tile, built on first use. Arguments: x (B, I),
-    w_ih (3H, I), b_ih (3H,), h (B, H), w_hh (3H, H), b_hh (3H,), h1 (B, H), ws (B, 4H) fp32;
-    flags has_bih, has_bhh, has_h; dtype codes of x (and the weights), h1."""
+def gru_step_kernel(tb: int, tu: int, tk: int):
+    """The fused GRU step for a TB x TU tile, built on first use. Arguments, in order:
+    x (B, I), w_ih (3H, I), xp (B, 3H), b_ih (3H,), h (B, H), w_hh (3H, H), b_hh (3H,),
+    h1 (B, H), hn (B, H), ws (B, 4H) fp32; flags has_x, has_xp, has_bih, has_bhh, has_h,
+    write_hn; dtype codes of x (and the weights, biases and h), xp, h1, hn."""
     key = (int(tb), int(tu), int(tk))
     if key not in _KERNELS:
         _KERNELS[key] = _build(*key)
@@ -63,7 +68,9 @@ def _build(TB, TU, TK):
         return acc_r, acc_z, acc_n
 
     @cuda.jit
-    def gru_cell(x, wih, bih, h, whh, bhh, h1, ws, has_bih, has_bhh, has_h, code_x, code_h1):
+    def gru_step(x, wih, xp, bih, h, whh, bhh, h1, hn, ws,
+                 has_x, has_xp, has_bih, has_bhh, has_h, write_hn,
+                 code_x, code_xp, code_h1, code_hn):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
         sw = cuda.shared.array((3, TK, TU), float32)
@@ -76,14 +83,23 @@ def _build(TB, TU, TK):
             unit0 = int64(tile % tiles_u) * TU
             r = row0 + cuda.threadIdx.y
             u = unit0 + cuda.threadIdx.x
-            gi_r, gi_z, gi_n = gate_dots3(x, wih, row0, unit0, H, sa, sw, code_x, ZERO, ZERO, ZERO)
+            gi_r = ZERO
+            gi_z = ZERO
+            gi_n = ZERO
             gh_r = ZERO
             gh_z = ZERO
             gh_n = ZERO
+            if has_x:
+                gi_r, gi_z, gi_n = gate_dots3(x, wih, row0, unit0, H, sa, sw, code_x,
+                                              gi_r, gi_z, gi_n)
             if has_h:
                 gh_r, gh_z, gh_n = gate_dots3(h, whh, row0, unit0, H, sa, sw, code_x,
                                               gh_r, gh_z, gh_n)
             if r < B and u < H:
+                if has_xp:
+                    gi_r += ld2(xp, r, u, code_xp)
+                    gi_z += ld2(xp, r, u + H, code_xp)
+                    gi_n += ld2(xp, r, u + 2 * H, code_xp)
                 if has_bih:
                     gi_r += ld1(bih, u, code_x)
                     gi_z += ld1(bih, u + H, code_x)
@@ -98,40 +114,74 @@ def _build(TB, TU, TK):
                 hv = ZERO
                 if has_h:
                     hv = ld2(h, r, u, code_x)
-                st2(h1, r, u, ng + zg * (hv - ng), code_h1)
+                h_new = ng + zg * (hv - ng)
+                st2(h1, r, u, h_new, code_h1)
+                if write_hn:
+                    st2(hn, r, u, h_new, code_hn)
                 ws[r, u] = rg
                 ws[r, u + H] = zg
                 ws[r, u + 2 * H] = ng
                 ws[r, u + 3 * H] = gh_n
 
-    return gru_cell
+    return gru_step
 
 
-@cuda.jit
-def gru_cell_bwd(ws, h, dh1, dgi, dgh, dhd, has_h, code_h, code_dh1):
-    """Gate gradients of one GRU step, one thread per (row, unit), grid-stride; same formulas
-    and arguments as the Triton kernel (ws, dgi, dgh, dhd fp32)."""
-    B = dh1.shape[0]
-    H = dh1.shape[1]
-    for e in range(thread_index(), int64(B) * H, grid_threads()):
-        b = e // H
-        u = e - b * H
-        r = ws[b, u]
-        z = ws[b, u + H]
-        n = ws[b, u + 2 * H]
-        ghn = ws[b, u + 3 * H]
-        d = ld2(dh1, b, u, code_dh1)
-        hv = ZERO
-        if has_h:
-            hv = ld2(h, b, u, code_h)
-        dan = d * (ONE - z) * (ONE - n * n)
-        dar = dan * ghn * r * (ONE - r)
-        daz = d * (hv - n) * z * (ONE - z)
-        dgi[b, u] = dar
-        dgi[b, u + H] = daz
-        dgi[b, u + 2 * H] = dan
-        dgh[b, u] = dar
-        dgh[b, u + H] = daz
-        dgh[b, u + 2 * H] = dan * r
-        dhd[b, u] = d * z
+def gru_step_bwd_kernel(tb: int, tu: int, tk: int):
+    """The GRU backward step for a TB x TU tile, built on first use. Arguments, in order:
+    ws (B, 4H) fp32, h (B, H), dg_next (B, 3H) fp32, w_hh (3H, H), dha, dhb (B, H),
+    dhd (B, H) fp32, dgi, dgh (B, 3H) fp32 (written), dhd_out (B, H) fp32 (written, may
+    alias dhd); flags has_h, has_dgn, has_dha, has_dhb, has_dhd; dtype codes of h, w_hh,
+    dha, dhb. Same formulas as the Triton kernel gru_step_bwd."""
+    key = (int(tb), int(tu), int(tk))
+    if key not in _BWD_KERNELS:
+        _BWD_KERNELS[key] = _build_bwd(*key)
+    return _BWD_KERNELS[key]
 
+
+def _build_bwd(TB, TU, TK):
+    recurrent_dh = recurrent_dh_device(TB, TU, TK)
+
+    @cuda.jit
+    def gru_step_bwd(ws, h, dgn, whh, dha, dhb, dhd, dgi, dgh, dhdo,
+                     has_h, has_dgn, has_dha, has_dhb, has_dhd, code_h, code_w, code_dha, code_dhb):
+        # One shared array per line: the simulator keys shared arrays by source line.
+        sa = cuda.shared.array((TB, TK), float32)
+        sw = cuda.shared.array((TK, TU), float32)
+        B = ws.shape[0]
+        H = dgi.shape[1] // 3
+        tiles_u = (H + TU - 1) // TU
+        tiles = ((B + TB - 1) // TB) * tiles_u
+        for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
+            row0 = int64(tile // tiles_u) * TB
+            unit0 = int64(tile % tiles_u) * TU
+            b = row0 + cuda.threadIdx.y
+            u = unit0 + cuda.threadIdx.x
+            d = ZERO
+            if has_dgn:
+                d = recurrent_dh(dgn, whh, row0, unit0, 3 * H, H, sa, sw, code_w)
+            if b < B and u < H:
+                if has_dha:
+                    d += ld2(dha, b, u, code_dha)
+                if has_dhb:
+                    d += ld2(dhb, b, u, code_dhb)
+                if has_dhd:
+                    d += dhd[b, u]
+                r = ws[b, u]
+                z = ws[b, u + H]
+                n = ws[b, u + 2 * H]
+                ghn = ws[b, u + 3 * H]
+                hv = ZERO
+                if has_h:
+                    hv = ld2(h, b, u, code_h)
+                dan = d * (ONE - z) * (ONE - n * n)
+                dar = dan * ghn * r * (ONE - r)
+                daz = d * (hv - n) * z * (ONE - z)
+                dgi[b, u] = dar
+                dgi[b, u + H] = daz
+                dgi[b, u + 2 * H] = dan
+                dgh[b, u] = dar
+                dgh[b, u + H] = daz
+                dgh[b, u + 2 * H] = dan * r
+                dhdo[b, u] = d * z
+
+    return gru_step_bwd

@@ -246,9 +246,8 @@ def lstm_step_bwd_kernel(tb: int, tu: int, tk: int):
     flags has_cprev, has_dgn, has_dha, has_dhb, has_dc, write_dcprev, then the dtype codes of
     c_prev, w_hh, dha, dhb, dc, dc_prev; gates, c1, dg_next and dg are fp32).
 
-    dh1 = dg_next @ W_hh is the prologue: the block stages a TB x TK tile of dg_next and a
-    TK x TU tile of W_hh (rows k, the block's unit columns) per K step, as the forward step
-    does; then each thread finishes its own (row, unit) elementwise. dc may alias dc_prev.
+    dh1 = dg_next @ W_hh is the prologue (recurrent_dh_device); then each thread finishes its
+    own (row, unit) elementwise. dc may alias dc_prev.
     """
     key = (int(tb), int(tu), int(tk))
     if key not in _BWD_KERNELS:
@@ -256,8 +255,58 @@ def lstm_step_bwd_kernel(tb: int, tu: int, tk: int):
     return _BWD_KERNELS[key]
 
 
-def _build_step_bwd(TB, TU, TK):
+_DH_PROLOGUES = {}
+
+
+def recurrent_dh_device(tb: int, tu: int, tk: int):
+    """The device function dh = dg_next[rows] @ W_hh[:, units] of one (row, unit) per thread,
+    for a TB x TU block (the recurrent GEMM of backpropagation through time, the prologue of
+    the LSTM's and the GRU's backward steps). Arguments: dgn (B, K) fp32, whh (K, H), row0,
+    unit0, K, H, sa (TB, TK) and sw (TK, TU) fp32 shared arrays of the calling kernel, and
+    W_hh's dtype code. Per K step the block stages a TB x TK tile of dg_next and a TK x TU tile
+    of W_hh (rows k, the block's unit columns), as the forward step does."""
+    key = (int(tb), int(tu), int(tk))
+    if key not in _DH_PROLOGUES:
+        _DH_PROLOGUES[key] = _build_dh_prologue(*key)
+    return _DH_PROLOGUES[key]
+
+
+def _build_dh_prologue(TB, TU, TK):
     NT = TB * TU
+
+    @cuda.jit(device=True)
+    def recurrent_dh(dgn, whh, row0, unit0, K, H, sa, sw, code_w):
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TU + tx
+        B = dgn.shape[0]
+        dh = ZERO
+        for k0 in range(0, K, TK):
+            for e in range(tid, TB * TK, NT):
+                ii = e // TK
+                kk = e - ii * TK
+                v = ZERO
+                if row0 + ii < B and k0 + kk < K:
+                    v = dgn[row0 + ii, k0 + kk]
+                sa[ii, kk] = v
+            for e in range(tid, TK * TU, NT):
+                kk = e // TU
+                j = e - kk * TU
+                v = ZERO
+                if k0 + kk < K and unit0 + j < H:
+                    v = ld2(whh, k0 + kk, unit0 + j, code_w)
+                sw[kk, j] = v
+            cuda.syncthreads()
+            for kk in range(TK):
+                dh += sa[ty, kk] * sw[kk, tx]
+            cuda.syncthreads()
+        return dh
+
+    return recurrent_dh
+
+
+def _build_step_bwd(TB, TU, TK):
+    recurrent_dh = recurrent_dh_device(TB, TU, TK)
 
     @cuda.jit
     def step_bwd(gates, cprev, c1, dgn, whh, dha, dhb, dc, dg, dcprev,
@@ -266,40 +315,18 @@ def _build_step_bwd(TB, TU, TK):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
         sw = cuda.shared.array((TK, TU), float32)
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        tid = ty * TU + tx
         B = c1.shape[0]
         H = c1.shape[1]
-        K = 4 * H
         tiles_u = (H + TU - 1) // TU
         tiles = ((B + TB - 1) // TB) * tiles_u
         for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
             row0 = int64(tile // tiles_u) * TB
             unit0 = int64(tile % tiles_u) * TU
-            r = row0 + ty
-            u = unit0 + tx
+            r = row0 + cuda.threadIdx.y
+            u = unit0 + cuda.threadIdx.x
             dh = ZERO
             if has_dgn:
-                for k0 in range(0, K, TK):
-                    for e in range(tid, TB * TK, NT):
-                        ii = e // TK      # not `i`: that name holds a gate below
-                        kk = e - ii * TK
-                        v = ZERO
-                        if row0 + ii < B and k0 + kk < K:
-                            v = dgn[row0 + ii, k0 + kk]
-                        sa[ii, kk] = v
-                    for e in range(tid, TK * TU, NT):
-                        kk = e // TU
-                        j = e - kk * TU
-                        v = ZERO
-                        if k0 + kk < K and unit0 + j < H:
-                            v = ld2(whh, k0 + kk, unit0 + j, code_w)
-                        sw[kk, j] = v
-                    cuda.syncthreads()
-                    for kk in range(TK):
-                        dh += sa[ty, kk] * sw[kk, tx]
-                    cuda.syncthreads()
+                dh = recurrent_dh(dgn, whh, row0, unit0, 4 * H, H, sa, sw, code_w)
             if r < B and u < H:
                 if has_dha:
                     dh += ld2(dha, r, u, code_dha)

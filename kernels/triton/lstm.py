@@ -67,6 +67,24 @@ def _gate_dots(a_ptr, w_ptr, rows, r_ok, units, u_ok, K, H, sa_b, sa_k, sw_r, sw
 
 
 @triton.jit
+def _recurrent_dh(dgn_ptr, whh_ptr, rows, r_ok, units, u_ok, K, sdgn_b, sdgn_k, swh_r, swh_k,
+                  dh, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dh += dg_next[rows, :] @ W_hh[:, units] over the K = gates*H rows of W_hh: the gradient
+    reaching h from the step that ran next (the recurrent GEMM of backpropagation through
+    time, used as the prologue of the gate-gradient kernels). dg_next is fp32, so W_hh is
+    widened to fp32 and the product runs at INPUT_PRECISION."""
+    for k0 in range(0, K, BLOCK_K):
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = k < K
+        a = tl.load(dgn_ptr + rows[:, None] * sdgn_b + k[None, :] * sdgn_k,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(whh_ptr + k[:, None] * swh_r + units[None, :] * swh_k,
+                    mask=k_ok[:, None] & u_ok[None, :], other=0.0).to(tl.float32)
+        dh = tl.dot(a, w, dh, input_precision=INPUT_PRECISION)
+    return dh
+
+
+@triton.jit
 def lstm_step_fwd(
     x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h_ptr, c_ptr, whh_ptr,
     h1_ptr, c1_ptr, hn_ptr, cn_ptr, gates_ptr,
@@ -190,14 +208,8 @@ def lstm_step_bwd(
     u = units[None, :]
     dh = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
     if HAS_DGN:
-        for k0 in range(0, 4 * H, BLOCK_K):
-            k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-            k_ok = k < 4 * H
-            a = tl.load(dgn_ptr + r * sdgn_b + k[None, :] * sdgn_k,
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(whh_ptr + k[:, None] * swh_r + u * swh_k,
-                        mask=k_ok[:, None] & u_ok[None, :], other=0.0).to(tl.float32)
-            dh = tl.dot(a, w, dh, input_precision=INPUT_PRECISION)
+        dh = _recurrent_dh(dgn_ptr, whh_ptr, rows, r_ok, units, u_ok, 4 * H, sdgn_b, sdgn_k,
+                           swh_r, swh_k, dh, INPUT_PRECISION, BLOCK_K)
     if HAS_DHA:
         dh += tl.load(dha_ptr + r * sda_b + u * sda_k, mask=mask, other=0.0).to(tl.float32)
     if HAS_DHB:

@@ -7,5 +7,5 @@ from .conv import conv2d, conv2d_backward, pad2d, pad2d_backward
 from .pool import (adaptive_avg_pool2d, adaptive_avg_pool2d_backward, avg_pool2d,
                    avg_pool2d_backward, max_pool2d, max_pool2d_backward)
 from .attention import scaled_dot_product_attention, scaled_dot_product_attention_backward
-from .lstm import (gru_cell, gru_cell_backward, lstm, lstm_backward, lstm_cell,
-                   lstm_cell_backward, lstm_weight_names, sigmoid)
+from .lstm import (gru, gru_backward, gru_cell, gru_cell_backward, lstm, lstm_backward,
+                   lstm_cell, lstm_cell_backward, lstm_weight_names, sigmoid)

@@ -1,5 +1,5 @@
-"""float64 NumPy references for the LSTM (cell and full multi-layer, bidirectional layer) and the
-GRU cell, forward and backward, written from the math (never by calling torch).
+"""float64 NumPy references for the LSTM and the GRU (cells and full multi-layer, bidirectional
+layers), forward and backward, written from the math (never by calling torch).
 
 Layout and gate order are PyTorch's: the four LSTM gates are stacked as rows [i; f; g; o] of
 w_ih (4H, I) and w_hh (4H, H), the three GRU gates as [r; z; n] of (3H, I) and (3H, H).
@@ -30,6 +30,13 @@ GRU cell (torch.nn.GRUCell):
     r = sigma(gi_r + gh_r)   z = sigma(gi_z + gh_z)   n = tanh(gi_n + r * gh_n)
     h' = (1 - z) * n + z * h
 Note b_hn sits inside r * (...), so b_ih and b_hh are not interchangeable for the n gate.
+Backward, given dh':
+    da_n = dh' (1 - z) (1 - n^2)   da_r = da_n gh_n r (1 - r)   da_z = dh' (h - n) z (1 - z)
+    dgi = [da_r da_z da_n]         dgh = [da_r da_z da_n * r]
+    dx = dgi W_ih   dh = dgh W_hh + dh' z   dW_ih = dgi^T x   dW_hh = dgh^T h
+
+Full GRU (torch.nn.GRU): the LSTM's stack (layers, directions, BPTT) over the GRU cell, with
+h the only state; W_ih and b_ih collect dgi, W_hh and b_hh collect dgh.
 """
 from __future__ import annotations
 
@@ -161,19 +168,26 @@ def gru_cell(x, h=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
     return (h1[0] if unbatched else h1), cache
 
 
-def gru_cell_backward(dh1, cache):
-    """Gradients of one GRU step: (dx, dh, dw_ih, dw_hh, db_ih, db_hh)."""
-    u = cache["unbatched"]
-    dh1 = _state_grad(dh1, cache["h"], u)
+def _gru_gate_grads(dh1, cache):
+    """(dgi, dgh, dh_direct): gradients of the pre-activations of x W_ih^T + b_ih and of
+    h W_hh^T + b_hh (B, 3H each), and the direct path of h' = ... + z * h into h."""
     r, z, n, ghn, h = (cache[k] for k in ("r", "z", "n", "ghn", "h"))
     dan = dh1 * (1.0 - z) * (1.0 - n * n)          # through tanh of the n pre-activation
     dar = dan * ghn * r * (1.0 - r)                # r multiplies W_hn h + b_hn
     daz = dh1 * (h - n) * z * (1.0 - z)
     dgi = np.concatenate([dar, daz, dan], axis=1)
     dgh = np.concatenate([dar, daz, dan * r], axis=1)
+    return dgi, dgh, dh1 * z
+
+
+def gru_cell_backward(dh1, cache):
+    """Gradients of one GRU step: (dx, dh, dw_ih, dw_hh, db_ih, db_hh)."""
+    u = cache["unbatched"]
+    dh1 = _state_grad(dh1, cache["h"], u)
+    dgi, dgh, dh_direct = _gru_gate_grads(dh1, cache)
     dx = dgi @ cache["w_ih"]
-    dh = dgh @ cache["w_hh"] + dh1 * z
-    dw_ih, dw_hh = dgi.T @ cache["x"], dgh.T @ h
+    dh = dgh @ cache["w_hh"] + dh_direct
+    dw_ih, dw_hh = dgi.T @ cache["x"], dgh.T @ cache["h"]
     db_ih = dgi.sum(axis=0) if cache["bias"][0] else None
     db_hh = dgh.sum(axis=0) if cache["bias"][1] else None
     if u:
@@ -203,34 +217,53 @@ def _sequence_major(x, batch_first: bool, what: str):
     return (np.swapaxes(x, 0, 1) if batch_first else x), False
 
 
-def lstm(x, h0=None, c0=None, weights=None, num_layers: int = 1, bidirectional: bool = False,
-         batch_first: bool = False, *, return_cache: bool = False):
-    """torch.nn.LSTM forward. x (T, B, I), (B, T, I) if batch_first, or unbatched (T, I);
-    h0, c0 (L*D, B, H) or (L*D, H), None = zeros; weights keyed by torch's state_dict names
-    (a layer without bias_* keys has no bias, like bias=False).
+# The stack is the same for both cells; a cell enters as its step forward and backward:
+#   step(x_t, states, w) -> (h_t, new states, cache)
+#   step_backward(dh, d_other_states, cache, w) -> (da_ih, da_hh, dh_prev, d_other_states_prev)
+# where da_ih / da_hh are the gradients of the pre-activations of x W_ih^T + b_ih and of
+# h W_hh^T + b_hh (the same array for the LSTM), and "other states" is (c,) for the LSTM.
 
-    Returns (output, (h_n, c_n)) shaped like torch's: output (T, B, D*H) ((B, T, D*H) if
-    batch_first, (T, D*H) unbatched), h_n / c_n like h0. With return_cache=True a third item,
-    the cache that lstm_backward needs.
-    """
+def _lstm_step(x, states, w):
+    h, c, cache = lstm_cell(x, states[0], states[1], w["weight_ih"], w["weight_hh"],
+                            w["bias_ih"], w["bias_hh"])
+    return h, (h, c), cache
+
+
+def _lstm_step_backward(dh, d_other, cache, w):
+    da, dc = _lstm_gate_grads(dh, d_other[0], cache)
+    return da, da, da @ w["weight_hh"], (dc,)
+
+
+def _gru_step(x, states, w):
+    h, cache = gru_cell(x, states[0], w["weight_ih"], w["weight_hh"], w["bias_ih"], w["bias_hh"])
+    return h, (h,), cache
+
+
+def _gru_step_backward(dh, d_other, cache, w):
+    dgi, dgh, dh_direct = _gru_gate_grads(dh, cache)
+    return dgi, dgh, dgh @ w["weight_hh"] + dh_direct, ()
+
+
+def _rnn(step, x, states, weights, num_layers, bidirectional, batch_first):
+    """The multi-layer, bidirectional stack over `step`. states: the initial states (h0[, c0])
+    as given (None = zeros). Returns (output, final states, cache) in the caller's layout."""
     if weights is None:
         raise ValueError("weights are required")
     D = 2 if bidirectional else 1
     xs, unbatched = _sequence_major(x, batch_first, "x")
     T, B = xs.shape[:2]
     H = _f64(weights["weight_hh_l0"]).shape[1]
-    states = []
-    for s in (h0, c0):
+    init = []
+    for s in states:
         if s is None:
-            states.append(np.zeros((num_layers * D, B, H)))
+            init.append(np.zeros((num_layers * D, B, H)))
         else:
             s = _f64(s)
             s = s[:, None, :] if unbatched else s
             if s.shape != (num_layers * D, B, H):
                 raise ValueError(f"initial state: expected {(num_layers * D, B, H)}, got {s.shape}")
-            states.append(s)
-    h0s, c0s = states
-    h_n, c_n = np.empty_like(h0s), np.empty_like(c0s)
+            init.append(s)
+    final = [np.empty_like(s) for s in init]
     layers = []
     inp = xs
     for layer in range(num_layers):
@@ -243,33 +276,28 @@ def lstm(x, h0=None, c0=None, weights=None, num_layers: int = 1, bidirectional: 
             if w["weight_ih"].shape[1] != inp.shape[2]:
                 raise ValueError(f"weight_ih{sfx}: input size {w['weight_ih'].shape[1]} != "
                                  f"{inp.shape[2]}")
-            h, c = h0s[layer * D + d], c0s[layer * D + d]
+            st = tuple(s[layer * D + d] for s in init)
             steps = []
             for t in (range(T - 1, -1, -1) if d else range(T)):
-                h, c, cache = lstm_cell(inp[t], h, c, w["weight_ih"], w["weight_hh"],
-                                        w["bias_ih"], w["bias_hh"])
+                h, st, cache = step(inp[t], st, w)
                 out[t, :, d * H:(d + 1) * H] = h
                 steps.append((t, cache))
-            h_n[layer * D + d], c_n[layer * D + d] = h, c
+            for f, s in zip(final, st):
+                f[layer * D + d] = s
             dirs.append((sfx, w, steps))
         layers.append(dirs)
         inp = out
-    cache = dict(layers=layers, T=T, B=B, H=H, D=D, num_layers=num_layers,
+    cache = dict(layers=layers, T=T, B=B, H=H, D=D, num_layers=num_layers, n_states=len(init),
                  in_size=xs.shape[2], batch_first=batch_first, unbatched=unbatched)
     if unbatched:
-        out, h_n, c_n = out[:, 0], h_n[:, 0], c_n[:, 0]
+        out, final = out[:, 0], [f[:, 0] for f in final]
     elif batch_first:
         out = np.swapaxes(out, 0, 1)
-    return (out, (h_n, c_n), cache) if return_cache else (out, (h_n, c_n))
+    return out, final, cache
 
 
-def lstm_backward(grad_output, grad_hn, grad_cn, cache):
-    """Backpropagation through time for `lstm`. Any of the three incoming gradients may be None.
-
-    Returns (dx, dh0, dc0, dweights): dx shaped like the input, dh0 / dc0 like the initial
-    states (the gradient w.r.t. the zero state when none was given), dweights keyed like
-    `weights` (only the keys the forward used).
-    """
+def _rnn_backward(step_backward, grad_output, grad_states, cache):
+    """Backpropagation through time for `_rnn`: (dx, d initial states, dweights)."""
     T, B, H, D, L = (cache[k] for k in ("T", "B", "H", "D", "num_layers"))
     u = cache["unbatched"]
 
@@ -288,36 +316,82 @@ def lstm_backward(grad_output, grad_hn, grad_cn, cache):
         return g[:, None, :] if u else g
 
     d_out = seq(grad_output, D * H)
-    g_hn, g_cn = state(grad_hn), state(grad_cn)
-    dh0, dc0 = np.zeros((L * D, B, H)), np.zeros((L * D, B, H))
+    g_final = [state(g) for g in grad_states]
+    d_init = [np.zeros((L * D, B, H)) for _ in grad_states]
     dweights = {}
     for layer in range(L - 1, -1, -1):
         dirs = cache["layers"][layer]
         in_size = dirs[0][1]["weight_ih"].shape[1]
         d_in = np.zeros((T, B, in_size))
         for d, (sfx, w, steps) in enumerate(dirs):
-            dh, dc = g_hn[layer * D + d].copy(), g_cn[layer * D + d].copy()
-            da_all = np.empty((T, B, 4 * H))
+            dh = g_final[0][layer * D + d].copy()
+            d_other = tuple(g[layer * D + d].copy() for g in g_final[1:])
+            G = w["weight_hh"].shape[0]
+            da_ih, da_hh = np.empty((T, B, G)), np.empty((T, B, G))
             x_all, h_all = np.empty((T, B, in_size)), np.empty((T, B, H))
             for t, step in reversed(steps):  # reverse of the order the steps ran
                 dh = dh + d_out[t, :, d * H:(d + 1) * H]
-                da, dc = _lstm_gate_grads(dh, dc, step)
-                dh = da @ w["weight_hh"]
-                da_all[t], x_all[t], h_all[t] = da, step["x"], step["h"]
-            d_in += da_all @ w["weight_ih"]
+                da_ih[t], da_hh[t], dh, d_other = step_backward(dh, d_other, step, w)
+                x_all[t], h_all[t] = step["x"], step["h"]
+            d_in += da_ih @ w["weight_ih"]
             # Weight gradients summed over all steps and rows at once.
-            dweights["weight_ih" + sfx] = np.einsum("tbg,tbi->gi", da_all, x_all)
-            dweights["weight_hh" + sfx] = np.einsum("tbg,tbh->gh", da_all, h_all)
-            db = da_all.sum(axis=(0, 1))
+            dweights["weight_ih" + sfx] = np.einsum("tbg,tbi->gi", da_ih, x_all)
+            dweights["weight_hh" + sfx] = np.einsum("tbg,tbh->gh", da_hh, h_all)
             if w["bias_ih"] is not None:
-                dweights["bias_ih" + sfx] = db
+                dweights["bias_ih" + sfx] = da_ih.sum(axis=(0, 1))
             if w["bias_hh"] is not None:
-                dweights["bias_hh" + sfx] = db.copy()
-            dh0[layer * D + d], dc0[layer * D + d] = dh, dc
+                dweights["bias_hh" + sfx] = da_hh.sum(axis=(0, 1))
+            for g, v in zip(d_init, (dh,) + d_other):
+                g[layer * D + d] = v
         d_out = d_in
     dx = d_out
     if u:
-        return dx[:, 0], dh0[:, 0], dc0[:, 0], dweights
+        return dx[:, 0], [g[:, 0] for g in d_init], dweights
     if cache["batch_first"]:
         dx = np.swapaxes(dx, 0, 1)
+    return dx, d_init, dweights
+
+
+def lstm(x, h0=None, c0=None, weights=None, num_layers: int = 1, bidirectional: bool = False,
+         batch_first: bool = False, *, return_cache: bool = False):
+    """torch.nn.LSTM forward. x (T, B, I), (B, T, I) if batch_first, or unbatched (T, I);
+    h0, c0 (L*D, B, H) or (L*D, H), None = zeros; weights keyed by torch's state_dict names
+    (a layer without bias_* keys has no bias, like bias=False).
+
+    Returns (output, (h_n, c_n)) shaped like torch's: output (T, B, D*H) ((B, T, D*H) if
+    batch_first, (T, D*H) unbatched), h_n / c_n like h0. With return_cache=True a third item,
+    the cache that lstm_backward needs.
+    """
+    out, (h_n, c_n), cache = _rnn(_lstm_step, x, (h0, c0), weights, num_layers, bidirectional,
+                                  batch_first)
+    return (out, (h_n, c_n), cache) if return_cache else (out, (h_n, c_n))
+
+
+def lstm_backward(grad_output, grad_hn, grad_cn, cache):
+    """Backpropagation through time for `lstm`. Any of the three incoming gradients may be None.
+
+    Returns (dx, dh0, dc0, dweights): dx shaped like the input, dh0 / dc0 like the initial
+    states (the gradient w.r.t. the zero state when none was given), dweights keyed like
+    `weights` (only the keys the forward used).
+    """
+    dx, (dh0, dc0), dweights = _rnn_backward(_lstm_step_backward, grad_output,
+                                             (grad_hn, grad_cn), cache)
     return dx, dh0, dc0, dweights
+
+
+# ----------------------------------------------------------------------------------- full GRU
+
+def gru(x, h0=None, weights=None, num_layers: int = 1, bidirectional: bool = False,
+        batch_first: bool = False, *, return_cache: bool = False):
+    """torch.nn.GRU forward: as `lstm` without the cell state. Returns (output, h_n), plus
+    the cache gru_backward needs with return_cache=True."""
+    out, (h_n,), cache = _rnn(_gru_step, x, (h0,), weights, num_layers, bidirectional,
+                              batch_first)
+    return (out, h_n, cache) if return_cache else (out, h_n)
+
+
+def gru_backward(grad_output, grad_hn, cache):
+    """Backpropagation through time for `gru`: (dx, dh0, dweights); either incoming gradient
+    may be None."""
+    dx, (dh0,), dweights = _rnn_backward(_gru_step_backward, grad_output, (grad_hn,), cache)
+    return dx, dh0, dweights
