@@ -25,15 +25,19 @@ state), all steps in one launch.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import _env
 from ._checks import check_tensor
+from ._library import autocast_inputs, kernel_op
 from ._launch import cdiv, new_output, numba_array
 from .backends import dispatch, register
 from .conv import _input_precision
-from .lstm import (_NUMBA_SIM_STEP_TILE, _NUMBA_STEP_TILE, _check_cell_state, _check_cell_weights,
-                   _dot_block, _mm, _numba_launch, _NumbaLSTM, _run_order, _seq_rows,
+from .lstm import (_NUMBA_SIM_STEP_TILE, _NUMBA_STEP_TILE, _cell_grads_fake, _cell_need,
+                   _check_cell_state, _check_cell_weights, _dot_block, _mm, _or_empty, _numba_launch, _NumbaLSTM, _run_order, _seq_rows,
                    _steps_after_first, _strides, _TritonLSTM, layer_impl, layer_output,
                    prepare_layer)
 
@@ -140,55 +144,79 @@ ALGOS = {"triton": ("steps",), "numba": ("steps",)}
 
 # --- the cell -------------------------------------------------------------------------------
 
+def _gru_cell_fwd_fake(x, h, w_ih, w_hh, b_ih, b_hh, backend):
+    B, H = x.shape[0], w_hh.shape[1]
+    return x.new_empty((B, H)), x.new_empty((B, 4 * H), dtype=F32)
+
+
+@kernel_op("gru_cell_fwd", _gru_cell_fwd_fake)
+def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """(h1, the fp32 workspace r, z, n, gh_n the backward reads)."""
+    B, H = x.shape[0], w_hh.shape[1]
+    h1 = new_output((B, H), x.dtype, x.device)
+    ws = new_output((B, 4 * H), F32, x.device)
+    if B and H:
+        LAUNCHERS[backend].gru_step_fwd(x, w_ih, None, b_ih, h, w_hh, b_hh, h1, None, ws)
+    return h1, ws
+
+
+@kernel_op("gru_cell_bwd", lambda x, h, w_ih, w_hh, ws, dh1, need, backend: [
+    g for i, g in enumerate(_cell_grads_fake(x, h, None, w_ih, w_hh, [*need[:2], False, *need[2:]], 3))
+    if i != 2])
+def _gru_cell_bwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, ws: Tensor,
+                  dh1: Tensor, need: list[bool], backend: str) -> list[Tensor]:
+    """Gradients of (x, h, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed."""
+    launch = LAUNCHERS[backend]
+    B, H = dh1.shape
+    dev = x.device
+    dgi = new_output((B, 3 * H), F32, dev)
+    dgh = new_output((B, 3 * H), F32, dev)
+    dhd = new_output((B, H), F32, dev)
+    if B and H:
+        launch.gru_step_bwd(ws, h, None, w_hh, dh1, None, None, dgi, dgh, dhd)
+    dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
+    if need[0]:
+        dx = new_output(x.shape, x.dtype, dev)
+        _mm(launch, dgi, w_ih, dx)
+    if need[1]:
+        dh = new_output(h.shape, h.dtype, dev)
+        _mm(launch, dgh, w_hh, dh, c_in=dhd)
+    if need[2]:
+        dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
+        _mm(launch, dgi.t(), x, dw_ih)
+    if need[3]:
+        if h is None:   # zero state: no gradient reaches W_hh
+            dw_hh = torch.zeros_like(w_hh)
+        else:
+            dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
+            _mm(launch, dgh.t(), h, dw_hh)
+    if need[4]:
+        db_ih = new_output((3 * H,), w_ih.dtype, dev)
+        launch.bias_grad(dgi[None], db_ih, None)
+    if need[5]:
+        db_hh = new_output((3 * H,), w_ih.dtype, dev)
+        launch.bias_grad(dgh[None], db_hh, None)
+    return [_or_empty(t, x) for t in (dx, dh, dw_ih, dw_hh, db_ih, db_hh)]
+
+
 class GRUCellFunction(torch.autograd.Function):
     """h1 of one GRU step for x (B, I) and h (B, H) or None (zeros)."""
 
     @staticmethod
-    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, launch):
-        B, H = x.shape[0], w_hh.shape[1]
-        h1 = new_output((B, H), x.dtype, x.device)
-        ws = new_output((B, 4 * H), F32, x.device)
-        if B and H:
-            launch.gru_step_fwd(x, w_ih, None, b_ih, h, w_hh, b_hh, h1, None, ws)
+    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, backend: str):
+        h1, ws = _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, backend)
         ctx.save_for_backward(x, h, w_ih, w_hh, ws)
-        ctx.launch = launch
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.need = _cell_need(ctx, x, h, w_ih, w_hh, b_ih, b_hh)
+        ctx.backend = backend
         return h1
 
     @staticmethod
     def backward(ctx, dh1):
         x, h, w_ih, w_hh, ws = ctx.saved_tensors
-        launch, need = ctx.launch, ctx.needs_input_grad
-        B, H = dh1.shape
-        dev = x.device
-        dgi = new_output((B, 3 * H), F32, dev)
-        dgh = new_output((B, 3 * H), F32, dev)
-        dhd = new_output((B, H), F32, dev)
-        if B and H:
-            launch.gru_step_bwd(ws, h, None, w_hh, dh1, None, None, dgi, dgh, dhd)
-        dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
-        if need[0]:
-            dx = new_output(x.shape, x.dtype, dev)
-            _mm(launch, dgi, w_ih, dx)
-        if h is not None and need[1]:
-            dh = new_output(h.shape, h.dtype, dev)
-            _mm(launch, dgh, w_hh, dh, c_in=dhd)
-        if need[2]:
-            dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
-            _mm(launch, dgi.t(), x, dw_ih)
-        if need[3]:
-            if h is None:   # zero state: no gradient reaches W_hh
-                dw_hh = torch.zeros_like(w_hh)
-            else:
-                dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
-                _mm(launch, dgh.t(), h, dw_hh)
-        if ctx.has_bias[0] and need[4]:
-            db_ih = new_output((3 * H,), w_ih.dtype, dev)
-            launch.bias_grad(dgi[None], db_ih, None)
-        if ctx.has_bias[1] and need[5]:
-            db_hh = new_output((3 * H,), w_hh.dtype, dev)
-            launch.bias_grad(dgh[None], db_hh, None)
-        return dx, dh, dw_ih, dw_hh, db_ih, db_hh, None
+        grads = _gru_cell_bwd(x, h, w_ih, w_hh, ws, dh1, ctx.need, ctx.backend)
+        return (*[g if n else None for g, n in zip(grads, ctx.need)], None)
 
 
 # --- the layer: the GRU's part of the shared stack machinery (pydl/lstm.py RNNFunction) ------
@@ -199,6 +227,7 @@ class GRURecurrence:
     pydl.lstm.LSTMRecurrence; c0, c_n, cs and dc0 are always None here)."""
     name = "gru"
     gates = 3
+    saved_gates = 4     # r, z, n and gh_n per step
     has_cell_state = False
 
     @staticmethod
@@ -253,14 +282,14 @@ class GRURecurrence:
 
 # --- implementations by backend -------------------------------------------------------------
 
-def _kernel_gru_cell(launch):
+def _kernel_gru_cell(backend: str):
     def impl(x, h, w_ih, w_hh, b_ih, b_hh):
-        return GRUCellFunction.apply(x, h, w_ih, w_hh, b_ih, b_hh, launch)
+        return GRUCellFunction.apply(x, h, w_ih, w_hh, b_ih, b_hh, backend)
     return impl
 
 
 for _name, _launch in LAUNCHERS.items():
-    register("gru_cell", _name)(_kernel_gru_cell(_launch))
+    register("gru_cell", _name)(_kernel_gru_cell(_name))
     register("gru", _name)(layer_impl("gru", GRURecurrence, _name, _launch, ALGOS[_name]))
 
 
@@ -290,6 +319,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     """
     if hx is not None and not isinstance(hx, torch.Tensor):
         raise TypeError(f"hx must be a tensor or None, got {type(hx).__name__}")
+    input, hx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("gru_cell", input, hx, w_ih, w_hh, b_ih, b_hh)
     name, impl = dispatch("gru_cell", backend, input, w_ih, w_hh,
                           *[t for t in (hx, b_ih, b_hh) if isinstance(t, torch.Tensor)])
     check_tensor(input, "input", name, ndims=(1, 2))

@@ -57,11 +57,14 @@ uses the step kernel; the persistent backward then reads its output).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from . import _env
 from ._checks import check_tensor
+from ._library import autocast_inputs, kernel_op
 from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
                       numba_threads)
 from .backends import dispatch, register
@@ -335,59 +338,93 @@ def _mm(launch, a, b, out, c_in=None, bias=None) -> None:
 
 # --- the cell -------------------------------------------------------------------------------
 
+def _cell_grads_fake(x, h, c, w_ih, w_hh, need, gates: int):
+    """Fake gradients of a cell's (x, h, c, w_ih, w_hh, b_ih, b_hh): empty where not needed."""
+    bias = x.new_empty((gates * w_hh.shape[1],), dtype=w_ih.dtype)
+    likes = (x, h, c, w_ih, w_hh, bias, bias)
+    return [t.new_empty(t.shape) if n else x.new_empty(0) for t, n in zip(likes, need)]
+
+
+def _lstm_cell_fwd_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
+    B, H = x.shape[0], w_hh.shape[1]
+    return (x.new_empty((B, H)), x.new_empty((B, H)), x.new_empty((B, 4 * H), dtype=F32),
+            x.new_empty((B, H), dtype=F32))
+
+
+@kernel_op("lstm_cell_fwd", _lstm_cell_fwd_fake)
+def _lstm_cell_fwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
+                   w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h1, c1, the fp32 gate activations, the fp32 new cell state)."""
+    B, H = x.shape[0], w_hh.shape[1]
+    h1 = new_output((B, H), x.dtype, x.device)
+    c1 = new_output((B, H), x.dtype, x.device)
+    c32 = new_output((B, H), F32, x.device)
+    gates = new_output((B, 4 * H), F32, x.device)
+    if B and H:
+        LAUNCHERS[backend].step_fwd(x, w_ih, None, b_ih, b_hh, h, c, w_hh, h1, c32, None, c1,
+                                    gates)
+    return h1, c1, gates, c32
+
+
+@kernel_op("lstm_cell_bwd", lambda x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, need, backend:
+           _cell_grads_fake(x, h, c, w_ih, w_hh, need, 4))
+def _lstm_cell_bwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
+                   w_hh: Tensor, gates: Tensor, c32: Tensor, dh1: Tensor, dc1: Tensor,
+                   need: list[bool], backend: str) -> list[Tensor]:
+    """Gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed."""
+    launch = LAUNCHERS[backend]
+    B, H = c32.shape
+    dg = new_output((B, 4 * H), F32, x.device)
+    dc = new_output(c.shape, c.dtype, c.device) if need[2] else None
+    if B and H:
+        launch.step_bwd(gates, c, c32, None, w_hh, dh1, None, dc1, dg, dc)
+    dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
+    if need[0]:
+        dx = new_output(x.shape, x.dtype, x.device)
+        _mm(launch, dg, w_ih, dx)
+    if need[1]:
+        dh = new_output(h.shape, h.dtype, h.device)
+        _mm(launch, dg, w_hh, dh)
+    if need[3]:
+        dw_ih = new_output(w_ih.shape, w_ih.dtype, w_ih.device)
+        _mm(launch, dg.t(), x, dw_ih)
+    if need[4]:
+        if h is None:   # zero state: no gradient reaches W_hh
+            dw_hh = torch.zeros_like(w_hh)
+        else:
+            dw_hh = new_output(w_hh.shape, w_hh.dtype, w_hh.device)
+            _mm(launch, dg.t(), h, dw_hh)
+    if need[5] or need[6]:
+        first = new_output((4 * H,), w_ih.dtype, w_ih.device)
+        second = new_output((4 * H,), w_ih.dtype, w_ih.device) if need[5] and need[6] else None
+        launch.bias_grad(dg[None], first, second)
+        db_ih, db_hh = (first, second) if need[5] and need[6] else (
+            (first, None) if need[5] else (None, first))
+    return [_or_empty(t, x) for t in (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)]
+
+
+def _cell_need(ctx, *inputs) -> list[bool]:
+    """needs_input_grad of a cell's tensor inputs, False for those that are None."""
+    return [n and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
+
+
 class LSTMCellFunction(torch.autograd.Function):
     """(h1, c1) of one LSTM step for x (B, I), h and c (B, H) or None (zeros)."""
 
     @staticmethod
-    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, launch):
-        B, H = x.shape[0], w_hh.shape[1]
-        h1 = new_output((B, H), x.dtype, x.device)
-        c1 = new_output((B, H), x.dtype, x.device)
-        c32 = new_output((B, H), F32, x.device)
-        gates = new_output((B, 4 * H), F32, x.device)
-        if B and H:
-            launch.step_fwd(x, w_ih, None, b_ih, b_hh, h, c, w_hh, h1, c32, None, c1, gates)
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, backend: str):
+        h1, c1, gates, c32 = _lstm_cell_fwd(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
         ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c32)
-        ctx.launch = launch
-        ctx.has_bias = (b_ih is not None, b_hh is not None)
+        ctx.need = _cell_need(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh)
+        ctx.backend = backend
         return h1, c1
 
     @staticmethod
     def backward(ctx, dh1, dc1):
         x, h, c, w_ih, w_hh, gates, c32 = ctx.saved_tensors
-        launch = ctx.launch
-        need = ctx.needs_input_grad
-        B, H = c32.shape
-        dg = new_output((B, 4 * H), F32, x.device)
-        dc = new_output(c.shape, c.dtype, c.device) if c is not None and need[2] else None
-        if B and H:
-            launch.step_bwd(gates, c, c32, None, w_hh, dh1, None, dc1, dg, dc)
-        dx = dh = dw_ih = dw_hh = db_ih = db_hh = None
-        if need[0]:
-            dx = new_output(x.shape, x.dtype, x.device)
-            _mm(launch, dg, w_ih, dx)
-        if h is not None and need[1]:
-            dh = new_output(h.shape, h.dtype, h.device)
-            _mm(launch, dg, w_hh, dh)
-        if need[3]:
-            dw_ih = new_output(w_ih.shape, w_ih.dtype, w_ih.device)
-            _mm(launch, dg.t(), x, dw_ih)
-        if need[4]:
-            if h is None:   # zero state: no gradient reaches W_hh
-                dw_hh = torch.zeros_like(w_hh)
-            else:
-                dw_hh = new_output(w_hh.shape, w_hh.dtype, w_hh.device)
-                _mm(launch, dg.t(), h, dw_hh)
-        want_ih = ctx.has_bias[0] and need[5]
-        want_hh = ctx.has_bias[1] and need[6]
-        if want_ih or want_hh:
-            like = w_ih
-            first = new_output((4 * H,), like.dtype, like.device)
-            second = new_output((4 * H,), like.dtype, like.device) if want_ih and want_hh else None
-            launch.bias_grad(dg[None], first, second)
-            db_ih, db_hh = (first, second) if want_ih and want_hh else (
-                (first, None) if want_ih else (None, first))
-        return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, None
+        grads = _lstm_cell_bwd(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, ctx.need, ctx.backend)
+        return (*[g if n else None for g, n in zip(grads, ctx.need)], None)
 
 
 # --- the layer: the stack machinery the LSTM and the GRU share ------------------------------
@@ -461,6 +498,7 @@ class LSTMRecurrence:
     the persistent ones). `launch` is a backend's launcher (_TritonLSTM, _NumbaLSTM)."""
     name = "lstm"
     gates = 4
+    saved_gates = 4     # i, f, g, o activations per step
     has_cell_state = True
 
     @staticmethod
@@ -530,8 +568,207 @@ class LSTMRecurrence:
         return dg, dg
 
 
+# The layer as two kernel ops, pydl::rnn_fwd and pydl::rnn_bwd. Everything the backward
+# reads travels between them as one flat list of tensors ("saved"), laid out by
+# _saved_layout, which the real op and the fake one share.
+
+_RNN_KINDS: dict[tuple[str, str], tuple[object, object]] = {}   # (op, backend) -> (cell, launcher)
+
+
+def _cfg_args(cfg: RNNConfig) -> tuple[list[int], float, str]:
+    """RNNConfig as custom-op arguments: (int flags, dropout, algo)."""
+    return ([cfg.num_layers, int(cfg.bidirectional), int(cfg.bias), int(cfg.training),
+             int(cfg.recompute)], float(cfg.dropout), cfg.algo)
+
+
+def _cfg_from(flags: list[int], dropout: float, algo: str) -> RNNConfig:
+    L, bidirectional, bias, training, recompute = flags
+    return RNNConfig(L, bool(bidirectional), bool(bias), dropout, bool(training), algo,
+                     bool(recompute))
+
+
+def _dropout_on(cfg: RNNConfig) -> bool:
+    return cfg.num_layers > 1 and cfg.dropout > 0 and cfg.training
+
+
+def _saved_layout(cfg: RNNConfig, cell, T: int, B: int, H: int, dt: torch.dtype):
+    """(shape, dtype) of each tensor the forward passes to the backward, in order: per inner
+    layer its output (and with dropout its noise and the dropped output the next layer
+    read), then per layer and direction the gate activations (unless recomputed) and the
+    cell states (LSTM)."""
+    D = cfg.D
+    seq = ((T, B, D * H), dt)
+    items = []
+    for _ in range(cfg.num_layers - 1):
+        items += [seq, seq, seq] if _dropout_on(cfg) else [seq]
+    for _ in range(cfg.num_layers * D):
+        if not cfg.recompute:
+            items.append(((T, B, cell.saved_gates * H), F32))
+        if cell.has_cell_state:
+            items.append(((T, B, H), F32))
+    return items
+
+
+def _unpack(x, last_out, saved, cfg: RNNConfig, cell):
+    """The flat saved list back as (inputs, outs, masks, [(acts, cs)] per layer-direction)."""
+    it = iter(saved)
+    inputs, outs, masks = [x], [], []
+    for _ in range(cfg.num_layers - 1):
+        out = next(it)
+        outs.append(out)
+        if _dropout_on(cfg):
+            masks.append(next(it))
+            inputs.append(next(it))
+        else:
+            masks.append(None)
+            inputs.append(out)
+    outs.append(last_out)
+    masks.append(None)
+    per_dir = [(None if cfg.recompute else next(it), next(it) if cell.has_cell_state else None)
+               for _ in range(cfg.num_layers * cfg.D)]
+    return inputs, outs, masks, per_dir
+
+
+def _or_empty(t, like):
+    """Custom ops return tensors, not None: an empty placeholder stands for "no gradient"."""
+    return t if t is not None else like.new_empty(0)
+
+
+def _rnn_fwd_fake(x, h0, c0, weights, flags, dropout, algo, op, backend):
+    cfg, (cell, _) = _cfg_from(flags, dropout, algo), _RNN_KINDS[(op, backend)]
+    T, B, _ = x.shape
+    H, LD = weights[1].shape[1], cfg.num_layers * cfg.D
+    return (x.new_empty((T, B, cfg.D * H)), x.new_empty((LD, B, H)),
+            x.new_empty((LD, B, H) if cell.has_cell_state else (0,)),
+            [x.new_empty(shape, dtype=dtype) for shape, dtype in _saved_layout(cfg, cell, T, B, H, x.dtype)])
+
+
+@kernel_op("rnn_fwd", _rnn_fwd_fake)
+def _rnn_fwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: list[Tensor],
+             flags: list[int], dropout: float, algo: str, op: str,
+             backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(out, h_n, c_n (empty without a cell state), saved) of a whole stack."""
+    cfg, (cell, launch) = _cfg_from(flags, dropout, algo), _RNN_KINDS[(op, backend)]
+    T, B, _ = x.shape
+    L, D = cfg.num_layers, cfg.D
+    H = weights[1].shape[1]
+    dt, dev = x.dtype, x.device
+    h_n = new_output((L * D, B, H), dt, dev)
+    c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
+    inputs, outs, masks, saved = [], [], [], []
+    inp = x
+    for layer in range(L):
+        out = new_output((T, B, D * H), dt, dev)
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
+            idx = layer * D + d
+            xp = _input_projection(launch, inp, w_ih, b_ih)
+            acts, cs = cell.forward(launch, cfg.algo, xp, b_hh, _at(h0, idx), _at(c0, idx),
+                                    w_hh, out[:, :, d * H:(d + 1) * H], h_n[idx],
+                                    _at(c_n, idx), d == 1)
+            saved.append((None if cfg.recompute else acts, cs))
+        inputs.append(inp)
+        outs.append(out)
+        if layer < L - 1 and cfg.dropout > 0 and cfg.training:
+            # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p)
+            noise = torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
+            dropped = new_output(out.shape, dt, dev)
+            launch.mul(out, noise, dropped)
+            masks.append(noise)
+            inp = dropped
+        else:
+            masks.append(None)
+            inp = out
+    flat = []
+    for layer in range(L - 1):
+        flat.append(outs[layer])
+        if masks[layer] is not None:
+            flat += [masks[layer], inputs[layer + 1]]
+    for acts, cs in saved:
+        flat += [t for t in (acts, cs) if t is not None]
+    return outs[-1], h_n, _or_empty(c_n, x), flat
+
+
+def _rnn_bwd_fake(x, h0, c0, last_out, weights, saved, d_out, d_hn, d_cn, need, *rest):
+    return [x.new_empty(t.shape if n else (0,), dtype=t.dtype if n else x.dtype)
+            for t, n in zip((x, h0, c0, *weights), need)]
+
+
+@kernel_op("rnn_bwd", _rnn_bwd_fake)
+def _rnn_bwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], last_out: Tensor,
+             weights: list[Tensor], saved: list[Tensor], d_out: Optional[Tensor],
+             d_hn: Optional[Tensor], d_cn: Optional[Tensor], need: list[bool], flags: list[int],
+             dropout: float, algo: str, op: str, backend: str) -> list[Tensor]:
+    """[dx, dh0, dc0, *dweights], an empty tensor where `need` is False."""
+    cfg, (cell, launch) = _cfg_from(flags, dropout, algo), _RNN_KINDS[(op, backend)]
+    inputs, outs, masks, saved = _unpack(x, last_out, saved, cfg, cell)
+    L, D, G = cfg.num_layers, cfg.D, cell.gates
+    T, B, _ = x.shape
+    H = weights[1].shape[1]
+    dt, dev = x.dtype, x.device
+    dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
+    dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
+    dweights = [None] * len(weights)
+    need_w = need[3:]
+    for layer in range(L - 1, -1, -1):
+        inp, out = inputs[layer], outs[layer]
+        # gradient of this layer's input: fp32 below the top, x's dtype for layer 0
+        if layer > 0:
+            d_in = new_output(inp.shape, F32, dev)
+        elif need[0]:
+            d_in = new_output(x.shape, dt, dev)
+        else:
+            d_in = None
+        acc = new_output(inp.shape, F32, dev) if d_in is not None and D == 2 else None
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
+            idx = layer * D + d
+            base = idx * cfg.per_direction
+            h0_, c0_ = _at(h0, idx), _at(c0, idx)
+            out_d = out[:, :, d * H:(d + 1) * H]
+            acts, cs = saved[idx]
+            if acts is None:    # recompute: this layer-direction's activations only
+                xp = _input_projection(launch, inp, w_ih, b_ih)
+                acts = cell.recompute(launch, xp, b_hh, h0_, c0_, w_hh, out_d, cs, d == 1)
+                del xp
+            dg_ih, dg_hh = cell.backward(
+                launch, cfg.algo, acts, cs, h0_, c0_, out_d, w_hh,
+                d_out[:, :, d * H:(d + 1) * H] if d_out is not None else None,
+                _at(d_hn, idx), _at(d_cn, idx), _at(dh0, idx), _at(dc0, idx), d == 1)
+            del acts
+            # weight gradients: sums over every (t, b) row
+            if need_w[base]:
+                dw = new_output(w_ih.shape, w_ih.dtype, dev)
+                launch.gemm(dg_ih.transpose(1, 2)[None], inp[None], dw[None, None])
+                dweights[base] = dw
+            if need_w[base + 1]:
+                dweights[base + 1] = _grad_w_hh(launch, dg_hh, out_d, h0_, w_hh, d == 1)
+            if cfg.bias:
+                dbs = [new_output((G * H,), b.dtype, dev) if need_w[base + j] else None
+                       for j, b in ((2, b_ih), (3, b_hh))]
+                if dg_ih is dg_hh:
+                    # b_ih and b_hh get the same gradient: one pass writes both
+                    if dbs[0] is not None or dbs[1] is not None:
+                        first = dbs[0] if dbs[0] is not None else dbs[1]
+                        launch.bias_grad(dg_ih, first, dbs[1] if dbs[0] is not None else None)
+                else:
+                    for db, dg in zip(dbs, (dg_ih, dg_hh)):
+                        if db is not None:
+                            launch.bias_grad(dg, db, None)
+                dweights[base + 2], dweights[base + 3] = dbs
+            if d_in is not None:
+                # d_in = sum over directions of dg_ih W_ih; the first into an fp32 buffer
+                last_dir = d == D - 1
+                launch.gemm(dg_ih[None], w_ih[None, None], (d_in if last_dir else acc)[None],
+                            c_in=None if d == 0 else acc[None])
+        if layer > 0 and masks[layer - 1] is not None:
+            launch.mul(d_in, masks[layer - 1], d_in)
+        d_out = d_in    # the output gradient of the layer below
+    return [_or_empty(t, x) for t in (d_out if need[0] else None, dh0, dc0, *dweights)]
+
+
 class RNNFunction(torch.autograd.Function):
-    """A whole LSTM or GRU stack (`cell`: LSTMRecurrence or the GRU's): x (T, B, I) ->
+    """A whole LSTM or GRU stack (`op` "lstm" or "gru"): x (T, B, I) ->
     (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H), None for a cell without one).
 
     h0, c0: (L*D, B, H) or None (zeros). weights: torch's flat order (per layer, per
@@ -542,116 +779,23 @@ class RNNFunction(torch.autograd.Function):
     them for one layer and direction at a time, just before its BPTT."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, cfg: RNNConfig, cell, launch, *weights):
-        T, B, _ = x.shape
-        L, D = cfg.num_layers, cfg.D
-        H = weights[1].shape[1]
-        dt, dev = x.dtype, x.device
-        h_n = new_output((L * D, B, H), dt, dev)
-        c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
-        inputs, outs, masks, saved = [], [], [], []
-        inp = x
-        for layer in range(L):
-            out = new_output((T, B, D * H), dt, dev)
-            for d in range(D):
-                w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
-                idx = layer * D + d
-                xp = _input_projection(launch, inp, w_ih, b_ih)
-                acts, cs = cell.forward(launch, cfg.algo, xp, b_hh, _at(h0, idx), _at(c0, idx),
-                                        w_hh, out[:, :, d * H:(d + 1) * H], h_n[idx],
-                                        _at(c_n, idx), d == 1)
-                saved.append((None if cfg.recompute else acts, cs))
-            inputs.append(inp)
-            outs.append(out)
-            if layer < L - 1 and cfg.dropout > 0 and cfg.training:
-                # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p)
-                noise = torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
-                dropped = new_output(out.shape, dt, dev)
-                launch.mul(out, noise, dropped)
-                masks.append(noise)
-                inp = dropped
-            else:
-                masks.append(None)
-                inp = out
-        # The last layer's output is an output of the Function: saved through
-        # save_for_backward (an output kept as a ctx attribute would be a reference cycle).
-        ctx.save_for_backward(x, h0, c0, outs[-1], *weights)
-        # Workspaces and the inner layers' activations are not inputs or outputs of the
-        # Function, so they live on ctx (nothing else holds them).
-        ctx.inner = (inputs[1:], outs[:-1], masks, saved)
-        ctx.cfg, ctx.cell, ctx.launch = cfg, cell, launch
-        return outs[-1], h_n, c_n
+    def forward(ctx, x, h0, c0, cfg: RNNConfig, op: str, backend: str, *weights):
+        args = (*_cfg_args(cfg), op, backend)
+        out, h_n, c_n, saved = _rnn_fwd(x, h0, c0, list(weights), *args)
+        ctx.save_for_backward(x, h0, c0, out, *weights, *saved)
+        ctx.n_weights, ctx.args = len(weights), args
+        return out, h_n, c_n if _RNN_KINDS[(op, backend)][0].has_cell_state else None
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        x, h0, c0, last_out, *weights = ctx.saved_tensors
-        inner_inputs, inner_outs, masks, saved = ctx.inner
-        inputs, outs = [x] + list(inner_inputs), list(inner_outs) + [last_out]
-        cfg, cell, launch = ctx.cfg, ctx.cell, ctx.launch
+        x, h0, c0, out, *rest = ctx.saved_tensors
+        weights, saved = rest[:ctx.n_weights], rest[ctx.n_weights:]
         need = ctx.needs_input_grad
-        L, D, G = cfg.num_layers, cfg.D, cell.gates
-        T, B, _ = x.shape
-        H = weights[1].shape[1]
-        dt, dev = x.dtype, x.device
-        dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
-        dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
-        dweights = [None] * len(weights)
-        need_w = need[6:]
-        for layer in range(L - 1, -1, -1):
-            inp, out = inputs[layer], outs[layer]
-            # gradient of this layer's input: fp32 below the top, x's dtype for layer 0
-            if layer > 0:
-                d_in = new_output(inp.shape, F32, dev)
-            elif need[0]:
-                d_in = new_output(x.shape, dt, dev)
-            else:
-                d_in = None
-            acc = new_output(inp.shape, F32, dev) if d_in is not None and D == 2 else None
-            for d in range(D):
-                w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
-                idx = layer * D + d
-                base = idx * cfg.per_direction
-                h0_, c0_ = _at(h0, idx), _at(c0, idx)
-                out_d = out[:, :, d * H:(d + 1) * H]
-                acts, cs = saved[idx]
-                if acts is None:    # recompute: this layer-direction's activations only
-                    xp = _input_projection(launch, inp, w_ih, b_ih)
-                    acts = cell.recompute(launch, xp, b_hh, h0_, c0_, w_hh, out_d, cs, d == 1)
-                    del xp
-                dg_ih, dg_hh = cell.backward(
-                    launch, cfg.algo, acts, cs, h0_, c0_, out_d, w_hh,
-                    d_out[:, :, d * H:(d + 1) * H] if d_out is not None else None,
-                    _at(d_hn, idx), _at(d_cn, idx), _at(dh0, idx), _at(dc0, idx), d == 1)
-                del acts
-                # weight gradients: sums over every (t, b) row
-                if need_w[base]:
-                    dw = new_output(w_ih.shape, w_ih.dtype, dev)
-                    launch.gemm(dg_ih.transpose(1, 2)[None], inp[None], dw[None, None])
-                    dweights[base] = dw
-                if need_w[base + 1]:
-                    dweights[base + 1] = _grad_w_hh(launch, dg_hh, out_d, h0_, w_hh, d == 1)
-                if cfg.bias:
-                    dbs = [new_output((G * H,), b.dtype, dev) if need_w[base + j] else None
-                           for j, b in ((2, b_ih), (3, b_hh))]
-                    if dg_ih is dg_hh:
-                        # b_ih and b_hh get the same gradient: one pass writes both
-                        if dbs[0] is not None or dbs[1] is not None:
-                            first = dbs[0] if dbs[0] is not None else dbs[1]
-                            launch.bias_grad(dg_ih, first, dbs[1] if dbs[0] is not None else None)
-                    else:
-                        for db, dg in zip(dbs, (dg_ih, dg_hh)):
-                            if db is not None:
-                                launch.bias_grad(dg, db, None)
-                    dweights[base + 2], dweights[base + 3] = dbs
-                if d_in is not None:
-                    # d_in = sum over directions of dg_ih W_ih; the first into an fp32 buffer
-                    last_dir = d == D - 1
-                    launch.gemm(dg_ih[None], w_ih[None, None], (d_in if last_dir else acc)[None],
-                                c_in=None if d == 0 else acc[None])
-            if layer > 0 and masks[layer - 1] is not None:
-                launch.mul(d_in, masks[layer - 1], d_in)
-            d_out = d_in    # the output gradient of the layer below
-        return (d_out if need[0] else None, dh0, dc0, None, None, None, *dweights)
+        need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[6:]]
+        grads = _rnn_bwd(x, h0, c0, out, list(weights), list(saved), d_out, d_hn, d_cn, need,
+                         *ctx.args)
+        dx, dh0, dc0, *dw = [g if n else None for g, n in zip(grads, need)]
+        return (dx, dh0, dc0, None, None, None, *dw)
 
 
 def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
@@ -678,6 +822,8 @@ def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
 def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
     """The kernel implementation of a layer op ("lstm", "gru") on `backend`, for the
     registry: impl(x, h0, c0, weights, cfg) -> (out, h_n, c_n or None)."""
+    _RNN_KINDS[(op, backend)] = (cell, launch)
+
     def impl(x, h0, c0, weights, cfg: RNNConfig):
         algo = cfg.algo or algos[0]
         if algo not in algos:
@@ -687,20 +833,20 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
         if algo == "persistent" and H > PERSISTENT_MAX_HIDDEN:
             raise ValueError(f"{op}: algo='persistent' keeps W_hh in registers and needs "
                              f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, got {H}; use algo='steps'")
-        return RNNFunction.apply(x, h0, c0, replace(cfg, algo=algo), cell, launch, *weights)
+        return RNNFunction.apply(x, h0, c0, replace(cfg, algo=algo), op, backend, *weights)
     return impl
 
 
 # --- implementations by backend -------------------------------------------------------------
 
-def _kernel_lstm_cell(launch):
+def _kernel_lstm_cell(backend: str):
     def impl(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        return LSTMCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, launch)
+        return LSTMCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
     return impl
 
 
 for _name, _launch in LAUNCHERS.items():
-    register("lstm_cell", _name)(_kernel_lstm_cell(_launch))
+    register("lstm_cell", _name)(_kernel_lstm_cell(_name))
     register("lstm", _name)(layer_impl("lstm", LSTMRecurrence, _name, _launch, ALGOS[_name]))
 
 
@@ -788,6 +934,8 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     w_ih (4H, I), w_hh (4H, H), b_ih / b_hh (4H,) or None; gate order i, f, g, o.
     """
     h, c = _split_state(hx, "hx")
+    input, h, c, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lstm_cell", input, h, c, w_ih, w_hh,
+                                                          b_ih, b_hh)
     name, impl = dispatch("lstm_cell", backend, input, w_ih, w_hh,
                           *[t for t in (h, c, b_ih, b_hh) if isinstance(t, torch.Tensor)])
     check_tensor(input, "input", name, ndims=(1, 2))
@@ -839,6 +987,9 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
         raise ValueError(f"weights: expected {len(names)} tensors for num_layers={num_layers}, "
                          f"bidirectional={bidirectional}, bias={bias} ({', '.join(names[:per])}, ...), "
                          f"got {len(weights)}")
+    cast = autocast_inputs(op, input, *weights, *[t for t, _ in states])
+    input, weights = cast[0], list(cast[1:1 + len(weights)])
+    states = tuple((t, n) for t, (_, n) in zip(cast[1 + len(weights):], states))
     name, impl = dispatch(op, backend, input, *weights,
                           *[s for s, _ in states if isinstance(s, torch.Tensor)])
     if name == "torch" and algo is not None:

@@ -6,11 +6,16 @@
   (fullgraph, "aot_eager") function gives the eager outputs and gradients;
 - under torch.autocast a pydl op returns the dtype the torch op it replaces returns.
 """
+import importlib
+
 import pytest
 import torch
 
 import pydl
 from pydl import attention, conv, pool, softmax_ce
+
+# pydl.lstm and pydl.gru are the functions; their modules by name:
+lstm, gru = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
 
 from conftest import DEVICE
 
@@ -45,6 +50,13 @@ OPCHECKS = {
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
     "attention_naive_fwd": lambda: (attention._attention_naive_fwd, (
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
+    "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
+        _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
+    "gru_cell_fwd": lambda: (gru._gru_cell_fwd, (
+        _x(2, 3), None, _x(12, 3), _x(12, 4), None, _x(12), BACKEND)),
+    "rnn_fwd": lambda: (lstm._rnn_fwd, (
+        _x(3, 2, 3), None, None, [_x(16, 3), _x(16, 4), _x(16, 4), _x(16, 4)],
+        [2, 0, 0, 1, 0], 0.5, "steps", "lstm", BACKEND)),
 }
 
 
@@ -81,7 +93,45 @@ def _attention(q, k, v):
     return (a * b).sum() + pydl.softmax(a, -1, backend=BACKEND).sum()
 
 
+class _Model(torch.nn.Module):
+    """conv, pooling, an LSTM over the rows, attention, a linear head: torch layers that
+    pydl.patch swaps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(2)
+        self.lstm = torch.nn.LSTM(16, 8, batch_first=True)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.gru = torch.nn.GRU(8, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, 5)
+        self.loss = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def forward(self, x, t):
+        y = self.pool(self.conv(x))                      # (N, 4, 4, 4)
+        y = y.flatten(1, 2).transpose(1, 2)              # 4 steps of 16 features
+        y, _ = self.lstm(y)
+        y, _ = self.attn(y, y, y, need_weights=False)
+        y, _ = self.gru(y)
+        return self.loss(self.head(y[:, -1]), t)
+
+
+def _patched_model(x, t):
+    return _MODEL(x, t)
+
+
+_MODEL = None
+
+
 CASES = {
+    "patched_model": (_patched_model, lambda: (_x(2, 1, 8, 8, grad=True),
+                                               torch.randint(0, 5, (2,), device=DEVICE))),
+    # (dynamo cannot trace an autograd.Function given one tensor twice: h and c differ)
+    "lstm_cells": (lambda x, h, c, w_ih, w_hh: (pydl.lstm_cell(x, (h, c), w_ih, w_hh, backend=BACKEND)[1]
+                                                + pydl.gru_cell(x, h, w_ih[:12], w_hh[:12],
+                                                                backend=BACKEND)).sum(),
+                   lambda: (_x(2, 3, grad=True), _x(2, 4, grad=True), _x(2, 4, grad=True),
+                            _x(16, 3, grad=True), _x(16, 4, grad=True))),
     "conv_pool_ce": (_conv_pool_ce, lambda: (_x(2, 3, 8, 8, grad=True), _x(4, 3, 3, 3, grad=True),
                                              _x(4, grad=True), torch.randint(0, 4, (2,), device=DEVICE))),
     "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),
@@ -95,7 +145,19 @@ def _grads(fn, args):
     return out, torch.autograd.grad(out, leaves)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _patched():
+    global _MODEL
+    torch.manual_seed(0)
+    _MODEL = _Model().to(DEVICE)
+    report = pydl.patch(_MODEL, backend=BACKEND)
+    assert len(report.patched) == 6, str(report)    # conv, pool, lstm, attention, gru, loss
+    yield
+    _MODEL = None
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
+@torch._dynamo.config.patch(allow_rnn=True)   # dynamo refuses any torch.nn.LSTM / GRU otherwise
 def test_compiled_matches_eager_without_graph_breaks(case):
     fn, make = CASES[case]
     args = make()

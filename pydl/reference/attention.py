@@ -28,21 +28,19 @@ Backward, with dO the gradient of out:
     ds = p * (dp - rowsum(p * dp))      (rowsum(p * dp) = rowsum(dO * out))
     dq = scale * ds k      dk = scale * ds^T q
 dk and dv are summed over the query heads sharing a kv head (GQA) and over broadcast dimensions.
+
+Array-module generic (see _xp.py): given CuPy arrays, the same code runs on the GPU and
+returns CuPy arrays.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
+from ._xp import array_module, errstate, f64
 from .softmax_ce import logsumexp
 
 
-def _f64(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def _sum_to(x: np.ndarray, shape: tuple) -> np.ndarray:
+def _sum_to(x, shape: tuple):
     """Undo broadcasting: sum x down to `shape` (the gradient of a broadcast input)."""
     lead = x.ndim - len(shape)
     if lead:
@@ -62,45 +60,45 @@ def _gqa_groups(q, k, v, enable_gqa: bool) -> int:
     return hq // hk
 
 
-def _expand_heads(x: np.ndarray, groups: int) -> np.ndarray:
-    return np.repeat(x, groups, axis=-3) if groups > 1 else x
+def _expand_heads(xp, x, groups: int):
+    return xp.repeat(x, groups, axis=-3) if groups > 1 else x
 
 
-def _reduce_heads(dx: np.ndarray, groups: int) -> np.ndarray:
+def _reduce_heads(dx, groups: int):
     if groups == 1:
         return dx
     shape = dx.shape[:-3] + (dx.shape[-3] // groups, groups) + dx.shape[-2:]
     return dx.reshape(shape).sum(axis=-3)
 
 
-def _additive_bias(attn_mask, is_causal: bool, L: int, S: int):
+def _additive_bias(xp, attn_mask, is_causal: bool, L: int, S: int):
     if is_causal:
         if attn_mask is not None:
             raise ValueError("attn_mask and is_causal=True cannot both be given")
-        attn_mask = np.tril(np.ones((L, S), dtype=bool))
+        attn_mask = xp.tril(xp.ones((L, S), dtype=bool))
     if attn_mask is None:
         return None
-    m = np.asarray(attn_mask)
-    if m.dtype == np.bool_:
-        return np.where(m, 0.0, -np.inf)
-    return m.astype(np.float64)
+    m = xp.asarray(attn_mask)
+    if m.dtype == xp.bool_:
+        return xp.where(m, 0.0, -xp.inf)
+    return m.astype(xp.float64)
 
 
-def _probs(q, k, v, attn_mask, is_causal, scale, groups):
+def _probs(xp, q, k, v, attn_mask, is_causal, scale, groups):
     """Scale, expanded k and v, lse and p for the forward and the backward."""
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
     if k.shape[-1] != E or v.shape[-2] != S:
         raise ValueError(f"shapes q {q.shape}, k {k.shape}, v {v.shape} do not fit")
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    ke, ve = _expand_heads(k, groups), _expand_heads(v, groups)
-    s = (q @ np.swapaxes(ke, -1, -2)) * scale
-    bias = _additive_bias(attn_mask, is_causal, L, S)
+    ke, ve = _expand_heads(xp, k, groups), _expand_heads(xp, v, groups)
+    s = (q @ xp.swapaxes(ke, -1, -2)) * scale
+    bias = _additive_bias(xp, attn_mask, is_causal, L, S)
     if bias is not None:
         s = s + bias
     lse = logsumexp(s, axis=-1)
-    dead = np.isneginf(lse)  # every key masked: torch's safe softmax gives p = 0, not NaN
-    with np.errstate(invalid="ignore"):
-        p = np.where(dead[..., None], 0.0, np.exp(s - lse[..., None]))
+    dead = xp.isneginf(lse)  # every key masked: torch's safe softmax gives p = 0, not NaN
+    with errstate(xp, invalid="ignore"):
+        p = xp.where(dead[..., None], 0.0, xp.exp(s - lse[..., None]))
     return scale, ke, ve, lse, p
 
 
@@ -118,9 +116,10 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p: float = 0.0
     log-sum-exp of each row of the scaled, masked scores (-inf for fully masked rows).
     """
     _check_dropout(dropout_p)
-    q, k, v = _f64(q), _f64(k), _f64(v)
+    xp = array_module(q, k, v, attn_mask)
+    q, k, v = f64(xp, q), f64(xp, k), f64(xp, v)
     groups = _gqa_groups(q, k, v, enable_gqa)
-    _, _, ve, lse, p = _probs(q, k, v, attn_mask, is_causal, scale, groups)
+    _, _, ve, lse, p = _probs(xp, q, k, v, attn_mask, is_causal, scale, groups)
     out = p @ ve
     return (out, lse) if return_lse else out
 
@@ -130,15 +129,16 @@ def scaled_dot_product_attention_backward(grad_out, q, k, v, attn_mask=None,
                                           enable_gqa: bool = False, *, dropout_p: float = 0.0):
     """Gradients (dq, dk, dv) of scaled_dot_product_attention, shaped like q, k, v."""
     _check_dropout(dropout_p)
-    q, k, v = _f64(q), _f64(k), _f64(v)
+    xp = array_module(grad_out, q, k, v, attn_mask)
+    q, k, v = f64(xp, q), f64(xp, k), f64(xp, v)
     groups = _gqa_groups(q, k, v, enable_gqa)
-    scale, ke, ve, _, p = _probs(q, k, v, attn_mask, is_causal, scale, groups)
-    do = np.broadcast_to(_f64(grad_out), p.shape[:-1] + (v.shape[-1],))
-    dv = np.swapaxes(p, -1, -2) @ do
-    dp = do @ np.swapaxes(ve, -1, -2)
-    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))
+    scale, ke, ve, _, p = _probs(xp, q, k, v, attn_mask, is_causal, scale, groups)
+    do = xp.broadcast_to(f64(xp, grad_out), p.shape[:-1] + (v.shape[-1],))
+    dv = xp.swapaxes(p, -1, -2) @ do
+    dp = do @ xp.swapaxes(ve, -1, -2)
+    ds = p * (dp - xp.sum(p * dp, axis=-1, keepdims=True))
     dq = (ds @ ke) * scale
-    dk = (np.swapaxes(ds, -1, -2) @ q) * scale
+    dk = (xp.swapaxes(ds, -1, -2) @ q) * scale
     dq = _sum_to(dq, q.shape)
     dk = _sum_to(_reduce_heads(dk, groups), k.shape)
     dv = _sum_to(_reduce_heads(dv, groups), v.shape)

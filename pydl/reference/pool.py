@@ -32,20 +32,18 @@ avg_pool2d: out = (sum of the window's in-bounds elements) / divisor, where, wit
 adaptive_avg_pool2d: output row i averages input rows [floor(i H / OH), ceil((i + 1) H / OH)),
     columns likewise. The average is separable, so out = A_h @ x @ A_w^T with A[i, h] =
     1 / (window length) inside window i; backward is grad_x = A_h^T @ grad_out @ A_w.
+
+Array-module generic (see _xp.py): given CuPy arrays, the same code runs on the GPU and
+returns CuPy arrays.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .._shapes import pair, pool_output_size
+from ._xp import add_at, array_module, f64
 
 
-def _f64(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def _batched(x):
-    x = _f64(x)
+def _batched(xp, x):
+    x = f64(xp, x)
     if x.ndim == 3:  # unbatched (C, H, W), as torch accepts
         return x[None], True
     if x.ndim != 4:
@@ -65,9 +63,10 @@ def _shape4(input_shape) -> tuple[tuple[int, int, int, int], bool]:
 class _Windows:
     """The pooling windows of one configuration: for every output position, the rows and
     columns its window reads (pos_h (OH, KH), pos_w (OW, KW)) and which of them are inside
-    the input."""
+    the input; tables of array module xp."""
 
-    def __init__(self, H, W, kernel_size, stride, padding, dilation, ceil_mode):
+    def __init__(self, xp, H, W, kernel_size, stride, padding, dilation, ceil_mode):
+        self.xp = xp
         self.H, self.W = H, W
         self.kh, self.kw = pair(kernel_size, "kernel_size")
         # stride=None (or torch's empty list) means stride = kernel_size
@@ -80,10 +79,10 @@ class _Windows:
                                    name="input height")
         self.OW = pool_output_size(W, self.kw, self.sw, self.pw, self.dw, ceil_mode,
                                    name="input width")
-        self.pos_h = (np.arange(self.OH)[:, None] * self.sh - self.ph
-                      + np.arange(self.kh)[None, :] * self.dh)
-        self.pos_w = (np.arange(self.OW)[:, None] * self.sw - self.pw
-                      + np.arange(self.kw)[None, :] * self.dw)
+        self.pos_h = (xp.arange(self.OH)[:, None] * self.sh - self.ph
+                      + xp.arange(self.kh)[None, :] * self.dh)
+        self.pos_w = (xp.arange(self.OW)[:, None] * self.sw - self.pw
+                      + xp.arange(self.kw)[None, :] * self.dw)
         in_h = (self.pos_h >= 0) & (self.pos_h < H)
         in_w = (self.pos_w >= 0) & (self.pos_w < W)
         # (OH, OW, KH * KW), row-major window order (the order torch scans a window in)
@@ -94,20 +93,22 @@ class _Windows:
 
     def gather(self, x, fill):
         """(N, C, H, W) -> (N, C, OH, OW, KH * KW), out-of-bounds entries set to `fill`."""
-        rows = np.clip(self.pos_h, 0, self.H - 1)[:, None, :, None]
-        cols = np.clip(self.pos_w, 0, self.W - 1)[None, :, None, :]
+        xp = self.xp
+        rows = xp.clip(self.pos_h, 0, self.H - 1)[:, None, :, None]
+        cols = xp.clip(self.pos_w, 0, self.W - 1)[None, :, None, :]
         v = x[:, :, rows, cols].reshape(x.shape[:2] + (self.OH, self.OW, -1))
-        return np.where(self.valid, v, fill)
+        return xp.where(self.valid, v, fill)
 
     def scatter(self, values, shape):
         """Transpose of gather: add values (N, C, OH, OW, KH * KW) into the in-bounds elements
         they came from."""
+        xp = self.xp
         N, C = shape[:2]
-        grad = np.zeros((N * C, self.H * self.W), dtype=np.float64)
-        plane = np.arange(N * C)[:, None]
-        idx = np.broadcast_to(self.flat[self.valid], (N * C, int(self.valid.sum())))
+        grad = xp.zeros((N * C, self.H * self.W), dtype=xp.float64)
+        plane = xp.arange(N * C)[:, None]
+        idx = xp.broadcast_to(self.flat[self.valid], (N * C, int(self.valid.sum())))
         vals = values.reshape(N * C, self.OH, self.OW, -1)[:, self.valid]
-        np.add.at(grad, (plane, idx), vals)
+        add_at(xp, grad, (plane, idx), vals)
         return grad.reshape(shape)
 
 
@@ -115,69 +116,75 @@ class _Windows:
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False):
     """(out, indices): torch.nn.functional.max_pool2d(..., return_indices=True)."""
-    x, unbatched = _batched(x)
-    win = _Windows(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation, ceil_mode)
-    v = win.gather(x, -np.inf)  # padding acts as -inf
+    xp = array_module(x)
+    x, unbatched = _batched(xp, x)
+    win = _Windows(xp, x.shape[2], x.shape[3], kernel_size, stride, padding, dilation,
+                   ceil_mode)
+    v = win.gather(x, -xp.inf)  # padding acts as -inf
     K = v.shape[-1]
-    nan = np.isnan(v)
+    nan = xp.isnan(v)
     has_nan = nan.any(axis=-1)
-    last_nan = K - 1 - np.argmax(nan[..., ::-1], axis=-1)
-    m = np.max(np.where(nan, -np.inf, v), axis=-1)
-    # first maximum (np.argmax returns the first True); -inf maxima handled below
-    first_max = np.argmax(win.valid & (v == m[..., None]), axis=-1)
+    last_nan = K - 1 - xp.argmax(nan[..., ::-1], axis=-1)
+    m = xp.max(xp.where(nan, -xp.inf, v), axis=-1)
+    # first maximum (argmax returns the first True); -inf maxima handled below
+    first_max = xp.argmax(win.valid & (v == m[..., None]), axis=-1)
     # torch's starting index: the first row and column of the window that are >= 0
-    first_h = win.pos_h[np.arange(win.OH), np.argmax(win.pos_h >= 0, axis=1)]
-    first_w = win.pos_w[np.arange(win.OW), np.argmax(win.pos_w >= 0, axis=1)]
+    first_h = win.pos_h[xp.arange(win.OH), xp.argmax(win.pos_h >= 0, axis=1)]
+    first_w = win.pos_w[xp.arange(win.OW), xp.argmax(win.pos_w >= 0, axis=1)]
     start = first_h[:, None] * win.W + first_w[None, :]  # (OH, OW)
-    pick = np.where(has_nan, last_nan, first_max)
-    idx = np.take_along_axis(np.broadcast_to(win.flat, v.shape), pick[..., None], -1)[..., 0]
+    pick = xp.where(has_nan, last_nan, first_max)
+    idx = xp.take_along_axis(xp.broadcast_to(win.flat, v.shape), pick[..., None], -1)[..., 0]
     # a max of -inf is never "greater" than torch's initial -inf: the start index stays
-    idx = np.where(~has_nan & (m == -np.inf), start, idx).astype(np.int64)
-    out = np.where(has_nan, np.nan, m)
+    idx = xp.where(~has_nan & (m == -xp.inf), start, idx).astype(xp.int64)
+    out = xp.where(has_nan, xp.nan, m)
     if unbatched:
         return out[0], idx[0]
     return out, idx
 
 
-def max_pool2d_backward(grad_out, indices, input_shape) -> np.ndarray:
+def max_pool2d_backward(grad_out, indices, input_shape):
     """dL/dx: grad_out routed to the argmax of each window, accumulated over windows."""
+    xp = array_module(grad_out, indices)
     shape, unbatched = _shape4(input_shape)
     N, C, H, W = shape
-    g = _f64(grad_out).reshape(N * C, -1)
-    idx = np.asarray(indices, dtype=np.int64).reshape(N * C, -1)
+    g = f64(xp, grad_out)
+    idx = xp.asarray(indices, dtype=xp.int64)
+    g_shape, idx_shape = g.shape, idx.shape
+    g, idx = g.reshape(N * C, -1), idx.reshape(N * C, -1)
     if g.shape != idx.shape:
-        raise ValueError(f"grad_out {np.shape(grad_out)} and indices {np.shape(indices)} "
-                         f"must have the same shape")
-    grad = np.zeros((N * C, H * W), dtype=np.float64)
-    plane = np.broadcast_to(np.arange(N * C)[:, None], idx.shape)
+        raise ValueError(f"grad_out {g_shape} and indices {idx_shape} must have the same shape")
+    grad = xp.zeros((N * C, H * W), dtype=xp.float64)
+    plane = xp.broadcast_to(xp.arange(N * C)[:, None], idx.shape)
     inside = (idx >= 0) & (idx < H * W)  # an all-padding window has no input to route to
-    np.add.at(grad, (plane[inside], idx[inside]), g[inside])
+    add_at(xp, grad, (plane[inside], idx[inside]), g[inside])
     grad = grad.reshape(shape)
     return grad[0] if unbatched else grad
 
 
 # --- average pooling ------------------------------------------------------------------------
 
-def _avg_divisor(win: _Windows, count_include_pad, divisor_override) -> np.ndarray:
+def _avg_divisor(win: _Windows, count_include_pad, divisor_override):
     """(OH, OW) divisors, torch's rule (see the module docstring)."""
+    xp = win.xp
     if divisor_override is not None:
         if int(divisor_override) == 0:
             raise ValueError("divisor_override must be non-zero")
-        return np.full((win.OH, win.OW), float(divisor_override))
+        return xp.full((win.OH, win.OW), float(divisor_override))
     if count_include_pad:
         def length(O, s, p, k, n):
-            start = np.arange(O) * s - p
-            return np.minimum(start + k, n + p) - start  # clipped to the padded input only
-        return np.outer(length(win.OH, win.sh, win.ph, win.kh, win.H),
-                        length(win.OW, win.sw, win.pw, win.kw, win.W)).astype(np.float64)
-    return win.valid.sum(axis=-1).astype(np.float64)
+            start = xp.arange(O) * s - p
+            return xp.minimum(start + k, n + p) - start  # clipped to the padded input only
+        return xp.outer(length(win.OH, win.sh, win.ph, win.kh, win.H),
+                        length(win.OW, win.sw, win.pw, win.kw, win.W)).astype(xp.float64)
+    return win.valid.sum(axis=-1).astype(xp.float64)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-               count_include_pad: bool = True, divisor_override=None) -> np.ndarray:
+               count_include_pad: bool = True, divisor_override=None):
     """torch.nn.functional.avg_pool2d."""
-    x, unbatched = _batched(x)
-    win = _Windows(x.shape[2], x.shape[3], kernel_size, stride, padding, 1, ceil_mode)
+    xp = array_module(x)
+    x, unbatched = _batched(xp, x)
+    win = _Windows(xp, x.shape[2], x.shape[3], kernel_size, stride, padding, 1, ceil_mode)
     total = win.gather(x, 0.0).sum(axis=-1)
     out = total / _avg_divisor(win, count_include_pad, divisor_override)
     return out[0] if unbatched else out
@@ -185,23 +192,24 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
 
 def avg_pool2d_backward(grad_out, input_shape, kernel_size, stride=None, padding=0,
                         ceil_mode: bool = False, count_include_pad: bool = True,
-                        divisor_override=None) -> np.ndarray:
+                        divisor_override=None):
     """dL/dx for out = avg_pool2d(x, ...): each window spreads grad_out / divisor over its
     in-bounds elements."""
+    xp = array_module(grad_out)
     shape, unbatched = _shape4(input_shape)
-    win = _Windows(shape[2], shape[3], kernel_size, stride, padding, 1, ceil_mode)
-    g = _f64(grad_out).reshape(shape[:2] + (win.OH, win.OW))
+    win = _Windows(xp, shape[2], shape[3], kernel_size, stride, padding, 1, ceil_mode)
+    g = f64(xp, grad_out).reshape(shape[:2] + (win.OH, win.OW))
     share = g / _avg_divisor(win, count_include_pad, divisor_override)
-    grad = win.scatter(np.broadcast_to(share[..., None], share.shape + (win.valid.shape[-1],)),
+    grad = win.scatter(xp.broadcast_to(share[..., None], share.shape + (win.valid.shape[-1],)),
                        shape)
     return grad[0] if unbatched else grad
 
 
 # --- adaptive average pooling -------------------------------------------------------------------
 
-def _adaptive_matrix(n: int, out: int) -> np.ndarray:
+def _adaptive_matrix(xp, n: int, out: int):
     """(out, n): row i averages [floor(i n / out), ceil((i + 1) n / out))."""
-    A = np.zeros((out, n), dtype=np.float64)
+    A = xp.zeros((out, n), dtype=xp.float64)
     for i in range(out):
         start = (i * n) // out
         end = -((-(i + 1) * n) // out)  # integer ceil, exact for any size
@@ -222,24 +230,27 @@ def _adaptive_size(output_size, H, W) -> tuple[int, int]:
     return int(oh), int(ow)
 
 
-def adaptive_avg_pool2d(x, output_size) -> np.ndarray:
+def adaptive_avg_pool2d(x, output_size):
     """torch.nn.functional.adaptive_avg_pool2d."""
-    x, unbatched = _batched(x)
+    xp = array_module(x)
+    x, unbatched = _batched(xp, x)
     H, W = x.shape[2:]
     OH, OW = _adaptive_size(output_size, H, W)
-    out = _adaptive_matrix(H, OH) @ x @ _adaptive_matrix(W, OW).T
+    out = _adaptive_matrix(xp, H, OH) @ x @ _adaptive_matrix(xp, W, OW).T
     return out[0] if unbatched else out
 
 
-def adaptive_avg_pool2d_backward(grad_out, input_shape) -> np.ndarray:
+def adaptive_avg_pool2d_backward(grad_out, input_shape):
     """dL/dx for out = adaptive_avg_pool2d(x, grad_out's spatial size)."""
+    xp = array_module(grad_out)
     shape, unbatched = _shape4(input_shape)
-    g = _f64(grad_out)
+    g = f64(xp, grad_out)
+    g_shape = g.shape
     if unbatched:
         g = g[None]
     OH, OW = g.shape[-2:]
     if g.shape[:2] != shape[:2]:
-        raise ValueError(f"grad_out {np.shape(grad_out)} does not match input_shape {shape}")
-    grad = _adaptive_matrix(shape[2], OH).T @ g @ _adaptive_matrix(shape[3], OW)
+        raise ValueError(f"grad_out {g_shape} does not match input_shape {shape}")
+    grad = _adaptive_matrix(xp, shape[2], OH).T @ g @ _adaptive_matrix(xp, shape[3], OW)
     return grad[0] if unbatched else grad
 
