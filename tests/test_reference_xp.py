@@ -5,6 +5,7 @@ importing the references never imports cupy, and that the references reach NumPy
 the same call on NumPy arrays.
 """
 import ast
+import importlib
 import inspect
 import os
 import subprocess
@@ -19,7 +20,10 @@ import pytest
 from pydl.reference import attention, conv, pool, softmax_ce
 from pydl.reference._xp import add_at, array_module, errstate
 
-GENERIC_MODULES = (softmax_ce, conv, pool, attention)
+# The module itself: pydl.reference re-exports its function `lstm` under the same name.
+lstm_ref = importlib.import_module("pydl.reference.lstm")
+
+GENERIC_MODULES = (softmax_ce, conv, pool, attention, lstm_ref)
 
 
 def _cupy_or_skip():
@@ -89,6 +93,7 @@ def test_importing_the_references_does_not_import_cupy():
             "ref.conv2d(np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2)))\n"
             "ref.max_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 1, 1), int),\n"
             "                        (1, 1, 2, 2))\n"
+            "ref.lstm_cell(np.ones(3), w_ih=np.ones((8, 3)), w_hh=np.ones((8, 2)))\n"
             "assert 'cupy' not in sys.modules, 'cupy was imported'\n"
             "assert 'cupyx' not in sys.modules, 'cupyx was imported'\n")
     env = dict(os.environ, PYDL_INTERPRET="1")
@@ -208,6 +213,87 @@ def _sdpa_args(backward, **kw):
     return make
 
 
+def _sigmoid_args(rng):
+    x = rng.standard_normal((5, 7)) * 10
+    x[0, :4] = [800.0, -800.0, 0.0, -0.0]  # exp would overflow for the naive form
+    return (_special(rng, x),), {}
+
+
+def _cell_args(gates, batched, state, bias):
+    """Inputs of lstm_cell (gates=4) or gru_cell (gates=3): x, h[, c], w_ih, w_hh, b_ih, b_hh."""
+    B, I, H = 3, 5, 4
+
+    def make(rng):
+        lead = (B,) if batched else ()
+        x = rng.standard_normal(lead + (I,))
+        states = tuple(rng.standard_normal(lead + (H,)) if state else None
+                       for _ in range(gates - 2))  # (h, c) for the LSTM, (h,) for the GRU
+        w = (rng.standard_normal((gates * H, I)), rng.standard_normal((gates * H, H)))
+        b = tuple(rng.standard_normal(gates * H) if on else None for on in bias)
+        return (x,) + states + w + b, {}
+    return make
+
+
+def _cell_backward_args(forward, batched, grads):
+    """(dh1[, dc1], cache) for lstm_cell_backward / gru_cell_backward, the cache from the NumPy
+    forward (converted array by array for the CuPy run); grads says which gradients are given."""
+    gates = 4 if forward is lstm_ref.lstm_cell else 3
+
+    def make(rng):
+        args, _ = _cell_args(gates, batched, True, (True, False))(rng)
+        *_, cache = forward(*args)
+        shape = cache["h"].shape[1:] if cache["unbatched"] else cache["h"].shape
+        return tuple(rng.standard_normal(shape) if g else None for g in grads) + (cache,), {}
+    return make
+
+
+def _rnn_weights(rng, gates, I, H, num_layers, D, bias):
+    """Weights keyed by torch's state_dict names (lstm_weight_names order)."""
+    names = lstm_ref.lstm_weight_names(num_layers, D == 2, bias)
+    shapes = {"weight_ih": lambda layer: (gates * H, I if layer == 0 else D * H),
+              "weight_hh": lambda layer: (gates * H, H),
+              "bias_ih": lambda layer: (gates * H,), "bias_hh": lambda layer: (gates * H,)}
+    weights = {}
+    for name in names:
+        kind, _, rest = name.rpartition("_l")
+        weights[name] = rng.standard_normal(shapes[kind](int(rest.split("_")[0])))
+    return weights
+
+
+_RNN = dict(T=4, B=3, I=5, H=3)
+
+
+def _rnn_args(gates, num_layers=2, bidirectional=True, batch_first=False, state=True,
+              bias=True, unbatched=False):
+    """(x, h0[, c0], weights) and the layer options for lstm (gates=4) or gru (gates=3)."""
+    T, B, I, H = (_RNN[k] for k in "TBIH")
+    D = 2 if bidirectional else 1
+
+    def make(rng):
+        x = rng.standard_normal((T, I) if unbatched else (B, T, I) if batch_first else (T, B, I))
+        sshape = (num_layers * D, H) if unbatched else (num_layers * D, B, H)
+        states = tuple(rng.standard_normal(sshape) if state else None for _ in range(gates - 2))
+        w = _rnn_weights(rng, gates, I, H, num_layers, D, bias)
+        return (x,) + states + (w,), dict(num_layers=num_layers, bidirectional=bidirectional,
+                                          batch_first=batch_first, return_cache=True)
+    return make
+
+
+def _rnn_backward_args(forward, grads, **kw):
+    """(grad_output, grad_hn[, grad_cn], cache) for lstm_backward / gru_backward, the cache from
+    the NumPy forward; grads says which incoming gradients are given."""
+    gates = 4 if forward is lstm_ref.lstm else 3
+
+    def make(rng):
+        args, kwargs = _rnn_args(gates, **kw)(rng)
+        out, final, cache = forward(*args, **kwargs)
+        final = final if gates == 4 else (final,)
+        shapes = (out.shape,) + tuple(f.shape for f in final)
+        return tuple(rng.standard_normal(s) if g else None for s, g in zip(shapes, grads)) + (
+            cache,), {}
+    return make
+
+
 # (id, reference function, inputs builder: rng -> (args, kwargs))
 CASES = [
     ("logsumexp", softmax_ce.logsumexp, lambda rng: _softmax_args(rng)),
@@ -243,6 +329,39 @@ CASES = [
      lambda rng: ((rng.standard_normal((3, 7, 4)),) * 3, dict(is_causal=True))),
     ("scaled_dot_product_attention_backward", attention.scaled_dot_product_attention_backward,
      _sdpa_args(True)),
+    ("sigmoid", lstm_ref.sigmoid, _sigmoid_args),
+    ("lstm_cell", lstm_ref.lstm_cell, _cell_args(4, True, True, (True, True))),
+    ("lstm_cell-unbatched-zero_state", lstm_ref.lstm_cell, _cell_args(4, False, False,
+                                                                       (False, True))),
+    ("lstm_cell_backward", lstm_ref.lstm_cell_backward,
+     _cell_backward_args(lstm_ref.lstm_cell, True, (True, True))),
+    ("lstm_cell_backward-unbatched-dc_only", lstm_ref.lstm_cell_backward,
+     _cell_backward_args(lstm_ref.lstm_cell, False, (False, True))),
+    ("gru_cell", lstm_ref.gru_cell, _cell_args(3, True, True, (True, True))),
+    ("gru_cell-unbatched-zero_state", lstm_ref.gru_cell, _cell_args(3, False, False,
+                                                                     (True, False))),
+    ("gru_cell_backward", lstm_ref.gru_cell_backward,
+     _cell_backward_args(lstm_ref.gru_cell, True, (True,))),
+    ("gru_cell_backward-no_grad", lstm_ref.gru_cell_backward,  # module from the cache alone
+     _cell_backward_args(lstm_ref.gru_cell, False, (False,))),
+    ("lstm_weight_names", lstm_ref.lstm_weight_names,
+     lambda rng: ((), dict(num_layers=2, bidirectional=True, bias=False))),
+    ("lstm-bidirectional-2layers", lstm_ref.lstm, _rnn_args(4)),
+    ("lstm-batch_first-zero_state-no_bias", lstm_ref.lstm,
+     _rnn_args(4, num_layers=1, bidirectional=False, batch_first=True, state=False, bias=False)),
+    ("lstm-unbatched", lstm_ref.lstm, _rnn_args(4, num_layers=3, unbatched=True)),
+    ("lstm_backward", lstm_ref.lstm_backward,
+     _rnn_backward_args(lstm_ref.lstm, (True, True, True), batch_first=True)),
+    ("lstm_backward-grad_cn_only-unbatched", lstm_ref.lstm_backward,
+     _rnn_backward_args(lstm_ref.lstm, (False, False, True), unbatched=True, state=False)),
+    ("lstm_backward-no_grads", lstm_ref.lstm_backward,  # module from the cache alone
+     _rnn_backward_args(lstm_ref.lstm, (False, False, False), bidirectional=False)),
+    ("gru-bidirectional-2layers", lstm_ref.gru, _rnn_args(3)),
+    ("gru-batch_first-zero_state-no_bias", lstm_ref.gru,
+     _rnn_args(3, num_layers=3, batch_first=True, state=False, bias=False)),
+    ("gru_backward", lstm_ref.gru_backward, _rnn_backward_args(lstm_ref.gru, (True, True))),
+    ("gru_backward-grad_output_only-unbatched", lstm_ref.gru_backward,
+     _rnn_backward_args(lstm_ref.gru, (True, False), unbatched=True, num_layers=1)),
 ]
 
 
@@ -253,24 +372,30 @@ def test_cases_cover_every_reference_function():
 
 
 def _convert(xp, tree):
-    """Every NumPy array in args/kwargs (nested in tuples) as an array of module xp."""
+    """Every NumPy array in args/kwargs (nested in tuples, lists and dicts, as in the RNN
+    references' caches) as an array of module xp."""
     if isinstance(tree, np.ndarray):
         return xp.asarray(tree)
-    if isinstance(tree, tuple):
-        return tuple(_convert(xp, t) for t in tree)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_convert(xp, t) for t in tree)
     if isinstance(tree, dict):
         return {k: _convert(xp, v) for k, v in tree.items()}
     return tree
 
 
 def _assert_agree(xp, got, expected, where="out"):
-    if isinstance(expected, tuple):
-        assert isinstance(got, tuple) and len(got) == len(expected), where
+    if isinstance(expected, (tuple, list)):
+        assert type(got) is type(expected) and len(got) == len(expected), where
         for i, (g, e) in enumerate(zip(got, expected)):
             _assert_agree(xp, g, e, f"{where}[{i}]")
         return
-    if expected is None:
-        assert got is None, where
+    if isinstance(expected, dict):  # the RNN references' weight gradients and caches
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for k, e in expected.items():
+            _assert_agree(xp, got[k], e, f"{where}[{k!r}]")
+        return
+    if not isinstance(expected, np.ndarray):  # None, flags, sizes, names
+        assert type(got) is type(expected) and got == expected, where
         return
     assert isinstance(got, xp.ndarray), f"{where}: {type(got)} is not {xp.__name__}.ndarray"
     assert got.dtype == expected.dtype and got.shape == expected.shape, where

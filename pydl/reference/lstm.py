@@ -1,4 +1,4 @@
-"""float64 NumPy references for the LSTM and the GRU (cells and full multi-layer, bidirectional
+"""float64 references for the LSTM and the GRU (cells and full multi-layer, bidirectional
 layers), forward and backward, written from the math (never by calling torch).
 
 Layout and gate order are PyTorch's: the four LSTM gates are stacked as rows [i; f; g; o] of
@@ -37,54 +37,55 @@ Backward, given dh':
 
 Full GRU (torch.nn.GRU): the LSTM's stack (layers, directions, BPTT) over the GRU cell, with
 h the only state; W_ih and b_ih collect dgi, W_hh and b_hh collect dgh.
+
+Array-module generic (see _xp.py): given CuPy arrays (inputs, states, weights; for the backward
+functions the incoming gradients or the forward's cache), the same code runs on the GPU and
+returns CuPy arrays.
 """
 from __future__ import annotations
 
-import numpy as np
+from ._xp import array_module, f64
 
 
-def _f64(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
-
-
-def sigmoid(x) -> np.ndarray:
+def sigmoid(x):
     """1 / (1 + exp(-x)) without overflow: exp is only ever taken of -|x|."""
-    x = _f64(x)
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    xp = array_module(x)
+    x = f64(xp, x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _rows(a, width: int | None, name: str) -> np.ndarray:
-    a = _f64(a)
+def _rows(xp, a, width: int | None, name: str):
+    a = f64(xp, a)
     if a.ndim != 2 or (width is not None and a.shape[1] != width):
         raise ValueError(f"{name}: expected (batch, {width}), got shape {a.shape}")
     return a
 
 
-def _cell_inputs(x, states, w_ih, w_hh, gates: int):
+def _cell_inputs(xp, x, states, w_ih, w_hh, gates: int):
     """Batch the inputs of a cell: unbatched (I,) vectors become one row; None states are zeros."""
     if w_ih is None or w_hh is None:
         raise ValueError("w_ih and w_hh are required")
-    w_ih, w_hh = _f64(w_ih), _f64(w_hh)
+    w_ih, w_hh = f64(xp, w_ih), f64(xp, w_hh)
     H = w_hh.shape[1]
     if w_hh.shape != (gates * H, H) or w_ih.ndim != 2 or w_ih.shape[0] != gates * H:
         raise ValueError(f"weights: expected w_ih ({gates}H, I) and w_hh ({gates}H, H), got "
                          f"{w_ih.shape} and {w_hh.shape}")
-    x = _f64(x)
+    x = f64(xp, x)
     unbatched = x.ndim == 1
-    x = _rows(x[None] if unbatched else x, w_ih.shape[1], "x")
+    x = _rows(xp, x[None] if unbatched else x, w_ih.shape[1], "x")
     out = []
     for s, name in zip(states, ("h", "c")):
         if s is None:
-            out.append(np.zeros((x.shape[0], H)))
+            out.append(xp.zeros((x.shape[0], H)))
         else:
-            s = _f64(s)
-            out.append(_rows(s[None] if unbatched else s, H, name))
+            s = f64(xp, s)
+            out.append(_rows(xp, s[None] if unbatched else s, H, name))
     return x, out, w_ih, w_hh, unbatched
 
 
-def _bias(b, n: int) -> np.ndarray:
-    return np.zeros(n) if b is None else _f64(b).reshape(n)
+def _bias(xp, b, n: int):
+    return xp.zeros(n) if b is None else f64(xp, b).reshape(n)
 
 
 # ----------------------------------------------------------------------------------- LSTM cell
@@ -94,13 +95,14 @@ def lstm_cell(x, h=None, c=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
 
     Returns (h1, c1, cache); cache feeds lstm_cell_backward.
     """
-    x, (h, c), w_ih, w_hh, unbatched = _cell_inputs(x, (h, c), w_ih, w_hh, 4)
+    xp = array_module(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    x, (h, c), w_ih, w_hh, unbatched = _cell_inputs(xp, x, (h, c), w_ih, w_hh, 4)
     H = w_hh.shape[1]
-    a = x @ w_ih.T + _bias(b_ih, 4 * H) + h @ w_hh.T + _bias(b_hh, 4 * H)
+    a = x @ w_ih.T + _bias(xp, b_ih, 4 * H) + h @ w_hh.T + _bias(xp, b_hh, 4 * H)
     i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H:2 * H]), sigmoid(a[:, 3 * H:])
-    g = np.tanh(a[:, 2 * H:3 * H])
+    g = xp.tanh(a[:, 2 * H:3 * H])
     c1 = f * c + i * g
-    tc1 = np.tanh(c1)
+    tc1 = xp.tanh(c1)
     h1 = o * tc1
     cache = dict(x=x, h=h, c=c, w_ih=w_ih, w_hh=w_hh, i=i, f=f, g=g, o=o, tc1=tc1,
                  bias=(b_ih is not None, b_hh is not None), unbatched=unbatched)
@@ -109,22 +111,22 @@ def lstm_cell(x, h=None, c=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
     return h1, c1, cache
 
 
-def _lstm_gate_grads(dh1, dc1, cache):
+def _lstm_gate_grads(xp, dh1, dc1, cache):
     """(da, dc): gradient of the pre-activations (B, 4H) and of the previous cell state."""
     i, f, g, o, tc1 = (cache[k] for k in ("i", "f", "g", "o", "tc1"))
     dc_tot = dc1 + dh1 * o * (1.0 - tc1 * tc1)
-    da = np.concatenate([dc_tot * g * i * (1.0 - i),
+    da = xp.concatenate([dc_tot * g * i * (1.0 - i),
                          dc_tot * cache["c"] * f * (1.0 - f),
                          dc_tot * i * (1.0 - g * g),
                          dh1 * tc1 * o * (1.0 - o)], axis=1)
     return da, dc_tot * f
 
 
-def _state_grad(d, like, unbatched):
+def _state_grad(xp, d, like, unbatched):
     if d is None:
-        return np.zeros_like(like)
-    d = _f64(d)
-    return np.broadcast_to(d[None] if unbatched else d, like.shape)
+        return xp.zeros_like(like)
+    d = f64(xp, d)
+    return xp.broadcast_to(d[None] if unbatched else d, like.shape)
 
 
 def lstm_cell_backward(dh1, dc1, cache):
@@ -133,10 +135,11 @@ def lstm_cell_backward(dh1, dc1, cache):
     dh1 / dc1 may be None (no gradient reaches that output). db_* are None where the forward
     had no such bias.
     """
+    xp = array_module(dh1, dc1, cache["x"])
     u = cache["unbatched"]
-    dh1 = _state_grad(dh1, cache["h"], u)
-    dc1 = _state_grad(dc1, cache["c"], u)
-    da, dc = _lstm_gate_grads(dh1, dc1, cache)
+    dh1 = _state_grad(xp, dh1, cache["h"], u)
+    dc1 = _state_grad(xp, dc1, cache["c"], u)
+    da, dc = _lstm_gate_grads(xp, dh1, dc1, cache)
     dx, dh = da @ cache["w_ih"], da @ cache["w_hh"]
     dw_ih, dw_hh = da.T @ cache["x"], da.T @ cache["h"]
     db = da.sum(axis=0)
@@ -154,37 +157,39 @@ def gru_cell(x, h=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
 
     Returns (h1, cache); cache feeds gru_cell_backward.
     """
-    x, (h,), w_ih, w_hh, unbatched = _cell_inputs(x, (h,), w_ih, w_hh, 3)
+    xp = array_module(x, h, w_ih, w_hh, b_ih, b_hh)
+    x, (h,), w_ih, w_hh, unbatched = _cell_inputs(xp, x, (h,), w_ih, w_hh, 3)
     H = w_hh.shape[1]
-    gi = x @ w_ih.T + _bias(b_ih, 3 * H)
-    gh = h @ w_hh.T + _bias(b_hh, 3 * H)
+    gi = x @ w_ih.T + _bias(xp, b_ih, 3 * H)
+    gh = h @ w_hh.T + _bias(xp, b_hh, 3 * H)
     r = sigmoid(gi[:, :H] + gh[:, :H])
     z = sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
     ghn = gh[:, 2 * H:]
-    n = np.tanh(gi[:, 2 * H:] + r * ghn)
+    n = xp.tanh(gi[:, 2 * H:] + r * ghn)
     h1 = (1.0 - z) * n + z * h
     cache = dict(x=x, h=h, w_ih=w_ih, w_hh=w_hh, r=r, z=z, n=n, ghn=ghn,
                  bias=(b_ih is not None, b_hh is not None), unbatched=unbatched)
     return (h1[0] if unbatched else h1), cache
 
 
-def _gru_gate_grads(dh1, cache):
+def _gru_gate_grads(xp, dh1, cache):
     """(dgi, dgh, dh_direct): gradients of the pre-activations of x W_ih^T + b_ih and of
     h W_hh^T + b_hh (B, 3H each), and the direct path of h' = ... + z * h into h."""
     r, z, n, ghn, h = (cache[k] for k in ("r", "z", "n", "ghn", "h"))
     dan = dh1 * (1.0 - z) * (1.0 - n * n)          # through tanh of the n pre-activation
     dar = dan * ghn * r * (1.0 - r)                # r multiplies W_hn h + b_hn
     daz = dh1 * (h - n) * z * (1.0 - z)
-    dgi = np.concatenate([dar, daz, dan], axis=1)
-    dgh = np.concatenate([dar, daz, dan * r], axis=1)
+    dgi = xp.concatenate([dar, daz, dan], axis=1)
+    dgh = xp.concatenate([dar, daz, dan * r], axis=1)
     return dgi, dgh, dh1 * z
 
 
 def gru_cell_backward(dh1, cache):
     """Gradients of one GRU step: (dx, dh, dw_ih, dw_hh, db_ih, db_hh)."""
+    xp = array_module(dh1, cache["x"])
     u = cache["unbatched"]
-    dh1 = _state_grad(dh1, cache["h"], u)
-    dgi, dgh, dh_direct = _gru_gate_grads(dh1, cache)
+    dh1 = _state_grad(xp, dh1, cache["h"], u)
+    dgi, dgh, dh_direct = _gru_gate_grads(xp, dh1, cache)
     dx = dgi @ cache["w_ih"]
     dh = dgh @ cache["w_hh"] + dh_direct
     dw_ih, dw_hh = dgi.T @ cache["x"], dgh.T @ cache["h"]
@@ -207,19 +212,20 @@ def lstm_weight_names(num_layers: int = 1, bidirectional: bool = False, bias: bo
     return names
 
 
-def _sequence_major(x, batch_first: bool, what: str):
+def _sequence_major(xp, x, batch_first: bool, what: str):
     """(T, B, F) view of a sequence input; unbatched (T, F) becomes (T, 1, F)."""
-    x = _f64(x)
+    x = f64(xp, x)
     if x.ndim == 2:
         return x[:, None, :], True
     if x.ndim != 3:
         raise ValueError(f"{what}: expected 2 or 3 dimensions, got shape {x.shape}")
-    return (np.swapaxes(x, 0, 1) if batch_first else x), False
+    return (xp.swapaxes(x, 0, 1) if batch_first else x), False
 
 
 # The stack is the same for both cells; a cell enters as its step forward and backward:
 #   step(x_t, states, w) -> (h_t, new states, cache)
-#   step_backward(dh, d_other_states, cache, w) -> (da_ih, da_hh, dh_prev, d_other_states_prev)
+#   step_backward(xp, dh, d_other_states, cache, w)
+#       -> (da_ih, da_hh, dh_prev, d_other_states_prev)
 # where da_ih / da_hh are the gradients of the pre-activations of x W_ih^T + b_ih and of
 # h W_hh^T + b_hh (the same array for the LSTM), and "other states" is (c,) for the LSTM.
 
@@ -229,8 +235,8 @@ def _lstm_step(x, states, w):
     return h, (h, c), cache
 
 
-def _lstm_step_backward(dh, d_other, cache, w):
-    da, dc = _lstm_gate_grads(dh, d_other[0], cache)
+def _lstm_step_backward(xp, dh, d_other, cache, w):
+    da, dc = _lstm_gate_grads(xp, dh, d_other[0], cache)
     return da, da, da @ w["weight_hh"], (dc,)
 
 
@@ -239,8 +245,8 @@ def _gru_step(x, states, w):
     return h, (h,), cache
 
 
-def _gru_step_backward(dh, d_other, cache, w):
-    dgi, dgh, dh_direct = _gru_gate_grads(dh, cache)
+def _gru_step_backward(xp, dh, d_other, cache, w):
+    dgi, dgh, dh_direct = _gru_gate_grads(xp, dh, cache)
     return dgi, dgh, dgh @ w["weight_hh"] + dh_direct, ()
 
 
@@ -249,29 +255,30 @@ def _rnn(step, x, states, weights, num_layers, bidirectional, batch_first):
     as given (None = zeros). Returns (output, final states, cache) in the caller's layout."""
     if weights is None:
         raise ValueError("weights are required")
+    xp = array_module(x, *states, *weights.values())
     D = 2 if bidirectional else 1
-    xs, unbatched = _sequence_major(x, batch_first, "x")
+    xs, unbatched = _sequence_major(xp, x, batch_first, "x")
     T, B = xs.shape[:2]
-    H = _f64(weights["weight_hh_l0"]).shape[1]
+    H = f64(xp, weights["weight_hh_l0"]).shape[1]
     init = []
     for s in states:
         if s is None:
-            init.append(np.zeros((num_layers * D, B, H)))
+            init.append(xp.zeros((num_layers * D, B, H)))
         else:
-            s = _f64(s)
+            s = f64(xp, s)
             s = s[:, None, :] if unbatched else s
             if s.shape != (num_layers * D, B, H):
                 raise ValueError(f"initial state: expected {(num_layers * D, B, H)}, got {s.shape}")
             init.append(s)
-    final = [np.empty_like(s) for s in init]
+    final = [xp.empty_like(s) for s in init]
     layers = []
     inp = xs
     for layer in range(num_layers):
-        out = np.empty((T, B, D * H))
+        out = xp.empty((T, B, D * H))
         dirs = []
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            w = {k: (None if weights.get(k + sfx) is None else _f64(weights[k + sfx]))
+            w = {k: (None if weights.get(k + sfx) is None else f64(xp, weights[k + sfx]))
                  for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
             if w["weight_ih"].shape[1] != inp.shape[2]:
                 raise ValueError(f"weight_ih{sfx}: input size {w['weight_ih'].shape[1]} != "
@@ -292,7 +299,7 @@ def _rnn(step, x, states, weights, num_layers, bidirectional, batch_first):
     if unbatched:
         out, final = out[:, 0], [f[:, 0] for f in final]
     elif batch_first:
-        out = np.swapaxes(out, 0, 1)
+        out = xp.swapaxes(out, 0, 1)
     return out, final, cache
 
 
@@ -300,43 +307,44 @@ def _rnn_backward(step_backward, grad_output, grad_states, cache):
     """Backpropagation through time for `_rnn`: (dx, d initial states, dweights)."""
     T, B, H, D, L = (cache[k] for k in ("T", "B", "H", "D", "num_layers"))
     u = cache["unbatched"]
+    xp = array_module(grad_output, *grad_states, cache["layers"][0][0][1]["weight_hh"])
 
     def seq(g, width):
         if g is None:
-            return np.zeros((T, B, width))
-        g = _f64(g)
+            return xp.zeros((T, B, width))
+        g = f64(xp, g)
         if u:
             return g[:, None, :]
-        return np.swapaxes(g, 0, 1) if cache["batch_first"] else g
+        return xp.swapaxes(g, 0, 1) if cache["batch_first"] else g
 
     def state(g):
         if g is None:
-            return np.zeros((L * D, B, H))
-        g = _f64(g)
+            return xp.zeros((L * D, B, H))
+        g = f64(xp, g)
         return g[:, None, :] if u else g
 
     d_out = seq(grad_output, D * H)
     g_final = [state(g) for g in grad_states]
-    d_init = [np.zeros((L * D, B, H)) for _ in grad_states]
+    d_init = [xp.zeros((L * D, B, H)) for _ in grad_states]
     dweights = {}
     for layer in range(L - 1, -1, -1):
         dirs = cache["layers"][layer]
         in_size = dirs[0][1]["weight_ih"].shape[1]
-        d_in = np.zeros((T, B, in_size))
+        d_in = xp.zeros((T, B, in_size))
         for d, (sfx, w, steps) in enumerate(dirs):
             dh = g_final[0][layer * D + d].copy()
             d_other = tuple(g[layer * D + d].copy() for g in g_final[1:])
             G = w["weight_hh"].shape[0]
-            da_ih, da_hh = np.empty((T, B, G)), np.empty((T, B, G))
-            x_all, h_all = np.empty((T, B, in_size)), np.empty((T, B, H))
+            da_ih, da_hh = xp.empty((T, B, G)), xp.empty((T, B, G))
+            x_all, h_all = xp.empty((T, B, in_size)), xp.empty((T, B, H))
             for t, step in reversed(steps):  # reverse of the order the steps ran
                 dh = dh + d_out[t, :, d * H:(d + 1) * H]
-                da_ih[t], da_hh[t], dh, d_other = step_backward(dh, d_other, step, w)
+                da_ih[t], da_hh[t], dh, d_other = step_backward(xp, dh, d_other, step, w)
                 x_all[t], h_all[t] = step["x"], step["h"]
             d_in += da_ih @ w["weight_ih"]
             # Weight gradients summed over all steps and rows at once.
-            dweights["weight_ih" + sfx] = np.einsum("tbg,tbi->gi", da_ih, x_all)
-            dweights["weight_hh" + sfx] = np.einsum("tbg,tbh->gh", da_hh, h_all)
+            dweights["weight_ih" + sfx] = xp.einsum("tbg,tbi->gi", da_ih, x_all)
+            dweights["weight_hh" + sfx] = xp.einsum("tbg,tbh->gh", da_hh, h_all)
             if w["bias_ih"] is not None:
                 dweights["bias_ih" + sfx] = da_ih.sum(axis=(0, 1))
             if w["bias_hh"] is not None:
@@ -348,7 +356,7 @@ def _rnn_backward(step_backward, grad_output, grad_states, cache):
     if u:
         return dx[:, 0], [g[:, 0] for g in d_init], dweights
     if cache["batch_first"]:
-        dx = np.swapaxes(dx, 0, 1)
+        dx = xp.swapaxes(dx, 0, 1)
     return dx, d_init, dweights
 
 
