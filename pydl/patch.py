@@ -244,8 +244,6 @@ def _note(kind: _Kind, m: torch.nn.Module, backend: str | None) -> str:
         return "; ".join(notes)
     if kind.op in ("lstm", "gru"):
         return "PackedSequence input raises NotImplementedError"
-    if kind.op == "cross_entropy":
-        return "class-probability (float) targets raise NotImplementedError"
     return ""
 
 

@@ -11,9 +11,14 @@ Cross-entropy saves only the per-row logsumexp (4 bytes a row) and the logits th
 already holds; its backward writes softmax - one-hot (with weights and smoothing) in one pass.
 The mean reduction's sum over rows and the sum of the class weights are small torch
 reductions over per-row vectors (N floats, C floats), not over the logits.
+
+Class-probability targets (a floating target of the logits' shape) have their own kernels:
+the forward saves the per-row logsumexp and S = sum_c w_c y'_c (8 bytes a row), and the
+backward writes the logits' gradient, and the target's when it requires one, in one pass.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -88,6 +93,29 @@ class _TritonLaunch:
             outer * inner, n, inner, *x3.stride(), *dx3.stride(), ignore_index, smoothing,
             HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, **cfg)
 
+    @staticmethod
+    def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
+        from .kernels.triton import softmax_ce as k
+        outer, n, inner = x3.shape
+        cfg = _triton_config(outer * inner, n)
+        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
+        k.cross_entropy_prob_fwd[grid](
+            x3, y3, weight if weight is not None else x3, loss, lse, mass,
+            outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing,
+            HAS_WEIGHT=weight is not None, **cfg)
+
+    @staticmethod
+    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, dx3, dy3, smoothing):
+        from .kernels.triton import softmax_ce as k
+        outer, n, inner = x3.shape
+        cfg = _triton_config(outer * inner, n)
+        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
+        k.cross_entropy_prob_bwd[grid](
+            x3, y3, weight if weight is not None else x3, lse, mass, grad, grad_stride,
+            dx3, dy3 if dy3 is not None else dx3, outer * inner, n, inner,
+            *x3.stride(), *y3.stride(), *dx3.stride(), *(dy3 if dy3 is not None else dx3).stride(),
+            smoothing, HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None, **cfg)
+
 
 # --- Numba launch -------------------------------------------------------------------------
 
@@ -138,6 +166,27 @@ class _NumbaLaunch:
             numba_array(x3), numba_array(target), numba_array(w), numba_array(lse), numba_array(grad.reshape(-1)), grad_stride,
             numba_array(ws.reshape(1).float()), numba_array(dx3), inner, ignore_index, float(smoothing),
             weight is not None, k.dtype_code(x3.dtype))
+
+    @staticmethod
+    def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = x3.shape
+        w = _NumbaLaunch._weights(weight, loss[:1])
+        k.cross_entropy_prob_fwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
+            numba_array(x3), numba_array(y3), numba_array(w), numba_array(loss), numba_array(lse),
+            numba_array(mass), inner, float(smoothing), weight is not None,
+            k.dtype_code(x3.dtype), k.dtype_code(y3.dtype))
+
+    @staticmethod
+    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, dx3, dy3, smoothing):
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = x3.shape
+        w = _NumbaLaunch._weights(weight, lse[:1])
+        k.cross_entropy_prob_bwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
+            numba_array(x3), numba_array(y3), numba_array(w), numba_array(lse), numba_array(mass),
+            numba_array(grad.reshape(-1)), grad_stride, numba_array(dx3),
+            numba_array(dy3 if dy3 is not None else dx3), inner, float(smoothing), weight is not None,
+            dy3 is not None, k.dtype_code(x3.dtype), k.dtype_code(y3.dtype))
 
 
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
@@ -254,6 +303,92 @@ class CrossEntropyFunction(torch.autograd.Function):
         return dx, None, None, None, None, None, None
 
 
+def _row_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape of the per-row losses of (C,) or (N, C, d1, ...) logits: () or (N, d1, ...)."""
+    return () if x.dim() == 1 else (x.shape[0],) + tuple(x.shape[2:])
+
+
+def _cross_entropy_prob_fake(x, target, weight, reduction, smoothing, backend):
+    rows = math.prod(_row_shape(x))
+    dtype = torch.promote_types(x.dtype, target.dtype)
+    out = empty_like_shape(x, _row_shape(x) if reduction == "none" else (), dtype)
+    return out, empty_like_shape(x, (rows,), torch.float32), empty_like_shape(x, (rows,), torch.float32)
+
+
+@kernel_op("cross_entropy_prob_fwd", _cross_entropy_prob_fake)
+def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
+                            smoothing: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Class-probability targets (target: x's shape, floating): (loss in the promoted dtype
+    of x and target, as torch; per-row logsumexp; per-row S = sum_c w_c y'_c)."""
+    dim = 0 if x.dim() == 1 else 1
+    x3, outer, n, inner = as_rows(x, dim)
+    y3 = as_rows(target, dim)[0]
+    rows = outer * inner
+    loss = new_output(rows, torch.float32, x.device)
+    lse = new_output(rows, torch.float32, x.device)
+    mass = new_output(rows, torch.float32, x.device)
+    if rows:
+        LAUNCHERS[backend].cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing)
+    dtype = torch.promote_types(x.dtype, target.dtype)
+    if reduction == "none":
+        out = loss.view(_row_shape(x))
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / rows  # torch divides by the number of rows, whatever the weights
+    return out.to(dtype), lse, mass
+
+
+def _cross_entropy_prob_bwd_fake(x, target, weight, lse, mass, grad_out, reduction, smoothing,
+                                 target_grad, backend):
+    return empty_like_shape(x), empty_like_shape(target, None if target_grad else (0,))
+
+
+@kernel_op("cross_entropy_prob_bwd", _cross_entropy_prob_bwd_fake)
+def _cross_entropy_prob_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                            mass: Tensor, grad_out: Tensor, reduction: str, smoothing: float,
+                            target_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(gradient w.r.t. x; w.r.t. target when target_grad, else an empty (0,) placeholder:
+    a custom op cannot return None)."""
+    dim = 0 if x.dim() == 1 else 1
+    x3, outer, n, inner = as_rows(x, dim)
+    y3 = as_rows(target, dim)[0]
+    if reduction == "none":
+        grad, stride = grad_out.reshape(-1).float().contiguous(), 1
+    elif reduction == "sum":
+        grad, stride = grad_out.float().reshape(1), 0
+    else:
+        grad, stride = (grad_out.float() / max(outer * inner, 1)).reshape(1), 0
+    dx3 = new_output(x3.shape, x3.dtype, x3.device)
+    dy3 = new_output(y3.shape, y3.dtype, y3.device) if target_grad else None
+    if dx3.numel():
+        LAUNCHERS[backend].cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, stride, dx3,
+                                                  dy3, smoothing)
+    dy = dy3.view(target.shape) if target_grad else new_output((0,), target.dtype, target.device)
+    return dx3.view(x.shape), dy
+
+
+class CrossEntropyProbFunction(torch.autograd.Function):
+    """Fused log_softmax + soft-target cross-entropy (+ weights, label smoothing) over class
+    dim 1; differentiable in the logits and in the target."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, reduction: str, smoothing: float, backend: str):
+        out, lse, mass = _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)
+        ctx.save_for_backward(x, target, weight, lse, mass)
+        ctx.args = (reduction, smoothing)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, target, weight, lse, mass = ctx.saved_tensors
+        target_grad = ctx.needs_input_grad[1]
+        dx, dy = _cross_entropy_prob_bwd(x, target, weight, lse, mass, grad_out, *ctx.args,
+                                         target_grad, ctx.backend)
+        return dx, (dy if target_grad else None), None, None, None, None
+
+
 # --- implementations by backend -----------------------------------------------------------
 
 def _kernel_softmax(backend: str):
@@ -264,6 +399,8 @@ def _kernel_softmax(backend: str):
 
 def _kernel_cross_entropy(backend: str):
     def impl(x, target, weight, ignore_index, reduction, smoothing):
+        if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
+            return CrossEntropyProbFunction.apply(x, target, weight, reduction, smoothing, backend)
         return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction, smoothing,
                                           backend)
     return impl
@@ -318,15 +455,28 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if input.dim() == 0:
         raise ValueError("input must have at least one dimension (C,) or (N, C, d1, ...)")
-    if target.dtype.is_floating_point:
-        if target.shape == input.shape:
-            raise NotImplementedError("class-probability targets are not supported yet; "
-                                      "give class indices (int64) or use backend='torch'")
-        raise TypeError(f"target must hold int64 class indices, got {target.dtype}")
-    if target.dtype != torch.int64:
-        raise TypeError(f"target must be int64 (torch.long) class indices, got {target.dtype}")
     expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
-    if tuple(target.shape) != expected:
+    probabilities = target.dtype.is_floating_point
+    if probabilities:
+        # class probabilities: input's shape; any floating dtype (the loss takes the promoted
+        # dtype of input and target, as in torch), one the backend runs
+        if tuple(target.shape) == expected:
+            raise TypeError(f"target must hold int64 class indices, got {target.dtype} (a "
+                            f"floating target holds class probabilities and has input's shape "
+                            f"{tuple(input.shape)})")
+        if target.shape != input.shape:
+            raise ValueError(f"class-probability target shape {tuple(target.shape)} does not "
+                             f"match input shape {tuple(input.shape)}: a floating target holds "
+                             f"class probabilities and must have input's shape (or give int64 "
+                             f"class indices of shape {expected})")
+        check_tensor(target, "target (class probabilities)", backend)
+    elif target.shape == input.shape:
+        raise TypeError(f"target has input's shape {tuple(input.shape)}, so it holds class "
+                        f"probabilities and must be floating point, got {target.dtype} (class "
+                        f"indices have shape {expected})")
+    elif target.dtype != torch.int64:
+        raise TypeError(f"target must be int64 (torch.long) class indices, got {target.dtype}")
+    elif tuple(target.shape) != expected:
         raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
                          f"{tuple(input.shape)}: expected {expected} (batch and spatial dims of input)")
     if target.device != input.device:
@@ -346,6 +496,10 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if probabilities and ignore_index >= 0:
+        # torch's rule: a negative ignore_index (the default -100) is ignored, others raise
+        raise ValueError(f"ignore_index is not supported for class-probability (floating) "
+                         f"targets: it must be negative (the default -100), got {ignore_index}")
 
 
 def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
@@ -362,18 +516,21 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, backend=None):
-    """Cross-entropy over class-index targets, as torch.nn.functional.cross_entropy.
+    """Cross-entropy as torch.nn.functional.cross_entropy: `target` holds int64 class indices
+    (shape (N, d1, ...)), or class probabilities (floating, input's shape; rows need not sum to
+    1; "mean" divides by the number of rows; the gradient w.r.t. target is computed too).
 
     Fused: log_softmax is never materialised; the backward writes the gradient in one pass.
     The deprecated `size_average` / `reduce` arguments are rejected with a clear error.
     """
     if size_average is not None or reduce is not None:
         raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
-    input, weight = autocast_inputs("cross_entropy", input, weight)
+    input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
     name, impl = dispatch("cross_entropy", backend, input, target,
                           *([weight] if isinstance(weight, torch.Tensor) else []))
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, name)
     return impl(input, target, weight, int(ignore_index), reduction, float(label_smoothing))
 
 
-__all__ = ["softmax", "log_softmax", "cross_entropy", "SoftmaxFunction", "CrossEntropyFunction"]
+__all__ = ["softmax", "log_softmax", "cross_entropy", "SoftmaxFunction", "CrossEntropyFunction",
+           "CrossEntropyProbFunction"]

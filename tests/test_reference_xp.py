@@ -154,6 +154,17 @@ def _ce_args(backward, reduction, **kw):
     return make
 
 
+def _ce_prob_args(reduction, **kw):
+    """(grad_loss, x, class-probability target) for cross_entropy_target_backward."""
+    def make(rng):
+        x = rng.standard_normal((6, 5, 3))
+        t = rng.random((6, 5, 3))
+        g = rng.standard_normal((6, 3)) if reduction == "none" else np.asarray(0.6)
+        return (g, x, t / t.sum(axis=1, keepdims=True)), dict(reduction=reduction,
+                                                               weight=rng.random(5), **kw)
+    return make
+
+
 def _pad_args(backward, mode):
     pads = (2, 1, 0, 3)
 
@@ -309,6 +320,10 @@ CASES = [
     ("cross_entropy_backward-sum", softmax_ce.cross_entropy_backward, _ce_args(True, "sum")),
     ("cross_entropy_backward-none", softmax_ce.cross_entropy_backward,
      _ce_args(True, "none", label_smoothing=0.2)),
+    ("cross_entropy_target_backward-mean", softmax_ce.cross_entropy_target_backward,
+     _ce_prob_args("mean", label_smoothing=0.1)),
+    ("cross_entropy_target_backward-none", softmax_ce.cross_entropy_target_backward,
+     _ce_prob_args("none")),
     ("pad2d-reflect", conv.pad2d, _pad_args(False, "reflect")),
     ("pad2d-zeros", conv.pad2d, _pad_args(False, "zeros")),
     ("pad2d_backward-circular", conv.pad2d_backward, _pad_args(True, "circular")),

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import pydl
 from pydl import reference as ref
 from pydl import softmax_ce
+from pydl.reference.softmax_ce import cross_entropy_target_backward
 from pydl.testing import assert_close, random_tensor, run_with_grad
 
 from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
@@ -238,6 +239,95 @@ def test_cross_entropy_loss_module_is_drop_in(backend):
     assert_close(ours(x, t), theirs(x, t), torch.float32, reduction=40)
 
 
+# --- cross-entropy with class-probability targets ---------------------------------------------
+
+def _check_cross_entropy_probs(x, y, backend, dtype, weight=None, scale=None, **kw):
+    """Loss and the gradients w.r.t. logits and target against torch and the reference."""
+    fn = lambda a, b: pydl.cross_entropy(a, b, weight, backend=backend, **kw)  # noqa: E731
+    out, g, (dx, dy) = run_with_grad(fn, [x, y])
+    t_out, _, (t_dx, t_dy) = run_with_grad(
+        lambda a, b: torch.nn.functional.cross_entropy(a, b, weight, **kw), [x, y], g)
+    C = x.shape[0 if x.dim() == 1 else 1]
+    w64 = None if weight is None else weight.double().cpu().numpy()
+    args = (x.double().cpu().numpy(), y.double().cpu().numpy(), w64)
+    g64 = g.double().cpu().numpy()
+    loss64 = ref.cross_entropy(*args, **kw)
+    dx64 = ref.cross_entropy_backward(g64, *args, **kw)
+    dy64 = cross_entropy_target_backward(g64, *args, **kw)
+    assert out.dtype == t_out.dtype and out.shape == t_out.shape
+    assert dx.dtype == x.dtype and dy.dtype == y.dtype
+    red = C * (x.numel() // C if kw.get("reduction", "mean") != "none" else 1)
+    for name, ours, theirs, r in (("loss", out, loss64, red), ("loss", out, t_out, red),
+                                  ("grad", dx, dx64, C), ("grad", dx, t_dx, C),
+                                  ("target grad", dy, dy64, C), ("target grad", dy, t_dy, C)):
+        kind = "reference" if isinstance(theirs, np.ndarray) else "torch"
+        assert_close(ours, theirs, dtype, reduction=r, name=f"{name} vs {kind}", scale=scale)
+
+
+def _probs(shape, dtype=torch.float32, normalised=True):
+    """Class probabilities along dim 1 (dim 0 for a (C,) shape); rows need not sum to 1."""
+    y = torch.rand(shape)
+    if normalised:
+        y = y / y.sum(0 if len(shape) == 1 else 1, keepdim=True)
+    return y.to(DEVICE, dtype)
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.15)],
+                         ids=["plain", "weighted-smoothed"])
+def test_cross_entropy_probs_options(backend, reduction, weighted, smoothing):
+    N, C = 5, 7
+    x = random_tensor((N, C), torch.float32, DEVICE, scale=2.0)
+    w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
+    # weighted rows do not sum to 1: the loss and gradients are linear in y all the same
+    _check_cross_entropy_probs(x, _probs((N, C), normalised=not weighted), backend,
+                               torch.float32, w, reduction=reduction, label_smoothing=smoothing)
+
+
+@backends
+@dtypes
+@pytest.mark.parametrize("shape", [(6,), (2, 5, 3)])
+def test_cross_entropy_probs_shapes_dtypes(backend, dtype, shape):
+    x = random_tensor(shape, dtype, DEVICE, scale=2.0)
+    _check_cross_entropy_probs(x, _probs(shape, dtype), backend, dtype, label_smoothing=0.05,
+                               reduction="none" if len(shape) > 1 else "mean")
+
+
+@backends
+def test_cross_entropy_probs_multi_block(backend, monkeypatch):
+    """Rows wider than a block (Triton) and than the threads of a block (Numba)."""
+    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    x = random_tensor((3, 75), torch.float32, DEVICE, scale=3.0)
+    x[1, 70] = 25.0  # the max arrives late: the running sums must be rescaled
+    w = torch.rand(75, device=DEVICE) + 0.5
+    _check_cross_entropy_probs(x, _probs((3, 75)), backend, torch.float32, w,
+                               label_smoothing=0.2)
+
+
+@backends
+def test_cross_entropy_probs_extreme_layouts_and_dtypes(backend):
+    # logits of 1e4: the loss is assembled without cancellation
+    x = (torch.randint(0, 3, (4, 9)).float() - 1.0) * 1e4
+    x[3] = 1e4 + torch.randn(9)
+    _check_cross_entropy_probs(x.to(DEVICE), _probs((4, 9)), backend, torch.float32,
+                               reduction="none", label_smoothing=0.3, scale=1e4)
+    # channels-last logits with a contiguous target: each is read with its own strides
+    x = random_tensor((2, 4, 3, 5), torch.float32, DEVICE).to(memory_format=torch.channels_last)
+    _check_cross_entropy_probs(x, _probs((2, 4, 3, 5)), backend, torch.float32, reduction="sum")
+    # fp16 logits, fp32 target: the loss takes the promoted dtype, as in torch
+    x = random_tensor((3, 6), torch.float16, DEVICE)
+    _check_cross_entropy_probs(x, _probs((3, 6)), backend, torch.float16)
+    # a target that needs no gradient; no rows
+    x, y = random_tensor((3, 6), torch.float32, DEVICE).requires_grad_(), _probs((3, 6))
+    pydl.cross_entropy(x, y, backend=backend).backward()
+    assert_close(x.grad, ref.cross_entropy_backward(1.0, x.detach().numpy(), y.numpy()),
+                 torch.float32, reduction=6)
+    empty = torch.zeros(0, 6, device=DEVICE)
+    assert pydl.cross_entropy(empty, empty, backend=backend).isnan()
+    assert pydl.cross_entropy(empty, empty, reduction="sum", backend=backend) == 0
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 @backends
@@ -259,8 +349,17 @@ def test_cross_entropy_bad_input(backend):
         ce(x, t, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
         ce(x, t, label_smoothing=1.5)
-    with pytest.raises(NotImplementedError, match="probabilit"):
-        ce(x, torch.softmax(x, 1))
+    p = torch.softmax(x, 1)
+    with pytest.raises(ValueError, match="must have input's shape"):
+        ce(x, p[:, :4])
+    with pytest.raises(TypeError, match="must be floating point"):
+        ce(x, torch.zeros(4, 5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match="int64 class indices"):
+        ce(x, p[:, 0])
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        ce(x, p.double())
+    with pytest.raises(ValueError, match="ignore_index"):
+        ce(x, p, ignore_index=0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         ce(x.double(), t)
     with pytest.raises(ValueError, match="deprecated"):

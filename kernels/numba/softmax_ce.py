@@ -304,3 +304,111 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx,
                 w = float32(weight[c]) if has_weight else ONE
                 out += g_smooth * (total_weight * p - w)
             store_f32(dx, o, c, i, out, code)
+
+
+# --- cross-entropy with class-probability targets ------------------------------------------
+
+@cuda.jit
+def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing, has_weight,
+                           code, target_code):
+    """Per-row cross-entropy with class-probability targets over class axis 1, one block per
+    row: loss = sum_c a_c (lse - x_c), a = w y', y' = (1 - eps) y + eps / C.
+
+    x:            logits, (outer, C, inner) array, any strides
+    target:       class probabilities, (outer, C, inner) array, any strides
+    weight:       (C,) class weights, fp32; unread unless has_weight
+    loss:         output, fp32 (rows,): the row's loss
+    lse:          output, fp32 (rows,): logsumexp of the row, for the backward
+    mass:         output, fp32 (rows,): S = sum_c a_c, for the backward
+    inner:        size of axis 2 (rows = outer * inner)
+    smoothing:    label smoothing eps in [0, 1]
+    has_weight:   use `weight`; otherwise every class weighs 1
+    code:         dtype_code of x
+    target_code:  dtype_code of target
+
+    One pass. Each thread keeps d = sum a (x - m_thread) relative to its running max (shifted
+    by A_thread (m_new - m_old) when the max grows, A_thread = sum a), and the loss is
+    assembled as sum_threads [A (m_row - m + log s) - d], so huge logits do not cancel.
+    """
+    # grid-stride over rows: a GPU launch has one block per row; the simulator a few
+    for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
+        o = row // inner
+        i = row - o * inner
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        n = x.shape[1]
+        eps = float32(smoothing)
+        uniform = eps / float32(n)
+        m = NEG_INF
+        s = ZERO
+        d = ZERO      # this thread's sum_c a_c (x_c - m), m its running max
+        a_sum = ZERO  # this thread's sum_c a_c
+        for c in range(tid, n, nthreads):
+            v = load_f32(x, o, c, i, code)
+            a = load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform
+            if has_weight:
+                a *= float32(weight[c])
+            m_old = m
+            m, s = _online_add(m, s, v)
+            if m != m_old and m_old != NEG_INF:
+                d -= a_sum * (m - m_old)
+            if v == NEG_INF:
+                d += a * NEG_INF  # the term a (lse - x) is +inf (NaN when a = 0, as in torch)
+            else:
+                d += a * (v - m)
+            a_sum += a
+        m_row, s_row = _block_max_sum(m, s)
+        log_s = _log_sum(s_row)
+        part = -d
+        if m != NEG_INF:
+            part += a_sum * ((m_row - m) + log_s)
+        row_loss = _block_sum(part)
+        row_mass = _block_sum(a_sum)
+        if tid == 0:
+            loss[row] = row_loss
+            lse[row] = m_row + log_s
+            mass[row] = row_mass
+
+
+@cuda.jit
+def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, dtarget, inner,
+                           smoothing, has_weight, target_grad, code, target_code):
+    """Gradients of the per-row class-probability cross-entropy, one block per row:
+    dx_c = g (p_c S - a_c), p = exp(x - lse), a = w y', S = sum_k a_k;
+    with target_grad also dtarget_c = g (1 - eps) w_c (lse - x_c).
+
+    x:            logits, (outer, C, inner) array, any strides
+    target:       class probabilities, (outer, C, inner) array, any strides
+    weight:       (C,) class weights, fp32; unread unless has_weight
+    lse, mass:    fp32 (rows,) logsumexp and S per row, from the forward
+    grad:         fp32 upstream gradient; row r's is grad[r * grad_stride]
+    grad_stride:  1 for per-row gradients (reduction "none"), 0 to broadcast grad[0]
+    dx:           output, (outer, C, inner) array of x's dtype
+    dtarget:      output, (outer, C, inner) array of target's dtype; written only with target_grad
+    inner:        size of axis 2 (rows = outer * inner)
+    smoothing:    label smoothing eps in [0, 1]
+    has_weight:   use `weight`; otherwise every class weighs 1
+    target_grad:  write dtarget
+    code:         dtype_code of x and dx
+    target_code:  dtype_code of target and dtarget
+    """
+    # grid-stride over rows: a GPU launch has one block per row; the simulator a few
+    for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
+        o = row // inner
+        i = row - o * inner
+        tid = cuda.threadIdx.x
+        nthreads = cuda.blockDim.x
+        n = x.shape[1]
+        eps = float32(smoothing)
+        uniform = eps / float32(n)
+        g = float32(grad[row * grad_stride])
+        row_lse = lse[row]
+        row_mass = mass[row]
+        for c in range(tid, n, nthreads):
+            v = load_f32(x, o, c, i, code)
+            w = float32(weight[c]) if has_weight else ONE
+            a = w * (load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform)
+            p = float32(math.exp(v - row_lse))
+            store_f32(dx, o, c, i, g * (p * row_mass - a), code)
+            if target_grad:
+                store_f32(dtarget, o, c, i, g * ((ONE - eps) * w) * (row_lse - v), target_code)

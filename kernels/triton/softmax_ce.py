@@ -260,3 +260,108 @@ def cross_entropy_bwd(
                 w = 1.0
             dx += g_smooth * (w_sum * p - w)
         tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --- cross-entropy with class-probability targets --------------------------------------------
+
+@triton.jit
+def cross_entropy_prob_fwd(
+    x_ptr, y_ptr, weight_ptr,               # logits and targets (outer, C, inner) views; weights (C,)
+    loss_ptr, lse_ptr, mass_ptr,            # fp32 outputs per row: loss, logsumexp, sum_c w_c y'_c
+    n_rows, n, inner,
+    sx_outer, sx_n, sx_inner,
+    sy_outer, sy_n, sy_inner,               # strides of the target's view (its own dtype)
+    smoothing,                              # label_smoothing eps: y' = (1 - eps) y + eps / C
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C.
+
+    Single pass over logits and targets. As for the smoothing term of the index kernel, each
+    lane keeps d = sum a (x - m_lane) relative to its own running max (d -= A_lane (m_new -
+    m_old) when the max grows, A_lane = sum a), and the loss is assembled as
+    sum_lanes [A_lane (lse - m_lane) - d], so logits of 1e4 do not cancel catastrophically.
+    A -inf logit adds a * -inf to d (inf loss where a > 0, NaN where a = 0, as torch gives).
+    """
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
+    y_off = (rows // inner) * sy_outer + (rows % inner) * sy_inner
+    cols = tl.arange(0, BLOCK_N)
+    m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)   # sum_c a_c (x_c - m_lane)
+    al = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # sum_c a_c per lane
+    for start in range(0, n, BLOCK_N):
+        c = start + cols
+        cmask = c < n
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
+                    other=NEG_INF).to(tl.float32)
+        y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
+        a = y * (1.0 - smoothing) + smoothing / n
+        if HAS_WEIGHT:
+            a = a * tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        a = tl.where(mask, a, 0.0)
+        m_new = tl.maximum(m, x)
+        # a lane whose max was -inf holds only -inf logits so far: d already has their a * -inf
+        d = d - tl.where(m == NEG_INF, 0.0, al * (m_new - m))
+        d += tl.where(mask, tl.where(x == NEG_INF, a * NEG_INF, a * (x - m_new)), 0.0)
+        al += a
+        seen = m_new != NEG_INF
+        s = s * tl.where(seen, tl.exp(m - m_new), 0.0) + tl.where(seen, tl.exp(x - m_new), 0.0)
+        m = m_new
+    m_row, s_row = _lanes_to_row(m, s)
+    log_s = tl.log(s_row)
+    # sum_c a_c (lse - x_c) = sum_lanes [A_lane (lse - m_lane) - d_lane]; (m_row - m) + log s
+    # rather than lse - m keeps log s's digits when |m| is large
+    lane = tl.where(m == NEG_INF, 0.0, al * ((m_row[:, None] - m) + log_s[:, None])) - d
+    loss = tl.sum(lane, 1)
+    tl.store(loss_ptr + rows, loss, mask=rmask)
+    tl.store(lse_ptr + rows, m_row + log_s, mask=rmask)
+    tl.store(mass_ptr + rows, tl.sum(al, 1), mask=rmask)
+
+
+@triton.jit
+def cross_entropy_prob_bwd(
+    x_ptr, y_ptr, weight_ptr, lse_ptr, mass_ptr,
+    grad_ptr, grad_stride,                  # upstream gradient per row: stride 0 broadcasts a scalar
+    dx_ptr, dy_ptr,                         # gradients w.r.t. logits and targets (dy: TARGET_GRAD only)
+    n_rows, n, inner,
+    sx_outer, sx_n, sx_inner,
+    sy_outer, sy_n, sy_inner,
+    sdx_outer, sdx_n, sdx_inner,
+    sdy_outer, sdy_n, sdy_inner,
+    smoothing,
+    HAS_WEIGHT: tl.constexpr, TARGET_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx_c = g (p_c S - a_c) with p = exp(x - lse), a = w y', S = sum_k a_k (saved by the
+    forward); with TARGET_GRAD also dy_c = g (1 - eps) w_c (lse - x_c). One pass."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
+    y_off = (rows // inner) * sy_outer + (rows % inner) * sy_inner
+    dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)[:, None]
+    mass = tl.load(mass_ptr + rows, mask=rmask, other=0.0)[:, None]
+    g = tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    if TARGET_GRAD:
+        dy_off = (rows // inner) * sdy_outer + (rows % inner) * sdy_inner
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(0, n, BLOCK_N):
+        c = start + cols
+        cmask = c < n
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        else:
+            w = 1.0
+        a = w * (y * (1.0 - smoothing) + smoothing / n)
+        p = tl.exp(x - lse)
+        dx = g * (p * mass - a)
+        tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if TARGET_GRAD:
+            dy = g * ((1.0 - smoothing) * w) * (lse - x)
+            tl.store(dy_ptr + dy_off[:, None] + c[None, :] * sdy_n, dy.to(dy_ptr.dtype.element_ty),
+                     mask=mask)

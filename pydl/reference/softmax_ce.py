@@ -8,6 +8,13 @@ Cross-entropy with class weights w, label smoothing eps and C classes follows Py
 rows whose target is ignore_index contribute 0, and reduction="mean" divides the sum by
 sum_i w[y_i] over the rows that are not ignored (by their count when there are no weights).
 
+A floating target of the logits' shape holds class probabilities y (rows need not sum to 1):
+    loss_i = sum_c w[c] * y'_{i,c} * (lse_i - z_{i,c}),   y' = (1 - eps) * y + eps / C
+and reduction="mean" divides by the number of rows, whatever the weights. The gradients are
+    dl/dz_{i,c} = softmax(z_i)_c * sum_k w[k] y'_{i,k} - w[c] y'_{i,c}
+    dl/dy_{i,c} = (1 - eps) * w[c] * (lse_i - z_{i,c}).
+cross_entropy and cross_entropy_backward take either kind of target, as torch does.
+
 Array-module generic (see _xp.py): given CuPy arrays, the same code runs on the GPU and
 returns CuPy arrays.
 """
@@ -54,15 +61,95 @@ def log_softmax_backward(grad_y, y, dim: int = -1):
     return g - xp.exp(y) * xp.sum(g, axis=dim, keepdims=True)
 
 
+def _class_last(xp, a):
+    """(C,) or (N, C, d1, ...) as (rows, C): one row per sample and position, classes last."""
+    return a[None, :] if a.ndim == 1 else xp.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
+
+
+def _class_back(xp, d, shape):
+    """The inverse of _class_last: (rows, C) back to `shape`, classes on axis 1."""
+    if len(shape) == 1:
+        return d[0]
+    moved = d.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],))
+    return xp.moveaxis(moved, -1, 1)
+
+
+def _is_probabilities(xp, target) -> bool:
+    """A floating target holds class probabilities; an integer one class indices."""
+    return xp.asarray(target).dtype.kind == "f"
+
+
+def _row_grad(xp, grad_loss, n_rows: int, out_shape, reduction: str, denom):
+    """The upstream gradient of each row: g, broadcast for "sum", divided by denom for "mean"."""
+    g = f64(xp, grad_loss)
+    if reduction == "none":
+        return xp.broadcast_to(g, out_shape).reshape(-1)
+    if reduction == "sum":
+        return xp.full(n_rows, float(g))
+    with errstate(xp, invalid="ignore", divide="ignore"):
+        return xp.full(n_rows, float(g) / denom)
+
+
+def _reduce(xp, loss, out_shape, reduction: str, denom):
+    if reduction == "none":
+        return loss.reshape(out_shape)
+    if reduction == "sum":
+        return xp.asarray(loss.sum())
+    if reduction == "mean":
+        with errstate(xp, invalid="ignore", divide="ignore"):
+            return xp.asarray(loss.sum() / denom)
+    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+
+
+def _ce_probs_terms(xp, x, target, weight, label_smoothing):
+    """Logits as (rows, C), the weighted smoothed targets a = w * y' as (rows, C), the
+    weights (C,) and the output shape."""
+    x, y = f64(xp, x), f64(xp, target)
+    if y.shape != x.shape:
+        raise ValueError(f"class-probability target shape {y.shape} != logits shape {x.shape}")
+    rows, y = _class_last(xp, x), _class_last(xp, y)
+    C = rows.shape[1]
+    w = xp.ones(C) if weight is None else f64(xp, weight)
+    eps = float(label_smoothing)
+    a = w[None, :] * ((1.0 - eps) * y + eps / C)
+    out_shape = () if x.ndim == 1 else (x.shape[0],) + x.shape[2:]
+    return rows, a, w, out_shape
+
+
+def _cross_entropy_probs(xp, x, target, weight, reduction, label_smoothing):
+    rows, a, w, out_shape = _ce_probs_terms(xp, x, target, weight, label_smoothing)
+    lse = logsumexp(rows, axis=1)
+    with errstate(xp, invalid="ignore"):
+        loss = (a * (lse[:, None] - rows)).sum(axis=1)
+    return _reduce(xp, loss, out_shape, reduction, len(rows))
+
+
+def _cross_entropy_probs_backward(xp, grad_loss, x, target, weight, reduction, label_smoothing):
+    rows, a, w, out_shape = _ce_probs_terms(xp, x, target, weight, label_smoothing)
+    g = _row_grad(xp, grad_loss, len(rows), out_shape, reduction, len(rows))
+    p = softmax(rows, 1)
+    d = g[:, None] * (p * a.sum(axis=1, keepdims=True) - a)
+    return _class_back(xp, d, xp.asarray(x).shape)
+
+
+def cross_entropy_target_backward(grad_loss, x, target, weight=None, reduction: str = "mean",
+                                  label_smoothing: float = 0.0):
+    """dL/dy for class-probability targets y: g_i (1 - eps) w[c] (lse_i - z_{i,c})."""
+    xp = array_module(grad_loss, x, target, weight)
+    rows, a, w, out_shape = _ce_probs_terms(xp, x, target, weight, label_smoothing)
+    g = _row_grad(xp, grad_loss, len(rows), out_shape, reduction, len(rows))
+    lse = logsumexp(rows, axis=1)
+    with errstate(xp, invalid="ignore"):
+        d = g[:, None] * (1.0 - float(label_smoothing)) * w[None, :] * (lse[:, None] - rows)
+    return _class_back(xp, d, xp.asarray(x).shape)
+
+
 def _ce_rows(xp, x, target, weight):
     """Logits as (rows, C), targets as (rows,), weights as (C,), and the output shape."""
     x = f64(xp, x)
     target = xp.asarray(target, dtype=xp.int64)
-    if x.ndim == 1:  # unbatched (C,) with a scalar target
-        rows, out_shape = x[None, :], ()
-    else:
-        rows = xp.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
-        out_shape = (x.shape[0],) + x.shape[2:]
+    rows = _class_last(xp, x)  # unbatched (C,) logits have a scalar target: one row
+    out_shape = () if x.ndim == 1 else (x.shape[0],) + x.shape[2:]
     C = rows.shape[1]
     w = xp.ones(C) if weight is None else f64(xp, weight)
     return rows, target.reshape(-1), w, out_shape
@@ -80,7 +167,11 @@ def _ce_terms(xp, x, target, weight, ignore_index):
 
 def cross_entropy(x, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0):
+    """Mean/sum/per-row loss; `target` holds class indices, or class probabilities when it
+    is floating point (then ignore_index does not apply)."""
     xp = array_module(x, target, weight)
+    if _is_probabilities(xp, target):
+        return _cross_entropy_probs(xp, x, target, weight, reduction, label_smoothing)
     rows, t, w, w_t, valid, out_shape = _ce_terms(xp, x, target, weight, ignore_index)
     C = rows.shape[1]
     lse = logsumexp(rows, axis=1)
@@ -90,38 +181,25 @@ def cross_entropy(x, target, weight=None, ignore_index: int = -100, reduction: s
     eps = float(label_smoothing)
     loss = (1.0 - eps) * nll + (eps / C) * smooth
     loss = xp.where(valid, loss, 0.0)
-    if reduction == "none":
-        return loss.reshape(out_shape)
-    if reduction == "sum":
-        return xp.asarray(loss.sum())
-    if reduction == "mean":
-        with errstate(xp, invalid="ignore", divide="ignore"):
-            return xp.asarray(loss.sum() / w_t.sum())
-    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return _reduce(xp, loss, out_shape, reduction, w_t.sum())
 
 
 def cross_entropy_backward(grad_loss, x, target, weight=None, ignore_index: int = -100,
                            reduction: str = "mean", label_smoothing: float = 0.0):
-    """dL/dx: g_i * ((1 - eps) w[y_i] (p_i - onehot(y_i)) + (eps / C) (sum(w) p_i - w))."""
+    """dL/dx: g_i * ((1 - eps) w[y_i] (p_i - onehot(y_i)) + (eps / C) (sum(w) p_i - w));
+    for class-probability targets g_i * (p_i * sum_k w[k] y'_{i,k} - w * y'_i)."""
     xp = array_module(grad_loss, x, target, weight)
     x = f64(xp, x)
+    if _is_probabilities(xp, target):
+        return _cross_entropy_probs_backward(xp, grad_loss, x, target, weight, reduction,
+                                             label_smoothing)
     rows, t, w, w_t, valid, out_shape = _ce_terms(xp, x, target, weight, ignore_index)
     C = rows.shape[1]
     p = softmax(rows, 1)
-    g = f64(xp, grad_loss)
-    if reduction == "none":
-        g_rows = xp.broadcast_to(g, out_shape).reshape(-1)
-    elif reduction == "sum":
-        g_rows = xp.full(len(t), float(g))
-    else:
-        with errstate(xp, invalid="ignore", divide="ignore"):
-            g_rows = xp.full(len(t), float(g) / w_t.sum())
+    g_rows = _row_grad(xp, grad_loss, len(t), out_shape, reduction, w_t.sum())
     eps = float(label_smoothing)
     onehot = xp.zeros_like(rows)
     onehot[xp.arange(len(t)), t] = 1.0
     d = (1.0 - eps) * w_t[:, None] * (p - onehot) + (eps / C) * (w.sum() * p - w[None, :])
     d = xp.where(valid[:, None], d * g_rows[:, None], 0.0)
-    if x.ndim == 1:
-        return d[0]
-    moved = d.reshape((x.shape[0],) + x.shape[2:] + (C,))
-    return xp.moveaxis(moved, -1, 1)
+    return _class_back(xp, d, x.shape)
