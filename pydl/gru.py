@@ -224,28 +224,29 @@ class GRUCellFunction(torch.autograd.Function):
 class GRURecurrence:
     """What RNNFunction needs to know of the GRU cell: 3 gates, no cell state, and the
     recurrence of one direction forward, recomputed, and backward (methods and arguments as
-    pydl.lstm.LSTMRecurrence; c0, c_n, cs and dc0 are always None here)."""
+    pydl.lstm.LSTMRecurrence; c0, c_n, cs, dc0 and w_hr (no projections) are always None
+    here)."""
     name = "gru"
     gates = 3
     saved_gates = 4     # r, z, n and gh_n per step
     has_cell_state = False
 
     @staticmethod
-    def forward(launch, algo, xp, b_hh, h0, c0, w_hh, out, h_n, c_n, reverse):
-        """Run one direction: writes out (T, B, H) and h_n (B, H); returns (ws, None): the
-        fp32 r, z, n, gh_n of every step (T, B, 4H)."""
+    def forward(launch, algo, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, reverse):
+        """Run one direction: writes out (T, B, H) and h_n (B, H); returns (ws, None, None):
+        the fp32 r, z, n, gh_n of every step (T, B, 4H)."""
         T, B, H = out.shape
         ws = new_output((T, B, 4 * H), F32, out.device)
         for s, (t, tp) in enumerate(_run_order(T, reverse)):
             launch.gru_step_fwd(None, None, xp[t], None, h0 if tp is None else out[tp], w_hh,
                                 b_hh, out[t], h_n if s == T - 1 else None, ws[t])
-        return ws, None
+        return ws, None, None
 
     @staticmethod
     def recompute(launch, xp, b_hh, h0, c0, w_hh, out, cs, reverse):
         """forward()'s workspace again: every step starts from a saved state (h0, or the
         output of the step before), so all run at once, one launch over T*B rows (and one
-        for the first step). The new states it writes are scratch."""
+        for the first step). The new states it writes are scratch. Returns (ws, None)."""
         T, B, H = out.shape
         ws = new_output((T, B, 4 * H), F32, out.device)
         h_tmp = new_output((T, B, H), out.dtype, out.device)
@@ -255,10 +256,11 @@ class GRURecurrence:
             r = _seq_rows
             launch.gru_step_fwd(None, None, r(xp[rest]), None, r(out[prev]), w_hh, b_hh,
                                 r(h_tmp[rest]), None, r(ws[rest]))
-        return ws
+        return ws, None
 
     @staticmethod
-    def backward(launch, algo, acts, cs, h0, c0, out, w_hh, d_out, d_hn, d_cn, dh0, dc0, reverse):
+    def backward(launch, algo, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0,
+                 reverse):
         """Backpropagation through one direction in reverse run order; returns (dgi, dgh),
         the fp32 gradients (T, B, 3H) of gi = x W_ih^T + b_ih and of gh = h W_hh^T + b_hh;
         writes dh0 where given."""

@@ -35,6 +35,15 @@ every (t, b) row at once (dW_hh pairs dg_t with the output one step earlier, h0 
 first step), dX = dg W_ih for all steps (both directions summed in an fp32 buffer), and the
 bias column sums. Dropout's mask multiplies the gradient on its way to the layer below.
 
+Projections (torch's proj_size P < H; weights w_hr (P, H) per layer and direction, told by
+the weight count): h_t = m_t W_hr^T with m_t = o_t * tanh(c_t). The step kernel's recurrent
+product runs over K = P (W_hh is (4H, P)) and writes m_t; one GEMM per step projects it into
+the output, the next step's recurrent input. m (T, B, H) is saved (with recompute= the
+recomputation's scratch states are m). Backward: dm_t = dh_t W_hr with dh_t = d_out[t]
+(+ d_hn) + dg_{t+1} W_hh, i.e. dm_t = d_out[t] W_hr + dg_{t+1} (W_hh W_hr): the same per-step
+kernel on W_hh W_hr (4H, H) after two GEMMs; dW_hr = sum_t dh_t^T m_t from GEMMs over all
+(t, b) rows (_grad_w_hr). Not with algo="persistent".
+
 GEMMs: same-dtype products without a reduction over a batch axis (the input projection; dx
 and dh in fp32) run on the library's shared Triton GEMM (pydl/_gemm.py); the others (fp32
 dg times fp16/bf16 weights, weight gradients summed over time steps whose (t, b) rows do not
@@ -94,9 +103,10 @@ class _TritonLSTM:
         cn may be None."""
         from .kernels.triton import lstm as k
         B, H = h1.shape
+        P = w_hh.shape[1]   # h's width: H, or proj_size with projections
         I = x.shape[1] if x is not None else 0
         cfg = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
-                   BLOCK_K=_dot_block(max(I, H), 32), num_warps=4)
+                   BLOCK_K=_dot_block(max(I, P), 32), num_warps=4)
         grid = (cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))
         d = h1
         k.lstm_step_fwd[grid](
@@ -104,7 +114,7 @@ class _TritonLSTM:
             b_ih if b_ih is not None else d, b_hh if b_hh is not None else d,
             h if h is not None else d, c if c is not None else d, w_hh, h1, c1,
             hn if hn is not None else d, cn if cn is not None else d, gates,
-            B, I, H, *_strides(x, 2), *_strides(w_ih, 2), *_strides(xp, 2),
+            B, I, H, P, *_strides(x, 2), *_strides(w_ih, 2), *_strides(xp, 2),
             *_strides(h, 2), *_strides(c, 2), *w_hh.stride(), *h1.stride(), *c1.stride(),
             *_strides(hn, 2), *_strides(cn, 2), *gates.stride(),
             HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
@@ -439,6 +449,7 @@ class RNNConfig:
     training: bool
     algo: str | None
     recompute: bool = False
+    proj: bool = False      # an LSTM with projections (torch's proj_size > 0): w_hr per direction
 
     @property
     def D(self) -> int:
@@ -446,14 +457,22 @@ class RNNConfig:
 
     @property
     def per_direction(self) -> int:
-        return 4 if self.bias else 2
+        return (4 if self.bias else 2) + self.proj
 
 
 def _direction_weights(weights, cfg: RNNConfig, layer: int, d: int):
-    """(w_ih, w_hh, b_ih, b_hh) of one layer and direction; biases None without bias."""
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases None without bias,
+    w_hr None without projections."""
     n = cfg.per_direction
     w = weights[(layer * cfg.D + d) * n:(layer * cfg.D + d + 1) * n]
-    return (w[0], w[1], w[2], w[3]) if cfg.bias else (w[0], w[1], None, None)
+    b_ih, b_hh = (w[2], w[3]) if cfg.bias else (None, None)
+    return w[0], w[1], b_ih, b_hh, (w[-1] if cfg.proj else None)
+
+
+def _sizes(weights, cfg: RNNConfig, gates: int) -> tuple[int, int]:
+    """(H, P): the hidden size and the width of h (proj_size, or H without projections)."""
+    H = weights[0].shape[0] // gates
+    return H, (weights[cfg.per_direction - 1].shape[0] if cfg.proj else H)
 
 
 def _run_order(T: int, reverse: bool):
@@ -495,37 +514,50 @@ def _input_projection(launch, inp, w_ih, b_ih):
 class LSTMRecurrence:
     """What RNNFunction needs to know of the LSTM cell: 4 gates, a cell state, and the
     recurrence of one direction forward, recomputed, and backward (per-step kernels, or
-    the persistent ones). `launch` is a backend's launcher (_TritonLSTM, _NumbaLSTM)."""
+    the persistent ones). `launch` is a backend's launcher (_TritonLSTM, _NumbaLSTM).
+
+    With projections (w_hr (P, H), torch's proj_size P) h_t = m_t W_hr^T, m_t = o * tanh(c_t):
+    the step kernel writes m_t (B, H) and one GEMM per step projects it into the output, which
+    is the next step's recurrent input (K = P in the step kernel's product with W_hh (4H, P))."""
     name = "lstm"
     gates = 4
     saved_gates = 4     # i, f, g, o activations per step
     has_cell_state = True
 
     @staticmethod
-    def forward(launch, algo, xp, b_hh, h0, c0, w_hh, out, h_n, c_n, reverse):
-        """Run one direction: writes out (T, B, H) (a view into the layer's output), h_n and
-        c_n (B, H). Returns (acts, cs): the fp32 gate activations (T, B, 4H) and cell states
-        (T, B, H) the backward reads."""
-        T, B, H = out.shape
+    def forward(launch, algo, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, reverse):
+        """Run one direction: writes out (T, B, P) (a view into the layer's output), h_n
+        (B, P) and c_n (B, H). Returns (acts, cs, m): the fp32 gate activations (T, B, 4H),
+        cell states (T, B, H) and, with projections, the unprojected m (T, B, H) (else None)
+        the backward reads."""
+        T, B, P = out.shape
+        H = w_hh.shape[0] // 4
         acts = new_output((T, B, 4 * H), F32, out.device)
         cs = new_output((T, B, H), F32, out.device)
         if algo == "persistent":
             launch.persistent_fwd(xp, b_hh, h0, c0, w_hh, out, cs, acts, h_n, c_n, reverse)
-            return acts, cs
+            return acts, cs, None
+        m = new_output((T, B, H), out.dtype, out.device) if w_hr is not None else None
         for s, (t, tp) in enumerate(_run_order(T, reverse)):
             last = s == T - 1
             launch.step_fwd(None, None, xp[t], None, b_hh, h0 if tp is None else out[tp],
-                            c0 if tp is None else cs[tp], w_hh, out[t], cs[t],
-                            h_n if last else None, c_n if last else None, acts[t])
-        return acts, cs
+                            c0 if tp is None else cs[tp], w_hh, out[t] if m is None else m[t],
+                            cs[t], h_n if last and m is None else None, c_n if last else None,
+                            acts[t])
+            if m is not None:   # h_t = m_t W_hr^T
+                _mm(launch, m[t], w_hr.t(), out[t])
+                if last:
+                    _mm(launch, m[t], w_hr.t(), h_n)
+        return acts, cs, m
 
     @staticmethod
     def recompute(launch, xp, b_hh, h0, c0, w_hh, out, cs, reverse):
         """The gate activations forward() computed, again. A step's gates depend only on the
         state it started from (h_{t-1}, c_{t-1}), and those were saved (the output and cs),
         so every step runs at once: the step kernel over T*B rows (two launches: the first
-        step starts from h0, c0). The new states it writes are scratch."""
-        T, B, H = out.shape
+        step starts from h0, c0). Returns (acts, m): the new states it writes are scratch,
+        but the unprojected m (T, B, H) an LSTM with projections needs is one of them."""
+        T, B, H = cs.shape
         dev = out.device
         acts = new_output((T, B, 4 * H), F32, dev)
         h_tmp = new_output((T, B, H), out.dtype, dev)
@@ -537,14 +569,20 @@ class LSTMRecurrence:
             r = _seq_rows
             launch.step_fwd(None, None, r(xp[rest]), None, b_hh, r(out[prev]), r(cs[prev]),
                             w_hh, r(h_tmp[rest]), r(c_tmp[rest]), None, None, r(acts[rest]))
-        return acts
+        return acts, h_tmp
 
     @staticmethod
-    def backward(launch, algo, acts, cs, h0, c0, out, w_hh, d_out, d_hn, d_cn, dh0, dc0, reverse):
+    def backward(launch, algo, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0,
+                 reverse):
         """Backpropagation through one direction, walking its steps in reverse run order.
         Returns (dg_ih, dg_hh), the fp32 gradients (T, B, G*H) of the pre-activations of
         x W_ih^T and of h W_hh^T (one tensor for the LSTM); writes dh0 / dc0 where given.
-        d_out (T, B, H), d_hn, d_cn (B, H) may be None."""
+        d_out (T, B, P), d_hn (B, P), d_cn (B, H) may be None.
+
+        With projections the gradient of m_t is dm_t = dh_t W_hr, where dh_t = d_out[t]
+        (+ d_hn at the last step) + dg_next W_hh: so dm_t = d_out[t] W_hr (+ d_hn W_hr)
+        + dg_next (W_hh W_hr). Two GEMMs before the loop (d_out W_hr for all steps, W_hh W_hr
+        (4H, H)) and the step kernel runs unchanged, one launch per step, on W_hh W_hr."""
         T, B, H = cs.shape
         dev = cs.device
         dg = new_output((T, B, 4 * H), F32, dev)
@@ -554,12 +592,24 @@ class LSTMRecurrence:
                                   dc0 if dc0 is not None else new_output((B, H), F32, dev),
                                   reverse)
             return dg, dg
+        w_rec = w_hh
+        if w_hr is not None:
+            w_rec = new_output((4 * H, H), F32, dev)
+            _mm(launch, w_hh, w_hr, w_rec)
+            if d_out is not None:
+                dm_out = new_output((T, B, H), F32, dev)
+                launch.gemm(d_out[None], w_hr[None, None], dm_out[None])
+                d_out = dm_out
+            if d_hn is not None:
+                dm_hn = new_output((B, H), F32, dev)
+                _mm(launch, d_hn, w_hr, dm_hn)
+                d_hn = dm_hn
         dc_run = new_output((B, H), F32, dev)
         t_next = None   # the step that ran after t: its dg feeds dh_t
         for s, (t, tp) in enumerate(reversed(list(_run_order(T, reverse)))):
             first, last = s == 0, s == T - 1
             launch.step_bwd(acts[t], c0 if tp is None else cs[tp], cs[t],
-                            None if first else dg[t_next], w_hh, d_hn if first else None,
+                            None if first else dg[t_next], w_rec, d_hn if first else None,
                             None if d_out is None else d_out[t], d_cn if first else dc_run,
                             dg[t], dc0 if last else dc_run)
             t_next = t
@@ -581,23 +631,26 @@ def _cfg_args(cfg: RNNConfig) -> tuple[list[int], float, str]:
              int(cfg.recompute)], float(cfg.dropout), cfg.algo)
 
 
-def _cfg_from(flags: list[int], dropout: float, algo: str) -> RNNConfig:
+def _cfg_from(flags: list[int], dropout: float, algo: str, n_weights: int) -> RNNConfig:
+    """The config back from the op's arguments; projections are told by the weight count (one
+    more weight per layer and direction: w_hr), as pydl.lstm tells them."""
     L, bidirectional, bias, training, recompute = flags
+    per = (4 if bias else 2) * L * (2 if bidirectional else 1)
     return RNNConfig(L, bool(bidirectional), bool(bias), dropout, bool(training), algo,
-                     bool(recompute))
+                     bool(recompute), proj=n_weights != per)
 
 
 def _dropout_on(cfg: RNNConfig) -> bool:
     return cfg.num_layers > 1 and cfg.dropout > 0 and cfg.training
 
 
-def _saved_layout(cfg: RNNConfig, cell, T: int, B: int, H: int, dt: torch.dtype):
+def _saved_layout(cfg: RNNConfig, cell, T: int, B: int, H: int, P: int, dt: torch.dtype):
     """(shape, dtype) of each tensor the forward passes to the backward, in order: per inner
     layer its output (and with dropout its noise and the dropped output the next layer
-    read), then per layer and direction the gate activations (unless recomputed) and the
-    cell states (LSTM)."""
+    read), then per layer and direction the gate activations (unless recomputed), the
+    cell states (LSTM) and, with projections, the unprojected m (unless recomputed)."""
     D = cfg.D
-    seq = ((T, B, D * H), dt)
+    seq = ((T, B, D * P), dt)
     items = []
     for _ in range(cfg.num_layers - 1):
         items += [seq, seq, seq] if _dropout_on(cfg) else [seq]
@@ -606,11 +659,14 @@ def _saved_layout(cfg: RNNConfig, cell, T: int, B: int, H: int, dt: torch.dtype)
             items.append(((T, B, cell.saved_gates * H), F32))
         if cell.has_cell_state:
             items.append(((T, B, H), F32))
+        if cfg.proj and not cfg.recompute:
+            items.append(((T, B, H), dt))
     return items
 
 
 def _unpack(x, last_out, saved, cfg: RNNConfig, cell):
-    """The flat saved list back as (inputs, outs, masks, [(acts, cs)] per layer-direction)."""
+    """The flat saved list back as (inputs, outs, masks, [(acts, cs, m)] per
+    layer-direction)."""
     it = iter(saved)
     inputs, outs, masks = [x], [], []
     for _ in range(cfg.num_layers - 1):
@@ -624,7 +680,9 @@ def _unpack(x, last_out, saved, cfg: RNNConfig, cell):
             inputs.append(out)
     outs.append(last_out)
     masks.append(None)
-    per_dir = [(None if cfg.recompute else next(it), next(it) if cell.has_cell_state else None)
+    keep = not cfg.recompute
+    per_dir = [(next(it) if keep else None, next(it) if cell.has_cell_state else None,
+                next(it) if keep and cfg.proj else None)
                for _ in range(cfg.num_layers * cfg.D)]
     return inputs, outs, masks, per_dir
 
@@ -635,12 +693,13 @@ def _or_empty(t, like):
 
 
 def _rnn_fwd_fake(x, h0, c0, weights, flags, dropout, algo, op, backend):
-    cfg, (cell, _) = _cfg_from(flags, dropout, algo), _RNN_KINDS[(op, backend)]
+    cfg, (cell, _) = _cfg_from(flags, dropout, algo, len(weights)), _RNN_KINDS[(op, backend)]
     T, B, _ = x.shape
-    H, LD = weights[1].shape[1], cfg.num_layers * cfg.D
-    return (x.new_empty((T, B, cfg.D * H)), x.new_empty((LD, B, H)),
+    (H, P), LD = _sizes(weights, cfg, cell.gates), cfg.num_layers * cfg.D
+    return (x.new_empty((T, B, cfg.D * P)), x.new_empty((LD, B, P)),
             x.new_empty((LD, B, H) if cell.has_cell_state else (0,)),
-            [x.new_empty(shape, dtype=dtype) for shape, dtype in _saved_layout(cfg, cell, T, B, H, x.dtype)])
+            [x.new_empty(shape, dtype=dtype)
+             for shape, dtype in _saved_layout(cfg, cell, T, B, H, P, x.dtype)])
 
 
 @kernel_op("rnn_fwd", _rnn_fwd_fake)
@@ -648,25 +707,26 @@ def _rnn_fwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: lis
              flags: list[int], dropout: float, algo: str, op: str,
              backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """(out, h_n, c_n (empty without a cell state), saved) of a whole stack."""
-    cfg, (cell, launch) = _cfg_from(flags, dropout, algo), _RNN_KINDS[(op, backend)]
+    cfg, (cell, launch) = _cfg_from(flags, dropout, algo, len(weights)), _RNN_KINDS[(op, backend)]
     T, B, _ = x.shape
     L, D = cfg.num_layers, cfg.D
-    H = weights[1].shape[1]
+    H, P = _sizes(weights, cfg, cell.gates)
     dt, dev = x.dtype, x.device
-    h_n = new_output((L * D, B, H), dt, dev)
+    h_n = new_output((L * D, B, P), dt, dev)
     c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
     inputs, outs, masks, saved = [], [], [], []
     inp = x
     for layer in range(L):
-        out = new_output((T, B, D * H), dt, dev)
+        out = new_output((T, B, D * P), dt, dev)
         for d in range(D):
-            w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
+            w_ih, w_hh, b_ih, b_hh, w_hr = _direction_weights(weights, cfg, layer, d)
             idx = layer * D + d
             xp = _input_projection(launch, inp, w_ih, b_ih)
-            acts, cs = cell.forward(launch, cfg.algo, xp, b_hh, _at(h0, idx), _at(c0, idx),
-                                    w_hh, out[:, :, d * H:(d + 1) * H], h_n[idx],
-                                    _at(c_n, idx), d == 1)
-            saved.append((None if cfg.recompute else acts, cs))
+            acts, cs, m = cell.forward(launch, cfg.algo, xp, b_hh, _at(h0, idx), _at(c0, idx),
+                                       w_hh, w_hr, out[:, :, d * P:(d + 1) * P], h_n[idx],
+                                       _at(c_n, idx), d == 1)
+            keep = not cfg.recompute
+            saved.append((acts if keep else None, cs, m if keep else None))
         inputs.append(inp)
         outs.append(out)
         if layer < L - 1 and cfg.dropout > 0 and cfg.training:
@@ -684,8 +744,8 @@ def _rnn_fwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: lis
         flat.append(outs[layer])
         if masks[layer] is not None:
             flat += [masks[layer], inputs[layer + 1]]
-    for acts, cs in saved:
-        flat += [t for t in (acts, cs) if t is not None]
+    for per_dir in saved:
+        flat += [t for t in per_dir if t is not None]
     return outs[-1], h_n, _or_empty(c_n, x), flat
 
 
@@ -700,11 +760,11 @@ def _rnn_bwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], last_out: Te
              d_hn: Optional[Tensor], d_cn: Optional[Tensor], need: list[bool], flags: list[int],
              dropout: float, algo: str, op: str, backend: str) -> list[Tensor]:
     """[dx, dh0, dc0, *dweights], an empty tensor where `need` is False."""
-    cfg, (cell, launch) = _cfg_from(flags, dropout, algo), _RNN_KINDS[(op, backend)]
+    cfg, (cell, launch) = _cfg_from(flags, dropout, algo, len(weights)), _RNN_KINDS[(op, backend)]
     inputs, outs, masks, saved = _unpack(x, last_out, saved, cfg, cell)
     L, D, G = cfg.num_layers, cfg.D, cell.gates
     T, B, _ = x.shape
-    H = weights[1].shape[1]
+    H, P = _sizes(weights, cfg, G)
     dt, dev = x.dtype, x.device
     dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
     dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
@@ -721,21 +781,25 @@ def _rnn_bwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], last_out: Te
             d_in = None
         acc = new_output(inp.shape, F32, dev) if d_in is not None and D == 2 else None
         for d in range(D):
-            w_ih, w_hh, b_ih, b_hh = _direction_weights(weights, cfg, layer, d)
+            w_ih, w_hh, b_ih, b_hh, w_hr = _direction_weights(weights, cfg, layer, d)
             idx = layer * D + d
             base = idx * cfg.per_direction
             h0_, c0_ = _at(h0, idx), _at(c0, idx)
-            out_d = out[:, :, d * H:(d + 1) * H]
-            acts, cs = saved[idx]
+            out_d = out[:, :, d * P:(d + 1) * P]
+            d_out_d = d_out[:, :, d * P:(d + 1) * P] if d_out is not None else None
+            acts, cs, m = saved[idx]
             if acts is None:    # recompute: this layer-direction's activations only
                 xp = _input_projection(launch, inp, w_ih, b_ih)
-                acts = cell.recompute(launch, xp, b_hh, h0_, c0_, w_hh, out_d, cs, d == 1)
+                acts, m = cell.recompute(launch, xp, b_hh, h0_, c0_, w_hh, out_d, cs, d == 1)
                 del xp
             dg_ih, dg_hh = cell.backward(
-                launch, cfg.algo, acts, cs, h0_, c0_, out_d, w_hh,
-                d_out[:, :, d * H:(d + 1) * H] if d_out is not None else None,
+                launch, cfg.algo, acts, cs, h0_, c0_, out_d, w_hh, w_hr, d_out_d,
                 _at(d_hn, idx), _at(d_cn, idx), _at(dh0, idx), _at(dc0, idx), d == 1)
             del acts
+            if w_hr is not None and need_w[base + cfg.per_direction - 1]:
+                dweights[base + cfg.per_direction - 1] = _grad_w_hr(
+                    launch, dg_hh, m, d_out_d, _at(d_hn, idx), w_hh, w_hr, d == 1)
+            del m
             # weight gradients: sums over every (t, b) row
             if need_w[base]:
                 dw = new_output(w_ih.shape, w_ih.dtype, dev)
@@ -772,7 +836,8 @@ class RNNFunction(torch.autograd.Function):
     (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H), None for a cell without one).
 
     h0, c0: (L*D, B, H) or None (zeros). weights: torch's flat order (per layer, per
-    direction: w_ih, w_hh[, b_ih, b_hh]). Per layer and direction: the input projection of
+    direction: w_ih, w_hh[, b_ih, b_hh][, w_hr (P, H): an LSTM with projections, whose out,
+    h0 and h_n are P wide instead of H]). Per layer and direction: the input projection of
     all steps as one GEMM, the cell's recurrence, and in the backward the cell's BPTT, then
     the weight gradients as GEMMs over every (t, b) row and dX = dg_ih W_ih (both directions
     summed). With cfg.recompute the forward keeps no gate activations: the backward rebuilds
@@ -798,25 +863,61 @@ class RNNFunction(torch.autograd.Function):
         return (dx, dh0, dc0, None, None, None, *dw)
 
 
-def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
-    """dW_hh = sum_t dg_t^T h_prev(t): h_prev is the direction's output one step earlier in
-    run order (out[t-1], or out[t+1] in reverse), h0 for the first step (no term if None)."""
+def _recurrent_terms(dg, prev, h0, reverse: bool):
+    """The (a, b) pairs of sum_t dg_t^T prev(t), prev(t) the sequence `prev` one step earlier
+    in run order (prev[t-1], or prev[t+1] in reverse), h0 for the first step (no term if
+    None); a (n, G, B), b (n, B, N)."""
     T = dg.shape[0]
     terms = []
     if T > 1:
-        terms.append((dg[:-1], out_d[1:]) if reverse else (dg[1:], out_d[:-1]))
+        a, b = (dg[:-1], prev[1:]) if reverse else (dg[1:], prev[:-1])
+        terms.append((a.transpose(1, 2), b))
     if h0 is not None:
         t0 = T - 1 if reverse else 0
-        terms.append((dg[t0:t0 + 1], h0[None]))
-    if not terms:   # one step from a zero state: no gradient reaches W_hh
-        return torch.zeros_like(w_hh)
-    dw = new_output(w_hh.shape, w_hh.dtype, dg.device)
-    acc = new_output(w_hh.shape, F32, dg.device) if len(terms) > 1 else None
+        terms.append((dg[t0:t0 + 1].transpose(1, 2), h0[None]))
+    return terms
+
+
+def _sum_of_products(launch, terms, shape, dtype, dev):
+    """sum over the terms (a (n, M, K), b (n, K, N)) of sum_n a_n @ b_n: a new (M, N) tensor
+    of `dtype` (zeros without terms), the terms accumulated in fp32, one GEMM each."""
+    if not terms:
+        return torch.zeros(shape, dtype=dtype, device=dev)
+    out = new_output(shape, dtype, dev)
+    acc = new_output(shape, F32, dev) if len(terms) > 1 else None
     for j, (a, b) in enumerate(terms):
-        target = dw if j == len(terms) - 1 else acc
-        launch.gemm(a.transpose(1, 2)[None], b[None], target[None, None],
+        target = out if j == len(terms) - 1 else acc
+        launch.gemm(a[None], b[None], target[None, None],
                     c_in=None if j == 0 else acc[None, None])
-    return dw
+    return out
+
+
+def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
+    """dW_hh = sum_t dg_t^T h_prev(t): h_prev is the direction's output one step earlier in
+    run order, h0 for the first step (no term if None: one step from a zero state gives
+    W_hh no gradient)."""
+    return _sum_of_products(launch, _recurrent_terms(dg, out_d, h0, reverse), w_hh.shape,
+                            w_hh.dtype, dg.device)
+
+
+def _grad_w_hr(launch, dg, m, d_out, d_hn, w_hh, w_hr, reverse: bool):
+    """dW_hr = sum_t dh_t^T m_t for h_t = m_t W_hr^T, where dh_t = d_out[t] (+ d_hn at the
+    last step) + dg_next(t) W_hh (not at the last step). Summed over every (t, b) row without
+    building dh: d_out^T M + d_hn^T m_last + W_hh^T Y, Y = sum_t dg_next(t)^T m_t (4H, H)
+    fp32, which is dW_hh's sum with m in place of the outputs."""
+    T = m.shape[0]
+    dev = m.device
+    terms = []
+    y_terms = _recurrent_terms(dg, m, None, reverse)
+    if y_terms:
+        y = _sum_of_products(launch, y_terms, (dg.shape[2], m.shape[2]), F32, dev)
+        terms.append((w_hh.t()[None], y[None]))
+    if d_out is not None:
+        terms.append((d_out.transpose(1, 2), m))
+    if d_hn is not None:
+        t_last = 0 if reverse else T - 1
+        terms.append((d_hn.t()[None], m[t_last][None]))
+    return _sum_of_products(launch, terms, w_hr.shape, w_hr.dtype, dev)
 
 
 def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
@@ -829,7 +930,10 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
         if algo not in algos:
             raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
                              f"backend (available: {', '.join(algos)})")
-        H = weights[1].shape[1]
+        if algo == "persistent" and cfg.proj:
+            raise ValueError(f"{op}: algo='persistent' does not support projections "
+                             f"(proj_size > 0); use algo='steps'")
+        H = weights[0].shape[0] // cell.gates
         if algo == "persistent" and H > PERSISTENT_MAX_HIDDEN:
             raise ValueError(f"{op}: algo='persistent' keeps W_hh in registers and needs "
                              f"hidden_size <= {PERSISTENT_MAX_HIDDEN}, got {H}; use algo='steps'")
@@ -861,11 +965,12 @@ def _torch_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
 @register("lstm", "torch")
 def _torch_lstm(x, h0, c0, weights, cfg: RNNConfig):
     L, D = cfg.num_layers, cfg.D
-    B, H = x.shape[1], weights[1].shape[1]
-    zeros = lambda: x.new_zeros(L * D, B, H)  # noqa: E731
-    out, h_n, c_n = torch._VF.lstm(x, (zeros() if h0 is None else h0, zeros() if c0 is None else c0),
-                                   list(weights), cfg.bias, L, cfg.dropout, cfg.training,
-                                   cfg.bidirectional, False)
+    B, (H, P) = x.shape[1], _sizes(weights, cfg, 4)
+    # torch tells projections from h0's width differing from c0's
+    h0 = x.new_zeros(L * D, B, P) if h0 is None else h0
+    c0 = x.new_zeros(L * D, B, H) if c0 is None else c0
+    out, h_n, c_n = torch._VF.lstm(x, (h0, c0), list(weights), cfg.bias, L, cfg.dropout,
+                                   cfg.training, cfg.bidirectional, False)
     return out, h_n, c_n
 
 
@@ -952,11 +1057,12 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
 
 
-def lstm_weight_names(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
+def lstm_weight_names(num_layers: int, bidirectional: bool, bias: bool,
+                      proj: bool = False) -> list[str]:
     """torch.nn.LSTM's (and torch.nn.GRU's) parameter names in its flat order (per layer,
-    per direction)."""
+    per direction; weight_hr last with projections)."""
     from .reference.lstm import lstm_weight_names as names
-    return names(num_layers, bidirectional, bias)
+    return names(num_layers, bidirectional, bias, proj)
 
 
 # op -> (what to call one in a message, the torch module whose _flat_weights it takes)
@@ -967,8 +1073,10 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
                   dropout, training, bidirectional, backend, algo, recompute):
     """The argument checks pydl.lstm and pydl.gru share (`gates` = 4 or 3 per hidden unit).
 
-    states: ((tensor or None, its name in messages), ...), the initial states.
-    Returns (impl, x (T, B, I), the states as (L*D, B, H) or None, cfg, unbatched).
+    states: ((tensor or None, its name in messages), ...), the initial states, h first.
+    An LSTM's weights may hold one more per layer and direction, w_hr (P, H): an LSTM with
+    projections (torch's proj_size P < H), where h0 is (L*D, B, P) and c0 (L*D, B, H).
+    Returns (impl, x (T, B, I), the states as (L*D, B, P or H) or None, cfg, unbatched).
     """
     a_op, module = _LAYER_NAMES[op]
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
@@ -983,10 +1091,16 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
         raise TypeError(f"weights must be a list of tensors ({module}'s _flat_weights), "
                         f"got {type(weights).__name__}")
     names = lstm_weight_names(num_layers, bidirectional, bias)
-    if len(weights) != len(names):
+    proj_names = lstm_weight_names(num_layers, bidirectional, bias, proj=True)
+    proj = op == "lstm" and len(weights) == len(proj_names)
+    if proj:
+        names, per = proj_names, per + 1
+    elif len(weights) != len(names):
+        with_proj = (f", or {len(proj_names)} with projections (proj_size > 0: "
+                     f"{', '.join(proj_names[:per + 1])}, ...)") if op == "lstm" else ""
         raise ValueError(f"weights: expected {len(names)} tensors for num_layers={num_layers}, "
-                         f"bidirectional={bidirectional}, bias={bias} ({', '.join(names[:per])}, ...), "
-                         f"got {len(weights)}")
+                         f"bidirectional={bidirectional}, bias={bias} ({', '.join(names[:per])}, ...)"
+                         f"{with_proj}, got {len(weights)}")
     cast = autocast_inputs(op, input, *weights, *[t for t, _ in states])
     input, weights = cast[0], list(cast[1:1 + len(weights)])
     states = tuple((t, n) for t, (_, n) in zip(cast[1 + len(weights):], states))
@@ -1005,7 +1119,9 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
         raise ValueError(f"input has sequence length 0 (shape {_shape(input)}); {a_op} needs "
                          "at least one time step")
     G = gates
-    H = None
+    H = P = None
+    # h's width: hidden_size, or proj_size with projections (w_hh is then (G*H, P))
+    p_name = "proj_size" if proj else "hidden_size"
     for layer in range(num_layers):
         for d in range(D):
             base = (layer * D + d) * per
@@ -1015,34 +1131,45 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
                 _check_same(t, f"weights[{names.index(n)}] ({n})", input, name)
             w_ih, w_hh = w[0], w[1]
             if w_hh.dim() != 2:
-                raise ValueError(f"{wn[1]} must be 2-D ({G}*hidden_size, hidden_size), got {_shape(w_hh)}")
+                raise ValueError(f"{wn[1]} must be 2-D ({G}*hidden_size, {p_name}), got {_shape(w_hh)}")
             if H is None:
-                H = w_hh.shape[1]
-            if _shape(w_hh) != (G * H, H):
-                raise ValueError(f"{wn[1]} must have shape ({G}*hidden_size, hidden_size) = "
-                                 f"({G * H}, {H}), got {_shape(w_hh)}")
-            in_size = I if layer == 0 else D * H
+                P = w_hh.shape[1]
+                H = w_hh.shape[0] // G if proj else P
+            if _shape(w_hh) != (G * H, P):
+                raise ValueError(f"{wn[1]} must have shape ({G}*hidden_size, {p_name}) = "
+                                 f"({G * H}, {P}), got {_shape(w_hh)}")
+            in_size = I if layer == 0 else D * P
             if _shape(w_ih) != (G * H, in_size):
-                what = "input_size" if layer == 0 else f"{D}*hidden_size (the layer below's output)"
+                what = "input_size" if layer == 0 else f"{D}*{p_name} (the layer below's output)"
                 raise ValueError(f"{wn[0]} must have shape ({G}*hidden_size, {what}) = "
                                  f"({G * H}, {in_size}), got {_shape(w_ih)}"
                                  + (f": input has size {I} in its last dimension" if layer == 0 else ""))
-            for t, n in zip(w[2:], wn[2:]):
+            for t, n in zip(w[2:4] if bias else (), wn[2:4] if bias else ()):
                 if _shape(t) != (G * H,):
                     raise ValueError(f"{n} must have shape ({G}*hidden_size,) = ({G * H},), got {_shape(t)}")
-    expected = (num_layers * D, H) if unbatched else (num_layers * D, B, H)
+            if proj:
+                if _shape(w[-1]) != (P, H):
+                    raise ValueError(f"{wn[-1]} must have shape (proj_size, hidden_size) = "
+                                     f"({P}, {H}) ({wn[1]} is ({G}*hidden_size, proj_size) = "
+                                     f"{_shape(w_hh)}), got {_shape(w[-1])}")
+                if P >= H:
+                    raise ValueError(f"projections need proj_size < hidden_size (as "
+                                     f"torch.nn.LSTM), got proj_size {P} (the columns of {wn[1]}) "
+                                     f"and hidden_size {H}")
     out_states = []
-    for s, n in states:
+    for k, (s, n) in enumerate(states):
         if s is not None:
+            width, what = (P, p_name) if k == 0 else (H, "hidden_size")
+            expected = (num_layers * D, width) if unbatched else (num_layers * D, B, width)
             _check_same(s, n, input, name)
             if _shape(s) != expected:
                 raise ValueError(f"{n} must have shape {expected} (num_layers * num_directions, "
-                                 f"{'' if unbatched else 'batch, '}hidden_size), got {_shape(s)}")
+                                 f"{'' if unbatched else 'batch, '}{what}), got {_shape(s)}")
             if unbatched:
                 s = s.unsqueeze(1)
         out_states.append(s)
     cfg = RNNConfig(num_layers, bool(bidirectional), bool(bias), float(dropout), bool(training),
-                    algo, recompute)
+                    algo, recompute, proj=proj)
     return impl, x, out_states, cfg, unbatched
 
 
@@ -1056,22 +1183,27 @@ def layer_output(out, states, unbatched: bool, batch_first: bool):
 def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_first: bool = False,
          dropout: float = 0.0, training: bool = False, bidirectional: bool = False,
          backend=None, algo=None, recompute: bool = False):
-    """A multi-layer LSTM over a sequence, as torch.nn.LSTM (no proj_size): returns
+    """A multi-layer LSTM over a sequence, as torch.nn.LSTM (proj_size included): returns
     (output, (h_n, c_n)).
 
     input:   (T, B, I), (B, T, I) with batch_first, or unbatched (T, I)
     hx:      (h0, c0), each (num_layers * D, B, H) (unbatched: (num_layers * D, H)), or None
-             for zeros; D = 2 if bidirectional else 1
+             for zeros; D = 2 if bidirectional else 1; with projections h0 is
+             (num_layers * D, B, P)
     weights: the flat list torch.nn.LSTM keeps in `_flat_weights` (per layer, per direction:
-             w_ih (4H, I or D*H), w_hh (4H, H), then b_ih, b_hh (4H,) when bias)
+             w_ih (4H, I or D*H), w_hh (4H, H), then b_ih, b_hh (4H,) when bias); with
+             projections (proj_size P < H: h_t = W_hr (o_t * tanh(c_t))) also w_hr (P, H)
+             last, w_hh is (4H, P) and the next layer's w_ih (4H, D*P): told from the count
     dropout: applied to the outputs of every layer but the last, when training
-    algo:    "steps" (default: one fused kernel per time step) or "persistent" (triton only,
-             hidden size <= 64: one launch per layer and direction loops over time)
+    algo:    "steps" (default: one fused kernel per time step, plus one projection GEMM with
+             projections) or "persistent" (triton only, hidden size <= 64, no projections:
+             one launch per layer and direction loops over time)
     recompute: keep no gate activations (T * B * 4H fp32 per layer and direction) between
              forward and backward; the backward recomputes them one layer and direction at a
              time (one GEMM and two step launches), so its peak holds one direction's only
     output:  (T, B, D*H) ((B, T, D*H) with batch_first: a transposed view, as torch's CPU
-             LSTM returns; (T, D*H) unbatched); h_n, c_n shaped like h0.
+             LSTM returns; (T, D*H) unbatched; D*P for H with projections); h_n, c_n shaped
+             like h0, c0.
     """
     h0, c0 = _split_state(hx, "hx")
     impl, x, (h0, c0), cfg, unbatched = prepare_layer(

@@ -220,17 +220,14 @@ class LSTM(torch.nn.LSTM):
     recompute=True from activations recomputed one layer and direction at a time (less
     memory: the forward keeps none).
 
-    Same constructor arguments and state_dict as torch.nn.LSTM, plus `backend=`, `algo=` and
-    `recompute=`. proj_size != 0 and PackedSequence inputs are not supported
-    (NotImplementedError).
+    Same constructor arguments (proj_size included: h_t = W_hr (o_t * tanh(c_t)), one GEMM a
+    step; not with algo="persistent") and state_dict as torch.nn.LSTM, plus `backend=`,
+    `algo=` and `recompute=`. PackedSequence inputs are not supported (NotImplementedError).
     """
 
     def __init__(self, *args, backend: str | None = None, algo: str | None = None,
                  recompute: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.proj_size != 0:
-            raise NotImplementedError("pydl.nn.LSTM: proj_size != 0 (LSTM with projections) is "
-                                      "not implemented; use torch.nn.LSTM for it")
         self.backend, self.algo, self.recompute = backend, algo, recompute
 
     def forward(self, input, hx=None):

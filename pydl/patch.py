@@ -218,9 +218,6 @@ def _same(a, b) -> bool:
 
 def _call_time_limits(kind: _Kind, m: torch.nn.Module, backend: str | None) -> str | None:
     """Options pydl's constructors accept but its ops reject when the module is called."""
-    if kind.op in ("softmax", "log_softmax") and m.dim is None:
-        return ("dim=None (torch's deprecated implicit dim) is rejected by pydl's softmax; "
-                "give the module a dim")
     if backend != "torch":
         bad = sorted({str(p.dtype).replace("torch.", "")
                       for p in m.parameters(recurse=True) if p.dtype not in KERNEL_DTYPES})

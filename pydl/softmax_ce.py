@@ -19,6 +19,7 @@ backward writes the logits' gradient, and the target's when it requires one, in 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -428,7 +429,11 @@ def _softmax(input, dim, log, dtype, backend):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if dim is None:
-        raise TypeError("dim must be given (an int); the implicit-dim form of torch is deprecated")
+        # torch's deprecated implicit dim (nn.Softmax() without dim relies on it), with its warning
+        name = "log_softmax" if log else "softmax"
+        warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the call "
+                      "to include dim=X as an argument.", stacklevel=3)
+        dim = 0 if input.dim() in (0, 1, 3) else 1
     if dtype is not None:
         input = input.to(dtype)
     elif isinstance(input, torch.Tensor):

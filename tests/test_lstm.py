@@ -228,24 +228,25 @@ def _layer_fn(kind, backend, algo=None, recompute=False, **opts):
 
 
 def _check_layer(backend, algo, dtype, T, B, I, H, L=1, bidirectional=False, batch_first=False,
-                 with_state=True, bias=True, unbatched=False, kind="lstm", recompute=False):
+                 with_state=True, bias=True, unbatched=False, kind="lstm", recompute=False,
+                 proj=0):
     """pydl.lstm / pydl.gru (kind) against the float64 reference and torch: outputs and the
-    gradients of the input, the initial states and every weight."""
+    gradients of the input, the initial states and every weight. proj: the LSTM's proj_size."""
     D = 2 if bidirectional else 1
     n_states, G = (2, 4) if kind == "lstm" else (1, 3)
-    module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(I, H, L, bias=bias,
-                                                                  bidirectional=bidirectional)
-    names = ref.lstm_weight_names(L, bidirectional, bias)
+    module = (torch.nn.LSTM(I, H, L, bias=bias, bidirectional=bidirectional, proj_size=proj)
+              if kind == "lstm" else torch.nn.GRU(I, H, L, bias=bias, bidirectional=bidirectional))
+    names = ref.lstm_weight_names(L, bidirectional, bias, proj=proj > 0)
     ws = [getattr(module, n).detach().to(DEVICE, dtype) for n in names]
-    if unbatched:
-        xs, ss = (T, I), (L * D, H)
-    else:
-        xs, ss = ((B, T, I) if batch_first else (T, B, I)), (L * D, B, H)
+    P = proj or H   # h's width
+    lead = (L * D,) if unbatched else (L * D, B)
+    xs = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
+    sizes = [lead + (P,), lead + (H,)][:n_states]      # h, c
     x = random_tensor(xs, dtype, DEVICE)
-    states = [random_tensor(ss, dtype, DEVICE) if with_state else None for _ in range(n_states)]
-    out_shape = xs[:-1] + (D * H,)
+    states = [random_tensor(ss, dtype, DEVICE) if with_state else None for ss in sizes]
+    out_shape = xs[:-1] + (D * P,)
     cot = [random_tensor(out_shape, dtype, DEVICE)] + [random_tensor(ss, dtype, DEVICE)
-                                                        for _ in range(n_states)]
+                                                        for ss in sizes]
     opts = dict(num_layers=L, bias=bias, batch_first=batch_first, bidirectional=bidirectional)
 
     outs, grads = _run(_layer_fn(kind, backend, algo, recompute, **opts), [x, *states, *ws], cot)
@@ -391,8 +392,6 @@ def test_lstm_bad_input(backend):
         lstm(x, None, w, num_layers=2, algo="nope")
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         lstm(x.double(), None, [t.double() for t in w], num_layers=2)
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        pydl.nn.LSTM(I, H, proj_size=3)
     if backend == "triton":
         big = torch.nn.LSTM(I, 65).to(DEVICE)
         with pytest.raises(ValueError, match="hidden_size <= 64"):
@@ -400,6 +399,115 @@ def test_lstm_bad_input(backend):
     else:
         with pytest.raises(ValueError, match="algo='persistent' is not available on the 'numba'"):
             lstm(x, None, w, num_layers=2, algo="persistent")
+
+
+# --- projections (proj_size > 0) ---------------------------------------------------------------
+
+# torch's CPU LSTM warns that oneDNN has no projections (its baseline, not ours)
+no_onednn_warning = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+
+# (T, B, I, H, layers, bidirectional, batch_first, with_state, bias, proj_size)
+PROJ_CASES = {
+    "T3-B2-H6-P4": (3, 2, 3, 6, 1, False, False, True, True, 4),
+    "2layers-bidir-batch_first-P3": (2, 2, 3, 5, 2, True, True, True, True, 3),
+    "nostate-nobias-P2": (3, 2, 3, 5, 1, False, False, False, False, 2),
+}
+
+
+@no_onednn_warning
+@pytest.mark.parametrize("backend,case", [("triton", c) for c in PROJ_CASES]
+                         + [("numba", "2layers-bidir-batch_first-P3")])
+def test_lstm_proj(backend, case):
+    """h_t = W_hr (o_t * tanh(c_t)): outputs, h_n (P wide), c_n and every gradient (dW_hr
+    included) against the reference and torch.nn.LSTM(proj_size=...)."""
+    *args, proj = PROJ_CASES[case]
+    _check_layer(backend, None, torch.float32, *args, proj=proj)
+
+
+@no_onednn_warning
+def test_lstm_proj_half():
+    _check_layer("triton", None, torch.float16, 2, 2, 3, 5, 1, True, False, True, True, proj=3)
+
+
+@no_onednn_warning
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_lstm_proj_recompute(backend):
+    """recompute=True with projections: the recomputation's scratch states are the
+    unprojected m_t dW_hr needs, so the forward keeps neither gates nor m."""
+    _check_layer(backend, None, torch.float32, 2, 2, 3, 5, 2, True, False, True, True,
+                 recompute=True, proj=3)
+
+
+@no_onednn_warning
+def test_lstm_proj_module_is_drop_in():
+    kw = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, proj_size=2)
+    theirs = torch.nn.LSTM(**kw).to(DEVICE)
+    ours = pydl.nn.LSTM(**kw, backend="triton").to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert "weight_hr_l1_reverse" in ours.state_dict()
+    assert repr(ours) == repr(theirs)
+    x = random_tensor((2, 2, 3), torch.float32, DEVICE)
+    out, (hn, cn) = ours(x)
+    t_out, (t_hn, t_cn) = theirs(x)
+    for a, b in ((out, t_out), (hn, t_hn), (cn, t_cn)):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float32, reduction=64, tf32=TF32)
+    (out.square().sum() + hn.sum() + cn.sum()).backward()
+    (t_out.square().sum() + t_hn.sum() + t_cn.sum()).backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, reduction=64 * 30, tf32=TF32, name=name)
+    u_out, (u_hn, _) = ours(x[:, 0])                    # unbatched
+    assert u_out.shape == (2, 4) and u_hn.shape == (4, 2)
+    assert_close(u_out, theirs(x[:, 0])[0], torch.float32, reduction=64, tf32=TF32)
+
+
+@no_onednn_warning
+def test_lstm_proj_torch_backend_matches_torch():
+    m = torch.nn.LSTM(3, 5, 2, bidirectional=True, proj_size=2).to(DEVICE)
+    x = random_tensor((2, 2, 3), torch.float32, DEVICE)
+    out, (hn, cn) = pydl.lstm(x, None, list(m._flat_weights), num_layers=2, bidirectional=True,
+                              backend="torch")
+    t_out, (t_hn, t_cn) = m(x)
+    assert torch.equal(out, t_out) and torch.equal(hn, t_hn) and torch.equal(cn, t_cn)
+
+
+@backends
+def test_lstm_proj_bad_input(backend):
+    T, B, I, H, P = 2, 2, 3, 5, 3
+    m = torch.nn.LSTM(I, H, 2, proj_size=P).to(DEVICE)
+    w = list(m._flat_weights)       # per layer: w_ih, w_hh, b_ih, b_hh, w_hr
+    x = random_tensor((T, B, I), torch.float32, DEVICE)
+    h0 = random_tensor((2, B, P), torch.float32, DEVICE)
+    c0 = random_tensor((2, B, H), torch.float32, DEVICE)
+    lstm = lambda *a, **k: pydl.lstm(*a, backend=backend, num_layers=2, **k)  # noqa: E731
+    with pytest.raises(ValueError, match=r"weight_hr_l0 must have shape \(proj_size, "
+                                         r"hidden_size\) = \(3, 5\).* got \(3, 4\)"):
+        lstm(x, None, w[:4] + [w[4][:, :4]] + w[5:])
+    with pytest.raises(ValueError, match=r"weight_hr_l1 must have shape .* got \(2, 5\)"):
+        lstm(x, None, w[:9] + [w[9][:2]])
+    with pytest.raises(ValueError, match=r"weight_hh_l1 must have shape \(4\*hidden_size, "
+                                         r"proj_size\) = \(20, 3\)"):
+        lstm(x, None, w[:6] + [w[6][:, :2]] + w[7:])
+    with pytest.raises(ValueError, match=r"weight_ih_l1 must have shape \(4\*hidden_size, "
+                                         r"1\*proj_size"):
+        lstm(x, None, w[:5] + [random_tensor((4 * H, H), torch.float32, DEVICE)] + w[6:])
+    with pytest.raises(ValueError, match=r"hx\[0\] \(h0\) must have shape \(2, 2, 3\) "
+                                         r"\(num_layers \* num_directions, batch, proj_size\)"):
+        lstm(x, (c0, c0), w)
+    with pytest.raises(ValueError, match=r"hx\[1\] \(c0\) must have shape \(2, 2, 5\)"):
+        lstm(x, (h0, h0), w)
+    with pytest.raises(ValueError, match="weights: expected 8 tensors.* or 10 with projections"):
+        lstm(x, None, w[:9])
+    with pytest.raises(ValueError, match="proj_size < hidden_size"):
+        big = [random_tensor((4 * H, H), torch.float32, DEVICE) if i in (1, 6) else
+               random_tensor((H, H), torch.float32, DEVICE) if i in (4, 9) else
+               random_tensor((4 * H, H), torch.float32, DEVICE) if i == 5 else t
+               for i, t in enumerate(w)]
+        lstm(x, None, big)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="algo='persistent' does not support projections"):
+            lstm(x, (h0, c0), w, algo="persistent")
 
 
 def test_lstm_torch_backend_matches_torch():

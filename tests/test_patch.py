@@ -161,30 +161,28 @@ def test_cells_and_softmax_patched():
 
 def test_unsupported_options_reported_not_patched():
     model = torch.nn.ModuleDict({
-        "proj": torch.nn.LSTM(4, 6, proj_size=3),
         "bias_kv": torch.nn.MultiheadAttention(8, 2, add_bias_kv=True),
         "zero_attn": torch.nn.MultiheadAttention(8, 2, add_zero_attn=True),
         "kdim": torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=6),     # supported
-        "implicit_dim": torch.nn.Softmax(),
+        "implicit_dim": torch.nn.Softmax(),                             # supported, warns
+        "proj": torch.nn.LSTM(4, 6, proj_size=3),                       # supported
         "f64": torch.nn.Conv2d(2, 2, 1).double(),
         "clash": torch.nn.MaxPool2d(2),
     })
     model["clash"].backend = "mine"
     report = pydl.patch(model, backend="triton")
     reasons = {s.name: s.reason for s in report.skipped}
-    assert set(reasons) == {"proj", "bias_kv", "zero_attn", "implicit_dim", "f64", "clash"}
-    assert "proj_size" in reasons["proj"]
+    assert set(reasons) == {"bias_kv", "zero_attn", "f64", "clash"}
     assert "add_bias_kv" in reasons["bias_kv"] and "add_zero_attn" in reasons["zero_attn"]
-    assert "dim=None" in reasons["implicit_dim"]
     assert "float64" in reasons["f64"] and "'triton'" in reasons["f64"]
     assert "backend" in reasons["clash"]
-    assert [s.name for s in report.patched] == ["kdim"]
+    assert [s.name for s in report.patched] == ["kdim", "implicit_dim", "proj"]
     for name in reasons:
         assert type(model[name]).__module__.startswith("torch.")
         assert not hasattr(model[name], "_pydl_patch")
     assert model["clash"].backend == "mine"
     text = str(report)
-    assert "proj_size" in text and "kdim: torch.nn.MultiheadAttention -> pydl.nn." in text
+    assert "add_bias_kv" in text and "kdim: torch.nn.MultiheadAttention -> pydl.nn." in text
 
     # float64 is the kernels' limit only: the torch backend takes it
     report = pydl.patch(model, ops="conv2d", backend="torch")

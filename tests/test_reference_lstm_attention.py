@@ -164,22 +164,23 @@ def test_lstm_cell_state_passes_unchanged_when_forget_is_one_and_input_is_zero()
 # ====================================================================================== full LSTM
 
 def _check_lstm(T, B, I, H, num_layers, bidirectional, batch_first, with_state, bias=True,
-                unbatched=False, grads=("out", "hn", "cn")):
+                unbatched=False, grads=("out", "hn", "cn"), proj=0):
     D = 2 if bidirectional else 1
     mod = torch.nn.LSTM(I, H, num_layers, bias=bias, batch_first=batch_first,
-                        bidirectional=bidirectional, dtype=F64)
+                        bidirectional=bidirectional, proj_size=proj, dtype=F64)
     with torch.no_grad():  # not torch's U(-1/sqrt(H), 1/sqrt(H)): larger values test more
         for p in mod.parameters():
             p.copy_(torch.randn_like(p) * 0.6)
     weights = {k: v.detach().numpy().copy() for k, v in mod.state_dict().items()}
-    assert sorted(weights) == sorted(ref.lstm_weight_names(num_layers, bidirectional, bias))
+    assert list(weights) == ref.lstm_weight_names(num_layers, bidirectional, bias, proj=proj > 0)
+    lead = (num_layers * D,) if unbatched else (num_layers * D, B)
     if unbatched:
-        x_shape, s_shape = (T, I), (num_layers * D, H)
+        x_shape = (T, I)
     else:
         x_shape = (B, T, I) if batch_first else (T, B, I)
-        s_shape = (num_layers * D, B, H)
     x = leaf(randn(*x_shape))
-    h0, c0 = (leaf(randn(*s_shape)), leaf(randn(*s_shape))) if with_state else (None, None)
+    h0, c0 = ((leaf(randn(*lead, proj or H)), leaf(randn(*lead, H))) if with_state
+              else (None, None))
     out, (hn, cn) = mod(x, (h0, c0)) if with_state else mod(x)
     gout = randn(*out.shape) if "out" in grads else None
     ghn = randn(*hn.shape) if "hn" in grads else None
@@ -201,7 +202,7 @@ def _check_lstm(T, B, I, H, num_layers, bidirectional, batch_first, with_state, 
         close(dh0, h0.grad, "dh0", red)
         close(dc0, c0.grad, "dc0", red)
     else:
-        assert dh0.shape == dc0.shape == hn.shape
+        assert dh0.shape == hn.shape and dc0.shape == cn.shape
     params = dict(mod.named_parameters())
     assert sorted(dw) == sorted(params)
     for name, p in params.items():
@@ -239,6 +240,29 @@ def test_lstm_without_bias():
 def test_lstm_backward_partial_grads(grads):
     """None for an output that receives no gradient."""
     _check_lstm(3, 2, 3, 4, 2, True, False, True, grads=grads)
+
+
+# torch's CPU LSTM warns that oneDNN has no projections (torch's business, not the reference's)
+_no_onednn_warning = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+
+
+@_no_onednn_warning
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,with_state,bias,unbatched", [
+    (1, False, False, True, True, False),
+    (2, True, True, True, True, False),
+    (2, True, False, False, False, False),   # zero state, no bias
+    (2, False, False, True, True, True),     # unbatched
+])
+def test_lstm_proj(num_layers, bidirectional, batch_first, with_state, bias, unbatched):
+    """proj_size: h_t = W_hr (o_t * tanh(c_t)) is P wide (output, h0, h_n, W_hh's columns)."""
+    _check_lstm(3, 2, 3, 5, num_layers, bidirectional, batch_first, with_state, bias=bias,
+                unbatched=unbatched, proj=3)
+
+
+@_no_onednn_warning
+@pytest.mark.parametrize("grads", [("out",), ("hn",), ("cn",)])
+def test_lstm_proj_partial_grads(grads):
+    _check_lstm(3, 2, 3, 4, 2, True, False, True, grads=grads, proj=2)
 
 
 def test_lstm_comparison_catches_reverse_direction_bug():

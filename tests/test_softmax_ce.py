@@ -389,3 +389,14 @@ def test_cross_entropy_beyond_int32_offsets():
     ours = pydl.cross_entropy(x, t, reduction="none")
     ref_rows = torch.nn.functional.cross_entropy(x[-4:].float(), t[-4:], reduction="none")
     assert_close(ours[-4:], ref_rows, torch.bfloat16, reduction=C)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 5), (2, 3, 4, 5)])
+def test_implicit_dim_as_torch(shape):
+    """dim=None (nn.Softmax() without dim) picks torch's deprecated implicit dim, and warns."""
+    x = torch.randn(*shape, device=DEVICE)
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        ours = pydl.nn.Softmax()(x)
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        theirs = torch.nn.Softmax()(x)
+    torch.testing.assert_close(ours, theirs)

@@ -117,8 +117,10 @@ def lstm_step_kernel(tb: int, tu: int, tk: int):
     """The fused step kernel for a TB x TU tile of (rows x units) and TK-wide K steps, built
     on first use; launch it with a (tu, tb) block. Arguments, in order:
 
-    x (B, I), w_ih (4H, I), xp (B, 4H), b_ih (4H,), b_hh (4H,), h (B, H), c (B, H),
-    w_hh (4H, H): inputs, any of them a placeholder when its flag says absent;
+    x (B, I), w_ih (4H, I), xp (B, 4H), b_ih (4H,), b_hh (4H,), h (B, P), c (B, H),
+    w_hh (4H, P): inputs, any of them a placeholder when its flag says absent (P = H, or
+    proj_size for an LSTM with projections: the K loop runs over h's columns, and h1 is
+    then the unprojected o * tanh(c1), projected by the layer with a GEMM);
     h1, c1 (B, H): the new state (c1: the fp32 workspace); hn, cn: second copies of h1 / c1;
     gates (B, 4H): fp32 activations i, f, g, o;
     has_x, has_xp, has_bih, has_bhh, has_h, has_c, write_hn, write_cn: flags as in the

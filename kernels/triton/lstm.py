@@ -19,6 +19,11 @@ gate activations (i, f, g, o) are written to an fp32 workspace for the backward,
 The backward step (lstm_step_bwd) mirrors it: the recurrent GEMM dh = dg_next W_hh is the
 prologue of the elementwise gate-gradient kernel, so one launch per step each way.
 
+With projections (torch's proj_size P) h has P columns and W_hh is (4H, P): the forward
+step's recurrent product runs over K = P and h1 is the unprojected m = o * tanh(c1); the
+layer projects it (h = m W_hr^T) with a GEMM. Its backward step takes W_hh W_hr (4H, H) in
+place of W_hh, so the kernel is the same (see pydl/lstm.py LSTMRecurrence.backward).
+
 Numerics: accumulation is fp32 whatever the dtype; sigmoid and tanh only ever take exp of
 -|a| (no overflow for any input; NaN propagates). fp32 dots use INPUT_PRECISION ("tf32" or
 "ieee", chosen by the launcher from torch's cuDNN setting, as cuDNN's LSTM would round).
@@ -88,12 +93,12 @@ def _recurrent_dh(dgn_ptr, whh_ptr, rows, r_ok, units, u_ok, K, sdgn_b, sdgn_k, 
 def lstm_step_fwd(
     x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h_ptr, c_ptr, whh_ptr,
     h1_ptr, c1_ptr, hn_ptr, cn_ptr, gates_ptr,
-    B, I, H,
+    B, I, H, P,                  # P: the width of h (H, or proj_size with projections)
     sx_b, sx_k,                  # x (B, I)
     swi_r, swi_k,                # w_ih (4H, I)
     sxp_b, sxp_k,                # xp (B, 4H): precomputed input part (x W_ih^T + b_ih)
-    sh_b, sh_k, sc_b, sc_k,      # h, c (B, H): previous state
-    swh_r, swh_k,                # w_hh (4H, H)
+    sh_b, sh_k, sc_b, sc_k,      # h (B, P), c (B, H): previous state
+    swh_r, swh_k,                # w_hh (4H, P)
     sh1_b, sh1_k, sc1_b, sc1_k,  # h1, c1 (B, H): new state (c1 is the fp32 workspace copy)
     shn_b, shn_k, scn_b, scn_k,  # hn, cn (B, H): second copies of h1 / c1 (other dtype/place)
     sg_b, sg_k,                  # gates (B, 4H): fp32 activations i, f, g, o
@@ -121,7 +126,7 @@ def lstm_step_fwd(
             acc_i, acc_f, acc_g, acc_o, INPUT_PRECISION, BLOCK_K)
     if HAS_H:
         acc_i, acc_f, acc_g, acc_o = _gate_dots(
-            h_ptr, whh_ptr, rows, r_ok, units, u_ok, H, H, sh_b, sh_k, swh_r, swh_k,
+            h_ptr, whh_ptr, rows, r_ok, units, u_ok, P, H, sh_b, sh_k, swh_r, swh_k,
             acc_i, acc_f, acc_g, acc_o, INPUT_PRECISION, BLOCK_K)
     if HAS_XP:
         xp = xp_ptr + rows[:, None] * sxp_b

@@ -18,12 +18,17 @@ Backward, given dh' and dc' (the gradient reaching c' from the next step):
 The path dc = f * dc'_tot is the "constant error carousel": with f = 1 and i = 0 the cell state,
 and its gradient, pass through any number of steps unchanged.
 
-Full LSTM (torch.nn.LSTM, no dropout, no proj_size): layer l, direction d (0 forward, 1 reverse)
+Full LSTM (torch.nn.LSTM, no dropout): layer l, direction d (0 forward, 1 reverse)
 runs the cell over time (reverse: from t = T-1 down to 0) starting from h0[l*D + d], c0[l*D + d];
 the layer's output at time t is the concatenation over directions of h_t (T, B, D*H), which is
 the input of layer l+1. h_n / c_n hold each (layer, direction)'s final state at index l*D + d.
 Backward is backpropagation through time: walk each direction's steps in the reverse of the
 order they ran, adding the output gradient of step t to the recurrent dh.
+
+With projections (proj_size P, weights weight_hr (P, H) per layer and direction): the cell's
+h' is m = o * tanh(c') and the step's output and recurrent state is h = m W_hr^T (P wide),
+so w_hh is (4H, P), h0 / h_n are (L*D, B, P), the output (T, B, D*P); c stays H wide.
+Backward: dm = dh W_hr enters the cell's backward as its dh', and dW_hr = sum_t dh_t^T m_t.
 
 GRU cell (torch.nn.GRUCell):
     gi = x W_ih^T + b_ih = [gi_r gi_z gi_n]      gh = h W_hh^T + b_hh = [gh_r gh_z gh_n]
@@ -97,7 +102,13 @@ def lstm_cell(x, h=None, c=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
     """
     xp = array_module(x, h, c, w_ih, w_hh, b_ih, b_hh)
     x, (h, c), w_ih, w_hh, unbatched = _cell_inputs(xp, x, (h, c), w_ih, w_hh, 4)
-    H = w_hh.shape[1]
+    return _lstm_cell_rows(xp, x, h, c, w_ih, w_hh, b_ih, b_hh, unbatched)
+
+
+def _lstm_cell_rows(xp, x, h, c, w_ih, w_hh, b_ih, b_hh, unbatched=False):
+    """lstm_cell on checked float64 rows; h may be narrower than c (P columns, w_hh (4H, P):
+    the recurrent input of an LSTM with projections)."""
+    H = w_ih.shape[0] // 4
     a = x @ w_ih.T + _bias(xp, b_ih, 4 * H) + h @ w_hh.T + _bias(xp, b_hh, 4 * H)
     i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H:2 * H]), sigmoid(a[:, 3 * H:])
     g = xp.tanh(a[:, 2 * H:3 * H])
@@ -202,12 +213,15 @@ def gru_cell_backward(dh1, cache):
 
 # ---------------------------------------------------------------------------------- full LSTM
 
-def lstm_weight_names(num_layers: int = 1, bidirectional: bool = False, bias: bool = True):
-    """torch.nn.LSTM's state_dict keys in its order: per layer, per direction, ih, hh, b_ih, b_hh."""
+def lstm_weight_names(num_layers: int = 1, bidirectional: bool = False, bias: bool = True,
+                      proj: bool = False):
+    """torch.nn.LSTM's state_dict keys in its order: per layer, per direction, ih, hh, b_ih, b_hh
+    (and hr with projections, proj=True)."""
     names = []
     for layer in range(num_layers):
         for suffix in ("", "_reverse")[:2 if bidirectional else 1]:
-            kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+            kinds = (("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+                     + (("weight_hr",) if proj else ()))
             names += [f"{k}_l{layer}{suffix}" for k in kinds]
     return names
 
@@ -230,13 +244,18 @@ def _sequence_major(xp, x, batch_first: bool, what: str):
 # h W_hh^T + b_hh (the same array for the LSTM), and "other states" is (c,) for the LSTM.
 
 def _lstm_step(x, states, w):
-    h, c, cache = lstm_cell(x, states[0], states[1], w["weight_ih"], w["weight_hh"],
-                            w["bias_ih"], w["bias_hh"])
+    xp = array_module(x)
+    h, c, cache = _lstm_cell_rows(xp, x, states[0], states[1], w["weight_ih"], w["weight_hh"],
+                                  w["bias_ih"], w["bias_hh"])
+    if w["weight_hr"] is not None:   # projections: h = m W_hr^T
+        cache["m"] = h
+        h = h @ w["weight_hr"].T
     return h, (h, c), cache
 
 
 def _lstm_step_backward(xp, dh, d_other, cache, w):
-    da, dc = _lstm_gate_grads(xp, dh, d_other[0], cache)
+    dm = dh if w["weight_hr"] is None else dh @ w["weight_hr"]
+    da, dc = _lstm_gate_grads(xp, dm, d_other[0], cache)
     return da, da, da @ w["weight_hh"], (dc,)
 
 
@@ -250,25 +269,36 @@ def _gru_step_backward(xp, dh, d_other, cache, w):
     return dgi, dgh, dgh @ w["weight_hh"] + dh_direct, ()
 
 
-def _rnn(step, x, states, weights, num_layers, bidirectional, batch_first):
-    """The multi-layer, bidirectional stack over `step`. states: the initial states (h0[, c0])
-    as given (None = zeros). Returns (output, final states, cache) in the caller's layout."""
+def _state_sizes(weights, gates: int):
+    """(h's width, c's width, ...) of a stack: (P, H) for an LSTM with projections (keys
+    weight_hr_l*), (H, H) for one without, (H,) for the GRU (gates 3)."""
     if weights is None:
         raise ValueError("weights are required")
+    H = weights["weight_ih_l0"].shape[0] // gates
+    if gates == 3:
+        return (H,)
+    hr = weights.get("weight_hr_l0")
+    return (H if hr is None else hr.shape[0], H)
+
+
+def _rnn(step, x, states, weights, num_layers, bidirectional, batch_first, sizes):
+    """The multi-layer, bidirectional stack over `step`. states: the initial states (h0[, c0])
+    as given (None = zeros), sizes their widths (h's is the output's). Returns (output, final
+    states, cache) in the caller's layout."""
     xp = array_module(x, *states, *weights.values())
     D = 2 if bidirectional else 1
     xs, unbatched = _sequence_major(xp, x, batch_first, "x")
     T, B = xs.shape[:2]
-    H = f64(xp, weights["weight_hh_l0"]).shape[1]
+    H = sizes[0]    # the width of h: the output's per direction
     init = []
-    for s in states:
+    for s, n in zip(states, sizes):
         if s is None:
-            init.append(xp.zeros((num_layers * D, B, H)))
+            init.append(xp.zeros((num_layers * D, B, n)))
         else:
             s = f64(xp, s)
             s = s[:, None, :] if unbatched else s
-            if s.shape != (num_layers * D, B, H):
-                raise ValueError(f"initial state: expected {(num_layers * D, B, H)}, got {s.shape}")
+            if s.shape != (num_layers * D, B, n):
+                raise ValueError(f"initial state: expected {(num_layers * D, B, n)}, got {s.shape}")
             init.append(s)
     final = [xp.empty_like(s) for s in init]
     layers = []
@@ -279,10 +309,14 @@ def _rnn(step, x, states, weights, num_layers, bidirectional, batch_first):
         for d in range(D):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             w = {k: (None if weights.get(k + sfx) is None else f64(xp, weights[k + sfx]))
-                 for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+                 for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
             if w["weight_ih"].shape[1] != inp.shape[2]:
                 raise ValueError(f"weight_ih{sfx}: input size {w['weight_ih'].shape[1]} != "
                                  f"{inp.shape[2]}")
+            if w["weight_hh"].shape[1] != H or (
+                    w["weight_hr"] is not None and w["weight_hr"].shape != (H, sizes[-1])):
+                raise ValueError(f"weight_hh{sfx} {w['weight_hh'].shape} / weight_hr{sfx}: "
+                                 f"expected h {H} wide (the cell {sizes[-1]})")
             st = tuple(s[layer * D + d] for s in init)
             steps = []
             for t in (range(T - 1, -1, -1) if d else range(T)):
@@ -294,7 +328,7 @@ def _rnn(step, x, states, weights, num_layers, bidirectional, batch_first):
             dirs.append((sfx, w, steps))
         layers.append(dirs)
         inp = out
-    cache = dict(layers=layers, T=T, B=B, H=H, D=D, num_layers=num_layers, n_states=len(init),
+    cache = dict(layers=layers, T=T, B=B, H=H, D=D, num_layers=num_layers, sizes=sizes,
                  in_size=xs.shape[2], batch_first=batch_first, unbatched=unbatched)
     if unbatched:
         out, final = out[:, 0], [f[:, 0] for f in final]
@@ -317,15 +351,16 @@ def _rnn_backward(step_backward, grad_output, grad_states, cache):
             return g[:, None, :]
         return xp.swapaxes(g, 0, 1) if cache["batch_first"] else g
 
-    def state(g):
+    def state(g, n):
         if g is None:
-            return xp.zeros((L * D, B, H))
+            return xp.zeros((L * D, B, n))
         g = f64(xp, g)
         return g[:, None, :] if u else g
 
+    sizes = cache["sizes"]
     d_out = seq(grad_output, D * H)
-    g_final = [state(g) for g in grad_states]
-    d_init = [xp.zeros((L * D, B, H)) for _ in grad_states]
+    g_final = [state(g, n) for g, n in zip(grad_states, sizes)]
+    d_init = [xp.zeros((L * D, B, n)) for n in sizes]
     dweights = {}
     for layer in range(L - 1, -1, -1):
         dirs = cache["layers"][layer]
@@ -337,8 +372,13 @@ def _rnn_backward(step_backward, grad_output, grad_states, cache):
             G = w["weight_hh"].shape[0]
             da_ih, da_hh = xp.empty((T, B, G)), xp.empty((T, B, G))
             x_all, h_all = xp.empty((T, B, in_size)), xp.empty((T, B, H))
+            hr = w.get("weight_hr") is not None
+            if hr:  # the whole gradient of each h_t and the unprojected m_t, for dW_hr
+                dh_all, m_all = xp.empty((T, B, H)), xp.empty((T, B, sizes[-1]))
             for t, step in reversed(steps):  # reverse of the order the steps ran
                 dh = dh + d_out[t, :, d * H:(d + 1) * H]
+                if hr:
+                    dh_all[t], m_all[t] = dh, step["m"]
                 da_ih[t], da_hh[t], dh, d_other = step_backward(xp, dh, d_other, step, w)
                 x_all[t], h_all[t] = step["x"], step["h"]
             d_in += da_ih @ w["weight_ih"]
@@ -349,6 +389,8 @@ def _rnn_backward(step_backward, grad_output, grad_states, cache):
                 dweights["bias_ih" + sfx] = da_ih.sum(axis=(0, 1))
             if w["bias_hh"] is not None:
                 dweights["bias_hh" + sfx] = da_hh.sum(axis=(0, 1))
+            if hr:
+                dweights["weight_hr" + sfx] = xp.einsum("tbp,tbh->ph", dh_all, m_all)
             for g, v in zip(d_init, (dh,) + d_other):
                 g[layer * D + d] = v
         d_out = d_in
@@ -364,14 +406,15 @@ def lstm(x, h0=None, c0=None, weights=None, num_layers: int = 1, bidirectional: 
          batch_first: bool = False, *, return_cache: bool = False):
     """torch.nn.LSTM forward. x (T, B, I), (B, T, I) if batch_first, or unbatched (T, I);
     h0, c0 (L*D, B, H) or (L*D, H), None = zeros; weights keyed by torch's state_dict names
-    (a layer without bias_* keys has no bias, like bias=False).
+    (a layer without bias_* keys has no bias, like bias=False; weight_hr_* keys (P, H) make
+    it an LSTM with projections, h0 then (L*D, B, P)).
 
     Returns (output, (h_n, c_n)) shaped like torch's: output (T, B, D*H) ((B, T, D*H) if
-    batch_first, (T, D*H) unbatched), h_n / c_n like h0. With return_cache=True a third item,
-    the cache that lstm_backward needs.
+    batch_first, (T, D*H) unbatched; D*P with projections), h_n / c_n like h0 / c0. With
+    return_cache=True a third item, the cache that lstm_backward needs.
     """
     out, (h_n, c_n), cache = _rnn(_lstm_step, x, (h0, c0), weights, num_layers, bidirectional,
-                                  batch_first)
+                                  batch_first, _state_sizes(weights, 4))
     return (out, (h_n, c_n), cache) if return_cache else (out, (h_n, c_n))
 
 
@@ -394,7 +437,7 @@ def gru(x, h0=None, weights=None, num_layers: int = 1, bidirectional: bool = Fal
     """torch.nn.GRU forward: as `lstm` without the cell state. Returns (output, h_n), plus
     the cache gru_backward needs with return_cache=True."""
     out, (h_n,), cache = _rnn(_gru_step, x, (h0,), weights, num_layers, bidirectional,
-                              batch_first)
+                              batch_first, _state_sizes(weights, 3))
     return (out, h_n, cache) if return_cache else (out, h_n)
 
 
