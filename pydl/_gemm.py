@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._launch import cdiv, next_power_of_2
+from ._launch import input_precision as _default_precision
 
 # CUDA caps grid dimensions 1 and 2 at 65535: larger batches are launched in slices.
 _MAX_GRID_Z = 65535
@@ -36,10 +37,6 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
     block_k = min(64 if dtype.itemsize <= 2 else 32, max(16, next_power_of_2(k)))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
                 num_warps=num_warps, num_stages=3)
-
-
-def default_input_precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _batched(t: torch.Tensor, batch: tuple[int, ...], tail: tuple[int, ...], name: str):
@@ -98,7 +95,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
         return out
     B1, B2 = c4.shape[0], c4.shape[1]
     cfg = gemm_config(M, N, K, a.dtype)
-    precision = input_precision or default_input_precision(a.dtype)
+    precision = input_precision or _default_precision(a.dtype)
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     # slices of the batch that fit the grid's z dimension (one launch when B1 * B2 <= 65535)
     step2 = min(B2, _MAX_GRID_Z)
@@ -118,4 +115,4 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     return out
 
 
-__all__ = ["gemm", "gemm_config", "default_input_precision"]
+__all__ = ["gemm", "gemm_config"]

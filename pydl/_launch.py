@@ -48,6 +48,15 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def input_precision(dtype: torch.dtype, *, cudnn: bool = False) -> str:
+    """tl.dot's input precision, rounding fp32 operands as torch rounds the op pydl replaces:
+    TF32 when torch allows it - for cuDNN ops (`cudnn=True`: convolution, the RNN layers,
+    whose torch versions run in cuDNN) by torch.backends.cudnn.allow_tf32 (default on), for
+    matmuls (attention, plain GEMMs) by torch.backends.cuda.matmul.allow_tf32 (default off)."""
+    allowed = torch.backends.cudnn.allow_tf32 if cudnn else torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if dtype == torch.float32 and allowed else "ieee"
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

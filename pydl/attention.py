@@ -22,15 +22,11 @@ from torch import Tensor
 from . import _env
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (SIM_MAX_BLOCKS, cdiv, launch_numba_1d, new_output, next_power_of_2,
+from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, launch_numba_1d, new_output, next_power_of_2,
                       numba_array, numba_stream, numba_threads)
 from .backends import dispatch, register
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _blocks(E: int, EV: int) -> dict:
@@ -58,7 +54,7 @@ class _TritonAttention:
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
             H, L, S, E, EV, H // HKV, scale, dropout_p, seed,
             IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-            INPUT_PRECISION=_input_precision(q.dtype), num_warps=4, **cfg)
+            INPUT_PRECISION=input_precision(q.dtype), num_warps=4, **cfg)
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed):
@@ -71,7 +67,7 @@ class _TritonAttention:
             o, do, delta, *o.stride(), *do.stride(), H, L, EV,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_DV=cfg["BLOCK_DV"])
         common = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                      INPUT_PRECISION=_input_precision(q.dtype), num_warps=4, **cfg)
+                      INPUT_PRECISION=input_precision(q.dtype), num_warps=4, **cfg)
         m = mask if mask is not None else q
         kt.attention_bwd_dkdv[(cdiv(S, cfg["BLOCK_N"]), B * HKV)](
             q, k, v, do, lse, delta, m, dk, dv,

@@ -29,7 +29,7 @@ from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
 from ._library import autocast_inputs, empty_like_shape, geometry_args, geometry_from, kernel_op
-from ._launch import (cdiv, memory_format_of, new_output, next_power_of_2, numba_array,
+from ._launch import (cdiv, input_precision, memory_format_of, new_output, next_power_of_2, numba_array,
                       numba_stream, numba_threads)
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from .backends import dispatch, register
@@ -67,8 +67,8 @@ class ConvGeometry:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots round like cuDNN under the same torch setting: TF32 when it is allowed."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    """fp32 dots round like cuDNN under the same torch setting (pydl._launch.input_precision)."""
+    return input_precision(dtype, cudnn=True)
 
 
 # --- Triton implicit GEMM -------------------------------------------------------------------

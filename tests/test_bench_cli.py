@@ -283,11 +283,11 @@ def test_list_shows_every_suite_and_algorithm_variants(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     for op in ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "attention", "lstm",
-               "softmax", "cross_entropy"):
+               "gru", "lstm_cell", "gru_cell", "softmax", "cross_entropy"):
         assert f"\n{op}: " in "\n" + out, op
     for name in ("triton-implicit", "triton-im2col", "numba-im2col", "triton-flash",
                  "triton-naive", "torch-cudnn (GPU only)", "torch-flash (GPU only)",
-                 "triton-steps", "triton-persistent"):
+                 "triton-steps", "triton-persistent", "triton-steps-recompute"):
         assert name in out, name
     assert "ResNet-50 v1.5" in out and "FlashAttention-2 sweep" in out and "DeepBench" in out
 
@@ -313,7 +313,15 @@ def test_variants_of_the_new_suites():
     assert attn["torch"].kind == "baseline" and not attn["torch"].gpu_only
     for op in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"):
         assert _names(op) == ["triton", "numba", "torch"]
-    assert {"triton-steps", "triton-persistent", "numba-steps", "torch"} <= set(_names("lstm"))
+    assert _names("lstm") == ["triton-steps", "triton-steps-recompute", "triton-persistent",
+                              "numba-steps", "torch"]
+    assert _names("gru") == ["triton-steps", "triton-steps-recompute", "numba-steps", "torch"]
+    for op in ("lstm_cell", "gru_cell"):
+        assert _names(op) == ["triton", "numba", "torch"]
+    gru = {v.name: v for v in all_suites()["gru"].variants()}
+    assert (gru["triton-steps-recompute"].backend, gru["triton-steps-recompute"].algo) == (
+        "triton", "steps")
+    assert all(v.skip is None and v.fn is not None for v in gru.values())
 
 
 class _AlgoSuite(suites_base.Suite):
@@ -407,6 +415,26 @@ def test_flop_and_byte_conventions():
     case = next(c for c in lstm.cases("quick") if c.name == "h1024-b32-t25")
     f = 2 * 4 * 1024 * (1024 + 1024) * 32 * 25
     assert [lstm.flops(case, d) for d in ("fwd", "bwd", "fwd+bwd")] == [f, 2 * f, 3 * f]
+    gru = s["gru"]
+    case = next(c for c in gru.cases("quick") if c.name == "h2048-b32-t375")
+    f = 2 * 3 * 2048 * (2048 + 2048) * 32 * 375
+    assert [gru.flops(case, d) for d in ("fwd", "bwd", "fwd+bwd")] == [f, 2 * f, 3 * f]
+    assert gru.bytes(case, torch.float16, "fwd") is None and gru.bound == "compute"
+    for op, gates, states in (("lstm_cell", 4, 2), ("gru_cell", 3, 1)):
+        cell = s[op]
+        case = next(c for c in cell.cases("quick") if c.name == "h1024-b32")
+        assert case.shape == (32, 1024) and case.hidden == 1024 and cell.bound == "memory"
+        f = 2 * gates * 1024 * 2048 * 32
+        assert [cell.flops(case, d) for d in ("fwd", "bwd", "fwd+bwd")] == [f, 2 * f, 3 * f]
+        w, x, o = gates * 1024 * 2048 + 2 * gates * 1024, 32 * 1024 * (1 + states), \
+            32 * 1024 * states
+        assert cell.bytes(case, torch.float16, "fwd") == 2 * (w + x + o)
+        assert cell.bytes(case, torch.float32, "bwd") == 4 * (2 * w + 2 * x + o)
+        assert cell.bytes(case, torch.float16, "fwd+bwd") == 2 * (3 * w + 3 * x + 2 * o)
+        # DeepBench's hidden 512..2048 x batch 16..128, one step, fp16 and fp32
+        assert {(c.hidden, c.shape[0], c.dtype) for c in cell.cases("full")} == {
+            (h, n, d) for h in (512, 1024, 2048) for n in (16, 32, 64, 128)
+            for d in (torch.float16, torch.float32)}
     mp = s["max_pool2d"]
     stem_pool = next(c for c in mp.cases("quick") if c.name == "r50-stem")
     x, y = 256 * 64 * 112 * 112, 256 * 64 * 56 * 56
@@ -437,14 +465,16 @@ def test_skips_for_algorithm_limits_and_torch_backend_dtypes():
     assert lstm.unsupported(tiny, torch.float32, v["triton-persistent"]) is None
 
 
-def test_lstm_copies_keep_the_weights_in_one_buffer():
-    lstm = all_suites()["lstm"]
-    case = lstm.cases("tiny")[1]
+@pytest.mark.parametrize("op,gates", [("lstm", 4), ("gru", 3)])
+def test_rnn_copies_keep_the_weights_in_one_buffer(op, gates):
+    suite = all_suites()[op]
+    case = suite.cases("tiny")[1]
     gen = torch.Generator().manual_seed(0)
-    inputs = lstm.make_inputs(case, torch.float32, torch.device("cpu"), gen)
+    inputs = suite.make_inputs(case, torch.float32, torch.device("cpu"), gen)
     x, w_ih, w_hh, b_ih, b_hh = inputs
-    assert x.shape == case.shape and w_ih.shape == (4 * 16, 12) and w_hh.shape == (64, 16)
-    copies = lstm.clone_inputs(inputs)
+    assert x.shape == case.shape and w_ih.shape == (gates * 16, 12)
+    assert w_hh.shape == (gates * 16, 16) and b_hh.shape == (gates * 16,)
+    copies = suite.clone_inputs(inputs)
     assert all(t.is_leaf and t.requires_grad for t in copies)
     ptr = copies[1].untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() == ptr for t in copies[1:])
@@ -538,3 +568,100 @@ def test_gpu_path_binds_case_options_and_sets_cudnn_benchmark(monkeypatch):
     assert {(s, p) for s, p, _ in seen} == {(1, 1), (2, 1), (2, 0)}   # the three tiny layers
     assert all(bench for *_, bench in seen)
     assert torch.backends.cudnn.benchmark is False                     # restored
+
+
+# --- the recurrent suites: GRU layer, LSTM / GRU cells, recompute variants ---------------------
+
+# baidu-research/DeepBench code/kernels/rnn_problems.h, training_set, type "gru" (hidden, batch,
+# steps); its (2816, 32, 1500) entry is commented out there
+DEEPBENCH_GRU = {(2816, 32, 750), (2816, 32, 375), (2816, 32, 187),
+                 (2048, 32, 1500), (2048, 32, 750), (2048, 32, 375), (2048, 32, 187),
+                 (1536, 32, 1500), (1536, 32, 750), (1536, 32, 375), (1536, 32, 187),
+                 (2560, 32, 1500), (2560, 32, 750), (2560, 32, 375), (2560, 32, 187),
+                 (512, 32, 1), (1024, 32, 1500), (1024, 64, 1500)}
+
+
+def test_gru_shapes_are_deepbenchs_gru_training_set():
+    gru = all_suites()["gru"]
+    full = gru.cases("full")
+    half = {(c.hidden, c.shape[1], c.shape[0]) for c in full if c.dtype == torch.float16}
+    assert half == DEEPBENCH_GRU and len(full) == len(DEEPBENCH_GRU) + 5
+    for c in full:
+        assert c.shape[2] == c.hidden and "DeepBench GRU training" in c.source
+        assert (c.hidden, c.shape[1], c.shape[0]) in DEEPBENCH_GRU
+    assert {c.dtype for c in gru.cases("quick")} == {torch.float16}
+
+
+def test_recompute_variants_pass_recompute_and_skip_with_their_base(monkeypatch):
+    import pydl.functional
+    seen = []
+
+    def fake_gru(x, hx, weights, **kw):
+        seen.append(kw)
+        return x, None
+
+    monkeypatch.setattr(pydl.functional, "gru", fake_gru)
+    variants = {v.name: v for v in all_suites()["gru"].variants()}
+    x = torch.ones(2, 1, 3)
+    for name in ("triton-steps", "triton-steps-recompute"):
+        variants[name].fn(x, *[None] * 4)
+    assert seen == [dict(backend="triton", algo="steps", recompute=False),
+                    dict(backend="triton", algo="steps", recompute=True)]
+
+    from bench.suites._rnn import TINY_LAYERS, RNNLayerSuite
+    suite = RNNLayerSuite("gru", {"tiny": TINY_LAYERS}, algos={"triton": ("steps", "nope")},
+                          recompute=("triton-nope",))
+    vs = {v.name: v for v in suite.variants()}
+    assert list(vs) == ["triton-steps", "triton-nope", "triton-nope-recompute", "numba", "torch"]
+    assert vs["triton-nope-recompute"].fn is None
+    assert vs["triton-nope-recompute"].skip == vs["triton-nope"].skip and "no algo='nope'" in \
+        vs["triton-nope"].skip
+
+
+@pytest.mark.skipif(not EMULATION, reason="checks the CPU (emulation) behaviour")
+def test_gru_and_cell_suites_pass_the_gate_in_emulation(tmp_path, capsys):
+    rc, text = _run(capsys, "gru", "lstm_cell", "--variants", "triton", "torch",
+                    "--out", str(tmp_path), "--results-dir", str(tmp_path / "none"))
+    assert rc == 0, text
+    rows = _only_json(tmp_path)["rows"]
+    assert {(r["op"], r["variant"]) for r in rows} == {
+        ("gru", "triton-steps"), ("gru", "triton-steps-recompute"), ("gru", "torch"),
+        ("lstm_cell", "triton"), ("lstm_cell", "torch")}
+    assert len(rows) == (3 + 2) * 2 * 3                   # variants x tiny cases x directions
+    for r in rows:
+        assert r["status"] == "pass", r
+        assert r["flops"] > 0 and (r["bytes"] is None) == (r["op"] == "gru")
+
+
+def test_recompute_rows_record_peak_memory_on_the_gpu_path(monkeypatch):
+    """The fake-clock GPU path (see test_gpu_path_with_fake_cuda_clock) on the lstm suite, with
+    pydl.functional.lstm replaced by torch's layer (so nothing is emulated): the recompute
+    variant is checked and timed like the others, with recompute=True, and its rows carry
+    peak_mem_bytes. The numbers mean nothing."""
+    import pydl.functional
+    for name, fn in {"Event": _FakeEvent, "synchronize": lambda *a: None,
+                     "reset_peak_memory_stats": lambda *a: None,
+                     "memory_allocated": lambda *a: 100, "max_memory_allocated": lambda *a: 132,
+                     "empty_cache": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(timing, "l2_bytes", lambda: 1 << 10)
+    lstm = all_suites()["lstm"]
+    flags = []
+
+    def fake_lstm(x, hx, weights, *, backend, algo, recompute):
+        flags.append(recompute)
+        return lstm.torch_fn()(x, *weights), None
+
+    monkeypatch.setattr(pydl.functional, "lstm", fake_lstm)
+    # one case (torch's CPU LSTM in fp32 takes oneDNN's slower path: leave it out)
+    monkeypatch.setitem(lstm.shape_sets, "tiny", tuple(
+        c for c in lstm.cases("tiny") if c.dtype == torch.float16)[:1])
+    options = runner.Options(shapes="tiny", variants=["triton-steps", "torch"],
+                             directions=("fwd+bwd",), warmup_ms=0.0, rep_ms=0.0, progress=False)
+    rows = runner.run([lstm], options, "gpu", {"copy_gbps": 100.0, "bf16_tflops": 10.0},
+                      device="cpu")
+    assert sorted(r["variant"] for r in rows) == ["torch", "triton-steps", "triton-steps-recompute"]
+    for r in rows:
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["peak_mem_bytes"] == 32, r
+        assert r["tflops"] > 0 and r["speedup_vs_torch"] is not None
+    assert True in flags and False in flags
