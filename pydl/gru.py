@@ -33,9 +33,8 @@ from torch import Tensor
 from . import _env
 from ._checks import check_tensor
 from ._library import autocast_inputs, kernel_op
-from ._launch import cdiv, new_output, numba_array
+from ._launch import cdiv, input_precision, new_output, numba_array
 from .backends import dispatch, register
-from .conv import _input_precision
 from .lstm import (_NUMBA_SIM_STEP_TILE, _NUMBA_STEP_TILE, _cell_grads_fake, _cell_need,
                    _check_cell_state, _check_cell_weights, _dot_block, _mm, _or_empty, _numba_launch, _NumbaLSTM, _run_order, _seq_rows,
                    _steps_after_first, _strides, _TritonLSTM, layer_impl, layer_output,
@@ -47,8 +46,8 @@ F32 = torch.float32
 class _TritonGRU(_TritonLSTM):
     """The LSTM launcher (GEMMs, bias sums, dropout's product) plus the GRU step kernels."""
 
-    @staticmethod
-    def gru_step_fwd(x, w_ih, xp, b_ih, h, w_hh, b_hh, h1, hn, ws) -> None:
+    @classmethod
+    def gru_step_fwd(cls, x, w_ih, xp, b_ih, h, w_hh, b_hh, h1, hn, ws) -> None:
         """One fused step (see kernels/triton/gru.py); x/w_ih (the cell) or xp (a layer's
         step), the biases, h and hn may be None."""
         from .kernels.triton import gru as k
@@ -66,10 +65,10 @@ class _TritonGRU(_TritonLSTM):
             *w_hh.stride(), *h1.stride(), *_strides(hn, 2), *ws.stride(),
             HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
             HAS_BHH=b_hh is not None, HAS_H=h is not None, WRITE_HN=hn is not None,
-            INPUT_PRECISION=_input_precision(h1.dtype), **cfg)
+            INPUT_PRECISION=input_precision(h1.dtype, cudnn=cls.CUDNN_TF32), **cfg)
 
-    @staticmethod
-    def gru_step_bwd(ws, h, dg_next, w_hh, dh_a, dh_b, dhd, dgi, dgh, dhd_out) -> None:
+    @classmethod
+    def gru_step_bwd(cls, ws, h, dg_next, w_hh, dh_a, dh_b, dhd, dgi, dgh, dhd_out) -> None:
         """One backward step: dh1 = dg_next W_hh + dh_a + dh_b + dhd, then the gate
         gradients; h, dg_next, dh_a, dh_b, dhd may be None; dhd_out may alias dhd."""
         from .kernels.triton import gru as k
@@ -86,7 +85,7 @@ class _TritonGRU(_TritonLSTM):
             *dgh.stride(), *dhd_out.stride(),
             HAS_H=h is not None, HAS_DGN=dg_next is not None, HAS_DHA=dh_a is not None,
             HAS_DHB=dh_b is not None, HAS_DHD=dhd is not None,
-            INPUT_PRECISION=_input_precision(F32), **cfg)
+            INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32), **cfg)
 
 
 class _NumbaGRU(_NumbaLSTM):
@@ -138,6 +137,13 @@ class _NumbaGRU(_NumbaLSTM):
 
 
 LAUNCHERS = {"triton": _TritonGRU, "numba": _NumbaGRU}
+
+
+class _TritonGRUCell(_TritonGRU):
+    CUDNN_TF32 = False   # torch's GRUCell is a cuBLAS matmul (see pydl.lstm._TritonLSTM)
+
+
+CELL_LAUNCHERS = {"triton": _TritonGRUCell, "numba": _NumbaGRU}
 # backend -> the layer's algorithms; the first is the default
 ALGOS = {"triton": ("steps",), "numba": ("steps",)}
 
@@ -158,7 +164,7 @@ def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     h1 = new_output((B, H), x.dtype, x.device)
     ws = new_output((B, 4 * H), F32, x.device)
     if B and H:
-        LAUNCHERS[backend].gru_step_fwd(x, w_ih, None, b_ih, h, w_hh, b_hh, h1, None, ws)
+        CELL_LAUNCHERS[backend].gru_step_fwd(x, w_ih, None, b_ih, h, w_hh, b_hh, h1, None, ws)
     return h1, ws
 
 
@@ -168,7 +174,7 @@ def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
 def _gru_cell_bwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, ws: Tensor,
                   dh1: Tensor, need: list[bool], backend: str) -> list[Tensor]:
     """Gradients of (x, h, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed."""
-    launch = LAUNCHERS[backend]
+    launch = CELL_LAUNCHERS[backend]
     B, H = dh1.shape
     dev = x.device
     dgi = new_output((B, 3 * H), F32, dev)

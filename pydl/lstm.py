@@ -74,10 +74,9 @@ from torch import Tensor
 from . import _env
 from ._checks import check_tensor
 from ._library import autocast_inputs, kernel_op
-from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
-                      numba_threads)
+from ._launch import (cdiv, input_precision, new_output, next_power_of_2, numba_array,
+                      numba_blocks, numba_stream, numba_threads)
 from .backends import dispatch, register
-from .conv import _input_precision
 
 F32 = torch.float32
 
@@ -97,8 +96,12 @@ def _dot_block(n: int, cap: int) -> int:
 
 
 class _TritonLSTM:
-    @staticmethod
-    def step_fwd(x, w_ih, xp, b_ih, b_hh, h, c, w_hh, h1, c1, hn, cn, gates) -> None:
+    # fp32 dots round as torch's cuDNN RNN (the layer) does; the cells' launcher below rounds
+    # as torch's LSTMCell, a cuBLAS matmul (pydl._launch.input_precision)
+    CUDNN_TF32 = True
+
+    @classmethod
+    def step_fwd(cls, x, w_ih, xp, b_ih, b_hh, h, c, w_hh, h1, c1, hn, cn, gates) -> None:
         """One fused step (see kernels/triton/lstm.py): any of x/w_ih, xp, biases, h, c, hn,
         cn may be None."""
         from .kernels.triton import lstm as k
@@ -120,10 +123,10 @@ class _TritonLSTM:
             HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
             HAS_BHH=b_hh is not None, HAS_H=h is not None, HAS_C=c is not None,
             WRITE_HN=hn is not None, WRITE_CN=cn is not None,
-            INPUT_PRECISION=_input_precision(h1.dtype), **cfg)
+            INPUT_PRECISION=input_precision(h1.dtype, cudnn=cls.CUDNN_TF32), **cfg)
 
-    @staticmethod
-    def step_bwd(gates, c_prev, c1, dg_next, w_hh, dh_a, dh_b, dc, dg, dc_prev) -> None:
+    @classmethod
+    def step_bwd(cls, gates, c_prev, c1, dg_next, w_hh, dh_a, dh_b, dc, dg, dc_prev) -> None:
         """One fused backward step (dh = dg_next W_hh, then the gate gradients); c_prev,
         dg_next, dh_a, dh_b, dc, dc_prev may be None."""
         from .kernels.triton import lstm as k
@@ -141,10 +144,11 @@ class _TritonLSTM:
             *dg.stride(), *_strides(dc_prev, 2),
             HAS_CPREV=c_prev is not None, HAS_DGN=dg_next is not None,
             HAS_DHA=dh_a is not None, HAS_DHB=dh_b is not None, HAS_DC=dc is not None,
-            WRITE_DCPREV=dc_prev is not None, INPUT_PRECISION=_input_precision(F32), **cfg)
+            WRITE_DCPREV=dc_prev is not None,
+            INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32), **cfg)
 
-    @staticmethod
-    def gemm(a, b, out, c_in=None, bias=None) -> None:
+    @classmethod
+    def gemm(cls, a, b, out, c_in=None, bias=None) -> None:
         """out[b1, b2] = a[b1, b2] @ b[b1, b2] (+ c_in) (+ bias[b1] per column), 4-D views;
         a size-1 batch axis of an operand broadcasts, and out's second batch axis of size 1
         sums over the operands' (the semantics of pydl/_gemm_numba.py's gemm)."""
@@ -159,7 +163,8 @@ class _TritonLSTM:
             # the library's shared GEMM (pydl/_gemm.py) covers same-dtype products without a
             # reduction over a batch axis: the input projection, and dx / dh in fp32
             from ._gemm import gemm
-            gemm(a, b, out, addend=c_in, bias=bias, input_precision=_input_precision(a.dtype))
+            gemm(a, b, out, addend=c_in, bias=bias,
+                 input_precision=input_precision(a.dtype, cudnn=cls.CUDNN_TF32))
             return
 
         def batch_strides(t):
@@ -177,7 +182,7 @@ class _TritonLSTM:
             *((0 if bias.shape[0] == 1 else bias.stride(0), bias.stride(1))
               if bias is not None else (0, 0)),
             ACCUMULATE=c_in is not None, HAS_BIAS=bias is not None, DOT_F32=dot_f32,
-            INPUT_PRECISION=_input_precision(F32) if dot_f32 else "ieee", **cfg)
+            INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32) if dot_f32 else "ieee", **cfg)
 
     @staticmethod
     def bias_grad(dg, db1, db2) -> None:
@@ -198,8 +203,8 @@ class _TritonLSTM:
         k.mul_3d[(cdiv(x.numel(), block),)](x, s, y, *x.shape, *x.stride(), *s.stride(),
                                              *y.stride(), BLOCK=block, num_warps=4)
 
-    @staticmethod
-    def persistent_fwd(xp, b_hh, h0, c0, w_hh, out, cs, gates, hn, cn, reverse: bool) -> None:
+    @classmethod
+    def persistent_fwd(cls, xp, b_hh, h0, c0, w_hh, out, cs, gates, hn, cn, reverse: bool) -> None:
         from .kernels.triton import lstm as k
         T, B, H = out.shape
         block_h = _dot_block(H, PERSISTENT_MAX_HIDDEN)
@@ -211,11 +216,11 @@ class _TritonLSTM:
             *xp.stride(), *_strides(h0, 2), *_strides(c0, 2), *w_hh.stride(), *out.stride(),
             *cs.stride(), *gates.stride(), *hn.stride(), *cn.stride(),
             REVERSE=reverse, HAS_BHH=b_hh is not None, HAS_H0=h0 is not None,
-            HAS_C0=c0 is not None, INPUT_PRECISION=_input_precision(out.dtype),
+            HAS_C0=c0 is not None, INPUT_PRECISION=input_precision(out.dtype, cudnn=cls.CUDNN_TF32),
             BLOCK_B=block_b, BLOCK_H=block_h, num_warps=4 if block_h <= 32 else 8)
 
-    @staticmethod
-    def persistent_bwd(gates, cs, c0, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, reverse: bool) -> None:
+    @classmethod
+    def persistent_bwd(cls, gates, cs, c0, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, reverse: bool) -> None:
         from .kernels.triton import lstm as k
         T, B, H = cs.shape
         block_h = _dot_block(H, PERSISTENT_MAX_HIDDEN)
@@ -229,7 +234,8 @@ class _TritonLSTM:
             *dh0.stride(), *dc0.stride(),
             REVERSE=reverse, HAS_C0=c0 is not None, HAS_DOUT=d_out is not None,
             HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None,
-            INPUT_PRECISION=_input_precision(F32), BLOCK_B=block_b, BLOCK_H=block_h,
+            INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32), BLOCK_B=block_b,
+            BLOCK_H=block_h,
             num_warps=4 if block_h <= 32 else 8)
 
 
@@ -335,6 +341,13 @@ class _NumbaLSTM:
 
 
 LAUNCHERS = {"triton": _TritonLSTM, "numba": _NumbaLSTM}
+
+
+class _TritonLSTMCell(_TritonLSTM):
+    CUDNN_TF32 = False
+
+
+CELL_LAUNCHERS = {"triton": _TritonLSTMCell, "numba": _NumbaLSTM}
 # backend -> the layer's algorithms; the first is the default
 ALGOS = {"triton": ("steps", "persistent"), "numba": ("steps",)}
 
@@ -372,8 +385,8 @@ def _lstm_cell_fwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Te
     c32 = new_output((B, H), F32, x.device)
     gates = new_output((B, 4 * H), F32, x.device)
     if B and H:
-        LAUNCHERS[backend].step_fwd(x, w_ih, None, b_ih, b_hh, h, c, w_hh, h1, c32, None, c1,
-                                    gates)
+        CELL_LAUNCHERS[backend].step_fwd(x, w_ih, None, b_ih, b_hh, h, c, w_hh, h1, c32, None,
+                                         c1, gates)
     return h1, c1, gates, c32
 
 
@@ -383,7 +396,7 @@ def _lstm_cell_bwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Te
                    w_hh: Tensor, gates: Tensor, c32: Tensor, dh1: Tensor, dc1: Tensor,
                    need: list[bool], backend: str) -> list[Tensor]:
     """Gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed."""
-    launch = LAUNCHERS[backend]
+    launch = CELL_LAUNCHERS[backend]
     B, H = c32.shape
     dg = new_output((B, 4 * H), F32, x.device)
     dc = new_output(c.shape, c.dtype, c.device) if need[2] else None
