@@ -49,12 +49,18 @@ them, since starting a block costs tens of milliseconds there); every loop bound
 in is uniform across the block. Shared memory stays below the 48 KiB static limit for head dims
 up to 256: the launcher shrinks the tiles as the head dim grows (`tile_sizes`).
 
+The three flash kernels share their pieces as `device` functions (kernels/numba/_device.py:
+inlined into each kernel when compiled, plain calls in the CUDA simulator): the tile loads
+(`_load_rows`) and output stores (`_store_row`), the score with its masks (`_score`), the
+backward's P and dS of a score (`_grad_pair`), and the row-times-tile accumulation
+(`_accumulate`). The loads and stores decode and encode bf16 inline rather than through
+_dtypes.load4_f32 / store4_f32, and the hot loops call no Numba type casts: in the CUDA
+simulator each call of a `cuda.jit` device function costs tens of microseconds and each
+`float32(x)` several.
+
 All arithmetic is fp32 whatever the tensor dtype (fp16; bf16 arrives as int16 bits and is
 decoded with kernels/numba/_dtypes.py); constants are typed fp32 so that nothing promotes to
-fp64 on the GPU (math.exp / math.log of an fp32 value are fp32 in Numba). Loads and stores are
-written inline rather than through device functions, and the hot loops call no Numba type
-casts: in the CUDA simulator each device-function call costs tens of microseconds and each
-`float32(x)` several.
+fp64 on the GPU (math.exp / math.log of an fp32 value are fp32 in Numba).
 """
 import math
 
@@ -62,6 +68,8 @@ import numpy as np
 from numba import cuda, float32, int8, int64
 
 from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits  # noqa: F401
+from ._device import device
+from ._grid import grid_threads, thread_index
 
 MASK_NONE = 0
 MASK_BOOL = 1
@@ -85,7 +93,7 @@ SHARED_LIMIT = 48 * 1024
 _M32 = 0xFFFFFFFF
 
 
-@cuda.jit(device=True)
+@device
 def _mix32(x):
     x = x ^ (x >> 16)
     x = (x * 0x21F0AAAD) & _M32
@@ -94,13 +102,13 @@ def _mix32(x):
     return x ^ (x >> 15)
 
 
-@cuda.jit(device=True)
+@device
 def _dropout_base(seed, bh):
     """The key of (seed, batch*head plane bh), computed once per plane."""
     return _mix32(_mix32((int64(seed) & _M32) ^ 0x9E3779B9) ^ (int64(bh) & _M32))
 
 
-@cuda.jit(device=True)
+@device
 def _dropout_keep(base, offset, threshold):
     """Whether score `offset` = i * S + j of the plane keyed `base` survives dropout:
     hash >= threshold = p * 2**32, so it is dropped with probability p. Two hash rounds, the
@@ -127,9 +135,7 @@ def attention_dropout_mask(keep, seed, threshold):
     L = keep.shape[1]
     S = keep.shape[2]
     total = int64(keep.shape[0]) * L
-    start = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = int64(cuda.gridDim.x) * cuda.blockDim.x
-    for r in range(start, total, step):
+    for r in range(thread_index(), total, grid_threads()):
         bh = r // L
         i = r - bh * L
         base = _dropout_base(seed, bh)
@@ -174,6 +180,125 @@ def _cached(key, build):
     return k
 
 
+# --- pieces shared by the flash kernels ------------------------------------------------------
+# Called once per tile, per work item or per score, never per head-dim element.
+
+@device
+def _thread_slot(G):
+    """(t, r, g): this thread's index in the block, the owned row it serves (thread t serves row
+    t // G) and its place g among that row's G threads."""
+    t = cuda.threadIdx.x
+    r = t // G
+    return t, r, t - r * G
+
+
+@device
+def _dims(q, k, v):
+    """(B, H, HKV, L, S, E, EV) of q (B, H, L, E), k (B, HKV, S, E) and v (B, HKV, S, EV)."""
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+
+
+@device
+def _query_tile(w, nq, BM, H, group, L):
+    """Work item w of a kernel that owns BM query rows (nq tiles per plane): (bh, q0, b, h, hk,
+    nrows), i.e. its (batch*head) plane, first row, batch, head and K/V head, rows held."""
+    bh = w // nq
+    q0 = (w - bh * nq) * BM
+    b = bh // H
+    h = bh - b * H
+    return bh, q0, b, h, h // group, min(BM, L - q0)
+
+
+@device
+def _load_rows(dst, src, b, h, r0, nrows, width, t, nt, code):
+    """dst[r, d] = src[b, h, r0 + r, d] in fp32 for r < nrows, d < width: the block's nt threads
+    (this one is t) copy rows into shared memory, consecutive threads on consecutive d. dst may
+    be a transposed view (the forward keeps V transposed)."""
+    for e in range(t, nrows * width, nt):
+        r = e // width
+        d = e - r * width
+        if code == BF16:
+            dst[r, d] = bf16_bits_to_f32(src[b, h, r0 + r, d])
+        else:
+            dst[r, d] = src[b, h, r0 + r, d]
+
+
+@device
+def _store_row(dst, b, h, row, acc, n, g, G, mul, div, code):
+    """dst[b, h, row, g + c * G] = acc[c] * mul / div for c < n, in dst's dtype (bf16 encoded
+    inline, as `_load_rows` decodes): this thread's columns of an output row; 0 where div is
+    not positive (a row with no visible key). mul = div = 1 store acc exactly as it is."""
+    for c in range(n):
+        out = acc[c] * mul / div if div > ZERO else ZERO
+        if code == BF16:
+            dst[b, h, row, g + c * G] = f32_to_bf16_bits(out)
+        else:
+            dst[b, h, row, g + c * G] = out
+
+
+@device
+def _dot(a, b, n):
+    """sum of a[d] * b[d] over d < n, accumulated in order in fp32."""
+    acc = ZERO
+    for d in range(n):
+        acc += a[d] * b[d]
+    return acc
+
+
+@device
+def _score(qrow, krow, E, sc, mask, b, h, row, col, mask_kind, mask_code, is_causal):
+    """(visible, s) of score (row, col) of plane (b, h): s = (q . k) * sc plus a float mask, or
+    (False, -inf) where the causal or the boolean mask hides key col from query row."""
+    visible = not (is_causal and col > row)
+    if visible and mask_kind == MASK_BOOL:
+        visible = mask[b, h, row, col] != 0
+    if not visible:
+        return False, NEG_INF
+    s = _dot(qrow, krow, E) * sc
+    if mask_kind == MASK_FLOAT:
+        if mask_code == BF16:
+            s += bf16_bits_to_f32(mask[b, h, row, col])
+        else:
+            s += mask[b, h, row, col]
+    return True, s
+
+
+@device
+def _grad_pair(visible, s, row_lse, row_delta, dorow, vrow, EV, dropout, base, offset,
+               threshold, dscale):
+    """(P as dV = P^T dO uses it, dS) for one score (visible, s) of `_score` in the backward:
+    p = exp(s - lse) (0 for every score of a fully masked row, whose lse is +inf),
+    dP = dO . V, dropout keeping (scaling) or zeroing both P and dP, dS = p * (dP - delta);
+    (0, 0) for a hidden score or p = 0, with no exp or dot computed for a hidden one."""
+    if not visible:
+        return ZERO, ZERO
+    p = math.exp(s - row_lse)
+    if p == ZERO:
+        return ZERO, ZERO
+    dp = _dot(dorow, vrow, EV)
+    pu = p
+    if dropout:
+        if _dropout_keep(base, offset, threshold):
+            pu = p * dscale
+            dp = dp * dscale
+        else:
+            pu = ZERO
+            dp = ZERO
+    return pu, p * (dp - row_delta)
+
+
+@device
+def _accumulate(acc, ncols, g, G, alpha, wrow, tile, n):
+    """acc[c] = acc[c] * alpha + sum over j < n of wrow[j] * tile[j, g + c * G], for c < ncols:
+    this thread's columns of a row (of P or dS) times a shared tile, summed in j order."""
+    for c in range(ncols):
+        d = g + c * G
+        a = acc[c] * alpha
+        for j in range(n):
+            a += wrow[j] * tile[j, d]
+        acc[c] = a
+
+
 # --- forward ---------------------------------------------------------------------------------
 
 def fwd_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
@@ -212,16 +337,9 @@ def _build_fwd(BM, BN, BD, BDV, NT):
         skeep = cuda.shared.array((BM, BN), int8)         # dropout keep flags of the tile
         acc = cuda.local.array(NCV, float32)              # this thread's columns of P V
         pl = cuda.local.array(BN, float32)                # the row's (dropped) P of the tile
-        t = cuda.threadIdx.x
-        i = t // G
-        g = t - i * G
-        B = q.shape[0]
-        H = q.shape[1]
-        L = q.shape[2]
-        E = q.shape[3]
-        S = k.shape[2]
-        EV = v.shape[3]
-        group = H // k.shape[1]
+        t, i, g = _thread_slot(G)
+        B, H, HKV, L, S, E, EV = _dims(q, k, v)
+        group = H // HKV
         sc = float32(scale)
         dscale = float32(drop_scale)
         ncv = (EV - g + G - 1) // G          # columns g + c * G below EV
@@ -230,20 +348,9 @@ def _build_fwd(BM, BN, BD, BDV, NT):
         srow = ss[i]
         it = 0                               # streamed tiles so far: picks the buffer
         for w in range(cuda.blockIdx.x, nq * B * H, cuda.gridDim.x):
-            bh = w // nq
-            q0 = (w - bh * nq) * BM
-            b = bh // H
-            h = bh - b * H
-            hk = h // group
-            nrows = min(BM, L - q0)
+            bh, q0, b, h, hk, nrows = _query_tile(w, nq, BM, H, group, L)
             # sq was last read before the final sync of the previous item: free to overwrite
-            for e in range(t, nrows * E, NT):
-                r = e // E
-                d = e - r * E
-                if code == BF16:
-                    sq[r, d] = bf16_bits_to_f32(q[b, h, q0 + r, d])
-                else:
-                    sq[r, d] = q[b, h, q0 + r, d]
+            _load_rows(sq, q, b, h, q0, nrows, E, t, NT, code)
             for c in range(NCV):
                 acc[c] = ZERO
             m = NEG_INF
@@ -256,40 +363,14 @@ def _build_fwd(BM, BN, BD, BDV, NT):
                 buf = it & 1
                 it += 1
                 ncols = min(BN, S - k0)
-                for e in range(t, ncols * E, NT):
-                    r = e // E
-                    d = e - r * E
-                    if code == BF16:
-                        sk[buf, r, d] = bf16_bits_to_f32(k[b, hk, k0 + r, d])
-                    else:
-                        sk[buf, r, d] = k[b, hk, k0 + r, d]
-                for e in range(t, ncols * EV, NT):
-                    r = e // EV
-                    d = e - r * EV
-                    if code == BF16:
-                        svt[buf, d, r] = bf16_bits_to_f32(v[b, hk, k0 + r, d])
-                    else:
-                        svt[buf, d, r] = v[b, hk, k0 + r, d]
+                _load_rows(sk[buf], k, b, hk, k0, ncols, E, t, NT, code)
+                _load_rows(svt[buf].T, v, b, hk, k0, ncols, EV, t, NT, code)
                 cuda.syncthreads()
                 if live:
                     for j in range(g, ncols, G):
                         col = k0 + j
-                        s = NEG_INF
-                        ok = not (is_causal and col > row)
-                        if ok and mask_kind == MASK_BOOL:
-                            ok = mask[b, h, row, col] != 0
-                        if ok:
-                            krow = sk[buf, j]
-                            dot = ZERO
-                            for d in range(E):
-                                dot += qrow[d] * krow[d]
-                            s = dot * sc
-                            if mask_kind == MASK_FLOAT:
-                                if mask_code == BF16:
-                                    s += bf16_bits_to_f32(mask[b, h, row, col])
-                                else:
-                                    s += mask[b, h, row, col]
-                        srow[j] = s
+                        _, srow[j] = _score(qrow, sk[buf, j], E, sc, mask, b, h, row, col,
+                                            mask_kind, mask_code, is_causal)
                         if dropout:
                             skeep[i, j] = 1 if _dropout_keep(base, row * S + col, threshold) else 0
                 cuda.syncthreads()
@@ -306,21 +387,10 @@ def _build_fwd(BM, BN, BD, BDV, NT):
                             if dropout:
                                 p = p * dscale if skeep[i, j] != 0 else ZERO
                             pl[j] = p
-                        vb = svt[buf]
-                        for c in range(ncv):
-                            vcol = vb[g + c * G]
-                            a = acc[c] * alpha
-                            for j in range(ncols):
-                                a += pl[j] * vcol[j]
-                            acc[c] = a
+                        _accumulate(acc, ncv, g, G, alpha, pl, svt[buf].T, ncols)
                         m = m_new
             if live:
-                for c in range(ncv):
-                    out = acc[c] / lsum if lsum > ZERO else ZERO
-                    if code == BF16:
-                        o[b, h, row, g + c * G] = f32_to_bf16_bits(out)
-                    else:
-                        o[b, h, row, g + c * G] = out
+                _store_row(o, b, h, row, acc, ncv, g, G, ONE, lsum, code)
                 if g == 0:
                     lse[bh, row] = m + math.log(lsum) if lsum > ZERO else POS_INF
 
@@ -338,9 +408,7 @@ def delta_kernel(o, do, delta, code):
     L = o.shape[2]
     EV = o.shape[3]
     total = int64(o.shape[0]) * H * L
-    start = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = int64(cuda.gridDim.x) * cuda.blockDim.x
-    for r in range(start, total, step):
+    for r in range(thread_index(), total, grid_threads()):
         bh = r // L
         i = r - bh * L
         b = bh // H
@@ -377,16 +445,9 @@ def _build_dq(BM, BN, BD, BDV, NT):
         sv = cuda.shared.array((2, BN, BDVP), float32)    # streamed values, double-buffered
         sds = cuda.shared.array((BM, BNP), float32)       # dS of the current tile
         acc = cuda.local.array(NCD, float32)              # this thread's columns of dQ
-        t = cuda.threadIdx.x
-        i = t // G
-        g = t - i * G
-        B = q.shape[0]
-        H = q.shape[1]
-        L = q.shape[2]
-        E = q.shape[3]
-        S = k.shape[2]
-        EV = v.shape[3]
-        group = H // k.shape[1]
+        t, i, g = _thread_slot(G)
+        B, H, HKV, L, S, E, EV = _dims(q, k, v)
+        group = H // HKV
         sc = float32(scale)
         dscale = float32(drop_scale)
         ncd = (E - g + G - 1) // G
@@ -396,26 +457,9 @@ def _build_dq(BM, BN, BD, BDV, NT):
         dsrow = sds[i]
         it = 0
         for w in range(cuda.blockIdx.x, nq * B * H, cuda.gridDim.x):
-            bh = w // nq
-            q0 = (w - bh * nq) * BM
-            b = bh // H
-            h = bh - b * H
-            hk = h // group
-            nrows = min(BM, L - q0)
-            for e in range(t, nrows * E, NT):
-                r = e // E
-                d = e - r * E
-                if code == BF16:
-                    sq[r, d] = bf16_bits_to_f32(q[b, h, q0 + r, d])
-                else:
-                    sq[r, d] = q[b, h, q0 + r, d]
-            for e in range(t, nrows * EV, NT):
-                r = e // EV
-                d = e - r * EV
-                if code == BF16:
-                    sdo[r, d] = bf16_bits_to_f32(do[b, h, q0 + r, d])
-                else:
-                    sdo[r, d] = do[b, h, q0 + r, d]
+            bh, q0, b, h, hk, nrows = _query_tile(w, nq, BM, H, group, L)
+            _load_rows(sq, q, b, h, q0, nrows, E, t, NT, code)
+            _load_rows(sdo, do, b, h, q0, nrows, EV, t, NT, code)
             for c in range(NCD):
                 acc[c] = ZERO
             row = q0 + i
@@ -431,66 +475,22 @@ def _build_dq(BM, BN, BD, BDV, NT):
                 buf = it & 1
                 it += 1
                 ncols = min(BN, S - k0)
-                for e in range(t, ncols * E, NT):
-                    r = e // E
-                    d = e - r * E
-                    if code == BF16:
-                        sk[buf, r, d] = bf16_bits_to_f32(k[b, hk, k0 + r, d])
-                    else:
-                        sk[buf, r, d] = k[b, hk, k0 + r, d]
-                for e in range(t, ncols * EV, NT):
-                    r = e // EV
-                    d = e - r * EV
-                    if code == BF16:
-                        sv[buf, r, d] = bf16_bits_to_f32(v[b, hk, k0 + r, d])
-                    else:
-                        sv[buf, r, d] = v[b, hk, k0 + r, d]
+                _load_rows(sk[buf], k, b, hk, k0, ncols, E, t, NT, code)
+                _load_rows(sv[buf], v, b, hk, k0, ncols, EV, t, NT, code)
                 cuda.syncthreads()
                 if live:
                     for j in range(g, ncols, G):
                         col = k0 + j
-                        ds = ZERO
-                        ok = not (is_causal and col > row)
-                        if ok and mask_kind == MASK_BOOL:
-                            ok = mask[b, h, row, col] != 0
-                        if ok:
-                            krow = sk[buf, j]
-                            dot = ZERO
-                            for d in range(E):
-                                dot += qrow[d] * krow[d]
-                            s = dot * sc
-                            if mask_kind == MASK_FLOAT:
-                                if mask_code == BF16:
-                                    s += bf16_bits_to_f32(mask[b, h, row, col])
-                                else:
-                                    s += mask[b, h, row, col]
-                            p = math.exp(s - row_lse)    # 0 for a fully masked row
-                            if p != ZERO:
-                                vrow = sv[buf, j]
-                                dp = ZERO
-                                for d in range(EV):
-                                    dp += dorow[d] * vrow[d]
-                                if dropout:
-                                    kept = _dropout_keep(base, row * S + col, threshold)
-                                    dp = dp * dscale if kept else ZERO
-                                ds = p * (dp - row_delta)
-                        dsrow[j] = ds
+                        visible, s = _score(qrow, sk[buf, j], E, sc, mask, b, h, row, col,
+                                            mask_kind, mask_code, is_causal)
+                        _, dsrow[j] = _grad_pair(visible, s, row_lse, row_delta, dorow,
+                                                 sv[buf, j], EV, dropout, base, row * S + col,
+                                                 threshold, dscale)
                 cuda.syncthreads()
                 if live:
-                    kb = sk[buf]
-                    for c in range(ncd):
-                        d = g + c * G
-                        a = acc[c]
-                        for j in range(ncols):
-                            a += dsrow[j] * kb[j, d]
-                        acc[c] = a
+                    _accumulate(acc, ncd, g, G, ONE, dsrow, sk[buf], ncols)
             if live:
-                for c in range(ncd):
-                    out = acc[c] * sc
-                    if code == BF16:
-                        dq[b, h, row, g + c * G] = f32_to_bf16_bits(out)
-                    else:
-                        dq[b, h, row, g + c * G] = out
+                _store_row(dq, b, h, row, acc, ncd, g, G, sc, ONE, code)
 
     return attention_bwd_dq
 
@@ -523,16 +523,8 @@ def _build_dkdv(BN, BM, BD, BDV, NT):
         sdst = cuda.shared.array((BN, BMP), float32)      # dS^T of the current tile
         acck = cuda.local.array(NCD, float32)             # this thread's columns of dK
         accv = cuda.local.array(NCV, float32)             # and of dV
-        t = cuda.threadIdx.x
-        j = t // G                                        # the thread's key within the tile
-        g = t - j * G
-        B = q.shape[0]
-        H = q.shape[1]
-        L = q.shape[2]
-        E = q.shape[3]
-        HKV = k.shape[1]
-        S = k.shape[2]
-        EV = v.shape[3]
+        t, j, g = _thread_slot(G)                         # j: the thread's key in the tile
+        B, H, HKV, L, S, E, EV = _dims(q, k, v)
         group = H // HKV
         sc = float32(scale)
         dscale = float32(drop_scale)
@@ -551,20 +543,8 @@ def _build_dkdv(BN, BM, BD, BDV, NT):
             hk = bhk - b * HKV
             ncols = min(BN, S - k0)
             # sk / sv were last read before the previous item's final sync
-            for e in range(t, ncols * E, NT):
-                r = e // E
-                d = e - r * E
-                if code == BF16:
-                    sk[r, d] = bf16_bits_to_f32(k[b, hk, k0 + r, d])
-                else:
-                    sk[r, d] = k[b, hk, k0 + r, d]
-            for e in range(t, ncols * EV, NT):
-                r = e // EV
-                d = e - r * EV
-                if code == BF16:
-                    sv[r, d] = bf16_bits_to_f32(v[b, hk, k0 + r, d])
-                else:
-                    sv[r, d] = v[b, hk, k0 + r, d]
+            _load_rows(sk, k, b, hk, k0, ncols, E, t, NT, code)
+            _load_rows(sv, v, b, hk, k0, ncols, EV, t, NT, code)
             for c in range(NCD):
                 acck[c] = ZERO
             for c in range(NCV):
@@ -581,20 +561,8 @@ def _build_dkdv(BN, BM, BD, BDV, NT):
                     buf = it & 1
                     it += 1
                     nrows = min(BM, L - q0)
-                    for e in range(t, nrows * E, NT):
-                        r = e // E
-                        d = e - r * E
-                        if code == BF16:
-                            sq[buf, r, d] = bf16_bits_to_f32(q[b, h, q0 + r, d])
-                        else:
-                            sq[buf, r, d] = q[b, h, q0 + r, d]
-                    for e in range(t, nrows * EV, NT):
-                        r = e // EV
-                        d = e - r * EV
-                        if code == BF16:
-                            sdo[buf, r, d] = bf16_bits_to_f32(do[b, h, q0 + r, d])
-                        else:
-                            sdo[buf, r, d] = do[b, h, q0 + r, d]
+                    _load_rows(sq[buf], q, b, h, q0, nrows, E, t, NT, code)
+                    _load_rows(sdo[buf], do, b, h, q0, nrows, EV, t, NT, code)
                     for r in range(t, nrows, NT):
                         slse[buf, r] = lse[bh, q0 + r]
                         sdelta[buf, r] = delta[bh, q0 + r]
@@ -602,67 +570,17 @@ def _build_dkdv(BN, BM, BD, BDV, NT):
                     if live:
                         for r in range(g, nrows, G):
                             row = q0 + r
-                            pu = ZERO
-                            ds = ZERO
-                            ok = not (is_causal and col > row)
-                            if ok and mask_kind == MASK_BOOL:
-                                ok = mask[b, h, row, col] != 0
-                            if ok:
-                                qrow = sq[buf, r]
-                                dot = ZERO
-                                for d in range(E):
-                                    dot += qrow[d] * krow[d]
-                                s = dot * sc
-                                if mask_kind == MASK_FLOAT:
-                                    if mask_code == BF16:
-                                        s += bf16_bits_to_f32(mask[b, h, row, col])
-                                    else:
-                                        s += mask[b, h, row, col]
-                                p = math.exp(s - slse[buf, r])
-                                if p != ZERO:
-                                    dorow = sdo[buf, r]
-                                    dp = ZERO
-                                    for d in range(EV):
-                                        dp += dorow[d] * vrow[d]
-                                    pu = p
-                                    if dropout:
-                                        if _dropout_keep(base, row * S + col, threshold):
-                                            pu = p * dscale
-                                            dp = dp * dscale
-                                        else:
-                                            pu = ZERO
-                                            dp = ZERO
-                                    ds = p * (dp - sdelta[buf, r])
-                            prow[r] = pu
-                            dsrow[r] = ds
+                            visible, s = _score(sq[buf, r], krow, E, sc, mask, b, h, row, col,
+                                                mask_kind, mask_code, is_causal)
+                            prow[r], dsrow[r] = _grad_pair(
+                                visible, s, slse[buf, r], sdelta[buf, r], sdo[buf, r], vrow, EV,
+                                dropout, base, row * S + col, threshold, dscale)
                     cuda.syncthreads()
                     if live:
-                        dob = sdo[buf]
-                        for c in range(ncv):
-                            d = g + c * G
-                            a = accv[c]
-                            for r in range(nrows):
-                                a += prow[r] * dob[r, d]
-                            accv[c] = a
-                        qb = sq[buf]
-                        for c in range(ncd):
-                            d = g + c * G
-                            a = acck[c]
-                            for r in range(nrows):
-                                a += dsrow[r] * qb[r, d]
-                            acck[c] = a
+                        _accumulate(accv, ncv, g, G, ONE, prow, sdo[buf], nrows)
+                        _accumulate(acck, ncd, g, G, ONE, dsrow, sq[buf], nrows)
             if live:
-                for c in range(ncd):
-                    out = acck[c] * sc
-                    if code == BF16:
-                        dk[b, hk, col, g + c * G] = f32_to_bf16_bits(out)
-                    else:
-                        dk[b, hk, col, g + c * G] = out
-                for c in range(ncv):
-                    out = accv[c]
-                    if code == BF16:
-                        dv[b, hk, col, g + c * G] = f32_to_bf16_bits(out)
-                    else:
-                        dv[b, hk, col, g + c * G] = out
+                _store_row(dk, b, hk, col, acck, ncd, g, G, sc, ONE, code)
+                _store_row(dv, b, hk, col, accv, ncv, g, G, ONE, ONE, code)
 
     return attention_bwd_dkdv

@@ -33,14 +33,16 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from ._dtypes import dtype_code, load4_f32, store4_f32  # noqa: F401  (dtype_code: launchers)
+from ._device import device
 from ._grid import grid_threads, thread_index
+from ._index import BEFORE_ALL, unravel4, unravel_nchw, window_of
 
 ZERO = np.float32(0.0)
 # Largest block of the bias reduction (its shared array needs a compile-time size).
 MAX_THREADS = 256
 
 
-@cuda.jit(device=True)
+@device
 def _split_k(k, CG, KH, KW, c_last):
     """(c, kh, kw) of a column index k: k = (c*KH + kh)*KW + kw, or (kh*KW + kw)*CG + c."""
     if c_last:
@@ -52,7 +54,7 @@ def _split_k(k, CG, KH, KW, c_last):
     return c, r // KW, r % KW
 
 
-@cuda.jit(device=True)
+@device
 def _col_index(c, kh, kw, CG, KH, KW, c_last):
     """Inverse of _split_k."""
     if c_last:
@@ -78,12 +80,7 @@ def im2col(x, cols, n0, SH, SW, PH, PW, DH, DW, KH, KW, OW, c_last):
     W = x.shape[3]
     CG = x.shape[1] // G
     for i in range(thread_index(), G * NC * P * K, grid_threads()):
-        k = i % K
-        t = i // K
-        p = t % P
-        t = t // P
-        n = t % NC
-        g = t // NC
+        g, n, p, k = unravel4(i, NC, P, K)
         c, kh, kw = _split_k(k, CG, KH, KW, c_last)
         oh = p // OW
         ow = p - oh * OW
@@ -116,36 +113,21 @@ def col2im(dcols, dx, n0, SH, SW, PH, PW, DH, DW, KH, KW, OH, OW, c_last, channe
     W = dx.shape[3]
     CG = C // G
     for i in range(thread_index(), NC * C * H * W, grid_threads()):
-        if channels_last:
-            c = i % C
-            t = i // C
-            w = t % W
-            t = t // W
-            h = t % H
-            n = t // H
-        else:
-            w = i % W
-            t = i // W
-            h = t % H
-            t = t // H
-            c = t % C
-            n = t // C
+        n, c, h, w = unravel_nchw(i, C, H, W, channels_last)
         g = c // CG
         cg = c - g * CG
         acc = ZERO
         for kh in range(KH):
-            th = h + PH - kh * DH          # = oh * SH for the window that reads row h at kh
-            if th < 0:
-                break                      # th only decreases with kh
-            oh = th // SH
-            if oh * SH != th or oh >= OH:
+            oh = window_of(h, kh, PH, DH, SH, OH)
+            if oh == BEFORE_ALL:
+                break
+            if oh < 0:
                 continue
             for kw in range(KW):
-                tw = w + PW - kw * DW
-                if tw < 0:
+                ow = window_of(w, kw, PW, DW, SW, OW)
+                if ow == BEFORE_ALL:
                     break
-                ow = tw // SW
-                if ow * SW != tw or ow >= OW:
+                if ow < 0:
                     continue
                 acc += dcols[g, n, oh * OW + ow, _col_index(cg, kh, kw, CG, KH, KW, c_last)]
         store4_f32(dx, n0 + n, c, h, w, acc, code)
@@ -193,10 +175,5 @@ def copy4(src, dst, code_src, code_dst):
     one thread per element."""
     A, B, C, D = dst.shape
     for i in range(thread_index(), A * B * C * D, grid_threads()):
-        i3 = i % D
-        t = i // D
-        i2 = t % C
-        t = t // C
-        i1 = t % B
-        i0 = t // B
+        i0, i1, i2, i3 = unravel4(i, B, C, D)
         store4_f32(dst, i0, i1, i2, i3, load4_f32(src, i0, i1, i2, i3, code_src), code_dst)

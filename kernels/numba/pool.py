@@ -33,7 +33,9 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from ._dtypes import BF16, FP16, FP32, dtype_code, load4_f32, store4_f32  # noqa: F401
+from ._device import device
 from ._grid import grid_threads, thread_index
+from ._index import BEFORE_ALL, unravel_nchw, window_of
 
 INDEX_NONE = 0   # inference: no indices
 INDEX_LOCAL = 1  # window offset kh * KW + kw
@@ -45,28 +47,7 @@ ZERO = np.float32(0.0)
 
 # --- helpers -------------------------------------------------------------------------------
 
-@cuda.jit(device=True)
-def _decompose(i, C, A, B, channels_last):
-    """(n, c, a, b) of flat index i over an (N, C, A, B) tensor, counted in memory order:
-    (n, a, b, c) for channels_last, (n, c, a, b) otherwise."""
-    if channels_last:
-        c = i % C
-        t = i // C
-        b = t % B
-        t = t // B
-        a = t % A
-        n = t // A
-    else:
-        b = i % B
-        t = i // B
-        a = t % A
-        t = t // A
-        c = t % C
-        n = t // C
-    return n, c, a, b
-
-
-@cuda.jit(device=True)
+@device
 def _first_in_window(start, D):
     """The first non-negative coordinate start + k * D (torch's starting index)."""
     if start < 0:
@@ -74,7 +55,7 @@ def _first_in_window(start, D):
     return start
 
 
-@cuda.jit(device=True)
+@device
 def _avg_divisor(h0, w0, H, W, PH, PW, KH, KW, divisor, count_pad):
     """torch's divisor of the window starting at (h0, w0): divisor_override if > 0; else the
     window clipped to the padded input (count_include_pad) or to the input."""
@@ -87,7 +68,7 @@ def _avg_divisor(h0, w0, H, W, PH, PW, KH, KW, divisor, count_pad):
     return float32((min(h1, H) - max(h0, 0)) * (min(w1, W) - max(w0, 0)))
 
 
-@cuda.jit(device=True)
+@device
 def _first_window(t, K, S):
     """The first output index o >= 0 whose window [o * S, o * S + K) holds t >= 0 (t is the
     input coordinate plus the padding): ceil((t - K + 1) / S), at least 0."""
@@ -117,7 +98,7 @@ def max_pool2d_fwd(x, y, idx, SH, SW, PH, PW, DH, DW, KH, KW, index_mode, channe
     H = x.shape[2]
     W = x.shape[3]
     for i in range(thread_index(), N * C * OH * OW, grid_threads()):
-        n, c, oh, ow = _decompose(i, C, OH, OW, channels_last)
+        n, c, oh, ow = unravel_nchw(i, C, OH, OW, channels_last)
         h0 = oh * SH - PH
         w0 = ow * SW - PW
         hs = _first_in_window(h0, DH)
@@ -163,23 +144,20 @@ def max_pool2d_bwd(dy, idx, dx, SH, SW, PH, PW, DH, DW, KH, KW, index_mode, chan
     OH = dy.shape[2]
     OW = dy.shape[3]
     for i in range(thread_index(), N * C * H * W, grid_threads()):
-        n, c, h, w = _decompose(i, C, H, W, channels_last)
+        n, c, h, w = unravel_nchw(i, C, H, W, channels_last)
         flat = h * W + w
         acc = ZERO
         for kh in range(KH):
-            # the window holding (h, w) at row offset kh starts at oh * SH - PH = h - kh * DH
-            th = h + PH - kh * DH
-            if th < 0:
-                break  # th only decreases with kh
-            oh = th // SH
-            if oh * SH != th or oh >= OH:
+            oh = window_of(h, kh, PH, DH, SH, OH)
+            if oh == BEFORE_ALL:
+                break
+            if oh < 0:
                 continue
             for kw in range(KW):
-                tw = w + PW - kw * DW
-                if tw < 0:
+                ow = window_of(w, kw, PW, DW, SW, OW)
+                if ow == BEFORE_ALL:
                     break
-                ow = tw // SW
-                if ow * SW != tw or ow >= OW:
+                if ow < 0:
                     continue
                 k = idx[n, c, oh, ow]
                 if index_mode == INDEX_FLAT:
@@ -210,7 +188,7 @@ def avg_pool2d_fwd(x, y, SH, SW, PH, PW, KH, KW, divisor, count_pad, channels_la
     H = x.shape[2]
     W = x.shape[3]
     for i in range(thread_index(), N * C * OH * OW, grid_threads()):
-        n, c, oh, ow = _decompose(i, C, OH, OW, channels_last)
+        n, c, oh, ow = unravel_nchw(i, C, OH, OW, channels_last)
         h0 = oh * SH - PH
         w0 = ow * SW - PW
         acc = ZERO
@@ -233,7 +211,7 @@ def avg_pool2d_bwd(dy, dx, SH, SW, PH, PW, KH, KW, divisor, count_pad, channels_
     OH = dy.shape[2]
     OW = dy.shape[3]
     for i in range(thread_index(), N * C * H * W, grid_threads()):
-        n, c, h, w = _decompose(i, C, H, W, channels_last)
+        n, c, h, w = unravel_nchw(i, C, H, W, channels_last)
         # window oh holds row h when oh * SH <= h + PH < oh * SH + KH
         oh_lo = _first_window(h + PH, KH, SH)
         oh_hi = min((h + PH) // SH, OH - 1)
@@ -264,7 +242,7 @@ def adaptive_avg_pool2d_fwd(x, y, channels_last, code):
     H = x.shape[2]
     W = x.shape[3]
     for i in range(thread_index(), N * C * OH * OW, grid_threads()):
-        n, c, oh, ow = _decompose(i, C, OH, OW, channels_last)
+        n, c, oh, ow = unravel_nchw(i, C, OH, OW, channels_last)
         h0 = (oh * H) // OH
         h1 = ((oh + 1) * H + OH - 1) // OH
         w0 = (ow * W) // OW
@@ -293,7 +271,7 @@ def adaptive_avg_pool2d_bwd(dy, dx, channels_last, code):
     OH = dy.shape[2]
     OW = dy.shape[3]
     for i in range(thread_index(), N * C * H * W, grid_threads()):
-        n, c, h, w = _decompose(i, C, H, W, channels_last)
+        n, c, h, w = unravel_nchw(i, C, H, W, channels_last)
         ow_first = (w * OW) // W
         acc = ZERO
         oh = (h * OH) // H

@@ -67,6 +67,58 @@ def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2,
 
 
 @triton.jit
+def _load_tile(base, rows, cols, s_row, s_col, n_rows, n_cols):
+    """The [len(rows), len(cols)] tile base[rows, cols] of a strided 2-D slice, 0 outside its
+    n_rows x n_cols extent."""
+    return tl.load(base + rows[:, None].to(tl.int64) * s_row + cols[None, :] * s_col,
+                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, cols, s_row, s_col, n_rows, n_cols, value):
+    """base[rows, cols] = value, converted to base's element type, inside n_rows x n_cols."""
+    tl.store(base + rows[:, None].to(tl.int64) * s_row + cols[None, :] * s_col,
+             value.to(base.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def _query_program(H, GROUP, BLOCK_M: tl.constexpr):
+    """A program owning BLOCK_M query rows of one (batch, head), grid (cdiv(L, BLOCK_M), B*H):
+    (pid_m, bh, b, h, hk, rows), hk the K/V head it reads; b, h and hk in int64."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    return pid_m, bh, b, h.to(tl.int64), hk, pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _row_stats(lse_ptr, delta_ptr, bh, rows, L):
+    """The forward's lse (+inf past L) and the preprocess's delta (0 past L) of query rows."""
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=float("inf"))
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
+               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(P as dV = P^T dO uses it, dS) of a score tile s (log2 units) in the backward:
+    P = exp(s - lse), dP = dO V^T, dropout keeping (scaling) or zeroing both P and dP, and
+    dS = P * (dP - delta)."""
+    p = tl.math.exp2(s - lse[:, None] * LOG2E)            # [BLOCK_M, BLOCK_N]
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    p_used = p
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+        p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    return p_used, p * (dp - delta[:, None])
+
+
+@triton.jit
 def attention_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
     sq_b, sq_h, sq_m, sq_d,            # query strides (B, Hq, L, E)
@@ -81,17 +133,10 @@ def attention_fwd(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_m + d[None, :] * sq_d,
-                mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
+    q = _load_tile(q_ptr + b * sq_b + h * sq_h, rows, d, sq_m, sq_d, L, E)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
     m_base = mask_ptr + b * sm_b + h * sm_h
@@ -104,8 +149,7 @@ def attention_fwd(
         end = tl.minimum(S, (pid_m + 1) * BLOCK_M)   # keys past the tile's last row are all masked
     for start_n in range(0, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_n + d[None, :] * sk_d,
-                    mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
+        k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
         s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
                     IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -117,16 +161,14 @@ def attention_fwd(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_n + dv[None, :] * sv_d,
-                    mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+        v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # lse in natural-log units; +inf for rows with no visible key (their P is 0 in the backward)
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
-    tl.store(o_ptr + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + dv[None, :] * so_d,
-             out.to(o_ptr.dtype.element_ty), mask=(rows[:, None] < L) & (dv[None, :] < EV))
+    _store_tile(o_ptr + b * so_b + h * so_h, rows, dv, so_m, so_d, L, EV, out)
     tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=rows < L)
 
 
@@ -139,17 +181,10 @@ def attention_bwd_preprocess(
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta[bh, i] = sum_d dO[i, d] * O[i, d] (= sum_j P_ij dP_ij)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, bh, b, h, _, rows = _query_program(H, 1, BLOCK_M)
     dv = tl.arange(0, BLOCK_DV)
-    msk = (rows[:, None] < L) & (dv[None, :] < EV)
-    o = tl.load(o_ptr + b * so_b + h * so_h + rows[:, None].to(tl.int64) * so_m + dv[None, :] * so_d,
-                mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None].to(tl.int64) * sdo_m + dv[None, :] * sdo_d,
-                 mask=msk, other=0.0).to(tl.float32)
+    o = _load_tile(o_ptr + b * so_b + h * so_h, rows, dv, so_m, so_d, L, EV).to(tl.float32)
+    do = _load_tile(do_ptr + b * sdo_b + h * sdo_h, rows, dv, sdo_m, sdo_d, L, EV).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
 
 
@@ -177,10 +212,8 @@ def attention_bwd_dkdv(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(k_ptr + b * sk_b + hk * sk_h + cols[:, None].to(tl.int64) * sk_n + d[None, :] * sk_d,
-                mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
-    v = tl.load(v_ptr + b * sv_b + hk * sv_h + cols[:, None].to(tl.int64) * sv_n + dv[None, :] * sv_d,
-                mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+    k = _load_tile(k_ptr + b * sk_b + hk * sk_h, cols, d, sk_n, sk_d, S, E)
+    v = _load_tile(v_ptr + b * sv_b + hk * sv_h, cols, dv, sv_n, sv_d, S, EV)
     scale_log2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -195,30 +228,18 @@ def attention_bwd_dkdv(
         m_base = mask_ptr + b * sm_b + h * sm_h
         for start_m in range(start, L, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(q_base + rows[:, None].to(tl.int64) * sq_m + d[None, :] * sq_d,
-                        mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
-            do = tl.load(do_base + rows[:, None].to(tl.int64) * sdo_m + dv[None, :] * sdo_d,
-                         mask=(rows[:, None] < L) & (dv[None, :] < EV), other=0.0)
-            lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=float("inf"))
-            delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+            q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
+            do = _load_tile(do_base, rows, dv, sdo_m, sdo_d, L, EV)
+            lse, delta = _row_stats(lse_ptr, delta_ptr, bh, rows, L)
             s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
                         IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-            p = tl.math.exp2(s - lse[:, None] * LOG2E)            # [BLOCK_M, BLOCK_N]
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
-                p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                p_used = p
+            p_used, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
+                                    DROPOUT, INPUT_PRECISION)
             dvacc += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
     dk = dk * scale
-    tl.store(dk_ptr + b * sdk_b + hk * sdk_h + cols[:, None].to(tl.int64) * sdk_n + d[None, :] * sdk_d,
-             dk.to(dk_ptr.dtype.element_ty), mask=(cols[:, None] < S) & (d[None, :] < E))
-    tl.store(dv_ptr + b * sdv_b + hk * sdv_h + cols[:, None].to(tl.int64) * sdv_n + dv[None, :] * sdv_d,
-             dvacc.to(dv_ptr.dtype.element_ty), mask=(cols[:, None] < S) & (dv[None, :] < EV))
+    _store_tile(dk_ptr + b * sdk_b + hk * sdk_h, cols, d, sdk_n, sdk_d, S, E, dk)
+    _store_tile(dv_ptr + b * sdv_b + hk * sdv_h, cols, dv, sdv_n, sdv_d, S, EV, dvacc)
 
 
 @triton.jit
@@ -237,21 +258,12 @@ def attention_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One query tile: dQ = sum over K/V tiles of dS K * scale."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None].to(tl.int64) * sq_m + d[None, :] * sq_d,
-                mask=(rows[:, None] < L) & (d[None, :] < E), other=0.0)
-    do = tl.load(do_ptr + b * sdo_b + h * sdo_h + rows[:, None].to(tl.int64) * sdo_m + dv[None, :] * sdo_d,
-                 mask=(rows[:, None] < L) & (dv[None, :] < EV), other=0.0)
-    lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=float("inf"))
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+    q = _load_tile(q_ptr + b * sq_b + h * sq_h, rows, d, sq_m, sq_d, L, E)
+    do = _load_tile(do_ptr + b * sdo_b + h * sdo_h, rows, dv, sdo_m, sdo_d, L, EV)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, bh, rows, L)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
     m_base = mask_ptr + b * sm_b + h * sm_h
@@ -262,22 +274,15 @@ def attention_bwd_dq(
         end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * sk_n + d[None, :] * sk_d,
-                    mask=(cols[:, None] < S) & (d[None, :] < E), other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * sv_n + dv[None, :] * sv_d,
-                    mask=(cols[:, None] < S) & (dv[None, :] < EV), other=0.0)
+        k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
+        v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
         s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
                     IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
+        _, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
+                           DROPOUT, INPUT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     dq = dq * scale
-    tl.store(dq_ptr + b * sdq_b + h * sdq_h + rows[:, None].to(tl.int64) * sdq_m + d[None, :] * sdq_d,
-             dq.to(dq_ptr.dtype.element_ty), mask=(rows[:, None] < L) & (d[None, :] < E))
+    _store_tile(dq_ptr + b * sdq_b + h * sdq_h, rows, d, sdq_m, sdq_d, L, E, dq)
 
 
 @triton.jit

@@ -23,6 +23,8 @@ setting).
 import triton
 import triton.language as tl
 
+from ._index import pixel_offsets, unravel3, window_of
+
 
 @triton.jit
 def conv2d_implicit_fwd(
@@ -44,10 +46,8 @@ def conv2d_implicit_fwd(
     oc = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)         # output channels within the group
     m_ok = m < N * OH * OW
     oc_ok = oc < OCG
-    n = (m // (OH * OW)).to(tl.int64)
-    ohw = m % (OH * OW)
-    oh = ohw // OW
-    ow = ohw % OW
+    n, oh, ow = unravel3(m, OH, OW)
+    n = n.to(tl.int64)
     oc_abs = (group * OCG + oc).to(tl.int64)
     kc = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -70,7 +70,7 @@ def conv2d_implicit_fwd(
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc_abs, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
-    y_off = (n * sy_n + oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None] + oc_abs[None, :] * sy_c
+    y_off = pixel_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c)
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
 
 
@@ -96,21 +96,17 @@ def conv2d_implicit_bwd_input(
     c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # input channels within the group
     m_ok = m < N * H * W
     c_ok = c < CG
-    n = (m // (H * W)).to(tl.int64)
-    hw = m % (H * W)
-    h = hw // W
-    w = hw % W
+    n, h, w = unravel3(m, H, W)
+    n = n.to(tl.int64)
     c_abs = (group * CG + c).to(tl.int64)
     ko = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kh in range(KH):
-        th = h + PH - kh * DH
-        oh = th // SH
-        h_ok = m_ok & (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
+        h_ok = m_ok & oh_ok
         for kw in range(KW):
-            tw = w + PW - kw * DW
-            ow = tw // SW
-            a_ok = h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW)
+            ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
+            a_ok = h_ok & ow_ok
             a_row = dy_ptr + n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w
             b_col = w_ptr + c.to(tl.int64) * sw_c + kh * sw_h + kw * sw_w
             for o0 in range(0, OCG, BLOCK_K):
@@ -122,7 +118,7 @@ def conv2d_implicit_bwd_input(
                 b = tl.load(b_col[None, :] + o_abs[:, None] * sw_o,
                             mask=o_ok[:, None] & c_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    dx_off = (n * sdx_n + h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None] + c_abs[None, :] * sdx_c
+    dx_off = pixel_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c)
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
@@ -148,10 +144,7 @@ def conv2d_implicit_bwd_weight(
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # (c, kh, kw) flattened
     oc_ok = oc < OCG
     j_ok = j < CG * KH * KW
-    c = j // (KH * KW)
-    kk = j % (KH * KW)
-    kh = kk // KW
-    kw = kk % KW
+    c, kh, kw = unravel3(j, KH, KW)
     oc_abs = (group * OCG + oc).to(tl.int64)
     c_abs = (group * CG + c).to(tl.int64)
     pk = tl.arange(0, BLOCK_K)
@@ -159,10 +152,8 @@ def conv2d_implicit_bwd_weight(
     for p0 in range(0, N * OH * OW, BLOCK_K):
         p = p0 + pk
         p_ok = p < N * OH * OW
-        n = (p // (OH * OW)).to(tl.int64)
-        ohw = p % (OH * OW)
-        oh = ohw // OW
-        ow = ohw % OW
+        n, oh, ow = unravel3(p, OH, OW)
+        n = n.to(tl.int64)
         a = tl.load(dy_ptr + oc_abs[:, None] * sdy_c
                     + (n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[None, :],
                     mask=oc_ok[:, None] & p_ok[None, :], other=0.0)
@@ -189,9 +180,8 @@ def conv2d_bwd_bias(
     acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for p0 in range(0, N * OH * OW, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        n = (p // (OH * OW)).to(tl.int64)
-        ohw = p % (OH * OW)
-        off = (n * sdy_n + (ohw // OW).to(tl.int64) * sdy_h + (ohw % OW).to(tl.int64) * sdy_w)
+        n, oh, ow = unravel3(p, OH, OW)
+        off = n.to(tl.int64) * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w
         acc += tl.load(dy_ptr + oc.to(tl.int64)[:, None] * sdy_c + off[None, :],
                        mask=oc_ok[:, None] & (p < N * OH * OW)[None, :], other=0.0).to(tl.float32)
     tl.store(db_ptr + oc, tl.sum(acc, 1).to(db_ptr.dtype.element_ty), mask=oc_ok)
@@ -234,14 +224,9 @@ def conv2d_im2col(
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)          # (c, kh, kw)
     p_ok = p < NB * OH * OW
     j_ok = j < CG * KH * KW
-    n = (n0 + p // (OH * OW)).to(tl.int64)
-    ohw = p % (OH * OW)
-    oh = ohw // OW
-    ow = ohw % OW
-    c = j // (KH * KW)
-    kk = j % (KH * KW)
-    kh = kk // KW
-    kw = kk % KW
+    nl, oh, ow = unravel3(p, OH, OW)
+    n = (n0 + nl).to(tl.int64)
+    c, kh, kw = unravel3(j, KH, KW)
     c_abs = (group * CG + c).to(tl.int64)
     h = oh[:, None] * SH - PH + kh[None, :] * DH
     w = ow[:, None] * SW - PW + kw[None, :] * DW
@@ -276,25 +261,19 @@ def conv2d_col2im(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)          # input channels within the group
     m_ok = m < NB * H * W
     c_ok = c < CG
-    nl = m // (H * W)
-    hw = m % (H * W)
-    h = hw // W
-    w = hw % W
+    nl, h, w = unravel3(m, H, W)
     col_c = cols_ptr + group.to(tl.int64) * scol_g + (c * (KH * KW)).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for kh in range(KH):
-        th = h + PH - kh * DH
-        oh = th // SH
-        h_ok = m_ok & (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
+        h_ok = m_ok & oh_ok
         row = ((nl * OH + oh) * OW).to(tl.int64)         # first pixel of output row (n, oh)
         for kw in range(KW):
-            tw = w + PW - kw * DW
-            ow = tw // SW
-            ok = h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW)
+            ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
+            ok = h_ok & ow_ok
             ptr = col_c[None, :] + ((row + ow) * scol_p)[:, None] + (kh * KW + kw)
             acc += tl.load(ptr, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     n = (n0 + nl).to(tl.int64)
     c_abs = (group * CG + c).to(tl.int64)
-    dx_row = n * sdx_n + h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w
-    tl.store(dx_ptr + dx_row[:, None] + c_abs[None, :] * sdx_c, acc.to(dx_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(dx_ptr + pixel_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c),
+             acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])

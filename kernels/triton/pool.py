@@ -25,18 +25,28 @@ reports that element.
 import triton
 import triton.language as tl
 
+from ._index import pixel_offsets, window_of
+
 INDEX_NONE = tl.constexpr(0)   # inference: no indices
 INDEX_LOCAL = tl.constexpr(1)  # window offset kh * KW + kw (int8 when KH * KW < 128)
 INDEX_FLAT = tl.constexpr(2)   # int64 h * W + w, torch's return_indices format
 
 
 @triton.jit
-def _tile(BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, n_spatial, C):
-    """Spatial positions and channels of this program's tile, their masks, and the image."""
+def _tile(BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, A, B, C):
+    """This program's tile of an (N, C, A, B) tensor: the spatial positions (a, b) (BLOCK_S of
+    them, b fastest), the BLOCK_C channels c, the image n, and the [BLOCK_S, BLOCK_C] mask."""
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.program_id(2).to(tl.int64)
-    return s, c, n, s < n_spatial, c < C
+    return s // B, s % B, c, n, (s < A * B)[:, None] & (c < C)[None, :]
+
+
+@triton.jit
+def _adaptive_window(o, I, O):
+    """[start, end) of adaptive window o over I inputs and O outputs: floor(o I / O) and
+    ceil((o + 1) I / O)."""
+    return (o * I) // O, ((o + 1) * I + O - 1) // O
 
 
 @triton.jit
@@ -56,13 +66,10 @@ def max_pool2d_fwd(
     INDEX_MODE: tl.constexpr,          # INDEX_NONE / INDEX_LOCAL / INDEX_FLAT
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, OH * OW, C)
-    oh = s // OW
-    ow = s % OW
+    oh, ow, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, OH, OW, C)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
-    tile_mask = smask[:, None] & cmask[None, :]
     best = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
     if INDEX_MODE == INDEX_FLAT:
         start = _first_in_window(h0, DH) * W + _first_in_window(w0, DW)
@@ -85,7 +92,7 @@ def max_pool2d_fwd(
                 best_idx = tl.where(take, (h * W + w)[:, None], best_idx)
             else:
                 best_idx = tl.where(take, kh * KW + kw, best_idx)
-    out_off = n * sy_n + c[None, :].to(tl.int64) * sy_c + (oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None]
+    out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
     tl.store(y_ptr + out_off, best.to(y_ptr.dtype.element_ty), mask=tile_mask)
     if INDEX_MODE != INDEX_NONE:
         tl.store(idx_ptr + out_off, best_idx.to(idx_ptr.dtype.element_ty), mask=tile_mask)
@@ -104,22 +111,15 @@ def max_pool2d_bwd(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_input[h, w] = sum of grad_out over the windows whose argmax is (h, w)."""
-    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, H * W, C)
-    h = s // W
-    w = s % W
-    tile_mask = smask[:, None] & cmask[None, :]
+    h, w, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, H, W, C)
     dy_base = dy_ptr + n * sdy_n + c[None, :].to(tl.int64) * sdy_c
     idx_base = idx_ptr + n * si_n + c[None, :].to(tl.int64) * si_c
     acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for kh in tl.static_range(KH):
-        # the window holding (h, w) at row offset kh starts at oh * SH - PH = h - kh * DH
-        th = h + PH - kh * DH
-        oh = th // SH
-        h_ok = (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        oh, h_ok = window_of(h, kh, PH, DH, SH, OH)
         for kw in tl.static_range(KW):
-            tw = w + PW - kw * DW
-            ow = tw // SW
-            ok = (h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW))[:, None] & tile_mask
+            ow, w_ok = window_of(w, kw, PW, DW, SW, OW)
+            ok = (h_ok & w_ok)[:, None] & tile_mask
             oh64 = oh.to(tl.int64)
             ow64 = ow.to(tl.int64)
             idx = tl.load(idx_base + (oh64 * si_h + ow64 * si_w)[:, None], mask=ok, other=-1)
@@ -130,7 +130,7 @@ def max_pool2d_bwd(
             g = tl.load(dy_base + (oh64 * sdy_h + ow64 * sdy_w)[:, None], mask=ok & hit,
                         other=0.0).to(tl.float32)
             acc += g
-    dx_off = n * sdx_n + c[None, :].to(tl.int64) * sdx_c + (h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None]
+    dx_off = pixel_offsets(n, h, w, c.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c)
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -161,13 +161,10 @@ def avg_pool2d_fwd(
     KH: tl.constexpr, KW: tl.constexpr, COUNT_PAD: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, OH * OW, C)
-    oh = s // OW
-    ow = s % OW
+    oh, ow, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, OH, OW, C)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
-    tile_mask = smask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for kh in tl.static_range(KH):
         h = h0 + kh
@@ -178,7 +175,7 @@ def avg_pool2d_fwd(
             off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
             acc += tl.load(x_base + off[:, None], mask=ok, other=0.0).to(tl.float32)
     div = _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
-    out_off = n * sy_n + c[None, :].to(tl.int64) * sy_c + (oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None]
+    out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
     tl.store(y_ptr + out_off, (acc / div[:, None]).to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -194,25 +191,19 @@ def avg_pool2d_bwd(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_input[h, w] = sum over windows holding (h, w) of grad_out / divisor."""
-    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, H * W, C)
-    h = s // W
-    w = s % W
-    tile_mask = smask[:, None] & cmask[None, :]
+    h, w, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, H, W, C)
     dy_base = dy_ptr + n * sdy_n + c[None, :].to(tl.int64) * sdy_c
     acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for kh in tl.static_range(KH):
-        th = h + PH - kh
-        oh = th // SH
-        h_ok = (th >= 0) & (th - oh * SH == 0) & (oh < OH)
+        oh, h_ok = window_of(h, kh, PH, 1, SH, OH)
         for kw in tl.static_range(KW):
-            tw = w + PW - kw
-            ow = tw // SW
-            ok_s = h_ok & (tw >= 0) & (tw - ow * SW == 0) & (ow < OW)
+            ow, w_ok = window_of(w, kw, PW, 1, SW, OW)
+            ok_s = h_ok & w_ok
             off = (oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[:, None]
             g = tl.load(dy_base + off, mask=ok_s[:, None] & tile_mask, other=0.0).to(tl.float32)
             div = _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
             acc += g / div[:, None]
-    dx_off = n * sdx_n + c[None, :].to(tl.int64) * sdx_c + (h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None]
+    dx_off = pixel_offsets(n, h, w, c.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c)
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -226,15 +217,10 @@ def adaptive_avg_pool2d_fwd(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Output (oh, ow) averages rows [floor(oh H / OH), ceil((oh + 1) H / OH)), columns likewise."""
-    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, OH * OW, C)
-    oh = s // OW
-    ow = s % OW
-    h0 = (oh * H) // OH
-    h1 = ((oh + 1) * H + OH - 1) // OH
-    w0 = (ow * W) // OW
-    w1 = ((ow + 1) * W + OW - 1) // OW
+    oh, ow, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, OH, OW, C)
+    h0, h1 = _adaptive_window(oh, H, OH)
+    w0, w1 = _adaptive_window(ow, W, OW)
     x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
-    tile_mask = smask[:, None] & cmask[None, :]
     acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for kh in range(0, MAX_KH):
         h = h0 + kh
@@ -244,7 +230,7 @@ def adaptive_avg_pool2d_fwd(
             off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
             acc += tl.load(x_base + off[:, None], mask=ok, other=0.0).to(tl.float32)
     area = ((h1 - h0) * (w1 - w0)).to(tl.float32)
-    out_off = n * sy_n + c[None, :].to(tl.int64) * sy_c + (oh.to(tl.int64) * sy_h + ow.to(tl.int64) * sy_w)[:, None]
+    out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
     tl.store(y_ptr + out_off, (acc / area[:, None]).to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -258,10 +244,7 @@ def adaptive_avg_pool2d_bwd(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_input[h, w] = sum over the windows holding (h, w) of grad_out / window area."""
-    s, c, n, smask, cmask = _tile(BLOCK_S, BLOCK_C, H * W, C)
-    h = s // W
-    w = s % W
-    tile_mask = smask[:, None] & cmask[None, :]
+    h, w, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, H, W, C)
     dy_base = dy_ptr + n * sdy_n + c[None, :].to(tl.int64) * sdy_c
     # the first window that can hold row h: window oh starts at floor(oh H / OH) <= h
     oh_first = tl.maximum((h * OH) // H - 1, 0)
@@ -269,17 +252,15 @@ def adaptive_avg_pool2d_bwd(
     acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
     for i in range(0, MAX_OH):
         oh = oh_first + i
-        h0 = (oh * H) // OH
-        h1 = ((oh + 1) * H + OH - 1) // OH
+        h0, h1 = _adaptive_window(oh, H, OH)
         h_ok = (oh < OH) & (h0 <= h) & (h < h1)
         for j in range(0, MAX_OW):
             ow = ow_first + j
-            w0 = (ow * W) // OW
-            w1 = ((ow + 1) * W + OW - 1) // OW
+            w0, w1 = _adaptive_window(ow, W, OW)
             ok_s = h_ok & (ow < OW) & (w0 <= w) & (w < w1)
             off = (oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[:, None]
             g = tl.load(dy_base + off, mask=ok_s[:, None] & tile_mask, other=0.0).to(tl.float32)
             area = tl.where(ok_s, (h1 - h0) * (w1 - w0), 1).to(tl.float32)
             acc += g / area[:, None]
-    dx_off = n * sdx_n + c[None, :].to(tl.int64) * sdx_c + (h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w)[:, None]
+    dx_off = pixel_offsets(n, h, w, c.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c)
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
