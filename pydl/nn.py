@@ -213,7 +213,29 @@ class LSTMCell(torch.nn.LSTMCell):
                            backend=self.backend)
 
 
-class LSTM(torch.nn.LSTM):
+class _RNNLayer:
+    """What pydl.nn.LSTM and pydl.nn.GRU share: the pydl keywords, and a forward that hands
+    torch's flat weights to pydl.lstm / pydl.gru (the subclass's `_op`)."""
+    _op: str
+
+    def __init__(self, *args, backend: str | None = None, algo: str | None = None,
+                 recompute: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend, self.algo, self.recompute = backend, algo, recompute
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
+            raise NotImplementedError(
+                f"pydl.nn.{type(self).__name__} does not take PackedSequence inputs; pass the "
+                "padded tensor (torch.nn.utils.rnn.pad_packed_sequence)")
+        return getattr(F, self._op)(
+            input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
+            batch_first=self.batch_first, dropout=self.dropout, training=self.training,
+            bidirectional=self.bidirectional, backend=self.backend, algo=self.algo,
+            recompute=self.recompute)
+
+
+class LSTM(_RNNLayer, torch.nn.LSTM):
     """torch.nn.LSTM on pydl's kernels: the input projection of all steps as one GEMM, then one
     fused kernel per time step (or, with algo="persistent" on triton, one launch per layer and
     direction); backward through time from the saved gate activations, or with
@@ -225,19 +247,7 @@ class LSTM(torch.nn.LSTM):
     `algo=` and `recompute=`. PackedSequence inputs are not supported (NotImplementedError).
     """
 
-    def __init__(self, *args, backend: str | None = None, algo: str | None = None,
-                 recompute: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend, self.algo, self.recompute = backend, algo, recompute
-
-    def forward(self, input, hx=None):
-        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
-            raise NotImplementedError("pydl.nn.LSTM does not take PackedSequence inputs; pass "
-                                      "the padded tensor (torch.nn.utils.rnn.pad_packed_sequence)")
-        return F.lstm(input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
-                      batch_first=self.batch_first, dropout=self.dropout, training=self.training,
-                      bidirectional=self.bidirectional, backend=self.backend, algo=self.algo,
-                      recompute=self.recompute)
+    _op = "lstm"
 
 
 class GRUCell(torch.nn.GRUCell):
@@ -253,7 +263,7 @@ class GRUCell(torch.nn.GRUCell):
                           backend=self.backend)
 
 
-class GRU(torch.nn.GRU):
+class GRU(_RNNLayer, torch.nn.GRU):
     """torch.nn.GRU on pydl's kernels: the input projection of all steps as one GEMM, then one
     fused kernel per time step; backward through time from the saved gate activations (or,
     with recompute=True, from activations recomputed one layer and direction at a time).
@@ -262,19 +272,7 @@ class GRU(torch.nn.GRU):
     ("steps") and `recompute=`. PackedSequence inputs are not supported (NotImplementedError).
     """
 
-    def __init__(self, *args, backend: str | None = None, algo: str | None = None,
-                 recompute: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend, self.algo, self.recompute = backend, algo, recompute
-
-    def forward(self, input, hx=None):
-        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
-            raise NotImplementedError("pydl.nn.GRU does not take PackedSequence inputs; pass "
-                                      "the padded tensor (torch.nn.utils.rnn.pad_packed_sequence)")
-        return F.gru(input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
-                     batch_first=self.batch_first, dropout=self.dropout, training=self.training,
-                     bidirectional=self.bidirectional, backend=self.backend, algo=self.algo,
-                     recompute=self.recompute)
+    _op = "gru"
 
 
 __all__ = ["Conv2d", "CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
