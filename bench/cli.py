@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import environment, schema, tables
 
-SUBCOMMANDS = ("list", "compare", "report")
+SUBCOMMANDS = ("list", "compare", "report", "floors")
 DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
 
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Check, then time (on a GPU), pydl's kernels against torch and peers. "
-                    "Other commands: `list`, `compare A.json B.json`, `report [FILE]`.")
+                    "Other commands: `list`, `compare A.json B.json`, `report [FILE]`, `floors`.")
     p.add_argument("ops", nargs="*", help="ops to run (default: all; see `python -m bench list`)")
     p.add_argument("--variants", nargs="+", metavar="V",
                    help="variants to run (default: all): a backend (triton, numba, torch) "
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
-        return {"list": cmd_list, "compare": cmd_compare, "report": cmd_report}[argv[0]](argv[1:])
+        return {"list": cmd_list, "compare": cmd_compare, "report": cmd_report,
+                "floors": cmd_floors}[argv[0]](argv[1:])
     return cmd_run(argv)
 
 
@@ -97,7 +98,9 @@ def cmd_run(argv: list[str]) -> int:
     rows = runner.run(selected, options, mode, peaks)
     cases = {s.op: {c.name: _case_entry(c, suites.dtype_name(c.dtype)) for c in s.cases(shapes)}
              for s in selected}
-    result = schema.new_result(env, mode, peaks, shapes, cases, rows)
+    from pydl import _tune
+    tuning = {"enabled": _tune.enabled(), "choices": _tune.report()}
+    result = schema.new_result(env, mode, peaks, shapes, cases, rows, tuning)
 
     print()
     print(tables.timing_table(result) if gpu else tables.check_table(result))
@@ -190,6 +193,60 @@ def cmd_list(argv: list[str]) -> int:
                 shown.add(c.name)
                 print(f"    {c.name:20s} {'x'.join(map(str, c.shape)):>14s} "
                       f"{suites.dtype_name(c.dtype):5s} {c.source}")
+    return 0
+
+
+# H100 SXM peaks measured on the lent machine (a 1 GiB copy; an 8192^3 bf16 cuBLAS matmul);
+# fp32 GEMMs run as TF32 at half the bf16 rate (their torch baselines do too, by default).
+FLOOR_COPY_GBPS = 3000.0
+FLOOR_BF16_TFLOPS = 790.0
+
+
+def floor_rows(suites_: list, shapes: str, copy_gbps: float, bf16_tflops: float) -> list[dict]:
+    """Per case and direction: FLOPs, the fewest bytes, and the two times they give at the
+    peaks; the larger is the floor no implementation beats (the METHOD's two numbers)."""
+    from .suites import DIRECTIONS, dtype_name
+    rows = []
+    for suite in suites_:
+        for case in suite.cases(shapes):
+            tflops = bf16_tflops * (0.5 if case.dtype.itemsize == 4 else 1.0)
+            for d in DIRECTIONS:
+                flops, nbytes = suite.flops(case, d), suite.bytes(case, case.dtype, d)
+                t_math = flops / (tflops * 1e12) * 1e6 if flops else 0.0
+                t_mem = nbytes / (copy_gbps * 1e9) * 1e6 if nbytes else 0.0
+                rows.append({"op": suite.op, "case": case.name, "dtype": dtype_name(case.dtype),
+                             "direction": d, "gflop": (flops or 0) / 1e9,
+                             "mbytes": (nbytes or 0) / 1e6, "math_us": t_math, "mem_us": t_mem,
+                             "floor_us": max(t_math, t_mem),
+                             "limit": "math" if t_math >= t_mem else "memory"})
+    return rows
+
+
+def cmd_floors(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench floors",
+        description="The lower bound of each case from its FLOPs and fewest bytes at the "
+                    "device's peaks (no GPU needed): what each measured time is compared with.")
+    p.add_argument("ops", nargs="*")
+    p.add_argument("--shapes", choices=("tiny", "quick", "full"), default="quick")
+    p.add_argument("--copy-gbps", type=float, default=FLOOR_COPY_GBPS)
+    p.add_argument("--bf16-tflops", type=float, default=FLOOR_BF16_TFLOPS)
+    args = p.parse_args(argv)
+    environment.prepare()
+    from . import suites
+    try:
+        selected = suites.select(args.ops)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"peaks: copy {args.copy_gbps:.0f} GB/s, bf16 {args.bf16_tflops:.0f} TFLOP/s "
+          f"(fp32 as TF32: half)")
+    print(f"{'op':19s} {'case':18s} {'dtype':5s} {'dir':8s} {'GFLOP':>9s} {'MB':>9s} "
+          f"{'math us':>9s} {'mem us':>9s}  limit")
+    for r in floor_rows(selected, args.shapes, args.copy_gbps, args.bf16_tflops):
+        print(f"{r['op']:19s} {r['case']:18s} {r['dtype']:5s} {r['direction']:8s} "
+              f"{r['gflop']:9.2f} {r['mbytes']:9.1f} {r['math_us']:9.1f} {r['mem_us']:9.1f}  "
+              f"{r['limit']}")
     return 0
 
 

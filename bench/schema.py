@@ -14,7 +14,9 @@
       "cases": {op: {case: {"shape": [...], "dtype": "bf16", "source": "...",
                             "params": {...}}}},   # params: the case's geometry beyond its
                                                   # shape (kernel, stride, causal, ...), if any
-      "rows": [ROW, ...]
+      "rows": [ROW, ...],
+      "tuning": {"enabled": bool, "choices": {kernel: [{"key", "config", "ms",
+                                                        "candidates"}]}}   # optional
     }
 
 A ROW is one measurement: op, case, shape, dtype, direction ("fwd", "bwd", "fwd+bwd"),
@@ -42,15 +44,18 @@ ROW_KEYS = ("op", "case", "shape", "dtype", "direction", "variant", "status", "m
             "tflops", "gbps", "bound", "peak_fraction", "speedup_vs_torch")
 STATUSES = ("ok", "pass", "wrong", "error", "skipped")
 FAILED = ("wrong", "error")
+OPTIONAL_KEYS = ("tuning",)   # the autotuner's choices (pydl/_tune.py); absent in older files
 TIMED_KEYS = ("median_ms", "min_ms", "tflops", "gbps", "peak_fraction", "speedup_vs_torch")
 
 
 def new_result(env: dict, mode: str, peaks: dict, shapes: str, cases: dict,
-               rows: list[dict]) -> dict:
+               rows: list[dict], tuning: dict | None = None) -> dict:
     result = {"schema": SCHEMA_VERSION, **env, "mode": mode, "peaks": dict(peaks),
               "shapes": shapes, "cases": cases, "rows": rows}
+    if tuning is not None:
+        result["tuning"] = tuning
     validate(result)
-    return {k: result[k] for k in HEADER_KEYS}
+    return {k: result[k] for k in HEADER_KEYS + OPTIONAL_KEYS if k in result}
 
 
 def validate(result: dict) -> None:

@@ -21,14 +21,17 @@ import torch
 
 from ._launch import cdiv, next_power_of_2
 from ._launch import input_precision as _default_precision
+from ._tune import Tuner, bucket, gemm_candidates
 
 # CUDA caps grid dimensions 1 and 2 at 65535: larger batches are launched in slices.
 _MAX_GRID_Z = 65535
 GROUP_M = 8
+GEMM_TUNER = Tuner("gemm")
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    """Block sizes for an (m x k) @ (k x n) product: up to 128 x 128 output tiles (8 warps for
+    """The default block sizes (and, on a GPU, the first tuning candidate; pydl/_tune.py)
+    for an (m x k) @ (k x n) product: up to 128 x 128 output tiles (8 warps for
     the full tile), never below 16 (tl.dot's minimum); 16-bit operands take 64-deep K steps,
     fp32 ones 32 (the same shared-memory bytes)."""
     block_m = min(128, max(16, next_power_of_2(m)))
@@ -94,24 +97,36 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     if out.numel() == 0:
         return out
     B1, B2 = c4.shape[0], c4.shape[1]
-    cfg = gemm_config(M, N, K, a.dtype)
     precision = input_precision or _default_precision(a.dtype)
-    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     # slices of the batch that fit the grid's z dimension (one launch when B1 * B2 <= 65535)
     step2 = min(B2, _MAX_GRID_Z)
     step1 = max(1, _MAX_GRID_Z // step2)
-    for i1 in range(0, B1, step1):
-        for i2 in range(0, B2, step2):
-            s1, s2 = slice(i1, i1 + step1), slice(i2, i2 + step2)
-            aa, bb, cc, dd = a4[s1, s2], b4[s1, s2], c4[s1, s2], d4[s1, s2]
-            vv = bias4[s1, s2] if bias4 is not None else cc
-            nb1, nb2 = cc.shape[0], cc.shape[1]
-            k.gemm_kernel[(tiles, 1, nb1 * nb2)](
-                aa, bb, cc, dd, vv, M, N, K, nb2,
-                *aa.stride(), *bb.stride(), *cc.stride(), *dd.stride(),
-                *(vv.stride() if bias4 is not None else (0, 0, 0)),
-                float(alpha), ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
-                INPUT_PRECISION=precision, **cfg)
+
+    def launch(cfg: dict) -> None:
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        for i1 in range(0, B1, step1):
+            for i2 in range(0, B2, step2):
+                s1, s2 = slice(i1, i1 + step1), slice(i2, i2 + step2)
+                aa, bb, cc, dd = a4[s1, s2], b4[s1, s2], c4[s1, s2], d4[s1, s2]
+                vv = bias4[s1, s2] if bias4 is not None else cc
+                nb1, nb2 = cc.shape[0], cc.shape[1]
+                k.gemm_kernel[(tiles, 1, nb1 * nb2)](
+                    aa, bb, cc, dd, vv, M, N, K, nb2,
+                    *aa.stride(), *bb.stride(), *cc.stride(), *dd.stride(),
+                    *(vv.stride() if bias4 is not None else (0, 0, 0)),
+                    float(alpha), ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
+                    INPUT_PRECISION=precision, **cfg)
+
+    # The tuning key: what changes the best tile, not the batch (sizes in coarse buckets);
+    # which operand is contiguous along K changes the loads, so it is part of the key.
+    key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
+           bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1)
+    reads_out = addend is not None and addend.untyped_storage().data_ptr() == \
+        out.untyped_storage().data_ptr()
+    cfg = GEMM_TUNER.pick(key, gemm_candidates(gemm_config(M, N, K, a.dtype), M, N, K,
+                                               a.dtype.itemsize, {"GROUP_M": GROUP_M}),
+                          launch, inout=(out,) if reads_out else ())
+    launch(cfg)
     return out
 
 

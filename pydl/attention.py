@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _env
+from . import _tune as tune
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, launch_numba_1d, new_output, next_power_of_2,
@@ -30,11 +31,44 @@ MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
 def _blocks(E: int, EV: int) -> dict:
+    """The default tiles (the first tuning candidate, pydl/_tune.py)."""
     # Small tiles in emulation so that short test sequences still span several tiles.
     bm = 16 if _env.INTERPRET else 64
     bn = 16 if _env.INTERPRET else 64
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(E)),
-                BLOCK_DV=max(16, next_power_of_2(EV)))
+                BLOCK_DV=max(16, next_power_of_2(EV)), num_warps=4)
+
+
+# Tuning spaces (BLOCK_M, BLOCK_N, num_warps, num_stages) of the three flash kernels, after
+# FlashAttention-2's split: the forward and dQ programs own 64-128 query rows and stream keys;
+# the dK/dV program owns 64-128 keys and streams queries in small steps. Tiles that need too
+# much shared memory or too many registers for a head dimension (d = 256) fail to compile on
+# the device and are skipped by the tuner.
+ATTENTION_SPACES = {
+    "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+            (128, 32, 4, 4), (64, 128, 4, 3)),
+    "bwd_dkdv": ((32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3),
+                 (16, 128, 4, 3)),
+    "bwd_dq": ((128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3),
+               (128, 16, 4, 3)),
+}
+ATTENTION_TUNERS = {name: tune.Tuner(f"attention_{name}") for name in ATTENTION_SPACES}
+
+
+def _attention_config(kernel: str, q, k, v, is_causal: bool, mask_kind: int, dropout: bool,
+                      launch) -> dict:
+    """The launch config of one flash kernel; keyed on everything but the batch and heads,
+    with the sequence lengths in coarse buckets."""
+    B, H, L, E = q.shape
+    HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    default = _blocks(E, EV)
+    candidates = [default] + [
+        dict(default, BLOCK_M=tune.clip(bm, L), BLOCK_N=tune.clip(bn, S), num_warps=warps,
+             num_stages=stages)
+        for bm, bn, warps, stages in ATTENTION_SPACES[kernel]]
+    key = (q.dtype, input_precision(q.dtype), E, EV, is_causal, mask_kind, dropout,
+           tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14), H != HKV)
+    return ATTENTION_TUNERS[kernel].pick(key, candidates, launch)
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -47,37 +81,48 @@ class _TritonAttention:
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        cfg = _blocks(E, EV)
-        grid = (cdiv(L, cfg["BLOCK_M"]), B * H)
-        kt.attention_fwd[grid](
-            q, k, v, o, lse, mask if mask is not None else q,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
-            H, L, S, E, EV, H // HKV, scale, dropout_p, seed,
-            IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-            INPUT_PRECISION=input_precision(q.dtype), num_warps=4, **cfg)
+
+        def launch(cfg):
+            kt.attention_fwd[(cdiv(L, cfg["BLOCK_M"]), B * H)](
+                q, k, v, o, lse, mask if mask is not None else q,
+                *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
+                H, L, S, E, EV, H // HKV, scale, dropout_p, seed,
+                IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+                INPUT_PRECISION=input_precision(q.dtype), **cfg)
+
+        launch(_attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0, launch))
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed):
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        cfg = _blocks(E, EV)
+        pre = _blocks(E, EV)
         delta = new_output((B * H, L), torch.float32, q.device)
-        kt.attention_bwd_preprocess[(cdiv(L, cfg["BLOCK_M"]), B * H)](
+        kt.attention_bwd_preprocess[(cdiv(L, pre["BLOCK_M"]), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, L, EV,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_DV=cfg["BLOCK_DV"])
-        common = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                      INPUT_PRECISION=input_precision(q.dtype), num_warps=4, **cfg)
+            BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"])
+        flags = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+                     INPUT_PRECISION=input_precision(q.dtype))
         m = mask if mask is not None else q
-        kt.attention_bwd_dkdv[(cdiv(S, cfg["BLOCK_N"]), B * HKV)](
-            q, k, v, do, lse, delta, m, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask),
-            *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, H // HKV, scale, dropout_p, seed,
-            **common)
-        kt.attention_bwd_dq[(cdiv(L, cfg["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, m, dq,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask), *dq.stride(),
-            H, L, S, E, EV, H // HKV, scale, dropout_p, seed, **common)
+
+        def launch_dkdv(cfg):
+            kt.attention_bwd_dkdv[(cdiv(S, cfg["BLOCK_N"]), B * HKV)](
+                q, k, v, do, lse, delta, m, dk, dv,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask),
+                *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, H // HKV, scale, dropout_p,
+                seed, **flags, **cfg)
+
+        def launch_dq(cfg):
+            kt.attention_bwd_dq[(cdiv(L, cfg["BLOCK_M"]), B * H)](
+                q, k, v, do, lse, delta, m, dq,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask),
+                *dq.stride(), H, L, S, E, EV, H // HKV, scale, dropout_p, seed, **flags, **cfg)
+
+        dropout = dropout_p > 0
+        launch_dkdv(_attention_config("bwd_dkdv", q, k, v, is_causal, mask_kind, dropout,
+                                      launch_dkdv))
+        launch_dq(_attention_config("bwd_dq", q, k, v, is_causal, mask_kind, dropout, launch_dq))
 
     @staticmethod
     def dropout_mask(B, H, L, S, dropout_p, seed, device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from ._library import autocast_inputs, empty_like_shape, geometry_args, geometry
 from ._launch import (cdiv, input_precision, memory_format_of, new_output, next_power_of_2, numba_array,
                       numba_stream, numba_threads)
 from ._shapes import conv_output_size_padded, conv_padding, pair
+from ._tune import Tuner, bucket, gemm_candidates
 from .backends import dispatch, register
 
 
@@ -74,11 +75,50 @@ def _input_precision(dtype: torch.dtype) -> str:
 # --- Triton implicit GEMM -------------------------------------------------------------------
 
 def _gemm_tile(m: int, n: int, k: int) -> dict:
-    """Block sizes for an (m x k) @ (k x n) tile loop: tl.dot needs every block >= 16."""
+    """Default block sizes for an (m x k) @ (k x n) tile loop (the first tuning candidate,
+    pydl/_tune.py): tl.dot needs every block >= 16."""
     return dict(BLOCK_M=64 if m >= 64 else max(16, next_power_of_2(m)),
                 BLOCK_N=min(128, max(16, next_power_of_2(n))),
                 BLOCK_K=min(32, max(16, next_power_of_2(k))),
                 num_warps=4)
+
+
+# One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
+# dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
+IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
+
+
+def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n: int, k: int,
+                     launch) -> dict:
+    """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
+    steps run over channels (forward, grad input) or pixels (grad weight)."""
+    key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
+           g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
+    return IMPLICIT_TUNERS[direction].pick(
+        key, gemm_candidates(_gemm_tile(m, n, k), m, n, k, t.dtype.itemsize), launch)
+
+
+# Split-K of the weight gradient: enough programs to fill the GPU twice over, each summing at
+# least SPLIT_MIN_STEPS K steps, with a workspace of at most SPLIT_WORKSPACE_ELEMS fp32
+# partials. In emulation the "GPU" has SIM_SMS multiprocessors, so small test shapes split too.
+SPLIT_MIN_STEPS = 4
+SPLIT_WORKSPACE_ELEMS = 16 * 2**20
+SIM_SMS = 2
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return SIM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_k(tiles: int, P: int, block_k: int, numel: int, device) -> tuple[int, int]:
+    """(splits, pixels per split, a multiple of block_k) for a grad weight of `tiles` output
+    tiles summing P pixels."""
+    want = cdiv(2 * _multiprocessors(device), tiles)
+    split = max(1, min(want, P // (SPLIT_MIN_STEPS * block_k), SPLIT_WORKSPACE_ELEMS // numel))
+    p_split = cdiv(cdiv(P, split), block_k) * block_k
+    return cdiv(P, p_split), p_split
 
 
 class _TritonImplicit:
@@ -86,35 +126,53 @@ class _TritonImplicit:
     def forward(x, w, b, y, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
         M = g.N * g.OH * g.OW
-        cfg = _gemm_tile(M, g.OCG, g.CG)
-        grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
-        k.conv2d_implicit_fwd[grid](
-            x, w, b if b is not None else w, y, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW,
-            *x.stride(), *w.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW,
-            KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
-            INPUT_PRECISION=_input_precision(x.dtype), **cfg)
+
+        def launch(cfg):
+            grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
+            k.conv2d_implicit_fwd[grid](
+                x, w, b if b is not None else w, y, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW,
+                *x.stride(), *w.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW,
+                KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
+                INPUT_PRECISION=_input_precision(x.dtype), **cfg)
+
+        launch(_implicit_config("fwd", g, x, M, g.OCG, g.CG, launch))
 
     @staticmethod
     def backward_input(dy, w, dx, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
         M = g.N * g.H * g.W
-        cfg = _gemm_tile(M, g.CG, g.OCG)
-        grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]), g.groups)
-        k.conv2d_implicit_bwd_input[grid](
-            dy, w, dx, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(),
-            *dx.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, CG=g.CG,
-            OCG=g.OCG, INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
+
+        def launch(cfg):
+            grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]), g.groups)
+            k.conv2d_implicit_bwd_input[grid](
+                dy, w, dx, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(),
+                *dx.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, CG=g.CG,
+                OCG=g.OCG, INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
+
+        launch(_implicit_config("bwd_input", g, dy, M, g.CG, g.OCG, launch))
 
     @staticmethod
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
         J = g.CG * g.KH * g.KW
-        cfg = _gemm_tile(g.OCG, J, g.N * g.OH * g.OW)
-        grid = (cdiv(g.OCG, cfg["BLOCK_M"]), cdiv(J, cfg["BLOCK_N"]), g.groups)
-        k.conv2d_implicit_bwd_weight[grid](
-            dy, x, dw, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
-            *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, CG=g.CG,
-            OCG=g.OCG, INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
+        P = g.N * g.OH * g.OW
+        assert dw.is_contiguous()
+
+        def launch(cfg):
+            tiles = cdiv(g.OCG, cfg["BLOCK_M"]) * cdiv(J, cfg["BLOCK_N"]) * g.groups
+            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], dw.numel(), dw.device)
+            out = dw if split == 1 else torch.empty((split, dw.numel()), dtype=torch.float32,
+                                                    device=dw.device)
+            k.conv2d_implicit_bwd_weight[(cdiv(g.OCG, cfg["BLOCK_M"]), cdiv(J, cfg["BLOCK_N"]),
+                                          g.groups * split)](
+                dy, x, out, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
+                *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, CG=g.CG,
+                OCG=g.OCG, SPLIT=split, P_SPLIT=p_split, sdw_split=dw.numel(),
+                INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
+            if split > 1:
+                k.sum_splits[(cdiv(dw.numel(), 1024),)](out, dw, split, dw.numel(), BLOCK=1024)
+
+        launch(_implicit_config("bwd_weight", g, dy, g.OCG, J, P, launch))
 
     @staticmethod
     def backward_bias(dy, db, g: ConvGeometry) -> None:

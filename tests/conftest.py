@@ -3,6 +3,9 @@
 - Without a CUDA device the suite runs the kernels in emulation: PYDL_INTERPRET=1 is set here,
   before anything imports pydl (and so triton or numba). With a device, kernels compile.
 - Every output a launcher allocates is NaN-poisoned, so an element a kernel skips fails.
+- Autotuning is off (PYDL_TUNE=0 unless set): on a GPU every new shape would otherwise time
+  every candidate configuration; the tests check the default configs, and tests/test_tune.py
+  forces each candidate of each tuned kernel in turn.
 - `--full` enables the heavy cases (large shapes, sweeps) meant for a GPU run; `gpu` cases are
   skipped without a device; `sim_heavy` cases (slow in the simulators, their ground covered by
   lighter cases) run on a GPU, or in emulation with --full.
@@ -16,6 +19,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("PYDL_INTERPRET", "1")
+os.environ.setdefault("PYDL_TUNE", "0")
 
 import pydl  # noqa: E402
 from pydl.testing import poisoned_outputs  # noqa: E402

@@ -665,3 +665,15 @@ def test_recompute_rows_record_peak_memory_on_the_gpu_path(monkeypatch):
         assert r["status"] == "ok" and r["median_ms"] > 0 and r["peak_mem_bytes"] == 32, r
         assert r["tflops"] > 0 and r["speedup_vs_torch"] is not None
     assert True in flags and False in flags
+
+
+def test_floors_are_the_larger_of_math_and_memory_time(capsys):
+    from bench import cli
+    from bench.suites import all_suites
+    rows = cli.floor_rows([all_suites()["conv2d"]], "quick", 3000.0, 790.0)
+    assert rows and all(r["floor_us"] == max(r["math_us"], r["mem_us"]) for r in rows)
+    stem = next(r for r in rows if r["case"] == "stem" and r["direction"] == "fwd")
+    assert stem["math_us"] == pytest.approx(stem["gflop"] * 1e9 / 790e12 * 1e6)
+    assert cli.main(["floors", "conv2d", "--shapes", "tiny"]) == 0
+    assert "conv2d" in capsys.readouterr().out
+    assert cli.main(["floors", "nonsense"]) == 2

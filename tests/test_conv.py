@@ -178,6 +178,43 @@ def test_fuzz(backend, algo, N, C, OC, H, W, K, S, P, D, G):
                stride=S, padding=P, dilation=D, groups=G)
 
 
+# --- implicit GEMM: split-K of the weight gradient --------------------------------------------
+
+@pytest.mark.parametrize("case", ["fp32_nchw", "fp16_channels_last_grouped"])
+def test_implicit_grad_weight_split_k(monkeypatch, case):
+    """The weight gradient summed in several pixel ranges (fp32 partials, then `sum_splits`):
+    no split, a few, and as many as the K steps allow all match, the last range short; 16-bit
+    weights are rounded once, after the sum."""
+    import pydl.conv as conv_mod
+    dtype = torch.float16 if case.startswith("fp16") else torch.float32
+    groups = 2 if case.endswith("grouped") else 1
+    x = random_tensor((3, 4, 9, 7), dtype, DEVICE)           # P = 3 * 9 * 7 = 189 pixels
+    w = random_tensor((6, 4 // groups, 3, 3), dtype, DEVICE, scale=0.3)
+    g = random_tensor((3, 6, 9, 7), dtype, DEVICE)
+    if "channels_last" in case:
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    splits = []
+    real = conv_mod._split_k
+    for sms in (0, 2, 1000):
+        monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
+        monkeypatch.setattr(conv_mod, "SIM_SMS", sms)
+        monkeypatch.setattr(conv_mod, "_split_k",
+                            lambda *a: splits.append(real(*a)) or splits[-1])
+        check_conv(x, w, None, "triton", "implicit", dtype, grad_out=g, padding=1, groups=groups)
+    counts = [s for s, _ in splits]
+    assert counts[0] == 1 and 2 <= counts[1] <= counts[2] and counts[2] >= 3, splits
+    assert all((s - 1) * p < 189 <= s * p for s, p in splits)
+
+
+def test_split_k_choice():
+    from pydl.conv import _split_k
+    cpu = torch.device("cpu")
+    assert _split_k(100, 10 ** 6 + 1, 64, 1000, cpu) == (1, 15626 * 64)   # enough tiles
+    s, p = _split_k(1, 32 * 56 * 56, 64, 64 * 576, cpu)        # SIM_SMS = 2: 4 programs
+    assert s == 4 and p % 64 == 0 and (s - 1) * p < 32 * 56 * 56 <= s * p
+    assert _split_k(1, 100, 64, 10, cpu)[0] == 1               # too few K steps to split
+
+
 # --- im2col: the batch in workspace-bounded chunks --------------------------------------------
 
 @pytest.mark.parametrize("case", ["nchw", "channels_last", "grouped_fp16", "transposed_grad"])

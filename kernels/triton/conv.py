@@ -7,7 +7,10 @@ For group g, forward is
 
 with X[m, k] = x[n, g*Cg + c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW] (zero outside the input)
 gathered tile by tile inside the K loop. The reduction runs over (kh, kw) outermost and channels
-innermost, so for channels_last inputs each A tile is BLOCK_M rows of contiguous channels.
+innermost, so for channels_last inputs each A tile is BLOCK_M rows of contiguous channels. It is
+one flat loop over t = (kh, kw, channel block), not three nested loops, because Triton
+software-pipelines (prefetches the next K tile in) only the innermost loop, and a loop over the
+channel blocks alone is often only one or two iterations long.
 Every tensor comes with its four strides, so NCHW, channels_last and sliced tensors need no copy.
 
 The backward passes are implicit GEMMs of the same shape family:
@@ -51,23 +54,22 @@ def conv2d_implicit_fwd(
     oc_abs = (group * OCG + oc).to(tl.int64)
     kc = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kh in range(KH):
+    NC = tl.cdiv(CG, BLOCK_K)                            # channel blocks per (kh, kw)
+    for t in range(KH * KW * NC):                        # t = (kh, kw, channel block)
+        kh, kw, cb = unravel3(t, KW, NC)
         h = oh * SH - PH + kh * DH
-        h_ok = m_ok & (h >= 0) & (h < H)
-        for kw in range(KW):
-            w = ow * SW - PW + kw * DW
-            a_ok = h_ok & (w >= 0) & (w < W)
-            a_row = x_ptr + n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-            b_col = w_ptr + oc_abs * sw_o + kh * sw_h + kw * sw_w
-            for c0 in range(0, CG, BLOCK_K):
-                c = c0 + kc
-                c_ok = c < CG
-                c_abs = (group * CG + c).to(tl.int64)
-                a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
-                            mask=a_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
-                            mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        w = ow * SW - PW + kw * DW
+        a_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        a_row = x_ptr + n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+        b_col = w_ptr + oc_abs * sw_o + kh.to(tl.int64) * sw_h + kw.to(tl.int64) * sw_w
+        c = cb * BLOCK_K + kc
+        c_ok = c < CG
+        c_abs = (group * CG + c).to(tl.int64)
+        a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
+                    mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
+                    mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc_abs, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
     y_off = pixel_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c)
@@ -101,23 +103,22 @@ def conv2d_implicit_bwd_input(
     c_abs = (group * CG + c).to(tl.int64)
     ko = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kh in range(KH):
+    NC = tl.cdiv(OCG, BLOCK_K)                           # output-channel blocks per (kh, kw)
+    for t in range(KH * KW * NC):                        # t = (kh, kw, output-channel block)
+        kh, kw, ob = unravel3(t, KW, NC)
         oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
-        h_ok = m_ok & oh_ok
-        for kw in range(KW):
-            ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
-            a_ok = h_ok & ow_ok
-            a_row = dy_ptr + n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w
-            b_col = w_ptr + c.to(tl.int64) * sw_c + kh * sw_h + kw * sw_w
-            for o0 in range(0, OCG, BLOCK_K):
-                o = o0 + ko
-                o_ok = o < OCG
-                o_abs = (group * OCG + o).to(tl.int64)
-                a = tl.load(a_row[:, None] + o_abs[None, :] * sdy_c,
-                            mask=a_ok[:, None] & o_ok[None, :], other=0.0)
-                b = tl.load(b_col[None, :] + o_abs[:, None] * sw_o,
-                            mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
+        a_ok = m_ok & oh_ok & ow_ok
+        a_row = dy_ptr + n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w
+        b_col = w_ptr + c.to(tl.int64) * sw_c + kh.to(tl.int64) * sw_h + kw.to(tl.int64) * sw_w
+        o = ob * BLOCK_K + ko
+        o_ok = o < OCG
+        o_abs = (group * OCG + o).to(tl.int64)
+        a = tl.load(a_row[:, None] + o_abs[None, :] * sdy_c,
+                    mask=a_ok[:, None] & o_ok[None, :], other=0.0)
+        b = tl.load(b_col[None, :] + o_abs[:, None] * sw_o,
+                    mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     dx_off = pixel_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c)
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
@@ -132,26 +133,37 @@ def conv2d_implicit_bwd_weight(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr,
     CG, OCG,
+    SPLIT, P_SPLIT, sdw_split,           # split-K: SPLIT pixel ranges of P_SPLIT, partials apart
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW[oc, (c, kh, kw)] = sum over pixels (n, oh, ow) of dY[n, oc, oh, ow] X[...]:
-    M = output channels, N = (c, kh, kw) of the group, K = N * OH * OW output pixels."""
+    """dW[oc, (kh, kw, c)] = sum over pixels (n, oh, ow) of dY[n, oc, oh, ow] X[...]:
+    M = output channels, N = (kh, kw, c) of the group (channels innermost, so a channels_last
+    input tile is contiguous along N), K = N * OH * OW output pixels.
+
+    Split-K: the weight gradient is a small M x N output with a very long K (every pixel of
+    the batch), so its output tiles alone cannot fill the GPU. program_id(2) = group * SPLIT +
+    split; split s sums pixels [s * P_SPLIT, (s + 1) * P_SPLIT) and writes its fp32 partial at
+    dw_ptr + s * sdw_split (a workspace that `sum_splits` reduces in a fixed order, so the
+    result is deterministic). With SPLIT = 1 it writes dW itself."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    group = tl.program_id(2)
+    group = tl.program_id(2) // SPLIT
+    split = tl.program_id(2) % SPLIT
     oc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # (c, kh, kw) flattened
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # (kh, kw, c) flattened
     oc_ok = oc < OCG
     j_ok = j < CG * KH * KW
-    c, kh, kw = unravel3(j, KH, KW)
+    kh, kw, c = unravel3(j, KW, CG)
     oc_abs = (group * OCG + oc).to(tl.int64)
     c_abs = (group * CG + c).to(tl.int64)
     pk = tl.arange(0, BLOCK_K)
+    P = N * OH * OW
+    p_end = tl.minimum(P, (split + 1) * P_SPLIT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for p0 in range(0, N * OH * OW, BLOCK_K):
+    for p0 in range(split * P_SPLIT, p_end, BLOCK_K):
         p = p0 + pk
-        p_ok = p < N * OH * OW
+        p_ok = p < p_end
         n, oh, ow = unravel3(p, OH, OW)
         n = n.to(tl.int64)
         a = tl.load(dy_ptr + oc_abs[:, None] * sdy_c
@@ -163,8 +175,21 @@ def conv2d_implicit_bwd_weight(
         b = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c
                     + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w, mask=b_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    dw_off = oc_abs[:, None] * sdw_o + (c.to(tl.int64) * sdw_c + kh * sdw_h + kw * sdw_w)[None, :]
+    dw_off = split.to(tl.int64) * sdw_split + oc_abs[:, None] * sdw_o \
+        + (c.to(tl.int64) * sdw_c + kh * sdw_h + kw * sdw_w)[None, :]
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=oc_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def sum_splits(ws_ptr, out_ptr, SPLIT, numel, BLOCK: tl.constexpr):
+    """out[i] = sum over s of ws[s * numel + i] (fp32, s in order), cast to out's dtype: the
+    reduction of split-K partials. out is contiguous."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < numel
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(ws_ptr + s * numel + i, mask=ok, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -1,0 +1,169 @@
+"""Autotuning of Triton launch configurations: block sizes, warps and pipeline stages.
+
+Each tuned kernel has a `Tuner` and a small candidate space written for Hopper (a handful of
+configurations, not a grid search). A launcher asks `tuner.pick(key, candidates, launch)`:
+
+  * the first candidate is the launcher's heuristic default. It is what runs in emulation
+    (Triton's interpreter ignores warps and stages and has no clock), when PYDL_TUNE=0, and
+    when only one candidate is left after clipping the tiles to the problem;
+  * otherwise, on the first launch for a key, every candidate is run and timed on the device
+    (median of CUDA-event timings, triton.testing.do_bench), the fastest is kept, and every
+    later launch with that key reuses it. A candidate that does not compile for the device
+    (shared memory, registers) is skipped.
+
+Keys are chosen by the launchers so that a new batch size does not re-tune: they hold what
+changes the best tile (dtype, channel counts, head dimension, kernel geometry) and a coarse
+power-of-two bucket of the large dimension, capped, so that every batch of a real model falls
+in one or two buckets.
+
+Trial launches write the outputs of the real launch; tensors that a kernel reads and writes in
+place (`inout`, e.g. a GEMM that accumulates into its output) are restored after the trials.
+Tuning runs eagerly, on the first call: warm a model up before capturing it in a CUDA graph.
+`report()` lists the choices made so far (the benchmark records them with its results).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, Hashable, Sequence
+
+from . import _env
+from ._launch import next_power_of_2
+
+_LOCK = threading.Lock()
+TUNE_WARMUP_MS = 5.0
+TUNE_REP_MS = 20.0
+
+
+def enabled() -> bool:
+    """Whether launches autotune: on a GPU unless PYDL_TUNE=0; never in emulation."""
+    return not _env.INTERPRET and os.environ.get("PYDL_TUNE", "1").strip() != "0"
+
+
+def bucket(n: int, lo: int = 16, hi: int = 1 << 16) -> int:
+    """A coarse tuning key for a size that varies with the batch: the next power of two,
+    clamped to [lo, hi] (every size above hi shares one bucket)."""
+    return max(lo, min(hi, next_power_of_2(max(1, n))))
+
+
+def clip(value: int, extent: int, lo: int = 16) -> int:
+    """A block size no larger than the problem needs (the extent's next power of two), and
+    never under lo (tl.dot needs 16)."""
+    return min(value, max(lo, next_power_of_2(max(1, extent))))
+
+
+def unique(configs: Sequence[dict]) -> list[dict]:
+    """The configs without repeats (clipping makes several candidates equal), order kept."""
+    seen, out = set(), []
+    for c in configs:
+        k = tuple(sorted(c.items()))
+        if k not in seen:
+            seen.add(k)
+            out.append(c)
+    return out
+
+
+# Hopper GEMM tiles, shared by the plain GEMM and the implicit-GEMM convolutions:
+# (BLOCK_M, BLOCK_N, BLOCK_K for 16-bit operands, num_warps, num_stages). fp32 operands take
+# half the K depth (the same shared-memory bytes per stage). The largest tiles keep 128 to 256
+# fp32 accumulators per thread at 8 warps; 3 stages of 128 x 64 + 64 x 256 bf16 need 144 KiB
+# of shared memory (Hopper allows 227 KiB a block).
+GEMM_SPACE = (
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 3),
+)
+
+
+def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
+                    extra: dict | None = None) -> list[dict]:
+    """The launcher's default followed by GEMM_SPACE clipped to an (m x k) @ (k x n) problem:
+    no block larger than its extent needs, 4 warps for tiles of at most 64 x 64."""
+    out = [default]
+    for bm, bn, bk, warps, stages in GEMM_SPACE:
+        bm, bn = clip(bm, m), clip(bn, n)
+        bk = clip(bk if itemsize <= 2 else bk // 2, k)
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **(extra or {}),
+                        num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
+    return unique(out)
+
+
+def _device_bench(fn: Callable[[], None], config: dict) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, return_mode="median"))
+
+
+class Tuner:
+    """The tuned configurations of one kernel, by key. `bench(fn, config)` times the thunk fn
+    (which launches with config) in ms; tests replace it."""
+
+    all: dict[str, "Tuner"] = {}
+
+    def __init__(self, name: str):
+        self.name = name
+        self.chosen: dict[Hashable, dict] = {}
+        self.trials: dict[Hashable, list[tuple[dict, float | None, str | None]]] = {}
+        self.bench: Callable[[Callable[[], None], dict], float] = _device_bench
+        Tuner.all[name] = self
+
+    def pick(self, key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], None],
+             inout: Sequence = ()) -> dict:
+        """The configuration to launch with. `launch(cfg)` runs the kernel with cfg (it is
+        called once per candidate while tuning); `inout` are tensors the kernel both reads
+        and writes, restored after the trials."""
+        candidates = unique(candidates)
+        if len(candidates) == 1 or not enabled():
+            return candidates[0]
+        with _LOCK:
+            cfg = self.chosen.get(key)
+        if cfg is not None:
+            return cfg
+        saved = [t.clone() for t in inout]
+        trials: list[tuple[dict, float | None, str | None]] = []
+        for c in candidates:
+            try:
+                ms = self.bench(lambda c=c: launch(c), c)
+                trials.append((c, ms, None))
+            except Exception as exc:  # noqa: BLE001 - a config the device cannot run is skipped
+                trials.append((c, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                               if str(exc) else type(exc).__name__))
+            for t, s in zip(inout, saved):
+                t.copy_(s)
+        timed = [(ms, i) for i, (_, ms, _) in enumerate(trials) if ms is not None]
+        if not timed:
+            raise RuntimeError(f"pydl: no configuration of {self.name} runs for {key!r}: "
+                               + "; ".join(f"{c}: {err}" for c, _, err in trials))
+        best = trials[min(timed)[1]][0]
+        with _LOCK:
+            self.chosen[key] = best
+            self.trials[key] = trials
+        return best
+
+
+def report() -> dict[str, list[dict]]:
+    """Every choice made so far: {kernel: [{"key", "config", "ms", "candidates"}]} (JSON-able)."""
+    out: dict[str, list[dict]] = {}
+    with _LOCK:
+        for name, tuner in sorted(Tuner.all.items()):
+            rows = []
+            for key, cfg in tuner.chosen.items():
+                trials = tuner.trials.get(key, [])
+                rows.append({"key": repr(key), "config": dict(cfg),
+                             "ms": next((ms for c, ms, _ in trials if c == cfg), None),
+                             "candidates": [{"config": dict(c), "ms": ms, "error": err}
+                                            for c, ms, err in trials]})
+            if rows:
+                out[name] = rows
+    return out
+
+
+def reset() -> None:
+    """Forget every choice (tests; or after changing torch's TF32 settings mid-run)."""
+    with _LOCK:
+        for tuner in Tuner.all.values():
+            tuner.chosen.clear()
+            tuner.trials.clear()

@@ -1,0 +1,209 @@
+"""Autotuning (pydl/_tune.py): the tuner's choices, caching and restores with a fake clock, and
+every candidate configuration of every tuned kernel computing the right answer.
+
+In emulation the tuner is forced on and its device clock replaced: the trial launches are not
+run (the fake clock does not call them), but the chosen configuration is what the real launch
+uses, so forcing each candidate in turn runs the op with each tile shape of the space.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pydl
+import pydl._gemm
+from pydl import _tune
+from pydl._gemm import gemm
+from pydl.testing import assert_close, random_tensor
+
+from conftest import DEVICE
+
+triton_only = pytest.mark.parametrize("backend", ["triton"])
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Tuning on (also in emulation), every choice forgotten before and after."""
+    monkeypatch.setattr(_tune, "enabled", lambda: True)
+    _tune.reset()
+    yield
+    _tune.reset()
+
+
+def _fake_clock(monkeypatch, times):
+    """Every tuner's clock: times(config) in ms (or raises); records the configs it saw."""
+    seen = []
+
+    def bench(fn, config):
+        seen.append(config)
+        return times(config)
+    for tuner in _tune.Tuner.all.values():
+        monkeypatch.setattr(tuner, "bench", bench)
+    return seen
+
+
+def test_pick_fastest_caches_skips_failures_and_restores(tuning):
+    tuner = _tune.Tuner("test_tuner")
+    buf = torch.zeros(4)
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg["B"])
+        buf.add_(1.0)                       # an in-place kernel: trials must not accumulate
+
+    def bench(fn, cfg):
+        fn()
+        if cfg["B"] == 3:
+            raise RuntimeError("out of resources: shared memory\nmore detail")
+        return {1: 2.0, 2: 0.5, 4: 1.0}[cfg["B"]]
+    tuner.bench = bench
+    cands = [{"B": 1}, {"B": 2}, {"B": 3}, {"B": 4}, {"B": 2}]   # duplicates are dropped
+    assert tuner.pick("k", cands, launch, inout=(buf,)) == {"B": 2}
+    assert launched == [1, 2, 3, 4] and torch.equal(buf, torch.zeros(4))
+    assert tuner.pick("k", cands, launch) == {"B": 2} and len(launched) == 4   # cached
+    rows = _tune.report()["test_tuner"]
+    assert rows[0]["config"] == {"B": 2} and rows[0]["ms"] == 0.5
+    assert [c["error"] is not None for c in rows[0]["candidates"]] == [False, False, True, False]
+    assert "out of resources" in rows[0]["candidates"][2]["error"]
+    tuner.bench = lambda fn, cfg: (_ for _ in ()).throw(ValueError("no"))
+    with pytest.raises(RuntimeError, match="no configuration of test_tuner runs"):
+        tuner.pick("other key", cands, launch)
+    del _tune.Tuner.all["test_tuner"]
+
+
+def test_disabled_or_single_candidate_uses_the_default(monkeypatch):
+    tuner = _tune.Tuner("test_default")
+    tuner.bench = lambda fn, cfg: pytest.fail("must not time")
+    monkeypatch.setattr(_tune, "enabled", lambda: False)
+    assert tuner.pick("k", [{"B": 1}, {"B": 2}], lambda c: None) == {"B": 1}
+    monkeypatch.setattr(_tune, "enabled", lambda: True)
+    assert tuner.pick("k", [{"B": 1}, {"B": 1}], lambda c: None) == {"B": 1}
+    assert not tuner.chosen
+    del _tune.Tuner.all["test_default"]
+
+
+def test_enabled_follows_emulation_and_env(monkeypatch):
+    monkeypatch.setattr(_tune._env, "INTERPRET", False)
+    monkeypatch.setenv("PYDL_TUNE", "0")
+    assert not _tune.enabled()
+    monkeypatch.setenv("PYDL_TUNE", "1")
+    assert _tune.enabled()
+    monkeypatch.setattr(_tune._env, "INTERPRET", True)
+    assert not _tune.enabled()
+
+
+def test_helpers():
+    assert [_tune.bucket(n) for n in (1, 17, 64, 65, 10 ** 9)] == [16, 32, 64, 128, 1 << 16]
+    assert _tune.clip(128, 40) == 64 and _tune.clip(128, 3) == 16 and _tune.clip(64, 1000) == 64
+    cands = _tune.gemm_candidates({"BLOCK_M": 16}, 20, 30, 8, 2)
+    assert all(c.get("BLOCK_M", 16) <= 32 and c.get("BLOCK_K", 16) == 16 for c in cands)
+    assert len(cands) == len({tuple(sorted(c.items())) for c in cands})
+    fp32 = _tune.gemm_candidates({}, 4096, 4096, 4096, 4)
+    assert max(c.get("BLOCK_K", 0) for c in fp32) == 32     # half the K depth of 16-bit
+
+
+def test_gemm_accumulate_is_not_doubled_by_trials(tuning, monkeypatch):
+    """Trial launches of an accumulating GEMM write into its output; the tuner restores it."""
+    trials = []
+
+    def bench(fn, cfg):                     # a clock that really launches, as the device's does
+        fn()
+        trials.append(cfg)
+        return float(len(trials))
+    monkeypatch.setattr(pydl._gemm.GEMM_TUNER, "bench", bench)
+    a = random_tensor((70, 40), torch.float32, DEVICE)
+    b = random_tensor((40, 50), torch.float32, DEVICE)
+    out = random_tensor((70, 50), torch.float32, DEVICE)
+    start = out.clone()
+    gemm(a, b, out, accumulate=True, input_precision="ieee")
+    assert len(trials) > 1
+    assert_close(out, start.double() + a.double() @ b.double(), torch.float32, reduction=40)
+
+
+def _each_candidate(monkeypatch, run_op, check):
+    """Runs run_op once to collect every tuner's candidates, then once per candidate index,
+    with each tuner forced to its candidate of that index (its last one when it has fewer),
+    checking the result each time. Returns the number of distinct forced runs."""
+    _fake_clock(monkeypatch, lambda cfg: 1.0)
+    run_op()
+    spaces = {name: [c for c, _, _ in next(iter(t.trials.values()))]
+              for name, t in _tune.Tuner.all.items() if t.trials}
+    assert spaces, "no tuned kernel ran"
+    n = max(len(s) for s in spaces.values())
+    for i in range(n):
+        _tune.reset()
+        for name, tuner in _tune.Tuner.all.items():
+            target = spaces.get(name, [None])[min(i, len(spaces.get(name, [None])) - 1)]
+            monkeypatch.setattr(tuner, "bench",
+                                lambda fn, cfg, target=target: 0.0 if cfg == target else 1.0)
+        check(run_op(), i)
+        for name, space in spaces.items():
+            chosen = list(_tune.Tuner.all[name].chosen.values())
+            assert chosen == [space[min(i, len(space) - 1)]], name
+    return spaces
+
+
+def test_every_gemm_candidate(tuning, monkeypatch):
+    a = random_tensor((150, 90), torch.float32, DEVICE)
+    b = random_tensor((90, 140), torch.float32, DEVICE)
+    bias = random_tensor((140,), torch.float32, DEVICE)
+
+    def run_op():
+        out = torch.full((150, 140), float("nan"), device=DEVICE)
+        return gemm(a, b, out, bias=bias, input_precision="ieee")
+
+    def check(out, i):
+        assert_close(out, a.double() @ b.double() + bias.double(), torch.float32, reduction=90)
+    spaces = _each_candidate(monkeypatch, run_op, check)
+    assert set(spaces) == {"gemm"} and len(spaces["gemm"]) >= 5
+    assert max(c["BLOCK_M"] * c["BLOCK_N"] for c in spaces["gemm"]) >= 128 * 128
+
+
+@triton_only
+@pytest.mark.parametrize("layout", [pytest.param("nchw", marks=pytest.mark.sim_heavy),
+                                    "channels_last"])
+def test_every_conv_candidate(tuning, monkeypatch, backend, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = random_tensor((2, 16, 12, 12), torch.float32, DEVICE).to(memory_format=fmt)
+    w = random_tensor((128, 16, 3, 3), torch.float32, DEVICE)
+    b = random_tensor((128,), torch.float32, DEVICE)
+    g = random_tensor((2, 128, 6, 6), torch.float32, DEVICE)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, w, b))
+    yd = F.conv2d(xd, wd, bd, stride=2, padding=1)
+    want = (yd, *torch.autograd.grad(yd, (xd, wd, bd), g.double()))
+
+    def run_op():
+        xx, ww, bb = (t.detach().requires_grad_() for t in (x, w, b))
+        with pydl.use_backend(backend), torch.backends.cudnn.flags(allow_tf32=False):
+            y = pydl.conv2d(xx, ww, bb, stride=2, padding=1, algo="implicit")
+            return (y, *torch.autograd.grad(y, (xx, ww, bb), g))
+
+    def check(got, i):
+        for r, (out, ref) in enumerate(zip(got, want)):
+            assert_close(out, ref, torch.float32, reduction=16 * 9 if r == 0 else 288)
+    spaces = _each_candidate(monkeypatch, run_op, check)
+    assert set(spaces) == {"conv2d_implicit_fwd", "conv2d_implicit_bwd_input",
+                           "conv2d_implicit_bwd_weight"}
+
+
+@triton_only
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=pytest.mark.sim_heavy), True],
+                         ids=["full", "causal"])
+def test_every_attention_candidate(tuning, monkeypatch, backend, causal):
+    q, k, v = (random_tensor((1, 2, 144, 32), torch.float32, DEVICE) for _ in range(3))
+    g = random_tensor((1, 2, 144, 32), torch.float32, DEVICE)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
+    want = (od, *torch.autograd.grad(od, (qd, kd, vd), g.double()))
+
+    def run_op():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        with pydl.use_backend(backend):
+            o = pydl.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
+            return (o, *torch.autograd.grad(o, (qq, kk, vv), g))
+
+    def check(got, i):
+        for out, ref in zip(got, want):
+            assert_close(out, ref, torch.float32, reduction=144)
+    spaces = _each_candidate(monkeypatch, run_op, check)
+    assert set(spaces) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
+    assert any(c["BLOCK_M"] != c["BLOCK_N"] for c in spaces["attention_bwd_dkdv"])
