@@ -16,6 +16,10 @@ Scores: s = (q . k) * scale, then -inf where a key index is out of range, where 
 mask is False, or above the diagonal for causal attention (torch's top-left alignment: query i
 sees keys j <= i); a float mask is added. A row with every key masked has l = 0: its output is 0
 (torch's behaviour) and its saved lse is +inf so that the backward's exp(s - lse) is 0, not NaN.
+Only the tiles that can hold a hidden score pay for the masks: without a mask tensor, the tiles
+wholly inside the key range (and, for causal attention, wholly below the diagonal) run an
+unmasked loop, the diagonal and the partial last tiles a masked one (`_key_ranges` for the
+loops over keys; the dK/dV kernel splits its loop over queries the same way).
 
 Dropout: keep(i, j) = rand(seed + bh, i * S + j) >= p from Triton's counter-based Philox
 generator, recomputed bit-identically in the backward (`_dropout_keep` is the one definition);
@@ -59,11 +63,14 @@ def _apply_masks(s, rows, cols, L, S, mask_ptr, sm_m, sm_n, float_mask_scale,
 
 
 @triton.jit
-def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2,
+def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2, MASKED: tl.constexpr,
             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Scores of a [BLOCK_M, BLOCK_N] tile in log2 units (s * log2 e), masked with -inf."""
+    """Scores of a [BLOCK_M, BLOCK_N] tile in log2 units (s * log2 e), masked with -inf;
+    MASKED=False for a tile the caller knows needs no mask (`_key_ranges`)."""
     s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
-    return _apply_masks(s, rows, cols, L, S, mask_ptr, sm_m, sm_n, LOG2E, IS_CAUSAL, MASK_KIND)
+    if MASKED:
+        s = _apply_masks(s, rows, cols, L, S, mask_ptr, sm_m, sm_n, LOG2E, IS_CAUSAL, MASK_KIND)
+    return s
 
 
 @triton.jit
@@ -119,6 +126,51 @@ def _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
 
 
 @triton.jit
+def _key_ranges(pid_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """(lo, hi) for the key tiles of query tile pid_m: tiles starting below lo need no mask
+    (every key index < S, and for causal attention <= the tile's first row; no mask tensor),
+    tiles in [lo, hi) are masked, keys from hi on are never visible (causal)."""
+    hi = S
+    if IS_CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)          # keys past the tile's last row
+    lo = (S // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        lo = tl.minimum(lo, (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N)
+    if MASK_KIND != MASK_NONE:
+        lo = 0
+    return lo, hi
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d, sm_m, sm_n,
+               rows, d, dv, start, end, L, S, E, EV, scale_log2, dropout_p, seed, bh,
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The online softmax over key tiles [start, end): running max m_i, sum l_i and
+    unnormalised output acc. MASKED=False skips the score masks (the caller guarantees the
+    tiles need none: `_key_ranges`)."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
+        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
+                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        seen = m_new != float("-inf")
+        m_safe = tl.where(seen, m_new, 0.0)
+        alpha = tl.where(seen, tl.math.exp2(m_i - m_safe), 1.0)
+        p = tl.math.exp2(s - m_safe[:, None])           # 0 where s = -inf
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attention_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
     sq_b, sq_h, sq_m, sq_d,            # query strides (B, Hq, L, E)
@@ -144,26 +196,15 @@ def attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    end = S
-    if IS_CAUSAL:
-        end = tl.minimum(S, (pid_m + 1) * BLOCK_M)   # keys past the tile's last row are all masked
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
-        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
-                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        seen = m_new != float("-inf")
-        m_safe = tl.where(seen, m_new, 0.0)
-        alpha = tl.where(seen, tl.math.exp2(m_i - m_safe), 1.0)
-        p = tl.math.exp2(s - m_safe[:, None])           # 0 where s = -inf
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+    lo, hi = _key_ranges(pid_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
+                               sm_m, sm_n, rows, d, dv, 0, lo, L, S, E, EV, scale_log2,
+                               dropout_p, seed, bh, False, IS_CAUSAL, MASK_KIND, DROPOUT,
+                               INPUT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
+                               sm_m, sm_n, rows, d, dv, lo, hi, L, S, E, EV, scale_log2,
+                               dropout_p, seed, bh, True, IS_CAUSAL, MASK_KIND, DROPOUT,
+                               INPUT_PRECISION, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # lse in natural-log units; +inf for rows with no visible key (their P is 0 in the backward)
@@ -186,6 +227,27 @@ def attention_bwd_preprocess(
     o = _load_tile(o_ptr + b * so_b + h * so_h, rows, dv, so_m, so_d, L, EV).to(tl.float32)
     do = _load_tile(do_ptr + b * sdo_b + h * sdo_h, rows, dv, sdo_m, sdo_d, L, EV).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr, sq_m, sq_d,
+                sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, start, end, L, S, E, EV, scale_log2,
+                dropout_p, seed, bh, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """dV += P^T dO and dK (unscaled) += dS^T Q over query tiles [start, end) of one head."""
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
+        do = _load_tile(do_base, rows, dv, sdo_m, sdo_d, L, EV)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, bh, rows, L)
+        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
+                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        p_used, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
+                                DROPOUT, INPUT_PRECISION)
+        dvacc += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+    return dk, dvacc
 
 
 @triton.jit
@@ -217,29 +279,58 @@ def attention_bwd_dkdv(
     scale_log2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    start = 0
+    # query tiles: [a, b) masked (the causal diagonal), [b, c) unmasked, [c, L) masked (the
+    # last, partial row tile); all masked when the key tile is partial or a mask is given
+    a = 0
+    b_ = 0
     if IS_CAUSAL:
-        start = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M    # rows above the tile's first key see none of it
+        a = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M     # rows above the tile's first key see none of it
+        b_ = tl.cdiv(pid_n * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M   # rows past its last key
+    if MASK_KIND != MASK_NONE:
+        b_ = L
+    if (pid_n + 1) * BLOCK_N > S:
+        b_ = L
+    b_ = tl.minimum(tl.maximum(b_, a), L)
+    c = tl.maximum(b_, (L // BLOCK_M) * BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = (b * H + h).to(tl.int32)
         q_base = q_ptr + b * sq_b + h * sq_h
         do_base = do_ptr + b * sdo_b + h * sdo_h
         m_base = mask_ptr + b * sm_b + h * sm_h
-        for start_m in range(start, L, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
-            do = _load_tile(do_base, rows, dv, sdo_m, sdo_d, L, EV)
-            lse, delta = _row_stats(lse_ptr, delta_ptr, bh, rows, L)
-            s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
-                        IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-            p_used, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
-                                    DROPOUT, INPUT_PRECISION)
-            dvacc += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+        dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr,
+                                sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, a, b_, L, S,
+                                E, EV, scale_log2, dropout_p, seed, bh, True, IS_CAUSAL,
+                                MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_M)
+        dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr,
+                                sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, b_, c, L, S,
+                                E, EV, scale_log2, dropout_p, seed, bh, False, IS_CAUSAL,
+                                MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_M)
+        dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr,
+                                sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, c, L, L, S,
+                                E, EV, scale_log2, dropout_p, seed, bh, True, IS_CAUSAL,
+                                MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_M)
     dk = dk * scale
     _store_tile(dk_ptr + b * sdk_b + hk * sdk_h, cols, d, sdk_n, sdk_d, S, E, dk)
     _store_tile(dv_ptr + b * sdv_b + hk * sdv_h, cols, dv, sdv_n, sdv_d, S, EV, dvacc)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d, sm_m, sm_n,
+              rows, d, dv, start, end, L, S, E, EV, scale_log2, dropout_p, seed, bh,
+              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+              DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (unscaled) += dS K over key tiles [start, end); MASKED as in `_fwd_tiles`."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
+        v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
+        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
+                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        _, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
+                           DROPOUT, INPUT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -269,18 +360,13 @@ def attention_bwd_dq(
     m_base = mask_ptr + b * sm_b + h * sm_h
     scale_log2 = scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end = S
-    if IS_CAUSAL:
-        end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
-        v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
-        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2,
-                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-        _, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
-                           DROPOUT, INPUT_PRECISION)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    lo, hi = _key_ranges(pid_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
+                   sm_m, sm_n, rows, d, dv, 0, lo, L, S, E, EV, scale_log2, dropout_p, seed, bh,
+                   False, IS_CAUSAL, MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
+                   sm_m, sm_n, rows, d, dv, lo, hi, L, S, E, EV, scale_log2, dropout_p, seed, bh,
+                   True, IS_CAUSAL, MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_N)
     dq = dq * scale
     _store_tile(dq_ptr + b * sdq_b + h * sdq_h, rows, d, sdq_m, sdq_d, L, E, dq)
 
