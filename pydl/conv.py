@@ -83,6 +83,10 @@ def _gemm_tile(m: int, n: int, k: int) -> dict:
                 num_warps=4)
 
 
+# Below this many channels per group the forward's K steps run over (kh, kw, c) jointly
+# (kernels/triton/conv.py, FLAT_K): a 16-deep channel block would be mostly padding.
+FLAT_K_CHANNELS = 16
+
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
 # dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
 IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
@@ -126,6 +130,7 @@ class _TritonImplicit:
     def forward(x, w, b, y, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
         M = g.N * g.OH * g.OW
+        flat_k = g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
 
         def launch(cfg):
             grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
@@ -133,9 +138,10 @@ class _TritonImplicit:
                 x, w, b if b is not None else w, y, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW,
                 *x.stride(), *w.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW,
                 KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
-                INPUT_PRECISION=_input_precision(x.dtype), **cfg)
+                INPUT_PRECISION=_input_precision(x.dtype), FLAT_K=flat_k, **cfg)
 
-        launch(_implicit_config("fwd", g, x, M, g.OCG, g.CG, launch))
+        k_len = g.CG * g.KH * g.KW if flat_k else g.CG
+        launch(_implicit_config("fwd", g, x, M, g.OCG, k_len, launch))
 
     @staticmethod
     def backward_input(dy, w, dx, g: ConvGeometry) -> None:

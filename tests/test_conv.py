@@ -132,6 +132,22 @@ def _check_layer(backend, algo, layer, bias):
     check_conv(x, w, b, backend, algo, torch.float32, **opts)
 
 
+@pytest.mark.parametrize("k_order", ["channel_blocks", "flat"])
+@pytest.mark.parametrize("layer", ["alexnet_conv2", "resnet_stem", "depthwise_x2", "grouped",
+                                   "dilated", "same_even", "non_square", "floor_last_window"])
+def test_implicit_forward_k_orders(monkeypatch, layer, k_order):
+    """Both K orders of the implicit forward on every geometry: blocks of channels per (kh, kw)
+    tap (layers with many channels), or (kh, kw, c) columns decoded one by one (few channels;
+    most small test layers take this path by default)."""
+    import pydl.conv as conv_mod
+    monkeypatch.setattr(conv_mod, "FLAT_K_CHANNELS", 0 if k_order == "channel_blocks" else 10**9)
+    xs, ws, opts = LAYERS[layer]
+    dtype = torch.float16 if layer in ("grouped", "resnet_stem") else torch.float32
+    x = random_tensor(xs, dtype, DEVICE)
+    w = random_tensor(ws, dtype, DEVICE, scale=0.3)
+    check_conv(x, w, random_tensor(ws[0], dtype, DEVICE), "triton", "implicit", dtype, **opts)
+
+
 @variants
 @dtypes
 @pytest.mark.parametrize("layer", ["vgg_3x3", "resnet_3x3_s2", "depthwise", "grouped"])

@@ -40,8 +40,13 @@ def conv2d_implicit_fwd(
     KH: tl.constexpr, KW: tl.constexpr,
     CG, OCG,                            # channels per group in and out
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    FLAT_K: tl.constexpr,               # K steps over (kh, kw, c) jointly: few input channels
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Y = X @ Wt by output tiles. With FLAT_K (a layer with few input channels, like an RGB
+    stem: 3 channels would fill 3 of a 16-deep channel block) each K step takes BLOCK_K
+    consecutive (kh, kw, c) columns as im2col orders them, decoded per column, so the tensor
+    cores see no channel padding."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
@@ -54,22 +59,38 @@ def conv2d_implicit_fwd(
     oc_abs = (group * OCG + oc).to(tl.int64)
     kc = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    NC = tl.cdiv(CG, BLOCK_K)                            # channel blocks per (kh, kw)
-    for t in range(KH * KW * NC):                        # t = (kh, kw, channel block)
-        kh, kw, cb = unravel3(t, KW, NC)
-        h = oh * SH - PH + kh * DH
-        w = ow * SW - PW + kw * DW
-        a_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        a_row = x_ptr + n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-        b_col = w_ptr + oc_abs * sw_o + kh.to(tl.int64) * sw_h + kw.to(tl.int64) * sw_w
-        c = cb * BLOCK_K + kc
-        c_ok = c < CG
-        c_abs = (group * CG + c).to(tl.int64)
-        a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
-                    mask=a_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
-                    mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if FLAT_K:
+        for j0 in range(0, KH * KW * CG, BLOCK_K):       # j = (kh, kw, c)
+            j = j0 + kc
+            j_ok = j < KH * KW * CG
+            kh, kw, c = unravel3(j, KW, CG)
+            h = oh[:, None] * SH - PH + kh[None, :] * DH
+            w = ow[:, None] * SW - PW + kw[None, :] * DW
+            a_ok = m_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            c_abs = (group * CG + c).to(tl.int64)
+            a = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c
+                        + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w, mask=a_ok, other=0.0)
+            w_off = c.to(tl.int64) * sw_c + kh.to(tl.int64) * sw_h + kw.to(tl.int64) * sw_w
+            b = tl.load(w_ptr + oc_abs[None, :] * sw_o + w_off[:, None],
+                        mask=j_ok[:, None] & oc_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        NC = tl.cdiv(CG, BLOCK_K)                        # channel blocks per (kh, kw)
+        for t in range(KH * KW * NC):                    # t = (kh, kw, channel block)
+            kh, kw, cb = unravel3(t, KW, NC)
+            h = oh * SH - PH + kh * DH
+            w = ow * SW - PW + kw * DW
+            a_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_row = x_ptr + n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+            b_col = w_ptr + oc_abs * sw_o + kh.to(tl.int64) * sw_h + kw.to(tl.int64) * sw_w
+            c = cb * BLOCK_K + kc
+            c_ok = c < CG
+            c_abs = (group * CG + c).to(tl.int64)
+            a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
+                        mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
+                        mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc_abs, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
     y_off = pixel_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c)
