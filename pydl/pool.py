@@ -19,6 +19,7 @@ from ._library import empty_like_shape, geometry_args, geometry_from, kernel_op,
 from ._launch import (cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2,
                       numba_array)
 from ._shapes import pair, pool_output_size
+from ._tune import Tuner, bucket
 from .backends import dispatch, register
 
 
@@ -51,15 +52,37 @@ def _channels_fastest(t: torch.Tensor) -> bool:
 
 # --- Triton launch --------------------------------------------------------------------------
 
-def _triton_tile(x: torch.Tensor, C: int, n_spatial: int) -> dict:
-    """A wide channel block when channels are the contiguous axis, else a wide spatial block."""
-    if _channels_fastest(x):
-        block_c = min(next_power_of_2(C), 64)
-        block_s = max(1, min(next_power_of_2(n_spatial), 1024 // block_c))
-    else:
-        block_c = min(next_power_of_2(C), 4)
-        block_s = max(1, min(next_power_of_2(n_spatial), 1024 // block_c))
-    return dict(BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4)
+def _triton_tile(x: torch.Tensor, C: int, n_spatial: int, elems: int = 1024,
+                 num_warps: int = 4) -> dict:
+    """A wide channel block when channels are the contiguous axis, else a wide spatial block;
+    about `elems` elements a program. The defaults are the first tuning candidate."""
+    block_c = min(next_power_of_2(C), 64 if _channels_fastest(x) else 4)
+    block_s = max(1, min(next_power_of_2(n_spatial), elems // block_c))
+    return dict(BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+
+
+# Tuning space of the pooling kernels (memory-bound): elements per program and warps.
+POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
+POOL_TUNERS = {name: Tuner(name) for name in (
+    "max_pool2d_fwd", "max_pool2d_bwd", "avg_pool2d_fwd", "avg_pool2d_bwd",
+    "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd")}
+
+
+def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, *args, **consts):
+    """Launch pooling kernel `name` over n_spatial positions x C channels x N images, tiles
+    autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch size."""
+    from .kernels.triton import pool as k
+    kernel = getattr(k, name)
+    tuner = POOL_TUNERS[name]
+
+    def launch(cfg):
+        kernel[_grid(cfg, n_spatial, g)](*args, **consts, **cfg)
+
+    candidates = [_triton_tile(layout, g.C, n_spatial)] + [
+        _triton_tile(layout, g.C, n_spatial, elems, warps) for elems, warps in POOL_SPACE]
+    key = (name, layout.dtype, _channels_fastest(layout), g.SH, g.SW, tuple(sorted(consts.items())),
+           g.H // max(1, g.OH), g.W // max(1, g.OW), bucket(g.C, lo=1), bucket(n_spatial, lo=1))
+    launch(tuner.pick(key, candidates, launch))
 
 
 def _grid(cfg: dict, n_spatial: int, g: PoolGeometry) -> tuple[int, int, int]:
@@ -69,52 +92,41 @@ def _grid(cfg: dict, n_spatial: int, g: PoolGeometry) -> tuple[int, int, int]:
 class _TritonPool:
     @staticmethod
     def max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> None:
-        from .kernels.triton import pool as k
-        cfg = _triton_tile(x, g.C, g.OH * g.OW)
-        k.max_pool2d_fwd[_grid(cfg, g.OH * g.OW, g)](
-            x, y, idx if idx is not None else y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(),
-            *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW,
-            INDEX_MODE=index_mode, **cfg)
+        _launch("max_pool2d_fwd", x, g.OH * g.OW, g,
+                x, y, idx if idx is not None else y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(),
+                *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW,
+                INDEX_MODE=index_mode)
 
     @staticmethod
     def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
-        from .kernels.triton import pool as k
-        cfg = _triton_tile(dx, g.C, g.H * g.W)
-        k.max_pool2d_bwd[_grid(cfg, g.H * g.W, g)](
-            dy, idx, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(),
-            g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, INDEX_MODE=index_mode, **cfg)
+        _launch("max_pool2d_bwd", dx, g.H * g.W, g,
+                dy, idx, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(),
+                *dx.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW,
+                INDEX_MODE=index_mode)
 
     @staticmethod
     def avg_fwd(x, y, g: PoolGeometry) -> None:
-        from .kernels.triton import pool as k
-        cfg = _triton_tile(x, g.C, g.OH * g.OW)
-        k.avg_pool2d_fwd[_grid(cfg, g.OH * g.OW, g)](
-            x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW,
-            g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad, **cfg)
+        _launch("avg_pool2d_fwd", x, g.OH * g.OW, g,
+                x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH,
+                g.PW, g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
 
     @staticmethod
     def avg_bwd(dy, dx, g: PoolGeometry) -> None:
-        from .kernels.triton import pool as k
-        cfg = _triton_tile(dx, g.C, g.H * g.W)
-        k.avg_pool2d_bwd[_grid(cfg, g.H * g.W, g)](
-            dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW, g.PH, g.PW,
-            g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad, **cfg)
+        _launch("avg_pool2d_bwd", dx, g.H * g.W, g,
+                dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW,
+                g.PH, g.PW, g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
 
     @staticmethod
     def adaptive_fwd(x, y, g: PoolGeometry) -> None:
-        from .kernels.triton import pool as k
-        cfg = _triton_tile(x, g.C, g.OH * g.OW)
-        k.adaptive_avg_pool2d_fwd[_grid(cfg, g.OH * g.OW, g)](
-            x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
-            cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1, **cfg)
+        _launch("adaptive_avg_pool2d_fwd", x, g.OH * g.OW, g,
+                x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
+                cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1)
 
     @staticmethod
     def adaptive_bwd(dy, dx, g: PoolGeometry) -> None:
-        from .kernels.triton import pool as k
-        cfg = _triton_tile(dx, g.C, g.H * g.W)
-        k.adaptive_avg_pool2d_bwd[_grid(cfg, g.H * g.W, g)](
-            dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
-            g.OH // g.H + 3, g.OW // g.W + 3, **cfg)
+        _launch("adaptive_avg_pool2d_bwd", dx, g.H * g.W, g,
+                dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
+                g.OH // g.H + 3, g.OW // g.W + 3)
 
 
 # --- Numba launch ---------------------------------------------------------------------------

@@ -207,3 +207,26 @@ def test_every_attention_candidate(tuning, monkeypatch, backend, causal):
     spaces = _each_candidate(monkeypatch, run_op, check)
     assert set(spaces) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
     assert any(c["BLOCK_M"] != c["BLOCK_N"] for c in spaces["attention_bwd_dkdv"])
+
+
+@triton_only
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_pool_candidate(tuning, monkeypatch, backend, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = random_tensor((2, 8, 11, 9), torch.float32, DEVICE).to(memory_format=fmt)
+    g = random_tensor((2, 8, 5, 4), torch.float32, DEVICE)
+    xd = x.double().requires_grad_()
+    yd = F.max_pool2d(xd, 3, 2)
+    want = (yd, *torch.autograd.grad(yd, xd, g.double()))
+
+    def run_op():
+        xx = x.detach().requires_grad_()
+        with pydl.use_backend(backend):
+            y = pydl.max_pool2d(xx, 3, 2)
+            return (y, *torch.autograd.grad(y, xx, g))
+
+    def check(got, i):
+        for out, ref in zip(got, want):
+            assert_close(out, ref, torch.float32)
+    spaces = _each_candidate(monkeypatch, run_op, check)
+    assert set(spaces) == {"max_pool2d_fwd", "max_pool2d_bwd"}
