@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import environment, schema, tables
+from . import environment, resources, schema, tables
 
-SUBCOMMANDS = ("list", "compare", "report", "floors")
+SUBCOMMANDS = ("list", "compare", "report", "floors", "resources")
 DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return {"list": cmd_list, "compare": cmd_compare, "report": cmd_report,
-                "floors": cmd_floors}[argv[0]](argv[1:])
+                "floors": cmd_floors, "resources": resources.main}[argv[0]](argv[1:])
     return cmd_run(argv)
 
 

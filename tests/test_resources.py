@@ -1,0 +1,93 @@
+"""`python -m bench resources` (bench/resources.py): one tuning candidate compiled offline for
+sm_90, and the verdicts, selection and clean relaunch without compiling.
+
+The suite runs in emulation (PYDL_INTERPRET=1, so Triton's kernels are interpreter functions
+in this process): the compile runs in a subprocess with the emulation variables removed, as
+the command itself does. It needs no GPU, only Triton's NVIDIA toolchain (ptxas, cuobjdump);
+without it the test is skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import resources
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The default candidate of a 256^3 bf16 GEMM, captured from pydl's launcher and compiled.
+SCRIPT = r"""
+import json, sys
+from bench import resources as R
+rows = R.capture(90, [("gemm", "256^3", R.gemm_problem(256))])
+row = next(r for r in rows if r["kernel"] == "gemm" and r["candidate"] == 0)
+R.measure([row], workers=1)
+print(json.dumps(R._json_row(row), default=str))
+"""
+
+
+def _clean_env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in resources.EMULATION_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")   # a real compile, not a cache hit
+    return env
+
+
+def test_gemm_default_compiles_for_sm90_offline(tmp_path):
+    why = resources.missing_toolchain()
+    if why:
+        pytest.skip(f"no offline Triton/CUDA toolchain: {why}")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=_clean_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["function"] == "gemm_kernel" and row["config"]["BLOCK_M"] == 128
+    assert "error" not in row, row.get("error")
+    assert row["regs"] > 0 and row["shared"] > 0 and row["num_warps"] == row["config"]["num_warps"]
+    assert row["verdict"] == "ok" and row["hgmma"] > 0        # Hopper's wgmma, no spills
+    # Triton's JIT specialization of the real arguments: bf16 pointers, the unit stride as a
+    # constexpr, 256 as a 16-divisible i32
+    sig = row["signature"]
+    assert sig["a_ptr"] == "*bf16" and sig["M"] == "i32" and sig["sa_k"] == "constexpr"
+    assert row["attrs"][str([list(sig).index("M")])] == [["tt.divisibility", 16]]
+
+
+def test_verdicts():
+    fits = dict(shared=96 * 1024, regs=128, num_warps=8, local=0, stack=0)
+    assert resources.verdict(fits, 90) == "ok"
+    assert resources.verdict(dict(fits, shared=228 * 1024), 90) == "too much shared memory"
+    assert resources.verdict(dict(fits, shared=228 * 1024), 80) == "too much shared memory"
+    assert resources.verdict(dict(fits, regs=255, num_warps=16), 90) == "too many registers"
+    assert resources.verdict(dict(fits, stack=64), 90) == "spills"
+    assert resources.verdict({"error": "CompilationError: at 3:4"}, 90) == \
+        "compile error: CompilationError: at 3:4"
+
+
+def test_select_by_family_or_part_of_a_name():
+    rows = [dict(family="gemm", kernel="gemm"),
+            dict(family="conv", kernel="conv2d_implicit_bwd_weight"),
+            dict(family="conv", kernel="sum_splits"),
+            dict(family="attention", kernel="attention_bwd_dq")]
+    assert resources.select(rows, []) == (rows, [])
+    assert resources.select(rows, ["conv"]) == (rows[1:3], [])
+    assert resources.select(rows, ["bwd"]) == ([rows[1], rows[3]], [])
+    assert resources.select(rows, ["gemm", "nope"]) == (rows[:1], ["nope"])
+
+
+def test_runs_itself_again_without_emulation(monkeypatch):
+    """Here pydl is imported in emulation: main() must relaunch in a clean process."""
+    seen = {}
+
+    def call(cmd, env, cwd):
+        seen.update(cmd=cmd, env=env)
+        return 0
+    monkeypatch.setattr(resources.subprocess, "call", call)
+    monkeypatch.setenv("PYDL_INTERPRET", "1")
+    assert resources.main(["gemm", "--arch", "90"]) == 0
+    assert seen["cmd"][1:] == ["-m", "bench.resources", "gemm", "--arch", "90"]
+    assert not set(resources.EMULATION_VARS) & set(seen["env"])
