@@ -4,7 +4,8 @@ fp32 and fp16 tensors reach a kernel as arrays of their own type. NumPy and the 
 interface have no bfloat16, so bf16 tensors arrive as int16 arrays holding the bit patterns
 (pydl._launch.numba_array); a kernel gets a `dtype_code` argument saying which, and calls
 `load_f32` / `store_f32`, which decode and encode bf16 when the code says so. The branch is
-uniform across a launch, so it costs next to nothing on the GPU.
+uniform across a launch, so it costs next to nothing on the GPU. `load_f32` / `store_f32` are
+`device` functions (see _device.py): inlined when compiled, plain calls in the CUDA simulator.
 
 The bit casts go through a one-element local array viewed as the other type: NVVM turns that
 into a plain register move (mov.b32), and the CUDA simulator, where local arrays are NumPy
@@ -13,6 +14,8 @@ arrays, runs the same code, so the bf16 path is tested under emulation too.
 import numpy as np
 import torch
 from numba import cuda, float32, int32, int64
+
+from ._device import device
 
 FP32 = 0
 FP16 = 1
@@ -58,7 +61,7 @@ def f32_to_bf16_bits(value):
     return high
 
 
-@cuda.jit(device=True)
+@device
 def load_f32(a, o, c, i, code):
     """a[o, c, i] as fp32; `code` is the dtype_code of the tensor behind `a`."""
     v = a[o, c, i]
@@ -67,7 +70,7 @@ def load_f32(a, o, c, i, code):
     return float32(v)
 
 
-@cuda.jit(device=True)
+@device
 def store_f32(a, o, c, i, value, code):
     """a[o, c, i] = value (fp32), rounded to the tensor's dtype given by `code`."""
     if code == BF16:

@@ -29,7 +29,8 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits  # noqa: F401
+from ._dtypes import (BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits,  # noqa: F401
+                      load_f32, store_f32)
 from ._grid import grid_threads, thread_index
 
 ZERO = np.float32(0.0)
@@ -71,22 +72,6 @@ def st1(a, i, value, code):
         a[i] = f32_to_bf16_bits(value)
     else:
         a[i] = value
-
-
-@cuda.jit(device=True)
-def ld3(a, i, j, k, code):
-    v = a[i, j, k]
-    if code == BF16:
-        return bf16_bits_to_f32(v)
-    return float32(v)
-
-
-@cuda.jit(device=True)
-def st3(a, i, j, k, value, code):
-    if code == BF16:
-        a[i, j, k] = f32_to_bf16_bits(value)
-    else:
-        a[i, j, k] = value
 
 
 @cuda.jit(device=True)
@@ -382,4 +367,5 @@ def mul_3d(x, s, y, code_x, code_s, code_y):
         rem = e - i0 * (D1 * D2)
         i1 = rem // D2
         i2 = rem - i1 * D2
-        st3(y, i0, i1, i2, ld3(x, i0, i1, i2, code_x) * ld3(s, i0, i1, i2, code_s), code_y)
+        store_f32(y, i0, i1, i2, load_f32(x, i0, i1, i2, code_x) * load_f32(s, i0, i1, i2, code_s),
+                  code_y)

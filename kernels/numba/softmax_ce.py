@@ -10,13 +10,16 @@ capped by the block size. Block size: any power of two up to MAX_THREADS.
 All arithmetic is fp32 whatever the tensor dtype (see _dtypes for fp16 and bf16). Constants
 are typed fp32 on purpose: an int or a Python float literal would promote the arithmetic to
 fp64 on the GPU. The row reductions use shared memory and __syncthreads only, no warp
-shuffles, so the kernels run unchanged in the CUDA simulator.
+shuffles, so the kernels run unchanged in the CUDA simulator. The helpers are `device`
+functions (see _device.py: inlined when compiled, plain calls in the CUDA simulator), except
+the block reductions: each inlined copy of them would allocate its own shared arrays.
 """
 import math
 
 import numpy as np
 from numba import cuda, float32, int64
 
+from ._device import device
 from ._dtypes import dtype_code, load_f32, store_f32  # noqa: F401  (dtype_code: for launchers)
 
 # Largest block the shared-memory reductions hold (their arrays need a compile-time size).
@@ -29,7 +32,7 @@ ONE = np.float32(1.0)
 
 # --- row statistics ------------------------------------------------------------------------
 
-@cuda.jit(device=True)
+@device
 def _online_add(m, s, v):
     """Fold one value v into a running (max m, sum s of exp(x - m)); one exp per value.
 
@@ -45,7 +48,7 @@ def _online_add(m, s, v):
     return m, float32(s)
 
 
-@cuda.jit(device=True)
+@device
 def _merge(m1, s1, m2, s2):
     """(max, sum) of the union of two parts summarised as (m1, s1) and (m2, s2)."""
     m = m1 if m2 <= m1 else m2
@@ -99,13 +102,26 @@ def _block_sum(v):
     return total
 
 
-@cuda.jit(device=True)
+@device
 def _log_sum(s):
     """log(s) of a row's sum s: -inf for an all -inf row (s = 0), where the simulator's
     math.log would raise instead of returning -inf. s is >= 1 or NaN otherwise."""
     if s == ZERO:
         return NEG_INF
     return float32(math.log(s))
+
+
+@device
+def _row_coords(row, inner):
+    """(o, i): row `row` of an (outer, n, inner) array is a[o, :, i]."""
+    o = row // inner
+    return o, row - o * inner
+
+
+@device
+def _class_weight(weight, c, has_weight):
+    """Class c's weight in fp32; 1 without class weights."""
+    return float32(weight[c]) if has_weight else ONE
 
 
 # --- softmax / log_softmax -----------------------------------------------------------------
@@ -120,13 +136,11 @@ def softmax_fwd(x, y, inner, log, code):
     log:   write log_softmax instead of softmax
     code:  dtype_code of x and y (BF16: int16 arrays of bf16 bits)
     """
+    tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+    n = x.shape[1]
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
-        o = row // inner
-        i = row - o * inner
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        n = x.shape[1]
+        o, i = _row_coords(row, inner)
         m = NEG_INF
         s = ZERO
         for c in range(tid, n, nthreads):
@@ -156,13 +170,11 @@ def softmax_bwd(y, dy, dx, inner, log, code):
     log:   y is log_softmax rather than softmax
     code:  dtype_code of y, dy and dx
     """
+    tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+    n = y.shape[1]
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), y.shape[0] * inner, cuda.gridDim.x):
-        o = row // inner
-        i = row - o * inner
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        n = y.shape[1]
+        o, i = _row_coords(row, inner)
         acc = ZERO
         if log:
             for c in range(tid, n, nthreads):
@@ -181,7 +193,78 @@ def softmax_bwd(y, dy, dx, inner, log, code):
             store_f32(dx, o, c, i, out, code)
 
 
-    # --- cross-entropy -------------------------------------------------------------------------
+# --- cross-entropy -------------------------------------------------------------------------
+
+@device
+def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has_weight, eps,
+                  weighted, probs):
+    """One row's logsumexp as (m_row, log s_row), lse = m_row + log s_row, and with `weighted`
+    also the block sum of a_c (lse - x_c) and this thread's part of A = sum_c a_c (0, 0
+    otherwise); every thread gets the row's values. a_c = w_c for index targets (their
+    smoothing term); with `probs` a_c = w_c y'_c, y' = (1 - eps) y + eps / C, for
+    class-probability targets y (the array `target`, dtype code target_code); w_c = 1 without
+    has_weight. The block's threads stride over the row's columns, one pass.
+
+    Each thread keeps d = sum a (x - m) relative to its running max m, shifted by
+    A_thread (m_new - m_old) when the max grows, and the sum is assembled from the threads'
+    A (m_row - m + log s) - d, terms that are all >= 0, so huge logits (|x| ~ 1e4) do not
+    cancel catastrophically. Edge rules, as each kernel had them: with `probs` the shift is
+    skipped while the thread's max is -inf and a -inf logit adds a * -inf (+inf, NaN when
+    a = 0, as torch gives); for index targets classes of weight 0 add nothing, the shift and the
+    thread's share are skipped while A_thread = 0, and a -inf logit adds -inf.
+    """
+    n = x.shape[1]
+    uniform = eps / float32(n)
+    m = NEG_INF
+    s = ZERO
+    d = ZERO      # this thread's sum_c a_c (x_c - m), m its running max
+    a_sum = ZERO  # this thread's sum_c a_c
+    for c in range(tid, n, nthreads):
+        v = load_f32(x, o, c, i, code)
+        # a_c is read where each kernel read it (targets before _online_add, weights after):
+        # moving either read makes NVVM compile the loop differently
+        a = ZERO
+        if weighted and probs:
+            a = load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform
+            if has_weight:
+                a *= float32(weight[c])
+        m_old = m
+        m, s = _online_add(m, s, v)
+        if weighted:
+            if not probs:
+                a = _class_weight(weight, c, has_weight)
+            if m != m_old and (m_old != NEG_INF if probs else a_sum != ZERO):
+                # index targets: -inf when m_old was -inf: the term is +inf
+                d -= a_sum * (m - m_old)
+            if probs:
+                d += a * NEG_INF if v == NEG_INF else a * (v - m)
+            elif a != ZERO:
+                # x_c = m = -inf: (x_c - m) is NaN, but the row's term lse - x_c is +inf
+                d += a * (v - m) if m != NEG_INF else NEG_INF
+            a_sum += a
+    m_row, s_row = _block_max_sum(m, s)
+    log_s = _log_sum(s_row)
+    total = ZERO
+    if weighted:
+        # sum over this thread's c of a_c (lse - x_c) = A (m_row - m + log s) - d
+        if probs:
+            part = -d
+            if m != NEG_INF:
+                part += a_sum * ((m_row - m) + log_s)
+        else:
+            part = ZERO
+            if a_sum != ZERO:
+                part = a_sum * ((m_row - m) + log_s) - d
+        total = _block_sum(part)
+    return m_row, log_s, total, a_sum
+
+
+@device
+def _softmax_at(x, o, c, i, code, row_lse):
+    """Column c of a row, for the gradients: (x_c, p_c = exp(x_c - lse))."""
+    v = load_f32(x, o, c, i, code)
+    return v, float32(math.exp(v - row_lse))
+
 
 @cuda.jit
 def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_index,
@@ -201,55 +284,28 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
     has_weight:   use `weight`; otherwise every class weighs 1
     code:         dtype_code of x
 
-    One pass over the logits. The smoothing sum is kept per thread as d = sum w (x - m_thread)
-    relative to the thread's running max (shifted by W_thread (m_new - m_old) when the max
-    grows), and sum_c w (lse - x_c) is assembled at the end from terms that are all >= 0, so
-    huge logits (|x| ~ 1e4) do not cancel catastrophically.
+    One pass over the logits (_ce_row_stats, which also sums the smoothing term without
+    catastrophic cancellation).
     """
+    tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+    n = x.shape[1]
+    smooth = smoothing > 0
+    eps = float32(smoothing)
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
-        o = row // inner
-        i = row - o * inner
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        n = x.shape[1]
-        smooth = smoothing > 0
-        m = NEG_INF
-        s = ZERO
-        d = ZERO     # this thread's sum_c w_c (x_c - m), m its running max
-        w_sum = ZERO  # this thread's sum_c w_c
-        for c in range(tid, n, nthreads):
-            v = load_f32(x, o, c, i, code)
-            m_old = m
-            m, s = _online_add(m, s, v)
-            if smooth:
-                w = float32(weight[c]) if has_weight else ONE
-                if m != m_old and w_sum != ZERO:
-                    d -= w_sum * (m - m_old)  # -inf when m_old was -inf: the term is +inf
-                if w != ZERO:
-                    # x_c = m = -inf: (x_c - m) is NaN, but the row's term lse - x_c is +inf
-                    d += w * (v - m) if m != NEG_INF else NEG_INF
-                w_sum += w
-        m_row, s_row = _block_max_sum(m, s)
-        log_s = _log_sum(s_row)
-        smooth_sum = ZERO
-        if smooth:
-            # sum over this thread's c of w_c (lse - x_c) = W (m_row - m + log s) - d
-            part = ZERO
-            if w_sum != ZERO:
-                part = w_sum * ((m_row - m) + log_s) - d
-            smooth_sum = _block_sum(part)
+        o, i = _row_coords(row, inner)
+        m_row, log_s, smooth_sum, _ = _ce_row_stats(x, o, i, code, tid, nthreads, x, code, weight,
+                                                    has_weight, eps, smooth, False)
         if tid == 0:
             t = target[row]
             valid = t != ignore_index
             row_loss = ZERO
             w_t = ZERO
             if valid:
-                w_t = float32(weight[t]) if has_weight else ONE
+                w_t = _class_weight(weight, t, has_weight)
                 # (m - x_t) + log s rather than lse - x_t: m - x_t loses nothing for huge logits
                 row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
                 if smooth:
-                    eps = float32(smoothing)
                     row_loss = (ONE - eps) * row_loss + (eps / float32(n)) * smooth_sum
             loss[row] = row_loss
             lse[row] = m_row + log_s
@@ -277,13 +333,11 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx,
     has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
     code:         dtype_code of x and dx
     """
+    tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+    n = x.shape[1]
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
-        o = row // inner
-        i = row - o * inner
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        n = x.shape[1]
+        o, i = _row_coords(row, inner)
         t = target[row]
         if t == ignore_index:
             for c in range(tid, n, nthreads):
@@ -292,17 +346,15 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx,
         g = float32(grad[row * grad_stride])
         eps = float32(smoothing)
         row_lse = lse[row]
-        w_t = float32(weight[t]) if has_weight else ONE
-        g_nll = g * (ONE - eps) * w_t
+        g_nll = g * (ONE - eps) * _class_weight(weight, t, has_weight)
         smooth = smoothing > 0
         g_smooth = g * (eps / float32(n))
         total_weight = float32(weight_sum[0]) if (has_weight and smooth) else float32(n)
         for c in range(tid, n, nthreads):
-            p = float32(math.exp(load_f32(x, o, c, i, code) - row_lse))
+            _, p = _softmax_at(x, o, c, i, code, row_lse)
             out = g_nll * (p - ONE) if c == t else g_nll * p
             if smooth:
-                w = float32(weight[c]) if has_weight else ONE
-                out += g_smooth * (total_weight * p - w)
+                out += g_smooth * (total_weight * p - _class_weight(weight, c, has_weight))
             store_f32(dx, o, c, i, out, code)
 
 
@@ -326,43 +378,16 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
     code:         dtype_code of x
     target_code:  dtype_code of target
 
-    One pass. Each thread keeps d = sum a (x - m_thread) relative to its running max (shifted
-    by A_thread (m_new - m_old) when the max grows, A_thread = sum a), and the loss is
-    assembled as sum_threads [A (m_row - m + log s) - d], so huge logits do not cancel.
+    One pass (_ce_row_stats: the index kernel's smoothing sum with a = w y', so huge logits do
+    not cancel).
     """
+    tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
-        o = row // inner
-        i = row - o * inner
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        n = x.shape[1]
-        eps = float32(smoothing)
-        uniform = eps / float32(n)
-        m = NEG_INF
-        s = ZERO
-        d = ZERO      # this thread's sum_c a_c (x_c - m), m its running max
-        a_sum = ZERO  # this thread's sum_c a_c
-        for c in range(tid, n, nthreads):
-            v = load_f32(x, o, c, i, code)
-            a = load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform
-            if has_weight:
-                a *= float32(weight[c])
-            m_old = m
-            m, s = _online_add(m, s, v)
-            if m != m_old and m_old != NEG_INF:
-                d -= a_sum * (m - m_old)
-            if v == NEG_INF:
-                d += a * NEG_INF  # the term a (lse - x) is +inf (NaN when a = 0, as in torch)
-            else:
-                d += a * (v - m)
-            a_sum += a
-        m_row, s_row = _block_max_sum(m, s)
-        log_s = _log_sum(s_row)
-        part = -d
-        if m != NEG_INF:
-            part += a_sum * ((m_row - m) + log_s)
-        row_loss = _block_sum(part)
+        o, i = _row_coords(row, inner)
+        m_row, log_s, row_loss, a_sum = _ce_row_stats(x, o, i, code, tid, nthreads, target,
+                                                      target_code, weight, has_weight,
+                                                      float32(smoothing), True, True)
         row_mass = _block_sum(a_sum)
         if tid == 0:
             loss[row] = row_loss
@@ -392,23 +417,20 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, 
     code:         dtype_code of x and dx
     target_code:  dtype_code of target and dtarget
     """
+    tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+    n = x.shape[1]
+    eps = float32(smoothing)
+    uniform = eps / float32(n)
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
-        o = row // inner
-        i = row - o * inner
-        tid = cuda.threadIdx.x
-        nthreads = cuda.blockDim.x
-        n = x.shape[1]
-        eps = float32(smoothing)
-        uniform = eps / float32(n)
+        o, i = _row_coords(row, inner)
         g = float32(grad[row * grad_stride])
         row_lse = lse[row]
         row_mass = mass[row]
         for c in range(tid, n, nthreads):
-            v = load_f32(x, o, c, i, code)
-            w = float32(weight[c]) if has_weight else ONE
+            v, p = _softmax_at(x, o, c, i, code, row_lse)
+            w = _class_weight(weight, c, has_weight)
             a = w * (load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform)
-            p = float32(math.exp(v - row_lse))
             store_f32(dx, o, c, i, g * (p * row_mass - a), code)
             if target_grad:
                 store_f32(dtarget, o, c, i, g * ((ONE - eps) * w) * (row_lse - v), target_code)

@@ -47,6 +47,111 @@ def _lanes_to_row(m, s):
 
 
 @triton.jit
+def _col_block(start, cols, n, rmask):
+    """Columns c = start + cols of a tile: (c, c < n, the tile mask of existing rows x columns)."""
+    c = start + cols
+    cmask = c < n
+    return c, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _load_block(ptr, row_off, c, stride, mask, other):
+    """The [BLOCK_R, BLOCK_N] tile at columns c of the rows starting at row_off, in fp32."""
+    return tl.load(ptr + row_off[:, None] + c[None, :] * stride, mask=mask, other=other).to(tl.float32)
+
+
+@triton.jit
+def _store_block(ptr, row_off, c, stride, value, mask):
+    """Store a tile as _load_block reads it, in the tensor's dtype."""
+    tl.store(ptr + row_off[:, None] + c[None, :] * stride, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _class_weights(weight_ptr, c, cmask, HAS_WEIGHT: tl.constexpr):
+    """The class weights w_c as a [1, BLOCK_N] row (0 past the last class); 1.0 without weights."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    else:
+        w = 1.0
+    return w
+
+
+@triton.jit
+def _ce_row_stats(
+    x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, n, rmask, smoothing,
+    HAS_WEIGHT: tl.constexpr,
+    WEIGHTED: tl.constexpr,                 # also return sum_c a_c (lse - x_c) and A = sum_c a_c
+    PROBS: tl.constexpr,                    # a = w y' (class-probability targets y); else a = w
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One pass over the logits of BLOCK_R rows (x_off from _row_starts): per row the max
+    m_row and log s_row (lse = m_row + log s_row), and with WEIGHTED also sum_c a_c (lse - x_c)
+    and A = sum_c a_c (placeholders without). a_c = w_c for index targets (their smoothing
+    term); with PROBS a_c = w_c y'_c, y' = (1 - eps) y + eps / C for class-probability targets
+    y read at y_ptr, y_off, sy_n. w_c = 1 without HAS_WEIGHT.
+
+    Each lane keeps the online (m, s) of _online_update and d = sum a (x - m_lane) relative to
+    its own running max, shifted exactly when the max grows (d -= A_lane (m_new - m_old)), and
+    the sum is assembled as sum_lanes [A_lane (lse - m_lane) - d_lane], so huge logits do not
+    cancel catastrophically. Edge rules, as each kernel had them: with PROBS the shift is
+    skipped while a lane's max is -inf and a -inf logit adds a * -inf (inf loss where a > 0,
+    NaN where a = 0, as torch gives); for index targets the shift, and the lane's share of the
+    sum, are skipped while A_lane = 0 (a -inf logit seen while the lane's max is -inf makes d
+    NaN).
+    """
+    cols = tl.arange(0, BLOCK_N)
+    m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)   # sum_c a_c (x_c - m_lane)
+    al = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # sum_c a_c per lane
+    for start in range(0, n, BLOCK_N):
+        c, cmask, mask = _col_block(start, cols, n, rmask)
+        x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
+        if WEIGHTED:
+            if PROBS:
+                a = _load_block(y_ptr, y_off, c, sy_n, mask, 0.0) * (1.0 - smoothing) + smoothing / n
+                if HAS_WEIGHT:
+                    a = a * _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
+            else:
+                a = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
+            m_new = tl.maximum(m, x)
+            shift = al * (m_new - m)
+            term = a * (x - m_new)
+            if PROBS:
+                # a lane whose max was -inf holds only -inf logits so far: d already has their a * -inf
+                shift = tl.where(m == NEG_INF, 0.0, shift)
+                term = tl.where(x == NEG_INF, a * NEG_INF, term)
+            else:
+                shift = tl.where(al == 0.0, 0.0, shift)
+            d = d - shift
+            d += tl.where(mask, term, 0.0)
+            al += tl.where(mask, a, 0.0)
+        m, s = _online_update(m, s, x)
+    m_row, s_row = _lanes_to_row(m, s)
+    log_s = tl.log(s_row)
+    total = log_s
+    if WEIGHTED:
+        # (m_row - m) + log s rather than lse - m keeps log s's digits when |m| is large
+        lane = al * ((m_row[:, None] - m) + log_s[:, None])
+        if PROBS:
+            lane = tl.where(m == NEG_INF, 0.0, lane) - d
+        else:
+            lane = tl.where(al == 0.0, 0.0, lane - d)
+        total = tl.sum(lane, 1)
+    return m_row, log_s, total, tl.sum(al, 1)
+
+
+@triton.jit
+def _softmax_block(x_ptr, x_off, sx_n, lse, weight_ptr, start, cols, n, rmask,
+                   HAS_WEIGHT: tl.constexpr):
+    """A column block of the rows' softmax, for the gradient kernels: (c, tile mask, x,
+    p = exp(x - lse), the class weights w as _class_weights gives them); lse: [BLOCK_R, 1]."""
+    c, cmask, mask = _col_block(start, cols, n, rmask)
+    x = _load_block(x_ptr, x_off, c, sx_n, mask, 0.0)
+    return c, mask, x, tl.exp(x - lse), _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
+
+
+@triton.jit
 def softmax_fwd(
     x_ptr, y_ptr,
     n_rows, n, inner,                       # rows = outer * inner; n = length of each row
@@ -159,40 +264,17 @@ def cross_entropy_fwd(
 ):
     """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
 
-    Single pass over the logits; probabilities are never written. For the smoothing term each
-    lane keeps d = sum w (x - m_lane) relative to its own running max, updated exactly when the
-    max grows (d -= W_lane (m_new - m_old)), so huge logits do not cancel catastrophically.
+    Single pass over the logits (_ce_row_stats, which also sums the smoothing term without
+    catastrophic cancellation); probabilities are never written.
     """
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
     t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
     valid = rmask & (t != ignore_index)
     t_safe = tl.where(valid, t, 0)
-    cols = tl.arange(0, BLOCK_N)
-    m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
-    s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)   # sum_c w_c (x_c - m_lane)
-    wl = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # sum_c w_c per lane
-    for start in range(0, n, BLOCK_N):
-        c = start + cols
-        cmask = c < n
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
-                    other=NEG_INF).to(tl.float32)
-        m_new = tl.maximum(m, x)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            else:
-                w = tl.where(cmask, 1.0, 0.0)[None, :]
-            d = d - tl.where(wl == 0.0, 0.0, wl * (m_new - m))
-            d += tl.where(mask, w * (x - m_new), 0.0)
-            wl += tl.where(mask, w, 0.0)
-        seen = m_new != NEG_INF
-        s = s * tl.where(seen, tl.exp(m - m_new), 0.0) + tl.where(seen, tl.exp(x - m_new), 0.0)
-        m = m_new
-    m_row, s_row = _lanes_to_row(m, s)
-    log_s = tl.log(s_row)
+    m_row, log_s, smooth, _ = _ce_row_stats(x_ptr, x_off, sx_n, x_ptr, x_off, sx_n, weight_ptr, n,
+                                            rmask, smoothing, HAS_WEIGHT, HAS_SMOOTHING, False,
+                                            BLOCK_R, BLOCK_N)
     x_t = tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=valid, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + t_safe, mask=valid, other=0.0).to(tl.float32)
@@ -201,8 +283,6 @@ def cross_entropy_fwd(
     # lse - x as (m - x) + log s keeps log s's digits when |m| is large
     loss = w_t * ((m_row - x_t) + log_s)
     if HAS_SMOOTHING:
-        # sum_c w_c (lse - x_c) = sum_lanes [W_lane (lse - m_lane) - d_lane]
-        smooth = tl.sum(tl.where(wl == 0.0, 0.0, wl * ((m_row[:, None] - m) + log_s[:, None]) - d), 1)
         loss = (1.0 - smoothing) * loss + (smoothing / n) * smooth
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + rows, loss, mask=rmask)
@@ -247,19 +327,12 @@ def cross_entropy_bwd(
             w_sum = n * 1.0
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
-        c = start + cols
-        cmask = c < n
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse[:, None])
+        c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr, start, cols,
+                                          n, rmask, HAS_WEIGHT)
         dx = g_nll * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
         if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            else:
-                w = 1.0
             dx += g_smooth * (w_sum * p - w)
-        tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _store_block(dx_ptr, dx_off, c, sdx_n, dx, mask)
 
 
 # --- cross-entropy with class-probability targets --------------------------------------------
@@ -277,48 +350,19 @@ def cross_entropy_prob_fwd(
 ):
     """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C.
 
-    Single pass over logits and targets. As for the smoothing term of the index kernel, each
-    lane keeps d = sum a (x - m_lane) relative to its own running max (d -= A_lane (m_new -
-    m_old) when the max grows, A_lane = sum a), and the loss is assembled as
-    sum_lanes [A_lane (lse - m_lane) - d], so logits of 1e4 do not cancel catastrophically.
-    A -inf logit adds a * -inf to d (inf loss where a > 0, NaN where a = 0, as torch gives).
+    Single pass over logits and targets: _ce_row_stats, the sum of the index kernel's smoothing
+    term with a = w y' (logits of 1e4 do not cancel; a -inf logit gives an inf loss where a > 0,
+    NaN where a = 0, as torch gives).
     """
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
     y_off = (rows // inner) * sy_outer + (rows % inner) * sy_inner
-    cols = tl.arange(0, BLOCK_N)
-    m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
-    s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)   # sum_c a_c (x_c - m_lane)
-    al = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # sum_c a_c per lane
-    for start in range(0, n, BLOCK_N):
-        c = start + cols
-        cmask = c < n
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
-                    other=NEG_INF).to(tl.float32)
-        y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
-        a = y * (1.0 - smoothing) + smoothing / n
-        if HAS_WEIGHT:
-            a = a * tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        a = tl.where(mask, a, 0.0)
-        m_new = tl.maximum(m, x)
-        # a lane whose max was -inf holds only -inf logits so far: d already has their a * -inf
-        d = d - tl.where(m == NEG_INF, 0.0, al * (m_new - m))
-        d += tl.where(mask, tl.where(x == NEG_INF, a * NEG_INF, a * (x - m_new)), 0.0)
-        al += a
-        seen = m_new != NEG_INF
-        s = s * tl.where(seen, tl.exp(m - m_new), 0.0) + tl.where(seen, tl.exp(x - m_new), 0.0)
-        m = m_new
-    m_row, s_row = _lanes_to_row(m, s)
-    log_s = tl.log(s_row)
-    # sum_c a_c (lse - x_c) = sum_lanes [A_lane (lse - m_lane) - d_lane]; (m_row - m) + log s
-    # rather than lse - m keeps log s's digits when |m| is large
-    lane = tl.where(m == NEG_INF, 0.0, al * ((m_row[:, None] - m) + log_s[:, None])) - d
-    loss = tl.sum(lane, 1)
+    m_row, log_s, loss, mass = _ce_row_stats(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, n,
+                                             rmask, smoothing, HAS_WEIGHT, True, True,
+                                             BLOCK_R, BLOCK_N)
     tl.store(loss_ptr + rows, loss, mask=rmask)
     tl.store(lse_ptr + rows, m_row + log_s, mask=rmask)
-    tl.store(mass_ptr + rows, tl.sum(al, 1), mask=rmask)
+    tl.store(mass_ptr + rows, mass, mask=rmask)
 
 
 @triton.jit
@@ -348,20 +392,9 @@ def cross_entropy_prob_bwd(
         dy_off = (rows // inner) * sdy_outer + (rows % inner) * sdy_inner
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
-        c = start + cols
-        cmask = c < n
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        else:
-            w = 1.0
-        a = w * (y * (1.0 - smoothing) + smoothing / n)
-        p = tl.exp(x - lse)
-        dx = g * (p * mass - a)
-        tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse, weight_ptr, start, cols, n, rmask,
+                                          HAS_WEIGHT)
+        a = w * (_load_block(y_ptr, y_off, c, sy_n, mask, 0.0) * (1.0 - smoothing) + smoothing / n)
+        _store_block(dx_ptr, dx_off, c, sdx_n, g * (p * mass - a), mask)
         if TARGET_GRAD:
-            dy = g * ((1.0 - smoothing) * w) * (lse - x)
-            tl.store(dy_ptr + dy_off[:, None] + c[None, :] * sdy_n, dy.to(dy_ptr.dtype.element_ty),
-                     mask=mask)
+            _store_block(dy_ptr, dy_off, c, sdy_n, g * ((1.0 - smoothing) * w) * (lse - x), mask)
