@@ -52,11 +52,16 @@ def clip(value: int, extent: int, lo: int = 16) -> int:
     return min(value, max(lo, next_power_of_2(max(1, extent))))
 
 
+# Triton's launch defaults: a config that omits them means these values.
+LAUNCH_DEFAULTS = {"num_warps": 4, "num_stages": 3}
+
+
 def unique(configs: Sequence[dict]) -> list[dict]:
-    """The configs without repeats (clipping makes several candidates equal), order kept."""
+    """The configs without repeats (clipping makes several candidates equal; a config that
+    omits num_warps / num_stages equals one that gives Triton's defaults), order kept."""
     seen, out = set(), []
     for c in configs:
-        k = tuple(sorted(c.items()))
+        k = tuple(sorted({**LAUNCH_DEFAULTS, **c}.items()))
         if k not in seen:
             seen.add(k)
             out.append(c)

@@ -31,26 +31,26 @@ MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
 def _blocks(E: int, EV: int) -> dict:
-    """The default tiles (the first tuning candidate, pydl/_tune.py)."""
+    """Emulation's tiles, and the head-dimension blocks of every config."""
     # Small tiles in emulation so that short test sequences still span several tiles.
-    bm = 16 if _env.INTERPRET else 64
-    bn = 16 if _env.INTERPRET else 64
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, next_power_of_2(E)),
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=max(16, next_power_of_2(E)),
                 BLOCK_DV=max(16, next_power_of_2(EV)), num_warps=4)
 
 
 # Tuning spaces (BLOCK_M, BLOCK_N, num_warps, num_stages) of the three flash kernels, after
-# FlashAttention-2's split: the forward and dQ programs own 64-128 query rows and stream keys;
-# the dK/dV program owns 64-128 keys and streams queries in small steps. Tiles that need too
-# much shared memory or too many registers for a head dimension (d = 256) fail to compile on
-# the device and are skipped by the tuner.
+# FlashAttention-2's split; on a GPU the first entry is the default (PYDL_TUNE=0). The forward
+# and dQ programs own 64-128 query rows and stream keys; the dK/dV program owns 64-128 keys
+# and streams queries in steps of 16-64, computing key-major tiles so that all four of its
+# products have the key block as rows (wgmma). Pruned with `python -m bench resources`
+# (sm_90, d = 128, bf16): 128-row query tiles need 8 warps (at 4 they spill), dK/dV tiles with
+# 64 query rows spill; tiles that fail to compile for a head dimension (d = 256) are skipped
+# by the tuner.
 ATTENTION_SPACES = {
-    "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-            (128, 32, 4, 4), (64, 128, 4, 3)),
-    "bwd_dkdv": ((32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3),
-                 (16, 128, 4, 3)),
-    "bwd_dq": ((128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3),
-               (128, 16, 4, 3)),
+    "fwd": ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4),
+            (64, 128, 4, 3)),
+    "bwd_dkdv": ((32, 128, 8, 3), (32, 64, 4, 4), (16, 64, 4, 4), (16, 128, 8, 3),
+                 (64, 64, 8, 3)),
+    "bwd_dq": ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 4)),
 }
 ATTENTION_TUNERS = {name: tune.Tuner(f"attention_{name}") for name in ATTENTION_SPACES}
 
@@ -61,11 +61,13 @@ def _attention_config(kernel: str, q, k, v, is_causal: bool, mask_kind: int, dro
     with the sequence lengths in coarse buckets."""
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    default = _blocks(E, EV)
-    candidates = [default] + [
-        dict(default, BLOCK_M=tune.clip(bm, L), BLOCK_N=tune.clip(bn, S), num_warps=warps,
+    blocks = _blocks(E, EV)
+    candidates = [
+        dict(blocks, BLOCK_M=tune.clip(bm, L), BLOCK_N=tune.clip(bn, S), num_warps=warps,
              num_stages=stages)
         for bm, bn, warps, stages in ATTENTION_SPACES[kernel]]
+    if _env.INTERPRET:
+        candidates.insert(0, blocks)
     key = (q.dtype, input_precision(q.dtype), E, EV, is_causal, mask_kind, dropout,
            tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14), H != HKV)
     return ATTENTION_TUNERS[kernel].pick(key, candidates, launch)
@@ -97,7 +99,7 @@ class _TritonAttention:
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        pre = _blocks(E, EV)
+        pre = dict(_blocks(E, EV), BLOCK_M=16 if _env.INTERPRET else 64)
         delta = new_output((B * H, L), torch.float32, q.device)
         kt.attention_bwd_preprocess[(cdiv(L, pre["BLOCK_M"]), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, L, EV,

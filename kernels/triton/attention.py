@@ -37,39 +37,42 @@ MASK_FLOAT = tl.constexpr(2)
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, S, p):
-    """Which (row, col) scores of (batch*head) bh survive dropout with probability 1 - p."""
-    offsets = rows[:, None] * S + cols[None, :]
-    return tl.rand(seed + bh, offsets) >= p
+def _dropout_keep(seed, bh, qi, kj, S, p):
+    """Which scores of (batch*head) bh survive dropout with probability 1 - p: qi and kj are
+    each score's query and key index, broadcastable to the tile (rows[:, None], cols[None, :]
+    for a query-major tile, the transposes for a key-major one)."""
+    return tl.rand(seed + bh, qi * S + kj) >= p
 
 
 @triton.jit
-def _apply_masks(s, rows, cols, L, S, mask_ptr, sm_m, sm_n, float_mask_scale,
+def _apply_masks(s, qi, kj, L, S, mask_ptr, sm_m, sm_n, float_mask_scale,
                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
     """-inf where a key is out of range, masked out (bool False) or in the causal future;
-    a float mask is added (times float_mask_scale: log2 e for scores in log2 units)."""
-    valid = (cols[None, :] < S) & (rows[:, None] < L)
+    a float mask is added (times float_mask_scale: log2 e for scores in log2 units). qi, kj:
+    each score's query and key index, broadcastable to s (see `_dropout_keep`)."""
+    valid = (kj < S) & (qi < L)
     if IS_CAUSAL:
-        valid = valid & (cols[None, :] <= rows[:, None])
+        valid = valid & (kj <= qi)
     if MASK_KIND == MASK_BOOL:
-        keep = tl.load(mask_ptr + rows[:, None].to(tl.int64) * sm_m + cols[None, :].to(tl.int64) * sm_n,
+        keep = tl.load(mask_ptr + qi.to(tl.int64) * sm_m + kj.to(tl.int64) * sm_n,
                        mask=valid, other=0)
         valid = valid & (keep != 0)
     if MASK_KIND == MASK_FLOAT:
-        add = tl.load(mask_ptr + rows[:, None].to(tl.int64) * sm_m + cols[None, :].to(tl.int64) * sm_n,
+        add = tl.load(mask_ptr + qi.to(tl.int64) * sm_m + kj.to(tl.int64) * sm_n,
                       mask=valid, other=0.0).to(tl.float32)
         s = s + add * float_mask_scale
     return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
-def _scores(q, k, rows, cols, L, S, mask_ptr, sm_m, sm_n, scale_log2, MASKED: tl.constexpr,
+def _scores(a, b, qi, kj, L, S, mask_ptr, sm_m, sm_n, scale_log2, MASKED: tl.constexpr,
             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Scores of a [BLOCK_M, BLOCK_N] tile in log2 units (s * log2 e), masked with -inf;
+    """Scores a @ b^T in log2 units (s * log2 e), masked with -inf: a query-major tile is
+    (q, k, rows[:, None], cols[None, :]), a key-major one (k, q, rows[None, :], cols[:, None]).
     MASKED=False for a tile the caller knows needs no mask (`_key_ranges`)."""
-    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
+    s = tl.dot(a, tl.trans(b), input_precision=INPUT_PRECISION) * scale_log2
     if MASKED:
-        s = _apply_masks(s, rows, cols, L, S, mask_ptr, sm_m, sm_n, LOG2E, IS_CAUSAL, MASK_KIND)
+        s = _apply_masks(s, qi, kj, L, S, mask_ptr, sm_m, sm_n, LOG2E, IS_CAUSAL, MASK_KIND)
     return s
 
 
@@ -110,19 +113,18 @@ def _row_stats(lse_ptr, delta_ptr, bh, rows, L):
 
 
 @triton.jit
-def _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
-               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _grad_tile(s, lse, delta, dp, seed, bh, qi, kj, S, dropout_p, DROPOUT: tl.constexpr):
     """(P as dV = P^T dO uses it, dS) of a score tile s (log2 units) in the backward:
-    P = exp(s - lse), dP = dO V^T, dropout keeping (scaling) or zeroing both P and dP, and
-    dS = P * (dP - delta)."""
-    p = tl.math.exp2(s - lse[:, None] * LOG2E)            # [BLOCK_M, BLOCK_N]
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    P = exp(s - lse), dropout keeping (scaling) or zeroing both P and dP = dO V^T, and
+    dS = P * (dP - delta). lse, delta, dp, qi and kj are oriented like s (query- or
+    key-major, see `_scores`)."""
+    p = tl.math.exp2(s - lse * LOG2E)
     p_used = p
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+        keep = _dropout_keep(seed, bh, qi, kj, S, dropout_p)
         p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-    return p_used, p * (dp - delta[:, None])
+    return p_used, p * (dp - delta)
 
 
 @triton.jit
@@ -153,8 +155,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
-        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
-                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        s = _scores(q, k, rows[:, None], cols[None, :], L, S, m_base, sm_m, sm_n, scale_log2,
+                    MASKED, IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         seen = m_new != float("-inf")
         m_safe = tl.where(seen, m_new, 0.0)
@@ -162,7 +164,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
         p = tl.math.exp2(s - m_safe[:, None])           # 0 where s = -inf
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
@@ -241,12 +243,16 @@ def _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr, sq
         q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
         do = _load_tile(do_base, rows, dv, sdo_m, sdo_d, L, EV)
         lse, delta = _row_stats(lse_ptr, delta_ptr, bh, rows, L)
-        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
-                    IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-        p_used, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
-                                DROPOUT, INPUT_PRECISION)
-        dvacc += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+        # key-major tiles [BLOCK_N, BLOCK_M]: every product has the key block as its rows
+        # (wgmma needs 64 rows per warp group; the query step may be 16 or 32)
+        qi, kj = rows[None, :], cols[:, None]
+        s_t = _scores(k, q, qi, kj, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
+                      IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        p_t, ds_t = _grad_tile(s_t, lse[None, :], delta[None, :], dp_t, seed, bh, qi, kj, S,
+                               dropout_p, DROPOUT)
+        dvacc += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
     return dk, dvacc
 
 
@@ -325,10 +331,12 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, s
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
         v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
-        s = _scores(q, k, rows, cols, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
+        qi, kj = rows[:, None], cols[None, :]
+        s = _scores(q, k, qi, kj, L, S, m_base, sm_m, sm_n, scale_log2, MASKED,
                     IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-        _, ds = _grad_tile(s, lse, delta, do, v, seed, bh, rows, cols, S, dropout_p,
-                           DROPOUT, INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        _, ds = _grad_tile(s, lse[:, None], delta[:, None], dp, seed, bh, qi, kj, S, dropout_p,
+                           DROPOUT)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     return dq
 
@@ -381,7 +389,7 @@ def attention_dropout_mask(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, S, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows, cols, S, dropout_p)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p)
         tl.store(keep_ptr + (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :],
                  keep.to(tl.int8), mask=(rows[:, None] < L) & (cols[None, :] < S))
 
@@ -433,4 +441,5 @@ def _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n,
     """A [1, BLOCK_N] slice of one score row with the masks applied (-inf = hidden)."""
     s = tl.load(s_base + cols[None, :].to(tl.int64) * ss_n, mask=(cols < S)[None, :],
                 other=float("-inf"))
-    return _apply_masks(s, rows, cols, L, S, m_base, sm_m, sm_n, 1.0, IS_CAUSAL, MASK_KIND)
+    return _apply_masks(s, rows[:, None], cols[None, :], L, S, m_base, sm_m, sm_n, 1.0, IS_CAUSAL,
+                        MASK_KIND)
