@@ -30,6 +30,7 @@ from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
                       numba_threads)
 from ._shapes import as_rows, normalize_dim
+from ._tune import Tuner, bucket
 from .backends import dispatch, register
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -43,79 +44,95 @@ TILE_ELEMENTS = 4096
 
 # --- Triton launch ------------------------------------------------------------------------
 
-def _triton_config(n_rows: int, n: int) -> dict:
-    block_n = min(next_power_of_2(n), MAX_BLOCK_N)
-    block_r = max(1, min(next_power_of_2(n_rows), TILE_ELEMENTS // block_n, 64))
-    tile = block_r * block_n
-    num_warps = 4 if tile <= 2048 else (8 if tile <= 4096 else 16)
+def _triton_config(n_rows: int, n: int, tile: int | None = None, max_block_n: int | None = None,
+                   num_warps: int | None = None) -> dict:
+    """A BLOCK_R x BLOCK_N tile of about `tile` elements (the module's defaults when None: the
+    first tuning candidate), short rows batched, rows wider than max_block_n walked in blocks."""
+    tile = TILE_ELEMENTS if tile is None else tile
+    block_n = min(next_power_of_2(n), MAX_BLOCK_N if max_block_n is None else max_block_n)
+    block_r = max(1, min(next_power_of_2(n_rows), tile // block_n, 64))
+    elems = block_r * block_n
+    if num_warps is None:
+        num_warps = 4 if elems <= 2048 else (8 if elems <= 4096 else 16)
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
+
+
+# Tuning space of the row kernels (memory-bound): (tile elements, widest column block, warps).
+ROW_SPACE = ((8192, 8192, 16), (8192, 8192, 8), (4096, 4096, 4), (16384, 16384, 16),
+             (2048, 2048, 4))
+ROW_TUNERS = {name: Tuner(name) for name in (
+    "softmax_fwd", "softmax_bwd", "cross_entropy_fwd", "cross_entropy_bwd",
+    "cross_entropy_prob_fwd", "cross_entropy_prob_bwd")}
+
+
+def _launch(name: str, x3: Tensor, args: tuple, single: bool = False, **consts) -> None:
+    """Launch row kernel `name` over the (outer, n, inner) rows of x3, its tile autotuned
+    (pydl/_tune.py) per dtype, row length, row layout and options, not per batch size.
+    single: the kernel takes SINGLE (the whole row fits one column block)."""
+    from .kernels.triton import softmax_ce as k
+    kernel = getattr(k, name)
+    outer, n, inner = x3.shape
+    rows = outer * inner
+
+    def launch(cfg):
+        extra = dict(SINGLE=n <= cfg["BLOCK_N"]) if single else {}
+        kernel[(cdiv(rows, cfg["BLOCK_R"]),)](*args, **consts, **extra, **cfg)
+
+    candidates = [_triton_config(rows, n)] + [
+        _triton_config(rows, n, tile, block, warps) for tile, block, warps in ROW_SPACE]
+    key = (name, x3.dtype, inner == 1, tuple(sorted(consts.items())),
+           bucket(n, lo=1, hi=1 << 20), bucket(rows, lo=1))
+    launch(ROW_TUNERS[name].pick(key, candidates, launch))
 
 
 class _TritonLaunch:
     @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
-        from .kernels.triton import softmax_ce as k
         outer, n, inner = x3.shape
-        cfg = _triton_config(outer * inner, n)
-        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
-        k.softmax_fwd[grid](x3, y3, outer * inner, n, inner, *x3.stride(), *y3.stride(),
-                            LOG=log, SINGLE=n <= cfg["BLOCK_N"], **cfg)
+        _launch("softmax_fwd", x3, (x3, y3, outer * inner, n, inner, *x3.stride(), *y3.stride()),
+                single=True, LOG=log)
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
-        from .kernels.triton import softmax_ce as k
         outer, n, inner = y3.shape
-        cfg = _triton_config(outer * inner, n)
-        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
-        k.softmax_bwd[grid](y3, dy3, dx3, outer * inner, n, inner, *y3.stride(), *dy3.stride(),
-                            *dx3.stride(), LOG=log, SINGLE=n <= cfg["BLOCK_N"], **cfg)
+        _launch("softmax_bwd", y3, (y3, dy3, dx3, outer * inner, n, inner, *y3.stride(),
+                                    *dy3.stride(), *dx3.stride()), single=True, LOG=log)
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
-        from .kernels.triton import softmax_ce as k
         outer, n, inner = x3.shape
-        cfg = _triton_config(outer * inner, n)
-        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
-        k.cross_entropy_fwd[grid](
+        _launch("cross_entropy_fwd", x3, (
             x3, target, weight if weight is not None else x3, loss, lse, row_weight,
-            outer * inner, n, inner, *x3.stride(), ignore_index, smoothing,
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, **cfg)
+            outer * inner, n, inner, *x3.stride(), ignore_index, smoothing),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0)
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, weight_sum, dx3,
                           ignore_index, smoothing):
-        from .kernels.triton import softmax_ce as k
         outer, n, inner = x3.shape
-        cfg = _triton_config(outer * inner, n)
-        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
-        k.cross_entropy_bwd[grid](
+        _launch("cross_entropy_bwd", x3, (
             x3, target, weight if weight is not None else x3, lse, grad, grad_stride,
             weight_sum if weight_sum is not None else lse, dx3,
-            outer * inner, n, inner, *x3.stride(), *dx3.stride(), ignore_index, smoothing,
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, **cfg)
+            outer * inner, n, inner, *x3.stride(), *dx3.stride(), ignore_index, smoothing),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0)
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
-        from .kernels.triton import softmax_ce as k
         outer, n, inner = x3.shape
-        cfg = _triton_config(outer * inner, n)
-        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
-        k.cross_entropy_prob_fwd[grid](
+        _launch("cross_entropy_prob_fwd", x3, (
             x3, y3, weight if weight is not None else x3, loss, lse, mass,
-            outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing,
-            HAS_WEIGHT=weight is not None, **cfg)
+            outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing),
+            HAS_WEIGHT=weight is not None)
 
     @staticmethod
     def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, dx3, dy3, smoothing):
-        from .kernels.triton import softmax_ce as k
         outer, n, inner = x3.shape
-        cfg = _triton_config(outer * inner, n)
-        grid = (cdiv(outer * inner, cfg["BLOCK_R"]),)
-        k.cross_entropy_prob_bwd[grid](
+        dy = dy3 if dy3 is not None else dx3
+        _launch("cross_entropy_prob_bwd", x3, (
             x3, y3, weight if weight is not None else x3, lse, mass, grad, grad_stride,
-            dx3, dy3 if dy3 is not None else dx3, outer * inner, n, inner,
-            *x3.stride(), *y3.stride(), *dx3.stride(), *(dy3 if dy3 is not None else dx3).stride(),
-            smoothing, HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None, **cfg)
+            dx3, dy, outer * inner, n, inner,
+            *x3.stride(), *y3.stride(), *dx3.stride(), *dy.stride(), smoothing),
+            HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None)
 
 
 # --- Numba launch -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ forward makes one pass for the statistics and one to write, reading the row twic
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
