@@ -18,7 +18,9 @@ in one or two buckets.
 
 Trial launches write the outputs of the real launch; tensors that a kernel reads and writes in
 place (`inout`, e.g. a GEMM that accumulates into its output) are restored after the trials.
-Tuning runs eagerly, on the first call: warm a model up before capturing it in a CUDA graph.
+Tuning runs eagerly, on the first call, per device. During a CUDA graph capture nothing is
+timed (it would synchronise): the choice of an earlier call is used, else the default, so warm
+a model up before capturing it (torch.compile's "reduce-overhead" mode does).
 `report()` lists the choices made so far (the benchmark records them with its results).
 """
 from __future__ import annotations
@@ -123,6 +125,14 @@ class Tuner:
         candidates = unique(candidates)
         if len(candidates) == 1 or not enabled():
             return candidates[0]
+        import torch
+        gpu = torch.cuda.is_available()
+        key = (key, torch.cuda.current_device() if gpu else -1)   # devices may differ in kind
+        if gpu and torch.cuda.is_current_stream_capturing():
+            # timing needs synchronisation, which a CUDA graph capture forbids: a choice
+            # made before (a warm-up call) is used, else the default
+            with _LOCK:
+                return self.chosen.get(key, candidates[0])
         with _LOCK:
             cfg = self.chosen.get(key)
         if cfg is not None:

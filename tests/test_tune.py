@@ -81,6 +81,24 @@ def test_disabled_or_single_candidate_uses_the_default(monkeypatch):
     del _tune.Tuner.all["test_default"]
 
 
+def test_no_timing_during_graph_capture(tuning, monkeypatch):
+    """Under a CUDA graph capture the tuner times nothing: an earlier choice, else the default."""
+    tuner = _tune.Tuner("test_capture")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    tuner.bench = lambda fn, cfg: {1: 2.0, 2: 1.0}[cfg["B"]]
+    cands = [{"B": 1}, {"B": 2}]
+    assert tuner.pick("k", cands, lambda c: None) == {"B": 1} and not tuner.chosen
+    capturing[0] = False
+    assert tuner.pick("k", cands, lambda c: None) == {"B": 2}
+    capturing[0] = True
+    tuner.bench = lambda fn, cfg: pytest.fail("must not time while capturing")
+    assert tuner.pick("k", cands, lambda c: None) == {"B": 2}
+    del _tune.Tuner.all["test_capture"]
+
+
 def test_enabled_follows_emulation_and_env(monkeypatch):
     monkeypatch.setattr(_tune._env, "INTERPRET", False)
     monkeypatch.setenv("PYDL_TUNE", "0")
