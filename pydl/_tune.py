@@ -99,6 +99,13 @@ def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
     return unique(out)
 
 
+def aliased(outputs: Sequence, inputs: Sequence) -> tuple:
+    """The outputs (not None) that share storage with an input (not None): a kernel that reads
+    and then overwrites them in place; the tuner must restore them after its trials."""
+    ptrs = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    return tuple(t for t in outputs if t is not None and t.untyped_storage().data_ptr() in ptrs)
+
+
 def _device_bench(fn: Callable[[], None], config: dict) -> float:
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, return_mode="median"))

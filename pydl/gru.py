@@ -34,11 +34,12 @@ from . import _env
 from ._checks import check_tensor
 from ._library import autocast_inputs, kernel_op
 from ._launch import cdiv, input_precision, new_output, numba_array
+from ._tune import aliased
 from .backends import dispatch, register
 from .lstm import (_NUMBA_SIM_STEP_TILE, _NUMBA_STEP_TILE, _cell_grads_fake, _cell_need,
-                   _check_cell_state, _check_cell_weights, _dot_block, _mm, _or_empty, _numba_launch, _NumbaLSTM, _run_order, _seq_rows,
+                   _check_cell_state, _check_cell_weights, _mm, _or_empty, _numba_launch, _NumbaLSTM, _run_order, _seq_rows,
                    _steps_after_first, _strides, _TritonLSTM, layer_impl, layer_output,
-                   prepare_layer)
+                   prepare_layer, step_config)
 
 F32 = torch.float32
 
@@ -53,19 +54,22 @@ class _TritonGRU(_TritonLSTM):
         from .kernels.triton import gru as k
         B, H = h1.shape
         I = x.shape[1] if x is not None else 0
-        cfg = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
-                   BLOCK_K=_dot_block(max(I, H), 32), num_warps=4)
         d = h1
-        k.gru_step_fwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
-            x if x is not None else d, w_ih if w_ih is not None else d,
-            xp if xp is not None else d, b_ih if b_ih is not None else d,
-            h if h is not None else d, w_hh, b_hh if b_hh is not None else d, h1,
-            hn if hn is not None else d, ws, B, I, H,
-            *_strides(x, 2), *_strides(w_ih, 2), *_strides(xp, 2), *_strides(h, 2),
-            *w_hh.stride(), *h1.stride(), *_strides(hn, 2), *ws.stride(),
-            HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
-            HAS_BHH=b_hh is not None, HAS_H=h is not None, WRITE_HN=hn is not None,
-            INPUT_PRECISION=input_precision(h1.dtype, cudnn=cls.CUDNN_TF32), **cfg)
+        flags = dict(HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
+                     HAS_BHH=b_hh is not None, HAS_H=h is not None, WRITE_HN=hn is not None,
+                     INPUT_PRECISION=input_precision(h1.dtype, cudnn=cls.CUDNN_TF32))
+
+        def launch(cfg):
+            k.gru_step_fwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
+                x if x is not None else d, w_ih if w_ih is not None else d,
+                xp if xp is not None else d, b_ih if b_ih is not None else d,
+                h if h is not None else d, w_hh, b_hh if b_hh is not None else d, h1,
+                hn if hn is not None else d, ws, B, I, H,
+                *_strides(x, 2), *_strides(w_ih, 2), *_strides(xp, 2), *_strides(h, 2),
+                *w_hh.stride(), *h1.stride(), *_strides(hn, 2), *ws.stride(), **flags, **cfg)
+
+        launch(step_config("gru_step_fwd", B, H, max(I, H), h1.dtype, flags, launch,
+                           aliased((h1, hn, ws), (x, xp, h))))
 
     @classmethod
     def gru_step_bwd(cls, ws, h, dg_next, w_hh, dh_a, dh_b, dhd, dgi, dgh, dhd_out) -> None:
@@ -73,19 +77,22 @@ class _TritonGRU(_TritonLSTM):
         gradients; h, dg_next, dh_a, dh_b, dhd may be None; dhd_out may alias dhd."""
         from .kernels.triton import gru as k
         B, H = dhd_out.shape
-        cfg = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
-                   BLOCK_K=_dot_block(3 * H, 32), num_warps=4)
         d = dhd_out
-        k.gru_step_bwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
-            ws, h if h is not None else d, dg_next if dg_next is not None else d, w_hh,
-            dh_a if dh_a is not None else d, dh_b if dh_b is not None else d,
-            dhd if dhd is not None else d, dgi, dgh, dhd_out, B, H,
-            *ws.stride(), *_strides(h, 2), *_strides(dg_next, 2), *w_hh.stride(),
-            *_strides(dh_a, 2), *_strides(dh_b, 2), *_strides(dhd, 2), *dgi.stride(),
-            *dgh.stride(), *dhd_out.stride(),
-            HAS_H=h is not None, HAS_DGN=dg_next is not None, HAS_DHA=dh_a is not None,
-            HAS_DHB=dh_b is not None, HAS_DHD=dhd is not None,
-            INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32), **cfg)
+        flags = dict(HAS_H=h is not None, HAS_DGN=dg_next is not None, HAS_DHA=dh_a is not None,
+                     HAS_DHB=dh_b is not None, HAS_DHD=dhd is not None,
+                     INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32))
+
+        def launch(cfg):
+            k.gru_step_bwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
+                ws, h if h is not None else d, dg_next if dg_next is not None else d, w_hh,
+                dh_a if dh_a is not None else d, dh_b if dh_b is not None else d,
+                dhd if dhd is not None else d, dgi, dgh, dhd_out, B, H,
+                *ws.stride(), *_strides(h, 2), *_strides(dg_next, 2), *w_hh.stride(),
+                *_strides(dh_a, 2), *_strides(dh_b, 2), *_strides(dhd, 2), *dgi.stride(),
+                *dgh.stride(), *dhd_out.stride(), **flags, **cfg)
+
+        launch(step_config("gru_step_bwd", B, H, 3 * H, F32, flags, launch,
+                           aliased((dgi, dgh, dhd_out), (ws, h, dg_next, dh_a, dh_b, dhd))))
 
 
 class _NumbaGRU(_NumbaLSTM):

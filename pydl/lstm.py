@@ -76,6 +76,7 @@ from ._checks import check_tensor
 from ._library import autocast_inputs, kernel_op
 from ._launch import (cdiv, input_precision, new_output, next_power_of_2, numba_array,
                       numba_blocks, numba_stream, numba_threads)
+from ._tune import Tuner, aliased, bucket
 from .backends import dispatch, register
 
 F32 = torch.float32
@@ -95,6 +96,30 @@ def _dot_block(n: int, cap: int) -> int:
     return max(16, min(next_power_of_2(n), cap))
 
 
+# Tuning space of the fused RNN step kernels (LSTM and GRU, forward and backward): (BLOCK_B
+# batch rows, BLOCK_H hidden units, BLOCK_K, warps, stages). A step is a small GEMM (batch x
+# gates*hidden, K = hidden) with a fused epilogue, launched once per time step: the tile
+# decides how many of the 132 SMs a step can use, against how much W_hh each one re-reads.
+STEP_SPACE = ((64, 32, 64, 4, 3), (32, 64, 64, 4, 3), (16, 64, 64, 4, 3), (64, 64, 32, 8, 3),
+              (16, 32, 128, 4, 3), (32, 32, 64, 4, 4))
+STEP_TUNERS = {name: Tuner(name) for name in
+               ("lstm_step_fwd", "lstm_step_bwd", "gru_step_fwd", "gru_step_bwd")}
+
+
+def step_config(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: dict, launch,
+                inout: tuple = ()) -> dict:
+    """The tile of one fused RNN step kernel over B batch rows x H units with a K-deep
+    recurrent (or input) product; tuned once per shape and options (pydl/_tune.py), so a
+    layer's T steps reuse the first step's choice."""
+    default = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
+                   BLOCK_K=_dot_block(K, 32), num_warps=4)
+    candidates = [default] + [
+        dict(BLOCK_B=_dot_block(B, bb), BLOCK_H=_dot_block(H, bh), BLOCK_K=_dot_block(K, bk),
+             num_warps=warps, num_stages=stages) for bb, bh, bk, warps, stages in STEP_SPACE]
+    key = (dtype, bucket(B, hi=1 << 12), H, K, tuple(sorted(flags.items())))
+    return STEP_TUNERS[name].pick(key, candidates, launch, inout)
+
+
 class _TritonLSTM:
     # fp32 dots round as torch's cuDNN RNN (the layer) does; the cells' launcher below rounds
     # as torch's LSTMCell, a cuBLAS matmul (pydl._launch.input_precision)
@@ -108,22 +133,25 @@ class _TritonLSTM:
         B, H = h1.shape
         P = w_hh.shape[1]   # h's width: H, or proj_size with projections
         I = x.shape[1] if x is not None else 0
-        cfg = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
-                   BLOCK_K=_dot_block(max(I, P), 32), num_warps=4)
-        grid = (cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))
         d = h1
-        k.lstm_step_fwd[grid](
-            x if x is not None else d, w_ih if w_ih is not None else d, xp if xp is not None else d,
-            b_ih if b_ih is not None else d, b_hh if b_hh is not None else d,
-            h if h is not None else d, c if c is not None else d, w_hh, h1, c1,
-            hn if hn is not None else d, cn if cn is not None else d, gates,
-            B, I, H, P, *_strides(x, 2), *_strides(w_ih, 2), *_strides(xp, 2),
-            *_strides(h, 2), *_strides(c, 2), *w_hh.stride(), *h1.stride(), *c1.stride(),
-            *_strides(hn, 2), *_strides(cn, 2), *gates.stride(),
-            HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
-            HAS_BHH=b_hh is not None, HAS_H=h is not None, HAS_C=c is not None,
-            WRITE_HN=hn is not None, WRITE_CN=cn is not None,
-            INPUT_PRECISION=input_precision(h1.dtype, cudnn=cls.CUDNN_TF32), **cfg)
+        flags = dict(HAS_X=x is not None, HAS_XP=xp is not None, HAS_BIH=b_ih is not None,
+                     HAS_BHH=b_hh is not None, HAS_H=h is not None, HAS_C=c is not None,
+                     WRITE_HN=hn is not None, WRITE_CN=cn is not None,
+                     INPUT_PRECISION=input_precision(h1.dtype, cudnn=cls.CUDNN_TF32))
+
+        def launch(cfg):
+            k.lstm_step_fwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
+                x if x is not None else d, w_ih if w_ih is not None else d,
+                xp if xp is not None else d, b_ih if b_ih is not None else d,
+                b_hh if b_hh is not None else d, h if h is not None else d,
+                c if c is not None else d, w_hh, h1, c1,
+                hn if hn is not None else d, cn if cn is not None else d, gates,
+                B, I, H, P, *_strides(x, 2), *_strides(w_ih, 2), *_strides(xp, 2),
+                *_strides(h, 2), *_strides(c, 2), *w_hh.stride(), *h1.stride(), *c1.stride(),
+                *_strides(hn, 2), *_strides(cn, 2), *gates.stride(), **flags, **cfg)
+
+        launch(step_config("lstm_step_fwd", B, H, max(I, P), h1.dtype, flags, launch,
+                           aliased((h1, c1, hn, cn, gates), (x, xp, h, c))))
 
     @classmethod
     def step_bwd(cls, gates, c_prev, c1, dg_next, w_hh, dh_a, dh_b, dc, dg, dc_prev) -> None:
@@ -131,21 +159,24 @@ class _TritonLSTM:
         dg_next, dh_a, dh_b, dc, dc_prev may be None."""
         from .kernels.triton import lstm as k
         B, H = c1.shape
-        cfg = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
-                   BLOCK_K=_dot_block(4 * H, 32), num_warps=4)
         d = c1
-        k.lstm_step_bwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
-            gates, c_prev if c_prev is not None else d, c1,
-            dg_next if dg_next is not None else d, w_hh, dh_a if dh_a is not None else d,
-            dh_b if dh_b is not None else d, dc if dc is not None else d, dg,
-            dc_prev if dc_prev is not None else d, B, H,
-            *gates.stride(), *_strides(c_prev, 2), *c1.stride(), *_strides(dg_next, 2),
-            *w_hh.stride(), *_strides(dh_a, 2), *_strides(dh_b, 2), *_strides(dc, 2),
-            *dg.stride(), *_strides(dc_prev, 2),
-            HAS_CPREV=c_prev is not None, HAS_DGN=dg_next is not None,
-            HAS_DHA=dh_a is not None, HAS_DHB=dh_b is not None, HAS_DC=dc is not None,
-            WRITE_DCPREV=dc_prev is not None,
-            INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32), **cfg)
+        flags = dict(HAS_CPREV=c_prev is not None, HAS_DGN=dg_next is not None,
+                     HAS_DHA=dh_a is not None, HAS_DHB=dh_b is not None, HAS_DC=dc is not None,
+                     WRITE_DCPREV=dc_prev is not None,
+                     INPUT_PRECISION=input_precision(F32, cudnn=cls.CUDNN_TF32))
+
+        def launch(cfg):
+            k.lstm_step_bwd[(cdiv(B, cfg["BLOCK_B"]), cdiv(H, cfg["BLOCK_H"]))](
+                gates, c_prev if c_prev is not None else d, c1,
+                dg_next if dg_next is not None else d, w_hh, dh_a if dh_a is not None else d,
+                dh_b if dh_b is not None else d, dc if dc is not None else d, dg,
+                dc_prev if dc_prev is not None else d, B, H,
+                *gates.stride(), *_strides(c_prev, 2), *c1.stride(), *_strides(dg_next, 2),
+                *w_hh.stride(), *_strides(dh_a, 2), *_strides(dh_b, 2), *_strides(dc, 2),
+                *dg.stride(), *_strides(dc_prev, 2), **flags, **cfg)
+
+        launch(step_config("lstm_step_bwd", B, H, 4 * H, F32, flags, launch,
+                           aliased((dg, dc_prev), (gates, c_prev, dg_next, dh_a, dh_b, dc))))
 
     @classmethod
     def gemm(cls, a, b, out, c_in=None, bias=None) -> None:

@@ -140,24 +140,26 @@ def test_gemm_accumulate_is_not_doubled_by_trials(tuning, monkeypatch):
 def _each_candidate(monkeypatch, run_op, check):
     """Runs run_op once to collect every tuner's candidates, then once per candidate index,
     with each tuner forced to its candidate of that index (its last one when it has fewer),
-    checking the result each time. Returns the number of distinct forced runs."""
+    checking the result each time. A tuner that saw several keys (the GEMMs of an RNN layer)
+    is forced to the index-th candidate of each. Returns {tuner: candidates of its first key}."""
     _fake_clock(monkeypatch, lambda cfg: 1.0)
     run_op()
-    spaces = {name: [c for c, _, _ in next(iter(t.trials.values()))]
+    spaces = {name: [[c for c, _, _ in trials] for trials in t.trials.values()]
               for name, t in _tune.Tuner.all.items() if t.trials}
     assert spaces, "no tuned kernel ran"
-    n = max(len(s) for s in spaces.values())
+    n = max(len(s) for lists in spaces.values() for s in lists)
     for i in range(n):
         _tune.reset()
         for name, tuner in _tune.Tuner.all.items():
-            target = spaces.get(name, [None])[min(i, len(spaces.get(name, [None])) - 1)]
+            targets = [s[min(i, len(s) - 1)] for s in spaces.get(name, [])]
             monkeypatch.setattr(tuner, "bench",
-                                lambda fn, cfg, target=target: 0.0 if cfg == target else 1.0)
+                                lambda fn, cfg, targets=targets: 0.0 if cfg in targets else 1.0)
         check(run_op(), i)
-        for name, space in spaces.items():
-            chosen = list(_tune.Tuner.all[name].chosen.values())
-            assert chosen == [space[min(i, len(space) - 1)]], name
-    return spaces
+        for name, lists in spaces.items():
+            if len(lists) == 1:
+                chosen = list(_tune.Tuner.all[name].chosen.values())
+                assert chosen == [lists[0][min(i, len(lists[0]) - 1)]], name
+    return {name: lists[0] for name, lists in spaces.items()}
 
 
 def test_every_gemm_candidate(tuning, monkeypatch):
@@ -276,3 +278,28 @@ def test_every_row_kernel_candidate(tuning, monkeypatch, backend, n):
     assert set(spaces) == {"softmax_fwd", "softmax_bwd", "cross_entropy_fwd", "cross_entropy_bwd"}
     if n > 4096:
         assert any(c["BLOCK_N"] < n for c in spaces["softmax_fwd"])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_every_rnn_step_candidate(tuning, monkeypatch, kind):
+    """The fused step kernels' tiles, forward and backward through time (checked against the
+    float64 reference and torch inside _check_layer); then trial launches that really run,
+    as the device clock's do: the backward's running state, updated in place, is restored."""
+    from test_lstm import _check_layer
+
+    def run_op():
+        _check_layer("triton", "steps", torch.float32, 3, 20, 24, 40, kind=kind)
+    spaces = _each_candidate(monkeypatch, run_op, lambda got, i: None)
+    assert {f"{kind}_step_fwd", f"{kind}_step_bwd"} <= set(spaces)
+    assert len(spaces[f"{kind}_step_bwd"]) >= 4
+    _tune.reset()
+    trials = []
+
+    def bench(fn, cfg):
+        fn()
+        trials.append(cfg)
+        return -float(len(trials))           # the last candidate wins
+    for tuner in _tune.Tuner.all.values():
+        monkeypatch.setattr(tuner, "bench", bench)
+    run_op()
+    assert len(trials) > len(spaces[f"{kind}_step_bwd"])
