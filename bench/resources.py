@@ -26,14 +26,38 @@ itself again in a fresh process with those variables removed.
 
 Kernels launched next to a tuned one without a tuner of their own (the split-K reduction
 `sum_splits`, `attention_bwd_preprocess`) are reported once per problem, with "-" as the
-candidate. Exit status: 0; 1 when a default configuration (what runs with PYDL_TUNE=0) does
-not compile or does not fit the device, or the offline toolchain is missing; 2 on bad
-arguments.
+candidate.
+
+--all: every Triton kernel, not only the tuned ones. A kernel that runs in Triton's
+interpreter can still fail to compile for a GPU (a plain Python float as a module global read
+inside a kernel did), and each distinct specialization is its own compile. So the small
+COVERAGE problems call pydl's public functions (softmax, log_softmax, cross_entropy in its
+variants, the pools, conv2d with both algos, scaled_dot_product_attention flash and naive,
+lstm / gru and their cells; the shared GEMM's options and the attention dropout-mask kernel
+directly) on the triton backend, forward and backward (torch.autograd.grad against random
+cotangents), in fp32 and bf16, on sizes that are multiples of 16 and sizes that are not (Triton
+specializes on 16-divisibility). Inputs hold real values, since the host reads some (target
+range checks, the dropout seed); kernel outputs are uninitialised memory, as nothing runs.
+pydl.backends.check_device refuses CPU tensors on the kernel backends outside emulation: the
+capture relaxes it for the triton backend only and restores it afterwards; emulation stays
+off (the launchers pick their tiles by it). Every launch is specialized as above and the rows
+are deduplicated by compile job (kernel, signature, constexprs, divisibility attributes,
+options), so each distinct specialization is compiled and reported once; a tuned kernel's
+launch there is its default candidate (what runs untuned; its other candidates are compiled
+for the PROBLEMS). The table's last column says what distinguishes a row (its constexprs and
+a signature summary: pointer dtypes, 16-divisible integer arguments, integers specialized to
+1); after it come the failures with their errors, the spills, and any kernel of
+kernels/triton (a @triton.jit function no other one calls) that no problem launched.
+
+Exit status: 0; 1 when a default configuration (what runs with PYDL_TUNE=0) or an untuned
+kernel does not compile or does not fit the device, a problem's capture fails, --all leaves a
+kernel of kernels/triton unlaunched, or the offline toolchain is missing; 2 on bad arguments.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import multiprocessing
 import os
@@ -106,13 +130,365 @@ def _attention(causal: bool):
     return run
 
 
+def _pool_stem(channels_last: bool):
+    """ResNet-50's stem max pool (3x3, stride 2, padding 1) on its 32 x 64 x 112 x 112 bf16
+    input, channels_last or NCHW: the training forward (one-byte window argmax) and its
+    backward."""
+    def run():
+        import torch
+        from pydl import pool
+        from pydl._library import geometry_args
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.empty(32, 64, 112, 112, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        g = pool._geometry(x, 3, 2, 1, 1, False)
+        geom = geometry_args(g)
+        y, idx = pool._max_pool2d_fwd(x, geom, pool.INDEX_LOCAL, "triton")
+        pool._max_pool2d_bwd(torch.empty_like(y), idx, pool.INDEX_LOCAL, geom, channels_last,
+                             "triton")
+    return run
+
+
 # (family, case name, runner)
 PROBLEMS = (
     ("gemm", "4096^3", gemm_problem(4096)),
     ("conv", "l1-3x3-64 n32", _conv_resnet_l1),
     ("attention", "d128-4k", _attention(False)),
     ("attention", "d128-4k-causal", _attention(True)),
+    ("pool", "stem3x3s2 cl", _pool_stem(True)),
+    ("pool", "stem3x3s2 nchw", _pool_stem(False)),
 )
+
+
+# --- coverage (--all): every Triton kernel through the public functions ------------------------
+# Small problems that together launch every kernel of kernels/triton/*.py, forward and backward,
+# in fp32 and bf16, through pydl's public functions on the triton backend (a few internal
+# entry points where there is no public one: the shared GEMM's options, the dropout-mask test
+# kernel). Each distinct compile job (constexprs, dtypes, 16-divisibility) is compiled once.
+# Shapes come in two kinds: "16" (every size a multiple of 16) and "odd" (none), since Triton
+# specializes integer arguments and pointers on 16-divisibility. Inputs hold real values (the
+# host reads some: cross-entropy checks its targets, attention its dropout seed); what the
+# kernels would write is uninitialised memory, as nothing runs.
+
+COVERAGE_DTYPES = ("fp32", "bf16")
+
+
+def _dtype(name: str):
+    import torch
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _rand(*shape, dtype, grad=False, channels_last=False):
+    import torch
+    t = torch.randn(*shape).to(_dtype(dtype))
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+def _grad(outputs, inputs) -> None:
+    """torch.autograd.grad of the outputs that require one, against random cotangents of
+    their shapes and layouts, for the inputs that require one."""
+    import torch
+    outs = [o for o in (outputs if isinstance(outputs, (tuple, list)) else (outputs,))
+            if isinstance(o, torch.Tensor) and o.requires_grad]
+    ins = [i for i in inputs if isinstance(i, torch.Tensor) and i.requires_grad]
+    torch.autograd.grad(outs, ins, [torch.randn_like(o) for o in outs], allow_unused=True)
+
+
+def _cov_softmax(dtype: str, shape: tuple, dim: int):
+    """softmax and log_softmax over `dim`, forward and backward."""
+    def run():
+        import pydl
+        for fn in (pydl.softmax, pydl.log_softmax):
+            x = _rand(*shape, dtype=dtype, grad=True)
+            _grad(fn(x, dim), [x])
+    return run
+
+
+def _cov_cross_entropy(dtype: str, shape: tuple):
+    """cross_entropy on (N, C, ...) logits: class indices (mean; weights, ignore_index and
+    label smoothing summed; per-row losses), class probabilities (weights and smoothing, the
+    target's gradient too; plain per-row losses), forward and backward."""
+    def run():
+        import torch
+        import pydl
+        N, C = shape[0], shape[1]
+        rest = tuple(shape[2:])
+        x = _rand(*shape, dtype=dtype, grad=True)
+        t = torch.randint(0, C, (N, *rest))
+        w = torch.rand(C).to(_dtype(dtype))
+        pydl.cross_entropy(x, t).backward()
+        t_ign = t.clone()
+        t_ign.view(-1)[::3] = 1                       # ignore_index=1 rows
+        pydl.cross_entropy(x, t_ign, weight=w, ignore_index=1, reduction="sum",
+                           label_smoothing=0.1).backward()
+        _grad(pydl.cross_entropy(x, t, reduction="none"), [x])
+        y = torch.softmax(torch.randn(*shape), 1).to(_dtype(dtype)).requires_grad_(True)
+        pydl.cross_entropy(x, y, weight=w, label_smoothing=0.2).backward()
+        _grad(pydl.cross_entropy(x, y.detach(), reduction="none"), [x])
+    return run
+
+
+def _cov_pool(dtype: str, shape: tuple, channels_last: bool):
+    """max_pool2d (training: window argmax; return_indices with ceil_mode; inference without
+    indices; dilation), avg_pool2d (plain; ceil_mode without the padding in the count;
+    divisor_override) and adaptive_avg_pool2d (global, and an output that does not divide
+    the input), forward and backward."""
+    def run():
+        import torch
+        import pydl
+        x = _rand(*shape, dtype=dtype, grad=True, channels_last=channels_last)
+        _grad(pydl.max_pool2d(x, 3, 2, 1), [x])
+        y, _ = pydl.max_pool2d(x, 2, 2, ceil_mode=True, return_indices=True)
+        _grad(y, [x])
+        with torch.no_grad():
+            pydl.max_pool2d(x, 3, 2, 1)
+        _grad(pydl.max_pool2d(x, 3, 1, 1, dilation=2), [x])
+        _grad(pydl.avg_pool2d(x, 2), [x])
+        _grad(pydl.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False), [x])
+        _grad(pydl.avg_pool2d(x, 3, 1, 1, divisor_override=4), [x])
+        _grad(pydl.adaptive_avg_pool2d(x, 1), [x])
+        _grad(pydl.adaptive_avg_pool2d(x, (3, 5)), [x])
+    return run
+
+
+def _cov_conv(dtype: str, algo: str, x_shape: tuple, w_shape: tuple, stride=1, padding=0,
+              groups=1, bias=True, channels_last=False, x_grad=True, workspace=None):
+    """conv2d with `algo`, forward and backward (input, weight, bias). channels_last: input
+    and weight. workspace: IM2COL_WORKSPACE_BYTES for this call (small: the batch in chunks,
+    the weight gradient summed over them)."""
+    def run():
+        import pydl
+        from pydl import conv
+        x = _rand(*x_shape, dtype=dtype, grad=x_grad, channels_last=channels_last)
+        w = _rand(*w_shape, dtype=dtype, grad=True, channels_last=channels_last)
+        b = _rand(w_shape[0], dtype=dtype, grad=True) if bias else None
+        saved = conv.IM2COL_WORKSPACE_BYTES
+        if workspace is not None:
+            conv.IM2COL_WORKSPACE_BYTES = workspace
+        try:
+            y = pydl.conv2d(x, w, b, stride, padding, 1, groups, algo=algo)
+            _grad(y, [x, w, b])
+        finally:
+            conv.IM2COL_WORKSPACE_BYTES = saved
+    return run
+
+
+def _cov_gemm(dtype: str, m: int, n: int, k: int):
+    """The shared GEMM's options (pydl/_gemm.py; no public function): bias and alpha,
+    accumulate into the output, an addend of another dtype, transposed operands, batches."""
+    def run():
+        import torch
+        from pydl._gemm import gemm
+        dt = _dtype(dtype)
+        a, b = _rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype)
+        out = torch.empty(m, n, dtype=dt)
+        gemm(a, b, out, bias=_rand(n, dtype=dtype), alpha=0.5)
+        gemm(a, b, out, accumulate=True)
+        gemm(a, b, out, addend=torch.empty(m, n))
+        gemm(a.t().contiguous(), b.t().contiguous(), out, trans_a=True, trans_b=True)
+        gemm(_rand(3, 2, m, k, dtype=dtype), b, torch.empty(3, 2, m, n, dtype=dt))
+    return run
+
+
+def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, HKV: int):
+    """scaled_dot_product_attention, forward and backward: flash (no mask, causal, a bool
+    mask broadcast over batch and heads, a float mask per batch, dropout, grouped-query heads
+    when HKV < H) and naive (no mask, causal, bool and float masks); and the dropout-mask
+    kernel the tests compare against."""
+    def run():
+        import torch
+        import pydl
+        from pydl import attention
+
+        def qkv(hkv):
+            return (_rand(B, H, L, E, dtype=dtype, grad=True),
+                    _rand(B, hkv, S, E, dtype=dtype, grad=True),
+                    _rand(B, hkv, S, EV, dtype=dtype, grad=True))
+
+        sdpa = pydl.scaled_dot_product_attention
+        bool_mask = torch.rand(L, S) > 0.3
+        float_mask = _rand(B, 1, L, S, dtype=dtype)
+        for algo in ("flash", "naive"):
+            for kw in (dict(), dict(is_causal=True), dict(attn_mask=bool_mask),
+                       dict(attn_mask=float_mask)):
+                q, k, v = qkv(H)
+                _grad(sdpa(q, k, v, algo=algo, **kw), [q, k, v])
+        q, k, v = qkv(H)
+        _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
+        if HKV != H:
+            for algo in ("flash", "naive"):
+                q, k, v = qkv(HKV)
+                _grad(sdpa(q, k, v, is_causal=True, enable_gqa=True, algo=algo), [q, k, v])
+        attention.LAUNCHERS["triton"].dropout_mask(B, H, L, S, 0.1, 1234, q.device)
+    return run
+
+
+def _rnn_weights(gates: int, I: int, H: int, layers: int, D: int, bias: bool, dtype: str,
+                 proj: int = 0) -> list:
+    """torch.nn.LSTM / GRU's flat weights (per layer and direction: w_ih, w_hh, b_ih, b_hh,
+    then w_hr (proj, H) with projections), requiring gradients."""
+    P = proj or H
+    out = []
+    for layer in range(layers):
+        for _ in range(D):
+            out += [_rand(gates * H, I if layer == 0 else D * P, dtype=dtype, grad=True),
+                    _rand(gates * H, P, dtype=dtype, grad=True)]
+            if bias:
+                out += [_rand(gates * H, dtype=dtype, grad=True) for _ in range(2)]
+            if proj:
+                out.append(_rand(proj, H, dtype=dtype, grad=True))
+    return out
+
+
+def _cov_lstm(dtype: str, T: int, B: int, I: int, H: int, persistent_only: bool = False):
+    """lstm, forward and backward: one layer from given states; two bidirectional layers,
+    batch first, with dropout between them; projections (proj_size H / 2); recompute; the
+    persistent algo (hidden <= 64) with and without states; lstm_cell with and without
+    states and biases. persistent_only: the persistent algo's cases only."""
+    def run():
+        import pydl
+        x = _rand(T, B, I, dtype=dtype, grad=True)
+        if persistent_only:
+            return persistent(x)
+        h0, c0 = _rand(1, B, H, dtype=dtype, grad=True), _rand(1, B, H, dtype=dtype, grad=True)
+        w = _rnn_weights(4, I, H, 1, 1, True, dtype)
+        out, (hn, cn) = pydl.lstm(x, (h0, c0), w)
+        _grad((out, hn, cn), [x, h0, c0, *w])
+        w = _rnn_weights(4, I, H, 2, 2, True, dtype)
+        xb = _rand(B, T, I, dtype=dtype, grad=True)
+        out, (hn, cn) = pydl.lstm(xb, None, w, num_layers=2, bidirectional=True,
+                                  batch_first=True, dropout=0.5, training=True)
+        _grad((out, hn), [xb, *w])
+        P = max(1, H // 2)
+        w = _rnn_weights(4, I, H, 1, 1, True, dtype, proj=P)
+        h0p = _rand(1, B, P, dtype=dtype, grad=True)
+        out, (hn, cn) = pydl.lstm(x, (h0p, c0), w)
+        _grad((out, hn, cn), [x, h0p, c0, *w])
+        w = _rnn_weights(4, I, H, 1, 1, False, dtype)
+        out, (hn, cn) = pydl.lstm(x, (h0, c0), w, bias=False, recompute=True)
+        _grad((out, hn, cn), [x, h0, c0, *w])
+        persistent(x)
+        w_ih, w_hh, b_ih, b_hh = _rnn_weights(4, I, H, 1, 1, True, dtype)
+        xc = _rand(B, I, dtype=dtype, grad=True)
+        hc, cc = _rand(B, H, dtype=dtype, grad=True), _rand(B, H, dtype=dtype, grad=True)
+        _grad(pydl.lstm_cell(xc, (hc, cc), w_ih, w_hh, b_ih, b_hh), [xc, hc, cc, w_ih, w_hh,
+                                                                   b_ih, b_hh])
+        _grad(pydl.lstm_cell(xc, None, w_ih, w_hh), [xc, w_ih, w_hh])
+
+    def persistent(x):
+        import pydl
+        w = _rnn_weights(4, I, H, 1, 2, True, dtype)
+        h0, c0 = _rand(2, B, H, dtype=dtype, grad=True), _rand(2, B, H, dtype=dtype, grad=True)
+        out, (hn, cn) = pydl.lstm(x, (h0, c0), w, bidirectional=True, algo="persistent")
+        _grad((out, hn, cn), [x, h0, c0, *w])
+        w = _rnn_weights(4, I, H, 1, 1, True, dtype)
+        _grad(pydl.lstm(x, None, w, algo="persistent")[0], [x, *w])
+    return run
+
+
+def _cov_gru(dtype: str, T: int, B: int, I: int, H: int):
+    """gru, forward and backward: one layer from a given state; two bidirectional layers,
+    batch first, with dropout; recompute without biases; gru_cell with and without a state
+    and biases."""
+    def run():
+        import pydl
+        x = _rand(T, B, I, dtype=dtype, grad=True)
+        h0 = _rand(1, B, H, dtype=dtype, grad=True)
+        w = _rnn_weights(3, I, H, 1, 1, True, dtype)
+        _grad(pydl.gru(x, h0, w), [x, h0, *w])
+        w = _rnn_weights(3, I, H, 2, 2, True, dtype)
+        xb = _rand(B, T, I, dtype=dtype, grad=True)
+        _grad(pydl.gru(xb, None, w, num_layers=2, bidirectional=True, batch_first=True,
+                       dropout=0.5, training=True), [xb, *w])
+        w = _rnn_weights(3, I, H, 1, 1, False, dtype)
+        _grad(pydl.gru(x, h0, w, bias=False, recompute=True), [x, h0, *w])
+        w_ih, w_hh, b_ih, b_hh = _rnn_weights(3, I, H, 1, 1, True, dtype)
+        xc, hc = _rand(B, I, dtype=dtype, grad=True), _rand(B, H, dtype=dtype, grad=True)
+        _grad(pydl.gru_cell(xc, hc, w_ih, w_hh, b_ih, b_hh), [xc, hc, w_ih, w_hh, b_ih, b_hh])
+        _grad(pydl.gru_cell(xc, None, w_ih, w_hh), [xc, w_ih, w_hh])
+    return run
+
+
+def _coverage() -> tuple:
+    """(family, case, runner) of every coverage problem, each in COVERAGE_DTYPES."""
+    out = []
+    for dt in COVERAGE_DTYPES:
+        out += [
+            ("softmax", f"{dt} 32x64", _cov_softmax(dt, (32, 64), -1)),
+            ("softmax", f"{dt} 7x33", _cov_softmax(dt, (7, 33), -1)),
+            ("softmax", f"{dt} 4x33x5 dim1", _cov_softmax(dt, (4, 33, 5), 1)),
+            ("softmax", f"{dt} 3x5000", _cov_softmax(dt, (3, 5000), -1)),
+            ("cross_entropy", f"{dt} 32x64", _cov_cross_entropy(dt, (32, 64))),
+            ("cross_entropy", f"{dt} 6x10x7", _cov_cross_entropy(dt, (6, 10, 7))),
+            ("cross_entropy", f"{dt} 3x5000", _cov_cross_entropy(dt, (3, 5000))),
+            ("pool", f"{dt} 2x32x16x16", _cov_pool(dt, (2, 32, 16, 16), False)),
+            ("pool", f"{dt} 2x32x16x16 cl", _cov_pool(dt, (2, 32, 16, 16), True)),
+            ("pool", f"{dt} 3x5x17x13", _cov_pool(dt, (3, 5, 17, 13), False)),
+            ("pool", f"{dt} 3x5x17x13 cl", _cov_pool(dt, (3, 5, 17, 13), True)),
+            ("gemm", f"{dt} 64x48x32", _cov_gemm(dt, 64, 48, 32)),
+            ("gemm", f"{dt} 33x17x50", _cov_gemm(dt, 33, 17, 50)),
+        ]
+        for algo in ("implicit", "im2col"):
+            a = algo[:3]
+            out += [
+                ("conv", f"{dt} {a} 3x3 32>64 16^2",
+                 _cov_conv(dt, algo, (2, 32, 16, 16), (64, 32, 3, 3), 1, 1)),
+                ("conv", f"{dt} {a} 3x3 32>64 16^2 cl",
+                 _cov_conv(dt, algo, (2, 32, 16, 16), (64, 32, 3, 3), 1, 1,
+                           channels_last=True)),
+                ("conv", f"{dt} {a} 3x3/2 24>20 13x11",
+                 _cov_conv(dt, algo, (3, 24, 13, 11), (20, 24, 3, 3), 2, 1)),
+                ("conv", f"{dt} {a} stem 7x7/2 3>64",
+                 _cov_conv(dt, algo, (2, 3, 32, 32), (64, 3, 7, 7), 2, 3, bias=False,
+                           x_grad=False)),
+                ("conv", f"{dt} {a} stem 7x7/2 3>64 cl",
+                 _cov_conv(dt, algo, (2, 3, 32, 32), (64, 3, 7, 7), 2, 3, bias=False,
+                           channels_last=True, x_grad=False)),
+                ("conv", f"{dt} {a} dw 3x3 32 cl",
+                 _cov_conv(dt, algo, (2, 32, 16, 16), (32, 1, 3, 3), 1, 1, groups=32,
+                           channels_last=True)),
+                ("conv", f"{dt} {a} 1x1 64>32 odd",
+                 _cov_conv(dt, algo, (3, 64, 9, 7), (32, 64, 1, 1), bias=False)),
+            ]
+        out += [
+            ("conv", f"{dt} im2 3x3 chunks",
+             _cov_conv(dt, "im2col", (3, 16, 8, 8), (32, 16, 3, 3), 1, 1,
+                       workspace=8 * 8 * 16 * 9 * 4)),
+            ("attention", f"{dt} 2x4x64 d64 gqa", _cov_attention(dt, 2, 4, 64, 64, 64, 64, 2)),
+            ("attention", f"{dt} 2x3x33x47 d40/24",
+             _cov_attention(dt, 2, 3, 33, 47, 40, 24, 3)),
+            ("lstm", f"{dt} T4 B16 I32 H32", _cov_lstm(dt, 4, 16, 32, 32)),
+            ("lstm", f"{dt} T3 B5 I7 H20", _cov_lstm(dt, 3, 5, 7, 20)),
+            ("lstm", f"{dt} T2 B3 I5 H64 pers", _cov_lstm(dt, 2, 3, 5, 64, True)),
+            ("gru", f"{dt} T4 B16 I32 H32", _cov_gru(dt, 4, 16, 32, 32)),
+            ("gru", f"{dt} T3 B5 I7 H20", _cov_gru(dt, 3, 5, 7, 20)),
+        ]
+    return tuple(out)
+
+
+COVERAGE = _coverage()
+
+
+def triton_kernels() -> dict[str, list[str]]:
+    """module -> the launchable @triton.jit kernels of kernels/triton/*.py: every JIT
+    function defined there that no other JIT function calls (those are helpers)."""
+    import importlib
+    import pkgutil
+    from triton.runtime.jit import JITFunction
+    import pydl.kernels.triton as pkg
+    jits = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__:
+                jits[(mod.__name__, name)] = obj
+    out: dict[str, list[str]] = {}
+    for (module, name), fn in sorted(jits.items()):
+        call = re.compile(rf"\b{re.escape(name)}\s*\(")
+        if not any(call.search(other.src) for key, other in jits.items() if key[1] != name):
+            out.setdefault(module, []).append(name)
+    return out
 
 
 # --- capture: the launchers' candidates and kernel calls, nothing executed --------------------
@@ -147,20 +523,80 @@ def _job_key(job: dict) -> str:
                  sorted(job["options"].items()), job["arch"]))
 
 
-def capture(arch: int, problems=PROBLEMS) -> list[dict]:
+def _constexpr_values(fn, kwargs: dict) -> dict:
+    """The launch's values of the kernel's tl.constexpr parameters (given as keywords)."""
+    return {p.name: kwargs[p.name] for p in fn.params if p.is_constexpr and p.name in kwargs}
+
+
+def _signature_text(fn, job: dict) -> str:
+    """A short summary of what Triton specialized besides the constexprs: the pointers'
+    dtypes, how many integer arguments are 16-divisible (of those passed as values), how
+    many became the constant 1, i64 when any is 64-bit, and how many pointers are not
+    16-byte aligned."""
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    dtypes, ints, div, ones, wide, ptrs, aligned = [], 0, 0, 0, False, 0, 0
+    for i, (name, ty) in enumerate(job["signature"].items()):
+        divisible = any(a[0] == "tt.divisibility" for a in job["attrs"].get((i,), []))
+        if ty.startswith("*"):
+            ptrs += 1
+            aligned += divisible
+            if ty[1:] not in dtypes:
+                dtypes.append(ty[1:])
+        elif ty in ("i32", "i64", "u64", "i1"):
+            ints += 1
+            div += divisible
+            wide |= ty == "i64"
+        elif ty == "constexpr" and name not in declared and job["constexprs"].get((i,)) == 1:
+            ones += 1
+    out = f"{'+'.join(dtypes)} d16={div}/{ints}" + (f" one={ones}" if ones else "")
+    if wide:
+        out += " i64"
+    if aligned < ptrs:
+        out += f" unaligned={ptrs - aligned}"
+    return out
+
+
+@contextlib.contextmanager
+def _triton_backend_on_cpu():
+    """pydl's kernel backends take CPU tensors while capturing (pydl.backends.check_device
+    refuses them outside emulation), the triton backend only; emulation stays off."""
+    from pydl import _env, backends
+    if _env.INTERPRET:
+        raise RuntimeError("pydl is in emulation (PYDL_INTERPRET): the launchers would pick "
+                           "the emulator's tiles")
+    original = backends.check_device
+
+    def check_device(backend, *tensors):
+        if backend == "numba":
+            raise RuntimeError("the resources capture runs the triton backend only")
+        return original("torch" if backend == "triton" else backend, *tensors)
+
+    backends.check_device = check_device
+    try:
+        with backends.use_backend("triton"):
+            yield
+    finally:
+        backends.check_device = original
+
+
+def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = None) -> list[dict]:
     """Rows (without compile results) of every candidate of every tuned kernel the problems
-    launch, plus the untuned kernels launched beside them; a problem whose launcher fails
+    launch, plus the untuned kernels launched beside them; then of every launch the coverage
+    problems make (tuned kernels with their default candidate only). Untuned launches are
+    kept once per kernel name and problem, or with `by_job` (default: when there is
+    coverage) once per distinct compile job over all problems. A problem whose launcher fails
     gives one row with the error."""
     import triton.runtime.jit as jit
     from pydl import _tune, conv
 
+    by_job = bool(coverage) if by_job is None else by_job
     spec = _specializer(arch)
-    picks: list[tuple[str, list[dict], object]] = []
+    picks: list[tuple[str, list[dict], object, int]] = []
     sink: list[tuple] = []
 
     def record_pick(self, key, candidates, launch, inout=()):
         candidates = _tune.unique(candidates)
-        picks.append((self.name, candidates, launch))
+        picks.append((self.name, candidates, launch, len(sink)))
         return candidates[0]
 
     def record_run(self, *args, grid, warmup, **kwargs):
@@ -168,45 +604,77 @@ def capture(arch: int, problems=PROBLEMS) -> list[dict]:
                      kwargs))
         return None
 
+    def row(base, kernel, fn, candidate, config, grid, args, kwargs):
+        job = spec(fn, args, kwargs)
+        return dict(base, kernel=kernel, function=fn.fn.__name__, candidate=candidate,
+                    config=config, constexpr_args=_constexpr_values(fn, kwargs),
+                    signature_text=_signature_text(fn, job), grid=grid, job=job)
+
     saved = (_tune.Tuner.pick, jit.JITFunction.run, getattr(conv, "_multiprocessors", None))
     _tune.Tuner.pick, jit.JITFunction.run = record_pick, record_run
     if saved[2] is not None:
         conv._multiprocessors = lambda device: SMS
     rows: list[dict] = []
+    seen: set[str] = set()          # by_job: the compile jobs of the rows so far
+
+    def add_once(r: dict) -> None:
+        key = _job_key(r["job"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
+
     try:
-        for family, case, run in problems:
-            picks.clear()
-            sink.clear()
-            base = dict(family=family, case=case)
-            try:
-                run()
-                direct = list(sink)
-                tuned_fns, untuned = set(), {}
-                for tuner, candidates, launch in picks:
-                    for i, cfg in enumerate(candidates):
-                        sink.clear()
-                        launch(cfg)
-                        calls = list(sink)
-                        if not calls:
-                            raise RuntimeError(f"{tuner}: launch({cfg}) launched no kernel")
-                        fn, grid, args, kwargs = calls[0]
-                        tuned_fns.add(fn)
-                        rows.append(dict(base, kernel=tuner, function=fn.fn.__name__,
-                                         candidate=i, config=dict(cfg), grid=grid,
-                                         job=spec(fn, args, kwargs)))
-                        for call in calls[1:]:          # e.g. the split-K reduction
-                            untuned.setdefault(call[0].fn.__name__, call)
-                for call in direct:
-                    if call[0] not in tuned_fns:         # e.g. attention_bwd_preprocess
-                        untuned.setdefault(call[0].fn.__name__, call)
-                for name, (fn, grid, args, kwargs) in untuned.items():
-                    cfg = {k: v for k, v in kwargs.items() if k.isupper() and k.startswith("BLOCK")}
-                    rows.append(dict(base, kernel=name, function=name, candidate=None,
-                                     config=cfg, grid=grid, job=spec(fn, args, kwargs)))
-            except Exception as exc:  # noqa: BLE001 - reported as the problem's row
-                rows.append(dict(base, kernel=family, function=None, candidate=None, config={},
-                                 grid=None, job=None,
-                                 error=f"capture failed: {type(exc).__name__}: {exc}"))
+        with _triton_backend_on_cpu():
+            for replay, (family, case, run) in [(True, p) for p in problems] + \
+                    [(False, p) for p in coverage]:
+                picks.clear()
+                sink.clear()
+                base = dict(family=family, case=case)
+                try:
+                    run()
+                    direct = list(sink)
+                    if not replay:
+                        # the launch right after each pick is its tuned kernel's default
+                        tuner_of = {direct[pos][0]: name for name, _, _, pos in picks
+                                    if pos < len(direct)}
+                        for fn, grid, args, kwargs in direct:
+                            name = tuner_of.get(fn)
+                            cfg = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")
+                                   or k in ("num_warps", "num_stages")}
+                            add_once(row(base, name or fn.fn.__name__, fn,
+                                         None if name is None else 0, cfg, grid, args, kwargs))
+                        continue
+                    tuned_fns, untuned = set(), {}
+                    for tuner, candidates, launch, _ in picks:
+                        for i, cfg in enumerate(candidates):
+                            sink.clear()
+                            launch(cfg)
+                            calls = list(sink)
+                            if not calls:
+                                raise RuntimeError(f"{tuner}: launch({cfg}) launched no kernel")
+                            fn, grid, args, kwargs = calls[0]
+                            tuned_fns.add(fn)
+                            r = row(base, tuner, fn, i, dict(cfg), grid, args, kwargs)
+                            rows.append(r)
+                            seen.add(_job_key(r["job"]))
+                            for call in calls[1:]:          # e.g. the split-K reduction
+                                untuned.setdefault(call[0].fn.__name__, []).append(call)
+                    for call in direct:
+                        if call[0] not in tuned_fns:         # e.g. attention_bwd_preprocess
+                            untuned.setdefault(call[0].fn.__name__, []).append(call)
+                    for name, calls in untuned.items():
+                        for fn, grid, args, kwargs in (calls if by_job else calls[:1]):
+                            cfg = {k: v for k, v in kwargs.items()
+                                   if k.isupper() and k.startswith("BLOCK")}
+                            r = row(base, name, fn, None, cfg, grid, args, kwargs)
+                            if by_job:
+                                add_once(r)
+                            else:
+                                rows.append(r)
+                except Exception as exc:  # noqa: BLE001 - reported as the problem's row
+                    rows.append(dict(base, kernel=family, function=None, candidate=None,
+                                     config={}, grid=None, job=None,
+                                     error=f"capture failed: {type(exc).__name__}: {exc}"))
     finally:
         _tune.Tuner.pick, jit.JITFunction.run = saved[:2]
         if saved[2] is not None:
@@ -289,7 +757,33 @@ def compile_job(job: dict) -> dict:
     out.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]),
                hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                hmma=len(re.findall(r"\bHMMA\.", sass)))
+    if out["stack"] or out["local"]:
+        out.update(_ptxas_spills(kernel.asm["ptx"], job))
     return out
+
+
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas_spills(ptx: str, job: dict) -> dict:
+    """Spill stores and loads in bytes, from ptxas -v on the kernel's PTX with Triton's own
+    flags (cuobjdump gives the stack frame, which holds spills but is not only spills);
+    {} when ptxas cannot say. Run only for a kernel with a stack frame or local memory."""
+    from triton import knobs
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [knobs.nvidia.ptxas.path, "-lineinfo", "-v",
+               *([] if job["options"].get("enable_fp_fusion", True) else ["--fmad=false"]),
+               *(job["options"].get("ptx_options") or "").split(),
+               f"--gpu-name=sm_{job['arch']}{'a' if job['arch'] >= 90 else ''}", str(src),
+               "-o", str(Path(tmp) / "k.cubin")]
+        try:
+            log = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stderr
+        except Exception:  # noqa: BLE001 - the cuobjdump numbers stand
+            return {}
+    m = _SPILLS.search(log)
+    return dict(spill_stores=int(m[1]), spill_loads=int(m[2])) if m else {}
 
 
 def _compile_all(jobs: list[dict], workers: int) -> list[dict]:
@@ -326,7 +820,10 @@ def verdict(row: dict, arch: int) -> str:
         issues.append("too much shared memory")
     if row["regs"] * 32 * row["num_warps"] > REGS_PER_SM:
         issues.append("too many registers")
-    if row["local"] or row["stack"]:
+    if "spill_stores" in row:
+        if row["spill_stores"] or row["spill_loads"]:
+            issues.append("spills")
+    elif row["local"] or row["stack"]:
         issues.append("spills")
     return ", ".join(issues) or "ok"
 
@@ -361,6 +858,12 @@ def _config_text(cfg: dict) -> str:
                     if k.startswith("BLOCK"))
 
 
+def _spill_bytes(r: dict) -> int:
+    """Spill stores per thread as ptxas counts them; local + stack bytes where it was not
+    asked (both 0: nothing to spill)."""
+    return r["spill_stores"] if "spill_stores" in r else r["local"] + r["stack"]
+
+
 def _cell(r: dict, key: str) -> str:
     if key in r:
         return str(r[key])
@@ -368,25 +871,96 @@ def _cell(r: dict, key: str) -> str:
     return str(job["options"][key]) if job and key in ("num_warps", "num_stages") else ""
 
 
-def table(rows: list[dict]) -> str:
-    head = (f"{'kernel':26s} {'case':16s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
-            f"{'grid':>9s} {'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s}  "
-            f"verdict")
+def _constexpr_text(consts: dict) -> str:
+    """A launch's constexprs, short: blocks as M64, flags by name when set (omitted when
+    not), strings by value (ieee, tf32), other values as NAME=value."""
+    out = []
+    for k, v in consts.items():
+        if k.startswith("BLOCK_"):
+            out.append(f"{k[6:]}{v}")
+        elif isinstance(v, bool):
+            if v:
+                out.append(k)
+        elif isinstance(v, str):
+            out.append(v)
+        else:
+            out.append(f"{k}={v}")
+    return " ".join(out)
+
+
+def _short_verdict(r: dict) -> str:
+    v = r["verdict"]
+    if v.startswith("compile error"):
+        return "COMPILE ERROR"
+    if v.startswith("capture failed"):
+        return "CAPTURE FAILED"
+    return v.replace(" (the same kernel as #", " =#").rstrip(")") if "same kernel" in v else v
+
+
+def table(rows: list[dict], detail: bool = False) -> str:
+    """One line per row. detail (--all): the verdict short (errors are listed after the
+    table) and a last column with what distinguishes the specialization: its constexprs,
+    then (after |) the signature summary of _signature_text."""
+    if detail:
+        head = (f"{'kernel':26s} {'case':26s} {'#':>2s} {'w':>2s} {'st':>2s} {'grid':>9s} "
+                f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s}  "
+                f"{'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
+    else:
+        head = (f"{'kernel':26s} {'case':16s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
+                f"{'grid':>9s} {'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} "
+                f"{'mma':>4s}  verdict")
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         c = r["candidate"]
         cand = "-" if c is None else f"{c}*" if c == 0 else str(c)
         grid = "x".join(map(str, r["grid"])) if r.get("grid") else ""
         has = "regs" in r
-        spill = str(r["local"] + r["stack"]) if has else ""
+        spill = str(_spill_bytes(r)) if has else ""
         smem = str(round(r["shared"] / 1024)) if "shared" in r else ""
         wgmma = (f"yes {r['hgmma']:>3d}" if r["hgmma"] else "no") if has else ""
-        lines.append(
-            f"{r['kernel']:26s} {r['case']:16s} {cand:>2s} {_config_text(r['config']):21s} "
-            f"{_cell(r, 'num_warps'):>2s} {_cell(r, 'num_stages'):>2s} {grid:>9s} "
-            f"{_cell(r, 'regs'):>4s} {spill:>5s} {smem:>4s} {wgmma:>7s} "
-            f"{_cell(r, 'hmma') if has else '':>4s}  {r['verdict']}")
+        nums = (f"{_cell(r, 'num_warps'):>2s} {_cell(r, 'num_stages'):>2s} {grid:>9s} "
+                f"{_cell(r, 'regs'):>4s} {spill:>5s} {smem:>4s} {wgmma:>7s} "
+                f"{_cell(r, 'hmma') if has else '':>4s}")
+        if detail:
+            spec = _constexpr_text(r.get("constexpr_args", {}))
+            if r.get("signature_text"):
+                spec += " | " + r["signature_text"]
+            lines.append(f"{r['kernel']:26s} {r['case']:26s} {cand:>2s} {nums}  "
+                         f"{_short_verdict(r):14s} {spec}")
+        else:
+            lines.append(f"{r['kernel']:26s} {r['case']:16s} {cand:>2s} "
+                         f"{_config_text(r['config']):21s} {nums}  {r['verdict']}")
     return "\n".join(lines)
+
+
+def _findings(rows: list[dict], launched: set, kernels: dict[str, list[str]]) -> str:
+    """--all's summary after the table: the failures with their errors, the spills, and the
+    kernels of kernels/triton that no problem launched."""
+    def name(r: dict) -> str:
+        c = "-" if r["candidate"] is None else r["candidate"]
+        spec = _constexpr_text(r.get("constexpr_args", {}))
+        sig = f" | {r['signature_text']}" if r.get("signature_text") else ""
+        return f"{r['kernel']} [{r['case']}] #{c} w{_cell(r, 'num_warps')} {spec}{sig}"
+
+    out = []
+    failed = [r for r in rows if r["verdict"].startswith(FAILING + ("capture",))]
+    out.append(f"\nFAILED ({len(failed)}):" if failed else "\nFAILED: none")
+    for r in failed:
+        out.append(f"  {name(r)}\n    {r['verdict']}")
+    spills = [r for r in rows if "spills" in r["verdict"]]
+    out.append(f"SPILLS ({len(spills)}):" if spills else "SPILLS: none")
+    for r in spills:
+        out.append(f"  {name(r)}: {_spill_bytes(r)} bytes spilled, {r['regs']} registers")
+    frames = [r for r in rows if "regs" in r and (r["stack"] or r["local"])
+              and "spills" not in r["verdict"]]
+    if frames:
+        out.append(f"(a stack frame without spills, not counted: {len(frames)} kernels)")
+    missing = [f"{m.rsplit('.', 1)[-1]}.{n}" for m, names in kernels.items() for n in names
+               if (m, n) not in launched]
+    out.append(f"NOT LAUNCHED by any problem ({len(missing)}): {', '.join(missing)}"
+               if missing else f"every kernel of kernels/triton launched "
+               f"({sum(map(len, kernels.values()))} kernels in {len(kernels)} modules)")
+    return "\n".join(out)
 
 
 def _json_row(r: dict) -> dict:
@@ -410,16 +984,22 @@ def select(rows: list[dict], names: list[str]) -> tuple[list[dict], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench resources",
-        description="Compile every tuning candidate of pydl's autotuned Triton kernels for a GPU "
+        description="Compile every tuning candidate of pydl's autotuned Triton kernels (with "
+                    "--all: every specialization of every Triton kernel) for a GPU "
                     "architecture without a GPU; report registers, spills, shared memory and "
                     "wgmma use per candidate.")
     p.add_argument("kernels", nargs="*",
-                   help="families (gemm, conv, attention) or kernel names, or parts of them "
-                        "(bwd, attention_fwd, conv2d_implicit_bwd_weight); default: all")
+                   help="families (gemm, conv, attention, pool; with --all also softmax, "
+                        "cross_entropy, lstm, gru) or kernel names, or parts of them (bwd, "
+                        "attention_fwd, conv2d_implicit_bwd_weight); default: all")
     p.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED),
                    help="compute capability to compile for (default 90: H100)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE",
                    help="also write the rows as JSON to FILE")
+    p.add_argument("--all", action="store_true",
+                   help="also compile every distinct specialization of every Triton kernel in "
+                        "kernels/triton, as launched by small fp32 and bf16 problems through "
+                        "pydl's public functions (COVERAGE), forward and backward")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                    help="compiler processes (default: the CPUs, at most 4)")
     return p
@@ -450,8 +1030,9 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     from triton import knobs
     t0 = time.perf_counter()
-    rows = capture(args.arch)
+    rows = capture(args.arch, PROBLEMS, COVERAGE if args.all else ())
     names = sorted({r["family"] for r in rows} | {r["kernel"] for r in rows})
+    launched = {(r["job"]["module"], r["job"]["name"]) for r in rows if r.get("job") is not None}
     rows, unknown = select(rows, args.kernels)
     if unknown:
         print(f"error: no kernel matches {', '.join(map(repr, unknown))}; known: "
@@ -463,18 +1044,29 @@ def main(argv: list[str] | None = None) -> int:
           f"sm_{args.arch} (triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version}) in "
           f"{args.jobs} process(es) ...", flush=True)
     measure(rows, args.jobs)
-    print(table(rows))
+    print(table(rows, detail=args.all))
     limit = MAX_SHARED[args.arch]
     print(f"\n#: candidate (* the default, what runs untuned; - a kernel without a tuner). "
-          f"w, st: num_warps, num_stages. regs: per thread. spill: local + stack bytes per "
-          f"thread. smem: KiB of shared memory per block (limit {limit // 1024} KiB on "
-          f"sm_{args.arch}). wgmma, mma: HGMMA and HMMA (mma.sync) instructions in the SASS. "
-          f"{time.perf_counter() - t0:.0f} s.")
+          f"w, st: num_warps, num_stages. regs: per thread. spill: bytes of spill stores "
+          f"per thread (ptxas -v). smem: KiB of shared memory per block (limit "
+          f"{limit // 1024} KiB on sm_{args.arch}). wgmma, mma: HGMMA and HMMA (mma.sync) "
+          f"instructions in the SASS. "
+          + ("specialization: the constexprs (flags named when set), then the pointers' "
+             "dtypes, d16 = integer arguments divisible by 16 / integer arguments, one = "
+             "integers specialized to the constant 1, i64 when one is 64-bit, unaligned = "
+             "pointers not 16-byte aligned. " if args.all else "")
+          + f"{time.perf_counter() - t0:.0f} s.")
     counts: dict[str, int] = {}
     for r in rows:
         v = r["verdict"].split(":")[0].split(" (the same")[0]
         counts[v] = counts.get(v, 0) + 1
     print("verdicts: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    missing = False
+    if args.all:
+        kernels = triton_kernels()
+        print(_findings(rows, launched, kernels))
+        print(f"compiled {distinct} distinct kernels ({n} launch configurations).")
+        missing = any((m, k) not in launched for m, ks in kernels.items() for k in ks)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(
@@ -485,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"json: {args.json}")
     bad_default = [r for r in rows if r["candidate"] in (0, None) and r.get("job") is not None
                    and r["verdict"].startswith(FAILING)]
-    return 1 if bad_default or any(r.get("job") is None for r in rows) else 0
+    return 1 if bad_default or missing or any(r.get("job") is None for r in rows) else 0
 
 
 if __name__ == "__main__":
