@@ -96,10 +96,20 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
                      launch) -> dict:
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
     steps run over channels (forward, grad input) or pixels (grad weight)."""
+    default = _gemm_tile(m, n, k)
+    if direction == "bwd_weight":
+        # the input operand is gathered with per-element (h, w) arithmetic over the whole
+        # [BLOCK_K, BLOCK_N] tile: at 128 columns it spills (`python -m bench resources --all`)
+        default["BLOCK_N"] = min(default["BLOCK_N"], 64)
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
            g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
-    return IMPLICIT_TUNERS[direction].pick(
-        key, gemm_candidates(_gemm_tile(m, n, k), m, n, k, t.dtype.itemsize), launch)
+    candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
+    if direction == "bwd_weight":
+        # more than 32 gathered elements a thread spill (64 x 256 x 64 at 8 warps, 64 x 128 x
+        # 64 at 4: over 1 KiB each in the resource report)
+        candidates = [c for c in candidates if c is default or
+                      c["BLOCK_N"] * c["BLOCK_K"] <= 32 * 32 * c.get("num_warps", 4)]
+    return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
 
 
 # Split-K of the weight gradient: enough programs to fill the GPU twice over, each summing at
