@@ -25,7 +25,8 @@ setup(
         "numpy>=1.26,<2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6",
+                 "scikit-learn>=1.3"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "tqdm>=4"],
         "cupy": ["cupy-cuda13x>=13"],
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7"],

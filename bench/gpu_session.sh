@@ -4,7 +4,7 @@
 #
 #   bench/gpu_session.sh tests   OUT [pytest args]   the test suite on the GPU: compiled kernels,
 #                                                    bf16, the --full heavy cases (> 2^31
-#                                                    elements), CuPy; in parallel (pytest-xdist)
+#                                                    elements), CuPy; 4 pytest-xdist workers
 #   bench/gpu_session.sh bench   OUT [bench args]    `python -m bench --shapes quick` (autotuned):
 #                                                    JSON and plots in OUT/results
 #   bench/gpu_session.sh untuned OUT [bench args]    the same with PYDL_TUNE=0 (default configs),
@@ -33,7 +33,7 @@ cat "$out/machine.txt"
 case $mode in
     tests)
         workers=()
-        python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
+        python3 -c "import xdist" 2>/dev/null && workers=(-n 4)   # 4: the > 2^31-element cases need ~16 GB each
         timeout 540 python3 -m pytest -q -p no:cacheprovider --full "${workers[@]}" \
             --durations=30 --junitxml="$out/junit.xml" "$@" >"$out/tests.log" 2>&1
         echo "pytest exit status $?"

@@ -133,8 +133,11 @@ def _check_layer(backend, algo, layer, bias):
 
 
 @pytest.mark.parametrize("k_order", ["channel_blocks", "flat"])
-@pytest.mark.parametrize("layer", ["alexnet_conv2", "resnet_stem", "depthwise_x2", "grouped",
-                                   "dilated", "same_even", "non_square", "floor_last_window"])
+@pytest.mark.parametrize("layer", ["resnet_stem", "grouped", "dilated", "non_square",
+                                   pytest.param("alexnet_conv2", marks=pytest.mark.sim_heavy),
+                                   pytest.param("depthwise_x2", marks=pytest.mark.sim_heavy),
+                                   pytest.param("same_even", marks=pytest.mark.sim_heavy),
+                                   pytest.param("floor_last_window", marks=pytest.mark.sim_heavy)])
 def test_implicit_forward_k_orders(monkeypatch, layer, k_order):
     """Both K orders of the implicit forward on every geometry: blocks of channels per (kh, kw)
     tap (layers with many channels), or (kh, kw, c) columns decoded one by one (few channels;

@@ -179,8 +179,8 @@ def test_every_gemm_candidate(tuning, monkeypatch):
 
 
 @triton_only
-@pytest.mark.parametrize("layout", [pytest.param("nchw", marks=pytest.mark.sim_heavy),
-                                    "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.sim_heavy      # 30 s in emulation; the channel-block path is also in test_conv.py
 def test_every_conv_candidate(tuning, monkeypatch, backend, layout):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = random_tensor((2, 16, 12, 12), torch.float32, DEVICE).to(memory_format=fmt)
@@ -280,7 +280,7 @@ def test_every_row_kernel_candidate(tuning, monkeypatch, backend, n):
         assert any(c["BLOCK_N"] < n for c in spaces["softmax_fwd"])
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", pytest.param("gru", marks=pytest.mark.sim_heavy)])
 def test_every_rnn_step_candidate(tuning, monkeypatch, kind):
     """The fused step kernels' tiles, forward and backward through time (checked against the
     float64 reference and torch inside _check_layer); then trial launches that really run,
