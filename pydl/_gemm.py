@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import cdiv, next_power_of_2
+from ._launch import cdiv, dot_block
 from ._launch import input_precision as _default_precision
-from ._tune import Tuner, bucket, gemm_candidates
+from ._tune import Tuner, aliased, bucket, gemm_candidates
 
 # CUDA caps grid dimensions 1 and 2 at 65535: larger batches are launched in slices.
 _MAX_GRID_Z = 65535
@@ -34,10 +34,9 @@ def gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
     for an (m x k) @ (k x n) product: up to 128 x 128 output tiles (8 warps for
     the full tile), never below 16 (tl.dot's minimum); 16-bit operands take 64-deep K steps,
     fp32 ones 32 (the same shared-memory bytes)."""
-    block_m = min(128, max(16, next_power_of_2(m)))
-    block_n = min(128, max(16, next_power_of_2(n)))
+    block_m, block_n = dot_block(m, 128), dot_block(n, 128)
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    block_k = min(64 if dtype.itemsize <= 2 else 32, max(16, next_power_of_2(k)))
+    block_k = dot_block(k, 64 if dtype.itemsize <= 2 else 32)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
                 num_warps=num_warps, num_stages=3)
 
@@ -121,11 +120,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     # which operand is contiguous along K changes the loads, so it is part of the key.
     key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
            bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1)
-    reads_out = addend is not None and addend.untyped_storage().data_ptr() == \
-        out.untyped_storage().data_ptr()
     cfg = GEMM_TUNER.pick(key, gemm_candidates(gemm_config(M, N, K, a.dtype), M, N, K,
                                                a.dtype.itemsize, {"GROUP_M": GROUP_M}),
-                          launch, inout=(out,) if reads_out else ())
+                          launch, inout=aliased((out,), (addend,)))
     launch(cfg)
     return out
 

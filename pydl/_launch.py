@@ -61,6 +61,12 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def dot_block(extent: int, cap: int) -> int:
+    """A block size for `extent` elements: a power of two, no larger than the extent needs nor
+    than cap, and at least 16 (tl.dot's minimum)."""
+    return max(16, min(next_power_of_2(extent), cap))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

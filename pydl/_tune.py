@@ -30,7 +30,7 @@ import threading
 from typing import Callable, Hashable, Sequence
 
 from . import _env
-from ._launch import next_power_of_2
+from ._launch import dot_block, next_power_of_2
 
 _LOCK = threading.Lock()
 TUNE_WARMUP_MS = 5.0
@@ -46,12 +46,6 @@ def bucket(n: int, lo: int = 16, hi: int = 1 << 16) -> int:
     """A coarse tuning key for a size that varies with the batch: the next power of two,
     clamped to [lo, hi] (every size above hi shares one bucket)."""
     return max(lo, min(hi, next_power_of_2(max(1, n))))
-
-
-def clip(value: int, extent: int, lo: int = 16) -> int:
-    """A block size no larger than the problem needs (the extent's next power of two), and
-    never under lo (tl.dot needs 16)."""
-    return min(value, max(lo, next_power_of_2(max(1, extent))))
 
 
 # Triton's launch defaults: a config that omits them means these values.
@@ -92,8 +86,8 @@ def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
     no block larger than its extent needs, 4 warps for tiles of at most 64 x 64."""
     out = [default]
     for bm, bn, bk, warps, stages in GEMM_SPACE:
-        bm, bn = clip(bm, m), clip(bn, n)
-        bk = clip(bk if itemsize <= 2 else bk // 2, k)
+        bm, bn = dot_block(m, bm), dot_block(n, bn)
+        bk = dot_block(k, bk if itemsize <= 2 else bk // 2)
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **(extra or {}),
                         num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
     return unique(out)

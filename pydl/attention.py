@@ -23,7 +23,7 @@ from . import _env
 from . import _tune as tune
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, launch_numba_1d, new_output, next_power_of_2,
+from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, launch_numba_1d, new_output, next_power_of_2,
                       numba_array, numba_stream, numba_threads)
 from .backends import dispatch, register
 
@@ -63,7 +63,7 @@ def _attention_config(kernel: str, q, k, v, is_causal: bool, mask_kind: int, dro
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
     blocks = _blocks(E, EV)
     candidates = [
-        dict(blocks, BLOCK_M=tune.clip(bm, L), BLOCK_N=tune.clip(bn, S), num_warps=warps,
+        dict(blocks, BLOCK_M=dot_block(L, bm), BLOCK_N=dot_block(S, bn), num_warps=warps,
              num_stages=stages)
         for bm, bn, warps, stages in ATTENTION_SPACES[kernel]]
     if _env.INTERPRET:
@@ -290,7 +290,7 @@ def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     kt.attention_naive_softmax[(L, B * H)](
         sc, mask if mask is not None else sc, p, *sc.stride(), *_strides4(mask), *p.stride(),
         H, L, S, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-        BLOCK_N=min(1024, max(16, next_power_of_2(S))))
+        BLOCK_N=dot_block(S, 1024))
     o = new_output((B, HKV, G * L, EV), q.dtype, q.device)
     gemm(p.view(B, HKV, G * L, S), v, o)
     return o.view(B, H, L, EV), p

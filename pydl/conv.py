@@ -29,7 +29,7 @@ from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
 from ._library import autocast_inputs, empty_like_shape, geometry_args, geometry_from, kernel_op
-from ._launch import (cdiv, input_precision, memory_format_of, new_output, next_power_of_2, numba_array,
+from ._launch import (cdiv, dot_block, input_precision, memory_format_of, new_output, next_power_of_2, numba_array,
                       numba_stream, numba_threads)
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
@@ -77,9 +77,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 def _gemm_tile(m: int, n: int, k: int) -> dict:
     """Default block sizes for an (m x k) @ (k x n) tile loop (the first tuning candidate,
     pydl/_tune.py): tl.dot needs every block >= 16."""
-    return dict(BLOCK_M=64 if m >= 64 else max(16, next_power_of_2(m)),
-                BLOCK_N=min(128, max(16, next_power_of_2(n))),
-                BLOCK_K=min(32, max(16, next_power_of_2(k))),
+    return dict(BLOCK_M=dot_block(m, 64), BLOCK_N=dot_block(n, 128), BLOCK_K=dot_block(k, 32),
                 num_warps=4)
 
 
@@ -98,17 +96,17 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     steps run over channels (forward, grad input) or pixels (grad weight)."""
     default = _gemm_tile(m, n, k)
     if direction == "bwd_weight":
-        # the input operand is gathered with per-element (h, w) arithmetic over the whole
-        # [BLOCK_K, BLOCK_N] tile: at 128 columns it spills (`python -m bench resources --all`)
+        # The input operand is gathered with per-element (h, w) arithmetic over its whole
+        # [BLOCK_K, BLOCK_N] tile; more than 32 gathered elements a thread spill (the 128-wide
+        # default up to 828 bytes, 64 x 256 x 64 at 8 warps and 64 x 128 x 64 at 4 over 1 KiB,
+        # in `python -m bench resources --all`).
         default["BLOCK_N"] = min(default["BLOCK_N"], 64)
-    key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
-           g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
     if direction == "bwd_weight":
-        # more than 32 gathered elements a thread spill (64 x 256 x 64 at 8 warps, 64 x 128 x
-        # 64 at 4: over 1 KiB each in the resource report)
         candidates = [c for c in candidates if c is default or
                       c["BLOCK_N"] * c["BLOCK_K"] <= 32 * 32 * c.get("num_warps", 4)]
+    key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
+           g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
 
 
@@ -263,7 +261,7 @@ def _im2col(src, cols, n0, nb, C, H, W, OH, OW, KH, KW, SH=1, SW=1, PH=0, PW=0, 
     if nb * OH * OW * J == 0:
         return
     block_j = min(64, next_power_of_2(J))
-    block_p = min(max(64, _TILE_ELEMS // block_j), max(16, next_power_of_2(nb * OH * OW)))
+    block_p = dot_block(nb * OH * OW, max(64, _TILE_ELEMS // block_j))
     grid = (cdiv(nb * OH * OW, block_p), cdiv(J, block_j), groups)
     k.conv2d_im2col[grid](src, cols, n0, nb, C, H, W, OH, OW, *src.stride(), cols.stride(0),
                           cols.stride(1), SH, SW, PH, PW, DH, DW, KH=KH, KW=KW, CG=C // groups,
@@ -345,7 +343,7 @@ class _TritonIm2col:
         dcols = new_output((g.groups, nmax * P, J), torch.float32, dy.device)
         dy_ws = new_output((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
         block_c = min(32, next_power_of_2(g.CG))
-        block_m = min(max(64, _TILE_ELEMS // block_c), max(16, next_power_of_2(nmax * g.H * g.W)))
+        block_m = dot_block(nmax * g.H * g.W, max(64, _TILE_ELEMS // block_c))
         for n0, nb in chunks:
             dym = _TritonIm2col._dy_matrix(dy, g, n0, nb, dy_ws, whole=False)
             gemm(dym, wm, _rows_view(dcols, dym.shape[0], dym.shape[2]),

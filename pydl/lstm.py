@@ -74,7 +74,7 @@ from torch import Tensor
 from . import _env
 from ._checks import check_tensor
 from ._library import autocast_inputs, kernel_op
-from ._launch import (cdiv, input_precision, new_output, next_power_of_2, numba_array,
+from ._launch import (cdiv, dot_block, input_precision, new_output, next_power_of_2, numba_array,
                       numba_blocks, numba_stream, numba_threads)
 from ._tune import Tuner, aliased, bucket
 from .backends import dispatch, register
@@ -91,11 +91,6 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
 
 # --- Triton launch --------------------------------------------------------------------------
 
-def _dot_block(n: int, cap: int) -> int:
-    """A tl.dot block size: a power of two, at least 16 (the tensor-core minimum)."""
-    return max(16, min(next_power_of_2(n), cap))
-
-
 # Tuning space of the fused RNN step kernels (LSTM and GRU, forward and backward): (BLOCK_B
 # batch rows, BLOCK_H hidden units, BLOCK_K, warps, stages). A step is a small GEMM (batch x
 # gates*hidden, K = hidden) with a fused epilogue, launched once per time step: the tile
@@ -111,10 +106,10 @@ def step_config(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: di
     """The tile of one fused RNN step kernel over B batch rows x H units with a K-deep
     recurrent (or input) product; tuned once per shape and options (pydl/_tune.py), so a
     layer's T steps reuse the first step's choice."""
-    default = dict(BLOCK_B=_dot_block(B, 32), BLOCK_H=_dot_block(H, 32),
-                   BLOCK_K=_dot_block(K, 32), num_warps=4)
+    default = dict(BLOCK_B=dot_block(B, 32), BLOCK_H=dot_block(H, 32),
+                   BLOCK_K=dot_block(K, 32), num_warps=4)
     candidates = [default] + [
-        dict(BLOCK_B=_dot_block(B, bb), BLOCK_H=_dot_block(H, bh), BLOCK_K=_dot_block(K, bk),
+        dict(BLOCK_B=dot_block(B, bb), BLOCK_H=dot_block(H, bh), BLOCK_K=dot_block(K, bk),
              num_warps=warps, num_stages=stages) for bb, bh, bk, warps, stages in STEP_SPACE]
     key = (dtype, bucket(B, hi=1 << 12), H, K, tuple(sorted(flags.items())))
     return STEP_TUNERS[name].pick(key, candidates, launch, inout)
@@ -202,8 +197,8 @@ class _TritonLSTM:
             return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1)) + tuple(t.stride()[2:])
 
         dot_f32 = a.dtype != b.dtype or a.dtype == F32
-        cfg = dict(BLOCK_M=_dot_block(M, 64), BLOCK_N=_dot_block(N, 64),
-                   BLOCK_K=_dot_block(K, 32), num_warps=4)
+        cfg = dict(BLOCK_M=dot_block(M, 64), BLOCK_N=dot_block(N, 64),
+                   BLOCK_K=dot_block(K, 32), num_warps=4)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
         k.gemm_batched[grid](
             a, b, c_in if c_in is not None else out, out, bias if bias is not None else out,
@@ -238,7 +233,7 @@ class _TritonLSTM:
     def persistent_fwd(cls, xp, b_hh, h0, c0, w_hh, out, cs, gates, hn, cn, reverse: bool) -> None:
         from .kernels.triton import lstm as k
         T, B, H = out.shape
-        block_h = _dot_block(H, PERSISTENT_MAX_HIDDEN)
+        block_h = dot_block(H, PERSISTENT_MAX_HIDDEN)
         block_b = 16
         d = out
         k.lstm_persistent_fwd[(cdiv(B, block_b),)](
@@ -254,7 +249,7 @@ class _TritonLSTM:
     def persistent_bwd(cls, gates, cs, c0, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, reverse: bool) -> None:
         from .kernels.triton import lstm as k
         T, B, H = cs.shape
-        block_h = _dot_block(H, PERSISTENT_MAX_HIDDEN)
+        block_h = dot_block(H, PERSISTENT_MAX_HIDDEN)
         block_b = 16
         d = cs
         k.lstm_persistent_bwd[(cdiv(B, block_b),)](

@@ -13,6 +13,7 @@ import pydl
 import pydl._gemm
 from pydl import _tune
 from pydl._gemm import gemm
+from pydl._launch import dot_block
 from pydl.testing import assert_close, random_tensor
 
 from conftest import DEVICE
@@ -111,7 +112,7 @@ def test_enabled_follows_emulation_and_env(monkeypatch):
 
 def test_helpers():
     assert [_tune.bucket(n) for n in (1, 17, 64, 65, 10 ** 9)] == [16, 32, 64, 128, 1 << 16]
-    assert _tune.clip(128, 40) == 64 and _tune.clip(128, 3) == 16 and _tune.clip(64, 1000) == 64
+    assert dot_block(40, 128) == 64 and dot_block(3, 128) == 16 and dot_block(1000, 64) == 64
     cands = _tune.gemm_candidates({"BLOCK_M": 16}, 20, 30, 8, 2)
     assert all(c.get("BLOCK_M", 16) <= 32 and c.get("BLOCK_K", 16) == 16 for c in cands)
     assert len(cands) == len({tuple(sorted(c.items())) for c in cands})
