@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import environment, resources, schema, tables
+from . import environment, overhead, resources, schema, tables
 
-SUBCOMMANDS = ("list", "compare", "report", "floors", "resources")
+SUBCOMMANDS = ("list", "compare", "report", "floors", "resources", "overhead")
 DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
 
 
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Check, then time (on a GPU), pydl's kernels against torch and peers. "
-                    "Other commands: `list`, `compare A.json B.json`, `report [FILE]`, `floors`.")
+                    "Other commands: `list`, `compare A.json B.json`, `report [FILE]`, `floors`, "
+                    "`resources`, `overhead`.")
     p.add_argument("ops", nargs="*", help="ops to run (default: all; see `python -m bench list`)")
     p.add_argument("--variants", nargs="+", metavar="V",
                    help="variants to run (default: all): a backend (triton, numba, torch) "
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return {"list": cmd_list, "compare": cmd_compare, "report": cmd_report,
-                "floors": cmd_floors, "resources": resources.main}[argv[0]](argv[1:])
+                "floors": cmd_floors, "resources": resources.main,
+                "overhead": overhead.main}[argv[0]](argv[1:])
     return cmd_run(argv)
 
 

@@ -1,0 +1,334 @@
+"""`python -m bench overhead`: what pydl costs on the host around its kernels.
+
+At the sizes real models use a kernel takes tens of microseconds, so the Python between a
+public op and its kernels decides the speed a user sees. This command measures it per op
+family, forward and backward, on the benchmark suites' own cases and callables:
+
+without a GPU (emulation, kernels stubbed)
+    Every kernel launch is replaced by a counter: Triton's interpreter grid execution
+    (`triton.runtime.interpreter.GridExecutor.__call__`) and Numba's simulated kernel call
+    (`FakeCUDAKernel.__call__`). What is left is everything pydl does around its kernels:
+    argument checks, dispatch, autocast, the launch plan, allocation, the launch call itself
+    up to the backend. Triton's own GPU launch path adds about 15-20 us on top; it is not
+    pydl's and is not counted. Columns: host microseconds per call (median), kernel launches,
+    other torch kernels (ATen ops that would launch on a GPU: not views, not allocations),
+    host synchronisations (`.item()`, `bool(tensor)`), and the same op's host time relative
+    to torch's own dispatch of a tiny conv2d timed in the same run (the reference that makes
+    the numbers comparable across machines).
+
+on a GPU (nothing stubbed)
+    end to end per call (many calls back to back, one synchronisation at the end: what a
+    training loop sees), the sum of the op's kernel times per call (torch.profiler's CUDA
+    activity), their ratio, and launches / syncs per call from the same profile.
+
+The backward is timed inside pydl's autograd Function (`grad_fn.apply`, no autograd engine)
+when the op's output is the one output of one pydl Function; otherwise through the engine
+(`torch.autograd.grad`, marked "engine"; on a CPU the engine adds 20 us or more).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Inputs larger than this are shrunk along their first dimension for the CPU measurement:
+# host cost does not depend on the size, CPU allocation of huge outputs does.
+CPU_MAX_INPUT_BYTES = 16 * 2**20
+# The case measured per op on a CPU: a representative quick case (the first when absent).
+CPU_CASES = {"conv2d": "l1-3x3-64", "max_pool2d": "vgg-28", "avg_pool2d": "densenet-14",
+             "attention": "d128-1k", "lstm": "h1024-b32-t25", "gru": "h1536-b32-t187",
+             "lstm_cell": "h1024-b32", "gru_cell": "h1024-b32"}
+
+
+# --- counting -----------------------------------------------------------------------------
+
+class Counts:
+    def __init__(self):
+        self.launches = 0
+        self.aten = 0
+        self.syncs = 0
+        self.aten_ops: dict[str, int] = {}
+
+
+_COUNTS: Counts | None = None
+_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "item", "equal"}
+_NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                "detach", "lift_fresh", "resize_", "set_", "_to_copy_meta", "copy_meta"}
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Kernel launches become counters (emulation only): Triton's interpreter and Numba's
+    simulator run nothing."""
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    from triton.runtime.interpreter import GridExecutor
+
+    def count(self, *args, **kwargs):
+        if _COUNTS is not None:
+            _COUNTS.launches += 1
+
+    old_triton, old_numba = GridExecutor.__call__, FakeCUDAKernel.__call__
+
+    def numba_call(self, *args):
+        if self._device:        # a device function called from Python: not a launch
+            return old_numba(self, *args)
+        count(self)
+
+    GridExecutor.__call__, FakeCUDAKernel.__call__ = count, numba_call
+    try:
+        yield
+    finally:
+        GridExecutor.__call__, FakeCUDAKernel.__call__ = old_triton, old_numba
+
+
+def _dispatch_counter():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if _COUNTS is not None:
+                if name in _SYNC_OPS:
+                    _COUNTS.syncs += 1
+                elif not func.is_view and name not in _NOT_KERNELS:
+                    _COUNTS.aten += 1
+                    _COUNTS.aten_ops[name] = _COUNTS.aten_ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    del torch
+    return Counter()
+
+
+def counted(fn) -> Counts:
+    """Launches, other torch kernels and syncs of one call of fn (kernels stubbed)."""
+    global _COUNTS
+    _COUNTS = Counts()
+    try:
+        with _dispatch_counter():
+            fn()
+        return _COUNTS
+    finally:
+        _COUNTS = None
+
+
+def median_us(fn, calls: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e3
+
+
+# --- the cases ------------------------------------------------------------------------------
+
+def _case(suite, shapes: str, gpu: bool):
+    import torch
+    cases = suite.cases(shapes)
+    case = next((c for c in cases if c.name == CPU_CASES.get(suite.op)), cases[0])
+    if gpu:
+        return case
+    if case.dtype == torch.bfloat16:   # Triton's interpreter computes bf16 wrongly; fp16 path
+        case = dataclasses.replace(case, dtype=torch.float16)
+    shape = list(case.shape)
+    while math.prod(shape) * 4 > CPU_MAX_INPUT_BYTES and shape[0] > 1:
+        shape[0] = max(1, shape[0] // 2)
+    return dataclasses.replace(case, shape=tuple(shape))
+
+
+def _pydl_nodes(out):
+    """The autograd nodes of pydl Functions in out's graph."""
+    seen, stack, found = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        fwd = getattr(type(node), "_forward_cls", None)
+        if fwd is not None and fwd.__module__.startswith("pydl"):
+            found.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+@dataclasses.dataclass
+class Prepared:
+    op: str
+    case: str
+    variant: str
+    fwd: object
+    bwd: object
+    bwd_engine: bool
+
+
+def prepare(suite, variant, case, device, seed: int = 0) -> Prepared:
+    """fwd(): the forward with inputs that require grad (training); bwd(): the backward."""
+    import functools
+
+    import torch
+
+    from . import gate
+    gen = torch.Generator(device=device).manual_seed(seed)
+    inputs = suite.make_inputs(case, case.dtype, device, gen)
+    args = gate.clone_inputs(inputs, suite.differentiable, suite)
+    fn = functools.partial(variant.fn, **suite.options(case))
+    out = fn(*args)
+    grad = suite.grad_output(out, gen)
+    nodes = _pydl_nodes(out) if variant.kind == "pydl" else []
+    if len(nodes) == 1 and nodes[0] is out.grad_fn and len(out.grad_fn._input_metadata) == 1:
+        node = out.grad_fn
+
+        def bwd():
+            return node.apply(grad)
+        engine = False
+    else:
+        leaves = gate.leaves(args, suite.differentiable)
+
+        def bwd():
+            return torch.autograd.grad(out, leaves, grad, retain_graph=True)
+        engine = True
+    return Prepared(suite.op, case.name, variant.name, lambda: fn(*args), bwd, engine)
+
+
+def torch_reference_us(device, calls: int) -> float:
+    """torch's own host time for a tiny conv2d that requires grad: the yardstick."""
+    import torch
+    x = torch.randn(1, 1, 4, 4, device=device, requires_grad=True)
+    w = torch.randn(1, 1, 3, 3, device=device, requires_grad=True)
+    return median_us(lambda: torch.nn.functional.conv2d(x, w), calls)
+
+
+# --- the measurement ---------------------------------------------------------------------------
+
+def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float) -> list[dict]:
+    """Host time and counts per call; call inside stubbed_launches()."""
+    rows = []
+    for p in prepared:
+        for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
+            c = counted(fn)
+            us = median_us(fn, calls)
+            rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
+                             host_us=round(us, 1), vs_torch=round(us / ref_us, 2),
+                             launches=c.launches, aten_kernels=c.aten, syncs=c.syncs,
+                             aten_ops=c.aten_ops, engine=direction == "bwd" and p.bwd_engine))
+    return rows
+
+
+def measure_gpu(prepared: list[Prepared], calls: int) -> list[dict]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    rows = []
+    for p in prepared:
+        for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            e2e_us = (time.perf_counter() - t0) / calls * 1e6
+            host = median_us(fn, calls // 4 or 1, warmup=0)
+            torch.cuda.synchronize()
+            n = 10
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(n):
+                    fn()
+                torch.cuda.synchronize()
+            kernels, kernel_us, syncs = 0, 0.0, 0
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    kernels += 1
+                    kernel_us += ev.device_time_total if hasattr(ev, "device_time_total") \
+                        else ev.cuda_time_total
+                elif ev.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                 "cudaMemcpy", "cudaEventSynchronize"):
+                    syncs += 1
+            kernel_us /= n
+            rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
+                             e2e_us=round(e2e_us, 1), kernel_us=round(kernel_us, 1),
+                             ratio=round(e2e_us / kernel_us, 2) if kernel_us else None,
+                             host_us=round(host, 1), launches=kernels / n,
+                             syncs=max(0, syncs - 1) / n,   # the profile's own final sync
+                             engine=direction == "bwd" and p.bwd_engine))
+    return rows
+
+
+def _print(rows: list[dict], gpu: bool, ref_us: float) -> None:
+    if gpu:
+        head = ("op", "case", "variant", "dir", "e2e us", "kernels us", "ratio", "host us",
+                "launches", "syncs")
+        keys = ("op", "case", "variant", "direction", "e2e_us", "kernel_us", "ratio", "host_us",
+                "launches", "syncs")
+    else:
+        print(f"torch reference (tiny conv2d, requires grad): {ref_us:.1f} us per call; "
+              "kernels stubbed (emulation): host time only, not GPU performance")
+        head = ("op", "case", "variant", "dir", "host us", "x torch", "launches", "aten",
+                "syncs")
+        keys = ("op", "case", "variant", "direction", "host_us", "vs_torch", "launches",
+                "aten_kernels", "syncs")
+    table = [head] + [tuple(("%s*" % r[k]) if k == "direction" and r.get("engine") else str(r[k])
+                            for k in keys) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    if any(r.get("engine") for r in rows):
+        print("* backward through the autograd engine (the output is not one pydl Function's)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.split(
+        "\n\n")[0] + " Host microseconds, launches and syncs per call, per op and direction.")
+    p.add_argument("ops", nargs="*", help="ops (default: all; see `python -m bench list`)")
+    p.add_argument("--variants", nargs="+", default=["triton", "numba"],
+                   help="variants (default: pydl's triton and numba ones; add torch to compare)")
+    p.add_argument("--calls", type=int, default=200, help="timed calls per row")
+    p.add_argument("--shapes", choices=("tiny", "quick"), default="quick")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args(argv)
+
+    from . import environment
+    mode, relaunch = environment.prepare()
+    if relaunch:
+        return environment.relaunch(["overhead", *(argv if argv is not None else sys.argv[2:])])
+    gpu = mode == "gpu"
+    import torch
+
+    import pydl  # noqa: F401  (sets up emulation before numba.cuda is imported below)
+
+    from .suites import select, variant_selected
+    device = torch.device("cuda" if gpu else "cpu")
+    prepared = []
+    stack = contextlib.ExitStack()
+    if not gpu:
+        stack.enter_context(stubbed_launches())   # also for the first call in prepare()
+    for suite in select(args.ops):
+        case = _case(suite, args.shapes, gpu)
+        for v in suite.variants():
+            if v.fn is None or v.skip or not variant_selected(v.name, args.variants):
+                continue
+            if v.gpu_only and not gpu or suite.unsupported(case, case.dtype, v):
+                continue
+            try:
+                prepared.append(prepare(suite, v, case, device))
+            except (ValueError, NotImplementedError) as exc:   # e.g. an algo's size limit
+                print(f"skipped {suite.op} {case.name} {v.name}: {exc}")
+    ref_us = torch_reference_us(device, args.calls)
+    with stack:
+        rows = measure_gpu(prepared, args.calls) if gpu else measure_cpu(prepared, args.calls,
+                                                                          ref_us)
+    _print(rows, gpu, ref_us)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"mode": mode, "torch_reference_us": ref_us,
+                                         "rows": rows}, indent=1))
+    return 0
