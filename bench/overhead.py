@@ -5,12 +5,13 @@ public op and its kernels decides the speed a user sees. This command measures i
 family, forward and backward, on the benchmark suites' own cases and callables:
 
 without a GPU (emulation, kernels stubbed)
-    Every kernel launch is replaced by a counter: Triton's interpreter grid execution
-    (`triton.runtime.interpreter.GridExecutor.__call__`) and Numba's simulated kernel call
-    (`FakeCUDAKernel.__call__`). What is left is everything pydl does around its kernels:
-    argument checks, dispatch, autocast, the launch plan, allocation, the launch call itself
-    up to the backend. Triton's own GPU launch path adds about 15-20 us on top; it is not
-    pydl's and is not counted. Columns: host microseconds per call (median), kernel launches,
+    Every kernel launch is replaced by a counter: the Triton interpreter's launch
+    (`triton.runtime.interpreter.InterpretedFunction.run`, the interpreter's counterpart of
+    the GPU launch path `JITFunction.run`: its argument normalisation and grid execution) and
+    Numba's simulated kernel call (`FakeCUDAKernel.__call__`). What is left is everything
+    pydl does around its kernels: argument checks, dispatch, autocast, the launch plan,
+    allocation, the launch call up to the backend. Triton's own GPU launch path adds about
+    10-20 us on top; it is not pydl's and is not counted. Columns: host microseconds per call (median), kernel launches,
     other torch kernels (ATen ops that would launch on a GPU: not views, not allocations),
     host synchronisations (`.item()`, `bool(tensor)`), and the same op's host time relative
     to torch's own dispatch of a tiny conv2d timed in the same run (the reference that makes
@@ -67,24 +68,24 @@ def stubbed_launches():
     """Kernel launches become counters (emulation only): Triton's interpreter and Numba's
     simulator run nothing."""
     from numba.cuda.simulator.kernel import FakeCUDAKernel
-    from triton.runtime.interpreter import GridExecutor
+    from triton.runtime.interpreter import InterpretedFunction
 
     def count(self, *args, **kwargs):
         if _COUNTS is not None:
             _COUNTS.launches += 1
 
-    old_triton, old_numba = GridExecutor.__call__, FakeCUDAKernel.__call__
+    old_triton, old_numba = InterpretedFunction.run, FakeCUDAKernel.__call__
 
     def numba_call(self, *args):
         if self._device:        # a device function called from Python: not a launch
             return old_numba(self, *args)
         count(self)
 
-    GridExecutor.__call__, FakeCUDAKernel.__call__ = count, numba_call
+    InterpretedFunction.run, FakeCUDAKernel.__call__ = count, numba_call
     try:
         yield
     finally:
-        GridExecutor.__call__, FakeCUDAKernel.__call__ = old_triton, old_numba
+        InterpretedFunction.run, FakeCUDAKernel.__call__ = old_triton, old_numba
 
 
 def _dispatch_counter():
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .suites import select, variant_selected
     device = torch.device("cuda" if gpu else "cpu")
+    if not gpu:
+        torch.set_num_threads(1)   # the reference's CPU kernel must not wait on busy cores
     prepared = []
     stack = contextlib.ExitStack()
     if not gpu:

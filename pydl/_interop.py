@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 _PLAIN = (torch.Tensor, int, float, bool, str, type(None))
+# Exact types that are never DLPack arrays: the wrapper's fast path checks these alone.
+_FAST = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, str, type(None)))
 
 
 def _foreign(obj):
@@ -59,6 +61,12 @@ def accepts_arrays(fn: Callable) -> Callable:
     first such argument's kind of array."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        for a in args:
+            if type(a) not in _FAST:
+                break
+        else:
+            if not kwargs or all(type(v) in _FAST for v in kwargs.values()):
+                return fn(*args, **kwargs)     # torch callers: one pass over the types
         first = next((a for a in (*args, *kwargs.values()) if _foreign(a) is not None), None)
         if first is None:
             return fn(*args, **kwargs)

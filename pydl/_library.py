@@ -39,11 +39,16 @@ AUTOCAST_POLICY = {
 }
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain(args) -> bool:
     """No argument is a tensor subclass (FakeTensor, FunctionalTensor, ...) that needs the
     dispatcher; Parameters are plain tensors here."""
-    return all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in args
-               if isinstance(a, torch.Tensor))
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
+            return False
+    return True
 
 
 def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
@@ -53,7 +58,9 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     Returns a function with fn's signature that calls the op while torch.compile traces
     (and for tensor subclasses such as FakeTensor), and calls `fn` directly in eager mode:
     a custom op's Python dispatch costs tens of microseconds a call, as much as a small
-    kernel, and eager mode gains nothing from it. The op itself is the `.op` attribute
+    kernel, and eager mode gains nothing from it. Geometry arguments (pydl's frozen geometry
+    dataclasses) travel to the op as int lists and to `fn` as they are in eager mode, so `fn`
+    reads them with `as_geometry`. The op itself is the `.op` attribute
     (`torch.ops.pydl.<name>`), for torch.library.opcheck and for users who want it.
     """
     def wrap(fn: Callable) -> Callable:
@@ -63,7 +70,7 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def call(*args):
             if torch.compiler.is_compiling() or not _plain(args):
-                return op(*args)
+                return op(*[geometry_args(a) if isinstance(a, Geometry) else a for a in args])
             return fn(*args)
 
         call.op = op
@@ -81,6 +88,8 @@ def empty_like_shape(t: torch.Tensor, shape=None, dtype: torch.dtype | None = No
 def autocast_inputs(op: str, *tensors):
     """`tensors` cast as torch.autocast casts the inputs of the torch op `op` replaces, when
     autocast is on for their device: floating tensors only; None and others pass through."""
+    if not (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")):
+        return tensors                          # the common case, decided in 0.3 us
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     if first is None:
         return tensors
@@ -93,6 +102,24 @@ def autocast_inputs(op: str, *tensors):
                  for t in tensors)
 
 
+class Geometry:
+    """Base of the frozen geometry dataclasses the launchers take (ConvGeometry,
+    PoolGeometry). A custom op takes one as the list of its fields (`geometry_args`); in eager
+    mode the object itself travels, so nothing is converted (`as_geometry` accepts both).
+
+    Geometries key the launch caches, so their hash is computed once: a subclass sets
+    `__hash__ = Geometry.__hash__` in its body (a frozen dataclass would otherwise hash all
+    its fields on every lookup)."""
+
+    def __hash__(self) -> int:
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", h)
+            return h
+
+
 def geometry_args(g) -> list[int]:
     """A frozen geometry dataclass as the int list a custom op takes (bools as 0/1)."""
     return [int(getattr(g, f.name)) for f in dataclasses.fields(g)]
@@ -102,6 +129,12 @@ def geometry_from(cls, args) -> object:
     """The inverse of geometry_args: the dataclass `cls` from its int list."""
     return cls(*[bool(a) if f.type in (bool, "bool") else int(a)
                  for f, a in zip(dataclasses.fields(cls), args)])
+
+
+def as_geometry(cls, geom):
+    """`geom` as a `cls` instance: itself in eager mode, rebuilt from its int list in a
+    custom op (under torch.compile)."""
+    return geom if isinstance(geom, cls) else geometry_from(cls, geom)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

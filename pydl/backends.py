@@ -29,6 +29,7 @@ KERNEL_BACKENDS: tuple[str, ...] = ("triton", "numba")
 DEFAULT_BACKEND = "triton"
 
 _registry: dict[str, dict[str, Callable]] = {}
+_algos: dict[str, dict[str, tuple[str, ...]]] = {}
 # The stack of `use_backend` contexts, per thread. A threading.local rather than a ContextVar:
 # torch.compile's dynamo can read (and guard on) it, so a compiled model re-traces when the
 # backend around it changes instead of breaking the graph.
@@ -41,12 +42,14 @@ def _check_name(name: str, what: str) -> str:
     return name.lower()
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: register `fn` as the implementation of `op` on `backend`."""
+def register(op: str, backend: str, algos: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` as the implementation of `op` on `backend`, with the
+    algorithms it offers through `algo=` (the first is the default; none: no choice)."""
     backend = _check_name(backend, "register")
 
     def wrap(fn: Callable) -> Callable:
         _registry.setdefault(op, {})[backend] = fn
+        _algos.setdefault(op, {})[backend] = tuple(algos)
         return fn
 
     return wrap
@@ -55,6 +58,24 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 def implementations(op: str) -> dict[str, Callable]:
     """The registered implementations of `op`, by backend name."""
     return dict(_registry.get(op, {}))
+
+
+def algorithms(op: str, backend: str) -> tuple[str, ...]:
+    """The algorithms `op` offers on `backend` (`algo=`), the default first; () for none."""
+    return _algos.get(op, {}).get(backend, ())
+
+
+def resolve_algo(op: str, backend: str, algo: str | None) -> str | None:
+    """The algorithm to run: `algo`, or the backend's default when None; one error for all ops."""
+    algos = algorithms(op, backend)
+    if algo is None:
+        return algos[0] if algos else None
+    if algo not in algos:
+        if not algos:
+            raise ValueError(f"{op}: the {backend!r} backend has no algo= choice, got {algo!r}")
+        raise ValueError(f"{op}: algo={algo!r} is not available on the {backend!r} backend "
+                         f"(available: {', '.join(algos)})")
+    return algo
 
 
 @contextlib.contextmanager
@@ -68,15 +89,33 @@ def use_backend(name: str) -> Iterator[str]:
         stack.pop()
 
 
+# os.environ.get decodes on every call (about 1.5 us); the raw table is read instead where
+# the platform has one (POSIX: bytes keys), and the name is validated once per value.
+_ENV_KEY = b"PYDL_BACKEND"
+_env_raw = getattr(os.environ, "_data", None)
+_env_seen: dict = {}
+
+
+def _env_backend() -> str | None:
+    if isinstance(_env_raw, dict) and os.name == "posix":
+        raw = _env_raw.get(_ENV_KEY)
+    else:
+        raw = os.environ.get("PYDL_BACKEND")
+    if not raw:
+        return None
+    name = _env_seen.get(raw)
+    if name is None:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        name = _env_seen[raw] = _check_name(text, "PYDL_BACKEND")
+    return name
+
+
 def current_backend() -> str:
     """The backend an op without `backend=` would use: context, then PYDL_BACKEND, then default."""
     stack = getattr(_context, "stack", None)
     if stack:
         return stack[-1]
-    env = os.environ.get("PYDL_BACKEND")
-    if env:
-        return _check_name(env, "PYDL_BACKEND")
-    return DEFAULT_BACKEND
+    return _env_backend() or DEFAULT_BACKEND
 
 
 def check_device(backend: str, *tensors: torch.Tensor) -> torch.device:

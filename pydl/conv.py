@@ -18,6 +18,7 @@ input (the output keeps the input's memory format), any strides without a copy.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,16 +29,17 @@ from . import _env
 from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
-from ._library import autocast_inputs, empty_like_shape, geometry_args, geometry_from, kernel_op
+from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
 from ._launch import (cdiv, dot_block, input_precision, memory_format_of, new_output, next_power_of_2, numba_array,
                       numba_stream, numba_threads)
+from ._plan import Cache, Launch
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
-from .backends import dispatch, register
+from .backends import current_backend, dispatch, register, resolve_algo
 
 
 @dataclass(frozen=True)
-class ConvGeometry:
+class ConvGeometry(Geometry):
     """One convolution: input (N, C, H, W), weight (OC, C / groups, KH, KW), output (N, OC, OH, OW)."""
     N: int
     C: int
@@ -57,6 +59,7 @@ class ConvGeometry:
     groups: int = 1
     PB: int = 0   # bottom and right padding: equal to PH, PW except for padding="same"
     PR: int = 0   # with an even kernel span (the kernels only need top and left)
+    __hash__ = Geometry.__hash__
 
     @property
     def CG(self) -> int:
@@ -121,6 +124,11 @@ SIM_SMS = 2
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return SIM_SMS
+    return _device_multiprocessors(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -133,67 +141,111 @@ def _split_k(tiles: int, P: int, block_k: int, numel: int, device) -> tuple[int,
     return cdiv(P, p_split), p_split
 
 
+# Launches of the implicit-GEMM kernels, built once per signature: the geometry, the
+# operands' dtype, layout (strides) and device, bias or not, and the rounding of fp32 dots.
+_IMPLICIT_LAUNCHES = Cache("conv2d implicit launches")
+
+
 class _TritonImplicit:
     @staticmethod
     def forward(x, w, b, y, g: ConvGeometry) -> None:
+        key = ("fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(), b is None,
+               _input_precision(x.dtype))
+        launch = _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_forward, x, w, b, y, g)
+        launch(x, w, w if b is None else b, y)
+
+    @staticmethod
+    def _plan_forward(x, w, b, y, g: ConvGeometry) -> Launch:
         from .kernels.triton import conv as k
         M = g.N * g.OH * g.OW
         flat_k = g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
+                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
+                      INPUT_PRECISION=_input_precision(x.dtype), FLAT_K=flat_k)
 
         def launch(cfg):
             grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
-            k.conv2d_implicit_fwd[grid](
-                x, w, b if b is not None else w, y, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW,
-                *x.stride(), *w.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW,
-                KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
-                INPUT_PRECISION=_input_precision(x.dtype), FLAT_K=flat_k, **cfg)
+            return Launch(k.conv2d_implicit_fwd, grid, scalars, {**consts, **cfg})
 
         k_len = g.CG * g.KH * g.KW if flat_k else g.CG
-        launch(_implicit_config("fwd", g, x, M, g.OCG, k_len, launch))
+        cfg = _implicit_config("fwd", g, x, M, g.OCG, k_len,
+                               lambda c: launch(c)(x, w, w if b is None else b, y))
+        return launch(cfg)
 
     @staticmethod
     def backward_input(dy, w, dx, g: ConvGeometry) -> None:
+        key = ("bwd_input", g, dy.dtype, dy.device, dy.stride(), w.stride(), dx.stride(),
+               _input_precision(dy.dtype))
+        _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_input, dy, w, dx, g)(dy, w, dx)
+
+    @staticmethod
+    def _plan_backward_input(dy, w, dx, g: ConvGeometry) -> Launch:
         from .kernels.triton import conv as k
         M = g.N * g.H * g.W
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
+                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG,
+                      INPUT_PRECISION=_input_precision(dy.dtype))
 
         def launch(cfg):
             grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]), g.groups)
-            k.conv2d_implicit_bwd_input[grid](
-                dy, w, dx, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(),
-                *dx.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, CG=g.CG,
-                OCG=g.OCG, INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
+            return Launch(k.conv2d_implicit_bwd_input, grid, scalars, {**consts, **cfg})
 
-        launch(_implicit_config("bwd_input", g, dy, M, g.CG, g.OCG, launch))
+        cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,
+                               lambda c: launch(c)(dy, w, dx))
+        return launch(cfg)
 
     @staticmethod
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
+        assert dw.is_contiguous()
+        key = ("bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(),
+               _input_precision(dy.dtype))
+        _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_weight, dy, x, dw, g)(dy, x, dw)
+
+    @staticmethod
+    def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
+        """A callable (dy, x, dw): the split-K grad-weight kernel into fp32 partials, then
+        their reduction, or the kernel straight into dw when one split suffices."""
         from .kernels.triton import conv as k
         J = g.CG * g.KH * g.KW
         P = g.N * g.OH * g.OW
-        assert dw.is_contiguous()
+        numel = dw.numel()
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG,
+                      INPUT_PRECISION=_input_precision(dy.dtype))
 
         def launch(cfg):
             tiles = cdiv(g.OCG, cfg["BLOCK_M"]) * cdiv(J, cfg["BLOCK_N"]) * g.groups
-            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], dw.numel(), dw.device)
-            out = dw if split == 1 else torch.empty((split, dw.numel()), dtype=torch.float32,
-                                                    device=dw.device)
-            k.conv2d_implicit_bwd_weight[(cdiv(g.OCG, cfg["BLOCK_M"]), cdiv(J, cfg["BLOCK_N"]),
-                                          g.groups * split)](
-                dy, x, out, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
-                *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, CG=g.CG,
-                OCG=g.OCG, SPLIT=split, P_SPLIT=p_split, sdw_split=dw.numel(),
-                INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
-            if split > 1:
-                k.sum_splits[(cdiv(dw.numel(), 1024),)](out, dw, split, dw.numel(), BLOCK=1024)
+            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], numel, dw.device)
+            grid = (cdiv(g.OCG, cfg["BLOCK_M"]), cdiv(J, cfg["BLOCK_N"]), g.groups * split)
+            main = Launch(k.conv2d_implicit_bwd_weight, grid, (
+                g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(), *dw.stride(),
+                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
+                {**consts, **cfg, "SPLIT": split, "P_SPLIT": p_split, "sdw_split": numel})
+            if split == 1:
+                return main
+            reduce = Launch(k.sum_splits, (cdiv(numel, 1024),), (split, numel), dict(BLOCK=1024))
 
-        launch(_implicit_config("bwd_weight", g, dy, g.OCG, J, P, launch))
+            def run(dy, x, dw):
+                partials = torch.empty((split, numel), dtype=torch.float32, device=dw.device)
+                main(dy, x, partials)
+                reduce(partials, dw)
+            return run
+
+        cfg = _implicit_config("bwd_weight", g, dy, g.OCG, J, P, lambda c: launch(c)(dy, x, dw))
+        return launch(cfg)
 
     @staticmethod
     def backward_bias(dy, db, g: ConvGeometry) -> None:
+        key = ("bwd_bias", g, dy.dtype, dy.device, dy.stride())
+        _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_bias, dy, g)(dy, db)
+
+    @staticmethod
+    def _plan_backward_bias(dy, g: ConvGeometry) -> Launch:
         from .kernels.triton import conv as k
         block_c = min(16, next_power_of_2(g.OC))
-        k.conv2d_bwd_bias[(cdiv(g.OC, block_c),)](
-            dy, db, g.N, g.OC, g.OH, g.OW, *dy.stride(), BLOCK_C=block_c, BLOCK_P=128)
+        return Launch(k.conv2d_bwd_bias, (cdiv(g.OC, block_c),),
+                      (g.N, g.OC, g.OH, g.OW, *dy.stride()), dict(BLOCK_C=block_c, BLOCK_P=128))
 
 
 # --- Triton explicit im2col + GEMM -----------------------------------------------------------
@@ -557,7 +609,8 @@ ALGOS: dict[str, dict[str, type]] = {
 
 
 # --- kernel ops (pydl::...) and the autograd Function ---------------------------------------
-# The geometry travels as its fields (`geometry_args`): custom ops take ints, not dataclasses.
+# The geometry travels as the ConvGeometry itself in eager mode and as its fields (an int list)
+# through a custom op under torch.compile (pydl._library.kernel_op, as_geometry).
 
 def _y_shape(g: ConvGeometry) -> tuple:
     return (g.N, g.OC, g.OH, g.OW)
@@ -567,7 +620,7 @@ def _y_shape(g: ConvGeometry) -> tuple:
     x, _y_shape(geometry_from(ConvGeometry, geom)), memory_format=memory_format_of(x)))
 def _conv2d_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], geom: list[int], algo: str,
                 backend: str) -> Tensor:
-    g = geometry_from(ConvGeometry, geom)
+    g = as_geometry(ConvGeometry, geom)
     y = new_output(_y_shape(g), x.dtype, x.device, memory_format_of(x))
     if y.numel():
         ALGOS[backend][algo].forward(x, w, b, y, g)
@@ -581,7 +634,7 @@ def _conv2d_bwd_input(dy: Tensor, w: Tensor, x: Tensor, geom: list[int], algo: s
     """dL/dx; x gives only the shape and memory format."""
     dx = new_output(x.shape, x.dtype, x.device, memory_format_of(x))
     if dx.numel():
-        ALGOS[backend][algo].backward_input(dy, w, dx, geometry_from(ConvGeometry, geom))
+        ALGOS[backend][algo].backward_input(dy, w, dx, as_geometry(ConvGeometry, geom))
     return dx
 
 
@@ -590,14 +643,14 @@ def _conv2d_bwd_weight(dy: Tensor, x: Tensor, w: Tensor, geom: list[int], algo: 
                        backend: str) -> Tensor:
     """dL/dw; w gives only the shape."""
     dw = new_output(w.shape, w.dtype, w.device)
-    ALGOS[backend][algo].backward_weight(dy, x, dw, geometry_from(ConvGeometry, geom))
+    ALGOS[backend][algo].backward_weight(dy, x, dw, as_geometry(ConvGeometry, geom))
     return dw
 
 
 @kernel_op("conv2d_bwd_bias", lambda dy, geom, algo, backend: empty_like_shape(
     dy, (geometry_from(ConvGeometry, geom).OC,)))
 def _conv2d_bwd_bias(dy: Tensor, geom: list[int], algo: str, backend: str) -> Tensor:
-    g = geometry_from(ConvGeometry, geom)
+    g = as_geometry(ConvGeometry, geom)
     db = new_output((g.OC,), dy.dtype, dy.device)
     ALGOS[backend][algo].backward_bias(dy, db, g)
     return db
@@ -606,10 +659,9 @@ def _conv2d_bwd_bias(dy: Tensor, geom: list[int], algo: str, backend: str) -> Te
 class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, g: ConvGeometry, algo: str, backend: str):
-        geom = geometry_args(g)
-        y = _conv2d_fwd(x, w, b, geom, algo, backend)
+        y = _conv2d_fwd(x, w, b, g, algo, backend)
         ctx.save_for_backward(x, w)
-        ctx.args, ctx.has_bias = (geom, algo, backend), b is not None
+        ctx.args, ctx.has_bias = (g, algo, backend), b is not None
         return y
 
     @staticmethod
@@ -625,25 +677,20 @@ class Conv2dFunction(torch.autograd.Function):
 # --- implementations by backend -------------------------------------------------------------
 
 def _kernel_conv2d(backend: str):
-    algos = ALGOS[backend]
-
     def impl(x, w, b, g, algo):
-        name = algo or next(iter(algos))
-        if name not in algos:
-            raise ValueError(f"conv2d: algo={algo!r} is not available on the {backend!r} backend "
-                             f"(available: {', '.join(algos)})")
-        return Conv2dFunction.apply(x, w, b, g, name, backend)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                        or (b is not None and b.requires_grad)):
+            return Conv2dFunction.apply(x, w, b, g, algo, backend)
+        return _conv2d_fwd(x, w, b, g, algo, backend)     # no graph to record
     return impl
 
 
-for _backend in ALGOS:
-    register("conv2d", _backend)(_kernel_conv2d(_backend))
+for _backend, _algos in ALGOS.items():
+    register("conv2d", _backend, algos=tuple(_algos))(_kernel_conv2d(_backend))
 
 
 @register("conv2d", "torch")
 def _torch_conv2d(x, w, b, g, algo):
-    if algo is not None:
-        raise ValueError("conv2d: the torch backend has no algo= choice (cuDNN picks its own)")
     if (g.PB, g.PR) == (g.PH, g.PW):
         return torch.nn.functional.conv2d(x, w, b, (g.SH, g.SW), (g.PH, g.PW), (g.DH, g.DW), g.groups)
     return torch.nn.functional.conv2d(x, w, b, (g.SH, g.SW), "same", (g.DH, g.DW), g.groups)
@@ -679,6 +726,42 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
                         bottom, right)
 
 
+class _Conv2dCall:
+    """conv2d for one call signature, checked once: the implementation, the geometry and
+    the algorithm (pydl._plan)."""
+
+    __slots__ = ("impl", "g", "algo", "unbatched")
+
+    def __init__(self, input, weight, bias, stride, padding, dilation, groups, backend, algo):
+        name, self.impl = dispatch("conv2d", backend, input, weight,
+                                   *([bias] if isinstance(bias, torch.Tensor) else []))
+        self.algo = resolve_algo("conv2d", name, algo)
+        check_tensor(input, "input", name, ndims=(3, 4))
+        check_tensor(weight, "weight", name, ndims=(4,))
+        if weight.dtype != input.dtype:
+            raise TypeError(f"input ({input.dtype}) and weight ({weight.dtype}) must have the "
+                            "same dtype")
+        if bias is not None:
+            check_tensor(bias, "bias", name, ndims=(1,))
+            if bias.shape[0] != weight.shape[0]:
+                raise ValueError(f"bias must have {weight.shape[0]} elements (out channels), "
+                                 f"got {bias.shape[0]}")
+            if bias.dtype != input.dtype:
+                raise TypeError(f"bias ({bias.dtype}) and input ({input.dtype}) must have the "
+                                "same dtype")
+        self.unbatched = input.dim() == 3
+        x_shape = (1, *input.shape) if self.unbatched else tuple(input.shape)
+        self.g = conv_geometry(x_shape, tuple(weight.shape), stride, padding, dilation, groups)
+
+    def __call__(self, input, weight, bias):
+        if self.unbatched:
+            return self.impl(input.unsqueeze(0), weight, bias, self.g, self.algo).squeeze(0)
+        return self.impl(input, weight, bias, self.g, self.algo)
+
+
+_CALLS = Cache("conv2d calls")
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
            backend=None, algo=None):
     """torch.nn.functional.conv2d (cross-correlation) on pydl's kernels.
@@ -688,24 +771,22 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     "im2col" (the default and only one: Numba im2col, tiled GEMM and col2im kernels).
     """
     input, weight, bias = autocast_inputs("conv2d", input, weight, bias)
-    name, impl = dispatch("conv2d", backend, input, weight,
-                          *([bias] if isinstance(bias, torch.Tensor) else []))
-    check_tensor(input, "input", name, ndims=(3, 4))
-    check_tensor(weight, "weight", name, ndims=(4,))
-    if weight.dtype != input.dtype:
-        raise TypeError(f"input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
-    if bias is not None:
-        check_tensor(bias, "bias", name, ndims=(1,))
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have {weight.shape[0]} elements (out channels), "
-                             f"got {bias.shape[0]}")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"bias ({bias.dtype}) and input ({input.dtype}) must have the same dtype")
-    g = conv_geometry(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
-    y = impl(x, weight, bias, g, algo)
-    return y.squeeze(0) if unbatched else y
+    args = (input, weight, bias, stride, padding, dilation, groups, backend, algo)
+    if torch.compiler.is_compiling():
+        return _Conv2dCall(*args)(input, weight, bias)
+    try:
+        key = (backend or current_backend(), algo, input.shape, input.stride(), input.dtype,
+               input.device, weight.shape, weight.stride(), weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.dtype, bias.device),
+               stride, padding, dilation, groups)
+        call = _CALLS.entries.get(key)
+    except (AttributeError, TypeError):         # not tensors, or list options: checked below
+        key = call = None
+    if call is None:
+        call = _Conv2dCall(*args)
+        if key is not None:
+            _CALLS.get(key, lambda: call)
+    return call(input, weight, bias)
 
 
 __all__ = ["conv2d", "conv_geometry", "ConvGeometry", "Conv2dFunction", "ALGOS"]

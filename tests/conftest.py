@@ -22,6 +22,7 @@ if not HAS_CUDA:
 os.environ.setdefault("PYDL_TUNE", "0")
 
 import pydl  # noqa: E402
+from pydl._plan import clear_all as clear_plans  # noqa: E402
 from pydl.testing import poisoned_outputs  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -51,6 +52,15 @@ def pytest_collection_modifyitems(config, items):
 def _poison_outputs():
     with poisoned_outputs():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    # Launch plans capture module-level settings (block caps, split-K limits) that tests
+    # monkeypatch: each test starts and ends with none cached.
+    clear_plans()
+    yield
+    clear_plans()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pydl
+from pydl._plan import clear_all as clear_plans
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor, run_with_grad
 
@@ -219,6 +220,7 @@ def test_implicit_grad_weight_split_k(monkeypatch, case):
         monkeypatch.setattr(conv_mod, "SIM_SMS", sms)
         monkeypatch.setattr(conv_mod, "_split_k",
                             lambda *a: splits.append(real(*a)) or splits[-1])
+        clear_plans()                   # launch plans captured the previous setting
         check_conv(x, w, None, "triton", "implicit", dtype, grad_out=g, padding=1, groups=groups)
     counts = [s for s, _ in splits]
     assert counts[0] == 1 and 2 <= counts[1] <= counts[2] and counts[2] >= 3, splits

@@ -1,0 +1,82 @@
+"""The path from a public op to its kernels, written once for every op family.
+
+    pydl.conv2d(x, w, b, stride, ...)        the public op (pydl/<op>.py): torch.nn.functional's
+      |                                      signature; autocast; builds the call's key
+      |-- calls.get(key) -> Call             checks, geometry, backend and algorithm resolved
+      |                                      ONCE per signature (shapes, strides, dtypes,
+      |                                      device, options, backend); a hit is a lookup
+      |-- Call(x, w, b)                      the op on these tensors:
+            |-- <Op>Function.apply(...)      autograd, only when a gradient can flow
+            |-- <launcher>.forward(...)      the family's launcher (per backend and algo):
+                  |                          allocates outputs
+                  |-- launches.get(key)      Launch objects, built once per signature: config
+                  |                          (autotuned on a GPU), grid, scalar arguments,
+                  |                          constexprs
+                  |-- Launch(*tensors)       kernel[grid](*tensors, *scalars, **constexprs)
+
+Under torch.compile the same launchers run inside `torch.library` custom ops
+(pydl/_library.py), which take the geometry as a list of ints; in eager mode the custom-op
+dispatcher is skipped (it costs tens of microseconds a call).
+
+Everything keyed here is decided by the key alone: a check that passed for one call passes
+for every call with the same key. What a key holds that can change between calls without a
+tensor changing (the backend context, torch's TF32 switches, the current device) is read on
+every call and put in the key.
+"""
+from __future__ import annotations
+
+from typing import Callable, Hashable
+
+# A cache holds at most this many signatures; past it, it starts over (a model uses a few).
+MAX_ENTRIES = 4096
+
+
+class Cache:
+    """Values built by `build(*args)` once per key."""
+
+    __slots__ = ("name", "entries")
+    all: list["Cache"] = []
+
+    def __init__(self, name: str):
+        self.name = name
+        self.entries: dict[Hashable, object] = {}
+        Cache.all.append(self)
+
+    def get(self, key: Hashable, build: Callable, *args):
+        try:
+            return self.entries[key]
+        except KeyError:
+            pass
+        value = build(*args)
+        if len(self.entries) >= MAX_ENTRIES:
+            self.entries.clear()
+        self.entries[key] = value
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def clear_all() -> None:
+    """Forget every cached call and launch (tests; after changing a module-level default that
+    a plan captured, such as a block-size cap)."""
+    for cache in Cache.all:
+        cache.clear()
+
+
+class Launch:
+    """One Triton kernel launch with everything but its tensors fixed: the kernel and grid, the
+    scalar arguments that follow the tensors, and the constexprs (the launch config included).
+
+    Kernels take their tensor arguments first; `Launch(*tensors)` launches."""
+
+    __slots__ = ("run", "scalars", "consts", "kernel", "grid")
+
+    def __init__(self, kernel, grid: tuple, scalars: tuple, consts: dict):
+        self.kernel, self.grid = kernel, grid
+        self.run = kernel[grid]
+        self.scalars = tuple(scalars)
+        self.consts = consts
+
+    def __call__(self, *tensors) -> None:
+        self.run(*tensors, *self.scalars, **self.consts)
