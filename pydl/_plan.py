@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Callable, Hashable
 
+import torch
+
 # A cache holds at most this many signatures; past it, it starts over (a model uses a few).
 MAX_ENTRIES = 4096
 
@@ -56,12 +58,40 @@ class Cache:
     def clear(self) -> None:
         self.entries.clear()
 
+    def call(self, make_key: Callable, build: Callable, *args):
+        """The value for a public op's call: `build(*args)` (checks and all) once per
+        `make_key(*args)`. A key that cannot be built (an argument that is not a tensor, an
+        unhashable option) means no caching: `build` runs and raises the op's own error.
+        Under torch.compile nothing is cached (dynamo traces `build`)."""
+        if torch.compiler.is_compiling():
+            return build(*args)
+        try:
+            key = make_key(*args)
+            value = self.entries.get(key)
+        except (AttributeError, TypeError):
+            return build(*args)
+        if value is None:
+            value = self.get(key, build, *args)
+        return value
+
 
 def clear_all() -> None:
     """Forget every cached call and launch (tests; after changing a module-level default that
     a plan captured, such as a block-size cap)."""
     for cache in Cache.all:
         cache.clear()
+
+
+def needs_graph(*tensors) -> bool:
+    """Whether an op on `tensors` must record an autograd graph: grad mode is on and one of
+    them (None allowed) requires grad. Without one, a launcher is called directly, which
+    saves torch.autograd.Function's machinery (several microseconds a call)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 class Launch:

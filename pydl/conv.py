@@ -762,6 +762,13 @@ class _Conv2dCall:
 _CALLS = Cache("conv2d calls")
 
 
+def _call_key(input, weight, bias, stride, padding, dilation, groups, backend, algo):
+    return (backend or current_backend(), algo, input.shape, input.stride(), input.dtype,
+            input.device, weight.shape, weight.stride(), weight.dtype, weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            stride, padding, dilation, groups)
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
            backend=None, algo=None):
     """torch.nn.functional.conv2d (cross-correlation) on pydl's kernels.
@@ -771,21 +778,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     "im2col" (the default and only one: Numba im2col, tiled GEMM and col2im kernels).
     """
     input, weight, bias = autocast_inputs("conv2d", input, weight, bias)
-    args = (input, weight, bias, stride, padding, dilation, groups, backend, algo)
-    if torch.compiler.is_compiling():
-        return _Conv2dCall(*args)(input, weight, bias)
-    try:
-        key = (backend or current_backend(), algo, input.shape, input.stride(), input.dtype,
-               input.device, weight.shape, weight.stride(), weight.dtype, weight.device,
-               None if bias is None else (bias.shape, bias.dtype, bias.device),
-               stride, padding, dilation, groups)
-        call = _CALLS.entries.get(key)
-    except (AttributeError, TypeError):         # not tensors, or list options: checked below
-        key = call = None
-    if call is None:
-        call = _Conv2dCall(*args)
-        if key is not None:
-            _CALLS.get(key, lambda: call)
+    call = _CALLS.call(_call_key, _Conv2dCall, input, weight, bias, stride, padding, dilation,
+                       groups, backend, algo)
     return call(input, weight, bias)
 
 

@@ -15,16 +15,18 @@ import torch
 from torch import Tensor
 
 from ._checks import check_tensor
-from ._library import empty_like_shape, geometry_args, geometry_from, kernel_op, memory_format
+from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, kernel_op,
+                       memory_format)
 from ._launch import (cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2,
                       numba_array)
+from ._plan import Cache, Launch, needs_graph
 from ._shapes import pair, pool_output_size
 from ._tune import Tuner, bucket
-from .backends import dispatch, register
+from .backends import current_backend, dispatch, register
 
 
 @dataclass(frozen=True)
-class PoolGeometry:
+class PoolGeometry(Geometry):
     """One pooling configuration on an (N, C, H, W) input."""
     N: int
     C: int
@@ -43,6 +45,7 @@ class PoolGeometry:
     ceil_mode: bool = False
     count_include_pad: bool = True
     divisor: int = 0  # divisor_override, 0 = torch's rule
+    __hash__ = Geometry.__hash__
 
 
 def _channels_fastest(t: torch.Tensor) -> bool:
@@ -68,21 +71,30 @@ POOL_TUNERS = {name: Tuner(name) for name in (
     "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd")}
 
 
-def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, *args, **consts):
-    """Launch pooling kernel `name` over n_spatial positions x C channels x N images, tiles
+_LAUNCHES = Cache("pool launches")
+
+
+def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, tensors: tuple,
+            scalars: tuple, **consts) -> None:
+    """Launch pooling kernel `name` over n_spatial positions x C channels x N images: the
+    kernel's tensors, then its scalars and constexprs. Built once per signature; tiles
     autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch size."""
+    key = (name, g, layout.dtype, layout.device, scalars, tuple(consts.values()))
+    _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts)(*tensors)
+
+
+def _plan(name: str, layout, n_spatial: int, g: PoolGeometry, tensors, scalars, consts) -> Launch:
     from .kernels.triton import pool as k
     kernel = getattr(k, name)
-    tuner = POOL_TUNERS[name]
 
     def launch(cfg):
-        kernel[_grid(cfg, n_spatial, g)](*args, **consts, **cfg)
+        return Launch(kernel, _grid(cfg, n_spatial, g), scalars, {**consts, **cfg})
 
     candidates = [_triton_tile(layout, g.C, n_spatial)] + [
         _triton_tile(layout, g.C, n_spatial, elems, warps) for elems, warps in POOL_SPACE]
     key = (name, layout.dtype, _channels_fastest(layout), g.SH, g.SW, tuple(sorted(consts.items())),
            g.H // max(1, g.OH), g.W // max(1, g.OW), bucket(g.C, lo=1), bucket(n_spatial, lo=1))
-    launch(tuner.pick(key, candidates, launch))
+    return launch(POOL_TUNERS[name].pick(key, candidates, lambda c: launch(c)(*tensors)))
 
 
 def _grid(cfg: dict, n_spatial: int, g: PoolGeometry) -> tuple[int, int, int]:
@@ -92,41 +104,39 @@ def _grid(cfg: dict, n_spatial: int, g: PoolGeometry) -> tuple[int, int, int]:
 class _TritonPool:
     @staticmethod
     def max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> None:
-        _launch("max_pool2d_fwd", x, g.OH * g.OW, g,
-                x, y, idx if idx is not None else y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(),
-                *y.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW,
-                INDEX_MODE=index_mode)
+        _launch("max_pool2d_fwd", x, g.OH * g.OW, g, (x, y, idx if idx is not None else y),
+                (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW,
+                 g.DH, g.DW), KH=g.KH, KW=g.KW, INDEX_MODE=index_mode)
 
     @staticmethod
     def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
-        _launch("max_pool2d_bwd", dx, g.H * g.W, g,
-                dy, idx, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(),
-                *dx.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW,
-                INDEX_MODE=index_mode)
+        _launch("max_pool2d_bwd", dx, g.H * g.W, g, (dy, idx, dx),
+                (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.SH,
+                 g.SW, g.PH, g.PW, g.DH, g.DW), KH=g.KH, KW=g.KW, INDEX_MODE=index_mode)
 
     @staticmethod
     def avg_fwd(x, y, g: PoolGeometry) -> None:
-        _launch("avg_pool2d_fwd", x, g.OH * g.OW, g,
-                x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH,
-                g.PW, g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
+        _launch("avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
+                (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW,
+                 g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
 
     @staticmethod
     def avg_bwd(dy, dx, g: PoolGeometry) -> None:
-        _launch("avg_pool2d_bwd", dx, g.H * g.W, g,
-                dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW,
-                g.PH, g.PW, g.divisor, KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
+        _launch("avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
+                (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW, g.PH, g.PW,
+                 g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
 
     @staticmethod
     def adaptive_fwd(x, y, g: PoolGeometry) -> None:
-        _launch("adaptive_avg_pool2d_fwd", x, g.OH * g.OW, g,
-                x, y, g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
-                cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1)
+        _launch("adaptive_avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
+                (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
+                 cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1))
 
     @staticmethod
     def adaptive_bwd(dy, dx, g: PoolGeometry) -> None:
-        _launch("adaptive_avg_pool2d_bwd", dx, g.H * g.W, g,
-                dy, dx, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
-                g.OH // g.H + 3, g.OW // g.W + 3)
+        _launch("adaptive_avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
+                (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
+                 g.OH // g.H + 3, g.OW // g.W + 3))
 
 
 # --- Numba launch ---------------------------------------------------------------------------
@@ -208,7 +218,7 @@ def _max_fwd_fake(x, geom, mode, backend):
 @kernel_op("max_pool2d_fwd", _max_fwd_fake)
 def _max_pool2d_fwd(x: Tensor, geom: list[int], mode: int, backend: str) -> tuple[Tensor, Tensor]:
     """(output, argmax in `mode`'s format; an empty tensor for INDEX_NONE)."""
-    g, fmt = geometry_from(PoolGeometry, geom), memory_format_of(x)
+    g, fmt = as_geometry(PoolGeometry, geom), memory_format_of(x)
     y = new_output(_y_shape(g), x.dtype, x.device, fmt)
     idx = (new_output(y.shape, _index_dtype(g, mode), x.device, fmt) if mode != INDEX_NONE
            else torch.empty(0, dtype=torch.int8, device=x.device))
@@ -230,7 +240,7 @@ def _new_dx(dy: Tensor, g: PoolGeometry, channels_last: bool) -> Tensor:
 @kernel_op("max_pool2d_bwd", _dx_fake)
 def _max_pool2d_bwd(dy: Tensor, idx: Tensor, mode: int, geom: list[int], channels_last: bool,
                     backend: str) -> Tensor:
-    g = geometry_from(PoolGeometry, geom)
+    g = as_geometry(PoolGeometry, geom)
     dx = _new_dx(dy, g, channels_last)
     if dx.numel():
         LAUNCHERS[backend].max_bwd(dy, idx, dx, g, mode)
@@ -240,7 +250,7 @@ def _max_pool2d_bwd(dy: Tensor, idx: Tensor, mode: int, geom: list[int], channel
 @kernel_op("avg_pool2d_fwd", lambda x, geom, adaptive, backend: empty_like_shape(
     x, _y_shape(geometry_from(PoolGeometry, geom)), memory_format=memory_format_of(x)))
 def _avg_pool2d_fwd(x: Tensor, geom: list[int], adaptive: bool, backend: str) -> Tensor:
-    g = geometry_from(PoolGeometry, geom)
+    g = as_geometry(PoolGeometry, geom)
     y = new_output(_y_shape(g), x.dtype, x.device, memory_format_of(x))
     if y.numel():
         launch = LAUNCHERS[backend]
@@ -251,7 +261,7 @@ def _avg_pool2d_fwd(x: Tensor, geom: list[int], adaptive: bool, backend: str) ->
 @kernel_op("avg_pool2d_bwd", _dx_fake)
 def _avg_pool2d_bwd(dy: Tensor, adaptive: bool, geom: list[int], channels_last: bool,
                     backend: str) -> Tensor:
-    g = geometry_from(PoolGeometry, geom)
+    g = as_geometry(PoolGeometry, geom)
     dx = _new_dx(dy, g, channels_last)
     if dx.numel():
         launch = LAUNCHERS[backend]
@@ -264,9 +274,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, x, g: PoolGeometry, return_indices: bool, backend: str):
         needs_grad = ctx.needs_input_grad[0]
         mode = INDEX_FLAT if return_indices else (INDEX_LOCAL if needs_grad else INDEX_NONE)
-        geom = geometry_args(g)
-        y, idx = _max_pool2d_fwd(x, geom, mode, backend)
-        ctx.args = (mode, geom, memory_format_of(x) == torch.channels_last, backend)
+        y, idx = _max_pool2d_fwd(x, g, mode, backend)
+        ctx.args = (mode, g, memory_format_of(x) == torch.channels_last, backend)
         if needs_grad:
             ctx.save_for_backward(idx)
         if return_indices:
@@ -285,9 +294,8 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g: PoolGeometry, adaptive: bool, backend: str):
-        geom = geometry_args(g)
-        ctx.args = (adaptive, geom, memory_format_of(x) == torch.channels_last, backend)
-        return _avg_pool2d_fwd(x, geom, adaptive, backend)
+        ctx.args = (adaptive, g, memory_format_of(x) == torch.channels_last, backend)
+        return _avg_pool2d_fwd(x, g, adaptive, backend)
 
     @staticmethod
     def backward(ctx, dy):
@@ -297,10 +305,22 @@ class AvgPool2dFunction(torch.autograd.Function):
 # --- implementations by backend -------------------------------------------------------------
 
 def _register(name: str):
-    register("max_pool2d", name)(
-        lambda x, g, return_indices: MaxPool2dFunction.apply(x, g, return_indices, name))
-    register("avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, False, name))
-    register("adaptive_avg_pool2d", name)(lambda x, g: AvgPool2dFunction.apply(x, g, True, name))
+    def max_pool(x, g, return_indices):
+        if needs_graph(x):
+            return MaxPool2dFunction.apply(x, g, return_indices, name)
+        y, idx = _max_pool2d_fwd(x, g, INDEX_FLAT if return_indices else INDEX_NONE, name)
+        return (y, idx) if return_indices else y
+
+    def avg_pool(adaptive):
+        def impl(x, g):
+            if needs_graph(x):
+                return AvgPool2dFunction.apply(x, g, adaptive, name)
+            return _avg_pool2d_fwd(x, g, adaptive, name)
+        return impl
+
+    register("max_pool2d", name)(max_pool)
+    register("avg_pool2d", name)(avg_pool(False))
+    register("adaptive_avg_pool2d", name)(avg_pool(True))
 
 
 for _name in LAUNCHERS:
@@ -326,16 +346,18 @@ def _torch_adaptive_avg_pool2d(x, g):
 
 
 # --- argument checks and the public functions -----------------------------------------------
+# Each public function checks a call signature once (pydl._plan): the result is a function of
+# the input alone that batches it, runs the implementation and unbatches the output.
 
-def _batched(input, backend):
+def _batched_shape(input, backend) -> tuple[tuple[int, int, int, int], bool]:
     check_tensor(input, "input", backend, ndims=(3, 4))
     if input.dim() == 3:
-        return input.unsqueeze(0), True
-    return input, False
+        return (1, *input.shape), True
+    return tuple(input.shape), False
 
 
-def _geometry(x, kernel_size, stride, padding, dilation, ceil_mode, **extra) -> PoolGeometry:
-    N, C, H, W = x.shape
+def _geometry(shape, kernel_size, stride, padding, dilation, ceil_mode, **extra) -> PoolGeometry:
+    N, C, H, W = shape
     KH, KW = pair(kernel_size, "kernel_size")
     if KH <= 0 or KW <= 0:
         raise ValueError(f"kernel_size must be positive, got {kernel_size}")
@@ -346,43 +368,52 @@ def _geometry(x, kernel_size, stride, padding, dilation, ceil_mode, **extra) -> 
     PH, PW = pair(padding, "padding")
     DH, DW = pair(dilation, "dilation")
     if H == 0 or W == 0:
-        raise ValueError(f"input has an empty spatial dimension: shape {tuple(x.shape)}")
+        raise ValueError(f"input has an empty spatial dimension: shape {tuple(shape)}")
     OH = pool_output_size(H, KH, SH, PH, DH, ceil_mode, name="input height")
     OW = pool_output_size(W, KW, SW, PW, DW, ceil_mode, name="input width")
     return PoolGeometry(N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, **extra)
 
 
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, backend=None):
-    """torch.nn.functional.max_pool2d; with return_indices, (output, int64 flat indices)."""
+def _pool_call(impl, g: PoolGeometry, unbatched: bool, pair_out: bool = False):
+    """The call of a checked signature: impl(x, g) with x batched, output unbatched."""
+    if not unbatched:
+        return lambda input: impl(input, g)
+    if pair_out:
+        def call(input):
+            y, idx = impl(input.unsqueeze(0), g)
+            return y.squeeze(0), idx.squeeze(0)
+        return call
+    return lambda input: impl(input.unsqueeze(0), g).squeeze(0)
+
+
+def _key(input, *options):
+    return (input.shape, input.dtype, input.device, current_backend() if options[-1] is None
+            else options[-1], *options)
+
+
+def _max_pool2d_call(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                     backend):
     name, impl = dispatch("max_pool2d", backend, input)
-    x, unbatched = _batched(input, name)
-    g = _geometry(x, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    out = impl(x, g, bool(return_indices))
-    if unbatched:
-        return (out[0].squeeze(0), out[1].squeeze(0)) if return_indices else out.squeeze(0)
-    return out
+    shape, unbatched = _batched_shape(input, name)
+    g = _geometry(shape, kernel_size, stride, padding, dilation, bool(ceil_mode))
+    indices = bool(return_indices)
+    return _pool_call(lambda x, g: impl(x, g, indices), g, unbatched, pair_out=indices)
 
 
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None, *, backend=None):
-    """torch.nn.functional.avg_pool2d."""
+def _avg_pool2d_call(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override, backend):
     name, impl = dispatch("avg_pool2d", backend, input)
-    x, unbatched = _batched(input, name)
+    shape, unbatched = _batched_shape(input, name)
     if divisor_override is not None and (not isinstance(divisor_override, int) or divisor_override <= 0):
         raise ValueError(f"divisor_override must be a positive int, got {divisor_override!r}")
-    g = _geometry(x, kernel_size, stride, padding, 1, bool(ceil_mode),
+    g = _geometry(shape, kernel_size, stride, padding, 1, bool(ceil_mode),
                   count_include_pad=bool(count_include_pad), divisor=divisor_override or 0)
-    out = impl(x, g)
-    return out.squeeze(0) if unbatched else out
+    return _pool_call(impl, g, unbatched)
 
 
-def adaptive_avg_pool2d(input, output_size, *, backend=None):
-    """torch.nn.functional.adaptive_avg_pool2d; output_size an int, a pair, or None entries
-    (keep that input dimension). output_size=1 is global average pooling."""
+def _adaptive_avg_pool2d_call(input, output_size, backend):
     name, impl = dispatch("adaptive_avg_pool2d", backend, input)
-    x, unbatched = _batched(input, name)
-    N, C, H, W = x.shape
+    (N, C, H, W), unbatched = _batched_shape(input, name)
     if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
         OH = H if output_size[0] is None else output_size[0]
         OW = W if output_size[1] is None else output_size[1]
@@ -391,10 +422,33 @@ def adaptive_avg_pool2d(input, output_size, *, backend=None):
     if OH <= 0 or OW <= 0:
         raise ValueError(f"output_size must be positive, got {output_size}")
     if H == 0 or W == 0:
-        raise ValueError(f"input has an empty spatial dimension: shape {tuple(x.shape)}")
-    g = PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1)
-    out = impl(x, g)
-    return out.squeeze(0) if unbatched else out
+        raise ValueError(f"input has an empty spatial dimension: shape {(N, C, H, W)}")
+    return _pool_call(impl, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), unbatched)
+
+
+_CALLS = {"max": Cache("max_pool2d calls"), "avg": Cache("avg_pool2d calls"),
+          "adaptive": Cache("adaptive_avg_pool2d calls")}
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False, *, backend=None):
+    """torch.nn.functional.max_pool2d; with return_indices, (output, int64 flat indices)."""
+    return _CALLS["max"].call(_key, _max_pool2d_call, input, kernel_size, stride, padding,
+                              dilation, ceil_mode, return_indices, backend)(input)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None, *, backend=None):
+    """torch.nn.functional.avg_pool2d."""
+    return _CALLS["avg"].call(_key, _avg_pool2d_call, input, kernel_size, stride, padding,
+                              ceil_mode, count_include_pad, divisor_override, backend)(input)
+
+
+def adaptive_avg_pool2d(input, output_size, *, backend=None):
+    """torch.nn.functional.adaptive_avg_pool2d; output_size an int, a pair, or None entries
+    (keep that input dimension). output_size=1 is global average pooling."""
+    return _CALLS["adaptive"].call(_key, _adaptive_avg_pool2d_call, input, output_size,
+                                   backend)(input)
 
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "PoolGeometry",
