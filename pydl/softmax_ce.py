@@ -29,9 +29,10 @@ from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
                       numba_threads)
+from ._plan import Cache, Launch, needs_graph
 from ._shapes import as_rows, normalize_dim
 from ._tune import Tuner, bucket
-from .backends import dispatch, register
+from .backends import current_backend, dispatch, register
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -65,10 +66,20 @@ ROW_TUNERS = {name: Tuner(name) for name in (
     "cross_entropy_prob_fwd", "cross_entropy_prob_bwd")}
 
 
-def _launch(name: str, x3: Tensor, args: tuple, single: bool = False, **consts) -> None:
-    """Launch row kernel `name` over the (outer, n, inner) rows of x3, its tile autotuned
+_LAUNCHES = Cache("softmax / cross_entropy launches")
+
+
+def _launch(name: str, x3: Tensor, tensors: tuple, scalars: tuple, single: bool = False,
+            **consts) -> None:
+    """Launch row kernel `name` over the (outer, n, inner) rows of x3: the kernel's tensors,
+    then its scalars and constexprs. Built once per signature, its tile autotuned
     (pydl/_tune.py) per dtype, row length, row layout and options, not per batch size.
     single: the kernel takes SINGLE (the whole row fits one column block)."""
+    key = (name, x3.dtype, x3.device, scalars, tuple(consts.values()))
+    _LAUNCHES.get(key, _plan, name, x3, tensors, scalars, single, consts)(*tensors)
+
+
+def _plan(name: str, x3: Tensor, tensors, scalars, single: bool, consts) -> Launch:
     from .kernels.triton import softmax_ce as k
     kernel = getattr(k, name)
     outer, n, inner = x3.shape
@@ -76,62 +87,83 @@ def _launch(name: str, x3: Tensor, args: tuple, single: bool = False, **consts) 
 
     def launch(cfg):
         extra = dict(SINGLE=n <= cfg["BLOCK_N"]) if single else {}
-        kernel[(cdiv(rows, cfg["BLOCK_R"]),)](*args, **consts, **extra, **cfg)
+        return Launch(kernel, (cdiv(rows, cfg["BLOCK_R"]),), scalars, {**consts, **extra, **cfg})
 
     candidates = [_triton_config(rows, n)] + [
         _triton_config(rows, n, tile, block, warps) for tile, block, warps in ROW_SPACE]
     key = (name, x3.dtype, inner == 1, tuple(sorted(consts.items())),
            bucket(n, lo=1, hi=1 << 20), bucket(rows, lo=1))
-    launch(ROW_TUNERS[name].pick(key, candidates, launch))
+    return launch(ROW_TUNERS[name].pick(key, candidates, lambda c: launch(c)(*tensors)))
 
 
 class _TritonLaunch:
     @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
         outer, n, inner = x3.shape
-        _launch("softmax_fwd", x3, (x3, y3, outer * inner, n, inner, *x3.stride(), *y3.stride()),
-                single=True, LOG=log)
+        _launch("softmax_fwd", x3, (x3, y3), (outer * inner, n, inner, *x3.stride(),
+                                              *y3.stride()), single=True, LOG=log)
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
         outer, n, inner = y3.shape
-        _launch("softmax_bwd", y3, (y3, dy3, dx3, outer * inner, n, inner, *y3.stride(),
-                                    *dy3.stride(), *dx3.stride()), single=True, LOG=log)
+        _launch("softmax_bwd", y3, (y3, dy3, dx3), (outer * inner, n, inner, *y3.stride(),
+                                                    *dy3.stride(), *dx3.stride()),
+                single=True, LOG=log)
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
         outer, n, inner = x3.shape
         _launch("cross_entropy_fwd", x3, (
-            x3, target, weight if weight is not None else x3, loss, lse, row_weight,
-            outer * inner, n, inner, *x3.stride(), ignore_index, smoothing),
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0)
+            x3, target, weight if weight is not None else x3, loss, lse, row_weight),
+            (outer * inner, n, inner, *x3.stride(), ignore_index, smoothing),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0,
+            CHECK_TARGETS=x3.device.type == "cuda")
 
     @staticmethod
-    def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, weight_sum, dx3,
+    def loss_reduce(loss, row_weight, out, denom, scale: float) -> None:
+        """out = scale * sum(loss) (/ sum(row_weight), also written to denom, when
+        row_weight is given): one program, deterministic."""
+        key = ("loss_reduce", loss.shape, out.dtype, loss.device, row_weight is None, scale)
+        _LAUNCHES.get(key, _TritonLaunch._plan_reduce, loss, row_weight, scale)(
+            loss, row_weight if row_weight is not None else loss, out,
+            denom if denom is not None else loss)
+
+    @staticmethod
+    def _plan_reduce(loss, row_weight, scale) -> Launch:
+        from .kernels.triton import softmax_ce as k
+        block = min(1024, next_power_of_2(loss.numel()))
+        return Launch(k.loss_reduce, (1,), (loss.numel(), scale),
+                      dict(BY_WEIGHT=row_weight is not None, BLOCK=block,
+                           num_warps=4 if block <= 512 else 8))
+
+    @staticmethod
+    def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, denom, weight_sum, dx3,
                           ignore_index, smoothing):
         outer, n, inner = x3.shape
         _launch("cross_entropy_bwd", x3, (
-            x3, target, weight if weight is not None else x3, lse, grad, grad_stride,
-            weight_sum if weight_sum is not None else lse, dx3,
-            outer * inner, n, inner, *x3.stride(), *dx3.stride(), ignore_index, smoothing),
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0)
+            x3, target, weight if weight is not None else x3, lse, grad,
+            denom if denom is not None else lse, weight_sum if weight_sum is not None else lse,
+            dx3), (grad_stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(),
+                   ignore_index, smoothing),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, DIVIDE=denom is not None)
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
         outer, n, inner = x3.shape
         _launch("cross_entropy_prob_fwd", x3, (
-            x3, y3, weight if weight is not None else x3, loss, lse, mass,
-            outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing),
+            x3, y3, weight if weight is not None else x3, loss, lse, mass),
+            (outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing),
             HAS_WEIGHT=weight is not None)
 
     @staticmethod
-    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, dx3, dy3, smoothing):
+    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, grad_scale, dx3,
+                               dy3, smoothing):
         outer, n, inner = x3.shape
         dy = dy3 if dy3 is not None else dx3
         _launch("cross_entropy_prob_bwd", x3, (
-            x3, y3, weight if weight is not None else x3, lse, mass, grad, grad_stride,
-            dx3, dy, outer * inner, n, inner,
-            *x3.stride(), *y3.stride(), *dx3.stride(), *dy.stride(), smoothing),
+            x3, y3, weight if weight is not None else x3, lse, mass, grad, dx3, dy),
+            (grad_stride, grad_scale, outer * inner, n, inner, *x3.stride(), *y3.stride(),
+             *dx3.stride(), *dy.stride(), smoothing),
             HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None)
 
 
@@ -254,51 +286,75 @@ class SoftmaxFunction(torch.autograd.Function):
 def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, backend):
     rows = target.numel()
     out = empty_like_shape(x, target.shape if reduction == "none" else ())
-    return out, empty_like_shape(x, (rows,), torch.float32), empty_like_shape(x, (), torch.float32)
+    stats = (2 if reduction == "none" else 3) * rows + (reduction == "mean")
+    return out, empty_like_shape(x, (stats,), torch.float32)
 
 
 @kernel_op("cross_entropy_fwd", _cross_entropy_fake)
 def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       reduction: str, smoothing: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss in x's dtype, per-row logsumexp, the mean's denominator: the summed weights of
-    the rows that count; 1 for other reductions)."""
-    _check_target_range(target, x.shape[0 if x.dim() == 1 else 1], ignore_index)
+                       reduction: str, smoothing: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(loss in x's dtype, stats): stats is one fp32 buffer, per row the logsumexp and the
+    target's weight, then (reductions only) the per-row losses and (mean only) the mean's
+    denominator, the summed weights of the rows that count; the backward reads it.
+
+    Triton on a GPU checks the targets inside the kernel (no host synchronisation) and reduces
+    the per-row losses with one more kernel; the Numba backend and emulation check on the host
+    (one small reduction and a sync) and reduce with torch."""
+    n_classes = x.shape[0 if x.dim() == 1 else 1]
+    triton = backend == "triton"
+    if not kernel_checks_targets(x, backend):
+        _check_target_range(target, n_classes, ignore_index)
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     rows = outer * inner
     t = target.reshape(rows)
-    loss = new_output(rows, torch.float32, x.device)
-    lse = new_output(rows, torch.float32, x.device)
-    row_weight = new_output(rows, torch.float32, x.device)
+    none, mean = reduction == "none", reduction == "mean"
+    stats = new_output((2 if none else 3) * rows + mean, torch.float32, x.device)
+    lse, row_weight = stats[:rows], stats[rows:2 * rows]
+    if none:    # the loss is returned: its own tensor (Triton writes x's dtype directly)
+        loss = new_output(rows, x.dtype if triton else torch.float32, x.device)
+    else:
+        loss = stats[2 * rows:3 * rows]
     if rows:
         LAUNCHERS[backend].cross_entropy_fwd(x3, t, weight, loss, lse, row_weight, ignore_index,
                                              smoothing)
-    if reduction == "none":
-        return loss.view(target.shape).to(x.dtype), lse, torch.ones((), device=x.device)
-    if reduction == "sum":
-        return loss.sum().to(x.dtype), lse, torch.ones((), device=x.device)
-    denom = row_weight.sum()
-    return (loss.sum() / denom).to(x.dtype), lse, denom
+    if none:
+        return loss.view(target.shape).to(x.dtype), stats
+    denom = stats[3 * rows] if mean else None
+    if triton:
+        out = new_output((), x.dtype, x.device)
+        _TritonLaunch.loss_reduce(loss, row_weight if mean else None, out, denom, 1.0)
+        return out, stats
+    if not mean:
+        return loss.sum().to(x.dtype), stats
+    denom.copy_(row_weight.sum())
+    return (loss.sum() / denom).to(x.dtype), stats
 
 
 @kernel_op("cross_entropy_bwd", lambda x, *rest: empty_like_shape(x))
-def _cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
-                       denom: Tensor, grad_out: Tensor, ignore_index: int, reduction: str,
+def _cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                       grad_out: Tensor, ignore_index: int, reduction: str,
                        smoothing: float, backend: str) -> Tensor:
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
+    rows = outer * inner
+    lse = stats[:rows]
+    denom = stats[3 * rows] if reduction == "mean" else None
     t = target.reshape(outer * inner)
-    if reduction == "none":
-        grad, stride = grad_out.reshape(-1).float().contiguous(), 1
-    elif reduction == "sum":
-        grad, stride = grad_out.float().reshape(1), 0
-    else:
-        grad, stride = (grad_out.float() / denom).reshape(1), 0
+    stride = 1 if reduction == "none" else 0
     weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 else None
     dx3 = new_output(x3.shape, x3.dtype, x3.device)
-    if dx3.numel():
-        LAUNCHERS[backend].cross_entropy_bwd(x3, t, weight, lse, grad, stride, weight_sum, dx3,
-                                             ignore_index, smoothing)
+    if not dx3.numel():
+        return dx3.view(x.shape)
+    if backend == "triton":             # the kernel reads grad_out and divides by denom itself
+        _TritonLaunch.cross_entropy_bwd(x3, t, weight, lse, grad_out.reshape(-1).contiguous(),
+                                        stride, denom, weight_sum, dx3, ignore_index, smoothing)
+        return dx3.view(x.shape)
+    grad = grad_out.reshape(-1).float().contiguous()
+    if reduction == "mean":
+        grad = grad / denom
+    _NumbaLaunch.cross_entropy_bwd(x3, t, weight, lse, grad, stride, weight_sum, dx3,
+                                   ignore_index, smoothing)
     return dx3.view(x.shape)
 
 
@@ -308,16 +364,16 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index: int, reduction: str, smoothing: float,
                 backend: str):
-        out, lse, denom = _cross_entropy_fwd(x, target, weight, ignore_index, reduction,
-                                             smoothing, backend)
-        ctx.save_for_backward(x, target, weight, lse, denom)
+        out, stats = _cross_entropy_fwd(x, target, weight, ignore_index, reduction, smoothing,
+                                        backend)
+        ctx.save_for_backward(x, target, weight, stats)
         ctx.args = (ignore_index, reduction, smoothing, backend)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, target, weight, lse, denom = ctx.saved_tensors
-        dx = _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, *ctx.args)
+        x, target, weight, stats = ctx.saved_tensors
+        dx = _cross_entropy_bwd(x, target, weight, stats, grad_out, *ctx.args)
         return dx, None, None, None, None, None, None
 
 
@@ -330,58 +386,71 @@ def _cross_entropy_prob_fake(x, target, weight, reduction, smoothing, backend):
     rows = math.prod(_row_shape(x))
     dtype = torch.promote_types(x.dtype, target.dtype)
     out = empty_like_shape(x, _row_shape(x) if reduction == "none" else (), dtype)
-    return out, empty_like_shape(x, (rows,), torch.float32), empty_like_shape(x, (rows,), torch.float32)
+    return out, empty_like_shape(x, ((2 if reduction == "none" else 3) * rows,), torch.float32)
 
 
 @kernel_op("cross_entropy_prob_fwd", _cross_entropy_prob_fake)
 def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
-                            smoothing: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                            smoothing: float, backend: str) -> tuple[Tensor, Tensor]:
     """Class-probability targets (target: x's shape, floating): (loss in the promoted dtype
-    of x and target, as torch; per-row logsumexp; per-row S = sum_c w_c y'_c)."""
+    of x and target, as torch; stats: one fp32 buffer, per row the logsumexp and
+    S = sum_c w_c y'_c, then (reductions only) the per-row losses; the backward reads it)."""
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     y3 = as_rows(target, dim)[0]
     rows = outer * inner
-    loss = new_output(rows, torch.float32, x.device)
-    lse = new_output(rows, torch.float32, x.device)
-    mass = new_output(rows, torch.float32, x.device)
+    dtype = torch.promote_types(x.dtype, target.dtype)
+    triton = backend == "triton"
+    none = reduction == "none"
+    stats = new_output((2 if none else 3) * rows, torch.float32, x.device)
+    lse, mass = stats[:rows], stats[rows:2 * rows]
+    if none:    # the loss is returned: its own tensor (Triton writes the loss dtype directly)
+        loss = new_output(rows, dtype if triton else torch.float32, x.device)
+    else:
+        loss = stats[2 * rows:]
     if rows:
         LAUNCHERS[backend].cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing)
-    dtype = torch.promote_types(x.dtype, target.dtype)
-    if reduction == "none":
-        out = loss.view(_row_shape(x))
-    elif reduction == "sum":
-        out = loss.sum()
-    else:
-        out = loss.sum() / rows  # torch divides by the number of rows, whatever the weights
-    return out.to(dtype), lse, mass
+    if none:
+        return loss.view(_row_shape(x)).to(dtype), stats
+    # torch's mean divides by the number of rows, whatever the weights
+    scale = 1.0 / rows if reduction == "mean" and rows else (float("nan") if reduction == "mean"
+                                                            else 1.0)
+    if triton:
+        out = new_output((), dtype, x.device)
+        _TritonLaunch.loss_reduce(loss, None, out, None, scale)
+        return out, stats
+    return (loss.sum() * scale).to(dtype), stats
 
 
-def _cross_entropy_prob_bwd_fake(x, target, weight, lse, mass, grad_out, reduction, smoothing,
+def _cross_entropy_prob_bwd_fake(x, target, weight, stats, grad_out, reduction, smoothing,
                                  target_grad, backend):
     return empty_like_shape(x), empty_like_shape(target, None if target_grad else (0,))
 
 
 @kernel_op("cross_entropy_prob_bwd", _cross_entropy_prob_bwd_fake)
-def _cross_entropy_prob_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
-                            mass: Tensor, grad_out: Tensor, reduction: str, smoothing: float,
+def _cross_entropy_prob_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                            grad_out: Tensor, reduction: str, smoothing: float,
                             target_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(gradient w.r.t. x; w.r.t. target when target_grad, else an empty (0,) placeholder:
     a custom op cannot return None)."""
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     y3 = as_rows(target, dim)[0]
-    if reduction == "none":
-        grad, stride = grad_out.reshape(-1).float().contiguous(), 1
-    elif reduction == "sum":
-        grad, stride = grad_out.float().reshape(1), 0
-    else:
-        grad, stride = (grad_out.float() / max(outer * inner, 1)).reshape(1), 0
+    rows = outer * inner
+    lse, mass = stats[:rows], stats[rows:2 * rows]
+    stride = 1 if reduction == "none" else 0
+    scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
     dx3 = new_output(x3.shape, x3.dtype, x3.device)
     dy3 = new_output(y3.shape, y3.dtype, y3.device) if target_grad else None
     if dx3.numel():
-        LAUNCHERS[backend].cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, stride, dx3,
-                                                  dy3, smoothing)
+        if backend == "triton":         # the kernel reads grad_out and scales it itself
+            _TritonLaunch.cross_entropy_prob_bwd(x3, y3, weight, lse, mass,
+                                                 grad_out.reshape(-1).contiguous(), stride,
+                                                 scale, dx3, dy3, smoothing)
+        else:
+            grad = (grad_out.reshape(-1).float() * scale).contiguous()
+            _NumbaLaunch.cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, stride, dx3,
+                                                dy3, smoothing)
     dy = dy3.view(target.shape) if target_grad else new_output((0,), target.dtype, target.device)
     return dx3.view(x.shape), dy
 
@@ -392,17 +461,17 @@ class CrossEntropyProbFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, weight, reduction: str, smoothing: float, backend: str):
-        out, lse, mass = _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)
-        ctx.save_for_backward(x, target, weight, lse, mass)
+        out, stats = _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)
+        ctx.save_for_backward(x, target, weight, stats)
         ctx.args = (reduction, smoothing)
         ctx.backend = backend
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, target, weight, lse, mass = ctx.saved_tensors
+        x, target, weight, stats = ctx.saved_tensors
         target_grad = ctx.needs_input_grad[1]
-        dx, dy = _cross_entropy_prob_bwd(x, target, weight, lse, mass, grad_out, *ctx.args,
+        dx, dy = _cross_entropy_prob_bwd(x, target, weight, stats, grad_out, *ctx.args,
                                          target_grad, ctx.backend)
         return dx, (dy if target_grad else None), None, None, None, None
 
@@ -411,16 +480,24 @@ class CrossEntropyProbFunction(torch.autograd.Function):
 
 def _kernel_softmax(backend: str):
     def impl(x, dim, log):
-        return SoftmaxFunction.apply(x, dim, log, backend)
+        if needs_graph(x):
+            return SoftmaxFunction.apply(x, dim, log, backend)
+        return _softmax_fwd(x, dim, log, backend)
     return impl
 
 
 def _kernel_cross_entropy(backend: str):
     def impl(x, target, weight, ignore_index, reduction, smoothing):
         if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
-            return CrossEntropyProbFunction.apply(x, target, weight, reduction, smoothing, backend)
-        return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction, smoothing,
-                                          backend)
+            if needs_graph(x, target):
+                return CrossEntropyProbFunction.apply(x, target, weight, reduction, smoothing,
+                                                      backend)
+            return _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)[0]
+        if needs_graph(x):
+            return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction,
+                                              smoothing, backend)
+        return _cross_entropy_fwd(x, target, weight, ignore_index, reduction, smoothing,
+                                  backend)[0]
     return impl
 
 
@@ -442,23 +519,37 @@ def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing):
 
 # --- argument checks and the public functions ---------------------------------------------
 
-def _softmax(input, dim, log, dtype, backend):
+def _softmax_call(input, dim, log, dtype, backend):
+    """softmax / log_softmax for one call signature, checked once: (input, dim) -> output."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if dim is None:
         # torch's deprecated implicit dim (nn.Softmax() without dim relies on it), with its warning
         name = "log_softmax" if log else "softmax"
         warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the call "
-                      "to include dim=X as an argument.", stacklevel=3)
+                      "to include dim=X as an argument.", stacklevel=4)
         dim = 0 if input.dim() in (0, 1, 3) else 1
+    name, impl = dispatch("softmax", backend, input)
+    check_tensor(input, "input", name)
+    dim = normalize_dim(dim, input.dim())
+    return lambda x: impl(x, dim, log)
+
+
+def _softmax_key(input, dim, log, dtype, backend):
+    if dim is None:
+        raise TypeError("implicit dim: not cached (it warns on every call)")
+    return (backend or current_backend(), input.shape, input.dtype, input.device, dim, log)
+
+
+_SOFTMAX_CALLS = Cache("softmax calls")
+
+
+def _softmax(input, dim, log, dtype, backend):
     if dtype is not None:
         input = input.to(dtype)
     elif isinstance(input, torch.Tensor):
         (input,) = autocast_inputs("log_softmax" if log else "softmax", input)
-    name, impl = dispatch("softmax", backend, input)
-    check_tensor(input, "input", name)
-    dim = normalize_dim(dim, input.dim())
-    return impl(input, dim, log)
+    return _SOFTMAX_CALLS.call(_softmax_key, _softmax_call, input, dim, log, dtype, backend)(input)
 
 
 def softmax(input, dim=-1, *, dtype=None, backend=None):
@@ -524,6 +615,13 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                          f"targets: it must be negative (the default -100), got {ignore_index}")
 
 
+def kernel_checks_targets(x: Tensor, backend: str) -> bool:
+    """Whether the forward kernel checks the targets itself: Triton on a GPU (a PTX trap, as
+    torch's device-side assert; no host synchronisation). Elsewhere the host checks them: the
+    Numba backend, and emulation, whose interpreter runs no PTX."""
+    return backend == "triton" and x.device.type == "cuda"
+
+
 def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
     """Every target a class index or ignore_index. The kernels index by target, so an
     out-of-range value would read outside the row. One small reduction and a host sync; it
@@ -534,6 +632,25 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
             value = int(target[bad].reshape(-1)[0])
             raise IndexError(f"target holds {value}, out of range for {n_classes} classes "
                              f"(valid: 0..{n_classes - 1}, or ignore_index={ignore_index})")
+
+
+def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_smoothing, backend):
+    """cross_entropy for one call signature, checked once: (input, target, weight) -> loss."""
+    name, impl = dispatch("cross_entropy", backend, input, target,
+                          *([weight] if isinstance(weight, torch.Tensor) else []))
+    _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, name)
+    ignore_index, smoothing = int(ignore_index), float(label_smoothing)
+    return lambda x, t, w: impl(x, t, w, ignore_index, reduction, smoothing)
+
+
+def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, backend):
+    return (backend or current_backend(), input.shape, input.dtype, input.device, target.shape,
+            target.dtype, target.device,
+            None if weight is None else (weight.shape, weight.dtype, weight.device),
+            ignore_index, reduction, label_smoothing)
+
+
+_CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -548,10 +665,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if size_average is not None or reduce is not None:
         raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
     input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
-    name, impl = dispatch("cross_entropy", backend, input, target,
-                          *([weight] if isinstance(weight, torch.Tensor) else []))
-    _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, name)
-    return impl(input, target, weight, int(ignore_index), reduction, float(label_smoothing))
+    call = _CROSS_ENTROPY_CALLS.call(_cross_entropy_key, _cross_entropy_call, input, target,
+                                     weight, ignore_index, reduction, label_smoothing, backend)
+    return call(input, target, weight)
 
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "SoftmaxFunction", "CrossEntropyFunction",

@@ -260,6 +260,7 @@ def cross_entropy_fwd(
     sx_outer, sx_n, sx_inner,
     ignore_index, smoothing,                # label_smoothing eps
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    CHECK_TARGETS: tl.constexpr,            # trap on a target out of range (GPU)
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
@@ -271,6 +272,12 @@ def cross_entropy_fwd(
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
     t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
     valid = rmask & (t != ignore_index)
+    # A target outside [0, n) is never read (its loss is NaN) and, with CHECK_TARGETS, stops
+    # the kernel as torch's device-side assert does (no host synchronisation).
+    bad = valid & ((t < 0) | (t >= n))
+    if CHECK_TARGETS:
+        _trap_if(bad)
+    valid = valid & ~bad
     t_safe = tl.where(valid, t, 0)
     m_row, log_s, smooth, _ = _ce_row_stats(x_ptr, x_off, sx_n, x_ptr, x_off, sx_n, weight_ptr, n,
                                             rmask, smoothing, HAS_WEIGHT, HAS_SMOOTHING, False,
@@ -284,23 +291,59 @@ def cross_entropy_fwd(
     loss = w_t * ((m_row - x_t) + log_s)
     if HAS_SMOOTHING:
         loss = (1.0 - smoothing) * loss + (smoothing / n) * smooth
-    loss = tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + rows, loss, mask=rmask)
+    loss = tl.where(valid, loss, tl.where(bad, float("nan"), 0.0))
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
     tl.store(lse_ptr + rows, m_row + log_s, mask=rmask)
     tl.store(row_weight_ptr + rows, w_t, mask=rmask)
 
 
 @triton.jit
+def _trap_if(bad):
+    """Abort the kernel where `bad` holds (PTX trap), as torch's device-side assert does: the
+    error surfaces at the next synchronisation. GPU only (the interpreter has no PTX)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p trap; mov.u32 $0, 0; }",
+                              "=r,r", [bad.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def loss_reduce(
+    loss_ptr, row_weight_ptr,               # fp32 per row: loss, and the weight the mean divides by
+    out_ptr, denom_ptr,                     # out: the reduced loss (its dtype); denom: fp32 divisor
+    n_rows, scale,
+    BY_WEIGHT: tl.constexpr,                # out = scale * sum(loss) / sum(row_weight); else no divide
+    BLOCK: tl.constexpr,
+):
+    """The sum or mean of the per-row losses in one program, rows in a fixed order (the same
+    result every run), written in the output's dtype: what would otherwise be three or four
+    small torch kernels after the loss kernel."""
+    cols = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    wacc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        r = start + cols
+        acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0)
+        if BY_WEIGHT:
+            wacc += tl.load(row_weight_ptr + r, mask=r < n_rows, other=0.0)
+    total = tl.sum(acc, 0) * scale
+    if BY_WEIGHT:
+        denom = tl.sum(wacc, 0)
+        total = total / denom
+        tl.store(denom_ptr, denom)
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def cross_entropy_bwd(
     x_ptr, target_ptr, weight_ptr, lse_ptr,
-    grad_ptr, grad_stride,                  # upstream gradient per row: stride 0 broadcasts a scalar
+    grad_ptr,                               # upstream gradient per row (grad_stride 0: a scalar)
+    denom_ptr,                              # 0-d fp32 the gradient is divided by (DIVIDE only)
     weight_sum_ptr,                         # 0-d fp32: sum of the class weights (smoothing only)
     dx_ptr,
-    n_rows, n, inner,
+    grad_stride, n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
     sdx_outer, sdx_n, sdx_inner,
     ignore_index, smoothing,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, DIVIDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
@@ -313,6 +356,9 @@ def cross_entropy_bwd(
     valid = rmask & (t != ignore_index)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g = tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)
+    if DIVIDE:
+        g = g / tl.load(denom_ptr)
+    valid = valid & (t >= 0) & (t < n)      # an out-of-range target has no gradient to give
     g = tl.where(valid, g, 0.0)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + tl.where(valid, t, 0), mask=valid, other=0.0).to(tl.float32)
@@ -348,7 +394,8 @@ def cross_entropy_prob_fwd(
     HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C.
+    """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C (stored in
+    loss's dtype).
 
     Single pass over logits and targets: _ce_row_stats, the sum of the index kernel's smoothing
     term with a = w y' (logits of 1e4 do not cancel; a -inf logit gives an inf loss where a > 0,
@@ -360,7 +407,7 @@ def cross_entropy_prob_fwd(
     m_row, log_s, loss, mass = _ce_row_stats(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, n,
                                              rmask, smoothing, HAS_WEIGHT, True, True,
                                              BLOCK_R, BLOCK_N)
-    tl.store(loss_ptr + rows, loss, mask=rmask)
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
     tl.store(lse_ptr + rows, m_row + log_s, mask=rmask)
     tl.store(mass_ptr + rows, mass, mask=rmask)
 
@@ -368,8 +415,9 @@ def cross_entropy_prob_fwd(
 @triton.jit
 def cross_entropy_prob_bwd(
     x_ptr, y_ptr, weight_ptr, lse_ptr, mass_ptr,
-    grad_ptr, grad_stride,                  # upstream gradient per row: stride 0 broadcasts a scalar
+    grad_ptr,                               # upstream gradient per row (grad_stride 0: a scalar)
     dx_ptr, dy_ptr,                         # gradients w.r.t. logits and targets (dy: TARGET_GRAD only)
+    grad_stride, grad_scale,                # the gradient is multiplied by grad_scale
     n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
     sy_outer, sy_n, sy_inner,
@@ -387,7 +435,8 @@ def cross_entropy_prob_bwd(
     dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)[:, None]
     mass = tl.load(mass_ptr + rows, mask=rmask, other=0.0)[:, None]
-    g = tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    g = (tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)
+         * grad_scale)[:, None]
     if TARGET_GRAD:
         dy_off = (rows // inner) * sdy_outer + (rows % inner) * sdy_inner
     cols = tl.arange(0, BLOCK_N)
