@@ -21,6 +21,7 @@ import torch
 
 from ._launch import cdiv, dot_block
 from ._launch import input_precision as _default_precision
+from ._plan import Cache, Launch
 from ._tune import Tuner, aliased, bucket, gemm_candidates
 
 # CUDA caps grid dimensions 1 and 2 at 65535: larger batches are launched in slices.
@@ -53,6 +54,9 @@ def _batched(t: torch.Tensor, batch: tuple[int, ...], tail: tuple[int, ...], nam
     return t
 
 
+_PLANS = Cache("gemm launches")
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
          trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
          accumulate: bool = False, addend: torch.Tensor | None = None,
@@ -67,8 +71,27 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     addend: (..., M, N) tensor added instead of out's contents (any dtype; may be out itself)
     input_precision: "ieee" or "tf32" for fp32 operands (default: torch's matmul setting)
     Leading batch dims (at most two) follow out; the others broadcast to them. a and b must
-    share a dtype.
+    share a dtype. Checks, views and the launch config are worked out once per signature
+    (shapes, strides, dtypes, options) and cached (pydl/_plan.py).
     """
+    if accumulate:
+        if addend is not None:
+            raise ValueError("gemm: give accumulate=True or addend=, not both")
+        addend = out
+    precision = input_precision or _default_precision(a.dtype)
+    key = (a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype, out.shape, out.stride(),
+           out.dtype, out.device, trans_a, trans_b, alpha, precision,
+           None if bias is None else (bias.shape, bias.stride(), bias.dtype),
+           None if addend is None else (addend is out, addend.shape, addend.stride(),
+                                        addend.dtype))
+    _PLANS.get(key, _plan, a, b, out, trans_a, trans_b, alpha, bias, addend, precision)(
+        a, b, out, bias, addend)
+    return out
+
+
+def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision):
+    """A callable (a, b, out, bias, addend) for this signature: checks done, the batched views'
+    strides and the config (autotuned on a GPU) fixed."""
     from .kernels.triton import gemm as k
     if a.dim() < 2 or b.dim() < 2 or out.dim() < 2 or out.dim() > 4:
         raise ValueError(f"gemm: needs matrices with at most two batch dims, got "
@@ -83,10 +106,6 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)}")
     if a.dtype != b.dtype:
         raise TypeError(f"gemm: operands must share a dtype, got {a.dtype} and {b.dtype}")
-    if accumulate and addend is not None:
-        raise ValueError("gemm: give accumulate=True or addend=, not both")
-    if accumulate:
-        addend = out
     batch = tuple(out.shape[:-2])
     a4 = _batched(a, batch, (M, K), "a")
     b4 = _batched(b, batch, (K, N), "b")
@@ -94,37 +113,60 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     d4 = _batched(addend, batch, (M, N), "addend") if addend is not None else c4
     bias4 = _batched(bias, batch, (N,), "bias") if bias is not None else None
     if out.numel() == 0:
-        return out
+        return lambda *tensors: None
     B1, B2 = c4.shape[0], c4.shape[1]
-    precision = input_precision or _default_precision(a.dtype)
+    consts = dict(ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
+                  INPUT_PRECISION=precision)
     # slices of the batch that fit the grid's z dimension (one launch when B1 * B2 <= 65535)
     step2 = min(B2, _MAX_GRID_Z)
     step1 = max(1, _MAX_GRID_Z // step2)
+    single = B1 <= step1 and B2 <= step2
 
-    def launch(cfg: dict) -> None:
+    def launches(cfg: dict):
+        """[(launch, (i1, i2) batch slice start)], one per slice of the batch."""
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        out_ = []
         for i1 in range(0, B1, step1):
             for i2 in range(0, B2, step2):
                 s1, s2 = slice(i1, i1 + step1), slice(i2, i2 + step2)
                 aa, bb, cc, dd = a4[s1, s2], b4[s1, s2], c4[s1, s2], d4[s1, s2]
                 vv = bias4[s1, s2] if bias4 is not None else cc
-                nb1, nb2 = cc.shape[0], cc.shape[1]
-                k.gemm_kernel[(tiles, 1, nb1 * nb2)](
-                    aa, bb, cc, dd, vv, M, N, K, nb2,
-                    *aa.stride(), *bb.stride(), *cc.stride(), *dd.stride(),
-                    *(vv.stride() if bias4 is not None else (0, 0, 0)),
-                    float(alpha), ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
-                    INPUT_PRECISION=precision, **cfg)
+                out_.append((Launch(k.gemm_kernel, (tiles, 1, cc.shape[0] * cc.shape[1]), (
+                    M, N, K, cc.shape[1], *aa.stride(), *bb.stride(), *cc.stride(), *dd.stride(),
+                    *(vv.stride() if bias4 is not None else (0, 0, 0)), float(alpha)),
+                    {**consts, **cfg}), (s1, s2)))
+        return out_
+
+    def views(a, b, out, bias, addend):
+        """The 4-D views the launches index: (a, b, out, addend, bias)."""
+        a = a.transpose(-1, -2) if trans_a else a
+        b = b.transpose(-1, -2) if trans_b else b
+        c = _batched(out, batch, (M, N), "out")
+        return (_batched(a, batch, (M, K), "a"), _batched(b, batch, (K, N), "b"), c,
+                _batched(addend, batch, (M, N), "addend") if addend is not None else c,
+                _batched(bias, batch, (N,), "bias") if bias is not None else c)
+
+    def run(slices, a, b, out, bias, addend):
+        if single:      # the batched views share their tensors' data pointers: no views
+            slices[0][0](a, b, out, out if addend is None else addend,
+                         out if bias is None else bias)
+            return
+        a4_, b4_, c4_, d4_, v4_ = views(a, b, out, bias, addend)
+        for launch, (s1, s2) in slices:
+            launch(a4_[s1, s2], b4_[s1, s2], c4_[s1, s2], d4_[s1, s2], v4_[s1, s2])
 
     # The tuning key: what changes the best tile, not the batch (sizes in coarse buckets);
     # which operand is contiguous along K changes the loads, so it is part of the key.
-    key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
-           bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1)
-    cfg = GEMM_TUNER.pick(key, gemm_candidates(gemm_config(M, N, K, a.dtype), M, N, K,
-                                               a.dtype.itemsize, {"GROUP_M": GROUP_M}),
-                          launch, inout=aliased((out,), (addend,)))
-    launch(cfg)
-    return out
+    a0 = a.transpose(-1, -2) if trans_a else a      # the caller's tensors again
+    b0 = b.transpose(-1, -2) if trans_b else b
+    tune_key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
+                bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1)
+    cfg = GEMM_TUNER.pick(tune_key, gemm_candidates(gemm_config(M, N, K, a.dtype), M, N, K,
+                                                    a.dtype.itemsize, {"GROUP_M": GROUP_M}),
+                          lambda c: run(launches(c), a0, b0, out, bias, addend),
+                          inout=aliased((out,), (addend,)))
+    chosen = launches(cfg)
+    return lambda a, b, out, bias, addend: run(chosen, a, b, out, bias, addend)
 
 
 __all__ = ["gemm", "gemm_config"]

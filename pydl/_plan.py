@@ -50,6 +50,10 @@ class Cache:
         except KeyError:
             pass
         value = build(*args)
+        if _capturing():
+            # A launch built inside a CUDA graph capture could not be autotuned (timing
+            # synchronises): use it for this capture, build again after it.
+            return value
         if len(self.entries) >= MAX_ENTRIES:
             self.entries.clear()
         self.entries[key] = value
@@ -80,6 +84,10 @@ def clear_all() -> None:
     a plan captured, such as a block-size cap)."""
     for cache in Cache.all:
         cache.clear()
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def needs_graph(*tensors) -> bool:
