@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _env
-from ._launch import cdiv, numba_array, numba_stream
+from ._launch import cdiv, launch_numba
 
 # (TILE, MICRO): a TILE x TILE output tile per block of (TILE / MICRO)^2 threads, each
 # computing MICRO x MICRO outputs. On a GPU 64 x 64 tiles with 256 threads (4 x 4 each, 33 KiB
@@ -82,7 +82,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
     code = k.dtype_code
     c_in_ = c_in if c_in is not None else out     # placeholders the kernel does not read
     bias_ = bias if bias is not None else out
-    kernel[grid, (T // R, T // R), numba_stream(out.device)](
-        *map(numba_array, (a, b, c_in_, out, bias_)), c_in is not None,
-        bias_mode, a.stride(3) <= a.stride(2), b.stride(3) <= b.stride(2), code(a.dtype),
-        code(b.dtype), code(c_in_.dtype), code(out.dtype), code(bias_.dtype))
+    launch_numba(kernel, grid, (T // R, T // R), out.device, a, b, c_in_, out, bias_,
+                 c_in is not None, bias_mode, a.stride(3) <= a.stride(2),
+                 b.stride(3) <= b.stride(2), code(a.dtype), code(b.dtype), code(c_in_.dtype),
+                 code(out.dtype), code(bias_.dtype))

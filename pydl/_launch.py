@@ -146,12 +146,20 @@ def _atomic_simulator_shared_arrays() -> None:
     _SIM_SHARED_LOCK = lock
 
 
+_NUMBA_STREAMS: dict = {}
+
+
 def numba_stream(device: torch.device):
-    """Numba stream wrapping torch's current stream, so Numba kernels order with torch's work."""
+    """Numba stream wrapping torch's current stream, so Numba kernels order with torch's work
+    (one wrapper per stream handle, made once)."""
     if device.type != "cuda":
         return 0
-    from numba import cuda
-    return cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+    handle = torch.cuda.current_stream(device).cuda_stream
+    stream = _NUMBA_STREAMS.get(handle)
+    if stream is None:
+        from numba import cuda
+        stream = _NUMBA_STREAMS[handle] = cuda.external_stream(handle)
+    return stream
 
 
 # The CUDA simulator starts a block in tens of milliseconds and runs each thread as an OS
@@ -167,8 +175,16 @@ def numba_blocks(blocks: int) -> int:
     return min(blocks, SIM_MAX_BLOCKS) if _env.INTERPRET else blocks
 
 
+def launch_numba(kernel, grid, threads, device: torch.device, *args) -> None:
+    """The one way pydl launches a Numba kernel: `grid` blocks of `threads` (ints or tuples)
+    on torch's current stream; tensor arguments become zero-copy Numba arrays (numba_array),
+    the others pass as they are."""
+    kernel[grid, threads, numba_stream(device)](
+        *[numba_array(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
 def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, threads: int = 256) -> None:
-    """Launch a grid-stride Numba kernel over `n_elements`, one thread per element on a GPU,
-    on torch's current stream."""
+    """launch_numba for a grid-stride kernel over `n_elements`: one thread per element on a
+    GPU, SIM_MAX_BLOCKS blocks in the simulator."""
     threads = numba_threads(threads)
-    kernel[numba_blocks(cdiv(n_elements, threads)), threads, numba_stream(device)](*args)
+    launch_numba(kernel, numba_blocks(cdiv(n_elements, threads)), threads, device, *args)

@@ -30,8 +30,8 @@ from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
 from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
-from ._launch import (cdiv, dot_block, input_precision, memory_format_of, new_output, next_power_of_2, numba_array,
-                      numba_stream, numba_threads)
+from ._launch import (cdiv, dot_block, input_precision, launch_numba, launch_numba_1d,
+                      memory_format_of, new_output, next_power_of_2)
 from ._plan import Cache, Launch
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
@@ -437,14 +437,6 @@ class _TritonIm2col:
 
 # --- Numba explicit im2col + GEMM ------------------------------------------------------------
 
-def _numba_1d(kernel, total: int, device: torch.device, *args) -> None:
-    """A 1-D grid-stride Numba kernel over `total` elements on torch's current stream; one
-    block under emulation (starting a simulated block costs tens of milliseconds)."""
-    threads = numba_threads(256)
-    blocks = 1 if _env.INTERPRET else max(1, min(cdiv(total, threads), 1 << 20))
-    kernel[blocks, threads, numba_stream(device)](*args)
-
-
 def _numba_weight_matrix(w: torch.Tensor, g: ConvGeometry):
     """(c_last, W) with W the weight as a (groups, OCG, K) strided view, k = (c, kh, kw), or
     (kh, kw, c) with c_last (a channels_last weight); None when neither order flattens."""
@@ -496,7 +488,7 @@ class _NumbaIm2col:
         got = _numba_weight_matrix(w, g)
         if got is None:
             packed = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-            _numba_1d(k.copy4, w.numel(), w.device, numba_array(w), numba_array(packed),
+            launch_numba_1d(k.copy4, w.numel(), w.device, w, packed,
                       k.dtype_code(w.dtype), k.dtype_code(w.dtype))
             got = _numba_weight_matrix(packed, g)
         return got
@@ -513,7 +505,7 @@ class _NumbaIm2col:
         from .kernels.numba import conv as k
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
         cols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
-        _numba_1d(k.im2col, cols.numel(), x.device, numba_array(x), numba_array(cols), n0,
+        launch_numba_1d(k.im2col, cols.numel(), x.device, x, cols, n0,
                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OW, c_last)
         return cols
 
@@ -527,8 +519,7 @@ class _NumbaIm2col:
         from .kernels.numba import conv as k
         packed = ws[:nb * g.OC * g.OH * g.OW].view(nb, g.OC, g.OH, g.OW)
         code = k.dtype_code(dy.dtype)
-        _numba_1d(k.copy4, packed.numel(), dy.device, numba_array(dy[n0:n0 + nb]),
-                  numba_array(packed), code, code)
+        launch_numba_1d(k.copy4, packed.numel(), dy.device, dy[n0:n0 + nb], packed, code, code)
         return _numba_pixel_matrix(packed, 0, nb, g.groups)
 
     @staticmethod
@@ -559,9 +550,9 @@ class _NumbaIm2col:
         for n0, nb in chunks:
             dcols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
             gemm_numba(_NumbaIm2col._dy(dy, dy_ws, n0, nb, g), wm, dcols)
-            _numba_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, numba_array(dcols),
-                      numba_array(dx), n0, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW,
-                      g.OH, g.OW, c_last, channels_last, k.dtype_code(dx.dtype))
+            launch_numba_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, dcols, dx, n0, g.SH,
+                            g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OH, g.OW, c_last,
+                            channels_last, k.dtype_code(dx.dtype))
 
     @staticmethod
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
@@ -591,9 +582,8 @@ class _NumbaIm2col:
         from .kernels.numba import conv as k
         threads = BIAS_SIM_THREADS if _env.INTERPRET else 256
         blocks = 1 if _env.INTERPRET else min(g.OC, 65535)
-        k.bias_grad[blocks, threads, numba_stream(dy.device)](
-            numba_array(dy), numba_array(db.view(1, 1, 1, g.OC)), k.dtype_code(dy.dtype),
-            k.dtype_code(db.dtype))
+        launch_numba(k.bias_grad, blocks, threads, dy.device, dy, db.view(1, 1, 1, g.OC),
+                     k.dtype_code(dy.dtype), k.dtype_code(db.dtype))
 
 
 # Threads of the bias-gradient reduction in the CUDA simulator, where each syncthreads costs

@@ -17,8 +17,7 @@ from torch import Tensor
 from ._checks import check_tensor
 from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, kernel_op,
                        memory_format)
-from ._launch import (cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2,
-                      numba_array)
+from ._launch import cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2
 from ._plan import Cache, Launch, needs_graph
 from ._shapes import pair, pool_output_size
 from ._tune import Tuner, bucket
@@ -148,42 +147,41 @@ class _NumbaPool:
     @staticmethod
     def max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> None:
         from .kernels.numba import pool as k
-        arrays = map(numba_array, (x, y, idx if idx is not None else y))
-        launch_numba_1d(k.max_pool2d_fwd, y.numel(), y.device, *arrays,
+        launch_numba_1d(k.max_pool2d_fwd, y.numel(), y.device, x, y, idx if idx is not None else y,
                         g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
                         _channels_fastest(x), k.dtype_code(x.dtype))
 
     @staticmethod
     def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
         from .kernels.numba import pool as k
-        launch_numba_1d(k.max_pool2d_bwd, dx.numel(), dx.device, *map(numba_array, (dy, idx, dx)),
+        launch_numba_1d(k.max_pool2d_bwd, dx.numel(), dx.device, dy, idx, dx,
                         g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
                         _channels_fastest(dx), k.dtype_code(dx.dtype))
 
     @staticmethod
     def avg_fwd(x, y, g: PoolGeometry) -> None:
         from .kernels.numba import pool as k
-        launch_numba_1d(k.avg_pool2d_fwd, y.numel(), y.device, *map(numba_array, (x, y)),
+        launch_numba_1d(k.avg_pool2d_fwd, y.numel(), y.device, x, y,
                         g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
                         _channels_fastest(x), k.dtype_code(x.dtype))
 
     @staticmethod
     def avg_bwd(dy, dx, g: PoolGeometry) -> None:
         from .kernels.numba import pool as k
-        launch_numba_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, *map(numba_array, (dy, dx)),
+        launch_numba_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, dy, dx,
                         g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
                         _channels_fastest(dx), k.dtype_code(dx.dtype))
 
     @staticmethod
     def adaptive_fwd(x, y, g: PoolGeometry) -> None:
         from .kernels.numba import pool as k
-        launch_numba_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, *map(numba_array, (x, y)),
+        launch_numba_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, x, y,
                         _channels_fastest(x), k.dtype_code(x.dtype))
 
     @staticmethod
     def adaptive_bwd(dy, dx, g: PoolGeometry) -> None:
         from .kernels.numba import pool as k
-        launch_numba_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device, *map(numba_array, (dy, dx)),
+        launch_numba_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device, dy, dx,
                         _channels_fastest(dx), k.dtype_code(dx.dtype))
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
+from ._launch import (cdiv, launch_numba, new_output, next_power_of_2, numba_blocks,
                       numba_threads)
 from ._plan import Cache, Launch, needs_graph
 from ._shapes import as_rows, normalize_dim
@@ -169,12 +169,22 @@ class _TritonLaunch:
 
 # --- Numba launch -------------------------------------------------------------------------
 
+def dtype_code(dtype: torch.dtype) -> int:
+    """The Numba kernels' dtype argument (imported when the Numba backend is used)."""
+    from .kernels.numba._dtypes import dtype_code as code
+    return code(dtype)
+
+
 class _NumbaLaunch:
     """Same methods as _TritonLaunch, on the Numba kernels (one block of threads per row)."""
 
     @staticmethod
-    def _threads(n: int) -> int:
-        return min(numba_threads(256), max(32, next_power_of_2(n)))
+    def _launch(name: str, x3, *args) -> None:
+        """Numba row kernel `name` over the rows of x3, one block of threads per row."""
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = x3.shape
+        threads = min(numba_threads(256), max(32, next_power_of_2(n)))
+        launch_numba(getattr(k, name), numba_blocks(outer * inner), threads, x3.device, *args)
 
     @staticmethod
     def _weights(weight, dummy):
@@ -184,59 +194,44 @@ class _NumbaLaunch:
 
     @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
-        from .kernels.numba import softmax_ce as k
-        outer, n, inner = x3.shape
-        k.softmax_fwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            numba_array(x3), numba_array(y3), inner, log, k.dtype_code(x3.dtype))
+        _NumbaLaunch._launch("softmax_fwd", x3, x3, y3, x3.shape[2], log, dtype_code(x3.dtype))
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
-        from .kernels.numba import softmax_ce as k
-        outer, n, inner = y3.shape
-        k.softmax_bwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(y3.device)](
-            numba_array(y3), numba_array(dy3), numba_array(dx3), inner, log, k.dtype_code(y3.dtype))
+        _NumbaLaunch._launch("softmax_bwd", y3, y3, dy3, dx3, y3.shape[2], log,
+                             dtype_code(y3.dtype))
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
-        from .kernels.numba import softmax_ce as k
-        outer, n, inner = x3.shape
-        w = _NumbaLaunch._weights(weight, loss[:1])
-        k.cross_entropy_fwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            numba_array(x3), numba_array(target), numba_array(w), numba_array(loss), numba_array(lse), numba_array(row_weight), inner,
-            ignore_index, float(smoothing), weight is not None, k.dtype_code(x3.dtype))
+        w = _NumbaLaunch._weights(weight, lse[:1])
+        _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w, loss, lse, row_weight,
+                             x3.shape[2], ignore_index, float(smoothing), weight is not None,
+                             dtype_code(x3.dtype))
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, weight_sum, dx3,
                           ignore_index, smoothing):
-        from .kernels.numba import softmax_ce as k
-        outer, n, inner = x3.shape
         w = _NumbaLaunch._weights(weight, lse[:1])
         ws = weight_sum if weight_sum is not None else lse[:1]
-        k.cross_entropy_bwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            numba_array(x3), numba_array(target), numba_array(w), numba_array(lse), numba_array(grad.reshape(-1)), grad_stride,
-            numba_array(ws.reshape(1).float()), numba_array(dx3), inner, ignore_index, float(smoothing),
-            weight is not None, k.dtype_code(x3.dtype))
+        _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse, grad.reshape(-1),
+                             grad_stride, ws.reshape(1).float(), dx3, x3.shape[2], ignore_index,
+                             float(smoothing), weight is not None, dtype_code(x3.dtype))
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
-        from .kernels.numba import softmax_ce as k
-        outer, n, inner = x3.shape
-        w = _NumbaLaunch._weights(weight, loss[:1])
-        k.cross_entropy_prob_fwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            numba_array(x3), numba_array(y3), numba_array(w), numba_array(loss), numba_array(lse),
-            numba_array(mass), inner, float(smoothing), weight is not None,
-            k.dtype_code(x3.dtype), k.dtype_code(y3.dtype))
+        w = _NumbaLaunch._weights(weight, lse[:1])
+        _NumbaLaunch._launch("cross_entropy_prob_fwd", x3, x3, y3, w, loss, lse, mass,
+                             x3.shape[2], float(smoothing), weight is not None,
+                             dtype_code(x3.dtype), dtype_code(y3.dtype))
 
     @staticmethod
     def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, dx3, dy3, smoothing):
-        from .kernels.numba import softmax_ce as k
-        outer, n, inner = x3.shape
         w = _NumbaLaunch._weights(weight, lse[:1])
-        k.cross_entropy_prob_bwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            numba_array(x3), numba_array(y3), numba_array(w), numba_array(lse), numba_array(mass),
-            numba_array(grad.reshape(-1)), grad_stride, numba_array(dx3),
-            numba_array(dy3 if dy3 is not None else dx3), inner, float(smoothing), weight is not None,
-            dy3 is not None, k.dtype_code(x3.dtype), k.dtype_code(y3.dtype))
+        _NumbaLaunch._launch("cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass,
+                             grad.reshape(-1), grad_stride, dx3,
+                             dy3 if dy3 is not None else dx3, x3.shape[2], float(smoothing),
+                             weight is not None, dy3 is not None, dtype_code(x3.dtype),
+                             dtype_code(y3.dtype))
 
 
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
