@@ -178,8 +178,10 @@ def report() -> dict[str, list[dict]]:
 
 
 def reset() -> None:
-    """Forget every choice (tests; or after changing torch's TF32 settings mid-run)."""
+    """Forget every choice, and the launch plans built from them (tests)."""
+    from . import _plan
     with _LOCK:
         for tuner in Tuner.all.values():
             tuner.chosen.clear()
             tuner.trials.clear()
+    _plan.clear_all()
