@@ -19,7 +19,7 @@ NaN and infinities must stand where torch has them. When the float64 reference c
 computed (torch has no float64 kernel for the op on the device), the variant is compared with
 torch's result at the dtype's tolerance instead, and the message says so.
 
-Statuses: "pass", "wrong" (out of tolerance, with assert_close's message), "error" (raised),
+Statuses: "pass", "wrong" (out of tolerance, with deviation's message), "error" (raised),
 "skipped" (cannot run here, with the reason: listed as skipped by the suite, GPU only, or
 `Unsupported` raised by the variant for this case). Outputs above `SAMPLE_LIMIT` elements are
 compared on evenly spaced rows (first and last included) after a NaN-placement check of the
