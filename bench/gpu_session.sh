@@ -2,6 +2,12 @@
 # One GPU machine, few calls: each mode below is meant to finish well inside 10 minutes and
 # leaves every log and result under OUT (a short summary is printed last).
 #
+#   bench/gpu_session.sh verify  OUT                 the checks of the first run's faults, in one
+#                                                    call: the Numba backend under the machine's
+#                                                    NumPy, the test files that failed there
+#                                                    (TF32 tolerances, torch's CUDA-side rules), and
+#                                                    the benchmark gate on the GRU layer and LSTM
+#                                                    cell backward (float64 reference)
 #   bench/gpu_session.sh tests   OUT [pytest args]   the test suite on the GPU: compiled kernels,
 #                                                    bf16, the --full heavy cases (> 2^31
 #                                                    elements), CuPy; 4 pytest-xdist workers
@@ -10,33 +16,74 @@
 #   bench/gpu_session.sh untuned OUT [bench args]    the same with PYDL_TUNE=0 (default configs),
 #                                                    to compare with `python -m bench compare`
 #
-# Suggested order: `tests OUT` (add test files to split it if it runs long), then
-# `bench OUT conv2d attention`, then `bench OUT cross_entropy max_pool2d softmax lstm ...`.
+# Suggested order: `verify OUT`, then `tests OUT` (add test files to split it if it runs long),
+# then `bench OUT conv2d attention`, then `bench OUT cross_entropy max_pool2d softmax lstm ...`.
 # Copy OUT/results/*.json (and the plots) into bench/results/ and commit them.
-# Uses the machine's installed packages; installs pydl itself in place without dependencies.
+# Uses the machine's installed packages; installs pydl itself in place without dependencies,
+# and stops (exit 3) when that install or `import pydl.kernels` fails.
 set -uo pipefail
-mode=${1:?usage: bench/gpu_session.sh tests|bench|untuned OUT [args...]}
-out=${2:?usage: bench/gpu_session.sh tests|bench|untuned OUT [args...]}
+mode=${1:?usage: bench/gpu_session.sh verify|tests|bench|untuned OUT [args...]}
+out=${2:?usage: bench/gpu_session.sh verify|tests|bench|untuned OUT [args...]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1 \
-    || echo "pip install -e . failed (see install.log)"
+
+if ! python3 -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1; then
+    echo "error: \`pip install -e . --no-deps --no-build-isolation\` failed; nothing was run." >&2
+    echo "(it builds with the installed setuptools, which must be 70.1 or newer, or older with" \
+         "the wheel package)" >&2
+    tail -n 15 "$out/install.log" >&2
+    exit 3
+fi
+if ! python3 -c "import pydl.kernels, pydl.kernels.triton" >"$out/import.log" 2>&1; then
+    echo "error: pydl installed, but \`import pydl.kernels\` failed; nothing was run." >&2
+    tail -n 15 "$out/import.log" >&2
+    exit 3
+fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-    python3 -c "import torch, triton, numpy, numba; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__, 'numba', numba.__version__)"
+    python3 -c "import torch, triton, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+    python3 -c "import numba, numba_cuda; print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__)" 2>&1 | tail -n 1
     git rev-parse HEAD 2>/dev/null
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
+workers() {   # $1 workers when pytest-xdist is installed
+    python3 -c "import xdist" 2>/dev/null && echo "-n $1"
+}
+
 case $mode in
+    verify)
+        # 1. the tests: the Numba backend (item: NumPy without row_stack), and every test file
+        #    with a failure in the first run, without --full
+        # shellcheck disable=SC2046
+        timeout 420 python3 -m pytest -q -p no:cacheprovider $(workers 12) --durations=15 \
+            --junitxml="$out/junit.xml" \
+            tests/test_packaging.py tests/test_testing.py tests/test_conv.py \
+            tests/test_interop.py tests/test_lstm.py tests/test_attention.py \
+            tests/test_softmax_ce.py tests/test_pool.py tests/test_gemm_numba.py \
+            tests/test_compile.py >"$out/tests.log" 2>&1
+        tests_rc=$?
+        echo "pytest exit status $tests_rc (124: stopped by its time limit)"
+        grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
+        tail -n 3 "$out/tests.log"
+        # 2. the gate on the rows it rejected: GRU layer and LSTM cell, fp16, quick shapes
+        timeout 150 python3 -m bench gru lstm_cell --variants triton torch --direction bwd \
+            --rep-ms 5 --warmup-ms 1 --no-plots --no-progress --out "$out/results" \
+            >"$out/bench.log" 2>&1
+        bench_rc=$?
+        echo "bench (gate) exit status $bench_rc"
+        grep -E "wrong|error" "$out/bench.log" | head -20
+        tail -n 30 "$out/bench.log"
+        [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+        exit $?
+        ;;
     tests)
-        workers=()
-        python3 -c "import xdist" 2>/dev/null && workers=(-n 4)   # 4: the > 2^31-element cases need ~16 GB each
-        timeout 540 python3 -m pytest -q -p no:cacheprovider --full "${workers[@]}" \
+        # shellcheck disable=SC2046
+        timeout 540 python3 -m pytest -q -p no:cacheprovider --full $(workers 4) \
             --durations=30 --junitxml="$out/junit.xml" "$@" >"$out/tests.log" 2>&1
-        echo "pytest exit status $?"
+        echo "pytest exit status $?"   # 4 workers: the > 2^31-element cases need ~16 GB each
         grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
         tail -n 5 "$out/tests.log"
         ;;
@@ -48,7 +95,7 @@ case $mode in
         tail -n 80 "$out/bench.log"
         ;;
     *)
-        echo "unknown mode $mode: tests, bench or untuned" >&2
+        echo "unknown mode $mode: verify, tests, bench or untuned" >&2
         exit 2
         ;;
 esac

@@ -66,7 +66,45 @@ def header_lines(result: dict) -> list[str]:
     if peaks.get("copy_gbps"):
         lines.append(f"measured peaks: copy {peaks['copy_gbps']:.0f} GB/s, "
                      f"bf16 matmul {peaks['bf16_tflops']:.0f} TFLOP/s")
-    return lines
+    return lines + [launch_configs(result), coverage(result)]
+
+
+def launch_configs(result: dict) -> str:
+    tuning = result.get("tuning")
+    if not tuning:
+        return "launch configs: not recorded"
+    if not tuning.get("enabled"):
+        return "launch configs: each launcher's default (PYDL_TUNE=0, no autotuning)"
+    n = sum(len(v) for v in tuning.get("choices", {}).values())
+    return (f"launch configs: autotuned on the device ({n} choices, with every candidate's "
+            "kernel time, in the file's `tuning`)")
+
+
+def coverage(result: dict) -> str:
+    """Which cases of the run's shape set it holds: the whole set, or which subset."""
+    shapes = result.get("shapes")
+    ran: dict[str, set[str]] = {}
+    for r in result["rows"]:
+        ran.setdefault(r["op"], set()).add(r["case"])
+    try:
+        from .suites import all_suites
+        declared = {op: [c.name for c in s.cases(shapes)] for op, s in all_suites().items()
+                    if shapes in s.shape_sets}
+    except Exception:  # noqa: BLE001  (the suites cannot load here: say what ran)
+        return f"cases: {sum(map(len, ran.values()))} of the {shapes} shapes"
+    parts, missing = [], [op for op in declared if op not in ran]
+    for op, names in declared.items():
+        if op in ran and not set(names) <= ran[op]:
+            parts.append(f"{op} {len(ran[op] & set(names))} of {len(names)} "
+                         f"({', '.join(n for n in names if n in ran[op])})")
+    if not parts and not missing:
+        return f"cases: all of the {shapes} shapes"
+    text = f"cases: a subset of the {shapes} shapes"
+    if parts:
+        text += ": " + "; ".join(parts)
+    if missing:
+        text += f"; not run: {', '.join(missing)}"
+    return text
 
 
 # --- a run's tables ---------------------------------------------------------------------

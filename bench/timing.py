@@ -1,7 +1,8 @@
 """GPU timing: CUDA events around each run, median of many; peak extra memory of one run.
 
-A `Step` is what gets timed: `prepare(i)` builds the state for run i from input copy
-i % copies outside the timed region (for a backward-only step it runs the forward), and
+A `Step` is what gets timed: `prepare(c)` builds the state of a run from input copy c
+(0 <= c < copies; run i of any loop here uses copy i % copies) outside the timed region (for a
+backward-only step it runs the forward), and
 `run(state)` is the timed work. Each run is bracketed by its own pair of CUDA events recorded
 on the current stream, so untimed work enqueued by `prepare` finishes before the start event
 and is not counted. Only used with a CUDA device: emulated or CPU times are never reported.
@@ -48,9 +49,14 @@ def rotation_copies(input_bytes: int, l2: int) -> int:
     return min(MAX_COPIES, l2 // input_bytes + 1)
 
 
+def _prepare(step: Step, i: int):
+    """The state of run i: every run, timed or not, takes its inputs from copy i % copies."""
+    return step.prepare(i % step.copies)
+
+
 def _timed_run(step: Step, i: int):
     import torch
-    state = step.prepare(i % step.copies)
+    state = _prepare(step, i)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     step.run(state)
@@ -63,13 +69,13 @@ def time_step(step: Step, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
     """Median time of `step.run` in ms: one untimed call (compilation, autotuning), an
     estimate from 5 runs, warm-up for `warmup_ms`, then about `rep_ms` of timed runs."""
     import torch
-    step.run(step.prepare(0))
+    step.run(_prepare(step, 0))
     torch.cuda.synchronize()
     probe = [_timed_run(step, i) for i in range(5)]
     torch.cuda.synchronize()
     estimate = max(1e-3, statistics.median(s.elapsed_time(e) for s, e in probe))
     for i in range(min(max_reps, math.ceil(warmup_ms / estimate))):
-        step.run(step.prepare(i))
+        step.run(_prepare(step, i))
     reps = max(min_reps, min(max_reps, math.ceil(rep_ms / estimate)))
     events = [_timed_run(step, i) for i in range(reps)]
     torch.cuda.synchronize()
@@ -82,7 +88,7 @@ def peak_extra_bytes(step: Step) -> int:
     backward-only step, the forward's output and saved tensors) are not counted; outputs,
     gradients and workspaces are."""
     import torch
-    state = step.prepare(0)
+    state = _prepare(step, 0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import pydl
 from pydl import attention
 from pydl import reference as ref
-from pydl.testing import assert_close, random_tensor, run_with_grad
+from pydl.testing import assert_close, random_tensor, run_with_grad, uses_tf32
 
 from conftest import DEVICE, DTYPES
 
@@ -19,15 +19,26 @@ BACKENDS = ("triton", "numba")
 backends = pytest.mark.parametrize("backend", BACKENDS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 F = torch.nn.functional
-TF32 = DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32
+TF32 = uses_tf32(DEVICE, cudnn=False)
+
+
+def torch_sdpa(q, k, v, attn_mask=None, **opts):
+    """torch's SDPA, held on every device to what its CUDA kernels accept: they refuse a mask
+    whose last dimension is not contiguous once broadcast (a (L, 1) mask over S > 1 keys)."""
+    if attn_mask is not None and attn_mask.shape[-1] == 1 and k.shape[-2] > 1:
+        raise RuntimeError("(*bias): last dimension must be contiguous (as torch on CUDA says)")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **opts)
 
 
 def check_attention(q, k, v, backend, dtype, algo=None, **opts):
     fn = lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend=backend, algo=algo,  # noqa: E731
                                                            **opts)
     out, g, grads = run_with_grad(fn, [q, k, v])
-    t_out, _, t_grads = run_with_grad(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **opts),
-                                      [q, k, v], g)
+    t_opts = dict(opts)
+    if opts.get("attn_mask") is not None:   # pydl gets the mask as given, torch what it accepts
+        mask = opts["attn_mask"]
+        t_opts["attn_mask"] = mask.expand(mask.shape[:-2] + (q.shape[-2], k.shape[-2])).contiguous()
+    t_out, _, t_grads = run_with_grad(lambda q, k, v: torch_sdpa(q, k, v, **t_opts), [q, k, v], g)
     np64 = lambda t: None if t is None else t.detach().cpu().double().numpy() if t.dtype != torch.bool \
         else t.cpu().numpy()  # noqa: E731
     mask = opts.get("attn_mask")

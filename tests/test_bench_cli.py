@@ -677,3 +677,130 @@ def test_floors_are_the_larger_of_math_and_memory_time(capsys):
     assert cli.main(["floors", "conv2d", "--shapes", "tiny"]) == 0
     assert "conv2d" in capsys.readouterr().out
     assert cli.main(["floors", "nonsense"]) == 2
+
+
+class _VirtualClock:
+    """A GPU clock for the timing loop on the CPU: each run of a step takes `run_ms` of virtual
+    time, and CUDA events read that time."""
+
+    def __init__(self, run_ms: float):
+        self.now, self.run_ms = 0.0, run_ms
+        clock = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self, stream=None):
+                self.t = clock.now
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+        self.Event = Event
+
+
+def test_time_step_warms_up_past_the_number_of_input_copies(monkeypatch):
+    """The warm-up runs more often than there are input copies (25 ms of 0.25 ms runs over 3
+    copies): every run takes a copy in rotation, and the median is the run's (virtual) time."""
+    clock = _VirtualClock(run_ms=0.25)
+    monkeypatch.setattr(torch.cuda, "Event", clock.Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    copies = ["copy0", "copy1", "copy2"]
+    used = []
+
+    def prepare(c):
+        used.append(c)
+        return copies[c]                       # IndexError for a copy that does not exist
+
+    def run(state):
+        clock.now += clock.run_ms
+
+    t = timing.time_step(timing.Step(prepare, run, len(copies)), warmup_ms=25.0, rep_ms=5.0)
+    assert t.median_ms == 0.25 and t.min_ms == 0.25 and t.reps == 20   # rep_ms / run time
+    # one untimed call, 5 probes, 100 warm-up runs, 20 timed runs, each on copy i % 3
+    assert len(used) == 1 + 5 + 100 + 20
+    assert used[6:106] == [i % 3 for i in range(100)]
+
+
+# --- the gate judges against float64 --------------------------------------------------------
+
+def _gate_case(suite_name="softmax", case_name="tiny-wide"):
+    from bench import gate
+    suite = all_suites()[suite_name]
+    case = next(c for c in suite.cases("tiny") if c.name == case_name)
+    gen = torch.Generator().manual_seed(0)
+    inputs = suite.make_inputs(case, case.dtype, torch.device("cpu"), gen)
+    return gate, suite, case, inputs, gen
+
+
+def _check(gate, suite, case, inputs, ref, fn):
+    return gate.check(Variant("candidate", fn, "peer"), suite, case.dtype,
+                      suite.reduction_lengths(case), inputs, ref, torch.device("cpu"))
+
+
+def test_gate_accepts_a_variant_more_accurate_than_torch(monkeypatch):
+    """torch's fp16 result carries its own rounding; a variant closer to float64 than torch is
+    must pass even where it differs from torch by more than the fp16 tolerance (the GPU's fp16
+    GRU and LSTM-cell gradients). Here torch's fp16 softmax is made coarser than fp16's
+    tolerance (a bf16 round trip) and the variant is float64 rounded to fp16."""
+    gate, suite, case, inputs, gen = _gate_case()
+    real = suite.torch_fn()
+
+    def coarse_torch(x, *args, **kw):
+        y = real(x, *args, **kw)
+        return y if y.dtype == torch.float64 else y.to(torch.bfloat16).to(y.dtype)
+
+    monkeypatch.setattr(suite, "torch_fn", lambda: coarse_torch)
+    ref = gate.reference(suite, inputs, gen)
+    assert ref.exact is not None and ref.exact[0].dtype == torch.float64
+
+    def exact_then_rounded(x, *args, **kw):
+        return real(x.double(), *args, **kw).to(x.dtype)
+
+    c = _check(gate, suite, case, inputs, ref, exact_then_rounded)
+    assert (c.fwd, c.bwd) == ("pass", "pass"), (c.fwd_message, c.bwd_message)
+    # and torch's own result is not wrong either: it sets the allowance
+    c = _check(gate, suite, case, inputs, ref, coarse_torch)
+    assert (c.fwd, c.bwd) == ("pass", "pass"), (c.fwd_message, c.bwd_message)
+
+
+def test_gate_rejects_what_torch_does_not_do():
+    """Against float64: a variant out of tolerance where torch is within it is wrong, the
+    message gives both deviations; and a variant much worse than an inexact torch is wrong."""
+    gate, suite, case, inputs, gen = _gate_case()
+    ref = gate.reference(suite, inputs, gen)
+    real = suite.torch_fn()
+
+    def off(x, *args, **kw):
+        y = real(x, *args, **kw)
+        return y + 0.5 * y.detach().abs().max()
+
+    c = _check(gate, suite, case, inputs, ref, off)
+    assert c.fwd == "wrong" and "from float64" in c.fwd_message and "torch" in c.fwd_message
+    assert c.bwd == "pass"        # a constant shift leaves the softmax's gradient unchanged
+
+    def nan_row(x, *args, **kw):
+        y = real(x, *args, **kw).clone()
+        y[1, 3] = float("nan")
+        return y
+
+    c = _check(gate, suite, case, inputs, ref, nan_row)
+    assert c.fwd == "wrong" and "NaN" in c.fwd_message
+
+
+def test_gate_falls_back_to_torch_without_a_float64_reference(monkeypatch):
+    gate, suite, case, inputs, gen = _gate_case()
+    real = suite.torch_fn()
+
+    def no_double(x, *args, **kw):
+        if x.dtype == torch.float64:
+            raise RuntimeError("no float64 kernel")
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(suite, "torch_fn", lambda: no_double)
+    ref = gate.reference(suite, inputs, gen)
+    assert ref.exact is None and "no float64 kernel" in ref.exact_error
+    c = _check(gate, suite, case, inputs, ref, lambda x, *a, **k: real(x, *a, **k) * 1.1)
+    assert c.fwd == "wrong" and "no float64 reference" in c.fwd_message
+    c = _check(gate, suite, case, inputs, ref, real)
+    assert (c.fwd, c.bwd) == ("pass", "pass")

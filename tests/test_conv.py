@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import pydl
 from pydl._plan import clear_all as clear_plans
 from pydl import reference as ref
-from pydl.testing import assert_close, random_tensor, run_with_grad
+from pydl.testing import assert_close, random_tensor, run_with_grad, uses_tf32
 
 from conftest import DEVICE, DTYPES
 
@@ -18,12 +18,14 @@ F = torch.nn.functional
 VARIANTS = [("triton", "implicit"), ("triton", "im2col"), ("numba", "im2col")]
 variants = pytest.mark.parametrize("backend,algo", VARIANTS, ids=[f"{b}-{a}" for b, a in VARIANTS])
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
-TF32 = DEVICE == "cuda" and torch.backends.cudnn.allow_tf32
+TF32 = uses_tf32(DEVICE, cudnn=True)
 
 
 def check_conv(x, w, b, backend, algo, dtype, grad_out=None, **opts):
     """Forward and grad input/weight/bias against the reference and torch, same cotangent
-    (`grad_out`, any strides, or a fixed random one)."""
+    (`grad_out`, any strides, or a fixed random one), at the tolerance of the precision both
+    use now (TF32 products on a GPU unless torch.backends.cudnn.allow_tf32 is off)."""
+    tf32 = uses_tf32(x.device, cudnn=True)
     inputs = [x, w] + ([b] if b is not None else [])
     fn = lambda x, w, b=None: pydl.conv2d(x, w, b, backend=backend, algo=algo, **opts)  # noqa: E731
     out, g, grads = run_with_grad(fn, inputs, grad_out)
@@ -37,12 +39,12 @@ def check_conv(x, w, b, backend, algo, dtype, grad_out=None, **opts):
     # grad input sums over (oc, kh, kw) of a group; grad weight and bias over all output pixels
     reductions = [(OC // groups) * KH * KW, out.numel() // OC, out.numel() // OC]
     assert out.shape == t_out.shape and out.dtype == x.dtype
-    assert_close(out, y64, dtype, reduction=CG * KH * KW, tf32=TF32, name="forward vs reference")
-    assert_close(out, t_out, dtype, reduction=CG * KH * KW, tf32=TF32, name="forward vs torch")
+    assert_close(out, y64, dtype, reduction=CG * KH * KW, tf32=tf32, name="forward vs reference")
+    assert_close(out, t_out, dtype, reduction=CG * KH * KW, tf32=tf32, name="forward vs torch")
     names = ["grad input", "grad weight", "grad bias"]
     for i, (ours, theirs, r, red) in enumerate(zip(grads, t_grads, r_grads, reductions)):
-        assert_close(ours, r, dtype, reduction=red, tf32=TF32, name=f"{names[i]} vs reference")
-        assert_close(ours, theirs, dtype, reduction=red, tf32=TF32, name=f"{names[i]} vs torch")
+        assert_close(ours, r, dtype, reduction=red, tf32=tf32, name=f"{names[i]} vs reference")
+        assert_close(ours, theirs, dtype, reduction=red, tf32=tf32, name=f"{names[i]} vs torch")
     return out
 
 
@@ -133,6 +135,18 @@ def _check_layer(backend, algo, layer, bias):
     check_conv(x, w, b, backend, algo, torch.float32, **opts)
 
 
+@variants
+@pytest.mark.parametrize("layer", ["vgg_3x3",
+                                   pytest.param("alexnet_conv2", marks=pytest.mark.sim_heavy)])
+def test_fp32_full_precision(monkeypatch, backend, algo, layer):
+    """With TF32 off, fp32 is compared at fp32's tolerance on every device: an fp32 accuracy
+    bug cannot hide behind TF32's (the other fp32 cases use TF32's on a GPU, as cuDNN does).
+    The kernels follow the flag at each call, as torch's do."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not uses_tf32(DEVICE, cudnn=True)
+    _check_layer(backend, algo, layer, bias=True)
+
+
 @pytest.mark.parametrize("k_order", ["channel_blocks", "flat"])
 @pytest.mark.parametrize("layer", ["resnet_stem", "grouped", "dilated", "non_square",
                                    pytest.param("alexnet_conv2", marks=pytest.mark.sim_heavy),
@@ -215,9 +229,9 @@ def test_implicit_grad_weight_split_k(monkeypatch, case):
         x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
     splits = []
     real = conv_mod._split_k
-    for sms in (0, 2, 1000):
+    for sms in (0, 2, 1000):      # the device's multiprocessors, emulated or real
         monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
-        monkeypatch.setattr(conv_mod, "SIM_SMS", sms)
+        monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device, sms=sms: sms)
         monkeypatch.setattr(conv_mod, "_split_k",
                             lambda *a: splits.append(real(*a)) or splits[-1])
         clear_plans()                   # launch plans captured the previous setting

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from pydl._gemm import gemm, gemm_config
-from pydl.testing import assert_close, random_tensor
+from pydl.testing import assert_close, random_tensor, uses_tf32
 
 from conftest import DEVICE, DTYPES
 
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
-TF32 = DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32
+TF32 = uses_tf32(DEVICE, cudnn=False)
 
 
 def expected(a, b, trans_a=False, trans_b=False):

@@ -12,7 +12,7 @@ import torch
 
 import pydl
 from pydl import reference as ref
-from pydl.testing import assert_close, random_tensor
+from pydl.testing import assert_close, random_tensor, uses_tf32
 
 from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
 
@@ -22,7 +22,7 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 LAYER_VARIANTS = [("triton", None), ("triton", "persistent"), ("numba", None)]
 variants = pytest.mark.parametrize("backend,algo", LAYER_VARIANTS,
                                    ids=["triton", "triton-persistent", "numba"])
-TF32 = DEVICE == "cuda" and torch.backends.cudnn.allow_tf32
+TF32 = uses_tf32(DEVICE, cudnn=True)
 
 
 def _np(t):
@@ -251,7 +251,9 @@ def _check_layer(backend, algo, dtype, T, B, I, H, L=1, bidirectional=False, bat
 
     outs, grads = _run(_layer_fn(kind, backend, algo, recompute, **opts), [x, *states, *ws], cot)
     up = torch.float32 if dtype == torch.float16 else dtype
-    t_outs, t_grads = _run(_layer_fn(kind, "torch", **opts),
+    # training mode on torch's side: cuDNN refuses a backward through its RNN in eval mode
+    # (with no dropout the two modes compute the same)
+    t_outs, t_grads = _run(_layer_fn(kind, "torch", training=True, **opts),
                            [None if t is None else t.to(up) for t in [x, *states, *ws]],
                            [t.to(up) for t in cot])
     w64 = dict(zip(names, map(_np, ws)))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pydl.testing import uses_tf32
+
 from .base import Case, Suite, Variant, randn
 
 try:    # registers pydl's lstm, gru, lstm_cell and gru_cell ops; the suites load either way
@@ -189,8 +191,8 @@ class RNNLayerSuite(Suite):
         return fn
 
     def tf32(self, dtype, device):
-        # pydl's RNN GEMMs follow cudnn.allow_tf32, as cuDNN's RNN math does
-        return dtype == F32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+        # cuDNN's RNN math follows cudnn.allow_tf32
+        return dtype == F32 and uses_tf32(device, cudnn=True)
 
     def reduction_length(self, case):
         return case.shape[2] + case.hidden

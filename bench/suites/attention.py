@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pydl.testing import uses_tf32
+
 from .base import Case, Suite, Unsupported, dtype_size, randn
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -136,7 +138,7 @@ class AttentionSuite(Suite):
         return None
 
     def tf32(self, dtype, device):
-        return dtype == F32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        return dtype == F32 and uses_tf32(device, cudnn=False)
 
     def reduction_length(self, case):
         return case.shape[2]

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pydl.testing import uses_tf32
+
 from .base import Case, Suite, dtype_size, randn
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -157,7 +159,7 @@ class Conv2dSuite(Suite):
                                                                         padding)
 
     def tf32(self, dtype, device):
-        return dtype == F32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32
+        return dtype == F32 and uses_tf32(device, cudnn=True)
 
     def reduction_length(self, case):
         _, c, _, k, _, _, _ = case.geometry

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from pydl.testing import uses_tf32
+
 from ._rnn import F16, F32, GATES, RNNCase, gemm_flops, init_scale
 from .base import Suite, dtype_size, randn
 
@@ -111,8 +113,7 @@ class RNNCellSuite(Suite):
 
     def tf32(self, dtype, device):
         # pydl's side follows cudnn.allow_tf32, torch's cuBLAS matmul.allow_tf32 (docstring)
-        return dtype == F32 and device.type == "cuda" and (
-            torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+        return dtype == F32 and (uses_tf32(device, cudnn=True) or uses_tf32(device, cudnn=False))
 
     def reduction_length(self, case):
         return case.shape[1] + case.hidden
