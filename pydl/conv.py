@@ -590,6 +590,8 @@ def _conv2d_bwd_weight(dy: Tensor, x: Tensor, w: Tensor, geom: list[int], algo: 
                        backend: str) -> Tensor:
     """dL/dw; w gives only the shape."""
     dw = new_output(w.shape, w.dtype, w.device)
+    if x.shape[0] == 0:          # an empty batch sums nothing (split-K would divide by 0)
+        return dw.zero_()
     ALGOS[backend][algo].backward_weight(dy, x, dw, geometry_from(ConvGeometry, geom))
     return dw
 
@@ -666,6 +668,9 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
                          f"{CG * groups}: weight shape {tuple(w_shape)}")
     if KH <= 0 or KW <= 0:
         raise ValueError(f"kernel size must be positive, got weight shape {tuple(w_shape)}")
+    if OC == 0:
+        raise ValueError(f"weight has 0 output channels (shape {tuple(w_shape)}); torch's conv2d "
+                         f"rejects it too")
     SH, SW = pair(stride, "stride")
     DH, DW = pair(dilation, "dilation")
     if SH <= 0 or SW <= 0:
@@ -704,6 +709,12 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         if bias.dtype != input.dtype:
             raise TypeError(f"bias ({bias.dtype}) and input ({input.dtype}) must have the same dtype")
     g = conv_geometry(tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
+    if g.C == 0 and name != "torch":
+        # torch returns an (N, 0, OH, OW) tensor here, dropping the bias's out channels: no
+        # answer to match, so the kernel backends refuse the case
+        raise ValueError(f"input has 0 channels (shape {tuple(x.shape)}): the kernel backends "
+                         f"do not run a convolution over no channels (torch returns an (N, 0, "
+                         f"OH, OW) tensor for it); use backend='torch' for torch's result")
     y = impl(x, weight, bias, g, algo)
     return y.squeeze(0) if unbatched else y
 

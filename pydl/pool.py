@@ -334,6 +334,13 @@ def _batched(input, backend):
     return input, False
 
 
+def _check_not_empty(x) -> None:
+    """Only the batch may be empty, as in torch (which raises for 0 channels or pixels)."""
+    if 0 in x.shape[1:]:
+        raise ValueError(f"input has an empty non-batch dimension: shape {tuple(x.shape)} (only "
+                         f"the batch may be 0, as in torch)")
+
+
 def _geometry(x, kernel_size, stride, padding, dilation, ceil_mode, **extra) -> PoolGeometry:
     N, C, H, W = x.shape
     KH, KW = pair(kernel_size, "kernel_size")
@@ -345,8 +352,7 @@ def _geometry(x, kernel_size, stride, padding, dilation, ceil_mode, **extra) -> 
         SH, SW = pair(stride, "stride")
     PH, PW = pair(padding, "padding")
     DH, DW = pair(dilation, "dilation")
-    if H == 0 or W == 0:
-        raise ValueError(f"input has an empty spatial dimension: shape {tuple(x.shape)}")
+    _check_not_empty(x)
     OH = pool_output_size(H, KH, SH, PH, DH, ceil_mode, name="input height")
     OW = pool_output_size(W, KW, SW, PW, DW, ceil_mode, name="input width")
     return PoolGeometry(N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, **extra)
@@ -390,8 +396,7 @@ def adaptive_avg_pool2d(input, output_size, *, backend=None):
         OH, OW = pair(output_size, "output_size")
     if OH <= 0 or OW <= 0:
         raise ValueError(f"output_size must be positive, got {output_size}")
-    if H == 0 or W == 0:
-        raise ValueError(f"input has an empty spatial dimension: shape {tuple(x.shape)}")
+    _check_not_empty(x)
     g = PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1)
     out = impl(x, g)
     return out.squeeze(0) if unbatched else out

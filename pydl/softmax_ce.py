@@ -353,7 +353,9 @@ def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
     elif reduction == "sum":
         out = loss.sum()
     else:
-        out = loss.sum() / rows  # torch divides by the number of rows, whatever the weights
+        # torch divides by the number of rows (input.numel() / C), whatever the weights: NaN
+        # without classes, as 0 / 0
+        out = loss.sum() / (rows if n else math.nan)
     return out.to(dtype), lse, mass
 
 
