@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _env
 from . import _tune as tune
+from ._autograd import once_differentiable
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, launch_numba_1d, new_output, next_power_of_2,
@@ -281,6 +282,7 @@ class AttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable("scaled_dot_product_attention")
     def backward(ctx, do):
         q, k, v, o, lse, mask, seed = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]      # a float mask that requires grad
@@ -367,6 +369,7 @@ class NaiveAttentionFunction(torch.autograd.Function):
         return o, p
 
     @staticmethod
+    @once_differentiable("scaled_dot_product_attention")
     def backward(ctx, do, _dweights):
         q, k, v, p, mask = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._autograd import once_differentiable
 from ._checks import check_tensor
 from ._library import empty_like_shape, geometry_args, geometry_from, kernel_op, memory_format
 from ._launch import (cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2,
@@ -275,6 +276,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable("max_pool2d")
     def backward(ctx, dy, *unused):
         (idx,) = ctx.saved_tensors
         return _max_pool2d_bwd(dy, idx, *ctx.args), None, None, None
@@ -291,7 +293,26 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _AvgPool2dBackward.apply(dy, ctx.args), None, None, None
         return _avg_pool2d_bwd(dy, *ctx.args), None, None, None
+
+
+class _AvgPool2dBackward(torch.autograd.Function):
+    """The average pools' backward dx = A^T dy (A the pooling, linear, independent of x) as a
+    Function of dy, for double backward: its derivative is A itself, the forward kernel, so
+    gradients of any order run on pydl's kernels."""
+
+    @staticmethod
+    def forward(ctx, dy, args):
+        ctx.args = args
+        return _avg_pool2d_bwd(dy, *args)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        adaptive, geom, _, backend = ctx.args
+        return AvgPool2dFunction.apply(ddx, geometry_from(PoolGeometry, geom), adaptive,
+                                       backend), None
 
 
 # --- implementations by backend -------------------------------------------------------------

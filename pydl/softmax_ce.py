@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autograd import once_differentiable
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
@@ -248,7 +249,45 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _SoftmaxBackward.apply(y, dy, ctx.dim, ctx.log, ctx.backend), None, None, None
         return _softmax_bwd(y, dy, ctx.dim, ctx.log, ctx.backend), None, None, None
+
+
+class _SoftmaxBackward(torch.autograd.Function):
+    """softmax / log_softmax's backward dx(y, dy) on pydl's kernel, as a Function for double
+    backward. Its derivatives, with s = sum(y * dy) and sums over `dim`:
+      softmax      dx = y (dy - s):        d dy = y (ddx - sum(y ddx))  (the backward kernel)
+                                           d y  = ddx (dy - s) - dy sum(ddx y)
+      log_softmax  dx = dy - exp(y) sum(dy): d dy = ddx - sum(ddx exp(y))
+                                             d y  = -ddx exp(y) sum(dy)
+    Those terms are elementwise products and row sums written in torch ops on pydl's saved
+    output (README: double backward); d y then flows into the forward's backward kernel."""
+
+    @staticmethod
+    def forward(ctx, y, dy, dim: int, log: bool, backend: str):
+        ctx.save_for_backward(y, dy)
+        ctx.dim, ctx.log, ctx.backend = dim, log, backend
+        return _softmax_bwd(y, dy, dim, log, backend)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        y, dy = ctx.saved_tensors
+        dim, need = ctx.dim, ctx.needs_input_grad
+        d_y = d_dy = None
+        if ctx.log:
+            p = y.exp()
+            if need[0]:
+                d_y = -ddx * p * dy.sum(dim, keepdim=True)
+            if need[1]:
+                d_dy = ddx - (ddx * p).sum(dim, keepdim=True)
+        else:
+            if need[0]:
+                d_y = ddx * (dy - (y * dy).sum(dim, keepdim=True)) \
+                    - dy * (ddx * y).sum(dim, keepdim=True)
+            if need[1]:
+                d_dy = _SoftmaxBackward.apply(y, ddx, dim, False, ctx.backend)
+        return d_y, d_dy, None, None, None
 
 
 def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, backend):
@@ -315,6 +354,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable("cross_entropy")
     def backward(ctx, grad_out):
         x, target, weight, lse, denom = ctx.saved_tensors
         dx = _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, *ctx.args)
@@ -401,6 +441,7 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable("cross_entropy")
     def backward(ctx, grad_out):
         x, target, weight, lse, mass = ctx.saved_tensors
         target_grad = ctx.needs_input_grad[1]
