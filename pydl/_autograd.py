@@ -5,8 +5,9 @@ for a differentiable gradient (`torch.autograd.grad(..., create_graph=True)`: gr
 penalties, second-order methods), a backward that returned plain kernel outputs would hand back
 a gradient with no graph behind it, and the second derivative would silently miss this op's
 share. So every Function's backward is either differentiable (written with pydl's own
-differentiable Functions when grad mode is on: conv2d, the average pools, softmax) or decorated
-with `once_differentiable` below, which makes differentiating its result raise.
+differentiable Functions when grad mode is on: conv2d, the pools, softmax, cross-entropy; the
+README's double-backward table) or decorated with `once_differentiable` below, which makes
+differentiating its result raise (attention).
 
 torch.autograd.function.once_differentiable is not enough here: it attaches its error only when
 a grad_output requires grad, but a backward's result also depends on the tensors the forward

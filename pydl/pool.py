@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._autograd import once_differentiable
 from ._checks import check_tensor
 from ._library import empty_like_shape, geometry_args, geometry_from, kernel_op, memory_format
 from ._launch import (cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2,
@@ -276,10 +275,44 @@ class MaxPool2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable("max_pool2d")
     def backward(ctx, dy, *unused):
         (idx,) = ctx.saved_tensors
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _MaxPool2dBackward.apply(dy, idx, ctx.args), None, None, None
         return _max_pool2d_bwd(dy, idx, *ctx.args), None, None, None
+
+
+class _MaxPool2dBackward(torch.autograd.Function):
+    """max_pool2d's backward (dy sent to each window's argmax, pydl's kernel) as a Function of
+    dy, for double backward. Its derivative gathers ddx at the argmax: torch.gather on the
+    saved indices made flat (README: double backward); w.r.t. x it is 0 (the argmax is
+    piecewise constant), as in torch, so the input gets no second-order term."""
+
+    @staticmethod
+    def forward(ctx, dy, idx, args):
+        ctx.save_for_backward(idx)
+        ctx.args = args
+        return _max_pool2d_bwd(dy, idx, *args)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        (idx,) = ctx.saved_tensors
+        mode, geom, _, _ = ctx.args
+        flat = _flat_indices(idx, mode, geometry_from(PoolGeometry, geom))
+        N, C, OH, OW = flat.shape
+        return ddx.reshape(N, C, -1).gather(2, flat.reshape(N, C, -1)).view(N, C, OH, OW), None, None
+
+
+def _flat_indices(idx: Tensor, mode: int, g: PoolGeometry) -> Tensor:
+    """The argmax as torch's flat per-plane index h * W + w (int64), from either saved format."""
+    if mode == INDEX_FLAT:
+        return idx
+    local = idx.long()                   # kh * KW + kw
+    oh = torch.arange(g.OH, device=idx.device).view(-1, 1)
+    ow = torch.arange(g.OW, device=idx.device)
+    h = oh * g.SH - g.PH + (local // g.KW) * g.DH
+    w = ow * g.SW - g.PW + (local % g.KW) * g.DW
+    return h * g.W + w
 
 
 class AvgPool2dFunction(torch.autograd.Function):

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import once_differentiable
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (cdiv, new_output, next_power_of_2, numba_array, numba_blocks, numba_stream,
@@ -354,9 +353,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable("cross_entropy")
     def backward(ctx, grad_out):
         x, target, weight, lse, denom = ctx.saved_tensors
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            ignore_index, reduction, smoothing, backend = ctx.args
+            q = _index_target_distribution(x, target, weight, ignore_index, smoothing)
+            g = _row_cotangent(grad_out, x, reduction, denom)
+            dx = _cross_entropy_grad_graph(_log_probabilities(x, backend), q, g, backend)
+            return dx, None, None, None, None, None, None
         dx = _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, *ctx.args)
         return dx, None, None, None, None, None, None
 
@@ -441,13 +445,80 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable("cross_entropy")
     def backward(ctx, grad_out):
         x, target, weight, lse, mass = ctx.saved_tensors
         target_grad = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _cross_entropy_prob_grad_graph(x, target, weight, grad_out, *ctx.args,
+                                                  target_grad, ctx.backend)
         dx, dy = _cross_entropy_prob_bwd(x, target, weight, lse, mass, grad_out, *ctx.args,
                                          target_grad, ctx.backend)
         return dx, (dy if target_grad else None), None, None, None, None
+
+
+# --- cross-entropy's double backward ------------------------------------------------------
+# Both cross-entropies are loss_row = -sum_c q_c log p_c over the class dim, with the target
+# distribution q = (1 - eps) w_t onehot(t) + eps / C w (index targets; 0 on ignored rows) or
+# q = w ((1 - eps) y + eps / C) (probability targets y). Their logits' gradient g (p sum(q) - q)
+# is log_softmax's backward of the cotangent -g q. Under create_graph the backward is rebuilt
+# from those differentiable pieces: pydl's log_softmax (SoftmaxFunction) and its backward
+# kernel (_SoftmaxBackward), with q, the cotangent's broadcast and the target's gradient
+# -g (1 - eps) w log p written in torch ops (README: double backward). Gradients of any order
+# follow, w.r.t. the logits, grad_out and a probability target.
+
+def _class_dim(x: Tensor) -> int:
+    return 0 if x.dim() == 1 else 1
+
+
+def _along_classes(weight: Tensor, x: Tensor) -> Tensor:
+    """Class weights (C,) in x's dtype, shaped to broadcast along x's class dim."""
+    return weight.to(x.dtype).view((-1,) + (1,) * (x.dim() - _class_dim(x) - 1))
+
+
+def _row_cotangent(grad_out: Tensor, x: Tensor, reduction: str, denom) -> Tensor:
+    """The loss's cotangent per row, broadcastable against x along its class dim."""
+    if reduction == "none":
+        return grad_out.unsqueeze(_class_dim(x))
+    return grad_out if reduction == "sum" else grad_out / denom
+
+
+def _index_target_distribution(x, target, weight, ignore_index: int, smoothing: float) -> Tensor:
+    """q of class-index targets: (1 - eps) w_t at the target, plus eps / C w, 0 on ignored rows."""
+    dim = _class_dim(x)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).unsqueeze(dim)
+    keep = valid.unsqueeze(dim).to(x.dtype)
+    w_t = keep if weight is None else keep * weight.to(x.dtype)[t]
+    q = torch.zeros_like(x).scatter(dim, t, (1.0 - smoothing) * w_t)
+    if smoothing > 0:
+        w = 1.0 if weight is None else _along_classes(weight, x)
+        q = q + (smoothing / x.shape[dim]) * w * keep
+    return q
+
+
+def _log_probabilities(x: Tensor, backend: str) -> Tensor:
+    return SoftmaxFunction.apply(x, _class_dim(x), True, backend)
+
+
+def _cross_entropy_grad_graph(logp: Tensor, q: Tensor, g: Tensor, backend: str) -> Tensor:
+    """g (p sum(q) - q) from log p = _log_probabilities(x), as differentiable pydl Functions."""
+    return _SoftmaxBackward.apply(logp, (-(q * g)).to(logp.dtype), _class_dim(logp), True,
+                                  backend)
+
+
+def _cross_entropy_prob_grad_graph(x, target, weight, grad_out, reduction: str, smoothing: float,
+                                   target_grad: bool, backend: str):
+    """CrossEntropyProbFunction's gradients (logits, target, then Nones), differentiable."""
+    dim = _class_dim(x)
+    w = 1.0 if weight is None else _along_classes(weight, x)
+    g = _row_cotangent(grad_out, x, reduction, max(x.numel() // max(x.shape[dim], 1), 1))
+    q = w * ((1.0 - smoothing) * target.to(x.dtype) + smoothing / x.shape[dim])
+    logp = _log_probabilities(x, backend)
+    dx = _cross_entropy_grad_graph(logp, q, g, backend)
+    dy = None
+    if target_grad:
+        dy = (-(g * (1.0 - smoothing)) * w * logp).to(target.dtype)
+    return dx, dy, None, None, None, None
 
 
 # --- implementations by backend -----------------------------------------------------------

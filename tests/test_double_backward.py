@@ -1,9 +1,10 @@
 """Double backward (gradients of gradients, create_graph=True) on the kernel backends.
 
-Supported ops (conv2d, avg_pool2d, adaptive_avg_pool2d, softmax, log_softmax) must give the
-torch backend's second derivatives; the others (max_pool2d, cross_entropy, attention) must raise
-when their gradient is differentiated, never return a gradient that silently lacks their share.
-Kernels take no float64, so the comparison is with torch at fp32 tolerance.
+Supported ops (conv2d, the three pools, softmax, log_softmax, cross_entropy) must give the torch
+backend's second (and third) derivatives; attention (flash and naive, as torch's own fused
+attention kernels) must raise when its gradient is differentiated, never return a gradient that
+silently lacks its share. Kernels take no float64, so the comparison is with torch at fp32
+tolerance.
 """
 import pytest
 import torch
@@ -118,8 +119,29 @@ SUPPORTED = {
     "avg_pool2d_divisor": (lambda x, **kw: pydl.avg_pool2d(x, 2, 1, divisor_override=3, **kw),
                            (1, 2, 5, 5)),
     "adaptive_avg_pool2d": (lambda x, **kw: pydl.adaptive_avg_pool2d(x, (3, 2), **kw), (2, 3, 7, 5)),
+    "max_pool2d": (lambda x, **kw: pydl.max_pool2d(x, 3, 2, 1, dilation=(1, 2), **kw), (2, 3, 7, 8)),
+    "max_pool2d_ceil": (lambda x, **kw: pydl.max_pool2d(x, (2, 3), (2, 1), ceil_mode=True, **kw),
+                        (1, 2, 5, 6)),
+    "max_pool2d_return_indices": (lambda x, **kw: pydl.max_pool2d(x, 2, return_indices=True,
+                                                                  **kw)[0], (1, 3, 6, 4)),
+    "max_pool2d_channels_last": (lambda x, **kw: pydl.max_pool2d(
+        x.to(memory_format=torch.channels_last), 2, 1, **kw), (2, 4, 5, 5)),
     "softmax": (lambda x, **kw: pydl.softmax(x, 1, **kw), (3, 7, 4)),
     "log_softmax": (lambda x, **kw: pydl.log_softmax(x, -1, **kw), (5, 9)),
+    "cross_entropy_none_weight_smoothing": (lambda x, **kw: pydl.cross_entropy(
+        x, torch.tensor([[1, -100], [4, 0], [2, 2]], device=DEVICE), reduction="none",
+        weight=torch.tensor([1.0, 0.5, 2.0, 1.0, 3.0], device=DEVICE), label_smoothing=0.2, **kw),
+        (3, 5, 2)),
+    "cross_entropy_mean_weight": (lambda x, **kw: pydl.cross_entropy(
+        x, torch.tensor([1, 0, 4, -100], device=DEVICE),
+        weight=torch.tensor([1.0, 0.5, 2.0, 1.0, 3.0], device=DEVICE), **kw), (4, 5)),
+    "cross_entropy_sum_1d": (lambda x, **kw: pydl.cross_entropy(
+        x, torch.tensor(3, device=DEVICE), reduction="sum", label_smoothing=0.1, **kw), (6,)),
+    "cross_entropy_prob_mean": (lambda x, **kw: pydl.cross_entropy(
+        x, torch.softmax(random_tensor(x.shape, device=DEVICE,
+                                       generator=torch.Generator().manual_seed(3)), 1),
+        label_smoothing=0.1, weight=torch.tensor([1.0, 0.5, 2.0, 1.0], device=DEVICE), **kw),
+        (3, 4)),
 }
 
 
@@ -160,26 +182,48 @@ def test_cnn_gradient_penalty_through_conv_and_avg_pool():
     close(run("triton"), run("torch"), "dw")
 
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cross_entropy_soft_target_second_order_in_logits_target_and_grad_out(backend, reduction):
+    """Probability targets that are trained too (distillation): second derivatives w.r.t. the
+    logits and the target, through a cotangent that depends on the loss."""
+    x, y = random_tensor((3, 6), device=DEVICE), torch.rand(3, 6, device=DEVICE)
+
+    def run(be):
+        xx, yy = _leaves([x, y])
+        loss = pydl.cross_entropy(xx, yy, reduction=reduction, label_smoothing=0.05, backend=be)
+        gx, gy = autograd.grad((loss ** 2).sum(), (xx, yy), create_graph=True)
+        ((gx ** 2).sum() + (gy * gx).sum() + loss.sum()).backward()
+        return xx.grad, yy.grad
+
+    for name, a, b in zip("xy", run(backend), run("torch")):
+        close(a, b, f"d{name}")
+
+
+def test_maml_inner_step_through_conv_and_cross_entropy():
+    """A MAML-style inner step: the adapted weight depends on a create_graph gradient of the
+    cross-entropy through conv2d, and the outer loss differentiates through it."""
+    x0, w0 = random_tensor((4, 2, 5, 5), device=DEVICE), random_tensor((3, 2, 3, 3), device=DEVICE)
+    target = torch.tensor([0, 2, 1, 2], device=DEVICE)
+
+    def run(be):
+        x, w = _leaves([x0, w0])
+        logits = pydl.conv2d(x, w, backend=be).mean((2, 3))
+        gw, = autograd.grad(pydl.cross_entropy(logits, target, backend=be), w, create_graph=True)
+        logits2 = pydl.conv2d(x, w - 0.5 * gw, backend=be).mean((2, 3))
+        pydl.cross_entropy(logits2, target, label_smoothing=0.1, backend=be).backward()
+        return w.grad
+
+    close(run("numba"), run("torch"), "outer dw")
+
+
 # --- ops without double backward raise ----------------------------------------------------
-
-def _ce(x, **kw):
-    return pydl.cross_entropy(x, torch.tensor([1, 0, 4], device=x.device), label_smoothing=0.1, **kw)
-
-
-def _ce_prob(x, **kw):
-    t = torch.softmax(random_tensor(x.shape, device=x.device,
-                                    generator=torch.Generator().manual_seed(1)), 1)
-    return pydl.cross_entropy(x, t, **kw)
-
 
 def _attention(x, **kw):
     return pydl.scaled_dot_product_attention(x, x.flip(2), x * 0.5, **kw)
 
 
 UNSUPPORTED = {
-    "max_pool2d": (lambda x, **kw: pydl.max_pool2d(x, 2, **kw), (1, 2, 6, 6), "max_pool2d"),
-    "cross_entropy": (_ce, (3, 5), "cross_entropy"),
-    "cross_entropy_prob": (_ce_prob, (3, 5), "cross_entropy"),
     "attention": (_attention, (1, 2, 5, 8), "scaled_dot_product_attention"),
     "attention_naive": (lambda x, **kw: _attention(x, algo="naive", **kw) if kw["backend"] == "triton"
                         else _attention(x, **kw), (1, 2, 5, 8), "scaled_dot_product_attention"),

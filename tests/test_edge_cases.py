@@ -273,3 +273,24 @@ def test_numba_bf16_against_float64(op):
     for i, (a, b) in enumerate(zip(grads, r_grads)):
         assert a.dtype == bf
         assert_close(a, b, bf, reduction=reduction, name=f"grad of input {i}", scale=2.0)
+
+
+@backends
+@pytest.mark.parametrize("op", ["softmax", "cross_entropy"])
+def test_nan_in_rows_wider_than_a_block(op, backend, monkeypatch):
+    """Rows walked block by block (the online max/sum): a NaN that a lane sees first, next to
+    -inf, still makes the row NaN (a GPU's default max drops a NaN; Triton's interpreter
+    does not, so in emulation this guards the NaN-propagating max the kernels ask for)."""
+    from pydl import softmax_ce
+    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    x = t(3, 50)
+    x[0, 3] = NAN
+    x[1, :20] = -INF
+    x[1, 2] = NAN
+    x[2, 40] = NAN
+    if op == "softmax":
+        fn = lambda x, **kw: pydl.log_softmax(x, -1, **kw)  # noqa: E731
+    else:
+        fn = lambda x, **kw: pydl.cross_entropy(  # noqa: E731
+            x, torch.tensor([1, 30, 2], device=DEVICE), reduction="none", label_smoothing=0.1, **kw)
+    check_like_torch(fn, [x], backend)

@@ -429,7 +429,7 @@ def attention_naive_softmax(
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         s = _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n, IS_CAUSAL, MASK_KIND)
-        m_new = tl.maximum(m_i, s)
+        m_new = tl.maximum(m_i, s, propagate_nan=tl.PropagateNan.ALL)   # NaN stays: torch's row
         seen = m_new != float("-inf")
         l_i = l_i * tl.where(seen, tl.exp(m_i - m_new), 0.0) + tl.where(seen, tl.exp(s - m_new), 0.0)
         m_i = m_new

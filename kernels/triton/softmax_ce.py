@@ -30,8 +30,10 @@ def _online_update(m, s, x):
     """Fold a block x into per-lane running max m and rescaled sum s.
 
     A lane that has only seen -inf keeps m = -inf and s = 0 (exp(-inf - -inf) would be NaN).
+    The max propagates NaN (a GPU's default max drops it; Triton's interpreter keeps it): a
+    lane that saw a NaN keeps m = s = NaN, so the row gives NaN as in torch.
     """
-    m_new = tl.maximum(m, x)
+    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     seen = m_new != NEG_INF
     alpha = tl.where(seen, tl.exp(m - m_new), 0.0)
     p = tl.where(seen, tl.exp(x - m_new), 0.0)
@@ -112,7 +114,7 @@ def _ce_row_stats(
                     a = a * _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
             else:
                 a = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
-            m_new = tl.maximum(m, x)
+            m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
             # a lane whose max was -inf holds only -inf logits so far: d already has their a * -inf
             shift = tl.where(m == NEG_INF, 0.0, al * (m_new - m))
             term = tl.where(x == NEG_INF, a * NEG_INF, a * (x - m_new))
