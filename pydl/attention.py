@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _env
 from . import _tune as tune
-from ._autograd import once_differentiable
+from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, launch_numba_1d, new_output, next_power_of_2,
@@ -282,8 +282,10 @@ class AttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable("scaled_dot_product_attention")
     def backward(ctx, do):
+        if torch.is_grad_enabled():      # create_graph: no double backward, say so
+            return without_double_backward("scaled_dot_product_attention",
+                                           AttentionFunction.backward, ctx, do)
         q, k, v, o, lse, mask, seed = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]      # a float mask that requires grad
         dq, dk, dv, dmask = _attention_bwd(q, k, v, o, lse, do, mask, seed, *ctx.args, mask_grad)
@@ -369,8 +371,10 @@ class NaiveAttentionFunction(torch.autograd.Function):
         return o, p
 
     @staticmethod
-    @once_differentiable("scaled_dot_product_attention")
     def backward(ctx, do, _dweights):
+        if torch.is_grad_enabled():      # create_graph: no double backward, say so
+            return without_double_backward("scaled_dot_product_attention",
+                                           NaiveAttentionFunction.backward, ctx, do, _dweights)
         q, k, v, p, mask = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         dq, dk, dv, dmask = _attention_naive_bwd(q, k, v, p, do, mask, ctx.scale, mask_grad)
