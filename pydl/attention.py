@@ -253,8 +253,9 @@ def _mask_grad_fake(q, mask, mask_grad):
     return empty_like_shape(mask) if mask_grad else empty_like_shape(q, (0,))
 
 
-@kernel_op("attention_bwd", lambda q, k, v, o, lse, do, mask, *rest: (
-    empty_like_shape(q), empty_like_shape(k), empty_like_shape(v), _mask_grad_fake(q, mask, rest[-1])))
+@kernel_op("attention_bwd", lambda q, k, v, o, lse, do, mask, seed, mask_kind, is_causal, scale,
+           dropout_p, backend, mask_grad: (empty_like_shape(q), empty_like_shape(k),
+                                           empty_like_shape(v), _mask_grad_fake(q, mask, mask_grad)))
 def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
                    mask: Optional[Tensor], seed: Tensor, mask_kind: int, is_causal: bool,
                    scale: float, dropout_p: float, backend: str,
