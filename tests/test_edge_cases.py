@@ -219,6 +219,10 @@ BF16_OPS = {
     "cross_entropy": lambda x, **kw: pydl.cross_entropy(x.flatten(1), _idx(x.shape[0], classes=75), **kw),
     "attention": lambda x, **kw: pydl.scaled_dot_product_attention(x, x, x, **kw),
     "lstm_cell": lambda x, **kw: _lstm_cell(x.flatten(1), **kw),
+    "gru_cell": lambda x, **kw: pydl.gru_cell(x.flatten(1), None, t(12, 75).to(x.dtype),
+                                              t(12, 4).to(x.dtype), **kw),
+    "lstm": lambda x, **kw: pydl.lstm(x.flatten(2), None, [t(16, 25).to(x.dtype),
+                                                           t(16, 4).to(x.dtype)], bias=False, **kw)[0],
 }
 
 
