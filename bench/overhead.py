@@ -206,6 +206,13 @@ def prepare(suite, variant, case, device, seed: int = 0) -> Prepared:
     return Prepared(suite.op, case.name, variant.name, lambda: fn(*args), bwd, engine)
 
 
+def _grad_mode(direction: str):
+    """The backward runs with grad mode off, as the autograd engine runs it (without
+    create_graph); the forward with it on (training)."""
+    import torch
+    return torch.no_grad() if direction == "bwd" else contextlib.nullcontext()
+
+
 def torch_reference_us(device, calls: int) -> float:
     """torch's own host time for a tiny conv2d that requires grad: the yardstick."""
     import torch
@@ -221,8 +228,9 @@ def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float) -> list[dic
     rows = []
     for p in prepared:
         for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
-            c = counted(fn)
-            us = median_us(fn, calls)
+            with _grad_mode(direction):
+                c = counted(fn)
+                us = median_us(fn, calls)
             rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
                              host_us=round(us, 1), vs_torch=round(us / ref_us, 2),
                              launches=c.launches, aten_kernels=c.aten, syncs=c.syncs,
@@ -231,43 +239,49 @@ def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float) -> list[dic
 
 
 def measure_gpu(prepared: list[Prepared], calls: int) -> list[dict]:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
     rows = []
     for p in prepared:
         for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
-            for _ in range(5):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-            e2e_us = (time.perf_counter() - t0) / calls * 1e6
-            host = median_us(fn, calls // 4 or 1, warmup=0)
-            torch.cuda.synchronize()
-            n = 10
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(n):
-                    fn()
-                torch.cuda.synchronize()
-            kernels, kernel_us, syncs = 0, 0.0, 0
-            for ev in prof.events():
-                if ev.device_type == torch.autograd.DeviceType.CUDA:
-                    kernels += 1
-                    kernel_us += ev.device_time_total if hasattr(ev, "device_time_total") \
-                        else ev.cuda_time_total
-                elif ev.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
-                                 "cudaMemcpy", "cudaEventSynchronize"):
-                    syncs += 1
-            kernel_us /= n
-            rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
-                             e2e_us=round(e2e_us, 1), kernel_us=round(kernel_us, 1),
-                             ratio=round(e2e_us / kernel_us, 2) if kernel_us else None,
-                             host_us=round(host, 1), launches=kernels / n,
-                             syncs=max(0, syncs - 1) / n,   # the profile's own final sync
-                             engine=direction == "bwd" and p.bwd_engine))
+            with _grad_mode(direction):
+                rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
+                                 engine=direction == "bwd" and p.bwd_engine,
+                                 **_gpu_times(fn, calls)))
     return rows
+
+
+def _gpu_times(fn, calls: int) -> dict:
+    """End to end per call (calls back to back, one sync at the end), host time per call, and
+    the kernels' time, launches and syncs per call from torch.profiler's CUDA activity."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    e2e_us = (time.perf_counter() - t0) / calls * 1e6
+    host = median_us(fn, calls // 4 or 1, warmup=0)
+    torch.cuda.synchronize()
+    n = 10
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    kernels, kernel_us, syncs = 0, 0.0, 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            kernel_us += getattr(ev, "device_time_total", None) or ev.cuda_time_total
+        elif ev.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
+                         "cudaEventSynchronize"):
+            syncs += 1
+    kernel_us /= n
+    return dict(e2e_us=round(e2e_us, 1), kernel_us=round(kernel_us, 1),
+                ratio=round(e2e_us / kernel_us, 2) if kernel_us else None,
+                host_us=round(host, 1), launches=kernels / n,
+                syncs=max(0, syncs - 1) / n)        # the profile's own final sync
 
 
 def _print(rows: list[dict], gpu: bool, ref_us: float) -> None:

@@ -293,9 +293,9 @@ def _cov_gemm(dtype: str, m: int, n: int, k: int):
 
 def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, HKV: int):
     """scaled_dot_product_attention, forward and backward: flash (no mask, causal, a bool
-    mask broadcast over batch and heads, a float mask per batch, dropout, grouped-query heads
-    when HKV < H) and naive (no mask, causal, bool and float masks); and the dropout-mask
-    kernel the tests compare against."""
+    mask broadcast over batch and heads, a float mask per batch, one that requires grad,
+    dropout, grouped-query heads when HKV < H) and naive (no mask, causal, bool and float
+    masks, one that requires grad); and the dropout-mask kernel the tests compare against."""
     def run():
         import torch
         import pydl
@@ -314,6 +314,9 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
                        dict(attn_mask=float_mask)):
                 q, k, v = qkv(H)
                 _grad(sdpa(q, k, v, algo=algo, **kw), [q, k, v])
+            q, k, v = qkv(H)
+            learned_bias = _rand(B, 1, L, S, dtype=dtype, grad=True)     # its gradient: dS
+            _grad(sdpa(q, k, v, attn_mask=learned_bias, algo=algo), [q, k, v, learned_bias])
         q, k, v = qkv(H)
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
         if HKV != H:

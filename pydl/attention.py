@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _env
 from . import _tune as tune
+from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, launch_numba_1d, new_output, next_power_of_2,
@@ -95,7 +96,9 @@ class _TritonAttention:
         launch(_attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0, launch))
 
     @staticmethod
-    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed):
+    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
+                 dmask=None):
+        """dmask: None, or a (B, H, L, S) output for the float mask's gradient (dS)."""
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
@@ -117,9 +120,10 @@ class _TritonAttention:
 
         def launch_dq(cfg):
             kt.attention_bwd_dq[(cdiv(L, cfg["BLOCK_M"]), B * H)](
-                q, k, v, do, lse, delta, m, dq,
+                q, k, v, do, lse, delta, m, dq, dmask if dmask is not None else dq,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask),
-                *dq.stride(), H, L, S, E, EV, H // HKV, scale, dropout_p, seed, **flags, **cfg)
+                *dq.stride(), *_strides4(dmask), H, L, S, E, EV, H // HKV, scale, dropout_p,
+                seed, **flags, MASK_GRAD=dmask is not None, **cfg)
 
         dropout = dropout_p > 0
         launch_dkdv(_attention_config("bwd_dkdv", q, k, v, is_causal, mask_kind, dropout,
@@ -178,7 +182,8 @@ class _NumbaAttention:
             *_numba_dropout(dropout_p, seed), kn.dtype_code(q.dtype))
 
     @staticmethod
-    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed):
+    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
+                 dmask=None):
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
@@ -198,8 +203,10 @@ class _NumbaAttention:
         kn.dkdv_kernel(owned, streamed, BD, BDV, nt)[
             _numba_grid(cdiv(S, owned) * B * HKV), nt, stream](
             qa, ka, va, doa, lsea, deltaa, numba_array(dk), numba_array(dv), m, *tail)
+        dqa = numba_array(dq)
         kn.dq_kernel(owned, streamed, BD, BDV, nt)[_numba_grid(cdiv(L, owned) * B * H), nt, stream](
-            qa, ka, va, doa, lsea, deltaa, numba_array(dq), m, *tail)
+            qa, ka, va, doa, lsea, deltaa, dqa, numba_array(dmask) if dmask is not None else dqa,
+            dmask is not None, m, *tail)
 
     @staticmethod
     def dropout_mask(B, H, L, S, dropout_p, seed, device) -> torch.Tensor:
@@ -234,21 +241,36 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask
     seed = dropout_seed() if dropout_p > 0 else 0
     o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B * H, L), torch.float32, q.device)
-    LAUNCHERS[backend].forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed)
+    if B * H * L:
+        LAUNCHERS[backend].forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
+                                   seed)
     return o, lse, torch.tensor(seed, dtype=torch.int64)
 
 
-@kernel_op("attention_bwd", lambda q, k, v, *rest: (
-    empty_like_shape(q), empty_like_shape(k), empty_like_shape(v)))
+def _mask_grad_fake(q, mask, mask_grad):
+    """The float mask's gradient (its (B, H, L, S) shape), or an empty placeholder: a custom op
+    cannot return None."""
+    return empty_like_shape(mask) if mask_grad else empty_like_shape(q, (0,))
+
+
+@kernel_op("attention_bwd", lambda q, k, v, o, lse, do, mask, seed, mask_kind, is_causal, scale,
+           dropout_p, backend, mask_grad: (empty_like_shape(q), empty_like_shape(k),
+                                           empty_like_shape(v), _mask_grad_fake(q, mask, mask_grad)))
 def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
                    mask: Optional[Tensor], seed: Tensor, mask_kind: int, is_causal: bool,
-                   scale: float, dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, dropout_p: float, backend: str,
+                   mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, the float mask's gradient dS (B, H, L, S) with mask_grad, else empty)."""
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
+    dmask = (new_output(mask.shape, mask.dtype, mask.device) if mask_grad
+             else torch.empty(0, device=q.device))
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:   # no query rows: keys get no gradient
+        return dq, dk.zero_(), dv.zero_(), dmask
     LAUNCHERS[backend].backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
-                                scale, dropout_p, int(seed))
-    return dq, dk, dv
+                                scale, dropout_p, int(seed), dmask if mask_grad else None)
+    return dq, dk, dv, dmask
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -262,9 +284,14 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        if torch.is_grad_enabled():      # create_graph: no double backward, say so
+            return without_double_backward("scaled_dot_product_attention",
+                                           AttentionFunction.backward, ctx, do)
         q, k, v, o, lse, mask, seed = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(q, k, v, o, lse, do, mask, seed, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        mask_grad = ctx.needs_input_grad[3]      # a float mask that requires grad
+        dq, dk, dv, dmask = _attention_bwd(q, k, v, o, lse, do, mask, seed, *ctx.args, mask_grad)
+        # dmask is (B, H, L, S); autograd's expand backward sums it over the broadcast dims
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
 
 
 def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale):
@@ -296,10 +323,12 @@ def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
     return o.view(B, H, L, EV), p
 
 
-@kernel_op("attention_naive_bwd", lambda q, k, v, *rest: (
-    empty_like_shape(q), empty_like_shape(k), empty_like_shape(v)))
+@kernel_op("attention_naive_bwd", lambda q, k, v, p, do, mask, scale, mask_grad: (
+    empty_like_shape(q), empty_like_shape(k), empty_like_shape(v), _mask_grad_fake(q, mask, mask_grad)))
 def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
-                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                         mask: Optional[Tensor], scale: float,
+                         mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty)."""
     from ._gemm import gemm
     from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
     B, H, L, S = p.shape
@@ -321,7 +350,8 @@ def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
     gemm(dsg, k, dq, alpha=scale)
     dk = new_output(k.shape, k.dtype, k.device)
     gemm(dsg, qg, dk, trans_a=True, alpha=scale)
-    return dq.view(B, H, L, E), dk, dv
+    dmask = ds.view(B, H, L, S).to(mask.dtype) if mask_grad else torch.empty(0, device=q.device)
+    return dq.view(B, H, L, E), dk, dv, dmask
 
 
 class NaiveAttentionFunction(torch.autograd.Function):
@@ -336,16 +366,20 @@ class NaiveAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale):
         o, p = _attention_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale)
-        ctx.save_for_backward(q, k, v, p)
+        ctx.save_for_backward(q, k, v, p, mask)
         ctx.scale = scale
         ctx.mark_non_differentiable(p)
         return o, p
 
     @staticmethod
     def backward(ctx, do, _dweights):
-        q, k, v, p = ctx.saved_tensors
-        dq, dk, dv = _attention_naive_bwd(q, k, v, p, do, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        if torch.is_grad_enabled():      # create_graph: no double backward, say so
+            return without_double_backward("scaled_dot_product_attention",
+                                           NaiveAttentionFunction.backward, ctx, do, _dweights)
+        q, k, v, p, mask = ctx.saved_tensors
+        mask_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = _attention_naive_bwd(q, k, v, p, do, mask, ctx.scale, mask_grad)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None
 
 
 ALGOS = ("flash", "naive")
@@ -418,6 +452,8 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     if B != Bk:
         raise ValueError(f"query batch {B} does not match key/value batch {Bk}")
     if H != HKV:
+        if HKV == 0:
+            raise ValueError(f"query has {H} heads but key/value have none")
         if not enable_gqa:
             raise ValueError(f"query has {H} heads but key/value have {HKV}: pass enable_gqa=True "
                              f"for grouped-query attention")
@@ -427,7 +463,9 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
-        scale = 1.0 / math.sqrt(E)
+        # E = 0: every score is an empty sum, 0 at any scale (torch's 1 / sqrt(0) = inf would
+        # make the kernels' 0 * inf a NaN)
+        scale = 1.0 / math.sqrt(E) if E else 1.0
     mask, mask_kind = None, MASK_NONE
     if attn_mask is not None:
         if is_causal:

@@ -11,7 +11,8 @@ context, the PYDL_BACKEND environment variable, then "triton".
 
 Each op family registers its implementations with `@register(op, backend)`; `dispatch` returns
 the implementation after checking that the tensors can run there (same device; a CUDA device,
-or CPU tensors under PYDL_INTERPRET=1 emulation).
+or CPU tensors under PYDL_INTERPRET=1 emulation; no bfloat16 tensor for Triton's interpreter,
+which computes bfloat16 wrongly).
 """
 from __future__ import annotations
 
@@ -136,7 +137,24 @@ def check_device(backend: str, *tensors: torch.Tensor) -> torch.device:
                 "backend='torch' (or use pydl.use_backend('torch')) for PyTorch's own implementation")
         if device.type not in ("cuda", "cpu"):
             raise RuntimeError(f"the {backend!r} backend does not run on {device.type} tensors")
+        if backend == "triton" and _env.INTERPRET:
+            _check_interpreter_dtypes(ts)
     return device
+
+
+def _check_interpreter_dtypes(tensors) -> None:
+    """Triton's interpreter (emulation) computes bfloat16 wrongly: its dot products are off by
+    orders of magnitude (a conv2d by 1e10), so a bf16 tensor there raises instead of giving a
+    wrong answer. Every op passes all its tensors through here (dispatch), autocast's casts
+    included. The Numba simulator decodes bf16 bit patterns itself and computes it right."""
+    for t in tensors:
+        if t.dtype == torch.bfloat16:
+            raise TypeError(
+                "the 'triton' backend got a bfloat16 tensor in emulation (PYDL_INTERPRET=1): "
+                "Triton's interpreter computes bfloat16 wrongly, so pydl refuses it there. Run "
+                "bfloat16 on a GPU, or use float16 / float32 (torch.autocast(..., "
+                "dtype=torch.float16) under autocast), or backend='numba' (its simulator "
+                "computes bfloat16 correctly), or backend='torch'")
 
 
 def dispatch(op: str, backend: str | None, *tensors: torch.Tensor) -> tuple[str, Callable]:

@@ -633,6 +633,8 @@ def _conv2d_bwd_weight(dy: Tensor, x: Tensor, w: Tensor, geom: list[int], algo: 
                        backend: str) -> Tensor:
     """dL/dw; w gives only the shape."""
     dw = new_output(w.shape, w.dtype, w.device)
+    if x.shape[0] == 0:          # an empty batch sums nothing (split-K would divide by 0)
+        return dw.zero_()
     ALGOS[backend][algo].backward_weight(dy, x, dw, as_geometry(ConvGeometry, geom))
     return dw
 
@@ -658,10 +660,78 @@ class Conv2dFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph: the same kernels, through Functions that are differentiable again
+            dx = _Conv2dInputGrad.apply(dy, w, x, ctx.args) if need[0] else None
+            dw = _Conv2dWeightGrad.apply(dy, x, w, ctx.args) if need[1] else None
+            db = _Conv2dBiasGrad.apply(dy, ctx.args) if ctx.has_bias and need[2] else None
+            return dx, dw, db, None, None, None
         dx = _conv2d_bwd_input(dy, w, x, *ctx.args) if need[0] else None
         dw = _conv2d_bwd_weight(dy, x, w, *ctx.args) if need[1] else None
         db = _conv2d_bwd_bias(dy, *ctx.args) if ctx.has_bias and need[2] else None
         return dx, dw, db, None, None, None
+
+
+# --- double backward ------------------------------------------------------------------------
+# conv2d's gradients are bilinear in (dy, w) and (dy, x), and their derivatives are the three
+# kernels again: for y = conv(x, w), dx = conv_input_grad(dy, w) and dw = conv_weight_grad(dy,
+# x), so d<ddx, dx>/d dy = conv(ddx, w), d<ddx, dx>/d w = conv_weight_grad(dy, ddx),
+# d<ddw, dw>/d dy = conv(x, ddw), d<ddw, dw>/d x = conv_input_grad(dy, ddw). The three Functions
+# below are closed under differentiation, so gradients of any order run on pydl's kernels.
+
+def _conv2d_no_bias(x, w, args):
+    """conv2d(x, w) with the geometry, algo and backend of `args` (ctx.args), differentiable."""
+    geom, algo, backend = args
+    return Conv2dFunction.apply(x, w, None, as_geometry(ConvGeometry, geom), algo, backend)
+
+
+class _Conv2dInputGrad(torch.autograd.Function):
+    """dx of conv2d as a function of (dy, w); x gives only the shape and memory format."""
+
+    @staticmethod
+    def forward(ctx, dy, w, x, args):
+        ctx.save_for_backward(dy, w)
+        ctx.args = args
+        return _conv2d_bwd_input(dy, w, x, *args)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        dy, w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_dy = _conv2d_no_bias(ddx, w, ctx.args) if need[0] else None
+        d_w = _Conv2dWeightGrad.apply(dy, ddx, w, ctx.args) if need[1] else None
+        return d_dy, d_w, None, None
+
+
+class _Conv2dWeightGrad(torch.autograd.Function):
+    """dw of conv2d as a function of (dy, x); w gives only the shape."""
+
+    @staticmethod
+    def forward(ctx, dy, x, w, args):
+        ctx.save_for_backward(dy, x)
+        ctx.args = args
+        return _conv2d_bwd_weight(dy, x, w, *args)
+
+    @staticmethod
+    def backward(ctx, ddw):
+        dy, x = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_dy = _conv2d_no_bias(x, ddw, ctx.args) if need[0] else None
+        d_x = _Conv2dInputGrad.apply(dy, ddw, x, ctx.args) if need[1] else None
+        return d_dy, d_x, None, None
+
+
+class _Conv2dBiasGrad(torch.autograd.Function):
+    """db = dy summed over (N, OH, OW); its derivative broadcasts ddb back (a view)."""
+
+    @staticmethod
+    def forward(ctx, dy, args):
+        ctx.shape = dy.shape
+        return _conv2d_bwd_bias(dy, *args)
+
+    @staticmethod
+    def backward(ctx, ddb):
+        return ddb.view(1, -1, 1, 1).expand(ctx.shape), None
 
 
 # --- implementations by backend -------------------------------------------------------------
@@ -703,6 +773,9 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
                          f"{CG * groups}: weight shape {tuple(w_shape)}")
     if KH <= 0 or KW <= 0:
         raise ValueError(f"kernel size must be positive, got weight shape {tuple(w_shape)}")
+    if OC == 0:
+        raise ValueError(f"weight has 0 output channels (shape {tuple(w_shape)}); torch's conv2d "
+                         f"rejects it too")
     SH, SW = pair(stride, "stride")
     DH, DW = pair(dilation, "dilation")
     if SH <= 0 or SW <= 0:
@@ -742,6 +815,12 @@ class _Conv2dCall:
         self.unbatched = input.dim() == 3
         x_shape = (1, *input.shape) if self.unbatched else tuple(input.shape)
         self.g = conv_geometry(x_shape, tuple(weight.shape), stride, padding, dilation, groups)
+        if self.g.C == 0 and name != "torch":
+            # torch returns an (N, 0, OH, OW) tensor here, dropping the bias's out channels: no
+            # answer to match, so the kernel backends refuse the case
+            raise ValueError(f"input has 0 channels (shape {x_shape}): the kernel backends do "
+                             f"not run a convolution over no channels (torch returns an (N, 0, "
+                             f"OH, OW) tensor for it); use backend='torch' for torch's result")
 
     def __call__(self, input, weight, bias):
         if self.unbatched:

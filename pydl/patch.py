@@ -18,7 +18,11 @@ Before swapping, patch asks the pydl class itself whether it takes the module's 
 builds the pydl class on the meta device from the module's options (a pydl constructor raises
 for what it does not implement, e.g. LSTM proj_size) and checks that the result holds the same
 options as the module, so none is dropped silently; then the restrictions pydl's ops apply at
-call time (`_call_time_limits`). A module that fails is left unpatched with the reason.
+call time (`_call_time_limits`): the dtypes the kernels take, read from the module's own
+parameters or, for layers without parameters (pooling, softmax, cross-entropy), from the whole
+model's, since those layers see the model's activations. A module that fails is left unpatched
+with the reason. A swapped module whose patched forward torch may bypass (a MultiheadAttention
+inside a TransformerEncoderLayer: torch's fused inference fast path) says so in its note.
 
 The original class is recorded on the module (the `_pydl_patch` attribute), so `unpatch`
 also restores a model patched earlier, deep-copied or pickled.
@@ -32,6 +36,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import _env
 from . import nn as _pydl_nn
 from ._checks import KERNEL_DTYPES
 from .backends import _check_name
@@ -216,23 +221,80 @@ def _same(a, b) -> bool:
         return False
 
 
-def _call_time_limits(kind: _Kind, m: torch.nn.Module, backend: str | None) -> str | None:
-    """Options pydl's constructors accept but its ops reject when the module is called."""
-    if backend != "torch":
-        bad = sorted({str(p.dtype).replace("torch.", "")
-                      for p in m.parameters(recurse=True) if p.dtype not in KERNEL_DTYPES})
-        if bad:
-            where = "the default backend" if backend is None else f"the {backend!r} backend"
-            return (f"{', '.join(bad)} parameters: {where}'s kernels take float16, bfloat16 and "
-                    f"float32 (convert the model, or patch with backend='torch')")
+def _model_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    """The floating dtypes of a model's parameters and buffers: what its activations are."""
+    return {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+
+
+def _refused_dtypes(dtypes: set[torch.dtype], backend: str | None) -> str | None:
+    """Why `backend`'s kernels (None: any kernel backend, chosen per call) would refuse
+    tensors of these dtypes when called, or None."""
+    if backend == "torch":
+        return None
+    where = "the default backend" if backend is None else f"the {backend!r} backend"
+    bad = sorted(str(d).replace("torch.", "") for d in dtypes if d not in KERNEL_DTYPES)
+    if bad:
+        return (f"{', '.join(bad)}: {where}'s kernels take float16, bfloat16 and float32 "
+                f"(convert the model, or patch with backend='torch')")
+    if torch.bfloat16 in dtypes and _env.INTERPRET and backend in (None, "triton"):
+        return (f"bfloat16: in emulation {where} may be 'triton', whose interpreter computes "
+                f"bfloat16 wrongly and refuses it (patch with backend='numba' or 'torch', or "
+                f"run on a GPU)")
     return None
 
 
-def _note(kind: _Kind, m: torch.nn.Module, backend: str | None) -> str:
+def _call_time_limits(kind: _Kind, m: torch.nn.Module, backend: str | None,
+                      model_dtypes: set[torch.dtype]) -> str | None:
+    """Options pydl's constructors accept but its ops reject when the module is called. A
+    layer without parameters sees the model's activations: when every floating parameter and
+    buffer of the model has a dtype the kernels refuse, so would its inputs."""
+    own = {p.dtype for p in m.parameters(recurse=True)}
+    if own:
+        reason = _refused_dtypes(own, backend)
+        return None if reason is None else f"parameters of {reason}"
+    reason = _refused_dtypes(model_dtypes, backend)
+    if reason is None or _accepted_dtypes(model_dtypes, backend):
+        return None
+    return (f"the model's parameters are of {reason}; this layer has none and would get the "
+            f"model's activations")
+
+
+def _accepted_dtypes(dtypes: set[torch.dtype], backend: str | None) -> set[torch.dtype]:
+    return {d for d in dtypes if _refused_dtypes({d}, backend) is None}
+
+
+def _dtype_note(m: torch.nn.Module, backend: str | None, model_dtypes: set[torch.dtype]) -> str:
+    """For a layer without parameters in a model that mixes dtypes the kernels take with
+    others: which inputs will raise."""
+    if any(True for _ in m.parameters(recurse=True)):
+        return ""
+    refused = sorted(str(d).replace("torch.", "") for d in model_dtypes - _accepted_dtypes(
+        model_dtypes, backend))
+    if not refused:
+        return ""
+    return (f"the model also holds {', '.join(refused)} parameters: {', '.join(refused)} "
+            f"inputs to this layer raise TypeError on the kernel backends")
+
+
+def _fast_path_parent(parent: torch.nn.Module | None) -> bool:
+    """torch.nn.TransformerEncoderLayer's own forward: in eval mode without autograd it runs
+    its fused fast path, which reads self_attn's weights and never calls self_attn."""
+    return (parent is not None and isinstance(parent, torch.nn.TransformerEncoderLayer)
+            and type(parent).forward is torch.nn.TransformerEncoderLayer.forward)
+
+
+def _note(kind: _Kind, m: torch.nn.Module, backend: str | None, parent_name: str | None = None,
+          parent: torch.nn.Module | None = None) -> str:
     """Limits of the patched module that depend on how it is called (they raise, never
-    compute something else)."""
+    compute something else), and where torch may not call it at all."""
     if kind.op == "multihead_attention":
         notes = []
+        if _fast_path_parent(parent):
+            notes.append(f"its parent {_display(parent_name)} is a torch.nn.TransformerEncoderLayer, "
+                         f"whose fused fast path (eval mode with grad disabled, under torch's "
+                         f"further conditions) computes the layer without calling this module: "
+                         f"pydl does not run there; it does in training, with grad enabled, or "
+                         f"after torch.backends.mha.set_fastpath_enabled(False)")
         if backend in (None, "numba"):
             notes.append("need_weights=True (torch's default) has no numba kernel: call it with "
                          "need_weights=False on numba")
@@ -291,6 +353,9 @@ def patch(model: torch.nn.Module, ops: str | Iterable[str] | None = None,
         backend = _check_name(backend, "patch(backend=...)")
     report = PatchReport("patch", backend=backend)
     pydl_classes = _pydl_classes()
+    model_dtypes = _model_dtypes(model)
+    parents = {f"{name}.{child}" if name else child: (name, m)
+               for name, m in model.named_modules() for child, _ in m.named_children()}
     for name, m in model.named_modules():
         cls = type(m)
         if cls in pydl_classes:
@@ -310,7 +375,8 @@ def patch(model: torch.nn.Module, ops: str | Iterable[str] | None = None,
                 report.skipped.append(Skipped(name, _type_name(cls),
                                               "a subclass of a pydl module; left alone"))
             continue
-        reason = _patch_one(kind, m, backend, pydl_classes)
+        reason = _patch_one(kind, m, backend, pydl_classes, model_dtypes,
+                            *parents.get(name, (None, None)))
         if isinstance(reason, Swapped):
             report.changed.append(Swapped(name, reason.torch_type, reason.pydl_type, reason.note))
         else:
@@ -319,7 +385,8 @@ def patch(model: torch.nn.Module, ops: str | Iterable[str] | None = None,
 
 
 def _patch_one(kind: _Kind, m: torch.nn.Module, backend: str | None,
-               pydl_classes: dict[type, type]) -> Swapped | str:
+               pydl_classes: dict[type, type], model_dtypes: set[torch.dtype],
+               parent_name: str | None, parent: torch.nn.Module | None) -> Swapped | str:
     """Swap one module of exactly `kind.torch_cls`: a Swapped entry, or the reason it was not."""
     pydl_cls = getattr(_pydl_nn, kind.pydl_name, None)
     if pydl_cls is None:
@@ -335,7 +402,8 @@ def _patch_one(kind: _Kind, m: torch.nn.Module, backend: str | None,
     if clash:
         return (f"the module already has attribute(s) {', '.join(clash)} that "
                 f"{_type_name(pydl_cls)} would overwrite")
-    reason = _ask_pydl(kind, pydl_cls, m, added) or _call_time_limits(kind, m, backend)
+    reason = _ask_pydl(kind, pydl_cls, m, added) or _call_time_limits(kind, m, backend,
+                                                                      model_dtypes)
     if reason:
         return reason
     if "backend" in added:
@@ -344,7 +412,9 @@ def _patch_one(kind: _Kind, m: torch.nn.Module, backend: str | None,
     for a, v in added.items():
         setattr(m, a, v)
     setattr(m, _MARK, (kind.torch_cls, tuple(added)))
-    return Swapped("", _type_name(kind.torch_cls), _type_name(pydl_cls), _note(kind, m, backend))
+    note = "; ".join(n for n in (_note(kind, m, backend, parent_name, parent),
+                                 _dtype_note(m, backend, model_dtypes)) if n)
+    return Swapped("", _type_name(kind.torch_cls), _type_name(pydl_cls), note)
 
 
 def unpatch(model: torch.nn.Module) -> PatchReport:

@@ -284,7 +284,42 @@ class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *unused):
         (idx,) = ctx.saved_tensors
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _MaxPool2dBackward.apply(dy, idx, ctx.args), None, None, None
         return _max_pool2d_bwd(dy, idx, *ctx.args), None, None, None
+
+
+class _MaxPool2dBackward(torch.autograd.Function):
+    """max_pool2d's backward (dy sent to each window's argmax, pydl's kernel) as a Function of
+    dy, for double backward. Its derivative gathers ddx at the argmax: torch.gather on the
+    saved indices made flat (README: double backward); w.r.t. x it is 0 (the argmax is
+    piecewise constant), as in torch, so the input gets no second-order term."""
+
+    @staticmethod
+    def forward(ctx, dy, idx, args):
+        ctx.save_for_backward(idx)
+        ctx.args = args
+        return _max_pool2d_bwd(dy, idx, *args)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        (idx,) = ctx.saved_tensors
+        mode, geom, _, _ = ctx.args
+        flat = _flat_indices(idx, mode, as_geometry(PoolGeometry, geom))
+        N, C, OH, OW = flat.shape
+        return ddx.reshape(N, C, -1).gather(2, flat.reshape(N, C, -1)).view(N, C, OH, OW), None, None
+
+
+def _flat_indices(idx: Tensor, mode: int, g: PoolGeometry) -> Tensor:
+    """The argmax as torch's flat per-plane index h * W + w (int64), from either saved format."""
+    if mode == INDEX_FLAT:
+        return idx
+    local = idx.long()                   # kh * KW + kw
+    oh = torch.arange(g.OH, device=idx.device).view(-1, 1)
+    ow = torch.arange(g.OW, device=idx.device)
+    h = oh * g.SH - g.PH + (local // g.KW) * g.DH
+    w = ow * g.SW - g.PW + (local % g.KW) * g.DW
+    return h * g.W + w
 
 
 class AvgPool2dFunction(torch.autograd.Function):
@@ -297,7 +332,26 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _AvgPool2dBackward.apply(dy, ctx.args), None, None, None
         return _avg_pool2d_bwd(dy, *ctx.args), None, None, None
+
+
+class _AvgPool2dBackward(torch.autograd.Function):
+    """The average pools' backward dx = A^T dy (A the pooling, linear, independent of x) as a
+    Function of dy, for double backward: its derivative is A itself, the forward kernel, so
+    gradients of any order run on pydl's kernels."""
+
+    @staticmethod
+    def forward(ctx, dy, args):
+        ctx.args = args
+        return _avg_pool2d_bwd(dy, *args)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        adaptive, geom, _, backend = ctx.args
+        return AvgPool2dFunction.apply(ddx, as_geometry(PoolGeometry, geom), adaptive,
+                                       backend), None
 
 
 # --- implementations by backend -------------------------------------------------------------
@@ -354,6 +408,13 @@ def _batched_shape(input, backend) -> tuple[tuple[int, int, int, int], bool]:
     return tuple(input.shape), False
 
 
+def _check_not_empty(shape) -> None:
+    """Only the batch may be empty, as in torch (which raises for 0 channels or pixels)."""
+    if 0 in shape[1:]:
+        raise ValueError(f"input has an empty non-batch dimension: shape {tuple(shape)} (only "
+                         f"the batch may be 0, as in torch)")
+
+
 def _geometry(shape, kernel_size, stride, padding, dilation, ceil_mode, **extra) -> PoolGeometry:
     N, C, H, W = shape
     KH, KW = pair(kernel_size, "kernel_size")
@@ -365,8 +426,7 @@ def _geometry(shape, kernel_size, stride, padding, dilation, ceil_mode, **extra)
         SH, SW = pair(stride, "stride")
     PH, PW = pair(padding, "padding")
     DH, DW = pair(dilation, "dilation")
-    if H == 0 or W == 0:
-        raise ValueError(f"input has an empty spatial dimension: shape {tuple(shape)}")
+    _check_not_empty(shape)
     OH = pool_output_size(H, KH, SH, PH, DH, ceil_mode, name="input height")
     OW = pool_output_size(W, KW, SW, PW, DW, ceil_mode, name="input width")
     return PoolGeometry(N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, **extra)
@@ -419,8 +479,7 @@ def _adaptive_avg_pool2d_call(input, output_size, backend):
         OH, OW = pair(output_size, "output_size")
     if OH <= 0 or OW <= 0:
         raise ValueError(f"output_size must be positive, got {output_size}")
-    if H == 0 or W == 0:
-        raise ValueError(f"input has an empty spatial dimension: shape {(N, C, H, W)}")
+    _check_not_empty((N, C, H, W))
     return _pool_call(impl, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), unbatched)
 
 

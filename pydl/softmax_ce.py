@@ -275,7 +275,45 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _SoftmaxBackward.apply(y, dy, ctx.dim, ctx.log, ctx.backend), None, None, None
         return _softmax_bwd(y, dy, ctx.dim, ctx.log, ctx.backend), None, None, None
+
+
+class _SoftmaxBackward(torch.autograd.Function):
+    """softmax / log_softmax's backward dx(y, dy) on pydl's kernel, as a Function for double
+    backward. Its derivatives, with s = sum(y * dy) and sums over `dim`:
+      softmax      dx = y (dy - s):        d dy = y (ddx - sum(y ddx))  (the backward kernel)
+                                           d y  = ddx (dy - s) - dy sum(ddx y)
+      log_softmax  dx = dy - exp(y) sum(dy): d dy = ddx - sum(ddx exp(y))
+                                             d y  = -ddx exp(y) sum(dy)
+    Those terms are elementwise products and row sums written in torch ops on pydl's saved
+    output (README: double backward); d y then flows into the forward's backward kernel."""
+
+    @staticmethod
+    def forward(ctx, y, dy, dim: int, log: bool, backend: str):
+        ctx.save_for_backward(y, dy)
+        ctx.dim, ctx.log, ctx.backend = dim, log, backend
+        return _softmax_bwd(y, dy, dim, log, backend)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        y, dy = ctx.saved_tensors
+        dim, need = ctx.dim, ctx.needs_input_grad
+        d_y = d_dy = None
+        if ctx.log:
+            p = y.exp()
+            if need[0]:
+                d_y = -ddx * p * dy.sum(dim, keepdim=True)
+            if need[1]:
+                d_dy = ddx - (ddx * p).sum(dim, keepdim=True)
+        else:
+            if need[0]:
+                d_y = ddx * (dy - (y * dy).sum(dim, keepdim=True)) \
+                    - dy * (ddx * y).sum(dim, keepdim=True)
+            if need[1]:
+                d_dy = _SoftmaxBackward.apply(y, ddx, dim, False, ctx.backend)
+        return d_y, d_dy, None, None, None
 
 
 def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, backend):
@@ -368,6 +406,13 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, target, weight, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            ignore_index, reduction, smoothing, backend = ctx.args
+            denom = stats[3 * target.numel()] if reduction == "mean" else None
+            q = _index_target_distribution(x, target, weight, ignore_index, smoothing)
+            g = _row_cotangent(grad_out, x, reduction, denom)
+            dx = _cross_entropy_grad_graph(_log_probabilities(x, backend), q, g, backend)
+            return dx, None, None, None, None, None, None
         dx = _cross_entropy_bwd(x, target, weight, stats, grad_out, *ctx.args)
         return dx, None, None, None, None, None, None
 
@@ -407,9 +452,9 @@ def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
         LAUNCHERS[backend].cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing)
     if none:
         return loss.view(_row_shape(x)).to(dtype), stats
-    # torch's mean divides by the number of rows, whatever the weights
-    scale = 1.0 / rows if reduction == "mean" and rows else (float("nan") if reduction == "mean"
-                                                            else 1.0)
+    # torch's mean divides by the number of rows (input.numel() / C), whatever the weights:
+    # NaN without rows or without classes, as 0 / 0
+    scale = (1.0 / rows if rows and n else math.nan) if reduction == "mean" else 1.0
     if triton:
         out = new_output((), dtype, x.device)
         _TritonLaunch.loss_reduce(loss, None, out, None, scale)
@@ -466,9 +511,77 @@ class CrossEntropyProbFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, target, weight, stats = ctx.saved_tensors
         target_grad = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():      # create_graph: differentiable again
+            return _cross_entropy_prob_grad_graph(x, target, weight, grad_out, *ctx.args,
+                                                  target_grad, ctx.backend)
         dx, dy = _cross_entropy_prob_bwd(x, target, weight, stats, grad_out, *ctx.args,
                                          target_grad, ctx.backend)
         return dx, (dy if target_grad else None), None, None, None, None
+
+
+# --- cross-entropy's double backward ------------------------------------------------------
+# Both cross-entropies are loss_row = -sum_c q_c log p_c over the class dim, with the target
+# distribution q = (1 - eps) w_t onehot(t) + eps / C w (index targets; 0 on ignored rows) or
+# q = w ((1 - eps) y + eps / C) (probability targets y). Their logits' gradient g (p sum(q) - q)
+# is log_softmax's backward of the cotangent -g q. Under create_graph the backward is rebuilt
+# from those differentiable pieces: pydl's log_softmax (SoftmaxFunction) and its backward
+# kernel (_SoftmaxBackward), with q, the cotangent's broadcast and the target's gradient
+# -g (1 - eps) w log p written in torch ops (README: double backward). Gradients of any order
+# follow, w.r.t. the logits, grad_out and a probability target.
+
+def _class_dim(x: Tensor) -> int:
+    return 0 if x.dim() == 1 else 1
+
+
+def _along_classes(weight: Tensor, x: Tensor) -> Tensor:
+    """Class weights (C,) in x's dtype, shaped to broadcast along x's class dim."""
+    return weight.to(x.dtype).view((-1,) + (1,) * (x.dim() - _class_dim(x) - 1))
+
+
+def _row_cotangent(grad_out: Tensor, x: Tensor, reduction: str, denom) -> Tensor:
+    """The loss's cotangent per row, broadcastable against x along its class dim."""
+    if reduction == "none":
+        return grad_out.unsqueeze(_class_dim(x))
+    return grad_out if reduction == "sum" else grad_out / denom
+
+
+def _index_target_distribution(x, target, weight, ignore_index: int, smoothing: float) -> Tensor:
+    """q of class-index targets: (1 - eps) w_t at the target, plus eps / C w, 0 on ignored rows."""
+    dim = _class_dim(x)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).unsqueeze(dim)
+    keep = valid.unsqueeze(dim).to(x.dtype)
+    w_t = keep if weight is None else keep * weight.to(x.dtype)[t]
+    q = torch.zeros_like(x).scatter(dim, t, (1.0 - smoothing) * w_t)
+    if smoothing > 0:
+        w = 1.0 if weight is None else _along_classes(weight, x)
+        q = q + (smoothing / x.shape[dim]) * w * keep
+    return q
+
+
+def _log_probabilities(x: Tensor, backend: str) -> Tensor:
+    return SoftmaxFunction.apply(x, _class_dim(x), True, backend)
+
+
+def _cross_entropy_grad_graph(logp: Tensor, q: Tensor, g: Tensor, backend: str) -> Tensor:
+    """g (p sum(q) - q) from log p = _log_probabilities(x), as differentiable pydl Functions."""
+    return _SoftmaxBackward.apply(logp, (-(q * g)).to(logp.dtype), _class_dim(logp), True,
+                                  backend)
+
+
+def _cross_entropy_prob_grad_graph(x, target, weight, grad_out, reduction: str, smoothing: float,
+                                   target_grad: bool, backend: str):
+    """CrossEntropyProbFunction's gradients (logits, target, then Nones), differentiable."""
+    dim = _class_dim(x)
+    w = 1.0 if weight is None else _along_classes(weight, x)
+    g = _row_cotangent(grad_out, x, reduction, max(x.numel() // max(x.shape[dim], 1), 1))
+    q = w * ((1.0 - smoothing) * target.to(x.dtype) + smoothing / x.shape[dim])
+    logp = _log_probabilities(x, backend)
+    dx = _cross_entropy_grad_graph(logp, q, g, backend)
+    dy = None
+    if target_grad:
+        dy = (-(g * (1.0 - smoothing)) * w * logp).to(target.dtype)
+    return dx, dy, None, None, None, None
 
 
 # --- implementations by backend -----------------------------------------------------------

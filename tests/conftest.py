@@ -27,7 +27,9 @@ from pydl.testing import poisoned_outputs  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 KERNEL_BACKENDS = ("triton", "numba")
-# bf16 is broken in Triton's interpreter and NumPy has no bf16: test it on a GPU only.
+# bf16 is broken in Triton's interpreter (the triton backend refuses it there) and NumPy has no
+# bf16: the op suites test it on a GPU; tests/test_edge_cases.py tests the Numba simulator's bf16
+# (it decodes the bit patterns itself) in emulation.
 DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if HAS_CUDA else ())
 
 

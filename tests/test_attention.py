@@ -150,6 +150,85 @@ def test_fuzz(backend, L, S, E, causal, group):
                     enable_gqa=group > 1)
 
 
+# --- gradient of a float mask (a learned bias: ALiBi, T5 relative positions) ---------------
+
+MASK_GRAD_VARIANTS = [("triton", None), ("triton", "naive"), ("numba", None)]
+mask_grad_variants = pytest.mark.parametrize("backend,algo", MASK_GRAD_VARIANTS,
+                                             ids=["triton-flash", "triton-naive", "numba"])
+
+
+def _mask_reference(q, k, v, mask, scale=None, keep=None, p=0.0):
+    """float64 torch autograd of softmax(q k^T * scale + mask) (dropped by `keep`) @ v, with the
+    gradient flowing to the mask: the definition the kernels must match."""
+    q, k, v, mask = (t.detach().double().requires_grad_() for t in (q, k, v, mask))
+    G = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    probs = torch.softmax(q @ kk.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1])) + mask, -1)
+    if keep is not None:
+        probs = probs * keep / (1 - p)
+    return probs @ vv, (q, k, v, mask)
+
+
+@mask_grad_variants
+@pytest.mark.parametrize("mask_shape", [(19, 23), (3, 19, 23), (1, 3, 1, 23), (2, 1, 19, 23),
+                                        (2, 3, 19, 23), (19, 1)])
+def test_float_mask_gets_its_gradient(backend, algo, mask_shape):
+    """A float attn_mask that requires grad trains: its gradient is dS summed over the mask's
+    broadcast dims (torch's; before, the kernels returned None)."""
+    q, k, v = qkv(2, 3, 3, 19, 23, 16)
+    mask = random_tensor(mask_shape, torch.float32, DEVICE)
+    fn = lambda q, k, v, m: pydl.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=m, backend=backend, algo=algo)
+    out, g, grads = run_with_grad(fn, [q, k, v, mask])
+    r_out, leaves = _mask_reference(q, k, v, mask)
+    r_out.backward(g.double())
+    _, _, t_grads = run_with_grad(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                                  [q, k, v, mask], g)
+    assert grads[3] is not None and grads[3].shape == mask.shape
+    red = 19 * 23 * 16
+    assert_close(out, r_out, torch.float32, reduction=23, tf32=TF32, name="forward")
+    for name, ours, leaf, theirs in zip(("q", "k", "v", "mask"), grads, leaves, t_grads):
+        assert_close(ours, leaf.grad, torch.float32, reduction=red, tf32=TF32, name=f"d{name} vs reference")
+        assert_close(ours, theirs, torch.float32, reduction=red, tf32=TF32, name=f"d{name} vs torch")
+
+
+@mask_grad_variants
+def test_float_mask_gradient_with_gqa_fp16_mask_and_masked_keys(backend, algo):
+    """Grouped-query heads, a float16 mask on float32 inputs (the gradient takes the mask's
+    dtype), -inf entries (their gradient is 0) and a fully masked row (0, as its output)."""
+    q, k, v = qkv(1, 4, 2, 13, 17, 16)
+    mask = random_tensor((4, 13, 17), torch.float32, DEVICE)
+    mask[:, :, 5] = float("-inf")
+    mask[1, 7] = float("-inf")
+    mask = mask.half()
+    fn = lambda q, k, v, m: pydl.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=m, enable_gqa=True, backend=backend, algo=algo)
+    out, g, grads = run_with_grad(fn, [q, k, v, mask])
+    r_out, leaves = _mask_reference(q, k, v, mask.float())
+    r_out.backward(g.double())
+    r_mask_grad = torch.nan_to_num(leaves[3].grad)      # fully masked row: 0, as pydl and torch
+    assert grads[3].dtype == torch.float16
+    assert torch.all(grads[3][:, :, 5] == 0) and torch.all(grads[3][1, 7] == 0)
+    assert_close(grads[3], r_mask_grad, torch.float16, reduction=16, name="dmask")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_mask_gradient_with_dropout(backend):
+    p = 0.3
+    q, k, v = qkv(2, 2, 2, 17, 21, 16)
+    mask = random_tensor((2, 17, 21), torch.float32, DEVICE)
+    torch.manual_seed(1234)
+    out, g, grads = run_with_grad(lambda q, k, v, m: pydl.scaled_dot_product_attention(
+        q, k, v, attn_mask=m, dropout_p=p, backend=backend), [q, k, v, mask])
+    torch.manual_seed(1234)
+    keep = attention.LAUNCHERS[backend].dropout_mask(2, 2, 17, 21, p, attention.dropout_seed(),
+                                                     q.device)
+    r_out, leaves = _mask_reference(q, k, v, mask, keep=keep, p=p)
+    r_out.backward(g.double())
+    assert_close(out, r_out, torch.float32, reduction=21, name="forward")
+    assert_close(grads[3], leaves[3].grad, torch.float32, reduction=17 * 21 * 16, name="dmask")
+
+
 # --- the naive variant (materialised scores) -----------------------------------------------
 
 @pytest.mark.parametrize("case", ["odd_causal", "gqa_causal", "bool_mask_with_empty_row",

@@ -52,6 +52,8 @@ OPCHECKS = {
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
     "attention_naive_fwd": lambda: (attention._attention_naive_fwd, (
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
+    "attention_bwd/mask_grad": lambda: _attention_bwd_args(),
+    "attention_naive_bwd/mask_grad": lambda: _attention_naive_bwd_args(),
     "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
         _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
     "gru_cell_fwd": lambda: (gru._gru_cell_fwd, (
@@ -63,6 +65,21 @@ OPCHECKS = {
         _x(3, 2, 3), None, None, [_x(16, 3), _x(16, 2), _x(2, 4)], [1, 0, 0, 0, 1], 0.0,
         "steps", "lstm", BACKEND)),
 }
+
+
+def _attention_bwd_args():
+    """The flash backward with a float mask's gradient (its fourth output)."""
+    q, k, v, mask = _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), _x(1, 2, 5, 7)
+    o, lse, seed = attention._attention_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35, 0.0,
+                                            BACKEND)
+    return attention._attention_bwd, (q, k, v, o, lse, _x(1, 2, 5, 8), mask, seed,
+                                      attention.MASK_FLOAT, False, 0.35, 0.0, BACKEND, True)
+
+
+def _attention_naive_bwd_args():
+    q, k, v, mask = _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), _x(1, 2, 5, 7)
+    _, p = attention._attention_naive_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35)
+    return attention._attention_naive_bwd, (q, k, v, p, _x(1, 2, 5, 8), mask, 0.35, True)
 
 
 def _geom_conv():

@@ -322,3 +322,82 @@ def test_gru_mapping(monkeypatch):
     assert report.changed == []
     assert [s.reason for s in report.skipped] == ["pydl has no GRU layer yet (pydl.nn.GRU)"]
     assert type(gru) is torch.nn.GRU
+
+
+# --- the report promises only what the forward runs ----------------------------------------
+
+def _cnn():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.MaxPool2d(2),
+                               torch.nn.AvgPool2d(2), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.LogSoftmax(-1))
+
+
+@pytest.mark.parametrize("backend", [None, "triton", "numba"])
+def test_float64_model_layers_without_parameters_are_not_promised(backend):
+    """A float64 model: its pooling and softmax layers see float64 activations, which the
+    kernels refuse; they stay torch's (before, they were reported patched and the first
+    forward raised TypeError)."""
+    model = _cnn().double().to(DEVICE)
+    ref = copy.deepcopy(model)
+    report = pydl.patch(model, backend=backend)
+    assert report.patched == []
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert set(reasons) == {"0", "1", "2", "3", "5"}
+    for name in ("1", "2", "3", "5"):
+        assert "float64" in reasons[name] and "this layer has none" in reasons[name]
+    x = random_tensor((2, 3, 8, 8), torch.float64, DEVICE)
+    assert torch.equal(model(x), ref(x))
+    # the torch backend takes float64: everything is swapped
+    assert len(pydl.patch(model, backend="torch").patched) == 5
+
+
+def test_mixed_dtype_model_notes_the_refused_inputs():
+    model = torch.nn.Sequential(_cnn(), torch.nn.Linear(4, 2).double())
+    report = pydl.patch(model, backend="triton")
+    notes = {s.name: s.note for s in report.patched}
+    assert set(notes) == {"0.0", "0.1", "0.2", "0.3", "0.5"}
+    assert notes["0.0"] == ""                       # the conv's own parameters are float32
+    assert "float64 inputs to this layer raise TypeError" in notes["0.1"]
+    assert [s.name for s in report.skipped] == []
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="emulation only: on a GPU bf16 is compiled")
+def test_bf16_model_in_emulation_not_promised_to_the_triton_interpreter():
+    model = _cnn().bfloat16()
+    report = pydl.patch(model, backend="triton")
+    assert report.patched == [] and len(report.skipped) == 5
+    assert all("interpreter computes bfloat16 wrongly" in s.reason for s in report.skipped)
+    report = pydl.patch(model, backend="numba")      # the Numba simulator computes bf16
+    assert len(report.patched) == 5
+    x = random_tensor((2, 3, 8, 8), torch.bfloat16, DEVICE)
+    ours = model(x)
+    pydl.unpatch(model)
+    assert_close(ours, model(x), torch.bfloat16, reduction=27)
+
+
+def test_transformer_encoder_layer_fast_path_is_reported(monkeypatch):
+    """torch's TransformerEncoderLayer runs a fused fast path in eval mode without autograd,
+    which never calls its self_attn: the report says so, and it is true."""
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).to(DEVICE)
+    model = torch.nn.ModuleDict({"enc": layer, "mha": torch.nn.MultiheadAttention(8, 2)})
+    report = pydl.patch(model, backend="triton")
+    notes = {s.name: s.note for s in report.patched}
+    assert "fast path" in notes["enc.self_attn"] and "set_fastpath_enabled(False)" in notes["enc.self_attn"]
+    assert "fast path" not in notes["mha"]
+    assert "enc.self_attn" in str(report) and "fast path" in str(report)
+
+    calls = []
+    forward = pydl.nn.MultiheadAttention.forward
+    monkeypatch.setattr(pydl.nn.MultiheadAttention, "forward",
+                        lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    x = random_tensor((2, 5, 8), torch.float32, DEVICE)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert calls == [], "the fast path ran: pydl was not called, as the report says"
+    layer(x)                                           # grad enabled: the module runs
+    assert calls == [1]
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)
+    with torch.no_grad():
+        layer(x)
+    assert calls == [1, 1]

@@ -227,9 +227,9 @@ def _load_rows(dst, src, b, h, r0, nrows, width, t, nt, code):
 def _store_row(dst, b, h, row, acc, n, g, G, mul, div, code):
     """dst[b, h, row, g + c * G] = acc[c] * mul / div for c < n, in dst's dtype (bf16 encoded
     inline, as `_load_rows` decodes): this thread's columns of an output row; 0 where div is
-    not positive (a row with no visible key). mul = div = 1 store acc exactly as it is."""
+    0 (a row with no visible key; a NaN div, a row that saw a NaN score, gives NaN). mul = div = 1 store acc exactly as it is."""
     for c in range(n):
-        out = acc[c] * mul / div if div > ZERO else ZERO
+        out = ZERO if div == ZERO else acc[c] * mul / div     # a NaN div stays NaN
         if code == BF16:
             dst[b, h, row, g + c * G] = f32_to_bf16_bits(out)
         else:
@@ -377,7 +377,11 @@ def _build_fwd(BM, BN, BD, BDV, NT):
                 if live:
                     m_new = m
                     for j in range(ncols):
-                        m_new = max(m_new, srow[j])
+                        s = srow[j]
+                        # NaN-propagating max (Python's and C's max drop a NaN): a NaN score
+                        # makes the row NaN, as in torch, not "nothing visible"
+                        if s > m_new or s != s:
+                            m_new = s
                     if m_new != NEG_INF:                 # else nothing visible yet: no change
                         alpha = math.exp(m - m_new)      # 0 while m is still -inf
                         lsum *= alpha
@@ -392,7 +396,7 @@ def _build_fwd(BM, BN, BD, BDV, NT):
             if live:
                 _store_row(o, b, h, row, acc, ncv, g, G, ONE, lsum, code)
                 if g == 0:
-                    lse[bh, row] = m + math.log(lsum) if lsum > ZERO else POS_INF
+                    lse[bh, row] = POS_INF if lsum == ZERO else m + math.log(lsum)
 
     return attention_fwd
 
@@ -425,7 +429,9 @@ def delta_kernel(o, do, delta, code):
 def dq_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
     """dQ kernel: a block owns BM query rows of one (batch, head) and streams K/V tiles of BN
     keys. Arguments: q, k, v, do (any strides), lse and delta (fp32 (B*H, L)), dq (output,
-    q's dtype), then mask ... code as for `fwd_kernel`."""
+    q's dtype), dmask and mask_grad (with mask_grad, dmask (B, H, L, S) in the float mask's
+    dtype receives dS, the gradient of the scores and so of the mask; else unread), then
+    mask ... code as for `fwd_kernel`."""
     return _cached(("dq", BM, BN, BD, BDV, NT), lambda: _build_dq(BM, BN, BD, BDV, NT))
 
 
@@ -437,8 +443,8 @@ def _build_dq(BM, BN, BD, BDV, NT):
     _check_shared(4 * (BM * (BDP + BDVP) + 2 * BN * (BDP + BDVP) + BM * BNP))
 
     @cuda.jit
-    def attention_bwd_dq(q, k, v, do, lse, delta, dq, mask, mask_kind, mask_code, is_causal,
-                         scale, dropout, threshold, drop_scale, seed, code):
+    def attention_bwd_dq(q, k, v, do, lse, delta, dq, dmask, mask_grad, mask, mask_kind,
+                         mask_code, is_causal, scale, dropout, threshold, drop_scale, seed, code):
         sq = cuda.shared.array((BM, BDP), float32)        # the block's query rows
         sdo = cuda.shared.array((BM, BDVP), float32)      # and their output gradients
         sk = cuda.shared.array((2, BN, BDP), float32)     # streamed keys, double-buffered
@@ -483,9 +489,14 @@ def _build_dq(BM, BN, BD, BDV, NT):
                         col = k0 + j
                         visible, s = _score(qrow, sk[buf, j], E, sc, mask, b, h, row, col,
                                             mask_kind, mask_code, is_causal)
-                        _, dsrow[j] = _grad_pair(visible, s, row_lse, row_delta, dorow,
-                                                 sv[buf, j], EV, dropout, base, row * S + col,
-                                                 threshold, dscale)
+                        _, ds = _grad_pair(visible, s, row_lse, row_delta, dorow, sv[buf, j],
+                                           EV, dropout, base, row * S + col, threshold, dscale)
+                        dsrow[j] = ds
+                        if mask_grad:        # non-causal: every (row, col) is visited once
+                            if mask_code == BF16:
+                                dmask[b, h, row, col] = f32_to_bf16_bits(ds)
+                            else:
+                                dmask[b, h, row, col] = ds
                 cuda.syncthreads()
                 if live:
                     _accumulate(acc, ncd, g, G, ONE, dsrow, sk[buf], ncols)

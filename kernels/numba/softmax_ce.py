@@ -27,6 +27,7 @@ MAX_THREADS = 256
 
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
+NAN = np.float32(np.nan)
 ONE = np.float32(1.0)
 
 
@@ -208,10 +209,9 @@ def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has
     Each thread keeps d = sum a (x - m) relative to its running max m, shifted by
     A_thread (m_new - m_old) when the max grows, and the sum is assembled from the threads'
     A (m_row - m + log s) - d, terms that are all >= 0, so huge logits (|x| ~ 1e4) do not
-    cancel catastrophically. Edge rules, as each kernel had them: with `probs` the shift is
-    skipped while the thread's max is -inf and a -inf logit adds a * -inf (+inf, NaN when
-    a = 0, as torch gives); for index targets classes of weight 0 add nothing, the shift and the
-    thread's share are skipped while A_thread = 0, and a -inf logit adds -inf.
+    cancel catastrophically. Edge rules, torch's: the shift is skipped while the thread's max
+    is -inf and a -inf logit adds a * -inf (+inf, NaN when a = 0); a row whose logits are all
+    -inf has NaN log-probabilities, hence a NaN sum.
     """
     n = x.shape[1]
     uniform = eps / float32(n)
@@ -233,29 +233,22 @@ def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has
         if weighted:
             if not probs:
                 a = _class_weight(weight, c, has_weight)
-            if m != m_old and (m_old != NEG_INF if probs else a_sum != ZERO):
-                # index targets: -inf when m_old was -inf: the term is +inf
+            if m != m_old and m_old != NEG_INF:
                 d -= a_sum * (m - m_old)
-            if probs:
-                d += a * NEG_INF if v == NEG_INF else a * (v - m)
-            elif a != ZERO:
-                # x_c = m = -inf: (x_c - m) is NaN, but the row's term lse - x_c is +inf
-                d += a * (v - m) if m != NEG_INF else NEG_INF
+            # x_c = -inf: (x_c - m) may be NaN, but the row's term a (lse - x_c) is a * inf
+            d += a * NEG_INF if v == NEG_INF else a * (v - m)
             a_sum += a
     m_row, s_row = _block_max_sum(m, s)
     log_s = _log_sum(s_row)
     total = ZERO
     if weighted:
         # sum over this thread's c of a_c (lse - x_c) = A (m_row - m + log s) - d
-        if probs:
-            part = -d
-            if m != NEG_INF:
-                part += a_sum * ((m_row - m) + log_s)
-        else:
-            part = ZERO
-            if a_sum != ZERO:
-                part = a_sum * ((m_row - m) + log_s) - d
+        part = -d
+        if m != NEG_INF:
+            part += a_sum * ((m_row - m) + log_s)
         total = _block_sum(part)
+        if m_row == NEG_INF and n > 0:
+            total = NAN
     return m_row, log_s, total, a_sum
 
 

@@ -9,8 +9,10 @@ Backward (FlashAttention-2's split): `attention_bwd_preprocess` computes D_i = s
 `attention_bwd_dkdv` owns a K/V tile and loops over every query tile of every query head that
 shares the K/V head (grouped-query attention), recomputing P = exp(s - lse) and accumulating
 dV = P^T dO and dK = dS^T Q * scale, where dS = P * (dP - D) and dP = dO V^T;
-`attention_bwd_dq` owns a query tile and accumulates dQ = dS K * scale. Each gradient element
-is written once, by one program: no atomics, deterministic.
+`attention_bwd_dq` owns a query tile and accumulates dQ = dS K * scale; with MASK_GRAD (a float
+mask that requires grad) it also writes dS itself, the gradient of the scores and so of the
+mask, one (B, H, L, S) element each (the caller sums it over the mask's broadcast dims). Each
+gradient element is written once, by one program: no atomics, deterministic.
 
 Scores: s = (q . k) * scale, then -inf where a key index is out of range, where the boolean
 mask is False, or above the diagonal for causal attention (torch's top-left alignment: query i
@@ -322,11 +324,13 @@ def attention_bwd_dkdv(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d, sm_m, sm_n,
-              rows, d, dv, start, end, L, S, E, EV, scale_log2, dropout_p, seed, bh,
-              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-              DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ (unscaled) += dS K over key tiles [start, end); MASKED as in `_fwd_tiles`."""
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, dm_base, sk_n, sk_d, sv_n, sv_d,
+              sm_m, sm_n, sdm_m, sdm_n, rows, d, dv, start, end, L, S, E, EV, scale_log2,
+              dropout_p, seed, bh, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              MASK_KIND: tl.constexpr, MASK_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (unscaled) += dS K over key tiles [start, end); MASKED as in `_fwd_tiles`; with
+    MASK_GRAD, dS is also stored (the float mask's gradient)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
@@ -337,26 +341,30 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, s
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         _, ds = _grad_tile(s, lse[:, None], delta[:, None], dp, seed, bh, qi, kj, S, dropout_p,
                            DROPOUT)
+        if MASK_GRAD:
+            _store_tile(dm_base, rows, cols, sdm_m, sdm_n, L, S, ds)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def attention_bwd_dq(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr, dmask_ptr,
     sq_b, sq_h, sq_m, sq_d,
     sk_b, sk_h, sk_n, sk_d,
     sv_b, sv_h, sv_n, sv_d,
     sdo_b, sdo_h, sdo_m, sdo_d,
     sm_b, sm_h, sm_m, sm_n,
     sdq_b, sdq_h, sdq_m, sdq_d,
+    sdm_b, sdm_h, sdm_m, sdm_n,        # mask-gradient strides (B, Hq, L, S), MASK_GRAD only
     H, L, S, E, EV, GROUP,
     scale, dropout_p, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_GRAD: tl.constexpr = False,
 ):
-    """One query tile: dQ = sum over K/V tiles of dS K * scale."""
+    """One query tile: dQ = sum over K/V tiles of dS K * scale (and dS itself, MASK_GRAD)."""
     pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -366,15 +374,19 @@ def attention_bwd_dq(
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
     m_base = mask_ptr + b * sm_b + h * sm_h
+    dm_base = dmask_ptr + b * sdm_b + h * sdm_h
     scale_log2 = scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # a mask tensor makes every tile masked (lo = 0): MASK_GRAD writes every score's dS
     lo, hi = _key_ranges(pid_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
-                   sm_m, sm_n, rows, d, dv, 0, lo, L, S, E, EV, scale_log2, dropout_p, seed, bh,
-                   False, IS_CAUSAL, MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
-                   sm_m, sm_n, rows, d, dv, lo, hi, L, S, E, EV, scale_log2, dropout_p, seed, bh,
-                   True, IS_CAUSAL, MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, dm_base, sk_n, sk_d, sv_n,
+                   sv_d, sm_m, sm_n, sdm_m, sdm_n, rows, d, dv, 0, lo, L, S, E, EV, scale_log2,
+                   dropout_p, seed, bh, False, IS_CAUSAL, MASK_KIND, False, DROPOUT,
+                   INPUT_PRECISION, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, dm_base, sk_n, sk_d, sv_n,
+                   sv_d, sm_m, sm_n, sdm_m, sdm_n, rows, d, dv, lo, hi, L, S, E, EV, scale_log2,
+                   dropout_p, seed, bh, True, IS_CAUSAL, MASK_KIND, MASK_GRAD, DROPOUT,
+                   INPUT_PRECISION, BLOCK_N)
     dq = dq * scale
     _store_tile(dq_ptr + b * sdq_b + h * sdq_h, rows, d, sdq_m, sdq_d, L, E, dq)
 
@@ -417,7 +429,7 @@ def attention_naive_softmax(
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         s = _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n, IS_CAUSAL, MASK_KIND)
-        m_new = tl.maximum(m_i, s)
+        m_new = tl.maximum(m_i, s, propagate_nan=tl.PropagateNan.ALL)   # NaN stays: torch's row
         seen = m_new != float("-inf")
         l_i = l_i * tl.where(seen, tl.exp(m_i - m_new), 0.0) + tl.where(seen, tl.exp(s - m_new), 0.0)
         m_i = m_new

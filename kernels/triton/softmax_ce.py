@@ -30,8 +30,10 @@ def _online_update(m, s, x):
     """Fold a block x into per-lane running max m and rescaled sum s.
 
     A lane that has only seen -inf keeps m = -inf and s = 0 (exp(-inf - -inf) would be NaN).
+    The max propagates NaN (a GPU's default max drops it; Triton's interpreter keeps it): a
+    lane that saw a NaN keeps m = s = NaN, so the row gives NaN as in torch.
     """
-    m_new = tl.maximum(m, x)
+    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     seen = m_new != NEG_INF
     alpha = tl.where(seen, tl.exp(m - m_new), 0.0)
     p = tl.where(seen, tl.exp(x - m_new), 0.0)
@@ -93,11 +95,9 @@ def _ce_row_stats(
     Each lane keeps the online (m, s) of _online_update and d = sum a (x - m_lane) relative to
     its own running max, shifted exactly when the max grows (d -= A_lane (m_new - m_old)), and
     the sum is assembled as sum_lanes [A_lane (lse - m_lane) - d_lane], so huge logits do not
-    cancel catastrophically. Edge rules, as each kernel had them: with PROBS the shift is
-    skipped while a lane's max is -inf and a -inf logit adds a * -inf (inf loss where a > 0,
-    NaN where a = 0, as torch gives); for index targets the shift, and the lane's share of the
-    sum, are skipped while A_lane = 0 (a -inf logit seen while the lane's max is -inf makes d
-    NaN).
+    cancel catastrophically. Edge rules, torch's: the shift is skipped while a lane's max is
+    -inf and a -inf logit adds a * -inf (an inf loss where a > 0, NaN where a = 0); a row
+    whose logits are all -inf has NaN log-probabilities, hence a NaN sum.
     """
     cols = tl.arange(0, BLOCK_N)
     m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
@@ -114,15 +114,10 @@ def _ce_row_stats(
                     a = a * _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
             else:
                 a = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
-            m_new = tl.maximum(m, x)
-            shift = al * (m_new - m)
-            term = a * (x - m_new)
-            if PROBS:
-                # a lane whose max was -inf holds only -inf logits so far: d already has their a * -inf
-                shift = tl.where(m == NEG_INF, 0.0, shift)
-                term = tl.where(x == NEG_INF, a * NEG_INF, term)
-            else:
-                shift = tl.where(al == 0.0, 0.0, shift)
+            m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
+            # a lane whose max was -inf holds only -inf logits so far: d already has their a * -inf
+            shift = tl.where(m == NEG_INF, 0.0, al * (m_new - m))
+            term = tl.where(x == NEG_INF, a * NEG_INF, a * (x - m_new))
             d = d - shift
             d += tl.where(mask, term, 0.0)
             al += tl.where(mask, a, 0.0)
@@ -132,12 +127,8 @@ def _ce_row_stats(
     total = log_s
     if WEIGHTED:
         # (m_row - m) + log s rather than lse - m keeps log s's digits when |m| is large
-        lane = al * ((m_row[:, None] - m) + log_s[:, None])
-        if PROBS:
-            lane = tl.where(m == NEG_INF, 0.0, lane) - d
-        else:
-            lane = tl.where(al == 0.0, 0.0, lane - d)
-        total = tl.sum(lane, 1)
+        lane = tl.where(m == NEG_INF, 0.0, al * ((m_row[:, None] - m) + log_s[:, None])) - d
+        total = tl.where((m_row == NEG_INF) & (n > 0), float("nan"), tl.sum(lane, 1))
     return m_row, log_s, total, tl.sum(al, 1)
 
 
