@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from . import _env
+from . import _launch
+from . import attention_hopper
 from . import _tune as tune
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
@@ -77,6 +79,19 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
+def _forward_tma(q, k, v, o) -> bool:
+    """Whether the flash forward moves q, k, v and o through TMA tensor descriptors: on a GPU
+    that has TMA (and in emulation) when every (batch, head) slice allows it; else the
+    pointer loads (pre-Hopper GPUs, unaligned or strided layouts)."""
+    blocks = _blocks(q.shape[3], v.shape[3])
+    use = _launch.tma_available(q.device) and all(
+        _launch.tma_compatible(t, blocks[box])
+        for t, box in ((q, "BLOCK_D"), (k, "BLOCK_D"), (v, "BLOCK_DV"), (o, "BLOCK_DV")))
+    if use and not _env.INTERPRET:
+        _launch.ensure_triton_allocator()
+    return use
+
+
 class _TritonAttention:
     @staticmethod
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
@@ -84,13 +99,16 @@ class _TritonAttention:
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
 
+        use_tma = _forward_tma(q, k, v, o)
+
         def launch(cfg):
             kt.attention_fwd[(cdiv(L, cfg["BLOCK_M"]), B * H)](
                 q, k, v, o, lse, mask if mask is not None else q,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
                 H, L, S, E, EV, H // HKV, scale, dropout_p, seed,
                 IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                INPUT_PRECISION=input_precision(q.dtype), **cfg)
+                INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
+                SCALE_NEGATIVE=scale < 0, **cfg)
 
         launch(_attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0, launch))
 
@@ -348,7 +366,7 @@ class NaiveAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-ALGOS = ("flash", "naive")
+ALGOS = ("flash", "naive", "flash_hopper")
 
 
 def _kernel_attention(backend):
@@ -360,7 +378,9 @@ def _kernel_attention(backend):
             if dropout_p > 0:
                 raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
             return NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale)[0]
-        have = "flash, naive" if backend == "triton" else "flash"
+        if algo == "flash_hopper" and backend == "triton":
+            return _flash_hopper(q, k, v, mask, mask_kind, is_causal, scale, dropout_p)
+        have = ", ".join(ALGOS) if backend == "triton" else "flash"
         raise ValueError(f"scaled_dot_product_attention: algo={algo!r} is not available on the "
                          f"{backend!r} backend (available: {have})")
     return impl
@@ -368,6 +388,15 @@ def _kernel_attention(backend):
 
 for _name in LAUNCHERS:
     register("scaled_dot_product_attention", _name)(_kernel_attention(_name))
+
+# algo="flash_hopper" (triton backend): the Gluon forward, the flash backward
+LAUNCHERS[attention_hopper.LAUNCHER] = attention_hopper.HopperAttention
+
+
+def _flash_hopper(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
+    attention_hopper.check(q, k, v, mask, dropout_p, scale)
+    return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
+                                   attention_hopper.LAUNCHER)
 
 
 @register("scaled_dot_product_attention", "torch")
@@ -456,7 +485,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  algo=None):
     """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
 
-    algo: "flash" (default) or "naive" (triton: materialised scores, three kernels).
+    algo: "flash" (default), "naive" (triton: materialised scores, three kernels) or
+    "flash_hopper" (triton: the Gluon forward for Hopper GPUs; see pydl/attention_hopper.py).
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
     bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
     """
