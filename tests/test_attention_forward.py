@@ -5,18 +5,23 @@ GPU, its outputs and gradients against the float64 reference and torch.
 
 The general attention semantics (masks, dropout, GQA, layouts) are tests/test_attention.py's;
 the helpers come from there."""
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import pydl
+from bench import resources
 from pydl import _env, _launch, attention, attention_hopper
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor
 
 from conftest import DEVICE, DTYPES
 from test_attention import check_attention, qkv
+from test_resources import REPO, _clean_env
 
 BACKENDS = ("triton", "numba")
 HAS_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -226,3 +231,34 @@ def test_benchmark_lists_flash_hopper_and_says_why_it_skips():
         assert why.startswith("algo='flash_hopper': it ")
     if HAS_HOPPER:
         assert "float16 or bfloat16" in suite.unsupported(case, torch.float32, v)
+
+
+# --- algo="flash_hopper" compiled for sm_90 without a GPU ---------------------------------------
+
+HOPPER_COMPILE = r"""
+import json
+from bench import resources as R
+rows = R.capture(90, [("attention", "hopper", R._attention_hopper(True))])
+row = next(r for r in rows if r["kernel"] == "attention_fwd_hopper" and r["candidate"] == 0)
+R.measure([row], workers=1)
+print(json.dumps(R._json_row(row), default=str))
+"""
+
+
+def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
+    """The default configuration, captured from the launcher (d128 bf16, causal) and compiled
+    by `bench resources`: wgmma, TMA copies both ways, the producer's and consumers' register
+    budgets, no spills, within Hopper's shared memory."""
+    why = resources.missing_toolchain()
+    if why:
+        pytest.skip(f"no offline Triton/CUDA toolchain: {why}")
+    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], cwd=REPO,
+                          env=_clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "error" not in row, row.get("error")
+    assert row["config"] == dict(BLOCK_N=128, STAGES=2, num_warps=4)
+    assert row["verdict"] == "ok"                 # no spills, fits the shared memory
+    assert row["num_warps"] == 12                 # 2 consumer warpgroups + the producer's
+    assert row["hgmma"] > 0 and row["hmma"] == 0 and row["tma"] > 0
+    assert {24, 240} <= set(row["setmaxnreg"])    # producer and consumers' budgets

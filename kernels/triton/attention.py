@@ -25,7 +25,13 @@ Dropout: keep(i, j) = rand(seed + bh, i * S + j) >= p from Triton's counter-base
 generator, recomputed bit-identically in the backward (`_dropout_keep` is the one definition);
 kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P.
 
-Exponentials use exp2 with log2(e) folded into the scale.
+Exponentials use exp2 with log2(e) folded into the scale; the forward's unmasked tiles take the
+row max of the raw products and apply the scale inside the exponent's FMA, exp2(qk * c - m)
+(c >= 0: a negative scale's sign moves into q). On Hopper the forward reads q, k, v and writes o
+through tensor descriptors (TMA; `USE_TMA`, chosen by the host where the layout allows), which
+also leaves q in shared memory for the products; the pointer loads remain for other layouts and
+older GPUs. The algo="flash_hopper" forward (attention_gluon.py) is the FlashAttention-3-shaped
+version of the same kernel in Gluon.
 """
 import triton
 import triton.language as tl
