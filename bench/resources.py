@@ -145,6 +145,23 @@ def _attention_hopper(causal: bool):
     return run
 
 
+def _attention_onepass(causal: bool):
+    """The same sweep point's backward through algo="flash_onepass" (the single-pass
+    kernel, kernels/triton/attention_onepass.py, and its dQ conversion)."""
+    def run():
+        import math
+        import torch
+        from pydl import attention as att, attention_onepass
+        B, H, L, E = 4, 16, 4096, 128
+        q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
+                                      for _ in range(8))
+        lse = torch.empty(B * H, L, dtype=torch.float32)
+        att.LAUNCHERS[attention_onepass.LAUNCHER].backward(
+            q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE, causal, 1.0 / math.sqrt(E),
+            0.0, 0)
+    return run
+
+
 def _pool_stem(channels_last: bool):
     """ResNet-50's stem max pool (3x3, stride 2, padding 1) on its 32 x 64 x 112 x 112 bf16
     input, channels_last or NCHW: the training forward (one-byte window argmax) and its
@@ -171,6 +188,8 @@ PROBLEMS = (
     ("attention", "d128-4k-causal", _attention(True)),
     ("attention", "d128-4k hopper", _attention_hopper(False)),
     ("attention", "d128-4k-causal hopper", _attention_hopper(True)),
+    ("attention", "d128-4k onepass", _attention_onepass(False)),
+    ("attention", "d128-4k-causal onepass", _attention_onepass(True)),
     ("pool", "stem3x3s2 cl", _pool_stem(True)),
     ("pool", "stem3x3s2 nchw", _pool_stem(False)),
 )
@@ -311,9 +330,9 @@ def _cov_gemm(dtype: str, m: int, n: int, k: int):
 def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, HKV: int):
     """scaled_dot_product_attention, forward and backward: flash (no mask, causal, a bool
     mask broadcast over batch and heads, a float mask per batch, dropout, grouped-query heads
-    when HKV < H), naive (no mask, causal, bool and float masks) and flash_hopper where it
-    runs (no mask, causal, grouped-query heads); and the dropout-mask kernel the tests
-    compare against."""
+    when HKV < H), naive (no mask, causal, bool and float masks), flash_onepass (no mask,
+    causal, grouped-query heads) and flash_hopper where it runs (the same); and the
+    dropout-mask kernel the tests compare against."""
     def run():
         import torch
         import pydl
@@ -334,7 +353,10 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
                 _grad(sdpa(q, k, v, algo=algo, **kw), [q, k, v])
         q, k, v = qkv(H)
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
-        algos = ("flash", "naive")
+        algos = ("flash", "naive", "flash_onepass")
+        for kw in (dict(), dict(is_causal=True)):
+            q, k, v = qkv(H)
+            _grad(sdpa(q, k, v, algo="flash_onepass", **kw), [q, k, v])
         if attention_hopper.unsupported(q, k, v, None, 0.0, 1.0) is None:
             algos += ("flash_hopper",)     # bf16, head dims 64 / 128 (the target is sm_90)
             for kw in (dict(), dict(is_causal=True)):

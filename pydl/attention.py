@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _env
 from . import _launch
-from . import attention_hopper
+from . import attention_hopper, attention_onepass
 from . import _tune as tune
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
@@ -92,6 +92,18 @@ def _forward_tma(q, k, v, o) -> bool:
     return use
 
 
+def backward_delta(o, do) -> torch.Tensor:
+    """delta (B * H, L) = rowsum(dO * O), the flash backwards' first kernel."""
+    from .kernels.triton import attention as kt
+    B, H, L, EV = o.shape
+    pre = dict(_blocks(EV, EV), BLOCK_M=16 if _env.INTERPRET else 64)
+    delta = new_output((B * H, L), torch.float32, o.device)
+    kt.attention_bwd_preprocess[(cdiv(L, pre["BLOCK_M"]), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, L, EV,
+        BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"])
+    return delta
+
+
 class _TritonAttention:
     @staticmethod
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
@@ -117,11 +129,7 @@ class _TritonAttention:
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        pre = dict(_blocks(E, EV), BLOCK_M=16 if _env.INTERPRET else 64)
-        delta = new_output((B * H, L), torch.float32, q.device)
-        kt.attention_bwd_preprocess[(cdiv(L, pre["BLOCK_M"]), B * H)](
-            o, do, delta, *o.stride(), *do.stride(), H, L, EV,
-            BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"])
+        delta = backward_delta(o, do)
         flags = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=input_precision(q.dtype))
         m = mask if mask is not None else q
@@ -366,7 +374,7 @@ class NaiveAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-ALGOS = ("flash", "naive", "flash_hopper")
+ALGOS = ("flash", "naive", "flash_hopper", "flash_onepass")
 
 
 def _kernel_attention(backend):
@@ -380,6 +388,10 @@ def _kernel_attention(backend):
             return NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale)[0]
         if algo == "flash_hopper" and backend == "triton":
             return _flash_hopper(q, k, v, mask, mask_kind, is_causal, scale, dropout_p)
+        if algo == "flash_onepass" and backend == "triton":
+            attention_onepass.check(mask, dropout_p)
+            return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
+                                           attention_onepass.LAUNCHER)
         have = ", ".join(ALGOS) if backend == "triton" else "flash"
         raise ValueError(f"scaled_dot_product_attention: algo={algo!r} is not available on the "
                          f"{backend!r} backend (available: {have})")
@@ -389,8 +401,10 @@ def _kernel_attention(backend):
 for _name in LAUNCHERS:
     register("scaled_dot_product_attention", _name)(_kernel_attention(_name))
 
-# algo="flash_hopper" (triton backend): the Gluon forward, the flash backward
+# algo="flash_hopper" (triton backend): the Gluon forward, the flash backward;
+# algo="flash_onepass": the flash forward, the single-pass backward
 LAUNCHERS[attention_hopper.LAUNCHER] = attention_hopper.HopperAttention
+LAUNCHERS[attention_onepass.LAUNCHER] = attention_onepass.OnePassAttention
 
 
 def _flash_hopper(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
@@ -485,8 +499,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  algo=None):
     """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
 
-    algo: "flash" (default), "naive" (triton: materialised scores, three kernels) or
-    "flash_hopper" (triton: the Gluon forward for Hopper GPUs; see pydl/attention_hopper.py).
+    algo: "flash" (default), "naive" (triton: materialised scores, three kernels),
+    "flash_hopper" (triton: the Gluon forward for Hopper GPUs; pydl/attention_hopper.py) or
+    "flash_onepass" (triton: the single-pass backward; pydl/attention_onepass.py).
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
     bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
     """

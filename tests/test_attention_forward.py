@@ -53,7 +53,7 @@ def test_forward_reads_through_tma_where_the_strides_allow():
         assert _launch.tma_available(torch.device("cpu")) is _env.INTERPRET
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", ["odd", "gqa", "long_keys"])
 def test_tma_and_pointer_paths_agree(monkeypatch, case, causal):
     """The same inputs through both paths of the tl forward, each against the reference
@@ -72,7 +72,7 @@ def test_tma_and_pointer_paths_agree(monkeypatch, case, causal):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_pointer_path_with_unaligned_rows(dtype, causal):
     """Head dim 20: 40-byte rows in 16-bit types, which TMA cannot address (fp32: 80 bytes,
     the descriptor path)."""
@@ -83,7 +83,7 @@ def test_pointer_path_with_unaligned_rows(dtype, causal):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_scale_sign(backend, scale, causal):
     """The unmasked tiles take the row max of the unscaled scores (the scale is folded into
     the exponent's FMA): right only for a scale >= 0, so a negative one takes another path.
@@ -177,7 +177,7 @@ HOPPER_CASES = {
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", HOPPER_CASES)
 def test_flash_hopper_matches_reference(case, causal, dtype):
     """Forward against the float64 reference and torch, and the gradients (the flash
