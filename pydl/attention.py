@@ -386,12 +386,9 @@ def _kernel_attention(backend):
             if dropout_p > 0:
                 raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
             return NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale)[0]
-        if algo == "flash_hopper" and backend == "triton":
-            return _flash_hopper(q, k, v, mask, mask_kind, is_causal, scale, dropout_p)
-        if algo == "flash_onepass" and backend == "triton":
-            attention_onepass.check(mask, dropout_p)
+        if algo in VARIANT_LAUNCHERS and backend == "triton":
             return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                           attention_onepass.LAUNCHER)
+                                           VARIANT_LAUNCHERS[algo])
         have = ", ".join(ALGOS) if backend == "triton" else "flash"
         raise ValueError(f"scaled_dot_product_attention: algo={algo!r} is not available on the "
                          f"{backend!r} backend (available: {have})")
@@ -401,16 +398,13 @@ def _kernel_attention(backend):
 for _name in LAUNCHERS:
     register("scaled_dot_product_attention", _name)(_kernel_attention(_name))
 
-# algo="flash_hopper" (triton backend): the Gluon forward, the flash backward;
-# algo="flash_onepass": the flash forward, the single-pass backward
+# Triton algos with launchers of their own (each raises NotImplementedError where it cannot
+# run): "flash_hopper", the Gluon forward with the flash backward; "flash_onepass", the flash
+# forward with the single-pass backward
+VARIANT_LAUNCHERS = {"flash_hopper": attention_hopper.LAUNCHER,
+                     "flash_onepass": attention_onepass.LAUNCHER}
 LAUNCHERS[attention_hopper.LAUNCHER] = attention_hopper.HopperAttention
 LAUNCHERS[attention_onepass.LAUNCHER] = attention_onepass.OnePassAttention
-
-
-def _flash_hopper(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
-    attention_hopper.check(q, k, v, mask, dropout_p, scale)
-    return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                   attention_hopper.LAUNCHER)
 
 
 @register("scaled_dot_product_attention", "torch")

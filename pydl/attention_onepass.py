@@ -26,7 +26,7 @@ TUNER = tune.Tuner("attention_bwd_onepass")
 
 def check(mask, dropout_p: float) -> None:
     """Raise NotImplementedError for what the single-pass backward does not take."""
-    what = "an attn_mask" if mask is not None else "dropout" if dropout_p > 0 else None
+    what = "attn_mask" if mask is not None else "dropout" if dropout_p > 0 else None
     if what is not None:
         raise NotImplementedError(f"scaled_dot_product_attention: algo='flash_onepass' takes no "
                                   f"{what}; use algo='flash'")

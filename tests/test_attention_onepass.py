@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import pydl
-from pydl.testing import random_tensor
+from pydl import attention_onepass
+from pydl.testing import assert_close, random_tensor
 
 from conftest import DEVICE, DTYPES
 from test_attention import SHAPES, check_attention, qkv
+from test_tune import _each_candidate, _fake_clock, tuning  # noqa: F401  (a fixture)
 
 ALGO = "flash_onepass"
 
@@ -70,7 +72,49 @@ def test_onepass_sweep_point_matches_flash(causal):
     ours, flash = check(ALGO), check("flash")
     theirs = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(
         *leaves, is_causal=causal), leaves, g)
-    from pydl.testing import assert_close
     for name, a, b, c in zip("qkv", ours, flash, theirs):
         assert_close(a, c, torch.bfloat16, reduction=2048 * 128, name=f"d{name} vs torch")
         assert_close(a, b, torch.bfloat16, reduction=2048 * 128, name=f"d{name} vs flash")
+
+
+def _onepass_grads(q, k, v, g, causal):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = pydl.scaled_dot_product_attention(*leaves, is_causal=causal, backend="triton", algo=ALGO)
+    return (o, *torch.autograd.grad(o, leaves, g))
+
+
+def _reference_grads(q, k, v, g, causal):
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    od = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=causal)
+    return (od, *torch.autograd.grad(od, (qd, kd, vd), g.double()))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_every_onepass_candidate(tuning, monkeypatch, causal):
+    """Each tile shape of the single-pass backward's space (the tuner forced to it)."""
+    q, k, v, g = (random_tensor((1, 2, 144, 32), torch.float32, DEVICE) for _ in range(4))
+    want = _reference_grads(q, k, v, g, causal)
+
+    def check(got, i):
+        for out, ref in zip(got, want):
+            assert_close(out, ref, torch.float32, reduction=144)
+    spaces = _each_candidate(monkeypatch, lambda: _onepass_grads(q, k, v, g, causal), check)
+    assert {"attention_fwd", "attention_bwd_onepass"} <= set(spaces)
+    assert len(spaces["attention_bwd_onepass"]) > 1
+
+
+def test_onepass_trials_do_not_add_dq_twice(tuning, monkeypatch):
+    """Trial launches add into the fp32 dQ accumulator; the tuner restores it after each."""
+    trials = []
+
+    def bench(fn, cfg):                     # a clock that really launches, as the device's does
+        fn()
+        trials.append(cfg)
+        return float(len(trials))
+    _fake_clock(monkeypatch, lambda cfg: 1.0)      # the other kernels' tuners: not run
+    monkeypatch.setattr(attention_onepass.TUNER, "bench", bench)
+    q, k, v, g = (random_tensor((1, 2, 70, 16), torch.float32, DEVICE) for _ in range(4))
+    got = _onepass_grads(q, k, v, g, False)
+    assert len(trials) > 1
+    for out, ref in zip(got, _reference_grads(q, k, v, g, False)):
+        assert_close(out, ref, torch.float32, reduction=70)
