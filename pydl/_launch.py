@@ -102,12 +102,13 @@ def tma_compatible(t: torch.Tensor, box_cols: int) -> bool:
     """Whether every matrix t[i, ..., :, :] over the leading dims is a TMA-addressable 2-D
     slice read in boxes `box_cols` wide: unit column stride, a 16-byte aligned base and row
     stride (and leading strides, which move the base; those of size-1 dims never do)."""
+    strides = t.stride()
+    if len(strides) < 2 or strides[-1] != 1 or box_cols > TMA_MAX_BOX or t.data_ptr() % 16:
+        return False
     size = t.element_size()
-    if t.dim() < 2 or t.stride(-1) != 1 or t.data_ptr() % 16 or box_cols > TMA_MAX_BOX:
+    if strides[-2] * size % 16:
         return False
-    if t.stride(-2) * size % 16:
-        return False
-    return all(s * size % 16 == 0 for n, s in zip(t.shape[:-2], t.stride()[:-2]) if n > 1)
+    return all(s * size % 16 == 0 for n, s in zip(t.shape[:-2], strides[:-2]) if n > 1)
 
 
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:

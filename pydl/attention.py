@@ -83,10 +83,10 @@ def _forward_tma(q, k, v, o) -> bool:
     """Whether the flash forward moves q, k, v and o through TMA tensor descriptors: on a GPU
     that has TMA (and in emulation) when every (batch, head) slice allows it; else the
     pointer loads (pre-Hopper GPUs, unaligned or strided layouts)."""
-    blocks = _blocks(q.shape[3], v.shape[3])
-    use = _launch.tma_available(q.device) and all(
-        _launch.tma_compatible(t, blocks[box])
-        for t, box in ((q, "BLOCK_D"), (k, "BLOCK_D"), (v, "BLOCK_DV"), (o, "BLOCK_DV")))
+    bd, bdv = next_power_of_2(q.shape[3]), next_power_of_2(v.shape[3])   # boxes (>= 16 wide)
+    use = _launch.tma_available(q.device) and _launch.tma_compatible(q, bd) and \
+        _launch.tma_compatible(k, bd) and _launch.tma_compatible(v, bdv) and \
+        _launch.tma_compatible(o, bdv)
     if use and not _env.INTERPRET:
         _launch.ensure_triton_allocator()
     return use
