@@ -8,8 +8,8 @@ Where it cannot run the call raises NotImplementedError naming the reason and po
 algo="flash", which runs everywhere: emulation (Gluon kernels do not run in Triton's
 interpreter), GPUs other than compute capability 9.x (wgmma is Hopper's instruction;
 Blackwell has tcgen05 instead), fp32, head dims other than 64 and 128 or a value head dim
-different from the query's, an attention mask, dropout, a negative scale (the kernel scales
-inside the exponent after the row max), and rows a TMA descriptor cannot address (unit
+different from the query's, no keys, an attention mask, dropout, a negative scale (the kernel
+scales inside the exponent after the row max), and rows a TMA descriptor cannot address (unit
 column stride, 16-byte aligned base and strides). It is never chosen implicitly: the default
 algo stays "flash" until a GPU run shows this one correct and faster.
 """
@@ -50,6 +50,8 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout
     if E != EV or E not in HEAD_DIMS:
         return (f"it takes head dims {' or '.join(map(str, HEAD_DIMS))} with value head dim "
                 f"equal to the query's, got {E} and {EV}")
+    if k.shape[2] == 0:
+        return "it needs at least one key"
     if mask is not None:
         return "it takes no attn_mask (is_causal is supported)"
     if dropout_p > 0:
@@ -91,6 +93,8 @@ class HopperAttention:
         check(q, k, v, mask, dropout_p, scale)
         B, H, L, E = q.shape
         HKV, S = k.shape[1], k.shape[2]
+        if o.numel() == 0:
+            return
         _launch.ensure_triton_allocator()          # the kernel builds its TMA descriptors
         qk_scale = scale * 1.4426950408889634      # exp2 units
 

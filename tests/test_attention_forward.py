@@ -137,6 +137,7 @@ def test_flash_hopper_names_each_reason(monkeypatch):
     assert "float16 or bfloat16" in why(*qkv(1, 2, 2, 16, 16, 64))
     assert "head dims 64 or 128" in why(*qkv(1, 2, 2, 16, 16, 80, 80, half))
     assert "head dims 64 or 128" in why(*qkv(1, 2, 2, 16, 16, 64, 128, half))
+    assert "at least one key" in why(q, k[:, :, :0], v[:, :, :0])
     assert "attn_mask" in why(q, k, v, mask=torch.ones(16, 24, dtype=torch.bool))
     assert "dropout" in why(q, k, v, dropout_p=0.1)
     assert "scale >= 0" in why(q, k, v, scale=-1.0)
