@@ -21,6 +21,9 @@ LAUNCHER = "triton:flash_onepass"     # key of pydl.attention.LAUNCHERS for this
 # `python -m bench resources` (sm_90, d = 128, bf16): 128 x 64 tiles spill 1 KiB, 64 x 128
 # ones 64-130 bytes (kept last), the rest none; see bench/TUNING.md.
 ONEPASS_SPACE = ((64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2))
+# fp32 without TF32 multiplies on the CUDA cores (no wgmma), where 64 x 64 tiles spill tens of
+# KiB at odd sizes; 32 x 64 unpipelined does not (d = 40 and 64)
+ONEPASS_SPACE_FP32 = ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 2))
 TUNER = tune.Tuner("attention_bwd_onepass")
 
 
@@ -36,9 +39,11 @@ def _onepass_config(q, k, v, is_causal: bool, launch, dq_acc) -> dict:
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
     blocks = dict(BLOCK_D=max(16, next_power_of_2(E)), BLOCK_DV=max(16, next_power_of_2(EV)))
+    cuda_cores = q.dtype == torch.float32 and input_precision(q.dtype) == "ieee"
     candidates = [dict(blocks, BLOCK_M=dot_block(L, bm), BLOCK_N=dot_block(S, bn),
                        num_warps=warps, num_stages=stages)
-                  for bm, bn, warps, stages in ONEPASS_SPACE]
+                  for bm, bn, warps, stages in (ONEPASS_SPACE_FP32 if cuda_cores
+                                                else ONEPASS_SPACE)]
     if _env.INTERPRET:     # small tiles, so that short test sequences span several
         candidates.insert(0, dict(blocks, BLOCK_M=16, BLOCK_N=16, num_warps=4))
     key = (q.dtype, input_precision(q.dtype), E, EV, is_causal, tune.bucket(L, hi=1 << 14),
