@@ -130,6 +130,38 @@ def _attention(causal: bool):
     return run
 
 
+def _attention_hopper(causal: bool):
+    """The same sweep point through algo="flash_hopper"'s forward (the Gluon kernel for
+    Hopper, kernels/triton/attention_gluon.py; its backward is the flash backward above)."""
+    def run():
+        import math
+        import torch
+        from pydl import attention as att, attention_hopper
+        B, H, L, E = 4, 16, 4096, 128
+        q, k, v, o = (torch.empty(B, H, L, E, dtype=torch.bfloat16) for _ in range(4))
+        lse = torch.empty(B * H, L, dtype=torch.float32)
+        att.LAUNCHERS[attention_hopper.LAUNCHER].forward(
+            q, k, v, o, lse, None, att.MASK_NONE, causal, 1.0 / math.sqrt(E), 0.0, 0)
+    return run
+
+
+def _attention_onepass(causal: bool):
+    """The same sweep point's backward through algo="flash_onepass" (the single-pass
+    kernel, kernels/triton/attention_onepass.py, and its dQ conversion)."""
+    def run():
+        import math
+        import torch
+        from pydl import attention as att, attention_onepass
+        B, H, L, E = 4, 16, 4096, 128
+        q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
+                                      for _ in range(8))
+        lse = torch.empty(B * H, L, dtype=torch.float32)
+        att.LAUNCHERS[attention_onepass.LAUNCHER].backward(
+            q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE, causal, 1.0 / math.sqrt(E),
+            0.0, 0)
+    return run
+
+
 def _pool_stem(channels_last: bool):
     """ResNet-50's stem max pool (3x3, stride 2, padding 1) on its 32 x 64 x 112 x 112 bf16
     input, channels_last or NCHW: the training forward (one-byte window argmax) and its
@@ -154,6 +186,10 @@ PROBLEMS = (
     ("conv", "l1-3x3-64 n32", _conv_resnet_l1),
     ("attention", "d128-4k", _attention(False)),
     ("attention", "d128-4k-causal", _attention(True)),
+    ("attention", "d128-4k hopper", _attention_hopper(False)),
+    ("attention", "d128-4k-causal hopper", _attention_hopper(True)),
+    ("attention", "d128-4k onepass", _attention_onepass(False)),
+    ("attention", "d128-4k-causal onepass", _attention_onepass(True)),
     ("pool", "stem3x3s2 cl", _pool_stem(True)),
     ("pool", "stem3x3s2 nchw", _pool_stem(False)),
 )
@@ -294,12 +330,14 @@ def _cov_gemm(dtype: str, m: int, n: int, k: int):
 def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, HKV: int):
     """scaled_dot_product_attention, forward and backward: flash (no mask, causal, a bool
     mask broadcast over batch and heads, a float mask per batch, one that requires grad,
-    dropout, grouped-query heads when HKV < H) and naive (no mask, causal, bool and float
-    masks, one that requires grad); and the dropout-mask kernel the tests compare against."""
+    dropout, grouped-query heads when HKV < H), naive (no mask, causal, bool and float masks,
+    one that requires grad), flash_onepass (no mask, causal, grouped-query heads) and
+    flash_hopper where it runs (the same); and the dropout-mask kernel the tests compare
+    against."""
     def run():
         import torch
         import pydl
-        from pydl import attention
+        from pydl import attention, attention_hopper
 
         def qkv(hkv):
             return (_rand(B, H, L, E, dtype=dtype, grad=True),
@@ -319,8 +357,17 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
             _grad(sdpa(q, k, v, attn_mask=learned_bias, algo=algo), [q, k, v, learned_bias])
         q, k, v = qkv(H)
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
+        algos = ("flash", "naive", "flash_onepass")
+        for kw in (dict(), dict(is_causal=True)):
+            q, k, v = qkv(H)
+            _grad(sdpa(q, k, v, algo="flash_onepass", **kw), [q, k, v])
+        if attention_hopper.unsupported(q, k, v, None, 0.0, 1.0) is None:
+            algos += ("flash_hopper",)     # bf16, head dims 64 / 128 (the target is sm_90)
+            for kw in (dict(), dict(is_causal=True)):
+                q, k, v = qkv(H)
+                _grad(sdpa(q, k, v, algo="flash_hopper", **kw), [q, k, v])
         if HKV != H:
-            for algo in ("flash", "naive"):
+            for algo in algos:
                 q, k, v = qkv(HKV)
                 _grad(sdpa(q, k, v, is_causal=True, enable_gqa=True, algo=algo), [q, k, v])
         attention.LAUNCHERS["triton"].dropout_mask(B, H, L, S, 0.1, 1234, q.device)
@@ -488,7 +535,8 @@ def triton_kernels() -> dict[str, list[str]]:
                 jits[(mod.__name__, name)] = obj
     out: dict[str, list[str]] = {}
     for (module, name), fn in sorted(jits.items()):
-        call = re.compile(rf"\b{re.escape(name)}\s*\(")
+        # called, or handed to gl.warp_specialize as a partition: `(name, (args...))`
+        call = re.compile(rf"\b{re.escape(name)}\s*[(,]")
         if not any(call.search(other.src) for key, other in jits.items() if key[1] != name):
             out.setdefault(module, []).append(name)
     return out
@@ -590,7 +638,7 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
     coverage) once per distinct compile job over all problems. A problem whose launcher fails
     gives one row with the error."""
     import triton.runtime.jit as jit
-    from pydl import _tune, conv
+    from pydl import _launch, _tune, conv
 
     by_job = bool(coverage) if by_job is None else by_job
     spec = _specializer(arch)
@@ -613,8 +661,12 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                     config=config, constexpr_args=_constexpr_values(fn, kwargs),
                     signature_text=_signature_text(fn, job), grid=grid, job=job)
 
-    saved = (_tune.Tuner.pick, jit.JITFunction.run, getattr(conv, "_multiprocessors", None))
+    saved = (_tune.Tuner.pick, jit.JITFunction.run, getattr(conv, "_multiprocessors", None),
+             _launch.device_capability)
     _tune.Tuner.pick, jit.JITFunction.run = record_pick, record_run
+    # the CPU tensors stand for tensors on the target: the launchers choose TMA paths and
+    # Hopper kernels by its compute capability
+    _launch.device_capability = lambda device: (arch // 10, arch % 10)
     if saved[2] is not None:
         conv._multiprocessors = lambda device: SMS
     rows: list[dict] = []
@@ -680,6 +732,7 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                                      error=f"capture failed: {type(exc).__name__}: {exc}"))
     finally:
         _tune.Tuner.pick, jit.JITFunction.run = saved[:2]
+        _launch.device_capability = saved[3]
         if saved[2] is not None:
             conv._multiprocessors = saved[2]
     return rows
@@ -728,7 +781,10 @@ def compile_job(job: dict) -> dict:
     t0 = time.perf_counter()
     try:
         fn = getattr(importlib.import_module(job["module"]), job["name"])
-        src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
+        source = ASTSource
+        if fn.is_gluon():       # Gluon kernels are lowered from their own AST source
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+        src = source(fn, job["signature"], job["constexprs"], job["attrs"])
         kernel = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
                                 options=job["options"])
         cubin = kernel.asm["cubin"]
@@ -759,7 +815,14 @@ def compile_job(job: dict) -> dict:
         return out
     out.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]),
                hgmma=len(re.findall(r"\bHGMMA\.", sass)),
-               hmma=len(re.findall(r"\bHMMA\.", sass)))
+               hmma=len(re.findall(r"\bHMMA\.", sass)),
+               tma=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)))
+    # warp-specialized kernels move registers between partitions (setmaxnreg): "regs" is
+    # the launch's budget, these the per-thread limits the partitions switch to
+    setmaxnreg = sorted({int(n) for n in re.findall(
+        r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", kernel.asm["ptx"])})
+    if setmaxnreg:
+        out["setmaxnreg"] = setmaxnreg
     if out["stack"] or out["local"]:
         out.update(_ptxas_spills(kernel.asm["ptx"], job))
     return out
@@ -858,7 +921,7 @@ def measure(rows: list[dict], workers: int) -> list[dict]:
 
 def _config_text(cfg: dict) -> str:
     return " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in cfg.items()
-                    if k.startswith("BLOCK"))
+                    if k.startswith("BLOCK") or k == "STAGES")
 
 
 def _spill_bytes(r: dict) -> int:
@@ -906,12 +969,12 @@ def table(rows: list[dict], detail: bool = False) -> str:
     then (after |) the signature summary of _signature_text."""
     if detail:
         head = (f"{'kernel':26s} {'case':26s} {'#':>2s} {'w':>2s} {'st':>2s} {'grid':>9s} "
-                f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s}  "
-                f"{'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
+                f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s} "
+                f"{'tma':>3s}  {'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
     else:
-        head = (f"{'kernel':26s} {'case':16s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
+        head = (f"{'kernel':26s} {'case':22s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
                 f"{'grid':>9s} {'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} "
-                f"{'mma':>4s}  verdict")
+                f"{'mma':>4s} {'tma':>3s}  verdict")
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         c = r["candidate"]
@@ -923,7 +986,7 @@ def table(rows: list[dict], detail: bool = False) -> str:
         wgmma = (f"yes {r['hgmma']:>3d}" if r["hgmma"] else "no") if has else ""
         nums = (f"{_cell(r, 'num_warps'):>2s} {_cell(r, 'num_stages'):>2s} {grid:>9s} "
                 f"{_cell(r, 'regs'):>4s} {spill:>5s} {smem:>4s} {wgmma:>7s} "
-                f"{_cell(r, 'hmma') if has else '':>4s}")
+                f"{_cell(r, 'hmma') if has else '':>4s} {_cell(r, 'tma') if has else '':>3s}")
         if detail:
             spec = _constexpr_text(r.get("constexpr_args", {}))
             if r.get("signature_text"):
@@ -931,8 +994,10 @@ def table(rows: list[dict], detail: bool = False) -> str:
             lines.append(f"{r['kernel']:26s} {r['case']:26s} {cand:>2s} {nums}  "
                          f"{_short_verdict(r):14s} {spec}")
         else:
-            lines.append(f"{r['kernel']:26s} {r['case']:16s} {cand:>2s} "
-                         f"{_config_text(r['config']):21s} {nums}  {r['verdict']}")
+            regs = f" (setmaxnreg {'/'.join(map(str, r['setmaxnreg']))})" \
+                if r.get("setmaxnreg") else ""
+            lines.append(f"{r['kernel']:26s} {r['case']:22s} {cand:>2s} "
+                         f"{_config_text(r['config']):21s} {nums}  {r['verdict']}{regs}")
     return "\n".join(lines)
 
 
@@ -1053,7 +1118,9 @@ def main(argv: list[str] | None = None) -> int:
           f"w, st: num_warps, num_stages. regs: per thread. spill: bytes of spill stores "
           f"per thread (ptxas -v). smem: KiB of shared memory per block (limit "
           f"{limit // 1024} KiB on sm_{args.arch}). wgmma, mma: HGMMA and HMMA (mma.sync) "
-          f"instructions in the SASS. "
+          f"instructions in the SASS; tma: TMA copies (UTMALDG, UTMASTG) in the SASS; "
+          f"setmaxnreg: the per-thread register limits a warp-specialized kernel's "
+          f"partitions switch to (regs is then the launch's budget). "
           + ("specialization: the constexprs (flags named when set), then the pointers' "
              "dtypes, d16 = integer arguments divisible by 16 / integer arguments, one = "
              "integers specialized to the constant 1, i64 when one is 64-bit, unaligned = "

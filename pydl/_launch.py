@@ -5,6 +5,7 @@ Kept in one place so the Triton and Numba launchers never each grow their own co
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -69,6 +70,60 @@ def dot_block(extent: int, cap: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# --- TMA (Hopper's tensor memory accelerator) ----------------------------------------------
+
+TMA_MAX_BOX = 256       # elements per dimension of one TMA copy
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) compute capability of a CUDA device; None for other devices."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tma_available(device: torch.device) -> bool:
+    """Whether kernels on `device` may read through tensor descriptors: a GPU of compute
+    capability 9.0 or newer, or emulation (Triton's interpreter runs descriptor loads)."""
+    cap = device_capability(device)
+    if cap is None:
+        return _env.INTERPRET
+    return cap[0] >= 9
+
+
+def tma_compatible(t: torch.Tensor, box_cols: int) -> bool:
+    """Whether every matrix t[i, ..., :, :] over the leading dims is a TMA-addressable 2-D
+    slice read in boxes `box_cols` wide: unit column stride, a 16-byte aligned base and row
+    stride (and leading strides, which move the base; those of size-1 dims never do)."""
+    strides = t.stride()
+    if len(strides) < 2 or strides[-1] != 1 or box_cols > TMA_MAX_BOX or t.data_ptr() % 16:
+        return False
+    size = t.element_size()
+    if strides[-2] * size % 16:
+        return False
+    return all(s * size % 16 == 0 for n, s in zip(t.shape[:-2], strides[:-2]) if n > 1)
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_triton_allocator() -> None:
+    """Device-side tensor descriptors (tl.make_tensor_descriptor) need global scratch at
+    launch from the allocator Triton keeps per context (triton.set_allocator, a ContextVar:
+    threads start without one). Installs torch's caching allocator where none is set and
+    leaves a caller's own alone."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        import triton
+        triton.set_allocator(_torch_scratch)
 
 
 # --- Numba ---------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from . import _env
+from . import _launch
+from . import attention_hopper, attention_onepass
 from . import _tune as tune
 from ._autograd import without_double_backward
 from ._checks import check_tensor
@@ -78,6 +80,31 @@ def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
 
+def _forward_tma(q, k, v, o) -> bool:
+    """Whether the flash forward moves q, k, v and o through TMA tensor descriptors: on a GPU
+    that has TMA (and in emulation) when every (batch, head) slice allows it; else the
+    pointer loads (pre-Hopper GPUs, unaligned or strided layouts)."""
+    bd, bdv = next_power_of_2(q.shape[3]), next_power_of_2(v.shape[3])   # boxes (>= 16 wide)
+    use = _launch.tma_available(q.device) and _launch.tma_compatible(q, bd) and \
+        _launch.tma_compatible(k, bd) and _launch.tma_compatible(v, bdv) and \
+        _launch.tma_compatible(o, bdv)
+    if use and not _env.INTERPRET:
+        _launch.ensure_triton_allocator()
+    return use
+
+
+def backward_delta(o, do) -> torch.Tensor:
+    """delta (B * H, L) = rowsum(dO * O), the flash backwards' first kernel."""
+    from .kernels.triton import attention as kt
+    B, H, L, EV = o.shape
+    pre = dict(_blocks(EV, EV), BLOCK_M=16 if _env.INTERPRET else 64)
+    delta = new_output((B * H, L), torch.float32, o.device)
+    kt.attention_bwd_preprocess[(cdiv(L, pre["BLOCK_M"]), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, L, EV,
+        BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"])
+    return delta
+
+
 class _TritonAttention:
     @staticmethod
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
@@ -85,13 +112,16 @@ class _TritonAttention:
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
 
+        use_tma = _forward_tma(q, k, v, o)
+
         def launch(cfg):
             kt.attention_fwd[(cdiv(L, cfg["BLOCK_M"]), B * H)](
                 q, k, v, o, lse, mask if mask is not None else q,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
                 H, L, S, E, EV, H // HKV, scale, dropout_p, seed,
                 IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                INPUT_PRECISION=input_precision(q.dtype), **cfg)
+                INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
+                SCALE_NEGATIVE=scale < 0, **cfg)
 
         launch(_attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0, launch))
 
@@ -102,11 +132,7 @@ class _TritonAttention:
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        pre = dict(_blocks(E, EV), BLOCK_M=16 if _env.INTERPRET else 64)
-        delta = new_output((B * H, L), torch.float32, q.device)
-        kt.attention_bwd_preprocess[(cdiv(L, pre["BLOCK_M"]), B * H)](
-            o, do, delta, *o.stride(), *do.stride(), H, L, EV,
-            BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"])
+        delta = backward_delta(o, do)
         flags = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=input_precision(q.dtype))
         m = mask if mask is not None else q
@@ -382,7 +408,7 @@ class NaiveAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, (dmask if mask_grad else None), None, None, None
 
 
-ALGOS = ("flash", "naive")
+ALGOS = ("flash", "naive", "flash_hopper", "flash_onepass")
 
 
 def _kernel_attention(backend):
@@ -394,7 +420,10 @@ def _kernel_attention(backend):
             if dropout_p > 0:
                 raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
             return NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale)[0]
-        have = "flash, naive" if backend == "triton" else "flash"
+        if algo in VARIANT_LAUNCHERS and backend == "triton":
+            return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
+                                           VARIANT_LAUNCHERS[algo])
+        have = ", ".join(ALGOS) if backend == "triton" else "flash"
         raise ValueError(f"scaled_dot_product_attention: algo={algo!r} is not available on the "
                          f"{backend!r} backend (available: {have})")
     return impl
@@ -402,6 +431,14 @@ def _kernel_attention(backend):
 
 for _name in LAUNCHERS:
     register("scaled_dot_product_attention", _name)(_kernel_attention(_name))
+
+# Triton algos with launchers of their own (each raises NotImplementedError where it cannot
+# run): "flash_hopper", the Gluon forward with the flash backward; "flash_onepass", the flash
+# forward with the single-pass backward
+VARIANT_LAUNCHERS = {"flash_hopper": attention_hopper.LAUNCHER,
+                     "flash_onepass": attention_onepass.LAUNCHER}
+LAUNCHERS[attention_hopper.LAUNCHER] = attention_hopper.HopperAttention
+LAUNCHERS[attention_onepass.LAUNCHER] = attention_onepass.OnePassAttention
 
 
 @register("scaled_dot_product_attention", "torch")
@@ -494,7 +531,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  algo=None):
     """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
 
-    algo: "flash" (default) or "naive" (triton: materialised scores, three kernels).
+    algo: "flash" (default), "naive" (triton: materialised scores, three kernels),
+    "flash_hopper" (triton: the Gluon forward for Hopper GPUs; pydl/attention_hopper.py) or
+    "flash_onepass" (triton: the single-pass backward; pydl/attention_onepass.py).
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
     bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
     """

@@ -27,7 +27,13 @@ Dropout: keep(i, j) = rand(seed + bh, i * S + j) >= p from Triton's counter-base
 generator, recomputed bit-identically in the backward (`_dropout_keep` is the one definition);
 kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P.
 
-Exponentials use exp2 with log2(e) folded into the scale.
+Exponentials use exp2 with log2(e) folded into the scale; the forward's unmasked tiles take the
+row max of the raw products and apply the scale inside the exponent's FMA, exp2(qk * c - m)
+(c >= 0: a negative scale's sign moves into q). On Hopper the forward reads q, k, v and writes o
+through tensor descriptors (TMA; `USE_TMA`, chosen by the host where the layout allows), which
+also leaves q in shared memory for the products; the pointer loads remain for other layouts and
+older GPUs. The algo="flash_hopper" forward (attention_gluon.py) is the FlashAttention-3-shaped
+version of the same kernel in Gluon.
 """
 import triton
 import triton.language as tl
@@ -147,28 +153,49 @@ def _key_ranges(pid_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d, sm_m, sm_n,
+def _kv_tile(src, start_n, cols, d, s_n, s_d, S, E, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Key or value rows [start_n, start_n + BLOCK_N) of one head, 0 past S and E: through a
+    tensor descriptor (TMA: `src` is one, zero-filled out of range) or strided pointers."""
+    if USE_TMA:
+        tile = src.load([start_n, 0])
+    else:
+        tile = _load_tile(src, cols, d, s_n, s_d, S, E)
+    return tile
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, m_base, sk_n, sk_d, sv_n, sv_d, sm_m, sm_n,
                rows, d, dv, start, end, L, S, E, EV, scale_log2, dropout_p, seed, bh,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The online softmax over key tiles [start, end): running max m_i, sum l_i and
-    unnormalised output acc. MASKED=False skips the score masks (the caller guarantees the
-    tiles need none: `_key_ranges`)."""
+               DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The online softmax over key tiles [start, end): running max m_i, sum l_i (log2 units)
+    and unnormalised output acc. MASKED=False skips the score masks (the caller guarantees the
+    tiles need none: `_key_ranges`) and folds the scale into the exponent's FMA:
+    exp2(qk * scale_log2 - m), with scale_log2 >= 0 (the caller moved the scale's sign into q)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, cols, d, sk_n, sk_d, S, E)
-        s = _scores(q, k, rows[:, None], cols[None, :], L, S, m_base, sm_m, sm_n, scale_log2,
-                    MASKED, IS_CAUSAL, MASK_KIND, INPUT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        seen = m_new != float("-inf")
-        m_safe = tl.where(seen, m_new, 0.0)
-        alpha = tl.where(seen, tl.math.exp2(m_i - m_safe), 1.0)
-        p = tl.math.exp2(s - m_safe[:, None])           # 0 where s = -inf
+        k = _kv_tile(k_src, start_n, cols, d, sk_n, sk_d, S, E, BLOCK_N, BLOCK_D, USE_TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if MASKED:
+            s = _apply_masks(qk * scale_log2, rows[:, None], cols[None, :], L, S, m_base, sm_m,
+                             sm_n, LOG2E, IS_CAUSAL, MASK_KIND)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            seen = m_new != float("-inf")
+            m_safe = tl.where(seen, m_new, 0.0)
+            alpha = tl.where(seen, tl.math.exp2(m_i - m_safe), 1.0)
+            p = tl.math.exp2(s - m_safe[:, None])           # 0 where s = -inf
+        else:
+            # every key visible: the row max is finite, no -inf guards
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _load_tile(v_base, cols, dv, sv_n, sv_d, S, EV)
+        v = _kv_tile(v_src, start_n, cols, dv, sv_n, sv_d, S, EV, BLOCK_N, BLOCK_DV, USE_TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -187,33 +214,65 @@ def attention_fwd(
     scale, dropout_p, seed,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,             # q, k, v, o through tensor descriptors (see below)
+    SCALE_NEGATIVE: tl.constexpr,      # scale < 0
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """One program: BLOCK_M query rows of one (batch, head). USE_TMA: the host checked that
+    every (batch, head) slice of q, k, v and o is a TMA-addressable matrix (16-byte aligned
+    base and row stride, unit column stride, head dims <= 256); each program then builds
+    one 2-D descriptor per slice and the compiler turns its loads into TMA copies (Hopper);
+    elsewhere the same loads are masked pointer loads."""
     pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, BLOCK_M)
+    if IS_CAUSAL:
+        # longest rows first: the last query tiles see the most keys, so they start first and
+        # the short ones fill the tail of the grid
+        pid_m = tl.num_programs(0) - 1 - pid_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(q_ptr + b * sq_b + h * sq_h, rows, d, sq_m, sq_d, L, E)
+    q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
+    o_base = o_ptr + b * so_b + h * so_h
     m_base = mask_ptr + b * sm_b + h * sm_h
+    if USE_TMA:
+        q_desc = tl.make_tensor_descriptor(q_base, [L, E], [sq_m, 1], [BLOCK_M, BLOCK_D])
+        k_src = tl.make_tensor_descriptor(k_base, [S, E], [sk_n, 1], [BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, [S, EV], [sv_n, 1], [BLOCK_N, BLOCK_DV])
+        q = q_desc.load([pid_m * BLOCK_M, 0])
+    else:
+        k_src = k_base
+        v_src = v_base
+        q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
+    # exp2 units; the unmasked tiles take the row max before scaling, and max(qk) * c is
+    # max(qk * c) only for c >= 0: a negative scale's sign moves into q (exact). Only then is
+    # q in registers; otherwise the products read it from shared memory where TMA put it.
     scale_log2 = scale * LOG2E
+    if SCALE_NEGATIVE:
+        q = -q
+        scale_log2 = -scale_log2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     lo, hi = _key_ranges(pid_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, m_base, sk_n, sk_d, sv_n, sv_d,
                                sm_m, sm_n, rows, d, dv, 0, lo, L, S, E, EV, scale_log2,
                                dropout_p, seed, bh, False, IS_CAUSAL, MASK_KIND, DROPOUT,
-                               INPUT_PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n, sv_d,
+                               INPUT_PRECISION, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, m_base, sk_n, sk_d, sv_n, sv_d,
                                sm_m, sm_n, rows, d, dv, lo, hi, L, S, E, EV, scale_log2,
                                dropout_p, seed, bh, True, IS_CAUSAL, MASK_KIND, DROPOUT,
-                               INPUT_PRECISION, BLOCK_N)
+                               INPUT_PRECISION, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # lse in natural-log units; +inf for rows with no visible key (their P is 0 in the backward)
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
-    _store_tile(o_ptr + b * so_b + h * so_h, rows, dv, so_m, so_d, L, EV, out)
+    if USE_TMA:
+        o_desc = tl.make_tensor_descriptor(o_base, [L, EV], [so_m, 1], [BLOCK_M, BLOCK_DV])
+        o_desc.store([pid_m * BLOCK_M, 0], out.to(o_desc.dtype))
+    else:
+        _store_tile(o_base, rows, dv, so_m, so_d, L, EV, out)
     tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=rows < L)
 
 

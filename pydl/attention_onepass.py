@@ -1,0 +1,87 @@
+"""algo="flash_onepass": the flash forward with the single-pass backward
+(kernels/triton/attention_onepass.py: five products per tile instead of seven, dQ summed in
+fp32 by atomics, so its last bits vary from run to run).
+
+No attention mask and no dropout (NotImplementedError naming them, pointing to algo="flash");
+causal or not, grouped-query heads, every dtype, head dim and layout the flash kernels take.
+Not the default: it becomes so only after a GPU run shows it correct and faster.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _env
+from . import _tune as tune
+from ._launch import cdiv, dot_block, input_precision, next_power_of_2
+
+LAUNCHER = "triton:flash_onepass"     # key of pydl.attention.LAUNCHERS for this algo
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): one program owns BLOCK_N keys (the rows of four
+# of the five products) and steps through queries BLOCK_M at a time; dQ's product has the
+# query step as rows, so 64 keeps it on wgmma (32: mma.sync for that one). Pruned with
+# `python -m bench resources` (sm_90, d = 128, bf16): 128 x 64 tiles spill 1 KiB, 64 x 128
+# ones 64-130 bytes (kept last), the rest none; see bench/TUNING.md.
+ONEPASS_SPACE = ((64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2))
+# fp32 without TF32 multiplies on the CUDA cores (no wgmma), where 64 x 64 tiles spill tens of
+# KiB at odd sizes; 32 x 64 unpipelined does not (d = 40 and 64)
+ONEPASS_SPACE_FP32 = ((32, 64, 8, 1), (32, 64, 8, 2), (16, 64, 8, 2))
+TUNER = tune.Tuner("attention_bwd_onepass")
+
+
+def check(mask, dropout_p: float) -> None:
+    """Raise NotImplementedError for what the single-pass backward does not take."""
+    what = "attn_mask" if mask is not None else "dropout" if dropout_p > 0 else None
+    if what is not None:
+        raise NotImplementedError(f"scaled_dot_product_attention: algo='flash_onepass' takes no "
+                                  f"{what}; use algo='flash'")
+
+
+def _onepass_config(q, k, v, is_causal: bool, launch, dq_acc) -> dict:
+    B, H, L, E = q.shape
+    HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    blocks = dict(BLOCK_D=max(16, next_power_of_2(E)), BLOCK_DV=max(16, next_power_of_2(EV)))
+    cuda_cores = q.dtype == torch.float32 and input_precision(q.dtype) == "ieee"
+    candidates = [dict(blocks, BLOCK_M=dot_block(L, bm), BLOCK_N=dot_block(S, bn),
+                       num_warps=warps, num_stages=stages)
+                  for bm, bn, warps, stages in (ONEPASS_SPACE_FP32 if cuda_cores
+                                                else ONEPASS_SPACE)]
+    if _env.INTERPRET:     # small tiles, so that short test sequences span several
+        candidates.insert(0, dict(blocks, BLOCK_M=16, BLOCK_N=16, num_warps=4))
+    key = (q.dtype, input_precision(q.dtype), E, EV, is_causal, tune.bucket(L, hi=1 << 14),
+           tune.bucket(S, hi=1 << 14), H != HKV)
+    return TUNER.pick(key, candidates, launch, inout=(dq_acc,))
+
+
+class OnePassAttention:
+    """The launcher methods pydl/attention.py's autograd Function calls (same signatures as
+    its _TritonAttention): the flash forward, the single-pass backward."""
+
+    @staticmethod
+    def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        from .attention import _TritonAttention
+        check(mask, dropout_p)
+        _TritonAttention.forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
+                                 seed)
+
+    @staticmethod
+    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p,
+                 seed, dmask=None):
+        from .attention import backward_delta
+        from .kernels.triton import attention_onepass as k1
+        check(mask, dropout_p)
+        B, H, L, E = q.shape
+        HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+        delta = backward_delta(o, do)
+        dq_acc = torch.zeros((B * H, L, E), dtype=torch.float32, device=q.device)
+
+        def launch(cfg):
+            k1.attention_bwd_onepass[(cdiv(S, cfg["BLOCK_N"]), B * HKV)](
+                q, k, v, do, lse, delta, dk, dv, dq_acc,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                H, HKV, L, S, E, EV, H // HKV, scale, IS_CAUSAL=is_causal,
+                INPUT_PRECISION=input_precision(q.dtype), **cfg)
+
+        launch(_onepass_config(q, k, v, is_causal, launch, dq_acc))
+        block_m = 16 if _env.INTERPRET else 64
+        k1.attention_dq_convert[(cdiv(L, block_m), B * H)](
+            dq_acc, dq, *dq.stride(), H, L, E, BLOCK_M=block_m,
+            BLOCK_D=max(16, next_power_of_2(E)))

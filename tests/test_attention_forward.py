@@ -1,0 +1,265 @@
+"""The attention forward's two ways in: the `tl` flash kernel's TMA (tensor descriptor) and
+pointer paths, the scale folded into the exponent (negative scales included), and
+algo="flash_hopper" (the Gluon kernel for Hopper): where it refuses to run, and on a Hopper
+GPU, its outputs and gradients against the float64 reference and torch.
+
+The general attention semantics (masks, dropout, GQA, layouts) are tests/test_attention.py's;
+the helpers come from there."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pydl
+from bench import resources
+from pydl import _env, _launch, attention, attention_hopper
+from pydl import reference as ref
+from pydl.testing import assert_close, random_tensor
+
+from conftest import DEVICE, DTYPES
+from test_attention import check_attention, qkv
+from test_resources import REPO, _clean_env
+
+BACKENDS = ("triton", "numba")
+HAS_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+# --- the tl forward: TMA descriptors where the layout allows, pointers elsewhere -------------
+
+def _tma(q, k, v):
+    o = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
+    return attention._forward_tma(q, k, v, o)
+
+
+def test_forward_reads_through_tma_where_the_strides_allow():
+    on = _launch.tma_available(torch.device(DEVICE))
+    q, k, v = qkv(2, 3, 3, 11, 13, 16)
+    assert _tma(q, k, v) is on                                       # contiguous
+    t = random_tensor((2, 11, 3, 16), torch.float32, DEVICE).transpose(1, 2)
+    assert _tma(t, k, v) is on                                       # (B, L, H, E) memory
+    assert _tma(*qkv(1, 2, 2, 9, 9, 24, 24, torch.float16)) is on    # 48-byte rows
+    # rows of 17 floats (68 bytes), of 20 halves (40 bytes), a base 4 bytes off, a strided
+    # head dim, a head dim past TMA's 256-element box: pointer loads
+    assert not _tma(random_tensor((2, 3, 11, 17), torch.float32, DEVICE)[..., :16], k, v)
+    assert not _tma(*qkv(1, 2, 2, 9, 9, 20, 20, torch.float16))
+    assert not _tma(random_tensor((2 * 3 * 11 * 16 + 1,), torch.float32, DEVICE)[1:]
+                    .view(2, 3, 11, 16), k, v)
+    assert not _tma(random_tensor((2, 3, 11, 32), torch.float32, DEVICE)[..., ::2], k, v)
+    assert not _tma(*qkv(1, 1, 1, 4, 4, 264, 264))
+    if DEVICE == "cpu":
+        assert _launch.tma_available(torch.device("cpu")) is _env.INTERPRET
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("case", ["odd", "gqa", "long_keys"])
+def test_tma_and_pointer_paths_agree(monkeypatch, case, causal):
+    """The same inputs through both paths of the tl forward, each against the reference
+    (forward and the gradients, which read the forward's log-sum-exp)."""
+    shape = {"odd": (2, 2, 2, 37, 29, 24, 24), "gqa": (1, 4, 2, 21, 18, 32, 16),
+             "long_keys": (1, 2, 2, 9, 70, 16, 16)}[case]
+    q, k, v = qkv(*shape)
+    opts = dict(is_causal=causal, enable_gqa=shape[1] != shape[2])
+    assert _tma(q, k, v) is _launch.tma_available(q.device)
+    check_attention(q, k, v, "triton", torch.float32, **opts)
+    with_tma = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
+    monkeypatch.setattr(attention, "_forward_tma", lambda *a: False)
+    check_attention(q, k, v, "triton", torch.float32, **opts)
+    without = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
+    assert_close(with_tma, without, torch.float32, reduction=shape[4], name="tma vs pointers")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_pointer_path_with_unaligned_rows(dtype, causal):
+    """Head dim 20: 40-byte rows in 16-bit types, which TMA cannot address (fp32: 80 bytes,
+    the descriptor path)."""
+    q, k, v = qkv(2, 2, 2, 23, 31, 20, 20, dtype)
+    assert _tma(q, k, v) is (dtype == torch.float32 and _launch.tma_available(q.device))
+    check_attention(q, k, v, "triton", dtype, is_causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_scale_sign(backend, scale, causal):
+    """The unmasked tiles take the row max of the unscaled scores (the scale is folded into
+    the exponent's FMA): right only for a scale >= 0, so a negative one takes another path.
+    Scores spread over hundreds, so that a row max taken from the wrong end overflows."""
+    q, k, v = qkv(1, 2, 2, 35, 40, 16)
+    q = q * 40
+    out = pydl.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            backend=backend)
+    r = ref.scaled_dot_product_attention(*(t.double().cpu().numpy() for t in (q, k, v)),
+                                         scale=scale, is_causal=causal)
+    # scores 40 times larger: 40 times the fp32 rounding of a score in the exponent
+    assert_close(out, r, torch.float32, reduction=40, scale=40, name="forward vs reference")
+    if not (causal and scale <= 0):
+        # (torch 2.13's SDPA gives NaN there: it multiplies the causal mask's -inf by the scale)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                                  is_causal=causal)
+        assert_close(out, theirs, torch.float32, reduction=40, scale=40, name="forward vs torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_scale_gradients(backend):
+    check_attention(*qkv(2, 2, 2, 19, 33, 24), backend, torch.float32, scale=-0.4)
+
+
+# --- algo="flash_hopper": where it refuses ----------------------------------------------------
+
+def test_flash_hopper_refuses_where_it_cannot_run():
+    q, k, v = qkv(1, 2, 2, 16, 16, 64)
+    if HAS_HOPPER:
+        pytest.skip("this device runs it (tested below)")
+    with pytest.raises(NotImplementedError, match="algo='flash_hopper'.*use algo='flash'") as e:
+        pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo="flash_hopper")
+    assert ("interpreter" if _env.INTERPRET else "Hopper") in str(e.value)
+    with pytest.raises(ValueError, match="not available on the 'numba' backend"):
+        pydl.scaled_dot_product_attention(q, k, v, backend="numba", algo="flash_hopper")
+
+
+def test_flash_hopper_names_each_reason(monkeypatch):
+    """Each limit of the kernel has its own message; the device and emulation checks are
+    replaced so that the others can be reached on any machine."""
+    monkeypatch.setattr(_env, "INTERPRET", False)
+    monkeypatch.setattr(_launch, "device_capability", lambda device: (9, 0))
+    half = torch.float16
+
+    def why(q, k, v, mask=None, dropout_p=0.0, scale=0.125):
+        return attention_hopper.unsupported(q, k, v, mask, dropout_p, scale)
+
+    q, k, v = qkv(1, 2, 1, 16, 24, 64, 64, half)
+    assert why(q, k, v) is None
+    assert why(*qkv(1, 2, 2, 16, 16, 128, 128, torch.bfloat16)) is None
+    assert "float16 or bfloat16" in why(*qkv(1, 2, 2, 16, 16, 64))
+    assert "head dims 64 or 128" in why(*qkv(1, 2, 2, 16, 16, 80, 80, half))
+    assert "head dims 64 or 128" in why(*qkv(1, 2, 2, 16, 16, 64, 128, half))
+    assert "at least one key" in why(q, k[:, :, :0], v[:, :, :0])
+    assert "attn_mask" in why(q, k, v, mask=torch.ones(16, 24, dtype=torch.bool))
+    assert "dropout" in why(q, k, v, dropout_p=0.1)
+    assert "scale >= 0" in why(q, k, v, scale=-1.0)
+    strided = random_tensor((1, 2, 16, 128), half, DEVICE)[..., ::2]
+    assert "query rows are not TMA-addressable" in why(strided, k, v)
+    monkeypatch.setattr(_launch, "device_capability", lambda device: (10, 0))
+    assert "compute capability 10.0" in why(q, k, v)
+    monkeypatch.setattr(_launch, "device_capability", lambda device: None)
+    assert "CPU tensor" in why(q, k, v)
+    monkeypatch.setattr(_env, "INTERPRET", True)
+    assert "interpreter" in why(q, k, v)
+
+
+# --- algo="flash_hopper" on a Hopper GPU ------------------------------------------------------
+
+def _hopper_case(B, H, HKV, L, S, E, dtype, layout="bhld"):
+    if layout == "blhd":       # (B, L, H, E) memory, as multi-head projections produce
+        q = random_tensor((B, L, H, E), dtype, DEVICE).transpose(1, 2)
+        k, v = (random_tensor((B, S, HKV, E), dtype, DEVICE).transpose(1, 2) for _ in "kv")
+        return q, k, v
+    return qkv(B, H, HKV, L, S, E, E, dtype)
+
+
+HOPPER_CASES = {
+    # (B, Hq, Hkv, L, S, E, layout)
+    "d128_tiles": (2, 4, 4, 512, 512, 128, "bhld"),
+    "d64_tiles": (2, 4, 4, 384, 384, 64, "bhld"),
+    "ragged": (1, 3, 3, 333, 1000, 128, "bhld"),          # partial query and key tiles
+    "queries_past_keys": (1, 2, 2, 700, 130, 64, "bhld"),  # causal rows past S see all keys
+    "keys_past_queries": (1, 2, 2, 100, 600, 128, "bhld"),
+    "single_query": (1, 2, 2, 1, 257, 64, "bhld"),
+    "one_key": (1, 2, 2, 65, 1, 128, "bhld"),
+    "gqa": (2, 8, 2, 256, 320, 128, "bhld"),
+    "projection_layout": (2, 4, 4, 200, 300, 64, "blhd"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("case", HOPPER_CASES)
+def test_flash_hopper_matches_reference(case, causal, dtype):
+    """Forward against the float64 reference and torch, and the gradients (the flash
+    backward from this forward's output and log-sum-exp); then the same output as the
+    default algo within the dtype's tolerance."""
+    B, H, HKV, L, S, E, layout = HOPPER_CASES[case]
+    q, k, v = _hopper_case(B, H, HKV, L, S, E, dtype, layout)
+    opts = dict(is_causal=causal, enable_gqa=H != HKV)
+    check_attention(q, k, v, "triton", dtype, algo="flash_hopper", **opts)
+    ours = pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo="flash_hopper",
+                                             **opts)
+    flash = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
+    assert_close(ours, flash, dtype, reduction=S, name="flash_hopper vs flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
+def test_flash_hopper_sweep_point_and_scale():
+    """FlashAttention's d128 4k point at batch 1 (many tiles per program), causal, with a
+    non-default scale, against torch's own kernel (no float64 copy of that size)."""
+    q, k, v = qkv(1, 16, 16, 4096, 4096, 128, 128, torch.bfloat16)
+    for causal in (False, True):
+        ours = pydl.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.05,
+                                                 backend="triton", algo="flash_hopper")
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                  scale=0.05)
+        assert_close(ours, theirs, torch.bfloat16, reduction=4096, name=f"causal={causal}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
+def test_flash_hopper_default_scale_matches_explicit():
+    q, k, v = qkv(1, 2, 2, 130, 130, 64, 64, torch.float16)
+    a = pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo="flash_hopper")
+    b = pydl.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(64), backend="triton",
+                                          algo="flash_hopper")
+    assert torch.equal(a, b)
+
+
+def test_benchmark_lists_flash_hopper_and_says_why_it_skips():
+    from bench.suites.attention import SHAPES, AttentionSuite
+    suite = AttentionSuite()
+    variants = {v.name: v for v in suite.variants()}
+    v = variants["triton-flash_hopper"]
+    assert v.skip is None and v.algo == "flash_hopper"
+    case = next(c for c in SHAPES["quick"] if c.shape[3] == 128)
+    why = suite.unsupported(case, torch.bfloat16, v)
+    if HAS_HOPPER:
+        assert why is None
+    else:
+        assert why.startswith("algo='flash_hopper': it ")
+    if HAS_HOPPER:
+        assert "float16 or bfloat16" in suite.unsupported(case, torch.float32, v)
+
+
+# --- algo="flash_hopper" compiled for sm_90 without a GPU ---------------------------------------
+
+HOPPER_COMPILE = r"""
+import json
+from bench import resources as R
+rows = R.capture(90, [("attention", "hopper", R._attention_hopper(True))])
+row = next(r for r in rows if r["kernel"] == "attention_fwd_hopper" and r["candidate"] == 0)
+R.measure([row], workers=1)
+print(json.dumps(R._json_row(row), default=str))
+"""
+
+
+def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
+    """The default configuration, captured from the launcher (d128 bf16, causal) and compiled
+    by `bench resources`: wgmma, TMA copies both ways, the producer's and consumers' register
+    budgets, no spills, within Hopper's shared memory."""
+    why = resources.missing_toolchain()
+    if why:
+        pytest.skip(f"no offline Triton/CUDA toolchain: {why}")
+    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], cwd=REPO,
+                          env=_clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "error" not in row, row.get("error")
+    assert row["config"] == dict(BLOCK_N=128, STAGES=2, num_warps=4)
+    assert row["verdict"] == "ok"                 # no spills, fits the shared memory
+    assert row["num_warps"] == 12                 # 2 consumer warpgroups + the producer's
+    assert row["hgmma"] > 0 and row["hmma"] == 0 and row["tma"] > 0
+    assert {24, 240} <= set(row["setmaxnreg"])    # producer and consumers' budgets
