@@ -106,7 +106,9 @@ class Launch:
     """One Triton kernel launch with everything but its tensors fixed: the kernel and grid, the
     scalar arguments that follow the tensors, and the constexprs (the launch config included).
 
-    Kernels take their tensor arguments first; `Launch(*tensors)` launches."""
+    Kernels take their tensor arguments first; `Launch(*tensors)` launches. A scalar that
+    changes every call (a dropout seed) is the kernel's last one and goes by keyword:
+    `Launch(*tensors, seed=s)`."""
 
     __slots__ = ("run", "scalars", "consts", "kernel", "grid")
 
@@ -116,5 +118,5 @@ class Launch:
         self.scalars = tuple(scalars)
         self.consts = consts
 
-    def __call__(self, *tensors) -> None:
-        self.run(*tensors, *self.scalars, **self.consts)
+    def __call__(self, *tensors, **dynamic) -> None:
+        self.run(*tensors, *self.scalars, **dynamic, **self.consts)

@@ -28,6 +28,7 @@ from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, launch_numba_1d, new_output, next_power_of_2,
                       numba_array, numba_stream, numba_threads)
+from ._plan import Cache, Launch
 from .backends import dispatch, register
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -93,68 +94,116 @@ def _forward_tma(q, k, v, o) -> bool:
     return use
 
 
+# Launches of the flash kernels, built once per signature (pydl/_plan.py): shapes, strides,
+# dtypes, device, the mask's layout, the options, and (forward) whether TMA can address the
+# tensors, which depends on their base alignment too. The dropout seed changes every call: it
+# is each kernel's last scalar argument, passed by keyword.
+_LAUNCHES = Cache("attention launches")
+
+
+def _key(kernel: str, *tensors, **options) -> tuple:
+    return (kernel, *[None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors],
+            tensors[0].device, input_precision(tensors[0].dtype), *options.values())
+
+
 def backward_delta(o, do) -> torch.Tensor:
     """delta (B * H, L) = rowsum(dO * O), the flash backwards' first kernel."""
+    delta = new_output((o.shape[0] * o.shape[1], o.shape[2]), torch.float32, o.device)
+    _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)(o, do, delta)
+    return delta
+
+
+def _plan_delta(o, do) -> Launch:
     from .kernels.triton import attention as kt
     B, H, L, EV = o.shape
     pre = dict(_blocks(EV, EV), BLOCK_M=16 if _env.INTERPRET else 64)
-    delta = new_output((B * H, L), torch.float32, o.device)
-    kt.attention_bwd_preprocess[(cdiv(L, pre["BLOCK_M"]), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, L, EV,
-        BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"])
-    return delta
+    return Launch(kt.attention_bwd_preprocess, (cdiv(L, pre["BLOCK_M"]), B * H),
+                  (*o.stride(), *do.stride(), H, L, EV),
+                  dict(BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"]))
 
 
 class _TritonAttention:
     @staticmethod
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
+        key = _key("fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale,
+                   dropout=dropout_p, aligned=aligned)
+        launch = _LAUNCHES.get(key, _TritonAttention._plan_forward, q, k, v, o, lse, mask,
+                               mask_kind, is_causal, scale, dropout_p)
+        if launch.consts["USE_TMA"] and not _env.INTERPRET:
+            _launch.ensure_triton_allocator()      # per thread: a ContextVar
+        launch(q, k, v, o, lse, mask if mask is not None else q, seed=seed)
+
+    @staticmethod
+    def _plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p) -> Launch:
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-
         use_tma = _forward_tma(q, k, v, o)
+        scalars = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
+                   H, L, S, E, EV, H // HKV, scale, dropout_p)
+        consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+                      INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
+                      SCALE_NEGATIVE=scale < 0)
 
         def launch(cfg):
-            kt.attention_fwd[(cdiv(L, cfg["BLOCK_M"]), B * H)](
-                q, k, v, o, lse, mask if mask is not None else q,
-                *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
-                H, L, S, E, EV, H // HKV, scale, dropout_p, seed,
-                IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
-                SCALE_NEGATIVE=scale < 0, **cfg)
+            return Launch(kt.attention_fwd, (cdiv(L, cfg["BLOCK_M"]), B * H), scalars,
+                          {**consts, **cfg})
 
-        launch(_attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0, launch))
+        m = mask if mask is not None else q
+        cfg = _attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0,
+                                lambda c: launch(c)(q, k, v, o, lse, m, seed=0))
+        return launch(cfg)
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
                  dmask=None):
         """dmask: None, or a (B, H, L, S) output for the float mask's gradient (dS)."""
+        delta = backward_delta(o, do)
+        m = mask if mask is not None else q
+        options = dict(kind=mask_kind, causal=is_causal, scale=scale, dropout=dropout_p)
+        dkdv = _LAUNCHES.get(_key("bwd_dkdv", q, k, v, do, mask, dk, dv, **options),
+                             _TritonAttention._plan_backward, "bwd_dkdv", q, k, v, do, lse, delta,
+                             m, dk, dv, mask, mask_kind, is_causal, scale, dropout_p)
+        dkdv(q, k, v, do, lse, delta, m, dk, dv, seed=seed)
+        dq_out = (dq, dmask if dmask is not None else dq)
+        launch_dq = _LAUNCHES.get(_key("bwd_dq", q, k, v, do, mask, dq, dmask, **options),
+                                  _TritonAttention._plan_backward, "bwd_dq", q, k, v, do, lse,
+                                  delta, m, dq_out, dmask, mask, mask_kind, is_causal, scale,
+                                  dropout_p)
+        launch_dq(q, k, v, do, lse, delta, m, *dq_out, seed=seed)
+
+    @staticmethod
+    def _plan_backward(kernel, q, k, v, do, lse, delta, m, out1, out2, mask, mask_kind, is_causal,
+                       scale, dropout_p) -> Launch:
+        """The dK/dV launch (out1, out2 = dk, dv) or the dQ launch (out1 = (dq, dmask or dq),
+        out2 = dmask or None)."""
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        delta = backward_delta(o, do)
-        flags = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                     INPUT_PRECISION=input_precision(q.dtype))
-        m = mask if mask is not None else q
+        consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+                      INPUT_PRECISION=input_precision(q.dtype))
+        head = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask))
+        if kernel == "bwd_dkdv":
+            dk, dv = out1, out2
+            tensors = (q, k, v, do, lse, delta, m, dk, dv)
 
-        def launch_dkdv(cfg):
-            kt.attention_bwd_dkdv[(cdiv(S, cfg["BLOCK_N"]), B * HKV)](
-                q, k, v, do, lse, delta, m, dk, dv,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask),
-                *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, H // HKV, scale, dropout_p,
-                seed, **flags, **cfg)
+            def launch(cfg):
+                return Launch(kt.attention_bwd_dkdv, (cdiv(S, cfg["BLOCK_N"]), B * HKV), (
+                    *head, *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, H // HKV, scale,
+                    dropout_p), {**consts, **cfg})
+        else:
+            (dq, dmask_or_dq), dmask = out1, out2
+            tensors = (q, k, v, do, lse, delta, m, dq, dmask_or_dq)
 
-        def launch_dq(cfg):
-            kt.attention_bwd_dq[(cdiv(L, cfg["BLOCK_M"]), B * H)](
-                q, k, v, do, lse, delta, m, dq, dmask if dmask is not None else dq,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask),
-                *dq.stride(), *_strides4(dmask), H, L, S, E, EV, H // HKV, scale, dropout_p,
-                seed, **flags, MASK_GRAD=dmask is not None, **cfg)
+            def launch(cfg):
+                return Launch(kt.attention_bwd_dq, (cdiv(L, cfg["BLOCK_M"]), B * H), (
+                    *head, *dq.stride(), *_strides4(dmask), H, L, S, E, EV, H // HKV, scale,
+                    dropout_p), {**consts, "MASK_GRAD": dmask is not None, **cfg})
 
-        dropout = dropout_p > 0
-        launch_dkdv(_attention_config("bwd_dkdv", q, k, v, is_causal, mask_kind, dropout,
-                                      launch_dkdv))
-        launch_dq(_attention_config("bwd_dq", q, k, v, is_causal, mask_kind, dropout, launch_dq))
+        cfg = _attention_config(kernel, q, k, v, is_causal, mask_kind, dropout_p > 0,
+                                lambda c: launch(c)(*tensors, seed=0))
+        return launch(cfg)
 
     @staticmethod
     def dropout_mask(B, H, L, S, dropout_p, seed, device) -> torch.Tensor:
