@@ -28,10 +28,11 @@ from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, launch_numba_1d, new_output, next_power_of_2,
                       numba_array, numba_stream, numba_threads)
-from ._plan import Cache, Launch
-from .backends import dispatch, register
+from ._plan import Cache, Launch, needs_graph
+from .backends import current_backend, dispatch, register, resolve_algo
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+_NO_SEED = torch.zeros((), dtype=torch.int64)     # the seed output without dropout
 
 
 def _blocks(E: int, EV: int) -> dict:
@@ -319,7 +320,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask
     if B * H * L:
         LAUNCHERS[backend].forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
                                    seed)
-    return o, lse, torch.tensor(seed, dtype=torch.int64)
+    return o, lse, torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else _NO_SEED
 
 
 def _mask_grad_fake(q, mask, mask_grad):
@@ -344,7 +345,8 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:   # no query rows: keys get no gradient
         return dq, dk.zero_(), dv.zero_(), dmask
     LAUNCHERS[backend].backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
-                                scale, dropout_p, int(seed), dmask if mask_grad else None)
+                                scale, dropout_p, int(seed) if dropout_p > 0 else 0,
+                                dmask if mask_grad else None)
     return dq, dk, dv, dmask
 
 
@@ -462,24 +464,21 @@ ALGOS = ("flash", "naive", "flash_hopper", "flash_onepass")
 
 def _kernel_attention(backend):
     def impl(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, algo):
-        if algo in (None, "flash"):
-            return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                           backend)
-        if algo == "naive" and backend == "triton":
+        """algo: resolved by the registry (pydl.backends.resolve_algo)."""
+        if algo == "naive":
             if dropout_p > 0:
                 raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
             return NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale)[0]
-        if algo in VARIANT_LAUNCHERS and backend == "triton":
+        launcher = VARIANT_LAUNCHERS.get(algo, backend)
+        if needs_graph(q, k, v, mask):
             return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                           VARIANT_LAUNCHERS[algo])
-        have = ", ".join(ALGOS) if backend == "triton" else "flash"
-        raise ValueError(f"scaled_dot_product_attention: algo={algo!r} is not available on the "
-                         f"{backend!r} backend (available: {have})")
+                                           launcher)
+        return _attention_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, launcher)[0]
     return impl
 
 
-for _name in LAUNCHERS:
-    register("scaled_dot_product_attention", _name)(_kernel_attention(_name))
+register("scaled_dot_product_attention", "triton", algos=ALGOS)(_kernel_attention("triton"))
+register("scaled_dot_product_attention", "numba", algos=("flash",))(_kernel_attention("numba"))
 
 # Triton algos with launchers of their own (each raises NotImplementedError where it cannot
 # run): "flash_hopper", the Gluon forward with the flash backward; "flash_onepass", the flash
@@ -492,8 +491,6 @@ LAUNCHERS[attention_onepass.LAUNCHER] = attention_onepass.OnePassAttention
 
 @register("scaled_dot_product_attention", "torch")
 def _torch_attention(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, algo):
-    if algo is not None:
-        raise ValueError("scaled_dot_product_attention: the torch backend has no algo= choice")
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
@@ -575,6 +572,47 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     return name, impl, q, k, v, mask, mask_kind, float(scale)
 
 
+class _AttentionCall:
+    """scaled_dot_product_attention for one call signature, checked once: the implementation,
+    the algorithm, the scale, the mask's kind and the 4-D views' shapes (pydl._plan)."""
+
+    __slots__ = ("impl", "algo", "scale", "mask_kind", "causal", "dropout_p", "views",
+                 "mask_shape", "out_shape")
+
+    def __init__(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                 backend, algo):
+        name, self.impl, q, k, v, mask, self.mask_kind, self.scale = _prepare(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+        self.algo = resolve_algo("scaled_dot_product_attention", name, algo)
+        self.causal, self.dropout_p = bool(is_causal), float(dropout_p)
+        self.views = None if query.dim() == 4 else (q.shape, k.shape, v.shape)
+        self.mask_shape = None if mask is None else mask.shape
+        self.out_shape = None if query.dim() == 4 else query.shape[:-2] + (q.shape[2],
+                                                                           v.shape[3])
+
+    def __call__(self, query, key, value, attn_mask):
+        q, k, v = query, key, value
+        if self.views is not None:
+            q, k, v = query.view(self.views[0]), key.view(self.views[1]), value.view(self.views[2])
+        mask = None
+        if self.mask_shape is not None:
+            mask = _as4d(attn_mask).expand(self.mask_shape)   # stride 0 on broadcast dims
+        out = self.impl(q, k, v, mask, self.mask_kind, self.causal, self.scale, self.dropout_p,
+                        self.algo)
+        return out if self.out_shape is None else out.view(self.out_shape)
+
+
+def _call_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
+              algo):
+    return (backend or current_backend(), algo, query.shape, query.dtype, query.device,
+            key.shape, key.dtype, key.device, value.shape, value.dtype, value.device,
+            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
+            dropout_p, is_causal, scale, enable_gqa)
+
+
+_CALLS = Cache("scaled_dot_product_attention calls")
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False, *, backend=None,
                                  algo=None):
@@ -586,10 +624,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
     bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
     """
-    name, impl, q, k, v, mask, mask_kind, scale = _prepare(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
-    out = impl(q, k, v, mask, mask_kind, bool(is_causal), scale, float(dropout_p), algo)
-    return out.reshape(query.shape[:-2] + out.shape[-2:])
+    query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
+    call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, dropout_p,
+                       is_causal, scale, enable_gqa, backend, algo)
+    return call(query, key, value, attn_mask)
 
 
 def attention_with_weights(query, key, value, attn_mask=None, is_causal=False, scale=None,

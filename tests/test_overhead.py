@@ -24,6 +24,7 @@ LAUNCHES = {
     ("softmax", "triton"): (1, 1),
     ("log_softmax", "triton"): (1, 1),
     ("cross_entropy", "triton"): (2, 1),
+    ("attention", "triton-flash"): (1, 3),
 }
 # Host time of a call, at most this many times torch's tiny conv2d (about 4-8 us on a 2-core
 # machine; pydl's calls measure 2-5x it; the launch path before its cache measured 8-30x).
