@@ -1,6 +1,7 @@
 # The two quick-start commands: `make bench` (the benchmark suite) and `make test` (the tests).
 # Each creates a virtual environment in .venv on first use and installs pydl into it, with the
-# Numba backend and the test and benchmark tools.
+# Numba backend and the test, benchmark and lint tools. `make lint`: ruff's checks (configured
+# in pyproject.toml) on the whole tree, and its formatter on the files in FORMATTED.
 #   make test ARGS="-k cross_entropy"      extra pytest arguments
 #   make test ARGS="--full"                heavy cases too (meant for a GPU)
 #   make test JOBS=1                       one process (default: 2 pytest-xdist workers, as
@@ -18,23 +19,29 @@ TRITON ?= triton==3.7.1
 JOBS ?= 2
 PY := $(VENV)/bin/python
 CONSTRAINTS := tests/constraints.txt
+# The files the formatter keeps (`ruff format FILE` adds one); the rest of the tree joins later.
+FORMATTED := bench/__main__.py tests/test_hygiene.py
 # TRITON unless the installed torch requires a triton of its own
 TORCH_TRITON := import importlib.metadata as m; \
 	print("" if any(r.startswith("triton") for r in m.requires("torch") or []) else "$(TRITON)")
 
-.PHONY: test bench install clean
+.PHONY: test bench lint install clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[numba,test,bench]" $$($(PY) -c '$(TORCH_TRITON)')
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[numba,test,bench,lint]" $$($(PY) -c '$(TORCH_TRITON)')
 	touch $@
 
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(JOBS) $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check $(FORMATTED)
 
 bench: $(VENV)/.installed
 	$(PY) -m bench $(ARGS)

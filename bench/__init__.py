@@ -2,8 +2,9 @@
 
     python -m bench [OPS ...] [--variants V ...] [--shapes tiny|quick|full] [--dtype D ...]
                     [--direction fwd|bwd|fwd+bwd|all] [--out DIR] [--no-plots] [--no-progress]
-    python -m bench list                  # op families, shape sets (with sources), variants
-    python -m bench compare A.json B.json # per-row time ratio B/A of two runs
+    python -m bench list [OPS ...]        # op families, shape sets (with sources), variants
+    python -m bench compare A.json B.json # per-row time ratio B/A of two runs; with
+                                          # --fail-above R, status 1 when a row's B/A > R
     python -m bench report [FILE]         # markdown table of FILE or of the newest GPU run
 
 OPS are suite names (softmax, log_softmax, cross_entropy, conv2d, max_pool2d, avg_pool2d,

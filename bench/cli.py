@@ -1,6 +1,7 @@
 """`python -m bench`: arguments, the run, what is printed, the exit status.
 
-Subcommands: (none) run the suites; `list`; `compare A.json B.json`; `report [FILE]`.
+Subcommands: (none) run the suites; the others are COMMANDS (at the end of this module), the
+one table that dispatches them and lists them in `--help`.
 Nothing here imports pydl before bench.environment.prepare() has decided on emulation.
 """
 from __future__ import annotations
@@ -11,16 +12,18 @@ from pathlib import Path
 
 from . import environment, overhead, resources, schema, tables
 
-SUBCOMMANDS = ("list", "compare", "report", "floors", "resources", "overhead")
 DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Check, then time (on a GPU), pydl's kernels against torch and peers. "
-                    "Other commands: `list`, `compare A.json B.json`, `report [FILE]`, `floors`, "
-                    "`resources`, `overhead`.")
+        description="Check, then time (on a GPU), pydl's kernels against torch and peers.",
+        epilog="other commands (`python -m bench COMMAND --help` for each):\n"
+               + "\n".join(f"  {name:{width}s}  {summary}"
+                           for name, (_, summary) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ops", nargs="*", help="ops to run (default: all; see `python -m bench list`)")
     p.add_argument("--variants", nargs="+", metavar="V",
                    help="variants to run (default: all): a backend (triton, numba, torch) "
@@ -32,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every case in these dtypes (fp32, fp16, bf16) instead of its own")
     p.add_argument("--direction", choices=DIRECTION_CHOICES, default="all")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"directory for the JSON and plots (default on a GPU: {schema.DEFAULT_DIR}; "
-                        "in emulation a JSON is written only when --out is given)")
+                   help="directory for the JSON and plots (default on a GPU: "
+                        f"{schema.DEFAULT_DIR}; in emulation a JSON is written only when --out "
+                        "is given)")
     p.add_argument("--results-dir", type=Path, default=schema.DEFAULT_DIR,
                    help="where recorded GPU runs are looked up (emulation mode)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed milliseconds per row (GPU)")
@@ -46,10 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return {"list": cmd_list, "compare": cmd_compare, "report": cmd_report,
-                "floors": cmd_floors, "resources": resources.main,
-                "overhead": overhead.main}[argv[0]](argv[1:])
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0](argv[1:])
     return cmd_run(argv)
 
 
@@ -64,7 +66,9 @@ def cmd_run(argv: list[str]) -> int:
         return environment.relaunch(argv)
 
     import torch
-    from . import peaks as peaks_mod, runner, suites
+
+    from . import peaks as peaks_mod
+    from . import runner, suites
 
     gpu = mode == "gpu"
     if not gpu:
@@ -175,11 +179,18 @@ def _print_recorded(results_dir: Path, ops: list[str]) -> None:
 # --- list, compare, report ------------------------------------------------------------------
 
 def cmd_list(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="python -m bench list",
-                            description="List ops, shape sets and variants.").parse_args(argv)
-    mode, _ = environment.prepare()
+    p = argparse.ArgumentParser(prog="python -m bench list",
+                                description="List ops, shape sets and variants.")
+    p.add_argument("ops", nargs="*", help="ops to list (default: all)")
+    args = p.parse_args(argv)
+    environment.prepare()
     from . import suites
-    for suite in suites.all_suites().values():
+    try:
+        selected = suites.select(args.ops)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for suite in selected:
         variants = ", ".join(v.name + (f" (skipped: {v.skip})" if v.skip else "")
                              + (" (GPU only)" if v.gpu_only and not v.skip else "")
                              for v in suite.variants())
@@ -253,19 +264,48 @@ def cmd_floors(argv: list[str]) -> int:
 
 
 def cmd_compare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench compare",
-                                description="Per-row median-time ratios B/A of two runs.")
+    p = argparse.ArgumentParser(
+        prog="python -m bench compare",
+        description="Per-row median-time ratios B/A of two GPU runs (below 1: B is faster).")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--fail-above", type=float, metavar="RATIO",
+                   help="exit with status 1 when a row timed in A is slower in B by more than "
+                        "RATIO (B/A > RATIO, e.g. 1.10), or is wrong or raises in B")
     args = p.parse_args(argv)
+    if args.fail_above is not None and not args.fail_above > 0:
+        p.error(f"--fail-above must be a positive ratio (like 1.10), not {args.fail_above}")
     try:
-        a, b = schema.load(args.a), schema.load(args.b)
+        results = [schema.load(path) for path in (args.a, args.b)]
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for path, result in zip((args.a, args.b), results):
+        if not schema.is_gpu_result(result):
+            print(_emulation_error(path), file=sys.stderr)
+            return 2
+    a, b = results
     print(tables.compare(a, b, markdown=args.markdown))
-    return 0
+    if args.fail_above is None:
+        return 0
+    timed = tables.compare_ratios(a, b)
+    if not timed:
+        print(f"error: no row was timed in both runs, so --fail-above {args.fail_above} "
+              "checks nothing", file=sys.stderr)
+        return 2
+    slower = tables.regressions(a, b, args.fail_above)
+    if not slower:
+        print(f"\nno row is slower than {args.fail_above:g} x A or failing in B")
+        return 0
+    print(f"\n{len(slower)} row(s) slower than {args.fail_above:g} x A, or failing in B:")
+    for line in slower:
+        print("  " + line)
+    return 1
+
+
+def _emulation_error(path: Path) -> str:
+    return f"error: {path} is an emulation run: it holds correctness checks, no times"
 
 
 def cmd_report(argv: list[str]) -> int:
@@ -288,8 +328,22 @@ def cmd_report(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not schema.is_gpu_result(result):
-        print(f"error: {path} is an emulation run: it holds correctness checks, no times",
-              file=sys.stderr)
+        print(_emulation_error(path), file=sys.stderr)
         return 2
     print(tables.report(result, path), end="")
     return 0
+
+
+# --- the commands besides the run: the dispatch and the list in `--help` ----------------------
+
+COMMANDS = {
+    "list": (cmd_list, "ops, their shape sets (with sources) and variants: list [OPS ...]"),
+    "compare": (cmd_compare, "per-row time ratios B/A of two GPU runs: compare A.json B.json "
+                             "[--fail-above R]"),
+    "report": (cmd_report, "markdown tables of a GPU run (default: the newest recorded one)"),
+    "floors": (cmd_floors, "each case's lower bound from its FLOPs and bytes at the peaks"),
+    "resources": (resources.main, "registers, spills, shared memory and wgmma of each tuning "
+                                  "candidate, compiled offline"),
+    "overhead": (overhead.main, "host microseconds, launches and syncs per call (kernels "
+                                "stubbed)"),
+}

@@ -93,6 +93,7 @@ def _version(module: str) -> str | None:
 def describe(mode: str) -> dict:
     """The header fields of a results file (see bench.schema)."""
     import torch
+
     import pydl
     commit, dirty = git_commit()
     return {

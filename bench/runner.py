@@ -21,7 +21,8 @@ algorithm for that shape, the fair target. It changes nothing but cuDNN's choice
 from __future__ import annotations
 
 import functools
-import warnings
+import sys
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -165,11 +166,50 @@ def tasks(suites: list[Suite], options: Options) -> list[tuple[Suite, Case, torc
     return out
 
 
+class Progress:
+    """Progress on stderr: tqdm's bar on a terminal; elsewhere (a log file, CI) one line per
+    case, since a bar redrawn with carriage returns fills a log with thousands of them."""
+
+    def __init__(self, cases: int, variants: int, enabled: bool = True, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.cases, self.done, self.t0 = cases, 0, time.perf_counter()
+        self.lines = enabled and not _isatty(self.stream)
+        self.bar = None
+        if enabled and not self.lines:
+            from tqdm import tqdm
+            self.bar = tqdm(total=variants, unit="variant", dynamic_ncols=True, leave=False,
+                            file=self.stream)
+
+    def set_description(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def case_done(self, name: str, variants: int) -> None:
+        self.done += 1
+        if self.lines:
+            print(f"[{self.done}/{self.cases}] {name}: {variants} variant(s), "
+                  f"{time.perf_counter() - self.t0:.0f} s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):      # no isatty, or a closed stream
+        return False
+
+
 def run(suites: list[Suite], options: Options, mode: str, peaks: dict,
         device: str | None = None) -> list[dict]:
     """Every selected case and variant: checked always, timed in GPU mode. Returns rows.
     `device` defaults to cuda in GPU mode and cpu in emulation (tests override it)."""
-    from tqdm import tqdm
     gpu = mode == "gpu"
     device = torch.device(device or ("cuda" if gpu else "cpu"))
     work = [(s, c, d, selected_variants(s, options.variants)) for s, c, d in tasks(suites, options)]
@@ -178,16 +218,12 @@ def run(suites: list[Suite], options: Options, mode: str, peaks: dict,
     cudnn_benchmark = torch.backends.cudnn.benchmark
     if gpu:
         torch.backends.cudnn.benchmark = True     # cuDNN's autotuned algorithm: see the docstring
-    bar = tqdm(total=sum(len(v) for *_, v in work), disable=not options.progress,
-               unit="variant", dynamic_ncols=True, leave=False)
+    bar = Progress(len(work), sum(len(v) for *_, v in work), options.progress)
     try:
-        with warnings.catch_warnings():
-            if not gpu:
-                # NumPy's floating-point warnings from Triton's interpreter (masked lanes
-                # computing -inf - -inf, say): the comparison with torch is what counts.
-                warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
-            for suite, case, dtype, variants in work:
-                _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar)
+        # (NumPy's warnings from Triton's interpreter stay inside pydl's launches: pydl._env)
+        for suite, case, dtype, variants in work:
+            _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar)
+            bar.case_done(f"{suite.op} {case.name} {dtype_name(dtype)}", len(variants))
     finally:
         bar.close()
         torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -225,7 +261,8 @@ def _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar)
                 try:
                     _measure(row, run, v, row["direction"], copies, options)
                 except Exception as exc:  # noqa: BLE001
-                    row.update(status=gate.ERROR, message="timing raised " + gate.error_message(exc))
+                    row.update(status=gate.ERROR,
+                               message="timing raised " + gate.error_message(exc))
                     torch.cuda.empty_cache()
         bar.update()
     del run

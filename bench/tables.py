@@ -60,7 +60,8 @@ def achieved(row: dict) -> str:
 
 def header_lines(result: dict) -> list[str]:
     peaks = result["peaks"]
-    commit = (result["commit"] or "unknown")[:12] + (" (uncommitted changes)" if result.get("dirty") else "")
+    commit = ((result["commit"] or "unknown")[:12]
+              + (" (uncommitted changes)" if result.get("dirty") else ""))
     lines = [f"device: {result['device']}", f"date: {result['created']}", f"commit: {commit}",
              f"torch {result['torch']}, triton {result['triton']}, cuda {result['cuda']}"]
     if peaks.get("copy_gbps"):
@@ -157,30 +158,51 @@ def status_counts(result: dict) -> dict[str, int]:
 
 # --- compare and report ----------------------------------------------------------------
 
-def compare(a: dict, b: dict, markdown: bool = False) -> str:
-    """Per-row median times of two runs and their ratio B/A (< 1: B is faster)."""
+def _paired(a: dict, b: dict) -> list[tuple[tuple, dict, dict]]:
+    """(key, row of A or {}, row of B or {}) for every row of either run, A's order first."""
     rows_a = {tuple(r[k] for k in KEY): r for r in a["rows"]}
     rows_b = {tuple(r[k] for k in KEY): r for r in b["rows"]}
     keys = list(rows_a) + [k for k in rows_b if k not in rows_a]
-    out, ratios = [], []
-    for k in keys:
-        ta = rows_a.get(k, {}).get("median_ms")
-        tb = rows_b.get(k, {}).get("median_ms")
-        ratio = tb / ta if ta and tb else None
-        if ratio:
-            ratios.append(ratio)
-        out.append([*k, fmt(ta, "ms"), fmt(tb, "ms"),
-                    "-" if ratio is None else f"{ratio:.3f}"])
+    return [(k, rows_a.get(k, {}), rows_b.get(k, {})) for k in keys]
+
+
+def compare_ratios(a: dict, b: dict) -> dict[tuple, float]:
+    """B/A of the median times of the rows timed in both runs, by KEY."""
+    return {k: rb["median_ms"] / ra["median_ms"] for k, ra, rb in _paired(a, b)
+            if ra.get("median_ms") and rb.get("median_ms")}
+
+
+def compare(a: dict, b: dict, markdown: bool = False) -> str:
+    """Per-row median times of two runs and their ratio B/A (< 1: B is faster)."""
+    ratios = compare_ratios(a, b)
+    out = [[*k, fmt(ra.get("median_ms"), "ms"), fmt(rb.get("median_ms"), "ms"),
+            f"{ratios[k]:.3f}" if k in ratios else "-"] for k, ra, rb in _paired(a, b)]
     table = render(["op", "case", "dtype", "dir", "variant", "A ms", "B ms", "B/A"], out,
                    markdown, right={5, 6, 7})
     lines = [f"A: {a['device']}, {a['created']}", f"B: {b['device']}, {b['created']}", "", table,
              "", "B/A is the ratio of median times: below 1, B is faster."]
     if ratios:
-        geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        geo = math.exp(sum(map(math.log, ratios.values())) / len(ratios))
         lines.append(f"geometric mean of B/A over {len(ratios)} rows timed in both: {geo:.3f}")
     else:
         lines.append("no row was timed in both runs")
     return "\n".join(lines)
+
+
+def regressions(a: dict, b: dict, fail_above: float) -> list[str]:
+    """The rows timed in A that B runs more than `fail_above` times slower, or that are wrong
+    or raise in B: one line each."""
+    ratios = compare_ratios(a, b)
+    out = []
+    for k, ra, rb in _paired(a, b):
+        name = " ".join(map(str, k))
+        if k in ratios and ratios[k] > fail_above:
+            out.append(f"{name}: {fmt(ra['median_ms'], 'ms')} -> {fmt(rb['median_ms'], 'ms')} "
+                       f"ms, B/A {ratios[k]:.3f}")
+        elif ra.get("median_ms") and rb.get("status") in schema.FAILED:
+            out.append(f"{name}: {rb['status']} in B" + (f" ({rb['message']})"
+                                                          if rb.get("message") else ""))
+    return out
 
 
 def report(result: dict, path: Path | str | None = None) -> str:

@@ -4,10 +4,19 @@ PYDL_INTERPRET=1 runs every kernel on CPU tensors: it sets TRITON_INTERPRET=1 (T
 interpreter, read when `@triton.jit` decorates a kernel) and NUMBA_ENABLE_CUDASIM=1 (Numba's
 CUDA simulator, read when `numba.cuda` is first imported). This module is the only place in
 the project that sets either variable.
+
+Emulation changes nothing else in the process: what the emulated kernels need of the
+interpreter (a short GIL switch interval, NumPy's floating-point errors silenced) holds only
+while a pydl kernel runs (`emulated_launch`, applied to every kernel op by
+pydl._library.kernel_op).
 """
+import functools
 import os
 import sys
+import threading
 import warnings
+
+import numpy as np
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -21,13 +30,61 @@ INTERPRET: bool = _flag("PYDL_INTERPRET")
 if INTERPRET:
     if "numba.cuda" in sys.modules and not _flag("NUMBA_ENABLE_CUDASIM"):
         warnings.warn("numba.cuda was imported before pydl with PYDL_INTERPRET=1, so the Numba "
-                      "backend cannot use the CUDA simulator: import pydl first")
+                      "backend cannot use the CUDA simulator: import pydl first", stacklevel=1)
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    # The CUDA simulator runs each CUDA thread as an OS thread, released from a syncthreads by
-    # a busy-polling manager thread; with Python's default 5 ms switch interval every barrier
-    # costs milliseconds. 0.1 ms makes barrier-heavy simulated kernels several times faster.
-    sys.setswitchinterval(1e-4)
     if "numba.core.config" in sys.modules and "numba.cuda" not in sys.modules:
         # numba read its configuration already (some tool imported numba); read it again
         sys.modules["numba.core.config"].reload_config()
+
+
+# The CUDA simulator runs each CUDA thread as an OS thread, released from a syncthreads by a
+# busy-polling manager thread; with Python's default 5 ms switch interval every barrier costs
+# milliseconds. 0.1 ms makes barrier-heavy simulated kernels several times faster.
+SIMULATOR_SWITCH_INTERVAL = 1e-4
+
+_interval_lock = threading.Lock()
+_launch_depth = 0          # emulated launches running now, in any thread
+_saved_interval = 0.0      # the switch interval before the first of them began
+
+
+class _EmulatedLaunch:
+    """The interpreter state an emulated kernel needs, for as long as it runs:
+
+    - the GIL switch interval at most SIMULATOR_SWITCH_INTERVAL (process-wide while any
+      emulated launch runs, in any thread; restored when the last one ends);
+    - NumPy's floating-point errors ignored in this thread (np.errstate is thread-local).
+      Triton's interpreter evaluates masked-off lanes too (-inf - -inf, log(0)); the kernels
+      discard those lanes, so NumPy's RuntimeWarnings about them are noise to a user, and a
+      user's np.seterr(all="raise") would otherwise break the kernel."""
+
+    __slots__ = ("_errstate",)
+
+    def __enter__(self):
+        global _launch_depth, _saved_interval
+        with _interval_lock:
+            if _launch_depth == 0:
+                _saved_interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(_saved_interval, SIMULATOR_SWITCH_INTERVAL))
+            _launch_depth += 1
+        self._errstate = np.errstate(all="ignore")
+        self._errstate.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        global _launch_depth
+        self._errstate.__exit__(*exc)
+        with _interval_lock:
+            _launch_depth -= 1
+            if _launch_depth == 0:
+                sys.setswitchinterval(_saved_interval)
+        return False
+
+
+def emulated_launch(fn):
+    """`fn` (a function that launches kernels) run inside _EmulatedLaunch."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _EmulatedLaunch():
+            return fn(*args, **kwargs)
+    return run

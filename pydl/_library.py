@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from ._env import INTERPRET, emulated_launch
+
 NAMESPACE = "pydl"
 
 # torch's autocast policies (aten/src/ATen/autocast_mode.cpp), by device type and op: inputs
@@ -66,6 +68,9 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
     def wrap(fn: Callable) -> Callable:
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fake)
+        if INTERPRET:   # the interpreter state emulated kernels need, for their launch only
+            fn = emulated_launch(fn)
+            op.register_kernel(("cpu", "cuda"), fn)
 
         @functools.wraps(fn)
         def call(*args):

@@ -3,7 +3,9 @@ the correctness gate, `compare`, `report`, and the GPU timing path driven by a f
 clock (its numbers mean nothing; the test checks the plumbing, never a speed)."""
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -804,3 +806,130 @@ def test_gate_falls_back_to_torch_without_a_float64_reference(monkeypatch):
     assert c.fwd == "wrong" and "no float64 reference" in c.fwd_message
     c = _check(gate, suite, case, inputs, ref, real)
     assert (c.fwd, c.bwd) == ("pass", "pass")
+
+
+# --- the CLI's edges: help, list filter, closed pipes, compare gate, progress in logs ------------
+
+def test_help_lists_every_command_from_the_dispatch_table(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert set(cli.COMMANDS) == {"list", "compare", "report", "floors", "resources", "overhead"}
+    for name, (_, summary) in cli.COMMANDS.items():
+        line = next((ln for ln in out.splitlines() if ln.split()[:1] == [name]), None)
+        assert line is not None and summary[:30] in line, (name, out)
+        with pytest.raises(SystemExit) as exit_:                  # each has its own --help
+            cli.main([name, "--help"])
+        assert exit_.value.code == 0
+        assert f"python -m bench {name}" in capsys.readouterr().out
+
+
+def test_list_takes_an_op_filter(capsys):
+    assert cli.main(["list", "softmax", "max_pool2d"]) == 0
+    listed = [ln.split(":")[0] for ln in capsys.readouterr().out.splitlines()
+              if ln and not ln.startswith(" ")]
+    assert listed == ["softmax", "max_pool2d"]
+    assert cli.main(["list", "softmax", "no_such_op"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown op 'no_such_op'" in err and "cross_entropy" in err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`python -m bench list | head`: the reader is gone before the first write here (its end
+    of the pipe is closed at once), so the write fails with EPIPE: no traceback, the status a
+    process killed by SIGPIPE has."""
+    env = dict(os.environ, PYDL_INTERPRET="1")
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "list"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_compare_rejects_emulation_runs_as_report_does(tmp_path, capsys):
+    gpu = schema.write(_result([_row(ms=1.0)]), tmp_path / "gpu")
+    emu = schema.write(_result([_row(status="pass", ms=None)], mode="emulation"), tmp_path / "e")
+    for a, b in ((emu, emu), (gpu, emu), (emu, gpu)):
+        assert cli.main(["compare", str(a), str(b)]) == 2
+        captured = capsys.readouterr()
+        assert "is an emulation run: it holds correctness checks, no times" in captured.err
+        assert "B/A" not in captured.out                          # no table of dashes
+    assert cli.main(["report", str(emu)]) == 2
+    assert "is an emulation run" in capsys.readouterr().err
+
+
+def test_compare_fails_above_a_ratio(tmp_path, capsys):
+    a = _result([_row(ms=1.0), _row(variant="torch", ms=2.0), _row(direction="bwd", ms=1.0)])
+    b = _result([_row(ms=1.2), _row(variant="torch", ms=1.0), _row(direction="bwd", ms=1.05)],
+                created="2025-02-01T00:00:00+00:00")
+    pa, pb = schema.write(a, tmp_path / "a"), schema.write(b, tmp_path / "b")
+
+    assert cli.main(["compare", str(pa), str(pb)]) == 0              # no threshold: a report
+    capsys.readouterr()
+    assert cli.main(["compare", str(pa), str(pb), "--fail-above", "1.10"]) == 1
+    out = capsys.readouterr().out
+    assert "1 row(s) slower than 1.1 x A" in out
+    assert "cross_entropy v32k bf16 fwd triton: 1.000 -> 1.200 ms, B/A 1.200" in out
+    assert "bwd triton:" not in out.split("slower than")[1]           # 1.05 is within 1.10
+    assert cli.main(["compare", str(pa), str(pb), "--fail-above", "1.25"]) == 0
+    assert "no row is slower than 1.25 x A" in capsys.readouterr().out
+
+    # a row timed in A that is wrong in B fails the gate too
+    wrong = _result([_row(ms=1.0), _row(variant="torch", status="wrong", ms=None,
+                                        message="out of tolerance")],
+                    created="2025-03-01T00:00:00+00:00")
+    pw = schema.write(wrong, tmp_path / "w")
+    assert cli.main(["compare", str(pa), str(pw), "--fail-above", "1.5"]) == 1
+    assert "fwd torch: wrong in B (out of tolerance)" in capsys.readouterr().out
+
+    # nothing timed in both: the gate checked nothing, which is an error, not a pass
+    other = _result([_row(case="v128k", ms=1.0)], created="2025-04-01T00:00:00+00:00")
+    po = schema.write(other, tmp_path / "o")
+    assert cli.main(["compare", str(pa), str(po), "--fail-above", "1.1"]) == 2
+    assert "no row was timed in both runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["compare", str(pa), str(pb), "--fail-above", "0"])
+
+
+def _two_case_suite():
+    suite = _OptionSuite()
+    suite.shape_sets = {"tiny": (suites_base.Case("c", (4, 8), torch.float32, "test"),
+                                 suites_base.Case("d", (3, 5), torch.float32, "test"))}
+    return suite
+
+
+def test_progress_in_a_log_is_one_line_per_case(capsys):
+    """stderr is not a terminal (a log, CI): no bar redrawn with carriage returns, one line
+    per case."""
+    runner.run([_two_case_suite()], runner.Options(shapes="tiny", variants=["torch", "same"]),
+               "emulation", {"copy_gbps": None, "bf16_tflops": None}, device="cpu")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith("[1/2] opt c fp32: 2 variant(s), ")
+    assert lines[1].startswith("[2/2] opt d fp32: 2 variant(s), ")
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = runner.Progress(cases=1, variants=2, stream=stream)
+    bar.set_description("opt c fp32 torch")
+    bar.update()
+    bar.update()
+    bar.case_done("opt c fp32", 2)
+    bar.close()
+    assert "\r" in stream.getvalue() and "opt c fp32 torch" in stream.getvalue()
+    assert "[1/1]" not in stream.getvalue()
+    quiet = io.StringIO()
+    bar = runner.Progress(cases=1, variants=1, enabled=False, stream=quiet)
+    bar.update()
+    bar.case_done("opt c fp32", 1)
+    bar.close()
+    assert quiet.getvalue() == ""
