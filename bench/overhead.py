@@ -83,15 +83,18 @@ def stubbed_launches():
 
     # The path a GPU takes: Triton's cross-entropy checks its targets in the kernel there (a
     # PTX trap the interpreter cannot run), so the host check of emulation is not counted.
-    from pydl import softmax_ce
+    # Nor is the interpreter's own state around each kernel op (pydl._env.emulated_launch).
+    from pydl import _env, softmax_ce
     old_check = softmax_ce.kernel_checks_targets
     softmax_ce.kernel_checks_targets = lambda x, backend: backend == "triton"
     InterpretedFunction.run, FakeCUDAKernel.__call__ = count, numba_call
+    _env.SCOPE_EMULATION = False
     try:
         yield
     finally:
         InterpretedFunction.run, FakeCUDAKernel.__call__ = old_triton, old_numba
         softmax_ce.kernel_checks_targets = old_check
+        _env.SCOPE_EMULATION = True
 
 
 def _dispatch_counter():
