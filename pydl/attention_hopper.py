@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _env
-from . import _launch
+from . import _env, _launch
 from . import _tune as tune
 
 LAUNCHER = "triton:flash_hopper"      # key of pydl.attention.LAUNCHERS for this algo

@@ -12,16 +12,15 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICE, DTYPES
+from test_attention import check_attention, qkv
+from test_resources import REPO, _clean_env
 
 import pydl
 from bench import resources
 from pydl import _env, _launch, attention, attention_hopper
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor
-
-from conftest import DEVICE, DTYPES
-from test_attention import check_attention, qkv
-from test_resources import REPO, _clean_env
 
 BACKENDS = ("triton", "numba")
 HAS_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9

@@ -5,14 +5,13 @@ gradients, on the shapes that stress its tile ranges: odd lengths, Lq != Lk with
 that are not powers of two, value dim != query dim, strided layouts."""
 import pytest
 import torch
+from conftest import DEVICE, DTYPES
+from test_attention import SHAPES, check_attention, qkv
+from test_tune import _each_candidate, _fake_clock, tuning  # noqa: F401  (a fixture)
 
 import pydl
 from pydl import attention_onepass
 from pydl.testing import assert_close, random_tensor
-
-from conftest import DEVICE, DTYPES
-from test_attention import SHAPES, check_attention, qkv
-from test_tune import _each_candidate, _fake_clock, tuning  # noqa: F401  (a fixture)
 
 ALGO = "flash_onepass"
 
@@ -90,7 +89,7 @@ def _reference_grads(q, k, v, g, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_every_onepass_candidate(tuning, monkeypatch, causal):
+def test_every_onepass_candidate(tuning, monkeypatch, causal):  # noqa: F811 (fixture)
     """Each tile shape of the single-pass backward's space (the tuner forced to it)."""
     q, k, v, g = (random_tensor((1, 2, 144, 32), torch.float32, DEVICE) for _ in range(4))
     want = _reference_grads(q, k, v, g, causal)
@@ -103,7 +102,7 @@ def test_every_onepass_candidate(tuning, monkeypatch, causal):
     assert len(spaces["attention_bwd_onepass"]) > 1
 
 
-def test_onepass_trials_do_not_add_dq_twice(tuning, monkeypatch):
+def test_onepass_trials_do_not_add_dq_twice(tuning, monkeypatch):  # noqa: F811 (fixture)
     """Trial launches add into the fp32 dQ accumulator; the tuner restores it after each."""
     trials = []
 

@@ -2,13 +2,13 @@
 backward: zero-sized dimensions (torch's result, or torch's refusal, as a clear error), NaN and
 infinities (propagated as torch propagates them), and bfloat16 in emulation (refused by the
 Triton interpreter, which computes it wrongly; computed right by the Numba simulator)."""
+
 import pytest
 import torch
+from conftest import DEVICE, HAS_CUDA
 
 import pydl
 from pydl.testing import assert_close, random_tensor, run_with_grad
-
-from conftest import DEVICE, HAS_CUDA
 
 BACKENDS = ("triton", "numba")
 backends = pytest.mark.parametrize("backend", BACKENDS)
@@ -42,6 +42,7 @@ def conv(x, w, b, **kw):
 def ce(reduction, **opts):
     def fn(x, target, **kw):
         return pydl.cross_entropy(x, target, reduction=reduction, **opts, **kw)
+
     return fn
 
 
@@ -50,10 +51,12 @@ def attention(x_shape, kv_shape, algo=None):
         if algo and kw["backend"] == "triton":
             kw["algo"] = algo
         return pydl.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+
     return fn
 
 
 # --- zero-sized dimensions ------------------------------------------------------------------
+
 
 def _idx(*shape, classes=5):
     return torch.randint(0, classes, shape, device=DEVICE)
@@ -61,37 +64,96 @@ def _idx(*shape, classes=5):
 
 EMPTY = {
     # name: (fn, inputs, extra keywords for the kernel backends)
-    "conv2d_batch0_implicit": (conv, lambda: [t(0, 3, 5, 5), t(4, 3, 3, 3), t(4)], {"algo": "implicit"}),
-    "conv2d_batch0_im2col": (conv, lambda: [t(0, 3, 5, 5), t(4, 3, 3, 3), t(4)], {"algo": "im2col"}),
+    "conv2d_batch0_implicit": (
+        conv,
+        lambda: [t(0, 3, 5, 5), t(4, 3, 3, 3), t(4)],
+        {"algo": "implicit"},
+    ),
+    "conv2d_batch0_im2col": (
+        conv,
+        lambda: [t(0, 3, 5, 5), t(4, 3, 3, 3), t(4)],
+        {"algo": "im2col"},
+    ),
     "conv2d_batch0_channels_last": (
-        conv, lambda: [t(0, 3, 5, 5).to(memory_format=torch.channels_last), t(4, 3, 3, 3), t(4)], {}),
+        conv,
+        lambda: [t(0, 3, 5, 5).to(memory_format=torch.channels_last), t(4, 3, 3, 3), t(4)],
+        {},
+    ),
     "max_pool2d_batch0": (lambda x, **kw: pydl.max_pool2d(x, 2, **kw), lambda: [t(0, 3, 6, 6)], {}),
-    "avg_pool2d_batch0": (lambda x, **kw: pydl.avg_pool2d(x, 3, 2, 1, **kw), lambda: [t(0, 3, 6, 6)], {}),
-    "adaptive_avg_pool2d_batch0": (lambda x, **kw: pydl.adaptive_avg_pool2d(x, 2, **kw),
-                                   lambda: [t(0, 3, 6, 6)], {}),
+    "avg_pool2d_batch0": (
+        lambda x, **kw: pydl.avg_pool2d(x, 3, 2, 1, **kw),
+        lambda: [t(0, 3, 6, 6)],
+        {},
+    ),
+    "adaptive_avg_pool2d_batch0": (
+        lambda x, **kw: pydl.adaptive_avg_pool2d(x, 2, **kw),
+        lambda: [t(0, 3, 6, 6)],
+        {},
+    ),
     "softmax_rows0": (lambda x, **kw: pydl.softmax(x, -1, **kw), lambda: [t(0, 5)], {}),
     "softmax_row_length0": (lambda x, **kw: pydl.softmax(x, -1, **kw), lambda: [t(5, 0)], {}),
     "log_softmax_middle0": (lambda x, **kw: pydl.log_softmax(x, 1, **kw), lambda: [t(3, 0, 4)], {}),
-    "log_softmax_outer0_dim2": (lambda x, **kw: pydl.log_softmax(x, 2, **kw), lambda: [t(3, 0, 4)], {}),
+    "log_softmax_outer0_dim2": (
+        lambda x, **kw: pydl.log_softmax(x, 2, **kw),
+        lambda: [t(3, 0, 4)],
+        {},
+    ),
     "cross_entropy_batch0_mean": (ce("mean"), lambda: [t(0, 5), _idx(0)], {}),
-    "cross_entropy_batch0_sum_smoothing": (ce("sum", label_smoothing=0.2), lambda: [t(0, 5), _idx(0)], {}),
+    "cross_entropy_batch0_sum_smoothing": (
+        ce("sum", label_smoothing=0.2),
+        lambda: [t(0, 5), _idx(0)],
+        {},
+    ),
     "cross_entropy_batch0_none_weight": (
-        ce("none", weight=torch.rand(5, device=DEVICE) + 0.5), lambda: [t(0, 5), _idx(0)], {}),
+        ce("none", weight=torch.rand(5, device=DEVICE) + 0.5),
+        lambda: [t(0, 5), _idx(0)],
+        {},
+    ),
     "cross_entropy_pixels0_mean": (ce("mean"), lambda: [t(2, 5, 0), _idx(2, 0)], {}),
     "cross_entropy_prob_batch0_mean": (ce("mean"), lambda: [t(0, 5), t(0, 5).softmax(1)], {}),
     "cross_entropy_prob_classes0_mean": (ce("mean"), lambda: [t(3, 0), t(3, 0)], {}),
     "cross_entropy_prob_classes0_none": (ce("none"), lambda: [t(3, 0), t(3, 0)], {}),
-    "attention_batch0": (attention(0, 0), lambda: [t(0, 2, 5, 8), t(0, 2, 6, 8), t(0, 2, 6, 8)], {}),
-    "attention_heads0": (attention(0, 0), lambda: [t(2, 0, 5, 8), t(2, 0, 6, 8), t(2, 0, 6, 8)], {}),
-    "attention_query_heads0_gqa": (attention(0, 0), lambda: [t(1, 0, 5, 8), t(1, 2, 6, 8), t(1, 2, 6, 8)], {}),
-    "attention_queries0": (attention(0, 0), lambda: [t(2, 2, 0, 8), t(2, 2, 6, 8), t(2, 2, 6, 8)], {}),
+    "attention_batch0": (
+        attention(0, 0),
+        lambda: [t(0, 2, 5, 8), t(0, 2, 6, 8), t(0, 2, 6, 8)],
+        {},
+    ),
+    "attention_heads0": (
+        attention(0, 0),
+        lambda: [t(2, 0, 5, 8), t(2, 0, 6, 8), t(2, 0, 6, 8)],
+        {},
+    ),
+    "attention_query_heads0_gqa": (
+        attention(0, 0),
+        lambda: [t(1, 0, 5, 8), t(1, 2, 6, 8), t(1, 2, 6, 8)],
+        {},
+    ),
+    "attention_queries0": (
+        attention(0, 0),
+        lambda: [t(2, 2, 0, 8), t(2, 2, 6, 8), t(2, 2, 6, 8)],
+        {},
+    ),
     "attention_keys0": (attention(0, 0), lambda: [t(2, 2, 5, 8), t(2, 2, 0, 8), t(2, 2, 0, 8)], {}),
-    "attention_head_dim0": (attention(0, 0), lambda: [t(1, 2, 5, 0), t(1, 2, 6, 0), t(1, 2, 6, 4)], {}),
-    "attention_value_dim0": (attention(0, 0), lambda: [t(1, 2, 5, 8), t(1, 2, 6, 8), t(1, 2, 6, 0)], {}),
-    "attention_naive_queries0": (attention(0, 0, "naive"),
-                                 lambda: [t(1, 2, 0, 8), t(1, 2, 6, 8), t(1, 2, 6, 8)], {}),
-    "attention_naive_batch0": (attention(0, 0, "naive"),
-                               lambda: [t(0, 2, 5, 8), t(0, 2, 6, 8), t(0, 2, 6, 8)], {}),
+    "attention_head_dim0": (
+        attention(0, 0),
+        lambda: [t(1, 2, 5, 0), t(1, 2, 6, 0), t(1, 2, 6, 4)],
+        {},
+    ),
+    "attention_value_dim0": (
+        attention(0, 0),
+        lambda: [t(1, 2, 5, 8), t(1, 2, 6, 8), t(1, 2, 6, 0)],
+        {},
+    ),
+    "attention_naive_queries0": (
+        attention(0, 0, "naive"),
+        lambda: [t(1, 2, 0, 8), t(1, 2, 6, 8), t(1, 2, 6, 8)],
+        {},
+    ),
+    "attention_naive_batch0": (
+        attention(0, 0, "naive"),
+        lambda: [t(0, 2, 5, 8), t(0, 2, 6, 8), t(0, 2, 6, 8)],
+        {},
+    ),
 }
 
 
@@ -107,16 +169,29 @@ def test_empty_dims_match_torch(case, backend):
 REFUSED = {
     # torch raises for these too, or (0 input channels) returns an (N, 0, OH, OW) tensor that
     # drops the bias's out channels: no answer to give
-    "conv2d_in_channels0": (lambda **kw: pydl.conv2d(t(2, 0, 5, 5), t(4, 0, 3, 3), t(4), **kw),
-                            "0 channels"),
-    "conv2d_out_channels0": (lambda **kw: pydl.conv2d(t(2, 3, 5, 5), t(0, 3, 3, 3), **kw),
-                             "0 output channels"),
-    "max_pool2d_channels0": (lambda **kw: pydl.max_pool2d(t(2, 0, 6, 6), 2, **kw), "empty non-batch"),
+    "conv2d_in_channels0": (
+        lambda **kw: pydl.conv2d(t(2, 0, 5, 5), t(4, 0, 3, 3), t(4), **kw),
+        "0 channels",
+    ),
+    "conv2d_out_channels0": (
+        lambda **kw: pydl.conv2d(t(2, 3, 5, 5), t(0, 3, 3, 3), **kw),
+        "0 output channels",
+    ),
+    "max_pool2d_channels0": (
+        lambda **kw: pydl.max_pool2d(t(2, 0, 6, 6), 2, **kw),
+        "empty non-batch",
+    ),
     "avg_pool2d_height0": (lambda **kw: pydl.avg_pool2d(t(2, 3, 0, 6), 1, **kw), "empty non-batch"),
-    "adaptive_avg_pool2d_channels0": (lambda **kw: pydl.adaptive_avg_pool2d(t(2, 0, 6, 6), 2, **kw),
-                                      "empty non-batch"),
-    "attention_kv_heads0": (lambda **kw: pydl.scaled_dot_product_attention(
-        t(1, 2, 5, 8), t(1, 0, 6, 8), t(1, 0, 6, 8), enable_gqa=True, **kw), "key/value have none"),
+    "adaptive_avg_pool2d_channels0": (
+        lambda **kw: pydl.adaptive_avg_pool2d(t(2, 0, 6, 6), 2, **kw),
+        "empty non-batch",
+    ),
+    "attention_kv_heads0": (
+        lambda **kw: pydl.scaled_dot_product_attention(
+            t(1, 2, 5, 8), t(1, 0, 6, 8), t(1, 0, 6, 8), enable_gqa=True, **kw
+        ),
+        "key/value have none",
+    ),
 }
 
 
@@ -130,6 +205,7 @@ def test_empty_dims_torch_refuses_raise_clearly(case, backend):
 
 # --- NaN and infinities ---------------------------------------------------------------------
 
+
 def _with(x, *spots):
     x = x.clone()
     for index, value in spots:
@@ -142,6 +218,7 @@ def _sdpa(algo=None):
         if algo and kw["backend"] == "triton":
             kw["algo"] = algo
         return pydl.scaled_dot_product_attention(q, k, v, attn_mask=m, **kw)
+
     return fn
 
 
@@ -159,37 +236,81 @@ def _image():
 
 NONFINITE = {
     # the issue's case: a NaN in one key made the Numba flash forward give zeros
-    "attention_nan_key": (_sdpa(), lambda: [t(1, 2, 7, 8), _with(t(1, 2, 9, 8), ((0, 0, 3, 2), NAN)),
-                                            t(1, 2, 9, 8)]),
-    "attention_naive_nan_key": (_sdpa("naive"), lambda: [
-        t(1, 2, 7, 8), _with(t(1, 2, 9, 8), ((0, 0, 3, 2), NAN)), t(1, 2, 9, 8)]),
-    "attention_inf_value": (_sdpa(), lambda: [t(1, 2, 7, 8), t(1, 2, 9, 8),
-                                              _with(t(1, 2, 9, 8), ((0, 1, 4, 0), INF))]),
+    "attention_nan_key": (
+        _sdpa(),
+        lambda: [t(1, 2, 7, 8), _with(t(1, 2, 9, 8), ((0, 0, 3, 2), NAN)), t(1, 2, 9, 8)],
+    ),
+    "attention_naive_nan_key": (
+        _sdpa("naive"),
+        lambda: [t(1, 2, 7, 8), _with(t(1, 2, 9, 8), ((0, 0, 3, 2), NAN)), t(1, 2, 9, 8)],
+    ),
+    "attention_inf_value": (
+        _sdpa(),
+        lambda: [t(1, 2, 7, 8), t(1, 2, 9, 8), _with(t(1, 2, 9, 8), ((0, 1, 4, 0), INF))],
+    ),
     # a NaN as the only score of a row that is otherwise masked: NaN, not "fully masked"
-    "attention_nan_in_masked_row": (_sdpa(), lambda: [
-        t(1, 2, 7, 8), t(1, 2, 9, 8), t(1, 2, 9, 8),
-        _with(torch.zeros(7, 9, device=DEVICE).index_fill_(1, torch.arange(1, 9, device=DEVICE), -INF),
-              ((2, 0), NAN))]),
-    "attention_inf_mask": (_sdpa(), lambda: [t(1, 2, 7, 8), t(1, 2, 9, 8), t(1, 2, 9, 8),
-                                             _with(t(7, 9), ((3, 4), INF))]),
-    "conv2d": (lambda x, w, **kw: pydl.conv2d(x, w, padding=1, **kw), lambda: [_image(), t(4, 3, 3, 3)]),
+    "attention_nan_in_masked_row": (
+        _sdpa(),
+        lambda: [
+            t(1, 2, 7, 8),
+            t(1, 2, 9, 8),
+            t(1, 2, 9, 8),
+            _with(
+                torch.zeros(7, 9, device=DEVICE).index_fill_(
+                    1, torch.arange(1, 9, device=DEVICE), -INF
+                ),
+                ((2, 0), NAN),
+            ),
+        ],
+    ),
+    "attention_inf_mask": (
+        _sdpa(),
+        lambda: [t(1, 2, 7, 8), t(1, 2, 9, 8), t(1, 2, 9, 8), _with(t(7, 9), ((3, 4), INF))],
+    ),
+    "conv2d": (
+        lambda x, w, **kw: pydl.conv2d(x, w, padding=1, **kw),
+        lambda: [_image(), t(4, 3, 3, 3)],
+    ),
     "max_pool2d": (lambda x, **kw: pydl.max_pool2d(x, 3, 2, 1, **kw), lambda: [_image()]),
     "avg_pool2d": (lambda x, **kw: pydl.avg_pool2d(x, 3, 2, 1, **kw), lambda: [_image()]),
-    "adaptive_avg_pool2d": (lambda x, **kw: pydl.adaptive_avg_pool2d(x, 3, **kw), lambda: [_image()]),
+    "adaptive_avg_pool2d": (
+        lambda x, **kw: pydl.adaptive_avg_pool2d(x, 3, **kw),
+        lambda: [_image()],
+    ),
     "softmax": (lambda x, **kw: pydl.softmax(x, -1, **kw), lambda: [_softmax_rows()]),
     "log_softmax": (lambda x, **kw: pydl.log_softmax(x, -1, **kw), lambda: [_softmax_rows()]),
-    "cross_entropy_none": (lambda x, **kw: pydl.cross_entropy(
-        x, torch.tensor([1, 2, 3, 4, 0], device=DEVICE), reduction="none", label_smoothing=0.1, **kw),
-        lambda: [_softmax_rows()]),
+    "cross_entropy_none": (
+        lambda x, **kw: pydl.cross_entropy(
+            x,
+            torch.tensor([1, 2, 3, 4, 0], device=DEVICE),
+            reduction="none",
+            label_smoothing=0.1,
+            **kw,
+        ),
+        lambda: [_softmax_rows()],
+    ),
     # weight 0 times an infinite log-probability: NaN, as torch gives
-    "cross_entropy_weight0_smoothing": (lambda x, **kw: pydl.cross_entropy(
-        x, torch.tensor([1, 2, 3, 4, 0], device=DEVICE), reduction="none", label_smoothing=0.1,
-        weight=torch.tensor([1.0, 0.0, 2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], device=DEVICE),
-        **kw), lambda: [_softmax_rows()]),
-    "cross_entropy_mean": (lambda x, **kw: pydl.cross_entropy(
-        x, torch.tensor([1, 2, 3, 4, 0], device=DEVICE), **kw), lambda: [_softmax_rows()]),
-    "cross_entropy_prob": (lambda x, p, **kw: pydl.cross_entropy(x, p, reduction="none", **kw),
-                           lambda: [_softmax_rows(), torch.rand(5, 11, device=DEVICE)]),
+    "cross_entropy_weight0_smoothing": (
+        lambda x, **kw: pydl.cross_entropy(
+            x,
+            torch.tensor([1, 2, 3, 4, 0], device=DEVICE),
+            reduction="none",
+            label_smoothing=0.1,
+            weight=torch.tensor(
+                [1.0, 0.0, 2.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], device=DEVICE
+            ),
+            **kw,
+        ),
+        lambda: [_softmax_rows()],
+    ),
+    "cross_entropy_mean": (
+        lambda x, **kw: pydl.cross_entropy(x, torch.tensor([1, 2, 3, 4, 0], device=DEVICE), **kw),
+        lambda: [_softmax_rows()],
+    ),
+    "cross_entropy_prob": (
+        lambda x, p, **kw: pydl.cross_entropy(x, p, reduction="none", **kw),
+        lambda: [_softmax_rows(), torch.rand(5, 11, device=DEVICE)],
+    ),
 }
 
 
@@ -216,13 +337,17 @@ BF16_OPS = {
     "max_pool2d": lambda x, **kw: pydl.max_pool2d(x, 2, **kw),
     "avg_pool2d": lambda x, **kw: pydl.avg_pool2d(x, 2, **kw),
     "softmax": lambda x, **kw: pydl.softmax(x, -1, **kw),
-    "cross_entropy": lambda x, **kw: pydl.cross_entropy(x.flatten(1), _idx(x.shape[0], classes=75), **kw),
+    "cross_entropy": lambda x, **kw: pydl.cross_entropy(
+        x.flatten(1), _idx(x.shape[0], classes=75), **kw
+    ),
     "attention": lambda x, **kw: pydl.scaled_dot_product_attention(x, x, x, **kw),
     "lstm_cell": lambda x, **kw: _lstm_cell(x.flatten(1), **kw),
-    "gru_cell": lambda x, **kw: pydl.gru_cell(x.flatten(1), None, t(12, 75).to(x.dtype),
-                                              t(12, 4).to(x.dtype), **kw),
-    "lstm": lambda x, **kw: pydl.lstm(x.flatten(2), None, [t(16, 25).to(x.dtype),
-                                                           t(16, 4).to(x.dtype)], bias=False, **kw)[0],
+    "gru_cell": lambda x, **kw: pydl.gru_cell(
+        x.flatten(1), None, t(12, 75).to(x.dtype), t(12, 4).to(x.dtype), **kw
+    ),
+    "lstm": lambda x, **kw: pydl.lstm(
+        x.flatten(2), None, [t(16, 25).to(x.dtype), t(16, 4).to(x.dtype)], bias=False, **kw
+    )[0],
 }
 
 
@@ -247,19 +372,34 @@ def test_triton_interpreter_refuses_bf16_from_autocast_and_in_masks():
     with pytest.raises(TypeError, match="Triton's interpreter"):
         pydl.scaled_dot_product_attention(q, q, q, attn_mask=t(5, 5).to(bf), backend="triton")
     # float16 stays available there
-    assert pydl.conv2d(t(1, 3, 5, 5).half(), t(4, 3, 3, 3).half(), backend="triton").dtype == torch.float16
+    assert (
+        pydl.conv2d(t(1, 3, 5, 5).half(), t(4, 3, 3, 3).half(), backend="triton").dtype
+        == torch.float16
+    )
 
 
 BF16_NUMBA = {
     # name: (fn, input shapes, reduction length for the tolerance)
-    "conv2d": (lambda x, w, **kw: pydl.conv2d(x, w, padding=1, **kw), [(2, 3, 6, 5), (4, 3, 3, 3)], 27),
+    "conv2d": (
+        lambda x, w, **kw: pydl.conv2d(x, w, padding=1, **kw),
+        [(2, 3, 6, 5), (4, 3, 3, 3)],
+        27,
+    ),
     "max_pool2d": (lambda x, **kw: pydl.max_pool2d(x, 3, 2, 1, **kw), [(2, 3, 7, 6)], 1),
     "avg_pool2d": (lambda x, **kw: pydl.avg_pool2d(x, 3, 2, 1, **kw), [(2, 3, 7, 6)], 9),
     "softmax": (lambda x, **kw: pydl.softmax(x, -1, **kw), [(4, 37)], 37),
-    "cross_entropy": (lambda x, **kw: pydl.cross_entropy(
-        x, torch.tensor([3, 0, 36, 7], device=DEVICE), reduction="none", **kw), [(4, 37)], 37),
-    "attention": (lambda q, k, v, **kw: pydl.scaled_dot_product_attention(q, k, v, **kw),
-                  [(1, 2, 9, 16), (1, 2, 11, 16), (1, 2, 11, 16)], 16 * 11),
+    "cross_entropy": (
+        lambda x, **kw: pydl.cross_entropy(
+            x, torch.tensor([3, 0, 36, 7], device=DEVICE), reduction="none", **kw
+        ),
+        [(4, 37)],
+        37,
+    ),
+    "attention": (
+        lambda q, k, v, **kw: pydl.scaled_dot_product_attention(q, k, v, **kw),
+        [(1, 2, 9, 16), (1, 2, 11, 16), (1, 2, 11, 16)],
+        16 * 11,
+    ),
 }
 
 
@@ -270,8 +410,9 @@ def test_numba_bf16_against_float64(op):
     fn, shapes, reduction = BF16_NUMBA[op]
     inputs = [t(*s).to(bf) for s in shapes]
     out, g, grads = run_with_grad(lambda *a: fn(*a, backend="numba"), inputs)
-    r_out, _, r_grads = run_with_grad(lambda *a: fn(*a, backend="torch"),
-                                      [x.double() for x in inputs], g.double())
+    r_out, _, r_grads = run_with_grad(
+        lambda *a: fn(*a, backend="torch"), [x.double() for x in inputs], g.double()
+    )
     assert out.dtype == bf
     assert_close(out, r_out, bf, reduction=reduction, name="forward")
     for i, (a, b) in enumerate(zip(grads, r_grads)):
@@ -286,6 +427,7 @@ def test_nan_in_rows_wider_than_a_block(op, backend, monkeypatch):
     -inf, still makes the row NaN (a GPU's default max drops a NaN; Triton's interpreter
     does not, so in emulation this guards the NaN-propagating max the kernels ask for)."""
     from pydl import softmax_ce
+
     monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
     x = t(3, 50)
     x[0, 3] = NAN
@@ -296,5 +438,6 @@ def test_nan_in_rows_wider_than_a_block(op, backend, monkeypatch):
         fn = lambda x, **kw: pydl.log_softmax(x, -1, **kw)  # noqa: E731
     else:
         fn = lambda x, **kw: pydl.cross_entropy(  # noqa: E731
-            x, torch.tensor([1, 30, 2], device=DEVICE), reduction="none", label_smoothing=0.1, **kw)
+            x, torch.tensor([1, 30, 2], device=DEVICE), reduction="none", label_smoothing=0.1, **kw
+        )
     check_like_torch(fn, [x], backend)

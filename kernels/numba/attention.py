@@ -227,7 +227,8 @@ def _load_rows(dst, src, b, h, r0, nrows, width, t, nt, code):
 def _store_row(dst, b, h, row, acc, n, g, G, mul, div, code):
     """dst[b, h, row, g + c * G] = acc[c] * mul / div for c < n, in dst's dtype (bf16 encoded
     inline, as `_load_rows` decodes): this thread's columns of an output row; 0 where div is
-    0 (a row with no visible key; a NaN div, a row that saw a NaN score, gives NaN). mul = div = 1 store acc exactly as it is."""
+    0 (a row with no visible key; a NaN div, a row that saw a NaN score, gives NaN).
+    mul = div = 1 store acc exactly as it is."""
     for c in range(n):
         out = ZERO if div == ZERO else acc[c] * mul / div     # a NaN div stays NaN
         if code == BF16:

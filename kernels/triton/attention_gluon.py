@@ -32,9 +32,13 @@ Gluon kernels do not run in Triton's interpreter: this one is compiled and check
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                              tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 ROWS = gl.constexpr(64)          # query rows per consumer warpgroup: one wgmma M of 4 warps
