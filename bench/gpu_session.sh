@@ -2,6 +2,18 @@
 # One GPU machine, few calls: each mode below is meant to finish well inside 10 minutes and
 # leaves every log and result under OUT (a short summary is printed last).
 #
+#   bench/gpu_session.sh session OUT                 everything one lent GPU is for, in one call of
+#                                                    about nine minutes, each step with a time
+#                                                    budget (a slow step cannot eat the rest):
+#                                                    the GPU test files (200 s), the host-path
+#                                                    table `python -m bench overhead` (60 s), the
+#                                                    benchmark, op by op (300 s in all); logs and
+#                                                    OUT/results.tgz (the JSON: unpack it into
+#                                                    bench/results/). Six files, under the eight a
+#                                                    lent machine returns. A second call within
+#                                                    30 s reuses the warm Triton cache.
+#   bench/gpu_session.sh overhead OUT                `python -m bench overhead` at the quick
+#                                                    shapes: end to end vs kernel time per op
 #   bench/gpu_session.sh verify  OUT                 the checks of the first run's faults, in one
 #                                                    call: the Numba backend under the machine's
 #                                                    NumPy, the test files that failed there
@@ -22,8 +34,8 @@
 # Uses the machine's installed packages; installs pydl itself in place without dependencies,
 # and stops (exit 3) when that install or `import pydl.kernels` fails.
 set -uo pipefail
-mode=${1:?usage: bench/gpu_session.sh verify|tests|bench|untuned OUT [args...]}
-out=${2:?usage: bench/gpu_session.sh verify|tests|bench|untuned OUT [args...]}
+mode=${1:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned OUT [args...]}
+out=${2:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned OUT [args...]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -53,7 +65,44 @@ workers() {   # $1 workers when pytest-xdist is installed
     python3 -c "import xdist" 2>/dev/null && echo "-n $1"
 }
 
+bench_op() {   # bench_op SECONDS OPS...: one group of the benchmark within its budget
+    local budget=$1; shift
+    timeout "$budget" python3 -m bench "$@" --shapes quick --no-progress --no-plots \
+        --rep-ms 30 --warmup-ms 10 --out "$out/results" >>"$out/bench.log" 2>&1
+    echo "bench $* exit status $? (124: stopped by its budget)"
+}
+
 case $mode in
+    session)
+        # shellcheck disable=SC2046
+        timeout 200 python3 -m pytest -q -p no:cacheprovider $(workers 12) -x --durations=10 \
+            --junitxml="$out/junit.xml" tests/test_packaging.py tests/test_conv.py \
+            tests/test_attention.py tests/test_attention_forward.py tests/test_softmax_ce.py \
+            tests/test_pool.py tests/test_lstm.py tests/test_gemm_numba.py \
+            >"$out/tests.log" 2>&1
+        echo "pytest exit status $? (124: stopped by its time limit)"
+        grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
+        tail -n 3 "$out/tests.log"
+        timeout 60 python3 -m bench overhead --json "$out/overhead.json" >"$out/overhead.log" 2>&1
+        echo "overhead exit status $?"
+        cat "$out/overhead.log"
+        bench_op 70 conv2d --variants triton-implicit torch
+        bench_op 70 attention --variants triton-flash triton-flash_hopper torch-cudnn
+        bench_op 50 cross_entropy softmax --variants triton torch
+        bench_op 40 max_pool2d --variants triton torch
+        bench_op 70 lstm gru --variants triton torch
+        tail -n 60 "$out/bench.log"
+        # at most 8 files come back from a lent machine: one archive of the results' JSON
+        tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results"
+        rm -f "$out/junit.xml" "$out/install.log" "$out/import.log"
+        ls "$out"
+        ;;
+    overhead)
+        timeout 240 python3 -m bench overhead --json "$out/overhead.json" "$@" \
+            >"$out/overhead.log" 2>&1
+        echo "overhead exit status $?"
+        cat "$out/overhead.log"
+        ;;
     verify)
         # 1. the tests: the Numba backend (item: NumPy without row_stack), and every test file
         #    with a failure in the first run, without --full
@@ -95,7 +144,7 @@ case $mode in
         tail -n 80 "$out/bench.log"
         ;;
     *)
-        echo "unknown mode $mode: verify, tests, bench or untuned" >&2
+        echo "unknown mode $mode: session, overhead, verify, tests, bench or untuned" >&2
         exit 2
         ;;
 esac
