@@ -1,0 +1,76 @@
+"""Double backward: the rule for autograd Functions whose backward is not differentiable.
+
+A pydl Function's backward runs kernels; autograd cannot see inside them. When a caller asks
+for a differentiable gradient (`torch.autograd.grad(..., create_graph=True)`: gradient
+penalties, second-order methods), a backward that returned plain kernel outputs would hand back
+a gradient with no graph behind it, and the second derivative would silently miss this op's
+share. So every Function's backward is either differentiable (written with pydl's own
+differentiable Functions when grad mode is on: conv2d, the average pools, softmax) or decorated
+with `once_differentiable` below, which makes differentiating its result raise.
+
+torch.autograd.function.once_differentiable is not enough here: it attaches its error only when
+a grad_output requires grad, but a backward's result also depends on the tensors the forward
+saved (the conv's weight, the attention's q, k, v). A gradient penalty computed from
+`grad(y.sum(), x, create_graph=True)` has a constant grad_output and would still be silently
+wrong. This version attaches the error whenever the backward runs under create_graph.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """Identity on the gradients a non-differentiable backward returned, whose own backward
+    raises `message`: the error comes when (and only when) someone differentiates them."""
+
+    @staticmethod
+    def forward(ctx, message, *grads):
+        ctx.message = message
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(ctx.message)
+
+
+def no_double_backward_message(op: str) -> str:
+    return (f"pydl.{op} has no double backward on pydl's kernel backends: its backward is a "
+            f"kernel that is not itself differentiable, so its gradient cannot be differentiated "
+            f"again (create_graph=True: a gradient penalty, a second-order method). Run this op "
+            f"with backend='torch' (its backend= argument or pydl.use_backend('torch')) where a "
+            f"second derivative must flow through it; the README lists the ops that support it")
+
+
+def once_differentiable(op: str):
+    """Decorator for the backward of a Function of pydl op `op` (its public name) that is not
+    differentiable. Without create_graph it costs one `torch.is_grad_enabled()` call; under
+    create_graph the backward runs under no_grad and its tensor results get a grad_fn that
+    raises a RuntimeError naming the op and what to do instead."""
+    message = no_double_backward_message(op)
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grad_outputs)
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            single = not isinstance(grads, tuple)
+            grads = (grads,) if single else grads
+            slots = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+            if not slots:
+                return grads[0] if single else grads
+            marked = _NotDifferentiable.apply(
+                message, *[grads[i].detach().requires_grad_(grads[i].is_floating_point())
+                           for i in slots])
+            out = list(grads)
+            for i, g in zip(slots, marked):
+                out[i] = g
+            return out[0] if single else tuple(out)
+        return wrapper
+    return wrap
+
+
+__all__ = ["once_differentiable", "no_double_backward_message"]
