@@ -170,7 +170,7 @@ class TritonPlan:
 # against how much of W_hh each re-reads: the default fills the chip (step_tiles), these
 # trade rows for units.
 FWD_SPACE = ((32, 8, 64, 4, 3), (64, 8, 64, 4, 3), (16, 16, 64, 4, 3), (32, 16, 64, 4, 3),
-             (64, 16, 32, 8, 3), (32, 4, 128, 4, 3))
+             (64, 16, 32, 8, 3), (32, 4, 64, 4, 4))
 BWD_SPACE = ((16, 16, 64, 4, 3), (32, 16, 32, 4, 3), (16, 32, 32, 4, 3), (32, 32, 32, 8, 3),
              (64, 16, 32, 8, 3))
 
@@ -191,6 +191,22 @@ def grid_barrier_check(device: torch.device, programs: int, rounds: int):
     bad = torch.zeros(1, dtype=torch.int32, device=device)
     k.grid_barrier_check[(programs,)](sync, slots, bad, rounds, launch_cooperative_grid=True)
     return bad, sync
+
+
+def default_tile(B: int, H: int, K: int, itemsize: int, device: torch.device,
+                 backward: bool) -> dict:
+    """The launch config a recurrence kernel runs untuned: step_tiles' tile (forward: 4 to 32
+    units a tile, 4 gates each; backward: 16 to 32 units, rows up to 32), a K depth of 64
+    (32 for fp32 operands: the backward's fp32 gradients), 8 warps for the tiles whose
+    accumulators and operands spill at 4 (`python -m bench resources lstm gru`)."""
+    if backward:
+        bb, bh = step_tiles(B, H, multiprocessors(device), 16, 32, 32)
+        big = bb * bh >= 32 * 32
+    else:
+        bb, bh = step_tiles(B, H, multiprocessors(device), 4, 32, 64)
+        big = bb * 4 * bh > 64 * 128
+    return dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=dot_block(K, 64 if itemsize <= 2 else 32),
+                num_warps=8 if big else 4)
 
 
 def tile_candidates(default: dict, B: int, H: int, K: int, itemsize: int, min_units: int,
@@ -373,4 +389,4 @@ class NumbaRNN:
 __all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "Schedule", "TritonPlan", "NumbaPlan",
            "TritonRNN", "NumbaRNN", "product_precision", "multiprocessors", "step_tiles",
            "tile_candidates", "tuning_key", "numba_tile", "numba_arg", "numba_code", "strides",
-           "grid_barrier_check", "persistent_on"]
+           "grid_barrier_check", "persistent_on", "default_tile"]

@@ -29,12 +29,13 @@ from torch import Tensor
 
 from ._autograd import once_differentiable
 from ._checks import check_tensor
-from ._launch import cdiv, dot_block, new_output, numba_array
+from ._launch import cdiv, new_output, numba_array
 from ._library import autocast_inputs, kernel_op
+from . import _rnn_launch
 from ._rnn_checks import check_cell_state, check_cell_weights, layer_output, prepare_layer
-from ._rnn_launch import (ALGOS, BWD_SPACE, FWD_SPACE, NumbaPlan, NumbaRNN, Schedule,
-                          TritonPlan, TritonRNN, multiprocessors, numba_tile, step_tiles,
-                          tile_candidates, tuning_key)
+from ._rnn_launch import (BWD_SPACE, FWD_SPACE, NumbaPlan, NumbaRNN, Schedule,
+                          TritonPlan, TritonRNN, default_tile, numba_tile, tile_candidates,
+                          tuning_key)
 from ._rnn_launch import numba_arg as _a
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
@@ -66,9 +67,7 @@ class TritonGRU(TritonRNN):
                      WRITE_HN=hn is not None, HAS_BS=bs is not None,
                      PRECISION=cls.precision(dt, dt, dt))
         K = max(I, H)
-        bb, bh = step_tiles(B, H, multiprocessors(out.device), 4, 32, 64)
-        default = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=dot_block(K, 64 if dt.itemsize <= 2 else 32),
-                       num_warps=4)
+        default = default_tile(B, H, K, dt.itemsize, out.device, backward=False)
         head = (x if x is not None else d, w_ih if w_ih is not None else d,
                 xp if xp is not None else d, b_ih if b_ih is not None else d,
                 b_hh if b_hh is not None else d, h0 if h0 is not None else d, w_hh, out, ws,
@@ -95,8 +94,7 @@ class TritonGRU(TritonRNN):
         flags = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DOUT=d_out is not None,
                      HAS_DHN=d_hn is not None, HAS_BS=bs is not None,
                      PRECISION=cls.precision(F32, w_hh.dtype, model))
-        bb, bh = step_tiles(B, H, multiprocessors(dev), 16, 64, 32)
-        default = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=32, num_warps=4)
+        default = default_tile(B, H, 3 * H, 4, dev, backward=True)
         d = out
         head = (ws, out, h0 if h0 is not None else d, w_hh, d_out if d_out is not None else d,
                 d_hn if d_hn is not None else d, bs if bs is not None else ws, dgi, dgh, dhd,
@@ -158,6 +156,8 @@ class NumbaGRU(NumbaRNN):
 
 LAUNCHERS = {"triton": TritonGRU, "numba": NumbaGRU}
 CELL_LAUNCHERS = {"triton": TritonGRUCell, "numba": NumbaGRU}
+# backend -> the layer's algorithms (pydl/_rnn_launch.py); the first is the default
+ALGOS = {name: _rnn_launch.ALGOS for name in LAUNCHERS}
 
 
 # --- the layer's cell ------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def _kernel_gru_cell(backend: str):
 
 for _name, _launch in LAUNCHERS.items():
     register("gru_cell", _name)(_kernel_gru_cell(_name))
-    register("gru", _name)(layer_impl("gru", GRURecurrence, _name, _launch, ALGOS))
+    register("gru", _name)(layer_impl("gru", GRURecurrence, _name, _launch, ALGOS[_name]))
 
 
 @register("gru_cell", "torch")

@@ -36,13 +36,14 @@ from torch import Tensor
 
 from ._autograd import once_differentiable
 from ._checks import check_tensor
-from ._launch import cdiv, dot_block, new_output, numba_array
+from ._launch import cdiv, new_output, numba_array
 from ._library import autocast_inputs, kernel_op
+from . import _rnn_launch
 from ._rnn_checks import check_cell_state, check_cell_weights, layer_output, prepare_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
-from ._rnn_launch import (ALGOS, BWD_SPACE, FWD_SPACE, NumbaPlan, NumbaRNN, Schedule,
-                          TritonPlan, TritonRNN, multiprocessors, numba_tile, step_tiles,
-                          tile_candidates, tuning_key)
+from ._rnn_launch import (BWD_SPACE, FWD_SPACE, NumbaPlan, NumbaRNN, Schedule,
+                          TritonPlan, TritonRNN, default_tile, numba_tile, tile_candidates,
+                          tuning_key)
 from ._rnn_launch import numba_arg as _a
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
@@ -81,9 +82,7 @@ class TritonLSTM(TritonRNN):
                      HAS_BS=bs is not None, PROJ=w_hr is not None,
                      PRECISION=cls.precision(dt, dt, dt))
         K = max(I, P, H if w_hr is not None else 0)
-        bb, bh = step_tiles(B, H, multiprocessors(out.device), 4, 32, 64)
-        default = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=dot_block(K, 64 if dt.itemsize <= 2 else 32),
-                       num_warps=4)
+        default = default_tile(B, H, K, dt.itemsize, out.device, backward=False)
         head = (x if x is not None else d, w_ih if w_ih is not None else d,
                 xp if xp is not None else d, b_ih if b_ih is not None else d,
                 b_hh if b_hh is not None else d, h0 if h0 is not None else d,
@@ -117,8 +116,7 @@ class TritonLSTM(TritonRNN):
                      HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None, HAS_BS=bs is not None,
                      WRITE_DC0=dc0 is not None, PRECISION=cls.precision(F32, w_rec.dtype, model))
         K = w_rec.shape[0]
-        bb, bh = step_tiles(B, H, multiprocessors(dev), 16, 64, 32)
-        default = dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=32, num_warps=4)
+        default = default_tile(B, H, K, 4, dev, backward=True)
         d = cs
         head = (acts, cs, c0 if c0 is not None else d, w_rec, d_out if d_out is not None else d,
                 d_hn if d_hn is not None else d, d_cn if d_cn is not None else d,
@@ -188,6 +186,8 @@ class NumbaLSTM(NumbaRNN):
 
 LAUNCHERS = {"triton": TritonLSTM, "numba": NumbaLSTM}
 CELL_LAUNCHERS = {"triton": TritonLSTMCell, "numba": NumbaLSTM}
+# backend -> the layer's algorithms (pydl/_rnn_launch.py); the first is the default
+ALGOS = {name: _rnn_launch.ALGOS for name in LAUNCHERS}
 
 
 # --- the layer's cell ------------------------------------------------------------------------
@@ -366,7 +366,7 @@ def _kernel_lstm_cell(backend: str):
 
 for _name, _launch in LAUNCHERS.items():
     register("lstm_cell", _name)(_kernel_lstm_cell(_name))
-    register("lstm", _name)(layer_impl("lstm", LSTMRecurrence, _name, _launch, ALGOS))
+    register("lstm", _name)(layer_impl("lstm", LSTMRecurrence, _name, _launch, ALGOS[_name]))
 
 
 @register("lstm_cell", "torch")

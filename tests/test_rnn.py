@@ -16,7 +16,7 @@ from pydl import _rnn_launch
 from pydl.testing import assert_close, poisoned_outputs, random_tensor
 
 from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS
-from rnn_checks import TF32, check_layer, np64
+from rnn_checks import TF32, check_layer
 
 KINDS = ("lstm", "gru")
 
@@ -424,7 +424,6 @@ def test_empty_batch(kind, backend):
     for w in weights:
         assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
     cell = pydl.lstm_cell if kind == "lstm" else pydl.gru_cell
-    G = 4 if kind == "lstm" else 3
     y = cell(torch.empty(0, 3, device=DEVICE), None, weights[0], weights[1], backend=backend)
     assert (y[0] if kind == "lstm" else y).shape == (0, 4)
 

@@ -40,9 +40,10 @@ x BLOCK_H units (BLOCK_H >= 16: the recurrent product's width):
 
 with dg_next the gate gradients of the step that ran after this one (all 4H columns, written
 by every program: the grid barrier's reason) and W_rec = W_hh (4H, H), or W_hh W_hr with
-projections (then d_out and d h_n arrive already multiplied by W_hr). dh and dc run through
-two buffers (B, H) fp32 each, indexed by step parity, so no step reads what it writes. The
-pseudo-step u = T (WRITE_DH0) writes dh0 = dg_first W_hh (+ pass-through).
+projections (then d_out and d h_n arrive already multiplied by W_hr). dc (and, for packed
+sequences, the pass-through dh of rows past their end) run through two (B, H) fp32 buffers
+indexed by step parity, so no step reads what it writes. The pseudo-step u = T (WRITE_DH0)
+writes dh0 = dg_first W_hh (+ pass-through).
 
 Numerics: fp32 accumulation whatever the dtype; sigmoid and tanh take exp of -|a| only; NaN
 propagates. PRECISION as kernels/triton/rnn.py `dot` ("split" for the backward's fp32
@@ -51,8 +52,8 @@ gradients times 16-bit weights).
 import triton
 import triton.language as tl
 
-from .rnn import (dot, gate_columns, grid_barrier, grid_exit, sigmoid, split_gates,  # noqa: F401
-                  step_time, tanh, tile_dot, tile_of)
+from .rnn import (gate_columns, grid_barrier, grid_exit, sigmoid, split_gates, step_time, tanh,
+                  tile_dot, tile_of)
 
 
 @triton.jit
