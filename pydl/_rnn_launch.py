@@ -22,10 +22,11 @@ shape on a GPU, pydl/_tune.py), the grid and every argument; `run(s0, s1)` launc
 [s0, s1) and passes only the step range.
 
 Precision of the products (`product_precision`, kernels/triton/rnn.py `dot`): a model in
-fp16/bf16 never loses precision to TF32: an fp32 gradient times a 16-bit weight is "split"
-(fp32-accurate, two TF32 passes), an fp32 x fp32 product in such a model (W_hh W_hr with
-projections) "tf32x3". An fp32 model rounds as torch would (cuDNN's TF32 setting for the
-layers, the matmul one for the cells: pydl._launch.input_precision).
+fp16/bf16 never loses precision to TF32: an fp32 gradient times a 16-bit weight or input is
+"split" (the gradient as a sum of two 16-bit numbers, two 16-bit tensor-core passes), an fp32
+x fp32 product in such a model (W_hh W_hr with projections) "tf32x3". An fp32 model rounds as
+torch would (cuDNN's TF32 setting for the layers, the matmul one for the cells:
+pydl._launch.input_precision).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ class TritonPlan:
 FWD_SPACE = ((32, 8, 64, 4, 3), (64, 8, 64, 4, 3), (16, 16, 64, 4, 3), (32, 16, 64, 4, 3),
              (64, 16, 32, 8, 3), (32, 4, 64, 4, 4))
 BWD_SPACE = ((16, 16, 64, 4, 3), (32, 16, 32, 4, 3), (16, 32, 32, 4, 3), (32, 32, 32, 8, 3),
-             (64, 16, 32, 8, 3))
+             (64, 16, 32, 8, 3), (64, 64, 32, 8, 3))
 
 
 def strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
@@ -197,8 +198,9 @@ def default_tile(B: int, H: int, K: int, itemsize: int, device: torch.device,
                  backward: bool) -> dict:
     """The launch config a recurrence kernel runs untuned: step_tiles' tile (forward: 4 to 32
     units a tile, 4 gates each; backward: 16 to 32 units, rows up to 32), a K depth of 64
-    (32 for fp32 operands: the backward's fp32 gradients), 8 warps for the tiles whose
-    accumulators and operands spill at 4 (`python -m bench resources lstm gru`)."""
+    (32 for an fp32 forward), 8 warps for the tiles whose accumulators and operands spill at
+    4 (`python -m bench resources lstm gru`). `itemsize`: of the operands' dtype (the
+    backward's fp32 gradients enter its products as 16-bit hi/lo pairs in a 16-bit model)."""
     if backward:
         bb, bh = step_tiles(B, H, multiprocessors(device), 16, 32, 32)
         big = bb * bh >= 32 * 32

@@ -94,7 +94,7 @@ class TritonGRU(TritonRNN):
         flags = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DOUT=d_out is not None,
                      HAS_DHN=d_hn is not None, HAS_BS=bs is not None,
                      PRECISION=cls.precision(F32, w_hh.dtype, model))
-        default = default_tile(B, H, 3 * H, 4, dev, backward=True)
+        default = default_tile(B, H, 3 * H, model.itemsize, dev, backward=True)
         d = out
         head = (ws, out, h0 if h0 is not None else d, w_hh, d_out if d_out is not None else d,
                 d_hn if d_hn is not None else d, bs if bs is not None else ws, dgi, dgh, dhd,
@@ -104,7 +104,8 @@ class TritonGRU(TritonRNN):
                 *dhd.stride(), *_strides(dh0, 2))
         return TritonPlan(
             k.gru_layer_bwd, TUNERS["gru_layer_bwd"], tuning_key("gru_layer_bwd", B, H, 3 * H, model, flags),
-            tile_candidates(default, B, H, 3 * H, 4, 16, BWD_SPACE), head, (T, B, H), tail,
+            tile_candidates(default, B, H, 3 * H, model.itemsize, 16, BWD_SPACE), head,
+            (T, B, H), tail,
             flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
             T + 1 if dh0 is not None else T)
 

@@ -116,7 +116,7 @@ class TritonLSTM(TritonRNN):
                      HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None, HAS_BS=bs is not None,
                      WRITE_DC0=dc0 is not None, PRECISION=cls.precision(F32, w_rec.dtype, model))
         K = w_rec.shape[0]
-        default = default_tile(B, H, K, 4, dev, backward=True)
+        default = default_tile(B, H, K, model.itemsize, dev, backward=True)
         d = cs
         head = (acts, cs, c0 if c0 is not None else d, w_rec, d_out if d_out is not None else d,
                 d_hn if d_hn is not None else d, d_cn if d_cn is not None else d,
@@ -128,7 +128,8 @@ class TritonLSTM(TritonRNN):
         return TritonPlan(
             k.lstm_layer_bwd, TUNERS["lstm_layer_bwd"],
             tuning_key("lstm_layer_bwd", B, H, K, model, flags),
-            tile_candidates(default, B, H, K, 4, 16, BWD_SPACE), head, (T, B, H, K), tail,
+            tile_candidates(default, B, H, K, model.itemsize, 16, BWD_SPACE), head,
+            (T, B, H, K), tail,
             flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
             T + 1 if dh0 is not None else T)
 

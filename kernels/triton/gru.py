@@ -124,7 +124,8 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
             tl.store(hn_ptr + r_ * shn_b + u * shn_k, h1.to(hn_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# the step range changes every launch of the step-by-step path: one compiled kernel for all
+@triton.jit(do_not_specialize=["s_begin", "s_end"])
 def gru_layer_fwd(
     x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr,
     sync_ptr,
@@ -237,7 +238,8 @@ def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_pt
         tl.store(dhd_ptr + now * sdd_p + r_ * sdd_b + u * sdd_k, dhd, mask=mask)
 
 
-@triton.jit
+# the step range changes every launch of the step-by-step path: one compiled kernel for all
+@triton.jit(do_not_specialize=["u_begin", "u_end"])
 def gru_layer_bwd(
     ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr,
     dh0_ptr, sync_ptr,

@@ -193,7 +193,8 @@ def _proj_tile(tile, s, t, m_ptr, whr_ptr, out_ptr, hn_ptr, T, B, H, P,
             tl.store(hn_ptr + r * shn_b + c * shn_k, acc.to(hn_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# the step range changes every launch of the step-by-step path: one compiled kernel for all
+@triton.jit(do_not_specialize=["q_begin", "q_end"])
 def lstm_layer_fwd(
     x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, c0_ptr, whh_ptr, whr_ptr,
     out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr, bs_ptr, sync_ptr,
@@ -343,7 +344,8 @@ def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_
             tl.store(dc_ptr + now * sdc_p + r * sdc_b + u * sdc_k, dc_prev, mask=mask)
 
 
-@triton.jit
+# the step range changes every launch of the step-by-step path: one compiled kernel for all
+@triton.jit(do_not_specialize=["u_begin", "u_end"])
 def lstm_layer_bwd(
     acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr, dhn_ptr, dcn_ptr, bs_ptr,
     dg_ptr, dc_ptr, pass_ptr, dh0_ptr, dc0_ptr, sync_ptr,

@@ -29,13 +29,16 @@ wide when BLOCK_H is small (8 units a program spread a 1024-unit layer over 128 
 
 Precision (`dot`): operands of one 16-bit dtype multiply on the tensor cores with fp32
 accumulation. fp32 x fp32 products round as the launcher says ("tf32", "tf32x3" or "ieee").
-"split" is for an fp32 operand `a` (a gradient kept in fp32) times a 16-bit `b` widened to
-fp32: `a` is split into hi (its top 19 bits, exactly a TF32 number) and lo = a - hi, and two
-TF32 products are summed. b is exact in TF32 (fp16 and bf16 both fit), so the result has
-fp32 accuracy (a relative error of about 2^-21 from lo's own TF32 rounding) at two tensor-core
-passes; plain "tf32" would truncate `a` to 11 significant bits (the tensor cores read the top
-19 bits of an fp32 register: round toward zero, no `cvt.rna`), which is what made the GRU
-backward twice as inexact as it needs to be.
+"split" is for an fp32 operand `a` (a gradient kept in fp32) times a 16-bit `b`: `a` is split
+into hi = a rounded to b's dtype and lo = a - hi (exact in fp32) rounded again, and the two
+16-bit products hi @ b + lo @ b are summed in fp32. That is 22 significant bits of `a` for fp16
+(16 for bf16) at two passes of the 16-bit tensor cores, against the 11 that TF32 keeps (the
+tensor cores read the top 19 bits of an fp32 register: round toward zero, no `cvt.rna`, which
+is what made the GRU backward twice as inexact as it needs to be) at two passes' worth of TF32
+time for one. With fp16 the split keeps its accuracy for |a| >= 2^-14 * 2^11 (below, lo is
+subnormal and the error grows toward fp16's own rounding, which is where torch's fp16 RNNs,
+rounding these gradients to fp16, are everywhere); an |a| beyond fp16's range overflows to
+inf, as it does there.
 """
 import triton
 import triton.language as tl
@@ -62,11 +65,12 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
     otherwise tl.dot's input_precision (used by fp32 x fp32 products only)."""
     if PRECISION == "split":
         a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        lo = tl.where(hi == a, 0.0, a - hi)      # 0 for +-inf (inf - inf would be NaN)
-        acc = tl.dot(hi, b, acc, input_precision="tf32")
-        acc = tl.dot(lo, b, acc, input_precision="tf32")
+        hi = a.to(b.dtype)
+        hi32 = hi.to(tl.float32)
+        # lo = a - hi is exact in fp32; 0 where hi overflowed or is inf (no inf - inf = NaN)
+        lo = tl.where(tl.abs(hi32) < 3.0e38, a - hi32, 0.0).to(b.dtype)
+        acc = tl.dot(hi, b, acc)
+        acc = tl.dot(lo, b, acc)
     else:
         if a.dtype != b.dtype:
             a = a.to(tl.float32)
