@@ -15,11 +15,13 @@ A layer's recurrence kernel runs a range of time steps per launch (kernels/trito
 
 algo="persistent" (the default) is "persistent" on a GPU and "one_program" in emulation;
 algo="steps" is "steps". Host launches per layer call then do not grow with the sequence
-length except with "steps".
+length except with "steps". A single step (a cell, a one-step sequence) needs no barrier and
+launches plainly.
 
-A `LayerPlan` is one direction's launch, built once per call: the chosen tile (tuned per
-shape on a GPU, pydl/_tune.py), the grid and every argument; `run(s0, s1)` launches steps
-[s0, s1) and passes only the step range.
+A plan (TritonPlan, NumbaPlan) is one direction's launch, built once per call: the chosen
+tile (tuned per shape on a GPU, pydl/_tune.py; the candidates built once per shape,
+`tile_configs`), the grid and every argument; `run(s0, s1)` launches steps [s0, s1) and
+passes only the step range.
 
 Precision of the products (`product_precision`, kernels/triton/rnn.py `dot`): a model in
 fp16/bf16 never loses precision to TF32: an fp32 gradient times a 16-bit weight or input is
@@ -79,23 +81,23 @@ def persistent_on(device: torch.device) -> bool:
 
 class Schedule:
     """How one layer call launches its recurrences (see the module docstring), and the
-    counters of its grid barriers: two int32 per persistent launch, zeroed once per call
-    (each kernel leaves them zero again, so a tuner's trials can reuse them)."""
+    counters of its grid barriers: two int32 per persistent launch of more than one step,
+    zeroed once per call when the first is asked for (each kernel leaves them zero again,
+    so a tuner's trials can reuse them)."""
 
     def __init__(self, algo: str, device: torch.device, n_launches: int):
         if algo == "steps":
             self.mode = "steps"
         else:
             self.mode = "persistent" if persistent_on(device) else "one_program"
-        self.device = device
-        self._sync = (torch.zeros(2 * n_launches, dtype=torch.int32, device=device)
-                      if self.mode == "persistent" else None)
+        self.device, self.n_launches = device, n_launches
+        self._sync = None
         self._next = 0
 
     def sync_slot(self):
-        """The barrier counters of the next persistent launch (None: no barrier)."""
+        """The barrier counters of the next persistent launch."""
         if self._sync is None:
-            return None
+            self._sync = torch.zeros(2 * self.n_launches, dtype=torch.int32, device=self.device)
         if 2 * self._next + 2 > self._sync.numel():
             raise RuntimeError("pydl: a layer call made more persistent launches than planned")
         slot = self._sync[2 * self._next:2 * self._next + 2]
@@ -131,34 +133,30 @@ class TritonPlan:
                  schedule: Schedule, n_steps: int):
         self.kernel, self.head, self.mid, self.tail = kernel, head, mid, tail
         self.flags, self.tiles, self.schedule, self.n_steps = flags, tiles, schedule, n_steps
-        self.sync = schedule.sync_slot()
-        placeholder = head[0]
-        self.sync_arg = self.sync if self.sync is not None else placeholder
-        trial = (0, n_steps if schedule.mode != "steps" else 1)
-        self.cfg = tuner.pick((key, schedule.mode), candidates,
+        # one step needs no barrier: a plain launch over every tile
+        self.mode = "steps" if schedule.mode == "persistent" and n_steps <= 1 else schedule.mode
+        self.sync = schedule.sync_slot() if self.mode == "persistent" else None
+        self.sync_arg = self.sync if self.sync is not None else head[0]
+        trial = (0, n_steps if self.mode != "steps" else 1)
+        self.cfg = tuner.pick((key, self.mode), candidates,
                               lambda cfg: self._launch(cfg, *trial))
 
     def _launch(self, cfg: dict, s0: int, s1: int) -> None:
-        mode = self.schedule.mode
         tiles = self.tiles(cfg)
-        if mode == "persistent":
+        if self.mode == "persistent":
             grid = (min(tiles, multiprocessors(self.schedule.device)),)
             extra = dict(GRID_SYNC=True, launch_cooperative_grid=True)
         else:
-            grid = (1,) if mode == "one_program" else (tiles,)
+            grid = (1,) if self.mode == "one_program" else (tiles,)
             extra = dict(GRID_SYNC=False)
         self.kernel[grid](*self.head, self.sync_arg, *self.mid, s0, s1, *self.tail,
-                          **extra, **self.flags, **self.cfg_of(cfg))
-
-    @staticmethod
-    def cfg_of(cfg: dict) -> dict:
-        return cfg
+                          **extra, **self.flags, **cfg)
 
     def run(self, s0: int, s1: int) -> None:
         """Launch steps [s0, s1): once, or once per step under "steps"."""
         if s1 <= s0:
             return
-        if self.schedule.mode == "steps":
+        if self.mode == "steps":
             for s in range(s0, s1):
                 self._launch(self.cfg, s, s + 1)
         else:
@@ -223,9 +221,17 @@ def tile_candidates(default: dict, B: int, H: int, K: int, itemsize: int, min_un
     return out
 
 
-def tuning_key(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: dict) -> tuple:
-    """A recurrence kernel's tuning key: the batch in coarse buckets (pydl/_tune.py)."""
-    return (name, dtype, bucket(B, hi=1 << 12), H, K, tuple(sorted(flags.items())))
+@functools.lru_cache(maxsize=512)
+def tile_configs(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: tuple,
+                 device: torch.device, backward: bool) -> tuple[tuple, list[dict]]:
+    """(tuning key, candidates) of a recurrence kernel (`flags`: its sorted constexpr
+    items), built once per problem: a layer's repeated calls only look them up. The key
+    holds the batch in coarse buckets (pydl/_tune.py)."""
+    itemsize = dtype.itemsize
+    default = default_tile(B, H, K, itemsize, device, backward)
+    space, min_units = (BWD_SPACE, 16) if backward else (FWD_SPACE, 4)
+    return ((name, dtype, bucket(B, hi=1 << 12), H, K, flags),
+            tile_candidates(default, B, H, K, itemsize, min_units, space))
 
 
 class TritonRNN:
@@ -390,5 +396,5 @@ class NumbaRNN:
 
 __all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "Schedule", "TritonPlan", "NumbaPlan",
            "TritonRNN", "NumbaRNN", "product_precision", "multiprocessors", "step_tiles",
-           "tile_candidates", "tuning_key", "numba_tile", "numba_arg", "numba_code", "strides",
+           "tile_candidates", "tile_configs", "numba_tile", "numba_arg", "numba_code", "strides",
            "grid_barrier_check", "persistent_on", "default_tile"]

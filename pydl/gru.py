@@ -33,9 +33,8 @@ from ._launch import cdiv, new_output, numba_array
 from ._library import autocast_inputs, kernel_op
 from . import _rnn_launch
 from ._rnn_checks import check_cell_state, check_cell_weights, layer_output, prepare_layer
-from ._rnn_launch import (BWD_SPACE, FWD_SPACE, NumbaPlan, NumbaRNN, Schedule,
-                          TritonPlan, TritonRNN, default_tile, numba_tile, tile_candidates,
-                          tuning_key)
+from ._rnn_launch import (NumbaPlan, NumbaRNN, Schedule, TritonPlan, TritonRNN, numba_tile,
+                          tile_configs)
 from ._rnn_launch import numba_arg as _a
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
@@ -67,7 +66,8 @@ class TritonGRU(TritonRNN):
                      WRITE_HN=hn is not None, HAS_BS=bs is not None,
                      PRECISION=cls.precision(dt, dt, dt))
         K = max(I, H)
-        default = default_tile(B, H, K, dt.itemsize, out.device, backward=False)
+        key, candidates = tile_configs("gru_layer_fwd", B, H, K, dt, tuple(sorted(flags.items())),
+                                       out.device, False)
         head = (x if x is not None else d, w_ih if w_ih is not None else d,
                 xp if xp is not None else d, b_ih if b_ih is not None else d,
                 b_hh if b_hh is not None else d, h0 if h0 is not None else d, w_hh, out, ws,
@@ -75,8 +75,7 @@ class TritonGRU(TritonRNN):
         tail = (*_strides(x, 3), *_strides(w_ih, 2), *_strides(xp, 3), *_strides(h0, 2),
                 *w_hh.stride(), *out.stride(), *ws.stride(), *_strides(hn, 2))
         plan = TritonPlan(
-            k.gru_layer_fwd, TUNERS["gru_layer_fwd"], tuning_key("gru_layer_fwd", B, H, K, dt, flags),
-            tile_candidates(default, B, H, K, dt.itemsize, 4, FWD_SPACE), head, (T, B, I, H),
+            k.gru_layer_fwd, TUNERS["gru_layer_fwd"], key, candidates, head, (T, B, I, H),
             tail, flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]),
             schedule, T)
         return plan
@@ -94,7 +93,8 @@ class TritonGRU(TritonRNN):
         flags = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DOUT=d_out is not None,
                      HAS_DHN=d_hn is not None, HAS_BS=bs is not None,
                      PRECISION=cls.precision(F32, w_hh.dtype, model))
-        default = default_tile(B, H, 3 * H, model.itemsize, dev, backward=True)
+        key, candidates = tile_configs("gru_layer_bwd", B, H, 3 * H, model,
+                                       tuple(sorted(flags.items())), dev, True)
         d = out
         head = (ws, out, h0 if h0 is not None else d, w_hh, d_out if d_out is not None else d,
                 d_hn if d_hn is not None else d, bs if bs is not None else ws, dgi, dgh, dhd,
@@ -103,9 +103,7 @@ class TritonGRU(TritonRNN):
                 *_strides(d_out, 3), *_strides(d_hn, 2), *dgi.stride(), *dgh.stride(),
                 *dhd.stride(), *_strides(dh0, 2))
         return TritonPlan(
-            k.gru_layer_bwd, TUNERS["gru_layer_bwd"], tuning_key("gru_layer_bwd", B, H, 3 * H, model, flags),
-            tile_candidates(default, B, H, 3 * H, model.itemsize, 16, BWD_SPACE), head,
-            (T, B, H), tail,
+            k.gru_layer_bwd, TUNERS["gru_layer_bwd"], key, candidates, head, (T, B, H), tail,
             flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
             T + 1 if dh0 is not None else T)
 

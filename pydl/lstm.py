@@ -41,9 +41,8 @@ from ._library import autocast_inputs, kernel_op
 from . import _rnn_launch
 from ._rnn_checks import check_cell_state, check_cell_weights, layer_output, prepare_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
-from ._rnn_launch import (BWD_SPACE, FWD_SPACE, NumbaPlan, NumbaRNN, Schedule,
-                          TritonPlan, TritonRNN, default_tile, numba_tile, tile_candidates,
-                          tuning_key)
+from ._rnn_launch import (NumbaPlan, NumbaRNN, Schedule, TritonPlan, TritonRNN, numba_tile,
+                          tile_configs)
 from ._rnn_launch import numba_arg as _a
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
@@ -82,7 +81,8 @@ class TritonLSTM(TritonRNN):
                      HAS_BS=bs is not None, PROJ=w_hr is not None,
                      PRECISION=cls.precision(dt, dt, dt))
         K = max(I, P, H if w_hr is not None else 0)
-        default = default_tile(B, H, K, dt.itemsize, out.device, backward=False)
+        key, candidates = tile_configs("lstm_layer_fwd", B, H, K, dt, tuple(sorted(flags.items())),
+                                       out.device, False)
         head = (x if x is not None else d, w_ih if w_ih is not None else d,
                 xp if xp is not None else d, b_ih if b_ih is not None else d,
                 b_hh if b_hh is not None else d, h0 if h0 is not None else d,
@@ -93,9 +93,7 @@ class TritonLSTM(TritonRNN):
                 *_strides(c0, 2), *w_hh.stride(), *_strides(w_hr, 2), *out.stride(),
                 *_strides(m, 3), *cs.stride(), *acts.stride(), *_strides(hn, 2), *_strides(cn, 2))
         plan = TritonPlan(
-            k.lstm_layer_fwd, TUNERS["lstm_layer_fwd"],
-            tuning_key("lstm_layer_fwd", B, H, K, dt, flags),
-            tile_candidates(default, B, H, K, dt.itemsize, 4, FWD_SPACE), head,
+            k.lstm_layer_fwd, TUNERS["lstm_layer_fwd"], key, candidates, head,
             (T, B, I, H, P), tail, flags,
             lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
             2 * T if w_hr is not None else T)
@@ -116,7 +114,8 @@ class TritonLSTM(TritonRNN):
                      HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None, HAS_BS=bs is not None,
                      WRITE_DC0=dc0 is not None, PRECISION=cls.precision(F32, w_rec.dtype, model))
         K = w_rec.shape[0]
-        default = default_tile(B, H, K, model.itemsize, dev, backward=True)
+        key, candidates = tile_configs("lstm_layer_bwd", B, H, K, model,
+                                       tuple(sorted(flags.items())), dev, True)
         d = cs
         head = (acts, cs, c0 if c0 is not None else d, w_rec, d_out if d_out is not None else d,
                 d_hn if d_hn is not None else d, d_cn if d_cn is not None else d,
@@ -126,10 +125,7 @@ class TritonLSTM(TritonRNN):
                 *_strides(d_out, 3), *_strides(d_hn, 2), *_strides(d_cn, 2), *dg.stride(),
                 *dc_run.stride(), *_strides(pas, 3), *_strides(dh0, 2), *_strides(dc0, 2))
         return TritonPlan(
-            k.lstm_layer_bwd, TUNERS["lstm_layer_bwd"],
-            tuning_key("lstm_layer_bwd", B, H, K, model, flags),
-            tile_candidates(default, B, H, K, model.itemsize, 16, BWD_SPACE), head,
-            (T, B, H, K), tail,
+            k.lstm_layer_bwd, TUNERS["lstm_layer_bwd"], key, candidates, head, (T, B, H, K), tail,
             flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
             T + 1 if dh0 is not None else T)
 
