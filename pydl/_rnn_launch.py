@@ -171,7 +171,7 @@ class TritonPlan:
 FWD_SPACE = ((32, 8, 64, 4, 3), (64, 8, 64, 4, 3), (16, 16, 64, 4, 3), (32, 16, 64, 4, 3),
              (64, 16, 32, 8, 3), (32, 4, 64, 4, 4))
 BWD_SPACE = ((16, 16, 64, 4, 3), (32, 16, 32, 4, 3), (16, 32, 32, 4, 3), (32, 32, 32, 8, 3),
-             (64, 16, 32, 8, 3), (64, 64, 32, 8, 3))
+             (64, 16, 32, 8, 3), (64, 32, 64, 8, 4))
 
 
 def strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
@@ -195,12 +195,13 @@ def grid_barrier_check(device: torch.device, programs: int, rounds: int):
 def default_tile(B: int, H: int, K: int, itemsize: int, device: torch.device,
                  backward: bool) -> dict:
     """The launch config a recurrence kernel runs untuned: step_tiles' tile (forward: 4 to 32
-    units a tile, 4 gates each; backward: 16 to 32 units, rows up to 32), a K depth of 64
-    (32 for an fp32 forward), 8 warps for the tiles whose accumulators and operands spill at
-    4 (`python -m bench resources lstm gru`). `itemsize`: of the operands' dtype (the
-    backward's fp32 gradients enter its products as 16-bit hi/lo pairs in a 16-bit model)."""
+    units a tile, 4 gates each; backward: 16 to 32 units; up to 64 rows, wgmma's M), a K
+    depth of 64 (32 for an fp32 forward), 8 warps for the tiles whose accumulators and
+    operands spill at 4 (`python -m bench resources lstm gru`). `itemsize`: of the operands'
+    dtype (the backward's fp32 gradients enter its products as 16-bit hi/lo pairs in a
+    16-bit model)."""
     if backward:
-        bb, bh = step_tiles(B, H, multiprocessors(device), 16, 32, 32)
+        bb, bh = step_tiles(B, H, multiprocessors(device), 16, 32, 64)
         big = bb * bh >= 32 * 32
     else:
         bb, bh = step_tiles(B, H, multiprocessors(device), 4, 32, 64)

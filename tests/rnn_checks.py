@@ -79,7 +79,9 @@ def check_layer(backend, algo, dtype, T, B, I, H, L=1, bidirectional=False, batc
 
     outs, grads = run(layer_fn(kind, backend, algo, recompute, **opts), [x, *states, *ws], cot)
     up = torch.float32 if dtype == torch.float16 else dtype
-    t_outs, t_grads = run(layer_fn(kind, "torch", **opts),
+    # training mode on torch's side: cuDNN refuses a backward through its RNN in eval mode
+    # (with no dropout the two modes compute the same)
+    t_outs, t_grads = run(layer_fn(kind, "torch", training=True, **opts),
                           [None if t is None else t.to(up) for t in [x, *states, *ws]],
                           [t.to(up) for t in cot])
     w64 = dict(zip(names, map(np64, ws)))
