@@ -88,11 +88,12 @@ def test_recompute(kind, backend, algo, L):
 
 # --- PackedSequence inputs ---------------------------------------------------------------------
 
-# (lengths in the caller's order, layers, bidirectional, with a state)
+# (lengths in the caller's order, layers, bidirectional, with a state, recompute)
 PACKED_CASES = {
-    "unsorted-bidir": ([3, 5, 1, 4], 1, True, True),
-    "sorted-2layers": ([4, 4, 2], 2, False, True),
-    "nostate-bidir-2layers": ([2, 3, 3, 1, 2], 2, True, False),
+    "unsorted-bidir": ([3, 5, 1, 4], 1, True, True, False),
+    "sorted-2layers": ([4, 4, 2], 2, False, True, False),
+    "nostate-bidir-2layers": ([2, 3, 3, 1, 2], 2, True, False, False),
+    "unsorted-bidir-recompute": ([3, 5, 1, 4], 1, True, True, True),
 }
 
 
@@ -105,7 +106,7 @@ def test_packed_sequence(kind, backend, algo, case):
     of each sequence's own last step, in the caller's batch order; gradients of the packed
     data, the initial states (given in the caller's order) and every weight, against torch's
     packed LSTM / GRU. Sequences past their end keep their state (frozen rows)."""
-    lengths, L, bidir, with_state = PACKED_CASES[case]
+    lengths, L, bidir, with_state, recompute = PACKED_CASES[case]
     I, H, T, B = 3, 5, max(lengths), len(lengths)
     m = _module(kind, I, H, L, bidirectional=bidir)
     D = 2 if bidir else 1
@@ -124,7 +125,7 @@ def test_packed_sequence(kind, backend, algo, case):
         weights = [w.detach().clone().requires_grad_(True) for w in m._flat_weights]
         kw = dict(num_layers=L, bidirectional=bidir, backend=be)
         if be != "torch":
-            kw["algo"] = algo
+            kw.update(algo=algo, recompute=recompute)
         else:
             kw["training"] = True       # cuDNN refuses a backward in eval mode (no dropout here)
         out, finals = _call(kind, seq, hx, weights, **kw)

@@ -151,10 +151,13 @@ def step_time(s, T, REVERSE: tl.constexpr):
 # arrival; the arrival is a release RMW by one thread (Triton runs a scalar atomic on thread
 # 0); the waiter's exit read is an acquire RMW, which reads the value of the last arrival and
 # so synchronises with every arrival (all are RMWs on one location: a release sequence); a
-# CTA barrier then orders all its threads' following loads after it. Those loads bypass L1
-# (.cg, tile_dot), which is not coherent across SMs. This is the same protocol as CUDA's
-# cooperative-groups grid.sync(). The spin reads are plain volatile loads (no atomic traffic
-# on the line while waiting); an acquire RMW confirms. All programs must be resident at once
+# CTA barrier then orders all its threads' following loads after it. An SM's L1 is not
+# coherent with the others', so those loads must not hit lines cached before the writes: the
+# acquire invalidates the SM's L1 (what CUDA's cooperative-groups grid.sync() relies on too:
+# thread 0 fences and counts, the block waits at a CTA barrier), and tile_dot asks for L2
+# loads (.cg) besides, which the aligned operands get (16-byte cp.async.cg in the sm_90
+# compile). The spin reads are plain volatile loads (no atomic traffic on the line while
+# waiting); an acquire confirms (the compiler makes the RMW of 0 an ld.acquire.gpu). All programs must be resident at once
 # or the barrier never opens: the launcher launches at most one program per SM and asks for a
 # cooperative launch (launch_cooperative_grid=True), which fails instead of deadlocking when
 # the grid cannot be co-resident.
