@@ -5,8 +5,9 @@ for a differentiable gradient (`torch.autograd.grad(..., create_graph=True)`: gr
 penalties, second-order methods), a backward that returned plain kernel outputs would hand back
 a gradient with no graph behind it, and the second derivative would silently miss this op's
 share. So every Function's backward is either differentiable (written with pydl's own
-differentiable Functions when grad mode is on: conv2d, the average pools, softmax) or decorated
-with `once_differentiable` below, which makes differentiating its result raise.
+differentiable Functions when grad mode is on: conv2d, the pools, softmax, cross-entropy; the
+README's double-backward table) or returns its result through `without_double_backward`
+below, which makes differentiating it raise (attention).
 
 torch.autograd.function.once_differentiable is not enough here: it attaches its error only when
 a grad_output requires grad, but a backward's result also depends on the tensors the forward
@@ -15,8 +16,6 @@ saved (the conv's weight, the attention's q, k, v). A gradient penalty computed 
 wrong. This version attaches the error whenever the backward runs under create_graph.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -43,34 +42,30 @@ def no_double_backward_message(op: str) -> str:
             f"second derivative must flow through it; the README lists the ops that support it")
 
 
-def once_differentiable(op: str):
-    """Decorator for the backward of a Function of pydl op `op` (its public name) that is not
-    differentiable. Without create_graph it costs one `torch.is_grad_enabled()` call; under
-    create_graph the backward runs under no_grad and its tensor results get a grad_fn that
-    raises a RuntimeError naming the op and what to do instead."""
-    message = no_double_backward_message(op)
+def without_double_backward(op: str, backward, ctx, *grad_outputs):
+    """Run `backward(ctx, *grad_outputs)` (a Function's backward, of pydl op `op`, its public
+    name) under create_graph: under no_grad, its tensor results given a grad_fn that raises
+    a RuntimeError naming the op and what to do instead. A backward calls it first thing,
 
-    def wrap(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grad_outputs):
-            if not torch.is_grad_enabled():
-                return backward(ctx, *grad_outputs)
-            with torch.no_grad():
-                grads = backward(ctx, *grad_outputs)
-            single = not isinstance(grads, tuple)
-            grads = (grads,) if single else grads
-            slots = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
-            if not slots:
-                return grads[0] if single else grads
-            marked = _NotDifferentiable.apply(
-                message, *[grads[i].detach().requires_grad_(grads[i].is_floating_point())
-                           for i in slots])
-            out = list(grads)
-            for i, g in zip(slots, marked):
-                out[i] = g
-            return out[0] if single else tuple(out)
-        return wrapper
-    return wrap
+        if torch.is_grad_enabled():       # create_graph
+            return without_double_backward("op", MyFunction.backward, ctx, dy)
+
+    so that without create_graph it costs one `torch.is_grad_enabled()` check, as the
+    differentiable backward passes do (a decorator would add a call frame to every call)."""
+    with torch.no_grad():
+        grads = backward(ctx, *grad_outputs)
+    single = not isinstance(grads, tuple)
+    grads = (grads,) if single else grads
+    slots = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not slots:
+        return grads[0] if single else grads
+    marked = _NotDifferentiable.apply(
+        no_double_backward_message(op),
+        *[grads[i].detach().requires_grad_(grads[i].is_floating_point()) for i in slots])
+    out = list(grads)
+    for i, g in zip(slots, marked):
+        out[i] = g
+    return out[0] if single else tuple(out)
 
 
-__all__ = ["once_differentiable", "no_double_backward_message"]
+__all__ = ["without_double_backward", "no_double_backward_message"]

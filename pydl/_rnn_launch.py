@@ -216,7 +216,8 @@ def tile_candidates(default: dict, B: int, H: int, K: int, itemsize: int, min_un
     warps, stages)) clipped to the problem."""
     out = [default]
     for bb, bh, bk, warps, stages in space:
-        out.append(dict(BLOCK_B=dot_block(B, bb), BLOCK_H=max(min_units, min(bh, next_power_of_2(H))),
+        out.append(dict(BLOCK_B=dot_block(B, bb),
+                        BLOCK_H=max(min_units, min(bh, next_power_of_2(H))),
                         BLOCK_K=dot_block(K, bk if itemsize <= 2 else bk // 2),
                         num_warps=warps, num_stages=stages))
     return out
@@ -278,7 +279,8 @@ class TritonRNN:
             return
 
         def batch_strides(t):
-            return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1)) + tuple(t.stride()[2:])
+            return (tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1))
+                    + tuple(t.stride()[2:]))
 
         cfg = dict(BLOCK_M=dot_block(M, 64), BLOCK_N=dot_block(N, 64),
                    BLOCK_K=dot_block(K, 32), num_warps=4)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import once_differentiable
+from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._launch import cdiv, new_output, numba_array
 from ._library import autocast_inputs, kernel_op
@@ -292,8 +292,13 @@ class GRUCellFunction(torch.autograd.Function):
         return h1
 
     @staticmethod
-    @once_differentiable("gru_cell")
     def backward(ctx, dh1):
+        if torch.is_grad_enabled():     # create_graph: the kernels' result is not differentiable
+            return without_double_backward("gru_cell", GRUCellFunction._backward, ctx, dh1)
+        return GRUCellFunction._backward(ctx, dh1)
+
+    @staticmethod
+    def _backward(ctx, dh1):
         x, h, w_ih, w_hh, ws = ctx.saved_tensors
         grads = _gru_cell_bwd(x, h, w_ih, w_hh, ws, dh1, ctx.need, ctx.backend)
         return (*[g if n else None for g, n in zip(grads, ctx.need)], None)

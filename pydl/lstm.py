@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import once_differentiable
+from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._launch import cdiv, new_output, numba_array
 from ._library import autocast_inputs, kernel_op
@@ -346,8 +346,13 @@ class LSTMCellFunction(torch.autograd.Function):
         return h1, c1
 
     @staticmethod
-    @once_differentiable("lstm_cell")
     def backward(ctx, dh1, dc1):
+        if torch.is_grad_enabled():     # create_graph: the kernels' result is not differentiable
+            return without_double_backward("lstm_cell", LSTMCellFunction._backward, ctx, dh1, dc1)
+        return LSTMCellFunction._backward(ctx, dh1, dc1)
+
+    @staticmethod
+    def _backward(ctx, dh1, dc1):
         x, h, c, w_ih, w_hh, gates, c32 = ctx.saved_tensors
         grads = _lstm_cell_bwd(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, ctx.need, ctx.backend)
         return (*[g if n else None for g, n in zip(grads, ctx.need)], None)

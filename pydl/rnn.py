@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import once_differentiable
+from ._autograd import without_double_backward
 from ._launch import new_output
 from ._library import kernel_op
 from ._rnn_launch import Schedule
@@ -372,7 +372,9 @@ class RNNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
-        return _BACKWARD[ctx.args[-2]](ctx, d_out, d_hn, d_cn)
+        if torch.is_grad_enabled():     # create_graph: the kernels' result is not differentiable
+            return without_double_backward(ctx.args[-2], _rnn_backward, ctx, d_out, d_hn, d_cn)
+        return _rnn_backward(ctx, d_out, d_hn, d_cn)
 
 
 def _rnn_backward(ctx, d_out, d_hn, d_cn):
@@ -385,9 +387,6 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
     dx, dh0, dc0, *dw = [g if n else None for g, n in zip(grads, need)]
     return (dx, dh0, dc0, None, None, None, None, *dw)
 
-
-# the backward is kernels, not differentiable again: differentiating it raises, naming the op
-_BACKWARD = {op: once_differentiable(op)(_rnn_backward) for op in ("lstm", "gru")}
 
 
 # --- weight gradients summed over time -------------------------------------------------------

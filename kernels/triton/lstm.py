@@ -303,7 +303,8 @@ def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_
         dc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
         if u_step == 0:
             if HAS_DHN:
-                dh += tl.load(dhn_ptr + r * sdhn_b + u * sdhn_k, mask=mask, other=0.0).to(tl.float32)
+                dh += tl.load(dhn_ptr + r * sdhn_b + u * sdhn_k, mask=mask,
+                              other=0.0).to(tl.float32)
             if HAS_DCN:
                 dc = tl.load(dcn_ptr + r * sdcn_b + u * sdcn_k, mask=mask, other=0.0).to(tl.float32)
         else:

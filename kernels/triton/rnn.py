@@ -149,18 +149,18 @@ def step_time(s, T, REVERSE: tl.constexpr):
 #
 # Ordering: the CTA barrier makes every thread's stores of the step happen before the
 # arrival; the arrival is a release RMW by one thread (Triton runs a scalar atomic on thread
-# 0); the waiter's exit read is an acquire RMW, which reads the value of the last arrival and
-# so synchronises with every arrival (all are RMWs on one location: a release sequence); a
-# CTA barrier then orders all its threads' following loads after it. An SM's L1 is not
-# coherent with the others', so those loads must not hit lines cached before the writes: the
-# acquire invalidates the SM's L1 (what CUDA's cooperative-groups grid.sync() relies on too:
-# thread 0 fences and counts, the block waits at a CTA barrier), and tile_dot asks for L2
-# loads (.cg) besides, which the aligned operands get (16-byte cp.async.cg in the sm_90
-# compile). The spin reads are plain volatile loads (no atomic traffic on the line while
-# waiting); an acquire confirms (the compiler makes the RMW of 0 an ld.acquire.gpu). All programs must be resident at once
-# or the barrier never opens: the launcher launches at most one program per SM and asks for a
-# cooperative launch (launch_cooperative_grid=True), which fails instead of deadlocking when
-# the grid cannot be co-resident.
+# 0); the waiter's exit read is an acquire, which reads the value of the last arrival and so
+# synchronises with every arrival (all are RMWs on one location: a release sequence); a CTA
+# barrier then orders all its threads' following loads after it. An SM's L1 is not coherent
+# with the others', so those loads must not hit lines cached before the writes: the acquire
+# invalidates the SM's L1 (what CUDA's cooperative-groups grid.sync() relies on too: thread 0
+# fences and counts, the block waits at a CTA barrier), and tile_dot asks for L2 loads (.cg)
+# besides, which the aligned operands get (16-byte cp.async.cg in the sm_90 compile). The spin
+# reads are plain volatile loads (no atomic traffic on the line while waiting); an acquire
+# confirms (the compiler makes the RMW of 0 an ld.acquire.gpu). All programs must be resident
+# at once or the barrier never opens: the launcher launches at most one program per SM and
+# asks for a cooperative launch (launch_cooperative_grid=True), which fails instead of
+# deadlocking when the grid cannot be co-resident.
 #
 # grid_exit: after its last barrier each program counts itself out; the last one resets both
 # counters, so the same counters serve the next launch (the tuner's trials, a CUDA graph's
@@ -248,8 +248,10 @@ def gemm_batched(
             for k0 in range(0, K, BLOCK_K):
                 k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
                 k_ok = k < K
-                a = tl.load(a_base + k[None, :] * sa_k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_base + k[:, None] * sb_k, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                a = tl.load(a_base + k[None, :] * sa_k, mask=m_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                b = tl.load(b_base + k[:, None] * sb_k, mask=k_ok[:, None] & n_ok[None, :],
+                            other=0.0)
                 acc = dot(a, b, acc, PRECISION)
         mask = m_ok[:, None] & n_ok[None, :]
         if ACCUMULATE:
