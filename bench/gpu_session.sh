@@ -27,6 +27,11 @@
 #                                                    JSON and plots in OUT/results
 #   bench/gpu_session.sh untuned OUT [bench args]    the same with PYDL_TUNE=0 (default configs),
 #                                                    to compare with `python -m bench compare`
+#   bench/gpu_session.sh rnn     OUT [bench args]    the recurrent layers: the persistent path's
+#                                                    GPU tests (grid barrier; persistent == steps
+#                                                    bit for bit), then LSTM and GRU fwd+bwd on
+#                                                    DeepBench's quick shapes against torch
+#                                                    (cuDNN): the issue-17 targets, with peak memory
 #
 # Suggested order: `verify OUT`, then `tests OUT` (add test files to split it if it runs long),
 # then `bench OUT conv2d attention`, then `bench OUT cross_entropy max_pool2d softmax lstm ...`.
@@ -34,8 +39,8 @@
 # Uses the machine's installed packages; installs pydl itself in place without dependencies,
 # and stops (exit 3) when that install or `import pydl.kernels` fails.
 set -uo pipefail
-mode=${1:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned OUT [args...]}
-out=${2:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned OUT [args...]}
+mode=${1:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn OUT [args...]}
+out=${2:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn OUT [args...]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -78,7 +83,8 @@ case $mode in
         timeout 200 python3 -m pytest -q -p no:cacheprovider $(workers 12) -x --durations=10 \
             --junitxml="$out/junit.xml" tests/test_packaging.py tests/test_conv.py \
             tests/test_attention.py tests/test_attention_forward.py tests/test_softmax_ce.py \
-            tests/test_pool.py tests/test_lstm.py tests/test_gemm_numba.py \
+            tests/test_pool.py tests/test_lstm.py tests/test_rnn_persistent.py \
+            tests/test_gemm_numba.py \
             >"$out/tests.log" 2>&1
         echo "pytest exit status $? (124: stopped by its time limit)"
         grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
@@ -143,8 +149,19 @@ case $mode in
         echo "bench exit status $?"
         tail -n 80 "$out/bench.log"
         ;;
+    rnn)
+        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rnn_persistent.py \
+            >"$out/rnn_tests.log" 2>&1
+        echo "pytest exit status $?"
+        tail -n 15 "$out/rnn_tests.log"
+        timeout 380 python3 -m bench lstm gru --shapes quick --direction fwd+bwd \
+            --variants triton-persistent torch --no-progress --out "$out/results" "$@" \
+            >"$out/bench.log" 2>&1
+        echo "bench exit status $?"
+        tail -n 40 "$out/bench.log"
+        ;;
     *)
-        echo "unknown mode $mode: session, overhead, verify, tests, bench or untuned" >&2
+        echo "unknown mode $mode: session, overhead, verify, tests, bench, untuned or rnn" >&2
         exit 2
         ;;
 esac

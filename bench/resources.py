@@ -33,7 +33,8 @@ interpreter can still fail to compile for a GPU (a plain Python float as a modul
 inside a kernel did), and each distinct specialization is its own compile. So the small
 COVERAGE problems call pydl's public functions (softmax, log_softmax, cross_entropy in its
 variants, the pools, conv2d with both algos, scaled_dot_product_attention flash and naive,
-lstm / gru and their cells; the shared GEMM's options and the attention dropout-mask kernel
+lstm / gru (packed too) and their cells; the shared GEMM's options, the attention dropout-mask
+kernel and the recurrent layers' grid-barrier test kernel
 directly) on the triton backend, forward and backward (torch.autograd.grad against random
 cotangents), in fp32 and bf16, on sizes that are multiples of 16 and sizes that are not (Triton
 specializes on 16-divisibility). Inputs hold real values, since the host reads some (target
@@ -180,6 +181,23 @@ def _pool_stem(channels_last: bool):
     return run
 
 
+def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None):
+    """One fp16 torch.nn.LSTM / GRU layer of the DeepBench suites (input = hidden), forward and
+    backward through time on the GPU's schedule (the persistent recurrence, one cooperative
+    launch per direction; or algo="steps"); 4 steps, as the step count changes no kernel."""
+    def run():
+        import torch
+        import pydl
+        G = 4 if kind == "lstm" else 3
+        f16 = torch.float16
+        x = torch.randn(4, batch, hidden, dtype=f16, requires_grad=True)
+        w = [torch.randn(*s, dtype=f16, requires_grad=True)
+             for s in ((G * hidden, hidden), (G * hidden, hidden), (G * hidden,), (G * hidden,))]
+        out = getattr(pydl, kind)(x, None, w, algo=algo)[0]
+        torch.autograd.grad(out, [x, *w], torch.randn_like(out))
+    return run
+
+
 # (family, case name, runner)
 PROBLEMS = (
     ("gemm", "4096^3", gemm_problem(4096)),
@@ -192,6 +210,10 @@ PROBLEMS = (
     ("attention", "d128-4k-causal onepass", _attention_onepass(True)),
     ("pool", "stem3x3s2 cl", _pool_stem(True)),
     ("pool", "stem3x3s2 nchw", _pool_stem(False)),
+    ("lstm", "h1024-b32", _rnn_layer("lstm", 1024, 32)),
+    ("lstm", "h2048-b128", _rnn_layer("lstm", 2048, 128)),
+    ("lstm", "h256-b32 steps", _rnn_layer("lstm", 256, 32, "steps")),
+    ("gru", "h1536-b32", _rnn_layer("gru", 1536, 32)),
 )
 
 
@@ -391,16 +413,17 @@ def _rnn_weights(gates: int, I: int, H: int, layers: int, D: int, bias: bool, dt
     return out
 
 
-def _cov_lstm(dtype: str, T: int, B: int, I: int, H: int, persistent_only: bool = False):
+def _cov_lstm(dtype: str, T: int, B: int, I: int, H: int, steps_only: bool = False):
     """lstm, forward and backward: one layer from given states; two bidirectional layers,
-    batch first, with dropout between them; projections (proj_size H / 2); recompute; the
-    persistent algo (hidden <= 64) with and without states; lstm_cell with and without
-    states and biases. persistent_only: the persistent algo's cases only."""
+    batch first, with dropout between them; projections (proj_size H / 2); recompute (all on
+    the GPU's default, the persistent recurrence); algo="steps" (one launch per step) with
+    and without states; lstm_cell with and without states and biases. steps_only: the
+    algo="steps" cases only."""
     def run():
         import pydl
         x = _rand(T, B, I, dtype=dtype, grad=True)
-        if persistent_only:
-            return persistent(x)
+        if steps_only:
+            return steps(x)
         h0, c0 = _rand(1, B, H, dtype=dtype, grad=True), _rand(1, B, H, dtype=dtype, grad=True)
         w = _rnn_weights(4, I, H, 1, 1, True, dtype)
         out, (hn, cn) = pydl.lstm(x, (h0, c0), w)
@@ -418,7 +441,7 @@ def _cov_lstm(dtype: str, T: int, B: int, I: int, H: int, persistent_only: bool 
         w = _rnn_weights(4, I, H, 1, 1, False, dtype)
         out, (hn, cn) = pydl.lstm(x, (h0, c0), w, bias=False, recompute=True)
         _grad((out, hn, cn), [x, h0, c0, *w])
-        persistent(x)
+        steps(x)
         w_ih, w_hh, b_ih, b_hh = _rnn_weights(4, I, H, 1, 1, True, dtype)
         xc = _rand(B, I, dtype=dtype, grad=True)
         hc, cc = _rand(B, H, dtype=dtype, grad=True), _rand(B, H, dtype=dtype, grad=True)
@@ -426,14 +449,33 @@ def _cov_lstm(dtype: str, T: int, B: int, I: int, H: int, persistent_only: bool 
                                                                    b_ih, b_hh])
         _grad(pydl.lstm_cell(xc, None, w_ih, w_hh), [xc, w_ih, w_hh])
 
-    def persistent(x):
+    def steps(x):
         import pydl
         w = _rnn_weights(4, I, H, 1, 2, True, dtype)
         h0, c0 = _rand(2, B, H, dtype=dtype, grad=True), _rand(2, B, H, dtype=dtype, grad=True)
-        out, (hn, cn) = pydl.lstm(x, (h0, c0), w, bidirectional=True, algo="persistent")
+        out, (hn, cn) = pydl.lstm(x, (h0, c0), w, bidirectional=True, algo="steps")
         _grad((out, hn, cn), [x, h0, c0, *w])
         w = _rnn_weights(4, I, H, 1, 1, True, dtype)
-        _grad(pydl.lstm(x, None, w, algo="persistent")[0], [x, *w])
+        _grad(pydl.lstm(x, None, w, algo="steps")[0], [x, *w])
+    return run
+
+
+def _cov_rnn_packed(dtype: str):
+    """lstm and gru on a PackedSequence (the packed recurrence: rows past a sequence's end
+    keep their state), bidirectional, forward and backward; and the grid barrier's own test
+    kernel (tests/test_rnn_persistent.py)."""
+    def run():
+        import torch
+        from torch.nn.utils.rnn import pack_padded_sequence
+        import pydl
+        from pydl import _rnn_launch
+        for kind, G in (("lstm", 4), ("gru", 3)):
+            x = _rand(5, 3, 8, dtype=dtype, grad=True)
+            seq = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+            w = _rnn_weights(G, 8, 16, 1, 2, True, dtype)
+            out = getattr(pydl, kind)(seq, None, w, bidirectional=True)[0]
+            _grad(out.data, [x, *w])
+        _rnn_launch.grid_barrier_check(torch.device("cpu"), 8, 2)
     return run
 
 
@@ -510,9 +552,10 @@ def _coverage() -> tuple:
              _cov_attention(dt, 2, 3, 33, 47, 40, 24, 3)),
             ("lstm", f"{dt} T4 B16 I32 H32", _cov_lstm(dt, 4, 16, 32, 32)),
             ("lstm", f"{dt} T3 B5 I7 H20", _cov_lstm(dt, 3, 5, 7, 20)),
-            ("lstm", f"{dt} T2 B3 I5 H64 pers", _cov_lstm(dt, 2, 3, 5, 64, True)),
+            ("lstm", f"{dt} T2 B3 I5 H64 steps", _cov_lstm(dt, 2, 3, 5, 64, True)),
             ("gru", f"{dt} T4 B16 I32 H32", _cov_gru(dt, 4, 16, 32, 32)),
             ("gru", f"{dt} T3 B5 I7 H20", _cov_gru(dt, 3, 5, 7, 20)),
+            ("gru", f"{dt} packed", _cov_rnn_packed(dt)),
         ]
     return tuple(out)
 
@@ -661,14 +704,17 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                     config=config, constexpr_args=_constexpr_values(fn, kwargs),
                     signature_text=_signature_text(fn, job), grid=grid, job=job)
 
+    from pydl import _rnn_launch
     saved = (_tune.Tuner.pick, jit.JITFunction.run, getattr(conv, "_multiprocessors", None),
-             _launch.device_capability)
+             _launch.device_capability, _rnn_launch.persistent_on)
     _tune.Tuner.pick, jit.JITFunction.run = record_pick, record_run
     # the CPU tensors stand for tensors on the target: the launchers choose TMA paths and
     # Hopper kernels by its compute capability
     _launch.device_capability = lambda device: (arch // 10, arch % 10)
     if saved[2] is not None:
         conv._multiprocessors = lambda device: SMS
+    # the recurrent layers launch as on a GPU: one cooperative launch per direction
+    _rnn_launch.persistent_on = lambda device: True
     rows: list[dict] = []
     seen: set[str] = set()          # by_job: the compile jobs of the rows so far
 
@@ -735,6 +781,7 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
         _launch.device_capability = saved[3]
         if saved[2] is not None:
             conv._multiprocessors = saved[2]
+        _rnn_launch.persistent_on = saved[4]
     return rows
 
 
@@ -1057,8 +1104,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "architecture without a GPU; report registers, spills, shared memory and "
                     "wgmma use per candidate.")
     p.add_argument("kernels", nargs="*",
-                   help="families (gemm, conv, attention, pool; with --all also softmax, "
-                        "cross_entropy, lstm, gru) or kernel names, or parts of them (bwd, "
+                   help="families (gemm, conv, attention, pool, lstm, gru; with --all also "
+                        "softmax, cross_entropy) or kernel names, or parts of them (bwd, "
                         "attention_fwd, conv2d_implicit_bwd_weight); default: all")
     p.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED),
                    help="compute capability to compile for (default 90: H100)")

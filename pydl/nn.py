@@ -224,10 +224,6 @@ class _RNNLayer:
         self.backend, self.algo, self.recompute = backend, algo, recompute
 
     def forward(self, input, hx=None):
-        if isinstance(input, torch.nn.utils.rnn.PackedSequence):
-            raise NotImplementedError(
-                f"pydl.nn.{type(self).__name__} does not take PackedSequence inputs; pass the "
-                "padded tensor (torch.nn.utils.rnn.pad_packed_sequence)")
         return getattr(F, self._op)(
             input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
             batch_first=self.batch_first, dropout=self.dropout, training=self.training,
@@ -236,15 +232,15 @@ class _RNNLayer:
 
 
 class LSTM(_RNNLayer, torch.nn.LSTM):
-    """torch.nn.LSTM on pydl's kernels: the input projection of all steps as one GEMM, then one
-    fused kernel per time step (or, with algo="persistent" on triton, one launch per layer and
-    direction); backward through time from the saved gate activations, or with
-    recompute=True from activations recomputed one layer and direction at a time (less
-    memory: the forward keeps none).
+    """torch.nn.LSTM on pydl's kernels: the input projection of all steps as one GEMM, then
+    the recurrence in one launch per layer and direction (its programs meeting at a grid
+    barrier between steps; algo="steps": one launch per step); backward through time from the
+    saved gate activations, or with recompute=True from activations recomputed one layer and
+    direction at a time (less memory: the forward keeps none).
 
-    Same constructor arguments (proj_size included: h_t = W_hr (o_t * tanh(c_t)), one GEMM a
-    step; not with algo="persistent") and state_dict as torch.nn.LSTM, plus `backend=`,
-    `algo=` and `recompute=`. PackedSequence inputs are not supported (NotImplementedError).
+    Same constructor arguments (proj_size included: h_t = W_hr (o_t * tanh(c_t))), inputs
+    (PackedSequence included) and state_dict as torch.nn.LSTM, plus `backend=`, `algo=` and
+    `recompute=`. PackedSequence input with proj_size > 0 raises NotImplementedError.
     """
 
     _op = "lstm"
@@ -264,12 +260,13 @@ class GRUCell(torch.nn.GRUCell):
 
 
 class GRU(_RNNLayer, torch.nn.GRU):
-    """torch.nn.GRU on pydl's kernels: the input projection of all steps as one GEMM, then one
-    fused kernel per time step; backward through time from the saved gate activations (or,
-    with recompute=True, from activations recomputed one layer and direction at a time).
+    """torch.nn.GRU on pydl's kernels: the input projection of all steps as one GEMM, then the
+    recurrence in one launch per layer and direction (algo="steps": one per step); backward
+    through time from the saved gate activations (or, with recompute=True, from activations
+    recomputed one layer and direction at a time).
 
-    Same constructor arguments and state_dict as torch.nn.GRU, plus `backend=`, `algo=`
-    ("steps") and `recompute=`. PackedSequence inputs are not supported (NotImplementedError).
+    Same constructor arguments, inputs (PackedSequence included) and state_dict as
+    torch.nn.GRU, plus `backend=`, `algo=` ("persistent", "steps") and `recompute=`.
     """
 
     _op = "gru"

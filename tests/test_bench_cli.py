@@ -289,7 +289,7 @@ def test_list_shows_every_suite_and_algorithm_variants(capsys):
         assert f"\n{op}: " in "\n" + out, op
     for name in ("triton-implicit", "triton-im2col", "numba-im2col", "triton-flash",
                  "triton-naive", "torch-cudnn (GPU only)", "torch-flash (GPU only)",
-                 "triton-steps", "triton-persistent", "triton-steps-recompute"):
+                 "triton-steps", "triton-persistent", "triton-persistent-recompute"):
         assert name in out, name
     assert "ResNet-50 v1.5" in out and "FlashAttention-2 sweep" in out and "DeepBench" in out
 
@@ -315,14 +315,14 @@ def test_variants_of_the_new_suites():
     assert attn["torch"].kind == "baseline" and not attn["torch"].gpu_only
     for op in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"):
         assert _names(op) == ["triton", "numba", "torch"]
-    assert _names("lstm") == ["triton-steps", "triton-steps-recompute", "triton-persistent",
-                              "numba-steps", "torch"]
-    assert _names("gru") == ["triton-steps", "triton-steps-recompute", "numba-steps", "torch"]
+    for op in ("lstm", "gru"):
+        assert _names(op) == ["triton-persistent", "triton-persistent-recompute", "triton-steps",
+                              "numba-persistent", "numba-steps", "torch"]
     for op in ("lstm_cell", "gru_cell"):
         assert _names(op) == ["triton", "numba", "torch"]
     gru = {v.name: v for v in all_suites()["gru"].variants()}
-    assert (gru["triton-steps-recompute"].backend, gru["triton-steps-recompute"].algo) == (
-        "triton", "steps")
+    assert (gru["triton-persistent-recompute"].backend,
+            gru["triton-persistent-recompute"].algo) == ("triton", "persistent")
     assert all(v.skip is None and v.fn is not None for v in gru.values())
 
 
@@ -463,8 +463,9 @@ def test_skips_for_algorithm_limits_and_torch_backend_dtypes():
     lstm = s["lstm"]
     v = {x.name: x for x in lstm.variants()}
     big, tiny = lstm.cases("quick")[0], lstm.cases("tiny")[0]
-    assert "hidden <= " in lstm.unsupported(big, torch.float16, v["triton-persistent"])
-    assert lstm.unsupported(tiny, torch.float32, v["triton-persistent"]) is None
+    for name in ("triton-persistent", "triton-steps"):      # no size limit on either
+        assert lstm.unsupported(big, torch.float16, v[name]) is None
+        assert lstm.unsupported(tiny, torch.float32, v[name]) is None
 
 
 @pytest.mark.parametrize("op,gates", [("lstm", 4), ("gru", 3)])
@@ -605,16 +606,18 @@ def test_recompute_variants_pass_recompute_and_skip_with_their_base(monkeypatch)
     monkeypatch.setattr(pydl.functional, "gru", fake_gru)
     variants = {v.name: v for v in all_suites()["gru"].variants()}
     x = torch.ones(2, 1, 3)
-    for name in ("triton-steps", "triton-steps-recompute"):
+    for name in ("triton-persistent", "triton-persistent-recompute", "triton-steps"):
         variants[name].fn(x, *[None] * 4)
-    assert seen == [dict(backend="triton", algo="steps", recompute=False),
-                    dict(backend="triton", algo="steps", recompute=True)]
+    assert seen == [dict(backend="triton", algo="persistent", recompute=False),
+                    dict(backend="triton", algo="persistent", recompute=True),
+                    dict(backend="triton", algo="steps", recompute=False)]
 
     from bench.suites._rnn import TINY_LAYERS, RNNLayerSuite
     suite = RNNLayerSuite("gru", {"tiny": TINY_LAYERS}, algos={"triton": ("steps", "nope")},
                           recompute=("triton-nope",))
     vs = {v.name: v for v in suite.variants()}
-    assert list(vs) == ["triton-steps", "triton-nope", "triton-nope-recompute", "numba", "torch"]
+    assert list(vs) == ["triton-steps", "triton-nope", "triton-nope-recompute",
+                        "triton-persistent", "numba", "torch"]
     assert vs["triton-nope-recompute"].fn is None
     assert vs["triton-nope-recompute"].skip == vs["triton-nope"].skip and "no algo='nope'" in \
         vs["triton-nope"].skip
@@ -627,9 +630,9 @@ def test_gru_and_cell_suites_pass_the_gate_in_emulation(tmp_path, capsys):
     assert rc == 0, text
     rows = _only_json(tmp_path)["rows"]
     assert {(r["op"], r["variant"]) for r in rows} == {
-        ("gru", "triton-steps"), ("gru", "triton-steps-recompute"), ("gru", "torch"),
-        ("lstm_cell", "triton"), ("lstm_cell", "torch")}
-    assert len(rows) == (3 + 2) * 2 * 3                   # variants x tiny cases x directions
+        ("gru", "triton-persistent"), ("gru", "triton-persistent-recompute"),
+        ("gru", "triton-steps"), ("gru", "torch"), ("lstm_cell", "triton"), ("lstm_cell", "torch")}
+    assert len(rows) == (4 + 2) * 2 * 3                   # variants x tiny cases x directions
     for r in rows:
         assert r["status"] == "pass", r
         assert r["flops"] > 0 and (r["bytes"] is None) == (r["op"] == "gru")
@@ -658,11 +661,12 @@ def test_recompute_rows_record_peak_memory_on_the_gpu_path(monkeypatch):
     # one case (torch's CPU LSTM in fp32 takes oneDNN's slower path: leave it out)
     monkeypatch.setitem(lstm.shape_sets, "tiny", tuple(
         c for c in lstm.cases("tiny") if c.dtype == torch.float16)[:1])
-    options = runner.Options(shapes="tiny", variants=["triton-steps", "torch"],
+    options = runner.Options(shapes="tiny", variants=["triton-persistent", "torch"],
                              directions=("fwd+bwd",), warmup_ms=0.0, rep_ms=0.0, progress=False)
     rows = runner.run([lstm], options, "gpu", {"copy_gbps": 100.0, "bf16_tflops": 10.0},
                       device="cpu")
-    assert sorted(r["variant"] for r in rows) == ["torch", "triton-steps", "triton-steps-recompute"]
+    assert sorted(r["variant"] for r in rows) == ["torch", "triton-persistent",
+                                                  "triton-persistent-recompute"]
     for r in rows:
         assert r["status"] == "ok" and r["median_ms"] > 0 and r["peak_mem_bytes"] == 32, r
         assert r["tflops"] > 0 and r["speedup_vs_torch"] is not None

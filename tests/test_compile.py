@@ -16,6 +16,7 @@ from pydl import attention, conv, pool, softmax_ce
 
 # pydl.lstm and pydl.gru are the functions; their modules by name:
 lstm, gru = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
+rnn = importlib.import_module("pydl.rnn")
 
 from conftest import DEVICE
 
@@ -58,12 +59,16 @@ OPCHECKS = {
         _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
     "gru_cell_fwd": lambda: (gru._gru_cell_fwd, (
         _x(2, 3), None, _x(12, 3), _x(12, 4), None, _x(12), BACKEND)),
-    "rnn_fwd": lambda: (lstm._rnn_fwd, (
-        _x(3, 2, 3), None, None, [_x(16, 3), _x(16, 4), _x(16, 4), _x(16, 4)],
+    "rnn_fwd": lambda: (rnn._rnn_fwd, (
+        _x(3, 2, 3), None, None, [_x(16, 3), _x(16, 4), _x(16, 4), _x(16, 4)], None,
         [2, 0, 0, 1, 0], 0.5, "steps", "lstm", BACKEND)),
-    "rnn_fwd/proj": lambda: (lstm._rnn_fwd, (    # proj_size 2: w_hh (4H, P), w_hr (P, H)
-        _x(3, 2, 3), None, None, [_x(16, 3), _x(16, 2), _x(2, 4)], [1, 0, 0, 0, 1], 0.0,
-        "steps", "lstm", BACKEND)),
+    "rnn_fwd/proj": lambda: (rnn._rnn_fwd, (    # proj_size 2: w_hh (4H, P), w_hr (P, H)
+        _x(3, 2, 3), None, None, [_x(16, 3), _x(16, 2), _x(2, 4)], None, [1, 0, 0, 0, 1], 0.0,
+        "persistent", "lstm", BACKEND)),
+    "rnn_fwd/packed": lambda: (rnn._rnn_fwd, (   # batch sizes 2, 2, 1 (a PackedSequence)
+        _x(3, 2, 3), _x(1, 2, 4), None, [_x(12, 3), _x(12, 4)],
+        torch.tensor([2, 2, 1], dtype=torch.int32, device=DEVICE), [1, 0, 0, 0, 0], 0.0,
+        "persistent", "gru", BACKEND)),
 }
 
 

@@ -95,8 +95,8 @@ def test_all_mode_captures_every_triton_kernel(tmp_path):
     kernels = {(m, n) for m, names in got["kernels"].items() for n in names}
     modules = {p.stem for p in (REPO / "kernels" / "triton").glob("*.py")} - {"__init__", "_index"}
     assert {m.rsplit(".", 1)[-1] for m, _ in kernels} == modules
-    assert {"softmax_fwd", "conv2d_col2im", "attention_dropout_mask", "lstm_persistent_bwd",
-            "gru_step_bwd", "sum_splits"} <= {n for _, n in kernels}
+    assert {"softmax_fwd", "conv2d_col2im", "attention_dropout_mask", "lstm_layer_bwd",
+            "gru_layer_bwd", "grid_barrier_check", "sum_splits"} <= {n for _, n in kernels}
     assert kernels <= launched, sorted(kernels - launched)
     assert got["rows"] == got["distinct"] > 300                    # one row per compile job
     assert got["tuned"]["gemm_kernel"] == ["gemm", 0]              # tuned: the default only

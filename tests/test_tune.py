@@ -282,17 +282,19 @@ def test_every_row_kernel_candidate(tuning, monkeypatch, backend, n):
 
 
 @pytest.mark.parametrize("kind", ["lstm", pytest.param("gru", marks=pytest.mark.sim_heavy)])
-def test_every_rnn_step_candidate(tuning, monkeypatch, kind):
-    """The fused step kernels' tiles, forward and backward through time (checked against the
-    float64 reference and torch inside _check_layer); then trial launches that really run,
-    as the device clock's do: the backward's running state, updated in place, is restored."""
-    from test_lstm import _check_layer
+@pytest.mark.parametrize("algo", ["steps", pytest.param("persistent", marks=pytest.mark.sim_heavy)])
+def test_every_rnn_step_candidate(tuning, monkeypatch, kind, algo):
+    """The recurrence kernels' tiles, forward and backward through time (checked against the
+    float64 reference and torch inside check_layer); then trial launches that really run, as
+    the device clock's do: a trial runs the first step (algo="steps") or the whole sequence,
+    neither of which reads the running state before writing it, so trials leave no trace."""
+    from rnn_checks import check_layer
 
     def run_op():
-        _check_layer("triton", "steps", torch.float32, 3, 20, 24, 40, kind=kind)
+        check_layer("triton", algo, torch.float32, 3, 20, 24, 40, kind=kind)
     spaces = _each_candidate(monkeypatch, run_op, lambda got, i: None)
-    assert {f"{kind}_step_fwd", f"{kind}_step_bwd"} <= set(spaces)
-    assert len(spaces[f"{kind}_step_bwd"]) >= 4
+    assert {f"{kind}_layer_fwd", f"{kind}_layer_bwd"} <= set(spaces)
+    assert len(spaces[f"{kind}_layer_bwd"]) >= 4
     _tune.reset()
     trials = []
 
@@ -303,4 +305,4 @@ def test_every_rnn_step_candidate(tuning, monkeypatch, kind):
     for tuner in _tune.Tuner.all.values():
         monkeypatch.setattr(tuner, "bench", bench)
     run_op()
-    assert len(trials) > len(spaces[f"{kind}_step_bwd"])
+    assert len(trials) > len(spaces[f"{kind}_layer_bwd"])

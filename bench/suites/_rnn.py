@@ -119,12 +119,16 @@ class RNNLayerSuite(Suite):
     ONE buffer (`flat_weights`) kept by the copies too, so cuDNN runs on them in place as in a
     real module. Gradients: x and all four weights.
 
-    `recompute` names variants ("triton-steps") that get a sibling "<name>-recompute": the
-    same backend and algo with recompute=True (no gate activations kept between forward and
-    backward; its memory saving shows in the rows' peak_mem_bytes, recorded for every
+    `recompute` names variants ("triton-persistent") that get a sibling "<name>-recompute":
+    the same backend and algo with recompute=True (no gate activations kept between forward
+    and backward; its memory saving shows in the rows' peak_mem_bytes, recorded for every
     variant), listed right after it, skipped with it."""
 
-    def __init__(self, cell: str, shape_sets, algos, recompute=("triton-steps",), notes=""):
+    def __init__(self, cell: str, shape_sets, algos=None, recompute=("triton-persistent",),
+                 notes=""):
+        # pydl's algorithms (pydl._rnn_launch.ALGOS) on both kernel backends: "persistent",
+        # one launch per layer and direction, and "steps", one per time step
+        algos = algos or {"triton": ("persistent", "steps"), "numba": ("persistent", "steps")}
         self.cell, self.gates, self.recompute = cell, GATES[cell], tuple(recompute)
         super().__init__(
             op=cell, registry_op=cell, shape_sets=shape_sets, bound="compute",

@@ -22,11 +22,14 @@ torch.nn.GRU keeps them after flatten_parameters() (cuDNN's layout on a GPU; cop
 so cuDNN runs on them in place. Gradients: x and all four weights. The "fwd" step runs torch
 in inference mode (no grad).
 
-Variants: pydl's algorithms (pydl.gru.ALGOS): "triton-steps" and "numba-steps" (one GEMM for
-the input projection of all steps, then one fused kernel per time step: h W_hh^T, the gates
-and the update); "triton-steps-recompute", triton-steps with recompute=True (the backward
+Variants: pydl's algorithms (pydl.gru.ALGOS) on both kernel backends, as the lstm suite's:
+"triton-persistent" and "numba-persistent" (one launch for the recurrence of the whole
+sequence: h W_hh^T, the gates and the update of every step, the programs meeting at a grid
+barrier between steps), "triton-steps" and "numba-steps" (one launch per step);
+"triton-persistent-recompute", triton-persistent with recompute=True (the backward
 regenerates r, z, n and W_hn h instead of keeping them: compare its peak_mem_bytes and time
-with triton-steps'); "torch" is torch's GRU (cuDNN on a GPU).
+with triton-persistent's); "torch" is torch's GRU (cuDNN on a GPU; cuDNN has no persistent
+GRU).
 
 Compute-bound, as the lstm suite. FLOPs count the GEMMs only (_rnn.gemm_flops with 3 gates):
     fwd      2 * 3H (I + H) * N * T           (x W_ih^T and h W_hh^T for every step)
@@ -57,7 +60,7 @@ SHAPES["full"] = SHAPES["quick"] + tuple(_case(*s) for s in DEEPBENCH if s not i
 
 class GRUSuite(RNNLayerSuite):
     def __init__(self):
-        super().__init__("gru", SHAPES, algos={"triton": ("steps",), "numba": ("steps",)})
+        super().__init__("gru", SHAPES)
 
 
 SUITES = [GRUSuite()]

@@ -22,12 +22,14 @@ x and all four weights. The "fwd" step runs torch in inference mode (no grad): c
 reserve for backward then. (The layout, inputs and torch call are shared with the gru suite:
 bench/suites/_rnn.py.)
 
-Variants: pydl's algorithms (pydl.lstm.ALGOS): "triton-steps" and "numba-steps" (one fused
-kernel per time step after one GEMM for the input projection of all steps) and
-"triton-persistent" (one launch for the whole sequence; hidden <= 64 only, so skipped for
-DeepBench's sizes and run on the tiny set); "triton-steps-recompute" is triton-steps with
-recompute=True (the backward regenerates the gate activations instead of keeping them: compare
-its peak_mem_bytes and time with triton-steps'); "torch" is torch's LSTM (cuDNN on a GPU).
+Variants: pydl's algorithms (pydl.lstm.ALGOS) on both kernel backends: "triton-persistent"
+and "numba-persistent" (the default: one GEMM for the input projection of all steps, then ONE
+launch for the recurrence of the whole sequence, its programs splitting the hidden units and
+meeting at a grid barrier between steps; on a GPU a cooperative launch), "triton-steps" and
+"numba-steps" (the same kernel launched once per time step); "triton-persistent-recompute" is
+triton-persistent with recompute=True (the backward regenerates the gate activations instead
+of keeping them: compare its peak_mem_bytes and time with triton-persistent's); "torch" is
+torch's LSTM (cuDNN on a GPU: its persistent kernel for fp16 with hidden <= 1024).
 
 Compute-bound: judged against the measured bf16 matmul rate (DeepBench's shapes are fp16/fp32:
 fp16 runs at the same tensor-core rate as bf16). FLOPs count the GEMMs only (_rnn.gemm_flops
@@ -61,19 +63,7 @@ SHAPES["full"] = SHAPES["quick"] + tuple(_case(*s) for s in REQUESTED if s not i
 
 class LSTMSuite(RNNLayerSuite):
     def __init__(self):
-        super().__init__("lstm", SHAPES, algos={"triton": ("steps", "persistent"),
-                                                "numba": ("steps",)})
-
-    def unsupported(self, case, dtype, variant):
-        if variant.algo == "persistent":
-            try:
-                from pydl.lstm import PERSISTENT_MAX_HIDDEN as limit
-            except Exception:  # noqa: BLE001
-                limit = 64
-            if case.hidden > limit:
-                return (f"algo='persistent' keeps W_hh in registers: hidden <= {limit}, "
-                        f"this case has {case.hidden}")
-        return None
+        super().__init__("lstm", SHAPES)
 
 
 SUITES = [LSTMSuite()]

@@ -1,187 +1,205 @@
-"""Numba CUDA kernels for the GRU (torch.nn.GRUCell and torch.nn.GRU): the fused step forward
-and its gate gradients. Same math, layout, flags and workspace as kernels/triton/gru.py (see
-its docstring).
-
-Both are tiled as the LSTM step (kernels/numba/lstm.py): a block of TB x TU threads owns TB
-rows x TU units. The forward's x-phase (the cell) and h-phase each stage an A tile (TB x TK)
-and the three gates' TK x TU weight tiles in shared memory per K step, accumulating gi and gh
-separately (gh_n is needed alone: r multiplies it); a layer's step adds the precomputed xp
-instead of the x-phase. The backward's prologue is the LSTM's recurrent GEMM
-(recurrent_dh_device), over the 3H rows of W_hh. TB, TU, TK are compile-time constants:
-`gru_step_kernel` / `gru_step_bwd_kernel` build and cache one kernel per tiling, launched
-with a (tu, tb) block.
+"""Numba CUDA kernels of the GRU: its forward and its backward through time, each running a
+range of time steps per launch. Same math, arguments' meaning, flags and workspace as
+kernels/triton/gru.py (see its docstring); the launch structure and the shared pieces are
+kernels/numba/rnn.py's. The cell is the forward kernel over one step with has_x.
 """
 from numba import cuda, float32, int64
 
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
-from .lstm import ONE, ZERO, ld1, ld2, recurrent_dh_device, sigmoid, st2, tanh
+from .rnn import (
+    ONE,
+    ZERO,
+    gate_dots_device,
+    ld1,
+    ld2,
+    recurrent_dh_device,
+    sigmoid,
+    st2,
+    step_time,
+    tanh,
+)
 
-_KERNELS = {}
-_BWD_KERNELS = {}
+_FWD = {}
+_BWD = {}
 
 
-def gru_step_kernel(tb: int, tu: int, tk: int):
-    """The fused GRU step for a TB x TU tile, built on first use. Arguments, in order:
-    x (B, I), w_ih (3H, I), xp (B, 3H), b_ih (3H,), h (B, H), w_hh (3H, H), b_hh (3H,),
-    h1 (B, H), hn (B, H), ws (B, 4H) fp32; flags has_x, has_xp, has_bih, has_bhh, has_h,
-    write_hn; dtype codes of x (and the weights, biases and h), xp, h1, hn."""
+def gru_layer_fwd_kernel(tb: int, tu: int, tk: int):
+    """The forward kernel for a TB x TU tile, built on first use; launch it with a (tu, tb)
+    block. Arguments, in order (placeholders of the same rank where a flag says absent):
+    x (T, B, I), w_ih (3H, I), xp (T, B, 3H), b_ih, b_hh (3H,), h0 (B, H), w_hh (3H, H),
+    out (T, B, H), ws (T, B, 4H) fp32, hn (B, H), bs (T,) int32; reverse, has_x, has_xp,
+    has_bih, has_bhh, has_h0, write_hn, has_bs; dtype codes of the weights (and x), xp, the
+    biases, h0, out, hn; s_begin, s_end, sync."""
     key = (int(tb), int(tu), int(tk))
-    if key not in _KERNELS:
-        _KERNELS[key] = _build(*key)
-    return _KERNELS[key]
+    if key not in _FWD:
+        _FWD[key] = _build_fwd(*key)
+    return _FWD[key]
 
 
-def _build(TB, TU, TK):
-    NT = TB * TU
-
-    @cuda.jit(device=True)
-    def gate_dots3(a, w, row0, unit0, H, sa, sw, code, acc_r, acc_z, acc_n):
-        tx = cuda.threadIdx.x
-        ty = cuda.threadIdx.y
-        tid = ty * TU + tx
-        B = a.shape[0]
-        K = a.shape[1]
-        for k0 in range(0, K, TK):
-            for e in range(tid, TB * TK, NT):
-                i = e // TK
-                kk = e - i * TK
-                v = ZERO
-                if row0 + i < B and k0 + kk < K:
-                    v = ld2(a, row0 + i, k0 + kk, code)
-                sa[i, kk] = v
-            for e in range(tid, 3 * TU * TK, NT):
-                q = e // (TU * TK)
-                rem = e - q * (TU * TK)
-                j = rem // TK
-                kk = rem - j * TK
-                v = ZERO
-                if unit0 + j < H and k0 + kk < K:
-                    v = ld2(w, int64(q) * H + unit0 + j, k0 + kk, code)
-                sw[q, kk, j] = v
-            cuda.syncthreads()
-            for kk in range(TK):
-                av = sa[ty, kk]
-                acc_r += av * sw[0, kk, tx]
-                acc_z += av * sw[1, kk, tx]
-                acc_n += av * sw[2, kk, tx]
-            cuda.syncthreads()
-        return acc_r, acc_z, acc_n
+def _build_fwd(TB, TU, TK):
+    gate_dots = gate_dots_device(TB, TU, TK)
 
     @cuda.jit
-    def gru_step(x, wih, xp, bih, h, whh, bhh, h1, hn, ws,
-                 has_x, has_xp, has_bih, has_bhh, has_h, write_hn,
-                 code_x, code_xp, code_h1, code_hn):
+    def fwd(x, wih, xp, bih, bhh, h0, whh, out, ws, hn, bs,
+            reverse, has_x, has_xp, has_bih, has_bhh, has_h0, write_hn, has_bs,
+            code_w, code_xp, code_b, code_h0, code_out, code_hn, s_begin, s_end, sync):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
-        sw = cuda.shared.array((3, TK, TU), float32)
-        B = h1.shape[0]
-        H = h1.shape[1]
+        sw = cuda.shared.array((4, TK, TU), float32)
+        T = out.shape[0]
+        B = out.shape[1]
+        H = out.shape[2]
+        n_rb = (B + TB - 1) // TB
         tiles_u = (H + TU - 1) // TU
-        tiles = ((B + TB - 1) // TB) * tiles_u
-        for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
-            row0 = int64(tile // tiles_u) * TB
-            unit0 = int64(tile % tiles_u) * TU
-            r = row0 + cuda.threadIdx.y
-            u = unit0 + cuda.threadIdx.x
-            gi_r = ZERO
-            gi_z = ZERO
-            gi_n = ZERO
-            gh_r = ZERO
-            gh_z = ZERO
-            gh_n = ZERO
-            if has_x:
-                gi_r, gi_z, gi_n = gate_dots3(x, wih, row0, unit0, H, sa, sw, code_x,
-                                              gi_r, gi_z, gi_n)
-            if has_h:
-                gh_r, gh_z, gh_n = gate_dots3(h, whh, row0, unit0, H, sa, sw, code_x,
-                                              gh_r, gh_z, gh_n)
-            if r < B and u < H:
-                if has_xp:
-                    gi_r += ld2(xp, r, u, code_xp)
-                    gi_z += ld2(xp, r, u + H, code_xp)
-                    gi_n += ld2(xp, r, u + 2 * H, code_xp)
-                if has_bih:
-                    gi_r += ld1(bih, u, code_x)
-                    gi_z += ld1(bih, u + H, code_x)
-                    gi_n += ld1(bih, u + 2 * H, code_x)
-                if has_bhh:
-                    gh_r += ld1(bhh, u, code_x)
-                    gh_z += ld1(bhh, u + H, code_x)
-                    gh_n += ld1(bhh, u + 2 * H, code_x)
-                rg = sigmoid(gi_r + gh_r)
-                zg = sigmoid(gi_z + gh_z)
-                ng = tanh(gi_n + rg * gh_n)
-                hv = ZERO
-                if has_h:
-                    hv = ld2(h, r, u, code_x)
-                h_new = ng + zg * (hv - ng)
-                st2(h1, r, u, h_new, code_h1)
-                if write_hn:
-                    st2(hn, r, u, h_new, code_hn)
-                ws[r, u] = rg
-                ws[r, u + H] = zg
-                ws[r, u + 2 * H] = ng
-                ws[r, u + 3 * H] = gh_n
+        grid = cuda.cg.this_grid()
+        for s in range(s_begin, s_end):
+            t = step_time(s, T, reverse)
+            tp = step_time(s - 1, T, reverse)
+            for tile in range(cuda.blockIdx.x, n_rb * tiles_u, cuda.gridDim.x):
+                row0 = int64(tile % n_rb) * TB
+                unit0 = int64(tile // n_rb) * TU
+                r = row0 + cuda.threadIdx.y
+                u = unit0 + cuda.threadIdx.x
+                gi_r = ZERO
+                gi_z = ZERO
+                gi_n = ZERO
+                gh_r = ZERO
+                gh_z = ZERO
+                gh_n = ZERO
+                if has_x:
+                    gi_r, gi_z, gi_n, _ = gate_dots(x[t], wih, row0, unit0, H, 3, sa, sw, code_w,
+                                                    code_w, gi_r, gi_z, gi_n, ZERO)
+                if s == 0:
+                    if has_h0:
+                        gh_r, gh_z, gh_n, _ = gate_dots(h0, whh, row0, unit0, H, 3, sa, sw,
+                                                        code_h0, code_w, gh_r, gh_z, gh_n, ZERO)
+                else:
+                    gh_r, gh_z, gh_n, _ = gate_dots(out[tp], whh, row0, unit0, H, 3, sa, sw,
+                                                    code_out, code_w, gh_r, gh_z, gh_n, ZERO)
+                if r < B and u < H:
+                    if has_xp:
+                        gi_r += ld2(xp[t], r, u, code_xp)
+                        gi_z += ld2(xp[t], r, u + H, code_xp)
+                        gi_n += ld2(xp[t], r, u + 2 * H, code_xp)
+                    if has_bih:
+                        gi_r += ld1(bih, u, code_b)
+                        gi_z += ld1(bih, u + H, code_b)
+                        gi_n += ld1(bih, u + 2 * H, code_b)
+                    if has_bhh:
+                        gh_r += ld1(bhh, u, code_b)
+                        gh_z += ld1(bhh, u + H, code_b)
+                        gh_n += ld1(bhh, u + 2 * H, code_b)
+                    hv = ZERO
+                    if s > 0:
+                        hv = ld2(out[tp], r, u, code_out)
+                    elif has_h0:
+                        hv = ld2(h0, r, u, code_h0)
+                    rg = sigmoid(gi_r + gh_r)
+                    zg = sigmoid(gi_z + gh_z)
+                    ng = tanh(gi_n + rg * gh_n)
+                    h_new = ng + zg * (hv - ng)
+                    if has_bs and r >= bs[t]:
+                        # past this sequence's end: the state stays (packed sequences)
+                        h_new = hv
+                        rg = ZERO
+                        zg = ZERO
+                        ng = ZERO
+                        gh_n = ZERO
+                    st2(out[t], r, u, h_new, code_out)
+                    if write_hn and s == T - 1:
+                        st2(hn, r, u, h_new, code_hn)
+                    ws[t, r, u] = rg
+                    ws[t, r, u + H] = zg
+                    ws[t, r, u + 2 * H] = ng
+                    ws[t, r, u + 3 * H] = gh_n
+            if sync and s + 1 < s_end:
+                grid.sync()
 
-    return gru_step
+    return fwd
 
 
-def gru_step_bwd_kernel(tb: int, tu: int, tk: int):
-    """The GRU backward step for a TB x TU tile, built on first use. Arguments, in order:
-    ws (B, 4H) fp32, h (B, H), dg_next (B, 3H) fp32, w_hh (3H, H), dha, dhb (B, H),
-    dhd (B, H) fp32, dgi, dgh (B, 3H) fp32 (written), dhd_out (B, H) fp32 (written, may
-    alias dhd); flags has_h, has_dgn, has_dha, has_dhb, has_dhd; dtype codes of h, w_hh,
-    dha, dhb. Same formulas as the Triton kernel gru_step_bwd."""
+def gru_layer_bwd_kernel(tb: int, tu: int, tk: int):
+    """The backward kernel for a TB x TU tile, built on first use; launch it with a (tu, tb)
+    block. Arguments, in order: ws (T, B, 4H) fp32, out (T, B, H), h0 (B, H), w_hh (3H, H),
+    d_out (T, B, H), d_hn (B, H), bs (T,) int32, dgi, dgh (T, B, 3H) fp32 (written), dhd
+    (2, B, H) fp32 (running, by step parity), dh0 (B, H) (written); reverse, has_h0,
+    has_dout, has_dhn, has_bs, write_dh0; dtype codes of out, h0, w_hh, d_out, d_hn, dh0;
+    u_begin, u_end (u = T: the dh0 pseudo-step), sync."""
     key = (int(tb), int(tu), int(tk))
-    if key not in _BWD_KERNELS:
-        _BWD_KERNELS[key] = _build_bwd(*key)
-    return _BWD_KERNELS[key]
+    if key not in _BWD:
+        _BWD[key] = _build_bwd(*key)
+    return _BWD[key]
 
 
 def _build_bwd(TB, TU, TK):
     recurrent_dh = recurrent_dh_device(TB, TU, TK)
 
     @cuda.jit
-    def gru_step_bwd(ws, h, dgn, whh, dha, dhb, dhd, dgi, dgh, dhdo,
-                     has_h, has_dgn, has_dha, has_dhb, has_dhd, code_h, code_w, code_dha, code_dhb):
+    def bwd(ws, out, h0, whh, dout, dhn, bs, dgi, dgh, dhd, dh0,
+            reverse, has_h0, has_dout, has_dhn, has_bs, write_dh0,
+            code_out, code_h0, code_w, code_dout, code_dhn, code_dh0, u_begin, u_end, sync):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
         sw = cuda.shared.array((TK, TU), float32)
-        B = ws.shape[0]
-        H = dgi.shape[1] // 3
+        T = out.shape[0]
+        B = out.shape[1]
+        H = out.shape[2]
+        n_rb = (B + TB - 1) // TB
         tiles_u = (H + TU - 1) // TU
-        tiles = ((B + TB - 1) // TB) * tiles_u
-        for tile in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
-            row0 = int64(tile // tiles_u) * TB
-            unit0 = int64(tile % tiles_u) * TU
-            b = row0 + cuda.threadIdx.y
-            u = unit0 + cuda.threadIdx.x
-            d = ZERO
-            if has_dgn:
-                d = recurrent_dh(dgn, whh, row0, unit0, 3 * H, H, sa, sw, code_w)
-            if b < B and u < H:
-                if has_dha:
-                    d += ld2(dha, b, u, code_dha)
-                if has_dhb:
-                    d += ld2(dhb, b, u, code_dhb)
-                if has_dhd:
-                    d += dhd[b, u]
-                r = ws[b, u]
-                z = ws[b, u + H]
-                n = ws[b, u + 2 * H]
-                ghn = ws[b, u + 3 * H]
-                hv = ZERO
-                if has_h:
-                    hv = ld2(h, b, u, code_h)
-                dan = d * (ONE - z) * (ONE - n * n)
-                dar = dan * ghn * r * (ONE - r)
-                daz = d * (hv - n) * z * (ONE - z)
-                dgi[b, u] = dar
-                dgi[b, u + H] = daz
-                dgi[b, u + 2 * H] = dan
-                dgh[b, u] = dar
-                dgh[b, u + H] = daz
-                dgh[b, u + 2 * H] = dan * r
-                dhdo[b, u] = d * z
+        grid = cuda.cg.this_grid()
+        for us in range(u_begin, u_end):
+            s = T - 1 - us
+            t = step_time(s, T, reverse)
+            tn = step_time(s + 1, T, reverse)
+            tp = step_time(s - 1, T, reverse)
+            now = us % 2
+            before = 1 - now
+            for tile in range(cuda.blockIdx.x, n_rb * tiles_u, cuda.gridDim.x):
+                row0 = int64(tile % n_rb) * TB
+                unit0 = int64(tile // n_rb) * TU
+                b = row0 + cuda.threadIdx.y
+                u = unit0 + cuda.threadIdx.x
+                d = ZERO
+                if us > 0:
+                    d = recurrent_dh(dgh[tn], whh, row0, unit0, 3 * H, H, sa, sw, code_w)
+                if b < B and u < H:
+                    if us > 0:
+                        d += dhd[before, b, u]
+                    if us == T:
+                        st2(dh0, b, u, d, code_dh0)
+                    else:
+                        if has_dout:
+                            d += ld2(dout[t], b, u, code_dout)
+                        if has_dhn and us == 0:
+                            d += ld2(dhn, b, u, code_dhn)
+                        r = ws[t, b, u]
+                        z = ws[t, b, u + H]
+                        n = ws[t, b, u + 2 * H]
+                        ghn = ws[t, b, u + 3 * H]
+                        hv = ZERO
+                        if us == T - 1:
+                            if has_h0:
+                                hv = ld2(h0, b, u, code_h0)
+                        else:
+                            hv = ld2(out[tp], b, u, code_out)
+                        dan = d * (ONE - z) * (ONE - n * n)
+                        dar = dan * ghn * r * (ONE - r)
+                        daz = d * (hv - n) * z * (ONE - z)
+                        direct = d * z
+                        if has_bs and b >= bs[t]:
+                            # past this sequence's end: the gradient passes through
+                            dar = ZERO
+                            daz = ZERO
+                            dan = ZERO
+                            direct = d
+                        dgi[t, b, u] = dar
+                        dgi[t, b, u + H] = daz
+                        dgi[t, b, u + 2 * H] = dan
+                        dgh[t, b, u] = dar
+                        dgh[t, b, u + H] = daz
+                        dgh[t, b, u + 2 * H] = dan * r
+                        dhd[now, b, u] = direct
+            if sync and us + 1 < u_end:
+                grid.sync()
 
-    return gru_step_bwd
+    return bwd

@@ -1,5 +1,7 @@
-"""Triton kernels for the GRU (torch.nn.GRUCell and torch.nn.GRU): the fused step forward and
-its gate gradients (with the recurrent GEMM of backpropagation through time as a prologue).
+"""Triton kernels of the GRU: its forward and its backward through time, each running a range
+of time steps per launch, built as the LSTM's (kernels/triton/lstm.py; the ways to launch them
+and the shared pieces: kernels/triton/rnn.py). The cell (torch.nn.GRUCell) is the forward
+kernel over one step with the input product done in the step (HAS_X).
 
 Gate order and layout are PyTorch's: w_ih (3H, I) and w_hh (3H, H) stack [r; z; n] as rows.
 
@@ -7,175 +9,284 @@ Gate order and layout are PyTorch's: w_ih (3H, I) and w_hh (3H, H) stack [r; z; 
     r = sigmoid(gi_r + gh_r)   z = sigmoid(gi_z + gh_z)   n = tanh(gi_n + r * gh_n)
     h1 = (1 - z) * n + z * h
 
-The forward is one kernel, structured as the LSTM step (kernels/triton/lstm.py): each
-program owns BLOCK_B rows x BLOCK_H hidden units and runs the h-product (and, for the cell,
-the x-product; a layer passes gi for all steps precomputed by one GEMM, as xp) for the three
-gate blocks of its units, then the update in registers. gi_n and gh_n stay separate (b_hh's
-n part sits inside r * (...)). It saves r, z, n and gh_n (4H fp32 a row).
-The backward step writes the pre-activation gradients of both products,
+A forward tile computes gh for its units as one gate-interleaved product (the three gates
+padded to four columns a unit) and, for the cell, gi likewise (a layer passes gi of every
+step precomputed by one GEMM, as xp); gi_n and gh_n stay apart (b_hh's n part sits inside
+r * (...)). It saves r, z, n and gh_n (4H fp32 a row) for the backward.
 
-    dh1 = dg_next W_hh + (the incoming terms: d h_n, the output gradient, the direct part)
+Backward step (BPTT order u; the running direct part dhd by step parity, as the LSTM's dc):
+
+    dh1 = dgh_next W_hh[:, units] + d_out_t (+ d h_n at u = 0) + dhd
     da_n = dh1 (1 - z) (1 - n^2)   da_r = da_n gh_n r (1 - r)   da_z = dh1 (h - n) z (1 - z)
-    dgi = [da_r, da_z, da_n]       dgh = [da_r, da_z, da_n * r]     dh_direct = dh1 * z
+    dgi = [da_r, da_z, da_n]       dgh = [da_r, da_z, da_n r]     dhd = dh1 z
 
-where dg_next is the dgh of the step that ran next (the prologue GEMM, shared with the LSTM's
-backward step) and dh_direct feeds the previous step's dh1 directly (h1 = ... + z * h). The
-launcher finishes with GEMMs: dx = dgi W_ih, dW_ih = dgi^T x, dW_hh = dgh^T h, the first
-state's dh = dgh W_hh + dh_direct, db_ih / db_hh = column sums of dgi / dgh.
+dgh_next is the dgh of the step that ran next (every program wrote part of it: the grid
+barrier's reason); dhd carries h1's direct dependence on h (h1 = ... + z h) to the step
+before. The pseudo-step u = T (WRITE_DH0) writes dh0 = dgh_first W_hh + dhd. Packed
+sequences (HAS_BS): inactive rows keep their state; backward, their dgi = dgh = 0 and dhd
+carries all of dh1.
 """
 import triton
 import triton.language as tl
 
-from .lstm import _recurrent_dh, _sigmoid, _tanh
+from .rnn import (
+    gate_columns,
+    grid_barrier,
+    grid_exit,
+    sigmoid,
+    split_gates,
+    step_time,
+    tanh,
+    tile_dot,
+    tile_of,
+)
 
 
 @triton.jit
-def _gate_dots3(a_ptr, w_ptr, rows, r_ok, units, u_ok, K, H, sa_b, sa_k, sw_r, sw_k,
-                acc_r, acc_z, acc_n, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc_q += A[rows, :] @ W[q*H + units, :]^T for the three gates q, one A tile per K step."""
-    for k0 in range(0, K, BLOCK_K):
-        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        k_ok = k < K
-        a = tl.load(a_ptr + rows[:, None] * sa_b + k[None, :] * sa_k,
-                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & u_ok[None, :]
-        w_col = w_ptr + k[:, None] * sw_k
-        w = tl.load(w_col + units[None, :] * sw_r, mask=w_mask, other=0.0)
-        acc_r = tl.dot(a, w, acc_r, input_precision=INPUT_PRECISION)
-        w = tl.load(w_col + (units + H)[None, :] * sw_r, mask=w_mask, other=0.0)
-        acc_z = tl.dot(a, w, acc_z, input_precision=INPUT_PRECISION)
-        w = tl.load(w_col + (units + 2 * H)[None, :] * sw_r, mask=w_mask, other=0.0)
-        acc_n = tl.dot(a, w, acc_n, input_precision=INPUT_PRECISION)
-    return acc_r, acc_z, acc_n
+def gru_cell_forward(gi_r, gi_z, gi_n, gh_r, gh_z, gh_n, h):
+    """(r, z, n, h1) of the GRU update (gh_n includes b_hh's n part)."""
+    r = sigmoid(gi_r + gh_r)
+    z = sigmoid(gi_z + gh_z)
+    n = tanh(gi_n + r * gh_n)
+    return r, z, n, n + z * (h - n)
 
 
 @triton.jit
-def gru_step_fwd(
-    x_ptr, wih_ptr, xp_ptr, bih_ptr, h_ptr, whh_ptr, bhh_ptr, h1_ptr, hn_ptr, ws_ptr,
-    B, I, H,
-    sx_b, sx_k, swi_r, swi_k,    # x (B, I), w_ih (3H, I)
-    sxp_b, sxp_k,                # xp (B, 3H): precomputed input part (x W_ih^T + b_ih)
-    sh_b, sh_k, swh_r, swh_k,    # h (B, H), w_hh (3H, H)
-    sh1_b, sh1_k,                # h1 (B, H)
-    shn_b, shn_k,                # hn (B, H): a second copy of h1 (h_n of a layer)
-    sws_b, sws_k,                # workspace (B, 4H) fp32: r, z, n, gh_n
-    HAS_X: tl.constexpr,         # compute x @ W_ih^T here (the cell)
-    HAS_XP: tl.constexpr,        # add the precomputed xp (a layer's time step)
-    HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr,
-    HAS_H: tl.constexpr,         # False: a zero initial state (never read)
-    WRITE_HN: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One fused GRU step; grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H))."""
-    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    units = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
-    r_ok = rows < B
-    u_ok = units < H
-    mask = r_ok[:, None] & u_ok[None, :]
-    gi_r = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    gi_z = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    gi_n = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    gh_r = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    gh_z = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    gh_n = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    if HAS_X:
-        gi_r, gi_z, gi_n = _gate_dots3(x_ptr, wih_ptr, rows, r_ok, units, u_ok, I, H, sx_b, sx_k,
-                                       swi_r, swi_k, gi_r, gi_z, gi_n, INPUT_PRECISION, BLOCK_K)
-    if HAS_H:
-        gh_r, gh_z, gh_n = _gate_dots3(h_ptr, whh_ptr, rows, r_ok, units, u_ok, H, H, sh_b, sh_k,
-                                       swh_r, swh_k, gh_r, gh_z, gh_n, INPUT_PRECISION, BLOCK_K)
-    if HAS_XP:
-        xp = xp_ptr + rows[:, None] * sxp_b
-        gi_r += tl.load(xp + units[None, :] * sxp_k, mask=mask, other=0.0).to(tl.float32)
-        gi_z += tl.load(xp + (units + H)[None, :] * sxp_k, mask=mask, other=0.0).to(tl.float32)
-        gi_n += tl.load(xp + (units + 2 * H)[None, :] * sxp_k, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIH:
-        gi_r += tl.load(bih_ptr + units, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-        gi_z += tl.load(bih_ptr + units + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-        gi_n += tl.load(bih_ptr + units + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BHH:
-        gh_r += tl.load(bhh_ptr + units, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-        gh_z += tl.load(bhh_ptr + units + H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-        gh_n += tl.load(bhh_ptr + units + 2 * H, mask=u_ok, other=0.0).to(tl.float32)[None, :]
-    r = _sigmoid(gi_r + gh_r)
-    z = _sigmoid(gi_z + gh_z)
-    n = _tanh(gi_n + r * gh_n)
-    if HAS_H:
-        h = tl.load(h_ptr + rows[:, None] * sh_b + units[None, :] * sh_k, mask=mask,
-                    other=0.0).to(tl.float32)
-        h1 = n + z * (h - n)
-    else:
-        h1 = n - z * n
-    tl.store(h1_ptr + rows[:, None] * sh1_b + units[None, :] * sh1_k,
-             h1.to(h1_ptr.dtype.element_ty), mask=mask)
-    if WRITE_HN:
-        tl.store(hn_ptr + rows[:, None] * shn_b + units[None, :] * shn_k,
-                 h1.to(hn_ptr.dtype.element_ty), mask=mask)
-    wp = ws_ptr + rows[:, None] * sws_b
-    tl.store(wp + units[None, :] * sws_k, r, mask=mask)
-    tl.store(wp + (units + H)[None, :] * sws_k, z, mask=mask)
-    tl.store(wp + (units + 2 * H)[None, :] * sws_k, n, mask=mask)
-    tl.store(wp + (units + 3 * H)[None, :] * sws_k, gh_n, mask=mask)
+def gru_cell_backward(dh1, r, z, n, ghn, h):
+    """(da_r, da_z, da_n, dh1 * z): the pre-activation gradients and the direct part."""
+    dan = dh1 * (1.0 - z) * (1.0 - n * n)
+    return dan * ghn * r * (1.0 - r), dh1 * (h - n) * z * (1.0 - z), dan, dh1 * z
 
 
 @triton.jit
-def gru_step_bwd(
-    ws_ptr, h_ptr, dgn_ptr, whh_ptr, dha_ptr, dhb_ptr, dhd_ptr, dgi_ptr, dgh_ptr, dhdo_ptr,
-    B, H,
-    sws_b, sws_k,                # workspace (B, 4H) fp32 from the forward: r, z, n, gh_n
-    sh_b, sh_k,                  # h (B, H): the state the step started from
-    sdgn_b, sdgn_k,              # dgh of the step that ran next (B, 3H) fp32
-    swh_r, swh_k,                # w_hh (3H, H)
-    sda_b, sda_k, sdb_b, sdb_k,  # addends of dh1 (dh1 of the cell; d h_n, the output gradient)
-    sdd_b, sdd_k,                # dh_direct of the step that ran next (B, H) fp32
-    sgi_b, sgi_k, sgh_b, sgh_k,  # dgi, dgh (B, 3H) fp32 (written)
-    sddo_b, sddo_k,              # this step's dh_direct = dh1 * z (B, H) fp32 (written; may alias)
-    HAS_H: tl.constexpr, HAS_DGN: tl.constexpr, HAS_DHA: tl.constexpr,
-    HAS_DHB: tl.constexpr, HAS_DHD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Gate gradients of one GRU step, after dh1 = dg_next W_hh (+ dha + dhb + dh_direct);
-    grid (cdiv(B, BLOCK_B), cdiv(H, BLOCK_H)). Each program owns whole hidden units, as in
-    the forward; without dg_next (the cell, the last step of a sequence) it is elementwise.
-    Every element of dh_direct is read and then written by the same program, so the
-    backward keeps one running buffer (dhd and dhdo alias)."""
-    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
-    units = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, whh_ptr,
+              out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
+              sx_t, sx_b, sx_k, swi_r, swi_k, sxp_t, sxp_b, sxp_k, sh0_b, sh0_k,
+              swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
+              FIRST: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
+              HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, HAS_H0: tl.constexpr,
+              WRITE_HN: tl.constexpr, HAS_BS: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step s (time t) of one tile; FIRST: it starts from h0 (or zeros)."""
+    rows, units, unit0 = tile_of(tile, B, BLOCK_B, BLOCK_H)
     r_ok = rows < B
     u_ok = units < H
     mask = r_ok[:, None] & u_ok[None, :]
     r_ = rows[:, None]
     u = units[None, :]
-    dh1 = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    if HAS_DGN:
-        dh1 = _recurrent_dh(dgn_ptr, whh_ptr, rows, r_ok, units, u_ok, 3 * H, sdgn_b, sdgn_k,
-                            swh_r, swh_k, dh1, INPUT_PRECISION, BLOCK_K)
-    if HAS_DHA:
-        dh1 += tl.load(dha_ptr + r_ * sda_b + u * sda_k, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DHB:
-        dh1 += tl.load(dhb_ptr + r_ * sdb_b + u * sdb_k, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DHD:
-        dh1 += tl.load(dhd_ptr + r_ * sdd_b + u * sdd_k, mask=mask, other=0.0)
-    wp = ws_ptr + r_ * sws_b
-    r = tl.load(wp + u * sws_k, mask=mask, other=0.0)
-    z = tl.load(wp + (u + H) * sws_k, mask=mask, other=0.0)
-    n = tl.load(wp + (u + 2 * H) * sws_k, mask=mask, other=0.0)
-    ghn = tl.load(wp + (u + 3 * H) * sws_k, mask=mask, other=0.0)
-    if HAS_H:
-        h = tl.load(h_ptr + r_ * sh_b + u * sh_k, mask=mask, other=0.0).to(tl.float32)
+    if FIRST:
+        h_ptr = h0_ptr
+        sh_b = sh0_b
+        sh_k = sh0_k
+        HAS_H: tl.constexpr = HAS_H0
     else:
+        h_ptr = out_ptr + tp * so_t
+        sh_b = so_b
+        sh_k = so_k
+        HAS_H: tl.constexpr = True
+    cols, c_ok = gate_columns(unit0, H, 3, BLOCK_H)
+    gh = tl.zeros([BLOCK_B, 4 * BLOCK_H], tl.float32)
+    h = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if HAS_H:
+        gh = tile_dot(h_ptr, sh_b, sh_k, rows, r_ok, H, whh_ptr, swh_r, swh_k, cols, c_ok, gh,
+                      PRECISION, BLOCK_K)
+        h = tl.load(h_ptr + r_ * sh_b + u * sh_k, mask=mask, other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
+    gh_r, gh_z, gh_n, _ = split_gates(gh, BLOCK_B, BLOCK_H)
+    gi_r = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    gi_z = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    gi_n = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if HAS_X:
+        gi = tl.zeros([BLOCK_B, 4 * BLOCK_H], tl.float32)
+        gi = tile_dot(x_ptr + t * sx_t, sx_b, sx_k, rows, r_ok, I, wih_ptr, swi_r, swi_k, cols,
+                      c_ok, gi, PRECISION, BLOCK_K)
+        gi_r, gi_z, gi_n, _ = split_gates(gi, BLOCK_B, BLOCK_H)
+    if HAS_XP:
+        xp = xp_ptr + t * sxp_t + r_ * sxp_b
+        gi_r += tl.load(xp + u * sxp_k, mask=mask, other=0.0).to(tl.float32)
+        gi_z += tl.load(xp + (u + H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
+        gi_n += tl.load(xp + (u + 2 * H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIH:
+        gi_r += tl.load(bih_ptr + u, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        gi_z += tl.load(bih_ptr + u + H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        gi_n += tl.load(bih_ptr + u + 2 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_BHH:
+        gh_r += tl.load(bhh_ptr + u, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        gh_z += tl.load(bhh_ptr + u + H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        gh_n += tl.load(bhh_ptr + u + 2 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+    r, z, n, h1 = gru_cell_forward(gi_r, gi_z, gi_n, gh_r, gh_z, gh_n, h)
+    if HAS_BS:
+        live = (rows < tl.load(bs_ptr + t))[:, None]
+        h1 = tl.where(live, h1, h)
+        r = tl.where(live, r, 0.0)
+        z = tl.where(live, z, 0.0)
+        n = tl.where(live, n, 0.0)
+        gh_n = tl.where(live, gh_n, 0.0)
+    tl.store(out_ptr + t * so_t + r_ * so_b + u * so_k, h1.to(out_ptr.dtype.element_ty), mask=mask)
+    wp = ws_ptr + t * sw_t + r_ * sw_b
+    tl.store(wp + u * sw_k, r, mask=mask)
+    tl.store(wp + (u + H) * sw_k, z, mask=mask)
+    tl.store(wp + (u + 2 * H) * sw_k, n, mask=mask)
+    tl.store(wp + (u + 3 * H) * sw_k, gh_n, mask=mask)
+    if WRITE_HN:
+        if s == T - 1:
+            tl.store(hn_ptr + r_ * shn_b + u * shn_k, h1.to(hn_ptr.dtype.element_ty), mask=mask)
+
+
+# the step range changes every launch of the step-by-step path: one compiled kernel for all
+@triton.jit(do_not_specialize=["s_begin", "s_end"])
+def gru_layer_fwd(
+    x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr,
+    sync_ptr,
+    T, B, I, H, s_begin, s_end,
+    sx_t, sx_b, sx_k,            # x (T, B, I): the cell's input (HAS_X)
+    swi_r, swi_k,                # w_ih (3H, I)
+    sxp_t, sxp_b, sxp_k,         # xp (T, B, 3H): x W_ih^T + b_ih of every step (HAS_XP)
+    sh0_b, sh0_k,                # h0 (B, H)
+    swh_r, swh_k,                # w_hh (3H, H)
+    so_t, so_b, so_k,            # out (T, B, H): h_t
+    sw_t, sw_b, sw_k,            # ws (T, B, 4H) fp32: r, z, n, gh_n
+    shn_b, shn_k,                # h_n (B, H)
+    REVERSE: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
+    HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, HAS_H0: tl.constexpr,
+    WRITE_HN: tl.constexpr, HAS_BS: tl.constexpr, GRID_SYNC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Run-order steps s_begin <= s < s_end of one direction; grid and tiles as
+    kernels/triton/lstm.py lstm_layer_fwd."""
+    pid = tl.program_id(0)
+    NP = tl.num_programs(0)
+    n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
+    for s in range(s_begin, s_end):
+        t = step_time(s, T, REVERSE)
+        tp = step_time(s - 1, T, REVERSE)
+        if s == 0:
+            for tile in range(pid, n_tiles, NP):
+                _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
+                          whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
+                          sx_t, sx_b, sx_k, swi_r, swi_k, sxp_t, sxp_b, sxp_k, sh0_b, sh0_k,
+                          swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
+                          True, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN, HAS_BS,
+                          PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        else:
+            for tile in range(pid, n_tiles, NP):
+                _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
+                          whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
+                          sx_t, sx_b, sx_k, swi_r, swi_k, sxp_t, sxp_b, sxp_k, sh0_b, sh0_k,
+                          swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
+                          False, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN, HAS_BS,
+                          PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        if GRID_SYNC:
+            if s + 1 < s_end:
+                grid_barrier(sync_ptr, (s - s_begin + 1) * NP)
+    if GRID_SYNC:
+        grid_exit(sync_ptr)
+
+
+@triton.jit
+def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr,
+              bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr, dh0_ptr,
+              T, B, H, sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, swh_r, swh_k,
+              sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k,
+              sdd_p, sdd_b, sdd_k, sdh0_b, sdh0_k,
+              HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
+              HAS_BS: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """BPTT step u_step (< T) of one tile, or the pseudo-step u_step == T (dh0)."""
+    rows, units, unit0 = tile_of(tile, B, BLOCK_B, BLOCK_H)
+    r_ok = rows < B
+    u_ok = units < H
+    mask = r_ok[:, None] & u_ok[None, :]
+    r_ = rows[:, None]
+    u = units[None, :]
+    now = u_step % 2
+    before = 1 - now
+    dh1 = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if u_step > 0:
+        dh1 = tile_dot(dgh_ptr + tn * sgh_t, sgh_b, sgh_k, rows, r_ok, 3 * H, whh_ptr, swh_k,
+                       swh_r, units, u_ok, dh1, PRECISION, BLOCK_K)
+        dh1 += tl.load(dhd_ptr + before * sdd_p + r_ * sdd_b + u * sdd_k, mask=mask, other=0.0)
+    if u_step == T:
+        tl.store(dh0_ptr + r_ * sdh0_b + u * sdh0_k, dh1.to(dh0_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_DOUT:
+            dh1 += tl.load(dout_ptr + t * sdo_t + r_ * sdo_b + u * sdo_k, mask=mask,
+                           other=0.0).to(tl.float32)
+        if HAS_DHN:
+            if u_step == 0:
+                dh1 += tl.load(dhn_ptr + r_ * sdhn_b + u * sdhn_k, mask=mask,
+                               other=0.0).to(tl.float32)
+        wp = ws_ptr + t * sw_t + r_ * sw_b
+        r = tl.load(wp + u * sw_k, mask=mask, other=0.0)
+        z = tl.load(wp + (u + H) * sw_k, mask=mask, other=0.0)
+        n = tl.load(wp + (u + 2 * H) * sw_k, mask=mask, other=0.0)
+        ghn = tl.load(wp + (u + 3 * H) * sw_k, mask=mask, other=0.0)
         h = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    dan = dh1 * (1.0 - z) * (1.0 - n * n)
-    dar = dan * ghn * r * (1.0 - r)
-    daz = dh1 * (h - n) * z * (1.0 - z)
-    gi = dgi_ptr + r_ * sgi_b
-    tl.store(gi + u * sgi_k, dar, mask=mask)
-    tl.store(gi + (u + H) * sgi_k, daz, mask=mask)
-    tl.store(gi + (u + 2 * H) * sgi_k, dan, mask=mask)
-    gh = dgh_ptr + r_ * sgh_b
-    tl.store(gh + u * sgh_k, dar, mask=mask)
-    tl.store(gh + (u + H) * sgh_k, daz, mask=mask)
-    tl.store(gh + (u + 2 * H) * sgh_k, dan * r, mask=mask)
-    tl.store(dhdo_ptr + r_ * sddo_b + u * sddo_k, dh1 * z, mask=mask)
+        if u_step == T - 1:
+            if HAS_H0:
+                h = tl.load(h0_ptr + r_ * sh0_b + u * sh0_k, mask=mask, other=0.0).to(tl.float32)
+        else:
+            h = tl.load(out_ptr + tp * so_t + r_ * so_b + u * so_k, mask=mask,
+                        other=0.0).to(tl.float32)
+        dar, daz, dan, dhd = gru_cell_backward(dh1, r, z, n, ghn, h)
+        if HAS_BS:
+            live = (rows < tl.load(bs_ptr + t))[:, None]
+            dar = tl.where(live, dar, 0.0)
+            daz = tl.where(live, daz, 0.0)
+            dan = tl.where(live, dan, 0.0)
+            dhd = tl.where(live, dhd, dh1)
+        gi = dgi_ptr + t * sgi_t + r_ * sgi_b
+        tl.store(gi + u * sgi_k, dar, mask=mask)
+        tl.store(gi + (u + H) * sgi_k, daz, mask=mask)
+        tl.store(gi + (u + 2 * H) * sgi_k, dan, mask=mask)
+        gh = dgh_ptr + t * sgh_t + r_ * sgh_b
+        tl.store(gh + u * sgh_k, dar, mask=mask)
+        tl.store(gh + (u + H) * sgh_k, daz, mask=mask)
+        tl.store(gh + (u + 2 * H) * sgh_k, dan * r, mask=mask)
+        tl.store(dhd_ptr + now * sdd_p + r_ * sdd_b + u * sdd_k, dhd, mask=mask)
+
+
+# the step range changes every launch of the step-by-step path: one compiled kernel for all
+@triton.jit(do_not_specialize=["u_begin", "u_end"])
+def gru_layer_bwd(
+    ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr,
+    dh0_ptr, sync_ptr,
+    T, B, H, u_begin, u_end,
+    sw_t, sw_b, sw_k,            # ws (T, B, 4H) fp32 from the forward: r, z, n, gh_n
+    so_t, so_b, so_k,            # out (T, B, H): h_t (the state each step started from)
+    sh0_b, sh0_k,                # h0 (B, H)
+    swh_r, swh_k,                # w_hh (3H, H)
+    sdo_t, sdo_b, sdo_k,         # d out (T, B, H)
+    sdhn_b, sdhn_k,              # d h_n (B, H)
+    sgi_t, sgi_b, sgi_k,         # dgi (T, B, 3H) fp32 (written)
+    sgh_t, sgh_b, sgh_k,         # dgh (T, B, 3H) fp32 (written)
+    sdd_p, sdd_b, sdd_k,         # dhd running (2, B, H) fp32, by step parity
+    sdh0_b, sdh0_k,              # dh0 (B, H) (the pseudo-step u = T)
+    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr,
+    HAS_DHN: tl.constexpr, HAS_BS: tl.constexpr, GRID_SYNC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """BPTT steps u_begin <= u < u_end (u = T: the dh0 pseudo-step) of one direction; grid
+    and tiles as kernels/triton/lstm.py lstm_layer_bwd."""
+    pid = tl.program_id(0)
+    NP = tl.num_programs(0)
+    n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
+    for u_step in range(u_begin, u_end):
+        s = T - 1 - u_step
+        t = step_time(s, T, REVERSE)
+        tn = step_time(s + 1, T, REVERSE)
+        tp = step_time(s - 1, T, REVERSE)
+        for tile in range(pid, n_tiles, NP):
+            _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
+                      dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr, dh0_ptr, T, B, H,
+                      sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, swh_r, swh_k,
+                      sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k,
+                      sgh_t, sgh_b, sgh_k, sdd_p, sdd_b, sdd_k, sdh0_b, sdh0_k,
+                      HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        if GRID_SYNC:
+            if u_step + 1 < u_end:
+                grid_barrier(sync_ptr, (u_step - u_begin + 1) * NP)
+    if GRID_SYNC:
+        grid_exit(sync_ptr)

@@ -1,0 +1,471 @@
+"""The recurrent layer machinery the LSTM and the GRU share: a multi-layer, bidirectional stack
+over a "cell" (pydl/lstm.py LSTMRecurrence, pydl/gru.py GRURecurrence), forward and backward
+through time, as one autograd Function over two kernel ops (pydl::rnn_fwd, pydl::rnn_bwd).
+
+Per layer and direction the forward runs the input projection of every step as one GEMM,
+    xp = X W_ih^T + b_ih        (T, B, G*H) fp32,
+then the cell's recurrence (one launch for the whole sequence by default: pydl/_rnn_launch.py
+`Schedule`). Dropout multiplies each layer's output but the last on its way to the next layer
+(the mask drawn by torch's generator, bernoulli_, as torch's own CPU LSTM and GRU do).
+
+The backward walks the layers top down; per direction the cell's backpropagation through
+time gives the gradients of the pre-activations of x W_ih^T (dg_ih) and of h W_hh^T (dg_hh,
+the same tensor for the LSTM), and then, over every (t, b) row at once:
+    dW_ih = dg_ih^T X,   dW_hh = sum_t dg_hh_t^T h_{t-1} (h0 for the first step),
+    db_ih, db_hh = column sums,   dX = dg_ih W_ih (both directions summed in fp32).
+With recompute=True the forward keeps no gate activations: the backward rebuilds them one
+layer and direction at a time, just before that direction's BPTT (every step's starting state
+is saved, so all steps are recomputed in two launches) and frees them after.
+
+The cell contract (what a Recurrence provides; `launch` is a backend's launcher class, the
+cell's subclass of pydl/_rnn_launch.py TritonRNN or NumbaRNN; `schedule` a Schedule):
+
+    name, gates (G: weight rows per unit), saved_gates (fp32 values saved per unit and
+    step), has_cell_state
+    forward(launch, schedule, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, reverse)
+        -> (acts (T, B, saved_gates*H) fp32, cs (T, B, H) fp32 or None, m or None)
+        writes out (T, B, P) (a view of the layer's output), h_n (B, P), c_n (B, H)
+    recompute(launch, xp, b_hh, h0, c0, w_hh, out, cs, reverse) -> (acts, m)
+    backward(launch, schedule, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0,
+             dc0, bs, reverse) -> (dg_ih, dg_hh), each (T, B, G*H) fp32; writes dh0, dc0
+             where given
+Absent tensors are None: h0/c0 (zeros), c0/c_n/cs/dc0 for a cell without a cell state, w_hr
+without projections (an LSTM with proj_size: h_t = m_t W_hr^T; m (T, B, H) is saved), d_out
+/ d_hn / d_cn without a gradient, bs (the active rows per step of a packed sequence, (T,)
+int32 on the device) for a padded batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._autograd import without_double_backward
+from ._launch import new_output
+from ._library import kernel_op
+from ._rnn_launch import Schedule
+
+F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class RNNConfig:
+    """The static options of a (multi-layer) LSTM or GRU call."""
+    num_layers: int
+    bidirectional: bool
+    bias: bool
+    dropout: float
+    training: bool
+    algo: str | None
+    recompute: bool = False
+    proj: bool = False      # an LSTM with projections (torch's proj_size > 0): w_hr per direction
+
+    @property
+    def D(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def per_direction(self) -> int:
+        return (4 if self.bias else 2) + self.proj
+
+
+def direction_weights(weights, cfg: RNNConfig, layer: int, d: int):
+    """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases None without bias,
+    w_hr None without projections."""
+    n = cfg.per_direction
+    w = weights[(layer * cfg.D + d) * n:(layer * cfg.D + d + 1) * n]
+    b_ih, b_hh = (w[2], w[3]) if cfg.bias else (None, None)
+    return w[0], w[1], b_ih, b_hh, (w[-1] if cfg.proj else None)
+
+
+def layer_sizes(weights, cfg: RNNConfig, gates: int) -> tuple[int, int]:
+    """(H, P): the hidden size and the width of h (proj_size, or H without projections)."""
+    H = weights[0].shape[0] // gates
+    return H, (weights[cfg.per_direction - 1].shape[0] if cfg.proj else H)
+
+
+def at(t: Tensor | None, i: int):
+    return t[i] if t is not None else None
+
+
+def seq_rows(t: Tensor) -> Tensor:
+    """(T, B, N) as (T*B, N) rows, a view: the sequence buffers here (outputs, workspaces) all
+    have a time stride of B times the batch stride."""
+    return t.view(t.shape[0] * t.shape[1], t.shape[2])
+
+
+def steps_after_first(T: int, reverse: bool):
+    """For recomputation: (t of the first step in run order, the slice of the other steps,
+    the slice of the steps that ran just before each of them)."""
+    if reverse:
+        return T - 1, slice(0, T - 1), slice(1, T)
+    return 0, slice(1, T), slice(0, T - 1)
+
+
+def mm(launch, a, b, out, c_in=None, bias=None, model=None) -> None:
+    """out = a @ b (+ c_in) (+ bias) for 2-D operands, through the 4-D batched GEMM."""
+    launch.gemm(a[None, None], b[None, None], out[None, None],
+                c_in=None if c_in is None else c_in[None, None],
+                bias=None if bias is None else bias[None], model=model)
+
+
+def or_empty(t, like):
+    """Custom ops return tensors, not None: an empty placeholder stands for "no gradient"."""
+    return t if t is not None else like.new_empty(0)
+
+
+def cell_need(ctx, *inputs) -> list[bool]:
+    """needs_input_grad of a cell's tensor inputs (LSTMCell, GRUCell), False for those that
+    are None."""
+    return [n and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
+
+
+def cell_grads_fake(x, h, c, w_ih, w_hh, need, gates: int):
+    """Fake gradients of a cell's (x, h, c, w_ih, w_hh, b_ih, b_hh): empty where not needed."""
+    bias = x.new_empty((gates * w_hh.shape[1],), dtype=w_ih.dtype)
+    likes = (x, h, c, w_ih, w_hh, bias, bias)
+    return [t.new_empty(t.shape) if n else x.new_empty(0) for t, n in zip(likes, need)]
+
+
+def input_projection(launch, inp, w_ih, b_ih):
+    """xp = inp W_ih^T + b_ih for every time step at once: one GEMM into (T, B, G*H) fp32."""
+    T, B, _ = inp.shape
+    xp = new_output((T, B, w_ih.shape[0]), F32, inp.device)
+    launch.gemm(inp[None], w_ih.t()[None, None], xp[None],
+                bias=None if b_ih is None else b_ih[None], model=inp.dtype)
+    return xp
+
+
+# --- the stack as two kernel ops ---------------------------------------------------------------
+# Everything the backward reads travels between them as one flat list of tensors ("saved"),
+# laid out by _saved_layout, which the real op and the fake one share.
+
+_KINDS: dict[tuple[str, str], tuple[object, object]] = {}   # (op, backend) -> (cell, launcher)
+
+
+def _cfg_args(cfg: RNNConfig) -> tuple[list[int], float, str]:
+    """RNNConfig as custom-op arguments: (int flags, dropout, algo)."""
+    return ([cfg.num_layers, int(cfg.bidirectional), int(cfg.bias), int(cfg.training),
+             int(cfg.recompute)], float(cfg.dropout), cfg.algo)
+
+
+def _cfg_from(flags: list[int], dropout: float, algo: str, n_weights: int) -> RNNConfig:
+    """The config back from the op's arguments; projections are told by the weight count (one
+    more weight per layer and direction: w_hr), as pydl.lstm tells them."""
+    L, bidirectional, bias, training, recompute = flags
+    per = (4 if bias else 2) * L * (2 if bidirectional else 1)
+    return RNNConfig(L, bool(bidirectional), bool(bias), dropout, bool(training), algo,
+                     bool(recompute), proj=n_weights != per)
+
+
+def _dropout_on(cfg: RNNConfig) -> bool:
+    return cfg.num_layers > 1 and cfg.dropout > 0 and cfg.training
+
+
+def _saved_layout(cfg: RNNConfig, cell, T: int, B: int, H: int, P: int, dt: torch.dtype):
+    """(shape, dtype) of each tensor the forward passes to the backward, in order: per inner
+    layer its output (and with dropout its noise and the dropped output the next layer
+    read), then per layer and direction the gate activations (unless recomputed), the
+    cell states (LSTM) and, with projections, the unprojected m (unless recomputed)."""
+    D = cfg.D
+    seq = ((T, B, D * P), dt)
+    items = []
+    for _ in range(cfg.num_layers - 1):
+        items += [seq, seq, seq] if _dropout_on(cfg) else [seq]
+    for _ in range(cfg.num_layers * D):
+        if not cfg.recompute:
+            items.append(((T, B, cell.saved_gates * H), F32))
+        if cell.has_cell_state:
+            items.append(((T, B, H), F32))
+        if cfg.proj and not cfg.recompute:
+            items.append(((T, B, H), dt))
+    return items
+
+
+def _unpack(x, last_out, saved, cfg: RNNConfig, cell):
+    """The flat saved list back as (inputs, outs, masks, [(acts, cs, m)] per
+    layer-direction)."""
+    it = iter(saved)
+    inputs, outs, masks = [x], [], []
+    for _ in range(cfg.num_layers - 1):
+        out = next(it)
+        outs.append(out)
+        if _dropout_on(cfg):
+            masks.append(next(it))
+            inputs.append(next(it))
+        else:
+            masks.append(None)
+            inputs.append(out)
+    outs.append(last_out)
+    masks.append(None)
+    keep = not cfg.recompute
+    per_dir = [(next(it) if keep else None, next(it) if cell.has_cell_state else None,
+                next(it) if keep and cfg.proj else None)
+               for _ in range(cfg.num_layers * cfg.D)]
+    return inputs, outs, masks, per_dir
+
+
+def _rnn_fwd_fake(x, h0, c0, weights, bs, flags, dropout, algo, op, backend):
+    cfg, (cell, _) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
+    T, B, _ = x.shape
+    (H, P), LD = layer_sizes(weights, cfg, cell.gates), cfg.num_layers * cfg.D
+    return (x.new_empty((T, B, cfg.D * P)), x.new_empty((LD, B, P)),
+            x.new_empty((LD, B, H) if cell.has_cell_state else (0,)),
+            [x.new_empty(shape, dtype=dtype)
+             for shape, dtype in _saved_layout(cfg, cell, T, B, H, P, x.dtype)])
+
+
+@kernel_op("rnn_fwd", _rnn_fwd_fake)
+def _rnn_fwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: list[Tensor],
+             bs: Optional[Tensor], flags: list[int], dropout: float, algo: str, op: str,
+             backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(out, h_n, c_n (empty without a cell state), saved) of a whole stack."""
+    cfg, (cell, launch) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
+    T, B, _ = x.shape
+    L, D = cfg.num_layers, cfg.D
+    H, P = layer_sizes(weights, cfg, cell.gates)
+    dt, dev = x.dtype, x.device
+    h_n = new_output((L * D, B, P), dt, dev)
+    c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
+    schedule = Schedule(cfg.algo, dev, L * D)
+    inputs, outs, masks, saved = [], [], [], []
+    inp = x
+    for layer in range(L):
+        out = new_output((T, B, D * P), dt, dev)
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
+            idx = layer * D + d
+            xp = input_projection(launch, inp, w_ih, b_ih)
+            acts, cs, m = cell.forward(launch, schedule, xp, b_hh, at(h0, idx), at(c0, idx),
+                                       w_hh, w_hr, out[:, :, d * P:(d + 1) * P], h_n[idx],
+                                       at(c_n, idx), bs, d == 1)
+            keep = not cfg.recompute
+            saved.append((acts if keep else None, cs, m if keep else None))
+        inputs.append(inp)
+        outs.append(out)
+        if layer < L - 1 and _dropout_on(cfg):
+            # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p)
+            noise = torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
+            dropped = new_output(out.shape, dt, dev)
+            launch.mul(out, noise, dropped)
+            masks.append(noise)
+            inp = dropped
+        else:
+            masks.append(None)
+            inp = out
+    flat = []
+    for layer in range(L - 1):
+        flat.append(outs[layer])
+        if masks[layer] is not None:
+            flat += [masks[layer], inputs[layer + 1]]
+    for per_dir in saved:
+        flat += [t for t in per_dir if t is not None]
+    return outs[-1], h_n, or_empty(c_n, x), flat
+
+
+def _rnn_bwd_fake(x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need, *rest):
+    return [x.new_empty(t.shape if n else (0,), dtype=t.dtype if n else x.dtype)
+            for t, n in zip((x, h0, c0, *weights), need)]
+
+
+@kernel_op("rnn_bwd", _rnn_bwd_fake)
+def _rnn_bwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], last_out: Tensor,
+             weights: list[Tensor], saved: list[Tensor], bs: Optional[Tensor],
+             d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor],
+             need: list[bool], flags: list[int], dropout: float, algo: str, op: str,
+             backend: str) -> list[Tensor]:
+    """[dx, dh0, dc0, *dweights], an empty tensor where `need` is False."""
+    cfg, (cell, launch) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
+    inputs, outs, masks, saved = _unpack(x, last_out, saved, cfg, cell)
+    L, D, G = cfg.num_layers, cfg.D, cell.gates
+    H, P = layer_sizes(weights, cfg, G)
+    dt, dev = x.dtype, x.device
+    dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
+    dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
+    dweights = [None] * len(weights)
+    need_w = need[3:]
+    schedule = Schedule(cfg.algo, dev, L * D)
+    for layer in range(L - 1, -1, -1):
+        inp, out = inputs[layer], outs[layer]
+        # gradient of this layer's input: fp32 below the top, x's dtype for layer 0
+        if layer > 0:
+            d_in = new_output(inp.shape, F32, dev)
+        elif need[0]:
+            d_in = new_output(x.shape, dt, dev)
+        else:
+            d_in = None
+        acc = new_output(inp.shape, F32, dev) if d_in is not None and D == 2 else None
+        for d in range(D):
+            w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
+            idx = layer * D + d
+            base = idx * cfg.per_direction
+            h0_, c0_ = at(h0, idx), at(c0, idx)
+            out_d = out[:, :, d * P:(d + 1) * P]
+            d_out_d = d_out[:, :, d * P:(d + 1) * P] if d_out is not None else None
+            acts, cs, m = saved[idx]
+            if acts is None:    # recompute: this layer-direction's activations only
+                xp = input_projection(launch, inp, w_ih, b_ih)
+                acts, m = cell.recompute(launch, xp, b_hh, h0_, c0_, w_hh, out_d, cs, d == 1)
+                del xp
+            dg_ih, dg_hh = cell.backward(
+                launch, schedule, acts, cs, h0_, c0_, out_d, w_hh, w_hr, d_out_d,
+                at(d_hn, idx), at(d_cn, idx), at(dh0, idx), at(dc0, idx), bs, d == 1)
+            del acts
+            if w_hr is not None and need_w[base + cfg.per_direction - 1]:
+                dweights[base + cfg.per_direction - 1] = _grad_w_hr(
+                    launch, dg_hh, m, d_out_d, at(d_hn, idx), w_hh, w_hr, d == 1)
+            del m
+            # weight gradients: sums over every (t, b) row
+            if need_w[base]:
+                dw = new_output(w_ih.shape, w_ih.dtype, dev)
+                launch.gemm(dg_ih.transpose(1, 2)[None], inp[None], dw[None, None], model=dt)
+                dweights[base] = dw
+            if need_w[base + 1]:
+                dweights[base + 1] = _grad_w_hh(launch, dg_hh, out_d, h0_, w_hh, d == 1)
+            if cfg.bias:
+                _grad_biases(launch, dg_ih, dg_hh, need_w[base + 2], need_w[base + 3],
+                             dweights, base, G * H, b_ih.dtype, dev)
+            if d_in is not None:
+                # d_in = sum over directions of dg_ih W_ih; the first into an fp32 buffer
+                last_dir = d == D - 1
+                launch.gemm(dg_ih[None], w_ih[None, None], (d_in if last_dir else acc)[None],
+                            c_in=None if d == 0 else acc[None], model=dt)
+        if layer > 0 and masks[layer - 1] is not None:
+            launch.mul(d_in, masks[layer - 1], d_in)
+        d_out = d_in    # the output gradient of the layer below
+    return [or_empty(t, x) for t in (d_out if need[0] else None, dh0, dc0, *dweights)]
+
+
+def _grad_biases(launch, dg_ih, dg_hh, need_ih, need_hh, dweights, base, n, dtype, dev):
+    """db_ih, db_hh into dweights[base + 2], [base + 3]: column sums of dg_ih and dg_hh (one
+    pass writes both when they are one tensor, as for the LSTM)."""
+    dbs = [new_output((n,), dtype, dev) if need else None for need in (need_ih, need_hh)]
+    if dg_ih is dg_hh:
+        if dbs[0] is not None or dbs[1] is not None:
+            first = dbs[0] if dbs[0] is not None else dbs[1]
+            launch.bias_grad(dg_ih, first, dbs[1] if dbs[0] is not None else None)
+    else:
+        for db, dg in zip(dbs, (dg_ih, dg_hh)):
+            if db is not None:
+                launch.bias_grad(dg, db, None)
+    dweights[base + 2], dweights[base + 3] = dbs
+
+
+class RNNFunction(torch.autograd.Function):
+    """A whole LSTM or GRU stack (`op` "lstm" or "gru"): x (T, B, I) ->
+    (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H), None for a cell without one).
+
+    h0, c0: (L*D, B, H) or None (zeros). bs: a packed sequence's active rows per step ((T,)
+    int32 on x's device) or None. weights: torch's flat order (per layer, per direction:
+    w_ih, w_hh[, b_ih, b_hh][, w_hr (P, H): an LSTM with projections, whose out, h0 and h_n
+    are P wide instead of H]). Its backward is not differentiable (pydl._autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, bs, cfg: RNNConfig, op: str, backend: str, *weights):
+        args = (*_cfg_args(cfg), op, backend)
+        out, h_n, c_n, saved = _rnn_fwd(x, h0, c0, list(weights), bs, *args)
+        ctx.save_for_backward(x, h0, c0, bs, out, *weights, *saved)
+        ctx.n_weights, ctx.args = len(weights), args
+        return out, h_n, c_n if _KINDS[(op, backend)][0].has_cell_state else None
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        if torch.is_grad_enabled():     # create_graph: the kernels' result is not differentiable
+            return without_double_backward(ctx.args[-2], _rnn_backward, ctx, d_out, d_hn, d_cn)
+        return _rnn_backward(ctx, d_out, d_hn, d_cn)
+
+
+def _rnn_backward(ctx, d_out, d_hn, d_cn):
+    x, h0, c0, bs, out, *rest = ctx.saved_tensors
+    weights, saved = rest[:ctx.n_weights], rest[ctx.n_weights:]
+    need = ctx.needs_input_grad
+    need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[7:]]
+    grads = _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
+                     need, *ctx.args)
+    dx, dh0, dc0, *dw = [g if n else None for g, n in zip(grads, need)]
+    return (dx, dh0, dc0, None, None, None, None, *dw)
+
+
+
+# --- weight gradients summed over time -------------------------------------------------------
+
+def _recurrent_terms(dg, prev, h0, reverse: bool):
+    """The (a, b) pairs of sum_t dg_t^T prev(t), prev(t) the sequence `prev` one step earlier
+    in run order (prev[t-1], or prev[t+1] in reverse), h0 for the first step (no term if
+    None); a (n, G, B), b (n, B, N)."""
+    T = dg.shape[0]
+    terms = []
+    if T > 1:
+        a, b = (dg[:-1], prev[1:]) if reverse else (dg[1:], prev[:-1])
+        terms.append((a.transpose(1, 2), b))
+    if h0 is not None:
+        t0 = T - 1 if reverse else 0
+        terms.append((dg[t0:t0 + 1].transpose(1, 2), h0[None]))
+    return terms
+
+
+def _sum_of_products(launch, terms, shape, dtype, dev, model):
+    """sum over the terms (a (n, M, K), b (n, K, N)) of sum_n a_n @ b_n: a new (M, N) tensor
+    of `dtype` (zeros without terms), the terms accumulated in fp32, one GEMM each."""
+    if not terms:
+        return torch.zeros(shape, dtype=dtype, device=dev)
+    out = new_output(shape, dtype, dev)
+    acc = new_output(shape, F32, dev) if len(terms) > 1 else None
+    for j, (a, b) in enumerate(terms):
+        target = out if j == len(terms) - 1 else acc
+        launch.gemm(a[None], b[None], target[None, None],
+                    c_in=None if j == 0 else acc[None, None], model=model)
+    return out
+
+
+def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
+    """dW_hh = sum_t dg_t^T h_prev(t): h_prev is the direction's output one step earlier in
+    run order, h0 for the first step (no term if None: one step from a zero state gives
+    W_hh no gradient)."""
+    return _sum_of_products(launch, _recurrent_terms(dg, out_d, h0, reverse), w_hh.shape,
+                            w_hh.dtype, dg.device, w_hh.dtype)
+
+
+def _grad_w_hr(launch, dg, m, d_out, d_hn, w_hh, w_hr, reverse: bool):
+    """dW_hr = sum_t dh_t^T m_t for h_t = m_t W_hr^T, where dh_t = d_out[t] (+ d_hn at the
+    last step) + dg_next(t) W_hh (not at the last step). Summed over every (t, b) row without
+    building dh: d_out^T M + d_hn^T m_last + W_hh^T Y, Y = sum_t dg_next(t)^T m_t (4H, H)
+    fp32, which is dW_hh's sum with m in place of the outputs."""
+    T = m.shape[0]
+    dev, model = m.device, w_hr.dtype
+    terms = []
+    y_terms = _recurrent_terms(dg, m, None, reverse)
+    if y_terms:
+        y = _sum_of_products(launch, y_terms, (dg.shape[2], m.shape[2]), F32, dev, model)
+        terms.append((w_hh.t()[None], y[None]))
+    if d_out is not None:
+        terms.append((d_out.transpose(1, 2), m))
+    if d_hn is not None:
+        t_last = 0 if reverse else T - 1
+        terms.append((d_hn.t()[None], m[t_last][None]))
+    return _sum_of_products(launch, terms, w_hr.shape, w_hr.dtype, dev, model)
+
+
+# --- the layer op on a backend -----------------------------------------------------------------
+
+def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
+    """The kernel implementation of a layer op ("lstm", "gru") on `backend`, for the
+    registry: impl(x, h0, c0, weights, cfg, packed) -> (out, h_n, c_n or None); packed: None
+    or a PackedSequence input's pydl._rnn_checks.Packed (x is then padded)."""
+    _KINDS[(op, backend)] = (cell, launch)
+
+    def impl(x, h0, c0, weights, cfg: RNNConfig, packed=None):
+        algo = cfg.algo or algos[0]
+        if algo not in algos:
+            raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
+                             f"backend (available: {', '.join(algos)})")
+        bs = packed.bs if packed is not None else None
+        return RNNFunction.apply(x, h0, c0, bs, replace(cfg, algo=algo), op, backend, *weights)
+    return impl
+
+
+__all__ = ["RNNConfig", "RNNFunction", "layer_impl", "direction_weights", "layer_sizes",
+           "input_projection", "mm", "or_empty", "seq_rows", "steps_after_first", "at",
+           "cell_need", "cell_grads_fake"]

@@ -1,0 +1,113 @@
+"""What the recurrent tests share (test_lstm.py, test_gru.py, test_rnn.py): running a layer or a
+cell with gradients, and checking a layer against the float64 reference and torch.
+
+Layer variants: (backend, algo). algo None is the default ("persistent": in emulation one
+program runs every step of a direction in one launch, the persistent kernels' data flow
+without their barrier); "steps" launches once per step with the grid covering every tile,
+the unit split of the persistent path. The barrier itself runs only on a GPU
+(tests/test_rnn_persistent.py).
+"""
+import pytest
+import torch
+from conftest import DEVICE
+
+import pydl
+from pydl import reference as ref
+from pydl.testing import assert_close, random_tensor, uses_tf32
+
+LAYER_VARIANTS = [("triton", None), ("triton", "steps"), ("numba", None)]
+variants = pytest.mark.parametrize("backend,algo", LAYER_VARIANTS,
+                                   ids=["triton", "triton-steps", "numba"])
+TF32 = uses_tf32(DEVICE, cudnn=True)
+
+
+def np64(t):
+    return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+
+
+def run(fn, tensors, cotangents):
+    """fn(*leaves) with fresh leaves of the tensors (None stays None), backpropagating the
+    cotangents through its tensor outputs; (outputs, grads)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+    outs = fn(*leaves)
+    torch.autograd.backward(outs, cotangents)
+    return [o.detach() for o in outs], [None if t is None else t.grad for t in leaves]
+
+
+def weights_like(module, dtype):
+    """The module's parameters (torch's init) as plain tensors of `dtype` on DEVICE."""
+    return [p.detach().to(DEVICE, dtype) for p in module.parameters()]
+
+
+def layer_fn(kind, backend, algo=None, recompute=False, **opts):
+    """fn(x, *states, *weights) -> the layer's outputs as a tuple: (out, h_n, c_n) for the
+    LSTM (states h0, c0), (out, h_n) for the GRU (state h0); None states are zeros."""
+    extra = {} if backend == "torch" else dict(algo=algo, recompute=recompute)
+
+    def lstm(x, h0, c0, *w):
+        out, (hn, cn) = pydl.lstm(x, None if h0 is None else (h0, c0), list(w), backend=backend,
+                                  **extra, **opts)
+        return out, hn, cn
+
+    def gru(x, h0, *w):
+        return pydl.gru(x, h0, list(w), backend=backend, **extra, **opts)
+    return lstm if kind == "lstm" else gru
+
+
+def check_layer(backend, algo, dtype, T, B, I, H, L=1, bidirectional=False, batch_first=False,
+                with_state=True, bias=True, unbatched=False, kind="lstm", recompute=False,
+                proj=0):
+    """pydl.lstm / pydl.gru (kind) against the float64 reference and torch: outputs and the
+    gradients of the input, the initial states and every weight. proj: the LSTM's proj_size."""
+    D = 2 if bidirectional else 1
+    n_states, G = (2, 4) if kind == "lstm" else (1, 3)
+    module = (torch.nn.LSTM(I, H, L, bias=bias, bidirectional=bidirectional, proj_size=proj)
+              if kind == "lstm" else torch.nn.GRU(I, H, L, bias=bias, bidirectional=bidirectional))
+    names = ref.lstm_weight_names(L, bidirectional, bias, proj=proj > 0)
+    ws = [getattr(module, n).detach().to(DEVICE, dtype) for n in names]
+    P = proj or H   # h's width
+    lead = (L * D,) if unbatched else (L * D, B)
+    xs = (T, I) if unbatched else ((B, T, I) if batch_first else (T, B, I))
+    sizes = [lead + (P,), lead + (H,)][:n_states]      # h, c
+    x = random_tensor(xs, dtype, DEVICE)
+    states = [random_tensor(ss, dtype, DEVICE) if with_state else None for ss in sizes]
+    out_shape = xs[:-1] + (D * P,)
+    cot = [random_tensor(out_shape, dtype, DEVICE)] + [random_tensor(ss, dtype, DEVICE)
+                                                        for ss in sizes]
+    opts = dict(num_layers=L, bias=bias, batch_first=batch_first, bidirectional=bidirectional)
+
+    outs, grads = run(layer_fn(kind, backend, algo, recompute, **opts), [x, *states, *ws], cot)
+    up = torch.float32 if dtype == torch.float16 else dtype
+    # training mode on torch's side: cuDNN refuses a backward through its RNN in eval mode
+    # (with no dropout the two modes compute the same)
+    t_outs, t_grads = run(layer_fn(kind, "torch", training=True, **opts),
+                          [None if t is None else t.to(up) for t in [x, *states, *ws]],
+                          [t.to(up) for t in cot])
+    w64 = dict(zip(names, map(np64, ws)))
+    if kind == "lstm":
+        r_out, (r_hn, r_cn), cache = ref.lstm(np64(x), *map(np64, states), w64, L, bidirectional,
+                                              batch_first, return_cache=True)
+        r_dx, r_dh0, r_dc0, r_dw = ref.lstm_backward(*map(np64, cot), cache)
+        r_outs, r_grads = (r_out, r_hn, r_cn), [r_dx, r_dh0, r_dc0]
+        out_names, state_names = ("output", "h_n", "c_n"), ["dh0", "dc0"]
+    else:
+        r_out, r_hn, cache = ref.gru(np64(x), np64(states[0]), w64, L, bidirectional, batch_first,
+                                     return_cache=True)
+        r_dx, r_dh0, r_dw = ref.gru_backward(*map(np64, cot), cache)
+        r_outs, r_grads = (r_out, r_hn), [r_dx, r_dh0]
+        out_names, state_names = ("output", "h_n"), ["dh0"]
+    r_grads += [r_dw[n] for n in names]
+    # errors compound through time and layers: scale the reduction length with both
+    red = T * L * (I + D * H)
+    for ours, r, t, name in zip(outs, r_outs, t_outs, out_names):
+        assert ours.dtype == dtype
+        assert_close(ours, r, dtype, reduction=red, tf32=TF32, name=f"{name} vs reference")
+        assert_close(ours, t, dtype, reduction=red, tf32=TF32, name=f"{name} vs torch")
+    for g, r, t, name in zip(grads, r_grads, t_grads, ["dx"] + state_names + names):
+        if g is None:
+            assert name in state_names and not with_state
+            continue
+        assert g.dtype == dtype, name
+        red_g = red * (T * B + G * H)
+        assert_close(g, r, dtype, reduction=red_g, tf32=TF32, name=f"{name} vs reference")
+        assert_close(g, t, dtype, reduction=red_g, tf32=TF32, name=f"{name} vs torch")

@@ -1,0 +1,461 @@
+"""What the LSTM and GRU layers share (pydl/rnn.py's machinery, pydl/_rnn_launch.py's launches):
+recompute, PackedSequence inputs, launches per call that do not grow with the sequence length,
+the persistent schedule's launch (cooperative, one program per SM at most), the precision of
+the backward's fp32 x fp16 products, double backward, empty batches and NaN propagation.
+"""
+import contextlib
+import importlib
+import time
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS
+from rnn_checks import TF32, check_layer
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import pydl
+from pydl import _rnn_launch
+from pydl.testing import assert_close, poisoned_outputs, random_tensor
+
+KINDS = ("lstm", "gru")
+# launches are counted where they are stubbed: Triton's interpreter and Numba's simulator
+stubbed = pytest.mark.skipif(HAS_CUDA, reason="counts the emulators' launches (kernels stubbed)")
+
+
+def _module(kind, *args, **kwargs):
+    return (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(*args, **kwargs).to(DEVICE)
+
+
+def _call(kind, x, hx, weights, **kw):
+    """pydl.lstm / pydl.gru with (h0, c0) or h0; returns (out, [h_n, (c_n)])."""
+    if kind == "lstm":
+        out, (hn, cn) = pydl.lstm(x, hx, weights, **kw)
+        return out, [hn, cn]
+    out, hn = pydl.gru(x, hx, weights, **kw)
+    return out, [hn]
+
+
+# --- recompute: no gate activations kept between forward and backward -----------------------
+
+@pytest.mark.parametrize("kind,case", [("lstm", (1, 1, 3, 7)), ("gru", (3, 2, 3, 6))])
+def test_recompute_vs_reference(kind, case):
+    """recompute=True against the reference: one step (no batched recomputation of the
+    later steps), and a zero initial state."""
+    check_layer("triton", None, torch.float32, *case, kind=kind, recompute=True,
+                with_state=kind == "lstm", bias=kind == "lstm")
+
+
+def _saved_gate_activations(out, H):
+    """The per-step gate activations (fp32 (T, B, 4H)) the layer's autograd node keeps, and
+    every tensor it holds."""
+    held = [t for t in out.grad_fn.saved_tensors if t is not None]
+    acts = [t for t in held if t.dtype == torch.float32 and t.dim() == 3 and t.shape[-1] == 4 * H]
+    return acts, held
+
+
+@pytest.mark.parametrize("kind,backend,algo,L", [
+    ("lstm", "triton", None, 2), ("lstm", "triton", "steps", 1), ("lstm", "numba", None, 1),
+    ("gru", "triton", None, 1), ("gru", "numba", None, 1)])
+def test_recompute(kind, backend, algo, L):
+    """recompute=True (the nn modules' keyword, passed to pydl.lstm / pydl.gru): the same
+    outputs and gradients as without it, and the autograd node holds no gate activations."""
+    T, B, I, H = 3, 2, 3, 5
+    G = 4 if kind == "lstm" else 3
+    cls = pydl.nn.LSTM if kind == "lstm" else pydl.nn.GRU
+    extra = dict(algo=algo) if algo else {}
+    x = random_tensor((T, B, I), torch.float32, DEVICE)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(5)    # the same weights both times
+        m = cls(I, H, L, bidirectional=True, backend=backend, recompute=recompute,
+                **extra).to(DEVICE)
+        xr = x.clone().requires_grad_(True)
+        out, hn = m(xr)
+        hn = hn[0] if kind == "lstm" else hn
+        acts, held = _saved_gate_activations(out, H)
+        if recompute:
+            assert not acts
+            assert not any(t.dtype == torch.float32 and t.dim() == 3
+                           and t.shape[-1] in (G * H, 4 * H)
+                           for t in held), [tuple(t.shape) for t in held]
+        else:
+            assert len(acts) == 2 * L, [tuple(t.shape) for t in held]   # one per layer-direction
+        (out.square().sum() + hn.sum()).backward()
+        results.append([out.detach(), hn.detach(), xr.grad] + [p.grad for p in m.parameters()])
+    # fp32 rounding at most: the recomputation runs every step in one launch (other tiles)
+    for a, b in zip(*results):
+        assert_close(b, a, torch.float32, reduction=4, tf32=TF32)
+
+
+# --- PackedSequence inputs ---------------------------------------------------------------------
+
+# (lengths in the caller's order, layers, bidirectional, with a state, recompute)
+PACKED_CASES = {
+    "unsorted-bidir": ([3, 5, 1, 4], 1, True, True, False),
+    "sorted-2layers": ([4, 4, 2], 2, False, True, False),
+    "nostate-bidir-2layers": ([2, 3, 3, 1, 2], 2, True, False, False),
+    "unsorted-bidir-recompute": ([3, 5, 1, 4], 1, True, True, True),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend,algo,case", [("triton", None, c) for c in PACKED_CASES]
+                         + [("triton", "steps", "unsorted-bidir"),
+                            ("numba", None, "unsorted-bidir"),
+                            ("numba", "steps", "sorted-2layers")])
+def test_packed_sequence(kind, backend, algo, case):
+    """A PackedSequence input as torch.nn.LSTM / GRU take it: packed output, h_n (and c_n)
+    of each sequence's own last step, in the caller's batch order; gradients of the packed
+    data, the initial states (given in the caller's order) and every weight, against torch's
+    packed LSTM / GRU. Sequences past their end keep their state (frozen rows)."""
+    lengths, L, bidir, with_state, recompute = PACKED_CASES[case]
+    I, H, T, B = 3, 5, max(lengths), len(lengths)
+    m = _module(kind, I, H, L, bidirectional=bidir)
+    D = 2 if bidir else 1
+    padded = random_tensor((T, B, I), torch.float32, DEVICE)
+    packed = pack_padded_sequence(padded, torch.tensor(lengths), enforce_sorted=False)
+    n_states = 2 if kind == "lstm" else 1
+    states = [random_tensor((L * D, B, H), torch.float32, DEVICE) if with_state else None
+              for _ in range(n_states)]
+    results = []
+    for be in (backend, "torch"):
+        data = packed.data.clone().requires_grad_(True)
+        seq = PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                             packed.unsorted_indices)
+        hs = [None if s is None else s.clone().requires_grad_(True) for s in states]
+        hx = (None if hs[0] is None else (tuple(hs) if kind == "lstm" else hs[0]))
+        weights = [w.detach().clone().requires_grad_(True) for w in m._flat_weights]
+        kw = dict(num_layers=L, bidirectional=bidir, backend=be)
+        if be != "torch":
+            kw.update(algo=algo, recompute=recompute)
+        else:
+            kw["training"] = True       # cuDNN refuses a backward in eval mode (no dropout here)
+        out, finals = _call(kind, seq, hx, weights, **kw)
+        assert isinstance(out, PackedSequence)
+        assert torch.equal(out.batch_sizes, packed.batch_sizes)
+        assert torch.equal(out.unsorted_indices, packed.unsorted_indices)
+        gen = torch.Generator().manual_seed(3)
+        cots = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in (out.data, *finals)]
+        torch.autograd.backward([out.data, *finals], cots)
+        results.append([out.data.detach(), *[f.detach() for f in finals], data.grad,
+                        *[h.grad for h in hs if h is not None], *[w.grad for w in weights]])
+    # torch on the module directly: the functional call above must be what nn.LSTM does
+    t_out, t_finals = m(packed, None if states[0] is None else
+                        (tuple(states) if kind == "lstm" else states[0]))
+    assert_close(results[1][0], t_out.data, torch.float32, name="torch functional vs module")
+    for i, (ours, theirs) in enumerate(zip(*results)):
+        assert_close(ours, theirs, torch.float32, reduction=T * L * 4 * (I + D * H), tf32=TF32,
+                     name=f"packed result {i}")
+
+
+def test_packed_sequence_module():
+    """pydl.nn.GRU takes a PackedSequence as torch.nn.GRU does."""
+    theirs = torch.nn.GRU(3, 4, batch_first=True).to(DEVICE)
+    ours = pydl.nn.GRU(3, 4, batch_first=True, backend="triton").to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor((3, 5, 3), torch.float32, DEVICE)
+    packed = pack_padded_sequence(x, torch.tensor([2, 5, 3]), batch_first=True,
+                                  enforce_sorted=False)
+    out, hn = ours(packed)
+    t_out, t_hn = theirs(packed)
+    assert_close(out.data, t_out.data, torch.float32, reduction=20, tf32=TF32)
+    assert_close(hn, t_hn, torch.float32, reduction=20, tf32=TF32)
+
+
+# --- launches per call ---------------------------------------------------------------------
+
+# ATen ops that only allocate or make views: no device work
+_NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
+              "_unsafe_view", "as_strided", "t", "transpose", "permute", "select", "slice",
+              "unsqueeze", "squeeze", "detach", "alias", "expand", "split", "unbind",
+              "_reshape_alias", "lift_fresh", "reshape"}
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """Kernel launches (Triton's interpreter, Numba's simulator) recorded and not run, and the
+    ATen ops that do device work (fills, copies, random draws) recorded and run: a list of
+    (kind, name, launch keyword arguments)."""
+    from numba.cuda.simulator import kernel as sim
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter
+
+    calls = []
+    triton_call, numba_call = interpreter.GridExecutor.__call__, sim.FakeCUDAKernel.__call__
+
+    def count_triton(self, *args, **kwargs):
+        calls.append(("triton", self.fn.__name__, kwargs))
+
+    def count_numba(self, *args):
+        if self._device or sim._kernel_context:
+            return numba_call(self, *args)
+        calls.append(("numba", self.fn.__name__, {}))
+
+    class CountATen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__.rstrip("_")
+            if name not in _NO_LAUNCH:
+                calls.append(("aten", name, {}))
+            return func(*args, **(kwargs or {}))
+
+    interpreter.GridExecutor.__call__, sim.FakeCUDAKernel.__call__ = count_triton, count_numba
+    try:
+        with CountATen(), poisoned_outputs(False):
+            yield calls
+    finally:
+        interpreter.GridExecutor.__call__, sim.FakeCUDAKernel.__call__ = triton_call, numba_call
+
+
+@pytest.fixture
+def gpu_schedule(monkeypatch):
+    """The schedule a GPU takes ("persistent": one cooperative launch per direction), for
+    counting launches that are not run."""
+    monkeypatch.setattr(_rnn_launch, "persistent_on", lambda device: True)
+
+
+def _layer_launches(kind, backend, algo, T, L=1, bidirectional=False, B=4, H=8):
+    """(forward launches, backward launches) of one call of a layer of T steps."""
+    I = 6
+    m = _module(kind, I, H, L, bidirectional=bidirectional)
+    x = random_tensor((T, B, I), torch.float32, DEVICE).requires_grad_(True)
+    weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
+    with counted_launches() as calls:
+        out, finals = _call(kind, x, None, weights, num_layers=L, bidirectional=bidirectional,
+                            backend=backend, algo=algo)
+        n_fwd = len(calls)
+        (out.sum() + finals[0].sum()).backward()
+    return calls[:n_fwd], calls[n_fwd:]
+
+
+@stubbed
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_launches_do_not_grow_with_sequence_length(gpu_schedule, kind, backend):
+    """With the kernels stubbed out, a layer call launches as many kernels (and ATen ops) at
+    T=50 as at T=3, forward and backward, on the schedule a GPU takes: one recurrence launch
+    per layer and direction each way, whatever T. algo="steps" launches once per step."""
+    counts = {}
+    for T in (3, 50):
+        fwd, bwd = _layer_launches(kind, backend, None, T, L=2, bidirectional=True)
+        counts[T] = (fwd, bwd)
+        rec_f = [c for c in fwd if c[1].endswith("layer_fwd") or c[1] == "fwd"]
+        rec_b = [c for c in bwd if c[1].endswith("layer_bwd") or c[1] == "bwd"]
+        assert len(rec_f) == 4 and len(rec_b) == 4, (rec_f, rec_b)     # 2 layers x 2 directions
+    for i, what in enumerate(("forward", "backward")):
+        names3 = [c[1] for c in counts[3][i]]
+        names50 = [c[1] for c in counts[50][i]]
+        assert names3 == names50, f"{what}: {names3} vs {names50}"
+    steps3 = _layer_launches(kind, backend, "steps", 3)
+    steps50 = _layer_launches(kind, backend, "steps", 50)
+    assert len(steps50[0]) - len(steps3[0]) == 47
+    assert len(steps50[1]) - len(steps3[1]) == 47
+
+
+@stubbed
+@pytest.mark.parametrize("kind", KINDS)
+def test_persistent_launch_is_cooperative(gpu_schedule, kind):
+    """The persistent recurrence launch asks for a cooperative grid of at most one program
+    per SM, with the grid barrier compiled in; "steps" launches without it."""
+    fwd, bwd = _layer_launches(kind, "triton", None, 5, B=40, H=600)
+    for name, kw in [(c[1], c[2]) for c in fwd + bwd if c[1].startswith(kind + "_layer")]:
+        assert kw["GRID_SYNC"] is True and kw["launch_cooperative_grid"] is True, name
+    fwd, _ = _layer_launches(kind, "triton", "steps", 5, B=40, H=600)
+    steps = [c[2] for c in fwd if c[1] == f"{kind}_layer_fwd"]
+    assert len(steps) == 5 and all(kw["GRID_SYNC"] is False for kw in steps)
+    assert all("launch_cooperative_grid" not in kw for kw in steps)
+
+
+def test_step_tiles_fill_the_chip():
+    """The default tiles spread one step over most SMs without exceeding them (DeepBench
+    shapes on 132 SMs), at least 4 units a tile forward and 16 backward."""
+    for B, H in ((32, 1024), (64, 512), (16, 2048), (128, 2048), (32, 256), (32, 1536)):
+        for min_units, max_units in ((4, 32), (16, 64)):
+            bb, bh = _rnn_launch.step_tiles(B, H, 132, min_units, max_units, 64)
+            tiles = -(-B // bb) * -(-H // bh)
+            assert bh >= min_units and tiles <= 132 or bh == max_units, (B, H, bb, bh, tiles)
+            assert tiles >= 32, (B, H, bb, bh, tiles)
+
+
+def _host_us_per_call(kind, T, algo=None, repeat=7):
+    """Microseconds of host time per forward + backward call with the launches stubbed out."""
+    m = _module(kind, 16, 32, 1)
+    x = random_tensor((T, 8, 16), torch.float32, DEVICE).requires_grad_(True)
+    weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
+    best = float("inf")
+    for _ in range(repeat):
+        with counted_launches():
+            t0 = time.perf_counter()
+            out, finals = _call(kind, x, None, weights, backend="triton", algo=algo)
+            out.sum().backward()
+            best = min(best, time.perf_counter() - t0)
+    return best * 1e6
+
+
+@stubbed
+@pytest.mark.parametrize("kind", KINDS)
+def test_host_time_does_not_grow_with_sequence_length(gpu_schedule, kind):
+    """Host time of a call with the launches stubbed: T=50 costs about what T=3 does on the
+    persistent schedule (the launch plan is built once a direction, not per step)."""
+    t3, t50 = _host_us_per_call(kind, 3), _host_us_per_call(kind, 50)
+    assert t50 < 1.5 * t3 + 200, (t3, t50)
+
+
+# --- precision of the backward's fp32 x fp16 products ------------------------------------------
+
+@contextlib.contextmanager
+def tensor_core_rounding():
+    """Triton's interpreter multiplies fp32 exactly whatever input_precision says; make it
+    round as Hopper's tensor cores do: "tf32" truncates each fp32 operand to its top 19 bits
+    (no round-to-nearest), "tf32x3" sums the three TF32 products of the operands' hi/lo
+    splits."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    def trunc(a):
+        return (a.astype(np.float32).view(np.int32) & np.int32(-8192)).view(np.float32)
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype == np.float32 and input_precision in (ir.INPUT_PRECISION.TF32,
+                                                              ir.INPUT_PRECISION.TF32x3):
+            x, y = a.data, b.data.astype(np.float32)
+            if input_precision == ir.INPUT_PRECISION.TF32:
+                prod = np.matmul(trunc(x), trunc(y))
+            else:
+                xh, yh = trunc(x), trunc(y)
+                prod = (np.matmul(xh, yh) + np.matmul(trunc(x - xh), yh)
+                        + np.matmul(xh, trunc(y - yh)))
+            return interpreter.TensorHandle(prod.astype(d.data.dtype) + d.data, d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        interpreter.InterpreterBuilder.create_dot = original
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="emulates the tensor cores' rounding in the interpreter")
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp16_backward_products_are_fp32_accurate(kind):
+    """In an fp16 layer the backward multiplies fp32 gate gradients by fp16 weights: the
+    recurrent dh = dg_next W_hh inside each step and the weight-gradient GEMMs. With the
+    tensor cores' TF32 truncation emulated, those products must still be fp32-accurate (the
+    hi/lo split, kernels/triton/rnn.py `dot`): the gate gradients of BPTT's second step,
+    which depend on the first one's through W_hh, and an fp32 GEMM dg^T h, within 1e-5 of
+    float64 (relative to their largest value). Plain TF32 truncation is off by ~1e-3."""
+    lstm_mod, gru_mod = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
+    T, B, H = 2, 16, 32
+    G = 4 if kind == "lstm" else 3
+    gen = torch.Generator().manual_seed(0)
+    w_hh = (torch.randn(G * H, H, generator=gen) / H ** 0.5).half()
+    d_out = torch.randn(T, B, H, generator=gen).half()
+    f64 = torch.float64
+    with tensor_core_rounding(), poisoned_outputs(False):
+        steps = _rnn_launch.Schedule("steps", torch.device("cpu"), 0)
+        if kind == "lstm":
+            acts = torch.rand(T, B, 4 * H, generator=gen)
+            cs = torch.randn(T, B, H, generator=gen)
+            dg = torch.empty(T, B, 4 * H)
+            lstm_mod.TritonLSTM.backward(steps, acts, cs, None, w_hh, d_out, None, None, None,
+                                         dg, None, None, False, torch.float16).run(0, T)
+            # step 0's dh = dg_1 W_hh + d_out_0; its d a_o = dh tanh(c_0) o (1 - o)
+            dh = dg[1].to(f64) @ w_hh.to(f64) + d_out[0].to(f64)
+            o = acts[0, :, 3 * H:].to(f64)
+            want = dh * torch.tanh(cs[0].to(f64)) * o * (1 - o)
+            have, grads = dg[0, :, 3 * H:], dg
+        else:
+            ws = torch.rand(T, B, 4 * H, generator=gen)
+            out = torch.randn(T, B, H, generator=gen).half()
+            dgi, dgh = torch.empty(T, B, 3 * H), torch.empty(T, B, 3 * H)
+            gru_mod.TritonGRU.backward(steps, ws, out, None, w_hh, d_out, None, None, dgi, dgh,
+                                       None, False, torch.float16).run(0, T)
+            # step 0's dh1 = dgh_1 W_hh + d_out_1 z_1 (the direct part) + d_out_0;
+            # its d a_n = dh1 (1 - z_0) (1 - n_0^2)
+            z1 = ws[1, :, H:2 * H].to(f64)
+            dh = dgh[1].to(f64) @ w_hh.to(f64) + d_out[1].to(f64) * z1 + d_out[0].to(f64)
+            z, n = ws[0, :, H:2 * H].to(f64), ws[0, :, 2 * H:3 * H].to(f64)
+            want = dh * (1 - z) * (1 - n * n)
+            have, grads = dgi[0, :, 2 * H:], dgh
+        err = ((have.to(f64) - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, f"recurrent product: relative error {err:.2e}"
+        # a weight-gradient GEMM: fp32 dg^T times fp16 h into an fp32 accumulator
+        h = torch.randn(T * B, H, generator=gen).half()
+        acc = torch.empty(G * H, H)
+        rows = grads.reshape(T * B, -1)
+        lstm_mod.TritonLSTM.gemm(rows.t()[None, None], h[None, None], acc[None, None],
+                                 model=torch.float16)
+        want = rows.to(f64).t() @ h.to(f64)
+        err = ((acc.to(f64) - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, f"weight-gradient GEMM: relative error {err:.2e}"
+
+
+# --- double backward, empty batches, NaN ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_double_backward_raises(kind, backend):
+    """The layers' and cells' backward is kernels: differentiating a gradient through them
+    raises (naming the op) instead of silently dropping their share of a second derivative,
+    also with a constant cotangent (a gradient penalty)."""
+    m = _module(kind, 3, 4)
+    x = random_tensor((2, 2, 3), torch.float32, DEVICE).requires_grad_(True)
+    out, _ = _call(kind, x, None, list(m._flat_weights), backend=backend)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"pydl.{kind} has no double backward"):
+        g.square().sum().backward()
+    cell = (pydl.lstm_cell if kind == "lstm" else pydl.gru_cell)
+    G = 4 if kind == "lstm" else 3
+    w_ih = random_tensor((G * 4, 3), torch.float32, DEVICE).requires_grad_(True)
+    w_hh = random_tensor((G * 4, 4), torch.float32, DEVICE)
+    y = cell(x[0], None, w_ih, w_hh, backend=backend)
+    y = y[0] if kind == "lstm" else y
+    (g,) = torch.autograd.grad(y.sum(), w_ih, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"pydl.{kind}_cell has no double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_empty_batch(kind, backend):
+    """Batch 0, as torch: outputs (T, 0, H) and (L*D, 0, H), zero weight gradients; the cells
+    (0, H). Sequence length 0 raises as torch does (test_lstm / test_gru bad input)."""
+    m = _module(kind, 3, 4, 2, bidirectional=True)
+    x = torch.empty(5, 0, 3, device=DEVICE, requires_grad=True)
+    weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
+    out, finals = _call(kind, x, None, weights, num_layers=2, bidirectional=True, backend=backend)
+    t_out, t_finals = _call(kind, x, None, weights, num_layers=2, bidirectional=True,
+                            backend="torch", training=True)
+    assert out.shape == t_out.shape == (5, 0, 8)
+    assert [f.shape for f in finals] == [f.shape for f in t_finals]
+    (out.sum() + finals[0].sum()).backward()
+    assert x.grad.shape == x.shape
+    for w in weights:
+        assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
+    cell = pydl.lstm_cell if kind == "lstm" else pydl.gru_cell
+    y = cell(torch.empty(0, 3, device=DEVICE), None, weights[0], weights[1], backend=backend)
+    assert (y[0] if kind == "lstm" else y).shape == (0, 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_nan_propagates_as_in_torch(kind, backend):
+    """A NaN in one sequence's input reaches that sequence's outputs from its step on, and
+    its gradients, exactly where torch's do; the other sequences stay finite."""
+    m = _module(kind, 3, 4)
+    x = random_tensor((3, 2, 3), torch.float32, DEVICE)
+    x[1, 0, 2] = float("nan")
+    results = []
+    for be in (backend, "torch"):
+        xr = x.clone().requires_grad_(True)
+        weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
+        out, finals = _call(kind, xr, None, weights, backend=be, training=True)
+        out[:, 1].sum().backward()
+        results.append((out.detach(), finals[0].detach(), xr.grad))
+    for ours, theirs in zip(*results):
+        assert_close(ours, theirs, torch.float32, reduction=16, tf32=TF32)
+    out = results[0][0]
+    assert torch.isnan(out[1:, 0]).all() and not torch.isnan(out[0]).any()
+    assert torch.isfinite(out[:, 1]).all()
