@@ -4,6 +4,7 @@ weight names. pydl/lstm.py and pydl/gru.py call these before dispatching to a ba
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -11,8 +12,13 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ._checks import check_tensor
 from ._library import autocast_inputs
-from .backends import dispatch
+from ._plan import Cache
+from ._rnn_launch import ALGOS as _LAYER_ALGOS
+from .backends import current_backend, dispatch
 from .rnn import RNNConfig
+
+# the initial states' names in messages, by layer op
+_STATE_NAMES = {"lstm": ("hx[0] (h0)", "hx[1] (c0)"), "gru": ("hx (h0)",)}
 
 
 def shape_of(t) -> tuple:
@@ -232,6 +238,60 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
     return impl, x, out_states, cfg, layout
 
 
+class LayerCall:
+    """pydl.lstm / pydl.gru for one call signature of a padded (not packed) input, checked
+    once by prepare_layer (pydl._plan): per call, only the layout's views and the layer."""
+
+    __slots__ = ("impl", "cfg", "layout", "n_states")
+
+    def __init__(self, op, gates, input, states, weights, options):
+        self.impl, _, _, cfg, self.layout = prepare_layer(op, gates, input, states, weights,
+                                                          **options)
+        # the kernel backends' default algorithm, resolved once (the torch backend has none)
+        self.cfg = cfg if cfg.algo is not None else replace(cfg, algo=_LAYER_ALGOS[0])
+        self.n_states = len(states)
+
+    def __call__(self, input, states, weights):
+        layout = self.layout
+        if layout.unbatched:
+            x = input.unsqueeze(1)
+            states = [None if s is None else s.unsqueeze(1) for s in states]
+        else:
+            x = input.transpose(0, 1) if layout.batch_first else input
+        h0, c0 = (states[0], states[1]) if self.n_states == 2 else (states[0], None)
+        out, h_n, c_n = self.impl(x, h0, c0, tuple(weights), self.cfg, None)
+        return layer_output(out, (h_n, c_n)[:self.n_states], layout)
+
+
+def _layer_key(op, gates, input, states, weights, options):
+    """The call signature: what prepare_layer checks (a PackedSequence input has no .shape:
+    no key, checked every call)."""
+    return (op, options["backend"] or current_backend(), input.shape, input.dtype, input.device,
+            *[None if s is None else (s.shape, s.dtype, s.device) for s, _ in states],
+            *[(w.shape, w.dtype, w.device) for w in weights], *options.values())
+
+
+_LAYER_CALLS = Cache("rnn layer calls")
+
+
+def run_layer(op: str, gates: int, input, states, weights, **options):
+    """prepare_layer, the layer, layer_output: pydl.lstm's and pydl.gru's body, the checks done
+    once per call signature. states: the initial states (h0[, c0]), None for zeros."""
+    named = tuple(zip(states, _STATE_NAMES[op]))
+    if isinstance(input, PackedSequence):       # padded afresh every call: nothing to keep
+        impl, x, states, cfg, layout = prepare_layer(op, gates, input, named, weights, **options)
+        h0, c0 = (states[0], states[1]) if len(states) == 2 else (states[0], None)
+        out, h_n, c_n = impl(x, h0, c0, tuple(weights), cfg, layout.packed)
+        return layer_output(out, (h_n, c_n)[:len(states)], layout)
+    weights = list(weights) if isinstance(weights, (list, tuple)) else weights
+    if isinstance(input, torch.Tensor) and isinstance(weights, list):
+        input, *cast = autocast_inputs(op, input, *weights, *states)
+        weights, states = cast[:len(weights)], cast[len(weights):]
+        named = tuple(zip(states, _STATE_NAMES[op]))
+    call = _LAYER_CALLS.call(_layer_key, LayerCall, op, gates, input, named, weights, options)
+    return call(input, states, weights)
+
+
 def layer_output(out, states, layout: Layout):
     """The layer's output (T, B, D*H) and final states (L*D, B, H) in the caller's layout."""
     p = layout.packed
@@ -246,5 +306,5 @@ def layer_output(out, states, layout: Layout):
     return (out.transpose(0, 1) if layout.batch_first else out), list(states)
 
 
-__all__ = ["prepare_layer", "layer_output", "check_cell_weights", "check_cell_state",
-           "check_same", "rnn_weight_names", "Layout", "Packed"]
+__all__ = ["prepare_layer", "layer_output", "run_layer", "LayerCall", "check_cell_weights",
+           "check_cell_state", "check_same", "rnn_weight_names", "Layout", "Packed"]

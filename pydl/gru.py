@@ -32,7 +32,7 @@ from ._checks import check_tensor
 from ._launch import cdiv, new_output, numba_array
 from ._library import autocast_inputs, kernel_op
 from . import _rnn_launch
-from ._rnn_checks import check_cell_state, check_cell_weights, layer_output, prepare_layer
+from ._rnn_checks import check_cell_state, check_cell_weights, run_layer
 from ._rnn_launch import (NumbaPlan, NumbaRNN, Schedule, TritonPlan, TritonRNN, numba_tile,
                           tile_configs)
 from ._rnn_launch import numba_arg as _a
@@ -385,12 +385,10 @@ def gru(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_fir
     """
     if hx is not None and not isinstance(hx, torch.Tensor):
         raise TypeError(f"hx must be a tensor (h0) or None, got {type(hx).__name__}")
-    impl, x, (h0,), cfg, layout = prepare_layer(
-        "gru", 3, input, ((hx, "hx (h0)"),), weights, num_layers=num_layers, bias=bias,
-        batch_first=batch_first, dropout=dropout, training=training,
-        bidirectional=bidirectional, backend=backend, algo=algo, recompute=recompute)
-    out, h_n, _ = impl(x, h0, None, tuple(weights), cfg, layout.packed)
-    out, (h_n,) = layer_output(out, (h_n,), layout)
+    out, (h_n,) = run_layer(
+        "gru", 3, input, (hx,), weights, num_layers=num_layers, bias=bias,
+        batch_first=batch_first, dropout=dropout, training=training, bidirectional=bidirectional,
+        backend=backend, algo=algo, recompute=recompute)
     return out, h_n
 
 

@@ -39,7 +39,7 @@ from ._checks import check_tensor
 from ._launch import cdiv, new_output, numba_array
 from ._library import autocast_inputs, kernel_op
 from . import _rnn_launch
-from ._rnn_checks import check_cell_state, check_cell_weights, layer_output, prepare_layer
+from ._rnn_checks import check_cell_state, check_cell_weights, run_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
 from ._rnn_launch import (NumbaPlan, NumbaRNN, Schedule, TritonPlan, TritonRNN, numba_tile,
                           tile_configs)
@@ -464,13 +464,10 @@ def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_fi
              like h0, c0.
     """
     h0, c0 = _split_state(hx, "hx")
-    impl, x, (h0, c0), cfg, layout = prepare_layer(
-        "lstm", 4, input, ((h0, "hx[0] (h0)"), (c0, "hx[1] (c0)")), weights,
-        num_layers=num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
-        training=training, bidirectional=bidirectional, backend=backend, algo=algo,
-        recompute=recompute)
-    out, h_n, c_n = impl(x, h0, c0, tuple(weights), cfg, layout.packed)
-    out, (h_n, c_n) = layer_output(out, (h_n, c_n), layout)
+    out, (h_n, c_n) = run_layer(
+        "lstm", 4, input, (h0, c0), weights, num_layers=num_layers, bias=bias,
+        batch_first=batch_first, dropout=dropout, training=training, bidirectional=bidirectional,
+        backend=backend, algo=algo, recompute=recompute)
     return out, (h_n, c_n)
 
 

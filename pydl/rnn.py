@@ -462,7 +462,9 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
             raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
                              f"backend (available: {', '.join(algos)})")
         bs = packed.bs if packed is not None else None
-        return RNNFunction.apply(x, h0, c0, bs, replace(cfg, algo=algo), op, backend, *weights)
+        if algo != cfg.algo:
+            cfg = replace(cfg, algo=algo)
+        return RNNFunction.apply(x, h0, c0, bs, cfg, op, backend, *weights)
     return impl
 
 
