@@ -25,6 +25,7 @@ every call and put in the key.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Hashable
 
 import torch
@@ -102,21 +103,77 @@ def needs_graph(*tensors) -> bool:
     return False
 
 
+# On a GPU, a Launch calls the compiled kernel's launcher directly after its first launch,
+# skipping Triton's per-call argument binding and cache lookup (JITFunction.run: 10-20 us of
+# host time a launch); PYDL_DIRECT_LAUNCH=0 keeps every launch on Triton's own path.
+DIRECT = os.environ.get("PYDL_DIRECT_LAUNCH", "1").strip() != "0"
+
+
 class Launch:
     """One Triton kernel launch with everything but its tensors fixed: the kernel and grid, the
     scalar arguments that follow the tensors, and the constexprs (the launch config included).
 
     Kernels take their tensor arguments first; `Launch(*tensors)` launches. A scalar that
     changes every call (a dropout seed) is the kernel's last one and goes by keyword:
-    `Launch(*tensors, seed=s)`."""
+    `Launch(*tensors, seed=s)`.
 
-    __slots__ = ("run", "scalars", "consts", "kernel", "grid")
+    The direct path (GPU only, DIRECT): the first launch goes through Triton (which compiles
+    or finds the kernel specialised for these arguments) and its compiled kernel is kept with
+    the full argument list Triton passed to it. A later launch calls that kernel's launcher
+    with the new tensors in place of the old when nothing it was specialised on can differ:
+    the scalars and constexprs are fixed here, the tensors' dtypes are fixed by the caller's
+    key (a Launch cache's key must hold the dtype of every tensor argument), and the one thing
+    left, each tensor's 16-byte alignment, is compared (a mismatch, a
+    per-call keyword scalar, another current device or a launch hook set by a profiler take
+    Triton's path)."""
+
+    __slots__ = ("run", "scalars", "consts", "kernel", "grid", "compiled", "tail", "aligned",
+                 "device")
 
     def __init__(self, kernel, grid: tuple, scalars: tuple, consts: dict):
-        self.kernel, self.grid = kernel, grid
+        self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))
         self.run = kernel[grid]
         self.scalars = tuple(scalars)
         self.consts = consts
+        self.compiled = None
 
     def __call__(self, *tensors, **dynamic) -> None:
-        self.run(*tensors, *self.scalars, **dynamic, **self.consts)
+        c = self.compiled
+        if c is not None and not dynamic:
+            if _alignment(tensors) == self.aligned and _no_hooks() \
+                    and torch._C._cuda_getDevice() == self.device:
+                g = self.grid
+                c.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(self.device),
+                      c.function, c.packed_metadata, None, None, None, *tensors, *self.tail)
+                return
+        k = self.run(*tensors, *self.scalars, **dynamic, **self.consts)
+        if c is None and DIRECT and not dynamic and k is not None and hasattr(k, "packed_metadata"):
+            self._keep(k, tensors)
+
+    def _keep(self, compiled, tensors) -> None:
+        """The argument list after the tensors, in the kernel's parameter order with its
+        defaults, as JITFunction.run passes it to the compiled kernel."""
+        import inspect
+        sig = inspect.signature(self.kernel.fn)
+        params = [n for n in self.consts if n in sig.parameters]       # not launch options
+        bound = sig.bind(*tensors, *self.scalars, **{n: self.consts[n] for n in params})
+        bound.apply_defaults()
+        self.tail = tuple(bound.arguments.values())[len(tensors):]
+        self.aligned = _alignment(tensors)
+        self.device = torch._C._cuda_getDevice()
+        self.compiled = compiled
+
+
+def _alignment(tensors) -> int:
+    """One bit per tensor argument: its data pointer is 16-byte aligned (what Triton
+    specialises a pointer on)."""
+    bits = 0
+    for i, t in enumerate(tensors):
+        if t.data_ptr() % 16 == 0:
+            bits |= 1 << i
+    return bits
+
+
+def _no_hooks() -> bool:
+    from triton import knobs
+    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None

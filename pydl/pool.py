@@ -78,7 +78,8 @@ def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, te
     """Launch pooling kernel `name` over n_spatial positions x C channels x N images: the
     kernel's tensors, then its scalars and constexprs. Built once per signature; tiles
     autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch size."""
-    key = (name, g, layout.dtype, layout.device, scalars, tuple(consts.values()))
+    key = (name, g, layout.device, tuple(t.dtype for t in tensors), scalars,
+           tuple(consts.values()))
     _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts)(*tensors)
 
 

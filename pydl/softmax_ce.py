@@ -75,7 +75,7 @@ def _launch(name: str, x3: Tensor, tensors: tuple, scalars: tuple, single: bool 
     then its scalars and constexprs. Built once per signature, its tile autotuned
     (pydl/_tune.py) per dtype, row length, row layout and options, not per batch size.
     single: the kernel takes SINGLE (the whole row fits one column block)."""
-    key = (name, x3.dtype, x3.device, scalars, tuple(consts.values()))
+    key = (name, x3.device, tuple(t.dtype for t in tensors), scalars, tuple(consts.values()))
     _LAUNCHES.get(key, _plan, name, x3, tensors, scalars, single, consts)(*tensors)
 
 

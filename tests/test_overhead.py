@@ -8,6 +8,8 @@ import statistics
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import pydl
 from bench import overhead
@@ -92,3 +94,53 @@ def test_repeated_calls_reuse_their_plans():
 def test_reference_is_measured():
     us = [overhead.torch_reference_us(torch.device("cpu"), 50) for _ in range(3)]
     assert 0 < statistics.median(us) < 1000
+
+
+@triton.jit
+def _probe(x_ptr, y_ptr, n, m, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
+    pass
+
+
+def test_direct_launch_passes_what_triton_would(monkeypatch):
+    """The GPU's direct launch (pydl._plan.Launch after its first launch), driven by a fake
+    compiled kernel: the launcher gets the grid, the current stream, and exactly the argument
+    list Triton's JITFunction.run would bind (the new tensors, the scalars, every constexpr
+    parameter in signature order); a tensor of another alignment, or a per-call scalar, goes
+    through Triton again."""
+    from pydl import _plan
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+        calls: list = []
+
+        def run(self, *args):
+            Compiled.calls.append(args)
+
+    jit_calls = []
+
+    def jit_run(*args, **kwargs):
+        jit_calls.append((args, kwargs))
+        return Compiled()
+
+    monkeypatch.setattr(_plan, "DIRECT", True)
+    monkeypatch.setattr(_plan, "_no_hooks", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
+    consts = dict(BLOCK=128, num_warps=4)        # BLOCK: a parameter; num_warps: an option
+    launch = _plan.Launch(_probe, (7,), (3, 99), consts)
+    launch.run = jit_run
+    ws, out = torch.zeros(64, dtype=torch.float32), torch.zeros(32, dtype=torch.float16)
+    launch(ws, out)                                       # first: Triton's path, kept
+    assert len(jit_calls) == 1 and launch.compiled is not None
+    ws2, out2 = torch.ones(64, dtype=torch.float32), torch.ones(32, dtype=torch.float16)
+    launch(ws2, out2)                                     # direct
+    assert len(jit_calls) == 1
+    grid, stream_fn_meta, hooks, args = (Compiled.calls[-1][:3], Compiled.calls[-1][3:6],
+                                         Compiled.calls[-1][6:9], Compiled.calls[-1][9:])
+    assert grid == (7, 1, 1) and stream_fn_meta == (1234, "fn", "meta")
+    assert hooks == (None, None, None)
+    assert args[0] is ws2 and args[1] is out2 and args[2:] == (3, 99, 128, False)  # default
+    launch(ws2, out2[1:])                                 # 2 bytes off 16: Triton again
+    assert len(jit_calls) == 2
+    launch(ws2, out2, seed=5)                             # a per-call scalar: Triton again
+    assert len(jit_calls) == 3
