@@ -148,10 +148,43 @@ def _pool_stem(channels_last: bool):
     return run
 
 
+def _conv_layer(C: int, OC: int, K: int, S: int, H: int, x_grad: bool = True):
+    """A ResNet-50 convolution at batch 32 (bench/suites/conv.py), bf16, input and weight
+    channels_last, through pydl.conv2d forward and backward as the benchmark runs it: its
+    upstream gradient comes from torch.randn, so it is NCHW."""
+    def run():
+        import torch
+        import pydl
+        cl, bf = torch.channels_last, torch.bfloat16
+        x = torch.empty(32, C, H, H, dtype=bf).contiguous(memory_format=cl)
+        w = torch.empty(OC, C, K, K, dtype=bf).contiguous(memory_format=cl).requires_grad_()
+        y = pydl.conv2d(x.requires_grad_(x_grad), w, None, S, K // 2)
+        torch.autograd.grad(y, [x, w] if x_grad else [w], torch.empty(y.shape, dtype=bf))
+    return run
+
+
+def _cross_entropy_vocab(n: int, c: int):
+    """cross_entropy(logits (n, c) bf16, class indices), mean, as the benchmark runs it:
+    training (forward and backward, upstream gradient 1) and the inference forward."""
+    def run():
+        import torch
+        import pydl
+        x = torch.empty(n, c, dtype=torch.bfloat16, requires_grad=True)
+        t = torch.randint(0, c, (n,))
+        pydl.cross_entropy(x, t).backward()
+        with torch.no_grad():
+            pydl.cross_entropy(x, t)
+    return run
+
+
 # (family, case name, runner)
 PROBLEMS = (
     ("gemm", "4096^3", gemm_problem(4096)),
     ("conv", "l1-3x3-64 n32", _conv_resnet_l1),
+    ("conv", "l1-3x3-64 bench", _conv_layer(64, 64, 3, 1, 56)),
+    ("conv", "l3-1x1-1024-256", _conv_layer(1024, 256, 1, 1, 14)),
+    ("conv", "stem 7x7/2", _conv_layer(3, 64, 7, 2, 224, x_grad=False)),
+    ("cross_entropy", "v32k bf16", _cross_entropy_vocab(8192, 32768)),
     ("attention", "d128-4k", _attention(False)),
     ("attention", "d128-4k-causal", _attention(True)),
     ("pool", "stem3x3s2 cl", _pool_stem(True)),
@@ -756,10 +789,21 @@ def compile_job(job: dict) -> dict:
         return out
     out.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]),
                hgmma=len(re.findall(r"\bHGMMA\.", sass)),
-               hmma=len(re.findall(r"\bHMMA\.", sass)))
+               hmma=len(re.findall(r"\bHMMA\.", sass)), **load_counts(sass))
     if out["stack"] or out["local"]:
         out.update(_ptxas_spills(kernel.asm["ptx"], job))
     return out
+
+
+def load_counts(sass: str) -> dict:
+    """Global-load instructions in the SASS: cp.async copies (LDGSTS, straight to shared
+    memory, what the software pipeliner issues ahead), and plain loads (LDG) in all and of
+    16 bytes (LDG.*.128, one vector load of 8 16-bit elements). Many narrow LDG in a
+    kernel that streams contiguous data mean the compiler could not prove its contiguity
+    or alignment (scalar gathers)."""
+    ldg = re.findall(r"\bLDG(?:\.[A-Z0-9_]+)*", sass)
+    return dict(ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), ldg=len(ldg),
+                ldg16=sum(x.endswith(".128") for x in ldg))
 
 
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -897,18 +941,23 @@ def _short_verdict(r: dict) -> str:
     return v.replace(" (the same kernel as #", " =#").rstrip(")") if "same kernel" in v else v
 
 
+def _loads(r: dict) -> str:
+    return f"{r['ldg16']}/{r['ldg']}" if "ldg" in r else ""
+
+
 def table(rows: list[dict], detail: bool = False) -> str:
     """One line per row. detail (--all): the verdict short (errors are listed after the
     table) and a last column with what distinguishes the specialization: its constexprs,
     then (after |) the signature summary of _signature_text."""
     if detail:
         head = (f"{'kernel':26s} {'case':26s} {'#':>2s} {'w':>2s} {'st':>2s} {'grid':>9s} "
-                f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s}  "
+                f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s} "
+                f"{'cp.as':>5s} {'ldg16/all':>9s}  "
                 f"{'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
     else:
         head = (f"{'kernel':26s} {'case':16s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
                 f"{'grid':>9s} {'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} "
-                f"{'mma':>4s}  verdict")
+                f"{'mma':>4s} {'cp.as':>5s} {'ldg16/all':>9s}  verdict")
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         c = r["candidate"]
@@ -920,7 +969,8 @@ def table(rows: list[dict], detail: bool = False) -> str:
         wgmma = (f"yes {r['hgmma']:>3d}" if r["hgmma"] else "no") if has else ""
         nums = (f"{_cell(r, 'num_warps'):>2s} {_cell(r, 'num_stages'):>2s} {grid:>9s} "
                 f"{_cell(r, 'regs'):>4s} {spill:>5s} {smem:>4s} {wgmma:>7s} "
-                f"{_cell(r, 'hmma') if has else '':>4s}")
+                f"{_cell(r, 'hmma') if has else '':>4s} {_cell(r, 'ldgsts') if has else '':>5s} "
+                f"{_loads(r) if has else '':>9s}")
         if detail:
             spec = _constexpr_text(r.get("constexpr_args", {}))
             if r.get("signature_text"):
@@ -989,8 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "architecture without a GPU; report registers, spills, shared memory and "
                     "wgmma use per candidate.")
     p.add_argument("kernels", nargs="*",
-                   help="families (gemm, conv, attention, pool; with --all also softmax, "
-                        "cross_entropy, lstm, gru) or kernel names, or parts of them (bwd, "
+                   help="families (gemm, conv, attention, pool, cross_entropy; with --all "
+                        "also softmax, lstm, gru) or kernel names, or parts of them (bwd, "
                         "attention_fwd, conv2d_implicit_bwd_weight); default: all")
     p.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED),
                    help="compute capability to compile for (default 90: H100)")
@@ -1050,7 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
           f"w, st: num_warps, num_stages. regs: per thread. spill: bytes of spill stores "
           f"per thread (ptxas -v). smem: KiB of shared memory per block (limit "
           f"{limit // 1024} KiB on sm_{args.arch}). wgmma, mma: HGMMA and HMMA (mma.sync) "
-          f"instructions in the SASS. "
+          f"instructions in the SASS. cp.as: cp.async copies (LDGSTS); ldg16/all: global "
+          f"loads of 16 bytes / all plain global loads (LDG), in the SASS. "
           + ("specialization: the constexprs (flags named when set), then the pointers' "
              "dtypes, d16 = integer arguments divisible by 16 / integer arguments, one = "
              "integers specialized to the constant 1, i64 when one is 64-bit, unaligned = "
