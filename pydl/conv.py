@@ -29,8 +29,8 @@ from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
 from ._library import autocast_inputs, empty_like_shape, geometry_args, geometry_from, kernel_op
-from ._launch import (cdiv, dot_block, input_precision, memory_format_of, new_output, next_power_of_2, numba_array,
-                      numba_stream, numba_threads)
+from ._launch import (arrival_counters, cdiv, dot_block, input_precision, memory_format_of,
+                      new_output, next_power_of_2, numba_array, numba_stream, numba_threads)
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
 from .backends import dispatch, register
@@ -95,14 +95,14 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
     steps run over channels (forward, grad input) or pixels (grad weight)."""
     default = _gemm_tile(m, n, k)
-    if direction == "bwd_weight":
-        # The input operand is gathered with per-element (h, w) arithmetic over its whole
-        # [BLOCK_K, BLOCK_N] tile; more than 32 gathered elements a thread spill (the 128-wide
-        # default up to 828 bytes, 64 x 256 x 64 at 8 warps and 64 x 128 x 64 at 4 over 1 KiB,
-        # in `python -m bench resources --all`).
+    flat_n = direction == "bwd_weight" and g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+    if flat_n:
+        # FLAT_N gathers the input operand with per-element (h, w) arithmetic over its whole
+        # [BLOCK_K, BLOCK_N] tile; more than 32 gathered elements a thread spilled (the
+        # 128-wide default up to 828 bytes in `python -m bench resources --all`).
         default["BLOCK_N"] = min(default["BLOCK_N"], 64)
     candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
-    if direction == "bwd_weight":
+    if flat_n:
         candidates = [c for c in candidates if c is default or
                       c["BLOCK_N"] * c["BLOCK_K"] <= 32 * 32 * c.get("num_warps", 4)]
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
@@ -111,9 +111,12 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
 
 
 # Split-K of the weight gradient: enough programs to fill the GPU twice over, each summing at
-# least SPLIT_MIN_STEPS K steps, with a workspace of at most SPLIT_WORKSPACE_ELEMS fp32
-# partials. In emulation the "GPU" has SIM_SMS multiprocessors, so small test shapes split too.
+# least SPLIT_MIN_STEPS K steps, at most SPLIT_MAX splits (the last program of a tile sums the
+# tile's partials: SPLIT / 4 round trips to L2 at the end of the kernel), with a workspace of
+# at most SPLIT_WORKSPACE_ELEMS fp32 partials. In emulation the "GPU" has SIM_SMS
+# multiprocessors, so small test shapes split too.
 SPLIT_MIN_STEPS = 4
+SPLIT_MAX = 32
 SPLIT_WORKSPACE_ELEMS = 16 * 2**20
 SIM_SMS = 2
 
@@ -126,17 +129,43 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _split_k(tiles: int, P: int, block_k: int, numel: int, device) -> tuple[int, int]:
     """(splits, pixels per split, a multiple of block_k) for a grad weight of `tiles` output
-    tiles summing P pixels."""
+    tiles (`numel` elements in all, tiles padded to whole blocks) summing P pixels."""
     want = cdiv(2 * _multiprocessors(device), tiles)
-    split = max(1, min(want, P // (SPLIT_MIN_STEPS * block_k), SPLIT_WORKSPACE_ELEMS // numel))
+    split = max(1, min(want, SPLIT_MAX, P // (SPLIT_MIN_STEPS * block_k),
+                       SPLIT_WORKSPACE_ELEMS // numel))
     p_split = cdiv(cdiv(P, split), block_k) * block_k
     return cdiv(P, p_split), p_split
+
+
+def _pointwise_matrices(g: ConvGeometry, *tensors):
+    """A 1x1 convolution at stride 1 without padding is a matrix product over pixels: the
+    (B1, groups, pixels, channels / groups) matrices (_pixel_matrix views) of `tensors`, or
+    None for another convolution or when their layouts give matrices of different batch
+    shapes (then the implicit kernels run)."""
+    if (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.PB, g.PR) != (1, 1, 1, 1, 0, 0, 0, 0):
+        return None
+    mats = [_pixel_matrix(t, 0, g.N, g.groups) for t in tensors]
+    if any(m is None for m in mats) or len({m.shape[0] for m in mats}) > 1:
+        return None
+    return mats
+
+
+def _bias_matrix(b: torch.Tensor | None, g: ConvGeometry) -> torch.Tensor | None:
+    """The bias as (groups, OC / groups), a view (the GEMM epilogue adds it per column)."""
+    if b is None:
+        return None
+    return b.as_strided((g.groups, g.OCG), (g.OCG * b.stride(0), b.stride(0)), b.storage_offset())
 
 
 class _TritonImplicit:
     @staticmethod
     def forward(x, w, b, y, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
+        mats = _pointwise_matrices(g, x, y)
+        if mats is not None:                            # 1x1: the shared, tuned GEMM
+            gemm(mats[0], _weight_matrix(w, g), mats[1], trans_b=True, bias=_bias_matrix(b, g),
+                 input_precision=_input_precision(x.dtype))
+            return
         M = g.N * g.OH * g.OW
         flat_k = g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
 
@@ -154,6 +183,11 @@ class _TritonImplicit:
     @staticmethod
     def backward_input(dy, w, dx, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
+        mats = _pointwise_matrices(g, dy, dx)
+        if mats is not None:                            # 1x1: dX = dY @ W, the shared GEMM
+            gemm(mats[0], _weight_matrix(w, g), mats[1],
+                 input_precision=_input_precision(dy.dtype))
+            return
         M = g.N * g.H * g.W
 
         def launch(cfg):
@@ -168,25 +202,27 @@ class _TritonImplicit:
     @staticmethod
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
-        J = g.CG * g.KH * g.KW
         P = g.N * g.OH * g.OW
+        flat_n = g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
         assert dw.is_contiguous()
 
         def launch(cfg):
-            tiles = cdiv(g.OCG, cfg["BLOCK_M"]) * cdiv(J, cfg["BLOCK_N"]) * g.groups
-            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], dw.numel(), dw.device)
-            out = dw if split == 1 else torch.empty((split, dw.numel()), dtype=torch.float32,
-                                                    device=dw.device)
-            k.conv2d_implicit_bwd_weight[(cdiv(g.OCG, cfg["BLOCK_M"]), cdiv(J, cfg["BLOCK_N"]),
-                                          g.groups * split)](
-                dy, x, out, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
-                *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH, KW=g.KW, CG=g.CG,
-                OCG=g.OCG, SPLIT=split, P_SPLIT=p_split, sdw_split=dw.numel(),
-                INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
+            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+            cols = cdiv(g.CG * g.KH * g.KW, bn) if flat_n else g.KH * g.KW * cdiv(g.CG, bn)
+            tiles = cdiv(g.OCG, bm) * cols * g.groups
+            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], tiles * bm * bn, dw.device)
+            ws = arrivals = dw                          # placeholders: never read unsplit
             if split > 1:
-                k.sum_splits[(cdiv(dw.numel(), 1024),)](out, dw, split, dw.numel(), BLOCK=1024)
+                ws = torch.empty(tiles * split * bm * bn, dtype=torch.float32, device=dw.device)
+                arrivals = arrival_counters(dw.device, tiles)
+            k.conv2d_implicit_bwd_weight[(cdiv(g.OCG, bm), cols, g.groups * split)](
+                dy, x, dw, ws, arrivals, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(),
+                *x.stride(), *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH,
+                KW=g.KW, CG=g.CG, OCG=g.OCG, SPLIT=split, P_SPLIT=p_split, FLAT_N=flat_n,
+                INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
 
-        launch(_implicit_config("bwd_weight", g, dy, g.OCG, J, P, launch))
+        n = g.CG * g.KH * g.KW if flat_n else g.CG
+        launch(_implicit_config("bwd_weight", g, dy, g.OCG, n, P, launch))
 
     @staticmethod
     def backward_bias(dy, db, g: ConvGeometry) -> None:
@@ -303,10 +339,7 @@ class _TritonIm2col:
     def forward(x, w, b, y, g: ConvGeometry) -> None:
         J, P = g.CG * g.KH * g.KW, g.OH * g.OW
         wm = _weight_matrix(w, g)
-        bias = None                                     # (groups, OC / groups), a view
-        if b is not None:
-            bias = b.as_strided((g.groups, g.OCG), (g.OCG * b.stride(0), b.stride(0)),
-                                b.storage_offset())
+        bias = _bias_matrix(b, g)
         chunks = _chunks(g.N, P * g.groups * J * x.element_size())
         cols = new_output((g.groups, chunks[0][1] * P, J), x.dtype, x.device)
         for n0, nb in chunks:
@@ -603,6 +636,17 @@ def _conv2d_bwd_bias(dy: Tensor, geom: list[int], algo: str, backend: str) -> Te
     return db
 
 
+def _grad_output_layout(dy: Tensor, x: Tensor, algo: str) -> Tensor:
+    """The upstream gradient in the input's channels_last layout for the implicit-GEMM
+    kernels, converted once for both gradients. An NCHW gradient of a channels_last layer
+    (e.g. one made by torch.randn) would otherwise be the grad-input and grad-weight GEMMs'
+    operand with only its pixels contiguous, gathered by 2-byte loads; cuDNN converts too."""
+    if algo == "implicit" and memory_format_of(x) == torch.channels_last \
+            and not dy.is_contiguous(memory_format=torch.channels_last):
+        return dy.contiguous(memory_format=torch.channels_last)
+    return dy
+
+
 class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, g: ConvGeometry, algo: str, backend: str):
@@ -615,6 +659,7 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
+        dy = _grad_output_layout(dy, x, ctx.args[1])
         need = ctx.needs_input_grad
         dx = _conv2d_bwd_input(dy, w, x, *ctx.args) if need[0] else None
         dw = _conv2d_bwd_weight(dy, x, w, *ctx.args) if need[1] else None
