@@ -803,7 +803,7 @@ def load_counts(sass: str) -> dict:
     or alignment (scalar gathers)."""
     ldg = re.findall(r"\bLDG(?:\.[A-Z0-9_]+)*", sass)
     return dict(ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), ldg=len(ldg),
-                ldg16=sum(x.endswith(".128") for x in ldg))
+                ldg16=sum("128" in x.split(".") for x in ldg))
 
 
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")

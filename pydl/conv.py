@@ -96,12 +96,21 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     steps run over channels (forward, grad input) or pixels (grad weight)."""
     default = _gemm_tile(m, n, k)
     flat_n = direction == "bwd_weight" and g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+    if direction == "bwd_weight" and not flat_n and t.dtype.itemsize <= 2:
+        # 64-deep K steps: 168 registers a thread at 64 x 64 on 4 warps in the sm_90
+        # compile, 3 programs a multiprocessor; 32-deep ones took 178, 2 a multiprocessor
+        default["BLOCK_K"] = dot_block(k, 64)
     if flat_n:
         # FLAT_N gathers the input operand with per-element (h, w) arithmetic over its whole
         # [BLOCK_K, BLOCK_N] tile; more than 32 gathered elements a thread spilled (the
         # 128-wide default up to 828 bytes in `python -m bench resources --all`).
         default["BLOCK_N"] = min(default["BLOCK_N"], 64)
     candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
+    if direction == "bwd_weight":
+        # more than 64 accumulators a thread leave no registers for the split-K reduction
+        # (128 x 256 on 8 warps spilled 1.2 KiB)
+        candidates = [c for c in candidates if c is default or
+                      c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c.get("num_warps", 4)]
     if flat_n:
         candidates = [c for c in candidates if c is default or
                       c["BLOCK_N"] * c["BLOCK_K"] <= 32 * 32 * c.get("num_warps", 4)]
@@ -125,6 +134,12 @@ def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return SIM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _reduce_rows(cfg: dict) -> int:
+    """Rows of a grad-weight tile its split-K reduction sums at once: the whole tile up to 32
+    fp32 values a thread (as many as its accumulator holds at 64 x 64 on 4 warps)."""
+    return max(1, min(cfg["BLOCK_M"], 32 * 32 * cfg.get("num_warps", 4) // cfg["BLOCK_N"]))
 
 
 def _split_k(tiles: int, P: int, block_k: int, numel: int, device) -> tuple[int, int]:
@@ -219,7 +234,7 @@ class _TritonImplicit:
                 dy, x, dw, ws, arrivals, g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(),
                 *x.stride(), *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, KH=g.KH,
                 KW=g.KW, CG=g.CG, OCG=g.OCG, SPLIT=split, P_SPLIT=p_split, FLAT_N=flat_n,
-                INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
+                REDUCE_ROWS=_reduce_rows(cfg), INPUT_PRECISION=_input_precision(dy.dtype), **cfg)
 
         n = g.CG * g.KH * g.KW if flat_n else g.CG
         launch(_implicit_config("bwd_weight", g, dy, g.OCG, n, P, launch))

@@ -157,6 +157,7 @@ def conv2d_implicit_bwd_weight(
     CG, OCG,
     SPLIT, P_SPLIT,                      # split-K: SPLIT pixel ranges of P_SPLIT pixels each
     FLAT_N: tl.constexpr,                # columns over (kh, kw, c) jointly: few input channels
+    REDUCE_ROWS: tl.constexpr,           # split-K: rows of the tile the last program sums at once
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -225,39 +226,45 @@ def conv2d_implicit_bwd_weight(
             b = tl.load(x_ptr + row[:, None] + c_abs[None, :] * sx_c,
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    dw_off = oc_abs[:, None] * sdw_o \
-        + (c.to(tl.int64) * sdw_c + kh * sdw_h + kw * sdw_w)[None, :]
-    dw_mask = oc_ok[:, None] & col_ok[None, :]
+    # dW's offsets are formed only where it is stored: live across the split-K reduction,
+    # a tile of int64 offsets would take two registers per accumulator element
+    dw_col = c.to(tl.int64) * sdw_c + kh * sdw_h + kw * sdw_w
     if SPLIT == 1:
-        tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=dw_mask)
+        tl.store(dw_ptr + oc_abs[:, None] * sdw_o + dw_col[None, :],
+                 acc.to(dw_ptr.dtype.element_ty), mask=oc_ok[:, None] & col_ok[None, :])
     else:
         # the tile's SPLIT partials lie together, each BLOCK_M x BLOCK_N fp32, row-major
         tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
-        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + cols[None, :]
-        parts = ws_ptr + tile.to(tl.int64) * SPLIT * (BLOCK_M * BLOCK_N) + local
-        tl.store(parts + split * (BLOCK_M * BLOCK_N), acc)
+        tile_ws = ws_ptr + tile.to(tl.int64) * SPLIT * (BLOCK_M * BLOCK_N)
+        tl.store(tile_ws + split * (BLOCK_M * BLOCK_N)
+                 + (tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + cols[None, :]), acc)
         tl.debug_barrier()                               # every thread's partial is stored
         arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT - 1:
-            total = _sum_partials(parts, SPLIT, BLOCK_M, BLOCK_N)
-            tl.store(dw_ptr + dw_off, total.to(dw_ptr.dtype.element_ty), mask=dw_mask)
+            # REDUCE_ROWS rows at a time, so that the sum and the partials in flight take
+            # no more registers than the main loop
+            for r0 in tl.static_range(0, BLOCK_M, REDUCE_ROWS):
+                r = r0 + tl.arange(0, REDUCE_ROWS)
+                total = _sum_partials(tile_ws + (r[:, None] * BLOCK_N + cols[None, :]), SPLIT,
+                                      BLOCK_M * BLOCK_N)
+                oc_r = pid_m * BLOCK_M + r
+                tl.store(dw_ptr + (group * OCG + oc_r).to(tl.int64)[:, None] * sdw_o
+                         + dw_col[None, :], total.to(dw_ptr.dtype.element_ty),
+                         mask=(oc_r < OCG)[:, None] & col_ok[None, :])
             tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _sum_partials(parts, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The sum over s = 0 .. SPLIT - 1, in that order, of the fp32 tiles at parts + s *
-    BLOCK_M * BLOCK_N. Four tiles are loaded per step before any is added (four L2 round
-    trips in flight, not one); the additions keep split order. The loads bypass L1 (.cg):
-    other multiprocessors wrote the tiles."""
-    step = BLOCK_M * BLOCK_N
-    total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for s in range(0, SPLIT, 4):
+def _sum_partials(parts, SPLIT, step):
+    """The sum over s = 0 .. SPLIT - 1, in that order, of the fp32 tiles at parts + s * step.
+    Two are loaded per step before either is added (two L2 round trips in flight, not one;
+    four took 84 more registers a thread in the sm_90 compile of the 64 x 64 default); the
+    additions keep split order. The loads bypass L1 (.cg): other multiprocessors wrote them."""
+    total = tl.zeros(parts.shape, tl.float32)
+    for s in range(0, SPLIT, 2):
         p0 = tl.load(parts + s * step, cache_modifier=".cg")
         p1 = tl.load(parts + (s + 1) * step, mask=s + 1 < SPLIT, other=0.0, cache_modifier=".cg")
-        p2 = tl.load(parts + (s + 2) * step, mask=s + 2 < SPLIT, other=0.0, cache_modifier=".cg")
-        p3 = tl.load(parts + (s + 3) * step, mask=s + 3 < SPLIT, other=0.0, cache_modifier=".cg")
-        total = (((total + p0) + p1) + p2) + p3
+        total = (total + p0) + p1
     return total
 
 
