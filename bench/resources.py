@@ -5,7 +5,9 @@ compiled for one GPU architecture (sm_90, H100, by default) on this machine: reg
 thread, spills (local memory and stack bytes), shared memory, and how many Hopper wgmma
 (SASS HGMMA) instructions the matrix products became. A candidate that spills, needs more
 shared memory than a block may have (227 KiB on Hopper) or more registers than an SM has
-(65536: registers per thread x 32 x num_warps) shows up here before any device time is spent.
+(65536: registers per thread x 32 x num_warps) shows up here before any device time is spent,
+and so does a kernel whose loads the compiler could not vectorize: the report counts cp.async
+copies and 16-byte loads against all global loads in the SASS.
 
 One source of truth: the candidates and the launch arguments are not copied from the
 launchers. Each representative problem (PROBLEMS) is run through pydl's real launcher code on
@@ -24,9 +26,9 @@ The kernels must be real `triton.jit` functions, not the interpreter's: when emu
 asked for (PYDL_INTERPRET, TRITON_INTERPRET) or pydl is already imported, the command runs
 itself again in a fresh process with those variables removed.
 
-Kernels launched next to a tuned one without a tuner of their own (the split-K reduction
-`sum_splits`, `attention_bwd_preprocess`) are reported once per problem, with "-" as the
-candidate.
+Kernels launched next to a tuned one without a tuner of their own (cross-entropy's
+`cross_entropy_mean_denominator` and `cross_entropy_scale_grad`, `attention_bwd_preprocess`)
+are reported once per problem, with "-" as the candidate.
 
 --all: every Triton kernel, not only the tuned ones. A kernel that runs in Triton's
 interpreter can still fail to compile for a GPU (a plain Python float as a module global read
@@ -801,7 +803,7 @@ def load_counts(sass: str) -> dict:
     16 bytes (LDG.*.128, one vector load of 8 16-bit elements). Many narrow LDG in a
     kernel that streams contiguous data mean the compiler could not prove its contiguity
     or alignment (scalar gathers)."""
-    ldg = re.findall(r"\bLDG(?:\.[A-Z0-9_]+)*", sass)
+    ldg = re.findall(r"\bLDG(?=[.\s])(?:\.[A-Z0-9_]+)*", sass)
     return dict(ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), ldg=len(ldg),
                 ldg16=sum("128" in x.split(".") for x in ldg))
 

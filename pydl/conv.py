@@ -102,8 +102,9 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
         default["BLOCK_K"] = dot_block(k, 64)
     if flat_n:
         # FLAT_N gathers the input operand with per-element (h, w) arithmetic over its whole
-        # [BLOCK_K, BLOCK_N] tile; more than 32 gathered elements a thread spilled (the
-        # 128-wide default up to 828 bytes in `python -m bench resources --all`).
+        # [BLOCK_K, BLOCK_N] tile; more than 16 gathered elements a thread spilled beside
+        # the split-K reduction (the stem's 64 x 64 x 64 on 4 warps 36 bytes, 64 x 128 x 32
+        # 420, in `python -m bench resources`).
         default["BLOCK_N"] = min(default["BLOCK_N"], 64)
     candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
     if direction == "bwd_weight":
@@ -113,7 +114,7 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
                       c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c.get("num_warps", 4)]
     if flat_n:
         candidates = [c for c in candidates if c is default or
-                      c["BLOCK_N"] * c["BLOCK_K"] <= 32 * 32 * c.get("num_warps", 4)]
+                      c["BLOCK_N"] * c["BLOCK_K"] <= 16 * 32 * c.get("num_warps", 4)]
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
            g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)

@@ -77,7 +77,7 @@ SCALE_PROGRAMS = 1024
 
 # Tuning space of the row kernels (memory-bound): (tile elements, widest column block, warps).
 ROW_SPACE = ((8192, 8192, 16), (8192, 8192, 8), (4096, 4096, 4), (16384, 16384, 16),
-             (2048, 2048, 4))
+             (2048, 2048, 4), (32768, 32768, 16), (32768, 32768, 32))
 ROW_TUNERS = {name: Tuner(name) for name in (
     "softmax_fwd", "softmax_bwd", "cross_entropy_fwd", "cross_entropy_bwd",
     "cross_entropy_prob_fwd", "cross_entropy_prob_bwd")}
