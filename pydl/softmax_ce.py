@@ -259,13 +259,16 @@ class _NumbaLaunch:
             grad, stride = grad_out.float().reshape(1), 0
         else:
             grad, stride = (grad_out.float() / denom).reshape(1), 0
-        weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 else None
+        weight_sum = None
+        if weight is not None and smoothing > 0:
+            weight_sum = weight.float().sum().reshape(1)
         w = _NumbaLaunch._weights(weight, lse[:1])
         ws = weight_sum if weight_sum is not None else lse[:1]
-        k.cross_entropy_bwd[numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device)](
-            numba_array(x3), numba_array(target), numba_array(w), numba_array(lse), numba_array(grad), stride,
-            numba_array(ws.reshape(1).float()), numba_array(dx3), inner, ignore_index, float(smoothing),
-            weight is not None, k.dtype_code(x3.dtype))
+        grid = (numba_blocks(outer * inner), _NumbaLaunch._threads(n), numba_stream(x3.device))
+        k.cross_entropy_bwd[grid](
+            numba_array(x3), numba_array(target), numba_array(w), numba_array(lse),
+            numba_array(grad), stride, numba_array(ws.reshape(1).float()), numba_array(dx3),
+            inner, ignore_index, float(smoothing), weight is not None, k.dtype_code(x3.dtype))
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
@@ -336,8 +339,8 @@ class SoftmaxFunction(torch.autograd.Function):
 def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, grad, backend):
     rows = target.numel()
     out = empty_like_shape(x, target.shape if reduction == "none" else ())
-    return (out, empty_like_shape(x, (rows,), torch.float32), empty_like_shape(x, (), torch.float32),
-            empty_like_shape(x, x.shape if grad else (0,)))
+    return (out, empty_like_shape(x, (rows,), torch.float32),
+            empty_like_shape(x, (), torch.float32), empty_like_shape(x, x.shape if grad else (0,)))
 
 
 @kernel_op("cross_entropy_fwd", _cross_entropy_fake)

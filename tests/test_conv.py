@@ -351,6 +351,25 @@ def test_pointwise_conv_runs_the_shared_gemm(monkeypatch, case, dtype):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.gpu
+def test_split_k_grad_weight_is_deterministic_on_gpu():
+    """Hundreds of programs arriving in whatever order the GPU runs them: the last-arrival
+    reduction gives bitwise the same weight gradient every time (a missing release or acquire
+    between a program's partial store and its arrival would show as a changed or stale tile)."""
+    x = torch.randn(16, 64, 28, 28, device="cuda", dtype=torch.bfloat16)
+    x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16)
+    w = w.to(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(16, 64, 28, 28, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(20):
+        y = pydl.conv2d(x, w, padding=1, algo="implicit")
+        grads.append(torch.autograd.grad(y, w, dy)[0])
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    want = torch.nn.grad.conv2d_weight(x.float(), w.shape, dy.float(), padding=1)
+    assert_close(grads[0], want, torch.bfloat16, reduction=16 * 28 * 28)
+
+
 @pytest.mark.parametrize("case", ["strided", "padded", "transposed_grad"])
 def test_pointwise_conv_falls_back_to_implicit(monkeypatch, case):
     """1x1 layers that are not one GEMM over pixel matrices keep the implicit kernels: stride

@@ -284,7 +284,8 @@ def test_cross_entropy_gradient_from_forward(monkeypatch, reduction, upstream, c
     loss = pydl.cross_entropy(xg, t, w, backend="triton", **kw)
     loss.backward(torch.tensor(upstream, device=DEVICE))
     assert torch.equal(xg.detach(), x)                      # the caller's logits untouched
-    args = (x.double().cpu().numpy(), t.cpu().numpy(), None if w is None else w.double().cpu().numpy())
+    w64 = None if w is None else w.double().cpu().numpy()
+    args = (x.double().cpu().numpy(), t.cpu().numpy(), w64)
     assert_close(loss, ref.cross_entropy(*args, **kw), torch.float32, reduction=N * C)
     assert_close(xg.grad, ref.cross_entropy_backward(upstream, *args, **kw), torch.float32,
                  reduction=C)
@@ -330,6 +331,23 @@ def test_cross_entropy_no_gradient_in_forward(monkeypatch, case):
                  torch.float32, reduction=60)
     assert [c["GRAD"] for n, c in seen if n == "cross_entropy_fwd"] == [False]
     assert "cross_entropy_mean_denominator" not in [n for n, _ in seen]
+
+
+@pytest.mark.gpu
+def test_cross_entropy_reduction_is_deterministic_on_gpu():
+    """The loss finished by the last program to arrive, and the gradient from the forward,
+    bitwise the same over repeated runs (programs finish in a different order each time)."""
+    x = torch.randn(4096, 32768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 32768, (4096,), device="cuda")
+    t[::7] = -100
+    runs = []
+    for _ in range(10):
+        loss = pydl.cross_entropy(x, t)
+        (g,) = torch.autograd.grad(loss, x)
+        runs.append((loss.detach(), g))
+    assert all(torch.equal(runs[0][0], v) and torch.equal(runs[0][1], g) for v, g in runs[1:])
+    want = torch.nn.functional.cross_entropy(x.float(), t)
+    assert_close(runs[0][0], want, torch.bfloat16, reduction=32768)
 
 
 def test_cross_entropy_reduction_over_many_programs(monkeypatch):

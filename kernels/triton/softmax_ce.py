@@ -471,8 +471,8 @@ def cross_entropy_scale_grad(dx_ptr, g_ptr, numel, BLOCK: tl.constexpr):
 @triton.jit
 def cross_entropy_bwd(
     x_ptr, target_ptr, weight_ptr, lse_ptr,
-    grad_ptr, grad_stride,                  # upstream gradient per row: stride 0 broadcasts a 0-d one
-    denom_ptr,                              # MEAN: the mean's fp32 denominator, divides the gradient
+    grad_ptr, grad_stride,                  # upstream gradient per row (stride 0: a 0-d one)
+    denom_ptr,                              # MEAN: the mean's fp32 denominator (divides g)
     weight_sum_ptr,                         # 0-d fp32: sum of the class weights (smoothing only)
     dx_ptr,
     n_rows, n, inner,
