@@ -106,6 +106,8 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
         # the split-K reduction (the stem's 64 x 64 x 64 on 4 warps 36 bytes, 64 x 128 x 32
         # 420, in `python -m bench resources`).
         default["BLOCK_N"] = min(default["BLOCK_N"], 64)
+        if t.dtype.itemsize > 2:
+            default["BLOCK_K"] = dot_block(k, 16)       # fp32 at 32 deep spilled 28-88 bytes
     candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
     if direction == "bwd_weight":
         # more than 64 accumulators a thread leave no registers for the split-K reduction

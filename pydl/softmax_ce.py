@@ -142,7 +142,9 @@ class _TritonLaunch:
             k.cross_entropy_mean_denominator[(blocks,)](
                 target, w, denom, parts, arrivals, rows, n, ignore_index,
                 HAS_WEIGHT=weight is not None, BLOCK=DENOMINATOR_BLOCK, PARTS_BLOCK=PARTS_BLOCK)
-        parts = torch.empty(2 * rows, dtype=torch.float32, device=dev)   # 2 per program at most
+        parts = lse                                     # 2 fp32 per program (sum, mean)
+        if reduction != "none":
+            parts = torch.empty(2 * rows, dtype=torch.float32, device=dev)
         dx = dx3 if grad else x3
         _launch("cross_entropy_fwd", x3, (
             x3, target, w, loss, lse, loss, denom, parts, arrivals, dx,
