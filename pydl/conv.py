@@ -81,9 +81,15 @@ def _gemm_tile(m: int, n: int, k: int) -> dict:
                 num_warps=4)
 
 
-# Below this many channels per group the forward's K steps run over (kh, kw, c) jointly
-# (kernels/triton/conv.py, FLAT_K): a 16-deep channel block would be mostly padding.
+# Below this many channels per group the forward's K steps and the grad weight's columns run
+# over (kh, kw, c) jointly (kernels/triton/conv.py, FLAT_K and FLAT_N): a 16-deep channel
+# block would be mostly padding.
 FLAT_K_CHANNELS = 16
+
+
+def _flat_taps(g: ConvGeometry) -> bool:
+    """Whether the implicit kernels take (kh, kw, c) jointly (FLAT_K, FLAT_N)."""
+    return g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
 
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
 # dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
@@ -95,7 +101,7 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
     steps run over channels (forward, grad input) or pixels (grad weight)."""
     default = _gemm_tile(m, n, k)
-    flat_n = direction == "bwd_weight" and g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+    flat_n = direction == "bwd_weight" and _flat_taps(g)
     if direction == "bwd_weight" and not flat_n and t.dtype.itemsize <= 2:
         # 64-deep K steps: 168 registers a thread at 64 x 64 on 4 warps in the sm_90
         # compile, 3 programs a multiprocessor; 32-deep ones took 178, 2 a multiprocessor
@@ -124,8 +130,8 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
 
 # Split-K of the weight gradient: enough programs to fill the GPU twice over, each summing at
 # least SPLIT_MIN_STEPS K steps, at most SPLIT_MAX splits (the last program of a tile sums the
-# tile's partials: SPLIT / 4 round trips to L2 at the end of the kernel), with a workspace of
-# at most SPLIT_WORKSPACE_ELEMS fp32 partials. In emulation the "GPU" has SIM_SMS
+# tile's partials, two at a time, after the others: its L2 round trips end the kernel), with
+# a workspace of at most SPLIT_WORKSPACE_ELEMS fp32 partials. In emulation the "GPU" has SIM_SMS
 # multiprocessors, so small test shapes split too.
 SPLIT_MIN_STEPS = 4
 SPLIT_MAX = 32
@@ -185,7 +191,7 @@ class _TritonImplicit:
                  input_precision=_input_precision(x.dtype))
             return
         M = g.N * g.OH * g.OW
-        flat_k = g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+        flat_k = _flat_taps(g)
 
         def launch(cfg):
             grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
@@ -221,7 +227,7 @@ class _TritonImplicit:
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
         from .kernels.triton import conv as k
         P = g.N * g.OH * g.OW
-        flat_n = g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+        flat_n = _flat_taps(g)
         assert dw.is_contiguous()
 
         def launch(cfg):
