@@ -74,11 +74,11 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 # --- Triton implicit GEMM -------------------------------------------------------------------
 
-def _gemm_tile(m: int, n: int, k: int) -> dict:
+def _gemm_tile(m: int, n: int, k: int, block_k: int = 32) -> dict:
     """Default block sizes for an (m x k) @ (k x n) tile loop (the first tuning candidate,
-    pydl/_tune.py): tl.dot needs every block >= 16."""
-    return dict(BLOCK_M=dot_block(m, 64), BLOCK_N=dot_block(n, 128), BLOCK_K=dot_block(k, 32),
-                num_warps=4)
+    pydl/_tune.py), K steps up to block_k deep: tl.dot needs every block >= 16."""
+    return dict(BLOCK_M=dot_block(m, 64), BLOCK_N=dot_block(n, 128),
+                BLOCK_K=dot_block(k, block_k), num_warps=4)
 
 
 # Below this many channels per group the forward's K steps and the grad weight's columns run
@@ -100,12 +100,11 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
                      launch) -> dict:
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
     steps run over channels (forward, grad input) or pixels (grad weight)."""
-    default = _gemm_tile(m, n, k)
     flat_n = direction == "bwd_weight" and _flat_taps(g)
-    if direction == "bwd_weight" and not flat_n and t.dtype.itemsize <= 2:
-        # 64-deep K steps: 168 registers a thread at 64 x 64 on 4 warps in the sm_90
-        # compile, 3 programs a multiprocessor; 32-deep ones took 178, 2 a multiprocessor
-        default["BLOCK_K"] = dot_block(k, 64)
+    # the grad weight's 16-bit tap tiles step 64 deep: 168 registers a thread at 64 x 64 on 4
+    # warps in the sm_90 compile, 3 programs a multiprocessor; 32 deep took 178, 2 of them
+    deep = direction == "bwd_weight" and not flat_n and t.dtype.itemsize <= 2
+    default = _gemm_tile(m, n, k, 64 if deep else 32)
     if flat_n:
         # FLAT_N gathers the input operand with per-element (h, w) arithmetic over its whole
         # [BLOCK_K, BLOCK_N] tile; more than 16 gathered elements a thread spilled beside

@@ -231,7 +231,7 @@ def _small_tiles(monkeypatch, block=16):
     blocks per tap, the last one partial."""
     import pydl.conv as conv_mod
     monkeypatch.setattr(conv_mod, "FLAT_K_CHANNELS", 0)
-    monkeypatch.setattr(conv_mod, "_gemm_tile", lambda m, n, k: dict(
+    monkeypatch.setattr(conv_mod, "_gemm_tile", lambda m, n, k, block_k=32: dict(
         BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, num_warps=4))
 
 
@@ -242,13 +242,14 @@ def _force_split(monkeypatch):
 
 
 # (input shape, weight shape, options): every tap of the kernel in a tile of its own, 20
-# channels per group = a full and a partial 16-channel block, output channels likewise
+# channels per group = a full and a partial 16-channel block, output channels likewise; at
+# least 40 output pixels, so that 16-pixel K steps split in 2 or more ranges
 TAP_TILE_CASES = {
     "3x3_pad": ((2, 20, 5, 6), (20, 20, 3, 3), dict(padding=1)),
-    "2x3_stride_dilation": ((1, 20, 9, 8), (18, 20, 2, 3), dict(stride=2, padding=(1, 2),
+    "2x3_stride_dilation": ((2, 20, 9, 8), (18, 20, 2, 3), dict(stride=2, padding=(1, 2),
                                                                   dilation=(2, 1))),
     "grouped": ((2, 40, 4, 5), (34, 20, 3, 3), dict(padding=1, groups=2)),
-    "same_even": ((1, 20, 5, 5), (6, 20, 4, 2), dict(padding="same")),
+    "same_even": ((2, 20, 5, 5), (6, 20, 4, 2), dict(padding="same")),
 }
 
 
@@ -264,9 +265,13 @@ def test_implicit_grad_weight_tap_tiles(monkeypatch, case, dtype, layout):
     channels not a multiple of the block, NCHW and channels_last, fp32 and fp16. The result is
     bitwise the same on a second run (the last-arriving program sums the partials in split
     order), and every arrival counter is back at zero."""
+    import pydl.conv as conv_mod
     from pydl import _launch
     _small_tiles(monkeypatch)
     _force_split(monkeypatch)
+    splits = []
+    real = conv_mod._split_k
+    monkeypatch.setattr(conv_mod, "_split_k", lambda *a: splits.append(real(*a)) or splits[-1])
     xs, ws, opts = TAP_TILE_CASES[case]
     x = random_tensor(xs, dtype, DEVICE)
     w = random_tensor(ws, dtype, DEVICE, scale=0.3)
@@ -279,6 +284,7 @@ def test_implicit_grad_weight_tap_tiles(monkeypatch, case, dtype, layout):
     first = torch.autograd.grad(y, wg, dy, retain_graph=True)[0]
     second = torch.autograd.grad(y, wg, dy)[0]
     assert torch.equal(first, second)
+    assert splits and all(n >= 2 for n, _ in splits)
     assert _launch._ARRIVALS and all(not c.any() for c in _launch._ARRIVALS.values())
 
 
