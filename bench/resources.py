@@ -5,7 +5,9 @@ compiled for one GPU architecture (sm_90, H100, by default) on this machine: reg
 thread, spills (local memory and stack bytes), shared memory, and how many Hopper wgmma
 (SASS HGMMA) instructions the matrix products became. A candidate that spills, needs more
 shared memory than a block may have (227 KiB on Hopper) or more registers than an SM has
-(65536: registers per thread x 32 x num_warps) shows up here before any device time is spent.
+(65536: registers per thread x 32 x num_warps) shows up here before any device time is spent,
+and so does a kernel whose loads the compiler could not vectorize: the report counts cp.async
+copies and 16-byte loads against all global loads in the SASS.
 
 One source of truth: the candidates and the launch arguments are not copied from the
 launchers. Each representative problem (PROBLEMS) is run through pydl's real launcher code on
@@ -24,9 +26,9 @@ The kernels must be real `triton.jit` functions, not the interpreter's: when emu
 asked for (PYDL_INTERPRET, TRITON_INTERPRET) or pydl is already imported, the command runs
 itself again in a fresh process with those variables removed.
 
-Kernels launched next to a tuned one without a tuner of their own (the split-K reduction
-`sum_splits`, `attention_bwd_preprocess`) are reported once per problem, with "-" as the
-candidate.
+Kernels launched next to a tuned one without a tuner of their own (cross-entropy's
+`cross_entropy_mean_denominator` and `cross_entropy_scale_grad`, `attention_bwd_preprocess`)
+are reported once per problem, with "-" as the candidate.
 
 --all: every Triton kernel, not only the tuned ones. A kernel that runs in Triton's
 interpreter can still fail to compile for a GPU (a plain Python float as a module global read
@@ -198,10 +200,43 @@ def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None):
     return run
 
 
+def _conv_layer(C: int, OC: int, K: int, S: int, H: int, x_grad: bool = True):
+    """A ResNet-50 convolution at batch 32 (bench/suites/conv.py), bf16, input and weight
+    channels_last, through pydl.conv2d forward and backward as the benchmark runs it: its
+    upstream gradient comes from torch.randn, so it is NCHW."""
+    def run():
+        import torch
+        import pydl
+        cl, bf = torch.channels_last, torch.bfloat16
+        x = torch.empty(32, C, H, H, dtype=bf).contiguous(memory_format=cl)
+        w = torch.empty(OC, C, K, K, dtype=bf).contiguous(memory_format=cl).requires_grad_()
+        y = pydl.conv2d(x.requires_grad_(x_grad), w, None, S, K // 2)
+        torch.autograd.grad(y, [x, w] if x_grad else [w], torch.empty(y.shape, dtype=bf))
+    return run
+
+
+def _cross_entropy_vocab(n: int, c: int):
+    """cross_entropy(logits (n, c) bf16, class indices), mean, as the benchmark runs it:
+    training (forward and backward, upstream gradient 1) and the inference forward."""
+    def run():
+        import torch
+        import pydl
+        x = torch.empty(n, c, dtype=torch.bfloat16, requires_grad=True)
+        t = torch.randint(0, c, (n,))
+        pydl.cross_entropy(x, t).backward()
+        with torch.no_grad():
+            pydl.cross_entropy(x, t)
+    return run
+
+
 # (family, case name, runner)
 PROBLEMS = (
     ("gemm", "4096^3", gemm_problem(4096)),
     ("conv", "l1-3x3-64 n32", _conv_resnet_l1),
+    ("conv", "l1-3x3-64 bench", _conv_layer(64, 64, 3, 1, 56)),
+    ("conv", "l3-1x1-1024-256", _conv_layer(1024, 256, 1, 1, 14)),
+    ("conv", "stem 7x7/2", _conv_layer(3, 64, 7, 2, 224, x_grad=False)),
+    ("cross_entropy", "v32k bf16", _cross_entropy_vocab(8192, 32768)),
     ("attention", "d128-4k", _attention(False)),
     ("attention", "d128-4k-causal", _attention(True)),
     ("attention", "d128-4k hopper", _attention_hopper(False)),
@@ -863,7 +898,7 @@ def compile_job(job: dict) -> dict:
     out.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]),
                hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                hmma=len(re.findall(r"\bHMMA\.", sass)),
-               tma=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)))
+               tma=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)), **load_counts(sass))
     # warp-specialized kernels move registers between partitions (setmaxnreg): "regs" is
     # the launch's budget, these the per-thread limits the partitions switch to
     setmaxnreg = sorted({int(n) for n in re.findall(
@@ -873,6 +908,17 @@ def compile_job(job: dict) -> dict:
     if out["stack"] or out["local"]:
         out.update(_ptxas_spills(kernel.asm["ptx"], job))
     return out
+
+
+def load_counts(sass: str) -> dict:
+    """Global-load instructions in the SASS: cp.async copies (LDGSTS, straight to shared
+    memory, what the software pipeliner issues ahead), and plain loads (LDG) in all and of
+    16 bytes (LDG.*.128, one vector load of 8 16-bit elements). Many narrow LDG in a
+    kernel that streams contiguous data mean the compiler could not prove its contiguity
+    or alignment (scalar gathers)."""
+    ldg = re.findall(r"\bLDG(?=[.\s])(?:\.[A-Z0-9_]+)*", sass)
+    return dict(ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), ldg=len(ldg),
+                ldg16=sum("128" in x.split(".") for x in ldg))
 
 
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -1010,6 +1056,10 @@ def _short_verdict(r: dict) -> str:
     return v.replace(" (the same kernel as #", " =#").rstrip(")") if "same kernel" in v else v
 
 
+def _loads(r: dict) -> str:
+    return f"{r['ldg16']}/{r['ldg']}" if "ldg" in r else ""
+
+
 def table(rows: list[dict], detail: bool = False) -> str:
     """One line per row. detail (--all): the verdict short (errors are listed after the
     table) and a last column with what distinguishes the specialization: its constexprs,
@@ -1017,11 +1067,12 @@ def table(rows: list[dict], detail: bool = False) -> str:
     if detail:
         head = (f"{'kernel':26s} {'case':26s} {'#':>2s} {'w':>2s} {'st':>2s} {'grid':>9s} "
                 f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s} "
-                f"{'tma':>3s}  {'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
+                f"{'tma':>3s} {'cp.as':>5s} {'ldg16/all':>9s}  "
+                f"{'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
     else:
         head = (f"{'kernel':26s} {'case':22s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
                 f"{'grid':>9s} {'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} "
-                f"{'mma':>4s} {'tma':>3s}  verdict")
+                f"{'mma':>4s} {'tma':>3s} {'cp.as':>5s} {'ldg16/all':>9s}  verdict")
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         c = r["candidate"]
@@ -1033,7 +1084,8 @@ def table(rows: list[dict], detail: bool = False) -> str:
         wgmma = (f"yes {r['hgmma']:>3d}" if r["hgmma"] else "no") if has else ""
         nums = (f"{_cell(r, 'num_warps'):>2s} {_cell(r, 'num_stages'):>2s} {grid:>9s} "
                 f"{_cell(r, 'regs'):>4s} {spill:>5s} {smem:>4s} {wgmma:>7s} "
-                f"{_cell(r, 'hmma') if has else '':>4s} {_cell(r, 'tma') if has else '':>3s}")
+                f"{_cell(r, 'hmma') if has else '':>4s} {_cell(r, 'tma') if has else '':>3s} "
+                f"{_cell(r, 'ldgsts') if has else '':>5s} {_loads(r) if has else '':>9s}")
         if detail:
             spec = _constexpr_text(r.get("constexpr_args", {}))
             if r.get("signature_text"):
@@ -1104,8 +1156,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "architecture without a GPU; report registers, spills, shared memory and "
                     "wgmma use per candidate.")
     p.add_argument("kernels", nargs="*",
-                   help="families (gemm, conv, attention, pool, lstm, gru; with --all also "
-                        "softmax, cross_entropy) or kernel names, or parts of them (bwd, "
+                   help="families (gemm, conv, attention, pool, cross_entropy, lstm, gru; with "
+                        "--all also softmax) or kernel names, or parts of them (bwd, "
                         "attention_fwd, conv2d_implicit_bwd_weight); default: all")
     p.add_argument("--arch", type=int, default=90, choices=sorted(MAX_SHARED),
                    help="compute capability to compile for (default 90: H100)")
@@ -1167,7 +1219,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{limit // 1024} KiB on sm_{args.arch}). wgmma, mma: HGMMA and HMMA (mma.sync) "
           f"instructions in the SASS; tma: TMA copies (UTMALDG, UTMASTG) in the SASS; "
           f"setmaxnreg: the per-thread register limits a warp-specialized kernel's "
-          f"partitions switch to (regs is then the launch's budget). "
+          f"partitions switch to (regs is then the launch's budget); cp.as: cp.async copies "
+          f"(LDGSTS); ldg16/all: global loads of 16 bytes / all plain global loads (LDG), in "
+          f"the SASS. "
           + ("specialization: the constexprs (flags named when set), then the pointers' "
              "dtypes, d16 = integer arguments divisible by 16 / integer arguments, one = "
              "integers specialized to the constant 1, i64 when one is 64-bit, unaligned = "

@@ -243,3 +243,28 @@ def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, thread
     GPU, SIM_MAX_BLOCKS blocks in the simulator."""
     threads = numba_threads(threads)
     launch_numba(kernel, numba_blocks(cdiv(n_elements, threads)), threads, device, *args)
+
+
+# --- arrival counters (a last-arriving program reduces what the others left) ----------------
+
+_ARRIVALS: dict = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 counters, all zero, for a kernel whose programs count their arrival
+    on a shared counter so that the last to arrive reduces the others' partial results (the
+    split-K weight gradient of conv2d). Such a kernel resets every counter it uses to zero
+    before it exits, so one buffer per device and stream serves every launch; launches on one
+    stream run in order and never share a counter at the same time. Allocated (zeroed) on
+    first use and when a launch needs more; during a CUDA graph capture a buffer it does not
+    have is allocated for that capture only, never cached."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _ARRIVALS.get(key)
+    if buf is None or buf.numel() < n:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        fresh = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        if capturing:
+            return fresh
+        buf = _ARRIVALS[key] = fresh
+    return buf

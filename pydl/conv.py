@@ -30,8 +30,8 @@ from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
 from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
-from ._launch import (cdiv, dot_block, input_precision, launch_numba, launch_numba_1d,
-                      memory_format_of, new_output, next_power_of_2)
+from ._launch import (arrival_counters, cdiv, dot_block, input_precision, launch_numba,
+                      launch_numba_1d, memory_format_of, new_output, next_power_of_2)
 from ._plan import Cache, Launch
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
@@ -77,16 +77,22 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 # --- Triton implicit GEMM -------------------------------------------------------------------
 
-def _gemm_tile(m: int, n: int, k: int) -> dict:
+def _gemm_tile(m: int, n: int, k: int, block_k: int = 32) -> dict:
     """Default block sizes for an (m x k) @ (k x n) tile loop (the first tuning candidate,
-    pydl/_tune.py): tl.dot needs every block >= 16."""
-    return dict(BLOCK_M=dot_block(m, 64), BLOCK_N=dot_block(n, 128), BLOCK_K=dot_block(k, 32),
-                num_warps=4)
+    pydl/_tune.py), K steps up to block_k deep: tl.dot needs every block >= 16."""
+    return dict(BLOCK_M=dot_block(m, 64), BLOCK_N=dot_block(n, 128),
+                BLOCK_K=dot_block(k, block_k), num_warps=4)
 
 
-# Below this many channels per group the forward's K steps run over (kh, kw, c) jointly
-# (kernels/triton/conv.py, FLAT_K): a 16-deep channel block would be mostly padding.
+# Below this many channels per group the forward's K steps and the grad weight's columns run
+# over (kh, kw, c) jointly (kernels/triton/conv.py, FLAT_K and FLAT_N): a 16-deep channel
+# block would be mostly padding.
 FLAT_K_CHANNELS = 16
+
+
+def _flat_taps(g: ConvGeometry) -> bool:
+    """Whether the implicit kernels take (kh, kw, c) jointly (FLAT_K, FLAT_N)."""
+    return g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
 
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
 # dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
@@ -97,26 +103,40 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
                      launch) -> dict:
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
     steps run over channels (forward, grad input) or pixels (grad weight)."""
-    default = _gemm_tile(m, n, k)
-    if direction == "bwd_weight":
-        # The input operand is gathered with per-element (h, w) arithmetic over its whole
-        # [BLOCK_K, BLOCK_N] tile; more than 32 gathered elements a thread spill (the 128-wide
-        # default up to 828 bytes, 64 x 256 x 64 at 8 warps and 64 x 128 x 64 at 4 over 1 KiB,
-        # in `python -m bench resources --all`).
+    flat_n = direction == "bwd_weight" and _flat_taps(g)
+    # the grad weight's 16-bit tap tiles step 64 deep: 168 registers a thread at 64 x 64 on 4
+    # warps in the sm_90 compile, 3 programs a multiprocessor; 32 deep took 178, 2 of them
+    deep = direction == "bwd_weight" and not flat_n and t.dtype.itemsize <= 2
+    default = _gemm_tile(m, n, k, 64 if deep else 32)
+    if flat_n:
+        # FLAT_N gathers the input operand with per-element (h, w) arithmetic over its whole
+        # [BLOCK_K, BLOCK_N] tile; more than 16 gathered elements a thread spilled beside
+        # the split-K reduction (the stem's 64 x 64 x 64 on 4 warps 36 bytes, 64 x 128 x 32
+        # 420, in `python -m bench resources`).
         default["BLOCK_N"] = min(default["BLOCK_N"], 64)
+        if t.dtype.itemsize > 2:
+            default["BLOCK_K"] = dot_block(k, 16)       # fp32 at 32 deep spilled 28-88 bytes
     candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
     if direction == "bwd_weight":
+        # more than 64 accumulators a thread leave no registers for the split-K reduction
+        # (128 x 256 on 8 warps spilled 1.2 KiB)
         candidates = [c for c in candidates if c is default or
-                      c["BLOCK_N"] * c["BLOCK_K"] <= 32 * 32 * c.get("num_warps", 4)]
+                      c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c.get("num_warps", 4)]
+    if flat_n:
+        candidates = [c for c in candidates if c is default or
+                      c["BLOCK_N"] * c["BLOCK_K"] <= 16 * 32 * c.get("num_warps", 4)]
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
            g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
 
 
 # Split-K of the weight gradient: enough programs to fill the GPU twice over, each summing at
-# least SPLIT_MIN_STEPS K steps, with a workspace of at most SPLIT_WORKSPACE_ELEMS fp32
-# partials. In emulation the "GPU" has SIM_SMS multiprocessors, so small test shapes split too.
+# least SPLIT_MIN_STEPS K steps, at most SPLIT_MAX splits (the last program of a tile sums the
+# tile's partials, two at a time, after the others: its L2 round trips end the kernel), with
+# a workspace of at most SPLIT_WORKSPACE_ELEMS fp32 partials. In emulation the "GPU" has SIM_SMS
+# multiprocessors, so small test shapes split too.
 SPLIT_MIN_STEPS = 4
+SPLIT_MAX = 32
 SPLIT_WORKSPACE_ELEMS = 16 * 2**20
 SIM_SMS = 2
 
@@ -132,13 +152,40 @@ def _device_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _reduce_rows(cfg: dict) -> int:
+    """Rows of a grad-weight tile its split-K reduction sums at once: the whole tile up to 32
+    fp32 values a thread (as many as its accumulator holds at 64 x 64 on 4 warps)."""
+    return max(1, min(cfg["BLOCK_M"], 32 * 32 * cfg.get("num_warps", 4) // cfg["BLOCK_N"]))
+
+
 def _split_k(tiles: int, P: int, block_k: int, numel: int, device) -> tuple[int, int]:
     """(splits, pixels per split, a multiple of block_k) for a grad weight of `tiles` output
-    tiles summing P pixels."""
+    tiles (`numel` elements in all, tiles padded to whole blocks) summing P pixels."""
     want = cdiv(2 * _multiprocessors(device), tiles)
-    split = max(1, min(want, P // (SPLIT_MIN_STEPS * block_k), SPLIT_WORKSPACE_ELEMS // numel))
+    split = max(1, min(want, SPLIT_MAX, P // (SPLIT_MIN_STEPS * block_k),
+                       SPLIT_WORKSPACE_ELEMS // numel))
     p_split = cdiv(cdiv(P, split), block_k) * block_k
     return cdiv(P, p_split), p_split
+
+
+def _pointwise_matrices(g: ConvGeometry, *tensors):
+    """A 1x1 convolution at stride 1 without padding is a matrix product over pixels: the
+    (B1, groups, pixels, channels / groups) matrices (_pixel_matrix views) of `tensors`, or
+    None for another convolution or when their layouts give matrices of different batch
+    shapes (then the implicit kernels run)."""
+    if (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.PB, g.PR) != (1, 1, 1, 1, 0, 0, 0, 0):
+        return None
+    mats = [_pixel_matrix(t, 0, g.N, g.groups) for t in tensors]
+    if any(m is None for m in mats) or len({m.shape[0] for m in mats}) > 1:
+        return None
+    return mats
+
+
+def _bias_matrix(b: torch.Tensor | None, g: ConvGeometry) -> torch.Tensor | None:
+    """The bias as (groups, OC / groups), a view (the GEMM epilogue adds it per column)."""
+    if b is None:
+        return None
+    return b.as_strided((g.groups, g.OCG), (g.OCG * b.stride(0), b.stride(0)), b.storage_offset())
 
 
 # Launches of the implicit-GEMM kernels, built once per signature: the geometry, the
@@ -155,10 +202,19 @@ class _TritonImplicit:
         launch(x, w, w if b is None else b, y)
 
     @staticmethod
-    def _plan_forward(x, w, b, y, g: ConvGeometry) -> Launch:
+    def _plan_forward(x, w, b, y, g: ConvGeometry):
+        """A callable (x, w, b or w, y): the implicit-GEMM kernel, or the GEMM for 1x1."""
         from .kernels.triton import conv as k
+        if _pointwise_matrices(g, x, y) is not None:    # 1x1: the shared, tuned GEMM
+            precision = _input_precision(x.dtype)
+
+            def pointwise(x, w, b, y):
+                xm, ym = _pointwise_matrices(g, x, y)
+                gemm(xm, _weight_matrix(w, g), ym, trans_b=True,
+                     bias=_bias_matrix(b if b is not w else None, g), input_precision=precision)
+            return pointwise
         M = g.N * g.OH * g.OW
-        flat_k = g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+        flat_k = _flat_taps(g)
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
                    g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
         consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
@@ -180,8 +236,16 @@ class _TritonImplicit:
         _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_input, dy, w, dx, g)(dy, w, dx)
 
     @staticmethod
-    def _plan_backward_input(dy, w, dx, g: ConvGeometry) -> Launch:
+    def _plan_backward_input(dy, w, dx, g: ConvGeometry):
+        """A callable (dy, w, dx): the implicit-GEMM kernel, or the GEMM for 1x1."""
         from .kernels.triton import conv as k
+        if _pointwise_matrices(g, dy, dx) is not None:  # 1x1: dX = dY @ W, the shared GEMM
+            precision = _input_precision(dy.dtype)
+
+            def pointwise(dy, w, dx):
+                dym, dxm = _pointwise_matrices(g, dy, dx)
+                gemm(dym, _weight_matrix(w, g), dxm, input_precision=precision)
+            return pointwise
         M = g.N * g.H * g.W
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
                    g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
@@ -205,34 +269,36 @@ class _TritonImplicit:
 
     @staticmethod
     def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
-        """A callable (dy, x, dw): the split-K grad-weight kernel into fp32 partials, then
-        their reduction, or the kernel straight into dw when one split suffices."""
+        """A callable (dy, x, dw): the split-K grad-weight kernel (fp32 partials summed by each
+        tile's last-arriving program), or the kernel straight into dw when one split suffices."""
         from .kernels.triton import conv as k
-        J = g.CG * g.KH * g.KW
         P = g.N * g.OH * g.OW
-        numel = dw.numel()
-        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG,
+        flat_n = _flat_taps(g)
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, FLAT_N=flat_n,
                       INPUT_PRECISION=_input_precision(dy.dtype))
 
         def launch(cfg):
-            tiles = cdiv(g.OCG, cfg["BLOCK_M"]) * cdiv(J, cfg["BLOCK_N"]) * g.groups
-            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], numel, dw.device)
-            grid = (cdiv(g.OCG, cfg["BLOCK_M"]), cdiv(J, cfg["BLOCK_N"]), g.groups * split)
-            main = Launch(k.conv2d_implicit_bwd_weight, grid, (
-                g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(), *dw.stride(),
-                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
-                {**consts, **cfg, "SPLIT": split, "P_SPLIT": p_split, "sdw_split": numel})
+            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+            cols = cdiv(g.CG * g.KH * g.KW, bn) if flat_n else g.KH * g.KW * cdiv(g.CG, bn)
+            tiles = cdiv(g.OCG, bm) * cols * g.groups
+            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], tiles * bm * bn, dw.device)
+            main = Launch(k.conv2d_implicit_bwd_weight, (cdiv(g.OCG, bm), cols, g.groups * split),
+                          (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
+                           *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
+                          {**consts, "SPLIT": split, "P_SPLIT": p_split,
+                           "REDUCE_ROWS": _reduce_rows(cfg), **cfg})
             if split == 1:
-                return main
-            reduce = Launch(k.sum_splits, (cdiv(numel, 1024),), (split, numel), dict(BLOCK=1024))
+                return lambda dy, x, dw: main(dy, x, dw, dw, dw)   # placeholders: never read
+            ws_numel = tiles * split * bm * bn
 
             def run(dy, x, dw):
-                partials = torch.empty((split, numel), dtype=torch.float32, device=dw.device)
-                main(dy, x, partials)
-                reduce(partials, dw)
+                # fp32 partials; the tile's last-arriving program sums them in split order
+                ws = torch.empty(ws_numel, dtype=torch.float32, device=dw.device)
+                main(dy, x, dw, ws, arrival_counters(dw.device, tiles))
             return run
 
-        cfg = _implicit_config("bwd_weight", g, dy, g.OCG, J, P, lambda c: launch(c)(dy, x, dw))
+        n = g.CG * g.KH * g.KW if flat_n else g.CG
+        cfg = _implicit_config("bwd_weight", g, dy, g.OCG, n, P, lambda c: launch(c)(dy, x, dw))
         return launch(cfg)
 
     @staticmethod
@@ -355,10 +421,7 @@ class _TritonIm2col:
     def forward(x, w, b, y, g: ConvGeometry) -> None:
         J, P = g.CG * g.KH * g.KW, g.OH * g.OW
         wm = _weight_matrix(w, g)
-        bias = None                                     # (groups, OC / groups), a view
-        if b is not None:
-            bias = b.as_strided((g.groups, g.OCG), (g.OCG * b.stride(0), b.stride(0)),
-                                b.storage_offset())
+        bias = _bias_matrix(b, g)
         chunks = _chunks(g.N, P * g.groups * J * x.element_size())
         cols = new_output((g.groups, chunks[0][1] * P, J), x.dtype, x.device)
         for n0, nb in chunks:
@@ -648,6 +711,17 @@ def _conv2d_bwd_bias(dy: Tensor, geom: list[int], algo: str, backend: str) -> Te
     return db
 
 
+def _grad_output_layout(dy: Tensor, x: Tensor, algo: str) -> Tensor:
+    """The upstream gradient in the input's channels_last layout for the implicit-GEMM
+    kernels, converted once for both gradients. An NCHW gradient of a channels_last layer
+    (e.g. one made by torch.randn) would otherwise be the grad-input and grad-weight GEMMs'
+    operand with only its pixels contiguous, gathered by 2-byte loads; cuDNN converts too."""
+    if algo == "implicit" and memory_format_of(x) == torch.channels_last \
+            and not dy.is_contiguous(memory_format=torch.channels_last):
+        return dy.contiguous(memory_format=torch.channels_last)
+    return dy
+
+
 class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, g: ConvGeometry, algo: str, backend: str):
@@ -659,6 +733,7 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
+        dy = _grad_output_layout(dy, x, ctx.args[1])
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():
             # create_graph: the same kernels, through Functions that are differentiable again

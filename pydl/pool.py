@@ -63,35 +63,50 @@ def _triton_tile(x: torch.Tensor, C: int, n_spatial: int, elems: int = 1024,
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
 
 
+def _planar_tile(rows: int, cols: int, elems: int = 1024, num_warps: int = 4) -> dict:
+    """A BLOCK_I x BLOCK_J tile of about `elems` elements of rows x cols, up to 128 columns
+    wide (the contiguous axis), for max_pool2d_bwd_planar; at most 2 rows a warp: each row
+    a thread holds keeps its offsets for every kernel row live (at 16 x 64 on 4 warps the
+    sm_90 compile took 148 registers a thread, at 8 x 64 72)."""
+    block_j = min(next_power_of_2(cols), 128)
+    block_i = max(1, min(next_power_of_2(rows), elems // block_j, 2 * num_warps))
+    return dict(BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps)
+
+
 # Tuning space of the pooling kernels (memory-bound): elements per program and warps.
 POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
 POOL_TUNERS = {name: Tuner(name) for name in (
-    "max_pool2d_fwd", "max_pool2d_bwd", "avg_pool2d_fwd", "avg_pool2d_bwd",
-    "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd")}
+    "max_pool2d_fwd", "max_pool2d_bwd", "max_pool2d_bwd_planar", "avg_pool2d_fwd",
+    "avg_pool2d_bwd", "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd")}
 
 
 _LAUNCHES = Cache("pool launches")
 
 
 def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, tensors: tuple,
-            scalars: tuple, **consts) -> None:
+            scalars: tuple, grid=None, tile=None, **consts) -> None:
     """Launch pooling kernel `name` over n_spatial positions x C channels x N images: the
     kernel's tensors, then its scalars and constexprs. Built once per signature; tiles
-    autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch size."""
+    autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch size. A kernel
+    tiled otherwise gives grid(cfg) and tile(elems, num_warps) (the config of a tile of about
+    elems elements; defaults: _grid and _triton_tile), functions of the key's contents."""
     key = (name, g, layout.device, tuple(t.dtype for t in tensors), scalars,
            tuple(consts.values()))
-    _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts)(*tensors)
+    _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts, grid,
+                  tile)(*tensors)
 
 
-def _plan(name: str, layout, n_spatial: int, g: PoolGeometry, tensors, scalars, consts) -> Launch:
+def _plan(name: str, layout, n_spatial: int, g: PoolGeometry, tensors, scalars, consts, grid,
+          tile) -> Launch:
     from .kernels.triton import pool as k
     kernel = getattr(k, name)
+    grid = grid or (lambda cfg: _grid(cfg, n_spatial, g))
+    tile = tile or (lambda elems, warps: _triton_tile(layout, g.C, n_spatial, elems, warps))
 
     def launch(cfg):
-        return Launch(kernel, _grid(cfg, n_spatial, g), scalars, {**consts, **cfg})
+        return Launch(kernel, grid(cfg), scalars, {**consts, **cfg})
 
-    candidates = [_triton_tile(layout, g.C, n_spatial)] + [
-        _triton_tile(layout, g.C, n_spatial, elems, warps) for elems, warps in POOL_SPACE]
+    candidates = [tile(1024, 4)] + [tile(elems, warps) for elems, warps in POOL_SPACE]
     key = (name, layout.dtype, _channels_fastest(layout), g.SH, g.SW, tuple(sorted(consts.items())),
            g.H // max(1, g.OH), g.W // max(1, g.OW), bucket(g.C, lo=1), bucket(n_spatial, lo=1))
     return launch(POOL_TUNERS[name].pick(key, candidates, lambda c: launch(c)(*tensors)))
@@ -110,9 +125,26 @@ class _TritonPool:
 
     @staticmethod
     def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
-        _launch("max_pool2d_bwd", dx, g.H * g.W, g, (dy, idx, dx),
-                (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.SH,
-                 g.SW, g.PH, g.PW, g.DH, g.DW), KH=g.KH, KW=g.KW, INDEX_MODE=index_mode)
+        # grad_out in grad_input's layout, as torch's own backward converts it: an NCHW
+        # gradient of a channels_last pool would be gathered element by element
+        fmt = torch.channels_last if _channels_fastest(dx) else torch.contiguous_format
+        if not dy.is_contiguous(memory_format=fmt):
+            dy = dy.contiguous(memory_format=fmt)
+        # input positions by stride phase: ni x nj per phase at most, SH * SW phases
+        ni, nj, phases = cdiv(g.H, g.SH), cdiv(g.W, g.SW), g.SH * g.SW
+        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.SH,
+                   g.SW, g.PH, g.PW, g.DH, g.DW)
+        if _channels_fastest(dx):
+            _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars, KH=g.KH, KW=g.KW,
+                    INDEX_MODE=index_mode, grid=lambda cfg: (
+                        phases * cdiv(ni * nj, cfg["BLOCK_S"]), cdiv(g.C, cfg["BLOCK_C"]), g.N))
+        else:
+            rows = g.N * g.C * ni                       # (n, c, i) rows of a phase
+            _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), (g.N, *scalars),
+                    KH=g.KH, KW=g.KW, INDEX_MODE=index_mode,
+                    tile=lambda elems, warps: _planar_tile(rows, nj, elems, warps),
+                    grid=lambda cfg: (g.SH * cdiv(rows, cfg["BLOCK_I"]),
+                                      g.SW * cdiv(nj, cfg["BLOCK_J"])))
 
     @staticmethod
     def avg_fwd(x, y, g: PoolGeometry) -> None:

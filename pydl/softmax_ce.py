@@ -7,10 +7,16 @@ the public functions at the bottom check arguments and dispatch through pydl.bac
 Every kernel works on the (outer, n, inner) view of its tensor (see pydl._shapes.as_rows), so
 softmax over any dim and (N, C, d1, ...) cross-entropy need no transposed copy.
 
-Cross-entropy saves only the per-row logsumexp (4 bytes a row) and the logits the caller
-already holds; its backward writes softmax - one-hot (with weights and smoothing) in one pass.
-The mean reduction's sum over rows and the sum of the class weights are small torch
-reductions over per-row vectors (N floats, C floats), not over the logits.
+Cross-entropy with class indices, on the triton backend: a summed or averaged loss of logits
+that need a gradient has it written by the forward kernel (which holds the softmax at that
+moment: one read of a row that fits a block, two reads, the second mostly from L2, of a wider
+one) into a buffer of its own, never into the caller's logits; the backward multiplies it in
+place by the upstream gradient, on the device (no host synchronisation), and skips even that
+when the upstream gradient is 1. The mean's denominator (the summed weights of the rows that
+count) is summed from the targets by a short kernel before the forward; the sum and mean over
+rows are finished in the forward kernel. Otherwise (per-row losses, no gradient, the numba
+backend, torch.compile) the forward saves only the per-row logsumexp (4 bytes a row) and the
+backward writes softmax - one-hot (with weights and smoothing) in one pass over the logits.
 
 Class-probability targets (a floating target of the logits' shape) have their own kernels:
 the forward saves the per-row logsumexp and S = sum_c w_c y'_c (8 bytes a row), and the
@@ -27,14 +33,16 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (cdiv, launch_numba, new_output, next_power_of_2, numba_blocks,
-                      numba_threads)
+from ._launch import (arrival_counters, cdiv, launch_numba, new_output, next_power_of_2,
+                      numba_blocks, numba_threads)
 from ._plan import Cache, Launch, needs_graph
 from ._shapes import as_rows, normalize_dim
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
 
 REDUCTIONS = ("none", "mean", "sum")
+# as the Triton kernels number them (kernels/triton/softmax_ce.py: REDUCE_*)
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
 # Widest column block a Triton program loads at once; wider rows are walked with the online
 # max/sum. Tests lower it to exercise the multi-block path on small rows.
@@ -58,9 +66,19 @@ def _triton_config(n_rows: int, n: int, tile: int | None = None, max_block_n: in
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps)
 
 
+# Rows per program of cross_entropy_mean_denominator (8 bytes of targets a row).
+DENOMINATOR_BLOCK = 4096
+# Partial sums the last program of a cross-entropy reduction adds at a time.
+PARTS_BLOCK = 1024
+# cross_entropy_scale_grad: elements per step, and at most this many programs (a grid-stride
+# loop; where the upstream gradient is 1 each program only reads it).
+SCALE_BLOCK = 4096
+SCALE_PROGRAMS = 1024
+
+
 # Tuning space of the row kernels (memory-bound): (tile elements, widest column block, warps).
 ROW_SPACE = ((8192, 8192, 16), (8192, 8192, 8), (4096, 4096, 4), (16384, 16384, 16),
-             (2048, 2048, 4))
+             (2048, 2048, 4), (32768, 32768, 16), (32768, 32768, 32))
 ROW_TUNERS = {name: Tuner(name) for name in (
     "softmax_fwd", "softmax_bwd", "cross_entropy_fwd", "cross_entropy_bwd",
     "cross_entropy_prob_fwd", "cross_entropy_prob_bwd")}
@@ -111,41 +129,95 @@ class _TritonLaunch:
                 single=True, LOG=log)
 
     @staticmethod
-    def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
+    def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
+        """(loss: per row, or reduced, in x's dtype; per-row fp32 logsumexp; the mean's fp32
+        denominator; with `grad` the reduced loss's gradient w.r.t. x3, contiguous). The sum
+        and mean are finished in the kernel (its last program to arrive); a training mean
+        first sums its denominator from the targets (cross_entropy_mean_denominator), since
+        the forward scales the gradient by its inverse."""
         outer, n, inner = x3.shape
-        _launch("cross_entropy_fwd", x3, (
-            x3, target, weight if weight is not None else x3, loss, lse, row_weight),
-            (outer * inner, n, inner, *x3.stride(), ignore_index, smoothing),
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0,
-            CHECK_TARGETS=x3.device.type == "cuda")
+        rows, dev = outer * inner, x3.device
+        lse = new_output(rows, torch.float32, dev)
+        loss = new_output(rows if reduction == "none" else (), x3.dtype, dev)
+        denom = new_output((), torch.float32, dev)
+        dx3 = new_output(x3.shape, x3.dtype, dev) if grad else None
+        if not rows:
+            if reduction != "none":
+                loss.fill_(float("nan") if reduction == "mean" else 0.0)   # torch's empty mean
+            return loss, lse, denom, dx3
+        w = weight if weight is not None else x3
+        arrivals = arrival_counters(dev, 1) if reduction != "none" else lse
+        if grad and reduction == "mean":
+            parts = torch.empty(cdiv(rows, DENOMINATOR_BLOCK), dtype=torch.float32, device=dev)
+            key = ("mean_denominator", rows, n, dev, target.dtype, w.dtype, weight is None,
+                   ignore_index)
+            _LAUNCHES.get(key, _TritonLaunch._plan_denominator, rows, n, ignore_index,
+                          weight is not None)(target, w, denom, parts, arrivals)
+        parts = lse                                     # 2 fp32 per program (sum, mean)
+        if reduction != "none":
+            parts = torch.empty(2 * rows, dtype=torch.float32, device=dev)
+        dx = dx3 if grad else x3
+        _launch("cross_entropy_fwd", x3, (x3, target, w, loss, lse, loss, denom, parts, arrivals,
+                                          dx),
+                (rows, n, inner, *x3.stride(), *dx.stride(), ignore_index, smoothing),
+                single=True, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0,
+                REDUCTION=REDUCTION_CODES[reduction], PARTS_BLOCK=PARTS_BLOCK, GRAD=grad,
+                CHECK_TARGETS=dev.type == "cuda")
+        return loss, lse, denom, dx3
 
     @staticmethod
-    def loss_reduce(loss, row_weight, out, denom, scale: float) -> None:
-        """out = scale * sum(loss) (/ sum(row_weight), also written to denom, when
-        row_weight is given): one program, deterministic."""
-        key = ("loss_reduce", loss.shape, out.dtype, loss.device, row_weight is None, scale)
-        _LAUNCHES.get(key, _TritonLaunch._plan_reduce, loss, row_weight, scale)(
-            loss, row_weight if row_weight is not None else loss, out,
-            denom if denom is not None else loss)
+    def _plan_denominator(rows, n, ignore_index, has_weight) -> Launch:
+        from .kernels.triton import softmax_ce as k
+        return Launch(k.cross_entropy_mean_denominator, (cdiv(rows, DENOMINATOR_BLOCK),),
+                      (rows, n, ignore_index), dict(HAS_WEIGHT=has_weight,
+                                                    BLOCK=DENOMINATOR_BLOCK,
+                                                    PARTS_BLOCK=PARTS_BLOCK))
 
     @staticmethod
-    def _plan_reduce(loss, row_weight, scale) -> Launch:
+    def cross_entropy_scale_grad(dx, grad_out) -> None:
+        """dx *= grad_out (0-d, on the device) in place; nothing is read or written where
+        grad_out == 1."""
+        key = ("scale_grad", dx.numel(), dx.dtype, grad_out.dtype, dx.device)
+        _LAUNCHES.get(key, _TritonLaunch._plan_scale, dx.numel())(dx, grad_out)
+
+    @staticmethod
+    def _plan_scale(numel) -> Launch:
+        from .kernels.triton import softmax_ce as k
+        programs = max(1, min(cdiv(numel, SCALE_BLOCK), SCALE_PROGRAMS))
+        return Launch(k.cross_entropy_scale_grad, (programs,), (numel,), dict(BLOCK=SCALE_BLOCK))
+
+    @staticmethod
+    def loss_reduce(loss, out, scale: float) -> None:
+        """out = scale * sum(loss) (fp32 per-row losses): one program, deterministic."""
+        key = ("loss_reduce", loss.shape, out.dtype, loss.device, scale)
+        _LAUNCHES.get(key, _TritonLaunch._plan_reduce, loss, scale)(loss, out)
+
+    @staticmethod
+    def _plan_reduce(loss, scale) -> Launch:
         from .kernels.triton import softmax_ce as k
         block = min(1024, next_power_of_2(loss.numel()))
         return Launch(k.loss_reduce, (1,), (loss.numel(), scale),
-                      dict(BY_WEIGHT=row_weight is not None, BLOCK=block,
-                           num_warps=4 if block <= 512 else 8))
+                      dict(BLOCK=block, num_warps=4 if block <= 512 else 8))
 
     @staticmethod
-    def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, denom, weight_sum, dx3,
+    def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
                           ignore_index, smoothing):
+        """dx3 = the gradient of the loss w.r.t. x3, grad_out the loss's upstream gradient (per
+        row, or 0-d, read on the device); the mean's division happens in the kernel."""
         outer, n, inner = x3.shape
+        if reduction == "none":
+            grad = grad_out.reshape(-1)                 # a view where it can be
+            stride = grad.stride(0)
+        else:
+            grad, stride = grad_out, 0
+        weight_sum = weight.float().sum() if weight is not None and smoothing > 0 else None
         _launch("cross_entropy_bwd", x3, (
-            x3, target, weight if weight is not None else x3, lse, grad,
-            denom if denom is not None else lse, weight_sum if weight_sum is not None else lse,
-            dx3), (grad_stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(),
-                   ignore_index, smoothing),
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, DIVIDE=denom is not None)
+            x3, target, weight if weight is not None else x3, lse, grad, denom,
+            weight_sum if weight_sum is not None else lse, dx3),
+            (stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(), ignore_index,
+             smoothing),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0,
+            MEAN=reduction == "mean")
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
@@ -202,20 +274,42 @@ class _NumbaLaunch:
                              dtype_code(y3.dtype))
 
     @staticmethod
-    def cross_entropy_fwd(x3, target, weight, loss, lse, row_weight, ignore_index, smoothing):
-        w = _NumbaLaunch._weights(weight, lse[:1])
-        _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w, loss, lse, row_weight,
-                             x3.shape[2], ignore_index, float(smoothing), weight is not None,
-                             dtype_code(x3.dtype))
+    def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
+        """As _TritonLaunch's, without the gradient (the backward computes it): per-row
+        losses, then the reduction in torch (sums over the rows' N floats)."""
+        outer, n, inner = x3.shape
+        rows, dev = outer * inner, x3.device
+        loss = new_output(rows, torch.float32, dev)
+        lse = new_output(rows, torch.float32, dev)
+        row_weight = new_output(rows, torch.float32, dev)
+        if rows:
+            w = _NumbaLaunch._weights(weight, loss[:1])
+            _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w, loss, lse, row_weight,
+                                 inner, ignore_index, float(smoothing), weight is not None,
+                                 dtype_code(x3.dtype))
+        denom = row_weight.sum() if reduction == "mean" else torch.ones((), device=dev)
+        if reduction == "none":
+            return loss.to(x3.dtype), lse, denom, None
+        total = loss.sum() if reduction == "sum" else loss.sum() / denom
+        return total.to(x3.dtype), lse, denom, None
 
     @staticmethod
-    def cross_entropy_bwd(x3, target, weight, lse, grad, grad_stride, weight_sum, dx3,
+    def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
                           ignore_index, smoothing):
+        outer, n, inner = x3.shape
+        if reduction == "none":
+            grad, stride = grad_out.reshape(-1).float().contiguous(), 1
+        elif reduction == "sum":
+            grad, stride = grad_out.float().reshape(1), 0
+        else:
+            grad, stride = (grad_out.float() / denom).reshape(1), 0
+        weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 \
+            else None
         w = _NumbaLaunch._weights(weight, lse[:1])
         ws = weight_sum if weight_sum is not None else lse[:1]
-        _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse, grad.reshape(-1),
-                             grad_stride, ws.reshape(1).float(), dx3, x3.shape[2], ignore_index,
-                             float(smoothing), weight is not None, dtype_code(x3.dtype))
+        _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse, grad, stride, ws, dx3,
+                             inner, ignore_index, float(smoothing), weight is not None,
+                             dtype_code(x3.dtype))
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
@@ -316,105 +410,91 @@ class _SoftmaxBackward(torch.autograd.Function):
         return d_y, d_dy, None, None, None
 
 
-def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, backend):
+def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, grad, backend):
     rows = target.numel()
     out = empty_like_shape(x, target.shape if reduction == "none" else ())
-    stats = (2 if reduction == "none" else 3) * rows + (reduction == "mean")
-    return out, empty_like_shape(x, (stats,), torch.float32)
+    return (out, empty_like_shape(x, (rows,), torch.float32),
+            empty_like_shape(x, (), torch.float32), empty_like_shape(x, x.shape if grad else (0,)))
 
 
 @kernel_op("cross_entropy_fwd", _cross_entropy_fake)
 def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       reduction: str, smoothing: float, backend: str) -> tuple[Tensor, Tensor]:
-    """(loss in x's dtype, stats): stats is one fp32 buffer, per row the logsumexp and the
-    target's weight, then (reductions only) the per-row losses and (mean only) the mean's
-    denominator, the summed weights of the rows that count; the backward reads it.
+                       reduction: str, smoothing: float, grad: bool,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss in x's dtype, per-row logsumexp, the mean's denominator: the summed weights of
+    the rows that count (a placeholder for other reductions), and with `grad` the loss's
+    gradient w.r.t. x written by the forward (an empty placeholder without)).
 
-    Triton on a GPU checks the targets inside the kernel (no host synchronisation) and reduces
-    the per-row losses with one more kernel; the Numba backend and emulation check on the host
-    (one small reduction and a sync) and reduce with torch."""
-    n_classes = x.shape[0 if x.dim() == 1 else 1]
-    triton = backend == "triton"
+    Triton on a GPU checks the targets inside the kernel (no host synchronisation); the Numba
+    backend and emulation check them on the host (one small reduction and a sync)."""
     if not kernel_checks_targets(x, backend):
-        _check_target_range(target, n_classes, ignore_index)
+        _check_target_range(target, x.shape[0 if x.dim() == 1 else 1], ignore_index)
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
-    rows = outer * inner
-    t = target.reshape(rows)
-    none, mean = reduction == "none", reduction == "mean"
-    stats = new_output((2 if none else 3) * rows + mean, torch.float32, x.device)
-    lse, row_weight = stats[:rows], stats[rows:2 * rows]
-    if none:    # the loss is returned: its own tensor (Triton writes x's dtype directly)
-        loss = new_output(rows, x.dtype if triton else torch.float32, x.device)
-    else:
-        loss = stats[2 * rows:3 * rows]
-    if rows:
-        LAUNCHERS[backend].cross_entropy_fwd(x3, t, weight, loss, lse, row_weight, ignore_index,
-                                             smoothing)
-    if none:
-        return loss.view(target.shape).to(x.dtype), stats
-    denom = stats[3 * rows] if mean else None
-    if triton:
-        out = new_output((), x.dtype, x.device)
-        _TritonLaunch.loss_reduce(loss, row_weight if mean else None, out, denom, 1.0)
-        return out, stats
-    if not mean:
-        return loss.sum().to(x.dtype), stats
-    denom.copy_(row_weight.sum())
-    return (loss.sum() / denom).to(x.dtype), stats
+    t = target.reshape(outer * inner)
+    loss, lse, denom, dx3 = LAUNCHERS[backend].cross_entropy_fwd(x3, t, weight, ignore_index,
+                                                                 smoothing, reduction, grad)
+    dx = dx3.view(x.shape) if dx3 is not None else new_output((0,), x.dtype, x.device)
+    return (loss.view(target.shape) if reduction == "none" else loss), lse, denom, dx
 
 
 @kernel_op("cross_entropy_bwd", lambda x, *rest: empty_like_shape(x))
-def _cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                       grad_out: Tensor, ignore_index: int, reduction: str,
+def _cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                       denom: Tensor, grad_out: Tensor, ignore_index: int, reduction: str,
                        smoothing: float, backend: str) -> Tensor:
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
-    rows = outer * inner
-    lse = stats[:rows]
-    denom = stats[3 * rows] if reduction == "mean" else None
     t = target.reshape(outer * inner)
-    stride = 1 if reduction == "none" else 0
-    weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 else None
     dx3 = new_output(x3.shape, x3.dtype, x3.device)
-    if not dx3.numel():
-        return dx3.view(x.shape)
-    if backend == "triton":             # the kernel reads grad_out and divides by denom itself
-        _TritonLaunch.cross_entropy_bwd(x3, t, weight, lse, grad_out.reshape(-1).contiguous(),
-                                        stride, denom, weight_sum, dx3, ignore_index, smoothing)
-        return dx3.view(x.shape)
-    grad = grad_out.reshape(-1).float().contiguous()
-    if reduction == "mean":
-        grad = grad / denom
-    _NumbaLaunch.cross_entropy_bwd(x3, t, weight, lse, grad, stride, weight_sum, dx3,
-                                   ignore_index, smoothing)
+    if dx3.numel():
+        LAUNCHERS[backend].cross_entropy_bwd(x3, t, weight, lse, denom, grad_out, reduction, dx3,
+                                             ignore_index, smoothing)
     return dx3.view(x.shape)
 
 
+def _grad_in_forward(backend: str, x: Tensor, reduction: str) -> bool:
+    """Whether the forward writes the logits' gradient (module docstring): on the triton
+    backend, for a summed or averaged loss of logits that will need a gradient, in eager
+    mode with plain tensors (torch.compile traces the two-pass form)."""
+    return (backend == "triton" and reduction != "none" and x.requires_grad
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and type(x) in (torch.Tensor, torch.nn.Parameter))
+
+
 class CrossEntropyFunction(torch.autograd.Function):
-    """Fused log_softmax + NLL (+ weights, ignore_index, label smoothing) over class dim 1."""
+    """Fused log_softmax + NLL (+ weights, ignore_index, label smoothing) over class dim 1.
+
+    With grad_in_forward the forward also writes the gradient into a buffer of its own; the
+    first backward scales that buffer in place by the upstream gradient (on the device, no
+    host synchronisation; nothing to do for an upstream gradient of 1) and hands it over. A
+    second backward through a retained graph recomputes the gradient from the saved logits,
+    and a backward under create_graph builds it from differentiable ops (double backward)."""
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index: int, reduction: str, smoothing: float,
-                backend: str):
-        out, stats = _cross_entropy_fwd(x, target, weight, ignore_index, reduction, smoothing,
-                                        backend)
-        ctx.save_for_backward(x, target, weight, stats)
+                grad_in_forward: bool, backend: str):
+        out, lse, denom, dx = _cross_entropy_fwd(x, target, weight, ignore_index, reduction,
+                                                 smoothing, grad_in_forward, backend)
+        ctx.save_for_backward(x, target, weight, lse, denom)
         ctx.args = (ignore_index, reduction, smoothing, backend)
+        ctx.grad_from_forward = dx if grad_in_forward else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, target, weight, stats = ctx.saved_tensors
+        x, target, weight, lse, denom = ctx.saved_tensors
         if torch.is_grad_enabled():      # create_graph: differentiable again
             ignore_index, reduction, smoothing, backend = ctx.args
-            denom = stats[3 * target.numel()] if reduction == "mean" else None
             q = _index_target_distribution(x, target, weight, ignore_index, smoothing)
             g = _row_cotangent(grad_out, x, reduction, denom)
             dx = _cross_entropy_grad_graph(_log_probabilities(x, backend), q, g, backend)
-            return dx, None, None, None, None, None, None
-        dx = _cross_entropy_bwd(x, target, weight, stats, grad_out, *ctx.args)
-        return dx, None, None, None, None, None, None
+            return dx, None, None, None, None, None, None, None
+        dx, ctx.grad_from_forward = ctx.grad_from_forward, None
+        if dx is not None:
+            LAUNCHERS[ctx.args[-1]].cross_entropy_scale_grad(dx, grad_out)
+        else:
+            dx = _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, *ctx.args)
+        return dx, None, None, None, None, None, None, None
 
 
 def _row_shape(x: Tensor) -> tuple[int, ...]:
@@ -457,7 +537,7 @@ def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
     scale = (1.0 / rows if rows and n else math.nan) if reduction == "mean" else 1.0
     if triton:
         out = new_output((), dtype, x.device)
-        _TritonLaunch.loss_reduce(loss, None, out, None, scale)
+        _TritonLaunch.loss_reduce(loss, out, scale)
         return out, stats
     return (loss.sum() * scale).to(dtype), stats
 
@@ -603,8 +683,9 @@ def _kernel_cross_entropy(backend: str):
             return _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)[0]
         if needs_graph(x):
             return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction,
-                                              smoothing, backend)
-        return _cross_entropy_fwd(x, target, weight, ignore_index, reduction, smoothing,
+                                              smoothing, _grad_in_forward(backend, x, reduction),
+                                              backend)
+        return _cross_entropy_fwd(x, target, weight, ignore_index, reduction, smoothing, False,
                                   backend)[0]
     return impl
 

@@ -37,7 +37,9 @@ OPCHECKS = {
     "softmax_fwd": lambda: (softmax_ce._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
     "softmax_bwd": lambda: (softmax_ce._softmax_bwd,
                             (torch.softmax(_x(3, 5), 0), _x(3, 5), 0, False, BACKEND)),
-    "cross_entropy_fwd": lambda: (softmax_ce._cross_entropy_fwd, (*_ce_args(), BACKEND)),
+    "cross_entropy_fwd": lambda: (softmax_ce._cross_entropy_fwd, (*_ce_args(), False, BACKEND)),
+    "cross_entropy_fwd/grad": lambda: (softmax_ce._cross_entropy_fwd,   # gradient in the forward
+                                       (*_ce_args(), True, BACKEND)),
     "cross_entropy_prob_fwd": lambda: (softmax_ce._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "none", 0.1, BACKEND)),
     "conv2d_fwd": lambda: (conv._conv2d_fwd, (

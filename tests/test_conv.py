@@ -216,9 +216,9 @@ def test_fuzz(backend, algo, N, C, OC, H, W, K, S, P, D, G):
 
 @pytest.mark.parametrize("case", ["fp32_nchw", "fp16_channels_last_grouped"])
 def test_implicit_grad_weight_split_k(monkeypatch, case):
-    """The weight gradient summed in several pixel ranges (fp32 partials, then `sum_splits`):
-    no split, a few, and as many as the K steps allow all match, the last range short; 16-bit
-    weights are rounded once, after the sum."""
+    """The weight gradient summed in several pixel ranges (fp32 partials, which the last
+    program of each tile to arrive sums): no split, a few, and as many as the K steps allow
+    all match, the last range short; 16-bit weights are rounded once, after the sum."""
     import pydl.conv as conv_mod
     dtype = torch.float16 if case.startswith("fp16") else torch.float32
     groups = 2 if case.endswith("grouped") else 1
@@ -239,6 +239,175 @@ def test_implicit_grad_weight_split_k(monkeypatch, case):
     counts = [s for s, _ in splits]
     assert counts[0] == 1 and 2 <= counts[1] <= counts[2] and counts[2] >= 3, splits
     assert all((s - 1) * p < 189 <= s * p for s, p in splits)
+
+
+def _small_tiles(monkeypatch, block=16):
+    """Every implicit-GEMM tile `block` wide in M, N and K, and every layer on the (kh, kw,
+    channel block) paths (no FLAT_K / FLAT_N): small test layers then have several channel
+    blocks per tap, the last one partial."""
+    import pydl.conv as conv_mod
+    monkeypatch.setattr(conv_mod, "FLAT_K_CHANNELS", 0)
+    monkeypatch.setattr(conv_mod, "_gemm_tile", lambda m, n, k, block_k=32: dict(
+        BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, num_warps=4))
+
+
+def _force_split(monkeypatch):
+    import pydl.conv as conv_mod
+    monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
+    monkeypatch.setattr(conv_mod, "SIM_SMS", 1000)
+
+
+# (input shape, weight shape, options): every tap of the kernel in a tile of its own, 20
+# channels per group = a full and a partial 16-channel block, output channels likewise; at
+# least 40 output pixels, so that 16-pixel K steps split in 2 or more ranges
+TAP_TILE_CASES = {
+    "3x3_pad": ((2, 20, 5, 6), (20, 20, 3, 3), dict(padding=1)),
+    "2x3_stride_dilation": ((2, 20, 9, 8), (18, 20, 2, 3), dict(stride=2, padding=(1, 2),
+                                                                  dilation=(2, 1))),
+    "grouped": ((2, 40, 4, 5), (34, 20, 3, 3), dict(padding=1, groups=2)),
+    "same_even": ((2, 20, 5, 5), (6, 20, 4, 2), dict(padding="same")),
+}
+
+
+@pytest.mark.parametrize("dtype,layout", [
+    (torch.float32, "nchw"), (torch.float16, "channels_last"),
+    pytest.param(torch.float16, "nchw", marks=pytest.mark.sim_heavy),
+    pytest.param(torch.float32, "channels_last", marks=pytest.mark.sim_heavy)],
+    ids=["fp32-nchw", "fp16-channels_last", "fp16-nchw", "fp32-channels_last"])
+@pytest.mark.parametrize("case", TAP_TILE_CASES)
+def test_implicit_grad_weight_tap_tiles(monkeypatch, case, dtype, layout):
+    """The weight gradient tiled by (kh, kw, channel block) with split-K, on every edge: taps
+    of non-square and dilated kernels, strides, asymmetric padding, groups, input and output
+    channels not a multiple of the block, NCHW and channels_last, fp32 and fp16. The result is
+    bitwise the same on a second run (the last-arriving program sums the partials in split
+    order), and every arrival counter is back at zero."""
+    import pydl.conv as conv_mod
+    from pydl import _launch
+    _small_tiles(monkeypatch)
+    _force_split(monkeypatch)
+    splits = []
+    real = conv_mod._split_k
+    monkeypatch.setattr(conv_mod, "_split_k", lambda *a: splits.append(real(*a)) or splits[-1])
+    xs, ws, opts = TAP_TILE_CASES[case]
+    x = random_tensor(xs, dtype, DEVICE)
+    w = random_tensor(ws, dtype, DEVICE, scale=0.3)
+    if layout == "channels_last":
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    check_conv(x, w, None, "triton", "implicit", dtype, **opts)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = pydl.conv2d(xg, wg, algo="implicit", **opts)
+    dy = random_tensor(y.shape, dtype, DEVICE)
+    first = torch.autograd.grad(y, wg, dy, retain_graph=True)[0]
+    second = torch.autograd.grad(y, wg, dy)[0]
+    assert torch.equal(first, second)
+    assert splits and all(n >= 2 for n, _ in splits)
+    assert _launch._ARRIVALS and all(not c.any() for c in _launch._ARRIVALS.values())
+
+
+def test_implicit_grad_weight_splits_are_used(monkeypatch):
+    """The tap-tiled weight gradient of a layer with 20 channels and 16-wide blocks launches
+    (taps x 2 channel blocks) column tiles and several splits, so the split path above runs."""
+    import pydl.conv as conv_mod
+    from pydl.kernels.triton import conv as k
+    _small_tiles(monkeypatch)
+    _force_split(monkeypatch)
+    grids = []
+    kernel = k.conv2d_implicit_bwd_weight
+    monkeypatch.setattr(k, "conv2d_implicit_bwd_weight", type("Spy", (), {
+        "__getitem__": lambda self, grid: grids.append(grid) or kernel[grid]})())
+    x = random_tensor((2, 20, 5, 6), torch.float32, DEVICE)
+    w = random_tensor((20, 20, 3, 3), torch.float32, DEVICE).requires_grad_()
+    pydl.conv2d(x, w, padding=1, algo="implicit").sum().backward()
+    (gm, gn, gz), = grids
+    assert (gm, gn) == (2, 9 * 2) and gz >= 2
+    assert conv_mod.SPLIT_MAX >= gz
+
+
+@pytest.mark.parametrize("dy_layout", ["nchw", "channels_last"])
+def test_implicit_backward_gets_grad_output_in_input_layout(monkeypatch, dy_layout):
+    """A channels_last layer given an NCHW upstream gradient: both backward kernels receive it
+    converted to channels_last (converted once), and the gradients are right."""
+    import pydl.conv as conv_mod
+    seen = []
+    impl = conv_mod._TritonImplicit
+    for name in ("backward_input", "backward_weight"):
+        real = getattr(impl, name)
+        monkeypatch.setattr(impl, name, staticmethod(
+            lambda dy, *a, real=real: seen.append(dy) or real(dy, *a)))
+    x = random_tensor((2, 6, 7, 5), torch.float32, DEVICE).to(memory_format=torch.channels_last)
+    w = random_tensor((8, 6, 3, 3), torch.float32, DEVICE, scale=0.3)
+    g = random_tensor((2, 8, 7, 5), torch.float32, DEVICE)
+    if dy_layout == "channels_last":
+        g = g.to(memory_format=torch.channels_last)
+    check_conv(x, w, None, "triton", "implicit", torch.float32, grad_out=g, padding=1)
+    assert len(seen) == 2 and seen[0] is seen[1]
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
+# 1x1 layers at stride 1 without padding are matrix products: (input, weight, options, layout)
+POINTWISE = {
+    "nchw": ((2, 24, 5, 7), (20, 24, 1, 1), dict(), "nchw"),
+    "channels_last": ((3, 24, 5, 4), (40, 24, 1, 1), dict(), "channels_last"),
+    "grouped": ((2, 12, 3, 5), (9, 4, 1, 1), dict(groups=3), "channels_last"),
+    "batch1_dilated": ((1, 5, 6, 6), (7, 5, 1, 1), dict(dilation=2), "nchw"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", POINTWISE)
+def test_pointwise_conv_runs_the_shared_gemm(monkeypatch, case, dtype):
+    """The implicit algorithm's 1x1 forward and grad input are the shared GEMM (pydl._gemm);
+    the weight gradient stays the split-K implicit kernel; all three match."""
+    import pydl.conv as conv_mod
+    calls = []
+    real = conv_mod.gemm
+    monkeypatch.setattr(conv_mod, "gemm", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    xs, ws, opts, layout = POINTWISE[case]
+    x = random_tensor(xs, dtype, DEVICE)
+    w = random_tensor(ws, dtype, DEVICE, scale=0.3)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    y = check_conv(x, w, random_tensor(ws[0], dtype, DEVICE), "triton", "implicit", dtype, **opts)
+    assert len(calls) == 2                                  # forward, grad input
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.gpu
+def test_split_k_grad_weight_is_deterministic_on_gpu():
+    """Hundreds of programs arriving in whatever order the GPU runs them: the last-arrival
+    reduction gives bitwise the same weight gradient every time (a missing release or acquire
+    between a program's partial store and its arrival would show as a changed or stale tile)."""
+    x = torch.randn(16, 64, 28, 28, device="cuda", dtype=torch.bfloat16)
+    x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16)
+    w = w.to(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(16, 64, 28, 28, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(20):
+        y = pydl.conv2d(x, w, padding=1, algo="implicit")
+        grads.append(torch.autograd.grad(y, w, dy)[0])
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    want = torch.nn.grad.conv2d_weight(x.float(), w.shape, dy.float(), padding=1)
+    assert_close(grads[0], want, torch.bfloat16, reduction=16 * 28 * 28)
+
+
+@pytest.mark.parametrize("case", ["strided", "padded", "transposed_grad"])
+def test_pointwise_conv_falls_back_to_implicit(monkeypatch, case):
+    """1x1 layers that are not one GEMM over pixel matrices keep the implicit kernels: stride
+    2, padding, and an upstream gradient whose (h, w) do not flatten (the forward still is)."""
+    import pydl.conv as conv_mod
+    calls = []
+    real = conv_mod.gemm
+    monkeypatch.setattr(conv_mod, "gemm", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    x = random_tensor((2, 6, 5, 5), torch.float32, DEVICE)
+    w = random_tensor((4, 6, 1, 1), torch.float32, DEVICE)
+    opts = dict(stride=2) if case == "strided" else dict(padding=1) if case == "padded" else {}
+    g = None
+    if case == "transposed_grad":
+        g = random_tensor((2, 4, 5, 5), torch.float32, DEVICE).transpose(2, 3)
+    check_conv(x, w, None, "triton", "implicit", torch.float32, grad_out=g, **opts)
+    assert len(calls) == (1 if case == "transposed_grad" else 0)
 
 
 def test_split_k_choice():

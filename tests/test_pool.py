@@ -121,6 +121,67 @@ def test_max_pool2d_fuzz(backend, H, W, k, s, d, cm, p_frac):
                torch.float32)
 
 
+# --- max pooling backward: stride phases, both layouts (triton) --------------------------------
+
+@dtypes
+@pytest.mark.parametrize("case", MAX_CASES + [((2, 3, 10, 9), 2, 3, 0, 1, False)],
+                         ids=_max_case_id)
+def test_max_pool2d_channels_last(dtype, case):
+    """Every geometry above (and a stride longer than the window: inputs no window holds) on
+    channels_last inputs, whose backward takes the channels-fastest kernel by stride phase;
+    the cotangent is NCHW, as torch.randn makes it."""
+    shape, k, s, p, d, cm = case
+    shape = (shape[0], max(shape[1], 3)) + shape[2:]
+    x = random_tensor(shape, dtype, DEVICE).to(memory_format=torch.channels_last)
+    _check_max(x, k, s, p, d, cm, "triton", dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dy_layout", ["nchw", "channels_last"])
+def test_max_pool2d_bwd_kernel_and_layout(monkeypatch, layout, dy_layout):
+    """NCHW gradients go to the planar kernel (W-contiguous tiles of a plane), channels_last
+    ones to the channels-fastest kernel; each receives the upstream gradient in its own
+    layout (converted when it comes in the other), and the gradient is right."""
+    from pydl.kernels.triton import pool as k
+    seen = []
+    for name in ("max_pool2d_bwd", "max_pool2d_bwd_planar"):
+        kernel = getattr(k, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                def run(dy, *args, **kwargs):
+                    seen.append((name, dy))
+                    return kernel[grid](dy, *args, **kwargs)
+                return run
+        monkeypatch.setattr(k, name, Spy())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    dy_fmt = torch.channels_last if dy_layout == "channels_last" else torch.contiguous_format
+    x = random_tensor((2, 5, 11, 10), torch.float32, DEVICE).to(memory_format=fmt)
+    g = random_tensor((2, 5, 6, 5), torch.float32, DEVICE).to(memory_format=dy_fmt)
+    xg = x.clone().requires_grad_()
+    pydl.max_pool2d(xg, 3, 2, 1, backend="triton").backward(g)
+    y64, idx64 = ref.max_pool2d(x.double().numpy(), 3, 2, 1)
+    assert_close(xg.grad, ref.max_pool2d_backward(g.double().numpy(), idx64, tuple(x.shape)),
+                 torch.float32, reduction=9)
+    ((name, dy),) = seen
+    assert name == ("max_pool2d_bwd" if layout == "channels_last" else "max_pool2d_bwd_planar")
+    assert dy.is_contiguous(memory_format=fmt)
+
+
+@settings(max_examples=15, deadline=None)
+@given(**MAX_POOL_FUZZ, p_frac=st.integers(0, 2), C=st.integers(2, 5))
+def test_max_pool2d_channels_last_fuzz(H, W, k, s, d, cm, p_frac, C):
+    p = min(p_frac, k // 2)
+    if (H + 2 * p - d * (k - 1) - 1) < 0 or (W + 2 * p - d * (k - 1) - 1) < 0:
+        return
+    for n in (H, W):          # no window of only padding (torch's backward misbehaves there)
+        out = pool_output_size(n, k, s, p, d, cm)
+        if any(all(not 0 <= o * s - p + j * d < n for j in range(k)) for o in range(out)):
+            return
+    x = random_tensor((2, C, H, W), torch.float32, DEVICE).to(memory_format=torch.channels_last)
+    _check_max(x, k, s, p, d, cm, "triton", torch.float32)
+
+
 # --- average pooling ------------------------------------------------------------------------
 
 AVG_CASES = [

@@ -96,7 +96,8 @@ def test_all_mode_captures_every_triton_kernel(tmp_path):
     modules = {p.stem for p in (REPO / "kernels" / "triton").glob("*.py")} - {"__init__", "_index"}
     assert {m.rsplit(".", 1)[-1] for m, _ in kernels} == modules
     assert {"softmax_fwd", "conv2d_col2im", "attention_dropout_mask", "lstm_layer_bwd",
-            "gru_layer_bwd", "grid_barrier_check", "sum_splits"} <= {n for _, n in kernels}
+            "gru_layer_bwd", "grid_barrier_check", "max_pool2d_bwd_planar",
+            "cross_entropy_scale_grad", "cross_entropy_mean_denominator"} <= {n for _, n in kernels}
     assert kernels <= launched, sorted(kernels - launched)
     assert got["rows"] == got["distinct"] > 300                    # one row per compile job
     assert got["tuned"]["gemm_kernel"] == ["gemm", 0]              # tuned: the default only
@@ -116,10 +117,21 @@ def test_verdicts():
         "compile error: CompilationError: at 3:4"
 
 
+def test_load_counts():
+    sass = """
+        /*0100*/   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;
+        /*0110*/   LDG.E.128 R4, desc[UR4][R6.64] ;
+        /*0120*/   @P0 LDG.E.128.STRONG.GPU R8, desc[UR4][R6.64] ;
+        /*0130*/   LDG.E.U16 R9, desc[UR4][R6.64] ;
+        /*0140*/   LDGDEPBAR ;
+        /*0150*/   STG.E.128 desc[UR4][R6.64], R4 ;"""
+    assert resources.load_counts(sass) == dict(ldgsts=1, ldg=3, ldg16=2)
+
+
 def test_select_by_family_or_part_of_a_name():
     rows = [dict(family="gemm", kernel="gemm"),
             dict(family="conv", kernel="conv2d_implicit_bwd_weight"),
-            dict(family="conv", kernel="sum_splits"),
+            dict(family="conv", kernel="conv2d_implicit_fwd"),
             dict(family="attention", kernel="attention_bwd_dq")]
     assert resources.select(rows, []) == (rows, [])
     assert resources.select(rows, ["conv"]) == (rows[1:3], [])

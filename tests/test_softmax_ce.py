@@ -239,6 +239,130 @@ def test_cross_entropy_loss_module_is_drop_in(backend):
     assert_close(ours(x, t), theirs(x, t), torch.float32, reduction=40)
 
 
+# --- cross-entropy: the gradient written by the forward (triton) ------------------------------
+
+def _spy_launches(monkeypatch):
+    """The Triton cross-entropy kernels launched, with their constexprs, in order."""
+    from pydl.kernels.triton import softmax_ce as k
+    seen = []
+    for name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad",
+                 "cross_entropy_mean_denominator"):
+        kernel = getattr(k, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                def run(*args, **kwargs):
+                    seen.append((name, {a: v for a, v in kwargs.items() if a.isupper()}))
+                    return kernel[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(k, name, Spy())
+    return seen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+@pytest.mark.parametrize("case", ["plain", "weighted_smoothed_multi_block"])
+def test_cross_entropy_gradient_from_forward(monkeypatch, reduction, upstream, case):
+    """Training a summed or averaged loss: the forward writes the gradient (GRAD) into its own
+    buffer and the backward only scales it by the upstream gradient, on the device; the
+    logits are left as they were; the gradient matches the reference for an upstream
+    gradient of 1 (nothing to scale) and of 2.5; the mean's denominator comes from its own
+    kernel first; every arrival counter is back at zero."""
+    from pydl import _launch
+    seen = _spy_launches(monkeypatch)
+    N, C = 9, 37
+    kw = dict(reduction=reduction, ignore_index=2)
+    w = None
+    if case != "plain":
+        monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+        w = torch.rand(C, device=DEVICE) + 0.5
+        kw["label_smoothing"] = 0.2
+    x = random_tensor((N, C), torch.float32, DEVICE, scale=3.0)
+    x[4, 30] = 30.0                                          # the max arrives late in its row
+    t = _targets((N,), C, 2)
+    xg = x.clone().requires_grad_()
+    loss = pydl.cross_entropy(xg, t, w, backend="triton", **kw)
+    loss.backward(torch.tensor(upstream, device=DEVICE))
+    assert torch.equal(xg.detach(), x)                      # the caller's logits untouched
+    w64 = None if w is None else w.double().cpu().numpy()
+    args = (x.double().cpu().numpy(), t.cpu().numpy(), w64)
+    assert_close(loss, ref.cross_entropy(*args, **kw), torch.float32, reduction=N * C)
+    assert_close(xg.grad, ref.cross_entropy_backward(upstream, *args, **kw), torch.float32,
+                 reduction=C)
+    names = [n for n, _ in seen]
+    want = ["cross_entropy_fwd", "cross_entropy_scale_grad"]
+    if reduction == "mean":
+        want.insert(0, "cross_entropy_mean_denominator")
+    assert names == want
+    assert seen[names.index("cross_entropy_fwd")][1]["GRAD"] is True
+    assert all(not c.any() for c in _launch._ARRIVALS.values())
+
+
+def test_cross_entropy_second_backward_recomputes(monkeypatch):
+    """A retained graph's second backward does not scale the buffer it already handed out:
+    it recomputes the gradient from the saved logits, and the first gradient stays as it
+    was."""
+    seen = _spy_launches(monkeypatch)
+    x = random_tensor((5, 11), torch.float32, DEVICE, scale=2.0).requires_grad_()
+    t = _targets((5,), 11)
+    loss = pydl.cross_entropy(x, t, backend="triton")
+    (first,) = torch.autograd.grad(loss, x, torch.tensor(3.0), retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5))
+    assert torch.equal(first, kept)
+    assert_close(second, kept / 6.0, torch.float32, reduction=11)
+    assert [n for n, _ in seen][-2:] == ["cross_entropy_scale_grad", "cross_entropy_bwd"]
+
+
+@pytest.mark.parametrize("case", ["no_grad", "detached", "none_reduction"])
+def test_cross_entropy_no_gradient_in_forward(monkeypatch, case):
+    """The forward writes no gradient when none will be asked for (no grad mode, logits that
+    do not require one) or when the loss is not reduced (the backward scales each row)."""
+    seen = _spy_launches(monkeypatch)
+    x = random_tensor((6, 10), torch.float32, DEVICE).requires_grad_(case != "detached")
+    t = _targets((6,), 10, -100)
+    red = "none" if case == "none_reduction" else "mean"
+    if case == "no_grad":
+        with torch.no_grad():
+            loss = pydl.cross_entropy(x, t, reduction=red, backend="triton")
+    else:
+        loss = pydl.cross_entropy(x, t, reduction=red, backend="triton")
+    assert_close(loss, torch.nn.functional.cross_entropy(x.detach(), t, reduction=red),
+                 torch.float32, reduction=60)
+    assert [c["GRAD"] for n, c in seen if n == "cross_entropy_fwd"] == [False]
+    assert "cross_entropy_mean_denominator" not in [n for n, _ in seen]
+
+
+@pytest.mark.gpu
+def test_cross_entropy_reduction_is_deterministic_on_gpu():
+    """The loss finished by the last program to arrive, and the gradient from the forward,
+    bitwise the same over repeated runs (programs finish in a different order each time)."""
+    x = torch.randn(4096, 32768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 32768, (4096,), device="cuda")
+    t[::7] = -100
+    runs = []
+    for _ in range(10):
+        loss = pydl.cross_entropy(x, t)
+        (g,) = torch.autograd.grad(loss, x)
+        runs.append((loss.detach(), g))
+    assert all(torch.equal(runs[0][0], v) and torch.equal(runs[0][1], g) for v, g in runs[1:])
+    want = torch.nn.functional.cross_entropy(x.float(), t)
+    assert_close(runs[0][0], want, torch.bfloat16, reduction=32768)
+
+
+def test_cross_entropy_reduction_over_many_programs(monkeypatch):
+    """The in-kernel sum and mean over more programs than one block of partial sums holds
+    (one row a program, 70 rows, partials added 16 at a time), and a denominator over
+    several programs."""
+    monkeypatch.setattr(softmax_ce, "TILE_ELEMENTS", 4)
+    monkeypatch.setattr(softmax_ce, "DENOMINATOR_BLOCK", 16)
+    monkeypatch.setattr(softmax_ce, "PARTS_BLOCK", 16)
+    x = random_tensor((70, 3), torch.float32, DEVICE, scale=2.0)
+    t = _targets((70,), 3, -100, 0.1)
+    for reduction in ("mean", "sum"):
+        _check_cross_entropy(x, t, "triton", torch.float32, reduction=reduction)
+
+
 # --- cross-entropy with class-probability targets ---------------------------------------------
 
 def _check_cross_entropy_probs(x, y, backend, dtype, weight=None, scale=None, **kw):

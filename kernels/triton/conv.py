@@ -147,6 +147,7 @@ def conv2d_implicit_bwd_input(
 @triton.jit
 def conv2d_implicit_bwd_weight(
     dy_ptr, x_ptr, dw_ptr,
+    ws_ptr, arrivals_ptr,                # split-K: fp32 partials and per-tile arrival counters
     N, C, H, W, OC, OH, OW,
     sdy_n, sdy_c, sdy_h, sdy_w,
     sx_n, sx_c, sx_h, sx_w,
@@ -154,29 +155,50 @@ def conv2d_implicit_bwd_weight(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr,
     CG, OCG,
-    SPLIT, P_SPLIT, sdw_split,           # split-K: SPLIT pixel ranges of P_SPLIT, partials apart
+    SPLIT, P_SPLIT,                      # split-K: SPLIT pixel ranges of P_SPLIT pixels each
+    FLAT_N: tl.constexpr,                # columns over (kh, kw, c) jointly: few input channels
+    REDUCE_ROWS: tl.constexpr,           # split-K: rows of the tile the last program sums at once
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW[oc, (kh, kw, c)] = sum over pixels (n, oh, ow) of dY[n, oc, oh, ow] X[...]:
-    M = output channels, N = (kh, kw, c) of the group (channels innermost, so a channels_last
-    input tile is contiguous along N), K = N * OH * OW output pixels.
+    M = output channels, N = (kh, kw, c) of the group, K = N * OH * OW output pixels.
+
+    Column tiles (program_id(1)): one (kh, kw) tap and a block of BLOCK_N consecutive
+    channels, as CUTLASS's wgrad iterator fixes (r, s) per tile. The X tile of a K step is
+    then BLOCK_K pixel rows, each a run of contiguous channels for a channels_last input, so
+    it loads with 16-byte vectors (and cp.async) like the forward's; the (h, w) of a row and
+    its padding mask are computed once per pixel, not per element. With FLAT_N (fewer input
+    channels than a 16-wide block would use, like an RGB stem) a column tile is BLOCK_N
+    consecutive (kh, kw, c) columns, decoded per column instead.
 
     Split-K: the weight gradient is a small M x N output with a very long K (every pixel of
-    the batch), so its output tiles alone cannot fill the GPU. program_id(2) = group * SPLIT +
-    split; split s sums pixels [s * P_SPLIT, (s + 1) * P_SPLIT) and writes its fp32 partial at
-    dw_ptr + s * sdw_split (a workspace that `sum_splits` reduces in a fixed order, so the
-    result is deterministic). With SPLIT = 1 it writes dW itself."""
+    the batch), so its tiles alone cannot fill the GPU. program_id(2) = group * SPLIT + split;
+    split s sums pixels [s * P_SPLIT, (s + 1) * P_SPLIT). With SPLIT > 1 each program stores
+    its fp32 partial tile in the workspace, then counts its arrival on the tile's counter;
+    the last to arrive sums the SPLIT partials in split order (so the result does not depend
+    on which program finished last: deterministic), writes dW and resets the counter to 0
+    for the next launch. No program waits for another, so no co-residency is assumed.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2) // SPLIT
     split = tl.program_id(2) % SPLIT
     oc = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # (kh, kw, c) flattened
     oc_ok = oc < OCG
-    j_ok = j < CG * KH * KW
-    kh, kw, c = unravel3(j, KW, CG)
     oc_abs = (group * OCG + oc).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    if FLAT_N:
+        j = pid_n * BLOCK_N + cols                       # (kh, kw, c) flattened
+        col_ok = j < CG * KH * KW
+        kh, kw, c = unravel3(j, KW, CG)                  # per column
+    else:
+        NCB = tl.cdiv(CG, BLOCK_N)                       # channel blocks per tap
+        tap = pid_n // NCB
+        kh = tap // KW                                   # one tap per tile: scalars
+        kw = tap % KW
+        c = (pid_n % NCB) * BLOCK_N + cols
+        col_ok = c < CG
     c_abs = (group * CG + c).to(tl.int64)
     pk = tl.arange(0, BLOCK_K)
     P = N * OH * OW
@@ -190,27 +212,60 @@ def conv2d_implicit_bwd_weight(
         a = tl.load(dy_ptr + oc_abs[:, None] * sdy_c
                     + (n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[None, :],
                     mask=oc_ok[:, None] & p_ok[None, :], other=0.0)
-        h = oh[:, None] * SH - PH + kh[None, :] * DH
-        w = ow[:, None] * SW - PW + kw[None, :] * DW
-        b_ok = p_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        b = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c
-                    + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w, mask=b_ok, other=0.0)
+        if FLAT_N:
+            h = oh[:, None] * SH - PH + kh[None, :] * DH
+            w = ow[:, None] * SW - PW + kw[None, :] * DW
+            b_ok = p_ok[:, None] & col_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            b = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c
+                        + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w, mask=b_ok, other=0.0)
+        else:
+            h = oh * SH - PH + kh * DH
+            w = ow * SW - PW + kw * DW
+            row_ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            row = n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+            b = tl.load(x_ptr + row[:, None] + c_abs[None, :] * sx_c,
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    dw_off = split.to(tl.int64) * sdw_split + oc_abs[:, None] * sdw_o \
-        + (c.to(tl.int64) * sdw_c + kh * sdw_h + kw * sdw_w)[None, :]
-    tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=oc_ok[:, None] & j_ok[None, :])
+    # dW's offsets are formed only where it is stored: live across the split-K reduction,
+    # a tile of int64 offsets would take two registers per accumulator element
+    dw_col = c.to(tl.int64) * sdw_c + kh * sdw_h + kw * sdw_w
+    if SPLIT == 1:
+        tl.store(dw_ptr + oc_abs[:, None] * sdw_o + dw_col[None, :],
+                 acc.to(dw_ptr.dtype.element_ty), mask=oc_ok[:, None] & col_ok[None, :])
+    else:
+        # the tile's SPLIT partials lie together, each BLOCK_M x BLOCK_N fp32, row-major
+        tile = (group * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+        tile_ws = ws_ptr + tile.to(tl.int64) * SPLIT * (BLOCK_M * BLOCK_N)
+        tl.store(tile_ws + split * (BLOCK_M * BLOCK_N)
+                 + (tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + cols[None, :]), acc)
+        tl.debug_barrier()                               # every thread's partial is stored
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            # REDUCE_ROWS rows at a time, so that the sum and the partials in flight take
+            # no more registers than the main loop
+            for r0 in tl.static_range(0, BLOCK_M, REDUCE_ROWS):
+                r = r0 + tl.arange(0, REDUCE_ROWS)
+                total = _sum_partials(tile_ws + (r[:, None] * BLOCK_N + cols[None, :]), SPLIT,
+                                      BLOCK_M * BLOCK_N)
+                oc_r = pid_m * BLOCK_M + r
+                tl.store(dw_ptr + (group * OCG + oc_r).to(tl.int64)[:, None] * sdw_o
+                         + dw_col[None, :], total.to(dw_ptr.dtype.element_ty),
+                         mask=(oc_r < OCG)[:, None] & col_ok[None, :])
+            tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def sum_splits(ws_ptr, out_ptr, SPLIT, numel, BLOCK: tl.constexpr):
-    """out[i] = sum over s of ws[s * numel + i] (fp32, s in order), cast to out's dtype: the
-    reduction of split-K partials. out is contiguous."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < numel
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(0, SPLIT):
-        acc += tl.load(ws_ptr + s * numel + i, mask=ok, other=0.0)
-    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=ok)
+def _sum_partials(parts, SPLIT, step):
+    """The sum over s = 0 .. SPLIT - 1, in that order, of the fp32 tiles at parts + s * step.
+    Two are loaded per step before either is added (two L2 round trips in flight, not one;
+    four took 84 more registers a thread in the sm_90 compile of the 64 x 64 default); the
+    additions keep split order. The loads bypass L1 (.cg): other multiprocessors wrote them."""
+    total = tl.zeros(parts.shape, tl.float32)
+    for s in range(0, SPLIT, 2):
+        p0 = tl.load(parts + s * step, cache_modifier=".cg")
+        p1 = tl.load(parts + (s + 1) * step, mask=s + 1 < SPLIT, other=0.0, cache_modifier=".cg")
+        total = (total + p0) + p1
+    return total
 
 
 @triton.jit

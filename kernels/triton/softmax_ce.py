@@ -4,17 +4,33 @@ Every kernel sees its tensor as rows of an (outer, n, inner) view: row r = (r //
 r % inner) starts at (r // inner) * stride_outer + (r % inner) * stride_inner and its n
 elements lie stride_n apart. So softmax over any dim, (N, C) logits of any strides and
 (N, C, d1, ...) logits need no copy. One program handles a tile of BLOCK_R rows x BLOCK_N
-columns; rows wider than BLOCK_N are walked in blocks with an online max/sum (the row's
-running maximum m and the sum s of exp(x - m), rescaled by exp(m_old - m_new) when m grows),
-so no row length is capped by the block size. All arithmetic is fp32 whatever the input dtype.
+columns; rows wider than BLOCK_N are walked in blocks with an online max/sum: each block's
+row maximum joins the running maximum m, and the running sums of exp(x - m) are rescaled
+by exp(m_old - m_new) once per row and block. So every element costs one exponential (a
+per-element running maximum would cost two, and bound the kernel by the special-function
+units instead of memory), and no row length is capped by the block size. All arithmetic is
+fp32 whatever the input dtype.
 
 When SINGLE is set (n <= BLOCK_N) a row is loaded once and kept in registers; otherwise the
-forward makes one pass for the statistics and one to write, reading the row twice.
+forward makes one pass for the statistics and one to write, reading the row twice (the
+second read mostly from L2: a program re-reads the row it has just streamed).
+
+Cross-entropy with index targets can write the gradient in its forward (GRAD), as
+Liger-Kernel does, but into its own buffer (the logits are the caller's): the backward then
+only multiplies it by the upstream gradient, and not even that when the upstream gradient
+is 1, a loss's own backward (cross_entropy_scale_grad). Its sum and mean reductions are
+finished in the kernel: each program leaves its rows' partial sums, and the last program
+to arrive (an atomic counter; no program waits) adds them in program order, so the result
+is deterministic, and writes the reduced loss.
 """
 import triton
 import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
+# cross-entropy reductions (pydl/softmax_ce.py passes them)
+REDUCE_NONE = tl.constexpr(0)
+REDUCE_SUM = tl.constexpr(1)
+REDUCE_MEAN = tl.constexpr(2)
 
 
 @triton.jit
@@ -26,26 +42,21 @@ def _row_starts(row0, n_rows, inner, stride_outer, stride_inner, BLOCK_R: tl.con
 
 
 @triton.jit
-def _online_update(m, s, x):
-    """Fold a block x into per-lane running max m and rescaled sum s.
-
-    A lane that has only seen -inf keeps m = -inf and s = 0 (exp(-inf - -inf) would be NaN).
-    The max propagates NaN (a GPU's default max drops it; Triton's interpreter keeps it): a
-    lane that saw a NaN keeps m = s = NaN, so the row gives NaN as in torch.
-    """
-    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
-    seen = m_new != NEG_INF
-    alpha = tl.where(seen, tl.exp(m - m_new), 0.0)
-    p = tl.where(seen, tl.exp(x - m_new), 0.0)
-    return m_new, s * alpha + p
+def _rescaled_sum(m, m_new, s, x):
+    """The lanes' running sums s ([BLOCK_R, BLOCK_N]) of exp(x - m) moved from the rows'
+    old max m to their new max m_new ([BLOCK_R] each) and a block x (-inf where absent)
+    added: one exponential per element, one per row to rescale. A row that has seen only
+    -inf keeps s = 0 (exp(-inf - -inf) would be NaN)."""
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+    return s * tl.exp(m - m_safe)[:, None] + tl.exp(x - m_safe[:, None])
 
 
 @triton.jit
-def _lanes_to_row(m, s):
-    """Combine per-lane (m, s) of a [BLOCK_R, BLOCK_N] tile into per-row (max, sum)."""
-    m_row = tl.max(m, 1)
-    s_row = tl.sum(tl.where(m != NEG_INF, s * tl.exp(m - m_row[:, None]), 0.0), 1)
-    return m_row, s_row
+def _block_update(m, s, x):
+    """Fold a [BLOCK_R, BLOCK_N] block x (-inf where absent) into the rows' running max m
+    and the lanes' running sums s of exp(x - m) (_rescaled_sum)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    return m_new, _rescaled_sum(m, m_new, s, x)
 
 
 @triton.jit
@@ -79,6 +90,41 @@ def _class_weights(weight_ptr, c, cmask, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _ce_update(m, s, d, al, x, a, mask, WEIGHTED: tl.constexpr, PROBS: tl.constexpr):
+    """One column block x (-inf where absent) of the rows' cross-entropy statistics:
+    _block_update's max m and sums s, and with WEIGHTED the lane sums d = sum_c a_c (x_c - m)
+    (relative to the row's running max, shifted exactly when it grows: d -= A_lane (m_new -
+    m_old)) and al = sum_c a_c of the weights a (placeholders without). Keeping d relative to
+    the max means huge logits do not cancel catastrophically in the smoothing sum. Edge rules,
+    torch's: the shift is skipped while a row's max is -inf (d then holds only the a * -inf of
+    -inf logits) and a -inf logit adds a * -inf (an inf loss where a > 0, NaN where a = 0)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    if WEIGHTED:
+        shift = tl.where((m == NEG_INF)[:, None], 0.0, al * (m_new - m)[:, None])
+        term = tl.where(x == NEG_INF, a * NEG_INF, a * (x - m_new[:, None]))
+        d = d - shift + tl.where(mask, term, 0.0)
+        al += tl.where(mask, a, 0.0)
+    return m_new, _rescaled_sum(m, m_new, s, x), d, al
+
+
+@triton.jit
+def _ce_finish(m, s, d, al, n, WEIGHTED: tl.constexpr, PROBS: tl.constexpr):
+    """Per row from _ce_update's state: (log s, sum_c a_c (lse - x_c) = A log s - D, and
+    A = sum_c a_c), with lse = m + log s; the last two are placeholders without WEIGHTED. A
+    row whose n > 0 logits are all -inf has NaN log-probabilities, hence a NaN sum (torch's)."""
+    log_s = tl.log(tl.sum(s, 1))
+    total = log_s
+    mass = log_s
+    if WEIGHTED:
+        mass = tl.sum(al, 1)
+        dsum = tl.sum(d, 1)
+        # A (lse - m) - D: (m - m) + log s keeps log s's digits when |m| is large
+        total = tl.where(m == NEG_INF, 0.0, mass * log_s) - dsum
+        total = tl.where((m == NEG_INF) & (n > 0), float("nan"), total)
+    return log_s, total, mass
+
+
+@triton.jit
 def _ce_row_stats(
     x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, n, rmask, smoothing,
     HAS_WEIGHT: tl.constexpr,
@@ -90,46 +136,35 @@ def _ce_row_stats(
     m_row and log s_row (lse = m_row + log s_row), and with WEIGHTED also sum_c a_c (lse - x_c)
     and A = sum_c a_c (placeholders without). a_c = w_c for index targets (their smoothing
     term); with PROBS a_c = w_c y'_c, y' = (1 - eps) y + eps / C for class-probability targets
-    y read at y_ptr, y_off, sy_n. w_c = 1 without HAS_WEIGHT.
-
-    Each lane keeps the online (m, s) of _online_update and d = sum a (x - m_lane) relative to
-    its own running max, shifted exactly when the max grows (d -= A_lane (m_new - m_old)), and
-    the sum is assembled as sum_lanes [A_lane (lse - m_lane) - d_lane], so huge logits do not
-    cancel catastrophically. Edge rules, torch's: the shift is skipped while a lane's max is
-    -inf and a -inf logit adds a * -inf (an inf loss where a > 0, NaN where a = 0); a row
-    whose logits are all -inf has NaN log-probabilities, hence a NaN sum.
-    """
+    y read at y_ptr, y_off, sy_n. w_c = 1 without HAS_WEIGHT."""
     cols = tl.arange(0, BLOCK_N)
-    m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
+    m = tl.full([BLOCK_R], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)   # sum_c a_c (x_c - m_lane)
-    al = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # sum_c a_c per lane
+    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    al = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for start in range(0, n, BLOCK_N):
         c, cmask, mask = _col_block(start, cols, n, rmask)
         x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
-        if WEIGHTED:
-            if PROBS:
-                a = _load_block(y_ptr, y_off, c, sy_n, mask, 0.0) * (1.0 - smoothing) + smoothing / n
-                if HAS_WEIGHT:
-                    a = a * _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
-            else:
-                a = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
-            m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
-            # a lane whose max was -inf holds only -inf logits so far: d already has their a * -inf
-            shift = tl.where(m == NEG_INF, 0.0, al * (m_new - m))
-            term = tl.where(x == NEG_INF, a * NEG_INF, a * (x - m_new))
-            d = d - shift
-            d += tl.where(mask, term, 0.0)
-            al += tl.where(mask, a, 0.0)
-        m, s = _online_update(m, s, x)
-    m_row, s_row = _lanes_to_row(m, s)
-    log_s = tl.log(s_row)
-    total = log_s
+        a = _smoothing_weights(y_ptr, y_off, sy_n, weight_ptr, c, cmask, mask, n, smoothing,
+                               HAS_WEIGHT, WEIGHTED, PROBS)
+        m, s, d, al = _ce_update(m, s, d, al, x, a, mask, WEIGHTED, PROBS)
+    log_s, total, mass = _ce_finish(m, s, d, al, n, WEIGHTED, PROBS)
+    return m, log_s, total, mass
+
+
+@triton.jit
+def _smoothing_weights(y_ptr, y_off, sy_n, weight_ptr, c, cmask, mask, n, smoothing,
+                       HAS_WEIGHT: tl.constexpr, WEIGHTED: tl.constexpr, PROBS: tl.constexpr):
+    """The weights a_c of _ce_row_stats' sums for a column block (1.0 when not WEIGHTED)."""
+    a = 1.0
     if WEIGHTED:
-        # (m_row - m) + log s rather than lse - m keeps log s's digits when |m| is large
-        lane = tl.where(m == NEG_INF, 0.0, al * ((m_row[:, None] - m) + log_s[:, None])) - d
-        total = tl.where((m_row == NEG_INF) & (n > 0), float("nan"), tl.sum(lane, 1))
-    return m_row, log_s, total, tl.sum(al, 1)
+        if PROBS:
+            a = _load_block(y_ptr, y_off, c, sy_n, mask, 0.0) * (1.0 - smoothing) + smoothing / n
+            if HAS_WEIGHT:
+                a = a * _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
+        else:
+            a = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
+    return a
 
 
 @triton.jit
@@ -140,6 +175,52 @@ def _softmax_block(x_ptr, x_off, sx_n, lse, weight_ptr, start, cols, n, rmask,
     c, cmask, mask = _col_block(start, cols, n, rmask)
     x = _load_block(x_ptr, x_off, c, sx_n, mask, 0.0)
     return c, mask, x, tl.exp(x - lse), _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
+
+
+@triton.jit
+def _trap_if(bad):
+    """Abort the kernel where `bad` holds (PTX trap), as torch's device-side assert does: the
+    error surfaces at the next synchronisation. GPU only (the interpreter has no PTX)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p trap; mov.u32 $0, 0; }",
+                              "=r,r", [bad.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def loss_reduce(
+    loss_ptr,                               # fp32 per-row losses
+    out_ptr,                                # the reduced loss (0-d, its dtype)
+    n_rows, scale,
+    BLOCK: tl.constexpr,
+):
+    """out = scale * sum(loss) in one program, rows in a fixed order (the same result every
+    run), written in the output's dtype: the class-probability loss's sum and mean."""
+    cols = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        r = start + cols
+        acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0)
+    tl.store(out_ptr, (tl.sum(acc, 0) * scale).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _arrive_last(arrivals_ptr):
+    """Count this program's arrival (after every thread's stores before it; acq_rel at GPU
+    scope) and say whether it is the last of the grid's programs to arrive."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
+    return arrived == tl.num_programs(0) - 1
+
+
+@triton.jit
+def _sum_parts(parts_ptr, count, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """sum over i < count of parts_ptr[i * STRIDE] (fp32), in a fixed order (blocks of BLOCK,
+    then a tree): deterministic. The loads bypass L1 (.cg): other programs wrote them."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i0 in range(0, count, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(parts_ptr + i.to(tl.int64) * STRIDE, mask=i < count, other=0.0,
+                       cache_modifier=".cg")
+    return tl.sum(acc, 0)
 
 
 @triton.jit
@@ -171,15 +252,15 @@ def softmax_fwd(
         tl.store(y_ptr + y_off[:, None] + cols[None, :] * sy_n,
                  y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        m = tl.full([BLOCK_R, BLOCK_N], NEG_INF, tl.float32)
+        m_row = tl.full([BLOCK_R], NEG_INF, tl.float32)
         s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
             x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
                         other=NEG_INF).to(tl.float32)
-            m, s = _online_update(m, s, x)
-        m_row, s_row = _lanes_to_row(m, s)
+            m_row, s = _block_update(m_row, s, x)
+        s_row = tl.sum(s, 1)
         log_s = tl.log(s_row)
         for start in range(0, n, BLOCK_N):
             c = start + cols
@@ -246,130 +327,214 @@ def softmax_bwd(
 @triton.jit
 def cross_entropy_fwd(
     x_ptr, target_ptr, weight_ptr,          # logits (outer, C, inner) view; targets (rows,); weights (C,)
-    loss_ptr, lse_ptr, row_weight_ptr,      # fp32 outputs per row: loss, logsumexp, w[target] (0 if ignored)
+    loss_ptr,                               # REDUCE_NONE: the per-row losses, in their dtype
+    lse_ptr,                                # fp32 per-row logsumexp, for a backward from the logits
+    out_ptr, denom_ptr,                     # sum / mean: the reduced loss (0-d, in its dtype);
+                                            # mean: its fp32 denominator, read with GRAD (made
+                                            # by cross_entropy_mean_denominator), else written
+    parts_ptr, arrivals_ptr,                # sum / mean: 2 fp32 per program; a zero counter
+    dx_ptr,                                 # GRAD: the reduced loss's gradient w.r.t. the logits
     n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
+    sdx_outer, sdx_n, sdx_inner,
     ignore_index, smoothing,                # label_smoothing eps
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    REDUCTION: tl.constexpr,                # REDUCE_NONE / REDUCE_SUM / REDUCE_MEAN
+    PARTS_BLOCK: tl.constexpr,              # the last program sums the partials this many at a time
+    GRAD: tl.constexpr,                     # also write the gradient (sum and mean only)
     CHECK_TARGETS: tl.constexpr,            # trap on a target out of range (GPU)
+    SINGLE: tl.constexpr,                   # n <= BLOCK_N: the row stays in registers
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
+    """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is
+    ignored. Reductions: per-row losses (none), or their sum, or the sum over the summed
+    weights w[t] of the rows that count (mean), finished by the last program to arrive.
 
-    Single pass over the logits (_ce_row_stats, which also sums the smoothing term without
-    catastrophic cancellation); probabilities are never written.
+    With GRAD, the gradient of the reduced loss is written too: dx_c = r ((1 - eps) w_t
+    (p_c - [c = t]) + (eps / C) (W p_c - w_c)), p = softmax(x), W = sum_c w_c, r = 1 (sum) or
+    1 / denominator (mean; 0 for ignored rows). SINGLE rows are read once (the gradient from
+    the exponentials already in registers); wider rows twice, the statistics first.
     """
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
     t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
     valid = rmask & (t != ignore_index)
-    # A target outside [0, n) is never read (its loss is NaN) and, with CHECK_TARGETS, stops
-    # the kernel as torch's device-side assert does (no host synchronisation).
-    bad = valid & ((t < 0) | (t >= n))
+    hit = valid & (t >= 0) & (t < n)        # never read outside the row
+    # A target outside [0, n): its loss is NaN and, with CHECK_TARGETS, the kernel stops as
+    # torch's device-side assert does (no host synchronisation).
+    bad = valid & ~hit
     if CHECK_TARGETS:
         _trap_if(bad)
-    valid = valid & ~bad
-    t_safe = tl.where(valid, t, 0)
-    m_row, log_s, smooth, _ = _ce_row_stats(x_ptr, x_off, sx_n, x_ptr, x_off, sx_n, weight_ptr, n,
-                                            rmask, smoothing, HAS_WEIGHT, HAS_SMOOTHING, False,
-                                            BLOCK_R, BLOCK_N)
-    x_t = tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=valid, other=0.0).to(tl.float32)
+    t_safe = tl.where(hit, t, 0)
+    cols = tl.arange(0, BLOCK_N)
+    m = tl.full([BLOCK_R], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    d = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    al = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    if SINGLE:
+        # from zero sums, s comes back as exp(x - m) itself: the gradient's numerators
+        c, cmask, mask = _col_block(0, cols, n, rmask)
+        x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
+        a = _smoothing_weights(x_ptr, x_off, sx_n, weight_ptr, c, cmask, mask, n, smoothing,
+                               HAS_WEIGHT, HAS_SMOOTHING, False)
+        m, s, d, al = _ce_update(m, s, d, al, x, a, mask, HAS_SMOOTHING, False)
+    else:
+        for start in range(0, n, BLOCK_N):
+            c, cmask, mask = _col_block(start, cols, n, rmask)
+            x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
+            a = _smoothing_weights(x_ptr, x_off, sx_n, weight_ptr, c, cmask, mask, n,
+                                   smoothing, HAS_WEIGHT, HAS_SMOOTHING, False)
+            m, s, d, al = _ce_update(m, s, d, al, x, a, mask, HAS_SMOOTHING, False)
+    log_s, smooth, w_sum = _ce_finish(m, s, d, al, n, HAS_SMOOTHING, False)
+    x_t = tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=hit, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + t_safe, mask=valid, other=0.0).to(tl.float32)
+        w_t = tl.load(weight_ptr + t_safe, mask=hit, other=0.0).to(tl.float32)
     else:
         w_t = tl.where(valid, 1.0, 0.0)
     # lse - x as (m - x) + log s keeps log s's digits when |m| is large
-    loss = w_t * ((m_row - x_t) + log_s)
+    loss = w_t * ((m - x_t) + log_s)
     if HAS_SMOOTHING:
         loss = (1.0 - smoothing) * loss + (smoothing / n) * smooth
-    loss = tl.where(valid, loss, tl.where(bad, float("nan"), 0.0))
-    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
-    tl.store(lse_ptr + rows, m_row + log_s, mask=rmask)
-    tl.store(row_weight_ptr + rows, w_t, mask=rmask)
+    loss = tl.where(hit, loss, tl.where(bad, float("nan"), 0.0))
+    lse = m + log_s
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    if REDUCTION == REDUCE_NONE:
+        tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
+    if GRAD:
+        r = 1.0
+        if REDUCTION == REDUCE_MEAN:
+            r = 1.0 / tl.load(denom_ptr)
+        g = tl.where(hit, r, 0.0)
+        g_nll = (g * (1.0 - smoothing) * w_t)[:, None]
+        g_smooth = (g * (smoothing / n))[:, None]
+        if HAS_WEIGHT:
+            w_sum = w_sum[:, None]                      # sum_c w_c: the smoothing sum's A
+        else:
+            w_sum = n * 1.0
+        dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
+        if SINGLE:
+            p = s * (1.0 / tl.sum(s, 1))[:, None]
+            w = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
+            _store_block(dx_ptr, dx_off, c, sdx_n,
+                         _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), mask)
+        else:
+            for start in range(0, n, BLOCK_N):
+                c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr,
+                                                  start, cols, n, rmask, HAS_WEIGHT)
+                _store_block(dx_ptr, dx_off, c, sdx_n,
+                             _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), mask)
+    if REDUCTION != REDUCE_NONE:
+        pid = tl.program_id(0)
+        tl.store(parts_ptr + 2 * pid, tl.sum(loss, 0))
+        tl.store(parts_ptr + 2 * pid + 1, tl.sum(w_t, 0))
+        if _arrive_last(arrivals_ptr):
+            total = _sum_parts(parts_ptr, tl.num_programs(0), 2, PARTS_BLOCK)
+            if REDUCTION == REDUCE_MEAN:
+                if GRAD:
+                    denom = tl.load(denom_ptr)
+                else:
+                    denom = _sum_parts(parts_ptr + 1, tl.num_programs(0), 2, PARTS_BLOCK)
+                    tl.store(denom_ptr, denom)
+                total = total / denom
+            tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+            tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _trap_if(bad):
-    """Abort the kernel where `bad` holds (PTX trap), as torch's device-side assert does: the
-    error surfaces at the next synchronisation. GPU only (the interpreter has no PTX)."""
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p trap; mov.u32 $0, 0; }",
-                              "=r,r", [bad.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+def _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING: tl.constexpr):
+    """The logits' gradient of a column block: g_nll (p_c - [c = t]) + g_smooth (W p_c - w_c)."""
+    dx = g_nll * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
+    if HAS_SMOOTHING:
+        dx += g_smooth * (w_sum * p - w)
+    return dx
 
 
 @triton.jit
-def loss_reduce(
-    loss_ptr, row_weight_ptr,               # fp32 per row: loss, and the weight the mean divides by
-    out_ptr, denom_ptr,                     # out: the reduced loss (its dtype); denom: fp32 divisor
-    n_rows, scale,
-    BY_WEIGHT: tl.constexpr,                # out = scale * sum(loss) / sum(row_weight); else no divide
-    BLOCK: tl.constexpr,
+def cross_entropy_mean_denominator(
+    target_ptr, weight_ptr,                 # targets (rows,); weights (C,)
+    denom_ptr,                              # fp32 0-d: sum over rows that count of w[t]
+    parts_ptr, arrivals_ptr,                # 1 fp32 per program; a zero counter
+    n_rows, n, ignore_index,
+    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr, PARTS_BLOCK: tl.constexpr,
 ):
-    """The sum or mean of the per-row losses in one program, rows in a fixed order (the same
-    result every run), written in the output's dtype: what would otherwise be three or four
-    small torch kernels after the loss kernel."""
-    cols = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float32)
-    wacc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_rows, BLOCK):
-        r = start + cols
-        acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0)
-        if BY_WEIGHT:
-            wacc += tl.load(row_weight_ptr + r, mask=r < n_rows, other=0.0)
-    total = tl.sum(acc, 0) * scale
-    if BY_WEIGHT:
-        denom = tl.sum(wacc, 0)
-        total = total / denom
-        tl.store(denom_ptr, denom)
-    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+    """The mean reduction's denominator, from the targets alone, before the forward that
+    scales its gradient by it (8 bytes a row: a short kernel); the last program to arrive
+    sums the programs' partial sums in order."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < n_rows
+    t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
+    valid = rmask & (t != ignore_index)
+    if HAS_WEIGHT:
+        hit = valid & (t >= 0) & (t < n)
+        w = tl.load(weight_ptr + tl.where(hit, t, 0), mask=hit, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(valid, 1.0, 0.0)
+    tl.store(parts_ptr + tl.program_id(0), tl.sum(w, 0))
+    if _arrive_last(arrivals_ptr):
+        tl.store(denom_ptr, _sum_parts(parts_ptr, tl.num_programs(0), 1, PARTS_BLOCK))
+        tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def cross_entropy_scale_grad(dx_ptr, g_ptr, numel, BLOCK: tl.constexpr):
+    """dx *= g in place (dx contiguous), g the 0-d upstream gradient of a reduced loss on the
+    device; where g == 1 (a loss's own backward) every program returns at once, so a gradient
+    written by the forward costs the backward nothing. A grid-stride loop: a few programs per
+    multiprocessor cover any size."""
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, step):
+            i = start + tl.arange(0, BLOCK)
+            ok = i < numel
+            v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32) * g
+            tl.store(dx_ptr + i, v.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def cross_entropy_bwd(
     x_ptr, target_ptr, weight_ptr, lse_ptr,
-    grad_ptr,                               # upstream gradient per row (grad_stride 0: a scalar)
-    denom_ptr,                              # 0-d fp32 the gradient is divided by (DIVIDE only)
+    grad_ptr,                               # upstream gradient per row (grad_stride 0: a 0-d one)
+    denom_ptr,                              # MEAN: the mean's fp32 denominator (divides g)
     weight_sum_ptr,                         # 0-d fp32: sum of the class weights (smoothing only)
     dx_ptr,
     grad_stride, n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
     sdx_outer, sdx_n, sdx_inner,
     ignore_index, smoothing,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, DIVIDE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     one pass over the logits; rows with an ignored target get g = 0, hence zeros (NaN where
-    the logits hold NaN, as torch gives)."""
+    the logits hold NaN, as torch gives). The backward when the forward did not write the
+    gradient (per-row losses, a second backward, torch.compile)."""
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
     dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
     t = tl.load(target_ptr + rows, mask=rmask, other=ignore_index)
     valid = rmask & (t != ignore_index)
+    hit = valid & (t >= 0) & (t < n)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     g = tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)
-    if DIVIDE:
+    if MEAN:
         g = g / tl.load(denom_ptr)
-    valid = valid & (t >= 0) & (t < n)      # an out-of-range target has no gradient to give
-    g = tl.where(valid, g, 0.0)
+    g = tl.where(hit, g, 0.0)               # an out-of-range target has no gradient to give
     if HAS_WEIGHT:
-        w_t = tl.load(weight_ptr + tl.where(valid, t, 0), mask=valid, other=0.0).to(tl.float32)
+        w_t = tl.load(weight_ptr + tl.where(hit, t, 0), mask=hit, other=0.0).to(tl.float32)
     else:
         w_t = tl.where(valid, 1.0, 0.0)
     g_nll = (g * (1.0 - smoothing) * w_t)[:, None]
-    if HAS_SMOOTHING:
-        g_smooth = (g * (smoothing / n))[:, None]
-        if HAS_WEIGHT:
-            w_sum = tl.load(weight_sum_ptr).to(tl.float32)
-        else:
-            w_sum = n * 1.0
+    g_smooth = (g * (smoothing / n))[:, None]
+    w_sum = n * 1.0
+    if HAS_SMOOTHING and HAS_WEIGHT:
+        w_sum = tl.load(weight_sum_ptr).to(tl.float32)
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
         c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr, start, cols,
                                           n, rmask, HAS_WEIGHT)
-        dx = g_nll * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
-        if HAS_SMOOTHING:
-            dx += g_smooth * (w_sum * p - w)
-        _store_block(dx_ptr, dx_off, c, sdx_n, dx, mask)
+        _store_block(dx_ptr, dx_off, c, sdx_n,
+                     _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), mask)
 
 
 # --- cross-entropy with class-probability targets --------------------------------------------
@@ -377,7 +542,7 @@ def cross_entropy_bwd(
 @triton.jit
 def cross_entropy_prob_fwd(
     x_ptr, y_ptr, weight_ptr,               # logits and targets (outer, C, inner) views; weights (C,)
-    loss_ptr, lse_ptr, mass_ptr,            # fp32 outputs per row: loss, logsumexp, sum_c w_c y'_c
+    loss_ptr, lse_ptr, mass_ptr,            # per row: loss (its dtype), fp32 logsumexp, sum_c w_c y'_c
     n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
     sy_outer, sy_n, sy_inner,               # strides of the target's view (its own dtype)
@@ -385,8 +550,7 @@ def cross_entropy_prob_fwd(
     HAS_WEIGHT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C (stored in
-    loss's dtype).
+    """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C.
 
     Single pass over logits and targets: _ce_row_stats, the sum of the index kernel's smoothing
     term with a = w y' (logits of 1e4 do not cancel; a -inf logit gives an inf loss where a > 0,
