@@ -146,16 +146,19 @@ class _TritonLaunch:
                 loss.fill_(float("nan") if reduction == "mean" else 0.0)   # torch's empty mean
             return loss, lse, denom, dx3
         w = weight if weight is not None else x3
-        arrivals = arrival_counters(dev, 1) if reduction != "none" else lse
-        if grad and reduction == "mean":
-            parts = torch.empty(cdiv(rows, DENOMINATOR_BLOCK), dtype=torch.float32, device=dev)
-            key = ("mean_denominator", rows, n, dev, target.dtype, w.dtype, weight is None,
-                   ignore_index)
-            _LAUNCHES.get(key, _TritonLaunch._plan_denominator, rows, n, ignore_index,
-                          weight is not None)(target, w, denom, parts, arrivals)
-        parts = lse                                     # 2 fp32 per program (sum, mean)
+        arrivals = parts = lse                          # placeholders: not read without a sum
         if reduction != "none":
-            parts = torch.empty(2 * rows, dtype=torch.float32, device=dev)
+            arrivals = arrival_counters(dev, 1)
+            # the programs' partial sums: 2 fp32 each (loss, weight) in the forward, then 1
+            # each of the mean denominator's kernel, in one scratch buffer
+            blocks = cdiv(rows, DENOMINATOR_BLOCK)
+            scratch = torch.empty(2 * rows + blocks, dtype=torch.float32, device=dev)
+            parts = scratch[:2 * rows]
+            if grad and reduction == "mean":
+                key = ("mean_denominator", rows, n, dev, target.dtype, w.dtype, weight is None,
+                       ignore_index)
+                _LAUNCHES.get(key, _TritonLaunch._plan_denominator, rows, n, ignore_index,
+                              weight is not None)(target, w, denom, scratch[2 * rows:], arrivals)
         dx = dx3 if grad else x3
         _launch("cross_entropy_fwd", x3, (x3, target, w, loss, lse, loss, denom, parts, arrivals,
                                           dx),

@@ -28,9 +28,10 @@ LAUNCHES = {
     ("cross_entropy", "triton"): (2, 1),
     ("attention", "triton-flash"): (1, 3),
 }
-# Host time of a call, at most this many times torch's tiny conv2d (about 4-8 us on a 2-core
-# machine; pydl's calls measure 2-5x it; the launch path before its cache measured 8-30x).
-MAX_RATIO = 8.0
+# Host time of a call, at most BASE_RATIO + LAUNCH_RATIO x its launches times torch's tiny
+# conv2d (about 4-8 us on a 2-core machine): 8x for one launch, 16x for three. pydl's calls
+# measure 2-8x it; the launch path before its cache measured 8-30x.
+BASE_RATIO, LAUNCH_RATIO = 4.0, 4.0
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,9 @@ def test_launches_and_no_torch_kernels_or_syncs(rows, op, variant):
 def test_host_time_close_to_torch_dispatch(rows, op, variant):
     for direction in ("fwd", "bwd"):
         r = rows[op, variant, direction]
-        assert r["ratio"] <= MAX_RATIO, (f"{op} {direction}: {r['host_us']} us, "
-                                         f"{r['ratio']:.1f}x torch's tiny conv2d")
+        bound = BASE_RATIO + LAUNCH_RATIO * r["launches"]
+        assert r["ratio"] <= bound, (f"{op} {direction}: {r['host_us']} us, {r['ratio']:.1f}x "
+                                     f"torch's tiny conv2d (at most {bound:.0f}x)")
 
 
 def test_repeated_calls_reuse_their_plans():
