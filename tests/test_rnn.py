@@ -214,16 +214,20 @@ def gpu_schedule(monkeypatch):
 
 
 def _layer_launches(kind, backend, algo, T, L=1, bidirectional=False, B=4, H=8):
-    """(forward launches, backward launches) of one call of a layer of T steps."""
+    """(forward launches, backward launches) of a repeated call of a layer of T steps (the
+    first call of a signature builds its plans, and the persistent schedule's barrier
+    counters once per stream)."""
     I = 6
     m = _module(kind, I, H, L, bidirectional=bidirectional)
     x = random_tensor((T, B, I), torch.float32, DEVICE).requires_grad_(True)
     weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
     with counted_launches() as calls:
-        out, finals = _call(kind, x, None, weights, num_layers=L, bidirectional=bidirectional,
-                            backend=backend, algo=algo)
-        n_fwd = len(calls)
-        (out.sum() + finals[0].sum()).backward()
+        for _ in range(2):
+            del calls[:]
+            out, finals = _call(kind, x, None, weights, num_layers=L,
+                                bidirectional=bidirectional, backend=backend, algo=algo)
+            n_fwd = len(calls)
+            (out.sum() + finals[0].sum()).backward()
     return calls[:n_fwd], calls[n_fwd:]
 
 
@@ -354,13 +358,12 @@ def test_fp16_backward_products_are_fp32_accurate(kind):
     d_out = torch.randn(T, B, H, generator=gen).half()
     f64 = torch.float64
     with tensor_core_rounding(), poisoned_outputs(False):
-        steps = _rnn_launch.Schedule("steps", torch.device("cpu"), 0)
         if kind == "lstm":
             acts = torch.rand(T, B, 4 * H, generator=gen)
             cs = torch.randn(T, B, H, generator=gen)
-            dg = torch.empty(T, B, 4 * H)
-            lstm_mod.TritonLSTM.backward(steps, acts, cs, None, w_hh, d_out, None, None, None,
-                                         dg, None, None, False, torch.float16).run(0, T)
+            dg, dc_run = torch.empty(T, B, 4 * H), torch.empty(2, B, H)
+            args = (acts, cs, None, w_hh, d_out, None, None, None, dg, dc_run, None, None, None)
+            lstm_mod.TritonLSTM.backward_plan("steps", *args, False, torch.float16)(*args)
             # step 0's dh = dg_1 W_hh + d_out_0; its d a_o = dh tanh(c_0) o (1 - o)
             dh = dg[1].to(f64) @ w_hh.to(f64) + d_out[0].to(f64)
             o = acts[0, :, 3 * H:].to(f64)
@@ -369,9 +372,9 @@ def test_fp16_backward_products_are_fp32_accurate(kind):
         else:
             ws = torch.rand(T, B, 4 * H, generator=gen)
             out = torch.randn(T, B, H, generator=gen).half()
-            dgi, dgh = torch.empty(T, B, 3 * H), torch.empty(T, B, 3 * H)
-            gru_mod.TritonGRU.backward(steps, ws, out, None, w_hh, d_out, None, None, dgi, dgh,
-                                       None, False, torch.float16).run(0, T)
+            dgi, dgh, dhd = torch.empty(T, B, 3 * H), torch.empty(T, B, 3 * H), torch.empty(2, B, H)
+            args = (ws, out, None, w_hh, d_out, None, None, dgi, dgh, dhd, None)
+            gru_mod.TritonGRU.backward_plan("steps", *args, False, torch.float16)(*args)
             # step 0's dh1 = dgh_1 W_hh + d_out_1 z_1 (the direct part) + d_out_0;
             # its d a_n = dh1 (1 - z_0) (1 - n_0^2)
             z1 = ws[1, :, H:2 * H].to(f64)
@@ -385,8 +388,8 @@ def test_fp16_backward_products_are_fp32_accurate(kind):
         h = torch.randn(T * B, H, generator=gen).half()
         acc = torch.empty(G * H, H)
         rows = grads.reshape(T * B, -1)
-        lstm_mod.TritonLSTM.gemm(rows.t()[None, None], h[None, None], acc[None, None],
-                                 model=torch.float16)
+        lstm_mod.TritonLSTM.gemm_plan(rows, h, acc, trans_a=True, model=torch.float16)(
+            rows, h, acc, None, None)
         want = rows.to(f64).t() @ h.to(f64)
         err = ((acc.to(f64) - want).abs().max() / want.abs().max()).item()
         assert err < 1e-5, f"weight-gradient GEMM: relative error {err:.2e}"
