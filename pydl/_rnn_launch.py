@@ -24,12 +24,14 @@ strides) and the constexprs - and then called with its tensors alone:
 
     recurrence   `TritonRNN.recurrence` / `NumbaRNN.recurrence`: one direction's steps,
                  rec(*tensors), None for an absent tensor (its flag is off)
-    gemm_plan    a product of 2-D matrices or 3-D sequences, plan(a, b, out, c_in, bias)
+    gemm_plan    a product of 2-D matrices or 3-D sequences, plan(a, b, out, bias, c_in)
     bias_grad_plan, mul_plan
 
-A plan is called with tensors of the shapes and strides it was built from. A one-step
-sequence argument of a recurrence may be given as the 2-D step itself (the cells: no
-`[None]` view per call). The pointers they carry are all that changes between calls.
+A plan is called with tensors of the shapes and strides it was built from; only the pointers
+they carry change between calls. Two forms save a view per call: a one-step sequence
+argument of a recurrence may be the 2-D step itself (the cells), and a 2-D state argument
+the stack whose first matrix it is (a layer's h_n for h_n[0]). A Triton launch reads only
+the pointers; a Numba one views a tensor of another shape as the argument was (NumbaLaunch).
 
 The grid barrier's two int32 counters (`barrier_counters`) are zero between launches: the
 last program out of a persistent launch resets them (kernels/triton/rnn.py grid_exit). So one
@@ -427,10 +429,11 @@ class NumbaLaunch:
     """One Numba kernel launch with everything but its tensors fixed (pydl._plan.Launch's
     counterpart, through pydl._launch.launch_numba): kernel, grid, threads, device and the
     scalar arguments that follow the tensors; per-call scalars go last (`launch(*tensors,
-    dynamic=(...))`). Numba kernels read their arrays' shapes, so a call's tensor whose rank
-    differs from the argument's is viewed as the one the launch was built from: a 2-D step
-    for a 3-D sequence, or a stack whose first matrix is meant (see TritonRNN). An absent
-    tensor (None; its flag is off) is a one-element placeholder of its rank, made once."""
+    dynamic=(...))`). Numba kernels read their arrays' shapes, so the launch keeps each
+    argument's shape and strides (a 2-D step for a 3-D sequence argument is one step, a
+    stack for a 2-D one its first matrix) and views a call's tensor so when its shape
+    differs. An absent tensor (None; its flag is off) is a one-element placeholder of its
+    rank, made once."""
 
     __slots__ = ("kernel", "grid", "threads", "device", "views", "scalars", "keep")
 
@@ -446,22 +449,20 @@ class NumbaLaunch:
                 views.append(numba_array(placeholder))
             elif t.dim() < rank:            # a 2-D step for a 3-D sequence
                 views.append(((1, *t.shape), (0, *t.stride())))
-            elif t.dim() > rank:            # the first matrix of a stack
-                views.append((tuple(t.shape[-rank:]), t.stride()[-rank:]))
-            else:
-                views.append(None)
+            else:                           # (the first matrix of a stack)
+                views.append((tuple(t.shape[t.dim() - rank:]), t.stride()[t.dim() - rank:]))
         self.views = tuple(views)
 
     def arrays(self, tensors) -> list:
         """The kernel's array arguments for these tensors (Numba views, made once a call)."""
         out = []
         for t, v in zip(tensors, self.views):
-            if v is None:
-                out.append(numba_array(t))
-            elif isinstance(v, tuple):
-                out.append(numba_array(t.as_strided(*v)))
-            else:
+            if not isinstance(v, tuple):
                 out.append(v)           # a placeholder
+            elif t.shape == v[0]:
+                out.append(numba_array(t))
+            else:
+                out.append(numba_array(t.as_strided(*v)))
         return out
 
     def __call__(self, *tensors, dynamic: tuple = ()) -> None:

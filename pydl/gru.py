@@ -38,7 +38,7 @@ from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
 from .backends import register
-from .rnn import (Plans, cell_grads_fake, cell_need, layer_impl, or_empty, seq_rows, sig,
+from .rnn import (Plans, cell_grads_fake, cell_need, layer_impl, needed, seq_rows, sig,
                   steps_after_first)
 
 F32 = torch.float32
@@ -216,8 +216,7 @@ class _CellForward(Plans):
 
 
 class _CellBackward(Plans):
-    """Gradients of (x, h, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed: the
-    backward kernel over one step gives the pre-activation gradients dgi, dgh (B, 3H) and
+    """The `need`ed gradients of (x, h, w_ih, w_hh, b_ih, b_hh): the backward kernel over one step gives the pre-activation gradients dgi, dgh (B, 3H) and
     the direct path dh1 * z, its pseudo-step dh = dgh W_hh + dh1 z; then GEMMs and column
     sums."""
 
@@ -257,7 +256,7 @@ class _CellBackward(Plans):
         if need[5]:
             db_hh = new_output((3 * H,), w_ih.dtype, dev)
             self.bias_grad("db_hh", dgh, db_hh)
-        return [or_empty(t, x) for t in (dx, dh, dw_ih, dw_hh, db_ih, db_hh)]
+        return [t for t, n in zip((dx, dh, dw_ih, dw_hh, db_ih, db_hh), need) if n]
 
 
 _CELL_PLANS = Cache("gru_cell launches")
@@ -285,12 +284,11 @@ def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     return h1, ws
 
 
-@kernel_op("gru_cell_bwd", lambda x, h, w_ih, w_hh, ws, dh1, need, backend: [
-    g for i, g in enumerate(cell_grads_fake(x, h, None, w_ih, w_hh, [*need[:2], False, *need[2:]], 3))
-    if i != 2])
+@kernel_op("gru_cell_bwd", lambda x, h, w_ih, w_hh, ws, dh1, need, backend: cell_grads_fake(
+    x, h, None, w_ih, w_hh, [*need[:2], False, *need[2:]], 3))
 def _gru_cell_bwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, ws: Tensor,
                   dh1: Tensor, need: list[bool], backend: str) -> list[Tensor]:
-    """Gradients of (x, h, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed."""
+    """The `need`ed gradients of (x, h, w_ih, w_hh, b_ih, b_hh)."""
     key = ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
            x.dtype, x.device, sig(h), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(),
            dh1.stride())
@@ -319,7 +317,7 @@ class GRUCellFunction(torch.autograd.Function):
     def _backward(ctx, dh1):
         x, h, w_ih, w_hh, ws = ctx.saved_tensors
         grads = _gru_cell_bwd(x, h, w_ih, w_hh, ws, dh1, ctx.need, ctx.backend)
-        return (*[g if n else None for g, n in zip(grads, ctx.need)], None)
+        return (*needed(grads, ctx.need), None)
 
 
 # --- implementations by backend -------------------------------------------------------------

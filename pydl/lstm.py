@@ -46,7 +46,7 @@ from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
 from .backends import register
-from .rnn import (Plans, RNNConfig, cell_grads_fake, cell_need, layer_impl, or_empty, seq_rows,
+from .rnn import (Plans, RNNConfig, cell_grads_fake, cell_need, layer_impl, needed, seq_rows,
                   sig, steps_after_first)
 
 F32 = torch.float32
@@ -272,8 +272,7 @@ class _CellForward(Plans):
 
 
 class _CellBackward(Plans):
-    """Gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed:
-    the backward kernel over one step gives dg (B, 4H) and dc, its pseudo-step dh = dg W_hh;
+    """The `need`ed gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh): the backward kernel over one step gives dg (B, 4H) and dc, its pseudo-step dh = dg W_hh;
     then GEMMs and a column sum."""
 
     def __init__(self, launch, need):
@@ -310,7 +309,7 @@ class _CellBackward(Plans):
             self.bias_grad("db", dg, first, second)
             db_ih, db_hh = (first, second) if need[5] and need[6] else (
                 (first, None) if need[5] else (None, first))
-        return [or_empty(t, x) for t in (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)]
+        return [t for t, n in zip((dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh), need) if n]
 
 
 _CELL_PLANS = Cache("lstm_cell launches")
@@ -347,8 +346,8 @@ def _lstm_cell_fwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Te
 def _lstm_cell_bwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
                    w_hh: Tensor, gates: Tensor, c32: Tensor, dh1: Optional[Tensor],
                    dc1: Optional[Tensor], need: list[bool], backend: str) -> list[Tensor]:
-    """Gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed;
-    dh1 or dc1 None: no gradient reaches that output."""
+    """The `need`ed gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh); dh1 or dc1 None: no
+    gradient reaches that output."""
     key = ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
            x.dtype, x.device, sig(h), sig(c), w_ih.shape, w_ih.stride(), w_hh.shape,
            w_hh.stride(), sig(dh1), sig(dc1))
@@ -378,7 +377,7 @@ class LSTMCellFunction(torch.autograd.Function):
     def _backward(ctx, dh1, dc1):
         x, h, c, w_ih, w_hh, gates, c32 = ctx.saved_tensors
         grads = _lstm_cell_bwd(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, ctx.need, ctx.backend)
-        return (*[g if n else None for g, n in zip(grads, ctx.need)], None)
+        return (*needed(grads, ctx.need), None)
 
 
 # --- implementations by backend -------------------------------------------------------------

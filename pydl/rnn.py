@@ -131,11 +131,6 @@ def steps_after_first(T: int, reverse: bool):
     return 0, slice(1, T), slice(0, T - 1)
 
 
-def or_empty(t, like):
-    """Custom ops return tensors, not None: an empty placeholder stands for "no gradient"."""
-    return t if t is not None else like.new_empty(0)
-
-
 def cell_need(ctx, *inputs) -> list[bool]:
     """needs_input_grad of a cell's tensor inputs (LSTMCell, GRUCell), False for those that
     are None."""
@@ -143,10 +138,18 @@ def cell_need(ctx, *inputs) -> list[bool]:
 
 
 def cell_grads_fake(x, h, c, w_ih, w_hh, need, gates: int):
-    """Fake gradients of a cell's (x, h, c, w_ih, w_hh, b_ih, b_hh): empty where not needed."""
+    """Fake gradients of a cell's (x, h, c, w_ih, w_hh, b_ih, b_hh): those `need`ed."""
     bias = x.new_empty((gates * w_hh.shape[1],), dtype=w_ih.dtype)
     likes = (x, h, c, w_ih, w_hh, bias, bias)
-    return [t.new_empty(t.shape) if n else x.new_empty(0) for t, n in zip(likes, need)]
+    return [t.new_empty(t.shape) for t, n in zip(likes, need) if n]
+
+
+def needed(grads, need) -> list:
+    """A backward kernel op's result back in its inputs' order: the gradients it returns are
+    the `need`ed ones only (custom ops return tensors, and an empty placeholder per input
+    without one costs an allocation a call), None for the others."""
+    it = iter(grads)
+    return [next(it) if n else None for n in need]
 
 
 def sig(t: Tensor | None):
@@ -280,8 +283,8 @@ def _rnn_fwd_fake(x, h0, c0, weights, bs, flags, dropout, algo, op, backend):
     cfg, (cell, _) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
     T, B, _ = x.shape
     (H, P), LD = layer_sizes(weights, cfg, cell.gates), cfg.num_layers * cfg.D
-    return (x.new_empty((T, B, cfg.D * P)), x.new_empty((LD, B, P)),
-            x.new_empty((LD, B, H) if cell.has_cell_state else (0,)),
+    finals = [x.new_empty((LD, B, P))] + ([x.new_empty((LD, B, H))] if cell.has_cell_state else [])
+    return (x.new_empty((T, B, cfg.D * P)), finals,
             [x.new_empty(shape, dtype=dtype)
              for shape, dtype in _saved_layout(cfg, cell, T, B, H, P, x.dtype)])
 
@@ -344,7 +347,7 @@ class _Forward:
                 inp = dropped
             else:
                 inp = out
-        return out, h_n, or_empty(c_n, x), flat + per_dir
+        return out, [h_n] if c_n is None else [h_n, c_n], flat + per_dir
 
 
 _FORWARDS = Cache("rnn layer forward launches")
@@ -363,16 +366,15 @@ def _layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend):
 @kernel_op("rnn_fwd", _rnn_fwd_fake)
 def _rnn_fwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: list[Tensor],
              bs: Optional[Tensor], flags: list[int], dropout: float, algo: str, op: str,
-             backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """(out, h_n, c_n (empty without a cell state), saved) of a whole stack."""
+             backend: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(out, [h_n, c_n] ([h_n] without a cell state), saved) of a whole stack."""
     key = _layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend)
     return _FORWARDS.get(key, _Forward, x, weights, flags, dropout, algo, op, backend)(
         x, h0, c0, weights, bs)
 
 
 def _rnn_bwd_fake(x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need, *rest):
-    return [x.new_empty(t.shape if n else (0,), dtype=t.dtype if n else x.dtype)
-            for t, n in zip((x, h0, c0, *weights), need)]
+    return [x.new_empty(t.shape, dtype=t.dtype) for t, n in zip((x, h0, c0, *weights), need) if n]
 
 
 class _Backward:
@@ -456,7 +458,7 @@ class _Backward:
             if layer > 0 and masks[layer - 1] is not None:
                 self.layer_sites.mul(layer, d_in, masks[layer - 1], d_in)
             d_out = d_in    # the output gradient of the layer below
-        return [or_empty(t, x) for t in (d_out if need[0] else None, dh0, dc0, *dweights)]
+        return [t for t, n in zip((d_out, dh0, dc0, *dweights), need) if n]
 
 
 _BACKWARDS = Cache("rnn layer backward launches")
@@ -468,8 +470,8 @@ def _rnn_bwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], last_out: Te
              d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor],
              need: list[bool], flags: list[int], dropout: float, algo: str, op: str,
              backend: str) -> list[Tensor]:
-    """[dx, dh0, dc0, *dweights], an empty tensor where `need` is False; d_out, d_hn, d_cn
-    None where no gradient reaches that output."""
+    """The `need`ed ones of [dx, dh0, dc0, *dweights] (rnn.needed maps them back); d_out,
+    d_hn, d_cn None where no gradient reaches that output."""
     key = (_layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend), tuple(need),
            sig(d_out), sig(d_hn), sig(d_cn))
     return _BACKWARDS.get(key, _Backward, x, weights, flags, dropout, algo, op, backend)(
@@ -504,11 +506,11 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, bs, cfg: RNNConfig, op: str, backend: str, *weights):
         args = (*cfg.op_args, op, backend)
-        out, h_n, c_n, saved = _rnn_fwd(x, h0, c0, list(weights), bs, *args)
+        out, finals, saved = _rnn_fwd(x, h0, c0, list(weights), bs, *args)
         ctx.save_for_backward(x, h0, c0, bs, out, *weights, *saved)
         ctx.n_weights, ctx.args = len(weights), args
         ctx.set_materialize_grads(False)
-        return out, h_n, c_n if _KINDS[(op, backend)][0].has_cell_state else None
+        return out, finals[0], finals[1] if len(finals) == 2 else None
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
@@ -524,7 +526,7 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
     need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[7:]]
     grads = _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
                      need, *ctx.args)
-    dx, dh0, dc0, *dw = [g if n else None for g, n in zip(grads, need)]
+    dx, dh0, dc0, *dw = needed(grads, need)
     return (dx, dh0, dc0, None, None, None, None, *dw)
 
 
@@ -597,11 +599,11 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
             cfg = replace(cfg, algo=algo)
         if needs_graph(x, h0, c0, *weights):
             return RNNFunction.apply(x, h0, c0, bs, cfg, op, backend, *weights)
-        out, h_n, c_n, _ = _rnn_fwd(x, h0, c0, list(weights), bs, *cfg.op_args, op, backend)
-        return out, h_n, c_n if has_c else None
+        out, finals, _ = _rnn_fwd(x, h0, c0, list(weights), bs, *cfg.op_args, op, backend)
+        return out, finals[0], finals[1] if has_c else None
     return impl
 
 
 __all__ = ["RNNConfig", "RNNFunction", "Plans", "layer_impl", "direction_weights",
-           "layer_sizes", "or_empty", "seq_rows", "steps_after_first", "at", "sig", "cell_need",
-           "cell_grads_fake"]
+           "layer_sizes", "seq_rows", "steps_after_first", "at", "first", "sig",
+           "cell_need", "cell_grads_fake", "needed"]
