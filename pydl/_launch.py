@@ -234,8 +234,14 @@ def launch_numba(kernel, grid, threads, device: torch.device, *args) -> None:
     """The one way pydl launches a Numba kernel: `grid` blocks of `threads` (ints or tuples)
     on torch's current stream; tensor arguments become zero-copy Numba arrays (numba_array),
     the others pass as they are."""
-    kernel[grid, threads, numba_stream(device)](
+    numba_launcher(kernel, grid, threads, device)(
         *[numba_array(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def numba_launcher(kernel, grid, threads, device: torch.device):
+    """launch_numba's kernel configured once, for a plan that launches it several times in a
+    call (a recurrence step by step): call it with Numba arrays (numba_array) and scalars."""
+    return kernel[grid, threads, numba_stream(device)]
 
 
 def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, threads: int = 256) -> None:

@@ -67,6 +67,7 @@ from ._launch import (
     next_power_of_2,
     numba_array,
     numba_blocks,
+    numba_launcher,
     numba_threads,
 )
 from ._plan import Cache, Launch
@@ -466,11 +467,8 @@ class NumbaLaunch:
         return out
 
     def __call__(self, *tensors, dynamic: tuple = ()) -> None:
-        self.run(self.arrays(tensors), dynamic)
-
-    def run(self, arrays: list, dynamic: tuple = ()) -> None:
-        launch_numba(self.kernel, self.grid, self.threads, self.device, *arrays, *self.scalars,
-                     *dynamic)
+        launch_numba(self.kernel, self.grid, self.threads, self.device, *self.arrays(tensors),
+                     *self.scalars, *dynamic)
 
 
 class NumbaRecurrence:
@@ -491,12 +489,15 @@ class NumbaRecurrence:
         self.mode, self.n_steps = mode, n_steps
 
     def __call__(self, *tensors) -> None:
-        arrays = self.launch.arrays(tensors)
-        if self.mode == "steps":
-            for s in range(self.n_steps):
-                self.launch.run(arrays, (s, s + 1, False))
-        else:
-            self.launch.run(arrays, (0, self.n_steps, True))
+        launch = self.launch
+        if self.mode != "steps":
+            launch(*tensors, dynamic=(0, self.n_steps, True))
+            return
+        # one launch per step: the arrays made and the kernel configured once
+        args = (*launch.arrays(tensors), *launch.scalars)
+        run = numba_launcher(launch.kernel, launch.grid, launch.threads, launch.device)
+        for s in range(self.n_steps):
+            run(*args, s, s + 1, False)
 
 
 class NumbaRNN:
