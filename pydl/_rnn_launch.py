@@ -188,7 +188,7 @@ def _no_launch(*tensors) -> None:
 class TritonRecurrence:
     """One direction's recurrence launch on the Triton backend (see the module docstring):
     kernel[grid](*tensors, sync, *scalars, step_begin, step_end, GRID_SYNC=..., **flags, **cfg),
-    built once; `rec(*tensors)` launches every step (once, or once per step under "steps").
+    built once (a Launch per step under "steps"); `rec(*tensors)` launches every step.
     None stands for an absent tensor (its flag is off; the kernel never reads it)."""
 
     __slots__ = ("launch", "mode", "n_steps", "device", "args")
@@ -205,7 +205,8 @@ class TritonRecurrence:
         slots = [fill if t is None else i for i, t in enumerate(tensors)]
         self.args = operator.itemgetter(*slots, *(() if self.mode == "persistent" else (fill,)))
 
-        def plan(cfg: dict) -> Launch:
+        def plan(cfg: dict):
+            """The launch (a Launch per step under "steps": no per-call scalar)."""
             n = tiles(cfg)
             if self.mode == "persistent":
                 grid = (min(n, multiprocessors(device)),)
@@ -213,8 +214,11 @@ class TritonRecurrence:
             else:
                 grid = (1,) if self.mode == "one_program" else (n,)
                 extra = dict(GRID_SYNC=False)
-            steps = () if self.mode == "steps" else (0, n_steps)
-            return Launch(kernel, grid, (*scalars, *steps), {**extra, **flags, **cfg})
+            consts = {**extra, **flags, **cfg}
+            if self.mode == "steps":
+                return [Launch(kernel, grid, (*scalars, s, s + 1), consts)
+                        for s in range(n_steps)]
+            return Launch(kernel, grid, (*scalars, 0, n_steps), consts)
 
         def trial(cfg: dict) -> None:
             self.launch = plan(cfg)
@@ -229,8 +233,8 @@ class TritonRecurrence:
             self.launch(*self.args(tensors), barrier_counters(self.device))
         else:
             args = self.args(tensors)
-            for s in range(self.n_steps):
-                self.launch(*args, step_begin=s, step_end=s + 1)
+            for step in self.launch:
+                step(*args)
 
 
 # Tuning spaces (BLOCK_B rows, BLOCK_H units, BLOCK_K for 16-bit operands, warps, stages) of
