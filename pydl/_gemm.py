@@ -78,15 +78,24 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
         if addend is not None:
             raise ValueError("gemm: give accumulate=True or addend=, not both")
         addend = out
+    gemm_plan(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, bias=bias,
+              addend=addend, input_precision=input_precision)(a, b, out, bias, addend)
+    return out
+
+
+def gemm_plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
+              trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
+              addend: torch.Tensor | None = None, input_precision: str | None = None):
+    """gemm's plan for this signature, built once (checks, views' strides, the config): a
+    callable (a, b, out, bias, addend) that launches it on tensors of the same signature. A
+    caller that runs one signature many times (a layer's plan) keeps it and skips the key."""
     precision = input_precision or _default_precision(a.dtype)
     key = (a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype, out.shape, out.stride(),
            out.dtype, out.device, trans_a, trans_b, alpha, precision,
            None if bias is None else (bias.shape, bias.stride(), bias.dtype),
            None if addend is None else (addend is out, addend.shape, addend.stride(),
                                         addend.dtype))
-    _PLANS.get(key, _plan, a, b, out, trans_a, trans_b, alpha, bias, addend, precision)(
-        a, b, out, bias, addend)
-    return out
+    return _PLANS.get(key, _plan, a, b, out, trans_a, trans_b, alpha, bias, addend, precision)
 
 
 def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision):
@@ -166,7 +175,11 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision):
                           lambda c: run(launches(c), a0, b0, out, bias, addend),
                           inout=aliased((out,), (addend,)))
     chosen = launches(cfg)
+    if single:      # one launch on the callers' tensors: no frame in between
+        launch = chosen[0][0]
+        return lambda a, b, out, bias, addend: launch(
+            a, b, out, out if addend is None else addend, out if bias is None else bias)
     return lambda a, b, out, bias, addend: run(chosen, a, b, out, bias, addend)
 
 
-__all__ = ["gemm", "gemm_config"]
+__all__ = ["gemm", "gemm_plan", "gemm_config"]

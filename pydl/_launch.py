@@ -234,8 +234,14 @@ def launch_numba(kernel, grid, threads, device: torch.device, *args) -> None:
     """The one way pydl launches a Numba kernel: `grid` blocks of `threads` (ints or tuples)
     on torch's current stream; tensor arguments become zero-copy Numba arrays (numba_array),
     the others pass as they are."""
-    kernel[grid, threads, numba_stream(device)](
+    numba_launcher(kernel, grid, threads, device)(
         *[numba_array(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def numba_launcher(kernel, grid, threads, device: torch.device):
+    """launch_numba's kernel configured once, for a plan that launches it several times in a
+    call (a recurrence step by step): call it with Numba arrays (numba_array) and scalars."""
+    return kernel[grid, threads, numba_stream(device)]
 
 
 def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, threads: int = 256) -> None:
@@ -252,19 +258,23 @@ _ARRIVALS: dict = {}
 
 def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """At least n int32 counters, all zero, for a kernel whose programs count their arrival
-    on a shared counter so that the last to arrive reduces the others' partial results (the
-    split-K weight gradient of conv2d). Such a kernel resets every counter it uses to zero
-    before it exits, so one buffer per device and stream serves every launch; launches on one
-    stream run in order and never share a counter at the same time. Allocated (zeroed) on
-    first use and when a launch needs more; during a CUDA graph capture a buffer it does not
-    have is allocated for that capture only, never cached."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    on shared counters: the last to arrive reduces the others' partial results (conv2d's
+    split-K weight gradient, cross-entropy's sum), or all meet at a grid barrier (the
+    persistent recurrences). Every such kernel resets the counters it used to zero before it
+    exits, so one buffer per device and stream serves every launch on that stream, one after
+    another in stream order, with no memset per call. A launch that fails to start never
+    touches them; a kernel that dies mid-run leaves the CUDA context unusable, so stale
+    counters are never read. Another stream gets its own buffer (two streams' launches may
+    overlap). Inside a CUDA graph capture each call takes a fresh buffer, zeroed by a captured
+    memset and kept by the graph alone, so a graph's replays (on any stream) never share
+    counters with work outside it."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(max(n, 2), dtype=torch.int32, device=device)
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, 0)       # emulation: programs run one after another
     buf = _ARRIVALS.get(key)
     if buf is None or buf.numel() < n:
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        fresh = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        if capturing:
-            return fresh
-        buf = _ARRIVALS[key] = fresh
+        buf = _ARRIVALS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return buf

@@ -17,8 +17,9 @@ from ._rnn_launch import ALGOS as _LAYER_ALGOS
 from .backends import current_backend, dispatch
 from .rnn import RNNConfig
 
-# the initial states' names in messages, by layer op
-_STATE_NAMES = {"lstm": ("hx[0] (h0)", "hx[1] (c0)"), "gru": ("hx (h0)",)}
+# the initial states' names in messages, by layer or cell op
+_STATE_NAMES = {"lstm": ("hx[0] (h0)", "hx[1] (c0)"), "gru": ("hx (h0)",),
+                "lstm_cell": ("hx[0] (h)", "hx[1] (c)"), "gru_cell": ("hx",)}
 
 
 def shape_of(t) -> tuple:
@@ -65,6 +66,54 @@ def check_cell_state(s, name: str, input, expected: tuple, backend: str) -> None
     if shape_of(s) != expected:
         raise ValueError(f"{name} must have shape {expected} (batch, hidden_size), "
                          f"got {shape_of(s)}")
+
+
+class CellCall:
+    """pydl.lstm_cell / pydl.gru_cell for one call signature, checked once (pydl._plan):
+    per call, only the unbatched input's views and the implementation,
+    impl(x, *states, w_ih, w_hh, b_ih, b_hh)."""
+
+    __slots__ = ("impl", "unbatched")
+
+    def __init__(self, op, gates, input, states, w_ih, w_hh, b_ih, b_hh, backend):
+        name, self.impl = dispatch(op, backend, input, w_ih, w_hh,
+                                   *[t for t in (*states, b_ih, b_hh)
+                                     if isinstance(t, torch.Tensor)])
+        check_tensor(input, "input", name, ndims=(1, 2))
+        H = check_cell_weights(w_ih, w_hh, b_ih, b_hh, input, name, gates=gates)
+        self.unbatched = input.dim() == 1
+        expected = (H,) if self.unbatched else (input.shape[0], H)
+        for s, n in zip(states, _STATE_NAMES[op]):
+            check_cell_state(s, n, input, expected, name)
+
+    def __call__(self, input, states, w_ih, w_hh, b_ih, b_hh):
+        if not self.unbatched:
+            return self.impl(input, *states, w_ih, w_hh, b_ih, b_hh)
+        out = self.impl(input.unsqueeze(0), *[None if s is None else s.unsqueeze(0)
+                                              for s in states], w_ih, w_hh, b_ih, b_hh)
+        return tuple(o.squeeze(0) for o in out) if isinstance(out, tuple) else out.squeeze(0)
+
+
+def _tensor_key(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _cell_key(op, gates, input, states, w_ih, w_hh, b_ih, b_hh, backend):
+    """The call signature: what CellCall checks (a non-tensor argument has no key: it is
+    checked, and refused, every call)."""
+    return (op, backend or current_backend(), input.shape, input.dtype, input.device,
+            *[_tensor_key(s) for s in states], w_ih.shape, w_ih.dtype, w_ih.device,
+            w_hh.shape, w_hh.dtype, w_hh.device, _tensor_key(b_ih), _tensor_key(b_hh))
+
+
+_CELL_CALLS = Cache("rnn cell calls")
+
+
+def cell_call(op: str, gates: int, input, states, w_ih, w_hh, b_ih, b_hh, backend):
+    """The checked call (CellCall) of pydl.lstm_cell's or pydl.gru_cell's signature, built
+    once; states: (h, c) or (h,), None for zeros."""
+    return _CELL_CALLS.call(_cell_key, CellCall, op, gates, input, states, w_ih, w_hh, b_ih,
+                            b_hh, backend)
 
 
 def rnn_weight_names(num_layers: int, bidirectional: bool, bias: bool,
@@ -306,5 +355,6 @@ def layer_output(out, states, layout: Layout):
     return (out.transpose(0, 1) if layout.batch_first else out), list(states)
 
 
-__all__ = ["prepare_layer", "layer_output", "run_layer", "LayerCall", "check_cell_weights",
+__all__ = ["prepare_layer", "layer_output", "run_layer", "LayerCall", "cell_call", "CellCall",
+           "check_cell_weights",
            "check_cell_state", "check_same", "rnn_weight_names", "Layout", "Packed"]

@@ -3,7 +3,7 @@ backend (pydl/lstm.py and pydl/gru.py add their cells' kernels; pydl/rnn.py is t
 machinery that calls them).
 
 A layer's recurrence kernel runs a range of time steps per launch (kernels/triton/rnn.py). A
-`Schedule` says how a direction's steps are launched:
+direction's steps are launched in one of three modes (`schedule`):
 
     "persistent"   one launch for all steps; at most one program per SM, launched
                    cooperatively, the programs meeting at a grid barrier after every step
@@ -18,10 +18,26 @@ algo="steps" is "steps". Host launches per layer call then do not grow with the 
 length except with "steps". A single step (a cell, a one-step sequence) needs no barrier and
 launches plainly.
 
-A plan (TritonPlan, NumbaPlan) is one direction's launch, built once per call: the chosen
-tile (tuned per shape on a GPU, pydl/_tune.py; the candidates built once per shape,
-`tile_configs`), the grid and every argument; `run(s0, s1)` launches steps [s0, s1) and
-passes only the step range.
+Plans (pydl/_plan.py's design): every launch here is built once per call signature - the
+tile (tuned per shape on a GPU, pydl/_tune.py), the grid, the scalar arguments (sizes and
+strides) and the constexprs - and then called with its tensors alone:
+
+    recurrence   `TritonRNN.recurrence` / `NumbaRNN.recurrence`: one direction's steps,
+                 rec(*tensors), None for an absent tensor (its flag is off)
+    gemm_plan    a product of 2-D matrices or 3-D sequences, plan(a, b, out, bias, c_in)
+    bias_grad_plan, mul_plan
+
+A plan is called with tensors of the shapes and strides it was built from; only the pointers
+they carry change between calls. Two forms save a view per call: a one-step sequence
+argument of a recurrence may be the 2-D step itself (the cells), and a 2-D state argument
+the stack whose first matrix it is (a layer's h_n for h_n[0]). A Triton launch reads only
+the pointers; a Numba one views a tensor of another shape as the argument was (NumbaLaunch).
+
+The grid barrier's two int32 counters (`barrier_counters`, pydl._launch.arrival_counters)
+are zero between launches: the last program out of a persistent launch resets them
+(kernels/triton/rnn.py grid_exit). So one buffer per (device, stream), allocated once, serves
+every persistent launch on that stream, with no memset per call; under a CUDA graph capture
+each call takes a fresh one (arrival_counters says why each case is safe).
 
 Precision of the products (`product_precision`, kernels/triton/rnn.py `dot`): a model in
 fp16/bf16 never loses precision to TF32: an fp32 gradient times a 16-bit weight or input is
@@ -33,21 +49,25 @@ pydl._launch.input_precision).
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Callable
 
 import torch
 
 from . import _env
 from ._launch import (
+    arrival_counters,
     cdiv,
     dot_block,
     input_precision,
+    launch_numba,
     next_power_of_2,
     numba_array,
     numba_blocks,
-    numba_stream,
+    numba_launcher,
     numba_threads,
 )
+from ._plan import Launch
 from ._tune import Tuner, bucket
 
 F32 = torch.float32
@@ -63,6 +83,12 @@ def product_precision(a: torch.dtype, b: torch.dtype, model: torch.dtype, cudnn:
     if model == F32:
         return input_precision(F32, cudnn=cudnn)
     return "tf32x3"
+
+
+def tf32_key(dtype: torch.dtype, cudnn: bool) -> bool:
+    """Whether an fp32 model's products round to TF32 now (torch's switch, read every call:
+    it keys the plans); False for a 16-bit model, whose products never use it."""
+    return dtype == F32 and input_precision(F32, cudnn=cudnn) == "tf32"
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,30 +113,18 @@ def persistent_on(device: torch.device) -> bool:
     return device.type == "cuda" and not _env.INTERPRET
 
 
-class Schedule:
-    """How one layer call launches its recurrences (see the module docstring), and the
-    counters of its grid barriers: two int32 per persistent launch of more than one step,
-    zeroed once per call when the first is asked for (each kernel leaves them zero again,
-    so a tuner's trials can reuse them)."""
+def schedule(algo: str, device: torch.device) -> str:
+    """The launch mode of a layer's recurrences (see the module docstring)."""
+    if algo == "steps":
+        return "steps"
+    return "persistent" if persistent_on(device) else "one_program"
 
-    def __init__(self, algo: str, device: torch.device, n_launches: int):
-        if algo == "steps":
-            self.mode = "steps"
-        else:
-            self.mode = "persistent" if persistent_on(device) else "one_program"
-        self.device, self.n_launches = device, n_launches
-        self._sync = None
-        self._next = 0
 
-    def sync_slot(self):
-        """The barrier counters of the next persistent launch."""
-        if self._sync is None:
-            self._sync = torch.zeros(2 * self.n_launches, dtype=torch.int32, device=self.device)
-        if 2 * self._next + 2 > self._sync.numel():
-            raise RuntimeError("pydl: a layer call made more persistent launches than planned")
-        slot = self._sync[2 * self._next:2 * self._next + 2]
-        self._next += 1
-        return slot
+# (device, stream) -> the grid barrier's counters for the launches on that stream
+def barrier_counters(device: torch.device) -> torch.Tensor:
+    """The grid barrier's counters for a persistent launch on the current stream of `device`
+    (pydl._launch.arrival_counters: shared with every kernel that counts arrivals)."""
+    return arrival_counters(device, 2)
 
 
 def step_tiles(B: int, H: int, sms: int, min_units: int, max_units: int, max_rows: int):
@@ -128,47 +142,83 @@ def step_tiles(B: int, H: int, sms: int, min_units: int, max_units: int, max_row
     return bb, bh
 
 
+def as_4d(t: torch.Tensor, trans: bool = False) -> torch.Tensor:
+    """A 2-D matrix (M, K) as (1, 1, M, K), a 3-D sequence (T, M, K) as (1, T, M, K), the
+    last two axes swapped with `trans`: the batched GEMMs' operand views."""
+    t4 = t[None] if t.dim() == 3 else t[None, None]
+    return t4.transpose(2, 3) if trans else t4
+
+
+def seq_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """The (time, row, column) strides of a sequence argument: a 2-D tensor is one step (its
+    time stride is never used); (0, 0, 0) for an absent one."""
+    if t is None:
+        return (0, 0, 0)
+    return tuple(t.stride()) if t.dim() == 3 else (0, *t.stride())
+
+
+def strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
+    """The strides of an n-dimensional argument t: t's last n (t may be a stack whose first
+    matrix is meant), or n zeros for an absent tensor (its kernel flag is off)."""
+    return tuple(t.stride()[-n:]) if t is not None else (0,) * n
+
+
+def _no_launch(*tensors) -> None:
+    """The plan of a product with an empty output."""
+
+
 # --- Triton -----------------------------------------------------------------------------------
 
-class TritonPlan:
-    """One direction's recurrence launch on the Triton backend (see the module docstring).
+class TritonRecurrence:
+    """One direction's recurrence launch on the Triton backend (see the module docstring):
+    kernel[grid](*tensors, sync, *scalars, step_begin, step_end, GRID_SYNC=..., **flags, **cfg),
+    built once (a Launch per step under "steps"); `rec(*tensors)` launches every step.
+    None stands for an absent tensor (its flag is off; the kernel never reads it)."""
 
-    kernel[grid](*head, sync, *mid, s_begin, s_end, *tail, GRID_SYNC=..., **flags, **cfg):
-    `tiles(cfg)` is the number of tiles a step has with that config."""
+    __slots__ = ("launch", "mode", "n_steps", "device", "args")
 
-    def __init__(self, kernel, tuner: Tuner, key, candidates: list[dict], head: tuple,
-                 mid: tuple, tail: tuple, flags: dict, tiles: Callable[[dict], int],
-                 schedule: Schedule, n_steps: int):
-        self.kernel, self.head, self.mid, self.tail = kernel, head, mid, tail
-        self.flags, self.tiles, self.schedule, self.n_steps = flags, tiles, schedule, n_steps
+    def __init__(self, kernel, tuner: Tuner, key, candidates: list[dict], tensors: tuple,
+                 scalars: tuple, flags: dict, tiles: Callable[[dict], int], mode: str,
+                 n_steps: int, device: torch.device, inout: tuple = ()):
         # one step needs no barrier: a plain launch over every tile
-        self.mode = "steps" if schedule.mode == "persistent" and n_steps <= 1 else schedule.mode
-        self.sync = schedule.sync_slot() if self.mode == "persistent" else None
-        self.sync_arg = self.sync if self.sync is not None else head[0]
-        trial = (0, n_steps if self.mode != "steps" else 1)
-        self.cfg = tuner.pick((key, self.mode), candidates,
-                              lambda cfg: self._launch(cfg, *trial))
+        self.mode = "steps" if mode == "persistent" and n_steps <= 1 else mode
+        self.n_steps, self.device = n_steps, device
+        # the kernel's tensor arguments from a call's: an absent one (and the barrier's
+        # counters, off the persistent path) is a present one, never read
+        fill = next(i for i, t in enumerate(tensors) if t is not None)
+        slots = [fill if t is None else i for i, t in enumerate(tensors)]
+        self.args = operator.itemgetter(*slots, *(() if self.mode == "persistent" else (fill,)))
 
-    def _launch(self, cfg: dict, s0: int, s1: int) -> None:
-        tiles = self.tiles(cfg)
-        if self.mode == "persistent":
-            grid = (min(tiles, multiprocessors(self.schedule.device)),)
-            extra = dict(GRID_SYNC=True, launch_cooperative_grid=True)
-        else:
-            grid = (1,) if self.mode == "one_program" else (tiles,)
-            extra = dict(GRID_SYNC=False)
-        self.kernel[grid](*self.head, self.sync_arg, *self.mid, s0, s1, *self.tail,
-                          **extra, **self.flags, **cfg)
+        def plan(cfg: dict):
+            """The launch (a Launch per step under "steps": no per-call scalar)."""
+            n = tiles(cfg)
+            if self.mode == "persistent":
+                grid = (min(n, multiprocessors(device)),)
+                extra = dict(GRID_SYNC=True, launch_cooperative_grid=True)
+            else:
+                grid = (1,) if self.mode == "one_program" else (n,)
+                extra = dict(GRID_SYNC=False)
+            consts = {**extra, **flags, **cfg}
+            if self.mode == "steps":
+                return [Launch(kernel, grid, (*scalars, s, s + 1), consts)
+                        for s in range(n_steps)]
+            return Launch(kernel, grid, (*scalars, 0, n_steps), consts)
 
-    def run(self, s0: int, s1: int) -> None:
-        """Launch steps [s0, s1): once, or once per step under "steps"."""
-        if s1 <= s0:
-            return
-        if self.mode == "steps":
-            for s in range(s0, s1):
-                self._launch(self.cfg, s, s + 1)
+        def trial(cfg: dict) -> None:
+            self.launch = plan(cfg)
+            self(*tensors)
+
+        self.launch = plan(tuner.pick((key, self.mode), candidates, trial, inout=inout))
+
+    def __call__(self, *tensors) -> None:
+        if self.mode == "one_program":
+            self.launch(*self.args(tensors))
+        elif self.mode == "persistent":
+            self.launch(*self.args(tensors), barrier_counters(self.device))
         else:
-            self._launch(self.cfg, s0, s1)
+            args = self.args(tensors)
+            for step in self.launch:
+                step(*args)
 
 
 # Tuning spaces (BLOCK_B rows, BLOCK_H units, BLOCK_K for 16-bit operands, warps, stages) of
@@ -180,11 +230,6 @@ FWD_SPACE = ((32, 8, 64, 4, 3), (64, 8, 64, 4, 3), (16, 16, 64, 4, 3), (32, 16, 
              (64, 16, 32, 8, 3), (32, 4, 64, 4, 4))
 BWD_SPACE = ((16, 16, 64, 4, 3), (32, 16, 32, 4, 3), (16, 32, 32, 4, 3), (32, 32, 32, 8, 3),
              (64, 16, 32, 8, 3), (64, 32, 64, 8, 4))
-
-
-def strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
-    """t's strides, or n zeros for an absent tensor (its kernel flag is off)."""
-    return tuple(t.stride()) if t is not None else (0,) * n
 
 
 def grid_barrier_check(device: torch.device, programs: int, rounds: int):
@@ -231,12 +276,10 @@ def tile_candidates(default: dict, B: int, H: int, K: int, itemsize: int, min_un
     return out
 
 
-@functools.lru_cache(maxsize=512)
 def tile_configs(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: tuple,
                  device: torch.device, backward: bool) -> tuple[tuple, list[dict]]:
     """(tuning key, candidates) of a recurrence kernel (`flags`: its sorted constexpr
-    items), built once per problem: a layer's repeated calls only look them up. The key
-    holds the batch in coarse buckets (pydl/_tune.py)."""
+    items). The key holds the batch in coarse buckets (pydl/_tune.py)."""
     itemsize = dtype.itemsize
     default = default_tile(B, H, K, itemsize, device, backward)
     space, min_units = (BWD_SPACE, 16) if backward else (FWD_SPACE, 4)
@@ -245,10 +288,10 @@ def tile_configs(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: t
 
 
 class TritonRNN:
-    """The Triton launches every recurrent layer shares: the GEMMs (input projection, weight
-    and input gradients), the bias column sums, dropout's product. `cudnn` says which of
-    torch's TF32 settings fp32 models follow (True: the layers, as cuDNN's RNN; False: the
-    cells, as a cuBLAS matmul)."""
+    """The Triton launches every recurrent layer shares: the recurrence launch, the GEMMs
+    (input projection, weight and input gradients), the bias column sums, dropout's product.
+    `cudnn` says which of torch's TF32 settings fp32 models follow (True: the layers, as
+    cuDNN's RNN; False: the cells, as a cuBLAS matmul)."""
     backend = "triton"
     cudnn = True
 
@@ -256,35 +299,66 @@ class TritonRNN:
     def precision(cls, a: torch.dtype, b: torch.dtype, model: torch.dtype) -> str:
         return product_precision(a, b, model, cls.cudnn)
 
+    @staticmethod
+    def recurrence(kernel, tuner: Tuner, name: str, mode: str, tensors: tuple, ranks: tuple,
+                   scalars: tuple, flags: dict, B: int, H: int, K: int, dtype: torch.dtype,
+                   n_steps: int, device: torch.device, backward: bool,
+                   inout: tuple = ()) -> TritonRecurrence:
+        """The launch of a recurrence kernel (see TritonRecurrence) over tiles of BLOCK_B rows
+        x BLOCK_H of H units; `inout`: tensors it reads and then overwrites (restored after
+        the tuner's trials); `ranks` (the Numba launcher's) is not needed here."""
+        key, candidates = tile_configs(name, B, H, K, dtype, tuple(sorted(flags.items())),
+                                       device, backward)
+        return TritonRecurrence(
+            kernel, tuner, key, candidates, tensors, scalars, flags,
+            lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), mode, n_steps, device,
+            inout)
+
     @classmethod
-    def gemm(cls, a, b, out, c_in=None, bias=None, model: torch.dtype | None = None) -> None:
-        """out[b1, b2] = a[b1, b2] @ b[b1, b2] (+ c_in) (+ bias[b1] per column), 4-D views;
-        a size-1 batch axis of an operand broadcasts, and out's second batch axis of size 1
-        sums over the operands' (the semantics of pydl/_gemm_numba.py's gemm). `model`: the
-        dtype of the layer (default: out's), for the precision rule."""
+    def gemm_plan(cls, a, b, out, bias=None, c_in=None, *, trans_a: bool = False,
+                  trans_b: bool = False, model: torch.dtype | None = None) -> Callable:
+        """out = op(a) @ op(b) (+ bias) (+ c_in), planned: plan(a, b, out, bias, c_in) (the
+        order of pydl/_gemm.py's plans).
+
+        a, b: 2-D matrices or 3-D sequences (T, ., .), op(t) = t with its last two axes
+        swapped under trans_*; out and c_in: (M, N), or (T, M, N) for a product per step. A
+        2-D out over 3-D operands sums over T (a layer's weight gradients); a 2-D operand
+        broadcasts over T. bias: (N,). fp32 accumulation; `model` (the layer's dtype; default
+        out's) sets the precision rule."""
+        model = model or out.dtype
+        a4, b4, out4 = as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out)
+        c4 = as_4d(c_in) if c_in is not None else None
+        B2c = out4.shape[1]
+        if out.numel() == 0:
+            return _no_launch
+        if a.dtype == b.dtype and out.dim() >= max(a.dim(), b.dim()) and B2c <= 65535:
+            # the library's shared GEMM (pydl/_gemm.py, one launch) covers same-dtype products
+            # without a reduction over time: the input projection, and dx / dh in fp32
+            from ._gemm import gemm_plan
+            return gemm_plan(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=c_in,
+                             input_precision=cls.precision(a.dtype, b.dtype, model)
+                             if a.dtype == F32 else "ieee")
+        if a.dtype != F32 and b.dtype == F32:
+            # the fp32 operand goes first ("split" splits the first): out^T = b^T a^T
+            if bias is not None:
+                raise ValueError("gemm: a bias needs the fp32 operand first")
+            launch = cls._batched(b4.transpose(2, 3), a4.transpose(2, 3), out4.transpose(2, 3),
+                                  None if c4 is None else c4.transpose(2, 3), None, model)
+            return lambda a, b, out, bias, c_in: launch(
+                b, a, out if c_in is None else c_in, out, out)
+        launch = cls._batched(a4, b4, out4, c4, bias, model)
+        return lambda a, b, out, bias, c_in: launch(
+            a, b, out if c_in is None else c_in, out, out if bias is None else bias)
+
+    @classmethod
+    def _batched(cls, a, b, out, c_in, bias, model) -> Launch:
+        """The Launch of kernels/triton/rnn.py gemm_batched for 4-D views (out's second batch
+        axis of size 1 sums over the operands'): tensors (a, b, c_in, out, bias)."""
         from .kernels.triton import rnn as k
         B1, B2c, M, N = out.shape
         K = a.shape[3]
         B2 = a.shape[1] if a.shape[1] != 1 else b.shape[1]
         n_red = B2 if (B2c == 1 and B2 != 1) else 1
-        if out.numel() == 0:
-            return
-        model = model or out.dtype
-        if n_red == 1 and a.dtype == b.dtype:
-            # the library's shared GEMM (pydl/_gemm.py) covers same-dtype products without a
-            # reduction over a batch axis: the input projection, and dx / dh in fp32
-            from ._gemm import gemm
-            gemm(a, b, out, addend=c_in, bias=bias,
-                 input_precision=cls.precision(a.dtype, b.dtype, model)
-                 if a.dtype == F32 else "ieee")
-            return
-        if a.dtype != F32 and b.dtype == F32:
-            # the fp32 operand goes first ("split" splits the first): out^T = b^T a^T
-            if bias is not None:
-                raise ValueError("gemm: a bias needs the fp32 operand first")
-            cls.gemm(b.transpose(2, 3), a.transpose(2, 3), out.transpose(2, 3),
-                     None if c_in is None else c_in.transpose(2, 3), None, model)
-            return
 
         def batch_strides(t):
             return (tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1))
@@ -293,34 +367,33 @@ class TritonRNN:
         cfg = dict(BLOCK_M=dot_block(M, 64), BLOCK_N=dot_block(N, 64),
                    BLOCK_K=dot_block(K, 32), num_warps=4)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
-        k.gemm_batched[grid](
-            a, b, c_in if c_in is not None else out, out, bias if bias is not None else out,
-            M, N, K, B1 * B2c, B2c, n_red,
-            *batch_strides(a), *batch_strides(b),
-            *(batch_strides(c_in) if c_in is not None else (0,) * 4), *out.stride(),
-            *((0 if bias.shape[0] == 1 else bias.stride(0), bias.stride(1))
-              if bias is not None else (0, 0)),
-            ACCUMULATE=c_in is not None, HAS_BIAS=bias is not None,
-            PRECISION=cls.precision(a.dtype, b.dtype, model), **cfg)
+        scalars = (M, N, K, B1 * B2c, B2c, n_red, *batch_strides(a), *batch_strides(b),
+                   *(batch_strides(c_in) if c_in is not None else (0,) * 4), *out.stride(),
+                   *((0, bias.stride(0)) if bias is not None else (0, 0)))
+        return Launch(k.gemm_batched, grid, scalars,
+                      dict(ACCUMULATE=c_in is not None, HAS_BIAS=bias is not None,
+                           PRECISION=cls.precision(a.dtype, b.dtype, model), **cfg))
 
     @staticmethod
-    def bias_grad(dg, db1, db2) -> None:
-        """db1 (and db2) = column sums of dg (T, B, N)."""
+    def bias_grad_plan(dg, db1, db2) -> Callable:
+        """plan(dg, db1, db2): db1 (and db2 when given) = column sums of dg, a (T, B, N)
+        sequence or a (B, N) matrix."""
         from .kernels.triton import rnn as k
-        T, B, N = dg.shape
+        T, B, N = (1, *dg.shape) if dg.dim() == 2 else dg.shape
         block_n = min(next_power_of_2(N), 64)
-        k.bias_grad[(cdiv(N, block_n),)](
-            dg, db1, db2 if db2 is not None else db1, T, B, N, *dg.stride(),
-            WRITE_DB2=db2 is not None, BLOCK_R=min(next_power_of_2(T * B), 32),
-            BLOCK_N=block_n, num_warps=4)
+        launch = Launch(k.bias_grad, (cdiv(N, block_n),), (T, B, N, *seq_strides(dg)),
+                        dict(WRITE_DB2=db2 is not None, BLOCK_R=min(next_power_of_2(T * B), 32),
+                             BLOCK_N=block_n, num_warps=4))
+        return lambda dg, db1, db2=None: launch(dg, db1, db1 if db2 is None else db2)
 
     @staticmethod
-    def mul(x, s, y) -> None:
-        """y = x * s over 3-D tensors (y may be x)."""
+    def mul_plan(x, s, y) -> Launch:
+        """plan(x, s, y): y = x * s over 3-D tensors (y may be x)."""
         from .kernels.triton import rnn as k
         block = 1024
-        k.mul_3d[(cdiv(x.numel(), block),)](x, s, y, *x.shape, *x.stride(), *s.stride(),
-                                             *y.stride(), BLOCK=block, num_warps=4)
+        return Launch(k.mul_3d, (cdiv(x.numel(), block),),
+                      (*x.shape, *x.stride(), *s.stride(), *y.stride()),
+                      dict(BLOCK=block, num_warps=4))
 
 
 # --- Numba ------------------------------------------------------------------------------------
@@ -335,42 +408,84 @@ def numba_tile() -> tuple[int, int, int]:
     return NUMBA_SIM_TILE if _env.INTERPRET else NUMBA_TILE
 
 
-class NumbaPlan:
-    """One direction's recurrence launch on the Numba backend: kernel[blocks, (TU, TB)](
-    *args, s_begin, s_end, sync): sync (grid.sync() between steps) under "persistent" and
-    "one_program", once per step under "steps"."""
-
-    def __init__(self, kernel, args: tuple, tiles: int, schedule: Schedule, device):
-        tb, tu, _ = numba_tile()
-        self.kernel, self.args, self.schedule, self.device = kernel, args, schedule, device
-        # the kernels use grid.sync(), so Numba launches them cooperatively: at most one
-        # block per SM (the blocks loop over the tiles); one in the simulator
-        self.blocks = 1 if _env.INTERPRET else max(1, min(tiles, multiprocessors(device)))
-        self.threads = (tu, tb)
-
-    def _launch(self, s0: int, s1: int, sync: bool) -> None:
-        self.kernel[self.blocks, self.threads, numba_stream(self.device)](
-            *self.args, s0, s1, sync)
-
-    def run(self, s0: int, s1: int) -> None:
-        if s1 <= s0:
-            return
-        if self.schedule.mode == "steps":
-            for s in range(s0, s1):
-                self._launch(s, s + 1, False)
-        else:
-            self._launch(s0, s1, True)
-
-
-def numba_arg(t, like):
-    """A Numba view of t, or of `like` (a placeholder of the right rank, never read)."""
-    return numba_array(t if t is not None else like)
-
-
 def numba_code(t) -> int:
     """The dtype code (kernels/numba/_dtypes.py) of t, 0 for an absent tensor."""
     from .kernels.numba.rnn import dtype_code
     return dtype_code(t.dtype) if t is not None else 0
+
+
+class NumbaLaunch:
+    """One Numba kernel launch with everything but its tensors fixed (pydl._plan.Launch's
+    counterpart, through pydl._launch.launch_numba): kernel, grid, threads, device and the
+    scalar arguments that follow the tensors; per-call scalars go last (`launch(*tensors,
+    dynamic=(...))`). Numba kernels read their arrays' shapes, so the launch keeps each
+    argument's shape and strides (a 2-D step for a 3-D sequence argument is one step, a
+    stack for a 2-D one its first matrix) and views a call's tensor so when its shape
+    differs. An absent tensor (None; its flag is off) is a one-element placeholder of its
+    rank, made once."""
+
+    __slots__ = ("kernel", "grid", "threads", "device", "views", "scalars", "keep")
+
+    def __init__(self, kernel, grid, threads, device: torch.device, tensors: tuple,
+                 ranks: tuple, scalars: tuple):
+        self.kernel, self.grid, self.threads, self.device = kernel, grid, threads, device
+        self.scalars = tuple(scalars)
+        views, self.keep = [], []
+        for t, rank in zip(tensors, ranks):
+            if t is None:
+                placeholder = torch.empty((1,) * rank, dtype=F32, device=device)
+                self.keep.append(placeholder)
+                views.append(numba_array(placeholder))
+            elif t.dim() < rank:            # a 2-D step for a 3-D sequence
+                views.append(((1, *t.shape), (0, *t.stride())))
+            else:                           # (the first matrix of a stack)
+                views.append((tuple(t.shape[t.dim() - rank:]), t.stride()[t.dim() - rank:]))
+        self.views = tuple(views)
+
+    def arrays(self, tensors) -> list:
+        """The kernel's array arguments for these tensors (Numba views, made once a call)."""
+        out = []
+        for t, v in zip(tensors, self.views):
+            if not isinstance(v, tuple):
+                out.append(v)           # a placeholder
+            elif t.shape == v[0]:
+                out.append(numba_array(t))
+            else:
+                out.append(numba_array(t.as_strided(*v)))
+        return out
+
+    def __call__(self, *tensors, dynamic: tuple = ()) -> None:
+        launch_numba(self.kernel, self.grid, self.threads, self.device, *self.arrays(tensors),
+                     *self.scalars, *dynamic)
+
+
+class NumbaRecurrence:
+    """One direction's recurrence launch on the Numba backend: kernel[blocks, (TU, TB)](
+    *tensors, *scalars, s_begin, s_end, sync), sync (grid.sync() between steps) under
+    "persistent" and "one_program", once per step under "steps"; `rec(*tensors)` as
+    TritonRecurrence."""
+
+    __slots__ = ("launch", "mode", "n_steps")
+
+    def __init__(self, kernel, tensors: tuple, ranks: tuple, scalars: tuple, tiles: int,
+                 mode: str, n_steps: int, device: torch.device):
+        tb, tu, _ = numba_tile()
+        # the kernels use grid.sync(), so Numba launches them cooperatively: at most one
+        # block per SM (the blocks loop over the tiles); one in the simulator
+        blocks = 1 if _env.INTERPRET else max(1, min(tiles, multiprocessors(device)))
+        self.launch = NumbaLaunch(kernel, blocks, (tu, tb), device, tensors, ranks, scalars)
+        self.mode, self.n_steps = mode, n_steps
+
+    def __call__(self, *tensors) -> None:
+        launch = self.launch
+        if self.mode != "steps":
+            launch(*tensors, dynamic=(0, self.n_steps, True))
+            return
+        # one launch per step: the arrays made and the kernel configured once
+        args = (*launch.arrays(tensors), *launch.scalars)
+        run = numba_launcher(launch.kernel, launch.grid, launch.threads, launch.device)
+        for s in range(self.n_steps):
+            run(*args, s, s + 1, False)
 
 
 class NumbaRNN:
@@ -383,29 +498,50 @@ class NumbaRNN:
         return "ieee"       # the Numba kernels multiply in fp32 on the FMA units
 
     @staticmethod
-    def gemm(a, b, out, c_in=None, bias=None, model=None) -> None:
+    def recurrence(kernel, tuner, name, mode, tensors, ranks, scalars, flags, B, H, K, dtype,
+                   n_steps, device, backward, inout=()) -> NumbaRecurrence:
+        """The launch of a recurrence kernel (`kernel` built for numba_tile()); tuner, name,
+        flags, K and dtype (the Triton launcher's) are not needed here."""
+        tb, tu, _ = numba_tile()
+        return NumbaRecurrence(kernel, tensors, ranks, scalars, cdiv(B, tb) * cdiv(H, tu), mode,
+                               n_steps, device)
+
+    @staticmethod
+    def gemm_plan(a, b, out, bias=None, c_in=None, *, trans_a: bool = False,
+                  trans_b: bool = False, model=None) -> Callable:
+        """As TritonRNN.gemm_plan, on pydl/_gemm_numba.py's GEMM: the 4-D views' shapes and
+        strides fixed once, each call viewing its tensors so."""
         from ._gemm_numba import gemm
-        gemm(a, b, out, c_in=c_in, bias=bias)
+        (sa, ta), (sb, tb), (so, to) = [(tuple(v.shape), v.stride()) for v in (
+            as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out))]
+        tc = as_4d(c_in).stride() if c_in is not None else None
+
+        def run(a, b, out, bias, c_in):
+            gemm(a.as_strided(sa, ta), b.as_strided(sb, tb), out.as_strided(so, to),
+                 c_in=None if c_in is None else c_in.as_strided(so, tc), bias=bias)
+        return run
 
     @staticmethod
-    def bias_grad(dg, db1, db2) -> None:
+    def bias_grad_plan(dg, db1, db2) -> Callable:
         from .kernels.numba import rnn as k
-        N = dg.shape[2]
+        N = dg.shape[-1]
         threads = numba_threads(128)
-        k.bias_grad[numba_blocks(cdiv(N, threads)), threads, numba_stream(dg.device)](
-            numba_array(dg), numba_array(db1), numba_array(db2 if db2 is not None else db1),
-            db2 is not None, k.dtype_code(db1.dtype))
+        launch = NumbaLaunch(k.bias_grad, numba_blocks(cdiv(N, threads)), threads, dg.device,
+                             (dg, db1, db1), (3, 1, 1),
+                             (db2 is not None, k.dtype_code(db1.dtype)))
+        return lambda dg, db1, db2=None: launch(dg, db1, db1 if db2 is None else db2)
 
     @staticmethod
-    def mul(x, s, y) -> None:
+    def mul_plan(x, s, y) -> NumbaLaunch:
         from .kernels.numba import rnn as k
         threads = numba_threads(256)
-        k.mul_3d[numba_blocks(cdiv(x.numel(), threads)), threads, numba_stream(x.device)](
-            numba_array(x), numba_array(s), numba_array(y), k.dtype_code(x.dtype),
-            k.dtype_code(s.dtype), k.dtype_code(y.dtype))
+        return NumbaLaunch(k.mul_3d, numba_blocks(cdiv(x.numel(), threads)), threads, x.device,
+                           (x, s, y), (3, 3, 3), (k.dtype_code(x.dtype), k.dtype_code(s.dtype),
+                                                  k.dtype_code(y.dtype)))
 
 
-__all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "Schedule", "TritonPlan", "NumbaPlan",
-           "TritonRNN", "NumbaRNN", "product_precision", "multiprocessors", "step_tiles",
-           "tile_candidates", "tile_configs", "numba_tile", "numba_arg", "numba_code", "strides",
-           "grid_barrier_check", "persistent_on", "default_tile"]
+__all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "schedule", "barrier_counters", "TritonRecurrence",
+           "NumbaRecurrence", "NumbaLaunch", "TritonRNN", "NumbaRNN", "product_precision",
+           "tf32_key", "multiprocessors", "step_tiles", "tile_candidates", "tile_configs",
+           "numba_tile", "numba_code", "strides", "seq_strides", "as_4d", "grid_barrier_check",
+           "persistent_on", "default_tile"]

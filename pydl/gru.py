@@ -28,84 +28,79 @@ import torch
 from torch import Tensor
 
 from ._autograd import without_double_backward
-from ._checks import check_tensor
-from ._launch import cdiv, new_output, numba_array
+from ._launch import new_output
 from ._library import autocast_inputs, kernel_op
+from ._plan import Cache, needs_graph
 from . import _rnn_launch
-from ._rnn_checks import check_cell_state, check_cell_weights, run_layer
-from ._rnn_launch import (NumbaPlan, NumbaRNN, Schedule, TritonPlan, TritonRNN, numba_tile,
-                          tile_configs)
-from ._rnn_launch import numba_arg as _a
+from ._rnn_checks import cell_call, run_layer
+from ._rnn_launch import NumbaRNN, TritonRNN, numba_tile, seq_strides, tf32_key
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
-from ._tune import Tuner
-from .backends import dispatch, register
-from .rnn import (cell_grads_fake, cell_need, layer_impl, mm, or_empty, seq_rows,
+from ._tune import Tuner, aliased
+from .backends import register
+from .rnn import (Plans, cell_grads_fake, cell_need, layer_impl, needed, seq_rows, sig,
                   steps_after_first)
 
 F32 = torch.float32
 TUNERS = {name: Tuner(name) for name in ("gru_layer_fwd", "gru_layer_bwd")}
+
+# The ranks of the recurrence kernels' tensor arguments, in order (a Numba kernel is compiled
+# for them: an absent tensor's placeholder has its rank).
+FWD_RANKS = (3, 2, 3, 1, 1, 2, 2, 3, 3, 2, 1)
+BWD_RANKS = (3, 3, 2, 2, 3, 2, 1, 3, 3, 3, 2)
+
+
+def _seq_shape(t) -> tuple[int, int, int]:
+    """(T, B, N) of a sequence argument; a 2-D one is a single step."""
+    return tuple(t.shape) if t.dim() == 3 else (1, *t.shape)
 
 
 class TritonGRU(TritonRNN):
     """The GRU's recurrence kernels on Triton (plus the shared launches of TritonRNN)."""
 
     @classmethod
-    def forward(cls, schedule, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
-                reverse: bool) -> TritonPlan:
-        """The plan of one direction's forward (kernels/triton/gru.py gru_layer_fwd): x / w_ih
-        (the cell: (T, B, I)), xp (a layer: (T, B, 3H) fp32), biases, h0 (B, H), hn, bs may
-        be None. Steps: plan.run(0, plan.n_steps)."""
+    def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
+                     reverse: bool):
+        """The launch of one direction's forward (kernels/triton/gru.py gru_layer_fwd),
+        rec(x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs): x / w_ih (the cell:
+        (T, B, I)), xp (a layer: (T, B, 3H) fp32), biases, h0 (B, H), hn, bs may be None.
+        Sequences may be 2-D (one step)."""
         from .kernels.triton import gru as k
-        T, B, H = out.shape
-        I = x.shape[2] if x is not None else 0
+        T, B, H = _seq_shape(out)
+        I = x.shape[-1] if x is not None else 0
         dt = out.dtype
-        d = out
         flags = dict(REVERSE=reverse, HAS_X=x is not None, HAS_XP=xp is not None,
                      HAS_BIH=b_ih is not None, HAS_BHH=b_hh is not None, HAS_H0=h0 is not None,
                      WRITE_HN=hn is not None, HAS_BS=bs is not None,
                      PRECISION=cls.precision(dt, dt, dt))
-        K = max(I, H)
-        key, candidates = tile_configs("gru_layer_fwd", B, H, K, dt, tuple(sorted(flags.items())),
-                                       out.device, False)
-        head = (x if x is not None else d, w_ih if w_ih is not None else d,
-                xp if xp is not None else d, b_ih if b_ih is not None else d,
-                b_hh if b_hh is not None else d, h0 if h0 is not None else d, w_hh, out, ws,
-                hn if hn is not None else d, bs if bs is not None else ws)
-        tail = (*_strides(x, 3), *_strides(w_ih, 2), *_strides(xp, 3), *_strides(h0, 2),
-                *w_hh.stride(), *out.stride(), *ws.stride(), *_strides(hn, 2))
-        plan = TritonPlan(
-            k.gru_layer_fwd, TUNERS["gru_layer_fwd"], key, candidates, head, (T, B, I, H),
-            tail, flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]),
-            schedule, T)
-        return plan
+        tensors = (x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs)
+        scalars = (T, B, I, H, *seq_strides(x), *_strides(w_ih, 2), *_strides(b_ih, 1),
+                   *_strides(b_hh, 1), *seq_strides(xp), *_strides(h0, 2), *w_hh.stride(),
+                   *seq_strides(out), *seq_strides(ws), *_strides(hn, 2))
+        return cls.recurrence(k.gru_layer_fwd, TUNERS["gru_layer_fwd"], "gru_layer_fwd", mode,
+                              tensors, FWD_RANKS, scalars, flags, B, H, max(I, H), dt, T,
+                              out.device, False, inout=aliased((ws,), (xp,)))
 
     @classmethod
-    def backward(cls, schedule, ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dh0,
-                 reverse: bool, model: torch.dtype) -> TritonPlan:
-        """The plan of one direction's backward through time (gru_layer_bwd): out (T, B, H)
-        the forward's output (each step's starting state); dgi, dgh (T, B, 3H) written; dh0
-        by the pseudo-step when given; h0, d_out, d_hn, bs may be None."""
+    def backward_plan(cls, mode, ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
+                      reverse: bool, model: torch.dtype):
+        """The launch of one direction's backward through time (gru_layer_bwd),
+        rec(ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0): out (T, B, H) the
+        forward's output (each step's starting state); dgi, dgh (T, B, 3H) written; dh0 by
+        the pseudo-step when given; h0, d_out, d_hn, bs may be None; dhd (2, B, H) fp32
+        scratch."""
         from .kernels.triton import gru as k
-        T, B, H = out.shape
-        dev = out.device
-        dhd = new_output((2, B, H), F32, dev)
+        T, B, H = _seq_shape(out)
         flags = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DOUT=d_out is not None,
                      HAS_DHN=d_hn is not None, HAS_BS=bs is not None,
                      PRECISION=cls.precision(F32, w_hh.dtype, model))
-        key, candidates = tile_configs("gru_layer_bwd", B, H, 3 * H, model,
-                                       tuple(sorted(flags.items())), dev, True)
-        d = out
-        head = (ws, out, h0 if h0 is not None else d, w_hh, d_out if d_out is not None else d,
-                d_hn if d_hn is not None else d, bs if bs is not None else ws, dgi, dgh, dhd,
-                dh0 if dh0 is not None else d)
-        tail = (*ws.stride(), *out.stride(), *_strides(h0, 2), *w_hh.stride(),
-                *_strides(d_out, 3), *_strides(d_hn, 2), *dgi.stride(), *dgh.stride(),
-                *dhd.stride(), *_strides(dh0, 2))
-        return TritonPlan(
-            k.gru_layer_bwd, TUNERS["gru_layer_bwd"], key, candidates, head, (T, B, H), tail,
-            flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
-            T + 1 if dh0 is not None else T)
+        tensors = (ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0)
+        scalars = (T, B, H, *seq_strides(ws), *seq_strides(out), *_strides(h0, 2),
+                   *w_hh.stride(), *seq_strides(d_out), *_strides(d_hn, 2), *seq_strides(dgi),
+                   *seq_strides(dgh), *dhd.stride(), *_strides(dh0, 2))
+        return cls.recurrence(k.gru_layer_bwd, TUNERS["gru_layer_bwd"], "gru_layer_bwd", mode,
+                              tensors, BWD_RANKS, scalars, flags, B, H, 3 * H, model,
+                              T + 1 if dh0 is not None else T, out.device, True)
 
 
 class TritonGRUCell(TritonGRU):
@@ -115,42 +110,30 @@ class TritonGRUCell(TritonGRU):
 class NumbaGRU(NumbaRNN):
     """Same methods as TritonGRU, on the Numba kernels (kernels/numba/gru.py)."""
 
-    @staticmethod
-    def forward(schedule, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
-                reverse: bool) -> NumbaPlan:
+    @classmethod
+    def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
+                     reverse: bool):
         from .kernels.numba import gru as k
-        T, B, H = out.shape
-        tb, tu, tk = numba_tile()
-        seq, row, vec = out, out[0], ws[0, 0]
-        args = (_a(x, seq), _a(w_ih, row), _a(xp, seq), _a(b_ih, vec), _a(b_hh, vec),
-                _a(h0, row), numba_array(w_hh), numba_array(out), numba_array(ws), _a(hn, row),
-                _a(bs, vec), reverse, x is not None, xp is not None, b_ih is not None,
-                b_hh is not None, h0 is not None, hn is not None, bs is not None,
-                _code(w_hh), _code(xp), _code(b_ih if b_ih is not None else b_hh), _code(h0),
-                _code(out), _code(hn))
-        plan = NumbaPlan(k.gru_layer_fwd_kernel(tb, tu, tk), args, cdiv(B, tb) * cdiv(H, tu),
-                         schedule, out.device)
-        plan.n_steps = T
-        return plan
+        T, B, H = _seq_shape(out)
+        tensors = (x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs)
+        scalars = (reverse, x is not None, xp is not None, b_ih is not None, b_hh is not None,
+                   h0 is not None, hn is not None, bs is not None, _code(w_hh), _code(xp),
+                   _code(b_ih if b_ih is not None else b_hh), _code(h0), _code(out), _code(hn))
+        return cls.recurrence(k.gru_layer_fwd_kernel(*numba_tile()), None, None, mode, tensors,
+                              FWD_RANKS, scalars, None, B, H, 0, None, T, out.device, False)
 
-    @staticmethod
-    def backward(schedule, ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dh0,
-                 reverse: bool, model) -> NumbaPlan:
+    @classmethod
+    def backward_plan(cls, mode, ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
+                      reverse: bool, model):
         from .kernels.numba import gru as k
-        T, B, H = out.shape
-        dev = out.device
-        tb, tu, tk = numba_tile()
-        dhd = new_output((2, B, H), F32, dev)
-        seq, row, vec = out, out[0], ws[0, 0]
-        args = (numba_array(ws), numba_array(out), _a(h0, row), numba_array(w_hh),
-                _a(d_out, seq), _a(d_hn, row), _a(bs, vec), numba_array(dgi), numba_array(dgh),
-                numba_array(dhd), _a(dh0, row), reverse, h0 is not None, d_out is not None,
-                d_hn is not None, bs is not None, dh0 is not None, _code(out), _code(h0),
-                _code(w_hh), _code(d_out), _code(d_hn), _code(dh0))
-        plan = NumbaPlan(k.gru_layer_bwd_kernel(tb, tu, tk), args, cdiv(B, tb) * cdiv(H, tu),
-                         schedule, dev)
-        plan.n_steps = T + 1 if dh0 is not None else T
-        return plan
+        T, B, H = _seq_shape(out)
+        tensors = (ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0)
+        scalars = (reverse, h0 is not None, d_out is not None, d_hn is not None,
+                   bs is not None, dh0 is not None, _code(out), _code(h0), _code(w_hh),
+                   _code(d_out), _code(d_hn), _code(dh0))
+        return cls.recurrence(k.gru_layer_bwd_kernel(*numba_tile()), None, None, mode, tensors,
+                              BWD_RANKS, scalars, None, B, H, 0, None,
+                              T + 1 if dh0 is not None else T, out.device, True)
 
 
 LAUNCHERS = {"triton": TritonGRU, "numba": NumbaGRU}
@@ -170,55 +153,114 @@ class GRURecurrence:
     saved_gates = 4
     has_cell_state = False
 
-    @staticmethod
-    def forward(launch, schedule, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, reverse):
-        T, B, H = out.shape
-        ws = new_output((T, B, 4 * H), F32, out.device)
-        if B:
-            plan = launch.forward(schedule, None, None, xp, None, b_hh, h0, w_hh, out, ws, h_n,
-                                  bs, reverse)
-            plan.run(0, plan.n_steps)
-        return ws, None, None
+    class Forward(Plans):
+        """One direction's recurrence in a layer's forward plan: the recurrence launched
+        (its launch built on the first call)."""
 
-    @staticmethod
-    def recompute(launch, xp, b_hh, h0, c0, w_hh, out, cs, reverse):
-        """forward()'s workspace again: every step starts from a saved state (h0, or the
-        output of the step before), so all run at once, one launch over T*B rows (and one
-        for the first step). The new states it writes are scratch. Returns (ws, None)."""
-        T, B, H = out.shape
-        dev = out.device
-        ws = new_output((T, B, 4 * H), F32, dev)
-        h_tmp = new_output((T, B, H), out.dtype, dev)
-        steps = Schedule("steps", dev, 0)
-        t0, rest, prev = steps_after_first(T, reverse)
+        def workspace(self, dev):
+            """(ws, xp): the fp32 workspace r, z, n, gh_n (T, B, 4H) and, in its first 3H
+            columns, the input projection gi; each tile of the recurrence reads its elements
+            of gi before it writes r, z, n there (kernels/triton/gru.py)."""
+            T, B, H = self.dims
+            ws = new_output((T, B, 4 * H), F32, dev)
+            return ws, ws.narrow(2, 0, 3 * H)
 
-        def one_step(xp_, h_, h1, w):
-            launch.forward(steps, None, None, xp_[None], None, b_hh, h_, w_hh, h1[None],
-                           w[None], None, None, False).run(0, 1)
-        if B == 0:
+        def __call__(self, ws, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
+            if self.dims[1]:
+                self.forward("fwd", None, None, xp, None, b_hh, h0, w_hh, out, ws, h_n, bs)
+            return ws, None, None
+
+    class Recompute(Forward):
+        """Forward's workspace again: every step starts from a saved state (h0, or the output
+        of the step before), so all run at once, one launch over T*B rows (and one for the
+        first step). The new states it writes are scratch. Returns (ws, None)."""
+
+        def __call__(self, ws, xp, b_hh, h0, c0, w_hh, out, cs):
+            T, B, H = self.dims
+            h_tmp = new_output((T, B, H), out.dtype, out.device)
+            if B == 0:
+                return ws, None
+            t0, rest, prev = steps_after_first(T, self.reverse)
+            self.forward("first", None, None, xp[t0], None, b_hh, h0, w_hh, h_tmp[t0], ws[t0],
+                         None, None, mode="steps", reverse=False)
+            if T > 1:
+                r = seq_rows
+                self.forward("rest", None, None, r(xp[rest]), None, b_hh, r(out[prev]), w_hh,
+                             r(h_tmp[rest]), r(ws[rest]), None, None, mode="steps",
+                             reverse=False)
             return ws, None
-        one_step(xp[t0], h0, h_tmp[t0], ws[t0])
-        if T > 1:
-            r = seq_rows
-            one_step(r(xp[rest]), r(out[prev]), r(h_tmp[rest]), r(ws[rest]))
-        return ws, None
 
-    @staticmethod
-    def backward(launch, schedule, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0,
-                 dc0, bs, reverse):
+    class Backward(Plans):
         """BPTT of one direction; returns (dgi, dgh), the fp32 gradients (T, B, 3H) of
         gi = x W_ih^T + b_ih and of gh = h W_hh^T + b_hh; writes dh0 where given."""
-        T, B, H = out.shape
-        dgi = new_output((T, B, 3 * H), F32, out.device)
-        dgh = new_output((T, B, 3 * H), F32, out.device)
-        if B:
-            plan = launch.backward(schedule, acts, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dh0,
-                                   reverse, out.dtype)
-            plan.run(0, plan.n_steps)
-        return dgi, dgh
+
+        def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs):
+            T, B, H = self.dims
+            dev = out.device
+            dgi = new_output((T, B, 3 * H), F32, dev)
+            dgh = new_output((T, B, 3 * H), F32, dev)
+            if B:
+                dhd = new_output((2, B, H), F32, dev)
+                self.backward("bwd", acts, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
+                              model=out.dtype)
+            return dgi, dgh
 
 
 # --- the cell ---------------------------------------------------------------------------------
+# A cell step is the layer's recurrence kernel over one step (its 2-D tensors are one-step
+# sequences), both products inside (HAS_X). The kernel ops look their plans up per signature.
+
+class _CellForward(Plans):
+    def __call__(self, x, h, w_ih, w_hh, b_ih, b_hh, h1, ws):
+        self.forward("fwd", x, w_ih, None, b_ih, b_hh, h, w_hh, h1, ws, None, None)
+
+
+class _CellBackward(Plans):
+    """The `need`ed gradients of (x, h, w_ih, w_hh, b_ih, b_hh): the backward kernel over one step gives the pre-activation gradients dgi, dgh (B, 3H) and
+    the direct path dh1 * z, its pseudo-step dh = dgh W_hh + dh1 z; then GEMMs and column
+    sums."""
+
+    def __init__(self, launch, need):
+        super().__init__(launch)
+        self.need = need
+
+    def __call__(self, x, h, w_ih, w_hh, ws, dh1):
+        need = self.need
+        B, H = dh1.shape
+        dev, model = x.device, x.dtype
+        dgi = new_output((B, 3 * H), F32, dev)
+        dgh = new_output((B, 3 * H), F32, dev)
+        dh = new_output(h.shape, h.dtype, dev) if need[1] else None
+        if B and H:
+            # h1 = ... + z h: the step's output sequence is not needed, h is the state it
+            # started from (the kernel reads it as h0 at the first and only step)
+            dhd = new_output((2, B, H), F32, dev)
+            self.backward("bwd", ws, dh1, h, w_hh, dh1, None, None, dgi, dgh, dhd, dh,
+                          model=model)
+        dx = dw_ih = dw_hh = db_ih = db_hh = None
+        if need[0]:
+            dx = new_output(x.shape, x.dtype, dev)
+            self.gemm("dx", dgi, w_ih, dx, model=model)
+        if need[2]:
+            dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
+            self.gemm("dw_ih", dgi, x, dw_ih, trans_a=True, model=model)
+        if need[3]:
+            if h is None:   # zero state: no gradient reaches W_hh
+                dw_hh = torch.zeros_like(w_hh)
+            else:
+                dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
+                self.gemm("dw_hh", dgh, h, dw_hh, trans_a=True, model=model)
+        if need[4]:
+            db_ih = new_output((3 * H,), w_ih.dtype, dev)
+            self.bias_grad("db_ih", dgi, db_ih)
+        if need[5]:
+            db_hh = new_output((3 * H,), w_ih.dtype, dev)
+            self.bias_grad("db_hh", dgh, db_hh)
+        return [t for t, n in zip((dx, dh, dw_ih, dw_hh, db_ih, db_hh), need) if n]
+
+
+_CELL_PLANS = Cache("gru_cell launches")
+
 
 def _gru_cell_fwd_fake(x, h, w_ih, w_hh, b_ih, b_hh, backend):
     B, H = x.shape[0], w_hh.shape[1]
@@ -231,53 +273,27 @@ def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                   backend: str) -> tuple[Tensor, Tensor]:
     """(h1, the fp32 workspace r, z, n, gh_n the backward reads)."""
     B, H = x.shape[0], w_hh.shape[1]
-    h1 = new_output((B, H), x.dtype, x.device)
-    ws = new_output((B, 4 * H), F32, x.device)
+    dt, dev = x.dtype, x.device
+    h1 = new_output((B, H), dt, dev)
+    ws = new_output((B, 4 * H), F32, dev)
     if B and H:
-        CELL_LAUNCHERS[backend].forward(
-            Schedule("steps", x.device, 0), x[None], w_ih, None, b_ih, b_hh, h, w_hh, h1[None],
-            ws[None], None, None, False).run(0, 1)
+        key = ("fwd", backend, tf32_key(dt, False), x.shape, x.stride(), dt, dev, sig(h),
+               w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(), sig(b_ih), sig(b_hh))
+        _CELL_PLANS.get(key, _CellForward, CELL_LAUNCHERS[backend])(
+            x, h, w_ih, w_hh, b_ih, b_hh, h1, ws)
     return h1, ws
 
 
-@kernel_op("gru_cell_bwd", lambda x, h, w_ih, w_hh, ws, dh1, need, backend: [
-    g for i, g in enumerate(cell_grads_fake(x, h, None, w_ih, w_hh, [*need[:2], False, *need[2:]], 3))
-    if i != 2])
+@kernel_op("gru_cell_bwd", lambda x, h, w_ih, w_hh, ws, dh1, need, backend: cell_grads_fake(
+    x, h, None, w_ih, w_hh, [*need[:2], False, *need[2:]], 3))
 def _gru_cell_bwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, ws: Tensor,
                   dh1: Tensor, need: list[bool], backend: str) -> list[Tensor]:
-    """Gradients of (x, h, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed."""
-    launch = CELL_LAUNCHERS[backend]
-    B, H = dh1.shape
-    dev, model = x.device, x.dtype
-    dgi = new_output((B, 3 * H), F32, dev)
-    dgh = new_output((B, 3 * H), F32, dev)
-    dh = new_output(h.shape, h.dtype, dev) if need[1] else None
-    if B and H:
-        # h1 = ... + z h: the step's output sequence is not needed, h is the state it started
-        # from (the kernel reads it as h0 at the first and only step)
-        launch.backward(Schedule("steps", dev, 0), ws[None], dh1[None], h, w_hh, dh1[None],
-                        None, None, dgi[None], dgh[None], dh, False, model).run(
-                            0, 2 if dh is not None else 1)
-    dx = dw_ih = dw_hh = db_ih = db_hh = None
-    if need[0]:
-        dx = new_output(x.shape, x.dtype, dev)
-        mm(launch, dgi, w_ih, dx, model=model)
-    if need[2]:
-        dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
-        mm(launch, dgi.t(), x, dw_ih, model=model)
-    if need[3]:
-        if h is None:   # zero state: no gradient reaches W_hh
-            dw_hh = torch.zeros_like(w_hh)
-        else:
-            dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
-            mm(launch, dgh.t(), h, dw_hh, model=model)
-    if need[4]:
-        db_ih = new_output((3 * H,), w_ih.dtype, dev)
-        launch.bias_grad(dgi[None], db_ih, None)
-    if need[5]:
-        db_hh = new_output((3 * H,), w_ih.dtype, dev)
-        launch.bias_grad(dgh[None], db_hh, None)
-    return [or_empty(t, x) for t in (dx, dh, dw_ih, dw_hh, db_ih, db_hh)]
+    """The `need`ed gradients of (x, h, w_ih, w_hh, b_ih, b_hh)."""
+    key = ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
+           x.dtype, x.device, sig(h), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(),
+           dh1.stride())
+    return _CELL_PLANS.get(key, _CellBackward, CELL_LAUNCHERS[backend], tuple(need))(
+        x, h, w_ih, w_hh, ws, dh1)
 
 
 class GRUCellFunction(torch.autograd.Function):
@@ -301,14 +317,16 @@ class GRUCellFunction(torch.autograd.Function):
     def _backward(ctx, dh1):
         x, h, w_ih, w_hh, ws = ctx.saved_tensors
         grads = _gru_cell_bwd(x, h, w_ih, w_hh, ws, dh1, ctx.need, ctx.backend)
-        return (*[g if n else None for g, n in zip(grads, ctx.need)], None)
+        return (*needed(grads, ctx.need), None)
 
 
 # --- implementations by backend -------------------------------------------------------------
 
 def _kernel_gru_cell(backend: str):
     def impl(x, h, w_ih, w_hh, b_ih, b_hh):
-        return GRUCellFunction.apply(x, h, w_ih, w_hh, b_ih, b_hh, backend)
+        if needs_graph(x, h, w_ih, w_hh, b_ih, b_hh):
+            return GRUCellFunction.apply(x, h, w_ih, w_hh, b_ih, b_hh, backend)
+        return _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, backend)[0]
     return impl
 
 
@@ -348,17 +366,11 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     """
     if hx is not None and not isinstance(hx, torch.Tensor):
         raise TypeError(f"hx must be a tensor or None, got {type(hx).__name__}")
-    input, hx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("gru_cell", input, hx, w_ih, w_hh, b_ih, b_hh)
-    name, impl = dispatch("gru_cell", backend, input, w_ih, w_hh,
-                          *[t for t in (hx, b_ih, b_hh) if isinstance(t, torch.Tensor)])
-    check_tensor(input, "input", name, ndims=(1, 2))
-    H = check_cell_weights(w_ih, w_hh, b_ih, b_hh, input, name, gates=3)
-    unbatched = input.dim() == 1
-    x = input.unsqueeze(0) if unbatched else input
-    check_cell_state(hx, "hx", input, (H,) if unbatched else (x.shape[0], H), name)
-    h = hx.unsqueeze(0) if unbatched and hx is not None else hx
-    h1 = impl(x, h, w_ih, w_hh, b_ih, b_hh)
-    return h1.squeeze(0) if unbatched else h1
+    input, hx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("gru_cell", input, hx, w_ih, w_hh, b_ih,
+                                                        b_hh)
+    states = (hx,)
+    return cell_call("gru_cell", 3, input, states, w_ih, w_hh, b_ih, b_hh, backend)(
+        input, states, w_ih, w_hh, b_ih, b_hh)
 
 
 def gru(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_first: bool = False,

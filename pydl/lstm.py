@@ -35,23 +35,31 @@ import torch
 from torch import Tensor
 
 from ._autograd import without_double_backward
-from ._checks import check_tensor
-from ._launch import cdiv, new_output, numba_array
+from ._launch import new_output
 from ._library import autocast_inputs, kernel_op
+from ._plan import Cache, needs_graph
 from . import _rnn_launch
-from ._rnn_checks import check_cell_state, check_cell_weights, run_layer
+from ._rnn_checks import cell_call, run_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
-from ._rnn_launch import (NumbaPlan, NumbaRNN, Schedule, TritonPlan, TritonRNN, numba_tile,
-                          tile_configs)
-from ._rnn_launch import numba_arg as _a
+from ._rnn_launch import NumbaRNN, TritonRNN, numba_tile, seq_strides, tf32_key
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
-from ._tune import Tuner
-from .backends import dispatch, register
-from .rnn import (RNNConfig, cell_grads_fake, cell_need, layer_impl, mm, or_empty, seq_rows,
-                  steps_after_first)
+from ._tune import Tuner, aliased
+from .backends import register
+from .rnn import (Plans, RNNConfig, cell_grads_fake, cell_need, layer_impl, needed, seq_rows,
+                  sig, steps_after_first)
 
 F32 = torch.float32
+
+# The ranks of the recurrence kernels' tensor arguments, in order (a Numba kernel is compiled
+# for them: an absent tensor's placeholder has its rank).
+FWD_RANKS = (3, 2, 3, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 2, 2, 1)
+BWD_RANKS = (3, 3, 2, 2, 3, 2, 2, 1, 3, 3, 3, 2, 2)
+
+
+def _seq_shape(t) -> tuple[int, int, int]:
+    """(T, B, N) of a sequence argument; a 2-D one is a single step."""
+    return tuple(t.shape) if t.dim() == 3 else (1, *t.shape)
 
 
 # --- Triton launch -----------------------------------------------------------------------------
@@ -63,71 +71,56 @@ class TritonLSTM(TritonRNN):
     """The LSTM's recurrence kernels on Triton (plus the shared launches of TritonRNN)."""
 
     @classmethod
-    def forward(cls, schedule, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
-                hn, cn, bs, reverse: bool) -> TritonPlan:
-        """The plan of one direction's forward (kernels/triton/lstm.py lstm_layer_fwd): x /
+    def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
+                     hn, cn, bs, reverse: bool):
+        """The launch of one direction's forward (kernels/triton/lstm.py lstm_layer_fwd),
+        rec(x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts, hn, cn, bs): x /
         w_ih (the cell: (T, B, I)), xp (a layer: (T, B, 4H) fp32), biases, h0 (B, P), c0,
-        bs, hn, cn may be None; with projections w_hr (P, H) and m (T, B, H). Steps:
-        plan.run(0, plan.n_steps)."""
+        bs, hn, cn may be None; with projections w_hr (P, H) and m (T, B, H). Sequences may
+        be 2-D (one step)."""
         from .kernels.triton import lstm as k
-        T, B, H = cs.shape
+        T, B, H = _seq_shape(cs)
         P = w_hh.shape[1]
-        I = x.shape[2] if x is not None else 0
+        I = x.shape[-1] if x is not None else 0
         dt = out.dtype
-        d = out
         flags = dict(REVERSE=reverse, HAS_X=x is not None, HAS_XP=xp is not None,
                      HAS_BIH=b_ih is not None, HAS_BHH=b_hh is not None, HAS_H0=h0 is not None,
                      HAS_C0=c0 is not None, WRITE_HN=hn is not None, WRITE_CN=cn is not None,
                      HAS_BS=bs is not None, PROJ=w_hr is not None,
                      PRECISION=cls.precision(dt, dt, dt))
-        K = max(I, P, H if w_hr is not None else 0)
-        key, candidates = tile_configs("lstm_layer_fwd", B, H, K, dt, tuple(sorted(flags.items())),
-                                       out.device, False)
-        head = (x if x is not None else d, w_ih if w_ih is not None else d,
-                xp if xp is not None else d, b_ih if b_ih is not None else d,
-                b_hh if b_hh is not None else d, h0 if h0 is not None else d,
-                c0 if c0 is not None else d, w_hh, w_hr if w_hr is not None else d, out,
-                m if m is not None else d, cs, acts, hn if hn is not None else d,
-                cn if cn is not None else d, bs if bs is not None else cs)
-        tail = (*_strides(x, 3), *_strides(w_ih, 2), *_strides(xp, 3), *_strides(h0, 2),
-                *_strides(c0, 2), *w_hh.stride(), *_strides(w_hr, 2), *out.stride(),
-                *_strides(m, 3), *cs.stride(), *acts.stride(), *_strides(hn, 2), *_strides(cn, 2))
-        plan = TritonPlan(
-            k.lstm_layer_fwd, TUNERS["lstm_layer_fwd"], key, candidates, head,
-            (T, B, I, H, P), tail, flags,
-            lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
-            2 * T if w_hr is not None else T)
-        return plan
+        tensors = (x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts, hn, cn, bs)
+        scalars = (T, B, I, H, P, *seq_strides(x), *_strides(w_ih, 2), *_strides(b_ih, 1),
+                   *_strides(b_hh, 1), *seq_strides(xp), *_strides(h0, 2), *_strides(c0, 2),
+                   *w_hh.stride(), *_strides(w_hr, 2), *seq_strides(out), *seq_strides(m),
+                   *seq_strides(cs), *seq_strides(acts), *_strides(hn, 2), *_strides(cn, 2))
+        return cls.recurrence(k.lstm_layer_fwd, TUNERS["lstm_layer_fwd"], "lstm_layer_fwd", mode,
+                              tensors, FWD_RANKS, scalars, flags, B, H,
+                              max(I, P, H if w_hr is not None else 0), dt,
+                              2 * T if w_hr is not None else T, out.device, False,
+                              inout=aliased((acts,), (xp,)))
 
     @classmethod
-    def backward(cls, schedule, acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dh0, dc0,
-                 reverse: bool, model: torch.dtype) -> TritonPlan:
-        """The plan of one direction's backward through time (lstm_layer_bwd): dg (T, B, 4H)
-        written; dh0 (B, H) written by the pseudo-step when given (W_rec = W_hh then), dc0
-        when given; c0, d_out, d_hn, d_cn, bs may be None."""
+    def backward_plan(cls, mode, acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
+                      dh0, dc0, reverse: bool, model: torch.dtype):
+        """The launch of one direction's backward through time (lstm_layer_bwd),
+        rec(acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0): dg
+        (T, B, 4H) written; dh0 (B, H) written by the pseudo-step when given (W_rec = W_hh
+        then), dc0 when given; c0, d_out, d_hn, d_cn, bs (and pas, the pass-through buffer of
+        a packed batch) may be None; dc_run (2, B, H) fp32 scratch."""
         from .kernels.triton import lstm as k
-        T, B, H = cs.shape
-        dev = cs.device
-        dc_run = new_output((2, B, H), F32, dev)
-        pas = new_output((2, B, H), F32, dev) if bs is not None else None
+        T, B, H = _seq_shape(cs)
         flags = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_DOUT=d_out is not None,
                      HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None, HAS_BS=bs is not None,
                      WRITE_DC0=dc0 is not None, PRECISION=cls.precision(F32, w_rec.dtype, model))
         K = w_rec.shape[0]
-        key, candidates = tile_configs("lstm_layer_bwd", B, H, K, model,
-                                       tuple(sorted(flags.items())), dev, True)
-        d = cs
-        head = (acts, cs, c0 if c0 is not None else d, w_rec, d_out if d_out is not None else d,
-                d_hn if d_hn is not None else d, d_cn if d_cn is not None else d,
-                bs if bs is not None else d, dg, dc_run, pas if pas is not None else dc_run,
-                dh0 if dh0 is not None else d, dc0 if dc0 is not None else d)
-        tail = (*acts.stride(), *cs.stride(), *_strides(c0, 2), *w_rec.stride(),
-                *_strides(d_out, 3), *_strides(d_hn, 2), *_strides(d_cn, 2), *dg.stride(),
-                *dc_run.stride(), *_strides(pas, 3), *_strides(dh0, 2), *_strides(dc0, 2))
-        return TritonPlan(
-            k.lstm_layer_bwd, TUNERS["lstm_layer_bwd"], key, candidates, head, (T, B, H, K), tail,
-            flags, lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), schedule,
-            T + 1 if dh0 is not None else T)
+        tensors = (acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0)
+        scalars = (T, B, H, K, *seq_strides(acts), *seq_strides(cs), *_strides(c0, 2),
+                   *w_rec.stride(), *seq_strides(d_out), *_strides(d_hn, 2), *_strides(d_cn, 2),
+                   *seq_strides(dg), *dc_run.stride(), *seq_strides(pas), *_strides(dh0, 2),
+                   *_strides(dc0, 2))
+        return cls.recurrence(k.lstm_layer_bwd, TUNERS["lstm_layer_bwd"], "lstm_layer_bwd", mode,
+                              tensors, BWD_RANKS, scalars, flags, B, H, K, model,
+                              T + 1 if dh0 is not None else T, cs.device, True)
 
 
 class TritonLSTMCell(TritonLSTM):
@@ -139,46 +132,34 @@ class TritonLSTMCell(TritonLSTM):
 class NumbaLSTM(NumbaRNN):
     """Same methods as TritonLSTM, on the Numba kernels (kernels/numba/lstm.py)."""
 
-    @staticmethod
-    def forward(schedule, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts, hn, cn,
-                bs, reverse: bool) -> NumbaPlan:
+    @classmethod
+    def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
+                     hn, cn, bs, reverse: bool):
         from .kernels.numba import lstm as k
-        T, B, H = cs.shape
-        tb, tu, tk = numba_tile()
-        seq, row, vec = out, out[0], acts[0, 0]
-        args = (_a(x, seq), _a(w_ih, row), _a(xp, seq), _a(b_ih, vec), _a(b_hh, vec),
-                _a(h0, row), _a(c0, row), numba_array(w_hh), _a(w_hr, row), numba_array(out),
-                _a(m, seq), numba_array(cs), numba_array(acts), _a(hn, row), _a(cn, row),
-                _a(bs, vec), reverse, x is not None, xp is not None, b_ih is not None,
-                b_hh is not None, h0 is not None, c0 is not None, hn is not None, cn is not None,
-                bs is not None, w_hr is not None,
-                _code(w_hh), _code(xp), _code(b_ih if b_ih is not None else b_hh), _code(h0),
-                _code(c0), _code(out), _code(hn), _code(cn))
-        plan = NumbaPlan(k.lstm_layer_fwd_kernel(tb, tu, tk), args, cdiv(B, tb) * cdiv(H, tu),
-                         schedule, out.device)
-        plan.n_steps = 2 * T if w_hr is not None else T
-        return plan
+        T, B, H = _seq_shape(cs)
+        tensors = (x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts, hn, cn, bs)
+        scalars = (reverse, x is not None, xp is not None, b_ih is not None, b_hh is not None,
+                   h0 is not None, c0 is not None, hn is not None, cn is not None,
+                   bs is not None, w_hr is not None, _code(w_hh), _code(xp),
+                   _code(b_ih if b_ih is not None else b_hh), _code(h0), _code(c0), _code(out),
+                   _code(hn), _code(cn))
+        return cls.recurrence(k.lstm_layer_fwd_kernel(*numba_tile()), None, None, mode, tensors,
+                              FWD_RANKS, scalars, None, B, H, 0, None,
+                              2 * T if w_hr is not None else T, out.device, False)
 
-    @staticmethod
-    def backward(schedule, acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dh0, dc0,
-                 reverse: bool, model) -> NumbaPlan:
+    @classmethod
+    def backward_plan(cls, mode, acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
+                      dh0, dc0, reverse: bool, model):
         from .kernels.numba import lstm as k
-        T, B, H = cs.shape
-        dev = cs.device
-        tb, tu, tk = numba_tile()
-        dc_run = new_output((2, B, H), F32, dev)
-        pas = new_output((2, B, H), F32, dev) if bs is not None else dc_run
-        seq, row, vec = cs, cs[0], dg[0, 0]
-        args = (numba_array(acts), numba_array(cs), _a(c0, row), numba_array(w_rec),
-                _a(d_out, seq), _a(d_hn, row), _a(d_cn, row), _a(bs, vec), numba_array(dg),
-                numba_array(dc_run), numba_array(pas), _a(dh0, row), _a(dc0, row), reverse,
-                c0 is not None, d_out is not None, d_hn is not None, d_cn is not None,
-                bs is not None, dh0 is not None, dc0 is not None, _code(c0), _code(w_rec),
-                _code(d_out), _code(d_hn), _code(d_cn), _code(dh0), _code(dc0))
-        plan = NumbaPlan(k.lstm_layer_bwd_kernel(tb, tu, tk), args, cdiv(B, tb) * cdiv(H, tu),
-                         schedule, dev)
-        plan.n_steps = T + 1 if dh0 is not None else T
-        return plan
+        T, B, H = _seq_shape(cs)
+        tensors = (acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0)
+        scalars = (reverse, c0 is not None, d_out is not None, d_hn is not None,
+                   d_cn is not None, bs is not None, dh0 is not None, dc0 is not None,
+                   _code(c0), _code(w_rec), _code(d_out), _code(d_hn), _code(d_cn), _code(dh0),
+                   _code(dc0))
+        return cls.recurrence(k.lstm_layer_bwd_kernel(*numba_tile()), None, None, mode, tensors,
+                              BWD_RANKS, scalars, None, B, H, 0, None,
+                              T + 1 if dh0 is not None else T, cs.device, True)
 
 
 LAUNCHERS = {"triton": TritonLSTM, "numba": NumbaLSTM}
@@ -197,81 +178,142 @@ class LSTMRecurrence:
     saved_gates = 4
     has_cell_state = True
 
-    @staticmethod
-    def forward(launch, schedule, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, reverse):
-        T, B, P = out.shape
-        H = w_hh.shape[0] // 4
-        acts = new_output((T, B, 4 * H), F32, out.device)
-        cs = new_output((T, B, H), F32, out.device)
-        m = new_output((T, B, H), out.dtype, out.device) if w_hr is not None else None
-        if B:
-            plan = launch.forward(schedule, None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out,
-                                  m, cs, acts, h_n, c_n, bs, reverse)
-            plan.run(0, plan.n_steps)
-        return acts, cs, m
+    class Forward(Plans):
+        """One direction's recurrence in a layer's forward plan: cs (and m) allocated, the
+        recurrence launched (its launch built on the first call)."""
 
-    @staticmethod
-    def recompute(launch, xp, b_hh, h0, c0, w_hh, out, cs, reverse):
-        """The activations forward() computed, again. A step's gates depend only on the state
+        def workspace(self, dev):
+            """(acts, xp): the buffer of the fp32 activations, into which the input
+            projection goes first; each tile of the recurrence reads its elements of xp
+            before it writes the same elements of acts (kernels/triton/lstm.py)."""
+            T, B, H = self.dims
+            acts = new_output((T, B, 4 * H), F32, dev)
+            return acts, acts
+
+        def __call__(self, acts, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
+            T, B, H = self.dims
+            dev = out.device
+            cs = new_output((T, B, H), F32, dev)
+            m = new_output((T, B, H), out.dtype, dev) if w_hr is not None else None
+            if B:
+                self.forward("fwd", None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out, m, cs,
+                             acts, h_n, c_n, bs)
+            return acts, cs, m
+
+    class Recompute(Forward):
+        """The activations Forward computed, again. A step's gates depend only on the state
         it started from (h_{t-1}, c_{t-1}), and those were saved (the output and cs), so every
         step runs at once: the kernel over T*B rows as one step (and the first step alone,
         which starts from h0, c0). Returns (acts, m): the new states it writes are scratch,
         but with projections they are the unprojected m (T, B, H) dW_hr needs."""
-        T, B, H = cs.shape
-        dev = out.device
-        acts = new_output((T, B, 4 * H), F32, dev)
-        h_tmp = new_output((T, B, H), out.dtype, dev)
-        c_tmp = new_output((T, B, H), F32, dev)
-        steps = Schedule("steps", dev, 0)
-        t0, rest, prev = steps_after_first(T, reverse)
 
-        def one_step(xp_, h_, c_, h1, c1, a):
-            launch.forward(steps, None, None, xp_[None], None, b_hh, h_, c_, w_hh, None,
-                           h1[None], None, c1[None], a[None], None, None, None, False).run(0, 1)
-        if B == 0:
+        def __call__(self, acts, xp, b_hh, h0, c0, w_hh, out, cs):
+            T, B, H = self.dims
+            dev = out.device
+            h_tmp = new_output((T, B, H), out.dtype, dev)
+            c_tmp = new_output((T, B, H), F32, dev)
+            if B == 0:
+                return acts, h_tmp
+            t0, rest, prev = steps_after_first(T, self.reverse)
+            self.forward("first", None, None, xp[t0], None, b_hh, h0, c0, w_hh, None,
+                         h_tmp[t0], None, c_tmp[t0], acts[t0], None, None, None, mode="steps",
+                         reverse=False)
+            if T > 1:
+                r = seq_rows
+                self.forward("rest", None, None, r(xp[rest]), None, b_hh, r(out[prev]),
+                             r(cs[prev]), w_hh, None, r(h_tmp[rest]), None, r(c_tmp[rest]),
+                             r(acts[rest]), None, None, None, mode="steps", reverse=False)
             return acts, h_tmp
-        one_step(xp[t0], h0, c0, h_tmp[t0], c_tmp[t0], acts[t0])
-        if T > 1:
-            r = seq_rows
-            one_step(r(xp[rest]), r(out[prev]), r(cs[prev]), r(h_tmp[rest]), r(c_tmp[rest]),
-                     r(acts[rest]))
-        return acts, h_tmp
 
-    @staticmethod
-    def backward(launch, schedule, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0,
-                 dc0, bs, reverse):
+    class Backward(Plans):
         """BPTT of one direction; returns (dg, dg): the fp32 gradients (T, B, 4H) of the
         pre-activations, one tensor for both products. With projections the gradient of m_t
         is dh_t W_hr, so the kernel runs on W_rec = W_hh W_hr (4H, H) with d_out W_hr and
         d_hn W_hr (two GEMMs first), and dh0 = dg_first W_hh is a GEMM after."""
-        T, B, H = cs.shape
-        dev = cs.device
-        model = out.dtype
-        dg = new_output((T, B, 4 * H), F32, dev)
-        w_rec = w_hh
-        if w_hr is not None:
-            w_rec = new_output((4 * H, H), F32, dev)
-            mm(launch, w_hh, w_hr, w_rec, model=model)
-            if d_out is not None:
-                dm_out = new_output((T, B, H), F32, dev)
-                launch.gemm(d_out[None], w_hr[None, None], dm_out[None], model=model)
-                d_out = dm_out
-            if d_hn is not None:
-                dm_hn = new_output((B, H), F32, dev)
-                mm(launch, d_hn, w_hr, dm_hn, model=model)
-                d_hn = dm_hn
-        if B == 0:
+
+        def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs):
+            T, B, H = self.dims
+            dev = cs.device
+            model = out.dtype
+            dg = new_output((T, B, 4 * H), F32, dev)
+            w_rec = w_hh
+            if w_hr is not None:
+                w_rec = new_output((4 * H, H), F32, dev)
+                self.gemm("w_rec", w_hh, w_hr, w_rec, model=model)
+                if d_out is not None:
+                    dm_out = new_output((T, B, H), F32, dev)
+                    self.gemm("dm_out", d_out, w_hr, dm_out, model=model)
+                    d_out = dm_out
+                if d_hn is not None:
+                    dm_hn = new_output((B, H), F32, dev)
+                    self.gemm("dm_hn", d_hn, w_hr, dm_hn, model=model)
+                    d_hn = dm_hn
+            if B == 0:
+                return dg, dg
+            dc_run = new_output((2, B, H), F32, dev)
+            pas = new_output((2, B, H), F32, dev) if bs is not None else None
+            self.backward("bwd", acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
+                          dh0 if w_hr is None else None, dc0, model=model)
+            if dh0 is not None and w_hr is not None:
+                t_first = T - 1 if self.reverse else 0
+                self.gemm("dh0", dg[t_first], w_hh, dh0, model=model)
             return dg, dg
-        plan = launch.backward(schedule, acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg,
-                               dh0 if w_hr is None else None, dc0, reverse, model)
-        plan.run(0, plan.n_steps)
-        if dh0 is not None and w_hr is not None:
-            t_first = T - 1 if reverse else 0
-            mm(launch, dg[t_first], w_hh, dh0, model=model)
-        return dg, dg
 
 
 # --- the cell ---------------------------------------------------------------------------------
+# A cell step is the layer's recurrence kernel over one step (its 2-D tensors are one-step
+# sequences), with the input product inside (HAS_X). The kernel ops look their plans up per
+# signature (shapes, strides, TF32 switch, backend).
+
+class _CellForward(Plans):
+    def __call__(self, x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, c32, gates):
+        self.forward("fwd", x, w_ih, None, b_ih, b_hh, h, c, w_hh, None, h1, None, c32, gates,
+                     None, c1, None)
+
+
+class _CellBackward(Plans):
+    """The `need`ed gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh): the backward kernel over one step gives dg (B, 4H) and dc, its pseudo-step dh = dg W_hh;
+    then GEMMs and a column sum."""
+
+    def __init__(self, launch, need):
+        super().__init__(launch, ())
+        self.need = need
+
+    def __call__(self, x, h, c, w_ih, w_hh, gates, c32, dh1, dc1):
+        need = self.need
+        B, H = c32.shape
+        dev, model = x.device, x.dtype
+        dg = new_output((B, 4 * H), F32, dev)
+        dc = new_output(c.shape, c.dtype, dev) if need[2] else None
+        dh = new_output(h.shape, h.dtype, dev) if need[1] else None
+        if B and H:
+            dc_run = new_output((2, B, H), F32, dev)
+            self.backward("bwd", gates, c32, c, w_hh, dh1, None, dc1, None, dg, dc_run, None,
+                          dh, dc, model=model)
+        dx = dw_ih = dw_hh = db_ih = db_hh = None
+        if need[0]:
+            dx = new_output(x.shape, x.dtype, dev)
+            self.gemm("dx", dg, w_ih, dx, model=model)
+        if need[3]:
+            dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
+            self.gemm("dw_ih", dg, x, dw_ih, trans_a=True, model=model)
+        if need[4]:
+            if h is None:   # zero state: no gradient reaches W_hh
+                dw_hh = torch.zeros_like(w_hh)
+            else:
+                dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
+                self.gemm("dw_hh", dg, h, dw_hh, trans_a=True, model=model)
+        if need[5] or need[6]:
+            first = new_output((4 * H,), w_ih.dtype, dev)
+            second = new_output((4 * H,), w_ih.dtype, dev) if need[5] and need[6] else None
+            self.bias_grad("db", dg, first, second)
+            db_ih, db_hh = (first, second) if need[5] and need[6] else (
+                (first, None) if need[5] else (None, first))
+        return [t for t, n in zip((dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh), need) if n]
+
+
+_CELL_PLANS = Cache("lstm_cell launches")
+
 
 def _lstm_cell_fwd_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     B, H = x.shape[0], w_hh.shape[1]
@@ -285,53 +327,32 @@ def _lstm_cell_fwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Te
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h1, c1, the fp32 gate activations, the fp32 new cell state)."""
     B, H = x.shape[0], w_hh.shape[1]
-    h1 = new_output((B, H), x.dtype, x.device)
-    c1 = new_output((B, H), x.dtype, x.device)
-    c32 = new_output((B, H), F32, x.device)
-    gates = new_output((B, 4 * H), F32, x.device)
+    dt, dev = x.dtype, x.device
+    h1 = new_output((B, H), dt, dev)
+    c1 = new_output((B, H), dt, dev)
+    c32 = new_output((B, H), F32, dev)
+    gates = new_output((B, 4 * H), F32, dev)
     if B and H:
-        CELL_LAUNCHERS[backend].forward(
-            Schedule("steps", x.device, 0), x[None], w_ih, None, b_ih, b_hh, h, c, w_hh, None,
-            h1[None], None, c32[None], gates[None], None, c1, None, False).run(0, 1)
+        key = ("fwd", backend, tf32_key(dt, False), x.shape, x.stride(), dt, dev, sig(h),
+               sig(c), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(), sig(b_ih),
+               sig(b_hh))
+        _CELL_PLANS.get(key, _CellForward, CELL_LAUNCHERS[backend], ())(
+            x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, c32, gates)
     return h1, c1, gates, c32
 
 
 @kernel_op("lstm_cell_bwd", lambda x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, need, backend:
            cell_grads_fake(x, h, c, w_ih, w_hh, need, 4))
 def _lstm_cell_bwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
-                   w_hh: Tensor, gates: Tensor, c32: Tensor, dh1: Tensor, dc1: Tensor,
-                   need: list[bool], backend: str) -> list[Tensor]:
-    """Gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh), an empty tensor where not `need`ed."""
-    launch = CELL_LAUNCHERS[backend]
-    B, H = c32.shape
-    model = x.dtype
-    dg = new_output((B, 4 * H), F32, x.device)
-    dc = new_output(c.shape, c.dtype, c.device) if need[2] else None
-    dh = new_output(h.shape, h.dtype, h.device) if need[1] else None
-    if B and H:
-        launch.backward(Schedule("steps", x.device, 0), gates[None], c32[None], c, w_hh,
-                        dh1[None], None, dc1, None, dg[None], dh, dc, False,
-                        model).run(0, 2 if dh is not None else 1)
-    dx = dw_ih = dw_hh = db_ih = db_hh = None
-    if need[0]:
-        dx = new_output(x.shape, x.dtype, x.device)
-        mm(launch, dg, w_ih, dx, model=model)
-    if need[3]:
-        dw_ih = new_output(w_ih.shape, w_ih.dtype, w_ih.device)
-        mm(launch, dg.t(), x, dw_ih, model=model)
-    if need[4]:
-        if h is None:   # zero state: no gradient reaches W_hh
-            dw_hh = torch.zeros_like(w_hh)
-        else:
-            dw_hh = new_output(w_hh.shape, w_hh.dtype, w_hh.device)
-            mm(launch, dg.t(), h, dw_hh, model=model)
-    if need[5] or need[6]:
-        first = new_output((4 * H,), w_ih.dtype, w_ih.device)
-        second = new_output((4 * H,), w_ih.dtype, w_ih.device) if need[5] and need[6] else None
-        launch.bias_grad(dg[None], first, second)
-        db_ih, db_hh = (first, second) if need[5] and need[6] else (
-            (first, None) if need[5] else (None, first))
-    return [or_empty(t, x) for t in (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh)]
+                   w_hh: Tensor, gates: Tensor, c32: Tensor, dh1: Optional[Tensor],
+                   dc1: Optional[Tensor], need: list[bool], backend: str) -> list[Tensor]:
+    """The `need`ed gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh); dh1 or dc1 None: no
+    gradient reaches that output."""
+    key = ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
+           x.dtype, x.device, sig(h), sig(c), w_ih.shape, w_ih.stride(), w_hh.shape,
+           w_hh.stride(), sig(dh1), sig(dc1))
+    return _CELL_PLANS.get(key, _CellBackward, CELL_LAUNCHERS[backend], tuple(need))(
+        x, h, c, w_ih, w_hh, gates, c32, dh1, dc1)
 
 
 class LSTMCellFunction(torch.autograd.Function):
@@ -343,6 +364,7 @@ class LSTMCellFunction(torch.autograd.Function):
         ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c32)
         ctx.need = cell_need(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh)
         ctx.backend = backend
+        ctx.set_materialize_grads(False)    # an output without a gradient: no zeros kernel
         return h1, c1
 
     @staticmethod
@@ -355,14 +377,17 @@ class LSTMCellFunction(torch.autograd.Function):
     def _backward(ctx, dh1, dc1):
         x, h, c, w_ih, w_hh, gates, c32 = ctx.saved_tensors
         grads = _lstm_cell_bwd(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, ctx.need, ctx.backend)
-        return (*[g if n else None for g, n in zip(grads, ctx.need)], None)
+        return (*needed(grads, ctx.need), None)
 
 
 # --- implementations by backend -------------------------------------------------------------
 
 def _kernel_lstm_cell(backend: str):
     def impl(x, h, c, w_ih, w_hh, b_ih, b_hh):
-        return LSTMCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
+        if needs_graph(x, h, c, w_ih, w_hh, b_ih, b_hh):
+            return LSTMCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
+        h1, c1, _, _ = _lstm_cell_fwd(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
+        return h1, c1
     return impl
 
 
@@ -418,23 +443,12 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     input (B, I) or unbatched (I,); hx = (h, c), each (B, H) (or (H,)), or None for zeros;
     w_ih (4H, I), w_hh (4H, H), b_ih / b_hh (4H,) or None; gate order i, f, g, o.
     """
-    h, c = _split_state(hx, "hx")
-    input, h, c, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lstm_cell", input, h, c, w_ih, w_hh,
-                                                          b_ih, b_hh)
-    name, impl = dispatch("lstm_cell", backend, input, w_ih, w_hh,
-                          *[t for t in (h, c, b_ih, b_hh) if isinstance(t, torch.Tensor)])
-    check_tensor(input, "input", name, ndims=(1, 2))
-    H = check_cell_weights(w_ih, w_hh, b_ih, b_hh, input, name, gates=4)
-    unbatched = input.dim() == 1
-    x = input.unsqueeze(0) if unbatched else input
-    expected = (H,) if unbatched else (x.shape[0], H)
-    check_cell_state(h, "hx[0] (h)", input, expected, name)
-    check_cell_state(c, "hx[1] (c)", input, expected, name)
-    if unbatched:
-        h = h.unsqueeze(0) if h is not None else None
-        c = c.unsqueeze(0) if c is not None else None
-    h1, c1 = impl(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
+    states = _split_state(hx, "hx")
+    input, h, c, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lstm_cell", input, *states, w_ih,
+                                                          w_hh, b_ih, b_hh)
+    states = (h, c)
+    return cell_call("lstm_cell", 4, input, states, w_ih, w_hh, b_ih, b_hh, backend)(
+        input, states, w_ih, w_hh, b_ih, b_hh)
 
 
 def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_first: bool = False,

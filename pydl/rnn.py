@@ -5,7 +5,7 @@ through time, as one autograd Function over two kernel ops (pydl::rnn_fwd, pydl:
 Per layer and direction the forward runs the input projection of every step as one GEMM,
     xp = X W_ih^T + b_ih        (T, B, G*H) fp32,
 then the cell's recurrence (one launch for the whole sequence by default: pydl/_rnn_launch.py
-`Schedule`). Dropout multiplies each layer's output but the last on its way to the next layer
+`schedule`). Dropout multiplies each layer's output but the last on its way to the next layer
 (the mask drawn by torch's generator, bernoulli_, as torch's own CPU LSTM and GRU do).
 
 The backward walks the layers top down; per direction the cell's backpropagation through
@@ -17,18 +17,23 @@ With recompute=True the forward keeps no gate activations: the backward rebuilds
 layer and direction at a time, just before that direction's BPTT (every step's starting state
 is saved, so all steps are recomputed in two launches) and frees them after.
 
-The cell contract (what a Recurrence provides; `launch` is a backend's launcher class, the
-cell's subclass of pydl/_rnn_launch.py TritonRNN or NumbaRNN; `schedule` a Schedule):
+The launch path (docs/launch-path.md): each kernel op looks its plan up once per call
+signature (`_Forward`, `_Backward`, keyed by shapes, strides, options, backend, schedule and
+TF32 switch); a plan holds one `Plans` per layer-direction whose launches are built on the
+first call and then only launched. A repeated call allocates its outputs and launches.
+
+The cell contract (what a Recurrence provides; each piece a `Plans` subclass made per layer
+and direction as Piece(launch, (T, B, H), mode, reverse), `launch` the backend's launcher
+class, the cell's subclass of pydl/_rnn_launch.py TritonRNN or NumbaRNN):
 
     name, gates (G: weight rows per unit), saved_gates (fp32 values saved per unit and
     step), has_cell_state
-    forward(launch, schedule, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, reverse)
+    Forward()(xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs)
         -> (acts (T, B, saved_gates*H) fp32, cs (T, B, H) fp32 or None, m or None)
         writes out (T, B, P) (a view of the layer's output), h_n (B, P), c_n (B, H)
-    recompute(launch, xp, b_hh, h0, c0, w_hh, out, cs, reverse) -> (acts, m)
-    backward(launch, schedule, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0,
-             dc0, bs, reverse) -> (dg_ih, dg_hh), each (T, B, G*H) fp32; writes dh0, dc0
-             where given
+    Recompute()(xp, b_hh, h0, c0, w_hh, out, cs) -> (acts, m)
+    Backward()(acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs)
+        -> (dg_ih, dg_hh), each (T, B, G*H) fp32; writes dh0, dc0 where given
 Absent tensors are None: h0/c0 (zeros), c0/c_n/cs/dc0 for a cell without a cell state, w_hr
 without projections (an LSTM with proj_size: h_t = m_t W_hr^T; m (T, B, H) is saved), d_out
 / d_hn / d_cn without a gradient, bs (the active rows per step of a packed sequence, (T,)
@@ -45,7 +50,8 @@ from torch import Tensor
 from ._autograd import without_double_backward
 from ._launch import new_output
 from ._library import kernel_op
-from ._rnn_launch import Schedule
+from ._plan import Cache, needs_graph
+from ._rnn_launch import schedule, tf32_key
 
 F32 = torch.float32
 
@@ -70,14 +76,27 @@ class RNNConfig:
     def per_direction(self) -> int:
         return (4 if self.bias else 2) + self.proj
 
+    @property
+    def op_args(self) -> tuple[list[int], float, str]:
+        """The config as the kernel ops' arguments (int flags, dropout, algo), made once (not
+        a functools.cached_property: its lock stops torch.compile's tracing)."""
+        try:
+            return self.__dict__["_op_args"]
+        except KeyError:
+            args = _cfg_args(self)
+            object.__setattr__(self, "_op_args", args)
+            return args
+
 
 def direction_weights(weights, cfg: RNNConfig, layer: int, d: int):
     """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction; biases None without bias,
     w_hr None without projections."""
-    n = cfg.per_direction
-    w = weights[(layer * cfg.D + d) * n:(layer * cfg.D + d + 1) * n]
-    b_ih, b_hh = (w[2], w[3]) if cfg.bias else (None, None)
-    return w[0], w[1], b_ih, b_hh, (w[-1] if cfg.proj else None)
+    n = (4 if cfg.bias else 2) + cfg.proj       # per_direction, D: without properties (per call)
+    base = (layer * (2 if cfg.bidirectional else 1) + d) * n
+    if cfg.bias:
+        return (weights[base], weights[base + 1], weights[base + 2], weights[base + 3],
+                weights[base + n - 1] if cfg.proj else None)
+    return weights[base], weights[base + 1], None, None, weights[base + n - 1] if cfg.proj else None
 
 
 def layer_sizes(weights, cfg: RNNConfig, gates: int) -> tuple[int, int]:
@@ -88,6 +107,14 @@ def layer_sizes(weights, cfg: RNNConfig, gates: int) -> tuple[int, int]:
 
 def at(t: Tensor | None, i: int):
     return t[i] if t is not None else None
+
+
+def first(t: Tensor | None, i: int):
+    """t[i] as a recurrence launch takes it: t itself for i == 0, a stack whose first matrix
+    is meant (no view per call; pydl/_rnn_launch.py)."""
+    if t is None or i == 0:
+        return t
+    return t[i]
 
 
 def seq_rows(t: Tensor) -> Tensor:
@@ -104,18 +131,6 @@ def steps_after_first(T: int, reverse: bool):
     return 0, slice(1, T), slice(0, T - 1)
 
 
-def mm(launch, a, b, out, c_in=None, bias=None, model=None) -> None:
-    """out = a @ b (+ c_in) (+ bias) for 2-D operands, through the 4-D batched GEMM."""
-    launch.gemm(a[None, None], b[None, None], out[None, None],
-                c_in=None if c_in is None else c_in[None, None],
-                bias=None if bias is None else bias[None], model=model)
-
-
-def or_empty(t, like):
-    """Custom ops return tensors, not None: an empty placeholder stands for "no gradient"."""
-    return t if t is not None else like.new_empty(0)
-
-
 def cell_need(ctx, *inputs) -> list[bool]:
     """needs_input_grad of a cell's tensor inputs (LSTMCell, GRUCell), False for those that
     are None."""
@@ -123,19 +138,76 @@ def cell_need(ctx, *inputs) -> list[bool]:
 
 
 def cell_grads_fake(x, h, c, w_ih, w_hh, need, gates: int):
-    """Fake gradients of a cell's (x, h, c, w_ih, w_hh, b_ih, b_hh): empty where not needed."""
+    """Fake gradients of a cell's (x, h, c, w_ih, w_hh, b_ih, b_hh): those `need`ed."""
     bias = x.new_empty((gates * w_hh.shape[1],), dtype=w_ih.dtype)
     likes = (x, h, c, w_ih, w_hh, bias, bias)
-    return [t.new_empty(t.shape) if n else x.new_empty(0) for t, n in zip(likes, need)]
+    return [t.new_empty(t.shape) for t, n in zip(likes, need) if n]
 
 
-def input_projection(launch, inp, w_ih, b_ih):
-    """xp = inp W_ih^T + b_ih for every time step at once: one GEMM into (T, B, G*H) fp32."""
-    T, B, _ = inp.shape
-    xp = new_output((T, B, w_ih.shape[0]), F32, inp.device)
-    launch.gemm(inp[None], w_ih.t()[None, None], xp[None],
-                bias=None if b_ih is None else b_ih[None], model=inp.dtype)
-    return xp
+def needed(grads, need) -> list:
+    """A backward kernel op's result back in its inputs' order: the gradients it returns are
+    the `need`ed ones only (custom ops return tensors, and an empty placeholder per input
+    without one costs an allocation a call), None for the others."""
+    it = iter(grads)
+    return [next(it) if n else None for n in need]
+
+
+def sig(t: Tensor | None):
+    """What a plan's key holds of a tensor argument whose dtype and device the call's checks
+    fixed: its shape and strides (None when absent)."""
+    return None if t is None else (t.shape, t.stride())
+
+
+class Plans:
+    """Launches built on their first use, by name, then only launched: the pieces of a layer
+    plan (one direction's recurrence, a GEMM) and of a cell's plan. Each builds from the first
+    call's tensors, whose shapes and strides the enclosing plan's key fixes (pydl/_plan.py);
+    `launch` is the backend's launcher class (pydl/_rnn_launch.py TritonRNN, NumbaRNN and the
+    cells' subclasses), `dims` the (T, B, H) of a direction, `mode` its schedule."""
+
+    __slots__ = ("launch", "dims", "mode", "reverse", "built")
+
+    def __init__(self, launch, dims: tuple = (), mode: str = "steps", reverse: bool = False):
+        self.launch, self.dims, self.mode, self.reverse = launch, dims, mode, reverse
+        self.built: dict = {}
+
+    def forward(self, name, *tensors, mode: str | None = None, reverse: bool | None = None):
+        """The cell's forward recurrence kernel over `tensors` (its launcher's forward_plan)."""
+        rec = self.built.get(name)
+        if rec is None:
+            rec = self.built[name] = self.launch.forward_plan(
+                mode or self.mode, *tensors, self.reverse if reverse is None else reverse)
+        rec(*tensors)
+
+    def backward(self, name, *tensors, model: torch.dtype, mode: str | None = None,
+                 reverse: bool | None = None):
+        """The cell's backward recurrence kernel (backward_plan)."""
+        rec = self.built.get(name)
+        if rec is None:
+            rec = self.built[name] = self.launch.backward_plan(
+                mode or self.mode, *tensors, self.reverse if reverse is None else reverse, model)
+        rec(*tensors)
+
+    def gemm(self, name, a, b, out, c_in=None, bias=None, **how):
+        """out = op(a) @ op(b) (+ c_in) (+ bias) (pydl/_rnn_launch.py TritonRNN.gemm_plan)."""
+        plan = self.built.get(name)
+        if plan is None:
+            plan = self.built[name] = self.launch.gemm_plan(a, b, out, bias, c_in, **how)
+        plan(a, b, out, bias, c_in)
+
+    def bias_grad(self, name, dg, db1, db2=None):
+        """db1 (and db2) = the column sums of dg."""
+        plan = self.built.get(name)
+        if plan is None:
+            plan = self.built[name] = self.launch.bias_grad_plan(dg, db1, db2)
+        plan(dg, db1, db2)
+
+    def mul(self, name, x, s, y):
+        """y = x * s (3-D; y may be x)."""
+        plan = self.built.get(name)
+        if plan is None:
+            plan = self.built[name] = self.launch.mul_plan(x, s, y)
+        plan(x, s, y)
 
 
 # --- the stack as two kernel ops ---------------------------------------------------------------
@@ -211,63 +283,185 @@ def _rnn_fwd_fake(x, h0, c0, weights, bs, flags, dropout, algo, op, backend):
     cfg, (cell, _) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
     T, B, _ = x.shape
     (H, P), LD = layer_sizes(weights, cfg, cell.gates), cfg.num_layers * cfg.D
-    return (x.new_empty((T, B, cfg.D * P)), x.new_empty((LD, B, P)),
-            x.new_empty((LD, B, H) if cell.has_cell_state else (0,)),
+    finals = [x.new_empty((LD, B, P))] + ([x.new_empty((LD, B, H))] if cell.has_cell_state else [])
+    return (x.new_empty((T, B, cfg.D * P)), finals,
             [x.new_empty(shape, dtype=dtype)
              for shape, dtype in _saved_layout(cfg, cell, T, B, H, P, x.dtype)])
+
+
+class _Forward:
+    """A stack's forward for one call signature (the key of `_rnn_fwd`): per layer and
+    direction the input projection's GEMM and the cell's recurrence (pydl/_plan.py's design:
+    built on the first call, then only allocations and launches)."""
+
+    def __init__(self, x, weights, flags, dropout, algo, op, backend):
+        self.cfg = cfg = _cfg_from(flags, dropout, algo, len(weights))
+        self.cell, launch = _KINDS[(op, backend)]
+        T, B, _ = x.shape
+        self.H, self.P = layer_sizes(weights, cfg, self.cell.gates)
+        self.L, self.D = cfg.num_layers, cfg.D
+        mode = schedule(cfg.algo, x.device)
+        self.dirs = [self.cell.Forward(launch, (T, B, self.H), mode, d == 1)
+                     for _ in range(self.L) for d in range(self.D)]
+        self.sites = Plans(launch)      # the input projections (by layer-direction), dropout
+        self.dropout = _dropout_on(cfg)
+        # what the backward gets of each direction: acts unless recomputed, cs, m (LSTMP)
+        self.keep_acts = not cfg.recompute
+        self.keep_m = cfg.proj and not cfg.recompute
+
+    def __call__(self, x, h0, c0, weights, bs):
+        cfg, cell, sites = self.cfg, self.cell, self.sites
+        T, B, _ = x.shape
+        L, D, H, P = self.L, self.D, self.H, self.P
+        dt, dev = x.dtype, x.device
+        h_n = new_output((L * D, B, P), dt, dev)
+        c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
+        flat, per_dir = [], []
+        inp = x
+        for layer in range(L):
+            out = new_output((T, B, D * P), dt, dev)
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
+                idx = layer * D + d
+                rec = self.dirs[idx]
+                acts, xp = rec.workspace(dev)
+                sites.gemm(idx, inp, w_ih, xp, None, b_ih, trans_b=True, model=dt)
+                out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
+                acts, cs, m = rec(acts, xp, b_hh, first(h0, idx), first(c0, idx), w_hh, w_hr,
+                                  out_d, first(h_n, idx), first(c_n, idx), bs)
+                if self.keep_acts:
+                    per_dir.append(acts)
+                if cs is not None:
+                    per_dir.append(cs)
+                if self.keep_m:
+                    per_dir.append(m)
+            if layer == L - 1:
+                break
+            flat.append(out)
+            if self.dropout:
+                # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p)
+                noise = torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
+                dropped = new_output(out.shape, dt, dev)
+                sites.mul(-1 - layer, out, noise, dropped)
+                flat += [noise, dropped]
+                inp = dropped
+            else:
+                inp = out
+        return out, [h_n] if c_n is None else [h_n, c_n], flat + per_dir
+
+
+_FORWARDS = Cache("rnn layer forward launches")
+
+
+def _layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend):
+    """What a layer plan is built from: the call's shapes and strides, options, backend,
+    schedule and TF32 switch. The public op's checks fixed the rest: every tensor has x's
+    dtype and device, and x's input size, w_hh's shape and the options give every weight's
+    shape."""
+    return (op, backend, tuple(flags), dropout, algo, schedule(algo, x.device),
+            tf32_key(x.dtype, True), x.shape, x.stride(), x.dtype, x.device, sig(h0), sig(c0),
+            bs is None, weights[1].shape, *[w.stride() for w in weights])
 
 
 @kernel_op("rnn_fwd", _rnn_fwd_fake)
 def _rnn_fwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: list[Tensor],
              bs: Optional[Tensor], flags: list[int], dropout: float, algo: str, op: str,
-             backend: str) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """(out, h_n, c_n (empty without a cell state), saved) of a whole stack."""
-    cfg, (cell, launch) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
-    T, B, _ = x.shape
-    L, D = cfg.num_layers, cfg.D
-    H, P = layer_sizes(weights, cfg, cell.gates)
-    dt, dev = x.dtype, x.device
-    h_n = new_output((L * D, B, P), dt, dev)
-    c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
-    schedule = Schedule(cfg.algo, dev, L * D)
-    inputs, outs, masks, saved = [], [], [], []
-    inp = x
-    for layer in range(L):
-        out = new_output((T, B, D * P), dt, dev)
-        for d in range(D):
-            w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
-            idx = layer * D + d
-            xp = input_projection(launch, inp, w_ih, b_ih)
-            acts, cs, m = cell.forward(launch, schedule, xp, b_hh, at(h0, idx), at(c0, idx),
-                                       w_hh, w_hr, out[:, :, d * P:(d + 1) * P], h_n[idx],
-                                       at(c_n, idx), bs, d == 1)
-            keep = not cfg.recompute
-            saved.append((acts if keep else None, cs, m if keep else None))
-        inputs.append(inp)
-        outs.append(out)
-        if layer < L - 1 and _dropout_on(cfg):
-            # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p)
-            noise = torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
-            dropped = new_output(out.shape, dt, dev)
-            launch.mul(out, noise, dropped)
-            masks.append(noise)
-            inp = dropped
-        else:
-            masks.append(None)
-            inp = out
-    flat = []
-    for layer in range(L - 1):
-        flat.append(outs[layer])
-        if masks[layer] is not None:
-            flat += [masks[layer], inputs[layer + 1]]
-    for per_dir in saved:
-        flat += [t for t in per_dir if t is not None]
-    return outs[-1], h_n, or_empty(c_n, x), flat
+             backend: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(out, [h_n, c_n] ([h_n] without a cell state), saved) of a whole stack."""
+    key = _layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend)
+    return _FORWARDS.get(key, _Forward, x, weights, flags, dropout, algo, op, backend)(
+        x, h0, c0, weights, bs)
 
 
 def _rnn_bwd_fake(x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need, *rest):
-    return [x.new_empty(t.shape if n else (0,), dtype=t.dtype if n else x.dtype)
-            for t, n in zip((x, h0, c0, *weights), need)]
+    return [x.new_empty(t.shape, dtype=t.dtype) for t, n in zip((x, h0, c0, *weights), need) if n]
+
+
+class _Backward:
+    """A stack's backward for one call signature (the key of `_rnn_bwd`): the layers top
+    down; per direction the cell's BPTT (and first, with recompute, its activations again),
+    then the weight, bias and input gradients over every (t, b) row."""
+
+    def __init__(self, x, weights, flags, dropout, algo, op, backend):
+        self.cfg = cfg = _cfg_from(flags, dropout, algo, len(weights))
+        self.cell, launch = _KINDS[(op, backend)]
+        T, B, _ = x.shape
+        self.H, self.P = layer_sizes(weights, cfg, self.cell.gates)
+        mode = schedule(cfg.algo, x.device)
+        dims = (T, B, self.H)
+        LD = cfg.num_layers * cfg.D
+        self.dirs = [self.cell.Backward(launch, dims, mode, idx % cfg.D == 1)
+                     for idx in range(LD)]
+        self.recompute = [self.cell.Recompute(launch, dims, "steps", idx % cfg.D == 1)
+                          for idx in range(LD)] if cfg.recompute else None
+        self.sites = [Plans(launch, dims, mode, idx % cfg.D == 1) for idx in range(LD)]
+        self.layer_sites = Plans(launch)
+
+    def __call__(self, x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need):
+        cfg, cell = self.cfg, self.cell
+        inputs, outs, masks, saved = _unpack(x, last_out, saved, cfg, cell)
+        L, D, G, H, P = cfg.num_layers, cfg.D, cell.gates, self.H, self.P
+        dt, dev = x.dtype, x.device
+        dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
+        dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
+        dweights = [None] * len(weights)
+        need_w = need[3:]
+        for layer in range(L - 1, -1, -1):
+            inp, out = inputs[layer], outs[layer]
+            # gradient of this layer's input: fp32 below the top, x's dtype for layer 0
+            if layer > 0:
+                d_in = new_output(inp.shape, F32, dev)
+            elif need[0]:
+                d_in = new_output(x.shape, dt, dev)
+            else:
+                d_in = None
+            acc = new_output(inp.shape, F32, dev) if d_in is not None and D == 2 else None
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
+                idx = layer * D + d
+                sites = self.sites[idx]
+                base = idx * cfg.per_direction
+                h0_, c0_ = at(h0, idx), at(c0, idx)
+                out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
+                d_out_d = d_out if D == 1 or d_out is None else d_out[:, :, d * P:(d + 1) * P]
+                acts, cs, m = saved[idx]
+                if acts is None:    # recompute: this layer-direction's activations only
+                    redo = self.recompute[idx]
+                    acts, xp = redo.workspace(dev)
+                    sites.gemm("xp", inp, w_ih, xp, None, b_ih, trans_b=True, model=dt)
+                    acts, m = redo(acts, xp, b_hh, h0_, c0_, w_hh, out_d, cs)
+                    del xp
+                dg_ih, dg_hh = self.dirs[idx](
+                    acts, cs, h0_, c0_, out_d, w_hh, w_hr, d_out_d, at(d_hn, idx),
+                    at(d_cn, idx), at(dh0, idx), at(dc0, idx), bs)
+                del acts
+                if w_hr is not None and need_w[base + cfg.per_direction - 1]:
+                    dweights[base + cfg.per_direction - 1] = _grad_w_hr(
+                        sites, dg_hh, m, d_out_d, at(d_hn, idx), w_hh, w_hr)
+                del m
+                # weight gradients: sums over every (t, b) row
+                if need_w[base]:
+                    dw = new_output(w_ih.shape, w_ih.dtype, dev)
+                    sites.gemm("dw_ih", dg_ih, inp, dw, trans_a=True, model=dt)
+                    dweights[base] = dw
+                if need_w[base + 1]:
+                    dweights[base + 1] = _sum_of_products(
+                        sites, "dw_hh", _recurrent_terms(dg_hh, out_d, h0_, sites.reverse),
+                        w_hh.shape, w_hh.dtype, dev, w_hh.dtype)
+                if cfg.bias:
+                    _grad_biases(sites, dg_ih, dg_hh, need_w[base + 2], need_w[base + 3],
+                                 dweights, base, G * H, b_ih.dtype, dev)
+                if d_in is not None:
+                    # d_in = sum over directions of dg_ih W_ih; the first into an fp32 buffer
+                    sites.gemm("d_in", dg_ih, w_ih, d_in if d == D - 1 else acc,
+                               None if d == 0 else acc, model=dt)
+            if layer > 0 and masks[layer - 1] is not None:
+                self.layer_sites.mul(layer, d_in, masks[layer - 1], d_in)
+            d_out = d_in    # the output gradient of the layer below
+        return [t for t, n in zip((d_out, dh0, dc0, *dweights), need) if n]
+
+
+_BACKWARDS = Cache("rnn layer backward launches")
 
 
 @kernel_op("rnn_bwd", _rnn_bwd_fake)
@@ -276,80 +470,26 @@ def _rnn_bwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], last_out: Te
              d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor],
              need: list[bool], flags: list[int], dropout: float, algo: str, op: str,
              backend: str) -> list[Tensor]:
-    """[dx, dh0, dc0, *dweights], an empty tensor where `need` is False."""
-    cfg, (cell, launch) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
-    inputs, outs, masks, saved = _unpack(x, last_out, saved, cfg, cell)
-    L, D, G = cfg.num_layers, cfg.D, cell.gates
-    H, P = layer_sizes(weights, cfg, G)
-    dt, dev = x.dtype, x.device
-    dh0 = new_output(h0.shape, h0.dtype, dev) if h0 is not None and need[1] else None
-    dc0 = new_output(c0.shape, c0.dtype, dev) if c0 is not None and need[2] else None
-    dweights = [None] * len(weights)
-    need_w = need[3:]
-    schedule = Schedule(cfg.algo, dev, L * D)
-    for layer in range(L - 1, -1, -1):
-        inp, out = inputs[layer], outs[layer]
-        # gradient of this layer's input: fp32 below the top, x's dtype for layer 0
-        if layer > 0:
-            d_in = new_output(inp.shape, F32, dev)
-        elif need[0]:
-            d_in = new_output(x.shape, dt, dev)
-        else:
-            d_in = None
-        acc = new_output(inp.shape, F32, dev) if d_in is not None and D == 2 else None
-        for d in range(D):
-            w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
-            idx = layer * D + d
-            base = idx * cfg.per_direction
-            h0_, c0_ = at(h0, idx), at(c0, idx)
-            out_d = out[:, :, d * P:(d + 1) * P]
-            d_out_d = d_out[:, :, d * P:(d + 1) * P] if d_out is not None else None
-            acts, cs, m = saved[idx]
-            if acts is None:    # recompute: this layer-direction's activations only
-                xp = input_projection(launch, inp, w_ih, b_ih)
-                acts, m = cell.recompute(launch, xp, b_hh, h0_, c0_, w_hh, out_d, cs, d == 1)
-                del xp
-            dg_ih, dg_hh = cell.backward(
-                launch, schedule, acts, cs, h0_, c0_, out_d, w_hh, w_hr, d_out_d,
-                at(d_hn, idx), at(d_cn, idx), at(dh0, idx), at(dc0, idx), bs, d == 1)
-            del acts
-            if w_hr is not None and need_w[base + cfg.per_direction - 1]:
-                dweights[base + cfg.per_direction - 1] = _grad_w_hr(
-                    launch, dg_hh, m, d_out_d, at(d_hn, idx), w_hh, w_hr, d == 1)
-            del m
-            # weight gradients: sums over every (t, b) row
-            if need_w[base]:
-                dw = new_output(w_ih.shape, w_ih.dtype, dev)
-                launch.gemm(dg_ih.transpose(1, 2)[None], inp[None], dw[None, None], model=dt)
-                dweights[base] = dw
-            if need_w[base + 1]:
-                dweights[base + 1] = _grad_w_hh(launch, dg_hh, out_d, h0_, w_hh, d == 1)
-            if cfg.bias:
-                _grad_biases(launch, dg_ih, dg_hh, need_w[base + 2], need_w[base + 3],
-                             dweights, base, G * H, b_ih.dtype, dev)
-            if d_in is not None:
-                # d_in = sum over directions of dg_ih W_ih; the first into an fp32 buffer
-                last_dir = d == D - 1
-                launch.gemm(dg_ih[None], w_ih[None, None], (d_in if last_dir else acc)[None],
-                            c_in=None if d == 0 else acc[None], model=dt)
-        if layer > 0 and masks[layer - 1] is not None:
-            launch.mul(d_in, masks[layer - 1], d_in)
-        d_out = d_in    # the output gradient of the layer below
-    return [or_empty(t, x) for t in (d_out if need[0] else None, dh0, dc0, *dweights)]
+    """The `need`ed ones of [dx, dh0, dc0, *dweights] (rnn.needed maps them back); d_out,
+    d_hn, d_cn None where no gradient reaches that output."""
+    key = (_layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend), tuple(need),
+           sig(d_out), sig(d_hn), sig(d_cn))
+    return _BACKWARDS.get(key, _Backward, x, weights, flags, dropout, algo, op, backend)(
+        x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need)
 
 
-def _grad_biases(launch, dg_ih, dg_hh, need_ih, need_hh, dweights, base, n, dtype, dev):
+def _grad_biases(sites, dg_ih, dg_hh, need_ih, need_hh, dweights, base, n, dtype, dev):
     """db_ih, db_hh into dweights[base + 2], [base + 3]: column sums of dg_ih and dg_hh (one
     pass writes both when they are one tensor, as for the LSTM)."""
     dbs = [new_output((n,), dtype, dev) if need else None for need in (need_ih, need_hh)]
     if dg_ih is dg_hh:
         if dbs[0] is not None or dbs[1] is not None:
             first = dbs[0] if dbs[0] is not None else dbs[1]
-            launch.bias_grad(dg_ih, first, dbs[1] if dbs[0] is not None else None)
+            sites.bias_grad("db", dg_ih, first, dbs[1] if dbs[0] is not None else None)
     else:
-        for db, dg in zip(dbs, (dg_ih, dg_hh)):
+        for name, db, dg in zip(("db_ih", "db_hh"), dbs, (dg_ih, dg_hh)):
             if db is not None:
-                launch.bias_grad(dg, db, None)
+                sites.bias_grad(name, dg, db)
     dweights[base + 2], dweights[base + 3] = dbs
 
 
@@ -360,15 +500,17 @@ class RNNFunction(torch.autograd.Function):
     h0, c0: (L*D, B, H) or None (zeros). bs: a packed sequence's active rows per step ((T,)
     int32 on x's device) or None. weights: torch's flat order (per layer, per direction:
     w_ih, w_hh[, b_ih, b_hh][, w_hr (P, H): an LSTM with projections, whose out, h0 and h_n
-    are P wide instead of H]). Its backward is not differentiable (pydl._autograd)."""
+    are P wide instead of H]). Its backward is not differentiable (pydl._autograd); an
+    output no gradient reaches gets None there, not zeros (no kernel to make them)."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, bs, cfg: RNNConfig, op: str, backend: str, *weights):
-        args = (*_cfg_args(cfg), op, backend)
-        out, h_n, c_n, saved = _rnn_fwd(x, h0, c0, list(weights), bs, *args)
+        args = (*cfg.op_args, op, backend)
+        out, finals, saved = _rnn_fwd(x, h0, c0, list(weights), bs, *args)
         ctx.save_for_backward(x, h0, c0, bs, out, *weights, *saved)
         ctx.n_weights, ctx.args = len(weights), args
-        return out, h_n, c_n if _KINDS[(op, backend)][0].has_cell_state else None
+        ctx.set_materialize_grads(False)
+        return out, finals[0], finals[1] if len(finals) == 2 else None
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
@@ -384,9 +526,8 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
     need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[7:]]
     grads = _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
                      need, *ctx.args)
-    dx, dh0, dc0, *dw = [g if n else None for g, n in zip(grads, need)]
+    dx, dh0, dc0, *dw = needed(grads, need)
     return (dx, dh0, dc0, None, None, None, None, *dw)
-
 
 
 # --- weight gradients summed over time -------------------------------------------------------
@@ -394,41 +535,32 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
 def _recurrent_terms(dg, prev, h0, reverse: bool):
     """The (a, b) pairs of sum_t dg_t^T prev(t), prev(t) the sequence `prev` one step earlier
     in run order (prev[t-1], or prev[t+1] in reverse), h0 for the first step (no term if
-    None); a (n, G, B), b (n, B, N)."""
+    None); a (n, B, G) or (B, G) (transposed in the product), b (n, B, N) or (B, N)."""
     T = dg.shape[0]
     terms = []
     if T > 1:
-        a, b = (dg[:-1], prev[1:]) if reverse else (dg[1:], prev[:-1])
-        terms.append((a.transpose(1, 2), b))
+        terms.append((dg[:-1], prev[1:], True) if reverse else (dg[1:], prev[:-1], True))
     if h0 is not None:
-        t0 = T - 1 if reverse else 0
-        terms.append((dg[t0:t0 + 1].transpose(1, 2), h0[None]))
+        terms.append((dg[T - 1 if reverse else 0], h0, True))
     return terms
 
 
-def _sum_of_products(launch, terms, shape, dtype, dev, model):
-    """sum over the terms (a (n, M, K), b (n, K, N)) of sum_n a_n @ b_n: a new (M, N) tensor
-    of `dtype` (zeros without terms), the terms accumulated in fp32, one GEMM each."""
+def _sum_of_products(sites, name, terms, shape, dtype, dev, model):
+    """sum over the terms (a, b, trans_a) of op(a) @ b (summed over the time axis of 3-D
+    operands): a new (M, N) tensor of `dtype` (zeros without terms), the terms accumulated
+    in fp32, one GEMM each."""
     if not terms:
         return torch.zeros(shape, dtype=dtype, device=dev)
     out = new_output(shape, dtype, dev)
     acc = new_output(shape, F32, dev) if len(terms) > 1 else None
-    for j, (a, b) in enumerate(terms):
-        target = out if j == len(terms) - 1 else acc
-        launch.gemm(a[None], b[None], target[None, None],
-                    c_in=None if j == 0 else acc[None, None], model=model)
+    last = len(terms) - 1
+    for j, (a, b, trans_a) in enumerate(terms):
+        sites.gemm((name, j), a, b, out if j == last else acc, None if j == 0 else acc,
+                   trans_a=trans_a, model=model)
     return out
 
 
-def _grad_w_hh(launch, dg, out_d, h0, w_hh, reverse: bool):
-    """dW_hh = sum_t dg_t^T h_prev(t): h_prev is the direction's output one step earlier in
-    run order, h0 for the first step (no term if None: one step from a zero state gives
-    W_hh no gradient)."""
-    return _sum_of_products(launch, _recurrent_terms(dg, out_d, h0, reverse), w_hh.shape,
-                            w_hh.dtype, dg.device, w_hh.dtype)
-
-
-def _grad_w_hr(launch, dg, m, d_out, d_hn, w_hh, w_hr, reverse: bool):
+def _grad_w_hr(sites, dg, m, d_out, d_hn, w_hh, w_hr):
     """dW_hr = sum_t dh_t^T m_t for h_t = m_t W_hr^T, where dh_t = d_out[t] (+ d_hn at the
     last step) + dg_next(t) W_hh (not at the last step). Summed over every (t, b) row without
     building dh: d_out^T M + d_hn^T m_last + W_hh^T Y, Y = sum_t dg_next(t)^T m_t (4H, H)
@@ -436,16 +568,15 @@ def _grad_w_hr(launch, dg, m, d_out, d_hn, w_hh, w_hr, reverse: bool):
     T = m.shape[0]
     dev, model = m.device, w_hr.dtype
     terms = []
-    y_terms = _recurrent_terms(dg, m, None, reverse)
+    y_terms = _recurrent_terms(dg, m, None, sites.reverse)
     if y_terms:
-        y = _sum_of_products(launch, y_terms, (dg.shape[2], m.shape[2]), F32, dev, model)
-        terms.append((w_hh.t()[None], y[None]))
+        y = _sum_of_products(sites, "y", y_terms, (dg.shape[2], m.shape[2]), F32, dev, model)
+        terms.append((w_hh, y, True))
     if d_out is not None:
-        terms.append((d_out.transpose(1, 2), m))
+        terms.append((d_out, m, True))
     if d_hn is not None:
-        t_last = 0 if reverse else T - 1
-        terms.append((d_hn.t()[None], m[t_last][None]))
-    return _sum_of_products(launch, terms, w_hr.shape, w_hr.dtype, dev, model)
+        terms.append((d_hn, m[0 if sites.reverse else T - 1], True))
+    return _sum_of_products(sites, "dw_hr", terms, w_hr.shape, w_hr.dtype, dev, model)
 
 
 # --- the layer op on a backend -----------------------------------------------------------------
@@ -453,8 +584,10 @@ def _grad_w_hr(launch, dg, m, d_out, d_hn, w_hh, w_hr, reverse: bool):
 def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
     """The kernel implementation of a layer op ("lstm", "gru") on `backend`, for the
     registry: impl(x, h0, c0, weights, cfg, packed) -> (out, h_n, c_n or None); packed: None
-    or a PackedSequence input's pydl._rnn_checks.Packed (x is then padded)."""
+    or a PackedSequence input's pydl._rnn_checks.Packed (x is then padded). Without a
+    gradient to record (pydl._plan.needs_graph) the forward kernel op runs directly."""
     _KINDS[(op, backend)] = (cell, launch)
+    has_c = cell.has_cell_state
 
     def impl(x, h0, c0, weights, cfg: RNNConfig, packed=None):
         algo = cfg.algo or algos[0]
@@ -464,10 +597,13 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
         bs = packed.bs if packed is not None else None
         if algo != cfg.algo:
             cfg = replace(cfg, algo=algo)
-        return RNNFunction.apply(x, h0, c0, bs, cfg, op, backend, *weights)
+        if needs_graph(x, h0, c0, *weights):
+            return RNNFunction.apply(x, h0, c0, bs, cfg, op, backend, *weights)
+        out, finals, _ = _rnn_fwd(x, h0, c0, list(weights), bs, *cfg.op_args, op, backend)
+        return out, finals[0], finals[1] if has_c else None
     return impl
 
 
-__all__ = ["RNNConfig", "RNNFunction", "layer_impl", "direction_weights", "layer_sizes",
-           "input_projection", "mm", "or_empty", "seq_rows", "steps_after_first", "at",
-           "cell_need", "cell_grads_fake"]
+__all__ = ["RNNConfig", "RNNFunction", "Plans", "layer_impl", "direction_weights",
+           "layer_sizes", "seq_rows", "steps_after_first", "at", "first", "sig",
+           "cell_need", "cell_grads_fake", "needed"]

@@ -214,16 +214,20 @@ def gpu_schedule(monkeypatch):
 
 
 def _layer_launches(kind, backend, algo, T, L=1, bidirectional=False, B=4, H=8):
-    """(forward launches, backward launches) of one call of a layer of T steps."""
+    """(forward launches, backward launches) of a repeated call of a layer of T steps (the
+    first call of a signature builds its plans, and the persistent schedule's barrier
+    counters once per stream)."""
     I = 6
     m = _module(kind, I, H, L, bidirectional=bidirectional)
     x = random_tensor((T, B, I), torch.float32, DEVICE).requires_grad_(True)
     weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
     with counted_launches() as calls:
-        out, finals = _call(kind, x, None, weights, num_layers=L, bidirectional=bidirectional,
-                            backend=backend, algo=algo)
-        n_fwd = len(calls)
-        (out.sum() + finals[0].sum()).backward()
+        for _ in range(2):
+            del calls[:]
+            out, finals = _call(kind, x, None, weights, num_layers=L,
+                                bidirectional=bidirectional, backend=backend, algo=algo)
+            n_fwd = len(calls)
+            (out.sum() + finals[0].sum()).backward()
     return calls[:n_fwd], calls[n_fwd:]
 
 
@@ -300,6 +304,185 @@ def test_host_time_does_not_grow_with_sequence_length(gpu_schedule, kind):
     assert t50 < 1.5 * t3 + 200, (t3, t50)
 
 
+# --- the launch path: plans built once, no graph without a gradient ---------------------------
+
+def _cell(kind):
+    """pydl.lstm_cell / pydl.gru_cell as fn(x, states, w_ih, w_hh, b_ih, b_hh, backend) ->
+    a list of outputs; states: [h, c] or [h], [None] for zeros."""
+    if kind == "lstm":
+        return lambda x, s, *w, backend: list(pydl.lstm_cell(
+            x, None if s[0] is None else tuple(s), *w, backend=backend))
+    return lambda x, s, *w, backend: [pydl.gru_cell(x, s[0], *w, backend=backend)]
+
+
+def _layer_and_cell_calls(kind, backend, algo=None):
+    """One training step of a two-layer bidirectional layer with dropout and initial states,
+    and of a cell: fn() running both forward and backward."""
+    torch.manual_seed(0)
+    m = _module(kind, 3, 4, 2, bidirectional=True)
+    G = 4 if kind == "lstm" else 3
+    n_states = 2 if kind == "lstm" else 1
+    x = random_tensor((5, 2, 3), torch.float32, DEVICE).requires_grad_(True)
+    states = [random_tensor((4, 2, 4), torch.float32, DEVICE).requires_grad_(True)
+              for _ in range(n_states)]
+    weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
+    cw = [random_tensor(s, torch.float32, DEVICE).requires_grad_(True)
+          for s in ((G * 4, 3), (G * 4, 4), (G * 4,), (G * 4,))]
+
+    def step():
+        hx = tuple(states) if kind == "lstm" else states[0]
+        out, finals = _call(kind, x, hx, weights, num_layers=2, bidirectional=True,
+                            dropout=0.5, training=True, backend=backend, algo=algo)
+        ys = _cell(kind)(x[0], [s[0] for s in states], *cw, backend=backend)
+        (out.sum() + finals[0].sum() + sum(y.sum() for y in ys)).backward()
+    return step
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend,algo", [("triton", None), ("triton", "steps"), ("numba", None)])
+def test_repeated_calls_build_nothing(monkeypatch, kind, backend, algo):
+    """A second call with the same signature (layers with dropout and states, a cell, forward
+    and backward) builds no launch: every plan comes from its cache."""
+    step = _layer_and_cell_calls(kind, backend, algo)
+    step()
+    sizes = [len(c.entries) for c in pydl._plan.Cache.all]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a launch was built on a repeated call")
+    for launcher in (_rnn_launch.TritonRNN, _rnn_launch.NumbaRNN):
+        for name in ("recurrence", "gemm_plan", "bias_grad_plan", "mul_plan"):
+            monkeypatch.setattr(launcher, name, staticmethod(refuse))
+    step()
+    assert [len(c.entries) for c in pydl._plan.Cache.all] == sizes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_no_graph_without_gradient(monkeypatch, kind, backend):
+    """Under no_grad, or when no input requires grad, the layers and cells run their forward
+    kernels directly (pydl._plan.needs_graph): no autograd Function, the same outputs."""
+    from pydl import rnn
+    cell_fn = importlib.import_module(f"pydl.{kind}").__dict__[
+        "LSTMCellFunction" if kind == "lstm" else "GRUCellFunction"]
+    m = _module(kind, 3, 4)
+    x = random_tensor((4, 2, 3), torch.float32, DEVICE)
+    weights = [w.detach() for w in m._flat_weights]
+    trained = [w.detach().requires_grad_(True) for w in weights]
+    want, want_finals = _call(kind, x, None, trained, backend=backend)
+    want_cell = _cell(kind)(x[0], [None], *trained[:2], None, None, backend=backend)
+
+    def refuse(*args):
+        raise AssertionError("an autograd Function ran without a gradient to record")
+    monkeypatch.setattr(rnn.RNNFunction, "apply", refuse)
+    monkeypatch.setattr(cell_fn, "apply", refuse)
+    for grad_mode, ws in ((False, trained), (True, weights)):
+        with torch.set_grad_enabled(grad_mode):
+            out, finals = _call(kind, x, None, ws, backend=backend)
+            ys = _cell(kind)(x[0], [None], *ws[:2], None, None, backend=backend)
+        assert out.grad_fn is None and all(f.grad_fn is None for f in finals)
+        assert torch.equal(out, want.detach())
+        for a, b in zip(finals + ys, want_finals + want_cell):
+            assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_outputs_without_gradient(kind, backend):
+    """An output no gradient reaches gets None in the backward (no zeros made for it): the
+    gradients when only h_n (or c_n) of a layer, or only one output of the LSTM cell, is
+    used match torch's."""
+    m = _module(kind, 3, 4)
+    x = random_tensor((4, 2, 3), torch.float32, DEVICE)
+    n_states = 2 if kind == "lstm" else 1
+    states = [random_tensor((1, 2, 4), torch.float32, DEVICE) for _ in range(n_states)]
+    for used in range(1, 1 + n_states):        # h_n, then c_n
+        results = []
+        for be in (backend, "torch"):
+            xr = x.clone().requires_grad_(True)
+            hs = [s.clone().requires_grad_(True) for s in states]
+            ws = [w.detach().clone().requires_grad_(True) for w in m._flat_weights]
+            _, finals = _call(kind, xr, tuple(hs) if kind == "lstm" else hs[0], ws, backend=be,
+                              training=True)
+            finals[used - 1].square().sum().backward()
+            results.append([xr.grad, *[h.grad for h in hs], *[w.grad for w in ws]])
+        for a, b in zip(*results):
+            assert_close(a, b, torch.float32, reduction=16, tf32=TF32)
+    if kind == "lstm":
+        for used in (0, 1):                     # h1 alone, c1 alone
+            results = []
+            for be in (backend, "torch"):
+                leaves = [t.clone().requires_grad_(True)
+                          for t in (x[0], states[0][0], states[1][0], *m._flat_weights)]
+                outs = pydl.lstm_cell(leaves[0], (leaves[1], leaves[2]), *leaves[3:],
+                                      backend=be)
+                outs[used].square().sum().backward()
+                results.append([t.grad for t in leaves])
+            for a, b in zip(*results):
+                assert_close(a, b, torch.float32, reduction=16, tf32=TF32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_biases(kind, backend):
+    """Biases that are strided views (every other element of a buffer): the recurrence
+    kernels read them through their strides, in the layers and the cells, as torch does."""
+    T, B, I, H = 3, 2, 3, 4
+    G = 4 if kind == "lstm" else 3
+    x = random_tensor((T, B, I), torch.float32, DEVICE)
+    w_ih = random_tensor((G * H, I), torch.float32, DEVICE)
+    w_hh = random_tensor((G * H, H), torch.float32, DEVICE)
+    buf = random_tensor((4 * G * H,), torch.float32, DEVICE)
+    results = []
+    for be in (backend, "torch"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w_ih, w_hh, buf)]
+        xr, wi, wh, big = leaves
+        b_ih, b_hh = big[::4], big[1::4]
+        assert not b_ih.is_contiguous()
+        out, finals = _call(kind, xr, None, [wi, wh, b_ih, b_hh], backend=be, training=True)
+        ys = _cell(kind)(xr[0], [None], wi, wh, b_ih, b_hh, backend=be)
+        (out.square().sum() + sum(y.square().sum() for y in ys)).backward()
+        results.append([out.detach(), *[y.detach() for y in ys], *[t.grad for t in leaves]])
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float32, reduction=T * (I + H), tf32=TF32)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runs the real grid barrier "
+                    "(tests/test_rnn_persistent.py)")
+@pytest.mark.parametrize("kind", KINDS)
+def test_persistent_schedule_in_emulation(monkeypatch, kind):
+    """The persistent schedule in emulation, one program (one "SM"): the launch runs the grid
+    barrier's bookkeeping (arrivals, the last program out resetting the counters) in the
+    interpreter. It gives bit for bit what the step-by-step launches give on the same tiles;
+    the counters are zero after every call and one pair serves them all, made once (no
+    memset per call)."""
+    monkeypatch.setattr(_rnn_launch, "multiprocessors", lambda device: 1)
+    m = _module(kind, 3, 5, 1, bidirectional=True)
+    x = random_tensor((4, 2, 3), torch.float32, DEVICE)
+    results = {}
+    for algo in ("steps", None):
+        if algo is None:
+            monkeypatch.setattr(_rnn_launch, "persistent_on", lambda device: True)
+        for _ in range(2):
+            xr = x.clone().requires_grad_(True)
+            ws = [w.detach().clone().requires_grad_(True) for w in m._flat_weights]
+            out, finals = _call(kind, xr, None, ws, bidirectional=True, backend="triton",
+                                algo=algo)
+            (out.square().sum() + finals[0].sum()).backward()
+            results[algo] = [out.detach(), finals[0].detach(), xr.grad, *[w.grad for w in ws]]
+            if algo is None:
+                counters = _rnn_launch.barrier_counters(x.device)
+                assert not counters.any()
+    for i, (a, b) in enumerate(zip(results[None], results["steps"])):
+        assert torch.equal(a, b), f"result {i} differs"
+    with counted_launches() as calls:
+        _call(kind, x, None, [w.detach() for w in m._flat_weights], bidirectional=True,
+              backend="triton")
+    assert _rnn_launch.barrier_counters(x.device) is counters
+    assert [c for c in calls if c[0] == "aten"] == []
+    rec = [c[2] for c in calls if c[1] == f"{kind}_layer_fwd"]
+    assert len(rec) == 2 and all(kw["GRID_SYNC"] for kw in rec)
+
+
 # --- precision of the backward's fp32 x fp16 products ------------------------------------------
 
 @contextlib.contextmanager
@@ -354,13 +537,12 @@ def test_fp16_backward_products_are_fp32_accurate(kind):
     d_out = torch.randn(T, B, H, generator=gen).half()
     f64 = torch.float64
     with tensor_core_rounding(), poisoned_outputs(False):
-        steps = _rnn_launch.Schedule("steps", torch.device("cpu"), 0)
         if kind == "lstm":
             acts = torch.rand(T, B, 4 * H, generator=gen)
             cs = torch.randn(T, B, H, generator=gen)
-            dg = torch.empty(T, B, 4 * H)
-            lstm_mod.TritonLSTM.backward(steps, acts, cs, None, w_hh, d_out, None, None, None,
-                                         dg, None, None, False, torch.float16).run(0, T)
+            dg, dc_run = torch.empty(T, B, 4 * H), torch.empty(2, B, H)
+            args = (acts, cs, None, w_hh, d_out, None, None, None, dg, dc_run, None, None, None)
+            lstm_mod.TritonLSTM.backward_plan("steps", *args, False, torch.float16)(*args)
             # step 0's dh = dg_1 W_hh + d_out_0; its d a_o = dh tanh(c_0) o (1 - o)
             dh = dg[1].to(f64) @ w_hh.to(f64) + d_out[0].to(f64)
             o = acts[0, :, 3 * H:].to(f64)
@@ -369,9 +551,9 @@ def test_fp16_backward_products_are_fp32_accurate(kind):
         else:
             ws = torch.rand(T, B, 4 * H, generator=gen)
             out = torch.randn(T, B, H, generator=gen).half()
-            dgi, dgh = torch.empty(T, B, 3 * H), torch.empty(T, B, 3 * H)
-            gru_mod.TritonGRU.backward(steps, ws, out, None, w_hh, d_out, None, None, dgi, dgh,
-                                       None, False, torch.float16).run(0, T)
+            dgi, dgh, dhd = torch.empty(T, B, 3 * H), torch.empty(T, B, 3 * H), torch.empty(2, B, H)
+            args = (ws, out, None, w_hh, d_out, None, None, dgi, dgh, dhd, None)
+            gru_mod.TritonGRU.backward_plan("steps", *args, False, torch.float16)(*args)
             # step 0's dh1 = dgh_1 W_hh + d_out_1 z_1 (the direct part) + d_out_0;
             # its d a_n = dh1 (1 - z_0) (1 - n_0^2)
             z1 = ws[1, :, H:2 * H].to(f64)
@@ -385,8 +567,8 @@ def test_fp16_backward_products_are_fp32_accurate(kind):
         h = torch.randn(T * B, H, generator=gen).half()
         acc = torch.empty(G * H, H)
         rows = grads.reshape(T * B, -1)
-        lstm_mod.TritonLSTM.gemm(rows.t()[None, None], h[None, None], acc[None, None],
-                                 model=torch.float16)
+        lstm_mod.TritonLSTM.gemm_plan(rows, h, acc, trans_a=True, model=torch.float16)(
+            rows, h, acc, None, None)
         want = rows.to(f64).t() @ h.to(f64)
         err = ((acc.to(f64) - want).abs().max() / want.abs().max()).item()
         assert err < 1e-5, f"weight-gradient GEMM: relative error {err:.2e}"

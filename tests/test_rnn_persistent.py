@@ -76,3 +76,33 @@ def test_persistent_equals_steps(kind, H, B, T, dtype):
         t_out = module(x, (h0, h0) if kind == "lstm" else h0)[0]
     assert_close(results["persistent"][0], t_out, dtype, reduction=T * (H + D * H),
                  tf32=dtype == torch.float32, name="output vs torch")
+
+
+def test_barrier_counters_once_per_stream():
+    """The persistent launches share one buffer of barrier counters per stream, made once: the
+    last program out of every launch resets them, so after layer calls (forward and
+    backward, both directions) they read zero and are the same tensor. Another stream gets
+    its own pair; a CUDA graph capture a fresh one, kept by the graph."""
+    device = torch.device(DEVICE)
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(64, 64, bidirectional=True).to(DEVICE, torch.float16)
+    x = torch.randn(9, 8, 64, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    ws = [w.detach().requires_grad_(True) for w in module._flat_weights]
+    counters = _rnn_launch.barrier_counters(device)
+    for _ in range(3):
+        out, _ = pydl.lstm(x, None, ws, bidirectional=True)
+        out.square().sum().backward()
+    torch.cuda.synchronize()
+    assert _rnn_launch.barrier_counters(device) is counters
+    assert not counters.any()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        other = _rnn_launch.barrier_counters(device)
+        assert other is not counters and other is _rnn_launch.barrier_counters(device)
+        out, _ = pydl.lstm(x.detach(), None, [w.detach() for w in ws], bidirectional=True)
+    torch.cuda.synchronize()
+    assert not other.any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _rnn_launch.barrier_counters(device)
+    assert captured is not counters and captured is not other

@@ -12,7 +12,9 @@ Gate order and layout are PyTorch's: w_ih (3H, I) and w_hh (3H, H) stack [r; z; 
 A forward tile computes gh for its units as one gate-interleaved product (the three gates
 padded to four columns a unit) and, for the cell, gi likewise (a layer passes gi of every
 step precomputed by one GEMM, as xp); gi_n and gh_n stay apart (b_hh's n part sits inside
-r * (...)). It saves r, z, n and gh_n (4H fp32 a row) for the backward.
+r * (...)). It saves r, z, n and gh_n (4H fp32 a row) for the backward. A layer's xp is the
+first 3H columns of that workspace itself: a tile reads its elements of gi before it writes
+r, z, n over them, each from the one read there, and no other tile reads them.
 
 Backward step (BPTT order u; the running direct part dhd by step parity, as the LSTM's dc):
 
@@ -61,7 +63,8 @@ def gru_cell_backward(dh1, r, z, n, ghn, h):
 @triton.jit
 def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, whh_ptr,
               out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
-              sx_t, sx_b, sx_k, swi_r, swi_k, sxp_t, sxp_b, sxp_k, sh0_b, sh0_k,
+              sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
+              sh0_b, sh0_k,
               swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
               FIRST: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
               HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, HAS_H0: tl.constexpr,
@@ -107,13 +110,19 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
         gi_z += tl.load(xp + (u + H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
         gi_n += tl.load(xp + (u + 2 * H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIH:
-        gi_r += tl.load(bih_ptr + u, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        gi_z += tl.load(bih_ptr + u + H, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        gi_n += tl.load(bih_ptr + u + 2 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        gi_r += tl.load(bih_ptr + u * sbih, mask=u_ok[None, :],
+                        other=0.0).to(tl.float32)
+        gi_z += tl.load(bih_ptr + (u + H) * sbih, mask=u_ok[None, :],
+                        other=0.0).to(tl.float32)
+        gi_n += tl.load(bih_ptr + (u + 2 * H) * sbih, mask=u_ok[None, :],
+                        other=0.0).to(tl.float32)
     if HAS_BHH:
-        gh_r += tl.load(bhh_ptr + u, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        gh_z += tl.load(bhh_ptr + u + H, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        gh_n += tl.load(bhh_ptr + u + 2 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        gh_r += tl.load(bhh_ptr + u * sbhh, mask=u_ok[None, :],
+                        other=0.0).to(tl.float32)
+        gh_z += tl.load(bhh_ptr + (u + H) * sbhh, mask=u_ok[None, :],
+                        other=0.0).to(tl.float32)
+        gh_n += tl.load(bhh_ptr + (u + 2 * H) * sbhh, mask=u_ok[None, :],
+                        other=0.0).to(tl.float32)
     r, z, n, h1 = gru_cell_forward(gi_r, gi_z, gi_n, gh_r, gh_z, gh_n, h)
     if HAS_BS:
         live = (rows < tl.load(bs_ptr + t))[:, None]
@@ -134,38 +143,41 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
-@triton.jit(do_not_specialize=["s_begin", "s_end"])
+@triton.jit(do_not_specialize=["step_begin", "step_end"])
 def gru_layer_fwd(
     x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr,
     sync_ptr,
-    T, B, I, H, s_begin, s_end,
+    T, B, I, H,
     sx_t, sx_b, sx_k,            # x (T, B, I): the cell's input (HAS_X)
     swi_r, swi_k,                # w_ih (3H, I)
+    sbih, sbhh,                  # b_ih, b_hh (3H,)
     sxp_t, sxp_b, sxp_k,         # xp (T, B, 3H): x W_ih^T + b_ih of every step (HAS_XP)
     sh0_b, sh0_k,                # h0 (B, H)
     swh_r, swh_k,                # w_hh (3H, H)
     so_t, so_b, so_k,            # out (T, B, H): h_t
     sw_t, sw_b, sw_k,            # ws (T, B, 4H) fp32: r, z, n, gh_n
     shn_b, shn_k,                # h_n (B, H)
+    step_begin, step_end,        # this launch's steps (last: they change per launch)
     REVERSE: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
     HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, HAS_H0: tl.constexpr,
     WRITE_HN: tl.constexpr, HAS_BS: tl.constexpr, GRID_SYNC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Run-order steps s_begin <= s < s_end of one direction; grid and tiles as
+    """Run-order steps step_begin <= s < step_end of one direction; grid and tiles as
     kernels/triton/lstm.py lstm_layer_fwd."""
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
-    for s in range(s_begin, s_end):
+    for s in range(step_begin, step_end):
         t = step_time(s, T, REVERSE)
         tp = step_time(s - 1, T, REVERSE)
         if s == 0:
             for tile in range(pid, n_tiles, NP):
                 _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
                           whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
-                          sx_t, sx_b, sx_k, swi_r, swi_k, sxp_t, sxp_b, sxp_k, sh0_b, sh0_k,
+                          sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
+              sh0_b, sh0_k,
                           swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
                           True, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN, HAS_BS,
                           PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
@@ -173,13 +185,14 @@ def gru_layer_fwd(
             for tile in range(pid, n_tiles, NP):
                 _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
                           whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
-                          sx_t, sx_b, sx_k, swi_r, swi_k, sxp_t, sxp_b, sxp_k, sh0_b, sh0_k,
+                          sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
+              sh0_b, sh0_k,
                           swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
                           False, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN, HAS_BS,
                           PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
-            if s + 1 < s_end:
-                grid_barrier(sync_ptr, (s - s_begin + 1) * NP)
+            if s + 1 < step_end:
+                grid_barrier(sync_ptr, (s - step_begin + 1) * NP)
     if GRID_SYNC:
         grid_exit(sync_ptr)
 
@@ -248,11 +261,11 @@ def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_pt
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
-@triton.jit(do_not_specialize=["u_begin", "u_end"])
+@triton.jit(do_not_specialize=["step_begin", "step_end"])
 def gru_layer_bwd(
     ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr,
     dh0_ptr, sync_ptr,
-    T, B, H, u_begin, u_end,
+    T, B, H,
     sw_t, sw_b, sw_k,            # ws (T, B, 4H) fp32 from the forward: r, z, n, gh_n
     so_t, so_b, so_k,            # out (T, B, H): h_t (the state each step started from)
     sh0_b, sh0_k,                # h0 (B, H)
@@ -263,17 +276,18 @@ def gru_layer_bwd(
     sgh_t, sgh_b, sgh_k,         # dgh (T, B, 3H) fp32 (written)
     sdd_p, sdd_b, sdd_k,         # dhd running (2, B, H) fp32, by step parity
     sdh0_b, sdh0_k,              # dh0 (B, H) (the pseudo-step u = T)
+    step_begin, step_end,        # this launch's steps (last: they change per launch)
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr,
     HAS_DHN: tl.constexpr, HAS_BS: tl.constexpr, GRID_SYNC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BPTT steps u_begin <= u < u_end (u = T: the dh0 pseudo-step) of one direction; grid
-    and tiles as kernels/triton/lstm.py lstm_layer_bwd."""
+    """BPTT steps step_begin <= u < step_end (u = T: the dh0 pseudo-step) of one direction;
+    grid and tiles as kernels/triton/lstm.py lstm_layer_bwd."""
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
-    for u_step in range(u_begin, u_end):
+    for u_step in range(step_begin, step_end):
         s = T - 1 - u_step
         t = step_time(s, T, REVERSE)
         tn = step_time(s + 1, T, REVERSE)
@@ -286,7 +300,7 @@ def gru_layer_bwd(
                       sgh_t, sgh_b, sgh_k, sdd_p, sdd_b, sdd_k, sdh0_b, sdh0_k,
                       HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
-            if u_step + 1 < u_end:
-                grid_barrier(sync_ptr, (u_step - u_begin + 1) * NP)
+            if u_step + 1 < step_end:
+                grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)
     if GRID_SYNC:
         grid_exit(sync_ptr)

@@ -20,6 +20,9 @@ h_{t-1} is h0 (or zero) at the first step, else the output of the step before, r
 (every unit: the product needs them all). A program owns whole units, so c stays with it.
 Written per step: h_t into `out` (rounded to its dtype: the next step reads it back), c_t
 (fp32) and the four fp32 activations (the backward's inputs); h_n, c_n at the last step.
+xp may be acts itself (the layers project into the activations' buffer): a tile reads its
+elements of xp_t before it writes the same elements of acts_t, each written value depends on
+the one read there, and no other tile reads them.
 
 With projections (torch's proj_size P < H) W_hh is (4H, P), h_{t-1} is P wide, the cell
 writes m_t = o tanh(c_t) (H wide) into `m`, and a second sub-step projects it,
@@ -89,7 +92,8 @@ def lstm_cell_backward(dh, dc, i, f, g, o, c, c1):
 def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, c0_ptr,
               whh_ptr, out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr, bs_ptr,
               T, B, I, H, P,
-              sx_t, sx_b, sx_k, swi_r, swi_k, sxp_t, sxp_b, sxp_k, sh0_b, sh0_k, sc0_b, sc0_k,
+              sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
+              sh0_b, sh0_k, sc0_b, sc0_k,
               swh_r, swh_k, so_t, so_b, so_k, sm_t, sm_b, sm_k, scs_t, scs_b, scs_k,
               sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
               FIRST: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
@@ -132,15 +136,23 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
         a_g += tl.load(xp + (u + 2 * H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
         a_o += tl.load(xp + (u + 3 * H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIH:
-        a_i += tl.load(bih_ptr + u, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        a_f += tl.load(bih_ptr + u + H, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        a_g += tl.load(bih_ptr + u + 2 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        a_o += tl.load(bih_ptr + u + 3 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        a_i += tl.load(bih_ptr + u * sbih, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
+        a_f += tl.load(bih_ptr + (u + H) * sbih, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
+        a_g += tl.load(bih_ptr + (u + 2 * H) * sbih, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
+        a_o += tl.load(bih_ptr + (u + 3 * H) * sbih, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
     if HAS_BHH:
-        a_i += tl.load(bhh_ptr + u, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        a_f += tl.load(bhh_ptr + u + H, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        a_g += tl.load(bhh_ptr + u + 2 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
-        a_o += tl.load(bhh_ptr + u + 3 * H, mask=u_ok[None, :], other=0.0).to(tl.float32)
+        a_i += tl.load(bhh_ptr + u * sbhh, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
+        a_f += tl.load(bhh_ptr + (u + H) * sbhh, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
+        a_g += tl.load(bhh_ptr + (u + 2 * H) * sbhh, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
+        a_o += tl.load(bhh_ptr + (u + 3 * H) * sbhh, mask=u_ok[None, :],
+                       other=0.0).to(tl.float32)
     c = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
     if FIRST:
         if HAS_C0:
@@ -203,13 +215,14 @@ def _proj_tile(tile, s, t, m_ptr, whr_ptr, out_ptr, hn_ptr, T, B, H, P,
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
-@triton.jit(do_not_specialize=["q_begin", "q_end"])
+@triton.jit(do_not_specialize=["step_begin", "step_end"])
 def lstm_layer_fwd(
     x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, c0_ptr, whh_ptr, whr_ptr,
     out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr, bs_ptr, sync_ptr,
-    T, B, I, H, P, q_begin, q_end,
+    T, B, I, H, P,
     sx_t, sx_b, sx_k,            # x (T, B, I): the cell's input (HAS_X)
     swi_r, swi_k,                # w_ih (4H, I)
+    sbih, sbhh,                  # b_ih, b_hh (4H,)
     sxp_t, sxp_b, sxp_k,         # xp (T, B, 4H): x W_ih^T + b_ih of every step (HAS_XP)
     sh0_b, sh0_k, sc0_b, sc0_k,  # h0 (B, P), c0 (B, H): the state before the first step
     swh_r, swh_k,                # w_hh (4H, P)
@@ -219,14 +232,15 @@ def lstm_layer_fwd(
     scs_t, scs_b, scs_k,         # cs (T, B, H) fp32: c_t
     sa_t, sa_b, sa_k,            # acts (T, B, 4H) fp32: i, f, g, o
     shn_b, shn_k, scn_b, scn_k,  # h_n (B, P), c_n (B, H): the last step's h_t, c_t
+    step_begin, step_end,        # this launch's sub-steps (last: they change per launch)
     REVERSE: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
     HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr,
     WRITE_HN: tl.constexpr, WRITE_CN: tl.constexpr, HAS_BS: tl.constexpr, PROJ: tl.constexpr,
     GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Sub-steps q_begin <= q < q_end of one direction: q is run-order step s = q without
-    projections; with them (PROJ) step s is q = 2s (the cell: m_t) and q = 2s + 1 (the
+    """Sub-steps step_begin <= q < step_end of one direction: q is run-order step s = q
+    without projections; with them (PROJ) step s is q = 2s (the cell: m_t) and q = 2s + 1 (the
     projection h_t = m_t W_hr^T, tiles of BLOCK_B rows x 4*BLOCK_H columns of P). Grid (NP,):
     each program loops over tiles pid, pid + NP, ... (cdiv(B, BLOCK_B) x cdiv(H, BLOCK_H)
     for the cell). GRID_SYNC: the programs wait for each other after every sub-step (all
@@ -235,7 +249,7 @@ def lstm_layer_fwd(
     NP = tl.num_programs(0)
     n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
     n_ptiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(P, 4 * BLOCK_H)
-    for q in range(q_begin, q_end):
+    for q in range(step_begin, step_end):
         if PROJ:
             s = q // 2
             phase = q % 2
@@ -253,7 +267,7 @@ def lstm_layer_fwd(
             for tile in range(pid, n_tiles, NP):
                 _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
                           c0_ptr, whh_ptr, out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr,
-                          bs_ptr, T, B, I, H, P, sx_t, sx_b, sx_k, swi_r, swi_k,
+                          bs_ptr, T, B, I, H, P, sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh,
                           sxp_t, sxp_b, sxp_k, sh0_b, sh0_k, sc0_b, sc0_k, swh_r, swh_k,
                           so_t, so_b, so_k, sm_t, sm_b, sm_k, scs_t, scs_b, scs_k,
                           sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
@@ -263,15 +277,15 @@ def lstm_layer_fwd(
             for tile in range(pid, n_tiles, NP):
                 _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
                           c0_ptr, whh_ptr, out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr,
-                          bs_ptr, T, B, I, H, P, sx_t, sx_b, sx_k, swi_r, swi_k,
+                          bs_ptr, T, B, I, H, P, sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh,
                           sxp_t, sxp_b, sxp_k, sh0_b, sh0_k, sc0_b, sc0_k, swh_r, swh_k,
                           so_t, so_b, so_k, sm_t, sm_b, sm_k, scs_t, scs_b, scs_k,
                           sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
                           False, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, HAS_C0, WRITE_HN,
                           WRITE_CN, HAS_BS, PROJ, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
-            if q + 1 < q_end:
-                grid_barrier(sync_ptr, (q - q_begin + 1) * NP)
+            if q + 1 < step_end:
+                grid_barrier(sync_ptr, (q - step_begin + 1) * NP)
     if GRID_SYNC:
         grid_exit(sync_ptr)
 
@@ -355,11 +369,11 @@ def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
-@triton.jit(do_not_specialize=["u_begin", "u_end"])
+@triton.jit(do_not_specialize=["step_begin", "step_end"])
 def lstm_layer_bwd(
     acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr, dhn_ptr, dcn_ptr, bs_ptr,
     dg_ptr, dc_ptr, pass_ptr, dh0_ptr, dc0_ptr, sync_ptr,
-    T, B, H, K, u_begin, u_end,
+    T, B, H, K,
     sa_t, sa_b, sa_k,            # acts (T, B, 4H) fp32 from the forward
     scs_t, scs_b, scs_k,         # cs (T, B, H) fp32: c_t
     sc0_b, sc0_k,                # c0 (B, H)
@@ -370,17 +384,18 @@ def lstm_layer_bwd(
     sdc_p, sdc_b, sdc_k,         # dc running (2, B, H) fp32, by step parity
     sps_p, sps_b, sps_k,         # pass-through running (2, B, H) fp32 (HAS_BS)
     sdh0_b, sdh0_k, sdc0_b, sdc0_k,
+    step_begin, step_end,        # this launch's steps (last: they change per launch)
     REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_DOUT: tl.constexpr,
     HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr,
     WRITE_DC0: tl.constexpr, GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BPTT steps u_begin <= u < u_end (u = T: the dh0 pseudo-step) of one direction; grid
-    and tiles as lstm_layer_fwd (BLOCK_H units, no gate interleave)."""
+    """BPTT steps step_begin <= u < step_end (u = T: the dh0 pseudo-step) of one direction;
+    grid and tiles as lstm_layer_fwd (BLOCK_H units, no gate interleave)."""
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
-    for u_step in range(u_begin, u_end):
+    for u_step in range(step_begin, step_end):
         s = T - 1 - u_step                          # the run-order step
         t = step_time(s, T, REVERSE)
         tn = step_time(s + 1, T, REVERSE)           # the step that ran after it
@@ -395,7 +410,7 @@ def lstm_layer_bwd(
                       HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, PRECISION,
                       BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
-            if u_step + 1 < u_end:
-                grid_barrier(sync_ptr, (u_step - u_begin + 1) * NP)
+            if u_step + 1 < step_end:
+                grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)
     if GRID_SYNC:
         grid_exit(sync_ptr)
