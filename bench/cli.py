@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed milliseconds per row (GPU)")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up milliseconds per row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--op-budget", type=float, default=None, metavar="SECONDS",
+                   help="per op: start no new case after this many seconds on the op (the "
+                        "rest are reported as skipped); for runs that must end in time")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -88,7 +91,7 @@ def cmd_run(argv: list[str]) -> int:
         shapes=shapes, dtypes=dtypes,
         directions=suites.DIRECTIONS if args.direction == "all" else (args.direction,),
         variants=args.variants, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-        progress=not args.no_progress, seed=args.seed)
+        progress=not args.no_progress, seed=args.seed, op_budget_s=args.op_budget)
 
     env = environment.describe(mode)
     print(f"device: {env['device']}  |  torch {env['torch']}  triton {env['triton']}  "

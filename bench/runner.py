@@ -45,6 +45,12 @@ class Options:
     rep_ms: float = 100.0
     progress: bool = True
     seed: int = 0
+    op_budget_s: float | None = None              # per op: no new case starts after this
+
+
+def over_budget(seconds: float) -> str:
+    return (f"not run: the op's time budget (--op-budget {seconds:g} s) was spent on its "
+            "earlier cases")
 
 
 def make_step(suite: Suite, fn, inputs, direction: str, copies: int,
@@ -221,7 +227,14 @@ def run(suites: list[Suite], options: Options, mode: str, peaks: dict,
     bar = Progress(len(work), sum(len(v) for *_, v in work), options.progress)
     try:
         # (NumPy's warnings from Triton's interpreter stay inside pydl's launches: pydl._env)
+        started: dict[str, float] = {}
         for suite, case, dtype, variants in work:
+            now = time.perf_counter()       # an op's first case always runs
+            if options.op_budget_s is not None \
+                    and now - started.setdefault(suite.op, now) > options.op_budget_s:
+                _skip_case(suite, case, dtype, variants, options, rows, bar,
+                           over_budget(options.op_budget_s))
+                continue
             _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar)
             bar.case_done(f"{suite.op} {case.name} {dtype_name(dtype)}", len(variants))
     finally:
@@ -229,6 +242,13 @@ def run(suites: list[Suite], options: Options, mode: str, peaks: dict,
         torch.backends.cudnn.benchmark = cudnn_benchmark
     derive(rows, peaks)
     return rows
+
+
+def _skip_case(suite, case, dtype, variants, options, rows, bar, reason: str) -> None:
+    for v in variants:
+        rows.extend(base_row(suite, case, dtype, d, v.name, gate.SKIPPED, reason)
+                    for d in options.directions)
+        bar.update()
 
 
 def _run_case(suite, case, dtype, variants, options, device, gpu, l2, rows, bar) -> None:

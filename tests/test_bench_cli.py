@@ -9,13 +9,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import pydl
-from bench import cli, runner, schema, tables, timing
+from bench import cli, gate, runner, schema, tables, timing
 from bench.suites import all_suites
 from bench.suites import base as suites_base
 from bench.suites.base import Variant
@@ -915,6 +916,24 @@ def test_progress_in_a_log_is_one_line_per_case(capsys):
     assert len(lines) == 2, err
     assert lines[0].startswith("[1/2] opt c fp32: 2 variant(s), ")
     assert lines[1].startswith("[2/2] opt d fp32: 2 variant(s), ")
+
+
+def test_op_budget_skips_the_cases_after_it_is_spent(capsys):
+    """--op-budget: an op's first case runs, later ones start only within the budget; the
+    rest are rows with status skipped that say why (a budgeted GPU session keeps its data)."""
+    options = runner.Options(shapes="tiny", variants=["torch"], progress=False, op_budget_s=0.0)
+    rows = runner.run([_two_case_suite()], options, "emulation",
+                      {"copy_gbps": None, "bf16_tflops": None}, device="cpu")
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r["case"], set()).add(r["status"])
+    assert by_case["c"] == {gate.PASS}
+    assert by_case["d"] == {gate.SKIPPED}
+    assert all("time budget" in r["message"] for r in rows if r["case"] == "d")
+    options = replace(options, op_budget_s=3600.0)
+    rows = runner.run([_two_case_suite()], options, "emulation",
+                      {"copy_gbps": None, "bf16_tflops": None}, device="cpu")
+    assert {r["status"] for r in rows} == {gate.PASS}
 
 
 def test_progress_on_a_terminal_is_a_bar():
