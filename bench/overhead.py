@@ -249,6 +249,10 @@ def measure_gpu(prepared: list[Prepared], calls: int) -> list[dict]:
                 rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
                                  engine=direction == "bwd" and p.bwd_engine,
                                  **_gpu_times(fn, calls)))
+            r = rows[-1]     # as it goes, for a run stopped by a time limit
+            print(f"{p.op} {p.case} {p.variant} {direction}: e2e {r['e2e_us']} us, kernels "
+                  f"{r['kernel_us']} us, host {r['host_us']} us, {r['launches']} launches",
+                  file=sys.stderr, flush=True)
     return rows
 
 
