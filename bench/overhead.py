@@ -197,7 +197,7 @@ def prepare(suite, variant, case, device, seed: int = 0) -> Prepared:
     if len(nodes) == 1 and nodes[0] is out.grad_fn and len(out.grad_fn._input_metadata) == 1:
         node = out.grad_fn
 
-        def bwd():
+        def bwd(out=out):         # out kept alive with its graph
             return node.apply(grad)
         engine = False
     else:

@@ -147,7 +147,8 @@ class Launch:
                       c.function, c.packed_metadata, None, None, None, *tensors, *self.tail)
                 return
         k = self.run(*tensors, *self.scalars, **dynamic, **self.consts)
-        if c is None and DIRECT and not dynamic and k is not None and hasattr(k, "packed_metadata"):
+        if c is None and DIRECT and not dynamic and hasattr(k, "packed_metadata") \
+                and hasattr(self.kernel, "fn"):      # a JITFunction (not a wrapper around one)
             self._keep(k, tensors)
 
     def _keep(self, compiled, tensors) -> None:
@@ -174,6 +175,22 @@ def _alignment(tensors) -> int:
     return bits
 
 
+_RUNTIME = None
+
+
 def _no_hooks() -> bool:
-    from triton import knobs
-    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+    """No launch hook is set (a profiler's, Proton's): Triton's own path calls them."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        from triton import knobs
+        _RUNTIME = knobs.runtime
+    return not (_hooked(_RUNTIME.launch_enter_hook) or _hooked(_RUNTIME.launch_exit_hook))
+
+
+def _hooked(hook) -> bool:
+    """A hook is set: a callable (older Triton), or a HookChain with calls in it (Triton 3.5+,
+    where the knob is an empty HookChain, never None, when nothing is hooked)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else True

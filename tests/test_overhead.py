@@ -144,8 +144,7 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
         jit_calls.append((args, kwargs))
         return Compiled()
 
-    monkeypatch.setattr(_plan, "DIRECT", True)
-    monkeypatch.setattr(_plan, "_no_hooks", lambda: True)
+    monkeypatch.setattr(_plan, "DIRECT", True)      # Triton's real launch-hook knobs: unset
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
     consts = dict(BLOCK=128, num_warps=4)        # BLOCK: a parameter; num_warps: an option
@@ -166,3 +165,30 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
     assert len(jit_calls) == 2
     launch(ws2, out2, seed=5)                             # a per-call scalar: Triton again
     assert len(jit_calls) == 3
+    launch(ws2, out2)
+    assert len(jit_calls) == 3                            # direct again
+
+
+def test_direct_launch_steps_aside_for_launch_hooks():
+    """Triton's launch-hook knobs are HookChains (empty when nothing is hooked, never None):
+    the direct path is taken with none set and left to Triton (which calls the hooks) while a
+    profiler's hook is in the chain."""
+    from triton import knobs
+
+    from pydl import _plan
+
+    assert _plan._no_hooks()
+    hooks = knobs.runtime.launch_enter_hook
+    assert hooks is not None                 # the Triton this is tested with: a HookChain
+
+    def hook(metadata):
+        pass
+
+    if hasattr(hooks, "add"):
+        hooks.add(hook)
+        try:
+            assert not _plan._no_hooks()
+        finally:
+            hooks.remove(hook)
+    assert _plan._no_hooks()
+    assert not _plan._hooked(None) and _plan._hooked(hook)
