@@ -74,8 +74,8 @@ def test_lecture_filters(backend, algo, name):
     img = random_tensor((1, 1, 9, 11), torch.float32, DEVICE)
     pad = k.shape[-1] // 2
     y = check_conv(img, k, None, backend, algo, torch.float32, padding=pad)
-    if name == "identity":
-        assert_close(y, img, torch.float32)
+    if name == "identity":    # the image back, rounded to TF32 where the products use it
+        assert_close(y, img, torch.float32, tf32=uses_tf32(img.device, cudnn=True))
 
 
 @variants

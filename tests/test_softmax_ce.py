@@ -454,15 +454,37 @@ def test_cross_entropy_probs_extreme_layouts_and_dtypes(backend):
 
 # --- bad input ------------------------------------------------------------------------------
 
+_TRAP = """
+import torch, pydl
+x = torch.randn(4, 5, device="cuda")
+pydl.cross_entropy(x, torch.tensor({target}, device="cuda"), backend="triton")
+torch.cuda.synchronize()
+"""
+
+
+def _out_of_range_traps(target: list) -> None:
+    """On a GPU the Triton kernel checks the targets itself and traps, as torch's device-side
+    assert does: the process's CUDA context is lost, so the call runs in a fresh process,
+    which must fail with the CUDA error and not finish."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _TRAP.format(target=target)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0, "an out-of-range target passed on the GPU"
+    assert "launch failure" in proc.stderr or "illegal instruction" in proc.stderr, proc.stderr
+
+
 @backends
 def test_cross_entropy_bad_input(backend):
     x = random_tensor((4, 5), torch.float32, DEVICE)
     t = _targets((4,), 5)
     ce = lambda *a, **k: pydl.cross_entropy(*a, backend=backend, **k)  # noqa: E731
-    with pytest.raises(IndexError, match="out of range"):
-        ce(x, torch.tensor([0, 1, 5, 2], device=DEVICE))
-    with pytest.raises(IndexError, match="out of range"):
-        ce(x, torch.tensor([0, -1, 2, 2], device=DEVICE))
+    for bad in ([0, 1, 5, 2], [0, -1, 2, 2]):
+        if softmax_ce.kernel_checks_targets(x, backend):
+            _out_of_range_traps(bad)
+        else:
+            with pytest.raises(IndexError, match="out of range"):
+                ce(x, torch.tensor(bad, device=DEVICE))
     with pytest.raises(ValueError, match="target shape"):
         ce(x, _targets((3,), 5))
     with pytest.raises(TypeError, match="int64"):
