@@ -138,6 +138,11 @@ def _measure(row: dict, run: CaseRun, variant: Variant, direction: str, copies: 
     row.update(status=OK, median_ms=t.median_ms, min_ms=t.min_ms, reps=t.reps, copies=copies)
 
 
+# An achieved rate this far above the measured peak is not a rate of the work the row's
+# FLOP/byte model counts (cache effects stay well below it)
+IMPOSSIBLE_FRACTION = 2.0
+
+
 def derive(rows: list[dict], peaks: dict) -> None:
     """Fill tflops, gbps, peak_fraction and speedup_vs_torch from the timed rows."""
     base = {(r["op"], r["case"], r["dtype"], r["direction"]): r["median_ms"]
@@ -154,6 +159,12 @@ def derive(rows: list[dict], peaks: dict) -> None:
                           else (r["tflops"], peaks.get("bf16_tflops")))
         if achieved and peak:
             r["peak_fraction"] = achieved / peak
+            if r["peak_fraction"] > IMPOSSIBLE_FRACTION:
+                r["message"] = (f"{r['direction']} would run at {r['peak_fraction']:.0f}x the "
+                                f"device's peak: this variant does the work counted here in "
+                                f"another direction (e.g. the gradient written by its "
+                                f"training forward); compare fwd+bwd")
+                r["tflops"] = r["gbps"] = r["peak_fraction"] = None
         ref = base.get((r["op"], r["case"], r["dtype"], r["direction"]))
         if ref:
             r["speedup_vs_torch"] = ref / ms

@@ -214,6 +214,16 @@ def test_derive_rates_and_peak_fraction():
     assert r["speedup_vs_torch"] is None                       # no torch row
 
 
+def test_derive_drops_rates_above_the_peak():
+    """A backward that only scales a gradient its training forward wrote (cross-entropy) runs
+    far faster than the bytes a backward is counted for: no rate, a message saying why."""
+    rows = [_row(ms=0.004, bytes=10**9, direction="bwd")]
+    runner.derive(rows, {"copy_gbps": 4000.0, "bf16_tflops": 700.0})
+    r = rows[0]
+    assert r["gbps"] is None and r["peak_fraction"] is None
+    assert "compare fwd+bwd" in r["message"] and r["median_ms"] == 0.004
+
+
 def test_rotation_copies():
     l2 = 50 * 2**20
     assert timing.rotation_copies(4 * 2**20, l2) == 13          # 13 x 4 MiB > 50 MiB
