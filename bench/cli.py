@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed milliseconds per row (GPU)")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up milliseconds per row")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", nargs="+", metavar="NAME",
+                   help="only these cases of the shape set (names as `python -m bench list` "
+                        "shows them); an unknown name is an error")
     p.add_argument("--op-budget", type=float, default=None, metavar="SECONDS",
                    help="per op: start no new case after this many seconds on the op (the "
                         "rest are reported as skipped); for runs that must end in time")
@@ -84,6 +87,7 @@ def cmd_run(argv: list[str]) -> int:
         selected = suites.select(args.ops)
         dtypes = [suites.parse_dtype(d) for d in args.dtype] if args.dtype else None
         _check_variants(selected, args.variants)
+        _check_cases(selected, shapes, args.cases)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -91,7 +95,8 @@ def cmd_run(argv: list[str]) -> int:
         shapes=shapes, dtypes=dtypes,
         directions=suites.DIRECTIONS if args.direction == "all" else (args.direction,),
         variants=args.variants, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-        progress=not args.no_progress, seed=args.seed, op_budget_s=args.op_budget)
+        progress=not args.no_progress, seed=args.seed, op_budget_s=args.op_budget,
+        cases=args.cases)
 
     env = environment.describe(mode)
     print(f"device: {env['device']}  |  torch {env['torch']}  triton {env['triton']}  "
@@ -137,6 +142,16 @@ def _case_entry(case, dtype: str) -> dict:
     if case.params:
         entry["params"] = case.params
     return entry
+
+
+def _check_cases(selected, shapes: str, names: list[str] | None) -> None:
+    if names is None:
+        return
+    have = {c.name for s in selected for c in s.cases(shapes)}
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise ValueError(f"no case {', '.join(map(repr, unknown))} in the selected ops' "
+                         f"{shapes!r} shapes; known: {', '.join(sorted(have))}")
 
 
 def _check_variants(selected, names: list[str] | None) -> None:

@@ -87,12 +87,13 @@ case $mode in
         # 1. the GPU test files (not the CPU-only ones: packaging, the bench CLI, offline
         #    compiles), one line per test in the log so that a stopped run still shows what ran;
         #    the Numba backend's cases apart (its compiles are slower), so each gets its time
-        gpu_tests="tests/test_conv.py tests/test_attention.py tests/test_attention_forward.py
-            tests/test_attention_onepass.py tests/test_softmax_ce.py tests/test_pool.py
-            tests/test_lstm.py tests/test_gru.py tests/test_rnn.py tests/test_rnn_persistent.py
-            tests/test_gemm.py tests/test_gemm_numba.py tests/test_double_backward.py
-            tests/test_edge_cases.py tests/test_interop.py tests/test_overhead.py
-            tests/test_backends.py tests/test_testing.py"
+        # (the files a GPU has not run yet first: xdist hands tests out in this order)
+        gpu_tests="tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
+            tests/test_rnn.py tests/test_double_backward.py tests/test_edge_cases.py
+            tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
+            tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
+            tests/test_conv.py tests/test_attention.py tests/test_attention_forward.py
+            tests/test_attention_onepass.py tests/test_pool.py tests/test_gemm_numba.py"
         for part in "150 not numba" "45 numba"; do
             # shellcheck disable=SC2046,SC2086
             timeout -k 5 "${part%% *}" python3 -m pytest -v -p no:cacheprovider $(workers 14) \
@@ -115,9 +116,12 @@ case $mode in
         echo "overhead exit status $?"
         cat "$out/overhead.log"
         # 3. the benchmark, each op within its budget (later cases are recorded as skipped)
-        bench_op 215 40 conv2d attention lstm gru \
-            --variants triton-implicit triton-flash triton-flash_hopper triton-persistent torch
-        bench_op 75 12 cross_entropy max_pool2d softmax --variants triton torch
+        bench_op 230 50 conv2d attention lstm gru \
+            --variants triton-implicit triton-flash triton-flash_hopper triton-persistent torch \
+            --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
+                d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
+                h1536-b32-t187 h512-b32-t1 h1024-b64-t1500
+        bench_op 60 12 cross_entropy max_pool2d softmax --variants triton torch
         tail -n 70 "$out/bench.log"
         # at most 8 files come back from a lent machine: one archive of the results' JSON
         tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results"

@@ -46,6 +46,7 @@ class Options:
     progress: bool = True
     seed: int = 0
     op_budget_s: float | None = None              # per op: no new case starts after this
+    cases: list[str] | None = None                # None: every case of the shape set
 
 
 def over_budget(seconds: float) -> str:
@@ -178,6 +179,8 @@ def tasks(suites: list[Suite], options: Options) -> list[tuple[Suite, Case, torc
     out = []
     for suite in suites:
         for case in suite.cases(options.shapes):
+            if options.cases is not None and case.name not in options.cases:
+                continue
             for dtype in options.dtypes or [case.dtype]:
                 out.append((suite, case, dtype))
     return out

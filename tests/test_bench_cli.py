@@ -946,6 +946,15 @@ def test_op_budget_skips_the_cases_after_it_is_spent(capsys):
     assert {r["status"] for r in rows} == {gate.PASS}
 
 
+def test_cases_select_rows_and_unknown_names_are_an_error(capsys):
+    options = runner.Options(shapes="tiny", variants=["torch"], progress=False, cases=["d"])
+    rows = runner.run([_two_case_suite()], options, "emulation",
+                      {"copy_gbps": None, "bf16_tflops": None}, device="cpu")
+    assert {r["case"] for r in rows} == {"d"}
+    assert cli.main(["softmax", "--cases", "no-such-case"]) == 2
+    assert "no case 'no-such-case'" in capsys.readouterr().err
+
+
 def test_progress_on_a_terminal_is_a_bar():
     class Terminal(io.StringIO):
         def isatty(self):
