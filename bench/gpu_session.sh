@@ -33,6 +33,8 @@
 #                                                    bit for bit), then LSTM and GRU fwd+bwd on
 #                                                    DeepBench's quick shapes against torch
 #                                                    (cuDNN): the issue-17 targets, with peak memory
+#   bench/gpu_session.sh ncu     OUT                 Nsight Compute, one launch each, on the last
+#                                                    run's kernel outliers (about two minutes)
 #
 # Suggested order: `verify OUT`, then `tests OUT` (add test files to split it if it runs long),
 # then `bench OUT conv2d attention`, then `bench OUT cross_entropy max_pool2d softmax lstm ...`.
@@ -40,8 +42,8 @@
 # Uses the machine's installed packages; installs pydl itself in place without dependencies,
 # and stops (exit 3) when that install or `import pydl.kernels` fails.
 set -uo pipefail
-mode=${1:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn OUT [args...]}
-out=${2:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn OUT [args...]}
+mode=${1:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn|ncu OUT [args...]}
+out=${2:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn|ncu OUT [args...]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -185,8 +187,27 @@ case $mode in
         echo "bench exit status $?"
         tail -n 40 "$out/bench.log"
         ;;
+    ncu)
+        # Nsight Compute on the kernel-level outliers of the last run, one launch each, at
+        # default configs (PYDL_TUNE=0): the max-pool NCHW backward (1.9 ms for ~0.5 GB), the
+        # stem's grad input (3.0 ms) and the GRU backward recurrence (98 us a step at hidden
+        # 2560); about two minutes
+        for spec in "max_pool2d_bwd_planar max_pool2d r50-stem-nchw triton" \
+                    "conv2d_implicit_bwd_input conv2d stem triton-implicit" \
+                    "gru_layer_bwd gru h2560-b32-t187 triton-persistent"; do
+            set -- $spec
+            PYDL_TUNE=0 timeout -k 5 60 ncu --set detailed -k "regex:$1" -c 1 \
+                python3 -m bench "$2" --cases "$3" --variants "$4" \
+                --direction bwd --rep-ms 1 --warmup-ms 1 --no-plots --no-progress \
+                --out "$out/ncu_bench" >"$out/ncu_$1.txt" 2>&1
+            echo "ncu $1 exit status $?"
+            grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|L2 Hit|Warp Cycles Per Issued" \
+                "$out/ncu_$1.txt" | head -n 12
+        done
+        rm -rf "$out/ncu_bench"
+        ;;
     *)
-        echo "unknown mode $mode: session, overhead, verify, tests, bench, untuned or rnn" >&2
+        echo "unknown mode $mode: session, overhead, verify, tests, bench, untuned, rnn or ncu" >&2
         exit 2
         ;;
 esac
