@@ -94,6 +94,16 @@ def _flat_taps(g: ConvGeometry) -> bool:
     """Whether the implicit kernels take (kh, kw, c) jointly (FLAT_K, FLAT_N)."""
     return g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
 
+
+def _stride_phases(g: ConvGeometry) -> int:
+    """Stride phases the implicit grad input tiles apart (kernels/triton/conv.py,
+    STRIDE_PHASES): SH * SW for a strided convolution without dilation, else 1 (one tile
+    holds pixels of every phase and masks the taps that do not reach them)."""
+    if (g.DH, g.DW) != (1, 1):
+        return 1
+    return g.SH * g.SW
+
+
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
 # dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
 IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
@@ -247,13 +257,17 @@ class _TritonImplicit:
                 gemm(dym, _weight_matrix(w, g), dxm, input_precision=precision)
             return pointwise
         M = g.N * g.H * g.W
+        phases = _stride_phases(g)
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
                    g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
-        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG,
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, STRIDE_PHASES=phases > 1,
                       INPUT_PRECISION=_input_precision(dy.dtype))
+        # with stride phases, each phase's pixels (n, h // SH, w // SW) are tiled apart
+        phase_pixels = g.N * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else M
 
         def launch(cfg):
-            grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]), g.groups)
+            grid = (phases * cdiv(phase_pixels, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]),
+                    g.groups)
             return Launch(k.conv2d_implicit_bwd_input, grid, scalars, {**consts, **cfg})
 
         cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,

@@ -323,6 +323,107 @@ def test_implicit_grad_weight_splits_are_used(monkeypatch):
     assert conv_mod.SPLIT_MAX >= gz
 
 
+# --- implicit GEMM: the grad input of a strided convolution, tiled by stride phase -----------
+
+# (input shape, weight shape, options, dtype, layout, stride phases the grad input tiles
+# apart). Odd and even sizes (a phase with fewer rows than another), padding 0 and > 0,
+# kernels 1, 3, 7, groups, and pixels that no window reads (their gradient is 0): the odd
+# pixels of a 1x1 at stride 2, the even ones with padding 1, phase 2 of a 3-tap kernel at
+# stride 4 with padding 1 (kh0 = 3), the last row of a stride-3 layer that the floor of the
+# output size drops.
+STRIDE_PHASE_CASES = {
+    "k3_s2_p1_odd": ((2, 5, 9, 7), (6, 5, 3, 3), dict(stride=2, padding=1),
+                     torch.float32, "nchw", 4),
+    "k3_s3_p0_even": ((1, 4, 10, 8), (5, 4, 3, 3), dict(stride=3),
+                      torch.float16, "channels_last", 9),
+    "k7_s2_p3_stem": ((2, 3, 12, 11), (8, 3, 7, 7), dict(stride=2, padding=3),
+                      torch.float16, "channels_last", 4),
+    "k1_s2_p0_unreached": ((2, 6, 7, 8), (4, 6, 1, 1), dict(stride=2),
+                           torch.float32, "nchw", 4),
+    "k1_s2_p1_unreached": ((1, 5, 6, 7), (3, 5, 1, 1), dict(stride=2, padding=1),
+                           torch.float16, "channels_last", 4),
+    "k3_s4_p1_phase_gaps": ((1, 3, 11, 9), (4, 3, 3, 3), dict(stride=4, padding=1),
+                            torch.float32, "channels_last", 16),
+    "s2x1_grouped": ((2, 6, 7, 6), (9, 2, 3, 3), dict(stride=(2, 1), padding=1, groups=3),
+                     torch.float16, "channels_last", 2),
+    "s1x3_grouped": ((1, 4, 5, 11), (6, 2, 3, 3), dict(stride=(1, 3), padding=(1, 2), groups=2),
+                     torch.float32, "nchw", 3),
+    "depthwise_s2": ((2, 4, 8, 7), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4),
+                     torch.float32, "channels_last", 4),
+    # dilation keeps one tile of every phase (its taps per phase are not kh0 + i * SH)
+    "dilated_s2": ((1, 3, 11, 10), (4, 3, 3, 3), dict(stride=2, padding=2, dilation=2),
+                   torch.float32, "nchw", 1),
+}
+
+
+def _spy_grad_input_launches(monkeypatch) -> list:
+    """(grid, constexprs) of every conv2d_implicit_bwd_input launch planned from now on."""
+    import pydl.conv as conv_mod
+    from pydl.kernels.triton import conv as k
+    seen = []
+
+    class Spy(conv_mod.Launch):
+        def __init__(self, kernel, grid, scalars, consts):
+            if kernel is k.conv2d_implicit_bwd_input:
+                seen.append((grid, consts))
+            super().__init__(kernel, grid, scalars, consts)
+    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    return seen
+
+
+def _unreached_pixels(H, W, KH, KW, opts) -> torch.Tensor:
+    """(H, W) bool: the input pixels that no output window reads (dilation 1)."""
+    SH, SW = torch.nn.modules.utils._pair(opts.get("stride", 1))
+    PH, PW = torch.nn.modules.utils._pair(opts.get("padding", 0))
+    OH, OW = (H + 2 * PH - KH) // SH + 1, (W + 2 * PW - KW) // SW + 1
+    read = torch.zeros(H + 2 * PH, W + 2 * PW, dtype=torch.bool)
+    for oh in range(OH):
+        for ow in range(OW):
+            read[oh * SH:oh * SH + KH, ow * SW:ow * SW + KW] = True
+    return ~read[PH:PH + H, PW:PW + W]
+
+
+@pytest.mark.parametrize("case", STRIDE_PHASE_CASES)
+def test_implicit_grad_input_stride_phases(monkeypatch, case):
+    """The grad input of a strided convolution, each program on the pixels of one stride phase
+    (h % SH, w % SW) and only the taps that reach them, against the float64 reference and
+    torch: every pixel written once, zeros where no window reads a pixel (the outputs are
+    NaN-poisoned). The launch has SH * SW phases (1 with dilation: every tap, masked)."""
+    seen = _spy_grad_input_launches(monkeypatch)
+    xs, ws, opts, dtype, layout, phases = STRIDE_PHASE_CASES[case]
+    x = random_tensor(xs, dtype, DEVICE)
+    w = random_tensor(ws, dtype, DEVICE, scale=0.3)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    check_conv(x, w, None, "triton", "implicit", dtype, **opts)
+    (grid, consts), = seen
+    assert consts["STRIDE_PHASES"] == (phases > 1)
+    N, _, H, W = xs
+    SH, SW = torch.nn.modules.utils._pair(opts["stride"])
+    pixels = N * -(-H // SH) * -(-W // SW) if phases > 1 else N * H * W
+    assert grid[0] == phases * -(-pixels // consts["BLOCK_M"])
+    if "dilation" not in opts:
+        unreached = _unreached_pixels(H, W, *ws[2:], opts)
+        assert unreached.any() == ("unreached" in case or "gaps" in case or "s3_p0" in case)
+        xg = x.clone().requires_grad_()
+        y = pydl.conv2d(xg, w, algo="implicit", **opts)
+        dx, = torch.autograd.grad(y, xg, random_tensor(y.shape, dtype, DEVICE))
+        assert (dx[..., unreached] == 0).all() and not dx.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_implicit_grad_input_stride_phases_channel_blocks(monkeypatch, dtype):
+    """Stride phases with 16-wide tiles: 20 input channels in two column tiles, 20 output
+    channels in two K blocks per tap (the last partial), several pixel tiles per phase."""
+    _small_tiles(monkeypatch)
+    seen = _spy_grad_input_launches(monkeypatch)
+    x = random_tensor((2, 20, 9, 8), dtype, DEVICE).to(memory_format=torch.channels_last)
+    w = random_tensor((20, 20, 3, 3), dtype, DEVICE, scale=0.3)
+    check_conv(x, w, None, "triton", "implicit", dtype, stride=2, padding=1)
+    (grid, consts), = seen
+    assert consts["STRIDE_PHASES"] and grid[:2] == (4 * 3, 2)   # 40 pixels a phase: 3 tiles
+
+
 @pytest.mark.parametrize("dy_layout", ["nchw", "channels_last"])
 def test_implicit_backward_gets_grad_output_in_input_layout(monkeypatch, dy_layout):
     """A channels_last layer given an NCHW upstream gradient: both backward kernels receive it

@@ -16,6 +16,8 @@ Every tensor comes with its four strides, so NCHW, channels_last and sliced tens
 The backward passes are implicit GEMMs of the same shape family:
   grad_input  dX[(n, h, w), c]  = sum over (kh, kw, oc) of dY[n, oc, oh, ow] * W[oc, c, kh, kw]
               with oh = (h + PH - kh*DH) / SH where that divides exactly (else no term);
+              with stride > 1 a tile holds pixels of one stride phase and loops over only
+              the taps that reach it;
   grad_weight dW[oc, (kh, kw, c)] = sum over (n, oh, ow) of dY[n, oc, oh, ow] * X[...];
   grad_bias   a column sum of dY.
 
@@ -107,29 +109,74 @@ def conv2d_implicit_bwd_input(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr,
     CG, OCG,
+    STRIDE_PHASES: tl.constexpr,        # tiles of one stride phase (stride > 1, dilation 1)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dX[(n, h, w), c] = sum_(kh, kw, oc) dY[n, oc, oh, ow] W[oc, c, kh, kw]: a gather over
-    the output positions whose window holds (h, w), so every dX element is written once."""
+    the output positions whose window holds (h, w), so every dX element is written once.
+
+    Without STRIDE_PHASES a tile is BLOCK_M consecutive pixels and the K loop visits every
+    tap (kh, kw), masking the rows whose oh = (h + PH - kh*DH) / SH is not an integer. With
+    stride S > 1 a pixel's phase (h % SH, w % SW) decides which taps reach it, so a tile of
+    mixed phases would run SH*SW times the MMA work it needs, most rows masked zeros.
+
+    STRIDE_PHASES (dilation 1): program_id(0) = pixel tile * SH*SW + phase (rh, rw), and the
+    tile's pixels are h = hp*SH + rh, w = wp*SW + rw over an (N, cdiv(H, SH), cdiv(W, SW))
+    grid (rows past H or W masked). The taps that reach phase rh are kh = kh0 + i*SH with
+    kh0 = (rh + PH) % SH, i < cdiv(KH - kh0, SH), and tap i reads output row
+    oh = (h + PH - kh) / SH = hp + (rh + PH) // SH - i exactly, for every row of the tile
+    (likewise along w); only the border checks 0 <= oh < OH remain. A phase no tap reaches
+    (kh0 >= KH: kernel 1 at stride 2) runs no K step and writes zeros. Consecutive programs
+    are the phases of one pixel region, which read the same dY rows (shared in L2).
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # input pixels (n, h, w)
     c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)          # input channels within the group
-    m_ok = m < N * H * W
     c_ok = c < CG
-    n, h, w = unravel3(m, H, W)
-    n = n.to(tl.int64)
     c_abs = (group * CG + c).to(tl.int64)
+    if STRIDE_PHASES:
+        phase = pid_m % (SH * SW)
+        rh = phase // SW
+        rw = phase % SW
+        HP = tl.cdiv(H, SH)                              # rows and columns of a phase
+        WP = tl.cdiv(W, SW)
+        m = (pid_m // (SH * SW)) * BLOCK_M + tl.arange(0, BLOCK_M)   # (n, hp, wp)
+        n, hp, wp = unravel3(m, HP, WP)
+        h = hp * SH + rh
+        w = wp * SW + rw
+        m_ok = (m < N * HP * WP) & (h < H) & (w < W)
+        kh0 = (rh + PH) % SH                             # the phase's first tap
+        kw0 = (rw + PW) % SW
+        TH = tl.cdiv(KH - kh0, SH)                       # the phase's taps: 0 when kh0 >= KH
+        TW = tl.cdiv(KW - kw0, SW)
+        oh0 = hp + (rh + PH) // SH                       # the output pixel tap (kh0, kw0) reads
+        ow0 = wp + (rw + PW) // SW
+    else:
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)      # input pixels (n, h, w)
+        m_ok = m < N * H * W
+        n, h, w = unravel3(m, H, W)
+        TH = KH
+        TW = KW
+    n = n.to(tl.int64)
     ko = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     NC = tl.cdiv(OCG, BLOCK_K)                           # output-channel blocks per (kh, kw)
-    for t in range(KH * KW * NC):                        # t = (kh, kw, output-channel block)
-        kh, kw, ob = unravel3(t, KW, NC)
-        oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
-        ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
-        a_ok = m_ok & oh_ok & ow_ok
+    for t in range(TH * TW * NC):                        # t = (tap row, tap column, oc block)
+        i, j, ob = unravel3(t, TW, NC)
+        if STRIDE_PHASES:
+            kh = kh0 + i * SH
+            kw = kw0 + j * SW
+            oh = oh0 - i
+            ow = ow0 - j
+            a_ok = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        else:
+            kh = i
+            kw = j
+            oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
+            ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
+            a_ok = m_ok & oh_ok & ow_ok
         a_row = dy_ptr + n * sdy_n + oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w
         b_col = w_ptr + c.to(tl.int64) * sw_c + kh.to(tl.int64) * sw_h + kw.to(tl.int64) * sw_w
         o = ob * BLOCK_K + ko
