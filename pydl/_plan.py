@@ -87,8 +87,25 @@ def clear_all() -> None:
         cache.clear()
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream: what is built now
+    (a launch that could not be autotuned) is used for this call and not kept."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+_capturing = capturing
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_tensors(*tensors) -> bool:
+    """Every one of `tensors` (None allowed) is a plain tensor or a Parameter, not a subclass
+    (FakeTensor, FunctionalTensor, a user's) that must go through torch's dispatcher to the
+    custom op: what a plan may launch on directly. A call's key holds its tensors' types."""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def needs_graph(*tensors) -> bool:
@@ -101,6 +118,25 @@ def needs_graph(*tensors) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]   # autograd.Function's C++ apply
+_APPLIERS: dict = {}
+
+
+def apply(function: type, *args):
+    """`function.apply(*args)` (a pydl torch.autograd.Function). In eager mode, outside
+    functorch's transforms, the C++ apply is called directly: Function.apply's Python
+    preamble (about 2 us a call here) binds default arguments for a `setup_context`, which
+    pydl's Functions do not define, and unwraps functorch wrappers that outlived their
+    transform, which pydl's ops take on no path (without a graph they reach the kernels
+    unwrapped too). Under torch.compile and functorch, Function.apply itself."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    fast = _APPLIERS.get(function)
+    if fast is None:
+        fast = _APPLIERS[function] = _FUNCTION_APPLY.__get__(None, function)
+    return fast(*args)
 
 
 # On a GPU, a Launch calls the compiled kernel's launcher directly after its first launch,
