@@ -50,7 +50,7 @@ from torch import Tensor
 from ._autograd import without_double_backward
 from ._launch import new_output
 from ._library import kernel_op
-from ._plan import Cache, needs_graph
+from ._plan import Cache, apply, capturing, needs_graph
 from ._rnn_launch import schedule, tf32_key
 
 F32 = torch.float32
@@ -493,8 +493,29 @@ def _grad_biases(sites, dg_ih, dg_hh, need_ih, need_hh, dweights, base, n, dtype
     dweights[base + 2], dweights[base + 3] = dbs
 
 
+class LayerKernels:
+    """A stack's kernel ops (pydl::rnn_fwd, pydl::rnn_bwd) for one config on one backend: what
+    RNNFunction runs, custom ops under torch.compile. In eager mode a call signature's plan
+    (LayerPlan, a subclass) runs the same plans (_Forward, _Backward) without looking them
+    up."""
+
+    __slots__ = ("cfg", "op", "backend")
+
+    def __init__(self, cfg: RNNConfig, op: str, backend: str):
+        self.cfg, self.op, self.backend = cfg, op, backend
+
+    def forward(self, x, h0, c0, weights, bs):
+        """(out, [h_n, c_n] ([h_n] without a cell state), saved)."""
+        return _rnn_fwd(x, h0, c0, list(weights), bs, *self.cfg.op_args, self.op, self.backend)
+
+    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need):
+        """The `need`ed ones of [dx, dh0, dc0, *dweights]."""
+        return _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
+                        need, *self.cfg.op_args, self.op, self.backend)
+
+
 class RNNFunction(torch.autograd.Function):
-    """A whole LSTM or GRU stack (`op` "lstm" or "gru"): x (T, B, I) ->
+    """A whole LSTM or GRU stack (ops.op "lstm" or "gru"): x (T, B, I) ->
     (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H), None for a cell without one).
 
     h0, c0: (L*D, B, H) or None (zeros). bs: a packed sequence's active rows per step ((T,)
@@ -504,18 +525,17 @@ class RNNFunction(torch.autograd.Function):
     output no gradient reaches gets None there, not zeros (no kernel to make them)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, bs, cfg: RNNConfig, op: str, backend: str, *weights):
-        args = (*cfg.op_args, op, backend)
-        out, finals, saved = _rnn_fwd(x, h0, c0, list(weights), bs, *args)
+    def forward(ctx, x, h0, c0, bs, ops: LayerKernels, *weights):
+        out, finals, saved = ops.forward(x, h0, c0, weights, bs)
         ctx.save_for_backward(x, h0, c0, bs, out, *weights, *saved)
-        ctx.n_weights, ctx.args = len(weights), args
+        ctx.n_weights, ctx.ops = len(weights), ops
         ctx.set_materialize_grads(False)
         return out, finals[0], finals[1] if len(finals) == 2 else None
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
         if torch.is_grad_enabled():     # create_graph: the kernels' result is not differentiable
-            return without_double_backward(ctx.args[-2], _rnn_backward, ctx, d_out, d_hn, d_cn)
+            return without_double_backward(ctx.ops.op, _rnn_backward, ctx, d_out, d_hn, d_cn)
         return _rnn_backward(ctx, d_out, d_hn, d_cn)
 
 
@@ -523,11 +543,55 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
     x, h0, c0, bs, out, *rest = ctx.saved_tensors
     weights, saved = rest[:ctx.n_weights], rest[ctx.n_weights:]
     need = ctx.needs_input_grad
-    need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[7:]]
-    grads = _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
-                     need, *ctx.args)
+    need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[5:]]
+    grads = ctx.ops.backward(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need)
     dx, dh0, dc0, *dw = needed(grads, need)
-    return (dx, dh0, dc0, None, None, None, None, *dw)
+    return (dx, dh0, dc0, None, None, *dw)
+
+
+class LayerPlan(LayerKernels):
+    """A layer call signature's plan (pydl._plan; eager mode, a kernel backend, a padded
+    input): its _Forward taken once, its _Backward per need and upstream gradients' strides
+    (and, in fp32, TF32 switch). The call's key (pydl/_rnn_checks.py) fixes everything else a
+    plan is built from: shapes, strides, dtypes, device, options, the forward's TF32 switch."""
+
+    __slots__ = ("fp32", "fwd", "bwd")
+
+    def __init__(self, cfg: RNNConfig, op: str, backend: str, dtype: torch.dtype):
+        super().__init__(cfg, op, backend)
+        self.fp32 = dtype == F32
+        self.fwd, self.bwd = None, {}
+
+    def __call__(self, x, h0, c0, weights):
+        """The layer on x (T, B, I): (out, h_n, c_n or None)."""
+        if needs_graph(x, h0, c0, *weights):
+            return apply(RNNFunction, x, h0, c0, None, self, *weights)
+        out, finals, _ = self.forward(x, h0, c0, weights, None)
+        return out, finals[0], finals[1] if len(finals) == 2 else None
+
+    def forward(self, x, h0, c0, weights, bs):
+        plan = self.fwd
+        if plan is None:
+            args = (*self.cfg.op_args, self.op, self.backend)
+            plan = _FORWARDS.get(_layer_key(x, h0, c0, weights, bs, *args), _Forward, x,
+                                 weights, *args)
+            if not capturing():
+                self.fwd = plan
+        return plan(x, h0, c0, weights, bs)
+
+    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need):
+        key = (*need, sig(d_out), sig(d_hn), sig(d_cn))
+        if self.fp32:
+            key += (tf32_key(F32, True),)
+        plan = self.bwd.get(key)
+        if plan is None:
+            args = (*self.cfg.op_args, self.op, self.backend)
+            plan = _BACKWARDS.get((_layer_key(x, h0, c0, weights, bs, *args), tuple(need),
+                                   sig(d_out), sig(d_hn), sig(d_cn)), _Backward, x, weights,
+                                  *args)
+            if not capturing():
+                self.bwd[key] = plan
+        return plan(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need)
 
 
 # --- weight gradients summed over time -------------------------------------------------------
@@ -587,23 +651,38 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
     or a PackedSequence input's pydl._rnn_checks.Packed (x is then padded). Without a
     gradient to record (pydl._plan.needs_graph) the forward kernel op runs directly."""
     _KINDS[(op, backend)] = (cell, launch)
+    _LAYER_ALGOS[(op, backend)] = algos
     has_c = cell.has_cell_state
 
     def impl(x, h0, c0, weights, cfg: RNNConfig, packed=None):
-        algo = cfg.algo or algos[0]
-        if algo not in algos:
-            raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
-                             f"backend (available: {', '.join(algos)})")
         bs = packed.bs if packed is not None else None
-        if algo != cfg.algo:
-            cfg = replace(cfg, algo=algo)
+        ops = LayerKernels(layer_config(op, backend, cfg), op, backend)
         if needs_graph(x, h0, c0, *weights):
-            return RNNFunction.apply(x, h0, c0, bs, cfg, op, backend, *weights)
-        out, finals, _ = _rnn_fwd(x, h0, c0, list(weights), bs, *cfg.op_args, op, backend)
+            return apply(RNNFunction, x, h0, c0, bs, ops, *weights)
+        out, finals, _ = ops.forward(x, h0, c0, weights, bs)
         return out, finals[0], finals[1] if has_c else None
     return impl
 
 
-__all__ = ["RNNConfig", "RNNFunction", "Plans", "layer_impl", "direction_weights",
+_LAYER_ALGOS: dict[tuple[str, str], tuple[str, ...]] = {}   # (op, backend) -> algorithms
+
+
+def layer_config(op: str, backend: str, cfg: RNNConfig) -> RNNConfig:
+    """cfg with its algorithm resolved on `backend` (the default for None), or ValueError."""
+    algos = _LAYER_ALGOS[(op, backend)]
+    algo = cfg.algo or algos[0]
+    if algo not in algos:
+        raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
+                         f"backend (available: {', '.join(algos)})")
+    return cfg if algo == cfg.algo else replace(cfg, algo=algo)
+
+
+def layer_plan(op: str, backend: str, cfg: RNNConfig, dtype: torch.dtype) -> LayerPlan:
+    """The eager plan of a layer call signature on a kernel backend (pydl/_rnn_checks.py)."""
+    return LayerPlan(layer_config(op, backend, cfg), op, backend, dtype)
+
+
+__all__ = ["RNNConfig", "RNNFunction", "LayerKernels", "LayerPlan", "Plans", "layer_impl",
+           "layer_config", "layer_plan", "direction_weights",
            "layer_sizes", "seq_rows", "steps_after_first", "at", "first", "sig",
            "cell_need", "cell_grads_fake", "needed"]
