@@ -162,7 +162,7 @@ class GRURecurrence:
             columns, the input projection gi; each tile of the recurrence reads its elements
             of gi before it writes r, z, n there (kernels/triton/gru.py)."""
             T, B, H = self.dims
-            ws = new_output((T, B, 4 * H), F32, dev)
+            ws = self.new("ws", (T, B, 4 * H), F32, dev)
             return ws, ws.narrow(2, 0, 3 * H)
 
         def __call__(self, ws, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
@@ -197,10 +197,10 @@ class GRURecurrence:
         def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs):
             T, B, H = self.dims
             dev = out.device
-            dgi = new_output((T, B, 3 * H), F32, dev)
-            dgh = new_output((T, B, 3 * H), F32, dev)
+            dgi = self.new("dgi", (T, B, 3 * H), F32, dev)
+            dgh = self.new("dgh", (T, B, 3 * H), F32, dev)
             if B:
-                dhd = new_output((2, B, H), F32, dev)
+                dhd = self.new("dhd", (2, B, H), F32, dev)
                 self.backward("bwd", acts, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
                               model=out.dtype)
             return dgi, dgh

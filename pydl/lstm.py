@@ -187,14 +187,14 @@ class LSTMRecurrence:
             projection goes first; each tile of the recurrence reads its elements of xp
             before it writes the same elements of acts (kernels/triton/lstm.py)."""
             T, B, H = self.dims
-            acts = new_output((T, B, 4 * H), F32, dev)
+            acts = self.new("acts", (T, B, 4 * H), F32, dev)
             return acts, acts
 
         def __call__(self, acts, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
             T, B, H = self.dims
             dev = out.device
-            cs = new_output((T, B, H), F32, dev)
-            m = new_output((T, B, H), out.dtype, dev) if w_hr is not None else None
+            cs = self.new("cs", (T, B, H), F32, dev)
+            m = self.new("m", (T, B, H), out.dtype, dev) if w_hr is not None else None
             if B:
                 self.forward("fwd", None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out, m, cs,
                              acts, h_n, c_n, bs)
@@ -235,7 +235,7 @@ class LSTMRecurrence:
             T, B, H = self.dims
             dev = cs.device
             model = out.dtype
-            dg = new_output((T, B, 4 * H), F32, dev)
+            dg = self.new("dg", (T, B, 4 * H), F32, dev)
             w_rec = w_hh
             if w_hr is not None:
                 w_rec = new_output((4 * H, H), F32, dev)
@@ -250,7 +250,7 @@ class LSTMRecurrence:
                     d_hn = dm_hn
             if B == 0:
                 return dg, dg
-            dc_run = new_output((2, B, H), F32, dev)
+            dc_run = self.new("dc_run", (2, B, H), F32, dev)
             pas = new_output((2, B, H), F32, dev) if bs is not None else None
             self.backward("bwd", acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
                           dh0 if w_hr is None else None, dc0, model=model)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import without_double_backward
-from ._launch import new_output
+from ._launch import fresh, new_output, output_maker
 from ._library import kernel_op
 from ._plan import Cache, apply, capturing, needs_graph
 from ._rnn_launch import schedule, tf32_key
@@ -170,6 +170,14 @@ class Plans:
     def __init__(self, launch, dims: tuple = (), mode: str = "steps", reverse: bool = False):
         self.launch, self.dims, self.mode, self.reverse = launch, dims, mode, reverse
         self.built: dict = {}
+
+    def new(self, name, shape, dtype: torch.dtype, device) -> Tensor:
+        """A fresh output, its allocation's arguments fixed on first use (`name` says which:
+        the shapes are the plan's)."""
+        make = self.built.get(name)
+        if make is None:
+            make = self.built[name] = output_maker(shape, dtype, device)
+        return fresh(make)
 
     def forward(self, name, *tensors, mode: str | None = None, reverse: bool | None = None):
         """The cell's forward recurrence kernel over `tensors` (its launcher's forward_plan)."""
@@ -308,18 +316,22 @@ class _Forward:
         # what the backward gets of each direction: acts unless recomputed, cs, m (LSTMP)
         self.keep_acts = not cfg.recompute
         self.keep_m = cfg.proj and not cfg.recompute
+        LD, dt, dev = self.L * self.D, x.dtype, x.device
+        self.new_h_n = output_maker((LD, B, self.P), dt, dev)
+        self.new_c_n = output_maker((LD, B, self.H), dt, dev) if self.cell.has_cell_state \
+            else None
+        self.new_out = output_maker((T, B, self.D * self.P), dt, dev)
 
     def __call__(self, x, h0, c0, weights, bs):
-        cfg, cell, sites = self.cfg, self.cell, self.sites
-        T, B, _ = x.shape
-        L, D, H, P = self.L, self.D, self.H, self.P
+        cfg, sites = self.cfg, self.sites
+        L, D, P = self.L, self.D, self.P
         dt, dev = x.dtype, x.device
-        h_n = new_output((L * D, B, P), dt, dev)
-        c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
+        h_n = fresh(self.new_h_n)
+        c_n = fresh(self.new_c_n) if self.new_c_n is not None else None
         flat, per_dir = [], []
         inp = x
         for layer in range(L):
-            out = new_output((T, B, D * P), dt, dev)
+            out = fresh(self.new_out)
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
