@@ -71,6 +71,12 @@ def _triton_config(n_rows: int, n: int, tile: int | None = None, max_block_n: in
 DENOMINATOR_BLOCK = 4096
 
 
+def unit_stride(weight: Tensor | None) -> Tensor | None:
+    """Class weights as the Triton kernels read them, at unit stride: a strided view (a slice
+    of a larger tensor) copied (C values)."""
+    return weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
+
+
 def cross_entropy_scratch(rows: int) -> int:
     """fp32 elements of a reduced cross-entropy forward's scratch (the programs' partial sums:
     2 a row in the forward kernel, 1 per block of the mean denominator's)."""
@@ -182,9 +188,14 @@ class _TritonLaunch:
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
         has_weight = weight is not None
+        strided = has_weight and weight.stride(0) != 1
+        weight = unit_stride(weight)
         w = weight if has_weight else x3
         dx = dx3 if grad else x3
         none = reduction == "none"
+        # the kernels read the targets (rows,) at unit stride: a strided view is copied
+        t_strided = target.stride(0) != 1
+        target = target.contiguous()
         arrivals = lse if none else arrival_counters(dev, 1)   # placeholders without a sum
         parts = lse if none else scratch
         fwd = _launch("cross_entropy_fwd", x3, (x3, target, w, loss, lse, loss, denom, parts,
@@ -195,8 +206,9 @@ class _TritonLaunch:
                       CHECK_TARGETS=dev.type == "cuda")
         if none:
             def run(x, target, weight, lse, loss, denom, scratch, dx):
-                fwd(x, target, weight if has_weight else x, loss, lse, loss, denom, lse, lse,
-                    dx if grad else x)
+                w = (weight.contiguous() if strided else weight) if has_weight else x
+                fwd(x, target.contiguous() if t_strided else target, w, loss, lse, loss, denom,
+                    lse, lse, dx if grad else x)
             return run
         denominator = None
         if grad and reduction == "mean":
@@ -207,7 +219,9 @@ class _TritonLaunch:
         tail = 2 * rows
 
         def run(x, target, weight, lse, loss, denom, scratch, dx):
-            w = weight if has_weight else x
+            w = (weight.contiguous() if strided else weight) if has_weight else x
+            if t_strided:
+                target = target.contiguous()
             arrivals = arrival_counters(dev, 1)
             if denominator is not None:
                 denominator(target, w, denom, scratch[tail:], arrivals)
@@ -273,6 +287,10 @@ class _TritonLaunch:
         else:
             grad, stride, flat = grad_out, 0, True
         has_weight = weight is not None
+        strided = has_weight and weight.stride(0) != 1
+        weight = unit_stride(weight)
+        t_strided = target.stride(0) != 1               # read at unit stride: copied
+        target = target.contiguous()
         weight_sum = has_weight and smoothing > 0       # summed every call: weights may change
         tensors = (x3, target, weight if has_weight else x3, lse, grad, denom,
                    weight.float().sum() if weight_sum else lse, dx3)
@@ -283,6 +301,10 @@ class _TritonLaunch:
                          MEAN=reduction == "mean")
 
         def run(x3, target, weight, lse, denom, grad_out, dx3):
+            if strided:
+                weight = weight.contiguous()
+            if t_strided:
+                target = target.contiguous()
             launch(x3, target, weight if has_weight else x3, lse,
                    grad_out if flat else grad_out.reshape(-1), denom,
                    weight.float().sum() if weight_sum else lse, dx3)
@@ -291,7 +313,7 @@ class _TritonLaunch:
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
         outer, n, inner = x3.shape
-        tensors = (x3, y3, weight if weight is not None else x3, loss, lse, mass)
+        tensors = (x3, y3, x3 if weight is None else unit_stride(weight), loss, lse, mass)
         _launch("cross_entropy_prob_fwd", x3, tensors,
                 (outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing),
                 HAS_WEIGHT=weight is not None)(*tensors)
@@ -301,7 +323,8 @@ class _TritonLaunch:
                                dy3, smoothing):
         outer, n, inner = x3.shape
         dy = dy3 if dy3 is not None else dx3
-        tensors = (x3, y3, weight if weight is not None else x3, lse, mass, grad, dx3, dy)
+        tensors = (x3, y3, x3 if weight is None else unit_stride(weight), lse, mass, grad, dx3,
+                   dy)
         _launch("cross_entropy_prob_bwd", x3, tensors,
                 (grad_stride, grad_scale, outer * inner, n, inner, *x3.stride(), *y3.stride(),
                  *dx3.stride(), *dy.stride(), smoothing),
