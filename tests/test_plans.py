@@ -69,12 +69,15 @@ def test_conv2d_layouts_do_not_share_a_plan(backend, algo):
     b, b2 = _randn(OC), _randn(2 * OC)
     out_shape = (N, OC, H, W)
     nchw, cl = _cotangent(out_shape), _cotangent(out_shape, (0, 2, 3, 1))
-    layouts = [
+    cl_x = lambda x: x.to(memory_format=torch.channels_last)  # noqa: E731
+    swap_w = lambda w: w.transpose(2, 3).contiguous().transpose(2, 3)  # noqa: E731
+    layouts = [     # one thing changed at a time, then all
         ((x, w, b), lambda x, w, b: (x, w, b), nchw),
-        ((x, w, b), lambda x, w, b: (x.to(memory_format=torch.channels_last), w, b), nchw),
-        ((x, w, b), lambda x, w, b: (x.to(memory_format=torch.channels_last), w, b), cl),
-        ((xw, wt, b2), lambda x, w, b: (x[..., 1:-2], w.transpose(2, 3).contiguous()
-                                        .transpose(2, 3), b[::2]), cl),
+        ((x, w, b), lambda x, w, b: (cl_x(x), w, b), nchw),
+        ((x, w, b), lambda x, w, b: (cl_x(x), w, b), cl),
+        ((x, wt, b), lambda x, w, b: (x, swap_w(w), b), cl),
+        ((x, w, b2), lambda x, w, b: (x, w, b[::2]), cl),
+        ((xw, wt, b2), lambda x, w, b: (x[..., 1:-2], swap_w(w), b[::2]), cl),
         ((x, w, b), lambda x, w, b: (x, w, b), cl),
     ]
     _check_layouts(lambda x, w, b, backend: pydl.conv2d(
@@ -123,12 +126,12 @@ def test_conv2d_follows_the_tf32_switch(monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
         seen.clear()
         y = pydl.conv2d(x, w, padding=1, backend="triton", algo="implicit")
-        want = "tf32" if allow else "ieee"
-        assert seen == [want], (allow, seen)
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not allow)
-        seen.clear()
-        y.backward(torch.ones_like(y))
-        assert seen == ["ieee" if allow else "tf32"] * 2, (allow, seen)
+        assert seen == ["tf32" if allow else "ieee"], (allow, seen)
+        for during in (not allow, allow):       # the backward planned under both
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", during)
+            seen.clear()
+            y.backward(torch.ones_like(y), retain_graph=True)
+            assert seen == ["tf32" if during else "ieee"] * 2, (allow, during, seen)
 
 
 def test_subclass_tensors_do_not_take_the_plan():
