@@ -210,6 +210,7 @@ def test_cross_entropy_layouts_do_not_share_a_plan(reduction):
     d = torch.Tensor.detach      # torch's cross_entropy has no gradient for the weights
     layouts = [
         ((x, t, w), lambda x, t, w: (x, t, d(w)), plain),
+        ((x, t, w), lambda x, t, w: (x, t, d(w)), strided),
         ((xt, t, w), lambda x, t, w: (x.t(), t, d(w)), plain),
         ((xt, t2, w2), lambda x, t, w: (x.t(), t[::2], d(w)[::2]), strided),
         ((x, t2, w), lambda x, t, w: (x, t[::2], d(w)), strided),
