@@ -30,6 +30,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from . import _env
+
 # A cache holds at most this many signatures; past it, it starts over (a model uses a few).
 MAX_ENTRIES = 4096
 
@@ -118,6 +120,18 @@ def needs_graph(*tensors) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def emulated(*methods: str):
+    """Class decorator for a plan: its named methods, which launch kernels, run in the
+    emulation's interpreter state under PYDL_INTERPRET (pydl._env.emulated_launch, as the
+    kernel ops do); unchanged on a GPU."""
+    def wrap(cls):
+        if _env.INTERPRET:
+            for name in methods:
+                setattr(cls, name, _env.emulated_launch(cls.__dict__[name]))
+        return cls
+    return wrap
 
 
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]   # autograd.Function's C++ apply

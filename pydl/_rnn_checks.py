@@ -74,7 +74,7 @@ class CellCall:
     per call, only the unbatched input's views and the implementation,
     impl(x, *states, w_ih, w_hh, b_ih, b_hh); on a kernel backend in eager mode, for a
     batched input, the signature's plan (`plan`, the cell module's, made here: plan(backend,
-    input, w_hh), called as impl)."""
+    impl, input, w_hh), None where impl is not the module's own; called as impl)."""
 
     __slots__ = ("impl", "unbatched", "plan")
 
@@ -89,9 +89,9 @@ class CellCall:
         for s, n in zip(states, _STATE_NAMES[op]):
             check_cell_state(s, n, input, expected, name)
         self.plan = None
-        if name != "torch" and not self.unbatched and not torch.compiler.is_compiling() \
+        if not self.unbatched and not torch.compiler.is_compiling() \
                 and plain_tensors(input, *states, w_ih, w_hh, b_ih, b_hh):
-            self.plan = plan(name, input, w_hh)
+            self.plan = plan(name, self.impl, input, w_hh)
 
     def __call__(self, input, states, w_ih, w_hh, b_ih, b_hh):
         if self.plan is not None:
@@ -311,9 +311,8 @@ class LayerCall:
         self.cfg = cfg if cfg.algo is not None else replace(cfg, algo=_LAYER_ALGOS[0])
         self.n_states = len(states)
         self.plan = None
-        if name != "torch" and not torch.compiler.is_compiling() \
-                and plain_tensors(input, *states, *weights):
-            self.plan = layer_plan(op, name, self.cfg, input.dtype)
+        if not torch.compiler.is_compiling() and plain_tensors(input, *states, *weights):
+            self.plan = layer_plan(op, name, self.impl, self.cfg, input.dtype)
 
     def __call__(self, input, states, weights):
         layout = self.layout

@@ -29,7 +29,7 @@ from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba_1d,
                       new_output, next_power_of_2, numba_array, numba_stream, numba_threads,
                       output_maker, tf32_allowed)
-from ._plan import Cache, Launch, apply, capturing, needs_graph, plain_tensors
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from .backends import current_backend, dispatch, register, resolve_algo
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -562,8 +562,12 @@ def _kernel_attention(backend):
     return impl
 
 
-register("scaled_dot_product_attention", "triton", algos=ALGOS)(_kernel_attention("triton"))
-register("scaled_dot_product_attention", "numba", algos=("flash",))(_kernel_attention("numba"))
+# backend -> pydl's own implementation (a call plans its eager form only where it still runs)
+_KERNEL_IMPLS = {
+    "triton": register("scaled_dot_product_attention", "triton", algos=ALGOS)(
+        _kernel_attention("triton")),
+    "numba": register("scaled_dot_product_attention", "numba", algos=("flash",))(
+        _kernel_attention("numba"))}
 
 # Triton algos with launchers of their own (each raises NotImplementedError where it cannot
 # run): "flash_hopper", the Gluon forward with the flash backward; "flash_onepass", the flash
@@ -657,6 +661,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     return name, impl, q, k, v, mask, mask_kind, float(scale)
 
 
+@emulated("forward", "backward")
 class _AttentionCall(AttentionKernels):
     """scaled_dot_product_attention for one call signature (pydl._plan), checked once: the
     implementation, the algorithm, the scale, the mask's kind and the 4-D views' shapes. For
@@ -682,7 +687,8 @@ class _AttentionCall(AttentionKernels):
         self.mask_shape = None if mask is None else mask.shape
         self.out_shape = None if query.dim() == 4 else query.shape[:-2] + (q.shape[2],
                                                                            v.shape[3])
-        self.planned = (name == "triton" and self.algo == "flash" and self.views is None
+        self.planned = (self.impl is _KERNEL_IMPLS["triton"] and self.algo == "flash"
+                        and self.views is None
                         and not torch.compiler.is_compiling()
                         and plain_tensors(query, key, value, attn_mask))
         if self.planned:

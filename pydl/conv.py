@@ -34,7 +34,7 @@ from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, 
 from ._launch import (arrival_counters, cdiv, dot_block, fresh, input_precision, launch_numba,
                       launch_numba_1d, memory_format_of, new_output, next_power_of_2,
                       output_maker, tf32_allowed)
-from ._plan import Cache, Launch, apply, capturing, needs_graph, plain_tensors
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -903,8 +903,9 @@ def _kernel_conv2d(backend: str):
     return impl
 
 
-for _backend, _algos in ALGOS.items():
-    register("conv2d", _backend, algos=tuple(_algos))(_kernel_conv2d(_backend))
+# backend -> pydl's own implementation (a call plans its eager form only where it still runs)
+_KERNEL_IMPLS = {_backend: register("conv2d", _backend, algos=tuple(_algos))(
+    _kernel_conv2d(_backend)) for _backend, _algos in ALGOS.items()}
 
 
 @register("conv2d", "torch")
@@ -947,6 +948,7 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
                         bottom, right)
 
 
+@emulated("forward", "backward_input", "backward_weight", "backward_bias")
 class _Conv2dCall(Conv2dKernels):
     """conv2d for one call signature (pydl._plan), checked once: the implementation, the
     geometry and the algorithm. On a kernel backend in eager mode it is also the signature's
@@ -984,8 +986,8 @@ class _Conv2dCall(Conv2dKernels):
                              f"not run a convolution over no channels (torch returns an (N, 0, "
                              f"OH, OW) tensor for it); use backend='torch' for torch's result")
         super().__init__(g, algo, name)
-        self.eager = (name in ALGOS and not self.unbatched and not torch.compiler.is_compiling()
-                      and plain_tensors(input, weight, bias))
+        self.eager = (self.impl is _KERNEL_IMPLS.get(name) and not self.unbatched
+                      and not torch.compiler.is_compiling() and plain_tensors(input, weight, bias))
         if self.eager:
             dt, dev, fmt = input.dtype, input.device, memory_format_of(input)
             self.launcher = ALGOS[name][algo]

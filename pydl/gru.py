@@ -30,7 +30,7 @@ from torch import Tensor
 from ._autograd import without_double_backward
 from ._launch import fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
-from ._plan import Cache, apply, capturing, needs_graph
+from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
 from ._rnn_launch import NumbaRNN, TritonRNN, numba_tile, seq_strides, tf32_key
@@ -344,6 +344,7 @@ class GRUCellFunction(torch.autograd.Function):
         return (*needed(grads, ctx.need), None)
 
 
+@emulated("forward", "backward")
 class _GRUCellPlan(GRUCellKernels):
     """A gru_cell call signature's plan (pydl._plan; eager mode, a kernel backend): the
     outputs' allocation fixed, the forward's plan taken once, the backward's per need and
@@ -392,6 +393,15 @@ class _GRUCellPlan(GRUCellKernels):
 
 # --- implementations by backend -------------------------------------------------------------
 
+_CELL_IMPLS: dict = {}     # backend -> pydl's own implementation
+
+
+def _cell_plan(backend: str, impl, x, w_hh):
+    """The eager plan of a call signature (pydl/_rnn_checks.py CellCall), where `impl` is
+    pydl's own; None elsewhere."""
+    return _GRUCellPlan(backend, x, w_hh) if impl is _CELL_IMPLS.get(backend) else None
+
+
 def _kernel_gru_cell(backend: str):
     def impl(x, h, w_ih, w_hh, b_ih, b_hh):
         ops = GRUCellKernels(backend)
@@ -402,7 +412,7 @@ def _kernel_gru_cell(backend: str):
 
 
 for _name, _launch in LAUNCHERS.items():
-    register("gru_cell", _name)(_kernel_gru_cell(_name))
+    _CELL_IMPLS[_name] = register("gru_cell", _name)(_kernel_gru_cell(_name))
     register("gru", _name)(layer_impl("gru", GRURecurrence, _name, _launch, ALGOS[_name]))
 
 
@@ -440,7 +450,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     input, hx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("gru_cell", input, hx, w_ih, w_hh, b_ih,
                                                         b_hh)
     states = (hx,)
-    return cell_call("gru_cell", 3, _GRUCellPlan, input, states, w_ih, w_hh, b_ih, b_hh,
+    return cell_call("gru_cell", 3, _cell_plan, input, states, w_ih, w_hh, b_ih, b_hh,
                      backend)(input, states, w_ih, w_hh, b_ih, b_hh)
 
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from ._autograd import without_double_backward
 from ._launch import fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
-from ._plan import Cache, apply, capturing, needs_graph
+from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
@@ -406,6 +406,7 @@ class LSTMCellFunction(torch.autograd.Function):
         return (*needed(grads, ctx.need), None)
 
 
+@emulated("forward", "backward")
 class _LSTMCellPlan(LSTMCellKernels):
     """An lstm_cell call signature's plan (pydl._plan; eager mode, a kernel backend): the
     outputs' allocation fixed, the forward's plan taken once, the backward's per need and
@@ -459,6 +460,15 @@ class _LSTMCellPlan(LSTMCellKernels):
 
 # --- implementations by backend -------------------------------------------------------------
 
+_CELL_IMPLS: dict = {}     # backend -> pydl's own implementation
+
+
+def _cell_plan(backend: str, impl, x, w_hh):
+    """The eager plan of a call signature (pydl/_rnn_checks.py CellCall), where `impl` is
+    pydl's own; None elsewhere."""
+    return _LSTMCellPlan(backend, x, w_hh) if impl is _CELL_IMPLS.get(backend) else None
+
+
 def _kernel_lstm_cell(backend: str):
     def impl(x, h, c, w_ih, w_hh, b_ih, b_hh):
         ops = LSTMCellKernels(backend)
@@ -470,7 +480,7 @@ def _kernel_lstm_cell(backend: str):
 
 
 for _name, _launch in LAUNCHERS.items():
-    register("lstm_cell", _name)(_kernel_lstm_cell(_name))
+    _CELL_IMPLS[_name] = register("lstm_cell", _name)(_kernel_lstm_cell(_name))
     register("lstm", _name)(layer_impl("lstm", LSTMRecurrence, _name, _launch, ALGOS[_name]))
 
 
@@ -525,7 +535,7 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     input, h, c, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lstm_cell", input, *states, w_ih,
                                                           w_hh, b_ih, b_hh)
     states = (h, c)
-    return cell_call("lstm_cell", 4, _LSTMCellPlan, input, states, w_ih, w_hh, b_ih, b_hh,
+    return cell_call("lstm_cell", 4, _cell_plan, input, states, w_ih, w_hh, b_ih, b_hh,
                      backend)(input, states, w_ih, w_hh, b_ih, b_hh)
 
 

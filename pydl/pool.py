@@ -20,7 +20,7 @@ from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, k
                        memory_format)
 from ._launch import (cdiv, fresh, launch_numba_1d, memory_format_of, new_output,
                       next_power_of_2, output_maker)
-from ._plan import Cache, Launch, apply, capturing, needs_graph, plain_tensors
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import pair, pool_output_size
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -484,9 +484,13 @@ def _register(name: str):
             return ops.avg_forward(x)
         return impl
 
-    register("max_pool2d", name)(max_pool)
-    register("avg_pool2d", name)(avg_pool(False))
-    register("adaptive_avg_pool2d", name)(avg_pool(True))
+    _KERNEL_IMPLS[name] = (register("max_pool2d", name)(max_pool),
+                           register("avg_pool2d", name)(avg_pool(False)),
+                           register("adaptive_avg_pool2d", name)(avg_pool(True)))
+
+
+# backend -> pydl's own implementations (a call plans its eager form only where they run)
+_KERNEL_IMPLS: dict[str, tuple] = {}
 
 
 for _name in LAUNCHERS:
@@ -546,6 +550,7 @@ def _geometry(shape, kernel_size, stride, padding, dilation, ceil_mode, **extra)
     return PoolGeometry(N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, **extra)
 
 
+@emulated("max_forward", "max_backward", "avg_forward", "avg_backward")
 class _PoolCall(PoolKernels):
     """A pooling op for one call signature (pydl._plan), checked once: the implementation and
     the geometry; called with the input alone (batched and unbatched here). On a kernel
@@ -561,8 +566,8 @@ class _PoolCall(PoolKernels):
                  adaptive: bool = False, indices: bool = False):
         super().__init__(g, name, adaptive, not unbatched and _channels_last(input))
         self.impl, self.unbatched, self.max, self.indices = impl, unbatched, max_pool, indices
-        self.eager = (name in LAUNCHERS and not unbatched and not torch.compiler.is_compiling()
-                      and plain_tensors(input))
+        self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not unbatched
+                      and not torch.compiler.is_compiling() and plain_tensors(input))
         if self.eager:
             dt, dev, fmt = input.dtype, input.device, memory_format_of(input)
             self.launcher = LAUNCHERS[name]

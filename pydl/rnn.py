@@ -50,7 +50,7 @@ from torch import Tensor
 from ._autograd import without_double_backward
 from ._launch import fresh, new_output, output_maker
 from ._library import kernel_op
-from ._plan import Cache, apply, capturing, needs_graph
+from ._plan import Cache, apply, capturing, emulated, needs_graph
 from ._rnn_launch import schedule, tf32_key
 
 F32 = torch.float32
@@ -561,6 +561,7 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
     return (dx, dh0, dc0, None, None, *dw)
 
 
+@emulated("forward", "backward")
 class LayerPlan(LayerKernels):
     """A layer call signature's plan (pydl._plan; eager mode, a kernel backend, a padded
     input): its _Forward taken once, its _Backward per need and upstream gradients' strides
@@ -673,10 +674,12 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
             return apply(RNNFunction, x, h0, c0, bs, ops, *weights)
         out, finals, _ = ops.forward(x, h0, c0, weights, bs)
         return out, finals[0], finals[1] if has_c else None
+    _LAYER_IMPLS[(op, backend)] = impl
     return impl
 
 
 _LAYER_ALGOS: dict[tuple[str, str], tuple[str, ...]] = {}   # (op, backend) -> algorithms
+_LAYER_IMPLS: dict[tuple[str, str], object] = {}            # (op, backend) -> layer_impl's
 
 
 def layer_config(op: str, backend: str, cfg: RNNConfig) -> RNNConfig:
@@ -689,8 +692,12 @@ def layer_config(op: str, backend: str, cfg: RNNConfig) -> RNNConfig:
     return cfg if algo == cfg.algo else replace(cfg, algo=algo)
 
 
-def layer_plan(op: str, backend: str, cfg: RNNConfig, dtype: torch.dtype) -> LayerPlan:
-    """The eager plan of a layer call signature on a kernel backend (pydl/_rnn_checks.py)."""
+def layer_plan(op: str, backend: str, impl, cfg: RNNConfig, dtype: torch.dtype):
+    """The eager plan of a layer call signature (pydl/_rnn_checks.py), where `impl`, the
+    registry's implementation, is layer_impl's; None elsewhere (the torch backend, one
+    registered in its place)."""
+    if impl is not _LAYER_IMPLS.get((op, backend)):
+        return None
     return LayerPlan(layer_config(op, backend, cfg), op, backend, dtype)
 
 

@@ -36,7 +36,7 @@ from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (arrival_counters, cdiv, fresh, launch_numba, new_output, next_power_of_2,
                       numba_blocks, numba_threads, output_maker)
-from ._plan import Cache, Launch, apply, capturing, needs_graph, plain_tensors
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import as_rows, normalize_dim
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -830,9 +830,10 @@ def _kernel_cross_entropy(backend: str):
     return impl
 
 
-for _name in LAUNCHERS:
-    register("softmax", _name)(_kernel_softmax(_name))
-    register("cross_entropy", _name)(_kernel_cross_entropy(_name))
+# backend -> pydl's own implementations (a call plans its eager form only where they run)
+_KERNEL_IMPLS = {_name: (register("softmax", _name)(_kernel_softmax(_name)),
+                         register("cross_entropy", _name)(_kernel_cross_entropy(_name)))
+                 for _name in LAUNCHERS}
 
 
 @register("softmax", "torch")
@@ -854,6 +855,7 @@ def _same_memory(view: Tensor, t: Tensor) -> bool:
     return view.numel() == 0 or view.data_ptr() == t.data_ptr()
 
 
+@emulated("forward", "backward")
 class _SoftmaxCall(SoftmaxKernels):
     """softmax / log_softmax for one call signature (pydl._plan), checked once; called with
     the input alone. On the triton backend in eager mode it is also the signature's plan:
@@ -866,7 +868,7 @@ class _SoftmaxCall(SoftmaxKernels):
     def __init__(self, impl, name: str, input, dim: int, log: bool):
         super().__init__(dim, log, name)
         self.impl = impl
-        self.eager = (name in LAUNCHERS and not torch.compiler.is_compiling()
+        self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not torch.compiler.is_compiling()
                       and plain_tensors(input))
         x3 = as_rows(input, dim)[0] if self.eager else None
         self.planned = name == "triton" and self.eager and _same_memory(x3, input)
@@ -1043,6 +1045,7 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
                              f"(valid: 0..{n_classes - 1}, or ignore_index={ignore_index})")
 
 
+@emulated("forward", "backward", "scale_grad")
 class _CrossEntropyCall(CrossEntropyKernels):
     """cross_entropy for one call signature (pydl._plan), checked once; called with (input,
     target, weight). On the triton backend in eager mode, for class-index targets, it is also
@@ -1059,7 +1062,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
         super().__init__(ignore_index, reduction, smoothing, name)
         self.impl = impl
         self.prob = target.dtype.is_floating_point
-        self.eager = (name in LAUNCHERS and not torch.compiler.is_compiling()
+        self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not torch.compiler.is_compiling()
                       and plain_tensors(input, target, weight))
         # the eager part of _grad_in_forward (the rest: a graph to record, checked per call)
         self.grad_forward = name == "triton" and reduction != "none"

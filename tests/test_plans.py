@@ -9,11 +9,10 @@ fail here. Inputs are views of leaf tensors, so the strided layouts reach the op
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 
 import pydl
 from pydl import _plan
-
-from conftest import DEVICE
 
 TOL = dict(rtol=2e-4, atol=2e-4)
 
@@ -37,12 +36,13 @@ def _check_layouts(op, layouts, backend="triton"):
     for i, (bases, view, grad) in enumerate(layouts):
         out, grads = _run(lambda *a: op(*a, backend=backend), bases, view, grad)
         t_out, t_grads = _run(lambda *a: op(*a, backend="torch"), bases, view, grad)
-        torch.testing.assert_close(out, t_out, **TOL, msg=lambda m: f"layout {i}: {m}")
+        torch.testing.assert_close(out, t_out, **TOL, msg=lambda m, i=i: f"layout {i}: {m}")
         for j, (a, b) in enumerate(zip(grads, t_grads)):
             if b is None:
                 assert a is None
                 continue
-            torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"layout {i}, grad {j}: {m}")
+            torch.testing.assert_close(a, b, **TOL,
+                                       msg=lambda m, i=i, j=j: f"layout {i}, grad {j}: {m}")
 
 
 def _cotangent(shape, permute=None):
@@ -190,7 +190,7 @@ def test_softmax_layouts_do_not_share_a_plan(log):
         ((x,), lambda x: (x,), cols),
     ]
     for dim in (1, 0):
-        _check_layouts(lambda x, backend: fn(x, dim, backend=backend), layouts)
+        _check_layouts(lambda x, backend, dim=dim: fn(x, dim, backend=backend), layouts)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -332,3 +332,33 @@ def test_no_graph_calls_share_the_plan_with_training_calls():
         x, w, padding=1).sum())(w.detach()), **TOL)
     calls = [c for c in _plan.Cache.all if c.name == "conv2d calls"][0]
     assert len(calls.entries) == sizes[_plan.Cache.all.index(calls)]
+
+
+REGISTERED = {
+    "conv2d": lambda: pydl.conv2d(_randn(1, 3, 5, 5), _randn(4, 3, 3, 3)),
+    "max_pool2d": lambda: pydl.max_pool2d(_randn(1, 3, 4, 4), 2),
+    "avg_pool2d": lambda: pydl.avg_pool2d(_randn(1, 3, 4, 4), 2),
+    "adaptive_avg_pool2d": lambda: pydl.adaptive_avg_pool2d(_randn(1, 3, 4, 4), 1),
+    "softmax": lambda: pydl.softmax(_randn(3, 5), -1),
+    "cross_entropy": lambda: pydl.cross_entropy(_randn(3, 5), torch.tensor([0, 4, 2])),
+    "scaled_dot_product_attention": lambda: pydl.scaled_dot_product_attention(
+        *(_randn(1, 2, 4, 8),) * 3),
+    "lstm": lambda: pydl.lstm(_randn(3, 2, 4), None, [_randn(20, 4), _randn(20, 5)],
+                              bias=False),
+    "lstm_cell": lambda: pydl.lstm_cell(_randn(2, 4), None, _randn(20, 4), _randn(20, 5)),
+    "gru_cell": lambda: pydl.gru_cell(_randn(2, 4), None, _randn(15, 4), _randn(15, 5)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(REGISTERED))
+def test_a_registered_implementation_replaced_is_the_one_that_runs(monkeypatch, op):
+    """The backend registry decides what runs: a call plans its eager form only where the
+    registered implementation is pydl's own, so one registered in its place is called."""
+    from pydl import backends
+    calls = []
+    impls = dict(backends._registry[op])
+    real = impls["triton"]
+    impls["triton"] = lambda *a, **k: calls.append(op) or real(*a, **k)
+    monkeypatch.setitem(backends._registry, op, impls)
+    REGISTERED[op]()
+    assert calls == [op]
