@@ -3,25 +3,33 @@
     pydl.conv2d(x, w, b, stride, ...)        the public op (pydl/<op>.py): torch.nn.functional's
       |                                      signature; autocast; builds the call's key
       |-- calls.get(key) -> Call             checks, geometry, backend and algorithm resolved
-      |                                      ONCE per signature (shapes, strides, dtypes,
-      |                                      device, options, backend); a hit is a lookup
-      |-- Call(x, w, b)                      the op on these tensors:
-            |-- <Op>Function.apply(...)      autograd, only when a gradient can flow
-            |-- <launcher>.forward(...)      the family's launcher (per backend and algo):
-                  |                          allocates outputs
-                  |-- launches.get(key)      Launch objects, built once per signature: config
-                  |                          (autotuned on a GPU), grid, scalar arguments,
-                  |                          constexprs
+      |                                      ONCE per signature (types, shapes, strides,
+      |                                      dtypes, device, options, backend, TF32 switch);
+      |                                      a hit is a lookup
+      |-- Call(x, w, b)                      the op on these tensors; in eager mode on a
+            |                                kernel backend the Call is also the signature's
+            |                                plan:
+            |-- apply(<Op>Function, ..., ops) autograd, only when a gradient can flow; the
+            |                                Function runs `ops`' methods: the plan's
+            |-- plan.forward(x, w, b)        outputs allocated with arguments fixed once
+                  |                          (output_maker), the launch the first call built
+                  |                          (by the launcher's plan_<step>, from its Cache)
                   |-- Launch(*tensors)       kernel[grid](*tensors, *scalars, **constexprs)
 
-Under torch.compile the same launchers run inside `torch.library` custom ops
-(pydl/_library.py), which take the geometry as a list of ints; in eager mode the custom-op
-dispatcher is skipped (it costs tens of microseconds a call).
+Under torch.compile (and for tensor subclasses, or an implementation registered in place of
+pydl's own) the Call runs the registered implementation, whose Function gets the family's
+`<Op>Kernels`: each step a `torch.library` custom op (pydl/_library.py) that allocates and
+looks its launch up in the launcher's Cache, taking the geometry as a list of ints; in eager
+mode the custom-op dispatcher is skipped (it costs tens of microseconds a call).
 
 Everything keyed here is decided by the key alone: a check that passed for one call passes
-for every call with the same key. What a key holds that can change between calls without a
-tensor changing (the backend context, torch's TF32 switches, the current device) is read on
-every call and put in the key.
+for every call with the same key, and a plan built for one call runs every call with that
+key. What a key holds that can change between calls without a tensor changing (the backend
+context, torch's TF32 switches, the current device) is read on every call and put in the key;
+what the call's key cannot know (the upstream gradient's strides, the TF32 switch when a
+backward runs, a tensor's 16-byte alignment where a launch depends on it) keys the plan's
+own small tables. tests/test_plans.py runs each family on layouts that differ in one of
+these at a time.
 """
 from __future__ import annotations
 
