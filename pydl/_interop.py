@@ -6,7 +6,9 @@ on its device and stream) and tensor outputs go back through the caller's librar
 `from_dlpack` (zero copy again). Nested tuples and lists (an LSTM's (h, c) state, its weight
 list) are converted too. There is no autograd across the boundary: CuPy has none.
 
-Torch callers pay one pass over the arguments' types; nothing is imported.
+Torch callers pay nothing but the call: the op runs on the arguments as given first, and an
+array from outside torch fails its checks (pydl's ops take tensors only) before anything is
+allocated or launched; only then are the arguments looked at, converted, and the op run again.
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ from typing import Callable
 import torch
 
 _PLAIN = (torch.Tensor, int, float, bool, str, type(None))
-# Exact types that are never DLPack arrays: the wrapper's fast path checks these alone.
-_FAST = frozenset((torch.Tensor, torch.nn.Parameter, int, float, bool, str, type(None)))
 
 
 def _foreign(obj):
@@ -58,18 +58,17 @@ def array_module_of(array) -> object:
 
 def accepts_arrays(fn: Callable) -> Callable:
     """Decorator: `fn` (a pydl functional op) also takes DLPack arrays, and then returns the
-    first such argument's kind of array."""
+    first such argument's kind of array. fn must refuse a non-tensor argument before it does
+    anything (every pydl op checks its tensors first): the wrapper converts only then."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        for a in args:
-            if type(a) not in _FAST:
-                break
-        else:
-            if not kwargs or all(type(v) in _FAST for v in kwargs.values()):
-                return fn(*args, **kwargs)     # torch callers: one pass over the types
-        first = next((a for a in (*args, *kwargs.values()) if _foreign(a) is not None), None)
-        if first is None:
-            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)          # torch callers: nothing more
+        except Exception:
+            first = next((a for a in (*args, *kwargs.values()) if _foreign(a) is not None),
+                         None)
+            if first is None:
+                raise
         lib = array_module_of(_foreign(first))
         out = fn(*_to_torch(args), **{k: _to_torch(v) for k, v in kwargs.items()})
         return _from_torch(out, lib.from_dlpack)

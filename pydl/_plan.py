@@ -3,25 +3,33 @@
     pydl.conv2d(x, w, b, stride, ...)        the public op (pydl/<op>.py): torch.nn.functional's
       |                                      signature; autocast; builds the call's key
       |-- calls.get(key) -> Call             checks, geometry, backend and algorithm resolved
-      |                                      ONCE per signature (shapes, strides, dtypes,
-      |                                      device, options, backend); a hit is a lookup
-      |-- Call(x, w, b)                      the op on these tensors:
-            |-- <Op>Function.apply(...)      autograd, only when a gradient can flow
-            |-- <launcher>.forward(...)      the family's launcher (per backend and algo):
-                  |                          allocates outputs
-                  |-- launches.get(key)      Launch objects, built once per signature: config
-                  |                          (autotuned on a GPU), grid, scalar arguments,
-                  |                          constexprs
+      |                                      ONCE per signature (types, shapes, strides,
+      |                                      dtypes, device, options, backend, TF32 switch);
+      |                                      a hit is a lookup
+      |-- Call(x, w, b)                      the op on these tensors; in eager mode on a
+            |                                kernel backend the Call is also the signature's
+            |                                plan:
+            |-- apply(<Op>Function, ..., ops) autograd, only when a gradient can flow; the
+            |                                Function runs `ops`' methods: the plan's
+            |-- plan.forward(x, w, b)        outputs allocated with arguments fixed once
+                  |                          (output_maker), the launch the first call built
+                  |                          (by the launcher's plan_<step>, from its Cache)
                   |-- Launch(*tensors)       kernel[grid](*tensors, *scalars, **constexprs)
 
-Under torch.compile the same launchers run inside `torch.library` custom ops
-(pydl/_library.py), which take the geometry as a list of ints; in eager mode the custom-op
-dispatcher is skipped (it costs tens of microseconds a call).
+Under torch.compile (and for tensor subclasses, or an implementation registered in place of
+pydl's own) the Call runs the registered implementation, whose Function gets the family's
+`<Op>Kernels`: each step a `torch.library` custom op (pydl/_library.py) that allocates and
+looks its launch up in the launcher's Cache, taking the geometry as a list of ints; in eager
+mode the custom-op dispatcher is skipped (it costs tens of microseconds a call).
 
 Everything keyed here is decided by the key alone: a check that passed for one call passes
-for every call with the same key. What a key holds that can change between calls without a
-tensor changing (the backend context, torch's TF32 switches, the current device) is read on
-every call and put in the key.
+for every call with the same key, and a plan built for one call runs every call with that
+key. What a key holds that can change between calls without a tensor changing (the backend
+context, torch's TF32 switches, the current device) is read on every call and put in the key;
+what the call's key cannot know (the upstream gradient's strides, the TF32 switch when a
+backward runs, a tensor's 16-byte alignment where a launch depends on it) keys the plan's
+own small tables. tests/test_plans.py runs each family on layouts that differ in one of
+these at a time.
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ import os
 from typing import Callable, Hashable
 
 import torch
+
+from . import _env
 
 # A cache holds at most this many signatures; past it, it starts over (a model uses a few).
 MAX_ENTRIES = 4096
@@ -87,8 +97,25 @@ def clear_all() -> None:
         cache.clear()
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream: what is built now
+    (a launch that could not be autotuned) is used for this call and not kept."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+_capturing = capturing
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_tensors(*tensors) -> bool:
+    """Every one of `tensors` (None allowed) is a plain tensor or a Parameter, not a subclass
+    (FakeTensor, FunctionalTensor, a user's) that must go through torch's dispatcher to the
+    custom op: what a plan may launch on directly. A call's key holds its tensors' types."""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def needs_graph(*tensors) -> bool:
@@ -101,6 +128,39 @@ def needs_graph(*tensors) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def emulated(*methods: str):
+    """Class decorator for a plan: its named methods, which launch kernels, run in the
+    emulation's interpreter state under PYDL_INTERPRET (pydl._env.emulated_launch, as the
+    kernel ops do); unchanged on a GPU."""
+    def wrap(cls):
+        if _env.INTERPRET:
+            for name in methods:
+                setattr(cls, name, _env.emulated_launch(cls.__dict__[name]))
+        return cls
+    return wrap
+
+
+_FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]   # autograd.Function's C++ apply
+_APPLIERS: dict = {}
+
+
+def apply(function: type, *args):
+    """`function.apply(*args)` (a pydl torch.autograd.Function). In eager mode, outside
+    functorch's transforms, the C++ apply is called directly: Function.apply's Python
+    preamble (about 2 us a call here) binds default arguments for a `setup_context`, which
+    pydl's Functions do not define, and unwraps functorch wrappers that outlived their
+    transform, which pydl's ops take on no path (without a graph they reach the kernels
+    unwrapped too). Under torch.compile and functorch, Function.apply itself, and so where a
+    class's `apply` is replaced (a test's spy)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or "apply" in function.__dict__:
+        return function.apply(*args)
+    fast = _APPLIERS.get(function)
+    if fast is None:
+        fast = _APPLIERS[function] = _FUNCTION_APPLY.__get__(None, function)
+    return fast(*args)
 
 
 # On a GPU, a Launch calls the compiled kernel's launcher directly after its first launch,

@@ -11,11 +11,12 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from ._checks import check_tensor
+from ._launch import tf32_allowed
 from ._library import autocast_inputs
-from ._plan import Cache
+from ._plan import Cache, plain_tensors
 from ._rnn_launch import ALGOS as _LAYER_ALGOS
 from .backends import current_backend, dispatch
-from .rnn import RNNConfig
+from .rnn import RNNConfig, layer_plan
 
 # the initial states' names in messages, by layer or cell op
 _STATE_NAMES = {"lstm": ("hx[0] (h0)", "hx[1] (c0)"), "gru": ("hx (h0)",),
@@ -71,11 +72,13 @@ def check_cell_state(s, name: str, input, expected: tuple, backend: str) -> None
 class CellCall:
     """pydl.lstm_cell / pydl.gru_cell for one call signature, checked once (pydl._plan):
     per call, only the unbatched input's views and the implementation,
-    impl(x, *states, w_ih, w_hh, b_ih, b_hh)."""
+    impl(x, *states, w_ih, w_hh, b_ih, b_hh); on a kernel backend in eager mode, for a
+    batched input, the signature's plan (`plan`, the cell module's, made here: plan(backend,
+    impl, input, w_hh), None where impl is not the module's own; called as impl)."""
 
-    __slots__ = ("impl", "unbatched")
+    __slots__ = ("impl", "unbatched", "plan")
 
-    def __init__(self, op, gates, input, states, w_ih, w_hh, b_ih, b_hh, backend):
+    def __init__(self, op, gates, plan, input, states, w_ih, w_hh, b_ih, b_hh, backend):
         name, self.impl = dispatch(op, backend, input, w_ih, w_hh,
                                    *[t for t in (*states, b_ih, b_hh)
                                      if isinstance(t, torch.Tensor)])
@@ -85,8 +88,14 @@ class CellCall:
         expected = (H,) if self.unbatched else (input.shape[0], H)
         for s, n in zip(states, _STATE_NAMES[op]):
             check_cell_state(s, n, input, expected, name)
+        self.plan = None
+        if not self.unbatched and not torch.compiler.is_compiling() \
+                and plain_tensors(input, *states, w_ih, w_hh, b_ih, b_hh):
+            self.plan = plan(name, self.impl, input, w_hh)
 
     def __call__(self, input, states, w_ih, w_hh, b_ih, b_hh):
+        if self.plan is not None:
+            return self.plan(input, *states, w_ih, w_hh, b_ih, b_hh)
         if not self.unbatched:
             return self.impl(input, *states, w_ih, w_hh, b_ih, b_hh)
         out = self.impl(input.unsqueeze(0), *[None if s is None else s.unsqueeze(0)
@@ -95,25 +104,25 @@ class CellCall:
 
 
 def _tensor_key(t):
-    return None if t is None else (t.shape, t.dtype, t.device)
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
 
 
-def _cell_key(op, gates, input, states, w_ih, w_hh, b_ih, b_hh, backend):
-    """The call signature: what CellCall checks (a non-tensor argument has no key: it is
-    checked, and refused, every call)."""
-    return (op, backend or current_backend(), input.shape, input.dtype, input.device,
-            *[_tensor_key(s) for s in states], w_ih.shape, w_ih.dtype, w_ih.device,
-            w_hh.shape, w_hh.dtype, w_hh.device, _tensor_key(b_ih), _tensor_key(b_hh))
+def _cell_key(op, gates, plan, input, states, w_ih, w_hh, b_ih, b_hh, backend):
+    """The call signature: what CellCall checks and what the cell's plans are built from (a
+    non-tensor argument has no key: it is checked, and refused, every call)."""
+    return (op, backend or current_backend(), _tensor_key(input),
+            *[_tensor_key(s) for s in states], _tensor_key(w_ih), _tensor_key(w_hh),
+            _tensor_key(b_ih), _tensor_key(b_hh), tf32_allowed(False))
 
 
 _CELL_CALLS = Cache("rnn cell calls")
 
 
-def cell_call(op: str, gates: int, input, states, w_ih, w_hh, b_ih, b_hh, backend):
+def cell_call(op: str, gates: int, plan, input, states, w_ih, w_hh, b_ih, b_hh, backend):
     """The checked call (CellCall) of pydl.lstm_cell's or pydl.gru_cell's signature, built
-    once; states: (h, c) or (h,), None for zeros."""
-    return _CELL_CALLS.call(_cell_key, CellCall, op, gates, input, states, w_ih, w_hh, b_ih,
-                            b_hh, backend)
+    once; states: (h, c) or (h,), None for zeros; plan: the cell's eager plan class."""
+    return _CELL_CALLS.call(_cell_key, CellCall, op, gates, plan, input, states, w_ih, w_hh,
+                            b_ih, b_hh, backend)
 
 
 def rnn_weight_names(num_layers: int, bidirectional: bool, bias: bool,
@@ -167,8 +176,8 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
     states: ((tensor or None, its name in messages), ...), the initial states, h first.
     An LSTM's weights may hold one more per layer and direction, w_hr (P, H): an LSTM with
     projections (torch's proj_size P < H), where h0 is (L*D, B, P) and c0 (L*D, B, H).
-    Returns (impl, x (T, B, I), the states as (L*D, B, P or H) or None, cfg, layout); call
-    impl(x, *states, weights, cfg, layout.packed).
+    Returns (backend name, impl, x (T, B, I), the states as (L*D, B, P or H) or None, cfg,
+    layout); call impl(x, *states, weights, cfg, layout.packed).
     """
     a_op, module = _LAYER_NAMES[op]
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
@@ -284,21 +293,26 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
         out_states.append(s)
     cfg = RNNConfig(num_layers, bool(bidirectional), bool(bias), float(dropout), bool(training),
                     algo, recompute, proj=proj)
-    return impl, x, out_states, cfg, layout
+    return name, impl, x, out_states, cfg, layout
 
 
 class LayerCall:
     """pydl.lstm / pydl.gru for one call signature of a padded (not packed) input, checked
-    once by prepare_layer (pydl._plan): per call, only the layout's views and the layer."""
+    once by prepare_layer (pydl._plan): per call, only the layout's views and the layer (on a
+    kernel backend in eager mode the signature's plan, pydl.rnn.LayerPlan)."""
 
-    __slots__ = ("impl", "cfg", "layout", "n_states")
+    __slots__ = ("impl", "cfg", "layout", "n_states", "plan")
 
     def __init__(self, op, gates, input, states, weights, options):
-        self.impl, _, _, cfg, self.layout = prepare_layer(op, gates, input, states, weights,
-                                                          **options)
+        named = tuple(zip(states, _STATE_NAMES[op]))
+        name, self.impl, _, _, cfg, self.layout = prepare_layer(op, gates, input, named, weights,
+                                                                **options)
         # the kernel backends' default algorithm, resolved once (the torch backend has none)
         self.cfg = cfg if cfg.algo is not None else replace(cfg, algo=_LAYER_ALGOS[0])
         self.n_states = len(states)
+        self.plan = None
+        if not torch.compiler.is_compiling() and plain_tensors(input, *states, *weights):
+            self.plan = layer_plan(op, name, self.impl, self.cfg, input.dtype)
 
     def __call__(self, input, states, weights):
         layout = self.layout
@@ -308,16 +322,20 @@ class LayerCall:
         else:
             x = input.transpose(0, 1) if layout.batch_first else input
         h0, c0 = (states[0], states[1]) if self.n_states == 2 else (states[0], None)
-        out, h_n, c_n = self.impl(x, h0, c0, tuple(weights), self.cfg, None)
+        if self.plan is not None:
+            out, h_n, c_n = self.plan(x, h0, c0, weights)
+        else:
+            out, h_n, c_n = self.impl(x, h0, c0, tuple(weights), self.cfg, None)
         return layer_output(out, (h_n, c_n)[:self.n_states], layout)
 
 
 def _layer_key(op, gates, input, states, weights, options):
-    """The call signature: what prepare_layer checks (a PackedSequence input has no .shape:
-    no key, checked every call)."""
-    return (op, options["backend"] or current_backend(), input.shape, input.dtype, input.device,
-            *[None if s is None else (s.shape, s.dtype, s.device) for s, _ in states],
-            *[(w.shape, w.dtype, w.device) for w in weights], *options.values())
+    """The call signature: what prepare_layer checks and what the layer's plans are built
+    from (a PackedSequence input has no .shape: no key, checked every call)."""
+    return (op, options["backend"] or current_backend(), type(input), input.shape,
+            input.stride(), input.dtype, input.device, *[_tensor_key(s) for s in states],
+            *[(type(w), w.shape, w.stride(), w.dtype, w.device) for w in weights],
+            *options.values(), tf32_allowed(True))
 
 
 _LAYER_CALLS = Cache("rnn layer calls")
@@ -326,18 +344,20 @@ _LAYER_CALLS = Cache("rnn layer calls")
 def run_layer(op: str, gates: int, input, states, weights, **options):
     """prepare_layer, the layer, layer_output: pydl.lstm's and pydl.gru's body, the checks done
     once per call signature. states: the initial states (h0[, c0]), None for zeros."""
-    named = tuple(zip(states, _STATE_NAMES[op]))
     if isinstance(input, PackedSequence):       # padded afresh every call: nothing to keep
-        impl, x, states, cfg, layout = prepare_layer(op, gates, input, named, weights, **options)
+        named = tuple(zip(states, _STATE_NAMES[op]))
+        name, impl, x, states, cfg, layout = prepare_layer(op, gates, input, named, weights,
+                                                           **options)
         h0, c0 = (states[0], states[1]) if len(states) == 2 else (states[0], None)
         out, h_n, c_n = impl(x, h0, c0, tuple(weights), cfg, layout.packed)
         return layer_output(out, (h_n, c_n)[:len(states)], layout)
-    weights = list(weights) if isinstance(weights, (list, tuple)) else weights
-    if isinstance(input, torch.Tensor) and isinstance(weights, list):
+    if isinstance(weights, tuple):
+        weights = list(weights)
+    if torch._C._is_any_autocast_enabled() and isinstance(input, torch.Tensor) \
+            and isinstance(weights, list):
         input, *cast = autocast_inputs(op, input, *weights, *states)
-        weights, states = cast[:len(weights)], cast[len(weights):]
-        named = tuple(zip(states, _STATE_NAMES[op]))
-    call = _LAYER_CALLS.call(_layer_key, LayerCall, op, gates, input, named, weights, options)
+        weights, states = cast[:len(weights)], tuple(cast[len(weights):])
+    call = _LAYER_CALLS.call(_layer_key, LayerCall, op, gates, input, states, weights, options)
     return call(input, states, weights)
 
 

@@ -26,9 +26,10 @@ from . import _tune as tune
 from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, launch_numba_1d, new_output, next_power_of_2,
-                      numba_array, numba_stream, numba_threads)
-from ._plan import Cache, Launch, needs_graph
+from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba_1d,
+                      new_output, next_power_of_2, numba_array, numba_stream, numba_threads,
+                      output_maker, tf32_allowed)
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from .backends import current_backend, dispatch, register, resolve_algo
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -123,17 +124,50 @@ def _plan_delta(o, do) -> Launch:
                   dict(BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"]))
 
 
+def _seeded(launch: Launch, dropout_p: float):
+    """launch called as run(*tensors, seed): the seed by keyword with dropout (it changes every
+    call), else not at all (0, fixed in the launch's scalars, which keeps the direct launch)."""
+    if dropout_p > 0:
+        return lambda *tensors: launch(*tensors[:-1], seed=tensors[-1])
+    return lambda *tensors: launch(*tensors[:-1])
+
+
+def _seed_scalar(dropout_p: float) -> tuple:
+    """The seed, the kernels' last scalar, fixed at 0 in a launch without dropout."""
+    return () if dropout_p > 0 else (0,)
+
+
 class _TritonAttention:
     @staticmethod
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        _TritonAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
+                                      dropout_p)(q, k, v, o, lse, mask, seed)
+
+    @staticmethod
+    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+        """run(q, k, v, o, lse, mask, seed) for tensors of these shapes, strides and 16-byte
+        alignment (the mask, when given, at the address of the (B, H, L, S) view planned)."""
         aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
         key = _key("fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale,
                    dropout=dropout_p, aligned=aligned)
-        launch = _LAUNCHES.get(key, _TritonAttention._plan_forward, q, k, v, o, lse, mask,
-                               mask_kind, is_causal, scale, dropout_p)
-        if launch.consts["USE_TMA"] and not _env.INTERPRET:
-            _launch.ensure_triton_allocator()      # per thread: a ContextVar
-        launch(q, k, v, o, lse, mask if mask is not None else q, seed=seed)
+        return _LAUNCHES.get(key, _TritonAttention._forward_run, q, k, v, o, lse, mask,
+                             mask_kind, is_causal, scale, dropout_p)
+
+    @staticmethod
+    def _forward_run(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+        launch = _TritonAttention._plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal,
+                                                scale, dropout_p)
+        tma = launch.consts["USE_TMA"] and not _env.INTERPRET
+        seeded = dropout_p > 0
+
+        def run(q, k, v, o, lse, mask, seed):
+            if tma:
+                _launch.ensure_triton_allocator()      # per thread: a ContextVar
+            if seeded:
+                launch(q, k, v, o, lse, q if mask is None else mask, seed=seed)
+            else:
+                launch(q, k, v, o, lse, q if mask is None else mask)
+        return run
 
     @staticmethod
     def _plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p) -> Launch:
@@ -142,7 +176,7 @@ class _TritonAttention:
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
         use_tma = _forward_tma(q, k, v, o)
         scalars = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
-                   H, L, S, E, EV, H // HKV, scale, dropout_p)
+                   H, L, S, E, EV, H // HKV, scale, dropout_p, *_seed_scalar(dropout_p))
         consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
                       INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
                       SCALE_NEGATIVE=scale < 0)
@@ -153,26 +187,53 @@ class _TritonAttention:
 
         m = mask if mask is not None else q
         cfg = _attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0,
-                                lambda c: launch(c)(q, k, v, o, lse, m, seed=0))
+                                lambda c: _seeded(launch(c), dropout_p)(q, k, v, o, lse, m, 0))
         return launch(cfg)
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
                  dmask=None):
         """dmask: None, or a (B, H, L, S) output for the float mask's gradient (dS)."""
-        delta = backward_delta(o, do)
+        _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind,
+                                       is_causal, scale, dropout_p, dmask)(
+            q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
+
+    @staticmethod
+    def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                      dropout_p, dmask):
+        """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask): the delta, dK/dV and dQ
+        launches for tensors of these shapes and strides (dmask given or None as planned)."""
+        key = _key("bwd", q, k, v, o, do, mask, dq, dk, dv, dmask, kind=mask_kind,
+                   causal=is_causal, scale=scale, dropout=dropout_p)
+        return _LAUNCHES.get(key, _TritonAttention._backward_run, q, k, v, o, lse, do, dq, dk,
+                             dv, mask, mask_kind, is_causal, scale, dropout_p, dmask)
+
+    @staticmethod
+    def _backward_run(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                      dropout_p, dmask):
+        B, H, L, _ = o.shape
+        new_delta = output_maker((B * H, L), torch.float32, o.device)
+        delta = fresh(new_delta)
+        pre = _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)
         m = mask if mask is not None else q
         options = dict(kind=mask_kind, causal=is_causal, scale=scale, dropout=dropout_p)
-        dkdv = _LAUNCHES.get(_key("bwd_dkdv", q, k, v, do, mask, dk, dv, **options),
-                             _TritonAttention._plan_backward, "bwd_dkdv", q, k, v, do, lse, delta,
-                             m, dk, dv, mask, mask_kind, is_causal, scale, dropout_p)
-        dkdv(q, k, v, do, lse, delta, m, dk, dv, seed=seed)
+        dkdv = _seeded(_LAUNCHES.get(
+            _key("bwd_dkdv", q, k, v, do, mask, dk, dv, **options),
+            _TritonAttention._plan_backward, "bwd_dkdv", q, k, v, do, lse, delta, m, dk, dv, mask,
+            mask_kind, is_causal, scale, dropout_p), dropout_p)
         dq_out = (dq, dmask if dmask is not None else dq)
-        launch_dq = _LAUNCHES.get(_key("bwd_dq", q, k, v, do, mask, dq, dmask, **options),
-                                  _TritonAttention._plan_backward, "bwd_dq", q, k, v, do, lse,
-                                  delta, m, dq_out, dmask, mask, mask_kind, is_causal, scale,
-                                  dropout_p)
-        launch_dq(q, k, v, do, lse, delta, m, *dq_out, seed=seed)
+        dq_launch = _seeded(_LAUNCHES.get(
+            _key("bwd_dq", q, k, v, do, mask, dq, dmask, **options),
+            _TritonAttention._plan_backward, "bwd_dq", q, k, v, do, lse, delta, m, dq_out, dmask,
+            mask, mask_kind, is_causal, scale, dropout_p), dropout_p)
+
+        def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
+            delta = fresh(new_delta)
+            pre(o, do, delta)
+            m = q if mask is None else mask
+            dkdv(q, k, v, do, lse, delta, m, dk, dv, seed)
+            dq_launch(q, k, v, do, lse, delta, m, dq, dq if dmask is None else dmask, seed)
+        return run
 
     @staticmethod
     def _plan_backward(kernel, q, k, v, do, lse, delta, m, out1, out2, mask, mask_kind, is_causal,
@@ -185,6 +246,7 @@ class _TritonAttention:
         consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
                       INPUT_PRECISION=input_precision(q.dtype))
         head = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask))
+        seed = _seed_scalar(dropout_p)
         if kernel == "bwd_dkdv":
             dk, dv = out1, out2
             tensors = (q, k, v, do, lse, delta, m, dk, dv)
@@ -192,7 +254,7 @@ class _TritonAttention:
             def launch(cfg):
                 return Launch(kt.attention_bwd_dkdv, (cdiv(S, cfg["BLOCK_N"]), B * HKV), (
                     *head, *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, H // HKV, scale,
-                    dropout_p), {**consts, **cfg})
+                    dropout_p, *seed), {**consts, **cfg})
         else:
             (dq, dmask_or_dq), dmask = out1, out2
             tensors = (q, k, v, do, lse, delta, m, dq, dmask_or_dq)
@@ -200,10 +262,10 @@ class _TritonAttention:
             def launch(cfg):
                 return Launch(kt.attention_bwd_dq, (cdiv(L, cfg["BLOCK_M"]), B * H), (
                     *head, *dq.stride(), *_strides4(dmask), H, L, S, E, EV, H // HKV, scale,
-                    dropout_p), {**consts, "MASK_GRAD": dmask is not None, **cfg})
+                    dropout_p, *seed), {**consts, "MASK_GRAD": dmask is not None, **cfg})
 
         cfg = _attention_config(kernel, q, k, v, is_causal, mask_kind, dropout_p > 0,
-                                lambda c: launch(c)(*tensors, seed=0))
+                                lambda c: _seeded(launch(c), dropout_p)(*tensors, 0))
         return launch(cfg)
 
     @staticmethod
@@ -350,13 +412,36 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
     return dq, dk, dv, dmask
 
 
+class AttentionKernels:
+    """The flash attention's kernel ops for one set of options on one launcher (a backend, or
+    an algo's own: LAUNCHERS): what AttentionFunction runs, pydl:: custom ops under
+    torch.compile. In eager mode a call signature's plan (_AttentionCall, a subclass) runs the
+    same steps with its outputs' allocation and its launches fixed."""
+
+    __slots__ = ("mask_kind", "is_causal", "scale", "dropout_p", "backend")
+
+    def __init__(self, mask_kind: int, is_causal: bool, scale: float, dropout_p: float,
+                 backend: str):
+        self.mask_kind, self.is_causal, self.scale = mask_kind, is_causal, scale
+        self.dropout_p, self.backend = dropout_p, backend
+
+    def forward(self, q, k, v, mask):
+        """(o, per-row logsumexp, the dropout seed as a CPU int64 scalar)."""
+        return _attention_fwd(q, k, v, mask, self.mask_kind, self.is_causal, self.scale,
+                              self.dropout_p, self.backend)
+
+    def backward(self, q, k, v, o, lse, do, mask, seed, mask_grad: bool):
+        """(dq, dk, dv, the float mask's gradient with mask_grad)."""
+        return _attention_bwd(q, k, v, o, lse, do, mask, seed, self.mask_kind, self.is_causal,
+                              self.scale, self.dropout_p, self.backend, mask_grad)
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, backend):
-        o, lse, seed = _attention_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                      backend)
+    def forward(ctx, q, k, v, mask, ops: AttentionKernels):
+        o, lse, seed = ops.forward(q, k, v, mask)
         ctx.save_for_backward(q, k, v, o, lse, mask, seed)
-        ctx.args = (mask_kind, is_causal, scale, dropout_p, backend)
+        ctx.ops = ops
         return o
 
     @staticmethod
@@ -366,9 +451,9 @@ class AttentionFunction(torch.autograd.Function):
                                            AttentionFunction.backward, ctx, do)
         q, k, v, o, lse, mask, seed = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]      # a float mask that requires grad
-        dq, dk, dv, dmask = _attention_bwd(q, k, v, o, lse, do, mask, seed, *ctx.args, mask_grad)
+        dq, dk, dv, dmask = ctx.ops.backward(q, k, v, o, lse, do, mask, seed, mask_grad)
         # dmask is (B, H, L, S); autograd's expand backward sums it over the broadcast dims
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+        return dq, dk, dv, (dmask if mask_grad else None), None
 
 
 def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale):
@@ -468,17 +553,21 @@ def _kernel_attention(backend):
         if algo == "naive":
             if dropout_p > 0:
                 raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
-            return NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale)[0]
-        launcher = VARIANT_LAUNCHERS.get(algo, backend)
+            return apply(NaiveAttentionFunction, q, k, v, mask, mask_kind, is_causal, scale)[0]
+        ops = AttentionKernels(mask_kind, is_causal, scale, dropout_p,
+                               VARIANT_LAUNCHERS.get(algo, backend))
         if needs_graph(q, k, v, mask):
-            return AttentionFunction.apply(q, k, v, mask, mask_kind, is_causal, scale, dropout_p,
-                                           launcher)
-        return _attention_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, launcher)[0]
+            return apply(AttentionFunction, q, k, v, mask, ops)
+        return ops.forward(q, k, v, mask)[0]
     return impl
 
 
-register("scaled_dot_product_attention", "triton", algos=ALGOS)(_kernel_attention("triton"))
-register("scaled_dot_product_attention", "numba", algos=("flash",))(_kernel_attention("numba"))
+# backend -> pydl's own implementation (a call plans its eager form only where it still runs)
+_KERNEL_IMPLS = {
+    "triton": register("scaled_dot_product_attention", "triton", algos=ALGOS)(
+        _kernel_attention("triton")),
+    "numba": register("scaled_dot_product_attention", "numba", algos=("flash",))(
+        _kernel_attention("numba"))}
 
 # Triton algos with launchers of their own (each raises NotImplementedError where it cannot
 # run): "flash_hopper", the Gluon forward with the flash backward; "flash_onepass", the flash
@@ -572,42 +661,123 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
     return name, impl, q, k, v, mask, mask_kind, float(scale)
 
 
-class _AttentionCall:
-    """scaled_dot_product_attention for one call signature, checked once: the implementation,
-    the algorithm, the scale, the mask's kind and the 4-D views' shapes (pydl._plan)."""
+@emulated("forward", "backward")
+class _AttentionCall(AttentionKernels):
+    """scaled_dot_product_attention for one call signature (pydl._plan), checked once: the
+    implementation, the algorithm, the scale, the mask's kind and the 4-D views' shapes. For
+    4-D inputs on the triton backend's flash algorithm in eager mode it is also the
+    signature's plan: AttentionFunction runs its methods, which allocate with arguments fixed
+    here and launch what the first call built (the forward's per 16-byte alignment of the
+    tensors, the backward's per strides of the upstream gradient); the call's key fixes every
+    other input of those. A mask that needs no gradient goes to the kernels as it is, read
+    through the strides of its broadcast view."""
 
-    __slots__ = ("impl", "algo", "scale", "mask_kind", "causal", "dropout_p", "views",
-                 "mask_shape", "out_shape")
+    __slots__ = ("impl", "algo", "views", "mask_shape", "out_shape", "planned", "fp32",
+                 "no_rows", "new_o", "new_lse", "new_dq", "new_dk", "new_dv", "new_dmask",
+                 "fwd", "bwd")
 
     def __init__(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  backend, algo):
-        name, self.impl, q, k, v, mask, self.mask_kind, self.scale = _prepare(
+        name, self.impl, q, k, v, mask, mask_kind, scale = _prepare(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
         self.algo = resolve_algo("scaled_dot_product_attention", name, algo)
-        self.causal, self.dropout_p = bool(is_causal), float(dropout_p)
+        super().__init__(mask_kind, bool(is_causal), scale, float(dropout_p),
+                         VARIANT_LAUNCHERS.get(self.algo, name))
         self.views = None if query.dim() == 4 else (q.shape, k.shape, v.shape)
         self.mask_shape = None if mask is None else mask.shape
         self.out_shape = None if query.dim() == 4 else query.shape[:-2] + (q.shape[2],
                                                                            v.shape[3])
+        self.planned = (self.impl is _KERNEL_IMPLS["triton"] and self.algo == "flash"
+                        and self.views is None
+                        and not torch.compiler.is_compiling()
+                        and plain_tensors(query, key, value, attn_mask))
+        if self.planned:
+            B, H, L, E = q.shape
+            dt, dev = q.dtype, q.device
+            self.fp32 = dt == torch.float32
+            self.no_rows = B * H * L == 0
+            self.new_o = output_maker((B, H, L, v.shape[3]), dt, dev)
+            self.new_lse = output_maker((B * H, L), torch.float32, dev)
+            self.new_dq = output_maker(q.shape, dt, dev)
+            self.new_dk = output_maker(k.shape, dt, dev)
+            self.new_dv = output_maker(v.shape, dt, dev)
+            self.new_dmask = None if mask is None else output_maker(mask.shape, mask.dtype, dev)
+            self.fwd, self.bwd = {}, {}
 
     def __call__(self, query, key, value, attn_mask):
+        if self.planned:
+            mask = attn_mask
+            if mask is not None and mask.requires_grad:
+                # its gradient (B, H, L, S), summed over the broadcast dims by autograd
+                mask = _as4d(attn_mask).expand(self.mask_shape)
+            if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or
+                                            value.requires_grad or
+                                            (mask is not None and mask.requires_grad)):
+                return apply(AttentionFunction, query, key, value, mask, self)
+            return self.forward(query, key, value, mask)[0]
         q, k, v = query, key, value
         if self.views is not None:
             q, k, v = query.view(self.views[0]), key.view(self.views[1]), value.view(self.views[2])
         mask = None
         if self.mask_shape is not None:
             mask = _as4d(attn_mask).expand(self.mask_shape)   # stride 0 on broadcast dims
-        out = self.impl(q, k, v, mask, self.mask_kind, self.causal, self.scale, self.dropout_p,
-                        self.algo)
+        out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale,
+                        self.dropout_p, self.algo)
         return out if self.out_shape is None else out.view(self.out_shape)
+
+    # the plan (eager, triton flash, 4-D): AttentionKernels' steps with fixed arguments
+
+    def _mask4(self, mask):
+        return None if mask is None else _as4d(mask).expand(self.mask_shape)
+
+    def forward(self, q, k, v, mask):
+        if not self.planned:
+            return super().forward(q, k, v, mask)
+        dropout = self.dropout_p > 0
+        seed = dropout_seed() if dropout else 0
+        o, lse = fresh(self.new_o), fresh(self.new_lse)
+        if not self.no_rows:
+            aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
+            run = self.fwd.get(aligned)
+            if run is None:
+                run = _TritonAttention.plan_forward(q, k, v, o, lse, self._mask4(mask),
+                                                    self.mask_kind, self.is_causal,
+                                                    self.scale, self.dropout_p)
+                if not capturing():
+                    self.fwd[aligned] = run
+            run(q, k, v, o, lse, mask, seed)
+        return o, lse, torch.tensor(seed, dtype=torch.int64) if dropout else _NO_SEED
+
+    def backward(self, q, k, v, o, lse, do, mask, seed, mask_grad: bool):
+        if not self.planned:
+            return super().backward(q, k, v, o, lse, do, mask, seed, mask_grad)
+        dq, dk, dv = fresh(self.new_dq), fresh(self.new_dk), fresh(self.new_dv)
+        dmask = fresh(self.new_dmask) if mask_grad else None
+        if self.no_rows:                # no query rows: keys get no gradient
+            return dq, dk.zero_(), dv.zero_(), dmask
+        key = (do.stride(), mask_grad, tf32_allowed(False)) if self.fp32 else (do.stride(),
+                                                                               mask_grad)
+        run = self.bwd.get(key)
+        if run is None:
+            run = _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv,
+                                                 self._mask4(mask), self.mask_kind,
+                                                 self.is_causal, self.scale, self.dropout_p,
+                                                 dmask)
+            if not capturing():
+                self.bwd[key] = run
+        run(q, k, v, o, lse, do, dq, dk, dv, mask, int(seed) if self.dropout_p > 0 else 0, dmask)
+        return dq, dk, dv, dmask
+
+
+def _tensor_key(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
 
 
 def _call_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
               algo):
-    return (backend or current_backend(), algo, query.shape, query.dtype, query.device,
-            key.shape, key.dtype, key.device, value.shape, value.dtype, value.device,
-            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device),
-            dropout_p, is_causal, scale, enable_gqa)
+    return (backend or current_backend(), algo, _tensor_key(query), _tensor_key(key),
+            _tensor_key(value), _tensor_key(attn_mask), dropout_p, is_causal, scale, enable_gqa,
+            tf32_allowed(False))
 
 
 _CALLS = Cache("scaled_dot_product_attention calls")

@@ -19,6 +19,7 @@ input (the output keeps the input's memory format), any strides without a copy.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,9 +31,10 @@ from ._checks import check_tensor
 from ._gemm import gemm
 from ._gemm_numba import gemm as gemm_numba
 from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
-from ._launch import (arrival_counters, cdiv, dot_block, input_precision, launch_numba,
-                      launch_numba_1d, memory_format_of, new_output, next_power_of_2)
-from ._plan import Cache, Launch
+from ._launch import (arrival_counters, cdiv, dot_block, fresh, input_precision, launch_numba,
+                      launch_numba_1d, memory_format_of, new_output, next_power_of_2,
+                      output_maker, tf32_allowed)
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -203,13 +205,45 @@ def _bias_matrix(b: torch.Tensor | None, g: ConvGeometry) -> torch.Tensor | None
 _IMPLICIT_LAUNCHES = Cache("conv2d implicit launches")
 
 
-class _TritonImplicit:
+class _Launcher:
+    """What a conv2d launcher offers (each algorithm's class below): forward(x, w, b, y, g),
+    backward_input(dy, w, dx, g), backward_weight(dy, x, dw, g), backward_bias(dy, db, g),
+    each launching into the given output; and the same as plans, plan_<name>(same arguments)
+    -> run(tensors), for a caller that launches the same signature again (pydl/_plan.py): run
+    takes the tensors alone (the forward's bias, when absent, as a placeholder: the weight),
+    and holds what was built for the shapes, strides, dtypes and device it was planned with.
+    Here, for launchers whose steps are not Launch objects, plans are the methods with the
+    geometry bound; _TritonImplicit's are its cached launches."""
+
+    @classmethod
+    def plan_forward(cls, x, w, b, y, g: ConvGeometry):
+        if b is None:
+            return lambda x, w, b, y: cls.forward(x, w, None, y, g)
+        return lambda x, w, b, y: cls.forward(x, w, b, y, g)
+
+    @classmethod
+    def plan_backward_input(cls, dy, w, dx, g: ConvGeometry):
+        return lambda dy, w, dx: cls.backward_input(dy, w, dx, g)
+
+    @classmethod
+    def plan_backward_weight(cls, dy, x, dw, g: ConvGeometry):
+        return lambda dy, x, dw: cls.backward_weight(dy, x, dw, g)
+
+    @classmethod
+    def plan_backward_bias(cls, dy, db, g: ConvGeometry):
+        return lambda dy, db: cls.backward_bias(dy, db, g)
+
+
+class _TritonImplicit(_Launcher):
     @staticmethod
     def forward(x, w, b, y, g: ConvGeometry) -> None:
-        key = ("fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(), b is None,
-               _input_precision(x.dtype))
-        launch = _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_forward, x, w, b, y, g)
-        launch(x, w, w if b is None else b, y)
+        _TritonImplicit.plan_forward(x, w, b, y, g)(x, w, w if b is None else b, y)
+
+    @staticmethod
+    def plan_forward(x, w, b, y, g: ConvGeometry):
+        key = ("fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(),
+               None if b is None else b.stride(), _input_precision(x.dtype))
+        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_forward, x, w, b, y, g)
 
     @staticmethod
     def _plan_forward(x, w, b, y, g: ConvGeometry):
@@ -223,6 +257,10 @@ class _TritonImplicit:
                 gemm(xm, _weight_matrix(w, g), ym, trans_b=True,
                      bias=_bias_matrix(b if b is not w else None, g), input_precision=precision)
             return pointwise
+        if b is not None and b.stride(0) != 1:
+            # the kernel reads the bias at unit stride: a strided one (a view) is copied
+            launch = _TritonImplicit._plan_forward(x, w, b.contiguous(), y, g)
+            return lambda x, w, b, y: launch(x, w, b.contiguous(), y)
         M = g.N * g.OH * g.OW
         flat_k = _flat_taps(g)
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
@@ -241,9 +279,13 @@ class _TritonImplicit:
 
     @staticmethod
     def backward_input(dy, w, dx, g: ConvGeometry) -> None:
+        _TritonImplicit.plan_backward_input(dy, w, dx, g)(dy, w, dx)
+
+    @staticmethod
+    def plan_backward_input(dy, w, dx, g: ConvGeometry):
         key = ("bwd_input", g, dy.dtype, dy.device, dy.stride(), w.stride(), dx.stride(),
                _input_precision(dy.dtype))
-        _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_input, dy, w, dx, g)(dy, w, dx)
+        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_input, dy, w, dx, g)
 
     @staticmethod
     def _plan_backward_input(dy, w, dx, g: ConvGeometry):
@@ -276,10 +318,14 @@ class _TritonImplicit:
 
     @staticmethod
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
+        _TritonImplicit.plan_backward_weight(dy, x, dw, g)(dy, x, dw)
+
+    @staticmethod
+    def plan_backward_weight(dy, x, dw, g: ConvGeometry):
         assert dw.is_contiguous()
         key = ("bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(),
                _input_precision(dy.dtype))
-        _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_weight, dy, x, dw, g)(dy, x, dw)
+        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_weight, dy, x, dw, g)
 
     @staticmethod
     def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
@@ -317,8 +363,12 @@ class _TritonImplicit:
 
     @staticmethod
     def backward_bias(dy, db, g: ConvGeometry) -> None:
+        _TritonImplicit.plan_backward_bias(dy, db, g)(dy, db)
+
+    @staticmethod
+    def plan_backward_bias(dy, db, g: ConvGeometry):
         key = ("bwd_bias", g, dy.dtype, dy.device, dy.stride())
-        _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_bias, dy, g)(dy, db)
+        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_bias, dy, g)
 
     @staticmethod
     def _plan_backward_bias(dy, g: ConvGeometry) -> Launch:
@@ -420,7 +470,7 @@ def _chunks(n: int, per_image_bytes: int) -> list[tuple[int, int]]:
     return [(n0, min(step, n - n0)) for n0 in range(0, n, step)] or [(0, 0)]
 
 
-class _TritonIm2col:
+class _TritonIm2col(_Launcher):
     """im2col + tiled GEMM, every step a Triton kernel, batch in chunks (IM2COL_WORKSPACE_BYTES).
 
     forward          cols = im2col(x chunk); Y_g = cols[g] @ W_g^T + bias (GEMM epilogue),
@@ -511,6 +561,10 @@ class _TritonIm2col:
     def backward_bias(dy, db, g: ConvGeometry) -> None:
         _TritonImplicit.backward_bias(dy, db, g)
 
+    @staticmethod
+    def plan_backward_bias(dy, db, g: ConvGeometry):
+        return _TritonImplicit.plan_backward_bias(dy, db, g)
+
 
 # --- Numba explicit im2col + GEMM ------------------------------------------------------------
 
@@ -541,7 +595,7 @@ def _numba_pixel_matrix(t: torch.Tensor, n0: int, nb: int, groups: int) -> torch
                         t.storage_offset() + n0 * sn)
 
 
-class _NumbaIm2col:
+class _NumbaIm2col(_Launcher):
     """im2col + tiled GEMM on the Numba backend, every step a Numba CUDA kernel
     (kernels/numba/conv.py, kernels/numba/gemm.py via pydl/_gemm_numba.py); the batch goes in
     chunks of whole images so the column workspace stays under IM2COL_WORKSPACE_BYTES.
@@ -736,29 +790,64 @@ def _grad_output_layout(dy: Tensor, x: Tensor, algo: str) -> Tensor:
     return dy
 
 
+class Conv2dKernels:
+    """conv2d's kernel ops for one geometry, algorithm and backend: what Conv2dFunction and
+    the double backward's Functions run. Each is a pydl:: custom op under torch.compile. In
+    eager mode a call signature's plan (_Conv2dCall, a subclass) runs the same steps with its
+    outputs' allocation and its launches fixed."""
+
+    __slots__ = ("g", "algo", "backend")
+
+    def __init__(self, g: ConvGeometry, algo: str, backend: str):
+        self.g, self.algo, self.backend = g, algo, backend
+
+    def kernels(self) -> "Conv2dKernels":
+        """The ops for tensors of any strides (the double backward's operands)."""
+        return self
+
+    def forward(self, x, w, b):
+        return _conv2d_fwd(x, w, b, self.g, self.algo, self.backend)
+
+    def grad_output(self, dy, x):
+        return _grad_output_layout(dy, x, self.algo)
+
+    def backward_input(self, dy, w, x):
+        return _conv2d_bwd_input(dy, w, x, self.g, self.algo, self.backend)
+
+    def backward_weight(self, dy, x, w):
+        return _conv2d_bwd_weight(dy, x, w, self.g, self.algo, self.backend)
+
+    def backward_bias(self, dy):
+        return _conv2d_bwd_bias(dy, self.g, self.algo, self.backend)
+
+
 class Conv2dFunction(torch.autograd.Function):
+    """y = conv2d(x, w, b) by `ops` (Conv2dKernels, or a call signature's plan)."""
+
     @staticmethod
-    def forward(ctx, x, w, b, g: ConvGeometry, algo: str, backend: str):
-        y = _conv2d_fwd(x, w, b, g, algo, backend)
+    def forward(ctx, x, w, b, ops: Conv2dKernels):
+        y = ops.forward(x, w, b)
         ctx.save_for_backward(x, w)
-        ctx.args, ctx.has_bias = (g, algo, backend), b is not None
+        ctx.ops, ctx.has_bias = ops, b is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        dy = _grad_output_layout(dy, x, ctx.args[1])
+        ops = ctx.ops
+        dy = ops.grad_output(dy, x)
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():
             # create_graph: the same kernels, through Functions that are differentiable again
-            dx = _Conv2dInputGrad.apply(dy, w, x, ctx.args) if need[0] else None
-            dw = _Conv2dWeightGrad.apply(dy, x, w, ctx.args) if need[1] else None
-            db = _Conv2dBiasGrad.apply(dy, ctx.args) if ctx.has_bias and need[2] else None
-            return dx, dw, db, None, None, None
-        dx = _conv2d_bwd_input(dy, w, x, *ctx.args) if need[0] else None
-        dw = _conv2d_bwd_weight(dy, x, w, *ctx.args) if need[1] else None
-        db = _conv2d_bwd_bias(dy, *ctx.args) if ctx.has_bias and need[2] else None
-        return dx, dw, db, None, None, None
+            k = ops.kernels()
+            dx = _Conv2dInputGrad.apply(dy, w, x, k) if need[0] else None
+            dw = _Conv2dWeightGrad.apply(dy, x, w, k) if need[1] else None
+            db = _Conv2dBiasGrad.apply(dy, k) if ctx.has_bias and need[2] else None
+            return dx, dw, db, None
+        dx = ops.backward_input(dy, w, x) if need[0] else None
+        dw = ops.backward_weight(dy, x, w) if need[1] else None
+        db = ops.backward_bias(dy) if ctx.has_bias and need[2] else None
+        return dx, dw, db, None
 
 
 # --- double backward ------------------------------------------------------------------------
@@ -768,27 +857,21 @@ class Conv2dFunction(torch.autograd.Function):
 # d<ddw, dw>/d dy = conv(x, ddw), d<ddw, dw>/d x = conv_input_grad(dy, ddw). The three Functions
 # below are closed under differentiation, so gradients of any order run on pydl's kernels.
 
-def _conv2d_no_bias(x, w, args):
-    """conv2d(x, w) with the geometry, algo and backend of `args` (ctx.args), differentiable."""
-    geom, algo, backend = args
-    return Conv2dFunction.apply(x, w, None, as_geometry(ConvGeometry, geom), algo, backend)
-
-
 class _Conv2dInputGrad(torch.autograd.Function):
     """dx of conv2d as a function of (dy, w); x gives only the shape and memory format."""
 
     @staticmethod
-    def forward(ctx, dy, w, x, args):
+    def forward(ctx, dy, w, x, ops: Conv2dKernels):
         ctx.save_for_backward(dy, w)
-        ctx.args = args
-        return _conv2d_bwd_input(dy, w, x, *args)
+        ctx.ops = ops
+        return ops.backward_input(dy, w, x)
 
     @staticmethod
     def backward(ctx, ddx):
         dy, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d_dy = _conv2d_no_bias(ddx, w, ctx.args) if need[0] else None
-        d_w = _Conv2dWeightGrad.apply(dy, ddx, w, ctx.args) if need[1] else None
+        d_dy = Conv2dFunction.apply(ddx, w, None, ctx.ops) if need[0] else None
+        d_w = _Conv2dWeightGrad.apply(dy, ddx, w, ctx.ops) if need[1] else None
         return d_dy, d_w, None, None
 
 
@@ -796,17 +879,17 @@ class _Conv2dWeightGrad(torch.autograd.Function):
     """dw of conv2d as a function of (dy, x); w gives only the shape."""
 
     @staticmethod
-    def forward(ctx, dy, x, w, args):
+    def forward(ctx, dy, x, w, ops: Conv2dKernels):
         ctx.save_for_backward(dy, x)
-        ctx.args = args
-        return _conv2d_bwd_weight(dy, x, w, *args)
+        ctx.ops = ops
+        return ops.backward_weight(dy, x, w)
 
     @staticmethod
     def backward(ctx, ddw):
         dy, x = ctx.saved_tensors
         need = ctx.needs_input_grad
-        d_dy = _conv2d_no_bias(x, ddw, ctx.args) if need[0] else None
-        d_x = _Conv2dInputGrad.apply(dy, ddw, x, ctx.args) if need[1] else None
+        d_dy = Conv2dFunction.apply(x, ddw, None, ctx.ops) if need[0] else None
+        d_x = _Conv2dInputGrad.apply(dy, ddw, x, ctx.ops) if need[1] else None
         return d_dy, d_x, None, None
 
 
@@ -814,9 +897,9 @@ class _Conv2dBiasGrad(torch.autograd.Function):
     """db = dy summed over (N, OH, OW); its derivative broadcasts ddb back (a view)."""
 
     @staticmethod
-    def forward(ctx, dy, args):
+    def forward(ctx, dy, ops: Conv2dKernels):
         ctx.shape = dy.shape
-        return _conv2d_bwd_bias(dy, *args)
+        return ops.backward_bias(dy)
 
     @staticmethod
     def backward(ctx, ddb):
@@ -827,15 +910,16 @@ class _Conv2dBiasGrad(torch.autograd.Function):
 
 def _kernel_conv2d(backend: str):
     def impl(x, w, b, g, algo):
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                        or (b is not None and b.requires_grad)):
-            return Conv2dFunction.apply(x, w, b, g, algo, backend)
-        return _conv2d_fwd(x, w, b, g, algo, backend)     # no graph to record
+        ops = Conv2dKernels(g, algo, backend)
+        if needs_graph(x, w, b):
+            return apply(Conv2dFunction, x, w, b, ops)
+        return ops.forward(x, w, b)     # no graph to record
     return impl
 
 
-for _backend, _algos in ALGOS.items():
-    register("conv2d", _backend, algos=tuple(_algos))(_kernel_conv2d(_backend))
+# backend -> pydl's own implementation (a call plans its eager form only where it still runs)
+_KERNEL_IMPLS = {_backend: register("conv2d", _backend, algos=tuple(_algos))(
+    _kernel_conv2d(_backend)) for _backend, _algos in ALGOS.items()}
 
 
 @register("conv2d", "torch")
@@ -878,16 +962,21 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
                         bottom, right)
 
 
-class _Conv2dCall:
-    """conv2d for one call signature, checked once: the implementation, the geometry and
-    the algorithm (pydl._plan)."""
+@emulated("forward", "backward_input", "backward_weight", "backward_bias")
+class _Conv2dCall(Conv2dKernels):
+    """conv2d for one call signature (pydl._plan), checked once: the implementation, the
+    geometry and the algorithm. On a kernel backend in eager mode it is also the signature's
+    plan: Conv2dFunction runs its methods, which allocate with arguments fixed here and launch
+    what the first call built (the backward's launches per strides of the upstream gradient
+    and, in fp32, per TF32 switch); the call's key fixes every other input of those."""
 
-    __slots__ = ("impl", "g", "algo", "unbatched")
+    __slots__ = ("impl", "unbatched", "eager", "launcher", "fp32", "grad_layout", "new_y",
+                 "new_dx", "new_dw", "new_db", "fwd", "bwd")
 
     def __init__(self, input, weight, bias, stride, padding, dilation, groups, backend, algo):
         name, self.impl = dispatch("conv2d", backend, input, weight,
                                    *([bias] if isinstance(bias, torch.Tensor) else []))
-        self.algo = resolve_algo("conv2d", name, algo)
+        algo = resolve_algo("conv2d", name, algo)
         check_tensor(input, "input", name, ndims=(3, 4))
         check_tensor(weight, "weight", name, ndims=(4,))
         if weight.dtype != input.dtype:
@@ -903,28 +992,115 @@ class _Conv2dCall:
                                 "same dtype")
         self.unbatched = input.dim() == 3
         x_shape = (1, *input.shape) if self.unbatched else tuple(input.shape)
-        self.g = conv_geometry(x_shape, tuple(weight.shape), stride, padding, dilation, groups)
-        if self.g.C == 0 and name != "torch":
+        g = conv_geometry(x_shape, tuple(weight.shape), stride, padding, dilation, groups)
+        if g.C == 0 and name != "torch":
             # torch returns an (N, 0, OH, OW) tensor here, dropping the bias's out channels: no
             # answer to match, so the kernel backends refuse the case
             raise ValueError(f"input has 0 channels (shape {x_shape}): the kernel backends do "
                              f"not run a convolution over no channels (torch returns an (N, 0, "
                              f"OH, OW) tensor for it); use backend='torch' for torch's result")
+        super().__init__(g, algo, name)
+        self.eager = (self.impl is _KERNEL_IMPLS.get(name) and not self.unbatched
+                      and not torch.compiler.is_compiling() and plain_tensors(input, weight, bias))
+        if self.eager:
+            dt, dev, fmt = input.dtype, input.device, memory_format_of(input)
+            self.launcher = ALGOS[name][algo]
+            self.fp32 = dt == torch.float32
+            self.grad_layout = algo == "implicit" and fmt == torch.channels_last
+            self.new_y = output_maker(_y_shape(g), dt, dev, fmt)
+            self.new_dx = output_maker(input.shape, dt, dev, fmt)
+            self.new_dw = output_maker(weight.shape, dt, dev)
+            self.new_db = output_maker((g.OC,), dt, dev)
+            # nothing to launch for an empty output
+            self.fwd = None if math.prod(_y_shape(g)) else _launch_nothing
+            self.bwd = {}
 
     def __call__(self, input, weight, bias):
+        if self.eager:
+            if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or (
+                    bias is not None and bias.requires_grad)):
+                return apply(Conv2dFunction, input, weight, bias, self)
+            return self.forward(input, weight, bias)
         if self.unbatched:
             return self.impl(input.unsqueeze(0), weight, bias, self.g, self.algo).squeeze(0)
         return self.impl(input, weight, bias, self.g, self.algo)
+
+    # the plan (eager, kernel backends): Conv2dKernels' steps with fixed arguments
+
+    def kernels(self) -> Conv2dKernels:
+        return Conv2dKernels(self.g, self.algo, self.backend)
+
+    def forward(self, x, w, b):
+        y = fresh(self.new_y)
+        run = self.fwd
+        if run is None:
+            run = self.launcher.plan_forward(x, w, b, y, self.g)
+            if not capturing():
+                self.fwd = run
+        run(x, w, w if b is None else b, y)
+        return y
+
+    def grad_output(self, dy, x):
+        if self.grad_layout and not dy.is_contiguous(memory_format=torch.channels_last):
+            return dy.contiguous(memory_format=torch.channels_last)
+        return dy
+
+    def _backward_runs(self, dy) -> list:
+        """The backward's launches ([input, weight, bias], each built on first use) for an
+        upstream gradient of dy's strides (and, in fp32, the TF32 switch now)."""
+        key = (dy.stride(), tf32_allowed(True)) if self.fp32 else dy.stride()
+        runs = self.bwd.get(key)
+        if runs is None:
+            runs = [None, None, None]
+            if not capturing():
+                self.bwd[key] = runs
+        return runs
+
+    def backward_input(self, dy, w, x):
+        dx = fresh(self.new_dx)
+        if dx.numel():
+            runs = self._backward_runs(dy)
+            run = runs[0]
+            if run is None:
+                run = runs[0] = self.launcher.plan_backward_input(dy, w, dx, self.g)
+            run(dy, w, dx)
+        return dx
+
+    def backward_weight(self, dy, x, w):
+        dw = fresh(self.new_dw)
+        if self.g.N == 0:            # an empty batch sums nothing (as _conv2d_bwd_weight)
+            return dw.zero_()
+        runs = self._backward_runs(dy)
+        run = runs[1]
+        if run is None:
+            run = runs[1] = self.launcher.plan_backward_weight(dy, x, dw, self.g)
+        run(dy, x, dw)
+        return dw
+
+    def backward_bias(self, dy):
+        db = fresh(self.new_db)
+        runs = self._backward_runs(dy)
+        run = runs[2]
+        if run is None:
+            run = runs[2] = self.launcher.plan_backward_bias(dy, db, self.g)
+        run(dy, db)
+        return db
+
+
+def _launch_nothing(*tensors) -> None:
+    pass
 
 
 _CALLS = Cache("conv2d calls")
 
 
 def _call_key(input, weight, bias, stride, padding, dilation, groups, backend, algo):
-    return (backend or current_backend(), algo, input.shape, input.stride(), input.dtype,
-            input.device, weight.shape, weight.stride(), weight.dtype, weight.device,
-            None if bias is None else (bias.shape, bias.dtype, bias.device),
-            stride, padding, dilation, groups)
+    return (backend or current_backend(), algo, type(input), input.shape, input.stride(),
+            input.dtype, input.device, type(weight), weight.shape, weight.stride(),
+            weight.dtype, weight.device,
+            None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype,
+                                       bias.device),
+            stride, padding, dilation, groups, tf32_allowed(True))
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -941,4 +1117,4 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return call(input, weight, bias)
 
 
-__all__ = ["conv2d", "conv_geometry", "ConvGeometry", "Conv2dFunction", "ALGOS"]
+__all__ = ["conv2d", "conv_geometry", "ConvGeometry", "Conv2dFunction", "Conv2dKernels", "ALGOS"]

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from ._autograd import without_double_backward
-from ._launch import new_output
+from ._launch import fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
-from ._plan import Cache, needs_graph
+from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
 from ._rnn_launch import NumbaRNN, TritonRNN, numba_tile, seq_strides, tf32_key
@@ -162,7 +162,7 @@ class GRURecurrence:
             columns, the input projection gi; each tile of the recurrence reads its elements
             of gi before it writes r, z, n there (kernels/triton/gru.py)."""
             T, B, H = self.dims
-            ws = new_output((T, B, 4 * H), F32, dev)
+            ws = self.new("ws", (T, B, 4 * H), F32, dev)
             return ws, ws.narrow(2, 0, 3 * H)
 
         def __call__(self, ws, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
@@ -197,10 +197,10 @@ class GRURecurrence:
         def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs):
             T, B, H = self.dims
             dev = out.device
-            dgi = new_output((T, B, 3 * H), F32, dev)
-            dgh = new_output((T, B, 3 * H), F32, dev)
+            dgi = self.new("dgi", (T, B, 3 * H), F32, dev)
+            dgh = self.new("dgh", (T, B, 3 * H), F32, dev)
             if B:
-                dhd = new_output((2, B, H), F32, dev)
+                dhd = self.new("dhd", (2, B, H), F32, dev)
                 self.backward("bwd", acts, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
                               model=out.dtype)
             return dgi, dgh
@@ -267,6 +267,17 @@ def _gru_cell_fwd_fake(x, h, w_ih, w_hh, b_ih, b_hh, backend):
     return x.new_empty((B, H)), x.new_empty((B, 4 * H), dtype=F32)
 
 
+def _forward_key(backend, x, h, w_ih, w_hh, b_ih, b_hh):
+    return ("fwd", backend, tf32_key(x.dtype, False), x.shape, x.stride(), x.dtype, x.device,
+            sig(h), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(), sig(b_ih), sig(b_hh))
+
+
+def _backward_key(backend, need, x, h, w_ih, w_hh, dh1):
+    return ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
+            x.dtype, x.device, sig(h), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(),
+            dh1.stride())
+
+
 @kernel_op("gru_cell_fwd", _gru_cell_fwd_fake)
 def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                   b_ih: Optional[Tensor], b_hh: Optional[Tensor],
@@ -277,10 +288,8 @@ def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
     h1 = new_output((B, H), dt, dev)
     ws = new_output((B, 4 * H), F32, dev)
     if B and H:
-        key = ("fwd", backend, tf32_key(dt, False), x.shape, x.stride(), dt, dev, sig(h),
-               w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(), sig(b_ih), sig(b_hh))
-        _CELL_PLANS.get(key, _CellForward, CELL_LAUNCHERS[backend])(
-            x, h, w_ih, w_hh, b_ih, b_hh, h1, ws)
+        _CELL_PLANS.get(_forward_key(backend, x, h, w_ih, w_hh, b_ih, b_hh), _CellForward,
+                        CELL_LAUNCHERS[backend])(x, h, w_ih, w_hh, b_ih, b_hh, h1, ws)
     return h1, ws
 
 
@@ -289,22 +298,37 @@ def _gru_cell_fwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
 def _gru_cell_bwd(x: Tensor, h: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, ws: Tensor,
                   dh1: Tensor, need: list[bool], backend: str) -> list[Tensor]:
     """The `need`ed gradients of (x, h, w_ih, w_hh, b_ih, b_hh)."""
-    key = ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
-           x.dtype, x.device, sig(h), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(),
-           dh1.stride())
-    return _CELL_PLANS.get(key, _CellBackward, CELL_LAUNCHERS[backend], tuple(need))(
-        x, h, w_ih, w_hh, ws, dh1)
+    return _CELL_PLANS.get(_backward_key(backend, need, x, h, w_ih, w_hh, dh1), _CellBackward,
+                           CELL_LAUNCHERS[backend], tuple(need))(x, h, w_ih, w_hh, ws, dh1)
+
+
+class GRUCellKernels:
+    """gru_cell's kernel ops on one backend: what GRUCellFunction runs, pydl:: custom ops
+    under torch.compile. In eager mode a call signature's plan (_GRUCellPlan, a subclass)
+    runs the same plans with its outputs' allocation fixed and without looking them up."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def forward(self, x, h, w_ih, w_hh, b_ih, b_hh):
+        """(h1, the fp32 workspace the backward reads)."""
+        return _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, self.backend)
+
+    def backward(self, x, h, w_ih, w_hh, ws, dh1, need):
+        return _gru_cell_bwd(x, h, w_ih, w_hh, ws, dh1, need, self.backend)
 
 
 class GRUCellFunction(torch.autograd.Function):
     """h1 of one GRU step for x (B, I) and h (B, H) or None (zeros)."""
 
     @staticmethod
-    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, backend: str):
-        h1, ws = _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, backend)
+    def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, ops: GRUCellKernels):
+        h1, ws = ops.forward(x, h, w_ih, w_hh, b_ih, b_hh)
         ctx.save_for_backward(x, h, w_ih, w_hh, ws)
         ctx.need = cell_need(ctx, x, h, w_ih, w_hh, b_ih, b_hh)
-        ctx.backend = backend
+        ctx.ops = ops
         return h1
 
     @staticmethod
@@ -316,22 +340,79 @@ class GRUCellFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dh1):
         x, h, w_ih, w_hh, ws = ctx.saved_tensors
-        grads = _gru_cell_bwd(x, h, w_ih, w_hh, ws, dh1, ctx.need, ctx.backend)
+        grads = ctx.ops.backward(x, h, w_ih, w_hh, ws, dh1, ctx.need)
         return (*needed(grads, ctx.need), None)
+
+
+@emulated("forward", "backward")
+class _GRUCellPlan(GRUCellKernels):
+    """A gru_cell call signature's plan (pydl._plan; eager mode, a kernel backend): the
+    outputs' allocation fixed, the forward's plan taken once, the backward's per need and
+    upstream gradient's strides (and, in fp32, TF32 switch). The call's key
+    (pydl/_rnn_checks.py) fixes everything else they are built from."""
+
+    __slots__ = ("fp32", "empty", "new_h", "new_ws", "fwd", "bwd")
+
+    def __init__(self, backend: str, x, w_hh):
+        super().__init__(backend)
+        B, H = x.shape[0], w_hh.shape[1]
+        self.fp32, self.empty = x.dtype == F32, not (B and H)
+        self.new_h = output_maker((B, H), x.dtype, x.device)
+        self.new_ws = output_maker((B, 4 * H), F32, x.device)
+        self.fwd, self.bwd = None, {}
+
+    def __call__(self, x, h, w_ih, w_hh, b_ih, b_hh):
+        if needs_graph(x, h, w_ih, w_hh, b_ih, b_hh):
+            return apply(GRUCellFunction, x, h, w_ih, w_hh, b_ih, b_hh, self)
+        return self.forward(x, h, w_ih, w_hh, b_ih, b_hh)[0]
+
+    def forward(self, x, h, w_ih, w_hh, b_ih, b_hh):
+        h1, ws = fresh(self.new_h), fresh(self.new_ws)
+        if not self.empty:
+            plan = self.fwd
+            if plan is None:
+                plan = _CELL_PLANS.get(_forward_key(self.backend, x, h, w_ih, w_hh, b_ih, b_hh),
+                                       _CellForward, CELL_LAUNCHERS[self.backend])
+                if not capturing():
+                    self.fwd = plan
+            plan(x, h, w_ih, w_hh, b_ih, b_hh, h1, ws)
+        return h1, ws
+
+    def backward(self, x, h, w_ih, w_hh, ws, dh1, need):
+        key = (*need, dh1.stride())
+        if self.fp32:
+            key += (tf32_key(F32, False),)
+        plan = self.bwd.get(key)
+        if plan is None:
+            plan = _CELL_PLANS.get(_backward_key(self.backend, need, x, h, w_ih, w_hh, dh1),
+                                   _CellBackward, CELL_LAUNCHERS[self.backend], tuple(need))
+            if not capturing():
+                self.bwd[key] = plan
+        return plan(x, h, w_ih, w_hh, ws, dh1)
 
 
 # --- implementations by backend -------------------------------------------------------------
 
+_CELL_IMPLS: dict = {}     # backend -> pydl's own implementation
+
+
+def _cell_plan(backend: str, impl, x, w_hh):
+    """The eager plan of a call signature (pydl/_rnn_checks.py CellCall), where `impl` is
+    pydl's own; None elsewhere."""
+    return _GRUCellPlan(backend, x, w_hh) if impl is _CELL_IMPLS.get(backend) else None
+
+
 def _kernel_gru_cell(backend: str):
     def impl(x, h, w_ih, w_hh, b_ih, b_hh):
+        ops = GRUCellKernels(backend)
         if needs_graph(x, h, w_ih, w_hh, b_ih, b_hh):
-            return GRUCellFunction.apply(x, h, w_ih, w_hh, b_ih, b_hh, backend)
-        return _gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, backend)[0]
+            return apply(GRUCellFunction, x, h, w_ih, w_hh, b_ih, b_hh, ops)
+        return ops.forward(x, h, w_ih, w_hh, b_ih, b_hh)[0]
     return impl
 
 
 for _name, _launch in LAUNCHERS.items():
-    register("gru_cell", _name)(_kernel_gru_cell(_name))
+    _CELL_IMPLS[_name] = register("gru_cell", _name)(_kernel_gru_cell(_name))
     register("gru", _name)(layer_impl("gru", GRURecurrence, _name, _launch, ALGOS[_name]))
 
 
@@ -369,8 +450,8 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     input, hx, w_ih, w_hh, b_ih, b_hh = autocast_inputs("gru_cell", input, hx, w_ih, w_hh, b_ih,
                                                         b_hh)
     states = (hx,)
-    return cell_call("gru_cell", 3, input, states, w_ih, w_hh, b_ih, b_hh, backend)(
-        input, states, w_ih, w_hh, b_ih, b_hh)
+    return cell_call("gru_cell", 3, _cell_plan, input, states, w_ih, w_hh, b_ih, b_hh,
+                     backend)(input, states, w_ih, w_hh, b_ih, b_hh)
 
 
 def gru(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_first: bool = False,

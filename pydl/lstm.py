@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 from ._autograd import without_double_backward
-from ._launch import new_output
+from ._launch import fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
-from ._plan import Cache, needs_graph
+from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
@@ -187,14 +187,14 @@ class LSTMRecurrence:
             projection goes first; each tile of the recurrence reads its elements of xp
             before it writes the same elements of acts (kernels/triton/lstm.py)."""
             T, B, H = self.dims
-            acts = new_output((T, B, 4 * H), F32, dev)
+            acts = self.new("acts", (T, B, 4 * H), F32, dev)
             return acts, acts
 
         def __call__(self, acts, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
             T, B, H = self.dims
             dev = out.device
-            cs = new_output((T, B, H), F32, dev)
-            m = new_output((T, B, H), out.dtype, dev) if w_hr is not None else None
+            cs = self.new("cs", (T, B, H), F32, dev)
+            m = self.new("m", (T, B, H), out.dtype, dev) if w_hr is not None else None
             if B:
                 self.forward("fwd", None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out, m, cs,
                              acts, h_n, c_n, bs)
@@ -235,7 +235,7 @@ class LSTMRecurrence:
             T, B, H = self.dims
             dev = cs.device
             model = out.dtype
-            dg = new_output((T, B, 4 * H), F32, dev)
+            dg = self.new("dg", (T, B, 4 * H), F32, dev)
             w_rec = w_hh
             if w_hr is not None:
                 w_rec = new_output((4 * H, H), F32, dev)
@@ -250,7 +250,7 @@ class LSTMRecurrence:
                     d_hn = dm_hn
             if B == 0:
                 return dg, dg
-            dc_run = new_output((2, B, H), F32, dev)
+            dc_run = self.new("dc_run", (2, B, H), F32, dev)
             pas = new_output((2, B, H), F32, dev) if bs is not None else None
             self.backward("bwd", acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
                           dh0 if w_hr is None else None, dc0, model=model)
@@ -315,13 +315,25 @@ class _CellBackward(Plans):
 _CELL_PLANS = Cache("lstm_cell launches")
 
 
-def _lstm_cell_fwd_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
+def _lstm_cell_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, backend):
     B, H = x.shape[0], w_hh.shape[1]
     return (x.new_empty((B, H)), x.new_empty((B, H)), x.new_empty((B, 4 * H), dtype=F32),
             x.new_empty((B, H), dtype=F32))
 
 
-@kernel_op("lstm_cell_fwd", _lstm_cell_fwd_fake)
+def _forward_key(backend, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    return ("fwd", backend, tf32_key(x.dtype, False), x.shape, x.stride(), x.dtype, x.device,
+            sig(h), sig(c), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(), sig(b_ih),
+            sig(b_hh))
+
+
+def _backward_key(backend, need, x, h, c, w_ih, w_hh, dh1, dc1):
+    return ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
+            x.dtype, x.device, sig(h), sig(c), w_ih.shape, w_ih.stride(), w_hh.shape,
+            w_hh.stride(), sig(dh1), sig(dc1))
+
+
+@kernel_op("lstm_cell_fwd", _lstm_cell_fake)
 def _lstm_cell_fwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Tensor,
                    w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -333,10 +345,8 @@ def _lstm_cell_fwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Te
     c32 = new_output((B, H), F32, dev)
     gates = new_output((B, 4 * H), F32, dev)
     if B and H:
-        key = ("fwd", backend, tf32_key(dt, False), x.shape, x.stride(), dt, dev, sig(h),
-               sig(c), w_ih.shape, w_ih.stride(), w_hh.shape, w_hh.stride(), sig(b_ih),
-               sig(b_hh))
-        _CELL_PLANS.get(key, _CellForward, CELL_LAUNCHERS[backend], ())(
+        _CELL_PLANS.get(_forward_key(backend, x, h, c, w_ih, w_hh, b_ih, b_hh), _CellForward,
+                        CELL_LAUNCHERS[backend], ())(
             x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, c32, gates)
     return h1, c1, gates, c32
 
@@ -348,22 +358,38 @@ def _lstm_cell_bwd(x: Tensor, h: Optional[Tensor], c: Optional[Tensor], w_ih: Te
                    dc1: Optional[Tensor], need: list[bool], backend: str) -> list[Tensor]:
     """The `need`ed gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh); dh1 or dc1 None: no
     gradient reaches that output."""
-    key = ("bwd", backend, tf32_key(x.dtype, False), tuple(need), x.shape, x.stride(),
-           x.dtype, x.device, sig(h), sig(c), w_ih.shape, w_ih.stride(), w_hh.shape,
-           w_hh.stride(), sig(dh1), sig(dc1))
-    return _CELL_PLANS.get(key, _CellBackward, CELL_LAUNCHERS[backend], tuple(need))(
+    return _CELL_PLANS.get(_backward_key(backend, need, x, h, c, w_ih, w_hh, dh1, dc1),
+                           _CellBackward, CELL_LAUNCHERS[backend], tuple(need))(
         x, h, c, w_ih, w_hh, gates, c32, dh1, dc1)
+
+
+class LSTMCellKernels:
+    """lstm_cell's kernel ops on one backend: what LSTMCellFunction runs, pydl:: custom ops
+    under torch.compile. In eager mode a call signature's plan (_LSTMCellPlan, a subclass)
+    runs the same plans with its outputs' allocation fixed and without looking them up."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def forward(self, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        """(h1, c1, the fp32 gate activations, the fp32 new cell state)."""
+        return _lstm_cell_fwd(x, h, c, w_ih, w_hh, b_ih, b_hh, self.backend)
+
+    def backward(self, x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, need):
+        return _lstm_cell_bwd(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, need, self.backend)
 
 
 class LSTMCellFunction(torch.autograd.Function):
     """(h1, c1) of one LSTM step for x (B, I), h and c (B, H) or None (zeros)."""
 
     @staticmethod
-    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, backend: str):
-        h1, c1, gates, c32 = _lstm_cell_fwd(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
+    def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, ops: LSTMCellKernels):
+        h1, c1, gates, c32 = ops.forward(x, h, c, w_ih, w_hh, b_ih, b_hh)
         ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c32)
         ctx.need = cell_need(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh)
-        ctx.backend = backend
+        ctx.ops = ops
         ctx.set_materialize_grads(False)    # an output without a gradient: no zeros kernel
         return h1, c1
 
@@ -376,23 +402,85 @@ class LSTMCellFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dh1, dc1):
         x, h, c, w_ih, w_hh, gates, c32 = ctx.saved_tensors
-        grads = _lstm_cell_bwd(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, ctx.need, ctx.backend)
+        grads = ctx.ops.backward(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, ctx.need)
         return (*needed(grads, ctx.need), None)
+
+
+@emulated("forward", "backward")
+class _LSTMCellPlan(LSTMCellKernels):
+    """An lstm_cell call signature's plan (pydl._plan; eager mode, a kernel backend): the
+    outputs' allocation fixed, the forward's plan taken once, the backward's per need and
+    upstream gradients' strides (and, in fp32, TF32 switch). The call's key (pydl/_rnn_checks.py)
+    fixes everything else they are built from."""
+
+    __slots__ = ("fp32", "empty", "new_h", "new_c32", "new_gates", "fwd", "bwd")
+
+    def __init__(self, backend: str, x, w_hh):
+        super().__init__(backend)
+        B, H = x.shape[0], w_hh.shape[1]
+        self.fp32, self.empty = x.dtype == F32, not (B and H)
+        self.new_h = output_maker((B, H), x.dtype, x.device)
+        self.new_c32 = output_maker((B, H), F32, x.device)
+        self.new_gates = output_maker((B, 4 * H), F32, x.device)
+        self.fwd, self.bwd = None, {}
+
+    def __call__(self, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        if needs_graph(x, h, c, w_ih, w_hh, b_ih, b_hh):
+            return apply(LSTMCellFunction, x, h, c, w_ih, w_hh, b_ih, b_hh, self)
+        h1, c1, _, _ = self.forward(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        return h1, c1
+
+    def forward(self, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        h1, c1 = fresh(self.new_h), fresh(self.new_h)
+        c32, gates = fresh(self.new_c32), fresh(self.new_gates)
+        if not self.empty:
+            plan = self.fwd
+            if plan is None:
+                plan = _CELL_PLANS.get(_forward_key(self.backend, x, h, c, w_ih, w_hh, b_ih,
+                                                    b_hh), _CellForward,
+                                       CELL_LAUNCHERS[self.backend], ())
+                if not capturing():
+                    self.fwd = plan
+            plan(x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, c32, gates)
+        return h1, c1, gates, c32
+
+    def backward(self, x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, need):
+        key = (*need, sig(dh1), sig(dc1))
+        if self.fp32:
+            key += (tf32_key(F32, False),)
+        plan = self.bwd.get(key)
+        if plan is None:
+            plan = _CELL_PLANS.get(_backward_key(self.backend, need, x, h, c, w_ih, w_hh, dh1,
+                                                 dc1), _CellBackward,
+                                   CELL_LAUNCHERS[self.backend], tuple(need))
+            if not capturing():
+                self.bwd[key] = plan
+        return plan(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1)
 
 
 # --- implementations by backend -------------------------------------------------------------
 
+_CELL_IMPLS: dict = {}     # backend -> pydl's own implementation
+
+
+def _cell_plan(backend: str, impl, x, w_hh):
+    """The eager plan of a call signature (pydl/_rnn_checks.py CellCall), where `impl` is
+    pydl's own; None elsewhere."""
+    return _LSTMCellPlan(backend, x, w_hh) if impl is _CELL_IMPLS.get(backend) else None
+
+
 def _kernel_lstm_cell(backend: str):
     def impl(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        ops = LSTMCellKernels(backend)
         if needs_graph(x, h, c, w_ih, w_hh, b_ih, b_hh):
-            return LSTMCellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
-        h1, c1, _, _ = _lstm_cell_fwd(x, h, c, w_ih, w_hh, b_ih, b_hh, backend)
+            return apply(LSTMCellFunction, x, h, c, w_ih, w_hh, b_ih, b_hh, ops)
+        h1, c1, _, _ = ops.forward(x, h, c, w_ih, w_hh, b_ih, b_hh)
         return h1, c1
     return impl
 
 
 for _name, _launch in LAUNCHERS.items():
-    register("lstm_cell", _name)(_kernel_lstm_cell(_name))
+    _CELL_IMPLS[_name] = register("lstm_cell", _name)(_kernel_lstm_cell(_name))
     register("lstm", _name)(layer_impl("lstm", LSTMRecurrence, _name, _launch, ALGOS[_name]))
 
 
@@ -447,8 +535,8 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend=None):
     input, h, c, w_ih, w_hh, b_ih, b_hh = autocast_inputs("lstm_cell", input, *states, w_ih,
                                                           w_hh, b_ih, b_hh)
     states = (h, c)
-    return cell_call("lstm_cell", 4, input, states, w_ih, w_hh, b_ih, b_hh, backend)(
-        input, states, w_ih, w_hh, b_ih, b_hh)
+    return cell_call("lstm_cell", 4, _cell_plan, input, states, w_ih, w_hh, b_ih, b_hh,
+                     backend)(input, states, w_ih, w_hh, b_ih, b_hh)
 
 
 def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_first: bool = False,

@@ -9,6 +9,7 @@ module's docstring); return_indices=True returns torch's int64 flat per-plane in
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,9 @@ from torch import Tensor
 from ._checks import check_tensor
 from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, kernel_op,
                        memory_format)
-from ._launch import cdiv, launch_numba_1d, memory_format_of, new_output, next_power_of_2
-from ._plan import Cache, Launch, needs_graph
+from ._launch import (cdiv, fresh, launch_numba_1d, memory_format_of, new_output,
+                      next_power_of_2, output_maker)
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import pair, pool_output_size
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -84,16 +86,17 @@ _LAUNCHES = Cache("pool launches")
 
 
 def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, tensors: tuple,
-            scalars: tuple, grid=None, tile=None, **consts) -> None:
-    """Launch pooling kernel `name` over n_spatial positions x C channels x N images: the
-    kernel's tensors, then its scalars and constexprs. Built once per signature; tiles
-    autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch size. A kernel
-    tiled otherwise gives grid(cfg) and tile(elems, num_warps) (the config of a tile of about
-    elems elements; defaults: _grid and _triton_tile), functions of the key's contents."""
+            scalars: tuple, grid=None, tile=None, **consts) -> Launch:
+    """The launch of pooling kernel `name` over n_spatial positions x C channels x N images:
+    a Launch taking the kernel's tensors, its scalars and constexprs fixed. Built once per
+    signature; tiles autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch
+    size. A kernel tiled otherwise gives grid(cfg) and tile(elems, num_warps) (the config of a
+    tile of about elems elements; defaults: _grid and _triton_tile), functions of the key's
+    contents."""
     key = (name, g, layout.device, tuple(t.dtype for t in tensors), scalars,
            tuple(consts.values()))
-    _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts, grid,
-                  tile)(*tensors)
+    return _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts, grid,
+                         tile)
 
 
 def _plan(name: str, layout, n_spatial: int, g: PoolGeometry, tensors, scalars, consts, grid,
@@ -116,106 +119,147 @@ def _grid(cfg: dict, n_spatial: int, g: PoolGeometry) -> tuple[int, int, int]:
     return (cdiv(n_spatial, cfg["BLOCK_S"]), cdiv(g.C, cfg["BLOCK_C"]), g.N)
 
 
-class _TritonPool:
+class _PoolLauncher:
+    """What a pooling launcher offers: max_fwd(x, y, idx, g, index_mode), max_bwd(dy, idx, dx,
+    g, index_mode), avg_fwd(x, y, g), avg_bwd(dy, dx, g), adaptive_fwd(x, y, g),
+    adaptive_bwd(dy, dx, g), each launching into the given output; and each as a plan,
+    plan_<name>(same arguments) -> run(tensors) (pydl/_plan.py), for a caller that launches
+    the same signature again: run takes the method's tensors alone (max_fwd's idx, when
+    absent, as a placeholder: y). Here the methods with the rest bound (the Numba launchers);
+    _TritonPool's plans are its cached launches."""
+
+    @classmethod
+    def max_fwd(cls, x, y, idx, g: PoolGeometry, index_mode: int) -> None:
+        cls.plan_max_fwd(x, y, idx, g, index_mode)(x, y, y if idx is None else idx)
+
+    @classmethod
+    def max_bwd(cls, dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
+        cls.plan_max_bwd(dy, idx, dx, g, index_mode)(dy, idx, dx)
+
+    @classmethod
+    def avg_fwd(cls, x, y, g: PoolGeometry) -> None:
+        cls.plan_avg_fwd(x, y, g)(x, y)
+
+    @classmethod
+    def avg_bwd(cls, dy, dx, g: PoolGeometry) -> None:
+        cls.plan_avg_bwd(dy, dx, g)(dy, dx)
+
+    @classmethod
+    def adaptive_fwd(cls, x, y, g: PoolGeometry) -> None:
+        cls.plan_adaptive_fwd(x, y, g)(x, y)
+
+    @classmethod
+    def adaptive_bwd(cls, dy, dx, g: PoolGeometry) -> None:
+        cls.plan_adaptive_bwd(dy, dx, g)(dy, dx)
+
+
+class _TritonPool(_PoolLauncher):
     @staticmethod
-    def max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> None:
-        _launch("max_pool2d_fwd", x, g.OH * g.OW, g, (x, y, idx if idx is not None else y),
-                (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW,
-                 g.DH, g.DW), KH=g.KH, KW=g.KW, INDEX_MODE=index_mode)
+    def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> Launch:
+        return _launch("max_pool2d_fwd", x, g.OH * g.OW, g, (x, y, idx if idx is not None else y),
+                       (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH,
+                        g.PW, g.DH, g.DW), KH=g.KH, KW=g.KW, INDEX_MODE=index_mode)
 
     @staticmethod
-    def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
+    def plan_max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int):
         # grad_out in grad_input's layout, as torch's own backward converts it: an NCHW
         # gradient of a channels_last pool would be gathered element by element
         fmt = torch.channels_last if _channels_fastest(dx) else torch.contiguous_format
         if not dy.is_contiguous(memory_format=fmt):
-            dy = dy.contiguous(memory_format=fmt)
+            launch = _TritonPool.plan_max_bwd(dy.contiguous(memory_format=fmt), idx, dx, g,
+                                              index_mode)
+            return lambda dy, idx, dx: launch(dy.contiguous(memory_format=fmt), idx, dx)
         # input positions by stride phase: ni x nj per phase at most, SH * SW phases
         ni, nj, phases = cdiv(g.H, g.SH), cdiv(g.W, g.SW), g.SH * g.SW
         scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.SH,
                    g.SW, g.PH, g.PW, g.DH, g.DW)
         if _channels_fastest(dx):
-            _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars, KH=g.KH, KW=g.KW,
-                    INDEX_MODE=index_mode, grid=lambda cfg: (
-                        phases * cdiv(ni * nj, cfg["BLOCK_S"]), cdiv(g.C, cfg["BLOCK_C"]), g.N))
-        else:
-            rows = g.N * g.C * ni                       # (n, c, i) rows of a phase
-            _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), (g.N, *scalars),
-                    KH=g.KH, KW=g.KW, INDEX_MODE=index_mode,
-                    tile=lambda elems, warps: _planar_tile(rows, nj, elems, warps),
-                    grid=lambda cfg: (g.SH * cdiv(rows, cfg["BLOCK_I"]),
-                                      g.SW * cdiv(nj, cfg["BLOCK_J"])))
+            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars, KH=g.KH,
+                           KW=g.KW, INDEX_MODE=index_mode, grid=lambda cfg: (
+                               phases * cdiv(ni * nj, cfg["BLOCK_S"]), cdiv(g.C, cfg["BLOCK_C"]),
+                               g.N))
+        rows = g.N * g.C * ni                       # (n, c, i) rows of a phase
+        return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), (g.N, *scalars),
+                       KH=g.KH, KW=g.KW, INDEX_MODE=index_mode,
+                       tile=lambda elems, warps: _planar_tile(rows, nj, elems, warps),
+                       grid=lambda cfg: (g.SH * cdiv(rows, cfg["BLOCK_I"]),
+                                         g.SW * cdiv(nj, cfg["BLOCK_J"])))
 
     @staticmethod
-    def avg_fwd(x, y, g: PoolGeometry) -> None:
-        _launch("avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
-                (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH, g.PW,
-                 g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
+    def plan_avg_fwd(x, y, g: PoolGeometry) -> Launch:
+        return _launch("avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
+                       (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH,
+                        g.PW, g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
 
     @staticmethod
-    def avg_bwd(dy, dx, g: PoolGeometry) -> None:
-        _launch("avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
-                (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW, g.PH, g.PW,
-                 g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
+    def plan_avg_bwd(dy, dx, g: PoolGeometry) -> Launch:
+        return _launch("avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
+                       (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW, g.PH,
+                        g.PW, g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
 
     @staticmethod
-    def adaptive_fwd(x, y, g: PoolGeometry) -> None:
-        _launch("adaptive_avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
-                (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
-                 cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1))
+    def plan_adaptive_fwd(x, y, g: PoolGeometry) -> Launch:
+        return _launch("adaptive_avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
+                       (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
+                        cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1))
 
     @staticmethod
-    def adaptive_bwd(dy, dx, g: PoolGeometry) -> None:
-        _launch("adaptive_avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
-                (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
-                 g.OH // g.H + 3, g.OW // g.W + 3))
+    def plan_adaptive_bwd(dy, dx, g: PoolGeometry) -> Launch:
+        return _launch("adaptive_avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
+                       (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
+                        g.OH // g.H + 3, g.OW // g.W + 3))
 
 
 # --- Numba launch ---------------------------------------------------------------------------
 
-class _NumbaPool:
+class _NumbaPool(_PoolLauncher):
     """Same methods as _TritonPool, on the Numba kernels: one thread per output element
     (forward) or input element (backward), ordered in the memory order of the tensor."""
 
     @staticmethod
-    def max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> None:
+    def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int):
         from .kernels.numba import pool as k
-        launch_numba_1d(k.max_pool2d_fwd, y.numel(), y.device, x, y, idx if idx is not None else y,
-                        g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
-                        _channels_fastest(x), k.dtype_code(x.dtype))
+        args = (g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode, _channels_fastest(x),
+                k.dtype_code(x.dtype))
+        return lambda x, y, idx: launch_numba_1d(k.max_pool2d_fwd, y.numel(), y.device, x, y,
+                                                 idx, *args)
 
     @staticmethod
-    def max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> None:
+    def plan_max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int):
         from .kernels.numba import pool as k
-        launch_numba_1d(k.max_pool2d_bwd, dx.numel(), dx.device, dy, idx, dx,
-                        g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
-                        _channels_fastest(dx), k.dtype_code(dx.dtype))
+        args = (g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode, _channels_fastest(dx),
+                k.dtype_code(dx.dtype))
+        return lambda dy, idx, dx: launch_numba_1d(k.max_pool2d_bwd, dx.numel(), dx.device, dy,
+                                                   idx, dx, *args)
 
     @staticmethod
-    def avg_fwd(x, y, g: PoolGeometry) -> None:
+    def plan_avg_fwd(x, y, g: PoolGeometry):
         from .kernels.numba import pool as k
-        launch_numba_1d(k.avg_pool2d_fwd, y.numel(), y.device, x, y,
-                        g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
-                        _channels_fastest(x), k.dtype_code(x.dtype))
+        args = (g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
+                _channels_fastest(x), k.dtype_code(x.dtype))
+        return lambda x, y: launch_numba_1d(k.avg_pool2d_fwd, y.numel(), y.device, x, y, *args)
 
     @staticmethod
-    def avg_bwd(dy, dx, g: PoolGeometry) -> None:
+    def plan_avg_bwd(dy, dx, g: PoolGeometry):
         from .kernels.numba import pool as k
-        launch_numba_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, dy, dx,
-                        g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
-                        _channels_fastest(dx), k.dtype_code(dx.dtype))
+        args = (g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
+                _channels_fastest(dx), k.dtype_code(dx.dtype))
+        return lambda dy, dx: launch_numba_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, dy, dx,
+                                              *args)
 
     @staticmethod
-    def adaptive_fwd(x, y, g: PoolGeometry) -> None:
+    def plan_adaptive_fwd(x, y, g: PoolGeometry):
         from .kernels.numba import pool as k
-        launch_numba_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, x, y,
-                        _channels_fastest(x), k.dtype_code(x.dtype))
+        args = (_channels_fastest(x), k.dtype_code(x.dtype))
+        return lambda x, y: launch_numba_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, x,
+                                            y, *args)
 
     @staticmethod
-    def adaptive_bwd(dy, dx, g: PoolGeometry) -> None:
+    def plan_adaptive_bwd(dy, dx, g: PoolGeometry):
         from .kernels.numba import pool as k
-        launch_numba_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device, dy, dx,
-                        _channels_fastest(dx), k.dtype_code(dx.dtype))
+        args = (_channels_fastest(dx), k.dtype_code(dx.dtype))
+        return lambda dy, dx: launch_numba_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device,
+                                              dy, dx, *args)
 
 
 LAUNCHERS = {"triton": _TritonPool, "numba": _NumbaPool}
@@ -300,13 +344,48 @@ def _avg_pool2d_bwd(dy: Tensor, adaptive: bool, geom: list[int], channels_last: 
     return dx
 
 
+def _channels_last(x: Tensor) -> bool:
+    return memory_format_of(x) == torch.channels_last
+
+
+class PoolKernels:
+    """A pooling op's kernel ops for one geometry and backend (the average pools' `adaptive`
+    telling adaptive_avg_pool2d; `channels_last`: the input's layout, the gradient's): what
+    the Functions run, pydl:: custom ops under torch.compile. In eager mode a call
+    signature's plan (_PoolCall, a subclass) runs the same steps with its outputs' allocation
+    and its launches fixed."""
+
+    __slots__ = ("g", "backend", "adaptive", "channels_last")
+
+    def __init__(self, g: PoolGeometry, backend: str, adaptive: bool, channels_last: bool):
+        self.g, self.backend, self.adaptive, self.channels_last = (g, backend, adaptive,
+                                                                   channels_last)
+
+    def kernels(self) -> "PoolKernels":
+        """The ops for tensors of any strides (the double backward's)."""
+        return self
+
+    def max_forward(self, x, mode: int):
+        """(y, argmax in `mode`'s format; unused for INDEX_NONE)."""
+        return _max_pool2d_fwd(x, self.g, mode, self.backend)
+
+    def max_backward(self, dy, idx, mode: int):
+        return _max_pool2d_bwd(dy, idx, mode, self.g, self.channels_last, self.backend)
+
+    def avg_forward(self, x):
+        return _avg_pool2d_fwd(x, self.g, self.adaptive, self.backend)
+
+    def avg_backward(self, dy):
+        return _avg_pool2d_bwd(dy, self.adaptive, self.g, self.channels_last, self.backend)
+
+
 class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, g: PoolGeometry, return_indices: bool, backend: str):
+    def forward(ctx, x, ops: PoolKernels, return_indices: bool):
         needs_grad = ctx.needs_input_grad[0]
         mode = INDEX_FLAT if return_indices else (INDEX_LOCAL if needs_grad else INDEX_NONE)
-        y, idx = _max_pool2d_fwd(x, g, mode, backend)
-        ctx.args = (mode, g, memory_format_of(x) == torch.channels_last, backend)
+        y, idx = ops.max_forward(x, mode)
+        ctx.ops, ctx.mode = ops, mode
         if needs_grad:
             ctx.save_for_backward(idx)
         if return_indices:
@@ -318,8 +397,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def backward(ctx, dy, *unused):
         (idx,) = ctx.saved_tensors
         if torch.is_grad_enabled():      # create_graph: differentiable again
-            return _MaxPool2dBackward.apply(dy, idx, ctx.args), None, None, None
-        return _max_pool2d_bwd(dy, idx, *ctx.args), None, None, None
+            return _MaxPool2dBackward.apply(dy, idx, ctx.ops.kernels(), ctx.mode), None, None
+        return ctx.ops.max_backward(dy, idx, ctx.mode), None, None
 
 
 class _MaxPool2dBackward(torch.autograd.Function):
@@ -329,18 +408,18 @@ class _MaxPool2dBackward(torch.autograd.Function):
     piecewise constant), as in torch, so the input gets no second-order term."""
 
     @staticmethod
-    def forward(ctx, dy, idx, args):
+    def forward(ctx, dy, idx, ops: PoolKernels, mode: int):
         ctx.save_for_backward(idx)
-        ctx.args = args
-        return _max_pool2d_bwd(dy, idx, *args)
+        ctx.g, ctx.mode = ops.g, mode
+        return ops.max_backward(dy, idx, mode)
 
     @staticmethod
     def backward(ctx, ddx):
         (idx,) = ctx.saved_tensors
-        mode, geom, _, _ = ctx.args
-        flat = _flat_indices(idx, mode, as_geometry(PoolGeometry, geom))
+        flat = _flat_indices(idx, ctx.mode, ctx.g)
         N, C, OH, OW = flat.shape
-        return ddx.reshape(N, C, -1).gather(2, flat.reshape(N, C, -1)).view(N, C, OH, OW), None, None
+        return (ddx.reshape(N, C, -1).gather(2, flat.reshape(N, C, -1)).view(N, C, OH, OW), None,
+                None, None)
 
 
 def _flat_indices(idx: Tensor, mode: int, g: PoolGeometry) -> Tensor:
@@ -356,18 +435,18 @@ def _flat_indices(idx: Tensor, mode: int, g: PoolGeometry) -> Tensor:
 
 
 class AvgPool2dFunction(torch.autograd.Function):
-    """avg_pool2d (adaptive=False) or adaptive_avg_pool2d (adaptive=True)."""
+    """avg_pool2d or adaptive_avg_pool2d (ops.adaptive)."""
 
     @staticmethod
-    def forward(ctx, x, g: PoolGeometry, adaptive: bool, backend: str):
-        ctx.args = (adaptive, g, memory_format_of(x) == torch.channels_last, backend)
-        return _avg_pool2d_fwd(x, g, adaptive, backend)
+    def forward(ctx, x, ops: PoolKernels):
+        ctx.ops = ops
+        return ops.avg_forward(x)
 
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():      # create_graph: differentiable again
-            return _AvgPool2dBackward.apply(dy, ctx.args), None, None, None
-        return _avg_pool2d_bwd(dy, *ctx.args), None, None, None
+            return _AvgPool2dBackward.apply(dy, ctx.ops.kernels()), None
+        return ctx.ops.avg_backward(dy), None
 
 
 class _AvgPool2dBackward(torch.autograd.Function):
@@ -376,36 +455,42 @@ class _AvgPool2dBackward(torch.autograd.Function):
     gradients of any order run on pydl's kernels."""
 
     @staticmethod
-    def forward(ctx, dy, args):
-        ctx.args = args
-        return _avg_pool2d_bwd(dy, *args)
+    def forward(ctx, dy, ops: PoolKernels):
+        ctx.ops = ops
+        return ops.avg_backward(dy)
 
     @staticmethod
     def backward(ctx, ddx):
-        adaptive, geom, _, backend = ctx.args
-        return AvgPool2dFunction.apply(ddx, as_geometry(PoolGeometry, geom), adaptive,
-                                       backend), None
+        ops = ctx.ops
+        return AvgPool2dFunction.apply(ddx, PoolKernels(ops.g, ops.backend, ops.adaptive,
+                                                        _channels_last(ddx))), None
 
 
 # --- implementations by backend -------------------------------------------------------------
 
 def _register(name: str):
     def max_pool(x, g, return_indices):
+        ops = PoolKernels(g, name, False, _channels_last(x))
         if needs_graph(x):
-            return MaxPool2dFunction.apply(x, g, return_indices, name)
-        y, idx = _max_pool2d_fwd(x, g, INDEX_FLAT if return_indices else INDEX_NONE, name)
+            return apply(MaxPool2dFunction, x, ops, return_indices)
+        y, idx = ops.max_forward(x, INDEX_FLAT if return_indices else INDEX_NONE)
         return (y, idx) if return_indices else y
 
     def avg_pool(adaptive):
         def impl(x, g):
+            ops = PoolKernels(g, name, adaptive, _channels_last(x))
             if needs_graph(x):
-                return AvgPool2dFunction.apply(x, g, adaptive, name)
-            return _avg_pool2d_fwd(x, g, adaptive, name)
+                return apply(AvgPool2dFunction, x, ops)
+            return ops.avg_forward(x)
         return impl
 
-    register("max_pool2d", name)(max_pool)
-    register("avg_pool2d", name)(avg_pool(False))
-    register("adaptive_avg_pool2d", name)(avg_pool(True))
+    _KERNEL_IMPLS[name] = (register("max_pool2d", name)(max_pool),
+                           register("avg_pool2d", name)(avg_pool(False)),
+                           register("adaptive_avg_pool2d", name)(avg_pool(True)))
+
+
+# backend -> pydl's own implementations (a call plans its eager form only where they run)
+_KERNEL_IMPLS: dict[str, tuple] = {}
 
 
 for _name in LAUNCHERS:
@@ -465,21 +550,107 @@ def _geometry(shape, kernel_size, stride, padding, dilation, ceil_mode, **extra)
     return PoolGeometry(N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, ceil_mode, **extra)
 
 
-def _pool_call(impl, g: PoolGeometry, unbatched: bool, pair_out: bool = False):
-    """The call of a checked signature: impl(x, g) with x batched, output unbatched."""
-    if not unbatched:
-        return lambda input: impl(input, g)
-    if pair_out:
-        def call(input):
-            y, idx = impl(input.unsqueeze(0), g)
-            return y.squeeze(0), idx.squeeze(0)
-        return call
-    return lambda input: impl(input.unsqueeze(0), g).squeeze(0)
+@emulated("max_forward", "max_backward", "avg_forward", "avg_backward")
+class _PoolCall(PoolKernels):
+    """A pooling op for one call signature (pydl._plan), checked once: the implementation and
+    the geometry; called with the input alone (batched and unbatched here). On a kernel
+    backend in eager mode it is also the signature's plan: the Functions run its methods,
+    which allocate with arguments fixed here and launch what the first call built (the
+    backward's launches per strides of the upstream gradient); the call's key fixes every
+    other input of those."""
+
+    __slots__ = ("impl", "unbatched", "indices", "max", "eager", "launcher", "new_y",
+                 "new_idx", "new_dx", "no_y", "no_dx", "fwd", "bwd")
+
+    def __init__(self, impl, name: str, g: PoolGeometry, input, unbatched: bool, max_pool: bool,
+                 adaptive: bool = False, indices: bool = False):
+        super().__init__(g, name, adaptive, not unbatched and _channels_last(input))
+        self.impl, self.unbatched, self.max, self.indices = impl, unbatched, max_pool, indices
+        self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not unbatched
+                      and not torch.compiler.is_compiling() and plain_tensors(input))
+        if self.eager:
+            dt, dev, fmt = input.dtype, input.device, memory_format_of(input)
+            self.launcher = LAUNCHERS[name]
+            self.new_y = output_maker(_y_shape(g), dt, dev, fmt)
+            self.new_idx = {mode: output_maker(_y_shape(g), _index_dtype(g, mode), dev, fmt)
+                            for mode in (INDEX_LOCAL, INDEX_FLAT)}
+            self.new_dx = output_maker(input.shape, dt, dev, memory_format(self.channels_last))
+            # nothing to launch for an empty output (as the kernel ops)
+            self.no_y, self.no_dx = math.prod(_y_shape(g)) == 0, input.numel() == 0
+            self.fwd, self.bwd = {}, {}
+
+    def __call__(self, input):
+        if self.eager:
+            graph = torch.is_grad_enabled() and input.requires_grad
+            if self.max:
+                if graph:
+                    return apply(MaxPool2dFunction, input, self, self.indices)
+                y, idx = self.max_forward(input, INDEX_FLAT if self.indices else INDEX_NONE)
+                return (y, idx) if self.indices else y
+            if graph:
+                return apply(AvgPool2dFunction, input, self)
+            return self.avg_forward(input)
+        x = input.unsqueeze(0) if self.unbatched else input
+        out = self.impl(x, self.g, self.indices) if self.max else self.impl(x, self.g)
+        if not self.unbatched:
+            return out
+        if self.max and self.indices:
+            return out[0].squeeze(0), out[1].squeeze(0)
+        return out.squeeze(0)
+
+    # the plan (eager, kernel backends): PoolKernels' steps with fixed arguments
+
+    def kernels(self) -> PoolKernels:
+        return PoolKernels(self.g, self.backend, self.adaptive, self.channels_last)
+
+    def _run(self, runs: dict, key, plan, *args):
+        """runs[key], else plan(*args) kept there (not under a CUDA graph capture)."""
+        run = plan(*args)
+        if not capturing():
+            runs[key] = run
+        return run
+
+    def max_forward(self, x, mode: int):
+        y = fresh(self.new_y)
+        idx = fresh(self.new_idx[mode]) if mode != INDEX_NONE else None
+        if not self.no_y:
+            run = self.fwd.get(mode) or self._run(self.fwd, mode, self.launcher.plan_max_fwd, x,
+                                                  y, idx, self.g, mode)
+            run(x, y, y if idx is None else idx)
+        return y, idx
+
+    def max_backward(self, dy, idx, mode: int):
+        dx = fresh(self.new_dx)
+        if not self.no_dx:
+            key = (dy.stride(), mode)
+            run = self.bwd.get(key) or self._run(self.bwd, key, self.launcher.plan_max_bwd, dy,
+                                                 idx, dx, self.g, mode)
+            run(dy, idx, dx)
+        return dx
+
+    def avg_forward(self, x):
+        y = fresh(self.new_y)
+        if not self.no_y:
+            run = self.fwd.get(0) or self._run(
+                self.fwd, 0, self.launcher.plan_adaptive_fwd if self.adaptive
+                else self.launcher.plan_avg_fwd, x, y, self.g)
+            run(x, y)
+        return y
+
+    def avg_backward(self, dy):
+        dx = fresh(self.new_dx)
+        if not self.no_dx:
+            key = dy.stride()
+            run = self.bwd.get(key) or self._run(
+                self.bwd, key, self.launcher.plan_adaptive_bwd if self.adaptive
+                else self.launcher.plan_avg_bwd, dy, dx, self.g)
+            run(dy, dx)
+        return dx
 
 
 def _key(input, *options):
-    return (input.shape, input.dtype, input.device, current_backend() if options[-1] is None
-            else options[-1], *options)
+    return (type(input), input.shape, input.stride(), input.dtype, input.device,
+            current_backend() if options[-1] is None else options[-1], *options)
 
 
 def _max_pool2d_call(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
@@ -487,8 +658,7 @@ def _max_pool2d_call(input, kernel_size, stride, padding, dilation, ceil_mode, r
     name, impl = dispatch("max_pool2d", backend, input)
     shape, unbatched = _batched_shape(input, name)
     g = _geometry(shape, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    indices = bool(return_indices)
-    return _pool_call(lambda x, g: impl(x, g, indices), g, unbatched, pair_out=indices)
+    return _PoolCall(impl, name, g, input, unbatched, True, indices=bool(return_indices))
 
 
 def _avg_pool2d_call(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -499,7 +669,7 @@ def _avg_pool2d_call(input, kernel_size, stride, padding, ceil_mode, count_inclu
         raise ValueError(f"divisor_override must be a positive int, got {divisor_override!r}")
     g = _geometry(shape, kernel_size, stride, padding, 1, bool(ceil_mode),
                   count_include_pad=bool(count_include_pad), divisor=divisor_override or 0)
-    return _pool_call(impl, g, unbatched)
+    return _PoolCall(impl, name, g, input, unbatched, False)
 
 
 def _adaptive_avg_pool2d_call(input, output_size, backend):
@@ -513,7 +683,8 @@ def _adaptive_avg_pool2d_call(input, output_size, backend):
     if OH <= 0 or OW <= 0:
         raise ValueError(f"output_size must be positive, got {output_size}")
     _check_not_empty((N, C, H, W))
-    return _pool_call(impl, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), unbatched)
+    return _PoolCall(impl, name, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), input,
+                     unbatched, False, adaptive=True)
 
 
 _CALLS = {"max": Cache("max_pool2d calls"), "avg": Cache("avg_pool2d calls"),

@@ -48,9 +48,9 @@ import torch
 from torch import Tensor
 
 from ._autograd import without_double_backward
-from ._launch import new_output
+from ._launch import fresh, new_output, output_maker
 from ._library import kernel_op
-from ._plan import Cache, needs_graph
+from ._plan import Cache, apply, capturing, emulated, needs_graph
 from ._rnn_launch import schedule, tf32_key
 
 F32 = torch.float32
@@ -170,6 +170,14 @@ class Plans:
     def __init__(self, launch, dims: tuple = (), mode: str = "steps", reverse: bool = False):
         self.launch, self.dims, self.mode, self.reverse = launch, dims, mode, reverse
         self.built: dict = {}
+
+    def new(self, name, shape, dtype: torch.dtype, device) -> Tensor:
+        """A fresh output, its allocation's arguments fixed on first use (`name` says which:
+        the shapes are the plan's)."""
+        make = self.built.get(name)
+        if make is None:
+            make = self.built[name] = output_maker(shape, dtype, device)
+        return fresh(make)
 
     def forward(self, name, *tensors, mode: str | None = None, reverse: bool | None = None):
         """The cell's forward recurrence kernel over `tensors` (its launcher's forward_plan)."""
@@ -308,18 +316,22 @@ class _Forward:
         # what the backward gets of each direction: acts unless recomputed, cs, m (LSTMP)
         self.keep_acts = not cfg.recompute
         self.keep_m = cfg.proj and not cfg.recompute
+        LD, dt, dev = self.L * self.D, x.dtype, x.device
+        self.new_h_n = output_maker((LD, B, self.P), dt, dev)
+        self.new_c_n = output_maker((LD, B, self.H), dt, dev) if self.cell.has_cell_state \
+            else None
+        self.new_out = output_maker((T, B, self.D * self.P), dt, dev)
 
     def __call__(self, x, h0, c0, weights, bs):
-        cfg, cell, sites = self.cfg, self.cell, self.sites
-        T, B, _ = x.shape
-        L, D, H, P = self.L, self.D, self.H, self.P
+        cfg, sites = self.cfg, self.sites
+        L, D, P = self.L, self.D, self.P
         dt, dev = x.dtype, x.device
-        h_n = new_output((L * D, B, P), dt, dev)
-        c_n = new_output((L * D, B, H), dt, dev) if cell.has_cell_state else None
+        h_n = fresh(self.new_h_n)
+        c_n = fresh(self.new_c_n) if self.new_c_n is not None else None
         flat, per_dir = [], []
         inp = x
         for layer in range(L):
-            out = new_output((T, B, D * P), dt, dev)
+            out = fresh(self.new_out)
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
@@ -493,8 +505,29 @@ def _grad_biases(sites, dg_ih, dg_hh, need_ih, need_hh, dweights, base, n, dtype
     dweights[base + 2], dweights[base + 3] = dbs
 
 
+class LayerKernels:
+    """A stack's kernel ops (pydl::rnn_fwd, pydl::rnn_bwd) for one config on one backend: what
+    RNNFunction runs, custom ops under torch.compile. In eager mode a call signature's plan
+    (LayerPlan, a subclass) runs the same plans (_Forward, _Backward) without looking them
+    up."""
+
+    __slots__ = ("cfg", "op", "backend")
+
+    def __init__(self, cfg: RNNConfig, op: str, backend: str):
+        self.cfg, self.op, self.backend = cfg, op, backend
+
+    def forward(self, x, h0, c0, weights, bs):
+        """(out, [h_n, c_n] ([h_n] without a cell state), saved)."""
+        return _rnn_fwd(x, h0, c0, list(weights), bs, *self.cfg.op_args, self.op, self.backend)
+
+    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need):
+        """The `need`ed ones of [dx, dh0, dc0, *dweights]."""
+        return _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
+                        need, *self.cfg.op_args, self.op, self.backend)
+
+
 class RNNFunction(torch.autograd.Function):
-    """A whole LSTM or GRU stack (`op` "lstm" or "gru"): x (T, B, I) ->
+    """A whole LSTM or GRU stack (ops.op "lstm" or "gru"): x (T, B, I) ->
     (out (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H), None for a cell without one).
 
     h0, c0: (L*D, B, H) or None (zeros). bs: a packed sequence's active rows per step ((T,)
@@ -504,18 +537,17 @@ class RNNFunction(torch.autograd.Function):
     output no gradient reaches gets None there, not zeros (no kernel to make them)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, bs, cfg: RNNConfig, op: str, backend: str, *weights):
-        args = (*cfg.op_args, op, backend)
-        out, finals, saved = _rnn_fwd(x, h0, c0, list(weights), bs, *args)
+    def forward(ctx, x, h0, c0, bs, ops: LayerKernels, *weights):
+        out, finals, saved = ops.forward(x, h0, c0, weights, bs)
         ctx.save_for_backward(x, h0, c0, bs, out, *weights, *saved)
-        ctx.n_weights, ctx.args = len(weights), args
+        ctx.n_weights, ctx.ops = len(weights), ops
         ctx.set_materialize_grads(False)
         return out, finals[0], finals[1] if len(finals) == 2 else None
 
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn):
         if torch.is_grad_enabled():     # create_graph: the kernels' result is not differentiable
-            return without_double_backward(ctx.args[-2], _rnn_backward, ctx, d_out, d_hn, d_cn)
+            return without_double_backward(ctx.ops.op, _rnn_backward, ctx, d_out, d_hn, d_cn)
         return _rnn_backward(ctx, d_out, d_hn, d_cn)
 
 
@@ -523,11 +555,56 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
     x, h0, c0, bs, out, *rest = ctx.saved_tensors
     weights, saved = rest[:ctx.n_weights], rest[ctx.n_weights:]
     need = ctx.needs_input_grad
-    need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[7:]]
-    grads = _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
-                     need, *ctx.args)
+    need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[5:]]
+    grads = ctx.ops.backward(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need)
     dx, dh0, dc0, *dw = needed(grads, need)
-    return (dx, dh0, dc0, None, None, None, None, *dw)
+    return (dx, dh0, dc0, None, None, *dw)
+
+
+@emulated("forward", "backward")
+class LayerPlan(LayerKernels):
+    """A layer call signature's plan (pydl._plan; eager mode, a kernel backend, a padded
+    input): its _Forward taken once, its _Backward per need and upstream gradients' strides
+    (and, in fp32, TF32 switch). The call's key (pydl/_rnn_checks.py) fixes everything else a
+    plan is built from: shapes, strides, dtypes, device, options, the forward's TF32 switch."""
+
+    __slots__ = ("fp32", "fwd", "bwd")
+
+    def __init__(self, cfg: RNNConfig, op: str, backend: str, dtype: torch.dtype):
+        super().__init__(cfg, op, backend)
+        self.fp32 = dtype == F32
+        self.fwd, self.bwd = None, {}
+
+    def __call__(self, x, h0, c0, weights):
+        """The layer on x (T, B, I): (out, h_n, c_n or None)."""
+        if needs_graph(x, h0, c0, *weights):
+            return apply(RNNFunction, x, h0, c0, None, self, *weights)
+        out, finals, _ = self.forward(x, h0, c0, weights, None)
+        return out, finals[0], finals[1] if len(finals) == 2 else None
+
+    def forward(self, x, h0, c0, weights, bs):
+        plan = self.fwd
+        if plan is None:
+            args = (*self.cfg.op_args, self.op, self.backend)
+            plan = _FORWARDS.get(_layer_key(x, h0, c0, weights, bs, *args), _Forward, x,
+                                 weights, *args)
+            if not capturing():
+                self.fwd = plan
+        return plan(x, h0, c0, weights, bs)
+
+    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need):
+        key = (*need, sig(d_out), sig(d_hn), sig(d_cn))
+        if self.fp32:
+            key += (tf32_key(F32, True),)
+        plan = self.bwd.get(key)
+        if plan is None:
+            args = (*self.cfg.op_args, self.op, self.backend)
+            plan = _BACKWARDS.get((_layer_key(x, h0, c0, weights, bs, *args), tuple(need),
+                                   sig(d_out), sig(d_hn), sig(d_cn)), _Backward, x, weights,
+                                  *args)
+            if not capturing():
+                self.bwd[key] = plan
+        return plan(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need)
 
 
 # --- weight gradients summed over time -------------------------------------------------------
@@ -587,23 +664,44 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
     or a PackedSequence input's pydl._rnn_checks.Packed (x is then padded). Without a
     gradient to record (pydl._plan.needs_graph) the forward kernel op runs directly."""
     _KINDS[(op, backend)] = (cell, launch)
+    _LAYER_ALGOS[(op, backend)] = algos
     has_c = cell.has_cell_state
 
     def impl(x, h0, c0, weights, cfg: RNNConfig, packed=None):
-        algo = cfg.algo or algos[0]
-        if algo not in algos:
-            raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
-                             f"backend (available: {', '.join(algos)})")
         bs = packed.bs if packed is not None else None
-        if algo != cfg.algo:
-            cfg = replace(cfg, algo=algo)
+        ops = LayerKernels(layer_config(op, backend, cfg), op, backend)
         if needs_graph(x, h0, c0, *weights):
-            return RNNFunction.apply(x, h0, c0, bs, cfg, op, backend, *weights)
-        out, finals, _ = _rnn_fwd(x, h0, c0, list(weights), bs, *cfg.op_args, op, backend)
+            return apply(RNNFunction, x, h0, c0, bs, ops, *weights)
+        out, finals, _ = ops.forward(x, h0, c0, weights, bs)
         return out, finals[0], finals[1] if has_c else None
+    _LAYER_IMPLS[(op, backend)] = impl
     return impl
 
 
-__all__ = ["RNNConfig", "RNNFunction", "Plans", "layer_impl", "direction_weights",
+_LAYER_ALGOS: dict[tuple[str, str], tuple[str, ...]] = {}   # (op, backend) -> algorithms
+_LAYER_IMPLS: dict[tuple[str, str], object] = {}            # (op, backend) -> layer_impl's
+
+
+def layer_config(op: str, backend: str, cfg: RNNConfig) -> RNNConfig:
+    """cfg with its algorithm resolved on `backend` (the default for None), or ValueError."""
+    algos = _LAYER_ALGOS[(op, backend)]
+    algo = cfg.algo or algos[0]
+    if algo not in algos:
+        raise ValueError(f"{op}: algo={cfg.algo!r} is not available on the {backend!r} "
+                         f"backend (available: {', '.join(algos)})")
+    return cfg if algo == cfg.algo else replace(cfg, algo=algo)
+
+
+def layer_plan(op: str, backend: str, impl, cfg: RNNConfig, dtype: torch.dtype):
+    """The eager plan of a layer call signature (pydl/_rnn_checks.py), where `impl`, the
+    registry's implementation, is layer_impl's; None elsewhere (the torch backend, one
+    registered in its place)."""
+    if impl is not _LAYER_IMPLS.get((op, backend)):
+        return None
+    return LayerPlan(layer_config(op, backend, cfg), op, backend, dtype)
+
+
+__all__ = ["RNNConfig", "RNNFunction", "LayerKernels", "LayerPlan", "Plans", "layer_impl",
+           "layer_config", "layer_plan", "direction_weights",
            "layer_sizes", "seq_rows", "steps_after_first", "at", "first", "sig",
            "cell_need", "cell_grads_fake", "needed"]

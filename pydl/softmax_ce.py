@@ -24,6 +24,7 @@ backward writes the logits' gradient, and the target's when it requires one, in 
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional
@@ -33,9 +34,9 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (arrival_counters, cdiv, launch_numba, new_output, next_power_of_2,
-                      numba_blocks, numba_threads)
-from ._plan import Cache, Launch, needs_graph
+from ._launch import (arrival_counters, cdiv, fresh, launch_numba, new_output, next_power_of_2,
+                      numba_blocks, numba_threads, output_maker)
+from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import as_rows, normalize_dim
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -68,6 +69,18 @@ def _triton_config(n_rows: int, n: int, tile: int | None = None, max_block_n: in
 
 # Rows per program of cross_entropy_mean_denominator (8 bytes of targets a row).
 DENOMINATOR_BLOCK = 4096
+
+
+def unit_stride(weight: Tensor | None) -> Tensor | None:
+    """Class weights as the Triton kernels read them, at unit stride: a strided view (a slice
+    of a larger tensor) copied (C values)."""
+    return weight if weight is None or weight.stride(0) == 1 else weight.contiguous()
+
+
+def cross_entropy_scratch(rows: int) -> int:
+    """fp32 elements of a reduced cross-entropy forward's scratch (the programs' partial sums:
+    2 a row in the forward kernel, 1 per block of the mean denominator's)."""
+    return 2 * rows + cdiv(rows, DENOMINATOR_BLOCK)
 # Partial sums the last program of a cross-entropy reduction adds at a time.
 PARTS_BLOCK = 1024
 # cross_entropy_scale_grad: elements per step, and at most this many programs (a grid-stride
@@ -88,13 +101,15 @@ _LAUNCHES = Cache("softmax / cross_entropy launches")
 
 
 def _launch(name: str, x3: Tensor, tensors: tuple, scalars: tuple, single: bool = False,
-            **consts) -> None:
-    """Launch row kernel `name` over the (outer, n, inner) rows of x3: the kernel's tensors,
-    then its scalars and constexprs. Built once per signature, its tile autotuned
-    (pydl/_tune.py) per dtype, row length, row layout and options, not per batch size.
-    single: the kernel takes SINGLE (the whole row fits one column block)."""
+            **consts) -> Launch:
+    """The launch of row kernel `name` over the (outer, n, inner) rows of x3: a Launch taking
+    the kernel's tensors, its scalars and constexprs fixed. Built once per signature, its
+    tile autotuned (pydl/_tune.py) per dtype, row length, row layout and options, not per
+    batch size. single: the kernel takes SINGLE (the whole row fits one column block).
+    The kernels read their tensors through the scalars' strides: a Launch may be given any
+    tensor at the data pointer of the one it was planned with (x for its view x3)."""
     key = (name, x3.device, tuple(t.dtype for t in tensors), scalars, tuple(consts.values()))
-    _LAUNCHES.get(key, _plan, name, x3, tensors, scalars, single, consts)(*tensors)
+    return _LAUNCHES.get(key, _plan, name, x3, tensors, scalars, single, consts)
 
 
 def _plan(name: str, x3: Tensor, tensors, scalars, single: bool, consts) -> Launch:
@@ -117,16 +132,25 @@ def _plan(name: str, x3: Tensor, tensors, scalars, single: bool, consts) -> Laun
 class _TritonLaunch:
     @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
+        _TritonLaunch.plan_softmax_fwd(x3, y3, log)(x3, y3)
+
+    @staticmethod
+    def plan_softmax_fwd(x3, y3, log: bool) -> Launch:
         outer, n, inner = x3.shape
-        _launch("softmax_fwd", x3, (x3, y3), (outer * inner, n, inner, *x3.stride(),
-                                              *y3.stride()), single=True, LOG=log)
+        return _launch("softmax_fwd", x3, (x3, y3), (outer * inner, n, inner, *x3.stride(),
+                                                     *y3.stride()), single=True, LOG=log)
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
+        _TritonLaunch.plan_softmax_bwd(y3, dy3, dx3, log)(y3, dy3, dx3)
+
+    @staticmethod
+    def plan_softmax_bwd(y3, dy3, dx3, log: bool) -> Launch:
         outer, n, inner = y3.shape
-        _launch("softmax_bwd", y3, (y3, dy3, dx3), (outer * inner, n, inner, *y3.stride(),
-                                                    *dy3.stride(), *dx3.stride()),
-                single=True, LOG=log)
+        return _launch("softmax_bwd", y3, (y3, dy3, dx3), (outer * inner, n, inner,
+                                                           *y3.stride(), *dy3.stride(),
+                                                           *dx3.stride()),
+                       single=True, LOG=log)
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
@@ -145,28 +169,64 @@ class _TritonLaunch:
             if reduction != "none":
                 loss.fill_(float("nan") if reduction == "mean" else 0.0)   # torch's empty mean
             return loss, lse, denom, dx3
-        w = weight if weight is not None else x3
-        arrivals = parts = lse                          # placeholders: not read without a sum
-        if reduction != "none":
-            arrivals = arrival_counters(dev, 1)
-            # the programs' partial sums: 2 fp32 each (loss, weight) in the forward, then 1
-            # each of the mean denominator's kernel, in one scratch buffer
-            blocks = cdiv(rows, DENOMINATOR_BLOCK)
-            scratch = torch.empty(2 * rows + blocks, dtype=torch.float32, device=dev)
-            parts = scratch[:2 * rows]
-            if grad and reduction == "mean":
-                key = ("mean_denominator", rows, n, dev, target.dtype, w.dtype, weight is None,
-                       ignore_index)
-                _LAUNCHES.get(key, _TritonLaunch._plan_denominator, rows, n, ignore_index,
-                              weight is not None)(target, w, denom, scratch[2 * rows:], arrivals)
-        dx = dx3 if grad else x3
-        _launch("cross_entropy_fwd", x3, (x3, target, w, loss, lse, loss, denom, parts, arrivals,
-                                          dx),
-                (rows, n, inner, *x3.stride(), *dx.stride(), ignore_index, smoothing),
-                single=True, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0,
-                REDUCTION=REDUCTION_CODES[reduction], PARTS_BLOCK=PARTS_BLOCK, GRAD=grad,
-                CHECK_TARGETS=dev.type == "cuda")
+        scratch = (torch.empty(cross_entropy_scratch(rows), dtype=torch.float32, device=dev)
+                   if reduction != "none" else None)
+        tensors = (x3, target, weight, lse, loss, denom, scratch, dx3)
+        _TritonLaunch.plan_cross_entropy_fwd(*tensors, ignore_index, smoothing, reduction,
+                                             grad)(*tensors)
         return loss, lse, denom, dx3
+
+    @staticmethod
+    def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
+                               ignore_index, smoothing, reduction, grad):
+        """run(x3, target, weight, lse, loss, denom, scratch, dx3): the forward's launches
+        (rows > 0) into loss, lse, denom and with `grad` dx3; weight and (without `grad`) dx3
+        may be None, and scratch is for the reductions (cross_entropy_scratch(rows) fp32:
+        the programs' partial sums, 2 each (loss, weight) in the forward, then 1 each of the
+        mean denominator's kernel), None without one. x3 and target rows by pointer (any
+        tensor at their address: x for its view)."""
+        outer, n, inner = x3.shape
+        rows, dev = outer * inner, x3.device
+        has_weight = weight is not None
+        strided = has_weight and weight.stride(0) != 1
+        weight = unit_stride(weight)
+        w = weight if has_weight else x3
+        dx = dx3 if grad else x3
+        none = reduction == "none"
+        # the kernels read the targets (rows,) at unit stride: a strided view is copied
+        t_strided = target.stride(0) != 1
+        target = target.contiguous()
+        arrivals = lse if none else arrival_counters(dev, 1)   # placeholders without a sum
+        parts = lse if none else scratch
+        fwd = _launch("cross_entropy_fwd", x3, (x3, target, w, loss, lse, loss, denom, parts,
+                                                arrivals, dx),
+                      (rows, n, inner, *x3.stride(), *dx.stride(), ignore_index, smoothing),
+                      single=True, HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing > 0,
+                      REDUCTION=REDUCTION_CODES[reduction], PARTS_BLOCK=PARTS_BLOCK, GRAD=grad,
+                      CHECK_TARGETS=dev.type == "cuda")
+        if none:
+            def run(x, target, weight, lse, loss, denom, scratch, dx):
+                w = (weight.contiguous() if strided else weight) if has_weight else x
+                fwd(x, target.contiguous() if t_strided else target, w, loss, lse, loss, denom,
+                    lse, lse, dx if grad else x)
+            return run
+        denominator = None
+        if grad and reduction == "mean":
+            key = ("mean_denominator", rows, n, dev, target.dtype, w.dtype, not has_weight,
+                   ignore_index)
+            denominator = _LAUNCHES.get(key, _TritonLaunch._plan_denominator, rows, n,
+                                        ignore_index, has_weight)
+        tail = 2 * rows
+
+        def run(x, target, weight, lse, loss, denom, scratch, dx):
+            w = (weight.contiguous() if strided else weight) if has_weight else x
+            if t_strided:
+                target = target.contiguous()
+            arrivals = arrival_counters(dev, 1)
+            if denominator is not None:
+                denominator(target, w, denom, scratch[tail:], arrivals)
+            fwd(x, target, w, loss, lse, loss, denom, scratch, arrivals, dx if grad else x)
+        return run
 
     @staticmethod
     def _plan_denominator(rows, n, ignore_index, has_weight) -> Launch:
@@ -180,8 +240,12 @@ class _TritonLaunch:
     def cross_entropy_scale_grad(dx, grad_out) -> None:
         """dx *= grad_out (0-d, on the device) in place; nothing is read or written where
         grad_out == 1."""
+        _TritonLaunch.plan_scale_grad(dx, grad_out)(dx, grad_out)
+
+    @staticmethod
+    def plan_scale_grad(dx, grad_out) -> Launch:
         key = ("scale_grad", dx.numel(), dx.dtype, grad_out.dtype, dx.device)
-        _LAUNCHES.get(key, _TritonLaunch._plan_scale, dx.numel())(dx, grad_out)
+        return _LAUNCHES.get(key, _TritonLaunch._plan_scale, dx.numel())
 
     @staticmethod
     def _plan_scale(numel) -> Launch:
@@ -207,39 +271,64 @@ class _TritonLaunch:
                           ignore_index, smoothing):
         """dx3 = the gradient of the loss w.r.t. x3, grad_out the loss's upstream gradient (per
         row, or 0-d, read on the device); the mean's division happens in the kernel."""
+        tensors = (x3, target, weight, lse, denom, grad_out, dx3)
+        _TritonLaunch.plan_cross_entropy_bwd(*tensors, reduction, ignore_index,
+                                             smoothing)(*tensors)
+
+    @staticmethod
+    def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,
+                               ignore_index, smoothing):
+        """run(x3, target, weight, lse, denom, grad_out, dx3): cross_entropy_bwd's launch; x3,
+        target and dx3 by pointer (x for its view x3), grad_out as planned (strides)."""
         outer, n, inner = x3.shape
         if reduction == "none":
             grad = grad_out.reshape(-1)                 # a view where it can be
-            stride = grad.stride(0)
+            stride, flat = grad.stride(0), _same_memory(grad, grad_out)
         else:
-            grad, stride = grad_out, 0
-        weight_sum = weight.float().sum() if weight is not None and smoothing > 0 else None
-        _launch("cross_entropy_bwd", x3, (
-            x3, target, weight if weight is not None else x3, lse, grad, denom,
-            weight_sum if weight_sum is not None else lse, dx3),
-            (stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(), ignore_index,
-             smoothing),
-            HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0,
-            MEAN=reduction == "mean")
+            grad, stride, flat = grad_out, 0, True
+        has_weight = weight is not None
+        strided = has_weight and weight.stride(0) != 1
+        weight = unit_stride(weight)
+        t_strided = target.stride(0) != 1               # read at unit stride: copied
+        target = target.contiguous()
+        weight_sum = has_weight and smoothing > 0       # summed every call: weights may change
+        tensors = (x3, target, weight if has_weight else x3, lse, grad, denom,
+                   weight.float().sum() if weight_sum else lse, dx3)
+        launch = _launch("cross_entropy_bwd", x3, tensors,
+                         (stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(),
+                          ignore_index, smoothing),
+                         HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing > 0,
+                         MEAN=reduction == "mean")
+
+        def run(x3, target, weight, lse, denom, grad_out, dx3):
+            if strided:
+                weight = weight.contiguous()
+            if t_strided:
+                target = target.contiguous()
+            launch(x3, target, weight if has_weight else x3, lse,
+                   grad_out if flat else grad_out.reshape(-1), denom,
+                   weight.float().sum() if weight_sum else lse, dx3)
+        return run
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
         outer, n, inner = x3.shape
-        _launch("cross_entropy_prob_fwd", x3, (
-            x3, y3, weight if weight is not None else x3, loss, lse, mass),
-            (outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing),
-            HAS_WEIGHT=weight is not None)
+        tensors = (x3, y3, x3 if weight is None else unit_stride(weight), loss, lse, mass)
+        _launch("cross_entropy_prob_fwd", x3, tensors,
+                (outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing),
+                HAS_WEIGHT=weight is not None)(*tensors)
 
     @staticmethod
     def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, grad_scale, dx3,
                                dy3, smoothing):
         outer, n, inner = x3.shape
         dy = dy3 if dy3 is not None else dx3
-        _launch("cross_entropy_prob_bwd", x3, (
-            x3, y3, weight if weight is not None else x3, lse, mass, grad, dx3, dy),
-            (grad_stride, grad_scale, outer * inner, n, inner, *x3.stride(), *y3.stride(),
-             *dx3.stride(), *dy.stride(), smoothing),
-            HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None)
+        tensors = (x3, y3, x3 if weight is None else unit_stride(weight), lse, mass, grad, dx3,
+                   dy)
+        _launch("cross_entropy_prob_bwd", x3, tensors,
+                (grad_stride, grad_scale, outer * inner, n, inner, *x3.stride(), *y3.stride(),
+                 *dx3.stride(), *dy.stride(), smoothing),
+                HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None)(*tensors)
 
 
 # --- Numba launch -------------------------------------------------------------------------
@@ -359,22 +448,44 @@ def _softmax_bwd(y: Tensor, dy: Tensor, dim: int, log: bool, backend: str) -> Te
     return dx3.view(y.shape)
 
 
+class SoftmaxKernels:
+    """softmax / log_softmax's kernel ops over one dim on one backend: what SoftmaxFunction
+    and its double backward run, pydl:: custom ops under torch.compile. In eager mode a call
+    signature's plan (_SoftmaxCall, a subclass) runs the same steps with its outputs'
+    allocation and its launches fixed."""
+
+    __slots__ = ("dim", "log", "backend")
+
+    def __init__(self, dim: int, log: bool, backend: str):
+        self.dim, self.log, self.backend = dim, log, backend
+
+    def kernels(self) -> "SoftmaxKernels":
+        """The ops for tensors of any strides (the double backward's)."""
+        return self
+
+    def forward(self, x):
+        return _softmax_fwd(x, self.dim, self.log, self.backend)
+
+    def backward(self, y, dy):
+        return _softmax_bwd(y, dy, self.dim, self.log, self.backend)
+
+
 class SoftmaxFunction(torch.autograd.Function):
-    """softmax / log_softmax over `dim`; saves its output, which is all the backward needs."""
+    """softmax / log_softmax by `ops`; saves its output, which is all the backward needs."""
 
     @staticmethod
-    def forward(ctx, x, dim: int, log: bool, backend: str):
-        y = _softmax_fwd(x, dim, log, backend)
+    def forward(ctx, x, ops: SoftmaxKernels):
+        y = ops.forward(x)
         ctx.save_for_backward(y)
-        ctx.dim, ctx.log, ctx.backend = dim, log, backend
+        ctx.ops = ops
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
         if torch.is_grad_enabled():      # create_graph: differentiable again
-            return _SoftmaxBackward.apply(y, dy, ctx.dim, ctx.log, ctx.backend), None, None, None
-        return _softmax_bwd(y, dy, ctx.dim, ctx.log, ctx.backend), None, None, None
+            return _SoftmaxBackward.apply(y, dy, ctx.ops.kernels()), None
+        return ctx.ops.backward(y, dy), None
 
 
 class _SoftmaxBackward(torch.autograd.Function):
@@ -388,17 +499,18 @@ class _SoftmaxBackward(torch.autograd.Function):
     output (README: double backward); d y then flows into the forward's backward kernel."""
 
     @staticmethod
-    def forward(ctx, y, dy, dim: int, log: bool, backend: str):
+    def forward(ctx, y, dy, ops: SoftmaxKernels):
         ctx.save_for_backward(y, dy)
-        ctx.dim, ctx.log, ctx.backend = dim, log, backend
-        return _softmax_bwd(y, dy, dim, log, backend)
+        ctx.ops = ops
+        return ops.backward(y, dy)
 
     @staticmethod
     def backward(ctx, ddx):
         y, dy = ctx.saved_tensors
-        dim, need = ctx.dim, ctx.needs_input_grad
+        ops, need = ctx.ops, ctx.needs_input_grad
+        dim = ops.dim
         d_y = d_dy = None
-        if ctx.log:
+        if ops.log:
             p = y.exp()
             if need[0]:
                 d_y = -ddx * p * dy.sum(dim, keepdim=True)
@@ -409,8 +521,8 @@ class _SoftmaxBackward(torch.autograd.Function):
                 d_y = ddx * (dy - (y * dy).sum(dim, keepdim=True)) \
                     - dy * (ddx * y).sum(dim, keepdim=True)
             if need[1]:
-                d_dy = _SoftmaxBackward.apply(y, ddx, dim, False, ctx.backend)
-        return d_y, d_dy, None, None, None
+                d_dy = _SoftmaxBackward.apply(y, ddx, ops)
+        return d_y, d_dy, None
 
 
 def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, grad, backend):
@@ -464,6 +576,32 @@ def _grad_in_forward(backend: str, x: Tensor, reduction: str) -> bool:
             and type(x) in (torch.Tensor, torch.nn.Parameter))
 
 
+class CrossEntropyKernels:
+    """Cross-entropy's kernel ops (class-index targets) for one set of options on one backend:
+    what CrossEntropyFunction runs, pydl:: custom ops under torch.compile. In eager mode a
+    call signature's plan (_CrossEntropyCall, a subclass) runs the same steps with its
+    outputs' allocation and its launches fixed."""
+
+    __slots__ = ("ignore_index", "reduction", "smoothing", "backend")
+
+    def __init__(self, ignore_index: int, reduction: str, smoothing: float, backend: str):
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.smoothing, self.backend = smoothing, backend
+
+    def forward(self, x, target, weight, grad: bool):
+        """(loss, per-row logsumexp, the mean's denominator, with `grad` the gradient)."""
+        return _cross_entropy_fwd(x, target, weight, self.ignore_index, self.reduction,
+                                  self.smoothing, grad, self.backend)
+
+    def backward(self, x, target, weight, lse, denom, grad_out):
+        return _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, self.ignore_index,
+                                  self.reduction, self.smoothing, self.backend)
+
+    def scale_grad(self, dx, grad_out) -> None:
+        """The forward's gradient scaled in place by the upstream gradient."""
+        LAUNCHERS[self.backend].cross_entropy_scale_grad(dx, grad_out)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused log_softmax + NLL (+ weights, ignore_index, label smoothing) over class dim 1.
 
@@ -474,30 +612,29 @@ class CrossEntropyFunction(torch.autograd.Function):
     and a backward under create_graph builds it from differentiable ops (double backward)."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, ignore_index: int, reduction: str, smoothing: float,
-                grad_in_forward: bool, backend: str):
-        out, lse, denom, dx = _cross_entropy_fwd(x, target, weight, ignore_index, reduction,
-                                                 smoothing, grad_in_forward, backend)
+    def forward(ctx, x, target, weight, ops: CrossEntropyKernels, grad_in_forward: bool):
+        out, lse, denom, dx = ops.forward(x, target, weight, grad_in_forward)
         ctx.save_for_backward(x, target, weight, lse, denom)
-        ctx.args = (ignore_index, reduction, smoothing, backend)
+        ctx.ops = ops
         ctx.grad_from_forward = dx if grad_in_forward else None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, target, weight, lse, denom = ctx.saved_tensors
+        ops = ctx.ops
         if torch.is_grad_enabled():      # create_graph: differentiable again
-            ignore_index, reduction, smoothing, backend = ctx.args
-            q = _index_target_distribution(x, target, weight, ignore_index, smoothing)
-            g = _row_cotangent(grad_out, x, reduction, denom)
-            dx = _cross_entropy_grad_graph(_log_probabilities(x, backend), q, g, backend)
-            return dx, None, None, None, None, None, None, None
+            q = _index_target_distribution(x, target, weight, ops.ignore_index, ops.smoothing)
+            g = _row_cotangent(grad_out, x, ops.reduction, denom)
+            dx = _cross_entropy_grad_graph(_log_probabilities(x, ops.backend), q, g,
+                                           ops.backend)
+            return dx, None, None, None, None
         dx, ctx.grad_from_forward = ctx.grad_from_forward, None
         if dx is not None:
-            LAUNCHERS[ctx.args[-1]].cross_entropy_scale_grad(dx, grad_out)
+            ops.scale_grad(dx, grad_out)
         else:
-            dx = _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, *ctx.args)
-        return dx, None, None, None, None, None, None, None
+            dx = ops.backward(x, target, weight, lse, denom, grad_out)
+        return dx, None, None, None, None
 
 
 def _row_shape(x: Tensor) -> tuple[int, ...]:
@@ -643,13 +780,13 @@ def _index_target_distribution(x, target, weight, ignore_index: int, smoothing: 
 
 
 def _log_probabilities(x: Tensor, backend: str) -> Tensor:
-    return SoftmaxFunction.apply(x, _class_dim(x), True, backend)
+    return SoftmaxFunction.apply(x, SoftmaxKernels(_class_dim(x), True, backend))
 
 
 def _cross_entropy_grad_graph(logp: Tensor, q: Tensor, g: Tensor, backend: str) -> Tensor:
     """g (p sum(q) - q) from log p = _log_probabilities(x), as differentiable pydl Functions."""
-    return _SoftmaxBackward.apply(logp, (-(q * g)).to(logp.dtype), _class_dim(logp), True,
-                                  backend)
+    return _SoftmaxBackward.apply(logp, (-(q * g)).to(logp.dtype),
+                                  SoftmaxKernels(_class_dim(logp), True, backend))
 
 
 def _cross_entropy_prob_grad_graph(x, target, weight, grad_out, reduction: str, smoothing: float,
@@ -671,9 +808,10 @@ def _cross_entropy_prob_grad_graph(x, target, weight, grad_out, reduction: str, 
 
 def _kernel_softmax(backend: str):
     def impl(x, dim, log):
+        ops = SoftmaxKernels(dim, log, backend)
         if needs_graph(x):
-            return SoftmaxFunction.apply(x, dim, log, backend)
-        return _softmax_fwd(x, dim, log, backend)
+            return apply(SoftmaxFunction, x, ops)
+        return ops.forward(x)
     return impl
 
 
@@ -681,21 +819,21 @@ def _kernel_cross_entropy(backend: str):
     def impl(x, target, weight, ignore_index, reduction, smoothing):
         if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
             if needs_graph(x, target):
-                return CrossEntropyProbFunction.apply(x, target, weight, reduction, smoothing,
-                                                      backend)
+                return apply(CrossEntropyProbFunction, x, target, weight, reduction, smoothing,
+                             backend)
             return _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)[0]
+        ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend)
         if needs_graph(x):
-            return CrossEntropyFunction.apply(x, target, weight, ignore_index, reduction,
-                                              smoothing, _grad_in_forward(backend, x, reduction),
-                                              backend)
-        return _cross_entropy_fwd(x, target, weight, ignore_index, reduction, smoothing, False,
-                                  backend)[0]
+            return apply(CrossEntropyFunction, x, target, weight, ops,
+                         _grad_in_forward(backend, x, reduction))
+        return ops.forward(x, target, weight, False)[0]
     return impl
 
 
-for _name in LAUNCHERS:
-    register("softmax", _name)(_kernel_softmax(_name))
-    register("cross_entropy", _name)(_kernel_cross_entropy(_name))
+# backend -> pydl's own implementations (a call plans its eager form only where they run)
+_KERNEL_IMPLS = {_name: (register("softmax", _name)(_kernel_softmax(_name)),
+                         register("cross_entropy", _name)(_kernel_cross_entropy(_name)))
+                 for _name in LAUNCHERS}
 
 
 @register("softmax", "torch")
@@ -711,8 +849,89 @@ def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing):
 
 # --- argument checks and the public functions ---------------------------------------------
 
+def _same_memory(view: Tensor, t: Tensor) -> bool:
+    """Whether `view` (a reshape of t) starts at t's address: a Launch planned with the view
+    may then be given t itself (pydl._plan: the kernels read through the planned strides)."""
+    return view.numel() == 0 or view.data_ptr() == t.data_ptr()
+
+
+@emulated("forward", "backward")
+class _SoftmaxCall(SoftmaxKernels):
+    """softmax / log_softmax for one call signature (pydl._plan), checked once; called with
+    the input alone. On the triton backend in eager mode it is also the signature's plan:
+    SoftmaxFunction runs its methods, which allocate with arguments fixed here and launch what
+    the first call built (the backward's launch per strides of the upstream gradient); the
+    call's key fixes every other input of those. The numba backend runs the kernel ops."""
+
+    __slots__ = ("impl", "eager", "planned", "shape3", "empty", "new_y", "fwd", "bwd")
+
+    def __init__(self, impl, name: str, input, dim: int, log: bool):
+        super().__init__(dim, log, name)
+        self.impl = impl
+        self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not torch.compiler.is_compiling()
+                      and plain_tensors(input))
+        x3 = as_rows(input, dim)[0] if self.eager else None
+        self.planned = name == "triton" and self.eager and _same_memory(x3, input)
+        if self.planned:
+            self.shape3 = x3.shape
+            self.new_y = output_maker(input.shape, input.dtype, input.device)
+            self.empty = x3.numel() == 0
+            self.fwd = _launch_nothing if self.empty else None
+            self.bwd = {}
+
+    def __call__(self, input):
+        if self.eager:
+            if torch.is_grad_enabled() and input.requires_grad:
+                return apply(SoftmaxFunction, input, self)
+            return self.forward(input)
+        return self.impl(input, self.dim, self.log)
+
+    # the plan (eager, triton): SoftmaxKernels' steps with fixed arguments
+
+    def kernels(self) -> SoftmaxKernels:
+        return SoftmaxKernels(self.dim, self.log, self.backend)
+
+    def forward(self, x):
+        if not self.planned:
+            return super().forward(x)
+        y = fresh(self.new_y)
+        run = self.fwd
+        if run is None:
+            run = _TritonLaunch.plan_softmax_fwd(x.reshape(self.shape3), y.view(self.shape3),
+                                                 self.log)
+            if not capturing():
+                self.fwd = run
+        run(x, y)
+        return y
+
+    def backward(self, y, dy):
+        if not self.planned:
+            return super().backward(y, dy)
+        dx = fresh(self.new_y)
+        if not self.empty:
+            run = self.bwd.get(dy.stride())
+            if run is None:
+                run = self._plan_backward(y, dy, dx)
+            run(y, dy, dx)
+        return dx
+
+    def _plan_backward(self, y, dy, dx):
+        shape = self.shape3
+        dy3 = dy.reshape(shape)
+        launch = _TritonLaunch.plan_softmax_bwd(y.view(shape), dy3, dx.view(shape), self.log)
+        run = launch if _same_memory(dy3, dy) else (
+            lambda y, dy, dx: launch(y, dy.reshape(shape), dx))     # a gradient reshape copies
+        if not capturing():
+            self.bwd[dy.stride()] = run
+        return run
+
+
+def _launch_nothing(*tensors) -> None:
+    pass
+
+
 def _softmax_call(input, dim, log, dtype, backend):
-    """softmax / log_softmax for one call signature, checked once: (input, dim) -> output."""
+    """softmax / log_softmax for one call signature, checked once: (input) -> output."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if dim is None:
@@ -723,14 +942,14 @@ def _softmax_call(input, dim, log, dtype, backend):
         dim = 0 if input.dim() in (0, 1, 3) else 1
     name, impl = dispatch("softmax", backend, input)
     check_tensor(input, "input", name)
-    dim = normalize_dim(dim, input.dim())
-    return lambda x: impl(x, dim, log)
+    return _SoftmaxCall(impl, name, input, normalize_dim(dim, input.dim()), log)
 
 
 def _softmax_key(input, dim, log, dtype, backend):
     if dim is None:
         raise TypeError("implicit dim: not cached (it warns on every call)")
-    return (backend or current_backend(), input.shape, input.dtype, input.device, dim, log)
+    return (backend or current_backend(), type(input), input.shape, input.stride(), input.dtype,
+            input.device, dim, log)
 
 
 _SOFTMAX_CALLS = Cache("softmax calls")
@@ -826,20 +1045,126 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
                              f"(valid: 0..{n_classes - 1}, or ignore_index={ignore_index})")
 
 
+@emulated("forward", "backward", "scale_grad")
+class _CrossEntropyCall(CrossEntropyKernels):
+    """cross_entropy for one call signature (pydl._plan), checked once; called with (input,
+    target, weight). On the triton backend in eager mode, for class-index targets, it is also
+    the signature's plan: CrossEntropyFunction runs its methods, which allocate with arguments
+    fixed here and launch what the first call built; the call's key fixes every input of
+    those. Probability targets and the numba backend run the kernel ops."""
+
+    __slots__ = ("impl", "eager", "prob", "planned", "grad_forward", "host_check", "classes",
+                 "shape3", "rows", "new_lse", "new_loss", "new_denom", "new_dx", "new_scratch",
+                 "fwd", "scale")
+
+    def __init__(self, impl, name: str, input, target, weight, ignore_index: int,
+                 reduction: str, smoothing: float):
+        super().__init__(ignore_index, reduction, smoothing, name)
+        self.impl = impl
+        self.prob = target.dtype.is_floating_point
+        self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not torch.compiler.is_compiling()
+                      and plain_tensors(input, target, weight))
+        # the eager part of _grad_in_forward (the rest: a graph to record, checked per call)
+        self.grad_forward = name == "triton" and reduction != "none"
+        self.planned = False
+        if name == "triton" and self.eager and not self.prob:
+            x3, _, n, _ = as_rows(input, _class_dim(input))
+            self.planned = _same_memory(x3, input) and _same_memory(target.reshape(-1), target)
+        if self.planned:
+            dt, dev = input.dtype, input.device
+            self.host_check = not kernel_checks_targets(input, name)
+            self.classes, self.shape3, self.rows = n, x3.shape, target.numel()
+            self.new_lse = output_maker((self.rows,), torch.float32, dev)
+            self.new_loss = output_maker(target.shape if reduction == "none" else (), dt, dev)
+            self.new_denom = output_maker((), torch.float32, dev)
+            self.new_dx = output_maker(input.shape, dt, dev)
+            self.new_scratch = functools.partial(torch.empty, cross_entropy_scratch(self.rows),
+                                                 dtype=torch.float32, device=dev)
+            self.fwd, self.scale = {}, {}    # fwd: by grad, and ("bwd", grad_out strides)
+
+    def __call__(self, x, t, w):
+        if self.eager:
+            graph = torch.is_grad_enabled() and x.requires_grad
+            if self.prob:
+                if graph or (torch.is_grad_enabled() and t.requires_grad):
+                    return apply(CrossEntropyProbFunction, x, t, w, self.reduction,
+                                 self.smoothing, self.backend)
+                return _cross_entropy_prob_fwd(x, t, w, self.reduction, self.smoothing,
+                                               self.backend)[0]
+            if graph:
+                return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)
+            return self.forward(x, t, w, False)[0]
+        return self.impl(x, t, w, self.ignore_index, self.reduction, self.smoothing)
+
+    # the plan (eager, triton, class indices): CrossEntropyKernels' steps with fixed arguments
+
+    def forward(self, x, target, weight, grad: bool):
+        if not self.planned:
+            return super().forward(x, target, weight, grad)
+        if self.host_check:
+            _check_target_range(target, self.classes, self.ignore_index)
+        lse, loss, denom = fresh(self.new_lse), fresh(self.new_loss), fresh(self.new_denom)
+        dx = fresh(self.new_dx) if grad else None
+        if not self.rows:
+            if self.reduction != "none":
+                loss.fill_(float("nan") if self.reduction == "mean" else 0.0)  # torch's empty mean
+            return loss, lse, denom, dx
+        scratch = self.new_scratch() if self.reduction != "none" else None
+        run = self.fwd.get(grad)
+        if run is None:
+            run = _TritonLaunch.plan_cross_entropy_fwd(
+                x.reshape(self.shape3), target.reshape(-1), weight, lse, loss, denom, scratch,
+                None if dx is None else dx.view(self.shape3), self.ignore_index,
+                self.smoothing, self.reduction, grad)
+            if not capturing():
+                self.fwd[grad] = run
+        run(x, target, weight, lse, loss, denom, scratch, dx)
+        return loss, lse, denom, dx
+
+    def backward(self, x, target, weight, lse, denom, grad_out):
+        if not self.planned:
+            return super().backward(x, target, weight, lse, denom, grad_out)
+        dx = fresh(self.new_dx)
+        if x.numel():
+            key = ("bwd", grad_out.stride())
+            run = self.fwd.get(key)
+            if run is None:
+                run = _TritonLaunch.plan_cross_entropy_bwd(
+                    x.reshape(self.shape3), target.reshape(-1), weight, lse, denom, grad_out,
+                    dx.view(self.shape3), self.reduction, self.ignore_index, self.smoothing)
+                if not capturing():
+                    self.fwd[key] = run
+            run(x, target, weight, lse, denom, grad_out, dx)
+        return dx
+
+    def scale_grad(self, dx, grad_out) -> None:
+        if not self.planned:
+            return super().scale_grad(dx, grad_out)
+        run = self.scale.get(grad_out.dtype)
+        if run is None:
+            run = _TritonLaunch.plan_scale_grad(dx, grad_out)
+            if not capturing():
+                self.scale[grad_out.dtype] = run
+        run(dx, grad_out)
+
+
 def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_smoothing, backend):
     """cross_entropy for one call signature, checked once: (input, target, weight) -> loss."""
     name, impl = dispatch("cross_entropy", backend, input, target,
                           *([weight] if isinstance(weight, torch.Tensor) else []))
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, name)
-    ignore_index, smoothing = int(ignore_index), float(label_smoothing)
-    return lambda x, t, w: impl(x, t, w, ignore_index, reduction, smoothing)
+    return _CrossEntropyCall(impl, name, input, target, weight, int(ignore_index), reduction,
+                             float(label_smoothing))
+
+
+def _tensor_key(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
 
 
 def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, backend):
-    return (backend or current_backend(), input.shape, input.dtype, input.device, target.shape,
-            target.dtype, target.device,
-            None if weight is None else (weight.shape, weight.dtype, weight.device),
-            ignore_index, reduction, label_smoothing)
+    return (backend or current_backend(), type(input), input.shape, input.stride(), input.dtype,
+            input.device, type(target), target.shape, target.stride(), target.dtype,
+            target.device, _tensor_key(weight), ignore_index, reduction, label_smoothing)
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")

@@ -64,3 +64,39 @@ def test_cupy_arrays_zero_copy():
     q = cp.random.standard_normal((2, 4, 64, 32), dtype=cp.float16)
     o = pydl.scaled_dot_product_attention(q, q, q, is_causal=True)
     assert isinstance(o, cp.ndarray) and o.dtype == cp.float16
+
+
+# every public op, with NumPy arrays in every tensor argument (a keyword one too): the ops
+# refuse a non-tensor before doing anything, and the wrapper converts only then
+NUMPY_CALLS = {
+    "conv2d": (lambda F, a: F.conv2d(a[0], a[1], bias=a[2], padding=1),
+               ((2, 3, 6, 5), (4, 3, 3, 3), (4,))),
+    "max_pool2d": (lambda F, a: F.max_pool2d(a[0], 2), ((2, 3, 6, 5),)),
+    "avg_pool2d": (lambda F, a: F.avg_pool2d(a[0], 2), ((2, 3, 6, 5),)),
+    "adaptive_avg_pool2d": (lambda F, a: F.adaptive_avg_pool2d(a[0], 2), ((2, 3, 6, 5),)),
+    "log_softmax": (lambda F, a: F.log_softmax(a[0], 1), ((3, 7),)),
+    "cross_entropy": (lambda F, a: F.cross_entropy(a[0], a[1], weight=a[2]),
+                      ((3, 7), (3, 7), (7,))),
+    "scaled_dot_product_attention": (lambda F, a: F.scaled_dot_product_attention(
+        a[0], a[1], a[1], attn_mask=a[2]), ((1, 2, 5, 8), (1, 2, 6, 8), (5, 6))),
+    "lstm_cell": (lambda F, a: F.lstm_cell(a[0], (a[1], a[1]), a[2], a[3])[1],
+                  ((2, 3), (2, 4), (16, 3), (16, 4))),
+    "gru_cell": (lambda F, a: F.gru_cell(a[0], a[1], a[2], a[3]), ((2, 3), (2, 4), (12, 3), (12, 4))),
+    "gru": (lambda F, a: F.gru(a[0], a[1], [a[2], a[3]], bias=False)[1],
+            ((3, 2, 3), (1, 2, 4), (12, 3), (12, 4))),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NUMPY_CALLS))
+def test_every_op_takes_numpy_arrays(op):
+    if HAS_CUDA:
+        pytest.skip("NumPy arrays live on the CPU, where kernels run only in emulation")
+    call, shapes = NUMPY_CALLS[op]
+    arrays = [_np(*s) for s in shapes]
+    if op == "cross_entropy":          # soft targets, positive weights
+        arrays[1] = np.abs(arrays[1])
+        arrays[2] = np.abs(arrays[2])
+    out = call(pydl, arrays)
+    assert isinstance(out, np.ndarray), type(out)
+    ref = call(pydl, [torch.from_numpy(a) for a in arrays])
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-6, atol=1e-6)

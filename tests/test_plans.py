@@ -1,0 +1,364 @@
+"""Per-signature plans (pydl/_plan.py): an eager call reuses the checked call, the output
+allocations and the launches its signature built, so a call that differs in anything a plan
+was built from must get a plan of its own. Each case runs an op on one layout of its inputs
+and then on others of the same shapes, in one process (the plans of the first stay cached),
+and compares outputs and gradients with the torch backend: a key that missed a stride, a
+dtype or the TF32 switch would run the second layout through the first one's launches and
+fail here. Inputs are views of leaf tensors, so the strided layouts reach the ops as they are.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+
+import pydl
+from pydl import _plan
+
+TOL = dict(rtol=2e-4, atol=2e-4)
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def _run(op, bases, view, grad):
+    """op(*view(*leaves)) on fresh leaves copied from `bases`, backpropagating grad(out):
+    (output, the leaves' gradients)."""
+    leaves = [b.detach().clone().requires_grad_(b.is_floating_point()) for b in bases]
+    out = op(*view(*leaves))
+    out.backward(grad(out))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def _check_layouts(op, layouts, backend="triton"):
+    """op(*inputs, backend=...) against backend='torch' for each (bases, view, grad) in
+    turn."""
+    for i, (bases, view, grad) in enumerate(layouts):
+        out, grads = _run(lambda *a: op(*a, backend=backend), bases, view, grad)
+        t_out, t_grads = _run(lambda *a: op(*a, backend="torch"), bases, view, grad)
+        torch.testing.assert_close(out, t_out, **TOL, msg=lambda m, i=i: f"layout {i}: {m}")
+        for j, (a, b) in enumerate(zip(grads, t_grads)):
+            if b is None:
+                assert a is None
+                continue
+            torch.testing.assert_close(a, b, **TOL,
+                                       msg=lambda m, i=i, j=j: f"layout {i}, grad {j}: {m}")
+
+
+def _cotangent(shape, permute=None):
+    """A fixed cotangent: contiguous, or laid out as `permute` of a contiguous tensor."""
+    if permute is None:
+        g = _randn(*shape)
+        return lambda out: g
+    inverse = [permute.index(d) for d in range(len(permute))]
+    g = _randn(*[shape[d] for d in permute]).permute(*inverse)
+    return lambda out: g
+
+
+# --- conv2d ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,algo", [("triton", "implicit"), ("triton", "im2col"),
+                                          ("numba", "im2col")])
+def test_conv2d_layouts_do_not_share_a_plan(backend, algo):
+    """Input NCHW, channels_last and strided; weight contiguous and strided; bias contiguous
+    and a strided view (the implicit kernel reads it at unit stride: copied); cotangent NCHW
+    and channels_last, in one process."""
+    N, C, H, W, OC = 2, 3, 5, 6, 4
+    x, xw = _randn(N, C, H, W), _randn(N, C, H, W + 3)
+    w, wt = _randn(OC, C, 3, 3), _randn(OC, C, 3, 3)
+    b, b2 = _randn(OC), _randn(2 * OC)
+    out_shape = (N, OC, H, W)
+    nchw, cl = _cotangent(out_shape), _cotangent(out_shape, (0, 2, 3, 1))
+    cl_x = lambda x: x.to(memory_format=torch.channels_last)  # noqa: E731
+    swap_w = lambda w: w.transpose(2, 3).contiguous().transpose(2, 3)  # noqa: E731
+    layouts = [     # one thing changed at a time, then all
+        ((x, w, b), lambda x, w, b: (x, w, b), nchw),
+        ((x, w, b), lambda x, w, b: (cl_x(x), w, b), nchw),
+        ((x, w, b), lambda x, w, b: (cl_x(x), w, b), cl),
+        ((x, wt, b), lambda x, w, b: (x, swap_w(w), b), cl),
+        ((x, w, b2), lambda x, w, b: (x, w, b[::2]), cl),
+        ((xw, wt, b2), lambda x, w, b: (x[..., 1:-2], swap_w(w), b[::2]), cl),
+        ((x, w, b), lambda x, w, b: (x, w, b), cl),
+    ]
+    _check_layouts(lambda x, w, b, backend: pydl.conv2d(
+        x, w, b, padding=1, backend=backend, **({"algo": algo} if backend != "torch" else {})),
+        layouts, backend)
+
+
+def test_conv2d_strided_bias():
+    """A bias view with a stride (a slice of a larger tensor) on the implicit kernel, which
+    reads the bias at unit stride: the wrong channels' values before it was copied."""
+    x, w, b = _randn(1, 3, 5, 5), _randn(4, 3, 3, 3), _randn(8)
+    y = pydl.conv2d(x, w, b[::2], padding=1, backend="triton", algo="implicit")
+    torch.testing.assert_close(y, F.conv2d(x, w, b[::2], padding=1), **TOL)
+
+
+def test_conv2d_dtype_does_not_share_a_plan():
+    x, w = _randn(2, 3, 5, 5), _randn(4, 3, 3, 3)
+    for dtype in (torch.float32, torch.float16, torch.float32):
+        y = pydl.conv2d(x.to(dtype), w.to(dtype), padding=1)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), F.conv2d(x.to(dtype).float(), w.to(dtype).float(),
+                                                       padding=1), rtol=2e-2, atol=2e-2)
+
+
+def _precisions(monkeypatch):
+    """The INPUT_PRECISION of every Launch called from now on."""
+    seen = []
+    real = _plan.Launch.__call__
+
+    def spy(self, *tensors, **dynamic):
+        if "INPUT_PRECISION" in self.consts:
+            seen.append(self.consts["INPUT_PRECISION"])
+        return real(self, *tensors, **dynamic)
+    monkeypatch.setattr(_plan.Launch, "__call__", spy)
+    return seen
+
+
+def test_conv2d_follows_the_tf32_switch(monkeypatch):
+    """An fp32 conv's launches round as torch.backends.cudnn.allow_tf32 says at the time they
+    run: the forward planned under one setting is not reused under the other, nor the
+    backward planned under one (on the same forward's plan) after a switch."""
+    seen = _precisions(monkeypatch)
+    x = _randn(2, 3, 6, 6, dtype=torch.float32).requires_grad_()
+    w = _randn(4, 3, 3, 3, dtype=torch.float32).requires_grad_()
+    for allow in (True, False, True):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
+        seen.clear()
+        y = pydl.conv2d(x, w, padding=1, backend="triton", algo="implicit")
+        assert seen == ["tf32" if allow else "ieee"], (allow, seen)
+        for during in (not allow, allow):       # the backward planned under both
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", during)
+            seen.clear()
+            y.backward(torch.ones_like(y), retain_graph=True)
+            assert seen == ["tf32" if during else "ieee"] * 2, (allow, during, seen)
+
+
+def test_subclass_tensors_do_not_take_the_plan():
+    """A tensor subclass with a plain tensor's shapes and strides (FakeTensor) goes through
+    the custom op (its fake implementation), not through the launches a plain call planned."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, w = _randn(2, 3, 6, 6), _randn(4, 3, 3, 3)
+    pydl.conv2d(x, w, padding=1)
+    pydl.softmax(x, -1)
+    with FakeTensorMode() as mode:
+        fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+        y = pydl.conv2d(fx, fw, padding=1)
+        s = pydl.softmax(fx, -1)
+    assert type(y) is not torch.Tensor and y.shape == (2, 4, 6, 6)
+    assert type(s) is not torch.Tensor and s.shape == x.shape
+
+
+# --- pooling --------------------------------------------------------------------------------
+
+POOLS = {
+    "max_pool2d": lambda x, backend: pydl.max_pool2d(x, 2, backend=backend),
+    "avg_pool2d": lambda x, backend: pydl.avg_pool2d(x, 2, backend=backend),
+    "adaptive_avg_pool2d": lambda x, backend: pydl.adaptive_avg_pool2d(x, (2, 3),
+                                                                       backend=backend),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+@pytest.mark.parametrize("op", sorted(POOLS))
+def test_pool_layouts_do_not_share_a_plan(op, backend):
+    N, C, H, W = 2, 3, 6, 6
+    x, xw = _randn(N, C, H, W), _randn(N, C, H, W + 2)
+    out_shape = (N, C, 3, 3) if op != "adaptive_avg_pool2d" else (N, C, 2, 3)
+    nchw, cl = _cotangent(out_shape), _cotangent(out_shape, (0, 2, 3, 1))
+    layouts = [
+        ((x,), lambda x: (x,), nchw),
+        ((x,), lambda x: (x.to(memory_format=torch.channels_last),), nchw),
+        ((x,), lambda x: (x.to(memory_format=torch.channels_last),), cl),
+        ((xw,), lambda x: (x[..., 1:-1],), cl),
+        ((x,), lambda x: (x,), cl),
+    ]
+    _check_layouts(POOLS[op], layouts, backend)
+
+
+# --- softmax and cross-entropy --------------------------------------------------------------
+
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_layouts_do_not_share_a_plan(log):
+    fn = pydl.log_softmax if log else pydl.softmax
+    x, xt = _randn(4, 7), _randn(7, 4)
+    rows, cols = _cotangent((4, 7)), _cotangent((4, 7), (1, 0))
+    layouts = [
+        ((x,), lambda x: (x,), rows),
+        ((xt,), lambda x: (x.t(),), rows),
+        ((xt,), lambda x: (x.t(),), cols),
+        ((x,), lambda x: (x,), cols),
+    ]
+    for dim in (1, 0):
+        _check_layouts(lambda x, backend, dim=dim: fn(x, dim, backend=backend), layouts)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_layouts_do_not_share_a_plan(reduction):
+    """Logits contiguous and transposed, targets contiguous and strided, class weights
+    contiguous and strided; a per-row cotangent contiguous and strided."""
+    N, C = 5, 7
+    x, xt = _randn(N, C), _randn(C, N)
+    t, t2 = torch.randint(0, C, (N,), device=DEVICE), torch.randint(0, C, (2 * N,), device=DEVICE)
+    w, w2 = _randn(C).abs(), _randn(2 * C).abs()
+    if reduction == "none":
+        g, g2 = _randn(N), _randn(2 * N)
+        plain, strided = (lambda out: g), (lambda out: g2[::2])
+    else:
+        g = _randn(())
+        plain = strided = (lambda out: g)
+    d = torch.Tensor.detach      # torch's cross_entropy has no gradient for the weights
+    layouts = [
+        ((x, t, w), lambda x, t, w: (x, t, d(w)), plain),
+        ((x, t, w), lambda x, t, w: (x, t, d(w)), strided),
+        ((xt, t, w), lambda x, t, w: (x.t(), t, d(w)), plain),
+        ((xt, t2, w2), lambda x, t, w: (x.t(), t[::2], d(w)[::2]), strided),
+        ((x, t2, w), lambda x, t, w: (x, t[::2], d(w)), strided),
+        ((x, t, w), lambda x, t, w: (x, t, d(w)), plain),
+    ]
+    _check_layouts(lambda x, t, w, backend: pydl.cross_entropy(
+        x, t, weight=w, reduction=reduction, label_smoothing=0.1, backend=backend), layouts)
+
+
+# --- attention ------------------------------------------------------------------------------
+
+def test_attention_layouts_do_not_share_a_plan():
+    """q, k, v contiguous and as (B, L, H, E) transposed; a bool mask, a float mask
+    broadcast from (L, S) and one of full shape; the cotangent contiguous and transposed."""
+    B, H, L, S, E = 1, 2, 5, 6, 8
+    q, k, v = _randn(B, H, L, E), _randn(B, H, S, E), _randn(B, H, S, E)
+    qt, kt, vt = _randn(B, L, H, E), _randn(B, S, H, E), _randn(B, S, H, E)
+    float_mask, full_mask = _randn(L, S), _randn(B, H, L, S)
+    bool_mask = torch.rand(L, S, device=DEVICE) > 0.3
+    bool_mask[:, 0] = True
+    plain, transposed = _cotangent((B, H, L, E)), _cotangent((B, H, L, E), (0, 2, 1, 3))
+    t = lambda a: a.transpose(1, 2)  # noqa: E731
+    layouts = [
+        ((q, k, v), lambda q, k, v: (q, k, v, None), plain),
+        ((qt, kt, vt), lambda q, k, v: (t(q), t(k), t(v), None), plain),
+        ((qt, kt, vt), lambda q, k, v: (t(q), t(k), t(v), None), transposed),
+        ((q, k, v), lambda q, k, v: (q, k, v, bool_mask), transposed),
+        ((q, k, v), lambda q, k, v: (q, k, v, float_mask), plain),
+        ((q, k, v), lambda q, k, v: (q, k, v, full_mask), plain),
+        ((q, k, v), lambda q, k, v: (q, k, v, full_mask.transpose(2, 3).contiguous()
+                                     .transpose(2, 3)), plain),
+        ((q, k, v, float_mask), lambda q, k, v, m: (q, k, v, m), plain),   # mask gradient
+        ((q, k, v), lambda q, k, v: (q, k, v, None), plain),
+    ]
+    _check_layouts(lambda q, k, v, m, backend: pydl.scaled_dot_product_attention(
+        q, k, v, attn_mask=m, backend=backend), layouts)
+
+
+def test_attention_dtype_does_not_share_a_plan():
+    q = _randn(1, 2, 5, 16)
+    for dtype in (torch.float32, torch.float16, torch.float32):
+        a = q.to(dtype)
+        o = pydl.scaled_dot_product_attention(a, a, a)
+        assert o.dtype == dtype
+        ref = F.scaled_dot_product_attention(a.float(), a.float(), a.float())
+        torch.testing.assert_close(o.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+# --- recurrent layers and cells -------------------------------------------------------------
+
+def _column_major(w):
+    return w.t().contiguous().t()
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_rnn_layer_layouts_do_not_share_a_plan(kind):
+    """Weights contiguous and column-major, the input (T, B, I) and batch-first, the output's
+    cotangent contiguous and transposed."""
+    G = 4 if kind == "lstm" else 3
+    T, B, I, Hd = 3, 2, 4, 5
+    x, xb = _randn(T, B, I), _randn(B, T, I)
+    ws = [_randn(G * Hd, I), _randn(G * Hd, Hd), _randn(G * Hd), _randn(G * Hd)]
+    fn = getattr(pydl, kind)
+    plain, transposed = _cotangent((T, B, Hd)), _cotangent((T, B, Hd), (1, 0, 2))
+
+    def op(x, *w, backend, batch_first=False):
+        return fn(x, None, list(w), batch_first=batch_first, backend=backend)[0]
+
+    layouts = [
+        ((x, *ws), lambda x, *w: (x, *w), plain),
+        ((x, *ws), lambda x, *w: (x, _column_major(w[0]), _column_major(w[1]), *w[2:]),
+         plain),
+        ((x, *ws), lambda x, *w: (x, _column_major(w[0]), _column_major(w[1]), *w[2:]),
+         transposed),
+        ((x, *ws), lambda x, *w: (x, *w), transposed),
+    ]
+    _check_layouts(op, layouts)
+    first = [((xb, *ws), lambda x, *w: (x, *w), _cotangent((B, T, Hd)))]
+    _check_layouts(lambda x, *w, backend: op(x, *w, backend=backend, batch_first=True), first)
+
+
+@pytest.mark.parametrize("kind", ["lstm_cell", "gru_cell"])
+def test_rnn_cell_layouts_do_not_share_a_plan(kind):
+    G = 4 if kind == "lstm_cell" else 3
+    B, I, Hd = 3, 4, 5
+    x, h = _randn(B, I), _randn(B, Hd)
+    w_ih, w_hh = _randn(G * Hd, I), _randn(G * Hd, Hd)
+    fn = getattr(pydl, kind)
+
+    def op(x, h, w_ih, w_hh, backend):
+        hx = (h, h * 0.5) if kind == "lstm_cell" else h
+        out = fn(x, hx, w_ih, w_hh, backend=backend)
+        return out[0] + 2 * out[1] if kind == "lstm_cell" else out
+
+    grad = lambda out: torch.ones_like(out)  # noqa: E731
+    layouts = [
+        ((x, h, w_ih, w_hh), lambda *a: a, grad),
+        ((x, h, w_ih, w_hh), lambda x, h, a, b: (x, h, _column_major(a), _column_major(b)), grad),
+        ((x, h, w_ih, w_hh), lambda x, h, a, b: (_column_major(x), h, a, b), grad),
+        ((x, h, w_ih, w_hh), lambda *a: a, grad),
+    ]
+    _check_layouts(op, layouts)
+
+
+# --- the plans' bookkeeping -----------------------------------------------------------------
+
+def test_no_graph_calls_share_the_plan_with_training_calls():
+    """A call without a gradient and one with use the same plan (the same cached call), and a
+    backward after no-grad calls still gets the right gradients."""
+    x = _randn(2, 3, 6, 6)
+    w = _randn(4, 3, 3, 3).requires_grad_()
+    with torch.no_grad():
+        y0 = pydl.conv2d(x, w, padding=1)
+    sizes = [len(c.entries) for c in _plan.Cache.all]
+    y = pydl.conv2d(x, w, padding=1)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), y0)
+    torch.testing.assert_close(w.grad, torch.func.grad(lambda w: F.conv2d(
+        x, w, padding=1).sum())(w.detach()), **TOL)
+    calls = [c for c in _plan.Cache.all if c.name == "conv2d calls"][0]
+    assert len(calls.entries) == sizes[_plan.Cache.all.index(calls)]
+
+
+REGISTERED = {
+    "conv2d": lambda: pydl.conv2d(_randn(1, 3, 5, 5), _randn(4, 3, 3, 3)),
+    "max_pool2d": lambda: pydl.max_pool2d(_randn(1, 3, 4, 4), 2),
+    "avg_pool2d": lambda: pydl.avg_pool2d(_randn(1, 3, 4, 4), 2),
+    "adaptive_avg_pool2d": lambda: pydl.adaptive_avg_pool2d(_randn(1, 3, 4, 4), 1),
+    "softmax": lambda: pydl.softmax(_randn(3, 5), -1),
+    "cross_entropy": lambda: pydl.cross_entropy(_randn(3, 5), torch.tensor([0, 4, 2])),
+    "scaled_dot_product_attention": lambda: pydl.scaled_dot_product_attention(
+        *(_randn(1, 2, 4, 8),) * 3),
+    "lstm": lambda: pydl.lstm(_randn(3, 2, 4), None, [_randn(20, 4), _randn(20, 5)],
+                              bias=False),
+    "lstm_cell": lambda: pydl.lstm_cell(_randn(2, 4), None, _randn(20, 4), _randn(20, 5)),
+    "gru_cell": lambda: pydl.gru_cell(_randn(2, 4), None, _randn(15, 4), _randn(15, 5)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(REGISTERED))
+def test_a_registered_implementation_replaced_is_the_one_that_runs(monkeypatch, op):
+    """The backend registry decides what runs: a call plans its eager form only where the
+    registered implementation is pydl's own, so one registered in its place is called."""
+    from pydl import backends
+    calls = []
+    impls = dict(backends._registry[op])
+    real = impls["triton"]
+    impls["triton"] = lambda *a, **k: calls.append(op) or real(*a, **k)
+    monkeypatch.setitem(backends._registry, op, impls)
+    REGISTERED[op]()
+    assert calls == [op]
