@@ -1045,45 +1045,36 @@ class _Conv2dCall(Conv2dKernels):
             return dy.contiguous(memory_format=torch.channels_last)
         return dy
 
-    def _backward_runs(self, dy) -> list:
-        """The backward's launches ([input, weight, bias], each built on first use) for an
-        upstream gradient of dy's strides (and, in fp32, the TF32 switch now)."""
+    def _backward_run(self, which: int, plan, dy, *tensors):
+        """The backward's launch `which` (0 input, 1 weight, 2 bias), planned on first use, for
+        an upstream gradient of dy's strides (and, in fp32, the TF32 switch now)."""
         key = (dy.stride(), tf32_allowed(True)) if self.fp32 else dy.stride()
         runs = self.bwd.get(key)
         if runs is None:
             runs = [None, None, None]
             if not capturing():
                 self.bwd[key] = runs
-        return runs
+        run = runs[which]
+        if run is None:
+            run = runs[which] = plan(dy, *tensors, self.g)
+        return run
 
     def backward_input(self, dy, w, x):
         dx = fresh(self.new_dx)
         if dx.numel():
-            runs = self._backward_runs(dy)
-            run = runs[0]
-            if run is None:
-                run = runs[0] = self.launcher.plan_backward_input(dy, w, dx, self.g)
-            run(dy, w, dx)
+            self._backward_run(0, self.launcher.plan_backward_input, dy, w, dx)(dy, w, dx)
         return dx
 
     def backward_weight(self, dy, x, w):
         dw = fresh(self.new_dw)
         if self.g.N == 0:            # an empty batch sums nothing (as _conv2d_bwd_weight)
             return dw.zero_()
-        runs = self._backward_runs(dy)
-        run = runs[1]
-        if run is None:
-            run = runs[1] = self.launcher.plan_backward_weight(dy, x, dw, self.g)
-        run(dy, x, dw)
+        self._backward_run(1, self.launcher.plan_backward_weight, dy, x, dw)(dy, x, dw)
         return dw
 
     def backward_bias(self, dy):
         db = fresh(self.new_db)
-        runs = self._backward_runs(dy)
-        run = runs[2]
-        if run is None:
-            run = runs[2] = self.launcher.plan_backward_bias(dy, db, self.g)
-        run(dy, db)
+        self._backward_run(2, self.launcher.plan_backward_bias, dy, db)(dy, db)
         return db
 
 
