@@ -90,7 +90,7 @@ case $mode in
         #    compiles), one line per test in the log so that a stopped run still shows what ran;
         #    the Numba backend's cases apart (its compiles are slower), so each gets its time
         # (the files a GPU has not run yet first: xdist hands tests out in this order)
-        gpu_tests="tests/test_graph_capture.py tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
+        gpu_tests="tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
             tests/test_rnn.py tests/test_double_backward.py tests/test_edge_cases.py
             tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
             tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
