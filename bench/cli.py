@@ -180,18 +180,21 @@ def _all_suites():
 
 
 def _print_recorded(results_dir: Path, ops: list[str]) -> None:
-    found = schema.newest_gpu(results_dir)
+    """Each op's newest recorded GPU timings (a run may have measured some ops only)."""
+    found = schema.newest_gpu_by_op(results_dir, ops)
     print()
-    if found is None:
-        print(f"No GPU results are recorded yet (none in {results_dir}). "
+    if not found:
+        print(f"No GPU results are recorded yet for {', '.join(ops)} (none in {results_dir}). "
               "Run `python -m bench` on a machine with a CUDA device to record some.")
         return
-    path, result = found
-    print(f"Newest recorded GPU results ({path.name}), measured on that device, not here:")
-    for line in tables.header_lines(result):
-        print("  " + line)
-    print()
-    print(tables.timing_table(result, ops=ops))
+    for path, result, run_ops in found:
+        print(f"Newest recorded GPU results for {', '.join(run_ops)} ({path.name}), measured "
+              "on that device, not here:")
+        for line in tables.header_lines(result):
+            print("  " + line)
+        print()
+        print(tables.timing_table(result, ops=run_ops))
+        print()
 
 
 # --- list, compare, report ------------------------------------------------------------------

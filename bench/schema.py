@@ -115,14 +115,34 @@ def load(path: Path | str) -> dict:
     return result
 
 
-def newest_gpu(results_dir: Path | str = DEFAULT_DIR) -> tuple[Path, dict] | None:
-    """The most recently created GPU (not emulated) run in `results_dir`, or None."""
-    best = None
+def gpu_runs(results_dir: Path | str = DEFAULT_DIR) -> list[tuple[Path, dict]]:
+    """The GPU (not emulated) runs in `results_dir`, newest first."""
+    runs = []
     for path in Path(results_dir).glob("*.json"):
         try:
             result = load(path)
         except (OSError, ValueError):
             continue
-        if is_gpu_result(result) and (best is None or result["created"] > best[1]["created"]):
-            best = (path, result)
-    return best
+        if is_gpu_result(result):
+            runs.append((path, result))
+    return sorted(runs, key=lambda run: run[1]["created"], reverse=True)
+
+
+def newest_gpu(results_dir: Path | str = DEFAULT_DIR) -> tuple[Path, dict] | None:
+    """The most recently created GPU (not emulated) run in `results_dir`, or None."""
+    runs = gpu_runs(results_dir)
+    return runs[0] if runs else None
+
+
+def newest_gpu_by_op(results_dir: Path | str, ops: list[str]) -> list[tuple[Path, dict, list]]:
+    """For each op, the newest GPU run with a timed row of it, grouped by run (newest first):
+    [(path, result, the ops it is the newest for)]. A run may hold some ops only."""
+    chosen: dict[Path, tuple[dict, list]] = {}
+    runs = gpu_runs(results_dir)
+    for op in ops:
+        for path, result in runs:
+            if any(r["op"] == op and r.get("median_ms") for r in result["rows"]):
+                chosen.setdefault(path, (result, []))[1].append(op)
+                break
+    return [(path, result, found) for path, result in runs if path in chosen
+            for found in [chosen[path][1]]]

@@ -130,6 +130,22 @@ def test_emulation_shows_newest_recorded_gpu_results(tmp_path, capsys):
     assert "Old GPU" not in text
 
 
+def test_emulation_shows_each_ops_newest_gpu_run(tmp_path, capsys):
+    """Runs that measured some ops only: each op's timings come from the newest run that has
+    them."""
+    a = _result([_row(op="softmax", case="attn-2k", ms=2.0)], created="2025-01-01T00:00:00+00:00",
+                device="GPU A")
+    b = _result([_row(ms=1.0)], created="2025-06-01T00:00:00+00:00", device="GPU B")
+    for r in (a, b):
+        schema.write(r, tmp_path)
+    rc, text = _run(capsys, "cross_entropy", "softmax", "--variants", "torch",
+                    "--results-dir", str(tmp_path))
+    assert rc == 0
+    assert "results for cross_entropy (" in text and "GPU B" in text
+    assert "results for softmax (" in text and "GPU A" in text
+    assert text.index("GPU B") < text.index("GPU A")          # newest first
+
+
 def test_bad_arguments(capsys):
     assert cli.main(["no_such_op", "--no-progress"]) == 2
     with pytest.raises(SystemExit):
