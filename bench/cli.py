@@ -199,18 +199,27 @@ def _print_recorded(results_dir: Path, ops: list[str]) -> None:
 
 # --- list, compare, report ------------------------------------------------------------------
 
+def _select(ops: list[str]):
+    """The suites of `ops` (all when empty), after setting up the environment; None (the
+    error printed) for an unknown op."""
+    environment.prepare()
+    from . import suites
+    try:
+        return suites.select(ops)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_list(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench list",
                                 description="List ops, shape sets and variants.")
     p.add_argument("ops", nargs="*", help="ops to list (default: all)")
     args = p.parse_args(argv)
-    environment.prepare()
-    from . import suites
-    try:
-        selected = suites.select(args.ops)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    selected = _select(args.ops)
+    if selected is None:
         return 2
+    from . import suites
     for suite in selected:
         variants = ", ".join(v.name + (f" (skipped: {v.skip})" if v.skip else "")
                              + (" (GPU only)" if v.gpu_only and not v.skip else "")
@@ -266,12 +275,8 @@ def cmd_floors(argv: list[str]) -> int:
     p.add_argument("--copy-gbps", type=float, default=FLOOR_COPY_GBPS)
     p.add_argument("--bf16-tflops", type=float, default=FLOOR_BF16_TFLOPS)
     args = p.parse_args(argv)
-    environment.prepare()
-    from . import suites
-    try:
-        selected = suites.select(args.ops)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    selected = _select(args.ops)
+    if selected is None:
         return 2
     print(f"peaks: copy {args.copy_gbps:.0f} GB/s, bf16 {args.bf16_tflops:.0f} TFLOP/s "
           f"(fp32 as TF32: half)")
