@@ -208,7 +208,10 @@ def prepare(suite, variant, case, device, seed: int = 0) -> Prepared:
         def bwd():
             return torch.autograd.grad(out, leaves, grad, retain_graph=True)
         engine = True
-    return Prepared(suite.op, case.name, variant.name, lambda: fn(*args), bwd, engine)
+    # the op alone where the suite combines its outputs into one (bench/suites/rnn_cell.py)
+    op = functools.partial(variant.fn.op, **suite.options(case)) if hasattr(variant.fn, "op") \
+        else fn
+    return Prepared(suite.op, case.name, variant.name, lambda: op(*args), bwd, engine)
 
 
 def _grad_mode(direction: str):
@@ -216,6 +219,26 @@ def _grad_mode(direction: str):
     create_graph); the forward with it on (training)."""
     import torch
     return torch.no_grad() if direction == "bwd" else contextlib.nullcontext()
+
+
+def allocator_like_cuda() -> bool:
+    """Make the CPU allocator reuse large buffers, as torch's CUDA caching allocator does.
+
+    glibc maps every buffer above its mmap threshold (at most 32 MB) afresh and unmaps it when
+    it is freed: about 10 us a call for a recurrent layer's 100 MB workspace, which a GPU never
+    pays (the caching allocator hands the freed block back). Serving large buffers from glibc's
+    heap and keeping freed memory there makes a repeated allocation cost here what it costs on
+    a GPU, about 1 us, so the table shows pydl's host time, not the CPU allocator's. Linux's
+    glibc only (mallopt); False elsewhere. Process-wide: for this command, not the tests."""
+    import ctypes
+    import ctypes.util
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold,
+                                                                     (1 << 31) - 1))
 
 
 def torch_reference_us(device, calls: int, clock=time.perf_counter_ns) -> float:
@@ -340,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if gpu else "cpu")
     if not gpu:
         torch.set_num_threads(1)   # the reference's CPU kernel must not wait on busy cores
+        cached = allocator_like_cuda()
+        print("large CPU buffers: " + ("kept when freed and reused, as torch's CUDA caching "
+                                       "allocator does" if cached else
+                                       "mapped afresh per call (glibc's mallopt unavailable): "
+                                       "ops with buffers over 32 MB read high"))
     prepared = []
     stack = contextlib.ExitStack()
     if not gpu:
