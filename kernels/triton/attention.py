@@ -293,12 +293,14 @@ def attention_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr, sq_m, sq_d,
-                sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, start, end, L, S, E, EV, scale_log2,
-                dropout_p, seed, bh, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """dV += P^T dO and dK (unscaled) += dS^T Q over query tiles [start, end) of one head."""
+def _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr, delta_ptr, sq_m,
+                sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, start, end, L, S, E, EV, scale,
+                scale_log2, dropout_p, seed, bh, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dV += P^T dO and dK (unscaled) += dS^T Q over query tiles [start, end) of one head;
+    DQ_ATOMIC (the one-pass backward, attention_onepass.py): also dQ[rows] += dS K * scale,
+    added into the fp32 (L, E) rows at dq_base with atomics."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
@@ -313,7 +315,58 @@ def _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr, sq
         p_t, ds_t = _grad_tile(s_t, lse[None, :], delta[None, :], dp_t, seed, bh, qi, kj, S,
                                dropout_p, DROPOUT)
         dvacc += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        ds16 = ds_t.to(q.dtype)
+        dk += tl.dot(ds16, q, input_precision=INPUT_PRECISION)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(ds16), k, input_precision=INPUT_PRECISION) * scale
+            tl.atomic_add(dq_base + rows[:, None].to(tl.int64) * E + d[None, :], dq,
+                          mask=(rows[:, None] < L) & (d[None, :] < E), sem="relaxed")
+    return dk, dvacc
+
+
+@triton.jit
+def _key_program(HKV, BLOCK_N: tl.constexpr):
+    """A program owning BLOCK_N keys of one (batch, K/V head), grid (cdiv(S, BLOCK_N),
+    B*HKV): (pid_n, b, hk, cols), b and hk in int64."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    return pid_n, (bhk // HKV).to(tl.int64), (bhk % HKV).to(tl.int64), \
+        pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _dkdv_head(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr, delta_ptr, sq_m,
+               sq_d, sdo_m, sdo_d, sm_m, sm_n, pid_n, cols, d, dv, L, S, E, EV, scale,
+               scale_log2, dropout_p, seed, bh, IS_CAUSAL: tl.constexpr,
+               MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_dkdv_tiles` over every query tile of one query head, for key tile pid_n: query tiles
+    [0, a) see none of it (causal), [a, b) are masked (the causal diagonal), [b, c) unmasked,
+    [c, L) masked (the last, partial row tile); all masked when the key tile is partial or a
+    mask is given."""
+    a = 0
+    b = 0
+    if IS_CAUSAL:
+        a = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M     # rows above the tile's first key
+        b = tl.cdiv(pid_n * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M   # rows past its last key
+    if MASK_KIND != MASK_NONE:
+        b = L
+    if (pid_n + 1) * BLOCK_N > S:
+        b = L
+    b = tl.minimum(tl.maximum(b, a), L)
+    c = tl.maximum(b, (L // BLOCK_M) * BLOCK_M)
+    dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr,
+                            delta_ptr, sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, a, b,
+                            L, S, E, EV, scale, scale_log2, dropout_p, seed, bh, True,
+                            IS_CAUSAL, MASK_KIND, DROPOUT, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
+    dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr,
+                            delta_ptr, sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, b, c,
+                            L, S, E, EV, scale, scale_log2, dropout_p, seed, bh, False,
+                            IS_CAUSAL, MASK_KIND, DROPOUT, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
+    dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr,
+                            delta_ptr, sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, c, L,
+                            L, S, E, EV, scale, scale_log2, dropout_p, seed, bh, True,
+                            IS_CAUSAL, MASK_KIND, DROPOUT, DQ_ATOMIC, INPUT_PRECISION, BLOCK_M)
     return dk, dvacc
 
 
@@ -334,11 +387,7 @@ def attention_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One K/V tile of one K/V head; sums over the GROUP query heads that read it."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // HKV).to(tl.int64)
-    hk = (bhk % HKV).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, b, hk, cols = _key_program(HKV, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     k = _load_tile(k_ptr + b * sk_b + hk * sk_h, cols, d, sk_n, sk_d, S, E)
@@ -346,37 +395,15 @@ def attention_bwd_dkdv(
     scale_log2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    # query tiles: [a, b) masked (the causal diagonal), [b, c) unmasked, [c, L) masked (the
-    # last, partial row tile); all masked when the key tile is partial or a mask is given
-    a = 0
-    b_ = 0
-    if IS_CAUSAL:
-        a = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M     # rows above the tile's first key see none of it
-        b_ = tl.cdiv(pid_n * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M   # rows past its last key
-    if MASK_KIND != MASK_NONE:
-        b_ = L
-    if (pid_n + 1) * BLOCK_N > S:
-        b_ = L
-    b_ = tl.minimum(tl.maximum(b_, a), L)
-    c = tl.maximum(b_, (L // BLOCK_M) * BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = (b * H + h).to(tl.int32)
         q_base = q_ptr + b * sq_b + h * sq_h
-        do_base = do_ptr + b * sdo_b + h * sdo_h
-        m_base = mask_ptr + b * sm_b + h * sm_h
-        dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr,
-                                sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, a, b_, L, S,
-                                E, EV, scale_log2, dropout_p, seed, bh, True, IS_CAUSAL,
-                                MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_M)
-        dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr,
-                                sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, b_, c, L, S,
-                                E, EV, scale_log2, dropout_p, seed, bh, False, IS_CAUSAL,
-                                MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_M)
-        dk, dvacc = _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, lse_ptr, delta_ptr,
-                                sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, cols, d, dv, c, L, L, S,
-                                E, EV, scale_log2, dropout_p, seed, bh, True, IS_CAUSAL,
-                                MASK_KIND, DROPOUT, INPUT_PRECISION, BLOCK_M)
+        dk, dvacc = _dkdv_head(dk, dvacc, k, v, q_base, do_ptr + b * sdo_b + h * sdo_h,
+                               mask_ptr + b * sm_b + h * sm_h, q_base, lse_ptr, delta_ptr,
+                               sq_m, sq_d, sdo_m, sdo_d, sm_m, sm_n, pid_n, cols, d, dv, L, S,
+                               E, EV, scale, scale_log2, dropout_p, seed, bh, IS_CAUSAL,
+                               MASK_KIND, DROPOUT, False, INPUT_PRECISION, BLOCK_M, BLOCK_N)
     dk = dk * scale
     _store_tile(dk_ptr + b * sdk_b + hk * sdk_h, cols, d, sdk_n, sdk_d, S, E, dk)
     _store_tile(dv_ptr + b * sdv_b + hk * sdv_h, cols, dv, sdv_n, sdv_d, S, EV, dvacc)

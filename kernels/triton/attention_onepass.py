@@ -25,36 +25,7 @@ query heads, any head dims and layouts. Inputs: the forward's lse and the prepro
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, _load_tile, _row_stats, _store_tile
-
-
-@triton.jit
-def _onepass_tiles(dk, dvacc, k, v, q_base, do_base, dq_base, lse_ptr, delta_ptr, sq_m, sq_d,
-                   sdo_m, sdo_d, cols, d, dv, start, end, L, S, E, EV, scale, scale_log2, bh,
-                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query tiles [start, end) of one head: dV, dK (unscaled) accumulate; dQ goes out."""
-    for start_m in range(start, end, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
-        do = _load_tile(do_base, rows, dv, sdo_m, sdo_d, L, EV)
-        lse, delta = _row_stats(lse_ptr, delta_ptr, bh, rows, L)
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * scale_log2
-        if MASKED:
-            valid = (cols[:, None] < S) & (rows[None, :] < L)
-            if IS_CAUSAL:
-                valid = valid & (cols[:, None] <= rows[None, :])
-            s_t = tl.where(valid, s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)        # 0 where hidden; lse = inf past L
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dvacc += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        ds16 = ds_t.to(q.dtype)
-        dk += tl.dot(ds16, q, input_precision=INPUT_PRECISION)
-        dq = tl.dot(tl.trans(ds16), k, input_precision=INPUT_PRECISION) * scale
-        tl.atomic_add(dq_base + rows[:, None].to(tl.int64) * E + d[None, :], dq,
-                      mask=(rows[:, None] < L) & (d[None, :] < E), sem="relaxed")
-    return dk, dvacc
+from .attention import LOG2E, MASK_NONE, _dkdv_head, _key_program, _load_tile, _store_tile
 
 
 @triton.jit
@@ -72,12 +43,9 @@ def attention_bwd_onepass(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_N), B * Hkv): one K/V tile of one K/V head, over the GROUP query
-    heads that read it. dq_acc: (B * Hq, L, E) fp32, zero on entry, dQ (scaled) on exit."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // HKV).to(tl.int64)
-    hk = (bhk % HKV).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    heads that read it (attention.py's dK/dV kernel with its dQ share added: DQ_ATOMIC).
+    dq_acc: (B * Hq, L, E) fp32, zero on entry, dQ (scaled) on exit."""
+    pid_n, b, hk, cols = _key_program(HKV, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     k = _load_tile(k_ptr + b * sk_b + hk * sk_h, cols, d, sk_n, sk_d, S, E)
@@ -85,36 +53,15 @@ def attention_bwd_onepass(
     scale_log2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    # query tiles: [a, b_) masked (the causal diagonal; rows above a see none of the tile),
-    # [b_, c) unmasked, [c, L) masked (the partial last row tile); all masked when the key
-    # tile is partial
-    a = 0
-    b_ = 0
-    if IS_CAUSAL:
-        a = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-        b_ = tl.cdiv(pid_n * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M
-    if (pid_n + 1) * BLOCK_N > S:
-        b_ = L
-    b_ = tl.minimum(tl.maximum(b_, a), L)
-    c = tl.maximum(b_, (L // BLOCK_M) * BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = (b * H + h).to(tl.int32)
         q_base = q_ptr + b * sq_b + h * sq_h
-        do_base = do_ptr + b * sdo_b + h * sdo_h
-        dq_base = dq_acc_ptr + bh.to(tl.int64) * L * E
-        dk, dvacc = _onepass_tiles(dk, dvacc, k, v, q_base, do_base, dq_base, lse_ptr,
-                                   delta_ptr, sq_m, sq_d, sdo_m, sdo_d, cols, d, dv, a, b_, L,
-                                   S, E, EV, scale, scale_log2, bh, True, IS_CAUSAL,
-                                   INPUT_PRECISION, BLOCK_M)
-        dk, dvacc = _onepass_tiles(dk, dvacc, k, v, q_base, do_base, dq_base, lse_ptr,
-                                   delta_ptr, sq_m, sq_d, sdo_m, sdo_d, cols, d, dv, b_, c, L,
-                                   S, E, EV, scale, scale_log2, bh, False, IS_CAUSAL,
-                                   INPUT_PRECISION, BLOCK_M)
-        dk, dvacc = _onepass_tiles(dk, dvacc, k, v, q_base, do_base, dq_base, lse_ptr,
-                                   delta_ptr, sq_m, sq_d, sdo_m, sdo_d, cols, d, dv, c, L, L,
-                                   S, E, EV, scale, scale_log2, bh, True, IS_CAUSAL,
-                                   INPUT_PRECISION, BLOCK_M)
+        dk, dvacc = _dkdv_head(dk, dvacc, k, v, q_base, do_ptr + b * sdo_b + h * sdo_h,
+                               q_base, dq_acc_ptr + bh.to(tl.int64) * L * E, lse_ptr,
+                               delta_ptr, sq_m, sq_d, sdo_m, sdo_d, 0, 0, pid_n, cols, d, dv, L,
+                               S, E, EV, scale, scale_log2, 0.0, 0, bh, IS_CAUSAL, MASK_NONE,
+                               False, True, INPUT_PRECISION, BLOCK_M, BLOCK_N)
     _store_tile(dk_ptr + b * sdk_b + hk * sdk_h, cols, d, sdk_n, sdk_d, S, E, dk * scale)
     _store_tile(dv_ptr + b * sdv_b + hk * sdv_h, cols, dv, sdv_n, sdv_d, S, EV, dvacc)
 
