@@ -325,13 +325,20 @@ def _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr, delt
 
 
 @triton.jit
-def _key_program(HKV, BLOCK_N: tl.constexpr):
+def _key_tile(k_ptr, v_ptr, HKV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, S, E, EV,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """A program owning BLOCK_N keys of one (batch, K/V head), grid (cdiv(S, BLOCK_N),
-    B*HKV): (pid_n, b, hk, cols), b and hk in int64."""
+    B*HKV): (pid_n, b, hk, cols, d, dv, its K tile, its V tile), b and hk in int64."""
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
-    return pid_n, (bhk // HKV).to(tl.int64), (bhk % HKV).to(tl.int64), \
-        pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = (bhk // HKV).to(tl.int64)
+    hk = (bhk % HKV).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(k_ptr + b * sk_b + hk * sk_h, cols, d, sk_n, sk_d, S, E)
+    v = _load_tile(v_ptr + b * sv_b + hk * sv_h, cols, dv, sv_n, sv_d, S, EV)
+    return pid_n, b, hk, cols, d, dv, k, v
 
 
 @triton.jit
@@ -387,11 +394,9 @@ def attention_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """One K/V tile of one K/V head; sums over the GROUP query heads that read it."""
-    pid_n, b, hk, cols = _key_program(HKV, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(k_ptr + b * sk_b + hk * sk_h, cols, d, sk_n, sk_d, S, E)
-    v = _load_tile(v_ptr + b * sv_b + hk * sv_h, cols, dv, sv_n, sv_d, S, EV)
+    pid_n, b, hk, cols, d, dv, k, v = _key_tile(k_ptr, v_ptr, HKV, sk_b, sk_h, sk_n, sk_d,
+                                                sv_b, sv_h, sv_n, sv_d, S, E, EV, BLOCK_N,
+                                                BLOCK_D, BLOCK_DV)
     scale_log2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)

@@ -25,7 +25,7 @@ query heads, any head dims and layouts. Inputs: the forward's lse and the prepro
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, MASK_NONE, _dkdv_head, _key_program, _load_tile, _store_tile
+from .attention import LOG2E, MASK_NONE, _dkdv_head, _key_tile, _load_tile, _store_tile
 
 
 @triton.jit
@@ -45,11 +45,9 @@ def attention_bwd_onepass(
     """Grid (cdiv(S, BLOCK_N), B * Hkv): one K/V tile of one K/V head, over the GROUP query
     heads that read it (attention.py's dK/dV kernel with its dQ share added: DQ_ATOMIC).
     dq_acc: (B * Hq, L, E) fp32, zero on entry, dQ (scaled) on exit."""
-    pid_n, b, hk, cols = _key_program(HKV, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(k_ptr + b * sk_b + hk * sk_h, cols, d, sk_n, sk_d, S, E)
-    v = _load_tile(v_ptr + b * sv_b + hk * sv_h, cols, dv, sv_n, sv_d, S, EV)
+    pid_n, b, hk, cols, d, dv, k, v = _key_tile(k_ptr, v_ptr, HKV, sk_b, sk_h, sk_n, sk_d,
+                                                sv_b, sv_h, sv_n, sv_d, S, E, EV, BLOCK_N,
+                                                BLOCK_D, BLOCK_DV)
     scale_log2 = scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
