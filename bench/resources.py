@@ -175,7 +175,7 @@ def _pool_stem(channels_last: bool):
         from pydl._library import geometry_args
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = torch.empty(32, 64, 112, 112, dtype=torch.bfloat16).contiguous(memory_format=fmt)
-        g = pool._geometry(x, 3, 2, 1, 1, False)
+        g = pool._geometry(x.shape, 3, 2, 1, 1, False)
         geom = geometry_args(g)
         y, idx = pool._max_pool2d_fwd(x, geom, pool.INDEX_LOCAL, "triton")
         pool._max_pool2d_bwd(torch.empty_like(y), idx, pool.INDEX_LOCAL, geom, channels_last,

@@ -65,13 +65,26 @@ def _triton_tile(x: torch.Tensor, C: int, n_spatial: int, elems: int = 1024,
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
 
 
+def _alignment(t: torch.Tensor, dim: int) -> int:
+    """The largest power of two up to 16 dividing t's size along `dim` and the strides of its
+    other dimensions, where `dim` has unit stride (else 1): the element offset of a multiple
+    of it along `dim` is a multiple of it (the backward kernels' ALIGN)."""
+    if t.stride(dim) != 1:
+        return 1
+    align = math.gcd(16, t.shape[dim])
+    for d, stride in enumerate(t.stride()):
+        if d != dim:
+            align = math.gcd(align, stride)
+    return align
+
+
 def _planar_tile(rows: int, cols: int, elems: int = 1024, num_warps: int = 4) -> dict:
-    """A BLOCK_I x BLOCK_J tile of about `elems` elements of rows x cols, up to 128 columns
-    wide (the contiguous axis), for max_pool2d_bwd_planar; at most 2 rows a warp: each row
-    a thread holds keeps its offsets for every kernel row live (at 16 x 64 on 4 warps the
-    sm_90 compile took 148 registers a thread, at 8 x 64 72)."""
+    """A BLOCK_I x BLOCK_J tile of about `elems` cells of rows x cols, up to 128 columns wide
+    (the contiguous axis), for max_pool2d_bwd_planar; at most 8 cells a thread, whose
+    gradients of every stride phase and window tiles stay in registers (16 x 64 cells on 4
+    warps: 71 registers in the sm_90 compile)."""
     block_j = min(next_power_of_2(cols), 128)
-    block_i = max(1, min(next_power_of_2(rows), elems // block_j, 2 * num_warps))
+    block_i = max(1, min(next_power_of_2(rows), elems // block_j, 256 * num_warps // block_j))
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps)
 
 
@@ -169,21 +182,21 @@ class _TritonPool(_PoolLauncher):
             launch = _TritonPool.plan_max_bwd(dy.contiguous(memory_format=fmt), idx, dx, g,
                                               index_mode)
             return lambda dy, idx, dx: launch(dy.contiguous(memory_format=fmt), idx, dx)
-        # input positions by stride phase: ni x nj per phase at most, SH * SW phases
-        ni, nj, phases = cdiv(g.H, g.SH), cdiv(g.W, g.SW), g.SH * g.SW
-        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.SH,
-                   g.SW, g.PH, g.PW, g.DH, g.DW)
-        if _channels_fastest(dx):
-            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars, KH=g.KH,
-                           KW=g.KW, INDEX_MODE=index_mode, grid=lambda cfg: (
-                               phases * cdiv(ni * nj, cfg["BLOCK_S"]), cdiv(g.C, cfg["BLOCK_C"]),
-                               g.N))
-        rows = g.N * g.C * ni                       # (n, c, i) rows of a phase
-        return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), (g.N, *scalars),
-                       KH=g.KH, KW=g.KW, INDEX_MODE=index_mode,
+        # cells (i, j) of SH x SW input positions each, one per stride phase
+        ni, nj = cdiv(g.H, g.SH), cdiv(g.W, g.SW)
+        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride())
+        dim = 1 if _channels_fastest(dx) else 3             # the contiguous one
+        consts = dict(KH=g.KH, KW=g.KW, SH=g.SH, SW=g.SW, PH=g.PH, PW=g.PW, DH=g.DH, DW=g.DW,
+                      INDEX_MODE=index_mode,
+                      ALIGN_Y=math.gcd(_alignment(dy, dim), _alignment(idx, dim)),
+                      ALIGN_X=_alignment(dx, dim))
+        if dim == 1:
+            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars, **consts)
+        rows = g.C * ni                             # (c, i) cell rows of an image
+        return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), scalars,
                        tile=lambda elems, warps: _planar_tile(rows, nj, elems, warps),
-                       grid=lambda cfg: (g.SH * cdiv(rows, cfg["BLOCK_I"]),
-                                         g.SW * cdiv(nj, cfg["BLOCK_J"])))
+                       grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]), cdiv(nj, cfg["BLOCK_J"]),
+                                         g.N), **consts)
 
     @staticmethod
     def plan_avg_fwd(x, y, g: PoolGeometry) -> Launch:
