@@ -88,6 +88,23 @@ def _planar_tile(rows: int, cols: int, elems: int = 1024, num_warps: int = 4) ->
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps)
 
 
+def _window_shifts(S: int, P: int, D: int, K: int) -> int:
+    """How many window shifts q (window i + q for cell i) kernel offsets reach along one axis:
+    the distinct (r + P - k D) / S over stride phases r and offsets k where it divides."""
+    return len({(r + P - k * D) // S for r in range(S) for k in range(K)
+                if (r + P - k * D) % S == 0})
+
+
+def _max_bwd_elems(g: PoolGeometry, elems: int, num_warps: int) -> int:
+    """A tile size of max pooling's backward: at most `elems`, and at most 64 window values a
+    thread (each window shift's gradient and argmax tiles stay in registers until the stores:
+    the stem pool's 4 shifts at 16 values a thread took 135 registers in the sm_90 compile,
+    3x3 windows at stride 1 (9 shifts) at 64 spilled)."""
+    shifts = _window_shifts(g.SH, g.PH, g.DH, g.KH) * _window_shifts(g.SW, g.PW, g.DW, g.KW)
+    cap = max(32 * num_warps, 64 * 32 * num_warps // max(1, shifts))
+    return min(elems, 1 << (cap.bit_length() - 1))
+
+
 # Tuning space of the pooling kernels (memory-bound): elements per program and warps.
 POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
 POOL_TUNERS = {name: Tuner(name) for name in (
@@ -191,10 +208,14 @@ class _TritonPool(_PoolLauncher):
                       ALIGN_Y=math.gcd(_alignment(dy, dim), _alignment(idx, dim)),
                       ALIGN_X=_alignment(dx, dim))
         if dim == 1:
-            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars, **consts)
+            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars,
+                           tile=lambda elems, warps: _triton_tile(
+                               dx, g.C, ni * nj, _max_bwd_elems(g, elems, warps), warps),
+                           **consts)
         rows = g.C * ni                             # (c, i) cell rows of an image
         return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), scalars,
-                       tile=lambda elems, warps: _planar_tile(rows, nj, elems, warps),
+                       tile=lambda elems, warps: _planar_tile(
+                           rows, nj, _max_bwd_elems(g, elems, warps), warps),
                        grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]), cdiv(nj, cfg["BLOCK_J"]),
                                          g.N), **consts)
 
