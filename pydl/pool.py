@@ -118,11 +118,11 @@ _LAUNCHES = Cache("pool launches")
 def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, tensors: tuple,
             scalars: tuple, grid=None, tile=None, **consts) -> Launch:
     """The launch of pooling kernel `name` over n_spatial positions x C channels x N images:
-    a Launch taking the kernel's tensors, its scalars and constexprs fixed. Built once per
-    signature; tiles autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch
-    size. A kernel tiled otherwise gives grid(cfg) and tile(elems, num_warps) (the config of a
-    tile of about elems elements; defaults: _grid and _triton_tile), functions of the key's
-    contents."""
+    a Launch taking the kernel's tensors, its scalars (positional constexprs among them) and
+    keyword constexprs fixed. Built once per signature; tiles autotuned (pydl/_tune.py) per
+    geometry, layout and dtype, not per batch size. A kernel tiled otherwise gives grid(cfg)
+    and tile(elems, num_warps) (the config of a tile of about elems elements; defaults: _grid
+    and _triton_tile), functions of the key's contents."""
     key = (name, g, layout.device, tuple(t.dtype for t in tensors), scalars,
            tuple(consts.values()))
     return _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts, grid,
@@ -140,7 +140,8 @@ def _plan(name: str, layout, n_spatial: int, g: PoolGeometry, tensors, scalars, 
         return Launch(kernel, grid(cfg), scalars, {**consts, **cfg})
 
     candidates = [tile(1024, 4)] + [tile(elems, warps) for elems, warps in POOL_SPACE]
-    key = (name, layout.dtype, _channels_fastest(layout), g.SH, g.SW, tuple(sorted(consts.items())),
+    key = (name, layout.dtype, _channels_fastest(layout), g.KH, g.KW, g.SH, g.SW, g.PH, g.PW,
+           g.DH, g.DW, tuple(sorted(consts.items())),
            g.H // max(1, g.OH), g.W // max(1, g.OW), bucket(g.C, lo=1), bucket(n_spatial, lo=1))
     return launch(POOL_TUNERS[name].pick(key, candidates, lambda c: launch(c)(*tensors)))
 
@@ -201,23 +202,23 @@ class _TritonPool(_PoolLauncher):
             return lambda dy, idx, dx: launch(dy.contiguous(memory_format=fmt), idx, dx)
         # cells (i, j) of SH x SW input positions each, one per stride phase
         ni, nj = cdiv(g.H, g.SH), cdiv(g.W, g.SW)
-        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride())
         dim = 1 if _channels_fastest(dx) else 3             # the contiguous one
-        consts = dict(KH=g.KH, KW=g.KW, SH=g.SH, SW=g.SW, PH=g.PH, PW=g.PW, DH=g.DH, DW=g.DW,
-                      INDEX_MODE=index_mode,
-                      ALIGN_Y=math.gcd(_alignment(dy, dim), _alignment(idx, dim)),
-                      ALIGN_X=_alignment(dx, dim))
+        # the window's constexprs by position, after the strides: cheaper to pass than
+        # keywords on every launch that takes Triton's own path
+        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.KH,
+                   g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW,
+                   math.gcd(_alignment(dy, dim), _alignment(idx, dim)), _alignment(dx, dim))
         if dim == 1:
             return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars,
                            tile=lambda elems, warps: _triton_tile(
                                dx, g.C, ni * nj, _max_bwd_elems(g, elems, warps), warps),
-                           **consts)
+                           INDEX_MODE=index_mode)
         rows = g.C * ni                             # (c, i) cell rows of an image
         return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), scalars,
                        tile=lambda elems, warps: _planar_tile(
                            rows, nj, _max_bwd_elems(g, elems, warps), warps),
                        grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]), cdiv(nj, cfg["BLOCK_J"]),
-                                         g.N), **consts)
+                                         g.N), INDEX_MODE=index_mode)
 
     @staticmethod
     def plan_avg_fwd(x, y, g: PoolGeometry) -> Launch:

@@ -200,8 +200,8 @@ def max_pool2d_bwd(
     sdx_n, sdx_c, sdx_h, sdx_w,        # strides of grad_input
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
     ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr,
+    INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_input[h, w] = sum of grad_out over the windows whose argmax is (h, w), for
@@ -249,8 +249,8 @@ def max_pool2d_bwd_planar(
     sdx_n, sdx_c, sdx_h, sdx_w,        # strides of grad_input
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
     ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr,
+    INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """max_pool2d_bwd for layouts whose contiguous axis is W (NCHW). A program owns
