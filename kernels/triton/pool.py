@@ -9,10 +9,14 @@ channels_last (C is contiguous), so loads are coalesced either way.
 Backward passes are gathers, not scatters: a program owns a tile of INPUT positions and, for
 each kernel offset (kh, kw), finds the one output window that holds the element at that offset
 (if any). Every input gradient is written exactly once: no atomics, no zero-fill, deterministic
-for overlapping windows (stride < kernel). Max pooling's backward takes its input positions by
-stride phase (h mod SH, w mod SW): within a phase an offset reaches all positions' windows or
-none, so a program skips the offsets that cannot hold its inputs, and for W-contiguous layouts
-(NCHW, max_pool2d_bwd_planar) its loads and stores run along W in memory order.
+for overlapping windows (stride < kernel). Max pooling's backward works on cells: cell (i, j)
+holds the SH x SW inputs (SH i + rh, SW j + rw), one per stride phase. Within a phase a kernel
+offset reaches every cell's window (i + qh, j + qw), one shift, or none; stride, padding and
+dilation are constexprs, so this is settled at compile time, without a branch or a division
+per element. A program loads the grad_out and argmax tiles of each shift once, all before its
+first store (a store may alias a later load for all the compiler knows, which would put each
+load's wait in a row), and writes every phase of its cells; for W-contiguous layouts (NCHW,
+max_pool2d_bwd_planar) the loads and stores run along W in memory order.
 
 Max pooling's backward needs the argmax of each window. Training without return_indices saves
 it as a one-byte window offset kh * KW + kw (INDEX_LOCAL), an eighth of torch's int64 flat
