@@ -165,17 +165,17 @@ def _attention_onepass(causal: bool):
     return run
 
 
-def _pool_stem(channels_last: bool):
-    """ResNet-50's stem max pool (3x3, stride 2, padding 1) on its 32 x 64 x 112 x 112 bf16
-    input, channels_last or NCHW: the training forward (one-byte window argmax) and its
+def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_last: bool):
+    """A max pool of the benchmark's suite (bench/suites/pool.py) on its C x H x H bf16 input
+    at batch 32, channels_last or NCHW: the training forward (one-byte window argmax) and its
     backward."""
     def run():
         import torch
         from pydl import pool
         from pydl._library import geometry_args
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.empty(32, 64, 112, 112, dtype=torch.bfloat16).contiguous(memory_format=fmt)
-        g = pool._geometry(x, 3, 2, 1, 1, False)
+        x = torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        g = pool._geometry(x.shape, kernel, stride, padding, 1, False)
         geom = geometry_args(g)
         y, idx = pool._max_pool2d_fwd(x, geom, pool.INDEX_LOCAL, "triton")
         pool._max_pool2d_bwd(torch.empty_like(y), idx, pool.INDEX_LOCAL, geom, channels_last,
@@ -245,8 +245,11 @@ PROBLEMS = (
     ("attention", "d128-4k-causal hopper", _attention_hopper(True)),
     ("attention", "d128-4k onepass", _attention_onepass(False)),
     ("attention", "d128-4k-causal onepass", _attention_onepass(True)),
-    ("pool", "stem3x3s2 cl", _pool_stem(True)),
-    ("pool", "stem3x3s2 nchw", _pool_stem(False)),
+    ("pool", "stem3x3s2 cl", _max_pool(64, 112, 3, 2, 1, True)),       # ResNet-50's stem pool
+    ("pool", "stem3x3s2 nchw", _max_pool(64, 112, 3, 2, 1, False)),
+    ("pool", "vgg224 2x2s2 cl", _max_pool(64, 224, 2, 2, 0, True)),     # VGG-16 pool1
+    ("pool", "vgg28 2x2s2 cl", _max_pool(512, 28, 2, 2, 0, True)),      # VGG-16 pool4
+    ("pool", "alexnet55 3x3s2 cl", _max_pool(64, 55, 3, 2, 0, True)),   # AlexNet pool1
     ("lstm", "h1024-b32", _rnn_layer("lstm", 1024, 32)),
     ("lstm", "h2048-b128", _rnn_layer("lstm", 2048, 128)),
     ("lstm", "h256-b32 steps", _rnn_layer("lstm", 256, 32, "steps")),

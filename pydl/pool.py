@@ -65,14 +65,44 @@ def _triton_tile(x: torch.Tensor, C: int, n_spatial: int, elems: int = 1024,
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
 
 
+def _alignment(t: torch.Tensor, dim: int) -> int:
+    """The largest power of two up to 16 dividing t's size along `dim` and the strides of its
+    other dimensions, where `dim` has unit stride (else 1): the element offset of a multiple
+    of it along `dim` is a multiple of it (the backward kernels' ALIGN)."""
+    if t.stride(dim) != 1:
+        return 1
+    align = math.gcd(16, t.shape[dim])
+    for d, stride in enumerate(t.stride()):
+        if d != dim:
+            align = math.gcd(align, stride)
+    return align
+
+
 def _planar_tile(rows: int, cols: int, elems: int = 1024, num_warps: int = 4) -> dict:
-    """A BLOCK_I x BLOCK_J tile of about `elems` elements of rows x cols, up to 128 columns
-    wide (the contiguous axis), for max_pool2d_bwd_planar; at most 2 rows a warp: each row
-    a thread holds keeps its offsets for every kernel row live (at 16 x 64 on 4 warps the
-    sm_90 compile took 148 registers a thread, at 8 x 64 72)."""
+    """A BLOCK_I x BLOCK_J tile of about `elems` cells of rows x cols, up to 128 columns wide
+    (the contiguous axis), for max_pool2d_bwd_planar; at most 8 cells a thread, whose
+    gradients of every stride phase and window tiles stay in registers (16 x 64 cells on 4
+    warps: 71 registers in the sm_90 compile)."""
     block_j = min(next_power_of_2(cols), 128)
-    block_i = max(1, min(next_power_of_2(rows), elems // block_j, 2 * num_warps))
+    block_i = max(1, min(next_power_of_2(rows), elems // block_j, 256 * num_warps // block_j))
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps)
+
+
+def _window_shifts(S: int, P: int, D: int, K: int) -> int:
+    """How many window shifts q (window i + q for cell i) kernel offsets reach along one axis:
+    the distinct (r + P - k D) / S over stride phases r and offsets k where it divides."""
+    return len({(r + P - k * D) // S for r in range(S) for k in range(K)
+                if (r + P - k * D) % S == 0})
+
+
+def _max_bwd_elems(g: PoolGeometry, elems: int, num_warps: int) -> int:
+    """A tile size of max pooling's backward: at most `elems`, and at most 64 window values a
+    thread (each window shift's gradient and argmax tiles stay in registers until the stores:
+    the stem pool's 4 shifts at 16 values a thread took 135 registers in the sm_90 compile,
+    3x3 windows at stride 1 (9 shifts) at 64 spilled)."""
+    shifts = _window_shifts(g.SH, g.PH, g.DH, g.KH) * _window_shifts(g.SW, g.PW, g.DW, g.KW)
+    cap = max(32 * num_warps, 64 * 32 * num_warps // max(1, shifts))
+    return min(elems, 1 << (cap.bit_length() - 1))
 
 
 # Tuning space of the pooling kernels (memory-bound): elements per program and warps.
@@ -88,11 +118,11 @@ _LAUNCHES = Cache("pool launches")
 def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, tensors: tuple,
             scalars: tuple, grid=None, tile=None, **consts) -> Launch:
     """The launch of pooling kernel `name` over n_spatial positions x C channels x N images:
-    a Launch taking the kernel's tensors, its scalars and constexprs fixed. Built once per
-    signature; tiles autotuned (pydl/_tune.py) per geometry, layout and dtype, not per batch
-    size. A kernel tiled otherwise gives grid(cfg) and tile(elems, num_warps) (the config of a
-    tile of about elems elements; defaults: _grid and _triton_tile), functions of the key's
-    contents."""
+    a Launch taking the kernel's tensors, its scalars (positional constexprs among them) and
+    keyword constexprs fixed. Built once per signature; tiles autotuned (pydl/_tune.py) per
+    geometry, layout and dtype, not per batch size. A kernel tiled otherwise gives grid(cfg)
+    and tile(elems, num_warps) (the config of a tile of about elems elements; defaults: _grid
+    and _triton_tile), functions of the key's contents."""
     key = (name, g, layout.device, tuple(t.dtype for t in tensors), scalars,
            tuple(consts.values()))
     return _LAUNCHES.get(key, _plan, name, layout, n_spatial, g, tensors, scalars, consts, grid,
@@ -110,7 +140,8 @@ def _plan(name: str, layout, n_spatial: int, g: PoolGeometry, tensors, scalars, 
         return Launch(kernel, grid(cfg), scalars, {**consts, **cfg})
 
     candidates = [tile(1024, 4)] + [tile(elems, warps) for elems, warps in POOL_SPACE]
-    key = (name, layout.dtype, _channels_fastest(layout), g.SH, g.SW, tuple(sorted(consts.items())),
+    key = (name, layout.dtype, _channels_fastest(layout), g.KH, g.KW, g.SH, g.SW, g.PH, g.PW,
+           g.DH, g.DW, tuple(sorted(consts.items())),
            g.H // max(1, g.OH), g.W // max(1, g.OW), bucket(g.C, lo=1), bucket(n_spatial, lo=1))
     return launch(POOL_TUNERS[name].pick(key, candidates, lambda c: launch(c)(*tensors)))
 
@@ -169,21 +200,25 @@ class _TritonPool(_PoolLauncher):
             launch = _TritonPool.plan_max_bwd(dy.contiguous(memory_format=fmt), idx, dx, g,
                                               index_mode)
             return lambda dy, idx, dx: launch(dy.contiguous(memory_format=fmt), idx, dx)
-        # input positions by stride phase: ni x nj per phase at most, SH * SW phases
-        ni, nj, phases = cdiv(g.H, g.SH), cdiv(g.W, g.SW), g.SH * g.SW
-        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.SH,
-                   g.SW, g.PH, g.PW, g.DH, g.DW)
-        if _channels_fastest(dx):
-            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars, KH=g.KH,
-                           KW=g.KW, INDEX_MODE=index_mode, grid=lambda cfg: (
-                               phases * cdiv(ni * nj, cfg["BLOCK_S"]), cdiv(g.C, cfg["BLOCK_C"]),
-                               g.N))
-        rows = g.N * g.C * ni                       # (n, c, i) rows of a phase
-        return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), (g.N, *scalars),
-                       KH=g.KH, KW=g.KW, INDEX_MODE=index_mode,
-                       tile=lambda elems, warps: _planar_tile(rows, nj, elems, warps),
-                       grid=lambda cfg: (g.SH * cdiv(rows, cfg["BLOCK_I"]),
-                                         g.SW * cdiv(nj, cfg["BLOCK_J"])))
+        # cells (i, j) of SH x SW input positions each, one per stride phase
+        ni, nj = cdiv(g.H, g.SH), cdiv(g.W, g.SW)
+        dim = 1 if _channels_fastest(dx) else 3             # the contiguous one
+        # the window's constexprs by position, after the strides: cheaper to pass than
+        # keywords on every launch that takes Triton's own path
+        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.KH,
+                   g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW,
+                   math.gcd(_alignment(dy, dim), _alignment(idx, dim)), _alignment(dx, dim))
+        if dim == 1:
+            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars,
+                           tile=lambda elems, warps: _triton_tile(
+                               dx, g.C, ni * nj, _max_bwd_elems(g, elems, warps), warps),
+                           INDEX_MODE=index_mode)
+        rows = g.C * ni                             # (c, i) cell rows of an image
+        return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), scalars,
+                       tile=lambda elems, warps: _planar_tile(
+                           rows, nj, _max_bwd_elems(g, elems, warps), warps),
+                       grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]), cdiv(nj, cfg["BLOCK_J"]),
+                                         g.N), INDEX_MODE=index_mode)
 
     @staticmethod
     def plan_avg_fwd(x, y, g: PoolGeometry) -> Launch:

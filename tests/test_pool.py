@@ -1,5 +1,6 @@
 """max_pool2d, avg_pool2d, adaptive_avg_pool2d: kernels against the float64 reference and
 torch, forward, indices and gradient, every option of the signature."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -180,6 +181,120 @@ def test_max_pool2d_channels_last_fuzz(H, W, k, s, d, cm, p_frac, C):
             return
     x = random_tensor((2, C, H, W), torch.float32, DEVICE).to(memory_format=torch.channels_last)
     _check_max(x, k, s, p, d, cm, "triton", torch.float32)
+
+
+# --- max pooling backward: cells of every stride phase, tile boundaries (triton) --------------
+
+LAYOUTS = pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+
+
+def _in_layout(x, layout):
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+BWD_CASES = [
+    ((1, 1, 3, 300), 3, 2, 1, 1, False),                  # 150 cells a row: two column blocks
+    ((2, 70, 9, 9), 3, 2, 1, 1, False),                   # 70 channels: a ragged channel block
+    ((1, 2, 11, 10), 3, 2, 1, 2, True),                   # dilation at stride 2, ceil_mode
+    ((2, 3, 10, 13), (3, 2), (3, 2), (1, 1), 1, False),   # 3 x 2 stride phases
+    ((1, 2, 7, 19), 2, 3, 0, 1, True),                    # stride > window: inputs no window holds
+]
+
+
+@LAYOUTS
+@pytest.mark.parametrize("case", BWD_CASES, ids=_max_case_id)
+def test_max_pool2d_backward_cells(layout, case):
+    """The backward kernels write all stride phases of a tile of cells (SH x SW inputs each):
+    geometries whose cells span several column, channel or cell blocks, negative window
+    shifts (dilation), uneven phase counts, and phases that no window reaches."""
+    shape, k, s, p, d, cm = case
+    x = _in_layout(random_tensor(shape, torch.float32, DEVICE), layout)
+    _check_max(x, k, s, p, d, cm, "triton", torch.float32)
+
+
+@LAYOUTS
+@pytest.mark.parametrize("k, s, p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 3, 1)])
+def test_max_pool2d_backward_ties(layout, k, s, p):
+    """Inputs from {0, 1, 2}: most windows hold their maximum several times (the first in scan
+    order is the argmax, as in torch) and overlapping windows share argmaxes, so inputs
+    receive the sum of several windows' gradients, in every stride phase."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 3, (2, 5, 9, 11), generator=gen).float()
+    y64, idx64 = ref.max_pool2d(x.double().numpy(), k, s, p)
+    if k > s:      # the case is meaningful: some input is the argmax of several windows
+        assert max(np.bincount(plane.ravel()).max() for plane in idx64.reshape(10, -1)) > 1
+    _check_max(_in_layout(x.to(DEVICE), layout), k, s, p, 1, False, "triton", torch.float32)
+
+
+@LAYOUTS
+@pytest.mark.parametrize("dy_kind", ["sliced", "transposed"])
+def test_max_pool2d_backward_strided_grad_output(layout, dy_kind):
+    """A non-contiguous upstream gradient (a strided slice, or a transposed tensor) after a
+    contiguous one through the same call's plan, in either layout of the input: each gets its
+    own gradient (the backward's launch is kept per upstream-gradient strides)."""
+    x = _in_layout(random_tensor((2, 6, 11, 12), torch.float32, DEVICE), layout)
+    if dy_kind == "sliced":
+        strided = random_tensor((2, 6, 6, 12), torch.float32, DEVICE)[..., 1::2]
+    else:
+        strided = random_tensor((2, 6, 6, 6), torch.float32, DEVICE).transpose(2, 3)
+    assert not strided.is_contiguous()
+    assert not strided.is_contiguous(memory_format=torch.channels_last)
+    _, idx64 = ref.max_pool2d(x.double().cpu().numpy(), 3, 2, 1)
+    xg = x.clone().requires_grad_()
+    for g in (random_tensor((2, 6, 6, 6), torch.float32, DEVICE), strided):
+        xg.grad = None
+        pydl.max_pool2d(xg, 3, 2, 1, backend="triton").backward(g)
+        want = ref.max_pool2d_backward(g.double().cpu().numpy(), idx64, tuple(x.shape))
+        assert_close(xg.grad, want, torch.float32, reduction=9)
+
+
+def _ramp(n: int) -> torch.Tensor:
+    return torch.rand(n).add(0.1).cumsum(0)       # strictly increasing, random steps
+
+
+@LAYOUTS
+@pytest.mark.parametrize("case", [((2, 3, 12, 12), 3, 2, 1, 2, False),
+                                  ((2, 3, 9, 12), 3, 2, 1, 1, False),
+                                  ((3, 2, 8, 9), 2, 2, 1, 1, True)], ids=_max_case_id)
+def test_max_pool2d_backward_edge_windows(layout, case):
+    """Inputs increasing along H and W, so every window's argmax is its last element inside
+    the input: the windows a cell reaches at a negative shift (window i - 1 of cell 0, at the
+    top and left edges) and the ceil_mode windows past the bottom and right edges each name
+    an element, and a window read outside the grid (another plane's last row, for one) would
+    name its offset too."""
+    shape, k, s, p, d, cm = case
+    N, C, H, W = shape
+    x = (_ramp(H)[:, None] + _ramp(W)[None, :]).expand(N, C, H, W)
+    x = x + torch.arange(N * C, dtype=torch.float32).view(N, C, 1, 1)   # planes differ
+    _check_max(_in_layout(x.contiguous().to(DEVICE), layout), k, s, p, d, cm, "triton",
+               torch.float32)
+
+
+@pytest.mark.parametrize("make, dim, align", [
+    (lambda: torch.empty(2, 3, 7, 56), 3, 8),                           # NCHW rows of 56
+    (lambda: torch.empty(2, 3, 6, 112), 3, 16),
+    (lambda: torch.empty(2, 3, 8, 58)[..., :56], 3, 2),                 # rows 58 apart
+    (lambda: torch.empty(2, 3, 7, 56)[..., ::2], 3, 1),                 # W not unit-stride
+    (lambda: torch.empty(2, 5, 5, 24).permute(0, 3, 1, 2), 1, 8),      # channels_last, 24
+    (lambda: torch.empty(1, 1, 1, 64).permute(0, 3, 1, 2), 1, 16),
+    (lambda: torch.empty(2, 5, 5, 48).permute(0, 3, 1, 2)[:, ::2], 1, 1),
+    (lambda: torch.empty(2, 3, 5, 7), 3, 1),                            # odd rows
+], ids=["nchw-56", "nchw-112", "nchw-padded", "nchw-strided", "cl-24", "cl-64", "cl-strided",
+        "odd"])
+def test_max_pool2d_backward_alignment(make, dim, align):
+    """The alignment the host promises the backward kernels (ALIGN): every element whose index
+    along the contiguous dimension is a multiple of it sits at an offset (from the first
+    element) that is one, for the tensor and slices of it; 1 where that dimension does not
+    have unit stride."""
+    from pydl.pool import _alignment
+    t = make()
+    assert _alignment(t, dim) == align
+    for view in (t, t[..., :max(1, t.shape[3] - 1)], t[1:]):
+        a = _alignment(view, dim)
+        index = torch.stack(torch.meshgrid(*[torch.arange(n) for n in view.shape],
+                                           indexing="ij"))
+        offset = sum(index[d] * view.stride(d) for d in range(4))
+        assert (offset[index[dim] % a == 0] % a == 0).all(), (view.shape, view.stride(), a)
 
 
 # --- average pooling ------------------------------------------------------------------------

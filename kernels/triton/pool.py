@@ -9,10 +9,14 @@ channels_last (C is contiguous), so loads are coalesced either way.
 Backward passes are gathers, not scatters: a program owns a tile of INPUT positions and, for
 each kernel offset (kh, kw), finds the one output window that holds the element at that offset
 (if any). Every input gradient is written exactly once: no atomics, no zero-fill, deterministic
-for overlapping windows (stride < kernel). Max pooling's backward takes its input positions by
-stride phase (h mod SH, w mod SW): within a phase an offset reaches all positions' windows or
-none, so a program skips the offsets that cannot hold its inputs, and for W-contiguous layouts
-(NCHW, max_pool2d_bwd_planar) its loads and stores run along W in memory order.
+for overlapping windows (stride < kernel). Max pooling's backward works on cells: cell (i, j)
+holds the SH x SW inputs (SH i + rh, SW j + rw), one per stride phase. Within a phase a kernel
+offset reaches every cell's window (i + qh, j + qw), one shift, or none; stride, padding and
+dilation are constexprs, so this is settled at compile time, without a branch or a division
+per element. A program loads the grad_out and argmax tiles of each shift once, all before its
+first store (a store may alias a later load for all the compiler knows, which would put each
+load's wait in a row), and writes every phase of its cells; for W-contiguous layouts (NCHW,
+max_pool2d_bwd_planar) the loads and stores run along W in memory order.
 
 Max pooling's backward needs the argmax of each window. Training without return_indices saves
 it as a one-byte window offset kh * KW + kw (INDEX_LOCAL), an eighth of torch's int64 flat
@@ -102,13 +106,12 @@ def max_pool2d_fwd(
 
 
 @triton.jit
-def _phase_offset(r, k, P, D, S):
-    """Input coordinates x = S i + r (stride phase r) meet kernel offset k in the window of
-    output o = i + q when r + P - k D is a multiple of S, q that multiple over S: for every
-    i of the phase or for none. Returns (q, whether they do); q is meaningless when not."""
-    e = r + P - k * D
-    q = e // S
-    return q, e - q * S == 0
+def _multiple(x, A: tl.constexpr):
+    """x, a multiple of A (the host guarantees it), in a form whose divisibility the
+    compiler sees: masks compared with it stay constant over A-element vectors."""
+    if A > 1:
+        x = x // A * A
+    return x
 
 
 @triton.jit
@@ -123,129 +126,185 @@ def _argmax_hit(idx, h, w, W, kh, kw, KW: tl.constexpr, INDEX_MODE: tl.constexpr
 
 
 @triton.jit
+def _window_tiles(dy_ptr, idx_ptr, dy_at, idx_at, i, j, ok, OH, OW, sdy_h, sdy_w, si_h, si_w,
+                  ALIGN: tl.constexpr, SHIFT_ALONG_COLUMNS: tl.constexpr,
+                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+    """grad_out (fp32) and the argmax of the windows (i + qh, j + qw) for every shift
+    (qh, qw) a kernel offset can give a cell (i, j) (_phase_grad), as two tuples in
+    row-major shift order; loaded once and shared by the cell's stride phases. Masked to
+    the windows that exist and `ok`. dy_at / idx_at: offsets of the parts other than
+    (oh, ow), broadcast against them. ALIGN: a power of two dividing every offset where a
+    run of the tile's contiguous columns starts (from the host), unless the shift moves
+    along the columns (SHIFT_ALONG_COLUMNS, W-contiguous tiles) by other than a multiple of
+    it. A shift that no phase uses is dead code, removed by the compiler."""
+    grads = ()
+    args = ()
+    for a in tl.static_range((SH - 1 + PH) // SH - (PH - (KH - 1) * DH) // SH + 1):
+        oh = i + ((PH - (KH - 1) * DH) // SH + a)
+        oh64 = oh.to(tl.int64)
+        for b in tl.static_range((SW - 1 + PW) // SW - (PW - (KW - 1) * DW) // SW + 1):
+            ow = j + ((PW - (KW - 1) * DW) // SW + b)          # shift qw
+            m = ok & (oh < OH) & (ow < OW)
+            if (PH - (KH - 1) * DH) // SH + a < 0:         # i, j >= 0: only negative shifts
+                m = m & (oh >= 0)                          # can leave the window grid
+            if (PW - (KW - 1) * DW) // SW + b < 0:
+                m = m & (ow >= 0)
+            dy_off = dy_at + oh64 * sdy_h + ow * sdy_w
+            idx_off = idx_at + oh64 * si_h + ow * si_w
+            if ALIGN > 1 and (not SHIFT_ALONG_COLUMNS
+                              or ((PW - (KW - 1) * DW) // SW + b) % ALIGN == 0):
+                dy_off = tl.multiple_of(dy_off, [1, ALIGN])
+                idx_off = tl.multiple_of(idx_off, [1, ALIGN])
+            grads = grads + (tl.load(dy_ptr + dy_off, mask=m, other=0.0).to(tl.float32),)
+            args = args + (tl.load(idx_ptr + idx_off, mask=m, other=-1),)
+    return grads, args
+
+
+@triton.jit
+def _phase_grad(grads, args, h, w, W, RH: tl.constexpr, RW: tl.constexpr,
+                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                INDEX_MODE: tl.constexpr):
+    """grad_input at the input positions (h, w) = (SH i + RH, SW j + RW) of stride phase
+    (RH, RW) of the cells (i, j): the sum of grad_out over the windows whose argmax they are,
+    from _window_tiles' tiles. Offset (kh, kw) reaches the phase when RH + PH - kh DH and
+    RW + PW - kw DW are multiples of the strides, and then holds every cell's input in
+    window (i + qh, j + qw), those multiples over the strides: decided at compile time, no
+    division and no branch."""
+    QH0: tl.constexpr = (PH - (KH - 1) * DH) // SH
+    QW0: tl.constexpr = (PW - (KW - 1) * DW) // SW
+    NQW: tl.constexpr = (SW - 1 + PW) // SW - QW0 + 1
+    terms = ()
+    for kh in tl.static_range(KH):
+        if (RH + PH - kh * DH) % SH == 0:
+            for kw in tl.static_range(KW):
+                if (RW + PW - kw * DW) % SW == 0:
+                    # the tiles of shift (qh, qw)
+                    hit = _argmax_hit(args[((RH + PH - kh * DH) // SH - QH0) * NQW
+                                           + (RW + PW - kw * DW) // SW - QW0],
+                                      h, w, W, kh, kw, KW, INDEX_MODE)
+                    terms = terms + (tl.where(hit, grads[((RH + PH - kh * DH) // SH - QH0) * NQW
+                                                        + (RW + PW - kw * DW) // SW - QW0], 0.0),)
+    if len(terms) == 0:                 # a stride longer than the window: no window holds it
+        acc = tl.zeros(grads[0].shape, tl.float32)
+    else:
+        acc = terms[0]                  # (not 0 + terms[0]: an add the compiler must keep)
+        for t in tl.static_range(1, len(terms)):
+            acc += terms[t]
+    return acc
+
+
+@triton.jit
 def max_pool2d_bwd(
     dy_ptr, idx_ptr, dx_ptr,
     C, H, W, OH, OW,
     sdy_n, sdy_c, sdy_h, sdy_w,        # strides of grad_out
     si_n, si_c, si_h, si_w,            # strides of the saved indices
     sdx_n, sdx_c, sdx_h, sdx_w,        # strides of grad_input
-    SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr,
     INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_input[h, w] = sum of grad_out over the windows whose argmax is (h, w), for
-    layouts with the channels contiguous: a program owns BLOCK_S input positions of one
-    stride phase x BLOCK_C channels of one image.
-
-    Stride phases: program_id(0) = phase * blocks + block, phase (rh, rw), positions h =
-    SH i + rh, w = SW j + rw. Within a phase a kernel offset (kh, kw) reaches either every
-    position's window (i + qh, j + qw) or none (_phase_offset), so a program visits only the
-    offsets that can hold its inputs (4 of 9 or fewer for 3x3 windows at stride 2, 2.25 on
-    average), without a division per position. grad_out and the indices are loaded under the
-    window mask alone, constant along the channels (16-byte vector loads); the argmax test
-    selects afterwards. Grid (SH SW cdiv(NI NJ, BLOCK_S), cdiv(C, BLOCK_C), N), NI = cdiv(H,
-    SH) and NJ = cdiv(W, SW) positions per phase at most."""
-    NI = tl.cdiv(H, SH)
+    layouts with the channels contiguous. A program owns BLOCK_S cells (i, j) x BLOCK_C
+    channels of one image and writes all SH x SW input positions (SH i + rh, SW j + rw) of
+    its cells, one per stride phase: it loads the windows its cells can be in once
+    (_window_tiles: the window mask is constant along the channels, so 16-byte vector
+    loads), sums each phase's hits from registers (_phase_grad), and stores each position's
+    channels contiguously after every load. ALIGN_Y / ALIGN_X: powers of two dividing C and
+    the other strides of grad_out and the indices / of grad_input (host). Grid (cdiv(NI NJ,
+    BLOCK_S), cdiv(C, BLOCK_C), N), NI = cdiv(H, SH) and NJ = cdiv(W, SW) cells."""
     NJ = tl.cdiv(W, SW)
-    blocks = tl.cdiv(NI * NJ, BLOCK_S)
-    phase = tl.program_id(0) // blocks
-    rh = phase // SW
-    rw = phase % SW
-    s = (tl.program_id(0) % blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
-    i = s // NJ
-    j = s % NJ
-    h = i * SH + rh
-    w = j * SW + rw
-    pos_ok = (s < NI * NJ) & (h < H) & (w < W)
-    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    c_ok = c < C
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    i = (s // NJ)[:, None]
+    j = (s % NJ)[:, None]
+    cell_ok = (s < tl.cdiv(H, SH) * NJ)[:, None]
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
     n = tl.program_id(2).to(tl.int64)
-    dy_base = dy_ptr + n * sdy_n + c[None, :] * sdy_c
-    idx_base = idx_ptr + n * si_n + c[None, :] * si_c
-    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for kh in tl.static_range(KH):
-        qh, h_in = _phase_offset(rh, kh, PH, DH, SH)
-        if h_in:
-            oh = i + qh
-            oh_ok = pos_ok & (oh >= 0) & (oh < OH)
-            for kw in tl.static_range(KW):
-                qw, w_in = _phase_offset(rw, kw, PW, DW, SW)
-                if w_in:
-                    ow = j + qw
-                    ok = (oh_ok & (ow >= 0) & (ow < OW))[:, None] & c_ok[None, :]
-                    oh64 = oh.to(tl.int64)
-                    ow64 = ow.to(tl.int64)
-                    idx = tl.load(idx_base + (oh64 * si_h + ow64 * si_w)[:, None], mask=ok,
-                                  other=-1)
-                    g = tl.load(dy_base + (oh64 * sdy_h + ow64 * sdy_w)[:, None], mask=ok,
-                                other=0.0)
-                    hit = _argmax_hit(idx, h[:, None], w[:, None], W, kh, kw, KW, INDEX_MODE)
-                    acc += tl.where(hit, g.to(tl.float32), 0.0)
-    dx_off = pixel_offsets(n, h, w, c, sdx_n, sdx_h, sdx_w, sdx_c)
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
-             mask=pos_ok[:, None] & c_ok[None, :])
+    # vectors along the channels: aligned where a channel block starts
+    AY: tl.constexpr = ALIGN_Y if ALIGN_Y < BLOCK_C else BLOCK_C
+    AX: tl.constexpr = ALIGN_X if ALIGN_X < BLOCK_C else BLOCK_C
+    grads, args = _window_tiles(dy_ptr, idx_ptr, n * sdy_n + c * sdy_c, n * si_n + c * si_c,
+                                i, j, cell_ok & (c < _multiple(C, AY)), OH, OW, sdy_h, sdy_w,
+                                si_h, si_w, AY, False, KH, KW, SH, SW, PH, PW, DH, DW)
+    c_ok = c < _multiple(C, AX)
+    for rh in tl.static_range(SH):
+        h = i * SH + rh
+        for rw in tl.static_range(SW):
+            w = j * SW + rw
+            acc = _phase_grad(grads, args, h, w, W, rh, rw, KH, KW, SH, SW, PH, PW, DH, DW,
+                              INDEX_MODE)
+            dx_off = n * sdx_n + h.to(tl.int64) * sdx_h + w.to(tl.int64) * sdx_w + c * sdx_c
+            if AX > 1:
+                dx_off = tl.multiple_of(dx_off, [1, AX])
+            tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
+                     mask=cell_ok & (h < H) & (w < W) & c_ok)
 
 
 @triton.jit
 def max_pool2d_bwd_planar(
     dy_ptr, idx_ptr, dx_ptr,
-    N, C, H, W, OH, OW,
+    C, H, W, OH, OW,
     sdy_n, sdy_c, sdy_h, sdy_w,        # strides of grad_out
     si_n, si_c, si_h, si_w,            # strides of the saved indices
     sdx_n, sdx_c, sdx_h, sdx_w,        # strides of grad_input
-    SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr,
     INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """max_pool2d_bwd for layouts whose contiguous axis is W (NCHW). A program owns a
-    BLOCK_I x BLOCK_J tile of one stride phase (rh, rw): rows r = (n, c, i) of all planes
-    flattened (a small image's rows do not leave the tile empty), columns j, input positions
-    (SH i + rh, SW j + rw). Along j the grad_out and index loads (ow = j + qw, one shift for
-    the whole phase) and the grad_input stores (w = SW j + rw) run through memory in order,
-    so each warp's accesses are coalesced (every SW-th element for the stores: the other
-    phases' programs fill the rest), and a program visits only the kernel offsets that reach
-    its phase. Grid (SH cdiv(N C NI, BLOCK_I), SW cdiv(NJ, BLOCK_J)), NI = cdiv(H, SH) and
-    NJ = cdiv(W, SW)."""
+    """max_pool2d_bwd for layouts whose contiguous axis is W (NCHW). A program owns
+    BLOCK_I x BLOCK_J cells of one image, rows r = (c, i) of its planes flattened (a small
+    plane's rows do not leave the tile empty) x columns j, and writes all SH x SW stride
+    phases of them. Its grad_out and index loads (_window_tiles; ow = j + qw) run along W,
+    vectors where qw = 0; for stride 2 the two column phases of a row are interleaved in
+    registers and stored as one contiguous row segment, otherwise each phase's store fills
+    every SW-th element and the program's next ones the rest: no 32-byte sector of
+    grad_input is left partly written for another program. ALIGN_Y / ALIGN_X: powers of two
+    dividing OW and the other strides of grad_out and the indices / W and those of
+    grad_input (host). Grid (cdiv(C NI, BLOCK_I), cdiv(NJ, BLOCK_J), N), NI = cdiv(H, SH)
+    and NJ = cdiv(W, SW)."""
     NI = tl.cdiv(H, SH)
-    NJ = tl.cdiv(W, SW)
-    r_blocks = tl.cdiv(N * C * NI, BLOCK_I)
-    j_blocks = tl.cdiv(NJ, BLOCK_J)
-    rh = tl.program_id(0) // r_blocks
-    rw = tl.program_id(1) // j_blocks
-    r = ((tl.program_id(0) % r_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
-    j = (tl.program_id(1) % j_blocks) * BLOCK_J + tl.arange(0, BLOCK_J)
-    plane = r // NI
-    n = plane // C
-    c = plane % C
-    i = (r % NI).to(tl.int32)
-    h = i * SH + rh
-    w = j * SW + rw
-    h_ok = (plane < N * C) & (h < H)
-    w_ok = w < W
-    dy_rows = dy_ptr + n * sdy_n + c * sdy_c
-    idx_rows = idx_ptr + n * si_n + c * si_c
-    acc = tl.zeros([BLOCK_I, BLOCK_J], tl.float32)
-    for kh in tl.static_range(KH):
-        qh, h_in = _phase_offset(rh, kh, PH, DH, SH)
-        if h_in:
-            oh = (i + qh).to(tl.int64)
-            oh_ok = h_ok & (oh >= 0) & (oh < OH)
-            dy_row = dy_rows + oh * sdy_h
-            idx_row = idx_rows + oh * si_h
-            for kw in tl.static_range(KW):
-                qw, w_in = _phase_offset(rw, kw, PW, DW, SW)
-                if w_in:
-                    ow = (j + qw).to(tl.int64)
-                    ok = oh_ok[:, None] & (w_ok & (ow >= 0) & (ow < OW))[None, :]
-                    idx = tl.load(idx_row[:, None] + (ow * si_w)[None, :], mask=ok, other=-1)
-                    g = tl.load(dy_row[:, None] + (ow * sdy_w)[None, :], mask=ok, other=0.0)
-                    hit = _argmax_hit(idx, h[:, None], w[None, :], W, kh, kw, KW, INDEX_MODE)
-                    acc += tl.where(hit, g.to(tl.float32), 0.0)
-    dx_off = (n * sdx_n + c * sdx_c + h.to(tl.int64) * sdx_h)[:, None] \
-        + (w.to(tl.int64) * sdx_w)[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=h_ok[:, None] & w_ok[None, :])
+    r = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    c = (r // NI).to(tl.int64)[:, None]
+    i = (r % NI)[:, None]
+    j = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J))[None, :]
+    n = tl.program_id(2).to(tl.int64)
+    row_ok = c < C
+    # vectors along W: aligned where a column block starts
+    AY: tl.constexpr = ALIGN_Y if ALIGN_Y < BLOCK_J else BLOCK_J
+    AX: tl.constexpr = ALIGN_X if ALIGN_X < 2 * BLOCK_J else 2 * BLOCK_J
+    grads, args = _window_tiles(dy_ptr, idx_ptr, n * sdy_n + c * sdy_c, n * si_n + c * si_c,
+                                i, j, row_ok, OH, _multiple(OW, AY), sdy_h, sdy_w, si_h, si_w,
+                                AY, True, KH, KW, SH, SW, PH, PW, DH, DW)
+    W_ = _multiple(W, AX)
+    for rh in tl.static_range(SH):
+        h = i * SH + rh
+        h_ok = row_ok & (h < H)
+        dx_row = n * sdx_n + c * sdx_c + h.to(tl.int64) * sdx_h
+        if SW == 2:
+            w = j * 2
+            even = _phase_grad(grads, args, h, w, W, rh, 0, KH, KW, SH, SW, PH, PW, DH, DW,
+                               INDEX_MODE)
+            odd = _phase_grad(grads, args, h, w + 1, W, rh, 1, KH, KW, SH, SW, PH, PW, DH, DW,
+                              INDEX_MODE)
+            ws = (tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J))[None, :]
+            dx_off = dx_row + ws * sdx_w
+            if AX > 1:
+                dx_off = tl.multiple_of(dx_off, [1, AX])
+            tl.store(dx_ptr + dx_off, tl.interleave(even, odd).to(dx_ptr.dtype.element_ty),
+                     mask=h_ok & (ws < W_))
+        else:
+            for rw in tl.static_range(SW):
+                w = j * SW + rw
+                acc = _phase_grad(grads, args, h, w, W, rh, rw, KH, KW, SH, SW, PH, PW, DH, DW,
+                                  INDEX_MODE)
+                tl.store(dx_ptr + dx_row + w * sdx_w, acc.to(dx_ptr.dtype.element_ty),
+                         mask=h_ok & (w < W_))
 
 
 @triton.jit
