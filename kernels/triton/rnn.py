@@ -43,6 +43,8 @@ inf, as it does there.
 import triton
 import triton.language as tl
 
+from ._split import sum_partials
+
 
 @triton.jit
 def sigmoid(a):
@@ -131,6 +133,23 @@ def tile_of(tile, B, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def split_tile_of(tile, B, K, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """A backward step's product tile `tile`: (first row, rows, units, k_begin, k_len, split
+    s, output tile), the output tile (row block, unit block, as `tile_of`) tile // SPLIT and
+    its K range [k_begin, k_begin + k_len), split s = tile % SPLIT of cdiv(K, SPLIT) rounded
+    up to BLOCK_K (the launcher makes every split non-empty). The splits of an output tile
+    are consecutive tiles, so consecutive programs."""
+    out_tile = tile // SPLIT
+    s = tile % SPLIT
+    rows, units, _ = tile_of(out_tile, B, BLOCK_B, BLOCK_H)
+    row0 = ((out_tile % tl.cdiv(B, BLOCK_B)) * BLOCK_B).to(tl.int64)
+    kc = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    k0 = tl.multiple_of(s * kc, BLOCK_K)
+    return row0, rows, units, k0, tl.minimum(kc, K - k0), s, out_tile
+
+
+@triton.jit
 def step_time(s, T, REVERSE: tl.constexpr):
     """The time index (int64) of run-order step s of a direction."""
     if REVERSE:
@@ -138,6 +157,45 @@ def step_time(s, T, REVERSE: tl.constexpr):
     else:
         t = s + 0
     return t.to(tl.int64)
+
+
+@triton.jit
+def step_workspace(ws_ptr, plane, B, K, w_ptr, BCAST: tl.constexpr):
+    """(the 16-bit gate-gradient broadcast, the split partials) in a backward step's fp32
+    workspace of planes of `plane` elements: planes 0 and 1 hold the cell's running state
+    by step parity (dc, or the GRU's direct part), then (BCAST) the 16-bit copies of two
+    steps' gate gradients, (2, B, K) in W's dtype by step parity, from plane 2, then the
+    split partials (from plane 2 + cdiv(B*K, plane) with BCAST, else 2) in output-tile
+    order, each a BLOCK_B x BLOCK_H fp32 tile per split. pydl/_rnn_launch.py sizes it."""
+    bcast = (ws_ptr + 2 * plane).to(tl.pointer_type(w_ptr.dtype.element_ty))
+    first = 2
+    if BCAST:
+        first += tl.cdiv(B * K, plane)
+    return bcast, ws_ptr + first.to(tl.int64) * plane
+
+
+@triton.jit
+def store_partial(parts, out_tile, s, acc, SPLIT: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """Store split s's partial product of output tile `out_tile` (a whole BLOCK_B x BLOCK_H
+    tile, no mask: the workspace holds whole tiles)."""
+    r = tl.arange(0, BLOCK_B)
+    c = tl.arange(0, BLOCK_H)
+    tl.store(parts + (out_tile * SPLIT + s).to(tl.int64) * (BLOCK_B * BLOCK_H)
+             + (r[:, None] * BLOCK_H + c[None, :]), acc)
+
+
+@triton.jit
+def chunk_partials(parts, out_tile, r0, SPLIT: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    """Rows r0 .. r0 + ROWS of output tile `out_tile`'s product: its SPLIT partials summed
+    in split order, all loaded at once (kernels/triton/_split.py; one L2 round trip, with
+    the cell's own loads, which do not wait for the sum)."""
+    r = r0 + tl.arange(0, ROWS)
+    c = tl.arange(0, BLOCK_H)
+    tile = parts + out_tile.to(tl.int64) * SPLIT * (BLOCK_B * BLOCK_H)
+    return sum_partials(tile + (r[:, None] * BLOCK_H + c[None, :]), SPLIT, BLOCK_B * BLOCK_H,
+                        SPLIT)
 
 
 # --- the grid barrier (GPU only: GRID_SYNC=True) ----------------------------------------------
