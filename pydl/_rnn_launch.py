@@ -146,6 +146,26 @@ def step_tiles(B: int, H: int, sms: int, min_units: int, max_units: int, max_row
     return bb, bh
 
 
+def merge_steps(a, b, out, c_in, trans_a: bool, trans_b: bool):
+    """(a, b, out, c_in) of a layer's GEMM with the time axis merged into the rows where the
+    strides allow (every sequence buffer here, and a bidirectional output's half; not a
+    batch_first input): a sum over T of a_t^T @ b_t becomes one product K = T*B deep, a
+    product per step against one matrix one over T*B rows. One long K loop the compiler
+    pipelines, or one grid, instead of T batches of B rows each. Views; the arguments
+    themselves where no merge applies."""
+    def rows(t):
+        return t.dim() == 3 and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+
+    def flat(t):
+        return t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (t.stride(1), t.stride(2)))
+    if out.dim() == 2 and trans_a and not trans_b and rows(a) and rows(b):
+        return flat(a), flat(b), out, c_in
+    if (out.dim() == 3 and b.dim() == 2 and not trans_a and rows(a) and rows(out)
+            and (c_in is None or rows(c_in))):
+        return flat(a), b, flat(out), None if c_in is None else flat(c_in)
+    return a, b, out, c_in
+
+
 def as_4d(t: torch.Tensor, trans: bool = False) -> torch.Tensor:
     """A 2-D matrix (M, K) as (1, 1, M, K), a 3-D sequence (T, M, K) as (1, T, M, K), the
     last two axes swapped with `trans`: the batched GEMMs' operand views."""
@@ -478,6 +498,8 @@ class TritonRNN:
             return gemm_plan(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=c_in,
                              input_precision=cls.precision(a.dtype, b.dtype, model)
                              if a.dtype == F32 else "ieee")
+        a4, b4, out4, c4 = (as_4d(t, tr) if t is not None else None for t, tr in zip(
+            merge_steps(a, b, out, c_in, trans_a, trans_b), (trans_a, trans_b, False, False)))
         if a.dtype != F32 and b.dtype == F32:
             # the fp32 operand goes first ("split" splits the first): out^T = b^T a^T
             if bias is not None:
@@ -504,8 +526,11 @@ class TritonRNN:
             return (tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1))
                     + tuple(t.stride()[2:]))
 
-        cfg = dict(BLOCK_M=dot_block(M, 64), BLOCK_N=dot_block(N, 64),
-                   BLOCK_K=dot_block(K, 32), num_warps=4)
+        # 128 x 128 tiles for the big products (a layer's weight and input gradients over all
+        # T*B rows): each operand re-read from L2 half as often as at 64 x 64
+        big = M >= 128 and N >= 128 and K >= 512
+        cfg = dict(BLOCK_M=dot_block(M, 128 if big else 64), BLOCK_N=dot_block(N, 128 if big else 64),
+                   BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
         scalars = (M, N, K, B1 * B2c, B2c, n_red, *batch_strides(a), *batch_strides(b),
                    *(batch_strides(c_in) if c_in is not None else (0,) * 4), *out.stride(),
@@ -690,4 +715,4 @@ __all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "schedule", "barrier_counters", "T
            "tf32_key", "multiprocessors", "step_tiles", "tile_candidates", "tile_configs",
            "numba_tile", "numba_code", "strides", "seq_strides", "as_4d", "grid_barrier_check",
            "persistent_on", "default_tile", "backward_tile", "backward_candidates",
-           "backward_planes", "k_splits", "step_bytes", "check_workspace"]
+           "backward_planes", "k_splits", "step_bytes", "check_workspace", "merge_steps"]

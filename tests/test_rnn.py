@@ -258,6 +258,37 @@ def test_launches_do_not_grow_with_sequence_length(gpu_schedule, kind, backend):
 
 @stubbed
 @pytest.mark.parametrize("kind", KINDS)
+def test_backward_gemms_are_one_product_each(monkeypatch, kind):
+    """The backward's products over every (t, b) row of an fp16 stack (fp32 gate gradients
+    times fp16 weights or inputs, kernels/triton/rnn.py gemm_batched: dW_ih, dW_hh, dX) run
+    as one product each, the time axis merged into the rows (pydl/_rnn_launch.py
+    merge_steps): a single K loop T*B deep for the weight gradients, T*B rows for dX, not T
+    batches (grid axis 1, BATCH and N_RED all 1). Two layers, both directions (a
+    direction's half of the output merges too)."""
+    from triton.runtime import interpreter
+    launches = []
+
+    def record(self, *args, **kwargs):
+        if self.fn.__name__ == "gemm_batched":
+            launches.append((self.grid, args[5:11]))     # (grid, (M, N, K, BATCH, B2C, N_RED))
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
+    T, B, I, H = 5, 3, 6, 8
+    m = _module(kind, I, H, 2, bidirectional=True)
+    x = random_tensor((T, B, I), torch.float16, DEVICE).requires_grad_(True)
+    ws = [w.detach().half().requires_grad_(True) for w in m._flat_weights]
+    with poisoned_outputs(False):
+        out, finals = _call(kind, x, None, ws, num_layers=2, bidirectional=True,
+                            backend="triton")
+        del launches[:]
+        torch.autograd.grad(out.float().sum(), [x, *ws])
+    assert len(launches) >= 2 * 2 * 2 + 2, launches      # dW_ih, dW_hh per direction; dX
+    for grid, (M, N, K, batch, b2c, n_red) in launches:
+        assert (grid[1], batch, n_red) == (1, 1, 1), (grid, M, N, K, batch, n_red)
+        assert K in (T * B, (T - 1) * B) or M == T * B, (M, N, K)
+
+
+@stubbed
+@pytest.mark.parametrize("kind", KINDS)
 def test_persistent_launch_is_cooperative(gpu_schedule, kind):
     """The persistent recurrence launch asks for a cooperative grid of at most one program
     per SM, with the grid barrier compiled in; "steps" launches without it."""

@@ -23,10 +23,11 @@ Backward step (BPTT order u; the running direct part dhd by step parity, as the 
     dgi = [da_r, da_z, da_n]       dgh = [da_r, da_z, da_n r]     dhd = dh1 z
 
 dgh_next is the dgh of the step that ran next (every program wrote part of it: the grid
-barrier's reason); dhd carries h1's direct dependence on h (h1 = ... + z h) to the step
-before. The pseudo-step u = T (WRITE_DH0) writes dh0 = dgh_first W_hh + dhd. Packed
-sequences (HAS_BS): inactive rows keep their state; backward, their dgi = dgh = 0 and dhd
-carries all of dh1.
+barrier's reason), multiplied as the LSTM's dg_next (split over K = 3H; with a 16-bit W_hh
+its copy rounded to W_hh's dtype, which each cell writes beside the fp32 dgi, dgh); dhd
+carries h1's direct dependence on h (h1 = ... + z h) to the step before. The pseudo-step
+u = T (WRITE_DH0) writes dh0 = dgh_first W_hh + dhd. Packed sequences (HAS_BS): inactive
+rows keep their state; backward, their dgi = dgh = 0 and dhd carries all of dh1.
 """
 import triton
 import triton.language as tl
@@ -211,8 +212,9 @@ def _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr,
               HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
               HAS_BS: tl.constexpr, BCAST: tl.constexpr):
     """BPTT step u_step (< T) of the rows x units given dh1 = dgh_next W_hh[:, units] (zero
-    at u_step 0), or the pseudo-step u_step == T (dh0). The running direct part is read
-    through L2 (.cg): with K splits the program that finishes a tile changes per step."""
+    at u_step 0), or the pseudo-step u_step == T (dh0). Every load is issued before the
+    first branch, masked by the step; the running direct part is read through L2 (.cg):
+    with K splits the program that finishes a tile changes from step to step."""
     r_ok = rows < B
     u_ok = units < H
     mask = r_ok[:, None] & u_ok[None, :]
@@ -220,31 +222,32 @@ def _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr,
     u = units[None, :]
     now = u_step % 2
     before = 1 - now
-    if u_step > 0:
-        dh1 += tl.load(run_ptr + before * srn_p + r_ * srn_b + u * srn_k, mask=mask, other=0.0,
-                       cache_modifier=".cg")
+    step = mask & (u_step < T)                  # a real step (not the dh0 pseudo-step)
+    dh1 += tl.load(run_ptr + before * srn_p + r_ * srn_b + u * srn_k, mask=mask & (u_step > 0),
+                   other=0.0, cache_modifier=".cg")
+    dh_in = tl.zeros(dh1.shape, tl.float32)     # what reaches h1 from outside: d_out (d h_n)
+    if HAS_DOUT:
+        dh_in += tl.load(dout_ptr + t * sdo_t + r_ * sdo_b + u * sdo_k, mask=step,
+                         other=0.0).to(tl.float32)
+    if HAS_DHN:
+        dh_in += tl.load(dhn_ptr + r_ * sdhn_b + u * sdhn_k, mask=mask & (u_step == 0),
+                         other=0.0).to(tl.float32)
+    wp = ws_ptr + t * sw_t + r_ * sw_b
+    r = tl.load(wp + u * sw_k, mask=step, other=0.0)
+    z = tl.load(wp + (u + H) * sw_k, mask=step, other=0.0)
+    n = tl.load(wp + (u + 2 * H) * sw_k, mask=step, other=0.0)
+    ghn = tl.load(wp + (u + 3 * H) * sw_k, mask=step, other=0.0)
+    # the state the step started from: h0 (or zero) at the sequence's first step, else the
+    # output of the step before
+    h = tl.load(out_ptr + tp * so_t + r_ * so_b + u * so_k, mask=step & (u_step < T - 1),
+                other=0.0).to(tl.float32)
+    if HAS_H0:
+        h += tl.load(h0_ptr + r_ * sh0_b + u * sh0_k, mask=step & (u_step == T - 1),
+                     other=0.0).to(tl.float32)
     if u_step == T:
         tl.store(dh0_ptr + r_ * sdh0_b + u * sdh0_k, dh1.to(dh0_ptr.dtype.element_ty), mask=mask)
     else:
-        if HAS_DOUT:
-            dh1 += tl.load(dout_ptr + t * sdo_t + r_ * sdo_b + u * sdo_k, mask=mask,
-                           other=0.0).to(tl.float32)
-        if HAS_DHN:
-            if u_step == 0:
-                dh1 += tl.load(dhn_ptr + r_ * sdhn_b + u * sdhn_k, mask=mask,
-                               other=0.0).to(tl.float32)
-        wp = ws_ptr + t * sw_t + r_ * sw_b
-        r = tl.load(wp + u * sw_k, mask=mask, other=0.0)
-        z = tl.load(wp + (u + H) * sw_k, mask=mask, other=0.0)
-        n = tl.load(wp + (u + 2 * H) * sw_k, mask=mask, other=0.0)
-        ghn = tl.load(wp + (u + 3 * H) * sw_k, mask=mask, other=0.0)
-        h = tl.zeros(dh1.shape, tl.float32)
-        if u_step == T - 1:
-            if HAS_H0:
-                h = tl.load(h0_ptr + r_ * sh0_b + u * sh0_k, mask=mask, other=0.0).to(tl.float32)
-        else:
-            h = tl.load(out_ptr + tp * so_t + r_ * so_b + u * so_k, mask=mask,
-                        other=0.0).to(tl.float32)
+        dh1 += dh_in
         dar, daz, dan, dhd = gru_cell_backward(dh1, r, z, n, ghn, h)
         if HAS_BS:
             live = (rows < tl.load(bs_ptr + t))[:, None]

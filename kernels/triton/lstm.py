@@ -43,14 +43,18 @@ x BLOCK_H units (BLOCK_H >= 16: the recurrent product's width):
 
 with dg_next the gate gradients of the step that ran after this one (all 4H columns, written
 by every program: the grid barrier's reason) and W_rec = W_hh (4H, H), or W_hh W_hr with
-projections (then d_out and d h_n arrive already multiplied by W_hr). dc (and, for packed
-sequences, the pass-through dh of rows past their end) run through two (B, H) fp32 buffers
-indexed by step parity, so no step reads what it writes. The pseudo-step u = T (WRITE_DH0)
-writes dh0 = dg_first W_hh (+ pass-through).
+projections (then d_out and d h_n arrive already multiplied by W_hr). The product of a tile
+is split over K = 4H (SPLIT ranges, one program each; the last to finish adds the partials
+and runs the cell: kernels/triton/rnn.py, "Backward tiles"). With a 16-bit W_rec (BCAST) it
+multiplies a copy of dg_next rounded to W_rec's dtype, which each cell writes beside the fp32
+dg (kernels/triton/rnn.py, Precision). dc (and, for packed sequences, the pass-through dh of
+rows past their end) run through two (B, H) fp32 planes of the workspace indexed by step
+parity, as does the 16-bit copy, so no step reads what it writes. The pseudo-step u = T
+(WRITE_DH0) writes dh0 = dg_first W_hh (+ pass-through).
 
 Numerics: fp32 accumulation whatever the dtype; sigmoid and tanh take exp of -|a| only; NaN
-propagates. PRECISION as kernels/triton/rnn.py `dot` ("split" for the backward's fp32
-gradients times 16-bit weights).
+propagates. PRECISION as kernels/triton/rnn.py `dot` (fp32 x fp32 products in an fp32 layer,
+or with projections in a 16-bit one).
 """
 import triton
 import triton.language as tl
@@ -306,8 +310,10 @@ def _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr
               HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr, WRITE_DC0: tl.constexpr,
               BCAST: tl.constexpr):
     """BPTT step u_step (< T) of the rows x units given dh = dg_next W_rec[:, units] (zero
-    at u_step 0), or the pseudo-step u_step == T (dh0). The running buffers are read through
-    L2 (.cg): with K splits the program that finishes a tile changes from step to step."""
+    at u_step 0), or the pseudo-step u_step == T (dh0). Every load is issued before the
+    first branch, masked by the step (one L2 round trip, not one per branch); the running
+    buffers are read through L2 (.cg): with K splits the program that finishes a tile
+    changes from step to step."""
     r_ok = rows < B
     u_ok = units < H
     mask = r_ok[:, None] & u_ok[None, :]
@@ -315,38 +321,36 @@ def _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr
     u = units[None, :]
     now = u_step % 2
     before = 1 - now
+    step = mask & (u_step < T)                  # a real step (not the dh0 pseudo-step)
+    first = mask & (u_step == 0)
+    later = mask & (u_step > 0)
     if HAS_BS:
-        if u_step > 0:
-            dh += tl.load(pass_ptr + before * sps_p + r * sps_b + u * sps_k, mask=mask,
-                          other=0.0, cache_modifier=".cg")
+        dh += tl.load(pass_ptr + before * sps_p + r * sps_b + u * sps_k, mask=later,
+                      other=0.0, cache_modifier=".cg")
+    if HAS_DOUT:
+        dh += tl.load(dout_ptr + t * sdo_t + r * sdo_b + u * sdo_k, mask=step,
+                      other=0.0).to(tl.float32)
+    if HAS_DHN:
+        dh += tl.load(dhn_ptr + r * sdhn_b + u * sdhn_k, mask=first, other=0.0).to(tl.float32)
+    dc = tl.load(ws_ptr + before * sws_p + r * sws_b + u * sws_k, mask=later & step, other=0.0,
+                 cache_modifier=".cg")
+    if HAS_DCN:
+        dc += tl.load(dcn_ptr + r * sdcn_b + u * sdcn_k, mask=first, other=0.0).to(tl.float32)
+    ap = acts_ptr + t * sa_t + r * sa_b
+    i = tl.load(ap + u * sa_k, mask=step, other=0.0)
+    f = tl.load(ap + (u + H) * sa_k, mask=step, other=0.0)
+    g = tl.load(ap + (u + 2 * H) * sa_k, mask=step, other=0.0)
+    o = tl.load(ap + (u + 3 * H) * sa_k, mask=step, other=0.0)
+    c1 = tl.load(cs_ptr + t * scs_t + r * scs_b + u * scs_k, mask=step, other=0.0)
+    # c_{t-1}: c0 (or zero) at the sequence's first step (u_step T-1), else cs of the step before
+    c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=step & (u_step < T - 1),
+                other=0.0)
+    if HAS_C0:
+        c += tl.load(c0_ptr + r * sc0_b + u * sc0_k, mask=step & (u_step == T - 1),
+                     other=0.0).to(tl.float32)
     if u_step == T:
         tl.store(dh0_ptr + r * sdh0_b + u * sdh0_k, dh.to(dh0_ptr.dtype.element_ty), mask=mask)
     else:
-        if HAS_DOUT:
-            dh += tl.load(dout_ptr + t * sdo_t + r * sdo_b + u * sdo_k, mask=mask,
-                          other=0.0).to(tl.float32)
-        dc = tl.zeros(dh.shape, tl.float32)
-        if u_step == 0:
-            if HAS_DHN:
-                dh += tl.load(dhn_ptr + r * sdhn_b + u * sdhn_k, mask=mask,
-                              other=0.0).to(tl.float32)
-            if HAS_DCN:
-                dc = tl.load(dcn_ptr + r * sdcn_b + u * sdcn_k, mask=mask, other=0.0).to(tl.float32)
-        else:
-            dc = tl.load(ws_ptr + before * sws_p + r * sws_b + u * sws_k, mask=mask, other=0.0,
-                         cache_modifier=".cg")
-        ap = acts_ptr + t * sa_t + r * sa_b
-        i = tl.load(ap + u * sa_k, mask=mask, other=0.0)
-        f = tl.load(ap + (u + H) * sa_k, mask=mask, other=0.0)
-        g = tl.load(ap + (u + 2 * H) * sa_k, mask=mask, other=0.0)
-        o = tl.load(ap + (u + 3 * H) * sa_k, mask=mask, other=0.0)
-        c1 = tl.load(cs_ptr + t * scs_t + r * scs_b + u * scs_k, mask=mask, other=0.0)
-        c = tl.zeros(dh.shape, tl.float32)
-        if u_step == T - 1:
-            if HAS_C0:
-                c = tl.load(c0_ptr + r * sc0_b + u * sc0_k, mask=mask, other=0.0).to(tl.float32)
-        else:
-            c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=mask, other=0.0)
         d_i, d_f, d_g, d_o, dc_prev = lstm_cell_backward(dh, dc, i, f, g, o, c, c1)
         if HAS_BS:
             live = (rows < tl.load(bs_ptr + t))[:, None]

@@ -27,6 +27,17 @@ j = u*4 + q is gate q of unit u (W row q*H + u). One product of width 4*BLOCK_H 
 wide when BLOCK_H is small (8 units a program spread a 1024-unit layer over 128 SMs), and
 `split_gates` takes the four gates apart afterwards.
 
+Backward tiles: a backward step's product dh[rows, units] = dg_next[rows, :] W_rec[:, units]
+is K = G*H deep, and every tile reads all of dg_next's rows' K columns whatever its units: at
+few units a tile those copies are most of a step's bytes (a 2560-unit GRU at 32 units a tile:
+80 tiles each read 32 x 7680 gradients for 32 x 7680 of W). So the product is also split
+over K (`split_tile_of`: SPLIT ranges of whole BLOCK_K blocks, the splits of one output tile
+on consecutive programs), with more units a tile, until the tiles fill the SMs. Each split
+stores its partial product in the workspace (`step_workspace`, `store_partial`) and counts
+its arrival on the output tile's counter; the last to arrive sums the partials in split order
+(kernels/triton/_split.py; deterministic, whichever program it is) and runs the cell, CHUNK
+rows at a time. No program waits for another, so the schedules need nothing more.
+
 Precision (`dot`): operands of one 16-bit dtype multiply on the tensor cores with fp32
 accumulation. fp32 x fp32 products round as the launcher says ("tf32", "tf32x3" or "ieee").
 "split" is for an fp32 operand `a` (a gradient kept in fp32) times a 16-bit `b`: `a` is split
