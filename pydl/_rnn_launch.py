@@ -42,9 +42,17 @@ each call takes a fresh one (arrival_counters says why each case is safe).
 Precision of the products (`product_precision`, kernels/triton/rnn.py `dot`): a model in
 fp16/bf16 never loses precision to TF32: an fp32 gradient times a 16-bit weight or input is
 "split" (the gradient as a sum of two 16-bit numbers, two 16-bit tensor-core passes), an fp32
-x fp32 product in such a model (W_hh W_hr with projections) "tf32x3". An fp32 model rounds as
-torch would (cuDNN's TF32 setting for the layers, the matmul one for the cells:
-pydl._launch.input_precision).
+x fp32 product in such a model (W_hh W_hr with projections) "tf32x3". The one exception is
+the backward recurrence's product with a 16-bit W_rec (`TritonRNN.broadcast`): it multiplies
+the gate gradients rounded to W_rec's dtype, as cuDNN does (kernels/triton/rnn.py, Precision,
+says why and what it costs). An fp32 model rounds as torch would (cuDNN's TF32 setting for the
+layers, the matmul one for the cells: pydl._launch.input_precision).
+
+Backward tiles (`backward_tile`): rows x units, each product split over K so that the tiles
+fill the SMs with the fewest bytes streamed per program (`step_bytes`); the split partials,
+the 16-bit copy of the gate gradients and the running state share one fp32 workspace per
+direction (`backward_planes`: the running buffer the layers allocated anyway, more planes),
+and the splits count their arrivals on the stream's counters (`barrier_counters`).
 """
 from __future__ import annotations
 
@@ -529,7 +537,8 @@ class TritonRNN:
         # 128 x 128 tiles for the big products (a layer's weight and input gradients over all
         # T*B rows): each operand re-read from L2 half as often as at 64 x 64
         big = M >= 128 and N >= 128 and K >= 512
-        cfg = dict(BLOCK_M=dot_block(M, 128 if big else 64), BLOCK_N=dot_block(N, 128 if big else 64),
+        side = 128 if big else 64
+        cfg = dict(BLOCK_M=dot_block(M, side), BLOCK_N=dot_block(N, side),
                    BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
         scalars = (M, N, K, B1 * B2c, B2c, n_red, *batch_strides(a), *batch_strides(b),

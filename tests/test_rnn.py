@@ -282,7 +282,7 @@ def test_backward_gemms_are_one_product_each(monkeypatch, kind):
         del launches[:]
         torch.autograd.grad(out.float().sum(), [x, *ws])
     assert len(launches) >= 2 * 2 * 2 + 2, launches      # dW_ih, dW_hh per direction; dX
-    for grid, (M, N, K, batch, b2c, n_red) in launches:
+    for grid, (M, N, K, batch, _, n_red) in launches:
         assert (grid[1], batch, n_red) == (1, 1, 1), (grid, M, N, K, batch, n_red)
         assert K in (T * B, (T - 1) * B) or M == T * B, (M, N, K)
 
