@@ -251,7 +251,7 @@ class TritonRecurrence:
     def __call__(self, *tensors) -> None:
         args = self.args(tensors)
         if self.counters:
-            args = (*args, barrier_counters(self.device, self.counters))
+            args += (barrier_counters(self.device, self.counters),)
         if self.mode == "steps":
             for step in self.launch:
                 step(*args)
