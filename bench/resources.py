@@ -251,9 +251,14 @@ PROBLEMS = (
     ("pool", "vgg28 2x2s2 cl", _max_pool(512, 28, 2, 2, 0, True)),      # VGG-16 pool4
     ("pool", "alexnet55 3x3s2 cl", _max_pool(64, 55, 3, 2, 0, True)),   # AlexNet pool1
     ("lstm", "h1024-b32", _rnn_layer("lstm", 1024, 32)),
+    ("lstm", "h512-b64", _rnn_layer("lstm", 512, 64)),
+    ("lstm", "h2048-b16", _rnn_layer("lstm", 2048, 16)),
     ("lstm", "h2048-b128", _rnn_layer("lstm", 2048, 128)),
     ("lstm", "h256-b32 steps", _rnn_layer("lstm", 256, 32, "steps")),
     ("gru", "h1536-b32", _rnn_layer("gru", 1536, 32)),
+    ("gru", "h2048-b32", _rnn_layer("gru", 2048, 32)),
+    ("gru", "h2560-b32", _rnn_layer("gru", 2560, 32)),
+    ("gru", "h1024-b64", _rnn_layer("gru", 1024, 64)),
 )
 
 

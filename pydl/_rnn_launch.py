@@ -42,9 +42,17 @@ each call takes a fresh one (arrival_counters says why each case is safe).
 Precision of the products (`product_precision`, kernels/triton/rnn.py `dot`): a model in
 fp16/bf16 never loses precision to TF32: an fp32 gradient times a 16-bit weight or input is
 "split" (the gradient as a sum of two 16-bit numbers, two 16-bit tensor-core passes), an fp32
-x fp32 product in such a model (W_hh W_hr with projections) "tf32x3". An fp32 model rounds as
-torch would (cuDNN's TF32 setting for the layers, the matmul one for the cells:
-pydl._launch.input_precision).
+x fp32 product in such a model (W_hh W_hr with projections) "tf32x3". The one exception is
+the backward recurrence's product with a 16-bit W_rec (`TritonRNN.broadcast`): it multiplies
+the gate gradients rounded to W_rec's dtype, as cuDNN does (kernels/triton/rnn.py, Precision,
+says why and what it costs). An fp32 model rounds as torch would (cuDNN's TF32 setting for the
+layers, the matmul one for the cells: pydl._launch.input_precision).
+
+Backward tiles (`backward_tile`): rows x units, each product split over K so that the tiles
+fill the SMs with the fewest bytes streamed per program (`step_bytes`); the split partials,
+the 16-bit copy of the gate gradients and the running state share one fp32 workspace per
+direction (`backward_planes`: the running buffer the layers allocated anyway, more planes),
+and the splits count their arrivals on the stream's counters (`barrier_counters`).
 """
 from __future__ import annotations
 
@@ -72,6 +80,9 @@ from ._tune import Tuner, bucket
 
 F32 = torch.float32
 ALGOS = ("persistent", "steps")     # algo= of the layers, the default first
+# W_rec dtypes whose backward recurrence multiplies a 16-bit copy of the gate gradients
+# (kernels/triton/rnn.py, Precision)
+BROADCAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def product_precision(a: torch.dtype, b: torch.dtype, model: torch.dtype, cudnn: bool) -> str:
@@ -121,10 +132,11 @@ def schedule(algo: str, device: torch.device) -> str:
 
 
 # (device, stream) -> the grid barrier's counters for the launches on that stream
-def barrier_counters(device: torch.device) -> torch.Tensor:
-    """The grid barrier's counters for a persistent launch on the current stream of `device`
-    (pydl._launch.arrival_counters: shared with every kernel that counts arrivals)."""
-    return arrival_counters(device, 2)
+def barrier_counters(device: torch.device, n: int = 2) -> torch.Tensor:
+    """The arrival counters of a recurrence launch on the current stream of `device`
+    (pydl._launch.arrival_counters: shared with every kernel that counts arrivals): the grid
+    barrier's two, then (n > 2) one per output tile of a backward step split over K."""
+    return arrival_counters(device, n)
 
 
 def step_tiles(B: int, H: int, sms: int, min_units: int, max_units: int, max_rows: int):
@@ -140,6 +152,26 @@ def step_tiles(B: int, H: int, sms: int, min_units: int, max_units: int, max_row
     while bb > 16 and cdiv(B, bb // 2) * cdiv(H, bh) <= sms:
         bb //= 2        # a small layer: more row blocks while they fit
     return bb, bh
+
+
+def merge_steps(a, b, out, c_in, trans_a: bool, trans_b: bool):
+    """(a, b, out, c_in) of a layer's GEMM with the time axis merged into the rows where the
+    strides allow (every sequence buffer here, and a bidirectional output's half; not a
+    batch_first input): a sum over T of a_t^T @ b_t becomes one product K = T*B deep, a
+    product per step against one matrix one over T*B rows. One long K loop the compiler
+    pipelines, or one grid, instead of T batches of B rows each. Views; the arguments
+    themselves where no merge applies."""
+    def rows(t):
+        return t.dim() == 3 and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+
+    def flat(t):
+        return t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (t.stride(1), t.stride(2)))
+    if out.dim() == 2 and trans_a and not trans_b and rows(a) and rows(b):
+        return flat(a), flat(b), out, c_in
+    if (out.dim() == 3 and b.dim() == 2 and not trans_a and rows(a) and rows(out)
+            and (c_in is None or rows(c_in))):
+        return flat(a), b, flat(out), None if c_in is None else flat(c_in)
+    return a, b, out, c_in
 
 
 def as_4d(t: torch.Tensor, trans: bool = False) -> torch.Tensor:
@@ -173,9 +205,12 @@ class TritonRecurrence:
     """One direction's recurrence launch on the Triton backend (see the module docstring):
     kernel[grid](*tensors, sync, *scalars, step_begin, step_end, GRID_SYNC=..., **flags, **cfg),
     built once (a Launch per step under "steps"); `rec(*tensors)` launches every step.
-    None stands for an absent tensor (its flag is off; the kernel never reads it)."""
+    None stands for an absent tensor (its flag is off; the kernel never reads it). `sync`
+    is the stream's arrival counters (`barrier_counters`) where the launch counts arrivals:
+    at the grid barrier ("persistent") or at its K-split tiles (a backward tile with
+    SPLIT > 1, every mode); elsewhere a present tensor, never read."""
 
-    __slots__ = ("launch", "mode", "n_steps", "device", "args")
+    __slots__ = ("launch", "mode", "n_steps", "device", "args", "counters", "slots", "fill")
 
     def __init__(self, kernel, tuner: Tuner, key, candidates: list[dict], tensors: tuple,
                  scalars: tuple, flags: dict, tiles: Callable[[dict], int], mode: str,
@@ -183,15 +218,18 @@ class TritonRecurrence:
         # one step needs no barrier: a plain launch over every tile
         self.mode = "steps" if mode == "persistent" and n_steps <= 1 else mode
         self.n_steps, self.device = n_steps, device
-        # the kernel's tensor arguments from a call's: an absent one (and the barrier's
-        # counters, off the persistent path) is a present one, never read
-        fill = next(i for i, t in enumerate(tensors) if t is not None)
-        slots = [fill if t is None else i for i, t in enumerate(tensors)]
-        self.args = operator.itemgetter(*slots, *(() if self.mode == "persistent" else (fill,)))
+        # the kernel's tensor arguments from a call's: an absent one is a present one
+        self.fill = next(i for i, t in enumerate(tensors) if t is not None)
+        self.slots = [self.fill if t is None else i for i, t in enumerate(tensors)]
 
         def plan(cfg: dict):
             """The launch (a Launch per step under "steps": no per-call scalar)."""
             n = tiles(cfg)
+            split = cfg.get("SPLIT", 1)
+            # how many counters the launch counts on (0: none, the fill tensor instead)
+            self.counters = 2 + n // split if self.mode == "persistent" or split > 1 else 0
+            self.args = operator.itemgetter(*self.slots,
+                                            *(() if self.counters else (self.fill,)))
             if self.mode == "persistent":
                 grid = (min(n, multiprocessors(device)),)
                 extra = dict(GRID_SYNC=True, launch_cooperative_grid=True)
@@ -211,25 +249,27 @@ class TritonRecurrence:
         self.launch = plan(tuner.pick((key, self.mode), candidates, trial, inout=inout))
 
     def __call__(self, *tensors) -> None:
-        if self.mode == "one_program":
-            self.launch(*self.args(tensors))
-        elif self.mode == "persistent":
-            self.launch(*self.args(tensors), barrier_counters(self.device))
-        else:
-            args = self.args(tensors)
+        args = self.args(tensors)
+        if self.counters:
+            args += (barrier_counters(self.device, self.counters),)
+        if self.mode == "steps":
             for step in self.launch:
                 step(*args)
+        else:
+            self.launch(*args)
 
 
-# Tuning spaces (BLOCK_B rows, BLOCK_H units, BLOCK_K for 16-bit operands, warps, stages) of
-# the recurrence kernels, LSTM and GRU alike. The forward's tile is 4*BLOCK_H wide
-# (gate-interleaved); the backward's BLOCK_H wide. A tile decides how many SMs a step uses
-# against how much of W_hh each re-reads: the default fills the chip (step_tiles), these
-# trade rows for units.
+# Tuning spaces of the recurrence kernels, LSTM and GRU alike. Forward: (BLOCK_B rows,
+# BLOCK_H units, BLOCK_K for 16-bit operands, warps, stages); its tile is 4*BLOCK_H wide
+# (gate-interleaved). A tile decides how many SMs a step uses against how much of W_hh each
+# re-reads: the default fills the chip (step_tiles), these trade rows for units. Backward:
+# the same plus the most K splits (None: as many as fill the SMs; `k_splits`); its tile is
+# BLOCK_H wide, its product split over K so that the tiles fill the chip (`backward_tile`).
 FWD_SPACE = ((32, 8, 64, 4, 3), (64, 8, 64, 4, 3), (16, 16, 64, 4, 3), (32, 16, 64, 4, 3),
              (64, 16, 32, 8, 3), (32, 4, 64, 4, 4))
-BWD_SPACE = ((16, 16, 64, 4, 3), (32, 16, 32, 4, 3), (16, 32, 32, 4, 3), (32, 32, 32, 8, 3),
-             (64, 16, 32, 8, 3), (64, 32, 64, 8, 4))
+BWD_SPACE = ((32, 32, 128, 8, 4, None), (32, 64, 64, 8, 4, None), (32, 64, 128, 8, 5, None),
+             (64, 64, 128, 8, 4, None), (16, 64, 128, 4, 4, None), (32, 128, 128, 8, 4, None),
+             (32, 32, 64, 8, 4, 1))
 
 
 def grid_barrier_check(device: torch.device, programs: int, rounds: int):
@@ -245,28 +285,21 @@ def grid_barrier_check(device: torch.device, programs: int, rounds: int):
     return bad, sync
 
 
-def default_tile(B: int, H: int, K: int, itemsize: int, device: torch.device,
-                 backward: bool) -> dict:
-    """The launch config a recurrence kernel runs untuned: step_tiles' tile (forward: 4 to 32
-    units a tile, 4 gates each; backward: 16 to 32 units; up to 64 rows, wgmma's M), a K
-    depth of 64 (32 for an fp32 forward), 8 warps for the tiles whose accumulators and
-    operands spill at 4 (`python -m bench resources lstm gru`). `itemsize`: of the operands'
-    dtype (the backward's fp32 gradients enter its products as 16-bit hi/lo pairs in a
-    16-bit model)."""
-    if backward:
-        bb, bh = step_tiles(B, H, multiprocessors(device), 16, 32, 64)
-        big = bb * bh >= 32 * 32
-    else:
-        bb, bh = step_tiles(B, H, multiprocessors(device), 4, 32, 64)
-        big = bb * 4 * bh > 64 * 128
+def default_tile(B: int, H: int, K: int, itemsize: int, device: torch.device) -> dict:
+    """The launch config a forward recurrence kernel runs untuned: step_tiles' tile (4 to 32
+    units a tile, 4 gates each; up to 64 rows, wgmma's M), a K depth of 64 (32 for fp32
+    operands), 8 warps for the tiles whose accumulators and operands spill at 4
+    (`python -m bench resources lstm gru`). `itemsize`: of the operands' dtype."""
+    bb, bh = step_tiles(B, H, multiprocessors(device), 4, 32, 64)
+    big = bb * 4 * bh > 64 * 128
     return dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=dot_block(K, 64 if itemsize <= 2 else 32),
                 num_warps=8 if big else 4)
 
 
 def tile_candidates(default: dict, B: int, H: int, K: int, itemsize: int, min_units: int,
                     space) -> list[dict]:
-    """The default tile, then `space` ((BLOCK_B, BLOCK_H, BLOCK_K for 16-bit operands,
-    warps, stages)) clipped to the problem."""
+    """The default forward tile, then `space` ((BLOCK_B, BLOCK_H, BLOCK_K for 16-bit
+    operands, warps, stages)) clipped to the problem."""
     out = [default]
     for bb, bh, bk, warps, stages in space:
         out.append(dict(BLOCK_B=dot_block(B, bb),
@@ -276,15 +309,129 @@ def tile_candidates(default: dict, B: int, H: int, K: int, itemsize: int, min_un
     return out
 
 
+# --- backward tiles -------------------------------------------------------------------------
+# A backward step's product dh[rows, units] = dg_next[rows, :] W_rec[:, units] (K = G*H deep)
+# is split over K (kernels/triton/rnn.py split_tile_of): every program streams its share of
+# dg_next (rows x k) and of W_rec (k x units) from L2 every step, and per step the time is
+# about the bytes one program streams (the SMs stream in parallel), so the tiles are chosen
+# to fill the SMs with the fewest bytes each. Without splits a program reads all K of
+# dg_next, however few units it owns: the fewer units a tile, the more of the step's bytes
+# are those copies. A split adds a round trip (partials stored, the arrival, the last
+# program's loads) and the partials the last program sums.
+
+# bytes a program streams in about one L2 round trip (~1 us at ~50 GB/s an SM)
+ROUND_TRIP_BYTES = 48 * 1024
+
+
+def k_splits(B: int, H: int, K: int, bb: int, bh: int, bk: int, sms: int,
+             most: int | None = None) -> int:
+    """How many K ranges a backward product tile splits into: enough that the tiles fill
+    `sms` (cdiv(B, bb) x cdiv(H, bh) x splits <= sms, or 1), each a whole number of K blocks,
+    none empty, at most `most`."""
+    s = max(1, min(sms // (cdiv(B, bb) * cdiv(H, bh)), cdiv(K, bk), most or K))
+    return cdiv(K, cdiv(cdiv(K, s), bk) * bk)
+
+
+def chunk_rows(bb: int, bh: int, warps: int) -> int:
+    """Rows of a split tile's cell the last program runs at once: 8 elements a thread (the
+    LSTM's cell holds about 16 such tiles live), at most the tile's."""
+    return max(1, min(bb, 8 * 32 * warps // bh))
+
+
+def step_bytes(B: int, H: int, K: int, cfg: dict, a_bytes: int, w_bytes: int,
+               sms: int) -> int:
+    """The cost model of a backward tile: the bytes one program streams per step (its
+    tiles' operands), plus for split tiles the partials the last program reads and a round
+    trip per chunk of its cell and for the arrival, as bytes (ROUND_TRIP_BYTES)."""
+    bb, bh, bk, split = cfg["BLOCK_B"], cfg["BLOCK_H"], cfg["BLOCK_K"], cfg["SPLIT"]
+    waves = cdiv(cdiv(B, bb) * cdiv(H, bh) * split, sms)
+    kc = cdiv(cdiv(K, split), bk) * bk
+    cost = waves * kc * (bb * a_bytes + bh * w_bytes)
+    if split > 1:
+        cost += split * bb * bh * 4 + (1 + cdiv(bb, cfg["CHUNK"])) * ROUND_TRIP_BYTES
+    return cost
+
+
+def backward_config(B: int, H: int, K: int, bb: int, bh: int, bk: int, warps: int,
+                    stages: int, sms: int, most: int | None = None) -> dict:
+    """A backward launch config: tile, K depth, splits, cell chunk, warps, stages."""
+    split = k_splits(B, H, K, bb, bh, bk, sms, most)
+    return dict(BLOCK_B=bb, BLOCK_H=bh, BLOCK_K=bk, SPLIT=split,
+                CHUNK=bb if split == 1 else chunk_rows(bb, bh, warps),
+                num_warps=warps, num_stages=stages)
+
+
+def backward_tile(B: int, H: int, K: int, a_bytes: int, w_bytes: int, sms: int) -> dict:
+    """The launch config a backward recurrence kernel runs untuned: every batch row in one
+    row block (up to 64), the units a tile (16 to 128) and the K splits with the fewest
+    step_bytes; 8 warps from 32 x 32 tiles, a K depth of 128 (64 for fp32 W), 4 stages for
+    16-bit operands (3 tiles in flight, 72 KB at 32 x 64: L2's latency hidden). An unsplit
+    tile runs its cell at once, so it stays within 2048 elements (more spills); a split one
+    runs it CHUNK rows at a time."""
+    bb = max(16, min(next_power_of_2(B), 64))
+    bk = dot_block(K, 128 if w_bytes <= 2 else 64)
+    best, best_cost = None, None
+    for bh in (16, 32, 64, 128):
+        if bh > max(16, next_power_of_2(H)):
+            break
+        warps = 8 if bb * bh >= 32 * 32 else 4
+        cfg = backward_config(B, H, K, bb, bh, bk, warps, 4 if a_bytes <= 2 else 3, sms)
+        if cfg["SPLIT"] == 1 and bb * bh > 2048 and best is not None:
+            continue
+        cost = step_bytes(B, H, K, cfg, a_bytes, w_bytes, sms)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = cfg, cost
+    return best
+
+
+def backward_candidates(B: int, H: int, K: int, a_bytes: int, w_bytes: int,
+                        device: torch.device) -> list[dict]:
+    """The default backward config, then BWD_SPACE clipped to the problem. a_bytes, w_bytes:
+    the product's operand sizes (dg_next: 2 for the 16-bit broadcast, 4 for fp32; W_rec)."""
+    sms = multiprocessors(device)
+    out = [backward_tile(B, H, K, a_bytes, w_bytes, sms)]
+    for bb, bh, bk, warps, stages, most in BWD_SPACE:
+        out.append(backward_config(B, H, K, dot_block(B, bb),
+                                   max(16, min(bh, next_power_of_2(H))),
+                                   dot_block(K, bk if w_bytes <= 2 else bk // 2), warps,
+                                   stages, sms, most))
+    return out
+
+
+def backward_planes(B: int, H: int, K: int, a_bytes: int, w_bytes: int,
+                    device: torch.device, bcast: bool) -> int:
+    """(B, H) fp32 planes of a backward recurrence's workspace (kernels/triton/rnn.py
+    step_workspace) for any of its candidates: the running state's two, the 16-bit
+    broadcast's (bcast), the split partials'."""
+    plane = max(1, B * H)
+    parts = max((cdiv(B, c["BLOCK_B"]) * cdiv(H, c["BLOCK_H"]) * c["SPLIT"] * c["BLOCK_B"]
+                 * c["BLOCK_H"] for c in backward_candidates(B, H, K, a_bytes, w_bytes, device)
+                 if c["SPLIT"] > 1), default=0)
+    return 2 + (cdiv(B * K, plane) if bcast else 0) + cdiv(parts, plane)
+
+
+def check_workspace(ws: torch.Tensor, planes: int, B: int, H: int) -> None:
+    """A backward recurrence's workspace must be contiguous fp32 (planes, B, H) or more
+    planes: the kernel lays its regions out from the plane size (step_workspace)."""
+    if (ws.dtype != F32 or ws.dim() != 3 or tuple(ws.shape[1:]) != (B, H)
+            or ws.shape[0] < planes or not ws.is_contiguous()):
+        raise ValueError(f"the backward recurrence's workspace must be a contiguous float32 "
+                         f"({planes}, {B}, {H}) tensor (backward_planes), got "
+                         f"{ws.dtype} {tuple(ws.shape)}")
+
+
 def tile_configs(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: tuple,
-                 device: torch.device, backward: bool) -> tuple[tuple, list[dict]]:
+                 device: torch.device, operands: tuple[int, int] | None = None
+                 ) -> tuple[tuple, list[dict]]:
     """(tuning key, candidates) of a recurrence kernel (`flags`: its sorted constexpr
-    items). The key holds the batch in coarse buckets (pydl/_tune.py)."""
+    items); `operands`: a backward's (a_bytes, w_bytes), None for a forward. The key holds
+    the batch in coarse buckets (pydl/_tune.py)."""
+    key = (name, dtype, bucket(B, hi=1 << 12), H, K, flags)
+    if operands is not None:
+        return key, backward_candidates(B, H, K, *operands, device)
     itemsize = dtype.itemsize
-    default = default_tile(B, H, K, itemsize, device, backward)
-    space, min_units = (BWD_SPACE, 16) if backward else (FWD_SPACE, 4)
-    return ((name, dtype, bucket(B, hi=1 << 12), H, K, flags),
-            tile_candidates(default, B, H, K, itemsize, min_units, space))
+    return key, tile_candidates(default_tile(B, H, K, itemsize, device), B, H, K, itemsize, 4,
+                                FWD_SPACE)
 
 
 class TritonRNN:
@@ -299,20 +446,41 @@ class TritonRNN:
     def precision(cls, a: torch.dtype, b: torch.dtype, model: torch.dtype) -> str:
         return product_precision(a, b, model, cls.cudnn)
 
+    @classmethod
+    def broadcast(cls, w_rec: torch.dtype) -> bool:
+        """Whether a backward recurrence over W_rec of this dtype multiplies a 16-bit copy of
+        the gate gradients (kernels/triton/rnn.py, Precision): a 16-bit W_rec."""
+        return w_rec in BROADCAST_DTYPES
+
+    @classmethod
+    def backward_operands(cls, w_rec: torch.dtype) -> tuple[int, int]:
+        """(bytes of a dg_next element, of a W_rec element) in a backward product."""
+        return (2 if cls.broadcast(w_rec) else 4), w_rec.itemsize
+
+    @classmethod
+    def backward_planes(cls, B: int, H: int, K: int, w_rec: torch.dtype,
+                        device: torch.device) -> int:
+        """(B, H) fp32 planes of a backward recurrence's workspace (the running state by step
+        parity, then the 16-bit broadcast and the K-split partials)."""
+        return backward_planes(B, H, K, *cls.backward_operands(w_rec), device,
+                               cls.broadcast(w_rec))
+
     @staticmethod
     def recurrence(kernel, tuner: Tuner, name: str, mode: str, tensors: tuple, ranks: tuple,
                    scalars: tuple, flags: dict, B: int, H: int, K: int, dtype: torch.dtype,
-                   n_steps: int, device: torch.device, backward: bool,
+                   n_steps: int, device: torch.device, operands: tuple[int, int] | None,
                    inout: tuple = ()) -> TritonRecurrence:
         """The launch of a recurrence kernel (see TritonRecurrence) over tiles of BLOCK_B rows
-        x BLOCK_H of H units; `inout`: tensors it reads and then overwrites (restored after
-        the tuner's trials); `ranks` (the Numba launcher's) is not needed here."""
+        x BLOCK_H of H units (a backward's split SPLIT ways over K); `operands`: a
+        backward's (a_bytes, w_bytes), None for a forward; `inout`: tensors it reads and
+        then overwrites (restored after the tuner's trials); `ranks` (the Numba launcher's)
+        is not needed here."""
         key, candidates = tile_configs(name, B, H, K, dtype, tuple(sorted(flags.items())),
-                                       device, backward)
+                                       device, operands)
         return TritonRecurrence(
             kernel, tuner, key, candidates, tensors, scalars, flags,
-            lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]), mode, n_steps, device,
-            inout)
+            lambda cfg: cdiv(B, cfg["BLOCK_B"]) * cdiv(H, cfg["BLOCK_H"]) * cfg.get("SPLIT", 1),
+            mode, n_steps, device, inout)
 
     @classmethod
     def gemm_plan(cls, a, b, out, bias=None, c_in=None, *, trans_a: bool = False,
@@ -338,6 +506,8 @@ class TritonRNN:
             return gemm_plan(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=c_in,
                              input_precision=cls.precision(a.dtype, b.dtype, model)
                              if a.dtype == F32 else "ieee")
+        a4, b4, out4, c4 = (as_4d(t, tr) if t is not None else None for t, tr in zip(
+            merge_steps(a, b, out, c_in, trans_a, trans_b), (trans_a, trans_b, False, False)))
         if a.dtype != F32 and b.dtype == F32:
             # the fp32 operand goes first ("split" splits the first): out^T = b^T a^T
             if bias is not None:
@@ -364,8 +534,12 @@ class TritonRNN:
             return (tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1))
                     + tuple(t.stride()[2:]))
 
-        cfg = dict(BLOCK_M=dot_block(M, 64), BLOCK_N=dot_block(N, 64),
-                   BLOCK_K=dot_block(K, 32), num_warps=4)
+        # 128 x 128 tiles for the big products (a layer's weight and input gradients over all
+        # T*B rows): each operand re-read from L2 half as often as at 64 x 64
+        big = M >= 128 and N >= 128 and K >= 512
+        side = 128 if big else 64
+        cfg = dict(BLOCK_M=dot_block(M, side), BLOCK_N=dot_block(N, side),
+                   BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
         scalars = (M, N, K, B1 * B2c, B2c, n_red, *batch_strides(a), *batch_strides(b),
                    *(batch_strides(c_in) if c_in is not None else (0,) * 4), *out.stride(),
@@ -497,11 +671,16 @@ class NumbaRNN:
     def precision(cls, a, b, model) -> str:
         return "ieee"       # the Numba kernels multiply in fp32 on the FMA units
 
+    @classmethod
+    def backward_planes(cls, B, H, K, w_rec, device) -> int:
+        """The running state's two (B, H) planes (by step parity)."""
+        return 2
+
     @staticmethod
     def recurrence(kernel, tuner, name, mode, tensors, ranks, scalars, flags, B, H, K, dtype,
-                   n_steps, device, backward, inout=()) -> NumbaRecurrence:
+                   n_steps, device, operands, inout=()) -> NumbaRecurrence:
         """The launch of a recurrence kernel (`kernel` built for numba_tile()); tuner, name,
-        flags, K and dtype (the Triton launcher's) are not needed here."""
+        flags, K, dtype and operands (the Triton launcher's) are not needed here."""
         tb, tu, _ = numba_tile()
         return NumbaRecurrence(kernel, tensors, ranks, scalars, cdiv(B, tb) * cdiv(H, tu), mode,
                                n_steps, device)
@@ -544,4 +723,5 @@ __all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "schedule", "barrier_counters", "T
            "NumbaRecurrence", "NumbaLaunch", "TritonRNN", "NumbaRNN", "product_precision",
            "tf32_key", "multiprocessors", "step_tiles", "tile_candidates", "tile_configs",
            "numba_tile", "numba_code", "strides", "seq_strides", "as_4d", "grid_barrier_check",
-           "persistent_on", "default_tile"]
+           "persistent_on", "default_tile", "backward_tile", "backward_candidates",
+           "backward_planes", "k_splits", "step_bytes", "check_workspace", "merge_steps"]

@@ -33,7 +33,8 @@ from ._library import autocast_inputs, kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
-from ._rnn_launch import NumbaRNN, TritonRNN, numba_tile, seq_strides, tf32_key
+from ._rnn_launch import (NumbaRNN, TritonRNN, check_workspace, numba_tile, seq_strides,
+                          tf32_key)
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
@@ -79,7 +80,7 @@ class TritonGRU(TritonRNN):
                    *seq_strides(out), *seq_strides(ws), *_strides(hn, 2))
         return cls.recurrence(k.gru_layer_fwd, TUNERS["gru_layer_fwd"], "gru_layer_fwd", mode,
                               tensors, FWD_RANKS, scalars, flags, B, H, max(I, H), dt, T,
-                              out.device, False, inout=aliased((ws,), (xp,)))
+                              out.device, None, inout=aliased((ws,), (xp,)))
 
     @classmethod
     def backward_plan(cls, mode, ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
@@ -87,20 +88,23 @@ class TritonGRU(TritonRNN):
         """The launch of one direction's backward through time (gru_layer_bwd),
         rec(ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0): out (T, B, H) the
         forward's output (each step's starting state); dgi, dgh (T, B, 3H) written; dh0 by
-        the pseudo-step when given; h0, d_out, d_hn, bs may be None; dhd (2, B, H) fp32
-        scratch."""
+        the pseudo-step when given; h0, d_out, d_hn, bs may be None; dhd the workspace,
+        (backward_planes, B, H) fp32 contiguous (kernels/triton/rnn.py step_workspace)."""
         from .kernels.triton import gru as k
         T, B, H = _seq_shape(out)
+        check_workspace(dhd, cls.backward_planes(B, H, 3 * H, w_hh.dtype, out.device), B, H)
+        bcast = cls.broadcast(w_hh.dtype)
         flags = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DOUT=d_out is not None,
-                     HAS_DHN=d_hn is not None, HAS_BS=bs is not None,
-                     PRECISION=cls.precision(F32, w_hh.dtype, model))
+                     HAS_DHN=d_hn is not None, HAS_BS=bs is not None, BCAST=bcast,
+                     PRECISION=cls.precision(w_hh.dtype if bcast else F32, w_hh.dtype, model))
         tensors = (ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0)
         scalars = (T, B, H, *seq_strides(ws), *seq_strides(out), *_strides(h0, 2),
                    *w_hh.stride(), *seq_strides(d_out), *_strides(d_hn, 2), *seq_strides(dgi),
                    *seq_strides(dgh), *dhd.stride(), *_strides(dh0, 2))
         return cls.recurrence(k.gru_layer_bwd, TUNERS["gru_layer_bwd"], "gru_layer_bwd", mode,
                               tensors, BWD_RANKS, scalars, flags, B, H, 3 * H, model,
-                              T + 1 if dh0 is not None else T, out.device, True)
+                              T + 1 if dh0 is not None else T, out.device,
+                              cls.backward_operands(w_hh.dtype))
 
 
 class TritonGRUCell(TritonGRU):
@@ -120,7 +124,7 @@ class NumbaGRU(NumbaRNN):
                    h0 is not None, hn is not None, bs is not None, _code(w_hh), _code(xp),
                    _code(b_ih if b_ih is not None else b_hh), _code(h0), _code(out), _code(hn))
         return cls.recurrence(k.gru_layer_fwd_kernel(*numba_tile()), None, None, mode, tensors,
-                              FWD_RANKS, scalars, None, B, H, 0, None, T, out.device, False)
+                              FWD_RANKS, scalars, None, B, H, 0, None, T, out.device, None)
 
     @classmethod
     def backward_plan(cls, mode, ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
@@ -133,7 +137,7 @@ class NumbaGRU(NumbaRNN):
                    _code(d_out), _code(d_hn), _code(dh0))
         return cls.recurrence(k.gru_layer_bwd_kernel(*numba_tile()), None, None, mode, tensors,
                               BWD_RANKS, scalars, None, B, H, 0, None,
-                              T + 1 if dh0 is not None else T, out.device, True)
+                              T + 1 if dh0 is not None else T, out.device, None)
 
 
 LAUNCHERS = {"triton": TritonGRU, "numba": NumbaGRU}
@@ -200,7 +204,8 @@ class GRURecurrence:
             dgi = self.new("dgi", (T, B, 3 * H), F32, dev)
             dgh = self.new("dgh", (T, B, 3 * H), F32, dev)
             if B:
-                dhd = self.new("dhd", (2, B, H), F32, dev)
+                dhd = self.new("dhd", lambda: (self.launch.backward_planes(
+                    B, H, 3 * H, w_hh.dtype, dev), B, H), F32, dev)
                 self.backward("bwd", acts, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
                               model=out.dtype)
             return dgi, dgh
@@ -234,7 +239,8 @@ class _CellBackward(Plans):
         if B and H:
             # h1 = ... + z h: the step's output sequence is not needed, h is the state it
             # started from (the kernel reads it as h0 at the first and only step)
-            dhd = new_output((2, B, H), F32, dev)
+            dhd = self.new("dhd", lambda: (self.launch.backward_planes(
+                B, H, 3 * H, w_hh.dtype, dev), B, H), F32, dev)
             self.backward("bwd", ws, dh1, h, w_hh, dh1, None, None, dgi, dgh, dhd, dh,
                           model=model)
         dx = dw_ih = dw_hh = db_ih = db_hh = None

@@ -41,7 +41,8 @@ from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
-from ._rnn_launch import NumbaRNN, TritonRNN, numba_tile, seq_strides, tf32_key
+from ._rnn_launch import (NumbaRNN, TritonRNN, check_workspace, numba_tile, seq_strides,
+                          tf32_key)
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
@@ -96,7 +97,7 @@ class TritonLSTM(TritonRNN):
         return cls.recurrence(k.lstm_layer_fwd, TUNERS["lstm_layer_fwd"], "lstm_layer_fwd", mode,
                               tensors, FWD_RANKS, scalars, flags, B, H,
                               max(I, P, H if w_hr is not None else 0), dt,
-                              2 * T if w_hr is not None else T, out.device, False,
+                              2 * T if w_hr is not None else T, out.device, None,
                               inout=aliased((acts,), (xp,)))
 
     @classmethod
@@ -106,13 +107,17 @@ class TritonLSTM(TritonRNN):
         rec(acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0): dg
         (T, B, 4H) written; dh0 (B, H) written by the pseudo-step when given (W_rec = W_hh
         then), dc0 when given; c0, d_out, d_hn, d_cn, bs (and pas, the pass-through buffer of
-        a packed batch) may be None; dc_run (2, B, H) fp32 scratch."""
+        a packed batch) may be None; dc_run the workspace, (backward_planes, B, H) fp32
+        contiguous (kernels/triton/rnn.py step_workspace)."""
         from .kernels.triton import lstm as k
         T, B, H = _seq_shape(cs)
+        K = w_rec.shape[0]
+        check_workspace(dc_run, cls.backward_planes(B, H, K, w_rec.dtype, cs.device), B, H)
+        bcast = cls.broadcast(w_rec.dtype)
         flags = dict(REVERSE=reverse, HAS_C0=c0 is not None, HAS_DOUT=d_out is not None,
                      HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None, HAS_BS=bs is not None,
-                     WRITE_DC0=dc0 is not None, PRECISION=cls.precision(F32, w_rec.dtype, model))
-        K = w_rec.shape[0]
+                     WRITE_DC0=dc0 is not None, BCAST=bcast,
+                     PRECISION=cls.precision(w_rec.dtype if bcast else F32, w_rec.dtype, model))
         tensors = (acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0)
         scalars = (T, B, H, K, *seq_strides(acts), *seq_strides(cs), *_strides(c0, 2),
                    *w_rec.stride(), *seq_strides(d_out), *_strides(d_hn, 2), *_strides(d_cn, 2),
@@ -120,7 +125,8 @@ class TritonLSTM(TritonRNN):
                    *_strides(dc0, 2))
         return cls.recurrence(k.lstm_layer_bwd, TUNERS["lstm_layer_bwd"], "lstm_layer_bwd", mode,
                               tensors, BWD_RANKS, scalars, flags, B, H, K, model,
-                              T + 1 if dh0 is not None else T, cs.device, True)
+                              T + 1 if dh0 is not None else T, cs.device,
+                              cls.backward_operands(w_rec.dtype))
 
 
 class TritonLSTMCell(TritonLSTM):
@@ -145,7 +151,7 @@ class NumbaLSTM(NumbaRNN):
                    _code(hn), _code(cn))
         return cls.recurrence(k.lstm_layer_fwd_kernel(*numba_tile()), None, None, mode, tensors,
                               FWD_RANKS, scalars, None, B, H, 0, None,
-                              2 * T if w_hr is not None else T, out.device, False)
+                              2 * T if w_hr is not None else T, out.device, None)
 
     @classmethod
     def backward_plan(cls, mode, acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
@@ -159,7 +165,7 @@ class NumbaLSTM(NumbaRNN):
                    _code(dc0))
         return cls.recurrence(k.lstm_layer_bwd_kernel(*numba_tile()), None, None, mode, tensors,
                               BWD_RANKS, scalars, None, B, H, 0, None,
-                              T + 1 if dh0 is not None else T, cs.device, True)
+                              T + 1 if dh0 is not None else T, cs.device, None)
 
 
 LAUNCHERS = {"triton": TritonLSTM, "numba": NumbaLSTM}
@@ -250,7 +256,8 @@ class LSTMRecurrence:
                     d_hn = dm_hn
             if B == 0:
                 return dg, dg
-            dc_run = self.new("dc_run", (2, B, H), F32, dev)
+            dc_run = self.new("dc_run", lambda: (self.launch.backward_planes(
+                B, H, 4 * H, w_rec.dtype, dev), B, H), F32, dev)
             pas = new_output((2, B, H), F32, dev) if bs is not None else None
             self.backward("bwd", acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
                           dh0 if w_hr is None else None, dc0, model=model)
@@ -287,7 +294,8 @@ class _CellBackward(Plans):
         dc = new_output(c.shape, c.dtype, dev) if need[2] else None
         dh = new_output(h.shape, h.dtype, dev) if need[1] else None
         if B and H:
-            dc_run = new_output((2, B, H), F32, dev)
+            dc_run = self.new("dc_run", lambda: (self.launch.backward_planes(
+                B, H, 4 * H, w_hh.dtype, dev), B, H), F32, dev)
             self.backward("bwd", gates, c32, c, w_hh, dh1, None, dc1, None, dg, dc_run, None,
                           dh, dc, model=model)
         dx = dw_ih = dw_hh = db_ih = db_hh = None

@@ -173,10 +173,11 @@ class Plans:
 
     def new(self, name, shape, dtype: torch.dtype, device) -> Tensor:
         """A fresh output, its allocation's arguments fixed on first use (`name` says which:
-        the shapes are the plan's)."""
+        the shapes are the plan's); `shape` may be a callable, called then only."""
         make = self.built.get(name)
         if make is None:
-            make = self.built[name] = output_maker(shape, dtype, device)
+            make = self.built[name] = output_maker(shape() if callable(shape) else shape,
+                                                   dtype, device)
         return fresh(make)
 
     def forward(self, name, *tensors, mode: str | None = None, reverse: bool | None = None):

@@ -1,7 +1,8 @@
 """What the LSTM and GRU layers share (pydl/rnn.py's machinery, pydl/_rnn_launch.py's launches):
 recompute, PackedSequence inputs, launches per call that do not grow with the sequence length,
 the persistent schedule's launch (cooperative, one program per SM at most), the precision of
-the backward's fp32 x fp16 products, double backward, empty batches and NaN propagation.
+the backward's products (the recurrent one on a 16-bit copy of the gate gradients, the weight
+gradients' fp32 x fp16), double backward, empty batches and NaN propagation.
 """
 import contextlib
 import importlib
@@ -253,6 +254,37 @@ def test_launches_do_not_grow_with_sequence_length(gpu_schedule, kind, backend):
     steps50 = _layer_launches(kind, backend, "steps", 50)
     assert len(steps50[0]) - len(steps3[0]) == 47
     assert len(steps50[1]) - len(steps3[1]) == 47
+
+
+@stubbed
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_gemms_are_one_product_each(monkeypatch, kind):
+    """The backward's products over every (t, b) row of an fp16 stack (fp32 gate gradients
+    times fp16 weights or inputs, kernels/triton/rnn.py gemm_batched: dW_ih, dW_hh, dX) run
+    as one product each, the time axis merged into the rows (pydl/_rnn_launch.py
+    merge_steps): a single K loop T*B deep for the weight gradients, T*B rows for dX, not T
+    batches (grid axis 1, BATCH and N_RED all 1). Two layers, both directions (a
+    direction's half of the output merges too)."""
+    from triton.runtime import interpreter
+    launches = []
+
+    def record(self, *args, **kwargs):
+        if self.fn.__name__ == "gemm_batched":
+            launches.append((self.grid, args[5:11]))     # (grid, (M, N, K, BATCH, B2C, N_RED))
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
+    T, B, I, H = 5, 3, 6, 8
+    m = _module(kind, I, H, 2, bidirectional=True)
+    x = random_tensor((T, B, I), torch.float16, DEVICE).requires_grad_(True)
+    ws = [w.detach().half().requires_grad_(True) for w in m._flat_weights]
+    with poisoned_outputs(False):
+        out, finals = _call(kind, x, None, ws, num_layers=2, bidirectional=True,
+                            backend="triton")
+        del launches[:]
+        torch.autograd.grad(out.float().sum(), [x, *ws])
+    assert len(launches) >= 2 * 2 * 2 + 2, launches      # dW_ih, dW_hh per direction; dX
+    for grid, (M, N, K, batch, _, n_red) in launches:
+        assert (grid[1], batch, n_red) == (1, 1, 1), (grid, M, N, K, batch, n_red)
+        assert K in (T * B, (T - 1) * B) or M == T * B, (M, N, K)
 
 
 @stubbed
@@ -520,50 +552,121 @@ def tensor_core_rounding():
         interpreter.InterpreterBuilder.create_dot = original
 
 
+def _backward_recurrence(kind, mode, T, B, H, gen, d_out_scale=1.0):
+    """One fp16 direction's backward recurrence (the Triton kernel, no other launch) on random
+    saved activations: (dg per step (T, B, G*H) fp32 (the LSTM's, or the GRU's dgh), dh0,
+    the inputs). d_out_scale: of the upstream gradients."""
+    lstm_mod, gru_mod = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
+    G = 4 if kind == "lstm" else 3
+    w_hh = (torch.randn(G * H, H, generator=gen) / H ** 0.5).half()
+    d_out = (torch.randn(T, B, H, generator=gen) * d_out_scale).half()
+    launch = lstm_mod.TritonLSTM if kind == "lstm" else gru_mod.TritonGRU
+    ws = torch.empty(launch.backward_planes(B, H, G * H, w_hh.dtype, torch.device(DEVICE)), B, H)
+    dh0 = torch.empty(B, H, dtype=torch.float16)
+    if kind == "lstm":
+        acts = torch.rand(T, B, 4 * H, generator=gen)
+        cs = torch.randn(T, B, H, generator=gen)
+        dg = torch.empty(T, B, 4 * H)
+        args = (acts, cs, None, w_hh, d_out, None, None, None, dg, ws, None, dh0, None)
+        saved = (acts, cs)
+    else:
+        acts = torch.rand(T, B, 4 * H, generator=gen)
+        out = torch.randn(T, B, H, generator=gen).half()
+        dgi, dg = torch.empty(T, B, 3 * H), torch.empty(T, B, 3 * H)
+        args = (acts, out, None, w_hh, d_out, None, None, dgi, dg, ws, dh0)
+        saved = (acts, out)
+    launch.backward_plan(mode, *args, False, torch.float16)(*args)
+    return dg, dh0, w_hh, d_out, saved
+
+
+def _reference_recurrence(kind, dg, w_hh, d_out, saved, dg_next_of):
+    """float64 BPTT of `_backward_recurrence`'s direction, each step's recurrent product
+    dh = dg_next_of(dg[t + 1]) W_hh taking the KERNEL's dg of the step after (so a step's
+    error is its own): (dg per step, dh0)."""
+    f64 = torch.float64
+    T, B, _ = d_out.shape
+    H = w_hh.shape[1]
+    w = w_hh.to(f64)
+    want = torch.empty(dg.shape, dtype=f64)
+    run = torch.zeros(B, H, dtype=f64)          # LSTM: dc; GRU: the direct part dh1 z
+    for t in range(T - 1, -1, -1):
+        dh = d_out[t].to(f64) + (dg_next_of(dg[t + 1]) @ w if t + 1 < T else 0.0)
+        if kind == "lstm":
+            acts, cs = (v.to(f64) for v in saved)
+            i, f, g, o = (acts[t, :, q * H:(q + 1) * H] for q in range(4))
+            c1, c = cs[t], (cs[t - 1] if t > 0 else torch.zeros(B, H, dtype=f64))
+            tc = torch.tanh(c1)
+            dct = run + dh * o * (1 - tc * tc)
+            want[t] = torch.cat([dct * g * i * (1 - i), dct * c * f * (1 - f),
+                                 dct * i * (1 - g * g), dh * tc * o * (1 - o)], 1)
+            run = dct * f
+        else:
+            ws, out = (v.to(f64) for v in saved)
+            r, z, n, ghn = (ws[t, :, q * H:(q + 1) * H] for q in range(4))
+            h = out[t - 1] if t > 0 else torch.zeros(B, H, dtype=f64)
+            dh1 = dh + run
+            dan = dh1 * (1 - z) * (1 - n * n)
+            want[t] = torch.cat([dan * ghn * r * (1 - r), dh1 * (h - n) * z * (1 - z), dan * r], 1)
+            run = dh1 * z
+    return want, dg_next_of(dg[0]) @ w + (run if kind == "gru" else 0.0)
+
+
+def _rel(have, want):
+    return ((have.to(torch.float64) - want).abs().max() / want.abs().max()).item()
+
+
+def _to_fp16(dg):
+    return dg.half().to(torch.float64)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="calls the kernel on CPU tensors (emulation)")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["steps", "one_program"])
+@pytest.mark.parametrize("sms", [1, 132], ids=["unsplit", "split"])
+def test_fp16_recurrent_product_reads_the_16bit_copy(monkeypatch, kind, mode, sms):
+    """In an fp16 layer each backward step multiplies the step after's gate gradients,
+    rounded to fp16 (a copy by step parity in the workspace, kernels/triton/rnn.py
+    Precision), by W_hh. Every step's gate gradients (and dh0, the pseudo-step's) must equal
+    a float64 BPTT that rounds the kernel's own dg_next so, to fp32 accuracy (1e-5 of the
+    largest): a copy of the wrong step or parity, a stale one, a missing factor (the GRU's r
+    in dgh) or a split's partial left out is off by far more. Unsplit and split over K
+    (sms=132: 2 splits of the 48-unit layer's 4H or 3H), one launch per step and one for
+    all; 5 rows (a masked row block)."""
+    monkeypatch.setattr(_rnn_launch, "multiprocessors", lambda device: sms)
+    gen = torch.Generator().manual_seed(0)
+    T, B, H = 4, 5, 48
+    G = 4 if kind == "lstm" else 3
+    split = _rnn_launch.backward_tile(B, H, G * H, 2, 2, sms)["SPLIT"]
+    assert (split > 1) == (sms > 1), split
+    with poisoned_outputs(True):
+        dg, dh0, w_hh, d_out, saved = _backward_recurrence(kind, mode, T, B, H, gen)
+    want, want_dh0 = _reference_recurrence(kind, dg, w_hh, d_out, saved, _to_fp16)
+    for t in range(T):
+        assert _rel(dg[t], want[t]) < 1e-5, f"step {t}: relative error {_rel(dg[t], want[t]):.1e}"
+    assert _rel(dh0, want_dh0) < 1e-3, f"dh0 (fp16): relative error {_rel(dh0, want_dh0):.1e}"
+    # the product really is the fp16 copy's: exact fp32 gate gradients give another dh
+    exact, _ = _reference_recurrence(kind, dg, w_hh, d_out, saved, lambda v: v.to(torch.float64))
+    assert max(_rel(dg[t], exact[t]) for t in range(T - 1)) > 1e-5
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="emulates the tensor cores' rounding in the interpreter")
 @pytest.mark.parametrize("kind", KINDS)
-def test_fp16_backward_products_are_fp32_accurate(kind):
-    """In an fp16 layer the backward multiplies fp32 gate gradients by fp16 weights: the
-    recurrent dh = dg_next W_hh inside each step and the weight-gradient GEMMs. With the
-    tensor cores' TF32 truncation emulated, those products must still be fp32-accurate (the
-    hi/lo split, kernels/triton/rnn.py `dot`): the gate gradients of BPTT's second step,
-    which depend on the first one's through W_hh, and an fp32 GEMM dg^T h, within 1e-5 of
-    float64 (relative to their largest value). Plain TF32 truncation is off by ~1e-3."""
-    lstm_mod, gru_mod = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
+def test_fp16_backward_weight_gradients_are_fp32_accurate(kind):
+    """In an fp16 layer the weight-gradient GEMMs multiply the fp32 gate gradients by fp16
+    inputs: with the tensor cores' TF32 truncation emulated, dg^T h must still be
+    fp32-accurate (the hi/lo split, kernels/triton/rnn.py `dot`), within 1e-5 of float64
+    (relative to its largest value); plain TF32 truncation is off by ~1e-3. The recurrent
+    product's own rounding (the 16-bit copy) stays within fp16's: 2^-10 of the largest."""
+    lstm_mod = importlib.import_module("pydl.lstm")
     T, B, H = 2, 16, 32
     G = 4 if kind == "lstm" else 3
     gen = torch.Generator().manual_seed(0)
-    w_hh = (torch.randn(G * H, H, generator=gen) / H ** 0.5).half()
-    d_out = torch.randn(T, B, H, generator=gen).half()
     f64 = torch.float64
     with tensor_core_rounding(), poisoned_outputs(False):
-        if kind == "lstm":
-            acts = torch.rand(T, B, 4 * H, generator=gen)
-            cs = torch.randn(T, B, H, generator=gen)
-            dg, dc_run = torch.empty(T, B, 4 * H), torch.empty(2, B, H)
-            args = (acts, cs, None, w_hh, d_out, None, None, None, dg, dc_run, None, None, None)
-            lstm_mod.TritonLSTM.backward_plan("steps", *args, False, torch.float16)(*args)
-            # step 0's dh = dg_1 W_hh + d_out_0; its d a_o = dh tanh(c_0) o (1 - o)
-            dh = dg[1].to(f64) @ w_hh.to(f64) + d_out[0].to(f64)
-            o = acts[0, :, 3 * H:].to(f64)
-            want = dh * torch.tanh(cs[0].to(f64)) * o * (1 - o)
-            have, grads = dg[0, :, 3 * H:], dg
-        else:
-            ws = torch.rand(T, B, 4 * H, generator=gen)
-            out = torch.randn(T, B, H, generator=gen).half()
-            dgi, dgh, dhd = torch.empty(T, B, 3 * H), torch.empty(T, B, 3 * H), torch.empty(2, B, H)
-            args = (ws, out, None, w_hh, d_out, None, None, dgi, dgh, dhd, None)
-            gru_mod.TritonGRU.backward_plan("steps", *args, False, torch.float16)(*args)
-            # step 0's dh1 = dgh_1 W_hh + d_out_1 z_1 (the direct part) + d_out_0;
-            # its d a_n = dh1 (1 - z_0) (1 - n_0^2)
-            z1 = ws[1, :, H:2 * H].to(f64)
-            dh = dgh[1].to(f64) @ w_hh.to(f64) + d_out[1].to(f64) * z1 + d_out[0].to(f64)
-            z, n = ws[0, :, H:2 * H].to(f64), ws[0, :, 2 * H:3 * H].to(f64)
-            want = dh * (1 - z) * (1 - n * n)
-            have, grads = dgi[0, :, 2 * H:], dgh
-        err = ((have.to(f64) - want).abs().max() / want.abs().max()).item()
-        assert err < 1e-5, f"recurrent product: relative error {err:.2e}"
-        # a weight-gradient GEMM: fp32 dg^T times fp16 h into an fp32 accumulator
+        grads, _, w_hh, d_out, saved = _backward_recurrence(kind, "steps", T, B, H, gen)
+        exact, _ = _reference_recurrence(kind, grads, w_hh, d_out, saved, lambda v: v.to(f64))
+        err = _rel(grads[0], exact[0])
+        assert err < 2 ** -10, f"recurrent product: relative error {err:.2e}"
         h = torch.randn(T * B, H, generator=gen).half()
         acc = torch.empty(G * H, H)
         rows = grads.reshape(T * B, -1)

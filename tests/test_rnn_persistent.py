@@ -7,16 +7,20 @@ every other program's writes of the round, many rounds, at several grid sizes up
 program per SM), then whole layers: the persistent launch (one cooperative launch per
 direction, the programs meeting at the barrier after every step) must give bit for bit what
 the step-by-step launches give (the same tiles and arithmetic, one launch per step), at
-DeepBench sizes where a step's tiles span the chip, and match torch (cuDNN). Skipped without
-a CUDA device; the emulated suite covers the arithmetic (tests/test_lstm.py, test_gru.py).
+DeepBench sizes where a step's tiles span the chip (the backward's products split over K, in
+fp16 on the 16-bit copy of the gate gradients), match torch (cuDNN), and every gradient
+matches torch's float64 layer by the benchmark gate's measure. Skipped without a CUDA device;
+the emulated suite covers the arithmetic (tests/test_lstm.py, test_gru.py, test_rnn.py).
 """
+import copy
+
 import pytest
 import torch
 from conftest import DEVICE
 
 import pydl
 from pydl import _rnn_launch
-from pydl.testing import assert_close
+from pydl.testing import assert_close, deviation
 
 pytestmark = pytest.mark.gpu
 
@@ -76,6 +80,31 @@ def test_persistent_equals_steps(kind, H, B, T, dtype):
         t_out = module(x, (h0, h0) if kind == "lstm" else h0)[0]
     assert_close(results["persistent"][0], t_out, dtype, reduction=T * (H + D * H),
                  tf32=dtype == torch.float32, name="output vs torch")
+    check_gradients_float64(kind, module, x, h0, cot, results["persistent"], D)
+
+
+def check_gradients_float64(kind, module, x, h0, cot, results, D):
+    """Every gradient of `results` ([out, h_n, dx, *dweights]) against torch's layer in
+    float64 on the CPU, by the benchmark gate's measure (bench/gate.py: the dtype's tolerance,
+    the suites' reduction lengths, scaled to gradients below 1): the backward's K-split
+    products and, in fp16, its 16-bit copy of the gate gradients, as compiled for the GPU."""
+    T, B, H = x.shape[0], x.shape[1], module.hidden_size
+    G = 4 if kind == "lstm" else 3
+    dtype = x.dtype
+    m64 = copy.deepcopy(module).to("cpu", torch.float64)
+    x64 = x.detach().to("cpu", torch.float64).requires_grad_(True)
+    h64 = h0.detach().to("cpu", torch.float64)
+    out, hn = m64(x64, (h64, h64) if kind == "lstm" else h64)
+    hn = hn[0] if kind == "lstm" else hn
+    torch.autograd.backward([out, hn], [cot.to("cpu", torch.float64), torch.ones_like(hn)])
+    want = [x64.grad, *[w.grad for w in m64._flat_weights]]
+    lengths = [G * H * D] + [B * T] * len(m64._flat_weights)
+    tf32 = dtype == torch.float32
+    for i, (have, w, n) in enumerate(zip(results[2:], want, lengths)):
+        largest = float(w.abs().max())
+        d = deviation(have, w, dtype, reduction=n, tf32=tf32,
+                      scale=largest if 0.0 < largest < 1.0 else None, name=f"gradient {i}")
+        assert d.message is None, d.message
 
 
 def test_barrier_counters_once_per_stream():

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._index import pixel_offsets, unravel3, window_of
+from ._split import sum_partials
 
 
 @triton.jit
@@ -292,27 +293,13 @@ def conv2d_implicit_bwd_weight(
             # no more registers than the main loop
             for r0 in tl.static_range(0, BLOCK_M, REDUCE_ROWS):
                 r = r0 + tl.arange(0, REDUCE_ROWS)
-                total = _sum_partials(tile_ws + (r[:, None] * BLOCK_N + cols[None, :]), SPLIT,
-                                      BLOCK_M * BLOCK_N)
+                total = sum_partials(tile_ws + (r[:, None] * BLOCK_N + cols[None, :]), SPLIT,
+                                     BLOCK_M * BLOCK_N, 2)
                 oc_r = pid_m * BLOCK_M + r
                 tl.store(dw_ptr + (group * OCG + oc_r).to(tl.int64)[:, None] * sdw_o
                          + dw_col[None, :], total.to(dw_ptr.dtype.element_ty),
                          mask=(oc_r < OCG)[:, None] & col_ok[None, :])
             tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _sum_partials(parts, SPLIT, step):
-    """The sum over s = 0 .. SPLIT - 1, in that order, of the fp32 tiles at parts + s * step.
-    Two are loaded per step before either is added (two L2 round trips in flight, not one;
-    four took 84 more registers a thread in the sm_90 compile of the 64 x 64 default); the
-    additions keep split order. The loads bypass L1 (.cg): other multiprocessors wrote them."""
-    total = tl.zeros(parts.shape, tl.float32)
-    for s in range(0, SPLIT, 2):
-        p0 = tl.load(parts + s * step, cache_modifier=".cg")
-        p1 = tl.load(parts + (s + 1) * step, mask=s + 1 < SPLIT, other=0.0, cache_modifier=".cg")
-        total = (total + p0) + p1
-    return total
 
 
 @triton.jit

@@ -23,21 +23,27 @@ Backward step (BPTT order u; the running direct part dhd by step parity, as the 
     dgi = [da_r, da_z, da_n]       dgh = [da_r, da_z, da_n r]     dhd = dh1 z
 
 dgh_next is the dgh of the step that ran next (every program wrote part of it: the grid
-barrier's reason); dhd carries h1's direct dependence on h (h1 = ... + z h) to the step
-before. The pseudo-step u = T (WRITE_DH0) writes dh0 = dgh_first W_hh + dhd. Packed
-sequences (HAS_BS): inactive rows keep their state; backward, their dgi = dgh = 0 and dhd
-carries all of dh1.
+barrier's reason), multiplied as the LSTM's dg_next (split over K = 3H; with a 16-bit W_hh
+its copy rounded to W_hh's dtype, which each cell writes beside the fp32 dgi, dgh); dhd
+carries h1's direct dependence on h (h1 = ... + z h) to the step before. The pseudo-step
+u = T (WRITE_DH0) writes dh0 = dgh_first W_hh + dhd. Packed sequences (HAS_BS): inactive
+rows keep their state; backward, their dgi = dgh = 0 and dhd carries all of dh1.
 """
 import triton
 import triton.language as tl
 
+from ._split import arrive_last
 from .rnn import (
+    chunk_partials,
     gate_columns,
     grid_barrier,
     grid_exit,
     sigmoid,
     split_gates,
+    split_tile_of,
     step_time,
+    step_workspace,
+    store_partial,
     tanh,
     tile_dot,
     tile_of,
@@ -198,16 +204,17 @@ def gru_layer_fwd(
 
 
 @triton.jit
-def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr,
-              bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr, dh0_ptr,
-              T, B, H, sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, swh_r, swh_k,
+def _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
+              dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, bcast_ptr, dh0_ptr,
+              T, B, H, sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k,
               sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k,
-              sdd_p, sdd_b, sdd_k, sdh0_b, sdh0_k,
+              srn_p, srn_b, srn_k, sdh0_b, sdh0_k,
               HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
-              HAS_BS: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """BPTT step u_step (< T) of one tile, or the pseudo-step u_step == T (dh0)."""
-    rows, units, unit0 = tile_of(tile, B, BLOCK_B, BLOCK_H)
+              HAS_BS: tl.constexpr, BCAST: tl.constexpr):
+    """BPTT step u_step (< T) of the rows x units given dh1 = dgh_next W_hh[:, units] (zero
+    at u_step 0), or the pseudo-step u_step == T (dh0). Every load is issued before the
+    first branch, masked by the step; the running direct part is read through L2 (.cg):
+    with K splits the program that finishes a tile changes from step to step."""
     r_ok = rows < B
     u_ok = units < H
     mask = r_ok[:, None] & u_ok[None, :]
@@ -215,33 +222,32 @@ def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_pt
     u = units[None, :]
     now = u_step % 2
     before = 1 - now
-    dh1 = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    if u_step > 0:
-        dh1 = tile_dot(dgh_ptr + tn * sgh_t, sgh_b, sgh_k, rows, r_ok, 3 * H, whh_ptr, swh_k,
-                       swh_r, units, u_ok, dh1, PRECISION, BLOCK_K)
-        dh1 += tl.load(dhd_ptr + before * sdd_p + r_ * sdd_b + u * sdd_k, mask=mask, other=0.0)
+    step = mask & (u_step < T)                  # a real step (not the dh0 pseudo-step)
+    dh1 += tl.load(run_ptr + before * srn_p + r_ * srn_b + u * srn_k, mask=mask & (u_step > 0),
+                   other=0.0, cache_modifier=".cg")
+    dh_in = tl.zeros(dh1.shape, tl.float32)     # what reaches h1 from outside: d_out (d h_n)
+    if HAS_DOUT:
+        dh_in += tl.load(dout_ptr + t * sdo_t + r_ * sdo_b + u * sdo_k, mask=step,
+                         other=0.0).to(tl.float32)
+    if HAS_DHN:
+        dh_in += tl.load(dhn_ptr + r_ * sdhn_b + u * sdhn_k, mask=mask & (u_step == 0),
+                         other=0.0).to(tl.float32)
+    wp = ws_ptr + t * sw_t + r_ * sw_b
+    r = tl.load(wp + u * sw_k, mask=step, other=0.0)
+    z = tl.load(wp + (u + H) * sw_k, mask=step, other=0.0)
+    n = tl.load(wp + (u + 2 * H) * sw_k, mask=step, other=0.0)
+    ghn = tl.load(wp + (u + 3 * H) * sw_k, mask=step, other=0.0)
+    # the state the step started from: h0 (or zero) at the sequence's first step, else the
+    # output of the step before
+    h = tl.load(out_ptr + tp * so_t + r_ * so_b + u * so_k, mask=step & (u_step < T - 1),
+                other=0.0).to(tl.float32)
+    if HAS_H0:
+        h += tl.load(h0_ptr + r_ * sh0_b + u * sh0_k, mask=step & (u_step == T - 1),
+                     other=0.0).to(tl.float32)
     if u_step == T:
         tl.store(dh0_ptr + r_ * sdh0_b + u * sdh0_k, dh1.to(dh0_ptr.dtype.element_ty), mask=mask)
     else:
-        if HAS_DOUT:
-            dh1 += tl.load(dout_ptr + t * sdo_t + r_ * sdo_b + u * sdo_k, mask=mask,
-                           other=0.0).to(tl.float32)
-        if HAS_DHN:
-            if u_step == 0:
-                dh1 += tl.load(dhn_ptr + r_ * sdhn_b + u * sdhn_k, mask=mask,
-                               other=0.0).to(tl.float32)
-        wp = ws_ptr + t * sw_t + r_ * sw_b
-        r = tl.load(wp + u * sw_k, mask=mask, other=0.0)
-        z = tl.load(wp + (u + H) * sw_k, mask=mask, other=0.0)
-        n = tl.load(wp + (u + 2 * H) * sw_k, mask=mask, other=0.0)
-        ghn = tl.load(wp + (u + 3 * H) * sw_k, mask=mask, other=0.0)
-        h = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-        if u_step == T - 1:
-            if HAS_H0:
-                h = tl.load(h0_ptr + r_ * sh0_b + u * sh0_k, mask=mask, other=0.0).to(tl.float32)
-        else:
-            h = tl.load(out_ptr + tp * so_t + r_ * so_b + u * so_k, mask=mask,
-                        other=0.0).to(tl.float32)
+        dh1 += dh_in
         dar, daz, dan, dhd = gru_cell_backward(dh1, r, z, n, ghn, h)
         if HAS_BS:
             live = (rows < tl.load(bs_ptr + t))[:, None]
@@ -257,13 +263,75 @@ def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_pt
         tl.store(gh + u * sgh_k, dar, mask=mask)
         tl.store(gh + (u + H) * sgh_k, daz, mask=mask)
         tl.store(gh + (u + 2 * H) * sgh_k, dan * r, mask=mask)
-        tl.store(dhd_ptr + now * sdd_p + r_ * sdd_b + u * sdd_k, dhd, mask=mask)
+        if BCAST:
+            # the copy of dgh the next step's product reads, rounded to W_hh's dtype
+            bp = bcast_ptr + now * B * (3 * H) + r_ * (3 * H) + u
+            wt = whh_ptr.dtype.element_ty
+            tl.store(bp, dar.to(wt), mask=mask)
+            tl.store(bp + H, daz.to(wt), mask=mask)
+            tl.store(bp + 2 * H, (dan * r).to(wt), mask=mask)
+        tl.store(run_ptr + now * srn_p + r_ * srn_b + u * srn_k, dhd, mask=mask)
+
+
+@triton.jit
+def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr,
+              bs_ptr, dgi_ptr, dgh_ptr, run_ptr, dh0_ptr, sync_ptr,
+              T, B, H, sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, swh_r, swh_k,
+              sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k,
+              srn_p, srn_b, srn_k, sdh0_b, sdh0_k,
+              HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
+              HAS_BS: tl.constexpr, BCAST: tl.constexpr, PRECISION: tl.constexpr,
+              SPLIT: tl.constexpr, CHUNK: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Product tile `tile` of BPTT step u_step: its share of dh1 = dgh_next W_hh[:, units],
+    then the cell, as kernels/triton/lstm.py's _bwd_tile."""
+    K = 3 * H
+    row0, rows, units, k0, kc, s, out_tile = split_tile_of(tile, B, K, BLOCK_B, BLOCK_H,
+                                                           BLOCK_K, SPLIT)
+    bcast, parts = step_workspace(run_ptr, srn_p, B, K, whh_ptr, BCAST)
+    before = 1 - u_step % 2
+    dh1 = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if u_step > 0:
+        # W_hh read transposed, (unit, k) -> W_hh[k, unit]; dgh_next is the 16-bit copy
+        # (BCAST) or the fp32 gradients
+        if BCAST:
+            a_ptr = bcast + before * B * K + k0
+            sa_b = K
+            sa_k = 1
+        else:
+            a_ptr = dgh_ptr + tn * sgh_t + k0 * sgh_k
+            sa_b = sgh_b
+            sa_k = sgh_k
+        dh1 = tile_dot(a_ptr, sa_b, sa_k, rows, rows < B, kc, whh_ptr + k0 * swh_r, swh_k,
+                       swh_r, units, units < H, dh1, PRECISION, BLOCK_K)
+    if SPLIT == 1:
+        _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
+                  dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, bcast, dh0_ptr, T, B, H,
+                  sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, sdo_t, sdo_b, sdo_k,
+                  sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k,
+                  sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST)
+    else:
+        finish = s == 0         # the first step has no product: split 0 runs the cell
+        if u_step > 0:
+            store_partial(parts, out_tile, s, dh1, SPLIT, BLOCK_B, BLOCK_H)
+            finish = arrive_last(sync_ptr + 2 + out_tile, SPLIT)
+        if finish:
+            for r0 in tl.static_range(0, BLOCK_B, CHUNK):
+                dh_rows = tl.zeros([CHUNK, BLOCK_H], tl.float32)
+                if u_step > 0:
+                    dh_rows = chunk_partials(parts, out_tile, r0, SPLIT, BLOCK_B, BLOCK_H, CHUNK)
+                _bwd_cell(row0 + r0 + tl.arange(0, CHUNK), units, dh_rows, u_step, t, tp,
+                          ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr, bs_ptr, dgi_ptr,
+                          dgh_ptr, run_ptr, bcast, dh0_ptr, T, B, H, sw_t, sw_b, sw_k,
+                          so_t, so_b, so_k, sh0_b, sh0_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k,
+                          sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k,
+                          sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST)
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
 @triton.jit(do_not_specialize=["step_begin", "step_end"])
 def gru_layer_bwd(
-    ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr,
+    ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr,
     dh0_ptr, sync_ptr,
     T, B, H,
     sw_t, sw_b, sw_k,            # ws (T, B, 4H) fp32 from the forward: r, z, n, gh_n
@@ -274,19 +342,21 @@ def gru_layer_bwd(
     sdhn_b, sdhn_k,              # d h_n (B, H)
     sgi_t, sgi_b, sgi_k,         # dgi (T, B, 3H) fp32 (written)
     sgh_t, sgh_b, sgh_k,         # dgh (T, B, 3H) fp32 (written)
-    sdd_p, sdd_b, sdd_k,         # dhd running (2, B, H) fp32, by step parity
+    srn_p, srn_b, srn_k,         # workspace (planes, B, H) fp32: the direct part dhd by step
+                                 # parity in planes 0, 1; then the 16-bit broadcast and the
+                                 # split partials (kernels/triton/rnn.py step_workspace)
     sdh0_b, sdh0_k,              # dh0 (B, H) (the pseudo-step u = T)
     step_begin, step_end,        # this launch's steps (last: they change per launch)
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr,
     HAS_DHN: tl.constexpr, HAS_BS: tl.constexpr, GRID_SYNC: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """BPTT steps step_begin <= u < step_end (u = T: the dh0 pseudo-step) of one direction;
-    grid and tiles as kernels/triton/lstm.py lstm_layer_bwd."""
+    tiles, K splits, grid and BCAST as kernels/triton/lstm.py lstm_layer_bwd."""
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
-    n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
+    n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H) * SPLIT
     for u_step in range(step_begin, step_end):
         s = T - 1 - u_step
         t = step_time(s, T, REVERSE)
@@ -294,11 +364,12 @@ def gru_layer_bwd(
         tp = step_time(s - 1, T, REVERSE)
         for tile in range(pid, n_tiles, NP):
             _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
-                      dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, dhd_ptr, dh0_ptr, T, B, H,
+                      dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, dh0_ptr, sync_ptr, T, B, H,
                       sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, swh_r, swh_k,
                       sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k,
-                      sgh_t, sgh_b, sgh_k, sdd_p, sdd_b, sdd_k, sdh0_b, sdh0_k,
-                      HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                      sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k, sdh0_b, sdh0_k,
+                      HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST, PRECISION, SPLIT, CHUNK,
+                      BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
             if u_step + 1 < step_end:
                 grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)

@@ -43,25 +43,34 @@ x BLOCK_H units (BLOCK_H >= 16: the recurrent product's width):
 
 with dg_next the gate gradients of the step that ran after this one (all 4H columns, written
 by every program: the grid barrier's reason) and W_rec = W_hh (4H, H), or W_hh W_hr with
-projections (then d_out and d h_n arrive already multiplied by W_hr). dc (and, for packed
-sequences, the pass-through dh of rows past their end) run through two (B, H) fp32 buffers
-indexed by step parity, so no step reads what it writes. The pseudo-step u = T (WRITE_DH0)
-writes dh0 = dg_first W_hh (+ pass-through).
+projections (then d_out and d h_n arrive already multiplied by W_hr). The product of a tile
+is split over K = 4H (SPLIT ranges, one program each; the last to finish adds the partials
+and runs the cell: kernels/triton/rnn.py, "Backward tiles"). With a 16-bit W_rec (BCAST) it
+multiplies a copy of dg_next rounded to W_rec's dtype, which each cell writes beside the fp32
+dg (kernels/triton/rnn.py, Precision). dc (and, for packed sequences, the pass-through dh of
+rows past their end) run through two (B, H) fp32 planes of the workspace indexed by step
+parity, as does the 16-bit copy, so no step reads what it writes. The pseudo-step u = T
+(WRITE_DH0) writes dh0 = dg_first W_hh (+ pass-through).
 
 Numerics: fp32 accumulation whatever the dtype; sigmoid and tanh take exp of -|a| only; NaN
-propagates. PRECISION as kernels/triton/rnn.py `dot` ("split" for the backward's fp32
-gradients times 16-bit weights).
+propagates. PRECISION as kernels/triton/rnn.py `dot` (fp32 x fp32 products in an fp32 layer,
+or with projections in a 16-bit one).
 """
 import triton
 import triton.language as tl
 
+from ._split import arrive_last
 from .rnn import (
+    chunk_partials,
     gate_columns,
     grid_barrier,
     grid_exit,
     sigmoid,
     split_gates,
+    split_tile_of,
     step_time,
+    step_workspace,
+    store_partial,
     tanh,
     tile_dot,
     tile_of,
@@ -291,18 +300,20 @@ def lstm_layer_fwd(
 
 
 @triton.jit
-def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr, dhn_ptr,
-              dcn_ptr, bs_ptr, dg_ptr, dc_ptr, pass_ptr, dh0_ptr, dc0_ptr,
+def _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr,
+              dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, bcast_ptr, pass_ptr, dh0_ptr, dc0_ptr,
               T, B, H, K,
-              sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k, swr_r, swr_k,
+              sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
               sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k, sdg_t, sdg_b, sdg_k,
-              sdc_p, sdc_b, sdc_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
+              sws_p, sws_b, sws_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
               HAS_C0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
               HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr, WRITE_DC0: tl.constexpr,
-              PRECISION: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """BPTT step u_step (< T) of one tile, or the pseudo-step u_step == T (dh0)."""
-    rows, units, unit0 = tile_of(tile, B, BLOCK_B, BLOCK_H)
+              BCAST: tl.constexpr):
+    """BPTT step u_step (< T) of the rows x units given dh = dg_next W_rec[:, units] (zero
+    at u_step 0), or the pseudo-step u_step == T (dh0). Every load is issued before the
+    first branch, masked by the step (one L2 round trip, not one per branch); the running
+    buffers are read through L2 (.cg): with K splits the program that finishes a tile
+    changes from step to step."""
     r_ok = rows < B
     u_ok = units < H
     mask = r_ok[:, None] & u_ok[None, :]
@@ -310,40 +321,36 @@ def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_
     u = units[None, :]
     now = u_step % 2
     before = 1 - now
-    dh = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    if u_step > 0:
-        # dg_next W_rec[:, units]: W_rec read transposed, (unit, k) -> W_rec[k, unit]
-        dh = tile_dot(dg_ptr + tn * sdg_t, sdg_b, sdg_k, rows, r_ok, K, wrec_ptr, swr_k, swr_r,
-                      units, u_ok, dh, PRECISION, BLOCK_K)
-        if HAS_BS:
-            dh += tl.load(pass_ptr + before * sps_p + r * sps_b + u * sps_k, mask=mask, other=0.0)
+    step = mask & (u_step < T)                  # a real step (not the dh0 pseudo-step)
+    first = mask & (u_step == 0)
+    later = mask & (u_step > 0)
+    if HAS_BS:
+        dh += tl.load(pass_ptr + before * sps_p + r * sps_b + u * sps_k, mask=later,
+                      other=0.0, cache_modifier=".cg")
+    if HAS_DOUT:
+        dh += tl.load(dout_ptr + t * sdo_t + r * sdo_b + u * sdo_k, mask=step,
+                      other=0.0).to(tl.float32)
+    if HAS_DHN:
+        dh += tl.load(dhn_ptr + r * sdhn_b + u * sdhn_k, mask=first, other=0.0).to(tl.float32)
+    dc = tl.load(ws_ptr + before * sws_p + r * sws_b + u * sws_k, mask=later & step, other=0.0,
+                 cache_modifier=".cg")
+    if HAS_DCN:
+        dc += tl.load(dcn_ptr + r * sdcn_b + u * sdcn_k, mask=first, other=0.0).to(tl.float32)
+    ap = acts_ptr + t * sa_t + r * sa_b
+    i = tl.load(ap + u * sa_k, mask=step, other=0.0)
+    f = tl.load(ap + (u + H) * sa_k, mask=step, other=0.0)
+    g = tl.load(ap + (u + 2 * H) * sa_k, mask=step, other=0.0)
+    o = tl.load(ap + (u + 3 * H) * sa_k, mask=step, other=0.0)
+    c1 = tl.load(cs_ptr + t * scs_t + r * scs_b + u * scs_k, mask=step, other=0.0)
+    # c_{t-1}: c0 (or zero) at the sequence's first step (u_step T-1), else cs of the step before
+    c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=step & (u_step < T - 1),
+                other=0.0)
+    if HAS_C0:
+        c += tl.load(c0_ptr + r * sc0_b + u * sc0_k, mask=step & (u_step == T - 1),
+                     other=0.0).to(tl.float32)
     if u_step == T:
         tl.store(dh0_ptr + r * sdh0_b + u * sdh0_k, dh.to(dh0_ptr.dtype.element_ty), mask=mask)
     else:
-        if HAS_DOUT:
-            dh += tl.load(dout_ptr + t * sdo_t + r * sdo_b + u * sdo_k, mask=mask,
-                          other=0.0).to(tl.float32)
-        dc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-        if u_step == 0:
-            if HAS_DHN:
-                dh += tl.load(dhn_ptr + r * sdhn_b + u * sdhn_k, mask=mask,
-                              other=0.0).to(tl.float32)
-            if HAS_DCN:
-                dc = tl.load(dcn_ptr + r * sdcn_b + u * sdcn_k, mask=mask, other=0.0).to(tl.float32)
-        else:
-            dc = tl.load(dc_ptr + before * sdc_p + r * sdc_b + u * sdc_k, mask=mask, other=0.0)
-        ap = acts_ptr + t * sa_t + r * sa_b
-        i = tl.load(ap + u * sa_k, mask=mask, other=0.0)
-        f = tl.load(ap + (u + H) * sa_k, mask=mask, other=0.0)
-        g = tl.load(ap + (u + 2 * H) * sa_k, mask=mask, other=0.0)
-        o = tl.load(ap + (u + 3 * H) * sa_k, mask=mask, other=0.0)
-        c1 = tl.load(cs_ptr + t * scs_t + r * scs_b + u * scs_k, mask=mask, other=0.0)
-        c = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-        if u_step == T - 1:
-            if HAS_C0:
-                c = tl.load(c0_ptr + r * sc0_b + u * sc0_k, mask=mask, other=0.0).to(tl.float32)
-        else:
-            c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=mask, other=0.0)
         d_i, d_f, d_g, d_o, dc_prev = lstm_cell_backward(dh, dc, i, f, g, o, c, c1)
         if HAS_BS:
             live = (rows < tl.load(bs_ptr + t))[:, None]
@@ -360,19 +367,87 @@ def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_
         tl.store(gp + (u + H) * sdg_k, d_f.to(ty), mask=mask)
         tl.store(gp + (u + 2 * H) * sdg_k, d_g.to(ty), mask=mask)
         tl.store(gp + (u + 3 * H) * sdg_k, d_o.to(ty), mask=mask)
+        if BCAST:
+            # the copy the next step's product reads, rounded to W's dtype
+            bp = bcast_ptr + now * B * K + r * K + u
+            wt = wrec_ptr.dtype.element_ty
+            tl.store(bp, d_i.to(wt), mask=mask)
+            tl.store(bp + H, d_f.to(wt), mask=mask)
+            tl.store(bp + 2 * H, d_g.to(wt), mask=mask)
+            tl.store(bp + 3 * H, d_o.to(wt), mask=mask)
         if u_step == T - 1:
             if WRITE_DC0:
                 tl.store(dc0_ptr + r * sdc0_b + u * sdc0_k, dc_prev.to(dc0_ptr.dtype.element_ty),
                          mask=mask)
         else:
-            tl.store(dc_ptr + now * sdc_p + r * sdc_b + u * sdc_k, dc_prev, mask=mask)
+            tl.store(ws_ptr + now * sws_p + r * sws_b + u * sws_k, dc_prev, mask=mask)
+
+
+@triton.jit
+def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr, dhn_ptr,
+              dcn_ptr, bs_ptr, dg_ptr, ws_ptr, pass_ptr, dh0_ptr, dc0_ptr, sync_ptr,
+              T, B, H, K,
+              sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k, swr_r, swr_k,
+              sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k, sdg_t, sdg_b, sdg_k,
+              sws_p, sws_b, sws_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
+              HAS_C0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
+              HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr, WRITE_DC0: tl.constexpr,
+              BCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+              CHUNK: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Product tile `tile` of BPTT step u_step (kernels/triton/rnn.py split_tile_of): its
+    share of dh = dg_next W_rec[:, units], then the cell (`_bwd_cell`): at once without K
+    splits; else by the split that finishes the output tile last, CHUNK rows at a time."""
+    row0, rows, units, k0, kc, s, out_tile = split_tile_of(tile, B, K, BLOCK_B, BLOCK_H,
+                                                           BLOCK_K, SPLIT)
+    bcast, parts = step_workspace(ws_ptr, sws_p, B, K, wrec_ptr, BCAST)
+    before = 1 - u_step % 2
+    dh = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if u_step > 0:
+        # dg_next W_rec[:, units] over this split's k: W_rec read transposed, (unit, k) ->
+        # W_rec[k, unit]; dg_next is the 16-bit copy (BCAST) or the fp32 gradients
+        if BCAST:
+            a_ptr = bcast + before * B * K + k0
+            sa_b_ = K
+            sa_k_ = 1
+        else:
+            a_ptr = dg_ptr + tn * sdg_t + k0 * sdg_k
+            sa_b_ = sdg_b
+            sa_k_ = sdg_k
+        dh = tile_dot(a_ptr, sa_b_, sa_k_, rows, rows < B, kc, wrec_ptr + k0 * swr_r, swr_k,
+                      swr_r, units, units < H, dh, PRECISION, BLOCK_K)
+    if SPLIT == 1:
+        _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr,
+                  dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, bcast, pass_ptr, dh0_ptr, dc0_ptr,
+                  T, B, H, K, sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
+                  sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k, sdg_t, sdg_b, sdg_k,
+                  sws_p, sws_b, sws_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
+                  HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST)
+    else:
+        finish = s == 0         # the first step has no product: split 0 runs the cell
+        if u_step > 0:
+            store_partial(parts, out_tile, s, dh, SPLIT, BLOCK_B, BLOCK_H)
+            finish = arrive_last(sync_ptr + 2 + out_tile, SPLIT)
+        if finish:
+            for r0 in tl.static_range(0, BLOCK_B, CHUNK):
+                dh_rows = tl.zeros([CHUNK, BLOCK_H], tl.float32)
+                if u_step > 0:
+                    dh_rows = chunk_partials(parts, out_tile, r0, SPLIT, BLOCK_B, BLOCK_H, CHUNK)
+                _bwd_cell(row0 + r0 + tl.arange(0, CHUNK),
+                          units, dh_rows, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr,
+                          dout_ptr, dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, bcast, pass_ptr,
+                          dh0_ptr, dc0_ptr, T, B, H, K, sa_t, sa_b, sa_k, scs_t, scs_b, scs_k,
+                          sc0_b, sc0_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k,
+                          sdg_t, sdg_b, sdg_k, sws_p, sws_b, sws_k, sps_p, sps_b, sps_k,
+                          sdh0_b, sdh0_k, sdc0_b, sdc0_k,
+                          HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST)
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
 @triton.jit(do_not_specialize=["step_begin", "step_end"])
 def lstm_layer_bwd(
     acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr, dhn_ptr, dcn_ptr, bs_ptr,
-    dg_ptr, dc_ptr, pass_ptr, dh0_ptr, dc0_ptr, sync_ptr,
+    dg_ptr, ws_ptr, pass_ptr, dh0_ptr, dc0_ptr, sync_ptr,
     T, B, H, K,
     sa_t, sa_b, sa_k,            # acts (T, B, 4H) fp32 from the forward
     scs_t, scs_b, scs_k,         # cs (T, B, H) fp32: c_t
@@ -381,20 +456,27 @@ def lstm_layer_bwd(
     sdo_t, sdo_b, sdo_k,         # d out (T, B, H)
     sdhn_b, sdhn_k, sdcn_b, sdcn_k,
     sdg_t, sdg_b, sdg_k,         # dg (T, B, 4H) fp32 (written)
-    sdc_p, sdc_b, sdc_k,         # dc running (2, B, H) fp32, by step parity
+    sws_p, sws_b, sws_k,         # workspace (planes, B, H) fp32: dc by step parity in planes
+                                 # 0, 1; then the 16-bit broadcast and the split partials
+                                 # (kernels/triton/rnn.py step_workspace)
     sps_p, sps_b, sps_k,         # pass-through running (2, B, H) fp32 (HAS_BS)
     sdh0_b, sdh0_k, sdc0_b, sdc0_k,
     step_begin, step_end,        # this launch's steps (last: they change per launch)
     REVERSE: tl.constexpr, HAS_C0: tl.constexpr, HAS_DOUT: tl.constexpr,
     HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr,
-    WRITE_DC0: tl.constexpr, GRID_SYNC: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_DC0: tl.constexpr, GRID_SYNC: tl.constexpr, BCAST: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BPTT steps step_begin <= u < step_end (u = T: the dh0 pseudo-step) of one direction;
-    grid and tiles as lstm_layer_fwd (BLOCK_H units, no gate interleave)."""
+    """BPTT steps step_begin <= u < step_end (u = T: the dh0 pseudo-step) of one direction.
+    Tiles of BLOCK_B rows x BLOCK_H units (no gate interleave), each product split over
+    SPLIT ranges of K (cdiv(B, BLOCK_B) x cdiv(H, BLOCK_H) x SPLIT tiles; grid and loop as
+    lstm_layer_fwd); sync_ptr[2 + output tile] counts the splits' arrivals (SPLIT > 1, every
+    schedule). BCAST: the product reads the 16-bit copy of dg_next (the workspace's), not
+    the fp32 dg."""
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
-    n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H)
+    n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H) * SPLIT
     for u_step in range(step_begin, step_end):
         s = T - 1 - u_step                          # the run-order step
         t = step_time(s, T, REVERSE)
@@ -402,13 +484,13 @@ def lstm_layer_bwd(
         tp = step_time(s - 1, T, REVERSE)           # the step that ran before it
         for tile in range(pid, n_tiles, NP):
             _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr,
-                      dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, dc_ptr, pass_ptr, dh0_ptr, dc0_ptr,
-                      T, B, H, K, sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
+                      dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, pass_ptr, dh0_ptr, dc0_ptr,
+                      sync_ptr, T, B, H, K, sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
                       swr_r, swr_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k,
-                      sdg_t, sdg_b, sdg_k, sdc_p, sdc_b, sdc_k, sps_p, sps_b, sps_k,
+                      sdg_t, sdg_b, sdg_k, sws_p, sws_b, sws_k, sps_p, sps_b, sps_k,
                       sdh0_b, sdh0_k, sdc0_b, sdc0_k,
-                      HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, PRECISION,
-                      BLOCK_B, BLOCK_H, BLOCK_K)
+                      HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST, PRECISION,
+                      SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
             if u_step + 1 < step_end:
                 grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)

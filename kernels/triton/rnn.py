@@ -27,6 +27,17 @@ j = u*4 + q is gate q of unit u (W row q*H + u). One product of width 4*BLOCK_H 
 wide when BLOCK_H is small (8 units a program spread a 1024-unit layer over 128 SMs), and
 `split_gates` takes the four gates apart afterwards.
 
+Backward tiles: a backward step's product dh[rows, units] = dg_next[rows, :] W_rec[:, units]
+is K = G*H deep, and every tile reads all of dg_next's rows' K columns whatever its units: at
+few units a tile those copies are most of a step's bytes (a 2560-unit GRU at 32 units a tile:
+80 tiles each read 32 x 7680 gradients for 32 x 7680 of W). So the product is also split
+over K (`split_tile_of`: SPLIT ranges of whole BLOCK_K blocks, the splits of one output tile
+on consecutive programs), with more units a tile, until the tiles fill the SMs. Each split
+stores its partial product in the workspace (`step_workspace`, `store_partial`) and counts
+its arrival on the output tile's counter; the last to arrive sums the partials in split order
+(kernels/triton/_split.py; deterministic, whichever program it is) and runs the cell, CHUNK
+rows at a time. No program waits for another, so the schedules need nothing more.
+
 Precision (`dot`): operands of one 16-bit dtype multiply on the tensor cores with fp32
 accumulation. fp32 x fp32 products round as the launcher says ("tf32", "tf32x3" or "ieee").
 "split" is for an fp32 operand `a` (a gradient kept in fp32) times a 16-bit `b`: `a` is split
@@ -38,10 +49,27 @@ is what made the GRU backward twice as inexact as it needs to be) at two passes'
 time for one. With fp16 the split keeps its accuracy for |a| >= 2^-14 * 2^11 (below, lo is
 subnormal and the error grows toward fp16's own rounding, which is where torch's fp16 RNNs,
 rounding these gradients to fp16, are everywhere); an |a| beyond fp16's range overflows to
-inf, as it does there.
+inf, as it does there. The split serves the weight-gradient GEMMs (`gemm_batched`).
+
+The backward recurrence's own product (dh = dg_next W_rec inside every step) with a 16-bit
+W_rec does not split: it multiplies a copy of dg_next rounded to nearest in W_rec's dtype (11
+significant bits for fp16, 8 for bf16), written by the cells beside the fp32 gradients (BCAST
+in kernels/triton/lstm.py, gru.py): one 16-bit pass over half the bytes, the operand every
+program of a step reads whole. That is cuDNN's rounding (its fp16 RNNs keep the gate gradients
+in fp16); the fp32 gradients still feed the weight-gradient GEMMs. The rounding enters dh once
+a step and is damped with the gradient through time: in a float64 model of the kernels'
+roundings at the DeepBench shapes and full sequence lengths, the fp32 gate gradients stay
+within 8e-5 (fp16) and 6e-4 (bf16) of their exact values relative to the largest, below the
+gradients' final rounding to the layer's dtype (2^-12, 2^-9), and the benchmark gate's
+deviation from float64 grows by at most 0.07 (fp16) and 0.02 (bf16) of the tolerance (bench/
+TUNING.md). So both 16-bit dtypes take the copy. Gradients beyond fp16's range become inf in
+it, and below 2^-24 zero, as in torch's fp16 RNNs. fp32 layers, and an LSTM's fp32 W_hh W_hr
+with projections, multiply the fp32 gradients ("tf32", "tf32x3", "ieee" as above).
 """
 import triton
 import triton.language as tl
+
+from ._split import sum_partials
 
 
 @triton.jit
@@ -62,7 +90,8 @@ def tanh(a):
 @triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b. PRECISION "split": a is fp32 and b 16-bit (see the module docstring);
-    otherwise tl.dot's input_precision (used by fp32 x fp32 products only)."""
+    otherwise tl.dot's input_precision (used by fp32 x fp32 products only; 16-bit operands
+    of one dtype multiply as they are)."""
     if PRECISION == "split":
         a = a.to(tl.float32)
         hi = a.to(b.dtype)
@@ -131,6 +160,23 @@ def tile_of(tile, B, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def split_tile_of(tile, B, K, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """A backward step's product tile `tile`: (first row, rows, units, k_begin, k_len, split
+    s, output tile), the output tile (row block, unit block, as `tile_of`) tile // SPLIT and
+    its K range [k_begin, k_begin + k_len), split s = tile % SPLIT of cdiv(K, SPLIT) rounded
+    up to BLOCK_K (the launcher makes every split non-empty). The splits of an output tile
+    are consecutive tiles, so consecutive programs."""
+    out_tile = tile // SPLIT
+    s = tile % SPLIT
+    rows, units, _ = tile_of(out_tile, B, BLOCK_B, BLOCK_H)
+    row0 = ((out_tile % tl.cdiv(B, BLOCK_B)) * BLOCK_B).to(tl.int64)
+    kc = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+    k0 = tl.multiple_of(s * kc, BLOCK_K)
+    return row0, rows, units, k0, tl.minimum(kc, K - k0), s, out_tile
+
+
+@triton.jit
 def step_time(s, T, REVERSE: tl.constexpr):
     """The time index (int64) of run-order step s of a direction."""
     if REVERSE:
@@ -138,6 +184,45 @@ def step_time(s, T, REVERSE: tl.constexpr):
     else:
         t = s + 0
     return t.to(tl.int64)
+
+
+@triton.jit
+def step_workspace(ws_ptr, plane, B, K, w_ptr, BCAST: tl.constexpr):
+    """(the 16-bit gate-gradient broadcast, the split partials) in a backward step's fp32
+    workspace of planes of `plane` elements: planes 0 and 1 hold the cell's running state
+    by step parity (dc, or the GRU's direct part), then (BCAST) the 16-bit copies of two
+    steps' gate gradients, (2, B, K) in W's dtype by step parity, from plane 2, then the
+    split partials (from plane 2 + cdiv(B*K, plane) with BCAST, else 2) in output-tile
+    order, each a BLOCK_B x BLOCK_H fp32 tile per split. pydl/_rnn_launch.py sizes it."""
+    bcast = (ws_ptr + 2 * plane).to(tl.pointer_type(w_ptr.dtype.element_ty))
+    first = 2
+    if BCAST:
+        first += tl.cdiv(B * K, plane)
+    return bcast, ws_ptr + first.to(tl.int64) * plane
+
+
+@triton.jit
+def store_partial(parts, out_tile, s, acc, SPLIT: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """Store split s's partial product of output tile `out_tile` (a whole BLOCK_B x BLOCK_H
+    tile, no mask: the workspace holds whole tiles)."""
+    r = tl.arange(0, BLOCK_B)
+    c = tl.arange(0, BLOCK_H)
+    tl.store(parts + (out_tile * SPLIT + s).to(tl.int64) * (BLOCK_B * BLOCK_H)
+             + (r[:, None] * BLOCK_H + c[None, :]), acc)
+
+
+@triton.jit
+def chunk_partials(parts, out_tile, r0, SPLIT: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    """Rows r0 .. r0 + ROWS of output tile `out_tile`'s product: its SPLIT partials summed
+    in split order, all loaded at once (kernels/triton/_split.py; one L2 round trip, with
+    the cell's own loads, which do not wait for the sum)."""
+    r = r0 + tl.arange(0, ROWS)
+    c = tl.arange(0, BLOCK_H)
+    tile = parts + out_tile.to(tl.int64) * SPLIT * (BLOCK_B * BLOCK_H)
+    return sum_partials(tile + (r[:, None] * BLOCK_H + c[None, :]), SPLIT, BLOCK_B * BLOCK_H,
+                        SPLIT)
 
 
 # --- the grid barrier (GPU only: GRID_SYNC=True) ----------------------------------------------
