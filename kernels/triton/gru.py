@@ -38,6 +38,7 @@ from .rnn import (
     gate_columns,
     grid_barrier,
     grid_exit,
+    next_step_product,
     sigmoid,
     split_gates,
     split_tile_of,
@@ -289,21 +290,9 @@ def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_pt
     row0, rows, units, k0, kc, s, out_tile = split_tile_of(tile, B, K, BLOCK_B, BLOCK_H,
                                                            BLOCK_K, SPLIT)
     bcast, parts = step_workspace(run_ptr, srn_p, B, K, whh_ptr, BCAST)
-    before = 1 - u_step % 2
-    dh1 = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    if u_step > 0:
-        # W_hh read transposed, (unit, k) -> W_hh[k, unit]; dgh_next is the 16-bit copy
-        # (BCAST) or the fp32 gradients
-        if BCAST:
-            a_ptr = bcast + before * B * K + k0
-            sa_b = K
-            sa_k = 1
-        else:
-            a_ptr = dgh_ptr + tn * sgh_t + k0 * sgh_k
-            sa_b = sgh_b
-            sa_k = sgh_k
-        dh1 = tile_dot(a_ptr, sa_b, sa_k, rows, rows < B, kc, whh_ptr + k0 * swh_r, swh_k,
-                       swh_r, units, units < H, dh1, PRECISION, BLOCK_K)
+    dh1 = next_step_product(u_step, bcast, dgh_ptr + tn * sgh_t, sgh_b, sgh_k, whh_ptr, swh_r,
+                            swh_k, rows, units, B, H, K, k0, kc, PRECISION, BCAST, BLOCK_B,
+                            BLOCK_H, BLOCK_K)
     if SPLIT == 1:
         _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
                   dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, bcast, dh0_ptr, T, B, H,

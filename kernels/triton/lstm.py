@@ -65,6 +65,7 @@ from .rnn import (
     gate_columns,
     grid_barrier,
     grid_exit,
+    next_step_product,
     sigmoid,
     split_gates,
     split_tile_of,
@@ -401,21 +402,9 @@ def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_
     row0, rows, units, k0, kc, s, out_tile = split_tile_of(tile, B, K, BLOCK_B, BLOCK_H,
                                                            BLOCK_K, SPLIT)
     bcast, parts = step_workspace(ws_ptr, sws_p, B, K, wrec_ptr, BCAST)
-    before = 1 - u_step % 2
-    dh = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    if u_step > 0:
-        # dg_next W_rec[:, units] over this split's k: W_rec read transposed, (unit, k) ->
-        # W_rec[k, unit]; dg_next is the 16-bit copy (BCAST) or the fp32 gradients
-        if BCAST:
-            a_ptr = bcast + before * B * K + k0
-            sa_b_ = K
-            sa_k_ = 1
-        else:
-            a_ptr = dg_ptr + tn * sdg_t + k0 * sdg_k
-            sa_b_ = sdg_b
-            sa_k_ = sdg_k
-        dh = tile_dot(a_ptr, sa_b_, sa_k_, rows, rows < B, kc, wrec_ptr + k0 * swr_r, swr_k,
-                      swr_r, units, units < H, dh, PRECISION, BLOCK_K)
+    dh = next_step_product(u_step, bcast, dg_ptr + tn * sdg_t, sdg_b, sdg_k, wrec_ptr, swr_r,
+                           swr_k, rows, units, B, H, K, k0, kc, PRECISION, BCAST, BLOCK_B,
+                           BLOCK_H, BLOCK_K)
     if SPLIT == 1:
         _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr,
                   dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, bcast, pass_ptr, dh0_ptr, dc0_ptr,

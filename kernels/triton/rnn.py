@@ -202,6 +202,30 @@ def step_workspace(ws_ptr, plane, B, K, w_ptr, BCAST: tl.constexpr):
 
 
 @triton.jit
+def next_step_product(u_step, bcast, g_ptr, sg_b, sg_k, w_ptr, sw_r, sw_k, rows, units, B, H,
+                      K, k0, kc, PRECISION: tl.constexpr, BCAST: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A backward tile's share of dh = g_next W[:, units] over this split's k in [k0, k0 + kc)
+    (zeros at u_step 0, the first BPTT step, which has no next step): W (K, H) read
+    transposed, (unit, k) -> W[k, unit]; g_next is the 16-bit copy of the previous step's
+    gate gradients (BCAST, by step parity: `step_workspace`) or the fp32 ones at g_ptr
+    (the next step's row of the gradients, strides sg_b, sg_k)."""
+    acc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if u_step > 0:
+        if BCAST:
+            a_ptr = bcast + (1 - u_step % 2) * B * K + k0
+            sa_b = K
+            sa_k = 1
+        else:
+            a_ptr = g_ptr + k0 * sg_k
+            sa_b = sg_b
+            sa_k = sg_k
+        acc = tile_dot(a_ptr, sa_b, sa_k, rows, rows < B, kc, w_ptr + k0 * sw_r, sw_k, sw_r,
+                       units, units < H, acc, PRECISION, BLOCK_K)
+    return acc
+
+
+@triton.jit
 def store_partial(parts, out_tile, s, acc, SPLIT: tl.constexpr, BLOCK_B: tl.constexpr,
                   BLOCK_H: tl.constexpr):
     """Store split s's partial product of output tile `out_tile` (a whole BLOCK_B x BLOCK_H
