@@ -258,6 +258,7 @@ def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float,
     for p in prepared:
         for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
             with _grad_mode(direction):
+                fn()            # a first call builds plans and one-time buffers: not counted
                 c = counted(fn)
                 us = median_us(fn, calls, clock=clock)
             rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
