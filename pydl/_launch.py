@@ -237,12 +237,22 @@ def _atomic_simulator_shared_arrays() -> None:
 _NUMBA_STREAMS: dict = {}
 
 
+def stream_handle(device: torch.device) -> int:
+    """The raw handle of torch's current stream on a CUDA `device`: the value of
+    torch.cuda.current_stream(device).cuda_stream without building a Stream object (a
+    per-call cost of the launches that look their stream up: several microseconds of a GPU
+    machine's host time)."""
+    index = device.index
+    return torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice() if index is None
+                                              else index)
+
+
 def numba_stream(device: torch.device):
     """Numba stream wrapping torch's current stream, so Numba kernels order with torch's work
     (one wrapper per stream handle, made once)."""
     if device.type != "cuda":
         return 0
-    handle = torch.cuda.current_stream(device).cuda_stream
+    handle = stream_handle(device)
     stream = _NUMBA_STREAMS.get(handle)
     if stream is None:
         from numba import cuda
@@ -302,9 +312,9 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     memset and kept by the graph alone, so a graph's replays (on any stream) never share
     counters with work outside it."""
     if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
+        if torch._C._cuda_isCurrentStreamCapturing():
             return torch.zeros(max(n, 2), dtype=torch.int32, device=device)
-        key = (device, torch.cuda.current_stream(device).cuda_stream)
+        key = (device, stream_handle(device))
     else:
         key = (device, 0)       # emulation: programs run one after another
     buf = _ARRIVALS.get(key)

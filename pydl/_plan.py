@@ -108,6 +108,12 @@ _capturing = capturing
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def tensor_key(t):
+    """What a call's key holds of a tensor argument (None allowed): its type, shape, strides,
+    dtype and device, everything a check or a plan reads of it but its data."""
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
+
+
 def plain_tensors(*tensors) -> bool:
     """Every one of `tensors` (None allowed) is a plain tensor or a Parameter, not a subclass
     (FakeTensor, FunctionalTensor, a user's) that must go through torch's dispatcher to the

@@ -29,7 +29,8 @@ from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba_1d,
                       new_output, next_power_of_2, numba_array, numba_stream, numba_threads,
                       output_maker, tf32_allowed)
-from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
+from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
+                    tensor_key)
 from .backends import current_backend, dispatch, register, resolve_algo
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -769,14 +770,10 @@ class _AttentionCall(AttentionKernels):
         return dq, dk, dv, dmask
 
 
-def _tensor_key(t):
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
-
-
 def _call_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
               algo):
-    return (backend or current_backend(), algo, _tensor_key(query), _tensor_key(key),
-            _tensor_key(value), _tensor_key(attn_mask), dropout_p, is_causal, scale, enable_gqa,
+    return (backend or current_backend(), algo, tensor_key(query), tensor_key(key),
+            tensor_key(value), tensor_key(attn_mask), dropout_p, is_causal, scale, enable_gqa,
             tf32_allowed(False))
 
 

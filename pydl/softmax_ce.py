@@ -36,7 +36,8 @@ from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (arrival_counters, cdiv, fresh, launch_numba, new_output, next_power_of_2,
                       numba_blocks, numba_threads, output_maker)
-from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
+from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
+                    tensor_key)
 from ._shapes import as_rows, normalize_dim
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -1157,14 +1158,10 @@ def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_sm
                              float(label_smoothing))
 
 
-def _tensor_key(t):
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
-
-
 def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, backend):
     return (backend or current_backend(), type(input), input.shape, input.stride(), input.dtype,
             input.device, type(target), target.shape, target.stride(), target.dtype,
-            target.device, _tensor_key(weight), ignore_index, reduction, label_smoothing)
+            target.device, tensor_key(weight), ignore_index, reduction, label_smoothing)
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")
