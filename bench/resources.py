@@ -165,10 +165,12 @@ def _attention_onepass(causal: bool):
     return run
 
 
-def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_last: bool):
+def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_last: bool,
+              training: bool = True):
     """A max pool of the benchmark's suite (bench/suites/pool.py) on its C x H x H bf16 input
     at batch 32, channels_last or NCHW: the training forward (one-byte window argmax) and its
-    backward."""
+    backward, or (training=False) the inference forward the benchmark's forward row times (no
+    index: another specialization)."""
     def run():
         import torch
         from pydl import pool
@@ -177,6 +179,9 @@ def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_l
         x = torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
         g = pool._geometry(x.shape, kernel, stride, padding, 1, False)
         geom = geometry_args(g)
+        if not training:
+            pool._max_pool2d_fwd(x, geom, pool.INDEX_NONE, "triton")
+            return
         y, idx = pool._max_pool2d_fwd(x, geom, pool.INDEX_LOCAL, "triton")
         pool._max_pool2d_bwd(torch.empty_like(y), idx, pool.INDEX_LOCAL, geom, channels_last,
                              "triton")
@@ -250,6 +255,8 @@ PROBLEMS = (
     ("pool", "vgg224 2x2s2 cl", _max_pool(64, 224, 2, 2, 0, True)),     # VGG-16 pool1
     ("pool", "vgg28 2x2s2 cl", _max_pool(512, 28, 2, 2, 0, True)),      # VGG-16 pool4
     ("pool", "alexnet55 3x3s2 cl", _max_pool(64, 55, 3, 2, 0, True)),   # AlexNet pool1
+    ("pool", "stem infer cl", _max_pool(64, 112, 3, 2, 1, True, training=False)),
+    ("pool", "stem infer nchw", _max_pool(64, 112, 3, 2, 1, False, training=False)),
     ("lstm", "h1024-b32", _rnn_layer("lstm", 1024, 32)),
     ("lstm", "h512-b64", _rnn_layer("lstm", 512, 64)),
     ("lstm", "h2048-b16", _rnn_layer("lstm", 2048, 16)),
@@ -863,9 +870,9 @@ def missing_toolchain() -> str | None:
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def compile_job(job: dict) -> dict:
-    """Compile one launch for its target; registers, spills, shared memory and MMA counts
-    (or the error)."""
+def compile_job(job: dict, keep_sass: bool = False) -> dict:
+    """Compile one launch for its target; registers, spills, shared memory, instruction and
+    MMA counts (or the error); with keep_sass, the SASS text too."""
     import importlib
     import triton
     from triton.backends.compiler import GPUTarget
@@ -908,7 +915,10 @@ def compile_job(job: dict) -> dict:
     out.update(regs=int(m[1]), stack=int(m[2]), static_shared=int(m[3]), local=int(m[4]),
                hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                hmma=len(re.findall(r"\bHMMA\.", sass)),
-               tma=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)), **load_counts(sass))
+               tma=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)), **load_counts(sass),
+               instrs=instruction_count(sass))
+    if keep_sass:
+        out["sass"] = sass
     # warp-specialized kernels move registers between partitions (setmaxnreg): "regs" is
     # the launch's budget, these the per-thread limits the partitions switch to
     setmaxnreg = sorted({int(n) for n in re.findall(
@@ -929,6 +939,16 @@ def load_counts(sass: str) -> dict:
     ldg = re.findall(r"\bLDG(?=[.\s])(?:\.[A-Z0-9_]+)*", sass)
     return dict(ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), ldg=len(ldg),
                 ldg16=sum("128" in x.split(".") for x in ldg))
+
+
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+
+
+def instruction_count(sass: str) -> int:
+    """SASS instructions in the kernel, NOPs (alignment padding) not counted: static, so a
+    loop's body counts once. For a kernel without loops (the pools' unrolled windows) it is
+    the work a thread issues, the measure of an issue-bound kernel."""
+    return sum(not m.startswith("NOP") for m in _INSTRUCTION.findall(sass))
 
 
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -955,16 +975,16 @@ def _ptxas_spills(ptx: str, job: dict) -> dict:
     return dict(spill_stores=int(m[1]), spill_loads=int(m[2])) if m else {}
 
 
-def _compile_all(jobs: list[dict], workers: int) -> list[dict]:
+def _compile_all(jobs: list[dict], workers: int, keep_sass: bool = False) -> list[dict]:
     """compile_job over jobs in a pool of `workers` processes; a job whose worker died is
     retried once alone."""
     if workers <= 1:
-        return [compile_job(j) for j in jobs]
+        return [compile_job(j, keep_sass) for j in jobs]
     ctx = multiprocessing.get_context("spawn")
     results: list[dict | None] = [None] * len(jobs)
     retry = []
     with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(compile_job, j): i for i, j in enumerate(jobs)}
+        futures = {pool.submit(compile_job, j, keep_sass): i for i, j in enumerate(jobs)}
         for fut in cf.as_completed(futures):
             i = futures[fut]
             try:
@@ -974,7 +994,7 @@ def _compile_all(jobs: list[dict], workers: int) -> list[dict]:
     for i in retry:
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
             try:
-                results[i] = pool.submit(compile_job, jobs[i]).result()
+                results[i] = pool.submit(compile_job, jobs[i], keep_sass).result()
             except Exception as exc:  # noqa: BLE001
                 results[i] = dict(error=f"the compiler process died ({type(exc).__name__})")
     return results
@@ -997,8 +1017,9 @@ def verdict(row: dict, arch: int) -> str:
     return ", ".join(issues) or "ok"
 
 
-def measure(rows: list[dict], workers: int) -> list[dict]:
-    """Compile every row's job (identical jobs once) and fill in its results and verdict."""
+def measure(rows: list[dict], workers: int, keep_sass: bool = False) -> list[dict]:
+    """Compile every row's job (identical jobs once) and fill in its results and verdict
+    (with keep_sass, each row's SASS text under "sass")."""
     keys, jobs = {}, []
     for r in rows:
         if r.get("job") is not None:
@@ -1006,7 +1027,7 @@ def measure(rows: list[dict], workers: int) -> list[dict]:
             if k not in keys:
                 keys[k] = len(jobs)
                 jobs.append(r["job"])
-    results = _compile_all(jobs, workers)
+    results = _compile_all(jobs, workers, keep_sass)
     first: dict[tuple, int] = {}
     for r in rows:
         if r.get("job") is not None:
@@ -1077,12 +1098,12 @@ def table(rows: list[dict], detail: bool = False) -> str:
     if detail:
         head = (f"{'kernel':26s} {'case':26s} {'#':>2s} {'w':>2s} {'st':>2s} {'grid':>9s} "
                 f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s} "
-                f"{'tma':>3s} {'cp.as':>5s} {'ldg16/all':>9s}  "
+                f"{'tma':>3s} {'cp.as':>5s} {'ldg16/all':>9s} {'instr':>6s}  "
                 f"{'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
     else:
         head = (f"{'kernel':26s} {'case':22s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
                 f"{'grid':>9s} {'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} "
-                f"{'mma':>4s} {'tma':>3s} {'cp.as':>5s} {'ldg16/all':>9s}  verdict")
+                f"{'mma':>4s} {'tma':>3s} {'cp.as':>5s} {'ldg16/all':>9s} {'instr':>6s}  verdict")
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         c = r["candidate"]
@@ -1095,7 +1116,8 @@ def table(rows: list[dict], detail: bool = False) -> str:
         nums = (f"{_cell(r, 'num_warps'):>2s} {_cell(r, 'num_stages'):>2s} {grid:>9s} "
                 f"{_cell(r, 'regs'):>4s} {spill:>5s} {smem:>4s} {wgmma:>7s} "
                 f"{_cell(r, 'hmma') if has else '':>4s} {_cell(r, 'tma') if has else '':>3s} "
-                f"{_cell(r, 'ldgsts') if has else '':>5s} {_loads(r) if has else '':>9s}")
+                f"{_cell(r, 'ldgsts') if has else '':>5s} {_loads(r) if has else '':>9s} "
+                f"{_cell(r, 'instrs') if has else '':>6s}")
         if detail:
             spec = _constexpr_text(r.get("constexpr_args", {}))
             if r.get("signature_text"):
@@ -1179,6 +1201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pydl's public functions (COVERAGE), forward and backward")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                    help="compiler processes (default: the CPUs, at most 4)")
+    p.add_argument("--sass", type=Path, default=None, metavar="DIR",
+                   help="also write each compiled kernel's SASS to DIR/<kernel>-<case>-<#>.sass")
     return p
 
 
@@ -1220,7 +1244,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compiling {n} launch configurations ({distinct} distinct kernels) for "
           f"sm_{args.arch} (triton {triton.__version__}, ptxas {knobs.nvidia.ptxas.version}) in "
           f"{args.jobs} process(es) ...", flush=True)
-    measure(rows, args.jobs)
+    measure(rows, args.jobs, keep_sass=args.sass is not None)
+    if args.sass is not None:
+        args.sass.mkdir(parents=True, exist_ok=True)
+        for r in rows:
+            sass = r.pop("sass", None)
+            if sass is not None:
+                name = f"{r['kernel']}-{r['case']}-{r['candidate']}"
+                (args.sass / (re.sub(r"[^\w.-]+", "_", name) + ".sass")).write_text(sass)
     print(table(rows, detail=args.all))
     limit = MAX_SHARED[args.arch]
     print(f"\n#: candidate (* the default, what runs untuned; - a kernel without a tuner). "
@@ -1231,7 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
           f"setmaxnreg: the per-thread register limits a warp-specialized kernel's "
           f"partitions switch to (regs is then the launch's budget); cp.as: cp.async copies "
           f"(LDGSTS); ldg16/all: global loads of 16 bytes / all plain global loads (LDG), in "
-          f"the SASS. "
+          f"the SASS; instr: SASS instructions (static, NOPs not counted). "
           + ("specialization: the constexprs (flags named when set), then the pointers' "
              "dtypes, d16 = integer arguments divisible by 16 / integer arguments, one = "
              "integers specialized to the constant 1, i64 when one is 64-bit, unaligned = "

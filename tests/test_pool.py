@@ -51,6 +51,9 @@ def _check_max(x, k, s, p, d, cm, backend, dtype):
     assert_close(out, t_out, dtype, name="forward vs torch")
     assert_close(dx, dx64, dtype, reduction=overlap, name="grad vs reference")
     assert_close(dx, t_dx, dtype, reduction=overlap, name="grad vs torch")
+    # the inference forward (no gradient: no index, its own kernel path) gives the same maxima
+    y_inf = pydl.max_pool2d(x.detach(), k, s, p, d, cm, backend=backend)
+    assert torch.equal(y_inf, out.detach()), "inference forward differs from the training one"
     # return_indices: torch's flat per-plane indices, and the backward through them
     out_i, idx = pydl.max_pool2d(x, k, s, p, d, cm, return_indices=True, backend=backend)
     assert idx.dtype == torch.int64
@@ -99,6 +102,8 @@ def test_max_pool2d_ties_nan_and_inf(backend):
         t_y, t_idx = F.max_pool2d(x, k, s, p, return_indices=True)
         assert_close(y, t_y, torch.float32)
         assert torch.equal(idx, t_idx), f"k={k}: {idx} != {t_idx}"
+        y_inf = pydl.max_pool2d(x, k, s, p, backend=backend)       # no index kept
+        torch.testing.assert_close(y_inf, t_y, rtol=0, atol=0, equal_nan=True)
 
 
 MAX_POOL_FUZZ = dict(H=st.integers(1, 12), W=st.integers(1, 12), k=st.integers(1, 4),

@@ -77,6 +77,23 @@ def max_pool2d_fwd(
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
+    if INDEX_MODE == INDEX_NONE:
+        # inference: the value alone, a NaN-propagating max in the input's dtype (exact in
+        # any dtype; two 16-bit lanes an instruction), not the compare-and-select the index
+        # needs (five instructions an element: this kernel is issue-bound otherwise)
+        peak = tl.full([BLOCK_S, BLOCK_C], float("-inf"), x_ptr.dtype.element_ty)
+        for kh in tl.static_range(KH):
+            h = h0 + kh * DH
+            h_ok = (h >= 0) & (h < H)
+            for kw in tl.static_range(KW):
+                w = w0 + kw * DW
+                ok = (h_ok & (w >= 0) & (w < W))[:, None] & tile_mask
+                off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
+                v = tl.load(x_base + off[:, None], mask=ok, other=float("-inf"))
+                peak = tl.maximum(peak, v, propagate_nan=tl.PropagateNan.ALL)
+        out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
+        tl.store(y_ptr + out_off, peak.to(y_ptr.dtype.element_ty), mask=tile_mask)
+        return
     best = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
     if INDEX_MODE == INDEX_FLAT:
         start = _first_in_window(h0, DH) * W + _first_in_window(w0, DW)
