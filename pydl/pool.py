@@ -80,12 +80,20 @@ def _alignment(t: torch.Tensor, dim: int) -> int:
 
 def _planar_tile(rows: int, cols: int, elems: int = 1024, num_warps: int = 4) -> dict:
     """A BLOCK_I x BLOCK_J tile of about `elems` cells of rows x cols, up to 128 columns wide
-    (the contiguous axis), for max_pool2d_bwd_planar; at most 8 cells a thread, whose
+    (the contiguous axis), for the planar max-pool kernels; in the backward at most 8 cells a
+    thread, whose
     gradients of every stride phase and window tiles stay in registers (16 x 64 cells on 4
     warps: 71 registers in the sm_90 compile)."""
     block_j = min(next_power_of_2(cols), 128)
     block_i = max(1, min(next_power_of_2(rows), elems // block_j, 256 * num_warps // block_j))
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps)
+
+
+def _fwd_planar_per_thread(index_mode: int) -> int:
+    """max_pool2d_fwd_planar's outputs a thread: 8 without an index (the sm_90 stem compile:
+    67 SASS instructions an output, 40 registers; 4: 78), 4 with one (8 took 118 registers
+    and 2.4x the instructions)."""
+    return 8 if index_mode == INDEX_NONE else 4
 
 
 def _window_shifts(S: int, P: int, D: int, K: int) -> int:
@@ -108,7 +116,8 @@ def _max_bwd_elems(g: PoolGeometry, elems: int, num_warps: int) -> int:
 # Tuning space of the pooling kernels (memory-bound): elements per program and warps.
 POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
 POOL_TUNERS = {name: Tuner(name) for name in (
-    "max_pool2d_fwd", "max_pool2d_bwd", "max_pool2d_bwd_planar", "avg_pool2d_fwd",
+    "max_pool2d_fwd", "max_pool2d_fwd_planar", "max_pool2d_bwd", "max_pool2d_bwd_planar",
+    "avg_pool2d_fwd",
     "avg_pool2d_bwd", "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd")}
 
 
@@ -187,7 +196,20 @@ class _PoolLauncher:
 class _TritonPool(_PoolLauncher):
     @staticmethod
     def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> Launch:
-        return _launch("max_pool2d_fwd", x, g.OH * g.OW, g, (x, y, idx if idx is not None else y),
+        tensors = (x, y, idx if idx is not None else y)
+        if x.stride(3) == 1 and y.stride(3) == 1 and not _channels_fastest(x):
+            # W contiguous (NCHW): rows of output columns, loads along W
+            rows = g.C * g.OH                           # (c, oh) output rows of an image
+            return _launch("max_pool2d_fwd_planar", x, g.OH * g.OW, g, tensors,
+                           (g.C, g.H, g.W, g.OH, g.OW, *x.stride()[:3], *y.stride()[:3], g.KH,
+                            g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, _alignment(x, 3)),
+                           tile=lambda elems, warps: _planar_tile(
+                               rows, g.OW, min(elems, _fwd_planar_per_thread(index_mode) * 32 *
+                                               warps), warps),
+                           grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]),
+                                             cdiv(g.OW, cfg["BLOCK_J"]), g.N),
+                           INDEX_MODE=index_mode)
+        return _launch("max_pool2d_fwd", x, g.OH * g.OW, g, tensors,
                        (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH,
                         g.PW, g.DH, g.DW), KH=g.KH, KW=g.KW, INDEX_MODE=index_mode)
 

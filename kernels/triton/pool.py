@@ -63,6 +63,39 @@ def _first_in_window(start, D):
 
 
 @triton.jit
+def _max_start(h0, w0, W, DH, DW, KW: tl.constexpr, INDEX_MODE: tl.constexpr):
+    """The index a window reports before any element is taken (an all -inf window keeps it):
+    that of its first non-negative row and column, h0 / w0 its first coordinates."""
+    hf = _first_in_window(h0, DH)
+    wf = _first_in_window(w0, DW)
+    if INDEX_MODE == INDEX_FLAT:
+        return hf * W + wf
+    return ((hf - h0) // DH) * KW + (wf - w0) // DW
+
+
+@triton.jit
+def _max_take(best, best_idx, v, index, INDEX_MODE: tl.constexpr):
+    """One window element v (-inf where masked) into the running (best, best_idx): inference
+    (no index) a NaN-propagating max in the input's dtype (exact in any dtype; two 16-bit
+    lanes an instruction); with an index torch's rule in fp32, v taken when v > best or
+    isnan(v) (ties keep the first, the last NaN wins), `index` its index."""
+    if INDEX_MODE == INDEX_NONE:
+        best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        v = v.to(tl.float32)
+        take = (v > best) | (v != v)
+        best = tl.where(take, v, best)
+        best_idx = tl.where(take, index, best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def _max_init(shape, dtype, INDEX_MODE: tl.constexpr):
+    """The running max before a window: -inf in the input's dtype (inference) or fp32."""
+    return tl.full(shape, float("-inf"), dtype if INDEX_MODE == INDEX_NONE else tl.float32)
+
+
+@triton.jit
 def max_pool2d_fwd(
     x_ptr, y_ptr, idx_ptr,
     C, H, W, OH, OW,
@@ -73,35 +106,15 @@ def max_pool2d_fwd(
     INDEX_MODE: tl.constexpr,          # INDEX_NONE / INDEX_LOCAL / INDEX_FLAT
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Any layout; a [BLOCK_S positions, BLOCK_C channels] tile (channels_last: its loads
+    are vectors along C). W-contiguous layouts take max_pool2d_fwd_planar."""
     oh, ow, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, OH, OW, C)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
-    if INDEX_MODE == INDEX_NONE:
-        # inference: the value alone, a NaN-propagating max in the input's dtype (exact in
-        # any dtype; two 16-bit lanes an instruction), not the compare-and-select the index
-        # needs (five instructions an element: this kernel is issue-bound otherwise)
-        peak = tl.full([BLOCK_S, BLOCK_C], float("-inf"), x_ptr.dtype.element_ty)
-        for kh in tl.static_range(KH):
-            h = h0 + kh * DH
-            h_ok = (h >= 0) & (h < H)
-            for kw in tl.static_range(KW):
-                w = w0 + kw * DW
-                ok = (h_ok & (w >= 0) & (w < W))[:, None] & tile_mask
-                off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-                v = tl.load(x_base + off[:, None], mask=ok, other=float("-inf"))
-                peak = tl.maximum(peak, v, propagate_nan=tl.PropagateNan.ALL)
-        out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
-        tl.store(y_ptr + out_off, peak.to(y_ptr.dtype.element_ty), mask=tile_mask)
-        return
-    best = tl.full([BLOCK_S, BLOCK_C], float("-inf"), tl.float32)
-    if INDEX_MODE == INDEX_FLAT:
-        start = _first_in_window(h0, DH) * W + _first_in_window(w0, DW)
-        best_idx = tl.zeros([BLOCK_S, BLOCK_C], tl.int32) + start[:, None]
-    else:
-        # window offset of the first non-negative row and column
-        start = ((_first_in_window(h0, DH) - h0) // DH) * KW + (_first_in_window(w0, DW) - w0) // DW
-        best_idx = tl.zeros([BLOCK_S, BLOCK_C], tl.int32) + start[:, None]
+    best = _max_init([BLOCK_S, BLOCK_C], x_ptr.dtype.element_ty, INDEX_MODE)
+    best_idx = tl.zeros([BLOCK_S, BLOCK_C], tl.int32) + \
+        _max_start(h0, w0, W, DH, DW, KW, INDEX_MODE)[:, None]
     for kh in tl.static_range(KH):
         h = h0 + kh * DH
         h_ok = (h >= 0) & (h < H)
@@ -109,17 +122,78 @@ def max_pool2d_fwd(
             w = w0 + kw * DW
             ok = (h_ok & (w >= 0) & (w < W))[:, None] & tile_mask
             off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-            v = tl.load(x_base + off[:, None], mask=ok, other=float("-inf")).to(tl.float32)
-            take = ok & ((v > best) | (v != v))
-            best = tl.where(take, v, best)
-            if INDEX_MODE == INDEX_FLAT:
-                best_idx = tl.where(take, (h * W + w)[:, None], best_idx)
-            else:
-                best_idx = tl.where(take, kh * KW + kw, best_idx)
+            v = tl.load(x_base + off[:, None], mask=ok, other=float("-inf"))
+            index = (h * W + w)[:, None] if INDEX_MODE == INDEX_FLAT else kh * KW + kw
+            best, best_idx = _max_take(best, best_idx, v, index, INDEX_MODE)
     out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
     tl.store(y_ptr + out_off, best.to(y_ptr.dtype.element_ty), mask=tile_mask)
     if INDEX_MODE != INDEX_NONE:
         tl.store(idx_ptr + out_off, best_idx.to(idx_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def max_pool2d_fwd_planar(
+    x_ptr, y_ptr, idx_ptr,
+    C, H, W, OH, OW,
+    sx_n, sx_c, sx_h,                  # input strides (W contiguous)
+    sy_n, sy_c, sy_h,                  # output strides (OW contiguous; indices the same)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ALIGN_X: tl.constexpr,             # a power of two dividing W and x's other strides
+    INDEX_MODE: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """max_pool2d_fwd for layouts whose contiguous axis is W (NCHW): a program owns
+    BLOCK_I output rows r = (c, oh) of one image (a small plane's rows do not leave the tile
+    empty) x BLOCK_J output columns ow, and reads input rows along W. At stride 2 the
+    window offsets 2 ow + 2q + {0, 1} of every column are one contiguous row segment, loaded
+    (as 16-byte vectors where q = 0) and split into its two phases in registers, one tile
+    layout for every offset (a separate strided load of 2 ow - 1 made the compile move each
+    tile through shared memory). Grid
+    (cdiv(C OH, BLOCK_I), cdiv(OW, BLOCK_J), N)."""
+    r = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    c = (r // OH).to(tl.int64)[:, None]
+    oh = (r % OH)[:, None]
+    ow = (tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J))[None, :]
+    n = tl.program_id(2).to(tl.int64)
+    row_ok = c < C
+    AX: tl.constexpr = ALIGN_X if ALIGN_X < 2 * BLOCK_J else 2 * BLOCK_J
+    W_ = _multiple(W, AX)
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    best = _max_init([BLOCK_I, BLOCK_J], x_ptr.dtype.element_ty, INDEX_MODE)
+    best_idx = tl.zeros([BLOCK_I, BLOCK_J], tl.int32) + \
+        _max_start(h0, w0, W, DH, DW, KW, INDEX_MODE)
+    x_plane = x_ptr + n * sx_n + c * _multiple(sx_c, AX)
+    seg = (tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J))[None, :]
+    for kh in tl.static_range(KH):
+        h = h0 + kh * DH
+        h_ok = row_ok & (h >= 0) & (h < H)
+        x_row = x_plane + h.to(tl.int64) * _multiple(sx_h, AX)
+        for kw in tl.static_range(KW):
+            w = ow * SW + (kw * DW - PW)
+            if SW == 2:
+                # offset 2 ow + 2 q + p (p = 0, 1) is phase p of the row segment
+                # [2 (ow0 + q), 2 (ow0 + q + BLOCK_J)): one load (vectors where q = 0) split
+                # in registers, shared by the offsets of the same q
+                if kw == 0 or (kw * DW - PW) // 2 != ((kw - 1) * DW - PW) // 2:
+                    ws = seg + (kw * DW - PW) // 2 * 2
+                    pair = tl.load(x_row + ws, mask=h_ok & (ws >= 0) & (ws < W_),
+                                   other=float("-inf"))
+                    even, odd = tl.split(tl.reshape(pair, [BLOCK_I, BLOCK_J, 2]))
+                if (kw * DW - PW) % 2 == 1:
+                    v = odd
+                else:
+                    v = even
+            else:
+                v = tl.load(x_row + w, mask=h_ok & (w >= 0) & (w < W), other=float("-inf"))
+            index = h * W + w if INDEX_MODE == INDEX_FLAT else kh * KW + kw
+            best, best_idx = _max_take(best, best_idx, v, index, INDEX_MODE)
+    out_off = n * sy_n + c * sy_c + oh.to(tl.int64) * sy_h + ow
+    out_ok = row_ok & (ow < OW)
+    tl.store(y_ptr + out_off, best.to(y_ptr.dtype.element_ty), mask=out_ok)
+    if INDEX_MODE != INDEX_NONE:
+        tl.store(idx_ptr + out_off, best_idx.to(idx_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
