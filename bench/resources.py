@@ -188,6 +188,19 @@ def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_l
     return run
 
 
+def _global_pool(C: int, H: int, channels_last: bool):
+    """Global average pooling (adaptive_avg_pool2d to 1x1) of a C x H x H bf16 input at batch
+    32, forward and backward: the classifier heads of bench/suites/pool.py."""
+    def run():
+        import torch
+        from pydl import pool
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        x.requires_grad_()
+        _grad([pool.adaptive_avg_pool2d(x, 1, backend="triton")], [x])
+    return run
+
+
 def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None):
     """One fp16 torch.nn.LSTM / GRU layer of the DeepBench suites (input = hidden), forward and
     backward through time on the GPU's schedule (the persistent recurrence, one cooperative
@@ -257,6 +270,8 @@ PROBLEMS = (
     ("pool", "alexnet55 3x3s2 cl", _max_pool(64, 55, 3, 2, 0, True)),   # AlexNet pool1
     ("pool", "stem infer cl", _max_pool(64, 112, 3, 2, 1, True, training=False)),
     ("pool", "stem infer nchw", _max_pool(64, 112, 3, 2, 1, False, training=False)),
+    ("pool", "r50 head cl", _global_pool(2048, 7, True)),         # ResNet-50's global pool
+    ("pool", "r50 head nchw", _global_pool(2048, 7, False)),
     ("lstm", "h1024-b32", _rnn_layer("lstm", 1024, 32)),
     ("lstm", "h512-b64", _rnn_layer("lstm", 512, 64)),
     ("lstm", "h2048-b16", _rnn_layer("lstm", 2048, 16)),

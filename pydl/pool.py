@@ -96,6 +96,28 @@ def _fwd_planar_per_thread(index_mode: int) -> int:
     return 8 if index_mode == INDEX_NONE else 4
 
 
+def _global(t: torch.Tensor, g: PoolGeometry) -> bool:
+    """Global average pooling (output 1x1) of an input (or grad_input) whose h and w merge
+    into one position axis (NCHW, channels_last): the global kernels' case, torch's mean."""
+    return g.OH == 1 and g.OW == 1 and t.stride(2) == g.W * t.stride(3)
+
+
+def _global_tile(t: torch.Tensor, g: PoolGeometry, elems: int = 1024,
+                 num_warps: int = 4) -> dict:
+    """A BLOCK_C x BLOCK_P tile of the global kernels, about `elems` elements: wide along
+    the contiguous axis (64 channels for channels_last, 64 positions otherwise), at most 16
+    elements a thread."""
+    elems = min(elems, 16 * 32 * num_warps)
+    HW = g.H * g.W
+    if _channels_fastest(t):
+        block_c = min(next_power_of_2(g.C), 64)
+        block_p = max(1, min(next_power_of_2(HW), elems // block_c))
+    else:
+        block_p = min(next_power_of_2(HW), 64)
+        block_c = max(1, min(next_power_of_2(g.C), elems // block_p))
+    return dict(BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+
+
 def _window_shifts(S: int, P: int, D: int, K: int) -> int:
     """How many window shifts q (window i + q for cell i) kernel offsets reach along one axis:
     the distinct (r + P - k D) / S over stride phases r and offsets k where it divides."""
@@ -118,7 +140,8 @@ POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
 POOL_TUNERS = {name: Tuner(name) for name in (
     "max_pool2d_fwd", "max_pool2d_fwd_planar", "max_pool2d_bwd", "max_pool2d_bwd_planar",
     "avg_pool2d_fwd",
-    "avg_pool2d_bwd", "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd")}
+    "avg_pool2d_bwd", "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd",
+    "global_avg_pool2d_fwd", "global_avg_pool2d_bwd")}
 
 
 _LAUNCHES = Cache("pool launches")
@@ -256,12 +279,23 @@ class _TritonPool(_PoolLauncher):
 
     @staticmethod
     def plan_adaptive_fwd(x, y, g: PoolGeometry) -> Launch:
+        if _global(x, g):
+            return _launch("global_avg_pool2d_fwd", x, g.H * g.W, g, (x, y),
+                           (g.C, g.H * g.W, *x.stride()[:2], x.stride(3), *y.stride()[:2]),
+                           tile=lambda elems, warps: _global_tile(x, g, elems, warps),
+                           grid=lambda cfg: (cdiv(g.C, cfg["BLOCK_C"]), g.N))
         return _launch("adaptive_avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
                        (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(),
                         cdiv(g.H, g.OH) + 1, cdiv(g.W, g.OW) + 1))
 
     @staticmethod
     def plan_adaptive_bwd(dy, dx, g: PoolGeometry) -> Launch:
+        if _global(dx, g):
+            return _launch("global_avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
+                           (g.C, g.H * g.W, *dy.stride()[:2], *dx.stride()[:2], dx.stride(3)),
+                           tile=lambda elems, warps: _global_tile(dx, g, elems, warps),
+                           grid=lambda cfg: (cdiv(g.C, cfg["BLOCK_C"]),
+                                             cdiv(g.H * g.W, cfg["BLOCK_P"]), g.N))
         return _launch("adaptive_avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
                        (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(),
                         g.OH // g.H + 3, g.OW // g.W + 3))

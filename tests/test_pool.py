@@ -350,6 +350,32 @@ def test_adaptive_avg_pool2d(backend, output_size, layout):
     assert_close(dx, t_dx, torch.float32, name="grad vs torch")
 
 
+@backends
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_global_avg_pool2d(backend, layout):
+    """Output 1x1 (global average pooling): more positions than one block of the global
+    kernels (99), channel blocks with a ragged last one (70), fp16; a sliced input whose h and
+    w do not merge takes the windowed kernel."""
+    # means near 1, where a wrong divisor shows beyond fp16's rounding
+    x = random_tensor((2, 70, 9, 11 if layout != "sliced" else 22), torch.float16, DEVICE) + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[..., ::2]
+    out, g, (dx,) = run_with_grad(lambda t: pydl.adaptive_avg_pool2d(t, 1, backend=backend), [x])
+    y64 = ref.adaptive_avg_pool2d(x.double().cpu().numpy(), 1)
+    dx64 = ref.adaptive_avg_pool2d_backward(g.double().cpu().numpy(), tuple(x.shape))
+    assert out.shape == (2, 70, 1, 1)
+    assert_close(out, y64, torch.float16, reduction=99, name="forward vs reference")
+    assert_close(dx, dx64, torch.float16, name="grad vs reference")
+    # each within fp16's rounding of the exact value (fp32 sums and quotients)
+    exact = dict(rtol=2 ** -10, atol=1e-4)
+    torch.testing.assert_close(out.double().cpu(), torch.from_numpy(y64), **exact)
+    torch.testing.assert_close(dx.double().cpu(), torch.from_numpy(dx64), rtol=2 ** -10, atol=0)
+    if layout == "channels_last":
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
 # --- modules --------------------------------------------------------------------------------
 
 @backends

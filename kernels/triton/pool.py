@@ -528,3 +528,47 @@ def adaptive_avg_pool2d_bwd(
             acc += g / area[:, None]
     dx_off = pixel_offsets(n, h, w, c.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c)
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def global_avg_pool2d_fwd(
+    x_ptr, y_ptr,
+    C, HW,
+    sx_n, sx_c, sx_p,                  # x (N, C, H W): h and w merged (sx_h = W sx_w)
+    sy_n, sy_c,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """adaptive_avg_pool2d to 1x1 (global average pooling): y[n, c] = the mean of x[n, c]
+    over its HW positions, summed in fp32. A program owns BLOCK_C channels of one image and
+    walks its positions BLOCK_P at a time: a row reduction along p for NCHW (p contiguous),
+    a column reduction along p for channels_last (c contiguous), no window arithmetic.
+    Grid (cdiv(C, BLOCK_C), N)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = tl.program_id(1).to(tl.int64)
+    c_ok = (c < C)[:, None]
+    x_c = x_ptr + n * sx_n + c.to(tl.int64)[:, None] * sx_c
+    acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P))[None, :]
+        acc += tl.load(x_c + p * sx_p, mask=c_ok & (p < HW), other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / HW
+    tl.store(y_ptr + n * sy_n + c * sy_c, mean.to(y_ptr.dtype.element_ty), mask=c < C)
+
+
+@triton.jit
+def global_avg_pool2d_bwd(
+    dy_ptr, dx_ptr,
+    C, HW,
+    sdy_n, sdy_c,
+    sdx_n, sdx_c, sdx_p,               # dx (N, C, H W): h and w merged
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The backward of global average pooling: dx[n, c, p] = dy[n, c] / HW, one division a
+    channel and a broadcast store. Grid (cdiv(C, BLOCK_C), cdiv(HW, BLOCK_P), N)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
+    n = tl.program_id(2).to(tl.int64)
+    g = tl.load(dy_ptr + n * sdy_n + c * sdy_c, mask=c < C, other=0.0).to(tl.float32) / HW
+    tile = tl.zeros([BLOCK_C, BLOCK_P], tl.float32) + g[:, None]
+    tl.store(dx_ptr + n * sdx_n + c.to(tl.int64)[:, None] * sdx_c + p * sdx_p,
+             tile.to(dx_ptr.dtype.element_ty), mask=(c < C)[:, None] & (p < HW))
