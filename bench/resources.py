@@ -201,6 +201,19 @@ def _global_pool(C: int, H: int, channels_last: bool):
     return run
 
 
+def _avg_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_last: bool):
+    """An average pool of bench/suites/pool.py on its C x H x H bf16 input at batch 32,
+    forward and backward (count_include_pad, torch's default)."""
+    def run():
+        import torch
+        from pydl import pool
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        x.requires_grad_()
+        _grad([pool.avg_pool2d(x, kernel, stride, padding, backend="triton")], [x])
+    return run
+
+
 def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None):
     """One fp16 torch.nn.LSTM / GRU layer of the DeepBench suites (input = hidden), forward and
     backward through time on the GPU's schedule (the persistent recurrence, one cooperative
@@ -271,6 +284,9 @@ PROBLEMS = (
     ("pool", "stem infer cl", _max_pool(64, 112, 3, 2, 1, True, training=False)),
     ("pool", "stem infer nchw", _max_pool(64, 112, 3, 2, 1, False, training=False)),
     ("pool", "r50 head cl", _global_pool(2048, 7, True)),         # ResNet-50's global pool
+    ("pool", "densenet56 2x2s2 cl", _avg_pool(128, 56, 2, 2, 0, True)),     # transition1
+    ("pool", "densenet56 2x2s2 nchw", _avg_pool(128, 56, 2, 2, 0, False)),
+    ("pool", "inception35 3x3s1 cl", _avg_pool(192, 35, 3, 1, 1, True)),   # Mixed_5b pool
     ("pool", "r50 head nchw", _global_pool(2048, 7, False)),
     ("lstm", "h1024-b32", _rnn_layer("lstm", 1024, 32)),
     ("lstm", "h512-b64", _rnn_layer("lstm", 512, 64)),

@@ -125,13 +125,14 @@ def _window_shifts(S: int, P: int, D: int, K: int) -> int:
                 if (r + P - k * D) % S == 0})
 
 
-def _max_bwd_elems(g: PoolGeometry, elems: int, num_warps: int) -> int:
-    """A tile size of max pooling's backward: at most `elems`, and at most 64 window values a
-    thread (each window shift's gradient and argmax tiles stay in registers until the stores:
-    the stem pool's 4 shifts at 16 values a thread took 135 registers in the sm_90 compile,
+def _cells_bwd_elems(g: PoolGeometry, elems: int, num_warps: int, tiles: int = 2) -> int:
+    """A tile size of a pool's backward by cells: at most `elems`, and at most 128 values a
+    thread in the window tiles (each window shift's `tiles` tiles stay in registers until
+    the stores: max pooling's gradient and argmax, average pooling's scaled gradient; the
+    stem max pool's 4 shifts at 16 cells a thread took 135 registers in the sm_90 compile,
     3x3 windows at stride 1 (9 shifts) at 64 spilled)."""
     shifts = _window_shifts(g.SH, g.PH, g.DH, g.KH) * _window_shifts(g.SW, g.PW, g.DW, g.KW)
-    cap = max(32 * num_warps, 64 * 32 * num_warps // max(1, shifts))
+    cap = max(32 * num_warps, 128 * 32 * num_warps // max(1, shifts * tiles))
     return min(elems, 1 << (cap.bit_length() - 1))
 
 
@@ -139,8 +140,8 @@ def _max_bwd_elems(g: PoolGeometry, elems: int, num_warps: int) -> int:
 POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
 POOL_TUNERS = {name: Tuner(name) for name in (
     "max_pool2d_fwd", "max_pool2d_fwd_planar", "max_pool2d_bwd", "max_pool2d_bwd_planar",
-    "avg_pool2d_fwd",
-    "avg_pool2d_bwd", "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd",
+    "avg_pool2d_fwd", "avg_pool2d_bwd", "avg_pool2d_bwd_planar", "adaptive_avg_pool2d_fwd",
+    "adaptive_avg_pool2d_bwd",
     "global_avg_pool2d_fwd", "global_avg_pool2d_bwd")}
 
 
@@ -216,6 +217,46 @@ class _PoolLauncher:
         cls.plan_adaptive_bwd(dy, dx, g)(dy, dx)
 
 
+def _plan_cells_bwd(name: str, dy, idx, dx, g: PoolGeometry, **consts):
+    """The launch of a pool's backward by cells (kernels/triton/pool.py _cells_bwd): `name`
+    for channels-contiguous layouts, name + "_planar" for W-contiguous ones; max pooling's
+    (idx: the saved argmax) or average pooling's (idx None). Run as run(dy, idx, dx) or
+    run(dy, dx) likewise."""
+    # grad_out in grad_input's layout, as torch's own backward converts it: an NCHW
+    # gradient of a channels_last pool would be gathered element by element
+    fmt = torch.channels_last if _channels_fastest(dx) else torch.contiguous_format
+    if not dy.is_contiguous(memory_format=fmt):
+        launch = _plan_cells_bwd(name, dy.contiguous(memory_format=fmt), idx, dx, g, **consts)
+        return lambda dy, *rest: launch(dy.contiguous(memory_format=fmt), *rest)
+    # cells (i, j) of SH x SW input positions each, one per stride phase
+    ni, nj = cdiv(g.H, g.SH), cdiv(g.W, g.SW)
+    dim = 1 if _channels_fastest(dx) else 3             # the contiguous one
+    # the window's constexprs by position, after the strides: cheaper to pass than
+    # keywords on every launch that takes Triton's own path
+    window = (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW)
+    tiles = 2 if idx is not None else 1             # register tiles a window shift
+    if idx is not None:
+        tensors = (dy, idx, dx)
+        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(),
+                   *window, g.DH, g.DW, math.gcd(_alignment(dy, dim), _alignment(idx, dim)),
+                   _alignment(dx, dim))
+    else:
+        tensors = (dy, dx)
+        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.divisor, *window,
+                   _alignment(dy, dim), _alignment(dx, dim))
+    if dim == 1:
+        return _launch(name, dx, ni * nj, g, tensors, scalars,
+                       tile=lambda elems, warps: _triton_tile(
+                           dx, g.C, ni * nj, _cells_bwd_elems(g, elems, warps, tiles), warps),
+                       **consts)
+    rows = g.C * ni                             # (c, i) cell rows of an image
+    return _launch(name + "_planar", dx, ni * nj, g, tensors, scalars,
+                   tile=lambda elems, warps: _planar_tile(
+                       rows, nj, _cells_bwd_elems(g, elems, warps, tiles), warps),
+                   grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]), cdiv(nj, cfg["BLOCK_J"]),
+                                     g.N), **consts)
+
+
 class _TritonPool(_PoolLauncher):
     @staticmethod
     def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> Launch:
@@ -238,32 +279,7 @@ class _TritonPool(_PoolLauncher):
 
     @staticmethod
     def plan_max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int):
-        # grad_out in grad_input's layout, as torch's own backward converts it: an NCHW
-        # gradient of a channels_last pool would be gathered element by element
-        fmt = torch.channels_last if _channels_fastest(dx) else torch.contiguous_format
-        if not dy.is_contiguous(memory_format=fmt):
-            launch = _TritonPool.plan_max_bwd(dy.contiguous(memory_format=fmt), idx, dx, g,
-                                              index_mode)
-            return lambda dy, idx, dx: launch(dy.contiguous(memory_format=fmt), idx, dx)
-        # cells (i, j) of SH x SW input positions each, one per stride phase
-        ni, nj = cdiv(g.H, g.SH), cdiv(g.W, g.SW)
-        dim = 1 if _channels_fastest(dx) else 3             # the contiguous one
-        # the window's constexprs by position, after the strides: cheaper to pass than
-        # keywords on every launch that takes Triton's own path
-        scalars = (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *idx.stride(), *dx.stride(), g.KH,
-                   g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW,
-                   math.gcd(_alignment(dy, dim), _alignment(idx, dim)), _alignment(dx, dim))
-        if dim == 1:
-            return _launch("max_pool2d_bwd", dx, ni * nj, g, (dy, idx, dx), scalars,
-                           tile=lambda elems, warps: _triton_tile(
-                               dx, g.C, ni * nj, _max_bwd_elems(g, elems, warps), warps),
-                           INDEX_MODE=index_mode)
-        rows = g.C * ni                             # (c, i) cell rows of an image
-        return _launch("max_pool2d_bwd_planar", dx, ni * nj, g, (dy, idx, dx), scalars,
-                       tile=lambda elems, warps: _planar_tile(
-                           rows, nj, _max_bwd_elems(g, elems, warps), warps),
-                       grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]), cdiv(nj, cfg["BLOCK_J"]),
-                                         g.N), INDEX_MODE=index_mode)
+        return _plan_cells_bwd("max_pool2d_bwd", dy, idx, dx, g, INDEX_MODE=index_mode)
 
     @staticmethod
     def plan_avg_fwd(x, y, g: PoolGeometry) -> Launch:
@@ -272,10 +288,9 @@ class _TritonPool(_PoolLauncher):
                         g.PW, g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
 
     @staticmethod
-    def plan_avg_bwd(dy, dx, g: PoolGeometry) -> Launch:
-        return _launch("avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
-                       (g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *dx.stride(), g.SH, g.SW, g.PH,
-                        g.PW, g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)
+    def plan_avg_bwd(dy, dx, g: PoolGeometry):
+        return _plan_cells_bwd("avg_pool2d_bwd", dy, None, dx, g,
+                               COUNT_PAD=g.count_include_pad)
 
     @staticmethod
     def plan_adaptive_fwd(x, y, g: PoolGeometry) -> Launch:

@@ -310,6 +310,7 @@ AVG_CASES = [
     ((2, 2, 9, 11), 3, 2, 1, False),
     ((1, 3, 8, 7), 3, 2, 1, True),         # ceil_mode window running past the padded edge
     ((2, 2, 5, 6), (2, 3), (1, 2), (1, 1), True),
+    ((1, 2, 10, 11), 2, 3, 0, False),      # stride past the window: inputs no window holds
 ]
 
 
@@ -331,6 +332,32 @@ def test_avg_pool2d(backend, dtype, case, count_include_pad, divisor_override):
     assert_close(out, t_out, dtype, reduction=kk, name="forward vs torch")
     assert_close(dx, dx64, dtype, reduction=kk, name="grad vs reference")
     assert_close(dx, t_dx, dtype, reduction=kk, name="grad vs torch")
+
+
+@backends
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_nchw_grad", "sliced"])
+@pytest.mark.parametrize("case", [(3, 2, 1, False, True, None), (2, 2, 0, False, False, 3),
+                                  (3, 1, 1, True, False, None)], ids=str)
+def test_avg_pool2d_layouts(backend, layout, case):
+    """The backward by cells in both tilings (channels contiguous, W contiguous), an NCHW
+    upstream gradient into a channels_last pool (converted), and a sliced input."""
+    k, s, p, cm, count_pad, div = case
+    x = random_tensor((2, 6, 10, 9), torch.float32, DEVICE)
+    if layout.startswith("channels_last"):
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        x = x[:, 1::2, 1:, ::2]
+    opts = dict(ceil_mode=cm, count_include_pad=count_pad, divisor_override=div)
+    xg = x.detach().requires_grad_()
+    y = pydl.avg_pool2d(xg, k, s, p, backend=backend, **opts)
+    g = random_tensor(tuple(y.shape), torch.float32, DEVICE)
+    if layout == "channels_last":
+        g = g.to(memory_format=torch.channels_last)
+    (dx,) = torch.autograd.grad(y, xg, g)
+    y64 = ref.avg_pool2d(x.double().cpu().numpy(), k, s, p, **opts)
+    dx64 = ref.avg_pool2d_backward(g.double().cpu().numpy(), tuple(x.shape), k, s, p, **opts)
+    assert_close(y, y64, torch.float32, reduction=k * k, name="forward vs reference")
+    assert_close(dx, dx64, torch.float32, reduction=k * k, name="grad vs reference")
 
 
 @backends

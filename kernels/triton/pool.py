@@ -9,14 +9,15 @@ channels_last (C is contiguous), so loads are coalesced either way.
 Backward passes are gathers, not scatters: a program owns a tile of INPUT positions and, for
 each kernel offset (kh, kw), finds the one output window that holds the element at that offset
 (if any). Every input gradient is written exactly once: no atomics, no zero-fill, deterministic
-for overlapping windows (stride < kernel). Max pooling's backward works on cells: cell (i, j)
-holds the SH x SW inputs (SH i + rh, SW j + rw), one per stride phase. Within a phase a kernel
-offset reaches every cell's window (i + qh, j + qw), one shift, or none; stride, padding and
-dilation are constexprs, so this is settled at compile time, without a branch or a division
-per element. A program loads the grad_out and argmax tiles of each shift once, all before its
-first store (a store may alias a later load for all the compiler knows, which would put each
-load's wait in a row), and writes every phase of its cells; for W-contiguous layouts (NCHW,
-max_pool2d_bwd_planar) the loads and stores run along W in memory order.
+for overlapping windows (stride < kernel). The max and average pools' backward works on cells:
+cell (i, j) holds the SH x SW inputs (SH i + rh, SW j + rw), one per stride phase. Within a
+phase a kernel offset reaches every cell's window (i + qh, j + qw), one shift, or none; stride,
+padding and dilation are constexprs, so this is settled at compile time, without a branch or a
+division per element. A program loads the grad_out and argmax tiles of each shift once (the
+average pool: grad_out over each window's divisor), all before its first store (a store may
+alias a later load for all the compiler knows, which would put each load's wait in a row), and
+writes every phase of its cells; for W-contiguous layouts (NCHW, the _planar kernels) the loads
+and stores run along W in memory order.
 
 Max pooling's backward needs the argmax of each window. Training without return_indices saves
 it as a one-byte window offset kh * KW + kw (INDEX_LOCAL), an eighth of torch's int64 flat
@@ -32,11 +33,12 @@ reports that element.
 import triton
 import triton.language as tl
 
-from ._index import pixel_offsets, window_of
+from ._index import pixel_offsets
 
 INDEX_NONE = tl.constexpr(0)   # inference: no indices
 INDEX_LOCAL = tl.constexpr(1)  # window offset kh * KW + kw (int8 when KH * KW < 128)
 INDEX_FLAT = tl.constexpr(2)   # int64 h * W + w, torch's return_indices format
+AVERAGE = tl.constexpr(3)      # the cell backward of average pooling: every window counts
 
 
 @triton.jit
@@ -217,10 +219,11 @@ def _argmax_hit(idx, h, w, W, kh, kw, KW: tl.constexpr, INDEX_MODE: tl.constexpr
 
 
 @triton.jit
-def _window_tiles(dy_ptr, idx_ptr, dy_at, idx_at, i, j, ok, OH, OW, sdy_h, sdy_w, si_h, si_w,
-                  ALIGN: tl.constexpr, SHIFT_ALONG_COLUMNS: tl.constexpr,
+def _window_tiles(dy_ptr, idx_ptr, dy_at, idx_at, i, j, ok, H, W, OH, OW, sdy_h, sdy_w, si_h,
+                  si_w, ALIGN: tl.constexpr, SHIFT_ALONG_COLUMNS: tl.constexpr,
                   KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr):
+                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  MODE: tl.constexpr, COUNT_PAD: tl.constexpr, DIVISOR):
     """grad_out (fp32) and the argmax of the windows (i + qh, j + qw) for every shift
     (qh, qw) a kernel offset can give a cell (i, j) (_phase_grad), as two tuples in
     row-major shift order; loaded once and shared by the cell's stride phases. Masked to
@@ -228,7 +231,9 @@ def _window_tiles(dy_ptr, idx_ptr, dy_at, idx_at, i, j, ok, OH, OW, sdy_h, sdy_w
     (oh, ow), broadcast against them. ALIGN: a power of two dividing every offset where a
     run of the tile's contiguous columns starts (from the host), unless the shift moves
     along the columns (SHIFT_ALONG_COLUMNS, W-contiguous tiles) by other than a multiple of
-    it. A shift that no phase uses is dead code, removed by the compiler."""
+    it. A shift that no phase uses is dead code, removed by the compiler. MODE AVERAGE (the
+    average pool): grad_out over each window's divisor instead, one division a window tile
+    shared by the phases, and no argmax (args: the same tiles)."""
     grads = ()
     args = ()
     for a in tl.static_range((SH - 1 + PH) // SH - (PH - (KH - 1) * DH) // SH + 1):
@@ -247,8 +252,16 @@ def _window_tiles(dy_ptr, idx_ptr, dy_at, idx_at, i, j, ok, OH, OW, sdy_h, sdy_w
                               or ((PW - (KW - 1) * DW) // SW + b) % ALIGN == 0):
                 dy_off = tl.multiple_of(dy_off, [1, ALIGN])
                 idx_off = tl.multiple_of(idx_off, [1, ALIGN])
-            grads = grads + (tl.load(dy_ptr + dy_off, mask=m, other=0.0).to(tl.float32),)
-            args = args + (tl.load(idx_ptr + idx_off, mask=m, other=-1),)
+            g = tl.load(dy_ptr + dy_off, mask=m, other=0.0).to(tl.float32)
+            if MODE == AVERAGE:
+                scale = _avg_reciprocal(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD,
+                                        DIVISOR)
+                grads = grads + (tl.where(m, g * scale, 0.0),)  # no window: no divisor
+            else:
+                grads = grads + (g,)
+                args = args + (tl.load(idx_ptr + idx_off, mask=m, other=-1),)
+    if MODE == AVERAGE:
+        args = grads
     return grads, args
 
 
@@ -258,11 +271,11 @@ def _phase_grad(grads, args, h, w, W, RH: tl.constexpr, RW: tl.constexpr,
                 PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                 INDEX_MODE: tl.constexpr):
     """grad_input at the input positions (h, w) = (SH i + RH, SW j + RW) of stride phase
-    (RH, RW) of the cells (i, j): the sum of grad_out over the windows whose argmax they are,
-    from _window_tiles' tiles. Offset (kh, kw) reaches the phase when RH + PH - kh DH and
-    RW + PW - kw DW are multiples of the strides, and then holds every cell's input in
-    window (i + qh, j + qw), those multiples over the strides: decided at compile time, no
-    division and no branch."""
+    (RH, RW) of the cells (i, j): the sum of grad_out over the windows whose argmax they are
+    (over every window that holds them for AVERAGE), from _window_tiles' tiles. Offset (kh, kw)
+    reaches the phase when RH + PH - kh DH and RW + PW - kw DW are multiples of the strides, and
+    then holds every cell's input in window (i + qh, j + qw), those multiples over the strides:
+    decided at compile time, no division and no branch."""
     QH0: tl.constexpr = (PH - (KH - 1) * DH) // SH
     QW0: tl.constexpr = (PW - (KW - 1) * DW) // SW
     NQW: tl.constexpr = (SW - 1 + PW) // SW - QW0 + 1
@@ -272,11 +285,15 @@ def _phase_grad(grads, args, h, w, W, RH: tl.constexpr, RW: tl.constexpr,
             for kw in tl.static_range(KW):
                 if (RW + PW - kw * DW) % SW == 0:
                     # the tiles of shift (qh, qw)
-                    hit = _argmax_hit(args[((RH + PH - kh * DH) // SH - QH0) * NQW
-                                           + (RW + PW - kw * DW) // SW - QW0],
-                                      h, w, W, kh, kw, KW, INDEX_MODE)
-                    terms = terms + (tl.where(hit, grads[((RH + PH - kh * DH) // SH - QH0) * NQW
-                                                        + (RW + PW - kw * DW) // SW - QW0], 0.0),)
+                    g = grads[((RH + PH - kh * DH) // SH - QH0) * NQW
+                              + (RW + PW - kw * DW) // SW - QW0]
+                    if INDEX_MODE == AVERAGE:
+                        terms = terms + (g,)
+                    else:
+                        hit = _argmax_hit(args[((RH + PH - kh * DH) // SH - QH0) * NQW
+                                               + (RW + PW - kw * DW) // SW - QW0],
+                                          h, w, W, kh, kw, KW, INDEX_MODE)
+                        terms = terms + (tl.where(hit, g, 0.0),)
     if len(terms) == 0:                 # a stride longer than the window: no window holds it
         acc = tl.zeros(grads[0].shape, tl.float32)
     else:
@@ -300,14 +317,49 @@ def max_pool2d_bwd(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_input[h, w] = sum of grad_out over the windows whose argmax is (h, w), for
-    layouts with the channels contiguous. A program owns BLOCK_S cells (i, j) x BLOCK_C
-    channels of one image and writes all SH x SW input positions (SH i + rh, SW j + rw) of
-    its cells, one per stride phase: it loads the windows its cells can be in once
-    (_window_tiles: the window mask is constant along the channels, so 16-byte vector
-    loads), sums each phase's hits from registers (_phase_grad), and stores each position's
-    channels contiguously after every load. ALIGN_Y / ALIGN_X: powers of two dividing C and
-    the other strides of grad_out and the indices / of grad_input (host). Grid (cdiv(NI NJ,
-    BLOCK_S), cdiv(C, BLOCK_C), N), NI = cdiv(H, SH) and NJ = cdiv(W, SW) cells."""
+    layouts with the channels contiguous (_cells_bwd)."""
+    _cells_bwd(dy_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW, sdy_n, sdy_c, sdy_h, sdy_w,
+               si_n, si_c, si_h, si_w, sdx_n, sdx_c, sdx_h, sdx_w, KH, KW, SH, SW, PH, PW, DH,
+               DW, ALIGN_Y, ALIGN_X, INDEX_MODE, True, 0, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def avg_pool2d_bwd(
+    dy_ptr, dx_ptr,
+    C, H, W, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    DIVISOR,                           # divisor_override, or 0 for torch's rule
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr,
+    COUNT_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_input[h, w] = sum over the windows holding (h, w) of grad_out / divisor, for
+    layouts with the channels contiguous: max pooling's cell backward (_cells_bwd) with
+    every window counted, each window tile divided once."""
+    _cells_bwd(dy_ptr, dy_ptr, dx_ptr, C, H, W, OH, OW, sdy_n, sdy_c, sdy_h, sdy_w,
+               sdy_n, sdy_c, sdy_h, sdy_w, sdx_n, sdx_c, sdx_h, sdx_w, KH, KW, SH, SW, PH, PW,
+               1, 1, ALIGN_Y, ALIGN_X, AVERAGE, COUNT_PAD, DIVISOR, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def _cells_bwd(
+    dy_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW, sdy_n, sdy_c, sdy_h, sdy_w, si_n, si_c, si_h,
+    si_w, sdx_n, sdx_c, sdx_h, sdx_w,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr, INDEX_MODE: tl.constexpr,
+    COUNT_PAD: tl.constexpr, DIVISOR, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The pools' backward by cells, for layouts with the channels contiguous. A program
+    owns BLOCK_S cells (i, j) x BLOCK_C channels of one image and writes all SH x SW input
+    positions (SH i + rh, SW j + rw) of its cells, one per stride phase: it loads the windows
+    its cells can be in once (_window_tiles: the window mask is constant along the channels, so
+    16-byte vector loads), sums each phase's terms from registers (_phase_grad), and stores each
+    position's channels contiguously after every load. ALIGN_Y / ALIGN_X: powers of two dividing
+    C and the other strides of grad_out and the indices / of grad_input (host). Grid (cdiv(NI
+    NJ, BLOCK_S), cdiv(C, BLOCK_C), N), NI = cdiv(H, SH) and NJ = cdiv(W, SW) cells."""
     NJ = tl.cdiv(W, SW)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     i = (s // NJ)[:, None]
@@ -319,8 +371,9 @@ def max_pool2d_bwd(
     AY: tl.constexpr = ALIGN_Y if ALIGN_Y < BLOCK_C else BLOCK_C
     AX: tl.constexpr = ALIGN_X if ALIGN_X < BLOCK_C else BLOCK_C
     grads, args = _window_tiles(dy_ptr, idx_ptr, n * sdy_n + c * sdy_c, n * si_n + c * si_c,
-                                i, j, cell_ok & (c < _multiple(C, AY)), OH, OW, sdy_h, sdy_w,
-                                si_h, si_w, AY, False, KH, KW, SH, SW, PH, PW, DH, DW)
+                                i, j, cell_ok & (c < _multiple(C, AY)), H, W, OH, OW, sdy_h,
+                                sdy_w, si_h, si_w, AY, False, KH, KW, SH, SW, PH, PW, DH, DW,
+                                INDEX_MODE, COUNT_PAD, DIVISOR)
     c_ok = c < _multiple(C, AX)
     for rh in tl.static_range(SH):
         h = i * SH + rh
@@ -348,8 +401,42 @@ def max_pool2d_bwd_planar(
     INDEX_MODE: tl.constexpr,          # INDEX_LOCAL or INDEX_FLAT
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """max_pool2d_bwd for layouts whose contiguous axis is W (NCHW). A program owns
-    BLOCK_I x BLOCK_J cells of one image, rows r = (c, i) of its planes flattened (a small
+    """max_pool2d_bwd for layouts whose contiguous axis is W (NCHW) (_cells_bwd_planar)."""
+    _cells_bwd_planar(dy_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW, sdy_n, sdy_c, sdy_h, sdy_w,
+                      si_n, si_c, si_h, si_w, sdx_n, sdx_c, sdx_h, sdx_w, KH, KW, SH, SW, PH,
+                      PW, DH, DW, ALIGN_Y, ALIGN_X, INDEX_MODE, True, 0, BLOCK_I, BLOCK_J)
+
+
+@triton.jit
+def avg_pool2d_bwd_planar(
+    dy_ptr, dx_ptr,
+    C, H, W, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,
+    DIVISOR,                           # divisor_override, or 0 for torch's rule
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr,
+    COUNT_PAD: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """avg_pool2d_bwd for layouts whose contiguous axis is W (NCHW) (_cells_bwd_planar)."""
+    _cells_bwd_planar(dy_ptr, dy_ptr, dx_ptr, C, H, W, OH, OW, sdy_n, sdy_c, sdy_h, sdy_w,
+                      sdy_n, sdy_c, sdy_h, sdy_w, sdx_n, sdx_c, sdx_h, sdx_w, KH, KW, SH, SW,
+                      PH, PW, 1, 1, ALIGN_Y, ALIGN_X, AVERAGE, COUNT_PAD, DIVISOR, BLOCK_I,
+                      BLOCK_J)
+
+
+@triton.jit
+def _cells_bwd_planar(
+    dy_ptr, idx_ptr, dx_ptr, C, H, W, OH, OW, sdy_n, sdy_c, sdy_h, sdy_w, si_n, si_c, si_h,
+    si_w, sdx_n, sdx_c, sdx_h, sdx_w,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ALIGN_Y: tl.constexpr, ALIGN_X: tl.constexpr, INDEX_MODE: tl.constexpr,
+    COUNT_PAD: tl.constexpr, DIVISOR, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """The pools' backward by cells, for layouts whose contiguous axis is W (NCHW). A program
+    owns BLOCK_I x BLOCK_J cells of one image, rows r = (c, i) of its planes flattened (a small
     plane's rows do not leave the tile empty) x columns j, and writes all SH x SW stride
     phases of them. Its grad_out and index loads (_window_tiles; ow = j + qw) run along W,
     vectors where qw = 0; for stride 2 the two column phases of a row are interleaved in
@@ -370,8 +457,9 @@ def max_pool2d_bwd_planar(
     AY: tl.constexpr = ALIGN_Y if ALIGN_Y < BLOCK_J else BLOCK_J
     AX: tl.constexpr = ALIGN_X if ALIGN_X < 2 * BLOCK_J else 2 * BLOCK_J
     grads, args = _window_tiles(dy_ptr, idx_ptr, n * sdy_n + c * sdy_c, n * si_n + c * si_c,
-                                i, j, row_ok, OH, _multiple(OW, AY), sdy_h, sdy_w, si_h, si_w,
-                                AY, True, KH, KW, SH, SW, PH, PW, DH, DW)
+                                i, j, row_ok, H, W, OH, _multiple(OW, AY), sdy_h, sdy_w, si_h,
+                                si_w, AY, True, KH, KW, SH, SW, PH, PW, DH, DW, INDEX_MODE,
+                                COUNT_PAD, DIVISOR)
     W_ = _multiple(W, AX)
     for rh in tl.static_range(SH):
         h = i * SH + rh
@@ -402,16 +490,30 @@ def max_pool2d_bwd_planar(
 def _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH: tl.constexpr, KW: tl.constexpr,
                  COUNT_PAD: tl.constexpr, DIVISOR):
     """torch's divisor of window (oh, ow): divisor_override if > 0; else the window clipped to
-    the padded input (count_include_pad) or to the input."""
-    h0 = oh * SH - PH
-    w0 = ow * SW - PW
-    h1 = tl.minimum(h0 + KH, H + PH)
-    w1 = tl.minimum(w0 + KW, W + PW)
-    if COUNT_PAD:
-        count = (h1 - h0) * (w1 - w0)
-    else:
-        count = (tl.minimum(h1, H) - tl.maximum(h0, 0)) * (tl.minimum(w1, W) - tl.maximum(w0, 0))
+    the padded input (count_include_pad) or to the input, rows x columns (_avg_extent)."""
+    count = _avg_extent(oh, H, SH, PH, KH, COUNT_PAD) * _avg_extent(ow, W, SW, PW, KW, COUNT_PAD)
     return tl.where(DIVISOR > 0, DIVISOR, count).to(tl.float32)
+
+
+@triton.jit
+def _avg_extent(o, I, S, P, K: tl.constexpr, COUNT_PAD: tl.constexpr):
+    """The rows (or columns) of window o along one axis that torch's divisor counts."""
+    a0 = o * S - P
+    a1 = tl.minimum(a0 + K, I + P)
+    if COUNT_PAD:
+        return a1 - a0
+    return tl.minimum(a1, I) - tl.maximum(a0, 0)
+
+
+@triton.jit
+def _avg_reciprocal(oh, ow, H, W, SH, SW, PH, PW, KH: tl.constexpr, KW: tl.constexpr,
+                    COUNT_PAD: tl.constexpr, DIVISOR):
+    """1 / _avg_divisor(oh, ow, ...), as two per-axis reciprocals (torch's count is rows x
+    columns): a division a row and a column of a tile, a multiply an element. Within 2 ulp
+    of fp32 division by the count."""
+    counted = (1.0 / _avg_extent(oh, H, SH, PH, KH, COUNT_PAD).to(tl.float32)) * \
+        (1.0 / _avg_extent(ow, W, SW, PW, KW, COUNT_PAD).to(tl.float32))
+    return tl.where(DIVISOR > 0, 1.0 / DIVISOR, counted)
 
 
 @triton.jit
@@ -441,34 +543,6 @@ def avg_pool2d_fwd(
     div = _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
     out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
     tl.store(y_ptr + out_off, (acc / div[:, None]).to(y_ptr.dtype.element_ty), mask=tile_mask)
-
-
-@triton.jit
-def avg_pool2d_bwd(
-    dy_ptr, dx_ptr,
-    C, H, W, OH, OW,
-    sdy_n, sdy_c, sdy_h, sdy_w,
-    sdx_n, sdx_c, sdx_h, sdx_w,
-    SH, SW, PH, PW,
-    DIVISOR,
-    KH: tl.constexpr, KW: tl.constexpr, COUNT_PAD: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """grad_input[h, w] = sum over windows holding (h, w) of grad_out / divisor."""
-    h, w, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, H, W, C)
-    dy_base = dy_ptr + n * sdy_n + c[None, :].to(tl.int64) * sdy_c
-    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for kh in tl.static_range(KH):
-        oh, h_ok = window_of(h, kh, PH, 1, SH, OH)
-        for kw in tl.static_range(KW):
-            ow, w_ok = window_of(w, kw, PW, 1, SW, OW)
-            ok_s = h_ok & w_ok
-            off = (oh.to(tl.int64) * sdy_h + ow.to(tl.int64) * sdy_w)[:, None]
-            g = tl.load(dy_base + off, mask=ok_s[:, None] & tile_mask, other=0.0).to(tl.float32)
-            div = _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
-            acc += g / div[:, None]
-    dx_off = pixel_offsets(n, h, w, c.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c)
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
