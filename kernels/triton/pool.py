@@ -77,24 +77,16 @@ def _max_start(h0, w0, W, DH, DW, KW: tl.constexpr, INDEX_MODE: tl.constexpr):
 
 @triton.jit
 def _max_take(best, best_idx, v, index, INDEX_MODE: tl.constexpr):
-    """One window element v (-inf where masked) into the running (best, best_idx): inference
-    (no index) a NaN-propagating max in the input's dtype (exact in any dtype; two 16-bit
-    lanes an instruction); with an index torch's rule in fp32, v taken when v > best or
-    isnan(v) (ties keep the first, the last NaN wins), `index` its index."""
-    if INDEX_MODE == INDEX_NONE:
-        best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
-    else:
-        v = v.to(tl.float32)
+    """One window element v (-inf where masked) into the running (best, best_idx), in the
+    input's dtype (compares and max are exact in any dtype; 16-bit values two lanes an
+    instruction): the value a NaN-propagating max, and with an index torch's rule, v taken
+    when v > best or isnan(v) (ties keep the first, the last NaN wins: the value the max
+    gives then too), `index` its index."""
+    if INDEX_MODE != INDEX_NONE:
         take = (v > best) | (v != v)
-        best = tl.where(take, v, best)
         best_idx = tl.where(take, index, best_idx)
+    best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
     return best, best_idx
-
-
-@triton.jit
-def _max_init(shape, dtype, INDEX_MODE: tl.constexpr):
-    """The running max before a window: -inf in the input's dtype (inference) or fp32."""
-    return tl.full(shape, float("-inf"), dtype if INDEX_MODE == INDEX_NONE else tl.float32)
 
 
 @triton.jit
@@ -114,7 +106,7 @@ def max_pool2d_fwd(
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
-    best = _max_init([BLOCK_S, BLOCK_C], x_ptr.dtype.element_ty, INDEX_MODE)
+    best = tl.full([BLOCK_S, BLOCK_C], float("-inf"), x_ptr.dtype.element_ty)
     best_idx = tl.zeros([BLOCK_S, BLOCK_C], tl.int32) + \
         _max_start(h0, w0, W, DH, DW, KW, INDEX_MODE)[:, None]
     for kh in tl.static_range(KH):
@@ -163,7 +155,7 @@ def max_pool2d_fwd_planar(
     W_ = _multiple(W, AX)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
-    best = _max_init([BLOCK_I, BLOCK_J], x_ptr.dtype.element_ty, INDEX_MODE)
+    best = tl.full([BLOCK_I, BLOCK_J], float("-inf"), x_ptr.dtype.element_ty)
     best_idx = tl.zeros([BLOCK_I, BLOCK_J], tl.int32) + \
         _max_start(h0, w0, W, DH, DW, KW, INDEX_MODE)
     x_plane = x_ptr + n * sx_n + c * _multiple(sx_c, AX)
