@@ -140,7 +140,7 @@ def _cells_bwd_elems(g: PoolGeometry, elems: int, num_warps: int, tiles: int = 2
 POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
 POOL_TUNERS = {name: Tuner(name) for name in (
     "max_pool2d_fwd", "max_pool2d_fwd_planar", "max_pool2d_bwd", "max_pool2d_bwd_planar",
-    "avg_pool2d_fwd", "avg_pool2d_bwd", "avg_pool2d_bwd_planar", "adaptive_avg_pool2d_fwd",
+    "avg_pool2d_fwd", "avg_pool2d_fwd_planar", "avg_pool2d_bwd", "avg_pool2d_bwd_planar", "adaptive_avg_pool2d_fwd",
     "adaptive_avg_pool2d_bwd",
     "global_avg_pool2d_fwd", "global_avg_pool2d_bwd")}
 
@@ -217,6 +217,22 @@ class _PoolLauncher:
         cls.plan_adaptive_bwd(dy, dx, g)(dy, dx)
 
 
+def _w_contiguous(x, y) -> bool:
+    """A pool's input and output whose contiguous axis is W (NCHW): the planar forward's."""
+    return x.stride(3) == 1 and y.stride(3) == 1 and not _channels_fastest(x)
+
+
+def _planar_fwd(name: str, x, tensors, scalars, g: PoolGeometry, per_thread: int, **consts):
+    """The launch of a planar forward (kernels/triton/pool.py _pool_fwd_planar): rows (c, oh)
+    of output columns, at most `per_thread` outputs a thread."""
+    rows = g.C * g.OH                           # (c, oh) output rows of an image
+    return _launch(name, x, g.OH * g.OW, g, tensors, scalars,
+                   tile=lambda elems, warps: _planar_tile(
+                       rows, g.OW, min(elems, per_thread * 32 * warps), warps),
+                   grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]), cdiv(g.OW, cfg["BLOCK_J"]),
+                                     g.N), **consts)
+
+
 def _plan_cells_bwd(name: str, dy, idx, dx, g: PoolGeometry, **consts):
     """The launch of a pool's backward by cells (kernels/triton/pool.py _cells_bwd): `name`
     for channels-contiguous layouts, name + "_planar" for W-contiguous ones; max pooling's
@@ -261,18 +277,11 @@ class _TritonPool(_PoolLauncher):
     @staticmethod
     def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> Launch:
         tensors = (x, y, idx if idx is not None else y)
-        if x.stride(3) == 1 and y.stride(3) == 1 and not _channels_fastest(x):
-            # W contiguous (NCHW): rows of output columns, loads along W
-            rows = g.C * g.OH                           # (c, oh) output rows of an image
-            return _launch("max_pool2d_fwd_planar", x, g.OH * g.OW, g, tensors,
-                           (g.C, g.H, g.W, g.OH, g.OW, *x.stride()[:3], *y.stride()[:3], g.KH,
-                            g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, _alignment(x, 3)),
-                           tile=lambda elems, warps: _planar_tile(
-                               rows, g.OW, min(elems, _fwd_planar_per_thread(index_mode) * 32 *
-                                               warps), warps),
-                           grid=lambda cfg: (cdiv(rows, cfg["BLOCK_I"]),
-                                             cdiv(g.OW, cfg["BLOCK_J"]), g.N),
-                           INDEX_MODE=index_mode)
+        if _w_contiguous(x, y):
+            return _planar_fwd("max_pool2d_fwd_planar", x, tensors, (
+                g.C, g.H, g.W, g.OH, g.OW, *x.stride()[:3], *y.stride()[:3], g.KH, g.KW, g.SH,
+                g.SW, g.PH, g.PW, g.DH, g.DW, _alignment(x, 3)), g,
+                _fwd_planar_per_thread(index_mode), INDEX_MODE=index_mode)
         return _launch("max_pool2d_fwd", x, g.OH * g.OW, g, tensors,
                        (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH,
                         g.PW, g.DH, g.DW), KH=g.KH, KW=g.KW, INDEX_MODE=index_mode)
@@ -283,6 +292,11 @@ class _TritonPool(_PoolLauncher):
 
     @staticmethod
     def plan_avg_fwd(x, y, g: PoolGeometry) -> Launch:
+        if _w_contiguous(x, y):
+            return _planar_fwd("avg_pool2d_fwd_planar", x, (x, y), (
+                g.C, g.H, g.W, g.OH, g.OW, *x.stride()[:3], *y.stride()[:3], g.divisor, g.KH,
+                g.KW, g.SH, g.SW, g.PH, g.PW, _alignment(x, 3)), g, 8,
+                COUNT_PAD=g.count_include_pad)
         return _launch("avg_pool2d_fwd", x, g.OH * g.OW, g, (x, y),
                        (g.C, g.H, g.W, g.OH, g.OW, *x.stride(), *y.stride(), g.SH, g.SW, g.PH,
                         g.PW, g.divisor), KH=g.KH, KW=g.KW, COUNT_PAD=g.count_include_pad)

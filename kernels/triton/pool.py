@@ -76,16 +76,20 @@ def _max_start(h0, w0, W, DH, DW, KW: tl.constexpr, INDEX_MODE: tl.constexpr):
 
 
 @triton.jit
-def _max_take(best, best_idx, v, index, INDEX_MODE: tl.constexpr):
-    """One window element v (-inf where masked) into the running (best, best_idx), in the
-    input's dtype (compares and max are exact in any dtype; 16-bit values two lanes an
-    instruction): the value a NaN-propagating max, and with an index torch's rule, v taken
-    when v > best or isnan(v) (ties keep the first, the last NaN wins: the value the max
-    gives then too), `index` its index."""
-    if INDEX_MODE != INDEX_NONE:
-        take = (v > best) | (v != v)
-        best_idx = tl.where(take, index, best_idx)
-    best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
+def _window_take(best, best_idx, v, index, MODE: tl.constexpr):
+    """One window element v into the running (best, best_idx) of a window. Max pooling, in
+    the input's dtype (compares and max are exact in any dtype; 16-bit values two lanes an
+    instruction), v -inf where masked: the value a NaN-propagating max, and with an index
+    torch's rule, v taken when v > best or isnan(v) (ties keep the first, the last NaN wins:
+    the value the max gives then too), `index` its index. AVERAGE: an fp32 sum, v 0 where
+    masked."""
+    if MODE == AVERAGE:
+        best += v.to(tl.float32)
+    else:
+        if MODE != INDEX_NONE:
+            take = (v > best) | (v != v)
+            best_idx = tl.where(take, index, best_idx)
+        best = tl.maximum(best, v, propagate_nan=tl.PropagateNan.ALL)
     return best, best_idx
 
 
@@ -100,15 +104,45 @@ def max_pool2d_fwd(
     INDEX_MODE: tl.constexpr,          # INDEX_NONE / INDEX_LOCAL / INDEX_FLAT
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Any layout; a [BLOCK_S positions, BLOCK_C channels] tile (channels_last: its loads
-    are vectors along C). W-contiguous layouts take max_pool2d_fwd_planar."""
+    """Any layout (_pool_fwd). W-contiguous layouts take max_pool2d_fwd_planar."""
+    _pool_fwd(x_ptr, y_ptr, idx_ptr, C, H, W, OH, OW, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h,
+              sy_w, SH, SW, PH, PW, DH, DW, KH, KW, INDEX_MODE, True, 0, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def avg_pool2d_fwd(
+    x_ptr, y_ptr,
+    C, H, W, OH, OW,
+    sx_n, sx_c, sx_h, sx_w,
+    sy_n, sy_c, sy_h, sy_w,
+    SH, SW, PH, PW,
+    DIVISOR,                           # divisor_override, or 0 for torch's rule
+    KH: tl.constexpr, KW: tl.constexpr, COUNT_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Any layout (_pool_fwd). W-contiguous layouts take avg_pool2d_fwd_planar."""
+    _pool_fwd(x_ptr, y_ptr, y_ptr, C, H, W, OH, OW, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h,
+              sy_w, SH, SW, PH, PW, 1, 1, KH, KW, AVERAGE, COUNT_PAD, DIVISOR, BLOCK_S,
+              BLOCK_C)
+
+
+@triton.jit
+def _pool_fwd(
+    x_ptr, y_ptr, idx_ptr, C, H, W, OH, OW, sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
+    SH, SW, PH, PW, DH, DW, KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    COUNT_PAD: tl.constexpr, DIVISOR, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The max (MODE an INDEX_*) or average (AVERAGE) pool's forward for any layout: a
+    [BLOCK_S positions, BLOCK_C channels] tile (channels_last: its loads are vectors along
+    C), the window's offsets in row-major order (_window_take)."""
     oh, ow, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, OH, OW, C)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
     x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
-    best = tl.full([BLOCK_S, BLOCK_C], float("-inf"), x_ptr.dtype.element_ty)
+    best = tl.full([BLOCK_S, BLOCK_C], 0.0 if MODE == AVERAGE else float("-inf"),
+                   tl.float32 if MODE == AVERAGE else x_ptr.dtype.element_ty)
     best_idx = tl.zeros([BLOCK_S, BLOCK_C], tl.int32) + \
-        _max_start(h0, w0, W, DH, DW, KW, INDEX_MODE)[:, None]
+        _max_start(h0, w0, W, DH, DW, KW, MODE)[:, None]
     for kh in tl.static_range(KH):
         h = h0 + kh * DH
         h_ok = (h >= 0) & (h < H)
@@ -116,12 +150,16 @@ def max_pool2d_fwd(
             w = w0 + kw * DW
             ok = (h_ok & (w >= 0) & (w < W))[:, None] & tile_mask
             off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-            v = tl.load(x_base + off[:, None], mask=ok, other=float("-inf"))
-            index = (h * W + w)[:, None] if INDEX_MODE == INDEX_FLAT else kh * KW + kw
-            best, best_idx = _max_take(best, best_idx, v, index, INDEX_MODE)
+            v = tl.load(x_base + off[:, None], mask=ok,
+                        other=0.0 if MODE == AVERAGE else float("-inf"))
+            index = (h * W + w)[:, None] if MODE == INDEX_FLAT else kh * KW + kw
+            best, best_idx = _window_take(best, best_idx, v, index, MODE)
+    if MODE == AVERAGE:
+        best = best / _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD,
+                                   DIVISOR)[:, None]
     out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
     tl.store(y_ptr + out_off, best.to(y_ptr.dtype.element_ty), mask=tile_mask)
-    if INDEX_MODE != INDEX_NONE:
+    if MODE == INDEX_LOCAL or MODE == INDEX_FLAT:
         tl.store(idx_ptr + out_off, best_idx.to(idx_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -137,14 +175,45 @@ def max_pool2d_fwd_planar(
     INDEX_MODE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """max_pool2d_fwd for layouts whose contiguous axis is W (NCHW): a program owns
+    """max_pool2d_fwd for layouts whose contiguous axis is W (NCHW) (_pool_fwd_planar)."""
+    _pool_fwd_planar(x_ptr, y_ptr, idx_ptr, C, H, W, OH, OW, sx_n, sx_c, sx_h, sy_n, sy_c,
+                     sy_h, KH, KW, SH, SW, PH, PW, DH, DW, ALIGN_X, INDEX_MODE, True, 0,
+                     BLOCK_I, BLOCK_J)
+
+
+@triton.jit
+def avg_pool2d_fwd_planar(
+    x_ptr, y_ptr,
+    C, H, W, OH, OW,
+    sx_n, sx_c, sx_h,                  # input strides (W contiguous)
+    sy_n, sy_c, sy_h,                  # output strides (OW contiguous)
+    DIVISOR,                           # divisor_override, or 0 for torch's rule
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, ALIGN_X: tl.constexpr, COUNT_PAD: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """avg_pool2d_fwd for layouts whose contiguous axis is W (NCHW) (_pool_fwd_planar)."""
+    _pool_fwd_planar(x_ptr, y_ptr, y_ptr, C, H, W, OH, OW, sx_n, sx_c, sx_h, sy_n, sy_c,
+                     sy_h, KH, KW, SH, SW, PH, PW, 1, 1, ALIGN_X, AVERAGE, COUNT_PAD, DIVISOR,
+                     BLOCK_I, BLOCK_J)
+
+
+@triton.jit
+def _pool_fwd_planar(
+    x_ptr, y_ptr, idx_ptr, C, H, W, OH, OW, sx_n, sx_c, sx_h, sy_n, sy_c, sy_h,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    ALIGN_X: tl.constexpr, MODE: tl.constexpr, COUNT_PAD: tl.constexpr, DIVISOR,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """The pools' forward for layouts whose contiguous axis is W (NCHW): a program owns
     BLOCK_I output rows r = (c, oh) of one image (a small plane's rows do not leave the tile
     empty) x BLOCK_J output columns ow, and reads input rows along W. At stride 2 the
     window offsets 2 ow + 2q + {0, 1} of every column are one contiguous row segment, loaded
     (as 16-byte vectors where q = 0) and split into its two phases in registers, one tile
     layout for every offset (a separate strided load of 2 ow - 1 made the compile move each
-    tile through shared memory). Grid
-    (cdiv(C OH, BLOCK_I), cdiv(OW, BLOCK_J), N)."""
+    tile through shared memory). Grid (cdiv(C OH, BLOCK_I), cdiv(OW, BLOCK_J), N)."""
+    FILL: tl.constexpr = 0.0 if MODE == AVERAGE else float("-inf")
     r = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     c = (r // OH).to(tl.int64)[:, None]
     oh = (r % OH)[:, None]
@@ -155,9 +224,10 @@ def max_pool2d_fwd_planar(
     W_ = _multiple(W, AX)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
-    best = tl.full([BLOCK_I, BLOCK_J], float("-inf"), x_ptr.dtype.element_ty)
+    best = tl.full([BLOCK_I, BLOCK_J], FILL,
+                   tl.float32 if MODE == AVERAGE else x_ptr.dtype.element_ty)
     best_idx = tl.zeros([BLOCK_I, BLOCK_J], tl.int32) + \
-        _max_start(h0, w0, W, DH, DW, KW, INDEX_MODE)
+        _max_start(h0, w0, W, DH, DW, KW, MODE)
     x_plane = x_ptr + n * sx_n + c * _multiple(sx_c, AX)
     seg = (tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J))[None, :]
     for kh in tl.static_range(KH):
@@ -172,21 +242,22 @@ def max_pool2d_fwd_planar(
                 # in registers, shared by the offsets of the same q
                 if kw == 0 or (kw * DW - PW) // 2 != ((kw - 1) * DW - PW) // 2:
                     ws = seg + (kw * DW - PW) // 2 * 2
-                    pair = tl.load(x_row + ws, mask=h_ok & (ws >= 0) & (ws < W_),
-                                   other=float("-inf"))
+                    pair = tl.load(x_row + ws, mask=h_ok & (ws >= 0) & (ws < W_), other=FILL)
                     even, odd = tl.split(tl.reshape(pair, [BLOCK_I, BLOCK_J, 2]))
                 if (kw * DW - PW) % 2 == 1:
                     v = odd
                 else:
                     v = even
             else:
-                v = tl.load(x_row + w, mask=h_ok & (w >= 0) & (w < W), other=float("-inf"))
-            index = h * W + w if INDEX_MODE == INDEX_FLAT else kh * KW + kw
-            best, best_idx = _max_take(best, best_idx, v, index, INDEX_MODE)
+                v = tl.load(x_row + w, mask=h_ok & (w >= 0) & (w < W), other=FILL)
+            index = h * W + w if MODE == INDEX_FLAT else kh * KW + kw
+            best, best_idx = _window_take(best, best_idx, v, index, MODE)
+    if MODE == AVERAGE:
+        best = best / _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
     out_off = n * sy_n + c * sy_c + oh.to(tl.int64) * sy_h + ow
     out_ok = row_ok & (ow < OW)
     tl.store(y_ptr + out_off, best.to(y_ptr.dtype.element_ty), mask=out_ok)
-    if INDEX_MODE != INDEX_NONE:
+    if MODE == INDEX_LOCAL or MODE == INDEX_FLAT:
         tl.store(idx_ptr + out_off, best_idx.to(idx_ptr.dtype.element_ty), mask=out_ok)
 
 
@@ -506,35 +577,6 @@ def _avg_reciprocal(oh, ow, H, W, SH, SW, PH, PW, KH: tl.constexpr, KW: tl.const
     counted = (1.0 / _avg_extent(oh, H, SH, PH, KH, COUNT_PAD).to(tl.float32)) * \
         (1.0 / _avg_extent(ow, W, SW, PW, KW, COUNT_PAD).to(tl.float32))
     return tl.where(DIVISOR > 0, 1.0 / DIVISOR, counted)
-
-
-@triton.jit
-def avg_pool2d_fwd(
-    x_ptr, y_ptr,
-    C, H, W, OH, OW,
-    sx_n, sx_c, sx_h, sx_w,
-    sy_n, sy_c, sy_h, sy_w,
-    SH, SW, PH, PW,
-    DIVISOR,                           # divisor_override, or 0 for torch's rule
-    KH: tl.constexpr, KW: tl.constexpr, COUNT_PAD: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    oh, ow, c, n, tile_mask = _tile(BLOCK_S, BLOCK_C, OH, OW, C)
-    h0 = oh * SH - PH
-    w0 = ow * SW - PW
-    x_base = x_ptr + n * sx_n + c[None, :].to(tl.int64) * sx_c
-    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    for kh in tl.static_range(KH):
-        h = h0 + kh
-        h_ok = (h >= 0) & (h < H)
-        for kw in tl.static_range(KW):
-            w = w0 + kw
-            ok = (h_ok & (w >= 0) & (w < W))[:, None] & tile_mask
-            off = h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-            acc += tl.load(x_base + off[:, None], mask=ok, other=0.0).to(tl.float32)
-    div = _avg_divisor(oh, ow, H, W, SH, SW, PH, PW, KH, KW, COUNT_PAD, DIVISOR)
-    out_off = pixel_offsets(n, oh, ow, c.to(tl.int64), sy_n, sy_h, sy_w, sy_c)
-    tl.store(y_ptr + out_off, (acc / div[:, None]).to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
