@@ -73,13 +73,15 @@ def test_max_pool2d(backend, dtype, case):
 
 
 @backends
-@pytest.mark.parametrize("layout", ["channels_last", "sliced", "unbatched"])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "offset", "unbatched"])
 def test_max_pool2d_layouts(backend, layout):
     x = random_tensor((2, 6, 10, 9), torch.float32, DEVICE)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     elif layout == "sliced":
         x = x[:, 1::2, 1:, ::2]
+    elif layout == "offset":        # W contiguous (the planar kernels), rows not aligned
+        x = x[:, :, 1:, 1:]
     else:
         x = x[0]
     _check_max(x, 3, 2, 1, 1, True, backend, torch.float32)
@@ -335,7 +337,8 @@ def test_avg_pool2d(backend, dtype, case, count_include_pad, divisor_override):
 
 
 @backends
-@pytest.mark.parametrize("layout", ["channels_last", "channels_last_nchw_grad", "sliced"])
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_nchw_grad", "sliced",
+                                    "offset"])
 @pytest.mark.parametrize("case", [(3, 2, 1, False, True, None), (2, 2, 0, False, False, 3),
                                   (3, 1, 1, True, False, None)], ids=str)
 def test_avg_pool2d_layouts(backend, layout, case):
@@ -345,6 +348,8 @@ def test_avg_pool2d_layouts(backend, layout, case):
     x = random_tensor((2, 6, 10, 9), torch.float32, DEVICE)
     if layout.startswith("channels_last"):
         x = x.to(memory_format=torch.channels_last)
+    elif layout == "offset":        # W contiguous (the planar kernels), rows not aligned
+        x = x[:, :, 1:, 1:]
     else:
         x = x[:, 1::2, 1:, ::2]
     opts = dict(ceil_mode=cm, count_include_pad=count_pad, divisor_override=div)
