@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits, load_f32, store_f32  # noqa: F401
+from ._dtypes import BF16, FP32, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits, load_f32, store_f32  # noqa: F401
 from ._grid import grid_threads, thread_index
 
 ZERO = np.float32(0.0)
@@ -156,6 +156,20 @@ def per_tiling(build):
 
 # --- the products of a step -------------------------------------------------------------------
 
+@cuda.jit(device=True, inline="always")
+def stage_rows(sa, a, row0, k0, K, code, tid, TB, TK, NT):
+    """sa[i, kk] = a[row0 + i, k0 + kk] in fp32 (zero past a's rows or column K): the block's
+    TB x TK tile of the left operand at k0, staged by its NT threads from thread tid."""
+    B = a.shape[0]
+    for e in range(tid, TB * TK, NT):
+        i = e // TK
+        kk = e - i * TK
+        v = ZERO
+        if row0 + i < B and k0 + kk < K:
+            v = ld2(a, row0 + i, k0 + kk, code)
+        sa[i, kk] = v
+
+
 @per_tiling
 def gate_dots_device(TB, TU, TK):
     """The device function gate_dots(a, w, row0, unit0, H, G, sa, sw, code_a, code_w, acc0,
@@ -170,16 +184,9 @@ def gate_dots_device(TB, TU, TK):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TU + tx
-        B = a.shape[0]
         K = a.shape[1]
         for k0 in range(0, K, TK):
-            for e in range(tid, TB * TK, NT):
-                i = e // TK
-                kk = e - i * TK
-                v = ZERO
-                if row0 + i < B and k0 + kk < K:
-                    v = ld2(a, row0 + i, k0 + kk, code_a)
-                sa[i, kk] = v
+            stage_rows(sa, a, row0, k0, K, code_a, tid, TB, TK, NT)
             for e in range(tid, G * TU * TK, NT):
                 # kk fastest: neighbouring threads read neighbouring weights of one row
                 q = e // (TU * TK)
@@ -218,16 +225,9 @@ def recurrent_dh_device(TB, TU, TK):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TU + tx
-        B = dgn.shape[0]
         dh = ZERO
         for k0 in range(0, K, TK):
-            for e in range(tid, TB * TK, NT):
-                ii = e // TK
-                kk = e - ii * TK
-                v = ZERO
-                if row0 + ii < B and k0 + kk < K:
-                    v = dgn[row0 + ii, k0 + kk]
-                sa[ii, kk] = v
+            stage_rows(sa, dgn, row0, k0, K, FP32, tid, TB, TK, NT)
             for e in range(tid, TK * TU, NT):
                 kk = e // TU
                 j = e - kk * TU
