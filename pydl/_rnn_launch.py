@@ -69,6 +69,7 @@ from ._launch import (
     dot_block,
     input_precision,
     launch_numba,
+    new_output,
     next_power_of_2,
     numba_array,
     numba_blocks,
@@ -174,11 +175,39 @@ def merge_steps(a, b, out, c_in, trans_a: bool, trans_b: bool):
     return a, b, out, c_in
 
 
+def cell_input_grads(plans, x, h, w_ih, w_hh, dgi, dgh, need_x: bool, need_w_ih: bool,
+                     need_w_hh: bool, model: torch.dtype) -> tuple:
+    """(dx, dW_ih, dW_hh) of a cell step, each None where not needed, from the gradients dgi
+    of x W_ih^T and dgh of h W_hh^T (one tensor for the LSTM): dx = dgi W_ih, dW_ih = dgi^T x,
+    dW_hh = dgh^T h, by `plans`' GEMMs (pydl/rnn.py Plans); zeros for a zero state h (None),
+    which no gradient reaches through W_hh."""
+    dev = x.device
+    dx = dw_ih = dw_hh = None
+    if need_x:
+        dx = new_output(x.shape, x.dtype, dev)
+        plans.gemm("dx", dgi, w_ih, dx, model=model)
+    if need_w_ih:
+        dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
+        plans.gemm("dw_ih", dgi, x, dw_ih, trans_a=True, model=model)
+    if need_w_hh:
+        if h is None:
+            dw_hh = torch.zeros_like(w_hh)
+        else:
+            dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
+            plans.gemm("dw_hh", dgh, h, dw_hh, trans_a=True, model=model)
+    return dx, dw_ih, dw_hh
+
+
 def as_4d(t: torch.Tensor, trans: bool = False) -> torch.Tensor:
     """A 2-D matrix (M, K) as (1, 1, M, K), a 3-D sequence (T, M, K) as (1, T, M, K), the
     last two axes swapped with `trans`: the batched GEMMs' operand views."""
     t4 = t[None] if t.dim() == 3 else t[None, None]
     return t4.transpose(2, 3) if trans else t4
+
+
+def seq_shape(t: torch.Tensor) -> tuple[int, int, int]:
+    """(T, B, N) of a sequence argument; a 2-D one is a single step."""
+    return tuple(t.shape) if t.dim() == 3 else (1, *t.shape)
 
 
 def seq_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -677,13 +706,13 @@ class NumbaRNN:
         return 2
 
     @staticmethod
-    def recurrence(kernel, tuner, name, mode, tensors, ranks, scalars, flags, B, H, K, dtype,
-                   n_steps, device, operands, inout=()) -> NumbaRecurrence:
-        """The launch of a recurrence kernel (`kernel` built for numba_tile()); tuner, name,
-        flags, K, dtype and operands (the Triton launcher's) are not needed here."""
-        tb, tu, _ = numba_tile()
-        return NumbaRecurrence(kernel, tensors, ranks, scalars, cdiv(B, tb) * cdiv(H, tu), mode,
-                               n_steps, device)
+    def recurrence(build, mode, tensors, ranks, scalars, B, H, n_steps,
+                   device) -> NumbaRecurrence:
+        """The launch of the recurrence kernel build(*numba_tile()) (a kernels/numba kernel
+        builder) over B rows x H units; the rest as TritonRNN.recurrence's."""
+        tb, tu, tk = numba_tile()
+        return NumbaRecurrence(build(tb, tu, tk), tensors, ranks, scalars,
+                               cdiv(B, tb) * cdiv(H, tu), mode, n_steps, device)
 
     @staticmethod
     def gemm_plan(a, b, out, bias=None, c_in=None, *, trans_a: bool = False,
@@ -722,6 +751,7 @@ class NumbaRNN:
 __all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "schedule", "barrier_counters", "TritonRecurrence",
            "NumbaRecurrence", "NumbaLaunch", "TritonRNN", "NumbaRNN", "product_precision",
            "tf32_key", "multiprocessors", "step_tiles", "tile_candidates", "tile_configs",
-           "numba_tile", "numba_code", "strides", "seq_strides", "as_4d", "grid_barrier_check",
+           "numba_tile", "numba_code", "strides", "seq_shape", "seq_strides", "as_4d",
+           "cell_input_grads", "grid_barrier_check",
            "persistent_on", "default_tile", "backward_tile", "backward_candidates",
            "backward_planes", "k_splits", "step_bytes", "check_workspace", "merge_steps"]

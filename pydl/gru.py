@@ -33,8 +33,8 @@ from ._library import autocast_inputs, kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
-from ._rnn_launch import (NumbaRNN, TritonRNN, check_workspace, numba_tile, seq_strides,
-                          tf32_key)
+from ._rnn_launch import (NumbaRNN, TritonRNN, cell_input_grads, check_workspace, seq_shape,
+                          seq_strides, tf32_key)
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
@@ -51,11 +51,6 @@ FWD_RANKS = (3, 2, 3, 1, 1, 2, 2, 3, 3, 2, 1)
 BWD_RANKS = (3, 3, 2, 2, 3, 2, 1, 3, 3, 3, 2)
 
 
-def _seq_shape(t) -> tuple[int, int, int]:
-    """(T, B, N) of a sequence argument; a 2-D one is a single step."""
-    return tuple(t.shape) if t.dim() == 3 else (1, *t.shape)
-
-
 class TritonGRU(TritonRNN):
     """The GRU's recurrence kernels on Triton (plus the shared launches of TritonRNN)."""
 
@@ -67,7 +62,7 @@ class TritonGRU(TritonRNN):
         (T, B, I)), xp (a layer: (T, B, 3H) fp32), biases, h0 (B, H), hn, bs may be None.
         Sequences may be 2-D (one step)."""
         from .kernels.triton import gru as k
-        T, B, H = _seq_shape(out)
+        T, B, H = seq_shape(out)
         I = x.shape[-1] if x is not None else 0
         dt = out.dtype
         flags = dict(REVERSE=reverse, HAS_X=x is not None, HAS_XP=xp is not None,
@@ -91,7 +86,7 @@ class TritonGRU(TritonRNN):
         the pseudo-step when given; h0, d_out, d_hn, bs may be None; dhd the workspace,
         (backward_planes, B, H) fp32 contiguous (kernels/triton/rnn.py step_workspace)."""
         from .kernels.triton import gru as k
-        T, B, H = _seq_shape(out)
+        T, B, H = seq_shape(out)
         check_workspace(dhd, cls.backward_planes(B, H, 3 * H, w_hh.dtype, out.device), B, H)
         bcast = cls.broadcast(w_hh.dtype)
         flags = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DOUT=d_out is not None,
@@ -118,26 +113,25 @@ class NumbaGRU(NumbaRNN):
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
                      reverse: bool):
         from .kernels.numba import gru as k
-        T, B, H = _seq_shape(out)
+        T, B, H = seq_shape(out)
         tensors = (x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs)
         scalars = (reverse, x is not None, xp is not None, b_ih is not None, b_hh is not None,
                    h0 is not None, hn is not None, bs is not None, _code(w_hh), _code(xp),
                    _code(b_ih if b_ih is not None else b_hh), _code(h0), _code(out), _code(hn))
-        return cls.recurrence(k.gru_layer_fwd_kernel(*numba_tile()), None, None, mode, tensors,
-                              FWD_RANKS, scalars, None, B, H, 0, None, T, out.device, None)
+        return cls.recurrence(k.gru_layer_fwd_kernel, mode, tensors, FWD_RANKS, scalars, B, H, T,
+                              out.device)
 
     @classmethod
     def backward_plan(cls, mode, ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
                       reverse: bool, model):
         from .kernels.numba import gru as k
-        T, B, H = _seq_shape(out)
+        T, B, H = seq_shape(out)
         tensors = (ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0)
         scalars = (reverse, h0 is not None, d_out is not None, d_hn is not None,
                    bs is not None, dh0 is not None, _code(out), _code(h0), _code(w_hh),
                    _code(d_out), _code(d_hn), _code(dh0))
-        return cls.recurrence(k.gru_layer_bwd_kernel(*numba_tile()), None, None, mode, tensors,
-                              BWD_RANKS, scalars, None, B, H, 0, None,
-                              T + 1 if dh0 is not None else T, out.device, None)
+        return cls.recurrence(k.gru_layer_bwd_kernel, mode, tensors, BWD_RANKS, scalars, B, H,
+                              T + 1 if dh0 is not None else T, out.device)
 
 
 LAUNCHERS = {"triton": TritonGRU, "numba": NumbaGRU}
@@ -243,19 +237,9 @@ class _CellBackward(Plans):
                 B, H, 3 * H, w_hh.dtype, dev), B, H), F32, dev)
             self.backward("bwd", ws, dh1, h, w_hh, dh1, None, None, dgi, dgh, dhd, dh,
                           model=model)
-        dx = dw_ih = dw_hh = db_ih = db_hh = None
-        if need[0]:
-            dx = new_output(x.shape, x.dtype, dev)
-            self.gemm("dx", dgi, w_ih, dx, model=model)
-        if need[2]:
-            dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
-            self.gemm("dw_ih", dgi, x, dw_ih, trans_a=True, model=model)
-        if need[3]:
-            if h is None:   # zero state: no gradient reaches W_hh
-                dw_hh = torch.zeros_like(w_hh)
-            else:
-                dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
-                self.gemm("dw_hh", dgh, h, dw_hh, trans_a=True, model=model)
+        dx, dw_ih, dw_hh = cell_input_grads(self, x, h, w_ih, w_hh, dgi, dgh, need[0], need[2],
+                                            need[3], model)
+        db_ih = db_hh = None
         if need[4]:
             db_ih = new_output((3 * H,), w_ih.dtype, dev)
             self.bias_grad("db_ih", dgi, db_ih)

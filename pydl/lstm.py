@@ -41,8 +41,8 @@ from ._plan import Cache, apply, capturing, emulated, needs_graph
 from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
-from ._rnn_launch import (NumbaRNN, TritonRNN, check_workspace, numba_tile, seq_strides,
-                          tf32_key)
+from ._rnn_launch import (NumbaRNN, TritonRNN, cell_input_grads, check_workspace, seq_shape,
+                          seq_strides, tf32_key)
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
@@ -56,11 +56,6 @@ F32 = torch.float32
 # for them: an absent tensor's placeholder has its rank).
 FWD_RANKS = (3, 2, 3, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 2, 2, 1)
 BWD_RANKS = (3, 3, 2, 2, 3, 2, 2, 1, 3, 3, 3, 2, 2)
-
-
-def _seq_shape(t) -> tuple[int, int, int]:
-    """(T, B, N) of a sequence argument; a 2-D one is a single step."""
-    return tuple(t.shape) if t.dim() == 3 else (1, *t.shape)
 
 
 # --- Triton launch -----------------------------------------------------------------------------
@@ -80,7 +75,7 @@ class TritonLSTM(TritonRNN):
         bs, hn, cn may be None; with projections w_hr (P, H) and m (T, B, H). Sequences may
         be 2-D (one step)."""
         from .kernels.triton import lstm as k
-        T, B, H = _seq_shape(cs)
+        T, B, H = seq_shape(cs)
         P = w_hh.shape[1]
         I = x.shape[-1] if x is not None else 0
         dt = out.dtype
@@ -110,7 +105,7 @@ class TritonLSTM(TritonRNN):
         a packed batch) may be None; dc_run the workspace, (backward_planes, B, H) fp32
         contiguous (kernels/triton/rnn.py step_workspace)."""
         from .kernels.triton import lstm as k
-        T, B, H = _seq_shape(cs)
+        T, B, H = seq_shape(cs)
         K = w_rec.shape[0]
         check_workspace(dc_run, cls.backward_planes(B, H, K, w_rec.dtype, cs.device), B, H)
         bcast = cls.broadcast(w_rec.dtype)
@@ -142,30 +137,28 @@ class NumbaLSTM(NumbaRNN):
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
                      hn, cn, bs, reverse: bool):
         from .kernels.numba import lstm as k
-        T, B, H = _seq_shape(cs)
+        T, B, H = seq_shape(cs)
         tensors = (x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts, hn, cn, bs)
         scalars = (reverse, x is not None, xp is not None, b_ih is not None, b_hh is not None,
                    h0 is not None, c0 is not None, hn is not None, cn is not None,
                    bs is not None, w_hr is not None, _code(w_hh), _code(xp),
                    _code(b_ih if b_ih is not None else b_hh), _code(h0), _code(c0), _code(out),
                    _code(hn), _code(cn))
-        return cls.recurrence(k.lstm_layer_fwd_kernel(*numba_tile()), None, None, mode, tensors,
-                              FWD_RANKS, scalars, None, B, H, 0, None,
-                              2 * T if w_hr is not None else T, out.device, None)
+        return cls.recurrence(k.lstm_layer_fwd_kernel, mode, tensors, FWD_RANKS, scalars, B, H,
+                              2 * T if w_hr is not None else T, out.device)
 
     @classmethod
     def backward_plan(cls, mode, acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
                       dh0, dc0, reverse: bool, model):
         from .kernels.numba import lstm as k
-        T, B, H = _seq_shape(cs)
+        T, B, H = seq_shape(cs)
         tensors = (acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0)
         scalars = (reverse, c0 is not None, d_out is not None, d_hn is not None,
                    d_cn is not None, bs is not None, dh0 is not None, dc0 is not None,
                    _code(c0), _code(w_rec), _code(d_out), _code(d_hn), _code(d_cn), _code(dh0),
                    _code(dc0))
-        return cls.recurrence(k.lstm_layer_bwd_kernel(*numba_tile()), None, None, mode, tensors,
-                              BWD_RANKS, scalars, None, B, H, 0, None,
-                              T + 1 if dh0 is not None else T, cs.device, None)
+        return cls.recurrence(k.lstm_layer_bwd_kernel, mode, tensors, BWD_RANKS, scalars, B, H,
+                              T + 1 if dh0 is not None else T, cs.device)
 
 
 LAUNCHERS = {"triton": TritonLSTM, "numba": NumbaLSTM}
@@ -298,19 +291,9 @@ class _CellBackward(Plans):
                 B, H, 4 * H, w_hh.dtype, dev), B, H), F32, dev)
             self.backward("bwd", gates, c32, c, w_hh, dh1, None, dc1, None, dg, dc_run, None,
                           dh, dc, model=model)
-        dx = dw_ih = dw_hh = db_ih = db_hh = None
-        if need[0]:
-            dx = new_output(x.shape, x.dtype, dev)
-            self.gemm("dx", dg, w_ih, dx, model=model)
-        if need[3]:
-            dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
-            self.gemm("dw_ih", dg, x, dw_ih, trans_a=True, model=model)
-        if need[4]:
-            if h is None:   # zero state: no gradient reaches W_hh
-                dw_hh = torch.zeros_like(w_hh)
-            else:
-                dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
-                self.gemm("dw_hh", dg, h, dw_hh, trans_a=True, model=model)
+        dx, dw_ih, dw_hh = cell_input_grads(self, x, h, w_ih, w_hh, dg, dg, need[0], need[3],
+                                            need[4], model)
+        db_ih = db_hh = None
         if need[5] or need[6]:
             first = new_output((4 * H,), w_ih.dtype, dev)
             second = new_output((4 * H,), w_ih.dtype, dev) if need[5] and need[6] else None

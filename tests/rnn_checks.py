@@ -111,3 +111,117 @@ def check_layer(backend, algo, dtype, T, B, I, H, L=1, bidirectional=False, batc
         red_g = red * (T * B + G * H)
         assert_close(g, r, dtype, reduction=red_g, tf32=TF32, name=f"{name} vs reference")
         assert_close(g, t, dtype, reduction=red_g, tf32=TF32, name=f"{name} vs torch")
+
+
+# --- cells and modules ------------------------------------------------------------------------
+
+def cell_case_id(case):
+    """The test id of a cell case (B, I, H, bias, with_state)."""
+    B, I, H, bias, with_state = case
+    return f"B{B}-I{I}-H{H}" + ("" if bias else "-nobias") + ("" if with_state else "-nostate")
+
+
+def cell_fn(kind, backend):
+    """fn(x, *states, w_ih, w_hh, b_ih, b_hh) -> the cell's new states as a tuple: (h1, c1) for
+    the LSTM (states h, c), (h1,) for the GRU (state h); None states are zeros."""
+    if kind == "lstm":
+        return lambda x, h, c, *w: pydl.lstm_cell(x, None if h is None else (h, c), *w,
+                                                  backend=backend)
+    return lambda x, h, *w: (pydl.gru_cell(x, h, *w, backend=backend),)
+
+
+def check_cell(kind, backend, dtype, B, I, H, bias, with_state, unbatched=False):
+    """pydl.lstm_cell / pydl.gru_cell (kind) against the float64 reference and torch: the new
+    states and the gradients of the input, the states, the weights and the biases."""
+    lstm = kind == "lstm"
+    G, states_of = (4, ("h", "c")) if lstm else (3, ("h",))
+    cell = (torch.nn.LSTMCell if lstm else torch.nn.GRUCell)(I, H, bias=bias)
+    ws = weights_like(cell, dtype)
+    w = ws[:2] + (ws[2:4] if bias else [None, None])
+    ss = (H,) if unbatched else (B, H)
+    x = random_tensor((I,) if unbatched else (B, I), dtype, DEVICE)
+    states = [random_tensor(ss, dtype, DEVICE) if with_state else None for _ in states_of]
+    cot = [random_tensor(ss, dtype, DEVICE) for _ in states_of]
+    outs, grads = run(cell_fn(kind, backend), [x, *states, *w], cot)
+    # torch in fp32 for fp16 inputs: CPU half arithmetic rounds every op, which is torch's
+    # error, not ours; the reference holds both to account.
+    up = torch.float32 if dtype == torch.float16 else dtype
+    t_outs, t_grads = run(cell_fn(kind, "torch"),
+                          [None if t is None else t.to(up) for t in [x, *states, *w]],
+                          [t.to(up) for t in cot])
+    if lstm:
+        *r_outs, cache = ref.lstm_cell(*map(np64, [x, *states, *w]))
+        r_grads = ref.lstm_cell_backward(*map(np64, cot), cache)
+    else:
+        r_h1, cache = ref.gru_cell(*map(np64, [x, *states, *w]))
+        r_outs, r_grads = [r_h1], ref.gru_cell_backward(np64(cot[0]), cache)
+    red = I + H
+    for ours, r, t, s in zip(outs, r_outs, t_outs, states_of):
+        assert ours.dtype == dtype and ours.shape == ss, s
+        assert_close(ours, r, dtype, reduction=red, tf32=TF32, name=f"{s}1 vs reference")
+        assert_close(ours, t, dtype, reduction=red, tf32=TF32, name=f"{s}1 vs torch")
+    # the reference's state gradients are w.r.t. the zero state when none was given, ours
+    # are None there
+    names = ["dx", *(f"d{s}" for s in states_of), "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    for g, r, t, name in zip(grads, r_grads, t_grads, names):
+        if name[1:] in states_of and not with_state or name.startswith("db") and not bias:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype, name
+        n = red * (G * H if name in ("dx", "dh") else 1 if name == "dc" else B)
+        assert_close(g, r, dtype, reduction=n, tf32=TF32, name=f"{name} vs reference")
+        assert_close(g, t, dtype, reduction=n, tf32=TF32, name=f"{name} vs torch")
+
+
+def _flat(outputs):
+    """(output, h_n) or (output, (h_n, c_n)) as [output, h_n(, c_n)]."""
+    out, states = outputs
+    return [out, *(states if isinstance(states, tuple) else (states,))]
+
+
+def check_module_drop_in(name, backend, kw, x, hx=None):
+    """pydl.nn.<name>(**kw) (LSTM, GRU) in place of torch.nn.<name>(**kw): an instance of it
+    with the same state dict and repr, and from the same parameters the same outputs and
+    parameter gradients (of the output squared plus the final states, summed).
+    Returns (ours, theirs)."""
+    theirs = getattr(torch.nn, name)(**kw).to(DEVICE)
+    ours = getattr(pydl.nn, name)(**kw, backend=backend).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours, type(theirs))
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    outs, t_outs = _flat(ours(x, hx)), _flat(theirs(x, hx))
+    for a, b in zip(outs, t_outs):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float32, reduction=64, tf32=TF32)
+    for o in (outs, t_outs):
+        (o[0].square().sum() + sum(s.sum() for s in o[1:])).backward()
+    for (p_name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, reduction=64 * 30, tf32=TF32, name=p_name)
+    return ours, theirs
+
+
+def check_dropout_between_layers(name, backend):
+    """Dropout on every layer's output but the last of pydl.nn.<name> (LSTM, GRU), in training
+    only. On the CPU the mask is drawn exactly as torch's draws it, so the same seed gives the
+    same result (outputs and gradients); a different draw a different one."""
+    kw = dict(input_size=3, hidden_size=5, num_layers=2, dropout=0.5)
+    theirs = getattr(torch.nn, name)(**kw).to(DEVICE)
+    ours = getattr(pydl.nn, name)(**kw, backend=backend).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor((2, 2, 3), torch.float32, DEVICE)
+    if DEVICE == "cpu":
+        torch.manual_seed(11)
+        out, hn = _flat(ours(x))[:2]
+        torch.manual_seed(11)
+        t_out, t_hn = _flat(theirs(x))[:2]
+        assert_close(out, t_out, torch.float32, reduction=48, name="train output")
+        assert_close(hn, t_hn, torch.float32, reduction=48, name="train h_n")
+        (out.sum() + hn.square().sum()).backward()
+        (t_out.sum() + t_hn.square().sum()).backward()
+        for (p_name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert_close(p.grad, q.grad, torch.float32, reduction=48 * 20, name=p_name)
+        assert not torch.allclose(ours(x)[0], out)
+    ours.eval()
+    theirs.eval()
+    assert_close(ours(x)[0], theirs(x)[0], torch.float32, reduction=48, tf32=TF32, name="eval")

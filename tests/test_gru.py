@@ -7,12 +7,16 @@ What the LSTM and the GRU share: tests/test_rnn.py.
 import pytest
 import torch
 from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
-from rnn_checks import TF32, check_layer, weights_like
-from rnn_checks import np64 as _np
-from rnn_checks import run as _run
+from rnn_checks import (
+    TF32,
+    cell_case_id,
+    check_cell,
+    check_dropout_between_layers,
+    check_layer,
+    check_module_drop_in,
+)
 
 import pydl
-from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor
 
 backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -29,46 +33,11 @@ GRU_CASES = [
 ]
 
 
-def _check_gru(backend, dtype, B, I, H, bias, with_state, unbatched=False):
-    cell = torch.nn.GRUCell(I, H, bias=bias)
-    ws = weights_like(cell, dtype)
-    w_ih, w_hh = ws[0], ws[1]
-    b_ih, b_hh = (ws[2], ws[3]) if bias else (None, None)
-    ss = (H,) if unbatched else (B, H)
-    x = random_tensor((I,) if unbatched else (B, I), dtype, DEVICE)
-    h = random_tensor(ss, dtype, DEVICE) if with_state else None
-    dh1 = random_tensor(ss, dtype, DEVICE)
-
-    def run(be, tensors, cot):
-        return _run(lambda *a: (pydl.gru_cell(*a, backend=be),), tensors, [cot])
-
-    (h1,), grads = run(backend, [x, h, w_ih, w_hh, b_ih, b_hh], dh1)
-    up = torch.float32 if dtype == torch.float16 else dtype
-    (t_h1,), t_grads = run("torch", [None if t is None else t.to(up)
-                                     for t in (x, h, w_ih, w_hh, b_ih, b_hh)], dh1.to(up))
-    r_h1, cache = ref.gru_cell(_np(x), _np(h), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh))
-    r_grads = ref.gru_cell_backward(_np(dh1), cache)
-    red = I + H
-    assert h1.dtype == dtype and h1.shape == ss
-    assert_close(h1, r_h1, dtype, reduction=red, tf32=TF32, name="h1 vs reference")
-    assert_close(h1, t_h1, dtype, reduction=red, tf32=TF32, name="h1 vs torch")
-    names = ("dx", "dh", "dw_ih", "dw_hh", "db_ih", "db_hh")
-    for g, r, t, name in zip(grads, r_grads, t_grads, names):
-        if name == "dh" and not with_state or name.startswith("db") and not bias:
-            assert g is None, name
-            continue
-        assert g.dtype == dtype, name
-        n = 3 * H * red if name in ("dx", "dh") else B * red
-        assert_close(g, r, dtype, reduction=n, tf32=TF32, name=f"{name} vs reference")
-        assert_close(g, t, dtype, reduction=n, tf32=TF32, name=f"{name} vs torch")
-
-
 @backends
 @dtypes
-@pytest.mark.parametrize("case", GRU_CASES, ids=lambda c: "B{}-I{}-H{}{}{}".format(
-    *c[:3], "" if c[3] else "-nobias", "" if c[4] else "-nostate"))
+@pytest.mark.parametrize("case", GRU_CASES, ids=cell_case_id)
 def test_gru_cell(backend, dtype, case):
-    _check_gru(backend, dtype, *case)
+    check_cell("gru", backend, dtype, *case)
 
 
 @backends
@@ -147,48 +116,13 @@ def test_gru_unbatched():
 @backends
 def test_gru_module_is_drop_in(backend):
     kw = dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, batch_first=True)
-    theirs = torch.nn.GRU(**kw).to(DEVICE)
-    ours = pydl.nn.GRU(**kw, backend=backend).to(DEVICE)
-    ours.load_state_dict(theirs.state_dict())
-    assert isinstance(ours, torch.nn.GRU)
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert repr(ours) == repr(theirs)
-    x = random_tensor((2, 3, 4), torch.float32, DEVICE)
-    h0 = random_tensor((4, 2, 6), torch.float32, DEVICE)
-    out, hn = ours(x, h0)
-    t_out, t_hn = theirs(x, h0)
-    for a, b in ((out, t_out), (hn, t_hn)):
-        assert a.shape == b.shape
-        assert_close(a, b, torch.float32, reduction=64, tf32=TF32)
-    (out.square().sum() + hn.sum()).backward()
-    (t_out.square().sum() + t_hn.sum()).backward()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, reduction=64 * 30, tf32=TF32, name=name)
+    check_module_drop_in("GRU", backend, kw, random_tensor((2, 3, 4), torch.float32, DEVICE),
+                         random_tensor((4, 2, 6), torch.float32, DEVICE))
 
 
 @backends
 def test_gru_dropout_between_layers(backend):
-    """As test_lstm_dropout_between_layers: on the CPU the same seed draws torch's mask."""
-    kw = dict(input_size=3, hidden_size=5, num_layers=2, dropout=0.5)
-    theirs = torch.nn.GRU(**kw).to(DEVICE)
-    ours = pydl.nn.GRU(**kw, backend=backend).to(DEVICE)
-    ours.load_state_dict(theirs.state_dict())
-    x = random_tensor((2, 2, 3), torch.float32, DEVICE)
-    if DEVICE == "cpu":
-        torch.manual_seed(11)
-        out, hn = ours(x)
-        torch.manual_seed(11)
-        t_out, t_hn = theirs(x)
-        assert_close(out, t_out, torch.float32, reduction=48, name="train output")
-        assert_close(hn, t_hn, torch.float32, reduction=48, name="train h_n")
-        (out.sum() + hn.square().sum()).backward()
-        (t_out.sum() + t_hn.square().sum()).backward()
-        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-            assert_close(p.grad, q.grad, torch.float32, reduction=48 * 20, name=name)
-        assert not torch.allclose(ours(x)[0], out)
-    ours.eval()
-    theirs.eval()
-    assert_close(ours(x)[0], theirs(x)[0], torch.float32, reduction=48, tf32=TF32, name="eval")
+    check_dropout_between_layers("GRU", backend)
 
 
 @backends

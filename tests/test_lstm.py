@@ -17,7 +17,8 @@ from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor
 
 from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
-from rnn_checks import TF32, check_layer, np64 as _np, run as _run, variants, weights_like
+from rnn_checks import (TF32, cell_case_id, check_cell, check_dropout_between_layers, check_layer,
+                        check_module_drop_in, np64 as _np, run as _run, variants)
 
 backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -34,63 +35,16 @@ CELL_CASES = [
 ]
 
 
-def _check_cell(backend, dtype, B, I, H, bias, with_state, unbatched=False):
-    cell = torch.nn.LSTMCell(I, H, bias=bias)
-    ws = weights_like(cell, dtype)
-    w_ih, w_hh = ws[0], ws[1]
-    b_ih, b_hh = (ws[2], ws[3]) if bias else (None, None)
-    xs = (I,) if unbatched else (B, I)
-    ss = (H,) if unbatched else (B, H)
-    x = random_tensor(xs, dtype, DEVICE)
-    h = random_tensor(ss, dtype, DEVICE) if with_state else None
-    c = random_tensor(ss, dtype, DEVICE) if with_state else None
-    dh1, dc1 = random_tensor(ss, dtype, DEVICE), random_tensor(ss, dtype, DEVICE)
-
-    def run(be):
-        def fn(x, h, c, w_ih, w_hh, b_ih, b_hh):
-            return pydl.lstm_cell(x, None if h is None else (h, c), w_ih, w_hh, b_ih, b_hh,
-                                  backend=be)
-        return _run(fn, [x, h, c, w_ih, w_hh, b_ih, b_hh], [dh1, dc1])
-
-    (h1, c1), grads = run(backend)
-    # torch in fp32 for fp16 inputs: CPU half arithmetic rounds every op, which is torch's
-    # error, not ours; the reference holds both to account.
-    up = torch.float32 if dtype == torch.float16 else dtype
-    (t_h1, t_c1), t_grads = _run(
-        lambda *a: pydl.lstm_cell(a[0], None if a[1] is None else (a[1], a[2]), *a[3:], backend="torch"),
-        [None if t is None else t.to(up) for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)],
-        [dh1.to(up), dc1.to(up)])
-    r_h1, r_c1, cache = ref.lstm_cell(_np(x), _np(h), _np(c), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh))
-    r_grads = ref.lstm_cell_backward(_np(dh1), _np(dc1), cache)
-    red = I + H
-    assert h1.dtype == c1.dtype == dtype and h1.shape == c1.shape == ss
-    for ours, r, t, name in ((h1, r_h1, t_h1, "h1"), (c1, r_c1, t_c1, "c1")):
-        assert_close(ours, r, dtype, reduction=red, tf32=TF32, name=f"{name} vs reference")
-        assert_close(ours, t, dtype, reduction=red, tf32=TF32, name=f"{name} vs torch")
-    # grads: (x, h, c, w_ih, w_hh, b_ih, b_hh); the reference's dh / dc are w.r.t. the zero
-    # state when none was given, ours are None there
-    names = ("dx", "dh", "dc", "dw_ih", "dw_hh", "db_ih", "db_hh")
-    reds = (4 * H, 4 * H, 1, B, B, B, B)
-    for g, r, t, name, n in zip(grads, r_grads, t_grads, names, reds):
-        if name in ("dh", "dc") and not with_state or name in ("db_ih", "db_hh") and not bias:
-            assert g is None, name
-            continue
-        assert g.dtype == dtype, name
-        assert_close(g, r, dtype, reduction=n * red, tf32=TF32, name=f"{name} vs reference")
-        assert_close(g, t, dtype, reduction=n * red, tf32=TF32, name=f"{name} vs torch")
-
-
 @backends
 @dtypes
-@pytest.mark.parametrize("case", CELL_CASES, ids=lambda c: "B{}-I{}-H{}{}{}".format(
-    *c[:3], "" if c[3] else "-nobias", "" if c[4] else "-nostate"))
+@pytest.mark.parametrize("case", CELL_CASES, ids=cell_case_id)
 def test_lstm_cell(backend, dtype, case):
-    _check_cell(backend, dtype, *case)
+    check_cell("lstm", backend, dtype, *case)
 
 
 @backends
 def test_lstm_cell_unbatched(backend):
-    _check_cell(backend, torch.float32, 1, 4, 5, True, True, unbatched=True)
+    check_cell("lstm", backend, torch.float32, 1, 4, 5, True, True, unbatched=True)
 
 
 @backends
@@ -229,49 +183,12 @@ def test_lstm_many_tiles(algo):
 @backends
 def test_lstm_module_is_drop_in(backend):
     kw = dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, batch_first=True)
-    theirs = torch.nn.LSTM(**kw).to(DEVICE)
-    ours = pydl.nn.LSTM(**kw, backend=backend).to(DEVICE)
-    ours.load_state_dict(theirs.state_dict())
-    assert isinstance(ours, torch.nn.LSTM)
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert repr(ours) == repr(theirs)
-    x = random_tensor((2, 3, 4), torch.float32, DEVICE)
-    out, (hn, cn) = ours(x)
-    t_out, (t_hn, t_cn) = theirs(x)
-    for a, b in ((out, t_out), (hn, t_hn), (cn, t_cn)):
-        assert a.shape == b.shape
-        assert_close(a, b, torch.float32, reduction=64, tf32=TF32)
-    (out.square().sum() + hn.sum()).backward()
-    (t_out.square().sum() + t_hn.sum()).backward()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, reduction=64 * 30, tf32=TF32, name=name)
+    check_module_drop_in("LSTM", backend, kw, random_tensor((2, 3, 4), torch.float32, DEVICE))
 
 
 @backends
 def test_lstm_dropout_between_layers(backend):
-    """Dropout on every layer's output but the last, in training only. On the CPU the mask is
-    drawn exactly as torch's LSTM draws it, so the same seed gives the same result."""
-    kw = dict(input_size=3, hidden_size=5, num_layers=2, dropout=0.5)
-    theirs = torch.nn.LSTM(**kw).to(DEVICE)
-    ours = pydl.nn.LSTM(**kw, backend=backend).to(DEVICE)
-    ours.load_state_dict(theirs.state_dict())
-    x = random_tensor((2, 2, 3), torch.float32, DEVICE)
-    if DEVICE == "cpu":
-        torch.manual_seed(11)
-        out, (hn, _) = ours(x)
-        torch.manual_seed(11)
-        t_out, (t_hn, _) = theirs(x)
-        assert_close(out, t_out, torch.float32, reduction=48, name="train output")
-        assert_close(hn, t_hn, torch.float32, reduction=48, name="train h_n")
-        out.sum().backward()
-        t_out.sum().backward()
-        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-            assert_close(p.grad, q.grad, torch.float32, reduction=48 * 20, name=name)
-        # a different draw gives a different result: the mask is really applied
-        assert not torch.allclose(ours(x)[0], out)
-    ours.eval()
-    theirs.eval()
-    assert_close(ours(x)[0], theirs(x)[0], torch.float32, reduction=48, tf32=TF32, name="eval")
+    check_dropout_between_layers("LSTM", backend)
 
 
 @backends
@@ -350,22 +267,9 @@ def test_lstm_proj_recompute(backend):
 @no_onednn_warning
 def test_lstm_proj_module_is_drop_in():
     kw = dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, proj_size=2)
-    theirs = torch.nn.LSTM(**kw).to(DEVICE)
-    ours = pydl.nn.LSTM(**kw, backend="triton").to(DEVICE)
-    ours.load_state_dict(theirs.state_dict())
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    assert "weight_hr_l1_reverse" in ours.state_dict()
-    assert repr(ours) == repr(theirs)
     x = random_tensor((2, 2, 3), torch.float32, DEVICE)
-    out, (hn, cn) = ours(x)
-    t_out, (t_hn, t_cn) = theirs(x)
-    for a, b in ((out, t_out), (hn, t_hn), (cn, t_cn)):
-        assert a.shape == b.shape
-        assert_close(a, b, torch.float32, reduction=64, tf32=TF32)
-    (out.square().sum() + hn.sum() + cn.sum()).backward()
-    (t_out.square().sum() + t_hn.sum() + t_cn.sum()).backward()
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, reduction=64 * 30, tf32=TF32, name=name)
+    ours, theirs = check_module_drop_in("LSTM", "triton", kw, x)
+    assert "weight_hr_l1_reverse" in ours.state_dict()
     u_out, (u_hn, _) = ours(x[:, 0])                    # unbatched
     assert u_out.shape == (2, 4) and u_hn.shape == (4, 2)
     assert_close(u_out, theirs(x[:, 0])[0], torch.float32, reduction=64, tf32=TF32)

@@ -3,40 +3,36 @@ range of time steps per launch. Same math, arguments' meaning, flags and workspa
 kernels/triton/gru.py (see its docstring); the launch structure and the shared pieces are
 kernels/numba/rnn.py's. The cell is the forward kernel over one step with has_x.
 """
-from numba import cuda, float32, int64
+from numba import cuda, float32
 
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
 from .rnn import (
     ONE,
     ZERO,
+    add_gates,
+    bptt_step,
     gate_dots_device,
-    ld1,
     ld2,
+    load_gates,
+    per_tiling,
     recurrent_dh_device,
     sigmoid,
     st2,
     step_time,
+    store_gates,
     tanh,
+    tile_origin,
 )
 
-_FWD = {}
-_BWD = {}
 
-
-def gru_layer_fwd_kernel(tb: int, tu: int, tk: int):
+@per_tiling
+def gru_layer_fwd_kernel(TB, TU, TK):
     """The forward kernel for a TB x TU tile, built on first use; launch it with a (tu, tb)
     block. Arguments, in order (placeholders of the same rank where a flag says absent):
     x (T, B, I), w_ih (3H, I), xp (T, B, 3H), b_ih, b_hh (3H,), h0 (B, H), w_hh (3H, H),
     out (T, B, H), ws (T, B, 4H) fp32, hn (B, H), bs (T,) int32; reverse, has_x, has_xp,
     has_bih, has_bhh, has_h0, write_hn, has_bs; dtype codes of the weights (and x), xp, the
     biases, h0, out, hn; s_begin, s_end, sync."""
-    key = (int(tb), int(tu), int(tk))
-    if key not in _FWD:
-        _FWD[key] = _build_fwd(*key)
-    return _FWD[key]
-
-
-def _build_fwd(TB, TU, TK):
     gate_dots = gate_dots_device(TB, TU, TK)
 
     @cuda.jit
@@ -46,9 +42,7 @@ def _build_fwd(TB, TU, TK):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
         sw = cuda.shared.array((4, TK, TU), float32)
-        T = out.shape[0]
-        B = out.shape[1]
-        H = out.shape[2]
+        T, B, H = out.shape
         n_rb = (B + TB - 1) // TB
         tiles_u = (H + TU - 1) // TU
         grid = cuda.cg.this_grid()
@@ -56,10 +50,7 @@ def _build_fwd(TB, TU, TK):
             t = step_time(s, T, reverse)
             tp = step_time(s - 1, T, reverse)
             for tile in range(cuda.blockIdx.x, n_rb * tiles_u, cuda.gridDim.x):
-                row0 = int64(tile % n_rb) * TB
-                unit0 = int64(tile // n_rb) * TU
-                r = row0 + cuda.threadIdx.y
-                u = unit0 + cuda.threadIdx.x
+                row0, unit0, r, u = tile_origin(tile, n_rb, TB, TU)
                 gi_r = ZERO
                 gi_z = ZERO
                 gi_n = ZERO
@@ -78,17 +69,14 @@ def _build_fwd(TB, TU, TK):
                                                     code_out, code_w, gh_r, gh_z, gh_n, ZERO)
                 if r < B and u < H:
                     if has_xp:
-                        gi_r += ld2(xp[t], r, u, code_xp)
-                        gi_z += ld2(xp[t], r, u + H, code_xp)
-                        gi_n += ld2(xp[t], r, u + 2 * H, code_xp)
+                        gi_r, gi_z, gi_n, _ = add_gates(gi_r, gi_z, gi_n, ZERO, xp[t, r], u, H, 3,
+                                                        code_xp)
                     if has_bih:
-                        gi_r += ld1(bih, u, code_b)
-                        gi_z += ld1(bih, u + H, code_b)
-                        gi_n += ld1(bih, u + 2 * H, code_b)
+                        gi_r, gi_z, gi_n, _ = add_gates(gi_r, gi_z, gi_n, ZERO, bih, u, H, 3,
+                                                        code_b)
                     if has_bhh:
-                        gh_r += ld1(bhh, u, code_b)
-                        gh_z += ld1(bhh, u + H, code_b)
-                        gh_n += ld1(bhh, u + 2 * H, code_b)
+                        gh_r, gh_z, gh_n, _ = add_gates(gh_r, gh_z, gh_n, ZERO, bhh, u, H, 3,
+                                                        code_b)
                     hv = ZERO
                     if s > 0:
                         hv = ld2(out[tp], r, u, code_out)
@@ -108,30 +96,21 @@ def _build_fwd(TB, TU, TK):
                     st2(out[t], r, u, h_new, code_out)
                     if write_hn and s == T - 1:
                         st2(hn, r, u, h_new, code_hn)
-                    ws[t, r, u] = rg
-                    ws[t, r, u + H] = zg
-                    ws[t, r, u + 2 * H] = ng
-                    ws[t, r, u + 3 * H] = gh_n
+                    store_gates(ws, t, r, u, H, rg, zg, ng, gh_n, 4)
             if sync and s + 1 < s_end:
                 grid.sync()
 
     return fwd
 
 
-def gru_layer_bwd_kernel(tb: int, tu: int, tk: int):
+@per_tiling
+def gru_layer_bwd_kernel(TB, TU, TK):
     """The backward kernel for a TB x TU tile, built on first use; launch it with a (tu, tb)
     block. Arguments, in order: ws (T, B, 4H) fp32, out (T, B, H), h0 (B, H), w_hh (3H, H),
     d_out (T, B, H), d_hn (B, H), bs (T,) int32, dgi, dgh (T, B, 3H) fp32 (written), dhd
     (2, B, H) fp32 (running, by step parity), dh0 (B, H) (written); reverse, has_h0,
     has_dout, has_dhn, has_bs, write_dh0; dtype codes of out, h0, w_hh, d_out, d_hn, dh0;
     u_begin, u_end (u = T: the dh0 pseudo-step), sync."""
-    key = (int(tb), int(tu), int(tk))
-    if key not in _BWD:
-        _BWD[key] = _build_bwd(*key)
-    return _BWD[key]
-
-
-def _build_bwd(TB, TU, TK):
     recurrent_dh = recurrent_dh_device(TB, TU, TK)
 
     @cuda.jit
@@ -141,24 +120,14 @@ def _build_bwd(TB, TU, TK):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
         sw = cuda.shared.array((TK, TU), float32)
-        T = out.shape[0]
-        B = out.shape[1]
-        H = out.shape[2]
+        T, B, H = out.shape
         n_rb = (B + TB - 1) // TB
         tiles_u = (H + TU - 1) // TU
         grid = cuda.cg.this_grid()
         for us in range(u_begin, u_end):
-            s = T - 1 - us
-            t = step_time(s, T, reverse)
-            tn = step_time(s + 1, T, reverse)
-            tp = step_time(s - 1, T, reverse)
-            now = us % 2
-            before = 1 - now
+            t, tn, tp, now, before = bptt_step(us, T, reverse)
             for tile in range(cuda.blockIdx.x, n_rb * tiles_u, cuda.gridDim.x):
-                row0 = int64(tile % n_rb) * TB
-                unit0 = int64(tile // n_rb) * TU
-                b = row0 + cuda.threadIdx.y
-                u = unit0 + cuda.threadIdx.x
+                row0, unit0, b, u = tile_origin(tile, n_rb, TB, TU)
                 d = ZERO
                 if us > 0:
                     d = recurrent_dh(dgh[tn], whh, row0, unit0, 3 * H, H, sa, sw, code_w)
@@ -172,10 +141,7 @@ def _build_bwd(TB, TU, TK):
                             d += ld2(dout[t], b, u, code_dout)
                         if has_dhn and us == 0:
                             d += ld2(dhn, b, u, code_dhn)
-                        r = ws[t, b, u]
-                        z = ws[t, b, u + H]
-                        n = ws[t, b, u + 2 * H]
-                        ghn = ws[t, b, u + 3 * H]
+                        r, z, n, ghn = load_gates(ws, t, b, u, H)
                         hv = ZERO
                         if us == T - 1:
                             if has_h0:
@@ -192,12 +158,8 @@ def _build_bwd(TB, TU, TK):
                             daz = ZERO
                             dan = ZERO
                             direct = d
-                        dgi[t, b, u] = dar
-                        dgi[t, b, u + H] = daz
-                        dgi[t, b, u + 2 * H] = dan
-                        dgh[t, b, u] = dar
-                        dgh[t, b, u + H] = daz
-                        dgh[t, b, u + 2 * H] = dan * r
+                        store_gates(dgi, t, b, u, H, dar, daz, dan, ZERO, 3)
+                        store_gates(dgh, t, b, u, H, dar, daz, dan * r, ZERO, 3)
                         dhd[now, b, u] = direct
             if sync and us + 1 < u_end:
                 grid.sync()

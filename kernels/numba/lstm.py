@@ -6,14 +6,12 @@ kernels/numba/rnn.py's. The cell is the forward kernel over one step with has_x.
 from numba import cuda, float32, int64
 
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
-from .rnn import (ONE, ZERO, gate_dots_device, ld1, ld2, recurrent_dh_device, sigmoid, st2,
-                  step_time, tanh)
-
-_FWD = {}
-_BWD = {}
+from .rnn import (ONE, ZERO, add_gates, bptt_step, gate_dots_device, ld2, load_gates, per_tiling,
+                  recurrent_dh_device, sigmoid, st2, step_time, store_gates, tanh, tile_origin)
 
 
-def lstm_layer_fwd_kernel(tb: int, tu: int, tk: int):
+@per_tiling
+def lstm_layer_fwd_kernel(TB, TU, TK):
     """The forward kernel for a TB x TU tile and TK-wide K steps, built on first use; launch
     it with a (tu, tb) block. Arguments, in order (placeholders of the same rank where a
     flag says absent):
@@ -26,13 +24,6 @@ def lstm_layer_fwd_kernel(tb: int, tu: int, tk: int):
     q_begin, q_end (sub-steps: q = s, or 2s and 2s + 1 with proj), sync (grid.sync() between
     sub-steps).
     """
-    key = (int(tb), int(tu), int(tk))
-    if key not in _FWD:
-        _FWD[key] = _build_fwd(*key)
-    return _FWD[key]
-
-
-def _build_fwd(TB, TU, TK):
     gate_dots = gate_dots_device(TB, TU, TK)
 
     @cuda.jit
@@ -43,9 +34,7 @@ def _build_fwd(TB, TU, TK):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
         sw = cuda.shared.array((4, TK, TU), float32)
-        T = cs.shape[0]
-        B = cs.shape[1]
-        H = cs.shape[2]
+        T, B, H = cs.shape
         P = out.shape[2]
         n_rb = (B + TB - 1) // TB
         tiles_u = (H + TU - 1) // TU
@@ -71,10 +60,7 @@ def _build_fwd(TB, TU, TK):
                             st2(hn, r, c, acc, code_hn)
             else:
                 for tile in range(cuda.blockIdx.x, n_rb * tiles_u, cuda.gridDim.x):
-                    row0 = int64(tile % n_rb) * TB
-                    unit0 = int64(tile // n_rb) * TU
-                    r = row0 + cuda.threadIdx.y
-                    u = unit0 + cuda.threadIdx.x
+                    row0, unit0, r, u = tile_origin(tile, n_rb, TB, TU)
                     a_i = ZERO
                     a_f = ZERO
                     a_g = ZERO
@@ -91,20 +77,12 @@ def _build_fwd(TB, TU, TK):
                                                        code_out, code_w, a_i, a_f, a_g, a_o)
                     if r < B and u < H:
                         if has_xp:
-                            a_i += ld2(xp[t], r, u, code_xp)
-                            a_f += ld2(xp[t], r, u + H, code_xp)
-                            a_g += ld2(xp[t], r, u + 2 * H, code_xp)
-                            a_o += ld2(xp[t], r, u + 3 * H, code_xp)
+                            a_i, a_f, a_g, a_o = add_gates(a_i, a_f, a_g, a_o, xp[t, r], u, H, 4,
+                                                           code_xp)
                         if has_bih:
-                            a_i += ld1(bih, u, code_b)
-                            a_f += ld1(bih, u + H, code_b)
-                            a_g += ld1(bih, u + 2 * H, code_b)
-                            a_o += ld1(bih, u + 3 * H, code_b)
+                            a_i, a_f, a_g, a_o = add_gates(a_i, a_f, a_g, a_o, bih, u, H, 4, code_b)
                         if has_bhh:
-                            a_i += ld1(bhh, u, code_b)
-                            a_f += ld1(bhh, u + H, code_b)
-                            a_g += ld1(bhh, u + 2 * H, code_b)
-                            a_o += ld1(bhh, u + 3 * H, code_b)
+                            a_i, a_f, a_g, a_o = add_gates(a_i, a_f, a_g, a_o, bhh, u, H, 4, code_b)
                         c = ZERO
                         if s == 0:
                             if has_c0:
@@ -134,10 +112,7 @@ def _build_fwd(TB, TU, TK):
                         else:
                             st2(out[t], r, u, h_new, code_out)
                         cs[t, r, u] = c_new
-                        acts[t, r, u] = i
-                        acts[t, r, u + H] = f
-                        acts[t, r, u + 2 * H] = g
-                        acts[t, r, u + 3 * H] = o
+                        store_gates(acts, t, r, u, H, i, f, g, o, 4)
                         if s == T - 1:
                             if write_hn and not proj:
                                 st2(hn, r, u, h_new, code_hn)
@@ -149,7 +124,8 @@ def _build_fwd(TB, TU, TK):
     return fwd
 
 
-def lstm_layer_bwd_kernel(tb: int, tu: int, tk: int):
+@per_tiling
+def lstm_layer_bwd_kernel(TB, TU, TK):
     """The backward kernel for a TB x TU tile and TK-wide K steps, built on first use; launch
     it with a (tu, tb) block. Arguments, in order: acts (T, B, 4H), cs (T, B, H) fp32,
     c0 (B, H), w_rec (4H, H), d_out (T, B, H), d_hn, d_cn (B, H), bs (T,) int32,
@@ -158,13 +134,6 @@ def lstm_layer_bwd_kernel(tb: int, tu: int, tk: int):
     write_dh0, write_dc0; dtype codes of c0, w_rec, d_out, d_hn, d_cn, dh0, dc0; u_begin,
     u_end (BPTT steps, u = T the dh0 pseudo-step), sync.
     """
-    key = (int(tb), int(tu), int(tk))
-    if key not in _BWD:
-        _BWD[key] = _build_bwd(*key)
-    return _BWD[key]
-
-
-def _build_bwd(TB, TU, TK):
     recurrent_dh = recurrent_dh_device(TB, TU, TK)
 
     @cuda.jit
@@ -175,25 +144,15 @@ def _build_bwd(TB, TU, TK):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
         sw = cuda.shared.array((TK, TU), float32)
-        T = cs.shape[0]
-        B = cs.shape[1]
-        H = cs.shape[2]
+        T, B, H = cs.shape
         K = wrec.shape[0]
         n_rb = (B + TB - 1) // TB
         tiles_u = (H + TU - 1) // TU
         grid = cuda.cg.this_grid()
         for us in range(u_begin, u_end):
-            s = T - 1 - us
-            t = step_time(s, T, reverse)
-            tn = step_time(s + 1, T, reverse)
-            tp = step_time(s - 1, T, reverse)
-            now = us % 2
-            before = 1 - now
+            t, tn, tp, now, before = bptt_step(us, T, reverse)
             for tile in range(cuda.blockIdx.x, n_rb * tiles_u, cuda.gridDim.x):
-                row0 = int64(tile % n_rb) * TB
-                unit0 = int64(tile // n_rb) * TU
-                r = row0 + cuda.threadIdx.y
-                u = unit0 + cuda.threadIdx.x
+                row0, unit0, r, u = tile_origin(tile, n_rb, TB, TU)
                 dh = ZERO
                 if us > 0:
                     dh = recurrent_dh(dg[tn], wrec, row0, unit0, K, H, sa, sw, code_w)
@@ -213,10 +172,7 @@ def _build_bwd(TB, TU, TK):
                                 dc = ld2(dcn, r, u, code_dcn)
                         else:
                             dc = dc_run[before, r, u]
-                        i = acts[t, r, u]
-                        f = acts[t, r, u + H]
-                        g = acts[t, r, u + 2 * H]
-                        o = acts[t, r, u + 3 * H]
+                        i, f, g, o = load_gates(acts, t, r, u, H)
                         tc = tanh(cs[t, r, u])
                         c = ZERO
                         if us == T - 1:
@@ -241,10 +197,7 @@ def _build_bwd(TB, TU, TK):
                                 pas[now, r, u] = dh
                             else:
                                 pas[now, r, u] = ZERO
-                        dg[t, r, u] = d_i
-                        dg[t, r, u + H] = d_f
-                        dg[t, r, u + 2 * H] = d_g
-                        dg[t, r, u + 3 * H] = d_o
+                        store_gates(dg, t, r, u, H, d_i, d_f, d_g, d_o, 4)
                         if us == T - 1:
                             if write_dc0:
                                 st2(dc0, r, u, dcp, code_dc0)

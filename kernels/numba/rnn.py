@@ -1,6 +1,7 @@
 """Numba CUDA pieces every recurrent layer shares (kernels/numba/lstm.py and gru.py build on
-them): typed loads and stores, the gate nonlinearities, the tiled products of a step, and the
-layer's other kernels (bias column sums, dropout's product). Same math, layout and launch
+them): typed loads and stores, the gate nonlinearities, a tile's origin, the gate-stacked
+loads, sums and stores, the tiled products of a step, and the layer's other kernels (bias
+column sums, dropout's product). Same math, layout and launch
 structure as kernels/triton/rnn.py (see its docstring): a layer kernel runs a range of time
 steps per launch, each block looping over (rows x units) tiles; between steps, when the
 launch covers several, the blocks meet at the grid's barrier (cuda.cg.this_grid().sync(): a
@@ -12,18 +13,21 @@ A block of TB x TU threads owns TB batch rows x TU hidden units, thread (ty, tx)
 TK x TU weight tiles in shared memory per K step, then each thread runs the multiply-adds
 of its element: every staged value is reused by TU units (and every gate) or TB rows. TB,
 TU and TK size the shared arrays, so they are compile-time constants: the kernel builders
-(`*_kernel(tb, tu, tk)`) make and cache one kernel per tiling, launched with a (tu, tb) block.
+(`*_kernel(tb, tu, tk)`, `per_tiling`) make and cache one kernel per tiling, launched with a
+(tu, tb) block. The gate and tile helpers are inlined at Numba's level (inline="always"),
+so the kernels compile as if they were written out there.
 
 All arithmetic is fp32; constants are typed fp32 so nothing is promoted to fp64 on the GPU.
 sigmoid and tanh take exp of -|a| only (no overflow). fp16 arrays are read and written as
 such; bf16 arrive as int16 bit patterns (see _dtypes).
 """
+import functools
 import math
 
 import numpy as np
 from numba import cuda, float32, int64
 
-from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits, load_f32, store_f32  # noqa: F401
+from ._dtypes import BF16, FP32, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits, load_f32, store_f32  # noqa: F401
 from ._grid import grid_threads, thread_index
 
 ZERO = np.float32(0.0)
@@ -86,25 +90,93 @@ def step_time(s, T, reverse):
     return int64(s)
 
 
+@cuda.jit(device=True, inline="always")
+def bptt_step(us, T, reverse):
+    """(t, tn, tp, now, before) of BPTT step us (run-order step T-1-us): its time, the time of
+    the step that ran after it and of the one before; the planes of the running buffers by
+    step parity, the one it writes and the one it reads."""
+    s = T - 1 - us
+    now = us % 2
+    return (step_time(s, T, reverse), step_time(s + 1, T, reverse),
+            step_time(s - 1, T, reverse), now, 1 - now)
+
+
+@cuda.jit(device=True, inline="always")
+def tile_origin(tile, n_rb, TB, TU):
+    """(first row, first unit, this thread's row, its unit) of tile number `tile` of TB rows x
+    TU units, row blocks varying fastest (as kernels/triton/rnn.py tile_of)."""
+    row0 = int64(tile % n_rb) * TB
+    unit0 = int64(tile // n_rb) * TU
+    return row0, unit0, row0 + cuda.threadIdx.y, unit0 + cuda.threadIdx.x
+
+
+@cuda.jit(device=True, inline="always")
+def load_gates(a, t, r, u, H):
+    """The four gates (a[t, r, q*H + u], q < 4) of a gate-stacked row of an fp32 workspace."""
+    return a[t, r, u], a[t, r, u + H], a[t, r, u + 2 * H], a[t, r, u + 3 * H]
+
+
+@cuda.jit(device=True, inline="always")
+def store_gates(a, t, r, u, H, g0, g1, g2, g3, G):
+    """a[t, r, q*H + u] = g_q for the gates q < G (3 or 4) of a gate-stacked row of an fp32
+    workspace."""
+    a[t, r, u] = g0
+    a[t, r, u + H] = g1
+    a[t, r, u + 2 * H] = g2
+    if G > 3:
+        a[t, r, u + 3 * H] = g3
+
+
+@cuda.jit(device=True, inline="always")
+def add_gates(a0, a1, a2, a3, v, u, H, G, code):
+    """(a0, a1, a2, a3) plus, for the gates q < G (3 or 4), element q*H + u of the
+    gate-stacked vector v (a bias, a row of xp) in fp32."""
+    a0 += ld1(v, u, code)
+    a1 += ld1(v, u + H, code)
+    a2 += ld1(v, u + 2 * H, code)
+    if G > 3:
+        a3 += ld1(v, u + 3 * H, code)
+    return a0, a1, a2, a3
+
+
+def per_tiling(build):
+    """The builder `build(TB, TU, TK)` of a kernel or device function called once per tiling
+    (TB, TU, TK size its shared arrays, so they are compile-time constants); made on first
+    use."""
+    made = {}
+
+    @functools.wraps(build)
+    def get(tb: int, tu: int, tk: int):
+        key = (int(tb), int(tu), int(tk))
+        if key not in made:
+            made[key] = build(*key)
+        return made[key]
+    return get
+
+
 # --- the products of a step -------------------------------------------------------------------
 
-_GATE_DOTS = {}
-_DH = {}
+@cuda.jit(device=True, inline="always")
+def stage_rows(sa, a, row0, k0, K, code, tid, TB, TK, NT):
+    """sa[i, kk] = a[row0 + i, k0 + kk] in fp32 (zero past a's rows or column K): the block's
+    TB x TK tile of the left operand at k0, staged by its NT threads from thread tid."""
+    B = a.shape[0]
+    for e in range(tid, TB * TK, NT):
+        i = e // TK
+        kk = e - i * TK
+        v = ZERO
+        if row0 + i < B and k0 + kk < K:
+            v = ld2(a, row0 + i, k0 + kk, code)
+        sa[i, kk] = v
 
 
-def gate_dots_device(tb: int, tu: int, tk: int):
+@per_tiling
+def gate_dots_device(TB, TU, TK):
     """The device function gate_dots(a, w, row0, unit0, H, G, sa, sw, code_a, code_w, acc0,
     acc1, acc2, acc3) -> the four accumulators plus, for gates q < G, a[row] . w[q*H + unit]
     over all of a's columns (the thread's row row0 + ty and unit unit0 + tx); sa (TB, TK)
     and sw (4, TK, TU) are the calling kernel's fp32 shared arrays. G = 1 and H = the
     output width make it a plain product (the LSTM's projection)."""
-    key = (int(tb), int(tu), int(tk))
-    if key not in _GATE_DOTS:
-        _GATE_DOTS[key] = _build_gate_dots(*key)
-    return _GATE_DOTS[key]
-
-
-def _build_gate_dots(TB, TU, TK):
     NT = TB * TU
 
     @cuda.jit(device=True)
@@ -112,16 +184,9 @@ def _build_gate_dots(TB, TU, TK):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TU + tx
-        B = a.shape[0]
         K = a.shape[1]
         for k0 in range(0, K, TK):
-            for e in range(tid, TB * TK, NT):
-                i = e // TK
-                kk = e - i * TK
-                v = ZERO
-                if row0 + i < B and k0 + kk < K:
-                    v = ld2(a, row0 + i, k0 + kk, code_a)
-                sa[i, kk] = v
+            stage_rows(sa, a, row0, k0, K, code_a, tid, TB, TK, NT)
             for e in range(tid, G * TU * TK, NT):
                 # kk fastest: neighbouring threads read neighbouring weights of one row
                 q = e // (TU * TK)
@@ -147,18 +212,12 @@ def _build_gate_dots(TB, TU, TK):
     return gate_dots
 
 
-def recurrent_dh_device(tb: int, tu: int, tk: int):
+@per_tiling
+def recurrent_dh_device(TB, TU, TK):
     """The device function dh = dg_next[rows] @ W[:, units] of one (row, unit) per thread:
     the recurrent product of backpropagation through time. Arguments: dgn (B, K) fp32, w
     (K, H), row0, unit0, K, H, sa (TB, TK) and sw (TK, TU) fp32 shared arrays of the calling
     kernel, and W's dtype code."""
-    key = (int(tb), int(tu), int(tk))
-    if key not in _DH:
-        _DH[key] = _build_dh(*key)
-    return _DH[key]
-
-
-def _build_dh(TB, TU, TK):
     NT = TB * TU
 
     @cuda.jit(device=True)
@@ -166,16 +225,9 @@ def _build_dh(TB, TU, TK):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TU + tx
-        B = dgn.shape[0]
         dh = ZERO
         for k0 in range(0, K, TK):
-            for e in range(tid, TB * TK, NT):
-                ii = e // TK
-                kk = e - ii * TK
-                v = ZERO
-                if row0 + ii < B and k0 + kk < K:
-                    v = dgn[row0 + ii, k0 + kk]
-                sa[ii, kk] = v
+            stage_rows(sa, dgn, row0, k0, K, FP32, tid, TB, TK, NT)
             for e in range(tid, TK * TU, NT):
                 kk = e // TU
                 j = e - kk * TU

@@ -32,19 +32,17 @@ rows keep their state; backward, their dgi = dgh = 0 and dhd carries all of dh1.
 import triton
 import triton.language as tl
 
-from ._split import arrive_last
 from .rnn import (
-    chunk_partials,
+    backward_tile,
+    forward_tiles,
     gate_columns,
     grid_barrier,
     grid_exit,
-    next_step_product,
+    load_gates,
     sigmoid,
     split_gates,
-    split_tile_of,
     step_time,
-    step_workspace,
-    store_partial,
+    store_gates,
     tanh,
     tile_dot,
     tile_of,
@@ -73,10 +71,11 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
               sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
               sh0_b, sh0_k,
               swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
-              FIRST: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
+              HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
               HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, HAS_H0: tl.constexpr,
               WRITE_HN: tl.constexpr, HAS_BS: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+              FIRST: tl.constexpr):
     """Step s (time t) of one tile; FIRST: it starts from h0 (or zeros)."""
     rows, units, unit0 = tile_of(tile, B, BLOCK_B, BLOCK_H)
     r_ok = rows < B
@@ -112,24 +111,12 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
                       c_ok, gi, PRECISION, BLOCK_K)
         gi_r, gi_z, gi_n, _ = split_gates(gi, BLOCK_B, BLOCK_H)
     if HAS_XP:
-        xp = xp_ptr + t * sxp_t + r_ * sxp_b
-        gi_r += tl.load(xp + u * sxp_k, mask=mask, other=0.0).to(tl.float32)
-        gi_z += tl.load(xp + (u + H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
-        gi_n += tl.load(xp + (u + 2 * H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
+        gi_r, gi_z, gi_n = load_gates(xp_ptr + t * sxp_t + r_ * sxp_b, u, sxp_k, H, mask, 3,
+                                      (gi_r, gi_z, gi_n))
     if HAS_BIH:
-        gi_r += tl.load(bih_ptr + u * sbih, mask=u_ok[None, :],
-                        other=0.0).to(tl.float32)
-        gi_z += tl.load(bih_ptr + (u + H) * sbih, mask=u_ok[None, :],
-                        other=0.0).to(tl.float32)
-        gi_n += tl.load(bih_ptr + (u + 2 * H) * sbih, mask=u_ok[None, :],
-                        other=0.0).to(tl.float32)
+        gi_r, gi_z, gi_n = load_gates(bih_ptr, u, sbih, H, u_ok[None, :], 3, (gi_r, gi_z, gi_n))
     if HAS_BHH:
-        gh_r += tl.load(bhh_ptr + u * sbhh, mask=u_ok[None, :],
-                        other=0.0).to(tl.float32)
-        gh_z += tl.load(bhh_ptr + (u + H) * sbhh, mask=u_ok[None, :],
-                        other=0.0).to(tl.float32)
-        gh_n += tl.load(bhh_ptr + (u + 2 * H) * sbhh, mask=u_ok[None, :],
-                        other=0.0).to(tl.float32)
+        gh_r, gh_z, gh_n = load_gates(bhh_ptr, u, sbhh, H, u_ok[None, :], 3, (gh_r, gh_z, gh_n))
     r, z, n, h1 = gru_cell_forward(gi_r, gi_z, gi_n, gh_r, gh_z, gh_n, h)
     if HAS_BS:
         live = (rows < tl.load(bs_ptr + t))[:, None]
@@ -139,11 +126,7 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
         n = tl.where(live, n, 0.0)
         gh_n = tl.where(live, gh_n, 0.0)
     tl.store(out_ptr + t * so_t + r_ * so_b + u * so_k, h1.to(out_ptr.dtype.element_ty), mask=mask)
-    wp = ws_ptr + t * sw_t + r_ * sw_b
-    tl.store(wp + u * sw_k, r, mask=mask)
-    tl.store(wp + (u + H) * sw_k, z, mask=mask)
-    tl.store(wp + (u + 2 * H) * sw_k, n, mask=mask)
-    tl.store(wp + (u + 3 * H) * sw_k, gh_n, mask=mask)
+    store_gates(ws_ptr + t * sw_t + r_ * sw_b, u, sw_k, H, mask, (r, z, n, gh_n))
     if WRITE_HN:
         if s == T - 1:
             tl.store(hn_ptr + r_ * shn_b + u * shn_k, h1.to(hn_ptr.dtype.element_ty), mask=mask)
@@ -179,24 +162,13 @@ def gru_layer_fwd(
     for s in range(step_begin, step_end):
         t = step_time(s, T, REVERSE)
         tp = step_time(s - 1, T, REVERSE)
-        if s == 0:
-            for tile in range(pid, n_tiles, NP):
-                _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
-                          whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
-                          sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
-              sh0_b, sh0_k,
-                          swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
-                          True, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN, HAS_BS,
-                          PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
-        else:
-            for tile in range(pid, n_tiles, NP):
-                _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
-                          whh_ptr, out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
-                          sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
-              sh0_b, sh0_k,
-                          swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k, shn_b, shn_k,
-                          False, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN, HAS_BS,
-                          PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+        forward_tiles(_fwd_tile, s, pid, NP, n_tiles,
+                      (s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, whh_ptr,
+                       out_ptr, ws_ptr, hn_ptr, bs_ptr, T, B, I, H,
+                       sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh, sxp_t, sxp_b, sxp_k,
+                       sh0_b, sh0_k, swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k,
+                       shn_b, shn_k, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN,
+                       HAS_BS, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K))
         if GRID_SYNC:
             if s + 1 < step_end:
                 grid_barrier(sync_ptr, (s - step_begin + 1) * NP)
@@ -205,15 +177,16 @@ def gru_layer_fwd(
 
 
 @triton.jit
-def _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
-              dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, bcast_ptr, dh0_ptr,
+def _bwd_cell(rows, units, dh1, bcast_ptr, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, dout_ptr,
+              dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, dh0_ptr,
               T, B, H, sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k,
               sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k,
               srn_p, srn_b, srn_k, sdh0_b, sdh0_k,
               HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
               HAS_BS: tl.constexpr, BCAST: tl.constexpr):
     """BPTT step u_step (< T) of the rows x units given dh1 = dgh_next W_hh[:, units] (zero
-    at u_step 0), or the pseudo-step u_step == T (dh0). Every load is issued before the
+    at u_step 0), or the pseudo-step u_step == T (dh0); bcast_ptr: the 16-bit copy of dgh
+    (BCAST, kernels/triton/rnn.py step_workspace). Every load is issued before the
     first branch, masked by the step; the running direct part is read through L2 (.cg):
     with K splits the program that finishes a tile changes from step to step."""
     r_ok = rows < B
@@ -233,11 +206,7 @@ def _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr,
     if HAS_DHN:
         dh_in += tl.load(dhn_ptr + r_ * sdhn_b + u * sdhn_k, mask=mask & (u_step == 0),
                          other=0.0).to(tl.float32)
-    wp = ws_ptr + t * sw_t + r_ * sw_b
-    r = tl.load(wp + u * sw_k, mask=step, other=0.0)
-    z = tl.load(wp + (u + H) * sw_k, mask=step, other=0.0)
-    n = tl.load(wp + (u + 2 * H) * sw_k, mask=step, other=0.0)
-    ghn = tl.load(wp + (u + 3 * H) * sw_k, mask=step, other=0.0)
+    r, z, n, ghn = load_gates(ws_ptr + t * sw_t + r_ * sw_b, u, sw_k, H, step, 4)
     # the state the step started from: h0 (or zero) at the sequence's first step, else the
     # output of the step before
     h = tl.load(out_ptr + tp * so_t + r_ * so_b + u * so_k, mask=step & (u_step < T - 1),
@@ -256,65 +225,14 @@ def _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr,
             daz = tl.where(live, daz, 0.0)
             dan = tl.where(live, dan, 0.0)
             dhd = tl.where(live, dhd, dh1)
-        gi = dgi_ptr + t * sgi_t + r_ * sgi_b
-        tl.store(gi + u * sgi_k, dar, mask=mask)
-        tl.store(gi + (u + H) * sgi_k, daz, mask=mask)
-        tl.store(gi + (u + 2 * H) * sgi_k, dan, mask=mask)
-        gh = dgh_ptr + t * sgh_t + r_ * sgh_b
-        tl.store(gh + u * sgh_k, dar, mask=mask)
-        tl.store(gh + (u + H) * sgh_k, daz, mask=mask)
-        tl.store(gh + (u + 2 * H) * sgh_k, dan * r, mask=mask)
+        store_gates(dgi_ptr + t * sgi_t + r_ * sgi_b, u, sgi_k, H, mask, (dar, daz, dan))
+        store_gates(dgh_ptr + t * sgh_t + r_ * sgh_b, u, sgh_k, H, mask, (dar, daz, dan * r))
         if BCAST:
-            # the copy of dgh the next step's product reads, rounded to W_hh's dtype
-            bp = bcast_ptr + now * B * (3 * H) + r_ * (3 * H) + u
-            wt = whh_ptr.dtype.element_ty
-            tl.store(bp, dar.to(wt), mask=mask)
-            tl.store(bp + H, daz.to(wt), mask=mask)
-            tl.store(bp + 2 * H, (dan * r).to(wt), mask=mask)
+            # the copy of dgh the next step's product reads, rounded to W_hh's dtype (rows of
+            # K = 3H contiguous columns: gate q of unit u at q*H + u)
+            store_gates(bcast_ptr + now * B * (3 * H) + r_ * (3 * H) + u, 0, 1, H, mask,
+                        (dar, daz, dan * r))
         tl.store(run_ptr + now * srn_p + r_ * srn_b + u * srn_k, dhd, mask=mask)
-
-
-@triton.jit
-def _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr,
-              bs_ptr, dgi_ptr, dgh_ptr, run_ptr, dh0_ptr, sync_ptr,
-              T, B, H, sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, swh_r, swh_k,
-              sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k,
-              srn_p, srn_b, srn_k, sdh0_b, sdh0_k,
-              HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
-              HAS_BS: tl.constexpr, BCAST: tl.constexpr, PRECISION: tl.constexpr,
-              SPLIT: tl.constexpr, CHUNK: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Product tile `tile` of BPTT step u_step: its share of dh1 = dgh_next W_hh[:, units],
-    then the cell, as kernels/triton/lstm.py's _bwd_tile."""
-    K = 3 * H
-    row0, rows, units, k0, kc, s, out_tile = split_tile_of(tile, B, K, BLOCK_B, BLOCK_H,
-                                                           BLOCK_K, SPLIT)
-    bcast, parts = step_workspace(run_ptr, srn_p, B, K, whh_ptr, BCAST)
-    dh1 = next_step_product(u_step, bcast, dgh_ptr + tn * sgh_t, sgh_b, sgh_k, whh_ptr, swh_r,
-                            swh_k, rows, units, B, H, K, k0, kc, PRECISION, BCAST, BLOCK_B,
-                            BLOCK_H, BLOCK_K)
-    if SPLIT == 1:
-        _bwd_cell(rows, units, dh1, u_step, t, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
-                  dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, bcast, dh0_ptr, T, B, H,
-                  sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, sdo_t, sdo_b, sdo_k,
-                  sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k,
-                  sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST)
-    else:
-        finish = s == 0         # the first step has no product: split 0 runs the cell
-        if u_step > 0:
-            store_partial(parts, out_tile, s, dh1, SPLIT, BLOCK_B, BLOCK_H)
-            finish = arrive_last(sync_ptr + 2 + out_tile, SPLIT)
-        if finish:
-            for r0 in tl.static_range(0, BLOCK_B, CHUNK):
-                dh_rows = tl.zeros([CHUNK, BLOCK_H], tl.float32)
-                if u_step > 0:
-                    dh_rows = chunk_partials(parts, out_tile, r0, SPLIT, BLOCK_B, BLOCK_H, CHUNK)
-                _bwd_cell(row0 + r0 + tl.arange(0, CHUNK), units, dh_rows, u_step, t, tp,
-                          ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr, dhn_ptr, bs_ptr, dgi_ptr,
-                          dgh_ptr, run_ptr, bcast, dh0_ptr, T, B, H, sw_t, sw_b, sw_k,
-                          so_t, so_b, so_k, sh0_b, sh0_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k,
-                          sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k,
-                          sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST)
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
@@ -352,13 +270,14 @@ def gru_layer_bwd(
         tn = step_time(s + 1, T, REVERSE)
         tp = step_time(s - 1, T, REVERSE)
         for tile in range(pid, n_tiles, NP):
-            _bwd_tile(tile, u_step, t, tn, tp, ws_ptr, out_ptr, h0_ptr, whh_ptr, dout_ptr,
-                      dhn_ptr, bs_ptr, dgi_ptr, dgh_ptr, run_ptr, dh0_ptr, sync_ptr, T, B, H,
-                      sw_t, sw_b, sw_k, so_t, so_b, so_k, sh0_b, sh0_k, swh_r, swh_k,
-                      sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k,
-                      sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k, sdh0_b, sdh0_k,
-                      HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST, PRECISION, SPLIT, CHUNK,
-                      BLOCK_B, BLOCK_H, BLOCK_K)
+            backward_tile(_bwd_cell, tile, u_step, dgh_ptr, tn, sgh_t, sgh_b, sgh_k, whh_ptr,
+                          swh_r, swh_k, run_ptr, srn_p, sync_ptr, B, H, 3 * H,
+                          (u_step, t, tp, ws_ptr, out_ptr, h0_ptr, dout_ptr, dhn_ptr, bs_ptr,
+                           dgi_ptr, dgh_ptr, run_ptr, dh0_ptr, T, B, H, sw_t, sw_b, sw_k,
+                           so_t, so_b, so_k, sh0_b, sh0_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k,
+                           sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k,
+                           sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST),
+                          PRECISION, BCAST, SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
             if u_step + 1 < step_end:
                 grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)

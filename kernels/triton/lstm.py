@@ -59,19 +59,17 @@ or with projections in a 16-bit one).
 import triton
 import triton.language as tl
 
-from ._split import arrive_last
 from .rnn import (
-    chunk_partials,
+    backward_tile,
+    forward_tiles,
     gate_columns,
     grid_barrier,
     grid_exit,
-    next_step_product,
+    load_gates,
     sigmoid,
     split_gates,
-    split_tile_of,
     step_time,
-    step_workspace,
-    store_partial,
+    store_gates,
     tanh,
     tile_dot,
     tile_of,
@@ -106,11 +104,12 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
               sh0_b, sh0_k, sc0_b, sc0_k,
               swh_r, swh_k, so_t, so_b, so_k, sm_t, sm_b, sm_k, scs_t, scs_b, scs_k,
               sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
-              FIRST: tl.constexpr, HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
+              HAS_X: tl.constexpr, HAS_XP: tl.constexpr,
               HAS_BIH: tl.constexpr, HAS_BHH: tl.constexpr, HAS_H0: tl.constexpr,
               HAS_C0: tl.constexpr, WRITE_HN: tl.constexpr, WRITE_CN: tl.constexpr,
               HAS_BS: tl.constexpr, PROJ: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+              FIRST: tl.constexpr):
     """Step s (time t; tp: the time of the step before) of one tile. FIRST: the step starts
     from h0 / c0 (or zeros), else from the output and cell state of the step before. PROJ:
     h1 (= m) goes to m_ptr, the projection writes the output and h_n."""
@@ -138,38 +137,20 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
     if HAS_H:
         acc = tile_dot(h_ptr, sh_b, sh_k, rows, r_ok, P, whh_ptr, swh_r, swh_k,
                        cols, c_ok, acc, PRECISION, BLOCK_K)
-    a_i, a_f, a_g, a_o = split_gates(acc, BLOCK_B, BLOCK_H)
+    a = split_gates(acc, BLOCK_B, BLOCK_H)
     if HAS_XP:
-        xp = xp_ptr + t * sxp_t + r * sxp_b
-        a_i += tl.load(xp + u * sxp_k, mask=mask, other=0.0).to(tl.float32)
-        a_f += tl.load(xp + (u + H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
-        a_g += tl.load(xp + (u + 2 * H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
-        a_o += tl.load(xp + (u + 3 * H) * sxp_k, mask=mask, other=0.0).to(tl.float32)
+        a = load_gates(xp_ptr + t * sxp_t + r * sxp_b, u, sxp_k, H, mask, 4, a)
     if HAS_BIH:
-        a_i += tl.load(bih_ptr + u * sbih, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
-        a_f += tl.load(bih_ptr + (u + H) * sbih, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
-        a_g += tl.load(bih_ptr + (u + 2 * H) * sbih, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
-        a_o += tl.load(bih_ptr + (u + 3 * H) * sbih, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
+        a = load_gates(bih_ptr, u, sbih, H, u_ok[None, :], 4, a)
     if HAS_BHH:
-        a_i += tl.load(bhh_ptr + u * sbhh, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
-        a_f += tl.load(bhh_ptr + (u + H) * sbhh, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
-        a_g += tl.load(bhh_ptr + (u + 2 * H) * sbhh, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
-        a_o += tl.load(bhh_ptr + (u + 3 * H) * sbhh, mask=u_ok[None, :],
-                       other=0.0).to(tl.float32)
+        a = load_gates(bhh_ptr, u, sbhh, H, u_ok[None, :], 4, a)
     c = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
     if FIRST:
         if HAS_C0:
             c = tl.load(c0_ptr + r * sc0_b + u * sc0_k, mask=mask, other=0.0).to(tl.float32)
     else:
         c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=mask, other=0.0)
-    i, f, g, o, c1, h1 = lstm_cell_forward(a_i, a_f, a_g, a_o, c)
+    i, f, g, o, c1, h1 = lstm_cell_forward(*a, c)
     if HAS_BS:
         # rows past this step's batch size keep their state (packed sequences; not with
         # projections, so h is H wide here)
@@ -190,11 +171,7 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
         tl.store(out_ptr + t * so_t + r * so_b + u * so_k, h1.to(out_ptr.dtype.element_ty),
                  mask=mask)
     tl.store(cs_ptr + t * scs_t + r * scs_b + u * scs_k, c1, mask=mask)
-    ap = acts_ptr + t * sa_t + r * sa_b
-    tl.store(ap + u * sa_k, i, mask=mask)
-    tl.store(ap + (u + H) * sa_k, f, mask=mask)
-    tl.store(ap + (u + 2 * H) * sa_k, g, mask=mask)
-    tl.store(ap + (u + 3 * H) * sa_k, o, mask=mask)
+    store_gates(acts_ptr + t * sa_t + r * sa_b, u, sa_k, H, mask, (i, f, g, o))
     if s == T - 1:
         if WRITE_HN:
             if not PROJ:
@@ -273,26 +250,16 @@ def lstm_layer_fwd(
                 _proj_tile(tile, s, t, m_ptr, whr_ptr, out_ptr, hn_ptr, T, B, H, P,
                            sm_t, sm_b, sm_k, swr_r, swr_k, so_t, so_b, so_k, shn_b, shn_k,
                            WRITE_HN, PRECISION, BLOCK_B, 4 * BLOCK_H, BLOCK_K)
-        elif s == 0:
-            for tile in range(pid, n_tiles, NP):
-                _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
-                          c0_ptr, whh_ptr, out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr,
-                          bs_ptr, T, B, I, H, P, sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh,
-                          sxp_t, sxp_b, sxp_k, sh0_b, sh0_k, sc0_b, sc0_k, swh_r, swh_k,
-                          so_t, so_b, so_k, sm_t, sm_b, sm_k, scs_t, scs_b, scs_k,
-                          sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
-                          True, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, HAS_C0, WRITE_HN,
-                          WRITE_CN, HAS_BS, PROJ, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
         else:
-            for tile in range(pid, n_tiles, NP):
-                _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr,
-                          c0_ptr, whh_ptr, out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr,
-                          bs_ptr, T, B, I, H, P, sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh,
-                          sxp_t, sxp_b, sxp_k, sh0_b, sh0_k, sc0_b, sc0_k, swh_r, swh_k,
-                          so_t, so_b, so_k, sm_t, sm_b, sm_k, scs_t, scs_b, scs_k,
-                          sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
-                          False, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, HAS_C0, WRITE_HN,
-                          WRITE_CN, HAS_BS, PROJ, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+            forward_tiles(_fwd_tile, s, pid, NP, n_tiles,
+                          (s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, c0_ptr,
+                           whh_ptr, out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr, bs_ptr,
+                           T, B, I, H, P, sx_t, sx_b, sx_k, swi_r, swi_k, sbih, sbhh,
+                           sxp_t, sxp_b, sxp_k, sh0_b, sh0_k, sc0_b, sc0_k, swh_r, swh_k,
+                           so_t, so_b, so_k, sm_t, sm_b, sm_k, scs_t, scs_b, scs_k,
+                           sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
+                           HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, HAS_C0, WRITE_HN, WRITE_CN,
+                           HAS_BS, PROJ, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K))
         if GRID_SYNC:
             if q + 1 < step_end:
                 grid_barrier(sync_ptr, (q - step_begin + 1) * NP)
@@ -301,9 +268,8 @@ def lstm_layer_fwd(
 
 
 @triton.jit
-def _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr,
-              dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, bcast_ptr, pass_ptr, dh0_ptr, dc0_ptr,
-              T, B, H, K,
+def _bwd_cell(rows, units, dh, bcast_ptr, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, dout_ptr,
+              dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, pass_ptr, dh0_ptr, dc0_ptr, T, B, H, K,
               sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
               sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k, sdg_t, sdg_b, sdg_k,
               sws_p, sws_b, sws_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
@@ -311,10 +277,11 @@ def _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr
               HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr, WRITE_DC0: tl.constexpr,
               BCAST: tl.constexpr):
     """BPTT step u_step (< T) of the rows x units given dh = dg_next W_rec[:, units] (zero
-    at u_step 0), or the pseudo-step u_step == T (dh0). Every load is issued before the
-    first branch, masked by the step (one L2 round trip, not one per branch); the running
-    buffers are read through L2 (.cg): with K splits the program that finishes a tile
-    changes from step to step."""
+    at u_step 0), or the pseudo-step u_step == T (dh0); bcast_ptr: the 16-bit copy of the
+    gate gradients (BCAST, kernels/triton/rnn.py step_workspace). Every load is issued
+    before the first branch, masked by the step (one L2 round trip, not one per branch); the
+    running buffers are read through L2 (.cg): with K splits the program that finishes a
+    tile changes from step to step."""
     r_ok = rows < B
     u_ok = units < H
     mask = r_ok[:, None] & u_ok[None, :]
@@ -337,11 +304,7 @@ def _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr
                  cache_modifier=".cg")
     if HAS_DCN:
         dc += tl.load(dcn_ptr + r * sdcn_b + u * sdcn_k, mask=first, other=0.0).to(tl.float32)
-    ap = acts_ptr + t * sa_t + r * sa_b
-    i = tl.load(ap + u * sa_k, mask=step, other=0.0)
-    f = tl.load(ap + (u + H) * sa_k, mask=step, other=0.0)
-    g = tl.load(ap + (u + 2 * H) * sa_k, mask=step, other=0.0)
-    o = tl.load(ap + (u + 3 * H) * sa_k, mask=step, other=0.0)
+    i, f, g, o = load_gates(acts_ptr + t * sa_t + r * sa_b, u, sa_k, H, step, 4)
     c1 = tl.load(cs_ptr + t * scs_t + r * scs_b + u * scs_k, mask=step, other=0.0)
     # c_{t-1}: c0 (or zero) at the sequence's first step (u_step T-1), else cs of the step before
     c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=step & (u_step < T - 1),
@@ -362,74 +325,17 @@ def _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr
             dc_prev = tl.where(live, dc_prev, dc)
             tl.store(pass_ptr + now * sps_p + r * sps_b + u * sps_k, tl.where(live, 0.0, dh),
                      mask=mask)
-        gp = dg_ptr + t * sdg_t + r * sdg_b
-        ty = dg_ptr.dtype.element_ty
-        tl.store(gp + u * sdg_k, d_i.to(ty), mask=mask)
-        tl.store(gp + (u + H) * sdg_k, d_f.to(ty), mask=mask)
-        tl.store(gp + (u + 2 * H) * sdg_k, d_g.to(ty), mask=mask)
-        tl.store(gp + (u + 3 * H) * sdg_k, d_o.to(ty), mask=mask)
+        store_gates(dg_ptr + t * sdg_t + r * sdg_b, u, sdg_k, H, mask, (d_i, d_f, d_g, d_o))
         if BCAST:
-            # the copy the next step's product reads, rounded to W's dtype
-            bp = bcast_ptr + now * B * K + r * K + u
-            wt = wrec_ptr.dtype.element_ty
-            tl.store(bp, d_i.to(wt), mask=mask)
-            tl.store(bp + H, d_f.to(wt), mask=mask)
-            tl.store(bp + 2 * H, d_g.to(wt), mask=mask)
-            tl.store(bp + 3 * H, d_o.to(wt), mask=mask)
+            # the copy the next step's product reads, rounded to W's dtype (rows of K = 4H
+            # contiguous columns: gate q of unit u at q*H + u)
+            store_gates(bcast_ptr + now * B * K + r * K + u, 0, 1, H, mask, (d_i, d_f, d_g, d_o))
         if u_step == T - 1:
             if WRITE_DC0:
                 tl.store(dc0_ptr + r * sdc0_b + u * sdc0_k, dc_prev.to(dc0_ptr.dtype.element_ty),
                          mask=mask)
         else:
             tl.store(ws_ptr + now * sws_p + r * sws_b + u * sws_k, dc_prev, mask=mask)
-
-
-@triton.jit
-def _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr, dhn_ptr,
-              dcn_ptr, bs_ptr, dg_ptr, ws_ptr, pass_ptr, dh0_ptr, dc0_ptr, sync_ptr,
-              T, B, H, K,
-              sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k, swr_r, swr_k,
-              sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k, sdg_t, sdg_b, sdg_k,
-              sws_p, sws_b, sws_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
-              HAS_C0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
-              HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr, WRITE_DC0: tl.constexpr,
-              BCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-              CHUNK: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Product tile `tile` of BPTT step u_step (kernels/triton/rnn.py split_tile_of): its
-    share of dh = dg_next W_rec[:, units], then the cell (`_bwd_cell`): at once without K
-    splits; else by the split that finishes the output tile last, CHUNK rows at a time."""
-    row0, rows, units, k0, kc, s, out_tile = split_tile_of(tile, B, K, BLOCK_B, BLOCK_H,
-                                                           BLOCK_K, SPLIT)
-    bcast, parts = step_workspace(ws_ptr, sws_p, B, K, wrec_ptr, BCAST)
-    dh = next_step_product(u_step, bcast, dg_ptr + tn * sdg_t, sdg_b, sdg_k, wrec_ptr, swr_r,
-                           swr_k, rows, units, B, H, K, k0, kc, PRECISION, BCAST, BLOCK_B,
-                           BLOCK_H, BLOCK_K)
-    if SPLIT == 1:
-        _bwd_cell(rows, units, dh, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr,
-                  dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, bcast, pass_ptr, dh0_ptr, dc0_ptr,
-                  T, B, H, K, sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
-                  sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k, sdg_t, sdg_b, sdg_k,
-                  sws_p, sws_b, sws_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
-                  HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST)
-    else:
-        finish = s == 0         # the first step has no product: split 0 runs the cell
-        if u_step > 0:
-            store_partial(parts, out_tile, s, dh, SPLIT, BLOCK_B, BLOCK_H)
-            finish = arrive_last(sync_ptr + 2 + out_tile, SPLIT)
-        if finish:
-            for r0 in tl.static_range(0, BLOCK_B, CHUNK):
-                dh_rows = tl.zeros([CHUNK, BLOCK_H], tl.float32)
-                if u_step > 0:
-                    dh_rows = chunk_partials(parts, out_tile, r0, SPLIT, BLOCK_B, BLOCK_H, CHUNK)
-                _bwd_cell(row0 + r0 + tl.arange(0, CHUNK),
-                          units, dh_rows, u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr,
-                          dout_ptr, dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, bcast, pass_ptr,
-                          dh0_ptr, dc0_ptr, T, B, H, K, sa_t, sa_b, sa_k, scs_t, scs_b, scs_k,
-                          sc0_b, sc0_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k,
-                          sdg_t, sdg_b, sdg_k, sws_p, sws_b, sws_k, sps_p, sps_b, sps_k,
-                          sdh0_b, sdh0_k, sdc0_b, sdc0_k,
-                          HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST)
 
 
 # the step range changes every launch of the step-by-step path: one compiled kernel for all
@@ -472,14 +378,16 @@ def lstm_layer_bwd(
         tn = step_time(s + 1, T, REVERSE)           # the step that ran after it
         tp = step_time(s - 1, T, REVERSE)           # the step that ran before it
         for tile in range(pid, n_tiles, NP):
-            _bwd_tile(tile, u_step, t, tn, tp, acts_ptr, cs_ptr, c0_ptr, wrec_ptr, dout_ptr,
-                      dhn_ptr, dcn_ptr, bs_ptr, dg_ptr, ws_ptr, pass_ptr, dh0_ptr, dc0_ptr,
-                      sync_ptr, T, B, H, K, sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
-                      swr_r, swr_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k,
-                      sdg_t, sdg_b, sdg_k, sws_p, sws_b, sws_k, sps_p, sps_b, sps_k,
-                      sdh0_b, sdh0_k, sdc0_b, sdc0_k,
-                      HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST, PRECISION,
-                      SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
+            backward_tile(_bwd_cell, tile, u_step, dg_ptr, tn, sdg_t, sdg_b, sdg_k, wrec_ptr,
+                          swr_r, swr_k, ws_ptr, sws_p, sync_ptr, B, H, K,
+                          (u_step, t, tp, acts_ptr, cs_ptr, c0_ptr, dout_ptr, dhn_ptr, dcn_ptr,
+                           bs_ptr, dg_ptr, ws_ptr, pass_ptr, dh0_ptr, dc0_ptr, T, B, H, K,
+                           sa_t, sa_b, sa_k, scs_t, scs_b, scs_k, sc0_b, sc0_k,
+                           sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k,
+                           sdg_t, sdg_b, sdg_k, sws_p, sws_b, sws_k, sps_p, sps_b, sps_k,
+                           sdh0_b, sdh0_k, sdc0_b, sdc0_k,
+                           HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST),
+                          PRECISION, BCAST, SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
             if u_step + 1 < step_end:
                 grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)

@@ -1,7 +1,9 @@
 """Triton pieces every recurrent layer shares (kernels/triton/lstm.py and gru.py build on them):
 the gate nonlinearities, the tile product with its precision rule, the gate-interleaved tile
-of a step, the grid-wide barrier of the persistent layers, and the layer's other kernels (the
-batched GEMM of its weight gradients, the bias column sums, dropout's product).
+of a step, the gate-stacked loads and stores, a forward step's tile loop and a backward
+step's product tile (`forward_tiles`, `backward_tile`: the layer passes its own cell step),
+the grid-wide barrier of the persistent layers, and the layer's other kernels (the batched
+GEMM of its weight gradients, the bias column sums, dropout's product).
 
 A recurrent layer's kernels run a range [s_begin, s_end) of time steps in one launch. Each
 program owns tiles of (batch rows x hidden units) and loops over them (tile = pid, pid + NP,
@@ -36,7 +38,8 @@ on consecutive programs), with more units a tile, until the tiles fill the SMs. 
 stores its partial product in the workspace (`step_workspace`, `store_partial`) and counts
 its arrival on the output tile's counter; the last to arrive sums the partials in split order
 (kernels/triton/_split.py; deterministic, whichever program it is) and runs the cell, CHUNK
-rows at a time. No program waits for another, so the schedules need nothing more.
+rows at a time (`backward_tile`). No program waits for another, so the schedules need
+nothing more.
 
 Precision (`dot`): operands of one 16-bit dtype multiply on the tensor cores with fp32
 accumulation. fp32 x fp32 products round as the launcher says ("tf32", "tf32x3" or "ieee").
@@ -69,7 +72,7 @@ with projections, multiply the fp32 gradients ("tf32", "tf32x3", "ieee" as above
 import triton
 import triton.language as tl
 
-from ._split import sum_partials
+from ._split import arrive_last, sum_partials
 
 
 @triton.jit
@@ -150,6 +153,41 @@ def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def load_gates(ptr, u, stride, H, mask, G: tl.constexpr, acc=None):
+    """The G (3 or 4) gate slices, in fp32, of units u of a gate-stacked vector or row (gates
+    [0; 1; ...] of H each, PyTorch's layout: gate q at ptr + (q*H + u)*stride); with acc (a
+    tuple of G slices), acc's slices plus them, gate by gate."""
+    g0 = _plus(acc, 0, tl.load(ptr + u * stride, mask=mask, other=0.0).to(tl.float32))
+    g1 = _plus(acc, 1, tl.load(ptr + (u + H) * stride, mask=mask, other=0.0).to(tl.float32))
+    g2 = _plus(acc, 2, tl.load(ptr + (u + 2 * H) * stride, mask=mask, other=0.0).to(tl.float32))
+    if G == 3:
+        gates = (g0, g1, g2)
+    else:
+        gates = (g0, g1, g2, _plus(acc, 3, tl.load(ptr + (u + 3 * H) * stride, mask=mask,
+                                                   other=0.0).to(tl.float32)))
+    return gates
+
+
+@triton.jit
+def _plus(acc, q: tl.constexpr, x):
+    """x, or acc[q] + x when acc is given."""
+    if acc is not None:
+        x = acc[q] + x
+    return x
+
+
+@triton.jit
+def store_gates(ptr, u, stride, H, mask, gates):
+    """Store gates (a tuple of 3 or 4 slices, rounded to ptr's dtype) at units u of a
+    gate-stacked row: gate q at ptr + (q*H + u)*stride."""
+    tl.store(ptr + u * stride, gates[0], mask=mask)
+    tl.store(ptr + (u + H) * stride, gates[1], mask=mask)
+    tl.store(ptr + (u + 2 * H) * stride, gates[2], mask=mask)
+    if len(gates) == 4:
+        tl.store(ptr + (u + 3 * H) * stride, gates[3], mask=mask)
+
+
+@triton.jit
 def tile_of(tile, B, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """(rows, units, first unit) of tile number `tile`, int64: row blocks vary fastest, so
     consecutive programs share a unit block (and its slice of W)."""
@@ -184,6 +222,19 @@ def step_time(s, T, REVERSE: tl.constexpr):
     else:
         t = s + 0
     return t.to(tl.int64)
+
+
+@triton.jit
+def forward_tiles(tile_fn, s, pid, NP, n_tiles, args):
+    """tile_fn(tile, *args, FIRST=s == 0) for this program's tiles (pid, pid + NP, ...) of
+    forward step s. FIRST is a constexpr (the first step starts from h0, or zeros: its own
+    specialization), decided once a step."""
+    if s == 0:
+        for tile in range(pid, n_tiles, NP):
+            tile_fn(tile, *args, FIRST=True)
+    else:
+        for tile in range(pid, n_tiles, NP):
+            tile_fn(tile, *args, FIRST=False)
 
 
 @triton.jit
@@ -247,6 +298,38 @@ def chunk_partials(parts, out_tile, r0, SPLIT: tl.constexpr, BLOCK_B: tl.constex
     tile = parts + out_tile.to(tl.int64) * SPLIT * (BLOCK_B * BLOCK_H)
     return sum_partials(tile + (r[:, None] * BLOCK_H + c[None, :]), SPLIT, BLOCK_B * BLOCK_H,
                         SPLIT)
+
+
+@triton.jit
+def backward_tile(cell, tile, u_step, g_ptr, tn, sg_t, sg_b, sg_k, w_ptr, sw_r, sw_k, ws_ptr,
+                  plane, sync_ptr, B, H, K, cell_args, PRECISION: tl.constexpr,
+                  BCAST: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Product tile `tile` of BPTT step u_step (`split_tile_of`): its share of
+    dh = g_next W[:, units] (`next_step_product`; g_next the gate gradients at time tn, the
+    step that ran after this one, of g (T, B, K); the workspace of `plane`-element planes at
+    ws_ptr, `step_workspace`), then the layer's cell step cell(rows, units, dh, bcast,
+    *cell_args): at once without K splits; else by the split that finishes the output tile
+    last, CHUNK rows at a time."""
+    row0, rows, units, k0, kc, s, out_tile = split_tile_of(tile, B, K, BLOCK_B, BLOCK_H,
+                                                           BLOCK_K, SPLIT)
+    bcast, parts = step_workspace(ws_ptr, plane, B, K, w_ptr, BCAST)
+    dh = next_step_product(u_step, bcast, g_ptr + tn * sg_t, sg_b, sg_k, w_ptr, sw_r, sw_k,
+                           rows, units, B, H, K, k0, kc, PRECISION, BCAST, BLOCK_B, BLOCK_H,
+                           BLOCK_K)
+    if SPLIT == 1:
+        cell(rows, units, dh, bcast, *cell_args)
+    else:
+        finish = s == 0         # the first step has no product: split 0 runs the cell
+        if u_step > 0:
+            store_partial(parts, out_tile, s, dh, SPLIT, BLOCK_B, BLOCK_H)
+            finish = arrive_last(sync_ptr + 2 + out_tile, SPLIT)
+        if finish:
+            for r0 in tl.static_range(0, BLOCK_B, CHUNK):
+                dh_rows = tl.zeros([CHUNK, BLOCK_H], tl.float32)
+                if u_step > 0:
+                    dh_rows = chunk_partials(parts, out_tile, r0, SPLIT, BLOCK_B, BLOCK_H, CHUNK)
+                cell(row0 + r0 + tl.arange(0, CHUNK), units, dh_rows, bcast, *cell_args)
 
 
 # --- the grid barrier (GPU only: GRID_SYNC=True) ----------------------------------------------
