@@ -142,7 +142,7 @@ POOL_TUNERS = {name: Tuner(name) for name in (
     "max_pool2d_fwd", "max_pool2d_fwd_planar", "max_pool2d_bwd", "max_pool2d_bwd_planar",
     "avg_pool2d_fwd", "avg_pool2d_fwd_planar", "avg_pool2d_bwd", "avg_pool2d_bwd_planar", "adaptive_avg_pool2d_fwd",
     "adaptive_avg_pool2d_bwd",
-    "global_avg_pool2d_fwd", "global_avg_pool2d_bwd")}
+    "global_avg_pool2d_fwd", "global_avg_pool2d_bwd", "global_avg_pool2d_bwd_flat")}
 
 
 _LAUNCHES = Cache("pool launches")
@@ -319,6 +319,16 @@ class _TritonPool(_PoolLauncher):
 
     @staticmethod
     def plan_adaptive_bwd(dy, dx, g: PoolGeometry) -> Launch:
+        if _global(dx, g) and dx.is_contiguous() and not _channels_fastest(dx) \
+                and dy.stride(0) == g.C * dy.stride(1):
+            # NCHW: planes of HW positions (49 at the heads) tile badly; the flat dx does not
+            total = dx.numel()
+            return _launch("global_avg_pool2d_bwd_flat", dx, total, g, (dy, dx),
+                           (total, dy.stride(1)),
+                           tile=lambda elems, warps: dict(BLOCK=min(elems, 16 * 32 * warps),
+                                                          num_warps=warps),
+                           grid=lambda cfg: (cdiv(total, cfg["BLOCK"]),),
+                           HW=g.H * g.W, WIDE=total >= 2 ** 31)
         if _global(dx, g):
             return _launch("global_avg_pool2d_bwd", dx, g.H * g.W, g, (dy, dx),
                            (g.C, g.H * g.W, *dy.stride()[:2], *dx.stride()[:2], dx.stride(3)),

@@ -680,3 +680,24 @@ def global_avg_pool2d_bwd(
     tile = tl.zeros([BLOCK_C, BLOCK_P], tl.float32) + g[:, None]
     tl.store(dx_ptr + n * sdx_n + c.to(tl.int64)[:, None] * sdx_c + p * sdx_p,
              tile.to(dx_ptr.dtype.element_ty), mask=(c < C)[:, None] & (p < HW))
+
+
+@triton.jit
+def global_avg_pool2d_bwd_flat(
+    dy_ptr, dx_ptr,
+    total,                             # N C HW elements of dx
+    sdy_c,                             # dy's stride between (n, c) planes in order
+    HW: tl.constexpr,                  # positions a plane: a constant divisor
+    WIDE: tl.constexpr,                # int64 offsets (total >= 2^31)
+    BLOCK: tl.constexpr,
+):
+    """global_avg_pool2d_bwd for a contiguous NCHW dx (planes of HW positions in a row, HW
+    not a multiple of 8 at the classifier heads, 7 x 7): the flat dx in 16-byte vectors, the
+    plane of each element by a division by the constant HW (a multiply and a shift), dy's
+    quotient gathered per element (the same few values a program: cache hits). The scale is
+    a multiply by 1 / HW, within an ulp of torch's division in fp32."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK if WIDE else tl.program_id(0) * BLOCK
+    e = start + tl.arange(0, BLOCK)
+    ok = e < total
+    g = tl.load(dy_ptr + (e // HW) * sdy_c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + e, (g * (1.0 / HW)).to(dx_ptr.dtype.element_ty), mask=ok)
