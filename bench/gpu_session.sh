@@ -191,11 +191,13 @@ case $mode in
     ncu)
         # Nsight Compute on the kernel-level outliers of the last run, one launch each, at
         # default configs (PYDL_TUNE=0): the max-pool NCHW backward (1.9 ms for ~0.5 GB), the
-        # stem's grad input (3.0 ms) and the GRU backward recurrence (98 us a step at hidden
-        # 2560); about two minutes
+        # stem's grad input (3.0 ms), the GRU backward recurrence (98 us a step at hidden
+        # 2560) and the softmax backward (53% of copy where the forward reaches 97%, and
+        # not issue-bound: 0.41 warp-instructions an element); about three minutes
         for spec in "max_pool2d_bwd_planar max_pool2d r50-stem-nchw triton" \
                     "conv2d_implicit_bwd_input conv2d stem triton-implicit" \
-                    "gru_layer_bwd gru h2560-b32-t187 triton-persistent"; do
+                    "gru_layer_bwd gru h2560-b32-t187 triton-persistent" \
+                    "softmax_bwd softmax attn-2k triton"; do
             set -- $spec
             PYDL_TUNE=0 timeout -k 5 60 ncu --set detailed -k "regex:$1" -c 1 \
                 python3 -m bench "$2" --cases "$3" --variants "$4" \

@@ -260,6 +260,17 @@ def _cross_entropy_vocab(n: int, c: int):
     return run
 
 
+def _softmax_rows(rows: int, n: int):
+    """softmax over the last dim of a (rows, n) bf16 input, forward and backward, as the
+    benchmark's softmax suite runs it (attention scores, vocabularies)."""
+    def run():
+        import torch
+        import pydl
+        x = torch.empty(rows, n, dtype=torch.bfloat16, requires_grad=True)
+        _grad([pydl.softmax(x, -1)], [x])
+    return run
+
+
 # (family, case name, runner)
 PROBLEMS = (
     ("gemm", "4096^3", gemm_problem(4096)),
@@ -270,6 +281,8 @@ PROBLEMS = (
     ("conv", "stem 7x7/2 +dx", _conv_layer(3, 64, 7, 2, 224)),
     ("conv", "l2-3x3s2-128", _conv_layer(128, 128, 3, 2, 56)),
     ("cross_entropy", "v32k bf16", _cross_entropy_vocab(8192, 32768)),
+    ("softmax", "attn-2k bf16", _softmax_rows(32 * 2048, 2048)),
+    ("softmax", "vocab-32k bf16", _softmax_rows(8192, 32768)),
     ("attention", "d128-4k", _attention(False)),
     ("attention", "d128-4k-causal", _attention(True)),
     ("attention", "d128-4k hopper", _attention_hopper(False)),
