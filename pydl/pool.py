@@ -80,19 +80,18 @@ def _alignment(t: torch.Tensor, dim: int) -> int:
 
 def _planar_tile(rows: int, cols: int, elems: int = 1024, num_warps: int = 4) -> dict:
     """A BLOCK_I x BLOCK_J tile of about `elems` cells of rows x cols, up to 128 columns wide
-    (the contiguous axis), for the planar max-pool kernels; in the backward at most 8 cells a
-    thread, whose
-    gradients of every stride phase and window tiles stay in registers (16 x 64 cells on 4
-    warps: 71 registers in the sm_90 compile)."""
+    (the contiguous axis), for the planar pool kernels; in the max pool's backward at most 8
+    cells a thread, whose gradients of every stride phase and window tiles stay in registers
+    (16 x 64 cells on 4 warps: 71 registers in the sm_90 compile)."""
     block_j = min(next_power_of_2(cols), 128)
     block_i = max(1, min(next_power_of_2(rows), elems // block_j, 256 * num_warps // block_j))
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps)
 
 
 def _fwd_planar_per_thread(index_mode: int) -> int:
-    """max_pool2d_fwd_planar's outputs a thread: 8 without an index (the sm_90 stem compile:
-    67 SASS instructions an output, 40 registers; 4: 78), 4 with one (8 took 118 registers
-    and 2.4x the instructions)."""
+    """The planar max-pool forward's outputs a thread: 8 without an index (the sm_90 stem
+    compile: 67 SASS instructions an output, 40 registers; 4: 78), 4 with one (8 took 118
+    registers and 2.4x the instructions). The average pool's takes 8."""
     return 8 if index_mode == INDEX_NONE else 4
 
 
@@ -140,9 +139,9 @@ def _cells_bwd_elems(g: PoolGeometry, elems: int, num_warps: int, tiles: int = 2
 POOL_SPACE = ((2048, 4), (2048, 8), (4096, 8), (512, 4))
 POOL_TUNERS = {name: Tuner(name) for name in (
     "max_pool2d_fwd", "max_pool2d_fwd_planar", "max_pool2d_bwd", "max_pool2d_bwd_planar",
-    "avg_pool2d_fwd", "avg_pool2d_fwd_planar", "avg_pool2d_bwd", "avg_pool2d_bwd_planar", "adaptive_avg_pool2d_fwd",
-    "adaptive_avg_pool2d_bwd",
-    "global_avg_pool2d_fwd", "global_avg_pool2d_bwd", "global_avg_pool2d_bwd_flat")}
+    "avg_pool2d_fwd", "avg_pool2d_fwd_planar", "avg_pool2d_bwd", "avg_pool2d_bwd_planar",
+    "adaptive_avg_pool2d_fwd", "adaptive_avg_pool2d_bwd", "global_avg_pool2d_fwd",
+    "global_avg_pool2d_bwd", "global_avg_pool2d_bwd_flat")}
 
 
 _LAUNCHES = Cache("pool launches")
