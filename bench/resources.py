@@ -165,6 +165,14 @@ def _attention_onepass(causal: bool):
     return run
 
 
+def _images(C: int, H: int, channels_last: bool):
+    """A pooling problem's input: 32 images of C x H x H, bf16, channels_last or NCHW (no
+    data: the launches are captured, not run)."""
+    import torch
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+
+
 def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_last: bool,
               training: bool = True):
     """A max pool of the benchmark's suite (bench/suites/pool.py) on its C x H x H bf16 input
@@ -175,8 +183,7 @@ def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_l
         import torch
         from pydl import pool
         from pydl._library import geometry_args
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        x = _images(C, H, channels_last)
         g = pool._geometry(x.shape, kernel, stride, padding, 1, False)
         geom = geometry_args(g)
         if not training:
@@ -192,11 +199,8 @@ def _global_pool(C: int, H: int, channels_last: bool):
     """Global average pooling (adaptive_avg_pool2d to 1x1) of a C x H x H bf16 input at batch
     32, forward and backward: the classifier heads of bench/suites/pool.py."""
     def run():
-        import torch
         from pydl import pool
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
-        x.requires_grad_()
+        x = _images(C, H, channels_last).requires_grad_()
         _grad([pool.adaptive_avg_pool2d(x, 1, backend="triton")], [x])
     return run
 
@@ -205,11 +209,8 @@ def _avg_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_l
     """An average pool of bench/suites/pool.py on its C x H x H bf16 input at batch 32,
     forward and backward (count_include_pad, torch's default)."""
     def run():
-        import torch
         from pydl import pool
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.empty(32, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=fmt)
-        x.requires_grad_()
+        x = _images(C, H, channels_last).requires_grad_()
         _grad([pool.avg_pool2d(x, kernel, stride, padding, backend="triton")], [x])
     return run
 

@@ -328,9 +328,8 @@ class LayerCall:
 def _layer_key(op, gates, input, states, weights, options):
     """The call signature: what prepare_layer checks and what the layer's plans are built
     from (a PackedSequence input has no .shape: no key, checked every call)."""
-    return (op, options["backend"] or current_backend(), type(input), input.shape,
-            input.stride(), input.dtype, input.device, *[tensor_key(s) for s in states],
-            *[(type(w), w.shape, w.stride(), w.dtype, w.device) for w in weights],
+    return (op, options["backend"] or current_backend(), tensor_key(input),
+            *[tensor_key(s) for s in states], *[tensor_key(w) for w in weights],
             *options.values(), tf32_allowed(True))
 
 

@@ -1159,9 +1159,8 @@ def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_sm
 
 
 def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, backend):
-    return (backend or current_backend(), type(input), input.shape, input.stride(), input.dtype,
-            input.device, type(target), target.shape, target.stride(), target.dtype,
-            target.device, tensor_key(weight), ignore_index, reduction, label_smoothing)
+    return (backend or current_backend(), tensor_key(input), tensor_key(target),
+            tensor_key(weight), ignore_index, reduction, label_smoothing)
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")

@@ -295,8 +295,8 @@ def _window_tiles(dy_ptr, idx_ptr, dy_at, idx_at, i, j, ok, H, W, OH, OW, sdy_h,
     run of the tile's contiguous columns starts (from the host), unless the shift moves
     along the columns (SHIFT_ALONG_COLUMNS, W-contiguous tiles) by other than a multiple of
     it. A shift that no phase uses is dead code, removed by the compiler. MODE AVERAGE (the
-    average pool): grad_out over each window's divisor instead, one division a window tile
-    shared by the phases, and no argmax (args: the same tiles)."""
+    average pool): grad_out times each window's reciprocal divisor instead, once a window
+    tile, shared by the phases, and no argmax (args: the same tiles)."""
     grads = ()
     args = ()
     for a in tl.static_range((SH - 1 + PH) // SH - (PH - (KH - 1) * DH) // SH + 1):
