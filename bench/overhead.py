@@ -8,11 +8,16 @@ without a GPU (emulation, kernels stubbed)
     Every kernel launch is replaced by a counter: the Triton interpreter's launch
     (`triton.runtime.interpreter.InterpretedFunction.run`, the interpreter's counterpart of
     the GPU launch path `JITFunction.run`: its argument normalisation and grid execution) and
-    Numba's simulated kernel call (`FakeCUDAKernel.__call__`). What is left is everything
-    pydl does around its kernels: argument checks, dispatch, autocast, the launch plan,
-    allocation, the launch call up to the backend. Triton's own GPU launch path adds about
-    10-20 us on top; it is not pydl's and is not counted. Columns: host microseconds per call (median), kernel launches,
-    other torch kernels (ATen ops that would launch on a GPU: not views, not allocations),
+    Numba's simulated kernel call (`FakeCUDAKernel.__call__`). The stub's first launch of a
+    kernel returns a stand-in compiled kernel, so a plan's later launches take the path they
+    take on a GPU: pydl._plan.Launch's direct call of the compiled launcher (alignment, hook,
+    device and stream reads included; the stand-in checks the argument list against the
+    kernel's parameters). What is left is everything pydl does around its kernels: argument
+    checks, dispatch, autocast, the launch plan, allocation, the launch call up to the
+    compiled launcher (whose C call and driver launch, a few us, are not counted; a kernel
+    launched outside a plan, through Triton's JITFunction.run, pays 10-20 us more there).
+    Columns: host microseconds per call (median), kernel launches (those by the direct
+    path), other torch kernels (ATen ops that would launch on a GPU: not views, not allocations),
     host synchronisations (`.item()`, `bool(tensor)`), and the same op's host time relative
     to torch's own dispatch of a tiny conv2d timed in the same run (the reference that makes
     the numbers comparable across machines).
@@ -52,6 +57,7 @@ CPU_CASES = {"conv2d": "l1-3x3-64", "max_pool2d": "vgg-28", "avg_pool2d": "dense
 class Counts:
     def __init__(self):
         self.launches = 0
+        self.direct = 0         # of the launches, those taking pydl._plan.Launch's direct path
         self.aten = 0
         self.syncs = 0
         self.aten_ops: dict[str, int] = {}
@@ -74,6 +80,13 @@ def stubbed_launches():
         if _COUNTS is not None:
             _COUNTS.launches += 1
 
+    compiled: dict = {}     # kernel -> its stand-in compiled kernel
+
+    def triton_launch(self, *args, **kwargs):
+        count(self)
+        c = compiled.get(self)
+        return c if c is not None else compiled.setdefault(self, _Compiled(self))
+
     old_triton, old_numba = InterpretedFunction.run, FakeCUDAKernel.__call__
 
     def numba_call(self, *args):
@@ -84,17 +97,55 @@ def stubbed_launches():
     # The path a GPU takes: Triton's cross-entropy checks its targets in the kernel there (a
     # PTX trap the interpreter cannot run), so the host check of emulation is not counted.
     # Nor is the interpreter's own state around each kernel op (pydl._env.emulated_launch).
-    from pydl import _env, softmax_ce
+    from pydl import _env, _plan, softmax_ce
     old_check = softmax_ce.kernel_checks_targets
     softmax_ce.kernel_checks_targets = lambda x, backend: backend == "triton"
-    InterpretedFunction.run, FakeCUDAKernel.__call__ = count, numba_call
+    # A GPU launches a plan's kernels through pydl._plan.Launch's direct path after their
+    # first launch (the compiled kernel's launcher, called with the argument list kept then):
+    # the stub's first launch returns a stand-in compiled kernel, so the calls timed take
+    # that path too, with the current device and stream reads of CUDA builds stubbed.
+    old_device, old_keep, kept = (_plan._DEVICE_INDEX, _plan._RAW_STREAM), _plan.Launch._keep, []
+
+    def keep(launch, compiled, tensors):
+        old_keep(launch, compiled, tensors)
+        kept.append(launch)
+
+    _plan._DEVICE_INDEX, _plan._RAW_STREAM = (lambda: 0), (lambda device: 0)
+    _plan.Launch._keep = keep
+    InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call
     _env.SCOPE_EMULATION = False
     try:
         yield
     finally:
         InterpretedFunction.run, FakeCUDAKernel.__call__ = old_triton, old_numba
+        _plan._DEVICE_INDEX, _plan._RAW_STREAM = old_device
+        _plan.Launch._keep = old_keep
+        for launch in kept:         # the interpreter runs them again
+            launch.compiled = None
         softmax_ce.kernel_checks_targets = old_check
         _env.SCOPE_EMULATION = True
+
+
+class _Compiled:
+    """What Triton's launch returns on a GPU (a CompiledKernel), as pydl._plan.Launch keeps it
+    for its direct path: `run` is the compiled launcher, here a launch counter that checks
+    the argument list Launch passes (the grid, stream, function, metadata and hooks, then
+    one value per kernel parameter)."""
+
+    packed_metadata = function = None
+
+    def __init__(self, kernel):
+        import inspect
+        self.name = kernel.fn.__name__
+        self.params = len(inspect.signature(kernel.fn).parameters)
+
+    def run(self, *args):
+        if len(args) != 9 + self.params:
+            raise TypeError(f"{self.name}: the direct launch passed {len(args) - 9} kernel "
+                            f"arguments, the kernel has {self.params} parameters")
+        if _COUNTS is not None:
+            _COUNTS.launches += 1
+            _COUNTS.direct += 1
 
 
 def _dispatch_counter():
@@ -258,12 +309,17 @@ def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float,
     for p in prepared:
         for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
             with _grad_mode(direction):
-                fn()            # a first call builds plans and one-time buffers: not counted
+                # the first calls build plans and one-time buffers: not counted (two: the
+                # cross-entropy's first backward scales the forward's gradient, a repeated
+                # one - what is timed - computes it)
+                fn()
+                fn()
                 c = counted(fn)
                 us = median_us(fn, calls, clock=clock)
             rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
                              host_us=round(us, 1), vs_torch=round(us / ref_us, 2),
-                             launches=c.launches, aten_kernels=c.aten, syncs=c.syncs,
+                             launches=c.launches, direct=c.direct, aten_kernels=c.aten,
+                             syncs=c.syncs,
                              aten_ops=c.aten_ops, engine=direction == "bwd" and p.bwd_engine))
     return rows
 
@@ -318,6 +374,14 @@ def _gpu_times(fn, calls: int) -> dict:
                 syncs=max(0, syncs - 1) / n)        # the profile's own final sync
 
 
+def _cell(row: dict, key: str) -> str:
+    if key == "direction" and row.get("engine"):
+        return f"{row[key]}*"
+    if key == "launches" and "direct" in row:
+        return f"{row[key]} ({row['direct']})"
+    return str(row[key])
+
+
 def _print(rows: list[dict], gpu: bool, ref_us: float) -> None:
     if gpu:
         head = ("op", "case", "variant", "dir", "e2e us", "kernels us", "ratio", "host us",
@@ -327,12 +391,11 @@ def _print(rows: list[dict], gpu: bool, ref_us: float) -> None:
     else:
         print(f"torch reference (tiny conv2d, requires grad): {ref_us:.1f} us per call; "
               "kernels stubbed (emulation): host time only, not GPU performance")
-        head = ("op", "case", "variant", "dir", "host us", "x torch", "launches", "aten",
-                "syncs")
+        head = ("op", "case", "variant", "dir", "host us", "x torch", "launches (direct)",
+                "aten", "syncs")
         keys = ("op", "case", "variant", "direction", "host_us", "vs_torch", "launches",
                 "aten_kernels", "syncs")
-    table = [head] + [tuple(("%s*" % r[k]) if k == "direction" and r.get("engine") else str(r[k])
-                            for k in keys) for r in rows]
+    table = [head] + [tuple(_cell(r, k) for k in keys) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

@@ -173,6 +173,10 @@ def apply(function: type, *args):
 # skipping Triton's per-call argument binding and cache lookup (JITFunction.run: 10-20 us of
 # host time a launch); PYDL_DIRECT_LAUNCH=0 keeps every launch on Triton's own path.
 DIRECT = os.environ.get("PYDL_DIRECT_LAUNCH", "1").strip() != "0"
+# The current CUDA device's index and a device's current raw stream, read by the direct path
+# (torch's C getters; absent from CPU builds, where bench/overhead.py's stub replaces them).
+_DEVICE_INDEX = getattr(torch._C, "_cuda_getDevice", None)
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 class Launch:
@@ -207,9 +211,9 @@ class Launch:
         c = self.compiled
         if c is not None and not dynamic:
             if _alignment(tensors) == self.aligned and _no_hooks() \
-                    and torch._C._cuda_getDevice() == self.device:
+                    and _DEVICE_INDEX() == self.device:
                 g = self.grid
-                c.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(self.device),
+                c.run(g[0], g[1], g[2], _RAW_STREAM(self.device),
                       c.function, c.packed_metadata, None, None, None, *tensors, *self.tail)
                 return
         k = self.run(*tensors, *self.scalars, **dynamic, **self.consts)
@@ -227,7 +231,7 @@ class Launch:
         bound.apply_defaults()
         self.tail = tuple(bound.arguments.values())[len(tensors):]
         self.aligned = _alignment(tensors)
-        self.device = torch._C._cuda_getDevice()
+        self.device = _DEVICE_INDEX()
         self.compiled = compiled
 
 

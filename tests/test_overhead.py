@@ -93,6 +93,9 @@ def test_launches_and_no_torch_kernels_or_syncs(rows, op, variant):
         # every step on the device is pydl's kernel
         assert r["aten_kernels"] == CASE_ATEN.get((op, variant, direction), 0), r
         assert r["syncs"] == 0, r                 # nothing waits for the device
+        # a GPU's path: every launch after the first call is Launch's direct one, its
+        # argument list checked against the kernel's parameters (bench/overhead.py)
+        assert r["direct"] == want, r
 
 
 @pytest.mark.parametrize("op,variant", list(LAUNCHES))
@@ -151,8 +154,8 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
         return Compiled()
 
     monkeypatch.setattr(_plan, "DIRECT", True)      # Triton's real launch-hook knobs: unset
-    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
+    monkeypatch.setattr(_plan, "_DEVICE_INDEX", lambda: 0)
+    monkeypatch.setattr(_plan, "_RAW_STREAM", lambda d: 1234)
     consts = dict(BLOCK=128, num_warps=4)        # BLOCK: a parameter; num_warps: an option
     launch = _plan.Launch(_probe, (7,), (3, 99), consts)
     launch.run = jit_run
