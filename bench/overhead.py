@@ -99,7 +99,7 @@ def stubbed_launches():
     # Nor is the interpreter's own state around each kernel op (pydl._env.emulated_launch).
     from pydl import _env, _plan, softmax_ce
     old_check = softmax_ce.kernel_checks_targets
-    softmax_ce.kernel_checks_targets = lambda x, backend: backend == "triton"
+    softmax_ce.kernel_checks_targets = lambda x, backend: backend in ("triton", "numba")
     # A GPU launches a plan's kernels through pydl._plan.Launch's direct path after their
     # first launch (the compiled kernel's launcher, called with the argument list kept then):
     # the stub's first launch returns a stand-in compiled kernel, so the calls timed take

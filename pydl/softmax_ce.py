@@ -369,40 +369,44 @@ class _NumbaLaunch:
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
         """As _TritonLaunch's, without the gradient (the backward computes it): per-row
-        losses, then the reduction in torch (sums over the rows' N floats)."""
+        losses (reduction "none": in x's dtype, the loss itself), then for a sum or a mean
+        loss_reduce's one block. The forward kernel checks the targets (a trap)."""
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
-        loss = new_output(rows, torch.float32, dev)
+        per_row = new_output(rows, x3.dtype if reduction == "none" else torch.float32, dev)
         lse = new_output(rows, torch.float32, dev)
         row_weight = new_output(rows, torch.float32, dev)
         if rows:
-            w = _NumbaLaunch._weights(weight, loss[:1])
-            _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w, loss, lse, row_weight,
-                                 inner, ignore_index, float(smoothing), weight is not None,
-                                 dtype_code(x3.dtype))
-        denom = row_weight.sum() if reduction == "mean" else torch.ones((), device=dev)
+            w = _NumbaLaunch._weights(weight, lse[:1])
+            _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w,
+                                 per_row.view(1, rows, 1), lse, row_weight, inner, ignore_index,
+                                 float(smoothing), weight is not None, dtype_code(x3.dtype),
+                                 dtype_code(per_row.dtype))
+        denom = new_output((), torch.float32, dev)     # unread for "none"
         if reduction == "none":
-            return loss.to(x3.dtype), lse, denom, None
-        total = loss.sum() if reduction == "sum" else loss.sum() / denom
-        return total.to(x3.dtype), lse, denom, None
+            return per_row, lse, denom, None
+        from .kernels.numba import softmax_ce as k
+        total = new_output((), x3.dtype, dev)
+        launch_numba(k.loss_reduce, 1, numba_threads(256), dev, per_row, row_weight,
+                     total.view(1, 1, 1), denom.view(1), reduction == "mean",
+                     dtype_code(x3.dtype))
+        return total, lse, denom, None
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
                           ignore_index, smoothing):
-        outer, n, inner = x3.shape
-        if reduction == "none":
-            grad, stride = grad_out.reshape(-1).float().contiguous(), 1
-        elif reduction == "sum":
-            grad, stride = grad_out.float().reshape(1), 0
-        else:
-            grad, stride = (grad_out.float() / denom).reshape(1), 0
+        """The upstream gradient (the loss's dtype, x's) is read as it is, per row for "none"
+        or broadcast, and divided by the mean's denominator in the kernel."""
+        grad = grad_out.reshape(-1)                     # a view where it can be
+        stride = grad.stride(0) if reduction == "none" else 0
         weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 \
             else None
         w = _NumbaLaunch._weights(weight, lse[:1])
         ws = weight_sum if weight_sum is not None else lse[:1]
-        _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse, grad, stride, ws, dx3,
-                             inner, ignore_index, float(smoothing), weight is not None,
-                             dtype_code(x3.dtype))
+        _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse,
+                             grad.view(1, grad.shape[0], 1), stride, denom.view(1),
+                             reduction == "mean", ws, dx3, x3.shape[2], ignore_index,
+                             float(smoothing), weight is not None, dtype_code(x3.dtype))
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
@@ -541,8 +545,8 @@ def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
     the rows that count (a placeholder for other reductions), and with `grad` the loss's
     gradient w.r.t. x written by the forward (an empty placeholder without)).
 
-    Triton on a GPU checks the targets inside the kernel (no host synchronisation); the Numba
-    backend and emulation check them on the host (one small reduction and a sync)."""
+    The forward kernel checks the targets (no host synchronisation: kernel_checks_targets),
+    except Triton's in emulation, where the host checks them (a small reduction and a sync)."""
     if not kernel_checks_targets(x, backend):
         _check_target_range(target, x.shape[0 if x.dim() == 1 else 1], ignore_index)
     dim = 0 if x.dim() == 1 else 1
@@ -1028,10 +1032,11 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
 
 
 def kernel_checks_targets(x: Tensor, backend: str) -> bool:
-    """Whether the forward kernel checks the targets itself: Triton on a GPU (a PTX trap, as
-    torch's device-side assert; no host synchronisation). Elsewhere the host checks them: the
-    Numba backend, and emulation, whose interpreter runs no PTX."""
-    return backend == "triton" and x.device.type == "cuda"
+    """Whether the forward kernel checks the targets itself (no host synchronisation): on a
+    GPU both backends (a PTX trap, as torch's device-side assert), in emulation the Numba
+    kernels (the simulator raises IndexError). Triton's interpreter runs no PTX, so in
+    emulation the host checks them for Triton."""
+    return backend == "numba" or (backend == "triton" and x.device.type == "cuda")
 
 
 def _check_target_range(target, n_classes: int, ignore_index: int) -> None:

@@ -14,6 +14,7 @@ import triton.language as tl
 
 import pydl
 from bench import overhead
+from pydl.testing import poisoned_outputs
 from bench.suites import select
 
 pytestmark = pytest.mark.skipif(not pydl.INTERPRET, reason="kernels are stubbed in emulation only")
@@ -96,6 +97,25 @@ def test_launches_and_no_torch_kernels_or_syncs(rows, op, variant):
         # a GPU's path: every launch after the first call is Launch's direct one, its
         # argument list checked against the kernel's parameters (bench/overhead.py)
         assert r["direct"] == want, r
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction):
+    """The Numba cross-entropy checks its targets in the kernel (a trap on a GPU) and sums
+    the loss in a kernel of its own: no host synchronisation, no torch kernel, forward or
+    backward."""
+    x = torch.randn(6, 10, dtype=torch.float16, requires_grad=True)
+    t = torch.randint(0, 10, (6,))
+    with overhead.stubbed_launches(), poisoned_outputs(False):      # no test fills
+        loss = pydl.cross_entropy(x, t, reduction=reduction, backend="numba")
+        fwd = overhead.counted(
+            lambda: pydl.cross_entropy(x, t, reduction=reduction, backend="numba"))
+        g = torch.ones_like(loss)
+        with torch.no_grad():       # as the engine runs a backward without create_graph
+            bwd = overhead.counted(lambda: loss.grad_fn.apply(g))
+    assert (fwd.launches, fwd.aten, fwd.syncs) == (1 if reduction == "none" else 2, 0, 0), \
+        fwd.aten_ops
+    assert (bwd.launches, bwd.aten, bwd.syncs) == (1, 0, 0), bwd.aten_ops
 
 
 @pytest.mark.parametrize("op,variant", list(LAUNCHES))

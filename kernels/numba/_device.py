@@ -21,3 +21,25 @@ def device(fn):
     if config.ENABLE_CUDASIM and "cuda" not in fn.__code__.co_names:
         return fn
     return cuda.jit(device=True, inline="always")(fn)
+
+
+if config.ENABLE_CUDASIM:
+    def trap(message):
+        """The simulator's counterpart of the GPU's trap: the kernel's launch raises
+        IndexError(message)."""
+        raise IndexError(message)
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def trap(typingctx, message):
+        """Abort the kernel (PTX `trap`), as torch's device-side assert does: the launch fails
+        and the process's CUDA context is lost, reported at the next synchronisation.
+        `message` (a string literal) is what the simulator raises."""
+        def codegen(context, builder, signature, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "trap;", "", side_effect=True)
+            builder.call(asm, ())
+            return context.get_dummy_value()
+        return types.void(message), codegen

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from ._device import device
+from ._device import device, trap
 from ._dtypes import dtype_code, load_f32, store_f32  # noqa: F401  (dtype_code: for launchers)
 
 # Largest block the shared-memory reductions hold (their arrays need a compile-time size).
@@ -28,6 +28,7 @@ MAX_THREADS = 256
 NEG_INF = np.float32(-np.inf)
 ZERO = np.float32(0.0)
 NAN = np.float32(np.nan)
+INF = np.float32(np.inf)
 ONE = np.float32(1.0)
 
 
@@ -261,14 +262,17 @@ def _softmax_at(x, o, c, i, code, row_lse):
 
 @cuda.jit
 def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_index,
-                      smoothing, has_weight, code):
+                      smoothing, has_weight, code, loss_code):
     """Per-row cross-entropy over class axis 1, one block per row:
     loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
+    A target that is neither a class index nor ignore_index traps (on a GPU the launch fails,
+    as torch's device-side assert; the simulator raises IndexError): no host check.
 
     x:            logits, (outer, C, inner) array, any strides
     target:       int64 (rows,) class indices; row r's target is target[r]
     weight:       (C,) class weights, fp32 (or fp64); unread unless has_weight
-    loss:         output, fp32 (rows,): the row's loss
+    loss:         output, (1, rows, 1) array of dtype loss_code: the row's loss (fp32 for a
+                  reduction's input, the logits' dtype for reduction "none")
     lse:          output, fp32 (rows,): logsumexp of the row, for the backward
     row_weight:   output, fp32 (rows,): w[t] (1 without weights), 0 for ignored rows
     inner:        size of axis 2 (rows = outer * inner)
@@ -276,6 +280,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
     smoothing:    label smoothing eps in [0, 1]
     has_weight:   use `weight`; otherwise every class weighs 1
     code:         dtype_code of x
+    loss_code:    dtype_code of loss
 
     One pass over the logits (_ce_row_stats, which also sums the smoothing term without
     catastrophic cancellation).
@@ -295,19 +300,55 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
             row_loss = ZERO
             w_t = ZERO
             if valid:
+                if t < 0 or t >= n:
+                    trap("cross_entropy: a target is out of range for the classes "
+                         "(valid: 0..C-1, or ignore_index)")
                 w_t = _class_weight(weight, t, has_weight)
                 # (m - x_t) + log s rather than lse - x_t: m - x_t loses nothing for huge logits
                 row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
                 if smooth:
                     row_loss = (ONE - eps) * row_loss + (eps / float32(n)) * smooth_sum
-            loss[row] = row_loss
+            store_f32(loss, 0, row, 0, row_loss, loss_code)
             lse[row] = m_row + log_s
             row_weight[row] = w_t
 
 
 @cuda.jit
-def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx, inner,
-                      ignore_index, smoothing, has_weight, code):
+def loss_reduce(loss, row_weight, out, denom, mean, code):
+    """The loss of reduction "sum" or "mean" from cross_entropy_fwd's per-row values, one
+    block, in a fixed order (deterministic): out[0, 0, 0] = sum(loss) (mean: divided by
+    sum(row_weight), torch's weighted mean: NaN when no row counts), rounded to dtype `code`;
+    denom[0] = the mean's denominator (1 for a sum), which the backward reads.
+
+    loss, row_weight: fp32 (rows,)
+    out:              (1, 1, 1) array of the loss's dtype
+    denom:            fp32 (1,)
+    """
+    tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
+    part, weights = ZERO, ZERO
+    for r in range(tid, loss.shape[0], nthreads):
+        part += loss[r]
+        weights += row_weight[r]
+    total = _block_sum(part)
+    weights = _block_sum(weights)
+    if tid == 0:
+        if mean:
+            # total / weights, spelled out at 0: the simulator's NumPy would warn
+            if weights != ZERO:
+                total = total / weights
+            elif total == ZERO or total != total:
+                total = NAN
+            else:
+                total = total * INF
+        else:
+            weights = ONE
+        denom[0] = weights
+        store_f32(out, 0, 0, 0, total, code)
+
+
+@cuda.jit
+def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, weight_sum, dx,
+                      inner, ignore_index, smoothing, has_weight, code):
     """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
     dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     rows with an ignored target get exact zeros (even with NaN or inf logits).
@@ -316,15 +357,18 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx,
     target:       int64 (rows,) class indices
     weight:       (C,) class weights, fp32 (or fp64); unread unless has_weight
     lse:          fp32 (rows,) logsumexp per row, from the forward
-    grad:         fp32 upstream gradient; row r's is grad[r * grad_stride]
-    grad_stride:  1 for per-row gradients (reduction "none"), 0 to broadcast grad[0]
+    grad:         the upstream gradient, a (1, N, 1) array of the loss's dtype (x's); row
+                  r's is grad[0, r * grad_stride, 0]
+    grad_stride:  per-row gradients' stride (reduction "none"), 0 to broadcast grad[0]
+    denom:        fp32 (1,): the mean's denominator (loss_reduce's); read only with `mean`
+    mean:         divide the upstream gradient by denom[0] (reduction "mean")
     weight_sum:   fp32 (1,): W = sum of the class weights; read only with has_weight and eps > 0
     dx:           output, (outer, C, inner) array of x's dtype, any strides
     inner:        size of axis 2 (rows = outer * inner)
     ignore_index: target value whose rows get zero gradient
     smoothing:    label smoothing eps in [0, 1]
     has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
-    code:         dtype_code of x and dx
+    code:         dtype_code of x, dx and grad
     """
     tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
     n = x.shape[1]
@@ -336,7 +380,9 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, weight_sum, dx,
             for c in range(tid, n, nthreads):
                 store_f32(dx, o, c, i, ZERO, code)
             continue
-        g = float32(grad[row * grad_stride])
+        g = load_f32(grad, 0, row * grad_stride, 0, code)
+        if mean:
+            g = g / denom[0]
         eps = float32(smoothing)
         row_lse = lse[row]
         g_nll = g * (ONE - eps) * _class_weight(weight, t, has_weight)
@@ -399,8 +445,11 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, 
     target:       class probabilities, (outer, C, inner) array, any strides
     weight:       (C,) class weights, fp32; unread unless has_weight
     lse, mass:    fp32 (rows,) logsumexp and S per row, from the forward
-    grad:         fp32 upstream gradient; row r's is grad[r * grad_stride]
-    grad_stride:  1 for per-row gradients (reduction "none"), 0 to broadcast grad[0]
+    grad:         the upstream gradient, a (1, N, 1) array of the loss's dtype (x's); row
+                  r's is grad[0, r * grad_stride, 0]
+    grad_stride:  per-row gradients' stride (reduction "none"), 0 to broadcast grad[0]
+    denom:        fp32 (1,): the mean's denominator (loss_reduce's); read only with `mean`
+    mean:         divide the upstream gradient by denom[0] (reduction "mean")
     dx:           output, (outer, C, inner) array of x's dtype
     dtarget:      output, (outer, C, inner) array of target's dtype; written only with target_grad
     inner:        size of axis 2 (rows = outer * inner)
