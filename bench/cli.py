@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import environment, overhead, resources, schema, tables
+from . import environment, numba_resources, overhead, resources, schema, tables
 
 DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
 
@@ -370,6 +370,8 @@ COMMANDS = {
     "floors": (cmd_floors, "each case's lower bound from its FLOPs and bytes at the peaks"),
     "resources": (resources.main, "registers, spills, shared memory and wgmma of each tuning "
                                   "candidate, compiled offline"),
+    "numba-resources": (numba_resources.main, "registers, spills and shared memory of each "
+                                              "Numba kernel signature, compiled offline"),
     "overhead": (overhead.main, "host microseconds, launches and syncs per call (kernels "
                                 "stubbed)"),
 }

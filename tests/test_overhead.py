@@ -14,8 +14,8 @@ import triton.language as tl
 
 import pydl
 from bench import overhead
-from pydl.testing import poisoned_outputs
 from bench.suites import select
+from pydl.testing import poisoned_outputs
 
 pytestmark = pytest.mark.skipif(not pydl.INTERPRET, reason="kernels are stubbed in emulation only")
 
