@@ -398,7 +398,7 @@ class _NumbaLaunch:
         """The upstream gradient (the loss's dtype, x's) is read as it is, per row for "none"
         or broadcast, and divided by the mean's denominator in the kernel."""
         grad = grad_out.reshape(-1)                     # a view where it can be
-        stride = grad.stride(0) if reduction == "none" else 0
+        stride = 1 if reduction == "none" else 0        # in elements of the array (its stride)
         weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 \
             else None
         w = _NumbaLaunch._weights(weight, lse[:1])

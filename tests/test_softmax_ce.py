@@ -201,6 +201,25 @@ def test_cross_entropy_extreme_logits(backend, smoothing):
 
 
 @backends
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_per_row_upstream_gradient_layouts(backend, dtype):
+    """reduction="none" with upstream gradients of other layouts than the loss: a strided
+    view, a broadcast (stride 0, as sum() sends back) and a transposed 2-D one; each row
+    must get its own element (torch's gradient in float64 as the reference)."""
+    x = random_tensor((4, 6, 5), dtype, DEVICE)           # (N, C, d): 20 rows
+    t = _targets((4, 5), 6)
+    x64 = x.detach().double().requires_grad_()
+    loss64 = torch.nn.functional.cross_entropy(x64, t, reduction="none")
+    for g in (torch.randn(4, 10, device=DEVICE, dtype=dtype)[:, ::2],
+              torch.randn((), device=DEVICE, dtype=dtype).expand(4, 5),
+              torch.randn(5, 4, device=DEVICE, dtype=dtype).t()):
+        xg = x.detach().requires_grad_()
+        pydl.cross_entropy(xg, t, reduction="none", backend=backend).backward(g)
+        want, = torch.autograd.grad(loss64, x64, g.double(), retain_graph=True)
+        assert_close(xg.grad, want, dtype)
+
+
+@backends
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_all_ignored(backend, reduction):
     x = random_tensor((3, 5), torch.float32, DEVICE)

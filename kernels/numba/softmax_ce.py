@@ -359,7 +359,8 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, we
     lse:          fp32 (rows,) logsumexp per row, from the forward
     grad:         the upstream gradient, a (1, N, 1) array of the loss's dtype (x's); row
                   r's is grad[0, r * grad_stride, 0]
-    grad_stride:  per-row gradients' stride (reduction "none"), 0 to broadcast grad[0]
+    grad_stride:  1 for per-row gradients (reduction "none"; the array carries the tensor's
+                  strides), 0 to broadcast grad[0, 0, 0]
     denom:        fp32 (1,): the mean's denominator (loss_reduce's); read only with `mean`
     mean:         divide the upstream gradient by denom[0] (reduction "mean")
     weight_sum:   fp32 (1,): W = sum of the class weights; read only with has_weight and eps > 0
@@ -447,7 +448,8 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, 
     lse, mass:    fp32 (rows,) logsumexp and S per row, from the forward
     grad:         the upstream gradient, a (1, N, 1) array of the loss's dtype (x's); row
                   r's is grad[0, r * grad_stride, 0]
-    grad_stride:  per-row gradients' stride (reduction "none"), 0 to broadcast grad[0]
+    grad_stride:  1 for per-row gradients (reduction "none"; the array carries the tensor's
+                  strides), 0 to broadcast grad[0, 0, 0]
     denom:        fp32 (1,): the mean's denominator (loss_reduce's); read only with `mean`
     mean:         divide the upstream gradient by denom[0] (reduction "mean")
     dx:           output, (outer, C, inner) array of x's dtype
