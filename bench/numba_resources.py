@@ -118,11 +118,18 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def _ptxas() -> str | None:
-    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
-    for path in (Path(home) / "bin" / "ptxas", Path("/usr/local/cuda-13.0/bin/ptxas")):
-        if path.exists():
-            return str(path)
+    """The ptxas of the CUDA toolkit whose libnvvm Numba compiles with (the PTX it writes is
+    that toolkit's version, newer than what Triton's bundled ptxas may read)."""
     from shutil import which
+
+    from numba.cuda import cuda_paths
+    try:
+        nvvm = Path(cuda_paths.get_cuda_paths()["nvvm"].info).resolve()
+    except Exception:  # noqa: BLE001  (no toolkit found: PATH below)
+        nvvm = None
+    for parent in (nvvm.parents if nvvm else ()):
+        if (parent / "bin" / "ptxas").exists():
+            return str(parent / "bin" / "ptxas")
     return which("ptxas")
 
 
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.capture is not None:
         return _capture(args.families, args.capture)
+    _offline(args.arch)
     ptxas = _ptxas()
     if ptxas is None:
         print("error: ptxas is not found (CUDA_HOME/bin, /usr/local/cuda/bin, PATH)",
@@ -195,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
             print("error: the capture failed", file=sys.stderr)
             return 1
         found = json.loads(captured.read_text())
-        _offline(args.arch)
         rows = [_compile(r, args.arch, ptxas, Path(tmp)) for r in found["launches"]]
     rows.sort(key=lambda r: (r["module"], r["name"], _summary(r["sig"])))
     width = max([len(r["name"]) for r in rows] + [6])
