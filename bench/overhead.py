@@ -194,10 +194,13 @@ def median_us(fn, calls: int, warmup: int = 10, clock=time.perf_counter_ns) -> f
 
 # --- the cases ------------------------------------------------------------------------------
 
-def _case(suite, shapes: str, gpu: bool):
+def _case(suite, shapes: str, gpu: bool, name: str | None = None):
+    """The case measured (`name`, else the op's CPU_CASES one, else its first), shrunk for a
+    CPU."""
     import torch
     cases = suite.cases(shapes)
-    case = next((c for c in cases if c.name == CPU_CASES.get(suite.op)), cases[0])
+    name = name or CPU_CASES.get(suite.op)
+    case = next((c for c in cases if c.name == name), cases[0])
     if gpu:
         return case
     if case.dtype == torch.bfloat16:   # Triton's interpreter computes bf16 wrongly; fp16 path

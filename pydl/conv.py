@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _env
 from ._checks import check_tensor
-from ._gemm import gemm
+from ._gemm import gemm_plan_on
 from ._gemm_numba import gemm as gemm_numba
 from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
 from ._launch import (arrival_counters, cdiv, dot_block, fresh, input_precision, launch_numba,
@@ -200,9 +200,10 @@ def _bias_matrix(b: torch.Tensor | None, g: ConvGeometry) -> torch.Tensor | None
     return b.as_strided((g.groups, g.OCG), (g.OCG * b.stride(0), b.stride(0)), b.storage_offset())
 
 
-# Launches of the implicit-GEMM kernels, built once per signature: the geometry, the
-# operands' dtype, layout (strides) and device, bias or not, and the rounding of fp32 dots.
-_IMPLICIT_LAUNCHES = Cache("conv2d implicit launches")
+# The Triton algorithms' plans, built once per signature: the geometry, the operands' dtype,
+# layout (strides) and device, bias or not, the rounding of fp32 dots (and for im2col the
+# workspace bound). The kernel ops look them up here; an eager call's plan keeps its own.
+_TRITON_PLANS = Cache("conv2d triton plans")
 
 
 class _Launcher:
@@ -243,19 +244,22 @@ class _TritonImplicit(_Launcher):
     def plan_forward(x, w, b, y, g: ConvGeometry):
         key = ("fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(),
                None if b is None else b.stride(), _input_precision(x.dtype))
-        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_forward, x, w, b, y, g)
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_forward, x, w, b, y, g)
 
     @staticmethod
     def _plan_forward(x, w, b, y, g: ConvGeometry):
         """A callable (x, w, b or w, y): the implicit-GEMM kernel, or the GEMM for 1x1."""
         from .kernels.triton import conv as k
-        if _pointwise_matrices(g, x, y) is not None:    # 1x1: the shared, tuned GEMM
-            precision = _input_precision(x.dtype)
+        mats = _pointwise_matrices(g, x, y)
+        if mats is not None:                            # 1x1: the shared, tuned GEMM
+            wm, w0, weight = _weight_matrix_plan(w, g)
+            product = gemm_plan_on((x, w0, y, b, None), mats[0], wm, mats[1], trans_b=True,
+                                   bias=_bias_matrix(b, g),
+                                   input_precision=_input_precision(x.dtype))
+            has_bias = b is not None
 
             def pointwise(x, w, b, y):
-                xm, ym = _pointwise_matrices(g, x, y)
-                gemm(xm, _weight_matrix(w, g), ym, trans_b=True,
-                     bias=_bias_matrix(b if b is not w else None, g), input_precision=precision)
+                product(x, w if weight is None else weight(w), y, b if has_bias else None, None)
             return pointwise
         if b is not None and b.stride(0) != 1:
             # the kernel reads the bias at unit stride: a strided one (a view) is copied
@@ -285,19 +289,20 @@ class _TritonImplicit(_Launcher):
     def plan_backward_input(dy, w, dx, g: ConvGeometry):
         key = ("bwd_input", g, dy.dtype, dy.device, dy.stride(), w.stride(), dx.stride(),
                _input_precision(dy.dtype))
-        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_input, dy, w, dx, g)
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_backward_input, dy, w, dx, g)
 
     @staticmethod
     def _plan_backward_input(dy, w, dx, g: ConvGeometry):
         """A callable (dy, w, dx): the implicit-GEMM kernel, or the GEMM for 1x1."""
         from .kernels.triton import conv as k
-        if _pointwise_matrices(g, dy, dx) is not None:  # 1x1: dX = dY @ W, the shared GEMM
-            precision = _input_precision(dy.dtype)
-
-            def pointwise(dy, w, dx):
-                dym, dxm = _pointwise_matrices(g, dy, dx)
-                gemm(dym, _weight_matrix(w, g), dxm, input_precision=precision)
-            return pointwise
+        mats = _pointwise_matrices(g, dy, dx)
+        if mats is not None:                            # 1x1: dX = dY @ W, the shared GEMM
+            wm, w0, weight = _weight_matrix_plan(w, g)
+            product = gemm_plan_on((dy, w0, dx, None, None), mats[0], wm, mats[1],
+                                   input_precision=_input_precision(dy.dtype))
+            if weight is None:
+                return lambda dy, w, dx: product(dy, w, dx, None, None)
+            return lambda dy, w, dx: product(dy, weight(w), dx, None, None)
         M = g.N * g.H * g.W
         phases = _stride_phases(g)
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
@@ -325,7 +330,7 @@ class _TritonImplicit(_Launcher):
         assert dw.is_contiguous()
         key = ("bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(),
                _input_precision(dy.dtype))
-        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_weight, dy, x, dw, g)
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_backward_weight, dy, x, dw, g)
 
     @staticmethod
     def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
@@ -368,7 +373,7 @@ class _TritonImplicit(_Launcher):
     @staticmethod
     def plan_backward_bias(dy, db, g: ConvGeometry):
         key = ("bwd_bias", g, dy.dtype, dy.device, dy.stride())
-        return _IMPLICIT_LAUNCHES.get(key, _TritonImplicit._plan_backward_bias, dy, g)
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_backward_bias, dy, g)
 
     @staticmethod
     def _plan_backward_bias(dy, g: ConvGeometry) -> Launch:
@@ -435,33 +440,42 @@ def _rows_view(ws: torch.Tensor, b1: int, rows: int) -> torch.Tensor:
     return ws.as_strided((b1, G, rows, J), (rows * J if b1 > 1 else 0, ws.stride(0), J, 1))
 
 
-def _im2col(src, cols, n0, nb, C, H, W, OH, OW, KH, KW, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1,
-            groups=1) -> None:
-    """cols[g, p, j] of images n0 .. n0+nb-1 of src (kernels/triton/conv.py: conv2d_im2col)."""
+def _im2col_launch(src, cols, n0, nb, C, H, W, OH, OW, KH, KW, SH=1, SW=1, PH=0, PW=0, DH=1,
+                   DW=1, groups=1):
+    """launch(src, cols): cols[g, p, j] of images n0 .. n0+nb-1 of src (kernels/triton/conv.py:
+    conv2d_im2col), for tensors of src's and cols' strides."""
     from .kernels.triton import conv as k
     J = C // groups * KH * KW
     if nb * OH * OW * J == 0:
-        return
+        return _launch_nothing
     block_j = min(64, next_power_of_2(J))
     block_p = dot_block(nb * OH * OW, max(64, _TILE_ELEMS // block_j))
     grid = (cdiv(nb * OH * OW, block_p), cdiv(J, block_j), groups)
-    k.conv2d_im2col[grid](src, cols, n0, nb, C, H, W, OH, OW, *src.stride(), cols.stride(0),
-                          cols.stride(1), SH, SW, PH, PW, DH, DW, KH=KH, KW=KW, CG=C // groups,
-                          BLOCK_P=block_p, BLOCK_J=block_j)
+    return Launch(k.conv2d_im2col, grid, (n0, nb, C, H, W, OH, OW, *src.stride(),
+                                          cols.stride(0), cols.stride(1), SH, SW, PH, PW, DH, DW),
+                  dict(KH=KH, KW=KW, CG=C // groups, BLOCK_P=block_p, BLOCK_J=block_j))
 
 
-def _weight_matrix(w: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
-    """The weight as (groups, OC / groups, CG*KH*KW) matrices, j = (c, kh, kw): a view when
-    its strides flatten (contiguous weights), else packed into a contiguous copy by the
-    im2col kernel (the whole weight as one 'window' per output channel)."""
+def _weight_matrix_plan(w: torch.Tensor, g: ConvGeometry):
+    """(wm, w0, weight) for a plan: wm the weight as (groups, OC / groups, CG*KH*KW) matrices,
+    j = (c, kh, kw), a view of w0. When w's strides flatten (contiguous weights) w0 is w and
+    weight None; else w0 is a contiguous copy packed by the im2col kernel (the whole weight as
+    one 'window' per output channel) and weight(w) packs a fresh one per call."""
     so, sc, sh, sw = w.stride()
     J = g.CG * g.KH * g.KW
     sj = _merged_stride((g.CG, g.KH, g.KW), (sc, sh, sw))
-    if sj is None:
-        packed = new_output((1, g.OC, J), w.dtype, w.device)
-        _im2col(w, packed, 0, g.OC, g.CG, g.KH, g.KW, 1, 1, g.KH, g.KW)
-        w, so, sj = packed, J, 1
-    return w.as_strided((g.groups, g.OCG, J), (g.OCG * so, so, sj), w.storage_offset())
+    if sj is not None:
+        return w.as_strided((g.groups, g.OCG, J), (g.OCG * so, so, sj), w.storage_offset()), \
+            w, None
+    new = output_maker((1, g.OC, J), w.dtype, w.device)
+    packed = fresh(new)
+    pack = _im2col_launch(w, packed, 0, g.OC, g.CG, g.KH, g.KW, 1, 1, g.KH, g.KW)
+
+    def weight(w):
+        packed = fresh(new)
+        pack(w, packed)
+        return packed
+    return packed.view(g.groups, g.OCG, J), packed, weight
 
 
 def _chunks(n: int, per_image_bytes: int) -> list[tuple[int, int]]:
@@ -483,28 +497,56 @@ class _TritonIm2col(_Launcher):
 
     @staticmethod
     def forward(x, w, b, y, g: ConvGeometry) -> None:
-        J, P = g.CG * g.KH * g.KW, g.OH * g.OW
-        wm = _weight_matrix(w, g)
-        bias = _bias_matrix(b, g)
-        chunks = _chunks(g.N, P * g.groups * J * x.element_size())
-        cols = new_output((g.groups, chunks[0][1] * P, J), x.dtype, x.device)
-        for n0, nb in chunks:
-            _im2col(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH, g.SW, g.PH,
-                    g.PW, g.DH, g.DW, g.groups)
-            ym = _pixel_matrix(y, n0, nb, g.groups)     # y is ours: NCHW or channels_last
-            gemm(_rows_view(cols, ym.shape[0], ym.shape[2]), wm, ym, trans_b=True, bias=bias,
-                 input_precision=_input_precision(x.dtype))
+        _TritonIm2col.plan_forward(x, w, b, y, g)(x, w, w if b is None else b, y)
 
     @staticmethod
-    def _dy_matrix(dy, g: ConvGeometry, n0: int, nb: int, ws, whole: bool):
-        """dY of a chunk as a _pixel_matrix view; packed pixel-major into `ws` (1x1 im2col)
-        when its strides do not allow one (or, with `whole`, not one over the whole chunk)."""
+    def plan_forward(x, w, b, y, g: ConvGeometry):
+        key = ("im2col fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(),
+               None if b is None else b.stride(), _input_precision(x.dtype),
+               IM2COL_WORKSPACE_BYTES)
+        return _TRITON_PLANS.get(key, _TritonIm2col._plan_forward, x, w, b, y, g)
+
+    @staticmethod
+    def _plan_forward(x, w, b, y, g: ConvGeometry):
+        """A callable (x, w, b or w, y): per chunk the im2col launch and the GEMM (bias in
+        its epilogue) into the chunk's rows of y."""
+        J, P = g.CG * g.KH * g.KW, g.OH * g.OW
+        wm, w0, weight = _weight_matrix_plan(w, g)
+        bias = _bias_matrix(b, g)
+        chunks = _chunks(g.N, P * g.groups * J * x.element_size())
+        new_cols = output_maker((g.groups, chunks[0][1] * P, J), x.dtype, x.device)
+        cols = fresh(new_cols)
+        steps = []
+        for n0, nb in chunks:
+            ym = _pixel_matrix(y, n0, nb, g.groups)     # y is ours: NCHW or channels_last
+            steps.append((
+                _im2col_launch(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH,
+                               g.SW, g.PH, g.PW, g.DH, g.DW, g.groups),
+                gemm_plan_on((cols, w0, y, b, None), _rows_view(cols, ym.shape[0], ym.shape[2]),
+                             wm, ym, trans_b=True, bias=bias,
+                             input_precision=_input_precision(x.dtype))))
+        has_bias = b is not None
+
+        def run(x, w, b, y):
+            cols = fresh(new_cols)
+            w = w if weight is None else weight(w)
+            b = b if has_bias else None
+            for im2col, product in steps:
+                im2col(x, cols)
+                product(cols, w, y, b, None)
+        return run
+
+    @staticmethod
+    def _dy_matrix_plan(dy, g: ConvGeometry, n0: int, nb: int, ws, whole: bool):
+        """(dY of a chunk as a _pixel_matrix view of dy, None); or, when its strides do not
+        allow one (or, with `whole`, not one over the whole chunk), (a view of `ws`, the
+        launch pack(dy, ws) that copies it there pixel-major: the 1x1 im2col)."""
         m = _pixel_matrix(dy, n0, nb, g.groups)
         if m is not None and (not whole or m.shape[0] == 1):
-            return m
-        _im2col(dy, ws, n0, nb, g.OC, g.OH, g.OW, g.OH, g.OW, 1, 1)
+            return m, None
         P = nb * g.OH * g.OW
-        return ws.as_strided((1, g.groups, P, g.OCG), (0, g.OCG, g.OC, 1), ws.storage_offset())
+        return (ws.as_strided((1, g.groups, P, g.OCG), (0, g.OCG, g.OC, 1), ws.storage_offset()),
+                _im2col_launch(dy, ws, n0, nb, g.OC, g.OH, g.OW, g.OH, g.OW, 1, 1))
 
     @staticmethod
     def _dy_needs_pack(dy, g: ConvGeometry, nb: int, whole: bool) -> bool:
@@ -513,49 +555,107 @@ class _TritonIm2col(_Launcher):
 
     @staticmethod
     def backward_input(dy, w, dx, g: ConvGeometry) -> None:
+        _TritonIm2col.plan_backward_input(dy, w, dx, g)(dy, w, dx)
+
+    @staticmethod
+    def plan_backward_input(dy, w, dx, g: ConvGeometry):
+        key = ("im2col bwd_input", g, dy.dtype, dy.device, dy.stride(), w.stride(), dx.stride(),
+               _input_precision(dy.dtype), IM2COL_WORKSPACE_BYTES)
+        return _TRITON_PLANS.get(key, _TritonIm2col._plan_backward_input, dy, w, dx, g)
+
+    @staticmethod
+    def _plan_backward_input(dy, w, dx, g: ConvGeometry):
+        """A callable (dy, w, dx): per chunk dcols = dY @ W (fp32) and the col2im gather."""
         from .kernels.triton import conv as k
         J, P = g.CG * g.KH * g.KW, g.OH * g.OW
-        wm = _weight_matrix(w, g)
+        wm, w0, weight = _weight_matrix_plan(w, g)
         pack = _TritonIm2col._dy_needs_pack(dy, g, g.N, whole=False)
         chunks = _chunks(g.N, P * (g.groups * J * 4 + (g.OC * dy.element_size() if pack else 0)))
         nmax = chunks[0][1]
-        dcols = new_output((g.groups, nmax * P, J), torch.float32, dy.device)
-        dy_ws = new_output((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
+        new_dcols = output_maker((g.groups, nmax * P, J), torch.float32, dy.device)
+        new_ws = output_maker((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
+        dcols, ws = fresh(new_dcols), fresh(new_ws) if pack else None
         block_c = min(32, next_power_of_2(g.CG))
         block_m = dot_block(nmax * g.H * g.W, max(64, _TILE_ELEMS // block_c))
+        steps = []
         for n0, nb in chunks:
-            dym = _TritonIm2col._dy_matrix(dy, g, n0, nb, dy_ws, whole=False)
-            gemm(dym, wm, _rows_view(dcols, dym.shape[0], dym.shape[2]),
-                 input_precision=_input_precision(dy.dtype))
+            dym, packing = _TritonIm2col._dy_matrix_plan(dy, g, n0, nb, ws, whole=False)
             grid = (cdiv(nb * g.H * g.W, block_m), cdiv(g.CG, block_c), g.groups)
-            k.conv2d_col2im[grid](dcols, dx, n0, nb, g.C, g.H, g.W, g.OH, g.OW, dcols.stride(0),
-                                  dcols.stride(1), *dx.stride(), g.SH, g.SW, g.PH, g.PW, g.DH,
-                                  g.DW, KH=g.KH, KW=g.KW, CG=g.CG, BLOCK_M=block_m,
-                                  BLOCK_C=block_c)
+            steps.append((
+                packing,
+                gemm_plan_on((dy if packing is None else ws, w0, dcols, None, None), dym, wm,
+                             _rows_view(dcols, dym.shape[0], dym.shape[2]),
+                             input_precision=_input_precision(dy.dtype)),
+                Launch(k.conv2d_col2im, grid, (n0, nb, g.C, g.H, g.W, g.OH, g.OW,
+                                               dcols.stride(0), dcols.stride(1), *dx.stride(),
+                                               g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
+                       dict(KH=g.KH, KW=g.KW, CG=g.CG, BLOCK_M=block_m, BLOCK_C=block_c))))
+
+        def run(dy, w, dx):
+            dcols, ws = fresh(new_dcols), fresh(new_ws) if pack else None
+            w = w if weight is None else weight(w)
+            for packing, product, col2im in steps:
+                if packing is None:
+                    product(dy, w, dcols, None, None)
+                else:
+                    packing(dy, ws)
+                    product(ws, w, dcols, None, None)
+                col2im(dcols, dx)
+        return run
 
     @staticmethod
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
-        J, P = g.CG * g.KH * g.KW, g.OH * g.OW
+        _TritonIm2col.plan_backward_weight(dy, x, dw, g)(dy, x, dw)
+
+    @staticmethod
+    def plan_backward_weight(dy, x, dw, g: ConvGeometry):
         assert dw.is_contiguous()                       # dw is ours: (groups, OCG, J) rows
+        key = ("im2col bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(),
+               _input_precision(dy.dtype), IM2COL_WORKSPACE_BYTES)
+        return _TRITON_PLANS.get(key, _TritonIm2col._plan_backward_weight, dy, x, dw, g)
+
+    @staticmethod
+    def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
+        """A callable (dy, x, dw): per chunk the im2col launch and dW_g (+)= dY_g^T @ cols[g]
+        (a 16-bit dW summed over several chunks in fp32, rounded once by the last GEMM)."""
+        J, P = g.CG * g.KH * g.KW, g.OH * g.OW
         dwm = dw.view(g.groups, g.OCG, J)
         pack = _TritonIm2col._dy_needs_pack(dy, g, g.N, whole=True)
         chunks = _chunks(g.N, P * (g.groups * J * x.element_size()
                                    + (g.OC * dy.element_size() if pack else 0)))
         nmax = chunks[0][1]
         pack = pack and _TritonIm2col._dy_needs_pack(dy, g, nmax, whole=True)  # 1 image: maybe not
-        cols = new_output((g.groups, nmax * P, J), x.dtype, x.device)
-        dy_ws = new_output((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
-        # several chunks into a 16-bit dW: sum them in fp32, round once in the last GEMM
-        acc = dwm
-        if len(chunks) > 1 and dw.dtype != torch.float32:
-            acc = new_output((g.groups, g.OCG, J), torch.float32, dw.device)
+        new_cols = output_maker((g.groups, nmax * P, J), x.dtype, x.device)
+        new_ws = output_maker((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
+        new_acc = output_maker((g.groups, g.OCG, J), torch.float32, dw.device) \
+            if len(chunks) > 1 and dw.dtype != torch.float32 else None
+        cols, ws = fresh(new_cols), fresh(new_ws) if pack else None
+        acc = dw if new_acc is None else fresh(new_acc)
+        accm = acc.view(g.groups, g.OCG, J)
+        steps = []
         for i, (n0, nb) in enumerate(chunks):
-            _im2col(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH, g.SW, g.PH,
-                    g.PW, g.DH, g.DW, g.groups)
-            dym = _TritonIm2col._dy_matrix(dy, g, n0, nb, dy_ws, whole=True)[0]
-            out = dwm if i == len(chunks) - 1 else acc
-            gemm(dym, cols[:, :nb * P], out, trans_a=True, addend=acc if i else None,
-                 input_precision=_input_precision(dy.dtype))
+            dym, packing = _TritonIm2col._dy_matrix_plan(dy, g, n0, nb, ws, whole=True)
+            last = i == len(chunks) - 1
+            steps.append((
+                _im2col_launch(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH,
+                               g.SW, g.PH, g.PW, g.DH, g.DW, g.groups),
+                packing,
+                gemm_plan_on((dy if packing is None else ws, cols, dw if last else acc, None,
+                              acc if i else None), dym[0], cols[:, :nb * P],
+                             dwm if last else accm, trans_a=True, addend=accm if i else None,
+                             input_precision=_input_precision(dy.dtype)),
+                i > 0, last))
+
+        def run(dy, x, dw):
+            cols, ws = fresh(new_cols), fresh(new_ws) if pack else None
+            acc = dw if new_acc is None else fresh(new_acc)
+            for im2col, packing, product, summed, last in steps:
+                im2col(x, cols)
+                if packing is not None:
+                    packing(dy, ws)
+                product(dy if packing is None else ws, cols, dw if last else acc, None,
+                        acc if summed else None)
+        return run
 
     @staticmethod
     def backward_bias(dy, db, g: ConvGeometry) -> None:

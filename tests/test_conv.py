@@ -457,15 +457,23 @@ POINTWISE = {
 }
 
 
+def _spy_gemm_plans(monkeypatch) -> list:
+    """The GEMM plans pydl.conv builds (each of an eager call's steps plans once)."""
+    import pydl.conv as conv_mod
+    calls = []
+    real = conv_mod.gemm_plan_on
+    monkeypatch.setattr(conv_mod, "gemm_plan_on",
+                        lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", POINTWISE)
 def test_pointwise_conv_runs_the_shared_gemm(monkeypatch, case, dtype):
-    """The implicit algorithm's 1x1 forward and grad input are the shared GEMM (pydl._gemm);
-    the weight gradient stays the split-K implicit kernel; all three match."""
-    import pydl.conv as conv_mod
-    calls = []
-    real = conv_mod.gemm
-    monkeypatch.setattr(conv_mod, "gemm", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    """The implicit algorithm's 1x1 forward and grad input are the shared GEMM (pydl._gemm,
+    planned once each); the weight gradient stays the split-K implicit kernel; all three
+    match."""
+    calls = _spy_gemm_plans(monkeypatch)
     xs, ws, opts, layout = POINTWISE[case]
     x = random_tensor(xs, dtype, DEVICE)
     w = random_tensor(ws, dtype, DEVICE, scale=0.3)
@@ -500,10 +508,7 @@ def test_split_k_grad_weight_is_deterministic_on_gpu():
 def test_pointwise_conv_falls_back_to_implicit(monkeypatch, case):
     """1x1 layers that are not one GEMM over pixel matrices keep the implicit kernels: stride
     2, padding, and an upstream gradient whose (h, w) do not flatten (the forward still is)."""
-    import pydl.conv as conv_mod
-    calls = []
-    real = conv_mod.gemm
-    monkeypatch.setattr(conv_mod, "gemm", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    calls = _spy_gemm_plans(monkeypatch)
     x = random_tensor((2, 6, 5, 5), torch.float32, DEVICE)
     w = random_tensor((4, 6, 1, 1), torch.float32, DEVICE)
     opts = dict(stride=2) if case == "strided" else dict(padding=1) if case == "padded" else {}
@@ -553,6 +558,13 @@ def test_im2col_workspace_chunks(monkeypatch, case):
     assert seen[0] == [(0, 2), (2, 2), (4, 1)]
     if case == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
+    # the same signature on other values, the upstream gradient one image further into its
+    # buffer: the plans are reused (nothing chunked again) and view these tensors
+    x2 = torch.empty_like(x).copy_(random_tensor(x.shape, dtype, DEVICE))
+    g2 = g.new_empty((g.shape[0] + 1) * g.stride(0)).as_strided(g.shape, g.stride(), g.stride(0))
+    g2.copy_(random_tensor(g.shape, dtype, DEVICE))
+    check_conv(x2, w, b, "triton", "im2col", dtype, grad_out=g2, padding=1, groups=groups)
+    assert len(seen) == 3
 
 
 @pytest.mark.parametrize("case", ["grouped_fp16", "channels_last_transposed_grad"])

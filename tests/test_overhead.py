@@ -19,7 +19,12 @@ from pydl.testing import poisoned_outputs
 
 pytestmark = pytest.mark.skipif(not pydl.INTERPRET, reason="kernels are stubbed in emulation only")
 
-# (op, variant): launches per forward and per backward call on the GPU path. The recurrent
+# (op, variant[, case]): launches per forward and per backward call on the GPU path, at the
+# op's case in `python -m bench overhead` or the one named. Convolution: im2col forward the
+# weight's pack (a channels_last weight), the im2col and the GEMM, backward the grad input's
+# GEMM and col2im, the weight gradient's im2col and GEMM, and the pack; a 1x1 layer's forward
+# and grad input are the shared GEMM (pydl/_gemm.py), its weight gradient the implicit kernel.
+# The recurrent
 # layers (the benchmark's quick cases: T = 25 and 187 steps, one layer, one direction): the
 # input projection's GEMM and one recurrence launch forward, whatever T (the persistent
 # schedule); backward the recurrence, the weight and input gradients' GEMMs and the bias
@@ -27,6 +32,8 @@ pytestmark = pytest.mark.skipif(not pydl.INTERPRET, reason="kernels are stubbed 
 # backward the step and its dh pseudo-step, three GEMMs, the bias sums.
 LAUNCHES = {
     ("conv2d", "triton-implicit"): (1, 2),
+    ("conv2d", "triton-im2col"): (3, 5),
+    ("conv2d", "triton-implicit", "l1-1x1-64-256"): (1, 2),
     ("max_pool2d", "triton"): (1, 1),
     ("avg_pool2d", "triton"): (1, 1),
     ("adaptive_avg_pool2d", "triton"): (1, 1),
@@ -64,11 +71,11 @@ def rows():
     device = torch.device("cpu")
     prepared = []
     with overhead.stubbed_launches():
-        for (op, name) in LAUNCHES:
+        for op, name, *case in LAUNCHES:
             suite = select([op])[0]
             variant = next(v for v in suite.variants() if v.name == name)
-            prepared.append(overhead.prepare(suite, variant, overhead._case(suite, "quick", False),
-                                             device))
+            prepared.append(overhead.prepare(suite, variant, overhead._case(
+                suite, "quick", False, *case), device))
         # the smallest of three runs of everything: a noisy neighbour inflates, never deflates
         # thread CPU time: what the op costs this thread, not how long a busy neighbour
         # (the other test worker) kept it waiting
@@ -78,18 +85,19 @@ def rows():
             runs.append((ref, overhead.measure_cpu(prepared, 100, ref, clock=time.thread_time_ns)))
     best = {}
     for ref, measured in runs:
-        for r in measured:
-            k = (r["op"], r["variant"], r["direction"])
+        for i, r in enumerate(measured):        # a forward and a backward row per key
+            k = (list(LAUNCHES)[i // 2], r["direction"])
             ratio = r["host_us"] / ref
             if k not in best or ratio < best[k]["ratio"]:
                 best[k] = dict(r, ratio=ratio)
     return best
 
 
-@pytest.mark.parametrize("op,variant", list(LAUNCHES))
-def test_launches_and_no_torch_kernels_or_syncs(rows, op, variant):
-    for direction, want in zip(("fwd", "bwd"), LAUNCHES[op, variant]):
-        r = rows[op, variant, direction]
+@pytest.mark.parametrize("key", list(LAUNCHES), ids="-".join)
+def test_launches_and_no_torch_kernels_or_syncs(rows, key):
+    op, variant = key[:2]
+    for direction, want in zip(("fwd", "bwd"), LAUNCHES[key]):
+        r = rows[key, direction]
         assert r["launches"] == want, r
         # every step on the device is pydl's kernel
         assert r["aten_kernels"] == CASE_ATEN.get((op, variant, direction), 0), r
@@ -118,10 +126,11 @@ def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction):
     assert (bwd.launches, bwd.aten, bwd.syncs) == (1, 0, 0), bwd.aten_ops
 
 
-@pytest.mark.parametrize("op,variant", list(LAUNCHES))
-def test_host_time_close_to_torch_dispatch(rows, op, variant):
+@pytest.mark.parametrize("key", list(LAUNCHES), ids="-".join)
+def test_host_time_close_to_torch_dispatch(rows, key):
+    op = key[0]
     for direction in ("fwd", "bwd"):
-        r = rows[op, variant, direction]
+        r = rows[key, direction]
         cap = MAX_RATIOS.get((op, direction), BASE_RATIO + LAUNCH_RATIO * r["launches"])
         assert r["ratio"] <= cap, (f"{op} {direction}: {r['host_us']} us, "
                                    f"{r['ratio']:.1f}x torch's tiny conv2d (at most {cap:.0f}x)")
