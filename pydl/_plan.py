@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from functools import reduce
-from operator import or_
+from operator import itemgetter, or_
 from typing import Callable, Hashable
 
 import torch
@@ -197,22 +197,28 @@ class Launch:
     key (a Launch cache's key must hold the dtype of every tensor argument), and the one thing
     left, each tensor's 16-byte alignment, is compared (a mismatch, a
     per-call keyword scalar, another current device or a launch hook set by a profiler take
-    Triton's path)."""
+    Triton's path). `checked`: the positions of the tensor arguments whose alignment can
+    differ between calls, where a launch knows the others repeat one of them (a placeholder
+    passed for an absent tensor) or are its own buffers (arrival counters); default all."""
 
     __slots__ = ("run", "scalars", "consts", "kernel", "grid", "compiled", "tail", "aligned",
-                 "device")
+                 "device", "checked")
 
-    def __init__(self, kernel, grid: tuple, scalars: tuple, consts: dict):
+    def __init__(self, kernel, grid: tuple, scalars: tuple, consts: dict,
+                 checked: tuple | None = None):
         self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))
         self.run = kernel[grid]
         self.scalars = tuple(scalars)
         self.consts = consts
         self.compiled = None
+        self.checked = None if checked is None else (
+            itemgetter(*checked) if len(checked) > 1 else lambda t, i=checked[0]: (t[i],))
 
     def __call__(self, *tensors, **dynamic) -> None:
         c = self.compiled
         if c is not None and not dynamic:
-            if _alignment(tensors) == self.aligned and _no_hooks() \
+            if _alignment(tensors if self.checked is None else self.checked(tensors)) \
+                    == self.aligned and _no_hooks() \
                     and _DEVICE_INDEX() == self.device:
                 g = self.grid
                 c.run(g[0], g[1], g[2], _RAW_STREAM(self.device),
@@ -232,7 +238,7 @@ class Launch:
         bound = sig.bind(*tensors, *self.scalars, **{n: self.consts[n] for n in params})
         bound.apply_defaults()
         self.tail = tuple(bound.arguments.values())[len(tensors):]
-        self.aligned = _alignment(tensors)
+        self.aligned = _alignment(tensors if self.checked is None else self.checked(tensors))
         self.device = _DEVICE_INDEX()
         self.compiled = compiled
 

@@ -266,10 +266,13 @@ class TritonRecurrence:
                 grid = (1,) if self.mode == "one_program" else (n,)
                 extra = dict(GRID_SYNC=False)
             consts = {**extra, **flags, **cfg}
+            # the alignment checked of each distinct tensor once (not of the placeholders
+            # repeating one, nor of the counters)
+            checked = tuple({t: i for i, t in reversed(list(enumerate(self.slots)))}.values())
             if self.mode == "steps":
-                return [Launch(kernel, grid, (*scalars, s, s + 1), consts)
+                return [Launch(kernel, grid, (*scalars, s, s + 1), consts, checked)
                         for s in range(n_steps)]
-            return Launch(kernel, grid, (*scalars, 0, n_steps), consts)
+            return Launch(kernel, grid, (*scalars, 0, n_steps), consts, checked)
 
         def trial(cfg: dict) -> None:
             self.launch = plan(cfg)

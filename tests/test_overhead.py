@@ -205,6 +205,15 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
     assert len(jit_calls) == 3
     launch(ws2, out2)
     assert len(jit_calls) == 3                            # direct again
+    # a launch told which tensors' alignment can change checks those only (the recurrences:
+    # placeholders repeat a present tensor, the counters are pydl's own)
+    launch = _plan.Launch(_probe, (7,), (3, 99), consts, checked=(1,))
+    launch.run = jit_run
+    launch(ws, out)
+    launch(ws[1:], out)                                   # not checked: direct
+    assert len(jit_calls) == 4 and Compiled.calls[-1][9].data_ptr() == ws[1:].data_ptr()
+    launch(ws, out2[1:])                                  # checked: Triton again
+    assert len(jit_calls) == 5
 
 
 def test_direct_launch_steps_aside_for_launch_hooks():
