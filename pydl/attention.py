@@ -25,6 +25,7 @@ from . import attention_hopper, attention_onepass
 from . import _tune as tune
 from ._autograd import without_double_backward
 from ._checks import check_tensor
+from ._gemm import gemm_plan_on
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba_1d,
                       new_output, next_power_of_2, numba_array, numba_stream, numba_threads,
@@ -467,23 +468,46 @@ def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale):
 def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
                          is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """(output, attention weights P)."""
-    from ._gemm import gemm
+    key = _key("naive_fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale)
+    return _LAUNCHES.get(key, _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale)(
+        q, k, v, mask)
+
+
+def _grouped(t: Tensor, shape: tuple):
+    """(t as `shape`, whether that is a view of t): the grouped-query rows of q or dO, which
+    a plan then views the same way every call (or reshapes into a copy, which is
+    contiguous)."""
+    g = t.reshape(shape)
+    return g, g.numel() == 0 or g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
+def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale):
+    """run(q, k, v, mask) -> (o, P) of algo="naive" for this signature: scores = q k^T *
+    scale (fp32), P = the masked softmax, o = P v; GQA as (B, Hkv, G * L, .) rows."""
     from .kernels.triton import attention as kt
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    G = H // HKV
-    qg = q.reshape(B, HKV, G * L, E)
-    scores = new_output((B, HKV, G * L, S), torch.float32, q.device)
-    gemm(qg, k, scores, trans_b=True, alpha=scale)
+    rows = (B, HKV, H // HKV * L)
+    qg, q_view = _grouped(q, (*rows, E))
+    new_scores = output_maker((*rows, S), torch.float32, q.device)
+    new_p = output_maker((B, H, L, S), q.dtype, q.device)
+    new_o = output_maker((*rows, EV), q.dtype, q.device)
+    scores, p, o = fresh(new_scores), fresh(new_p), fresh(new_o)
+    scores_gemm = gemm_plan_on((q if q_view else qg, k, scores, None, None), qg, k, scores,
+                               trans_b=True, alpha=scale)
     sc = scores.view(B, H, L, S)
-    p = new_output((B, H, L, S), q.dtype, q.device)
-    kt.attention_naive_softmax[(L, B * H)](
-        sc, mask if mask is not None else sc, p, *sc.stride(), *_strides4(mask), *p.stride(),
-        H, L, S, IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-        BLOCK_N=dot_block(S, 1024))
-    o = new_output((B, HKV, G * L, EV), q.dtype, q.device)
-    gemm(p.view(B, HKV, G * L, S), v, o)
-    return o.view(B, H, L, EV), p
+    softmax = Launch(kt.attention_naive_softmax, (L, B * H),
+                     (*sc.stride(), *_strides4(mask), *p.stride(), H, L, S),
+                     dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, BLOCK_N=dot_block(S, 1024)))
+    pv_gemm = gemm_plan_on((p, v, o, None, None), p.view(*rows, S), v, o)
+
+    def run(q, k, v, mask):
+        scores, p, o = fresh(new_scores), fresh(new_p), fresh(new_o)
+        scores_gemm(q if q_view else q.reshape(*rows, E), k, scores, None, None)
+        softmax(scores, scores if mask is None else mask, p)
+        pv_gemm(p, v, o, None, None)
+        return o.view(B, H, L, EV), p
+    return run
 
 
 @kernel_op("attention_naive_bwd", lambda q, k, v, p, do, mask, scale, mask_grad: (
@@ -492,29 +516,48 @@ def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
                          mask: Optional[Tensor], scale: float,
                          mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty)."""
-    from ._gemm import gemm
+    key = _key("naive_bwd", q, k, v, p, do, scale=scale)
+    dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, p, do, scale)(q, k, v, p, do)
+    dmask = ds.view(p.shape).to(mask.dtype) if mask_grad else torch.empty(0, device=q.device)
+    return dq, dk, dv, dmask
+
+
+def _plan_naive_bwd(q, k, v, p, do, scale):
+    """run(q, k, v, P, dO) -> (dq, dk, dv, dS) of algo="naive" for this signature: dV = P^T
+    dO, dP = dO V^T (fp32), dS = P * (dP - rowsum(dP * P)) (the softmax backward kernel over
+    rows of length S), dQ = dS K * scale, dK = dS^T Q * scale; GQA as in the forward, so dK
+    and dV sum over each K/V head's group inside their GEMMs."""
     from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
     B, H, L, S = p.shape
     HKV, E, EV = k.shape[1], q.shape[3], v.shape[3]
-    GL = H // HKV * L
-    qg = q.reshape(B, HKV, GL, E)
-    pg = p.view(B, HKV, GL, S)
-    dog = do.reshape(B, HKV, GL, EV)
-    dv = new_output(v.shape, v.dtype, v.device)
-    gemm(pg, dog, dv, trans_a=True)
-    dp = new_output((B, HKV, GL, S), torch.float32, p.device)
-    gemm(dog, v, dp, trans_b=True)
-    # dS = P * (dP - rowsum(dP * P)): the softmax backward kernel, rows of length S
-    ds = new_output((B * H * L, S, 1), q.dtype, p.device)
-    ROW_LAUNCHERS["triton"].softmax_bwd(p.reshape(B * H * L, S, 1), dp.view(B * H * L, S, 1),
-                                        ds, False)
-    dsg = ds.view(B, HKV, GL, S)
-    dq = new_output((B, HKV, GL, E), q.dtype, q.device)
-    gemm(dsg, k, dq, alpha=scale)
-    dk = new_output(k.shape, k.dtype, k.device)
-    gemm(dsg, qg, dk, trans_a=True, alpha=scale)
-    dmask = ds.view(B, H, L, S).to(mask.dtype) if mask_grad else torch.empty(0, device=q.device)
-    return dq.view(B, H, L, E), dk, dv, dmask
+    rows = (B, HKV, H // HKV * L)
+    qg, q_view = _grouped(q, (*rows, E))
+    dog, do_view = _grouped(do, (*rows, EV))
+    dev = q.device
+    new_dv, new_dk = output_maker(v.shape, v.dtype, dev), output_maker(k.shape, k.dtype, dev)
+    new_dp = output_maker((*rows, S), torch.float32, dev)
+    new_ds = output_maker((B * H * L, S, 1), q.dtype, dev)
+    new_dq = output_maker((*rows, E), q.dtype, dev)
+    dv, dk, dp, ds, dq = (fresh(m) for m in (new_dv, new_dk, new_dp, new_ds, new_dq))
+    q0, do0 = q if q_view else qg, do if do_view else dog
+    dsg = ds.view(*rows, S)
+    dv_gemm = gemm_plan_on((p, do0, dv, None, None), p.view(*rows, S), dog, dv, trans_a=True)
+    dp_gemm = gemm_plan_on((do0, v, dp, None, None), dog, v, dp, trans_b=True)
+    softmax = ROW_LAUNCHERS["triton"].plan_softmax_bwd(p.view(B * H * L, S, 1),
+                                                       dp.view(B * H * L, S, 1), ds, False)
+    dq_gemm = gemm_plan_on((ds, k, dq, None, None), dsg, k, dq, alpha=scale)
+    dk_gemm = gemm_plan_on((ds, q0, dk, None, None), dsg, qg, dk, trans_a=True, alpha=scale)
+
+    def run(q, k, v, p, do):
+        dv, dk, dp, ds, dq = (fresh(m) for m in (new_dv, new_dk, new_dp, new_ds, new_dq))
+        do = do if do_view else do.reshape(*rows, EV)
+        dv_gemm(p, do, dv, None, None)
+        dp_gemm(do, v, dp, None, None)
+        softmax(p, dp, ds)
+        dq_gemm(ds, k, dq, None, None)
+        dk_gemm(ds, q if q_view else q.reshape(*rows, E), dk, None, None)
+        return dq.view(B, H, L, E), dk, dv, ds
+    return run
 
 
 class NaiveAttentionFunction(torch.autograd.Function):
@@ -532,10 +575,15 @@ class NaiveAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, p, mask)
         ctx.scale = scale
         ctx.mark_non_differentiable(p)
+        # the weights' gradient stays None: materialised, it would be a (B, H, L, S) tensor of
+        # zeros made by the engine every backward
+        ctx.set_materialize_grads(False)
         return o, p
 
     @staticmethod
     def backward(ctx, do, _dweights):
+        if do is None:                   # only reached through the weights: nothing flows
+            return None, None, None, None, None, None, None
         if torch.is_grad_enabled():      # create_graph: no double backward, say so
             return without_double_backward("scaled_dot_product_attention",
                                            NaiveAttentionFunction.backward, ctx, do, _dweights)
@@ -673,7 +721,7 @@ class _AttentionCall(AttentionKernels):
     other input of those. A mask that needs no gradient goes to the kernels as it is, read
     through the strides of its broadcast view."""
 
-    __slots__ = ("impl", "algo", "views", "mask_shape", "out_shape", "planned", "fp32",
+    __slots__ = ("name", "impl", "algo", "views", "mask_shape", "out_shape", "planned", "fp32",
                  "no_rows", "new_o", "new_lse", "new_dq", "new_dk", "new_dv", "new_dmask",
                  "fwd", "bwd")
 
@@ -681,6 +729,7 @@ class _AttentionCall(AttentionKernels):
                  backend, algo):
         name, self.impl, q, k, v, mask, mask_kind, scale = _prepare(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+        self.name = name
         self.algo = resolve_algo("scaled_dot_product_attention", name, algo)
         super().__init__(mask_kind, bool(is_causal), scale, float(dropout_p),
                          VARIANT_LAUNCHERS.get(self.algo, name))
@@ -716,15 +765,45 @@ class _AttentionCall(AttentionKernels):
                                             (mask is not None and mask.requires_grad)):
                 return apply(AttentionFunction, query, key, value, mask, self)
             return self.forward(query, key, value, mask)[0]
+        q, k, v, mask = self._views(query, key, value, attn_mask)
+        out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale,
+                        self.dropout_p, self.algo)
+        return out if self.out_shape is None else out.view(self.out_shape)
+
+    def _views(self, query, key, value, attn_mask):
+        """q, k, v as (B, H, L, E) views and the mask as its (B, Hq, L, S) broadcast view."""
         q, k, v = query, key, value
         if self.views is not None:
             q, k, v = query.view(self.views[0]), key.view(self.views[1]), value.view(self.views[2])
         mask = None
         if self.mask_shape is not None:
             mask = _as4d(attn_mask).expand(self.mask_shape)   # stride 0 on broadcast dims
-        out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale,
-                        self.dropout_p, self.algo)
-        return out if self.out_shape is None else out.view(self.out_shape)
+        return q, k, v, mask
+
+    def with_weights(self, query, key, value, attn_mask):
+        """(output, attention weights (B, Hq, L, S)) for attention_with_weights: the triton
+        backend's naive kernels (its launches planned per signature), torch's ops on the
+        torch backend."""
+        q, k, v, mask = self._views(query, key, value, attn_mask)
+        if self.name == "triton":
+            out, weights = apply(NaiveAttentionFunction, q, k, v, mask, self.mask_kind,
+                                 self.is_causal, self.scale)
+        elif self.name == "torch":
+            G = q.shape[1] // k.shape[1]
+            kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+            s = (q @ kk.transpose(-1, -2)) * self.scale
+            if self.is_causal:
+                s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool,
+                                              device=s.device).tril(), float("-inf"))
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+            weights = torch.softmax(s, -1).nan_to_num(0.0)
+            out = weights @ vv
+        else:
+            raise NotImplementedError(f"attention weights need a materialising kernel, which "
+                                      f"the {self.name!r} backend does not have; use "
+                                      f"backend='triton'")
+        return out if self.out_shape is None else out.view(self.out_shape), weights
 
     # the plan (eager, triton flash, 4-D): AttentionKernels' steps with fixed arguments
 
@@ -802,25 +881,10 @@ def attention_with_weights(query, key, value, attn_mask=None, is_causal=False, s
     """(output, attention weights (B, Hq, L, S)) without dropout, for callers that need the
     weights (nn.MultiheadAttention's need_weights=True): the triton backend's naive variant,
     or torch's own ops on the "torch" backend."""
-    name, impl, q, k, v, mask, mask_kind, scale = _prepare(
-        query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa, backend)
-    if name == "triton":
-        out, weights = NaiveAttentionFunction.apply(q, k, v, mask, mask_kind, bool(is_causal), scale)
-    elif name == "torch":
-        G = q.shape[1] // k.shape[1]
-        kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-        s = (q @ kk.transpose(-1, -2)) * scale
-        if is_causal:
-            s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(),
-                              float("-inf"))
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-        weights = torch.softmax(s, -1).nan_to_num(0.0)
-        out = weights @ vv
-    else:
-        raise NotImplementedError(f"attention weights need a materialising kernel, which the "
-                                  f"{name!r} backend does not have; use backend='triton'")
-    return out.reshape(query.shape[:-2] + out.shape[-2:]), weights
+    query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
+    call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, 0.0,
+                       bool(is_causal), scale, enable_gqa, backend, None)
+    return call.with_weights(query, key, value, attn_mask)
 
 
 __all__ = ["scaled_dot_product_attention", "attention_with_weights", "AttentionFunction",

@@ -222,16 +222,21 @@ def test_cross_entropy_layouts_do_not_share_a_plan(reduction):
 
 # --- attention ------------------------------------------------------------------------------
 
-def test_attention_layouts_do_not_share_a_plan():
+@pytest.mark.parametrize("algo", ["flash", "naive"])
+def test_attention_layouts_do_not_share_a_plan(algo):
     """q, k, v contiguous and as (B, L, H, E) transposed; a bool mask, a float mask
-    broadcast from (L, S) and one of full shape; the cotangent contiguous and transposed."""
+    broadcast from (L, S) and one of full shape; the cotangent contiguous and transposed;
+    grouped-query K/V heads with q and the cotangent contiguous or transposed (the naive
+    variant's (B, Hkv, G * L, E) rows: a view of each, or a copy)."""
     B, H, L, S, E = 1, 2, 5, 6, 8
     q, k, v = _randn(B, H, L, E), _randn(B, H, S, E), _randn(B, H, S, E)
     qt, kt, vt = _randn(B, L, H, E), _randn(B, S, H, E), _randn(B, S, H, E)
+    q4, q4t, k1, v1 = _randn(B, 4, L, E), _randn(B, L, 4, E), _randn(B, 1, S, E), _randn(B, 1, S, E)
     float_mask, full_mask = _randn(L, S), _randn(B, H, L, S)
     bool_mask = torch.rand(L, S, device=DEVICE) > 0.3
     bool_mask[:, 0] = True
     plain, transposed = _cotangent((B, H, L, E)), _cotangent((B, H, L, E), (0, 2, 1, 3))
+    plain4, transposed4 = _cotangent((B, 4, L, E)), _cotangent((B, 4, L, E), (0, 2, 1, 3))
     t = lambda a: a.transpose(1, 2)  # noqa: E731
     layouts = [
         ((q, k, v), lambda q, k, v: (q, k, v, None), plain),
@@ -243,10 +248,14 @@ def test_attention_layouts_do_not_share_a_plan():
         ((q, k, v), lambda q, k, v: (q, k, v, full_mask.transpose(2, 3).contiguous()
                                      .transpose(2, 3)), plain),
         ((q, k, v, float_mask), lambda q, k, v, m: (q, k, v, m), plain),   # mask gradient
+        ((q4, k1, v1), lambda q, k, v: (q, k, v, None), plain4),
+        ((q4t, k1, v1), lambda q, k, v: (t(q), k, v, None), transposed4),
+        ((q4, k1, v1), lambda q, k, v: (q, k, v, None), plain4),
         ((q, k, v), lambda q, k, v: (q, k, v, None), plain),
     ]
     _check_layouts(lambda q, k, v, m, backend: pydl.scaled_dot_product_attention(
-        q, k, v, attn_mask=m, backend=backend), layouts)
+        q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1], backend=backend,
+        algo=algo if backend == "triton" else None), layouts)
 
 
 def test_attention_dtype_does_not_share_a_plan():
