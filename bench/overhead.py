@@ -46,8 +46,9 @@ from pathlib import Path
 # Inputs larger than this are shrunk along their first dimension for the CPU measurement:
 # host cost does not depend on the size, CPU allocation of huge outputs does.
 CPU_MAX_INPUT_BYTES = 16 * 2**20
-# The case measured per op on a CPU: a representative quick case (the first when absent).
-CPU_CASES = {"conv2d": "l1-3x3-64", "max_pool2d": "vgg-28", "avg_pool2d": "densenet-14",
+# The cases measured per op: representative quick cases (the first when absent). conv2d: a
+# 3x3 layer (the implicit-GEMM kernel) and a 1x1 one (the shared GEMM), most of ResNet-50's.
+CPU_CASES = {"conv2d": ("l1-3x3-64", "l1-1x1-64-256"), "max_pool2d": "vgg-28", "avg_pool2d": "densenet-14",
              "attention": "d128-1k", "lstm": "h1024-b32-t25", "gru": "h1536-b32-t187",
              "lstm_cell": "h1024-b32", "gru_cell": "h1024-b32"}
 
@@ -194,12 +195,17 @@ def median_us(fn, calls: int, warmup: int = 10, clock=time.perf_counter_ns) -> f
 
 # --- the cases ------------------------------------------------------------------------------
 
+def _names(op: str) -> tuple:
+    names = CPU_CASES.get(op, (None,))
+    return (names,) if isinstance(names, str) else names
+
+
 def _case(suite, shapes: str, gpu: bool, name: str | None = None):
     """The case measured (`name`, else the op's CPU_CASES one, else its first), shrunk for a
     CPU."""
     import torch
     cases = suite.cases(shapes)
-    name = name or CPU_CASES.get(suite.op)
+    name = name or _names(suite.op)[0]
     case = next((c for c in cases if c.name == name), cases[0])
     if gpu:
         return case
@@ -440,16 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     if not gpu:
         stack.enter_context(stubbed_launches())   # also for the first call in prepare()
     for suite in select(args.ops):
-        case = _case(suite, args.shapes, gpu)
-        for v in suite.variants():
-            if v.fn is None or v.skip or not variant_selected(v.name, args.variants):
-                continue
-            if v.gpu_only and not gpu or suite.unsupported(case, case.dtype, v):
-                continue
-            try:
-                prepared.append(prepare(suite, v, case, device))
-            except (ValueError, NotImplementedError) as exc:   # e.g. an algo's size limit
-                print(f"skipped {suite.op} {case.name} {v.name}: {exc}")
+        for name in _names(suite.op):
+            case = _case(suite, args.shapes, gpu, name)
+            for v in suite.variants():
+                if v.fn is None or v.skip or not variant_selected(v.name, args.variants):
+                    continue
+                if v.gpu_only and not gpu or suite.unsupported(case, case.dtype, v):
+                    continue
+                try:
+                    prepared.append(prepare(suite, v, case, device))
+                except (ValueError, NotImplementedError) as exc:   # e.g. an algo's size limit
+                    print(f"skipped {suite.op} {case.name} {v.name}: {exc}")
     ref_us = torch_reference_us(device, args.calls)
     with stack:
         rows = measure_gpu(prepared, args.calls) if gpu else measure_cpu(prepared, args.calls,
