@@ -193,9 +193,12 @@ case $mode in
         # default configs (PYDL_TUNE=0): the max-pool NCHW backward (1.9 ms for ~0.5 GB), the
         # stem's grad input (3.0 ms), the GRU backward recurrence (98 us a step at hidden
         # 2560) and the softmax backward (53% of copy where the forward reaches 97%, and
-        # not issue-bound: 0.41 warp-instructions an element); about three minutes
+        # not issue-bound: 0.41 warp-instructions an element), and the shared GEMM of a 1x1
+        # layer at 64 channels (one K step; 0.072 ms for ~40 MB: the first launch of the
+        # backward run is its forward's); about four minutes
         for spec in "max_pool2d_bwd_planar max_pool2d r50-stem-nchw triton" \
                     "conv2d_implicit_bwd_input conv2d stem triton-implicit" \
+                    "gemm_kernel conv2d l1-1x1-64-256 triton-implicit" \
                     "gru_layer_bwd gru h2560-b32-t187 triton-persistent" \
                     "softmax_bwd softmax attn-2k triton"; do
             set -- $spec

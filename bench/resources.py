@@ -278,6 +278,7 @@ PROBLEMS = (
     ("conv", "l1-3x3-64 n32", _conv_resnet_l1),
     ("conv", "l1-3x3-64 bench", _conv_layer(64, 64, 3, 1, 56)),
     ("conv", "l3-1x1-1024-256", _conv_layer(1024, 256, 1, 1, 14)),
+    ("conv", "l1-1x1-64-256", _conv_layer(64, 256, 1, 1, 56)),      # one K step (K = 64)
     ("conv", "stem 7x7/2", _conv_layer(3, 64, 7, 2, 224, x_grad=False)),
     ("conv", "stem 7x7/2 +dx", _conv_layer(3, 64, 7, 2, 224)),
     ("conv", "l2-3x3s2-128", _conv_layer(128, 128, 3, 2, 56)),

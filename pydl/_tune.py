@@ -83,13 +83,17 @@ GEMM_SPACE = (
 def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
                     extra: dict | None = None) -> list[dict]:
     """The launcher's default followed by GEMM_SPACE clipped to an (m x k) @ (k x n) problem:
-    no block larger than its extent needs, 4 warps for tiles of at most 64 x 64."""
+    no block larger than its extent needs, 4 warps for tiles of at most 64 x 64. A tile whose
+    K block covers all of k (one step: a 1x1 convolution over 64 channels) is also tried at
+    one stage: nothing to prefetch, a third of the shared memory, more programs an SM."""
     out = [default]
     for bm, bn, bk, warps, stages in GEMM_SPACE:
         bm, bn = dot_block(m, bm), dot_block(n, bn)
         bk = dot_block(k, bk if itemsize <= 2 else bk // 2)
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **(extra or {}),
                         num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
+        if k <= bk:
+            out.append(dict(out[-1], num_stages=1))
     return unique(out)
 
 
