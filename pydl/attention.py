@@ -714,9 +714,10 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 class _AttentionCall(AttentionKernels):
     """scaled_dot_product_attention for one call signature (pydl._plan), checked once: the
     implementation, the algorithm, the scale, the mask's kind and the 4-D views' shapes. For
-    4-D inputs on the triton backend's flash algorithm in eager mode it is also the
-    signature's plan: AttentionFunction runs its methods, which allocate with arguments fixed
-    here and launch what the first call built (the forward's per 16-byte alignment of the
+    4-D inputs on the triton backend in eager mode (every algo but "naive", whose Function
+    plans its own steps) it is also the signature's plan: AttentionFunction runs its methods,
+    which allocate with arguments fixed here and launch what the algo's launcher
+    (LAUNCHERS) built on the first call (the forward's per 16-byte alignment of the
     tensors, the backward's per strides of the upstream gradient); the call's key fixes every
     other input of those. A mask that needs no gradient goes to the kernels as it is, read
     through the strides of its broadcast view."""
@@ -737,7 +738,7 @@ class _AttentionCall(AttentionKernels):
         self.mask_shape = None if mask is None else mask.shape
         self.out_shape = None if query.dim() == 4 else query.shape[:-2] + (q.shape[2],
                                                                            v.shape[3])
-        self.planned = (self.impl is _KERNEL_IMPLS["triton"] and self.algo == "flash"
+        self.planned = (self.impl is _KERNEL_IMPLS["triton"] and self.algo != "naive"
                         and self.views is None
                         and not torch.compiler.is_compiling()
                         and plain_tensors(query, key, value, attn_mask))
@@ -820,9 +821,9 @@ class _AttentionCall(AttentionKernels):
             aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
             run = self.fwd.get(aligned)
             if run is None:
-                run = _TritonAttention.plan_forward(q, k, v, o, lse, self._mask4(mask),
-                                                    self.mask_kind, self.is_causal,
-                                                    self.scale, self.dropout_p)
+                run = LAUNCHERS[self.backend].plan_forward(q, k, v, o, lse, self._mask4(mask),
+                                                           self.mask_kind, self.is_causal,
+                                                           self.scale, self.dropout_p)
                 if not capturing():
                     self.fwd[aligned] = run
             run(q, k, v, o, lse, mask, seed)
@@ -839,10 +840,10 @@ class _AttentionCall(AttentionKernels):
                                                                                mask_grad)
         run = self.bwd.get(key)
         if run is None:
-            run = _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv,
-                                                 self._mask4(mask), self.mask_kind,
-                                                 self.is_causal, self.scale, self.dropout_p,
-                                                 dmask)
+            run = LAUNCHERS[self.backend].plan_backward(q, k, v, o, lse, do, dq, dk, dv,
+                                                        self._mask4(mask), self.mask_kind,
+                                                        self.is_causal, self.scale,
+                                                        self.dropout_p, dmask)
             if not capturing():
                 self.bwd[key] = run
         run(q, k, v, o, lse, do, dq, dk, dv, mask, int(seed) if self.dropout_p > 0 else 0, dmask)

@@ -84,28 +84,50 @@ def _hopper_config(q, k, is_causal: bool, launch) -> dict:
 
 class HopperAttention:
     """The launcher methods pydl/attention.py's autograd Function calls (same signatures as
-    its _TritonAttention): the Gluon forward, the Triton flash backward."""
+    its _TritonAttention, plans included): the Gluon forward, the Triton flash backward."""
 
     @staticmethod
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        HopperAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
+                                     dropout_p)(q, k, v, o, lse, mask, seed)
+
+    @staticmethod
+    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+        """run(q, k, v, o, lse, mask, seed) for tensors of these shapes and strides: the
+        checks and the tile chosen once; per call only the base alignment TMA needs (the
+        strides are the plan's). The launch goes through Triton's own path (JITFunction.run):
+        pydl._plan.Launch's direct call is not used for a Gluon kernel, which no emulated
+        test can run."""
         from .kernels.triton import attention_gluon as kg
         check(q, k, v, mask, dropout_p, scale)
         B, H, L, E = q.shape
         HKV, S = k.shape[1], k.shape[2]
         if o.numel() == 0:
-            return
+            return lambda *tensors: None
         _launch.ensure_triton_allocator()          # the kernel builds its TMA descriptors
-        qk_scale = scale * 1.4426950408889634      # exp2 units
+        scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], H, L, S,
+                   H // HKV, scale * 1.4426950408889634)    # the scale in exp2 units
+        grid = (_launch.cdiv(L, ROWS_PER_PROGRAM), B * H)
 
-        def launch(cfg):
-            kg.attention_fwd_hopper[(_launch.cdiv(L, ROWS_PER_PROGRAM), B * H)](
-                q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                *o.stride()[:3], H, L, S, H // HKV, qk_scale, IS_CAUSAL=is_causal, HEAD_D=E,
-                **cfg)
+        def launch(cfg, q=q, k=k, v=v, o=o, lse=lse):
+            kg.attention_fwd_hopper[grid](q, k, v, o, lse, *scalars, IS_CAUSAL=is_causal,
+                                          HEAD_D=E, **cfg)
 
-        launch(_hopper_config(q, k, is_causal, launch))
+        cfg = _hopper_config(q, k, is_causal, launch)
+
+        def run(q, k, v, o, lse, mask, seed):
+            if (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
+                check(q, k, v, mask, dropout_p, scale)     # raises: not TMA-addressable
+            _launch.ensure_triton_allocator()      # per thread: a ContextVar
+            launch(cfg, q, k, v, o, lse)
+        return run
 
     @staticmethod
     def backward(*args):
         from .attention import _TritonAttention
         _TritonAttention.backward(*args)
+
+    @staticmethod
+    def plan_backward(*args):
+        from .attention import _TritonAttention
+        return _TritonAttention.plan_backward(*args)

@@ -12,7 +12,8 @@ import torch
 
 from . import _env
 from . import _tune as tune
-from ._launch import cdiv, dot_block, input_precision, next_power_of_2
+from ._launch import cdiv, dot_block, fresh, input_precision, next_power_of_2, output_maker
+from ._plan import Launch
 
 LAUNCHER = "triton:flash_onepass"     # key of pydl.attention.LAUNCHERS for this algo
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): one program owns BLOCK_N keys (the rows of four
@@ -53,35 +54,69 @@ def _onepass_config(q, k, v, is_causal: bool, launch, dq_acc) -> dict:
 
 class OnePassAttention:
     """The launcher methods pydl/attention.py's autograd Function calls (same signatures as
-    its _TritonAttention): the flash forward, the single-pass backward."""
+    its _TritonAttention, plans included): the flash forward, the single-pass backward."""
 
     @staticmethod
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        OnePassAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
+                                      dropout_p)(q, k, v, o, lse, mask, seed)
+
+    @staticmethod
+    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
         from .attention import _TritonAttention
         check(mask, dropout_p)
-        _TritonAttention.forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
-                                 seed)
+        return _TritonAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
+                                             dropout_p)
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p,
                  seed, dmask=None):
-        from .attention import backward_delta
-        from .kernels.triton import attention_onepass as k1
+        OnePassAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind,
+                                       is_causal, scale, dropout_p, dmask)(
+            q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
+
+    @staticmethod
+    def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                      dropout_p, dmask):
+        """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) for tensors of these
+        shapes and strides: the delta, the single pass into a zeroed fp32 dQ, its
+        conversion."""
+        from .attention import _LAUNCHES, _key
         check(mask, dropout_p)
-        B, H, L, E = q.shape
-        HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        delta = backward_delta(o, do)
-        dq_acc = torch.zeros((B * H, L, E), dtype=torch.float32, device=q.device)
+        key = _key("bwd_onepass", q, k, v, o, do, dq, dk, dv, causal=is_causal, scale=scale)
+        return _LAUNCHES.get(key, _backward_run, q, k, v, o, lse, do, dq, dk, dv, is_causal,
+                             scale)
 
-        def launch(cfg):
-            k1.attention_bwd_onepass[(cdiv(S, cfg["BLOCK_N"]), B * HKV)](
-                q, k, v, do, lse, delta, dk, dv, dq_acc,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                H, HKV, L, S, E, EV, H // HKV, scale, IS_CAUSAL=is_causal,
-                INPUT_PRECISION=input_precision(q.dtype), **cfg)
 
-        launch(_onepass_config(q, k, v, is_causal, launch, dq_acc))
-        block_m = 16 if _env.INTERPRET else 64
-        k1.attention_dq_convert[(cdiv(L, block_m), B * H)](
-            dq_acc, dq, *dq.stride(), H, L, E, BLOCK_M=block_m,
-            BLOCK_D=max(16, next_power_of_2(E)))
+def _backward_run(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float):
+    from .attention import _LAUNCHES, _key, _plan_delta
+    from .kernels.triton import attention_onepass as k1
+    B, H, L, E = q.shape
+    HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    new_delta = output_maker((B * H, L), torch.float32, q.device)
+    delta = fresh(new_delta)
+    pre = _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)
+    pre(o, do, delta)                   # the tuner's trials then run on the real rows
+    acc_shape = (B * H, L, E)
+    dq_acc = torch.zeros(acc_shape, dtype=torch.float32, device=q.device)
+    scalars = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+               H, HKV, L, S, E, EV, H // HKV, scale)
+    consts = dict(IS_CAUSAL=is_causal, INPUT_PRECISION=input_precision(q.dtype))
+
+    def launch(cfg):
+        return Launch(k1.attention_bwd_onepass, (cdiv(S, cfg["BLOCK_N"]), B * HKV), scalars,
+                      {**consts, **cfg})
+
+    main = launch(_onepass_config(q, k, v, is_causal, lambda c: launch(c)(
+        q, k, v, do, lse, delta, dk, dv, dq_acc), dq_acc))
+    block_m = 16 if _env.INTERPRET else 64
+    convert = Launch(k1.attention_dq_convert, (cdiv(L, block_m), B * H), (*dq.stride(), H, L, E),
+                     dict(BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(E))))
+
+    def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
+        delta = fresh(new_delta)
+        pre(o, do, delta)
+        dq_acc = torch.zeros(acc_shape, dtype=torch.float32, device=q.device)
+        main(q, k, v, do, lse, delta, dk, dv, dq_acc)
+        convert(dq_acc, dq)
+    return run
