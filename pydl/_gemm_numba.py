@@ -1,10 +1,11 @@
 """Launcher of the Numba tiled GEMM (kernels/numba/gemm.py), for any op that needs a matmul.
 
-`gemm(a, b, out, ...)` takes torch views, so transposes, permutes and broadcast batch axes
-are free: out[b1, b2] = a[b1, b2] @ b[b1, b2] (+ c_in) (+ bias), all 4-D; see the kernel
-module for the batch rules (size-1 axes broadcast; out's second axis of size 1 sums over the
-operands'). Accumulation is fp32 whatever the dtypes, which may differ per array (an fp32
-workspace fed by fp16 operands, say).
+`gemm(a, b, out, ...)` has pydl/_gemm.py's signature (one GEMM front door for both
+backends) and takes torch views, so transposes, permutes and broadcast batch axes are free:
+out[b1, b2] = op(a)[b1, b2] @ op(b)[b1, b2] (+ addend) (+ bias); see the kernel module for
+the batch rules (size-1 axes broadcast; with 4-D operands, out's second axis of size 1 sums
+over the operands'). Accumulation is fp32 whatever the dtypes, which may differ per array (an
+fp32 workspace fed by fp16 operands, say).
 """
 from __future__ import annotations
 
@@ -35,15 +36,45 @@ def tile() -> tuple[int, int]:
     return (SIM_TILE, SIM_MICRO) if _env.INTERPRET else (TILE, MICRO)
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
-         c_in: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
-    """out[b1, b2] = a[b1, b2] @ b[b1, b2] (+ c_in[b1, b2]) (+ bias[b1] added to every row).
+def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
+         trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
+         accumulate: bool = False, addend: torch.Tensor | None = None,
+         input_precision: str | None = None) -> torch.Tensor:
+    """out = op(a) @ op(b) (+ bias) (+ out if accumulate, or + addend); returns out. The
+    arguments of pydl/_gemm.py's gemm, with Numba's own limits and one more rule:
 
-    a: (B1 or 1, B2 or 1, M, K), b: (B1 or 1, B2 or 1, K, N), out and c_in: (B1, B2c, M, N)
-    with B2c = B2, or B2c = 1 to sum over the operands' B2 axis; bias: (B1 or 1, N) or (N,).
-    Any strides (size-1 axes broadcast), float32 / float16 / bfloat16 each, accumulated in
-    fp32 and rounded once into out. c_in may be `out` itself.
+    a, b, out: matrices with up to two leading batch axes (op(a) = a^T under trans_a, a view);
+    fewer than two are taken as size-1 batch axes. Batch axes of size 1 broadcast; with a, b
+    of batch (B1, B2) an out of batch (B1, 1) sums the B2 products (a reduction axis).
+    bias: (N,) or (B1, N), added to every row; addend: out's shape (any dtype; may be out).
+    alpha: 1 only (the kernel has no scale). input_precision: accepted for the signature;
+    fp32 operands are multiplied in fp32 exactly (no TF32 on CUDA cores).
+    The dtypes may differ per array; accumulation is fp32, rounded once into out.
     """
+    if alpha != 1.0:
+        raise NotImplementedError(f"gemm: the numba GEMM has no alpha (got {alpha}); scale an "
+                                  f"operand or use pydl._gemm.gemm")
+    if accumulate:
+        if addend is not None:
+            raise ValueError("gemm: give accumulate=True or addend=, not both")
+        addend = out
+    if min(a.dim(), b.dim(), out.dim()) < 2 or max(a.dim(), b.dim(), out.dim()) > 4:
+        raise ValueError(f"gemm: needs matrices with at most two batch dims, got "
+                         f"{tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)}")
+    a = _as4d(a.transpose(-1, -2) if trans_a else a)
+    b = _as4d(b.transpose(-1, -2) if trans_b else b)
+    _launch(a, b, _as4d(out), None if addend is None else _as4d(addend), bias)
+    return out
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _launch(a, b, out, addend, bias) -> None:
+    """The kernel on 4-D a, b, out and addend."""
     from .kernels.numba import gemm as k
     B1, B2c, M, N = out.shape
     if a.dim() != 4 or b.dim() != 4 or a.shape[2] != M or b.shape[3] != N \
@@ -54,8 +85,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
             or B2c not in (1, B2):
         raise ValueError(f"gemm: batch axes of {tuple(a.shape)} @ {tuple(b.shape)} do not "
                          f"broadcast to {tuple(out.shape)}")
-    if c_in is not None and c_in.shape != out.shape:
-        raise ValueError(f"gemm: c_in {tuple(c_in.shape)} != out {tuple(out.shape)}")
+    if addend is not None and addend.shape != out.shape:
+        raise ValueError(f"gemm: addend {tuple(addend.shape)} != out {tuple(out.shape)}")
     if out.numel() == 0:
         return
     bias_mode = k.BIAS_NONE
@@ -70,7 +101,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         # out's contiguous rows (transposed views cost nothing).
         a, b = b.transpose(2, 3), a.transpose(2, 3)
         out = out.transpose(2, 3)
-        c_in = None if c_in is None else c_in.transpose(2, 3)
+        addend = None if addend is None else addend.transpose(2, 3)
         if bias is not None:
             bias_mode = k.BIAS_ROWS
         M, N = N, M
@@ -80,9 +111,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
         grid = (1, 1, 1)  # one block loops over every tile: starting simulated blocks is slow
     kernel = k.gemm_kernel(T, R, trim=_env.INTERPRET and SIM_TRIM)
     code = k.dtype_code
-    c_in_ = c_in if c_in is not None else out     # placeholders the kernel does not read
+    addend_ = addend if addend is not None else out     # placeholders the kernel does not read
     bias_ = bias if bias is not None else out
-    launch_numba(kernel, grid, (T // R, T // R), out.device, a, b, c_in_, out, bias_,
-                 c_in is not None, bias_mode, a.stride(3) <= a.stride(2),
-                 b.stride(3) <= b.stride(2), code(a.dtype), code(b.dtype), code(c_in_.dtype),
+    launch_numba(kernel, grid, (T // R, T // R), out.device, a, b, addend_, out, bias_,
+                 addend is not None, bias_mode, a.stride(3) <= a.stride(2),
+                 b.stride(3) <= b.stride(2), code(a.dtype), code(b.dtype), code(addend_.dtype),
                  code(out.dtype), code(bias_.dtype))

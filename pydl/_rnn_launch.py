@@ -24,7 +24,7 @@ strides) and the constexprs - and then called with its tensors alone:
 
     recurrence   `TritonRNN.recurrence` / `NumbaRNN.recurrence`: one direction's steps,
                  rec(*tensors), None for an absent tensor (its flag is off)
-    gemm_plan    a product of 2-D matrices or 3-D sequences, plan(a, b, out, bias, c_in)
+    gemm_plan    a product of 2-D matrices or 3-D sequences, plan(a, b, out, bias, addend)
     bias_grad_plan, mul_plan
 
 A plan is called with tensors of the shapes and strides it was built from; only the pointers
@@ -155,8 +155,8 @@ def step_tiles(B: int, H: int, sms: int, min_units: int, max_units: int, max_row
     return bb, bh
 
 
-def merge_steps(a, b, out, c_in, trans_a: bool, trans_b: bool):
-    """(a, b, out, c_in) of a layer's GEMM with the time axis merged into the rows where the
+def merge_steps(a, b, out, addend, trans_a: bool, trans_b: bool):
+    """(a, b, out, addend) of a layer's GEMM with the time axis merged into the rows where the
     strides allow (every sequence buffer here, and a bidirectional output's half; not a
     batch_first input): a sum over T of a_t^T @ b_t becomes one product K = T*B deep, a
     product per step against one matrix one over T*B rows. One long K loop the compiler
@@ -168,11 +168,11 @@ def merge_steps(a, b, out, c_in, trans_a: bool, trans_b: bool):
     def flat(t):
         return t.as_strided((t.shape[0] * t.shape[1], t.shape[2]), (t.stride(1), t.stride(2)))
     if out.dim() == 2 and trans_a and not trans_b and rows(a) and rows(b):
-        return flat(a), flat(b), out, c_in
+        return flat(a), flat(b), out, addend
     if (out.dim() == 3 and b.dim() == 2 and not trans_a and rows(a) and rows(out)
-            and (c_in is None or rows(c_in))):
-        return flat(a), b, flat(out), None if c_in is None else flat(c_in)
-    return a, b, out, c_in
+            and (addend is None or rows(addend))):
+        return flat(a), b, flat(out), None if addend is None else flat(addend)
+    return a, b, out, addend
 
 
 def cell_input_grads(plans, x, h, w_ih, w_hh, dgi, dgh, need_x: bool, need_w_ih: bool,
@@ -515,19 +515,19 @@ class TritonRNN:
             mode, n_steps, device, inout)
 
     @classmethod
-    def gemm_plan(cls, a, b, out, bias=None, c_in=None, *, trans_a: bool = False,
+    def gemm_plan(cls, a, b, out, bias=None, addend=None, *, trans_a: bool = False,
                   trans_b: bool = False, model: torch.dtype | None = None) -> Callable:
-        """out = op(a) @ op(b) (+ bias) (+ c_in), planned: plan(a, b, out, bias, c_in) (the
+        """out = op(a) @ op(b) (+ bias) (+ addend), planned: plan(a, b, out, bias, addend) (the
         order of pydl/_gemm.py's plans).
 
         a, b: 2-D matrices or 3-D sequences (T, ., .), op(t) = t with its last two axes
-        swapped under trans_*; out and c_in: (M, N), or (T, M, N) for a product per step. A
+        swapped under trans_*; out and addend: (M, N), or (T, M, N) for a product per step. A
         2-D out over 3-D operands sums over T (a layer's weight gradients); a 2-D operand
         broadcasts over T. bias: (N,). fp32 accumulation; `model` (the layer's dtype; default
         out's) sets the precision rule."""
         model = model or out.dtype
         a4, b4, out4 = as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out)
-        c4 = as_4d(c_in) if c_in is not None else None
+        c4 = as_4d(addend) if addend is not None else None
         B2c = out4.shape[1]
         if out.numel() == 0:
             return _no_launch
@@ -535,27 +535,27 @@ class TritonRNN:
             # the library's shared GEMM (pydl/_gemm.py, one launch) covers same-dtype products
             # without a reduction over time: the input projection, and dx / dh in fp32
             from ._gemm import gemm_plan
-            return gemm_plan(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=c_in,
+            return gemm_plan(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=addend,
                              input_precision=cls.precision(a.dtype, b.dtype, model)
                              if a.dtype == F32 else "ieee")
         a4, b4, out4, c4 = (as_4d(t, tr) if t is not None else None for t, tr in zip(
-            merge_steps(a, b, out, c_in, trans_a, trans_b), (trans_a, trans_b, False, False)))
+            merge_steps(a, b, out, addend, trans_a, trans_b), (trans_a, trans_b, False, False)))
         if a.dtype != F32 and b.dtype == F32:
             # the fp32 operand goes first ("split" splits the first): out^T = b^T a^T
             if bias is not None:
                 raise ValueError("gemm: a bias needs the fp32 operand first")
             launch = cls._batched(b4.transpose(2, 3), a4.transpose(2, 3), out4.transpose(2, 3),
                                   None if c4 is None else c4.transpose(2, 3), None, model)
-            return lambda a, b, out, bias, c_in: launch(
-                b, a, out if c_in is None else c_in, out, out)
+            return lambda a, b, out, bias, addend: launch(
+                b, a, out if addend is None else addend, out, out)
         launch = cls._batched(a4, b4, out4, c4, bias, model)
-        return lambda a, b, out, bias, c_in: launch(
-            a, b, out if c_in is None else c_in, out, out if bias is None else bias)
+        return lambda a, b, out, bias, addend: launch(
+            a, b, out if addend is None else addend, out, out if bias is None else bias)
 
     @classmethod
-    def _batched(cls, a, b, out, c_in, bias, model) -> Launch:
+    def _batched(cls, a, b, out, addend, bias, model) -> Launch:
         """The Launch of kernels/triton/rnn.py gemm_batched for 4-D views (out's second batch
-        axis of size 1 sums over the operands'): tensors (a, b, c_in, out, bias)."""
+        axis of size 1 sums over the operands'): tensors (a, b, addend, out, bias)."""
         from .kernels.triton import rnn as k
         B1, B2c, M, N = out.shape
         K = a.shape[3]
@@ -574,10 +574,10 @@ class TritonRNN:
                    BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)
         grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
         scalars = (M, N, K, B1 * B2c, B2c, n_red, *batch_strides(a), *batch_strides(b),
-                   *(batch_strides(c_in) if c_in is not None else (0,) * 4), *out.stride(),
+                   *(batch_strides(addend) if addend is not None else (0,) * 4), *out.stride(),
                    *((0, bias.stride(0)) if bias is not None else (0, 0)))
         return Launch(k.gemm_batched, grid, scalars,
-                      dict(ACCUMULATE=c_in is not None, HAS_BIAS=bias is not None,
+                      dict(ACCUMULATE=addend is not None, HAS_BIAS=bias is not None,
                            PRECISION=cls.precision(a.dtype, b.dtype, model), **cfg))
 
     @staticmethod
@@ -718,18 +718,18 @@ class NumbaRNN:
                                cdiv(B, tb) * cdiv(H, tu), mode, n_steps, device)
 
     @staticmethod
-    def gemm_plan(a, b, out, bias=None, c_in=None, *, trans_a: bool = False,
+    def gemm_plan(a, b, out, bias=None, addend=None, *, trans_a: bool = False,
                   trans_b: bool = False, model=None) -> Callable:
         """As TritonRNN.gemm_plan, on pydl/_gemm_numba.py's GEMM: the 4-D views' shapes and
         strides fixed once, each call viewing its tensors so."""
         from ._gemm_numba import gemm
         (sa, ta), (sb, tb), (so, to) = [(tuple(v.shape), v.stride()) for v in (
             as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out))]
-        tc = as_4d(c_in).stride() if c_in is not None else None
+        tc = as_4d(addend).stride() if addend is not None else None
 
-        def run(a, b, out, bias, c_in):
+        def run(a, b, out, bias, addend):
             gemm(a.as_strided(sa, ta), b.as_strided(sb, tb), out.as_strided(so, to),
-                 c_in=None if c_in is None else c_in.as_strided(so, tc), bias=bias)
+                 addend=None if addend is None else addend.as_strided(so, tc), bias=bias)
         return run
 
     @staticmethod

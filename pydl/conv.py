@@ -806,7 +806,7 @@ class _NumbaIm2col(_Launcher):
             cols = _NumbaIm2col._im2col(x, ws, n0, nb, g, c_last)
             dyt = _NumbaIm2col._dy(dy, dy_ws, n0, nb, g).transpose(2, 3)   # (G, nb, OCG, P)
             out = dwm if i == len(chunks) - 1 else acc
-            gemm_numba(dyt, cols, out, c_in=acc if i else None)
+            gemm_numba(dyt, cols, out, addend=acc if i else None)
 
     @staticmethod
     def backward_bias(dy, db, g: ConvGeometry) -> None:

@@ -197,12 +197,12 @@ class Plans:
                 mode or self.mode, *tensors, self.reverse if reverse is None else reverse, model)
         rec(*tensors)
 
-    def gemm(self, name, a, b, out, c_in=None, bias=None, **how):
-        """out = op(a) @ op(b) (+ c_in) (+ bias) (pydl/_rnn_launch.py TritonRNN.gemm_plan)."""
+    def gemm(self, name, a, b, out, addend=None, bias=None, **how):
+        """out = op(a) @ op(b) (+ addend) (+ bias) (pydl/_rnn_launch.py TritonRNN.gemm_plan)."""
         plan = self.built.get(name)
         if plan is None:
-            plan = self.built[name] = self.launch.gemm_plan(a, b, out, bias, c_in, **how)
-        plan(a, b, out, bias, c_in)
+            plan = self.built[name] = self.launch.gemm_plan(a, b, out, bias, addend, **how)
+        plan(a, b, out, bias, addend)
 
     def bias_grad(self, name, dg, db1, db2=None):
         """db1 (and db2) = the column sums of dg."""

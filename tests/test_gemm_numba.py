@@ -1,6 +1,6 @@
 """pydl._gemm_numba.gemm (the Numba tiled GEMM) against float64 torch.matmul: partial tiles on
 every side, strided / transposed / broadcast operands, an output written through its strides
-(including the transposed-problem path), the batch-axis reduction, c_in, bias, mixed dtypes,
+(including the transposed-problem path), the batch-axis reduction, addend, bias, mixed dtypes,
 and the GPU's untrimmed code path run in the simulator."""
 import pytest
 import torch
@@ -13,12 +13,12 @@ from conftest import DEVICE, DTYPES
 HALF = [d for d in DTYPES if d != torch.float32]
 
 
-def expected(a, b, out_shape, c_in=None, bias=None):
+def expected(a, b, out_shape, addend=None, bias=None):
     r = a.double() @ b.double()
     if out_shape[1] == 1 and r.shape[1] != 1:
         r = r.sum(1, keepdim=True)
-    if c_in is not None:
-        r = r + c_in.double()
+    if addend is not None:
+        r = r + addend.double()
     if bias is not None:
         r = r + bias.double().reshape(-1, 1, 1, bias.shape[-1])
     return r
@@ -45,7 +45,7 @@ def test_gemm_odd_sizes_and_orientations(orient):
 
 def test_gemm_batches_broadcast_reduce_and_c_in():
     """(B1, B2) batches with b broadcast over B2; then the B2 axis summed into a B2c = 1
-    output, added to c_in; a sliced output view leaves its neighbours alone."""
+    output, added to addend; a sliced output view leaves its neighbours alone."""
     B1, B2, M, N, K = 2, 3, 9, 11, 13
     a = random_tensor((B1, B2, M, K), torch.float32, DEVICE)
     b = random_tensor((B1, 1, K, N), torch.float32, DEVICE)
@@ -56,15 +56,15 @@ def test_gemm_batches_broadcast_reduce_and_c_in():
     assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
     assert torch.isnan(big[..., 1::2]).all(), "wrote outside the output view"
     b2 = random_tensor((B1, B2, K, N), torch.float32, DEVICE)
-    c_in = random_tensor((B1, 1, M, N), torch.float32, DEVICE)
+    addend = random_tensor((B1, 1, M, N), torch.float32, DEVICE)
     red = torch.empty(B1, 1, M, N, device=DEVICE)
-    G.gemm(a, b2, red, c_in=c_in)
-    assert_close(red, expected(a, b2, red.shape, c_in=c_in), torch.float32, reduction=B2 * K)
+    G.gemm(a, b2, red, addend=addend)
+    assert_close(red, expected(a, b2, red.shape, addend=addend), torch.float32, reduction=B2 * K)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_gemm_half_operands_fp32_accumulator(dtype):
-    """16-bit operands into an fp32 output; then an fp32 c_in into a 16-bit output."""
+    """16-bit operands into an fp32 output; then an fp32 addend into a 16-bit output."""
     M, N, K = 20, 7, 40
     a = random_tensor((1, 1, M, K), dtype, DEVICE)
     b = random_tensor((1, 1, K, N), dtype, DEVICE)
@@ -72,7 +72,7 @@ def test_gemm_half_operands_fp32_accumulator(dtype):
     G.gemm(a, b, acc)
     assert_close(acc, expected(a, b, acc.shape), torch.float32, reduction=K)
     out = torch.empty(1, 1, M, N, dtype=dtype, device=DEVICE)
-    G.gemm(a, b, out, c_in=acc)
+    G.gemm(a, b, out, addend=acc)
     assert_close(out, 2 * expected(a, b, out.shape), dtype, reduction=K)
 
 
@@ -99,3 +99,29 @@ def test_gemm_bad_shapes():
         G.gemm(a, torch.zeros(1, 1, 5, 2, device=DEVICE), torch.zeros(1, 1, 3, 2, device=DEVICE))
     with pytest.raises(ValueError, match="broadcast"):
         G.gemm(a, torch.zeros(1, 2, 4, 2, device=DEVICE), torch.zeros(1, 3, 3, 2, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_one_gemm_signature_for_both_backends(backend):
+    """pydl._gemm.gemm and pydl._gemm_numba.gemm take the same arguments: 2-D and 3-D
+    operands, trans_a / trans_b as views, a bias, an addend of another dtype, accumulate into
+    out; both return out. The Numba one refuses a scale it cannot apply."""
+    import pydl._gemm as T
+    gemm = T.gemm if backend == "triton" else G.gemm
+    M, N, K = 19, 21, 24
+    a = random_tensor((K, M), torch.float32, DEVICE)                 # used as a^T
+    b = random_tensor((3, N, K), torch.float32, DEVICE)              # used as b^T, batched
+    bias = random_tensor(N, torch.float32, DEVICE)
+    acc = random_tensor((3, M, N), torch.float32, DEVICE)
+    out = torch.full((3, M, N), float("nan"), device=DEVICE)
+    assert gemm(a, b, out, trans_a=True, trans_b=True, bias=bias, addend=acc,
+                input_precision="ieee") is out
+    want = a.t().double() @ b.transpose(1, 2).double() + bias.double() + acc.double()
+    assert_close(out, want, torch.float32, reduction=K)
+    before = out.clone()
+    gemm(a.t(), b[0].t(), out[1], accumulate=True, input_precision="ieee")    # 2-D
+    assert_close(out[1], before[1].double() + a.t().double() @ b[0].t().double(),
+                 torch.float32, reduction=K)
+    if backend == "numba":
+        with pytest.raises(NotImplementedError, match="no alpha"):
+            gemm(a.t(), b[0].t(), out[0], alpha=0.5)
