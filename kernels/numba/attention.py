@@ -27,17 +27,18 @@ dK = dS^T Q * scale in registers, dS = P * (dP - D), dP = dO V^T; `dq_kernel` ow
 and streams K/V tiles, accumulating dQ = dS K * scale. Every gradient element is written once,
 by one thread: deterministic, no atomics, no zero-fill.
 
-Thread layout (NT threads, a compile-time constant, like the tile sizes): the G = NT / rows
-threads of an owned row share it; thread g of a row owns the head-dim columns d = g + c * G
-(interleaved, so neighbouring threads touch neighbouring addresses) of the row's accumulator,
-held in a local (register) array, and computes the scores of that row's keys j = g + c * G.
-Each thread of a row runs the row's online softmax itself (the G copies do identical work, so
-they agree exactly). In the dK/dV kernel the roles swap: the owned rows are keys and thread g
-of key j computes the pairs (i, j) with query rows i = g + c * G. Shared tiles are fp32, padded
-to an odd row length against bank conflicts; each tile is stored in the orientation its inner
-loops read along (V transposed in the forward, P and dS transposed in the dK/dV kernel), so the
-products are runs over contiguous rows of shared memory (which is also what keeps the
-simulator's interpreted inner loops short).
+Thread layout (NT threads, a compile-time constant, like the tile sizes: each kernel is made
+once per combination by a kernels/numba/_builder.py builder): the G = NT / rows threads of an
+owned row share it; thread g of a row owns the head-dim columns d = g + c * G (interleaved, so
+neighbouring threads touch neighbouring addresses) of the row's accumulator, held in a local
+(register) array, and computes the scores of that row's keys j = g + c * G. Each thread of a row
+runs the row's online softmax itself (the G copies do identical work, so they agree exactly). In
+the dK/dV kernel the roles swap: the owned rows are keys and thread g of key j computes the
+pairs (i, j) with query rows i = g + c * G. Shared tiles are fp32, padded to an odd row length
+against bank conflicts; each tile is stored in the orientation its inner loops read along (V
+transposed in the forward, P and dS transposed in the dK/dV kernel), so the products are runs
+over contiguous rows of shared memory (which is also what keeps the simulator's interpreted
+inner loops short).
 
 Synchronisation: two __syncthreads per streamed tile (after its load, after the score tile is
 written). The streamed tiles are double-buffered, so the load of tile n + 1 cannot overwrite a
@@ -67,6 +68,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int8, int64
 
+from ._builder import builder
 from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits  # noqa: F401
 from ._device import device
 from ._grid import grid_threads, thread_index
@@ -168,16 +170,6 @@ def tile_sizes(E: int, EV: int) -> tuple[int, int, int, int]:
 def _check_shared(nbytes: int) -> None:
     if nbytes > SHARED_LIMIT:  # pragma: no cover - guarded by tile_sizes
         raise ValueError(f"attention tiles need {nbytes} bytes of shared memory")
-
-
-_KERNELS = {}
-
-
-def _cached(key, build):
-    k = _KERNELS.get(key)
-    if k is None:
-        k = _KERNELS[key] = build()
-    return k
 
 
 # --- pieces shared by the flash kernels ------------------------------------------------------
@@ -317,9 +309,10 @@ def fwd_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
     dropout, threshold, drop_scale, seed: dropout on/off, p * 2**32, 1 / (1 - p), the seed
     code:        dtype code of q, k, v and o
     """
-    return _cached(("fwd", BM, BN, BD, BDV, NT), lambda: _build_fwd(BM, BN, BD, BDV, NT))
+    return _build_fwd(BM, BN, BD, BDV, NT)
 
 
+@builder
 def _build_fwd(BM, BN, BD, BDV, NT):
     G = NT // BM
     assert G * BM == NT and G >= 1, (BM, NT)
@@ -433,9 +426,10 @@ def dq_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
     q's dtype), dmask and mask_grad (with mask_grad, dmask (B, H, L, S) in the float mask's
     dtype receives dS, the gradient of the scores and so of the mask; else unread), then
     mask ... code as for `fwd_kernel`."""
-    return _cached(("dq", BM, BN, BD, BDV, NT), lambda: _build_dq(BM, BN, BD, BDV, NT))
+    return _build_dq(BM, BN, BD, BDV, NT)
 
 
+@builder
 def _build_dq(BM, BN, BD, BDV, NT):
     G = NT // BM
     assert G * BM == NT and G >= 1, (BM, NT)
@@ -511,9 +505,10 @@ def dkdv_kernel(BN: int, BM: int, BD: int, BDV: int, NT: int):
     """dK/dV kernel: a block owns BN keys of one (batch, K/V head) and streams query tiles of
     BM rows of each of the GROUP query heads reading that K/V head. Arguments: q, k, v, do,
     lse, delta, dk, dv (outputs, K's and V's dtype), then mask ... code as for `fwd_kernel`."""
-    return _cached(("dkdv", BN, BM, BD, BDV, NT), lambda: _build_dkdv(BN, BM, BD, BDV, NT))
+    return _build_dkdv(BN, BM, BD, BDV, NT)
 
 
+@builder
 def _build_dkdv(BN, BM, BD, BDV, NT):
     G = NT // BN
     assert G * BN == NT and G >= 1, (BN, NT)

@@ -33,8 +33,9 @@ y and z; the CUDA simulator, where a launcher caps the grid at one block). The l
 are uniform across a block, so every thread reaches every syncthreads.
 
 TILE and MICRO are compile-time constants (the shared and local arrays need them):
-`gemm_kernel(tile, micro, trim)` builds and caches one kernel per combination (`trim`: the
-simulator's variant that skips work outside the matrices, see there).
+`gemm_kernel(tile, micro, trim)` builds one kernel per combination (`trim`: the simulator's
+variant that skips work outside the matrices, see there), made and cached by `_build`, a
+kernels/numba/_builder.py builder.
 
 All arithmetic is fp32; fp16 and bf16 (int16 bits) operands and results are decoded and
 encoded with kernels/numba/_dtypes.py, one dtype code per array.
@@ -42,6 +43,7 @@ encoded with kernels/numba/_dtypes.py, one dtype code per array.
 import numpy as np
 from numba import cuda, float32, int64
 
+from ._builder import builder
 from ._dtypes import dtype_code, load4_f32, store4_f32  # noqa: F401  (dtype_code: launchers)
 
 ZERO = np.float32(0.0)
@@ -49,8 +51,6 @@ ZERO = np.float32(0.0)
 BIAS_NONE = 0
 BIAS_COLS = 1   # bias[b1, 0, 0, n]: one value per column
 BIAS_ROWS = 2   # bias[b1, 0, 0, m]: one value per row (the transposed problem)
-
-_KERNELS = {}
 
 
 def gemm_kernel(tile: int, micro: int, trim: bool = False):
@@ -77,16 +77,14 @@ def gemm_kernel(tile: int, micro: int, trim: bool = False):
     b_n_fast:     B's N axis has the smaller stride (threads walk n when loading B)
     code_*:       dtype_code of each array
     """
-    key = (int(tile), int(micro), bool(trim))
-    T, R, _ = key
+    T, R = int(tile), int(micro)
     if T < 1 or T & (T - 1) or R < 1 or R & (R - 1) or R > T:
         raise ValueError(f"GEMM tile and micro-tile must be powers of two with micro <= tile, "
                          f"got {tile}, {micro}")
-    if key not in _KERNELS:
-        _KERNELS[key] = _build(*key)
-    return _KERNELS[key]
+    return _build(T, R, bool(trim))
 
 
+@builder
 def _build(T, R, TRIM):
     # compile-time constants of this kernel (the shared and local arrays need them)
     TP = T + 1          # padded row length of the shared tiles

@@ -5,6 +5,7 @@ kernels/numba/rnn.py's. The cell is the forward kernel over one step with has_x.
 """
 from numba import cuda, float32
 
+from ._builder import builder
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
 from .rnn import (
     ONE,
@@ -14,7 +15,6 @@ from .rnn import (
     gate_dots_device,
     ld2,
     load_gates,
-    per_tiling,
     recurrent_dh_device,
     sigmoid,
     st2,
@@ -25,7 +25,7 @@ from .rnn import (
 )
 
 
-@per_tiling
+@builder
 def gru_layer_fwd_kernel(TB, TU, TK):
     """The forward kernel for a TB x TU tile, built on first use; launch it with a (tu, tb)
     block. Arguments, in order (placeholders of the same rank where a flag says absent):
@@ -103,7 +103,7 @@ def gru_layer_fwd_kernel(TB, TU, TK):
     return fwd
 
 
-@per_tiling
+@builder
 def gru_layer_bwd_kernel(TB, TU, TK):
     """The backward kernel for a TB x TU tile, built on first use; launch it with a (tu, tb)
     block. Arguments, in order: ws (T, B, 4H) fp32, out (T, B, H), h0 (B, H), w_hh (3H, H),

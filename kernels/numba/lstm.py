@@ -5,12 +5,13 @@ kernels/numba/rnn.py's. The cell is the forward kernel over one step with has_x.
 """
 from numba import cuda, float32, int64
 
+from ._builder import builder
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
-from .rnn import (ONE, ZERO, add_gates, bptt_step, gate_dots_device, ld2, load_gates, per_tiling,
+from .rnn import (ONE, ZERO, add_gates, bptt_step, gate_dots_device, ld2, load_gates,
                   recurrent_dh_device, sigmoid, st2, step_time, store_gates, tanh, tile_origin)
 
 
-@per_tiling
+@builder
 def lstm_layer_fwd_kernel(TB, TU, TK):
     """The forward kernel for a TB x TU tile and TK-wide K steps, built on first use; launch
     it with a (tu, tb) block. Arguments, in order (placeholders of the same rank where a
@@ -124,7 +125,7 @@ def lstm_layer_fwd_kernel(TB, TU, TK):
     return fwd
 
 
-@per_tiling
+@builder
 def lstm_layer_bwd_kernel(TB, TU, TK):
     """The backward kernel for a TB x TU tile and TK-wide K steps, built on first use; launch
     it with a (tu, tb) block. Arguments, in order: acts (T, B, 4H), cs (T, B, H) fp32,

@@ -13,20 +13,20 @@ A block of TB x TU threads owns TB batch rows x TU hidden units, thread (ty, tx)
 TK x TU weight tiles in shared memory per K step, then each thread runs the multiply-adds
 of its element: every staged value is reused by TU units (and every gate) or TB rows. TB,
 TU and TK size the shared arrays, so they are compile-time constants: the kernel builders
-(`*_kernel(tb, tu, tk)`, `per_tiling`) make and cache one kernel per tiling, launched with a
-(tu, tb) block. The gate and tile helpers are inlined at Numba's level (inline="always"),
-so the kernels compile as if they were written out there.
+(`*_kernel(tb, tu, tk)`, kernels/numba/_builder.py builders) make and cache one kernel per
+tiling, launched with a (tu, tb) block. The gate and tile helpers are inlined at Numba's
+level (inline="always"), so the kernels compile as if they were written out there.
 
 All arithmetic is fp32; constants are typed fp32 so nothing is promoted to fp64 on the GPU.
 sigmoid and tanh take exp of -|a| only (no overflow). fp16 arrays are read and written as
 such; bf16 arrive as int16 bit patterns (see _dtypes).
 """
-import functools
 import math
 
 import numpy as np
 from numba import cuda, float32, int64
 
+from ._builder import builder
 from ._dtypes import BF16, FP32, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits, load_f32, store_f32  # noqa: F401
 from ._grid import grid_threads, thread_index
 
@@ -139,21 +139,6 @@ def add_gates(a0, a1, a2, a3, v, u, H, G, code):
     return a0, a1, a2, a3
 
 
-def per_tiling(build):
-    """The builder `build(TB, TU, TK)` of a kernel or device function called once per tiling
-    (TB, TU, TK size its shared arrays, so they are compile-time constants); made on first
-    use."""
-    made = {}
-
-    @functools.wraps(build)
-    def get(tb: int, tu: int, tk: int):
-        key = (int(tb), int(tu), int(tk))
-        if key not in made:
-            made[key] = build(*key)
-        return made[key]
-    return get
-
-
 # --- the products of a step -------------------------------------------------------------------
 
 @cuda.jit(device=True, inline="always")
@@ -170,7 +155,7 @@ def stage_rows(sa, a, row0, k0, K, code, tid, TB, TK, NT):
         sa[i, kk] = v
 
 
-@per_tiling
+@builder
 def gate_dots_device(TB, TU, TK):
     """The device function gate_dots(a, w, row0, unit0, H, G, sa, sw, code_a, code_w, acc0,
     acc1, acc2, acc3) -> the four accumulators plus, for gates q < G, a[row] . w[q*H + unit]
@@ -212,7 +197,7 @@ def gate_dots_device(TB, TU, TK):
     return gate_dots
 
 
-@per_tiling
+@builder
 def recurrent_dh_device(TB, TU, TK):
     """The device function dh = dg_next[rows] @ W[:, units] of one (row, unit) per thread:
     the recurrent product of backpropagation through time. Arguments: dgn (B, K) fp32, w

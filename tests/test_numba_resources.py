@@ -1,0 +1,81 @@
+"""`python -m bench numba-resources` (bench/numba_resources.py): the capture names every Numba
+kernel it records so that a process without the simulator can make it again, the closures
+that builder functions make included, at a GPU's tiles; and one such kernel compiled for
+sm_90 offline (skipped without the CUDA toolkit's libnvvm, ptxas and nvlink).
+
+The suite runs in emulation, so this process's Numba is the simulator: the capture runs in
+its own child, as the command runs it, and the compile in a subprocess without emulation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import numba_resources as NR
+from pydl import _gemm_numba, _rnn_launch
+from pydl.kernels.numba._builder import BUILT_BY
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gru_launches(tmp_path_factory) -> list[dict]:
+    """The gru family's launches (its packed case included, which must finish)."""
+    found = NR.capture(["gru"], tmp_path_factory.mktemp("capture") / "launches.json")
+    assert found is not None and found["failures"] == []
+    return found["launches"]
+
+
+def test_capture_names_builder_kernels_so_they_can_be_made_again(gru_launches):
+    built = {}
+    for row in gru_launches:
+        kernel = NR.kernel_of(row)
+        fn = kernel.py_func
+        assert (fn.__module__, fn.__name__) == (row["module"], row["name"])
+        if "built_by" in row:
+            module, builder, args = row["built_by"]
+            assert getattr(kernel, BUILT_BY) == (module, builder, tuple(args))
+            assert fn.__qualname__.startswith(f"{builder}.<locals>.")
+            built.setdefault(row["name"], set()).add(tuple(args))
+        else:                                   # a module-level kernel, found by its name
+            assert "<locals>" not in fn.__qualname__
+    # the recurrences and the GEMM they call, at a GPU's tiles (not the simulator's)
+    assert built == {"fwd": {_rnn_launch.NUMBA_TILE}, "bwd": {_rnn_launch.NUMBA_TILE},
+                     "gemm": {(_gemm_numba.TILE, _gemm_numba.MICRO, False)}}
+    # the packed sequences' batch sizes (int32) reach the recurrences
+    assert any(["array", "int32", 1, "C"] in r["sig"] for r in gru_launches
+               if r["name"] == "fwd")
+
+
+SCRIPT = r"""
+import json, sys
+from bench import numba_resources as NR
+NR._offline(90)
+ptxas = NR._ptxas()
+if ptxas is None:
+    sys.exit("no toolkit: ptxas")
+row = json.loads(sys.stdin.read())
+print(json.dumps(NR._compile(row, 90, ptxas, sys.argv[1], 0)))
+"""
+
+
+def test_a_builder_kernel_compiles_for_sm90_offline(gru_launches, tmp_path):
+    """The GRU's forward recurrence made again from its tag, compiled and linked with the
+    device runtime (its grid barrier), as on a GPU."""
+    row = next(r for r in gru_launches if r["name"] == "fwd" and "built_by" in r)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYDL_INTERPRET", "NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], input=json.dumps(row),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if "no toolkit" in proc.stderr or "libNVVM" in proc.stdout + proc.stderr:
+        pytest.skip("no CUDA toolkit (libnvvm, ptxas)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "error" not in out, out["error"]
+    assert 0 < out["regs"] <= 255 and out["smem"] > 0
