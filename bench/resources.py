@@ -126,10 +126,9 @@ def _attention(causal: bool):
                                       for _ in range(8))
         lse = torch.empty(B * H, L, dtype=torch.float32)
         scale = 1.0 / math.sqrt(E)
-        launcher = att.LAUNCHERS["triton"]
-        launcher.forward(q, k, v, o, lse, None, att.MASK_NONE, causal, scale, 0.0, 0)
-        launcher.backward(q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE, causal, scale,
-                          0.0, 0)
+        att.launch_forward("triton", q, k, v, o, lse, None, att.MASK_NONE, causal, scale, 0.0, 0)
+        att.launch_backward("triton", q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE,
+                            causal, scale, 0.0, 0, None)
     return run
 
 
@@ -143,8 +142,8 @@ def _attention_hopper(causal: bool):
         B, H, L, E = 4, 16, 4096, 128
         q, k, v, o = (torch.empty(B, H, L, E, dtype=torch.bfloat16) for _ in range(4))
         lse = torch.empty(B * H, L, dtype=torch.float32)
-        att.LAUNCHERS[attention_hopper.LAUNCHER].forward(
-            q, k, v, o, lse, None, att.MASK_NONE, causal, 1.0 / math.sqrt(E), 0.0, 0)
+        att.launch_forward(attention_hopper.LAUNCHER, q, k, v, o, lse, None, att.MASK_NONE,
+                           causal, 1.0 / math.sqrt(E), 0.0, 0)
     return run
 
 
@@ -159,9 +158,8 @@ def _attention_onepass(causal: bool):
         q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
                                       for _ in range(8))
         lse = torch.empty(B * H, L, dtype=torch.float32)
-        att.LAUNCHERS[attention_onepass.LAUNCHER].backward(
-            q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE, causal, 1.0 / math.sqrt(E),
-            0.0, 0)
+        att.launch_backward(attention_onepass.LAUNCHER, q, k, v, o, lse, do, dq, dk, dv, None,
+                            att.MASK_NONE, causal, 1.0 / math.sqrt(E), 0.0, 0, None)
     return run
 
 

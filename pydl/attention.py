@@ -140,10 +140,8 @@ def _seed_scalar(dropout_p: float) -> tuple:
 
 
 class _TritonAttention:
-    @staticmethod
-    def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
-        _TritonAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
-                                      dropout_p)(q, k, v, o, lse, mask, seed)
+    """The flash kernels' launcher: plan_forward and plan_backward (the Triton algos'
+    launchers all plan; _NumbaAttention launches per call: forward, backward)."""
 
     @staticmethod
     def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
@@ -193,18 +191,11 @@ class _TritonAttention:
         return launch(cfg)
 
     @staticmethod
-    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
-                 dmask=None):
-        """dmask: None, or a (B, H, L, S) output for the float mask's gradient (dS)."""
-        _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind,
-                                       is_causal, scale, dropout_p, dmask)(
-            q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
-
-    @staticmethod
     def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
                       dropout_p, dmask):
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask): the delta, dK/dV and dQ
-        launches for tensors of these shapes and strides (dmask given or None as planned)."""
+        launches for tensors of these shapes and strides (dmask: None, or a (B, H, L, S)
+        output for the float mask's gradient dS, as planned)."""
         key = _key("bwd", q, k, v, o, do, mask, dq, dk, dv, dmask, kind=mask_kind,
                    causal=is_causal, scale=scale, dropout=dropout_p)
         return _LAUNCHES.get(key, _TritonAttention._backward_run, q, k, v, o, lse, do, dq, dk,
@@ -382,8 +373,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask
     o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B * H, L), torch.float32, q.device)
     if B * H * L:
-        LAUNCHERS[backend].forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
-                                   seed)
+        launch_forward(backend, q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
+                       seed)
     return o, lse, torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else _NO_SEED
 
 
@@ -408,10 +399,35 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
              else torch.empty(0, device=q.device))
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:   # no query rows: keys get no gradient
         return dq, dk.zero_(), dv.zero_(), dmask
-    LAUNCHERS[backend].backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
-                                scale, dropout_p, int(seed) if dropout_p > 0 else 0,
-                                dmask if mask_grad else None)
+    launch_backward(backend, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                    dropout_p, int(seed) if dropout_p > 0 else 0, dmask if mask_grad else None)
     return dq, dk, dv, dmask
+
+
+def launch_forward(backend: str, q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
+                   seed) -> None:
+    """The forward kernels of launcher LAUNCHERS[backend] into o and lse, once: a planning
+    launcher's plan for these tensors (pydl._plan), run; the Numba one's forward."""
+    launcher = LAUNCHERS[backend]
+    if hasattr(launcher, "plan_forward"):
+        launcher.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
+                              dropout_p)(q, k, v, o, lse, mask, seed)
+    else:
+        launcher.forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed)
+
+
+def launch_backward(backend: str, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
+                    scale, dropout_p, seed, dmask) -> None:
+    """The backward kernels of launcher LAUNCHERS[backend] into dq, dk, dv (and dmask, the
+    float mask's gradient, unless None), once, as launch_forward."""
+    launcher = LAUNCHERS[backend]
+    if hasattr(launcher, "plan_backward"):
+        launcher.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
+                               scale, dropout_p, dmask)(q, k, v, o, lse, do, dq, dk, dv, mask,
+                                                        seed, dmask)
+    else:
+        launcher.backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                          dropout_p, seed, dmask)
 
 
 class AttentionKernels:

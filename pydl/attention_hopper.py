@@ -83,13 +83,8 @@ def _hopper_config(q, k, is_causal: bool, launch) -> dict:
 
 
 class HopperAttention:
-    """The launcher methods pydl/attention.py's autograd Function calls (same signatures as
-    its _TritonAttention, plans included): the Gluon forward, the Triton flash backward."""
-
-    @staticmethod
-    def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
-        HopperAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
-                                     dropout_p)(q, k, v, o, lse, mask, seed)
+    """The launcher pydl/attention.py's ops plan with (plan_forward, plan_backward: the
+    signatures of its _TritonAttention): the Gluon forward, the Triton flash backward."""
 
     @staticmethod
     def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
@@ -121,11 +116,6 @@ class HopperAttention:
             _launch.ensure_triton_allocator()      # per thread: a ContextVar
             launch(cfg, q, k, v, o, lse)
         return run
-
-    @staticmethod
-    def backward(*args):
-        from .attention import _TritonAttention
-        _TritonAttention.backward(*args)
 
     @staticmethod
     def plan_backward(*args):

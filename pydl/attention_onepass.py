@@ -53,13 +53,8 @@ def _onepass_config(q, k, v, is_causal: bool, launch, dq_acc) -> dict:
 
 
 class OnePassAttention:
-    """The launcher methods pydl/attention.py's autograd Function calls (same signatures as
-    its _TritonAttention, plans included): the flash forward, the single-pass backward."""
-
-    @staticmethod
-    def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
-        OnePassAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
-                                      dropout_p)(q, k, v, o, lse, mask, seed)
+    """The launcher pydl/attention.py's ops plan with (plan_forward, plan_backward: the
+    signatures of its _TritonAttention): the flash forward, the single-pass backward."""
 
     @staticmethod
     def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
@@ -67,13 +62,6 @@ class OnePassAttention:
         check(mask, dropout_p)
         return _TritonAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
                                              dropout_p)
-
-    @staticmethod
-    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p,
-                 seed, dmask=None):
-        OnePassAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind,
-                                       is_causal, scale, dropout_p, dmask)(
-            q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
 
     @staticmethod
     def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
