@@ -213,8 +213,9 @@ class _Launcher:
     -> run(tensors), for a caller that launches the same signature again (pydl/_plan.py): run
     takes the tensors alone (the forward's bias, when absent, as a placeholder: the weight),
     and holds what was built for the shapes, strides, dtypes and device it was planned with.
-    Here, for launchers whose steps are not Launch objects, plans are the methods with the
-    geometry bound; _TritonImplicit's are its cached launches."""
+    Here, for launchers whose steps are not Launch objects (the Numba one), plans are the
+    methods with the geometry bound; the Triton launchers' are their cached launches and GEMM
+    plans."""
 
     @classmethod
     def plan_forward(cls, x, w, b, y, g: ConvGeometry):
