@@ -245,3 +245,32 @@ def test_direct_launch_steps_aside_for_launch_hooks():
             hooks.remove(hook)
     assert _plan._no_hooks()
     assert not _plan._hooked(None) and _plan._hooked(hook)
+
+
+@pytest.mark.parametrize("algo", ["persistent", "steps"])
+def test_recurrence_checks_the_alignment_of_every_tensor_it_is_given(algo):
+    """The recurrences' launches check only their distinct tensors' alignment (Launch's
+    `checked`): an initial state that starts 2 bytes off a 16-byte boundary, the first call of
+    the same signature that passes one, takes Triton's path for every launch reading it,
+    while the aligned calls before and after run entirely by the direct path."""
+    T, B, H = 3, 4, 16
+    x = torch.randn(T, B, H, dtype=torch.float16)
+    w = [torch.randn(4 * H, H, dtype=torch.float16) * 0.1 for _ in range(2)] + \
+        [torch.randn(4 * H, dtype=torch.float16) * 0.1 for _ in range(2)]
+    big = torch.randn(2, B * H + 1, dtype=torch.float16)
+    aligned = big[:, :B * H].reshape(2, 1, B, H)[0]              # (1, B, H), 16-byte base
+    shifted = big[:, 1:].reshape(2, 1, B, H)[0]                  # the same strides, 2 bytes on
+    c0 = torch.zeros(1, B, H, dtype=torch.float16)
+
+    def call(h0):
+        return lambda: pydl.lstm(x, (h0, c0), w, algo=algo, backend="triton")
+    with overhead.stubbed_launches(), poisoned_outputs(False):
+        call(aligned)()
+        call(aligned)()
+        before = overhead.counted(call(aligned))
+        off = overhead.counted(call(shifted))
+        after = overhead.counted(call(aligned))
+    assert before.direct == before.launches and after.direct == after.launches, (before, after)
+    # the input projection's GEMM does not read h0; every recurrence launch does (the first
+    # step's or the whole sequence's)
+    assert off.launches == before.launches and off.direct < off.launches
