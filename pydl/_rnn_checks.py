@@ -200,10 +200,6 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
                          f"({', '.join(names[:per])}, ...)"
                          f"{with_proj}, got {len(weights)}")
     packed = isinstance(input, PackedSequence)
-    if packed and proj:
-        raise NotImplementedError(f"{op}: PackedSequence input with projections (proj_size > 0) "
-                                  "is not supported; pass the padded sequence "
-                                  "(torch.nn.utils.rnn.pad_packed_sequence)")
     data = input.data if packed else input
     cast = autocast_inputs(op, data, *weights, *[t for t, _ in states])
     data, weights = cast[0], list(cast[1:1 + len(weights)])

@@ -669,6 +669,8 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
     has_c = cell.has_cell_state
 
     def impl(x, h0, c0, weights, cfg: RNNConfig, packed=None):
+        if packed is not None and cfg.proj:
+            return _by_length(impl, x, h0, c0, weights, cfg, packed)
         bs = packed.bs if packed is not None else None
         ops = LayerKernels(layer_config(op, backend, cfg), op, backend)
         if needs_graph(x, h0, c0, *weights):
@@ -677,6 +679,30 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
         return out, finals[0], finals[1] if has_c else None
     _LAYER_IMPLS[(op, backend)] = impl
     return impl
+
+
+def _by_length(impl, x, h0, c0, weights, cfg: RNNConfig, packed):
+    """A packed LSTM with projections: the recurrences keep the rows past a sequence's end
+    frozen (packed.bs) only where h is the cell's own output, so with projections (h = W_hr m)
+    the sequences of each length run as a plain padded batch of their own, exactly that long
+    (both directions then start and end where torch's packed LSTM does). Returns the padded
+    (T, B, D*P) output, zeros past each sequence's end, and the final states, all in the
+    length-sorted order of x; autograd joins the groups. One layer call per distinct length."""
+    sizes = packed.batch_sizes.tolist()             # on the CPU, as torch keeps it
+    T, B = x.shape[0], x.shape[1]
+    lengths = [sum(1 for n in sizes if n > r) for r in range(B)]   # decreasing (sorted)
+    outs, finals = [], []
+    r0 = 0
+    while r0 < B:
+        r1 = r0 + lengths[r0:].count(lengths[r0])
+        n = lengths[r0]
+        out, h_n, c_n = impl(x[:n, r0:r1], None if h0 is None else h0[:, r0:r1],
+                             None if c0 is None else c0[:, r0:r1], weights, cfg)
+        outs.append(torch.nn.functional.pad(out, (0, 0, 0, 0, 0, T - n)))
+        finals.append((h_n, c_n))
+        r0 = r1
+    return (torch.cat(outs, 1), torch.cat([h for h, _ in finals], 1),
+            torch.cat([c for _, c in finals], 1))
 
 
 _LAYER_ALGOS: dict[tuple[str, str], tuple[str, ...]] = {}   # (op, backend) -> algorithms
