@@ -688,9 +688,14 @@ def _by_length(impl, x, h0, c0, weights, cfg: RNNConfig, packed):
     (both directions then start and end where torch's packed LSTM does). Returns the padded
     (T, B, D*P) output, zeros past each sequence's end, and the final states, all in the
     length-sorted order of x; autograd joins the groups. One layer call per distinct length."""
-    sizes = packed.batch_sizes.tolist()             # on the CPU, as torch keeps it
     T, B = x.shape[0], x.shape[1]
-    lengths = [sum(1 for n in sizes if n > r) for r in range(B)]   # decreasing (sorted)
+    ending = [0] * (B + 1)          # ending[n]: the steps with n active rows
+    for n in packed.batch_sizes.tolist():           # on the CPU, as torch keeps it
+        ending[n] += 1
+    lengths, steps = [0] * B, 0     # row r's length: the steps with more than r active rows
+    for r in range(B - 1, -1, -1):
+        steps += ending[r + 1]
+        lengths[r] = steps          # decreasing in r (the rows are sorted by length)
     outs, finals = [], []
     r0 = 0
     while r0 < B:
