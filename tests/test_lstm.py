@@ -320,60 +320,6 @@ def test_lstm_proj_bad_input(backend):
         lstm(x, None, big)
 
 
-# (lengths in the caller's order, layers, bidirectional, with a state, proj_size, recompute)
-PACKED_PROJ_CASES = {
-    "unsorted-bidir": ([3, 5, 1, 4], 1, True, True, 2, False),
-    "sorted-2layers": ([4, 4, 2], 2, False, True, 3, False),
-    "nostate-bidir-2layers": ([2, 3, 3, 1, 2], 2, True, False, 2, False),
-    "unsorted-bidir-recompute": ([3, 5, 1, 4], 1, True, True, 2, True),
-}
-
-
-@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
-@pytest.mark.parametrize("backend,algo,case", [("triton", None, c) for c in PACKED_PROJ_CASES]
-                         + [("triton", "steps", "nostate-bidir-2layers"),
-                            ("numba", None, "unsorted-bidir"),
-                            ("numba", "steps", "sorted-2layers")])
-def test_lstm_proj_packed_sequence(backend, algo, case):
-    """A PackedSequence into an LSTM with projections, as torch.nn.LSTM(proj_size=...) takes
-    it: packed output, each sequence's own final h (proj_size wide) and c, in the caller's
-    order; gradients of the packed data, both initial states and every weight (W_hr
-    included), against torch's packed LSTM. Equal lengths share a layer call, the rest run
-    apart (several groups in every case)."""
-    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-    lengths, L, bidir, with_state, P, recompute = PACKED_PROJ_CASES[case]
-    I, H, T, B = 3, 5, max(lengths), len(lengths)
-    D = 2 if bidir else 1
-    m = torch.nn.LSTM(I, H, L, bidirectional=bidir, proj_size=P).to(DEVICE)
-    padded = random_tensor((T, B, I), torch.float32, DEVICE)
-    packed = pack_padded_sequence(padded, torch.tensor(lengths), enforce_sorted=False)
-    states = [random_tensor((L * D, B, n), torch.float32, DEVICE) for n in (P, H)] \
-        if with_state else [None, None]
-    results = []
-    for be in (backend, "torch"):
-        data = packed.data.clone().requires_grad_(True)
-        seq = PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                             packed.unsorted_indices)
-        hs = [None if s is None else s.clone().requires_grad_(True) for s in states]
-        weights = [w.detach().clone().requires_grad_(True) for w in m._flat_weights]
-        kw = dict(num_layers=L, bidirectional=bidir, backend=be, training=True)
-        if be != "torch":
-            kw.update(algo=algo, recompute=recompute)
-        out, (hn, cn) = pydl.lstm(seq, None if hs[0] is None else tuple(hs), weights, **kw)
-        assert isinstance(out, PackedSequence) and hn.shape == (L * D, B, P)
-        assert torch.equal(out.batch_sizes, packed.batch_sizes)
-        gen = torch.Generator().manual_seed(3)
-        cots = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in (out.data, hn, cn)]
-        torch.autograd.backward([out.data, hn, cn], cots)
-        results.append([out.data.detach(), hn.detach(), cn.detach(), data.grad,
-                        *[h.grad for h in hs if h is not None], *[w.grad for w in weights]])
-    t_out, (t_hn, _) = m(packed, None if states[0] is None else tuple(states))
-    assert_close(results[1][0], t_out.data, torch.float32, name="torch functional vs module")
-    for i, (ours, theirs) in enumerate(zip(*results)):
-        assert_close(ours, theirs, torch.float32, reduction=T * L * 4 * (I + D * H), tf32=TF32,
-                     name=f"packed result {i}")
-
-
 def test_lstm_torch_backend_matches_torch():
     """backend='torch' is torch's own LSTM, the baseline, with the same signature."""
     m = torch.nn.LSTM(3, 4, 2, bidirectional=True, batch_first=True).to(DEVICE)

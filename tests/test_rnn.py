@@ -90,34 +90,48 @@ def test_recompute(kind, backend, algo, L):
 
 # --- PackedSequence inputs ---------------------------------------------------------------------
 
-# (lengths in the caller's order, layers, bidirectional, with a state, recompute)
+# (lengths in the caller's order, layers, bidirectional, with a state, recompute[, proj_size:
+# an LSTM with projections, whose sequences of each length run as a batch of their own])
 PACKED_CASES = {
     "unsorted-bidir": ([3, 5, 1, 4], 1, True, True, False),
     "sorted-2layers": ([4, 4, 2], 2, False, True, False),
     "nostate-bidir-2layers": ([2, 3, 3, 1, 2], 2, True, False, False),
     "unsorted-bidir-recompute": ([3, 5, 1, 4], 1, True, True, True),
+    "proj-unsorted-bidir": ([3, 5, 1, 4], 1, True, True, False, 2),
+    "proj-sorted-2layers": ([4, 4, 2], 2, False, True, False, 3),
+    "proj-nostate-bidir-2layers": ([2, 3, 3, 1, 2], 2, True, False, False, 2),
+    "proj-unsorted-bidir-recompute": ([3, 5, 1, 4], 1, True, True, True, 2),
 }
+_PLAIN = [c for c in PACKED_CASES if not c.startswith("proj")]
+_PROJ = [c for c in PACKED_CASES if c.startswith("proj")]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend,algo,case", [("triton", None, c) for c in PACKED_CASES]
-                         + [("triton", "steps", "unsorted-bidir"),
-                            ("numba", None, "unsorted-bidir"),
-                            ("numba", "steps", "sorted-2layers")])
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+@pytest.mark.parametrize("kind,backend,algo,case",
+                         [(k, "triton", None, c) for k in KINDS for c in _PLAIN]
+                         + [(k, "triton", "steps", "unsorted-bidir") for k in KINDS]
+                         + [(k, "numba", None, "unsorted-bidir") for k in KINDS]
+                         + [(k, "numba", "steps", "sorted-2layers") for k in KINDS]
+                         + [("lstm", "triton", None, c) for c in _PROJ]
+                         + [("lstm", "triton", "steps", "proj-nostate-bidir-2layers"),
+                            ("lstm", "numba", None, "proj-unsorted-bidir"),
+                            ("lstm", "numba", "steps", "proj-sorted-2layers")])
 def test_packed_sequence(kind, backend, algo, case):
-    """A PackedSequence input as torch.nn.LSTM / GRU take it: packed output, h_n (and c_n)
-    of each sequence's own last step, in the caller's batch order; gradients of the packed
-    data, the initial states (given in the caller's order) and every weight, against torch's
-    packed LSTM / GRU. Sequences past their end keep their state (frozen rows)."""
-    lengths, L, bidir, with_state, recompute = PACKED_CASES[case]
+    """A PackedSequence input as torch.nn.LSTM / GRU take it (projections included): packed
+    output, h_n (and c_n) of each sequence's own last step, in the caller's batch order;
+    gradients of the packed data, the initial states (given in the caller's order) and every
+    weight, against torch's packed LSTM / GRU. Sequences past their end keep their state
+    (frozen rows); with projections the sequences of each length run apart (several groups in
+    every proj case: running them as one group fails these)."""
+    lengths, L, bidir, with_state, recompute, *proj = PACKED_CASES[case]
     I, H, T, B = 3, 5, max(lengths), len(lengths)
-    m = _module(kind, I, H, L, bidirectional=bidir)
+    m = _module(kind, I, H, L, bidirectional=bidir, **({"proj_size": proj[0]} if proj else {}))
     D = 2 if bidir else 1
     padded = random_tensor((T, B, I), torch.float32, DEVICE)
     packed = pack_padded_sequence(padded, torch.tensor(lengths), enforce_sorted=False)
-    n_states = 2 if kind == "lstm" else 1
-    states = [random_tensor((L * D, B, H), torch.float32, DEVICE) if with_state else None
-              for _ in range(n_states)]
+    widths = ((proj[0] if proj else H), H)[:2 if kind == "lstm" else 1]     # h0[, c0]
+    states = [random_tensor((L * D, B, n), torch.float32, DEVICE) if with_state else None
+              for n in widths]
     results = []
     for be in (backend, "torch"):
         data = packed.data.clone().requires_grad_(True)
