@@ -16,23 +16,30 @@ from pydl.testing import assert_close
 pytestmark = pytest.mark.gpu
 
 
-def _step(x, t, w_conv, w_out):
-    """conv -> relu -> max-pool -> attention over the pixels -> linear -> cross-entropy."""
-    h = torch.relu(pydl.conv2d(x, w_conv, padding=1))
+def _step(x, t, w_conv, w_1x1, w_out, conv_algo="implicit", attn_algo="flash"):
+    """conv 3x3 -> relu -> conv 1x1 (the shared GEMM) -> max-pool -> attention over the
+    pixels -> linear -> cross-entropy."""
+    h = torch.relu(pydl.conv2d(x, w_conv, padding=1, algo=conv_algo))
+    h = pydl.conv2d(h, w_1x1, algo=conv_algo)
     h = pydl.max_pool2d(h, 2)                              # (N, C, 4, 4)
     seq = h.flatten(2).transpose(1, 2).unsqueeze(1)       # (N, 1, 16, C)
-    a = pydl.scaled_dot_product_attention(seq, seq, seq)
+    a = pydl.scaled_dot_product_attention(seq, seq, seq, algo=attn_algo)
     logits = a.mean(2).squeeze(1) @ w_out                 # (N, classes)
     return pydl.cross_entropy(logits, t)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-def test_a_captured_training_step_replays_like_eager():
+@pytest.mark.parametrize("conv_algo,attn_algo", [("implicit", "flash"), ("im2col", "naive")])
+def test_a_captured_training_step_replays_like_eager(conv_algo, attn_algo):
+    """The default algorithms, and the planned im2col convolution and materialising
+    attention (views made per call, several launches a step)."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     w_conv = (torch.randn(16, 3, 3, 3, device=dev) * 0.3).requires_grad_()
+    w_1x1 = (torch.randn(16, 16, 1, 1, device=dev) * 0.3).requires_grad_()
     w_out = (torch.randn(16, 10, device=dev) * 0.3).requires_grad_()
-    params = (w_conv, w_out)
+    params = (w_conv, w_1x1, w_out)
+    algos = dict(conv_algo=conv_algo, attn_algo=attn_algo)
     static_x = torch.randn(4, 3, 8, 8, device=dev)
     static_t = torch.randint(0, 10, (4,), device=dev)
 
@@ -42,14 +49,14 @@ def test_a_captured_training_step_replays_like_eager():
         for _ in range(3):
             for p in params:
                 p.grad = None
-            _step(static_x, static_t, *params).backward()
+            _step(static_x, static_t, *params, **algos).backward()
     torch.cuda.current_stream().wait_stream(side)
 
     graph = torch.cuda.CUDAGraph()
     for p in params:
         p.grad = None
     with torch.cuda.graph(graph):
-        static_loss = _step(static_x, static_t, *params)
+        static_loss = _step(static_x, static_t, *params, **algos)
         static_loss.backward()
 
     for seed in (1, 2):
@@ -63,7 +70,7 @@ def test_a_captured_training_step_replays_like_eager():
         replayed = [static_loss.clone()] + [p.grad.clone() for p in params]
 
         eager = [q.detach().clone().requires_grad_() for q in params]
-        loss = _step(x, t, *eager)
+        loss = _step(x, t, *eager, **algos)
         loss.backward()
         assert_close(replayed[0], loss.detach(), torch.float32, reduction=64, tf32=True,
                      name="loss")
