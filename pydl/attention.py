@@ -340,6 +340,22 @@ class _NumbaAttention:
             dmask is not None, m, *tail)
 
     @staticmethod
+    @_env.emulated_launch
+    def weights(q, k, mask, mask_kind, is_causal, scale) -> torch.Tensor:
+        """The attention weights (B, H, L, S) in q's dtype (kernels/numba/attention.py
+        attention_weights), not differentiable: with the flash output, what
+        attention_with_weights returns on this backend."""
+        from .kernels.numba import attention as kn
+        B, H, L, _ = q.shape
+        p = new_output((B, H, L, k.shape[2]), q.dtype, q.device)
+        qa = numba_array(q)
+        m, mask_code = _numba_mask(mask)
+        launch_numba_1d(kn.attention_weights, B * H * L, q.device, qa, numba_array(k),
+                        m if m is not None else qa, numba_array(p), float(scale), mask_kind,
+                        mask_code, bool(is_causal), H // k.shape[1], kn.dtype_code(q.dtype))
+        return p
+
+    @staticmethod
     def dropout_mask(B, H, L, S, dropout_p, seed, device) -> torch.Tensor:
         """The keep mask (B, H, L, S) that forward and backward use for this seed."""
         from .kernels.numba import attention as kn
@@ -799,8 +815,8 @@ class _AttentionCall(AttentionKernels):
 
     def with_weights(self, query, key, value, attn_mask):
         """(output, attention weights (B, Hq, L, S)) for attention_with_weights: the triton
-        backend's naive kernels (its launches planned per signature), torch's ops on the
-        torch backend."""
+        backend's naive kernels (its launches planned per signature), the numba backend's
+        flash output and weights kernel, torch's ops on the torch backend."""
         q, k, v, mask = self._views(query, key, value, attn_mask)
         if self.name == "triton":
             out, weights = apply(NaiveAttentionFunction, q, k, v, mask, self.mask_kind,
@@ -816,6 +832,11 @@ class _AttentionCall(AttentionKernels):
                 s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
             weights = torch.softmax(s, -1).nan_to_num(0.0)
             out = weights @ vv
+        elif self.name == "numba":      # the flash output, the weights by a kernel of their own
+            out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale, 0.0,
+                            self.algo)
+            weights = _NumbaAttention.weights(q, k, mask, self.mask_kind, self.is_causal,
+                                              self.scale)
         else:
             raise NotImplementedError(f"attention weights need a materialising kernel, which "
                                       f"the {self.name!r} backend does not have; use "
@@ -897,7 +918,8 @@ def attention_with_weights(query, key, value, attn_mask=None, is_causal=False, s
                            enable_gqa=False, *, backend=None):
     """(output, attention weights (B, Hq, L, S)) without dropout, for callers that need the
     weights (nn.MultiheadAttention's need_weights=True): the triton backend's naive variant,
-    or torch's own ops on the "torch" backend."""
+    the numba backend's flash output and a weights kernel, or torch's own ops on the "torch"
+    backend. The weights are not differentiable (as torch's: the output carries the graph)."""
     query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
     call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, 0.0,
                        bool(is_causal), scale, enable_gqa, backend, None)

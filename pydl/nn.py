@@ -116,7 +116,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     Same constructor arguments and state_dict. The input and output projections are torch's
     linear layers, as in torch's module; the attention itself is pydl.scaled_dot_product_attention
-    (the flash kernels; need_weights=True uses algo="naive", which materialises the weights).
+    (the flash kernels; need_weights=True uses algo="naive", which materialises the weights;
+    on the numba backend the flash output and a weights kernel).
     Masks keep torch.nn.MultiheadAttention's convention: a True in a boolean attn_mask or
     key_padding_mask means "do not attend". add_bias_kv and add_zero_attn are not supported.
     """

@@ -343,16 +343,21 @@ def test_attention_beyond_int32_offsets():
 
 # --- nn.MultiheadAttention ------------------------------------------------------------------
 
-@pytest.mark.parametrize("need_weights", [False, True], ids=["flash", "weights"])
+@pytest.mark.parametrize("backend,need_weights", [("triton", False), ("triton", True),
+                                                  ("numba", True)],
+                         ids=["flash", "weights", "numba-weights"])
 @pytest.mark.parametrize("config", ["plain", "batch_first_kpm", "kdim_vdim_bool_mask", "float_mask",
                                     "unbatched"])
-def test_multihead_attention_is_drop_in(config, need_weights):
+def test_multihead_attention_is_drop_in(config, backend, need_weights):
+    """torch.nn.MultiheadAttention's outputs, weights (need_weights=True: the triton backend's
+    materialising kernels; on numba the flash output and a weights kernel of its own) and
+    parameter gradients."""
     E, H, N, L, S = 32, 4, 2, 7, 9
     kw = dict(batch_first=config == "batch_first_kpm")
     if config == "kdim_vdim_bool_mask":
         kw.update(kdim=24, vdim=20)
     theirs = torch.nn.MultiheadAttention(E, H, **kw).to(DEVICE)
-    ours = pydl.nn.MultiheadAttention(E, H, device=DEVICE, backend="triton", **kw)
+    ours = pydl.nn.MultiheadAttention(E, H, device=DEVICE, backend=backend, **kw)
     assert isinstance(ours, torch.nn.MultiheadAttention)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     ours.load_state_dict(theirs.state_dict())

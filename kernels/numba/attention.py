@@ -145,6 +145,74 @@ def attention_dropout_mask(keep, seed, threshold):
             keep[bh, i, j] = 1 if _dropout_keep(base, i * S + j, threshold) else 0
 
 
+@cuda.jit
+def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group, code):
+    """p[b, h, i, j] = the softmax over j of the scores `_score` defines (0 where a key is
+    hidden; a row with no visible key all 0), in p's dtype: the attention weights
+    MultiheadAttention(need_weights=True) returns beside the flash output. One thread per row
+    (b, h, i), grid-stride; three passes over the row's keys (max, sum, write), each score
+    computed again: a materialised extra output, simple rather than fast. q (B, H, L, E),
+    k (B, HKV, S, E), group = H // HKV; a NaN score makes its row NaN, as torch's softmax."""
+    B = q.shape[0]
+    H = q.shape[1]
+    L = q.shape[2]
+    E = q.shape[3]
+    S = k.shape[2]
+    total = int64(B) * H * L
+    for r in range(thread_index(), total, grid_threads()):
+        b = r // (H * L)
+        i = r - b * (H * L)
+        h = i // L
+        i -= h * L
+        hk = h // group
+        m = NEG_INF
+        for j in range(S):
+            visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                       is_causal, code)
+            if visible and s > m:
+                m = s
+        total_exp = ZERO
+        for j in range(S):
+            visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                       is_causal, code)
+            if visible:
+                total_exp += math.exp(s - m) if m != NEG_INF else ZERO
+        for j in range(S):
+            visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                       is_causal, code)
+            w = ZERO
+            if visible and m != NEG_INF:
+                w = math.exp(s - m) / total_exp
+            if code == BF16:
+                p[b, h, i, j] = f32_to_bf16_bits(w)
+            else:
+                p[b, h, i, j] = w
+
+
+@device
+def _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code, is_causal, code):
+    """`_score` of (i, j) with q's row i of head h and k's row j of head hk read from global
+    memory (decoded from bf16 where code says so)."""
+    visible = not (is_causal and j > i)
+    if visible and mask_kind == MASK_BOOL:
+        visible = mask[b, h, i, j] != 0
+    if not visible:
+        return False, NEG_INF
+    acc = ZERO
+    for d in range(E):
+        if code == BF16:
+            acc += bf16_bits_to_f32(q[b, h, i, d]) * bf16_bits_to_f32(k[b, hk, j, d])
+        else:
+            acc += float32(q[b, h, i, d]) * float32(k[b, hk, j, d])
+    s = acc * sc
+    if mask_kind == MASK_FLOAT:
+        if mask_code == BF16:
+            s += bf16_bits_to_f32(mask[b, h, i, j])
+        else:
+            s += mask[b, h, i, j]
+    return True, s
+
+
 # --- tiles -----------------------------------------------------------------------------------
 
 def tile_sizes(E: int, EV: int) -> tuple[int, int, int, int]:
