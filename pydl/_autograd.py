@@ -68,4 +68,11 @@ def without_double_backward(op: str, backward, ctx, *grad_outputs):
     return out[0] if single else tuple(out)
 
 
-__all__ = ["without_double_backward", "no_double_backward_message"]
+def raises_on_backward(tensor: torch.Tensor, message: str) -> torch.Tensor:
+    """`tensor` (computed without a graph) as the output of a node whose backward raises
+    RuntimeError(message): for a result a backend cannot differentiate that torch's version
+    can, so that a loss on it fails instead of its share of the gradient going missing."""
+    return _NotDifferentiable.apply(message, tensor.detach().requires_grad_(True))[0]
+
+
+__all__ = ["without_double_backward", "no_double_backward_message", "raises_on_backward"]

@@ -23,7 +23,7 @@ from . import _env
 from . import _launch
 from . import attention_hopper, attention_onepass
 from . import _tune as tune
-from ._autograd import without_double_backward
+from ._autograd import raises_on_backward, without_double_backward
 from ._checks import check_tensor
 from ._gemm import gemm_plan_on
 from ._library import autocast_inputs, empty_like_shape, kernel_op
@@ -269,6 +269,13 @@ class _TritonAttention:
         kt.attention_dropout_mask[(cdiv(L, 16), B * H)](keep, L, S, dropout_p, seed,
                                                         BLOCK_M=16, BLOCK_N=16)
         return keep.bool()
+
+
+_NUMBA_WEIGHTS_NO_GRAD = (
+    "the attention weights of pydl's numba backend (MultiheadAttention with need_weights=True, "
+    "attention_with_weights) are computed by a kernel without a backward, so a loss on them "
+    "cannot reach the query and key as it does in torch; use backend='triton', whose weights "
+    "are differentiable, or detach the weights")
 
 
 def _numba_grid(n_items: int) -> int:
@@ -542,29 +549,33 @@ def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale):
     return run
 
 
-@kernel_op("attention_naive_bwd", lambda q, k, v, p, do, mask, scale, mask_grad: (
+@kernel_op("attention_naive_bwd", lambda q, k, v, p, do, dw, mask, scale, mask_grad: (
     empty_like_shape(q), empty_like_shape(k), empty_like_shape(v), _mask_grad_fake(q, mask, mask_grad)))
 def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
-                         mask: Optional[Tensor], scale: float,
+                         dw: Optional[Tensor], mask: Optional[Tensor], scale: float,
                          mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty)."""
-    key = _key("naive_bwd", q, k, v, p, do, scale=scale)
-    dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, p, do, scale)(q, k, v, p, do)
+    """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty); dw: the
+    gradient of the weights P the forward returned, or None."""
+    key = _key("naive_bwd", q, k, v, p, do, dw, scale=scale)
+    dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, p, do, dw, scale)(
+        q, k, v, p, do, dw)
     dmask = ds.view(p.shape).to(mask.dtype) if mask_grad else torch.empty(0, device=q.device)
     return dq, dk, dv, dmask
 
 
-def _plan_naive_bwd(q, k, v, p, do, scale):
-    """run(q, k, v, P, dO) -> (dq, dk, dv, dS) of algo="naive" for this signature: dV = P^T
-    dO, dP = dO V^T (fp32), dS = P * (dP - rowsum(dP * P)) (the softmax backward kernel over
-    rows of length S), dQ = dS K * scale, dK = dS^T Q * scale; GQA as in the forward, so dK
-    and dV sum over each K/V head's group inside their GEMMs."""
+def _plan_naive_bwd(q, k, v, p, do, dw, scale):
+    """run(q, k, v, P, dO, dW) -> (dq, dk, dv, dS) of algo="naive" for this signature: dV =
+    P^T dO, dP = dO V^T (+ dW, the weights' own gradient, when given: the GEMM's addend; fp32),
+    dS = P * (dP - rowsum(dP * P)) (the softmax backward kernel over rows of length S), dQ =
+    dS K * scale, dK = dS^T Q * scale; GQA as in the forward, so dK and dV sum over each K/V
+    head's group inside their GEMMs."""
     from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
     B, H, L, S = p.shape
     HKV, E, EV = k.shape[1], q.shape[3], v.shape[3]
     rows = (B, HKV, H // HKV * L)
     qg, q_view = _grouped(q, (*rows, E))
     dog, do_view = _grouped(do, (*rows, EV))
+    dwg, dw_view = _grouped(dw, (*rows, S)) if dw is not None else (None, True)
     dev = q.device
     new_dv, new_dk = output_maker(v.shape, v.dtype, dev), output_maker(k.shape, k.dtype, dev)
     new_dp = output_maker((*rows, S), torch.float32, dev)
@@ -574,17 +585,18 @@ def _plan_naive_bwd(q, k, v, p, do, scale):
     q0, do0 = q if q_view else qg, do if do_view else dog
     dsg = ds.view(*rows, S)
     dv_gemm = gemm_plan_on((p, do0, dv, None, None), p.view(*rows, S), dog, dv, trans_a=True)
-    dp_gemm = gemm_plan_on((do0, v, dp, None, None), dog, v, dp, trans_b=True)
+    dp_gemm = gemm_plan_on((do0, v, dp, None, dw if dw_view else dwg), dog, v, dp,
+                           trans_b=True, addend=dwg)
     softmax = ROW_LAUNCHERS["triton"].plan_softmax_bwd(p.view(B * H * L, S, 1),
                                                        dp.view(B * H * L, S, 1), ds, False)
     dq_gemm = gemm_plan_on((ds, k, dq, None, None), dsg, k, dq, alpha=scale)
     dk_gemm = gemm_plan_on((ds, q0, dk, None, None), dsg, qg, dk, trans_a=True, alpha=scale)
 
-    def run(q, k, v, p, do):
+    def run(q, k, v, p, do, dw):
         dv, dk, dp, ds, dq = (fresh(m) for m in (new_dv, new_dk, new_dp, new_ds, new_dq))
         do = do if do_view else do.reshape(*rows, EV)
         dv_gemm(p, do, dv, None, None)
-        dp_gemm(do, v, dp, None, None)
+        dp_gemm(do, v, dp, None, dw if dw_view else dw.reshape(*rows, S))
         softmax(p, dp, ds)
         dq_gemm(ds, k, dq, None, None)
         dk_gemm(ds, q if q_view else q.reshape(*rows, E), dk, None, None)
@@ -606,22 +618,25 @@ class NaiveAttentionFunction(torch.autograd.Function):
         o, p = _attention_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale)
         ctx.save_for_backward(q, k, v, p, mask)
         ctx.scale = scale
-        ctx.mark_non_differentiable(p)
-        # the weights' gradient stays None: materialised, it would be a (B, H, L, S) tensor of
-        # zeros made by the engine every backward
+        # the weights are differentiable, as torch's; a gradient that reaches only one of the
+        # outputs leaves the other's None (materialised, the weights' would be a (B, H, L, S)
+        # tensor of zeros made by the engine every backward)
         ctx.set_materialize_grads(False)
         return o, p
 
     @staticmethod
-    def backward(ctx, do, _dweights):
-        if do is None:                   # only reached through the weights: nothing flows
+    def backward(ctx, do, dweights):
+        if do is None and dweights is None:
             return None, None, None, None, None, None, None
         if torch.is_grad_enabled():      # create_graph: no double backward, say so
             return without_double_backward("scaled_dot_product_attention",
-                                           NaiveAttentionFunction.backward, ctx, do, _dweights)
+                                           NaiveAttentionFunction.backward, ctx, do, dweights)
         q, k, v, p, mask = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, dmask = _attention_naive_bwd(q, k, v, p, do, mask, ctx.scale, mask_grad)
+        if do is None:                   # only the weights reach back: dO = 0
+            do = q.new_zeros(q.shape[:3] + v.shape[3:])
+        dq, dk, dv, dmask = _attention_naive_bwd(q, k, v, p, do, dweights, mask, ctx.scale,
+                                                 mask_grad)
         return dq, dk, dv, (dmask if mask_grad else None), None, None, None
 
 
@@ -837,6 +852,8 @@ class _AttentionCall(AttentionKernels):
                             self.algo)
             weights = _NumbaAttention.weights(q, k, mask, self.mask_kind, self.is_causal,
                                               self.scale)
+            if needs_graph(q, k, mask):     # torch's weights are differentiable: say so
+                weights = raises_on_backward(weights, _NUMBA_WEIGHTS_NO_GRAD)
         else:
             raise NotImplementedError(f"attention weights need a materialising kernel, which "
                                       f"the {self.name!r} backend does not have; use "

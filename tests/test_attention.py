@@ -394,3 +394,46 @@ def test_multihead_attention_is_drop_in(config, backend, need_weights):
 def test_multihead_attention_rejects_unsupported_options():
     with pytest.raises(NotImplementedError, match="add_bias_kv"):
         pydl.nn.MultiheadAttention(16, 2, add_bias_kv=True)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_attention_weights_are_differentiable(mask_kind):
+    """A loss on the weights attention_with_weights returns (nn.MultiheadAttention's
+    need_weights=True) reaches q, k (and a float mask) as in torch, alone or beside the
+    output's; GQA rows. The numba backend, whose weights kernel has no backward, raises
+    instead of dropping that share of the gradient."""
+    from pydl.attention import attention_with_weights
+    B, H, HKV, L, S, E = 2, 4, 2, 5, 7, 8
+    q = random_tensor((B, H, L, E), torch.float32, DEVICE)
+    k = random_tensor((B, HKV, S, E), torch.float32, DEVICE)
+    v = random_tensor((B, HKV, S, E), torch.float32, DEVICE)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(L, S, device=DEVICE) > 0.3
+        mask[:, 0] = True
+    elif mask_kind == "float":
+        mask = random_tensor((L, S), torch.float32, DEVICE)
+    go = random_tensor((B, H, L, E), torch.float32, DEVICE)
+    gw = random_tensor((B, H, L, S), torch.float32, DEVICE)
+    for losses in ("weights", "both"):
+        grads = []
+        for backend in ("triton", "torch"):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            m = mask.clone().requires_grad_() if mask_kind == "float" else mask
+            out, w = attention_with_weights(*leaves, attn_mask=m, enable_gqa=True,
+                                            backend=backend)
+            loss = (w * gw).sum() + ((out * go).sum() if losses == "both" else 0)
+            loss.backward()
+            grads.append([t.grad for t in leaves] + ([m.grad] if mask_kind == "float" else []))
+        for i, (ours, theirs) in enumerate(zip(*grads)):
+            if theirs is None:          # v: no gradient through the weights alone
+                assert ours is None or not ours.any(), i
+                continue
+            assert_close(ours, theirs, torch.float32, reduction=S * E, tf32=TF32,
+                         name=f"{losses}: gradient {i}")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, w = attention_with_weights(*leaves, attn_mask=mask, enable_gqa=True, backend="numba")
+    (out * go).sum().backward()                       # the output's gradient: fine
+    out, w = attention_with_weights(*leaves, attn_mask=mask, enable_gqa=True, backend="numba")
+    with pytest.raises(RuntimeError, match="numba backend.*no backward|cannot reach"):
+        ((out * go).sum() + (w * gw).sum()).backward()

@@ -86,7 +86,9 @@ def _attention_bwd_args():
 def _attention_naive_bwd_args():
     q, k, v, mask = _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), _x(1, 2, 5, 7)
     _, p = attention._attention_naive_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35)
-    return attention._attention_naive_bwd, (q, k, v, p, _x(1, 2, 5, 8), mask, 0.35, True)
+    # the weights' own gradient (B, H, L, S) beside the output's
+    return attention._attention_naive_bwd, (q, k, v, p, _x(1, 2, 5, 8), _x(1, 2, 5, 7), mask,
+                                            0.35, True)
 
 
 def _geom_conv():
