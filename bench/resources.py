@@ -450,12 +450,15 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
     mask broadcast over batch and heads, a float mask per batch, one that requires grad,
     dropout, grouped-query heads when HKV < H), naive (no mask, causal, bool and float masks,
     one that requires grad), flash_onepass (no mask, causal, grouped-query heads) and
-    flash_hopper where it runs (the same); and the dropout-mask kernel the tests compare
-    against."""
+    flash_hopper where it runs (the same), each where the current backend has it; the weights
+    MultiheadAttention(need_weights=True) returns (no mask, bool and float masks); and the
+    dropout-mask kernel the tests compare against."""
     def run():
         import torch
         import pydl
         from pydl import attention, attention_hopper
+        from pydl.backends import algorithms, current_backend
+        has = algorithms("scaled_dot_product_attention", current_backend())
 
         def qkv(hkv):
             return (_rand(B, H, L, E, dtype=dtype, grad=True),
@@ -465,7 +468,10 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
         sdpa = pydl.scaled_dot_product_attention
         bool_mask = torch.rand(L, S) > 0.3
         float_mask = _rand(B, 1, L, S, dtype=dtype)
-        for algo in ("flash", "naive"):
+        for kw in (dict(), dict(attn_mask=bool_mask), dict(attn_mask=float_mask)):
+            q, k, v = qkv(H)
+            _grad(attention.attention_with_weights(q, k, v, **kw)[0], [q, k, v])
+        for algo in [a for a in ("flash", "naive") if a in has]:
             for kw in (dict(), dict(is_causal=True), dict(attn_mask=bool_mask),
                        dict(attn_mask=float_mask)):
                 q, k, v = qkv(H)
@@ -475,11 +481,11 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
             _grad(sdpa(q, k, v, attn_mask=learned_bias, algo=algo), [q, k, v, learned_bias])
         q, k, v = qkv(H)
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
-        algos = ("flash", "naive", "flash_onepass")
-        for kw in (dict(), dict(is_causal=True)):
+        algos = tuple(a for a in ("flash", "naive", "flash_onepass") if a in has)
+        for kw in (dict(), dict(is_causal=True)) if "flash_onepass" in has else ():
             q, k, v = qkv(H)
             _grad(sdpa(q, k, v, algo="flash_onepass", **kw), [q, k, v])
-        if attention_hopper.unsupported(q, k, v, None, 0.0, 1.0) is None:
+        if "flash_hopper" in has and attention_hopper.unsupported(q, k, v, None, 0.0, 1.0) is None:
             algos += ("flash_hopper",)     # bf16, head dims 64 / 128 (the target is sm_90)
             for kw in (dict(), dict(is_causal=True)):
                 q, k, v = qkv(H)
@@ -488,7 +494,7 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
             for algo in algos:
                 q, k, v = qkv(HKV)
                 _grad(sdpa(q, k, v, is_causal=True, enable_gqa=True, algo=algo), [q, k, v])
-        attention.LAUNCHERS["triton"].dropout_mask(B, H, L, S, 0.1, 1234, q.device)
+        attention.LAUNCHERS[current_backend()].dropout_mask(B, H, L, S, 0.1, 1234, q.device)
     return run
 
 

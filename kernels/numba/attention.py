@@ -190,27 +190,26 @@ def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group,
 
 
 @device
+def _global_dot(x, b, h, i, y, hy, j, n, code):
+    """sum over d < n of x[b, h, i, d] * y[b, hy, j, d] in fp32, in order (rows of 4-D arrays
+    in global memory, decoded from bf16 where code says so)."""
+    acc = ZERO
+    for d in range(n):
+        if code == BF16:
+            acc += bf16_bits_to_f32(x[b, h, i, d]) * bf16_bits_to_f32(y[b, hy, j, d])
+        else:
+            acc += float32(x[b, h, i, d]) * float32(y[b, hy, j, d])
+    return acc
+
+
+@device
 def _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code, is_causal, code):
     """`_score` of (i, j) with q's row i of head h and k's row j of head hk read from global
     memory (decoded from bf16 where code says so)."""
-    visible = not (is_causal and j > i)
-    if visible and mask_kind == MASK_BOOL:
-        visible = mask[b, h, i, j] != 0
-    if not visible:
+    if _hidden(mask, b, h, i, j, mask_kind, is_causal):
         return False, NEG_INF
-    acc = ZERO
-    for d in range(E):
-        if code == BF16:
-            acc += bf16_bits_to_f32(q[b, h, i, d]) * bf16_bits_to_f32(k[b, hk, j, d])
-        else:
-            acc += float32(q[b, h, i, d]) * float32(k[b, hk, j, d])
-    s = acc * sc
-    if mask_kind == MASK_FLOAT:
-        if mask_code == BF16:
-            s += bf16_bits_to_f32(mask[b, h, i, j])
-        else:
-            s += mask[b, h, i, j]
-    return True, s
+    return True, _plus_mask(_global_dot(q, b, h, i, k, hk, j, E, code) * sc, mask, b, h, i, j,
+                            mask_kind, mask_code)
 
 
 # --- tiles -----------------------------------------------------------------------------------
@@ -310,18 +309,28 @@ def _dot(a, b, n):
 def _score(qrow, krow, E, sc, mask, b, h, row, col, mask_kind, mask_code, is_causal):
     """(visible, s) of score (row, col) of plane (b, h): s = (q . k) * sc plus a float mask, or
     (False, -inf) where the causal or the boolean mask hides key col from query row."""
-    visible = not (is_causal and col > row)
-    if visible and mask_kind == MASK_BOOL:
-        visible = mask[b, h, row, col] != 0
-    if not visible:
+    if _hidden(mask, b, h, row, col, mask_kind, is_causal):
         return False, NEG_INF
-    s = _dot(qrow, krow, E) * sc
+    return True, _plus_mask(_dot(qrow, krow, E) * sc, mask, b, h, row, col, mask_kind,
+                            mask_code)
+
+
+@device
+def _hidden(mask, b, h, row, col, mask_kind, is_causal):
+    """Whether the causal or the boolean mask hides key col from query row of plane (b, h)."""
+    if is_causal and col > row:
+        return True
+    return mask_kind == MASK_BOOL and mask[b, h, row, col] == 0
+
+
+@device
+def _plus_mask(s, mask, b, h, row, col, mask_kind, mask_code):
+    """Score s plus the float mask's (row, col) entry (none for other masks)."""
     if mask_kind == MASK_FLOAT:
         if mask_code == BF16:
-            s += bf16_bits_to_f32(mask[b, h, row, col])
-        else:
-            s += mask[b, h, row, col]
-    return True, s
+            return s + bf16_bits_to_f32(mask[b, h, row, col])
+        return s + mask[b, h, row, col]
+    return s
 
 
 @device
@@ -479,13 +488,7 @@ def delta_kernel(o, do, delta, code):
         i = r - bh * L
         b = bh // H
         h = bh - b * H
-        acc = ZERO
-        for d in range(EV):
-            if code == BF16:
-                acc += bf16_bits_to_f32(o[b, h, i, d]) * bf16_bits_to_f32(do[b, h, i, d])
-            else:
-                acc += float32(o[b, h, i, d]) * float32(do[b, h, i, d])
-        delta[bh, i] = acc
+        delta[bh, i] = _global_dot(o, b, h, i, do, h, i, EV, code)
 
 
 def dq_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
