@@ -107,8 +107,8 @@ def stubbed_launches():
     # that path too, with the current device and stream reads of CUDA builds stubbed.
     old_device, old_keep, kept = (_plan._DEVICE_INDEX, _plan._RAW_STREAM), _plan.Launch._keep, []
 
-    def keep(launch, compiled, tensors):
-        old_keep(launch, compiled, tensors)
+    def keep(launch, compiled, tensors, dynamic):
+        old_keep(launch, compiled, tensors, dynamic)
         kept.append(launch)
 
     _plan._DEVICE_INDEX, _plan._RAW_STREAM = (lambda: 0), (lambda device: 0)

@@ -195,14 +195,18 @@ class Launch:
     with the new tensors in place of the old when nothing it was specialised on can differ:
     the scalars and constexprs are fixed here, the tensors' dtypes are fixed by the caller's
     key (a Launch cache's key must hold the dtype of every tensor argument), and the one thing
-    left, each tensor's 16-byte alignment, is compared (a mismatch, a
-    per-call keyword scalar, another current device or a launch hook set by a profiler take
-    Triton's path). `checked`: the positions of the tensor arguments whose alignment can
-    differ between calls, where a launch knows the others repeat one of them (a placeholder
-    passed for an absent tensor) or are its own buffers (arrival counters); default all."""
+    left, each tensor's 16-byte alignment, is compared (a mismatch, another current device or
+    a launch hook set by a profiler take Triton's path). A per-call keyword scalar (the
+    dropout seed) takes the direct path too, in its place in the argument list, where the
+    kernel does not specialise on it (`do_not_specialize`: a kernel compiled for the first
+    call's value, say 1 or a multiple of 16, could be wrong for another); elsewhere, and when
+    the keywords differ from the first call's, Triton's. `checked`: the positions of the
+    tensor arguments whose alignment can differ between calls, where a launch knows the others
+    repeat one of them (a placeholder passed for an absent tensor) or are its own buffers
+    (arrival counters); default all."""
 
     __slots__ = ("run", "scalars", "consts", "kernel", "grid", "compiled", "tail", "aligned",
-                 "device", "checked")
+                 "device", "checked", "per_call")
 
     def __init__(self, kernel, grid: tuple, scalars: tuple, consts: dict,
                  checked: tuple | None = None):
@@ -216,31 +220,53 @@ class Launch:
 
     def __call__(self, *tensors, **dynamic) -> None:
         c = self.compiled
-        if c is not None and not dynamic:
-            if _alignment(tensors if self.checked is None else self.checked(tensors)) \
-                    == self.aligned and _no_hooks() \
-                    and _DEVICE_INDEX() == self.device:
+        if c is not None:
+            per_call = self.per_call
+            if (not dynamic and not per_call or dynamic and dynamic.keys() == per_call.keys()) \
+                    and _alignment(tensors if self.checked is None else self.checked(tensors)) \
+                    == self.aligned and _no_hooks() and _DEVICE_INDEX() == self.device:
+                tail = self.tail
+                if dynamic:
+                    tail = list(tail)
+                    for name, value in dynamic.items():
+                        tail[per_call[name]] = value
                 g = self.grid
                 c.run(g[0], g[1], g[2], _RAW_STREAM(self.device),
-                      c.function, c.packed_metadata, None, None, None, *tensors, *self.tail)
+                      c.function, c.packed_metadata, None, None, None, *tensors, *tail)
                 return
         k = self.run(*tensors, *self.scalars, **dynamic, **self.consts)
-        if c is None and DIRECT and not dynamic and hasattr(k, "packed_metadata") \
+        if c is None and DIRECT and hasattr(k, "packed_metadata") \
                 and hasattr(self.kernel, "fn"):      # a JITFunction (not a wrapper around one)
-            self._keep(k, tensors)
+            self._keep(k, tensors, dynamic)
 
-    def _keep(self, compiled, tensors) -> None:
+    def _keep(self, compiled, tensors, dynamic: dict) -> None:
         """The argument list after the tensors, in the kernel's parameter order with its
-        defaults, as JITFunction.run passes it to the compiled kernel."""
+        defaults, as JITFunction.run passes it to the compiled kernel, and where in it each
+        per-call keyword goes (none kept when the kernel specialises on one)."""
         import inspect
         sig = inspect.signature(self.kernel.fn)
+        if not set(dynamic) <= _unspecialised(self.kernel, list(sig.parameters)):
+            return
         params = [n for n in self.consts if n in sig.parameters]       # not launch options
-        bound = sig.bind(*tensors, *self.scalars, **{n: self.consts[n] for n in params})
+        bound = sig.bind(*tensors, *self.scalars, **dynamic,
+                         **{n: self.consts[n] for n in params})
         bound.apply_defaults()
+        names = list(bound.arguments)[len(tensors):]
+        self.per_call = {n: names.index(n) for n in dynamic}
         self.tail = tuple(bound.arguments.values())[len(tensors):]
         self.aligned = _alignment(tensors if self.checked is None else self.checked(tensors))
         self.device = _DEVICE_INDEX()
         self.compiled = compiled
+
+
+def _unspecialised(kernel, names: list) -> set:
+    """The parameters (of those `names`) `kernel` is not specialised on: its
+    do_not_specialize, by name or position (a JITFunction's attribute, or the keyword an
+    interpreted one keeps)."""
+    marked = getattr(kernel, "do_not_specialize", None)
+    if marked is None:
+        marked = getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
+    return {names[m] if isinstance(m, int) else m for m in marked}
 
 
 _DATA_PTR = torch.Tensor.data_ptr

@@ -167,6 +167,11 @@ def _probe(x_ptr, y_ptr, n, m, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
     pass
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _probe_seeded(x_ptr, n, seed, BLOCK: tl.constexpr):
+    pass
+
+
 def test_direct_launch_passes_what_triton_would(monkeypatch):
     """The GPU's direct launch (pydl._plan.Launch after its first launch), driven by a fake
     compiled kernel: the launcher gets the grid, the current stream, and exactly the argument
@@ -220,6 +225,22 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
     assert len(jit_calls) == 4 and Compiled.calls[-1][9].data_ptr() == ws[1:].data_ptr()
     launch(ws, out2[1:])                                  # checked: Triton again
     assert len(jit_calls) == 5
+    # a per-call keyword scalar the kernel does not specialise on (the dropout seed): direct,
+    # in its place among the arguments; one it specialises on: always Triton's path
+    launch = _plan.Launch(_probe_seeded, (7,), (99,), consts)
+    launch.run = jit_run
+    launch(ws, seed=5)
+    launch(ws2, seed=1)                                   # == 1: no specialisation to break
+    assert len(jit_calls) == 6 and Compiled.calls[-1][9:] == (ws2, 99, 1, 128)
+    launch(ws2, seed=77)
+    assert len(jit_calls) == 6 and Compiled.calls[-1][9:] == (ws2, 99, 77, 128)
+    launch(ws2)                                           # another argument list: Triton's
+    assert len(jit_calls) == 7
+    launch = _plan.Launch(_probe, (7,), (3,), consts)
+    launch.run = jit_run
+    launch(ws, out, m=4)
+    launch(ws, out, m=5)
+    assert len(jit_calls) == 9                            # m is specialised on: never direct
 
 
 def test_direct_launch_steps_aside_for_launch_hooks():
@@ -274,3 +295,25 @@ def test_recurrence_checks_the_alignment_of_every_tensor_it_is_given(algo):
     # the input projection's GEMM does not read h0; every recurrence launch does (the first
     # step's or the whole sequence's)
     assert off.launches == before.launches and off.direct < off.launches
+
+
+def test_attention_with_dropout_takes_the_direct_path():
+    """The dropout seed changes every call, passed by keyword; the kernels do not specialise
+    on it, so the forward and the backward's three launches still take the direct path. (The
+    forward draws the seed from torch's default CPU generator, a randint and its .item(), and
+    the backward reads it from the CPU scalar the forward saved: the counter lists those
+    reads though no device takes part.)"""
+    q = torch.randn(1, 2, 16, 16, requires_grad=True)
+    with overhead.stubbed_launches(), poisoned_outputs(False):
+        def fwd():
+            return pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+        out = fwd()
+        fwd()
+        f = overhead.counted(fwd)
+        g = torch.ones_like(out)
+        with torch.no_grad():
+            out.grad_fn.apply(g)
+            out.grad_fn.apply(g)
+            b = overhead.counted(lambda: out.grad_fn.apply(g))
+    assert (f.launches, f.direct) == (1, 1), f.aten_ops
+    assert (b.launches, b.direct, b.aten) == (3, 3, 0), b.aten_ops

@@ -201,7 +201,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, m_base, sk_n, sk_d, sv_n, sv_d, s
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])   # a new value every call with dropout
 def attention_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
     sq_b, sq_h, sq_m, sq_d,            # query strides (B, Hq, L, E)
@@ -377,7 +377,7 @@ def _dkdv_head(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr, delta
     return dk, dvacc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])   # a new value every call with dropout
 def attention_bwd_dkdv(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr,
     sq_b, sq_h, sq_m, sq_d,
@@ -438,7 +438,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, m_base, dm_base, sk_n, sk_d
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])   # a new value every call with dropout
 def attention_bwd_dq(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr, dmask_ptr,
     sq_b, sq_h, sq_m, sq_d,
