@@ -221,15 +221,10 @@ class Launch:
     def __call__(self, *tensors, **dynamic) -> None:
         c = self.compiled
         if c is not None:
-            per_call = self.per_call
-            if (not dynamic and not per_call or dynamic and dynamic.keys() == per_call.keys()) \
+            tail = self.tail if not dynamic and not self.per_call else self._tail(dynamic)
+            if tail is not None \
                     and _alignment(tensors if self.checked is None else self.checked(tensors)) \
                     == self.aligned and _no_hooks() and _DEVICE_INDEX() == self.device:
-                tail = self.tail
-                if dynamic:
-                    tail = list(tail)
-                    for name, value in dynamic.items():
-                        tail[per_call[name]] = value
                 g = self.grid
                 c.run(g[0], g[1], g[2], _RAW_STREAM(self.device),
                       c.function, c.packed_metadata, None, None, None, *tensors, *tail)
@@ -239,13 +234,29 @@ class Launch:
                 and hasattr(self.kernel, "fn"):      # a JITFunction (not a wrapper around one)
             self._keep(k, tensors, dynamic)
 
+    def _tail(self, dynamic: dict):
+        """The kept argument list with this call's per-call keywords in their places; None
+        where they are not the kept call's keywords, or one is not an int32 (Triton types an
+        unspecialised int by its range: another value compiles another kernel)."""
+        per_call = self.per_call
+        if dynamic.keys() != per_call.keys():
+            return None
+        tail = list(self.tail)
+        for name, value in dynamic.items():
+            if not _int32(value):
+                return None
+            tail[per_call[name]] = value
+        return tail
+
     def _keep(self, compiled, tensors, dynamic: dict) -> None:
         """The argument list after the tensors, in the kernel's parameter order with its
         defaults, as JITFunction.run passes it to the compiled kernel, and where in it each
-        per-call keyword goes (none kept when the kernel specialises on one)."""
+        per-call keyword goes (none kept when the kernel specialises on one, or one is not an
+        int32)."""
         import inspect
         sig = inspect.signature(self.kernel.fn)
-        if not set(dynamic) <= _unspecialised(self.kernel, list(sig.parameters)):
+        if not set(dynamic) <= _unspecialised(self.kernel, list(sig.parameters)) \
+                or not all(map(_int32, dynamic.values())):
             return
         params = [n for n in self.consts if n in sig.parameters]       # not launch options
         bound = sig.bind(*tensors, *self.scalars, **dynamic,
@@ -257,6 +268,10 @@ class Launch:
         self.aligned = _alignment(tensors if self.checked is None else self.checked(tensors))
         self.device = _DEVICE_INDEX()
         self.compiled = compiled
+
+
+def _int32(value) -> bool:
+    return type(value) is int and -2 ** 31 <= value < 2 ** 31
 
 
 def _unspecialised(kernel, names: list) -> set:

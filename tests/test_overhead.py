@@ -236,11 +236,13 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
     assert len(jit_calls) == 6 and Compiled.calls[-1][9:] == (ws2, 99, 77, 128)
     launch(ws2)                                           # another argument list: Triton's
     assert len(jit_calls) == 7
+    launch(ws2, seed=2 ** 31)                             # an int64: another kernel, Triton's
+    assert len(jit_calls) == 8
     launch = _plan.Launch(_probe, (7,), (3,), consts)
     launch.run = jit_run
     launch(ws, out, m=4)
     launch(ws, out, m=5)
-    assert len(jit_calls) == 9                            # m is specialised on: never direct
+    assert len(jit_calls) == 10                           # m is specialised on: never direct
 
 
 def test_direct_launch_steps_aside_for_launch_hooks():
