@@ -446,12 +446,7 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, 
     target:       class probabilities, (outer, C, inner) array, any strides
     weight:       (C,) class weights, fp32; unread unless has_weight
     lse, mass:    fp32 (rows,) logsumexp and S per row, from the forward
-    grad:         the upstream gradient, a (1, N, 1) array of the loss's dtype (x's); row
-                  r's is grad[0, r * grad_stride, 0]
-    grad_stride:  1 for per-row gradients (reduction "none"; the array carries the tensor's
-                  strides), 0 to broadcast grad[0, 0, 0]
-    denom:        fp32 (1,): the mean's denominator (loss_reduce's); read only with `mean`
-    mean:         divide the upstream gradient by denom[0] (reduction "mean")
+    grad, grad_stride, denom, mean: the upstream gradient, as cross_entropy_bwd takes it
     dx:           output, (outer, C, inner) array of x's dtype
     dtarget:      output, (outer, C, inner) array of target's dtype; written only with target_grad
     inner:        size of axis 2 (rows = outer * inner)
