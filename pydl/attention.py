@@ -110,11 +110,18 @@ def _key(kernel: str, *tensors, **options) -> tuple:
             tensors[0].device, input_precision(tensors[0].dtype), *options.values())
 
 
-def backward_delta(o, do) -> torch.Tensor:
-    """delta (B * H, L) = rowsum(dO * O), the flash backwards' first kernel."""
-    delta = new_output((o.shape[0] * o.shape[1], o.shape[2]), torch.float32, o.device)
-    _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)(o, do, delta)
-    return delta
+def plan_delta(o, do):
+    """run(o, do) -> delta (B * H, L) = rowsum(dO * O), the flash backwards' first kernel, for
+    tensors of these shapes and strides: its output's allocation and its launch fixed."""
+    B, H, L, _ = o.shape
+    new_delta = output_maker((B * H, L), torch.float32, o.device)
+    launch = _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)
+
+    def run(o, do):
+        delta = fresh(new_delta)
+        launch(o, do, delta)
+        return delta
+    return run
 
 
 def _plan_delta(o, do) -> Launch:
@@ -204,10 +211,8 @@ class _TritonAttention:
     @staticmethod
     def _backward_run(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
                       dropout_p, dmask):
-        B, H, L, _ = o.shape
-        new_delta = output_maker((B * H, L), torch.float32, o.device)
-        delta = fresh(new_delta)
-        pre = _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)
+        delta_of = plan_delta(o, do)
+        delta = delta_of(o, do)         # the tuner's trials run on the real rows
         m = mask if mask is not None else q
         options = dict(kind=mask_kind, causal=is_causal, scale=scale, dropout=dropout_p)
         dkdv = _seeded(_LAUNCHES.get(
@@ -221,8 +226,7 @@ class _TritonAttention:
             mask, mask_kind, is_causal, scale, dropout_p), dropout_p)
 
         def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
-            delta = fresh(new_delta)
-            pre(o, do, delta)
+            delta = delta_of(o, do)
             m = q if mask is None else mask
             dkdv(q, k, v, do, lse, delta, m, dk, dv, seed)
             dq_launch(q, k, v, do, lse, delta, m, dq, dq if dmask is None else dmask, seed)

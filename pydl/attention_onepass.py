@@ -12,7 +12,7 @@ import torch
 
 from . import _env
 from . import _tune as tune
-from ._launch import cdiv, dot_block, fresh, input_precision, next_power_of_2, output_maker
+from ._launch import cdiv, dot_block, input_precision, next_power_of_2
 from ._plan import Launch
 
 LAUNCHER = "triton:flash_onepass"     # key of pydl.attention.LAUNCHERS for this algo
@@ -77,14 +77,12 @@ class OnePassAttention:
 
 
 def _backward_run(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float):
-    from .attention import _LAUNCHES, _key, _plan_delta
+    from .attention import plan_delta
     from .kernels.triton import attention_onepass as k1
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    new_delta = output_maker((B * H, L), torch.float32, q.device)
-    delta = fresh(new_delta)
-    pre = _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)
-    pre(o, do, delta)                   # the tuner's trials then run on the real rows
+    delta_of = plan_delta(o, do)
+    delta = delta_of(o, do)             # the tuner's trials run on the real rows
     acc_shape = (B * H, L, E)
     dq_acc = torch.zeros(acc_shape, dtype=torch.float32, device=q.device)
     scalars = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -102,8 +100,7 @@ def _backward_run(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float
                      dict(BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(E))))
 
     def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
-        delta = fresh(new_delta)
-        pre(o, do, delta)
+        delta = delta_of(o, do)
         dq_acc = torch.zeros(acc_shape, dtype=torch.float32, device=q.device)
         main(q, k, v, do, lse, delta, dk, dv, dq_acc)
         convert(dq_acc, dq)
