@@ -110,27 +110,35 @@ def _key(kernel: str, *tensors, **options) -> tuple:
             tensors[0].device, input_precision(tensors[0].dtype), *options.values())
 
 
-def plan_delta(o, do):
-    """run(o, do) -> delta (B * H, L) = rowsum(dO * O), the flash backwards' first kernel, for
-    tensors of these shapes and strides: its output's allocation and its launch fixed."""
+def plan_delta(o, do, acc_e: int = 0):
+    """run(o, do) -> (delta, dq_acc) for tensors of these shapes and strides, the flash
+    backwards' first kernel, its outputs' allocation and its launch fixed: delta (B * H, L) =
+    rowsum(dO * O); with acc_e > 0 (the single-pass backward) dq_acc, an fp32 (B * H, L, acc_e)
+    accumulator the same launch zeroes, else None."""
     B, H, L, _ = o.shape
     new_delta = output_maker((B * H, L), torch.float32, o.device)
-    launch = _LAUNCHES.get(_key("delta", o, do), _plan_delta, o, do)
+    new_acc = output_maker((B * H, L, acc_e), torch.float32, o.device) if acc_e else None
+    launch = _LAUNCHES.get(_key("delta", o, do, acc_e=acc_e), _plan_delta, o, do, acc_e)
 
     def run(o, do):
         delta = fresh(new_delta)
-        launch(o, do, delta)
-        return delta
+        if new_acc is None:
+            launch(o, do, delta, delta)     # the accumulator's place: not read
+            return delta, None
+        acc = fresh(new_acc)   # poisoned in the tests: the launch must zero every element
+        launch(o, do, delta, acc)
+        return delta, acc
     return run
 
 
-def _plan_delta(o, do) -> Launch:
+def _plan_delta(o, do, acc_e: int) -> Launch:
     from .kernels.triton import attention as kt
     B, H, L, EV = o.shape
     pre = dict(_blocks(EV, EV), BLOCK_M=16 if _env.INTERPRET else 64)
+    zero = dict(ZERO_DQ=True, BLOCK_D=max(16, next_power_of_2(acc_e))) if acc_e else {}
     return Launch(kt.attention_bwd_preprocess, (cdiv(L, pre["BLOCK_M"]), B * H),
-                  (*o.stride(), *do.stride(), H, L, EV),
-                  dict(BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"]))
+                  (*o.stride(), *do.stride(), H, L, acc_e, EV),
+                  dict(BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"], **zero))
 
 
 def _seeded(launch: Launch, dropout_p: float):
@@ -212,7 +220,7 @@ class _TritonAttention:
     def _backward_run(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
                       dropout_p, dmask):
         delta_of = plan_delta(o, do)
-        delta = delta_of(o, do)         # the tuner's trials run on the real rows
+        delta, _ = delta_of(o, do)      # the tuner's trials run on the real rows
         m = mask if mask is not None else q
         options = dict(kind=mask_kind, causal=is_causal, scale=scale, dropout=dropout_p)
         dkdv = _seeded(_LAUNCHES.get(
@@ -226,7 +234,7 @@ class _TritonAttention:
             mask, mask_kind, is_causal, scale, dropout_p), dropout_p)
 
         def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
-            delta = delta_of(o, do)
+            delta, _ = delta_of(o, do)
             m = q if mask is None else mask
             dkdv(q, k, v, do, lse, delta, m, dk, dv, seed)
             dq_launch(q, k, v, do, lse, delta, m, dq, dq if dmask is None else dmask, seed)

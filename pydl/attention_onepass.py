@@ -81,10 +81,8 @@ def _backward_run(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float
     from .kernels.triton import attention_onepass as k1
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    delta_of = plan_delta(o, do)
-    delta = delta_of(o, do)             # the tuner's trials run on the real rows
-    acc_shape = (B * H, L, E)
-    dq_acc = torch.zeros(acc_shape, dtype=torch.float32, device=q.device)
+    delta_of = plan_delta(o, do, acc_e=E)     # the delta and a zeroed fp32 dQ accumulator
+    delta, dq_acc = delta_of(o, do)           # the tuner's trials run on the real rows
     scalars = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
                H, HKV, L, S, E, EV, H // HKV, scale)
     consts = dict(IS_CAUSAL=is_causal, INPUT_PRECISION=input_precision(q.dtype))
@@ -100,8 +98,7 @@ def _backward_run(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float
                      dict(BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(E))))
 
     def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
-        delta = delta_of(o, do)
-        dq_acc = torch.zeros(acc_shape, dtype=torch.float32, device=q.device)
+        delta, dq_acc = delta_of(o, do)
         main(q, k, v, do, lse, delta, dk, dv, dq_acc)
         convert(dq_acc, dq)
     return run

@@ -278,18 +278,25 @@ def attention_fwd(
 
 @triton.jit
 def attention_bwd_preprocess(
-    o_ptr, do_ptr, delta_ptr,
+    o_ptr, do_ptr, delta_ptr, dq_acc_ptr,
     so_b, so_h, so_m, so_d,
     sdo_b, sdo_h, sdo_m, sdo_d,
-    H, L, EV,
+    H, L, E, EV,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ZERO_DQ: tl.constexpr = False, BLOCK_D: tl.constexpr = 16,
 ):
-    """delta[bh, i] = sum_d dO[i, d] * O[i, d] (= sum_j P_ij dP_ij)."""
+    """delta[bh, i] = sum_d dO[i, d] * O[i, d] (= sum_j P_ij dP_ij); with ZERO_DQ (the
+    single-pass backward, attention_onepass.py) also the same rows of its fp32 dQ accumulator
+    dq_acc (B * H, L, E) set to zero, which saves that backward a fill launch. Without it
+    dq_acc_ptr and E are not read."""
     _, bh, b, h, _, rows = _query_program(H, 1, BLOCK_M)
     dv = tl.arange(0, BLOCK_DV)
     o = _load_tile(o_ptr + b * so_b + h * so_h, rows, dv, so_m, so_d, L, EV).to(tl.float32)
     do = _load_tile(do_ptr + b * sdo_b + h * sdo_h, rows, dv, sdo_m, sdo_d, L, EV).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rows < L)
+    if ZERO_DQ:
+        _store_tile(dq_acc_ptr + bh.to(tl.int64) * L * E, rows, tl.arange(0, BLOCK_D), E, 1, L,
+                    E, tl.zeros([BLOCK_M, BLOCK_D], tl.float32))
 
 
 @triton.jit

@@ -19,8 +19,8 @@ key block as rows; dQ's has the query step, which must then be 64 for wgmma). Ma
 the tiles that can hold a hidden score (causal diagonal, partial last tiles).
 
 Scope (the host refuses the rest): no attention mask, no dropout; causal or not, grouped-
-query heads, any head dims and layouts. Inputs: the forward's lse and the preprocess's delta
-(attention.py's `attention_bwd_preprocess`).
+query heads, any head dims and layouts. Inputs: the forward's lse, and the preprocess's delta
+and zeroed dQ accumulator (attention.py's `attention_bwd_preprocess` with ZERO_DQ).
 """
 import triton
 import triton.language as tl
