@@ -1094,8 +1094,9 @@ def measure(rows: list[dict], workers: int, keep_sass: bool = False) -> list[dic
 # --- output ------------------------------------------------------------------------------------
 
 def _config_text(cfg: dict) -> str:
-    return " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}{v}" for k, v in cfg.items()
-                    if k.startswith("BLOCK") or k == "STAGES")
+    short = {"STAGES": "STAGES", "SPLIT_WAVES": "waves"}      # e.g. M64 N64 K64 waves4
+    return " ".join(f"{k[6:] if k.startswith('BLOCK_') else short[k]}{v}"
+                    for k, v in cfg.items() if k.startswith("BLOCK") or k in short)
 
 
 def _spill_bytes(r: dict) -> int:

@@ -137,18 +137,25 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     if flat_n:
         candidates = [c for c in candidates if c is default or
                       c["BLOCK_N"] * c["BLOCK_K"] <= 16 * 32 * c.get("num_warps", 4)]
+    if direction == "bwd_weight":
+        # each tile also at the other split-K target (the launch reads SPLIT_WAVES)
+        candidates += [dict(c, SPLIT_WAVES=w) for w in SPLIT_WAVES[1:] for c in candidates]
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
            g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
 
 
-# Split-K of the weight gradient: enough programs to fill the GPU twice over, each summing at
-# least SPLIT_MIN_STEPS K steps, at most SPLIT_MAX splits (the last program of a tile sums the
-# tile's partials, two at a time, after the others: its L2 round trips end the kernel), with
-# a workspace of at most SPLIT_WORKSPACE_ELEMS fp32 partials. In emulation the "GPU" has SIM_SMS
-# multiprocessors, so small test shapes split too.
+# Split-K of the weight gradient: enough programs to fill the GPU `waves` times over (2 by
+# default; the tuner also tries 4: the 64 x 64 tiles on 4 warps take 128 registers and 48 KiB,
+# so 4 fit on a multiprocessor, and at 2 the SMs' schedulers have half as many warps to hide
+# the K loop's latency with), each summing at least SPLIT_MIN_STEPS K steps, at most
+# SPLIT_MAX splits per 2 waves (the last program of a tile sums the tile's partials, two at a
+# time, after the others: its L2 round trips end the kernel), with a workspace of at most
+# SPLIT_WORKSPACE_ELEMS fp32 partials. In emulation the "GPU" has SIM_SMS multiprocessors, so
+# small test shapes split too.
 SPLIT_MIN_STEPS = 4
 SPLIT_MAX = 32
+SPLIT_WAVES = (2, 4)        # the default, then the tuner's alternative (config key SPLIT_WAVES)
 SPLIT_WORKSPACE_ELEMS = 16 * 2**20
 SIM_SMS = 2
 
@@ -170,11 +177,13 @@ def _reduce_rows(cfg: dict) -> int:
     return max(1, min(cfg["BLOCK_M"], 32 * 32 * cfg.get("num_warps", 4) // cfg["BLOCK_N"]))
 
 
-def _split_k(tiles: int, P: int, block_k: int, numel: int, device) -> tuple[int, int]:
+def _split_k(tiles: int, P: int, block_k: int, numel: int, device,
+             waves: int = SPLIT_WAVES[0]) -> tuple[int, int]:
     """(splits, pixels per split, a multiple of block_k) for a grad weight of `tiles` output
-    tiles (`numel` elements in all, tiles padded to whole blocks) summing P pixels."""
-    want = cdiv(2 * _multiprocessors(device), tiles)
-    split = max(1, min(want, SPLIT_MAX, P // (SPLIT_MIN_STEPS * block_k),
+    tiles (`numel` elements in all, tiles padded to whole blocks) summing P pixels, aiming at
+    `waves` programs a multiprocessor."""
+    want = cdiv(waves * _multiprocessors(device), tiles)
+    split = max(1, min(want, SPLIT_MAX * waves // 2, P // (SPLIT_MIN_STEPS * block_k),
                        SPLIT_WORKSPACE_ELEMS // numel))
     p_split = cdiv(cdiv(P, split), block_k) * block_k
     return cdiv(P, p_split), p_split
@@ -344,10 +353,13 @@ class _TritonImplicit(_Launcher):
                       INPUT_PRECISION=_input_precision(dy.dtype))
 
         def launch(cfg):
+            cfg = dict(cfg)
+            waves = cfg.pop("SPLIT_WAVES", SPLIT_WAVES[0])      # the host's, not a constexpr
             bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
             cols = cdiv(g.CG * g.KH * g.KW, bn) if flat_n else g.KH * g.KW * cdiv(g.CG, bn)
             tiles = cdiv(g.OCG, bm) * cols * g.groups
-            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], tiles * bm * bn, dw.device)
+            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], tiles * bm * bn, dw.device,
+                                      waves)
             main = Launch(k.conv2d_implicit_bwd_weight, (cdiv(g.OCG, bm), cols, g.groups * split),
                           (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
                            *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),

@@ -241,6 +241,36 @@ def test_implicit_grad_weight_split_k(monkeypatch, case):
     assert all((s - 1) * p < 189 <= s * p for s, p in splits)
 
 
+def test_implicit_grad_weight_split_waves_candidate(monkeypatch):
+    """The grad weight's tuning space holds every tile also at SPLIT_WAVES = 4 (twice the
+    programs a multiprocessor of the default): that candidate launches more splits than the
+    default and gives the same gradient (the tuner's choice; emulation runs the default)."""
+    import pydl.conv as conv_mod
+    tuner = conv_mod.IMPLICIT_TUNERS["bwd_weight"]
+    x = random_tensor((3, 4, 9, 7), torch.float32, DEVICE)
+    w = random_tensor((6, 4, 3, 3), torch.float32, DEVICE, scale=0.3)
+    monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
+    monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device: 1)
+    real = conv_mod._split_k
+    for waves in conv_mod.SPLIT_WAVES:
+        picked, splits = [], []
+        monkeypatch.setattr(conv_mod, "_split_k",
+                            lambda *a, **k: splits.append(real(*a, **k)) or splits[-1])
+        monkeypatch.setattr(tuner, "pick", lambda key, candidates, launch, inout=(), want=waves: (
+            picked.append(candidates) or next(c for c in candidates
+                                              if c.get("SPLIT_WAVES", 2) == want)))
+        clear_plans()
+        check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1)
+        assert any("SPLIT_WAVES" not in c for c in picked[0])
+        assert {c.get("SPLIT_WAVES", 2) for c in picked[0]} == set(conv_mod.SPLIT_WAVES)
+        assert splits
+        if waves == 2:
+            default_split = splits[-1][0]
+        else:
+            assert splits[-1][0] > default_split >= 1, (splits, default_split)
+    clear_plans()
+
+
 def _small_tiles(monkeypatch, block=16):
     """Every implicit-GEMM tile `block` wide in M, N and K, and every layer on the (kh, kw,
     channel block) paths (no FLAT_K / FLAT_N): small test layers then have several channel
