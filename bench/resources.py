@@ -847,14 +847,17 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                             add_once(row(base, name or fn.fn.__name__, fn,
                                          None if name is None else 0, cfg, grid, args, kwargs))
                         continue
-                    tuned_fns, untuned = set(), {}
-                    for tuner, candidates, launch, _ in picks:
+                    tuned_fns, untuned, routed = set(), {}, []
+                    for tuner, candidates, launch, _ in picks:    # grows: a route's own picks
                         for i, cfg in enumerate(candidates):
                             sink.clear()
                             launch(cfg)
                             calls = list(sink)
                             if not calls:
                                 raise RuntimeError(f"{tuner}: launch({cfg}) launched no kernel")
+                            if "ROUTE" in cfg:      # another algorithm's kernels, by their names
+                                routed += calls
+                                continue
                             fn, grid, args, kwargs = calls[0]
                             tuned_fns.add(fn)
                             r = row(base, tuner, fn, i, dict(cfg), grid, args, kwargs)
@@ -862,7 +865,7 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                             seen.add(_job_key(r["job"]))
                             for call in calls[1:]:          # e.g. the split-K reduction
                                 untuned.setdefault(call[0].fn.__name__, []).append(call)
-                    for call in direct:
+                    for call in direct + routed:
                         if call[0] not in tuned_fns:         # e.g. attention_bwd_preprocess
                             untuned.setdefault(call[0].fn.__name__, []).append(call)
                     for name, calls in untuned.items():

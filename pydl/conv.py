@@ -106,15 +106,27 @@ def _stride_phases(g: ConvGeometry) -> int:
     return g.SH * g.SW
 
 
+def _grad_input_routes(g: ConvGeometry) -> tuple:
+    """The grad input's alternatives to the implicit kernel, for the tuner: with few channels
+    (FLAT taps: the RGB stem) its output tile is CG columns padded to 16 (3 of 16 useful at the
+    stem) over OC x KH x KW deep K steps; the im2col algorithm's dcols = dY @ W has the
+    (kh, kw, c) columns dense (147 at the stem) and one K step of OC, then a col2im gather, at
+    the price of an fp32 workspace (chunked, at most IM2COL_WORKSPACE_BYTES). Measured on a
+    GPU by the tuner (bench/TUNING.md v7); never the default."""
+    return ("col2im",) if _flat_taps(g) and g.groups == 1 else ()
+
+
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
 # dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
 IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
 
 
 def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n: int, k: int,
-                     launch) -> dict:
+                     launch, routes: tuple = ()) -> dict:
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
-    steps run over channels (forward, grad input) or pixels (grad weight)."""
+    steps run over channels (forward, grad input) or pixels (grad weight). `routes`: other
+    ways to the same result the tuner also times, as candidates {"ROUTE": name} that
+    `launch` runs (never the default)."""
     flat_n = direction == "bwd_weight" and _flat_taps(g)
     # the grad weight's 16-bit tap tiles step 64 deep: 168 registers a thread at 64 x 64 on 4
     # warps in the sm_90 compile, 3 programs a multiprocessor; 32 deep took 178, 2 of them
@@ -140,6 +152,7 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     if direction == "bwd_weight":
         # each tile also at the other split-K target (the launch reads SPLIT_WAVES)
         candidates += [dict(c, SPLIT_WAVES=w) for w in SPLIT_WAVES[1:] for c in candidates]
+    candidates += [{"ROUTE": r} for r in routes]
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
            g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
@@ -322,13 +335,19 @@ class _TritonImplicit(_Launcher):
         # with stride phases, each phase's pixels (n, h // SH, w // SW) are tiled apart
         phase_pixels = g.N * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else M
 
+        col2im = []     # the im2col algorithm's grad input, planned on first use
+
         def launch(cfg):
+            if cfg.get("ROUTE") == "col2im":
+                if not col2im:
+                    col2im.append(_TritonIm2col._plan_backward_input(dy, w, dx, g))
+                return col2im[0]
             grid = (phases * cdiv(phase_pixels, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]),
                     g.groups)
             return Launch(k.conv2d_implicit_bwd_input, grid, scalars, {**consts, **cfg})
 
         cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,
-                               lambda c: launch(c)(dy, w, dx))
+                               lambda c: launch(c)(dy, w, dx), _grad_input_routes(g))
         return launch(cfg)
 
     @staticmethod

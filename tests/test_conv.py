@@ -271,6 +271,41 @@ def test_implicit_grad_weight_split_waves_candidate(monkeypatch):
     clear_plans()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_implicit_grad_input_col2im_route(monkeypatch, layout):
+    """Few input channels (the RGB stem's FLAT taps): the grad input's tuning space also holds
+    the im2col algorithm's route (dY @ W, then col2im), never as the default; taken, it gives
+    torch's gradient and launches col2im. Layers with 16+ channels have no such candidate."""
+    import pydl.conv as conv_mod
+    from pydl.kernels.triton import conv as k
+    tuner = conv_mod.IMPLICIT_TUNERS["bwd_input"]
+    offered = []
+
+    def pick(key, candidates, launch, inout=()):
+        offered.append(candidates)
+        assert "ROUTE" not in candidates[0]
+        return next((c for c in candidates if "ROUTE" in c), candidates[0])
+    monkeypatch.setattr(tuner, "pick", pick)
+    launched = []
+    real = k.conv2d_col2im
+    monkeypatch.setattr(k, "conv2d_col2im", type("Spy", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())
+    clear_plans()
+    x = random_tensor((2, 3, 11, 9), torch.float32, DEVICE)
+    w = random_tensor((8, 3, 5, 5), torch.float32, DEVICE, scale=0.3)
+    if layout == "channels_last":
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    check_conv(x, w, None, "triton", "implicit", torch.float32, stride=2, padding=2)
+    assert [c["ROUTE"] for c in offered[0] if "ROUTE" in c] == ["col2im"] and launched
+    offered.clear()
+    clear_plans()
+    x = random_tensor((2, 16, 6, 6), torch.float32, DEVICE)
+    w = random_tensor((8, 16, 3, 3), torch.float32, DEVICE, scale=0.3)
+    check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1)
+    assert offered and not any("ROUTE" in c for c in offered[0])
+    clear_plans()
+
+
 def _small_tiles(monkeypatch, block=16):
     """Every implicit-GEMM tile `block` wide in M, N and K, and every layer on the (kh, kw,
     channel block) paths (no FLAT_K / FLAT_N): small test layers then have several channel
