@@ -230,17 +230,20 @@ def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None):
     return run
 
 
-def _conv_layer(C: int, OC: int, K: int, S: int, H: int, x_grad: bool = True):
+def _conv_layer(C: int, OC: int, K: int, S: int, H: int, x_grad: bool = True,
+                groups: int = 1):
     """A ResNet-50 convolution at batch 32 (bench/suites/conv.py), bf16, input and weight
     channels_last, through pydl.conv2d forward and backward as the benchmark runs it: its
-    upstream gradient comes from torch.randn, so it is NCHW."""
+    upstream gradient comes from torch.randn, so it is NCHW. groups = C: a depthwise layer
+    (MobileNetV2, ConvNeXt) at the same batch."""
     def run():
         import torch
         import pydl
         cl, bf = torch.channels_last, torch.bfloat16
         x = torch.empty(32, C, H, H, dtype=bf).contiguous(memory_format=cl)
-        w = torch.empty(OC, C, K, K, dtype=bf).contiguous(memory_format=cl).requires_grad_()
-        y = pydl.conv2d(x.requires_grad_(x_grad), w, None, S, K // 2)
+        w = torch.empty(OC, C // groups, K, K, dtype=bf).contiguous(
+            memory_format=cl).requires_grad_()
+        y = pydl.conv2d(x.requires_grad_(x_grad), w, None, S, K // 2, groups=groups)
         torch.autograd.grad(y, [x, w] if x_grad else [w], torch.empty(y.shape, dtype=bf))
     return run
 
@@ -280,6 +283,9 @@ PROBLEMS = (
     ("conv", "stem 7x7/2", _conv_layer(3, 64, 7, 2, 224, x_grad=False)),
     ("conv", "stem 7x7/2 +dx", _conv_layer(3, 64, 7, 2, 224)),
     ("conv", "l2-3x3s2-128", _conv_layer(128, 128, 3, 2, 56)),
+    ("conv", "mbv2 dw 3x3 32 112^2", _conv_layer(32, 32, 3, 1, 112, groups=32)),
+    ("conv", "mbv2 dw 3x3/2 144 56^2", _conv_layer(144, 144, 3, 2, 56, groups=144)),
+    ("conv", "convnext dw 7x7 96 56^2", _conv_layer(96, 96, 7, 1, 56, groups=96)),
     ("cross_entropy", "v32k bf16", _cross_entropy_vocab(8192, 32768)),
     ("softmax", "attn-2k bf16", _softmax_rows(32 * 2048, 2048)),
     ("softmax", "vocab-32k bf16", _softmax_rows(8192, 32768)),
@@ -642,6 +648,8 @@ def _coverage() -> tuple:
                 ("conv", f"{dt} {a} dw 3x3 32 cl",
                  _cov_conv(dt, algo, (2, 32, 16, 16), (32, 1, 3, 3), 1, 1, groups=32,
                            channels_last=True)),
+                ("conv", f"{dt} {a} dw 3x3/2 x2 12 nchw",
+                 _cov_conv(dt, algo, (2, 12, 15, 13), (24, 1, 3, 3), 2, 1, groups=12)),
                 ("conv", f"{dt} {a} 1x1 64>32 odd",
                  _cov_conv(dt, algo, (3, 64, 9, 7), (32, 64, 1, 1), bias=False)),
             ]

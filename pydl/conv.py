@@ -3,7 +3,9 @@
 Algorithms (`algo=`), each a handwritten kernel path:
   "implicit"  Triton implicit GEMM (kernels/triton/conv.py): input patches are gathered inside
               the GEMM's K loop, never materialised; backward passes are implicit GEMMs too.
-              The default for the triton backend.
+              Depthwise layers (groups == C_in) take direct kernels instead
+              (kernels/triton/conv_depthwise.py: no matrix product in them). The default for
+              the triton backend.
   "im2col"    Triton explicit im2col + tiled GEMM (kernels/triton/conv.py, kernels/triton/gemm.py):
               the column matrix of a chunk of images is materialised, then multiplied by the
               weight; grad input is a GEMM then a col2im gather, grad weight a GEMM. The batch
@@ -271,8 +273,11 @@ class _TritonImplicit(_Launcher):
 
     @staticmethod
     def _plan_forward(x, w, b, y, g: ConvGeometry):
-        """A callable (x, w, b or w, y): the implicit-GEMM kernel, or the GEMM for 1x1."""
+        """A callable (x, w, b or w, y): the implicit-GEMM kernel, or the GEMM for 1x1, or the
+        direct kernel of a depthwise layer."""
         from .kernels.triton import conv as k
+        if _depthwise(g):
+            return _TritonDepthwise.plan_forward(x, w, b, y, g)
         mats = _pointwise_matrices(g, x, y)
         if mats is not None:                            # 1x1: the shared, tuned GEMM
             wm, w0, weight = _weight_matrix_plan(w, g)
@@ -316,8 +321,11 @@ class _TritonImplicit(_Launcher):
 
     @staticmethod
     def _plan_backward_input(dy, w, dx, g: ConvGeometry):
-        """A callable (dy, w, dx): the implicit-GEMM kernel, or the GEMM for 1x1."""
+        """A callable (dy, w, dx): the implicit-GEMM kernel, or the GEMM for 1x1, or the
+        direct kernel of a depthwise layer."""
         from .kernels.triton import conv as k
+        if _depthwise(g):
+            return _TritonDepthwise.plan_backward_input(dy, w, dx, g)
         mats = _pointwise_matrices(g, dy, dx)
         if mats is not None:                            # 1x1: dX = dY @ W, the shared GEMM
             wm, w0, weight = _weight_matrix_plan(w, g)
@@ -364,8 +372,11 @@ class _TritonImplicit(_Launcher):
     @staticmethod
     def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
         """A callable (dy, x, dw): the split-K grad-weight kernel (fp32 partials summed by each
-        tile's last-arriving program), or the kernel straight into dw when one split suffices."""
+        tile's last-arriving program), or the kernel straight into dw when one split suffices;
+        the direct kernel of a depthwise layer."""
         from .kernels.triton import conv as k
+        if _depthwise(g):
+            return _TritonDepthwise.plan_backward_weight(dy, x, dw, g)
         P = g.N * g.OH * g.OW
         flat_n = _flat_taps(g)
         consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, FLAT_N=flat_n,
@@ -413,6 +424,128 @@ class _TritonImplicit(_Launcher):
         block_c = min(16, next_power_of_2(g.OC))
         return Launch(k.conv2d_bwd_bias, (cdiv(g.OC, block_c),),
                       (g.N, g.OC, g.OH, g.OW, *dy.stride()), dict(BLOCK_C=block_c, BLOCK_P=128))
+
+
+# --- Triton depthwise (direct) kernels, taken by "implicit" for depthwise layers --------------
+
+def _depthwise(g: ConvGeometry) -> bool:
+    """A depthwise layer: each output channel reads one input channel (groups == C_in > 1,
+    any channel multiplier C_out / C_in). The implicit algorithm runs it on direct kernels
+    (kernels/triton/conv_depthwise.py): its GEMM would be 1 useful column of 16."""
+    return g.groups > 1 and g.CG == 1
+
+
+DEPTHWISE_TUNERS = {d: Tuner(f"conv2d_depthwise_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
+
+
+def _depthwise_config(direction: str, g: ConvGeometry, t: torch.Tensor, channels: int,
+                      pixels: int, launch) -> dict:
+    """The [pixels x channels] tile of a depthwise kernel. channels_last (channels at unit
+    stride): channel vectors of up to 64 (16-byte loads of 8 16-bit values a thread), 2048
+    elements a tile on 4 warps; otherwise (NCHW: pixels along a row at unit stride) 4
+    channels x 256 pixels. The tuner also tries tiles twice as deep in each direction."""
+    cl = t.stride(1) == 1
+    bc = min(64, max(8, next_power_of_2(channels))) if cl else 4
+    bp = max(16, 2048 // bc)
+    space = [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp // 2, bc, 4)] if cl else \
+        [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp, bc // 2, 4)]
+    candidates = [dict(BLOCK_P=dot_block(pixels, p), BLOCK_C=max(1, min(c, next_power_of_2(
+        channels))), num_warps=w) for p, c, w in space]
+    key = (t.dtype, cl, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW, g.OCG, bucket(channels),
+           bucket(pixels))
+    return DEPTHWISE_TUNERS[direction].pick(key, candidates, launch)
+
+
+# Split of the depthwise weight gradient over pixel ranges: about DEPTHWISE_WAVES programs a
+# multiprocessor over all (tap, channel block) tiles, each range at least DEPTHWISE_MIN_STEPS
+# pixel blocks. A partial is one channel vector, so many ranges cost little to sum.
+DEPTHWISE_WAVES = 8
+DEPTHWISE_MIN_STEPS = 4
+DEPTHWISE_SPLIT_MAX = 1024
+
+
+def _depthwise_split(tiles: int, P: int, block_p: int, device) -> tuple[int, int]:
+    """(ranges, pixels a range, a multiple of block_p) for `tiles` (tap, channel block) tiles
+    summing P output pixels."""
+    want = cdiv(DEPTHWISE_WAVES * _multiprocessors(device), tiles)
+    split = max(1, min(want, DEPTHWISE_SPLIT_MAX, P // (DEPTHWISE_MIN_STEPS * block_p)))
+    p_split = cdiv(cdiv(P, split), block_p) * block_p
+    return cdiv(P, p_split), p_split
+
+
+def _depthwise_args(g: ConvGeometry) -> tuple:
+    return (g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+
+
+def _weight_strides(w: torch.Tensor) -> tuple:
+    """A depthwise weight's (OC, 1, KH, KW) strides without the unit axis."""
+    return w.stride(0), w.stride(2), w.stride(3)
+
+
+class _TritonDepthwise:
+    """The depthwise plans _TritonImplicit's return for `_depthwise` geometries (callables of
+    the same arguments as its own)."""
+
+    @staticmethod
+    def plan_forward(x, w, b, y, g: ConvGeometry):
+        from .kernels.triton import conv_depthwise as k
+        if b is not None and b.stride(0) != 1:
+            # the kernel reads the bias at unit stride: a strided one (a view) is copied
+            launch = _TritonDepthwise.plan_forward(x, w, b.contiguous(), y, g)
+            return lambda x, w, b, y: launch(x, w, b.contiguous(), y)
+        P = g.N * g.OH * g.OW
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *_weight_strides(w),
+                   *y.stride(), *_depthwise_args(g))
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, HAS_BIAS=b is not None)
+
+        def launch(cfg):
+            return Launch(k.conv2d_depthwise_fwd, (cdiv(P, cfg["BLOCK_P"]),
+                                                   cdiv(g.OC, cfg["BLOCK_C"])),
+                          scalars, {**consts, **cfg})
+        bias = w if b is None else b
+        return launch(_depthwise_config("fwd", g, x, g.OC, P,
+                                        lambda c: launch(c)(x, w, bias, y)))
+
+    @staticmethod
+    def plan_backward_input(dy, w, dx, g: ConvGeometry):
+        from .kernels.triton import conv_depthwise as k
+        P = g.N * g.H * g.W
+        scalars = (g.N, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *_weight_strides(w),
+                   *dx.stride(), *_depthwise_args(g))
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG)
+
+        def launch(cfg):
+            return Launch(k.conv2d_depthwise_bwd_input, (cdiv(P, cfg["BLOCK_P"]),
+                                                         cdiv(g.C, cfg["BLOCK_C"])),
+                          scalars, {**consts, **cfg})
+        return launch(_depthwise_config("bwd_input", g, dx, g.C, P,
+                                        lambda c: launch(c)(dy, w, dx)))
+
+    @staticmethod
+    def plan_backward_weight(dy, x, dw, g: ConvGeometry):
+        from .kernels.triton import conv_depthwise as k
+        P = g.N * g.OH * g.OW
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
+                   *_weight_strides(dw), *_depthwise_args(g))
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG)
+
+        def launch(cfg):
+            tiles = g.KH * g.KW * cdiv(g.OC, cfg["BLOCK_C"])
+            split, p_split = _depthwise_split(tiles, P, cfg["BLOCK_P"], dw.device)
+            main = Launch(k.conv2d_depthwise_bwd_weight,
+                          (g.KH * g.KW, cdiv(g.OC, cfg["BLOCK_C"]), split), scalars,
+                          {**consts, "SPLIT": split, "P_SPLIT": p_split, **cfg})
+            if split == 1:
+                return lambda dy, x, dw: main(dy, x, dw, dw, dw)   # placeholders: never read
+            new_parts = output_maker((tiles * split * cfg["BLOCK_C"],), torch.float32,
+                                     dw.device)
+
+            def run(dy, x, dw):
+                # fp32 partials; a tile's last-arriving program sums them in range order
+                main(dy, x, dw, new_parts(), arrival_counters(dw.device, tiles))
+            return run
+        return launch(_depthwise_config("bwd_weight", g, dy, g.OC, P,
+                                        lambda c: launch(c)(dy, x, dw)))
 
 
 # --- Triton explicit im2col + GEMM -----------------------------------------------------------

@@ -429,7 +429,7 @@ def test_flop_and_byte_conventions():
     stem = next(c for c in conv.cases("quick") if c.name == "stem")
     fwd = 2 * 32 * 64 * 112 * 112 * 3 * 7 * 7
     assert [conv.flops(stem, d) for d in ("fwd", "bwd", "fwd+bwd")] == [fwd, 2 * fwd, 3 * fwd]
-    assert conv.options(stem) == {"stride": 2, "padding": 3}
+    assert conv.options(stem) == {"stride": 2, "padding": 3, "groups": 1}
     # the 23 distinct layers of ResNet-50 in bf16, then in fp32, then the quick ones in NCHW
     assert len(conv.cases("full")) == 23 + 23 + 6
     attn = s["attention"]
@@ -582,9 +582,9 @@ def test_gpu_path_binds_case_options_and_sets_cudnn_benchmark(monkeypatch):
     def spy():
         fn = real_torch_fn()
 
-        def wrapped(x, w, stride, padding):
+        def wrapped(x, w, stride, padding, groups):
             seen.append((stride, padding, torch.backends.cudnn.benchmark))
-            return fn(x, w, stride, padding)
+            return fn(x, w, stride, padding, groups)
         return wrapped
 
     monkeypatch.setattr(conv, "torch_fn", spy)

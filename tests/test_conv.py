@@ -252,22 +252,22 @@ def test_implicit_grad_weight_split_waves_candidate(monkeypatch):
     monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
     monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device: 1)
     real = conv_mod._split_k
-    for waves in conv_mod.SPLIT_WAVES:
+
+    def run(waves):
+        """(the grad weight's candidates, the split of the one picked at `waves`)."""
         picked, splits = [], []
         monkeypatch.setattr(conv_mod, "_split_k",
                             lambda *a, **k: splits.append(real(*a, **k)) or splits[-1])
-        monkeypatch.setattr(tuner, "pick", lambda key, candidates, launch, inout=(), want=waves: (
+        monkeypatch.setattr(tuner, "pick", lambda key, candidates, launch, inout=(): (
             picked.append(candidates) or next(c for c in candidates
-                                              if c.get("SPLIT_WAVES", 2) == want)))
+                                              if c.get("SPLIT_WAVES", 2) == waves)))
         clear_plans()
         check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1)
         assert any("SPLIT_WAVES" not in c for c in picked[0])
         assert {c.get("SPLIT_WAVES", 2) for c in picked[0]} == set(conv_mod.SPLIT_WAVES)
-        assert splits
-        if waves == 2:
-            default_split = splits[-1][0]
-        else:
-            assert splits[-1][0] > default_split >= 1, (splits, default_split)
+        return splits[-1][0]
+    default_split, more = (run(waves) for waves in conv_mod.SPLIT_WAVES)
+    assert more > default_split >= 1, (more, default_split)
     clear_plans()
 
 
@@ -413,8 +413,6 @@ STRIDE_PHASE_CASES = {
                      torch.float16, "channels_last", 2),
     "s1x3_grouped": ((1, 4, 5, 11), (6, 2, 3, 3), dict(stride=(1, 3), padding=(1, 2), groups=2),
                      torch.float32, "nchw", 3),
-    "depthwise_s2": ((2, 4, 8, 7), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4),
-                     torch.float32, "channels_last", 4),
     # dilation keeps one tile of every phase (its taps per phase are not kh0 + i * SH)
     "dilated_s2": ((1, 3, 11, 10), (4, 3, 3, 3), dict(stride=2, padding=2, dilation=2),
                    torch.float32, "nchw", 1),
@@ -434,6 +432,68 @@ def _spy_grad_input_launches(monkeypatch) -> list:
             super().__init__(kernel, grid, scalars, consts)
     monkeypatch.setattr(conv_mod, "Launch", Spy)
     return seen
+
+
+# --- depthwise layers: the direct kernels ----------------------------------------------------
+
+# (input shape, weight shape, options, dtype, layout): strides, dilation, kernels 1 to 7,
+# asymmetric and "same" padding, a channel multiplier, odd sizes
+DEPTHWISE_CASES = {
+    "3x3_s1": ((2, 6, 7, 8), (6, 1, 3, 3), dict(padding=1, groups=6), torch.float32, "nchw"),
+    "3x3_s2": ((2, 8, 9, 7), (8, 1, 3, 3), dict(stride=2, padding=1, groups=8), torch.float16,
+               "channels_last"),
+    "5x5_dilated": ((1, 5, 11, 10), (5, 1, 5, 5), dict(padding=4, dilation=2, groups=5),
+                    torch.float32, "channels_last"),
+    "7x7_convnext": ((1, 4, 9, 9), (4, 1, 7, 7), dict(padding=3, groups=4), torch.float16,
+                     "nchw"),
+    "multiplier3_asym": ((2, 3, 8, 6), (9, 1, 3, 2), dict(stride=(2, 1), padding=(1, 0),
+                                                          groups=3),
+                         torch.float32, "channels_last"),
+    "same_even": ((1, 4, 6, 6), (4, 1, 4, 4), dict(padding="same", groups=4), torch.float32,
+                  "nchw"),
+    "1x1": ((2, 4, 5, 5), (4, 1, 1, 1), dict(groups=4), torch.float32, "channels_last"),
+}
+
+
+@pytest.mark.parametrize("split", ["one_range", "ranges"])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+def test_depthwise_direct_kernels(monkeypatch, case, split):
+    """A depthwise layer (groups == C_in) runs the direct kernels, forward, grad input and grad
+    weight (with bias), against the float64 reference and torch; "ranges" sums the weight
+    gradient over several pixel ranges, whose last-arriving program adds them (the counters
+    back at zero), on 16 x 4 tiles (several channel blocks, the last partial)."""
+    import pydl.conv as conv_mod
+    from pydl import _launch
+    from pydl.kernels.triton import conv_depthwise as kd
+    launched, splits = [], []
+
+    class Spy(conv_mod.Launch):
+        def __init__(self, kernel, grid, scalars, consts, checked=None):
+            launched.append(kernel)
+            if kernel is kd.conv2d_depthwise_bwd_weight:
+                splits.append(consts["SPLIT"])
+            super().__init__(kernel, grid, scalars, consts, checked)
+    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    if split == "ranges":
+        monkeypatch.setattr(conv_mod, "DEPTHWISE_MIN_STEPS", 1)
+        monkeypatch.setattr(conv_mod, "DEPTHWISE_WAVES", 1000)
+        monkeypatch.setattr(conv_mod, "_depthwise_config", lambda *a: dict(BLOCK_P=16,
+                                                                           BLOCK_C=4))
+    clear_plans()
+    xs, ws, opts, dtype, layout = DEPTHWISE_CASES[case]
+    x = random_tensor(xs, dtype, DEVICE)
+    w = random_tensor(ws, dtype, DEVICE, scale=0.5)
+    b = random_tensor((2 * ws[0],), dtype, DEVICE)[::2]        # a strided bias
+    if layout == "channels_last":
+        x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    check_conv(x, w, b, "triton", "implicit", dtype, **opts)
+    assert {kd.conv2d_depthwise_fwd, kd.conv2d_depthwise_bwd_input,
+            kd.conv2d_depthwise_bwd_weight} <= set(launched), launched
+    assert all(getattr(kn, "__name__", "").startswith("conv2d_depthwise") or "bias" in
+               getattr(kn, "__name__", "") for kn in launched), launched
+    assert splits and (splits[0] >= 2 if split == "ranges" else splits[0] == 1), splits
+    assert all(not c.any() for c in _launch._ARRIVALS.values())
+    clear_plans()
 
 
 def _unreached_pixels(H, W, KH, KW, opts) -> torch.Tensor:

@@ -51,6 +51,7 @@ class ConvCase(Case):
     stride: int = 1
     padding: int = 0
     channels_last: bool = True
+    groups: int = 1
 
     @property
     def geometry(self) -> tuple[int, int, int, int, int, int, int]:
@@ -138,7 +139,7 @@ class Conv2dSuite(Suite):
         return tuple(ALGOS.get(backend, ()))
 
     def options(self, case):
-        return {"stride": case.stride, "padding": case.padding}
+        return {"stride": case.stride, "padding": case.padding, "groups": case.groups}
 
     def make_inputs(self, case, dtype, device, generator):
         n, c, h, w = case.shape
@@ -146,42 +147,103 @@ class Conv2dSuite(Suite):
         # unit-variance weights: each output is a sum of C*K*K unit terms, as the gate's
         # tolerance model assumes (values grow like sqrt(C*K*K), far from fp16's range)
         x = randn((n, c, h, w), dtype, device, generator).contiguous(memory_format=fmt)
-        wt = randn((case.out_channels, c, case.kernel, case.kernel), dtype, device, generator)
+        wt = randn((case.out_channels, c // case.groups, case.kernel, case.kernel), dtype, device,
+                   generator)
         return x, wt.contiguous(memory_format=fmt)
 
     def pydl_fn(self, backend, algo=None):
         import pydl
-        return lambda x, w, stride, padding: pydl.conv2d(x, w, None, stride, padding,
-                                                         backend=backend, algo=algo)
+        return lambda x, w, stride, padding, groups: pydl.conv2d(
+            x, w, None, stride, padding, groups=groups, backend=backend, algo=algo)
 
     def torch_fn(self):
-        return lambda x, w, stride, padding: torch.nn.functional.conv2d(x, w, None, stride,
-                                                                        padding)
+        return lambda x, w, stride, padding, groups: torch.nn.functional.conv2d(
+            x, w, None, stride, padding, groups=groups)
 
     def tf32(self, dtype, device):
         return dtype == F32 and uses_tf32(device, cudnn=True)
 
     def reduction_length(self, case):
         _, c, _, k, _, _, _ = case.geometry
-        return c * k * k
+        return c // case.groups * k * k
 
     def reduction_lengths(self, case):
         n, c, oc, k, oh, ow, _ = case.geometry
-        # output: C K K terms; grad input: at most OC K K; grad weight: N OH OW
-        return (c * k * k, oc * k * k, n * oh * ow)
+        # output: C K K terms a group; grad input: at most OC K K a group; grad weight: N OH OW
+        return (c // case.groups * k * k, oc // case.groups * k * k, n * oh * ow)
 
     def flops(self, case, direction):
         n, c, oc, k, oh, ow, _ = case.geometry
-        fwd = 2 * n * oc * oh * ow * c * k * k
+        fwd = 2 * n * oc * oh * ow * (c // case.groups) * k * k
         return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[direction]
 
     def bytes(self, case, dtype, direction):
         n, c, oc, k, oh, ow, _ = case.geometry
         _, _, h, w = case.shape
-        x, wt, y = n * c * h * w, oc * c * k * k, n * oc * oh * ow
+        x, wt, y = n * c * h * w, oc * (c // case.groups) * k * k, n * oc * oh * ow
         fwd = x + wt + y
         bwd = y + x + wt + x + wt          # read dy, x, w; write dx, dw
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction] * dtype_size(dtype)
 
 
-SUITES = [Conv2dSuite()]
+# Depthwise convolutions (groups = channels): MobileNetV2's 3x3 and ConvNeXt-T's 7x7 (pad 3)
+# at batch 32, 224 x 224 input, bf16 channels_last: (name, channels, kernel, stride, input
+# size, where in the network). Memory-bound (2 * K * K FLOPs a 2-byte input element at most).
+DEPTHWISE = (
+    ("mbv2-dw-32", 32, 3, 1, 112, "MobileNetV2 features.1 (t=1, 112x112)"),
+    ("mbv2-dw-96s2", 96, 3, 2, 112, "MobileNetV2 features.2 (stride 2, 112 -> 56)"),
+    ("mbv2-dw-144", 144, 3, 1, 56, "MobileNetV2 features.3"),
+    ("mbv2-dw-144s2", 144, 3, 2, 56, "MobileNetV2 features.4 (stride 2, 56 -> 28)"),
+    ("mbv2-dw-192", 192, 3, 1, 28, "MobileNetV2 features.5-6"),
+    ("mbv2-dw-384", 384, 3, 1, 14, "MobileNetV2 features.8-10"),
+    ("mbv2-dw-576", 576, 3, 1, 14, "MobileNetV2 features.12-13"),
+    ("mbv2-dw-960", 960, 3, 1, 7, "MobileNetV2 features.15-16"),
+    ("convnext-dw7-96", 96, 7, 1, 56, "ConvNeXt-T stage 1 (7x7, pad 3)"),
+    ("convnext-dw7-192", 192, 7, 1, 28, "ConvNeXt-T stage 2"),
+    ("convnext-dw7-384", 384, 7, 1, 14, "ConvNeXt-T stage 3"),
+    ("convnext-dw7-768", 768, 7, 1, 7, "ConvNeXt-T stage 4"),
+)
+DEPTHWISE_QUICK = ("mbv2-dw-32", "mbv2-dw-96s2", "mbv2-dw-576", "convnext-dw7-96",
+                   "convnext-dw7-384")
+
+
+def _depthwise_case(row, channels_last=True, suffix="") -> ConvCase:
+    name, c, k, s, h, where = row
+    return ConvCase(name + suffix, (BATCH, c, h, h), BF16,
+                    f"{where}: depthwise {k}x{k}/{s}, {c} channels at {h}x{h}, pad {k // 2}; "
+                    f"batch {BATCH}, {'channels_last' if channels_last else 'NCHW'}",
+                    out_channels=c, kernel=k, stride=s, padding=k // 2,
+                    channels_last=channels_last, groups=c)
+
+
+_DW_BY_NAME = {row[0]: row for row in DEPTHWISE}
+DEPTHWISE_SHAPES: dict[str, tuple[Case, ...]] = {
+    "tiny": (
+        ConvCase("tiny-dw3x3", (2, 8, 7, 6), F32, "emulation check: depthwise 3x3/1 pad 1, 8 "
+                 "channels, NCHW", out_channels=8, kernel=3, stride=1, padding=1,
+                 channels_last=False, groups=8),
+        ConvCase("tiny-dw3x3s2", (2, 16, 9, 9), F16, "emulation check: depthwise 3x3/2 pad 1, "
+                 "16 channels, channels_last", out_channels=16, kernel=3, stride=2, padding=1,
+                 groups=16),
+    ),
+    "quick": tuple(_depthwise_case(_DW_BY_NAME[n]) for n in DEPTHWISE_QUICK),
+}
+DEPTHWISE_SHAPES["full"] = DEPTHWISE_SHAPES["quick"] + tuple(
+    _depthwise_case(row) for row in DEPTHWISE if row[0] not in DEPTHWISE_QUICK) + tuple(
+    _depthwise_case(_DW_BY_NAME[n], channels_last=False, suffix="-nchw")
+    for n in DEPTHWISE_QUICK)
+
+
+class DepthwiseConv2dSuite(Conv2dSuite):
+    """conv2d with groups = channels (pydl's implicit algorithm runs these on its direct
+    depthwise kernels), against cuDNN / ATen's depthwise kernels; memory-bound."""
+
+    def __init__(self):
+        Suite.__init__(
+            self, op="conv2d_depthwise", registry_op="conv2d", shape_sets=DEPTHWISE_SHAPES,
+            bound="memory", differentiable=(0, 1),
+            notes="conv2d(x, w, stride, padding, groups=C), no bias; grads of x and w",
+            algos={"triton": ("implicit", "im2col"), "numba": ("im2col",)})
+
+
+SUITES = [Conv2dSuite(), DepthwiseConv2dSuite()]

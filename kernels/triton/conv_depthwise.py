@@ -1,0 +1,157 @@
+"""Triton kernels for depthwise 2-D convolution: groups == C_in, so every output channel
+oc = ci * M + j (M = C_out / C_in, the channel multiplier) reads one input channel ci.
+
+Such a layer (MobileNet, EfficientNet, ConvNeXt's 7x7) has no matrix product in it: an
+implicit GEMM would be a K = KH*KW, N = M product per channel, 1 useful column of 16, with
+the channel's pixels gathered 2 bytes at a time from a channels_last tensor. These kernels
+are direct convolutions on [pixels x channels] tiles instead, which for channels_last
+inputs load contiguous channel vectors per tap (16 bytes a thread), and are memory-bound:
+
+  forward      y[n, oc, oh, ow] = b[oc] + sum_(kh, kw) x[n, ci, oh*SH - PH + kh*DH,
+                                                        ow*SW - PW + kw*DW] * w[oc, 0, kh, kw]
+  grad input   dx[n, ci, h, w] = sum_(j, kh, kw) dy[n, ci*M + j, oh, ow] * w[ci*M + j, 0, kh, kw]
+               over the windows that read (h, w) at (kh, kw) (a gather: no atomics)
+  grad weight  dw[oc, 0, kh, kw] = sum_(n, oh, ow) dy[n, oc, oh, ow] * x[n, ci, ih, iw]
+               one program per (tap, channel block, pixel range); the last program of a
+               (tap, channel block) to arrive sums the ranges' partials in order
+               (deterministic; _split.py)
+
+Every tensor comes with its strides (NCHW, channels_last and views alike); fp32
+accumulation, one rounding to the output's dtype.
+"""
+import triton
+import triton.language as tl
+
+from ._index import pixel_offsets, unravel3, window_of
+from ._split import arrive_last, sum_partials
+
+
+@triton.jit
+def conv2d_depthwise_fwd(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, OC, OH, OW,
+    sx_n, sx_c, sx_h, sx_w,             # input strides
+    sw_o, sw_h, sw_w,                   # weight strides (OC, 1, KH, KW): channel, row, column
+    sy_n, sy_c, sy_h, sy_w,             # output strides
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (cdiv(N*OH*OW, BLOCK_P), cdiv(OC, BLOCK_C)): a tile of output pixels x output
+    channels, summed over the window's taps."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)   # output pixels (n, oh, ow)
+    oc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < N * OH * OW
+    oc_ok = oc < OC
+    n, oh, ow = unravel3(p, OH, OW)
+    n = n.to(tl.int64)
+    ci = (oc // M).to(tl.int64)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for kh in range(KH):
+        h = oh * SH - PH + kh * DH
+        h_ok = p_ok & (h >= 0) & (h < H)
+        for kw in range(KW):
+            w = ow * SW - PW + kw * DW
+            ok = h_ok & (w >= 0) & (w < W)
+            xv = tl.load(x_ptr + pixel_offsets(n, h, w, ci, sx_n, sx_h, sx_w, sx_c),
+                         mask=ok[:, None] & oc_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + oc.to(tl.int64) * sw_o + kh * sw_h + kw * sw_w, mask=oc_ok,
+                         other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + pixel_offsets(n, oh, ow, oc.to(tl.int64), sy_n, sy_h, sy_w, sy_c),
+             acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & oc_ok[None, :])
+
+
+@triton.jit
+def conv2d_depthwise_bwd_input(
+    dy_ptr, w_ptr, dx_ptr,
+    N, C, H, W, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,         # upstream gradient strides (N, OC, OH, OW)
+    sw_o, sw_h, sw_w,
+    sdx_n, sdx_c, sdx_h, sdx_w,         # grad input strides
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (cdiv(N*H*W, BLOCK_P), cdiv(C, BLOCK_C)): a tile of input pixels x input channels,
+    each element the sum over the M output channels it feeds and the taps whose window reads
+    it (window_of: the output pixel, if any, that reads (h, w) at (kh, kw))."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)   # input pixels (n, h, w)
+    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < N * H * W
+    c_ok = ci < C
+    n, h, w = unravel3(p, H, W)
+    n = n.to(tl.int64)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for kh in range(KH):
+        oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
+        h_ok = p_ok & oh_ok
+        for kw in range(KW):
+            ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
+            ok = (h_ok & ow_ok)[:, None] & c_ok[None, :]
+            for j in range(M):
+                oc = (ci * M + j).to(tl.int64)
+                g = tl.load(dy_ptr + pixel_offsets(n, oh, ow, oc, sdy_n, sdy_h, sdy_w, sdy_c),
+                            mask=ok, other=0.0)
+                wv = tl.load(w_ptr + oc * sw_o + kh * sw_h + kw * sw_w, mask=c_ok, other=0.0)
+                acc += g.to(tl.float32) * wv.to(tl.float32)[None, :]
+    tl.store(dx_ptr + pixel_offsets(n, h, w, ci.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c),
+             acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def conv2d_depthwise_bwd_weight(
+    dy_ptr, x_ptr, dw_ptr, parts_ptr, arrivals_ptr,
+    N, C, H, W, OC, OH, OW,
+    sdy_n, sdy_c, sdy_h, sdy_w,
+    sx_n, sx_c, sx_h, sx_w,
+    sdw_o, sdw_h, sdw_w,                # grad weight strides (OC, 1, KH, KW)
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr,
+    SPLIT: tl.constexpr, P_SPLIT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (KH*KW, cdiv(OC, BLOCK_C), SPLIT): one tap of a channel block over output pixels
+    [s*P_SPLIT, (s+1)*P_SPLIT) (a multiple of BLOCK_P), the taps of one pixel range on
+    consecutive programs (they read the same dY rows, from L2 after the first). With SPLIT >
+    1 each program stores its fp32 partial (parts: (KH*KW*cdiv(OC, BLOCK_C), SPLIT,
+    BLOCK_C)) and the last of a (tap, channel block) to arrive writes their sum; SPLIT == 1
+    writes directly (parts and arrivals are not read)."""
+    tap = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    s = tl.program_id(2)
+    kh = tap // KW
+    kw = tap % KW
+    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    oc_ok = oc < OC
+    oc64 = oc.to(tl.int64)
+    ci = (oc // M).to(tl.int64)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    P = N * OH * OW
+    for p0 in range(s * P_SPLIT, s * P_SPLIT + P_SPLIT, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        n, oh, ow = unravel3(p, OH, OW)
+        n = n.to(tl.int64)
+        h = oh * SH - PH + kh * DH
+        w = ow * SW - PW + kw * DW
+        ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        g = tl.load(dy_ptr + pixel_offsets(n, oh, ow, oc64, sdy_n, sdy_h, sdy_w, sdy_c),
+                    mask=p_ok[:, None] & oc_ok[None, :], other=0.0)
+        xv = tl.load(x_ptr + pixel_offsets(n, h, w, ci, sx_n, sx_h, sx_w, sx_c),
+                     mask=ok[:, None] & oc_ok[None, :], other=0.0)
+        acc += g.to(tl.float32) * xv.to(tl.float32)
+    total = tl.sum(acc, 0)
+    dw = dw_ptr + oc64 * sdw_o + kh * sdw_h + kw * sdw_w
+    if SPLIT == 1:
+        tl.store(dw, total.to(dw_ptr.dtype.element_ty), mask=oc_ok)
+    else:
+        tile = tap * tl.num_programs(1) + pid_c
+        parts = parts_ptr + (tile * SPLIT).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        tl.store(parts + s * BLOCK_C, total)
+        if arrive_last(arrivals_ptr + tile, SPLIT):
+            total = sum_partials(parts, SPLIT, BLOCK_C, 4)
+            tl.store(dw, total.to(dw_ptr.dtype.element_ty), mask=oc_ok)
