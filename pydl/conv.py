@@ -465,8 +465,8 @@ DEPTHWISE_SPLIT_MAX = 1024
 
 
 def _depthwise_split(tiles: int, P: int, block_p: int, device) -> tuple[int, int]:
-    """(ranges, pixels a range, a multiple of block_p) for `tiles` (tap, channel block) tiles
-    summing P output pixels."""
+    """(ranges, pixels a range, a multiple of block_p) for `tiles` (kernel row, channel block)
+    tiles summing P output pixels."""
     want = cdiv(DEPTHWISE_WAVES * _multiprocessors(device), tiles)
     split = max(1, min(want, DEPTHWISE_SPLIT_MAX, P // (DEPTHWISE_MIN_STEPS * block_p)))
     p_split = cdiv(cdiv(P, split), block_p) * block_p
@@ -528,17 +528,20 @@ class _TritonDepthwise:
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
                    *_weight_strides(dw), *_depthwise_args(g))
         consts = dict(KH=g.KH, KW=g.KW, M=g.OCG)
+        block_kw = next_power_of_2(g.KW)
 
         def launch(cfg):
-            tiles = g.KH * g.KW * cdiv(g.OC, cfg["BLOCK_C"])
+            # a kernel row's taps share the tile: its pixels shrink to keep the elements
+            cfg = dict(cfg, BLOCK_KW=block_kw, BLOCK_P=max(2, cfg["BLOCK_P"] // block_kw))
+            tiles = g.KH * cdiv(g.OC, cfg["BLOCK_C"])
             split, p_split = _depthwise_split(tiles, P, cfg["BLOCK_P"], dw.device)
             main = Launch(k.conv2d_depthwise_bwd_weight,
-                          (g.KH * g.KW, cdiv(g.OC, cfg["BLOCK_C"]), split), scalars,
-                          {**consts, "SPLIT": split, "P_SPLIT": p_split, **cfg})
+                          (g.KH, cdiv(g.OC, cfg["BLOCK_C"]), split), (*scalars, split, p_split),
+                          {**consts, "ONE_RANGE": split == 1, **cfg})
             if split == 1:
                 return lambda dy, x, dw: main(dy, x, dw, dw, dw)   # placeholders: never read
-            new_parts = output_maker((tiles * split * cfg["BLOCK_C"],), torch.float32,
-                                     dw.device)
+            new_parts = output_maker((tiles * split * block_kw * cfg["BLOCK_C"],),
+                                     torch.float32, dw.device)
 
             def run(dy, x, dw):
                 # fp32 partials; a tile's last-arriving program sums them in range order

@@ -471,7 +471,7 @@ def test_depthwise_direct_kernels(monkeypatch, case, split):
         def __init__(self, kernel, grid, scalars, consts, checked=None):
             launched.append(kernel)
             if kernel is kd.conv2d_depthwise_bwd_weight:
-                splits.append(consts["SPLIT"])
+                splits.append(grid[2])
             super().__init__(kernel, grid, scalars, consts, checked)
     monkeypatch.setattr(conv_mod, "Launch", Spy)
     if split == "ranges":

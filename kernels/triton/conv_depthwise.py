@@ -12,9 +12,10 @@ inputs load contiguous channel vectors per tap (16 bytes a thread), and are memo
   grad input   dx[n, ci, h, w] = sum_(j, kh, kw) dy[n, ci*M + j, oh, ow] * w[ci*M + j, 0, kh, kw]
                over the windows that read (h, w) at (kh, kw) (a gather: no atomics)
   grad weight  dw[oc, 0, kh, kw] = sum_(n, oh, ow) dy[n, oc, oh, ow] * x[n, ci, ih, iw]
-               one program per (tap, channel block, pixel range); the last program of a
-               (tap, channel block) to arrive sums the ranges' partials in order
-               (deterministic; _split.py)
+               one program per (kernel row, channel block, pixel range), the row's taps
+               together (dY read once a row, not once a tap); the last program of a (row,
+               channel block) to arrive sums the ranges' partials in order (deterministic;
+               _split.py)
 
 Every tensor comes with its strides (NCHW, channels_last and views alike); fp32
 accumulation, one rounding to the output's dtype.
@@ -110,48 +111,57 @@ def conv2d_depthwise_bwd_weight(
     sx_n, sx_c, sx_h, sx_w,
     sdw_o, sdw_h, sdw_w,                # grad weight strides (OC, 1, KH, KW)
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr,
-    SPLIT: tl.constexpr, P_SPLIT: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT, P_SPLIT,                     # pixel ranges, pixels a range (runtime: one compiled
+                                        # kernel for every batch size, the sum not unrolled)
+    KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr, ONE_RANGE: tl.constexpr,
+    BLOCK_KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (KH*KW, cdiv(OC, BLOCK_C), SPLIT): one tap of a channel block over output pixels
-    [s*P_SPLIT, (s+1)*P_SPLIT) (a multiple of BLOCK_P), the taps of one pixel range on
-    consecutive programs (they read the same dY rows, from L2 after the first). With SPLIT >
-    1 each program stores its fp32 partial (parts: (KH*KW*cdiv(OC, BLOCK_C), SPLIT,
-    BLOCK_C)) and the last of a (tap, channel block) to arrive writes their sum; SPLIT == 1
-    writes directly (parts and arrivals are not read)."""
-    tap = tl.program_id(0)
+    """Grid (KH, cdiv(OC, BLOCK_C), SPLIT): one kernel row kh of a channel block, all its KW
+    taps at once, over output pixels [s*P_SPLIT, (s+1)*P_SPLIT) (a multiple of BLOCK_P). A
+    pixel block's dY tile is loaded once for the row's taps, and the input as one
+    [BLOCK_KW, BLOCK_P, BLOCK_C] gather whose taps overlap (mostly L1 hits); the products
+    are summed over pixels at the end. The rows of one pixel range are consecutive programs
+    (they read the same dY, from L2 after the first). With several ranges each program stores
+    its fp32 partial (parts: (KH*cdiv(OC, BLOCK_C), SPLIT, BLOCK_KW, BLOCK_C)) and the last of
+    a (row, channel block) to arrive writes their sum; ONE_RANGE (SPLIT == 1) writes directly
+    (parts and arrivals are not read)."""
+    kh = tl.program_id(0)
     pid_c = tl.program_id(1)
     s = tl.program_id(2)
-    kh = tap // KW
-    kw = tap % KW
-    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    kw = tl.arange(0, BLOCK_KW)
+    kw_ok = kw < KW
+    c = tl.arange(0, BLOCK_C)
+    oc = pid_c * BLOCK_C + c
     oc_ok = oc < OC
     oc64 = oc.to(tl.int64)
     ci = (oc // M).to(tl.int64)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_KW, BLOCK_P, BLOCK_C], tl.float32)
     P = N * OH * OW
     for p0 in range(s * P_SPLIT, s * P_SPLIT + P_SPLIT, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < P
         n, oh, ow = unravel3(p, OH, OW)
         n = n.to(tl.int64)
-        h = oh * SH - PH + kh * DH
-        w = ow * SW - PW + kw * DW
-        ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         g = tl.load(dy_ptr + pixel_offsets(n, oh, ow, oc64, sdy_n, sdy_h, sdy_w, sdy_c),
                     mask=p_ok[:, None] & oc_ok[None, :], other=0.0)
-        xv = tl.load(x_ptr + pixel_offsets(n, h, w, ci, sx_n, sx_h, sx_w, sx_c),
-                     mask=ok[:, None] & oc_ok[None, :], other=0.0)
-        acc += g.to(tl.float32) * xv.to(tl.float32)
-    total = tl.sum(acc, 0)
-    dw = dw_ptr + oc64 * sdw_o + kh * sdw_h + kw * sdw_w
-    if SPLIT == 1:
-        tl.store(dw, total.to(dw_ptr.dtype.element_ty), mask=oc_ok)
+        h = oh * SH - PH + kh * DH
+        row_ok = p_ok & (h >= 0) & (h < H)
+        w = ow[None, :] * SW - PW + kw[:, None] * DW                  # [BLOCK_KW, BLOCK_P]
+        ok = kw_ok[:, None] & row_ok[None, :] & (w >= 0) & (w < W)
+        at = (n * sx_n + h.to(tl.int64) * sx_h)[None, :] + w.to(tl.int64) * sx_w
+        xv = tl.load(x_ptr + at[:, :, None] + (ci * sx_c)[None, None, :],
+                     mask=ok[:, :, None] & oc_ok[None, None, :], other=0.0)
+        acc += g.to(tl.float32)[None, :, :] * xv.to(tl.float32)
+    total = tl.sum(acc, 1)                                             # [BLOCK_KW, BLOCK_C]
+    dw = dw_ptr + oc64[None, :] * sdw_o + kh * sdw_h + kw[:, None] * sdw_w
+    dw_ok = kw_ok[:, None] & oc_ok[None, :]
+    if ONE_RANGE:
+        tl.store(dw, total.to(dw_ptr.dtype.element_ty), mask=dw_ok)
     else:
-        tile = tap * tl.num_programs(1) + pid_c
-        parts = parts_ptr + (tile * SPLIT).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-        tl.store(parts + s * BLOCK_C, total)
+        tile = kh * tl.num_programs(1) + pid_c
+        parts = parts_ptr + (tile * SPLIT).to(tl.int64) * (BLOCK_KW * BLOCK_C) \
+            + kw[:, None] * BLOCK_C + c[None, :]
+        tl.store(parts + s * (BLOCK_KW * BLOCK_C), total)
         if arrive_last(arrivals_ptr + tile, SPLIT):
-            total = sum_partials(parts, SPLIT, BLOCK_C, 4)
-            tl.store(dw, total.to(dw_ptr.dtype.element_ty), mask=oc_ok)
+            total = sum_partials(parts, SPLIT, BLOCK_KW * BLOCK_C, 4)
+            tl.store(dw, total.to(dw_ptr.dtype.element_ty), mask=dw_ok)
