@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(not pydl.INTERPRET, reason="kernels are stubbed 
 # op's case in `python -m bench overhead` or the one named. Convolution: im2col forward the
 # weight's pack (a channels_last weight), the im2col and the GEMM, backward the grad input's
 # GEMM and col2im, the weight gradient's im2col and GEMM, and the pack; a 1x1 layer's forward
-# and grad input are the shared GEMM (pydl/_gemm.py), its weight gradient the implicit kernel.
+# and grad input are the shared GEMM (pydl/_gemm.py), its weight gradient the implicit kernel;
+# a depthwise layer's are the direct kernels, one each (the weight gradient's ranges summed in
+# its launch).
 # Naive attention: the scores GEMM, the masked softmax and the P V GEMM forward; the dV and
 # dP GEMMs, the softmax backward and the dQ and dK GEMMs backward. The recurrent layers (the
 # benchmark's quick cases: T = 25 and 187 steps, one layer, one direction): the input
@@ -35,6 +37,7 @@ LAUNCHES = {
     ("conv2d", "triton-implicit"): (1, 2),
     ("conv2d", "triton-im2col"): (3, 5),
     ("conv2d", "triton-implicit", "l1-1x1-64-256"): (1, 2),
+    ("conv2d_depthwise", "triton-implicit"): (1, 2),
     ("max_pool2d", "triton"): (1, 1),
     ("avg_pool2d", "triton"): (1, 1),
     ("adaptive_avg_pool2d", "triton"): (1, 1),
