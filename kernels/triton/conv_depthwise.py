@@ -28,6 +28,17 @@ from ._split import arrive_last, sum_partials
 
 
 @triton.jit
+def _tile(N, A, B, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The [pixels x channels] tile of a program on grid axes (pixel block, channel block),
+    over an (N, A, B) pixel extent and C channels: (n (int64), a, b, the pixels' mask, the
+    channels, their mask)."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, a, b = unravel3(p, A, B)
+    return n.to(tl.int64), a, b, p < N * A * B, c, c < C
+
+
+@triton.jit
 def conv2d_depthwise_fwd(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, C, H, W, OC, OH, OW,
@@ -41,12 +52,7 @@ def conv2d_depthwise_fwd(
 ):
     """Grid (cdiv(N*OH*OW, BLOCK_P), cdiv(OC, BLOCK_C)): a tile of output pixels x output
     channels, summed over the window's taps."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)   # output pixels (n, oh, ow)
-    oc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < N * OH * OW
-    oc_ok = oc < OC
-    n, oh, ow = unravel3(p, OH, OW)
-    n = n.to(tl.int64)
+    n, oh, ow, p_ok, oc, oc_ok = _tile(N, OH, OW, OC, BLOCK_P, BLOCK_C)   # output pixels
     ci = (oc // M).to(tl.int64)
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for kh in range(KH):
@@ -80,12 +86,7 @@ def conv2d_depthwise_bwd_input(
     """Grid (cdiv(N*H*W, BLOCK_P), cdiv(C, BLOCK_C)): a tile of input pixels x input channels,
     each element the sum over the M output channels it feeds and the taps whose window reads
     it (window_of: the output pixel, if any, that reads (h, w) at (kh, kw))."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)   # input pixels (n, h, w)
-    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < N * H * W
-    c_ok = ci < C
-    n, h, w = unravel3(p, H, W)
-    n = n.to(tl.int64)
+    n, h, w, p_ok, ci, c_ok = _tile(N, H, W, C, BLOCK_P, BLOCK_C)         # input pixels
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for kh in range(KH):
         oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
