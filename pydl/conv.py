@@ -3,7 +3,7 @@
 Algorithms (`algo=`), each a handwritten kernel path:
   "implicit"  Triton implicit GEMM (kernels/triton/conv.py): input patches are gathered inside
               the GEMM's K loop, never materialised; backward passes are implicit GEMMs too.
-              Depthwise layers (groups == C_in) take direct kernels instead
+              Depthwise layers (groups == C_in, multiplier <= 4) take direct kernels instead
               (kernels/triton/conv_depthwise.py: no matrix product in them). The default for
               the triton backend.
   "im2col"    Triton explicit im2col + tiled GEMM (kernels/triton/conv.py, kernels/triton/gemm.py):
@@ -428,11 +428,18 @@ class _TritonImplicit(_Launcher):
 
 # --- Triton depthwise (direct) kernels, taken by "implicit" for depthwise layers --------------
 
+# The largest channel multiplier (C_out / C_in) the depthwise kernels take: beyond it the
+# implicit GEMM's N = multiplier columns start to fill a tensor-core tile (and the grad input's
+# gather loops over the multiplier once a tap).
+DEPTHWISE_MAX_MULTIPLIER = 4
+
+
 def _depthwise(g: ConvGeometry) -> bool:
     """A depthwise layer: each output channel reads one input channel (groups == C_in > 1,
-    any channel multiplier C_out / C_in). The implicit algorithm runs it on direct kernels
-    (kernels/triton/conv_depthwise.py): its GEMM would be 1 useful column of 16."""
-    return g.groups > 1 and g.CG == 1
+    a channel multiplier C_out / C_in of at most DEPTHWISE_MAX_MULTIPLIER). The implicit
+    algorithm runs it on direct kernels (kernels/triton/conv_depthwise.py): its GEMM would
+    be 1 useful column of 16."""
+    return g.groups > 1 and g.CG == 1 and g.OCG <= DEPTHWISE_MAX_MULTIPLIER
 
 
 DEPTHWISE_TUNERS = {d: Tuner(f"conv2d_depthwise_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}

@@ -496,6 +496,28 @@ def test_depthwise_direct_kernels(monkeypatch, case, split):
     clear_plans()
 
 
+def test_depthwise_large_multiplier_takes_the_implicit_gemm(monkeypatch):
+    """A channel multiplier above DEPTHWISE_MAX_MULTIPLIER runs the implicit GEMM (its N =
+    multiplier columns), and gives torch's result."""
+    import pydl.conv as conv_mod
+    from pydl.kernels.triton import conv as k
+    launched = []
+
+    class Spy(conv_mod.Launch):
+        def __init__(self, kernel, *args, **kwargs):
+            launched.append(kernel)
+            super().__init__(kernel, *args, **kwargs)
+    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    clear_plans()
+    m = conv_mod.DEPTHWISE_MAX_MULTIPLIER + 1
+    x = random_tensor((1, 2, 5, 5), torch.float32, DEVICE)
+    w = random_tensor((2 * m, 1, 3, 3), torch.float32, DEVICE, scale=0.5)
+    check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1, groups=2)
+    assert {k.conv2d_implicit_fwd, k.conv2d_implicit_bwd_input,
+            k.conv2d_implicit_bwd_weight} <= set(launched), launched
+    clear_plans()
+
+
 def _unreached_pixels(H, W, KH, KW, opts) -> torch.Tensor:
     """(H, W) bool: the input pixels that no output window reads (dilation 1)."""
     SH, SW = torch.nn.modules.utils._pair(opts.get("stride", 1))
