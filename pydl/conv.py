@@ -464,11 +464,15 @@ def _depthwise_config(direction: str, g: ConvGeometry, t: torch.Tensor, channels
 
 
 # Split of the depthwise weight gradient over pixel ranges: about DEPTHWISE_WAVES programs a
-# multiprocessor over all (tap, channel block) tiles, each range at least DEPTHWISE_MIN_STEPS
-# pixel blocks. A partial is one channel vector, so many ranges cost little to sum.
+# multiprocessor over all (kernel row, channel block) tiles, each range at least
+# DEPTHWISE_MIN_STEPS pixel blocks, at most DEPTHWISE_SPLIT_MAX ranges: the last program of a
+# tile sums its ranges' partials, DEPTHWISE_IN_FLIGHT loads at a time, so the ranges set the
+# kernel's serial tail (64 ranges: 8 L2 round trips). A layer with few tiles (32 channels, 3
+# kernel rows) takes narrower channel blocks instead, down to 8 channels (16 bytes of bf16).
 DEPTHWISE_WAVES = 8
 DEPTHWISE_MIN_STEPS = 4
-DEPTHWISE_SPLIT_MAX = 1024
+DEPTHWISE_SPLIT_MAX = 64
+DEPTHWISE_IN_FLIGHT = 8
 
 
 def _depthwise_split(tiles: int, P: int, block_p: int, device) -> tuple[int, int]:
@@ -538,8 +542,14 @@ class _TritonDepthwise:
         block_kw = next_power_of_2(g.KW)
 
         def launch(cfg):
-            # a kernel row's taps share the tile: its pixels shrink to keep the elements
-            cfg = dict(cfg, BLOCK_KW=block_kw, BLOCK_P=max(2, cfg["BLOCK_P"] // block_kw))
+            # enough (row, channel block) tiles for the ranges to fill the GPU; a kernel row's
+            # taps share the tile: its pixels shrink to keep the elements
+            bc = cfg["BLOCK_C"]
+            while bc > 8 and g.KH * cdiv(g.OC, bc) * DEPTHWISE_SPLIT_MAX < \
+                    DEPTHWISE_WAVES * _multiprocessors(dw.device):
+                bc //= 2
+            cfg = dict(cfg, BLOCK_KW=block_kw, BLOCK_C=bc, IN_FLIGHT=DEPTHWISE_IN_FLIGHT,
+                       BLOCK_P=max(2, cfg["BLOCK_P"] * cfg["BLOCK_C"] // (bc * block_kw)))
             tiles = g.KH * cdiv(g.OC, cfg["BLOCK_C"])
             split, p_split = _depthwise_split(tiles, P, cfg["BLOCK_P"], dw.device)
             main = Launch(k.conv2d_depthwise_bwd_weight,

@@ -496,6 +496,31 @@ def test_depthwise_direct_kernels(monkeypatch, case, split):
     clear_plans()
 
 
+def test_depthwise_grad_weight_narrows_channel_blocks(monkeypatch):
+    """On a GPU of many multiprocessors a depthwise layer with few (row, channel block) tiles
+    takes 8-channel blocks for its weight gradient (the range count is capped), and still
+    gives torch's gradient."""
+    import pydl.conv as conv_mod
+    from pydl.kernels.triton import conv_depthwise as kd
+    seen = []
+
+    class Spy(conv_mod.Launch):
+        def __init__(self, kernel, grid, scalars, consts, checked=None):
+            if kernel is kd.conv2d_depthwise_bwd_weight:
+                seen.append((grid, consts))
+            super().__init__(kernel, grid, scalars, consts, checked)
+    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device: 1000)
+    clear_plans()
+    x = random_tensor((1, 32, 6, 6), torch.float32, DEVICE).to(memory_format=torch.channels_last)
+    w = random_tensor((32, 1, 3, 3), torch.float32, DEVICE, scale=0.5)
+    check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1, groups=32)
+    (grid, consts), = seen
+    assert consts["BLOCK_C"] == 8 and grid[:2] == (3, 4), (grid, consts)
+    assert grid[2] <= conv_mod.DEPTHWISE_SPLIT_MAX
+    clear_plans()
+
+
 def test_depthwise_large_multiplier_takes_the_implicit_gemm(monkeypatch):
     """A channel multiplier above DEPTHWISE_MAX_MULTIPLIER runs the implicit GEMM (its N =
     multiplier columns), and gives torch's result."""

@@ -115,6 +115,7 @@ def conv2d_depthwise_bwd_weight(
     SPLIT, P_SPLIT,                     # pixel ranges, pixels a range (runtime: one compiled
                                         # kernel for every batch size, the sum not unrolled)
     KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr, ONE_RANGE: tl.constexpr,
+    IN_FLIGHT: tl.constexpr,            # partials loaded at a time by the tile's last program
     BLOCK_KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grid (KH, cdiv(OC, BLOCK_C), SPLIT): one kernel row kh of a channel block, all its KW
@@ -164,5 +165,5 @@ def conv2d_depthwise_bwd_weight(
             + kw[:, None] * BLOCK_C + c[None, :]
         tl.store(parts + s * (BLOCK_KW * BLOCK_C), total)
         if arrive_last(arrivals_ptr + tile, SPLIT):
-            total = sum_partials(parts, SPLIT, BLOCK_KW * BLOCK_C, 4)
+            total = sum_partials(parts, SPLIT, BLOCK_KW * BLOCK_C, IN_FLIGHT)
             tl.store(dw, total.to(dw_ptr.dtype.element_ty), mask=dw_ok)
