@@ -3,13 +3,13 @@
 # leaves every log and result under OUT (a short summary is printed last).
 #
 #   bench/gpu_session.sh session OUT                 everything one lent GPU is for, in one call of
-#                                                    about nine minutes, each step with a time
+#                                                    at most 555 s of steps, each with a time
 #                                                    limit (a slow step cannot eat the rest):
 #                                                    the GPU test files (195 s, one line per
 #                                                    test), the host-path table `python -m bench
-#                                                    overhead` (45 s), the benchmark at its quick
+#                                                    overhead` (60 s), the benchmark at its quick
 #                                                    shapes with --op-budget (each op stops
-#                                                    starting cases after its seconds; 290 s in
+#                                                    starting cases after its seconds; 300 s in
 #                                                    all); logs and OUT/results.tgz (the JSON:
 #                                                    unpack it into bench/results/). Six files,
 #                                                    under the eight a lent machine returns.
