@@ -626,35 +626,51 @@ def _rows_view(ws: torch.Tensor, b1: int, rows: int) -> torch.Tensor:
 
 
 def _im2col_launch(src, cols, n0, nb, C, H, W, OH, OW, KH, KW, SH=1, SW=1, PH=0, PW=0, DH=1,
-                   DW=1, groups=1):
+                   DW=1, groups=1, taps_first: bool = False):
     """launch(src, cols): cols[g, p, j] of images n0 .. n0+nb-1 of src (kernels/triton/conv.py:
-    conv2d_im2col), for tensors of src's and cols' strides."""
+    conv2d_im2col), for tensors of src's and cols' strides; j = (kh, kw, c) with taps_first,
+    else (c, kh, kw)."""
     from .kernels.triton import conv as k
     J = C // groups * KH * KW
     if nb * OH * OW * J == 0:
         return _launch_nothing
-    block_j = min(64, next_power_of_2(J))
+    taps_first = taps_first and KH * KW > 1
+    block_j = min(64, next_power_of_2(C // groups if taps_first else J))
     block_p = dot_block(nb * OH * OW, max(64, _TILE_ELEMS // block_j))
-    grid = (cdiv(nb * OH * OW, block_p), cdiv(J, block_j), groups)
+    # by tap: a program per (tap, channel block) (kernels/triton/conv.py conv2d_im2col)
+    cols_grid = KH * KW * cdiv(C // groups, block_j) if taps_first else cdiv(J, block_j)
+    grid = (cdiv(nb * OH * OW, block_p), cols_grid, groups)
     return Launch(k.conv2d_im2col, grid, (n0, nb, C, H, W, OH, OW, *src.stride(),
                                           cols.stride(0), cols.stride(1), SH, SW, PH, PW, DH, DW),
-                  dict(KH=KH, KW=KW, CG=C // groups, BLOCK_P=block_p, BLOCK_J=block_j))
+                  dict(KH=KH, KW=KW, CG=C // groups, BLOCK_P=block_p, BLOCK_J=block_j,
+                       TAPS_FIRST=taps_first))
 
 
-def _weight_matrix_plan(w: torch.Tensor, g: ConvGeometry):
+def _taps_first(t: torch.Tensor, g: ConvGeometry) -> bool:
+    """The im2col algorithm's column order for an input or input gradient t: by tap, channels
+    innermost, for channels_last (its im2col and col2im read and write contiguous channels,
+    and a channels_last weight is that matrix as it lies); else by channel (NCHW: a tap row
+    along W is contiguous)."""
+    return g.KH * g.KW > 1 and g.CG > 1 and memory_format_of(t) == torch.channels_last
+
+
+def _weight_matrix_plan(w: torch.Tensor, g: ConvGeometry, taps_first: bool = False):
     """(wm, w0, weight) for a plan: wm the weight as (groups, OC / groups, CG*KH*KW) matrices,
-    j = (c, kh, kw), a view of w0. When w's strides flatten (contiguous weights) w0 is w and
+    j = (kh, kw, c) with taps_first, else (c, kh, kw), a view of w0. When w's strides flatten
+    in that order (a contiguous weight by channel, a channels_last one by tap) w0 is w and
     weight None; else w0 is a contiguous copy packed by the im2col kernel (the whole weight as
     one 'window' per output channel) and weight(w) packs a fresh one per call."""
     so, sc, sh, sw = w.stride()
     J = g.CG * g.KH * g.KW
-    sj = _merged_stride((g.CG, g.KH, g.KW), (sc, sh, sw))
+    sj = _merged_stride((g.KH, g.KW, g.CG), (sh, sw, sc)) if taps_first else \
+        _merged_stride((g.CG, g.KH, g.KW), (sc, sh, sw))
     if sj is not None:
         return w.as_strided((g.groups, g.OCG, J), (g.OCG * so, so, sj), w.storage_offset()), \
             w, None
     new = output_maker((1, g.OC, J), w.dtype, w.device)
     packed = fresh(new)
-    pack = _im2col_launch(w, packed, 0, g.OC, g.CG, g.KH, g.KW, 1, 1, g.KH, g.KW)
+    pack = _im2col_launch(w, packed, 0, g.OC, g.CG, g.KH, g.KW, 1, 1, g.KH, g.KW,
+                          taps_first=taps_first)
 
     def weight(w):
         packed = fresh(new)
@@ -696,7 +712,8 @@ class _TritonIm2col(_Launcher):
         """A callable (x, w, b or w, y): per chunk the im2col launch and the GEMM (bias in
         its epilogue) into the chunk's rows of y."""
         J, P = g.CG * g.KH * g.KW, g.OH * g.OW
-        wm, w0, weight = _weight_matrix_plan(w, g)
+        taps_first = _taps_first(x, g)
+        wm, w0, weight = _weight_matrix_plan(w, g, taps_first)
         bias = _bias_matrix(b, g)
         chunks = _chunks(g.N, P * g.groups * J * x.element_size())
         new_cols = output_maker((g.groups, chunks[0][1] * P, J), x.dtype, x.device)
@@ -706,7 +723,7 @@ class _TritonIm2col(_Launcher):
             ym = _pixel_matrix(y, n0, nb, g.groups)     # y is ours: NCHW or channels_last
             steps.append((
                 _im2col_launch(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH,
-                               g.SW, g.PH, g.PW, g.DH, g.DW, g.groups),
+                               g.SW, g.PH, g.PW, g.DH, g.DW, g.groups, taps_first),
                 gemm_plan_on((cols, w0, y, b, None), _rows_view(cols, ym.shape[0], ym.shape[2]),
                              wm, ym, trans_b=True, bias=bias,
                              input_precision=_input_precision(x.dtype))))
@@ -753,7 +770,8 @@ class _TritonIm2col(_Launcher):
         """A callable (dy, w, dx): per chunk dcols = dY @ W (fp32) and the col2im gather."""
         from .kernels.triton import conv as k
         J, P = g.CG * g.KH * g.KW, g.OH * g.OW
-        wm, w0, weight = _weight_matrix_plan(w, g)
+        taps_first = _taps_first(dx, g)
+        wm, w0, weight = _weight_matrix_plan(w, g, taps_first)
         pack = _TritonIm2col._dy_needs_pack(dy, g, g.N, whole=False)
         chunks = _chunks(g.N, P * (g.groups * J * 4 + (g.OC * dy.element_size() if pack else 0)))
         nmax = chunks[0][1]
@@ -774,7 +792,8 @@ class _TritonIm2col(_Launcher):
                 Launch(k.conv2d_col2im, grid, (n0, nb, g.C, g.H, g.W, g.OH, g.OW,
                                                dcols.stride(0), dcols.stride(1), *dx.stride(),
                                                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
-                       dict(KH=g.KH, KW=g.KW, CG=g.CG, BLOCK_M=block_m, BLOCK_C=block_c))))
+                       dict(KH=g.KH, KW=g.KW, CG=g.CG, BLOCK_M=block_m, BLOCK_C=block_c,
+                            TAPS_FIRST=taps_first))))
 
         def run(dy, w, dx):
             dcols, ws = fresh(new_dcols), fresh(new_ws) if pack else None
@@ -802,7 +821,9 @@ class _TritonIm2col(_Launcher):
     @staticmethod
     def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
         """A callable (dy, x, dw): per chunk the im2col launch and dW_g (+)= dY_g^T @ cols[g]
-        (a 16-bit dW summed over several chunks in fp32, rounded once by the last GEMM)."""
+        (a 16-bit dW summed over several chunks in fp32, rounded once by the last GEMM). The
+        columns go by channel, as the contiguous dw's (OC, CG, KH, KW) lie, whatever x's
+        layout."""
         J, P = g.CG * g.KH * g.KW, g.OH * g.OW
         dwm = dw.view(g.groups, g.OCG, J)
         pack = _TritonIm2col._dy_needs_pack(dy, g, g.N, whole=True)

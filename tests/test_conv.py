@@ -700,6 +700,49 @@ def test_split_k_choice():
     assert _split_k(1, 100, 64, 10, cpu)[0] == 1               # too few K steps to split
 
 
+# --- im2col: the column order follows the layout ---------------------------------------------
+
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("x_layout", ["nchw", "channels_last"])
+def test_im2col_column_order(monkeypatch, x_layout, w_layout):
+    """The im2col algorithm orders a row's columns by tap (channels innermost) for a
+    channels_last input, by channel for NCHW: im2col and col2im read and write along the
+    contiguous axis. The weight is viewed as that matrix where its strides allow (a contiguous
+    weight by channel, a channels_last one by tap) and packed per call where they do not; the
+    weight gradient's columns go by channel (its dw is contiguous). Strided, dilated, grouped,
+    fp16; against the float64 reference and torch."""
+    import pydl.conv as conv_mod
+    from pydl.kernels.triton import conv as k
+    orders, packs = {}, []
+
+    class Spy(conv_mod.Launch):
+        def __init__(self, kernel, grid, scalars, consts, checked=None):
+            if kernel is k.conv2d_im2col and consts["KH"] * consts["KW"] > 1:  # not dY's pack
+                if scalars[5:7] == (1, 1):      # OH = OW = 1: the weight as one window
+                    packs.append(consts["TAPS_FIRST"])
+                else:
+                    orders.setdefault("im2col", []).append(consts["TAPS_FIRST"])
+            elif kernel is k.conv2d_col2im:
+                orders.setdefault("col2im", []).append(consts["TAPS_FIRST"])
+            super().__init__(kernel, grid, scalars, consts, checked)
+    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    clear_plans()
+    x = random_tensor((2, 6, 9, 8), torch.float16, DEVICE)
+    w = random_tensor((4, 3, 3, 2), torch.float16, DEVICE, scale=0.5)
+    if x_layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    if w_layout == "channels_last":
+        w = w.to(memory_format=torch.channels_last)
+    check_conv(x, w, None, "triton", "im2col", torch.float16, stride=2, padding=(1, 2),
+               dilation=(2, 1), groups=2)
+    by_tap = x_layout == "channels_last"
+    # forward im2col by the input's layout, then the weight gradient's by channel
+    assert orders["im2col"] == [by_tap, False] and orders["col2im"] == [by_tap], orders
+    same = by_tap == (w_layout == "channels_last")
+    assert packs == ([] if same else [by_tap, by_tap]), packs    # forward and grad input
+    clear_plans()
+
+
 # --- im2col: the batch in workspace-bounded chunks --------------------------------------------
 
 @pytest.mark.parametrize("case", ["nchw", "channels_last", "grouped_fp16", "transposed_grad"])

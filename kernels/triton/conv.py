@@ -345,9 +345,13 @@ def conv2d_im2col(
     KH: tl.constexpr, KW: tl.constexpr,
     CG,                                 # input channels per group
     BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    TAPS_FIRST: tl.constexpr = False,   # columns j = (kh, kw, c), else (c, kh, kw)
 ):
     """cols[g, p, j] for a BLOCK_P x BLOCK_J tile; grid (cdiv(NB*OH*OW, BLOCK_P),
     cdiv(CG*KH*KW, BLOCK_J), groups). Every element of the tile is written (zeros for padding).
+    TAPS_FIRST orders a row's columns by tap, channels innermost, and takes grid axis 1 as
+    (tap, channel block), KH*KW*cdiv(CG, BLOCK_J) of them: a channels_last input's tile is
+    then read along its contiguous channels.
 
     With a 1x1 kernel (stride 1, no padding) this is a layout change to a pixel-major
     (NB*H*W, C) matrix; with the kernel spanning the whole input (H = KH, W = KW) it packs a
@@ -356,12 +360,23 @@ def conv2d_im2col(
     pid_j = tl.program_id(1)
     group = tl.program_id(2)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)          # chunk pixels (n - n0, oh, ow)
-    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)          # (c, kh, kw)
     p_ok = p < NB * OH * OW
-    j_ok = j < CG * KH * KW
     nl, oh, ow = unravel3(p, OH, OW)
     n = (n0 + nl).to(tl.int64)
-    c, kh, kw = unravel3(j, KH, KW)
+    if TAPS_FIRST:
+        # grid axis 1 is (tap, channel block): one tap's BLOCK_J consecutive channels, so
+        # the loads run along them (a flat j would hide that from the compiler)
+        n_cb = tl.cdiv(CG, BLOCK_J)
+        tap = pid_j // n_cb
+        c = (pid_j % n_cb) * BLOCK_J + tl.arange(0, BLOCK_J)
+        j_ok = c < CG
+        j = tap * CG + c
+        kh = tap // KW + tl.zeros([BLOCK_J], tl.int32)
+        kw = tap % KW + tl.zeros([BLOCK_J], tl.int32)
+    else:
+        j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)      # (c, kh, kw)
+        j_ok = j < CG * KH * KW
+        c, kh, kw = unravel3(j, KH, KW)
     c_abs = (group * CG + c).to(tl.int64)
     h = oh[:, None] * SH - PH + kh[None, :] * DH
     w = ow[:, None] * SW - PW + kw[None, :] * DW
@@ -383,8 +398,9 @@ def conv2d_col2im(
     KH: tl.constexpr, KW: tl.constexpr,
     CG,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    TAPS_FIRST: tl.constexpr = False,   # dcols' columns j = (kh, kw, c), else (c, kh, kw)
 ):
-    """dX[n, g*Cg + c, h, w] = sum over (kh, kw) of dcols[g, (n - n0, oh, ow), (c, kh, kw)] with
+    """dX[n, g*Cg + c, h, w] = sum over (kh, kw) of dcols[g, (n - n0, oh, ow), j(c, kh, kw)] with
     oh = (h + PH - kh*DH) / SH (and ow likewise) where that divides exactly and lies in the
     output. A gather, as in conv2d_implicit_bwd_input: every dX element of the chunk is
     written once by one program (no atomics, deterministic). Sums in fp32.
@@ -397,7 +413,12 @@ def conv2d_col2im(
     m_ok = m < NB * H * W
     c_ok = c < CG
     nl, h, w = unravel3(m, H, W)
-    col_c = cols_ptr + group.to(tl.int64) * scol_g + (c * (KH * KW)).to(tl.int64)
+    if TAPS_FIRST:          # a tap's channels are contiguous columns
+        col_c = cols_ptr + group.to(tl.int64) * scol_g + c.to(tl.int64)
+        s_tap = CG
+    else:
+        col_c = cols_ptr + group.to(tl.int64) * scol_g + (c * (KH * KW)).to(tl.int64)
+        s_tap = 1
     acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
     for kh in range(KH):
         oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
@@ -406,7 +427,7 @@ def conv2d_col2im(
         for kw in range(KW):
             ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
             ok = h_ok & ow_ok
-            ptr = col_c[None, :] + ((row + ow) * scol_p)[:, None] + (kh * KW + kw)
+            ptr = col_c[None, :] + ((row + ow) * scol_p)[:, None] + (kh * KW + kw) * s_tap
             acc += tl.load(ptr, mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     n = (n0 + nl).to(tl.int64)
     c_abs = (group * CG + c).to(tl.int64)
