@@ -364,8 +364,7 @@ class _TritonImplicit(_Launcher):
 
     @staticmethod
     def plan_backward_weight(dy, x, dw, g: ConvGeometry):
-        assert dw.is_contiguous()
-        key = ("bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(),
+        key = ("bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(), dw.stride(),
                _input_precision(dy.dtype))
         return _TRITON_PLANS.get(key, _TritonImplicit._plan_backward_weight, dy, x, dw, g)
 
@@ -654,19 +653,29 @@ def _taps_first(t: torch.Tensor, g: ConvGeometry) -> bool:
     return g.KH * g.KW > 1 and g.CG > 1 and memory_format_of(t) == torch.channels_last
 
 
+def _matrix_view(w: torch.Tensor, g: ConvGeometry, taps_first: bool):
+    """A weight-shaped (OC, CG, KH, KW) tensor as (groups, OC / groups, CG*KH*KW) matrices,
+    j = (kh, kw, c) with taps_first, else (c, kh, kw): a view, or None where its strides do
+    not flatten in that order."""
+    so, sc, sh, sw = w.stride()
+    sj = _merged_stride((g.KH, g.KW, g.CG), (sh, sw, sc)) if taps_first else \
+        _merged_stride((g.CG, g.KH, g.KW), (sc, sh, sw))
+    if sj is None:
+        return None
+    return w.as_strided((g.groups, g.OCG, g.CG * g.KH * g.KW), (g.OCG * so, so, sj),
+                        w.storage_offset())
+
+
 def _weight_matrix_plan(w: torch.Tensor, g: ConvGeometry, taps_first: bool = False):
     """(wm, w0, weight) for a plan: wm the weight as (groups, OC / groups, CG*KH*KW) matrices,
     j = (kh, kw, c) with taps_first, else (c, kh, kw), a view of w0. When w's strides flatten
     in that order (a contiguous weight by channel, a channels_last one by tap) w0 is w and
     weight None; else w0 is a contiguous copy packed by the im2col kernel (the whole weight as
     one 'window' per output channel) and weight(w) packs a fresh one per call."""
-    so, sc, sh, sw = w.stride()
+    view = _matrix_view(w, g, taps_first)
+    if view is not None:
+        return view, w, None
     J = g.CG * g.KH * g.KW
-    sj = _merged_stride((g.KH, g.KW, g.CG), (sh, sw, sc)) if taps_first else \
-        _merged_stride((g.CG, g.KH, g.KW), (sc, sh, sw))
-    if sj is not None:
-        return w.as_strided((g.groups, g.OCG, J), (g.OCG * so, so, sj), w.storage_offset()), \
-            w, None
     new = output_maker((1, g.OC, J), w.dtype, w.device)
     packed = fresh(new)
     pack = _im2col_launch(w, packed, 0, g.OC, g.CG, g.KH, g.KW, 1, 1, g.KH, g.KW,
@@ -813,19 +822,20 @@ class _TritonIm2col(_Launcher):
 
     @staticmethod
     def plan_backward_weight(dy, x, dw, g: ConvGeometry):
-        assert dw.is_contiguous()                       # dw is ours: (groups, OCG, J) rows
         key = ("im2col bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(),
-               _input_precision(dy.dtype), IM2COL_WORKSPACE_BYTES)
+               dw.stride(), _input_precision(dy.dtype), IM2COL_WORKSPACE_BYTES)
         return _TRITON_PLANS.get(key, _TritonIm2col._plan_backward_weight, dy, x, dw, g)
 
     @staticmethod
     def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
         """A callable (dy, x, dw): per chunk the im2col launch and dW_g (+)= dY_g^T @ cols[g]
         (a 16-bit dW summed over several chunks in fp32, rounded once by the last GEMM). The
-        columns go by channel, as the contiguous dw's (OC, CG, KH, KW) lie, whatever x's
-        layout."""
+        columns go in the order dw lies in (ours: the weight's layout, contiguous or
+        channels_last), so that dw is their matrix."""
         J, P = g.CG * g.KH * g.KW, g.OH * g.OW
-        dwm = dw.view(g.groups, g.OCG, J)
+        taps_first = _taps_first(dw, g)
+        dwm = _matrix_view(dw, g, taps_first)
+        assert dwm is not None                          # dw is ours: contiguous or by tap
         pack = _TritonIm2col._dy_needs_pack(dy, g, g.N, whole=True)
         chunks = _chunks(g.N, P * (g.groups * J * x.element_size()
                                    + (g.OC * dy.element_size() if pack else 0)))
@@ -837,14 +847,14 @@ class _TritonIm2col(_Launcher):
             if len(chunks) > 1 and dw.dtype != torch.float32 else None
         cols, ws = fresh(new_cols), fresh(new_ws) if pack else None
         acc = dw if new_acc is None else fresh(new_acc)
-        accm = acc.view(g.groups, g.OCG, J)
+        accm = dwm if new_acc is None else acc                # (groups, OCG, J) either way
         steps = []
         for i, (n0, nb) in enumerate(chunks):
             dym, packing = _TritonIm2col._dy_matrix_plan(dy, g, n0, nb, ws, whole=True)
             last = i == len(chunks) - 1
             steps.append((
                 _im2col_launch(x, cols, n0, nb, g.C, g.H, g.W, g.OH, g.OW, g.KH, g.KW, g.SH,
-                               g.SW, g.PH, g.PW, g.DH, g.DW, g.groups),
+                               g.SW, g.PH, g.PW, g.DH, g.DW, g.groups, taps_first),
                 packing,
                 gemm_plan_on((dy if packing is None else ws, cols, dw if last else acc, None,
                               acc if i else None), dym[0], cols[:, :nb * P],
@@ -877,14 +887,10 @@ class _TritonIm2col(_Launcher):
 def _numba_weight_matrix(w: torch.Tensor, g: ConvGeometry):
     """(c_last, W) with W the weight as a (groups, OCG, K) strided view, k = (c, kh, kw), or
     (kh, kw, c) with c_last (a channels_last weight); None when neither order flattens."""
-    so, sc, sh, sw = w.stride()
-    K = g.CG * g.KH * g.KW
-    for c_last, sizes, strides in ((False, (g.CG, g.KH, g.KW), (sc, sh, sw)),
-                                   (True, (g.KH, g.KW, g.CG), (sh, sw, sc))):
-        sk = _merged_stride(sizes, strides)
-        if sk is not None:
-            return c_last, w.as_strided((g.groups, g.OCG, K), (g.OCG * so, so, sk),
-                                        w.storage_offset())
+    for c_last in (False, True):
+        view = _matrix_view(w, g, c_last)
+        if view is not None:
+            return c_last, view
     return None
 
 
@@ -994,7 +1000,7 @@ class _NumbaIm2col(_Launcher):
     @staticmethod
     def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
-        # dw is ours (Conv2dFunction allocates it contiguous): a matrix view
+        # dw is ours (in the weight's layout, contiguous or channels_last): a matrix view
         c_last, dwm = _numba_weight_matrix(dw, g)
         dwm = dwm.unsqueeze(1)                                     # (groups, 1, OCG, K)
         pack = _numba_pixel_matrix(dy, 0, g.N, g.groups) is None
@@ -1065,11 +1071,21 @@ def _conv2d_bwd_input(dy: Tensor, w: Tensor, x: Tensor, geom: list[int], algo: s
     return dx
 
 
-@kernel_op("conv2d_bwd_weight", lambda dy, x, w, geom, algo, backend: empty_like_shape(w))
+def _weight_grad_format(x: Tensor, w: Tensor) -> torch.memory_format:
+    """The memory format of the weight's gradient: channels_last when the input or the weight
+    is (torch's convolutions run in channels_last then, and return the gradient so), else
+    contiguous."""
+    if torch.channels_last in (memory_format_of(x), memory_format_of(w)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@kernel_op("conv2d_bwd_weight", lambda dy, x, w, geom, algo, backend: empty_like_shape(
+    w, memory_format=_weight_grad_format(x, w)))
 def _conv2d_bwd_weight(dy: Tensor, x: Tensor, w: Tensor, geom: list[int], algo: str,
                        backend: str) -> Tensor:
-    """dL/dw; w gives only the shape."""
-    dw = new_output(w.shape, w.dtype, w.device)
+    """dL/dw, laid out as torch returns it (_weight_grad_format); w gives only the shape."""
+    dw = new_output(w.shape, w.dtype, w.device, _weight_grad_format(x, w))
     if x.shape[0] == 0:          # an empty batch sums nothing (split-K would divide by 0)
         return dw.zero_()
     ALGOS[backend][algo].backward_weight(dy, x, dw, as_geometry(ConvGeometry, geom))
@@ -1315,7 +1331,7 @@ class _Conv2dCall(Conv2dKernels):
             self.grad_layout = algo == "implicit" and fmt == torch.channels_last
             self.new_y = output_maker(_y_shape(g), dt, dev, fmt)
             self.new_dx = output_maker(input.shape, dt, dev, fmt)
-            self.new_dw = output_maker(weight.shape, dt, dev)
+            self.new_dw = output_maker(weight.shape, dt, dev, _weight_grad_format(input, weight))
             self.new_db = output_maker((g.OC,), dt, dev)
             # nothing to launch for an empty output
             self.fwd = None if math.prod(_y_shape(g)) else _launch_nothing

@@ -709,8 +709,9 @@ def test_im2col_column_order(monkeypatch, x_layout, w_layout):
     channels_last input, by channel for NCHW: im2col and col2im read and write along the
     contiguous axis. The weight is viewed as that matrix where its strides allow (a contiguous
     weight by channel, a channels_last one by tap) and packed per call where they do not; the
-    weight gradient's columns go by channel (its dw is contiguous). Strided, dilated, grouped,
-    fp16; against the float64 reference and torch."""
+    weight gradient's columns go in the order of its dw, laid out as torch's (channels_last
+    when the input or the weight is). Strided, dilated, grouped, fp16; against the float64
+    reference and torch."""
     import pydl.conv as conv_mod
     from pydl.kernels.triton import conv as k
     orders, packs = {}, []
@@ -736,11 +737,39 @@ def test_im2col_column_order(monkeypatch, x_layout, w_layout):
     check_conv(x, w, None, "triton", "im2col", torch.float16, stride=2, padding=(1, 2),
                dilation=(2, 1), groups=2)
     by_tap = x_layout == "channels_last"
-    # forward im2col by the input's layout, then the weight gradient's by channel
-    assert orders["im2col"] == [by_tap, False] and orders["col2im"] == [by_tap], orders
+    # forward im2col by the input's layout, then the weight gradient's by dw's: channels_last
+    # (by tap) when the input or the weight is, as torch lays the gradient out
+    assert orders["im2col"] == [by_tap, by_tap or w_layout == "channels_last"], orders
+    assert orders["col2im"] == [by_tap], orders
     same = by_tap == (w_layout == "channels_last")
     assert packs == ([] if same else [by_tap, by_tap]), packs    # forward and grad input
     clear_plans()
+
+
+@pytest.mark.parametrize("backend,algo", [("triton", "implicit"), ("triton", "im2col"),
+                                          ("numba", "im2col")])
+@pytest.mark.parametrize("layouts", ["nchw-contiguous", "nchw-channels_last",
+                                     "channels_last-contiguous", "channels_last-channels_last"])
+def test_weight_gradient_laid_out_as_torch(backend, algo, layouts):
+    """The weight's gradient comes in the memory format torch returns it in (channels_last
+    when the input or the weight is: no restriding copy when autograd accumulates it into a
+    channels_last model's .grad), with torch's values."""
+    x_fmt, w_fmt = (torch.channels_last if f == "channels_last" else torch.contiguous_format
+                    for f in layouts.split("-"))
+    x = random_tensor((2, 4, 6, 5), torch.float32, DEVICE).contiguous(memory_format=x_fmt)
+    w = random_tensor((6, 4, 3, 3), torch.float32, DEVICE).contiguous(memory_format=w_fmt)
+    g = random_tensor((2, 6, 6, 5), torch.float32, DEVICE)
+    grads = []
+    for fn in (lambda x, w: pydl.conv2d(x, w, padding=1, backend=backend, algo=algo),
+               lambda x, w: F.conv2d(x, w, padding=1)):
+        wg = w.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        # the gradient as the op returns it (.grad would be restrided to the leaf's layout by
+        # autograd's accumulation, one more copy a step when they differ)
+        grads.append(torch.autograd.grad(fn(x, wg), wg, g)[0])
+    ours, torch_grad = grads
+    assert ours.stride() == torch_grad.stride(), (ours.stride(), torch_grad.stride())
+    assert_close(ours, torch_grad.double(), torch.float32, reduction=2 * 6 * 5,
+                 tf32=uses_tf32(x.device, cudnn=True), name="grad weight vs torch")
 
 
 # --- im2col: the batch in workspace-bounded chunks --------------------------------------------
