@@ -869,7 +869,11 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                                 continue
                             fn, grid, args, kwargs = calls[0]
                             tuned_fns.add(fn)
-                            r = row(base, tuner, fn, i, dict(cfg), grid, args, kwargs)
+                            # the blocks the kernel got (a launcher may adapt a candidate's:
+                            # the depthwise grad weight narrows its channel block)
+                            shown = {**cfg, **{k: v for k, v in kwargs.items()
+                                               if k.startswith("BLOCK_")}}
+                            r = row(base, tuner, fn, i, shown, grid, args, kwargs)
                             rows.append(r)
                             seen.add(_job_key(r["job"]))
                             for call in calls[1:]:          # e.g. the split-K reduction
