@@ -493,8 +493,8 @@ def _weight_strides(w: torch.Tensor) -> tuple:
 
 
 class _TritonDepthwise:
-    """The depthwise plans _TritonImplicit's return for `_depthwise` geometries (callables of
-    the same arguments as its own)."""
+    """The plans _TritonImplicit returns for `_depthwise` geometries (callables taking the
+    same arguments as its own)."""
 
     @staticmethod
     def plan_forward(x, w, b, y, g: ConvGeometry):
