@@ -449,12 +449,14 @@ def _depthwise_config(direction: str, g: ConvGeometry, t: torch.Tensor, channels
     """The [pixels x channels] tile of a depthwise kernel. channels_last (channels at unit
     stride): channel vectors of up to 64 (16-byte loads of 8 16-bit values a thread), 2048
     elements a tile on 4 warps; otherwise (NCHW: pixels along a row at unit stride) 4
-    channels x 256 pixels. The tuner also tries tiles twice as deep in each direction."""
+    channels x 256 pixels. The tuner also tries tiles twice as deep in each direction, and
+    twice the pixels on the same warps (each thread's channel weights, scalar loads a tap,
+    then serve twice the outputs)."""
     cl = t.stride(1) == 1
     bc = min(64, max(8, next_power_of_2(channels))) if cl else 4
     bp = max(16, 2048 // bc)
-    space = [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp // 2, bc, 4)] if cl else \
-        [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp, bc // 2, 4)]
+    space = [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp // 2, bc, 4), (2 * bp, bc, 4)] \
+        if cl else [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp, bc // 2, 4)]
     candidates = [dict(BLOCK_P=dot_block(pixels, p), BLOCK_C=max(1, min(c, next_power_of_2(
         channels))), num_warps=w) for p, c, w in space]
     key = (t.dtype, cl, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW, g.OCG, bucket(channels),
