@@ -521,13 +521,14 @@ class _TritonDepthwise:
     @staticmethod
     def plan_backward_input(dy, w, dx, g: ConvGeometry):
         from .kernels.triton import conv_depthwise as k
-        P = g.N * g.H * g.W
+        phases = _stride_phases(g)      # tiles by stride phase: only the taps that reach
+        P = g.N * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else g.N * g.H * g.W
         scalars = (g.N, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *_weight_strides(w),
                    *dx.stride(), *_depthwise_args(g))
-        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG)
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, STRIDE_PHASES=phases > 1)
 
         def launch(cfg):
-            return Launch(k.conv2d_depthwise_bwd_input, (cdiv(P, cfg["BLOCK_P"]),
+            return Launch(k.conv2d_depthwise_bwd_input, (phases * cdiv(P, cfg["BLOCK_P"]),
                                                          cdiv(g.C, cfg["BLOCK_C"])),
                           scalars, {**consts, **cfg})
         return launch(_depthwise_config("bwd_input", g, dx, g.C, P,

@@ -81,21 +81,46 @@ def conv2d_depthwise_bwd_input(
     sdx_n, sdx_c, sdx_h, sdx_w,         # grad input strides
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr,
+    STRIDE_PHASES: tl.constexpr,        # by stride phase (a stride > 1, no dilation)
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (cdiv(N*H*W, BLOCK_P), cdiv(C, BLOCK_C)): a tile of input pixels x input channels,
-    each element the sum over the M output channels it feeds and the taps whose window reads
-    it (window_of: the output pixel, if any, that reads (h, w) at (kh, kw))."""
-    n, h, w, p_ok, ci, c_ok = _tile(N, H, W, C, BLOCK_P, BLOCK_C)         # input pixels
+    """A tile of input pixels x input channels, each element the sum over the M output
+    channels it feeds and the taps whose window reads it (window_of: the output pixel, if
+    any, that reads (h, w) at (kh, kw)). Grid (cdiv(N*H*W, BLOCK_P), cdiv(C, BLOCK_C)); with
+    STRIDE_PHASES (SH * SW phases x cdiv(N*cdiv(H, SH)*cdiv(W, SW), BLOCK_P), ...) a tile
+    holds pixels of one stride phase (h % SH, w % SW), which only the taps kh = (h + PH) % SH
+    + i*SH (and kw likewise) reach: it visits those, not all KH x KW with most masked, as
+    conv.py's implicit grad input does."""
+    if STRIDE_PHASES:
+        HP = tl.cdiv(H, SH)             # a phase's rows and columns, at most
+        WP = tl.cdiv(W, SW)
+        tiles = tl.cdiv(N * HP * WP, BLOCK_P)
+        phase = tl.program_id(0) // tiles
+        rh = phase // SW
+        rw = phase % SW
+        p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n, i, j = unravel3(p, HP, WP)
+        n = n.to(tl.int64)
+        h = rh + i * SH
+        w = rw + j * SW
+        p_ok = (p < N * HP * WP) & (h < H) & (w < W)
+        ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = ci < C
+        kh0, kh_step = (rh + PH) % SH, SH
+        kw0, kw_step = (rw + PW) % SW, SW
+    else:
+        n, h, w, p_ok, ci, c_ok = _tile(N, H, W, C, BLOCK_P, BLOCK_C)     # input pixels
+        kh0, kh_step = 0, 1
+        kw0, kw_step = 0, 1
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-    for kh in range(KH):
+    for kh in range(kh0, KH, kh_step):
         oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
         h_ok = p_ok & oh_ok
-        for kw in range(KW):
+        for kw in range(kw0, KW, kw_step):
             ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
             ok = (h_ok & ow_ok)[:, None] & c_ok[None, :]
-            for j in range(M):
-                oc = (ci * M + j).to(tl.int64)
+            for m in range(M):
+                oc = (ci * M + m).to(tl.int64)
                 g = tl.load(dy_ptr + pixel_offsets(n, oh, ow, oc, sdy_n, sdy_h, sdy_w, sdy_c),
                             mask=ok, other=0.0)
                 wv = tl.load(w_ptr + oc * sw_o + kh * sw_h + kw * sw_w, mask=c_ok, other=0.0)
