@@ -791,11 +791,16 @@ class _TritonIm2col(_Launcher):
         new_ws = output_maker((1, nmax * P, g.OC), dy.dtype, dy.device) if pack else None
         dcols, ws = fresh(new_dcols), fresh(new_ws) if pack else None
         block_c = min(32, next_power_of_2(g.CG))
-        block_m = dot_block(nmax * g.H * g.W, max(64, _TILE_ELEMS // block_c))
+        phases = _stride_phases(g)      # col2im by stride phase: only the taps that reach
+        # (a phased tile keeps its taps' start and step live: 1024 x 4 pixels x channels
+        # spilled 180 bytes at the stem, 256 x 4 none)
+        block_m = dot_block(nmax * g.H * g.W, max(64, (_TILE_ELEMS // 4 if phases > 1 else
+                                                       _TILE_ELEMS) // block_c))
         steps = []
         for n0, nb in chunks:
             dym, packing = _TritonIm2col._dy_matrix_plan(dy, g, n0, nb, ws, whole=False)
-            grid = (cdiv(nb * g.H * g.W, block_m), cdiv(g.CG, block_c), g.groups)
+            pixels = nb * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else nb * g.H * g.W
+            grid = (phases * cdiv(pixels, block_m), cdiv(g.CG, block_c), g.groups)
             steps.append((
                 packing,
                 gemm_plan_on((dy if packing is None else ws, w0, dcols, None, None), dym, wm,
@@ -805,7 +810,7 @@ class _TritonIm2col(_Launcher):
                                                dcols.stride(0), dcols.stride(1), *dx.stride(),
                                                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
                        dict(KH=g.KH, KW=g.KW, CG=g.CG, BLOCK_M=block_m, BLOCK_C=block_c,
-                            TAPS_FIRST=taps_first))))
+                            TAPS_FIRST=taps_first, STRIDE_PHASES=phases > 1))))
 
         def run(dy, w, dx):
             dcols, ws = fresh(new_dcols), fresh(new_ws) if pack else None

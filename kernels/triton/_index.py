@@ -7,6 +7,8 @@
 - `window_of`: the gather side of a sliding window. Output index o's window reads input
   coordinate o*S - P + k*D at kernel offset k; a backward pass that owns input coordinates x
   finds, for each offset k, the one window (if any) that reads x there.
+- `gather_pixels`: the input pixels of a gather program (a grad input), all of them or, by
+  stride phase, those of one phase with the first kernel offset and the step that reach it.
 """
 import triton
 import triton.language as tl
@@ -34,3 +36,30 @@ def pixel_offsets(n, a, b, c, s_n, s_a, s_b, s_c):
     """[len(a), len(c)] int64 offsets of pixels (n, a, b) and channels c of a tensor with
     strides s_n, s_c, s_a, s_b: n (per pixel, or one image) and c are int64 already."""
     return (n * s_n + a.to(tl.int64) * s_a + b.to(tl.int64) * s_b)[:, None] + c[None, :] * s_c
+
+
+@triton.jit
+def gather_pixels(pid, NB, H, W, SH, SW, PH, PW, BLOCK: tl.constexpr,
+                  STRIDE_PHASES: tl.constexpr):
+    """A gather program's BLOCK input pixels (grid axis 0 = pid) over NB images of H x W:
+    (n (local), h, w, mask, kh0, kh_step, kw0, kw_step), the kernel offsets to visit being
+    kh0, kh0 + kh_step, ... < KH (and kw likewise). Plainly: cdiv(NB*H*W, BLOCK) programs,
+    every offset. With STRIDE_PHASES (stride > 1, no dilation): SH*SW phases x
+    cdiv(NB*cdiv(H, SH)*cdiv(W, SW), BLOCK) programs, each on pixels of one phase (h % SH,
+    w % SW), which only offsets kh = (h + PH) % SH + i*SH reach (kw likewise)."""
+    if STRIDE_PHASES:
+        HP = tl.cdiv(H, SH)             # a phase's rows and columns, at most
+        WP = tl.cdiv(W, SW)
+        tiles = tl.cdiv(NB * HP * WP, BLOCK)
+        phase = pid // tiles
+        rh = phase // SW
+        rw = phase % SW
+        p = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+        n, i, j = unravel3(p, HP, WP)
+        h = rh + i * SH
+        w = rw + j * SW
+        return (n, h, w, (p < NB * HP * WP) & (h < H) & (w < W), (rh + PH) % SH, SH,
+                (rw + PW) % SW, SW)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    n, h, w = unravel3(p, H, W)
+    return n, h, w, p < NB * H * W, 0, 1, 0, 1

@@ -28,7 +28,7 @@ setting).
 import triton
 import triton.language as tl
 
-from ._index import pixel_offsets, unravel3, window_of
+from ._index import gather_pixels, pixel_offsets, unravel3, window_of
 from ._split import sum_partials
 
 
@@ -399,20 +399,22 @@ def conv2d_col2im(
     CG,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     TAPS_FIRST: tl.constexpr = False,   # dcols' columns j = (kh, kw, c), else (c, kh, kw)
+    STRIDE_PHASES: tl.constexpr = False,    # by stride phase (_index.py gather_pixels)
 ):
     """dX[n, g*Cg + c, h, w] = sum over (kh, kw) of dcols[g, (n - n0, oh, ow), j(c, kh, kw)] with
     oh = (h + PH - kh*DH) / SH (and ow likewise) where that divides exactly and lies in the
     output. A gather, as in conv2d_implicit_bwd_input: every dX element of the chunk is
     written once by one program (no atomics, deterministic). Sums in fp32.
-    Grid (cdiv(NB*H*W, BLOCK_M), cdiv(CG, BLOCK_C), groups)."""
-    pid_m = tl.program_id(0)
+    Grid (cdiv(NB*H*W, BLOCK_M), cdiv(CG, BLOCK_C), groups); with STRIDE_PHASES, axis 0 is
+    SH*SW phases x cdiv(NB*cdiv(H, SH)*cdiv(W, SW), BLOCK_M), a program visiting only the
+    taps that reach its phase's pixels."""
     pid_c = tl.program_id(1)
     group = tl.program_id(2)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # chunk input pixels (n - n0, h, w)
+    # chunk input pixels (n - n0, h, w)
+    nl, h, w, m_ok, kh0, kh_step, kw0, kw_step = gather_pixels(
+        tl.program_id(0), NB, H, W, SH, SW, PH, PW, BLOCK_M, STRIDE_PHASES)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)          # input channels within the group
-    m_ok = m < NB * H * W
     c_ok = c < CG
-    nl, h, w = unravel3(m, H, W)
     if TAPS_FIRST:          # a tap's channels are contiguous columns
         col_c = cols_ptr + group.to(tl.int64) * scol_g + c.to(tl.int64)
         s_tap = CG
@@ -420,11 +422,11 @@ def conv2d_col2im(
         col_c = cols_ptr + group.to(tl.int64) * scol_g + (c * (KH * KW)).to(tl.int64)
         s_tap = 1
     acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
-    for kh in range(KH):
+    for kh in range(kh0, KH, kh_step):
         oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
         h_ok = m_ok & oh_ok
         row = ((nl * OH + oh) * OW).to(tl.int64)         # first pixel of output row (n, oh)
-        for kw in range(KW):
+        for kw in range(kw0, KW, kw_step):
             ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
             ok = h_ok & ow_ok
             ptr = col_c[None, :] + ((row + ow) * scol_p)[:, None] + (kh * KW + kw) * s_tap

@@ -23,7 +23,7 @@ accumulation, one rounding to the output's dtype.
 import triton
 import triton.language as tl
 
-from ._index import pixel_offsets, unravel3, window_of
+from ._index import gather_pixels, pixel_offsets, unravel3, window_of
 from ._split import arrive_last, sum_partials
 
 
@@ -91,27 +91,11 @@ def conv2d_depthwise_bwd_input(
     holds pixels of one stride phase (h % SH, w % SW), which only the taps kh = (h + PH) % SH
     + i*SH (and kw likewise) reach: it visits those, not all KH x KW with most masked, as
     conv.py's implicit grad input does."""
-    if STRIDE_PHASES:
-        HP = tl.cdiv(H, SH)             # a phase's rows and columns, at most
-        WP = tl.cdiv(W, SW)
-        tiles = tl.cdiv(N * HP * WP, BLOCK_P)
-        phase = tl.program_id(0) // tiles
-        rh = phase // SW
-        rw = phase % SW
-        p = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-        n, i, j = unravel3(p, HP, WP)
-        n = n.to(tl.int64)
-        h = rh + i * SH
-        w = rw + j * SW
-        p_ok = (p < N * HP * WP) & (h < H) & (w < W)
-        ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = ci < C
-        kh0, kh_step = (rh + PH) % SH, SH
-        kw0, kw_step = (rw + PW) % SW, SW
-    else:
-        n, h, w, p_ok, ci, c_ok = _tile(N, H, W, C, BLOCK_P, BLOCK_C)     # input pixels
-        kh0, kh_step = 0, 1
-        kw0, kw_step = 0, 1
+    n, h, w, p_ok, kh0, kh_step, kw0, kw_step = gather_pixels(
+        tl.program_id(0), N, H, W, SH, SW, PH, PW, BLOCK_P, STRIDE_PHASES)
+    n = n.to(tl.int64)
+    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = ci < C
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for kh in range(kh0, KH, kh_step):
         oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
