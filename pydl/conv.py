@@ -192,16 +192,25 @@ def _reduce_rows(cfg: dict) -> int:
     return max(1, min(cfg["BLOCK_M"], 32 * 32 * cfg.get("num_warps", 4) // cfg["BLOCK_N"]))
 
 
+def _pixel_ranges(tiles: int, P: int, block: int, device, waves: int, most: int,
+                  min_steps: int) -> tuple[int, int]:
+    """(ranges, pixels a range, a multiple of block) splitting a sum over P pixels for `tiles`
+    output tiles: about `waves` programs a multiprocessor, at most `most` ranges, each at
+    least `min_steps` blocks."""
+    want = cdiv(waves * _multiprocessors(device), tiles)
+    split = max(1, min(want, most, P // (min_steps * block)))
+    p_split = cdiv(cdiv(P, split), block) * block
+    return cdiv(P, p_split), p_split
+
+
 def _split_k(tiles: int, P: int, block_k: int, numel: int, device,
              waves: int = SPLIT_WAVES[0]) -> tuple[int, int]:
     """(splits, pixels per split, a multiple of block_k) for a grad weight of `tiles` output
     tiles (`numel` elements in all, tiles padded to whole blocks) summing P pixels, aiming at
     `waves` programs a multiprocessor."""
-    want = cdiv(waves * _multiprocessors(device), tiles)
-    split = max(1, min(want, SPLIT_MAX * waves // 2, P // (SPLIT_MIN_STEPS * block_k),
-                       SPLIT_WORKSPACE_ELEMS // numel))
-    p_split = cdiv(cdiv(P, split), block_k) * block_k
-    return cdiv(P, p_split), p_split
+    return _pixel_ranges(tiles, P, block_k, device, waves,
+                         min(SPLIT_MAX * waves // 2, SPLIT_WORKSPACE_ELEMS // numel),
+                         SPLIT_MIN_STEPS)
 
 
 def _pointwise_matrices(g: ConvGeometry, *tensors):
@@ -260,6 +269,13 @@ class _Launcher:
         return lambda dy, db: cls.backward_bias(dy, db, g)
 
 
+def _unit_stride_bias(plan, x, w, b, y, g: ConvGeometry):
+    """plan(x, w, b, y, g)'s callable for a kernel that reads the bias at unit stride, given a
+    strided bias (a view): the bias copied per call."""
+    launch = plan(x, w, b.contiguous(), y, g)
+    return lambda x, w, b, y: launch(x, w, b.contiguous(), y)
+
+
 class _TritonImplicit(_Launcher):
     @staticmethod
     def forward(x, w, b, y, g: ConvGeometry) -> None:
@@ -290,9 +306,7 @@ class _TritonImplicit(_Launcher):
                 product(x, w if weight is None else weight(w), y, b if has_bias else None, None)
             return pointwise
         if b is not None and b.stride(0) != 1:
-            # the kernel reads the bias at unit stride: a strided one (a view) is copied
-            launch = _TritonImplicit._plan_forward(x, w, b.contiguous(), y, g)
-            return lambda x, w, b, y: launch(x, w, b.contiguous(), y)
+            return _unit_stride_bias(_TritonImplicit._plan_forward, x, w, b, y, g)
         M = g.N * g.OH * g.OW
         flat_k = _flat_taps(g)
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
@@ -476,15 +490,6 @@ DEPTHWISE_SPLIT_MAX = 64
 DEPTHWISE_IN_FLIGHT = 8
 
 
-def _depthwise_split(tiles: int, P: int, block_p: int, device) -> tuple[int, int]:
-    """(ranges, pixels a range, a multiple of block_p) for `tiles` (kernel row, channel block)
-    tiles summing P output pixels."""
-    want = cdiv(DEPTHWISE_WAVES * _multiprocessors(device), tiles)
-    split = max(1, min(want, DEPTHWISE_SPLIT_MAX, P // (DEPTHWISE_MIN_STEPS * block_p)))
-    p_split = cdiv(cdiv(P, split), block_p) * block_p
-    return cdiv(P, p_split), p_split
-
-
 def _depthwise_args(g: ConvGeometry) -> tuple:
     return (g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
 
@@ -502,9 +507,7 @@ class _TritonDepthwise:
     def plan_forward(x, w, b, y, g: ConvGeometry):
         from .kernels.triton import conv_depthwise as k
         if b is not None and b.stride(0) != 1:
-            # the kernel reads the bias at unit stride: a strided one (a view) is copied
-            launch = _TritonDepthwise.plan_forward(x, w, b.contiguous(), y, g)
-            return lambda x, w, b, y: launch(x, w, b.contiguous(), y)
+            return _unit_stride_bias(_TritonDepthwise.plan_forward, x, w, b, y, g)
         P = g.N * g.OH * g.OW
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *_weight_strides(w),
                    *y.stride(), *_depthwise_args(g))
@@ -553,7 +556,8 @@ class _TritonDepthwise:
             cfg = dict(cfg, BLOCK_KW=block_kw, BLOCK_C=bc, IN_FLIGHT=DEPTHWISE_IN_FLIGHT,
                        BLOCK_P=max(2, cfg["BLOCK_P"] * cfg["BLOCK_C"] // (bc * block_kw)))
             tiles = g.KH * cdiv(g.OC, cfg["BLOCK_C"])
-            split, p_split = _depthwise_split(tiles, P, cfg["BLOCK_P"], dw.device)
+            split, p_split = _pixel_ranges(tiles, P, cfg["BLOCK_P"], dw.device, DEPTHWISE_WAVES,
+                                           DEPTHWISE_SPLIT_MAX, DEPTHWISE_MIN_STEPS)
             main = Launch(k.conv2d_depthwise_bwd_weight,
                           (g.KH, cdiv(g.OC, cfg["BLOCK_C"]), split), (*scalars, split, p_split),
                           {**consts, "ONE_RANGE": split == 1, **cfg})
@@ -636,7 +640,6 @@ def _im2col_launch(src, cols, n0, nb, C, H, W, OH, OW, KH, KW, SH=1, SW=1, PH=0,
     J = C // groups * KH * KW
     if nb * OH * OW * J == 0:
         return _launch_nothing
-    taps_first = taps_first and KH * KW > 1
     block_j = min(64, next_power_of_2(C // groups if taps_first else J))
     block_p = dot_block(nb * OH * OW, max(64, _TILE_ELEMS // block_j))
     # by tap: a program per (tap, channel block) (kernels/triton/conv.py conv2d_im2col)

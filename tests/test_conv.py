@@ -419,19 +419,30 @@ STRIDE_PHASE_CASES = {
 }
 
 
-def _spy_grad_input_launches(monkeypatch) -> list:
-    """(grid, constexprs) of every conv2d_implicit_bwd_input launch planned from now on."""
+def _spy_launches(monkeypatch) -> list:
+    """(kernel, grid, scalars, constexprs) of every conv2d Launch planned from now on."""
     import pydl.conv as conv_mod
-    from pydl.kernels.triton import conv as k
     seen = []
 
     class Spy(conv_mod.Launch):
-        def __init__(self, kernel, grid, scalars, consts):
-            if kernel is k.conv2d_implicit_bwd_input:
-                seen.append((grid, consts))
-            super().__init__(kernel, grid, scalars, consts)
+        def __init__(self, kernel, grid, scalars, consts, checked=None):
+            seen.append((kernel, grid, scalars, consts))
+            super().__init__(kernel, grid, scalars, consts, checked)
     monkeypatch.setattr(conv_mod, "Launch", Spy)
     return seen
+
+
+def _planned(launches: list, kernel) -> list:
+    """(grid, constexprs) of the spied launches of `kernel`."""
+    return [(grid, consts) for kn, grid, _, consts in launches if kn is kernel]
+
+
+def _spy_grad_input_launches(monkeypatch):
+    """A callable returning (grid, constexprs) of every conv2d_implicit_bwd_input launch
+    planned since this call."""
+    from pydl.kernels.triton import conv as k
+    launches = _spy_launches(monkeypatch)
+    return lambda: _planned(launches, k.conv2d_implicit_bwd_input)
 
 
 # --- depthwise layers: the direct kernels ----------------------------------------------------
@@ -465,15 +476,7 @@ def test_depthwise_direct_kernels(monkeypatch, case, split):
     import pydl.conv as conv_mod
     from pydl import _launch
     from pydl.kernels.triton import conv_depthwise as kd
-    launched, splits = [], []
-
-    class Spy(conv_mod.Launch):
-        def __init__(self, kernel, grid, scalars, consts, checked=None):
-            launched.append(kernel)
-            if kernel is kd.conv2d_depthwise_bwd_weight:
-                splits.append(grid[2])
-            super().__init__(kernel, grid, scalars, consts, checked)
-    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    launches = _spy_launches(monkeypatch)
     if split == "ranges":
         monkeypatch.setattr(conv_mod, "DEPTHWISE_MIN_STEPS", 1)
         monkeypatch.setattr(conv_mod, "DEPTHWISE_WAVES", 1000)
@@ -487,6 +490,8 @@ def test_depthwise_direct_kernels(monkeypatch, case, split):
     if layout == "channels_last":
         x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
     check_conv(x, w, b, "triton", "implicit", dtype, **opts)
+    launched = [kn for kn, *_ in launches]
+    splits = [grid[2] for grid, _ in _planned(launches, kd.conv2d_depthwise_bwd_weight)]
     assert {kd.conv2d_depthwise_fwd, kd.conv2d_depthwise_bwd_input,
             kd.conv2d_depthwise_bwd_weight} <= set(launched), launched
     assert all(getattr(kn, "__name__", "").startswith("conv2d_depthwise") or "bias" in
@@ -502,20 +507,13 @@ def test_depthwise_grad_weight_narrows_channel_blocks(monkeypatch):
     gives torch's gradient."""
     import pydl.conv as conv_mod
     from pydl.kernels.triton import conv_depthwise as kd
-    seen = []
-
-    class Spy(conv_mod.Launch):
-        def __init__(self, kernel, grid, scalars, consts, checked=None):
-            if kernel is kd.conv2d_depthwise_bwd_weight:
-                seen.append((grid, consts))
-            super().__init__(kernel, grid, scalars, consts, checked)
-    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    launches = _spy_launches(monkeypatch)
     monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device: 1000)
     clear_plans()
     x = random_tensor((1, 32, 6, 6), torch.float32, DEVICE).to(memory_format=torch.channels_last)
     w = random_tensor((32, 1, 3, 3), torch.float32, DEVICE, scale=0.5)
     check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1, groups=32)
-    (grid, consts), = seen
+    (grid, consts), = _planned(launches, kd.conv2d_depthwise_bwd_weight)
     assert consts["BLOCK_C"] == 8 and grid[:2] == (3, 4), (grid, consts)
     assert grid[2] <= conv_mod.DEPTHWISE_SPLIT_MAX
     clear_plans()
@@ -526,20 +524,14 @@ def test_depthwise_large_multiplier_takes_the_implicit_gemm(monkeypatch):
     multiplier columns), and gives torch's result."""
     import pydl.conv as conv_mod
     from pydl.kernels.triton import conv as k
-    launched = []
-
-    class Spy(conv_mod.Launch):
-        def __init__(self, kernel, *args, **kwargs):
-            launched.append(kernel)
-            super().__init__(kernel, *args, **kwargs)
-    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    launches = _spy_launches(monkeypatch)
     clear_plans()
     m = conv_mod.DEPTHWISE_MAX_MULTIPLIER + 1
     x = random_tensor((1, 2, 5, 5), torch.float32, DEVICE)
     w = random_tensor((2 * m, 1, 3, 3), torch.float32, DEVICE, scale=0.5)
     check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1, groups=2)
     assert {k.conv2d_implicit_fwd, k.conv2d_implicit_bwd_input,
-            k.conv2d_implicit_bwd_weight} <= set(launched), launched
+            k.conv2d_implicit_bwd_weight} <= {kn for kn, *_ in launches}, launches
     clear_plans()
 
 
@@ -561,14 +553,14 @@ def test_implicit_grad_input_stride_phases(monkeypatch, case):
     (h % SH, w % SW) and only the taps that reach them, against the float64 reference and
     torch: every pixel written once, zeros where no window reads a pixel (the outputs are
     NaN-poisoned). The launch has SH * SW phases (1 with dilation: every tap, masked)."""
-    seen = _spy_grad_input_launches(monkeypatch)
+    planned = _spy_grad_input_launches(monkeypatch)
     xs, ws, opts, dtype, layout, phases = STRIDE_PHASE_CASES[case]
     x = random_tensor(xs, dtype, DEVICE)
     w = random_tensor(ws, dtype, DEVICE, scale=0.3)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     check_conv(x, w, None, "triton", "implicit", dtype, **opts)
-    (grid, consts), = seen
+    (grid, consts), = planned()
     assert consts["STRIDE_PHASES"] == (phases > 1)
     N, _, H, W = xs
     SH, SW = torch.nn.modules.utils._pair(opts["stride"])
@@ -588,11 +580,11 @@ def test_implicit_grad_input_stride_phases_channel_blocks(monkeypatch, dtype):
     """Stride phases with 16-wide tiles: 20 input channels in two column tiles, 20 output
     channels in two K blocks per tap (the last partial), several pixel tiles per phase."""
     _small_tiles(monkeypatch)
-    seen = _spy_grad_input_launches(monkeypatch)
+    planned = _spy_grad_input_launches(monkeypatch)
     x = random_tensor((2, 20, 9, 8), dtype, DEVICE).to(memory_format=torch.channels_last)
     w = random_tensor((20, 20, 3, 3), dtype, DEVICE, scale=0.3)
     check_conv(x, w, None, "triton", "implicit", dtype, stride=2, padding=1)
-    (grid, consts), = seen
+    (grid, consts), = planned()
     assert consts["STRIDE_PHASES"] and grid[:2] == (4 * 3, 2)   # 40 pixels a phase: 3 tiles
 
 
@@ -712,21 +704,8 @@ def test_im2col_column_order(monkeypatch, x_layout, w_layout):
     weight gradient's columns go in the order of its dw, laid out as torch's (channels_last
     when the input or the weight is). Strided, dilated, grouped, fp16; against the float64
     reference and torch."""
-    import pydl.conv as conv_mod
     from pydl.kernels.triton import conv as k
-    orders, packs = {}, []
-
-    class Spy(conv_mod.Launch):
-        def __init__(self, kernel, grid, scalars, consts, checked=None):
-            if kernel is k.conv2d_im2col and consts["KH"] * consts["KW"] > 1:  # not dY's pack
-                if scalars[5:7] == (1, 1):      # OH = OW = 1: the weight as one window
-                    packs.append(consts["TAPS_FIRST"])
-                else:
-                    orders.setdefault("im2col", []).append(consts["TAPS_FIRST"])
-            elif kernel is k.conv2d_col2im:
-                orders.setdefault("col2im", []).append(consts["TAPS_FIRST"])
-            super().__init__(kernel, grid, scalars, consts, checked)
-    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    launches = _spy_launches(monkeypatch)
     clear_plans()
     x = random_tensor((2, 6, 9, 8), torch.float16, DEVICE)
     w = random_tensor((4, 3, 3, 2), torch.float16, DEVICE, scale=0.5)
@@ -736,6 +715,15 @@ def test_im2col_column_order(monkeypatch, x_layout, w_layout):
         w = w.to(memory_format=torch.channels_last)
     check_conv(x, w, None, "triton", "im2col", torch.float16, stride=2, padding=(1, 2),
                dilation=(2, 1), groups=2)
+    orders, packs = {}, []
+    for kernel, _, scalars, consts in launches:
+        if kernel is k.conv2d_im2col and consts["KH"] * consts["KW"] > 1:    # not dY's pack
+            if scalars[5:7] == (1, 1):          # OH = OW = 1: the weight as one window
+                packs.append(consts["TAPS_FIRST"])
+            else:
+                orders.setdefault("im2col", []).append(consts["TAPS_FIRST"])
+        elif kernel is k.conv2d_col2im:
+            orders.setdefault("col2im", []).append(consts["TAPS_FIRST"])
     by_tap = x_layout == "channels_last"
     # forward im2col by the input's layout, then the weight gradient's by dw's: channels_last
     # (by tap) when the input or the weight is, as torch lays the gradient out

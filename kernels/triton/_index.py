@@ -7,8 +7,8 @@
 - `window_of`: the gather side of a sliding window. Output index o's window reads input
   coordinate o*S - P + k*D at kernel offset k; a backward pass that owns input coordinates x
   finds, for each offset k, the one window (if any) that reads x there.
-- `gather_pixels`: the input pixels of a gather program (a grad input), all of them or, by
-  stride phase, those of one phase with the first kernel offset and the step that reach it.
+- `program_pixels`: a program's block of pixels: of all of them, or (a gather: a grad input,
+  by stride phase) of one phase, with the first kernel offset and the step that reach it.
 """
 import triton
 import triton.language as tl
@@ -39,14 +39,15 @@ def pixel_offsets(n, a, b, c, s_n, s_a, s_b, s_c):
 
 
 @triton.jit
-def gather_pixels(pid, NB, H, W, SH, SW, PH, PW, BLOCK: tl.constexpr,
-                  STRIDE_PHASES: tl.constexpr):
-    """A gather program's BLOCK input pixels (grid axis 0 = pid) over NB images of H x W:
+def program_pixels(pid, NB, H, W, SH, SW, PH, PW, BLOCK: tl.constexpr,
+                   STRIDE_PHASES: tl.constexpr):
+    """A program's BLOCK pixels (grid axis 0 = pid) over NB images of H x W:
     (n (local), h, w, mask, kh0, kh_step, kw0, kw_step), the kernel offsets to visit being
     kh0, kh0 + kh_step, ... < KH (and kw likewise). Plainly: cdiv(NB*H*W, BLOCK) programs,
     every offset. With STRIDE_PHASES (stride > 1, no dilation): SH*SW phases x
     cdiv(NB*cdiv(H, SH)*cdiv(W, SW), BLOCK) programs, each on pixels of one phase (h % SH,
-    w % SW), which only offsets kh = (h + PH) % SH + i*SH reach (kw likewise)."""
+    w % SW), which only offsets kh = (h + PH) % SH + i*SH reach (kw likewise): a gather's
+    input pixels (SH, SW, PH, PW are read only with STRIDE_PHASES)."""
     if STRIDE_PHASES:
         HP = tl.cdiv(H, SH)             # a phase's rows and columns, at most
         WP = tl.cdiv(W, SW)

@@ -28,7 +28,7 @@ setting).
 import triton
 import triton.language as tl
 
-from ._index import gather_pixels, pixel_offsets, unravel3, window_of
+from ._index import pixel_offsets, program_pixels, unravel3, window_of
 from ._split import sum_partials
 
 
@@ -399,7 +399,7 @@ def conv2d_col2im(
     CG,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     TAPS_FIRST: tl.constexpr = False,   # dcols' columns j = (kh, kw, c), else (c, kh, kw)
-    STRIDE_PHASES: tl.constexpr = False,    # by stride phase (_index.py gather_pixels)
+    STRIDE_PHASES: tl.constexpr = False,    # by stride phase (_index.py program_pixels)
 ):
     """dX[n, g*Cg + c, h, w] = sum over (kh, kw) of dcols[g, (n - n0, oh, ow), j(c, kh, kw)] with
     oh = (h + PH - kh*DH) / SH (and ow likewise) where that divides exactly and lies in the
@@ -411,7 +411,7 @@ def conv2d_col2im(
     pid_c = tl.program_id(1)
     group = tl.program_id(2)
     # chunk input pixels (n - n0, h, w)
-    nl, h, w, m_ok, kh0, kh_step, kw0, kw_step = gather_pixels(
+    nl, h, w, m_ok, kh0, kh_step, kw0, kw_step = program_pixels(
         tl.program_id(0), NB, H, W, SH, SW, PH, PW, BLOCK_M, STRIDE_PHASES)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)          # input channels within the group
     c_ok = c < CG

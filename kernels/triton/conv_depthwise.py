@@ -23,19 +23,8 @@ accumulation, one rounding to the output's dtype.
 import triton
 import triton.language as tl
 
-from ._index import gather_pixels, pixel_offsets, unravel3, window_of
+from ._index import pixel_offsets, program_pixels, unravel3, window_of
 from ._split import arrive_last, sum_partials
-
-
-@triton.jit
-def _tile(N, A, B, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The [pixels x channels] tile of a program on grid axes (pixel block, channel block),
-    over an (N, A, B) pixel extent and C channels: (n (int64), a, b, the pixels' mask, the
-    channels, their mask)."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n, a, b = unravel3(p, A, B)
-    return n.to(tl.int64), a, b, p < N * A * B, c, c < C
 
 
 @triton.jit
@@ -52,7 +41,11 @@ def conv2d_depthwise_fwd(
 ):
     """Grid (cdiv(N*OH*OW, BLOCK_P), cdiv(OC, BLOCK_C)): a tile of output pixels x output
     channels, summed over the window's taps."""
-    n, oh, ow, p_ok, oc, oc_ok = _tile(N, OH, OW, OC, BLOCK_P, BLOCK_C)   # output pixels
+    n, oh, ow, p_ok, _, _, _, _ = program_pixels(tl.program_id(0), N, OH, OW, 1, 1, 0, 0,
+                                                 BLOCK_P, False)   # output pixels
+    n = n.to(tl.int64)
+    oc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    oc_ok = oc < OC
     ci = (oc // M).to(tl.int64)
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for kh in range(KH):
@@ -91,7 +84,7 @@ def conv2d_depthwise_bwd_input(
     holds pixels of one stride phase (h % SH, w % SW), which only the taps kh = (h + PH) % SH
     + i*SH (and kw likewise) reach: it visits those, not all KH x KW with most masked, as
     conv.py's implicit grad input does."""
-    n, h, w, p_ok, kh0, kh_step, kw0, kw_step = gather_pixels(
+    n, h, w, p_ok, kh0, kh_step, kw0, kw_step = program_pixels(
         tl.program_id(0), N, H, W, SH, SW, PH, PW, BLOCK_P, STRIDE_PHASES)
     n = n.to(tl.int64)
     ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
