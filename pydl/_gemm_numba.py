@@ -9,6 +9,7 @@ fp32 workspace fed by fp16 operands, say).
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 
@@ -26,6 +27,14 @@ SIM_TILE, SIM_MICRO = 32, 16
 # Under emulation the kernel skips the multiply-adds and loads outside the matrices (see
 # kernels/numba/gemm.py: trim); tests turn this off to run the GPU's code path in the simulator.
 SIM_TRIM = True
+# fp16 and bf16 products on the tensor cores (kernels/numba/gemm_mma.py): blocks of WARPS_MMA
+# (along M, N) warps of 32 x 32 outputs each, on a GPU that has mma.sync m16n8k16 (compute
+# capability 8.0 or newer). In the simulator, where the warp's product is a block-wide
+# rendezvous of Python threads, one warp a block, and only where a test turns SIM_MMA on: the
+# CUDA-core kernel runs the other emulated products.
+WARPS_MMA = (2, 2)
+SIM_WARPS_MMA = (1, 1)
+SIM_MMA = False
 # Grid limits on the y and z axes (x goes to 2^31 - 1); the kernel's grid-stride loops cover
 # what a capped grid leaves over.
 _MAX_GRID_YZ = 65535
@@ -49,7 +58,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     bias: (N,) or (B1, N), added to every row; addend: out's shape (any dtype; may be out).
     alpha: 1 only (the kernel has no scale). input_precision: accepted for the signature;
     fp32 operands are multiplied in fp32 exactly (no TF32 on CUDA cores).
-    The dtypes may differ per array; accumulation is fp32, rounded once into out.
+    The dtypes may differ per array; accumulation is fp32, rounded once into out. fp16 or
+    bf16 operands of one dtype multiply on the tensor cores (kernels/numba/gemm_mma.py), the
+    rest on the CUDA cores (kernels/numba/gemm.py).
     """
     if alpha != 1.0:
         raise NotImplementedError(f"gemm: the numba GEMM has no alpha (got {alpha}); scale an "
@@ -105,15 +116,45 @@ def _launch(a, b, out, addend, bias) -> None:
         if bias is not None:
             bias_mode = k.BIAS_ROWS
         M, N = N, M
-    T, R = tile()
-    grid = (cdiv(N, T), min(cdiv(M, T), _MAX_GRID_YZ), min(B1 * B2c, _MAX_GRID_YZ))
-    if _env.INTERPRET:
-        grid = (1, 1, 1)  # one block loops over every tile: starting simulated blocks is slow
-    kernel = k.gemm_kernel(T, R, trim=_env.INTERPRET and SIM_TRIM)
     code = k.dtype_code
     addend_ = addend if addend is not None else out     # placeholders the kernel does not read
     bias_ = bias if bias is not None else out
-    launch_numba(kernel, grid, (T // R, T // R), out.device, a, b, addend_, out, bias_,
-                 addend is not None, bias_mode, a.stride(3) <= a.stride(2),
-                 b.stride(3) <= b.stride(2), code(a.dtype), code(b.dtype), code(addend_.dtype),
+    flags = (addend is not None, bias_mode, a.stride(3) <= a.stride(2),
+             b.stride(3) <= b.stride(2))
+    if _on_tensor_cores(a, b):
+        from .kernels.numba.gemm_mma import gemm_mma_kernel
+        wm, wn = SIM_WARPS_MMA if _env.INTERPRET else WARPS_MMA
+        kernel = gemm_mma_kernel(wm, wn, a.dtype == torch.bfloat16)
+        launch_numba(kernel, _grid(M, N, B1 * B2c, 32 * wm, 32 * wn), 32 * wm * wn,
+                     out.device, a.view(torch.int16), b.view(torch.int16), addend_, out, bias_,
+                     *flags, code(addend_.dtype), code(out.dtype), code(bias_.dtype))
+        return
+    T, R = tile()
+    kernel = k.gemm_kernel(T, R, trim=_env.INTERPRET and SIM_TRIM)
+    launch_numba(kernel, _grid(M, N, B1 * B2c, T, T), (T // R, T // R), out.device, a, b,
+                 addend_, out, bias_, *flags, code(a.dtype), code(b.dtype), code(addend_.dtype),
                  code(out.dtype), code(bias_.dtype))
+
+
+def _grid(M: int, N: int, batches: int, rows: int, cols: int) -> tuple[int, int, int]:
+    """Blocks along N, M and the batches for tiles of rows x cols (the kernels' grid-stride
+    loops cover the rest); one block in the simulator, where starting blocks is slow."""
+    if _env.INTERPRET:
+        return (1, 1, 1)
+    return (cdiv(N, cols), min(cdiv(M, rows), _MAX_GRID_YZ), min(batches, _MAX_GRID_YZ))
+
+
+def _on_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The product goes to the tensor-core kernel: fp16 or bf16 operands of one dtype, on a
+    GPU with mma.sync m16n8k16 (or in the simulator where SIM_MMA says so)."""
+    if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if _env.INTERPRET:
+        return SIM_MMA
+    return _has_mma(a.device.index if a.device.index is not None else
+                    torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _has_mma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)

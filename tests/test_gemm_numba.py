@@ -1,7 +1,9 @@
 """pydl._gemm_numba.gemm (the Numba tiled GEMM) against float64 torch.matmul: partial tiles on
 every side, strided / transposed / broadcast operands, an output written through its strides
 (including the transposed-problem path), the batch-axis reduction, addend, bias, mixed dtypes,
-and the GPU's untrimmed code path run in the simulator."""
+and the GPU's untrimmed code path run in the simulator; the tensor-core kernel for 16-bit
+operands (kernels/numba/gemm_mma.py) likewise, on the GPU and in the simulator where its
+warp product is emulated from the PTX fragment layouts."""
 import pytest
 import torch
 
@@ -93,6 +95,90 @@ def test_gemm_untrimmed_path_other_tiles(monkeypatch, tile, micro):
     assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
 
 
+@pytest.fixture
+def tensor_cores(monkeypatch):
+    """The 16-bit products on the tensor-core kernel, in the simulator too, and a record of
+    the kernels launched (their builder tags)."""
+    from pydl.kernels.numba._builder import BUILT_BY
+    monkeypatch.setattr(G, "SIM_MMA", True)
+    launched = []
+    real = G.launch_numba
+
+    def spy(kernel, *args):
+        launched.append(getattr(kernel, BUILT_BY, ("",))[0].rpartition(".")[2])
+        return real(kernel, *args)
+    monkeypatch.setattr(G, "launch_numba", spy)
+    return launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)   # the Numba
+@pytest.mark.parametrize("orient", ["nn", "tt"])          # simulator decodes bf16 exactly
+def test_gemm_tensor_cores_edges_and_orientations(tensor_cores, dtype, orient):
+    """fp16 / bf16 operands on the mma.sync kernel: M, N, K past one tile and not multiples of
+    the fragment (K odd: the last pair half empty), row- or column-major operands (both
+    staging walks), a row-major output with a bias along columns and a column-major one (the
+    transposed problem: bias along rows), into an fp32 and a 16-bit output."""
+    M, N, K = 37, 45, 71
+    if orient == "nn":
+        a = random_tensor((1, 1, M, K), dtype, DEVICE)
+        b = random_tensor((1, 1, K, N), dtype, DEVICE)
+        out = torch.full((1, 1, M, N), float("nan"), device=DEVICE)
+    else:
+        a = random_tensor((1, 1, K, M), dtype, DEVICE).transpose(2, 3)
+        b = random_tensor((1, 1, N, K), dtype, DEVICE).transpose(2, 3)
+        out = torch.full((1, 1, N, M), float("nan"), device=DEVICE).transpose(2, 3)
+    bias = random_tensor(N, torch.float32, DEVICE)
+    G.gemm(a, b, out, bias=bias)
+    assert tensor_cores == ["gemm_mma"]
+    assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
+    low = torch.empty(1, 1, M, N, dtype=dtype, device=DEVICE)
+    G.gemm(a, b, low, addend=out)
+    assert_close(low, expected(a, b, low.shape, addend=out), dtype, reduction=K)
+
+
+def test_gemm_tensor_cores_batches_and_reduction(tensor_cores):
+    """Batch axes on the tensor-core kernel: b broadcast over B2 into a sliced output view
+    (its neighbours untouched), then the B2 axis summed into B2c = 1 with an addend."""
+    B1, B2, M, N, K = 2, 3, 9, 11, 18
+    a = random_tensor((B1, B2, M, K), torch.float16, DEVICE)
+    b = random_tensor((B1, 1, K, N), torch.float16, DEVICE)
+    big = torch.full((B1, B2, M, 2 * N), float("nan"), device=DEVICE)
+    out = big[..., ::2]
+    G.gemm(a, b, out)
+    assert_close(out, expected(a, b, out.shape), torch.float32, reduction=K)
+    assert torch.isnan(big[..., 1::2]).all(), "wrote outside the output view"
+    b2 = random_tensor((B1, B2, K, N), torch.float16, DEVICE)
+    addend = random_tensor((B1, 1, M, N), torch.float32, DEVICE)
+    red = torch.empty(B1, 1, M, N, device=DEVICE)
+    G.gemm(a, b2, red, addend=addend)
+    assert_close(red, expected(a, b2, red.shape, addend=addend), torch.float32,
+                 reduction=B2 * K)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the simulator's warp settings")
+def test_gemm_tensor_cores_several_warps(tensor_cores, monkeypatch):
+    """The GPU's block of 2 x 2 warps in the simulator: each warp's fragments from its own
+    32 x 32 block of the tile, the staging split over 128 threads."""
+    monkeypatch.setattr(G, "SIM_WARPS_MMA", G.WARPS_MMA)
+    M, N, K = 70, 40, 32
+    a = random_tensor((1, 1, K, M), torch.bfloat16, DEVICE).transpose(2, 3)
+    b = random_tensor((1, 1, K, N), torch.bfloat16, DEVICE)
+    out = torch.full((1, 1, M, N), float("nan"), device=DEVICE)
+    G.gemm(a, b, out)
+    assert_close(out, expected(a, b, out.shape), torch.float32, reduction=K)
+
+
+def test_gemm_mixed_operands_stay_on_cuda_cores(tensor_cores):
+    """Operands of two dtypes (an fp32 gradient times fp16 weights) take the CUDA-core
+    kernel, which decodes each by its own dtype code."""
+    a = random_tensor((1, 1, 5, 6), torch.float32, DEVICE)
+    b = random_tensor((1, 1, 6, 7), torch.float16, DEVICE)
+    out = torch.empty(1, 1, 5, 7, device=DEVICE)
+    G.gemm(a, b, out)
+    assert tensor_cores == ["gemm"]
+    assert_close(out, expected(a, b, out.shape), torch.float32, reduction=6)
+
+
 def test_gemm_bad_shapes():
     a = torch.zeros(1, 1, 3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="shapes"):
@@ -125,3 +211,22 @@ def test_one_gemm_signature_for_both_backends(backend):
     if backend == "numba":
         with pytest.raises(NotImplementedError, match="no alpha"):
             gemm(a.t(), b[0].t(), out[0], alpha=0.5)
+
+
+def test_conv2d_numba_on_tensor_cores(tensor_cores):
+    """An op on the tensor-core GEMM: the Numba backend's im2col conv2d in fp16, forward and
+    every gradient against float64, its products (forward, grad input, grad weight) all on
+    the mma.sync kernel."""
+    import pydl
+    x = random_tensor((2, 4, 6, 5), torch.float16, DEVICE).requires_grad_()
+    w = random_tensor((6, 4, 3, 3), torch.float16, DEVICE).requires_grad_()
+    y = pydl.conv2d(x, w, stride=1, padding=1, backend="numba")
+    dy = random_tensor(y.shape, torch.float16, DEVICE)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = torch.nn.functional.conv2d(x64, w64, padding=1)
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    assert set(tensor_cores) == {"gemm_mma"}
+    assert_close(y, y64, torch.float16, reduction=36)
+    assert_close(dx, dx64, torch.float16, reduction=54)
+    assert_close(dw, dw64, torch.float16, reduction=60)

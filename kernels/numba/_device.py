@@ -11,7 +11,15 @@ resolve: tens of microseconds a call, as much as a short loop of arithmetic. A h
 never names `cuda` has nothing to swap, so there `device` returns the plain function, called at
 Python's cost, and factoring a kernel into helpers does not slow the emulated tests. A helper
 that names `cuda` (thread indices, local arrays) gets the `cuda.jit` device function there too.
+
+`mma(bf16)`: the warp's tensor-core product (PTX mma.sync m16n8k16, fp32 accumulators), for
+the GEMM (kernels/numba/gemm_mma.py). Numba CUDA has no tensor-core intrinsic; the instruction
+is inline PTX. Its counterpart in the simulator gathers the warp's fragments and computes the
+same product, so the fragment layouts the kernel builds are checked there.
 """
+import threading
+
+import numpy as np
 from numba import config, cuda
 
 
@@ -43,3 +51,115 @@ else:
             builder.call(asm, ())
             return context.get_dummy_value()
         return types.void(message), codegen
+
+
+# --- the warp's tensor-core product -----------------------------------------------------------
+#
+# mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D (16 x 8, fp32) = A (16 x 16) B (16 x 8)
+# + C, computed by the 32 lanes of a warp together; each lane passes its fragments as 32-bit
+# registers (two 16-bit elements each, the lower-indexed one in the low half) and gets its four
+# elements of D. With g = lane // 4 and t = lane % 4 (PTX ISA, "Matrix Fragments for
+# mma.m16n8k16 with floating point type"):
+#   A: a0 = A[g, 2t:2t+2], a1 = A[g+8, 2t:2t+2], a2 = A[g, 2t+8:2t+10], a3 = A[g+8, 2t+8:2t+10]
+#   B: b0 = B[2t:2t+2, g], b1 = B[2t+8:2t+10, g]  (pairs along K: B^T's rows)
+#   C, D: c0, c1 = C[g, 2t], C[g, 2t+1]; c2, c3 = C[g+8, 2t], C[g+8, 2t+1]
+
+def _lane_places():
+    """Per lane, the (row, column) of each 16-bit element of its A and B fragments, and of
+    its four accumulators, in the order above (index arrays over the 32 lanes)."""
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    pair = np.array([0, 1])
+    a_rows = np.stack([g, g, g + 8, g + 8, g, g, g + 8, g + 8], 1)
+    a_cols = np.concatenate([2 * t[:, None] + pair, 2 * t[:, None] + pair,
+                             2 * t[:, None] + 8 + pair, 2 * t[:, None] + 8 + pair], 1)
+    b_rows = np.concatenate([2 * t[:, None] + pair, 2 * t[:, None] + 8 + pair], 1)
+    b_cols = np.stack([g] * 4, 1)
+    c_rows = np.stack([g, g, g + 8, g + 8], 1)
+    c_cols = np.stack([2 * t, 2 * t + 1, 2 * t, 2 * t + 1], 1)
+    return a_rows, a_cols, b_rows, b_cols, c_rows, c_cols
+
+
+def _halves(words: np.ndarray, bf16: bool) -> np.ndarray:
+    """The 16-bit elements of 32-bit fragment registers (lower half first) as float64."""
+    bits = np.ascontiguousarray(words, dtype=np.uint32).view(np.uint16)
+    if bf16:
+        return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return bits.view(np.float16).astype(np.float64)
+
+
+def _warp_product(a_regs, b_regs, c, bf16: bool) -> np.ndarray:
+    """D for one warp from its lanes' fragments: a_regs (32, 4) and b_regs (32, 2) uint32,
+    c (32, 4) fp32; returns (32, 4) fp32, each lane's d0..d3."""
+    a_rows, a_cols, b_rows, b_cols, c_rows, c_cols = _PLACES
+    A = np.zeros((16, 16))
+    A[a_rows, a_cols] = _halves(a_regs, bf16).reshape(32, 8)
+    B = np.zeros((16, 8))
+    B[b_rows, b_cols] = _halves(b_regs, bf16).reshape(32, 4)
+    C = np.zeros((16, 8))
+    C[c_rows, c_cols] = c
+    return (A @ B + C)[c_rows, c_cols].astype(np.float32)
+
+
+_PLACES = _lane_places()
+
+if config.ENABLE_CUDASIM:
+    def mma(bf16: bool):
+        """The simulator's mma.sync: every thread of the block calls it the same number of
+        times (a block-wide barrier stands for the warp's); the block's first thread computes
+        each warp's product from the fragments the lanes left."""
+        def product(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            me = threading.current_thread()
+            block = me._manager                 # the simulator's BlockManager of this block
+            lanes = int(np.prod(block._block_dim))
+            with _LOCK:
+                state = block.__dict__.get("pydl_mma")
+                if state is None or state[0].shape[0] != lanes:
+                    state = block.pydl_mma = (np.zeros((lanes, 4), np.uint32),
+                                              np.zeros((lanes, 2), np.uint32),
+                                              np.zeros((lanes, 4), np.float32),
+                                              np.zeros((lanes, 4), np.float32))
+            a, b, c, d = state
+            i = me.thread_id
+            a[i] = (a0, a1, a2, a3)
+            b[i] = (b0, b1)
+            c[i] = (c0, c1, c2, c3)
+            me.syncthreads()
+            if i == 0:
+                for w in range(0, lanes, 32):
+                    d[w:w + 32] = _warp_product(a[w:w + 32], b[w:w + 32], c[w:w + 32], bf16)
+            me.syncthreads()
+            return d[i, 0], d[i, 1], d[i, 2], d[i, 3]
+        return product
+
+    _LOCK = threading.Lock()
+else:
+    def mma(bf16: bool):
+        """mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32 as a Numba intrinsic:
+        product(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3) -> (d0, d1, d2, d3) (uint32 fragment
+        registers, fp32 accumulators; layouts above)."""
+        return _MMA[bool(bf16)]
+
+    def _mma_intrinsic(kind: str):
+        from llvmlite import ir
+        from numba import types
+        from numba.core.extending import intrinsic
+        text = (f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+                "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+        formal = (types.uint32,) * 6 + (types.float32,) * 4
+
+        @intrinsic
+        def product(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            sig = types.UniTuple(types.float32, 4)(*formal)
+
+            def codegen(context, builder, signature, args):
+                f32, i32 = ir.FloatType(), ir.IntType(32)
+                fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
+                asm = ir.InlineAsm(fnty, text, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+                out = builder.call(asm, args)
+                return context.make_tuple(builder, signature.return_type,
+                                          [builder.extract_value(out, j) for j in range(4)])
+            return sig, codegen
+        return product
+
+    _MMA = {False: _mma_intrinsic("f16"), True: _mma_intrinsic("bf16")}
