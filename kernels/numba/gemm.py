@@ -44,6 +44,7 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from ._builder import builder
+from ._device import device
 from ._dtypes import dtype_code, load4_f32, store4_f32  # noqa: F401  (dtype_code: launchers)
 
 ZERO = np.float32(0.0)
@@ -185,14 +186,9 @@ def _build(T, R, TRIM):
                         for j in range(nj):
                             n = col0 + tx + j * TR
                             if m < M and n < N:
-                                out = acc[i, j]
-                                if accumulate:
-                                    out += load4_f32(c_in, b1, b2c, m, n, code_c_in)
-                                if bias_mode == BIAS_COLS:
-                                    out += _load_bias(bias, b1, n, code_bias)
-                                elif bias_mode == BIAS_ROWS:
-                                    out += _load_bias(bias, b1, m, code_bias)
-                                store4_f32(c_out, b1, b2c, m, n, out, code_c_out)
+                                store_result(acc[i, j], c_in, c_out, bias, b1, b2c, m, n,
+                                             accumulate, bias_mode, code_c_in, code_c_out,
+                                             code_bias)
 
     return gemm
 
@@ -203,6 +199,21 @@ def _span(room, step, count):
     if room <= 0:
         return 0
     return min(count, (room + step - 1) // step)
+
+
+@device
+def store_result(out, c_in, c_out, bias, b1, b2c, m, n, accumulate, bias_mode, code_c_in,
+                 code_c_out, code_bias):
+    """The epilogue of one output element (both GEMM kernels): c_out[b1, b2c, m, n] = out (the
+    fp32 product) (+ c_in's element when `accumulate`) (+ the bias of its column or row),
+    rounded once to c_out's dtype."""
+    if accumulate:
+        out += load4_f32(c_in, b1, b2c, m, n, code_c_in)
+    if bias_mode == BIAS_COLS:
+        out += _load_bias(bias, b1, n, code_bias)
+    elif bias_mode == BIAS_ROWS:
+        out += _load_bias(bias, b1, m, code_bias)
+    store4_f32(c_out, b1, b2c, m, n, out, code_c_out)
 
 
 @cuda.jit(device=True)

@@ -33,8 +33,7 @@ from numba import cuda, float32, int64, uint32
 
 from ._builder import builder
 from ._device import device, mma
-from ._dtypes import load4_f32, store4_f32
-from .gemm import BIAS_COLS, BIAS_ROWS, _load_bias
+from .gemm import store_result
 
 ZERO = np.float32(0.0)
 BK = 32                 # K depth of a staged step
@@ -131,6 +130,8 @@ def _build(WM, WN, BF16):
                                     n_ = wcol + 8 * c + g
                                     v0 = sb[n_, h + t]
                                     v1 = sb[n_, h + t + 4]
+                                    # two explicit products (row tiles 0 and 1): their
+                                    # fragments stay in named registers
                                     e = 4 * c
                                     d = product(x0, x1, x2, x3, v0, v1, acc[e], acc[e + 1],
                                                 acc[e + 2], acc[e + 3])
@@ -156,14 +157,10 @@ def _build(WM, WN, BF16):
                                 for hc in range(2):
                                     n = col0 + wcol + 8 * c + 2 * t + hc
                                     if m < M and n < N:
-                                        out = acc[16 * rt + 4 * c + 2 * hr + hc]
-                                        if accumulate:
-                                            out += load4_f32(c_in, b1, b2c, m, n, code_c_in)
-                                        if bias_mode == BIAS_COLS:
-                                            out += _load_bias(bias, b1, n, code_bias)
-                                        elif bias_mode == BIAS_ROWS:
-                                            out += _load_bias(bias, b1, m, code_bias)
-                                        store4_f32(c_out, b1, b2c, m, n, out, code_c_out)
+                                        store_result(acc[16 * rt + 4 * c + 2 * hr + hc],
+                                                     c_in, c_out, bias, b1, b2c, m, n,
+                                                     accumulate, bias_mode, code_c_in,
+                                                     code_c_out, code_bias)
 
     return gemm_mma
 
