@@ -110,14 +110,15 @@ def _key(kernel: str, *tensors, **options) -> tuple:
             tensors[0].device, input_precision(tensors[0].dtype), *options.values())
 
 
-def plan_delta(o, do, acc_e: int = 0):
+def plan_delta(o, do, acc_e: int | None = None):
     """run(o, do) -> (delta, dq_acc) for tensors of these shapes and strides, the flash
     backwards' first kernel, its outputs' allocation and its launch fixed: delta (B * H, L) =
-    rowsum(dO * O); with acc_e > 0 (the single-pass backward) dq_acc, an fp32 (B * H, L, acc_e)
-    accumulator the same launch zeroes, else None."""
+    rowsum(dO * O); with acc_e (the single-pass backward: the query's head dim, 0 included)
+    dq_acc, an fp32 (B * H, L, acc_e) accumulator the same launch zeroes, else None."""
     B, H, L, _ = o.shape
     new_delta = output_maker((B * H, L), torch.float32, o.device)
-    new_acc = output_maker((B * H, L, acc_e), torch.float32, o.device) if acc_e else None
+    new_acc = None if acc_e is None else output_maker((B * H, L, acc_e), torch.float32,
+                                                      o.device)
     launch = _LAUNCHES.get(_key("delta", o, do, acc_e=acc_e), _plan_delta, o, do, acc_e)
 
     def run(o, do):
@@ -131,13 +132,13 @@ def plan_delta(o, do, acc_e: int = 0):
     return run
 
 
-def _plan_delta(o, do, acc_e: int) -> Launch:
+def _plan_delta(o, do, acc_e: int | None) -> Launch:
     from .kernels.triton import attention as kt
     B, H, L, EV = o.shape
     pre = dict(_blocks(EV, EV), BLOCK_M=16 if _env.INTERPRET else 64)
-    zero = dict(ZERO_DQ=True, BLOCK_D=max(16, next_power_of_2(acc_e))) if acc_e else {}
+    zero = {} if acc_e is None else dict(ZERO_DQ=True, BLOCK_D=max(16, next_power_of_2(acc_e)))
     return Launch(kt.attention_bwd_preprocess, (cdiv(L, pre["BLOCK_M"]), B * H),
-                  (*o.stride(), *do.stride(), H, L, acc_e, EV),
+                  (*o.stride(), *do.stride(), H, L, acc_e or 0, EV),
                   dict(BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"], **zero))
 
 
@@ -752,8 +753,11 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
-        if attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask must have at most 4 dims, got {attn_mask.dim()}")
+        if attn_mask.dim() > max(query.dim(), 2):
+            # more dims than the query: the broadcast scores would have more dims than the
+            # output (torch raises on it too)
+            raise ValueError(f"attn_mask has {attn_mask.dim()} dims, more than the query's "
+                             f"{query.dim()}")
         try:
             torch.broadcast_shapes(attn_mask.shape, (B, H, L, S))
         except RuntimeError:

@@ -389,7 +389,7 @@ class _NumbaLaunch:
         total = new_output((), x3.dtype, dev)
         launch_numba(k.loss_reduce, 1, numba_threads(256), dev, per_row, row_weight,
                      total.view(1, 1, 1), denom.view(1), reduction == "mean",
-                     dtype_code(x3.dtype))
+                     smoothing > 0, dtype_code(x3.dtype))
         return total, lse, denom, None
 
     @staticmethod

@@ -323,6 +323,9 @@ def test_bad_input(backend):
     with pytest.raises(ValueError, match="is_causal"):
         sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool, device=DEVICE), is_causal=True,
              enable_gqa=True)
+    with pytest.raises(ValueError, match="more than the query"):     # as torch
+        sdpa(q[0], k[0], v[0], attn_mask=torch.ones(1, 4, 5, 6, dtype=torch.bool, device=DEVICE),
+             enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
         sdpa(q, k, v, dropout_p=1.0, enable_gqa=True)
     with pytest.raises(TypeError, match="one dtype"):

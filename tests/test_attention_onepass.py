@@ -38,6 +38,14 @@ def test_onepass_grouped_query_heads(heads, causal):
                     enable_gqa=True, is_causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_onepass_zero_head_dim(causal):
+    """E = 0 (every score an empty sum): the output and dV as torch's, dQ and dK empty; the
+    single pass still gets a (zero-width) dQ accumulator."""
+    check_attention(*qkv(2, 2, 2, 9, 7, 0, 12), "triton", torch.float32, algo=ALGO,
+                    is_causal=causal)
+
+
 def test_onepass_projection_layout_and_scale():
     q, k, v = (random_tensor((2, n, 3, 24), torch.float32, DEVICE).transpose(1, 2)
                for n in (19, 33, 33))

@@ -228,6 +228,18 @@ def test_cross_entropy_all_ignored(backend, reduction):
 
 
 @backends
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_cross_entropy_mean_over_zero_weight(backend, smoothing):
+    """Every target counted has class weight 0: the mean's denominator is 0, and torch's
+    loss is NaN with label smoothing too (its NLL part is 0 / 0 on its own, where the
+    smoothing part alone would be inf)."""
+    x = random_tensor((4, 5), torch.float32, DEVICE)
+    t = torch.tensor([2, 2, -100, 2], device=DEVICE)
+    w = torch.tensor([0.5, 0.7, 0.0, 0.9, 0.3], device=DEVICE)
+    _check_cross_entropy(x, t, backend, torch.float32, w, label_smoothing=smoothing)
+
+
+@backends
 def test_cross_entropy_non_contiguous(backend):
     x = random_tensor((13, 6), torch.float32, DEVICE).t()           # (6, 13), column-major
     _check_cross_entropy(x, _targets((6,), 13, -100), backend, torch.float32, label_smoothing=0.1)

@@ -314,11 +314,14 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
 
 
 @cuda.jit
-def loss_reduce(loss, row_weight, out, denom, mean, code):
+def loss_reduce(loss, row_weight, out, denom, mean, smoothing, code):
     """The loss of reduction "sum" or "mean" from cross_entropy_fwd's per-row values, one
     block, in a fixed order (deterministic): out[0, 0, 0] = sum(loss) (mean: divided by
     sum(row_weight), torch's weighted mean: NaN when no row counts), rounded to dtype `code`;
-    denom[0] = the mean's denominator (1 for a sum), which the backward reads.
+    denom[0] = the mean's denominator (1 for a sum), which the backward reads. A zero
+    denominator gives what torch's division gives: the sum over 0 (NaN for 0, else inf); with
+    label `smoothing`, NaN, since torch divides the NLL part (a sum of zero-weight terms, 0)
+    by it separately.
 
     loss, row_weight: fp32 (rows,)
     out:              (1, 1, 1) array of the loss's dtype
@@ -336,7 +339,7 @@ def loss_reduce(loss, row_weight, out, denom, mean, code):
             # total / weights, spelled out at 0: the simulator's NumPy would warn
             if weights != ZERO:
                 total = total / weights
-            elif total == ZERO or total != total:
+            elif smoothing or total == ZERO or total != total:
                 total = NAN
             else:
                 total = total * INF

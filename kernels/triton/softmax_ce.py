@@ -436,6 +436,10 @@ def cross_entropy_fwd(
                     denom = _sum_parts(parts_ptr + 1, tl.num_programs(0), 2, PARTS_BLOCK)
                     tl.store(denom_ptr, denom)
                 total = total / denom
+                if HAS_SMOOTHING:
+                    # torch divides the NLL part (0 when the weights of the rows that count
+                    # sum to 0) by the denominator on its own: 0 / 0
+                    total = tl.where(denom == 0.0, float("nan"), total)
             tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
             tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
 

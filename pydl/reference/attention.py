@@ -89,7 +89,11 @@ def _probs(xp, q, k, v, attn_mask, is_causal, scale, groups):
     L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
     if k.shape[-1] != E or v.shape[-2] != S:
         raise ValueError(f"shapes q {q.shape}, k {k.shape}, v {v.shape} do not fit")
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    if scale is None:
+        # E = 0: every score is an empty sum, 0 at any scale (1 / sqrt(0) would make it NaN;
+        # torch's kernels scale the empty operands, not the scores)
+        scale = 1.0 / math.sqrt(E) if E else 1.0
+    scale = float(scale)
     ke, ve = _expand_heads(xp, k, groups), _expand_heads(xp, v, groups)
     s = (q @ xp.swapaxes(ke, -1, -2)) * scale
     bias = _additive_bias(xp, attn_mask, is_causal, L, S)

@@ -179,9 +179,13 @@ def cross_entropy(x, target, weight=None, ignore_index: int = -100, reduction: s
         nll = w_t * (lse - rows[xp.arange(len(t)), t])
         smooth = xp.where(valid, (w[None, :] * (lse[:, None] - rows)).sum(axis=1), 0.0)
     eps = float(label_smoothing)
-    loss = (1.0 - eps) * nll + (eps / C) * smooth
-    loss = xp.where(valid, loss, 0.0)
-    return _reduce(xp, loss, out_shape, reduction, w_t.sum())
+    nll = xp.where(valid, nll, 0.0)
+    if eps == 0:
+        return _reduce(xp, nll, out_shape, reduction, w_t.sum())
+    # each part reduced on its own, as torch does: a mean over a zero denominator is then
+    # NaN (the NLL part's 0 / 0), not the smoothing part's inf
+    return (1.0 - eps) * _reduce(xp, nll, out_shape, reduction, w_t.sum()) + \
+        (eps / C) * _reduce(xp, smooth, out_shape, reduction, w_t.sum())
 
 
 def cross_entropy_backward(grad_loss, x, target, weight=None, ignore_index: int = -100,
@@ -200,6 +204,11 @@ def cross_entropy_backward(grad_loss, x, target, weight=None, ignore_index: int 
     eps = float(label_smoothing)
     onehot = xp.zeros_like(rows)
     onehot[xp.arange(len(t)), t] = 1.0
-    d = (1.0 - eps) * w_t[:, None] * (p - onehot) + (eps / C) * (w.sum() * p - w[None, :])
-    d = xp.where(valid[:, None], d * g_rows[:, None], 0.0)
+    # each part scaled by the row's gradient on its own, as torch's parts are (with a zero
+    # mean denominator the NLL part's 0 * inf is NaN, as there)
+    with errstate(xp, invalid="ignore"):
+        d = (1.0 - eps) * w_t[:, None] * (p - onehot) * g_rows[:, None]
+        if eps:
+            d = d + (eps / C) * (w.sum() * p - w[None, :]) * g_rows[:, None]
+    d = xp.where(valid[:, None], d, 0.0)
     return _class_back(xp, d, x.shape)
