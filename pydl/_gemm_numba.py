@@ -124,9 +124,12 @@ def _launch(a, b, out, addend, bias) -> None:
     if _on_tensor_cores(a, b):
         from .kernels.numba.gemm_mma import gemm_mma_kernel
         wm, wn = SIM_WARPS_MMA if _env.INTERPRET else WARPS_MMA
-        kernel = gemm_mma_kernel(wm, wn, a.dtype == torch.bfloat16)
+        a_words, b_words = _words(a), _words(b.transpose(2, 3))
+        kernel = gemm_mma_kernel(wm, wn, a.dtype == torch.bfloat16, a_words is not None,
+                                 b_words is not None)
         launch_numba(kernel, _grid(M, N, B1 * B2c, 32 * wm, 32 * wn), 32 * wm * wn,
-                     out.device, a.view(torch.int16), b.view(torch.int16), addend_, out, bias_,
+                     out.device, a.view(torch.int16) if a_words is None else a_words,
+                     b.view(torch.int16) if b_words is None else b_words, addend_, out, bias_,
                      *flags, code(addend_.dtype), code(out.dtype), code(bias_.dtype))
         return
     T, R = tile()
@@ -142,6 +145,17 @@ def _grid(M: int, N: int, batches: int, rows: int, cols: int) -> tuple[int, int,
     if _env.INTERPRET:
         return (1, 1, 1)
     return (cdiv(N, cols), min(cdiv(M, rows), _MAX_GRID_YZ), min(batches, _MAX_GRID_YZ))
+
+
+def _words(t: torch.Tensor) -> torch.Tensor | None:
+    """A 16-bit operand (.., lines, K) as int32 words of K-consecutive pairs (.., lines, K / 2)
+    where its K axis is contiguous and even and every pair 4-byte aligned (the tensor-core
+    kernel then loads a pair at once); None elsewhere."""
+    strides = [st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)]  # size 1: any
+    if t.shape[3] % 2 or t.shape[3] and t.stride(3) != 1 or t.data_ptr() % 4 \
+            or t.storage_offset() % 2 or any(st % 2 for st in strides[:3]):
+        return None
+    return t.as_strided(t.shape, strides[:3] + [1]).view(torch.int16).view(torch.int32)
 
 
 def _on_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -95,30 +95,39 @@ def test_gemm_untrimmed_path_other_tiles(monkeypatch, tile, micro):
     assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
 
 
+class _Launched(list):
+    """The modules of the kernels launched; `.made`: their builder arguments."""
+
+
 @pytest.fixture
 def tensor_cores(monkeypatch):
     """The 16-bit products on the tensor-core kernel, in the simulator too, and a record of
     the kernels launched (their builder tags)."""
     from pydl.kernels.numba._builder import BUILT_BY
     monkeypatch.setattr(G, "SIM_MMA", True)
-    launched = []
+    launched, made = _Launched(), []
     real = G.launch_numba
 
     def spy(kernel, *args):
-        launched.append(getattr(kernel, BUILT_BY, ("",))[0].rpartition(".")[2])
+        module, _, built = getattr(kernel, BUILT_BY, ("", "", ()))
+        launched.append(module.rpartition(".")[2])
+        made.append(built)
         return real(kernel, *args)
     monkeypatch.setattr(G, "launch_numba", spy)
+    launched.made = made
     return launched
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)   # the Numba
 @pytest.mark.parametrize("orient", ["nn", "tt"])          # simulator decodes bf16 exactly
-def test_gemm_tensor_cores_edges_and_orientations(tensor_cores, dtype, orient):
+@pytest.mark.parametrize("K", [71, 70])
+def test_gemm_tensor_cores_edges_and_orientations(tensor_cores, dtype, orient, K):
     """fp16 / bf16 operands on the mma.sync kernel: M, N, K past one tile and not multiples of
     the fragment (K odd: the last pair half empty), row- or column-major operands (both
-    staging walks), a row-major output with a bias along columns and a column-major one (the
-    transposed problem: bias along rows), into an fp32 and a 16-bit output."""
-    M, N, K = 37, 45, 71
+    staging walks; with K even, the operand whose K axis is contiguous staged a word a pair),
+    a row-major output with a bias along columns and a column-major one (the transposed
+    problem: bias along rows), into an fp32 and a 16-bit output."""
+    M, N = 37, 45
     if orient == "nn":
         a = random_tensor((1, 1, M, K), dtype, DEVICE)
         b = random_tensor((1, 1, K, N), dtype, DEVICE)
@@ -130,6 +139,9 @@ def test_gemm_tensor_cores_edges_and_orientations(tensor_cores, dtype, orient):
     bias = random_tensor(N, torch.float32, DEVICE)
     G.gemm(a, b, out, bias=bias)
     assert tensor_cores == ["gemm_mma"]
+    # (warps, warps, bf16, A in words, B in words); the tt output is computed transposed
+    words = K % 2 == 0
+    assert tensor_cores.made[0][2:] == (dtype == torch.bfloat16, words, False)
     assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
     low = torch.empty(1, 1, M, N, dtype=dtype, device=DEVICE)
     G.gemm(a, b, low, addend=out)

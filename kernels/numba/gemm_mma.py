@@ -18,7 +18,10 @@ instruction per warp against 32. Accumulation is fp32 in the tensor cores' regis
 
 Operands a and b arrive as int16 arrays of their bit patterns (fp16 and bf16 alike, torch's
 `.view(torch.int16)`): a pair is packed with integer operations, and the builder's BF16 flag
-picks the instruction's type. Elements outside the matrices are staged as zeros, so any M,
+picks the instruction's type. Where an operand's K axis is contiguous and even (and its
+rows 4-byte aligned), the launcher passes it as int32 words instead, one pair a load with
+nothing to pack (A_PAIRS, B_PAIRS: A as (.., M, K / 2), B transposed to (.., N, K / 2)):
+the usual layout of an im2col matrix and a weight. Elements outside the matrices are staged as zeros, so any M,
 N, K work. Staging walks the operand's contiguous axis with consecutive threads (a_k_fast,
 b_n_fast, as in gemm.py). The output, addend and bias keep their own dtypes (dtype codes,
 kernels/numba/_dtypes.py).
@@ -41,16 +44,19 @@ PAIRS = BK // 2         # 32-bit words a staged row holds
 ROW_WORDS = PAIRS + 4   # padded row length of the shared slabs (conflict-free fragment reads)
 
 
-def gemm_mma_kernel(wm: int, wn: int, bf16: bool):
+def gemm_mma_kernel(wm: int, wn: int, bf16: bool, a_pairs: bool = False,
+                    b_pairs: bool = False):
     """The tensor-core GEMM for a block of wm x wn warps (a 32 wm x 32 wn output tile) on
-    fp16 (bf16=False) or bf16 operands, compiled on first use."""
+    fp16 (bf16=False) or bf16 operands, compiled on first use. a_pairs / b_pairs: the operand
+    comes as int32 words of K-consecutive pairs, A as (B1, B2, M, K / 2), B as its transpose
+    (B1, B2, N, K / 2) (see the module docstring)."""
     if wm not in (1, 2, 4) or wn not in (1, 2, 4):
         raise ValueError(f"gemm_mma: warps along M and N are 1, 2 or 4, got {wm} x {wn}")
-    return _build(int(wm), int(wn), bool(bf16))
+    return _build(int(wm), int(wn), bool(bf16), bool(a_pairs), bool(b_pairs))
 
 
 @builder
-def _build(WM, WN, BF16):
+def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
     BM = 32 * WM
     BN = 32 * WN
     THREADS = 32 * WM * WN
@@ -74,7 +80,7 @@ def _build(WM, WN, BF16):
         wcol = (warp // WM) * 32
         M = c_out.shape[2]
         N = c_out.shape[3]
-        K = a.shape[3]
+        K = 2 * a.shape[3] if A_PAIRS else a.shape[3]
         B1 = c_out.shape[0]
         B2c = c_out.shape[1]
         B2 = a.shape[1] if a.shape[1] != 1 else b.shape[1]
@@ -111,11 +117,19 @@ def _build(WM, WN, BF16):
                             for s in range(STAGED_A):
                                 i = ai + s * di
                                 p = ap + s * dp
-                                sa[i, p] = _pair_along_rows(a, a1, a2, row0 + i, k0 + 2 * p, M, K)
+                                m = row0 + i
+                                if A_PAIRS:
+                                    sa[i, p] = _word(a, a1, a2, m, k0 // 2 + p, M)
+                                else:
+                                    sa[i, p] = _pair_along_rows(a, a1, a2, m, k0 + 2 * p, M, K)
                             for s in range(STAGED_B):
                                 j = bj + s * dj
                                 p = bp + s * dq
-                                sb[j, p] = _pair_along_cols(b, w1, w2, col0 + j, k0 + 2 * p, N, K)
+                                n = col0 + j
+                                if B_PAIRS:
+                                    sb[j, p] = _word(b, w1, w2, n, k0 // 2 + p, N)
+                                else:
+                                    sb[j, p] = _pair_along_cols(b, w1, w2, n, k0 + 2 * p, N, K)
                             cuda.syncthreads()
                             for h in range(0, PAIRS, 8):            # 16 deep: 8 words
                                 x0 = sa[wrow + g, h + t]
@@ -163,6 +177,15 @@ def _build(WM, WN, BF16):
                                                      code_c_out, code_bias)
 
     return gemm_mma
+
+
+@device
+def _word(x, o, c, line, p, lines):
+    """The word x[o, c, line, p] of an operand held as int32 words of pairs (its K even), zero
+    past `lines` x K / 2."""
+    if line < lines and p < x.shape[3]:
+        return uint32(int64(x[o, c, line, p]) & 0xFFFFFFFF)
+    return uint32(0)
 
 
 @device
