@@ -118,30 +118,33 @@ def tensor_cores(monkeypatch):
     return launched
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)   # the Numba
-@pytest.mark.parametrize("orient", ["nn", "tt"])          # simulator decodes bf16 exactly
-@pytest.mark.parametrize("K", [71, 70])
+# each dtype (the Numba simulator decodes bf16 exactly), orientation and K parity once
+@pytest.mark.parametrize("dtype,orient,K", [(torch.float16, "nn", 39), (torch.bfloat16, "tt", 39),
+                                            (torch.bfloat16, "tt", 40), (torch.float16, "nt", 40)],
+                         ids=["fp16-nn-odd", "bf16-tt-odd", "bf16-tt-even", "fp16-nt-even"])
 def test_gemm_tensor_cores_edges_and_orientations(tensor_cores, dtype, orient, K):
     """fp16 / bf16 operands on the mma.sync kernel: M, N, K past one tile and not multiples of
     the fragment (K odd: the last pair half empty), row- or column-major operands (both
-    staging walks; with K even, the operand whose K axis is contiguous staged a word a pair),
+    staging walks; with K even, an operand whose K axis is contiguous staged a word a pair),
     a row-major output with a bias along columns and a column-major one (the transposed
-    problem: bias along rows), into an fp32 and a 16-bit output."""
-    M, N = 37, 45
-    if orient == "nn":
-        a = random_tensor((1, 1, M, K), dtype, DEVICE)
-        b = random_tensor((1, 1, K, N), dtype, DEVICE)
-        out = torch.full((1, 1, M, N), float("nan"), device=DEVICE)
-    else:
-        a = random_tensor((1, 1, K, M), dtype, DEVICE).transpose(2, 3)
-        b = random_tensor((1, 1, N, K), dtype, DEVICE).transpose(2, 3)
+    problem, b^T a^T: bias along rows), into an fp32 and a 16-bit output. (The simulator's
+    tile is 32 x 32, 32 deep.)"""
+    M, N = 21, 37
+    a = random_tensor((1, 1, M, K), dtype, DEVICE) if orient[0] == "n" else \
+        random_tensor((1, 1, K, M), dtype, DEVICE).transpose(2, 3)
+    b = random_tensor((1, 1, K, N), dtype, DEVICE) if orient[1] == "n" else \
+        random_tensor((1, 1, N, K), dtype, DEVICE).transpose(2, 3)
+    if orient == "tt":
         out = torch.full((1, 1, N, M), float("nan"), device=DEVICE).transpose(2, 3)
+    else:
+        out = torch.full((1, 1, M, N), float("nan"), device=DEVICE)
     bias = random_tensor(N, torch.float32, DEVICE)
     G.gemm(a, b, out, bias=bias)
     assert tensor_cores == ["gemm_mma"]
-    # (warps, warps, bf16, A in words, B in words); the tt output is computed transposed
-    words = K % 2 == 0
-    assert tensor_cores.made[0][2:] == (dtype == torch.bfloat16, words, False)
+    # (warps, warps, bf16, A in words, B in words): with K even, the A of nn and of tt's
+    # transposed problem (b^T), both of nt
+    even = K % 2 == 0
+    assert tensor_cores.made[0][2:] == (dtype == torch.bfloat16, even, even and orient == "nt")
     assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
     low = torch.empty(1, 1, M, N, dtype=dtype, device=DEVICE)
     G.gemm(a, b, low, addend=out)
