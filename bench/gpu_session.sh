@@ -3,13 +3,13 @@
 # leaves every log and result under OUT (a short summary is printed last).
 #
 #   bench/gpu_session.sh session OUT                 everything one lent GPU is for, in one call of
-#                                                    at most 555 s of steps, each with a time
+#                                                    at most 570 s of steps, each with a time
 #                                                    limit (a slow step cannot eat the rest):
 #                                                    the GPU test files (195 s, one line per
 #                                                    test), the host-path table `python -m bench
 #                                                    overhead` (60 s), the benchmark at its quick
 #                                                    shapes with --op-budget (each op stops
-#                                                    starting cases after its seconds; 300 s in
+#                                                    starting cases after its seconds; 315 s in
 #                                                    all); logs and OUT/results.tgz (the JSON:
 #                                                    unpack it into bench/results/). Six files,
 #                                                    under the eight a lent machine returns.
@@ -123,8 +123,11 @@ case $mode in
             --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
                 d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
                 h1536-b32-t187 h512-b32-t1 h1024-b64-t1500
-        bench_op 80 10 cross_entropy max_pool2d avg_pool2d adaptive_avg_pool2d softmax \
+        bench_op 70 10 cross_entropy max_pool2d avg_pool2d adaptive_avg_pool2d softmax \
             conv2d_depthwise --variants triton numba torch
+        # the Numba conv2d on its tensor-core GEMM (bench/TUNING.md v10), beside the
+        # triton-implicit rows of the first group
+        bench_op 25 20 conv2d --variants numba-im2col --cases l1-3x3-64 l3-1x1-1024-256
         tail -n 70 "$out/bench.log"
         # at most 8 files come back from a lent machine: one archive of the results' JSON
         tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results"
