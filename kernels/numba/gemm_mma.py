@@ -18,18 +18,19 @@ instruction per warp against 32. Accumulation is fp32 in the tensor cores' regis
 
 Operands a and b arrive as int16 arrays of their bit patterns (fp16 and bf16 alike, torch's
 `.view(torch.int16)`): a pair is packed with integer operations, and the builder's BF16 flag
-picks the instruction's type. Where an operand's K axis is contiguous and even (and its
-rows 4-byte aligned), the launcher passes it as int32 words instead, one pair a load with
-nothing to pack (A_PAIRS, B_PAIRS: A as (.., M, K / 2), B transposed to (.., N, K / 2)):
-the usual layout of an im2col matrix and a weight. Elements outside the matrices are staged as zeros, so any M,
-N, K work. Staging walks the operand's contiguous axis with consecutive threads (a_k_fast,
-b_n_fast, as in gemm.py). The output, addend and bias keep their own dtypes (dtype codes,
-kernels/numba/_dtypes.py).
+picks the instruction's type. Where an operand's K axis is contiguous and even (and its rows
+4-byte aligned), the launcher passes it as int32 words instead, one pair a load with nothing
+to pack (A_PAIRS, B_PAIRS: A as (.., M, K / 2), B transposed to (.., N, K / 2)): the usual
+layout of an im2col matrix and a weight. Elements outside the matrices are staged as zeros,
+so any M, N, K work. Staging walks the operand's contiguous axis with consecutive threads
+(a_k_fast, b_n_fast, as in gemm.py). The output, addend and bias keep their own dtypes
+(dtype codes, kernels/numba/_dtypes.py).
 
 Kernel arguments: a, b, c_in, c_out, bias, accumulate, bias_mode, a_k_fast, b_n_fast,
 code_c_in, code_c_out, code_bias (gemm.py's, less the operands' codes). Launch with
-gemm_mma_kernel(wm, wn, bf16) on a (32 WM WN,)-thread block; the grid as gemm.py's (x over
-column tiles of BN, y over row tiles of BM, z over batches; grid-stride loops on each).
+gemm_mma_kernel(wm, wn, bf16, a_pairs, b_pairs) on a (32 WM WN,)-thread block; the grid as
+gemm.py's (x over column tiles of BN, y over row tiles of BM, z over batches; grid-stride
+loops on each).
 """
 import numpy as np
 from numba import cuda, float32, int64, uint32
