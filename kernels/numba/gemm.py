@@ -115,10 +115,7 @@ def _build(T, R, TRIM):
         b_k = ty if b_n_fast else tx
         b_j = tx if b_n_fast else ty
         for z in range(cuda.blockIdx.z, B1 * B2c, cuda.gridDim.z):
-            b1 = int64(z) // B2c
-            b2c = int64(z) - b1 * B2c
-            a1 = b1 if a.shape[0] != 1 else 0
-            w1 = b1 if b.shape[0] != 1 else 0
+            b1, b2c, a1, w1 = batch_of(z, B2c, a, b)
             for tm in range(cuda.blockIdx.y, tiles_m, cuda.gridDim.y):
                 row0 = int64(tm) * T
                 for tn in range(cuda.blockIdx.x, tiles_n, cuda.gridDim.x):
@@ -199,6 +196,14 @@ def _span(room, step, count):
     if room <= 0:
         return 0
     return min(count, (room + step - 1) // step)
+
+
+@device
+def batch_of(z, B2c, a, b):
+    """Item z of the output's (B1, B2c) batches (both GEMM kernels): (b1, b2c) and the
+    operands' first batch indices (a1, w1), 0 where an operand broadcasts along it."""
+    b1 = int64(z) // B2c
+    return b1, int64(z) - b1 * B2c, b1 if a.shape[0] != 1 else 0, b1 if b.shape[0] != 1 else 0
 
 
 @device

@@ -37,7 +37,7 @@ from numba import cuda, float32, int64, uint32
 
 from ._builder import builder
 from ._device import device, mma
-from .gemm import store_result
+from .gemm import batch_of, store_result
 
 ZERO = np.float32(0.0)
 BK = 32                 # K depth of a staged step
@@ -100,10 +100,7 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
         else:
             bj, bp, dj, dq = tid // PAIRS, tid % PAIRS, THREADS // PAIRS, 0
         for z in range(cuda.blockIdx.z, B1 * B2c, cuda.gridDim.z):
-            b1 = int64(z) // B2c
-            b2c = int64(z) - b1 * B2c
-            a1 = b1 if a.shape[0] != 1 else 0
-            w1 = b1 if b.shape[0] != 1 else 0
+            b1, b2c, a1, w1 = batch_of(z, B2c, a, b)
             for tm in range(cuda.blockIdx.y, tiles_m, cuda.gridDim.y):
                 row0 = int64(tm) * BM
                 for tn in range(cuda.blockIdx.x, tiles_n, cuda.gridDim.x):
