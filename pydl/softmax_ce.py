@@ -389,7 +389,7 @@ class _NumbaLaunch:
         total = new_output((), x3.dtype, dev)
         launch_numba(k.loss_reduce, 1, numba_threads(256), dev, per_row, row_weight,
                      total.view(1, 1, 1), denom.view(1), reduction == "mean",
-                     smoothing > 0, dtype_code(x3.dtype))
+                     smoothing > 0, 1.0, dtype_code(x3.dtype))
         return total, lse, denom, None
 
     @staticmethod
@@ -409,20 +409,35 @@ class _NumbaLaunch:
                              float(smoothing), weight is not None, dtype_code(x3.dtype))
 
     @staticmethod
-    def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
-        w = _NumbaLaunch._weights(weight, lse[:1])
-        _NumbaLaunch._launch("cross_entropy_prob_fwd", x3, x3, y3, w, loss, lse, mass,
-                             x3.shape[2], float(smoothing), weight is not None,
-                             dtype_code(x3.dtype), dtype_code(y3.dtype))
+    def loss_reduce(loss, out, scale: float) -> None:
+        """out = scale * sum(loss) (fp32 per-row losses): loss_reduce's one block summing in
+        a fixed order, as a sum (its weights and denominator unused: the rows' losses stand in
+        for the one, a scratch element takes the other)."""
+        from .kernels.numba import softmax_ce as k
+        dev = loss.device
+        launch_numba(k.loss_reduce, 1, numba_threads(256), dev, loss, loss, out.view(1, 1, 1),
+                     new_output(1, torch.float32, dev), False, False, float(scale),
+                     dtype_code(out.dtype))
 
     @staticmethod
-    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, dx3, dy3, smoothing):
+    def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
+        w = _NumbaLaunch._weights(weight, lse[:1])
+        _NumbaLaunch._launch("cross_entropy_prob_fwd", x3, x3, y3, w,
+                             loss.view(1, loss.shape[0], 1), lse, mass, x3.shape[2],
+                             float(smoothing), weight is not None, dtype_code(x3.dtype),
+                             dtype_code(y3.dtype), dtype_code(loss.dtype))
+
+    @staticmethod
+    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, scale, dx3, dy3,
+                               smoothing):
+        """grad: the upstream gradient, per row (grad_stride 1, in the array's elements) or
+        broadcast (0), in the loss's dtype; times `scale` in the kernel."""
         w = _NumbaLaunch._weights(weight, lse[:1])
         _NumbaLaunch._launch("cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass,
-                             grad.reshape(-1), grad_stride, dx3,
+                             grad.view(1, grad.shape[0], 1), grad_stride, float(scale), dx3,
                              dy3 if dy3 is not None else dx3, x3.shape[2], float(smoothing),
                              weight is not None, dy3 is not None, dtype_code(x3.dtype),
-                             dtype_code(y3.dtype))
+                             dtype_code(y3.dtype), dtype_code(grad.dtype))
 
 
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
@@ -647,9 +662,16 @@ def _row_shape(x: Tensor) -> tuple[int, ...]:
     return () if x.dim() == 1 else (x.shape[0],) + tuple(x.shape[2:])
 
 
+def _loss_dtype(x: Tensor, target: Tensor) -> torch.dtype:
+    """torch's promotion of the logits' and the probabilities' dtypes, for the fp16, bf16 and
+    fp32 the kernels take (one of them, or fp32 for two), without a call into the
+    dispatcher."""
+    return x.dtype if x.dtype == target.dtype else torch.float32
+
+
 def _cross_entropy_prob_fake(x, target, weight, reduction, smoothing, backend):
     rows = math.prod(_row_shape(x))
-    dtype = torch.promote_types(x.dtype, target.dtype)
+    dtype = _loss_dtype(x, target)
     out = empty_like_shape(x, _row_shape(x) if reduction == "none" else (), dtype)
     return out, empty_like_shape(x, ((2 if reduction == "none" else 3) * rows,), torch.float32)
 
@@ -664,27 +686,24 @@ def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
     x3, outer, n, inner = as_rows(x, dim)
     y3 = as_rows(target, dim)[0]
     rows = outer * inner
-    dtype = torch.promote_types(x.dtype, target.dtype)
-    triton = backend == "triton"
+    dtype = _loss_dtype(x, target)
     none = reduction == "none"
     stats = new_output((2 if none else 3) * rows, torch.float32, x.device)
     lse, mass = stats[:rows], stats[rows:2 * rows]
-    if none:    # the loss is returned: its own tensor (Triton writes the loss dtype directly)
-        loss = new_output(rows, dtype if triton else torch.float32, x.device)
+    if none:    # the loss is returned: its own tensor, written in its dtype by the kernel
+        loss = new_output(rows, dtype, x.device)
     else:
         loss = stats[2 * rows:]
     if rows:
         LAUNCHERS[backend].cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing)
     if none:
-        return loss.view(_row_shape(x)).to(dtype), stats
+        return loss.view(_row_shape(x)), stats
     # torch's mean divides by the number of rows (input.numel() / C), whatever the weights:
     # NaN without rows or without classes, as 0 / 0
     scale = (1.0 / rows if rows and n else math.nan) if reduction == "mean" else 1.0
-    if triton:
-        out = new_output((), dtype, x.device)
-        _TritonLaunch.loss_reduce(loss, out, scale)
-        return out, stats
-    return (loss.sum() * scale).to(dtype), stats
+    out = new_output((), dtype, x.device)
+    LAUNCHERS[backend].loss_reduce(loss, out, scale)
+    return out, stats
 
 
 def _cross_entropy_prob_bwd_fake(x, target, weight, stats, grad_out, reduction, smoothing,
@@ -712,10 +731,9 @@ def _cross_entropy_prob_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
             _TritonLaunch.cross_entropy_prob_bwd(x3, y3, weight, lse, mass,
                                                  grad_out.reshape(-1).contiguous(), stride,
                                                  scale, dx3, dy3, smoothing)
-        else:
-            grad = (grad_out.reshape(-1).float() * scale).contiguous()
-            _NumbaLaunch.cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, stride, dx3,
-                                                dy3, smoothing)
+        else:       # likewise: the kernel reads grad_out as it is (a view where it can be)
+            _NumbaLaunch.cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad_out.reshape(-1),
+                                                stride, scale, dx3, dy3, smoothing)
     dy = dy3.view(target.shape) if target_grad else new_output((0,), target.dtype, target.device)
     return dx3.view(x.shape), dy
 

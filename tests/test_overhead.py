@@ -116,13 +116,15 @@ def test_launches_and_no_torch_kernels_or_syncs(rows, key):
         assert r["direct"] == want, r
 
 
+@pytest.mark.parametrize("targets", ["indices", "probabilities"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction):
+def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction, targets):
     """The Numba cross-entropy checks its targets in the kernel (a trap on a GPU) and sums
-    the loss in a kernel of its own: no host synchronisation, no torch kernel, forward or
-    backward."""
+    the loss in a kernel of its own, and with class probabilities writes "none"'s loss in
+    its dtype: no host synchronisation, no torch kernel, forward or backward."""
     x = torch.randn(6, 10, dtype=torch.float16, requires_grad=True)
-    t = torch.randint(0, 10, (6,))
+    t = torch.randint(0, 10, (6,)) if targets == "indices" else \
+        torch.softmax(torch.randn(6, 10), 1).half()
     with overhead.stubbed_launches(), poisoned_outputs(False):      # no test fills
         loss = pydl.cross_entropy(x, t, reduction=reduction, backend="numba")
         fwd = overhead.counted(

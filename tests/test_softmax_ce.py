@@ -220,6 +220,35 @@ def test_cross_entropy_per_row_upstream_gradient_layouts(backend, dtype):
 
 
 @backends
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cross_entropy_probabilities_mixed_dtypes_and_gradient_layouts(backend, reduction):
+    """Class probabilities of another dtype than the logits (fp16 logits, fp32 targets: the
+    loss is fp32, as torch promotes), the loss written in that dtype by the kernel; for
+    "none", upstream gradients of other layouts than the loss (strided, broadcast,
+    transposed), each row getting its own; both gradients against torch in float64."""
+    x = random_tensor((4, 6, 5), torch.float16, DEVICE)
+    y = torch.softmax(torch.randn(4, 6, 5, device=DEVICE), 1)
+    x64 = x.detach().double().requires_grad_()
+    y64 = y.double().requires_grad_()
+    loss64 = torch.nn.functional.cross_entropy(x64, y64, reduction=reduction,
+                                               label_smoothing=0.1)
+    loss = pydl.cross_entropy(x, y, reduction=reduction, label_smoothing=0.1, backend=backend)
+    assert loss.dtype == torch.float32 and loss.shape == loss64.shape
+    assert_close(loss, loss64, torch.float16, reduction=6)
+    grads = [torch.randn(4, 10, device=DEVICE)[:, ::2],
+             torch.randn((), device=DEVICE).expand(4, 5),
+             torch.randn(5, 4, device=DEVICE).t()] if reduction == "none" else \
+        [torch.randn((), device=DEVICE)]
+    for g in grads:
+        xg, yg = x.detach().requires_grad_(), y.detach().requires_grad_()
+        pydl.cross_entropy(xg, yg, reduction=reduction, label_smoothing=0.1,
+                           backend=backend).backward(g)
+        want_x, want_y = torch.autograd.grad(loss64, (x64, y64), g.double(), retain_graph=True)
+        assert_close(xg.grad, want_x, torch.float16)
+        assert_close(yg.grad, want_y, torch.float32, reduction=6)
+
+
+@backends
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_all_ignored(backend, reduction):
     x = random_tensor((3, 5), torch.float32, DEVICE)

@@ -314,10 +314,11 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
 
 
 @cuda.jit
-def loss_reduce(loss, row_weight, out, denom, mean, smoothing, code):
+def loss_reduce(loss, row_weight, out, denom, mean, smoothing, scale, code):
     """The loss of reduction "sum" or "mean" from cross_entropy_fwd's per-row values, one
     block, in a fixed order (deterministic): out[0, 0, 0] = sum(loss) (mean: divided by
-    sum(row_weight), torch's weighted mean: NaN when no row counts), rounded to dtype `code`;
+    sum(row_weight), torch's weighted mean: NaN when no row counts; a sum: times `scale`, 1
+    there, 1 / rows for the class-probability loss's mean), rounded to dtype `code`;
     denom[0] = the mean's denominator (1 for a sum), which the backward reads. A zero
     denominator gives what torch's division gives: the sum over 0 (NaN for 0, else inf); with
     label `smoothing`, NaN, since torch divides the NLL part (a sum of zero-weight terms, 0)
@@ -345,6 +346,7 @@ def loss_reduce(loss, row_weight, out, denom, mean, smoothing, code):
                 total = total * INF
         else:
             weights = ONE
+            total = total * scale
         denom[0] = weights
         store_f32(out, 0, 0, 0, total, code)
 
@@ -405,14 +407,15 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, we
 
 @cuda.jit
 def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing, has_weight,
-                           code, target_code):
+                           code, target_code, loss_code):
     """Per-row cross-entropy with class-probability targets over class axis 1, one block per
     row: loss = sum_c a_c (lse - x_c), a = w y', y' = (1 - eps) y + eps / C.
 
     x:            logits, (outer, C, inner) array, any strides
     target:       class probabilities, (outer, C, inner) array, any strides
     weight:       (C,) class weights, fp32; unread unless has_weight
-    loss:         output, fp32 (rows,): the row's loss
+    loss:         output, (1, rows, 1): the row's loss, in dtype `loss_code` (fp32 for a
+                  reduction, the loss's own dtype for "none")
     lse:          output, fp32 (rows,): logsumexp of the row, for the backward
     mass:         output, fp32 (rows,): S = sum_c a_c, for the backward
     inner:        size of axis 2 (rows = outer * inner)
@@ -420,6 +423,7 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
     has_weight:   use `weight`; otherwise every class weighs 1
     code:         dtype_code of x
     target_code:  dtype_code of target
+    loss_code:    dtype_code of loss
 
     One pass (_ce_row_stats: the index kernel's smoothing sum with a = w y', so huge logits do
     not cancel).
@@ -433,14 +437,15 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
                                                       float32(smoothing), True, True)
         row_mass = _block_sum(a_sum)
         if tid == 0:
-            loss[row] = row_loss
+            store_f32(loss, 0, row, 0, row_loss, loss_code)
             lse[row] = m_row + log_s
             mass[row] = row_mass
 
 
 @cuda.jit
-def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, dtarget, inner,
-                           smoothing, has_weight, target_grad, code, target_code):
+def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, scale, dx, dtarget,
+                           inner, smoothing, has_weight, target_grad, code, target_code,
+                           grad_code):
     """Gradients of the per-row class-probability cross-entropy, one block per row:
     dx_c = g (p_c S - a_c), p = exp(x - lse), a = w y', S = sum_k a_k;
     with target_grad also dtarget_c = g (1 - eps) w_c (lse - x_c).
@@ -449,7 +454,9 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, 
     target:       class probabilities, (outer, C, inner) array, any strides
     weight:       (C,) class weights, fp32; unread unless has_weight
     lse, mass:    fp32 (rows,) logsumexp and S per row, from the forward
-    grad, grad_stride, denom, mean: the upstream gradient, as cross_entropy_bwd takes it
+    grad, grad_stride: the upstream gradient, as cross_entropy_bwd takes it, of dtype
+                  grad_code (the loss's: the promoted dtype of x and target)
+    scale:        its factor (1, or 1 / rows for the mean)
     dx:           output, (outer, C, inner) array of x's dtype
     dtarget:      output, (outer, C, inner) array of target's dtype; written only with target_grad
     inner:        size of axis 2 (rows = outer * inner)
@@ -458,6 +465,7 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, 
     target_grad:  write dtarget
     code:         dtype_code of x and dx
     target_code:  dtype_code of target and dtarget
+    grad_code:    dtype_code of grad
     """
     tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
     n = x.shape[1]
@@ -466,7 +474,7 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, dx, 
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
         o, i = _row_coords(row, inner)
-        g = float32(grad[row * grad_stride])
+        g = load_f32(grad, 0, row * grad_stride, 0, grad_code) * float32(scale)
         row_lse = lse[row]
         row_mass = mass[row]
         for c in range(tid, n, nthreads):
