@@ -89,16 +89,17 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
         tiles_m = (M + BM - 1) // BM
         tiles_n = (N + BN - 1) // BN
         # what this thread stages of each slab: STAGED_A words of A from (ai, ap) on, a
-        # step (di, dp) apart, consecutive threads along the operand's contiguous axis
-        # (likewise for B^T)
+        # step (di, dp) apart (likewise for B^T). Along K where K is the contiguous axis: a
+        # run of consecutive words of one row (WN threads a row; one base address a thread);
+        # across rows where it is not, consecutive threads on consecutive rows.
         if a_k_fast:
-            ai, ap, di, dp = tid // PAIRS, tid % PAIRS, THREADS // PAIRS, 0
+            ai, ap, di, dp = tid // WN, (tid % WN) * STAGED_A, 0, 1
         else:
             ai, ap, di, dp = tid % BM, tid // BM, 0, THREADS // BM
         if b_n_fast:
             bj, bp, dj, dq = tid % BN, tid // BN, 0, THREADS // BN
         else:
-            bj, bp, dj, dq = tid // PAIRS, tid % PAIRS, THREADS // PAIRS, 0
+            bj, bp, dj, dq = tid // WM, (tid % WM) * STAGED_B, 0, 1
         for z in range(cuda.blockIdx.z, B1 * B2c, cuda.gridDim.z):
             b1, b2c, a1, w1 = batch_of(z, B2c, a, b)
             for tm in range(cuda.blockIdx.y, tiles_m, cuda.gridDim.y):
