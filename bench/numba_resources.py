@@ -24,11 +24,12 @@ session would, per argument signature, and reports what ptxas says of each.
    kernels are closure variables of theirs and compile with them. The launchers pick smaller
    tiles and blocks under emulation, for the simulator's speed; in the capture they pick a
    GPU's (`_gpu_launch_configs`), so the builder kernels compiled are those a GPU builds:
-   the GEMM's 64 x 64 tiles of 4 x 4 per thread, the recurrences' 8 x 32 x 32, attention's
-   128 threads.
+   the GEMM's 64 x 64 tiles of 4 x 4 per thread (and for 16-bit operands the tensor-core
+   GEMM's 2 x 2 warps), the recurrences' 8 x 32 x 32, attention's 128 threads.
 2. Compile (processes without the simulator, a fresh one per kernel module, one per core at
    a time): each distinct (kernel, signature) through `numba.cuda.compile_ptx` for the
-   architecture, then ptxas -v: registers per thread, spill stores, static shared memory. A
+   architecture, then ptxas -v: registers per thread, spill stores, static shared memory
+   (and from the PTX: device-side traps, tensor-core mma.sync instructions). A
    kernel that calls the CUDA device runtime (the recurrences' grid barrier, through
    cooperative groups) is compiled relocatable and linked with libcudadevrt by nvlink, as
    Numba links it on a GPU; its registers and shared memory are the linked kernel's. Numba
@@ -217,7 +218,8 @@ def _run(cmd: list[str]) -> tuple[str | None, str]:
 
 def _compile(row: dict, arch: int, ptxas: str, tmp: str, index: int) -> dict:
     """One captured (kernel, signature) through Numba for `arch`, then ptxas (and nvlink):
-    the row with regs, spill, smem and traps, or with error."""
+    the row with regs, spill, smem, traps and mma (tensor-core instructions), or with
+    error."""
     from numba import cuda
     from numba.cuda.cudadrv.libs import get_cudalib
     sig = tuple(_numba_type(t) for t in row["sig"])
@@ -246,7 +248,7 @@ def _compile(row: dict, arch: int, ptxas: str, tmp: str, index: int) -> dict:
         return dict(row, error=error)
     grab = lambda rx, text: int(m.group(1)) if (m := rx.search(text)) else 0  # noqa: E731
     return dict(row, regs=grab(_REGS, usage), spill=grab(_SPILL, info),
-                smem=grab(_SMEM, usage), traps=ptx.count("trap;"))
+                smem=grab(_SMEM, usage), traps=ptx.count("trap;"), mma=ptx.count("mma.sync"))
 
 
 def _compile_module(rows: list[dict], arch: int, ptxas: str, tmp: str, first: int) -> list:
@@ -374,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = _compile_all(rows, args.arch, ptxas, tmp)
     labels = [_label(r) for r in rows]
     width = max(map(len, labels + ["kernel"]))
-    print(f"{'kernel':<{width}}  regs  spill  smem   trap  arrays (dtype, dims, layout)")
+    print(f"{'kernel':<{width}}  regs  spill  smem   trap  mma  arrays (dtype, dims, layout)")
     for r, label in zip(rows, labels):
         if "error" in r:
             print(f"{label:<{width}}  FAILED ({r['case']}): {r['error']}")
         else:
             print(f"{label:<{width}}  {r['regs']:<4}  {r['spill']:<5}  {r['smem']:<5}  "
-                  f"{r['traps']:<4}  {_summary(r['sig'])}")
+                  f"{r['traps']:<4}  {r['mma']:<3}  {_summary(r['sig'])}")
     failed = [r for r in rows if "error" in r]
     built = {_label(r) for r in rows if "built_by" in r}
     print(f"\n{len(rows)} signatures of {len(set(labels))} kernels compiled for sm_{args.arch} "
@@ -388,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
           f"counts, not emulation's): "
           f"{len(failed)} failed; spills in {sum(r.get('spill', 0) > 0 for r in rows)}. regs: "
           f"per thread; spill: bytes of spill stores; smem: static shared bytes per block; "
-          f"trap: PTX traps (device-side checks).")
+          f"trap: PTX traps (device-side checks); mma: PTX mma.sync (tensor-core) "
+          f"instructions.")
     missing = _unlaunched(rows) if set(args.families) == set(FAMILIES) else []
     if missing:
         print(f"not launched by any problem on the numba backend (not compiled): "

@@ -69,10 +69,9 @@ print(json.dumps(NR._compile(row, 90, ptxas, sys.argv[1], 0)))
 """
 
 
-def test_a_builder_kernel_compiles_for_sm90_offline(gru_launches, tmp_path):
-    """The GRU's forward recurrence made again from its tag, compiled and linked with the
-    device runtime (its grid barrier), as on a GPU."""
-    row = next(r for r in gru_launches if r["name"] == "fwd" and "built_by" in r)
+def _compile_offline(row: dict, tmp_path) -> dict:
+    """One captured row compiled for sm_90 in a process without emulation (skips the test
+    without the CUDA toolkit)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYDL_INTERPRET", "NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -83,4 +82,21 @@ def test_a_builder_kernel_compiles_for_sm90_offline(gru_launches, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "error" not in out, out["error"]
-    assert 0 < out["regs"] <= 255 and out["smem"] > 0
+    return out
+
+
+def test_a_builder_kernel_compiles_for_sm90_offline(gru_launches, tmp_path):
+    """The GRU's forward recurrence made again from its tag, compiled and linked with the
+    device runtime (its grid barrier), as on a GPU."""
+    out = _compile_offline(next(r for r in gru_launches if r["name"] == "fwd"
+                                and "built_by" in r), tmp_path)
+    assert 0 < out["regs"] <= 255 and out["smem"] > 0 and out["mma"] == 0
+
+
+def test_tensor_core_gemm_compiles_to_mma_offline(gru_launches, tmp_path):
+    """The bf16 input projection's GEMM (kernels/numba/gemm_mma.py, both operands staged as
+    words) compiles with its inline PTX: the 16 mma.sync of a K step (2 row tiles x 4 column
+    tiles x 2 halves of the 32-deep step, unrolled), no spill."""
+    out = _compile_offline(next(r for r in gru_launches if r["name"] == "gemm_mma"
+                                and r["built_by"][2][3:] == [True, True]), tmp_path)
+    assert out["mma"] == 16 and out["spill"] == 0 and 0 < out["regs"] <= 255
