@@ -89,13 +89,14 @@ case $mode in
         # 1. the GPU test files (not the CPU-only ones: packaging, the bench CLI, offline
         #    compiles), one line per test in the log so that a stopped run still shows what ran;
         #    the Numba backend's cases apart (its compiles are slower), so each gets its time
-        # (the files a GPU has not run yet first: xdist hands tests out in this order)
-        gpu_tests="tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
+        # (the files a GPU has not run yet first: xdist hands tests out in this order; the
+        # Numba tensor-core GEMM's first, whose fragment layouts only hardware can confirm)
+        gpu_tests="tests/test_gemm_numba.py tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
             tests/test_rnn.py tests/test_double_backward.py tests/test_edge_cases.py
             tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
             tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
             tests/test_conv.py tests/test_attention.py tests/test_attention_forward.py
-            tests/test_attention_onepass.py tests/test_pool.py tests/test_gemm_numba.py"
+            tests/test_attention_onepass.py tests/test_pool.py"
         for part in "150 not numba" "45 numba"; do
             # shellcheck disable=SC2046,SC2086
             timeout -k 5 "${part%% *}" python3 -m pytest -v -p no:cacheprovider $(workers 14) \
