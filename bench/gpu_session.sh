@@ -86,6 +86,9 @@ bench_op() {   # bench_op SECONDS OP_SECONDS OPS...: a group of ops, each within
 
 case $mode in
     session)
+        # the Numba GEMM's tensor-core kernel, off by default until a GPU has run it: on for
+        # the whole session (its tests, and the Numba rows of the benchmark)
+        export PYDL_NUMBA_MMA=1
         # 1. the GPU test files (not the CPU-only ones: packaging, the bench CLI, offline
         #    compiles), one line per test in the log so that a stopped run still shows what ran;
         #    the Numba backend's cases apart (its compiles are slower), so each gets its time
@@ -126,8 +129,8 @@ case $mode in
                 h1536-b32-t187 h512-b32-t1 h1024-b64-t1500
         bench_op 70 10 cross_entropy max_pool2d avg_pool2d adaptive_avg_pool2d softmax \
             conv2d_depthwise --variants triton numba torch
-        # the Numba conv2d on its tensor-core GEMM (bench/TUNING.md v10), beside the
-        # triton-implicit rows of the first group
+        # the Numba conv2d on its tensor-core GEMM (bench/TUNING.md v10; PYDL_NUMBA_MMA above),
+        # beside the triton-implicit rows of the first group
         bench_op 25 20 conv2d --variants numba-im2col --cases l1-3x3-64 l3-1x1-1024-256
         tail -n 70 "$out/bench.log"
         # at most 8 files come back from a lent machine: one archive of the results' JSON

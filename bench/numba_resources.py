@@ -83,7 +83,7 @@ def _arg_type(a):
 def _gpu_launch_configs() -> None:
     """The launchers' GPU tiles and thread counts in place of the simulator's (in the capture
     child only): under emulation they pick small ones, for the simulator's speed
-    (pydl/_gemm_numba.py SIM_TILE, SIM_MICRO, SIM_TRIM, SIM_MMA, SIM_WARPS_MMA;
+    (pydl/_gemm_numba.py SIM_TILE, SIM_MICRO, SIM_TRIM, MMA, SIM_WARPS_MMA;
     pydl/_rnn_launch.py NUMBA_SIM_TILE;
     pydl/_launch.py numba_threads), and the tiles and thread counts are the arguments of the
     kernel builders. Nothing runs, so the GPU's sizes cost nothing here, and each builder
@@ -92,7 +92,7 @@ def _gpu_launch_configs() -> None:
     from pydl import _gemm_numba, _launch, _rnn_launch
     _gemm_numba.SIM_TILE, _gemm_numba.SIM_MICRO = _gemm_numba.TILE, _gemm_numba.MICRO
     _gemm_numba.SIM_TRIM = False
-    _gemm_numba.SIM_MMA, _gemm_numba.SIM_WARPS_MMA = True, _gemm_numba.WARPS_MMA
+    _gemm_numba.MMA, _gemm_numba.SIM_WARPS_MMA = True, _gemm_numba.WARPS_MMA
     _rnn_launch.NUMBA_SIM_TILE = _rnn_launch.NUMBA_TILE
     simulated = _launch.numba_threads
 

@@ -10,6 +10,7 @@ fp32 workspace fed by fp16 operands, say).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -29,12 +30,15 @@ SIM_TILE, SIM_MICRO = 32, 16
 SIM_TRIM = True
 # fp16 and bf16 products on the tensor cores (kernels/numba/gemm_mma.py): blocks of WARPS_MMA
 # (along M, N) warps of 32 x 32 outputs each, on a GPU that has mma.sync m16n8k16 (compute
-# capability 8.0 or newer). In the simulator, where the warp's product is a block-wide
-# rendezvous of Python threads, one warp a block, and only where a test turns SIM_MMA on: the
-# CUDA-core kernel runs the other emulated products.
+# capability 8.0 or newer), when MMA is on. It is off by default (PYDL_NUMBA_MMA=1 turns it
+# on) until a GPU run has shown the kernel's fragment layouts to be the hardware's: the
+# simulator checks them against an emulation written from the PTX ISA, not against the
+# hardware, and the CUDA-core kernel is the one a GPU has verified. In the simulator, where
+# the warp's product is a block-wide rendezvous of Python threads: one warp a block, and the
+# tests that turn MMA on.
 WARPS_MMA = (2, 2)
 SIM_WARPS_MMA = (1, 1)
-SIM_MMA = False
+MMA = os.environ.get("PYDL_NUMBA_MMA", "0").strip() == "1"
 # Grid limits on the y and z axes (x goes to 2^31 - 1); the kernel's grid-stride loops cover
 # what a capped grid leaves over.
 _MAX_GRID_YZ = 65535
@@ -58,9 +62,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     bias: (N,) or (B1, N), added to every row; addend: out's shape (any dtype; may be out).
     alpha: 1 only (the kernel has no scale). input_precision: accepted for the signature;
     fp32 operands are multiplied in fp32 exactly (no TF32 on CUDA cores).
-    The dtypes may differ per array; accumulation is fp32, rounded once into out. fp16 or
-    bf16 operands of one dtype multiply on the tensor cores (kernels/numba/gemm_mma.py), the
-    rest on the CUDA cores (kernels/numba/gemm.py).
+    The dtypes may differ per array; accumulation is fp32, rounded once into out. With MMA
+    on (PYDL_NUMBA_MMA=1), fp16 or bf16 operands of one dtype multiply on the tensor cores
+    (kernels/numba/gemm_mma.py), the rest on the CUDA cores (kernels/numba/gemm.py).
     """
     if alpha != 1.0:
         raise NotImplementedError(f"gemm: the numba GEMM has no alpha (got {alpha}); scale an "
@@ -159,12 +163,12 @@ def _words(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _on_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The product goes to the tensor-core kernel: fp16 or bf16 operands of one dtype, on a
-    GPU with mma.sync m16n8k16 (or in the simulator where SIM_MMA says so)."""
-    if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
+    """The product goes to the tensor-core kernel: MMA on, fp16 or bf16 operands of one
+    dtype, on a GPU with mma.sync m16n8k16 (or in the simulator)."""
+    if not MMA or a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
         return False
     if _env.INTERPRET:
-        return SIM_MMA
+        return True
     return _has_mma(a.device.index if a.device.index is not None else
                     torch.cuda.current_device())
 

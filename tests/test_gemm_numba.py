@@ -101,10 +101,11 @@ class _Launched(list):
 
 @pytest.fixture
 def tensor_cores(monkeypatch):
-    """The 16-bit products on the tensor-core kernel, in the simulator too, and a record of
-    the kernels launched (their builder tags)."""
+    """The 16-bit products on the tensor-core kernel (MMA on: off by default until a GPU has
+    run it), in the simulator too, and a record of the kernels launched (their builder
+    tags)."""
     from pydl.kernels.numba._builder import BUILT_BY
-    monkeypatch.setattr(G, "SIM_MMA", True)
+    monkeypatch.setattr(G, "MMA", True)
     launched, made = _Launched(), []
     real = G.launch_numba
 
@@ -181,6 +182,18 @@ def test_gemm_tensor_cores_several_warps(tensor_cores, monkeypatch):
     out = torch.full((1, 1, M, N), float("nan"), device=DEVICE)
     G.gemm(a, b, out)
     assert_close(out, expected(a, b, out.shape), torch.float32, reduction=K)
+
+
+def test_gemm_tensor_cores_off_unless_asked(tensor_cores, monkeypatch):
+    """Without MMA (the default until a GPU has run the kernel; PYDL_NUMBA_MMA=1 sets it)
+    16-bit operands take the CUDA-core kernel, the one a GPU has verified."""
+    monkeypatch.setattr(G, "MMA", False)
+    a = random_tensor((1, 1, 5, 6), torch.float16, DEVICE)
+    b = random_tensor((1, 1, 6, 7), torch.float16, DEVICE)
+    out = torch.empty(1, 1, 5, 7, device=DEVICE)
+    G.gemm(a, b, out)
+    assert tensor_cores == ["gemm"]
+    assert_close(out, expected(a, b, out.shape), torch.float32, reduction=6)
 
 
 def test_gemm_mixed_operands_stay_on_cuda_cores(tensor_cores):
