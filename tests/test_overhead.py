@@ -67,8 +67,14 @@ BASE_RATIO, LAUNCH_RATIO = 3.0, 2.0
 # forward (the GRU's 36 MB workspace is mapped afresh by the CPU allocator every call) and
 # about 20x backward (layers), 4-7x and 9-21x (cells).
 # The naive attention's backward (its output and the weights: two outputs) runs through the
-# engine too. Keys: (op, direction), or a LAUNCHES key and the direction.
+# engine too. Its forward measured 4.9-5.4x alone but 9.1-9.5x in two CI runs of the whole
+# suite; the likely cause is the (B, H, L, S) weights it allocates, large enough for glibc to
+# map afresh or serve from its heap depending on what the worker's earlier tests left (not
+# confirmed). Its launches leaving the direct path are caught by the launch counts above
+# (test_launches_and_no_torch_kernels_or_syncs), not by this cap. Keys: (op, direction), or a
+# LAUNCHES key and the direction.
 MAX_RATIOS = {("attention", "triton-naive", "bwd"): 18.0,
+              ("attention", "triton-naive", "fwd"): 13.0,
               ("lstm", "fwd"): 10.0, ("lstm", "bwd"): 22.0, ("gru", "fwd"): 15.0,
               ("gru", "bwd"): 22.0, ("lstm_cell", "fwd"): 9.0, ("lstm_cell", "bwd"): 22.0,
               ("gru_cell", "fwd"): 7.0, ("gru_cell", "bwd"): 12.0}
