@@ -184,22 +184,16 @@ def test_gemm_tensor_cores_several_warps(tensor_cores, monkeypatch):
     assert_close(out, expected(a, b, out.shape), torch.float32, reduction=K)
 
 
-def test_gemm_tensor_cores_off_unless_asked(tensor_cores, monkeypatch):
-    """Without MMA (the default until a GPU has run the kernel; PYDL_NUMBA_MMA=1 sets it)
-    16-bit operands take the CUDA-core kernel, the one a GPU has verified."""
-    monkeypatch.setattr(G, "MMA", False)
-    a = random_tensor((1, 1, 5, 6), torch.float16, DEVICE)
-    b = random_tensor((1, 1, 6, 7), torch.float16, DEVICE)
-    out = torch.empty(1, 1, 5, 7, device=DEVICE)
-    G.gemm(a, b, out)
-    assert tensor_cores == ["gemm"]
-    assert_close(out, expected(a, b, out.shape), torch.float32, reduction=6)
-
-
-def test_gemm_mixed_operands_stay_on_cuda_cores(tensor_cores):
-    """Operands of two dtypes (an fp32 gradient times fp16 weights) take the CUDA-core
-    kernel, which decodes each by its own dtype code."""
-    a = random_tensor((1, 1, 5, 6), torch.float32, DEVICE)
+@pytest.mark.parametrize("case", ["mma-off", "mixed-dtypes"])
+def test_gemm_cuda_core_cases(tensor_cores, monkeypatch, case):
+    """The CUDA-core kernel (the one a GPU has verified) takes 16-bit operands without MMA
+    (the default until a GPU has run the tensor-core kernel; PYDL_NUMBA_MMA=1 sets it), and
+    operands of two dtypes with it (an fp32 gradient times fp16 weights: each decoded by its
+    own dtype code)."""
+    if case == "mma-off":
+        monkeypatch.setattr(G, "MMA", False)
+    a = random_tensor((1, 1, 5, 6), torch.float16 if case == "mma-off" else torch.float32,
+                      DEVICE)
     b = random_tensor((1, 1, 6, 7), torch.float16, DEVICE)
     out = torch.empty(1, 1, 5, 7, device=DEVICE)
     G.gemm(a, b, out)
