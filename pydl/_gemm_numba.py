@@ -128,13 +128,14 @@ def _launch(a, b, out, addend, bias) -> None:
     if _on_tensor_cores(a, b):
         from .kernels.numba.gemm_mma import gemm_mma_kernel
         wm, wn = SIM_WARPS_MMA if _env.INTERPRET else WARPS_MMA
-        a_words, b_words = _words(a), _words(b.transpose(2, 3))
+        bt = b.transpose(2, 3)                          # B^T (.., N, K), as the kernel takes B
+        a_words, b_words = _words(a), _words(bt)
         kernel = gemm_mma_kernel(wm, wn, a.dtype == torch.bfloat16, a_words is not None,
                                  b_words is not None)
         launch_numba(kernel, _grid(M, N, B1 * B2c, 32 * wm, 32 * wn), 32 * wm * wn,
                      out.device, a.view(torch.int16) if a_words is None else a_words,
-                     b.view(torch.int16) if b_words is None else b_words, addend_, out, bias_,
-                     *flags, code(addend_.dtype), code(out.dtype), code(bias_.dtype))
+                     bt.view(torch.int16) if b_words is None else b_words, addend_, out,
+                     bias_, *flags, code(addend_.dtype), code(out.dtype), code(bias_.dtype))
         return
     T, R = tile()
     kernel = k.gemm_kernel(T, R, trim=_env.INTERPRET and SIM_TRIM)

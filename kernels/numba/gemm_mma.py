@@ -16,17 +16,18 @@ instruction per warp against 32. Accumulation is fp32 in the tensor cores' regis
     per 16-deep half-step: each lane reads its A fragments of both row tiles (4 words each)
             and, per column tile, its B fragment (2 words), and issues 8 mma
 
-Operands a and b arrive as int16 arrays of their bit patterns (fp16 and bf16 alike, torch's
-`.view(torch.int16)`): a pair is packed with integer operations, and the builder's BF16 flag
-picks the instruction's type. Where an operand's K axis is contiguous and even (and its rows
-4-byte aligned), the launcher passes it as int32 words instead, one pair a load with nothing
-to pack (A_PAIRS, B_PAIRS: A as (.., M, K / 2), B transposed to (.., N, K / 2)): the usual
-layout of an im2col matrix and a weight. Elements outside the matrices are staged as zeros,
-so any M, N, K work. Staging walks the operand's contiguous axis with consecutive threads
-(a_k_fast, b_n_fast, as in gemm.py). The output, addend and bias keep their own dtypes
-(dtype codes, kernels/numba/_dtypes.py).
+Operands arrive as A (.., M, K) and B^T (.., N, K) (B transposed: a view), both int16
+arrays of their bit patterns (fp16 and bf16 alike, torch's `.view(torch.int16)`): a pair is
+packed with integer operations, and the builder's BF16 flag picks the instruction's type.
+Where an operand's K axis is contiguous and even (and its rows 4-byte aligned), the launcher
+passes it as int32 words instead, (.., M or N, K / 2), one pair a load with nothing to pack
+(A_PAIRS, B_PAIRS): the usual layout of an im2col matrix and a weight. Elements outside the
+matrices are staged as zeros, so any M, N, K work. Staging: a K-contiguous operand as runs
+of consecutive words of one row a thread; the other orientation with consecutive threads on
+consecutive rows (a_k_fast, b_n_fast, as in gemm.py). The output, addend and bias keep their
+own dtypes (dtype codes, kernels/numba/_dtypes.py).
 
-Kernel arguments: a, b, c_in, c_out, bias, accumulate, bias_mode, a_k_fast, b_n_fast,
+Kernel arguments: a, b (B^T), c_in, c_out, bias, accumulate, bias_mode, a_k_fast, b_n_fast,
 code_c_in, code_c_out, code_bias (gemm.py's, less the operands' codes). Launch with
 gemm_mma_kernel(wm, wn, bf16, a_pairs, b_pairs) on a (32 WM WN,)-thread block; the grid as
 gemm.py's (x over column tiles of BN, y over row tiles of BM, z over batches; grid-stride
@@ -49,7 +50,7 @@ def gemm_mma_kernel(wm: int, wn: int, bf16: bool, a_pairs: bool = False,
                     b_pairs: bool = False):
     """The tensor-core GEMM for a block of wm x wn warps (a 32 wm x 32 wn output tile) on
     fp16 (bf16=False) or bf16 operands, compiled on first use. a_pairs / b_pairs: the operand
-    comes as int32 words of K-consecutive pairs, A as (B1, B2, M, K / 2), B as its transpose
+    comes as int32 words of K-consecutive pairs, A as (B1, B2, M, K / 2), B^T as
     (B1, B2, N, K / 2) (see the module docstring)."""
     if wm not in (1, 2, 4) or wn not in (1, 2, 4):
         raise ValueError(f"gemm_mma: warps along M and N are 1, 2 or 4, got {wm} x {wn}")
@@ -120,7 +121,7 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
                                 if A_PAIRS:
                                     sa[i, p] = _word(a, a1, a2, m, k0 // 2 + p, M)
                                 else:
-                                    sa[i, p] = _pair_along_rows(a, a1, a2, m, k0 + 2 * p, M, K)
+                                    sa[i, p] = _pair(a, a1, a2, m, k0 + 2 * p, M, K)
                             for s in range(STAGED_B):
                                 j = bj + s * dj
                                 p = bp + s * dq
@@ -128,7 +129,7 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
                                 if B_PAIRS:
                                     sb[j, p] = _word(b, w1, w2, n, k0 // 2 + p, N)
                                 else:
-                                    sb[j, p] = _pair_along_cols(b, w1, w2, n, k0 + 2 * p, N, K)
+                                    sb[j, p] = _pair(b, w1, w2, n, k0 + 2 * p, N, K)
                             cuda.syncthreads()
                             for h in range(0, PAIRS, 8):            # 16 deep: 8 words
                                 x0 = sa[wrow + g, h + t]
@@ -188,9 +189,10 @@ def _word(x, o, c, line, p, lines):
 
 
 @device
-def _pair_along_rows(x, o, c, m, k, M, K):
+def _pair(x, o, c, m, k, M, K):
     """The 32-bit word of x[o, c, m, k] and x[o, c, m, k + 1] (int16 bits of a 16-bit
-    operand, the first in the low half), zeros outside M x K: a pair of A's row m."""
+    operand, the first in the low half), zeros outside M x K: a pair of row m of A (or of
+    B^T, N for M)."""
     lo = int64(0)
     hi = int64(0)
     if m < M:
@@ -198,18 +200,4 @@ def _pair_along_rows(x, o, c, m, k, M, K):
             lo = int64(x[o, c, m, k]) & 0xFFFF
         if k + 1 < K:
             hi = int64(x[o, c, m, k + 1]) & 0xFFFF
-    return uint32(lo | (hi << 16))
-
-
-@device
-def _pair_along_cols(x, o, c, n, k, N, K):
-    """As _pair_along_rows for x[o, c, k, n] and x[o, c, k + 1, n]: a pair of B's column n
-    (B^T's row)."""
-    lo = int64(0)
-    hi = int64(0)
-    if n < N:
-        if k < K:
-            lo = int64(x[o, c, k, n]) & 0xFFFF
-        if k + 1 < K:
-            hi = int64(x[o, c, k + 1, n]) & 0xFFFF
     return uint32(lo | (hi << 16))
