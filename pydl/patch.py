@@ -301,8 +301,6 @@ def _note(kind: _Kind, m: torch.nn.Module, backend: str | None, parent_name: str
         if m.dropout > 0:
             notes.append("need_weights=True with dropout raises in training")
         return "; ".join(notes)
-    if kind.op == "lstm" and getattr(m, "proj_size", 0):
-        return "PackedSequence input with proj_size > 0 raises NotImplementedError"
     return ""
 
 

@@ -177,6 +177,8 @@ def test_unsupported_options_reported_not_patched():
     assert "float64" in reasons["f64"] and "'triton'" in reasons["f64"]
     assert "backend" in reasons["clash"]
     assert [s.name for s in report.patched] == ["kdim", "implicit_dim", "proj"]
+    # a packed input with projections runs (pydl/rnn.py _by_length): no limit to report
+    assert next(s.note for s in report.patched if s.name == "proj") == ""
     for name in reasons:
         assert type(model[name]).__module__.startswith("torch.")
         assert not hasattr(model[name], "_pydl_patch")
