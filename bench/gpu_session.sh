@@ -86,20 +86,19 @@ bench_op() {   # bench_op SECONDS OP_SECONDS OPS...: a group of ops, each within
 
 case $mode in
     session)
-        # the Numba GEMM's tensor-core kernel, off by default until a GPU has run it: on for
-        # the whole session (its tests, and the Numba rows of the benchmark)
+        # the Numba tensor-core kernels (the GEMM, the attention forward), off by default until
+        # a GPU has run them: on for the whole session (their tests, the Numba benchmark rows)
         export PYDL_NUMBA_MMA=1
         # 1. the GPU test files (not the CPU-only ones: packaging, the bench CLI, offline
         #    compiles), one line per test in the log so that a stopped run still shows what ran;
         #    the Numba backend's cases apart (its compiles are slower), so each gets its time
         # (the files a GPU has not run yet first: xdist hands tests out in this order; the
-        # Numba tensor-core GEMM's first, whose fragment layouts only hardware can confirm)
-        gpu_tests="tests/test_gemm_numba.py tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
+        # Numba tensor-core kernels' first, whose fragment layouts only hardware can confirm)
+        gpu_tests="tests/test_gemm_numba.py tests/test_attention_forward.py tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
             tests/test_rnn.py tests/test_double_backward.py tests/test_edge_cases.py
             tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
             tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
-            tests/test_conv.py tests/test_attention.py tests/test_attention_forward.py
-            tests/test_attention_onepass.py tests/test_pool.py"
+            tests/test_conv.py tests/test_attention.py tests/test_attention_onepass.py tests/test_pool.py"
         for part in "150 not numba" "45 numba"; do
             # shellcheck disable=SC2046,SC2086
             timeout -k 5 "${part%% *}" python3 -m pytest -v -p no:cacheprovider $(workers 14) \
@@ -122,16 +121,18 @@ case $mode in
         echo "overhead exit status $?"
         cat "$out/overhead.log"
         # 3. the benchmark, each op within its budget (later cases are recorded as skipped)
-        bench_op 220 50 conv2d attention lstm gru \
+        bench_op 215 50 conv2d attention lstm gru \
             --variants triton-implicit triton-flash triton-flash_hopper triton-persistent torch \
             --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
                 d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
                 h1536-b32-t187 h512-b32-t1 h1024-b64-t1500
-        bench_op 70 10 cross_entropy max_pool2d avg_pool2d adaptive_avg_pool2d softmax \
+        bench_op 65 10 cross_entropy max_pool2d avg_pool2d adaptive_avg_pool2d softmax \
             conv2d_depthwise --variants triton numba torch
-        # the Numba conv2d on its tensor-core GEMM (bench/TUNING.md v10; PYDL_NUMBA_MMA above),
-        # beside the triton-implicit rows of the first group
-        bench_op 25 20 conv2d --variants numba-im2col --cases l1-3x3-64 l3-1x1-1024-256
+        # the Numba conv2d on its tensor-core GEMM and the Numba attention on its tensor-core
+        # forward (bench/TUNING.md v10, v11; PYDL_NUMBA_MMA above), beside the triton rows of
+        # the first group
+        bench_op 35 15 conv2d attention --variants numba-im2col numba-flash \
+            --cases l1-3x3-64 l3-1x1-1024-256 d128-1k
         tail -n 70 "$out/bench.log"
         # at most 8 files come back from a lent machine: one archive of the results' JSON
         tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results"

@@ -28,7 +28,8 @@ SIM_TILE, SIM_MICRO = 32, 16
 # Under emulation the kernel skips the multiply-adds and loads outside the matrices (see
 # kernels/numba/gemm.py: trim); tests turn this off to run the GPU's code path in the simulator.
 SIM_TRIM = True
-# fp16 and bf16 products on the tensor cores (kernels/numba/gemm_mma.py): blocks of WARPS_MMA
+# fp16 and bf16 products on the tensor cores (kernels/numba/gemm_mma.py, and the attention
+# forward, kernels/numba/attention_mma.py: `on_tensor_cores`). The GEMM's blocks of WARPS_MMA
 # (along M, N) warps of 32 x 32 outputs each, on a GPU that has mma.sync m16n8k16 (compute
 # capability 8.0 or newer), when MMA is on. It is off by default (PYDL_NUMBA_MMA=1 turns it
 # on) until a GPU run has shown the kernel's fragment layouts to be the hardware's: the
@@ -125,11 +126,11 @@ def _launch(a, b, out, addend, bias) -> None:
     bias_ = bias if bias is not None else out
     flags = (addend is not None, bias_mode, a.stride(3) <= a.stride(2),
              b.stride(3) <= b.stride(2))
-    if _on_tensor_cores(a, b):
+    if on_tensor_cores(a, b):
         from .kernels.numba.gemm_mma import gemm_mma_kernel
         wm, wn = SIM_WARPS_MMA if _env.INTERPRET else WARPS_MMA
         bt = b.transpose(2, 3)                          # B^T (.., N, K), as the kernel takes B
-        a_words, b_words = _words(a), _words(bt)
+        a_words, b_words = pair_words(a), pair_words(bt)
         kernel = gemm_mma_kernel(wm, wn, a.dtype == torch.bfloat16, a_words is not None,
                                  b_words is not None)
         launch_numba(kernel, _grid(M, N, B1 * B2c, 32 * wm, 32 * wn), 32 * wm * wn,
@@ -152,7 +153,7 @@ def _grid(M: int, N: int, batches: int, rows: int, cols: int) -> tuple[int, int,
     return (cdiv(N, cols), min(cdiv(M, rows), _MAX_GRID_YZ), min(batches, _MAX_GRID_YZ))
 
 
-def _words(t: torch.Tensor) -> torch.Tensor | None:
+def pair_words(t: torch.Tensor) -> torch.Tensor | None:
     """A 16-bit operand (.., lines, K) as int32 words of K-consecutive pairs (.., lines, K / 2)
     where its K axis is contiguous and even and every pair 4-byte aligned (the tensor-core
     kernel then loads a pair at once); None elsewhere."""
@@ -163,10 +164,13 @@ def _words(t: torch.Tensor) -> torch.Tensor | None:
     return t.as_strided(t.shape, strides[:3] + [1]).view(torch.int16).view(torch.int32)
 
 
-def _on_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The product goes to the tensor-core kernel: MMA on, fp16 or bf16 operands of one
-    dtype, on a GPU with mma.sync m16n8k16 (or in the simulator)."""
-    if not MMA or a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16):
+def on_tensor_cores(a: torch.Tensor, *others: torch.Tensor) -> bool:
+    """The products of a Numba kernel on these operands go to the tensor cores (the GEMM's,
+    kernels/numba/gemm_mma.py; the attention forward's, kernels/numba/attention_mma.py): MMA
+    on, fp16 or bf16 operands of one dtype, on a GPU with mma.sync m16n8k16 (or in the
+    simulator)."""
+    if not MMA or a.dtype not in (torch.float16, torch.bfloat16) \
+            or any(t.dtype != a.dtype for t in others):
         return False
     if _env.INTERPRET:
         return True

@@ -26,9 +26,10 @@ from . import _tune as tune
 from ._autograd import raises_on_backward, without_double_backward
 from ._checks import check_tensor
 from ._gemm import gemm_plan_on
+from ._gemm_numba import on_tensor_cores, pair_words
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba_1d,
-                      new_output, next_power_of_2, numba_array, numba_stream, numba_threads,
+from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba,
+                      launch_numba_1d, new_output, next_power_of_2, numba_array, numba_stream, numba_threads,
                       output_maker, tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensor_key)
@@ -315,6 +316,13 @@ def _numba_dropout(dropout_p: float, seed: int) -> tuple:
     return False, 0, 1.0, 0
 
 
+# The Numba forward on tensor cores (kernels/numba/attention_mma.py; with
+# pydl._gemm_numba.MMA, fp16 / bf16 inputs, head dims up to 128): warps a block, each owning 16
+# query rows. One in the simulator, where the warp's product is a block-wide rendezvous of
+# Python threads.
+NUMBA_MMA_WARPS, NUMBA_SIM_MMA_WARPS = 4, 1
+
+
 class _NumbaAttention:
     """Same methods as _TritonAttention, on the Numba kernels (kernels/numba/attention.py)."""
 
@@ -322,15 +330,28 @@ class _NumbaAttention:
     def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
+        m, mask_code = _numba_mask(mask)
+        tail = (numba_array(o), numba_array(lse), m if m is not None else numba_array(q),
+                mask_kind, mask_code, bool(is_causal), float(scale),
+                *_numba_dropout(dropout_p, seed), kn.dtype_code(q.dtype))
+        if on_tensor_cores(q, k, v):
+            from .kernels.numba import attention_mma as km
+            if max(E, v.shape[3]) <= km.MAX_HEAD_DIM:
+                warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else NUMBA_MMA_WARPS
+                bn, BD, BDV = km.tile(E, v.shape[3])
+                qw, kw = pair_words(q), pair_words(k)
+                kernel = km.fwd_mma_kernel(warps, bn, BD, BDV, q.dtype == torch.bfloat16,
+                                           qw is not None, kw is not None)
+                launch_numba(kernel, _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps,
+                             q.device, q.view(torch.int16) if qw is None else qw,
+                             k.view(torch.int16) if kw is None else kw, v.view(torch.int16),
+                             *tail)
+                return
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)
         kernel = kn.fwd_kernel(owned, streamed, BD, BDV, nt)
-        qa = numba_array(q)
-        m, mask_code = _numba_mask(mask)
         kernel[_numba_grid(cdiv(L, owned) * B * H), nt, numba_stream(q.device)](
-            qa, numba_array(k), numba_array(v), numba_array(o), numba_array(lse),
-            m if m is not None else qa, mask_kind, mask_code, bool(is_causal), float(scale),
-            *_numba_dropout(dropout_p, seed), kn.dtype_code(q.dtype))
+            numba_array(q), numba_array(k), numba_array(v), *tail)
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,

@@ -262,3 +262,101 @@ def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
     assert row["num_warps"] == 12                 # 2 consumer warpgroups + the producer's
     assert row["hgmma"] > 0 and row["hmma"] == 0 and row["tma"] > 0
     assert {24, 240} <= set(row["setmaxnreg"])    # producer and consumers' budgets
+
+
+# --- the Numba forward on tensor cores (kernels/numba/attention_mma.py) -------------------------
+
+@pytest.fixture
+def numba_mma(monkeypatch):
+    """MMA on (off by default until a GPU has run the mma.sync kernels) and a record of the
+    Numba attention kernels launched: their builder tags (module, builder, arguments)."""
+    from pydl import _gemm_numba
+    from pydl.kernels.numba._builder import BUILT_BY
+    monkeypatch.setattr(_gemm_numba, "MMA", True)
+    launched = []
+    real = attention.launch_numba
+
+    def spy(kernel, *args):
+        launched.append(getattr(kernel, BUILT_BY, None))
+        return real(kernel, *args)
+    monkeypatch.setattr(attention, "launch_numba", spy)
+    return launched
+
+
+def _mma_launched(launched) -> list:
+    """The builder arguments (WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS) of each tensor-core
+    forward launched."""
+    return [tag[2] for tag in launched if tag and tag[0].endswith("attention_mma")]
+
+
+# (B, Hq, Hkv, L, S, E, Ev): two query items (16 rows each in the simulator), two key
+# tiles (64 and 32 keys), the last part full, head dims not multiples of 16, GQA, E != Ev; bf16 too
+# (the simulator computes it exactly)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("shape,dtype", [((1, 2, 2, 21, 70, 24, 40), torch.float16),
+                                         ((1, 2, 2, 21, 70, 24, 40), torch.bfloat16),
+                                         ((1, 4, 2, 18, 37, 80, 16), torch.float16)],
+                         ids=["tiles-fp16", "tiles-bf16", "gqa-d80-fp16"])
+def test_numba_forward_on_tensor_cores(numba_mma, shape, causal, dtype):
+    """Forward and gradients (the CUDA-core backward kernels reading the tensor-core forward's
+    log-sum-exp) against the float64 reference and torch."""
+    q, k, v = qkv(*shape, dtype=dtype)
+    check_attention(q, k, v, "numba", dtype, is_causal=causal, enable_gqa=shape[1] != shape[2])
+    BD, BDV = -(-shape[5] // 16) * 16, -(-shape[6] // 16) * 16
+    assert _mma_launched(numba_mma) == [(1, 64 if max(BD, BDV) <= 64 else 32, BD, BDV,
+                                         dtype == torch.bfloat16, True, True)]
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "dropout"])
+def test_numba_tensor_core_forward_masks_and_dropout(numba_mma, monkeypatch, kind):
+    """A boolean mask (with a fully masked row: output 0, lse +inf), a broadcast float mask,
+    and dropout (the same keep bits as the CUDA-core kernel, so the same output within fp16
+    rounding; its backward reads them too), on q and k whose head dims are staged element by
+    element (odd E; a strided q)."""
+    B, H, L, S, E = 1, 2, 19, 35, 21
+    q = random_tensor((B, L, H, E), torch.float16, DEVICE).transpose(1, 2)   # (B, H, L, E) view
+    k, v = (random_tensor((B, H, S, E), torch.float16, DEVICE) for _ in range(2))
+    if kind == "dropout":
+        p = 0.3
+        torch.manual_seed(5)
+        out = pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, backend="numba")
+        from pydl import _gemm_numba
+        monkeypatch.setattr(_gemm_numba, "MMA", False)
+        torch.manual_seed(5)
+        cuda_cores = pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, backend="numba")
+        assert_close(out, cuda_cores, torch.float16, reduction=S, name="mma vs cuda cores")
+    else:
+        if kind == "bool":
+            mask = torch.rand(L, S, device=DEVICE) > 0.4
+            mask[3] = False                                  # row 3 sees nothing
+        else:
+            mask = random_tensor((1, H, 1, S), torch.float16, DEVICE)
+        check_attention(q, k, v, "numba", torch.float16, attn_mask=mask)
+        if kind == "bool":
+            out = pydl.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="numba")
+            assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    assert _mma_launched(numba_mma)[0][4:] == (False, False, False)   # element-staged q, k
+
+
+def test_numba_tensor_core_forward_nan_and_routing(numba_mma):
+    """A NaN in q makes its row NaN (as torch), and only its row; fp32 inputs and head dims
+    past 128 keep the CUDA-core kernel, as does everything with MMA off."""
+    q, k, v = qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16)
+    q[0, 0, 2, 3] = float("nan")
+    out = pydl.scaled_dot_product_attention(q, k, v, backend="numba")
+    assert out[0, 0, 2].isnan().all() and not out[0, 0, [0, 1, 3, 4]].isnan().any()
+    assert len(_mma_launched(numba_mma)) == 1
+    pydl.scaled_dot_product_attention(*qkv(1, 1, 1, 5, 9, 16), backend="numba")
+    pydl.scaled_dot_product_attention(*qkv(1, 1, 1, 3, 4, 136, dtype=torch.float16),
+                                      backend="numba")
+    assert len(_mma_launched(numba_mma)) == 1
+
+
+def test_numba_forward_keeps_cuda_cores_without_mma(monkeypatch):
+    from pydl import _gemm_numba
+    assert not _gemm_numba.MMA or pytest.skip("PYDL_NUMBA_MMA=1 in this environment")
+    launched = []
+    monkeypatch.setattr(attention, "launch_numba", lambda *a: launched.append(a))
+    out = pydl.scaled_dot_product_attention(*qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16),
+                                            backend="numba")
+    assert out.isfinite().all() and launched == []     # the tensor-core forward's one way in

@@ -100,3 +100,22 @@ def test_tensor_core_gemm_compiles_to_mma_offline(gru_launches, tmp_path):
     out = _compile_offline(next(r for r in gru_launches if r["name"] == "gemm_mma"
                                 and r["built_by"][2][3:] == [True, True]), tmp_path)
     assert out["mma"] == 16 and out["spill"] == 0 and 0 < out["regs"] <= 255
+
+
+def test_tensor_core_attention_compiles_to_mma_offline(tmp_path):
+    """The Numba attention forward on tensor cores (kernels/numba/attention_mma.py) as the
+    benchmark's d128 bf16 case builds it on a GPU (4 warps, 32 keys a tile, q and k staged as
+    words), compiled with its inline PTX: mma.sync in both products, no spill, its shared
+    memory (Q, K and V^T slabs of padded 32-bit rows) within the 48 KiB static limit."""
+    from pydl import attention
+    words = ["array", "int32", 4, "A"]
+    bits = ["array", "int16", 4, "A"]
+    row = dict(module="pydl.kernels.numba.attention_mma", name="attention_fwd_mma",
+               built_by=["pydl.kernels.numba.attention_mma", "_build",
+                         [attention.NUMBA_MMA_WARPS, 32, 128, 128, True, True, True]],
+               sig=[words, words, bits, bits, ["array", "float32", 2, "C"], bits, "int64",
+                    "int64", "boolean", "float64", "boolean", "int64", "float64", "int64",
+                    "int64"])
+    out = _compile_offline(row, tmp_path)
+    assert out["mma"] > 0 and out["spill"] == 0 and 0 < out["regs"] <= 255
+    assert out["smem"] == 4 * (64 * 68 + 32 * 68 + 128 * 20)

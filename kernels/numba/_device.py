@@ -13,14 +13,23 @@ Python's cost, and factoring a kernel into helpers does not slow the emulated te
 that names `cuda` (thread indices, local arrays) gets the `cuda.jit` device function there too.
 
 `mma(bf16)`: the warp's tensor-core product (PTX mma.sync m16n8k16, fp32 accumulators), for
-the GEMM (kernels/numba/gemm_mma.py). Numba CUDA has no tensor-core intrinsic; the instruction
-is inline PTX. Its counterpart in the simulator gathers the warp's fragments and computes the
-same product, so the fragment layouts the kernel builds are checked there.
+the GEMM (kernels/numba/gemm_mma.py) and the attention forward (kernels/numba/attention_mma.py).
+Numba CUDA has no tensor-core intrinsic; the instruction is inline PTX. Its counterpart in the
+simulator gathers the warp's fragments and computes the same product, so the fragment layouts
+the kernel builds are checked there.
+
+`quad_max(v)`, `quad_sum(v)`: the NaN-propagating max and the sum of v over the four lanes
+4 (lane // 4) .. + 3 that hold one row of an mma accumulator (two butterfly shuffles). The
+simulator has no warp shuffles: there the block's threads exchange their values through a
+per-block array between two barriers, and each combines them in the butterfly's order. Like
+`mma`, every thread of the block must call them the same number of times.
 """
 import threading
 
 import numpy as np
 from numba import config, cuda
+
+_LOCK = threading.Lock()
 
 
 def device(fn):
@@ -103,6 +112,58 @@ def _warp_product(a_regs, b_regs, c, bf16: bool) -> np.ndarray:
 
 _PLACES = _lane_places()
 
+
+# --- reductions over the four lanes of an accumulator row ---------------------------------------
+
+_FULL_MASK = 0xFFFFFFFF
+
+
+def nanmax(a, b):
+    """max(a, b), NaN if either is (Python's and C's max drop a NaN in one order)."""
+    return a if a > b or a != a else b
+
+
+if config.ENABLE_CUDASIM:
+    def _quad_values(v):
+        """The values the four lanes of this thread's quad passed (the simulator's shuffle)."""
+        me = threading.current_thread()
+        block = me._manager
+        lanes = int(np.prod(block._block_dim))
+        with _LOCK:
+            x = block.__dict__.get("pydl_quad")
+            if x is None or x.shape[0] != lanes:
+                x = block.pydl_quad = np.zeros(lanes, np.float32)
+        i = me.thread_id
+        x[i] = v
+        me.syncthreads()
+        q = x[i & ~3:(i & ~3) + 4].copy()
+        me.syncthreads()
+        return q, i & 3
+
+    def quad_max(v):
+        q, t = _quad_values(v)
+        a = [nanmax(q[j], q[j ^ 1]) for j in range(4)]      # after the xor-1 shuffle
+        return np.float32(nanmax(a[t], a[t ^ 2]))
+
+    def quad_sum(v):
+        q, t = _quad_values(v)
+        a = [np.float32(q[j] + q[j ^ 1]) for j in range(4)]
+        return np.float32(a[t] + a[t ^ 2])
+else:
+    nanmax = device(nanmax)
+
+    @device
+    def quad_max(v):
+        """The NaN-propagating max of v over this lane's quad."""
+        v = nanmax(v, cuda.shfl_xor_sync(_FULL_MASK, v, 1))
+        return nanmax(v, cuda.shfl_xor_sync(_FULL_MASK, v, 2))
+
+    @device
+    def quad_sum(v):
+        """The sum of v over this lane's quad."""
+        v += cuda.shfl_xor_sync(_FULL_MASK, v, 1)
+        return v + cuda.shfl_xor_sync(_FULL_MASK, v, 2)
+
 if config.ENABLE_CUDASIM:
     def mma(bf16: bool):
         """The simulator's mma.sync: every thread of the block calls it the same number of
@@ -132,7 +193,6 @@ if config.ENABLE_CUDASIM:
             return d[i, 0], d[i, 1], d[i, 2], d[i, 3]
         return product
 
-    _LOCK = threading.Lock()
 else:
     def mma(bf16: bool):
         """mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.f32 as a Numba intrinsic:
