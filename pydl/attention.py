@@ -339,13 +339,12 @@ class _NumbaAttention:
             if max(E, v.shape[3]) <= km.MAX_HEAD_DIM:
                 warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else NUMBA_MMA_WARPS
                 bn, BD, BDV = km.tile(E, v.shape[3])
-                qw, kw = pair_words(q), pair_words(k)
+                words = [pair_words(t) for t in (q, k, v)]   # None: element by element
                 kernel = km.fwd_mma_kernel(warps, bn, BD, BDV, q.dtype == torch.bfloat16,
-                                           qw is not None, kw is not None)
+                                           *[w is not None for w in words])
                 launch_numba(kernel, _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps,
-                             q.device, q.view(torch.int16) if qw is None else qw,
-                             k.view(torch.int16) if kw is None else kw, v.view(torch.int16),
-                             *tail)
+                             q.device, *[t.view(torch.int16) if w is None else w
+                                         for t, w in zip((q, k, v), words)], *tail)
                 return
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)

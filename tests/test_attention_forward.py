@@ -284,27 +284,29 @@ def numba_mma(monkeypatch):
 
 
 def _mma_launched(launched) -> list:
-    """The builder arguments (WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS) of each tensor-core
-    forward launched."""
+    """The builder arguments (WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS) of each
+    tensor-core forward launched."""
     return [tag[2] for tag in launched if tag and tag[0].endswith("attention_mma")]
 
 
-# (B, Hq, Hkv, L, S, E, Ev): two query items (16 rows each in the simulator), two key
-# tiles (64 and 32 keys), the last part full, head dims not multiples of 16, GQA, E != Ev; bf16 too
-# (the simulator computes it exactly)
+# (B, Hq, Hkv, L, S, E, Ev): two query items (16 rows each in the simulator), several key
+# tiles (64 keys at head dims up to 64 wide, else 32), the last part full, head dims not
+# multiples of 16, GQA, E != Ev; bf16 too (the simulator computes it exactly)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("shape,dtype", [((1, 2, 2, 21, 70, 24, 40), torch.float16),
-                                         ((1, 2, 2, 21, 70, 24, 40), torch.bfloat16),
+                                         ((1, 2, 1, 18, 75, 32, 16), torch.bfloat16),
                                          ((1, 4, 2, 18, 37, 80, 16), torch.float16)],
-                         ids=["tiles-fp16", "tiles-bf16", "gqa-d80-fp16"])
+                         ids=["keys32-fp16", "keys64-gqa-bf16", "keys32-gqa-d80-fp16"])
 def test_numba_forward_on_tensor_cores(numba_mma, shape, causal, dtype):
     """Forward and gradients (the CUDA-core backward kernels reading the tensor-core forward's
     log-sum-exp) against the float64 reference and torch."""
+    from pydl.kernels.numba import attention_mma
     q, k, v = qkv(*shape, dtype=dtype)
     check_attention(q, k, v, "numba", dtype, is_causal=causal, enable_gqa=shape[1] != shape[2])
-    BD, BDV = -(-shape[5] // 16) * 16, -(-shape[6] // 16) * 16
-    assert _mma_launched(numba_mma) == [(1, 64 if max(BD, BDV) <= 64 else 32, BD, BDV,
-                                         dtype == torch.bfloat16, True, True)]
+    BN, BD, BDV = attention_mma.tile(shape[5], shape[6])
+    assert BN == (64 if max(shape[5:]) <= 32 else 32)
+    assert _mma_launched(numba_mma) == [(1, BN, BD, BDV, dtype == torch.bfloat16, True, True,
+                                         True)]
 
 
 @pytest.mark.parametrize("kind", ["bool", "float", "dropout"])
@@ -312,7 +314,7 @@ def test_numba_tensor_core_forward_masks_and_dropout(numba_mma, monkeypatch, kin
     """A boolean mask (with a fully masked row: output 0, lse +inf), a broadcast float mask,
     and dropout (the same keep bits as the CUDA-core kernel, so the same output within fp16
     rounding; its backward reads them too), on q and k whose head dims are staged element by
-    element (odd E; a strided q)."""
+    element (odd head dim; a strided q)."""
     B, H, L, S, E = 1, 2, 19, 35, 21
     q = random_tensor((B, L, H, E), torch.float16, DEVICE).transpose(1, 2)   # (B, H, L, E) view
     k, v = (random_tensor((B, H, S, E), torch.float16, DEVICE) for _ in range(2))
@@ -335,7 +337,8 @@ def test_numba_tensor_core_forward_masks_and_dropout(numba_mma, monkeypatch, kin
         if kind == "bool":
             out = pydl.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="numba")
             assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
-    assert _mma_launched(numba_mma)[0][4:] == (False, False, False)   # element-staged q, k
+    # q, k and v staged element by element
+    assert _mma_launched(numba_mma)[0][4:] == (False, False, False, False)
 
 
 def test_numba_tensor_core_forward_nan_and_routing(numba_mma):

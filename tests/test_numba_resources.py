@@ -104,16 +104,16 @@ def test_tensor_core_gemm_compiles_to_mma_offline(gru_launches, tmp_path):
 
 def test_tensor_core_attention_compiles_to_mma_offline(tmp_path):
     """The Numba attention forward on tensor cores (kernels/numba/attention_mma.py) as the
-    benchmark's d128 bf16 case builds it on a GPU (4 warps, 32 keys a tile, q and k staged as
-    words), compiled with its inline PTX: mma.sync in both products, no spill, its shared
+    benchmark's d128 bf16 case builds it on a GPU (4 warps, 32 keys a tile, q, k and v staged
+    as words), compiled with its inline PTX: mma.sync in both products, no spill, its shared
     memory (Q, K and V^T slabs of padded 32-bit rows) within the 48 KiB static limit."""
     from pydl import attention
     words = ["array", "int32", 4, "A"]
     bits = ["array", "int16", 4, "A"]
     row = dict(module="pydl.kernels.numba.attention_mma", name="attention_fwd_mma",
                built_by=["pydl.kernels.numba.attention_mma", "_build",
-                         [attention.NUMBA_MMA_WARPS, 32, 128, 128, True, True, True]],
-               sig=[words, words, bits, bits, ["array", "float32", 2, "C"], bits, "int64",
+                         [attention.NUMBA_MMA_WARPS, 32, 128, 128, True, True, True, True]],
+               sig=[words, words, words, bits, ["array", "float32", 2, "C"], bits, "int64",
                     "int64", "boolean", "float64", "boolean", "int64", "float64", "int64",
                     "int64"])
     out = _compile_offline(row, tmp_path)

@@ -32,10 +32,16 @@ outside L, S, E and EV are staged as zeros and their scores hidden.
 
 Kernel arguments: q, k, v as int16 arrays of their bit patterns (fp16 and bf16 alike; or, with
 Q_WORDS / K_WORDS, q and k as int32 words of pairs, (B, H, L, E / 2): an even, contiguous head
-dim), then attention.py's forward arguments from o on (o in its own dtype, bf16 as int16 bits).
-Built per (WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS), head dims up to 128 (BD, BDV: the
-head dims padded to multiples of 16; BN a multiple of 16). Launch on 32 WARPS threads a block,
-grid-stride over cdiv(L, 16 WARPS) * B * H items.
+dim; with V_WORDS v likewise, its two keys' words of a column pair recombined into two words
+of V^T with integer operations), then attention.py's forward arguments from o on (o in its own
+dtype, bf16 as int16 bits). Built per (WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS),
+head dims up to 128 (BD, BDV: the head dims padded to multiples of 16; BN a multiple of 16).
+Launch on 32 WARPS threads a block, grid-stride over cdiv(L, 16 WARPS) * B * H items.
+
+Registers: the scores and the output rows are local arrays indexed only by constants once the
+loops over them unroll (each element of a 16 x 8 tile written out, the loops short), so NVVM
+keeps them in registers; a loop that indexed them by a runtime value (the epilogue's did)
+put them in a local-memory frame, stored to after every mma.
 """
 import math
 
@@ -47,6 +53,7 @@ from ._device import device, mma, nanmax, quad_max, quad_sum
 from ._dtypes import f32_to_bf16_bits
 from .attention import (
     NEG_INF,
+    ONE,
     POS_INF,
     ZERO,
     _dims,
@@ -62,29 +69,32 @@ MAX_HEAD_DIM = 128
 
 
 def tile(E: int, EV: int) -> tuple[int, int, int]:
-    """(BN, BD, BDV) for head dims E and EV (at most MAX_HEAD_DIM): 64 keys a tile, 32 above
-    head dim 64, so that shared memory stays within 36 KiB at 4 warps (64 query rows)."""
+    """(BN, BD, BDV) for head dims E and EV (at most MAX_HEAD_DIM): the head dims padded to
+    multiples of 16; 64 keys a tile where both are 16, 32 or 64 wide, else 32, so that the
+    scores and the output rows (BN / 2 + BDV / 2 fp32 registers a lane) fit in registers
+    without spilling (sm_90: 64 keys at padded widths 48 spilled 8-36 bytes) and shared memory
+    stays within 36 KiB at 4 warps."""
     BD = max(16, -(-E // 16) * 16)
     BDV = max(16, -(-EV // 16) * 16)
     if max(BD, BDV) > MAX_HEAD_DIM:
         raise ValueError(f"the tensor-core attention takes head dims up to {MAX_HEAD_DIM}, "
                          f"got {E} and {EV}")
-    return (64 if max(BD, BDV) <= 64 else 32), BD, BDV
+    return (64 if BD in (16, 32, 64) and BDV in (16, 32, 64) else 32), BD, BDV
 
 
 def fwd_mma_kernel(warps: int, bn: int, bd: int, bdv: int, bf16: bool, q_words: bool,
-                   k_words: bool):
+                   k_words: bool, v_words: bool):
     """The kernel for `warps` warps and `tile`'s sizes (see the module docstring), compiled
     on first use."""
     if bn % 16 or bd % 16 or bdv % 16 or max(bd, bdv) > MAX_HEAD_DIM:
         raise ValueError(f"attention_mma: BN, BD, BDV must be multiples of 16 (head dims up "
                          f"to {MAX_HEAD_DIM}), got {bn}, {bd}, {bdv}")
     return _build(int(warps), int(bn), int(bd), int(bdv), bool(bf16), bool(q_words),
-                  bool(k_words))
+                  bool(k_words), bool(v_words))
 
 
 @builder
-def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS):
+def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
     BM = 16 * WARPS
     NT = 32 * WARPS
     QP = BD // 2            # words of a staged Q or K row
@@ -112,6 +122,8 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS):
         B, H, HKV, L, S, E, EV = _dims(q, k, v)
         if Q_WORDS:
             E = 2 * E
+        if V_WORDS:
+            EV = 2 * EV
         group = H // HKV
         sc = float32(scale)
         dscale = float32(drop_scale)
@@ -145,10 +157,19 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS):
                         sk[j, p] = _word(k, b, hk, k0 + j, p, S)
                     else:
                         sk[j, p] = _pair(k, b, hk, k0 + j, 2 * p, S, E)
-                for e in range(tid, BDV * VP, NT):  # consecutive threads on consecutive d
-                    p = e // BDV
-                    d = e - p * BDV
-                    svt[d, p] = _key_pair(v, b, hk, k0 + 2 * p, d, S, EV)
+                if V_WORDS:     # two keys' words of a column pair make two words of V^T
+                    for e in range(tid, BDV // 2 * VP, NT):
+                        p = e // (BDV // 2)
+                        c = e - p * (BDV // 2)
+                        w0 = _word(v, b, hk, k0 + 2 * p, c, S)
+                        w1 = _word(v, b, hk, k0 + 2 * p + 1, c, S)
+                        svt[2 * c, p] = uint32((w0 & 0xFFFF) | ((w1 & 0xFFFF) << 16))
+                        svt[2 * c + 1, p] = uint32((w0 >> 16) | (w1 & 0xFFFF0000))
+                else:
+                    for e in range(tid, BDV * VP, NT):  # consecutive threads on consecutive d
+                        p = e // BDV
+                        d = e - p * BDV
+                        svt[d, p] = _key_pair(v, b, hk, k0 + 2 * p, d, S, EV)
                 cuda.syncthreads()
                 # S = Q K^T
                 for e in range(SN):
@@ -170,16 +191,19 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS):
                 # the scores with their masks, and the rows' maxima over the tile
                 t0 = NEG_INF
                 t1 = NEG_INF
-                for x in range(SN):
-                    row = row0 if x % 4 < 2 else row1
-                    col = k0 + 8 * (x // 4) + 2 * t + x % 2
-                    val = _masked(s[x] * sc, mask, b, h, row, col, L, S, mask_kind, mask_code,
-                                  is_causal)
-                    s[x] = val
-                    if x % 4 < 2:
-                        t0 = nanmax(t0, val)
-                    else:
-                        t1 = nanmax(t1, val)
+                for n in range(SN // 4):                 # elements (row, col), (row, col+1)
+                    x = 4 * n                            # of rows g, then g + 8
+                    col = k0 + 8 * n + 2 * t
+                    s[x] = _masked(s[x] * sc, mask, b, h, row0, col, L, S, mask_kind,
+                                   mask_code, is_causal)
+                    s[x + 1] = _masked(s[x + 1] * sc, mask, b, h, row0, col + 1, L, S,
+                                       mask_kind, mask_code, is_causal)
+                    s[x + 2] = _masked(s[x + 2] * sc, mask, b, h, row1, col, L, S, mask_kind,
+                                       mask_code, is_causal)
+                    s[x + 3] = _masked(s[x + 3] * sc, mask, b, h, row1, col + 1, L, S,
+                                       mask_kind, mask_code, is_causal)
+                    t0 = nanmax(t0, nanmax(s[x], s[x + 1]))
+                    t1 = nanmax(t1, nanmax(s[x + 2], s[x + 3]))
                 n0 = nanmax(m0, quad_max(t0))
                 n1 = nanmax(m1, quad_max(t1))
                 # the exponents' base: 0 while nothing is visible (every p is then 0)
@@ -191,19 +215,24 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS):
                 l1 *= al1
                 for x in range(ON):
                     acc[x] *= al0 if x % 4 < 2 else al1
-                for x in range(SN):
-                    lo = x % 4 < 2
-                    p = math.exp(s[x] - (u0 if lo else u1))
-                    if lo:
-                        l0 += p
-                    else:
-                        l1 += p
+                for n in range(SN // 4):
+                    x = 4 * n
+                    col = k0 + 8 * n + 2 * t
+                    p0 = math.exp(s[x] - u0)
+                    p1 = math.exp(s[x + 1] - u0)
+                    p2 = math.exp(s[x + 2] - u1)
+                    p3 = math.exp(s[x + 3] - u1)
+                    l0 += p0 + p1
+                    l1 += p2 + p3
                     if dropout:
-                        row = row0 if lo else row1
-                        col = k0 + 8 * (x // 4) + 2 * t + x % 2
-                        p = p * dscale if _dropout_keep(base, row * S + col, threshold) \
-                            else ZERO
-                    s[x] = p
+                        p0 = _dropped(p0, base, row0 * S + col, threshold, dscale)
+                        p1 = _dropped(p1, base, row0 * S + col + 1, threshold, dscale)
+                        p2 = _dropped(p2, base, row1 * S + col, threshold, dscale)
+                        p3 = _dropped(p3, base, row1 * S + col + 1, threshold, dscale)
+                    s[x] = p0
+                    s[x + 1] = p1
+                    s[x + 2] = p2
+                    s[x + 3] = p3
                 m0 = n0
                 m1 = n1
                 # O += P V: score tiles 2j and 2j + 1 are the A fragments of keys 16j..+15
@@ -224,17 +253,14 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS):
                         acc[y + 3] = d[3]
             l0 = quad_sum(l0)
             l1 = quad_sum(l1)
-            for x in range(ON):
-                lo = x % 4 < 2
-                row = row0 if lo else row1
-                col = 8 * (x // 4) + 2 * t + x % 2
-                if row < L and col < EV:
-                    div = l0 if lo else l1
-                    out = ZERO if div == ZERO else acc[x] / div      # a NaN div stays NaN
-                    if BF16:
-                        o[b, h, row, col] = f32_to_bf16_bits(out)
-                    else:
-                        o[b, h, row, col] = out
+            # 1 / l (0 for a row with no visible key; NaN stays NaN)
+            i0 = ZERO if l0 == ZERO else ONE / l0
+            i1 = ZERO if l1 == ZERO else ONE / l1
+            for n in range(ON // 4):
+                col = 8 * n + 2 * t
+                x = 4 * n
+                _store_pair(o, b, h, row0, col, acc[x] * i0, acc[x + 1] * i0, L, EV, BF16)
+                _store_pair(o, b, h, row1, col, acc[x + 2] * i1, acc[x + 3] * i1, L, EV, BF16)
             if t == 0:
                 if row0 < L:
                     lse[bh, row0] = POS_INF if l0 == ZERO else m0 + math.log(l0)
@@ -251,6 +277,28 @@ def _masked(s, mask, b, h, row, col, L, S, mask_kind, mask_code, is_causal):
     if row >= L or col >= S or _hidden(mask, b, h, row, col, mask_kind, is_causal):
         return NEG_INF
     return _plus_mask(s, mask, b, h, row, col, mask_kind, mask_code)
+
+
+@device
+def _dropped(p, base, offset, threshold, dscale):
+    """p as the product uses it under dropout: kept and scaled by 1 / (1 - p), or 0."""
+    return p * dscale if _dropout_keep(base, offset, threshold) else ZERO
+
+
+@device
+def _store_pair(o, b, h, row, col, lo, hi, L, EV, bf16):
+    """o[b, h, row, col:col + 2] = (lo, hi) in o's dtype, within L x EV."""
+    if row < L:
+        if col < EV:
+            if bf16:
+                o[b, h, row, col] = f32_to_bf16_bits(lo)
+            else:
+                o[b, h, row, col] = lo
+        if col + 1 < EV:
+            if bf16:
+                o[b, h, row, col + 1] = f32_to_bf16_bits(hi)
+            else:
+                o[b, h, row, col + 1] = hi
 
 
 @device
