@@ -371,6 +371,21 @@ class _NumbaAttention:
         m = m if m is not None else qa
         tail = (mask_kind, mask_code, bool(is_causal), float(scale),
                 *_numba_dropout(dropout_p, seed), code)
+        if on_tensor_cores(q, k, v, do):
+            words = [pair_words(t) for t in (q, k, v, do)]
+            from .kernels.numba import attention_mma as km
+            if max(E, EV) <= km.MAX_HEAD_DIM and all(w is not None for w in words):
+                warps, bn, BD, BDV = km.bwd_tile(E, EV)
+                warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else warps
+                bf16 = q.dtype == torch.bfloat16
+                launch_numba(km.dkdv_mma_kernel(warps, bn, BD, BDV, bf16),
+                             _numba_grid(cdiv(S, 16 * warps) * B * HKV), 32 * warps, q.device,
+                             *words, lsea, deltaa, dk, dv, m, *tail)
+                launch_numba(km.dq_mma_kernel(warps, bn, BD, BDV, bf16),
+                             _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
+                             *words, lsea, deltaa, dq, dmask if dmask is not None else dq,
+                             dmask is not None, m, *tail)
+                return
         kn.dkdv_kernel(owned, streamed, BD, BDV, nt)[
             _numba_grid(cdiv(S, owned) * B * HKV), nt, stream](
             qa, ka, va, doa, lsea, deltaa, numba_array(dk), numba_array(dv), m, *tail)

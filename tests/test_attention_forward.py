@@ -13,14 +13,14 @@ import sys
 import pytest
 import torch
 from conftest import DEVICE, DTYPES
-from test_attention import check_attention, qkv
+from test_attention import _mask_reference, check_attention, qkv
 from test_resources import REPO, _clean_env
 
 import pydl
 from bench import resources
 from pydl import _env, _launch, attention, attention_hopper
 from pydl import reference as ref
-from pydl.testing import assert_close, random_tensor
+from pydl.testing import assert_close, random_tensor, run_with_grad
 
 BACKENDS = ("triton", "numba")
 HAS_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
@@ -264,7 +264,7 @@ def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
     assert {24, 240} <= set(row["setmaxnreg"])    # producer and consumers' budgets
 
 
-# --- the Numba forward on tensor cores (kernels/numba/attention_mma.py) -------------------------
+# --- the Numba attention on tensor cores (kernels/numba/attention_mma.py) -------------------
 
 @pytest.fixture
 def numba_mma(monkeypatch):
@@ -283,65 +283,94 @@ def numba_mma(monkeypatch):
     return launched
 
 
-def _mma_launched(launched) -> list:
-    """The builder arguments (WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS) of each
-    tensor-core forward launched."""
-    return [tag[2] for tag in launched if tag and tag[0].endswith("attention_mma")]
+def _mma_launched(launched) -> dict:
+    """The tensor-core kernels launched: builder name ("_build": the forward, "_build_dkdv",
+    "_build_dq") -> the arguments of each launch."""
+    found = {}
+    for tag in launched:
+        if tag and tag[0].endswith("attention_mma"):
+            found.setdefault(tag[1], []).append(tag[2])
+    return found
 
 
 # (B, Hq, Hkv, L, S, E, Ev): two query items (16 rows each in the simulator), several key
 # tiles (64 keys at head dims up to 64 wide, else 32), the last part full, head dims not
-# multiples of 16, GQA, E != Ev; bf16 too (the simulator computes it exactly)
+# multiples of 16, GQA (dK and dV summed over a group's query heads), E != Ev; bf16 too
+# (the simulator computes it exactly)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("shape,dtype", [((1, 2, 2, 21, 70, 24, 40), torch.float16),
                                          ((1, 2, 1, 18, 75, 32, 16), torch.bfloat16),
                                          ((1, 4, 2, 18, 37, 80, 16), torch.float16)],
                          ids=["keys32-fp16", "keys64-gqa-bf16", "keys32-gqa-d80-fp16"])
-def test_numba_forward_on_tensor_cores(numba_mma, shape, causal, dtype):
-    """Forward and gradients (the CUDA-core backward kernels reading the tensor-core forward's
-    log-sum-exp) against the float64 reference and torch."""
+def test_numba_attention_on_tensor_cores(numba_mma, shape, causal, dtype):
+    """Forward and gradients, all three products of the backward's two kernels on tensor
+    cores too, against the float64 reference and torch."""
     from pydl.kernels.numba import attention_mma
     q, k, v = qkv(*shape, dtype=dtype)
     check_attention(q, k, v, "numba", dtype, is_causal=causal, enable_gqa=shape[1] != shape[2])
-    BN, BD, BDV = attention_mma.tile(shape[5], shape[6])
-    assert BN == (64 if max(shape[5:]) <= 32 else 32)
-    assert _mma_launched(numba_mma) == [(1, BN, BD, BDV, dtype == torch.bfloat16, True, True,
-                                         True)]
+    E, EV, bf16 = shape[5], shape[6], dtype == torch.bfloat16
+    BN, BD, BDV = attention_mma.tile(E, EV)
+    assert BN == (64 if max(E, EV) <= 32 else 32)
+    _, streamed, _, _ = attention_mma.bwd_tile(E, EV)
+    assert _mma_launched(numba_mma) == {
+        "_build": [(1, BN, BD, BDV, bf16, True, True, True)],
+        "_build_dkdv": [(1, streamed, BD, BDV, bf16)], "_build_dq": [(1, streamed, BD, BDV, bf16)]}
 
 
 @pytest.mark.parametrize("kind", ["bool", "float", "dropout"])
-def test_numba_tensor_core_forward_masks_and_dropout(numba_mma, monkeypatch, kind):
-    """A boolean mask (with a fully masked row: output 0, lse +inf), a broadcast float mask,
-    and dropout (the same keep bits as the CUDA-core kernel, so the same output within fp16
-    rounding; its backward reads them too), on q and k whose head dims are staged element by
-    element (odd head dim; a strided q)."""
+def test_numba_tensor_cores_masks_and_dropout(numba_mma, monkeypatch, kind):
+    """A boolean mask with a fully masked row (output 0, lse +inf, gradients 0 there), a
+    float mask that requires grad (dS written by the dQ kernel), and dropout (the same keep
+    bits as the CUDA-core kernels: the same output and gradients within fp16 rounding)."""
+    B, H, L, S, E = 1, 2, 19, 35, 24
+    q, k, v = qkv(B, H, H, L, S, E, dtype=torch.float16)
+    if kind == "dropout":
+        from pydl import _gemm_numba
+        p = 0.3
+        runs = []
+        for on in (True, False):
+            monkeypatch.setattr(_gemm_numba, "MMA", on)
+            torch.manual_seed(5)
+            runs.append(run_with_grad(lambda q, k, v: pydl.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, backend="numba"), [q, k, v], None if on else runs[0][1]))
+        (out, _, grads), (c_out, _, c_grads) = runs
+        assert_close(out, c_out, torch.float16, reduction=S, name="mma vs cuda cores")
+        for name, ours, theirs in zip("qkv", grads, c_grads):
+            assert_close(ours, theirs, torch.float16, reduction=S * E, name=f"d{name}")
+    elif kind == "bool":
+        mask = torch.rand(L, S, device=DEVICE) > 0.4
+        mask[3] = False                                  # row 3 sees nothing
+        check_attention(q, k, v, "numba", torch.float16, attn_mask=mask)
+        out, _, grads = run_with_grad(lambda q, k, v: pydl.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, backend="numba"), [q, k, v])
+        assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+        assert torch.equal(grads[0][:, :, 3], torch.zeros_like(grads[0][:, :, 3]))
+    else:
+        mask = random_tensor((1, H, L, S), torch.float16, DEVICE)
+        mask[:, :, :, 7] = float("-inf")
+        fn = lambda q, k, v, m: pydl.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, attn_mask=m, backend="numba")
+        out, g, grads = run_with_grad(fn, [q, k, v, mask])
+        r_out, leaves = _mask_reference(q, k, v, mask.float())
+        r_out.backward(g.double())
+        assert_close(out, r_out, torch.float16, reduction=S, name="forward")
+        for name, ours, leaf in zip(["q", "k", "v", "mask"], grads, leaves):
+            assert_close(ours, leaf.grad, torch.float16, reduction=S * E, name=f"d{name}")
+        assert torch.all(grads[3][..., 7] == 0)
+    assert set(_mma_launched(numba_mma)) == {"_build", "_build_dkdv", "_build_dq"}
+
+
+def test_numba_tensor_cores_stage_elements_where_words_cannot(numba_mma):
+    """An odd head dim and a strided q: the forward stages them element by element; the
+    backward, which takes words only, keeps its CUDA-core kernels."""
     B, H, L, S, E = 1, 2, 19, 35, 21
     q = random_tensor((B, L, H, E), torch.float16, DEVICE).transpose(1, 2)   # (B, H, L, E) view
     k, v = (random_tensor((B, H, S, E), torch.float16, DEVICE) for _ in range(2))
-    if kind == "dropout":
-        p = 0.3
-        torch.manual_seed(5)
-        out = pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, backend="numba")
-        from pydl import _gemm_numba
-        monkeypatch.setattr(_gemm_numba, "MMA", False)
-        torch.manual_seed(5)
-        cuda_cores = pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, backend="numba")
-        assert_close(out, cuda_cores, torch.float16, reduction=S, name="mma vs cuda cores")
-    else:
-        if kind == "bool":
-            mask = torch.rand(L, S, device=DEVICE) > 0.4
-            mask[3] = False                                  # row 3 sees nothing
-        else:
-            mask = random_tensor((1, H, 1, S), torch.float16, DEVICE)
-        check_attention(q, k, v, "numba", torch.float16, attn_mask=mask)
-        if kind == "bool":
-            out = pydl.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="numba")
-            assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
-    # q, k and v staged element by element
-    assert _mma_launched(numba_mma)[0][4:] == (False, False, False, False)
+    check_attention(q, k, v, "numba", torch.float16, is_causal=True)
+    assert _mma_launched(numba_mma) == {"_build": [(1, 64, 32, 32, False, False, False, False)]}
 
 
-def test_numba_tensor_core_forward_nan_and_routing(numba_mma):
+def test_numba_tensor_cores_nan_and_routing(numba_mma):
     """A NaN in q makes its row NaN (as torch), and only its row; fp32 inputs and head dims
     past 128 keep the CUDA-core kernel, as does everything with MMA off."""
     q, k, v = qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16)
@@ -355,11 +384,12 @@ def test_numba_tensor_core_forward_nan_and_routing(numba_mma):
     assert len(_mma_launched(numba_mma)) == 1
 
 
-def test_numba_forward_keeps_cuda_cores_without_mma(monkeypatch):
+def test_numba_attention_keeps_cuda_cores_without_mma(monkeypatch):
     from pydl import _gemm_numba
     assert not _gemm_numba.MMA or pytest.skip("PYDL_NUMBA_MMA=1 in this environment")
     launched = []
     monkeypatch.setattr(attention, "launch_numba", lambda *a: launched.append(a))
-    out = pydl.scaled_dot_product_attention(*qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16),
-                                            backend="numba")
-    assert out.isfinite().all() and launched == []     # the tensor-core forward's one way in
+    out, _, grads = run_with_grad(lambda q, k, v: pydl.scaled_dot_product_attention(
+        q, k, v, backend="numba"), list(qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16)))
+    # the tensor-core kernels' one way in
+    assert out.isfinite().all() and all(g.isfinite().all() for g in grads) and launched == []

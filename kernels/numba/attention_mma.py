@@ -1,11 +1,12 @@
-"""The Numba flash-attention forward on tensor cores, for fp16 and bf16 inputs.
+"""The Numba flash attention on tensor cores, for fp16 and bf16 inputs: the forward and the
+backward's dK/dV and dQ kernels.
 
-The semantics, arguments and outputs of kernels/numba/attention.py's forward (read its
+The semantics, arguments and outputs of kernels/numba/attention.py's kernels (read its
 docstring first: masks, causal, grouped-query heads, dropout with the same counter-based hash,
-lse = +inf and output 0 for a row with no visible key, NaN propagated), so its CUDA-core
-backward kernels run on what this one writes. What differs is the product: both GEMMs of a
-tile run as PTX mma.sync m16n8k16 (kernels/numba/_device.py `mma`), FlashAttention-2's
-register-resident structure:
+lse = +inf and output 0 for a row with no visible key, NaN propagated), so each can stand in
+for its CUDA-core twin (the backward's delta kernel is shared). What differs is the product:
+every GEMM of a tile runs as PTX mma.sync m16n8k16 (kernels/numba/_device.py `mma`), with
+FlashAttention-2's register-resident structure. The forward:
 
     block = WARPS warps; warp w owns the 16 query rows 16 w .. 16 w + 15 of the block's
             BM = 16 WARPS; a lane holds rows g and g + 8 (g = lane // 4) of every 16 x 8
@@ -38,6 +39,14 @@ dtype, bf16 as int16 bits). Built per (WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORD
 head dims up to 128 (BD, BDV: the head dims padded to multiples of 16; BN a multiple of 16).
 Launch on 32 WARPS threads a block, grid-stride over cdiv(L, 16 WARPS) * B * H items.
 
+The backward (`_build_dkdv`, `_build_dq`, after attention.py's split): a warp owns 16 keys
+(dK/dV: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q) or 16 queries (dQ:
+S = Q K^T, dP = dO V^T, then dQ += dS K); the probabilities and dS go from the accumulators
+into A fragments as in the forward, rounded to the inputs' type as FlashAttention rounds
+them; the B operands whose K axis is the streamed rows (dO and Q in dK/dV, K in dQ) are
+gathered from the same staged rows as pairs of halves of two words (`_down`), so each
+operand is staged once. They take q, k, v and dO as words (even, contiguous head dims).
+
 Registers: the scores and the output rows are local arrays indexed only by constants once the
 loops over them unroll (each element of a 16 x 8 tile written out, the loops short), so NVVM
 keeps them in registers; a loop that indexed them by a runtime value (the epilogue's did)
@@ -50,6 +59,7 @@ from numba import cuda, float32, int64, uint32
 
 from ._builder import builder
 from ._device import device, mma, nanmax, quad_max, quad_sum
+from ._dtypes import BF16 as BF16_CODE
 from ._dtypes import f32_to_bf16_bits
 from .attention import (
     NEG_INF,
@@ -131,13 +141,7 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
         for w in range(cuda.blockIdx.x, nq * B * H, cuda.gridDim.x):
             bh, q0, b, h, hk, nrows = _query_tile(w, nq, BM, H, group, L)
             cuda.syncthreads()                       # the last item's reads of sq are done
-            for e in range(tid, BM * QP, NT):
-                i = e // QP
-                p = e - i * QP
-                if Q_WORDS:
-                    sq[i, p] = _word(q, b, h, q0 + i, p, L)
-                else:
-                    sq[i, p] = _pair(q, b, h, q0 + i, 2 * p, L, E)
+            _stage(sq, q, b, h, q0, L, E, BM, QP, Q_WORDS, tid, NT)
             for e in range(ON):
                 acc[e] = ZERO
             m0 = NEG_INF                 # running maxima of rows g and g + 8
@@ -150,13 +154,7 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
             end = min(S, q0 + nrows) if is_causal else S
             for k0 in range(0, end, BN):
                 cuda.syncthreads()                   # the last tile's reads are done
-                for e in range(tid, BN * QP, NT):
-                    j = e // QP
-                    p = e - j * QP
-                    if K_WORDS:
-                        sk[j, p] = _word(k, b, hk, k0 + j, p, S)
-                    else:
-                        sk[j, p] = _pair(k, b, hk, k0 + j, 2 * p, S, E)
+                _stage(sk, k, b, hk, k0, S, E, BN, QP, K_WORDS, tid, NT)
                 if V_WORDS:     # two keys' words of a column pair make two words of V^T
                     for e in range(tid, BDV // 2 * VP, NT):
                         p = e // (BDV // 2)
@@ -268,6 +266,399 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
                     lse[bh, row1] = POS_INF if l1 == ZERO else m1 + math.log(l1)
 
     return attention_fwd_mma
+
+
+# --- backward ---------------------------------------------------------------------------------
+
+def bwd_tile(E: int, EV: int) -> tuple[int, int, int, int]:
+    """(WARPS, BN, BD, BDV) of the backward kernels on a GPU for head dims E and EV (at most
+    MAX_HEAD_DIM, both even): the rows a block owns (16 a warp) and the rows it streams (BN:
+    the forward's key tile, `tile`), 4 warps at padded widths up to 64, else 2, so that the
+    owned and streamed slabs of two operands each (about 35 KiB at d128) stay under the
+    48 KiB static limit."""
+    BN, BD, BDV = tile(E, EV)
+    return (4 if max(BD, BDV) <= 64 else 2), BN, BD, BDV
+
+
+def dq_mma_kernel(warps: int, bn: int, bd: int, bdv: int, bf16: bool):
+    """dQ on tensor cores (see `_build_dq`), compiled on first use."""
+    _check_tile(bn, bd, bdv)
+    return _build_dq(int(warps), int(bn), int(bd), int(bdv), bool(bf16))
+
+
+def dkdv_mma_kernel(warps: int, bm: int, bd: int, bdv: int, bf16: bool):
+    """dK and dV on tensor cores (see `_build_dkdv`), compiled on first use."""
+    _check_tile(bm, bd, bdv)
+    return _build_dkdv(int(warps), int(bm), int(bd), int(bdv), bool(bf16))
+
+
+def _check_tile(bn: int, bd: int, bdv: int) -> None:
+    if bn % 16 or bd % 16 or bdv % 16 or max(bd, bdv) > MAX_HEAD_DIM:
+        raise ValueError(f"attention_mma: BN, BD, BDV must be multiples of 16 (head dims up "
+                         f"to {MAX_HEAD_DIM}), got {bn}, {bd}, {bdv}")
+
+
+@builder
+def _build_dq(WARPS, BN, BD, BDV, BF16):
+    """attention.py's dq_kernel on tensor cores: a warp owns 16 query rows; per key tile
+    S = Q K^T and dP = dO V^T (mma), dS = P (dP - delta) per element (with the mask's
+    gradient written where asked), dQ += dS K (mma: dS's accumulators as A fragments, K's
+    pairs along the keys gathered from its staged rows, `_down`). Arguments: q, k, v, do as
+    int32 words of pairs (even head dims), then attention.py dq_kernel's from lse on."""
+    BM = 16 * WARPS
+    NT = 32 * WARPS
+    QP = BD // 2
+    DP = BDV // 2
+    QW = QP + 4
+    DW = DP + 4
+    SN = BN // 2            # scores (and dP) a lane holds
+    QN = BD // 2            # dQ elements a lane holds
+    product = mma(BF16)
+
+    @cuda.jit
+    def attention_bwd_dq_mma(q, k, v, do, lse, delta, dq, dmask, mask_grad, mask, mask_kind,
+                             mask_code, is_causal, scale, dropout, threshold, drop_scale, seed,
+                             code):
+        sq = cuda.shared.array((BM, QW), uint32)     # the block's query rows
+        sdo = cuda.shared.array((BM, DW), uint32)    # and their output gradients
+        sk = cuda.shared.array((BN, QW), uint32)     # the streamed keys
+        sv = cuda.shared.array((BN, DW), uint32)     # and values
+        s = cuda.local.array(SN, float32)            # scores, then dS
+        dp = cuda.local.array(SN, float32)
+        acc = cuda.local.array(QN, float32)
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        r0 = (tid // 32) * 16
+        g = lane // 4
+        t = lane % 4
+        B, H, HKV, L, S, E, EV = _dims(q, k, v)
+        E = 2 * E
+        EV = 2 * EV
+        group = H // HKV
+        sc = float32(scale)
+        dscale = float32(drop_scale)
+        nq = (L + BM - 1) // BM
+        for w in range(cuda.blockIdx.x, nq * B * H, cuda.gridDim.x):
+            bh, q0, b, h, hk, nrows = _query_tile(w, nq, BM, H, group, L)
+            cuda.syncthreads()
+            _stage(sq, q, b, h, q0, L, E, BM, QP, True, tid, NT)
+            _stage(sdo, do, b, h, q0, L, EV, BM, DP, True, tid, NT)
+            for x in range(QN):
+                acc[x] = ZERO
+            row0 = q0 + r0 + g
+            row1 = row0 + 8
+            lse0 = lse[bh, row0] if row0 < L else POS_INF
+            lse1 = lse[bh, row1] if row1 < L else POS_INF
+            dl0 = delta[bh, row0] if row0 < L else ZERO
+            dl1 = delta[bh, row1] if row1 < L else ZERO
+            base = _dropout_base(seed, bh) if dropout else int64(0)
+            end = min(S, q0 + nrows) if is_causal else S
+            for k0 in range(0, end, BN):
+                cuda.syncthreads()
+                _stage(sk, k, b, hk, k0, S, E, BN, QP, True, tid, NT)
+                _stage(sv, v, b, hk, k0, S, EV, BN, DP, True, tid, NT)
+                cuda.syncthreads()
+                for x in range(SN):
+                    s[x] = ZERO
+                    dp[x] = ZERO
+                for kk in range(0, QP, 8):               # S = Q K^T
+                    a0 = sq[r0 + g, kk + t]
+                    a1 = sq[r0 + g + 8, kk + t]
+                    a2 = sq[r0 + g, kk + t + 4]
+                    a3 = sq[r0 + g + 8, kk + t + 4]
+                    for n in range(SN // 4):
+                        x = 4 * n
+                        d = product(a0, a1, a2, a3, sk[8 * n + g, kk + t],
+                                    sk[8 * n + g, kk + t + 4], s[x], s[x + 1], s[x + 2],
+                                    s[x + 3])
+                        s[x] = d[0]
+                        s[x + 1] = d[1]
+                        s[x + 2] = d[2]
+                        s[x + 3] = d[3]
+                for kk in range(0, DP, 8):               # dP = dO V^T
+                    a0 = sdo[r0 + g, kk + t]
+                    a1 = sdo[r0 + g + 8, kk + t]
+                    a2 = sdo[r0 + g, kk + t + 4]
+                    a3 = sdo[r0 + g + 8, kk + t + 4]
+                    for n in range(SN // 4):
+                        x = 4 * n
+                        d = product(a0, a1, a2, a3, sv[8 * n + g, kk + t],
+                                    sv[8 * n + g, kk + t + 4], dp[x], dp[x + 1], dp[x + 2],
+                                    dp[x + 3])
+                        dp[x] = d[0]
+                        dp[x + 1] = d[1]
+                        dp[x + 2] = d[2]
+                        dp[x + 3] = d[3]
+                for n in range(SN // 4):                 # dS, element by element
+                    x = 4 * n                            # (written out: constant indices)
+                    col = k0 + 8 * n + 2 * t
+                    s[x] = _grad_element(s[x] * sc, dp[x], lse0, dl0, mask, b, h, row0, col,
+                                         L, S, mask_kind, mask_code, is_causal, dropout, base,
+                                         threshold, dscale)[1]
+                    s[x + 1] = _grad_element(s[x + 1] * sc, dp[x + 1], lse0, dl0, mask, b, h,
+                                             row0, col + 1, L, S, mask_kind, mask_code,
+                                             is_causal, dropout, base, threshold, dscale)[1]
+                    s[x + 2] = _grad_element(s[x + 2] * sc, dp[x + 2], lse1, dl1, mask, b, h,
+                                             row1, col, L, S, mask_kind, mask_code, is_causal,
+                                             dropout, base, threshold, dscale)[1]
+                    s[x + 3] = _grad_element(s[x + 3] * sc, dp[x + 3], lse1, dl1, mask, b, h,
+                                             row1, col + 1, L, S, mask_kind, mask_code,
+                                             is_causal, dropout, base, threshold, dscale)[1]
+                    if mask_grad:
+                        _store_mask_pair(dmask, b, h, row0, col, s[x], s[x + 1], L, S,
+                                         mask_code)
+                        _store_mask_pair(dmask, b, h, row1, col, s[x + 2], s[x + 3], L, S,
+                                         mask_code)
+                for j in range(BN // 16):                # dQ += dS K
+                    x = 8 * j
+                    a0 = _pack(s[x], s[x + 1], BF16)
+                    a1 = _pack(s[x + 2], s[x + 3], BF16)
+                    a2 = _pack(s[x + 4], s[x + 5], BF16)
+                    a3 = _pack(s[x + 6], s[x + 7], BF16)
+                    for n in range(QN // 4):
+                        y = 4 * n
+                        d = product(a0, a1, a2, a3, _down(sk, 16 * j + 2 * t, 8 * n + g),
+                                    _down(sk, 16 * j + 8 + 2 * t, 8 * n + g), acc[y],
+                                    acc[y + 1], acc[y + 2], acc[y + 3])
+                        acc[y] = d[0]
+                        acc[y + 1] = d[1]
+                        acc[y + 2] = d[2]
+                        acc[y + 3] = d[3]
+            for n in range(QN // 4):
+                col = 8 * n + 2 * t
+                x = 4 * n
+                _store_pair(dq, b, h, row0, col, acc[x] * sc, acc[x + 1] * sc, L, E, BF16)
+                _store_pair(dq, b, h, row1, col, acc[x + 2] * sc, acc[x + 3] * sc, L, E, BF16)
+
+    return attention_bwd_dq_mma
+
+
+@builder
+def _build_dkdv(WARPS, BM, BD, BDV, BF16):
+    """attention.py's dkdv_kernel on tensor cores: a warp owns 16 keys of one K/V head and
+    streams query tiles of BM rows of every query head of its group; per tile S^T = K Q^T and
+    dP^T = V dO^T (mma), P^T and dS^T per element, dV += P^T dO and dK += dS^T Q (mma: the
+    accumulators as A fragments, dO's and Q's pairs along the queries gathered from their
+    staged rows, `_down`). Arguments: q, k, v, do as int32 words of pairs (even head dims),
+    then attention.py dkdv_kernel's from lse on."""
+    BK = 16 * WARPS
+    NT = 32 * WARPS
+    QP = BD // 2
+    DP = BDV // 2
+    QW = QP + 4
+    DW = DP + 4
+    SN = BM // 2            # scores (and dP) a lane holds: 16 keys x BM queries a warp
+    KN = BD // 2            # dK elements a lane holds
+    VN = BDV // 2           # dV elements a lane holds
+    product = mma(BF16)
+
+    @cuda.jit
+    def attention_bwd_dkdv_mma(q, k, v, do, lse, delta, dk, dv, mask, mask_kind, mask_code,
+                               is_causal, scale, dropout, threshold, drop_scale, seed, code):
+        sk = cuda.shared.array((BK, QW), uint32)     # the block's keys
+        sv = cuda.shared.array((BK, DW), uint32)     # and values
+        sq = cuda.shared.array((BM, QW), uint32)     # the streamed queries
+        sdo = cuda.shared.array((BM, DW), uint32)    # and their output gradients
+        slse = cuda.shared.array(BM, float32)        # and their lse
+        sdelta = cuda.shared.array(BM, float32)      # and delta
+        st = cuda.local.array(SN, float32)           # S^T, then P^T as dV uses it
+        dpt = cuda.local.array(SN, float32)          # dP^T, then dS^T
+        acck = cuda.local.array(KN, float32)
+        accv = cuda.local.array(VN, float32)
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        r0 = (tid // 32) * 16
+        g = lane // 4
+        t = lane % 4
+        B, H, HKV, L, S, E, EV = _dims(q, k, v)
+        E = 2 * E
+        EV = 2 * EV
+        group = H // HKV
+        sc = float32(scale)
+        dscale = float32(drop_scale)
+        nk = (S + BK - 1) // BK
+        for w in range(cuda.blockIdx.x, nk * B * HKV, cuda.gridDim.x):
+            bhk = w // nk
+            k0 = (w - bhk * nk) * BK
+            b = bhk // HKV
+            hk = bhk - b * HKV
+            cuda.syncthreads()
+            _stage(sk, k, b, hk, k0, S, E, BK, QP, True, tid, NT)
+            _stage(sv, v, b, hk, k0, S, EV, BK, DP, True, tid, NT)
+            for x in range(KN):
+                acck[x] = ZERO
+            for x in range(VN):
+                accv[x] = ZERO
+            key0 = k0 + r0 + g
+            key1 = key0 + 8
+            qstart = (k0 // BM) * BM if is_causal else 0   # earlier queries see none
+            for gg in range(group):
+                h = hk * group + gg
+                bh = b * H + h
+                base = _dropout_base(seed, bh) if dropout else int64(0)
+                for q0 in range(qstart, L, BM):
+                    cuda.syncthreads()
+                    _stage(sq, q, b, h, q0, L, E, BM, QP, True, tid, NT)
+                    _stage(sdo, do, b, h, q0, L, EV, BM, DP, True, tid, NT)
+                    for r in range(tid, BM, NT):
+                        slse[r] = lse[bh, q0 + r] if q0 + r < L else POS_INF
+                        sdelta[r] = delta[bh, q0 + r] if q0 + r < L else ZERO
+                    cuda.syncthreads()
+                    for x in range(SN):
+                        st[x] = ZERO
+                        dpt[x] = ZERO
+                    for kk in range(0, QP, 8):           # S^T = K Q^T
+                        a0 = sk[r0 + g, kk + t]
+                        a1 = sk[r0 + g + 8, kk + t]
+                        a2 = sk[r0 + g, kk + t + 4]
+                        a3 = sk[r0 + g + 8, kk + t + 4]
+                        for n in range(SN // 4):
+                            x = 4 * n
+                            d = product(a0, a1, a2, a3, sq[8 * n + g, kk + t],
+                                        sq[8 * n + g, kk + t + 4], st[x], st[x + 1],
+                                        st[x + 2], st[x + 3])
+                            st[x] = d[0]
+                            st[x + 1] = d[1]
+                            st[x + 2] = d[2]
+                            st[x + 3] = d[3]
+                    for kk in range(0, DP, 8):           # dP^T = V dO^T
+                        a0 = sv[r0 + g, kk + t]
+                        a1 = sv[r0 + g + 8, kk + t]
+                        a2 = sv[r0 + g, kk + t + 4]
+                        a3 = sv[r0 + g + 8, kk + t + 4]
+                        for n in range(SN // 4):
+                            x = 4 * n
+                            d = product(a0, a1, a2, a3, sdo[8 * n + g, kk + t],
+                                        sdo[8 * n + g, kk + t + 4], dpt[x], dpt[x + 1],
+                                        dpt[x + 2], dpt[x + 3])
+                            dpt[x] = d[0]
+                            dpt[x + 1] = d[1]
+                            dpt[x + 2] = d[2]
+                            dpt[x + 3] = d[3]
+                    for n in range(SN // 4):             # P^T, dS^T element by element
+                        x = 4 * n                        # (written out: constant indices)
+                        c = 8 * n + 2 * t                # the tile's query column
+                        st[x], dpt[x] = _grad_element(
+                            st[x] * sc, dpt[x], slse[c], sdelta[c], mask, b, h, q0 + c, key0,
+                            L, S, mask_kind, mask_code, is_causal, dropout, base, threshold,
+                            dscale)
+                        st[x + 1], dpt[x + 1] = _grad_element(
+                            st[x + 1] * sc, dpt[x + 1], slse[c + 1], sdelta[c + 1], mask, b, h,
+                            q0 + c + 1, key0, L, S, mask_kind, mask_code, is_causal, dropout,
+                            base, threshold, dscale)
+                        st[x + 2], dpt[x + 2] = _grad_element(
+                            st[x + 2] * sc, dpt[x + 2], slse[c], sdelta[c], mask, b, h, q0 + c,
+                            key1, L, S, mask_kind, mask_code, is_causal, dropout, base,
+                            threshold, dscale)
+                        st[x + 3], dpt[x + 3] = _grad_element(
+                            st[x + 3] * sc, dpt[x + 3], slse[c + 1], sdelta[c + 1], mask, b, h,
+                            q0 + c + 1, key1, L, S, mask_kind, mask_code, is_causal, dropout,
+                            base, threshold, dscale)
+                    for j in range(BM // 16):            # dV += P^T dO, dK += dS^T Q
+                        x = 8 * j
+                        a0 = _pack(st[x], st[x + 1], BF16)
+                        a1 = _pack(st[x + 2], st[x + 3], BF16)
+                        a2 = _pack(st[x + 4], st[x + 5], BF16)
+                        a3 = _pack(st[x + 6], st[x + 7], BF16)
+                        for n in range(VN // 4):
+                            y = 4 * n
+                            d = product(a0, a1, a2, a3, _down(sdo, 16 * j + 2 * t, 8 * n + g),
+                                        _down(sdo, 16 * j + 8 + 2 * t, 8 * n + g), accv[y],
+                                        accv[y + 1], accv[y + 2], accv[y + 3])
+                            accv[y] = d[0]
+                            accv[y + 1] = d[1]
+                            accv[y + 2] = d[2]
+                            accv[y + 3] = d[3]
+                        a0 = _pack(dpt[x], dpt[x + 1], BF16)
+                        a1 = _pack(dpt[x + 2], dpt[x + 3], BF16)
+                        a2 = _pack(dpt[x + 4], dpt[x + 5], BF16)
+                        a3 = _pack(dpt[x + 6], dpt[x + 7], BF16)
+                        for n in range(KN // 4):
+                            y = 4 * n
+                            d = product(a0, a1, a2, a3, _down(sq, 16 * j + 2 * t, 8 * n + g),
+                                        _down(sq, 16 * j + 8 + 2 * t, 8 * n + g), acck[y],
+                                        acck[y + 1], acck[y + 2], acck[y + 3])
+                            acck[y] = d[0]
+                            acck[y + 1] = d[1]
+                            acck[y + 2] = d[2]
+                            acck[y + 3] = d[3]
+            for n in range(KN // 4):
+                col = 8 * n + 2 * t
+                x = 4 * n
+                _store_pair(dk, b, hk, key0, col, acck[x] * sc, acck[x + 1] * sc, S, E, BF16)
+                _store_pair(dk, b, hk, key1, col, acck[x + 2] * sc, acck[x + 3] * sc, S, E,
+                            BF16)
+            for n in range(VN // 4):
+                col = 8 * n + 2 * t
+                x = 4 * n
+                _store_pair(dv, b, hk, key0, col, accv[x], accv[x + 1], S, EV, BF16)
+                _store_pair(dv, b, hk, key1, col, accv[x + 2], accv[x + 3], S, EV, BF16)
+
+    return attention_bwd_dkdv_mma
+
+
+@device
+def _store_mask_pair(dmask, b, h, row, col, lo, hi, L, S, mask_code):
+    """dmask[b, h, row, col:col + 2] = (lo, hi) (dS: the float mask's gradient) in the mask's
+    dtype, within L x S."""
+    if row < L:
+        if col < S:
+            if mask_code == BF16_CODE:
+                dmask[b, h, row, col] = f32_to_bf16_bits(lo)
+            else:
+                dmask[b, h, row, col] = lo
+        if col + 1 < S:
+            if mask_code == BF16_CODE:
+                dmask[b, h, row, col + 1] = f32_to_bf16_bits(hi)
+            else:
+                dmask[b, h, row, col + 1] = hi
+
+
+@device
+def _grad_element(s, dp, lse, delta, mask, b, h, row, col, L, S, mask_kind, mask_code,
+                  is_causal, dropout, base, threshold, dscale):
+    """(P as dV uses it, dS) of score (row, col) of plane (b, h) (s: q . k scaled; dp: dO . v),
+    as attention.py's _grad_pair: p = exp(s - lse); under dropout P and dP kept and scaled,
+    or zeroed; dS = p (dP - delta); (0, 0) where the score is hidden or p is 0."""
+    v = _masked(s, mask, b, h, row, col, L, S, mask_kind, mask_code, is_causal)
+    if v == NEG_INF:
+        return ZERO, ZERO
+    p = math.exp(v - lse)
+    if p == ZERO:
+        return ZERO, ZERO
+    pu = p
+    if dropout:
+        if _dropout_keep(base, row * S + col, threshold):
+            pu = p * dscale
+            dp = dp * dscale
+        else:
+            pu = ZERO
+            dp = ZERO
+    return pu, p * (dp - delta)
+
+
+@device
+def _stage(sx, x, b, h, r0, rows, cols, nrows, words, is_words, tid, nt):
+    """sx[i, p] = the pair X[r0 + i, 2p:2p+2] of x[b, h] for i < nrows, p < words (zeros past
+    rows x cols): the block's nt threads (this one is tid) stage a slab of rows as 32-bit
+    pairs, consecutive threads on consecutive words of a row. x: int32 words of pairs where
+    is_words (cols even), else int16 elements."""
+    for e in range(tid, nrows * words, nt):
+        i = e // words
+        p = e - i * words
+        if is_words:
+            sx[i, p] = _word(x, b, h, r0 + i, p, rows)
+        else:
+            sx[i, p] = _pair(x, b, h, r0 + i, 2 * p, rows, cols)
+
+
+@device
+def _down(sx, r, c):
+    """The fragment register (X[r, c], X[r + 1, c]) of a matrix staged by `_stage` (pairs
+    along its columns): two halves of two words, for an operand whose K axis is X's rows."""
+    sh = 16 * (c & 1)
+    p = c >> 1
+    return uint32(((sx[r, p] >> sh) & 0xFFFF) | (((sx[r + 1, p] >> sh) & 0xFFFF) << 16))
 
 
 @device
