@@ -113,6 +113,22 @@ def _warp_product(a_regs, b_regs, c, bf16: bool) -> np.ndarray:
 _PLACES = _lane_places()
 
 
+def mma_into(bf16: bool):
+    """acc_into(acc, e, a0, a1, a2, a3, b0, b1): acc[e:e + 4] += A B, the warp's m16n8k16
+    product (`mma`) into a lane's four accumulators of one 16 x 8 tile, kept in a local
+    array (e a constant once the caller's loops unroll, so the array stays in registers)."""
+    product = mma(bf16)
+
+    @device
+    def acc_into(acc, e, a0, a1, a2, a3, b0, b1):
+        d = product(a0, a1, a2, a3, b0, b1, acc[e], acc[e + 1], acc[e + 2], acc[e + 3])
+        acc[e] = d[0]
+        acc[e + 1] = d[1]
+        acc[e + 2] = d[2]
+        acc[e + 3] = d[3]
+    return acc_into
+
+
 # --- reductions over the four lanes of an accumulator row ---------------------------------------
 
 _FULL_MASK = 0xFFFFFFFF

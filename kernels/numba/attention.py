@@ -345,7 +345,15 @@ def _grad_pair(visible, s, row_lse, row_delta, dorow, vrow, EV, dropout, base, o
     p = math.exp(s - row_lse)
     if p == ZERO:
         return ZERO, ZERO
-    dp = _dot(dorow, vrow, EV)
+    return grads_of(p, _dot(dorow, vrow, EV), row_delta, dropout, base, offset, threshold,
+                    dscale)
+
+
+@device
+def grads_of(p, dp, delta, dropout, base, offset, threshold, dscale):
+    """(P as dV = P^T dO uses it, dS) of a probability p > 0 and dP = dO . v: under dropout
+    both kept and scaled by 1 / (1 - p), or zeroed; dS = p (dP - delta) (the undropped p:
+    the normaliser's). The one definition, for the tensor-core kernels too."""
     pu = p
     if dropout:
         if _dropout_keep(base, offset, threshold):
@@ -354,7 +362,7 @@ def _grad_pair(visible, s, row_lse, row_delta, dorow, vrow, EV, dropout, base, o
         else:
             pu = ZERO
             dp = ZERO
-    return pu, p * (dp - row_delta)
+    return pu, p * (dp - delta)
 
 
 @device

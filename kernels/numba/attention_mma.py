@@ -58,7 +58,7 @@ import numpy as np
 from numba import cuda, float32, int64, uint32
 
 from ._builder import builder
-from ._device import device, mma, nanmax, quad_max, quad_sum
+from ._device import device, mma_into, nanmax, quad_max, quad_sum
 from ._dtypes import BF16 as BF16_CODE
 from ._dtypes import f32_to_bf16_bits
 from .attention import (
@@ -72,6 +72,7 @@ from .attention import (
     _hidden,
     _plus_mask,
     _query_tile,
+    grads_of,
 )
 from .gemm_mma import _pair, _word
 
@@ -113,7 +114,7 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
     VW = VP + 4
     SN = BN // 2            # scores a lane holds: BN / 8 tiles of 16 x 8, 4 each
     ON = BDV // 2           # output elements a lane holds
-    product = mma(BF16)
+    acc_into, rows_times_rows, probs_times_rows = _products(BF16)
 
     @cuda.jit
     def attention_fwd_mma(q, k, v, o, lse, mask, mask_kind, mask_code, is_causal, scale,
@@ -124,11 +125,7 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
         svt = cuda.shared.array((BDV, VW), uint32)   # svt[d, p] = V[k0 + 2p:2p+2, d]
         s = cuda.local.array(SN, float32)        # scores, then P: (tile n, element e)
         acc = cuda.local.array(ON, float32)      # the output rows' columns
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        r0 = (tid // 32) * 16
-        g = lane // 4
-        t = lane % 4
+        tid, r0, g, t = _lane()
         B, H, HKV, L, S, E, EV = _dims(q, k, v)
         if Q_WORDS:
             E = 2 * E
@@ -167,25 +164,12 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
                     for e in range(tid, BDV * VP, NT):  # consecutive threads on consecutive d
                         p = e // BDV
                         d = e - p * BDV
-                        svt[d, p] = _key_pair(v, b, hk, k0 + 2 * p, d, S, EV)
+                        svt[d, p] = _pair(v, b, hk, k0 + 2 * p, d, 1, 0, S, EV)
                 cuda.syncthreads()
                 # S = Q K^T
                 for e in range(SN):
                     s[e] = ZERO
-                for kk in range(0, QP, 8):           # 16 deep: 8 words
-                    a0 = sq[r0 + g, kk + t]
-                    a1 = sq[r0 + g + 8, kk + t]
-                    a2 = sq[r0 + g, kk + t + 4]
-                    a3 = sq[r0 + g + 8, kk + t + 4]
-                    for n in range(SN // 4):
-                        x = 4 * n
-                        d = product(a0, a1, a2, a3, sk[8 * n + g, kk + t],
-                                    sk[8 * n + g, kk + t + 4], s[x], s[x + 1], s[x + 2],
-                                    s[x + 3])
-                        s[x] = d[0]
-                        s[x + 1] = d[1]
-                        s[x + 2] = d[2]
-                        s[x + 3] = d[3]
+                rows_times_rows(s, SN // 4, sq, r0, sk, QP, g, t)
                 # the scores with their masks, and the rows' maxima over the tile
                 t0 = NEG_INF
                 t1 = NEG_INF
@@ -235,30 +219,17 @@ def _build(WARPS, BN, BD, BDV, BF16, Q_WORDS, K_WORDS, V_WORDS):
                 m1 = n1
                 # O += P V: score tiles 2j and 2j + 1 are the A fragments of keys 16j..+15
                 for j in range(BN // 16):
-                    x = 8 * j
-                    a0 = _pack(s[x], s[x + 1], BF16)
-                    a1 = _pack(s[x + 2], s[x + 3], BF16)
-                    a2 = _pack(s[x + 4], s[x + 5], BF16)
-                    a3 = _pack(s[x + 6], s[x + 7], BF16)
+                    a0, a1, a2, a3 = _a_fragments(s, j, BF16)
                     for n in range(ON // 4):
                         y = 4 * n
-                        d = product(a0, a1, a2, a3, svt[8 * n + g, 8 * j + t],
-                                    svt[8 * n + g, 8 * j + t + 4], acc[y], acc[y + 1],
-                                    acc[y + 2], acc[y + 3])
-                        acc[y] = d[0]
-                        acc[y + 1] = d[1]
-                        acc[y + 2] = d[2]
-                        acc[y + 3] = d[3]
+                        acc_into(acc, y, a0, a1, a2, a3,
+                                 svt[8 * n + g, 8 * j + t], svt[8 * n + g, 8 * j + t + 4])
             l0 = quad_sum(l0)
             l1 = quad_sum(l1)
             # 1 / l (0 for a row with no visible key; NaN stays NaN)
             i0 = ZERO if l0 == ZERO else ONE / l0
             i1 = ZERO if l1 == ZERO else ONE / l1
-            for n in range(ON // 4):
-                col = 8 * n + 2 * t
-                x = 4 * n
-                _store_pair(o, b, h, row0, col, acc[x] * i0, acc[x + 1] * i0, L, EV, BF16)
-                _store_pair(o, b, h, row1, col, acc[x + 2] * i1, acc[x + 3] * i1, L, EV, BF16)
+            _store_rows(o, b, h, row0, acc, ON // 4, t, i0, i1, L, EV, BF16)
             if t == 0:
                 if row0 < L:
                     lse[bh, row0] = POS_INF if l0 == ZERO else m0 + math.log(l0)
@@ -313,7 +284,7 @@ def _build_dq(WARPS, BN, BD, BDV, BF16):
     DW = DP + 4
     SN = BN // 2            # scores (and dP) a lane holds
     QN = BD // 2            # dQ elements a lane holds
-    product = mma(BF16)
+    acc_into, rows_times_rows, probs_times_rows = _products(BF16)
 
     @cuda.jit
     def attention_bwd_dq_mma(q, k, v, do, lse, delta, dq, dmask, mask_grad, mask, mask_kind,
@@ -326,15 +297,8 @@ def _build_dq(WARPS, BN, BD, BDV, BF16):
         s = cuda.local.array(SN, float32)            # scores, then dS
         dp = cuda.local.array(SN, float32)
         acc = cuda.local.array(QN, float32)
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        r0 = (tid // 32) * 16
-        g = lane // 4
-        t = lane % 4
-        B, H, HKV, L, S, E, EV = _dims(q, k, v)
-        E = 2 * E
-        EV = 2 * EV
-        group = H // HKV
+        tid, r0, g, t = _lane()
+        B, H, HKV, L, S, E, EV, group = _word_dims(q, k, v)
         sc = float32(scale)
         dscale = float32(drop_scale)
         nq = (L + BM - 1) // BM
@@ -361,34 +325,8 @@ def _build_dq(WARPS, BN, BD, BDV, BF16):
                 for x in range(SN):
                     s[x] = ZERO
                     dp[x] = ZERO
-                for kk in range(0, QP, 8):               # S = Q K^T
-                    a0 = sq[r0 + g, kk + t]
-                    a1 = sq[r0 + g + 8, kk + t]
-                    a2 = sq[r0 + g, kk + t + 4]
-                    a3 = sq[r0 + g + 8, kk + t + 4]
-                    for n in range(SN // 4):
-                        x = 4 * n
-                        d = product(a0, a1, a2, a3, sk[8 * n + g, kk + t],
-                                    sk[8 * n + g, kk + t + 4], s[x], s[x + 1], s[x + 2],
-                                    s[x + 3])
-                        s[x] = d[0]
-                        s[x + 1] = d[1]
-                        s[x + 2] = d[2]
-                        s[x + 3] = d[3]
-                for kk in range(0, DP, 8):               # dP = dO V^T
-                    a0 = sdo[r0 + g, kk + t]
-                    a1 = sdo[r0 + g + 8, kk + t]
-                    a2 = sdo[r0 + g, kk + t + 4]
-                    a3 = sdo[r0 + g + 8, kk + t + 4]
-                    for n in range(SN // 4):
-                        x = 4 * n
-                        d = product(a0, a1, a2, a3, sv[8 * n + g, kk + t],
-                                    sv[8 * n + g, kk + t + 4], dp[x], dp[x + 1], dp[x + 2],
-                                    dp[x + 3])
-                        dp[x] = d[0]
-                        dp[x + 1] = d[1]
-                        dp[x + 2] = d[2]
-                        dp[x + 3] = d[3]
+                rows_times_rows(s, SN // 4, sq, r0, sk, QP, g, t)        # S = Q K^T
+                rows_times_rows(dp, SN // 4, sdo, r0, sv, DP, g, t)      # dP = dO V^T
                 for n in range(SN // 4):                 # dS, element by element
                     x = 4 * n                            # (written out: constant indices)
                     col = k0 + 8 * n + 2 * t
@@ -410,25 +348,8 @@ def _build_dq(WARPS, BN, BD, BDV, BF16):
                         _store_mask_pair(dmask, b, h, row1, col, s[x + 2], s[x + 3], L, S,
                                          mask_code)
                 for j in range(BN // 16):                # dQ += dS K
-                    x = 8 * j
-                    a0 = _pack(s[x], s[x + 1], BF16)
-                    a1 = _pack(s[x + 2], s[x + 3], BF16)
-                    a2 = _pack(s[x + 4], s[x + 5], BF16)
-                    a3 = _pack(s[x + 6], s[x + 7], BF16)
-                    for n in range(QN // 4):
-                        y = 4 * n
-                        d = product(a0, a1, a2, a3, _down(sk, 16 * j + 2 * t, 8 * n + g),
-                                    _down(sk, 16 * j + 8 + 2 * t, 8 * n + g), acc[y],
-                                    acc[y + 1], acc[y + 2], acc[y + 3])
-                        acc[y] = d[0]
-                        acc[y + 1] = d[1]
-                        acc[y + 2] = d[2]
-                        acc[y + 3] = d[3]
-            for n in range(QN // 4):
-                col = 8 * n + 2 * t
-                x = 4 * n
-                _store_pair(dq, b, h, row0, col, acc[x] * sc, acc[x + 1] * sc, L, E, BF16)
-                _store_pair(dq, b, h, row1, col, acc[x + 2] * sc, acc[x + 3] * sc, L, E, BF16)
+                    probs_times_rows(acc, QN // 4, s, j, sk, g, t)
+            _store_rows(dq, b, h, row0, acc, QN // 4, t, sc, sc, L, E, BF16)
 
     return attention_bwd_dq_mma
 
@@ -450,7 +371,7 @@ def _build_dkdv(WARPS, BM, BD, BDV, BF16):
     SN = BM // 2            # scores (and dP) a lane holds: 16 keys x BM queries a warp
     KN = BD // 2            # dK elements a lane holds
     VN = BDV // 2           # dV elements a lane holds
-    product = mma(BF16)
+    acc_into, rows_times_rows, probs_times_rows = _products(BF16)
 
     @cuda.jit
     def attention_bwd_dkdv_mma(q, k, v, do, lse, delta, dk, dv, mask, mask_kind, mask_code,
@@ -465,15 +386,8 @@ def _build_dkdv(WARPS, BM, BD, BDV, BF16):
         dpt = cuda.local.array(SN, float32)          # dP^T, then dS^T
         acck = cuda.local.array(KN, float32)
         accv = cuda.local.array(VN, float32)
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        r0 = (tid // 32) * 16
-        g = lane // 4
-        t = lane % 4
-        B, H, HKV, L, S, E, EV = _dims(q, k, v)
-        E = 2 * E
-        EV = 2 * EV
-        group = H // HKV
+        tid, r0, g, t = _lane()
+        B, H, HKV, L, S, E, EV, group = _word_dims(q, k, v)
         sc = float32(scale)
         dscale = float32(drop_scale)
         nk = (S + BK - 1) // BK
@@ -507,34 +421,8 @@ def _build_dkdv(WARPS, BM, BD, BDV, BF16):
                     for x in range(SN):
                         st[x] = ZERO
                         dpt[x] = ZERO
-                    for kk in range(0, QP, 8):           # S^T = K Q^T
-                        a0 = sk[r0 + g, kk + t]
-                        a1 = sk[r0 + g + 8, kk + t]
-                        a2 = sk[r0 + g, kk + t + 4]
-                        a3 = sk[r0 + g + 8, kk + t + 4]
-                        for n in range(SN // 4):
-                            x = 4 * n
-                            d = product(a0, a1, a2, a3, sq[8 * n + g, kk + t],
-                                        sq[8 * n + g, kk + t + 4], st[x], st[x + 1],
-                                        st[x + 2], st[x + 3])
-                            st[x] = d[0]
-                            st[x + 1] = d[1]
-                            st[x + 2] = d[2]
-                            st[x + 3] = d[3]
-                    for kk in range(0, DP, 8):           # dP^T = V dO^T
-                        a0 = sv[r0 + g, kk + t]
-                        a1 = sv[r0 + g + 8, kk + t]
-                        a2 = sv[r0 + g, kk + t + 4]
-                        a3 = sv[r0 + g + 8, kk + t + 4]
-                        for n in range(SN // 4):
-                            x = 4 * n
-                            d = product(a0, a1, a2, a3, sdo[8 * n + g, kk + t],
-                                        sdo[8 * n + g, kk + t + 4], dpt[x], dpt[x + 1],
-                                        dpt[x + 2], dpt[x + 3])
-                            dpt[x] = d[0]
-                            dpt[x + 1] = d[1]
-                            dpt[x + 2] = d[2]
-                            dpt[x + 3] = d[3]
+                    rows_times_rows(st, SN // 4, sk, r0, sq, QP, g, t)   # S^T = K Q^T
+                    rows_times_rows(dpt, SN // 4, sv, r0, sdo, DP, g, t)  # dP^T = V dO^T
                     for n in range(SN // 4):             # P^T, dS^T element by element
                         x = 4 * n                        # (written out: constant indices)
                         c = 8 * n + 2 * t                # the tile's query column
@@ -555,44 +443,10 @@ def _build_dkdv(WARPS, BM, BD, BDV, BF16):
                             q0 + c + 1, key1, L, S, mask_kind, mask_code, is_causal, dropout,
                             base, threshold, dscale)
                     for j in range(BM // 16):            # dV += P^T dO, dK += dS^T Q
-                        x = 8 * j
-                        a0 = _pack(st[x], st[x + 1], BF16)
-                        a1 = _pack(st[x + 2], st[x + 3], BF16)
-                        a2 = _pack(st[x + 4], st[x + 5], BF16)
-                        a3 = _pack(st[x + 6], st[x + 7], BF16)
-                        for n in range(VN // 4):
-                            y = 4 * n
-                            d = product(a0, a1, a2, a3, _down(sdo, 16 * j + 2 * t, 8 * n + g),
-                                        _down(sdo, 16 * j + 8 + 2 * t, 8 * n + g), accv[y],
-                                        accv[y + 1], accv[y + 2], accv[y + 3])
-                            accv[y] = d[0]
-                            accv[y + 1] = d[1]
-                            accv[y + 2] = d[2]
-                            accv[y + 3] = d[3]
-                        a0 = _pack(dpt[x], dpt[x + 1], BF16)
-                        a1 = _pack(dpt[x + 2], dpt[x + 3], BF16)
-                        a2 = _pack(dpt[x + 4], dpt[x + 5], BF16)
-                        a3 = _pack(dpt[x + 6], dpt[x + 7], BF16)
-                        for n in range(KN // 4):
-                            y = 4 * n
-                            d = product(a0, a1, a2, a3, _down(sq, 16 * j + 2 * t, 8 * n + g),
-                                        _down(sq, 16 * j + 8 + 2 * t, 8 * n + g), acck[y],
-                                        acck[y + 1], acck[y + 2], acck[y + 3])
-                            acck[y] = d[0]
-                            acck[y + 1] = d[1]
-                            acck[y + 2] = d[2]
-                            acck[y + 3] = d[3]
-            for n in range(KN // 4):
-                col = 8 * n + 2 * t
-                x = 4 * n
-                _store_pair(dk, b, hk, key0, col, acck[x] * sc, acck[x + 1] * sc, S, E, BF16)
-                _store_pair(dk, b, hk, key1, col, acck[x + 2] * sc, acck[x + 3] * sc, S, E,
-                            BF16)
-            for n in range(VN // 4):
-                col = 8 * n + 2 * t
-                x = 4 * n
-                _store_pair(dv, b, hk, key0, col, accv[x], accv[x + 1], S, EV, BF16)
-                _store_pair(dv, b, hk, key1, col, accv[x + 2], accv[x + 3], S, EV, BF16)
+                        probs_times_rows(accv, VN // 4, st, j, sdo, g, t)
+                        probs_times_rows(acck, KN // 4, dpt, j, sq, g, t)
+            _store_rows(dk, b, hk, key0, acck, KN // 4, t, sc, sc, S, E, BF16)
+            _store_rows(dv, b, hk, key0, accv, VN // 4, t, ONE, ONE, S, EV, BF16)
 
     return attention_bwd_dkdv_mma
 
@@ -618,23 +472,49 @@ def _store_mask_pair(dmask, b, h, row, col, lo, hi, L, S, mask_code):
 def _grad_element(s, dp, lse, delta, mask, b, h, row, col, L, S, mask_kind, mask_code,
                   is_causal, dropout, base, threshold, dscale):
     """(P as dV uses it, dS) of score (row, col) of plane (b, h) (s: q . k scaled; dp: dO . v),
-    as attention.py's _grad_pair: p = exp(s - lse); under dropout P and dP kept and scaled,
-    or zeroed; dS = p (dP - delta); (0, 0) where the score is hidden or p is 0."""
+    as attention.py's _grad_pair: p = exp(s - lse), then `grads_of`; (0, 0) where the score is
+    hidden or p is 0."""
     v = _masked(s, mask, b, h, row, col, L, S, mask_kind, mask_code, is_causal)
     if v == NEG_INF:
         return ZERO, ZERO
     p = math.exp(v - lse)
     if p == ZERO:
         return ZERO, ZERO
-    pu = p
-    if dropout:
-        if _dropout_keep(base, row * S + col, threshold):
-            pu = p * dscale
-            dp = dp * dscale
-        else:
-            pu = ZERO
-            dp = ZERO
-    return pu, p * (dp - delta)
+    return grads_of(p, dp, delta, dropout, base, row * S + col, threshold, dscale)
+
+
+def _products(bf16: bool):
+    """(acc_into, rows_times_rows, probs_times_rows): the warp's tile products of these
+    kernels (kernels/numba/_device.py mma_into), device functions made per input type.
+
+    rows_times_rows(acc, n_tiles, sa, ra, sb, words, g, t): acc[4n:4n + 4] += tile n of
+        A B^T for n < n_tiles, A the 16 rows ra.. of sa, B^T the rows 8n.. of sb, both staged
+        by `_stage` (pairs along the contraction, `words` of them deep);
+    probs_times_rows(acc, n_tiles, p, j, sb, g, t): acc[4n:4n + 4] += tile n of P B over the
+        16-deep step j, P a lane's fp32 accumulators (p[8j:8j + 8]: the C layout of two
+        adjacent 16 x 8 tiles is the A layout of one 16-deep step), rounded to the inputs'
+        type; B's rows 16j.. staged by `_stage` along its columns, gathered down (`_down`)."""
+    acc_into = mma_into(bf16)
+
+    @device
+    def rows_times_rows(acc, n_tiles, sa, ra, sb, words, g, t):
+        for kk in range(0, words, 8):               # 16 deep: 8 words
+            a0 = sa[ra + g, kk + t]
+            a1 = sa[ra + g + 8, kk + t]
+            a2 = sa[ra + g, kk + t + 4]
+            a3 = sa[ra + g + 8, kk + t + 4]
+            for n in range(n_tiles):
+                acc_into(acc, 4 * n, a0, a1, a2, a3, sb[8 * n + g, kk + t],
+                         sb[8 * n + g, kk + t + 4])
+
+    @device
+    def probs_times_rows(acc, n_tiles, p, j, sb, g, t):
+        a0, a1, a2, a3 = _a_fragments(p, j, bf16)
+        for n in range(n_tiles):
+            acc_into(acc, 4 * n, a0, a1, a2, a3, _down(sb, 16 * j + 2 * t, 8 * n + g),
+                     _down(sb, 16 * j + 8 + 2 * t, 8 * n + g))
+
+    return acc_into, rows_times_rows, probs_times_rows
 
 
 @device
@@ -649,7 +529,7 @@ def _stage(sx, x, b, h, r0, rows, cols, nrows, words, is_words, tid, nt):
         if is_words:
             sx[i, p] = _word(x, b, h, r0 + i, p, rows)
         else:
-            sx[i, p] = _pair(x, b, h, r0 + i, 2 * p, rows, cols)
+            sx[i, p] = _pair(x, b, h, r0 + i, 2 * p, 0, 1, rows, cols)
 
 
 @device
@@ -677,6 +557,34 @@ def _dropped(p, base, offset, threshold, dscale):
 
 
 @device
+def _word_dims(q, k, v):
+    """(B, H, HKV, L, S, E, EV, GROUP) of q, k, v passed as int32 words of pairs."""
+    B, H, HKV, L, S, E, EV = _dims(q, k, v)
+    return B, H, HKV, L, S, 2 * E, 2 * EV, H // HKV
+
+
+@device
+def _lane():
+    """(tid, r0, g, t): this thread's index in the block, the first of its warp's 16 rows,
+    and its place in the mma layouts (g = lane // 4, t = lane % 4)."""
+    tid = cuda.threadIdx.x
+    lane = tid % 32
+    return tid, (tid // 32) * 16, lane // 4, lane % 4
+
+
+@device
+def _store_rows(o, b, h, row, acc, n_tiles, t, mul0, mul1, L, D, bf16):
+    """A lane's two rows of a 16 x 8n result out of its accumulators: o[b, h, row, c] =
+    acc * mul0 and o[b, h, row + 8, c] = acc * mul1 for its columns c = 8n + 2t, 8n + 2t + 1
+    of tiles n < n_tiles, within L x D, in o's dtype."""
+    for n in range(n_tiles):
+        col = 8 * n + 2 * t
+        x = 4 * n
+        _store_pair(o, b, h, row, col, acc[x] * mul0, acc[x + 1] * mul0, L, D, bf16)
+        _store_pair(o, b, h, row + 8, col, acc[x + 2] * mul1, acc[x + 3] * mul1, L, D, bf16)
+
+
+@device
 def _store_pair(o, b, h, row, col, lo, hi, L, EV, bf16):
     """o[b, h, row, col:col + 2] = (lo, hi) in o's dtype, within L x EV."""
     if row < L:
@@ -693,20 +601,6 @@ def _store_pair(o, b, h, row, col, lo, hi, L, EV, bf16):
 
 
 @device
-def _key_pair(x, b, h, j, d, S, D):
-    """The 32-bit word of x[b, h, j, d] and x[b, h, j + 1, d] (int16 bits, the first in the
-    low half), zeros outside S x D: a pair of V^T's row d along the keys."""
-    lo = int64(0)
-    hi = int64(0)
-    if d < D:
-        if j < S:
-            lo = int64(x[b, h, j, d]) & 0xFFFF
-        if j + 1 < S:
-            hi = int64(x[b, h, j + 1, d]) & 0xFFFF
-    return uint32(lo | (hi << 16))
-
-
-@device
 def _bits16(value, bf16):
     """The 16-bit pattern of fp32 `value` rounded to bf16 or fp16 (nearest even)."""
     if bf16:
@@ -714,6 +608,16 @@ def _bits16(value, bf16):
     word = cuda.local.array(1, np.float16)
     word[0] = value
     return int64(word.view(np.uint16)[0])
+
+
+@device
+def _a_fragments(p, j, bf16):
+    """The A fragments (a0, a1, a2, a3) of the 16-deep step j from a lane's fp32 accumulators
+    p of 16 x 8 tiles 2j and 2j + 1 (rows g, g + 8; columns 2t, 2t + 1 of each: exactly A's
+    places), rounded to bf16 or fp16."""
+    x = 8 * j
+    return (_pack(p[x], p[x + 1], bf16), _pack(p[x + 2], p[x + 3], bf16),
+            _pack(p[x + 4], p[x + 5], bf16), _pack(p[x + 6], p[x + 7], bf16))
 
 
 @device

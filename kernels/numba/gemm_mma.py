@@ -37,7 +37,7 @@ import numpy as np
 from numba import cuda, float32, int64, uint32
 
 from ._builder import builder
-from ._device import device, mma
+from ._device import device, mma_into
 from .gemm import batch_of, store_result
 
 ZERO = np.float32(0.0)
@@ -64,7 +64,7 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
     THREADS = 32 * WM * WN
     STAGED_A = BM * PAIRS // THREADS
     STAGED_B = BN * PAIRS // THREADS
-    product = mma(BF16)
+    acc_into = mma_into(BF16)
 
     @cuda.jit
     def gemm_mma(a, b, c_in, c_out, bias, accumulate, bias_mode, a_k_fast, b_n_fast,
@@ -121,7 +121,7 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
                                 if A_PAIRS:
                                     sa[i, p] = _word(a, a1, a2, m, k0 // 2 + p, M)
                                 else:
-                                    sa[i, p] = _pair(a, a1, a2, m, k0 + 2 * p, M, K)
+                                    sa[i, p] = _pair(a, a1, a2, m, k0 + 2 * p, 0, 1, M, K)
                             for s in range(STAGED_B):
                                 j = bj + s * dj
                                 p = bp + s * dq
@@ -129,7 +129,7 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
                                 if B_PAIRS:
                                     sb[j, p] = _word(b, w1, w2, n, k0 // 2 + p, N)
                                 else:
-                                    sb[j, p] = _pair(b, w1, w2, n, k0 + 2 * p, N, K)
+                                    sb[j, p] = _pair(b, w1, w2, n, k0 + 2 * p, 0, 1, N, K)
                             cuda.syncthreads()
                             for h in range(0, PAIRS, 8):            # 16 deep: 8 words
                                 x0 = sa[wrow + g, h + t]
@@ -146,20 +146,8 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
                                     v1 = sb[n_, h + t + 4]
                                     # two explicit products (row tiles 0 and 1): their
                                     # fragments stay in named registers
-                                    e = 4 * c
-                                    d = product(x0, x1, x2, x3, v0, v1, acc[e], acc[e + 1],
-                                                acc[e + 2], acc[e + 3])
-                                    acc[e] = d[0]
-                                    acc[e + 1] = d[1]
-                                    acc[e + 2] = d[2]
-                                    acc[e + 3] = d[3]
-                                    e = 16 + 4 * c
-                                    d = product(y0, y1, y2, y3, v0, v1, acc[e], acc[e + 1],
-                                                acc[e + 2], acc[e + 3])
-                                    acc[e] = d[0]
-                                    acc[e + 1] = d[1]
-                                    acc[e + 2] = d[2]
-                                    acc[e + 3] = d[3]
+                                    acc_into(acc, 4 * c, x0, x1, x2, x3, v0, v1)
+                                    acc_into(acc, 16 + 4 * c, y0, y1, y2, y3, v0, v1)
                             cuda.syncthreads()
                     # accumulator 16 rt + 4 c + 2 hr + hc: row 16 rt + g + 8 hr, column
                     # 8 c + 2 t + hc of the warp's block (constant trip counts: the loops
@@ -189,15 +177,14 @@ def _word(x, o, c, line, p, lines):
 
 
 @device
-def _pair(x, o, c, m, k, M, K):
-    """The 32-bit word of x[o, c, m, k] and x[o, c, m, k + 1] (int16 bits of a 16-bit
-    operand, the first in the low half), zeros outside M x K: a pair of row m of A (or of
-    B^T, N for M)."""
+def _pair(x, o, c, m, k, dm, dk, M, K):
+    """The 32-bit word of x[o, c, m, k] and x[o, c, m + dm, k + dk] (int16 bits of a 16-bit
+    operand, the first in the low half), each zero outside M x K: a pair along a row
+    (dm, dk = 0, 1: of A or B^T here, N for M) or down a column (1, 0)."""
     lo = int64(0)
     hi = int64(0)
-    if m < M:
-        if k < K:
-            lo = int64(x[o, c, m, k]) & 0xFFFF
-        if k + 1 < K:
-            hi = int64(x[o, c, m, k + 1]) & 0xFFFF
+    if m < M and k < K:
+        lo = int64(x[o, c, m, k]) & 0xFFFF
+    if m + dm < M and k + dk < K:
+        hi = int64(x[o, c, m + dm, k + dk]) & 0xFFFF
     return uint32(lo | (hi << 16))
