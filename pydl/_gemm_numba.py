@@ -157,11 +157,16 @@ def pair_words(t: torch.Tensor) -> torch.Tensor | None:
     """A 16-bit operand (.., lines, K) as int32 words of K-consecutive pairs (.., lines, K / 2)
     where its K axis is contiguous and even and every pair 4-byte aligned (the tensor-core
     kernel then loads a pair at once); None elsewhere."""
-    strides = [st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)]  # size 1: any
-    if t.shape[3] % 2 or t.shape[3] and t.stride(3) != 1 or t.data_ptr() % 4 \
-            or t.storage_offset() % 2 or any(st % 2 for st in strides[:3]):
+    if t.shape[3] % 2 or t.shape[3] and t.stride(3) != 1 or t.data_ptr() % 4:
         return None
-    return t.as_strided(t.shape, strides[:3] + [1]).view(torch.int16).view(torch.int32)
+    try:
+        return t.view(torch.int32)      # torch checks that the offset and the strides are even
+    except RuntimeError:                # an odd stride, maybe of a size-1 axis (any will do)
+        pass
+    strides = [st if n > 1 else 0 for st, n in zip(t.stride(), t.shape)]
+    if t.storage_offset() % 2 or any(st % 2 for st in strides[:3]):
+        return None
+    return t.as_strided(t.shape, strides[:3] + [1]).view(torch.int32)
 
 
 def on_tensor_cores(a: torch.Tensor, *others: torch.Tensor) -> bool:

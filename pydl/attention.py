@@ -323,6 +323,21 @@ def _numba_dropout(dropout_p: float, seed: int) -> tuple:
 NUMBA_MMA_WARPS, NUMBA_SIM_MMA_WARPS = 4, 1
 
 
+def _mma_max_head_dim() -> int:
+    from .kernels.numba import attention_mma as km       # the kernels load on first use
+    return km.MAX_HEAD_DIM
+
+
+def _numba_mma_words(q, k, v, do):
+    """q, k, v, dO as the tensor-core backward takes them (int32 words of pairs), or None
+    where it cannot run: MMA off, fp32 or mixed dtypes, head dims past its limit, a head dim
+    that is odd or not contiguous."""
+    if not on_tensor_cores(q, k, v, do) or max(q.shape[3], v.shape[3]) > _mma_max_head_dim():
+        return None
+    words = [pair_words(t) for t in (q, k, v, do)]
+    return None if any(w is None for w in words) else words
+
+
 class _NumbaAttention:
     """Same methods as _TritonAttention, on the Numba kernels (kernels/numba/attention.py)."""
 
@@ -331,26 +346,29 @@ class _NumbaAttention:
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         m, mask_code = _numba_mask(mask)
-        tail = (numba_array(o), numba_array(lse), m if m is not None else numba_array(q),
-                mask_kind, mask_code, bool(is_causal), float(scale),
-                *_numba_dropout(dropout_p, seed), kn.dtype_code(q.dtype))
-        if on_tensor_cores(q, k, v):
+        mma = on_tensor_cores(q, k, v) and max(E, v.shape[3]) <= _mma_max_head_dim()
+        if mma:     # int32 words of pairs where the head dim allows, else int16 elements
+            words = [pair_words(t) for t in (q, k, v)]
+            qkv = [numba_array(t.view(torch.int16) if w is None else w)
+                   for t, w in zip((q, k, v), words)]
+        else:
+            qkv = [numba_array(t) for t in (q, k, v)]
+        tail = (numba_array(o), numba_array(lse), m if m is not None else qkv[0], mask_kind,
+                mask_code, bool(is_causal), float(scale), *_numba_dropout(dropout_p, seed),
+                kn.dtype_code(q.dtype))
+        if mma:
             from .kernels.numba import attention_mma as km
-            if max(E, v.shape[3]) <= km.MAX_HEAD_DIM:
-                warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else NUMBA_MMA_WARPS
-                bn, BD, BDV = km.tile(E, v.shape[3])
-                words = [pair_words(t) for t in (q, k, v)]   # None: element by element
-                kernel = km.fwd_mma_kernel(warps, bn, BD, BDV, q.dtype == torch.bfloat16,
-                                           *[w is not None for w in words])
-                launch_numba(kernel, _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps,
-                             q.device, *[t.view(torch.int16) if w is None else w
-                                         for t, w in zip((q, k, v), words)], *tail)
-                return
+            warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else NUMBA_MMA_WARPS
+            bn, BD, BDV = km.tile(E, v.shape[3])
+            kernel = km.fwd_mma_kernel(warps, bn, BD, BDV, q.dtype == torch.bfloat16,
+                                       *[w is not None for w in words])
+            launch_numba(kernel, _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps,
+                         q.device, *qkv, *tail)
+            return
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)
         kernel = kn.fwd_kernel(owned, streamed, BD, BDV, nt)
-        kernel[_numba_grid(cdiv(L, owned) * B * H), nt, numba_stream(q.device)](
-            numba_array(q), numba_array(k), numba_array(v), *tail)
+        kernel[_numba_grid(cdiv(L, owned) * B * H), nt, numba_stream(q.device)](*qkv, *tail)
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
@@ -358,41 +376,42 @@ class _NumbaAttention:
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        owned, streamed, BD, BDV = kn.tile_sizes(E, EV)
-        nt = numba_threads(128)
         code = kn.dtype_code(q.dtype)
-        stream = numba_stream(q.device)
         do = do.to(o.dtype)
-        qa, ka, va, doa, lsea = map(numba_array, (q, k, v, do, lse))
+        # the tensor-core kernels take q, k, v, dO as int32 words of pairs (even head dims)
+        words = _numba_mma_words(q, k, v, do)
+        qkvdo = [numba_array(t) for t in (words or (q, k, v, do))]
+        lsea, dqa = numba_array(lse), numba_array(dq)
         delta = new_output((B * H, L), torch.float32, q.device)
         deltaa = numba_array(delta)
-        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, numba_array(o), doa, deltaa, code)
+        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, numba_array(o), numba_array(do),
+                        deltaa, code)
         m, mask_code = _numba_mask(mask)
-        m = m if m is not None else qa
-        tail = (mask_kind, mask_code, bool(is_causal), float(scale),
-                *_numba_dropout(dropout_p, seed), code)
-        if on_tensor_cores(q, k, v, do):
-            words = [pair_words(t) for t in (q, k, v, do)]
+        head = (*qkvdo, lsea, deltaa)
+        tail = (m if m is not None else qkvdo[0], mask_kind, mask_code, bool(is_causal),
+                float(scale), *_numba_dropout(dropout_p, seed), code)
+        dq_tail = (dqa, numba_array(dmask) if dmask is not None else dqa, dmask is not None,
+                   *tail)
+        if words is not None:
             from .kernels.numba import attention_mma as km
-            if max(E, EV) <= km.MAX_HEAD_DIM and all(w is not None for w in words):
-                warps, bn, BD, BDV = km.bwd_tile(E, EV)
-                warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else warps
-                bf16 = q.dtype == torch.bfloat16
-                launch_numba(km.dkdv_mma_kernel(warps, bn, BD, BDV, bf16),
-                             _numba_grid(cdiv(S, 16 * warps) * B * HKV), 32 * warps, q.device,
-                             *words, lsea, deltaa, dk, dv, m, *tail)
-                launch_numba(km.dq_mma_kernel(warps, bn, BD, BDV, bf16),
-                             _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
-                             *words, lsea, deltaa, dq, dmask if dmask is not None else dq,
-                             dmask is not None, m, *tail)
-                return
+            warps, bn, BD, BDV = km.bwd_tile(E, EV)
+            warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else warps
+            bf16 = q.dtype == torch.bfloat16
+            launch_numba(km.dkdv_mma_kernel(warps, bn, BD, BDV, bf16),
+                         _numba_grid(cdiv(S, 16 * warps) * B * HKV), 32 * warps, q.device,
+                         *head, dk, dv, *tail)
+            launch_numba(km.dq_mma_kernel(warps, bn, BD, BDV, bf16),
+                         _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
+                         *head, *dq_tail)
+            return
+        owned, streamed, BD, BDV = kn.tile_sizes(E, EV)
+        nt = numba_threads(128)
+        stream = numba_stream(q.device)
         kn.dkdv_kernel(owned, streamed, BD, BDV, nt)[
             _numba_grid(cdiv(S, owned) * B * HKV), nt, stream](
-            qa, ka, va, doa, lsea, deltaa, numba_array(dk), numba_array(dv), m, *tail)
-        dqa = numba_array(dq)
+            *head, numba_array(dk), numba_array(dv), *tail)
         kn.dq_kernel(owned, streamed, BD, BDV, nt)[_numba_grid(cdiv(L, owned) * B * H), nt, stream](
-            qa, ka, va, doa, lsea, deltaa, dqa, numba_array(dmask) if dmask is not None else dqa,
-            dmask is not None, m, *tail)
+            *head, *dq_tail)
 
     @staticmethod
     @_env.emulated_launch
