@@ -102,6 +102,24 @@ def test_tensor_core_gemm_compiles_to_mma_offline(gru_launches, tmp_path):
     assert out["mma"] == 16 and out["spill"] == 0 and 0 < out["regs"] <= 255
 
 
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
+def test_tensor_core_attention_backward_compiles_offline_at_d64(tmp_path, kernel):
+    """The backward's kernels as a GPU builds them at head dim 64 bf16 (4 warps, 64 rows
+    streamed): mma.sync in every product, no spill (bench/TUNING.md v11: at d128 they do)."""
+    from pydl.kernels.numba import attention_mma
+    words, bits = ["array", "int32", 4, "A"], ["array", "int16", 4, "A"]
+    rows = ["array", "float32", 2, "C"]
+    flags = ["int64", "int64", "boolean", "float64", "boolean", "int64", "float64", "int64",
+             "int64"]           # mask_kind ... code
+    outputs = [bits, bits] if kernel == "dkdv" else [bits, bits, "boolean"]  # dq: dmask, grad
+    row = dict(module="pydl.kernels.numba.attention_mma", name=f"attention_bwd_{kernel}_mma",
+               built_by=["pydl.kernels.numba.attention_mma", f"_build_{kernel}",
+                         [*attention_mma.bwd_tile(64, 64), True]],
+               sig=[words] * 4 + [rows, rows] + outputs + [words] + flags)
+    out = _compile_offline(row, tmp_path)
+    assert out["mma"] > 0 and out["spill"] == 0 and 0 < out["regs"] <= 255
+
+
 def test_tensor_core_attention_compiles_to_mma_offline(tmp_path):
     """The Numba attention forward on tensor cores (kernels/numba/attention_mma.py) as the
     benchmark's d128 bf16 case builds it on a GPU (4 warps, 32 keys a tile, q, k and v staged
