@@ -5,7 +5,7 @@ The semantics, arguments and outputs of kernels/numba/attention.py's kernels (re
 docstring first: masks, causal, grouped-query heads, dropout with the same counter-based hash,
 lse = +inf and output 0 for a row with no visible key, NaN propagated), so each can stand in
 for its CUDA-core twin (the backward's delta kernel is shared). What differs is the product:
-every GEMM of a tile runs as PTX mma.sync m16n8k16 (kernels/numba/_device.py `mma`), with
+every GEMM of a tile runs as PTX mma.sync m16n8k16 (kernels/numba/_device.py `mma_into`), with
 FlashAttention-2's register-resident structure. The forward:
 
     block = WARPS warps; warp w owns the 16 query rows 16 w .. 16 w + 15 of the block's
@@ -50,7 +50,10 @@ operand is staged once. They take q, k, v and dO as words (even, contiguous head
 Registers: the scores and the output rows are local arrays indexed only by constants once the
 loops over them unroll (each element of a 16 x 8 tile written out, the loops short), so NVVM
 keeps them in registers; a loop that indexed them by a runtime value (the epilogue's did)
-put them in a local-memory frame, stored to after every mma.
+put them in a local-memory frame, stored to after every mma. The forward keeps them in
+registers at every head dim; the backward's element loop (the exponential and the dropout
+hash four times a tile) does not unroll at 64 rows, so its scores and dP take a 256-byte
+local frame, and at d128 it spills (bench/TUNING.md v11, with what was tried).
 """
 import math
 
