@@ -350,8 +350,14 @@ def _build_dq(WARPS, BN, BD, BDV, BF16):
                                          mask_code)
                         _store_mask_pair(dmask, b, h, row1, col, s[x + 2], s[x + 3], L, S,
                                          mask_code)
-                for j in range(BN // 16):                # dQ += dS K
-                    probs_times_rows(acc, QN // 4, s, j, sk, g, t)
+                # dQ += dS K, a call per 16-deep step with j a literal (a loop over j,
+                # left rolled, spilled 216 bytes at d128; the dK/dV kernel spills more
+                # written this way, so it keeps its loop)
+                probs_times_rows(acc, QN // 4, s, 0, sk, g, t)
+                probs_times_rows(acc, QN // 4, s, 1, sk, g, t)
+                if BN == 64:
+                    probs_times_rows(acc, QN // 4, s, 2, sk, g, t)
+                    probs_times_rows(acc, QN // 4, s, 3, sk, g, t)
             _store_rows(dq, b, h, row0, acc, QN // 4, t, sc, sc, L, E, BF16)
 
     return attention_bwd_dq_mma
