@@ -51,9 +51,9 @@ Registers: the scores and the output rows are local arrays indexed only by const
 loops over them unroll (each element of a 16 x 8 tile written out, the loops short), so NVVM
 keeps them in registers; a loop that indexed them by a runtime value (the epilogue's did)
 put them in a local-memory frame, stored to after every mma. The forward keeps them in
-registers at every head dim; in the backward a loop over its scores and dP does not unroll
-at 64 rows (likely the four 16-deep steps of P times B), so they take a 256-byte local
-frame, and at d128 it spills (bench/TUNING.md v11, with what was tried).
+registers at every head dim; in the backward some loop over its scores and dP does not
+unroll at 64 rows, so they take a 256-byte local frame, and at d128 the dK/dV kernel spills
+(bench/TUNING.md v11, with what was tried).
 """
 import math
 
