@@ -25,7 +25,7 @@ session would, per argument signature, and reports what ptxas says of each.
    tiles and blocks under emulation, for the simulator's speed; in the capture they pick a
    GPU's (`_gpu_launch_configs`), so the builder kernels compiled are those a GPU builds:
    the GEMM's 64 x 64 tiles of 4 x 4 per thread (and for 16-bit operands the tensor-core
-   GEMM's 2 x 2 warps, and the tensor-core attention forward's 4 warps), the recurrences'
+   GEMM's 2 x 2 warps, and the tensor-core attention kernels' 2 or 4), the recurrences'
    8 x 32 x 32, attention's 128 threads.
 2. Compile (processes without the simulator, a fresh one per kernel module, one per core at
    a time): each distinct (kernel, signature) through `numba.cuda.compile_ptx` for the
@@ -91,7 +91,7 @@ def _gpu_launch_configs() -> None:
     kernel is captured with the arguments a GPU launch builds it with."""
     import pydl  # noqa: F401  (every launcher module, before their names are replaced)
     from pydl import _gemm_numba, _launch, _rnn_launch, attention
-    attention.NUMBA_SIM_MMA_WARPS = attention.NUMBA_MMA_WARPS
+    attention.NUMBA_SIM_MMA_WARPS = None         # the forward's and backward's GPU warps
     _gemm_numba.SIM_TILE, _gemm_numba.SIM_MICRO = _gemm_numba.TILE, _gemm_numba.MICRO
     _gemm_numba.SIM_TRIM = False
     _gemm_numba.MMA, _gemm_numba.SIM_WARPS_MMA = True, _gemm_numba.WARPS_MMA

@@ -29,7 +29,7 @@ SIM_TILE, SIM_MICRO = 32, 16
 # kernels/numba/gemm.py: trim); tests turn this off to run the GPU's code path in the simulator.
 SIM_TRIM = True
 # fp16 and bf16 products on the tensor cores (kernels/numba/gemm_mma.py, and the attention
-# forward, kernels/numba/attention_mma.py: `on_tensor_cores`). The GEMM's blocks of WARPS_MMA
+# kernels, kernels/numba/attention_mma.py: `on_tensor_cores`). The GEMM's blocks of WARPS_MMA
 # (along M, N) warps of 32 x 32 outputs each, on a GPU that has mma.sync m16n8k16 (compute
 # capability 8.0 or newer), when MMA is on. It is off by default (PYDL_NUMBA_MMA=1 turns it
 # on) until a GPU run has shown the kernel's fragment layouts to be the hardware's: the
@@ -171,7 +171,7 @@ def pair_words(t: torch.Tensor) -> torch.Tensor | None:
 
 def on_tensor_cores(a: torch.Tensor, *others: torch.Tensor) -> bool:
     """The products of a Numba kernel on these operands go to the tensor cores (the GEMM's,
-    kernels/numba/gemm_mma.py; the attention forward's, kernels/numba/attention_mma.py): MMA
+    kernels/numba/gemm_mma.py; the attention's, kernels/numba/attention_mma.py): MMA
     on, fp16 or bf16 operands of one dtype, on a GPU with mma.sync m16n8k16 (or in the
     simulator)."""
     if not MMA or a.dtype not in (torch.float16, torch.bfloat16) \

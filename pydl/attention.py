@@ -29,8 +29,8 @@ from ._gemm import gemm_plan_on
 from ._gemm_numba import on_tensor_cores, pair_words
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba,
-                      launch_numba_1d, new_output, next_power_of_2, numba_array, numba_stream, numba_threads,
-                      output_maker, tf32_allowed)
+                      launch_numba_1d, new_output, next_power_of_2, numba_array, numba_stream,
+                      numba_threads, output_maker, tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensor_key)
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -316,26 +316,31 @@ def _numba_dropout(dropout_p: float, seed: int) -> tuple:
     return False, 0, 1.0, 0
 
 
-# The Numba forward on tensor cores (kernels/numba/attention_mma.py; with
-# pydl._gemm_numba.MMA, fp16 / bf16 inputs, head dims up to 128): warps a block, each owning 16
-# query rows. One in the simulator, where the warp's product is a block-wide rendezvous of
-# Python threads.
+# The Numba kernels on tensor cores (kernels/numba/attention_mma.py; with pydl._gemm_numba.MMA,
+# fp16 / bf16 inputs, head dims up to 128): the forward's warps a block, each owning 16 query
+# rows (the backward's: attention_mma.bwd_tile). One in the simulator, where the warp's
+# product is a block-wide rendezvous of Python threads (None: the GPU's, for
+# `python -m bench numba-resources`).
 NUMBA_MMA_WARPS, NUMBA_SIM_MMA_WARPS = 4, 1
 
 
-def _mma_max_head_dim() -> int:
-    from .kernels.numba import attention_mma as km       # the kernels load on first use
-    return km.MAX_HEAD_DIM
+def _mma_warps(gpu: int) -> int:
+    """The warps a block of a tensor-core attention kernel: `gpu` on a GPU, the simulator's
+    where it runs."""
+    return NUMBA_SIM_MMA_WARPS if _env.INTERPRET and NUMBA_SIM_MMA_WARPS else gpu
 
 
-def _numba_mma_words(q, k, v, do):
-    """q, k, v, dO as the tensor-core backward takes them (int32 words of pairs), or None
-    where it cannot run: MMA off, fp32 or mixed dtypes, head dims past its limit, a head dim
-    that is odd or not contiguous."""
-    if not on_tensor_cores(q, k, v, do) or max(q.shape[3], v.shape[3]) > _mma_max_head_dim():
+def _numba_mma_words(*tensors):
+    """Whether the tensor-core kernels take these (q, k, v[, dO]): None where they cannot (MMA
+    off, fp32 or mixed dtypes, a head dim past their limit), else each tensor as int32 words
+    of pairs, or None for one whose head dim is odd or not contiguous (the forward stages it
+    element by element; the backward then keeps its CUDA-core kernels)."""
+    if not on_tensor_cores(*tensors):
         return None
-    words = [pair_words(t) for t in (q, k, v, do)]
-    return None if any(w is None for w in words) else words
+    from .kernels.numba import attention_mma as km       # the kernels load on first use
+    if max(t.shape[3] for t in tensors) > km.MAX_HEAD_DIM:
+        return None
+    return [pair_words(t) for t in tensors]
 
 
 class _NumbaAttention:
@@ -346,9 +351,8 @@ class _NumbaAttention:
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         m, mask_code = _numba_mask(mask)
-        mma = on_tensor_cores(q, k, v) and max(E, v.shape[3]) <= _mma_max_head_dim()
-        if mma:     # int32 words of pairs where the head dim allows, else int16 elements
-            words = [pair_words(t) for t in (q, k, v)]
+        words = _numba_mma_words(q, k, v)
+        if words is not None:   # int32 words of pairs where the head dim allows, else int16
             qkv = [numba_array(t.view(torch.int16) if w is None else w)
                    for t, w in zip((q, k, v), words)]
         else:
@@ -356,9 +360,9 @@ class _NumbaAttention:
         tail = (numba_array(o), numba_array(lse), m if m is not None else qkv[0], mask_kind,
                 mask_code, bool(is_causal), float(scale), *_numba_dropout(dropout_p, seed),
                 kn.dtype_code(q.dtype))
-        if mma:
+        if words is not None:
             from .kernels.numba import attention_mma as km
-            warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else NUMBA_MMA_WARPS
+            warps = _mma_warps(NUMBA_MMA_WARPS)
             bn, BD, BDV = km.tile(E, v.shape[3])
             kernel = km.fwd_mma_kernel(warps, bn, BD, BDV, q.dtype == torch.bfloat16,
                                        *[w is not None for w in words])
@@ -380,12 +384,14 @@ class _NumbaAttention:
         do = do.to(o.dtype)
         # the tensor-core kernels take q, k, v, dO as int32 words of pairs (even head dims)
         words = _numba_mma_words(q, k, v, do)
+        if words is not None and any(w is None for w in words):
+            words = None
         qkvdo = [numba_array(t) for t in (words or (q, k, v, do))]
         lsea, dqa = numba_array(lse), numba_array(dq)
         delta = new_output((B * H, L), torch.float32, q.device)
         deltaa = numba_array(delta)
-        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, numba_array(o), numba_array(do),
-                        deltaa, code)
+        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, numba_array(o),
+                        qkvdo[3] if words is None else numba_array(do), deltaa, code)
         m, mask_code = _numba_mask(mask)
         head = (*qkvdo, lsea, deltaa)
         tail = (m if m is not None else qkvdo[0], mask_kind, mask_code, bool(is_causal),
@@ -395,7 +401,7 @@ class _NumbaAttention:
         if words is not None:
             from .kernels.numba import attention_mma as km
             warps, bn, BD, BDV = km.bwd_tile(E, EV)
-            warps = NUMBA_SIM_MMA_WARPS if _env.INTERPRET else warps
+            warps = _mma_warps(warps)
             bf16 = q.dtype == torch.bfloat16
             launch_numba(km.dkdv_mma_kernel(warps, bn, BD, BDV, bf16),
                          _numba_grid(cdiv(S, 16 * warps) * B * HKV), 32 * warps, q.device,

@@ -13,7 +13,8 @@ Python's cost, and factoring a kernel into helpers does not slow the emulated te
 that names `cuda` (thread indices, local arrays) gets the `cuda.jit` device function there too.
 
 `mma(bf16)`: the warp's tensor-core product (PTX mma.sync m16n8k16, fp32 accumulators), for
-the GEMM (kernels/numba/gemm_mma.py) and the attention forward (kernels/numba/attention_mma.py).
+the GEMM (kernels/numba/gemm_mma.py) and the attention kernels (kernels/numba/attention_mma.py),
+through `mma_into`.
 Numba CUDA has no tensor-core intrinsic; the instruction is inline PTX. Its counterpart in the
 simulator gathers the warp's fragments and computes the same product, so the fragment layouts
 the kernel builds are checked there.
@@ -140,15 +141,23 @@ def nanmax(a, b):
 
 
 if config.ENABLE_CUDASIM:
-    def _quad_values(v):
-        """The values the four lanes of this thread's quad passed (the simulator's shuffle)."""
+    def _block_scratch(name: str, make):
+        """(this simulated thread, its block's thread count, the block's scratch arrays
+        `name`, made by make(threads) once per block): where the simulator's stand-ins for
+        warp-wide instructions (`mma`, the quad reductions) meet."""
         me = threading.current_thread()
-        block = me._manager
+        block = me._manager                 # the simulator's BlockManager of this block
         lanes = int(np.prod(block._block_dim))
         with _LOCK:
-            x = block.__dict__.get("pydl_quad")
-            if x is None or x.shape[0] != lanes:
-                x = block.pydl_quad = np.zeros(lanes, np.float32)
+            state = block.__dict__.get(name)
+            if state is None or state[0].shape[0] != lanes:
+                state = make(lanes)
+                setattr(block, name, state)
+        return me, lanes, state
+
+    def _quad_values(v):
+        """The values the four lanes of this thread's quad passed (the simulator's shuffle)."""
+        me, _, (x,) = _block_scratch("pydl_quad", lambda n: (np.zeros(n, np.float32),))
         i = me.thread_id
         x[i] = v
         me.syncthreads()
@@ -186,17 +195,9 @@ if config.ENABLE_CUDASIM:
         times (a block-wide barrier stands for the warp's); the block's first thread computes
         each warp's product from the fragments the lanes left."""
         def product(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-            me = threading.current_thread()
-            block = me._manager                 # the simulator's BlockManager of this block
-            lanes = int(np.prod(block._block_dim))
-            with _LOCK:
-                state = block.__dict__.get("pydl_mma")
-                if state is None or state[0].shape[0] != lanes:
-                    state = block.pydl_mma = (np.zeros((lanes, 4), np.uint32),
-                                              np.zeros((lanes, 2), np.uint32),
-                                              np.zeros((lanes, 4), np.float32),
-                                              np.zeros((lanes, 4), np.float32))
-            a, b, c, d = state
+            me, lanes, (a, b, c, d) = _block_scratch("pydl_mma", lambda n: (
+                np.zeros((n, 4), np.uint32), np.zeros((n, 2), np.uint32),
+                np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32)))
             i = me.thread_id
             a[i] = (a0, a1, a2, a3)
             b[i] = (b0, b1)

@@ -100,9 +100,7 @@ def fwd_mma_kernel(warps: int, bn: int, bd: int, bdv: int, bf16: bool, q_words: 
                    k_words: bool, v_words: bool):
     """The kernel for `warps` warps and `tile`'s sizes (see the module docstring), compiled
     on first use."""
-    if bn % 16 or bd % 16 or bdv % 16 or max(bd, bdv) > MAX_HEAD_DIM:
-        raise ValueError(f"attention_mma: BN, BD, BDV must be multiples of 16 (head dims up "
-                         f"to {MAX_HEAD_DIM}), got {bn}, {bd}, {bdv}")
+    _check_tile(bn, bd, bdv)
     return _build(int(warps), int(bn), int(bd), int(bdv), bool(bf16), bool(q_words),
                   bool(k_words), bool(v_words))
 
