@@ -113,6 +113,13 @@ def stubbed_launches():
 
     _plan._DEVICE_INDEX, _plan._RAW_STREAM = (lambda: 0), (lambda device: 0)
     _plan.Launch._keep = keep
+    # Numba's launches likewise take pydl._launch's direct path, with a stand-in of what it
+    # needs of Numba on a GPU (_NumbaRuntime): a first launch per argument signature through
+    # "Numba", then the parameter list refilled.
+    from pydl import _launch
+    old_runtime = _launch._NUMBA_RUNTIME
+    _launch._NUMBA_RUNTIME, _launch._NUMBA_DIRECT_ON_CPU = _NumbaRuntime(), True
+    _launch._NUMBA_DIRECTS.clear()
     InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call
     _env.SCOPE_EMULATION = False
     try:
@@ -121,6 +128,8 @@ def stubbed_launches():
         InterpretedFunction.run, FakeCUDAKernel.__call__ = old_triton, old_numba
         _plan._DEVICE_INDEX, _plan._RAW_STREAM = old_device
         _plan.Launch._keep = old_keep
+        _launch._NUMBA_RUNTIME, _launch._NUMBA_DIRECT_ON_CPU = old_runtime, False
+        _launch._NUMBA_DIRECTS.clear()
         for launch in kept:         # the interpreter runs them again
             launch.compiled = None
         softmax_ce.kernel_checks_targets = old_check
@@ -147,6 +156,82 @@ class _Compiled:
         if _COUNTS is not None:
             _COUNTS.launches += 1
             _COUNTS.direct += 1
+
+
+class _NumbaRuntime:
+    """pydl._launch._NumbaRuntime's stand-in on a CPU: the first launch of an argument
+    signature is counted and "launches" an overload typed as Numba types the call (numpy's
+    view of each tensor, Python scalars as they are) whose parameter list is made as Numba's
+    _Kernel._prepare_args makes it (tests/test_numba_direct.py checks pydl's refilling
+    against Numba's real one); the direct launches that follow are counted and their
+    parameter lists checked against the overload's length."""
+
+    @staticmethod
+    def device_index(device) -> int:
+        return 0
+
+    @staticmethod
+    def first_launch(kernel, grid, threads, device, args):
+        if _COUNTS is not None:
+            _COUNTS.launches += 1
+        return _Overload(args), args, 0
+
+    @staticmethod
+    def kernel(overload, index):
+        return overload
+
+    @staticmethod
+    def config(grid, threads, cooperative):
+        return grid, threads
+
+    @staticmethod
+    def stream(device):
+        return 0
+
+    @staticmethod
+    def launch(stream, config, kernel, params) -> None:
+        if len(params) != kernel.params:
+            raise TypeError(f"the direct Numba launch passed {len(params)} parameters, the "
+                            f"overload has {kernel.params}")
+        if _COUNTS is not None:
+            _COUNTS.launches += 1
+            _COUNTS.direct += 1
+
+
+class _Overload:
+    """A compiled Numba kernel as pydl's direct path reads it (argument_types, _prepare_args,
+    cooperative), for a call's arguments."""
+
+    extensions, debug, cooperative = (), False, False
+
+    def __init__(self, args):
+        import torch
+        from numba.cuda.typing.typeof import Purpose, typeof
+        self.argument_types = [typeof(_numpy_view(a) if isinstance(a, torch.Tensor) else a,
+                                      Purpose.argument) for a in args]
+        self.params = sum(5 + 2 * a.dim() if isinstance(a, torch.Tensor) else 1 for a in args)
+
+    @staticmethod
+    def _prepare_args(ty, value, stream, retr, params) -> None:
+        import ctypes
+
+        import torch
+        if isinstance(value, torch.Tensor):
+            size = value.element_size()
+            params += [0, 0, value.numel(), size, value.data_ptr() if value.numel() else 0,
+                       *value.shape, *(s * size for s in value.stride())]
+        elif str(ty) in ("float32", "float64"):
+            params.append((ctypes.c_float if str(ty) == "float32" else ctypes.c_double)(value))
+        elif str(ty) == "bool":
+            params.append(value)
+        else:
+            params.append(getattr(ctypes, f"c_{ty}")(value))
+
+
+def _numpy_view(t):
+    import torch
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _dispatch_counter():

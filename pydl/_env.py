@@ -38,6 +38,13 @@ if INTERPRET:
         sys.modules["numba.core.config"].reload_config()
 
 
+# On a GPU, a kernel launched before with arguments of the same kind is launched again with
+# the argument list kept from that launch, skipping the launcher's own per-call work (Triton:
+# pydl._plan.Launch; Numba: pydl._launch.launch_numba). PYDL_DIRECT_LAUNCH=0 keeps every
+# launch on Triton's and Numba's own paths.
+DIRECT_LAUNCH: bool = os.environ.get("PYDL_DIRECT_LAUNCH", "1").strip() != "0"
+
+
 # The CUDA simulator runs each CUDA thread as an OS thread, released from a syncthreads by a
 # busy-polling manager thread; with Python's default 5 ms switch interval every barrier costs
 # milliseconds. 0.1 ms makes barrier-heavy simulated kernels several times faster.

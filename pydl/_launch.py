@@ -5,9 +5,11 @@ Kept in one place so the Triton and Numba launchers never each grow their own co
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from . import _env
@@ -175,17 +177,21 @@ def numba_array(t: torch.Tensor):
     NumPy. NumPy and the CUDA array interface have no bfloat16, so bf16 tensors are viewed as
     int16 bit patterns; kernels decode them (see kernels/numba/_dtypes.py).
     """
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
+    t = numba_view(t)
     if t.device.type == "cuda":
         from numba import cuda
-        return cuda.as_cuda_array(t.detach())
+        return cuda.as_cuda_array(t)
     # Simulator: wrap the NumPy view as a simulated device array. A plain NumPy argument would
     # be copied in and out on every launch, and strided views that are neither C- nor
     # F-contiguous would be refused.
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
     _atomic_simulator_shared_arrays()
-    return FakeCUDAArray(t.detach().numpy())
+    return FakeCUDAArray(t.numpy())
+
+
+def numba_view(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory a Numba array of t describes: t detached, bf16 as int16."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).detach()
 
 
 _SIM_SHARED_LOCK = None
@@ -275,16 +281,255 @@ def numba_blocks(blocks: int) -> int:
 
 def launch_numba(kernel, grid, threads, device: torch.device, *args) -> None:
     """The one way pydl launches a Numba kernel: `grid` blocks of `threads` (ints or tuples)
-    on torch's current stream; tensor arguments become zero-copy Numba arrays (numba_array),
-    the others pass as they are."""
-    numba_launcher(kernel, grid, threads, device)(
+    on torch's current stream. Arguments are torch tensors (passed as zero-copy Numba arrays;
+    bf16 as int16 bit patterns, see numba_array) and scalars. On a GPU a call whose argument
+    signature was launched before takes the direct path (_NumbaDirect); the first goes through
+    Numba's own dispatch."""
+    if NUMBA_DIRECT and (device.type == "cuda" or _NUMBA_DIRECT_ON_CPU):
+        _launch_numba_direct(kernel, grid, threads, device, args)
+        return
+    kernel[grid, threads, numba_stream(device)](
         *[numba_array(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
-def numba_launcher(kernel, grid, threads, device: torch.device):
-    """launch_numba's kernel configured once, for a plan that launches it several times in a
-    call (a recurrence step by step): call it with Numba arrays (numba_array) and scalars."""
-    return kernel[grid, threads, numba_stream(device)]
+def launch_numba_each(kernel, grid, threads, device: torch.device, args: tuple,
+                      tails: list) -> None:
+    """launch_numba(kernel, grid, threads, device, *args, *tail) for each tail in `tails`
+    (tuples of scalars, of the same types each): the same tensors launched again and again
+    with the last scalars changing (a recurrence step by step). On the direct path the
+    parameter list is made once and only the tail's scalars are refilled per launch."""
+    if not tails:
+        return
+    launch_numba(kernel, grid, threads, device, *args, *tails[0])
+    direct = None
+    if NUMBA_DIRECT and (device.type == "cuda" or _NUMBA_DIRECT_ON_CPU):
+        runtime = _NUMBA_RUNTIME
+        direct = _NUMBA_DIRECTS.get((kernel, runtime.device_index(device),
+                                     _numba_signature((*args, *tails[0]))))
+    params = None if direct is None else direct.fill((*args, *tails[0]))
+    if params is None:
+        for tail in tails[1:]:
+            launch_numba(kernel, grid, threads, device, *args, *tail)
+        return
+    slots = direct.scalars[len(direct.scalars) - len(tails[0]):]
+    kinds = tuple(map(type, tails[0]))
+    for tail in tails[1:]:
+        if tuple(map(type, tail)) != kinds or not direct.refill(params, slots, tail,
+                                                               len(args)):
+            launch_numba(kernel, grid, threads, device, *args, *tail)
+            continue
+        direct.launch(runtime, grid, threads, device, params)
+
+
+# --- Numba: the direct launch ------------------------------------------------------------------
+# Numba launches a kernel called with torch tensors in three costly steps every call: each
+# tensor becomes a DeviceNDArray (torch's __cuda_array_interface__, a driver pointer, a
+# MemoryPointer; numba-cuda issue #98 measures it at several times the launch itself), the
+# call is typed and dispatched to a compiled overload, and each argument is marshalled into the
+# overload's parameter list (_Kernel._prepare_args). A call whose argument signature (each
+# tensor's dtype, shape and strides, each scalar's type) was launched before differs from that
+# launch only in its tensors' data pointers and its scalars' values, so the direct path keeps
+# the parameter list Numba made the first time and refills those: the same overload, the same
+# list, the same cuda.core launch Numba makes. PYDL_DIRECT_LAUNCH=0 turns it off, with
+# Triton's.
+NUMBA_DIRECT = _env.DIRECT_LAUNCH
+# `python -m bench overhead` measures the direct path on a CPU (its stand-in runtime).
+_NUMBA_DIRECT_ON_CPU = False
+_NUMBA_DIRECTS: dict = {}           # (kernel, device, signature) -> _NumbaDirect or None
+_NUMBA_DIRECT_MAX = 4096
+# Why a first launch was left on Numba's path (the first few; tests print them).
+NUMBA_NOT_DIRECT: list = []
+
+
+class _NotDirect(Exception):
+    """A first launch whose parameter list the direct path cannot refill (a kind of argument
+    it does not know, a Numba debug or extension launch): that signature keeps Numba's path."""
+
+
+def _numba_signature(args) -> tuple:
+    """What decides a Numba launch's overload and its parameter list but the data pointers and
+    scalar values: each tensor's dtype, shape and strides (its Numba type and array fields
+    follow from them), each other argument's type."""
+    return tuple([(a.dtype, a.shape, a.stride()) if isinstance(a, torch.Tensor) else type(a)
+                  for a in args])
+
+
+def _launch_numba_direct(kernel, grid, threads, device, args) -> None:
+    runtime = _NUMBA_RUNTIME
+    index = runtime.device_index(device)
+    key = (kernel, index, _numba_signature(args))
+    direct = _NUMBA_DIRECTS.get(key, False)
+    if direct and direct(runtime, grid, threads, device, args):
+        return
+    overload, arrays, stream = runtime.first_launch(kernel, grid, threads, device, args)
+    if direct is not False:             # a known signature whose scalar would not fit
+        return
+    try:
+        if overload is None:
+            raise _NotDirect("Numba's launch reported no overload")
+        direct = _NumbaDirect(overload, args, arrays, stream, runtime.kernel(overload, index))
+    except Exception as exc:    # anything this Numba does otherwise: its own path, still right
+        direct = None
+        if len(NUMBA_NOT_DIRECT) < 16:
+            NUMBA_NOT_DIRECT.append(f"{getattr(kernel, '__name__', kernel)}: {exc!r}")
+    if len(_NUMBA_DIRECTS) >= _NUMBA_DIRECT_MAX:
+        _NUMBA_DIRECTS.clear()
+    _NUMBA_DIRECTS[key] = direct
+
+
+_ARRAY_FIELDS = 5   # meminfo, parent, size, itemsize, data; then shape and strides (ndim each)
+_DATA_FIELD = 4
+
+
+class _NumbaDirect:
+    """A Numba overload's launch for one argument signature: the parameter list Numba's
+    _prepare_args made for the first launch, with the places each call fills (the tensors'
+    data pointers, the scalars) and how (the ctypes type Numba made of the scalar). Integer
+    scalars are checked to fit the type Numba gave the first call's value (a Python int past
+    int64 types otherwise): one that does not goes through Numba, which types it anew."""
+
+    __slots__ = ("kernel", "template", "pointers", "scalars", "cooperative", "configs")
+
+    def __init__(self, overload, args, arrays, stream, kernel):
+        if getattr(overload, "extensions", None) or getattr(overload, "debug", False):
+            raise _NotDirect("an extension or debug launch")
+        template, written_back = [], []
+        for ty, value in zip(overload.argument_types, arrays):
+            overload._prepare_args(ty, value, stream, written_back, template)
+        if written_back or len(overload.argument_types) != len(args):
+            raise _NotDirect("arguments copied to the device or not one type each")
+        pointers, scalars, at = [], [], 0
+        for i, (ty, a) in enumerate(zip(overload.argument_types, args)):
+            if isinstance(a, torch.Tensor):
+                ndim = getattr(ty, "ndim", None)
+                if ndim is None or ndim != a.dim():
+                    raise _NotDirect(f"argument {i}: a tensor typed {ty}")
+                if a.numel():           # an empty tensor's pointer is Numba's 0 every call
+                    pointers.append((at + _DATA_FIELD, i))
+                at += _ARRAY_FIELDS + 2 * ndim
+            else:
+                value = template[at]
+                if isinstance(value, (bool, np.bool_)):
+                    scalars.append((at, i, None, False))
+                elif isinstance(value, (ctypes.c_float, ctypes.c_double)):
+                    scalars.append((at, i, type(value), False))
+                elif isinstance(value, _CTYPES_INTS):
+                    scalars.append((at, i, type(value), True))
+                else:
+                    raise _NotDirect(f"argument {i}: {ty} marshalled as {value!r}")
+                at += 1
+        if at != len(template):
+            raise _NotDirect(f"{len(template)} parameters, {at} placed")
+        self.template, self.pointers, self.scalars = tuple(template), tuple(pointers), tuple(scalars)
+        self.kernel, self.cooperative, self.configs = kernel, overload.cooperative, {}
+        if _numba_params(self.fill(args)) != _numba_params(template):
+            raise _NotDirect("the first call refilled is not the list Numba made")
+
+    def fill(self, args) -> list | None:
+        """The parameter list of a call with this signature; None where an integer scalar does
+        not fit the type the first call's got."""
+        params = list(self.template)
+        for at, i in self.pointers:
+            params[at] = args[i].data_ptr()
+        if not self.refill(params, self.scalars, [args[i] for _, i, _, _ in self.scalars], 0):
+            return None
+        return params
+
+    def refill(self, params: list, slots, values, first: int) -> bool:
+        """The scalars of `slots` (entries of self.scalars, of arguments first, first + 1,
+        ...) refilled in params from `values`; False where an integer does not fit."""
+        for (at, i, make, exact), a in zip(slots, values):
+            if i < first:
+                return False
+            if make is None:
+                params[at] = a
+                continue
+            c = make(a)
+            if exact and c.value != a:
+                return False
+            params[at] = c
+        return True
+
+    def __call__(self, runtime, grid, threads, device, args) -> bool:
+        params = self.fill(args)
+        if params is None:
+            return False
+        self.launch(runtime, grid, threads, device, params)
+        return True
+
+    def launch(self, runtime, grid, threads, device, params: list) -> None:
+        config = self.configs.get((grid, threads))
+        if config is None:
+            config = self.configs[(grid, threads)] = runtime.config(grid, threads,
+                                                                    self.cooperative)
+        runtime.launch(runtime.stream(device), config, self.kernel, params)
+
+
+_CTYPES_INTS = (ctypes.c_int8, ctypes.c_int16, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint8,
+                ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64)
+
+
+def _numba_params(params) -> list:
+    """A parameter list as comparable values: (ctypes type, value) for a ctypes scalar."""
+    return [(type(p), p.value) if isinstance(p, ctypes._SimpleCData) else (type(p), p)
+            for p in params]
+
+
+class _NumbaRuntime:
+    """What the direct path needs of Numba and cuda.core on a GPU (numba-cuda 0.30: the
+    overload a launch ran, its parameter list, the cuda.core launch). `python -m bench
+    overhead` puts a stand-in in its place to measure the direct path on a CPU."""
+
+    @staticmethod
+    def device_index(device: torch.device) -> int:
+        return torch._C._cuda_getDevice() if device.index is None else device.index
+
+    @staticmethod
+    def first_launch(kernel, grid, threads, device, args):
+        """Launch through Numba; returns (the overload it launched, the Numba arrays of the
+        call's tensors, the stream its launch configuration holds)."""
+        arrays = [numba_array(a) if isinstance(a, torch.Tensor) else a for a in args]
+        configured = kernel[grid, threads, numba_stream(device)]
+        launched = []
+        configured.pre_launch_callbacks.append(lambda overload, _: launched.append(overload))
+        configured(*arrays)
+        return launched[0] if len(launched) == 1 else None, arrays, configured.stream
+
+    @staticmethod
+    def kernel(overload, index: int):
+        """The overload's cuda.core kernel on the current device (Numba loads it per device
+        on its first launch there)."""
+        return overload._codelibrary.get_cufunc().kernel
+
+    @staticmethod
+    def config(grid, threads, cooperative: bool):
+        from numba.cuda import dispatcher
+        from numba.cuda.errors import normalize_kernel_dimensions
+        grid, threads = normalize_kernel_dimensions(grid, threads)
+        if dispatcher.CUDA_CORE_GE_1_0:
+            return dispatcher.LaunchConfig(grid=grid, block=threads, shmem_size=0,
+                                           is_cooperative=cooperative)
+        return dispatcher.LaunchConfig(grid=grid, block=threads, shmem_size=0,
+                                       cooperative_launch=cooperative)
+
+    @staticmethod
+    def stream(device: torch.device):
+        """torch's current stream as the cuda.core stream Numba launches on (made once)."""
+        handle = stream_handle(device)
+        stream = _CORE_STREAMS.get(handle)
+        if stream is None:
+            from numba.cuda.cudadrv import driver
+            stream = _CORE_STREAMS[handle] = driver._to_core_stream(numba_stream(device))
+        return stream
+
+    @staticmethod
+    def launch(stream, config, kernel, params) -> None:
+        from numba.cuda import dispatcher
+        dispatcher.launch(stream, config, kernel, *params)
+
+
+_CORE_STREAMS: dict = {}
+_NUMBA_RUNTIME = _NumbaRuntime()
 
 
 def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, threads: int = 256) -> None:

@@ -33,7 +33,6 @@ these at a time.
 """
 from __future__ import annotations
 
-import os
 from functools import reduce
 from operator import itemgetter, or_
 from typing import Callable, Hashable
@@ -174,7 +173,7 @@ def apply(function: type, *args):
 # On a GPU, a Launch calls the compiled kernel's launcher directly after its first launch,
 # skipping Triton's per-call argument binding and cache lookup (JITFunction.run: 10-20 us of
 # host time a launch); PYDL_DIRECT_LAUNCH=0 keeps every launch on Triton's own path.
-DIRECT = os.environ.get("PYDL_DIRECT_LAUNCH", "1").strip() != "0"
+DIRECT = _env.DIRECT_LAUNCH
 # The current CUDA device's index and a device's current raw stream, read by the direct path
 # (torch's C getters; absent from CPU builds, where bench/overhead.py's stub replaces them).
 _DEVICE_INDEX = getattr(torch._C, "_cuda_getDevice", None)

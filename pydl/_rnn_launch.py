@@ -69,11 +69,10 @@ from ._launch import (
     dot_block,
     input_precision,
     launch_numba,
+    launch_numba_each,
     new_output,
     next_power_of_2,
-    numba_array,
     numba_blocks,
-    numba_launcher,
     numba_threads,
 )
 from ._plan import Launch
@@ -641,7 +640,7 @@ class NumbaLaunch:
             if t is None:
                 placeholder = torch.empty((1,) * rank, dtype=F32, device=device)
                 self.keep.append(placeholder)
-                views.append(numba_array(placeholder))
+                views.append(placeholder)
             elif t.dim() < rank:            # a 2-D step for a 3-D sequence
                 views.append(((1, *t.shape), (0, *t.stride())))
             else:                           # (the first matrix of a stack)
@@ -649,15 +648,16 @@ class NumbaLaunch:
         self.views = tuple(views)
 
     def arrays(self, tensors) -> list:
-        """The kernel's array arguments for these tensors (Numba views, made once a call)."""
+        """The kernel's array arguments for these tensors: each, or its view in the planned
+        shape, or the placeholder of an absent one."""
         out = []
         for t, v in zip(tensors, self.views):
             if not isinstance(v, tuple):
                 out.append(v)           # a placeholder
             elif t.shape == v[0]:
-                out.append(numba_array(t))
+                out.append(t)
             else:
-                out.append(numba_array(t.as_strided(*v)))
+                out.append(t.as_strided(*v))
         return out
 
     def __call__(self, *tensors, dynamic: tuple = ()) -> None:
@@ -687,11 +687,10 @@ class NumbaRecurrence:
         if self.mode != "steps":
             launch(*tensors, dynamic=(0, self.n_steps, True))
             return
-        # one launch per step: the arrays made and the kernel configured once
-        args = (*launch.arrays(tensors), *launch.scalars)
-        run = numba_launcher(launch.kernel, launch.grid, launch.threads, launch.device)
-        for s in range(self.n_steps):
-            run(*args, s, s + 1, False)
+        # one launch per step, the views made once
+        launch_numba_each(launch.kernel, launch.grid, launch.threads, launch.device,
+                          (*launch.arrays(tensors), *launch.scalars),
+                          [(s, s + 1, False) for s in range(self.n_steps)])
 
 
 class NumbaRNN:

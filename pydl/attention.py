@@ -29,7 +29,7 @@ from ._gemm import gemm_plan_on
 from ._gemm_numba import on_tensor_cores, pair_words
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba,
-                      launch_numba_1d, new_output, next_power_of_2, numba_array, numba_stream,
+                      launch_numba_1d, new_output, next_power_of_2,
                       numba_threads, output_maker, tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensor_key)
@@ -299,13 +299,14 @@ def _numba_grid(n_items: int) -> int:
 
 
 def _numba_mask(mask):
-    """(array, dtype code) of an attention mask: bool as uint8 bytes, float as is."""
+    """(tensor, dtype code) of an attention mask for the Numba kernels: bool as uint8 bytes,
+    float as is."""
     from .kernels.numba import attention as kn
     if mask is None:
         return None, 0
     if mask.dtype == torch.bool:
-        return numba_array(mask.view(torch.uint8)), 0
-    return numba_array(mask), kn.BF16 if mask.dtype == torch.bfloat16 else 0
+        return mask.view(torch.uint8), 0
+    return mask, kn.BF16 if mask.dtype == torch.bfloat16 else 0
 
 
 def _numba_dropout(dropout_p: float, seed: int) -> tuple:
@@ -353,11 +354,10 @@ class _NumbaAttention:
         m, mask_code = _numba_mask(mask)
         words = _numba_mma_words(q, k, v)
         if words is not None:   # int32 words of pairs where the head dim allows, else int16
-            qkv = [numba_array(t.view(torch.int16) if w is None else w)
-                   for t, w in zip((q, k, v), words)]
+            qkv = [t.view(torch.int16) if w is None else w for t, w in zip((q, k, v), words)]
         else:
-            qkv = [numba_array(t) for t in (q, k, v)]
-        tail = (numba_array(o), numba_array(lse), m if m is not None else qkv[0], mask_kind,
+            qkv = [q, k, v]
+        tail = (o, lse, m if m is not None else qkv[0], mask_kind,
                 mask_code, bool(is_causal), float(scale), *_numba_dropout(dropout_p, seed),
                 kn.dtype_code(q.dtype))
         if words is not None:
@@ -371,8 +371,8 @@ class _NumbaAttention:
             return
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)
-        kernel = kn.fwd_kernel(owned, streamed, BD, BDV, nt)
-        kernel[_numba_grid(cdiv(L, owned) * B * H), nt, numba_stream(q.device)](*qkv, *tail)
+        launch_numba(kn.fwd_kernel(owned, streamed, BD, BDV, nt),
+                     _numba_grid(cdiv(L, owned) * B * H), nt, q.device, *qkv, *tail)
 
     @staticmethod
     def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
@@ -386,18 +386,14 @@ class _NumbaAttention:
         words = _numba_mma_words(q, k, v, do)
         if words is not None and any(w is None for w in words):
             words = None
-        qkvdo = [numba_array(t) for t in (words or (q, k, v, do))]
-        lsea, dqa = numba_array(lse), numba_array(dq)
+        qkvdo = words or (q, k, v, do)
         delta = new_output((B * H, L), torch.float32, q.device)
-        deltaa = numba_array(delta)
-        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, numba_array(o),
-                        qkvdo[3] if words is None else numba_array(do), deltaa, code)
+        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, o, do, delta, code)
         m, mask_code = _numba_mask(mask)
-        head = (*qkvdo, lsea, deltaa)
+        head = (*qkvdo, lse, delta)
         tail = (m if m is not None else qkvdo[0], mask_kind, mask_code, bool(is_causal),
                 float(scale), *_numba_dropout(dropout_p, seed), code)
-        dq_tail = (dqa, numba_array(dmask) if dmask is not None else dqa, dmask is not None,
-                   *tail)
+        dq_tail = (dq, dmask if dmask is not None else dq, dmask is not None, *tail)
         if words is not None:
             from .kernels.numba import attention_mma as km
             warps, bn, BD, BDV = km.bwd_tile(E, EV)
@@ -412,12 +408,10 @@ class _NumbaAttention:
             return
         owned, streamed, BD, BDV = kn.tile_sizes(E, EV)
         nt = numba_threads(128)
-        stream = numba_stream(q.device)
-        kn.dkdv_kernel(owned, streamed, BD, BDV, nt)[
-            _numba_grid(cdiv(S, owned) * B * HKV), nt, stream](
-            *head, numba_array(dk), numba_array(dv), *tail)
-        kn.dq_kernel(owned, streamed, BD, BDV, nt)[_numba_grid(cdiv(L, owned) * B * H), nt, stream](
-            *head, *dq_tail)
+        launch_numba(kn.dkdv_kernel(owned, streamed, BD, BDV, nt),
+                     _numba_grid(cdiv(S, owned) * B * HKV), nt, q.device, *head, dk, dv, *tail)
+        launch_numba(kn.dq_kernel(owned, streamed, BD, BDV, nt),
+                     _numba_grid(cdiv(L, owned) * B * H), nt, q.device, *head, *dq_tail)
 
     @staticmethod
     @_env.emulated_launch
@@ -428,10 +422,9 @@ class _NumbaAttention:
         from .kernels.numba import attention as kn
         B, H, L, _ = q.shape
         p = new_output((B, H, L, k.shape[2]), q.dtype, q.device)
-        qa = numba_array(q)
         m, mask_code = _numba_mask(mask)
-        launch_numba_1d(kn.attention_weights, B * H * L, q.device, qa, numba_array(k),
-                        m if m is not None else qa, numba_array(p), float(scale), mask_kind,
+        launch_numba_1d(kn.attention_weights, B * H * L, q.device, q, k,
+                        m if m is not None else q, p, float(scale), mask_kind,
                         mask_code, bool(is_causal), H // k.shape[1], kn.dtype_code(q.dtype))
         return p
 
@@ -441,8 +434,7 @@ class _NumbaAttention:
         from .kernels.numba import attention as kn
         keep = new_output((B * H, L, S), torch.int8, device)
         _, threshold, _, seed = _numba_dropout(dropout_p, seed)
-        launch_numba_1d(kn.attention_dropout_mask, B * H * L, device, numba_array(keep),
-                        seed, threshold)
+        launch_numba_1d(kn.attention_dropout_mask, B * H * L, device, keep, seed, threshold)
         return keep.view(B, H, L, S).bool()
 
 

@@ -387,9 +387,12 @@ def test_numba_tensor_cores_nan_and_routing(numba_mma):
 def test_numba_attention_keeps_cuda_cores_without_mma(monkeypatch):
     from pydl import _gemm_numba
     assert not _gemm_numba.MMA or pytest.skip("PYDL_NUMBA_MMA=1 in this environment")
-    launched = []
-    monkeypatch.setattr(attention, "launch_numba", lambda *a: launched.append(a))
+    from pydl.kernels.numba._builder import BUILT_BY
+    launched, launch = [], attention.launch_numba
+    monkeypatch.setattr(attention, "launch_numba",
+                        lambda kernel, *a: (launched.append(kernel), launch(kernel, *a)))
     out, _, grads = run_with_grad(lambda q, k, v: pydl.scaled_dot_product_attention(
         q, k, v, backend="numba"), list(qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16)))
-    # the tensor-core kernels' one way in
-    assert out.isfinite().all() and all(g.isfinite().all() for g in grads) and launched == []
+    made_by = [getattr(k, BUILT_BY, (k.__module__,))[0] for k in launched]
+    assert out.isfinite().all() and all(g.isfinite().all() for g in grads)
+    assert len(made_by) == 3 and not any(m.endswith("attention_mma") for m in made_by), made_by

@@ -1,0 +1,186 @@
+"""The direct Numba launch (pydl/_launch.py launch_numba on a GPU): a call whose argument
+signature was launched before refills the parameter list Numba made then.
+
+Without a GPU: the refilled list against Numba's own marshalling (tests/numba_direct_check.py,
+in a process without the CUDA simulator), and the dispatch around it with a stand-in of what
+it needs of Numba (which launch goes where). On a GPU: Numba ops called repeatedly with
+other data, against torch, with the direct path engaged."""
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE
+
+import pydl
+from pydl import _launch
+
+REPO = Path(__file__).resolve().parent.parent
+GPU = DEVICE == "cuda"
+
+
+def test_refilled_parameters_are_numbas():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYDL_INTERPRET", "NUMBA_ENABLE_CUDASIM", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "tests/numba_direct_check.py"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), \
+        proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+class _Runtime:
+    """A stand-in for pydl._launch._NumbaRuntime that records what happens: first launches
+    (through "Numba") and direct ones with their parameter lists."""
+
+    def __init__(self):
+        self.first, self.direct = [], []
+
+    def device_index(self, device):
+        return 0
+
+    def first_launch(self, kernel, grid, threads, device, args):
+        self.first.append(args)
+        return kernel.overload(args), args, 0
+
+    def kernel(self, overload, index):
+        return overload
+
+    def config(self, grid, threads, cooperative):
+        return grid, threads
+
+    def stream(self, device):
+        return 0
+
+    def launch(self, stream, config, kernel, params):
+        self.direct.append((config, list(params)))
+
+
+class _Kernel:
+    """A kernel whose overloads marshal as Numba does (arrays: 5 fields, shape, strides;
+    a Python int as int64, a float as float64, a bool as it is); `plain=False` makes one the
+    direct path refuses (an argument kind it does not refill)."""
+
+    def __init__(self, plain=True):
+        self.plain = plain
+
+    def overload(self, args):
+        kernel = self
+
+        class Overload:
+            extensions, debug, cooperative = (), False, False
+            argument_types = [type("Array", (), {"ndim": a.dim()})()
+                              if isinstance(a, torch.Tensor) else type(a) for a in args]
+
+            @staticmethod
+            def _prepare_args(ty, a, stream, retr, params):
+                if isinstance(a, torch.Tensor):
+                    size = a.element_size()
+                    params += [0, 0, a.numel(), size, a.data_ptr() if a.numel() else 0,
+                               *a.shape, *(s * size for s in a.stride())]
+                elif not kernel.plain:
+                    params.append(object())
+                elif isinstance(a, bool):
+                    params.append(a)
+                elif isinstance(a, int):
+                    params.append(ctypes.c_int64(a))
+                else:
+                    params.append(ctypes.c_double(a))
+        return Overload
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    r = _Runtime()
+    monkeypatch.setattr(_launch, "_NUMBA_RUNTIME", r)
+    monkeypatch.setattr(_launch, "_NUMBA_DIRECT_ON_CPU", True)
+    monkeypatch.setattr(_launch, "NUMBA_DIRECT", True)
+    monkeypatch.setattr(_launch, "_NUMBA_DIRECTS", {})
+    return r
+
+
+def _reference(kernel, args):
+    params = []
+    o = kernel.overload(args)
+    for ty, a in zip(o.argument_types, args):
+        o._prepare_args(ty, a, 0, [], params)
+    return _launch._numba_params(params)
+
+
+def test_dispatch_first_launch_then_direct(runtime):
+    k, cpu = _Kernel(), torch.device("cpu")
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    _launch.launch_numba(k, 2, 32, cpu, x, 5, 1.5, True)
+    assert len(runtime.first) == 1 and runtime.direct == []
+    _launch.launch_numba(k, 2, 32, cpu, y, -7, 2.5, False)          # same signature
+    assert len(runtime.first) == 1 and len(runtime.direct) == 1
+    assert _launch._numba_params(runtime.direct[0][1]) == _reference(k, (y, -7, 2.5, False))
+    assert runtime.direct[0][0] == (2, 32)
+    # another signature (strides), another first launch; then direct too
+    _launch.launch_numba(k, 2, 32, cpu, y.t(), 1, 0.0, True)
+    _launch.launch_numba(k, 3, 64, cpu, x.t(), 2, 0.5, True)
+    assert len(runtime.first) == 2 and len(runtime.direct) == 2
+    assert runtime.direct[1][0] == (3, 64)
+    assert _launch._numba_params(runtime.direct[1][1]) == _reference(k, (x.t(), 2, 0.5, True))
+    # an int past the first call's int64: Numba's path (it types the call anew)
+    _launch.launch_numba(k, 2, 32, cpu, y, 2 ** 63, 2.5, False)
+    assert len(runtime.first) == 3 and len(runtime.direct) == 2
+
+
+def test_a_signature_it_cannot_refill_stays_on_numbas_path(runtime):
+    k, cpu = _Kernel(plain=False), torch.device("cpu")
+    for _ in range(3):
+        _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 4)
+    assert len(runtime.first) == 3 and runtime.direct == []
+
+
+def test_each_refills_only_the_tail(runtime):
+    k, cpu = _Kernel(), torch.device("cpu")
+    a, b = torch.randn(5, 2), torch.randn(2)
+    tails = [(s, s + 1, False) for s in range(4)]
+    _launch.launch_numba_each(k, 1, 32, cpu, (a, b, 0.5), tails)
+    # the first step finds no plan yet: Numba's path; the others direct
+    assert len(runtime.first) == 1 and len(runtime.direct) == 3
+    for (_, params), tail in zip(runtime.direct, tails[1:]):
+        assert _launch._numba_params(params) == _reference(k, (a, b, 0.5, *tail))
+    # again: every step direct, the tensors' new pointers in place
+    c = torch.randn(5, 2)
+    runtime.direct.clear()
+    _launch.launch_numba_each(k, 1, 32, cpu, (c, b, 0.25), tails)
+    assert len(runtime.first) == 1 and len(runtime.direct) == 4
+    for (_, params), tail in zip(runtime.direct, tails):
+        assert _launch._numba_params(params) == _reference(k, (c, b, 0.25, *tail))
+    # a tail of other kinds or past int64 goes through launch_numba
+    _launch.launch_numba_each(k, 1, 32, cpu, (c, b, 0.25), [(0, 1, False), (2 ** 63, 1, False),
+                                                             (1.0, 2, False)])
+    assert len(runtime.first) == 3
+
+
+@pytest.mark.skipif(not GPU, reason="the direct Numba launch runs on a GPU")
+def test_numba_ops_repeated_on_the_direct_path():
+    """Each op twice on other data (the second call takes the direct path), against torch;
+    and the direct path did engage (a kept parameter list per kernel launched)."""
+    _launch._NUMBA_DIRECTS.clear()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
+
+    for _ in range(2):
+        x = rand(4, 37)
+        torch.testing.assert_close(pydl.softmax(x, -1, backend="numba"), x.softmax(-1))
+        img, w = rand(2, 3, 9, 9), rand(5, 3, 3, 3)
+        torch.testing.assert_close(pydl.conv2d(img, w, padding=1, backend="numba"),
+                                   torch.nn.functional.conv2d(img, w, padding=1),
+                                   atol=1e-4, rtol=1e-4)
+        q, k, v = (rand(1, 2, 7, 16, dtype=torch.float16) for _ in range(3))
+        torch.testing.assert_close(
+            pydl.scaled_dot_product_attention(q, k, v, backend="numba").float(),
+            torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()),
+            atol=2e-3, rtol=2e-3)
+    kept = [d for d in _launch._NUMBA_DIRECTS.values() if d is not None]
+    assert kept and len(kept) == len(_launch._NUMBA_DIRECTS), _launch.NUMBA_NOT_DIRECT
