@@ -172,12 +172,12 @@ class RNNLayerSuite(Suite):
                 *(v.detach().requires_grad_(True) for v in weights)]
 
     def pydl_fn(self, backend, algo=None, recompute=False):
-        cell = self.cell
+        import pydl.functional as F
+        layer = getattr(F, self.cell)         # looked up once, as the other suites do
 
         def fn(x, w_ih, w_hh, b_ih, b_hh):
-            import pydl.functional as F
-            return getattr(F, cell)(x, None, [w_ih, w_hh, b_ih, b_hh], backend=backend,
-                                    algo=algo, recompute=recompute)[0]
+            return layer(x, None, [w_ih, w_hh, b_ih, b_hh], backend=backend, algo=algo,
+                         recompute=recompute)[0]
         return fn
 
     def torch_fn(self):
