@@ -306,7 +306,8 @@ def launch_numba_each(kernel, grid, threads, device: torch.device, args: tuple,
         runtime = _NUMBA_RUNTIME
         direct = _NUMBA_DIRECTS.get((kernel, runtime.device_index(device),
                                      _numba_signature((*args, *tails[0]))))
-    params = None if direct is None else direct.fill((*args, *tails[0]))
+    # (once this path has launched the signature: until then launch_numba checks that it can)
+    params = None if direct is None or not direct.launched else direct.fill((*args, *tails[0]))
     if params is None:
         for tail in tails[1:]:
             launch_numba(kernel, grid, threads, device, *args, *tail)
@@ -359,8 +360,17 @@ def _launch_numba_direct(kernel, grid, threads, device, args) -> None:
     index = runtime.device_index(device)
     key = (kernel, index, _numba_signature(args))
     direct = _NUMBA_DIRECTS.get(key, False)
-    if direct and direct(runtime, grid, threads, device, args):
-        return
+    if direct:
+        try:
+            if direct(runtime, grid, threads, device, args):
+                return
+        except Exception as exc:
+            if direct.launched:         # the launch's own error, not the direct path's
+                raise
+            # the first direct launch of a signature failed before launching (an argument
+            # list cuda.core refuses): Numba's path from now on, this call included
+            _NUMBA_DIRECTS[key] = None
+            _not_direct(kernel, exc)
     overload, arrays, stream = runtime.first_launch(kernel, grid, threads, device, args)
     if direct is not False:             # a known signature whose scalar would not fit
         return
@@ -370,11 +380,15 @@ def _launch_numba_direct(kernel, grid, threads, device, args) -> None:
         direct = _NumbaDirect(overload, args, arrays, stream, runtime.kernel(overload, index))
     except Exception as exc:    # anything this Numba does otherwise: its own path, still right
         direct = None
-        if len(NUMBA_NOT_DIRECT) < 16:
-            NUMBA_NOT_DIRECT.append(f"{getattr(kernel, '__name__', kernel)}: {exc!r}")
+        _not_direct(kernel, exc)
     if len(_NUMBA_DIRECTS) >= _NUMBA_DIRECT_MAX:
         _NUMBA_DIRECTS.clear()
     _NUMBA_DIRECTS[key] = direct
+
+
+def _not_direct(kernel, exc: Exception) -> None:
+    if len(NUMBA_NOT_DIRECT) < 16:
+        NUMBA_NOT_DIRECT.append(f"{getattr(kernel, '__name__', kernel)}: {exc!r}")
 
 
 _ARRAY_FIELDS = 5   # meminfo, parent, size, itemsize, data; then shape and strides (ndim each)
@@ -388,7 +402,8 @@ class _NumbaDirect:
     scalars are checked to fit the type Numba gave the first call's value (a Python int past
     int64 types otherwise): one that does not goes through Numba, which types it anew."""
 
-    __slots__ = ("kernel", "template", "pointers", "scalars", "cooperative", "configs")
+    __slots__ = ("kernel", "template", "pointers", "scalars", "cooperative", "configs",
+                 "launched")
 
     def __init__(self, overload, args, arrays, stream, kernel):
         if getattr(overload, "extensions", None) or getattr(overload, "debug", False):
@@ -422,6 +437,7 @@ class _NumbaDirect:
             raise _NotDirect(f"{len(template)} parameters, {at} placed")
         self.template, self.pointers, self.scalars = tuple(template), tuple(pointers), tuple(scalars)
         self.kernel, self.cooperative, self.configs = kernel, overload.cooperative, {}
+        self.launched = False           # by this path, once at least
         if _numba_params(self.fill(args)) != _numba_params(template):
             raise _NotDirect("the first call refilled is not the list Numba made")
 
@@ -463,6 +479,7 @@ class _NumbaDirect:
             config = self.configs[(grid, threads)] = runtime.config(grid, threads,
                                                                     self.cooperative)
         runtime.launch(runtime.stream(device), config, self.kernel, params)
+        self.launched = True
 
 
 _CTYPES_INTS = (ctypes.c_int8, ctypes.c_int16, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint8,

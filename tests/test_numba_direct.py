@@ -56,7 +56,11 @@ class _Runtime:
     def stream(self, device):
         return 0
 
+    refuse = False      # the launch raises (cuda.core refusing an argument list)
+
     def launch(self, stream, config, kernel, params):
+        if self.refuse:
+            raise TypeError("refused")
         self.direct.append((config, list(params)))
 
 
@@ -100,6 +104,7 @@ def runtime(monkeypatch):
     monkeypatch.setattr(_launch, "_NUMBA_DIRECT_ON_CPU", True)
     monkeypatch.setattr(_launch, "NUMBA_DIRECT", True)
     monkeypatch.setattr(_launch, "_NUMBA_DIRECTS", {})
+    monkeypatch.setattr(_launch, "NUMBA_NOT_DIRECT", [])
     return r
 
 
@@ -136,6 +141,25 @@ def test_a_signature_it_cannot_refill_stays_on_numbas_path(runtime):
     for _ in range(3):
         _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 4)
     assert len(runtime.first) == 3 and runtime.direct == []
+
+
+def test_a_refused_first_direct_launch_goes_back_to_numba(runtime):
+    k, cpu = _Kernel(), torch.device("cpu")
+    _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 4)
+    runtime.refuse = True
+    _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 5)          # refused: through Numba
+    assert len(runtime.first) == 2 and runtime.direct == []
+    assert "refused" in _launch.NUMBA_NOT_DIRECT[-1]
+    runtime.refuse = False
+    _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 6)          # stays on Numba's path
+    assert len(runtime.first) == 3 and runtime.direct == []
+    # a signature that launched direct before: a later error is the launch's own, raised
+    _launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 1)
+    _launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 2)
+    assert len(runtime.direct) == 1
+    runtime.refuse = True
+    with pytest.raises(TypeError, match="refused"):
+        _launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 3)
 
 
 def test_each_refills_only_the_tail(runtime):
