@@ -150,12 +150,16 @@ class _Compiled:
         self.params = len(inspect.signature(kernel.fn).parameters)
 
     def run(self, *args):
-        if len(args) != 9 + self.params:
-            raise TypeError(f"{self.name}: the direct launch passed {len(args) - 9} kernel "
-                            f"arguments, the kernel has {self.params} parameters")
-        if _COUNTS is not None:
-            _COUNTS.launches += 1
-            _COUNTS.direct += 1
+        _count_direct(len(args) - 9, self.params, f"{self.name}: the direct launch passed")
+
+
+def _count_direct(passed: int, want: int, what: str) -> None:
+    """A direct launch of a stub: `passed` kernel parameters where its kernel has `want`."""
+    if passed != want:
+        raise TypeError(f"{what} {passed} parameters, the kernel has {want}")
+    if _COUNTS is not None:
+        _COUNTS.launches += 1
+        _COUNTS.direct += 1
 
 
 class _NumbaRuntime:
@@ -190,12 +194,7 @@ class _NumbaRuntime:
 
     @staticmethod
     def launch(stream, config, kernel, params) -> None:
-        if len(params) != kernel.params:
-            raise TypeError(f"the direct Numba launch passed {len(params)} parameters, the "
-                            f"overload has {kernel.params}")
-        if _COUNTS is not None:
-            _COUNTS.launches += 1
-            _COUNTS.direct += 1
+        _count_direct(len(params), kernel.params, "the direct Numba launch passed")
 
 
 class _Overload:
