@@ -70,6 +70,11 @@ def _triton_config(n_rows: int, n: int, tile: int | None = None, max_block_n: in
 
 # Rows per program of cross_entropy_mean_denominator (8 bytes of targets a row).
 DENOMINATOR_BLOCK = 4096
+# What a cross-entropy forward hands its backward besides the logsumexp: fp32 [the mean's
+# denominator (the summed weights of the rows that count), the sum of the class weights (with
+# weights and label smoothing: the smoothing term's W; written by the forward kernel, so the
+# backward runs no reduction of its own)].
+DENOM_SHAPE = (2,)
 
 
 def unit_stride(weight: Tensor | None) -> Tensor | None:
@@ -164,7 +169,7 @@ class _TritonLaunch:
         rows, dev = outer * inner, x3.device
         lse = new_output(rows, torch.float32, dev)
         loss = new_output(rows if reduction == "none" else (), x3.dtype, dev)
-        denom = new_output((), torch.float32, dev)
+        denom = new_output(DENOM_SHAPE, torch.float32, dev)
         dx3 = new_output(x3.shape, x3.dtype, dev) if grad else None
         if not rows:
             if reduction != "none":
@@ -292,9 +297,7 @@ class _TritonLaunch:
         weight = unit_stride(weight)
         t_strided = target.stride(0) != 1               # read at unit stride: copied
         target = target.contiguous()
-        weight_sum = has_weight and smoothing > 0       # summed every call: weights may change
-        tensors = (x3, target, weight if has_weight else x3, lse, grad, denom,
-                   weight.float().sum() if weight_sum else lse, dx3)
+        tensors = (x3, target, weight if has_weight else x3, lse, grad, denom, dx3)
         launch = _launch("cross_entropy_bwd", x3, tensors,
                          (stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(),
                           ignore_index, smoothing),
@@ -307,8 +310,7 @@ class _TritonLaunch:
             if t_strided:
                 target = target.contiguous()
             launch(x3, target, weight if has_weight else x3, lse,
-                   grad_out if flat else grad_out.reshape(-1), denom,
-                   weight.float().sum() if weight_sum else lse, dx3)
+                   grad_out if flat else grad_out.reshape(-1), denom, dx3)
         return run
 
     @staticmethod
@@ -376,19 +378,19 @@ class _NumbaLaunch:
         per_row = new_output(rows, x3.dtype if reduction == "none" else torch.float32, dev)
         lse = new_output(rows, torch.float32, dev)
         row_weight = new_output(rows, torch.float32, dev)
+        denom = new_output(DENOM_SHAPE, torch.float32, dev)
         if rows:
             w = _NumbaLaunch._weights(weight, lse[:1])
             _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w,
-                                 per_row.view(1, rows, 1), lse, row_weight, inner, ignore_index,
-                                 float(smoothing), weight is not None, dtype_code(x3.dtype),
-                                 dtype_code(per_row.dtype))
-        denom = new_output((), torch.float32, dev)     # unread for "none"
+                                 per_row.view(1, rows, 1), lse, row_weight, denom, inner,
+                                 ignore_index, float(smoothing), weight is not None,
+                                 dtype_code(x3.dtype), dtype_code(per_row.dtype))
         if reduction == "none":
             return per_row, lse, denom, None
         from .kernels.numba import softmax_ce as k
         total = new_output((), x3.dtype, dev)
         launch_numba(k.loss_reduce, 1, numba_threads(256), dev, per_row, row_weight,
-                     total.view(1, 1, 1), denom.view(1), reduction == "mean",
+                     total.view(1, 1, 1), denom, reduction == "mean",
                      smoothing > 0, 1.0, dtype_code(x3.dtype))
         return total, lse, denom, None
 
@@ -399,13 +401,10 @@ class _NumbaLaunch:
         or broadcast, and divided by the mean's denominator in the kernel."""
         grad = grad_out.reshape(-1)                     # a view where it can be
         stride = 1 if reduction == "none" else 0        # in elements of the array (its stride)
-        weight_sum = weight.float().sum().reshape(1) if weight is not None and smoothing > 0 \
-            else None
         w = _NumbaLaunch._weights(weight, lse[:1])
-        ws = weight_sum if weight_sum is not None else lse[:1]
         _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse,
-                             grad.view(1, grad.shape[0], 1), stride, denom.view(1),
-                             reduction == "mean", ws, dx3, x3.shape[2], ignore_index,
+                             grad.view(1, grad.shape[0], 1), stride, denom,
+                             reduction == "mean", dx3, x3.shape[2], ignore_index,
                              float(smoothing), weight is not None, dtype_code(x3.dtype))
 
     @staticmethod
@@ -549,7 +548,8 @@ def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, g
     rows = target.numel()
     out = empty_like_shape(x, target.shape if reduction == "none" else ())
     return (out, empty_like_shape(x, (rows,), torch.float32),
-            empty_like_shape(x, (), torch.float32), empty_like_shape(x, x.shape if grad else (0,)))
+            empty_like_shape(x, DENOM_SHAPE, torch.float32),
+            empty_like_shape(x, x.shape if grad else (0,)))
 
 
 @kernel_op("cross_entropy_fwd", _cross_entropy_fake)
@@ -645,7 +645,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ops = ctx.ops
         if torch.is_grad_enabled():      # create_graph: differentiable again
             q = _index_target_distribution(x, target, weight, ops.ignore_index, ops.smoothing)
-            g = _row_cotangent(grad_out, x, ops.reduction, denom)
+            g = _row_cotangent(grad_out, x, ops.reduction, denom[0])
             dx = _cross_entropy_grad_graph(_log_probabilities(x, ops.backend), q, g,
                                            ops.backend)
             return dx, None, None, None, None
@@ -1100,7 +1100,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
             self.classes, self.shape3, self.rows = n, x3.shape, target.numel()
             self.new_lse = output_maker((self.rows,), torch.float32, dev)
             self.new_loss = output_maker(target.shape if reduction == "none" else (), dt, dev)
-            self.new_denom = output_maker((), torch.float32, dev)
+            self.new_denom = output_maker(DENOM_SHAPE, torch.float32, dev)
             self.new_dx = output_maker(input.shape, dt, dev)
             self.new_scratch = functools.partial(torch.empty, cross_entropy_scratch(self.rows),
                                                  dtype=torch.float32, device=dev)

@@ -261,7 +261,7 @@ def _softmax_at(x, o, c, i, code, row_lse):
 
 
 @cuda.jit
-def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_index,
+def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ignore_index,
                       smoothing, has_weight, code, loss_code):
     """Per-row cross-entropy over class axis 1, one block per row:
     loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
@@ -275,6 +275,9 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
                   reduction's input, the logits' dtype for reduction "none")
     lse:          output, fp32 (rows,): logsumexp of the row, for the backward
     row_weight:   output, fp32 (rows,): w[t] (1 without weights), 0 for ignored rows
+    denom:        fp32 (2,): with has_weight and eps > 0, denom[1] = W = sum_c w[c], which
+                  a backward's smoothing term reads (row 0's block writes it); denom[0] is
+                  the mean's denominator (loss_reduce's), not written here
     inner:        size of axis 2 (rows = outer * inner)
     ignore_index: target value whose rows contribute nothing
     smoothing:    label smoothing eps in [0, 1]
@@ -292,8 +295,12 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, inner, ignore_in
     # grid-stride over rows: a GPU launch has one block per row; the simulator a few
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
         o, i = _row_coords(row, inner)
-        m_row, log_s, smooth_sum, _ = _ce_row_stats(x, o, i, code, tid, nthreads, x, code, weight,
-                                                    has_weight, eps, smooth, False)
+        m_row, log_s, smooth_sum, a_part = _ce_row_stats(x, o, i, code, tid, nthreads, x, code,
+                                                         weight, has_weight, eps, smooth, False)
+        if row == 0 and has_weight and smooth:      # the whole block is at row 0
+            w_all = _block_sum(a_part)
+            if tid == 0:
+                denom[1] = w_all
         if tid == 0:
             t = target[row]
             valid = t != ignore_index
@@ -326,7 +333,7 @@ def loss_reduce(loss, row_weight, out, denom, mean, smoothing, scale, code):
 
     loss, row_weight: fp32 (rows,)
     out:              (1, 1, 1) array of the loss's dtype
-    denom:            fp32 (1,)
+    denom:            fp32 (1,) or more: element 0 written
     """
     tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
     part, weights = ZERO, ZERO
@@ -352,7 +359,7 @@ def loss_reduce(loss, row_weight, out, denom, mean, smoothing, scale, code):
 
 
 @cuda.jit
-def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, weight_sum, dx,
+def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx,
                       inner, ignore_index, smoothing, has_weight, code):
     """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
     dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
@@ -366,9 +373,10 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, we
                   r's is grad[0, r * grad_stride, 0]
     grad_stride:  1 for per-row gradients (reduction "none"; the array carries the tensor's
                   strides), 0 to broadcast grad[0, 0, 0]
-    denom:        fp32 (1,): the mean's denominator (loss_reduce's); read only with `mean`
+    denom:        fp32 (2,), the forward's: denom[0] the mean's denominator (loss_reduce's),
+                  read only with `mean`; denom[1] W = sum of the class weights (the forward
+                  kernel's), read only with has_weight and eps > 0
     mean:         divide the upstream gradient by denom[0] (reduction "mean")
-    weight_sum:   fp32 (1,): W = sum of the class weights; read only with has_weight and eps > 0
     dx:           output, (outer, C, inner) array of x's dtype, any strides
     inner:        size of axis 2 (rows = outer * inner)
     ignore_index: target value whose rows get zero gradient
@@ -394,7 +402,7 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, we
         g_nll = g * (ONE - eps) * _class_weight(weight, t, has_weight)
         smooth = smoothing > 0
         g_smooth = g * (eps / float32(n))
-        total_weight = float32(weight_sum[0]) if (has_weight and smooth) else float32(n)
+        total_weight = denom[1] if (has_weight and smooth) else float32(n)
         for c in range(tid, n, nthreads):
             _, p = _softmax_at(x, o, c, i, code, row_lse)
             out = g_nll * (p - ONE) if c == t else g_nll * p

@@ -330,8 +330,10 @@ def cross_entropy_fwd(
     loss_ptr,                               # REDUCE_NONE: the per-row losses, in their dtype
     lse_ptr,                                # fp32 per-row logsumexp, for a backward from the logits
     out_ptr, denom_ptr,                     # sum / mean: the reduced loss (0-d, in its dtype);
-                                            # mean: its fp32 denominator, read with GRAD (made
-                                            # by cross_entropy_mean_denominator), else written
+                                            # fp32 (2,): [0] the mean's denominator, read with
+                                            # GRAD (made by cross_entropy_mean_denominator),
+                                            # else written; [1] written with weights and
+                                            # smoothing: the sum of the class weights
     parts_ptr, arrivals_ptr,                # sum / mean: 2 fp32 per program; a zero counter
     dx_ptr,                                 # GRAD: the reduced loss's gradient w.r.t. the logits
     n_rows, n, inner,
@@ -386,6 +388,10 @@ def cross_entropy_fwd(
                                    smoothing, HAS_WEIGHT, HAS_SMOOTHING, False)
             m, s, d, al = _ce_update(m, s, d, al, x, a, mask, HAS_SMOOTHING, False)
     log_s, smooth, w_sum = _ce_finish(m, s, d, al, n, HAS_SMOOTHING, False)
+    if HAS_WEIGHT and HAS_SMOOTHING:
+        # W = sum_c w_c, the same in every row: the smoothing term of a separate backward
+        # reads it there (denom_ptr[1]); row 0's program writes it
+        tl.store(denom_ptr + 1 + rows * 0, w_sum, mask=rows == 0)
     x_t = tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=hit, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + t_safe, mask=hit, other=0.0).to(tl.float32)
@@ -499,8 +505,9 @@ def cross_entropy_scale_grad(dx_ptr, g_ptr, numel, BLOCK: tl.constexpr):
 def cross_entropy_bwd(
     x_ptr, target_ptr, weight_ptr, lse_ptr,
     grad_ptr,                               # upstream gradient per row (grad_stride 0: a 0-d one)
-    denom_ptr,                              # MEAN: the mean's fp32 denominator (divides g)
-    weight_sum_ptr,                         # 0-d fp32: sum of the class weights (smoothing only)
+    denom_ptr,                              # the forward's fp32 (2,): [0] with MEAN the mean's
+                                            # denominator (divides g); [1] with weights and
+                                            # smoothing the sum of the class weights
     dx_ptr,
     grad_stride, n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
@@ -532,7 +539,7 @@ def cross_entropy_bwd(
     g_smooth = (g * (smoothing / n))[:, None]
     w_sum = n * 1.0
     if HAS_SMOOTHING and HAS_WEIGHT:
-        w_sum = tl.load(weight_sum_ptr).to(tl.float32)
+        w_sum = tl.load(denom_ptr + 1)
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
         c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr, start, cols,
