@@ -19,13 +19,16 @@ assert os.environ.get("NUMBA_ENABLE_CUDASIM", "").strip() not in ("1", "true"), 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from pydl import _launch  # noqa: E402
+from pydl.kernels import numba as kernels  # noqa: E402  (Numba made usable as pydl uses it)
+
+assert kernels.EXTRA        # Numba's own modules after that (NumPy 2.5 lacks a name they use)
 from numba import cuda  # noqa: E402
 from numba.cuda import api  # noqa: E402
 from numba.cuda.cudadrv import devices  # noqa: E402
 from numba.cuda.dispatcher import _Kernel  # noqa: E402
 from numba.cuda.typing.typeof import Purpose, typeof  # noqa: E402
-
-from pydl import _launch  # noqa: E402
 
 # Numba's device-only steps: no context here
 devices._runtime.ensure_context = contextlib.nullcontext
