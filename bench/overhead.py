@@ -8,11 +8,13 @@ without a GPU (emulation, kernels stubbed)
     Every kernel launch is replaced by a counter: the Triton interpreter's launch
     (`triton.runtime.interpreter.InterpretedFunction.run`, the interpreter's counterpart of
     the GPU launch path `JITFunction.run`: its argument normalisation and grid execution) and
-    Numba's simulated kernel call (`FakeCUDAKernel.__call__`). The stub's first launch of a
-    kernel returns a stand-in compiled kernel, so a plan's later launches take the path they
-    take on a GPU: pydl._plan.Launch's direct call of the compiled launcher (alignment, hook,
-    device and stream reads included; the stand-in checks the argument list against the
-    kernel's parameters). What is left is everything pydl does around its kernels: argument
+    what pydl._launch.launch_numba needs of Numba on a GPU (`_NumbaRuntime` below). The stub's
+    first launch of a kernel returns a stand-in compiled kernel, so a plan's later launches
+    take the path they take on a GPU: pydl._plan.Launch's direct call of the compiled
+    launcher (alignment, hook, device and stream reads included; the stand-in checks the
+    argument list against the kernel's parameters), and for a Numba kernel the direct path's
+    refilled parameter list (its signature and lookup included; checked against the
+    stand-in overload's length). What is left is everything pydl does around its kernels: argument
     checks, dispatch, autocast, the launch plan, allocation, the launch call up to the
     compiled launcher (whose C call and driver launch, a few us, are not counted; a kernel
     launched outside a plan, through Triton's JITFunction.run, pays 10-20 us more there).
