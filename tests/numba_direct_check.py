@@ -112,7 +112,34 @@ def signature_decides(tensors):
         assert seen.setdefault(_launch._numba_signature([t]), fields) == fields, t.stride()
 
 
+def launches_as_numba():
+    """What _NumbaRuntime reads of Numba is what Numba's own launch does (numba-cuda 0.30):
+    its launch configuration records the overload launched through pre_launch_callbacks and
+    holds the cuda.core stream; _Kernel.launch marshals each argument, builds a LaunchConfig
+    of the grid, block, shared memory and the overload's cooperative flag, and calls
+    cuda.core's launch with the overload's cufunc.kernel. A Numba that does otherwise fails
+    here (on a GPU the direct path would then refuse, or worse, launch differently)."""
+    import inspect
+
+    from numba.cuda import dispatcher
+    config = inspect.getsource(dispatcher._LaunchConfiguration.__init__)
+    assert "self.stream = driver._to_core_stream(stream)" in config
+    assert "self.pre_launch_callbacks = []" in config
+    call = inspect.getsource(dispatcher.CUDADispatcher.call)
+    assert "callback(kernel, launch_config)" in call
+    assert "kernel.launch(args, griddim, blockdim, stream, sharedmem)" in call
+    launch = inspect.getsource(dispatcher._Kernel.launch)
+    for step in ("self._prepare_args(t, v, stream, retr, kernelargs)",
+                 "shmem_size=sharedmem", "is_cooperative=self.cooperative",
+                 "kernel = cufunc.kernel", "launch(stream, config, kernel, *kernelargs)"):
+        assert step in launch, step
+    made = _launch._NumbaRuntime.config(4, (32, 2), False)   # (a cooperative one asks a GPU)
+    assert (made.grid, made.block, made.shmem_size, made.is_cooperative) == \
+        ((4, 1, 1), (32, 2, 1), 0, False), made
+
+
 def main():
+    launches_as_numba()
     x = torch.randn(6, 10)
     tensors = {                 # by what each is
         "0-d": torch.tensor(2.5),
