@@ -129,7 +129,8 @@ def launches_as_numba():
     assert "callback(kernel, launch_config)" in call
     assert "kernel.launch(args, griddim, blockdim, stream, sharedmem)" in call
     launch = inspect.getsource(dispatcher._Kernel.launch)
-    for step in ("self._prepare_args(t, v, stream, retr, kernelargs)",
+    for step in ("cufunc = self._codelibrary.get_cufunc()",
+                 "self._prepare_args(t, v, stream, retr, kernelargs)",
                  "shmem_size=sharedmem", "is_cooperative=self.cooperative",
                  "kernel = cufunc.kernel", "launch(stream, config, kernel, *kernelargs)"):
         assert step in launch, step
