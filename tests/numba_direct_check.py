@@ -173,6 +173,20 @@ def main():
                        y[:0, :4], y[:0, :4].contiguous(),
                        *[y[:3, :4].to(dtype) for dtype in (torch.float16, torch.bfloat16,
                                                            torch.int32, torch.uint8)]])
+    # random layouts: 0-4 dims of 0-4 elements, permuted, stepped, broadcast and offset
+    # views of one buffer, each refilled for another buffer of its layout
+    g = torch.Generator().manual_seed(0)
+    buffer = torch.randn(4096, generator=g)
+    randoms = []
+    for _ in range(300):
+        ndim = int(torch.randint(0, 5, (1,), generator=g))
+        shape = [int(v) for v in torch.randint(0, 5, (ndim,), generator=g)]
+        strides = [0 if int(torch.randint(0, 4, (1,), generator=g)) == 0 else int(v)
+                   for v in torch.randint(1, 40, (ndim,), generator=g)]
+        t = buffer.as_strided(shape, strides, int(torch.randint(0, 64, (1,), generator=g)))
+        randoms.append(t)
+        check([t, 1], [like(t, 7), 2])
+    signature_decides(randoms)
     # scalars of every kind Numba types (a Python int as int64, a float as float64, NumPy
     # scalars by their dtype), between tensors
     first = [torch.randn(3, 2), 5, True, 1.5, np.float32(0.25), np.int32(7), np.bool_(False),
