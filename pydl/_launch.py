@@ -1,4 +1,6 @@
-"""Launch helpers shared by every op: output allocation, Numba array views, block sizing.
+"""Launch helpers shared by every op: output allocation, block sizing, and the one way a
+Numba kernel is launched (`launch_numba`: Numba arrays of torch tensors, and on a GPU the
+direct path that skips Numba's per-call launch work after a signature's first launch).
 
 Kept in one place so the Triton and Numba launchers never each grow their own copy.
 """
