@@ -354,10 +354,15 @@ class _NumbaLaunch:
         launch_numba(getattr(k, name), numba_blocks(outer * inner), threads, x3.device, *args)
 
     @staticmethod
-    def _weights(weight, dummy):
-        """Class weights as fp32 whatever their dtype (C floats; the kernels read them as
-        fp32), or a placeholder the kernel never reads."""
-        return dummy if weight is None else weight.to(torch.float32)
+    def _weights(weight, dummy) -> tuple:
+        """(class weights, their dtype code) as the kernels read them: fp32, fp16 and bf16
+        weights as they are (no copy per call), others (fp64) as fp32; without weights a
+        placeholder the kernels never read."""
+        if weight is None:
+            return dummy, dtype_code(dummy.dtype)
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            weight = weight.to(torch.float32)
+        return weight, dtype_code(weight.dtype)
 
     @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
@@ -380,10 +385,10 @@ class _NumbaLaunch:
         row_weight = new_output(rows, torch.float32, dev)
         denom = new_output(DENOM_SHAPE, torch.float32, dev)
         if rows:
-            w = _NumbaLaunch._weights(weight, lse[:1])
+            w, w_code = _NumbaLaunch._weights(weight, lse[:1])
             _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w,
                                  per_row.view(1, rows, 1), lse, row_weight, denom, inner,
-                                 ignore_index, float(smoothing), weight is not None,
+                                 ignore_index, float(smoothing), weight is not None, w_code,
                                  dtype_code(x3.dtype), dtype_code(per_row.dtype))
         if reduction == "none":
             return per_row, lse, denom, None
@@ -401,11 +406,11 @@ class _NumbaLaunch:
         or broadcast, and divided by the mean's denominator in the kernel."""
         grad = grad_out.reshape(-1)                     # a view where it can be
         stride = 1 if reduction == "none" else 0        # in elements of the array (its stride)
-        w = _NumbaLaunch._weights(weight, lse[:1])
+        w, w_code = _NumbaLaunch._weights(weight, lse[:1])
         _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse,
                              grad.view(1, grad.shape[0], 1), stride, denom,
                              reduction == "mean", dx3, x3.shape[2], ignore_index,
-                             float(smoothing), weight is not None, dtype_code(x3.dtype))
+                             float(smoothing), weight is not None, w_code, dtype_code(x3.dtype))
 
     @staticmethod
     def loss_reduce(loss, out, scale: float) -> None:
@@ -420,10 +425,10 @@ class _NumbaLaunch:
 
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
-        w = _NumbaLaunch._weights(weight, lse[:1])
+        w, w_code = _NumbaLaunch._weights(weight, lse[:1])
         _NumbaLaunch._launch("cross_entropy_prob_fwd", x3, x3, y3, w,
                              loss.view(1, loss.shape[0], 1), lse, mass, x3.shape[2],
-                             float(smoothing), weight is not None, dtype_code(x3.dtype),
+                             float(smoothing), weight is not None, w_code, dtype_code(x3.dtype),
                              dtype_code(y3.dtype), dtype_code(loss.dtype))
 
     @staticmethod
@@ -431,11 +436,11 @@ class _NumbaLaunch:
                                smoothing):
         """grad: the upstream gradient, per row (grad_stride 1, in the array's elements) or
         broadcast (0), in the loss's dtype; times `scale` in the kernel."""
-        w = _NumbaLaunch._weights(weight, lse[:1])
+        w, w_code = _NumbaLaunch._weights(weight, lse[:1])
         _NumbaLaunch._launch("cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass,
                              grad.view(1, grad.shape[0], 1), grad_stride, float(scale), dx3,
                              dy3 if dy3 is not None else dx3, x3.shape[2], float(smoothing),
-                             weight is not None, dy3 is not None, dtype_code(x3.dtype),
+                             weight is not None, w_code, dy3 is not None, dtype_code(x3.dtype),
                              dtype_code(y3.dtype), dtype_code(grad.dtype))
 
 

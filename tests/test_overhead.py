@@ -162,21 +162,27 @@ def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction, targets
     assert (bwd.launches, bwd.aten, bwd.syncs) == (1, 0, 0), bwd.aten_ops
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("backend", ["triton", "numba"])
-def test_cross_entropy_with_weights_and_smoothing_sums_no_weights_in_torch(backend, reduction):
+def test_cross_entropy_with_weights_and_smoothing_sums_no_weights_in_torch(backend, reduction,
+                                                                           weight_dtype):
     """With class weights and label smoothing the logits' gradient needs W = sum_c w_c: the
     forward kernel writes it beside the mean's denominator, so a backward that recomputes the
     gradient (per-row losses; every Numba backward) is one launch and no torch kernel (it
-    summed the weights with two torch kernels every call)."""
+    summed the weights with two torch kernels every call). The kernels read 16-bit weights (the
+    logits' dtype, as torch requires) as they are (the Numba launches copied them to fp32)."""
     x = torch.randn(6, 10, dtype=torch.float16, requires_grad=True)
-    t, w = torch.randint(0, 10, (6,)), torch.rand(10) + 0.5
+    t, w = torch.randint(0, 10, (6,)), (torch.rand(10) + 0.5).to(weight_dtype)
     with overhead.stubbed_launches(), poisoned_outputs(False):
         loss = pydl.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1,
                                   backend=backend)
+        fwd = overhead.counted(lambda: pydl.cross_entropy(
+            x, t, w, reduction=reduction, label_smoothing=0.1, backend=backend))
         g = torch.ones_like(loss)
         with torch.no_grad():
             bwd = overhead.counted(lambda: loss.grad_fn.apply(g))
+    assert (fwd.aten, fwd.syncs) == (0, 0), fwd.aten_ops
     assert (bwd.launches, bwd.aten, bwd.syncs) == (1, 0, 0), bwd.aten_ops
 
 

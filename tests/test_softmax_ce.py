@@ -12,7 +12,7 @@ from pydl import softmax_ce
 from pydl.reference.softmax_ce import cross_entropy_target_backward
 from pydl.testing import assert_close, random_tensor, run_with_grad, to_numpy64
 
-from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
+from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS
 
 backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -156,6 +156,26 @@ def test_cross_entropy_options(backend, reduction, weighted, smoothing, ignore_i
     w = torch.rand(C, device=DEVICE) + 0.5 if weighted else None
     _check_cross_entropy(x, t, backend, torch.float32, w, reduction=reduction,
                          label_smoothing=smoothing, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("backend,dtype", [
+    ("numba", torch.float16), ("numba", torch.bfloat16), ("triton", torch.float16)]
+    + ([("triton", torch.bfloat16)] if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("targets", ["indices", "probabilities"])
+def test_cross_entropy_16bit_class_weights(backend, dtype, targets):
+    """Class weights in the logits' 16-bit dtype (as torch requires them), read by the kernels
+    as they are (Numba: bf16 as bit patterns), with label smoothing: loss and gradients against
+    torch and the float64 reference."""
+    N, C = 6, 13
+    x = random_tensor((N, C), dtype, DEVICE, scale=2.0)
+    w = (torch.rand(C, device=DEVICE) + 0.5).to(dtype)
+    if targets == "indices":
+        for reduction in ("none", "mean"):
+            _check_cross_entropy(x, _targets((N,), C, -100), backend, dtype, w,
+                                 reduction=reduction, label_smoothing=0.1)
+    else:
+        y = torch.softmax(torch.randn(N, C, device=DEVICE), 1).to(dtype)
+        _check_cross_entropy_probs(x, y, backend, dtype, w, label_smoothing=0.1)
 
 
 @backends

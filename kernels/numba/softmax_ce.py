@@ -20,7 +20,13 @@ import numpy as np
 from numba import cuda, float32, int64
 
 from ._device import device, trap
-from ._dtypes import dtype_code, load_f32, store_f32  # noqa: F401  (dtype_code: for launchers)
+from ._dtypes import (  # noqa: F401  (dtype_code: for launchers)
+    BF16,
+    bf16_bits_to_f32,
+    dtype_code,
+    load_f32,
+    store_f32,
+)
 
 # Largest block the shared-memory reductions hold (their arrays need a compile-time size).
 MAX_THREADS = 256
@@ -121,9 +127,14 @@ def _row_coords(row, inner):
 
 
 @device
-def _class_weight(weight, c, has_weight):
-    """Class c's weight in fp32; 1 without class weights."""
-    return float32(weight[c]) if has_weight else ONE
+def _class_weight(weight, c, has_weight, w_code):
+    """Class c's weight in fp32 (weight of dtype code w_code: fp32, fp16, bf16 bits); 1
+    without class weights."""
+    if not has_weight:
+        return ONE
+    if w_code == BF16:
+        return bf16_bits_to_f32(weight[c])
+    return float32(weight[c])
 
 
 # --- softmax / log_softmax -----------------------------------------------------------------
@@ -198,8 +209,8 @@ def softmax_bwd(y, dy, dx, inner, log, code):
 # --- cross-entropy -------------------------------------------------------------------------
 
 @device
-def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has_weight, eps,
-                  weighted, probs):
+def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has_weight,
+                  w_code, eps, weighted, probs):
     """One row's logsumexp as (m_row, log s_row), lse = m_row + log s_row, and with `weighted`
     also the block sum of a_c (lse - x_c) and this thread's part of A = sum_c a_c (0, 0
     otherwise); every thread gets the row's values. a_c = w_c for index targets (their
@@ -228,12 +239,12 @@ def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has
         if weighted and probs:
             a = load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform
             if has_weight:
-                a *= float32(weight[c])
+                a *= _class_weight(weight, c, True, w_code)
         m_old = m
         m, s = _online_add(m, s, v)
         if weighted:
             if not probs:
-                a = _class_weight(weight, c, has_weight)
+                a = _class_weight(weight, c, has_weight, w_code)
             if m != m_old and m_old != NEG_INF:
                 d -= a_sum * (m - m_old)
             # x_c = -inf: (x_c - m) may be NaN, but the row's term a (lse - x_c) is a * inf
@@ -262,7 +273,7 @@ def _softmax_at(x, o, c, i, code, row_lse):
 
 @cuda.jit
 def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ignore_index,
-                      smoothing, has_weight, code, loss_code):
+                      smoothing, has_weight, w_code, code, loss_code):
     """Per-row cross-entropy over class axis 1, one block per row:
     loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
     A target that is neither a class index nor ignore_index traps (on a GPU the launch fails,
@@ -270,7 +281,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
 
     x:            logits, (outer, C, inner) array, any strides
     target:       int64 (rows,) class indices; row r's target is target[r]
-    weight:       (C,) class weights, fp32 (or fp64); unread unless has_weight
+    weight:       (C,) class weights of dtype code w_code; unread unless has_weight
     loss:         output, (1, rows, 1) array of dtype loss_code: the row's loss (fp32 for a
                   reduction's input, the logits' dtype for reduction "none")
     lse:          output, fp32 (rows,): logsumexp of the row, for the backward
@@ -282,6 +293,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
     ignore_index: target value whose rows contribute nothing
     smoothing:    label smoothing eps in [0, 1]
     has_weight:   use `weight`; otherwise every class weighs 1
+    w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x
     loss_code:    dtype_code of loss
 
@@ -296,7 +308,8 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
         o, i = _row_coords(row, inner)
         m_row, log_s, smooth_sum, a_part = _ce_row_stats(x, o, i, code, tid, nthreads, x, code,
-                                                         weight, has_weight, eps, smooth, False)
+                                                         weight, has_weight, w_code, eps, smooth,
+                                                         False)
         if row == 0 and has_weight and smooth:      # the whole block is at row 0
             w_all = _block_sum(a_part)
             if tid == 0:
@@ -310,7 +323,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
                 if t < 0 or t >= n:
                     trap("cross_entropy: a target is out of range for the classes "
                          "(valid: 0..C-1, or ignore_index)")
-                w_t = _class_weight(weight, t, has_weight)
+                w_t = _class_weight(weight, t, has_weight, w_code)
                 # (m - x_t) + log s rather than lse - x_t: m - x_t loses nothing for huge logits
                 row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
                 if smooth:
@@ -360,14 +373,14 @@ def loss_reduce(loss, row_weight, out, denom, mean, smoothing, scale, code):
 
 @cuda.jit
 def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx,
-                      inner, ignore_index, smoothing, has_weight, code):
+                      inner, ignore_index, smoothing, has_weight, w_code, code):
     """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
     dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     rows with an ignored target get exact zeros (even with NaN or inf logits).
 
     x:            logits, (outer, C, inner) array, any strides
     target:       int64 (rows,) class indices
-    weight:       (C,) class weights, fp32 (or fp64); unread unless has_weight
+    weight:       (C,) class weights of dtype code w_code; unread unless has_weight
     lse:          fp32 (rows,) logsumexp per row, from the forward
     grad:         the upstream gradient, a (1, N, 1) array of the loss's dtype (x's); row
                   r's is grad[0, r * grad_stride, 0]
@@ -382,6 +395,7 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
     ignore_index: target value whose rows get zero gradient
     smoothing:    label smoothing eps in [0, 1]
     has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
+    w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x, dx and grad
     """
     tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
@@ -399,7 +413,7 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
             g = g / denom[0]
         eps = float32(smoothing)
         row_lse = lse[row]
-        g_nll = g * (ONE - eps) * _class_weight(weight, t, has_weight)
+        g_nll = g * (ONE - eps) * _class_weight(weight, t, has_weight, w_code)
         smooth = smoothing > 0
         g_smooth = g * (eps / float32(n))
         total_weight = denom[1] if (has_weight and smooth) else float32(n)
@@ -407,7 +421,8 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
             _, p = _softmax_at(x, o, c, i, code, row_lse)
             out = g_nll * (p - ONE) if c == t else g_nll * p
             if smooth:
-                out += g_smooth * (total_weight * p - _class_weight(weight, c, has_weight))
+                out += g_smooth * (total_weight * p - _class_weight(weight, c, has_weight,
+                                                                    w_code))
             store_f32(dx, o, c, i, out, code)
 
 
@@ -415,13 +430,13 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
 
 @cuda.jit
 def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing, has_weight,
-                           code, target_code, loss_code):
+                           w_code, code, target_code, loss_code):
     """Per-row cross-entropy with class-probability targets over class axis 1, one block per
     row: loss = sum_c a_c (lse - x_c), a = w y', y' = (1 - eps) y + eps / C.
 
     x:            logits, (outer, C, inner) array, any strides
     target:       class probabilities, (outer, C, inner) array, any strides
-    weight:       (C,) class weights, fp32; unread unless has_weight
+    weight:       (C,) class weights of dtype code w_code; unread unless has_weight
     loss:         output, (1, rows, 1): the row's loss, in dtype `loss_code` (fp32 for a
                   reduction, the loss's own dtype for "none")
     lse:          output, fp32 (rows,): logsumexp of the row, for the backward
@@ -429,6 +444,7 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
     inner:        size of axis 2 (rows = outer * inner)
     smoothing:    label smoothing eps in [0, 1]
     has_weight:   use `weight`; otherwise every class weighs 1
+    w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x
     target_code:  dtype_code of target
     loss_code:    dtype_code of loss
@@ -441,7 +457,7 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
         o, i = _row_coords(row, inner)
         m_row, log_s, row_loss, a_sum = _ce_row_stats(x, o, i, code, tid, nthreads, target,
-                                                      target_code, weight, has_weight,
+                                                      target_code, weight, has_weight, w_code,
                                                       float32(smoothing), True, True)
         row_mass = _block_sum(a_sum)
         if tid == 0:
@@ -452,7 +468,7 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
 
 @cuda.jit
 def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, scale, dx, dtarget,
-                           inner, smoothing, has_weight, target_grad, code, target_code,
+                           inner, smoothing, has_weight, w_code, target_grad, code, target_code,
                            grad_code):
     """Gradients of the per-row class-probability cross-entropy, one block per row:
     dx_c = g (p_c S - a_c), p = exp(x - lse), a = w y', S = sum_k a_k;
@@ -460,7 +476,7 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, scal
 
     x:            logits, (outer, C, inner) array, any strides
     target:       class probabilities, (outer, C, inner) array, any strides
-    weight:       (C,) class weights, fp32; unread unless has_weight
+    weight:       (C,) class weights of dtype code w_code; unread unless has_weight
     lse, mass:    fp32 (rows,) logsumexp and S per row, from the forward
     grad, grad_stride: the upstream gradient, as cross_entropy_bwd takes it, of dtype
                   grad_code (the loss's: the promoted dtype of x and target)
@@ -470,6 +486,7 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, scal
     inner:        size of axis 2 (rows = outer * inner)
     smoothing:    label smoothing eps in [0, 1]
     has_weight:   use `weight`; otherwise every class weighs 1
+    w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     target_grad:  write dtarget
     code:         dtype_code of x and dx
     target_code:  dtype_code of target and dtarget
@@ -487,7 +504,7 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, scal
         row_mass = mass[row]
         for c in range(tid, n, nthreads):
             v, p = _softmax_at(x, o, c, i, code, row_lse)
-            w = _class_weight(weight, c, has_weight)
+            w = _class_weight(weight, c, has_weight, w_code)
             a = w * (load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform)
             store_f32(dx, o, c, i, g * (p * row_mass - a), code)
             if target_grad:
