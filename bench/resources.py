@@ -213,10 +213,13 @@ def _avg_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_l
     return run
 
 
-def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None):
+def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None,
+               recompute: bool = False):
     """One fp16 torch.nn.LSTM / GRU layer of the DeepBench suites (input = hidden), forward and
     backward through time on the GPU's schedule (the persistent recurrence, one cooperative
-    launch per direction; or algo="steps"); 4 steps, as the step count changes no kernel."""
+    launch per direction; or algo="steps"); 4 steps, as the step count changes no kernel.
+    recompute: the activations recomputed in the backward (the GRU's then writes its
+    gradients in their place: IN_WS)."""
     def run():
         import torch
         import pydl
@@ -225,7 +228,7 @@ def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None):
         x = torch.randn(4, batch, hidden, dtype=f16, requires_grad=True)
         w = [torch.randn(*s, dtype=f16, requires_grad=True)
              for s in ((G * hidden, hidden), (G * hidden, hidden), (G * hidden,), (G * hidden,))]
-        out = getattr(pydl, kind)(x, None, w, algo=algo)[0]
+        out = getattr(pydl, kind)(x, None, w, algo=algo, recompute=recompute)[0]
         torch.autograd.grad(out, [x, *w], torch.randn_like(out))
     return run
 
@@ -314,6 +317,7 @@ PROBLEMS = (
     ("lstm", "h2048-b128", _rnn_layer("lstm", 2048, 128)),
     ("lstm", "h256-b32 steps", _rnn_layer("lstm", 256, 32, "steps")),
     ("gru", "h1536-b32", _rnn_layer("gru", 1536, 32)),
+    ("gru", "h1536-b32 recompute", _rnn_layer("gru", 1536, 32, recompute=True)),
     ("gru", "h2048-b32", _rnn_layer("gru", 2048, 32)),
     ("gru", "h2560-b32", _rnn_layer("gru", 2560, 32)),
     ("gru", "h1024-b64", _rnn_layer("gru", 1024, 64)),

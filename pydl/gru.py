@@ -54,6 +54,8 @@ BWD_RANKS = (3, 3, 2, 2, 3, 2, 1, 3, 3, 3, 2)
 class TritonGRU(TritonRNN):
     """The GRU's recurrence kernels on Triton (plus the shared launches of TritonRNN)."""
 
+    grads_in_ws = True      # its backward can write the gradients in the workspace (IN_WS)
+
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
                      reverse: bool):
@@ -92,6 +94,9 @@ class TritonGRU(TritonRNN):
         flags = dict(REVERSE=reverse, HAS_H0=h0 is not None, HAS_DOUT=d_out is not None,
                      HAS_DHN=d_hn is not None, HAS_BS=bs is not None, BCAST=bcast,
                      PRECISION=cls.precision(w_hh.dtype if bcast else F32, w_hh.dtype, model))
+        # dgi and dgh in ws itself (GRURecurrence.Backward, in_place): the kernel's IN_WS
+        inout = aliased((dgi, dgh), (ws,))
+        flags["IN_WS"] = bool(inout)
         tensors = (ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0)
         scalars = (T, B, H, *seq_strides(ws), *seq_strides(out), *_strides(h0, 2),
                    *w_hh.stride(), *seq_strides(d_out), *_strides(d_hn, 2), *seq_strides(dgi),
@@ -99,7 +104,7 @@ class TritonGRU(TritonRNN):
         return cls.recurrence(k.gru_layer_bwd, TUNERS["gru_layer_bwd"], "gru_layer_bwd", mode,
                               tensors, BWD_RANKS, scalars, flags, B, H, 3 * H, model,
                               T + 1 if dh0 is not None else T, out.device,
-                              cls.backward_operands(w_hh.dtype))
+                              cls.backward_operands(w_hh.dtype), inout=inout[:1])
 
 
 class TritonGRUCell(TritonGRU):
@@ -190,19 +195,31 @@ class GRURecurrence:
 
     class Backward(Plans):
         """BPTT of one direction; returns (dgi, dgh), the fp32 gradients (T, B, 3H) of
-        gi = x W_ih^T + b_ih and of gh = h W_hh^T + b_hh; writes dh0 where given."""
+        gi = x W_ih^T + b_ih and of gh = h W_hh^T + b_hh; writes dh0 where given.
 
-        def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs):
+        in_place (the workspace is this backward's own: recomputed, so no second backward
+        reads it; a launcher with grads_in_ws): both go into the workspace in place of the
+        activations, dgh = ws[..., :3H] and dgi = ws's [r, z] and [n] column blocks, returned
+        as its parts ((ws[..., :2H], 0), (ws[..., 3H:], 2H)): (T, B, 6H) fp32 less at the
+        backward's peak (kernels/triton/gru.py _bwd_cell, IN_WS)."""
+
+        def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs,
+                     in_place: bool = False):
             T, B, H = self.dims
             dev = out.device
-            dgi = self.new("dgi", (T, B, 3 * H), F32, dev)
-            dgh = self.new("dgh", (T, B, 3 * H), F32, dev)
+            if in_place and getattr(self.launch, "grads_in_ws", False):
+                dgi, dgh = acts, acts[:, :, :3 * H]
+                parts = ((acts[:, :, :2 * H], 0), (acts[:, :, 3 * H:], 2 * H))
+            else:
+                dgi = self.new("dgi", (T, B, 3 * H), F32, dev)
+                dgh = self.new("dgh", (T, B, 3 * H), F32, dev)
+                parts = dgi
             if B:
                 dhd = self.new("dhd", lambda: (self.launch.backward_planes(
                     B, H, 3 * H, w_hh.dtype, dev), B, H), F32, dev)
                 self.backward("bwd", acts, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
                               model=out.dtype)
-            return dgi, dgh
+            return parts, dgh
 
 
 # --- the cell ---------------------------------------------------------------------------------
@@ -462,7 +479,8 @@ def gru(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_fir
              (one launch per time step)
     recompute: keep no r, z, n, gh_n (T * B * 4H fp32 per layer and direction) between
              forward and backward; the backward recomputes them one layer and direction at
-             a time
+             a time, and (triton backend) writes the gate gradients in their place (no
+             T * B * 6H fp32 of gradient buffers): the lowest peak memory
     output:  (T, B, D*H) ((B, T, D*H) with batch_first, a transposed view; (T, D*H)
              unbatched); h_n shaped like h0.
     """

@@ -230,7 +230,8 @@ class LSTMRecurrence:
         is dh_t W_hr, so the kernel runs on W_rec = W_hh W_hr (4H, H) with d_out W_hr and
         d_hn W_hr (two GEMMs first), and dh0 = dg_first W_hh is a GEMM after."""
 
-        def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs):
+        def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs,
+                     in_place: bool = False):
             T, B, H = self.dims
             dev = cs.device
             model = out.dtype

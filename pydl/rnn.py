@@ -438,24 +438,30 @@ class _Backward:
                 out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
                 d_out_d = d_out if D == 1 or d_out is None else d_out[:, :, d * P:(d + 1) * P]
                 acts, cs, m = saved[idx]
-                if acts is None:    # recompute: this layer-direction's activations only
+                own = acts is None
+                if own:             # recompute: this layer-direction's activations only
                     redo = self.recompute[idx]
                     acts, xp = redo.workspace(dev)
                     sites.gemm("xp", inp, w_ih, xp, None, b_ih, trans_b=True, model=dt)
                     acts, m = redo(acts, xp, b_hh, h0_, c0_, w_hh, out_d, cs)
                     del xp
+                # dg_ih: a tensor, or its column blocks ((tensor, first gate row), ...) where
+                # the cell wrote the gradients in place of activations that are its own
                 dg_ih, dg_hh = self.dirs[idx](
                     acts, cs, h0_, c0_, out_d, w_hh, w_hr, d_out_d, at(d_hn, idx),
-                    at(d_cn, idx), at(dh0, idx), at(dc0, idx), bs)
+                    at(d_cn, idx), at(dh0, idx), at(dc0, idx), bs, in_place=own)
                 del acts
                 if w_hr is not None and need_w[base + cfg.per_direction - 1]:
                     dweights[base + cfg.per_direction - 1] = _grad_w_hr(
                         sites, dg_hh, m, d_out_d, at(d_hn, idx), w_hh, w_hr)
                 del m
                 # weight gradients: sums over every (t, b) row
+                parts = _column_blocks(dg_ih)
                 if need_w[base]:
                     dw = new_output(w_ih.shape, w_ih.dtype, dev)
-                    sites.gemm("dw_ih", dg_ih, inp, dw, trans_a=True, model=dt)
+                    for j, (dg, r0) in enumerate(parts):
+                        sites.gemm(("dw_ih", j), dg, inp, _rows(dw, r0, dg, parts),
+                                   trans_a=True, model=dt)
                     dweights[base] = dw
                 if need_w[base + 1]:
                     dweights[base + 1] = _sum_of_products(
@@ -465,9 +471,17 @@ class _Backward:
                     _grad_biases(sites, dg_ih, dg_hh, need_w[base + 2], need_w[base + 3],
                                  dweights, base, G * H, b_ih.dtype, dev)
                 if d_in is not None:
-                    # d_in = sum over directions of dg_ih W_ih; the first into an fp32 buffer
-                    sites.gemm("d_in", dg_ih, w_ih, d_in if d == D - 1 else acc,
-                               None if d == 0 else acc, model=dt)
+                    # d_in = sum over directions (and column blocks) of dg_ih W_ih, the sum
+                    # in fp32 (acc, or a buffer of its own) until the last product
+                    into, addend = d_in if d == D - 1 else acc, None if d == 0 else acc
+                    for j, (dg, r0) in enumerate(parts):
+                        out_j = into
+                        if j < len(parts) - 1:
+                            out_j = acc if acc is not None else (
+                                d_in if d_in.dtype == F32 else new_output(d_in.shape, F32, dev))
+                        sites.gemm(("d_in", j), dg, _rows(w_ih, r0, dg, parts), out_j, addend,
+                                   model=dt)
+                        addend = out_j
             if layer > 0 and masks[layer - 1] is not None:
                 self.layer_sites.mul(layer, d_in, masks[layer - 1], d_in)
             d_out = d_in    # the output gradient of the layer below
@@ -491,18 +505,34 @@ def _rnn_bwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], last_out: Te
         x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need)
 
 
+def _column_blocks(dg) -> tuple:
+    """A gate gradient as ((tensor, first gate row), ...): its column blocks (the GRU's dgi
+    written in place, pydl/gru.py), or the one tensor."""
+    return dg if isinstance(dg, tuple) else ((dg, 0),)
+
+
+def _rows(t, r0: int, dg, parts) -> Tensor:
+    """The gate rows of t (a weight, its gradient, a bias gradient) that column block dg,
+    starting at gate row r0, multiplies: t itself for a gradient in one block."""
+    return t if len(parts) == 1 else t[r0:r0 + dg.shape[2]]
+
+
 def _grad_biases(sites, dg_ih, dg_hh, need_ih, need_hh, dweights, base, n, dtype, dev):
-    """db_ih, db_hh into dweights[base + 2], [base + 3]: column sums of dg_ih and dg_hh (one
-    pass writes both when they are one tensor, as for the LSTM)."""
+    """db_ih, db_hh into dweights[base + 2], [base + 3]: column sums of dg_ih (its column
+    blocks, _column_blocks) and dg_hh (one pass writes both when they are one tensor, as for
+    the LSTM)."""
     dbs = [new_output((n,), dtype, dev) if need else None for need in (need_ih, need_hh)]
     if dg_ih is dg_hh:
         if dbs[0] is not None or dbs[1] is not None:
             first = dbs[0] if dbs[0] is not None else dbs[1]
             sites.bias_grad("db", dg_ih, first, dbs[1] if dbs[0] is not None else None)
     else:
-        for name, db, dg in zip(("db_ih", "db_hh"), dbs, (dg_ih, dg_hh)):
-            if db is not None:
-                sites.bias_grad(name, dg, db)
+        if dbs[0] is not None:
+            parts = _column_blocks(dg_ih)
+            for j, (dg, r0) in enumerate(parts):
+                sites.bias_grad(("db_ih", j), dg, _rows(dbs[0], r0, dg, parts))
+        if dbs[1] is not None:
+            sites.bias_grad("db_hh", dg_hh, dbs[1])
     dweights[base + 2], dweights[base + 3] = dbs
 
 

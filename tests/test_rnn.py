@@ -15,7 +15,7 @@ from rnn_checks import TF32, check_layer
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pydl
-from pydl import _rnn_launch
+from pydl import _rnn_launch, rnn
 from pydl.testing import assert_close, poisoned_outputs, random_tensor
 
 KINDS = ("lstm", "gru")
@@ -86,6 +86,27 @@ def test_recompute(kind, backend, algo, L):
     # fp32 rounding at most: the recomputation runs every step in one launch (other tiles)
     for a, b in zip(*results):
         assert_close(b, a, torch.float32, reduction=4, tf32=TF32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_gru_recompute_backward_writes_its_gradients_in_place(monkeypatch, backend):
+    """With recompute=True the GRU's backward recomputes a workspace of its own, which nothing
+    reads after BPTT: on Triton its gate gradients go there in place of the activations
+    (kernels/triton/gru.py IN_WS), with no dgi and dgh buffers ((T, B, 3H) fp32 each, the
+    backward's largest). Without recompute (the saved workspace: a second backward through a
+    retained graph reads it again), and on Numba, they keep their buffers. The gradients are
+    checked by test_recompute and test_recompute_vs_reference."""
+    asked = []
+    new = rnn.Plans.new
+    monkeypatch.setattr(rnn.Plans, "new",
+                        lambda self, name, *a: (asked.append(name), new(self, name, *a))[1])
+    for recompute in (True, False):
+        asked.clear()
+        m = pydl.nn.GRU(3, 5, backend=backend, recompute=recompute).to(DEVICE)
+        out, hn = m(random_tensor((4, 2, 3), torch.float32, DEVICE).requires_grad_(True))
+        (out.square().sum() + hn.sum()).backward()
+        in_place = recompute and backend == "triton"
+        assert ({"dgi", "dgh"} & set(asked)) == (set() if in_place else {"dgi", "dgh"}), asked
 
 
 # --- PackedSequence inputs ---------------------------------------------------------------------

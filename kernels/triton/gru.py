@@ -183,12 +183,19 @@ def _bwd_cell(rows, units, dh1, bcast_ptr, u_step, t, tp, ws_ptr, out_ptr, h0_pt
               sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k,
               srn_p, srn_b, srn_k, sdh0_b, sdh0_k,
               HAS_H0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
-              HAS_BS: tl.constexpr, BCAST: tl.constexpr):
+              HAS_BS: tl.constexpr, BCAST: tl.constexpr, IN_WS: tl.constexpr):
     """BPTT step u_step (< T) of the rows x units given dh1 = dgh_next W_hh[:, units] (zero
     at u_step 0), or the pseudo-step u_step == T (dh0); bcast_ptr: the 16-bit copy of dgh
     (BCAST, kernels/triton/rnn.py step_workspace). Every load is issued before the
     first branch, masked by the step; the running direct part is read through L2 (.cg):
-    with K splits the program that finishes a tile changes from step to step."""
+    with K splits the program that finishes a tile changes from step to step.
+
+    IN_WS: the gradients go to the step's own workspace columns, in place of the activations
+    they were computed from (nothing reads a step's r, z, n, gh_n after its cell): dgh's r, z,
+    n gates in the first 3H (so dgh is ws[:, :, :3H], what the next step's product reads:
+    dgh_ptr is ws) and dgi's n gate in gh_n's place (dgi's r, z are dgh's). One program loads
+    and stores a tile's elements, through the one pointer, so each store stays after its
+    element's loads. dgi_ptr is then unused."""
     r_ok = rows < B
     u_ok = units < H
     mask = r_ok[:, None] & u_ok[None, :]
@@ -225,8 +232,13 @@ def _bwd_cell(rows, units, dh1, bcast_ptr, u_step, t, tp, ws_ptr, out_ptr, h0_pt
             daz = tl.where(live, daz, 0.0)
             dan = tl.where(live, dan, 0.0)
             dhd = tl.where(live, dhd, dh1)
-        store_gates(dgi_ptr + t * sgi_t + r_ * sgi_b, u, sgi_k, H, mask, (dar, daz, dan))
-        store_gates(dgh_ptr + t * sgh_t + r_ * sgh_b, u, sgh_k, H, mask, (dar, daz, dan * r))
+        if IN_WS:
+            store_gates(ws_ptr + t * sw_t + r_ * sw_b, u, sw_k, H, mask,
+                        (dar, daz, dan * r, dan))
+        else:
+            store_gates(dgi_ptr + t * sgi_t + r_ * sgi_b, u, sgi_k, H, mask, (dar, daz, dan))
+            store_gates(dgh_ptr + t * sgh_t + r_ * sgh_b, u, sgh_k, H, mask,
+                        (dar, daz, dan * r))
         if BCAST:
             # the copy of dgh the next step's product reads, rounded to W_hh's dtype (rows of
             # K = 3H contiguous columns: gate q of unit u at q*H + u)
@@ -258,9 +270,11 @@ def gru_layer_bwd(
     HAS_DHN: tl.constexpr, HAS_BS: tl.constexpr, GRID_SYNC: tl.constexpr,
     BCAST: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    IN_WS: tl.constexpr = False,
 ):
     """BPTT steps step_begin <= u < step_end (u = T: the dh0 pseudo-step) of one direction;
-    tiles, K splits, grid and BCAST as kernels/triton/lstm.py lstm_layer_bwd."""
+    tiles, K splits, grid and BCAST as kernels/triton/lstm.py lstm_layer_bwd; IN_WS: the
+    gradients in place of the activations (_bwd_cell)."""
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H) * SPLIT
@@ -276,7 +290,7 @@ def gru_layer_bwd(
                            dgi_ptr, dgh_ptr, run_ptr, dh0_ptr, T, B, H, sw_t, sw_b, sw_k,
                            so_t, so_b, so_k, sh0_b, sh0_k, sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k,
                            sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k,
-                           sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST),
+                           sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST, IN_WS),
                           PRECISION, BCAST, SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
             if u_step + 1 < step_end:
