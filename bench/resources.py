@@ -218,8 +218,8 @@ def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None,
     """One fp16 torch.nn.LSTM / GRU layer of the DeepBench suites (input = hidden), forward and
     backward through time on the GPU's schedule (the persistent recurrence, one cooperative
     launch per direction; or algo="steps"); 4 steps, as the step count changes no kernel.
-    recompute: the activations recomputed in the backward (the GRU's then writes its
-    gradients in their place: IN_WS)."""
+    recompute: the activations recomputed in the backward (whose gradients then go in their
+    place: the GRU's IN_WS, the LSTM's IN_ACTS)."""
     def run():
         import torch
         import pydl
@@ -312,6 +312,7 @@ PROBLEMS = (
     ("pool", "inception35 3x3s1 cl", _avg_pool(192, 35, 3, 1, 1, True)),   # Mixed_5b pool
     ("pool", "r50 head nchw", _global_pool(2048, 7, False)),
     ("lstm", "h1024-b32", _rnn_layer("lstm", 1024, 32)),
+    ("lstm", "h1024-b32 recompute", _rnn_layer("lstm", 1024, 32, recompute=True)),
     ("lstm", "h512-b64", _rnn_layer("lstm", 512, 64)),
     ("lstm", "h2048-b16", _rnn_layer("lstm", 2048, 16)),
     ("lstm", "h2048-b128", _rnn_layer("lstm", 2048, 128)),

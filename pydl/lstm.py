@@ -66,6 +66,8 @@ TUNERS = {name: Tuner(name) for name in ("lstm_layer_fwd", "lstm_layer_bwd")}
 class TritonLSTM(TritonRNN):
     """The LSTM's recurrence kernels on Triton (plus the shared launches of TritonRNN)."""
 
+    grads_in_ws = True      # its backward can write dg in the activations' place (IN_ACTS)
+
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
                      hn, cn, bs, reverse: bool):
@@ -113,6 +115,9 @@ class TritonLSTM(TritonRNN):
                      HAS_DHN=d_hn is not None, HAS_DCN=d_cn is not None, HAS_BS=bs is not None,
                      WRITE_DC0=dc0 is not None, BCAST=bcast,
                      PRECISION=cls.precision(w_rec.dtype if bcast else F32, w_rec.dtype, model))
+        # dg in acts itself (LSTMRecurrence.Backward, in_place): the kernel's IN_ACTS
+        inout = aliased((dg,), (acts,))
+        flags["IN_ACTS"] = bool(inout)
         tensors = (acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0)
         scalars = (T, B, H, K, *seq_strides(acts), *seq_strides(cs), *_strides(c0, 2),
                    *w_rec.stride(), *seq_strides(d_out), *_strides(d_hn, 2), *_strides(d_cn, 2),
@@ -121,7 +126,7 @@ class TritonLSTM(TritonRNN):
         return cls.recurrence(k.lstm_layer_bwd, TUNERS["lstm_layer_bwd"], "lstm_layer_bwd", mode,
                               tensors, BWD_RANKS, scalars, flags, B, H, K, model,
                               T + 1 if dh0 is not None else T, cs.device,
-                              cls.backward_operands(w_rec.dtype))
+                              cls.backward_operands(w_rec.dtype), inout=inout)
 
 
 class TritonLSTMCell(TritonLSTM):
@@ -228,14 +233,20 @@ class LSTMRecurrence:
         """BPTT of one direction; returns (dg, dg): the fp32 gradients (T, B, 4H) of the
         pre-activations, one tensor for both products. With projections the gradient of m_t
         is dh_t W_hr, so the kernel runs on W_rec = W_hh W_hr (4H, H) with d_out W_hr and
-        d_hn W_hr (two GEMMs first), and dh0 = dg_first W_hh is a GEMM after."""
+        d_hn W_hr (two GEMMs first), and dh0 = dg_first W_hh is a GEMM after. in_place (acts
+        are this backward's own, recomputed; a launcher with grads_in_ws): dg is acts, each
+        step's gradients written in place of its activations (kernels/triton/lstm.py
+        IN_ACTS), (T, B, 4H) fp32 less at the backward's peak."""
 
         def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs,
                      in_place: bool = False):
             T, B, H = self.dims
             dev = cs.device
             model = out.dtype
-            dg = self.new("dg", (T, B, 4 * H), F32, dev)
+            if in_place and getattr(self.launch, "grads_in_ws", False):
+                dg = acts       # the backward's own (recomputed): dg in its place (IN_ACTS)
+            else:
+                dg = self.new("dg", (T, B, 4 * H), F32, dev)
             w_rec = w_hh
             if w_hr is not None:
                 w_rec = new_output((4 * H, H), F32, dev)
@@ -552,7 +563,8 @@ def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_fi
              (one launch per time step)
     recompute: keep no gate activations (T * B * 4H fp32 per layer and direction) between
              forward and backward; the backward recomputes them one layer and direction at a
-             time (one GEMM and two step launches), so its peak holds one direction's only
+             time (one GEMM and two step launches), so its peak holds one direction's only,
+             and (triton backend) writes the gate gradients in their place
     output:  (T, B, D*H) ((B, T, D*H) with batch_first: a transposed view, as torch's CPU
              LSTM returns; (T, D*H) unbatched; D*P for H with projections); h_n, c_n shaped
              like h0, c0.

@@ -89,24 +89,28 @@ def test_recompute(kind, backend, algo, L):
 
 
 @pytest.mark.parametrize("backend", ["triton", "numba"])
-def test_gru_recompute_backward_writes_its_gradients_in_place(monkeypatch, backend):
-    """With recompute=True the GRU's backward recomputes a workspace of its own, which nothing
-    reads after BPTT: on Triton its gate gradients go there in place of the activations
-    (kernels/triton/gru.py IN_WS), with no dgi and dgh buffers ((T, B, 3H) fp32 each, the
-    backward's largest). Without recompute (the saved workspace: a second backward through a
-    retained graph reads it again), and on Numba, they keep their buffers. The gradients are
-    checked by test_recompute and test_recompute_vs_reference."""
+@pytest.mark.parametrize("kind,buffers", [("gru", {"dgi", "dgh"}), ("lstm", {"dg"})])
+def test_recompute_backward_writes_its_gradients_in_place(monkeypatch, kind, buffers, backend):
+    """With recompute=True a layer's backward recomputes activations of its own, which nothing
+    reads after BPTT: on Triton the gate gradients go there in place of them
+    (kernels/triton/gru.py IN_WS, lstm.py IN_ACTS), with no gradient buffers (the GRU's dgi
+    and dgh, (T, B, 3H) fp32 each, its backward's largest; the LSTM's dg, (T, B, 4H)).
+    Without recompute (the saved activations: a second backward through a retained graph
+    reads them again), and on Numba, they keep their buffers. The gradients are checked by
+    test_recompute and test_recompute_vs_reference."""
     asked = []
     new = rnn.Plans.new
     monkeypatch.setattr(rnn.Plans, "new",
                         lambda self, name, *a: (asked.append(name), new(self, name, *a))[1])
     for recompute in (True, False):
         asked.clear()
-        m = pydl.nn.GRU(3, 5, backend=backend, recompute=recompute).to(DEVICE)
+        cls = pydl.nn.GRU if kind == "gru" else pydl.nn.LSTM
+        m = cls(3, 5, backend=backend, recompute=recompute).to(DEVICE)
         out, hn = m(random_tensor((4, 2, 3), torch.float32, DEVICE).requires_grad_(True))
+        hn = hn if kind == "gru" else hn[0]
         (out.square().sum() + hn.sum()).backward()
         in_place = recompute and backend == "triton"
-        assert ({"dgi", "dgh"} & set(asked)) == (set() if in_place else {"dgi", "dgh"}), asked
+        assert (buffers & set(asked)) == (set() if in_place else buffers), asked
 
 
 # --- PackedSequence inputs ---------------------------------------------------------------------

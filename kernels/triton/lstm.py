@@ -275,7 +275,7 @@ def _bwd_cell(rows, units, dh, bcast_ptr, u_step, t, tp, acts_ptr, cs_ptr, c0_pt
               sws_p, sws_b, sws_k, sps_p, sps_b, sps_k, sdh0_b, sdh0_k, sdc0_b, sdc0_k,
               HAS_C0: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr,
               HAS_DCN: tl.constexpr, HAS_BS: tl.constexpr, WRITE_DC0: tl.constexpr,
-              BCAST: tl.constexpr):
+              BCAST: tl.constexpr, IN_ACTS: tl.constexpr):
     """BPTT step u_step (< T) of the rows x units given dh = dg_next W_rec[:, units] (zero
     at u_step 0), or the pseudo-step u_step == T (dh0); bcast_ptr: the 16-bit copy of the
     gate gradients (BCAST, kernels/triton/rnn.py step_workspace). Every load is issued
@@ -325,7 +325,13 @@ def _bwd_cell(rows, units, dh, bcast_ptr, u_step, t, tp, acts_ptr, cs_ptr, c0_pt
             dc_prev = tl.where(live, dc_prev, dc)
             tl.store(pass_ptr + now * sps_p + r * sps_b + u * sps_k, tl.where(live, 0.0, dh),
                      mask=mask)
-        store_gates(dg_ptr + t * sdg_t + r * sdg_b, u, sdg_k, H, mask, (d_i, d_f, d_g, d_o))
+        if IN_ACTS:
+            # in place of the step's activations, which nothing reads after this cell (the
+            # backward's own, recomputed: dg_ptr is acts): through the pointer they were loaded
+            # from, so each store stays after its element's loads (kernels/triton/gru.py IN_WS)
+            store_gates(acts_ptr + t * sa_t + r * sa_b, u, sa_k, H, mask, (d_i, d_f, d_g, d_o))
+        else:
+            store_gates(dg_ptr + t * sdg_t + r * sdg_b, u, sdg_k, H, mask, (d_i, d_f, d_g, d_o))
         if BCAST:
             # the copy the next step's product reads, rounded to W's dtype (rows of K = 4H
             # contiguous columns: gate q of unit u at q*H + u)
@@ -362,13 +368,14 @@ def lstm_layer_bwd(
     WRITE_DC0: tl.constexpr, GRID_SYNC: tl.constexpr, BCAST: tl.constexpr,
     PRECISION: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    IN_ACTS: tl.constexpr = False,
 ):
     """BPTT steps step_begin <= u < step_end (u = T: the dh0 pseudo-step) of one direction.
     Tiles of BLOCK_B rows x BLOCK_H units (no gate interleave), each product split over
     SPLIT ranges of K (cdiv(B, BLOCK_B) x cdiv(H, BLOCK_H) x SPLIT tiles; grid and loop as
     lstm_layer_fwd); sync_ptr[2 + output tile] counts the splits' arrivals (SPLIT > 1, every
     schedule). BCAST: the product reads the 16-bit copy of dg_next (the workspace's), not
-    the fp32 dg."""
+    the fp32 dg. IN_ACTS: dg is acts, written in place of each step's activations (_bwd_cell)."""
     pid = tl.program_id(0)
     NP = tl.num_programs(0)
     n_tiles = tl.cdiv(B, BLOCK_B) * tl.cdiv(H, BLOCK_H) * SPLIT
@@ -386,7 +393,8 @@ def lstm_layer_bwd(
                            sdo_t, sdo_b, sdo_k, sdhn_b, sdhn_k, sdcn_b, sdcn_k,
                            sdg_t, sdg_b, sdg_k, sws_p, sws_b, sws_k, sps_p, sps_b, sps_k,
                            sdh0_b, sdh0_k, sdc0_b, sdc0_k,
-                           HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST),
+                           HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST,
+                           IN_ACTS),
                           PRECISION, BCAST, SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
         if GRID_SYNC:
             if u_step + 1 < step_end:
