@@ -96,9 +96,11 @@ case $mode in
         #    machines, 15-20 s on this host, about 13 builds in its tests)
         # (the files a GPU has not run yet first: xdist hands tests out in this order; the
         # direct Numba launch's (it must engage, and agree with torch on a second call) and the
-        # Numba tensor-core kernels' first, whose fragment layouts only hardware can confirm)
-        gpu_tests="tests/test_numba_direct.py tests/test_gemm_numba.py tests/test_attention_forward.py tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_lstm.py tests/test_gru.py
-            tests/test_rnn.py tests/test_double_backward.py tests/test_edge_cases.py
+        # Numba tensor-core kernels' first, whose fragment layouts only hardware can confirm;
+        # tests/test_rnn.py before the cells' files: its recompute tests check the recurrent
+        # backward's in-place gradients (IN_WS, IN_ACTS) against the saved-activation path)
+        gpu_tests="tests/test_numba_direct.py tests/test_gemm_numba.py tests/test_attention_forward.py tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_rnn.py tests/test_lstm.py tests/test_gru.py
+            tests/test_double_backward.py tests/test_edge_cases.py
             tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
             tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
             tests/test_conv.py tests/test_attention.py tests/test_attention_onepass.py tests/test_pool.py"
