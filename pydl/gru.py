@@ -114,6 +114,8 @@ class TritonGRUCell(TritonGRU):
 class NumbaGRU(NumbaRNN):
     """Same methods as TritonGRU, on the Numba kernels (kernels/numba/gru.py)."""
 
+    grads_in_ws = True      # as TritonGRU's (in_ws)
+
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
                      reverse: bool):
@@ -133,8 +135,9 @@ class NumbaGRU(NumbaRNN):
         T, B, H = seq_shape(out)
         tensors = (ws, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0)
         scalars = (reverse, h0 is not None, d_out is not None, d_hn is not None,
-                   bs is not None, dh0 is not None, _code(out), _code(h0), _code(w_hh),
-                   _code(d_out), _code(d_hn), _code(dh0))
+                   bs is not None, dh0 is not None,
+                   bool(aliased((dgi, dgh), (ws,))),    # dgi, dgh in ws (in_ws)
+                   _code(out), _code(h0), _code(w_hh), _code(d_out), _code(d_hn), _code(dh0))
         return cls.recurrence(k.gru_layer_bwd_kernel, mode, tensors, BWD_RANKS, scalars, B, H,
                               T + 1 if dh0 is not None else T, out.device)
 
@@ -479,7 +482,7 @@ def gru(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_fir
              (one launch per time step)
     recompute: keep no r, z, n, gh_n (T * B * 4H fp32 per layer and direction) between
              forward and backward; the backward recomputes them one layer and direction at
-             a time, and (triton backend) writes the gate gradients in their place (no
+             a time, and writes the gate gradients in their place (no
              T * B * 6H fp32 of gradient buffers): the lowest peak memory
     output:  (T, B, D*H) ((B, T, D*H) with batch_first, a transposed view; (T, D*H)
              unbatched); h_n shaped like h0.

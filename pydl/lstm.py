@@ -138,6 +138,8 @@ class TritonLSTMCell(TritonLSTM):
 class NumbaLSTM(NumbaRNN):
     """Same methods as TritonLSTM, on the Numba kernels (kernels/numba/lstm.py)."""
 
+    grads_in_ws = True      # as TritonLSTM's (in_acts)
+
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
                      hn, cn, bs, reverse: bool):
@@ -160,6 +162,7 @@ class NumbaLSTM(NumbaRNN):
         tensors = (acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas, dh0, dc0)
         scalars = (reverse, c0 is not None, d_out is not None, d_hn is not None,
                    d_cn is not None, bs is not None, dh0 is not None, dc0 is not None,
+                   bool(aliased((dg,), (acts,))),       # dg in acts' place (in_acts)
                    _code(c0), _code(w_rec), _code(d_out), _code(d_hn), _code(d_cn), _code(dh0),
                    _code(dc0))
         return cls.recurrence(k.lstm_layer_bwd_kernel, mode, tensors, BWD_RANKS, scalars, B, H,
@@ -564,7 +567,7 @@ def lstm(input, hx, weights, *, num_layers: int = 1, bias: bool = True, batch_fi
     recompute: keep no gate activations (T * B * 4H fp32 per layer and direction) between
              forward and backward; the backward recomputes them one layer and direction at a
              time (one GEMM and two step launches), so its peak holds one direction's only,
-             and (triton backend) writes the gate gradients in their place
+             and writes the gate gradients in their place
     output:  (T, B, D*H) ((B, T, D*H) with batch_first: a transposed view, as torch's CPU
              LSTM returns; (T, D*H) unbatched; D*P for H with projections); h_n, c_n shaped
              like h0, c0.

@@ -92,11 +92,11 @@ def test_recompute(kind, backend, algo, L):
 @pytest.mark.parametrize("kind,buffers", [("gru", {"dgi", "dgh"}), ("lstm", {"dg"})])
 def test_recompute_backward_writes_its_gradients_in_place(monkeypatch, kind, buffers, backend):
     """With recompute=True a layer's backward recomputes activations of its own, which nothing
-    reads after BPTT: on Triton the gate gradients go there in place of them
-    (kernels/triton/gru.py IN_WS, lstm.py IN_ACTS), with no gradient buffers (the GRU's dgi
-    and dgh, (T, B, 3H) fp32 each, its backward's largest; the LSTM's dg, (T, B, 4H)).
-    Without recompute (the saved activations: a second backward through a retained graph
-    reads them again), and on Numba, they keep their buffers. The gradients are checked by
+    reads after BPTT: the gate gradients go there in place of them (kernels/triton/gru.py
+    IN_WS, lstm.py IN_ACTS, and the Numba kernels' in_ws, in_acts), with no gradient buffers
+    (the GRU's dgi and dgh, (T, B, 3H) fp32 each, its backward's largest; the LSTM's dg,
+    (T, B, 4H)). Without recompute (the saved activations: a second backward through a
+    retained graph reads them again) they keep their buffers. The gradients are checked by
     test_recompute and test_recompute_vs_reference."""
     asked = []
     new = rnn.Plans.new
@@ -109,8 +109,7 @@ def test_recompute_backward_writes_its_gradients_in_place(monkeypatch, kind, buf
         out, hn = m(random_tensor((4, 2, 3), torch.float32, DEVICE).requires_grad_(True))
         hn = hn if kind == "gru" else hn[0]
         (out.square().sum() + hn.sum()).backward()
-        in_place = recompute and backend == "triton"
-        assert (buffers & set(asked)) == (set() if in_place else buffers), asked
+        assert (buffers & set(asked)) == (set() if recompute else buffers), asked
 
 
 # --- PackedSequence inputs ---------------------------------------------------------------------

@@ -109,13 +109,17 @@ def gru_layer_bwd_kernel(TB, TU, TK):
     block. Arguments, in order: ws (T, B, 4H) fp32, out (T, B, H), h0 (B, H), w_hh (3H, H),
     d_out (T, B, H), d_hn (B, H), bs (T,) int32, dgi, dgh (T, B, 3H) fp32 (written), dhd
     (2, B, H) fp32 (running, by step parity), dh0 (B, H) (written); reverse, has_h0,
-    has_dout, has_dhn, has_bs, write_dh0; dtype codes of out, h0, w_hh, d_out, d_hn, dh0;
-    u_begin, u_end (u = T: the dh0 pseudo-step), sync."""
+    has_dout, has_dhn, has_bs, write_dh0, in_ws; dtype codes of out, h0, w_hh, d_out, d_hn,
+    dh0; u_begin, u_end (u = T: the dh0 pseudo-step), sync.
+
+    in_ws: dgh is ws[..., :3H] and the gradients go into ws in place of the activations
+    (kernels/triton/gru.py IN_WS): [dr, dz, r dn, dn], by the thread that loaded them, through
+    the array it loaded them from; dgi is then unused."""
     recurrent_dh = recurrent_dh_device(TB, TU, TK)
 
     @cuda.jit
     def bwd(ws, out, h0, whh, dout, dhn, bs, dgi, dgh, dhd, dh0,
-            reverse, has_h0, has_dout, has_dhn, has_bs, write_dh0,
+            reverse, has_h0, has_dout, has_dhn, has_bs, write_dh0, in_ws,
             code_out, code_h0, code_w, code_dout, code_dhn, code_dh0, u_begin, u_end, sync):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((TB, TK), float32)
@@ -158,8 +162,11 @@ def gru_layer_bwd_kernel(TB, TU, TK):
                             daz = ZERO
                             dan = ZERO
                             direct = d
-                        store_gates(dgi, t, b, u, H, dar, daz, dan, ZERO, 3)
-                        store_gates(dgh, t, b, u, H, dar, daz, dan * r, ZERO, 3)
+                        if in_ws:
+                            store_gates(ws, t, b, u, H, dar, daz, dan * r, dan, 4)
+                        else:
+                            store_gates(dgi, t, b, u, H, dar, daz, dan, ZERO, 3)
+                            store_gates(dgh, t, b, u, H, dar, daz, dan * r, ZERO, 3)
                         dhd[now, b, u] = direct
             if sync and us + 1 < u_end:
                 grid.sync()

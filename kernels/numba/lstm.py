@@ -132,14 +132,17 @@ def lstm_layer_bwd_kernel(TB, TU, TK):
     c0 (B, H), w_rec (4H, H), d_out (T, B, H), d_hn, d_cn (B, H), bs (T,) int32,
     dg (T, B, 4H) fp32 (written), dc_run, pass (2, B, H) fp32 (running, by step parity),
     dh0, dc0 (B, H) (written); reverse, has_c0, has_dout, has_dhn, has_dcn, has_bs,
-    write_dh0, write_dc0; dtype codes of c0, w_rec, d_out, d_hn, d_cn, dh0, dc0; u_begin,
-    u_end (BPTT steps, u = T the dh0 pseudo-step), sync.
+    write_dh0, write_dc0, in_acts; dtype codes of c0, w_rec, d_out, d_hn, d_cn, dh0, dc0;
+    u_begin, u_end (BPTT steps, u = T the dh0 pseudo-step), sync.
+
+    in_acts: dg is acts, each step's gradients stored in place of its activations by the
+    thread that loaded them, through acts (kernels/triton/lstm.py IN_ACTS).
     """
     recurrent_dh = recurrent_dh_device(TB, TU, TK)
 
     @cuda.jit
     def bwd(acts, cs, c0, wrec, dout, dhn, dcn, bs, dg, dc_run, pas, dh0, dc0,
-            reverse, has_c0, has_dout, has_dhn, has_dcn, has_bs, write_dh0, write_dc0,
+            reverse, has_c0, has_dout, has_dhn, has_dcn, has_bs, write_dh0, write_dc0, in_acts,
             code_c0, code_w, code_dout, code_dhn, code_dcn, code_dh0, code_dc0,
             u_begin, u_end, sync):
         # One shared array per line: the simulator keys shared arrays by source line.
@@ -198,7 +201,8 @@ def lstm_layer_bwd_kernel(TB, TU, TK):
                                 pas[now, r, u] = dh
                             else:
                                 pas[now, r, u] = ZERO
-                        store_gates(dg, t, r, u, H, d_i, d_f, d_g, d_o, 4)
+                        store_gates(acts if in_acts else dg, t, r, u, H, d_i, d_f, d_g, d_o,
+                                    4)
                         if us == T - 1:
                             if write_dc0:
                                 st2(dc0, r, u, dcp, code_dc0)
