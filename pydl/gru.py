@@ -54,8 +54,6 @@ BWD_RANKS = (3, 3, 2, 2, 3, 2, 1, 3, 3, 3, 2)
 class TritonGRU(TritonRNN):
     """The GRU's recurrence kernels on Triton (plus the shared launches of TritonRNN)."""
 
-    grads_in_ws = True      # its backward can write the gradients in the workspace (IN_WS)
-
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
                      reverse: bool):
@@ -113,8 +111,6 @@ class TritonGRUCell(TritonGRU):
 
 class NumbaGRU(NumbaRNN):
     """Same methods as TritonGRU, on the Numba kernels (kernels/numba/gru.py)."""
-
-    grads_in_ws = True      # as TritonGRU's (in_ws)
 
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, w_hh, out, ws, hn, bs,
@@ -201,16 +197,16 @@ class GRURecurrence:
         gi = x W_ih^T + b_ih and of gh = h W_hh^T + b_hh; writes dh0 where given.
 
         in_place (the workspace is this backward's own: recomputed, so no second backward
-        reads it; a launcher with grads_in_ws): both go into the workspace in place of the
-        activations, dgh = ws[..., :3H] and dgi = ws's [r, z] and [n] column blocks, returned
-        as its parts ((ws[..., :2H], 0), (ws[..., 3H:], 2H)): (T, B, 6H) fp32 less at the
-        backward's peak (kernels/triton/gru.py _bwd_cell, IN_WS)."""
+        reads it): both go into the workspace in place of the activations, dgh =
+        ws[..., :3H] and dgi = ws's [r, z] and [n] column blocks, returned as its parts
+        ((ws[..., :2H], 0), (ws[..., 3H:], 2H)): (T, B, 6H) fp32 less at the backward's peak
+        (kernels/triton/gru.py _bwd_cell IN_WS, the Numba kernel's in_ws)."""
 
         def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs,
                      in_place: bool = False):
             T, B, H = self.dims
             dev = out.device
-            if in_place and getattr(self.launch, "grads_in_ws", False):
+            if in_place:
                 dgi, dgh = acts, acts[:, :, :3 * H]
                 parts = ((acts[:, :, :2 * H], 0), (acts[:, :, 3 * H:], 2 * H))
             else:

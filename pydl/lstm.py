@@ -66,8 +66,6 @@ TUNERS = {name: Tuner(name) for name in ("lstm_layer_fwd", "lstm_layer_bwd")}
 class TritonLSTM(TritonRNN):
     """The LSTM's recurrence kernels on Triton (plus the shared launches of TritonRNN)."""
 
-    grads_in_ws = True      # its backward can write dg in the activations' place (IN_ACTS)
-
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
                      hn, cn, bs, reverse: bool):
@@ -137,8 +135,6 @@ class TritonLSTMCell(TritonLSTM):
 
 class NumbaLSTM(NumbaRNN):
     """Same methods as TritonLSTM, on the Numba kernels (kernels/numba/lstm.py)."""
-
-    grads_in_ws = True      # as TritonLSTM's (in_acts)
 
     @classmethod
     def forward_plan(cls, mode, x, w_ih, xp, b_ih, b_hh, h0, c0, w_hh, w_hr, out, m, cs, acts,
@@ -237,16 +233,16 @@ class LSTMRecurrence:
         pre-activations, one tensor for both products. With projections the gradient of m_t
         is dh_t W_hr, so the kernel runs on W_rec = W_hh W_hr (4H, H) with d_out W_hr and
         d_hn W_hr (two GEMMs first), and dh0 = dg_first W_hh is a GEMM after. in_place (acts
-        are this backward's own, recomputed; a launcher with grads_in_ws): dg is acts, each
-        step's gradients written in place of its activations (kernels/triton/lstm.py
-        IN_ACTS), (T, B, 4H) fp32 less at the backward's peak."""
+        are this backward's own, recomputed): dg is acts, each step's gradients written in
+        place of its activations (kernels/triton/lstm.py IN_ACTS, the Numba kernel's
+        in_acts), (T, B, 4H) fp32 less at the backward's peak."""
 
         def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs,
                      in_place: bool = False):
             T, B, H = self.dims
             dev = cs.device
             model = out.dtype
-            if in_place and getattr(self.launch, "grads_in_ws", False):
+            if in_place:
                 dg = acts       # the backward's own (recomputed): dg in its place (IN_ACTS)
             else:
                 dg = self.new("dg", (T, B, 4 * H), F32, dev)
