@@ -15,7 +15,7 @@ import os
 import torch
 
 from . import _env
-from ._launch import cdiv, launch_numba
+from ._launch import NumbaLaunch, cdiv, launch_numba
 
 # (TILE, MICRO): a TILE x TILE output tile per block of (TILE / MICRO)^2 threads, each
 # computing MICRO x MICRO outputs. On a GPU 64 x 64 tiles with 256 threads (4 x 4 each, 33 KiB
@@ -74,13 +74,41 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
         if addend is not None:
             raise ValueError("gemm: give accumulate=True or addend=, not both")
         addend = out
+    launch = _arguments(*_operands(a, b, out, trans_a, trans_b, addend), bias)
+    if launch is not None:
+        launch_numba(*launch[:3], out.device, *launch[3])
+    return out
+
+
+def gemm_plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
+              trans_b: bool = False, bias: torch.Tensor | None = None,
+              addend: torch.Tensor | None = None):
+    """gemm(a, b, out, trans_a=, trans_b=, bias=, addend=) planned once for tensors of these
+    shapes, strides and dtypes: run(a, b, out, addend, bias) launches it on tensors at the
+    addresses of those (a NumbaLaunch: on a GPU a repeated call writes their pointers alone);
+    addend and bias None where they were. The tensor-core kernel is not planned (which of its
+    forms runs depends on the operands' 4-byte alignment, per call): there run is gemm."""
+    if on_tensor_cores(a, b):
+        def run(a, b, out, addend=None, bias=None):
+            gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=addend)
+        return run
+    operands = _operands(a, b, out, trans_a, trans_b, addend)
+    launch = _arguments(*operands, bias)
+    if launch is None:
+        return lambda a, b, out, addend=None, bias=None: None
+    kernel, grid, threads, args, places = launch
+    planned = NumbaLaunch(kernel, grid, threads, out.device, args, (*operands, bias), places)
+    return lambda a, b, out, addend=None, bias=None: planned(a, b, out, addend, bias)
+
+
+def _operands(a, b, out, trans_a, trans_b, addend):
+    """gemm's arguments as the kernels take them: 4-D a, b, out and addend (views)."""
     if min(a.dim(), b.dim(), out.dim()) < 2 or max(a.dim(), b.dim(), out.dim()) > 4:
         raise ValueError(f"gemm: needs matrices with at most two batch dims, got "
                          f"{tuple(a.shape)} @ {tuple(b.shape)} -> {tuple(out.shape)}")
-    a = _as4d(a.transpose(-1, -2) if trans_a else a)
-    b = _as4d(b.transpose(-1, -2) if trans_b else b)
-    _launch(a, b, _as4d(out), None if addend is None else _as4d(addend), bias)
-    return out
+    return (_as4d(a.transpose(-1, -2) if trans_a else a),
+            _as4d(b.transpose(-1, -2) if trans_b else b), _as4d(out),
+            None if addend is None else _as4d(addend))
 
 
 def _as4d(t: torch.Tensor) -> torch.Tensor:
@@ -89,8 +117,10 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _launch(a, b, out, addend, bias) -> None:
-    """The kernel on 4-D a, b, out and addend."""
+def _arguments(a, b, out, addend, bias):
+    """The launch of the kernel on 4-D a, b, out and addend: (kernel, grid, threads, args,
+    places), places naming for each tensor argument which of (a, b, out, addend, bias) it
+    lies in (NumbaLaunch); None when out is empty."""
     from .kernels.numba import gemm as k
     B1, B2c, M, N = out.shape
     if a.dim() != 4 or b.dim() != 4 or a.shape[2] != M or b.shape[3] != N \
@@ -104,7 +134,7 @@ def _launch(a, b, out, addend, bias) -> None:
     if addend is not None and addend.shape != out.shape:
         raise ValueError(f"gemm: addend {tuple(addend.shape)} != out {tuple(out.shape)}")
     if out.numel() == 0:
-        return
+        return None
     bias_mode = k.BIAS_NONE
     if bias is not None:
         bias = bias.reshape(-1 if bias.dim() == 2 else 1, 1, 1, bias.shape[-1])  # a view
@@ -112,20 +142,24 @@ def _launch(a, b, out, addend, bias) -> None:
             raise ValueError(f"gemm: bias of {bias.shape[0]} x {bias.shape[3]} for out "
                              f"{tuple(out.shape)}")
         bias_mode = k.BIAS_COLS
+    ia, ib = 0, 1
     if out.stride(2) < out.stride(3):
         # Columns would store with a stride: compute out^T = b^T @ a^T, whose columns are
         # out's contiguous rows (transposed views cost nothing).
         a, b = b.transpose(2, 3), a.transpose(2, 3)
+        ia, ib = 1, 0
         out = out.transpose(2, 3)
         addend = None if addend is None else addend.transpose(2, 3)
         if bias is not None:
             bias_mode = k.BIAS_ROWS
         M, N = N, M
     code = k.dtype_code
-    addend_ = addend if addend is not None else out     # placeholders the kernel does not read
-    bias_ = bias if bias is not None else out
+    # placeholders the kernel does not read: out
+    addend_, i_addend = (addend, 3) if addend is not None else (out, 2)
+    bias_, i_bias = (bias, 4) if bias is not None else (out, 2)
     flags = (addend is not None, bias_mode, a.stride(3) <= a.stride(2),
              b.stride(3) <= b.stride(2))
+    places = (ia, ib, i_addend, 2, i_bias)
     if on_tensor_cores(a, b):
         from .kernels.numba.gemm_mma import gemm_mma_kernel
         wm, wn = SIM_WARPS_MMA if _env.INTERPRET else WARPS_MMA
@@ -133,16 +167,15 @@ def _launch(a, b, out, addend, bias) -> None:
         a_words, b_words = pair_words(a), pair_words(bt)
         kernel = gemm_mma_kernel(wm, wn, a.dtype == torch.bfloat16, a_words is not None,
                                  b_words is not None)
-        launch_numba(kernel, _grid(M, N, B1 * B2c, 32 * wm, 32 * wn), 32 * wm * wn,
-                     out.device, a.view(torch.int16) if a_words is None else a_words,
-                     bt.view(torch.int16) if b_words is None else b_words, addend_, out,
-                     bias_, *flags, code(addend_.dtype), code(out.dtype), code(bias_.dtype))
-        return
+        return (kernel, _grid(M, N, B1 * B2c, 32 * wm, 32 * wn), 32 * wm * wn,
+                (a.view(torch.int16) if a_words is None else a_words,
+                 bt.view(torch.int16) if b_words is None else b_words, addend_, out, bias_,
+                 *flags, code(addend_.dtype), code(out.dtype), code(bias_.dtype)), places)
     T, R = tile()
     kernel = k.gemm_kernel(T, R, trim=_env.INTERPRET and SIM_TRIM)
-    launch_numba(kernel, _grid(M, N, B1 * B2c, T, T), (T // R, T // R), out.device, a, b,
-                 addend_, out, bias_, *flags, code(a.dtype), code(b.dtype), code(addend_.dtype),
-                 code(out.dtype), code(bias_.dtype))
+    return (kernel, _grid(M, N, B1 * B2c, T, T), (T // R, T // R),
+            (a, b, addend_, out, bias_, *flags, code(a.dtype), code(b.dtype),
+             code(addend_.dtype), code(out.dtype), code(bias_.dtype)), places)
 
 
 def _grid(M: int, N: int, batches: int, rows: int, cols: int) -> tuple[int, int, int]:

@@ -294,36 +294,6 @@ def launch_numba(kernel, grid, threads, device: torch.device, *args) -> None:
         *[numba_array(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
-def launch_numba_each(kernel, grid, threads, device: torch.device, args: tuple,
-                      tails: list) -> None:
-    """launch_numba(kernel, grid, threads, device, *args, *tail) for each tail in `tails`
-    (tuples of scalars, of the same types each): the same tensors launched again and again
-    with the last scalars changing (a recurrence step by step). On the direct path the
-    parameter list is made once and only the tail's scalars are refilled per launch."""
-    if not tails:
-        return
-    launch_numba(kernel, grid, threads, device, *args, *tails[0])
-    direct = None
-    if NUMBA_DIRECT and (device.type == "cuda" or _NUMBA_DIRECT_ON_CPU):
-        runtime = _NUMBA_RUNTIME
-        direct = _NUMBA_DIRECTS.get((kernel, runtime.device_index(device),
-                                     _numba_signature((*args, *tails[0]))))
-    # (once this path has launched the signature: until then launch_numba checks that it can)
-    params = None if direct is None or not direct.launched else direct.fill((*args, *tails[0]))
-    if params is None:
-        for tail in tails[1:]:
-            launch_numba(kernel, grid, threads, device, *args, *tail)
-        return
-    slots = direct.scalars[len(direct.scalars) - len(tails[0]):]
-    kinds = tuple(map(type, tails[0]))
-    for tail in tails[1:]:
-        if tuple(map(type, tail)) != kinds or not direct.refill(params, slots, tail,
-                                                               len(args)):
-            launch_numba(kernel, grid, threads, device, *args, *tail)
-            continue
-        direct.launch(runtime, grid, threads, device, params)
-
-
 # --- Numba: the direct launch ------------------------------------------------------------------
 # Numba launches a kernel called with torch tensors in three costly steps every call: each
 # tensor becomes a DeviceNDArray (torch's __cuda_array_interface__, a driver pointer, a
@@ -549,6 +519,146 @@ class _NumbaRuntime:
 
 _CORE_STREAMS: dict = {}
 _NUMBA_RUNTIME = _NumbaRuntime()
+
+
+class NumbaLaunch:
+    """One Numba kernel launch planned once (pydl._plan.Launch's counterpart on the Numba
+    backend): the kernel, grid, threads, device and scalars fixed, and each tensor argument a
+    place in one of the tensors a call passes (its `sources`): the same byte offset from that
+    tensor's data, the same dtype, shape and strides. Built from the launch's arguments as
+    launch_numba takes them (tensors and scalars in the kernel's order) for the call's
+    tensors `sources`, and `places`: for each tensor argument in order, the index of the
+    source it lies in (a view of it), or None for a tensor the plan keeps for good (a
+    placeholder it made once); by default the i-th tensor argument lies in the i-th source.
+    The places are given, not guessed from storage: two sources may share a storage in the
+    planning call and not in the next (a backward given its own output as the gradient). A
+    tensor argument outside its source's storage is refused (ValueError). As with Launch, a
+    call may pass any tensor at the address of the one planned (x for its view x3); the plan's
+    key fixes their dtypes, shapes and strides, and which of them are the same tensor where
+    the launch depends on it.
+
+    `launch(*sources, dynamic=(...))` appends per-call scalars (a recurrence's step range).
+    On a GPU, once the direct path (_NumbaDirect) has launched the planned signature, a call
+    copies its parameter list and writes the data pointers (source + offset) and the dynamic
+    scalars into it: no views, no signature, no lookup. Until then, and in the CUDA
+    simulator, the arguments are rebuilt from the sources' storage at the planned offsets
+    and go through launch_numba, so emulation runs the planned offsets too."""
+
+    __slots__ = ("kernel", "grid", "threads", "device", "args", "direct", "direct_index",
+                 "params", "slots", "tail", "kinds")
+
+    def __init__(self, kernel, grid, threads, device: torch.device, args: tuple,
+                 sources: tuple, places: tuple | None = None):
+        self.kernel, self.grid, self.threads, self.device = kernel, grid, threads, device
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if places is None:
+            places = range(len(tensors))
+        elif len(places) != len(tensors):
+            raise ValueError(f"NumbaLaunch: {len(places)} places for {len(tensors)} tensors")
+        planned = list(args)
+        for i, k in zip(tensors, places):
+            if k is not None:
+                planned[i] = _Place(k, args[i], sources[k], i)
+        self.args = tuple(planned)
+        self.direct = self.params = None
+
+    def arguments(self, sources, dynamic: tuple = ()) -> list:
+        """The launch's arguments for a call's tensors: each place's view of its source, the
+        kept tensors and the scalars, then `dynamic`."""
+        return [a.view(sources[a.source]) if type(a) is _Place else a for a in self.args] \
+            + list(dynamic)
+
+    def __call__(self, *sources, dynamic: tuple = ()) -> None:
+        params = self.params
+        if params is not None:
+            params = self._fill(params, sources, dynamic)
+            if params is not None:
+                self.direct.launch(_NUMBA_RUNTIME, self.grid, self.threads, self.device, params)
+                return
+        args = self.arguments(sources, dynamic)
+        launch_numba(self.kernel, self.grid, self.threads, self.device, *args)
+        if self.params is None and NUMBA_DIRECT and (self.device.type == "cuda"
+                                                     or _NUMBA_DIRECT_ON_CPU):
+            self._keep(args, len(dynamic))
+
+    def each(self, sources, tails: list) -> None:
+        """launch(*sources, dynamic=tail) for each tail (tuples of scalars of the same types):
+        one plan launched again and again with its last scalars changing (a recurrence step by
+        step). On the direct path the pointers are written once and only the tails refilled."""
+        if not tails:
+            return
+        params = None
+        for tail in tails:
+            if params is None or tuple(map(type, tail)) != self.kinds \
+                    or not self.direct.refill(params, self.tail, tail, len(self.args)):
+                self(*sources, dynamic=tail)
+                if params is None and self.params is not None:    # planned by that launch
+                    params = self._fill(self.params, sources, tail)
+                continue
+            self.direct.launch(_NUMBA_RUNTIME, self.grid, self.threads, self.device, params)
+
+    def _fill(self, params, sources, dynamic) -> list | None:
+        """The kept parameter list with this call's pointers and dynamic scalars; None where the
+        current device is not the planned one's, or a dynamic scalar does not fit its type."""
+        if _NUMBA_RUNTIME.device_index(self.device) != self.direct_index:
+            return None
+        params = list(params)
+        for at, i, offset in self.slots:
+            params[at] = sources[i].data_ptr() + offset
+        if dynamic and (tuple(map(type, dynamic)) != self.kinds
+                        or not self.direct.refill(params, self.tail, dynamic, len(self.args))):
+            return None
+        return params
+
+    def _keep(self, args: list, n_dynamic: int) -> None:
+        """After a launch through launch_numba: the signature's direct launch, once it has
+        launched (the signature's second launch), with where each place's pointer goes."""
+        index = _NUMBA_RUNTIME.device_index(self.device)
+        direct = _NUMBA_DIRECTS.get((self.kernel, index, _numba_signature(args)))
+        if not direct or not direct.launched:
+            return
+        params = direct.fill(args)
+        if params is None:
+            return
+        n = len(self.args)
+        self.slots = tuple((at, self.args[i].source, self.args[i].offset)
+                           for at, i in direct.pointers if type(self.args[i]) is _Place)
+        self.tail = tuple(s for s in direct.scalars if s[1] >= n)
+        self.kinds = tuple(map(type, args[n:]))
+        self.direct_index = index
+        self.direct, self.params = direct, tuple(params)
+
+
+class _Place:
+    """Where a planned tensor argument lies in a call's tensor (NumbaLaunch)."""
+
+    __slots__ = ("source", "offset", "dtype", "shape", "stride")
+
+    def __init__(self, source: int, t: torch.Tensor, src: torch.Tensor, position: int):
+        self.source, self.offset = source, 0
+        self.dtype, self.shape, self.stride = t.dtype, tuple(t.shape), t.stride()
+        if t.numel():
+            if src is None or t.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():
+                raise ValueError(f"NumbaLaunch: tensor argument {position} ({t.dtype}, "
+                                 f"{tuple(t.shape)}) is not in source {source}")
+            self.offset = t.data_ptr() - src.data_ptr()
+
+    def view(self, src: torch.Tensor) -> torch.Tensor:
+        """The argument in this call's source: its storage at the planned byte offset from
+        the source's data, in the planned dtype, shape and strides."""
+        if 0 in self.shape:
+            return torch.empty_strided(self.shape, self.stride, dtype=self.dtype,
+                                       device=src.device)
+        size = src.element_size()
+        if self.dtype == src.dtype and self.offset % size == 0:
+            return src.as_strided(self.shape, self.stride,
+                                  src.storage_offset() + self.offset // size)
+        at = src.storage_offset() * size + self.offset
+        item = self.dtype.itemsize
+        if at % item:
+            raise ValueError(f"NumbaLaunch: a {self.dtype} argument at byte {at} of its storage")
+        return torch.empty(0, dtype=self.dtype, device=src.device).set_(
+            src.untyped_storage(), at // item, self.shape, self.stride)
 
 
 def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, threads: int = 256) -> None:

@@ -31,7 +31,7 @@ A plan is called with tensors of the shapes and strides it was built from; only 
 they carry change between calls. Two forms save a view per call: a one-step sequence
 argument of a recurrence may be the 2-D step itself (the cells), and a 2-D state argument
 the stack whose first matrix it is (a layer's h_n for h_n[0]). A Triton launch reads only
-the pointers; a Numba one views a tensor of another shape as the argument was (NumbaLaunch).
+the pointers; a Numba one's arguments are views at the tensors' own addresses (numba_launch).
 
 The grid barrier's two int32 counters (`barrier_counters`, pydl._launch.arrival_counters)
 are zero between launches: the last program out of a persistent launch resets them
@@ -68,8 +68,7 @@ from ._launch import (
     cdiv,
     dot_block,
     input_precision,
-    launch_numba,
-    launch_numba_each,
+    NumbaLaunch,
     new_output,
     next_power_of_2,
     numba_blocks,
@@ -619,50 +618,26 @@ def numba_code(t) -> int:
     return dtype_code(t.dtype) if t is not None else 0
 
 
-class NumbaLaunch:
-    """One Numba kernel launch with everything but its tensors fixed (pydl._plan.Launch's
-    counterpart, through pydl._launch.launch_numba): kernel, grid, threads, device and the
-    scalar arguments that follow the tensors; per-call scalars go last (`launch(*tensors,
-    dynamic=(...))`). Numba kernels read their arrays' shapes, so the launch keeps each
-    argument's shape and strides (a 2-D step for a 3-D sequence argument is one step, a
-    stack for a 2-D one its first matrix) and views a call's tensor so when its shape
-    differs. An absent tensor (None; its flag is off) is a one-element placeholder of its
-    rank, made once."""
-
-    __slots__ = ("kernel", "grid", "threads", "device", "views", "scalars", "keep")
-
-    def __init__(self, kernel, grid, threads, device: torch.device, tensors: tuple,
-                 ranks: tuple, scalars: tuple):
-        self.kernel, self.grid, self.threads, self.device = kernel, grid, threads, device
-        self.scalars = tuple(scalars)
-        views, self.keep = [], []
-        for t, rank in zip(tensors, ranks):
-            if t is None:
-                placeholder = torch.empty((1,) * rank, dtype=F32, device=device)
-                self.keep.append(placeholder)
-                views.append(placeholder)
-            elif t.dim() < rank:            # a 2-D step for a 3-D sequence
-                views.append(((1, *t.shape), (0, *t.stride())))
-            else:                           # (the first matrix of a stack)
-                views.append((tuple(t.shape[t.dim() - rank:]), t.stride()[t.dim() - rank:]))
-        self.views = tuple(views)
-
-    def arrays(self, tensors) -> list:
-        """The kernel's array arguments for these tensors: each, or its view in the planned
-        shape, or the placeholder of an absent one."""
-        out = []
-        for t, v in zip(tensors, self.views):
-            if not isinstance(v, tuple):
-                out.append(v)           # a placeholder
-            elif t.shape == v[0]:
-                out.append(t)
-            else:
-                out.append(t.as_strided(*v))
-        return out
-
-    def __call__(self, *tensors, dynamic: tuple = ()) -> None:
-        launch_numba(self.kernel, self.grid, self.threads, self.device, *self.arrays(tensors),
-                     *self.scalars, *dynamic)
+def numba_launch(kernel, grid, threads, device: torch.device, tensors: tuple, ranks: tuple,
+                 scalars: tuple) -> NumbaLaunch:
+    """The NumbaLaunch (pydl._launch) of kernel(*tensors, *scalars), each tensor argument in
+    its kernel rank: a 2-D step for a 3-D sequence argument is that one step, a stack for a
+    2-D one its first matrix (views at the tensor's own address, so a call may pass either
+    form). An absent tensor (None; its flag is off) is a one-element placeholder of its rank,
+    made once and kept by the launch."""
+    args, places = [], []
+    for i, (t, rank) in enumerate(zip(tensors, ranks)):
+        if t is None:
+            args.append(torch.empty((1,) * rank, dtype=F32, device=device))
+            places.append(None)
+            continue
+        if t.dim() < rank:
+            t = t.as_strided((1, *t.shape), (0, *t.stride()))
+        elif t.dim() > rank:
+            t = t.as_strided(t.shape[t.dim() - rank:], t.stride()[t.dim() - rank:])
+        args.append(t)
+        places.append(i)
+    return NumbaLaunch(kernel, grid, threads, device, (*args, *scalars), tensors, tuple(places))
 
 
 class NumbaRecurrence:
@@ -679,7 +654,7 @@ class NumbaRecurrence:
         # the kernels use grid.sync(), so Numba launches them cooperatively: at most one
         # block per SM (the blocks loop over the tiles); one in the simulator
         blocks = 1 if _env.INTERPRET else max(1, min(tiles, multiprocessors(device)))
-        self.launch = NumbaLaunch(kernel, blocks, (tu, tb), device, tensors, ranks, scalars)
+        self.launch = numba_launch(kernel, blocks, (tu, tb), device, tensors, ranks, scalars)
         self.mode, self.n_steps = mode, n_steps
 
     def __call__(self, *tensors) -> None:
@@ -687,10 +662,8 @@ class NumbaRecurrence:
         if self.mode != "steps":
             launch(*tensors, dynamic=(0, self.n_steps, True))
             return
-        # one launch per step, the views made once
-        launch_numba_each(launch.kernel, launch.grid, launch.threads, launch.device,
-                          (*launch.arrays(tensors), *launch.scalars),
-                          [(s, s + 1, False) for s in range(self.n_steps)])
+        # one launch per step, the pointers written once
+        launch.each(tensors, [(s, s + 1, False) for s in range(self.n_steps)])
 
 
 class NumbaRNN:
@@ -719,24 +692,19 @@ class NumbaRNN:
     @staticmethod
     def gemm_plan(a, b, out, bias=None, addend=None, *, trans_a: bool = False,
                   trans_b: bool = False, model=None) -> Callable:
-        """As TritonRNN.gemm_plan, on pydl/_gemm_numba.py's GEMM: the 4-D views' shapes and
-        strides fixed once, each call viewing its tensors so."""
-        from ._gemm_numba import gemm
-        (sa, ta), (sb, tb), (so, to) = [(tuple(v.shape), v.stride()) for v in (
-            as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out))]
-        tc = as_4d(addend).stride() if addend is not None else None
-
-        def run(a, b, out, bias, addend):
-            gemm(a.as_strided(sa, ta), b.as_strided(sb, tb), out.as_strided(so, to),
-                 addend=None if addend is None else addend.as_strided(so, tc), bias=bias)
-        return run
+        """As TritonRNN.gemm_plan, on pydl/_gemm_numba.py's GEMM planned once (its
+        NumbaLaunch: a call passes its tensors' pointers)."""
+        from ._gemm_numba import gemm_plan
+        run = gemm_plan(as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out), bias=bias,
+                        addend=None if addend is None else as_4d(addend))
+        return lambda a, b, out, bias, addend: run(a, b, out, addend, bias)
 
     @staticmethod
     def bias_grad_plan(dg, db1, db2) -> Callable:
         from .kernels.numba import rnn as k
         N = dg.shape[-1]
         threads = numba_threads(128)
-        launch = NumbaLaunch(k.bias_grad, numba_blocks(cdiv(N, threads)), threads, dg.device,
+        launch = numba_launch(k.bias_grad, numba_blocks(cdiv(N, threads)), threads, dg.device,
                              (dg, db1, db1), (3, 1, 1),
                              (db2 is not None, k.dtype_code(db1.dtype)))
         return lambda dg, db1, db2=None: launch(dg, db1, db1 if db2 is None else db2)
@@ -745,13 +713,13 @@ class NumbaRNN:
     def mul_plan(x, s, y) -> NumbaLaunch:
         from .kernels.numba import rnn as k
         threads = numba_threads(256)
-        return NumbaLaunch(k.mul_3d, numba_blocks(cdiv(x.numel(), threads)), threads, x.device,
+        return numba_launch(k.mul_3d, numba_blocks(cdiv(x.numel(), threads)), threads, x.device,
                            (x, s, y), (3, 3, 3), (k.dtype_code(x.dtype), k.dtype_code(s.dtype),
                                                   k.dtype_code(y.dtype)))
 
 
 __all__ = ["ALGOS", "FWD_SPACE", "BWD_SPACE", "schedule", "barrier_counters", "TritonRecurrence",
-           "NumbaRecurrence", "NumbaLaunch", "TritonRNN", "NumbaRNN", "product_precision",
+           "NumbaRecurrence", "numba_launch", "TritonRNN", "NumbaRNN", "product_precision",
            "tf32_key", "multiprocessors", "step_tiles", "tile_candidates", "tile_configs",
            "numba_tile", "numba_code", "strides", "seq_shape", "seq_strides", "as_4d",
            "cell_input_grads", "grid_barrier_check",

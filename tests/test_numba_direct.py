@@ -162,25 +162,71 @@ def test_a_refused_first_direct_launch_goes_back_to_numba(runtime):
         _launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 3)
 
 
+def test_planned_launch_writes_only_the_pointers(runtime):
+    """NumbaLaunch: a plan's arguments lie in the call's tensors at fixed offsets; from the
+    signature's second launch on, a call writes the sources' pointers (plus offsets) into the
+    kept list, and the list is what Numba makes of the views."""
+    k, cpu = _Kernel(), torch.device("cpu")
+    base, out = torch.randn(6, 8), torch.randn(3, 4)
+    kept = torch.randn(2)
+    args = (base[2:5, 4:].t(), 7, kept, out[1:], 0.5, out.view(-1)[:4])
+    launch = _launch.NumbaLaunch(k, 2, 32, cpu, args, (base, out), places=(0, None, 1, 1))
+    for i in range(4):
+        b, o = torch.randn(6, 8), torch.randn(3, 4)
+        launch(b, o)
+        want = _reference(k, (b[2:5, 4:].t(), 7, kept, o[1:], 0.5, o.view(-1)[:4]))
+        if i == 0:      # Numba's first launch, then the direct path's, then the plan's own
+            assert len(runtime.first) == 1 and runtime.direct == []
+        else:
+            assert len(runtime.first) == 1 and len(runtime.direct) == i
+            assert _launch._numba_params(runtime.direct[-1][1]) == want
+    assert launch.params is not None
+
+
+def test_planned_views_in_emulation():
+    """Off the direct path the arguments are rebuilt from the sources' storage at the planned
+    byte offsets, in the planned dtype (a bf16 source read as int16 pairs of words)."""
+    base = torch.arange(48.0).view(6, 8)
+    words = torch.arange(16, dtype=torch.float16)
+    planned = (base[1:4, 2:].t(), words[2:].view(torch.int32), 3)
+    launch = _launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), planned, (base, words))
+    b, w = torch.randn(6, 8), torch.randn(16).half()
+    got = launch.arguments((b, w), (9,))
+    assert torch.equal(got[0], b[1:4, 2:].t()) and got[0].stride() == (1, 8)
+    assert torch.equal(got[1], w[2:].view(torch.int32)) and got[2:] == [3, 9]
+    # a source of another storage offset: the same offset from its data
+    b2 = torch.randn(100)[10:58].view(6, 8)
+    assert torch.equal(launch.arguments((b2, w))[0], b2[1:4, 2:].t())
+
+
+def test_planned_launch_refuses_a_tensor_outside_its_source():
+    a, b = torch.randn(4), torch.randn(4)
+    with pytest.raises(ValueError, match="not in source 0"):
+        _launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), (b,), (a,))
+    with pytest.raises(ValueError, match="places"):
+        _launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), (a, b), (a, b), places=(0,))
+
+
 def test_each_refills_only_the_tail(runtime):
     k, cpu = _Kernel(), torch.device("cpu")
     a, b = torch.randn(5, 2), torch.randn(2)
+    launch = _launch.NumbaLaunch(k, 1, 32, cpu, (a, b, 0.5), (a, b))
     tails = [(s, s + 1, False) for s in range(4)]
-    _launch.launch_numba_each(k, 1, 32, cpu, (a, b, 0.5), tails)
-    # the first step finds no plan yet: Numba's path; the others direct
+    launch.each((a, b), tails)
+    # the first step through Numba, the second through the direct path (which plans the
+    # launch), the others with only the tail refilled
     assert len(runtime.first) == 1 and len(runtime.direct) == 3
     for (_, params), tail in zip(runtime.direct, tails[1:]):
         assert _launch._numba_params(params) == _reference(k, (a, b, 0.5, *tail))
     # again: every step direct, the tensors' new pointers in place
     c = torch.randn(5, 2)
     runtime.direct.clear()
-    _launch.launch_numba_each(k, 1, 32, cpu, (c, b, 0.25), tails)
+    launch.each((c, b), tails)
     assert len(runtime.first) == 1 and len(runtime.direct) == 4
     for (_, params), tail in zip(runtime.direct, tails):
-        assert _launch._numba_params(params) == _reference(k, (c, b, 0.25, *tail))
+        assert _launch._numba_params(params) == _reference(k, (c, b, 0.5, *tail))
     # a tail of other kinds or past int64 goes through launch_numba
-    _launch.launch_numba_each(k, 1, 32, cpu, (c, b, 0.25), [(0, 1, False), (2 ** 63, 1, False),
-                                                             (1.0, 2, False)])
+    launch.each((c, b), [(0, 1, False), (2 ** 63, 1, False), (1.0, 2, False)])
     assert len(runtime.first) == 3
 
 
@@ -194,7 +240,7 @@ def test_numba_ops_repeated_on_the_direct_path():
     def rand(*shape, dtype=torch.float32):
         return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
 
-    for _ in range(2):
+    for _ in range(3):     # the second call launches direct, the third as planned
         x = rand(4, 37)
         torch.testing.assert_close(pydl.softmax(x, -1, backend="numba"), x.softmax(-1))
         img, w = rand(2, 3, 9, 9), rand(5, 3, 3, 3)
