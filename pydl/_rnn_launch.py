@@ -64,11 +64,11 @@ import torch
 
 from . import _env
 from ._launch import (
+    NumbaLaunch,
     arrival_counters,
     cdiv,
     dot_block,
     input_precision,
-    NumbaLaunch,
     new_output,
     next_power_of_2,
     numba_blocks,
