@@ -649,6 +649,9 @@ class _Place:
         if 0 in self.shape:
             return torch.empty_strided(self.shape, self.stride, dtype=self.dtype,
                                        device=src.device)
+        if not self.offset and src.dtype == self.dtype and src.shape == self.shape \
+                and src.stride() == self.stride:
+            return src                                  # the argument itself
         size = src.element_size()
         if self.dtype == src.dtype and self.offset % size == 0:
             return src.as_strided(self.shape, self.stride,
@@ -666,6 +669,14 @@ def launch_numba_1d(kernel, n_elements: int, device: torch.device, *args, thread
     GPU, SIM_MAX_BLOCKS blocks in the simulator."""
     threads = numba_threads(threads)
     launch_numba(kernel, numba_blocks(cdiv(n_elements, threads)), threads, device, *args)
+
+
+def numba_launch_1d(kernel, n_elements: int, device: torch.device, args: tuple, sources: tuple,
+                    places: tuple | None = None, threads: int = 256) -> NumbaLaunch:
+    """launch_numba_1d's launch planned (NumbaLaunch)."""
+    threads = numba_threads(threads)
+    return NumbaLaunch(kernel, numba_blocks(cdiv(n_elements, threads)), threads, device, args,
+                       sources, places)
 
 
 # --- arrival counters (a last-arriving program reduces what the others left) ----------------

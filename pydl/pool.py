@@ -18,8 +18,8 @@ from torch import Tensor
 from ._checks import check_tensor
 from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, kernel_op,
                        memory_format)
-from ._launch import (cdiv, fresh, launch_numba_1d, memory_format_of, new_output,
-                      next_power_of_2, output_maker)
+from ._launch import (NumbaLaunch, cdiv, fresh, memory_format_of, new_output,
+                      next_power_of_2, numba_launch_1d, output_maker)
 from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import pair, pool_output_size
 from ._tune import Tuner, bucket
@@ -188,8 +188,8 @@ class _PoolLauncher:
     adaptive_bwd(dy, dx, g), each launching into the given output; and each as a plan,
     plan_<name>(same arguments) -> run(tensors) (pydl/_plan.py), for a caller that launches
     the same signature again: run takes the method's tensors alone (max_fwd's idx, when
-    absent, as a placeholder: y). Here the methods with the rest bound (the Numba launchers);
-    _TritonPool's plans are its cached launches."""
+    absent, as a placeholder: y): _TritonPool's are its cached Launches, _NumbaPool's
+    NumbaLaunches."""
 
     @classmethod
     def max_fwd(cls, x, y, idx, g: PoolGeometry, index_mode: int) -> None:
@@ -343,52 +343,49 @@ class _TritonPool(_PoolLauncher):
 
 class _NumbaPool(_PoolLauncher):
     """Same methods as _TritonPool, on the Numba kernels: one thread per output element
-    (forward) or input element (backward), ordered in the memory order of the tensor."""
+    (forward) or input element (backward), ordered in the memory order of the tensor. The
+    plans are NumbaLaunches (on a GPU a repeated call writes its tensors' pointers alone)."""
 
     @staticmethod
-    def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int):
+    def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> NumbaLaunch:
         from .kernels.numba import pool as k
-        args = (g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode, _channels_fastest(x),
-                k.dtype_code(x.dtype))
-        return lambda x, y, idx: launch_numba_1d(k.max_pool2d_fwd, y.numel(), y.device, x, y,
-                                                 idx, *args)
+        idx = y if idx is None else idx                 # a placeholder, as run is given
+        return numba_launch_1d(k.max_pool2d_fwd, y.numel(), y.device, (
+            x, y, idx, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
+            _channels_fastest(x), k.dtype_code(x.dtype)), (x, y, idx))
 
     @staticmethod
-    def plan_max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int):
+    def plan_max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> NumbaLaunch:
         from .kernels.numba import pool as k
-        args = (g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode, _channels_fastest(dx),
-                k.dtype_code(dx.dtype))
-        return lambda dy, idx, dx: launch_numba_1d(k.max_pool2d_bwd, dx.numel(), dx.device, dy,
-                                                   idx, dx, *args)
+        return numba_launch_1d(k.max_pool2d_bwd, dx.numel(), dx.device, (
+            dy, idx, dx, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, index_mode,
+            _channels_fastest(dx), k.dtype_code(dx.dtype)), (dy, idx, dx))
 
     @staticmethod
-    def plan_avg_fwd(x, y, g: PoolGeometry):
+    def plan_avg_fwd(x, y, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
-        args = (g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
-                _channels_fastest(x), k.dtype_code(x.dtype))
-        return lambda x, y: launch_numba_1d(k.avg_pool2d_fwd, y.numel(), y.device, x, y, *args)
+        return numba_launch_1d(k.avg_pool2d_fwd, y.numel(), y.device, (
+            x, y, g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
+            _channels_fastest(x), k.dtype_code(x.dtype)), (x, y))
 
     @staticmethod
-    def plan_avg_bwd(dy, dx, g: PoolGeometry):
+    def plan_avg_bwd(dy, dx, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
-        args = (g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
-                _channels_fastest(dx), k.dtype_code(dx.dtype))
-        return lambda dy, dx: launch_numba_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, dy, dx,
-                                              *args)
+        return numba_launch_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, (
+            dy, dx, g.SH, g.SW, g.PH, g.PW, g.KH, g.KW, g.divisor, g.count_include_pad,
+            _channels_fastest(dx), k.dtype_code(dx.dtype)), (dy, dx))
 
     @staticmethod
-    def plan_adaptive_fwd(x, y, g: PoolGeometry):
+    def plan_adaptive_fwd(x, y, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
-        args = (_channels_fastest(x), k.dtype_code(x.dtype))
-        return lambda x, y: launch_numba_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, x,
-                                            y, *args)
+        return numba_launch_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, (
+            x, y, _channels_fastest(x), k.dtype_code(x.dtype)), (x, y))
 
     @staticmethod
-    def plan_adaptive_bwd(dy, dx, g: PoolGeometry):
+    def plan_adaptive_bwd(dy, dx, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
-        args = (_channels_fastest(dx), k.dtype_code(dx.dtype))
-        return lambda dy, dx: launch_numba_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device,
-                                              dy, dx, *args)
+        return numba_launch_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device, (
+            dy, dx, _channels_fastest(dx), k.dtype_code(dx.dtype)), (dy, dx))
 
 
 LAUNCHERS = {"triton": _TritonPool, "numba": _NumbaPool}

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (arrival_counters, cdiv, fresh, launch_numba, new_output, next_power_of_2,
-                      numba_blocks, numba_threads, output_maker)
+from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, launch_numba, new_output,
+                      next_power_of_2, numba_blocks, numba_threads, output_maker)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensor_key)
 from ._shapes import as_rows, normalize_dim
@@ -343,15 +343,18 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 class _NumbaLaunch:
-    """Same methods as _TritonLaunch, on the Numba kernels (one block of threads per row)."""
+    """Same methods as _TritonLaunch, on the Numba kernels (one block of threads per row). A
+    launch's arguments are built once (`_<step>`: kernel, grid, threads, device, arguments)
+    and either launched (the kernel ops) or planned (plan_<step>: a NumbaLaunch, whose call
+    on a GPU writes its tensors' pointers alone)."""
 
     @staticmethod
-    def _launch(name: str, x3, *args) -> None:
+    def _row(name: str, x3, *args) -> tuple:
         """Numba row kernel `name` over the rows of x3, one block of threads per row."""
         from .kernels.numba import softmax_ce as k
         outer, n, inner = x3.shape
         threads = min(numba_threads(256), max(32, next_power_of_2(n)))
-        launch_numba(getattr(k, name), numba_blocks(outer * inner), threads, x3.device, *args)
+        return getattr(k, name), numba_blocks(outer * inner), threads, x3.device, args
 
     @staticmethod
     def _weights(weight, dummy) -> tuple:
@@ -365,13 +368,30 @@ class _NumbaLaunch:
         return weight, dtype_code(weight.dtype)
 
     @staticmethod
+    def _softmax_fwd(x3, y3, log: bool) -> tuple:
+        return _NumbaLaunch._row("softmax_fwd", x3, x3, y3, x3.shape[2], log,
+                                 dtype_code(x3.dtype))
+
+    @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
-        _NumbaLaunch._launch("softmax_fwd", x3, x3, y3, x3.shape[2], log, dtype_code(x3.dtype))
+        _run(_NumbaLaunch._softmax_fwd(x3, y3, log))
+
+    @staticmethod
+    def plan_softmax_fwd(x3, y3, log: bool) -> NumbaLaunch:
+        return NumbaLaunch(*_NumbaLaunch._softmax_fwd(x3, y3, log), (x3, y3))
+
+    @staticmethod
+    def _softmax_bwd(y3, dy3, dx3, log: bool) -> tuple:
+        return _NumbaLaunch._row("softmax_bwd", y3, y3, dy3, dx3, y3.shape[2], log,
+                                 dtype_code(y3.dtype))
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
-        _NumbaLaunch._launch("softmax_bwd", y3, y3, dy3, dx3, y3.shape[2], log,
-                             dtype_code(y3.dtype))
+        _run(_NumbaLaunch._softmax_bwd(y3, dy3, dx3, log))
+
+    @staticmethod
+    def plan_softmax_bwd(y3, dy3, dx3, log: bool) -> NumbaLaunch:
+        return NumbaLaunch(*_NumbaLaunch._softmax_bwd(y3, dy3, dx3, log), (y3, dy3, dx3))
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
@@ -380,37 +400,91 @@ class _NumbaLaunch:
         loss_reduce's one block. The forward kernel checks the targets (a trap)."""
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
-        per_row = new_output(rows, x3.dtype if reduction == "none" else torch.float32, dev)
         lse = new_output(rows, torch.float32, dev)
-        row_weight = new_output(rows, torch.float32, dev)
+        loss = new_output(rows if reduction == "none" else (), x3.dtype, dev)
         denom = new_output(DENOM_SHAPE, torch.float32, dev)
-        if rows:
-            w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-            _NumbaLaunch._launch("cross_entropy_fwd", x3, x3, target, w,
-                                 per_row.view(1, rows, 1), lse, row_weight, denom, inner,
-                                 ignore_index, float(smoothing), weight is not None, w_code,
-                                 dtype_code(x3.dtype), dtype_code(per_row.dtype))
-        if reduction == "none":
-            return per_row, lse, denom, None
+        tensors = (x3, target, weight, lse, loss, denom, None, None)
+        _NumbaLaunch.plan_cross_entropy_fwd(*tensors, ignore_index, smoothing, reduction,
+                                            False)(*tensors)
+        return loss, lse, denom, None
+
+    @staticmethod
+    def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
+                               ignore_index, smoothing, reduction, grad):
+        """run(x3, target, weight, lse, loss, denom, scratch, dx3) as _TritonLaunch's (scratch
+        and dx3 unused: no gradient in the forward): the per-row kernel into per-row losses
+        (the loss itself for "none") and weights, then for a sum or a mean loss_reduce's
+        block. The two fp32 per-row buffers of a reduction are allocated per call."""
         from .kernels.numba import softmax_ce as k
-        total = new_output((), x3.dtype, dev)
-        launch_numba(k.loss_reduce, 1, numba_threads(256), dev, per_row, row_weight,
-                     total.view(1, 1, 1), denom, reduction == "mean",
-                     smoothing > 0, 1.0, dtype_code(x3.dtype))
-        return total, lse, denom, None
+        if grad:
+            raise ValueError("the numba cross-entropy computes its gradient in the backward")
+        outer, n, inner = x3.shape
+        rows, dev = outer * inner, x3.device
+        none = reduction == "none"
+        new_per_row = output_maker((rows,), torch.float32, dev)
+        new_row_weight = output_maker((rows,), torch.float32, dev)
+        if not rows:
+            def empty(x3, target, weight, lse, loss, denom, scratch=None, dx3=None):
+                if not none:
+                    loss.fill_(float("nan") if reduction == "mean" else 0.0)
+            return empty
+        per_row = loss if none else new_per_row()
+        row_weight = new_row_weight()
+        has_weight = weight is not None
+        w, w_code = _NumbaLaunch._weights(weight, lse[:1])
+        cast = has_weight and w is not weight            # fp64 weights: as fp32 per call
+        fwd = NumbaLaunch(*_NumbaLaunch._row(
+            "cross_entropy_fwd", x3, x3, target, w, per_row.view(1, rows, 1), lse, row_weight,
+            denom, inner, ignore_index, float(smoothing), has_weight, w_code,
+            dtype_code(x3.dtype), dtype_code(per_row.dtype)),
+            (x3, target, w, per_row, lse, row_weight, denom),
+            (0, 1, 2 if has_weight else 4, 3, 4, 5, 6))
+        if none:
+            def run(x3, target, weight, lse, loss, denom, scratch=None, dx3=None):
+                w = weight.to(torch.float32) if cast else weight
+                fwd(x3, target, w, loss, lse, new_row_weight(), denom)
+            return run
+        total = NumbaLaunch(k.loss_reduce, 1, numba_threads(256), dev,
+                            (per_row, row_weight, loss.view(1, 1, 1), denom, reduction == "mean",
+                             smoothing > 0, 1.0, dtype_code(x3.dtype)),
+                            (per_row, row_weight, loss, denom))
+
+        def run(x3, target, weight, lse, loss, denom, scratch=None, dx3=None):
+            w = weight.to(torch.float32) if cast else weight
+            per_row, row_weight = new_per_row(), new_row_weight()
+            fwd(x3, target, w, per_row, lse, row_weight, denom)
+            total(per_row, row_weight, loss, denom)
+        return run
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
                           ignore_index, smoothing):
-        """The upstream gradient (the loss's dtype, x's) is read as it is, per row for "none"
-        or broadcast, and divided by the mean's denominator in the kernel."""
+        tensors = (x3, target, weight, lse, denom, grad_out, dx3)
+        _NumbaLaunch.plan_cross_entropy_bwd(*tensors, reduction, ignore_index,
+                                            smoothing)(*tensors)
+
+    @staticmethod
+    def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,
+                               ignore_index, smoothing):
+        """run(x3, target, weight, lse, denom, grad_out, dx3), as _TritonLaunch's. The
+        upstream gradient (the loss's dtype, x's) is read as it is, per row for "none" or
+        broadcast, and divided by the mean's denominator in the kernel."""
         grad = grad_out.reshape(-1)                     # a view where it can be
+        flat = _same_memory(grad, grad_out)
         stride = 1 if reduction == "none" else 0        # in elements of the array (its stride)
+        has_weight = weight is not None
         w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-        _NumbaLaunch._launch("cross_entropy_bwd", x3, x3, target, w, lse,
-                             grad.view(1, grad.shape[0], 1), stride, denom,
-                             reduction == "mean", dx3, x3.shape[2], ignore_index,
-                             float(smoothing), weight is not None, w_code, dtype_code(x3.dtype))
+        cast = has_weight and w is not weight
+        launch = NumbaLaunch(*_NumbaLaunch._row(
+            "cross_entropy_bwd", x3, x3, target, w, lse, grad.view(1, grad.shape[0], 1),
+            stride, denom, reduction == "mean", dx3, x3.shape[2], ignore_index,
+            float(smoothing), has_weight, w_code, dtype_code(x3.dtype)),
+            (x3, target, w, lse, grad, denom, dx3), (0, 1, 2 if has_weight else 3, 3, 4, 5, 6))
+
+        def run(x3, target, weight, lse, denom, grad_out, dx3):
+            launch(x3, target, weight.to(torch.float32) if cast else weight, lse,
+                   grad_out if flat else grad_out.reshape(-1), denom, dx3)
+        return run
 
     @staticmethod
     def loss_reduce(loss, out, scale: float) -> None:
@@ -426,10 +500,10 @@ class _NumbaLaunch:
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
         w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-        _NumbaLaunch._launch("cross_entropy_prob_fwd", x3, x3, y3, w,
+        _run(_NumbaLaunch._row("cross_entropy_prob_fwd", x3, x3, y3, w,
                              loss.view(1, loss.shape[0], 1), lse, mass, x3.shape[2],
                              float(smoothing), weight is not None, w_code, dtype_code(x3.dtype),
-                             dtype_code(y3.dtype), dtype_code(loss.dtype))
+                             dtype_code(y3.dtype), dtype_code(loss.dtype)))
 
     @staticmethod
     def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, scale, dx3, dy3,
@@ -437,11 +511,17 @@ class _NumbaLaunch:
         """grad: the upstream gradient, per row (grad_stride 1, in the array's elements) or
         broadcast (0), in the loss's dtype; times `scale` in the kernel."""
         w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-        _NumbaLaunch._launch("cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass,
+        _run(_NumbaLaunch._row("cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass,
                              grad.view(1, grad.shape[0], 1), grad_stride, float(scale), dx3,
                              dy3 if dy3 is not None else dx3, x3.shape[2], float(smoothing),
                              weight is not None, w_code, dy3 is not None, dtype_code(x3.dtype),
-                             dtype_code(y3.dtype), dtype_code(grad.dtype))
+                             dtype_code(y3.dtype), dtype_code(grad.dtype)))
+
+
+def _run(launch: tuple) -> None:
+    """launch_numba on a (kernel, grid, threads, device, arguments) tuple."""
+    kernel, grid, threads, device, args = launch
+    launch_numba(kernel, grid, threads, device, *args)
 
 
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
@@ -886,12 +966,14 @@ def _same_memory(view: Tensor, t: Tensor) -> bool:
 @emulated("forward", "backward")
 class _SoftmaxCall(SoftmaxKernels):
     """softmax / log_softmax for one call signature (pydl._plan), checked once; called with
-    the input alone. On the triton backend in eager mode it is also the signature's plan:
+    the input alone. On pydl's backends in eager mode it is also the signature's plan:
     SoftmaxFunction runs its methods, which allocate with arguments fixed here and launch what
-    the first call built (the backward's launch per strides of the upstream gradient); the
-    call's key fixes every other input of those. The numba backend runs the kernel ops."""
+    the first call built (the backend launcher's plan_<step>: a Launch or NumbaLaunch; the
+    backward's per strides of the upstream gradient); the call's key fixes every other input
+    of those."""
 
-    __slots__ = ("impl", "eager", "planned", "shape3", "empty", "new_y", "fwd", "bwd")
+    __slots__ = ("impl", "eager", "planned", "launcher", "shape3", "empty", "new_y", "fwd",
+                 "bwd")
 
     def __init__(self, impl, name: str, input, dim: int, log: bool):
         super().__init__(dim, log, name)
@@ -899,8 +981,9 @@ class _SoftmaxCall(SoftmaxKernels):
         self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not torch.compiler.is_compiling()
                       and plain_tensors(input))
         x3 = as_rows(input, dim)[0] if self.eager else None
-        self.planned = name == "triton" and self.eager and _same_memory(x3, input)
+        self.planned = self.eager and _same_memory(x3, input)
         if self.planned:
+            self.launcher = LAUNCHERS[name]
             self.shape3 = x3.shape
             self.new_y = output_maker(input.shape, input.dtype, input.device)
             self.empty = x3.numel() == 0
@@ -914,7 +997,7 @@ class _SoftmaxCall(SoftmaxKernels):
             return self.forward(input)
         return self.impl(input, self.dim, self.log)
 
-    # the plan (eager, triton): SoftmaxKernels' steps with fixed arguments
+    # the plan (eager): SoftmaxKernels' steps with fixed arguments
 
     def kernels(self) -> SoftmaxKernels:
         return SoftmaxKernels(self.dim, self.log, self.backend)
@@ -925,7 +1008,7 @@ class _SoftmaxCall(SoftmaxKernels):
         y = fresh(self.new_y)
         run = self.fwd
         if run is None:
-            run = _TritonLaunch.plan_softmax_fwd(x.reshape(self.shape3), y.view(self.shape3),
+            run = self.launcher.plan_softmax_fwd(x.reshape(self.shape3), y.view(self.shape3),
                                                  self.log)
             if not capturing():
                 self.fwd = run
@@ -946,7 +1029,7 @@ class _SoftmaxCall(SoftmaxKernels):
     def _plan_backward(self, y, dy, dx):
         shape = self.shape3
         dy3 = dy.reshape(shape)
-        launch = _TritonLaunch.plan_softmax_bwd(y.view(shape), dy3, dx.view(shape), self.log)
+        launch = self.launcher.plan_softmax_bwd(y.view(shape), dy3, dx.view(shape), self.log)
         run = launch if _same_memory(dy3, dy) else (
             lambda y, dy, dx: launch(y, dy.reshape(shape), dx))     # a gradient reshape copies
         if not capturing():
@@ -1077,13 +1160,13 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
 @emulated("forward", "backward", "scale_grad")
 class _CrossEntropyCall(CrossEntropyKernels):
     """cross_entropy for one call signature (pydl._plan), checked once; called with (input,
-    target, weight). On the triton backend in eager mode, for class-index targets, it is also
+    target, weight). On pydl's backends in eager mode, for class-index targets, it is also
     the signature's plan: CrossEntropyFunction runs its methods, which allocate with arguments
-    fixed here and launch what the first call built; the call's key fixes every input of
-    those. Probability targets and the numba backend run the kernel ops."""
+    fixed here and launch what the first call built (the backend launcher's plan_<step>); the
+    call's key fixes every input of those. Probability targets run the kernel ops."""
 
-    __slots__ = ("impl", "eager", "prob", "planned", "grad_forward", "host_check", "classes",
-                 "shape3", "rows", "new_lse", "new_loss", "new_denom", "new_dx", "new_scratch",
+    __slots__ = ("impl", "eager", "prob", "planned", "launcher", "grad_forward", "host_check",
+                 "classes", "shape3", "rows", "new_lse", "new_loss", "new_denom", "new_dx", "new_scratch",
                  "fwd", "scale")
 
     def __init__(self, impl, name: str, input, target, weight, ignore_index: int,
@@ -1096,10 +1179,11 @@ class _CrossEntropyCall(CrossEntropyKernels):
         # the eager part of _grad_in_forward (the rest: a graph to record, checked per call)
         self.grad_forward = name == "triton" and reduction != "none"
         self.planned = False
-        if name == "triton" and self.eager and not self.prob:
+        if self.eager and not self.prob:
             x3, _, n, _ = as_rows(input, _class_dim(input))
             self.planned = _same_memory(x3, input) and _same_memory(target.reshape(-1), target)
         if self.planned:
+            self.launcher = LAUNCHERS[name]
             dt, dev = input.dtype, input.device
             self.host_check = not kernel_checks_targets(input, name)
             self.classes, self.shape3, self.rows = n, x3.shape, target.numel()
@@ -1107,8 +1191,10 @@ class _CrossEntropyCall(CrossEntropyKernels):
             self.new_loss = output_maker(target.shape if reduction == "none" else (), dt, dev)
             self.new_denom = output_maker(DENOM_SHAPE, torch.float32, dev)
             self.new_dx = output_maker(input.shape, dt, dev)
-            self.new_scratch = functools.partial(torch.empty, cross_entropy_scratch(self.rows),
-                                                 dtype=torch.float32, device=dev)
+            # the Triton forward's reduction scratch (the Numba one allocates its own rows)
+            self.new_scratch = functools.partial(
+                torch.empty, cross_entropy_scratch(self.rows), dtype=torch.float32,
+                device=dev) if name == "triton" else _no_scratch
             self.fwd, self.scale = {}, {}    # fwd: by grad, and ("bwd", grad_out strides)
 
     def __call__(self, x, t, w):
@@ -1125,7 +1211,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
             return self.forward(x, t, w, False)[0]
         return self.impl(x, t, w, self.ignore_index, self.reduction, self.smoothing)
 
-    # the plan (eager, triton, class indices): CrossEntropyKernels' steps with fixed arguments
+    # the plan (eager, class indices): CrossEntropyKernels' steps with fixed arguments
 
     def forward(self, x, target, weight, grad: bool):
         if not self.planned:
@@ -1141,7 +1227,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
         scratch = self.new_scratch() if self.reduction != "none" else None
         run = self.fwd.get(grad)
         if run is None:
-            run = _TritonLaunch.plan_cross_entropy_fwd(
+            run = self.launcher.plan_cross_entropy_fwd(
                 x.reshape(self.shape3), target.reshape(-1), weight, lse, loss, denom, scratch,
                 None if dx is None else dx.view(self.shape3), self.ignore_index,
                 self.smoothing, self.reduction, grad)
@@ -1158,7 +1244,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
             key = ("bwd", grad_out.stride())
             run = self.fwd.get(key)
             if run is None:
-                run = _TritonLaunch.plan_cross_entropy_bwd(
+                run = self.launcher.plan_cross_entropy_bwd(
                     x.reshape(self.shape3), target.reshape(-1), weight, lse, denom, grad_out,
                     dx.view(self.shape3), self.reduction, self.ignore_index, self.smoothing)
                 if not capturing():
@@ -1171,10 +1257,14 @@ class _CrossEntropyCall(CrossEntropyKernels):
             return super().scale_grad(dx, grad_out)
         run = self.scale.get(grad_out.dtype)
         if run is None:
-            run = _TritonLaunch.plan_scale_grad(dx, grad_out)
+            run = self.launcher.plan_scale_grad(dx, grad_out)
             if not capturing():
                 self.scale[grad_out.dtype] = run
         run(dx, grad_out)
+
+
+def _no_scratch() -> None:
+    return None
 
 
 def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_smoothing, backend):
