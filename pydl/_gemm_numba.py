@@ -15,7 +15,7 @@ import os
 import torch
 
 from . import _env
-from ._launch import NumbaLaunch, cdiv, launch_numba
+from ._launch import NumbaLaunch, Place, cdiv, launch_numba
 
 # (TILE, MICRO): a TILE x TILE output tile per block of (TILE / MICRO)^2 threads, each
 # computing MICRO x MICRO outputs. On a GPU 64 x 64 tiles with 256 threads (4 x 4 each, 33 KiB
@@ -82,22 +82,31 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
 
 def gemm_plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
               trans_b: bool = False, bias: torch.Tensor | None = None,
-              addend: torch.Tensor | None = None):
+              addend: torch.Tensor | None = None, sources: tuple | None = None):
     """gemm(a, b, out, trans_a=, trans_b=, bias=, addend=) planned once for tensors of these
-    shapes, strides and dtypes: run(a, b, out, addend, bias) launches it on tensors at the
-    addresses of those (a NumbaLaunch: on a GPU a repeated call writes their pointers alone);
-    addend and bias None where they were. The tensor-core kernel is not planned (which of its
-    forms runs depends on the operands' 4-byte alignment, per call): there run is gemm."""
+    shapes, strides and dtypes: run(a, b, out, addend, bias) launches it on a call's tensors
+    (a NumbaLaunch: on a GPU a repeated call writes their pointers alone), addend and bias
+    None where they were. A call passes tensors at the addresses of those planned, or, with
+    `sources` (the planning call's (a, b, out, addend, bias) of which these are views: a
+    chunk of a batch, say), at the addresses of those. The tensor-core kernel is not planned
+    (which of its forms runs depends on the operands' 4-byte alignment, per call): there run
+    is gemm on the planned views of the call's tensors."""
+    operands = _operands(a, b, out, trans_a, trans_b, addend)
     if on_tensor_cores(a, b):
+        views = [None if t is None else Place(i, t, s, i) for i, (t, s) in enumerate(
+            zip((a, b, out, addend, bias), sources or (a, b, out, addend, bias)))]
+
         def run(a, b, out, addend=None, bias=None):
+            a, b, out, addend, bias = (None if v is None else v.view(t)
+                                       for v, t in zip(views, (a, b, out, addend, bias)))
             gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=addend)
         return run
-    operands = _operands(a, b, out, trans_a, trans_b, addend)
     launch = _arguments(*operands, bias)
     if launch is None:
         return lambda a, b, out, addend=None, bias=None: None
     kernel, grid, threads, args, places = launch
-    planned = NumbaLaunch(kernel, grid, threads, out.device, args, (*operands, bias), places)
+    planned = NumbaLaunch(kernel, grid, threads, out.device, args,
+                          sources or (*operands, bias), places)
     return lambda a, b, out, addend=None, bias=None: planned(a, b, out, addend, bias)
 
 

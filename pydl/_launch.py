@@ -558,14 +558,14 @@ class NumbaLaunch:
         planned = list(args)
         for i, k in zip(tensors, places):
             if k is not None:
-                planned[i] = _Place(k, args[i], sources[k], i)
+                planned[i] = Place(k, args[i], sources[k], i)
         self.args = tuple(planned)
         self.direct = self.params = None
 
     def arguments(self, sources, dynamic: tuple = ()) -> list:
         """The launch's arguments for a call's tensors: each place's view of its source, the
         kept tensors and the scalars, then `dynamic`."""
-        return [a.view(sources[a.source]) if type(a) is _Place else a for a in self.args] \
+        return [a.view(sources[a.source]) if type(a) is Place else a for a in self.args] \
             + list(dynamic)
 
     def __call__(self, *sources, dynamic: tuple = ()) -> None:
@@ -622,14 +622,14 @@ class NumbaLaunch:
             return
         n = len(self.args)
         self.slots = tuple((at, self.args[i].source, self.args[i].offset)
-                           for at, i in direct.pointers if type(self.args[i]) is _Place)
+                           for at, i in direct.pointers if type(self.args[i]) is Place)
         self.tail = tuple(s for s in direct.scalars if s[1] >= n)
         self.kinds = tuple(map(type, args[n:]))
         self.direct_index = index
         self.direct, self.params = direct, tuple(params)
 
 
-class _Place:
+class Place:
     """Where a planned tensor argument lies in a call's tensor (NumbaLaunch)."""
 
     __slots__ = ("source", "offset", "dtype", "shape", "stride")

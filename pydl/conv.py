@@ -31,10 +31,10 @@ from torch import Tensor
 from . import _env
 from ._checks import check_tensor
 from ._gemm import gemm_plan_on
-from ._gemm_numba import gemm as gemm_numba
+from ._gemm_numba import gemm_plan as gemm_plan_numba
 from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
-from ._launch import (arrival_counters, cdiv, dot_block, fresh, input_precision, launch_numba,
-                      launch_numba_1d, memory_format_of, new_output, next_power_of_2,
+from ._launch import (NumbaLaunch, arrival_counters, cdiv, dot_block, fresh, input_precision,
+                      memory_format_of, new_output, next_power_of_2, numba_launch_1d,
                       output_maker, tf32_allowed)
 from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import conv_output_size_padded, conv_padding, pair
@@ -240,33 +240,30 @@ _TRITON_PLANS = Cache("conv2d triton plans")
 
 
 class _Launcher:
-    """What a conv2d launcher offers (each algorithm's class below): forward(x, w, b, y, g),
-    backward_input(dy, w, dx, g), backward_weight(dy, x, dw, g), backward_bias(dy, db, g),
-    each launching into the given output; and the same as plans, plan_<name>(same arguments)
-    -> run(tensors), for a caller that launches the same signature again (pydl/_plan.py): run
-    takes the tensors alone (the forward's bias, when absent, as a placeholder: the weight),
-    and holds what was built for the shapes, strides, dtypes and device it was planned with.
-    Here, for launchers whose steps are not Launch objects (the Numba one), plans are the
-    methods with the geometry bound; the Triton launchers' are their cached launches and GEMM
-    plans."""
+    """What a conv2d launcher offers (each algorithm's class below): plans, one per step,
+    plan_forward(x, w, b, y, g), plan_backward_input(dy, w, dx, g), plan_backward_weight(dy,
+    x, dw, g), plan_backward_bias(dy, db, g) -> run(tensors), for a caller that launches the
+    same signature again (pydl/_plan.py): run takes the tensors alone (the forward's bias,
+    when absent, as a placeholder: the weight) at the addresses of those planned, and holds
+    what was built for the shapes, strides, dtypes and device it was planned with (the
+    Triton launchers' cached Launches and GEMM plans, the Numba one's NumbaLaunches); and
+    the same steps launched once into the given output, forward(x, w, b, y, g) and so on."""
 
     @classmethod
-    def plan_forward(cls, x, w, b, y, g: ConvGeometry):
-        if b is None:
-            return lambda x, w, b, y: cls.forward(x, w, None, y, g)
-        return lambda x, w, b, y: cls.forward(x, w, b, y, g)
+    def forward(cls, x, w, b, y, g: ConvGeometry) -> None:
+        cls.plan_forward(x, w, b, y, g)(x, w, w if b is None else b, y)
 
     @classmethod
-    def plan_backward_input(cls, dy, w, dx, g: ConvGeometry):
-        return lambda dy, w, dx: cls.backward_input(dy, w, dx, g)
+    def backward_input(cls, dy, w, dx, g: ConvGeometry) -> None:
+        cls.plan_backward_input(dy, w, dx, g)(dy, w, dx)
 
     @classmethod
-    def plan_backward_weight(cls, dy, x, dw, g: ConvGeometry):
-        return lambda dy, x, dw: cls.backward_weight(dy, x, dw, g)
+    def backward_weight(cls, dy, x, dw, g: ConvGeometry) -> None:
+        cls.plan_backward_weight(dy, x, dw, g)(dy, x, dw)
 
     @classmethod
-    def plan_backward_bias(cls, dy, db, g: ConvGeometry):
-        return lambda dy, db: cls.backward_bias(dy, db, g)
+    def backward_bias(cls, dy, db, g: ConvGeometry) -> None:
+        cls.plan_backward_bias(dy, db, g)(dy, db)
 
 
 def _unit_stride_bias(plan, x, w, b, y, g: ConvGeometry):
@@ -277,10 +274,6 @@ def _unit_stride_bias(plan, x, w, b, y, g: ConvGeometry):
 
 
 class _TritonImplicit(_Launcher):
-    @staticmethod
-    def forward(x, w, b, y, g: ConvGeometry) -> None:
-        _TritonImplicit.plan_forward(x, w, b, y, g)(x, w, w if b is None else b, y)
-
     @staticmethod
     def plan_forward(x, w, b, y, g: ConvGeometry):
         key = ("fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(),
@@ -322,10 +315,6 @@ class _TritonImplicit(_Launcher):
         cfg = _implicit_config("fwd", g, x, M, g.OCG, k_len,
                                lambda c: launch(c)(x, w, w if b is None else b, y))
         return launch(cfg)
-
-    @staticmethod
-    def backward_input(dy, w, dx, g: ConvGeometry) -> None:
-        _TritonImplicit.plan_backward_input(dy, w, dx, g)(dy, w, dx)
 
     @staticmethod
     def plan_backward_input(dy, w, dx, g: ConvGeometry):
@@ -373,10 +362,6 @@ class _TritonImplicit(_Launcher):
         return launch(cfg)
 
     @staticmethod
-    def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
-        _TritonImplicit.plan_backward_weight(dy, x, dw, g)(dy, x, dw)
-
-    @staticmethod
     def plan_backward_weight(dy, x, dw, g: ConvGeometry):
         key = ("bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(), dw.stride(),
                _input_precision(dy.dtype))
@@ -421,10 +406,6 @@ class _TritonImplicit(_Launcher):
         n = g.CG * g.KH * g.KW if flat_n else g.CG
         cfg = _implicit_config("bwd_weight", g, dy, g.OCG, n, P, lambda c: launch(c)(dy, x, dw))
         return launch(cfg)
-
-    @staticmethod
-    def backward_bias(dy, db, g: ConvGeometry) -> None:
-        _TritonImplicit.plan_backward_bias(dy, db, g)(dy, db)
 
     @staticmethod
     def plan_backward_bias(dy, db, g: ConvGeometry):
@@ -712,10 +693,6 @@ class _TritonIm2col(_Launcher):
     """
 
     @staticmethod
-    def forward(x, w, b, y, g: ConvGeometry) -> None:
-        _TritonIm2col.plan_forward(x, w, b, y, g)(x, w, w if b is None else b, y)
-
-    @staticmethod
     def plan_forward(x, w, b, y, g: ConvGeometry):
         key = ("im2col fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(),
                None if b is None else b.stride(), _input_precision(x.dtype),
@@ -771,10 +748,6 @@ class _TritonIm2col(_Launcher):
         return m is None or (whole and m.shape[0] != 1)
 
     @staticmethod
-    def backward_input(dy, w, dx, g: ConvGeometry) -> None:
-        _TritonIm2col.plan_backward_input(dy, w, dx, g)(dy, w, dx)
-
-    @staticmethod
     def plan_backward_input(dy, w, dx, g: ConvGeometry):
         key = ("im2col bwd_input", g, dy.dtype, dy.device, dy.stride(), w.stride(), dx.stride(),
                _input_precision(dy.dtype), IM2COL_WORKSPACE_BYTES)
@@ -826,10 +799,6 @@ class _TritonIm2col(_Launcher):
                     product(ws, w, dcols, None, None)
                 col2im(dcols, dx)
         return run
-
-    @staticmethod
-    def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
-        _TritonIm2col.plan_backward_weight(dy, x, dw, g)(dy, x, dw)
 
     @staticmethod
     def plan_backward_weight(dy, x, dw, g: ConvGeometry):
@@ -885,10 +854,6 @@ class _TritonIm2col(_Launcher):
         return run
 
     @staticmethod
-    def backward_bias(dy, db, g: ConvGeometry) -> None:
-        _TritonImplicit.backward_bias(dy, db, g)
-
-    @staticmethod
     def plan_backward_bias(dy, db, g: ConvGeometry):
         return _TritonImplicit.plan_backward_bias(dy, db, g)
 
@@ -932,112 +897,171 @@ class _NumbaIm2col(_Launcher):
     The GEMM's batch is (groups, images): all groups and images of a chunk in one launch.
     The column order k follows the weight's layout ((c, kh, kw) or (kh, kw, c)), so weights
     are strided views; a weight or cotangent whose strides flatten neither way is first packed
-    by a Numba copy kernel.
+    by a Numba copy kernel. Each plan is the steps' NumbaLaunches (the GEMM's through
+    gemm_plan) over the call's tensors and the workspaces it allocates per call.
     """
 
     @staticmethod
     def _weight(w, g: ConvGeometry):
-        """(c_last, (groups, OCG, K) weight matrix), packing w if it has no such view."""
+        """(c_last, (groups, OCG, K) weight matrix, its tensor, pack): the matrix a view of w
+        and pack None; or, where w has no such view, a view of a packed copy (its tensor),
+        which pack(w) makes per call (a Numba copy kernel) and returns."""
         from .kernels.numba import conv as k
         got = _numba_weight_matrix(w, g)
-        if got is None:
-            packed = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-            launch_numba_1d(k.copy4, w.numel(), w.device, w, packed,
-                      k.dtype_code(w.dtype), k.dtype_code(w.dtype))
-            got = _numba_weight_matrix(packed, g)
-        return got
+        if got is not None:
+            return (*got, w, None)
+        make = functools.partial(torch.empty, w.shape, dtype=w.dtype, device=w.device)
+        packed, code = make(), k.dtype_code(w.dtype)
+        copy = numba_launch_1d(k.copy4, w.numel(), w.device, (w, packed, code, code), (w, packed))
+
+        def pack(w):
+            out = make()
+            copy(w, out)
+            return out
+        return (*_numba_weight_matrix(packed, g), packed, pack)
 
     @staticmethod
-    def _workspace(dtype, shape, nmax: int, device) -> torch.Tensor:
-        """A flat buffer for nmax images of (groups, n, P, K) columns."""
-        G, P, K = shape
-        return torch.empty(G * nmax * P * K, dtype=dtype, device=device)
-
-    @staticmethod
-    def _im2col(x, ws, n0: int, nb: int, g: ConvGeometry, c_last: bool) -> torch.Tensor:
-        """Columns of images n0 .. n0+nb-1, (groups, nb, P, K), contiguous in `ws`."""
+    def _plan_im2col(x, ws, n0: int, nb: int, g: ConvGeometry, c_last: bool):
+        """(im2col(x, ws): the columns of images n0 .. n0+nb-1 written at the start of ws,
+        those columns (groups, nb, P, K), a view of ws)."""
         from .kernels.numba import conv as k
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
         cols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
-        launch_numba_1d(k.im2col, cols.numel(), x.device, x, cols, n0,
-                  g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OW, c_last)
-        return cols
+        return numba_launch_1d(k.im2col, cols.numel(), x.device, (
+            x, cols, n0, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OW, c_last), (x, ws)), \
+            cols
 
     @staticmethod
-    def _dy(dy, ws, n0: int, nb: int, g: ConvGeometry) -> torch.Tensor:
-        """dY of images n0 .. n0+nb-1 as (groups, nb, P, OCG): a view, or when its (oh, ow)
-        do not flatten a contiguous copy in `ws` (a Numba copy kernel)."""
+    def _plan_dy(dy, dy_ws, n0: int, nb: int, g: ConvGeometry):
+        """(copy, dY of images n0 .. n0+nb-1 as (groups, nb, P, OCG)): a view of dy and copy
+        None; or where its (oh, ow) do not flatten, a view of dy_ws, into which copy(dy, dy_ws)
+        packs them (a Numba copy kernel)."""
         m = _numba_pixel_matrix(dy, n0, nb, g.groups)
         if m is not None:
-            return m
+            return None, m
         from .kernels.numba import conv as k
-        packed = ws[:nb * g.OC * g.OH * g.OW].view(nb, g.OC, g.OH, g.OW)
+        packed = dy_ws[:nb * g.OC * g.OH * g.OW].view(nb, g.OC, g.OH, g.OW)
         code = k.dtype_code(dy.dtype)
-        launch_numba_1d(k.copy4, packed.numel(), dy.device, dy[n0:n0 + nb], packed, code, code)
-        return _numba_pixel_matrix(packed, 0, nb, g.groups)
+        copy = numba_launch_1d(k.copy4, packed.numel(), dy.device,
+                               (dy[n0:n0 + nb], packed, code, code), (dy, dy_ws))
+        return copy, _numba_pixel_matrix(packed, 0, nb, g.groups)
 
     @staticmethod
-    def forward(x, w, b, y, g: ConvGeometry) -> None:
+    def plan_forward(x, w, b, y, g: ConvGeometry):
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
-        c_last, wm = _NumbaIm2col._weight(w, g)
+        c_last, wm, w_src, pack = _NumbaIm2col._weight(w, g)
         wt = wm.unsqueeze(1).transpose(2, 3)                       # (groups, 1, K, OCG)
         bias = None if b is None else b.view(g.groups, g.OCG)
         chunks = _chunks(g.N, g.groups * P * K * x.element_size())
-        ws = _NumbaIm2col._workspace(x.dtype, (g.groups, P, K), chunks[0][1], x.device)
+        new_ws = _buffer(g.groups * chunks[0][1] * P * K, x.dtype, x.device)
+        ws, steps = new_ws(), []
         for n0, nb in chunks:
-            cols = _NumbaIm2col._im2col(x, ws, n0, nb, g, c_last)
+            im2col, cols = _NumbaIm2col._plan_im2col(x, ws, n0, nb, g, c_last)
             ym = _numba_pixel_matrix(y, n0, nb, g.groups)          # y is ours: flattens
-            gemm_numba(cols, wt, ym, bias=bias)
+            steps.append((im2col, gemm_plan_numba(cols, wt, ym, bias=bias,
+                                                  sources=(ws, w_src, y, None, b))))
+
+        def run(x, w, b, y):
+            ws = new_ws()
+            if pack is not None:
+                w = pack(w)
+            for im2col, product in steps:
+                im2col(x, ws)
+                product(ws, w, y, None, b)
+        return run
 
     @staticmethod
-    def backward_input(dy, w, dx, g: ConvGeometry) -> None:
+    def plan_backward_input(dy, w, dx, g: ConvGeometry):
         from .kernels.numba import conv as k
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
-        c_last, wm = _NumbaIm2col._weight(w, g)
+        c_last, wm, w_src, pack = _NumbaIm2col._weight(w, g)
         wm = wm.unsqueeze(1)                                       # (groups, 1, OCG, K)
-        pack = _numba_pixel_matrix(dy, 0, g.N, g.groups) is None
-        chunks = _chunks(g.N, P * (g.groups * K * 4 + (g.OC * dy.element_size() if pack else 0)))
+        pack_dy = _numba_pixel_matrix(dy, 0, g.N, g.groups) is None
+        chunks = _chunks(g.N, P * (g.groups * K * 4 + (g.OC * dy.element_size() if pack_dy
+                                                       else 0)))
         nmax = chunks[0][1]
-        ws = _NumbaIm2col._workspace(torch.float32, (g.groups, P, K), nmax, dy.device)
-        dy_ws = torch.empty(nmax * g.OC * P, dtype=dy.dtype, device=dy.device) if pack else None
+        new_ws = _buffer(g.groups * nmax * P * K, torch.float32, dy.device)
+        new_dy_ws = _buffer(nmax * g.OC * P, dy.dtype, dy.device) if pack_dy else _no_buffer
+        ws, dy_ws, steps = new_ws(), new_dy_ws(), []
         channels_last = dx.stride(1) == 1 and g.C > 1
         for n0, nb in chunks:
             dcols = ws[:g.groups * nb * P * K].view(g.groups, nb, P, K)
-            gemm_numba(_NumbaIm2col._dy(dy, dy_ws, n0, nb, g), wm, dcols)
-            launch_numba_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, dcols, dx, n0, g.SH,
-                            g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OH, g.OW, c_last,
-                            channels_last, k.dtype_code(dx.dtype))
+            copy, dym = _NumbaIm2col._plan_dy(dy, dy_ws, n0, nb, g)
+            col2im = numba_launch_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, (
+                dcols, dx, n0, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OH, g.OW,
+                c_last, channels_last, k.dtype_code(dx.dtype)), (ws, dx))
+            product = gemm_plan_numba(dym, wm, dcols, sources=(
+                dy if copy is None else dy_ws, w_src, ws, None, None))
+            steps.append((copy, product, col2im))
+
+        def run(dy, w, dx):
+            ws, dy_ws = new_ws(), new_dy_ws()
+            if pack is not None:
+                w = pack(w)
+            for copy, product, col2im in steps:
+                if copy is not None:
+                    copy(dy, dy_ws)
+                product(dy if copy is None else dy_ws, w, ws)
+                col2im(ws, dx)
+        return run
 
     @staticmethod
-    def backward_weight(dy, x, dw, g: ConvGeometry) -> None:
+    def plan_backward_weight(dy, x, dw, g: ConvGeometry):
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
         # dw is ours (in the weight's layout, contiguous or channels_last): a matrix view
         c_last, dwm = _numba_weight_matrix(dw, g)
         dwm = dwm.unsqueeze(1)                                     # (groups, 1, OCG, K)
-        pack = _numba_pixel_matrix(dy, 0, g.N, g.groups) is None
+        pack_dy = _numba_pixel_matrix(dy, 0, g.N, g.groups) is None
         chunks = _chunks(g.N, P * (g.groups * K * x.element_size()
-                                   + (g.OC * dy.element_size() if pack else 0)))
+                                   + (g.OC * dy.element_size() if pack_dy else 0)))
         nmax = chunks[0][1]
-        ws = _NumbaIm2col._workspace(x.dtype, (g.groups, P, K), nmax, x.device)
-        dy_ws = torch.empty(nmax * g.OC * P, dtype=dy.dtype, device=dy.device) if pack else None
+        new_ws = _buffer(g.groups * nmax * P * K, x.dtype, x.device)
+        new_dy_ws = _buffer(nmax * g.OC * P, dy.dtype, dy.device) if pack_dy else _no_buffer
         # Sum the chunks straight into dW when it is fp32 or takes one chunk; otherwise in an
         # fp32 accumulator, the last chunk's GEMM rounding once into dW.
-        acc = dwm
-        if dw.dtype != torch.float32 and len(chunks) > 1:
-            acc = torch.empty(dwm.shape, dtype=torch.float32, device=dw.device)
+        split = dw.dtype != torch.float32 and len(chunks) > 1
+        new_acc = functools.partial(torch.empty, dwm.shape, dtype=torch.float32,
+                                    device=dw.device) if split else _no_buffer
+        ws, dy_ws, steps = new_ws(), new_dy_ws(), []
+        acc = new_acc() if split else dwm
         for i, (n0, nb) in enumerate(chunks):
-            cols = _NumbaIm2col._im2col(x, ws, n0, nb, g, c_last)
-            dyt = _NumbaIm2col._dy(dy, dy_ws, n0, nb, g).transpose(2, 3)   # (G, nb, OCG, P)
-            out = dwm if i == len(chunks) - 1 else acc
-            gemm_numba(dyt, cols, out, addend=acc if i else None)
+            im2col, cols = _NumbaIm2col._plan_im2col(x, ws, n0, nb, g, c_last)
+            copy, dym = _NumbaIm2col._plan_dy(dy, dy_ws, n0, nb, g)
+            last = i == len(chunks) - 1
+            acc_src = acc if split else dw
+            product = gemm_plan_numba(                                  # (G, nb, OCG, P) @ cols
+                dym.transpose(2, 3), cols, dwm if last else acc, addend=acc if i else None,
+                sources=(dy if copy is None else dy_ws, ws, dw if last else acc_src,
+                         acc_src if i else None, None))
+            steps.append((im2col, copy, product, last, i > 0))
+
+        def run(dy, x, dw):
+            ws, dy_ws = new_ws(), new_dy_ws()
+            acc = new_acc() if split else dw
+            for im2col, copy, product, last, add in steps:
+                im2col(x, ws)
+                if copy is not None:
+                    copy(dy, dy_ws)
+                product(dy if copy is None else dy_ws, ws, dw if last else acc,
+                        acc if add else None)
+        return run
 
     @staticmethod
-    def backward_bias(dy, db, g: ConvGeometry) -> None:
+    def plan_backward_bias(dy, db, g: ConvGeometry) -> NumbaLaunch:
         from .kernels.numba import conv as k
         threads = BIAS_SIM_THREADS if _env.INTERPRET else 256
         blocks = 1 if _env.INTERPRET else min(g.OC, 65535)
-        launch_numba(k.bias_grad, blocks, threads, dy.device, dy, db.view(1, 1, 1, g.OC),
-                     k.dtype_code(dy.dtype), k.dtype_code(db.dtype))
+        return NumbaLaunch(k.bias_grad, blocks, threads, dy.device, (
+            dy, db.view(1, 1, 1, g.OC), k.dtype_code(dy.dtype), k.dtype_code(db.dtype)), (dy, db))
+
+
+def _buffer(numel: int, dtype: torch.dtype, device):
+    """A maker of a flat per-call buffer (a plan's workspace)."""
+    return functools.partial(torch.empty, numel, dtype=dtype, device=device)
+
+
+def _no_buffer() -> None:
+    return None
 
 
 # Threads of the bias-gradient reduction in the CUDA simulator, where each syncthreads costs

@@ -178,8 +178,9 @@ def test_pool_layouts_do_not_share_a_plan(op, backend):
 
 # --- softmax and cross-entropy --------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
 @pytest.mark.parametrize("log", [False, True])
-def test_softmax_layouts_do_not_share_a_plan(log):
+def test_softmax_layouts_do_not_share_a_plan(log, backend):
     fn = pydl.log_softmax if log else pydl.softmax
     x, xt = _randn(4, 7), _randn(7, 4)
     rows, cols = _cotangent((4, 7)), _cotangent((4, 7), (1, 0))
@@ -190,11 +191,13 @@ def test_softmax_layouts_do_not_share_a_plan(log):
         ((x,), lambda x: (x,), cols),
     ]
     for dim in (1, 0):
-        _check_layouts(lambda x, backend, dim=dim: fn(x, dim, backend=backend), layouts)
+        _check_layouts(lambda x, backend, dim=dim: fn(x, dim, backend=backend), layouts,
+                       backend)
 
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy_layouts_do_not_share_a_plan(reduction):
+def test_cross_entropy_layouts_do_not_share_a_plan(reduction, backend):
     """Logits contiguous and transposed, targets contiguous and strided, class weights
     contiguous and strided; a per-row cotangent contiguous and strided."""
     N, C = 5, 7
@@ -217,7 +220,26 @@ def test_cross_entropy_layouts_do_not_share_a_plan(reduction):
         ((x, t, w), lambda x, t, w: (x, t, d(w)), plain),
     ]
     _check_layouts(lambda x, t, w, backend: pydl.cross_entropy(
-        x, t, weight=w, reduction=reduction, label_smoothing=0.1, backend=backend), layouts)
+        x, t, weight=w, reduction=reduction, label_smoothing=0.1, backend=backend), layouts,
+        backend)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_numba_fp64_weights_each_call(reduction):
+    """The numba kernels read fp64 class weights as fp32, a copy made per call: a plan that
+    kept the first call's copy would weigh the later calls' losses by the first's weights."""
+    N, C = 6, 5
+    for _ in range(3):
+        x, t = _randn(N, C), torch.randint(0, C, (N,), device=DEVICE)
+        w = _randn(C, dtype=torch.float64).abs()
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        out = pydl.cross_entropy(xs[0], t, weight=w, reduction=reduction, backend="numba")
+        ref = F.cross_entropy(xs[1], t, weight=w.float(), reduction=reduction)
+        torch.testing.assert_close(out, ref, **TOL)
+        g = torch.ones_like(ref)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **TOL)
 
 
 # --- attention ------------------------------------------------------------------------------
