@@ -521,6 +521,15 @@ _CORE_STREAMS: dict = {}
 _NUMBA_RUNTIME = _NumbaRuntime()
 
 
+class _Dynamic:
+    def __repr__(self):
+        return "DYNAMIC"
+
+
+# A NumbaLaunch argument given per call (`dynamic=`): a scalar that changes between calls.
+DYNAMIC = _Dynamic()
+
+
 class NumbaLaunch:
     """One Numba kernel launch planned once (pydl._plan.Launch's counterpart on the Numba
     backend): the kernel, grid, threads, device and scalars fixed, and each tensor argument a
@@ -537,7 +546,8 @@ class NumbaLaunch:
     key fixes their dtypes, shapes and strides, and which of them are the same tensor where
     the launch depends on it.
 
-    `launch(*sources, dynamic=(...))` appends per-call scalars (a recurrence's step range).
+    Scalars that change between calls (a recurrence's step range, a dropout seed) are planned
+    as DYNAMIC and given per call in their order: `launch(*sources, dynamic=(...))`.
     On a GPU, once the direct path (_NumbaDirect) has launched the planned signature, a call
     copies its parameter list and writes the data pointers (source + offset) and the dynamic
     scalars into it: no views, no signature, no lookup. Until then, and in the CUDA
@@ -563,10 +573,16 @@ class NumbaLaunch:
         self.direct = self.params = None
 
     def arguments(self, sources, dynamic: tuple = ()) -> list:
-        """The launch's arguments for a call's tensors: each place's view of its source, the
-        kept tensors and the scalars, then `dynamic`."""
-        return [a.view(sources[a.source]) if type(a) is Place else a for a in self.args] \
-            + list(dynamic)
+        """The launch's arguments for a call's tensors and dynamic scalars: each place's view
+        of its source, the kept tensors and the fixed scalars, each DYNAMIC the next of
+        `dynamic`."""
+        values = iter(dynamic)
+        out = [a.view(sources[a.source]) if type(a) is Place else
+               next(values, DYNAMIC) if a is DYNAMIC else a for a in self.args]
+        if next(values, DYNAMIC) is not DYNAMIC or any(a is DYNAMIC for a in out):
+            raise ValueError(f"NumbaLaunch: {len(dynamic)} dynamic scalars for "
+                             f"{sum(a is DYNAMIC for a in self.args)} places")
+        return out
 
     def __call__(self, *sources, dynamic: tuple = ()) -> None:
         params = self.params
@@ -579,7 +595,7 @@ class NumbaLaunch:
         launch_numba(self.kernel, self.grid, self.threads, self.device, *args)
         if self.params is None and NUMBA_DIRECT and (self.device.type == "cuda"
                                                      or _NUMBA_DIRECT_ON_CPU):
-            self._keep(args, len(dynamic))
+            self._keep(args)
 
     def each(self, sources, tails: list) -> None:
         """launch(*sources, dynamic=tail) for each tail (tuples of scalars of the same types):
@@ -590,7 +606,7 @@ class NumbaLaunch:
         params = None
         for tail in tails:
             if params is None or tuple(map(type, tail)) != self.kinds \
-                    or not self.direct.refill(params, self.tail, tail, len(self.args)):
+                    or not self.direct.refill(params, self.tail, tail, 0):
                 self(*sources, dynamic=tail)
                 if params is None and self.params is not None:    # planned by that launch
                     params = self._fill(self.params, sources, tail)
@@ -606,11 +622,11 @@ class NumbaLaunch:
         for at, i, offset in self.slots:
             params[at] = sources[i].data_ptr() + offset
         if dynamic and (tuple(map(type, dynamic)) != self.kinds
-                        or not self.direct.refill(params, self.tail, dynamic, len(self.args))):
+                        or not self.direct.refill(params, self.tail, dynamic, 0)):
             return None
         return params
 
-    def _keep(self, args: list, n_dynamic: int) -> None:
+    def _keep(self, args: list) -> None:
         """After a launch through launch_numba: the signature's direct launch, once it has
         launched (the signature's second launch), with where each place's pointer goes."""
         index = _NUMBA_RUNTIME.device_index(self.device)
@@ -620,11 +636,10 @@ class NumbaLaunch:
         params = direct.fill(args)
         if params is None:
             return
-        n = len(self.args)
         self.slots = tuple((at, self.args[i].source, self.args[i].offset)
                            for at, i in direct.pointers if type(self.args[i]) is Place)
-        self.tail = tuple(s for s in direct.scalars if s[1] >= n)
-        self.kinds = tuple(map(type, args[n:]))
+        self.tail = tuple(s for s in direct.scalars if self.args[s[1]] is DYNAMIC)
+        self.kinds = tuple(type(args[s[1]]) for s in self.tail)
         self.direct_index = index
         self.direct, self.params = direct, tuple(params)
 

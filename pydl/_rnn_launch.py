@@ -64,6 +64,7 @@ import torch
 
 from . import _env
 from ._launch import (
+    DYNAMIC,
     NumbaLaunch,
     arrival_counters,
     cdiv,
@@ -654,7 +655,8 @@ class NumbaRecurrence:
         # the kernels use grid.sync(), so Numba launches them cooperatively: at most one
         # block per SM (the blocks loop over the tiles); one in the simulator
         blocks = 1 if _env.INTERPRET else max(1, min(tiles, multiprocessors(device)))
-        self.launch = numba_launch(kernel, blocks, (tu, tb), device, tensors, ranks, scalars)
+        self.launch = numba_launch(kernel, blocks, (tu, tb), device, tensors, ranks,
+                                   (*scalars, DYNAMIC, DYNAMIC, DYNAMIC))   # steps, sync
         self.mode, self.n_steps = mode, n_steps
 
     def __call__(self, *tensors) -> None:

@@ -28,9 +28,9 @@ from ._checks import check_tensor
 from ._gemm import gemm_plan_on
 from ._gemm_numba import on_tensor_cores, pair_words
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (SIM_MAX_BLOCKS, input_precision, cdiv, dot_block, fresh, launch_numba,
-                      launch_numba_1d, new_output, next_power_of_2,
-                      numba_threads, output_maker, tf32_allowed)
+from ._launch import (DYNAMIC, SIM_MAX_BLOCKS, NumbaLaunch, Place, cdiv, dot_block, fresh,
+                      input_precision, launch_numba, launch_numba_1d, new_output,
+                      next_power_of_2, numba_blocks, numba_threads, output_maker, tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensor_key)
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -157,8 +157,8 @@ def _seed_scalar(dropout_p: float) -> tuple:
 
 
 class _TritonAttention:
-    """The flash kernels' launcher: plan_forward and plan_backward (the Triton algos'
-    launchers all plan; _NumbaAttention launches per call: forward, backward)."""
+    """The flash kernels' launcher: plan_forward and plan_backward (as every launcher of
+    LAUNCHERS)."""
 
     @staticmethod
     def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
@@ -311,9 +311,10 @@ def _numba_mask(mask):
 
 def _numba_dropout(dropout_p: float, seed: int) -> tuple:
     """(dropout, threshold, drop_scale, seed) kernel arguments: a score is dropped when its
-    32-bit hash is below threshold = p * 2**32."""
+    32-bit hash is below threshold = p * 2**32. The seed may be DYNAMIC (a plan's)."""
     if dropout_p > 0:
-        return True, int(dropout_p * 4294967296.0), 1.0 / (1.0 - dropout_p), int(seed)
+        return (True, int(dropout_p * 4294967296.0), 1.0 / (1.0 - dropout_p),
+                seed if seed is DYNAMIC else int(seed))
     return False, 0, 1.0, 0
 
 
@@ -345,10 +346,15 @@ def _numba_mma_words(*tensors):
 
 
 class _NumbaAttention:
-    """Same methods as _TritonAttention, on the Numba kernels (kernels/numba/attention.py)."""
+    """Same methods as _TritonAttention, on the Numba kernels (kernels/numba/attention.py):
+    plans of NumbaLaunches (on a GPU a repeated call writes its tensors' pointers and the
+    dropout seed alone). On the tensor cores (kernels/numba/attention_mma.py) the kernel's
+    form depends on each operand's 4-byte alignment, so those launches are built per call."""
 
     @staticmethod
-    def forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+    def _forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        """(kernel, grid, threads, device, arguments, places in (q, k, v, o, lse, mask), on
+        the tensor cores or not) of the forward; seed may be DYNAMIC."""
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         m, mask_code = _numba_mask(mask)
@@ -357,61 +363,126 @@ class _NumbaAttention:
             qkv = [t.view(torch.int16) if w is None else w for t, w in zip((q, k, v), words)]
         else:
             qkv = [q, k, v]
-        tail = (o, lse, m if m is not None else qkv[0], mask_kind,
-                mask_code, bool(is_causal), float(scale), *_numba_dropout(dropout_p, seed),
+        args = (*qkv, o, lse, m if m is not None else qkv[0], mask_kind, mask_code,
+                bool(is_causal), float(scale), *_numba_dropout(dropout_p, seed),
                 kn.dtype_code(q.dtype))
+        places = (0, 1, 2, 3, 4, 5 if m is not None else 0)
         if words is not None:
             from .kernels.numba import attention_mma as km
             warps = _mma_warps(NUMBA_MMA_WARPS)
             bn, BD, BDV = km.tile(E, v.shape[3])
             kernel = km.fwd_mma_kernel(warps, bn, BD, BDV, q.dtype == torch.bfloat16,
                                        *[w is not None for w in words])
-            launch_numba(kernel, _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps,
-                         q.device, *qkv, *tail)
-            return
+            return (kernel, _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
+                    args, places, True)
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)
-        launch_numba(kn.fwd_kernel(owned, streamed, BD, BDV, nt),
-                     _numba_grid(cdiv(L, owned) * B * H), nt, q.device, *qkv, *tail)
+        return (kn.fwd_kernel(owned, streamed, BD, BDV, nt), _numba_grid(cdiv(L, owned) * B * H),
+                nt, q.device, args, places, False)
 
     @staticmethod
-    def backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale, dropout_p, seed,
-                 dmask=None):
+    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+        """run(q, k, v, o, lse, mask, seed) as _TritonAttention's (the mask, when given, at
+        the address of the (B, H, L, S) view planned)."""
+        options = (mask_kind, is_causal, scale, dropout_p)
+        *launch, places, mma = _NumbaAttention._forward(q, k, v, o, lse, mask, *options,
+                                                        DYNAMIC)
+        if mma:
+            mask4 = _planned_view(mask)
+            return lambda q, k, v, o, lse, mask, seed: _run(_NumbaAttention._forward(
+                q, k, v, o, lse, mask4(mask), *options, seed))
+        planned = NumbaLaunch(*launch, (q, k, v, o, lse, mask), places)
+        if dropout_p > 0:
+            return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask,
+                                                               dynamic=(int(seed),))
+        return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask)
+
+    @staticmethod
+    def _backward(q, k, v, o, lse, do, delta, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                  dropout_p, seed, dmask):
+        """The delta, dK/dV and dQ launches as (kernel, grid, threads, device, arguments,
+        places in (q, k, v, do, lse, delta, mask, dk or dq, dv or dmask)), and whether they
+        run on the tensor cores; seed may be DYNAMIC."""
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
         code = kn.dtype_code(q.dtype)
-        do = do.to(o.dtype)
         # the tensor-core kernels take q, k, v, dO as int32 words of pairs (even head dims)
         words = _numba_mma_words(q, k, v, do)
         if words is not None and any(w is None for w in words):
             words = None
         qkvdo = words or (q, k, v, do)
-        delta = new_output((B * H, L), torch.float32, q.device)
-        launch_numba_1d(kn.delta_kernel, B * H * L, q.device, o, do, delta, code)
+        threads = numba_threads(256)
+        delta_launch = (kn.delta_kernel, numba_blocks(cdiv(B * H * L, threads)), threads,
+                        q.device, (o, do, delta, code), (0, 1, 2))
         m, mask_code = _numba_mask(mask)
         head = (*qkvdo, lse, delta)
         tail = (m if m is not None else qkvdo[0], mask_kind, mask_code, bool(is_causal),
                 float(scale), *_numba_dropout(dropout_p, seed), code)
-        dq_tail = (dq, dmask if dmask is not None else dq, dmask is not None, *tail)
+        dkdv_args = (*head, dk, dv, *tail)
+        dq_args = (*head, dq, dmask if dmask is not None else dq, dmask is not None, *tail)
+        placed = (0, 1, 2, 3, 4, 5)
+        m_at = 6 if m is not None else 0
+        dkdv_places = (*placed, 7, 8, m_at)
+        dq_places = (*placed, 7, 8 if dmask is not None else 7, m_at)
         if words is not None:
             from .kernels.numba import attention_mma as km
             warps, bn, BD, BDV = km.bwd_tile(E, EV)
             warps = _mma_warps(warps)
             bf16 = q.dtype == torch.bfloat16
-            launch_numba(km.dkdv_mma_kernel(warps, bn, BD, BDV, bf16),
-                         _numba_grid(cdiv(S, 16 * warps) * B * HKV), 32 * warps, q.device,
-                         *head, dk, dv, *tail)
-            launch_numba(km.dq_mma_kernel(warps, bn, BD, BDV, bf16),
-                         _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
-                         *head, *dq_tail)
-            return
-        owned, streamed, BD, BDV = kn.tile_sizes(E, EV)
-        nt = numba_threads(128)
-        launch_numba(kn.dkdv_kernel(owned, streamed, BD, BDV, nt),
-                     _numba_grid(cdiv(S, owned) * B * HKV), nt, q.device, *head, dk, dv, *tail)
-        launch_numba(kn.dq_kernel(owned, streamed, BD, BDV, nt),
-                     _numba_grid(cdiv(L, owned) * B * H), nt, q.device, *head, *dq_tail)
+            dkdv = (km.dkdv_mma_kernel(warps, bn, BD, BDV, bf16),
+                    _numba_grid(cdiv(S, 16 * warps) * B * HKV), 32 * warps)
+            dq_ = (km.dq_mma_kernel(warps, bn, BD, BDV, bf16),
+                   _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps)
+        else:
+            owned, streamed, BD, BDV = kn.tile_sizes(E, EV)
+            nt = numba_threads(128)
+            dkdv = (kn.dkdv_kernel(owned, streamed, BD, BDV, nt),
+                    _numba_grid(cdiv(S, owned) * B * HKV), nt)
+            dq_ = (kn.dq_kernel(owned, streamed, BD, BDV, nt),
+                   _numba_grid(cdiv(L, owned) * B * H), nt)
+        return (delta_launch, (*dkdv, q.device, dkdv_args, dkdv_places),
+                (*dq_, q.device, dq_args, dq_places), words is not None)
+
+    @staticmethod
+    def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                      dropout_p, dmask):
+        """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) as _TritonAttention's: dO
+        in the output's dtype (converted per call where it is not), the delta row sums into
+        a buffer allocated per call, then the dK/dV and dQ kernels."""
+        B, H, L, _ = q.shape
+        cast, seeded = do.dtype != o.dtype, dropout_p > 0
+        do = do.to(o.dtype)
+        new_delta = output_maker((B * H, L), torch.float32, q.device)
+        delta = new_delta()
+        options = (mask_kind, is_causal, scale, dropout_p)
+        *launches, mma = _NumbaAttention._backward(q, k, v, o, lse, do, delta, dq, dk, dv,
+                                                   mask, *options, DYNAMIC, dmask)
+        if mma:
+            mask4 = _planned_view(mask)
+
+            def per_call(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
+                do = do.to(o.dtype)
+                delta = new_delta()
+                *launches, _ = _NumbaAttention._backward(q, k, v, o, lse, do, delta, dq, dk,
+                                                         dv, mask4(mask), *options, seed, dmask)
+                for launch in launches:
+                    _run(launch[:5])
+            return per_call
+        (*dl, dl_at), (*dkdv, dkdv_at), (*dq_, dq_at) = launches
+        delta_of = NumbaLaunch(*dl, (o, do, delta), dl_at)
+        dkdv = NumbaLaunch(*dkdv, (q, k, v, do, lse, delta, mask, dk, dv), dkdv_at)
+        dq_launch = NumbaLaunch(*dq_, (q, k, v, do, lse, delta, mask, dq, dmask), dq_at)
+
+        def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
+            if cast:
+                do = do.to(o.dtype)
+            delta = new_delta()
+            seed = (int(seed),) if seeded else ()
+            delta_of(o, do, delta)
+            dkdv(q, k, v, do, lse, delta, mask, dk, dv, dynamic=seed)
+            dq_launch(q, k, v, do, lse, delta, mask, dq, dmask, dynamic=seed)
+        return run
 
     @staticmethod
     @_env.emulated_launch
@@ -436,6 +507,21 @@ class _NumbaAttention:
         _, threshold, _, seed = _numba_dropout(dropout_p, seed)
         launch_numba_1d(kn.attention_dropout_mask, B * H * L, device, keep, seed, threshold)
         return keep.view(B, H, L, S).bool()
+
+
+def _run(launch: tuple) -> None:
+    """launch_numba on a (kernel, grid, threads, device, arguments) tuple."""
+    kernel, grid, threads, device, args = launch[:5]
+    launch_numba(kernel, grid, threads, device, *args)
+
+
+def _planned_view(mask):
+    """mask4(t): t (the mask a call passes, at the address of `mask`) viewed as `mask` was
+    planned, its (B, H, L, S) broadcast view; None for no mask."""
+    if mask is None:
+        return lambda t: None
+    place = Place(0, mask, mask, 0)
+    return lambda t: place.view(t)
 
 
 LAUNCHERS = {"triton": _TritonAttention, "numba": _NumbaAttention}
@@ -494,28 +580,19 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
 
 def launch_forward(backend: str, q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
                    seed) -> None:
-    """The forward kernels of launcher LAUNCHERS[backend] into o and lse, once: a planning
-    launcher's plan for these tensors (pydl._plan), run; the Numba one's forward."""
-    launcher = LAUNCHERS[backend]
-    if hasattr(launcher, "plan_forward"):
-        launcher.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
-                              dropout_p)(q, k, v, o, lse, mask, seed)
-    else:
-        launcher.forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed)
+    """The forward kernels of launcher LAUNCHERS[backend] into o and lse, once: its plan for
+    these tensors (pydl._plan), run."""
+    LAUNCHERS[backend].plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
+                                    dropout_p)(q, k, v, o, lse, mask, seed)
 
 
 def launch_backward(backend: str, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
                     scale, dropout_p, seed, dmask) -> None:
     """The backward kernels of launcher LAUNCHERS[backend] into dq, dk, dv (and dmask, the
     float mask's gradient, unless None), once, as launch_forward."""
-    launcher = LAUNCHERS[backend]
-    if hasattr(launcher, "plan_backward"):
-        launcher.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
-                               scale, dropout_p, dmask)(q, k, v, o, lse, do, dq, dk, dv, mask,
-                                                        seed, dmask)
-    else:
-        launcher.backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
-                          dropout_p, seed, dmask)
+    LAUNCHERS[backend].plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind,
+                                     is_causal, scale, dropout_p, dmask)(
+        q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
 
 
 class AttentionKernels:
@@ -829,7 +906,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
 class _AttentionCall(AttentionKernels):
     """scaled_dot_product_attention for one call signature (pydl._plan), checked once: the
     implementation, the algorithm, the scale, the mask's kind and the 4-D views' shapes. For
-    4-D inputs on the triton backend in eager mode (every algo but "naive", whose Function
+    4-D inputs on pydl's backends in eager mode (every algo but "naive", whose Function
     plans its own steps) it is also the signature's plan: AttentionFunction runs its methods,
     which allocate with arguments fixed here and launch what the algo's launcher
     (LAUNCHERS) built on the first call (the forward's per 16-byte alignment of the
@@ -853,7 +930,7 @@ class _AttentionCall(AttentionKernels):
         self.mask_shape = None if mask is None else mask.shape
         self.out_shape = None if query.dim() == 4 else query.shape[:-2] + (q.shape[2],
                                                                            v.shape[3])
-        self.planned = (self.impl is _KERNEL_IMPLS["triton"] and self.algo != "naive"
+        self.planned = (self.impl in _KERNEL_IMPLS.values() and self.algo != "naive"
                         and self.views is None
                         and not torch.compiler.is_compiling()
                         and plain_tensors(query, key, value, attn_mask))
@@ -928,7 +1005,7 @@ class _AttentionCall(AttentionKernels):
                                       f"backend='triton'")
         return out if self.out_shape is None else out.view(self.out_shape), weights
 
-    # the plan (eager, triton flash, 4-D): AttentionKernels' steps with fixed arguments
+    # the plan (eager, flash, 4-D): AttentionKernels' steps with fixed arguments
 
     def _mask4(self, mask):
         return None if mask is None else _as4d(mask).expand(self.mask_shape)

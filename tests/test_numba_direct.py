@@ -191,12 +191,30 @@ def test_planned_views_in_emulation():
     planned = (base[1:4, 2:].t(), words[2:].view(torch.int32), 3)
     launch = _launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), planned, (base, words))
     b, w = torch.randn(6, 8), torch.randn(16).half()
-    got = launch.arguments((b, w), (9,))
+    got = launch.arguments((b, w))
     assert torch.equal(got[0], b[1:4, 2:].t()) and got[0].stride() == (1, 8)
-    assert torch.equal(got[1], w[2:].view(torch.int32)) and got[2:] == [3, 9]
+    assert torch.equal(got[1], w[2:].view(torch.int32)) and got[2:] == [3]
     # a source of another storage offset: the same offset from its data
     b2 = torch.randn(100)[10:58].view(6, 8)
     assert torch.equal(launch.arguments((b2, w))[0], b2[1:4, 2:].t())
+
+
+def test_planned_dynamic_scalars_in_their_places(runtime):
+    """DYNAMIC arguments take a call's dynamic scalars in order, wherever they are in the
+    list (a seed before the last argument): refilled there on the direct path."""
+    k, cpu, D = _Kernel(), torch.device("cpu"), _launch.DYNAMIC
+    x = torch.randn(3)
+    launch = _launch.NumbaLaunch(k, 1, 32, cpu, (x, D, 2.5, D, 7), (x,))
+    for seed in range(4):
+        y = torch.randn(3)
+        launch(y, dynamic=(seed, seed % 2 == 0))
+        if seed:        # the first through Numba, then direct (planned from the third on)
+            assert _launch._numba_params(runtime.direct[-1][1]) == _reference(
+                k, (y, seed, 2.5, seed % 2 == 0, 7))
+    assert len(runtime.first) == 1 and len(runtime.direct) == 3
+    assert launch.params is not None
+    with pytest.raises(ValueError, match="dynamic"):
+        launch.arguments((x,), (1,))
 
 
 def test_planned_launch_refuses_a_tensor_outside_its_source():
@@ -210,7 +228,8 @@ def test_planned_launch_refuses_a_tensor_outside_its_source():
 def test_each_refills_only_the_tail(runtime):
     k, cpu = _Kernel(), torch.device("cpu")
     a, b = torch.randn(5, 2), torch.randn(2)
-    launch = _launch.NumbaLaunch(k, 1, 32, cpu, (a, b, 0.5), (a, b))
+    D = _launch.DYNAMIC
+    launch = _launch.NumbaLaunch(k, 1, 32, cpu, (a, b, 0.5, D, D, D), (a, b))
     tails = [(s, s + 1, False) for s in range(4)]
     launch.each((a, b), tails)
     # the first step through Numba, the second through the direct path (which plans the

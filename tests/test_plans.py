@@ -244,8 +244,9 @@ def test_cross_entropy_numba_fp64_weights_each_call(reduction):
 
 # --- attention ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo", ["flash", "naive"])
-def test_attention_layouts_do_not_share_a_plan(algo):
+@pytest.mark.parametrize("backend,algo", [("triton", "flash"), ("triton", "naive"),
+                                          ("numba", "flash")])
+def test_attention_layouts_do_not_share_a_plan(backend, algo):
     """q, k, v contiguous and as (B, L, H, E) transposed; a bool mask, a float mask
     broadcast from (L, S) and one of full shape; the cotangent contiguous and transposed;
     grouped-query K/V heads with q and the cotangent contiguous or transposed (the naive
@@ -277,7 +278,7 @@ def test_attention_layouts_do_not_share_a_plan(algo):
     ]
     _check_layouts(lambda q, k, v, m, backend: pydl.scaled_dot_product_attention(
         q, k, v, attn_mask=m, enable_gqa=q.shape[1] != k.shape[1], backend=backend,
-        algo=algo if backend == "triton" else None), layouts)
+        algo=algo if backend != "torch" else None), layouts, backend)
 
 
 def test_attention_dtype_does_not_share_a_plan():
