@@ -61,6 +61,7 @@ class Counts:
     def __init__(self):
         self.launches = 0
         self.direct = 0         # of the launches, those taking pydl._plan.Launch's direct path
+        self.unplanned = 0      # Numba launches not from a plan (launch_numba's own lookup)
         self.aten = 0
         self.syncs = 0
         self.aten_ops: dict[str, int] = {}
@@ -119,7 +120,14 @@ def stubbed_launches():
     # needs of Numba on a GPU (_NumbaRuntime): a first launch per argument signature through
     # "Numba", then the parameter list refilled.
     from pydl import _launch
-    old_runtime = _launch._NUMBA_RUNTIME
+    old_runtime, old_direct = _launch._NUMBA_RUNTIME, _launch._launch_numba_direct
+
+    def unplanned(*args):
+        if _COUNTS is not None:
+            _COUNTS.unplanned += 1
+        old_direct(*args)
+
+    _launch._launch_numba_direct = unplanned
     _launch._NUMBA_RUNTIME, _launch._NUMBA_DIRECT_ON_CPU = _NumbaRuntime(), True
     _launch._NUMBA_DIRECTS.clear()
     InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call
@@ -131,6 +139,7 @@ def stubbed_launches():
         _plan._DEVICE_INDEX, _plan._RAW_STREAM = old_device
         _plan.Launch._keep = old_keep
         _launch._NUMBA_RUNTIME, _launch._NUMBA_DIRECT_ON_CPU = old_runtime, False
+        _launch._launch_numba_direct = old_direct
         _launch._NUMBA_DIRECTS.clear()
         for launch in kept:         # the interpreter runs them again
             launch.compiled = None
@@ -413,7 +422,8 @@ def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float,
                 us = median_us(fn, calls, clock=clock)
             rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
                              host_us=round(us, 1), vs_torch=round(us / ref_us, 2),
-                             launches=c.launches, direct=c.direct, aten_kernels=c.aten,
+                             launches=c.launches, direct=c.direct,
+                             numba_unplanned=c.unplanned, aten_kernels=c.aten,
                              syncs=c.syncs,
                              aten_ops=c.aten_ops, engine=direction == "bwd" and p.bwd_engine))
     return rows

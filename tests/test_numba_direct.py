@@ -250,27 +250,46 @@ def test_each_refills_only_the_tail(runtime):
 
 
 @pytest.mark.skipif(not GPU, reason="the direct Numba launch runs on a GPU")
-def test_numba_ops_repeated_on_the_direct_path():
-    """Each op twice on other data (the second call takes the direct path), against torch;
-    and the direct path did engage (a kept parameter list per kernel launched)."""
+def test_numba_ops_repeated_on_the_direct_path(monkeypatch):
+    """Each op four times on other data, forward and backward, against float64 on the CPU:
+    the first call through Numba, the second on the direct path, the later ones as planned
+    (NumbaLaunch writing the pointers alone); and both did engage: a kept parameter list per
+    kernel launched, and every plan that launched twice holding its own."""
     _launch._NUMBA_DIRECTS.clear()
+    plans = []
+    real_call = _launch.NumbaLaunch.__call__
+
+    def call(self, *args, **kwargs):
+        plans.append(self)
+        return real_call(self, *args, **kwargs)
+    monkeypatch.setattr(_launch.NumbaLaunch, "__call__", call)
     g = torch.Generator(device=DEVICE).manual_seed(0)
 
-    def rand(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device=DEVICE).requires_grad_()
 
-    for _ in range(3):     # the second call launches direct, the third as planned
-        x = rand(4, 37)
-        torch.testing.assert_close(pydl.softmax(x, -1, backend="numba"), x.softmax(-1))
-        img, w = rand(2, 3, 9, 9), rand(5, 3, 3, 3)
-        torch.testing.assert_close(     # against float64 (torch's fp32 conv may round to TF32)
-            pydl.conv2d(img, w, padding=1, backend="numba").double().cpu(),
-            torch.nn.functional.conv2d(img.double().cpu(), w.double().cpu(), padding=1),
-            atol=1e-4, rtol=1e-4)
-        q, k, v = (rand(1, 2, 7, 16) for _ in range(3))      # fp32: the CUDA-core kernels
-        torch.testing.assert_close(
-            pydl.scaled_dot_product_attention(q, k, v, backend="numba").double().cpu(),
-            torch.nn.functional.scaled_dot_product_attention(
-                *(t.double().cpu() for t in (q, k, v))), atol=1e-4, rtol=1e-4)
+    def check(op, reference, *inputs):
+        out = op(*inputs)
+        grads = torch.autograd.grad(out.sum(), inputs)
+        cpu = [t.detach().double().cpu().requires_grad_() for t in inputs]
+        ref = reference(*cpu)
+        ref_grads = torch.autograd.grad(ref.sum(), cpu)
+        for a, b in zip((out, *grads), (ref, *ref_grads)):
+            torch.testing.assert_close(a.detach().double().cpu(), b, atol=1e-4, rtol=1e-4)
+
+    F = torch.nn.functional
+    target = torch.randint(0, 37, (4,), device=DEVICE)
+    for _ in range(4):
+        check(lambda x: pydl.softmax(x, -1, backend="numba"), lambda x: x.softmax(-1),
+              rand(4, 37))
+        check(lambda x: pydl.cross_entropy(x, target, backend="numba"),
+              lambda x: F.cross_entropy(x, target.cpu()), rand(4, 37))
+        check(lambda x: pydl.max_pool2d(x, 2, backend="numba"), lambda x: F.max_pool2d(x, 2),
+              rand(2, 3, 8, 8))
+        check(lambda x, w: pydl.conv2d(x, w, padding=1, backend="numba"),
+              lambda x, w: F.conv2d(x, w, padding=1), rand(2, 3, 9, 9), rand(5, 3, 3, 3))
+        check(lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend="numba"),
+              F.scaled_dot_product_attention, *(rand(1, 2, 7, 16) for _ in range(3)))
     kept = [d for d in _launch._NUMBA_DIRECTS.values() if d is not None]
     assert kept and len(kept) == len(_launch._NUMBA_DIRECTS), _launch.NUMBA_NOT_DIRECT
+    assert plans and all(p.params is not None for p in plans[-len(plans) // 4:])
