@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import _env
+from ._plan import Cache
 
 # When set (by the test suite, through `poisoned_outputs()`), every output buffer a launcher
 # allocates is filled with NaN (or the integer minimum), so an element a kernel forgets to
@@ -642,6 +643,25 @@ class NumbaLaunch:
         self.kinds = tuple(type(args[s[1]]) for s in self.tail)
         self.direct_index = index
         self.direct, self.params = direct, tuple(params)
+
+
+def planned_once(plan):
+    """A Numba launcher's plan_<step> built once per signature of its arguments (tensors by
+    dtype, shape, strides and device, the rest as they are) and kept (pydl._plan.Cache): the
+    kernel ops, which launch a step once per call, then launch its plan as the eager plans
+    do. A plan's places follow from those alone (a NumbaLaunch's tensors are views of its
+    sources at offsets their shapes and strides fix). Unhashable arguments: built per call."""
+    cache = Cache(f"numba {plan.__qualname__}")
+
+    @functools.wraps(plan)
+    def cached(*args):
+        try:
+            key = tuple((a.dtype, a.shape, a.stride(), a.device)
+                        if isinstance(a, torch.Tensor) else a for a in args)
+            return cache.get(key, plan, *args)
+        except TypeError:
+            return plan(*args)
+    return cached
 
 
 class Place:

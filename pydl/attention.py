@@ -30,7 +30,8 @@ from ._gemm_numba import on_tensor_cores, pair_words
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (DYNAMIC, SIM_MAX_BLOCKS, NumbaLaunch, Place, cdiv, dot_block, fresh,
                       input_precision, launch_numba, launch_numba_1d, new_output,
-                      next_power_of_2, numba_blocks, numba_threads, output_maker, tf32_allowed)
+                      next_power_of_2, numba_blocks, numba_threads, output_maker, planned_once,
+                      tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensor_key)
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -381,6 +382,7 @@ class _NumbaAttention:
                 nt, q.device, args, places, False)
 
     @staticmethod
+    @planned_once
     def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
         """run(q, k, v, o, lse, mask, seed) as _TritonAttention's (the mask, when given, at
         the address of the (B, H, L, S) view planned)."""
@@ -445,6 +447,7 @@ class _NumbaAttention:
                 (*dq_, q.device, dq_args, dq_places), words is not None)
 
     @staticmethod
+    @planned_once
     def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
                       dropout_p, dmask):
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) as _TritonAttention's: dO

@@ -35,7 +35,7 @@ from ._gemm_numba import gemm_plan as gemm_plan_numba
 from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
 from ._launch import (NumbaLaunch, arrival_counters, cdiv, dot_block, fresh, input_precision,
                       memory_format_of, new_output, next_power_of_2, numba_launch_1d,
-                      output_maker, tf32_allowed)
+                      output_maker, planned_once, tf32_allowed)
 from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
@@ -947,6 +947,7 @@ class _NumbaIm2col(_Launcher):
         return copy, _numba_pixel_matrix(packed, 0, nb, g.groups)
 
     @staticmethod
+    @planned_once
     def plan_forward(x, w, b, y, g: ConvGeometry):
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
         c_last, wm, w_src, pack = _NumbaIm2col._weight(w, g)
@@ -971,6 +972,7 @@ class _NumbaIm2col(_Launcher):
         return run
 
     @staticmethod
+    @planned_once
     def plan_backward_input(dy, w, dx, g: ConvGeometry):
         from .kernels.numba import conv as k
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
@@ -1006,6 +1008,7 @@ class _NumbaIm2col(_Launcher):
         return run
 
     @staticmethod
+    @planned_once
     def plan_backward_weight(dy, x, dw, g: ConvGeometry):
         P, K = g.OH * g.OW, g.CG * g.KH * g.KW
         # dw is ours (in the weight's layout, contiguous or channels_last): a matrix view
@@ -1047,6 +1050,7 @@ class _NumbaIm2col(_Launcher):
         return run
 
     @staticmethod
+    @planned_once
     def plan_backward_bias(dy, db, g: ConvGeometry) -> NumbaLaunch:
         from .kernels.numba import conv as k
         threads = BIAS_SIM_THREADS if _env.INTERPRET else 256

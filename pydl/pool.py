@@ -19,7 +19,8 @@ from ._checks import check_tensor
 from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, kernel_op,
                        memory_format)
 from ._launch import (NumbaLaunch, cdiv, fresh, memory_format_of, new_output,
-                      next_power_of_2, numba_launch_1d, output_maker)
+                      next_power_of_2, numba_launch_1d, output_maker,
+                      planned_once)
 from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
 from ._shapes import pair, pool_output_size
 from ._tune import Tuner, bucket
@@ -347,6 +348,7 @@ class _NumbaPool(_PoolLauncher):
     plans are NumbaLaunches (on a GPU a repeated call writes its tensors' pointers alone)."""
 
     @staticmethod
+    @planned_once
     def plan_max_fwd(x, y, idx, g: PoolGeometry, index_mode: int) -> NumbaLaunch:
         from .kernels.numba import pool as k
         idx = y if idx is None else idx                 # a placeholder, as run is given
@@ -355,6 +357,7 @@ class _NumbaPool(_PoolLauncher):
             _channels_fastest(x), k.dtype_code(x.dtype)), (x, y, idx))
 
     @staticmethod
+    @planned_once
     def plan_max_bwd(dy, idx, dx, g: PoolGeometry, index_mode: int) -> NumbaLaunch:
         from .kernels.numba import pool as k
         return numba_launch_1d(k.max_pool2d_bwd, dx.numel(), dx.device, (
@@ -362,6 +365,7 @@ class _NumbaPool(_PoolLauncher):
             _channels_fastest(dx), k.dtype_code(dx.dtype)), (dy, idx, dx))
 
     @staticmethod
+    @planned_once
     def plan_avg_fwd(x, y, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
         return numba_launch_1d(k.avg_pool2d_fwd, y.numel(), y.device, (
@@ -369,6 +373,7 @@ class _NumbaPool(_PoolLauncher):
             _channels_fastest(x), k.dtype_code(x.dtype)), (x, y))
 
     @staticmethod
+    @planned_once
     def plan_avg_bwd(dy, dx, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
         return numba_launch_1d(k.avg_pool2d_bwd, dx.numel(), dx.device, (
@@ -376,12 +381,14 @@ class _NumbaPool(_PoolLauncher):
             _channels_fastest(dx), k.dtype_code(dx.dtype)), (dy, dx))
 
     @staticmethod
+    @planned_once
     def plan_adaptive_fwd(x, y, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
         return numba_launch_1d(k.adaptive_avg_pool2d_fwd, y.numel(), y.device, (
             x, y, _channels_fastest(x), k.dtype_code(x.dtype)), (x, y))
 
     @staticmethod
+    @planned_once
     def plan_adaptive_bwd(dy, dx, g: PoolGeometry) -> NumbaLaunch:
         from .kernels.numba import pool as k
         return numba_launch_1d(k.adaptive_avg_pool2d_bwd, dx.numel(), dx.device, (

@@ -35,7 +35,8 @@ from torch import Tensor
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, launch_numba, new_output,
-                      next_power_of_2, numba_blocks, numba_threads, output_maker)
+                      next_power_of_2, numba_blocks, numba_threads, output_maker,
+                      planned_once)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensor_key)
 from ._shapes import as_rows, normalize_dim
@@ -377,6 +378,7 @@ class _NumbaLaunch:
         _run(_NumbaLaunch._softmax_fwd(x3, y3, log))
 
     @staticmethod
+    @planned_once
     def plan_softmax_fwd(x3, y3, log: bool) -> NumbaLaunch:
         return NumbaLaunch(*_NumbaLaunch._softmax_fwd(x3, y3, log), (x3, y3))
 
@@ -390,6 +392,7 @@ class _NumbaLaunch:
         _run(_NumbaLaunch._softmax_bwd(y3, dy3, dx3, log))
 
     @staticmethod
+    @planned_once
     def plan_softmax_bwd(y3, dy3, dx3, log: bool) -> NumbaLaunch:
         return NumbaLaunch(*_NumbaLaunch._softmax_bwd(y3, dy3, dx3, log), (y3, dy3, dx3))
 
@@ -409,6 +412,7 @@ class _NumbaLaunch:
         return loss, lse, denom, None
 
     @staticmethod
+    @planned_once
     def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
                                ignore_index, smoothing, reduction, grad):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3) as _TritonLaunch's (scratch
@@ -464,6 +468,7 @@ class _NumbaLaunch:
                                             smoothing)(*tensors)
 
     @staticmethod
+    @planned_once
     def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,
                                ignore_index, smoothing):
         """run(x3, target, weight, lse, denom, grad_out, dx3), as _TritonLaunch's. The
