@@ -387,8 +387,8 @@ def test_numba_tensor_cores_nan_and_routing(numba_mma):
 def test_numba_attention_keeps_cuda_cores_without_mma(monkeypatch):
     from pydl import _gemm_numba
     assert not _gemm_numba.MMA or pytest.skip("PYDL_NUMBA_MMA=1 in this environment")
-    from pydl.kernels.numba._builder import BUILT_BY
     from pydl import _launch
+    from pydl.kernels.numba._builder import BUILT_BY
     launched, launch = [], _launch.launch_numba
     spy = lambda kernel, *a: (launched.append(kernel), launch(kernel, *a))  # noqa: E731
     monkeypatch.setattr(_launch, "launch_numba", spy)         # the plans' (NumbaLaunch)
