@@ -344,10 +344,10 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 class _NumbaLaunch:
-    """Same methods as _TritonLaunch, on the Numba kernels (one block of threads per row). A
-    launch's arguments are built once (`_<step>`: kernel, grid, threads, device, arguments)
-    and either launched (the kernel ops) or planned (plan_<step>: a NumbaLaunch, whose call
-    on a GPU writes its tensors' pointers alone)."""
+    """Same methods as _TritonLaunch, on the Numba kernels (one block of threads per row):
+    plans of NumbaLaunches (on a GPU a repeated call writes its tensors' pointers alone), kept
+    per signature (planned_once), which the kernel ops launch too. The class-probability
+    steps (kernel ops only) launch per call."""
 
     @staticmethod
     def _row(name: str, x3, *args) -> tuple:
@@ -369,32 +369,24 @@ class _NumbaLaunch:
         return weight, dtype_code(weight.dtype)
 
     @staticmethod
-    def _softmax_fwd(x3, y3, log: bool) -> tuple:
-        return _NumbaLaunch._row("softmax_fwd", x3, x3, y3, x3.shape[2], log,
-                                 dtype_code(x3.dtype))
-
-    @staticmethod
     def softmax_fwd(x3, y3, log: bool) -> None:
-        _run(_NumbaLaunch._softmax_fwd(x3, y3, log))
+        _NumbaLaunch.plan_softmax_fwd(x3, y3, log)(x3, y3)
 
     @staticmethod
     @planned_once
     def plan_softmax_fwd(x3, y3, log: bool) -> NumbaLaunch:
-        return NumbaLaunch(*_NumbaLaunch._softmax_fwd(x3, y3, log), (x3, y3))
-
-    @staticmethod
-    def _softmax_bwd(y3, dy3, dx3, log: bool) -> tuple:
-        return _NumbaLaunch._row("softmax_bwd", y3, y3, dy3, dx3, y3.shape[2], log,
-                                 dtype_code(y3.dtype))
+        return NumbaLaunch(*_NumbaLaunch._row("softmax_fwd", x3, x3, y3, x3.shape[2], log,
+                                              dtype_code(x3.dtype)), (x3, y3))
 
     @staticmethod
     def softmax_bwd(y3, dy3, dx3, log: bool) -> None:
-        _run(_NumbaLaunch._softmax_bwd(y3, dy3, dx3, log))
+        _NumbaLaunch.plan_softmax_bwd(y3, dy3, dx3, log)(y3, dy3, dx3)
 
     @staticmethod
     @planned_once
     def plan_softmax_bwd(y3, dy3, dx3, log: bool) -> NumbaLaunch:
-        return NumbaLaunch(*_NumbaLaunch._softmax_bwd(y3, dy3, dx3, log), (y3, dy3, dx3))
+        return NumbaLaunch(*_NumbaLaunch._row("softmax_bwd", y3, y3, dy3, dx3, y3.shape[2], log,
+                                              dtype_code(y3.dtype)), (y3, dy3, dx3))
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
