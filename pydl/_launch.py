@@ -587,7 +587,7 @@ class NumbaLaunch:
 
     def __call__(self, *sources, dynamic: tuple = ()) -> None:
         params = self.params
-        if params is not None:
+        if params is not None and NUMBA_DIRECT:
             params = self._fill(params, sources, dynamic)
             if params is not None:
                 self.direct.launch(_NUMBA_RUNTIME, self.grid, self.threads, self.device, params)
@@ -604,9 +604,9 @@ class NumbaLaunch:
         step). On the direct path the pointers are written once and only the tails refilled."""
         if not tails:
             return
-        params = None
+        params = None if NUMBA_DIRECT else False        # False: never refilled here
         for tail in tails:
-            if params is None or tuple(map(type, tail)) != self.kinds \
+            if not params or tuple(map(type, tail)) != self.kinds \
                     or not self.direct.refill(params, self.tail, tail, 0):
                 self(*sources, dynamic=tail)
                 if params is None and self.params is not None:    # planned by that launch

@@ -18,7 +18,7 @@ import torch
 from conftest import DEVICE
 
 import pydl
-from pydl import _launch
+from pydl import _launch, _plan
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = DEVICE == "cuda"
@@ -293,3 +293,145 @@ def test_numba_ops_repeated_on_the_direct_path(monkeypatch):
     kept = [d for d in _launch._NUMBA_DIRECTS.values() if d is not None]
     assert kept and len(kept) == len(_launch._NUMBA_DIRECTS), _launch.NUMBA_NOT_DIRECT
     assert plans and all(p.params is not None for p in plans[-len(plans) // 4:])
+
+
+# --- the direct and planned paths computing, in emulation ------------------------------------
+
+class _Executing:
+    """A stand-in runtime that runs what it is given: a first launch through the simulator
+    (and an overload that marshals as Numba does: bench/overhead.py's), a direct launch by
+    decoding the parameter list back into arrays at the pointers it holds and running the
+    simulated kernel on them. CPU tensors have real addresses, so a wrong pointer, offset,
+    shape, stride or scalar in a refilled list gives a wrong answer here, as it would on a
+    GPU."""
+
+    def __init__(self):
+        self.first = self.direct = 0
+
+    def device_index(self, device):
+        return 0
+
+    def first_launch(self, kernel, grid, threads, device, args):
+        from bench.overhead import _Overload
+        self.first += 1
+        kernel[grid, threads](*[_launch.numba_array(a) if isinstance(a, torch.Tensor) else a
+                                for a in args])
+        overload = _Overload(args)
+        overload.kernel = kernel
+        return overload, args, 0
+
+    def kernel(self, overload, index):
+        return overload
+
+    def config(self, grid, threads, cooperative):
+        return grid, threads
+
+    def stream(self, device):
+        return 0
+
+    def launch(self, stream, config, overload, params):
+        self.direct += 1
+        args, at = [], 0
+        for ty in overload.argument_types:
+            ndim = getattr(ty, "ndim", None)
+            if ndim is None:
+                value = params[at]
+                args.append(value.value if isinstance(value, ctypes._SimpleCData) else value)
+                at += 1
+                continue
+            itemsize, data = params[at + 3], params[at + 4]
+            shape = tuple(params[at + 5:at + 5 + ndim])
+            strides = tuple(params[at + 5 + ndim:at + 5 + 2 * ndim])
+            args.append(_array_at(data, shape, strides, itemsize, ty))
+            at += 5 + 2 * ndim
+        assert at == len(params)
+        grid, threads = config
+        overload.kernel[grid, threads](*args)
+
+
+def _array_at(data: int, shape, strides, itemsize: int, ty):
+    """The numpy array a kernel parameter describes (its data pointer, shape, byte strides)."""
+    import numpy as np
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    from numba.np import numpy_support
+    dtype = numpy_support.as_dtype(ty.dtype)
+    if 0 in shape:
+        return FakeCUDAArray(np.empty(shape, dtype))
+    span = sum((n - 1) * s for n, s in zip(shape, strides)) + itemsize
+    base = np.frombuffer((ctypes.c_char * span).from_address(data), dtype=np.uint8)
+    # a simulated device array over that memory, as pydl._launch.numba_array makes (a plain
+    # NumPy argument would be copied in and out, a strided one refused)
+    return FakeCUDAArray(np.lib.stride_tricks.as_strided(base.view(dtype), shape, strides))
+
+
+@pytest.fixture
+def executing(monkeypatch):
+    r = _Executing()
+    monkeypatch.setattr(_launch, "_NUMBA_RUNTIME", r)
+    monkeypatch.setattr(_launch, "_NUMBA_DIRECT_ON_CPU", True)
+    monkeypatch.setattr(_launch, "NUMBA_DIRECT", True)
+    monkeypatch.setattr(_launch, "_NUMBA_DIRECTS", {})
+    monkeypatch.setattr(_launch, "NUMBA_NOT_DIRECT", [])
+    return r
+
+
+def _grads(op, reference, *inputs):
+    """op's and reference's outputs and input gradients (sum of the outputs as the loss)."""
+    results = []
+    for fn in (op, reference):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        results.append((out.detach(), *torch.autograd.grad(out.sum(), leaves)))
+    return results
+
+
+@pytest.mark.skipif(GPU, reason="the stand-in runtime runs the CUDA simulator's kernels")
+def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
+    """Each Numba op forward and backward four times on other data (the first call through
+    Numba, the second on the direct path, the others as planned: pointers written into the
+    kept list), the parameter lists run by the simulator, against torch: the conv2d in
+    chunks (views at offsets in its tensors), the attention with dropout (its seed a DYNAMIC
+    scalar: the same seed must give the plain path's answer), the LSTM layer step by step
+    (NumbaLaunch.each)."""
+    import pydl.conv as conv_mod
+    monkeypatch.setattr(conv_mod, "IM2COL_WORKSPACE_BYTES", 2 * 4 * 4 * 3 * 9 * 4)
+    F = torch.nn.functional
+    t = torch.randint(0, 9, (5,))
+    cases = [
+        (lambda x: pydl.softmax(x, 0, backend="numba"), lambda x: x.softmax(0), (5, 9)),
+        (lambda x: pydl.cross_entropy(x, t, backend="numba"), lambda x: F.cross_entropy(x, t),
+         (5, 9)),
+        (lambda x: pydl.max_pool2d(x, 2, backend="numba"), lambda x: F.max_pool2d(x, 2),
+         (2, 3, 6, 6)),
+        (lambda x, w: pydl.conv2d(x, w, padding=1, backend="numba"),
+         lambda x, w: F.conv2d(x, w, padding=1), (3, 3, 4, 4), (4, 3, 3, 3)),
+        (lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend="numba"),
+         F.scaled_dot_product_attention, (1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)),
+        (lambda x, *w: pydl.lstm(x, None, list(w), backend="numba", algo="steps")[0],
+         lambda x, *w: torch._VF.lstm(x, (x.new_zeros(1, 2, 3),) * 2, list(w), True, 1, 0.0,
+                                      True, False, False)[0],
+         (3, 2, 4), (12, 4), (12, 3), (12,), (12,)),
+    ]
+    for op, reference, *shapes in cases:
+        for _ in range(4):
+            ours, ref = _grads(op, reference, *(torch.randn(*s) for s in shapes))
+            for a, b in zip(ours, ref):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert executing.direct > executing.first > 0 and not _launch.NUMBA_NOT_DIRECT
+    # dropout: each planned launch takes its call's seed (DYNAMIC), as the plain path does
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    seeds = (11, 12, 13, 11, 14)
+
+    def dropped():
+        outs = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            outs.append(pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.3,
+                                                          backend="numba"))
+        return outs
+    planned = dropped()
+    monkeypatch.setattr(_launch, "NUMBA_DIRECT", False)     # Numba's own path, plans anew
+    _plan.clear_all()
+    for ours, want in zip(planned, dropped()):
+        torch.testing.assert_close(ours, want)
+    assert not torch.equal(planned[0], planned[1])
