@@ -397,6 +397,12 @@ def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
     monkeypatch.setattr(conv_mod, "IM2COL_WORKSPACE_BYTES", 2 * 4 * 4 * 3 * 9 * 4)
     F = torch.nn.functional
     t = torch.randint(0, 9, (5,))
+    cw = torch.rand(9) + 0.5
+    mask = torch.rand(5, 6) > 0.3
+    mask[:, 0] = True
+
+    def cl(t):
+        return t.to(memory_format=torch.channels_last)
     cases = [
         (lambda x: pydl.softmax(x, 0, backend="numba"), lambda x: x.softmax(0), (5, 9)),
         (lambda x: pydl.cross_entropy(x, t, backend="numba"), lambda x: F.cross_entropy(x, t),
@@ -411,6 +417,32 @@ def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
          lambda x, *w: torch._VF.lstm(x, (x.new_zeros(1, 2, 3),) * 2, list(w), True, 1, 0.0,
                                       True, False, False)[0],
          (3, 2, 4), (12, 4), (12, 3), (12,), (12,)),
+        # options: class weights, smoothing, per-row losses; a bias, groups, channels_last;
+        # a bool mask (read as uint8: a view of another dtype) and causal; the GRU's
+        # persistent schedule and the LSTM cell
+        (lambda x: pydl.cross_entropy(x, t, weight=cw, label_smoothing=0.1, reduction="none",
+                                      backend="numba"),
+         lambda x: F.cross_entropy(x, t, weight=cw, label_smoothing=0.1, reduction="none"),
+         (5, 9)),
+        (lambda x: pydl.avg_pool2d(x, 3, 2, 1, backend="numba"),
+         lambda x: F.avg_pool2d(x, 3, 2, 1), (2, 3, 7, 7)),
+        (lambda x, w, b: pydl.conv2d(cl(x), cl(w), b, groups=2, backend="numba"),
+         lambda x, w, b: F.conv2d(x, w, b, groups=2), (2, 4, 5, 5), (6, 2, 3, 3), (6,)),
+        (lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           backend="numba"),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+         (1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)),
+        (lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                           backend="numba"),
+         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+         (1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8)),
+        (lambda x, *w: pydl.gru(x, None, list(w), backend="numba")[0],
+         lambda x, *w: torch._VF.gru(x, x.new_zeros(1, 2, 3), list(w), True, 1, 0.0, True,
+                                     False, False)[0],
+         (3, 2, 4), (9, 4), (9, 3), (9,), (9,)),
+        (lambda x, h, c, *w: torch.cat(pydl.lstm_cell(x, (h, c), *w, backend="numba"), 1),
+         lambda x, h, c, *w: torch.cat(torch.lstm_cell(x, (h, c), *w), 1),
+         (2, 4), (2, 3), (2, 3), (12, 4), (12, 3), (12,), (12,)),
     ]
     for op, reference, *shapes in cases:
         for _ in range(4):
