@@ -16,25 +16,29 @@ from pydl.testing import assert_close
 pytestmark = pytest.mark.gpu
 
 
-def _step(x, t, w_conv, w_1x1, w_dw, w_out, conv_algo="implicit", attn_algo="flash"):
+def _step(x, t, w_conv, w_1x1, w_dw, w_out, conv_algo="implicit", attn_algo="flash",
+          backend="triton"):
     """conv 3x3 -> relu -> conv 1x1 (the shared GEMM) -> depthwise 3x3 (the implicit
     algorithm's direct kernels, its weight gradient summed over pixel ranges by arrival) ->
     max-pool -> attention over the pixels -> linear -> cross-entropy."""
-    h = torch.relu(pydl.conv2d(x, w_conv, padding=1, algo=conv_algo))
-    h = pydl.conv2d(h, w_1x1, algo=conv_algo)
-    h = pydl.conv2d(h, w_dw, padding=1, groups=h.shape[1], algo=conv_algo)
-    h = pydl.max_pool2d(h, 2)                              # (N, C, 4, 4)
+    b = dict(backend=backend)
+    h = torch.relu(pydl.conv2d(x, w_conv, padding=1, algo=conv_algo, **b))
+    h = pydl.conv2d(h, w_1x1, algo=conv_algo, **b)
+    h = pydl.conv2d(h, w_dw, padding=1, groups=h.shape[1], algo=conv_algo, **b)
+    h = pydl.max_pool2d(h, 2, **b)                         # (N, C, 4, 4)
     seq = h.flatten(2).transpose(1, 2).unsqueeze(1)       # (N, 1, 16, C)
-    a = pydl.scaled_dot_product_attention(seq, seq, seq, algo=attn_algo)
+    a = pydl.scaled_dot_product_attention(seq, seq, seq, algo=attn_algo, **b)
     logits = a.mean(2).squeeze(1) @ w_out                 # (N, classes)
-    return pydl.cross_entropy(logits, t)
+    return pydl.cross_entropy(logits, t, **b)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("conv_algo,attn_algo", [("implicit", "flash"), ("im2col", "naive")])
-def test_a_captured_training_step_replays_like_eager(conv_algo, attn_algo):
-    """The default algorithms, and the planned im2col convolution and materialising
-    attention (views made per call, several launches a step)."""
+@pytest.mark.parametrize("conv_algo,attn_algo,backend", [
+    ("implicit", "flash", "triton"), ("im2col", "naive", "triton"), ("im2col", "flash", "numba")])
+def test_a_captured_training_step_replays_like_eager(conv_algo, attn_algo, backend):
+    """The default algorithms, the planned im2col convolution and materialising attention
+    (views made per call, several launches a step), and the Numba backend (its plans'
+    launches on the capturing stream, their workspaces from torch's allocator)."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     w_conv = (torch.randn(16, 3, 3, 3, device=dev) * 0.3).requires_grad_()
@@ -42,7 +46,7 @@ def test_a_captured_training_step_replays_like_eager(conv_algo, attn_algo):
     w_dw = (torch.randn(16, 1, 3, 3, device=dev) * 0.3).requires_grad_()
     w_out = (torch.randn(16, 10, device=dev) * 0.3).requires_grad_()
     params = (w_conv, w_1x1, w_dw, w_out)
-    algos = dict(conv_algo=conv_algo, attn_algo=attn_algo)
+    algos = dict(conv_algo=conv_algo, attn_algo=attn_algo, backend=backend)
     static_x = torch.randn(4, 3, 8, 8, device=dev)
     static_t = torch.randint(0, 10, (4,), device=dev)
 
