@@ -600,8 +600,9 @@ class NumbaLaunch:
 
     def each(self, sources, tails: list) -> None:
         """launch(*sources, dynamic=tail) for each tail (tuples of scalars of the same types):
-        one plan launched again and again with its last scalars changing (a recurrence step by
-        step). On the direct path the pointers are written once and only the tails refilled."""
+        one plan launched again and again with its DYNAMIC scalars changing (a recurrence step
+        by step). On the direct path the pointers are written once and only the tails
+        refilled."""
         if not tails:
             return
         params = None if NUMBA_DIRECT else False        # False: never refilled here
