@@ -249,12 +249,34 @@ def test_each_refills_only_the_tail(runtime):
     assert len(runtime.first) == 3
 
 
+_F = torch.nn.functional
+# op -> (pydl's on the numba backend, torch's, the inputs' shapes); targets of 37 classes
+_DIRECT_OPS = {
+    "softmax": (lambda x: pydl.softmax(x, -1, backend="numba"), lambda x: x.softmax(-1),
+                [(4, 37)]),
+    "cross_entropy": (lambda x: pydl.cross_entropy(x, _targets(x), backend="numba"),
+                      lambda x: _F.cross_entropy(x, _targets(x)), [(4, 37)]),
+    "max_pool2d": (lambda x: pydl.max_pool2d(x, 2, backend="numba"),
+                   lambda x: _F.max_pool2d(x, 2), [(2, 3, 8, 8)]),
+    "conv2d": (lambda x, w: pydl.conv2d(x, w, padding=1, backend="numba"),
+               lambda x, w: _F.conv2d(x, w, padding=1), [(2, 3, 9, 9), (5, 3, 3, 3)]),
+    "attention": (lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend="numba"),
+                  _F.scaled_dot_product_attention, [(1, 2, 7, 16)] * 3),
+}
+
+
+def _targets(x):
+    return torch.arange(x.shape[0], device=x.device) * 7 % x.shape[1]
+
+
 @pytest.mark.skipif(not GPU, reason="the direct Numba launch runs on a GPU")
-def test_numba_ops_repeated_on_the_direct_path(monkeypatch):
-    """Each op four times on other data, forward and backward, against float64 on the CPU:
+@pytest.mark.parametrize("op", sorted(_DIRECT_OPS))
+def test_numba_ops_repeated_on_the_direct_path(monkeypatch, op):
+    """The op forward and backward four times on other data, against float64 on the CPU:
     the first call through Numba, the second on the direct path, the later ones as planned
     (NumbaLaunch writing the pointers alone); and both did engage: a kept parameter list per
-    kernel launched, and every plan that launched twice holding its own."""
+    kernel launched, and every plan of the last call holding its own. (One op a test: each
+    compiles its own kernels, a few seconds apiece on a GPU machine's host.)"""
     _launch._NUMBA_DIRECTS.clear()
     plans = []
     real_call = _launch.NumbaLaunch.__call__
@@ -264,35 +286,20 @@ def test_numba_ops_repeated_on_the_direct_path(monkeypatch):
         return real_call(self, *args, **kwargs)
     monkeypatch.setattr(_launch.NumbaLaunch, "__call__", call)
     g = torch.Generator(device=DEVICE).manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g, device=DEVICE).requires_grad_()
-
-    def check(op, reference, *inputs):
-        out = op(*inputs)
+    ours_fn, reference, shapes = _DIRECT_OPS[op]
+    for _ in range(4):
+        del plans[:]
+        inputs = [torch.randn(*s, generator=g, device=DEVICE).requires_grad_() for s in shapes]
+        out = ours_fn(*inputs)
         grads = torch.autograd.grad(out.sum(), inputs)
         cpu = [t.detach().double().cpu().requires_grad_() for t in inputs]
         ref = reference(*cpu)
         ref_grads = torch.autograd.grad(ref.sum(), cpu)
         for a, b in zip((out, *grads), (ref, *ref_grads)):
             torch.testing.assert_close(a.detach().double().cpu(), b, atol=1e-4, rtol=1e-4)
-
-    F = torch.nn.functional
-    target = torch.randint(0, 37, (4,), device=DEVICE)
-    for _ in range(4):
-        check(lambda x: pydl.softmax(x, -1, backend="numba"), lambda x: x.softmax(-1),
-              rand(4, 37))
-        check(lambda x: pydl.cross_entropy(x, target, backend="numba"),
-              lambda x: F.cross_entropy(x, target.cpu()), rand(4, 37))
-        check(lambda x: pydl.max_pool2d(x, 2, backend="numba"), lambda x: F.max_pool2d(x, 2),
-              rand(2, 3, 8, 8))
-        check(lambda x, w: pydl.conv2d(x, w, padding=1, backend="numba"),
-              lambda x, w: F.conv2d(x, w, padding=1), rand(2, 3, 9, 9), rand(5, 3, 3, 3))
-        check(lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, backend="numba"),
-              F.scaled_dot_product_attention, *(rand(1, 2, 7, 16) for _ in range(3)))
     kept = [d for d in _launch._NUMBA_DIRECTS.values() if d is not None]
     assert kept and len(kept) == len(_launch._NUMBA_DIRECTS), _launch.NUMBA_NOT_DIRECT
-    assert plans and all(p.params is not None for p in plans[-len(plans) // 4:])
+    assert plans and all(p.params is not None for p in plans)
 
 
 # --- the direct and planned paths computing, in emulation ------------------------------------
