@@ -81,33 +81,44 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
 
 
 def gemm_plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
-              trans_b: bool = False, bias: torch.Tensor | None = None,
-              addend: torch.Tensor | None = None, sources: tuple | None = None):
-    """gemm(a, b, out, trans_a=, trans_b=, bias=, addend=) planned once for tensors of these
-    shapes, strides and dtypes: run(a, b, out, addend, bias) launches it on a call's tensors
-    (a NumbaLaunch: on a GPU a repeated call writes their pointers alone), addend and bias
-    None where they were. A call passes tensors at the addresses of those planned, or, with
-    `sources` (the planning call's (a, b, out, addend, bias) of which these are views: a
-    chunk of a batch, say), at the addresses of those. The tensor-core kernel is not planned
-    (which of its forms runs depends on the operands' 4-byte alignment, per call): there run
-    is gemm on the planned views of the call's tensors."""
-    operands = _operands(a, b, out, trans_a, trans_b, addend)
-    if on_tensor_cores(a, b):
-        views = [None if t is None else Place(i, t, s, i) for i, (t, s) in enumerate(
-            zip((a, b, out, addend, bias), sources or (a, b, out, addend, bias)))]
+              trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
+              addend: torch.Tensor | None = None, input_precision: str | None = None):
+    """pydl._gemm.gemm_plan's signature on this GEMM: gemm(...) planned once for tensors of
+    these shapes, strides and dtypes, a callable (a, b, out, bias, addend) that launches it on
+    tensors at the addresses of those planned (bias and addend None where they were): a
+    NumbaLaunch, which on a GPU writes their pointers alone."""
+    return gemm_plan_on((a, b, out, bias, addend), a, b, out, trans_a=trans_a,
+                        trans_b=trans_b, alpha=alpha, bias=bias, addend=addend,
+                        input_precision=input_precision)
 
-        def run(a, b, out, addend=None, bias=None):
-            a, b, out, addend, bias = (None if v is None else v.view(t)
-                                       for v, t in zip(views, (a, b, out, addend, bias)))
+
+def gemm_plan_on(bases: tuple, a, b, out, *, trans_a: bool = False, trans_b: bool = False,
+                 alpha: float = 1.0, bias=None, addend=None, input_precision=None):
+    """pydl._gemm.gemm_plan_on's: gemm_plan for operands that are views of the tensors `bases`
+    (a, b, out, bias, addend: what each views, None where absent; a chunk of a batch, say),
+    made the same way every call of the caller's plan: a callable on the bases themselves
+    (a, b, out, bias, addend), each operand at its view's byte offset in its base. The
+    tensor-core kernel is not planned (which of its forms runs depends on the operands'
+    4-byte alignment, per call): there the callable runs gemm on the views, made per call."""
+    if alpha != 1.0:
+        raise NotImplementedError(f"gemm: the numba GEMM has no alpha (got {alpha}); scale an "
+                                  f"operand or use pydl._gemm.gemm")
+    del input_precision             # fp32 products are exact fp32 here (no TF32)
+    operands = (a, b, out, bias, addend)
+    if on_tensor_cores(a, b):
+        places = [None if t is None else Place(i, t, base, i)
+                  for i, (t, base) in enumerate(zip(operands, bases))]
+
+        def per_call(*tensors):
+            a, b, out, bias, addend = (None if p is None else p.view(t)
+                                       for p, t in zip(places, tensors))
             gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=addend)
-        return run
-    launch = _arguments(*operands, bias)
+        return per_call
+    launch = _arguments(*_operands(a, b, out, trans_a, trans_b, addend), bias)
     if launch is None:
-        return lambda a, b, out, addend=None, bias=None: None
+        return lambda *tensors: None
     kernel, grid, threads, args, places = launch
-    planned = NumbaLaunch(kernel, grid, threads, out.device, args,
-                          sources or (*operands, bias), places)
-    return lambda a, b, out, addend=None, bias=None: planned(a, b, out, addend, bias)
+    return NumbaLaunch(kernel, grid, threads, out.device, args, bases, places)
 
 
 def _operands(a, b, out, trans_a, trans_b, addend):
@@ -128,7 +139,7 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 def _arguments(a, b, out, addend, bias):
     """The launch of the kernel on 4-D a, b, out and addend: (kernel, grid, threads, args,
-    places), places naming for each tensor argument which of (a, b, out, addend, bias) it
+    places), places naming for each tensor argument which of (a, b, out, bias, addend) it
     lies in (NumbaLaunch); None when out is empty."""
     from .kernels.numba import gemm as k
     B1, B2c, M, N = out.shape
@@ -164,8 +175,8 @@ def _arguments(a, b, out, addend, bias):
         M, N = N, M
     code = k.dtype_code
     # placeholders the kernel does not read: out
-    addend_, i_addend = (addend, 3) if addend is not None else (out, 2)
-    bias_, i_bias = (bias, 4) if bias is not None else (out, 2)
+    addend_, i_addend = (addend, 4) if addend is not None else (out, 2)
+    bias_, i_bias = (bias, 3) if bias is not None else (out, 2)
     flags = (addend is not None, bias_mode, a.stride(3) <= a.stride(2),
              b.stride(3) <= b.stride(2))
     places = (ia, ib, i_addend, 2, i_bias)

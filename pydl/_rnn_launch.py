@@ -697,9 +697,8 @@ class NumbaRNN:
         """As TritonRNN.gemm_plan, on pydl/_gemm_numba.py's GEMM planned once (its
         NumbaLaunch: a call passes its tensors' pointers)."""
         from ._gemm_numba import gemm_plan
-        run = gemm_plan(as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out), bias=bias,
-                        addend=None if addend is None else as_4d(addend))
-        return lambda a, b, out, bias, addend: run(a, b, out, addend, bias)
+        return gemm_plan(as_4d(a, trans_a), as_4d(b, trans_b), as_4d(out), bias=bias,
+                         addend=None if addend is None else as_4d(addend))
 
     @staticmethod
     def bias_grad_plan(dg, db1, db2) -> Callable:

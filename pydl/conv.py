@@ -31,7 +31,7 @@ from torch import Tensor
 from . import _env
 from ._checks import check_tensor
 from ._gemm import gemm_plan_on
-from ._gemm_numba import gemm_plan as gemm_plan_numba
+from ._gemm_numba import gemm_plan_on as gemm_plan_on_numba
 from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, geometry_from, kernel_op
 from ._launch import (NumbaLaunch, arrival_counters, cdiv, dot_block, fresh, input_precision,
                       memory_format_of, new_output, next_power_of_2, numba_launch_1d,
@@ -959,8 +959,8 @@ class _NumbaIm2col(_Launcher):
         for n0, nb in chunks:
             im2col, cols = _NumbaIm2col._plan_im2col(x, ws, n0, nb, g, c_last)
             ym = _numba_pixel_matrix(y, n0, nb, g.groups)          # y is ours: flattens
-            steps.append((im2col, gemm_plan_numba(cols, wt, ym, bias=bias,
-                                                  sources=(ws, w_src, y, None, b))))
+            steps.append((im2col, gemm_plan_on_numba((ws, w_src, y, b, None), cols, wt, ym,
+                                                     bias=bias)))
 
         def run(x, w, b, y):
             ws = new_ws()
@@ -968,7 +968,7 @@ class _NumbaIm2col(_Launcher):
                 w = pack(w)
             for im2col, product in steps:
                 im2col(x, ws)
-                product(ws, w, y, None, b)
+                product(ws, w, y, b, None)
         return run
 
     @staticmethod
@@ -992,8 +992,8 @@ class _NumbaIm2col(_Launcher):
             col2im = numba_launch_1d(k.col2im, nb * g.C * g.H * g.W, dx.device, (
                 dcols, dx, n0, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW, g.KH, g.KW, g.OH, g.OW,
                 c_last, channels_last, k.dtype_code(dx.dtype)), (ws, dx))
-            product = gemm_plan_numba(dym, wm, dcols, sources=(
-                dy if copy is None else dy_ws, w_src, ws, None, None))
+            product = gemm_plan_on_numba((dy if copy is None else dy_ws, w_src, ws, None, None),
+                                         dym, wm, dcols)
             steps.append((copy, product, col2im))
 
         def run(dy, w, dx):
@@ -1003,7 +1003,7 @@ class _NumbaIm2col(_Launcher):
             for copy, product, col2im in steps:
                 if copy is not None:
                     copy(dy, dy_ws)
-                product(dy if copy is None else dy_ws, w, ws)
+                product(dy if copy is None else dy_ws, w, ws, None, None)
                 col2im(ws, dx)
         return run
 
@@ -1032,10 +1032,10 @@ class _NumbaIm2col(_Launcher):
             copy, dym = _NumbaIm2col._plan_dy(dy, dy_ws, n0, nb, g)
             last = i == len(chunks) - 1
             acc_src = acc if split else dw
-            product = gemm_plan_numba(                                  # (G, nb, OCG, P) @ cols
-                dym.transpose(2, 3), cols, dwm if last else acc, addend=acc if i else None,
-                sources=(dy if copy is None else dy_ws, ws, dw if last else acc_src,
-                         acc_src if i else None, None))
+            product = gemm_plan_on_numba(                               # (G, nb, OCG, P) @ cols
+                (dy if copy is None else dy_ws, ws, dw if last else acc_src, None,
+                 acc_src if i else None),
+                dym.transpose(2, 3), cols, dwm if last else acc, addend=acc if i else None)
             steps.append((im2col, copy, product, last, i > 0))
 
         def run(dy, x, dw):
@@ -1045,7 +1045,7 @@ class _NumbaIm2col(_Launcher):
                 im2col(x, ws)
                 if copy is not None:
                     copy(dy, dy_ws)
-                product(dy if copy is None else dy_ws, ws, dw if last else acc,
+                product(dy if copy is None else dy_ws, ws, dw if last else acc, None,
                         acc if add else None)
         return run
 

@@ -252,3 +252,34 @@ def test_conv2d_numba_on_tensor_cores(tensor_cores):
     assert_close(y, y64, torch.float16, reduction=36)
     assert_close(dx, dx64, torch.float16, reduction=54)
     assert_close(dw, dw64, torch.float16, reduction=60)
+
+
+@pytest.mark.parametrize("mma", [False, True], ids=["cuda-cores", "tensor-cores"])
+def test_plans_take_the_shared_gemms_arguments(monkeypatch, mma):
+    """gemm_plan and gemm_plan_on have pydl._gemm's signatures: a callable (a, b, out, bias,
+    addend), on the operands themselves or on the tensors they view (here a chunk of rows of
+    a larger output, at an offset); each call on new tensors against float64. The tensor-core
+    kernel's plan makes its views per call."""
+    monkeypatch.setattr(G, "MMA", mma)
+    dtype = torch.float16 if mma else torch.float32
+    plan, planned = None, None
+    for _ in range(3):
+        a, b = random_tensor((5, 12), dtype, DEVICE), random_tensor((7, 12), dtype, DEVICE)
+        big = torch.zeros(9, 7, dtype=torch.float32, device=DEVICE)
+        bias, addend = random_tensor(7, dtype, DEVICE), random_tensor((5, 7), torch.float32,
+                                                                        DEVICE)
+        out = big[3:8]
+        if plan is None:
+            plan = G.gemm_plan(a, b, torch.empty(5, 7, device=DEVICE), trans_b=True,
+                               bias=bias, addend=addend)
+            planned = G.gemm_plan_on((a, b, big, bias, addend), a, b, out, trans_b=True,
+                                     bias=bias, addend=addend)
+        want = a.double() @ b.double().t() + bias.double() + addend.double()
+        alone = torch.empty(5, 7, device=DEVICE)
+        plan(a, b, alone, bias, addend)
+        planned(a, b, big, bias, addend)
+        assert_close(alone, want, dtype, reduction=12, name="gemm_plan")
+        assert_close(big[3:8], want, dtype, reduction=12, name="gemm_plan_on")
+        assert not big[:3].any() and not big[8:].any()
+    with pytest.raises(NotImplementedError, match="alpha"):
+        G.gemm_plan(a, b, alone, trans_b=True, alpha=2.0)
