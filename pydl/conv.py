@@ -675,6 +675,19 @@ def _weight_matrix_plan(w: torch.Tensor, g: ConvGeometry, taps_first: bool = Fal
     return packed.view(g.groups, g.OCG, J), packed, weight
 
 
+def _weight_chunks(steps, dy, x, dw, cols, dy_ws, acc) -> None:
+    """The im2col algorithm's weight gradient, on either backend: per chunk of images its
+    columns written into `cols`, dY packed into `dy_ws` where its strides need it, and the
+    GEMM into dW (the last chunk) or into the fp32 sum `acc` (dw itself when it needs none),
+    adding the sum so far. steps: (im2col, pack or None, product, summed, last) a chunk."""
+    for im2col, pack, product, summed, last in steps:
+        im2col(x, cols)
+        if pack is not None:
+            pack(dy, dy_ws)
+        product(dy if pack is None else dy_ws, cols, dw if last else acc, None,
+                acc if summed else None)
+
+
 def _chunks(n: int, per_image_bytes: int) -> list[tuple[int, int]]:
     """(first image, image count) of each chunk, whole images, within IM2COL_WORKSPACE_BYTES."""
     step = max(1, min(n, IM2COL_WORKSPACE_BYTES // max(1, per_image_bytes)))
@@ -843,14 +856,8 @@ class _TritonIm2col(_Launcher):
                 i > 0, last))
 
         def run(dy, x, dw):
-            cols, ws = fresh(new_cols), fresh(new_ws) if pack else None
-            acc = dw if new_acc is None else fresh(new_acc)
-            for im2col, packing, product, summed, last in steps:
-                im2col(x, cols)
-                if packing is not None:
-                    packing(dy, ws)
-                product(dy if packing is None else ws, cols, dw if last else acc, None,
-                        acc if summed else None)
+            _weight_chunks(steps, dy, x, dw, fresh(new_cols), fresh(new_ws) if pack else None,
+                           dw if new_acc is None else fresh(new_acc))
         return run
 
     @staticmethod
@@ -1036,17 +1043,10 @@ class _NumbaIm2col(_Launcher):
                 (dy if copy is None else dy_ws, ws, dw if last else acc_src, None,
                  acc_src if i else None),
                 dym.transpose(2, 3), cols, dwm if last else acc, addend=acc if i else None)
-            steps.append((im2col, copy, product, last, i > 0))
+            steps.append((im2col, copy, product, i > 0, last))
 
         def run(dy, x, dw):
-            ws, dy_ws = new_ws(), new_dy_ws()
-            acc = new_acc() if split else dw
-            for im2col, copy, product, last, add in steps:
-                im2col(x, ws)
-                if copy is not None:
-                    copy(dy, dy_ws)
-                product(dy if copy is None else dy_ws, ws, dw if last else acc, None,
-                        acc if add else None)
+            _weight_chunks(steps, dy, x, dw, new_ws(), new_dy_ws(), new_acc() if split else dw)
         return run
 
     @staticmethod

@@ -97,15 +97,19 @@ class _Kernel:
         return Overload
 
 
-@pytest.fixture
-def runtime(monkeypatch):
-    r = _Runtime()
-    monkeypatch.setattr(_launch, "_NUMBA_RUNTIME", r)
+def _installed(runtime, monkeypatch):
+    """`runtime` in place of pydl._launch's, the direct path on (on a CPU), nothing kept."""
+    monkeypatch.setattr(_launch, "_NUMBA_RUNTIME", runtime)
     monkeypatch.setattr(_launch, "_NUMBA_DIRECT_ON_CPU", True)
     monkeypatch.setattr(_launch, "NUMBA_DIRECT", True)
     monkeypatch.setattr(_launch, "_NUMBA_DIRECTS", {})
     monkeypatch.setattr(_launch, "NUMBA_NOT_DIRECT", [])
-    return r
+    return runtime
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    return _installed(_Runtime(), monkeypatch)
 
 
 def _reference(kernel, args):
@@ -304,7 +308,7 @@ def test_numba_ops_repeated_on_the_direct_path(monkeypatch, op):
 
 # --- the direct and planned paths computing, in emulation ------------------------------------
 
-class _Executing:
+class _Executing(_Runtime):
     """A stand-in runtime that runs what it is given: a first launch through the simulator
     (and an overload that marshals as Numba does: bench/overhead.py's), a direct launch by
     decoding the parameter list back into arrays at the pointers it holds and running the
@@ -312,32 +316,17 @@ class _Executing:
     shape, stride or scalar in a refilled list gives a wrong answer here, as it would on a
     GPU."""
 
-    def __init__(self):
-        self.first = self.direct = 0
-
-    def device_index(self, device):
-        return 0
-
     def first_launch(self, kernel, grid, threads, device, args):
         from bench.overhead import _Overload
-        self.first += 1
+        self.first.append(args)
         kernel[grid, threads](*[_launch.numba_array(a) if isinstance(a, torch.Tensor) else a
                                 for a in args])
         overload = _Overload(args)
         overload.kernel = kernel
         return overload, args, 0
 
-    def kernel(self, overload, index):
-        return overload
-
-    def config(self, grid, threads, cooperative):
-        return grid, threads
-
-    def stream(self, device):
-        return 0
-
     def launch(self, stream, config, overload, params):
-        self.direct += 1
+        self.direct.append(config)
         args, at = [], 0
         for ty in overload.argument_types:
             ndim = getattr(ty, "ndim", None)
@@ -373,13 +362,7 @@ def _array_at(data: int, shape, strides, itemsize: int, ty):
 
 @pytest.fixture
 def executing(monkeypatch):
-    r = _Executing()
-    monkeypatch.setattr(_launch, "_NUMBA_RUNTIME", r)
-    monkeypatch.setattr(_launch, "_NUMBA_DIRECT_ON_CPU", True)
-    monkeypatch.setattr(_launch, "NUMBA_DIRECT", True)
-    monkeypatch.setattr(_launch, "_NUMBA_DIRECTS", {})
-    monkeypatch.setattr(_launch, "NUMBA_NOT_DIRECT", [])
-    return r
+    return _installed(_Executing(), monkeypatch)
 
 
 def _grads(op, reference, *inputs):
@@ -456,7 +439,7 @@ def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
             ours, ref = _grads(op, reference, *(torch.randn(*s) for s in shapes))
             for a, b in zip(ours, ref):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert executing.direct > executing.first > 0 and not _launch.NUMBA_NOT_DIRECT
+    assert len(executing.direct) > len(executing.first) > 0 and not _launch.NUMBA_NOT_DIRECT
     # dropout: each planned launch takes its call's seed (DYNAMIC), as the plain path does
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
     seeds = (11, 12, 13, 11, 14)
