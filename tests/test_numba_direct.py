@@ -439,6 +439,16 @@ def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
             ours, ref = _grads(op, reference, *(torch.randn(*s) for s in shapes))
             for a, b in zip(ours, ref):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # 16-bit tensors: bf16 goes to the kernels as its int16 bit patterns (a view of another
+    # dtype on Numba's side), fp16 as it is; against torch in fp32 on the same values
+    for dtype in (torch.bfloat16, torch.float16):
+        for _ in range(4):
+            x, w = torch.randn(2, 3, 5, 5).to(dtype), torch.randn(4, 3, 3, 3).to(dtype)
+            torch.testing.assert_close(
+                pydl.conv2d(x, w, padding=1, backend="numba").float(),
+                F.conv2d(x.float(), w.float(), padding=1), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(pydl.softmax(x, 1, backend="numba").float(),
+                                       x.float().softmax(1), rtol=1e-2, atol=1e-2)
     assert len(executing.direct) > len(executing.first) > 0 and not _launch.NUMBA_NOT_DIRECT
     # dropout: each planned launch takes its call's seed (DYNAMIC), as the plain path does
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
