@@ -22,7 +22,9 @@ without a GPU (emulation, kernels stubbed)
     path), other torch kernels (ATen ops that would launch on a GPU: not views, not allocations),
     host synchronisations (`.item()`, `bool(tensor)`), and the same op's host time relative
     to torch's own dispatch of a tiny conv2d timed in the same run (the reference that makes
-    the numbers comparable across machines).
+    the numbers comparable across machines). The JSON rows also count the Numba launches
+    that did not come from a plan (`numba_unplanned`: launch_numba's per-call signature and
+    lookup instead of a NumbaLaunch's kept list; tests/test_overhead.py requires none).
 
 on a GPU (nothing stubbed)
     end to end per call (many calls back to back, one synchronisation at the end: what a
