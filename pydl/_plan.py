@@ -269,6 +269,35 @@ class Launch:
         self.compiled = compiled
 
 
+def launch_each(launches, tensors: tuple) -> None:
+    """launch(*tensors) for each of `launches` in turn: one kernel's launches on the same
+    tensors, differing in their scalars (a recurrence's steps). Once every one has kept its
+    compiled kernel (Launch's direct path), with the same alignment and device, the direct
+    path's checks and the stream's read are made once for them all, then each compiled
+    launcher is called; otherwise each launches as it would alone."""
+    first = launches[0]
+    c = first.compiled
+    if c is not None and _alignment(tensors if first.checked is None
+                                    else first.checked(tensors)) == first.aligned \
+            and _no_hooks() and _DEVICE_INDEX() == first.device \
+            and all(_kept_like(launch, first) for launch in launches):
+        stream = _RAW_STREAM(first.device)
+        for launch in launches:
+            c, g = launch.compiled, launch.grid
+            c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata, None, None, None,
+                  *tensors, *launch.tail)
+        return
+    for launch in launches:
+        launch(*tensors)
+
+
+def _kept_like(launch: Launch, first: Launch) -> bool:
+    """`launch` has kept its compiled kernel for the alignment and device `first` kept its
+    own for, and takes no per-call scalar."""
+    return launch.compiled is not None and not launch.per_call \
+        and launch.aligned == first.aligned and launch.device == first.device
+
+
 def _int32(value) -> bool:
     return type(value) is int and -2 ** 31 <= value < 2 ** 31
 

@@ -75,7 +75,7 @@ from ._launch import (
     numba_blocks,
     numba_threads,
 )
-from ._plan import Launch
+from ._plan import Launch, launch_each
 from ._tune import Tuner, bucket
 
 F32 = torch.float32
@@ -284,8 +284,7 @@ class TritonRecurrence:
         if self.counters:
             args += (barrier_counters(self.device, self.counters),)
         if self.mode == "steps":
-            for step in self.launch:
-                step(*args)
+            launch_each(self.launch, args)      # the direct path's checks once a sequence
         else:
             self.launch(*args)
 

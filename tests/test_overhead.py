@@ -295,6 +295,49 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
     assert len(jit_calls) == 10                           # m is specialised on: never direct
 
 
+def test_launch_each_checks_once_then_calls_every_kept_launcher(monkeypatch):
+    """pydl._plan.launch_each (a recurrence's steps): the first sequence launches each step
+    through Triton (each keeps its compiled kernel); the next calls every kept launcher in
+    order with its own scalars, the checks made once; a misaligned tensor or a step not yet
+    kept sends every step its own way."""
+    from pydl import _plan
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+        calls: list = []
+
+        def run(self, *args):
+            Compiled.calls.append(args)
+
+    jit_calls = []
+
+    def jit_run(*args, **kwargs):
+        jit_calls.append(args)
+        return Compiled()
+
+    monkeypatch.setattr(_plan, "DIRECT", True)
+    monkeypatch.setattr(_plan, "_DEVICE_INDEX", lambda: 0)
+    monkeypatch.setattr(_plan, "_RAW_STREAM", lambda d: 1234)
+    steps = [_plan.Launch(_probe, (7,), (s, s + 1), dict(BLOCK=128)) for s in range(3)]
+    for step in steps:
+        step.run = jit_run
+    ws, out = torch.zeros(64, dtype=torch.float32), torch.zeros(32, dtype=torch.float16)
+    _plan.launch_each(steps, (ws, out))
+    assert len(jit_calls) == 3 and Compiled.calls == []
+    ws2 = torch.ones(64, dtype=torch.float32)
+    _plan.launch_each(steps, (ws2, out))
+    assert len(jit_calls) == 3
+    assert [c[9:] for c in Compiled.calls] == [(ws2, out, s, s + 1, 128, False)
+                                               for s in range(3)]
+    assert all(c[:6] == (7, 1, 1, 1234, "fn", "meta") for c in Compiled.calls)
+    _plan.launch_each(steps, (ws2, out[1:]))             # 2 bytes off 16: Triton, each
+    assert len(jit_calls) == 6 and len(Compiled.calls) == 3
+    steps.append(_plan.Launch(_probe, (7,), (3, 4), dict(BLOCK=128)))
+    steps[-1].run = jit_run
+    _plan.launch_each(steps, (ws2, out))                 # one not kept yet: each its own way
+    assert len(jit_calls) == 7 and len(Compiled.calls) == 6
+
+
 def test_direct_launch_steps_aside_for_launch_hooks():
     """Triton's launch-hook knobs are HookChains (empty when nothing is hooked, never None):
     the direct path is taken with none set and left to Triton (which calls the hooks) while a
