@@ -222,12 +222,11 @@ def _probe_seeded(x_ptr, n, seed, BLOCK: tl.constexpr):
     pass
 
 
-def test_direct_launch_passes_what_triton_would(monkeypatch):
-    """The GPU's direct launch (pydl._plan.Launch after its first launch), driven by a fake
-    compiled kernel: the launcher gets the grid, the current stream, and exactly the argument
-    list Triton's JITFunction.run would bind (the new tensors, the scalars, every constexpr
-    parameter in signature order); a tensor of another alignment, or a per-call scalar, goes
-    through Triton again."""
+def _fake_triton(monkeypatch):
+    """(Compiled, jit_calls, jit_run): a fake compiled kernel class whose launcher records its
+    argument lists (Compiled.calls), and a stand-in for a Launch's Triton launch (`run`) that
+    records its call and returns one; the direct path on, device 0, stream 1234 (Triton's
+    real launch-hook knobs: unset)."""
     from pydl import _plan
 
     class Compiled:
@@ -243,9 +242,20 @@ def test_direct_launch_passes_what_triton_would(monkeypatch):
         jit_calls.append((args, kwargs))
         return Compiled()
 
-    monkeypatch.setattr(_plan, "DIRECT", True)      # Triton's real launch-hook knobs: unset
+    monkeypatch.setattr(_plan, "DIRECT", True)
     monkeypatch.setattr(_plan, "_DEVICE_INDEX", lambda: 0)
     monkeypatch.setattr(_plan, "_RAW_STREAM", lambda d: 1234)
+    return Compiled, jit_calls, jit_run
+
+
+def test_direct_launch_passes_what_triton_would(monkeypatch):
+    """The GPU's direct launch (pydl._plan.Launch after its first launch), driven by a fake
+    compiled kernel: the launcher gets the grid, the current stream, and exactly the argument
+    list Triton's JITFunction.run would bind (the new tensors, the scalars, every constexpr
+    parameter in signature order); a tensor of another alignment, or a per-call scalar, goes
+    through Triton again."""
+    from pydl import _plan
+    Compiled, jit_calls, jit_run = _fake_triton(monkeypatch)
     consts = dict(BLOCK=128, num_warps=4)        # BLOCK: a parameter; num_warps: an option
     launch = _plan.Launch(_probe, (7,), (3, 99), consts)
     launch.run = jit_run
@@ -301,23 +311,7 @@ def test_launch_each_checks_once_then_calls_every_kept_launcher(monkeypatch):
     order with its own scalars, the checks made once; a misaligned tensor or a step not yet
     kept sends every step its own way."""
     from pydl import _plan
-
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-        calls: list = []
-
-        def run(self, *args):
-            Compiled.calls.append(args)
-
-    jit_calls = []
-
-    def jit_run(*args, **kwargs):
-        jit_calls.append(args)
-        return Compiled()
-
-    monkeypatch.setattr(_plan, "DIRECT", True)
-    monkeypatch.setattr(_plan, "_DEVICE_INDEX", lambda: 0)
-    monkeypatch.setattr(_plan, "_RAW_STREAM", lambda d: 1234)
+    Compiled, jit_calls, jit_run = _fake_triton(monkeypatch)
     steps = [_plan.Launch(_probe, (7,), (s, s + 1), dict(BLOCK=128)) for s in range(3)]
     for step in steps:
         step.run = jit_run
