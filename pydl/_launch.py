@@ -295,6 +295,13 @@ def launch_numba(kernel, grid, threads, device: torch.device, *args) -> None:
         *[numba_array(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
+def launch_numba_built(launch: tuple) -> None:
+    """launch_numba on a launch as a Numba launcher's builder returns it, (kernel, grid,
+    threads, device, arguments, ...): what a NumbaLaunch is made from, launched once."""
+    kernel, grid, threads, device, args = launch[:5]
+    launch_numba(kernel, grid, threads, device, *args)
+
+
 # --- Numba: the direct launch ------------------------------------------------------------------
 # Numba launches a kernel called with torch tensors in three costly steps every call: each
 # tensor becomes a DeviceNDArray (torch's __cuda_array_interface__, a driver pointer, a

@@ -29,7 +29,7 @@ from ._gemm import gemm_plan_on
 from ._gemm_numba import on_tensor_cores, pair_words
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (DYNAMIC, SIM_MAX_BLOCKS, NumbaLaunch, Place, cdiv, dot_block, fresh,
-                      input_precision, launch_numba, launch_numba_1d, new_output,
+                      input_precision, launch_numba_1d, launch_numba_built, new_output,
                       next_power_of_2, numba_blocks, numba_threads, output_maker, planned_once,
                       tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
@@ -391,8 +391,8 @@ class _NumbaAttention:
                                                         DYNAMIC)
         if mma:
             mask4 = _planned_view(mask)
-            return lambda q, k, v, o, lse, mask, seed: _run(_NumbaAttention._forward(
-                q, k, v, o, lse, mask4(mask), *options, seed))
+            return lambda q, k, v, o, lse, mask, seed: launch_numba_built(
+                _NumbaAttention._forward(q, k, v, o, lse, mask4(mask), *options, seed))
         planned = NumbaLaunch(*launch, (q, k, v, o, lse, mask), places)
         if dropout_p > 0:
             return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask,
@@ -470,7 +470,7 @@ class _NumbaAttention:
                 *launches, _ = _NumbaAttention._backward(q, k, v, o, lse, do, delta, dq, dk,
                                                          dv, mask4(mask), *options, seed, dmask)
                 for launch in launches:
-                    _run(launch[:5])
+                    launch_numba_built(launch)
             return per_call
         (*dl, dl_at), (*dkdv, dkdv_at), (*dq_, dq_at) = launches
         delta_of = NumbaLaunch(*dl, (o, do, delta), dl_at)
@@ -510,12 +510,6 @@ class _NumbaAttention:
         _, threshold, _, seed = _numba_dropout(dropout_p, seed)
         launch_numba_1d(kn.attention_dropout_mask, B * H * L, device, keep, seed, threshold)
         return keep.view(B, H, L, S).bool()
-
-
-def _run(launch: tuple) -> None:
-    """launch_numba on a (kernel, grid, threads, device, arguments) tuple."""
-    kernel, grid, threads, device, args = launch[:5]
-    launch_numba(kernel, grid, threads, device, *args)
 
 
 def _planned_view(mask):

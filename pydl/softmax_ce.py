@@ -34,7 +34,8 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, launch_numba, new_output,
+from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, launch_numba,
+                      launch_numba_built, new_output,
                       next_power_of_2, numba_blocks, numba_threads, output_maker,
                       planned_once)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
@@ -497,10 +498,10 @@ class _NumbaLaunch:
     @staticmethod
     def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
         w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-        _run(_NumbaLaunch._row("cross_entropy_prob_fwd", x3, x3, y3, w,
-                             loss.view(1, loss.shape[0], 1), lse, mass, x3.shape[2],
-                             float(smoothing), weight is not None, w_code, dtype_code(x3.dtype),
-                             dtype_code(y3.dtype), dtype_code(loss.dtype)))
+        launch_numba_built(_NumbaLaunch._row(
+            "cross_entropy_prob_fwd", x3, x3, y3, w, loss.view(1, loss.shape[0], 1), lse, mass,
+            x3.shape[2], float(smoothing), weight is not None, w_code, dtype_code(x3.dtype),
+            dtype_code(y3.dtype), dtype_code(loss.dtype)))
 
     @staticmethod
     def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, scale, dx3, dy3,
@@ -508,17 +509,11 @@ class _NumbaLaunch:
         """grad: the upstream gradient, per row (grad_stride 1, in the array's elements) or
         broadcast (0), in the loss's dtype; times `scale` in the kernel."""
         w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-        _run(_NumbaLaunch._row("cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass,
-                             grad.view(1, grad.shape[0], 1), grad_stride, float(scale), dx3,
-                             dy3 if dy3 is not None else dx3, x3.shape[2], float(smoothing),
-                             weight is not None, w_code, dy3 is not None, dtype_code(x3.dtype),
-                             dtype_code(y3.dtype), dtype_code(grad.dtype)))
-
-
-def _run(launch: tuple) -> None:
-    """launch_numba on a (kernel, grid, threads, device, arguments) tuple."""
-    kernel, grid, threads, device, args = launch
-    launch_numba(kernel, grid, threads, device, *args)
+        launch_numba_built(_NumbaLaunch._row(
+            "cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass, grad.view(1, grad.shape[0], 1),
+            grad_stride, float(scale), dx3, dy3 if dy3 is not None else dx3, x3.shape[2],
+            float(smoothing), weight is not None, w_code, dy3 is not None, dtype_code(x3.dtype),
+            dtype_code(y3.dtype), dtype_code(grad.dtype)))
 
 
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}

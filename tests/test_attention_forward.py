@@ -274,12 +274,12 @@ def numba_mma(monkeypatch):
     from pydl.kernels.numba._builder import BUILT_BY
     monkeypatch.setattr(_gemm_numba, "MMA", True)
     launched = []
-    real = attention.launch_numba
+    real = _launch.launch_numba
 
     def spy(kernel, *args):
         launched.append(getattr(kernel, BUILT_BY, None))
         return real(kernel, *args)
-    monkeypatch.setattr(attention, "launch_numba", spy)
+    monkeypatch.setattr(_launch, "launch_numba", spy)     # every Numba launch of pydl's
     return launched
 
 
@@ -391,8 +391,7 @@ def test_numba_attention_keeps_cuda_cores_without_mma(monkeypatch):
     from pydl.kernels.numba._builder import BUILT_BY
     launched, launch = [], _launch.launch_numba
     spy = lambda kernel, *a: (launched.append(kernel), launch(kernel, *a))  # noqa: E731
-    monkeypatch.setattr(_launch, "launch_numba", spy)         # the plans' (NumbaLaunch)
-    monkeypatch.setattr(attention, "launch_numba", spy)       # the per-call ones
+    monkeypatch.setattr(_launch, "launch_numba", spy)         # every Numba launch of pydl's
     out, _, grads = run_with_grad(lambda q, k, v: pydl.scaled_dot_product_attention(
         q, k, v, backend="numba"), list(qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16)))
     made_by = [getattr(k, BUILT_BY, (k.__module__,))[0] for k in launched]
