@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ._checks import check_tensor
 from ._launch import tf32_allowed
 from ._library import autocast_inputs
-from ._plan import Cache, plain_tensors, tensor_key
+from ._plan import Cache, plain_tensors, tensors_key
 from ._rnn_launch import ALGOS as _LAYER_ALGOS
 from .backends import current_backend, dispatch
 from .rnn import RNNConfig, layer_plan
@@ -106,9 +106,8 @@ class CellCall:
 def _cell_key(op, gates, plan, input, states, w_ih, w_hh, b_ih, b_hh, backend):
     """The call signature: what CellCall checks and what the cell's plans are built from (a
     non-tensor argument has no key: it is checked, and refused, every call)."""
-    return (op, backend or current_backend(), tensor_key(input),
-            *[tensor_key(s) for s in states], tensor_key(w_ih), tensor_key(w_hh),
-            tensor_key(b_ih), tensor_key(b_hh), tf32_allowed(False))
+    return (op, backend or current_backend(), *tensors_key(input, *states, w_ih, w_hh, b_ih,
+                                                          b_hh), tf32_allowed(False))
 
 
 _CELL_CALLS = Cache("rnn cell calls")
@@ -324,8 +323,7 @@ class LayerCall:
 def _layer_key(op, gates, input, states, weights, options):
     """The call signature: what prepare_layer checks and what the layer's plans are built
     from (a PackedSequence input has no .shape: no key, checked every call)."""
-    return (op, options["backend"] or current_backend(), tensor_key(input),
-            *[tensor_key(s) for s in states], *[tensor_key(w) for w in weights],
+    return (op, options["backend"] or current_backend(), *tensors_key(input, *states, *weights),
             *options.values(), tf32_allowed(True))
 
 

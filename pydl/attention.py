@@ -33,7 +33,7 @@ from ._launch import (DYNAMIC, SIM_MAX_BLOCKS, NumbaLaunch, Place, cdiv, dot_blo
                       next_power_of_2, numba_blocks, numba_threads, output_maker, planned_once,
                       tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
-                    tensor_key)
+                    tensors_key)
 from .backends import current_backend, dispatch, register, resolve_algo
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -1048,9 +1048,8 @@ class _AttentionCall(AttentionKernels):
 
 def _call_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
               algo):
-    return (backend or current_backend(), algo, tensor_key(query), tensor_key(key),
-            tensor_key(value), tensor_key(attn_mask), dropout_p, is_causal, scale, enable_gqa,
-            tf32_allowed(False))
+    return (backend or current_backend(), algo, *tensors_key(query, key, value, attn_mask),
+            dropout_p, is_causal, scale, enable_gqa, tf32_allowed(False))
 
 
 _CALLS = Cache("scaled_dot_product_attention calls")

@@ -36,7 +36,8 @@ from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, 
 from ._launch import (NumbaLaunch, arrival_counters, cdiv, dot_block, fresh, input_precision,
                       memory_format_of, new_output, next_power_of_2, numba_launch_1d,
                       output_maker, planned_once, tf32_allowed)
-from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
+from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
+                    tensors_key)
 from ._shapes import conv_output_size_padded, conv_padding, pair
 from ._tune import Tuner, bucket, gemm_candidates
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -1447,12 +1448,8 @@ _CALLS = Cache("conv2d calls")
 
 
 def _call_key(input, weight, bias, stride, padding, dilation, groups, backend, algo):
-    return (backend or current_backend(), algo, type(input), input.shape, input.stride(),
-            input.dtype, input.device, type(weight), weight.shape, weight.stride(),
-            weight.dtype, weight.device,
-            None if bias is None else (type(bias), bias.shape, bias.stride(), bias.dtype,
-                                       bias.device),
-            stride, padding, dilation, groups, tf32_allowed(True))
+    return (backend or current_backend(), algo, *tensors_key(input, weight, bias), stride,
+            padding, dilation, groups, tf32_allowed(True))
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,

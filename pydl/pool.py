@@ -21,7 +21,8 @@ from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, k
 from ._launch import (NumbaLaunch, cdiv, fresh, memory_format_of, new_output,
                       next_power_of_2, numba_launch_1d, output_maker,
                       planned_once)
-from ._plan import Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors
+from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
+                    tensors_key)
 from ._shapes import pair, pool_output_size
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -782,8 +783,8 @@ class _PoolCall(PoolKernels):
 
 
 def _key(input, *options):
-    return (type(input), input.shape, input.stride(), input.dtype, input.device,
-            current_backend() if options[-1] is None else options[-1], *options)
+    return (*tensors_key(input), current_backend() if options[-1] is None else options[-1],
+            *options)
 
 
 def _max_pool2d_call(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,

@@ -39,7 +39,7 @@ from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, launch_numba,
                       next_power_of_2, numba_blocks, numba_threads, output_maker,
                       planned_once)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
-                    tensor_key)
+                    tensors_key)
 from ._shapes import as_rows, normalize_dim
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -1051,8 +1051,7 @@ def _softmax_call(input, dim, log, dtype, backend):
 def _softmax_key(input, dim, log, dtype, backend):
     if dim is None:
         raise TypeError("implicit dim: not cached (it warns on every call)")
-    return (backend or current_backend(), type(input), input.shape, input.stride(), input.dtype,
-            input.device, dim, log)
+    return (backend or current_backend(), *tensors_key(input), dim, log)
 
 
 _SOFTMAX_CALLS = Cache("softmax calls")
@@ -1269,8 +1268,8 @@ def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_sm
 
 
 def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, backend):
-    return (backend or current_backend(), tensor_key(input), tensor_key(target),
-            tensor_key(weight), ignore_index, reduction, label_smoothing)
+    return (backend or current_backend(), *tensors_key(input, target, weight), ignore_index,
+            reduction, label_smoothing)
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")
