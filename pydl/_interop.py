@@ -1,4 +1,7 @@
-"""Arrays from outside torch: the functional ops take CuPy arrays (or any array that speaks
+"""The public ops' wrapper (`public_op`): each runs on its tensors' CUDA device, as torch's ops
+do, and takes arrays from outside torch.
+
+Arrays from outside torch: the functional ops take CuPy arrays (or any array that speaks
 DLPack: NumPy, JAX, ...) and return arrays of the caller's library.
 
 Inputs are wrapped with torch.from_dlpack (zero copy: the tensor shares the array's memory,
@@ -56,20 +59,49 @@ def array_module_of(array) -> object:
     return sys.modules[type(array).__module__.split(".")[0]]
 
 
-def accepts_arrays(fn: Callable) -> Callable:
-    """Decorator: `fn` (a pydl functional op) also takes DLPack arrays, and then returns the
-    first such argument's kind of array. fn must refuse a non-tensor argument before it does
-    anything (every pydl op checks its tensors first): the wrapper converts only then."""
+def public_op(fn: Callable) -> Callable:
+    """Decorator of a pydl functional op `fn`: it runs on its tensors' device, and it also
+    takes DLPack arrays, then returning the first such argument's kind of array. fn must
+    refuse a non-tensor argument before it does anything (every pydl op checks its tensors
+    first): the wrapper converts only then."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)          # torch callers: nothing more
+            return on_tensors_device(fn, args, kwargs)      # torch callers: nothing more
         except Exception:
             first = next((a for a in (*args, *kwargs.values()) if _foreign(a) is not None),
                          None)
             if first is None:
                 raise
         lib = array_module_of(_foreign(first))
-        out = fn(*_to_torch(args), **{k: _to_torch(v) for k, v in kwargs.items()})
+        out = on_tensors_device(fn, _to_torch(args), {k: _to_torch(v) for k, v in kwargs.items()})
         return _from_torch(out, lib.from_dlpack)
     return wrapper
+
+
+# --- the tensors' device -------------------------------------------------------------------
+# A kernel launches on the current CUDA device and its current stream (Triton's launcher,
+# Numba's context, the tuner's timings), as torch's own ops do only inside the device guard
+# each of them takes. A pydl op on tensors of another device than the current one (a model
+# moved to "cuda:1" without torch.cuda.set_device) would launch on the wrong device: an
+# illegal address, or with peer access a kernel that reads the tensors' memory outside their
+# stream's order. So the op runs under a guard of its tensors' device, where that differs.
+
+_CURRENT_DEVICE = getattr(torch._C, "_cuda_getDevice", None)    # absent from CPU builds
+
+
+def on_tensors_device(fn: Callable, args, kwargs):
+    """fn(*args, **kwargs) with the CUDA device of its first argument (a tensor, or a
+    PackedSequence's data) current, as torch's ops run; nothing more (about 0.2 us) where it
+    is already current, for CPU tensors, and under torch.compile (whose graphs take their own
+    device guard)."""
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    if not isinstance(x, torch.Tensor):
+        x = getattr(x, "data", None)            # a PackedSequence
+    if isinstance(x, torch.Tensor):
+        device = x.device
+        if device.type == "cuda" and _CURRENT_DEVICE is not None \
+                and not torch.compiler.is_compiling() and device.index != _CURRENT_DEVICE():
+            with torch.cuda.device(device.index):
+                return fn(*args, **kwargs)
+    return fn(*args, **kwargs)

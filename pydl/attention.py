@@ -27,6 +27,7 @@ from ._autograd import raises_on_backward, without_double_backward
 from ._checks import check_tensor
 from ._gemm import gemm_plan_on
 from ._gemm_numba import on_tensor_cores, pair_words
+from ._interop import public_op
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._launch import (DYNAMIC, SIM_MAX_BLOCKS, NumbaLaunch, Place, cdiv, dot_block, fresh,
                       input_precision, launch_numba_1d, launch_numba_built, new_output,
@@ -1072,6 +1073,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return call(query, key, value, attn_mask)
 
 
+@public_op
 def attention_with_weights(query, key, value, attn_mask=None, is_causal=False, scale=None,
                            enable_gqa=False, *, backend=None):
     """(output, attention weights (B, Hq, L, S)) without dropout, for callers that need the

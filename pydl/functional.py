@@ -13,10 +13,10 @@ __all__ = ["conv2d", "softmax", "log_softmax", "cross_entropy", "max_pool2d", "a
            "adaptive_avg_pool2d", "scaled_dot_product_attention", "lstm_cell", "lstm", "gru_cell",
            "gru"]
 
-# Every op also takes CuPy arrays (any DLPack array) and then returns that kind of array:
-# see pydl._interop.
-from ._interop import accepts_arrays  # noqa: E402
+# Every op runs on its tensors' CUDA device (where that is not the current one), and also
+# takes CuPy arrays (any DLPack array) and then returns that kind of array: pydl._interop.
+from ._interop import public_op  # noqa: E402
 
 for _op in __all__:
-    globals()[_op] = accepts_arrays(globals()[_op])
+    globals()[_op] = public_op(globals()[_op])
 del _op

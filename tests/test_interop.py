@@ -1,5 +1,5 @@
-"""Arrays from outside torch (pydl._interop): the functional ops take DLPack arrays and return
-the caller's kind of array. CuPy on a GPU; NumPy arrays exercise the same path on the CPU in
+"""The public ops' wrapper (pydl._interop): each op runs on its tensors' CUDA device; the
+functional ops take DLPack arrays and return the caller's kind of array. CuPy on a GPU; NumPy arrays exercise the same path on the CPU in
 emulation (both go through torch.from_dlpack and the library's from_dlpack)."""
 import numpy as np
 import pytest
@@ -100,3 +100,119 @@ def test_every_op_takes_numpy_arrays(op):
     assert isinstance(out, np.ndarray), type(out)
     ref = call(pydl, [torch.from_numpy(a) for a in arrays])
     np.testing.assert_allclose(out, ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
+# --- the tensors' device ------------------------------------------------------------------------
+
+class _OnDevice1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (no second GPU needed to test the guard)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 1)
+
+
+def _guard_spy(monkeypatch, current: int):
+    """The devices the wrapper made current, in order, with `current` the current one."""
+    import contextlib
+
+    import pydl._interop as interop
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+    monkeypatch.setattr(interop, "_CURRENT_DEVICE", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    return entered
+
+
+def test_an_op_runs_under_its_tensors_device(monkeypatch):
+    """A kernel launches on the current device: an op on tensors of another one runs under a
+    guard of theirs (as torch's ops do), where it is not current already, and only on CUDA."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from pydl._interop import public_op
+    ran = []
+    op = public_op(lambda *args, **kwargs: ran.append(len(entered)) or "out")
+    x = torch.Tensor._make_subclass(_OnDevice1, torch.zeros(3, 2, 4))
+    entered = _guard_spy(monkeypatch, current=0)
+    assert op(x, 1) == "out" and entered == [1] and ran == [1]
+    assert op(input=x) == "out" and entered == [1, 1]
+    packed = pack_padded_sequence(torch.zeros(3, 2, 4), [3, 2])
+    packed = packed._replace(data=torch.Tensor._make_subclass(_OnDevice1, packed.data))
+    op(packed, None)
+    assert entered == [1, 1, 1]
+    op(torch.zeros(3))                          # a CPU tensor: no guard
+    assert entered == [1, 1, 1]
+    entered = _guard_spy(monkeypatch, current=1)
+    op(x)                                       # already current: none
+    assert entered == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    entered = _guard_spy(monkeypatch, current=0)
+    op(x)                                       # a compiled graph takes its own
+    assert entered == []
+
+
+def test_attention_with_weights_is_guarded_too():
+    """nn.MultiheadAttention's need_weights path calls attention_with_weights, not a
+    functional op: it takes the same wrapper."""
+    from pydl.attention import attention_with_weights
+    assert attention_with_weights.__wrapped__.__name__ == "attention_with_weights"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_ops_on_a_device_that_is_not_current(backend):
+    """Tensors on cuda:1 while cuda:0 is current: every family's forward and backward match
+    torch's (a kernel launched on the current device would fault or race)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    if backend == "numba":
+        pytest.importorskip("numba")
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=dev, generator=g, requires_grad=True)
+
+    x, w = leaf(2, 3, 9, 9), leaf(4, 3, 3, 3)
+    logits, target = leaf(6, 11), torch.randint(0, 11, (6,), device=dev, generator=g)
+    q, k, v = leaf(1, 2, 16, 32), leaf(1, 2, 16, 32), leaf(1, 2, 16, 32)
+    seq, lstm_w = leaf(5, 2, 4), [leaf(24, 4), leaf(24, 6), leaf(24), leaf(24)]
+    F = torch.nn.functional
+    cases = [
+        (lambda m: m.conv2d(x, w, padding=1), (x, w)),
+        (lambda m: m.max_pool2d(x, 3, 2), (x,)),
+        (lambda m: m.cross_entropy(logits, target), (logits,)),
+        (lambda m: m.softmax(logits, -1), (logits,)),
+        (lambda m: m.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
+    ]
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        for fn, leaves in cases:
+            got = fn(_Backend(pydl.functional, backend))
+            want = fn(F)
+            gy = torch.randn_like(want)
+            assert got.device == dev
+            assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for a, b in zip(torch.autograd.grad(got, leaves, gy),
+                            torch.autograd.grad(want, leaves, gy)):
+                assert_close(a, b, atol=1e-4, rtol=1e-4)
+        out, _ = pydl.lstm(seq, None, lstm_w, backend=backend)
+        want, _ = torch._VF.lstm(seq, (seq.new_zeros(1, 2, 6),) * 2, lstm_w, True, 1, 0.0,
+                                 True, False, False)
+        assert_close(out, want, atol=1e-4, rtol=1e-4)
+    assert torch.cuda.current_device() == 0
+
+
+class _Backend:
+    """pydl.functional with backend= fixed (torch's names for the same calls)."""
+
+    def __init__(self, module, backend):
+        self.module, self.backend = module, backend
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+        return lambda *args, **kwargs: fn(*args, backend=self.backend, **kwargs)
