@@ -267,9 +267,16 @@ class _Launcher:
         cls.plan_backward_bias(dy, db, g)(dy, db)
 
 
+def _strided_bias(b) -> bool:
+    """A bias the unit-stride kernels cannot read as it is: a strided view of more than one
+    element (torch calls a one-element tensor contiguous whatever its stride, and
+    .contiguous() keeps it: the kernels read its element 0 alone)."""
+    return b is not None and b.stride(0) != 1 and b.numel() > 1
+
+
 def _unit_stride_bias(plan, x, w, b, y, g: ConvGeometry):
     """plan(x, w, b, y, g)'s callable for a kernel that reads the bias at unit stride, given a
-    strided bias (a view): the bias copied per call."""
+    strided bias (a view, _strided_bias): the bias copied per call."""
     launch = plan(x, w, b.contiguous(), y, g)
     return lambda x, w, b, y: launch(x, w, b.contiguous(), y)
 
@@ -299,7 +306,7 @@ class _TritonImplicit(_Launcher):
             def pointwise(x, w, b, y):
                 product(x, w if weight is None else weight(w), y, b if has_bias else None, None)
             return pointwise
-        if b is not None and b.stride(0) != 1:
+        if _strided_bias(b):
             return _unit_stride_bias(_TritonImplicit._plan_forward, x, w, b, y, g)
         M = g.N * g.OH * g.OW
         flat_k = _flat_taps(g)
@@ -488,7 +495,7 @@ class _TritonDepthwise:
     @staticmethod
     def plan_forward(x, w, b, y, g: ConvGeometry):
         from .kernels.triton import conv_depthwise as k
-        if b is not None and b.stride(0) != 1:
+        if _strided_bias(b):
             return _unit_stride_bias(_TritonDepthwise.plan_forward, x, w, b, y, g)
         P = g.N * g.OH * g.OW
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *_weight_strides(w),

@@ -34,8 +34,7 @@ from torch import Tensor
 
 from ._checks import check_tensor
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, launch_numba,
-                      launch_numba_built, new_output,
+from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, new_output,
                       next_power_of_2, numba_blocks, numba_threads, output_maker,
                       planned_once)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
@@ -245,34 +244,34 @@ class _TritonLaunch:
                                                     PARTS_BLOCK=PARTS_BLOCK))
 
     @staticmethod
-    def cross_entropy_scale_grad(dx, grad_out) -> None:
-        """dx *= grad_out (0-d, on the device) in place; nothing is read or written where
-        grad_out == 1."""
-        _TritonLaunch.plan_scale_grad(dx, grad_out)(dx, grad_out)
+    def cross_entropy_scale_grad(dx, grad_out, target, ignore_index: int) -> None:
+        """dx *= grad_out (0-d, on the device) in place, the ignored rows' zeros kept; nothing
+        is read or written where grad_out == 1."""
+        _TritonLaunch.plan_scale_grad(dx, grad_out, target, ignore_index)(dx, grad_out, target)
 
     @staticmethod
-    def plan_scale_grad(dx, grad_out) -> Launch:
-        key = ("scale_grad", dx.numel(), dx.dtype, grad_out.dtype, dx.device)
-        return _LAUNCHES.get(key, _TritonLaunch._plan_scale, dx.numel())
+    def plan_scale_grad(dx, grad_out, target, ignore_index: int):
+        """run(dx, grad_out, target): cross_entropy_scale_grad's launch; dx contiguous, of the
+        logits' shape, and target of the rows' (read only where grad_out is not finite; a
+        layout that flattens to no one stride is copied then)."""
+        n = dx.shape[0 if dx.dim() == 1 else 1]
+        inner = math.prod(dx.shape[2:])
+        t = target.reshape(-1)
+        flat = _same_memory(t, target)
+        key = ("scale_grad", dx.numel(), dx.dtype, grad_out.dtype, dx.device, n, inner,
+               t.stride(0), target.dtype, ignore_index)
+        launch = _LAUNCHES.get(key, _TritonLaunch._plan_scale, dx.numel(), n, inner,
+                               t.stride(0), ignore_index)
+        if flat:
+            return launch
+        return lambda dx, grad_out, target: launch(dx, grad_out, target.reshape(-1))
 
     @staticmethod
-    def _plan_scale(numel) -> Launch:
+    def _plan_scale(numel, n, inner, st, ignore_index) -> Launch:
         from .kernels.triton import softmax_ce as k
         programs = max(1, min(cdiv(numel, SCALE_BLOCK), SCALE_PROGRAMS))
-        return Launch(k.cross_entropy_scale_grad, (programs,), (numel,), dict(BLOCK=SCALE_BLOCK))
-
-    @staticmethod
-    def loss_reduce(loss, out, scale: float) -> None:
-        """out = scale * sum(loss) (fp32 per-row losses): one program, deterministic."""
-        key = ("loss_reduce", loss.shape, out.dtype, loss.device, scale)
-        _LAUNCHES.get(key, _TritonLaunch._plan_reduce, loss, scale)(loss, out)
-
-    @staticmethod
-    def _plan_reduce(loss, scale) -> Launch:
-        from .kernels.triton import softmax_ce as k
-        block = min(1024, next_power_of_2(loss.numel()))
-        return Launch(k.loss_reduce, (1,), (loss.numel(), scale),
-                      dict(BLOCK=block, num_warps=4 if block <= 512 else 8))
+        return Launch(k.cross_entropy_scale_grad, (programs,),
+                      (numel, n, inner, st, ignore_index), dict(BLOCK=SCALE_BLOCK))
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
@@ -316,24 +315,58 @@ class _TritonLaunch:
         return run
 
     @staticmethod
-    def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
+    @planned_once
+    def plan_cross_entropy_prob_fwd(x3, y3, weight, stats, loss, smoothing, reduction):
+        """run(x3, y3, weight, stats, loss): class-probability targets' forward, one launch
+        (rows > 0) into stats (per row lse and S, the backward's, then the programs' partial
+        sums of a reduction) and loss (per row for "none", else the reduced 0-d loss, which
+        the kernel's last program writes). x3, y3 by pointer (x, target for their views)."""
         outer, n, inner = x3.shape
-        tensors = (x3, y3, x3 if weight is None else unit_stride(weight), loss, lse, mass)
-        _launch("cross_entropy_prob_fwd", x3, tensors,
-                (outer * inner, n, inner, *x3.stride(), *y3.stride(), smoothing),
-                HAS_WEIGHT=weight is not None)(*tensors)
+        rows = outer * inner
+        reduce = reduction != "none"
+        # torch's mean divides by the number of rows (input.numel() / C), whatever the
+        # weights: NaN without classes, as 0 / 0
+        scale = (1.0 / rows if n else math.nan) if reduction == "mean" else 1.0
+        strided = weight is not None and weight.stride(0) != 1
+        w = x3 if weight is None else unit_stride(weight)
+        dev = x3.device
+        launch = _launch("cross_entropy_prob_fwd", x3,
+                         (x3, y3, w, loss, stats, arrival_counters(dev, 1) if reduce else stats),
+                         (rows, n, inner, *x3.stride(), *y3.stride(), smoothing, scale),
+                         HAS_WEIGHT=weight is not None, REDUCE=reduce, PARTS_BLOCK=PARTS_BLOCK)
+
+        def run(x3, y3, weight, stats, loss):
+            w = x3 if weight is None else (weight.contiguous() if strided else weight)
+            launch(x3, y3, w, loss, stats, arrival_counters(dev, 1) if reduce else stats)
+        return run
 
     @staticmethod
-    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, grad_scale, dx3,
-                               dy3, smoothing):
+    @planned_once
+    def plan_cross_entropy_prob_bwd(x3, y3, weight, stats, grad_out, dx3, dy3, smoothing,
+                                    reduction):
+        """run(x3, y3, weight, stats, grad_out, dx3, dy3): the gradients w.r.t. the logits and
+        (dy3 not None) the targets, one launch; the upstream gradient read on the device
+        (per row for "none", a 0-d one broadcast) and divided by the rows for a mean."""
         outer, n, inner = x3.shape
-        dy = dy3 if dy3 is not None else dx3
-        tensors = (x3, y3, x3 if weight is None else unit_stride(weight), lse, mass, grad, dx3,
-                   dy)
-        _launch("cross_entropy_prob_bwd", x3, tensors,
-                (grad_stride, grad_scale, outer * inner, n, inner, *x3.stride(), *y3.stride(),
-                 *dx3.stride(), *dy.stride(), smoothing),
-                HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None)(*tensors)
+        rows = outer * inner
+        grad = grad_out.reshape(-1)                     # a view where it can be
+        flat = _same_memory(grad, grad_out) and grad.stride(0) == 1
+        stride = 1 if reduction == "none" else 0
+        scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
+        strided = weight is not None and weight.stride(0) != 1
+        w = x3 if weight is None else unit_stride(weight)
+        dy = dx3 if dy3 is None else dy3
+        launch = _launch("cross_entropy_prob_bwd", x3,
+                         (x3, y3, w, stats, grad.contiguous(), dx3, dy),
+                         (stride, scale, rows, n, inner, *x3.stride(), *y3.stride(),
+                          *dx3.stride(), *dy.stride(), smoothing),
+                         HAS_WEIGHT=weight is not None, TARGET_GRAD=dy3 is not None)
+
+        def run(x3, y3, weight, stats, grad_out, dx3, dy3):
+            w = x3 if weight is None else (weight.contiguous() if strided else weight)
+            launch(x3, y3, w, stats, grad_out if flat else grad_out.reshape(-1).contiguous(),
+                   dx3, dx3 if dy3 is None else dy3)
+        return run
 
 
 # --- Numba launch -------------------------------------------------------------------------
@@ -485,35 +518,70 @@ class _NumbaLaunch:
         return run
 
     @staticmethod
-    def loss_reduce(loss, out, scale: float) -> None:
-        """out = scale * sum(loss) (fp32 per-row losses): loss_reduce's one block summing in
-        a fixed order, as a sum (its weights and denominator unused: the rows' losses stand in
-        for the one, a scratch element takes the other)."""
+    @planned_once
+    def plan_cross_entropy_prob_fwd(x3, y3, weight, stats, loss, smoothing, reduction):
+        """run(x3, y3, weight, stats, loss), as _TritonLaunch's: the per-row kernel into
+        stats (lse, S) and the rows' losses (`loss` itself for "none", else stats' third
+        part), then for a sum or a mean loss_reduce's one block (its weights unread: the
+        rows' losses stand in; its denominator into a scratch element allocated per call)."""
         from .kernels.numba import softmax_ce as k
-        dev = loss.device
-        launch_numba(k.loss_reduce, 1, numba_threads(256), dev, loss, loss, out.view(1, 1, 1),
-                     new_output(1, torch.float32, dev), False, False, float(scale),
-                     dtype_code(out.dtype))
+        outer, n, inner = x3.shape
+        rows, dev = outer * inner, x3.device
+        none = reduction == "none"
+        per_row = loss.reshape(rows) if none else stats[2 * rows:]
+        w, w_code = _NumbaLaunch._weights(weight, stats[:1])
+        cast = weight is not None and w is not weight      # fp64 weights: as fp32 per call
+        fwd = NumbaLaunch(*_NumbaLaunch._row(
+            "cross_entropy_prob_fwd", x3, x3, y3, w, per_row.view(1, rows, 1), stats[:rows],
+            stats[rows:2 * rows], inner, float(smoothing), weight is not None, w_code,
+            dtype_code(x3.dtype), dtype_code(y3.dtype), dtype_code(per_row.dtype)),
+            (x3, y3, w, loss, stats), (0, 1, 2 if weight is not None else 4,
+                                       3 if none else 4, 4, 4))
+        if none:
+            def run(x3, y3, weight, stats, loss):
+                fwd(x3, y3, weight.to(torch.float32) if cast else weight, loss, stats)
+            return run
+        scale = (1.0 / rows if n else math.nan) if reduction == "mean" else 1.0
+        new_scratch = output_maker((1,), torch.float32, dev)
+        scratch = new_scratch()
+        total = NumbaLaunch(k.loss_reduce, 1, numba_threads(256), dev,
+                            (per_row, per_row, loss.view(1, 1, 1), scratch, False, False,
+                             scale, dtype_code(loss.dtype)),
+                            (stats, loss, scratch), (0, 0, 1, 2))
+
+        def run(x3, y3, weight, stats, loss):
+            fwd(x3, y3, weight.to(torch.float32) if cast else weight, loss, stats)
+            total(stats, loss, new_scratch())
+        return run
 
     @staticmethod
-    def cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing):
-        w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-        launch_numba_built(_NumbaLaunch._row(
-            "cross_entropy_prob_fwd", x3, x3, y3, w, loss.view(1, loss.shape[0], 1), lse, mass,
-            x3.shape[2], float(smoothing), weight is not None, w_code, dtype_code(x3.dtype),
-            dtype_code(y3.dtype), dtype_code(loss.dtype)))
+    @planned_once
+    def plan_cross_entropy_prob_bwd(x3, y3, weight, stats, grad_out, dx3, dy3, smoothing,
+                                    reduction):
+        """run(x3, y3, weight, stats, grad_out, dx3, dy3), as _TritonLaunch's: the upstream
+        gradient read as it is (a view where it can be), per row or broadcast, times 1 / rows
+        for a mean in the kernel."""
+        outer, n, inner = x3.shape
+        rows = outer * inner
+        grad = grad_out.reshape(-1)
+        flat = _same_memory(grad, grad_out)
+        stride = 1 if reduction == "none" else 0        # in elements of the array (its stride)
+        scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
+        w, w_code = _NumbaLaunch._weights(weight, stats[:1])
+        cast = weight is not None and w is not weight
+        dy = dx3 if dy3 is None else dy3
+        launch = NumbaLaunch(*_NumbaLaunch._row(
+            "cross_entropy_prob_bwd", x3, x3, y3, w, stats[:rows], stats[rows:2 * rows],
+            grad.view(1, grad.shape[0], 1), stride, float(scale), dx3, dy, inner,
+            float(smoothing), weight is not None, w_code, dy3 is not None,
+            dtype_code(x3.dtype), dtype_code(y3.dtype), dtype_code(grad.dtype)),
+            (x3, y3, w, stats, grad, dx3, dy), (0, 1, 2 if weight is not None else 3, 3, 3, 4,
+                                                5, 6))
 
-    @staticmethod
-    def cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad, grad_stride, scale, dx3, dy3,
-                               smoothing):
-        """grad: the upstream gradient, per row (grad_stride 1, in the array's elements) or
-        broadcast (0), in the loss's dtype; times `scale` in the kernel."""
-        w, w_code = _NumbaLaunch._weights(weight, lse[:1])
-        launch_numba_built(_NumbaLaunch._row(
-            "cross_entropy_prob_bwd", x3, x3, y3, w, lse, mass, grad.view(1, grad.shape[0], 1),
-            grad_stride, float(scale), dx3, dy3 if dy3 is not None else dx3, x3.shape[2],
-            float(smoothing), weight is not None, w_code, dy3 is not None, dtype_code(x3.dtype),
-            dtype_code(y3.dtype), dtype_code(grad.dtype)))
+        def run(x3, y3, weight, stats, grad_out, dx3, dy3):
+            launch(x3, y3, weight.to(torch.float32) if cast else weight, stats,
+                   grad_out if flat else grad_out.reshape(-1), dx3, dx3 if dy3 is None else dy3)
+        return run
 
 
 LAUNCHERS = {"triton": _TritonLaunch, "numba": _NumbaLaunch}
@@ -674,8 +742,9 @@ def _grad_in_forward(backend: str, x: Tensor, reduction: str) -> bool:
 
 
 class CrossEntropyKernels:
-    """Cross-entropy's kernel ops (class-index targets) for one set of options on one backend:
-    what CrossEntropyFunction runs, pydl:: custom ops under torch.compile. In eager mode a
+    """Cross-entropy's kernel ops for one set of options on one backend: what
+    CrossEntropyFunction (class-index targets) and CrossEntropyProbFunction (class
+    probabilities) run, pydl:: custom ops under torch.compile. In eager mode a
     call signature's plan (_CrossEntropyCall, a subclass) runs the same steps with its
     outputs' allocation and its launches fixed."""
 
@@ -694,9 +763,22 @@ class CrossEntropyKernels:
         return _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, self.ignore_index,
                                   self.reduction, self.smoothing, self.backend)
 
-    def scale_grad(self, dx, grad_out) -> None:
-        """The forward's gradient scaled in place by the upstream gradient."""
-        LAUNCHERS[self.backend].cross_entropy_scale_grad(dx, grad_out)
+    def scale_grad(self, dx, grad_out, target) -> None:
+        """The forward's gradient scaled in place by the upstream gradient (the ignored rows'
+        zeros kept)."""
+        LAUNCHERS[self.backend].cross_entropy_scale_grad(dx, grad_out, target, self.ignore_index)
+
+    # class-probability targets (CrossEntropyProbFunction)
+
+    def prob_forward(self, x, target, weight):
+        """(loss, stats: what prob_backward reads)."""
+        return _cross_entropy_prob_fwd(x, target, weight, self.reduction, self.smoothing,
+                                       self.backend)
+
+    def prob_backward(self, x, target, weight, stats, grad_out, target_grad: bool):
+        """(the gradient w.r.t. x, w.r.t. target: an empty placeholder without target_grad)."""
+        return _cross_entropy_prob_bwd(x, target, weight, stats, grad_out, self.reduction,
+                                       self.smoothing, target_grad, self.backend)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -728,7 +810,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             return dx, None, None, None, None
         dx, ctx.grad_from_forward = ctx.grad_from_forward, None
         if dx is not None:
-            ops.scale_grad(dx, grad_out)
+            ops.scale_grad(dx, grad_out, target)
         else:
             dx = ops.backward(x, target, weight, lse, denom, grad_out)
         return dx, None, None, None, None
@@ -758,29 +840,21 @@ def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
                             smoothing: float, backend: str) -> tuple[Tensor, Tensor]:
     """Class-probability targets (target: x's shape, floating): (loss in the promoted dtype
     of x and target, as torch; stats: one fp32 buffer, per row the logsumexp and
-    S = sum_c w_c y'_c, then (reductions only) the per-row losses; the backward reads it)."""
+    S = sum_c w_c y'_c, which the backward reads, then (reductions only) a row's worth of
+    the launch's scratch)."""
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     y3 = as_rows(target, dim)[0]
     rows = outer * inner
-    dtype = _loss_dtype(x, target)
     none = reduction == "none"
     stats = new_output((2 if none else 3) * rows, torch.float32, x.device)
-    lse, mass = stats[:rows], stats[rows:2 * rows]
-    if none:    # the loss is returned: its own tensor, written in its dtype by the kernel
-        loss = new_output(rows, dtype, x.device)
-    else:
-        loss = stats[2 * rows:]
+    loss = new_output(_row_shape(x) if none else (), _loss_dtype(x, target), x.device)
     if rows:
-        LAUNCHERS[backend].cross_entropy_prob_fwd(x3, y3, weight, loss, lse, mass, smoothing)
-    if none:
-        return loss.view(_row_shape(x)), stats
-    # torch's mean divides by the number of rows (input.numel() / C), whatever the weights:
-    # NaN without rows or without classes, as 0 / 0
-    scale = (1.0 / rows if rows and n else math.nan) if reduction == "mean" else 1.0
-    out = new_output((), dtype, x.device)
-    LAUNCHERS[backend].loss_reduce(loss, out, scale)
-    return out, stats
+        tensors = (x3, y3, weight, stats, loss)
+        LAUNCHERS[backend].plan_cross_entropy_prob_fwd(*tensors, smoothing, reduction)(*tensors)
+    elif not none:      # torch's empty mean and sum
+        loss.fill_(math.nan if reduction == "mean" else 0.0)
+    return loss, stats
 
 
 def _cross_entropy_prob_bwd_fake(x, target, weight, stats, grad_out, reduction, smoothing,
@@ -795,48 +869,39 @@ def _cross_entropy_prob_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
     """(gradient w.r.t. x; w.r.t. target when target_grad, else an empty (0,) placeholder:
     a custom op cannot return None)."""
     dim = 0 if x.dim() == 1 else 1
-    x3, outer, n, inner = as_rows(x, dim)
+    x3 = as_rows(x, dim)[0]
     y3 = as_rows(target, dim)[0]
-    rows = outer * inner
-    lse, mass = stats[:rows], stats[rows:2 * rows]
-    stride = 1 if reduction == "none" else 0
-    scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
     dx3 = new_output(x3.shape, x3.dtype, x3.device)
     dy3 = new_output(y3.shape, y3.dtype, y3.device) if target_grad else None
     if dx3.numel():
-        if backend == "triton":         # the kernel reads grad_out and scales it itself
-            _TritonLaunch.cross_entropy_prob_bwd(x3, y3, weight, lse, mass,
-                                                 grad_out.reshape(-1).contiguous(), stride,
-                                                 scale, dx3, dy3, smoothing)
-        else:       # likewise: the kernel reads grad_out as it is (a view where it can be)
-            _NumbaLaunch.cross_entropy_prob_bwd(x3, y3, weight, lse, mass, grad_out.reshape(-1),
-                                                stride, scale, dx3, dy3, smoothing)
+        tensors = (x3, y3, weight, stats, grad_out, dx3, dy3)
+        LAUNCHERS[backend].plan_cross_entropy_prob_bwd(*tensors, smoothing, reduction)(*tensors)
     dy = dy3.view(target.shape) if target_grad else new_output((0,), target.dtype, target.device)
     return dx3.view(x.shape), dy
 
 
 class CrossEntropyProbFunction(torch.autograd.Function):
     """Fused log_softmax + soft-target cross-entropy (+ weights, label smoothing) over class
-    dim 1; differentiable in the logits and in the target."""
+    dim 1; differentiable in the logits and in the target. `ops`: the options and backend
+    (CrossEntropyKernels, or in eager mode the call signature's plan)."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, reduction: str, smoothing: float, backend: str):
-        out, stats = _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)
+    def forward(ctx, x, target, weight, ops: CrossEntropyKernels):
+        out, stats = ops.prob_forward(x, target, weight)
         ctx.save_for_backward(x, target, weight, stats)
-        ctx.args = (reduction, smoothing)
-        ctx.backend = backend
+        ctx.ops = ops
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, target, weight, stats = ctx.saved_tensors
+        ops = ctx.ops
         target_grad = ctx.needs_input_grad[1]
         if torch.is_grad_enabled():      # create_graph: differentiable again
-            return _cross_entropy_prob_grad_graph(x, target, weight, grad_out, *ctx.args,
-                                                  target_grad, ctx.backend)
-        dx, dy = _cross_entropy_prob_bwd(x, target, weight, stats, grad_out, *ctx.args,
-                                         target_grad, ctx.backend)
-        return dx, (dy if target_grad else None), None, None, None, None
+            return _cross_entropy_prob_grad_graph(x, target, weight, grad_out, ops.reduction,
+                                                  ops.smoothing, target_grad, ops.backend)
+        dx, dy = ops.prob_backward(x, target, weight, stats, grad_out, target_grad)
+        return dx, (dy if target_grad else None), None, None
 
 
 # --- cross-entropy's double backward ------------------------------------------------------
@@ -901,7 +966,7 @@ def _cross_entropy_prob_grad_graph(x, target, weight, grad_out, reduction: str, 
     dy = None
     if target_grad:
         dy = (-(g * (1.0 - smoothing)) * w * logp).to(target.dtype)
-    return dx, dy, None, None, None, None
+    return dx, dy, None, None
 
 
 # --- implementations by backend -----------------------------------------------------------
@@ -917,12 +982,11 @@ def _kernel_softmax(backend: str):
 
 def _kernel_cross_entropy(backend: str):
     def impl(x, target, weight, ignore_index, reduction, smoothing):
+        ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend)
         if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
             if needs_graph(x, target):
-                return apply(CrossEntropyProbFunction, x, target, weight, reduction, smoothing,
-                             backend)
-            return _cross_entropy_prob_fwd(x, target, weight, reduction, smoothing, backend)[0]
-        ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend)
+                return apply(CrossEntropyProbFunction, x, target, weight, ops)
+            return ops.prob_forward(x, target, weight)[0]
         if needs_graph(x):
             return apply(CrossEntropyFunction, x, target, weight, ops,
                          _grad_in_forward(backend, x, reduction))
@@ -1148,17 +1212,18 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
                              f"(valid: 0..{n_classes - 1}, or ignore_index={ignore_index})")
 
 
-@emulated("forward", "backward", "scale_grad")
+@emulated("forward", "backward", "scale_grad", "prob_forward", "prob_backward")
 class _CrossEntropyCall(CrossEntropyKernels):
     """cross_entropy for one call signature (pydl._plan), checked once; called with (input,
     target, weight). On pydl's backends in eager mode, for class-index targets, it is also
-    the signature's plan: CrossEntropyFunction runs its methods, which allocate with arguments
-    fixed here and launch what the first call built (the backend launcher's plan_<step>); the
-    call's key fixes every input of those. Probability targets run the kernel ops."""
+    the signature's plan: CrossEntropyFunction (CrossEntropyProbFunction for class
+    probabilities) runs its methods, which allocate with arguments fixed here and launch what
+    the first call built (the backend launcher's plan_<step>); the call's key fixes every
+    input of those."""
 
     __slots__ = ("impl", "eager", "prob", "planned", "launcher", "grad_forward", "host_check",
-                 "classes", "shape3", "rows", "new_lse", "new_loss", "new_denom", "new_dx", "new_scratch",
-                 "fwd", "scale")
+                 "classes", "shape3", "rows", "new_lse", "new_loss", "new_denom", "new_dx",
+                 "new_scratch", "fwd", "scale", "target3", "new_stats", "new_dy")
 
     def __init__(self, impl, name: str, input, target, weight, ignore_index: int,
                  reduction: str, smoothing: float):
@@ -1170,10 +1235,22 @@ class _CrossEntropyCall(CrossEntropyKernels):
         # the eager part of _grad_in_forward (the rest: a graph to record, checked per call)
         self.grad_forward = name == "triton" and reduction != "none"
         self.planned = False
-        if self.eager and not self.prob:
+        if self.eager:
             x3, _, n, _ = as_rows(input, _class_dim(input))
-            self.planned = _same_memory(x3, input) and _same_memory(target.reshape(-1), target)
-        if self.planned:
+            t3 = as_rows(target, _class_dim(input))[0] if self.prob else target.reshape(-1)
+            self.planned = _same_memory(x3, input) and _same_memory(t3, target)
+        if self.planned and self.prob:
+            dev = input.device
+            self.launcher = LAUNCHERS[name]
+            self.shape3, self.target3, self.rows = x3.shape, t3.shape, x3.shape[0] * x3.shape[2]
+            none = reduction == "none"
+            self.new_stats = output_maker(((2 if none else 3) * self.rows,), torch.float32, dev)
+            self.new_loss = output_maker(_row_shape(input) if none else (),
+                                         _loss_dtype(input, target), dev)
+            self.new_dx = output_maker(input.shape, input.dtype, dev)
+            self.new_dy = output_maker(target.shape, target.dtype, dev)
+            self.fwd = {}       # by step: "fwd", ("bwd", upstream strides, target grad)
+        elif self.planned:
             self.launcher = LAUNCHERS[name]
             dt, dev = input.dtype, input.device
             self.host_check = not kernel_checks_targets(input, name)
@@ -1193,10 +1270,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
             graph = torch.is_grad_enabled() and x.requires_grad
             if self.prob:
                 if graph or (torch.is_grad_enabled() and t.requires_grad):
-                    return apply(CrossEntropyProbFunction, x, t, w, self.reduction,
-                                 self.smoothing, self.backend)
-                return _cross_entropy_prob_fwd(x, t, w, self.reduction, self.smoothing,
-                                               self.backend)[0]
+                    return apply(CrossEntropyProbFunction, x, t, w, self)
+                return self.prob_forward(x, t, w)[0]
             if graph:
                 return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)
             return self.forward(x, t, w, False)[0]
@@ -1243,15 +1318,51 @@ class _CrossEntropyCall(CrossEntropyKernels):
             run(x, target, weight, lse, denom, grad_out, dx)
         return dx
 
-    def scale_grad(self, dx, grad_out) -> None:
+    def prob_forward(self, x, target, weight):
         if not self.planned:
-            return super().scale_grad(dx, grad_out)
+            return super().prob_forward(x, target, weight)
+        stats, loss = fresh(self.new_stats), fresh(self.new_loss)
+        if not self.rows:
+            if self.reduction != "none":        # torch's empty mean and sum
+                loss.fill_(math.nan if self.reduction == "mean" else 0.0)
+            return loss, stats
+        run = self.fwd.get("fwd")
+        if run is None:
+            run = self.launcher.plan_cross_entropy_prob_fwd(
+                x.reshape(self.shape3), target.reshape(self.target3), weight, stats, loss,
+                self.smoothing, self.reduction)
+            if not capturing():
+                self.fwd["fwd"] = run
+        run(x, target, weight, stats, loss)
+        return loss, stats
+
+    def prob_backward(self, x, target, weight, stats, grad_out, target_grad: bool):
+        if not self.planned:
+            return super().prob_backward(x, target, weight, stats, grad_out, target_grad)
+        dx = fresh(self.new_dx)
+        dy = fresh(self.new_dy) if target_grad else None
+        if x.numel():
+            key = ("bwd", grad_out.stride(), target_grad)
+            run = self.fwd.get(key)
+            if run is None:
+                run = self.launcher.plan_cross_entropy_prob_bwd(
+                    x.reshape(self.shape3), target.reshape(self.target3), weight, stats, grad_out,
+                    dx.view(self.shape3), None if dy is None else dy.view(self.target3),
+                    self.smoothing, self.reduction)
+                if not capturing():
+                    self.fwd[key] = run
+            run(x, target, weight, stats, grad_out, dx, dy)
+        return dx, dy
+
+    def scale_grad(self, dx, grad_out, target) -> None:
+        if not self.planned:
+            return super().scale_grad(dx, grad_out, target)
         run = self.scale.get(grad_out.dtype)
         if run is None:
-            run = self.launcher.plan_scale_grad(dx, grad_out)
+            run = self.launcher.plan_scale_grad(dx, grad_out, target, self.ignore_index)
             if not capturing():
                 self.scale[grad_out.dtype] = run
-        run(dx, grad_out)
+        run(dx, grad_out, target)
 
 
 def _no_scratch() -> None:

@@ -340,6 +340,36 @@ def test_nan_and_inf_propagate_like_torch(case, backend):
     check_like_torch(fn, inputs(), backend, tf32=case.startswith("conv"))
 
 
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [NAN, INF])
+@pytest.mark.parametrize("ignored", ["some", "all"])
+def test_ignored_rows_keep_a_zero_gradient_under_a_nonfinite_upstream(backend, reduction,
+                                                                     upstream, ignored):
+    """An ignored row's gradient is 0 whatever the loss's upstream gradient is, as torch's
+    (it is never written, not 0 * g): the Triton forward writes the gradient and its
+    backward scales it by g, where a NaN or infinite g had made the ignored rows NaN too.
+    (An all-ignored mean is NaN, which a caller may feed back.) The other rows' gradients
+    are not finite where torch's are not (which of NaN and inf follows each kernel's order
+    of operations: torch's log-softmax backward gives inf - inf)."""
+    N, C = 6, 9
+    x = random_tensor((N, C), torch.float32, DEVICE, scale=2.0)
+    t = torch.tensor([0, 3, 8, 3, 5, 1], device=DEVICE)
+    t[t == 3] = -100
+    if ignored == "all":
+        t[:] = -100
+    grads = []
+    for be in (backend, "torch"):
+        xg = x.clone().requires_grad_()
+        loss = pydl.cross_entropy(xg, t, reduction=reduction, label_smoothing=0.1, backend=be)
+        (dx,) = torch.autograd.grad(loss, xg, torch.tensor(upstream, device=DEVICE))
+        grads.append(dx)
+    got, want = grads
+    skipped = t == -100
+    assert torch.equal(got[skipped], torch.zeros_like(got[skipped]))
+    assert torch.equal(got.isfinite(), want.isfinite())
+
+
 # --- bfloat16 in emulation ------------------------------------------------------------------
 
 emulation_only = pytest.mark.skipif(HAS_CUDA, reason="emulation only: on a GPU bf16 is compiled")

@@ -87,10 +87,17 @@ def test_conv2d_layouts_do_not_share_a_plan(backend, algo):
 
 def test_conv2d_strided_bias():
     """A bias view with a stride (a slice of a larger tensor) on the implicit kernel, which
-    reads the bias at unit stride: the wrong channels' values before it was copied."""
+    reads the bias at unit stride: the wrong channels' values before it was copied. One
+    output channel's bias of any stride is read as it is (torch calls it contiguous and
+    .contiguous() keeps its stride: copying it for the kernel had recursed forever)."""
     x, w, b = _randn(1, 3, 5, 5), _randn(4, 3, 3, 3), _randn(8)
     y = pydl.conv2d(x, w, b[::2], padding=1, backend="triton", algo="implicit")
     torch.testing.assert_close(y, F.conv2d(x, w, b[::2], padding=1), **TOL)
+    w1 = _randn(1, 3, 3, 3)
+    for b1 in (b[::2][:1], b[3:4].expand(1), b[5:6]):
+        for algo in ("implicit", "im2col"):
+            y = pydl.conv2d(x, w1, b1, padding=1, backend="triton", algo=algo)
+            torch.testing.assert_close(y, F.conv2d(x, w1, b1, padding=1), **TOL)
 
 
 def test_conv2d_dtype_does_not_share_a_plan():
@@ -221,6 +228,38 @@ def test_cross_entropy_layouts_do_not_share_a_plan(reduction, backend):
     ]
     _check_layouts(lambda x, t, w, backend: pydl.cross_entropy(
         x, t, weight=w, reduction=reduction, label_smoothing=0.1, backend=backend), layouts,
+        backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_probabilities_layouts_do_not_share_a_plan(reduction, backend):
+    """Class-probability targets (their own plan): logits and targets contiguous, transposed
+    and strided, (N, C, d) logits, class weights strided, the target's gradient too; a
+    per-row cotangent contiguous and strided."""
+    N, C, D = 5, 7, 3
+    x, xt, x3 = _randn(N, C), _randn(C, N), _randn(N, C, D)
+    y, y2, y3 = _randn(N, C).softmax(1), _randn(N, 2 * C).softmax(1), _randn(N, C, D).softmax(1)
+    w, w2 = _randn(C).abs(), _randn(2 * C).abs()
+    if reduction == "none":
+        g, g2, g3 = _randn(N), _randn(2 * N), _randn(N, D)
+        plain, strided, rows3 = (lambda out: g), (lambda out: g2[::2]), (lambda out: g3)
+    else:
+        g = _randn(())
+        plain = strided = rows3 = (lambda out: g)
+    d = torch.Tensor.detach      # torch's cross_entropy has no gradient for the weights
+    layouts = [
+        ((x, y, w), lambda x, y, w: (x, y, d(w)), plain),
+        ((x, y, w), lambda x, y, w: (x, y, d(w)), strided),
+        ((xt, y, w), lambda x, y, w: (x.t(), y, d(w)), plain),
+        ((xt, y2, w2), lambda x, y, w: (x.t(), y[:, ::2], d(w)[::2]), strided),
+        ((x3, y3, w), lambda x, y, w: (x, y, d(w)), rows3),
+        ((x3, y3, w), lambda x, y, w: (x.transpose(1, 2).contiguous().transpose(1, 2), y, d(w)),
+         rows3),
+        ((x, y, w), lambda x, y, w: (x, y, d(w)), plain),
+    ]
+    _check_layouts(lambda x, y, w, backend: pydl.cross_entropy(
+        x, y, weight=w, reduction=reduction, label_smoothing=0.1, backend=backend), layouts,
         backend)
 
 

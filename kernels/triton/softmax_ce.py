@@ -21,7 +21,8 @@ only multiplies it by the upstream gradient, and not even that when the upstream
 is 1, a loss's own backward (cross_entropy_scale_grad). Its sum and mean reductions are
 finished in the kernel: each program leaves its rows' partial sums, and the last program
 to arrive (an atomic counter; no program waits) adds them in program order, so the result
-is deterministic, and writes the reduced loss.
+is deterministic, and writes the reduced loss; so are those of the class-probability
+loss, whose programs leave one partial sum each.
 """
 import triton
 import triton.language as tl
@@ -183,23 +184,6 @@ def _trap_if(bad):
     error surfaces at the next synchronisation. GPU only (the interpreter has no PTX)."""
     tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p trap; mov.u32 $0, 0; }",
                               "=r,r", [bad.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def loss_reduce(
-    loss_ptr,                               # fp32 per-row losses
-    out_ptr,                                # the reduced loss (0-d, its dtype)
-    n_rows, scale,
-    BLOCK: tl.constexpr,
-):
-    """out = scale * sum(loss) in one program, rows in a fixed order (the same result every
-    run), written in the output's dtype: the class-probability loss's sum and mean."""
-    cols = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n_rows, BLOCK):
-        r = start + cols
-        acc += tl.load(loss_ptr + r, mask=r < n_rows, other=0.0)
-    tl.store(out_ptr, (tl.sum(acc, 0) * scale).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -486,18 +470,26 @@ def cross_entropy_mean_denominator(
 
 
 @triton.jit
-def cross_entropy_scale_grad(dx_ptr, g_ptr, numel, BLOCK: tl.constexpr):
-    """dx *= g in place (dx contiguous), g the 0-d upstream gradient of a reduced loss on the
-    device; where g == 1 (a loss's own backward) every program returns at once, so a gradient
-    written by the forward costs the backward nothing. A grid-stride loop: a few programs per
-    multiprocessor cover any size."""
+def cross_entropy_scale_grad(dx_ptr, g_ptr, target_ptr, numel, n, inner, st, ignore_index,
+                             BLOCK: tl.constexpr):
+    """dx *= g in place (dx contiguous, x's shape: rows of n classes, inner apart), g the 0-d
+    upstream gradient of a reduced loss on the device; where g == 1 (a loss's own backward)
+    every program returns at once, so a gradient written by the forward costs the backward
+    nothing. An ignored row's gradient stays 0 whatever g is, as torch's (never written, not
+    0 * g): where g is not finite each element's row reads its target (row stride st). A
+    grid-stride loop: a few programs per multiprocessor cover any size."""
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:
+        finite = tl.abs(g) < float("inf")               # False for NaN too
         step = tl.num_programs(0).to(tl.int64) * BLOCK
         for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, step):
             i = start + tl.arange(0, BLOCK)
             ok = i < numel
             v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32) * g
+            if not finite:
+                row = (i // (n * inner)) * inner + i % inner
+                t = tl.load(target_ptr + row * st, mask=ok, other=0)
+                v = tl.where(t == ignore_index, 0.0, v)
             tl.store(dx_ptr + i, v.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -553,19 +545,25 @@ def cross_entropy_bwd(
 @triton.jit
 def cross_entropy_prob_fwd(
     x_ptr, y_ptr, weight_ptr,               # logits and targets (outer, C, inner) views; weights (C,)
-    loss_ptr, lse_ptr, mass_ptr,            # per row: loss (its dtype), fp32 logsumexp, sum_c w_c y'_c
+    loss_ptr,                               # the loss: per row (REDUCE off), else the reduced one (0-d)
+    stats_ptr,                              # fp32: per row lse, then S = sum_c w_c y'_c, then parts
+    arrivals_ptr,                           # REDUCE: the grid's arrival counter (left at 0)
     n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
     sy_outer, sy_n, sy_inner,               # strides of the target's view (its own dtype)
     smoothing,                              # label_smoothing eps: y' = (1 - eps) y + eps / C
-    HAS_WEIGHT: tl.constexpr,
+    scale,                                  # REDUCE: the loss is scale * sum of the rows' losses
+    HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr, PARTS_BLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C.
 
     Single pass over logits and targets: _ce_row_stats, the sum of the index kernel's smoothing
     term with a = w y' (logits of 1e4 do not cancel; a -inf logit gives an inf loss where a > 0,
-    NaN where a = 0, as torch gives).
+    NaN where a = 0, as torch gives). stats holds the rows' lse at [0, n_rows) and S at
+    [n_rows, 2 n_rows), what the backward reads. REDUCE (a sum, or a mean with scale = 1 / rows):
+    each program leaves its rows' sum at stats[2 n_rows + program], and the last program to
+    arrive adds them in program order (deterministic) and writes the loss.
     """
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
@@ -573,14 +571,23 @@ def cross_entropy_prob_fwd(
     m_row, log_s, loss, mass = _ce_row_stats(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, n,
                                              rmask, smoothing, HAS_WEIGHT, True, True,
                                              BLOCK_R, BLOCK_N)
-    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
-    tl.store(lse_ptr + rows, m_row + log_s, mask=rmask)
-    tl.store(mass_ptr + rows, mass, mask=rmask)
+    tl.store(stats_ptr + rows, m_row + log_s, mask=rmask)
+    tl.store(stats_ptr + n_rows + rows, mass, mask=rmask)
+    if REDUCE:
+        parts_ptr = stats_ptr + 2 * n_rows
+        tl.store(parts_ptr + tl.program_id(0), tl.sum(tl.where(rmask, loss, 0.0), 0))
+        if _arrive_last(arrivals_ptr):
+            total = _sum_parts(parts_ptr, tl.num_programs(0), 1, PARTS_BLOCK) * scale
+            tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
+            tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
+    else:
+        tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
 def cross_entropy_prob_bwd(
-    x_ptr, y_ptr, weight_ptr, lse_ptr, mass_ptr,
+    x_ptr, y_ptr, weight_ptr,
+    stats_ptr,                              # the forward's: per row lse, then S
     grad_ptr,                               # upstream gradient per row (grad_stride 0: a scalar)
     dx_ptr, dy_ptr,                         # gradients w.r.t. logits and targets (dy: TARGET_GRAD only)
     grad_stride, grad_scale,                # the gradient is multiplied by grad_scale
@@ -599,8 +606,8 @@ def cross_entropy_prob_bwd(
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
     y_off = (rows // inner) * sy_outer + (rows % inner) * sy_inner
     dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)[:, None]
-    mass = tl.load(mass_ptr + rows, mask=rmask, other=0.0)[:, None]
+    lse = tl.load(stats_ptr + rows, mask=rmask, other=0.0)[:, None]
+    mass = tl.load(stats_ptr + n_rows + rows, mask=rmask, other=0.0)[:, None]
     g = (tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)
          * grad_scale)[:, None]
     if TARGET_GRAD:
