@@ -120,8 +120,8 @@ case $mode in
             --variants triton-implicit triton-flash triton-persistent torch --calls 50 \
             --json "$out/overhead.json" >"$out/overhead.log" 2>&1
         echo "overhead exit status $?"
-        PYDL_TUNE=0 timeout -k 5 25 python3 -m bench overhead cross_entropy softmax max_pool2d \
-            avg_pool2d lstm_cell gru_cell --variants triton torch --calls 50 \
+        PYDL_TUNE=0 timeout -k 5 25 python3 -m bench overhead cross_entropy cross_entropy_soft \
+            softmax max_pool2d avg_pool2d lstm_cell gru_cell --variants triton torch --calls 50 \
             --json "$out/overhead2.json" >>"$out/overhead.log" 2>&1
         echo "overhead exit status $?"
         cat "$out/overhead.log"
@@ -131,8 +131,8 @@ case $mode in
             --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
                 d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
                 h1536-b32-t187 h512-b32-t1 h1024-b64-t1500
-        bench_op 65 10 cross_entropy max_pool2d avg_pool2d adaptive_avg_pool2d softmax \
-            conv2d_depthwise --variants triton numba torch
+        bench_op 65 9 cross_entropy cross_entropy_soft max_pool2d avg_pool2d \
+            adaptive_avg_pool2d softmax conv2d_depthwise --variants triton numba torch
         # the Numba conv2d on its tensor-core GEMM and the Numba attention on its tensor-core
         # forward (bench/TUNING.md v10, v11; PYDL_NUMBA_MMA above), beside the triton rows of
         # the first group

@@ -84,4 +84,58 @@ class CrossEntropySuite(Suite):
         return passes * n * c * dtype_size(dtype) + 8 * n
 
 
-SUITES = [CrossEntropySuite()]
+# Class-probability ("soft") targets: a classifier trained with mixup / CutMix (the ImageNet
+# recipes of torchvision and timm give CrossEntropyLoss the mixed one-hot targets) and
+# distillation against a teacher's probabilities at an LLM's vocabulary.
+SOFT_SHAPES: dict[str, tuple[Case, ...]] = {
+    "tiny": (
+        Case("tiny-soft-1k", (8, 1000), F32, "emulation check: soft targets, one column block"),
+        Case("tiny-soft-5k", (4, 5000), F16,
+             "emulation check: soft targets wider than pydl's 4096-column block"),
+    ),
+    "quick": (
+        Case("imagenet-mixup", (256, 1000), BF16,
+             "ImageNet classifier head, mixup / CutMix targets; batch 256 (host-bound)"),
+        Case("distill-v32k", (8192, 32768), BF16,
+             "distillation at a 32k vocabulary, the teacher's probabilities; 8192 tokens"),
+    ),
+}
+SOFT_SHAPES["full"] = SOFT_SHAPES["quick"] + (
+    Case("imagenet-mixup-1024", (1024, 1000), BF16, "ImageNet head, mixup targets; batch 1024"),
+    Case("distill-v128k", (4096, 131072), BF16,
+         "distillation at a 128k vocabulary (Llama-3 size, round); 4096 tokens"),
+)
+SOFT_FWD_FLOPS, SOFT_BWD_FLOPS = 6, 4
+
+
+class SoftCrossEntropySuite(CrossEntropySuite):
+    """cross_entropy(logits, probabilities) with reduction="mean": pydl's class-probability
+    kernels against torch's (log_softmax and a product). Targets are rows of a softmax in the
+    logits' dtype, fixed (no gradient: a mixed label or a detached teacher). Minimal bytes
+    (s = element size, targets of the logits' dtype): forward reads both, N C 2s; backward
+    and fwd+bwd also write the gradient, N C 3s. Liger-Kernel's loss takes class indices
+    only: no peer."""
+
+    def __init__(self):
+        Suite.__init__(
+            self, op="cross_entropy_soft", registry_op="cross_entropy", shape_sets=SOFT_SHAPES,
+            bound="memory", differentiable=(0,),
+            notes="cross_entropy(logits (N, C), probabilities (N, C)), mean")
+
+    def make_inputs(self, case, dtype, device, generator):
+        n, c = case.shape
+        logits = randn((n, c), dtype, device, generator)
+        target = torch.softmax(randn((n, c), torch.float32, device, generator), 1).to(dtype)
+        return logits, target
+
+    def flops(self, case, direction):
+        per = {"fwd": SOFT_FWD_FLOPS, "bwd": SOFT_BWD_FLOPS,
+               "fwd+bwd": SOFT_FWD_FLOPS + SOFT_BWD_FLOPS}[direction]
+        return per * case.numel
+
+    def bytes(self, case, dtype, direction):
+        n, c = case.shape
+        return (2 if direction == "fwd" else 3) * n * c * dtype_size(dtype)
+
+
+SUITES = [CrossEntropySuite(), SoftCrossEntropySuite()]
