@@ -265,6 +265,21 @@ def _cross_entropy_vocab(n: int, c: int):
     return run
 
 
+def _cross_entropy_soft(n: int, c: int):
+    """cross_entropy(logits (n, c) bf16, class probabilities), mean, as the soft suite runs
+    it: training (the gradient written by the forward, scaled by the backward) and the
+    inference forward."""
+    def run():
+        import torch
+        import pydl
+        x = torch.empty(n, c, dtype=torch.bfloat16, requires_grad=True)
+        y = torch.empty(n, c, dtype=torch.bfloat16)
+        pydl.cross_entropy(x, y).backward()
+        with torch.no_grad():
+            pydl.cross_entropy(x, y)
+    return run
+
+
 def _softmax_rows(rows: int, n: int):
     """softmax over the last dim of a (rows, n) bf16 input, forward and backward, as the
     benchmark's softmax suite runs it (attention scores, vocabularies)."""
@@ -291,6 +306,7 @@ PROBLEMS = (
     ("conv", "mbv2 dw 3x3/2 144 56^2", _conv_layer(144, 144, 3, 2, 56, groups=144)),
     ("conv", "convnext dw 7x7 96 56^2", _conv_layer(96, 96, 7, 1, 56, groups=96)),
     ("cross_entropy", "v32k bf16", _cross_entropy_vocab(8192, 32768)),
+    ("cross_entropy", "distill-v32k soft bf16", _cross_entropy_soft(8192, 32768)),
     ("softmax", "attn-2k bf16", _softmax_rows(32 * 2048, 2048)),
     ("softmax", "vocab-32k bf16", _softmax_rows(8192, 32768)),
     ("attention", "d128-4k", _attention(False)),
@@ -374,7 +390,8 @@ def _cov_softmax(dtype: str, shape: tuple, dim: int):
 def _cov_cross_entropy(dtype: str, shape: tuple):
     """cross_entropy on (N, C, ...) logits: class indices (mean; weights, ignore_index and
     label smoothing summed; per-row losses), class probabilities (weights and smoothing, the
-    target's gradient too; plain per-row losses), forward and backward."""
+    target's gradient too; a sum trained with the gradient from the forward; plain per-row
+    losses), forward and backward."""
     def run():
         import torch
         import pydl
@@ -391,6 +408,7 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
         _grad(pydl.cross_entropy(x, t, reduction="none"), [x])
         y = torch.softmax(torch.randn(*shape), 1).to(_dtype(dtype)).requires_grad_(True)
         pydl.cross_entropy(x, y, weight=w, label_smoothing=0.2).backward()
+        pydl.cross_entropy(x, y.detach(), reduction="sum").backward()
         _grad(pydl.cross_entropy(x, y.detach(), reduction="none"), [x])
     return run
 
@@ -1116,7 +1134,7 @@ def measure(rows: list[dict], workers: int, keep_sass: bool = False) -> list[dic
 
 def _config_text(cfg: dict) -> str:
     short = {"STAGES": "STAGES", "SPLIT_WAVES": "waves"}      # e.g. M64 N64 K64 waves4
-    return " ".join(f"{k[6:] if k.startswith('BLOCK_') else short[k]}{v}"
+    return " ".join(f"{k[6:] if k.startswith('BLOCK_') else short.get(k, k)}{v}"
                     for k, v in cfg.items() if k.startswith("BLOCK") or k in short)
 
 

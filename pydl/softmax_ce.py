@@ -245,33 +245,39 @@ class _TritonLaunch:
 
     @staticmethod
     def cross_entropy_scale_grad(dx, grad_out, target, ignore_index: int) -> None:
-        """dx *= grad_out (0-d, on the device) in place, the ignored rows' zeros kept; nothing
-        is read or written where grad_out == 1."""
+        """dx *= grad_out (0-d, on the device) in place, the ignored rows' zeros kept (class
+        indices; target None: class probabilities); nothing is read or written where
+        grad_out == 1."""
         _TritonLaunch.plan_scale_grad(dx, grad_out, target, ignore_index)(dx, grad_out, target)
 
     @staticmethod
     def plan_scale_grad(dx, grad_out, target, ignore_index: int):
         """run(dx, grad_out, target): cross_entropy_scale_grad's launch; dx contiguous, of the
-        logits' shape, and target of the rows' (read only where grad_out is not finite; a
-        layout that flattens to no one stride is copied then)."""
+        logits' shape, and target the rows' class indices (read only where grad_out is not
+        finite; a layout that flattens to no one stride is copied then), or None."""
         n = dx.shape[0 if dx.dim() == 1 else 1]
         inner = math.prod(dx.shape[2:])
+        if target is None:
+            launch = _LAUNCHES.get(("scale_grad", dx.numel(), dx.dtype, grad_out.dtype,
+                                    dx.device), _TritonLaunch._plan_scale, dx.numel(), n,
+                                   inner, 0, 0, False)
+            return lambda dx, grad_out, target: launch(dx, grad_out, dx)
         t = target.reshape(-1)
         flat = _same_memory(t, target)
         key = ("scale_grad", dx.numel(), dx.dtype, grad_out.dtype, dx.device, n, inner,
                t.stride(0), target.dtype, ignore_index)
         launch = _LAUNCHES.get(key, _TritonLaunch._plan_scale, dx.numel(), n, inner,
-                               t.stride(0), ignore_index)
+                               t.stride(0), ignore_index, True)
         if flat:
             return launch
         return lambda dx, grad_out, target: launch(dx, grad_out, target.reshape(-1))
 
     @staticmethod
-    def _plan_scale(numel, n, inner, st, ignore_index) -> Launch:
+    def _plan_scale(numel, n, inner, st, ignore_index, ignore: bool) -> Launch:
         from .kernels.triton import softmax_ce as k
         programs = max(1, min(cdiv(numel, SCALE_BLOCK), SCALE_PROGRAMS))
         return Launch(k.cross_entropy_scale_grad, (programs,),
-                      (numel, n, inner, st, ignore_index), dict(BLOCK=SCALE_BLOCK))
+                      (numel, n, inner, st, ignore_index), dict(IGNORE=ignore, BLOCK=SCALE_BLOCK))
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
@@ -316,11 +322,14 @@ class _TritonLaunch:
 
     @staticmethod
     @planned_once
-    def plan_cross_entropy_prob_fwd(x3, y3, weight, stats, loss, smoothing, reduction):
-        """run(x3, y3, weight, stats, loss): class-probability targets' forward, one launch
-        (rows > 0) into stats (per row lse and S, the backward's, then the programs' partial
-        sums of a reduction) and loss (per row for "none", else the reduced 0-d loss, which
-        the kernel's last program writes). x3, y3 by pointer (x, target for their views)."""
+    def plan_cross_entropy_prob_fwd(x3, y3, weight, stats, loss, dx3, scratch, smoothing,
+                                    reduction):
+        """run(x3, y3, weight, stats, loss, dx3, scratch): class-probability targets' forward,
+        one launch (rows > 0) into stats (per row lse and S, what the backward reads) and
+        loss (per row for "none", else the reduced 0-d loss, which the kernel's last program
+        writes from the programs' partial sums in `scratch`, fp32 (rows,)); with dx3 (a sum
+        or a mean only) also the gradient for an upstream gradient of 1. x3, y3, dx3 by
+        pointer (x, target, dx for their views)."""
         outer, n, inner = x3.shape
         rows = outer * inner
         reduce = reduction != "none"
@@ -330,14 +339,22 @@ class _TritonLaunch:
         strided = weight is not None and weight.stride(0) != 1
         w = x3 if weight is None else unit_stride(weight)
         dev = x3.device
+        dx = x3 if dx3 is None else dx3
         launch = _launch("cross_entropy_prob_fwd", x3,
-                         (x3, y3, w, loss, stats, arrival_counters(dev, 1) if reduce else stats),
-                         (rows, n, inner, *x3.stride(), *y3.stride(), smoothing, scale),
-                         HAS_WEIGHT=weight is not None, REDUCE=reduce, PARTS_BLOCK=PARTS_BLOCK)
+                         (x3, y3, w, loss, stats, arrival_counters(dev, 1) if reduce else stats,
+                          scratch if reduce else stats, dx),
+                         (rows, n, inner, *x3.stride(), *y3.stride(), *dx.stride(), smoothing,
+                          scale),
+                         HAS_WEIGHT=weight is not None, REDUCE=reduce, PARTS_BLOCK=PARTS_BLOCK,
+                         GRAD=dx3 is not None)
 
-        def run(x3, y3, weight, stats, loss):
+        def run(x3, y3, weight, stats, loss, dx3, scratch):
             w = x3 if weight is None else (weight.contiguous() if strided else weight)
-            launch(x3, y3, w, loss, stats, arrival_counters(dev, 1) if reduce else stats)
+            if reduce:
+                launch(x3, y3, w, loss, stats, arrival_counters(dev, 1), scratch,
+                       x3 if dx3 is None else dx3)
+            else:
+                launch(x3, y3, w, loss, stats, stats, stats, x3)
         return run
 
     @staticmethod
@@ -519,39 +536,42 @@ class _NumbaLaunch:
 
     @staticmethod
     @planned_once
-    def plan_cross_entropy_prob_fwd(x3, y3, weight, stats, loss, smoothing, reduction):
-        """run(x3, y3, weight, stats, loss), as _TritonLaunch's: the per-row kernel into
-        stats (lse, S) and the rows' losses (`loss` itself for "none", else stats' third
-        part), then for a sum or a mean loss_reduce's one block (its weights unread: the
-        rows' losses stand in; its denominator into a scratch element allocated per call)."""
+    def plan_cross_entropy_prob_fwd(x3, y3, weight, stats, loss, dx3, scratch, smoothing,
+                                    reduction):
+        """run(x3, y3, weight, stats, loss, dx3, scratch), as _TritonLaunch's without the
+        gradient (dx3 None: the backward computes it): the per-row kernel into stats (lse, S)
+        and the rows' losses (`loss` itself for "none", else `scratch`), then for a sum or a
+        mean loss_reduce's one block (its weights unread: the rows' losses stand in; its
+        denominator into an element allocated per call)."""
         from .kernels.numba import softmax_ce as k
+        if dx3 is not None:
+            raise ValueError("the numba cross-entropy computes its gradient in the backward")
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
         none = reduction == "none"
-        per_row = loss.reshape(rows) if none else stats[2 * rows:]
+        per_row = loss.reshape(rows) if none else scratch
         w, w_code = _NumbaLaunch._weights(weight, stats[:1])
         cast = weight is not None and w is not weight      # fp64 weights: as fp32 per call
         fwd = NumbaLaunch(*_NumbaLaunch._row(
             "cross_entropy_prob_fwd", x3, x3, y3, w, per_row.view(1, rows, 1), stats[:rows],
-            stats[rows:2 * rows], inner, float(smoothing), weight is not None, w_code,
+            stats[rows:], inner, float(smoothing), weight is not None, w_code,
             dtype_code(x3.dtype), dtype_code(y3.dtype), dtype_code(per_row.dtype)),
-            (x3, y3, w, loss, stats), (0, 1, 2 if weight is not None else 4,
-                                       3 if none else 4, 4, 4))
+            (x3, y3, w, per_row, stats), (0, 1, 2 if weight is not None else 4, 3, 4, 4))
         if none:
-            def run(x3, y3, weight, stats, loss):
+            def run(x3, y3, weight, stats, loss, dx3, scratch):
                 fwd(x3, y3, weight.to(torch.float32) if cast else weight, loss, stats)
             return run
         scale = (1.0 / rows if n else math.nan) if reduction == "mean" else 1.0
-        new_scratch = output_maker((1,), torch.float32, dev)
-        scratch = new_scratch()
+        new_sink = output_maker((1,), torch.float32, dev)
+        sink = new_sink()
         total = NumbaLaunch(k.loss_reduce, 1, numba_threads(256), dev,
-                            (per_row, per_row, loss.view(1, 1, 1), scratch, False, False,
+                            (per_row, per_row, loss.view(1, 1, 1), sink, False, False,
                              scale, dtype_code(loss.dtype)),
-                            (stats, loss, scratch), (0, 0, 1, 2))
+                            (scratch, loss, sink), (0, 0, 1, 2))
 
-        def run(x3, y3, weight, stats, loss):
-            fwd(x3, y3, weight.to(torch.float32) if cast else weight, loss, stats)
-            total(stats, loss, new_scratch())
+        def run(x3, y3, weight, stats, loss, dx3, scratch):
+            fwd(x3, y3, weight.to(torch.float32) if cast else weight, scratch, stats)
+            total(scratch, loss, new_sink())
         return run
 
     @staticmethod
@@ -765,14 +785,15 @@ class CrossEntropyKernels:
 
     def scale_grad(self, dx, grad_out, target) -> None:
         """The forward's gradient scaled in place by the upstream gradient (the ignored rows'
-        zeros kept)."""
+        zeros kept; target None for class probabilities)."""
         LAUNCHERS[self.backend].cross_entropy_scale_grad(dx, grad_out, target, self.ignore_index)
 
     # class-probability targets (CrossEntropyProbFunction)
 
-    def prob_forward(self, x, target, weight):
-        """(loss, stats: what prob_backward reads)."""
-        return _cross_entropy_prob_fwd(x, target, weight, self.reduction, self.smoothing,
+    def prob_forward(self, x, target, weight, grad: bool):
+        """(loss, stats: what prob_backward reads, with `grad` the gradient for an upstream
+        gradient of 1)."""
+        return _cross_entropy_prob_fwd(x, target, weight, self.reduction, self.smoothing, grad,
                                        self.backend)
 
     def prob_backward(self, x, target, weight, stats, grad_out, target_grad: bool):
@@ -828,33 +849,39 @@ def _loss_dtype(x: Tensor, target: Tensor) -> torch.dtype:
     return x.dtype if x.dtype == target.dtype else torch.float32
 
 
-def _cross_entropy_prob_fake(x, target, weight, reduction, smoothing, backend):
+def _cross_entropy_prob_fake(x, target, weight, reduction, smoothing, grad, backend):
     rows = math.prod(_row_shape(x))
     dtype = _loss_dtype(x, target)
     out = empty_like_shape(x, _row_shape(x) if reduction == "none" else (), dtype)
-    return out, empty_like_shape(x, ((2 if reduction == "none" else 3) * rows,), torch.float32)
+    return (out, empty_like_shape(x, (2 * rows,), torch.float32),
+            empty_like_shape(x, x.shape if grad else (0,)))
 
 
 @kernel_op("cross_entropy_prob_fwd", _cross_entropy_prob_fake)
 def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], reduction: str,
-                            smoothing: float, backend: str) -> tuple[Tensor, Tensor]:
+                            smoothing: float, grad: bool,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Class-probability targets (target: x's shape, floating): (loss in the promoted dtype
     of x and target, as torch; stats: one fp32 buffer, per row the logsumexp and
-    S = sum_c w_c y'_c, which the backward reads, then (reductions only) a row's worth of
-    the launch's scratch)."""
+    S = sum_c w_c y'_c, which the backward reads; with `grad` the loss's gradient w.r.t. x
+    for an upstream gradient of 1, written by the forward (a sum or a mean on the triton
+    backend; an empty placeholder without))."""
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     y3 = as_rows(target, dim)[0]
     rows = outer * inner
     none = reduction == "none"
-    stats = new_output((2 if none else 3) * rows, torch.float32, x.device)
+    stats = new_output(2 * rows, torch.float32, x.device)
     loss = new_output(_row_shape(x) if none else (), _loss_dtype(x, target), x.device)
+    dx3 = new_output(x3.shape, x.dtype, x.device) if grad else None
     if rows:
-        tensors = (x3, y3, weight, stats, loss)
+        scratch = None if none else new_output(rows, torch.float32, x.device)
+        tensors = (x3, y3, weight, stats, loss, dx3, scratch)
         LAUNCHERS[backend].plan_cross_entropy_prob_fwd(*tensors, smoothing, reduction)(*tensors)
     elif not none:      # torch's empty mean and sum
         loss.fill_(math.nan if reduction == "mean" else 0.0)
-    return loss, stats
+    dx = dx3.view(x.shape) if grad else new_output((0,), x.dtype, x.device)
+    return loss, stats, dx
 
 
 def _cross_entropy_prob_bwd_fake(x, target, weight, stats, grad_out, reduction, smoothing,
@@ -883,13 +910,17 @@ def _cross_entropy_prob_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
 class CrossEntropyProbFunction(torch.autograd.Function):
     """Fused log_softmax + soft-target cross-entropy (+ weights, label smoothing) over class
     dim 1; differentiable in the logits and in the target. `ops`: the options and backend
-    (CrossEntropyKernels, or in eager mode the call signature's plan)."""
+    (CrossEntropyKernels, or in eager mode the call signature's plan). With grad_in_forward
+    the forward also writes the logits' gradient and the backward scales it, as
+    CrossEntropyFunction does (not when the target needs a gradient: the backward kernel
+    writes both)."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, ops: CrossEntropyKernels):
-        out, stats = ops.prob_forward(x, target, weight)
+    def forward(ctx, x, target, weight, ops: CrossEntropyKernels, grad_in_forward: bool):
+        out, stats, dx = ops.prob_forward(x, target, weight, grad_in_forward)
         ctx.save_for_backward(x, target, weight, stats)
         ctx.ops = ops
+        ctx.grad_from_forward = dx if grad_in_forward else None
         return out
 
     @staticmethod
@@ -900,8 +931,12 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         if torch.is_grad_enabled():      # create_graph: differentiable again
             return _cross_entropy_prob_grad_graph(x, target, weight, grad_out, ops.reduction,
                                                   ops.smoothing, target_grad, ops.backend)
+        dx, ctx.grad_from_forward = ctx.grad_from_forward, None
+        if dx is not None and not target_grad:
+            ops.scale_grad(dx, grad_out, None)
+            return dx, None, None, None, None
         dx, dy = ops.prob_backward(x, target, weight, stats, grad_out, target_grad)
-        return dx, (dy if target_grad else None), None, None
+        return dx, (dy if target_grad else None), None, None, None
 
 
 # --- cross-entropy's double backward ------------------------------------------------------
@@ -966,7 +1001,7 @@ def _cross_entropy_prob_grad_graph(x, target, weight, grad_out, reduction: str, 
     dy = None
     if target_grad:
         dy = (-(g * (1.0 - smoothing)) * w * logp).to(target.dtype)
-    return dx, dy, None, None
+    return dx, dy, None, None, None
 
 
 # --- implementations by backend -----------------------------------------------------------
@@ -985,8 +1020,9 @@ def _kernel_cross_entropy(backend: str):
         ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend)
         if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
             if needs_graph(x, target):
-                return apply(CrossEntropyProbFunction, x, target, weight, ops)
-            return ops.prob_forward(x, target, weight)[0]
+                return apply(CrossEntropyProbFunction, x, target, weight, ops,
+                             _grad_in_forward(backend, x, reduction) and not target.requires_grad)
+            return ops.prob_forward(x, target, weight, False)[0]
         if needs_graph(x):
             return apply(CrossEntropyFunction, x, target, weight, ops,
                          _grad_in_forward(backend, x, reduction))
@@ -1244,12 +1280,15 @@ class _CrossEntropyCall(CrossEntropyKernels):
             self.launcher = LAUNCHERS[name]
             self.shape3, self.target3, self.rows = x3.shape, t3.shape, x3.shape[0] * x3.shape[2]
             none = reduction == "none"
-            self.new_stats = output_maker(((2 if none else 3) * self.rows,), torch.float32, dev)
+            self.new_stats = output_maker((2 * self.rows,), torch.float32, dev)
+            self.new_scratch = _no_scratch if none else output_maker((self.rows,),
+                                                                     torch.float32, dev)
             self.new_loss = output_maker(_row_shape(input) if none else (),
                                          _loss_dtype(input, target), dev)
             self.new_dx = output_maker(input.shape, input.dtype, dev)
             self.new_dy = output_maker(target.shape, target.dtype, dev)
-            self.fwd = {}       # by step: "fwd", ("bwd", upstream strides, target grad)
+            self.fwd = {}       # forward by grad, ("bwd", upstream strides, target grad)
+            self.scale = {}
         elif self.planned:
             self.launcher = LAUNCHERS[name]
             dt, dev = input.dtype, input.device
@@ -1269,9 +1308,11 @@ class _CrossEntropyCall(CrossEntropyKernels):
         if self.eager:
             graph = torch.is_grad_enabled() and x.requires_grad
             if self.prob:
-                if graph or (torch.is_grad_enabled() and t.requires_grad):
-                    return apply(CrossEntropyProbFunction, x, t, w, self)
-                return self.prob_forward(x, t, w)[0]
+                target_graph = torch.is_grad_enabled() and t.requires_grad
+                if graph or target_graph:
+                    return apply(CrossEntropyProbFunction, x, t, w, self,
+                                 graph and self.grad_forward and not target_graph)
+                return self.prob_forward(x, t, w, False)[0]
             if graph:
                 return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)
             return self.forward(x, t, w, False)[0]
@@ -1318,23 +1359,26 @@ class _CrossEntropyCall(CrossEntropyKernels):
             run(x, target, weight, lse, denom, grad_out, dx)
         return dx
 
-    def prob_forward(self, x, target, weight):
+    def prob_forward(self, x, target, weight, grad: bool):
         if not self.planned:
-            return super().prob_forward(x, target, weight)
+            return super().prob_forward(x, target, weight, grad)
         stats, loss = fresh(self.new_stats), fresh(self.new_loss)
+        dx = fresh(self.new_dx) if grad else None
         if not self.rows:
             if self.reduction != "none":        # torch's empty mean and sum
                 loss.fill_(math.nan if self.reduction == "mean" else 0.0)
-            return loss, stats
-        run = self.fwd.get("fwd")
+            return loss, stats, dx
+        scratch = self.new_scratch()
+        run = self.fwd.get(grad)
         if run is None:
             run = self.launcher.plan_cross_entropy_prob_fwd(
                 x.reshape(self.shape3), target.reshape(self.target3), weight, stats, loss,
-                self.smoothing, self.reduction)
+                None if dx is None else dx.view(self.shape3), scratch, self.smoothing,
+                self.reduction)
             if not capturing():
-                self.fwd["fwd"] = run
-        run(x, target, weight, stats, loss)
-        return loss, stats
+                self.fwd[grad] = run
+        run(x, target, weight, stats, loss, dx, scratch)
+        return loss, stats, dx
 
     def prob_backward(self, x, target, weight, stats, grad_out, target_grad: bool):
         if not self.planned:

@@ -41,7 +41,9 @@ OPCHECKS = {
     "cross_entropy_fwd/grad": lambda: (softmax_ce._cross_entropy_fwd,   # gradient in the forward
                                        (*_ce_args(), True, BACKEND)),
     "cross_entropy_prob_fwd": lambda: (softmax_ce._cross_entropy_prob_fwd, (
-        _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "none", 0.1, BACKEND)),
+        _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "none", 0.1, False, BACKEND)),
+    "cross_entropy_prob_fwd/grad": lambda: (softmax_ce._cross_entropy_prob_fwd, (
+        _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "mean", 0.1, True, "triton")),
     "conv2d_fwd": lambda: (conv._conv2d_fwd, (
         _x(2, 3, 6, 6), _x(4, 3, 3, 3), _x(4), _geom_conv(), "implicit", BACKEND)),
     "conv2d_bwd_input": lambda: (conv._conv2d_bwd_input, (

@@ -33,7 +33,10 @@ pytestmark = pytest.mark.skipif(not pydl.INTERPRET, reason="kernels are stubbed 
 # projection's GEMM and one recurrence launch forward, whatever T (the persistent schedule);
 # backward the recurrence, the weight and input gradients' GEMMs and the bias sums (one for
 # both LSTM biases). The cells: one launch forward (the input product inside); backward the
-# step and its dh pseudo-step, three GEMMs, the bias sums.
+# step and its dh pseudo-step, three GEMMs, the bias sums. Cross-entropy with class
+# probabilities in training: one forward launch (loss and gradient; its last program
+# reduces), the backward scales the gradient; the Numba forward's per-row kernel and its
+# reduction, the backward computing the gradient.
 LAUNCHES = {
     ("conv2d", "triton-implicit"): (1, 2),
     ("conv2d", "triton-im2col"): (2, 4),
@@ -45,6 +48,7 @@ LAUNCHES = {
     ("softmax", "triton"): (1, 1),
     ("log_softmax", "triton"): (1, 1),
     ("cross_entropy", "triton"): (2, 1),
+    ("cross_entropy_soft", "triton"): (1, 1),
     ("attention", "triton-flash"): (1, 3),
     ("attention", "triton-naive"): (3, 5),
     ("lstm", "triton-persistent"): (2, 5),
@@ -57,6 +61,7 @@ LAUNCHES = {
     ("max_pool2d", "numba"): (1, 1),
     ("softmax", "numba"): (1, 1),
     ("cross_entropy", "numba"): (2, 1),
+    ("cross_entropy_soft", "numba"): (2, 1),
     ("attention", "numba-flash"): (1, 3),
     ("lstm", "numba-persistent"): (2, 5),
     ("gru_cell", "numba"): (1, 7),

@@ -326,7 +326,8 @@ def _spy_launches(monkeypatch):
     from pydl.kernels.triton import softmax_ce as k
     seen = []
     for name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad",
-                 "cross_entropy_mean_denominator"):
+                 "cross_entropy_mean_denominator", "cross_entropy_prob_fwd",
+                 "cross_entropy_prob_bwd"):
         kernel = getattr(k, name)
 
         class Spy:
@@ -392,6 +393,70 @@ def test_cross_entropy_second_backward_recomputes(monkeypatch):
     assert torch.equal(first, kept)
     assert_close(second, kept / 6.0, torch.float32, reduction=11)
     assert [n for n, _ in seen][-2:] == ["cross_entropy_scale_grad", "cross_entropy_bwd"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+@pytest.mark.parametrize("case", ["plain", "weighted_smoothed_multi_block", "nd"])
+def test_cross_entropy_probabilities_gradient_from_forward(monkeypatch, reduction, upstream,
+                                                           case):
+    """Class-probability targets in training: one forward launch writes the loss (its last
+    program reduces the programs' partial sums) and the gradient, the backward only scales
+    it; against float64 torch, for an upstream gradient of 1 and of 2.5, a row in one column
+    block and over several, (N, C, d) logits; every arrival counter back at zero."""
+    from pydl import _launch
+    seen = _spy_launches(monkeypatch)
+    N, C = 9, 37
+    shape = (N, C, 3) if case == "nd" else (N, C)
+    kw = dict(reduction=reduction)
+    w = None
+    if case == "weighted_smoothed_multi_block":
+        monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+        w = torch.rand(C, device=DEVICE) + 0.5
+        kw["label_smoothing"] = 0.2
+    x = random_tensor(shape, torch.float32, DEVICE, scale=3.0)
+    y = torch.softmax(random_tensor(shape, torch.float32, DEVICE, scale=2.0), 1)
+    xg = x.clone().requires_grad_()
+    loss = pydl.cross_entropy(xg, y, w, backend="triton", **kw)
+    loss.backward(torch.tensor(upstream, device=DEVICE))
+    assert torch.equal(xg.detach(), x)
+    x64 = x.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(x64, y.double(), None if w is None else w.double(),
+                                             **kw)
+    want.backward(torch.tensor(upstream, dtype=torch.float64, device=DEVICE))
+    rows = N * (3 if case == "nd" else 1)
+    assert_close(loss, want, torch.float32, reduction=rows * C)
+    assert_close(xg.grad, x64.grad, torch.float32, reduction=C)
+    names = [n for n, _ in seen]
+    assert names == ["cross_entropy_prob_fwd", "cross_entropy_scale_grad"]
+    assert seen[0][1]["GRAD"] is True and seen[0][1]["REDUCE"] is True
+    assert all(not c.any() for c in _launch._ARRIVALS.values())
+
+
+def test_cross_entropy_probabilities_target_gradient_and_second_backward(monkeypatch):
+    """A target that needs a gradient (a learned label distribution): no gradient in the
+    forward, the backward kernel writes both. A retained graph's second backward after a
+    gradient from the forward recomputes, leaving the first as it was."""
+    seen = _spy_launches(monkeypatch)
+    x = random_tensor((5, 11), torch.float32, DEVICE, scale=2.0).requires_grad_()
+    y = torch.softmax(random_tensor((5, 11), torch.float32, DEVICE), 1).requires_grad_()
+    loss = pydl.cross_entropy(x, y, backend="triton")
+    dx, dy = torch.autograd.grad(loss, (x, y))
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.cross_entropy(x64, y64), (x64, y64))
+    assert_close(dx, want[0], torch.float32, reduction=11)
+    assert_close(dy, want[1], torch.float32, reduction=11)
+    assert seen[0][1]["GRAD"] is False and [n for n, _ in seen] == [
+        "cross_entropy_prob_fwd", "cross_entropy_prob_bwd"]
+    seen.clear()
+    loss = pydl.cross_entropy(x, y.detach(), backend="triton")
+    (first,) = torch.autograd.grad(loss, x, torch.tensor(3.0), retain_graph=True)
+    kept = first.clone()
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5))
+    assert torch.equal(first, kept)
+    assert_close(second, kept / 6.0, torch.float32, reduction=11)
+    assert [n for n, _ in seen] == ["cross_entropy_prob_fwd", "cross_entropy_scale_grad",
+                                    "cross_entropy_prob_bwd"]
 
 
 @pytest.mark.parametrize("case", ["no_grad", "detached", "none_reduction"])

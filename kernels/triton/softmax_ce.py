@@ -471,13 +471,15 @@ def cross_entropy_mean_denominator(
 
 @triton.jit
 def cross_entropy_scale_grad(dx_ptr, g_ptr, target_ptr, numel, n, inner, st, ignore_index,
+                             IGNORE: tl.constexpr,      # class-index targets (with ignored rows)
                              BLOCK: tl.constexpr):
     """dx *= g in place (dx contiguous, x's shape: rows of n classes, inner apart), g the 0-d
     upstream gradient of a reduced loss on the device; where g == 1 (a loss's own backward)
     every program returns at once, so a gradient written by the forward costs the backward
     nothing. An ignored row's gradient stays 0 whatever g is, as torch's (never written, not
-    0 * g): where g is not finite each element's row reads its target (row stride st). A
-    grid-stride loop: a few programs per multiprocessor cover any size."""
+    0 * g): where g is not finite each element's row reads its target (row stride st;
+    IGNORE: index targets, the class-probability loss has no ignored row). A grid-stride
+    loop: a few programs per multiprocessor cover any size."""
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:
         finite = tl.abs(g) < float("inf")               # False for NaN too
@@ -486,10 +488,11 @@ def cross_entropy_scale_grad(dx_ptr, g_ptr, target_ptr, numel, n, inner, st, ign
             i = start + tl.arange(0, BLOCK)
             ok = i < numel
             v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32) * g
-            if not finite:
-                row = (i // (n * inner)) * inner + i % inner
-                t = tl.load(target_ptr + row * st, mask=ok, other=0)
-                v = tl.where(t == ignore_index, 0.0, v)
+            if IGNORE:
+                if not finite:
+                    row = (i // (n * inner)) * inner + i % inner
+                    t = tl.load(target_ptr + row * st, mask=ok, other=0)
+                    v = tl.where(t == ignore_index, 0.0, v)
             tl.store(dx_ptr + i, v.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -546,14 +549,18 @@ def cross_entropy_bwd(
 def cross_entropy_prob_fwd(
     x_ptr, y_ptr, weight_ptr,               # logits and targets (outer, C, inner) views; weights (C,)
     loss_ptr,                               # the loss: per row (REDUCE off), else the reduced one (0-d)
-    stats_ptr,                              # fp32: per row lse, then S = sum_c w_c y'_c, then parts
+    stats_ptr,                              # fp32: per row lse, then S = sum_c w_c y'_c
     arrivals_ptr,                           # REDUCE: the grid's arrival counter (left at 0)
+    parts_ptr,                              # REDUCE: fp32 scratch, a partial sum per program
+    dx_ptr,                                 # GRAD: the loss's gradient w.r.t. the logits
     n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
     sy_outer, sy_n, sy_inner,               # strides of the target's view (its own dtype)
+    sdx_outer, sdx_n, sdx_inner,
     smoothing,                              # label_smoothing eps: y' = (1 - eps) y + eps / C
     scale,                                  # REDUCE: the loss is scale * sum of the rows' losses
     HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+    GRAD: tl.constexpr,                     # also write the gradient (REDUCE only)
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """loss = sum_c a_c (lse - x_c) with a = w y', y' = (1 - eps) y + eps / C.
@@ -562,8 +569,10 @@ def cross_entropy_prob_fwd(
     term with a = w y' (logits of 1e4 do not cancel; a -inf logit gives an inf loss where a > 0,
     NaN where a = 0, as torch gives). stats holds the rows' lse at [0, n_rows) and S at
     [n_rows, 2 n_rows), what the backward reads. REDUCE (a sum, or a mean with scale = 1 / rows):
-    each program leaves its rows' sum at stats[2 n_rows + program], and the last program to
-    arrive adds them in program order (deterministic) and writes the loss.
+    each program leaves its rows' sum at parts[program], and the last program to arrive adds
+    them in program order (deterministic) and writes the loss. GRAD (training):
+    the gradient for an upstream gradient of 1, scale (p_c S - a_c), from a second pass over
+    the rows (from L2: the program has just streamed them), so the backward only scales it.
     """
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
@@ -573,8 +582,12 @@ def cross_entropy_prob_fwd(
                                              BLOCK_R, BLOCK_N)
     tl.store(stats_ptr + rows, m_row + log_s, mask=rmask)
     tl.store(stats_ptr + n_rows + rows, mass, mask=rmask)
+    if GRAD:
+        dx_off = (rows // inner) * sdx_outer + (rows % inner) * sdx_inner
+        _prob_grad_rows(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr,
+                        (m_row + log_s)[:, None], mass[:, None], scale, n, rmask, smoothing,
+                        dx_ptr, dx_off, sdx_n, dx_ptr, dx_off, sdx_n, HAS_WEIGHT, False, BLOCK_N)
     if REDUCE:
-        parts_ptr = stats_ptr + 2 * n_rows
         tl.store(parts_ptr + tl.program_id(0), tl.sum(tl.where(rmask, loss, 0.0), 0))
         if _arrive_last(arrivals_ptr):
             total = _sum_parts(parts_ptr, tl.num_programs(0), 1, PARTS_BLOCK) * scale
@@ -610,8 +623,21 @@ def cross_entropy_prob_bwd(
     mass = tl.load(stats_ptr + n_rows + rows, mask=rmask, other=0.0)[:, None]
     g = (tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)
          * grad_scale)[:, None]
+    dy_off = 0
     if TARGET_GRAD:
         dy_off = (rows // inner) * sdy_outer + (rows % inner) * sdy_inner
+    _prob_grad_rows(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, lse, mass, g, n, rmask,
+                    smoothing, dx_ptr, dx_off, sdx_n, dy_ptr, dy_off, sdy_n, HAS_WEIGHT,
+                    TARGET_GRAD, BLOCK_N)
+
+
+@triton.jit
+def _prob_grad_rows(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, lse, mass, g, n, rmask,
+                    smoothing, dx_ptr, dx_off, sdx_n, dy_ptr, dy_off, sdy_n,
+                    HAS_WEIGHT: tl.constexpr, TARGET_GRAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The class-probability loss's gradients of BLOCK_R rows ((BLOCK_R, 1) lse, S and the
+    factor g), a column block at a time: dx_c = g (p_c S - a_c), p = exp(x - lse), a = w y';
+    with TARGET_GRAD also dy_c = g (1 - eps) w_c (lse - x_c)."""
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
         c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse, weight_ptr, start, cols, n, rmask,
