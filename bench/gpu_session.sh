@@ -99,7 +99,7 @@ case $mode in
         # Numba tensor-core kernels' first, whose fragment layouts only hardware can confirm;
         # tests/test_rnn.py before the cells' files: its recompute tests check the recurrent
         # backward's in-place gradients (IN_WS, IN_ACTS) against the saved-activation path)
-        gpu_tests="tests/test_numba_direct.py tests/test_gemm_numba.py tests/test_attention_forward.py tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_rnn.py tests/test_lstm.py tests/test_gru.py
+        gpu_tests="tests/test_numba_direct.py tests/test_plan_replay.py tests/test_gemm_numba.py tests/test_attention_forward.py tests/test_graph_capture.py tests/test_plans.py tests/test_rnn_persistent.py tests/test_rnn.py tests/test_lstm.py tests/test_gru.py
             tests/test_double_backward.py tests/test_edge_cases.py
             tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
             tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
