@@ -94,6 +94,7 @@ PARTS_BLOCK = 1024
 # loop; where the upstream gradient is 1 each program only reads it).
 SCALE_BLOCK = 4096
 SCALE_PROGRAMS = 1024
+SCALE_SUB = 256         # elements at a time where it reads each element's target
 
 
 # Tuning space of the row kernels (memory-bound): (tile elements, widest column block, warps).
@@ -277,7 +278,8 @@ class _TritonLaunch:
         from .kernels.triton import softmax_ce as k
         programs = max(1, min(cdiv(numel, SCALE_BLOCK), SCALE_PROGRAMS))
         return Launch(k.cross_entropy_scale_grad, (programs,),
-                      (numel, n, inner, st, ignore_index), dict(IGNORE=ignore, BLOCK=SCALE_BLOCK))
+                      (numel, n, inner, st, ignore_index),
+                      dict(IGNORE=ignore, BLOCK=SCALE_BLOCK, SUB=SCALE_SUB))
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,

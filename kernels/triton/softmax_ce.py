@@ -472,28 +472,44 @@ def cross_entropy_mean_denominator(
 @triton.jit
 def cross_entropy_scale_grad(dx_ptr, g_ptr, target_ptr, numel, n, inner, st, ignore_index,
                              IGNORE: tl.constexpr,      # class-index targets (with ignored rows)
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, SUB: tl.constexpr):
     """dx *= g in place (dx contiguous, x's shape: rows of n classes, inner apart), g the 0-d
     upstream gradient of a reduced loss on the device; where g == 1 (a loss's own backward)
     every program returns at once, so a gradient written by the forward costs the backward
     nothing. An ignored row's gradient stays 0 whatever g is, as torch's (never written, not
-    0 * g): where g is not finite each element's row reads its target (row stride st;
-    IGNORE: index targets, the class-probability loss has no ignored row). A grid-stride
+    0 * g): where g is not finite (IGNORE: index targets; the class-probability loss has no
+    ignored row) each element's row reads its target (row stride st), SUB elements at a
+    time (the 64-bit row arithmetic of a whole BLOCK took every register). A grid-stride
     loop: a few programs per multiprocessor cover any size."""
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:
-        finite = tl.abs(g) < float("inf")               # False for NaN too
         step = tl.num_programs(0).to(tl.int64) * BLOCK
-        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, step):
-            i = start + tl.arange(0, BLOCK)
-            ok = i < numel
-            v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32) * g
-            if IGNORE:
-                if not finite:
-                    row = (i // (n * inner)) * inner + i % inner
-                    t = tl.load(target_ptr + row * st, mask=ok, other=0)
-                    v = tl.where(t == ignore_index, 0.0, v)
-            tl.store(dx_ptr + i, v.to(dx_ptr.dtype.element_ty), mask=ok)
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        if IGNORE:
+            if tl.abs(g) < float("inf"):                # False for NaN too
+                _scale_blocks(dx_ptr, g, first, numel, step, BLOCK)
+            else:
+                for start in range(first, numel, step):
+                    for sub in tl.static_range(0, BLOCK, SUB):
+                        i = start + sub + tl.arange(0, SUB)
+                        ok = i < numel
+                        v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32) * g
+                        row = (i // (n * inner)) * inner + i % inner
+                        t = tl.load(target_ptr + row * st, mask=ok, other=0)
+                        v = tl.where(t == ignore_index, 0.0, v)
+                        tl.store(dx_ptr + i, v.to(dx_ptr.dtype.element_ty), mask=ok)
+        else:
+            _scale_blocks(dx_ptr, g, first, numel, step, BLOCK)
+
+
+@triton.jit
+def _scale_blocks(dx_ptr, g, first, numel, step, BLOCK: tl.constexpr):
+    """dx *= g over the blocks of BLOCK elements from `first`, `step` apart."""
+    for start in range(first, numel, step):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < numel
+        v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32) * g
+        tl.store(dx_ptr + i, v.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
