@@ -114,21 +114,29 @@ def _conv_resnet_l1():
     impl.backward_weight(y, x, torch.empty(w.shape, dtype=bf), g)
 
 
-def _attention(causal: bool):
-    """FlashAttention-2's sweep point d128-4k: B=4, H=16, L=S=4096, d=128, no mask or
-    dropout; forward, then the backward (preprocess, dK/dV, dQ)."""
+def _attention(causal: bool, dtype: str = "bfloat16", L: int = 4096, E: int = 128,
+               tf32: bool = False):
+    """FlashAttention-2's sweep point d128-4k (or another sequence length, head dim and
+    dtype; fp32 with `tf32` as torch.backends.cuda.matmul.allow_tf32 = True runs it): B=4,
+    H=16, L=S, no mask or dropout; forward, then the backward (preprocess, dK/dV, dQ)."""
     def run():
         import math
         import torch
         from pydl import attention as att
-        B, H, L, E = 4, 16, 4096, 128
-        q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
+        B, H = 4, 16
+        q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=getattr(torch, dtype))
                                       for _ in range(8))
         lse = torch.empty(B * H, L, dtype=torch.float32)
         scale = 1.0 / math.sqrt(E)
-        att.launch_forward("triton", q, k, v, o, lse, None, att.MASK_NONE, causal, scale, 0.0, 0)
-        att.launch_backward("triton", q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE,
-                            causal, scale, 0.0, 0, None)
+        was = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            att.launch_forward("triton", q, k, v, o, lse, None, att.MASK_NONE, causal, scale,
+                               0.0, 0)
+            att.launch_backward("triton", q, k, v, o, lse, do, dq, dk, dv, None,
+                                att.MASK_NONE, causal, scale, 0.0, 0, None)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = was
     return run
 
 
@@ -311,6 +319,11 @@ PROBLEMS = (
     ("softmax", "vocab-32k bf16", _softmax_rows(8192, 32768)),
     ("attention", "d128-4k", _attention(False)),
     ("attention", "d128-4k-causal", _attention(True)),
+    # fp32 without TF32 (torch's default for matmuls): tl.dot's IEEE products on the CUDA
+    # cores, whose register needs set the fp32 tiles
+    ("attention", "d64-1k fp32", _attention(False, "float32", 1024, 64)),
+    ("attention", "d64-1k fp32 tf32", _attention(False, "float32", 1024, 64, tf32=True)),
+    ("attention", "d128-1k fp32", _attention(False, "float32", 1024, 128)),
     ("attention", "d128-4k hopper", _attention_hopper(False)),
     ("attention", "d128-4k-causal hopper", _attention_hopper(True)),
     ("attention", "d128-4k onepass", _attention_onepass(False)),

@@ -63,6 +63,18 @@ ATTENTION_SPACES = {
                  (64, 64, 8, 3)),
     "bwd_dq": ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 4)),
 }
+# fp32 without TF32 (torch's default for matmuls): tl.dot's IEEE products run on the CUDA
+# cores, each thread holding its rows' operands along the whole head dim, so every tile above
+# spills (2-17 KB a thread at d64; `python -m bench resources`, "d64-1k fp32" and
+# "d128-1k fp32", sm_90). These, more warps to a smaller tile, hold the kernels within the
+# registers at d64 and d128 (the forward then without TMA: through tensor descriptors every
+# fp32 tile spilled): forward 80-96 registers, dK/dV 76-102 (the first; the others spill at
+# one of the two), dQ 80-156.
+ATTENTION_SPACES_IEEE = {
+    "fwd": ((32, 64, 8, 2), (16, 64, 4, 2)),
+    "bwd_dkdv": ((16, 64, 16, 2), (16, 32, 8, 2), (32, 32, 8, 2)),
+    "bwd_dq": ((32, 64, 8, 2), (64, 32, 8, 2)),
+}
 ATTENTION_TUNERS = {name: tune.Tuner(f"attention_{name}") for name in ATTENTION_SPACES}
 
 
@@ -73,15 +85,22 @@ def _attention_config(kernel: str, q, k, v, is_causal: bool, mask_kind: int, dro
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
     blocks = _blocks(E, EV)
+    precision = input_precision(q.dtype)
+    spaces = ATTENTION_SPACES_IEEE if _ieee_fp32(q) else ATTENTION_SPACES
     candidates = [
         dict(blocks, BLOCK_M=dot_block(L, bm), BLOCK_N=dot_block(S, bn), num_warps=warps,
              num_stages=stages)
-        for bm, bn, warps, stages in ATTENTION_SPACES[kernel]]
+        for bm, bn, warps, stages in spaces[kernel]]
     if _env.INTERPRET:
         candidates.insert(0, blocks)
-    key = (q.dtype, input_precision(q.dtype), E, EV, is_causal, mask_kind, dropout,
+    key = (q.dtype, precision, E, EV, is_causal, mask_kind, dropout,
            tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14), H != HKV)
     return ATTENTION_TUNERS[kernel].pick(key, candidates, launch)
+
+
+def _ieee_fp32(q) -> bool:
+    """fp32 inputs whose products are exact fp32 (TF32 off): tl.dot's IEEE path."""
+    return q.dtype == torch.float32 and input_precision(q.dtype) == "ieee"
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -92,6 +111,8 @@ def _forward_tma(q, k, v, o) -> bool:
     """Whether the flash forward moves q, k, v and o through TMA tensor descriptors: on a GPU
     that has TMA (and in emulation) when every (batch, head) slice allows it; else the
     pointer loads (pre-Hopper GPUs, unaligned or strided layouts)."""
+    if _ieee_fp32(q):
+        return False        # its FMA products spill every tile loaded through TMA
     bd, bdv = next_power_of_2(q.shape[3]), next_power_of_2(v.shape[3])   # boxes (>= 16 wide)
     use = _launch.tma_available(q.device) and _launch.tma_compatible(q, bd) and \
         _launch.tma_compatible(k, bd) and _launch.tma_compatible(v, bdv) and \

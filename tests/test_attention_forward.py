@@ -35,19 +35,31 @@ def _tma(q, k, v):
 
 def test_forward_reads_through_tma_where_the_strides_allow():
     on = _launch.tma_available(torch.device(DEVICE))
-    q, k, v = qkv(2, 3, 3, 11, 13, 16)
+    h = torch.float16
+    q, k, v = qkv(2, 3, 3, 11, 13, 16, dtype=h)
     assert _tma(q, k, v) is on                                       # contiguous
-    t = random_tensor((2, 11, 3, 16), torch.float32, DEVICE).transpose(1, 2)
+    t = random_tensor((2, 11, 3, 16), h, DEVICE).transpose(1, 2)
     assert _tma(t, k, v) is on                                       # (B, L, H, E) memory
-    assert _tma(*qkv(1, 2, 2, 9, 9, 24, 24, torch.float16)) is on    # 48-byte rows
-    # rows of 17 floats (68 bytes), of 20 halves (40 bytes), a base 4 bytes off, a strided
-    # head dim, a head dim past TMA's 256-element box: pointer loads
-    assert not _tma(random_tensor((2, 3, 11, 17), torch.float32, DEVICE)[..., :16], k, v)
-    assert not _tma(*qkv(1, 2, 2, 9, 9, 20, 20, torch.float16))
-    assert not _tma(random_tensor((2 * 3 * 11 * 16 + 1,), torch.float32, DEVICE)[1:]
+    assert _tma(*qkv(1, 2, 2, 9, 9, 24, 24, h)) is on                # 48-byte rows
+    # rows of 17 halves (34 bytes), of 20 (40 bytes), a base 2 bytes off, a strided head dim,
+    # a head dim past TMA's 256-element box: pointer loads
+    assert not _tma(random_tensor((2, 3, 11, 17), h, DEVICE)[..., :16], k, v)
+    assert not _tma(*qkv(1, 2, 2, 9, 9, 20, 20, h))
+    assert not _tma(random_tensor((2 * 3 * 11 * 16 + 1,), h, DEVICE)[1:]
                     .view(2, 3, 11, 16), k, v)
-    assert not _tma(random_tensor((2, 3, 11, 32), torch.float32, DEVICE)[..., ::2], k, v)
-    assert not _tma(*qkv(1, 1, 1, 4, 4, 264, 264))
+    assert not _tma(random_tensor((2, 3, 11, 32), h, DEVICE)[..., ::2], k, v)
+    assert not _tma(*qkv(1, 1, 1, 4, 4, 264, 264, h))
+    # fp32 with exact (IEEE) products: pointer loads, whose tiles fit the registers (through
+    # TMA every fp32 tile spilled, bench/TUNING.md); with TF32 on, TMA
+    f = qkv(2, 3, 3, 11, 13, 16)
+    matmul, was = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert not _tma(*f)
+        matmul.allow_tf32 = True
+        assert _tma(*f) is on
+    finally:
+        matmul.allow_tf32 = was
     if DEVICE == "cpu":
         assert _launch.tma_available(torch.device("cpu")) is _env.INTERPRET
 
@@ -59,24 +71,26 @@ def test_tma_and_pointer_paths_agree(monkeypatch, case, causal):
     (forward and the gradients, which read the forward's log-sum-exp)."""
     shape = {"odd": (2, 2, 2, 37, 29, 24, 24), "gqa": (1, 4, 2, 21, 18, 32, 16),
              "long_keys": (1, 2, 2, 9, 70, 16, 16)}[case]
-    q, k, v = qkv(*shape)
+    h = torch.float16           # fp32 with IEEE products takes the pointer path only
+    q, k, v = qkv(*shape, dtype=h)
     opts = dict(is_causal=causal, enable_gqa=shape[1] != shape[2])
     assert _tma(q, k, v) is _launch.tma_available(q.device)
-    check_attention(q, k, v, "triton", torch.float32, **opts)
+    check_attention(q, k, v, "triton", h, **opts)
     with_tma = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
     monkeypatch.setattr(attention, "_forward_tma", lambda *a: False)
-    check_attention(q, k, v, "triton", torch.float32, **opts)
+    check_attention(q, k, v, "triton", h, **opts)
     without = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
-    assert_close(with_tma, without, torch.float32, reduction=shape[4], name="tma vs pointers")
+    assert_close(with_tma, without, h, reduction=shape[4], name="tma vs pointers")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_pointer_path_with_unaligned_rows(dtype, causal):
     """Head dim 20: 40-byte rows in 16-bit types, which TMA cannot address (fp32: 80 bytes,
-    the descriptor path)."""
+    the descriptor path where TF32 is on; IEEE products take the pointers)."""
     q, k, v = qkv(2, 2, 2, 23, 31, 20, 20, dtype)
-    assert _tma(q, k, v) is (dtype == torch.float32 and _launch.tma_available(q.device))
+    assert _tma(q, k, v) is (dtype == torch.float32 and _launch.tma_available(q.device)
+                             and torch.backends.cuda.matmul.allow_tf32)
     check_attention(q, k, v, "triton", dtype, is_causal=causal)
 
 
