@@ -612,13 +612,16 @@ class NumbaLaunch:
         refilled."""
         if not tails:
             return
-        params = None if NUMBA_DIRECT else False        # False: never refilled here
-        for tail in tails:
-            if not params or tuple(map(type, tail)) != self.kinds \
+        params = None       # the pointers written once; each step refills its tail in place
+        if NUMBA_DIRECT and self.params is not None:
+            params = self._fill(self.params, sources, ())
+        for k, tail in enumerate(tails):
+            if params is None or tuple(map(type, tail)) != self.kinds \
                     or not self.direct.refill(params, self.tail, tail, 0):
                 self(*sources, dynamic=tail)
-                if params is None and self.params is not None:    # planned by that launch
-                    params = self._fill(self.params, sources, tail)
+                if params is None and NUMBA_DIRECT and self.params is not None \
+                        and k + 1 < len(tails):               # planned by that launch
+                    params = self._fill(self.params, sources, ())
                 continue
             self.direct.launch(_NUMBA_RUNTIME, self.grid, self.threads, self.device, params)
 
