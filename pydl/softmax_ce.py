@@ -78,6 +78,15 @@ DENOMINATOR_BLOCK = 4096
 DENOM_SHAPE = (2,)
 
 
+def _prob_scale(reduction: str, rows: int, n: int) -> float:
+    """The class-probability loss's factor on the rows' sum (forward) and the upstream
+    gradient (backward): torch's mean divides by the number of rows (input.numel() / C),
+    whatever the weights, NaN without rows or classes (0 / 0); a sum or per-row losses, 1."""
+    if reduction != "mean":
+        return 1.0
+    return 1.0 / rows if rows and n else math.nan
+
+
 def unit_stride(weight: Tensor | None) -> Tensor | None:
     """Class weights as the Triton kernels read them, at unit stride: a strided view (a slice
     of a larger tensor) copied (C values)."""
@@ -335,9 +344,7 @@ class _TritonLaunch:
         outer, n, inner = x3.shape
         rows = outer * inner
         reduce = reduction != "none"
-        # torch's mean divides by the number of rows (input.numel() / C), whatever the
-        # weights: NaN without classes, as 0 / 0
-        scale = (1.0 / rows if n else math.nan) if reduction == "mean" else 1.0
+        scale = _prob_scale(reduction, rows, n)
         strided = weight is not None and weight.stride(0) != 1
         w = x3 if weight is None else unit_stride(weight)
         dev = x3.device
@@ -371,7 +378,7 @@ class _TritonLaunch:
         grad = grad_out.reshape(-1)                     # a view where it can be
         flat = _same_memory(grad, grad_out) and grad.stride(0) == 1
         stride = 1 if reduction == "none" else 0
-        scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
+        scale = _prob_scale(reduction, rows, n)
         strided = weight is not None and weight.stride(0) != 1
         w = x3 if weight is None else unit_stride(weight)
         dy = dx3 if dy3 is None else dy3
@@ -563,7 +570,7 @@ class _NumbaLaunch:
             def run(x3, y3, weight, stats, loss, dx3, scratch):
                 fwd(x3, y3, weight.to(torch.float32) if cast else weight, loss, stats)
             return run
-        scale = (1.0 / rows if n else math.nan) if reduction == "mean" else 1.0
+        scale = _prob_scale(reduction, rows, n)
         new_sink = output_maker((1,), torch.float32, dev)
         sink = new_sink()
         total = NumbaLaunch(k.loss_reduce, 1, numba_threads(256), dev,
@@ -588,7 +595,7 @@ class _NumbaLaunch:
         grad = grad_out.reshape(-1)
         flat = _same_memory(grad, grad_out)
         stride = 1 if reduction == "none" else 0        # in elements of the array (its stride)
-        scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
+        scale = _prob_scale(reduction, rows, n)
         w, w_code = _NumbaLaunch._weights(weight, stats[:1])
         cast = weight is not None and w is not weight
         dy = dx3 if dy3 is None else dy3
