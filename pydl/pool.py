@@ -473,6 +473,8 @@ def _avg_pool2d_bwd(dy: Tensor, adaptive: bool, geom: list[int], channels_last: 
     g = as_geometry(PoolGeometry, geom)
     dx = _new_dx(dy, g, channels_last)
     if dx.numel():
+        if dy.numel() == 0:      # an adaptive pool to an empty output: nothing reaches x
+            return dx.zero_()
         launch = LAUNCHERS[backend]
         (launch.adaptive_bwd if adaptive else launch.avg_bwd)(dy, dx, g)
     return dx
@@ -773,6 +775,8 @@ class _PoolCall(PoolKernels):
 
     def avg_backward(self, dy):
         dx = fresh(self.new_dx)
+        if self.no_y and not self.no_dx:    # an adaptive pool to an empty output
+            return dx.zero_()
         if not self.no_dx:
             key = dy.stride()
             run = self.bwd.get(key) or self._run(
@@ -814,8 +818,8 @@ def _adaptive_avg_pool2d_call(input, output_size, backend):
         OW = W if output_size[1] is None else output_size[1]
     else:
         OH, OW = pair(output_size, "output_size")
-    if OH <= 0 or OW <= 0:
-        raise ValueError(f"output_size must be positive, got {output_size}")
+    if OH < 0 or OW < 0:
+        raise ValueError(f"output_size must be non-negative, got {output_size}")
     _check_not_empty((N, C, H, W))
     return _PoolCall(impl, name, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), input,
                      unbatched, False, adaptive=True)

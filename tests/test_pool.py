@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 import pydl
 from pydl import reference as ref
 from pydl._shapes import pool_output_size
-from pydl.testing import assert_close, random_tensor, run_with_grad
+from pydl._launch import memory_format_of
+from pydl.testing import assert_close, poisoned_outputs, random_tensor, run_with_grad
 
 from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
 
@@ -383,6 +384,27 @@ def test_adaptive_avg_pool2d(backend, output_size, layout):
 
 
 @backends
+@pytest.mark.parametrize("output_size", [0, (0, 3), (2, 0)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_adaptive_avg_pool2d_to_nothing(backend, output_size, layout):
+    """An empty output size: torch's empty forward (its backward raises); pydl's gradient is
+    the exact one, zeros (the dx buffer is uninitialised memory otherwise)."""
+    x = random_tensor((2, 3, 5, 4), torch.float32, DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    want = F.adaptive_avg_pool2d(x, output_size)
+    with poisoned_outputs():
+        for _ in range(2):      # the plan's first call and its replay
+            xg = x.clone().requires_grad_()
+            y = pydl.adaptive_avg_pool2d(xg, output_size, backend=backend)
+            assert y.shape == want.shape and y.is_contiguous(
+                memory_format=memory_format_of(x))
+            (dx,) = torch.autograd.grad(y, xg, torch.ones_like(y))
+            assert torch.equal(dx, torch.zeros_like(x))
+        assert pydl.adaptive_avg_pool2d(x, output_size, backend=backend).shape == want.shape
+
+
+@backends
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_global_avg_pool2d(backend, layout):
     """Output 1x1 (global average pooling): more positions than one block of the global
@@ -444,7 +466,7 @@ def test_pool_bad_input(backend):
     with pytest.raises(ValueError, match="divisor_override"):
         pydl.avg_pool2d(x, 2, divisor_override=0, backend=backend)
     with pytest.raises(ValueError, match="output_size"):
-        pydl.adaptive_avg_pool2d(x, 0, backend=backend)
+        pydl.adaptive_avg_pool2d(x, (-1, 2), backend=backend)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         pydl.max_pool2d(x.double(), 2, backend=backend)
 
