@@ -119,15 +119,14 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     (the flash kernels; need_weights=True uses algo="naive", which materialises the weights;
     on the numba backend the flash output and a weights kernel).
     Masks keep torch.nn.MultiheadAttention's convention: a True in a boolean attn_mask or
-    key_padding_mask means "do not attend". add_bias_kv and add_zero_attn are not supported.
+    key_padding_mask means "do not attend". add_bias_kv appends the learned bias_k, bias_v as
+    one more key and value, add_zero_attn a zero key and value (after the bias), as torch
+    does; every mask then attends to them.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, *, backend: str | None = None):
-        if add_bias_kv or add_zero_attn:
-            raise NotImplementedError("pydl.nn.MultiheadAttention does not support add_bias_kv or "
-                                      "add_zero_attn")
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim,
                          vdim, batch_first, device, dtype)
         self.backend = backend
@@ -153,10 +152,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as in torch)")
         N, L, _ = query.shape
         S, H = key.shape[1], self.num_heads
-        # (N, len, E) -> (N, H, len, head_dim) as a strided view: the kernels read its strides
-        q, k, v = (torch.nn.functional.linear(x, w, b).unflatten(-1, (H, -1)).transpose(1, 2)
+        q, k, v = (torch.nn.functional.linear(x, w, b)
                    for x, (w, b) in zip((query, key, value), self._projections()))
-        mask = _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
+        extra = 0       # keys appended: torch's order, the learned bias, then a zero key
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(N, 1, -1)], 1)
+            v = torch.cat([v, self.bias_v.expand(N, 1, -1)], 1)
+            extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N, 1, k.shape[2])], 1)
+            v = torch.cat([v, v.new_zeros(N, 1, v.shape[2])], 1)
+            extra += 1
+        # (N, len, E) -> (N, H, len, head_dim) as a strided view: the kernels read its strides
+        q, k, v = (x.unflatten(-1, (H, -1)).transpose(1, 2) for x in (q, k, v))
+        mask = _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype, extra)
         dropout = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -177,9 +186,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return out, weights
 
 
-def _merge_masks(attn_mask, key_padding_mask, N, H, L, S, dtype):
+def _merge_masks(attn_mask, key_padding_mask, N, H, L, S, dtype, extra: int = 0):
     """torch.nn.MultiheadAttention's masks (True = do not attend, or float added) as one
-    scaled_dot_product_attention mask (True = attend, or float added), broadcast to (N, H, L, S)."""
+    scaled_dot_product_attention mask (True = attend, or float added), broadcast to
+    (N, H, L, S + extra): the `extra` keys appended after the S given (add_bias_kv,
+    add_zero_attn) attended by every query, as torch pads its masks for them."""
     masks = []
     if attn_mask is not None:
         m = attn_mask if attn_mask.dim() == 2 else attn_mask.view(N, H, L, S)
@@ -188,6 +199,8 @@ def _merge_masks(attn_mask, key_padding_mask, N, H, L, S, dtype):
         masks.append(key_padding_mask.view(N, 1, 1, S))
     if not masks:
         return None
+    if extra:       # False (attend) or 0.0 for the appended keys
+        masks = [torch.nn.functional.pad(m, (0, extra)) for m in masks]
     if all(m.dtype == torch.bool for m in masks):
         keep = ~masks[0]
         for m in masks[1:]:

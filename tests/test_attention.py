@@ -350,7 +350,8 @@ def test_attention_beyond_int32_offsets():
                                                   ("numba", True)],
                          ids=["flash", "weights", "numba-weights"])
 @pytest.mark.parametrize("config", ["plain", "batch_first_kpm", "kdim_vdim_bool_mask", "float_mask",
-                                    "unbatched"])
+                                    "unbatched", "bias_kv_kpm_mask", "zero_attn_float_mask",
+                                    "bias_kv_zero_attn_unbatched"])
 def test_multihead_attention_is_drop_in(config, backend, need_weights):
     """torch.nn.MultiheadAttention's outputs, weights (need_weights=True: the triton backend's
     materialising kernels; on numba the flash output and a weights kernel of its own) and
@@ -359,6 +360,10 @@ def test_multihead_attention_is_drop_in(config, backend, need_weights):
     kw = dict(batch_first=config == "batch_first_kpm")
     if config == "kdim_vdim_bool_mask":
         kw.update(kdim=24, vdim=20)
+    if "bias_kv" in config:
+        kw.update(add_bias_kv=True)
+    if "zero_attn" in config:
+        kw.update(add_zero_attn=True, kdim=24)
     theirs = torch.nn.MultiheadAttention(E, H, **kw).to(DEVICE)
     ours = pydl.nn.MultiheadAttention(E, H, device=DEVICE, backend=backend, **kw)
     assert isinstance(ours, torch.nn.MultiheadAttention)
@@ -369,16 +374,18 @@ def test_multihead_attention_is_drop_in(config, backend, need_weights):
     k = random_tensor(shape(S)[:-1] + (kw.get("kdim", E),), torch.float32, DEVICE)
     v = random_tensor(shape(S)[:-1] + (kw.get("vdim", E),), torch.float32, DEVICE)
     opts = dict(need_weights=need_weights)
-    if config == "batch_first_kpm":
+    if config in ("batch_first_kpm", "bias_kv_kpm_mask"):
         kpm = torch.zeros(N, S, dtype=torch.bool, device=DEVICE)
         kpm[0, -3:] = True
+        if config == "bias_kv_kpm_mask":
+            kpm[1] = True       # a sequence with every given key masked: the bias key remains
         opts["key_padding_mask"] = kpm
-    if config == "kdim_vdim_bool_mask":
+    if config in ("kdim_vdim_bool_mask", "bias_kv_kpm_mask"):
         opts["attn_mask"] = torch.rand(L, S, device=DEVICE) > 0.7   # True = do not attend
         opts["attn_mask"][:, 0] = False
-    if config == "float_mask":
+    if config in ("float_mask", "zero_attn_float_mask"):
         opts["attn_mask"] = random_tensor((N * H, L, S), torch.float32, DEVICE)
-    if config == "unbatched":
+    if "unbatched" in config:
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
     out, w = ours(q, k, v, **opts)
     t_out, t_w = theirs(q, k, v, **opts)
@@ -392,11 +399,6 @@ def test_multihead_attention_is_drop_in(config, backend, need_weights):
     t_out.backward(g)
     for (name, p), tp in zip(ours.named_parameters(), theirs.parameters()):
         assert_close(p.grad, tp.grad, torch.float32, reduction=N * L * S, tf32=TF32, name=name)
-
-
-def test_multihead_attention_rejects_unsupported_options():
-    with pytest.raises(NotImplementedError, match="add_bias_kv"):
-        pydl.nn.MultiheadAttention(16, 2, add_bias_kv=True)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
