@@ -21,13 +21,17 @@ import torch
 
 
 class _NotDifferentiable(torch.autograd.Function):
-    """Identity on the gradients a non-differentiable backward returned, whose own backward
-    raises `message`: the error comes when (and only when) someone differentiates them."""
+    """Identity on the first n of `tensors` (results computed without a graph), whose own
+    backward raises `message`: the error comes when (and only when) someone differentiates
+    them. The other tensors are what those results depend on (an op's inputs): only their
+    edges put this node on every path from a loss on the results to those inputs, so that
+    `torch.autograd.grad(loss, inputs)`, which runs only the nodes on such paths, reaches
+    it and raises instead of returning a gradient without this op's share."""
 
     @staticmethod
-    def forward(ctx, message, *grads):
+    def forward(ctx, message, n, *tensors):
         ctx.message = message
-        return tuple(g.view_as(g) for g in grads)
+        return tuple(g.view_as(g) for g in tensors[:n])
 
     @staticmethod
     def backward(ctx, *unused):
@@ -59,20 +63,31 @@ def without_double_backward(op: str, backward, ctx, *grad_outputs):
     slots = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     if not slots:
         return grads[0] if single else grads
+    # what the gradients depend on: the upstream gradients and the saved tensors (the
+    # Functions that call this save their inputs)
+    sources = _graph_tensors(*grad_outputs, *ctx.saved_tensors)
     marked = _NotDifferentiable.apply(
-        no_double_backward_message(op),
-        *[grads[i].detach().requires_grad_(grads[i].is_floating_point()) for i in slots])
+        no_double_backward_message(op), len(slots),
+        *[grads[i].detach().requires_grad_(grads[i].is_floating_point()) for i in slots],
+        *sources)
     out = list(grads)
     for i, g in zip(slots, marked):
         out[i] = g
     return out[0] if single else tuple(out)
 
 
-def raises_on_backward(tensor: torch.Tensor, message: str) -> torch.Tensor:
-    """`tensor` (computed without a graph) as the output of a node whose backward raises
-    RuntimeError(message): for a result a backend cannot differentiate that torch's version
-    can, so that a loss on it fails instead of its share of the gradient going missing."""
-    return _NotDifferentiable.apply(message, tensor.detach().requires_grad_(True))[0]
+def raises_on_backward(tensor: torch.Tensor, message: str, *sources) -> torch.Tensor:
+    """`tensor` (computed without a graph from `sources`, None allowed) as the output of a
+    node whose backward raises RuntimeError(message): for a result a backend cannot
+    differentiate that torch's version can, so that a loss on it fails instead of its share
+    of the gradient going missing."""
+    return _NotDifferentiable.apply(message, 1, tensor.detach().requires_grad_(True),
+                                    *_graph_tensors(*sources))[0]
+
+
+def _graph_tensors(*tensors) -> list:
+    """Those of `tensors` (None allowed) that are part of an autograd graph."""
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 __all__ = ["without_double_backward", "no_double_backward_message", "raises_on_backward"]

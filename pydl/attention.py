@@ -1017,7 +1017,7 @@ class _AttentionCall(AttentionKernels):
             weights = _NumbaAttention.weights(q, k, mask, self.mask_kind, self.is_causal,
                                               self.scale)
             if needs_graph(q, k, mask):     # torch's weights are differentiable: say so
-                weights = raises_on_backward(weights, _NUMBA_WEIGHTS_NO_GRAD)
+                weights = raises_on_backward(weights, _NUMBA_WEIGHTS_NO_GRAD, q, k, mask)
         else:
             raise NotImplementedError(f"attention weights need a materialising kernel, which "
                                       f"the {self.name!r} backend does not have; use "

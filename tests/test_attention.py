@@ -442,3 +442,7 @@ def test_attention_weights_are_differentiable(mask_kind):
     out, w = attention_with_weights(*leaves, attn_mask=mask, enable_gqa=True, backend="numba")
     with pytest.raises(RuntimeError, match="numba backend.*no backward|cannot reach"):
         ((out * go).sum() + (w * gw).sum()).backward()
+    # torch.autograd.grad runs only the nodes on a path to its inputs: the refusal lies there
+    out, w = attention_with_weights(*leaves, attn_mask=mask, enable_gqa=True, backend="numba")
+    with pytest.raises(RuntimeError, match="numba backend.*no backward|cannot reach"):
+        torch.autograd.grad((out * go).sum() + (w * gw).sum(), leaves[:2])

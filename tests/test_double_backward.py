@@ -306,6 +306,11 @@ def test_no_double_backward_raises(op, backend):
     close(g.detach(), g_ref, "first-order gradient")
     with pytest.raises(RuntimeError, match=f"pydl.{name} has no double backward.*backend='torch'"):
         g.pow(2).sum().backward()
+    # torch.autograd.grad runs only the nodes on a path to its inputs: the refusal must lie on
+    # them (a gradient penalty plus a term that reaches x by another path)
+    (g,) = autograd.grad(fn(x, backend=backend).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"pydl.{name} has no double backward"):
+        autograd.grad(g.pow(2).sum() + x.square().sum(), x)
 
 
 @pytest.mark.parametrize("op", UNSUPPORTED)

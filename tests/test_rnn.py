@@ -733,6 +733,11 @@ def test_double_backward_raises(kind, backend):
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=f"pydl.{kind} has no double backward"):
         g.square().sum().backward()
+    # torch.autograd.grad runs only the nodes on a path to its inputs: the refusal must lie
+    # on them (a penalty with another term that reaches x)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"pydl.{kind} has no double backward"):
+        torch.autograd.grad(g.square().sum() + x.square().sum(), x)
     cell = (pydl.lstm_cell if kind == "lstm" else pydl.gru_cell)
     G = 4 if kind == "lstm" else 3
     w_ih = random_tensor((G * 4, 3), torch.float32, DEVICE).requires_grad_(True)
@@ -742,6 +747,11 @@ def test_double_backward_raises(kind, backend):
     (g,) = torch.autograd.grad(y.sum(), w_ih, create_graph=True)
     with pytest.raises(RuntimeError, match=f"pydl.{kind}_cell has no double backward"):
         g.sum().backward()
+    y = cell(x[0], None, w_ih, w_hh, backend=backend)
+    y = y[0] if kind == "lstm" else y
+    (g,) = torch.autograd.grad(y.sum(), w_ih, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"pydl.{kind}_cell has no double backward"):
+        torch.autograd.grad(g.square().sum() + w_ih.sum(), w_ih)
 
 
 @pytest.mark.parametrize("kind", KINDS)
