@@ -370,6 +370,34 @@ def test_ignored_rows_keep_a_zero_gradient_under_a_nonfinite_upstream(backend, r
     assert torch.equal(got.isfinite(), want.isfinite())
 
 
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("upstream", [1.0, 2.0, NAN, INF])
+def test_ignored_rows_with_nonfinite_logits_like_torch(backend, reduction, upstream):
+    """An ignored row's gradient is torch's 0 p_c (nll_loss's zero gradient through
+    log_softmax's backward): NaN where the row's softmax is NaN (a NaN or +inf logit, every
+    logit -inf), zeros otherwise, whatever the upstream gradient; every path: the gradient
+    the Triton forward writes and its backward scales (sum, mean), the backward kernels
+    (none; the Numba backend always)."""
+    N, C = 7, 5
+    x = random_tensor((N, C), torch.float32, DEVICE)
+    x[0, 2], x[1, 4], x[2] = NAN, INF, -INF        # ignored, non-finite
+    x[3, 1], x[4, 0] = NAN, -INF                   # counted (row 4 stays finite)
+    t = torch.tensor([-100, -100, -100, 1, 2, -100, 0], device=DEVICE)
+    grads = []
+    for be in (backend, "torch"):
+        xg = x.clone().requires_grad_()
+        loss = pydl.cross_entropy(xg, t, reduction=reduction, backend=be)
+        g = torch.full_like(loss, upstream)
+        (dx,) = torch.autograd.grad(loss, xg, g)
+        grads.append(dx)
+    got, want = grads
+    ignored = t == -100
+    assert torch.equal(got[ignored].isnan(), want[ignored].isnan()), (got, want)
+    assert torch.equal(got[ignored].nan_to_num(1.0), want[ignored].nan_to_num(1.0))
+    assert torch.equal(got.isfinite(), want.isfinite()), (got, want)
+
+
 # --- bfloat16 in emulation ------------------------------------------------------------------
 
 emulation_only = pytest.mark.skipif(HAS_CUDA, reason="emulation only: on a GPU bf16 is compiled")

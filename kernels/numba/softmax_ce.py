@@ -376,7 +376,9 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
                       inner, ignore_index, smoothing, has_weight, w_code, code):
     """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
     dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
-    rows with an ignored target get exact zeros (even with NaN or inf logits).
+    rows with an ignored target get 0 p_c, whatever g is: zeros, NaN where the row's softmax
+    is NaN (a NaN or +inf logit, all -inf), as torch gives (nll_loss's zero gradient through
+    log_softmax's backward) and the Triton kernels do.
 
     x:            logits, (outer, C, inner) array, any strides
     target:       int64 (rows,) class indices
@@ -405,8 +407,10 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
         o, i = _row_coords(row, inner)
         t = target[row]
         if t == ignore_index:
+            row_lse = lse[row]
             for c in range(tid, n, nthreads):
-                store_f32(dx, o, c, i, ZERO, code)
+                _, p = _softmax_at(x, o, c, i, code, row_lse)
+                store_f32(dx, o, c, i, ZERO * p, code)
             continue
         g = load_f32(grad, 0, row * grad_stride, 0, code)
         if mean:

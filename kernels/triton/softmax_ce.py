@@ -476,11 +476,12 @@ def cross_entropy_scale_grad(dx_ptr, g_ptr, target_ptr, numel, n, inner, st, ign
     """dx *= g in place (dx contiguous, x's shape: rows of n classes, inner apart), g the 0-d
     upstream gradient of a reduced loss on the device; where g == 1 (a loss's own backward)
     every program returns at once, so a gradient written by the forward costs the backward
-    nothing. An ignored row's gradient stays 0 whatever g is, as torch's (never written, not
-    0 * g): where g is not finite (IGNORE: index targets; the class-probability loss has no
-    ignored row) each element's row reads its target (row stride st), SUB elements at a
-    time (the 64-bit row arithmetic of a whole BLOCK took every register). A grid-stride
-    loop: a few programs per multiprocessor cover any size."""
+    nothing. An ignored row's gradient stays what the forward wrote whatever g is, as
+    torch's (0 p_c: zeros, NaN where the row's softmax is; never times g): where g is not
+    finite (IGNORE: index targets; the class-probability loss has no ignored row) each
+    element's row reads its target (row stride st), SUB elements at a time (the 64-bit row
+    arithmetic of a whole BLOCK took every register). A grid-stride loop: a few programs per
+    multiprocessor cover any size."""
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:
         step = tl.num_programs(0).to(tl.int64) * BLOCK
@@ -493,10 +494,10 @@ def cross_entropy_scale_grad(dx_ptr, g_ptr, target_ptr, numel, n, inner, st, ign
                     for sub in tl.static_range(0, BLOCK, SUB):
                         i = start + sub + tl.arange(0, SUB)
                         ok = i < numel
-                        v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32) * g
+                        v = tl.load(dx_ptr + i, mask=ok, other=0.0).to(tl.float32)
                         row = (i // (n * inner)) * inner + i % inner
                         t = tl.load(target_ptr + row * st, mask=ok, other=0)
-                        v = tl.where(t == ignore_index, 0.0, v)
+                        v = tl.where(t == ignore_index, v, v * g)
                         tl.store(dx_ptr + i, v.to(dx_ptr.dtype.element_ty), mask=ok)
         else:
             _scale_blocks(dx_ptr, g, first, numel, step, BLOCK)
