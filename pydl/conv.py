@@ -1318,6 +1318,9 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
     if OC == 0:
         raise ValueError(f"weight has 0 output channels (shape {tuple(w_shape)}); torch's conv2d "
                          f"rejects it too")
+    if H == 0 or W == 0:
+        raise ValueError(f"input has an empty spatial dimension: shape {tuple(x_shape)} (only the "
+                         f"batch or the channels may be 0, as in torch)")
     SH, SW = pair(stride, "stride")
     DH, DW = pair(dilation, "dilation")
     if SH <= 0 or SW <= 0:

@@ -813,7 +813,12 @@ def _avg_pool2d_call(input, kernel_size, stride, padding, ceil_mode, count_inclu
 def _adaptive_avg_pool2d_call(input, output_size, backend):
     name, impl = dispatch("adaptive_avg_pool2d", backend, input)
     (N, C, H, W), unbatched = _batched_shape(input, name)
-    if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
+    if isinstance(output_size, (list, tuple)):
+        if len(output_size) != 2 or not all(
+                v is None or (isinstance(v, int) and not isinstance(v, bool))
+                for v in output_size):      # torch too: no one-element form here
+            raise ValueError(f"output_size must be an int or a pair of ints (or None), got "
+                             f"{output_size!r}")
         OH = H if output_size[0] is None else output_size[0]
         OW = W if output_size[1] is None else output_size[1]
     else:

@@ -352,8 +352,10 @@ class _Forward:
                 break
             flat.append(out)
             if self.dropout:
-                # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p)
-                noise = torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout)
+                # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p);
+                # p = 1 zeros, drawing nothing (bernoulli(0) / 0 would be NaN)
+                noise = (torch.zeros_like(out) if cfg.dropout == 1 else
+                         torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout))
                 dropped = new_output(out.shape, dt, dev)
                 sites.mul(-1 - layer, out, noise, dropped)
                 flat += [noise, dropped]

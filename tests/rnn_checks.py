@@ -222,6 +222,15 @@ def check_dropout_between_layers(name, backend):
         for (p_name, p), q in zip(ours.named_parameters(), theirs.parameters()):
             assert_close(p.grad, q.grad, torch.float32, reduction=48 * 20, name=p_name)
         assert not torch.allclose(ours(x)[0], out)
+    # p = 1 drops everything (torch: zeros, no draw), on any device; bernoulli(0) / 0 was NaN
+    ours.dropout = theirs.dropout = 1.0
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [_flat(m(xi))[:2] for m, xi in zip((ours, theirs), xs)]
+    for got, want, what in zip(outs[0], outs[1], ("output", "h_n")):
+        assert_close(got, want, torch.float32, reduction=48, tf32=TF32, name=f"p=1 {what}")
+    for (out, hn), xi in zip(outs, xs):
+        (out.sum() + hn.square().sum()).backward()
+    assert_close(xs[0].grad, xs[1].grad, torch.float32, reduction=48, tf32=TF32, name="p=1 dx")
     ours.eval()
     theirs.eval()
     assert_close(ours(x)[0], theirs(x)[0], torch.float32, reduction=48, tf32=TF32, name="eval")

@@ -859,6 +859,9 @@ def test_bad_input(backend, algo):
         conv(x, w, padding="full")
     with pytest.raises(ValueError, match="algo"):
         pydl.conv2d(x, w, backend=backend, algo="winograd")
+    for empty in (x[:, :, :0], x[..., :0]):     # torch refuses a 0-pixel side, padded or not
+        with pytest.raises(ValueError, match="empty spatial dimension"):
+            conv(empty, w, padding=2)
 
 
 @pytest.mark.gpu

@@ -465,8 +465,9 @@ def test_pool_bad_input(backend):
         pydl.max_pool2d(x, 2.5, backend=backend)
     with pytest.raises(ValueError, match="divisor_override"):
         pydl.avg_pool2d(x, 2, divisor_override=0, backend=backend)
-    with pytest.raises(ValueError, match="output_size"):
-        pydl.adaptive_avg_pool2d(x, (-1, 2), backend=backend)
+    for size in ((-1, 2), (3,), (2, 3, 4), (2.5, 3)):
+        with pytest.raises(ValueError, match="output_size"):
+            pydl.adaptive_avg_pool2d(x, size, backend=backend)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         pydl.max_pool2d(x.double(), 2, backend=backend)
 
