@@ -39,10 +39,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, backend: str | None = None):
-        if size_average is not None or reduce is not None:
-            raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
-        super().__init__(weight=weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing)
+        # the deprecated size_average / reduce set self.reduction there, as in torch
+        super().__init__(weight=weight, size_average=size_average, ignore_index=ignore_index,
+                         reduce=reduce, reduction=reduction, label_smoothing=label_smoothing)
         self.backend = backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1210,7 +1210,8 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                         f"probabilities and must be floating point, got {target.dtype} (class "
                         f"indices have shape {expected})")
     elif target.dtype != torch.int64:
-        raise TypeError(f"target must be int64 (torch.long) class indices, got {target.dtype}")
+        raise TypeError(f"target must be int64 (torch.long) or uint8 class indices, got "
+                        f"{target.dtype}")
     elif tuple(target.shape) != expected:
         raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
                          f"{tuple(input.shape)}: expected {expected} (batch and spatial dims of input)")
@@ -1446,10 +1447,13 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     1; "mean" divides by the number of rows; the gradient w.r.t. target is computed too).
 
     Fused: log_softmax is never materialised; the backward writes the gradient in one pass.
-    The deprecated `size_average` / `reduce` arguments are rejected with a clear error.
+    The deprecated `size_average` / `reduce` arguments set the reduction as in torch (with
+    its deprecation warning); uint8 class indices are taken as torch takes them (as int64).
     """
     if size_average is not None or reduce is not None:
-        raise ValueError("size_average and reduce are deprecated in torch; use reduction=")
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
+        target = target.long()
     input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
     call = _CROSS_ENTROPY_CALLS.call(_cross_entropy_key, _cross_entropy_call, input, target,
                                      weight, ignore_index, reduction, label_smoothing, backend)

@@ -317,6 +317,23 @@ def test_cross_entropy_loss_module_is_drop_in(backend):
     ours.load_state_dict(theirs.state_dict())
     x, t = random_tensor((5, 8), torch.float32, DEVICE), _targets((5,), 8, 1)
     assert_close(ours(x, t), theirs(x, t), torch.float32, reduction=40)
+    # uint8 class indices, as torch takes them (its label smoothing's gather does not)
+    t8 = t.to(torch.uint8)
+    assert_close(pydl.cross_entropy(x, t8, w, ignore_index=1, backend=backend),
+                 torch.nn.functional.cross_entropy(x, t8, w, ignore_index=1), torch.float32,
+                 reduction=40)
+    # the deprecated size_average / reduce: torch's reduction, and its warning
+    for legacy in (dict(size_average=False), dict(reduce=False), dict(size_average=True,
+                                                                      reduce=True)):
+        with pytest.warns(UserWarning, match="deprecated"):
+            ours = pydl.nn.CrossEntropyLoss(weight=w, ignore_index=1, backend=backend, **legacy)
+        with pytest.warns(UserWarning, match="deprecated"):
+            theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, **legacy)
+        assert ours.reduction == theirs.reduction
+        assert_close(ours(x, t), theirs(x, t), torch.float32, reduction=40)
+        with pytest.warns(UserWarning, match="deprecated"):
+            functional = pydl.cross_entropy(x, t, w, ignore_index=1, backend=backend, **legacy)
+        assert_close(functional, theirs(x, t), torch.float32, reduction=40)
 
 
 # --- cross-entropy: the gradient written by the forward (triton) ------------------------------
@@ -653,8 +670,6 @@ def test_cross_entropy_bad_input(backend):
         ce(x, p, ignore_index=0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         ce(x.double(), t)
-    with pytest.raises(ValueError, match="deprecated"):
-        pydl.cross_entropy(x, t, size_average=True, backend=backend)
 
 
 @backends
