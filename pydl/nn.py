@@ -140,7 +140,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        batched = query.dim() == 3
+        batched = _check_mha_inputs(query, key, value, key_padding_mask, attn_mask,
+                                    self.num_heads, self.batch_first)
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -183,6 +184,39 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+
+def _check_mha_inputs(query, key, value, key_padding_mask, attn_mask, num_heads: int,
+                      batch_first: bool) -> bool:
+    """torch.nn.MultiheadAttention's checks of its inputs' ranks, the masks' shapes and
+    dtypes (bool, or floating of the query's dtype); returns whether the call is batched."""
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be unbatched 2-D (L, E) or batched 3-D, got a "
+                         f"{query.dim()}-D tensor of shape {tuple(query.shape)}")
+    batched = query.dim() == 3
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise ValueError(f"{name} must be {query.dim()}-D as the query is, got shape "
+                             f"{tuple(t.shape)}")
+    seq = 1 if batched and batch_first else 0       # the sequence axis
+    L, S = query.shape[seq], key.shape[seq]
+    N = query.shape[1 - seq] if batched else 1
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is None:
+            continue
+        if m.dtype != torch.bool and m.dtype != query.dtype:
+            raise TypeError(f"{name} must be bool or of the query's dtype ({query.dtype}), got "
+                            f"{m.dtype}")
+    if key_padding_mask is not None and key_padding_mask.dim() != (2 if batched else 1):
+        raise ValueError(f"key_padding_mask must be {'(N, S)' if batched else '(S,)'} for a "
+                         f"{'batched' if batched else 'unbatched'} query, got shape "
+                         f"{tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        want = {2: (L, S), 3: (N * num_heads, L, S)}.get(attn_mask.dim())
+        if want is None or tuple(attn_mask.shape) != want:
+            raise ValueError(f"attn_mask must be (L, S) = {(L, S)} or (N * num_heads, L, S) = "
+                             f"{(N * num_heads, L, S)}, got shape {tuple(attn_mask.shape)}")
+    return batched
 
 
 def _merge_masks(attn_mask, key_padding_mask, N, H, L, S, dtype, extra: int = 0):

@@ -1,6 +1,7 @@
 """scaled_dot_product_attention: flash kernels against the float64 reference and torch, forward
 and the three gradients: odd lengths, Lq != Lk with causal, masks of every broadcast shape, GQA,
 head dims 24/80, fully masked rows, dropout statistics and reproducibility."""
+import functools
 import math
 
 import pytest
@@ -399,6 +400,38 @@ def test_multihead_attention_is_drop_in(config, backend, need_weights):
     t_out.backward(g)
     for (name, p), tp in zip(ours.named_parameters(), theirs.parameters()):
         assert_close(p.grad, tp.grad, torch.float32, reduction=N * L * S, tf32=TF32, name=name)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_checks_its_inputs(batch_first):
+    """What torch.nn.MultiheadAttention refuses, pydl's refuses, with the shapes in the
+    message: ranks, masks of another dtype than bool or the query's, mask shapes."""
+    ours = pydl.nn.MultiheadAttention(4, 2, batch_first=batch_first, device=DEVICE)
+    theirs = torch.nn.MultiheadAttention(4, 2, batch_first=batch_first).to(DEVICE)
+    N, L, S = 2, 3, 5
+    q = random_tensor((N, L, 4) if batch_first else (L, N, 4), torch.float32, DEVICE)
+    kv = random_tensor((N, S, 4) if batch_first else (S, N, 4), torch.float32, DEVICE)
+    one = (lambda t: t[0]) if batch_first else (lambda t: t[:, 0])      # unbatched
+    ours(q, kv, kv, attn_mask=torch.zeros(N * 2, L, S, device=DEVICE))  # the shapes it takes
+    bool_mask = functools.partial(torch.zeros, dtype=torch.bool, device=DEVICE)
+    cases = [   # (message, query, key and value, masks)
+        ("query must be unbatched 2-D", q[None], kv[None], {}),
+        ("key must be 3-D", q, one(kv), {}),
+        ("key_padding_mask must be bool", q, kv,
+         dict(key_padding_mask=torch.zeros(N, S, dtype=torch.long, device=DEVICE))),
+        ("attn_mask must be bool", q, kv,
+         dict(attn_mask=torch.zeros(L, S, dtype=torch.float64, device=DEVICE))),
+        (r"key_padding_mask must be \(N, S\)", q, kv, dict(key_padding_mask=bool_mask(S))),
+        (r"key_padding_mask must be \(S,\)", one(q), one(kv),
+         dict(key_padding_mask=bool_mask(1, S))),
+        (r"attn_mask must be \(L, S\) = \(3, 5\) or \(N \* num_heads, L, S\) = \(4, 3, 5\)",
+         q, kv, dict(attn_mask=torch.zeros(3, L, S, device=DEVICE))),
+    ]
+    for message, query, key, masks in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            ours(query, key, key, **masks)
+        with pytest.raises((AssertionError, RuntimeError)):        # torch refuses each too
+            theirs(query, key, key, **masks)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
