@@ -1315,6 +1315,13 @@ class _CrossEntropyCall(CrossEntropyKernels):
             self.fwd, self.scale = {}, {}    # fwd: by grad, and ("bwd", grad_out strides)
 
     def __call__(self, x, t, w):
+        if w is not None and w.requires_grad and self.backend != "torch" \
+                and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "cross_entropy: the class weight requires grad, and pydl's kernels do not "
+                "differentiate the loss w.r.t. the class weights (torch does for "
+                "class-probability targets and raises for class indices): pass "
+                "weight.detach(), or backend='torch'")
         if self.eager:
             graph = torch.is_grad_enabled() and x.requires_grad
             if self.prob:

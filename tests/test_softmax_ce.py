@@ -670,6 +670,14 @@ def test_cross_entropy_bad_input(backend):
         ce(x, p, ignore_index=0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         ce(x.double(), t)
+    # a class weight that requires grad: refused, not a loss without its gradient
+    w = torch.rand(5, device=DEVICE).requires_grad_()
+    for target in (t, p):
+        with pytest.raises(NotImplementedError, match="class weight requires grad"):
+            ce(x, target, weight=w)
+        with torch.no_grad():
+            ce(x, target, weight=w)
+        ce(x, target, weight=w.detach())
 
 
 @backends
