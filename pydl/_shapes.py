@@ -6,22 +6,33 @@ options, and the (outer, n, inner) view that row-wise kernels (softmax, cross-en
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
 
 
+def integer(value) -> int | None:
+    """`value` as a Python int where it is an integer option as torch takes one (an int, a
+    NumPy integer: anything with __index__ but a bool or a tensor), else None."""
+    if isinstance(value, (bool, torch.Tensor)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:       # not an integer (a float, a NumPy bool)
+        return None
+
+
 def pair(value, name: str) -> tuple[int, int]:
-    """An int or a length-2 sequence of ints as a pair; a clear error otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return (int(value[0]), int(value[1]))
-    if isinstance(value, Sequence) and len(value) == 1 and isinstance(value[0], int):
-        return (int(value[0]), int(value[0]))
+    """An integer or a length-2 (or 1) sequence of integers as a pair of Python ints; a clear
+    error otherwise."""
+    v = integer(value)
+    if v is not None:
+        return (v, v)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) in (1, 2):
+        vs = [integer(v) for v in value]
+        if None not in vs:
+            return (vs[0], vs[-1])
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
@@ -89,8 +100,9 @@ def same_padding(kernel: int, dilation: int = 1) -> tuple[int, int]:
 
 
 def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
-    if not isinstance(dim, int) or isinstance(dim, bool):
+    if integer(dim) is None:
         raise TypeError(f"{name} must be an int, got {dim!r}")
+    dim = integer(dim)
     if not -max(ndim, 1) <= dim < max(ndim, 1):
         raise IndexError(f"{name}={dim} is out of range for a tensor of {ndim} dimensions")
     return dim % max(ndim, 1)

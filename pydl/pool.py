@@ -23,7 +23,7 @@ from ._launch import (NumbaLaunch, cdiv, fresh, memory_format_of, new_output,
                       planned_once)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensors_key)
-from ._shapes import pair, pool_output_size
+from ._shapes import integer, pair, pool_output_size
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
 
@@ -803,8 +803,11 @@ def _avg_pool2d_call(input, kernel_size, stride, padding, ceil_mode, count_inclu
                      divisor_override, backend):
     name, impl = dispatch("avg_pool2d", backend, input)
     shape, unbatched = _batched_shape(input, name)
-    if divisor_override is not None and (not isinstance(divisor_override, int) or divisor_override <= 0):
-        raise ValueError(f"divisor_override must be a positive int, got {divisor_override!r}")
+    if divisor_override is not None:
+        if integer(divisor_override) is None or integer(divisor_override) <= 0:
+            raise ValueError(f"divisor_override must be a positive int, got "
+                             f"{divisor_override!r}")
+        divisor_override = integer(divisor_override)
     g = _geometry(shape, kernel_size, stride, padding, 1, bool(ceil_mode),
                   count_include_pad=bool(count_include_pad), divisor=divisor_override or 0)
     return _PoolCall(impl, name, g, input, unbatched, False)
@@ -814,13 +817,13 @@ def _adaptive_avg_pool2d_call(input, output_size, backend):
     name, impl = dispatch("adaptive_avg_pool2d", backend, input)
     (N, C, H, W), unbatched = _batched_shape(input, name)
     if isinstance(output_size, (list, tuple)):
-        if len(output_size) != 2 or not all(
-                v is None or (isinstance(v, int) and not isinstance(v, bool))
-                for v in output_size):      # torch too: no one-element form here
+        if len(output_size) != 2 or not all(v is None or integer(v) is not None
+                                                for v in output_size):
+            # torch too: no one-element form here
             raise ValueError(f"output_size must be an int or a pair of ints (or None), got "
                              f"{output_size!r}")
-        OH = H if output_size[0] is None else output_size[0]
-        OW = W if output_size[1] is None else output_size[1]
+        OH = H if output_size[0] is None else integer(output_size[0])
+        OW = W if output_size[1] is None else integer(output_size[1])
     else:
         OH, OW = pair(output_size, "output_size")
     if OH < 0 or OW < 0:

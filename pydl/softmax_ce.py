@@ -39,7 +39,7 @@ from ._launch import (NumbaLaunch, arrival_counters, cdiv, fresh, new_output,
                       planned_once)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensors_key)
-from ._shapes import as_rows, normalize_dim
+from ._shapes import as_rows, integer, normalize_dim
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
 
@@ -1230,7 +1230,7 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if integer(ignore_index) is None:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if probabilities and ignore_index >= 0:
         # torch's rule: a negative ignore_index (the default -100) is ignored, others raise

@@ -518,3 +518,42 @@ def test_nan_in_rows_wider_than_a_block(op, backend, monkeypatch):
             x, torch.tensor([1, 30, 2], device=DEVICE), reduction="none", label_smoothing=0.1, **kw
         )
     check_like_torch(fn, [x], backend)
+
+
+# --- integer options of other integer types ---------------------------------------------------
+
+@backends
+def test_numpy_integer_options(backend):
+    """NumPy integers (sizes from a config file or an array) work wherever torch takes an int,
+    with the ints' result; a NumPy bool or a float is still refused."""
+    import numpy as np
+    i = np.int64
+    x = t(2, 4, 7, 6)
+    w = t(4, 2, 3, 3)
+    same = [
+        (lambda: pydl.conv2d(x, w, stride=i(2), padding=(i(1), 2), dilation=i(1), groups=i(2),
+                             backend=backend),
+         lambda: pydl.conv2d(x, w, stride=2, padding=(1, 2), groups=2, backend=backend)),
+        (lambda: pydl.max_pool2d(x, i(3), i(2), i(1), backend=backend),
+         lambda: pydl.max_pool2d(x, 3, 2, 1, backend=backend)),
+        (lambda: pydl.avg_pool2d(x, (i(2), i(3)), divisor_override=i(5), backend=backend),
+         lambda: pydl.avg_pool2d(x, (2, 3), divisor_override=5, backend=backend)),
+        (lambda: pydl.adaptive_avg_pool2d(x, (i(3), None), backend=backend),
+         lambda: pydl.adaptive_avg_pool2d(x, (3, None), backend=backend)),
+        (lambda: pydl.softmax(x, i(-2), backend=backend),
+         lambda: pydl.softmax(x, -2, backend=backend)),
+        (lambda: pydl.cross_entropy(x, torch.zeros(2, 7, 6, dtype=torch.long),
+                                    ignore_index=i(1), backend=backend),
+         lambda: pydl.cross_entropy(x, torch.zeros(2, 7, 6, dtype=torch.long), ignore_index=1,
+                                    backend=backend)),
+    ]
+    for ours, ints in same:
+        assert torch.equal(ours(), ints())
+    m = torch.nn.LSTM(6, 3, num_layers=2)
+    seq = t(4, 2, 6)
+    assert torch.equal(pydl.lstm(seq, None, m._flat_weights, num_layers=i(2), backend=backend)[0],
+                       pydl.lstm(seq, None, m._flat_weights, num_layers=2, backend=backend)[0])
+    with pytest.raises(TypeError, match="kernel_size"):
+        pydl.max_pool2d(x, np.bool_(True), backend=backend)
+    with pytest.raises(TypeError, match="stride"):
+        pydl.conv2d(x, w, stride=np.float64(2.0), groups=2, backend=backend)
