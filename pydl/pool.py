@@ -828,7 +828,7 @@ def _adaptive_avg_pool2d_call(input, output_size, backend):
         OH, OW = pair(output_size, "output_size")
     if OH < 0 or OW < 0:
         raise ValueError(f"output_size must be non-negative, got {output_size}")
-    _check_not_empty((N, C, H, W))
+    _check_not_empty((N, 1, H, W))      # 0 channels: an empty output, as torch gives
     return _PoolCall(impl, name, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), input,
                      unbatched, False, adaptive=True)
 

@@ -201,8 +201,8 @@ REFUSED = {
         "empty non-batch",
     ),
     "avg_pool2d_height0": (lambda **kw: pydl.avg_pool2d(t(2, 3, 0, 6), 1, **kw), "empty non-batch"),
-    "adaptive_avg_pool2d_channels0": (
-        lambda **kw: pydl.adaptive_avg_pool2d(t(2, 0, 6, 6), 2, **kw),
+    "adaptive_avg_pool2d_height0": (
+        lambda **kw: pydl.adaptive_avg_pool2d(t(2, 3, 0, 6), 2, **kw),
         "empty non-batch",
     ),
     "attention_kv_heads0": (
@@ -518,6 +518,18 @@ def test_nan_in_rows_wider_than_a_block(op, backend, monkeypatch):
             x, torch.tensor([1, 30, 2], device=DEVICE), reduction="none", label_smoothing=0.1, **kw
         )
     check_like_torch(fn, [x], backend)
+
+
+@backends
+def test_adaptive_avg_pool2d_channels0(backend):
+    """0 channels: torch's empty forward (where max_pool2d and avg_pool2d raise); the gradient
+    is the empty one (torch's backward raises)."""
+    for shape in ((2, 0, 6, 5), (0, 6, 5)):
+        x = t(*shape).requires_grad_()
+        y = pydl.adaptive_avg_pool2d(x, (3, 2), backend=backend)
+        assert y.shape == torch.nn.functional.adaptive_avg_pool2d(x, (3, 2)).shape
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        assert dx.shape == x.shape
 
 
 # --- integer options of other integer types ---------------------------------------------------
