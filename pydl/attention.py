@@ -857,38 +857,24 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
-    """Checks shared by the public entry points; returns (backend name, implementation,
-    q, k, v as (B, H, L, E) views, the mask expanded to (B, Hq, L, S) or None, its kind, scale)."""
+    """Checks shared by the public entry points; returns (backend name, implementation, the
+    Broadcast of the inputs' shapes, q, k, v as (B, H, L, E) tensors, the mask as (B, Hq, L, S)
+    or None, its kind, scale)."""
     query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
     tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
     name, impl = dispatch("scaled_dot_product_attention", backend, *tensors)
     for t, nm in ((query, "query"), (key, "key"), (value, "value")):
-        check_tensor(t, nm, name, ndims=(2, 3, 4))
+        check_tensor(t, nm, name)
+        if t.dim() < 2:
+            raise ValueError(f"{nm} must have at least 2 dims (..., length, head dim), got "
+                             f"shape {tuple(t.shape)}")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, "
                         f"{key.dtype}, {value.dtype}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, "
-                         f"{key.dim()}, {value.dim()}")
-    q, k, v = _as4d(query), _as4d(key), _as4d(value)
+    shapes = Broadcast(query, key, value, enable_gqa)
+    q, k, v = shapes.views(query, key, value)
     B, H, L, E = q.shape
-    Bk, HKV, S, Ek = k.shape
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in "
-                         f"batch, heads and sequence length")
-    if E != Ek:
-        raise ValueError(f"query head dim {E} does not match key head dim {Ek}")
-    if B != Bk:
-        raise ValueError(f"query batch {B} does not match key/value batch {Bk}")
-    if H != HKV:
-        if HKV == 0:
-            raise ValueError(f"query has {H} heads but key/value have none")
-        if not enable_gqa:
-            raise ValueError(f"query has {H} heads but key/value have {HKV}: pass enable_gqa=True "
-                             f"for grouped-query attention")
-        if H % HKV:
-            raise ValueError(f"grouped-query attention needs query heads ({H}) divisible by "
-                             f"key/value heads ({HKV})")
+    S = k.shape[2]
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
@@ -901,24 +887,94 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
             raise ValueError("attn_mask and is_causal cannot both be set (as in torch)")
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
-        if attn_mask.dim() > max(query.dim(), 2):
+        if attn_mask.dim() > len(shapes.scores):
             # more dims than the query: the broadcast scores would have more dims than the
             # output (torch raises on it too)
             raise ValueError(f"attn_mask has {attn_mask.dim()} dims, more than the query's "
                              f"{query.dim()}")
         try:
-            torch.broadcast_shapes(attn_mask.shape, (B, H, L, S))
+            torch.broadcast_shapes(attn_mask.shape, shapes.scores)
         except RuntimeError:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"the scores' shape {(B, H, L, S)}") from None
-        mask = _as4d(attn_mask).expand(B, H, L, S)   # stride 0 on broadcast dims: no copy
+                             f"the scores' shape {shapes.scores}") from None
+        mask = shapes.mask(attn_mask)
         if attn_mask.dtype == torch.bool:
             mask_kind = MASK_BOOL
         elif attn_mask.dtype.is_floating_point:
             mask_kind = MASK_FLOAT
         else:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-    return name, impl, q, k, v, mask, mask_kind, float(scale)
+    return name, impl, shapes, q, k, v, mask, mask_kind, float(scale)
+
+
+class Broadcast:
+    """torch's broadcasting of query (..., Hq, L, E), key (..., Hkv, S, E) and value
+    (..., Hkv, S, Ev), resolved once per call signature into the (B, H, len, dim) views the
+    kernels take: the dims before the heads broadcast and merge into B (a view where the
+    strides allow, else a copy); the heads broadcast too (a key/value head shared by every
+    query head without enable_gqa), or with enable_gqa stay grouped (Hq a multiple of Hkv,
+    which the kernels read per group); inputs of 2 or 3 dims have heads and batch of 1.
+    `plain`: q, k and v are already such views (4-D, no broadcast), the planned path's case.
+    Autograd sums the gradients of broadcast dims back (the expand's backward)."""
+
+    __slots__ = ("pads", "expanded", "fours", "scores", "out_shape", "plain")
+
+    def __init__(self, query, key, value, enable_gqa: bool):
+        rank = max(query.dim(), key.dim(), value.dim())
+        nd = max(rank, 4)
+        pads = [(1,) * (nd - t.dim()) + tuple(t.shape) for t in (query, key, value)]
+        (*q_lead, Hq, L, E), (*k_lead, Hk, S, Ek), (*v_lead, Hv, Sv, Ev) = pads
+        if E != Ek:
+            raise ValueError(f"query head dim {E} does not match key head dim {Ek}")
+        if S != Sv:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree "
+                             f"in sequence length")
+        if Hk != Hv:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree "
+                             f"in heads")
+        if enable_gqa and Hk not in (Hq, 1):
+            if Hk == 0:
+                raise ValueError(f"query has {Hq} heads but key/value have none")
+            if Hq % Hk:
+                raise ValueError(f"grouped-query attention needs query heads ({Hq}) divisible "
+                                 f"by key/value heads ({Hk})")
+            Hq_out, Hk_out = Hq, Hk
+        elif Hq == Hk or 1 in (Hq, Hk):
+            Hq_out = Hk_out = max(Hq, Hk) if 0 not in (Hq, Hk) else 0
+        else:
+            raise ValueError(f"query has {Hq} heads but key/value have {Hk}: pass "
+                             f"enable_gqa=True for grouped-query attention")
+        try:
+            lead = tuple(torch.broadcast_shapes(tuple(q_lead), tuple(k_lead), tuple(v_lead)))
+        except RuntimeError:
+            raise ValueError(f"the batch dims of query {tuple(query.shape)}, key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)} do not "
+                             f"broadcast") from None
+        B = math.prod(lead)
+        self.pads = pads
+        self.expanded = [lead + (Hq_out, L, E), lead + (Hk_out, S, E), lead + (Hk_out, S, Ev)]
+        self.fours = [(B, Hq_out, L, E), (B, Hk_out, S, E), (B, Hk_out, S, Ev)]
+        self.scores = (lead + (Hq_out, L, S))[nd - max(rank, 2):]
+        self.out_shape = (lead + (Hq_out, L, Ev))[nd - rank:]
+        self.plain = (query.dim() == key.dim() == value.dim() == 4
+                      and all(tuple(t.shape) == e for t, e in zip((query, key, value),
+                                                                  self.expanded)))
+
+    def views(self, query, key, value):
+        """q, k, v as (B, H, len, dim) tensors."""
+        if self.plain:
+            return query, key, value
+        return tuple(t.reshape(pad).expand(exp).reshape(four) for t, pad, exp, four in
+                     zip((query, key, value), self.pads, self.expanded, self.fours))
+
+    def mask(self, attn_mask):
+        """The mask as a (B, Hq, L, S) tensor: its broadcast view (stride 0 on broadcast
+        dims, no copy) where the batch dims need no merging."""
+        B, H, L, _ = self.fours[0]
+        S = self.fours[1][2]
+        full = self.expanded[0][:-2] + (L, S)
+        m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
+        return m.expand(full).reshape(B, H, L, S)
 
 
 @emulated("forward", "backward")
@@ -939,16 +995,15 @@ class _AttentionCall(AttentionKernels):
 
     def __init__(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  backend, algo):
-        name, self.impl, q, k, v, mask, mask_kind, scale = _prepare(
+        name, self.impl, shapes, q, k, v, mask, mask_kind, scale = _prepare(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
         self.name = name
         self.algo = resolve_algo("scaled_dot_product_attention", name, algo)
         super().__init__(mask_kind, bool(is_causal), scale, float(dropout_p),
                          VARIANT_LAUNCHERS.get(self.algo, name))
-        self.views = None if query.dim() == 4 else (q.shape, k.shape, v.shape)
+        self.views = None if shapes.plain else shapes      # 4-D q, k, v as they are, or
         self.mask_shape = None if mask is None else mask.shape
-        self.out_shape = None if query.dim() == 4 else query.shape[:-2] + (q.shape[2],
-                                                                           v.shape[3])
+        self.out_shape = None if shapes.plain else shapes.out_shape
         self.planned = (self.impl in _KERNEL_IMPLS.values() and self.algo != "naive"
                         and self.views is None
                         and not torch.compiler.is_compiling()
@@ -984,13 +1039,11 @@ class _AttentionCall(AttentionKernels):
 
     def _views(self, query, key, value, attn_mask):
         """q, k, v as (B, H, L, E) views and the mask as its (B, Hq, L, S) broadcast view."""
-        q, k, v = query, key, value
-        if self.views is not None:
-            q, k, v = query.view(self.views[0]), key.view(self.views[1]), value.view(self.views[2])
-        mask = None
-        if self.mask_shape is not None:
-            mask = _as4d(attn_mask).expand(self.mask_shape)   # stride 0 on broadcast dims
-        return q, k, v, mask
+        if self.views is None:
+            mask = None if attn_mask is None else _as4d(attn_mask).expand(self.mask_shape)
+            return query, key, value, mask
+        return (*self.views.views(query, key, value),
+                None if attn_mask is None else self.views.mask(attn_mask))
 
     def with_weights(self, query, key, value, attn_mask):
         """(output, attention weights (B, Hq, L, S)) for attention_with_weights: the triton
@@ -1085,8 +1138,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     algo: "flash" (default), "naive" (triton: materialised scores, three kernels),
     "flash_hopper" (triton: the Gluon forward for Hopper GPUs; pydl/attention_hopper.py) or
     "flash_onepass" (triton: the single-pass backward; pydl/attention_onepass.py).
-    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), up to 4-D; attn_mask
-    bool (True = attend) or float (added), broadcastable to (B, Hq, L, S).
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), any rank from 2-D,
+    their batch and head dims broadcast as torch's math backend broadcasts them (Hq a multiple
+    of Hkv with enable_gqa); attn_mask bool (True = attend) or float (added), broadcastable
+    to the scores (..., Hq, L, S).
     """
     query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
     call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, dropout_p,

@@ -303,6 +303,54 @@ def test_dropout_is_reproducible_and_has_the_right_rate(backend):
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
 
 
+# --- broadcasting, as torch's math backend ----------------------------------------------------
+
+BROADCAST = {   # name: (query, key (value alike), mask or None, enable_gqa)
+    "kv_batch1": ((2, 2, 5, 8), (1, 2, 6, 8), None, False),
+    "q_batch1": ((1, 2, 5, 8), (3, 2, 6, 8), (5, 6), False),
+    "kv_one_head": ((2, 3, 5, 8), (2, 1, 6, 8), None, False),
+    "q_one_head": ((2, 1, 5, 8), (2, 3, 6, 8), (2, 1, 1, 6), False),
+    "3d_q_4d_kv": ((2, 5, 8), (3, 2, 6, 8), None, False),
+    "5d": ((2, 2, 2, 5, 8), (2, 2, 2, 6, 8), (1, 2, 1, 5, 6), False),
+    "5d_q_4d_kv": ((3, 2, 2, 5, 8), (2, 2, 6, 8), None, False),
+    "gqa_kv_batch1": ((2, 4, 5, 8), (1, 2, 6, 8), (4, 5, 6), True),
+}
+
+
+@pytest.mark.parametrize("backend,algo", [("triton", "flash"), ("triton", "naive"),
+                                          ("numba", "flash")])
+@pytest.mark.parametrize("case", BROADCAST)
+def test_broadcast_inputs_match_torch(case, backend, algo):
+    """Batch and head dims broadcast as in torch's math backend (shared keys, one key/value
+    head without enable_gqa, 3-D against 4-D, 5-D): the output's shape and values and every
+    input's gradient (summed over its broadcast dims), a float mask's too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q_shape, kv_shape, mask_shape, gqa = BROADCAST[case]
+    q = random_tensor(q_shape, torch.float32, DEVICE)
+    k = random_tensor(kv_shape, torch.float32, DEVICE)
+    v = random_tensor(kv_shape, torch.float32, DEVICE)
+    inputs = [q, k, v] + ([random_tensor(mask_shape, torch.float32, DEVICE)] if mask_shape
+                          else [])
+
+    def run(be, *ts):
+        mask = ts[3] if len(ts) > 3 else None
+        if be == "torch":
+            with sdpa_kernel(SDPBackend.MATH):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    *ts[:3], attn_mask=mask, enable_gqa=gqa)
+        return pydl.scaled_dot_product_attention(*ts[:3], attn_mask=mask, enable_gqa=gqa,
+                                                 backend=be, algo=algo)
+    out, g, grads = run_with_grad(lambda *ts: run(backend, *ts), inputs)
+    want, _, want_grads = run_with_grad(lambda *ts: run("torch", *[t.double() for t in ts]),
+                                        inputs, g.double())
+    assert out.shape == want.shape
+    assert_close(out, want, torch.float32, reduction=kv_shape[-2] * 8, tf32=TF32, name="out")
+    for name, got, exp in zip("qkvm", grads, want_grads):
+        assert got.shape == exp.shape, name
+        assert_close(got, exp, torch.float32, reduction=4 * kv_shape[-2] * 8, tf32=TF32,
+                     name=f"d{name}")
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 @backends
@@ -317,8 +365,8 @@ def test_bad_input(backend):
         sdpa(q, k[..., :8], v, enable_gqa=True)
     with pytest.raises(ValueError, match="sequence length"):
         sdpa(q, k, v[:, :, :5], enable_gqa=True)
-    with pytest.raises(ValueError, match="batch"):
-        sdpa(q[:1], k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match="batch dims .* do not broadcast"):
+        sdpa(torch.cat([q, q[:1]]), k, v, enable_gqa=True)
     with pytest.raises(ValueError, match="does not broadcast"):
         sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool, device=DEVICE), enable_gqa=True)
     with pytest.raises(ValueError, match="is_causal"):
