@@ -873,8 +873,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
                         f"{key.dtype}, {value.dtype}")
     shapes = Broadcast(query, key, value, enable_gqa)
     q, k, v = shapes.views(query, key, value)
-    B, H, L, E = q.shape
-    S = k.shape[2]
+    E = q.shape[3]
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
