@@ -158,6 +158,22 @@ def emulated(*methods: str):
     return wrap
 
 
+def _distinct(args: tuple) -> tuple:
+    """args with a tensor passed more than once (self-attention's q = k = v, an LSTM's h0 and
+    c0 one tensor) given as views after its first place: dynamo traces no autograd.Function
+    that takes one tensor in two inputs ("duplicate tensor input"), torch.compile's error
+    for a call eager mode runs. The gradients of the views reach the tensor."""
+    seen: set[int] = set()
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if id(a) in seen:
+                a = a.view_as(a)
+            seen.add(id(a))
+        out.append(a)
+    return tuple(out)
+
+
 _FUNCTION_APPLY = torch._C._FunctionBase.__dict__["apply"]   # autograd.Function's C++ apply
 _APPLIERS: dict = {}
 
@@ -170,8 +186,9 @@ def apply(function: type, *args):
     transform, which pydl's ops take on no path (without a graph they reach the kernels
     unwrapped too). Under torch.compile and functorch, Function.apply itself, and so where a
     class's `apply` is replaced (a test's spy)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
-            or "apply" in function.__dict__:
+    if torch.compiler.is_compiling():
+        return function.apply(*_distinct(args))
+    if torch._C._are_functorch_transforms_active() or "apply" in function.__dict__:
         return function.apply(*args)
     fast = _APPLIERS.get(function)
     if fast is None:

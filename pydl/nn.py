@@ -271,6 +271,9 @@ class _RNNLayer:
         self.backend, self.algo, self.recompute = backend, algo, recompute
 
     def forward(self, input, hx=None):
+        # as torch's forward: weights swapped since the last call (torch.func.functional_call,
+        # a parametrization's recomputed weight) replace the flat list's
+        self._update_flat_weights()
         return getattr(F, self._op)(
             input, hx, self._flat_weights, num_layers=self.num_layers, bias=self.bias,
             batch_first=self.batch_first, dropout=self.dropout, training=self.training,

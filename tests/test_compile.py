@@ -159,7 +159,6 @@ _MODEL = None
 CASES = {
     "patched_model": (_patched_model, lambda: (_x(2, 1, 8, 8, grad=True),
                                                torch.randint(0, 5, (2,), device=DEVICE))),
-    # (dynamo cannot trace an autograd.Function given one tensor twice: h and c differ)
     "lstm_cells": (lambda x, h, c, w_ih, w_hh: (pydl.lstm_cell(x, (h, c), w_ih, w_hh, backend=BACKEND)[1]
                                                 + pydl.gru_cell(x, h, w_ih[:12], w_hh[:12],
                                                                 backend=BACKEND)).sum(),
@@ -169,6 +168,15 @@ CASES = {
                                              _x(4, grad=True), torch.randint(0, 4, (2,), device=DEVICE))),
     "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),
                                        _x(1, 2, 6, 8, grad=True))),
+    # one tensor in several inputs of one op (dynamo traces no autograd.Function given a
+    # tensor twice: pydl._plan.apply passes views): self-attention, a state as both h and c
+    "one_tensor_twice": (lambda x, s, h, w_ih, w_hh: (
+        pydl.scaled_dot_product_attention(x, x, x, backend=BACKEND).sum()
+        + pydl.lstm_cell(s, (h, h), w_ih, w_hh, backend=BACKEND)[1].sum()
+        + pydl.lstm(s[:, None].expand(2, 2, 3), (h[None], h[None]), [w_ih, w_hh],
+                    bias=False, backend=BACKEND)[0].sum()),
+        lambda: (_x(1, 2, 6, 8, grad=True), _x(2, 3, grad=True), _x(2, 4, grad=True),
+                 _x(16, 3, grad=True), _x(16, 4, grad=True))),
 }
 
 

@@ -796,3 +796,40 @@ def test_nan_propagates_as_in_torch(kind, backend):
     out = results[0][0]
     assert torch.isnan(out[1:, 0]).all() and not torch.isnan(out[0]).any()
     assert torch.isfinite(out[:, 1]).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_weights_swapped_or_parametrized(kind):
+    """pydl.nn.LSTM / GRU run the weights torch's module would: those torch.func.functional_call
+    swaps in, and a parametrization's weight recomputed every call (weight_norm), whose
+    parameters get their gradients (the flat weight list is refreshed as torch's forward
+    refreshes it)."""
+    from torch.nn.utils import parametrizations
+    cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+    ours_cls = pydl.nn.LSTM if kind == "lstm" else pydl.nn.GRU
+    theirs = cls(3, 4).to(DEVICE)
+    ours = ours_cls(3, 4, device=DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor((5, 2, 3), torch.float32, DEVICE)
+    swapped = {n: random_tensor(p.shape, torch.float32, DEVICE) for n, p in
+               theirs.named_parameters()}
+    got = torch.func.functional_call(ours, swapped, (x,))[0]
+    want = torch.func.functional_call(theirs, swapped, (x,))[0]
+    assert_close(got, want, torch.float32, reduction=32, tf32=TF32, name="functional_call")
+    for m in (theirs, ours):
+        parametrizations.weight_norm(m, "weight_hh_l0")
+    for _ in range(2):      # and after changing a parametrization's parameter in place
+        outs = [m(x)[0] for m in (ours, theirs)]
+        assert_close(outs[0], outs[1], torch.float32, reduction=32, tf32=TF32, name="weight_norm")
+        for out in outs:
+            out.sum().backward()
+        p_ours = ours.parametrizations.weight_hh_l0
+        p_theirs = theirs.parametrizations.weight_hh_l0
+        for a, b in ((p_ours.original0, p_theirs.original0),
+                     (p_ours.original1, p_theirs.original1)):
+            assert a.grad is not None
+            assert_close(a.grad, b.grad, torch.float32, reduction=64, tf32=TF32, name="dv")
+            a.grad = b.grad = None
+        with torch.no_grad():
+            p_ours.original1.mul_(1.5)
+            p_theirs.original1.mul_(1.5)
