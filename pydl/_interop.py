@@ -95,6 +95,9 @@ def on_tensors_device(fn: Callable, args, kwargs):
     PackedSequence's data) current, as torch's ops run; nothing more (about 0.2 us) where it
     is already current, for CPU tensors, and under torch.compile (whose graphs take their own
     device guard)."""
+    if _FORWARD_AD._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        if not torch.compiler.is_compiling():
+            _refuse_transforms(fn, args, kwargs)
     x = args[0] if args else next(iter(kwargs.values()), None)
     if not isinstance(x, torch.Tensor):
         x = getattr(x, "data", None)            # a PackedSequence
@@ -105,3 +108,27 @@ def on_tensors_device(fn: Callable, args, kwargs):
             with torch.cuda.device(device.index):
                 return fn(*args, **kwargs)
     return fn(*args, **kwargs)
+
+
+_FORWARD_AD = torch.autograd.forward_ad     # its _current_level: -1 outside dual_level()
+
+
+def _refuse_transforms(fn: Callable, args, kwargs) -> None:
+    """Forward-mode AD (dual tensors) and torch.func's transforms (vmap, grad, jacrev, jvp)
+    reach no pydl kernel: pydl's Functions define neither a jvp nor a vmap rule, and the
+    eager path would run on a dual tensor's primal alone, its tangent silently dropped. So a
+    kernel backend refuses them by name; backend='torch' (torch's own ops) runs them."""
+    from .backends import current_backend
+    if (kwargs.get("backend") or current_backend()) == "torch":
+        return
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if torch._C._are_functorch_transforms_active():
+        what = "torch.func transforms (vmap, grad, jacrev, jvp)"
+    elif any(_FORWARD_AD.unpack_dual(t).tangent is not None for t in tensors):
+        what = "forward-mode AD (dual tensors)"
+    else:
+        return
+    raise NotImplementedError(
+        f"pydl.{fn.__name__} does not support {what} on pydl's kernel backends (the kernels "
+        f"have no jvp or batching rule); use backend='torch' (or pydl.use_backend('torch')) "
+        f"for this call")

@@ -216,3 +216,26 @@ class _Backend:
     def __getattr__(self, name):
         fn = getattr(self.module, name)
         return lambda *args, **kwargs: fn(*args, backend=self.backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_forward_ad_and_torch_func_refused_by_name(backend):
+    """A dual tensor's tangent or a torch.func transform reaches no kernel (no jvp, no
+    batching rule): refused with the op's name, where the eager path would have dropped the
+    tangent silently; backend='torch' runs them."""
+    import torch.autograd.forward_ad as fwAD
+    x = torch.randn(3, 5)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="pydl.softmax does not support "
+                                                      "forward-mode AD"):
+            pydl.softmax(dual, -1, backend=backend)
+        pydl.softmax(x, -1, backend=backend)        # no tangent among its inputs: runs
+        out = pydl.softmax(dual, -1, backend="torch")
+        assert fwAD.unpack_dual(out).tangent is not None
+    for transform in (torch.func.grad, torch.func.vmap):
+        f = (lambda t: pydl.softmax(t, -1, backend=backend).sum()) if transform is \
+            torch.func.grad else (lambda t: pydl.softmax(t, -1, backend=backend))
+        with pytest.raises(NotImplementedError, match="torch.func transforms"):
+            transform(f)(x)
+    torch.func.grad(lambda t: pydl.softmax(t, -1, backend="torch")[0, 0])(x)
