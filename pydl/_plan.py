@@ -87,8 +87,22 @@ class Cache:
         except (AttributeError, TypeError):
             return build(*args)
         if value is None:
+            _refuse_negative_views(args)
             value = self.get(key, build, *args)
         return value
+
+
+def _refuse_negative_views(args) -> None:
+    """A tensor with its negative bit set (a lazy negation, such as z.conj().imag of a complex
+    z) holds -x in memory as x: a kernel reading its storage would compute on the wrong sign.
+    Refused by name (the bit is in every call's key, so such a tensor never reaches a plan
+    built for a plain one)."""
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and t.is_neg():
+                raise TypeError(f"a {tuple(t.shape)} {t.dtype} input has its negative bit set "
+                                f"(a lazily negated view, such as z.conj().imag): pydl's ops "
+                                f"read memory directly; pass t.resolve_neg()")
 
 
 def clear_all() -> None:
@@ -111,7 +125,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def tensors_key(*tensors) -> tuple:
     """What a call's key holds of its tensor arguments (None allowed): of each its type, shape,
-    strides, dtype and device, everything a check or a plan reads of it but its data; None for
+    strides, dtype, device and negative bit, everything a check or a plan reads of it but its
+    data; None for
     an absent one. One flat tuple (no tuple a tensor: about 0.4 us less a call of seven
     tensors, to build and to compare); it decodes one way, as no type is None, so two calls
     have one key only where every tensor matches."""
@@ -120,7 +135,7 @@ def tensors_key(*tensors) -> tuple:
         if t is None:
             key.append(None)
         else:
-            key += (type(t), t.shape, t.stride(), t.dtype, t.device)
+            key += (type(t), t.shape, t.stride(), t.dtype, t.device, t.is_neg())
     return tuple(key)
 
 

@@ -569,3 +569,27 @@ def test_numpy_integer_options(backend):
         pydl.max_pool2d(x, np.bool_(True), backend=backend)
     with pytest.raises(TypeError, match="stride"):
         pydl.conv2d(x, w, stride=np.float64(2.0), groups=2, backend=backend)
+
+
+@backends
+def test_negative_bit_views_refused(backend):
+    """A lazily negated view (its negative bit set: z.conj().imag) holds -x as x in memory:
+    refused by name, for an input or a weight, also after a plan for plain tensors of the
+    same shape exists (the bit is in the call's key); resolve_neg() runs."""
+    def neg(*shape):
+        return torch.randn(*shape, dtype=torch.complex64, device=DEVICE).conj().imag
+
+    x, w = neg(2, 3, 5, 5), neg(4, 3, 3, 3)
+    assert x.is_neg() and w.is_neg()
+    cases = [(lambda t: pydl.softmax(t, 1, backend=backend), x),
+             (lambda t: pydl.max_pool2d(t, 2, backend=backend), x),
+             (lambda t: pydl.conv2d(t, w.resolve_neg(), backend=backend), x),
+             (lambda t: pydl.conv2d(x.resolve_neg(), t, backend=backend), w)]
+    for call, t in cases:
+        call(t.resolve_neg())           # a plan for the plain tensor first
+        with pytest.raises(TypeError, match="negative bit"):
+            call(t)
+    m = torch.nn.LSTM(3, 4)
+    weights = [neg(*p.shape) if i == 1 else p.detach() for i, p in enumerate(m._flat_weights)]
+    with pytest.raises(TypeError, match="negative bit"):
+        pydl.lstm(torch.randn(2, 1, 3), None, weights, backend=backend)
