@@ -723,7 +723,8 @@ def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, g
     out = empty_like_shape(x, target.shape if reduction == "none" else ())
     return (out, empty_like_shape(x, (rows,), torch.float32),
             empty_like_shape(x, DENOM_SHAPE, torch.float32),
-            empty_like_shape(x, x.shape if grad else (0,)))
+            # the gradient only where the backend writes it in the forward (Triton)
+            empty_like_shape(x, x.shape if grad and backend == "triton" else (0,)))
 
 
 @kernel_op("cross_entropy_fwd", _cross_entropy_fake)
@@ -863,7 +864,8 @@ def _cross_entropy_prob_fake(x, target, weight, reduction, smoothing, grad, back
     dtype = _loss_dtype(x, target)
     out = empty_like_shape(x, _row_shape(x) if reduction == "none" else (), dtype)
     return (out, empty_like_shape(x, (2 * rows,), torch.float32),
-            empty_like_shape(x, x.shape if grad else (0,)))
+            # the gradient only where the backend writes it in the forward (Triton)
+            empty_like_shape(x, x.shape if grad and backend == "triton" else (0,)))
 
 
 @kernel_op("cross_entropy_prob_fwd", _cross_entropy_prob_fake)

@@ -40,6 +40,9 @@ OPCHECKS = {
     "cross_entropy_fwd": lambda: (softmax_ce._cross_entropy_fwd, (*_ce_args(), False, BACKEND)),
     "cross_entropy_fwd/grad": lambda: (softmax_ce._cross_entropy_fwd,   # gradient in the forward
                                        (*_ce_args(), True, BACKEND)),
+    # numba writes no gradient in the forward: an empty placeholder, as the fake says
+    "cross_entropy_fwd/grad-numba": lambda: (softmax_ce._cross_entropy_fwd,
+                                             (*_ce_args(), True, "numba")),
     "cross_entropy_prob_fwd": lambda: (softmax_ce._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "none", 0.1, False, BACKEND)),
     "cross_entropy_prob_fwd/grad": lambda: (softmax_ce._cross_entropy_prob_fwd, (
