@@ -15,7 +15,7 @@ from ._launch import tf32_allowed
 from ._library import autocast_inputs
 from ._plan import Cache, plain_tensors, tensors_key
 from ._rnn_launch import ALGOS as _LAYER_ALGOS
-from ._shapes import integer
+from ._shapes import positive_int
 from .backends import current_backend, dispatch
 from .rnn import RNNConfig, layer_plan
 
@@ -176,9 +176,7 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
     layout); call impl(x, *states, weights, cfg, layout.packed).
     """
     a_op, module = _LAYER_NAMES[op]
-    if integer(num_layers) is None or integer(num_layers) < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    num_layers = integer(num_layers)
+    num_layers = positive_int(num_layers, "num_layers")
     if not 0.0 <= float(dropout) <= 1.0:
         raise ValueError(f"dropout must be in [0, 1], got {dropout}")
     if not isinstance(recompute, bool):

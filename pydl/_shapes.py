@@ -23,6 +23,15 @@ def integer(value) -> int | None:
         return None
 
 
+def positive_int(value, name: str) -> int:
+    """`value` (an integer option, see `integer`) as a Python int, if it is positive; a
+    ValueError naming the option otherwise."""
+    v = integer(value)
+    if v is None or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return v
+
+
 def pair(value, name: str) -> tuple[int, int]:
     """An integer or a length-2 (or 1) sequence of integers as a pair of Python ints; a clear
     error otherwise."""
@@ -100,9 +109,9 @@ def same_padding(kernel: int, dilation: int = 1) -> tuple[int, int]:
 
 
 def normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
-    if integer(dim) is None:
-        raise TypeError(f"{name} must be an int, got {dim!r}")
-    dim = integer(dim)
+    given, dim = dim, integer(dim)
+    if dim is None:
+        raise TypeError(f"{name} must be an int, got {given!r}")
     if not -max(ndim, 1) <= dim < max(ndim, 1):
         raise IndexError(f"{name}={dim} is out of range for a tensor of {ndim} dimensions")
     return dim % max(ndim, 1)

@@ -858,8 +858,7 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     """Checks shared by the public entry points; returns (backend name, implementation, the
-    Broadcast of the inputs' shapes, q, k, v as (B, H, L, E) tensors, the mask as (B, Hq, L, S)
-    or None, its kind, scale)."""
+    Broadcast of the inputs' shapes, the mask as (B, Hq, L, S) or None, its kind, scale)."""
     query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
     tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
     name, impl = dispatch("scaled_dot_product_attention", backend, *tensors)
@@ -872,8 +871,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
         raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, "
                         f"{key.dtype}, {value.dtype}")
     shapes = Broadcast(query, key, value, enable_gqa)
-    q, k, v = shapes.views(query, key, value)
-    E = q.shape[3]
+    E = shapes.fours[0][3]
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
@@ -903,7 +901,7 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
             mask_kind = MASK_FLOAT
         else:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-    return name, impl, shapes, q, k, v, mask, mask_kind, float(scale)
+    return name, impl, shapes, mask, mask_kind, float(scale)
 
 
 class Broadcast:
@@ -994,29 +992,30 @@ class _AttentionCall(AttentionKernels):
 
     def __init__(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  backend, algo):
-        name, self.impl, shapes, q, k, v, mask, mask_kind, scale = _prepare(
+        name, self.impl, shapes, mask, mask_kind, scale = _prepare(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
         self.name = name
         self.algo = resolve_algo("scaled_dot_product_attention", name, algo)
         super().__init__(mask_kind, bool(is_causal), scale, float(dropout_p),
                          VARIANT_LAUNCHERS.get(self.algo, name))
-        self.views = None if shapes.plain else shapes      # 4-D q, k, v as they are, or
+        # None: 4-D q, k, v as the kernels take them; else how to view them so (Broadcast)
+        self.views = None if shapes.plain else shapes
         self.mask_shape = None if mask is None else mask.shape
         self.out_shape = None if shapes.plain else shapes.out_shape
         self.planned = (self.impl in _KERNEL_IMPLS.values() and self.algo != "naive"
                         and self.views is None
                         and not torch.compiler.is_compiling()
                         and plain_tensors(query, key, value, attn_mask))
-        if self.planned:
-            B, H, L, E = q.shape
-            dt, dev = q.dtype, q.device
+        if self.planned:            # 4-D inputs as the kernels take them (shapes.plain)
+            B, H, L, E = query.shape
+            dt, dev = query.dtype, query.device
             self.fp32 = dt == torch.float32
             self.no_rows = B * H * L == 0
-            self.new_o = output_maker((B, H, L, v.shape[3]), dt, dev)
+            self.new_o = output_maker((B, H, L, value.shape[3]), dt, dev)
             self.new_lse = output_maker((B * H, L), torch.float32, dev)
-            self.new_dq = output_maker(q.shape, dt, dev)
-            self.new_dk = output_maker(k.shape, dt, dev)
-            self.new_dv = output_maker(v.shape, dt, dev)
+            self.new_dq = output_maker(query.shape, dt, dev)
+            self.new_dk = output_maker(key.shape, dt, dev)
+            self.new_dv = output_maker(value.shape, dt, dev)
             self.new_dmask = None if mask is None else output_maker(mask.shape, mask.dtype, dev)
             self.fwd, self.bwd = {}, {}
 

@@ -38,7 +38,7 @@ from ._launch import (NumbaLaunch, arrival_counters, cdiv, dot_block, fresh, inp
                       output_maker, planned_once, tf32_allowed)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensors_key)
-from ._shapes import conv_output_size_padded, conv_padding, integer, pair
+from ._shapes import conv_output_size_padded, conv_padding, pair, positive_int
 from ._tune import Tuner, bucket, gemm_candidates
 from .backends import current_backend, dispatch, register, resolve_algo
 
@@ -1304,9 +1304,7 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
     """Validate a conv2d configuration and resolve its output size (the one shared formula)."""
     N, C, H, W = x_shape
     OC, CG, KH, KW = w_shape
-    if integer(groups) is None or integer(groups) <= 0:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    groups = integer(groups)
+    groups = positive_int(groups, "groups")
     if C % groups:
         raise ValueError(f"input channels ({C}) must be divisible by groups ({groups})")
     if OC % groups:

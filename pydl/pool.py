@@ -23,7 +23,7 @@ from ._launch import (NumbaLaunch, cdiv, fresh, memory_format_of, new_output,
                       planned_once)
 from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
                     tensors_key)
-from ._shapes import integer, pair, pool_output_size
+from ._shapes import integer, pair, pool_output_size, positive_int
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
 
@@ -473,8 +473,6 @@ def _avg_pool2d_bwd(dy: Tensor, adaptive: bool, geom: list[int], channels_last: 
     g = as_geometry(PoolGeometry, geom)
     dx = _new_dx(dy, g, channels_last)
     if dx.numel():
-        if dy.numel() == 0:      # an adaptive pool to an empty output: nothing reaches x
-            return dx.zero_()
         launch = LAUNCHERS[backend]
         (launch.adaptive_bwd if adaptive else launch.avg_bwd)(dy, dx, g)
     return dx
@@ -775,8 +773,6 @@ class _PoolCall(PoolKernels):
 
     def avg_backward(self, dy):
         dx = fresh(self.new_dx)
-        if self.no_y and not self.no_dx:    # an adaptive pool to an empty output
-            return dx.zero_()
         if not self.no_dx:
             key = dy.stride()
             run = self.bwd.get(key) or self._run(
@@ -804,10 +800,7 @@ def _avg_pool2d_call(input, kernel_size, stride, padding, ceil_mode, count_inclu
     name, impl = dispatch("avg_pool2d", backend, input)
     shape, unbatched = _batched_shape(input, name)
     if divisor_override is not None:
-        if integer(divisor_override) is None or integer(divisor_override) <= 0:
-            raise ValueError(f"divisor_override must be a positive int, got "
-                             f"{divisor_override!r}")
-        divisor_override = integer(divisor_override)
+        divisor_override = positive_int(divisor_override, "divisor_override")
     g = _geometry(shape, kernel_size, stride, padding, 1, bool(ceil_mode),
                   count_include_pad=bool(count_include_pad), divisor=divisor_override or 0)
     return _PoolCall(impl, name, g, input, unbatched, False)
