@@ -102,7 +102,8 @@ def stubbed_launches():
 
     # The path a GPU takes: Triton's cross-entropy checks its targets in the kernel there (a
     # PTX trap the interpreter cannot run), so the host check of emulation is not counted.
-    # Nor is the interpreter's own state around each kernel op (pydl._env.emulated_launch).
+    # Nor is the interpreter's own state around each kernel op (pydl._env.emulated_launch),
+    # nor the frame that sets it around a plan's methods (pydl._plan.emulated).
     from pydl import _env, _plan, softmax_ce
     old_check = softmax_ce.kernel_checks_targets
     softmax_ce.kernel_checks_targets = lambda x, backend: backend in ("triton", "numba")
@@ -134,6 +135,9 @@ def stubbed_launches():
     _launch._NUMBA_DIRECTS.clear()
     InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call
     _env.SCOPE_EMULATION = False
+    wrapped = [(cls, name, cls.__dict__[name]) for cls, name, _ in _plan.EMULATED]
+    for cls, name, method in _plan.EMULATED:     # the plans' methods as a GPU has them
+        setattr(cls, name, method)
     try:
         yield
     finally:
@@ -147,6 +151,8 @@ def stubbed_launches():
             launch.compiled = None
         softmax_ce.kernel_checks_targets = old_check
         _env.SCOPE_EMULATION = True
+        for cls, name, method in wrapped:
+            setattr(cls, name, method)
 
 
 class _Compiled:

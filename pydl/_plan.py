@@ -164,13 +164,20 @@ def needs_graph(*tensors) -> bool:
 def emulated(*methods: str):
     """Class decorator for a plan: its named methods, which launch kernels, run in the
     emulation's interpreter state under PYDL_INTERPRET (pydl._env.emulated_launch, as the
-    kernel ops do); unchanged on a GPU."""
+    kernel ops do); unchanged on a GPU. EMULATED lists what was wrapped, (class, name, the
+    method itself), for `python -m bench overhead`, which times the host path without the
+    wrappers a GPU never has."""
     def wrap(cls):
         if _env.INTERPRET:
             for name in methods:
-                setattr(cls, name, _env.emulated_launch(cls.__dict__[name]))
+                method = cls.__dict__[name]
+                EMULATED.append((cls, name, method))
+                setattr(cls, name, _env.emulated_launch(method))
         return cls
     return wrap
+
+
+EMULATED: list[tuple[type, str, Callable]] = []
 
 
 def _distinct(args: tuple) -> tuple:

@@ -238,7 +238,8 @@ class TritonRecurrence:
     at the grid barrier ("persistent") or at its K-split tiles (a backward tile with
     SPLIT > 1, every mode); elsewhere a present tensor, never read."""
 
-    __slots__ = ("launch", "mode", "n_steps", "device", "args", "counters", "slots", "fill")
+    __slots__ = ("launch", "mode", "n_steps", "each", "device", "args", "counters", "slots",
+                 "fill")
 
     def __init__(self, kernel, tuner: Tuner, key, candidates: list[dict], tensors: tuple,
                  scalars: tuple, flags: dict, tiles: Callable[[dict], int], mode: str,
@@ -246,6 +247,7 @@ class TritonRecurrence:
         # one step needs no barrier: a plain launch over every tile
         self.mode = "steps" if mode == "persistent" and n_steps <= 1 else mode
         self.n_steps, self.device = n_steps, device
+        self.each = self.mode == "steps" and n_steps > 1     # a Launch per step
         # the kernel's tensor arguments from a call's: an absent one is a present one
         self.fill = next(i for i, t in enumerate(tensors) if t is not None)
         self.slots = [self.fill if t is None else i for i, t in enumerate(tensors)]
@@ -268,7 +270,7 @@ class TritonRecurrence:
             # the alignment checked of each distinct tensor once (not of the placeholders
             # repeating one, nor of the counters)
             checked = tuple({t: i for i, t in reversed(list(enumerate(self.slots)))}.values())
-            if self.mode == "steps":
+            if self.each:
                 return [Launch(kernel, grid, (*scalars, s, s + 1), consts, checked)
                         for s in range(n_steps)]
             return Launch(kernel, grid, (*scalars, 0, n_steps), consts, checked)
@@ -283,10 +285,10 @@ class TritonRecurrence:
         args = self.args(tensors)
         if self.counters:
             args += (barrier_counters(self.device, self.counters),)
-        if self.mode == "steps":
+        if self.each:
             launch_each(self.launch, args)      # the direct path's checks once a sequence
         else:
-            self.launch(*args)
+            self.launch(*args)                  # one launch (a cell's step, a persistent one)
 
 
 # Tuning spaces of the recurrence kernels, LSTM and GRU alike. Forward: (BLOCK_B rows,
@@ -646,7 +648,7 @@ class NumbaRecurrence:
     "persistent" and "one_program", once per step under "steps"; `rec(*tensors)` as
     TritonRecurrence."""
 
-    __slots__ = ("launch", "mode", "n_steps")
+    __slots__ = ("launch", "mode", "n_steps", "whole")
 
     def __init__(self, kernel, tensors: tuple, ranks: tuple, scalars: tuple, tiles: int,
                  mode: str, n_steps: int, device: torch.device):
@@ -657,11 +659,13 @@ class NumbaRecurrence:
         self.launch = numba_launch(kernel, blocks, (tu, tb), device, tensors, ranks,
                                    (*scalars, DYNAMIC, DYNAMIC, DYNAMIC))   # steps, sync
         self.mode, self.n_steps = mode, n_steps
+        # (s_begin, s_end, sync) of one launch over every step (one step needs no sync)
+        self.whole = (0, n_steps, mode != "steps") if mode != "steps" or n_steps == 1 else None
 
     def __call__(self, *tensors) -> None:
         launch = self.launch
-        if self.mode != "steps":
-            launch(*tensors, dynamic=(0, self.n_steps, True))
+        if self.whole is not None:
+            launch(*tensors, dynamic=self.whole)
             return
         # one launch per step, the pointers written once
         launch.each(tensors, [(s, s + 1, False) for s in range(self.n_steps)])

@@ -39,7 +39,7 @@ from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
 from .backends import register
-from .rnn import (Plans, cell_grads_fake, cell_need, layer_impl, needed, seq_rows, sig,
+from .rnn import (Plans, cell_grads_fake, layer_impl, needed, seq_rows, sig,
                   steps_after_first)
 
 F32 = torch.float32
@@ -333,7 +333,6 @@ class GRUCellFunction(torch.autograd.Function):
     def forward(ctx, x, h, w_ih, w_hh, b_ih, b_hh, ops: GRUCellKernels):
         h1, ws = ops.forward(x, h, w_ih, w_hh, b_ih, b_hh)
         ctx.save_for_backward(x, h, w_ih, w_hh, ws)
-        ctx.need = cell_need(ctx, x, h, w_ih, w_hh, b_ih, b_hh)
         ctx.ops = ops
         return h1
 
@@ -346,8 +345,9 @@ class GRUCellFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dh1):
         x, h, w_ih, w_hh, ws = ctx.saved_tensors
-        grads = ctx.ops.backward(x, h, w_ih, w_hh, ws, dh1, ctx.need)
-        return (*needed(grads, ctx.need), None)
+        need = list(ctx.needs_input_grad[:6])     # False for an absent (None) input
+        grads = ctx.ops.backward(x, h, w_ih, w_hh, ws, dh1, need)
+        return (*needed(grads, need), None)
 
 
 @emulated("forward", "backward")

@@ -47,7 +47,7 @@ from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
 from .backends import register
-from .rnn import (Plans, RNNConfig, cell_grads_fake, cell_need, layer_impl, needed, seq_rows,
+from .rnn import (Plans, RNNConfig, cell_grads_fake, layer_impl, needed, seq_rows,
                   sig, steps_after_first)
 
 F32 = torch.float32
@@ -390,7 +390,6 @@ class LSTMCellFunction(torch.autograd.Function):
     def forward(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh, ops: LSTMCellKernels):
         h1, c1, gates, c32 = ops.forward(x, h, c, w_ih, w_hh, b_ih, b_hh)
         ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c32)
-        ctx.need = cell_need(ctx, x, h, c, w_ih, w_hh, b_ih, b_hh)
         ctx.ops = ops
         ctx.set_materialize_grads(False)    # an output without a gradient: no zeros kernel
         return h1, c1
@@ -404,8 +403,9 @@ class LSTMCellFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dh1, dc1):
         x, h, c, w_ih, w_hh, gates, c32 = ctx.saved_tensors
-        grads = ctx.ops.backward(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, ctx.need)
-        return (*needed(grads, ctx.need), None)
+        need = list(ctx.needs_input_grad[:7])     # False for an absent (None) input
+        grads = ctx.ops.backward(x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, need)
+        return (*needed(grads, need), None)
 
 
 @emulated("forward", "backward")

@@ -134,12 +134,6 @@ def steps_after_first(T: int, reverse: bool):
     return 0, slice(1, T), slice(0, T - 1)
 
 
-def cell_need(ctx, *inputs) -> list[bool]:
-    """needs_input_grad of a cell's tensor inputs (LSTMCell, GRUCell), False for those that
-    are None."""
-    return [n and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
-
-
 def cell_grads_fake(x, h, c, w_ih, w_hh, need, gates: int):
     """Fake gradients of a cell's (x, h, c, w_ih, w_hh, b_ih, b_hh): those `need`ed."""
     bias = x.new_empty((gates * w_hh.shape[1],), dtype=w_ih.dtype)
@@ -771,4 +765,4 @@ def layer_plan(op: str, backend: str, impl, cfg: RNNConfig, dtype: torch.dtype):
 __all__ = ["RNNConfig", "RNNFunction", "LayerKernels", "LayerPlan", "Plans", "layer_impl",
            "layer_config", "layer_plan", "direction_weights",
            "layer_sizes", "seq_rows", "steps_after_first", "at", "first", "sig",
-           "cell_need", "cell_grads_fake", "needed"]
+           "cell_grads_fake", "needed"]
