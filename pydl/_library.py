@@ -31,13 +31,16 @@ NAMESPACE = "pydl"
 
 # torch's autocast policies (aten/src/ATen/autocast_mode.cpp), by device type and op: inputs
 # cast to the autocast dtype ("lower"), or to float32 ("float32"). Ops absent from a device's
-# table (pooling everywhere; softmax and the RNNs on the CPU) keep their input dtype.
+# table (pooling everywhere; softmax, the GRU and the cells on the CPU) keep their input dtype.
+# The CPU's LSTM layer runs in the lower precision (torch's CPU autocast casts its oneDNN
+# layer, and torch.nn.LSTM with projections too, although oneDNN does not run those).
 LOWER, FLOAT32 = "lower", "float32"
 AUTOCAST_POLICY = {
     "cuda": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "lstm_cell": LOWER,
              "gru_cell": LOWER, "lstm": LOWER, "gru": LOWER,
              "softmax": FLOAT32, "log_softmax": FLOAT32, "cross_entropy": FLOAT32},
-    "cpu": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "cross_entropy": FLOAT32},
+    "cpu": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "lstm": LOWER,
+            "cross_entropy": FLOAT32},
 }
 
 

@@ -255,3 +255,32 @@ def test_autocast_dtype_matches_torch(op, dtype):
         theirs = fn(x, torch.nn.functional)
     assert ours.dtype == theirs.dtype, f"{op}: pydl gives {ours.dtype}, torch {theirs.dtype}"
     torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+
+
+# the recurrent ops against torch's modules on the same weights: (module, pydl's call of it,
+# torch's output); the LSTM with projections, as torch's CPU LSTM fails in float16 without
+RNN_AUTOCAST = {
+    "lstm": (lambda: torch.nn.LSTM(4, 6, proj_size=3),
+             lambda m, x: pydl.lstm(x, None, m._flat_weights)[0], lambda m, x: m(x)[0]),
+    "gru": (lambda: torch.nn.GRU(4, 6),
+            lambda m, x: pydl.gru(x, None, m._flat_weights)[0], lambda m, x: m(x)[0]),
+    "lstm_cell": (lambda: torch.nn.LSTMCell(4, 6),
+                  lambda m, x: pydl.lstm_cell(x[0], None, m.weight_ih, m.weight_hh, m.bias_ih,
+                                              m.bias_hh)[0], lambda m, x: m(x[0])[0]),
+    "gru_cell": (lambda: torch.nn.GRUCell(4, 6),
+                 lambda m, x: pydl.gru_cell(x[0], None, m.weight_ih, m.weight_hh, m.bias_ih,
+                                            m.bias_hh), lambda m, x: m(x[0])),
+}
+
+
+@pytest.mark.parametrize("op", sorted(RNN_AUTOCAST))
+def test_autocast_dtype_matches_torch_recurrent(op):
+    """torch's CPU autocast runs the LSTM layer in float16, not the GRU or the cells (CUDA's
+    all four): pydl's output dtype follows the device's rule."""
+    make, ours_fn, theirs_fn = RNN_AUTOCAST[op]
+    m = make().to(DEVICE)
+    x = torch.randn(3, 2, 4, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        ours, theirs = ours_fn(m, x), theirs_fn(m, x)
+    assert ours.dtype == theirs.dtype, f"{op}: pydl gives {ours.dtype}, torch {theirs.dtype}"
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
