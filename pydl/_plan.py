@@ -211,11 +211,26 @@ def apply(function: type, *args):
     if torch.compiler.is_compiling():
         return function.apply(*_distinct(args))
     if torch._C._are_functorch_transforms_active() or "apply" in function.__dict__:
-        return function.apply(*args)
-    fast = _APPLIERS.get(function)
-    if fast is None:
-        fast = _APPLIERS[function] = _FUNCTION_APPLY.__get__(None, function)
-    return fast(*args)
+        run = function.apply
+    else:
+        run = _APPLIERS.get(function)
+        if run is None:
+            run = _APPLIERS[function] = _FUNCTION_APPLY.__get__(None, function)
+    try:
+        return run(*args)
+    except RuntimeError as exc:
+        if _INFERENCE_SAVED not in str(exc) or not any(
+                isinstance(a, torch.Tensor) and a.is_inference() for a in args):
+            raise
+    # A tensor made under torch.inference_mode, which autograd refuses to save for backward,
+    # where the Function saves its inputs (an LSTM cell saves x, h and c whatever gradient is
+    # needed; torch's formulas save some products instead and raise less often): the call
+    # again on copies of those tensors, which are ordinary tensors. Nothing on other paths.
+    return run(*[a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a
+                 for a in args])
+
+
+_INFERENCE_SAVED = "Inference tensors cannot be saved for backward"
 
 
 # On a GPU, a Launch calls the compiled kernel's launcher directly after its first launch,

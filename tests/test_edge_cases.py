@@ -593,3 +593,40 @@ def test_negative_bit_views_refused(backend):
     weights = [neg(*p.shape) if i == 1 else p.detach() for i, p in enumerate(m._flat_weights)]
     with pytest.raises(TypeError, match="negative bit"):
         pydl.lstm(torch.randn(2, 1, 3), None, weights, backend=backend)
+
+
+# name: (input shapes, the op on them, the input that needs a gradient); the others are made
+# under torch.inference_mode
+INFERENCE_INPUTS = {
+    "lstm_cell": ([(2, 4), (2, 5), (2, 5), (20, 4), (20, 5), (20,), (20,)],
+                  lambda a, be: pydl.lstm_cell(a[0], (a[1], a[2]), *a[3:], backend=be)[0], 3),
+    "gru": ([(3, 2, 4), (1, 2, 5), (15, 4), (15, 5), (15,), (15,)],
+            lambda a, be: pydl.gru(a[0], a[1], a[2:], backend=be)[0], 1),
+    "cross_entropy_soft": ([(4, 6), (4, 6)],
+                           lambda a, be: pydl.cross_entropy(a[0], a[1], backend=be), 1),
+    "attention_mask": ([(1, 2, 3, 4)] * 3 + [(3, 3)],
+                       lambda a, be: pydl.scaled_dot_product_attention(*a[:3], attn_mask=a[3],
+                                                                        backend=be), 0),
+    "conv2d": ([(1, 3, 5, 5), (2, 3, 3, 3)], lambda a, be: pydl.conv2d(a[0], a[1], backend=be), 1),
+}
+
+
+@backends
+@pytest.mark.parametrize("case", sorted(INFERENCE_INPUTS))
+def test_inference_mode_inputs_in_a_training_graph(backend, case):
+    """Tensors made under torch.inference_mode feeding a graph through another input that
+    needs a gradient: autograd saves no inference tensor, and pydl's Functions save their
+    inputs (the cells whatever gradient is needed, the soft-target loss its logits), which
+    raised where torch's formulas, saving products instead, ran. pydl now copies such an
+    input where it must save it; the result and gradient are torch's on ordinary copies."""
+    shapes, op, grad_at = INFERENCE_INPUTS[case]
+    with torch.inference_mode():
+        made = [t(*s) for s in shapes]
+    results = []
+    for be in (backend, "torch"):
+        args = [a if be != "torch" else a.clone() for a in made]
+        args[grad_at] = made[grad_at].clone().requires_grad_()
+        out = op(args, be)
+        results.append((out.detach(), *torch.autograd.grad(out.sum(), args[grad_at])))
+    for got, want in zip(*results):
+        assert_close(got, want, made[0].dtype, reduction=8)
