@@ -78,6 +78,14 @@ DENOMINATOR_BLOCK = 4096
 DENOM_SHAPE = (2,)
 
 
+def _denominators(device) -> Tensor:
+    """The DENOM_SHAPE buffer of the kernel op pydl::cross_entropy_fwd, zeroed: the kernels
+    write only the elements the options use (the backward reads no other), and an op's
+    outputs must not hold whatever memory was there (torch.library.opcheck compares two
+    runs). The eager plans allocate it uninitialised, as nothing else sees it there."""
+    return torch.zeros(DENOM_SHAPE, dtype=torch.float32, device=device)
+
+
 def _prob_scale(reduction: str, rows: int, n: int) -> float:
     """The class-probability loss's factor on the rows' sum (forward) and the upstream
     gradient (backward): torch's mean divides by the number of rows (input.numel() / C),
@@ -180,7 +188,7 @@ class _TritonLaunch:
         rows, dev = outer * inner, x3.device
         lse = new_output(rows, torch.float32, dev)
         loss = new_output(rows if reduction == "none" else (), x3.dtype, dev)
-        denom = new_output(DENOM_SHAPE, torch.float32, dev)
+        denom = _denominators(dev)
         dx3 = new_output(x3.shape, x3.dtype, dev) if grad else None
         if not rows:
             if reduction != "none":
@@ -457,7 +465,7 @@ class _NumbaLaunch:
         rows, dev = outer * inner, x3.device
         lse = new_output(rows, torch.float32, dev)
         loss = new_output(rows if reduction == "none" else (), x3.dtype, dev)
-        denom = new_output(DENOM_SHAPE, torch.float32, dev)
+        denom = _denominators(dev)
         tensors = (x3, target, weight, lse, loss, denom, None, None)
         _NumbaLaunch.plan_cross_entropy_fwd(*tensors, ignore_index, smoothing, reduction,
                                             False)(*tensors)

@@ -38,6 +38,13 @@ OPCHECKS = {
     "softmax_bwd": lambda: (softmax_ce._softmax_bwd,
                             (torch.softmax(_x(3, 5), 0), _x(3, 5), 0, False, BACKEND)),
     "cross_entropy_fwd": lambda: (softmax_ce._cross_entropy_fwd, (*_ce_args(), False, BACKEND)),
+    # reductions whose kernels leave the denominators unused (zeros, not whatever was there)
+    "cross_entropy_fwd/none": lambda: (softmax_ce._cross_entropy_fwd, (
+        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "none", 0.0,
+        False, BACKEND)),
+    "cross_entropy_fwd/sum": lambda: (softmax_ce._cross_entropy_fwd, (
+        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "sum", 0.0, False,
+        BACKEND)),
     "cross_entropy_fwd/grad": lambda: (softmax_ce._cross_entropy_fwd,   # gradient in the forward
                                        (*_ce_args(), True, BACKEND)),
     # numba writes no gradient in the forward: an empty placeholder, as the fake says
