@@ -201,6 +201,16 @@ def _check_mha_inputs(query, key, value, key_padding_mask, attn_mask, num_heads:
     seq = 1 if batched and batch_first else 0       # the sequence axis
     L, S = query.shape[seq], key.shape[seq]
     N = query.shape[1 - seq] if batched else 1
+    if value.shape[seq] != S:
+        raise ValueError(f"key and value must have one sequence length, got key "
+                         f"{tuple(key.shape)} and value {tuple(value.shape)}")
+    if batched:
+        for name, t in (("key", key), ("value", value)):
+            if t.shape[1 - seq] != N:
+                # the attention would broadcast a batch of 1: torch's module raises
+                raise ValueError(f"{name} has batch size {t.shape[1 - seq]} but the query has "
+                                 f"{N} (shapes {tuple(query.shape)} and {tuple(t.shape)}, "
+                                 f"batch_first={batch_first})")
     for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
         if m is None:
             continue

@@ -296,8 +296,9 @@ def _note(kind: _Kind, m: torch.nn.Module, backend: str | None, parent_name: str
                          f"pydl does not run there; it does in training, with grad enabled, or "
                          f"after torch.backends.mha.set_fastpath_enabled(False)")
         if backend in (None, "numba"):
-            notes.append("need_weights=True (torch's default) has no numba kernel: call it with "
-                         "need_weights=False on numba")
+            notes.append("need_weights=True (torch's default) returns weights on numba that "
+                         "have no backward there: a loss on them raises (the output's gradient "
+                         "runs)")
         if m.dropout > 0:
             notes.append("need_weights=True with dropout raises in training")
         return "; ".join(notes)

@@ -460,26 +460,32 @@ def test_multihead_attention_checks_its_inputs(batch_first):
     q = random_tensor((N, L, 4) if batch_first else (L, N, 4), torch.float32, DEVICE)
     kv = random_tensor((N, S, 4) if batch_first else (S, N, 4), torch.float32, DEVICE)
     one = (lambda t: t[0]) if batch_first else (lambda t: t[:, 0])      # unbatched
+    batch1 = (lambda t: t[:1]) if batch_first else (lambda t: t[:, :1])     # a batch of 1
+    shorter = (lambda t: t[:, :-1]) if batch_first else (lambda t: t[:-1])  # one key less
     ours(q, kv, kv, attn_mask=torch.zeros(N * 2, L, S, device=DEVICE))  # the shapes it takes
     bool_mask = functools.partial(torch.zeros, dtype=torch.bool, device=DEVICE)
-    cases = [   # (message, query, key and value, masks)
-        ("query must be unbatched 2-D", q[None], kv[None], {}),
-        ("key must be 3-D", q, one(kv), {}),
-        ("key_padding_mask must be bool", q, kv,
+    cases = [   # (message, query, key, value, masks)
+        ("query must be unbatched 2-D", q[None], kv[None], kv[None], {}),
+        ("key must be 3-D", q, one(kv), one(kv), {}),
+        ("key_padding_mask must be bool", q, kv, kv,
          dict(key_padding_mask=torch.zeros(N, S, dtype=torch.long, device=DEVICE))),
-        ("attn_mask must be bool", q, kv,
+        ("attn_mask must be bool", q, kv, kv,
          dict(attn_mask=torch.zeros(L, S, dtype=torch.float64, device=DEVICE))),
-        (r"key_padding_mask must be \(N, S\)", q, kv, dict(key_padding_mask=bool_mask(S))),
-        (r"key_padding_mask must be \(S,\)", one(q), one(kv),
+        (r"key_padding_mask must be \(N, S\)", q, kv, kv, dict(key_padding_mask=bool_mask(S))),
+        (r"key_padding_mask must be \(S,\)", one(q), one(kv), one(kv),
          dict(key_padding_mask=bool_mask(1, S))),
         (r"attn_mask must be \(L, S\) = \(3, 5\) or \(N \* num_heads, L, S\) = \(4, 3, 5\)",
-         q, kv, dict(attn_mask=torch.zeros(3, L, S, device=DEVICE))),
+         q, kv, kv, dict(attn_mask=torch.zeros(3, L, S, device=DEVICE))),
+        # batches that would broadcast in the attention: pydl returned a wrong-shaped output
+        ("key has batch size 1 but the query has 2", q, batch1(kv), batch1(kv), {}),
+        ("value has batch size 1 but the query has 2", q, kv, batch1(kv), {}),
+        ("key and value must have one sequence length", q, kv, shorter(kv), {}),
     ]
-    for message, query, key, masks in cases:
+    for message, query, key, value, masks in cases:
         with pytest.raises((ValueError, TypeError), match=message):
-            ours(query, key, key, **masks)
+            ours(query, key, value, **masks)
         with pytest.raises((AssertionError, RuntimeError)):        # torch refuses each too
-            theirs(query, key, key, **masks)
+            theirs(query, key, value, **masks)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
