@@ -95,7 +95,9 @@ def empty_like_shape(t: torch.Tensor, shape=None, dtype: torch.dtype | None = No
 
 def autocast_inputs(op: str, *tensors):
     """`tensors` cast as torch.autocast casts the inputs of the torch op `op` replaces, when
-    autocast is on for their device: floating tensors only; None and others pass through."""
+    autocast is on for their device: the tensors autocast deems eligible, floating ones but
+    float64 (which autocast leaves alone: a float64 input then meets the kernel backends'
+    dtype check, as it would outside autocast); None and others pass through."""
     if not torch._C._is_any_autocast_enabled():
         return tensors                          # the common case, decided in 0.05 us
     first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
@@ -106,8 +108,8 @@ def autocast_inputs(op: str, *tensors):
     if policy is None or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                 for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
 
 
 class Geometry:

@@ -103,6 +103,12 @@ def _ieee_fp32(q) -> bool:
     return q.dtype == torch.float32 and input_precision(q.dtype) == "ieee"
 
 
+def _group(H: int, HKV: int) -> int:
+    """Query heads per key/value head (grouped-query attention); 1 without heads (an empty
+    call, no kernel reads it)."""
+    return H // HKV if HKV else 1
+
+
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
 
@@ -216,7 +222,7 @@ class _TritonAttention:
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
         use_tma = _forward_tma(q, k, v, o)
         scalars = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
-                   H, L, S, E, EV, H // HKV, scale, dropout_p, *_seed_scalar(dropout_p))
+                   H, L, S, E, EV, _group(H, HKV), scale, dropout_p, *_seed_scalar(dropout_p))
         consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
                       INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
                       SCALE_NEGATIVE=scale < 0)
@@ -283,7 +289,7 @@ class _TritonAttention:
 
             def launch(cfg):
                 return Launch(kt.attention_bwd_dkdv, (cdiv(S, cfg["BLOCK_N"]), B * HKV), (
-                    *head, *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, H // HKV, scale,
+                    *head, *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, _group(H, HKV), scale,
                     dropout_p, *seed), {**consts, **cfg})
         else:
             (dq, dmask_or_dq), dmask = out1, out2
@@ -291,7 +297,7 @@ class _TritonAttention:
 
             def launch(cfg):
                 return Launch(kt.attention_bwd_dq, (cdiv(L, cfg["BLOCK_M"]), B * H), (
-                    *head, *dq.stride(), *_strides4(dmask), H, L, S, E, EV, H // HKV, scale,
+                    *head, *dq.stride(), *_strides4(dmask), H, L, S, E, EV, _group(H, HKV), scale,
                     dropout_p, *seed), {**consts, "MASK_GRAD": dmask is not None, **cfg})
 
         cfg = _attention_config(kernel, q, k, v, is_causal, mask_kind, dropout_p > 0,
@@ -687,7 +693,7 @@ def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale):
     from .kernels.triton import attention as kt
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    rows = (B, HKV, H // HKV * L)
+    rows = (B, HKV, _group(H, HKV) * L)
     qg, q_view = _grouped(q, (*rows, E))
     new_scores = output_maker((*rows, S), torch.float32, q.device)
     new_p = output_maker((B, H, L, S), q.dtype, q.device)
@@ -733,7 +739,7 @@ def _plan_naive_bwd(q, k, v, p, do, dw, scale):
     from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
     B, H, L, S = p.shape
     HKV, E, EV = k.shape[1], q.shape[3], v.shape[3]
-    rows = (B, HKV, H // HKV * L)
+    rows = (B, HKV, _group(H, HKV) * L)
     qg, q_view = _grouped(q, (*rows, E))
     dog, do_view = _grouped(do, (*rows, EV))
     dwg, dw_view = _grouped(dw, (*rows, S)) if dw is not None else (None, True)
@@ -859,7 +865,6 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
 def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     """Checks shared by the public entry points; returns (backend name, implementation, the
     Broadcast of the inputs' shapes, the mask as (B, Hq, L, S) or None, its kind, scale)."""
-    query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
     tensors = [t for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor)]
     name, impl = dispatch("scaled_dot_product_attention", backend, *tensors)
     for t, nm in ((query, "query"), (key, "key"), (value, "value")):
@@ -897,10 +902,11 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
         mask = shapes.mask(attn_mask)
         if attn_mask.dtype == torch.bool:
             mask_kind = MASK_BOOL
-        elif attn_mask.dtype.is_floating_point:
+        elif attn_mask.dtype in (torch.float32, query.dtype):     # torch's rule
             mask_kind = MASK_FLOAT
         else:
-            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+            raise TypeError(f"attn_mask must be bool, float32 or of the query's dtype "
+                            f"({query.dtype}), got {attn_mask.dtype} (as torch requires)")
     return name, impl, shapes, mask, mask_kind, float(scale)
 
 
@@ -910,7 +916,9 @@ class Broadcast:
     kernels take: the dims before the heads broadcast and merge into B (a view where the
     strides allow, else a copy); the heads broadcast too (a key/value head shared by every
     query head without enable_gqa), or with enable_gqa stay grouped (Hq a multiple of Hkv,
-    which the kernels read per group); inputs of 2 or 3 dims have heads and batch of 1.
+    which the kernels read per group), and key and value heads broadcast against each other
+    (one key head for every value head, or the reverse); inputs of 2 or 3 dims have heads and
+    batch of 1.
     `plain`: q, k and v are already such views (4-D, no broadcast), the planned path's case.
     Autograd sums the gradients of broadcast dims back (the expand's backward)."""
 
@@ -927,8 +935,10 @@ class Broadcast:
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree "
                              f"in sequence length")
         if Hk != Hv:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree "
-                             f"in heads")
+            if 1 not in (Hk, Hv):
+                raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} have "
+                                 f"heads that do not broadcast")
+            Hk = 0 if 0 in (Hk, Hv) else max(Hk, Hv)    # one head shared by the other's heads
         if enable_gqa and Hk not in (Hq, 1):
             if Hk == 0:
                 raise ValueError(f"query has {Hq} heads but key/value have none")
@@ -1141,7 +1151,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     of Hkv with enable_gqa); attn_mask bool (True = attend) or float (added), broadcastable
     to the scores (..., Hq, L, S).
     """
-    query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
+    query, key, value, attn_mask = autocast_inputs("scaled_dot_product_attention", query, key,
+                                                   value, attn_mask)
     call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, dropout_p,
                        is_causal, scale, enable_gqa, backend, algo)
     return call(query, key, value, attn_mask)
@@ -1154,7 +1165,8 @@ def attention_with_weights(query, key, value, attn_mask=None, is_causal=False, s
     weights (nn.MultiheadAttention's need_weights=True): the triton backend's naive variant,
     the numba backend's flash output and a weights kernel, or torch's own ops on the "torch"
     backend. The weights are not differentiable (as torch's: the output carries the graph)."""
-    query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
+    query, key, value, attn_mask = autocast_inputs("scaled_dot_product_attention", query, key,
+                                                   value, attn_mask)
     call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, 0.0,
                        bool(is_causal), scale, enable_gqa, backend, None)
     return call.with_weights(query, key, value, attn_mask)

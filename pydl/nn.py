@@ -217,8 +217,10 @@ def _check_mha_inputs(query, key, value, key_padding_mask, attn_mask, num_heads:
         if m.dtype != torch.bool and m.dtype != query.dtype:
             raise TypeError(f"{name} must be bool or of the query's dtype ({query.dtype}), got "
                             f"{m.dtype}")
-    if key_padding_mask is not None and key_padding_mask.dim() != (2 if batched else 1):
-        raise ValueError(f"key_padding_mask must be {'(N, S)' if batched else '(S,)'} for a "
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((N, S) if batched
+                                                                           else (S,)):
+        raise ValueError(f"key_padding_mask must be {'(N, S)' if batched else '(S,)'} = "
+                         f"{(N, S) if batched else (S,)} for a "
                          f"{'batched' if batched else 'unbatched'} query, got shape "
                          f"{tuple(key_padding_mask.shape)}")
     if attn_mask is not None:

@@ -198,21 +198,21 @@ def test_float_mask_gets_its_gradient(backend, algo, mask_shape):
 
 
 @mask_grad_variants
-def test_float_mask_gradient_with_gqa_fp16_mask_and_masked_keys(backend, algo):
-    """Grouped-query heads, a float16 mask on float32 inputs (the gradient takes the mask's
-    dtype), -inf entries (their gradient is 0) and a fully masked row (0, as its output)."""
-    q, k, v = qkv(1, 4, 2, 13, 17, 16)
+def test_float_mask_gradient_with_gqa_fp32_mask_and_masked_keys(backend, algo):
+    """Grouped-query heads, a float32 mask on float16 inputs (the gradient takes the mask's
+    dtype; the other way round torch refuses), -inf entries (their gradient is 0) and a fully
+    masked row (0, as its output)."""
+    q, k, v = qkv(1, 4, 2, 13, 17, 16, dtype=torch.float16)
     mask = random_tensor((4, 13, 17), torch.float32, DEVICE)
     mask[:, :, 5] = float("-inf")
     mask[1, 7] = float("-inf")
-    mask = mask.half()
     fn = lambda q, k, v, m: pydl.scaled_dot_product_attention(  # noqa: E731
         q, k, v, attn_mask=m, enable_gqa=True, backend=backend, algo=algo)
     out, g, grads = run_with_grad(fn, [q, k, v, mask])
-    r_out, leaves = _mask_reference(q, k, v, mask.float())
+    r_out, leaves = _mask_reference(q, k, v, mask)
     r_out.backward(g.double())
     r_mask_grad = torch.nan_to_num(leaves[3].grad)      # fully masked row: 0, as pydl and torch
-    assert grads[3].dtype == torch.float16
+    assert grads[3].dtype == torch.float32
     assert torch.all(grads[3][:, :, 5] == 0) and torch.all(grads[3][1, 7] == 0)
     assert_close(grads[3], r_mask_grad, torch.float16, reduction=16, name="dmask")
 
@@ -305,7 +305,7 @@ def test_dropout_is_reproducible_and_has_the_right_rate(backend):
 
 # --- broadcasting, as torch's math backend ----------------------------------------------------
 
-BROADCAST = {   # name: (query, key (value alike), mask or None, enable_gqa)
+BROADCAST = {   # name: (query, key (value alike) or (key, value), mask or None, enable_gqa)
     "kv_batch1": ((2, 2, 5, 8), (1, 2, 6, 8), None, False),
     "q_batch1": ((1, 2, 5, 8), (3, 2, 6, 8), (5, 6), False),
     "kv_one_head": ((2, 3, 5, 8), (2, 1, 6, 8), None, False),
@@ -314,6 +314,10 @@ BROADCAST = {   # name: (query, key (value alike), mask or None, enable_gqa)
     "5d": ((2, 2, 2, 5, 8), (2, 2, 2, 6, 8), (1, 2, 1, 5, 6), False),
     "5d_q_4d_kv": ((3, 2, 2, 5, 8), (2, 2, 6, 8), None, False),
     "gqa_kv_batch1": ((2, 4, 5, 8), (1, 2, 6, 8), (4, 5, 6), True),
+    # key and value heads broadcast against each other (pydl refused these)
+    "k_one_head_v_two": ((2, 2, 5, 8), ((2, 1, 6, 8), (2, 2, 6, 4)), None, False),
+    "v_one_head_k_three": ((1, 3, 5, 8), ((1, 3, 6, 8), (1, 1, 6, 8)), (5, 6), False),
+    "gqa_k_one_head_v_two": ((2, 4, 5, 8), ((2, 1, 6, 8), (2, 2, 6, 8)), None, True),
 }
 
 
@@ -326,9 +330,10 @@ def test_broadcast_inputs_match_torch(case, backend, algo):
     input's gradient (summed over its broadcast dims), a float mask's too."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     q_shape, kv_shape, mask_shape, gqa = BROADCAST[case]
+    k_shape, v_shape = kv_shape if isinstance(kv_shape[0], tuple) else (kv_shape, kv_shape)
     q = random_tensor(q_shape, torch.float32, DEVICE)
-    k = random_tensor(kv_shape, torch.float32, DEVICE)
-    v = random_tensor(kv_shape, torch.float32, DEVICE)
+    k = random_tensor(k_shape, torch.float32, DEVICE)
+    v = random_tensor(v_shape, torch.float32, DEVICE)
     inputs = [q, k, v] + ([random_tensor(mask_shape, torch.float32, DEVICE)] if mask_shape
                           else [])
 
@@ -344,11 +349,30 @@ def test_broadcast_inputs_match_torch(case, backend, algo):
     want, _, want_grads = run_with_grad(lambda *ts: run("torch", *[t.double() for t in ts]),
                                         inputs, g.double())
     assert out.shape == want.shape
-    assert_close(out, want, torch.float32, reduction=kv_shape[-2] * 8, tf32=TF32, name="out")
+    assert_close(out, want, torch.float32, reduction=k_shape[-2] * 8, tf32=TF32, name="out")
     for name, got, exp in zip("qkvm", grads, want_grads):
         assert got.shape == exp.shape, name
-        assert_close(got, exp, torch.float32, reduction=4 * kv_shape[-2] * 8, tf32=TF32,
+        assert_close(got, exp, torch.float32, reduction=4 * k_shape[-2] * 8, tf32=TF32,
                      name=f"d{name}")
+
+
+@backends
+def test_mask_dtype_as_torch(backend):
+    """A float mask must be float32 or the query's dtype, as torch requires (pydl read a
+    float16 mask against float32 inputs); under autocast the mask is cast with the inputs,
+    as torch's autocast casts it (a float64 mask, which autocast leaves, raises there too)."""
+    q, k, v = qkv(1, 2, 2, 5, 6, 8)
+    mask = random_tensor((5, 6), torch.float32, DEVICE)
+    sdpa = functools.partial(pydl.scaled_dot_product_attention, backend=backend)
+    for dtype in (torch.float16, torch.float64):
+        with pytest.raises(TypeError, match="attn_mask must be bool, float32 or of the query"):
+            sdpa(q, k, v, attn_mask=mask.to(dtype))
+    half = sdpa(q.half(), k.half(), v.half(), attn_mask=mask)       # float32 with float16
+    assert half.dtype == torch.float16
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        assert sdpa(q, k, v, attn_mask=mask.half()).dtype == torch.float16
+        with pytest.raises(TypeError, match="attn_mask must be bool, float32 or of the query"):
+            sdpa(q, k, v, attn_mask=mask.double())
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -379,7 +403,7 @@ def test_bad_input(backend):
         sdpa(q, k, v, dropout_p=1.0, enable_gqa=True)
     with pytest.raises(TypeError, match="one dtype"):
         sdpa(q, k.half(), v, enable_gqa=True)
-    with pytest.raises(TypeError, match="bool or floating"):
+    with pytest.raises(TypeError, match="bool, float32 or of the query"):
         sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.int32, device=DEVICE), enable_gqa=True)
 
 
@@ -474,6 +498,8 @@ def test_multihead_attention_checks_its_inputs(batch_first):
         (r"key_padding_mask must be \(N, S\)", q, kv, kv, dict(key_padding_mask=bool_mask(S))),
         (r"key_padding_mask must be \(S,\)", one(q), one(kv), one(kv),
          dict(key_padding_mask=bool_mask(1, S))),
+        (r"key_padding_mask must be \(N, S\) = \(2, 5\)", q, kv, kv,    # was a view's error
+         dict(key_padding_mask=bool_mask(N, S - 1))),
         (r"attn_mask must be \(L, S\) = \(3, 5\) or \(N \* num_heads, L, S\) = \(4, 3, 5\)",
          q, kv, kv, dict(attn_mask=torch.zeros(3, L, S, device=DEVICE))),
         # batches that would broadcast in the attention: pydl returned a wrong-shaped output

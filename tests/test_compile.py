@@ -291,3 +291,18 @@ def test_autocast_dtype_matches_torch_recurrent(op):
         ours, theirs = ours_fn(m, x), theirs_fn(m, x)
     assert ours.dtype == theirs.dtype, f"{op}: pydl gives {ours.dtype}, torch {theirs.dtype}"
     torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("op", ["conv2d", "cross_entropy", "sdpa"])
+def test_autocast_leaves_float64_alone(op):
+    """torch's autocast casts no float64 tensor (it is not eligible): torch's op runs in
+    float64, and pydl's kernel backends then refuse it by dtype as outside autocast (they
+    cast it to float16 silently before); the torch backend gives torch's float64."""
+    fn, shape = AUTOCAST[op]
+    x = torch.randn(*shape, device=DEVICE, dtype=torch.float64)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        assert fn(x, torch.nn.functional).dtype == torch.float64
+        with pydl.use_backend("torch"):
+            assert fn(x, pydl).dtype == torch.float64
+        with pytest.raises(TypeError, match="float64"):
+            fn(x, pydl)

@@ -168,6 +168,11 @@ EMPTY = {
         lambda: [t(1, 2, 0, 8), t(1, 2, 6, 8), t(1, 2, 6, 8)],
         {},
     ),
+    "attention_naive_heads0": (     # no query head against one key head (broadcast to none)
+        attention(0, 0, "naive"),
+        lambda: [t(1, 0, 5, 8), t(1, 1, 6, 8), t(1, 1, 6, 4)],
+        {},
+    ),
     "attention_naive_batch0": (
         attention(0, 0, "naive"),
         lambda: [t(0, 2, 5, 8), t(0, 2, 6, 8), t(0, 2, 6, 8)],
