@@ -207,9 +207,12 @@ def _attention(rng, dtype, backend, algo):
         kv_shape[0] = 1                                              # keys shared by the batch
     if rng.random() < 0.2:
         q_shape, kv_shape = q_shape[1:], kv_shape[1:]                # 3-D
+    k_shape, v_shape = list(kv_shape), kv_shape[:-1] + [Ev]
+    if kv_shape[-3] > 1 and rng.random() < 0.15:    # key and value heads broadcast (one shared)
+        (k_shape if rng.random() < 0.5 else v_shape)[-3] = 1
     q = _tensor(rng, tuple(q_shape), dtype, str(rng.choice(["contig", "transposed"])))
-    k = _tensor(rng, tuple(kv_shape), dtype)
-    v = _tensor(rng, tuple(kv_shape[:-1]) + (Ev,), dtype)
+    k = _tensor(rng, tuple(k_shape), dtype)
+    v = _tensor(rng, tuple(v_shape), dtype)
     mask, causal = None, False
     kind = str(rng.choice(["none", "bool", "float", "causal"]))
     if kind == "causal":
@@ -218,8 +221,9 @@ def _attention(rng, dtype, backend, algo):
         full = (B, q_shape[-3], L, S)[4 - len(q_shape):]
         shape = tuple(d if rng.random() < 0.6 else 1 for d in full)
         shape = shape[len(shape) - int(rng.integers(2, len(shape) + 1)):]
+        # a float mask in the inputs' dtype, or float32 (which torch takes with any)
         mask = (torch.rand(shape, device=DEVICE) > 0.3) if kind == "bool" else \
-            _tensor(rng, shape, dtype)
+            _tensor(rng, shape, dtype if rng.random() < 0.7 else torch.float32)
     scale = None if rng.random() < 0.7 else float(rng.uniform(0.1, 1.0))
     opts = dict(is_causal=causal, scale=scale, enable_gqa=gqa)
 
