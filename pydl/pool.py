@@ -810,13 +810,14 @@ def _adaptive_avg_pool2d_call(input, output_size, backend):
     name, impl = dispatch("adaptive_avg_pool2d", backend, input)
     (N, C, H, W), unbatched = _batched_shape(input, name)
     if isinstance(output_size, (list, tuple)):
-        if len(output_size) != 2 or not all(v is None or integer(v) is not None
-                                                for v in output_size):
+        sizes = [None if v is None else integer(v) for v in output_size]
+        if len(sizes) != 2 or any(v is None and o is not None
+                                  for v, o in zip(sizes, output_size)):
             # torch too: no one-element form here
             raise ValueError(f"output_size must be an int or a pair of ints (or None), got "
                              f"{output_size!r}")
-        OH = H if output_size[0] is None else integer(output_size[0])
-        OW = W if output_size[1] is None else integer(output_size[1])
+        OH = H if sizes[0] is None else sizes[0]
+        OW = W if sizes[1] is None else sizes[1]
     else:
         OH, OW = pair(output_size, "output_size")
     if OH < 0 or OW < 0:
