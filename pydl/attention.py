@@ -1115,8 +1115,9 @@ class _AttentionCall(AttentionKernels):
         dmask = fresh(self.new_dmask) if mask_grad else None
         if self.no_rows:                # no query rows: keys get no gradient
             return dq, dk.zero_(), dv.zero_(), dmask
-        key = (do.stride(), mask_grad, tf32_allowed(False)) if self.fp32 else (do.stride(),
-                                                                               mask_grad)
+        # the TF32 switch (fp32) and deterministic mode (flash_onepass) choose the kernels
+        key = (do.stride(), mask_grad, tf32_allowed(False) if self.fp32 else None,
+               torch.are_deterministic_algorithms_enabled())
         run = self.bwd.get(key)
         if run is None:
             run = LAUNCHERS[self.backend].plan_backward(q, k, v, o, lse, do, dq, dk, dv,

@@ -1,6 +1,9 @@
 """algo="flash_onepass": the flash forward with the single-pass backward
 (kernels/triton/attention_onepass.py: five products per tile instead of seven, dQ summed in
-fp32 by atomics, so its last bits vary from run to run).
+fp32 by atomics, so its last bits vary from run to run). Under
+`torch.use_deterministic_algorithms(True)` the backward is the flash backward's (two passes, no
+atomics: the same gradients bit for bit every run), as torch's ops with a deterministic
+alternative take it there; the forward is the same kernel either way.
 
 No attention mask and no dropout (NotImplementedError naming them, pointing to algo="flash");
 causal or not, grouped-query heads, every dtype, head dim and layout the flash kernels take.
@@ -68,9 +71,12 @@ class OnePassAttention:
                       dropout_p, dmask):
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) for tensors of these
         shapes and strides: the delta, the single pass into a zeroed fp32 dQ, its
-        conversion."""
-        from .attention import _LAUNCHES, _key
+        conversion; in deterministic mode the flash backward's run."""
+        from .attention import _LAUNCHES, _key, _TritonAttention
         check(mask, dropout_p)
+        if torch.are_deterministic_algorithms_enabled():
+            return _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask,
+                                                  mask_kind, is_causal, scale, dropout_p, dmask)
         key = _key("bwd_onepass", q, k, v, o, do, dq, dk, dv, causal=is_causal, scale=scale)
         return _LAUNCHES.get(key, _backward_run, q, k, v, o, lse, do, dq, dk, dv, is_causal,
                              scale)

@@ -65,6 +65,41 @@ def test_onepass_refuses_mask_and_dropout():
         sdpa(q, k, v, backend="numba", algo=ALGO)
 
 
+def test_onepass_is_deterministic_in_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward is the flash backward (no
+    atomics): the flash algorithm's gradients bit for bit, the single pass never planned;
+    with the mode off the same call signature plans and runs the single pass, and on again
+    the flash backward (the mode is in the plan's key)."""
+    q, k, v = qkv(1, 2, 2, 33, 33, 16)
+    g = torch.randn_like(q)
+
+    def grads(algo, deterministic=False):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o = pydl.scaled_dot_product_attention(*leaves, is_causal=True, backend="triton",
+                                              algo=algo)
+        was, warn_only = (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled())
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            return torch.autograd.grad(o, leaves, g)
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+    planned = []
+    plan = attention_onepass._backward_run
+    monkeypatch.setattr(attention_onepass, "_backward_run",
+                        lambda *a: planned.append(1) or plan(*a))
+    flash = grads("flash")
+    for deterministic, plans in ((True, 0), (False, 1), (True, 1)):
+        ours = grads(ALGO, deterministic)
+        assert len(planned) == plans, deterministic
+        for a, b, name in zip(ours, flash, "qkv"):
+            if deterministic:
+                assert torch.equal(a, b), name
+            else:
+                assert_close(a, b, torch.float32, reduction=33 * 16, name=f"d{name}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_onepass_sweep_point_matches_flash(causal):
