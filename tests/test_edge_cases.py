@@ -635,3 +635,43 @@ def test_inference_mode_inputs_in_a_training_graph(backend, case):
         results.append((out.detach(), *torch.autograd.grad(out.sum(), args[grad_at])))
     for got, want in zip(*results):
         assert_close(got, want, made[0].dtype, reduction=8)
+
+
+# name: (input shapes, the op with dropout on them)
+DROPOUT_OPS = {
+    "attention": ([(1, 2, 6, 4)] * 3, lambda a, be: pydl.scaled_dot_product_attention(
+        *a, dropout_p=0.5, backend=be)),
+    "lstm": ([(3, 2, 4), (20, 4), (20, 5), (20,), (20,), (20, 5), (20, 5), (20,), (20,)],
+             lambda a, be: pydl.lstm(a[0], None, a[1:], num_layers=2, dropout=0.5,
+                                     training=True, backend=be)[0]),
+    "gru": ([(3, 2, 4), (15, 4), (15, 5), (15,), (15,), (15, 5), (15, 5), (15,), (15,)],
+            lambda a, be: pydl.gru(a[0], None, a[1:], num_layers=2, dropout=0.5,
+                                   training=True, backend=be)[0]),
+}
+
+
+@backends
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+@pytest.mark.parametrize("case", sorted(DROPOUT_OPS))
+def test_activation_checkpointing_replays_dropout(backend, case, reentrant):
+    """torch.utils.checkpoint runs the forward again in the backward with the random state of
+    the first run restored: an op that draws its dropout mask from anything but torch's
+    generators would recompute another mask there, and its gradients would silently belong
+    to another forward. The checkpointed gradients must be the plain ones, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+    shapes, op = DROPOUT_OPS[case]
+    made = [random_tensor(s, torch.float32, DEVICE) for s in shapes]
+    g = None
+    grads = []
+    for checkpointed in (False, True):
+        leaves = [t.clone().requires_grad_() for t in made]
+        torch.manual_seed(7)
+        if checkpointed:
+            out = checkpoint(lambda *a: op(a, backend), *leaves, use_reentrant=reentrant)
+        else:
+            out = op(leaves, backend)
+        g = torch.randn_like(out) if g is None else g
+        out.backward(g)
+        grads.append([t.grad for t in leaves])
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert torch.equal(a, b), f"input {i}"
