@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import environment, numba_resources, overhead, resources, schema, tables
+from . import environment, numba_resources, overhead, resources, rnn_steps, schema, tables
 
 DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
 
@@ -374,4 +374,6 @@ COMMANDS = {
                                               "Numba kernel signature, compiled offline"),
     "overhead": (overhead.main, "host microseconds, launches and syncs per call (kernels "
                                 "stubbed)"),
+    "rnn-steps": (rnn_steps.main, "where a persistent LSTM/GRU time step goes: per-step "
+                                  "slopes, tile latency, barrier (GPU)"),
 }

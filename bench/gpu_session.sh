@@ -5,14 +5,16 @@
 #   bench/gpu_session.sh session OUT                 everything one lent GPU is for, in one call of
 #                                                    at most 570 s of steps, each with a time
 #                                                    limit (a slow step cannot eat the rest):
-#                                                    the GPU test files (195 s, one line per
+#                                                    the GPU test files (185 s, one line per
 #                                                    test), the host-path table `python -m bench
-#                                                    overhead` (60 s), the benchmark at its quick
+#                                                    overhead` (50 s), the benchmark at its quick
 #                                                    shapes with --op-budget (each op stops
-#                                                    starting cases after its seconds; 315 s in
-#                                                    all); logs and OUT/results.tgz (the JSON:
-#                                                    unpack it into bench/results/). Six files,
-#                                                    under the eight a lent machine returns.
+#                                                    starting cases after its seconds; 300 s in
+#                                                    all), `python -m bench rnn-steps` (35 s:
+#                                                    where a persistent recurrence's step goes);
+#                                                    logs and OUT/results.tgz (the JSON: unpack
+#                                                    it into bench/results/). Seven files, under
+#                                                    the eight a lent machine returns.
 #   bench/gpu_session.sh overhead OUT                `python -m bench overhead` at the quick
 #                                                    shapes: end to end vs kernel time per op
 #   bench/gpu_session.sh verify  OUT                 the checks of the first run's faults, in one
@@ -32,7 +34,8 @@
 #                                                    GPU tests (grid barrier; persistent == steps
 #                                                    bit for bit), then LSTM and GRU fwd+bwd on
 #                                                    DeepBench's quick shapes against torch
-#                                                    (cuDNN): the issue-17 targets, with peak memory
+#                                                    (cuDNN): the issue-17 targets, with peak memory,
+#                                                    then `python -m bench rnn-steps --configs`
 #   bench/gpu_session.sh ncu     OUT                 Nsight Compute, one launch each, on the last
 #                                                    run's kernel outliers (about two minutes)
 #
@@ -104,7 +107,7 @@ case $mode in
             tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
             tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
             tests/test_conv.py tests/test_attention.py tests/test_attention_onepass.py tests/test_pool.py"
-        for part in "135 not numba" "60 numba"; do
+        for part in "125 not numba" "60 numba"; do
             # shellcheck disable=SC2046,SC2086
             timeout -k 5 "${part%% *}" python3 -m pytest -v -p no:cacheprovider $(workers 14) \
                 $(per_test 60) --maxfail 40 --tb short --durations 10 -k "${part#* }" \
@@ -116,17 +119,17 @@ case $mode in
         grep -E "^=+ .* in [0-9.]+s" "$out/tests.log"
         # 2. the host path: end to end against kernel time per op
         #    (default configs: the host path does not depend on them, and tuning takes time)
-        PYDL_TUNE=0 timeout -k 5 35 python3 -m bench overhead conv2d attention lstm gru \
+        PYDL_TUNE=0 timeout -k 5 30 python3 -m bench overhead conv2d attention lstm gru \
             --variants triton-implicit triton-flash triton-persistent torch --calls 50 \
             --json "$out/overhead.json" >"$out/overhead.log" 2>&1
         echo "overhead exit status $?"
-        PYDL_TUNE=0 timeout -k 5 25 python3 -m bench overhead cross_entropy cross_entropy_soft \
+        PYDL_TUNE=0 timeout -k 5 20 python3 -m bench overhead cross_entropy cross_entropy_soft \
             softmax max_pool2d avg_pool2d lstm_cell gru_cell --variants triton torch --calls 50 \
             --json "$out/overhead2.json" >>"$out/overhead.log" 2>&1
         echo "overhead exit status $?"
         cat "$out/overhead.log"
         # 3. the benchmark, each op within its budget (later cases are recorded as skipped)
-        bench_op 215 50 conv2d attention lstm gru \
+        bench_op 200 46 conv2d attention lstm gru \
             --variants triton-implicit triton-flash triton-flash_hopper triton-persistent torch \
             --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
                 d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
@@ -139,6 +142,13 @@ case $mode in
         bench_op 35 15 conv2d attention --variants numba-im2col numba-flash \
             --cases l1-3x3-64 l3-1x1-1024-256 d128-1k
         tail -n 70 "$out/bench.log"
+        # 4. where a persistent recurrence's step goes (bench/rnn_steps.py): per-step slopes,
+        #    tile latency against barrier, each forward candidate forced; the benchmark above
+        #    compiled and tuned these kernels, so this is timing only
+        timeout -k 5 35 python3 -m bench rnn-steps lstm-h1024-b32 gru-h1536-b32 --configs \
+            --rep-ms 30 --json "$out/results/rnn_steps.json" >"$out/rnn_steps.log" 2>&1
+        echo "rnn-steps exit status $?"
+        cat "$out/rnn_steps.log" | tee -a "$out/bench.log" && rm "$out/rnn_steps.log"
         # at most 8 files come back from a lent machine: one archive of the results' JSON
         tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results"
         rm -f "$out/install.log" "$out/import.log"  # 7 files left
@@ -196,12 +206,16 @@ case $mode in
         echo "pytest exit status $?"
         tail -n 15 "$out/rnn_tests.log"
         # (recompute: the GRU's backward then writes its gradients in place: its peak memory)
-        timeout 380 python3 -m bench lstm gru --shapes quick --direction fwd+bwd \
+        timeout 300 python3 -m bench lstm gru --shapes quick --direction fwd+bwd \
             --variants triton-persistent triton-persistent-recompute torch --no-progress \
             --out "$out/results" "$@" \
             >"$out/bench.log" 2>&1
         echo "bench exit status $?"
         tail -n 40 "$out/bench.log"
+        timeout 90 python3 -m bench rnn-steps lstm-h1024-b32 lstm-h256-b32 gru-h1536-b32 \
+            --configs --json "$out/results/rnn_steps.json" >"$out/rnn_steps.log" 2>&1
+        echo "rnn-steps exit status $?"
+        cat "$out/rnn_steps.log"
         ;;
     ncu)
         # Nsight Compute on the kernel-level outliers of the last run, one launch each, at

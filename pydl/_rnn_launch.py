@@ -298,7 +298,7 @@ class TritonRecurrence:
 # the same plus the most K splits (None: as many as fill the SMs; `k_splits`); its tile is
 # BLOCK_H wide, its product split over K so that the tiles fill the chip (`backward_tile`).
 FWD_SPACE = ((32, 8, 64, 4, 3), (64, 8, 64, 4, 3), (16, 16, 64, 4, 3), (32, 16, 64, 4, 3),
-             (64, 16, 32, 8, 3), (32, 4, 64, 4, 4))
+             (64, 16, 32, 8, 3), (32, 4, 64, 4, 4), (32, 8, 128, 4, 4), (16, 16, 128, 4, 4))
 BWD_SPACE = ((32, 32, 128, 8, 4, None), (32, 64, 64, 8, 4, None), (32, 64, 128, 8, 5, None),
              (64, 64, 128, 8, 4, None), (16, 64, 128, 4, 4, None), (32, 128, 128, 8, 4, None),
              (32, 32, 64, 8, 4, 1))

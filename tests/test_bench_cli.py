@@ -847,7 +847,7 @@ def test_help_lists_every_command_from_the_dispatch_table(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert set(cli.COMMANDS) == {"list", "compare", "report", "floors", "resources",
-                                 "numba-resources", "overhead"}
+                                 "numba-resources", "overhead", "rnn-steps"}
     for name, (_, summary) in cli.COMMANDS.items():
         line = next((ln for ln in out.splitlines() if ln.split()[:1] == [name]), None)
         assert line is not None and summary[:30] in line, (name, out)
@@ -992,3 +992,42 @@ def test_progress_on_a_terminal_is_a_bar():
     bar.case_done("opt c fp32", 1)
     bar.close()
     assert quiet.getvalue() == ""
+
+
+def test_rnn_steps_plumbing(monkeypatch):
+    """`python -m bench rnn-steps` (GPU only) in emulation, its timer and the tuner's clock
+    faked: every mode runs the layer, the one-program schedule runs with the persistent step's
+    config, and each forced forward candidate is the one the tuner took (the measurement
+    checks it); without a GPU the command refuses."""
+    from bench import rnn_steps
+    from pydl import _tune
+    monkeypatch.setattr(_tune, "enabled", lambda: True)
+    clock = lambda fn, cfg: float(sum(v for v in cfg.values() if isinstance(v, int)))  # noqa: E731
+    monkeypatch.setattr(_tune, "_device_bench", clock)
+    for tuner in _tune.Tuner.all.values():
+        monkeypatch.setattr(tuner, "bench", clock)
+    schedules = []
+    original = rnn_steps._layer
+
+    def layer(kind, H, B, T, train, device):
+        from pydl import _rnn_launch
+        schedules.append(_rnn_launch.schedule("persistent", torch.device("cuda")))
+        return original(kind, H, B, T, train, device)
+    monkeypatch.setattr(rnn_steps, "_layer", layer)
+    calls = []
+
+    def ms(fn):
+        fn()
+        calls.append(1)
+        return float(len(calls))
+    try:
+        row = rnn_steps.measure("tiny", "lstm", 12, 3, 2, True, ms, device="cpu")
+    finally:
+        _tune.reset()
+    assert row["config"] is not None and row["tiles"] >= 1
+    assert {"tile_us", "barrier_and_skew_us", "one_program_fwd_us"} <= set(row)
+    assert len(row["by_config"]) >= 2
+    assert all("fwd_us" in entry for entry in row["by_config"]), row["by_config"]
+    assert "one_program" in schedules
+    assert rnn_steps.split_step(10.0, 64.0, 16) == {"tile_us": 4.0, "barrier_and_skew_us": 6.0}
+    assert cli.main(["rnn-steps", "lstm-h1024-b32"]) == 2

@@ -833,3 +833,34 @@ def test_module_weights_swapped_or_parametrized(kind):
         with torch.no_grad():
             p_ours.original1.mul_(1.5)
             p_theirs.original1.mul_(1.5)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="patches a kernel constant, which only the interpreter "
+                                     "reads at run time")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_forward_tiles_load_early_or_late_alike(monkeypatch, kind):
+    """A small forward tile loads its step operands (projected input, starting state) before
+    its K loop, a large one after it (kernels/triton/rnn.py EARLY_ELEMS): the same sums in the
+    same order, so the same bits. Emulation's tiles are all small; this runs the late path too
+    and compares, forward and backward, with biases and a starting state."""
+    import triton.language as tl
+
+    from pydl.kernels.triton import gru as kg
+    from pydl.kernels.triton import lstm as kl
+    T, B, I, H = 4, 3, 5, 6
+    mod = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(I, H, bidirectional=True)
+    weights = [p.detach().requires_grad_() for p in mod._flat_weights]
+    x = random_tensor((T, B, I), torch.float32, DEVICE).requires_grad_()
+    h0 = random_tensor((2, B, H), torch.float32, DEVICE)
+    hx = (h0, random_tensor((2, B, H), torch.float32, DEVICE)) if kind == "lstm" else h0
+    g = random_tensor((T, B, 2 * H), torch.float32, DEVICE)
+
+    def run():
+        out = getattr(pydl, kind)(x, hx, weights, bidirectional=True, backend="triton")[0]
+        return (out.detach(), *torch.autograd.grad(out, [x, *weights], g))
+    early = run()
+    for module in (kl, kg):
+        monkeypatch.setattr(module, "EARLY_ELEMS", tl.constexpr(0))
+    late = run()
+    for i, (a, b) in enumerate(zip(early, late)):
+        assert torch.equal(a, b), i

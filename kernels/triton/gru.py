@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 
 from .rnn import (
+    EARLY_ELEMS,
+    add_gates,
     backward_tile,
     forward_tiles,
     gate_columns,
@@ -93,14 +95,24 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
         sh_b = so_b
         sh_k = so_k
         HAS_H: tl.constexpr = True
+    # A small tile loads the cell's step operands before its K loop (their round trip then
+    # overlaps the loop's), a large one after it (kernels/triton/rnn.py EARLY_ELEMS); the
+    # biases, read every step, stay cached. The sums' order is the same either way.
+    EARLY: tl.constexpr = BLOCK_B * BLOCK_H <= EARLY_ELEMS
+    h = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if HAS_H and EARLY:
+        h = tl.load(h_ptr + r_ * sh_b + u * sh_k, mask=mask, other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
+    if HAS_XP and EARLY:
+        xp = load_gates(xp_ptr + t * sxp_t + r_ * sxp_b, u, sxp_k, H, mask, 3)
     cols, c_ok = gate_columns(unit0, H, 3, BLOCK_H)
     gh = tl.zeros([BLOCK_B, 4 * BLOCK_H], tl.float32)
-    h = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
     if HAS_H:
         gh = tile_dot(h_ptr, sh_b, sh_k, rows, r_ok, H, whh_ptr, swh_r, swh_k, cols, c_ok, gh,
                       PRECISION, BLOCK_K)
-        h = tl.load(h_ptr + r_ * sh_b + u * sh_k, mask=mask, other=0.0,
-                    cache_modifier=".cg").to(tl.float32)
+        if not EARLY:
+            h = tl.load(h_ptr + r_ * sh_b + u * sh_k, mask=mask, other=0.0,
+                        cache_modifier=".cg").to(tl.float32)
     gh_r, gh_z, gh_n, _ = split_gates(gh, BLOCK_B, BLOCK_H)
     gi_r = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
     gi_z = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
@@ -111,12 +123,15 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
                       c_ok, gi, PRECISION, BLOCK_K)
         gi_r, gi_z, gi_n, _ = split_gates(gi, BLOCK_B, BLOCK_H)
     if HAS_XP:
-        gi_r, gi_z, gi_n = load_gates(xp_ptr + t * sxp_t + r_ * sxp_b, u, sxp_k, H, mask, 3,
-                                      (gi_r, gi_z, gi_n))
+        if not EARLY:
+            xp = load_gates(xp_ptr + t * sxp_t + r_ * sxp_b, u, sxp_k, H, mask, 3)
+        gi_r, gi_z, gi_n = add_gates((gi_r, gi_z, gi_n), xp)
     if HAS_BIH:
-        gi_r, gi_z, gi_n = load_gates(bih_ptr, u, sbih, H, u_ok[None, :], 3, (gi_r, gi_z, gi_n))
+        gi_r, gi_z, gi_n = add_gates((gi_r, gi_z, gi_n),
+                                     load_gates(bih_ptr, u, sbih, H, u_ok[None, :], 3))
     if HAS_BHH:
-        gh_r, gh_z, gh_n = load_gates(bhh_ptr, u, sbhh, H, u_ok[None, :], 3, (gh_r, gh_z, gh_n))
+        gh_r, gh_z, gh_n = add_gates((gh_r, gh_z, gh_n),
+                                     load_gates(bhh_ptr, u, sbhh, H, u_ok[None, :], 3))
     r, z, n, h1 = gru_cell_forward(gi_r, gi_z, gi_n, gh_r, gh_z, gh_n, h)
     if HAS_BS:
         live = (rows < tl.load(bs_ptr + t))[:, None]

@@ -60,6 +60,8 @@ import triton
 import triton.language as tl
 
 from .rnn import (
+    EARLY_ELEMS,
+    add_gates,
     backward_tile,
     forward_tiles,
     gate_columns,
@@ -97,6 +99,21 @@ def lstm_cell_backward(dh, dc, i, f, g, o, c, c1):
 
 
 @triton.jit
+def _cell_state(c0_ptr, cs_ptr, tp, r, u, mask, sc0_b, sc0_k, scs_t, scs_b, scs_k,
+                HAS_C0: tl.constexpr, FIRST: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """The cell state a step starts from, fp32: c0 (or zeros) at the first step, else the
+    step before's c (time tp) from the fp32 cs."""
+    c = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+    if FIRST:
+        if HAS_C0:
+            c = tl.load(c0_ptr + r * sc0_b + u * sc0_k, mask=mask, other=0.0).to(tl.float32)
+    else:
+        c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=mask, other=0.0)
+    return c
+
+
+@triton.jit
 def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, c0_ptr,
               whh_ptr, out_ptr, m_ptr, cs_ptr, acts_ptr, hn_ptr, cn_ptr, bs_ptr,
               T, B, I, H, P,
@@ -129,6 +146,16 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
         sh_b = so_b
         sh_k = so_k
         HAS_H: tl.constexpr = True
+    # A small tile (the latency-bound recurrences of small batches) loads the cell's step
+    # operands first, so that their round trip overlaps the K loop's instead of following it;
+    # a large one after it (held across the loop they would cost a large tile's registers).
+    # The biases, read every step, stay cached. The sum's order is the same either way.
+    EARLY: tl.constexpr = BLOCK_B * BLOCK_H <= EARLY_ELEMS
+    if HAS_XP and EARLY:
+        xp = load_gates(xp_ptr + t * sxp_t + r * sxp_b, u, sxp_k, H, mask, 4)
+    if EARLY:
+        c = _cell_state(c0_ptr, cs_ptr, tp, r, u, mask, sc0_b, sc0_k, scs_t, scs_b, scs_k,
+                        HAS_C0, FIRST, BLOCK_B, BLOCK_H)
     cols, c_ok = gate_columns(unit0, H, 4, BLOCK_H)
     acc = tl.zeros([BLOCK_B, 4 * BLOCK_H], tl.float32)
     if HAS_X:
@@ -139,17 +166,16 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
                        cols, c_ok, acc, PRECISION, BLOCK_K)
     a = split_gates(acc, BLOCK_B, BLOCK_H)
     if HAS_XP:
-        a = load_gates(xp_ptr + t * sxp_t + r * sxp_b, u, sxp_k, H, mask, 4, a)
+        if not EARLY:
+            xp = load_gates(xp_ptr + t * sxp_t + r * sxp_b, u, sxp_k, H, mask, 4)
+        a = add_gates(a, xp)
+    if not EARLY:
+        c = _cell_state(c0_ptr, cs_ptr, tp, r, u, mask, sc0_b, sc0_k, scs_t, scs_b, scs_k,
+                        HAS_C0, FIRST, BLOCK_B, BLOCK_H)
     if HAS_BIH:
-        a = load_gates(bih_ptr, u, sbih, H, u_ok[None, :], 4, a)
+        a = add_gates(a, load_gates(bih_ptr, u, sbih, H, u_ok[None, :], 4))
     if HAS_BHH:
-        a = load_gates(bhh_ptr, u, sbhh, H, u_ok[None, :], 4, a)
-    c = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    if FIRST:
-        if HAS_C0:
-            c = tl.load(c0_ptr + r * sc0_b + u * sc0_k, mask=mask, other=0.0).to(tl.float32)
-    else:
-        c = tl.load(cs_ptr + tp * scs_t + r * scs_b + u * scs_k, mask=mask, other=0.0)
+        a = add_gates(a, load_gates(bhh_ptr, u, sbhh, H, u_ok[None, :], 4))
     i, f, g, o, c1, h1 = lstm_cell_forward(*a, c)
     if HAS_BS:
         # rows past this step's batch size keep their state (packed sequences; not with

@@ -74,6 +74,11 @@ import triton.language as tl
 
 from ._split import arrive_last, sum_partials
 
+# A forward tile of at most this many (row, unit) elements loads its step's operands before
+# its K loop (the projected input's gates, the state the cell starts from; held across the
+# loop: at 4 warps about G * EARLY_ELEMS / 128 registers a thread), a larger one after it.
+EARLY_ELEMS = tl.constexpr(512)
+
 
 @triton.jit
 def sigmoid(a):
@@ -153,27 +158,28 @@ def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def load_gates(ptr, u, stride, H, mask, G: tl.constexpr, acc=None):
+def load_gates(ptr, u, stride, H, mask, G: tl.constexpr):
     """The G (3 or 4) gate slices, in fp32, of units u of a gate-stacked vector or row (gates
-    [0; 1; ...] of H each, PyTorch's layout: gate q at ptr + (q*H + u)*stride); with acc (a
-    tuple of G slices), acc's slices plus them, gate by gate."""
-    g0 = _plus(acc, 0, tl.load(ptr + u * stride, mask=mask, other=0.0).to(tl.float32))
-    g1 = _plus(acc, 1, tl.load(ptr + (u + H) * stride, mask=mask, other=0.0).to(tl.float32))
-    g2 = _plus(acc, 2, tl.load(ptr + (u + 2 * H) * stride, mask=mask, other=0.0).to(tl.float32))
+    [0; 1; ...] of H each, PyTorch's layout: gate q at ptr + (q*H + u)*stride)."""
+    g0 = tl.load(ptr + u * stride, mask=mask, other=0.0).to(tl.float32)
+    g1 = tl.load(ptr + (u + H) * stride, mask=mask, other=0.0).to(tl.float32)
+    g2 = tl.load(ptr + (u + 2 * H) * stride, mask=mask, other=0.0).to(tl.float32)
     if G == 3:
         gates = (g0, g1, g2)
     else:
-        gates = (g0, g1, g2, _plus(acc, 3, tl.load(ptr + (u + 3 * H) * stride, mask=mask,
-                                                   other=0.0).to(tl.float32)))
+        gates = (g0, g1, g2, tl.load(ptr + (u + 3 * H) * stride, mask=mask,
+                                     other=0.0).to(tl.float32))
     return gates
 
 
 @triton.jit
-def _plus(acc, q: tl.constexpr, x):
-    """x, or acc[q] + x when acc is given."""
-    if acc is not None:
-        x = acc[q] + x
-    return x
+def add_gates(acc, gates):
+    """acc's gate slices plus gates', gate by gate (tuples of 3 or 4 slices)."""
+    if len(gates) == 3:
+        out = (acc[0] + gates[0], acc[1] + gates[1], acc[2] + gates[2])
+    else:
+        out = (acc[0] + gates[0], acc[1] + gates[1], acc[2] + gates[2], acc[3] + gates[3])
+    return out
 
 
 @triton.jit
