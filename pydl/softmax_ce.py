@@ -458,9 +458,9 @@ class _NumbaLaunch:
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
-        """As _TritonLaunch's, without the gradient (the backward computes it): per-row
-        losses (reduction "none": in x's dtype, the loss itself), then for a sum or a mean
-        loss_reduce's one block. The forward kernel checks the targets (a trap)."""
+        """As _TritonLaunch's, without the gradient (the backward computes it): one launch,
+        per-row losses (reduction "none": in x's dtype, the loss itself), for a sum or a mean
+        summed by the kernel's last block. The kernel checks the targets (a trap)."""
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
         lse = new_output(rows, torch.float32, dev)
@@ -476,10 +476,10 @@ class _NumbaLaunch:
     def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
                                ignore_index, smoothing, reduction, grad):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3) as _TritonLaunch's (scratch
-        and dx3 unused: no gradient in the forward): the per-row kernel into per-row losses
-        (the loss itself for "none") and weights, then for a sum or a mean loss_reduce's
-        block. The two fp32 per-row buffers of a reduction are allocated per call."""
-        from .kernels.numba import softmax_ce as k
+        and dx3 unused: no gradient in the forward): one launch of the per-row kernel into
+        per-row losses (the loss itself for "none") and weights, whose last block to finish
+        sums a sum or a mean (the call's arrival counter: pydl._launch.arrival_counters). The
+        two fp32 per-row buffers of a reduction are allocated per call."""
         if grad:
             raise ValueError("the numba cross-entropy computes its gradient in the backward")
         outer, n, inner = x3.shape
@@ -497,27 +497,26 @@ class _NumbaLaunch:
         has_weight = weight is not None
         w, w_code = _NumbaLaunch._weights(weight, lse[:1])
         cast = has_weight and w is not weight            # fp64 weights: as fp32 per call
+        arrivals = arrival_counters(dev, 1)
+        # "none": the counter and the reduced loss are placeholders the kernel never touches
+        out = lse[:1] if none else loss
         fwd = NumbaLaunch(*_NumbaLaunch._row(
             "cross_entropy_fwd", x3, x3, target, w, per_row.view(1, rows, 1), lse, row_weight,
             denom, inner, ignore_index, float(smoothing), has_weight, w_code,
-            dtype_code(x3.dtype), dtype_code(per_row.dtype)),
-            (x3, target, w, per_row, lse, row_weight, denom),
-            (0, 1, 2 if has_weight else 4, 3, 4, 5, 6))
+            dtype_code(x3.dtype), dtype_code(per_row.dtype), not none, reduction == "mean",
+            arrivals, out.view(1, 1, 1), dtype_code(loss.dtype)),
+            (x3, target, w, per_row, lse, row_weight, denom, arrivals, loss),
+            (0, 1, 2 if has_weight else 4, 3, 4, 5, 6, None if none else 7, 4 if none else 8))
         if none:
             def run(x3, target, weight, lse, loss, denom, scratch=None, dx3=None):
                 w = weight.to(torch.float32) if cast else weight
-                fwd(x3, target, w, loss, lse, new_row_weight(), denom)
+                fwd(x3, target, w, loss, lse, new_row_weight(), denom, None, None)
             return run
-        total = NumbaLaunch(k.loss_reduce, 1, numba_threads(256), dev,
-                            (per_row, row_weight, loss.view(1, 1, 1), denom, reduction == "mean",
-                             smoothing > 0, 1.0, dtype_code(x3.dtype)),
-                            (per_row, row_weight, loss, denom))
 
         def run(x3, target, weight, lse, loss, denom, scratch=None, dx3=None):
             w = weight.to(torch.float32) if cast else weight
-            per_row, row_weight = new_per_row(), new_row_weight()
-            fwd(x3, target, w, per_row, lse, row_weight, denom)
-            total(per_row, row_weight, loss, denom)
+            fwd(x3, target, w, new_per_row(), lse, new_row_weight(), denom,
+                arrival_counters(dev, 1), loss)
         return run
 
     @staticmethod
@@ -556,11 +555,10 @@ class _NumbaLaunch:
     def plan_cross_entropy_prob_fwd(x3, y3, weight, stats, loss, dx3, scratch, smoothing,
                                     reduction):
         """run(x3, y3, weight, stats, loss, dx3, scratch), as _TritonLaunch's without the
-        gradient (dx3 None: the backward computes it): the per-row kernel into stats (lse, S)
-        and the rows' losses (`loss` itself for "none", else `scratch`), then for a sum or a
-        mean loss_reduce's one block (its weights unread: the rows' losses stand in; its
-        denominator into an element allocated per call)."""
-        from .kernels.numba import softmax_ce as k
+        gradient (dx3 None: the backward computes it): one launch of the per-row kernel into
+        stats (lse, S) and the rows' losses (`loss` itself for "none", else `scratch`), whose
+        last block to finish sums a sum or a mean (its denominator, unused here, into an
+        element allocated per call)."""
         if dx3 is not None:
             raise ValueError("the numba cross-entropy computes its gradient in the backward")
         outer, n, inner = x3.shape
@@ -569,26 +567,28 @@ class _NumbaLaunch:
         per_row = loss.reshape(rows) if none else scratch
         w, w_code = _NumbaLaunch._weights(weight, stats[:1])
         cast = weight is not None and w is not weight      # fp64 weights: as fp32 per call
+        new_sink = output_maker((1,), torch.float32, dev)
+        sink, arrivals = new_sink(), arrival_counters(dev, 1)
+        # "none": the counter, the reduced loss and the sink are placeholders never touched
+        out = stats[:1] if none else loss
         fwd = NumbaLaunch(*_NumbaLaunch._row(
             "cross_entropy_prob_fwd", x3, x3, y3, w, per_row.view(1, rows, 1), stats[:rows],
             stats[rows:], inner, float(smoothing), weight is not None, w_code,
-            dtype_code(x3.dtype), dtype_code(y3.dtype), dtype_code(per_row.dtype)),
-            (x3, y3, w, per_row, stats), (0, 1, 2 if weight is not None else 4, 3, 4, 4))
+            dtype_code(x3.dtype), dtype_code(y3.dtype), dtype_code(per_row.dtype), not none,
+            _prob_scale(reduction, rows, n) if not none else 1.0, arrivals, out.view(1, 1, 1),
+            sink, dtype_code(loss.dtype)),
+            (x3, y3, w, per_row, stats, arrivals, loss, sink),
+            (0, 1, 2 if weight is not None else 4, 3, 4, 4, None if none else 5,
+             4 if none else 6, None if none else 7))
         if none:
             def run(x3, y3, weight, stats, loss, dx3, scratch):
-                fwd(x3, y3, weight.to(torch.float32) if cast else weight, loss, stats)
+                fwd(x3, y3, weight.to(torch.float32) if cast else weight, loss, stats, None,
+                    None, None)
             return run
-        scale = _prob_scale(reduction, rows, n)
-        new_sink = output_maker((1,), torch.float32, dev)
-        sink = new_sink()
-        total = NumbaLaunch(k.loss_reduce, 1, numba_threads(256), dev,
-                            (per_row, per_row, loss.view(1, 1, 1), sink, False, False,
-                             scale, dtype_code(loss.dtype)),
-                            (scratch, loss, sink), (0, 0, 1, 2))
 
         def run(x3, y3, weight, stats, loss, dx3, scratch):
-            fwd(x3, y3, weight.to(torch.float32) if cast else weight, scratch, stats)
-            total(scratch, loss, new_sink())
+            fwd(x3, y3, weight.to(torch.float32) if cast else weight, scratch, stats,
+                arrival_counters(dev, 1), loss, new_sink())
         return run
 
     @staticmethod

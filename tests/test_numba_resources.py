@@ -137,3 +137,23 @@ def test_tensor_core_attention_compiles_to_mma_offline(tmp_path):
     out = _compile_offline(row, tmp_path)
     assert out["mma"] > 0 and out["spill"] == 0 and 0 < out["regs"] <= 255
     assert out["smem"] == 4 * (64 * 68 + 32 * 68 + 128 * 20)
+
+
+@pytest.mark.parametrize("kernel", ["cross_entropy_fwd", "cross_entropy_prob_fwd"])
+def test_cross_entropy_forward_compiles_offline(tmp_path, kernel):
+    """The cross-entropy forward kernels, whose last block sums the loss (inlined device
+    functions: the same kernel calling the non-inlined _block_sum both itself and through a
+    non-inlined helper is invalid NVVM IR, which no simulated test shows), compile for sm_90
+    with their device-side target check."""
+    f3, f1 = ["array", "float32", 3, "A"], ["array", "float32", 1, "A"]
+    i1, i64 = ["array", "int32", 1, "A"], ["array", "int64", 1, "A"]
+    if kernel == "cross_entropy_fwd":   # x target weight loss lse row_weight denom, scalars
+        sig = [f3, i64, f1, f3, f1, f1, f1, "int64", "int64", "float64", "boolean", "int64",
+               "int64", "int64", "boolean", "boolean", i1, f3, "int64"]
+    else:                               # x target weight loss lse mass, scalars
+        sig = [f3, f3, f1, f3, f1, f1, "int64", "float64", "boolean", "int64", "int64",
+               "int64", "int64", "boolean", "float64", i1, f3, f1, "int64"]
+    out = _compile_offline(dict(module="pydl.kernels.numba.softmax_ce", name=kernel, sig=sig),
+                           tmp_path)
+    assert out["spill"] == 0 and 0 < out["regs"] <= 255
+    assert out["traps"] == (1 if kernel == "cross_entropy_fwd" else 0)

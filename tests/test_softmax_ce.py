@@ -714,3 +714,27 @@ def test_implicit_dim_as_torch(shape):
     with pytest.warns(UserWarning, match="Implicit dimension"):
         theirs = torch.nn.Softmax()(x)
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the simulator's block count (a GPU runs one block a row)")
+@pytest.mark.parametrize("targets", ["indices", "probabilities"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_numba_cross_entropy_last_block_reduces(monkeypatch, reduction, targets):
+    """The Numba forward sums a sum or a mean in its last block to finish (no second launch):
+    with several blocks striding over the rows, every block counts its arrival, only the last
+    sums, and the counter is back at zero for the next launch (two calls in a row)."""
+    from pydl import _launch
+    monkeypatch.setattr(_launch, "SIM_MAX_BLOCKS", 3)
+    x = random_tensor((37, 11), torch.float32, DEVICE)
+    w = random_tensor((11,), torch.float32, DEVICE).abs() + 0.5
+    t = (torch.randint(0, 11, (37,), device=DEVICE) if targets == "indices"
+         else torch.softmax(random_tensor((37, 11), torch.float32, DEVICE), 1))
+    t[3] = -100 if targets == "indices" else t[3]
+    want = torch.nn.functional.cross_entropy(x.double(), t if targets == "indices" else
+                                             t.double(), w.double(), reduction=reduction,
+                                             label_smoothing=0.2)
+    for _ in range(2):
+        got = pydl.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.2,
+                                 backend="numba")
+        assert_close(got, want, torch.float32, reduction=37 * 11)
+    assert not _launch.arrival_counters(x.device, 1).any()

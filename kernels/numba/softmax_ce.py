@@ -17,7 +17,7 @@ the block reductions: each inlined copy of them would allocate its own shared ar
 import math
 
 import numpy as np
-from numba import cuda, float32, int64
+from numba import cuda, float32, int32, int64
 
 from ._device import device, trap
 from ._dtypes import (  # noqa: F401  (dtype_code: for launchers)
@@ -273,7 +273,8 @@ def _softmax_at(x, o, c, i, code, row_lse):
 
 @cuda.jit
 def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ignore_index,
-                      smoothing, has_weight, w_code, code, loss_code):
+                      smoothing, has_weight, w_code, code, loss_code, reduce, mean, arrivals,
+                      out, out_code):
     """Per-row cross-entropy over class axis 1, one block per row:
     loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
     A target that is neither a class index nor ignore_index traps (on a GPU the launch fails,
@@ -287,8 +288,8 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
     lse:          output, fp32 (rows,): logsumexp of the row, for the backward
     row_weight:   output, fp32 (rows,): w[t] (1 without weights), 0 for ignored rows
     denom:        fp32 (2,): with has_weight and eps > 0, denom[1] = W = sum_c w[c], which
-                  a backward's smoothing term reads (row 0's block writes it); denom[0] is
-                  the mean's denominator (loss_reduce's), not written here
+                  a backward's smoothing term reads (row 0's block writes it); with
+                  `reduce`, denom[0] = the mean's denominator (_reduce_rows)
     inner:        size of axis 2 (rows = outer * inner)
     ignore_index: target value whose rows contribute nothing
     smoothing:    label smoothing eps in [0, 1]
@@ -296,6 +297,10 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
     w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x
     loss_code:    dtype_code of loss
+    reduce:       reduction "sum" or "mean" (`mean`): the last block to finish sums the rows'
+                  fp32 losses into out (_last_block_reduces; no second launch)
+    arrivals:     int32 (1,) arrival counter, 0 before the launch and after it (reduce only)
+    out:          (1, 1, 1) array of dtype out_code, the loss (reduce only)
 
     One pass over the logits (_ce_row_stats, which also sums the smoothing term without
     catastrophic cancellation).
@@ -331,28 +336,32 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
             store_f32(loss, 0, row, 0, row_loss, loss_code)
             lse[row] = m_row + log_s
             row_weight[row] = w_t
+    if reduce:
+        _last_block_reduces(arrivals, loss, row_weight, out, denom, mean, smoothing > 0, ONE,
+                            out_code)
 
 
-@cuda.jit
-def loss_reduce(loss, row_weight, out, denom, mean, smoothing, scale, code):
-    """The loss of reduction "sum" or "mean" from cross_entropy_fwd's per-row values, one
-    block, in a fixed order (deterministic): out[0, 0, 0] = sum(loss) (mean: divided by
-    sum(row_weight), torch's weighted mean: NaN when no row counts; a sum: times `scale`, 1
-    there, 1 / rows for the class-probability loss's mean), rounded to dtype `code`;
-    denom[0] = the mean's denominator (1 for a sum), which the backward reads. A zero
-    denominator gives what torch's division gives: the sum over 0 (NaN for 0, else inf); with
-    label `smoothing`, NaN, since torch divides the NLL part (a sum of zero-weight terms, 0)
-    by it separately.
+@device
+def _reduce_rows(loss, row_weight, out, denom, mean, smoothing, scale, code):
+    """The loss of reduction "sum" or "mean" from the per-row values, by one block, in a fixed
+    order (deterministic): out[0, 0, 0] = sum(loss) (mean: divided by sum(row_weight),
+    torch's weighted mean: NaN when no row counts; a sum: times `scale`, 1 there, 1 / rows for
+    the class-probability loss's mean), rounded to dtype `code`; denom[0] = the mean's
+    denominator (1 for a sum), which the backward reads. A zero denominator gives what torch's
+    division gives: the sum over 0 (NaN for 0, else inf); with label `smoothing`, NaN, since
+    torch divides the NLL part (a sum of zero-weight terms, 0) by it separately.
 
-    loss, row_weight: fp32 (rows,)
+    loss:             fp32 (1, rows, 1), as the row kernels write it
+    row_weight:       fp32 (rows,) (unread unless `mean`)
     out:              (1, 1, 1) array of the loss's dtype
     denom:            fp32 (1,) or more: element 0 written
     """
     tid, nthreads = cuda.threadIdx.x, cuda.blockDim.x
     part, weights = ZERO, ZERO
-    for r in range(tid, loss.shape[0], nthreads):
-        part += loss[r]
-        weights += row_weight[r]
+    for r in range(tid, loss.shape[1], nthreads):
+        part += loss[0, r, 0]
+        if mean:
+            weights += row_weight[r]
     total = _block_sum(part)
     weights = _block_sum(weights)
     if tid == 0:
@@ -369,6 +378,28 @@ def loss_reduce(loss, row_weight, out, denom, mean, smoothing, scale, code):
             total = total * scale
         denom[0] = weights
         store_f32(out, 0, 0, 0, total, code)
+
+
+@device
+def _last_block_reduces(arrivals, loss, row_weight, out, denom, mean, smoothing, scale, code):
+    """After a block has written its rows: count its arrival; the last block of the grid to
+    arrive sums every row (_reduce_rows) and sets the counter back to 0 for the next launch.
+    The fences order each block's row stores before its arrival, and the last block's reads
+    after it (the classic threadfence reduction; no-ops in the simulator, which runs the
+    blocks one after another). Inlined, as _reduce_rows: a kernel that also calls
+    _block_sum itself, and through a device function that is not inlined, is invalid NVVM IR
+    (`python -m bench numba-resources` compiles it)."""
+    last = cuda.shared.array(1, int32)
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        last[0] = int32(cuda.atomic.add(arrivals, 0, 1) == cuda.gridDim.x - 1)
+    cuda.syncthreads()
+    if last[0] != 0:
+        cuda.threadfence()
+        _reduce_rows(loss, row_weight, out, denom, mean, smoothing, scale, code)
+        if cuda.threadIdx.x == 0:
+            arrivals[0] = 0
 
 
 @cuda.jit
@@ -388,7 +419,7 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
                   r's is grad[0, r * grad_stride, 0]
     grad_stride:  1 for per-row gradients (reduction "none"; the array carries the tensor's
                   strides), 0 to broadcast grad[0, 0, 0]
-    denom:        fp32 (2,), the forward's: denom[0] the mean's denominator (loss_reduce's),
+    denom:        fp32 (2,), the forward's: denom[0] the mean's denominator (_reduce_rows'),
                   read only with `mean`; denom[1] W = sum of the class weights (the forward
                   kernel's), read only with has_weight and eps > 0
     mean:         divide the upstream gradient by denom[0] (reduction "mean")
@@ -434,7 +465,8 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
 
 @cuda.jit
 def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing, has_weight,
-                           w_code, code, target_code, loss_code):
+                           w_code, code, target_code, loss_code, reduce, scale, arrivals, out,
+                           sink, out_code):
     """Per-row cross-entropy with class-probability targets over class axis 1, one block per
     row: loss = sum_c a_c (lse - x_c), a = w y', y' = (1 - eps) y + eps / C.
 
@@ -452,6 +484,11 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
     code:         dtype_code of x
     target_code:  dtype_code of target
     loss_code:    dtype_code of loss
+    reduce:       reduction "sum" or "mean": the last block to finish sums the rows' fp32
+                  losses times `scale` (1, or 1 / rows for a mean) into out, as the index
+                  kernel's (its denominator into the fp32 (1,) `sink`)
+    arrivals:     int32 (1,) arrival counter, 0 before the launch and after it (reduce only)
+    out:          (1, 1, 1) array of dtype out_code, the loss (reduce only)
 
     One pass (_ce_row_stats: the index kernel's smoothing sum with a = w y', so huge logits do
     not cancel).
@@ -468,6 +505,9 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
             store_f32(loss, 0, row, 0, row_loss, loss_code)
             lse[row] = m_row + log_s
             mass[row] = row_mass
+    if reduce:
+        _last_block_reduces(arrivals, loss, mass, out, sink, False, False, float32(scale),
+                            out_code)
 
 
 @cuda.jit
