@@ -578,8 +578,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask
 
 
 def _mask_grad_fake(q, mask, mask_grad):
-    """The float mask's gradient (its (B, H, L, S) shape), or an empty placeholder: a custom op
-    cannot return None."""
+    """The float mask's gradient (its (B, H, L, S) shape), or an empty placeholder in q's
+    dtype: a custom op cannot return None."""
     return empty_like_shape(mask) if mask_grad else empty_like_shape(q, (0,))
 
 
@@ -595,7 +595,7 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     dmask = (new_output(mask.shape, mask.dtype, mask.device) if mask_grad
-             else torch.empty(0, device=q.device))
+             else torch.empty(0, dtype=q.dtype, device=q.device))     # as _mask_grad_fake
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:   # no query rows: keys get no gradient
         return dq, dk.zero_(), dv.zero_(), dmask
     launch_backward(backend, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
@@ -726,7 +726,8 @@ def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
     key = _key("naive_bwd", q, k, v, p, do, dw, scale=scale)
     dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, p, do, dw, scale)(
         q, k, v, p, do, dw)
-    dmask = ds.view(p.shape).to(mask.dtype) if mask_grad else torch.empty(0, device=q.device)
+    dmask = (ds.view(p.shape).to(mask.dtype) if mask_grad
+             else torch.empty(0, dtype=q.dtype, device=q.device))     # as _mask_grad_fake
     return dq, dk, dv, dmask
 
 

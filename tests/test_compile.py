@@ -69,6 +69,11 @@ OPCHECKS = {
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
     "attention_bwd/mask_grad": lambda: _attention_bwd_args(),
     "attention_naive_bwd/mask_grad": lambda: _attention_naive_bwd_args(),
+    # float16 without the mask's gradient: the empty placeholder was float32, the fake's
+    # float16 (a fake/real dtype mismatch)
+    "attention_bwd/fp16": lambda: _attention_bwd_args(torch.float16, mask_grad=False),
+    "attention_naive_bwd/fp16": lambda: _attention_naive_bwd_args(torch.float16,
+                                                                  mask_grad=False),
     "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
         _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
     "gru_cell_fwd": lambda: (gru._gru_cell_fwd, (
@@ -86,21 +91,24 @@ OPCHECKS = {
 }
 
 
-def _attention_bwd_args():
-    """The flash backward with a float mask's gradient (its fourth output)."""
-    q, k, v, mask = _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), _x(1, 2, 5, 7)
+def _attention_bwd_args(dtype=torch.float32, mask_grad=True):
+    """The flash backward with a float mask's gradient (its fourth output), or without (an
+    empty placeholder, in q's dtype as the fake implementation says)."""
+    q, k, v, mask = (t.to(dtype) for t in (_x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8),
+                                           _x(1, 2, 5, 7)))
     o, lse, seed = attention._attention_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35, 0.0,
                                             BACKEND)
-    return attention._attention_bwd, (q, k, v, o, lse, _x(1, 2, 5, 8), mask, seed,
-                                      attention.MASK_FLOAT, False, 0.35, 0.0, BACKEND, True)
+    return attention._attention_bwd, (q, k, v, o, lse, _x(1, 2, 5, 8).to(dtype), mask, seed,
+                                      attention.MASK_FLOAT, False, 0.35, 0.0, BACKEND, mask_grad)
 
 
-def _attention_naive_bwd_args():
-    q, k, v, mask = _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), _x(1, 2, 5, 7)
+def _attention_naive_bwd_args(dtype=torch.float32, mask_grad=True):
+    q, k, v, mask = (t.to(dtype) for t in (_x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8),
+                                           _x(1, 2, 5, 7)))
     _, p = attention._attention_naive_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35)
     # the weights' own gradient (B, H, L, S) beside the output's
-    return attention._attention_naive_bwd, (q, k, v, p, _x(1, 2, 5, 8), _x(1, 2, 5, 7), mask,
-                                            0.35, True)
+    return attention._attention_naive_bwd, (q, k, v, p, _x(1, 2, 5, 8).to(dtype),
+                                            _x(1, 2, 5, 7).to(dtype), mask, 0.35, mask_grad)
 
 
 def _geom_conv():
