@@ -346,8 +346,8 @@ class _TritonLaunch:
         """run(x3, y3, weight, stats, loss, dx3, scratch): class-probability targets' forward,
         one launch (rows > 0) into stats (per row lse and S, what the backward reads) and
         loss (per row for "none", else the reduced 0-d loss, which the kernel's last program
-        writes from the programs' partial sums in `scratch`, fp32 (rows,)); with dx3 (a sum
-        or a mean only) also the gradient for an upstream gradient of 1. x3, y3, dx3 by
+        writes from the programs' partial sums in `scratch`, fp32 (rows,)); with dx3 also the
+        gradient for an upstream gradient of 1 (each row's for "none"). x3, y3, dx3 by
         pointer (x, target, dx for their views)."""
         outer, n, inner = x3.shape
         rows = outer * inner
@@ -371,7 +371,7 @@ class _TritonLaunch:
                 launch(x3, y3, w, loss, stats, arrival_counters(dev, 1), scratch,
                        x3 if dx3 is None else dx3)
             else:
-                launch(x3, y3, w, loss, stats, stats, stats, x3)
+                launch(x3, y3, w, loss, stats, stats, stats, x3 if dx3 is None else dx3)
         return run
 
     @staticmethod
@@ -883,13 +883,14 @@ def _cross_entropy_prob_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
     """Class-probability targets (target: x's shape, floating): (loss in the promoted dtype
     of x and target, as torch; stats: one fp32 buffer, per row the logsumexp and
     S = sum_c w_c y'_c, which the backward reads; with `grad` the loss's gradient w.r.t. x
-    for an upstream gradient of 1, written by the forward (a sum or a mean on the triton
-    backend; an empty placeholder without))."""
+    for an upstream gradient of 1 (each row's for "none"), written by the forward on the
+    triton backend (an empty placeholder without, and on the numba backend))."""
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     y3 = as_rows(target, dim)[0]
     rows = outer * inner
     none = reduction == "none"
+    grad = grad and backend == "triton"     # numba's: an empty placeholder, as the fake says
     stats = new_output(2 * rows, torch.float32, x.device)
     loss = new_output(_row_shape(x) if none else (), _loss_dtype(x, target), x.device)
     dx3 = new_output(x3.shape, x.dtype, x.device) if grad else None

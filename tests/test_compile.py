@@ -54,6 +54,13 @@ OPCHECKS = {
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "none", 0.1, False, BACKEND)),
     "cross_entropy_prob_fwd/grad": lambda: (softmax_ce._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "mean", 0.1, True, "triton")),
+    # the gradient of per-row losses: the forward wrote it into the logits (an input)
+    "cross_entropy_prob_fwd/grad-none": lambda: (softmax_ce._cross_entropy_prob_fwd, (
+        _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), None, "none", 0.1, True, "triton")),
+    # numba writes no gradient in the forward: an empty placeholder, as the fake says (it
+    # raised)
+    "cross_entropy_prob_fwd/grad-numba": lambda: (softmax_ce._cross_entropy_prob_fwd, (
+        _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), None, "mean", 0.0, True, "numba")),
     "conv2d_fwd": lambda: (conv._conv2d_fwd, (
         _x(2, 3, 6, 6), _x(4, 3, 3, 3), _x(4), _geom_conv(), "implicit", BACKEND)),
     "conv2d_bwd_input": lambda: (conv._conv2d_bwd_input, (
