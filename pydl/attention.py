@@ -679,6 +679,19 @@ def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
         q, k, v, mask)
 
 
+def _weights_fake(q, k, mask, mask_kind, is_causal, scale):
+    B, H, L, _ = q.shape
+    return empty_like_shape(q, (B, H, L, k.shape[2]))
+
+
+@kernel_op("attention_weights", _weights_fake)
+def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], mask_kind: int,
+                       is_causal: bool, scale: float) -> Tensor:
+    """The numba backend's attention weights (B, H, L, S) in q's dtype, not differentiable
+    (_NumbaAttention.weights): attention_with_weights' second output there."""
+    return _NumbaAttention.weights(q, k, mask, mask_kind, is_causal, scale)
+
+
 def _grouped(t: Tensor, shape: tuple):
     """(t as `shape`, whether that is a view of t): the grouped-query rows of q or dO, which
     a plan then views the same way every call (or reshapes into a copy, which is
@@ -1076,8 +1089,7 @@ class _AttentionCall(AttentionKernels):
         elif self.name == "numba":      # the flash output, the weights by a kernel of their own
             out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale, 0.0,
                             self.algo)
-            weights = _NumbaAttention.weights(q, k, mask, self.mask_kind, self.is_causal,
-                                              self.scale)
+            weights = _attention_weights(q, k, mask, self.mask_kind, self.is_causal, self.scale)
             if needs_graph(q, k, mask):     # torch's weights are differentiable: say so
                 weights = raises_on_backward(weights, _NUMBA_WEIGHTS_NO_GRAD, q, k, mask)
         else:

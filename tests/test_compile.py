@@ -81,6 +81,9 @@ OPCHECKS = {
     "attention_bwd/fp16": lambda: _attention_bwd_args(torch.float16, mask_grad=False),
     "attention_naive_bwd/fp16": lambda: _attention_naive_bwd_args(torch.float16,
                                                                   mask_grad=False),
+    "attention_weights": lambda: (attention._attention_weights, (   # numba's weights kernel
+        _x(1, 2, 5, 8), _x(1, 1, 7, 8), torch.rand(1, 2, 5, 7, device=DEVICE) > 0.3,
+        attention.MASK_BOOL, True, 0.35)),
     "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
         _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
     "gru_cell_fwd": lambda: (gru._gru_cell_fwd, (
@@ -235,6 +238,23 @@ def test_compiled_matches_eager_without_graph_breaks(case):
     torch.testing.assert_close(c_out, out)
     for a, b in zip(c_grads, grads):
         torch.testing.assert_close(a, b)
+
+
+def test_numba_attention_weights_compile():
+    """attention_with_weights on the numba backend (MultiheadAttention's need_weights=True):
+    its weights kernel is the custom op pydl::attention_weights, so a compiled function
+    traces it without a graph break and gives the eager weights (it was launched directly:
+    dynamo stopped at the launch, an error with fullgraph=True)."""
+    def fn(q, k, v):
+        return attention.attention_with_weights(q, k, v, is_causal=True, enable_gqa=True,
+                                                backend="numba")
+    q, k, v = _x(1, 2, 4, 8), _x(1, 1, 6, 8), _x(1, 1, 6, 8)
+    out, weights = fn(q, k, v)
+    explained = torch._dynamo.explain(fn)(q, k, v)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    c_out, c_weights = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert torch.equal(c_out, out) and torch.equal(c_weights, weights)
 
 
 def test_backend_switch_recompiles():
