@@ -273,6 +273,10 @@ def prepare_layer(op: str, gates: int, input, states, weights, *, num_layers, bi
             width, what = (P, p_name) if k == 0 else (H, "hidden_size")
             expected = (num_layers * D, width) if unbatched else (num_layers * D, B, width)
             check_same(s, n, data, name)
+            if packed and s.dim() == 3 and torch.compiler.is_compiling():
+                # B, the packed batch, is data (batch_sizes[0]), an unbacked size under
+                # torch.compile: the state's batch tells it (no guard on data)
+                torch._check(s.shape[1] == B)
             if shape_of(s) != expected:
                 raise ValueError(f"{n} must have shape {expected} (num_layers * num_directions, "
                                  f"{'' if unbatched else 'batch, '}{what}), got {shape_of(s)}")

@@ -257,6 +257,30 @@ def test_numba_attention_weights_compile():
     assert torch.equal(c_out, out) and torch.equal(c_weights, weights)
 
 
+def test_packed_sequence_with_state_compiles():
+    """A PackedSequence input with an initial state: its batch, batch_sizes[0], is data (an
+    unbacked size under torch.compile), and the state's shape check against it failed to
+    trace (a guard on data); the state's batch now tells it. Compiled == eager."""
+    w = [_x(9, 2, grad=True), _x(9, 3, grad=True), _x(9), _x(9)]
+    lengths = torch.tensor([3, 2])
+
+    def fn(x, h0):      # dynamo does not trace pack_padded_sequence (torch's): outside
+        return _packed_gru(torch.nn.utils.rnn.pack_padded_sequence(x, lengths), h0)
+
+    def _packed_gru(seq, h0):
+        out, h = pydl.gru(seq, h0, w, backend=BACKEND)
+        return (out.data * out.data).sum() + h.sum()
+
+    args = (_x(3, 2, 2, grad=True), _x(1, 2, 3, grad=True))
+    out, grads = _grads(fn, args)
+    compiled = torch.compile(_packed_gru, fullgraph=True, backend="aot_eager")
+    c_out, c_grads = _grads(lambda x, h0: compiled(
+        torch.nn.utils.rnn.pack_padded_sequence(x, lengths), h0), args)
+    torch.testing.assert_close(c_out, out)
+    for a, b in zip(c_grads, grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_backend_switch_recompiles():
     """The backend is read at trace time and guarded on: changing it re-traces."""
     fn = torch.compile(lambda x: pydl.softmax(x, -1) * 2, fullgraph=True, backend="eager")
