@@ -189,8 +189,8 @@ def cell_input_grads(plans, x, h, w_ih, w_hh, dgi, dgh, need_x: bool, need_w_ih:
         dw_ih = new_output(w_ih.shape, w_ih.dtype, dev)
         plans.gemm("dw_ih", dgi, x, dw_ih, trans_a=True, model=model)
     if need_w_hh:
-        if h is None:
-            dw_hh = torch.zeros_like(w_hh)
+        if h is None:       # contiguous, as the other gradients (and the ops' fakes)
+            dw_hh = torch.zeros(w_hh.shape, dtype=w_hh.dtype, device=dev)
         else:
             dw_hh = new_output(w_hh.shape, w_hh.dtype, dev)
             plans.gemm("dw_hh", dgh, h, dw_hh, trans_a=True, model=model)

@@ -86,6 +86,9 @@ OPCHECKS = {
         attention.MASK_BOOL, True, 0.35)),
     "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
         _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
+    # no state, a column-major w_hh: dW_hh (zeros) was laid out as w_hh, the fake contiguous
+    "lstm_cell_bwd/no_state": lambda: _cell_bwd_args(lstm._lstm_cell_fwd, lstm._lstm_cell_bwd, 4),
+    "gru_cell_bwd/no_state": lambda: _cell_bwd_args(gru._gru_cell_fwd, gru._gru_cell_bwd, 3),
     "gru_cell_fwd": lambda: (gru._gru_cell_fwd, (
         _x(2, 3), None, _x(12, 3), _x(12, 4), None, _x(12), BACKEND)),
     "rnn_fwd": lambda: (rnn._rnn_fwd, (
@@ -119,6 +122,18 @@ def _attention_naive_bwd_args(dtype=torch.float32, mask_grad=True):
     # the weights' own gradient (B, H, L, S) beside the output's
     return attention._attention_naive_bwd, (q, k, v, p, _x(1, 2, 5, 8).to(dtype),
                                             _x(1, 2, 5, 7).to(dtype), mask, 0.35, mask_grad)
+
+
+def _cell_bwd_args(fwd, bwd, gates):
+    """A cell's backward without a state (h None), every gradient needed, w_hh column-major."""
+    x, w_ih, w_hh = _x(2, 3), _x(gates * 4, 3), _x(4, gates * 4).t()
+    if gates == 4:
+        h1, c1, acts, c32 = fwd(x, None, None, w_ih, w_hh, None, None, BACKEND)
+        return bwd, (x, None, None, w_ih, w_hh, acts, c32, _x(2, 4), _x(2, 4),
+                     [True, False, False, True, True, False, False], BACKEND)
+    h1, ws = fwd(x, None, w_ih, w_hh, None, None, BACKEND)
+    return bwd, (x, None, w_ih, w_hh, ws, _x(2, 4), [True, False, True, True, False, False],
+                 BACKEND)
 
 
 def _geom_conv():
