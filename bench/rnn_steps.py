@@ -103,7 +103,8 @@ def _forced(config: dict | None):
 
 
 def _tiles(config: dict, B: int, H: int) -> int:
-    return -(-B // config["BLOCK_B"]) * -(-H // config["BLOCK_H"])
+    from pydl._launch import cdiv
+    return cdiv(B, config["BLOCK_B"]) * cdiv(H, config["BLOCK_H"])
 
 
 def _chosen_forward(kind: str) -> dict | None:

@@ -595,7 +595,7 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     dmask = (new_output(mask.shape, mask.dtype, mask.device) if mask_grad
-             else torch.empty(0, dtype=q.dtype, device=q.device))     # as _mask_grad_fake
+             else _mask_grad_fake(q, mask, False))      # the fake's placeholder
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:   # no query rows: keys get no gradient
         return dq, dk.zero_(), dv.zero_(), dmask
     launch_backward(backend, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
@@ -739,8 +739,7 @@ def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
     key = _key("naive_bwd", q, k, v, p, do, dw, scale=scale)
     dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, p, do, dw, scale)(
         q, k, v, p, do, dw)
-    dmask = (ds.view(p.shape).to(mask.dtype) if mask_grad
-             else torch.empty(0, dtype=q.dtype, device=q.device))     # as _mask_grad_fake
+    dmask = ds.view(p.shape).to(mask.dtype) if mask_grad else _mask_grad_fake(q, mask, False)
     return dq, dk, dv, dmask
 
 
