@@ -342,7 +342,9 @@ def _numba_dropout(dropout_p: float, seed: int) -> tuple:
     """(dropout, threshold, drop_scale, seed) kernel arguments: a score is dropped when its
     32-bit hash is below threshold = p * 2**32. The seed may be DYNAMIC (a plan's)."""
     if dropout_p > 0:
-        return (True, int(dropout_p * 4294967296.0), 1.0 / (1.0 - dropout_p),
+        # p = 1: the threshold 2**32 is above every hash (all dropped); the scale is unused
+        return (True, int(dropout_p * 4294967296.0), 1.0 / (1.0 - dropout_p) if dropout_p < 1
+                else 0.0,
                 seed if seed is DYNAMIC else int(seed))
     return False, 0, 1.0, 0
 
@@ -890,8 +892,8 @@ def _prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_g
                         f"{key.dtype}, {value.dtype}")
     shapes = Broadcast(query, key, value, enable_gqa)
     E = shapes.fours[0][3]
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if scale is None:
         # E = 0: every score is an empty sum, 0 at any scale (torch's 1 / sqrt(0) = inf would
         # make the kernels' 0 * inf a NaN)

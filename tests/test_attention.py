@@ -303,6 +303,27 @@ def test_dropout_is_reproducible_and_has_the_right_rate(backend):
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
 
 
+
+@backends
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout_of_one_drops_everything_as_torch(backend, causal):
+    """dropout_p=1: torch's math backend drops every probability (zeros out, zero gradients);
+    the kernels' keep test never passes and the 1 / (1 - p) scale is never applied."""
+    q, k, v = qkv(1, 2, 2, 9, 11, 16)
+    out, g, grads = run_with_grad(
+        lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, dropout_p=1.0, is_causal=causal,
+                                                          backend=backend), [q, k, v])
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):     # the definition (its CUDA backends may differ)
+        r_out, r_grads = run_with_grad(
+            lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, dropout_p=1.0, is_causal=causal), [q, k, v], g)[::2]
+    assert torch.equal(r_out, torch.zeros_like(r_out))      # what torch does, checked here
+    assert torch.equal(out, torch.zeros_like(out))
+    for name, ours, theirs in zip("qkv", grads, r_grads):
+        assert torch.equal(ours, torch.zeros_like(ours)), f"d{name}"
+        assert torch.equal(theirs, torch.zeros_like(theirs)), f"torch's d{name}"
+
 # --- broadcasting, as torch's math backend ----------------------------------------------------
 
 BROADCAST = {   # name: (query, key (value alike) or (key, value), mask or None, enable_gqa)
@@ -400,7 +421,7 @@ def test_bad_input(backend):
         sdpa(q[0], k[0], v[0], attn_mask=torch.ones(1, 4, 5, 6, dtype=torch.bool, device=DEVICE),
              enable_gqa=True)
     with pytest.raises(ValueError, match="dropout_p"):
-        sdpa(q, k, v, dropout_p=1.0, enable_gqa=True)
+        sdpa(q, k, v, dropout_p=1.5, enable_gqa=True)
     with pytest.raises(TypeError, match="one dtype"):
         sdpa(q, k.half(), v, enable_gqa=True)
     with pytest.raises(TypeError, match="bool, float32 or of the query"):
