@@ -87,15 +87,16 @@ def _scores(a, b, qi, kj, L, S, mask_ptr, sm_m, sm_n, scale_log2, MASKED: tl.con
 @triton.jit
 def _load_tile(base, rows, cols, s_row, s_col, n_rows, n_cols):
     """The [len(rows), len(cols)] tile base[rows, cols] of a strided 2-D slice, 0 outside its
-    n_rows x n_cols extent."""
-    return tl.load(base + rows[:, None].to(tl.int64) * s_row + cols[None, :] * s_col,
+    n_rows x n_cols extent. Offsets in int64 along both axes (a head dim's stride can be
+    large: a view of a transposed tensor)."""
+    return tl.load(base + rows[:, None].to(tl.int64) * s_row + cols[None, :].to(tl.int64) * s_col,
                    mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
 
 
 @triton.jit
 def _store_tile(base, rows, cols, s_row, s_col, n_rows, n_cols, value):
     """base[rows, cols] = value, converted to base's element type, inside n_rows x n_cols."""
-    tl.store(base + rows[:, None].to(tl.int64) * s_row + cols[None, :] * s_col,
+    tl.store(base + rows[:, None].to(tl.int64) * s_row + cols[None, :].to(tl.int64) * s_col,
              value.to(base.dtype.element_ty),
              mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
 

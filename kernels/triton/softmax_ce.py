@@ -69,15 +69,23 @@ def _col_block(start, cols, n, rmask):
 
 
 @triton.jit
+def _col_offsets(c, stride):
+    """The [1, BLOCK_N] offsets of columns c along rows of this stride, in int64: each factor
+    fits int32 but their product may not (a softmax over a dim whose stride is large, as a
+    dim-0 softmax of a (3, 2**30) tensor: 2 * 2**30 wrapped to a negative offset)."""
+    return c[None, :].to(tl.int64) * stride
+
+
+@triton.jit
 def _load_block(ptr, row_off, c, stride, mask, other):
     """The [BLOCK_R, BLOCK_N] tile at columns c of the rows starting at row_off, in fp32."""
-    return tl.load(ptr + row_off[:, None] + c[None, :] * stride, mask=mask, other=other).to(tl.float32)
+    return tl.load(ptr + row_off[:, None] + _col_offsets(c, stride), mask=mask, other=other).to(tl.float32)
 
 
 @triton.jit
 def _store_block(ptr, row_off, c, stride, value, mask):
     """Store a tile as _load_block reads it, in the tensor's dtype."""
-    tl.store(ptr + row_off[:, None] + c[None, :] * stride, value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + row_off[:, None] + _col_offsets(c, stride), value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -223,7 +231,7 @@ def softmax_fwd(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         mask = rmask[:, None] & (cols < n)[None, :]
-        x = tl.load(x_ptr + x_off[:, None] + cols[None, :] * sx_n, mask=mask,
+        x = tl.load(x_ptr + x_off[:, None] + _col_offsets(cols, sx_n), mask=mask,
                     other=NEG_INF).to(tl.float32)
         m = tl.max(x, 1)
         e = tl.exp(x - m[:, None])
@@ -233,7 +241,7 @@ def softmax_fwd(
             y = (x - m[:, None]) - tl.log(s)[:, None]
         else:
             y = e / s[:, None]
-        tl.store(y_ptr + y_off[:, None] + cols[None, :] * sy_n,
+        tl.store(y_ptr + y_off[:, None] + _col_offsets(cols, sy_n),
                  y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         m_row = tl.full([BLOCK_R], NEG_INF, tl.float32)
@@ -241,7 +249,7 @@ def softmax_fwd(
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
+            x = tl.load(x_ptr + x_off[:, None] + _col_offsets(c, sx_n), mask=mask,
                         other=NEG_INF).to(tl.float32)
             m_row, s = _block_update(m_row, s, x)
         s_row = tl.sum(s, 1)
@@ -249,13 +257,13 @@ def softmax_fwd(
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            x = tl.load(x_ptr + x_off[:, None] + c[None, :] * sx_n, mask=mask,
+            x = tl.load(x_ptr + x_off[:, None] + _col_offsets(c, sx_n), mask=mask,
                         other=NEG_INF).to(tl.float32)
             if LOG:
                 y = (x - m_row[:, None]) - log_s[:, None]
             else:
                 y = tl.exp(x - m_row[:, None]) / s_row[:, None]
-            tl.store(y_ptr + y_off[:, None] + c[None, :] * sy_n,
+            tl.store(y_ptr + y_off[:, None] + _col_offsets(c, sy_n),
                      y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -277,35 +285,35 @@ def softmax_bwd(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         mask = rmask[:, None] & (cols < n)[None, :]
-        y = tl.load(y_ptr + y_off[:, None] + cols[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + dy_off[:, None] + cols[None, :] * sdy_n, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + y_off[:, None] + _col_offsets(cols, sy_n), mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + dy_off[:, None] + _col_offsets(cols, sdy_n), mask=mask, other=0.0).to(tl.float32)
         if LOG:
             dx = dy - tl.exp(y) * tl.sum(dy, 1)[:, None]
         else:
             dx = y * (dy - tl.sum(dy * y, 1)[:, None])
-        tl.store(dx_ptr + dx_off[:, None] + cols[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + dx_off[:, None] + _col_offsets(cols, sdx_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            dy = tl.load(dy_ptr + dy_off[:, None] + c[None, :] * sdy_n, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + dy_off[:, None] + _col_offsets(c, sdy_n), mask=mask, other=0.0).to(tl.float32)
             if LOG:
                 acc += dy
             else:
-                y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + y_off[:, None] + _col_offsets(c, sy_n), mask=mask, other=0.0).to(tl.float32)
                 acc += dy * y
         total = tl.sum(acc, 1)[:, None]
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            y = tl.load(y_ptr + y_off[:, None] + c[None, :] * sy_n, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + dy_off[:, None] + c[None, :] * sdy_n, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + y_off[:, None] + _col_offsets(c, sy_n), mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + dy_off[:, None] + _col_offsets(c, sdy_n), mask=mask, other=0.0).to(tl.float32)
             if LOG:
                 dx = dy - tl.exp(y) * total
             else:
                 dx = y * (dy - total)
-            tl.store(dx_ptr + dx_off[:, None] + c[None, :] * sdx_n, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + dx_off[:, None] + _col_offsets(c, sdx_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

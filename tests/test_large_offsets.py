@@ -1,0 +1,171 @@
+"""Offsets past 2**31 elements on every op, without 2**31 elements of data.
+
+An input (or an upstream gradient) is given as a view whose dim `d` has a stride of
+WIDE = 2**30 + 64 elements: the element at index 2 along it lies past 2**31, while each factor
+of its offset (the index, the stride) fits in int32. A kernel that multiplies them in int32
+wraps the offset negative and reads or writes outside the tensor (a crash, or a wrong value);
+one that computes it in int64 gives what the same op gives on a contiguous copy. The view's
+storage is reserved, not touched (only its few elements are written): 4.3 GB of address space
+for a float16 view of 3 along the wide dim, which the OS commits lazily on a CPU (the test
+skips where it refuses the reservation).
+
+Every dim of size 3 of every tensor input is widened in turn, forward, and every dim of the
+upstream gradient, backward; results are compared with the same backend on contiguous copies.
+The GPU suite's `*_beyond_int32_offsets` tests (--full) check real tensors of 2**31 elements.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pydl
+
+from conftest import DEVICE
+
+WIDE = 2 ** 30 + 64
+DTYPE = torch.float16
+BACKENDS = ("triton", "numba")
+# fp16 results of one backend on two layouts of the same values: equal but for the order of
+# a few sums (a wrapped offset gives garbage or a crash, far outside this)
+TOL = dict(rtol=2e-3, atol=2e-3)
+
+
+def widen(t: torch.Tensor, d: int) -> torch.Tensor:
+    """t's values in a view whose dim d has stride WIDE (the others contiguous among
+    themselves)."""
+    strides, acc = [0] * t.dim(), 1
+    for i in reversed(range(t.dim())):
+        if i != d:
+            strides[i] = acc
+            acc *= t.shape[i]
+    strides[d] = WIDE
+    size = 1 + sum((n - 1) * s for n, s in zip(t.shape, strides))
+    try:
+        base = torch.empty(size, dtype=t.dtype, device=t.device)
+    except (RuntimeError, MemoryError) as exc:      # overcommit refused
+        pytest.skip(f"cannot reserve {size * t.element_size() / 2**30:.1f} GiB: {exc}")
+    view = base.as_strided(t.shape, strides)
+    with torch.no_grad():
+        view.copy_(t)
+    return view
+
+
+def _x(*shape):
+    return torch.randn(*shape, device=DEVICE).to(DTYPE)
+
+
+def _idx(high, *shape):
+    return torch.randint(0, high, shape, device=DEVICE)
+
+
+LSTM_W = None
+GRU_W = None
+
+
+def _lstm_weights():
+    global LSTM_W
+    if LSTM_W is None:
+        LSTM_W = [_x(12, 3), _x(12, 3), _x(12), _x(12)]
+    return LSTM_W
+
+
+def _gru_weights():
+    global GRU_W
+    if GRU_W is None:
+        GRU_W = [_x(9, 3), _x(9, 3), _x(9), _x(9)]
+    return GRU_W
+
+
+# op: (the tensor inputs (differentiable), the call on them with a backend). Sizes of 3 along
+# every dim that is widened.
+OPS = {
+    "softmax": (lambda: [_x(3, 3, 3)], lambda x, *, backend: pydl.softmax(x, 1, backend=backend)),
+    "log_softmax": (lambda: [_x(3, 3, 3)],
+                    lambda x, *, backend: pydl.log_softmax(x, 2, backend=backend)),
+    "cross_entropy": (lambda: [_x(3, 3, 3)], lambda x, *, backend: pydl.cross_entropy(
+        x, TARGETS, reduction="none", backend=backend)),
+    "cross_entropy_probs": (lambda: [_x(3, 3), torch.softmax(_x(3, 3).float(), 1).to(DTYPE)],
+                            lambda x, p, *, backend: pydl.cross_entropy(
+                                x, p, reduction="none", backend=backend)),
+    "attention": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3), _x(3, 3, 3, 3)],
+                  lambda q, k, v, *, backend: pydl.scaled_dot_product_attention(
+                      q, k, v, backend=backend)),
+    "attention_causal_onepass": (
+        lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3), _x(3, 3, 3, 3)],
+        lambda q, k, v, *, backend: pydl.scaled_dot_product_attention(
+            q, k, v, is_causal=True, backend=backend,
+            algo="flash_onepass" if backend == "triton" else None)),
+    "conv2d": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3)],
+               lambda x, w, *, backend: pydl.conv2d(x, w, padding=1, backend=backend)),
+    "conv2d_im2col": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3)],
+                      lambda x, w, *, backend: pydl.conv2d(x, w, padding=1, backend=backend,
+                                                           algo="im2col")),
+    "conv2d_1x1": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 1, 1)],
+                   lambda x, w, *, backend: pydl.conv2d(x, w, backend=backend)),
+    "max_pool2d": (lambda: [_x(3, 3, 3, 3)],
+                   lambda x, *, backend: pydl.max_pool2d(x, 2, 1, 1, backend=backend)),
+    "avg_pool2d": (lambda: [_x(3, 3, 3, 3)],
+                   lambda x, *, backend: pydl.avg_pool2d(x, 3, 1, 1, backend=backend)),
+    "adaptive_avg_pool2d": (lambda: [_x(3, 3, 3, 3)],
+                            lambda x, *, backend: pydl.adaptive_avg_pool2d(x, 2, backend=backend)),
+    "lstm": (lambda: [_x(3, 3, 3), _x(1, 3, 3), _x(1, 3, 3)],
+             lambda x, h, c, *, backend: pydl.lstm(x, (h, c), _lstm_weights(), backend=backend)[0]),
+    "gru": (lambda: [_x(3, 3, 3), _x(1, 3, 3)],
+            lambda x, h, *, backend: pydl.gru(x, h, _gru_weights(), backend=backend)[0]),
+    "lstm_cell": (lambda: [_x(3, 3), _x(3, 3), _x(3, 3)],
+                  lambda x, h, c, *, backend: torch.cat(pydl.lstm_cell(
+                      x, (h, c), *_lstm_weights(), backend=backend))),
+    "gru_cell": (lambda: [_x(3, 3), _x(3, 3)],
+                 lambda x, h, *, backend: pydl.gru_cell(x, h, *_gru_weights(), backend=backend)),
+}
+TARGETS = None
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    global TARGETS
+    torch.manual_seed(0)
+    TARGETS = _idx(3, 3, 3)
+
+
+def _cases(direction: str):
+    out = []
+    for op in OPS:
+        for backend in BACKENDS:
+            if backend == "numba" and op == "conv2d_im2col":
+                continue        # numba's only algorithm: the conv2d case
+            out.append(pytest.param(op, backend, id=f"{op}-{backend}"))
+    return out
+
+
+@pytest.mark.parametrize("op,backend", _cases("fwd"))
+def test_inputs_with_offsets_past_int32(op, backend):
+    make, fn = OPS[op]
+    inputs = make()
+    expected = fn(*inputs, backend=backend)
+    for i, t in enumerate(inputs):
+        for d in range(t.dim()):
+            if t.shape[d] != 3:
+                continue
+            args = list(inputs)
+            args[i] = widen(t, d)
+            got = fn(*args, backend=backend)
+            torch.testing.assert_close(got, expected, **TOL,
+                                       msg=lambda m: f"input {i} wide along dim {d}: {m}")
+            del args
+
+
+@pytest.mark.parametrize("op,backend", _cases("bwd"))
+def test_upstream_gradients_with_offsets_past_int32(op, backend):
+    make, fn = OPS[op]
+    inputs = [t.requires_grad_() for t in make()]
+    out = fn(*inputs, backend=backend)
+    g = torch.randn(out.shape, device=DEVICE).to(out.dtype)
+    expected = torch.autograd.grad(out, inputs, g, retain_graph=True)
+    for d in range(out.dim()):
+        if out.shape[d] != 3:
+            continue
+        got = torch.autograd.grad(out, inputs, widen(g, d), retain_graph=True)
+        for i, (a, b) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m: (
+                f"gradient of input {i}, upstream gradient wide along dim {d}: {m}"))
