@@ -31,10 +31,10 @@ TOL = dict(rtol=2e-3, atol=2e-3)
 
 
 def widen(t: torch.Tensor, d: int) -> torch.Tensor:
-    """t's values in a view whose dim d has stride WIDE (the others contiguous among
-    themselves)."""
+    """t's values in a view whose dim d has stride WIDE (the others dense among themselves, in
+    t's own memory order: channels_last stays channels_last)."""
     strides, acc = [0] * t.dim(), 1
-    for i in reversed(range(t.dim())):
+    for i in sorted(range(t.dim()), key=lambda i: t.stride(i)):
         if i != d:
             strides[i] = acc
             acc *= t.shape[i]
@@ -54,26 +54,17 @@ def _x(*shape):
     return torch.randn(*shape, device=DEVICE).to(DTYPE)
 
 
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _weights(gates: int) -> list:
+    """w_ih, w_hh, b_ih, b_hh of a recurrence of 3 inputs and 3 hidden units."""
+    return [_x(3 * gates, 3), _x(3 * gates, 3), _x(3 * gates), _x(3 * gates)]
+
+
 def _idx(high, *shape):
     return torch.randint(0, high, shape, device=DEVICE)
-
-
-LSTM_W = None
-GRU_W = None
-
-
-def _lstm_weights():
-    global LSTM_W
-    if LSTM_W is None:
-        LSTM_W = [_x(12, 3), _x(12, 3), _x(12), _x(12)]
-    return LSTM_W
-
-
-def _gru_weights():
-    global GRU_W
-    if GRU_W is None:
-        GRU_W = [_x(9, 3), _x(9, 3), _x(9), _x(9)]
-    return GRU_W
 
 
 # op: (the tensor inputs (differentiable), the call on them with a backend). Sizes of 3 along
@@ -84,6 +75,9 @@ OPS = {
                     lambda x, *, backend: pydl.log_softmax(x, 2, backend=backend)),
     "cross_entropy": (lambda: [_x(3, 3, 3)], lambda x, *, backend: pydl.cross_entropy(
         x, TARGETS, reduction="none", backend=backend)),
+    "cross_entropy_weighted": (lambda: [_x(3, 3, 3)], lambda x, *, backend: pydl.cross_entropy(
+        x, TARGETS, weight=CLASS_WEIGHTS, label_smoothing=0.1, backend=backend)[None]
+        .expand(3)),
     "cross_entropy_probs": (lambda: [_x(3, 3), torch.softmax(_x(3, 3).float(), 1).to(DTYPE)],
                             lambda x, p, *, backend: pydl.cross_entropy(
                                 x, p, reduction="none", backend=backend)),
@@ -95,6 +89,14 @@ OPS = {
         lambda q, k, v, *, backend: pydl.scaled_dot_product_attention(
             q, k, v, is_causal=True, backend=backend,
             algo="flash_onepass" if backend == "triton" else None)),
+    "attention_masks": (
+        lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3), _x(3, 3, 3, 3), _x(3, 3, 3, 3),
+                 torch.rand(3, 3, 3, 3, device=DEVICE) > 0.3],
+        lambda q, k, v, bias, keep, *, backend: pydl.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.masked_fill(~keep, float("-inf")), backend=backend)),
+    "attention_gqa": (lambda: [_x(3, 3, 3, 3), _x(3, 1, 3, 3), _x(3, 1, 3, 3)],
+                      lambda q, k, v, *, backend: pydl.scaled_dot_product_attention(
+                          q, k, v, enable_gqa=True, backend=backend)),
     "conv2d": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3)],
                lambda x, w, *, backend: pydl.conv2d(x, w, padding=1, backend=backend)),
     "conv2d_im2col": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3)],
@@ -102,30 +104,41 @@ OPS = {
                                                            algo="im2col")),
     "conv2d_1x1": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 1, 1)],
                    lambda x, w, *, backend: pydl.conv2d(x, w, backend=backend)),
+    "conv2d_channels_last": (lambda: [_cl(_x(3, 3, 3, 3)), _cl(_x(3, 3, 3, 3))],
+                             lambda x, w, *, backend: pydl.conv2d(x, w, padding=1,
+                                                                  backend=backend)),
+    "conv2d_depthwise": (lambda: [_cl(_x(3, 3, 3, 3)), _x(3, 1, 3, 3)],
+                         lambda x, w, *, backend: pydl.conv2d(x, w, padding=1, groups=3,
+                                                              backend=backend)),
+    "max_pool2d_channels_last": (lambda: [_cl(_x(3, 3, 3, 3))],
+                                 lambda x, *, backend: pydl.max_pool2d(x, 2, 1, 1,
+                                                                       backend=backend)),
     "max_pool2d": (lambda: [_x(3, 3, 3, 3)],
                    lambda x, *, backend: pydl.max_pool2d(x, 2, 1, 1, backend=backend)),
     "avg_pool2d": (lambda: [_x(3, 3, 3, 3)],
                    lambda x, *, backend: pydl.avg_pool2d(x, 3, 1, 1, backend=backend)),
     "adaptive_avg_pool2d": (lambda: [_x(3, 3, 3, 3)],
                             lambda x, *, backend: pydl.adaptive_avg_pool2d(x, 2, backend=backend)),
-    "lstm": (lambda: [_x(3, 3, 3), _x(1, 3, 3), _x(1, 3, 3)],
-             lambda x, h, c, *, backend: pydl.lstm(x, (h, c), _lstm_weights(), backend=backend)[0]),
-    "gru": (lambda: [_x(3, 3, 3), _x(1, 3, 3)],
-            lambda x, h, *, backend: pydl.gru(x, h, _gru_weights(), backend=backend)[0]),
-    "lstm_cell": (lambda: [_x(3, 3), _x(3, 3), _x(3, 3)],
-                  lambda x, h, c, *, backend: torch.cat(pydl.lstm_cell(
-                      x, (h, c), *_lstm_weights(), backend=backend))),
-    "gru_cell": (lambda: [_x(3, 3), _x(3, 3)],
-                 lambda x, h, *, backend: pydl.gru_cell(x, h, *_gru_weights(), backend=backend)),
+    # recurrences: input, states, then the weights (w_ih, w_hh: their dim 1 widened) and biases
+    "lstm": (lambda: [_x(3, 3, 3), _x(1, 3, 3), _x(1, 3, 3), *_weights(4)],
+             lambda x, h, c, *w, backend: pydl.lstm(x, (h, c), list(w), backend=backend)[0]),
+    "gru": (lambda: [_x(3, 3, 3), _x(1, 3, 3), *_weights(3)],
+            lambda x, h, *w, backend: pydl.gru(x, h, list(w), backend=backend)[0]),
+    "lstm_cell": (lambda: [_x(3, 3), _x(3, 3), _x(3, 3), *_weights(4)],
+                  lambda x, h, c, *w, backend: torch.cat(pydl.lstm_cell(
+                      x, (h, c), *w, backend=backend))),
+    "gru_cell": (lambda: [_x(3, 3), _x(3, 3), *_weights(3)],
+                 lambda x, h, *w, backend: pydl.gru_cell(x, h, *w, backend=backend)),
 }
-TARGETS = None
+TARGETS = CLASS_WEIGHTS = None
 
 
 @pytest.fixture(autouse=True)
 def _seeded():
-    global TARGETS
+    global TARGETS, CLASS_WEIGHTS
     torch.manual_seed(0)
     TARGETS = _idx(3, 3, 3)
+    CLASS_WEIGHTS = torch.rand(3, device=DEVICE).to(DTYPE) + 0.5
 
 
 def _cases(direction: str):
@@ -158,14 +171,15 @@ def test_inputs_with_offsets_past_int32(op, backend):
 @pytest.mark.parametrize("op,backend", _cases("bwd"))
 def test_upstream_gradients_with_offsets_past_int32(op, backend):
     make, fn = OPS[op]
-    inputs = [t.requires_grad_() for t in make()]
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make()]
     out = fn(*inputs, backend=backend)
     g = torch.randn(out.shape, device=DEVICE).to(out.dtype)
-    expected = torch.autograd.grad(out, inputs, g, retain_graph=True)
+    leaves = [t for t in inputs if t.requires_grad]
+    expected = torch.autograd.grad(out, leaves, g, retain_graph=True)
     for d in range(out.dim()):
         if out.shape[d] != 3:
             continue
-        got = torch.autograd.grad(out, inputs, widen(g, d), retain_graph=True)
+        got = torch.autograd.grad(out, leaves, widen(g, d), retain_graph=True)
         for i, (a, b) in enumerate(zip(got, expected)):
             torch.testing.assert_close(a, b, **TOL, msg=lambda m: (
                 f"gradient of input {i}, upstream gradient wide along dim {d}: {m}"))

@@ -56,8 +56,8 @@ def conv2d_depthwise_fwd(
             ok = h_ok & (w >= 0) & (w < W)
             xv = tl.load(x_ptr + pixel_offsets(n, h, w, ci, sx_n, sx_h, sx_w, sx_c),
                          mask=ok[:, None] & oc_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + oc.to(tl.int64) * sw_o + kh * sw_h + kw * sw_w, mask=oc_ok,
-                         other=0.0)
+            wv = tl.load(w_ptr + oc.to(tl.int64) * sw_o + tl.cast(kh, tl.int64) * sw_h
+                         + tl.cast(kw, tl.int64) * sw_w, mask=oc_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
@@ -100,7 +100,8 @@ def conv2d_depthwise_bwd_input(
                 oc = (ci * M + m).to(tl.int64)
                 g = tl.load(dy_ptr + pixel_offsets(n, oh, ow, oc, sdy_n, sdy_h, sdy_w, sdy_c),
                             mask=ok, other=0.0)
-                wv = tl.load(w_ptr + oc * sw_o + kh * sw_h + kw * sw_w, mask=c_ok, other=0.0)
+                wv = tl.load(w_ptr + oc * sw_o + tl.cast(kh, tl.int64) * sw_h
+                             + tl.cast(kw, tl.int64) * sw_w, mask=c_ok, other=0.0)
                 acc += g.to(tl.float32) * wv.to(tl.float32)[None, :]
     tl.store(dx_ptr + pixel_offsets(n, h, w, ci.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c),
              acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
