@@ -78,6 +78,9 @@ OPS = {
     "cross_entropy_weighted": (lambda: [_x(3, 3, 3)], lambda x, *, backend: pydl.cross_entropy(
         x, TARGETS, weight=CLASS_WEIGHTS, label_smoothing=0.1, backend=backend)[None]
         .expand(3)),
+    "cross_entropy_targets": (lambda: [_x(3, 3, 3), _idx(3, 3, 3).to(torch.uint8)],
+                              lambda x, t, *, backend: pydl.cross_entropy(
+                                  x, t, reduction="none", ignore_index=1, backend=backend)),
     "cross_entropy_probs": (lambda: [_x(3, 3), torch.softmax(_x(3, 3).float(), 1).to(DTYPE)],
                             lambda x, p, *, backend: pydl.cross_entropy(
                                 x, p, reduction="none", backend=backend)),
@@ -107,6 +110,9 @@ OPS = {
     "conv2d_channels_last": (lambda: [_cl(_x(3, 3, 3, 3)), _cl(_x(3, 3, 3, 3))],
                              lambda x, w, *, backend: pydl.conv2d(x, w, padding=1,
                                                                   backend=backend)),
+    "conv2d_groups": (lambda: [_x(3, 6, 3, 3), _x(4, 3, 3, 3)],
+                      lambda x, w, *, backend: pydl.conv2d(x, w, padding=1, groups=2,
+                                                           backend=backend)),
     "conv2d_depthwise": (lambda: [_cl(_x(3, 3, 3, 3)), _x(3, 1, 3, 3)],
                          lambda x, w, *, backend: pydl.conv2d(x, w, padding=1, groups=3,
                                                               backend=backend)),
