@@ -38,11 +38,11 @@ from .rnn import (
     backward_tile,
     forward_tiles,
     gate_columns,
-    grid_barrier,
     grid_exit,
     load_gates,
     sigmoid,
     split_gates,
+    step_sync,
     step_time,
     store_gates,
     tanh,
@@ -184,9 +184,7 @@ def gru_layer_fwd(
                        sh0_b, sh0_k, swh_r, swh_k, so_t, so_b, so_k, sw_t, sw_b, sw_k,
                        shn_b, shn_k, HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, WRITE_HN,
                        HAS_BS, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K))
-        if GRID_SYNC:
-            if s + 1 < step_end:
-                grid_barrier(sync_ptr, (s - step_begin + 1) * NP)
+        step_sync(sync_ptr, s, step_begin, step_end, NP, GRID_SYNC)
     if GRID_SYNC:
         grid_exit(sync_ptr)
 
@@ -307,8 +305,6 @@ def gru_layer_bwd(
                            sgi_t, sgi_b, sgi_k, sgh_t, sgh_b, sgh_k, srn_p, srn_b, srn_k,
                            sdh0_b, sdh0_k, HAS_H0, HAS_DOUT, HAS_DHN, HAS_BS, BCAST, IN_WS),
                           PRECISION, BCAST, SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
-        if GRID_SYNC:
-            if u_step + 1 < step_end:
-                grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)
+        step_sync(sync_ptr, u_step, step_begin, step_end, NP, GRID_SYNC)
     if GRID_SYNC:
         grid_exit(sync_ptr)

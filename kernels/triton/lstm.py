@@ -65,11 +65,11 @@ from .rnn import (
     backward_tile,
     forward_tiles,
     gate_columns,
-    grid_barrier,
     grid_exit,
     load_gates,
     sigmoid,
     split_gates,
+    step_sync,
     step_time,
     store_gates,
     tanh,
@@ -286,9 +286,7 @@ def lstm_layer_fwd(
                            sa_t, sa_b, sa_k, shn_b, shn_k, scn_b, scn_k,
                            HAS_X, HAS_XP, HAS_BIH, HAS_BHH, HAS_H0, HAS_C0, WRITE_HN, WRITE_CN,
                            HAS_BS, PROJ, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K))
-        if GRID_SYNC:
-            if q + 1 < step_end:
-                grid_barrier(sync_ptr, (q - step_begin + 1) * NP)
+        step_sync(sync_ptr, q, step_begin, step_end, NP, GRID_SYNC)
     if GRID_SYNC:
         grid_exit(sync_ptr)
 
@@ -422,8 +420,6 @@ def lstm_layer_bwd(
                            HAS_C0, HAS_DOUT, HAS_DHN, HAS_DCN, HAS_BS, WRITE_DC0, BCAST,
                            IN_ACTS),
                           PRECISION, BCAST, SPLIT, CHUNK, BLOCK_B, BLOCK_H, BLOCK_K)
-        if GRID_SYNC:
-            if u_step + 1 < step_end:
-                grid_barrier(sync_ptr, (u_step - step_begin + 1) * NP)
+        step_sync(sync_ptr, u_step, step_begin, step_end, NP, GRID_SYNC)
     if GRID_SYNC:
         grid_exit(sync_ptr)

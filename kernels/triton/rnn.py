@@ -377,6 +377,21 @@ def grid_barrier(sync_ptr, target):
 
 
 @triton.jit
+def step_sync(sync_ptr, q, step_begin, step_end, NP, GRID_SYNC: tl.constexpr):
+    """Between sub-steps q and q + 1 of a launch that runs several: every program waits for
+    all (GRID_SYNC, `grid_barrier`); otherwise the launch is the one-program schedule, whose
+    one program's threads wait for each other (a CTA barrier): the next step's loads of h (or
+    of the gate gradients) read what other threads of the program stored in this one, and
+    without the barrier a warp could load before another warp's store. Emulation runs a
+    program's tensor ops in order, so only a GPU needs it."""
+    if q + 1 < step_end:
+        if GRID_SYNC:
+            grid_barrier(sync_ptr, (q - step_begin + 1) * NP)
+        else:
+            tl.debug_barrier()
+
+
+@triton.jit
 def grid_exit(sync_ptr):
     """Count this program out of the launch; the last one out zeroes the counters."""
     tl.debug_barrier()
