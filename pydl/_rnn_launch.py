@@ -8,9 +8,10 @@ direction's steps are launched in one of three modes (`schedule`):
     "persistent"   one launch for all steps; at most one program per SM, launched
                    cooperatively, the programs meeting at a grid barrier after every step
                    (a GPU; the Numba kernel uses grid.sync())
-    "one_program"  one launch for all steps, one program owning every tile, no barrier: the
-                   persistent data flow in emulation (the interpreter and the simulator run
-                   programs one after another, so a barrier between them would never open)
+    "one_program"  one launch for all steps, one program owning every tile, no grid barrier
+                   (a CTA barrier between steps): the persistent data flow in emulation (the
+                   interpreter and the simulator run programs one after another, so a barrier
+                   between them would never open)
     "steps"        one launch per step, the grid covering every tile
 
 algo="persistent" (the default) is "persistent" on a GPU and "one_program" in emulation;

@@ -17,7 +17,8 @@ gate gradients), which other programs wrote. So:
     launched cooperatively so that all are resident at once): the programs meet at
     `grid_barrier` after every step. This is the persistent path;
   * one program owning every tile (grid (1,)), GRID_SYNC=False, all steps in one launch: the
-    persistent data flow without a barrier, which emulation tests.
+    persistent data flow without a grid barrier (its warps meet at a CTA barrier between
+    steps, `step_sync`), which emulation tests.
 
 The step arithmetic lives in @triton.jit functions that all three paths call, so the tests
 that run in emulation check the arithmetic of the persistent path too; only `grid_barrier`
