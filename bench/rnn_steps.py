@@ -10,9 +10,10 @@ times of the unchanged kernels:
     the input projection's GEMM is T-proportional but measured apart below);
   * `persistent`: the cooperative grid, one tile a program, a barrier a step;
   * `one_program`: the same kernel on a grid of one program that runs every tile of a step in
-    turn and needs no barrier (the schedule emulation runs): its step is the tiles' latency
-    chained, so tile latency = its step / tiles, and barrier + skew = persistent step - tile
-    latency (the slowest program's tile and the barrier's round trips);
+    turn and needs no grid barrier, only a CTA barrier between steps (the schedule emulation
+    runs): its step is the tiles' latency chained, so tile latency = its step / tiles, and
+    barrier + skew = persistent step - tile latency (the slowest program's tile and the
+    barrier's round trips);
   * `--configs`: the persistent step with each forward tuning candidate forced (tile shape,
     K depth, stages), so the K loop's share shows against its depth.
 
