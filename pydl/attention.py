@@ -167,7 +167,7 @@ def _plan_delta(o, do, acc_e: int | None) -> Launch:
     B, H, L, EV = o.shape
     pre = dict(_blocks(EV, EV), BLOCK_M=16 if _env.INTERPRET else 64)
     zero = {} if acc_e is None else dict(ZERO_DQ=True, BLOCK_D=max(16, next_power_of_2(acc_e)))
-    return Launch(kt.attention_bwd_preprocess, (cdiv(L, pre["BLOCK_M"]), B * H),
+    return Launch(kt.attention_bwd_preprocess, (cdiv(L, pre["BLOCK_M"]) * B * H,),
                   (*o.stride(), *do.stride(), H, L, acc_e or 0, EV),
                   dict(BLOCK_M=pre["BLOCK_M"], BLOCK_DV=pre["BLOCK_DV"], **zero))
 
@@ -228,7 +228,7 @@ class _TritonAttention:
                       SCALE_NEGATIVE=scale < 0)
 
         def launch(cfg):
-            return Launch(kt.attention_fwd, (cdiv(L, cfg["BLOCK_M"]), B * H), scalars,
+            return Launch(kt.attention_fwd, (cdiv(L, cfg["BLOCK_M"]) * B * H,), scalars,
                           {**consts, **cfg})
 
         m = mask if mask is not None else q
@@ -288,7 +288,7 @@ class _TritonAttention:
             tensors = (q, k, v, do, lse, delta, m, dk, dv)
 
             def launch(cfg):
-                return Launch(kt.attention_bwd_dkdv, (cdiv(S, cfg["BLOCK_N"]), B * HKV), (
+                return Launch(kt.attention_bwd_dkdv, (cdiv(S, cfg["BLOCK_N"]) * B * HKV,), (
                     *head, *dk.stride(), *dv.stride(), H, HKV, L, S, E, EV, _group(H, HKV), scale,
                     dropout_p, *seed), {**consts, **cfg})
         else:
@@ -296,7 +296,7 @@ class _TritonAttention:
             tensors = (q, k, v, do, lse, delta, m, dq, dmask_or_dq)
 
             def launch(cfg):
-                return Launch(kt.attention_bwd_dq, (cdiv(L, cfg["BLOCK_M"]), B * H), (
+                return Launch(kt.attention_bwd_dq, (cdiv(L, cfg["BLOCK_M"]) * B * H,), (
                     *head, *dq.stride(), *_strides4(dmask), H, L, S, E, EV, _group(H, HKV), scale,
                     dropout_p, *seed), {**consts, "MASK_GRAD": dmask is not None, **cfg})
 
@@ -309,7 +309,7 @@ class _TritonAttention:
         """The keep mask (B, H, L, S) that forward and backward use for this seed."""
         from .kernels.triton import attention as kt
         keep = new_output((B, H, L, S), torch.int8, device)
-        kt.attention_dropout_mask[(cdiv(L, 16), B * H)](keep, L, S, dropout_p, seed,
+        kt.attention_dropout_mask[(cdiv(L, 16) * B * H,)](keep, L, S, dropout_p, seed,
                                                         BLOCK_M=16, BLOCK_N=16)
         return keep.bool()
 
@@ -717,7 +717,7 @@ def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale):
     scores_gemm = gemm_plan_on((q if q_view else qg, k, scores, None, None), qg, k, scores,
                                trans_b=True, alpha=scale)
     sc = scores.view(B, H, L, S)
-    softmax = Launch(kt.attention_naive_softmax, (L, B * H),
+    softmax = Launch(kt.attention_naive_softmax, (L * B * H,),
                      (*sc.stride(), *_strides4(mask), *p.stride(), H, L, S),
                      dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, BLOCK_N=dot_block(S, 1024)))
     pv_gemm = gemm_plan_on((p, v, o, None, None), p.view(*rows, S), v, o)

@@ -94,13 +94,13 @@ def _backward_run(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float
     consts = dict(IS_CAUSAL=is_causal, INPUT_PRECISION=input_precision(q.dtype))
 
     def launch(cfg):
-        return Launch(k1.attention_bwd_onepass, (cdiv(S, cfg["BLOCK_N"]), B * HKV), scalars,
+        return Launch(k1.attention_bwd_onepass, (cdiv(S, cfg["BLOCK_N"]) * B * HKV,), scalars,
                       {**consts, **cfg})
 
     main = launch(_onepass_config(q, k, v, is_causal, lambda c: launch(c)(
         q, k, v, do, lse, delta, dk, dv, dq_acc), dq_acc))
     block_m = 16 if _env.INTERPRET else 64
-    convert = Launch(k1.attention_dq_convert, (cdiv(L, block_m), B * H), (*dq.stride(), H, L, E),
+    convert = Launch(k1.attention_dq_convert, (cdiv(L, block_m) * B * H,), (*dq.stride(), H, L, E),
                      dict(BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(E))))
 
     def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):

@@ -154,6 +154,8 @@ def test_flash_hopper_names_each_reason(monkeypatch):
     assert "attn_mask" in why(q, k, v, mask=torch.ones(16, 24, dtype=torch.bool))
     assert "dropout" in why(q, k, v, dropout_p=0.1)
     assert "scale >= 0" in why(q, k, v, scale=-1.0)
+    many = [t.expand(32768, 3, *t.shape[2:]) for t in qkv(1, 1, 1, 16, 24, 64, 64, half)]
+    assert "at most 65535" in why(*many)       # 98304 (batch, head) planes on grid axis 1
     strided = random_tensor((1, 2, 16, 128), half, DEVICE)[..., ::2]
     assert "query rows are not TMA-addressable" in why(strided, k, v)
     monkeypatch.setattr(_launch, "device_capability", lambda device: (10, 0))

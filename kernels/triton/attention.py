@@ -102,11 +102,21 @@ def _store_tile(base, rows, cols, s_row, s_col, n_rows, n_cols, value):
 
 
 @triton.jit
-def _query_program(H, GROUP, BLOCK_M: tl.constexpr):
-    """A program owning BLOCK_M query rows of one (batch, head), grid (cdiv(L, BLOCK_M), B*H):
-    (pid_m, bh, b, h, hk, rows), hk the K/V head it reads; b, h and hk in int64."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+def _tile_of_plane(n_tiles):
+    """(tile, plane) of this program in a grid of (n_tiles * planes,) programs, tiles fastest
+    (the order of a (n_tiles, planes) grid): a plane is one (batch, head). One grid axis, as
+    CUDA caps axes 1 and 2 at 65535 programs and batch * heads passes that (windowed
+    attention folds its windows into the batch)."""
+    pid = tl.program_id(0)
+    return pid % n_tiles, pid // n_tiles
+
+
+@triton.jit
+def _query_program(H, GROUP, L, BLOCK_M: tl.constexpr):
+    """A program owning BLOCK_M query rows of one (batch, head), grid (cdiv(L, BLOCK_M) * B*H,)
+    (`_tile_of_plane`): (pid_m, bh, b, h, hk, rows), hk the K/V head it reads; b, h and hk in
+    int64."""
+    pid_m, bh = _tile_of_plane(tl.cdiv(L, BLOCK_M))
     b = (bh // H).to(tl.int64)
     h = bh % H
     hk = (h // GROUP).to(tl.int64)
@@ -224,11 +234,11 @@ def attention_fwd(
     base and row stride, unit column stride, head dims <= 256); each program then builds
     one 2-D descriptor per slice and the compiler turns its loads into TMA copies (Hopper);
     elsewhere the same loads are masked pointer loads."""
-    pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, BLOCK_M)
+    pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, L, BLOCK_M)
     if IS_CAUSAL:
         # longest rows first: the last query tiles see the most keys, so they start first and
         # the short ones fill the tail of the grid
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = tl.cdiv(L, BLOCK_M) - 1 - pid_m
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -290,7 +300,7 @@ def attention_bwd_preprocess(
     single-pass backward, attention_onepass.py) also the same rows of its fp32 dQ accumulator
     dq_acc (B * H, L, E) set to zero, which saves that backward a fill launch. Without it
     dq_acc_ptr and E are not read."""
-    _, bh, b, h, _, rows = _query_program(H, 1, BLOCK_M)
+    _, bh, b, h, _, rows = _query_program(H, 1, L, BLOCK_M)
     dv = tl.arange(0, BLOCK_DV)
     o = _load_tile(o_ptr + b * so_b + h * so_h, rows, dv, so_m, so_d, L, EV).to(tl.float32)
     do = _load_tile(do_ptr + b * sdo_b + h * sdo_h, rows, dv, sdo_m, sdo_d, L, EV).to(tl.float32)
@@ -335,10 +345,10 @@ def _dkdv_tiles(dk, dvacc, k, v, q_base, do_base, m_base, dq_base, lse_ptr, delt
 @triton.jit
 def _key_tile(k_ptr, v_ptr, HKV, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, S, E, EV,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """A program owning BLOCK_N keys of one (batch, K/V head), grid (cdiv(S, BLOCK_N),
-    B*HKV): (pid_n, b, hk, cols, d, dv, its K tile, its V tile), b and hk in int64."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    """A program owning BLOCK_N keys of one (batch, K/V head), grid (cdiv(S, BLOCK_N) * B*HKV,)
+    (`_tile_of_plane`): (pid_n, b, hk, cols, d, dv, its K tile, its V tile), b and hk in
+    int64."""
+    pid_n, bhk = _tile_of_plane(tl.cdiv(S, BLOCK_N))
     b = (bhk // HKV).to(tl.int64)
     hk = (bhk % HKV).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -464,7 +474,7 @@ def attention_bwd_dq(
     MASK_GRAD: tl.constexpr = False,
 ):
     """One query tile: dQ = sum over K/V tiles of dS K * scale (and dS itself, MASK_GRAD)."""
-    pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, BLOCK_M)
+    pid_m, bh, b, h, hk, rows = _query_program(H, GROUP, L, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(q_ptr + b * sq_b + h * sq_h, rows, d, sq_m, sq_d, L, E)
@@ -495,9 +505,10 @@ def attention_dropout_mask(
     keep_ptr, L, S, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Writes the keep mask the kernels above use for (batch*head) program_id(1): for tests."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Writes the keep mask the kernels above use for every (batch*head): for tests. Grid
+    (cdiv(L, BLOCK_M) * B*H,)."""
+    pid_m, bh = _tile_of_plane(tl.cdiv(L, BLOCK_M))
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, S, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p)
@@ -516,8 +527,7 @@ def attention_naive_softmax(
 ):
     """The naive variant's middle kernel: P = softmax(scores + mask) for one row (b, h, i),
     with the flash kernels' masking rules; a row with no visible key gets zeros."""
-    row = tl.program_id(0)
-    bh = tl.program_id(1)
+    row, bh = _tile_of_plane(L)         # grid (L * B*H,)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rows = tl.full([1], row, tl.int32)

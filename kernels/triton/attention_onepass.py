@@ -25,7 +25,15 @@ and zeroed dQ accumulator (attention.py's `attention_bwd_preprocess` with ZERO_D
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, MASK_NONE, _dkdv_head, _key_tile, _load_tile, _store_tile
+from .attention import (
+    LOG2E,
+    MASK_NONE,
+    _dkdv_head,
+    _key_tile,
+    _load_tile,
+    _store_tile,
+    _tile_of_plane,
+)
 
 
 @triton.jit
@@ -71,11 +79,11 @@ def attention_dq_convert(
     H, L, E,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dQ[b, h, rows] = dq_acc[b * H + h, rows] in dQ's dtype. Grid (cdiv(L, BLOCK_M), B*H)."""
-    bh = tl.program_id(1)
+    """dQ[b, h, rows] = dq_acc[b * H + h, rows] in dQ's dtype. Grid (cdiv(L, BLOCK_M) * B*H,)."""
+    pid_m, bh = _tile_of_plane(tl.cdiv(L, BLOCK_M))
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     acc = _load_tile(dq_acc_ptr + bh.to(tl.int64) * L * E, rows, d, E, 1, L, E)
     _store_tile(dq_ptr + b * sdq_b + h * sdq_h, rows, d, sdq_m, sdq_d, L, E, acc)
