@@ -21,11 +21,9 @@ import torch
 
 from ._launch import cdiv, dot_block
 from ._launch import input_precision as _default_precision
-from ._plan import Cache, Launch
+from ._plan import GRID_YZ_MAX, Cache, Launch
 from ._tune import Tuner, aliased, bucket, gemm_candidates
 
-# CUDA caps grid dimensions 1 and 2 at 65535: larger batches are launched in slices.
-_MAX_GRID_Z = 65535
 GROUP_M = 8
 GEMM_TUNER = Tuner("gemm")
 
@@ -127,8 +125,8 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision):
     consts = dict(ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
                   INPUT_PRECISION=precision)
     # slices of the batch that fit the grid's z dimension (one launch when B1 * B2 <= 65535)
-    step2 = min(B2, _MAX_GRID_Z)
-    step1 = max(1, _MAX_GRID_Z // step2)
+    step2 = min(B2, GRID_YZ_MAX)
+    step1 = max(1, GRID_YZ_MAX // step2)
     single = B1 <= step1 and B2 <= step2
 
     def launches(cfg: dict):

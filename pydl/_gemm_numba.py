@@ -16,6 +16,7 @@ import torch
 
 from . import _env
 from ._launch import NumbaLaunch, Place, cdiv, launch_numba
+from ._plan import GRID_YZ_MAX
 
 # (TILE, MICRO): a TILE x TILE output tile per block of (TILE / MICRO)^2 threads, each
 # computing MICRO x MICRO outputs. On a GPU 64 x 64 tiles with 256 threads (4 x 4 each, 33 KiB
@@ -40,9 +41,8 @@ SIM_TRIM = True
 WARPS_MMA = (2, 2)
 SIM_WARPS_MMA = (1, 1)
 MMA = os.environ.get("PYDL_NUMBA_MMA", "0").strip() == "1"
-# Grid limits on the y and z axes (x goes to 2^31 - 1); the kernel's grid-stride loops cover
-# what a capped grid leaves over.
-_MAX_GRID_YZ = 65535
+# The grid's y and z axes are capped (pydl._plan.GRID_YZ_MAX); the kernel's grid-stride loops
+# cover what a capped grid leaves over.
 
 
 def tile() -> tuple[int, int]:
@@ -203,7 +203,7 @@ def _grid(M: int, N: int, batches: int, rows: int, cols: int) -> tuple[int, int,
     loops cover the rest); one block in the simulator, where starting blocks is slow."""
     if _env.INTERPRET:
         return (1, 1, 1)
-    return (cdiv(N, cols), min(cdiv(M, rows), _MAX_GRID_YZ), min(batches, _MAX_GRID_YZ))
+    return (cdiv(N, cols), min(cdiv(M, rows), GRID_YZ_MAX), min(batches, GRID_YZ_MAX))
 
 
 def pair_words(t: torch.Tensor) -> torch.Tensor | None:

@@ -332,6 +332,39 @@ class Launch:
         self.compiled = compiled
 
 
+# CUDA's cap on grid axes 1 and 2 (axis 0 takes 2**31 - 1 programs): a launch past it fails.
+GRID_YZ_MAX = 65535
+
+
+class BatchSlices:
+    """A launch whose last grid axis runs over the N images of a batch, for N past
+    GRID_YZ_MAX: the batch in slices of at most GRID_YZ_MAX images, each launched on views of
+    its slice (dim 0 of every tensor argument is the batch; the kernel reads its image from
+    the grid, so a slice is the same kernel on other pointers). make(n) builds the launch of
+    an n-image slice: two Launches in all, the full slice's and the remainder's."""
+
+    __slots__ = ("n", "full", "rest")
+
+    def __init__(self, make: Callable, n: int):
+        self.n = n
+        self.full = make(GRID_YZ_MAX)
+        self.rest = make(n % GRID_YZ_MAX) if n % GRID_YZ_MAX else None
+
+    def __call__(self, *tensors, **dynamic) -> None:
+        for n0 in range(0, self.n, GRID_YZ_MAX):
+            n1 = min(self.n, n0 + GRID_YZ_MAX)
+            run = self.full if n1 - n0 == GRID_YZ_MAX else self.rest
+            run(*(t[n0:n1] for t in tensors), **dynamic)
+
+
+def batch_launch(make: Callable, grid: tuple):
+    """make(grid) (a Launch) where its last axis, the batch, fits CUDA's cap; a BatchSlices
+    of launches over slices of the batch where it does not. Grids of one axis are whole."""
+    if len(grid) == 1 or grid[-1] <= GRID_YZ_MAX:
+        return make(grid)
+    return BatchSlices(lambda n: make((*grid[:-1], n)), grid[-1])
+
+
 def launch_each(launches, tensors: tuple) -> None:
     """launch(*tensors) for each of `launches` in turn: one kernel's launches on the same
     tensors, differing in their scalars (a recurrence's steps). Once every one has kept its

@@ -76,7 +76,7 @@ from ._launch import (
     numba_blocks,
     numba_threads,
 )
-from ._plan import Launch, launch_each
+from ._plan import GRID_YZ_MAX, Launch, launch_each
 from ._tune import Tuner, bucket
 
 F32 = torch.float32
@@ -532,7 +532,7 @@ class TritonRNN:
         B2c = out4.shape[1]
         if out.numel() == 0:
             return _no_launch
-        if a.dtype == b.dtype and out.dim() >= max(a.dim(), b.dim()) and B2c <= 65535:
+        if a.dtype == b.dtype and out.dim() >= max(a.dim(), b.dim()) and B2c <= GRID_YZ_MAX:
             # the library's shared GEMM (pydl/_gemm.py, one launch) covers same-dtype products
             # without a reduction over time: the input projection, and dx / dh in fp32
             from ._gemm import gemm_plan
@@ -573,7 +573,7 @@ class TritonRNN:
         side = 128 if big else 64
         cfg = dict(BLOCK_M=dot_block(M, side), BLOCK_N=dot_block(N, side),
                    BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)
-        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, 65535))
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, GRID_YZ_MAX))
         scalars = (M, N, K, B1 * B2c, B2c, n_red, *batch_strides(a), *batch_strides(b),
                    *(batch_strides(addend) if addend is not None else (0,) * 4), *out.stride(),
                    *((0, bias.stride(0)) if bias is not None else (0, 0)))

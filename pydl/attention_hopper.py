@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _env, _launch
+from . import _env, _launch, _plan
 from . import _tune as tune
 
 LAUNCHER = "triton:flash_hopper"      # key of pydl.attention.LAUNCHERS for this algo
@@ -31,7 +31,6 @@ HOPPER_SPACES = {
     128: ((128, 2), (128, 3), (64, 3)),
 }
 TUNER = tune.Tuner("attention_fwd_hopper")
-MAX_PLANES = 65535      # batch * heads: grid (query tiles, B * H), axis 1 capped by CUDA
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float,
@@ -52,8 +51,8 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout
                 f"equal to the query's, got {E} and {EV}")
     if k.shape[2] == 0:
         return "it needs at least one key"
-    if q.shape[0] * q.shape[1] > MAX_PLANES:
-        return (f"its grid has one row of programs per (batch, head), at most {MAX_PLANES} "
+    if q.shape[0] * q.shape[1] > _plan.GRID_YZ_MAX:
+        return (f"its grid has one row of programs per (batch, head), at most {_plan.GRID_YZ_MAX} "
                 f"(CUDA's cap on grid axis 1), got {q.shape[0] * q.shape[1]}")
     if mask is not None:
         return "it takes no attn_mask (is_causal is supported)"

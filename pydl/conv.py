@@ -36,8 +36,8 @@ from ._library import Geometry, as_geometry, autocast_inputs, empty_like_shape, 
 from ._launch import (NumbaLaunch, arrival_counters, cdiv, dot_block, fresh, input_precision,
                       memory_format_of, new_output, next_power_of_2, numba_launch_1d,
                       output_maker, planned_once, tf32_allowed)
-from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
-                    tensors_key)
+from ._plan import (GRID_YZ_MAX, Cache, Launch, apply, capturing, emulated, needs_graph,
+                    plain_tensors, tensors_key)
 from ._shapes import conv_output_size_padded, conv_padding, pair, positive_int
 from ._tune import Tuner, bucket, gemm_candidates
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -1062,7 +1062,7 @@ class _NumbaIm2col(_Launcher):
     def plan_backward_bias(dy, db, g: ConvGeometry) -> NumbaLaunch:
         from .kernels.numba import conv as k
         threads = BIAS_SIM_THREADS if _env.INTERPRET else 256
-        blocks = 1 if _env.INTERPRET else min(g.OC, 65535)
+        blocks = 1 if _env.INTERPRET else min(g.OC, GRID_YZ_MAX)
         return NumbaLaunch(k.bias_grad, blocks, threads, dy.device, (
             dy, db.view(1, 1, 1, g.OC), k.dtype_code(dy.dtype), k.dtype_code(db.dtype)), (dy, db))
 
@@ -1370,6 +1370,11 @@ class _Conv2dCall(Conv2dKernels):
             raise ValueError(f"input has 0 channels (shape {x_shape}): the kernel backends do "
                              f"not run a convolution over no channels (torch returns an (N, 0, "
                              f"OH, OW) tensor for it); use backend='torch' for torch's result")
+        if name == "triton" and g.groups > GRID_YZ_MAX and not _depthwise(g):
+            raise NotImplementedError(
+                f"conv2d: {g.groups} groups on the triton backend, whose grouped kernels run one "
+                f"grid row per group, at most {GRID_YZ_MAX} (CUDA's cap on grid axes 1 and 2); "
+                f"use backend='numba' or backend='torch'")
         super().__init__(g, algo, name)
         self.eager = (self.impl is _KERNEL_IMPLS.get(name) and not self.unbatched
                       and not torch.compiler.is_compiling() and plain_tensors(input, weight, bias))

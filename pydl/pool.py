@@ -21,8 +21,8 @@ from ._library import (Geometry, as_geometry, empty_like_shape, geometry_from, k
 from ._launch import (NumbaLaunch, cdiv, fresh, memory_format_of, new_output,
                       next_power_of_2, numba_launch_1d, output_maker,
                       planned_once)
-from ._plan import (Cache, Launch, apply, capturing, emulated, needs_graph, plain_tensors,
-                    tensors_key)
+from ._plan import (BatchSlices, Cache, Launch, apply, batch_launch, capturing, emulated,
+                    needs_graph, plain_tensors, tensors_key)
 from ._shapes import integer, pair, pool_output_size, positive_int
 from ._tune import Tuner, bucket
 from .backends import current_backend, dispatch, register
@@ -150,7 +150,7 @@ _LAUNCHES = Cache("pool launches")
 
 
 def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, tensors: tuple,
-            scalars: tuple, grid=None, tile=None, **consts) -> Launch:
+            scalars: tuple, grid=None, tile=None, **consts) -> Launch | BatchSlices:
     """The launch of pooling kernel `name` over n_spatial positions x C channels x N images:
     a Launch taking the kernel's tensors, its scalars (positional constexprs among them) and
     keyword constexprs fixed. Built once per signature; tiles autotuned (pydl/_tune.py) per
@@ -164,14 +164,16 @@ def _launch(name: str, layout: torch.Tensor, n_spatial: int, g: PoolGeometry, te
 
 
 def _plan(name: str, layout, n_spatial: int, g: PoolGeometry, tensors, scalars, consts, grid,
-          tile) -> Launch:
+          tile) -> Launch | BatchSlices:
     from .kernels.triton import pool as k
     kernel = getattr(k, name)
     grid = grid or (lambda cfg: _grid(cfg, n_spatial, g))
     tile = tile or (lambda elems, warps: _triton_tile(layout, g.C, n_spatial, elems, warps))
 
     def launch(cfg):
-        return Launch(kernel, grid(cfg), scalars, {**consts, **cfg})
+        # grids of two or three axes have the batch last: in slices past CUDA's cap
+        return batch_launch(lambda grid: Launch(kernel, grid, scalars, {**consts, **cfg}),
+                            grid(cfg))
 
     candidates = [tile(1024, 4)] + [tile(elems, warps) for elems, warps in POOL_SPACE]
     key = (name, layout.dtype, _channels_fastest(layout), g.KH, g.KW, g.SH, g.SW, g.PH, g.PW,

@@ -80,3 +80,48 @@ def _check(grids):
     for name, grid in grids:
         assert all(0 < n <= m for n, m in zip(grid, AXIS_MAX)), (
             f"{name} launched with grid {grid}: CUDA takes at most {AXIS_MAX}")
+
+
+POOLS = {
+    "max_pool2d": lambda x: pydl.max_pool2d(x, 2, 1, 1),
+    "max_pool2d_indices": lambda x: pydl.max_pool2d(x, 3, 2, 1, return_indices=True)[0],
+    "avg_pool2d": lambda x: pydl.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+    "adaptive_avg_pool2d": lambda x: pydl.adaptive_avg_pool2d(x, (2, 3)),
+    "global_avg_pool2d": lambda x: pydl.adaptive_avg_pool2d(x, 1),
+}
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("op", list(POOLS))
+def test_pool_batches_past_the_grid_cap_run_in_slices(monkeypatch, op, layout):
+    """The pooling kernels take the image from grid axis 2 (or 1): a batch past CUDA's cap
+    runs in slices (pydl._plan.BatchSlices). With the cap lowered to 2, a batch of 5 runs as
+    slices of 2, 2 and 1, and gives the unsliced result, forward and backward."""
+    from pydl import _plan
+    fn = POOLS[op]
+    x = torch.randn(5, 3, 6, 7)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(fn(x))
+
+    def run():
+        xx = x.clone().requires_grad_()
+        out = fn(xx)
+        out.backward(g)
+        return out.detach(), xx.grad
+
+    _plan.clear_all()
+    expected = run()
+    monkeypatch.setattr(_plan, "GRID_YZ_MAX", 2)
+    _plan.clear_all()
+    sliced = []
+    real = _plan.BatchSlices.__call__
+    monkeypatch.setattr(_plan.BatchSlices, "__call__",
+                        lambda self, *t, **d: (sliced.append(self.n), real(self, *t, **d)))
+    try:
+        got = run()
+    finally:
+        _plan.clear_all()
+    assert sliced, "no launch ran in slices"
+    for a, b, what in zip(got, expected, ("output", "gradient")):
+        assert torch.equal(a, b), f"{what} differs in slices"
