@@ -6,8 +6,10 @@ Numba's simulator enforce neither. So the launches are recorded here and not run
 outputs are not checked: the other tests do that at small sizes), at shapes whose
 batch * heads passes 65535, as windowed attention gives (Swin folds its windows into the
 batch): forward and backward of every attention algorithm on both backends, with dropout,
-grouped heads, the weights kernel and the dropout mask. (Found: every Triton attention kernel
-had (batch, head) on grid axis 1; they take one axis now, query tiles fastest.)
+grouped heads, the weights kernel and the dropout mask; and every pool at 70000 images, both
+layouts. (Found: every Triton attention kernel had (batch, head) on grid axis 1, and the
+Triton pools the image on axis 2 or 1; attention takes one axis now, query tiles fastest, and
+a pool's batch past the cap runs in slices, pydl._plan.BatchSlices.)
 """
 from __future__ import annotations
 
@@ -74,6 +76,23 @@ def test_attention_weights_and_dropout_mask_fit_the_grid(grids, backend):
     attention.LAUNCHERS[backend].dropout_mask(PLANES + 1, 1, 2, 2, 0.5, 7, q.device)
     _check(grids)
 
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_pool_launches_fit_the_grid(grids, backend, layout):
+    x = torch.randn(PLANES, 2, 2, 2, dtype=torch.float16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    for fn in POOLS.values():
+        out = fn(x) if backend == "triton" else _on_numba(fn, x)
+        out.backward(torch.ones_like(out))
+    _check(grids)
+
+
+def _on_numba(fn, x):
+    with pydl.use_backend("numba"):
+        return fn(x)
 
 def _check(grids):
     assert grids, "nothing launched"
