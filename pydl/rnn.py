@@ -699,6 +699,8 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
 
     def impl(x, h0, c0, weights, cfg: RNNConfig, packed=None):
         if packed is not None and cfg.proj:
+            if torch.compiler.is_compiling():       # (torch._dynamo is imported then)
+                torch._dynamo.graph_break(msg=_BY_LENGTH_BREAK)
             return _by_length(impl, x, h0, c0, weights, cfg, packed)
         bs = packed.bs if packed is not None else None
         ops = LayerKernels(layer_config(op, backend, cfg), op, backend)
@@ -710,9 +712,11 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
     return impl
 
 
-@torch.compiler.disable(reason="a packed LSTM with proj_size runs one layer call per distinct "
-                        "sequence length, read from the PackedSequence's batch_sizes, so its graph "
-                        "depends on the data: compile without fullgraph (a graph break here)")
+_BY_LENGTH_BREAK = ("a packed LSTM with proj_size runs one layer call per distinct sequence "
+                    "length, read from the PackedSequence's batch_sizes, so its graph depends "
+                    "on the data: compile without fullgraph (a graph break here)")
+
+
 def _by_length(impl, x, h0, c0, weights, cfg: RNNConfig, packed):
     """A packed LSTM with projections: the recurrences keep the rows past a sequence's end
     frozen (packed.bs) only where h is the cell's own output, so with projections (h = W_hr m)
