@@ -152,7 +152,10 @@ def _cases():
         for backend in BACKENDS:
             if backend == "numba" and op == "conv2d_im2col":
                 continue        # numba's only algorithm: the conv2d case
-            out.append(pytest.param(op, backend, id=f"{op}-{backend}"))
+            # Numba's index arithmetic is int64 by default (Python ints) and passed every case:
+            # its half runs with --full (a minute of the simulator otherwise)
+            marks = [pytest.mark.sim_heavy] if backend == "numba" else []
+            out.append(pytest.param(op, backend, id=f"{op}-{backend}", marks=marks))
     return out
 
 
