@@ -79,13 +79,15 @@ def _col_offsets(c, stride):
 @triton.jit
 def _load_block(ptr, row_off, c, stride, mask, other):
     """The [BLOCK_R, BLOCK_N] tile at columns c of the rows starting at row_off, in fp32."""
-    return tl.load(ptr + row_off[:, None] + _col_offsets(c, stride), mask=mask, other=other).to(tl.float32)
+    return tl.load(ptr + row_off[:, None] + _col_offsets(c, stride), mask=mask,
+                   other=other).to(tl.float32)
 
 
 @triton.jit
 def _store_block(ptr, row_off, c, stride, value, mask):
     """Store a tile as _load_block reads it, in the tensor's dtype."""
-    tl.store(ptr + row_off[:, None] + _col_offsets(c, stride), value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + row_off[:, None] + _col_offsets(c, stride), value.to(ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -231,8 +233,7 @@ def softmax_fwd(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         mask = rmask[:, None] & (cols < n)[None, :]
-        x = tl.load(x_ptr + x_off[:, None] + _col_offsets(cols, sx_n), mask=mask,
-                    other=NEG_INF).to(tl.float32)
+        x = _load_block(x_ptr, x_off, cols, sx_n, mask, NEG_INF)
         m = tl.max(x, 1)
         e = tl.exp(x - m[:, None])
         s = tl.sum(e, 1)
@@ -241,30 +242,26 @@ def softmax_fwd(
             y = (x - m[:, None]) - tl.log(s)[:, None]
         else:
             y = e / s[:, None]
-        tl.store(y_ptr + y_off[:, None] + _col_offsets(cols, sy_n),
-                 y.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_block(y_ptr, y_off, cols, sy_n, y, mask)
     else:
         m_row = tl.full([BLOCK_R], NEG_INF, tl.float32)
         s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            x = tl.load(x_ptr + x_off[:, None] + _col_offsets(c, sx_n), mask=mask,
-                        other=NEG_INF).to(tl.float32)
+            x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
             m_row, s = _block_update(m_row, s, x)
         s_row = tl.sum(s, 1)
         log_s = tl.log(s_row)
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            x = tl.load(x_ptr + x_off[:, None] + _col_offsets(c, sx_n), mask=mask,
-                        other=NEG_INF).to(tl.float32)
+            x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
             if LOG:
                 y = (x - m_row[:, None]) - log_s[:, None]
             else:
                 y = tl.exp(x - m_row[:, None]) / s_row[:, None]
-            tl.store(y_ptr + y_off[:, None] + _col_offsets(c, sy_n),
-                     y.to(y_ptr.dtype.element_ty), mask=mask)
+            _store_block(y_ptr, y_off, c, sy_n, y, mask)
 
 
 @triton.jit
@@ -285,35 +282,35 @@ def softmax_bwd(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
         mask = rmask[:, None] & (cols < n)[None, :]
-        y = tl.load(y_ptr + y_off[:, None] + _col_offsets(cols, sy_n), mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + dy_off[:, None] + _col_offsets(cols, sdy_n), mask=mask, other=0.0).to(tl.float32)
+        y = _load_block(y_ptr, y_off, cols, sy_n, mask, 0.0)
+        dy = _load_block(dy_ptr, dy_off, cols, sdy_n, mask, 0.0)
         if LOG:
             dx = dy - tl.exp(y) * tl.sum(dy, 1)[:, None]
         else:
             dx = y * (dy - tl.sum(dy * y, 1)[:, None])
-        tl.store(dx_ptr + dx_off[:, None] + _col_offsets(cols, sdx_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _store_block(dx_ptr, dx_off, cols, sdx_n, dx, mask)
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            dy = tl.load(dy_ptr + dy_off[:, None] + _col_offsets(c, sdy_n), mask=mask, other=0.0).to(tl.float32)
+            dy = _load_block(dy_ptr, dy_off, c, sdy_n, mask, 0.0)
             if LOG:
                 acc += dy
             else:
-                y = tl.load(y_ptr + y_off[:, None] + _col_offsets(c, sy_n), mask=mask, other=0.0).to(tl.float32)
+                y = _load_block(y_ptr, y_off, c, sy_n, mask, 0.0)
                 acc += dy * y
         total = tl.sum(acc, 1)[:, None]
         for start in range(0, n, BLOCK_N):
             c = start + cols
             mask = rmask[:, None] & (c < n)[None, :]
-            y = tl.load(y_ptr + y_off[:, None] + _col_offsets(c, sy_n), mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + dy_off[:, None] + _col_offsets(c, sdy_n), mask=mask, other=0.0).to(tl.float32)
+            y = _load_block(y_ptr, y_off, c, sy_n, mask, 0.0)
+            dy = _load_block(dy_ptr, dy_off, c, sdy_n, mask, 0.0)
             if LOG:
                 dx = dy - tl.exp(y) * total
             else:
                 dx = y * (dy - total)
-            tl.store(dx_ptr + dx_off[:, None] + _col_offsets(c, sdx_n), dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            _store_block(dx_ptr, dx_off, c, sdx_n, dx, mask)
 
 
 @triton.jit
