@@ -185,6 +185,14 @@ def _seed_scalar(dropout_p: float) -> tuple:
     return () if dropout_p > 0 else (0,)
 
 
+def _dropout_kind(dropout_p: float, L: int, S: int) -> int:
+    """The kernels' DROPOUT constant: off, or on with Philox counters i * S + j of 32 bits, or of
+    64 where a (batch, head) plane of L x S scores would wrap a 32-bit counter."""
+    if dropout_p == 0:
+        return 0
+    return 2 if L * S >= 2 ** 32 else 1
+
+
 class _TritonAttention:
     """The flash kernels' launcher: plan_forward and plan_backward (as every launcher of
     LAUNCHERS)."""
@@ -223,7 +231,8 @@ class _TritonAttention:
         use_tma = _forward_tma(q, k, v, o)
         scalars = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
                    H, L, S, E, EV, _group(H, HKV), scale, dropout_p, *_seed_scalar(dropout_p))
-        consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+        consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+                      DROPOUT=_dropout_kind(dropout_p, L, S),
                       INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
                       SCALE_NEGATIVE=scale < 0)
 
@@ -279,7 +288,8 @@ class _TritonAttention:
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-        consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+        consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+                      DROPOUT=_dropout_kind(dropout_p, L, S),
                       INPUT_PRECISION=input_precision(q.dtype))
         head = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask))
         seed = _seed_scalar(dropout_p)
@@ -309,8 +319,9 @@ class _TritonAttention:
         """The keep mask (B, H, L, S) that forward and backward use for this seed."""
         from .kernels.triton import attention as kt
         keep = new_output((B, H, L, S), torch.int8, device)
-        kt.attention_dropout_mask[(cdiv(L, 16) * B * H,)](keep, L, S, dropout_p, seed,
-                                                        BLOCK_M=16, BLOCK_N=16)
+        kt.attention_dropout_mask[(cdiv(L, 16) * B * H,)](
+            keep, L, S, dropout_p, seed, DROPOUT=_dropout_kind(dropout_p, L, S), BLOCK_M=16,
+            BLOCK_N=16)
         return keep.bool()
 
 

@@ -6,12 +6,15 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pydl
 from pydl import attention
 from pydl import reference as ref
+from pydl.kernels.triton import attention as kt
 from pydl.testing import assert_close, random_tensor, run_with_grad, uses_tf32
 
 from conftest import DEVICE, DTYPES
@@ -301,6 +304,50 @@ def test_dropout_is_reproducible_and_has_the_right_rate(backend):
     assert abs(rate - p) < 0.015, f"dropped fraction {rate:.4f}, expected {p}"
     # and independent across (batch, head) planes
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+@triton.jit
+def _keep_at(keep_ptr, qi_ptr, kj_ptr, S, seed, p, DROPOUT: tl.constexpr, N: tl.constexpr):
+    """The Triton kernels' dropout decision for N (query, key) index pairs of plane 0."""
+    i = tl.arange(0, N)
+    keep = kt._dropout_keep(seed, 0, tl.load(qi_ptr + i), tl.load(kj_ptr + i), S, p, DROPOUT)
+    tl.store(keep_ptr + i, keep.to(tl.int8))
+
+
+def test_triton_dropout_counters_do_not_wrap_on_planes_of_2_to_the_32_scores():
+    """Row 65536 of a plane with S = 65537 keys starts at score 2**32 + 65536: a 32-bit counter
+    wraps there onto row 1's pattern (shifted by one key); the 64-bit counters the host chooses
+    for such planes do not, and below 2**32 both widths draw the same bits."""
+    S, N, p = 65537, 256, 0.5
+    j = torch.arange(1, N + 1, dtype=torch.int32, device=DEVICE)
+
+    def keep(qi, kj, kind):
+        out = torch.empty(N, dtype=torch.int8, device=DEVICE)
+        _keep_at[(1,)](out, torch.full_like(kj, qi), kj, S, 1234, p, DROPOUT=kind, N=N)
+        return out
+
+    assert attention._dropout_kind(p, 65536, S) == kt.DROPOUT_64
+    assert attention._dropout_kind(p, 65535, 65537) == kt.DROPOUT_32
+    assert attention._dropout_kind(0.0, 65536, S) == kt.DROPOUT_OFF
+    assert torch.equal(keep(65536, j, kt.DROPOUT_32), keep(1, j - 1, kt.DROPOUT_32)), \
+        "the 32-bit counter no longer wraps: this test lost its witness"
+    assert not torch.equal(keep(65536, j, kt.DROPOUT_64), keep(1, j - 1, kt.DROPOUT_64))
+    for qi in (0, 1, 65534):       # row 65534 ends just below 2**32
+        assert torch.equal(keep(qi, j, kt.DROPOUT_64), keep(qi, j, kt.DROPOUT_32))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="records the interpreter's launches, not run")
+def test_triton_dropout_on_a_plane_of_2_to_the_32_scores_launches_64_bit_counters(monkeypatch):
+    from triton.runtime.interpreter import InterpretedFunction
+    seen = {}
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *args, grid, warmup=False,
+                        **kw: seen.setdefault(self.fn.__name__, kw.get("DROPOUT")))
+    q = torch.zeros(1, 1, 65536, 16, dtype=torch.float16, requires_grad=True)
+    out = pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.1, backend="triton")
+    out.backward(torch.ones_like(out))
+    assert {n: seen[n] for n in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")} \
+        == dict.fromkeys(("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"),
+                         kt.DROPOUT_64), seen
 
 
 

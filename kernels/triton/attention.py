@@ -25,7 +25,9 @@ loops over keys; the dK/dV kernel splits its loop over queries the same way).
 
 Dropout: keep(i, j) = rand(seed + bh, i * S + j) >= p from Triton's counter-based Philox
 generator, recomputed bit-identically in the backward (`_dropout_keep` is the one definition);
-kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P.
+kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P. The
+counter i * S + j is 32 bits wide (DROPOUT_32) unless a plane holds 2**32 scores or more
+(DROPOUT_64, chosen by the host), where it would wrap and repeat the keep pattern.
 
 Exponentials use exp2 with log2(e) folded into the scale; the forward's unmasked tiles take the
 row max of the raw products and apply the scale inside the exponent's FMA, exp2(qk * c - m)
@@ -44,11 +46,20 @@ MASK_BOOL = tl.constexpr(1)
 MASK_FLOAT = tl.constexpr(2)
 
 
+DROPOUT_OFF = tl.constexpr(0)
+DROPOUT_32 = tl.constexpr(1)    # Philox counters i * S + j in 32 bits: planes of < 2**32 scores
+DROPOUT_64 = tl.constexpr(2)    # in 64 bits (the high word is Philox's second counter)
+
+
 @triton.jit
-def _dropout_keep(seed, bh, qi, kj, S, p):
+def _dropout_keep(seed, bh, qi, kj, S, p, DROPOUT: tl.constexpr):
     """Which scores of (batch*head) bh survive dropout with probability 1 - p: qi and kj are
     each score's query and key index, broadcastable to the tile (rows[:, None], cols[None, :]
-    for a query-major tile, the transposes for a key-major one)."""
+    for a query-major tile, the transposes for a key-major one). DROPOUT_64 for a plane of
+    2**32 scores or more, where the 32-bit counter would wrap and repeat the pattern; below
+    that both widths draw the same bits (Philox's second counter is 0)."""
+    if DROPOUT == DROPOUT_64:
+        return tl.rand(seed + bh, qi.to(tl.int64) * S + kj) >= p
     return tl.rand(seed + bh, qi * S + kj) >= p
 
 
@@ -140,7 +151,7 @@ def _grad_tile(s, lse, delta, dp, seed, bh, qi, kj, S, dropout_p, DROPOUT: tl.co
     p = tl.math.exp2(s - lse * LOG2E)
     p_used = p
     if DROPOUT:
-        keep = _dropout_keep(seed, bh, qi, kj, S, dropout_p)
+        keep = _dropout_keep(seed, bh, qi, kj, S, dropout_p, DROPOUT)
         p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     return p_used, p * (dp - delta)
@@ -204,7 +215,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, m_base, sk_n, sk_d, sv_n, sv_d, s
             p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p)
+            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _kv_tile(v_src, start_n, cols, dv, sv_n, sv_d, S, EV, BLOCK_N, BLOCK_DV, USE_TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
@@ -503,7 +514,7 @@ def attention_bwd_dq(
 @triton.jit
 def attention_dropout_mask(
     keep_ptr, L, S, dropout_p, seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Writes the keep mask the kernels above use for every (batch*head): for tests. Grid
     (cdiv(L, BLOCK_M) * B*H,)."""
@@ -511,7 +522,7 @@ def attention_dropout_mask(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, S, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
         tl.store(keep_ptr + (bh.to(tl.int64) * L + rows[:, None]) * S + cols[None, :],
                  keep.to(tl.int8), mask=(rows[:, None] < L) & (cols[None, :] < S))
 
