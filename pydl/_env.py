@@ -6,14 +6,12 @@ CUDA simulator, read when `numba.cuda` is first imported). This module is the on
 the project that sets either variable.
 
 Emulation changes nothing else in the process: what the emulated kernels need of the
-interpreter (a short GIL switch interval, NumPy's floating-point errors silenced) holds only
-while a pydl kernel runs (`emulated_launch`, applied to every kernel op by
-pydl._library.kernel_op).
+interpreter (NumPy's floating-point errors silenced) holds only while a pydl kernel runs
+(`emulated_launch`, applied to every kernel op by pydl._library.kernel_op).
 """
 import functools
 import os
 import sys
-import threading
 import warnings
 
 import numpy as np
@@ -45,46 +43,22 @@ if INTERPRET:
 DIRECT_LAUNCH: bool = os.environ.get("PYDL_DIRECT_LAUNCH", "1").strip() != "0"
 
 
-# The CUDA simulator runs each CUDA thread as an OS thread, released from a syncthreads by a
-# busy-polling manager thread; with Python's default 5 ms switch interval every barrier costs
-# milliseconds. 0.1 ms makes barrier-heavy simulated kernels several times faster.
-SIMULATOR_SWITCH_INTERVAL = 1e-4
-
-_interval_lock = threading.Lock()
-_launch_depth = 0          # emulated launches running now, in any thread
-_saved_interval = 0.0      # the switch interval before the first of them began
-
-
 class _EmulatedLaunch:
-    """The interpreter state an emulated kernel needs, for as long as it runs:
-
-    - the GIL switch interval at most SIMULATOR_SWITCH_INTERVAL (process-wide while any
-      emulated launch runs, in any thread; restored when the last one ends);
-    - NumPy's floating-point errors ignored in this thread (np.errstate is thread-local).
-      Triton's interpreter evaluates masked-off lanes too (-inf - -inf, log(0)); the kernels
-      discard those lanes, so NumPy's RuntimeWarnings about them are noise to a user, and a
-      user's np.seterr(all="raise") would otherwise break the kernel."""
+    """What an emulated kernel needs of the process, for as long as it runs: NumPy's
+    floating-point errors ignored in this thread (np.errstate is thread-local). Triton's
+    interpreter evaluates masked-off lanes too (-inf - -inf, log(0)); the kernels discard
+    those lanes, so NumPy's RuntimeWarnings about them are noise to a user, and a user's
+    np.seterr(all="raise") would otherwise break the kernel."""
 
     __slots__ = ("_errstate",)
 
     def __enter__(self):
-        global _launch_depth, _saved_interval
-        with _interval_lock:
-            if _launch_depth == 0:
-                _saved_interval = sys.getswitchinterval()
-                sys.setswitchinterval(min(_saved_interval, SIMULATOR_SWITCH_INTERVAL))
-            _launch_depth += 1
         self._errstate = np.errstate(all="ignore")
         self._errstate.__enter__()
         return self
 
     def __exit__(self, *exc):
-        global _launch_depth
         self._errstate.__exit__(*exc)
-        with _interval_lock:
-            _launch_depth -= 1
-            if _launch_depth == 0:
-                sys.setswitchinterval(_saved_interval)
         return False
 
 

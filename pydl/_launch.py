@@ -188,59 +188,12 @@ def numba_array(t: torch.Tensor):
     # be copied in and out on every launch, and strided views that are neither C- nor
     # F-contiguous would be refused.
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-    _atomic_simulator_shared_arrays()
     return FakeCUDAArray(t.numpy())
 
 
 def numba_view(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose memory a Numba array of t describes: t detached, bf16 as int16."""
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).detach()
-
-
-_SIM_SHARED_LOCK = None
-
-
-def _atomic_simulator_shared_arrays() -> None:
-    """Make the CUDA simulator's cuda.shared.array allocation atomic (once per process).
-
-    The simulator gives a block's threads one array per source line, allocated on first use by
-    an unlocked get-then-set on a dict; when the OS switches threads between the two, two
-    threads each allocate, and part of the block then writes and reads a "shared" array the
-    rest never sees (np.empty garbage reaches the results). The short GIL switch interval set
-    under emulation (pydl/_env.py) makes it frequent: about one run in two of
-    tests/test_lstm.py failed with 1e25 / -inf in GEMM outputs; none of 8 runs with the lock.
-    The replacement is the simulator's own method (numba-cuda 0.30) with the lookup and
-    insertion under one lock; dynamic shared memory (shape 0) is left to the original.
-    """
-    global _SIM_SHARED_LOCK
-    if _SIM_SHARED_LOCK is not None:
-        return
-    import sys
-    import threading
-    import traceback
-
-    import numpy as np
-    from numba.cuda import types              # the simulator's own imports
-    from numba.cuda.np import numpy_support
-    from numba.cuda.simulator import kernelapi
-
-    lock = threading.Lock()
-    original = kernelapi.FakeCUDAShared.array
-
-    def array(self, shape, dtype, alignment=None):
-        if alignment is not None or shape == 0:
-            return original(self, shape, dtype, alignment)
-        if isinstance(dtype, types.Type):
-            dtype = numpy_support.as_dtype(dtype)
-        caller = traceback.extract_stack(sys._getframe())[-2][0:2]  # keyed by source line
-        with lock:
-            res = self._allocations.get(caller)
-            if res is None:
-                res = self._allocations[caller] = np.empty(shape, dtype)
-        return res
-
-    kernelapi.FakeCUDAShared.array = array
-    _SIM_SHARED_LOCK = lock
 
 
 _NUMBA_STREAMS: dict = {}

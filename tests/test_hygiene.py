@@ -117,11 +117,11 @@ print(json.dumps([before, after_import, state(), sorted(during)]))
 """
 
 
-def test_emulation_changes_the_switch_interval_only_during_launches():
+def test_emulation_leaves_the_process_as_it_found_it():
     """Importing pydl with PYDL_INTERPRET=1 and running its kernels leaves the GIL switch
-    interval, the warning filters and NumPy's error state as they were; the Numba simulator's
-    launches run with the short switch interval it needs (in a fresh process: the test
-    session has imported pydl already)."""
+    interval (during the Numba simulator's launches too: its barriers wake their block, so no
+    shorter interval is needed), the warning filters and NumPy's error state as they were (in
+    a fresh process: the test session has imported pydl already)."""
     # the emulation switches set beforehand, so numba.cuda may load before pydl
     env = dict(os.environ, PYDL_INTERPRET="1", NUMBA_ENABLE_CUDASIM="1", TRITON_INTERPRET="1")
     proc = subprocess.run(
@@ -136,9 +136,7 @@ def test_emulation_changes_the_switch_interval_only_during_launches():
     before, after_import, after_ops, during = json.loads(proc.stdout.strip().splitlines()[-1])
     assert after_import == before
     assert after_ops == before
-    from pydl._env import SIMULATOR_SWITCH_INTERVAL
-
-    assert during == [pytest.approx(SIMULATOR_SWITCH_INTERVAL)]  # kept in whole microseconds
+    assert during == [before[0]]
 
 
 emulation_only = pytest.mark.skipif(not pydl.INTERPRET, reason="Triton's interpreter only")
