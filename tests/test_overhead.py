@@ -87,13 +87,18 @@ BASE_RATIO, LAUNCH_RATIO = 3.0, 2.0
 # confirmed). Its launches leaving the direct path are caught by the launch counts above
 # (test_launches_and_no_torch_kernels_or_syncs), not by this cap. Keys: (op, direction), or a
 # LAUNCHES key and the direction.
+# The backward caps of the layers and cells (25x) and of the naive attention (20x) sit about
+# 35% above what they measure alone (17-18.6x, 15.3x on 2026-12-06): inside the suite, with
+# the other test worker busy on the second core, the same rows measured 22-23x (up to 27x with
+# a third process running), as thread CPU time of pydl's Python path grows more with a busy
+# neighbour than torch's C++ dispatch does; at 22x and 18x they failed one suite run in two.
 # The Numba rows share the caps: planned per signature as the Triton ones are (their launches
 # NumbaLaunches, pydl/_launch.py), they measured 1-3x (6x the LSTM layer's forward, 16x its
 # backward through the engine); before their plans 2-12x forward and 2-35x backward.
-MAX_RATIOS = {("attention", "triton-naive", "bwd"): 18.0,
+MAX_RATIOS = {("attention", "triton-naive", "bwd"): 20.0,
               ("attention", "triton-naive", "fwd"): 13.0,
-              ("lstm", "fwd"): 10.0, ("lstm", "bwd"): 22.0, ("gru", "fwd"): 15.0,
-              ("gru", "bwd"): 22.0, ("lstm_cell", "fwd"): 9.0, ("lstm_cell", "bwd"): 22.0,
+              ("lstm", "fwd"): 10.0, ("lstm", "bwd"): 25.0, ("gru", "fwd"): 15.0,
+              ("gru", "bwd"): 25.0, ("lstm_cell", "fwd"): 9.0, ("lstm_cell", "bwd"): 25.0,
               ("gru_cell", "fwd"): 7.0, ("gru_cell", "bwd"): 12.0}
 
 
