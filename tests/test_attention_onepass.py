@@ -131,7 +131,8 @@ def _reference_grads(q, k, v, g, causal):
     return (od, *torch.autograd.grad(od, (qd, kd, vd), g.double()))
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("causal", [pytest.param(False, marks=pytest.mark.sim_heavy), True],
+                         ids=["noncausal", "causal"])
 def test_every_onepass_candidate(tuning, monkeypatch, causal):  # noqa: F811 (fixture)
     """Each tile shape of the single-pass backward's space (the tuner forced to it)."""
     q, k, v, g = (random_tensor((1, 2, 144, 32), torch.float32, DEVICE) for _ in range(4))

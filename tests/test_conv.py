@@ -334,12 +334,20 @@ TAP_TILE_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype,layout", [
-    (torch.float32, "nchw"), (torch.float16, "channels_last"),
-    pytest.param(torch.float16, "nchw", marks=pytest.mark.sim_heavy),
-    pytest.param(torch.float32, "channels_last", marks=pytest.mark.sim_heavy)],
-    ids=["fp32-nchw", "fp16-channels_last", "fp16-nchw", "fp32-channels_last"])
-@pytest.mark.parametrize("case", TAP_TILE_CASES)
+# every case in fp32 NCHW; fp16 channels_last on the 3x3 layer (the rest with --full)
+_TAP_TILE_PARAMS = [
+    pytest.param(case, dtype, layout, id=f"{case}-{name}",
+                 marks=() if name == "fp32-nchw" or (case == "3x3_pad" and
+                                                      name == "fp16-channels_last")
+                 else pytest.mark.sim_heavy)
+    for name, dtype, layout in [("fp32-nchw", torch.float32, "nchw"),
+                                ("fp16-channels_last", torch.float16, "channels_last"),
+                                ("fp16-nchw", torch.float16, "nchw"),
+                                ("fp32-channels_last", torch.float32, "channels_last")]
+    for case in TAP_TILE_CASES]
+
+
+@pytest.mark.parametrize("case,dtype,layout", _TAP_TILE_PARAMS)
 def test_implicit_grad_weight_tap_tiles(monkeypatch, case, dtype, layout):
     """The weight gradient tiled by (kh, kw, channel block) with split-K, on every edge: taps
     of non-square and dilated kernels, strides, asymmetric padding, groups, input and output
@@ -467,7 +475,8 @@ DEPTHWISE_CASES = {
 
 
 @pytest.mark.parametrize("split", ["one_range", "ranges"])
-@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.sim_heavy)
+                                  if c == "5x5_dilated" else c for c in DEPTHWISE_CASES])
 def test_depthwise_direct_kernels(monkeypatch, case, split):
     """A depthwise layer (groups == C_in) runs the direct kernels, forward, grad input and grad
     weight (with bias), against the float64 reference and torch; "ranges" sums the weight
