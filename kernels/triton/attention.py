@@ -23,11 +23,12 @@ wholly inside the key range (and, for causal attention, wholly below the diagona
 unmasked loop, the diagonal and the partial last tiles a masked one (`_key_ranges` for the
 loops over keys; the dK/dV kernel splits its loop over queries the same way).
 
-Dropout: keep(i, j) = rand(seed + bh, i * S + j) >= p from Triton's counter-based Philox
-generator, recomputed bit-identically in the backward (`_dropout_keep` is the one definition);
-kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P. The
-counter i * S + j is 32 bits wide (DROPOUT_32) unless a plane holds 2**32 scores or more
-(DROPOUT_64, chosen by the host), where it would wrap and repeat the keep pattern.
+Dropout: score (i, j) of plane bh is kept where a uniform draw from Philox-4x32 (Triton's
+counter-based generator) keyed by the seed, with counters (i * S + j, its high word, bh, 0), is
+>= p; recomputed bit-identically in the backward (`_dropout_keep` is the one definition).
+Kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P. The
+counter i * S + j is 32 bits wide (DROPOUT_32, its high word 0) unless a plane holds 2**32
+scores or more (DROPOUT_64, chosen by the host), where it would wrap and repeat the pattern.
 
 Exponentials use exp2 with log2(e) folded into the scale; the forward's unmasked tiles take the
 row max of the raw products and apply the scale inside the exponent's FMA, exp2(qk * c - m)
@@ -59,8 +60,14 @@ def _dropout_keep(seed, bh, qi, kj, S, p, DROPOUT: tl.constexpr):
     2**32 scores or more, where the 32-bit counter would wrap and repeat the pattern; below
     that both widths draw the same bits (Philox's second counter is 0)."""
     if DROPOUT == DROPOUT_64:
-        return tl.rand(seed + bh, qi.to(tl.int64) * S + kj) >= p
-    return tl.rand(seed + bh, qi * S + kj) >= p
+        offset = qi.to(tl.int64) * S + kj
+        lo, hi = offset.to(tl.uint32), (offset >> 32).to(tl.uint32)
+    else:
+        lo = (qi * S + kj).to(tl.uint32, bitcast=True)
+        hi = lo * 0
+    # keyed by the seed alone, the plane a counter word: calls with nearby seeds share no stream
+    bits, _, _, _ = tl.philox(seed, lo, hi, bh, 0)
+    return tl.random.uint_to_uniform_float(bits) >= p
 
 
 @triton.jit
