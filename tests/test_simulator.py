@@ -1,8 +1,9 @@
-"""The two fixes pydl makes to numba-cuda's CUDA simulator (kernels/numba/__init__.py): a block
-manager woken by its threads at each barrier instead of polling them, and an atomic
-`cuda.shared.array`. Barriers must still hold every thread of a block until the last one
+"""The fixes pydl makes to the emulators. numba-cuda's CUDA simulator (kernels/numba/__init__.py):
+a block manager woken by its threads at each barrier instead of polling them, and an atomic
+`cuda.shared.array`; barriers must still hold every thread of a block until the last one
 arrives (threads that run ahead are delayed on purpose here), a thread's error must reach the
-caller without leaving the block waiting, and a block's shared array must be one array."""
+caller without leaving the block waiting. Triton's interpreter (kernels/triton/__init__.py):
+its builtins found by name, patching exactly what its own search patches."""
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from conftest import HAS_CUDA
 
 import pydl.kernels.numba  # noqa: F401  (applies the fixes)
+import pydl.kernels.triton  # noqa: F401
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="the CUDA simulator's behaviour")
 
@@ -78,3 +80,19 @@ def test_the_fixes_are_in_place():
     from numba.cuda.simulator import kernel, kernelapi
     assert getattr(kernel.BlockManager.run, "notified", False)
     assert getattr(kernelapi.FakeCUDAShared.array, "locked", False)
+
+
+def test_triton_interpreter_patches_the_builtins_its_own_search_finds():
+    import triton.language as tl
+    from triton.runtime import interpreter
+    ours = interpreter._patch_builtin
+    assert getattr(ours, "by_name", False)
+    for pkg in (tl, tl.math, tl.tensor, tl.core, tl.core.tensor_descriptor_base):
+        patched = []
+        for patch in (ours, ours.original):
+            outer, inner = interpreter._LangPatchScope(), interpreter._LangPatchScope()
+            patch(pkg, None, outer)
+            patch(pkg, None, inner)         # a helper's call inside the launch: nothing left
+            patched.append(([n for _, n, _ in outer._changes], inner._changes))
+            outer.restore()
+        assert patched[0] == patched[1] and patched[0][0] and not patched[0][1], pkg
