@@ -51,6 +51,11 @@ def _register_without_row_stack() -> None:
 _register_without_row_stack()
 
 
+def _params(fn) -> list:
+    import inspect
+    return list(inspect.signature(fn).parameters)
+
+
 def _barriers_by_notification() -> None:
     """The simulator's BlockManager.run, waiting on a condition variable instead of polling."""
     import threading
@@ -58,8 +63,11 @@ def _barriers_by_notification() -> None:
     import numpy as np
     from numba.cuda.simulator import kernel as sim
 
-    if getattr(sim.BlockManager.run, "notified", False):
-        return
+    if getattr(sim.BlockManager.run, "notified", False) or \
+            _params(sim.BlockThread.__init__) != ["self", "f", "manager", "blockIdx", "threadIdx",
+                                                   "debug"] or \
+            _params(sim.BlockManager.__init__) != ["self", "f", "grid_dim", "block_dim", "debug"]:
+        return                      # another simulator: leave it as it is
 
     class Thread(sim.BlockThread):
         """A simulated CUDA thread that tells its block when it reaches a barrier or ends
