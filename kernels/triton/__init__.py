@@ -7,8 +7,9 @@ a kernel* (`_patch_lang`), each time listing every member of tl, tl.tensor, tl.m
 descriptor class with `inspect.getmembers` to find the builtins; in a helper's call they are
 all patched already, so that search finds nothing and costs the most. It took about 13% of a
 Triton-heavy test slice. The replacement lists each package's builtins once (at its first
-patch, when nothing is patched yet) and checks only those names each time: what it patches is
-the same in every call.
+patch: the members that are builtins or the interpreter's replacements of one, as a helper's
+call leaves its patches in place) and checks only those names each time: what it patches is the
+same in every call.
 """
 import os
 
@@ -24,12 +25,20 @@ def _builtins_by_name() -> None:
     if original is None or getattr(original, "by_name", False) or \
             list(inspect.signature(original).parameters) != ["pkg", "builder", "scope"]:
         return                      # another Triton: leave its interpreter as it is
-    names: dict = {}                # package -> the names of its builtins, unpatched
+    names: dict = {}                # package -> the names of its builtins
+
+    def builtin_or_patched(member) -> bool:
+        """A builtin, or what the interpreter put in one's place (its wrappers, its reduce and
+        scan): a helper's call leaves its patches in place until the launch ends, so a package
+        may be first seen with some of its builtins replaced."""
+        return core.is_builtin(member) or \
+            getattr(member, "__module__", None) == interpreter.__name__
 
     def patch_builtin(pkg, builder, scope):
         listed = names.get(pkg)
         if listed is None:
-            listed = names[pkg] = [n for n, m in inspect.getmembers(pkg) if core.is_builtin(m)]
+            listed = names[pkg] = [n for n, m in inspect.getmembers(pkg)
+                                   if builtin_or_patched(m)]
         for name in listed:
             member = getattr(pkg, name, None)
             if core.is_builtin(member):     # not already patched by an enclosing call
