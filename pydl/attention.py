@@ -188,9 +188,10 @@ def _seed_scalar(dropout_p: float) -> tuple:
 def _dropout_kind(dropout_p: float, L: int, S: int) -> int:
     """The kernels' DROPOUT constant: off, or on with Philox counters i * S + j of 32 bits, or of
     64 where a (batch, head) plane of L x S scores would wrap a 32-bit counter."""
-    if dropout_p == 0:
-        return 0
-    return 2 if L * S >= 2 ** 32 else 1
+    from .kernels.triton import attention as kt
+    kind = (kt.DROPOUT_OFF if dropout_p == 0 else
+            kt.DROPOUT_64 if L * S >= 2 ** 32 else kt.DROPOUT_32)
+    return kind.value
 
 
 class _TritonAttention:
