@@ -1,7 +1,7 @@
 """Triton kernels, one module per op family.
 
-Under emulation (TRITON_INTERPRET=1, set by PYDL_INTERPRET=1) this package makes one change to
-Triton's interpreter (3.6-3.7), once when it loads: `_builtins_by_name`. The interpreter
+Under emulation (PYDL_INTERPRET=1 switches Triton's interpreter on) this package makes one
+change to the interpreter (Triton 3.6-3.7), once when it loads: `_builtins_by_name`. The interpreter
 re-patches `triton.language` before every launch *and every call of a @triton.jit helper inside
 a kernel* (`_patch_lang`), each time listing every member of tl, tl.tensor, tl.math and the
 descriptor class with `inspect.getmembers` to find the builtins; in a helper's call they are
@@ -11,7 +11,6 @@ patch: the members that are builtins or the interpreter's replacements of one, a
 call leaves its patches in place) and checks only those names each time: what it patches is the
 same in every call.
 """
-import os
 
 
 def _builtins_by_name() -> None:
@@ -48,5 +47,13 @@ def _builtins_by_name() -> None:
     interpreter._patch_builtin = patch_builtin
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+def _interpreting() -> bool:
+    """Whether @triton.jit gives interpreted functions: Triton's own reading of the switch
+    pydl set (this package reads no environment variable)."""
+    import triton
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs is not None and knobs.runtime.interpret)
+
+
+if _interpreting():
     _builtins_by_name()
