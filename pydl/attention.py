@@ -531,17 +531,19 @@ class _NumbaAttention:
 
     @staticmethod
     @_env.emulated_launch
-    def weights(q, k, mask, mask_kind, is_causal, scale) -> torch.Tensor:
+    def weights(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed) -> torch.Tensor:
         """The attention weights (B, H, L, S) in q's dtype (kernels/numba/attention.py
         attention_weights), not differentiable: with the flash output, what
-        attention_with_weights returns on this backend."""
+        attention_with_weights returns on this backend; under dropout the flash kernels' keep
+        pattern for `seed`, kept weights scaled by 1 / (1 - p)."""
         from .kernels.numba import attention as kn
         B, H, L, _ = q.shape
         p = new_output((B, H, L, k.shape[2]), q.dtype, q.device)
         m, mask_code = _numba_mask(mask)
         launch_numba_1d(kn.attention_weights, B * H * L, q.device, q, k,
                         m if m is not None else q, p, float(scale), mask_kind,
-                        mask_code, bool(is_causal), H // k.shape[1], kn.dtype_code(q.dtype))
+                        mask_code, bool(is_causal), H // k.shape[1],
+                        *_numba_dropout(dropout_p, seed), kn.dtype_code(q.dtype))
         return p
 
     @staticmethod
@@ -658,6 +660,17 @@ class AttentionKernels:
                               self.scale, self.dropout_p, self.backend, mask_grad)
 
 
+class _SeedKept(AttentionKernels):
+    """AttentionKernels that keep the dropout seed of their last forward (a CPU int64
+    scalar): the numba backend's weights kernel drops what the flash output dropped."""
+
+    __slots__ = ("seed",)
+
+    def forward(self, q, k, v, mask):
+        o, lse, self.seed = super().forward(q, k, v, mask)
+        return o, lse, self.seed
+
+
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, ops: AttentionKernels):
@@ -678,32 +691,43 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, (dmask if mask_grad else None), None
 
 
-def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale):
+def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
     B, H, L, _ = q.shape
-    return (empty_like_shape(q, (B, H, L, v.shape[3])),
-            empty_like_shape(q, (B, H, L, k.shape[2])))
+    S = k.shape[2]
+    return (empty_like_shape(q, (B, H, L, v.shape[3])), empty_like_shape(q, (B, H, L, S)),
+            empty_like_shape(q, (B, H, L, S) if dropout_p > 0 else (0,)),
+            torch.empty((), dtype=torch.int64))
 
 
 @kernel_op("attention_naive_fwd", _naive_fwd_fake)
 def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
-                         is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """(output, attention weights P)."""
-    key = _key("naive_fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale)
-    return _LAUNCHES.get(key, _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale)(
-        q, k, v, mask)
+                         is_causal: bool, scale: float,
+                         dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(output, the attention weights, the undropped P under dropout else an empty
+    placeholder, the dropout seed as a CPU int64 scalar). Under dropout the weights are
+    torch's: P' = P * keep / (1 - p), the output P' v, with the flash kernels' keep pattern
+    for the seed; the backward's softmax gradient needs P itself."""
+    seed = dropout_seed() if dropout_p > 0 else 0
+    key = _key("naive_fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale,
+               dropout_p=dropout_p)
+    o, weights, p = _LAUNCHES.get(key, _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal,
+                                  scale, dropout_p)(q, k, v, mask, seed)
+    return o, weights, p, torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else _NO_SEED
 
 
-def _weights_fake(q, k, mask, mask_kind, is_causal, scale):
+def _weights_fake(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed):
     B, H, L, _ = q.shape
     return empty_like_shape(q, (B, H, L, k.shape[2]))
 
 
 @kernel_op("attention_weights", _weights_fake)
 def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], mask_kind: int,
-                       is_causal: bool, scale: float) -> Tensor:
+                       is_causal: bool, scale: float, dropout_p: float, seed: Tensor) -> Tensor:
     """The numba backend's attention weights (B, H, L, S) in q's dtype, not differentiable
-    (_NumbaAttention.weights): attention_with_weights' second output there."""
-    return _NumbaAttention.weights(q, k, mask, mask_kind, is_causal, scale)
+    (_NumbaAttention.weights): attention_with_weights' second output there. Under dropout,
+    dropped as the flash forward that drew `seed` (a CPU int64 scalar) dropped them."""
+    return _NumbaAttention.weights(q, k, mask, mask_kind, is_causal, scale, dropout_p,
+                                   int(seed) if dropout_p > 0 else 0)
 
 
 def _grouped(t: Tensor, shape: tuple):
@@ -714,57 +738,70 @@ def _grouped(t: Tensor, shape: tuple):
     return g, g.numel() == 0 or g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
 
 
-def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale):
-    """run(q, k, v, mask) -> (o, P) of algo="naive" for this signature: scores = q k^T *
-    scale (fp32), P = the masked softmax, o = P v; GQA as (B, Hkv, G * L, .) rows."""
+def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
+    """run(q, k, v, mask, seed) -> (o, weights, P or an empty placeholder) of algo="naive" for
+    this signature: scores = q k^T * scale (fp32), P = the masked softmax (and under dropout
+    the dropped weights P', one kernel), o = P' v; GQA as (B, Hkv, G * L, .) rows."""
     from .kernels.triton import attention as kt
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
     rows = (B, HKV, _group(H, HKV) * L)
+    drop = dropout_p > 0
     qg, q_view = _grouped(q, (*rows, E))
     new_scores = output_maker((*rows, S), torch.float32, q.device)
     new_p = output_maker((B, H, L, S), q.dtype, q.device)
     new_o = output_maker((*rows, EV), q.dtype, q.device)
+    new_empty = output_maker((0,), q.dtype, q.device)
     scores, p, o = fresh(new_scores), fresh(new_p), fresh(new_o)
     scores_gemm = gemm_plan_on((q if q_view else qg, k, scores, None, None), qg, k, scores,
                                trans_b=True, alpha=scale)
     sc = scores.view(B, H, L, S)
-    softmax = Launch(kt.attention_naive_softmax, (L * B * H,),
-                     (*sc.stride(), *_strides4(mask), *p.stride(), H, L, S),
-                     dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, BLOCK_N=dot_block(S, 1024)))
+    softmax = _seeded(Launch(
+        kt.attention_naive_softmax, (L * B * H,),
+        (*sc.stride(), *_strides4(mask), *p.stride(), H, L, S, dropout_p,
+         *_seed_scalar(dropout_p)),
+        dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=_dropout_kind(dropout_p, L, S),
+             BLOCK_N=dot_block(S, 1024))), dropout_p)
     pv_gemm = gemm_plan_on((p, v, o, None, None), p.view(*rows, S), v, o)
 
-    def run(q, k, v, mask):
+    def run(q, k, v, mask, seed):
         scores, p, o = fresh(new_scores), fresh(new_p), fresh(new_o)
+        weights = fresh(new_p) if drop else p       # P' under dropout (p's shape and layout)
         scores_gemm(q if q_view else q.reshape(*rows, E), k, scores, None, None)
-        softmax(scores, scores if mask is None else mask, p)
-        pv_gemm(p, v, o, None, None)
-        return o.view(B, H, L, EV), p
+        softmax(scores, scores if mask is None else mask, p, weights, seed)
+        pv_gemm(weights, v, o, None, None)
+        return o.view(B, H, L, EV), weights, p if drop else fresh(new_empty)
     return run
 
 
-@kernel_op("attention_naive_bwd", lambda q, k, v, p, do, dw, mask, scale, mask_grad: (
-    empty_like_shape(q), empty_like_shape(k), empty_like_shape(v), _mask_grad_fake(q, mask, mask_grad)))
-def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, p: Tensor, do: Tensor,
-                         dw: Optional[Tensor], mask: Optional[Tensor], scale: float,
+@kernel_op("attention_naive_bwd", lambda q, k, v, w, p, do, dw, mask, seed, scale, dropout_p,
+           mask_grad: (empty_like_shape(q), empty_like_shape(k), empty_like_shape(v),
+                       _mask_grad_fake(q, mask, mask_grad)))
+def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, p: Tensor, do: Tensor,
+                         dw: Optional[Tensor], mask: Optional[Tensor], seed: Tensor,
+                         scale: float, dropout_p: float,
                          mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty); dw: the
-    gradient of the weights P the forward returned, or None."""
-    key = _key("naive_bwd", q, k, v, p, do, dw, scale=scale)
-    dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, p, do, dw, scale)(
-        q, k, v, p, do, dw)
-    dmask = ds.view(p.shape).to(mask.dtype) if mask_grad else _mask_grad_fake(q, mask, False)
+    """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty); w, p and seed:
+    the forward's weights, undropped P (under dropout) and seed; dw: the gradient of the
+    weights, or None."""
+    key = _key("naive_bwd", q, k, v, w, do, dw, scale=scale, dropout_p=dropout_p)
+    dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, w, do, dw, scale, dropout_p)(
+        q, k, v, w, p, do, dw, int(seed) if dropout_p > 0 else 0)
+    dmask = ds.view(w.shape).to(mask.dtype) if mask_grad else _mask_grad_fake(q, mask, False)
     return dq, dk, dv, dmask
 
 
-def _plan_naive_bwd(q, k, v, p, do, dw, scale):
-    """run(q, k, v, P, dO, dW) -> (dq, dk, dv, dS) of algo="naive" for this signature: dV =
-    P^T dO, dP = dO V^T (+ dW, the weights' own gradient, when given: the GEMM's addend; fp32),
-    dS = P * (dP - rowsum(dP * P)) (the softmax backward kernel over rows of length S), dQ =
-    dS K * scale, dK = dS^T Q * scale; GQA as in the forward, so dK and dV sum over each K/V
-    head's group inside their GEMMs."""
+def _plan_naive_bwd(q, k, v, w, do, dw, scale, dropout_p):
+    """run(q, k, v, W, P, dO, dW, seed) -> (dq, dk, dv, dS) of algo="naive" for this
+    signature, W the weights (P' = P * keep / (1 - p) under dropout, else P): dV = W^T dO,
+    dW' = dO V^T (+ dW, the weights' own gradient, when given: the GEMM's addend; fp32), dS =
+    P * (dP - rowsum(dP * P)) with dP = dW' (the softmax backward kernel over rows of length
+    S) or under dropout keep * dW' / (1 - p) (attention_naive_dropout_bwd, its keep pattern
+    recomputed from the seed), dQ = dS K * scale, dK = dS^T Q * scale; GQA as in the
+    forward, so dK and dV sum over each K/V head's group inside their GEMMs."""
+    from .kernels.triton import attention as kt
     from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
-    B, H, L, S = p.shape
+    B, H, L, S = w.shape
     HKV, E, EV = k.shape[1], q.shape[3], v.shape[3]
     rows = (B, HKV, _group(H, HKV) * L)
     qg, q_view = _grouped(q, (*rows, E))
@@ -778,20 +815,32 @@ def _plan_naive_bwd(q, k, v, p, do, dw, scale):
     dv, dk, dp, ds, dq = (fresh(m) for m in (new_dv, new_dk, new_dp, new_ds, new_dq))
     q0, do0 = q if q_view else qg, do if do_view else dog
     dsg = ds.view(*rows, S)
-    dv_gemm = gemm_plan_on((p, do0, dv, None, None), p.view(*rows, S), dog, dv, trans_a=True)
+    dv_gemm = gemm_plan_on((w, do0, dv, None, None), w.view(*rows, S), dog, dv, trans_a=True)
     dp_gemm = gemm_plan_on((do0, v, dp, None, dw if dw_view else dwg), dog, v, dp,
                            trans_b=True, addend=dwg)
-    softmax = ROW_LAUNCHERS["triton"].plan_softmax_bwd(p.view(B * H * L, S, 1),
-                                                       dp.view(B * H * L, S, 1), ds, False)
+    if dropout_p > 0:       # P, dW' and dS are contiguous (B * H * L, S) rows (made so here)
+        dropped = _seeded(Launch(
+            kt.attention_naive_dropout_bwd, (L * B * H,), (L, S, dropout_p),
+            dict(DROPOUT=_dropout_kind(dropout_p, L, S), BLOCK_N=dot_block(S, 1024))),
+            dropout_p)
+
+        def softmax(w, p, dp, ds, seed):
+            dropped(p, dp, ds, seed)
+    else:
+        row_bwd = ROW_LAUNCHERS["triton"].plan_softmax_bwd(w.view(B * H * L, S, 1),
+                                                           dp.view(B * H * L, S, 1), ds, False)
+
+        def softmax(w, p, dp, ds, seed):
+            row_bwd(w, dp, ds)
     dq_gemm = gemm_plan_on((ds, k, dq, None, None), dsg, k, dq, alpha=scale)
     dk_gemm = gemm_plan_on((ds, q0, dk, None, None), dsg, qg, dk, trans_a=True, alpha=scale)
 
-    def run(q, k, v, p, do, dw):
+    def run(q, k, v, w, p, do, dw, seed):
         dv, dk, dp, ds, dq = (fresh(m) for m in (new_dv, new_dk, new_dp, new_ds, new_dq))
         do = do if do_view else do.reshape(*rows, EV)
-        dv_gemm(p, do, dv, None, None)
+        dv_gemm(w, do, dv, None, None)
         dp_gemm(do, v, dp, None, dw if dw_view else dw.reshape(*rows, S))
-        softmax(p, dp, ds)
+        softmax(w, p, dp, ds, seed)
         dq_gemm(ds, k, dq, None, None)
         dk_gemm(ds, q if q_view else q.reshape(*rows, E), dk, None, None)
         return dq.view(B, H, L, E), dk, dv, ds
@@ -808,30 +857,31 @@ class NaiveAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale):
-        o, p = _attention_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale)
-        ctx.save_for_backward(q, k, v, p, mask)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
+        o, w, p, seed = _attention_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale,
+                                             dropout_p)
+        ctx.save_for_backward(q, k, v, w, p, mask, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         # the weights are differentiable, as torch's; a gradient that reaches only one of the
         # outputs leaves the other's None (materialised, the weights' would be a (B, H, L, S)
         # tensor of zeros made by the engine every backward)
         ctx.set_materialize_grads(False)
-        return o, p
+        return o, w
 
     @staticmethod
     def backward(ctx, do, dweights):
         if do is None and dweights is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if torch.is_grad_enabled():      # create_graph: no double backward, say so
             return without_double_backward("scaled_dot_product_attention",
                                            NaiveAttentionFunction.backward, ctx, do, dweights)
-        q, k, v, p, mask = ctx.saved_tensors
+        q, k, v, w, p, mask, seed = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         if do is None:                   # only the weights reach back: dO = 0
             do = q.new_zeros(q.shape[:3] + v.shape[3:])
-        dq, dk, dv, dmask = _attention_naive_bwd(q, k, v, p, do, dweights, mask, ctx.scale,
-                                                 mask_grad)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+        dq, dk, dv, dmask = _attention_naive_bwd(q, k, v, w, p, do, dweights, mask, seed,
+                                                 ctx.scale, ctx.dropout_p, mask_grad)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
 
 
 ALGOS = ("flash", "naive", "flash_hopper", "flash_onepass")
@@ -841,9 +891,8 @@ def _kernel_attention(backend):
     def impl(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, algo):
         """algo: resolved by the registry (pydl.backends.resolve_algo)."""
         if algo == "naive":
-            if dropout_p > 0:
-                raise NotImplementedError("algo='naive' has no dropout; use algo='flash'")
-            return apply(NaiveAttentionFunction, q, k, v, mask, mask_kind, is_causal, scale)[0]
+            return apply(NaiveAttentionFunction, q, k, v, mask, mask_kind, is_causal, scale,
+                         dropout_p)[0]
         ops = AttentionKernels(mask_kind, is_causal, scale, dropout_p,
                                VARIANT_LAUNCHERS.get(algo, backend))
         if needs_graph(q, k, v, mask):
@@ -1083,11 +1132,13 @@ class _AttentionCall(AttentionKernels):
     def with_weights(self, query, key, value, attn_mask):
         """(output, attention weights (B, Hq, L, S)) for attention_with_weights: the triton
         backend's naive kernels (its launches planned per signature), the numba backend's
-        flash output and weights kernel, torch's ops on the torch backend."""
+        flash output and weights kernel, torch's ops on the torch backend. Under dropout the
+        weights are the dropped ones, P * keep / (1 - p), and the output is theirs (torch's
+        MultiheadAttention)."""
         q, k, v, mask = self._views(query, key, value, attn_mask)
         if self.name == "triton":
             out, weights = apply(NaiveAttentionFunction, q, k, v, mask, self.mask_kind,
-                                 self.is_causal, self.scale)
+                                 self.is_causal, self.scale, self.dropout_p)
         elif self.name == "torch":
             G = q.shape[1] // k.shape[1]
             kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
@@ -1098,11 +1149,22 @@ class _AttentionCall(AttentionKernels):
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
             weights = torch.softmax(s, -1).nan_to_num(0.0)
+            if self.dropout_p > 0:
+                weights = torch.nn.functional.dropout(weights, self.dropout_p)
             out = weights @ vv
         elif self.name == "numba":      # the flash output, the weights by a kernel of their own
-            out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale, 0.0,
-                            self.algo)
-            weights = _attention_weights(q, k, mask, self.mask_kind, self.is_causal, self.scale)
+            if self.dropout_p > 0:      # the weights drop what the output's kernels dropped
+                ops = _SeedKept(self.mask_kind, self.is_causal, self.scale, self.dropout_p,
+                                "numba")
+                out = (apply(AttentionFunction, q, k, v, mask, ops) if needs_graph(q, k, v, mask)
+                       else ops.forward(q, k, v, mask)[0])
+                seed = ops.seed
+            else:
+                out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale, 0.0,
+                                self.algo)
+                seed = _NO_SEED
+            weights = _attention_weights(q, k, mask, self.mask_kind, self.is_causal, self.scale,
+                                         self.dropout_p, seed)
             if needs_graph(q, k, mask):     # torch's weights are differentiable: say so
                 weights = raises_on_backward(weights, _NUMBA_WEIGHTS_NO_GRAD, q, k, mask)
         else:
@@ -1186,15 +1248,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 @public_op
-def attention_with_weights(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                           enable_gqa=False, *, backend=None):
-    """(output, attention weights (B, Hq, L, S)) without dropout, for callers that need the
-    weights (nn.MultiheadAttention's need_weights=True): the triton backend's naive variant,
-    the numba backend's flash output and a weights kernel, or torch's own ops on the "torch"
-    backend. The weights are not differentiable (as torch's: the output carries the graph)."""
+def attention_with_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                           scale=None, enable_gqa=False, *, backend=None):
+    """(output, attention weights (B, Hq, L, S)), scaled_dot_product_attention's arguments,
+    for callers that need the weights (nn.MultiheadAttention's need_weights=True): the triton
+    backend's naive variant, the numba backend's flash output and a weights kernel, or torch's
+    own ops on the "torch" backend. With dropout_p the weights are the dropped ones, P * keep
+    / (1 - p), and the output is theirs, as torch's MultiheadAttention returns them (the keep
+    pattern is the flash kernels' for the call's seed). The weights are differentiable on the
+    triton and torch backends; on numba a backward through them raises."""
     query, key, value, attn_mask = autocast_inputs("scaled_dot_product_attention", query, key,
                                                    value, attn_mask)
-    call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, 0.0,
+    call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, dropout_p,
                        bool(is_causal), scale, enable_gqa, backend, None)
     return call.with_weights(query, key, value, attn_mask)
 

@@ -168,11 +168,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         mask = _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype, extra)
         dropout = self.dropout if self.training else 0.0
         weights = None
-        if need_weights:
-            if dropout > 0:
-                raise NotImplementedError("need_weights=True with dropout in training is not "
-                                          "supported; pass need_weights=False")
-            out, weights = attention_with_weights(q, k, v, attn_mask=mask, backend=self.backend)
+        if need_weights:        # under dropout torch returns the dropped weights: so do we
+            out, weights = attention_with_weights(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  backend=self.backend)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:

@@ -299,8 +299,6 @@ def _note(kind: _Kind, m: torch.nn.Module, backend: str | None, parent_name: str
             notes.append("need_weights=True (torch's default) returns weights on numba that "
                          "have no backward there: a loss on them raises (the output's gradient "
                          "runs)")
-        if m.dropout > 0:
-            notes.append("need_weights=True with dropout raises in training")
         return "; ".join(notes)
     return ""
 

@@ -582,6 +582,112 @@ def test_multihead_attention_checks_its_inputs(batch_first):
             theirs(query, key, value, **masks)
 
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+@pytest.mark.parametrize("case", ["causal", "gqa_bool_mask"])
+def test_attention_weights_under_dropout_are_the_dropped_ones(backend, case):
+    """With dropout_p, attention_with_weights returns torch's MultiheadAttention pair: the
+    dropped weights P * keep / (1 - p) and their product with v, the keep pattern the flash
+    kernels draw for the seed (so the two algos drop the same scores), against float64;
+    gradients through the output and (triton) the weights too. numba's weights still raise
+    on a backward through them."""
+    from pydl.attention import attention_with_weights
+    p, B, H, L, S, E = 0.3, 2, 4, 6, 9, 8
+    HKV = 2 if case.startswith("gqa") else H
+    q = random_tensor((B, H, L, E), torch.float32, DEVICE)
+    k = random_tensor((B, HKV, S, E), torch.float32, DEVICE)
+    v = random_tensor((B, HKV, S, E), torch.float32, DEVICE)
+    opts = dict(is_causal=True) if case == "causal" else dict(enable_gqa=True)
+    vis = torch.ones(L, S, dtype=torch.bool, device=DEVICE).tril()
+    if case.endswith("bool_mask"):
+        vis = torch.rand(L, S, device=DEVICE) > 0.3
+        vis[:, 0], vis[2] = True, False          # row 2: nothing visible, all-zero weights
+        opts["attn_mask"] = vis
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(11)
+    out, w = attention_with_weights(*leaves, dropout_p=p, backend=backend, **opts)
+    torch.manual_seed(11)
+    keep = attention.LAUNCHERS[backend].dropout_mask(B, H, L, S, p, attention.dropout_seed(),
+                                                     q.device)
+    r = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    kk, vv = (t.repeat_interleave(H // HKV, 1) for t in r[1:])
+    scores = (r[0] @ kk.transpose(-1, -2) / math.sqrt(E)).masked_fill(~vis, float("-inf"))
+    r_w = torch.softmax(scores, -1).nan_to_num(0.0) * keep / (1 - p)
+    r_out = r_w @ vv
+    assert_close(w, r_w, torch.float32, reduction=S, name="weights")
+    assert_close(out, r_out, torch.float32, reduction=S, name="output")
+    if case.endswith("bool_mask"):
+        assert not w[:, :, 2].any(), "a row with no visible key has weights"
+    go = random_tensor(out.shape, torch.float32, DEVICE)
+    gw = random_tensor(w.shape, torch.float32, DEVICE)
+    if backend == "numba":
+        with pytest.raises(RuntimeError, match="numba backend.*no backward|cannot reach"):
+            ((out * go).sum() + (w * gw).sum()).backward(retain_graph=True)
+        gw = gw * 0      # the output's gradient alone
+        (out * go).sum().backward()
+    else:
+        ((out * go).sum() + (w * gw).sum()).backward()
+    ((r_out * go.double()).sum() + (r_w * gw.double()).sum()).backward()
+    for name, ours, leaf in zip("qkv", leaves, r):
+        assert_close(ours.grad, leaf.grad, torch.float32, reduction=S * E, name=f"d{name}")
+
+
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "float_mask"])
+def test_naive_dropout_drops_what_flash_drops(case):
+    """algo="naive" under dropout: for one seed the same output and gradients as the flash
+    kernels (one keep pattern, `_dropout_keep`), forward and backward."""
+    B, H, L, S, E = 2, 4, 11, 13, 16
+    HKV = 2 if "gqa" in case else H
+    q = random_tensor((B, H, L, E), torch.float32, DEVICE)
+    k = random_tensor((B, HKV, S, E), torch.float32, DEVICE)
+    v = random_tensor((B, HKV, S, E), torch.float32, DEVICE)
+    opts = dict(dropout_p=0.4)
+    if "causal" in case:
+        opts.update(is_causal=True)
+    if "gqa" in case:
+        opts.update(enable_gqa=True)
+    if case == "float_mask":
+        opts["attn_mask"] = random_tensor((L, S), torch.float32, DEVICE)
+    results = []
+    for algo in ("flash", "naive"):
+        torch.manual_seed(3)
+        fn = functools.partial(pydl.scaled_dot_product_attention, backend="triton", algo=algo,
+                               **opts)
+        results.append(run_with_grad(fn, [q, k, v], results[0][1] if results else None))
+    (out, _, grads), (n_out, _, n_grads) = results
+    assert_close(n_out, out, torch.float32, reduction=S, name="output")
+    for name, a, b in zip("qkv", n_grads, grads):
+        assert_close(a, b, torch.float32, reduction=S * E, name=f"d{name}")
+
+
+def test_multihead_attention_weights_under_dropout_are_torchs():
+    """MultiheadAttention(dropout > 0, need_weights=True) in training returns what torch's
+    does: weights with dropped entries, kept ones scaled by 1 / (1 - p), and an output that is
+    those weights times the value projection (torch's need_weights path); each backend,
+    torch's included. In eval mode no dropout (the drop-in test compares with torch's)."""
+    E, H, N, L, S, p = 16, 2, 3, 5, 40, 0.5
+    theirs = torch.nn.MultiheadAttention(E, H, dropout=p, batch_first=True).to(DEVICE)
+    x = random_tensor((N, L, E), torch.float32, DEVICE)
+    kv = random_tensor((N, S, E), torch.float32, DEVICE)
+    for backend in ("triton", "numba", "torch"):
+        ours = pydl.nn.MultiheadAttention(E, H, dropout=p, batch_first=True, device=DEVICE,
+                                          backend=backend)
+        ours.load_state_dict(theirs.state_dict())
+        out, w = ours(x, kv, kv, average_attn_weights=False)
+        ours.eval()
+        _, w_eval = ours(x, kv, kv, average_attn_weights=False)
+        # the value projection per head, (N, H, S, E / H)
+        vp = F.linear(kv, *[t.chunk(3)[2] for t in (ours.in_proj_weight, ours.in_proj_bias)])
+        vp = vp.unflatten(-1, (H, -1)).transpose(1, 2)
+        expect = ours.out_proj((w @ vp).transpose(1, 2).flatten(2))
+        assert_close(out, expect, torch.float32, reduction=S, name=f"{backend}: output")
+        dropped = w == 0
+        rate = dropped.float().mean().item()
+        assert 0.35 < rate < 0.65, f"{backend}: dropped {rate:.3f} of the weights, p = {p}"
+        torch.testing.assert_close(w[~dropped], w_eval[~dropped] / (1 - p),
+                                   msg=f"{backend}: kept weights are not scaled by 1 / (1 - p)")
+        assert w_eval.sum(-1).sub(1).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
 def test_attention_weights_are_differentiable(mask_kind):
     """A loss on the weights attention_with_weights returns (nn.MultiheadAttention's

@@ -73,7 +73,7 @@ OPCHECKS = {
     "attention_fwd": lambda: (attention._attention_fwd, (
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
     "attention_naive_fwd": lambda: (attention._attention_naive_fwd, (
-        _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
+        _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35, 0.0)),
     "attention_bwd/mask_grad": lambda: _attention_bwd_args(),
     "attention_naive_bwd/mask_grad": lambda: _attention_naive_bwd_args(),
     # float16 without the mask's gradient: the empty placeholder was float32, the fake's
@@ -83,7 +83,7 @@ OPCHECKS = {
                                                                   mask_grad=False),
     "attention_weights": lambda: (attention._attention_weights, (   # numba's weights kernel
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), torch.rand(1, 2, 5, 7, device=DEVICE) > 0.3,
-        attention.MASK_BOOL, True, 0.35)),
+        attention.MASK_BOOL, True, 0.35, 0.0, torch.zeros((), dtype=torch.int64))),
     "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
         _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
     # no state, a column-major w_hh: dW_hh (zeros) was laid out as w_hh, the fake contiguous
@@ -118,10 +118,12 @@ def _attention_bwd_args(dtype=torch.float32, mask_grad=True):
 def _attention_naive_bwd_args(dtype=torch.float32, mask_grad=True):
     q, k, v, mask = (t.to(dtype) for t in (_x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8),
                                            _x(1, 2, 5, 7)))
-    _, p = attention._attention_naive_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35)
+    _, w, p, seed = attention._attention_naive_fwd(q, k, v, mask, attention.MASK_FLOAT, False,
+                                                   0.35, 0.0)
     # the weights' own gradient (B, H, L, S) beside the output's
-    return attention._attention_naive_bwd, (q, k, v, p, _x(1, 2, 5, 8).to(dtype),
-                                            _x(1, 2, 5, 7).to(dtype), mask, 0.35, mask_grad)
+    return attention._attention_naive_bwd, (q, k, v, w, p, _x(1, 2, 5, 8).to(dtype),
+                                            _x(1, 2, 5, 7).to(dtype), mask, seed, 0.35, 0.0,
+                                            mask_grad)
 
 
 def _cell_bwd_args(fwd, bwd, gates):

@@ -146,13 +146,16 @@ def attention_dropout_mask(keep, seed, threshold):
 
 
 @cuda.jit
-def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group, code):
+def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group, dropout,
+                      threshold, drop_scale, seed, code):
     """p[b, h, i, j] = the softmax over j of the scores `_score` defines (0 where a key is
     hidden; a row with no visible key all 0), in p's dtype: the attention weights
     MultiheadAttention(need_weights=True) returns beside the flash output. One thread per row
     (b, h, i), grid-stride; three passes over the row's keys (max, sum, write), each score
     computed again: a materialised extra output, simple rather than fast. q (B, H, L, E),
-    k (B, HKV, S, E), group = H // HKV; a NaN score makes its row NaN, as torch's softmax."""
+    k (B, HKV, S, E), group = H // HKV; a NaN score makes its row NaN, as torch's softmax.
+    With dropout, the weights the flash forward of `seed` used: 0 where it dropped the score,
+    else scaled by drop_scale = 1 / (1 - p)."""
     B = q.shape[0]
     H = q.shape[1]
     L = q.shape[2]
@@ -177,12 +180,15 @@ def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group,
                                        is_causal, code)
             if visible:
                 total_exp += math.exp(s - m) if m != NEG_INF else ZERO
+        base = _dropout_base(seed, r // L) if dropout else int64(0)
         for j in range(S):
             visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
                                        is_causal, code)
             w = ZERO
             if visible and m != NEG_INF:
                 w = math.exp(s - m) / total_exp
+                if dropout:
+                    w = w * drop_scale if _dropout_keep(base, i * S + j, threshold) else ZERO
             if code == BF16:
                 p[b, h, i, j] = f32_to_bf16_bits(w)
             else:

@@ -534,17 +534,21 @@ def attention_dropout_mask(
                  keep.to(tl.int8), mask=(rows[:, None] < L) & (cols[None, :] < S))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])   # a new value every call with dropout
 def attention_naive_softmax(
-    s_ptr, mask_ptr, p_ptr,
+    s_ptr, mask_ptr, p_ptr, pd_ptr,
     ss_b, ss_h, ss_m, ss_n,            # scores strides (B, H, L, S), fp32, already scaled
     sm_b, sm_h, sm_m, sm_n,            # mask strides (broadcast dims have stride 0)
-    sp_b, sp_h, sp_m, sp_n,            # probabilities strides
-    H, L, S,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+    sp_b, sp_h, sp_m, sp_n,            # probabilities strides (p and pd alike)
+    H, L, S, dropout_p, seed,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """The naive variant's middle kernel: P = softmax(scores + mask) for one row (b, h, i),
-    with the flash kernels' masking rules; a row with no visible key gets zeros."""
+    with the flash kernels' masking rules; a row with no visible key gets zeros. With DROPOUT
+    it also writes the dropped weights P' = P * keep / (1 - p) to pd (the flash kernels' keep
+    pattern, `_dropout_keep`, so both algos drop the same scores for one seed); P itself is
+    what the backward's softmax gradient needs."""
     row, bh = _tile_of_plane(L)         # grid (L * B*H,)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -565,13 +569,48 @@ def attention_naive_softmax(
     empty = l_row == 0.0
     m_row = tl.where(empty, 0.0, m_row)
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_row))
-    p_base = p_ptr + b * sp_b + h * sp_h + row * sp_m
+    row_off = b * sp_b + h * sp_h + row * sp_m
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         s = _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n, IS_CAUSAL, MASK_KIND)
         p = tl.exp(s - m_row[:, None]) * inv[:, None]
-        tl.store(p_base + cols[None, :].to(tl.int64) * sp_n, p.to(p_ptr.dtype.element_ty),
-                 mask=(cols < S)[None, :])
+        off = row_off + cols[None, :].to(tl.int64) * sp_n
+        tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=(cols < S)[None, :])
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
+            tl.store(pd_ptr + off, tl.where(keep, p / (1.0 - dropout_p), 0.0).to(
+                pd_ptr.dtype.element_ty), mask=(cols < S)[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def attention_naive_dropout_bwd(
+    p_ptr, dp_ptr, ds_ptr,             # (B*H*L, S) rows, contiguous: P, dP' (fp32), dS
+    L, S, dropout_p, seed,
+    DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The naive variant's softmax gradient under dropout, one row (bh, i) a program: dP' is
+    the gradient of the dropped weights P' = P * keep / (1 - p), so dP = keep * dP' / (1 - p)
+    (`_dropout_keep`, as the forward drew it) and dS = P * (dP - sum(P * dP))."""
+    row, bh = _tile_of_plane(L)         # grid (L * B*H,)
+    rows = tl.full([1], row, tl.int32)
+    base = (bh.to(tl.int64) * L + row) * S
+    acc = tl.zeros([1, BLOCK_N], tl.float32)
+    for start in range(0, S, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        inside = (cols < S)[None, :]
+        p = tl.load(p_ptr + base + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        dp = tl.load(dp_ptr + base + cols[None, :], mask=inside, other=0.0)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
+        acc += p * tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    total = tl.sum(acc, 1)[:, None]
+    for start in range(0, S, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        inside = (cols < S)[None, :]
+        p = tl.load(p_ptr + base + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        dp = tl.load(dp_ptr + base + cols[None, :], mask=inside, other=0.0)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
+        ds = p * (tl.where(keep, dp / (1.0 - dropout_p), 0.0) - total)
+        tl.store(ds_ptr + base + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
