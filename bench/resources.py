@@ -20,7 +20,10 @@ as i32 or i64, the int 1 as a constexpr, multiples of 16 marked divisible, float
 constexpr keyword arguments, num_warps and num_stages) and compiled with triton.compile for
 GPUTarget("cuda", arch, 32). Registers, spills and static shared memory are read from the cubin
 with cuobjdump --dump-resource-usage (Triton's shared memory is dynamic: metadata.shared, the
-number Triton checks against the device's limit at launch), HGMMA counted in its SASS.
+number Triton checks against the device's limit at launch), HGMMA counted in its SASS. Where a
+kernel spills, the SASS also tells where: a verdict "spills outside loops" means no local-memory
+access (STL, LDL) lies inside a loop (registers saved before the loops and restored after
+them: a few accesses a program), "spills" that some do, every iteration.
 
 The kernels must be real `triton.jit` functions, not the interpreter's: when emulation is
 asked for (PYDL_INTERPRET, TRITON_INTERPRET) or pydl is already imported, the command runs
@@ -1021,7 +1024,7 @@ def compile_job(job: dict, keep_sass: bool = False) -> dict:
                hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                hmma=len(re.findall(r"\bHMMA\.", sass)),
                tma=len(re.findall(r"\bUTMA(?:LDG|STG)\b", sass)), **load_counts(sass),
-               instrs=instruction_count(sass))
+               instrs=instruction_count(sass), **local_accesses(sass))
     if keep_sass:
         out["sass"] = sass
     # warp-specialized kernels move registers between partitions (setmaxnreg): "regs" is
@@ -1047,6 +1050,27 @@ def load_counts(sass: str) -> dict:
 
 
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+_ADDRESSED = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);",
+                        re.M)
+
+
+def local_accesses(sass: str) -> dict:
+    """Local-memory instructions (STL, LDL: spilled registers, or a stack frame's arrays) in
+    the SASS, and how many of them lie inside a loop: between a backward branch (a BRA to a
+    lower address) and its target. Where a spill is: registers saved before the loops and
+    restored after them cost a few accesses a program; one inside a loop costs them every
+    iteration."""
+    loops, local = [], []
+    for m in _ADDRESSED.finditer(sass):
+        at, op = int(m[1], 16), m[2]
+        if op.startswith(("STL", "LDL")):
+            local.append(at)
+        elif op.startswith("BRA"):
+            target = re.search(r"0x([0-9a-f]+)", m[3])
+            if target and int(target[1], 16) < at:
+                loops.append((int(target[1], 16), at))
+    return dict(local_instrs=len(local),
+                local_in_loops=sum(any(a <= x <= b for a, b in loops) for x in local))
 
 
 def instruction_count(sass: str) -> int:
@@ -1114,11 +1138,10 @@ def verdict(row: dict, arch: int) -> str:
         issues.append("too much shared memory")
     if row["regs"] * 32 * row["num_warps"] > REGS_PER_SM:
         issues.append("too many registers")
-    if "spill_stores" in row:
-        if row["spill_stores"] or row["spill_loads"]:
-            issues.append("spills")
-    elif row["local"] or row["stack"]:
-        issues.append("spills")
+    spills = (row["spill_stores"] or row["spill_loads"]) if "spill_stores" in row \
+        else row["local"] or row["stack"]
+    if spills:      # where the SASS shows no local access inside a loop, say so
+        issues.append("spills" if row.get("local_in_loops", 1) else "spills outside loops")
     return ", ".join(issues) or "ok"
 
 
@@ -1158,6 +1181,13 @@ def _spill_bytes(r: dict) -> int:
     """Spill stores per thread as ptxas counts them; local + stack bytes where it was not
     asked (both 0: nothing to spill)."""
     return r["spill_stores"] if "spill_stores" in r else r["local"] + r["stack"]
+
+
+def _local_text(r: dict) -> str:
+    """Where a row's local-memory accesses are, from its SASS."""
+    if "local_instrs" not in r:
+        return "local accesses not counted"
+    return f"{r['local_instrs']} local accesses, {r['local_in_loops']} in loops"
 
 
 def _cell(r: dict, key: str) -> str:
@@ -1205,7 +1235,7 @@ def table(rows: list[dict], detail: bool = False) -> str:
         head = (f"{'kernel':26s} {'case':26s} {'#':>2s} {'w':>2s} {'st':>2s} {'grid':>9s} "
                 f"{'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} {'mma':>4s} "
                 f"{'tma':>3s} {'cp.as':>5s} {'ldg16/all':>9s} {'instr':>6s}  "
-                f"{'verdict':14s} specialization (constexprs | pointer dtypes, ints)")
+                f"{'verdict':20s} specialization (constexprs | pointer dtypes, ints)")
     else:
         head = (f"{'kernel':26s} {'case':22s} {'#':>2s} {'config':21s} {'w':>2s} {'st':>2s} "
                 f"{'grid':>9s} {'regs':>4s} {'spill':>5s} {'smem':>4s} {'wgmma':>7s} "
@@ -1229,7 +1259,7 @@ def table(rows: list[dict], detail: bool = False) -> str:
             if r.get("signature_text"):
                 spec += " | " + r["signature_text"]
             lines.append(f"{r['kernel']:26s} {r['case']:26s} {cand:>2s} {nums}  "
-                         f"{_short_verdict(r):14s} {spec}")
+                         f"{_short_verdict(r):20s} {spec}")
         else:
             regs = f" (setmaxnreg {'/'.join(map(str, r['setmaxnreg']))})" \
                 if r.get("setmaxnreg") else ""
@@ -1255,7 +1285,8 @@ def _findings(rows: list[dict], launched: set, kernels: dict[str, list[str]]) ->
     spills = [r for r in rows if "spills" in r["verdict"]]
     out.append(f"SPILLS ({len(spills)}):" if spills else "SPILLS: none")
     for r in spills:
-        out.append(f"  {name(r)}: {_spill_bytes(r)} bytes spilled, {r['regs']} registers")
+        out.append(f"  {name(r)}: {_spill_bytes(r)} bytes spilled, {r['regs']} registers, "
+                   f"{_local_text(r)}")
     frames = [r for r in rows if "regs" in r and (r["stack"] or r["local"])
               and "spills" not in r["verdict"]]
     if frames:

@@ -76,18 +76,9 @@ def without_double_backward(op: str, backward, ctx, *grad_outputs):
     return out[0] if single else tuple(out)
 
 
-def raises_on_backward(tensor: torch.Tensor, message: str, *sources) -> torch.Tensor:
-    """`tensor` (computed without a graph from `sources`, None allowed) as the output of a
-    node whose backward raises RuntimeError(message): for a result a backend cannot
-    differentiate that torch's version can, so that a loss on it fails instead of its share
-    of the gradient going missing."""
-    return _NotDifferentiable.apply(message, 1, tensor.detach().requires_grad_(True),
-                                    *_graph_tensors(*sources))[0]
-
-
 def _graph_tensors(*tensors) -> list:
     """Those of `tensors` (None allowed) that are part of an autograd graph."""
     return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-__all__ = ["without_double_backward", "no_double_backward_message", "raises_on_backward"]
+__all__ = ["without_double_backward", "no_double_backward_message"]

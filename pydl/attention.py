@@ -23,7 +23,7 @@ from . import _env
 from . import _launch
 from . import attention_hopper, attention_onepass
 from . import _tune as tune
-from ._autograd import raises_on_backward, without_double_backward
+from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._gemm import gemm_plan_on
 from ._gemm_numba import on_tensor_cores, pair_words
@@ -326,13 +326,6 @@ class _TritonAttention:
         return keep.bool()
 
 
-_NUMBA_WEIGHTS_NO_GRAD = (
-    "the attention weights of pydl's numba backend (MultiheadAttention with need_weights=True, "
-    "attention_with_weights) are computed by a kernel without a backward, so a loss on them "
-    "cannot reach the query and key as it does in torch; use backend='triton', whose weights "
-    "are differentiable, or detach the weights")
-
-
 def _numba_grid(n_items: int) -> int:
     """Blocks for a Numba kernel that loops grid-stride over `n_items` work items: one each on
     a GPU; a single block in the CUDA simulator, where each block costs tens of ms to start."""
@@ -547,6 +540,28 @@ class _NumbaAttention:
         return p
 
     @staticmethod
+    def weights_backward(q, k, mask, dw, mask_kind, is_causal, scale, dropout_p,
+                         seed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dS) of `weights` given dw, the gradient of the weights it returned:
+        dS (B, H, L, S) fp32, the scores' gradient (a float mask's), by one thread per query
+        row (attention_weights_bwd, which also writes dq), dk by one per key row."""
+        from .kernels.numba import attention as kn
+        B, H, L, E = q.shape
+        HKV, S = k.shape[1], k.shape[2]
+        ds = new_output((B, H, L, S), torch.float32, q.device)
+        dq = new_output(q.shape, q.dtype, q.device)
+        dk = new_output(k.shape, k.dtype, k.device)
+        m, mask_code = _numba_mask(mask)
+        code = kn.dtype_code(q.dtype)
+        launch_numba_1d(kn.attention_weights_bwd, B * H * L, q.device, q, k,
+                        m if m is not None else q, dw, ds, dq, float(scale), mask_kind,
+                        mask_code, bool(is_causal), H // HKV, *_numba_dropout(dropout_p, seed),
+                        code)
+        launch_numba_1d(kn.attention_weights_bwd_keys, B * HKV * S, q.device, q, ds, dk,
+                        float(scale), H // HKV, code)
+        return dq, dk, ds
+
+    @staticmethod
     def dropout_mask(B, H, L, S, dropout_p, seed, device) -> torch.Tensor:
         """The keep mask (B, H, L, S) that forward and backward use for this seed."""
         from .kernels.numba import attention as kn
@@ -728,6 +743,42 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], mask_kind: 
     dropped as the flash forward that drew `seed` (a CPU int64 scalar) dropped them."""
     return _NumbaAttention.weights(q, k, mask, mask_kind, is_causal, scale, dropout_p,
                                    int(seed) if dropout_p > 0 else 0)
+
+
+@kernel_op("attention_weights_bwd", lambda q, k, mask, dw, mask_kind, is_causal, scale, dropout_p,
+           seed, mask_grad: (empty_like_shape(q), empty_like_shape(k),
+                             _mask_grad_fake(q, mask, mask_grad)))
+def _attention_weights_bwd(q: Tensor, k: Tensor, mask: Optional[Tensor], dw: Tensor,
+                           mask_kind: int, is_causal: bool, scale: float, dropout_p: float,
+                           seed: Tensor, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, the float mask's gradient dS with mask_grad, else empty) of the numba
+    backend's weights, given dw, their gradient."""
+    dq, dk, ds = _NumbaAttention.weights_backward(q, k, mask, dw, mask_kind, is_causal, scale,
+                                                  dropout_p, int(seed) if dropout_p > 0 else 0)
+    return dq, dk, ds.to(mask.dtype) if mask_grad else _mask_grad_fake(q, mask, False)
+
+
+class NumbaWeightsFunction(torch.autograd.Function):
+    """The numba backend's attention weights (attention_with_weights' second output there:
+    its flash kernels give the output), differentiable as torch's: a loss on them reaches q,
+    k and a float mask (kernels/numba/attention.py attention_weights_bwd and
+    attention_weights_bwd_keys)."""
+
+    @staticmethod
+    def forward(ctx, q, k, mask, mask_kind, is_causal, scale, dropout_p, seed):
+        ctx.save_for_backward(q, k, mask, seed)
+        ctx.options = (mask_kind, is_causal, scale, dropout_p)
+        return _attention_weights(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed)
+
+    @staticmethod
+    def backward(ctx, dw):
+        if torch.is_grad_enabled():      # create_graph: no double backward, say so
+            return without_double_backward("scaled_dot_product_attention",
+                                           NumbaWeightsFunction.backward, ctx, dw)
+        q, k, mask, seed = ctx.saved_tensors
+        mask_grad = ctx.needs_input_grad[2]
+        dq, dk, dmask = _attention_weights_bwd(q, k, mask, dw, *ctx.options, seed, mask_grad)
+        return dq, dk, (dmask if mask_grad else None), None, None, None, None, None
 
 
 def _grouped(t: Tensor, shape: tuple):
@@ -1163,10 +1214,10 @@ class _AttentionCall(AttentionKernels):
                 out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale, 0.0,
                                 self.algo)
                 seed = _NO_SEED
-            weights = _attention_weights(q, k, mask, self.mask_kind, self.is_causal, self.scale,
-                                         self.dropout_p, seed)
-            if needs_graph(q, k, mask):     # torch's weights are differentiable: say so
-                weights = raises_on_backward(weights, _NUMBA_WEIGHTS_NO_GRAD, q, k, mask)
+            weights = (apply(NumbaWeightsFunction, q, k, mask, self.mask_kind, self.is_causal,
+                             self.scale, self.dropout_p, seed) if needs_graph(q, k, mask)
+                       else _attention_weights(q, k, mask, self.mask_kind, self.is_causal,
+                                               self.scale, self.dropout_p, seed))
         else:
             raise NotImplementedError(f"attention weights need a materialising kernel, which "
                                       f"the {self.name!r} backend does not have; use "
@@ -1255,8 +1306,8 @@ def attention_with_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_
     backend's naive variant, the numba backend's flash output and a weights kernel, or torch's
     own ops on the "torch" backend. With dropout_p the weights are the dropped ones, P * keep
     / (1 - p), and the output is theirs, as torch's MultiheadAttention returns them (the keep
-    pattern is the flash kernels' for the call's seed). The weights are differentiable on the
-    triton and torch backends; on numba a backward through them raises."""
+    pattern is the flash kernels' for the call's seed). The weights are differentiable, as
+    torch's, on every backend."""
     query, key, value, attn_mask = autocast_inputs("scaled_dot_product_attention", query, key,
                                                    value, attn_mask)
     call = _CALLS.call(_call_key, _AttentionCall, query, key, value, attn_mask, dropout_p,

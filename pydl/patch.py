@@ -283,23 +283,15 @@ def _fast_path_parent(parent: torch.nn.Module | None) -> bool:
             and type(parent).forward is torch.nn.TransformerEncoderLayer.forward)
 
 
-def _note(kind: _Kind, m: torch.nn.Module, backend: str | None, parent_name: str | None = None,
+def _note(kind: _Kind, parent_name: str | None = None,
           parent: torch.nn.Module | None = None) -> str:
-    """Limits of the patched module that depend on how it is called (they raise, never
-    compute something else), and where torch may not call it at all."""
-    if kind.op == "multihead_attention":
-        notes = []
-        if _fast_path_parent(parent):
-            notes.append(f"its parent {_display(parent_name)} is a torch.nn.TransformerEncoderLayer, "
-                         f"whose fused fast path (eval mode with grad disabled, under torch's "
-                         f"further conditions) computes the layer without calling this module: "
-                         f"pydl does not run there; it does in training, with grad enabled, or "
-                         f"after torch.backends.mha.set_fastpath_enabled(False)")
-        if backend in (None, "numba"):
-            notes.append("need_weights=True (torch's default) returns weights on numba that "
-                         "have no backward there: a loss on them raises (the output's gradient "
-                         "runs)")
-        return "; ".join(notes)
+    """Where torch may not call the patched module at all."""
+    if kind.op == "multihead_attention" and _fast_path_parent(parent):
+        return (f"its parent {_display(parent_name)} is a torch.nn.TransformerEncoderLayer, "
+                f"whose fused fast path (eval mode with grad disabled, under torch's further "
+                f"conditions) computes the layer without calling this module: pydl does not "
+                f"run there; it does in training, with grad enabled, or after "
+                f"torch.backends.mha.set_fastpath_enabled(False)")
     return ""
 
 
@@ -409,7 +401,7 @@ def _patch_one(kind: _Kind, m: torch.nn.Module, backend: str | None,
     for a, v in added.items():
         setattr(m, a, v)
     setattr(m, _MARK, (kind.torch_cls, tuple(added)))
-    note = "; ".join(n for n in (_note(kind, m, backend, parent_name, parent),
+    note = "; ".join(n for n in (_note(kind, parent_name, parent),
                                  _dtype_note(m, backend, model_dtypes)) if n)
     return Swapped("", _type_name(kind.torch_cls), _type_name(pydl_cls), note)
 

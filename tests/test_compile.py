@@ -84,6 +84,9 @@ OPCHECKS = {
     "attention_weights": lambda: (attention._attention_weights, (   # numba's weights kernel
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), torch.rand(1, 2, 5, 7, device=DEVICE) > 0.3,
         attention.MASK_BOOL, True, 0.35, 0.0, torch.zeros((), dtype=torch.int64))),
+    "attention_weights_bwd/mask_grad": lambda: (attention._attention_weights_bwd, (
+        _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 2, 5, 7), _x(1, 2, 5, 7), attention.MASK_FLOAT,
+        False, 0.35, 0.0, torch.zeros((), dtype=torch.int64), True)),
     "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
         _x(2, 3), _x(2, 4), _x(2, 4), _x(16, 3), _x(16, 4), _x(16), None, BACKEND)),
     # no state, a column-major w_hh: dW_hh (zeros) was laid out as w_hh, the fake contiguous
@@ -272,6 +275,25 @@ def test_numba_attention_weights_compile():
     torch._dynamo.reset()
     c_out, c_weights = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
     assert torch.equal(c_out, out) and torch.equal(c_weights, weights)
+
+
+def test_numba_attention_weights_backward_compiles():
+    """The numba weights' backward (NumbaWeightsFunction over pydl::attention_weights_bwd)
+    traces with fullgraph=True and gives the eager gradients of a loss on the weights and the
+    output, a float mask's included."""
+    def fn(q, k, v, m):
+        out, w = attention.attention_with_weights(q, k, v, attn_mask=m, enable_gqa=True,
+                                                  backend="numba")
+        return out.sum() + (w * w).sum()
+    args = (_x(1, 2, 4, 8), _x(1, 1, 6, 8), _x(1, 1, 6, 8), _x(4, 6))
+    grads = []
+    for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        leaves = [a.clone().requires_grad_() for a in args]
+        run(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    torch._dynamo.reset()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_packed_sequence_with_state_compiles():

@@ -115,6 +115,29 @@ def test_verdicts():
     assert resources.verdict(dict(fits, shared=228 * 1024), 80) == "too much shared memory"
     assert resources.verdict(dict(fits, regs=255, num_warps=16), 90) == "too many registers"
     assert resources.verdict(dict(fits, stack=64), 90) == "spills"
+    assert resources.verdict(dict(fits, stack=64, local_in_loops=2), 90) == "spills"
+    assert resources.verdict(dict(fits, stack=64, local_in_loops=0), 90) == \
+        "spills outside loops"
+    assert resources.verdict(dict(fits, spill_stores=0, spill_loads=0, stack=8), 90) == "ok"
+
+
+def test_local_accesses_inside_and_outside_loops():
+    """Spilled registers saved before a loop and restored after it are not in the loop; an
+    access between a backward branch and its target is, nested or not."""
+    sass = """
+        /*0100*/   STL [R1+0xc], R206 ;
+        /*0110*/   MOV R2, R3 ;
+        /*0120*/   LDL.LU R4, [R1+0x4] ;
+        /*0130*/   @!P4 BRA 0x0200 ;
+        /*0140*/   STL.64 [R1+0x10], R8 ;
+        /*0150*/   @!P4 BRA 0x0120 ;
+        /*0160*/   BRA 0x0180 ;
+        /*0170*/   LDL R5, [R1] ;
+        /*0180*/   EXIT ;
+        /*0190*/   BRA 0x0190 ;"""
+    assert resources.local_accesses(sass) == dict(local_instrs=4, local_in_loops=2)
+    assert resources.local_accesses(sass.replace("BRA 0x0120", "BRA 0x0300")) == \
+        dict(local_instrs=4, local_in_loops=0)
     assert resources.verdict({"error": "CompilationError: at 3:4"}, 90) == \
         "compile error: CompilationError: at 3:4"
 

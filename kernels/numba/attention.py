@@ -69,7 +69,8 @@ import numpy as np
 from numba import cuda, float32, int8, int64
 
 from ._builder import builder
-from ._dtypes import BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits  # noqa: F401
+from ._dtypes import (BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits,  # noqa: F401
+                      load4_f32, store4_f32)
 from ._device import device
 from ._grid import grid_threads, thread_index
 
@@ -145,6 +146,56 @@ def attention_dropout_mask(keep, seed, threshold):
             keep[bh, i, j] = 1 if _dropout_keep(base, i * S + j, threshold) else 0
 
 
+@device
+def _row_softmax_stats(q, k, b, h, hk, i, S, E, sc, mask, mask_kind, mask_code, is_causal,
+                       code):
+    """(max, sum of exp(s - max)) over the visible scores of row (b, h, i), each computed from
+    global memory: the row's softmax normaliser (-inf and 0 for a row with no visible key; a
+    NaN score makes the sum NaN, so the row's weights NaN, as torch's softmax)."""
+    m = NEG_INF
+    for j in range(S):
+        visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                   is_causal, code)
+        if visible and s > m:
+            m = s
+    total_exp = ZERO
+    for j in range(S):
+        visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                   is_causal, code)
+        if visible:
+            total_exp += math.exp(s - m) if m != NEG_INF else ZERO
+    return m, total_exp
+
+
+@device
+def _row_weight(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code, is_causal, code, m,
+                total_exp, dropout, base, threshold, drop_scale):
+    """(P[i, j], its dropout factor): the softmax weight of score (i, j) in the row whose
+    normaliser `_row_softmax_stats` gave (0 for a hidden key, or any key of a row with none
+    visible), and what dropout multiplies it by: drop_scale where the flash kernels keep the
+    score, 0 where they drop it, 1 without dropout."""
+    visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                               is_causal, code)
+    w = ZERO
+    if visible and m != NEG_INF:
+        w = math.exp(s - m) / total_exp
+    factor = ONE
+    if dropout:
+        factor = float32(drop_scale) if _dropout_keep(base, i * k.shape[2] + j, threshold) \
+            else ZERO
+    return w, factor
+
+
+@device
+def _row_of(r, H, L, group):
+    """(b, h, i, hk) of row r of the (B, H, L) query rows; hk the K/V head of query head h."""
+    b = r // (H * L)
+    i = r - b * (H * L)
+    h = i // L
+    i -= h * L
+    return b, h, i, h // group
+
+
 @cuda.jit
 def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group, dropout,
                       threshold, drop_scale, seed, code):
@@ -153,46 +204,83 @@ def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group,
     MultiheadAttention(need_weights=True) returns beside the flash output. One thread per row
     (b, h, i), grid-stride; three passes over the row's keys (max, sum, write), each score
     computed again: a materialised extra output, simple rather than fast. q (B, H, L, E),
-    k (B, HKV, S, E), group = H // HKV; a NaN score makes its row NaN, as torch's softmax.
-    With dropout, the weights the flash forward of `seed` used: 0 where it dropped the score,
-    else scaled by drop_scale = 1 / (1 - p)."""
-    B = q.shape[0]
+    k (B, HKV, S, E), group = H // HKV. With dropout, the weights the flash forward of `seed`
+    used: 0 where it dropped the score, else scaled by drop_scale = 1 / (1 - p)."""
     H = q.shape[1]
     L = q.shape[2]
     E = q.shape[3]
     S = k.shape[2]
-    total = int64(B) * H * L
-    for r in range(thread_index(), total, grid_threads()):
-        b = r // (H * L)
-        i = r - b * (H * L)
-        h = i // L
-        i -= h * L
-        hk = h // group
-        m = NEG_INF
-        for j in range(S):
-            visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
-                                       is_causal, code)
-            if visible and s > m:
-                m = s
-        total_exp = ZERO
-        for j in range(S):
-            visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
-                                       is_causal, code)
-            if visible:
-                total_exp += math.exp(s - m) if m != NEG_INF else ZERO
+    for r in range(thread_index(), int64(q.shape[0]) * H * L, grid_threads()):
+        b, h, i, hk = _row_of(r, H, L, group)
+        m, total_exp = _row_softmax_stats(q, k, b, h, hk, i, S, E, sc, mask, mask_kind,
+                                          mask_code, is_causal, code)
         base = _dropout_base(seed, r // L) if dropout else int64(0)
         for j in range(S):
-            visible, s = _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
-                                       is_causal, code)
-            w = ZERO
-            if visible and m != NEG_INF:
-                w = math.exp(s - m) / total_exp
-                if dropout:
-                    w = w * drop_scale if _dropout_keep(base, i * S + j, threshold) else ZERO
-            if code == BF16:
-                p[b, h, i, j] = f32_to_bf16_bits(w)
-            else:
-                p[b, h, i, j] = w
+            w, factor = _row_weight(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                    is_causal, code, m, total_exp, dropout, base, threshold,
+                                    drop_scale)
+            store4_f32(p, b, h, i, j, w * factor, code)
+
+
+@cuda.jit
+def attention_weights_bwd(q, k, mask, dw, ds, dq, sc, mask_kind, mask_code, is_causal, group,
+                          dropout, threshold, drop_scale, seed, code):
+    """The backward of `attention_weights`, one thread per query row (b, h, i): with dW the
+    gradient of the weights P * factor (factor: the dropout's, 1 without), dP = dW * factor
+    and dS = P * (dP - sum_j P dP), written in fp32 to ds (B, H, L, S): the scores' gradient
+    (a float mask's gradient, and what `attention_weights_bwd_keys` reads); then dq[b, h, i]
+    = sc * sum_j dS[j] k[b, hk, j] in q's dtype. P is recomputed as attention_weights
+    computes it."""
+    H = q.shape[1]
+    L = q.shape[2]
+    E = q.shape[3]
+    S = k.shape[2]
+    for r in range(thread_index(), int64(q.shape[0]) * H * L, grid_threads()):
+        b, h, i, hk = _row_of(r, H, L, group)
+        m, total_exp = _row_softmax_stats(q, k, b, h, hk, i, S, E, sc, mask, mask_kind,
+                                          mask_code, is_causal, code)
+        base = _dropout_base(seed, r // L) if dropout else int64(0)
+        dot = ZERO      # sum_j P dP
+        for j in range(S):
+            w, factor = _row_weight(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                    is_causal, code, m, total_exp, dropout, base, threshold,
+                                    drop_scale)
+            dp = load4_f32(dw, b, h, i, j, code) * factor
+            ds[b, h, i, j] = dp         # kept for the next pass (this thread's own row)
+            dot += w * dp
+        for j in range(S):
+            w, factor = _row_weight(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
+                                    is_causal, code, m, total_exp, dropout, base, threshold,
+                                    drop_scale)
+            ds[b, h, i, j] = w * (ds[b, h, i, j] - dot)
+        for d in range(E):
+            acc = ZERO
+            for j in range(S):
+                acc += ds[b, h, i, j] * load4_f32(k, b, hk, j, d, code)
+            store4_f32(dq, b, h, i, d, acc * sc, code)
+
+
+@cuda.jit
+def attention_weights_bwd_keys(q, ds, dk, sc, group, code):
+    """dk[b, hk, j] = sc * sum over the query heads h of K/V head hk and their rows i of
+    dS[b, h, i, j] q[b, h, i] (ds from `attention_weights_bwd`), one thread per key row
+    (b, hk, j), in k's dtype."""
+    L = q.shape[2]
+    E = q.shape[3]
+    HKV = dk.shape[1]
+    S = dk.shape[2]
+    for r in range(thread_index(), int64(dk.shape[0]) * HKV * S, grid_threads()):
+        b = r // (HKV * S)
+        j = r - b * (HKV * S)
+        hk = j // S
+        j -= hk * S
+        for d in range(E):
+            acc = ZERO
+            for g in range(group):
+                h = hk * group + g
+                for i in range(L):
+                    acc += ds[b, h, i, j] * load4_f32(q, b, h, i, d, code)
+            store4_f32(dk, b, hk, j, d, acc * sc, code)
 
 
 @device
