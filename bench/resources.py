@@ -497,7 +497,8 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
     dropout, grouped-query heads when HKV < H), naive (no mask, causal, bool and float masks,
     one that requires grad), flash_onepass (no mask, causal, grouped-query heads) and
     flash_hopper where it runs (the same), each where the current backend has it; the weights
-    MultiheadAttention(need_weights=True) returns (no mask, bool and float masks, dropout);
+    MultiheadAttention(need_weights=True) returns (no mask, bool and float masks, dropout)
+    with their gradient;
     and the dropout-mask kernel the tests compare against."""
     def run():
         import torch
@@ -514,9 +515,10 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
         sdpa = pydl.scaled_dot_product_attention
         bool_mask = torch.rand(L, S) > 0.3
         float_mask = _rand(B, 1, L, S, dtype=dtype)
-        for kw in (dict(), dict(attn_mask=bool_mask), dict(attn_mask=float_mask)):
+        for kw in (dict(), dict(attn_mask=bool_mask), dict(attn_mask=float_mask),
+                   dict(dropout_p=0.1)):        # the weights and their backward too
             q, k, v = qkv(H)
-            _grad(attention.attention_with_weights(q, k, v, **kw)[0], [q, k, v])
+            _grad(attention.attention_with_weights(q, k, v, **kw), [q, k, v])
         for algo in [a for a in ("flash", "naive") if a in has]:
             for kw in (dict(), dict(is_causal=True), dict(attn_mask=bool_mask),
                        dict(attn_mask=float_mask)):
@@ -527,9 +529,6 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
             _grad(sdpa(q, k, v, attn_mask=learned_bias, algo=algo), [q, k, v, learned_bias])
         q, k, v = qkv(H)
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
-        q, k, v = qkv(H)        # the weights under dropout (naive on triton), their gradient too
-        out, w = attention.attention_with_weights(q, k, v, dropout_p=0.1)
-        _grad(out if current_backend() == "numba" else (out, w), [q, k, v])   # numba's: none
         algos = tuple(a for a in ("flash", "naive", "flash_onepass") if a in has)
         for kw in (dict(), dict(is_causal=True)) if "flash_onepass" in has else ():
             q, k, v = qkv(H)
