@@ -526,8 +526,8 @@ class _NumbaAttention:
     @_env.emulated_launch
     def weights(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed) -> torch.Tensor:
         """The attention weights (B, H, L, S) in q's dtype (kernels/numba/attention.py
-        attention_weights), not differentiable: with the flash output, what
-        attention_with_weights returns on this backend; under dropout the flash kernels' keep
+        attention_weights): with the flash output, what attention_with_weights returns on
+        this backend (NumbaWeightsFunction's forward); under dropout the flash kernels' keep
         pattern for `seed`, kept weights scaled by 1 / (1 - p)."""
         from .kernels.numba import attention as kn
         B, H, L, _ = q.shape
@@ -738,9 +738,10 @@ def _weights_fake(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed):
 @kernel_op("attention_weights", _weights_fake)
 def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], mask_kind: int,
                        is_causal: bool, scale: float, dropout_p: float, seed: Tensor) -> Tensor:
-    """The numba backend's attention weights (B, H, L, S) in q's dtype, not differentiable
-    (_NumbaAttention.weights): attention_with_weights' second output there. Under dropout,
-    dropped as the flash forward that drew `seed` (a CPU int64 scalar) dropped them."""
+    """The numba backend's attention weights (B, H, L, S) in q's dtype
+    (_NumbaAttention.weights): attention_with_weights' second output there, differentiable
+    through NumbaWeightsFunction. Under dropout, dropped as the flash forward that drew `seed`
+    (a CPU int64 scalar) dropped them."""
     return _NumbaAttention.weights(q, k, mask, mask_kind, is_causal, scale, dropout_p,
                                    int(seed) if dropout_p > 0 else 0)
 
@@ -1316,4 +1317,4 @@ def attention_with_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_
 
 
 __all__ = ["scaled_dot_product_attention", "attention_with_weights", "AttentionFunction",
-           "NaiveAttentionFunction"]
+           "NaiveAttentionFunction", "NumbaWeightsFunction"]
