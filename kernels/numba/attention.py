@@ -187,13 +187,19 @@ def _row_weight(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code, is_caus
 
 
 @device
-def _row_of(r, H, L, group):
-    """(b, h, i, hk) of row r of the (B, H, L) query rows; hk the K/V head of query head h."""
+def _row_start(q, k, r, H, L, group, sc, mask, mask_kind, mask_code, is_causal, code, dropout,
+               seed):
+    """(b, h, i, hk, m, total_exp, base) of row r of the (B, H, L) query rows: its indices (hk
+    the K/V head of query head h), `_row_softmax_stats`, and its plane's dropout key."""
     b = r // (H * L)
     i = r - b * (H * L)
     h = i // L
     i -= h * L
-    return b, h, i, h // group
+    hk = h // group
+    m, total_exp = _row_softmax_stats(q, k, b, h, hk, i, k.shape[2], q.shape[3], sc, mask,
+                                      mask_kind, mask_code, is_causal, code)
+    base = _dropout_base(seed, r // L) if dropout else int64(0)
+    return b, h, i, hk, m, total_exp, base
 
 
 @cuda.jit
@@ -211,10 +217,8 @@ def attention_weights(q, k, mask, p, sc, mask_kind, mask_code, is_causal, group,
     E = q.shape[3]
     S = k.shape[2]
     for r in range(thread_index(), int64(q.shape[0]) * H * L, grid_threads()):
-        b, h, i, hk = _row_of(r, H, L, group)
-        m, total_exp = _row_softmax_stats(q, k, b, h, hk, i, S, E, sc, mask, mask_kind,
-                                          mask_code, is_causal, code)
-        base = _dropout_base(seed, r // L) if dropout else int64(0)
+        b, h, i, hk, m, total_exp, base = _row_start(q, k, r, H, L, group, sc, mask, mask_kind,
+                                                     mask_code, is_causal, code, dropout, seed)
         for j in range(S):
             w, factor = _row_weight(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,
                                     is_causal, code, m, total_exp, dropout, base, threshold,
@@ -236,10 +240,8 @@ def attention_weights_bwd(q, k, mask, dw, ds, dq, sc, mask_kind, mask_code, is_c
     E = q.shape[3]
     S = k.shape[2]
     for r in range(thread_index(), int64(q.shape[0]) * H * L, grid_threads()):
-        b, h, i, hk = _row_of(r, H, L, group)
-        m, total_exp = _row_softmax_stats(q, k, b, h, hk, i, S, E, sc, mask, mask_kind,
-                                          mask_code, is_causal, code)
-        base = _dropout_base(seed, r // L) if dropout else int64(0)
+        b, h, i, hk, m, total_exp, base = _row_start(q, k, r, H, L, group, sc, mask, mask_kind,
+                                                     mask_code, is_causal, code, dropout, seed)
         dot = ZERO      # sum_j P dP
         for j in range(S):
             w, factor = _row_weight(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code,

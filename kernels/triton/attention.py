@@ -597,20 +597,26 @@ def attention_naive_dropout_bwd(
     acc = tl.zeros([1, BLOCK_N], tl.float32)
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        inside = (cols < S)[None, :]
-        p = tl.load(p_ptr + base + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        dp = tl.load(dp_ptr + base + cols[None, :], mask=inside, other=0.0)
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
-        acc += p * tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        p, dp = _undropped_grad(p_ptr, dp_ptr, base, rows, cols, S, dropout_p, seed, bh, DROPOUT)
+        acc += p * dp
     total = tl.sum(acc, 1)[:, None]
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        inside = (cols < S)[None, :]
-        p = tl.load(p_ptr + base + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        dp = tl.load(dp_ptr + base + cols[None, :], mask=inside, other=0.0)
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
-        ds = p * (tl.where(keep, dp / (1.0 - dropout_p), 0.0) - total)
-        tl.store(ds_ptr + base + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=inside)
+        p, dp = _undropped_grad(p_ptr, dp_ptr, base, rows, cols, S, dropout_p, seed, bh, DROPOUT)
+        tl.store(ds_ptr + base + cols[None, :], (p * (dp - total)).to(ds_ptr.dtype.element_ty),
+                 mask=(cols < S)[None, :])
+
+
+@triton.jit
+def _undropped_grad(p_ptr, dp_ptr, base, rows, cols, S, dropout_p, seed, bh,
+                    DROPOUT: tl.constexpr):
+    """(P, dP) of a [1, BLOCK_N] slice of one row: P as stored, dP = keep * dP' / (1 - p) from
+    the stored gradient dP' of the dropped weights (0 past S)."""
+    inside = (cols < S)[None, :]
+    p = tl.load(p_ptr + base + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    dp = tl.load(dp_ptr + base + cols[None, :], mask=inside, other=0.0)
+    keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], S, dropout_p, DROPOUT)
+    return p, tl.where(keep, dp / (1.0 - dropout_p), 0.0)
 
 
 @triton.jit
