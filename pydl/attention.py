@@ -978,9 +978,20 @@ def _torch_attention(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, algo
 
 # --- argument checks and the public function ------------------------------------------------
 
+_DROPOUT_IN_CAPTURE = (
+    "scaled_dot_product_attention with dropout_p > 0 inside CUDA graph capture: pydl's kernels "
+    "take their dropout seed from the host, so every replay of the graph would drop the same "
+    "scores (torch's kernels read a generator state that each replay advances). Capture the "
+    "attention with dropout_p=0, keep it with dropout out of the captured region, or run it "
+    "with backend='torch'")
+
+
 def dropout_seed() -> int:
     """The dropout seed of the next call: drawn from torch's default generator, so
-    torch.manual_seed makes dropout reproducible."""
+    torch.manual_seed makes dropout reproducible. Inside CUDA graph capture it raises: a seed
+    drawn once would be replayed with the graph, the same mask every step."""
+    if capturing():
+        raise RuntimeError(_DROPOUT_IN_CAPTURE)
     return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
 
 

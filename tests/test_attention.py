@@ -287,6 +287,26 @@ def test_dropout_matches_its_mask_forward_and_backward(backend, causal):
         assert_close(ours, leaf.grad, torch.float32, reduction=21 * 16, name=f"d{name}")
 
 
+@pytest.mark.parametrize("how", ["flash-triton", "naive-triton", "flash-numba",
+                                 "weights-triton", "weights-numba"])
+def test_dropout_inside_graph_capture_raises(how, monkeypatch):
+    """A captured graph would replay the host's one seed, the same mask every step: the draw
+    refuses inside capture (checked with the capture state faked: CUDA graphs need a GPU),
+    and the torch backend, whose kernels advance a graph-safe state, still runs."""
+    from pydl.attention import attention_with_weights
+    monkeypatch.setattr(attention, "capturing", lambda: True)
+    q, k, v = qkv(1, 2, 2, 5, 6, 8)
+    kind, backend = how.split("-")
+    with pytest.raises(RuntimeError, match="dropout.*graph capture.*same"):
+        if kind == "weights":
+            attention_with_weights(q, k, v, dropout_p=0.2, backend=backend)
+        else:
+            pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend=backend,
+                                              algo=kind if backend == "triton" else None)
+    pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.0, backend=backend)   # no draw
+    pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend="torch")
+
+
 @backends
 def test_dropout_is_reproducible_and_has_the_right_rate(backend):
     p = 0.25
