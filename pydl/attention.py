@@ -706,28 +706,45 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, (dmask if mask_grad else None), None
 
 
-def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
+def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale):
     B, H, L, _ = q.shape
-    S = k.shape[2]
-    return (empty_like_shape(q, (B, H, L, v.shape[3])), empty_like_shape(q, (B, H, L, S)),
-            empty_like_shape(q, (B, H, L, S) if dropout_p > 0 else (0,)),
-            torch.empty((), dtype=torch.int64))
+    return (empty_like_shape(q, (B, H, L, v.shape[3])),
+            empty_like_shape(q, (B, H, L, k.shape[2])))
+
+
+def _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p) -> tuple:
+    return _key("naive_fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale,
+                dropout_p=dropout_p)
 
 
 @kernel_op("attention_naive_fwd", _naive_fwd_fake)
 def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
-                         is_causal: bool, scale: float,
-                         dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(output, the attention weights, the undropped P under dropout else an empty
-    placeholder, the dropout seed as a CPU int64 scalar). Under dropout the weights are
-    torch's: P' = P * keep / (1 - p), the output P' v, with the flash kernels' keep pattern
-    for the seed; the backward's softmax gradient needs P itself."""
-    seed = dropout_seed() if dropout_p > 0 else 0
-    key = _key("naive_fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale,
-               dropout_p=dropout_p)
-    o, weights, p = _LAUNCHES.get(key, _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal,
-                                  scale, dropout_p)(q, k, v, mask, seed)
-    return o, weights, p, torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else _NO_SEED
+                         is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(output, attention weights P) without dropout."""
+    o, p, _ = _LAUNCHES.get(_naive_key(q, k, v, mask, mask_kind, is_causal, scale, 0.0),
+                            _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale, 0.0)(
+        q, k, v, mask, 0)
+    return o, p
+
+
+def _naive_dropout_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
+    o, w = _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale)
+    return o, w, empty_like_shape(w), torch.empty((), dtype=torch.int64)
+
+
+@kernel_op("attention_naive_dropout_fwd", _naive_dropout_fwd_fake)
+def _attention_naive_dropout_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                                 mask_kind: int, is_causal: bool, scale: float,
+                                 dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(output, the attention weights, the undropped P, the dropout seed as a CPU int64
+    scalar) with dropout_p > 0: the weights are torch's, P' = P * keep / (1 - p), the output
+    P' v, with the flash kernels' keep pattern for the seed; the backward's softmax gradient
+    needs P itself."""
+    seed = dropout_seed()
+    o, weights, p = _LAUNCHES.get(
+        _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p), _plan_naive_fwd, q,
+        k, v, mask, mask_kind, is_causal, scale, dropout_p)(q, k, v, mask, seed)
+    return o, weights, p, torch.tensor(seed, dtype=torch.int64)
 
 
 def _weights_fake(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed):
@@ -791,9 +808,9 @@ def _grouped(t: Tensor, shape: tuple):
 
 
 def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
-    """run(q, k, v, mask, seed) -> (o, weights, P or an empty placeholder) of algo="naive" for
-    this signature: scores = q k^T * scale (fp32), P = the masked softmax (and under dropout
-    the dropped weights P', one kernel), o = P' v; GQA as (B, Hkv, G * L, .) rows."""
+    """run(q, k, v, mask, seed) -> (o, weights, P) of algo="naive" for this signature: scores =
+    q k^T * scale (fp32), P = the masked softmax (and under dropout the dropped weights P',
+    one kernel; else the weights are P), o = weights v; GQA as (B, Hkv, G * L, .) rows."""
     from .kernels.triton import attention as kt
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
@@ -803,7 +820,6 @@ def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
     new_scores = output_maker((*rows, S), torch.float32, q.device)
     new_p = output_maker((B, H, L, S), q.dtype, q.device)
     new_o = output_maker((*rows, EV), q.dtype, q.device)
-    new_empty = output_maker((0,), q.dtype, q.device)
     scores, p, o = fresh(new_scores), fresh(new_p), fresh(new_o)
     scores_gemm = gemm_plan_on((q if q_view else qg, k, scores, None, None), qg, k, scores,
                                trans_b=True, alpha=scale)
@@ -822,20 +838,20 @@ def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
         scores_gemm(q if q_view else q.reshape(*rows, E), k, scores, None, None)
         softmax(scores, scores if mask is None else mask, p, weights, seed)
         pv_gemm(weights, v, o, None, None)
-        return o.view(B, H, L, EV), weights, p if drop else fresh(new_empty)
+        return o.view(B, H, L, EV), weights, p
     return run
 
 
 @kernel_op("attention_naive_bwd", lambda q, k, v, w, p, do, dw, mask, seed, scale, dropout_p,
            mask_grad: (empty_like_shape(q), empty_like_shape(k), empty_like_shape(v),
                        _mask_grad_fake(q, mask, mask_grad)))
-def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, p: Tensor, do: Tensor,
-                         dw: Optional[Tensor], mask: Optional[Tensor], seed: Tensor,
-                         scale: float, dropout_p: float,
+def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, p: Optional[Tensor],
+                         do: Tensor, dw: Optional[Tensor], mask: Optional[Tensor],
+                         seed: Optional[Tensor], scale: float, dropout_p: float,
                          mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty); w, p and seed:
-    the forward's weights, undropped P (under dropout) and seed; dw: the gradient of the
-    weights, or None."""
+    """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty); w: the forward's
+    weights; p and seed: under dropout its undropped P and seed, else None; dw: the gradient
+    of the weights, or None."""
     key = _key("naive_bwd", q, k, v, w, do, dw, scale=scale, dropout_p=dropout_p)
     dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, w, do, dw, scale, dropout_p)(
         q, k, v, w, p, do, dw, int(seed) if dropout_p > 0 else 0)
@@ -910,8 +926,12 @@ class NaiveAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
-        o, w, p, seed = _attention_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale,
-                                             dropout_p)
+        if dropout_p > 0:
+            o, w, p, seed = _attention_naive_dropout_fwd(q, k, v, mask, mask_kind, is_causal,
+                                                         scale, dropout_p)
+        else:
+            (o, w), p, seed = _attention_naive_fwd(q, k, v, mask, mask_kind, is_causal,
+                                                   scale), None, None
         ctx.save_for_backward(q, k, v, w, p, mask, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         # the weights are differentiable, as torch's; a gradient that reaches only one of the

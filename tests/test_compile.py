@@ -73,7 +73,11 @@ OPCHECKS = {
     "attention_fwd": lambda: (attention._attention_fwd, (
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
     "attention_naive_fwd": lambda: (attention._attention_naive_fwd, (
-        _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35, 0.0)),
+        _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
+    # a new seed every call: its outputs differ between runs (RANDOM below)
+    "attention_naive_dropout_fwd": lambda: (attention._attention_naive_dropout_fwd, (
+        _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, True, 0.35, 0.25)),
+    "attention_naive_bwd/dropout": lambda: _attention_naive_bwd_args(dropout_p=0.25),
     "attention_bwd/mask_grad": lambda: _attention_bwd_args(),
     "attention_naive_bwd/mask_grad": lambda: _attention_naive_bwd_args(),
     # float16 without the mask's gradient: the empty placeholder was float32, the fake's
@@ -118,15 +122,19 @@ def _attention_bwd_args(dtype=torch.float32, mask_grad=True):
                                       attention.MASK_FLOAT, False, 0.35, 0.0, BACKEND, mask_grad)
 
 
-def _attention_naive_bwd_args(dtype=torch.float32, mask_grad=True):
+def _attention_naive_bwd_args(dtype=torch.float32, mask_grad=True, dropout_p=0.0):
     q, k, v, mask = (t.to(dtype) for t in (_x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8),
                                            _x(1, 2, 5, 7)))
-    _, w, p, seed = attention._attention_naive_fwd(q, k, v, mask, attention.MASK_FLOAT, False,
-                                                   0.35, 0.0)
+    if dropout_p:       # the weights P', the undropped P and the seed they were drawn with
+        _, w, p, seed = attention._attention_naive_dropout_fwd(
+            q, k, v, mask, attention.MASK_FLOAT, False, 0.35, dropout_p)
+    else:
+        (_, w), p, seed = attention._attention_naive_fwd(
+            q, k, v, mask, attention.MASK_FLOAT, False, 0.35), None, None
     # the weights' own gradient (B, H, L, S) beside the output's
     return attention._attention_naive_bwd, (q, k, v, w, p, _x(1, 2, 5, 8).to(dtype),
-                                            _x(1, 2, 5, 7).to(dtype), mask, seed, 0.35, 0.0,
-                                            mask_grad)
+                                            _x(1, 2, 5, 7).to(dtype), mask, seed, 0.35,
+                                            dropout_p, mask_grad)
 
 
 def _cell_bwd_args(fwd, bwd, gates):
@@ -151,11 +159,19 @@ def _geom_pool():
     return geometry_args(pool._geometry((2, 3, 6, 6), 2, None, 0, 1, False))
 
 
+# ops that draw a new dropout seed every call: no check that compares two runs' outputs
+RANDOM = {"attention_naive_dropout_fwd"}
+
+
 @pytest.mark.parametrize("name", sorted(OPCHECKS))
 def test_opcheck(name):
     fn, args = OPCHECKS[name]()
     assert fn.op._qualname == f"pydl::{name.split('/')[0]}"
-    torch.library.opcheck(fn.op, args)
+    if name in RANDOM:
+        torch.library.opcheck(fn.op, args, test_utils=("test_schema", "test_faketensor",
+                                                       "test_autograd_registration"))
+    else:
+        torch.library.opcheck(fn.op, args)
 
 
 # --- no graph breaks, compiled == eager ---------------------------------------------------
