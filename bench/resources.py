@@ -494,7 +494,8 @@ def _cov_gemm(dtype: str, m: int, n: int, k: int):
 def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, HKV: int):
     """scaled_dot_product_attention, forward and backward: flash (no mask, causal, a bool
     mask broadcast over batch and heads, a float mask per batch, one that requires grad,
-    dropout, grouped-query heads when HKV < H), naive (no mask, causal, bool and float masks,
+    dropout, with the seed in memory as inside CUDA graph capture, grouped-query heads when
+    HKV < H), naive (no mask, causal, bool and float masks,
     one that requires grad), flash_onepass (no mask, causal, grouped-query heads) and
     flash_hopper where it runs (the same), each where the current backend has it; the weights
     MultiheadAttention(need_weights=True) returns (no mask, bool and float masks, dropout)
@@ -529,6 +530,11 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
             _grad(sdpa(q, k, v, attn_mask=learned_bias, algo=algo), [q, k, v, learned_bias])
         q, k, v = qkv(H)
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
+        if current_backend() == "triton":       # inside CUDA graph capture: a device seed
+            from unittest import mock
+            with mock.patch.object(attention, "capturing", lambda: True):
+                q, k, v = qkv(H)
+                _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
         algos = tuple(a for a in ("flash", "naive", "flash_onepass") if a in has)
         for kw in (dict(), dict(is_causal=True)) if "flash_onepass" in has else ():
             q, k, v = qkv(H)

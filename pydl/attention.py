@@ -185,13 +185,20 @@ def _seed_scalar(dropout_p: float) -> tuple:
     return () if dropout_p > 0 else (0,)
 
 
-def _dropout_kind(dropout_p: float, L: int, S: int) -> int:
+def _trial_seed(in_memory: bool, device):
+    """The seed of a tuner's trial launch: 0, in memory where the kernel reads it so."""
+    return torch.zeros(1, dtype=torch.int32, device=device) if in_memory else 0
+
+
+def _dropout_kind(dropout_p: float, L: int, S: int, in_memory: bool = False) -> int:
     """The kernels' DROPOUT constant: off, or on with Philox counters i * S + j of 32 bits, or of
-    64 where a (batch, head) plane of L x S scores would wrap a 32-bit counter."""
+    64 where a (batch, head) plane of L x S scores would wrap a 32-bit counter; plus
+    SEED_IN_MEMORY where the seed is a device tensor (`_new_seed`)."""
     from .kernels.triton import attention as kt
-    kind = (kt.DROPOUT_OFF if dropout_p == 0 else
-            kt.DROPOUT_64 if L * S >= 2 ** 32 else kt.DROPOUT_32)
-    return kind.value
+    if dropout_p == 0:
+        return kt.DROPOUT_OFF.value
+    kind = kt.DROPOUT_64 if L * S >= 2 ** 32 else kt.DROPOUT_32
+    return kind.value + (kt.SEED_IN_MEMORY.value if in_memory else 0)
 
 
 class _TritonAttention:
@@ -199,19 +206,21 @@ class _TritonAttention:
     LAUNCHERS)."""
 
     @staticmethod
-    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
+                     in_memory=False):
         """run(q, k, v, o, lse, mask, seed) for tensors of these shapes, strides and 16-byte
-        alignment (the mask, when given, at the address of the (B, H, L, S) view planned)."""
+        alignment (the mask, when given, at the address of the (B, H, L, S) view planned);
+        in_memory: the seed is a device tensor (`_new_seed`)."""
         aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
         key = _key("fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale,
-                   dropout=dropout_p, aligned=aligned)
+                   dropout=dropout_p, aligned=aligned, in_memory=in_memory)
         return _LAUNCHES.get(key, _TritonAttention._forward_run, q, k, v, o, lse, mask,
-                             mask_kind, is_causal, scale, dropout_p)
+                             mask_kind, is_causal, scale, dropout_p, in_memory)
 
     @staticmethod
-    def _forward_run(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+    def _forward_run(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, in_memory):
         launch = _TritonAttention._plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal,
-                                                scale, dropout_p)
+                                                scale, dropout_p, in_memory)
         tma = launch.consts["USE_TMA"] and not _env.INTERPRET
         seeded = dropout_p > 0
 
@@ -225,7 +234,8 @@ class _TritonAttention:
         return run
 
     @staticmethod
-    def _plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p) -> Launch:
+    def _plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
+                      in_memory) -> Launch:
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
@@ -233,7 +243,7 @@ class _TritonAttention:
         scalars = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
                    H, L, S, E, EV, _group(H, HKV), scale, dropout_p, *_seed_scalar(dropout_p))
         consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-                      DROPOUT=_dropout_kind(dropout_p, L, S),
+                      DROPOUT=_dropout_kind(dropout_p, L, S, in_memory),
                       INPUT_PRECISION=input_precision(q.dtype), USE_TMA=use_tma,
                       SCALE_NEGATIVE=scale < 0)
 
@@ -243,36 +253,38 @@ class _TritonAttention:
 
         m = mask if mask is not None else q
         cfg = _attention_config("fwd", q, k, v, is_causal, mask_kind, dropout_p > 0,
-                                lambda c: _seeded(launch(c), dropout_p)(q, k, v, o, lse, m, 0))
+                                lambda c: _seeded(launch(c), dropout_p)(
+                                    q, k, v, o, lse, m, _trial_seed(in_memory, q.device)))
         return launch(cfg)
 
     @staticmethod
     def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
-                      dropout_p, dmask):
+                      dropout_p, dmask, in_memory=False):
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask): the delta, dK/dV and dQ
         launches for tensors of these shapes and strides (dmask: None, or a (B, H, L, S)
-        output for the float mask's gradient dS, as planned)."""
+        output for the float mask's gradient dS, as planned; in_memory as plan_forward's)."""
         key = _key("bwd", q, k, v, o, do, mask, dq, dk, dv, dmask, kind=mask_kind,
-                   causal=is_causal, scale=scale, dropout=dropout_p)
+                   causal=is_causal, scale=scale, dropout=dropout_p, in_memory=in_memory)
         return _LAUNCHES.get(key, _TritonAttention._backward_run, q, k, v, o, lse, do, dq, dk,
-                             dv, mask, mask_kind, is_causal, scale, dropout_p, dmask)
+                             dv, mask, mask_kind, is_causal, scale, dropout_p, dmask, in_memory)
 
     @staticmethod
     def _backward_run(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
-                      dropout_p, dmask):
+                      dropout_p, dmask, in_memory):
         delta_of = plan_delta(o, do)
         delta, _ = delta_of(o, do)      # the tuner's trials run on the real rows
         m = mask if mask is not None else q
-        options = dict(kind=mask_kind, causal=is_causal, scale=scale, dropout=dropout_p)
+        options = dict(kind=mask_kind, causal=is_causal, scale=scale, dropout=dropout_p,
+                       in_memory=in_memory)
         dkdv = _seeded(_LAUNCHES.get(
             _key("bwd_dkdv", q, k, v, do, mask, dk, dv, **options),
             _TritonAttention._plan_backward, "bwd_dkdv", q, k, v, do, lse, delta, m, dk, dv, mask,
-            mask_kind, is_causal, scale, dropout_p), dropout_p)
+            mask_kind, is_causal, scale, dropout_p, in_memory), dropout_p)
         dq_out = (dq, dmask if dmask is not None else dq)
         dq_launch = _seeded(_LAUNCHES.get(
             _key("bwd_dq", q, k, v, do, mask, dq, dmask, **options),
             _TritonAttention._plan_backward, "bwd_dq", q, k, v, do, lse, delta, m, dq_out, dmask,
-            mask, mask_kind, is_causal, scale, dropout_p), dropout_p)
+            mask, mask_kind, is_causal, scale, dropout_p, in_memory), dropout_p)
 
         def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
             delta, _ = delta_of(o, do)
@@ -283,14 +295,14 @@ class _TritonAttention:
 
     @staticmethod
     def _plan_backward(kernel, q, k, v, do, lse, delta, m, out1, out2, mask, mask_kind, is_causal,
-                       scale, dropout_p) -> Launch:
+                       scale, dropout_p, in_memory) -> Launch:
         """The dK/dV launch (out1, out2 = dk, dv) or the dQ launch (out1 = (dq, dmask or dq),
         out2 = dmask or None)."""
         from .kernels.triton import attention as kt
         B, H, L, E = q.shape
         HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
         consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
-                      DROPOUT=_dropout_kind(dropout_p, L, S),
+                      DROPOUT=_dropout_kind(dropout_p, L, S, in_memory),
                       INPUT_PRECISION=input_precision(q.dtype))
         head = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *_strides4(mask))
         seed = _seed_scalar(dropout_p)
@@ -312,7 +324,8 @@ class _TritonAttention:
                     dropout_p, *seed), {**consts, "MASK_GRAD": dmask is not None, **cfg})
 
         cfg = _attention_config(kernel, q, k, v, is_causal, mask_kind, dropout_p > 0,
-                                lambda c: _seeded(launch(c), dropout_p)(*tensors, 0))
+                                lambda c: _seeded(launch(c), dropout_p)(
+                                    *tensors, _trial_seed(in_memory, q.device)))
         return launch(cfg)
 
     @staticmethod
@@ -630,7 +643,7 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:   # no query rows: keys get no gradient
         return dq, dk.zero_(), dv.zero_(), dmask
     launch_backward(backend, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
-                    dropout_p, int(seed) if dropout_p > 0 else 0, dmask if mask_grad else None)
+                    dropout_p, _seed_of(seed, dropout_p), dmask if mask_grad else None)
     return dq, dk, dv, dmask
 
 
@@ -646,8 +659,9 @@ def launch_backward(backend: str, q, k, v, o, lse, do, dq, dk, dv, mask, mask_ki
                     scale, dropout_p, seed, dmask) -> None:
     """The backward kernels of launcher LAUNCHERS[backend] into dq, dk, dv (and dmask, the
     float mask's gradient, unless None), once, as launch_forward."""
+    in_memory = (True,) if isinstance(seed, torch.Tensor) else ()      # a device seed
     LAUNCHERS[backend].plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind,
-                                     is_causal, scale, dropout_p, dmask)(
+                                     is_causal, scale, dropout_p, dmask, *in_memory)(
         q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
 
 
@@ -854,7 +868,7 @@ def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, p: Optional
     of the weights, or None."""
     key = _key("naive_bwd", q, k, v, w, do, dw, scale=scale, dropout_p=dropout_p)
     dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, w, do, dw, scale, dropout_p)(
-        q, k, v, w, p, do, dw, int(seed) if dropout_p > 0 else 0)
+        q, k, v, w, p, do, dw, _seed_of(seed, dropout_p))
     dmask = ds.view(w.shape).to(mask.dtype) if mask_grad else _mask_grad_fake(q, mask, False)
     return dq, dk, dv, dmask
 
@@ -1004,6 +1018,38 @@ _DROPOUT_IN_CAPTURE = (
     "scores (torch's kernels read a generator state that each replay advances). Capture the "
     "attention with dropout_p=0, keep it with dropout out of the captured region, or run it "
     "with backend='torch'")
+
+
+def _new_seed(dropout_p: float, backend: str, device):
+    """A call's dropout seed as the kernels take it: 0 without dropout, else `dropout_seed()`;
+    inside CUDA graph capture, on the Triton flash kernels' planned path, a one-element int32
+    tensor drawn on the device by torch's generator (graph-safe: each replay draws anew),
+    which the kernels read from memory (SEED_IN_MEMORY)."""
+    if dropout_p <= 0:
+        return 0
+    if backend == "triton" and capturing():
+        return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
+    return dropout_seed()
+
+
+def _saved_seed(seed, dropout_p: float) -> torch.Tensor:
+    """The seed saved for the backward: a host seed as a CPU int64 scalar, a device one as
+    it is."""
+    if dropout_p <= 0:
+        return _NO_SEED
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+def _seed_of(saved: torch.Tensor, dropout_p: float):
+    """The kernels' seed from a saved one: the host's as an int (refused inside CUDA graph
+    capture, where it would be replayed), the device's tensor as it is."""
+    if dropout_p <= 0:
+        return 0
+    if saved.dtype == torch.int32:          # drawn on the device (`_new_seed`)
+        return saved
+    if capturing():
+        raise RuntimeError(_DROPOUT_IN_CAPTURE)
+    return int(saved)
 
 
 def dropout_seed() -> int:
@@ -1264,20 +1310,20 @@ class _AttentionCall(AttentionKernels):
     def forward(self, q, k, v, mask):
         if not self.planned:
             return super().forward(q, k, v, mask)
-        dropout = self.dropout_p > 0
-        seed = dropout_seed() if dropout else 0
+        seed = _new_seed(self.dropout_p, self.backend, q.device)
         o, lse = fresh(self.new_o), fresh(self.new_lse)
         if not self.no_rows:
             aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
-            run = self.fwd.get(aligned)
+            in_memory = isinstance(seed, torch.Tensor)
+            run = self.fwd.get((aligned, in_memory))
             if run is None:
-                run = LAUNCHERS[self.backend].plan_forward(q, k, v, o, lse, self._mask4(mask),
-                                                           self.mask_kind, self.is_causal,
-                                                           self.scale, self.dropout_p)
+                run = LAUNCHERS[self.backend].plan_forward(
+                    q, k, v, o, lse, self._mask4(mask), self.mask_kind, self.is_causal,
+                    self.scale, self.dropout_p, *((True,) if in_memory else ()))
                 if not capturing():
-                    self.fwd[aligned] = run
+                    self.fwd[aligned, in_memory] = run
             run(q, k, v, o, lse, mask, seed)
-        return o, lse, torch.tensor(seed, dtype=torch.int64) if dropout else _NO_SEED
+        return o, lse, _saved_seed(seed, self.dropout_p)
 
     def backward(self, q, k, v, o, lse, do, mask, seed, mask_grad: bool):
         if not self.planned:
@@ -1286,18 +1332,20 @@ class _AttentionCall(AttentionKernels):
         dmask = fresh(self.new_dmask) if mask_grad else None
         if self.no_rows:                # no query rows: keys get no gradient
             return dq, dk.zero_(), dv.zero_(), dmask
+        seed = _seed_of(seed, self.dropout_p)
+        in_memory = isinstance(seed, torch.Tensor)
         # the TF32 switch (fp32) and deterministic mode (flash_onepass) choose the kernels
         key = (do.stride(), mask_grad, tf32_allowed(False) if self.fp32 else None,
-               torch.are_deterministic_algorithms_enabled())
+               torch.are_deterministic_algorithms_enabled(), in_memory)
         run = self.bwd.get(key)
         if run is None:
-            run = LAUNCHERS[self.backend].plan_backward(q, k, v, o, lse, do, dq, dk, dv,
-                                                        self._mask4(mask), self.mask_kind,
-                                                        self.is_causal, self.scale,
-                                                        self.dropout_p, dmask)
+            run = LAUNCHERS[self.backend].plan_backward(
+                q, k, v, o, lse, do, dq, dk, dv, self._mask4(mask), self.mask_kind,
+                self.is_causal, self.scale, self.dropout_p, dmask,
+                *((True,) if in_memory else ()))
             if not capturing():
                 self.bwd[key] = run
-        run(q, k, v, o, lse, do, dq, dk, dv, mask, int(seed) if self.dropout_p > 0 else 0, dmask)
+        run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
         return dq, dk, dv, dmask
 
 

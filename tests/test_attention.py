@@ -287,12 +287,12 @@ def test_dropout_matches_its_mask_forward_and_backward(backend, causal):
         assert_close(ours, leaf.grad, torch.float32, reduction=21 * 16, name=f"d{name}")
 
 
-@pytest.mark.parametrize("how", ["flash-triton", "naive-triton", "flash-numba",
-                                 "weights-triton", "weights-numba"])
+@pytest.mark.parametrize("how", ["naive-triton", "flash-numba", "weights-triton",
+                                 "weights-numba"])
 def test_dropout_inside_graph_capture_raises(how, monkeypatch):
-    """A captured graph would replay the host's one seed, the same mask every step: the draw
-    refuses inside capture (checked with the capture state faked: CUDA graphs need a GPU),
-    and the torch backend, whose kernels advance a graph-safe state, still runs."""
+    """Where the kernels take a host seed, a captured graph would replay it, the same mask
+    every step: the draw refuses inside capture (the capture state faked: CUDA graphs need a
+    GPU); torch's backend, whose kernels advance a graph-safe state, still runs."""
     from pydl.attention import attention_with_weights
     monkeypatch.setattr(attention, "capturing", lambda: True)
     q, k, v = qkv(1, 2, 2, 5, 6, 8)
@@ -305,6 +305,36 @@ def test_dropout_inside_graph_capture_raises(how, monkeypatch):
                                               algo=kind if backend == "triton" else None)
     pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.0, backend=backend)   # no draw
     pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend="torch")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flash_dropout_inside_graph_capture_reads_a_device_seed(causal, monkeypatch):
+    """Inside CUDA graph capture the Triton flash kernels take a seed the device draws
+    (torch's generator, which each replay advances) and read it from memory: the same keep
+    pattern as the host seed of that value, forward and backward (the capture state faked:
+    CUDA graphs need a GPU; the tensor seed is what the kernels see there). A backward
+    captured for a host seed refuses."""
+    p = 0.3
+    q, k, v = qkv(2, 2, 2, 17, 21, 16)
+    monkeypatch.setattr(attention, "capturing", lambda: True)
+    torch.manual_seed(99)
+    out, g, grads = run_with_grad(
+        lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal,
+                                                          backend="triton"), [q, k, v])
+    torch.manual_seed(99)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int32, device=q.device))
+    keep = attention.LAUNCHERS["triton"].dropout_mask(2, 2, 17, 21, p, seed, q.device)
+    r_out, leaves = _dropout_reference(q, k, v, keep, p, is_causal=causal)
+    r_out.backward(g.double())
+    assert_close(out, r_out, torch.float32, reduction=21, name="forward")
+    for name, ours, leaf in zip("qkv", grads, leaves):
+        assert_close(ours, leaf.grad, torch.float32, reduction=21 * 16, name=f"d{name}")
+    monkeypatch.setattr(attention, "capturing", lambda: False)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = pydl.scaled_dot_product_attention(*leaves, dropout_p=p, backend="triton")
+    monkeypatch.setattr(attention, "capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="dropout.*graph capture"):
+        out.sum().backward()
 
 
 @backends

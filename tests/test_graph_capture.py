@@ -84,3 +84,40 @@ def test_a_captured_training_step_replays_like_eager(conv_algo, attn_algo, backe
         for got, want in zip(replayed[1:], eager):
             assert_close(got, want.grad, torch.float32, reduction=64, tf32=True,
                          name="gradient")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_captured_attention_dropout_draws_anew_each_replay():
+    """Inside capture the Triton flash kernels read a seed the device draws (torch's
+    generator, whose state each replay advances): two replays of one graph on the same
+    inputs drop different scores (a host seed would be baked in: the same output every
+    replay), and the backward runs in the graph."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    q = torch.randn(2, 2, 64, 32, device=dev, requires_grad=True)
+
+    def step():
+        out = pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="triton")
+        out.sum().backward()
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            q.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    q.grad = None
+    with torch.cuda.graph(graph):
+        static_out = step()
+    outs, grads = [], []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(static_out.clone())
+        grads.append(q.grad.clone())
+    assert not torch.equal(outs[0], outs[1]), "two replays dropped the same scores"
+    assert not torch.equal(grads[0], grads[1])
+    assert all(torch.isfinite(t).all() for t in outs + grads)

@@ -29,6 +29,8 @@ counter-based generator) keyed by the seed, with counters (i * S + j, its high w
 Kept probabilities are scaled by 1 / (1 - p). The normaliser l uses the undropped P. The
 counter i * S + j is 32 bits wide (DROPOUT_32, its high word 0) unless a plane holds 2**32
 scores or more (DROPOUT_64, chosen by the host), where it would wrap and repeat the pattern.
+With SEED_IN_MEMORY added to DROPOUT the `seed` argument points to the seed, an int32 the
+device drew (inside CUDA graph capture, where a host seed would be replayed every step).
 
 Exponentials use exp2 with log2(e) folded into the scale; the forward's unmasked tiles take the
 row max of the raw products and apply the scale inside the exponent's FMA, exp2(qk * c - m)
@@ -50,6 +52,9 @@ MASK_FLOAT = tl.constexpr(2)
 DROPOUT_OFF = tl.constexpr(0)
 DROPOUT_32 = tl.constexpr(1)    # Philox counters i * S + j in 32 bits: planes of < 2**32 scores
 DROPOUT_64 = tl.constexpr(2)    # in 64 bits (the high word is Philox's second counter)
+# added to DROPOUT_32 / DROPOUT_64: the `seed` argument is a pointer to the seed (an int32 the
+# device drew, as inside CUDA graph capture, where a host seed would be replayed), not the seed
+SEED_IN_MEMORY = tl.constexpr(4)
 
 
 @triton.jit
@@ -58,8 +63,11 @@ def _dropout_keep(seed, bh, qi, kj, S, p, DROPOUT: tl.constexpr):
     each score's query and key index, broadcastable to the tile (rows[:, None], cols[None, :]
     for a query-major tile, the transposes for a key-major one). DROPOUT_64 for a plane of
     2**32 scores or more, where the 32-bit counter would wrap and repeat the pattern; below
-    that both widths draw the same bits (Philox's second counter is 0)."""
-    if DROPOUT == DROPOUT_64:
+    that both widths draw the same bits (Philox's second counter is 0). With SEED_IN_MEMORY
+    added, `seed` points to the seed (the same value gives the same bits)."""
+    if SEED_IN_MEMORY & DROPOUT:
+        seed = tl.load(seed)
+    if (DROPOUT & 3) == DROPOUT_64:
         offset = qi.to(tl.int64) * S + kj
         lo, hi = offset.to(tl.uint32), (offset >> 32).to(tl.uint32)
     else:
