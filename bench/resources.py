@@ -535,6 +535,8 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
             with mock.patch.object(attention, "capturing", lambda: True):
                 q, k, v = qkv(H)
                 _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
+                q, k, v = qkv(H)
+                _grad(attention.attention_with_weights(q, k, v, dropout_p=0.1), [q, k, v])
         algos = tuple(a for a in ("flash", "naive", "flash_onepass") if a in has)
         for kw in (dict(), dict(is_causal=True)) if "flash_onepass" in has else ():
             q, k, v = qkv(H)

@@ -612,13 +612,13 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask
     """(output, per-row logsumexp, the dropout seed as a CPU int64 scalar). The seed is drawn
     here, inside the op, so a compiled graph holds no data-dependent scalar."""
     B, H, L, _ = q.shape
-    seed = dropout_seed() if dropout_p > 0 else 0
+    seed = _new_seed(dropout_p, backend, q.device)
     o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B * H, L), torch.float32, q.device)
     if B * H * L:
         launch_forward(backend, q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
                        seed)
-    return o, lse, torch.tensor(seed, dtype=torch.int64) if dropout_p > 0 else _NO_SEED
+    return o, lse, _saved_seed(seed, dropout_p)
 
 
 def _mask_grad_fake(q, mask, mask_grad):
@@ -651,8 +651,9 @@ def launch_forward(backend: str, q, k, v, o, lse, mask, mask_kind, is_causal, sc
                    seed) -> None:
     """The forward kernels of launcher LAUNCHERS[backend] into o and lse, once: its plan for
     these tensors (pydl._plan), run."""
+    in_memory = (True,) if isinstance(seed, torch.Tensor) else ()      # a device seed
     LAUNCHERS[backend].plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
-                                    dropout_p)(q, k, v, o, lse, mask, seed)
+                                    dropout_p, *in_memory)(q, k, v, o, lse, mask, seed)
 
 
 def launch_backward(backend: str, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
@@ -726,18 +727,18 @@ def _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale):
             empty_like_shape(q, (B, H, L, k.shape[2])))
 
 
-def _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p) -> tuple:
+def _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, in_memory) -> tuple:
     return _key("naive_fwd", q, k, v, mask, kind=mask_kind, causal=is_causal, scale=scale,
-                dropout_p=dropout_p)
+                dropout_p=dropout_p, in_memory=in_memory)
 
 
 @kernel_op("attention_naive_fwd", _naive_fwd_fake)
 def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
                          is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """(output, attention weights P) without dropout."""
-    o, p, _ = _LAUNCHES.get(_naive_key(q, k, v, mask, mask_kind, is_causal, scale, 0.0),
-                            _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale, 0.0)(
-        q, k, v, mask, 0)
+    o, p, _ = _LAUNCHES.get(_naive_key(q, k, v, mask, mask_kind, is_causal, scale, 0.0, False),
+                            _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale, 0.0,
+                            False)(q, k, v, mask, 0)
     return o, p
 
 
@@ -754,11 +755,13 @@ def _attention_naive_dropout_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional
     scalar) with dropout_p > 0: the weights are torch's, P' = P * keep / (1 - p), the output
     P' v, with the flash kernels' keep pattern for the seed; the backward's softmax gradient
     needs P itself."""
-    seed = dropout_seed()
+    seed = _new_seed(dropout_p, "triton", q.device)
+    in_memory = isinstance(seed, torch.Tensor)
     o, weights, p = _LAUNCHES.get(
-        _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p), _plan_naive_fwd, q,
-        k, v, mask, mask_kind, is_causal, scale, dropout_p)(q, k, v, mask, seed)
-    return o, weights, p, torch.tensor(seed, dtype=torch.int64)
+        _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, in_memory),
+        _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, in_memory)(
+        q, k, v, mask, seed)
+    return o, weights, p, _saved_seed(seed, dropout_p)
 
 
 def _weights_fake(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed):
@@ -821,10 +824,11 @@ def _grouped(t: Tensor, shape: tuple):
     return g, g.numel() == 0 or g.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
 
 
-def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
+def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, in_memory):
     """run(q, k, v, mask, seed) -> (o, weights, P) of algo="naive" for this signature: scores =
     q k^T * scale (fp32), P = the masked softmax (and under dropout the dropped weights P',
-    one kernel; else the weights are P), o = weights v; GQA as (B, Hkv, G * L, .) rows."""
+    one kernel; else the weights are P), o = weights v; GQA as (B, Hkv, G * L, .) rows.
+    in_memory: the seed is a device tensor (`_new_seed`)."""
     from .kernels.triton import attention as kt
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
@@ -842,8 +846,9 @@ def _plan_naive_fwd(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
         kt.attention_naive_softmax, (L * B * H,),
         (*sc.stride(), *_strides4(mask), *p.stride(), H, L, S, dropout_p,
          *_seed_scalar(dropout_p)),
-        dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, DROPOUT=_dropout_kind(dropout_p, L, S),
-             BLOCK_N=dot_block(S, 1024))), dropout_p)
+        dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+             DROPOUT=_dropout_kind(dropout_p, L, S, in_memory), BLOCK_N=dot_block(S, 1024))),
+        dropout_p)
     pv_gemm = gemm_plan_on((p, v, o, None, None), p.view(*rows, S), v, o)
 
     def run(q, k, v, mask, seed):
@@ -866,21 +871,25 @@ def _attention_naive_bwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, p: Optional
     """(dq, dk, dv, the float mask's gradient dS with mask_grad, else empty); w: the forward's
     weights; p and seed: under dropout its undropped P and seed, else None; dw: the gradient
     of the weights, or None."""
-    key = _key("naive_bwd", q, k, v, w, do, dw, scale=scale, dropout_p=dropout_p)
-    dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, w, do, dw, scale, dropout_p)(
-        q, k, v, w, p, do, dw, _seed_of(seed, dropout_p))
+    seed = _seed_of(seed, dropout_p)
+    in_memory = isinstance(seed, torch.Tensor)
+    key = _key("naive_bwd", q, k, v, w, do, dw, scale=scale, dropout_p=dropout_p,
+               in_memory=in_memory)
+    dq, dk, dv, ds = _LAUNCHES.get(key, _plan_naive_bwd, q, k, v, w, do, dw, scale, dropout_p,
+                                   in_memory)(q, k, v, w, p, do, dw, seed)
     dmask = ds.view(w.shape).to(mask.dtype) if mask_grad else _mask_grad_fake(q, mask, False)
     return dq, dk, dv, dmask
 
 
-def _plan_naive_bwd(q, k, v, w, do, dw, scale, dropout_p):
+def _plan_naive_bwd(q, k, v, w, do, dw, scale, dropout_p, in_memory):
     """run(q, k, v, W, P, dO, dW, seed) -> (dq, dk, dv, dS) of algo="naive" for this
     signature, W the weights (P' = P * keep / (1 - p) under dropout, else P): dV = W^T dO,
     dW' = dO V^T (+ dW, the weights' own gradient, when given: the GEMM's addend; fp32), dS =
     P * (dP - rowsum(dP * P)) with dP = dW' (the softmax backward kernel over rows of length
     S) or under dropout keep * dW' / (1 - p) (attention_naive_dropout_bwd, its keep pattern
     recomputed from the seed), dQ = dS K * scale, dK = dS^T Q * scale; GQA as in the
-    forward, so dK and dV sum over each K/V head's group inside their GEMMs."""
+    forward, so dK and dV sum over each K/V head's group inside their GEMMs. in_memory: the
+    seed is a device tensor."""
     from .kernels.triton import attention as kt
     from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
     B, H, L, S = w.shape
@@ -903,8 +912,8 @@ def _plan_naive_bwd(q, k, v, w, do, dw, scale, dropout_p):
     if dropout_p > 0:       # P, dW' and dS are contiguous (B * H * L, S) rows (made so here)
         dropped = _seeded(Launch(
             kt.attention_naive_dropout_bwd, (L * B * H,), (L, S, dropout_p),
-            dict(DROPOUT=_dropout_kind(dropout_p, L, S), BLOCK_N=dot_block(S, 1024))),
-            dropout_p)
+            dict(DROPOUT=_dropout_kind(dropout_p, L, S, in_memory),
+                 BLOCK_N=dot_block(S, 1024))), dropout_p)
 
         def softmax(w, p, dp, ds, seed):
             dropped(p, dp, ds, seed)
@@ -1022,9 +1031,9 @@ _DROPOUT_IN_CAPTURE = (
 
 def _new_seed(dropout_p: float, backend: str, device):
     """A call's dropout seed as the kernels take it: 0 without dropout, else `dropout_seed()`;
-    inside CUDA graph capture, on the Triton flash kernels' planned path, a one-element int32
-    tensor drawn on the device by torch's generator (graph-safe: each replay draws anew),
-    which the kernels read from memory (SEED_IN_MEMORY)."""
+    inside CUDA graph capture, on the Triton kernels, a one-element int32 tensor drawn on the
+    device by torch's generator (graph-safe: each replay draws anew), which the kernels read
+    from memory (SEED_IN_MEMORY); the Numba kernels take host seeds, so there it raises."""
     if dropout_p <= 0:
         return 0
     if backend == "triton" and capturing():
