@@ -651,18 +651,16 @@ def launch_forward(backend: str, q, k, v, o, lse, mask, mask_kind, is_causal, sc
                    seed) -> None:
     """The forward kernels of launcher LAUNCHERS[backend] into o and lse, once: its plan for
     these tensors (pydl._plan), run."""
-    in_memory = (True,) if isinstance(seed, torch.Tensor) else ()      # a device seed
     LAUNCHERS[backend].plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
-                                    dropout_p, *in_memory)(q, k, v, o, lse, mask, seed)
+                                    dropout_p, *_seed_mode(seed))(q, k, v, o, lse, mask, seed)
 
 
 def launch_backward(backend: str, q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal,
                     scale, dropout_p, seed, dmask) -> None:
     """The backward kernels of launcher LAUNCHERS[backend] into dq, dk, dv (and dmask, the
     float mask's gradient, unless None), once, as launch_forward."""
-    in_memory = (True,) if isinstance(seed, torch.Tensor) else ()      # a device seed
     LAUNCHERS[backend].plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind,
-                                     is_causal, scale, dropout_p, dmask, *in_memory)(
+                                     is_causal, scale, dropout_p, dmask, *_seed_mode(seed))(
         q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
 
 
@@ -1041,6 +1039,12 @@ def _new_seed(dropout_p: float, backend: str, device):
     return dropout_seed()
 
 
+def _seed_mode(seed) -> tuple:
+    """The launchers' trailing plan argument for a seed: (True,), in_memory, for a device
+    seed (only the Triton launchers are given one), else nothing (their default)."""
+    return (True,) if isinstance(seed, torch.Tensor) else ()
+
+
 def _saved_seed(seed, dropout_p: float) -> torch.Tensor:
     """The seed saved for the backward: a host seed as a CPU int64 scalar, a device one as
     it is."""
@@ -1323,14 +1327,14 @@ class _AttentionCall(AttentionKernels):
         o, lse = fresh(self.new_o), fresh(self.new_lse)
         if not self.no_rows:
             aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
-            in_memory = isinstance(seed, torch.Tensor)
-            run = self.fwd.get((aligned, in_memory))
+            mode = _seed_mode(seed)
+            run = self.fwd.get((aligned, mode))
             if run is None:
                 run = LAUNCHERS[self.backend].plan_forward(
                     q, k, v, o, lse, self._mask4(mask), self.mask_kind, self.is_causal,
-                    self.scale, self.dropout_p, *((True,) if in_memory else ()))
+                    self.scale, self.dropout_p, *mode)
                 if not capturing():
-                    self.fwd[aligned, in_memory] = run
+                    self.fwd[aligned, mode] = run
             run(q, k, v, o, lse, mask, seed)
         return o, lse, _saved_seed(seed, self.dropout_p)
 
@@ -1342,16 +1346,15 @@ class _AttentionCall(AttentionKernels):
         if self.no_rows:                # no query rows: keys get no gradient
             return dq, dk.zero_(), dv.zero_(), dmask
         seed = _seed_of(seed, self.dropout_p)
-        in_memory = isinstance(seed, torch.Tensor)
+        mode = _seed_mode(seed)
         # the TF32 switch (fp32) and deterministic mode (flash_onepass) choose the kernels
         key = (do.stride(), mask_grad, tf32_allowed(False) if self.fp32 else None,
-               torch.are_deterministic_algorithms_enabled(), in_memory)
+               torch.are_deterministic_algorithms_enabled(), mode)
         run = self.bwd.get(key)
         if run is None:
             run = LAUNCHERS[self.backend].plan_backward(
                 q, k, v, o, lse, do, dq, dk, dv, self._mask4(mask), self.mask_kind,
-                self.is_causal, self.scale, self.dropout_p, dmask,
-                *((True,) if in_memory else ()))
+                self.is_causal, self.scale, self.dropout_p, dmask, *mode)
             if not capturing():
                 self.bwd[key] = run
         run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
