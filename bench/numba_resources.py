@@ -85,13 +85,13 @@ def _gpu_launch_configs() -> None:
     """The launchers' GPU tiles and thread counts in place of the simulator's (in the capture
     child only): under emulation they pick small ones, for the simulator's speed
     (pydl/_gemm_numba.py SIM_TILE, SIM_MICRO, SIM_TRIM, MMA, SIM_WARPS_MMA;
-    pydl/attention.py NUMBA_SIM_MMA_WARPS; pydl/_rnn_launch.py NUMBA_SIM_TILE;
+    pydl/_attention_numba.py NUMBA_SIM_MMA_WARPS; pydl/_rnn_launch.py NUMBA_SIM_TILE;
     pydl/_launch.py numba_threads), and the tiles and thread counts are the arguments of the
     kernel builders. Nothing runs, so the GPU's sizes cost nothing here, and each builder
     kernel is captured with the arguments a GPU launch builds it with."""
     import pydl  # noqa: F401  (every launcher module, before their names are replaced)
-    from pydl import _gemm_numba, _launch, _rnn_launch, attention
-    attention.NUMBA_SIM_MMA_WARPS = None         # the forward's and backward's GPU warps
+    from pydl import _attention_numba, _gemm_numba, _launch, _rnn_launch
+    _attention_numba.NUMBA_SIM_MMA_WARPS = None         # the forward's and backward's GPU warps
     _gemm_numba.SIM_TILE, _gemm_numba.SIM_MICRO = _gemm_numba.TILE, _gemm_numba.MICRO
     _gemm_numba.SIM_TRIM = False
     _gemm_numba.MMA, _gemm_numba.SIM_WARPS_MMA = True, _gemm_numba.WARPS_MMA

@@ -125,7 +125,7 @@ def _attention(causal: bool, dtype: str = "bfloat16", L: int = 4096, E: int = 12
     def run():
         import math
         import torch
-        from pydl import attention as att
+        from pydl import _attention_ops as ops, attention as att
         B, H = 4, 16
         q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=getattr(torch, dtype))
                                       for _ in range(8))
@@ -134,9 +134,9 @@ def _attention(causal: bool, dtype: str = "bfloat16", L: int = 4096, E: int = 12
         was = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            att.launch_forward("triton", q, k, v, o, lse, None, att.MASK_NONE, causal, scale,
+            ops.launch_forward("triton", q, k, v, o, lse, None, att.MASK_NONE, causal, scale,
                                0.0, 0)
-            att.launch_backward("triton", q, k, v, o, lse, do, dq, dk, dv, None,
+            ops.launch_backward("triton", q, k, v, o, lse, do, dq, dk, dv, None,
                                 att.MASK_NONE, causal, scale, 0.0, 0, None)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = was
@@ -149,11 +149,11 @@ def _attention_hopper(causal: bool):
     def run():
         import math
         import torch
-        from pydl import attention as att, attention_hopper
+        from pydl import _attention_ops as ops, attention as att, attention_hopper
         B, H, L, E = 4, 16, 4096, 128
         q, k, v, o = (torch.empty(B, H, L, E, dtype=torch.bfloat16) for _ in range(4))
         lse = torch.empty(B * H, L, dtype=torch.float32)
-        att.launch_forward(attention_hopper.LAUNCHER, q, k, v, o, lse, None, att.MASK_NONE,
+        ops.launch_forward(attention_hopper.LAUNCHER, q, k, v, o, lse, None, att.MASK_NONE,
                            causal, 1.0 / math.sqrt(E), 0.0, 0)
     return run
 
@@ -164,12 +164,12 @@ def _attention_onepass(causal: bool):
     def run():
         import math
         import torch
-        from pydl import attention as att, attention_onepass
+        from pydl import _attention_ops as ops, attention as att, attention_onepass
         B, H, L, E = 4, 16, 4096, 128
         q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
                                       for _ in range(8))
         lse = torch.empty(B * H, L, dtype=torch.float32)
-        att.launch_backward(attention_onepass.LAUNCHER, q, k, v, o, lse, do, dq, dk, dv, None,
+        ops.launch_backward(attention_onepass.LAUNCHER, q, k, v, o, lse, do, dq, dk, dv, None,
                             att.MASK_NONE, causal, 1.0 / math.sqrt(E), 0.0, 0, None)
     return run
 
@@ -532,7 +532,9 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
         if current_backend() == "triton":       # inside CUDA graph capture: a device seed
             from unittest import mock
-            with mock.patch.object(attention, "capturing", lambda: True):
+            from pydl import _attention_seed
+            with mock.patch.object(attention, "capturing", lambda: True), \
+                    mock.patch.object(_attention_seed, "capturing", lambda: True):
                 q, k, v = qkv(H)
                 _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
                 q, k, v = qkv(H)

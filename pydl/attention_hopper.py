@@ -1,6 +1,6 @@
 """algo="flash_hopper": the Gluon forward for Hopper GPUs (kernels/triton/attention_gluon.py).
 
-Its own forward launcher beside pydl/attention.py's: the checks that say where the kernel
+Its own forward launcher beside pydl/_attention_triton.py's: the checks that say where the kernel
 cannot run, its tiles and the launch. The backward is the flash backward's (the forward
 writes the same output and log-sum-exp rows), so training works with either forward.
 
@@ -86,7 +86,7 @@ def _hopper_config(q, k, is_causal: bool, launch) -> dict:
 
 
 class HopperAttention:
-    """The launcher pydl/attention.py's ops plan with (plan_forward, plan_backward: the
+    """The launcher pydl/_attention_ops.py's kernel ops plan with (plan_forward, plan_backward:
     signatures of its _TritonAttention): the Gluon forward, the Triton flash backward."""
 
     @staticmethod
@@ -122,5 +122,5 @@ class HopperAttention:
 
     @staticmethod
     def plan_backward(*args):
-        from .attention import _TritonAttention
+        from ._attention_triton import _TritonAttention
         return _TritonAttention.plan_backward(*args)

@@ -56,12 +56,12 @@ def _onepass_config(q, k, v, is_causal: bool, launch, dq_acc) -> dict:
 
 
 class OnePassAttention:
-    """The launcher pydl/attention.py's ops plan with (plan_forward, plan_backward: the
+    """The launcher pydl/_attention_ops.py's kernel ops plan with (plan_forward, plan_backward:
     signatures of its _TritonAttention): the flash forward, the single-pass backward."""
 
     @staticmethod
     def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
-        from .attention import _TritonAttention
+        from ._attention_triton import _TritonAttention
         check(mask, dropout_p)
         return _TritonAttention.plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale,
                                              dropout_p)
@@ -72,7 +72,7 @@ class OnePassAttention:
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) for tensors of these
         shapes and strides: the delta, the single pass into a zeroed fp32 dQ, its
         conversion; in deterministic mode the flash backward's run."""
-        from .attention import _LAUNCHES, _key, _TritonAttention
+        from ._attention_triton import _LAUNCHES, _key, _TritonAttention
         check(mask, dropout_p)
         if torch.are_deterministic_algorithms_enabled():
             return _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask,
@@ -83,7 +83,7 @@ class OnePassAttention:
 
 
 def _backward_run(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float):
-    from .attention import plan_delta
+    from ._attention_triton import plan_delta
     from .kernels.triton import attention_onepass as k1
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]

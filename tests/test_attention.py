@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pydl
-from pydl import attention
+from pydl import _attention_seed, _attention_triton, attention
 from pydl import reference as ref
 from pydl.kernels.triton import attention as kt
 from pydl.testing import assert_close, random_tensor, run_with_grad, uses_tf32
@@ -229,8 +229,8 @@ def test_float_mask_gradient_with_dropout(backend):
     out, g, grads = run_with_grad(lambda q, k, v, m: pydl.scaled_dot_product_attention(
         q, k, v, attn_mask=m, dropout_p=p, backend=backend), [q, k, v, mask])
     torch.manual_seed(1234)
-    keep = attention.LAUNCHERS[backend].dropout_mask(2, 2, 17, 21, p, attention.dropout_seed(),
-                                                     q.device)
+    seed = _attention_seed.dropout_seed()
+    keep = attention.LAUNCHERS[backend].dropout_mask(2, 2, 17, 21, p, seed, q.device)
     r_out, leaves = _mask_reference(q, k, v, mask, keep=keep, p=p)
     r_out.backward(g.double())
     assert_close(out, r_out, torch.float32, reduction=21, name="forward")
@@ -278,7 +278,7 @@ def test_dropout_matches_its_mask_forward_and_backward(backend, causal):
         lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal,
                                                           backend=backend), [q, k, v])
     torch.manual_seed(1234)
-    seed = attention.dropout_seed()
+    seed = _attention_seed.dropout_seed()
     keep = attention.LAUNCHERS[backend].dropout_mask(2, 2, 17, 21, p, seed, q.device)
     r_out, leaves = _dropout_reference(q, k, v, keep, p, is_causal=causal)
     r_out.backward(g.double())
@@ -287,13 +287,21 @@ def test_dropout_matches_its_mask_forward_and_backward(backend, causal):
         assert_close(ours, leaf.grad, torch.float32, reduction=21 * 16, name=f"d{name}")
 
 
+def _fake_capture(monkeypatch, on: bool):
+    """CUDA graph capture on or off as pydl sees it (graphs need a GPU): where a call's dropout
+    seed is drawn (pydl/_attention_seed.py) and where a call decides whether to keep its plan
+    (pydl/attention.py)."""
+    for module in (_attention_seed, attention):
+        monkeypatch.setattr(module, "capturing", lambda: on)
+
+
 @pytest.mark.parametrize("how", ["flash-numba", "weights-numba"])
 def test_dropout_inside_graph_capture_raises(how, monkeypatch):
     """The Numba kernels take a host seed, which a captured graph would replay, the same mask
     every step: the draw refuses inside capture (the capture state faked: CUDA graphs need a
     GPU); torch's backend, whose kernels advance a graph-safe state, still runs."""
     from pydl.attention import attention_with_weights
-    monkeypatch.setattr(attention, "capturing", lambda: True)
+    _fake_capture(monkeypatch, True)
     q, k, v = qkv(1, 2, 2, 5, 6, 8)
     kind, backend = how.split("-")
     with pytest.raises(RuntimeError, match="dropout.*graph capture.*same"):
@@ -318,7 +326,7 @@ def test_dropout_inside_graph_capture_reads_a_device_seed(case, monkeypatch):
     q, k, v = qkv(2, 2, 2, 17, 21, 16)
     opts = dict(dropout_p=p, is_causal=causal, backend="triton",
                 algo="naive" if case == "naive" else None)
-    monkeypatch.setattr(attention, "capturing", lambda: True)
+    _fake_capture(monkeypatch, True)
     torch.manual_seed(99)
     if case == "broadcast":     # one key/value head for both query heads: the op path
         k, v = k[:, :1], v[:, :1]
@@ -334,10 +342,10 @@ def test_dropout_inside_graph_capture_reads_a_device_seed(case, monkeypatch):
     for name, ours, leaf in zip("qkv", grads, leaves):
         theirs = leaf.grad.sum(1, keepdim=True) if ours.shape[1] == 1 else leaf.grad
         assert_close(ours, theirs, torch.float32, reduction=21 * 16, name=f"d{name}")
-    monkeypatch.setattr(attention, "capturing", lambda: False)
+    _fake_capture(monkeypatch, False)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = pydl.scaled_dot_product_attention(*leaves, dropout_p=p, backend="triton")
-    monkeypatch.setattr(attention, "capturing", lambda: True)
+    _fake_capture(monkeypatch, True)
     with pytest.raises(RuntimeError, match="dropout.*graph capture"):
         out.sum().backward()
 
@@ -381,9 +389,9 @@ def test_triton_dropout_counters_do_not_wrap_on_planes_of_2_to_the_32_scores():
         _keep_at[(1,)](out, torch.full_like(kj, qi), kj, S, 1234, p, DROPOUT=kind, N=N)
         return out
 
-    assert attention._dropout_kind(p, 65536, S) == kt.DROPOUT_64
-    assert attention._dropout_kind(p, 65535, 65537) == kt.DROPOUT_32
-    assert attention._dropout_kind(0.0, 65536, S) == kt.DROPOUT_OFF
+    assert _attention_triton._dropout_kind(p, 65536, S) == kt.DROPOUT_64
+    assert _attention_triton._dropout_kind(p, 65535, 65537) == kt.DROPOUT_32
+    assert _attention_triton._dropout_kind(0.0, 65536, S) == kt.DROPOUT_OFF
     assert torch.equal(keep(65536, j, kt.DROPOUT_32), keep(1, j - 1, kt.DROPOUT_32)), \
         "the 32-bit counter no longer wraps: this test lost its witness"
     assert not torch.equal(keep(65536, j, kt.DROPOUT_64), keep(1, j - 1, kt.DROPOUT_64))
@@ -660,8 +668,8 @@ def test_attention_weights_under_dropout_are_the_dropped_ones(backend, case):
     torch.manual_seed(11)
     out, w = attention_with_weights(*leaves, dropout_p=p, backend=backend, **opts)
     torch.manual_seed(11)
-    keep = attention.LAUNCHERS[backend].dropout_mask(B, H, L, S, p, attention.dropout_seed(),
-                                                     q.device)
+    seed = _attention_seed.dropout_seed()
+    keep = attention.LAUNCHERS[backend].dropout_mask(B, H, L, S, p, seed, q.device)
     r = [t.detach().double().requires_grad_() for t in (q, k, v)]
     kk, vv = (t.repeat_interleave(H // HKV, 1) for t in r[1:])
     scores = (r[0] @ kk.transpose(-1, -2) / math.sqrt(E)).masked_fill(~vis, float("-inf"))

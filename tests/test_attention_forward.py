@@ -18,7 +18,7 @@ from test_resources import REPO, _clean_env
 
 import pydl
 from bench import resources
-from pydl import _env, _launch, attention, attention_hopper
+from pydl import _attention_triton, _env, _launch, attention_hopper
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor, run_with_grad
 
@@ -30,7 +30,7 @@ HAS_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 
 def _tma(q, k, v):
     o = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
-    return attention._forward_tma(q, k, v, o)
+    return _attention_triton._forward_tma(q, k, v, o)
 
 
 def test_forward_reads_through_tma_where_the_strides_allow():
@@ -77,7 +77,7 @@ def test_tma_and_pointer_paths_agree(monkeypatch, case, causal):
     assert _tma(q, k, v) is _launch.tma_available(q.device)
     check_attention(q, k, v, "triton", h, **opts)
     with_tma = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
-    monkeypatch.setattr(attention, "_forward_tma", lambda *a: False)
+    monkeypatch.setattr(_attention_triton, "_forward_tma", lambda *a: False)
     check_attention(q, k, v, "triton", h, **opts)
     without = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
     assert_close(with_tma, without, h, reduction=shape[4], name="tma vs pointers")

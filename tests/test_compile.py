@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pydl
-from pydl import attention, conv, pool, softmax_ce
+from pydl import _attention_ops, _attention_weights, attention, conv, pool, softmax_ce
 
 # pydl.lstm and pydl.gru are the functions; their modules by name:
 lstm, gru = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
@@ -70,12 +70,12 @@ OPCHECKS = {
     "max_pool2d_fwd": lambda: (pool._max_pool2d_fwd, (
         _x(2, 3, 6, 6), _geom_pool(), pool.INDEX_LOCAL, BACKEND)),
     "avg_pool2d_fwd": lambda: (pool._avg_pool2d_fwd, (_x(2, 3, 6, 6), _geom_pool(), False, BACKEND)),
-    "attention_fwd": lambda: (attention._attention_fwd, (
+    "attention_fwd": lambda: (_attention_ops._attention_fwd, (
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
-    "attention_naive_fwd": lambda: (attention._attention_naive_fwd, (
+    "attention_naive_fwd": lambda: (_attention_weights._attention_naive_fwd, (
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
     # a new seed every call: its outputs differ between runs (RANDOM below)
-    "attention_naive_dropout_fwd": lambda: (attention._attention_naive_dropout_fwd, (
+    "attention_naive_dropout_fwd": lambda: (_attention_weights._attention_naive_dropout_fwd, (
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, True, 0.35, 0.25)),
     "attention_naive_bwd/dropout": lambda: _attention_naive_bwd_args(dropout_p=0.25),
     "attention_bwd/mask_grad": lambda: _attention_bwd_args(),
@@ -85,10 +85,10 @@ OPCHECKS = {
     "attention_bwd/fp16": lambda: _attention_bwd_args(torch.float16, mask_grad=False),
     "attention_naive_bwd/fp16": lambda: _attention_naive_bwd_args(torch.float16,
                                                                   mask_grad=False),
-    "attention_weights": lambda: (attention._attention_weights, (   # numba's weights kernel
+    "attention_weights": lambda: (_attention_weights._attention_weights, (   # numba's weights kernel
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), torch.rand(1, 2, 5, 7, device=DEVICE) > 0.3,
         attention.MASK_BOOL, True, 0.35, 0.0, torch.zeros((), dtype=torch.int64))),
-    "attention_weights_bwd/mask_grad": lambda: (attention._attention_weights_bwd, (
+    "attention_weights_bwd/mask_grad": lambda: (_attention_weights._attention_weights_bwd, (
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 2, 5, 7), _x(1, 2, 5, 7), attention.MASK_FLOAT,
         False, 0.35, 0.0, torch.zeros((), dtype=torch.int64), True)),
     "lstm_cell_fwd": lambda: (lstm._lstm_cell_fwd, (
@@ -116,9 +116,9 @@ def _attention_bwd_args(dtype=torch.float32, mask_grad=True):
     empty placeholder, in q's dtype as the fake implementation says)."""
     q, k, v, mask = (t.to(dtype) for t in (_x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8),
                                            _x(1, 2, 5, 7)))
-    o, lse, seed = attention._attention_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35, 0.0,
+    o, lse, seed = _attention_ops._attention_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35, 0.0,
                                             BACKEND)
-    return attention._attention_bwd, (q, k, v, o, lse, _x(1, 2, 5, 8).to(dtype), mask, seed,
+    return _attention_ops._attention_bwd, (q, k, v, o, lse, _x(1, 2, 5, 8).to(dtype), mask, seed,
                                       attention.MASK_FLOAT, False, 0.35, 0.0, BACKEND, mask_grad)
 
 
@@ -126,13 +126,13 @@ def _attention_naive_bwd_args(dtype=torch.float32, mask_grad=True, dropout_p=0.0
     q, k, v, mask = (t.to(dtype) for t in (_x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8),
                                            _x(1, 2, 5, 7)))
     if dropout_p:       # the weights P', the undropped P and the seed they were drawn with
-        _, w, p, seed = attention._attention_naive_dropout_fwd(
+        _, w, p, seed = _attention_weights._attention_naive_dropout_fwd(
             q, k, v, mask, attention.MASK_FLOAT, False, 0.35, dropout_p)
     else:
-        (_, w), p, seed = attention._attention_naive_fwd(
+        (_, w), p, seed = _attention_weights._attention_naive_fwd(
             q, k, v, mask, attention.MASK_FLOAT, False, 0.35), None, None
     # the weights' own gradient (B, H, L, S) beside the output's
-    return attention._attention_naive_bwd, (q, k, v, w, p, _x(1, 2, 5, 8).to(dtype),
+    return _attention_weights._attention_naive_bwd, (q, k, v, w, p, _x(1, 2, 5, 8).to(dtype),
                                             _x(1, 2, 5, 7).to(dtype), mask, seed, 0.35,
                                             dropout_p, mask_grad)
 

@@ -125,12 +125,12 @@ def test_tensor_core_attention_compiles_to_mma_offline(tmp_path):
     benchmark's d128 bf16 case builds it on a GPU (4 warps, 32 keys a tile, q, k and v staged
     as words), compiled with its inline PTX: mma.sync in both products, no spill, its shared
     memory (Q, K and V^T slabs of padded 32-bit rows) within the 48 KiB static limit."""
-    from pydl import attention
+    from pydl import _attention_numba
     words = ["array", "int32", 4, "A"]
     bits = ["array", "int16", 4, "A"]
     row = dict(module="pydl.kernels.numba.attention_mma", name="attention_fwd_mma",
                built_by=["pydl.kernels.numba.attention_mma", "_build",
-                         [attention.NUMBA_MMA_WARPS, 32, 128, 128, True, True, True, True]],
+                         [_attention_numba.NUMBA_MMA_WARPS, 32, 128, 128, True, True, True, True]],
                sig=[words, words, words, bits, ["array", "float32", 2, "C"], bits, "int64",
                     "int64", "boolean", "float64", "boolean", "int64", "float64", "int64",
                     "int64"])

@@ -1,0 +1,69 @@
+"""The attention dropout's seed: drawn per call, saved for the backward, passed to the kernels.
+
+A host seed (an int from torch's default generator, `dropout_seed`) outside CUDA graph capture;
+inside capture, on the Triton kernels, a one-element int32 tensor drawn on the device, which
+the kernels read from memory (SEED_IN_MEMORY), so each replay draws anew. The Numba kernels
+take host seeds and refuse dropout inside capture.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._plan import capturing
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)     # the seed output without dropout
+
+
+_DROPOUT_IN_CAPTURE = (
+    "scaled_dot_product_attention with dropout_p > 0 inside CUDA graph capture: pydl's kernels "
+    "take their dropout seed from the host, so every replay of the graph would drop the same "
+    "scores (torch's kernels read a generator state that each replay advances). Capture the "
+    "attention with dropout_p=0, keep it with dropout out of the captured region, or run it "
+    "with backend='torch'")
+
+
+def _new_seed(dropout_p: float, backend: str, device):
+    """A call's dropout seed as the kernels take it: 0 without dropout, else `dropout_seed()`;
+    inside CUDA graph capture, on the Triton kernels, a one-element int32 tensor drawn on the
+    device by torch's generator (graph-safe: each replay draws anew), which the kernels read
+    from memory (SEED_IN_MEMORY); the Numba kernels take host seeds, so there it raises."""
+    if dropout_p <= 0:
+        return 0
+    if backend == "triton" and capturing():
+        return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
+    return dropout_seed()
+
+
+def _seed_mode(seed) -> tuple:
+    """The launchers' trailing plan argument for a seed: (True,), in_memory, for a device
+    seed (only the Triton launchers are given one), else nothing (their default)."""
+    return (True,) if isinstance(seed, torch.Tensor) else ()
+
+
+def _saved_seed(seed, dropout_p: float) -> torch.Tensor:
+    """The seed saved for the backward: a host seed as a CPU int64 scalar, a device one as
+    it is."""
+    if dropout_p <= 0:
+        return _NO_SEED
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+def _seed_of(saved: torch.Tensor, dropout_p: float):
+    """The kernels' seed from a saved one: the host's as an int (refused inside CUDA graph
+    capture, where it would be replayed), the device's tensor as it is."""
+    if dropout_p <= 0:
+        return 0
+    if saved.dtype == torch.int32:          # drawn on the device (`_new_seed`)
+        return saved
+    if capturing():
+        raise RuntimeError(_DROPOUT_IN_CAPTURE)
+    return int(saved)
+
+
+def dropout_seed() -> int:
+    """The dropout seed of the next call: drawn from torch's default generator, so
+    torch.manual_seed makes dropout reproducible. Inside CUDA graph capture it raises: a seed
+    drawn once would be replayed with the graph, the same mask every step."""
+    if capturing():
+        raise RuntimeError(_DROPOUT_IN_CAPTURE)
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
