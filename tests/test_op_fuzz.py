@@ -43,9 +43,15 @@ QUICK, FULL = 2, 40
 ROUNDING = {torch.float32: (1.3e-6, 1e-5), torch.float16: (1e-3, 1e-3),
             torch.bfloat16: (1.6e-2, 1e-2)}
 
-# the modules that decide between a plan and the op path with plain_tensors
-_PLAIN_USERS = ("pydl._plan", "pydl.conv", "pydl.pool", "pydl.softmax_ce", "pydl.attention",
-                "pydl._rnn_checks")
+
+def _plain_users() -> list:
+    """The modules that decide between a plan and the op path with plain_tensors (each has
+    it from pydl._plan): looked up rather than listed, so that no module that takes it up
+    later keeps its plans here unnoticed."""
+    users = [m for name, m in sorted(sys.modules.items()) if name.startswith("pydl.")
+             and getattr(m, "plain_tensors", None) is _plan.plain_tensors]
+    assert len(users) > 5, [m.__name__ for m in users]      # the families' modules
+    return users
 
 
 @contextlib.contextmanager
@@ -54,7 +60,7 @@ def forced_op_path(grad_in_forward=True):
     (what a tensor subclass gets): no plan, no direct call. Cached calls built here are
     dropped on both sides. grad_in_forward False: cross-entropy's two-pass form, as under
     torch.compile (else its forward writes the gradient where eager mode's does)."""
-    saved = [(sys.modules[m], "plain_tensors", sys.modules[m].plain_tensors) for m in _PLAIN_USERS]
+    saved = [(m, "plain_tensors", m.plain_tensors) for m in _plain_users()]
     saved.append((_library, "_plain", _library._plain))
     if not grad_in_forward:
         saved.append((softmax_ce, "_grad_in_forward", softmax_ce._grad_in_forward))
