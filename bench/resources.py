@@ -190,17 +190,17 @@ def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_l
     index: another specialization)."""
     def run():
         import torch
-        from pydl import pool
+        from pydl import _pool_ops as ops, pool
         from pydl._library import geometry_args
         x = _images(C, H, channels_last)
         g = pool._geometry(x.shape, kernel, stride, padding, 1, False)
         geom = geometry_args(g)
         if not training:
-            pool._max_pool2d_fwd(x, geom, pool.INDEX_NONE, "triton")
+            ops._max_pool2d_fwd(x, geom, ops.INDEX_NONE, "triton")
             return
-        y, idx = pool._max_pool2d_fwd(x, geom, pool.INDEX_LOCAL, "triton")
-        pool._max_pool2d_bwd(torch.empty_like(y), idx, pool.INDEX_LOCAL, geom, channels_last,
-                             "triton")
+        y, idx = ops._max_pool2d_fwd(x, geom, ops.INDEX_LOCAL, "triton")
+        ops._max_pool2d_bwd(torch.empty_like(y), idx, ops.INDEX_LOCAL, geom, channels_last,
+                            "triton")
     return run
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pydl
-from pydl import _attention_ops, _attention_weights, attention, conv, pool, softmax_ce
+from pydl import _attention_ops, _attention_weights, _pool_ops, attention, conv, pool, softmax_ce
 
 # pydl.lstm and pydl.gru are the functions; their modules by name:
 lstm, gru = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
@@ -67,9 +67,9 @@ OPCHECKS = {
         _x(2, 4, 4, 4), _x(4, 3, 3, 3), _x(2, 3, 6, 6), _geom_conv(), "implicit", BACKEND)),
     "conv2d_bwd_weight": lambda: (conv._conv2d_bwd_weight, (
         _x(2, 4, 4, 4), _x(2, 3, 6, 6), _x(4, 3, 3, 3), _geom_conv(), "im2col", BACKEND)),
-    "max_pool2d_fwd": lambda: (pool._max_pool2d_fwd, (
-        _x(2, 3, 6, 6), _geom_pool(), pool.INDEX_LOCAL, BACKEND)),
-    "avg_pool2d_fwd": lambda: (pool._avg_pool2d_fwd, (_x(2, 3, 6, 6), _geom_pool(), False, BACKEND)),
+    "max_pool2d_fwd": lambda: (_pool_ops._max_pool2d_fwd, (
+        _x(2, 3, 6, 6), _geom_pool(), _pool_ops.INDEX_LOCAL, BACKEND)),
+    "avg_pool2d_fwd": lambda: (_pool_ops._avg_pool2d_fwd, (_x(2, 3, 6, 6), _geom_pool(), False, BACKEND)),
     "attention_fwd": lambda: (_attention_ops._attention_fwd, (
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
     "attention_naive_fwd": lambda: (_attention_weights._attention_naive_fwd, (
