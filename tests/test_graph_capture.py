@@ -121,3 +121,39 @@ def test_captured_attention_dropout_draws_anew_each_replay():
     assert not torch.equal(outs[0], outs[1]), "two replays dropped the same scores"
     assert not torch.equal(grads[0], grads[1])
     assert all(torch.isfinite(t).all() for t in outs + grads)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_compiled_reduce_overhead_keeps_the_step_in_one_graph_each_way():
+    """torch.compile(mode="reduce-overhead") on the training step: inductor runs each compiled
+    graph (the forward, the backward) as CUDA graphs, split wherever a node cannot be
+    captured (with graph partition, torch 2.13's default, a node on the CPU is run outside).
+    pydl's kernel ops must not split it: one partition a graph, no graph skipped, and the
+    replayed step equals the eager one. (The attention ops return their dropout seed as a CPU
+    int64 scalar, which inductor may count as a CPU node: what this test is here to find.)"""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    params = [(torch.randn(*shape, device=dev) * 0.3).requires_grad_()
+              for shape in ((16, 3, 3, 3), (16, 16, 1, 1), (16, 1, 3, 3), (16, 10))]
+    compiled = torch.compile(_step, mode="reduce-overhead", fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    for seed in (1, 2, 3, 4):
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        x = torch.randn(4, 3, 8, 8, device=dev, generator=gen)
+        t = torch.randint(0, 10, (4,), device=dev, generator=gen)
+        for p in params:
+            p.grad = None
+        loss = compiled(x, t, *params)
+        loss.backward()
+        got = [loss.detach().clone()] + [p.grad.clone() for p in params]
+        eager = [p.detach().clone().requires_grad_() for p in params]
+        want = _step(x, t, *eager)
+        want.backward()
+        assert_close(got[0], want.detach(), torch.float32, reduction=64, tf32=True, name="loss")
+        for g, w in zip(got[1:], eager):
+            assert_close(g, w.grad, torch.float32, reduction=64, tf32=True, name="gradient")
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    # counted only where a graph is split (more than one partition)
+    assert counters["inductor"]["cudagraph_partitions"] == 0, dict(counters["inductor"])
