@@ -82,7 +82,7 @@ EMULATION_VARS = ("PYDL_INTERPRET", "TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 REGS_PER_SM = 65536
 # Multiprocessors of the device the problems are sized for (H100 SXM): the conv weight
-# gradient's split-K factor depends on it (pydl/conv.py `_split_k`).
+# gradient's split-K factor depends on it (pydl/_conv_implicit.py `_split_k`).
 SMS = 132
 FAILING = ("compile error", "too much shared memory", "too many registers")
 
@@ -459,18 +459,18 @@ def _cov_conv(dtype: str, algo: str, x_shape: tuple, w_shape: tuple, stride=1, p
     the weight gradient summed over them)."""
     def run():
         import pydl
-        from pydl import conv
+        from pydl import _conv_im2col
         x = _rand(*x_shape, dtype=dtype, grad=x_grad, channels_last=channels_last)
         w = _rand(*w_shape, dtype=dtype, grad=True, channels_last=channels_last)
         b = _rand(w_shape[0], dtype=dtype, grad=True) if bias else None
-        saved = conv.IM2COL_WORKSPACE_BYTES
+        saved = _conv_im2col.IM2COL_WORKSPACE_BYTES
         if workspace is not None:
-            conv.IM2COL_WORKSPACE_BYTES = workspace
+            _conv_im2col.IM2COL_WORKSPACE_BYTES = workspace
         try:
             y = pydl.conv2d(x, w, b, stride, padding, 1, groups, algo=algo)
             _grad(y, [x, w, b])
         finally:
-            conv.IM2COL_WORKSPACE_BYTES = saved
+            _conv_im2col.IM2COL_WORKSPACE_BYTES = saved
     return run
 
 
@@ -843,7 +843,7 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
     coverage) once per distinct compile job over all problems. A problem whose launcher fails
     gives one row with the error."""
     import triton.runtime.jit as jit
-    from pydl import _launch, _tune, conv
+    from pydl import _conv_implicit, _launch, _tune
 
     by_job = bool(coverage) if by_job is None else by_job
     spec = _specializer(arch)
@@ -867,14 +867,15 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                     signature_text=_signature_text(fn, job), grid=grid, job=job)
 
     from pydl import _rnn_launch
-    saved = (_tune.Tuner.pick, jit.JITFunction.run, getattr(conv, "_multiprocessors", None),
-             _launch.device_capability, _rnn_launch.persistent_on)
+    saved = (_tune.Tuner.pick, jit.JITFunction.run,
+             getattr(_conv_implicit, "_multiprocessors", None), _launch.device_capability,
+             _rnn_launch.persistent_on)
     _tune.Tuner.pick, jit.JITFunction.run = record_pick, record_run
     # the CPU tensors stand for tensors on the target: the launchers choose TMA paths and
     # Hopper kernels by its compute capability
     _launch.device_capability = lambda device: (arch // 10, arch % 10)
     if saved[2] is not None:
-        conv._multiprocessors = lambda device: SMS
+        _conv_implicit._multiprocessors = lambda device: SMS
     # the recurrent layers launch as on a GPU: one cooperative launch per direction
     _rnn_launch.persistent_on = lambda device: True
     rows: list[dict] = []
@@ -949,7 +950,7 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
         _tune.Tuner.pick, jit.JITFunction.run = saved[:2]
         _launch.device_capability = saved[3]
         if saved[2] is not None:
-            conv._multiprocessors = saved[2]
+            _conv_implicit._multiprocessors = saved[2]
         _rnn_launch.persistent_on = saved[4]
     return rows
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import pydl
-from pydl import _attention_ops, _attention_weights, _pool_ops, attention, conv, pool, softmax_ce
+from pydl import (_attention_ops, _attention_weights, _conv_ops, _pool_ops, attention, conv, pool,
+                  softmax_ce)
 
 # pydl.lstm and pydl.gru are the functions; their modules by name:
 lstm, gru = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
@@ -61,11 +62,11 @@ OPCHECKS = {
     # raised)
     "cross_entropy_prob_fwd/grad-numba": lambda: (softmax_ce._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), None, "mean", 0.0, True, "numba")),
-    "conv2d_fwd": lambda: (conv._conv2d_fwd, (
+    "conv2d_fwd": lambda: (_conv_ops._conv2d_fwd, (
         _x(2, 3, 6, 6), _x(4, 3, 3, 3), _x(4), _geom_conv(), "implicit", BACKEND)),
-    "conv2d_bwd_input": lambda: (conv._conv2d_bwd_input, (
+    "conv2d_bwd_input": lambda: (_conv_ops._conv2d_bwd_input, (
         _x(2, 4, 4, 4), _x(4, 3, 3, 3), _x(2, 3, 6, 6), _geom_conv(), "implicit", BACKEND)),
-    "conv2d_bwd_weight": lambda: (conv._conv2d_bwd_weight, (
+    "conv2d_bwd_weight": lambda: (_conv_ops._conv2d_bwd_weight, (
         _x(2, 4, 4, 4), _x(2, 3, 6, 6), _x(4, 3, 3, 3), _geom_conv(), "im2col", BACKEND)),
     "max_pool2d_fwd": lambda: (_pool_ops._max_pool2d_fwd, (
         _x(2, 3, 6, 6), _geom_pool(), _pool_ops.INDEX_LOCAL, BACKEND)),

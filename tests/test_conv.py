@@ -157,8 +157,8 @@ def test_implicit_forward_k_orders(monkeypatch, layer, k_order):
     """Both K orders of the implicit forward on every geometry: blocks of channels per (kh, kw)
     tap (layers with many channels), or (kh, kw, c) columns decoded one by one (few channels;
     most small test layers take this path by default)."""
-    import pydl.conv as conv_mod
-    monkeypatch.setattr(conv_mod, "FLAT_K_CHANNELS", 0 if k_order == "channel_blocks" else 10**9)
+    from pydl import _conv_implicit
+    monkeypatch.setattr(_conv_implicit, "FLAT_K_CHANNELS", 0 if k_order == "channel_blocks" else 10**9)
     xs, ws, opts = LAYERS[layer]
     dtype = torch.float16 if layer in ("grouped", "resnet_stem") else torch.float32
     x = random_tensor(xs, dtype, DEVICE)
@@ -219,7 +219,7 @@ def test_implicit_grad_weight_split_k(monkeypatch, case):
     """The weight gradient summed in several pixel ranges (fp32 partials, which the last
     program of each tile to arrive sums): no split, a few, and as many as the K steps allow
     all match, the last range short; 16-bit weights are rounded once, after the sum."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_implicit
     dtype = torch.float16 if case.startswith("fp16") else torch.float32
     groups = 2 if case.endswith("grouped") else 1
     x = random_tensor((3, 4, 9, 7), dtype, DEVICE)           # P = 3 * 9 * 7 = 189 pixels
@@ -228,11 +228,11 @@ def test_implicit_grad_weight_split_k(monkeypatch, case):
     if "channels_last" in case:
         x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
     splits = []
-    real = conv_mod._split_k
+    real = _conv_implicit._split_k
     for sms in (0, 2, 1000):      # the device's multiprocessors, emulated or real
-        monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
-        monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device, sms=sms: sms)
-        monkeypatch.setattr(conv_mod, "_split_k",
+        monkeypatch.setattr(_conv_implicit, "SPLIT_MIN_STEPS", 1)
+        monkeypatch.setattr(_conv_implicit, "_multiprocessors", lambda device, sms=sms: sms)
+        monkeypatch.setattr(_conv_implicit, "_split_k",
                             lambda *a: splits.append(real(*a)) or splits[-1])
         clear_plans()                   # launch plans captured the previous setting
         check_conv(x, w, None, "triton", "implicit", dtype, grad_out=g, padding=1, groups=groups)
@@ -245,18 +245,18 @@ def test_implicit_grad_weight_split_waves_candidate(monkeypatch):
     """The grad weight's tuning space holds every tile also at SPLIT_WAVES = 4 (twice the
     programs a multiprocessor of the default): that candidate launches more splits than the
     default and gives the same gradient (the tuner's choice; emulation runs the default)."""
-    import pydl.conv as conv_mod
-    tuner = conv_mod.IMPLICIT_TUNERS["bwd_weight"]
+    from pydl import _conv_implicit
+    tuner = _conv_implicit.IMPLICIT_TUNERS["bwd_weight"]
     x = random_tensor((3, 4, 9, 7), torch.float32, DEVICE)
     w = random_tensor((6, 4, 3, 3), torch.float32, DEVICE, scale=0.3)
-    monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
-    monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device: 1)
-    real = conv_mod._split_k
+    monkeypatch.setattr(_conv_implicit, "SPLIT_MIN_STEPS", 1)
+    monkeypatch.setattr(_conv_implicit, "_multiprocessors", lambda device: 1)
+    real = _conv_implicit._split_k
 
     def run(waves):
         """(the grad weight's candidates, the split of the one picked at `waves`)."""
         picked, splits = [], []
-        monkeypatch.setattr(conv_mod, "_split_k",
+        monkeypatch.setattr(_conv_implicit, "_split_k",
                             lambda *a, **k: splits.append(real(*a, **k)) or splits[-1])
         monkeypatch.setattr(tuner, "pick", lambda key, candidates, launch, inout=(): (
             picked.append(candidates) or next(c for c in candidates
@@ -264,9 +264,9 @@ def test_implicit_grad_weight_split_waves_candidate(monkeypatch):
         clear_plans()
         check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1)
         assert any("SPLIT_WAVES" not in c for c in picked[0])
-        assert {c.get("SPLIT_WAVES", 2) for c in picked[0]} == set(conv_mod.SPLIT_WAVES)
+        assert {c.get("SPLIT_WAVES", 2) for c in picked[0]} == set(_conv_implicit.SPLIT_WAVES)
         return splits[-1][0]
-    default_split, more = (run(waves) for waves in conv_mod.SPLIT_WAVES)
+    default_split, more = (run(waves) for waves in _conv_implicit.SPLIT_WAVES)
     assert more > default_split >= 1, (more, default_split)
     clear_plans()
 
@@ -276,9 +276,9 @@ def test_implicit_grad_input_col2im_route(monkeypatch, layout):
     """Few input channels (the RGB stem's FLAT taps): the grad input's tuning space also holds
     the im2col algorithm's route (dY @ W, then col2im), never as the default; taken, it gives
     torch's gradient and launches col2im. Layers with 16+ channels have no such candidate."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_implicit
     from pydl.kernels.triton import conv as k
-    tuner = conv_mod.IMPLICIT_TUNERS["bwd_input"]
+    tuner = _conv_implicit.IMPLICIT_TUNERS["bwd_input"]
     offered = []
 
     def pick(key, candidates, launch, inout=()):
@@ -310,16 +310,16 @@ def _small_tiles(monkeypatch, block=16):
     """Every implicit-GEMM tile `block` wide in M, N and K, and every layer on the (kh, kw,
     channel block) paths (no FLAT_K / FLAT_N): small test layers then have several channel
     blocks per tap, the last one partial."""
-    import pydl.conv as conv_mod
-    monkeypatch.setattr(conv_mod, "FLAT_K_CHANNELS", 0)
-    monkeypatch.setattr(conv_mod, "_gemm_tile", lambda m, n, k, block_k=32: dict(
+    from pydl import _conv_implicit
+    monkeypatch.setattr(_conv_implicit, "FLAT_K_CHANNELS", 0)
+    monkeypatch.setattr(_conv_implicit, "_gemm_tile", lambda m, n, k, block_k=32: dict(
         BLOCK_M=block, BLOCK_N=block, BLOCK_K=block, num_warps=4))
 
 
 def _force_split(monkeypatch):
-    import pydl.conv as conv_mod
-    monkeypatch.setattr(conv_mod, "SPLIT_MIN_STEPS", 1)
-    monkeypatch.setattr(conv_mod, "SIM_SMS", 1000)
+    from pydl import _conv_implicit
+    monkeypatch.setattr(_conv_implicit, "SPLIT_MIN_STEPS", 1)
+    monkeypatch.setattr(_conv_implicit, "SIM_SMS", 1000)
 
 
 # (input shape, weight shape, options): every tap of the kernel in a tile of its own, 20
@@ -354,13 +354,12 @@ def test_implicit_grad_weight_tap_tiles(monkeypatch, case, dtype, layout):
     channels not a multiple of the block, NCHW and channels_last, fp32 and fp16. The result is
     bitwise the same on a second run (the last-arriving program sums the partials in split
     order), and every arrival counter is back at zero."""
-    import pydl.conv as conv_mod
-    from pydl import _launch
+    from pydl import _conv_implicit, _launch
     _small_tiles(monkeypatch)
     _force_split(monkeypatch)
     splits = []
-    real = conv_mod._split_k
-    monkeypatch.setattr(conv_mod, "_split_k", lambda *a: splits.append(real(*a)) or splits[-1])
+    real = _conv_implicit._split_k
+    monkeypatch.setattr(_conv_implicit, "_split_k", lambda *a: splits.append(real(*a)) or splits[-1])
     xs, ws, opts = TAP_TILE_CASES[case]
     x = random_tensor(xs, dtype, DEVICE)
     w = random_tensor(ws, dtype, DEVICE, scale=0.3)
@@ -380,7 +379,7 @@ def test_implicit_grad_weight_tap_tiles(monkeypatch, case, dtype, layout):
 def test_implicit_grad_weight_splits_are_used(monkeypatch):
     """The tap-tiled weight gradient of a layer with 20 channels and 16-wide blocks launches
     (taps x 2 channel blocks) column tiles and several splits, so the split path above runs."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_implicit
     from pydl.kernels.triton import conv as k
     _small_tiles(monkeypatch)
     _force_split(monkeypatch)
@@ -393,7 +392,7 @@ def test_implicit_grad_weight_splits_are_used(monkeypatch):
     pydl.conv2d(x, w, padding=1, algo="implicit").sum().backward()
     (gm, gn, gz), = grids
     assert (gm, gn) == (2, 9 * 2) and gz >= 2
-    assert conv_mod.SPLIT_MAX >= gz
+    assert _conv_implicit.SPLIT_MAX >= gz
 
 
 # --- implicit GEMM: the grad input of a strided convolution, tiled by stride phase -----------
@@ -428,15 +427,17 @@ STRIDE_PHASE_CASES = {
 
 
 def _spy_launches(monkeypatch) -> list:
-    """(kernel, grid, scalars, constexprs) of every conv2d Launch planned from now on."""
-    import pydl.conv as conv_mod
+    """(kernel, grid, scalars, constexprs) of every conv2d Launch planned from now on (the
+    Triton launchers' modules each look Launch up)."""
+    from pydl import _conv_im2col, _conv_implicit
     seen = []
 
-    class Spy(conv_mod.Launch):
+    class Spy(_conv_implicit.Launch):
         def __init__(self, kernel, grid, scalars, consts, checked=None):
             seen.append((kernel, grid, scalars, consts))
             super().__init__(kernel, grid, scalars, consts, checked)
-    monkeypatch.setattr(conv_mod, "Launch", Spy)
+    for module in (_conv_implicit, _conv_im2col):
+        monkeypatch.setattr(module, "Launch", Spy)
     return seen
 
 
@@ -482,14 +483,13 @@ def test_depthwise_direct_kernels(monkeypatch, case, split):
     weight (with bias), against the float64 reference and torch; "ranges" sums the weight
     gradient over several pixel ranges, whose last-arriving program adds them (the counters
     back at zero), on 16 x 4 tiles (several channel blocks, the last partial)."""
-    import pydl.conv as conv_mod
-    from pydl import _launch
+    from pydl import _conv_implicit, _launch
     from pydl.kernels.triton import conv_depthwise as kd
     launches = _spy_launches(monkeypatch)
     if split == "ranges":
-        monkeypatch.setattr(conv_mod, "DEPTHWISE_MIN_STEPS", 1)
-        monkeypatch.setattr(conv_mod, "DEPTHWISE_WAVES", 1000)
-        monkeypatch.setattr(conv_mod, "_depthwise_config", lambda *a: dict(BLOCK_P=16,
+        monkeypatch.setattr(_conv_implicit, "DEPTHWISE_MIN_STEPS", 1)
+        monkeypatch.setattr(_conv_implicit, "DEPTHWISE_WAVES", 1000)
+        monkeypatch.setattr(_conv_implicit, "_depthwise_config", lambda *a: dict(BLOCK_P=16,
                                                                            BLOCK_C=4))
     clear_plans()
     xs, ws, opts, dtype, layout = DEPTHWISE_CASES[case]
@@ -514,28 +514,28 @@ def test_depthwise_grad_weight_narrows_channel_blocks(monkeypatch):
     """On a GPU of many multiprocessors a depthwise layer with few (row, channel block) tiles
     takes 8-channel blocks for its weight gradient (the range count is capped), and still
     gives torch's gradient."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_implicit
     from pydl.kernels.triton import conv_depthwise as kd
     launches = _spy_launches(monkeypatch)
-    monkeypatch.setattr(conv_mod, "_multiprocessors", lambda device: 1000)
+    monkeypatch.setattr(_conv_implicit, "_multiprocessors", lambda device: 1000)
     clear_plans()
     x = random_tensor((1, 32, 6, 6), torch.float32, DEVICE).to(memory_format=torch.channels_last)
     w = random_tensor((32, 1, 3, 3), torch.float32, DEVICE, scale=0.5)
     check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1, groups=32)
     (grid, consts), = _planned(launches, kd.conv2d_depthwise_bwd_weight)
     assert consts["BLOCK_C"] == 8 and grid[:2] == (3, 4), (grid, consts)
-    assert grid[2] <= conv_mod.DEPTHWISE_SPLIT_MAX
+    assert grid[2] <= _conv_implicit.DEPTHWISE_SPLIT_MAX
     clear_plans()
 
 
 def test_depthwise_large_multiplier_takes_the_implicit_gemm(monkeypatch):
     """A channel multiplier above DEPTHWISE_MAX_MULTIPLIER runs the implicit GEMM (its N =
     multiplier columns), and gives torch's result."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_implicit
     from pydl.kernels.triton import conv as k
     launches = _spy_launches(monkeypatch)
     clear_plans()
-    m = conv_mod.DEPTHWISE_MAX_MULTIPLIER + 1
+    m = _conv_implicit.DEPTHWISE_MAX_MULTIPLIER + 1
     x = random_tensor((1, 2, 5, 5), torch.float32, DEVICE)
     w = random_tensor((2 * m, 1, 3, 3), torch.float32, DEVICE, scale=0.5)
     check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1, groups=2)
@@ -601,9 +601,9 @@ def test_implicit_grad_input_stride_phases_channel_blocks(monkeypatch, dtype):
 def test_implicit_backward_gets_grad_output_in_input_layout(monkeypatch, dy_layout):
     """A channels_last layer given an NCHW upstream gradient: both backward kernels receive it
     converted to channels_last (converted once), and the gradients are right."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_implicit
     seen = []
-    impl = conv_mod._TritonImplicit
+    impl = _conv_implicit._TritonImplicit
     for name in ("plan_backward_input", "plan_backward_weight"):
         real = getattr(impl, name)
 
@@ -631,12 +631,14 @@ POINTWISE = {
 
 
 def _spy_gemm_plans(monkeypatch) -> list:
-    """The GEMM plans pydl.conv builds (each of an eager call's steps plans once)."""
-    import pydl.conv as conv_mod
+    """The GEMM plans the Triton conv2d launchers build (each of an eager call's steps plans
+    once; their modules each look gemm_plan_on up)."""
+    from pydl import _conv_im2col, _conv_implicit
     calls = []
-    real = conv_mod.gemm_plan_on
-    monkeypatch.setattr(conv_mod, "gemm_plan_on",
-                        lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    real = _conv_implicit.gemm_plan_on
+    for module in (_conv_implicit, _conv_im2col):
+        monkeypatch.setattr(module, "gemm_plan_on",
+                            lambda *a, **kw: calls.append(a) or real(*a, **kw))
     return calls
 
 
@@ -693,7 +695,7 @@ def test_pointwise_conv_falls_back_to_implicit(monkeypatch, case):
 
 
 def test_split_k_choice():
-    from pydl.conv import _split_k
+    from pydl._conv_implicit import _split_k
     cpu = torch.device("cpu")
     assert _split_k(100, 10 ** 6 + 1, 64, 1000, cpu) == (1, 15626 * 64)   # enough tiles
     s, p = _split_k(1, 32 * 56 * 56, 64, 64 * 576, cpu)        # SIM_SMS = 2: 4 programs
@@ -777,7 +779,7 @@ def test_im2col_workspace_chunks(monkeypatch, case):
     one short) in every pass, and all still match. Covers one GEMM per image (NCHW), one GEMM
     over the whole chunk (channels_last input and cotangent), the fp32 sum of a 16-bit grad
     weight over chunks, and a cotangent whose strides need the pixel-major copy."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_im2col
     dtype = torch.float16 if case == "grouped_fp16" else torch.float32
     groups = 2 if case == "grouped_fp16" else 1
     N, C, H, W, OC = 5, 4, 6, 5, 6
@@ -790,10 +792,10 @@ def test_im2col_workspace_chunks(monkeypatch, case):
     elif case == "transposed_grad":
         g = random_tensor((N, OC, W, H), dtype, DEVICE).transpose(2, 3)
     # forward's columns of two images (the backward workspaces are larger: one image each)
-    monkeypatch.setattr(conv_mod, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
+    monkeypatch.setattr(_conv_im2col, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
     seen = []
-    chunks = conv_mod._chunks
-    monkeypatch.setattr(conv_mod, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
+    chunks = _conv_im2col._chunks
+    monkeypatch.setattr(_conv_im2col, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
     y = check_conv(x, w, b, "triton", "im2col", dtype, grad_out=g, padding=1, groups=groups)
     assert len(seen) == 3 and all(len(c) >= 3 for c in seen), seen
     assert seen[0] == [(0, 2), (2, 2), (4, 1)]
@@ -814,7 +816,7 @@ def test_numba_im2col_workspace_chunks(monkeypatch, case):
     chunks in every pass. Covers the fp32 sum of a 16-bit grad weight over chunks (rounded once
     by the last GEMM), (kh, kw, c) columns for a channels_last weight, and a cotangent whose
     (oh, ow) strides do not flatten (packed per chunk by the copy kernel)."""
-    import pydl.conv as conv_mod
+    from pydl import _conv_im2col, _conv_numba
     dtype = torch.float16 if case == "grouped_fp16" else torch.float32
     groups = 2 if case == "grouped_fp16" else 1
     N, C, H, W, OC = 3, 4, 5, 4, 6
@@ -826,10 +828,11 @@ def test_numba_im2col_workspace_chunks(monkeypatch, case):
         x = x.to(memory_format=torch.channels_last)
         w = w.to(memory_format=torch.channels_last)
         g = random_tensor((N, OC, W, H), dtype, DEVICE).transpose(2, 3)
-    monkeypatch.setattr(conv_mod, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
+    # the bound is read where _chunks is defined; the numba launcher calls _chunks by its own name
+    monkeypatch.setattr(_conv_im2col, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
     seen = []
-    chunks = conv_mod._chunks
-    monkeypatch.setattr(conv_mod, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
+    chunks = _conv_numba._chunks
+    monkeypatch.setattr(_conv_numba, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
     y = check_conv(x, w, b, "numba", "im2col", dtype, grad_out=g, padding=1, groups=groups)
     assert len(seen) == 3 and all(len(c) >= 2 for c in seen), seen
     assert seen[0] == [(0, 2), (2, 1)]

@@ -383,8 +383,8 @@ def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
     chunks (views at offsets in its tensors), the attention with dropout (its seed a DYNAMIC
     scalar: the same seed must give the plain path's answer), the LSTM layer step by step
     (NumbaLaunch.each)."""
-    import pydl.conv as conv_mod
-    monkeypatch.setattr(conv_mod, "IM2COL_WORKSPACE_BYTES", 2 * 4 * 4 * 3 * 9 * 4)
+    from pydl import _conv_im2col
+    monkeypatch.setattr(_conv_im2col, "IM2COL_WORKSPACE_BYTES", 2 * 4 * 4 * 3 * 9 * 4)
     F = torch.nn.functional
     t = torch.randint(0, 9, (5,))
     cw = torch.rand(9) + 0.5

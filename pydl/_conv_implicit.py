@@ -1,0 +1,465 @@
+"""conv2d's "implicit" algorithm on the triton backend (pydl/conv.py lists the parts): the
+implicit-GEMM launcher `_TritonImplicit` (kernels/triton/conv.py; a 1x1 layer at stride 1
+without padding is the shared GEMM over pixel matrices instead), its tile configurations and
+tuners, the split-K of the weight gradient; and `_TritonDepthwise`, the direct kernels it
+takes for depthwise layers (kernels/triton/conv_depthwise.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._conv_common import (
+    _TRITON_PLANS,
+    ConvGeometry,
+    _bias_matrix,
+    _input_precision,
+    _Launcher,
+    _stride_phases,
+)
+from ._conv_im2col import _pixel_matrix, _TritonIm2col, _weight_matrix_plan
+from ._gemm import gemm_plan_on
+from ._launch import (
+    arrival_counters,
+    cdiv,
+    dot_block,
+    memory_format_of,
+    next_power_of_2,
+    output_maker,
+)
+from ._plan import Launch
+from ._tune import Tuner, bucket, gemm_candidates
+
+# --- Triton implicit GEMM -------------------------------------------------------------------
+
+def _gemm_tile(m: int, n: int, k: int, block_k: int = 32) -> dict:
+    """Default block sizes for an (m x k) @ (k x n) tile loop (the first tuning candidate,
+    pydl/_tune.py), K steps up to block_k deep: tl.dot needs every block >= 16."""
+    return dict(BLOCK_M=dot_block(m, 64), BLOCK_N=dot_block(n, 128),
+                BLOCK_K=dot_block(k, block_k), num_warps=4)
+
+
+# Below this many channels per group the forward's K steps and the grad weight's columns run
+# over (kh, kw, c) jointly (kernels/triton/conv.py, FLAT_K and FLAT_N): a 16-deep channel
+# block would be mostly padding.
+FLAT_K_CHANNELS = 16
+
+
+def _flat_taps(g: ConvGeometry) -> bool:
+    """Whether the implicit kernels take (kh, kw, c) jointly (FLAT_K, FLAT_N)."""
+    return g.CG < FLAT_K_CHANNELS and g.KH * g.KW > 1
+
+
+def _grad_input_routes(g: ConvGeometry) -> tuple:
+    """The grad input's alternatives to the implicit kernel, for the tuner: with few channels
+    (FLAT taps: the RGB stem) its output tile is CG columns padded to 16 (3 of 16 useful at the
+    stem) over OC x KH x KW deep K steps; the im2col algorithm's dcols = dY @ W has the
+    (kh, kw, c) columns dense (147 at the stem) and one K step of OC, then a col2im gather, at
+    the price of an fp32 workspace (chunked, at most IM2COL_WORKSPACE_BYTES). Measured on a
+    GPU by the tuner (bench/TUNING.md v7); never the default."""
+    return ("col2im",) if _flat_taps(g) and g.groups == 1 else ()
+
+
+# One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
+# dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
+IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
+
+
+def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n: int, k: int,
+                     launch, routes: tuple = ()) -> dict:
+    """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
+    steps run over channels (forward, grad input) or pixels (grad weight). `routes`: other
+    ways to the same result the tuner also times, as candidates {"ROUTE": name} that
+    `launch` runs (never the default)."""
+    flat_n = direction == "bwd_weight" and _flat_taps(g)
+    # the grad weight's 16-bit tap tiles step 64 deep: 168 registers a thread at 64 x 64 on 4
+    # warps in the sm_90 compile, 3 programs a multiprocessor; 32 deep took 178, 2 of them
+    deep = direction == "bwd_weight" and not flat_n and t.dtype.itemsize <= 2
+    default = _gemm_tile(m, n, k, 64 if deep else 32)
+    if flat_n:
+        # FLAT_N gathers the input operand with per-element (h, w) arithmetic over its whole
+        # [BLOCK_K, BLOCK_N] tile; more than 16 gathered elements a thread spilled beside
+        # the split-K reduction (the stem's 64 x 64 x 64 on 4 warps 36 bytes, 64 x 128 x 32
+        # 420, in `python -m bench resources`).
+        default["BLOCK_N"] = min(default["BLOCK_N"], 64)
+        if t.dtype.itemsize > 2:
+            default["BLOCK_K"] = dot_block(k, 16)       # fp32 at 32 deep spilled 28-88 bytes
+    candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
+    if direction == "bwd_weight":
+        # more than 64 accumulators a thread leave no registers for the split-K reduction
+        # (128 x 256 on 8 warps spilled 1.2 KiB)
+        candidates = [c for c in candidates if c is default or
+                      c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c.get("num_warps", 4)]
+    if flat_n:
+        candidates = [c for c in candidates if c is default or
+                      c["BLOCK_N"] * c["BLOCK_K"] <= 16 * 32 * c.get("num_warps", 4)]
+    if direction == "bwd_weight":
+        # each tile also at the other split-K target (the launch reads SPLIT_WAVES)
+        candidates += [dict(c, SPLIT_WAVES=w) for w in SPLIT_WAVES[1:] for c in candidates]
+    candidates += [{"ROUTE": r} for r in routes]
+    key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
+           g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
+    return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
+
+
+# Split-K of the weight gradient: enough programs to fill the GPU `waves` times over (2 by
+# default; the tuner also tries 4: the 64 x 64 tiles on 4 warps take 128 registers and 48 KiB,
+# so 4 fit on a multiprocessor, and at 2 the SMs' schedulers have half as many warps to hide
+# the K loop's latency with), each summing at least SPLIT_MIN_STEPS K steps, at most
+# SPLIT_MAX splits per 2 waves (the last program of a tile sums the tile's partials, two at a
+# time, after the others: its L2 round trips end the kernel), with a workspace of at most
+# SPLIT_WORKSPACE_ELEMS fp32 partials. In emulation the "GPU" has SIM_SMS multiprocessors, so
+# small test shapes split too.
+SPLIT_MIN_STEPS = 4
+SPLIT_MAX = 32
+SPLIT_WAVES = (2, 4)        # the default, then the tuner's alternative (config key SPLIT_WAVES)
+SPLIT_WORKSPACE_ELEMS = 16 * 2**20
+SIM_SMS = 2
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return SIM_SMS
+    return _device_multiprocessors(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _reduce_rows(cfg: dict) -> int:
+    """Rows of a grad-weight tile its split-K reduction sums at once: the whole tile up to 32
+    fp32 values a thread (as many as its accumulator holds at 64 x 64 on 4 warps)."""
+    return max(1, min(cfg["BLOCK_M"], 32 * 32 * cfg.get("num_warps", 4) // cfg["BLOCK_N"]))
+
+
+def _pixel_ranges(tiles: int, P: int, block: int, device, waves: int, most: int,
+                  min_steps: int) -> tuple[int, int]:
+    """(ranges, pixels a range, a multiple of block) splitting a sum over P pixels for `tiles`
+    output tiles: about `waves` programs a multiprocessor, at most `most` ranges, each at
+    least `min_steps` blocks."""
+    want = cdiv(waves * _multiprocessors(device), tiles)
+    split = max(1, min(want, most, P // (min_steps * block)))
+    p_split = cdiv(cdiv(P, split), block) * block
+    return cdiv(P, p_split), p_split
+
+
+def _split_k(tiles: int, P: int, block_k: int, numel: int, device,
+             waves: int = SPLIT_WAVES[0]) -> tuple[int, int]:
+    """(splits, pixels per split, a multiple of block_k) for a grad weight of `tiles` output
+    tiles (`numel` elements in all, tiles padded to whole blocks) summing P pixels, aiming at
+    `waves` programs a multiprocessor."""
+    return _pixel_ranges(tiles, P, block_k, device, waves,
+                         min(SPLIT_MAX * waves // 2, SPLIT_WORKSPACE_ELEMS // numel),
+                         SPLIT_MIN_STEPS)
+
+
+def _pointwise_matrices(g: ConvGeometry, *tensors):
+    """A 1x1 convolution at stride 1 without padding is a matrix product over pixels: the
+    (B1, groups, pixels, channels / groups) matrices (_pixel_matrix views) of `tensors`, or
+    None for another convolution or when their layouts give matrices of different batch
+    shapes (then the implicit kernels run)."""
+    if (g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.PB, g.PR) != (1, 1, 1, 1, 0, 0, 0, 0):
+        return None
+    mats = [_pixel_matrix(t, 0, g.N, g.groups) for t in tensors]
+    if any(m is None for m in mats) or len({m.shape[0] for m in mats}) > 1:
+        return None
+    return mats
+
+
+def _strided_bias(b) -> bool:
+    """A bias the unit-stride kernels cannot read as it is: a strided view of more than one
+    element (torch calls a one-element tensor contiguous whatever its stride, and
+    .contiguous() keeps it: the kernels read its element 0 alone)."""
+    return b is not None and b.stride(0) != 1 and b.numel() > 1
+
+
+def _unit_stride_bias(plan, x, w, b, y, g: ConvGeometry):
+    """plan(x, w, b, y, g)'s callable for a kernel that reads the bias at unit stride, given a
+    strided bias (a view, _strided_bias): the bias copied per call."""
+    launch = plan(x, w, b.contiguous(), y, g)
+    return lambda x, w, b, y: launch(x, w, b.contiguous(), y)
+
+
+class _TritonImplicit(_Launcher):
+    @staticmethod
+    def plan_forward(x, w, b, y, g: ConvGeometry):
+        key = ("fwd", g, x.dtype, x.device, x.stride(), w.stride(), y.stride(),
+               None if b is None else b.stride(), _input_precision(x.dtype))
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_forward, x, w, b, y, g)
+
+    @staticmethod
+    def _plan_forward(x, w, b, y, g: ConvGeometry):
+        """A callable (x, w, b or w, y): the implicit-GEMM kernel, or the GEMM for 1x1, or the
+        direct kernel of a depthwise layer."""
+        from .kernels.triton import conv as k
+        if _depthwise(g):
+            return _TritonDepthwise.plan_forward(x, w, b, y, g)
+        mats = _pointwise_matrices(g, x, y)
+        if mats is not None:                            # 1x1: the shared, tuned GEMM
+            wm, w0, weight = _weight_matrix_plan(w, g)
+            product = gemm_plan_on((x, w0, y, b, None), mats[0], wm, mats[1], trans_b=True,
+                                   bias=_bias_matrix(b, g),
+                                   input_precision=_input_precision(x.dtype))
+            has_bias = b is not None
+
+            def pointwise(x, w, b, y):
+                product(x, w if weight is None else weight(w), y, b if has_bias else None, None)
+            return pointwise
+        if _strided_bias(b):
+            return _unit_stride_bias(_TritonImplicit._plan_forward, x, w, b, y, g)
+        M = g.N * g.OH * g.OW
+        flat_k = _flat_taps(g)
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
+                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
+                      INPUT_PRECISION=_input_precision(x.dtype), FLAT_K=flat_k)
+
+        def launch(cfg):
+            grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
+            return Launch(k.conv2d_implicit_fwd, grid, scalars, {**consts, **cfg})
+
+        k_len = g.CG * g.KH * g.KW if flat_k else g.CG
+        cfg = _implicit_config("fwd", g, x, M, g.OCG, k_len,
+                               lambda c: launch(c)(x, w, w if b is None else b, y))
+        return launch(cfg)
+
+    @staticmethod
+    def plan_backward_input(dy, w, dx, g: ConvGeometry):
+        key = ("bwd_input", g, dy.dtype, dy.device, dy.stride(), w.stride(), dx.stride(),
+               _input_precision(dy.dtype))
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_backward_input, dy, w, dx, g)
+
+    @staticmethod
+    def _plan_backward_input(dy, w, dx, g: ConvGeometry):
+        """A callable (dy, w, dx): the implicit-GEMM kernel, or the GEMM for 1x1, or the
+        direct kernel of a depthwise layer."""
+        from .kernels.triton import conv as k
+        if _depthwise(g):
+            return _TritonDepthwise.plan_backward_input(dy, w, dx, g)
+        mats = _pointwise_matrices(g, dy, dx)
+        if mats is not None:                            # 1x1: dX = dY @ W, the shared GEMM
+            wm, w0, weight = _weight_matrix_plan(w, g)
+            product = gemm_plan_on((dy, w0, dx, None, None), mats[0], wm, mats[1],
+                                   input_precision=_input_precision(dy.dtype))
+            if weight is None:
+                return lambda dy, w, dx: product(dy, w, dx, None, None)
+            return lambda dy, w, dx: product(dy, weight(w), dx, None, None)
+        M = g.N * g.H * g.W
+        phases = _stride_phases(g)
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
+                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, STRIDE_PHASES=phases > 1,
+                      INPUT_PRECISION=_input_precision(dy.dtype))
+        # with stride phases, each phase's pixels (n, h // SH, w // SW) are tiled apart
+        phase_pixels = g.N * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else M
+
+        col2im = []     # the im2col algorithm's grad input, planned on first use
+
+        def launch(cfg):
+            if cfg.get("ROUTE") == "col2im":
+                if not col2im:
+                    col2im.append(_TritonIm2col._plan_backward_input(dy, w, dx, g))
+                return col2im[0]
+            grid = (phases * cdiv(phase_pixels, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]),
+                    g.groups)
+            return Launch(k.conv2d_implicit_bwd_input, grid, scalars, {**consts, **cfg})
+
+        cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,
+                               lambda c: launch(c)(dy, w, dx), _grad_input_routes(g))
+        return launch(cfg)
+
+    @staticmethod
+    def plan_backward_weight(dy, x, dw, g: ConvGeometry):
+        key = ("bwd_weight", g, dy.dtype, dy.device, dy.stride(), x.stride(), dw.stride(),
+               _input_precision(dy.dtype))
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_backward_weight, dy, x, dw, g)
+
+    @staticmethod
+    def _plan_backward_weight(dy, x, dw, g: ConvGeometry):
+        """A callable (dy, x, dw): the split-K grad-weight kernel (fp32 partials summed by each
+        tile's last-arriving program), or the kernel straight into dw when one split suffices;
+        the direct kernel of a depthwise layer."""
+        from .kernels.triton import conv as k
+        if _depthwise(g):
+            return _TritonDepthwise.plan_backward_weight(dy, x, dw, g)
+        P = g.N * g.OH * g.OW
+        flat_n = _flat_taps(g)
+        consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, FLAT_N=flat_n,
+                      INPUT_PRECISION=_input_precision(dy.dtype))
+
+        def launch(cfg):
+            cfg = dict(cfg)
+            waves = cfg.pop("SPLIT_WAVES", SPLIT_WAVES[0])      # the host's, not a constexpr
+            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+            cols = cdiv(g.CG * g.KH * g.KW, bn) if flat_n else g.KH * g.KW * cdiv(g.CG, bn)
+            tiles = cdiv(g.OCG, bm) * cols * g.groups
+            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], tiles * bm * bn, dw.device,
+                                      waves)
+            main = Launch(k.conv2d_implicit_bwd_weight, (cdiv(g.OCG, bm), cols, g.groups * split),
+                          (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
+                           *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
+                          {**consts, "SPLIT": split, "P_SPLIT": p_split,
+                           "REDUCE_ROWS": _reduce_rows(cfg), **cfg})
+            if split == 1:
+                return lambda dy, x, dw: main(dy, x, dw, dw, dw)   # placeholders: never read
+            ws_numel = tiles * split * bm * bn
+
+            def run(dy, x, dw):
+                # fp32 partials; the tile's last-arriving program sums them in split order
+                ws = torch.empty(ws_numel, dtype=torch.float32, device=dw.device)
+                main(dy, x, dw, ws, arrival_counters(dw.device, tiles))
+            return run
+
+        n = g.CG * g.KH * g.KW if flat_n else g.CG
+        cfg = _implicit_config("bwd_weight", g, dy, g.OCG, n, P, lambda c: launch(c)(dy, x, dw))
+        return launch(cfg)
+
+    @staticmethod
+    def plan_backward_bias(dy, db, g: ConvGeometry):
+        key = ("bwd_bias", g, dy.dtype, dy.device, dy.stride())
+        return _TRITON_PLANS.get(key, _TritonImplicit._plan_backward_bias, dy, g)
+
+    @staticmethod
+    def _plan_backward_bias(dy, g: ConvGeometry) -> Launch:
+        from .kernels.triton import conv as k
+        block_c = min(16, next_power_of_2(g.OC))
+        return Launch(k.conv2d_bwd_bias, (cdiv(g.OC, block_c),),
+                      (g.N, g.OC, g.OH, g.OW, *dy.stride()), dict(BLOCK_C=block_c, BLOCK_P=128))
+
+
+# --- Triton depthwise (direct) kernels, taken by "implicit" for depthwise layers --------------
+
+# The largest channel multiplier (C_out / C_in) the depthwise kernels take: beyond it the
+# implicit GEMM's N = multiplier columns start to fill a tensor-core tile (and the grad input's
+# gather loops over the multiplier once a tap).
+DEPTHWISE_MAX_MULTIPLIER = 4
+
+
+def _depthwise(g: ConvGeometry) -> bool:
+    """A depthwise layer: each output channel reads one input channel (groups == C_in > 1,
+    a channel multiplier C_out / C_in of at most DEPTHWISE_MAX_MULTIPLIER). The implicit
+    algorithm runs it on direct kernels (kernels/triton/conv_depthwise.py): its GEMM would
+    be 1 useful column of 16."""
+    return g.groups > 1 and g.CG == 1 and g.OCG <= DEPTHWISE_MAX_MULTIPLIER
+
+
+DEPTHWISE_TUNERS = {d: Tuner(f"conv2d_depthwise_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
+
+
+def _depthwise_config(direction: str, g: ConvGeometry, t: torch.Tensor, channels: int,
+                      pixels: int, launch) -> dict:
+    """The [pixels x channels] tile of a depthwise kernel. channels_last (channels at unit
+    stride): channel vectors of up to 64 (16-byte loads of 8 16-bit values a thread), 2048
+    elements a tile on 4 warps; otherwise (NCHW: pixels along a row at unit stride) 4
+    channels x 256 pixels. The tuner also tries tiles twice as deep in each direction, and
+    twice the pixels on the same warps (each thread's channel weights, scalar loads a tap,
+    then serve twice the outputs)."""
+    cl = t.stride(1) == 1
+    bc = min(64, max(8, next_power_of_2(channels))) if cl else 4
+    bp = max(16, 2048 // bc)
+    space = [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp // 2, bc, 4), (2 * bp, bc, 4)] \
+        if cl else [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp, bc // 2, 4)]
+    candidates = [dict(BLOCK_P=dot_block(pixels, p), BLOCK_C=max(1, min(c, next_power_of_2(
+        channels))), num_warps=w) for p, c, w in space]
+    key = (t.dtype, cl, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW, g.OCG, bucket(channels),
+           bucket(pixels))
+    return DEPTHWISE_TUNERS[direction].pick(key, candidates, launch)
+
+
+# Split of the depthwise weight gradient over pixel ranges: about DEPTHWISE_WAVES programs a
+# multiprocessor over all (kernel row, channel block) tiles, each range at least
+# DEPTHWISE_MIN_STEPS pixel blocks, at most DEPTHWISE_SPLIT_MAX ranges: the last program of a
+# tile sums its ranges' partials, DEPTHWISE_IN_FLIGHT loads at a time, so the ranges set the
+# kernel's serial tail (64 ranges: 8 L2 round trips). A layer with few tiles (32 channels, 3
+# kernel rows) takes narrower channel blocks instead, down to 8 channels (16 bytes of bf16).
+DEPTHWISE_WAVES = 8
+DEPTHWISE_MIN_STEPS = 4
+DEPTHWISE_SPLIT_MAX = 64
+DEPTHWISE_IN_FLIGHT = 8
+
+
+def _depthwise_args(g: ConvGeometry) -> tuple:
+    return (g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+
+
+def _weight_strides(w: torch.Tensor) -> tuple:
+    """A depthwise weight's (OC, 1, KH, KW) strides without the unit axis."""
+    return w.stride(0), w.stride(2), w.stride(3)
+
+
+class _TritonDepthwise:
+    """The plans _TritonImplicit returns for `_depthwise` geometries (callables taking the
+    same arguments as its own)."""
+
+    @staticmethod
+    def plan_forward(x, w, b, y, g: ConvGeometry):
+        from .kernels.triton import conv_depthwise as k
+        if _strided_bias(b):
+            return _unit_stride_bias(_TritonDepthwise.plan_forward, x, w, b, y, g)
+        P = g.N * g.OH * g.OW
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *_weight_strides(w),
+                   *y.stride(), *_depthwise_args(g))
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, HAS_BIAS=b is not None)
+
+        def launch(cfg):
+            return Launch(k.conv2d_depthwise_fwd, (cdiv(P, cfg["BLOCK_P"]),
+                                                   cdiv(g.OC, cfg["BLOCK_C"])),
+                          scalars, {**consts, **cfg})
+        bias = w if b is None else b
+        return launch(_depthwise_config("fwd", g, x, g.OC, P,
+                                        lambda c: launch(c)(x, w, bias, y)))
+
+    @staticmethod
+    def plan_backward_input(dy, w, dx, g: ConvGeometry):
+        from .kernels.triton import conv_depthwise as k
+        phases = _stride_phases(g)      # tiles by stride phase: only the taps that reach
+        P = g.N * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else g.N * g.H * g.W
+        scalars = (g.N, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *_weight_strides(w),
+                   *dx.stride(), *_depthwise_args(g))
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, STRIDE_PHASES=phases > 1)
+
+        def launch(cfg):
+            return Launch(k.conv2d_depthwise_bwd_input, (phases * cdiv(P, cfg["BLOCK_P"]),
+                                                         cdiv(g.C, cfg["BLOCK_C"])),
+                          scalars, {**consts, **cfg})
+        return launch(_depthwise_config("bwd_input", g, dx, g.C, P,
+                                        lambda c: launch(c)(dy, w, dx)))
+
+    @staticmethod
+    def plan_backward_weight(dy, x, dw, g: ConvGeometry):
+        from .kernels.triton import conv_depthwise as k
+        P = g.N * g.OH * g.OW
+        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
+                   *_weight_strides(dw), *_depthwise_args(g))
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG)
+        block_kw = next_power_of_2(g.KW)
+
+        def launch(cfg):
+            # enough (row, channel block) tiles for the ranges to fill the GPU; a kernel row's
+            # taps share the tile: its pixels shrink to keep the elements
+            bc = cfg["BLOCK_C"]
+            while bc > 8 and g.KH * cdiv(g.OC, bc) * DEPTHWISE_SPLIT_MAX < \
+                    DEPTHWISE_WAVES * _multiprocessors(dw.device):
+                bc //= 2
+            cfg = dict(cfg, BLOCK_KW=block_kw, BLOCK_C=bc, IN_FLIGHT=DEPTHWISE_IN_FLIGHT,
+                       BLOCK_P=max(2, cfg["BLOCK_P"] * cfg["BLOCK_C"] // (bc * block_kw)))
+            tiles = g.KH * cdiv(g.OC, cfg["BLOCK_C"])
+            split, p_split = _pixel_ranges(tiles, P, cfg["BLOCK_P"], dw.device, DEPTHWISE_WAVES,
+                                           DEPTHWISE_SPLIT_MAX, DEPTHWISE_MIN_STEPS)
+            main = Launch(k.conv2d_depthwise_bwd_weight,
+                          (g.KH, cdiv(g.OC, cfg["BLOCK_C"]), split), (*scalars, split, p_split),
+                          {**consts, "ONE_RANGE": split == 1, **cfg})
+            if split == 1:
+                return lambda dy, x, dw: main(dy, x, dw, dw, dw)   # placeholders: never read
+            new_parts = output_maker((tiles * split * block_kw * cfg["BLOCK_C"],),
+                                     torch.float32, dw.device)
+
+            def run(dy, x, dw):
+                # fp32 partials; a tile's last-arriving program sums them in range order
+                main(dy, x, dw, new_parts(), arrival_counters(dw.device, tiles))
+            return run
+        return launch(_depthwise_config("bwd_weight", g, dy, g.OC, P,
+                                        lambda c: launch(c)(dy, x, dw)))
