@@ -12,8 +12,16 @@ import pytest
 import torch
 
 import pydl
-from pydl import (_attention_ops, _attention_weights, _conv_ops, _pool_ops, attention, conv, pool,
-                  softmax_ce)
+from pydl import (
+    _attention_ops,
+    _attention_weights,
+    _conv_ops,
+    _pool_ops,
+    attention,
+    conv,
+    pool,
+    softmax_ce,
+)
 
 # pydl.lstm and pydl.gru are the functions; their modules by name:
 lstm, gru = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
