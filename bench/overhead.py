@@ -104,9 +104,12 @@ def stubbed_launches():
     # PTX trap the interpreter cannot run), so the host check of emulation is not counted.
     # Nor is the interpreter's own state around each kernel op (pydl._env.emulated_launch),
     # nor the frame that sets it around a plan's methods (pydl._plan.emulated).
-    from pydl import _env, _plan, softmax_ce
-    old_check = softmax_ce.kernel_checks_targets
-    softmax_ce.kernel_checks_targets = lambda x, backend: backend in ("triton", "numba")
+    # kernel_checks_targets is read where it is called: by the call's plan (pydl.softmax_ce)
+    # and by the kernel op (pydl._softmax_ce_ops).
+    from pydl import _env, _plan, _softmax_ce_ops, softmax_ce
+    old_check = _softmax_ce_ops.kernel_checks_targets
+    for module in (softmax_ce, _softmax_ce_ops):
+        module.kernel_checks_targets = lambda x, backend: backend in ("triton", "numba")
     # A GPU launches a plan's kernels through pydl._plan.Launch's direct path after their
     # first launch (the compiled kernel's launcher, called with the argument list kept then):
     # the stub's first launch returns a stand-in compiled kernel, so the calls timed take
@@ -149,7 +152,7 @@ def stubbed_launches():
         _launch._NUMBA_DIRECTS.clear()
         for launch in kept:         # the interpreter runs them again
             launch.compiled = None
-        softmax_ce.kernel_checks_targets = old_check
+        softmax_ce.kernel_checks_targets = _softmax_ce_ops.kernel_checks_targets = old_check
         _env.SCOPE_EMULATION = True
         for cls, name, method in wrapped:
             setattr(cls, name, method)

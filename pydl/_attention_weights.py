@@ -198,8 +198,8 @@ def _plan_naive_bwd(q, k, v, w, do, dw, scale, dropout_p, in_memory):
     recomputed from the seed), dQ = dS K * scale, dK = dS^T Q * scale; GQA as in the
     forward, so dK and dV sum over each K/V head's group inside their GEMMs. in_memory: the
     seed is a device tensor."""
+    from ._softmax_ce_ops import LAUNCHERS as ROW_LAUNCHERS
     from .kernels.triton import attention as kt
-    from .softmax_ce import LAUNCHERS as ROW_LAUNCHERS
     B, H, L, S = w.shape
     HKV, E, EV = k.shape[1], q.shape[3], v.shape[3]
     rows = (B, HKV, _group(H, HKV) * L)

@@ -17,10 +17,10 @@ from pydl import (
     _attention_weights,
     _conv_ops,
     _pool_ops,
+    _softmax_ce_ops,
     attention,
     conv,
     pool,
-    softmax_ce,
 )
 
 # pydl.lstm and pydl.gru are the functions; their modules by name:
@@ -43,32 +43,32 @@ def _ce_args():
 
 
 OPCHECKS = {
-    "softmax_fwd": lambda: (softmax_ce._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
-    "softmax_bwd": lambda: (softmax_ce._softmax_bwd,
+    "softmax_fwd": lambda: (_softmax_ce_ops._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
+    "softmax_bwd": lambda: (_softmax_ce_ops._softmax_bwd,
                             (torch.softmax(_x(3, 5), 0), _x(3, 5), 0, False, BACKEND)),
-    "cross_entropy_fwd": lambda: (softmax_ce._cross_entropy_fwd, (*_ce_args(), False, BACKEND)),
+    "cross_entropy_fwd": lambda: (_softmax_ce_ops._cross_entropy_fwd, (*_ce_args(), False, BACKEND)),
     # reductions whose kernels leave the denominators unused (zeros, not whatever was there)
-    "cross_entropy_fwd/none": lambda: (softmax_ce._cross_entropy_fwd, (
+    "cross_entropy_fwd/none": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "none", 0.0,
         False, BACKEND)),
-    "cross_entropy_fwd/sum": lambda: (softmax_ce._cross_entropy_fwd, (
+    "cross_entropy_fwd/sum": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "sum", 0.0, False,
         BACKEND)),
-    "cross_entropy_fwd/grad": lambda: (softmax_ce._cross_entropy_fwd,   # gradient in the forward
+    "cross_entropy_fwd/grad": lambda: (_softmax_ce_ops._cross_entropy_fwd,  # gradient in the forward
                                        (*_ce_args(), True, BACKEND)),
     # numba writes no gradient in the forward: an empty placeholder, as the fake says
-    "cross_entropy_fwd/grad-numba": lambda: (softmax_ce._cross_entropy_fwd,
+    "cross_entropy_fwd/grad-numba": lambda: (_softmax_ce_ops._cross_entropy_fwd,
                                              (*_ce_args(), True, "numba")),
-    "cross_entropy_prob_fwd": lambda: (softmax_ce._cross_entropy_prob_fwd, (
+    "cross_entropy_prob_fwd": lambda: (_softmax_ce_ops._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "none", 0.1, False, BACKEND)),
-    "cross_entropy_prob_fwd/grad": lambda: (softmax_ce._cross_entropy_prob_fwd, (
+    "cross_entropy_prob_fwd/grad": lambda: (_softmax_ce_ops._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs(), "mean", 0.1, True, "triton")),
     # the gradient of per-row losses: the forward wrote it into the logits (an input)
-    "cross_entropy_prob_fwd/grad-none": lambda: (softmax_ce._cross_entropy_prob_fwd, (
+    "cross_entropy_prob_fwd/grad-none": lambda: (_softmax_ce_ops._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), None, "none", 0.1, True, "triton")),
     # numba writes no gradient in the forward: an empty placeholder, as the fake says (it
     # raised)
-    "cross_entropy_prob_fwd/grad-numba": lambda: (softmax_ce._cross_entropy_prob_fwd, (
+    "cross_entropy_prob_fwd/grad-numba": lambda: (_softmax_ce_ops._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), None, "mean", 0.0, True, "numba")),
     "conv2d_fwd": lambda: (_conv_ops._conv2d_fwd, (
         _x(2, 3, 6, 6), _x(4, 3, 3, 3), _x(4), _geom_conv(), "implicit", BACKEND)),
@@ -380,14 +380,14 @@ def test_backend_switch_recompiles():
     x = _x(3, 5)
     a = fn(x)
     calls = []
-    real = softmax_ce.LAUNCHERS["numba"].softmax_fwd
-    softmax_ce.LAUNCHERS["numba"].softmax_fwd = staticmethod(
+    real = _softmax_ce_ops.LAUNCHERS["numba"].softmax_fwd
+    _softmax_ce_ops.LAUNCHERS["numba"].softmax_fwd = staticmethod(
         lambda *args: (calls.append(1), real(*args)))
     try:
         with pydl.use_backend("numba"):
             b = fn(x)
     finally:
-        softmax_ce.LAUNCHERS["numba"].softmax_fwd = real
+        _softmax_ce_ops.LAUNCHERS["numba"].softmax_fwd = real
     assert calls, "the compiled function kept the triton launch after use_backend('numba')"
     torch.testing.assert_close(a, b)
 

@@ -508,9 +508,9 @@ def test_nan_in_rows_wider_than_a_block(op, backend, monkeypatch):
     """Rows walked block by block (the online max/sum): a NaN that a lane sees first, next to
     -inf, still makes the row NaN (a GPU's default max drops a NaN; Triton's interpreter
     does not, so in emulation this guards the NaN-propagating max the kernels ask for)."""
-    from pydl import softmax_ce
+    from pydl import _softmax_ce_triton
 
-    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(_softmax_ce_triton, "MAX_BLOCK_N", 16)
     x = t(3, 50)
     x[0, 3] = NAN
     x[1, :20] = -INF

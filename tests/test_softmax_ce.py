@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import pydl
 from pydl import reference as ref
-from pydl import softmax_ce
+from pydl import _softmax_ce_ops, _softmax_ce_triton
 from pydl.reference.softmax_ce import cross_entropy_target_backward
 from pydl.testing import assert_close, random_tensor, run_with_grad, to_numpy64
 
@@ -75,7 +75,7 @@ def test_softmax(backend, dtype, log, shape, dim):
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_softmax_multi_block_rows(backend, log, monkeypatch):
     """Rows wider than one block go through the online max/sum path."""
-    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(_softmax_ce_triton, "MAX_BLOCK_N", 16)
     x = random_tensor((3, 101), torch.float32, DEVICE, scale=4.0)
     x[1, 60] = 30.0  # the max arrives late: the running sum must be rescaled
     _check_softmax(x, -1, log, backend, torch.float32)
@@ -191,7 +191,7 @@ def test_cross_entropy_shapes_dtypes(backend, dtype, shape):
 @backends
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cross_entropy_multi_block(backend, reduction, monkeypatch):
-    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(_softmax_ce_triton, "MAX_BLOCK_N", 16)
     x = random_tensor((4, 75), torch.float32, DEVICE, scale=3.0)
     x[2, 70] = 25.0
     w = torch.rand(75, device=DEVICE) + 0.5
@@ -372,7 +372,7 @@ def test_cross_entropy_gradient_from_forward(monkeypatch, reduction, upstream, c
     kw = dict(reduction=reduction, ignore_index=2)
     w = None
     if case != "plain":
-        monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+        monkeypatch.setattr(_softmax_ce_triton, "MAX_BLOCK_N", 16)
         w = torch.rand(C, device=DEVICE) + 0.5
         kw["label_smoothing"] = 0.2
     x = random_tensor((N, C), torch.float32, DEVICE, scale=3.0)
@@ -428,7 +428,7 @@ def test_cross_entropy_probabilities_gradient_from_forward(monkeypatch, reductio
     kw = dict(reduction=reduction)
     w = None
     if case == "weighted_smoothed_multi_block":
-        monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+        monkeypatch.setattr(_softmax_ce_triton, "MAX_BLOCK_N", 16)
         w = torch.rand(C, device=DEVICE) + 0.5
         kw["label_smoothing"] = 0.2
     x = random_tensor(shape, torch.float32, DEVICE, scale=3.0)
@@ -516,9 +516,9 @@ def test_cross_entropy_reduction_over_many_programs(monkeypatch):
     """The in-kernel sum and mean over more programs than one block of partial sums holds
     (one row a program, 70 rows, partials added 16 at a time), and a denominator over
     several programs."""
-    monkeypatch.setattr(softmax_ce, "TILE_ELEMENTS", 4)
-    monkeypatch.setattr(softmax_ce, "DENOMINATOR_BLOCK", 16)
-    monkeypatch.setattr(softmax_ce, "PARTS_BLOCK", 16)
+    monkeypatch.setattr(_softmax_ce_triton, "TILE_ELEMENTS", 4)
+    monkeypatch.setattr(_softmax_ce_triton, "DENOMINATOR_BLOCK", 16)
+    monkeypatch.setattr(_softmax_ce_triton, "PARTS_BLOCK", 16)
     x = random_tensor((70, 3), torch.float32, DEVICE, scale=2.0)
     t = _targets((70,), 3, -100, 0.1)
     for reduction in ("mean", "sum"):
@@ -583,7 +583,7 @@ def test_cross_entropy_probs_shapes_dtypes(backend, dtype, shape):
 @backends
 def test_cross_entropy_probs_multi_block(backend, monkeypatch):
     """Rows wider than a block (Triton) and than the threads of a block (Numba)."""
-    monkeypatch.setattr(softmax_ce, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(_softmax_ce_triton, "MAX_BLOCK_N", 16)
     x = random_tensor((3, 75), torch.float32, DEVICE, scale=3.0)
     x[1, 70] = 25.0  # the max arrives late: the running sums must be rescaled
     w = torch.rand(75, device=DEVICE) + 0.5
@@ -642,7 +642,7 @@ def test_cross_entropy_bad_input(backend):
     t = _targets((4,), 5)
     ce = lambda *a, **k: pydl.cross_entropy(*a, backend=backend, **k)  # noqa: E731
     for bad in ([0, 1, 5, 2], [0, -1, 2, 2]):
-        if softmax_ce.kernel_checks_targets(x, backend) and x.is_cuda:
+        if _softmax_ce_ops.kernel_checks_targets(x, backend) and x.is_cuda:
             _out_of_range_traps(bad, backend)
         else:       # the host's check, or the simulated kernel's
             with pytest.raises(IndexError, match="out of range"):

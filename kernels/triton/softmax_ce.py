@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
-# cross-entropy reductions (pydl/softmax_ce.py passes them)
+# cross-entropy reductions (pydl/_softmax_ce_triton.py passes them: REDUCTION_CODES)
 REDUCE_NONE = tl.constexpr(0)
 REDUCE_SUM = tl.constexpr(1)
 REDUCE_MEAN = tl.constexpr(2)
