@@ -18,7 +18,8 @@ from ._plan import Cache
 
 @dataclass(frozen=True)
 class ConvGeometry(Geometry):
-    """One convolution: input (N, C, H, W), weight (OC, C / groups, KH, KW), output (N, OC, OH, OW)."""
+    """One convolution: input (N, C, H, W), weight (OC, C / groups, KH, KW), output
+    (N, OC, OH, OW)."""
     N: int
     C: int
     H: int
