@@ -45,11 +45,18 @@ from ._conv_implicit import _depthwise
 from ._conv_ops import ALGOS, Conv2dFunction, Conv2dKernels, _weight_grad_format, _y_shape
 from ._launch import fresh, memory_format_of, output_maker, tf32_allowed
 from ._library import autocast_inputs
-from ._plan import (GRID_YZ_MAX, Cache, apply, capturing, emulated, needs_graph, plain_tensors,
-                    tensors_key)
+from ._plan import (
+    GRID_YZ_MAX,
+    Cache,
+    apply,
+    capturing,
+    emulated,
+    needs_graph,
+    plain_tensors,
+    tensors_key,
+)
 from ._shapes import conv_output_size_padded, conv_padding, pair, positive_int
 from .backends import current_backend, dispatch, register, resolve_algo
-
 
 # --- implementations by backend -------------------------------------------------------------
 
@@ -70,7 +77,8 @@ _KERNEL_IMPLS = {_backend: register("conv2d", _backend, algos=tuple(_algos))(
 @register("conv2d", "torch")
 def _torch_conv2d(x, w, b, g, algo):
     if (g.PB, g.PR) == (g.PH, g.PW):
-        return torch.nn.functional.conv2d(x, w, b, (g.SH, g.SW), (g.PH, g.PW), (g.DH, g.DW), g.groups)
+        return torch.nn.functional.conv2d(x, w, b, (g.SH, g.SW), (g.PH, g.PW), (g.DH, g.DW),
+                                          g.groups)
     return torch.nn.functional.conv2d(x, w, b, (g.SH, g.SW), "same", (g.DH, g.DW), g.groups)
 
 

@@ -54,10 +54,19 @@ from ._library import autocast_inputs
 from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors, tensors_key
 from ._shapes import as_rows, integer, normalize_dim
 from ._softmax_ce_common import DENOM_SHAPE, _same_memory
-from ._softmax_ce_ops import (LAUNCHERS, CrossEntropyFunction, CrossEntropyKernels,
-                              CrossEntropyProbFunction, SoftmaxFunction, SoftmaxKernels,
-                              _check_target_range, _class_dim, _loss_dtype, _row_shape,
-                              kernel_checks_targets)
+from ._softmax_ce_ops import (
+    LAUNCHERS,
+    CrossEntropyFunction,
+    CrossEntropyKernels,
+    CrossEntropyProbFunction,
+    SoftmaxFunction,
+    SoftmaxKernels,
+    _check_target_range,
+    _class_dim,
+    _loss_dtype,
+    _row_shape,
+    kernel_checks_targets,
+)
 from ._softmax_ce_triton import cross_entropy_scratch
 from .backends import current_backend, dispatch, register
 
@@ -268,14 +277,16 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                         f"{target.dtype}")
     elif tuple(target.shape) != expected:
         raise ValueError(f"target shape {tuple(target.shape)} does not match input shape "
-                         f"{tuple(input.shape)}: expected {expected} (batch and spatial dims of input)")
+                         f"{tuple(input.shape)}: expected {expected} (batch and spatial dims "
+                         f"of input)")
     if target.device != input.device:
         raise RuntimeError(f"target is on {target.device} but input is on {input.device}")
     n_classes = input.shape[0 if input.dim() == 1 else 1]
     if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != n_classes:
-            raise ValueError(f"weight must be a 1-D tensor of length C={n_classes}, got "
-                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else weight!r}")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1 \
+                or weight.shape[0] != n_classes:
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else repr(weight)
+            raise ValueError(f"weight must be a 1-D tensor of length C={n_classes}, got {got}")
         if not weight.dtype.is_floating_point:
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         if weight.device != input.device:
