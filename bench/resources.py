@@ -407,7 +407,7 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
     """cross_entropy on (N, C, ...) logits: class indices (mean; weights, ignore_index and
     label smoothing summed; per-row losses), class probabilities (weights and smoothing, the
     target's gradient too; a sum trained with the gradient from the forward; plain per-row
-    losses), forward and backward."""
+    losses; a learned class weight), forward and backward."""
     def run():
         import torch
         import pydl
@@ -426,6 +426,8 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
         pydl.cross_entropy(x, y, weight=w, label_smoothing=0.2).backward()
         pydl.cross_entropy(x, y.detach(), reduction="sum").backward()
         _grad(pydl.cross_entropy(x, y.detach(), reduction="none"), [x])
+        learned = w.clone().requires_grad_(True)        # the class weights' gradient kernel
+        _grad(pydl.cross_entropy(x, y.detach(), weight=learned, reduction="none"), [x, learned])
     return run
 
 

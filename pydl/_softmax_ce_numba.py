@@ -10,6 +10,7 @@ import torch
 from ._launch import (
     NumbaLaunch,
     arrival_counters,
+    launch_numba_1d,
     new_output,
     next_power_of_2,
     numba_blocks,
@@ -234,3 +235,18 @@ class _NumbaLaunch:
             launch(x3, y3, weight.to(torch.float32) if cast else weight, stats,
                    grad_out if flat else grad_out.reshape(-1), dx3, dx3 if dy3 is None else dy3)
         return run
+
+    @staticmethod
+    def cross_entropy_prob_weight_grad(x3, y3, stats, grad_out, dw, smoothing,
+                                       reduction) -> None:
+        """As _TritonLaunch's: a thread per class walks every row. Not planned (it runs only
+        where a class weight requires grad)."""
+        from .kernels.numba import softmax_ce as k
+        outer, n, inner = x3.shape
+        rows = outer * inner
+        grad = grad_out.reshape(-1)
+        launch_numba_1d(k.cross_entropy_prob_weight_grad, n, x3.device, x3, y3, stats[:rows],
+                        grad.view(1, grad.shape[0], 1), 1 if reduction == "none" else 0,
+                        float(_prob_scale(reduction, rows, n)), dw.view(1, n, 1), inner,
+                        float(smoothing), dtype_code(x3.dtype), dtype_code(y3.dtype),
+                        dtype_code(grad.dtype))

@@ -231,6 +231,11 @@ class CrossEntropyKernels:
         return _cross_entropy_prob_bwd(x, target, weight, stats, grad_out, self.reduction,
                                        self.smoothing, target_grad, self.backend)
 
+    def prob_weight_backward(self, x, target, weight, stats, grad_out):
+        """The gradient w.r.t. the class weights, in their dtype."""
+        return _cross_entropy_prob_weight_bwd(x, target, weight, stats, grad_out,
+                                              self.reduction, self.smoothing, self.backend)
+
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused log_softmax + NLL (+ weights, ignore_index, label smoothing) over class dim 1.
@@ -339,6 +344,28 @@ def _cross_entropy_prob_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor],
     return dx3.view(x.shape), dy
 
 
+@kernel_op("cross_entropy_prob_weight_bwd",
+           lambda x, target, weight, stats, grad_out, reduction, smoothing, backend:
+           empty_like_shape(weight))
+def _cross_entropy_prob_weight_bwd(x: Tensor, target: Tensor, weight: Tensor, stats: Tensor,
+                                   grad_out: Tensor, reduction: str, smoothing: float,
+                                   backend: str) -> Tensor:
+    """The class-probability loss's gradient w.r.t. the class weights (torch's: it
+    differentiates them for probability targets), in the weight's dtype:
+    dw_c = sum_r g_r y'_rc (lse_r - x_rc), y' the smoothed target, g the upstream gradient
+    per row (the mean's 1 / rows in it)."""
+    dim = 0 if x.dim() == 1 else 1
+    x3 = as_rows(x, dim)[0]
+    y3 = as_rows(target, dim)[0]
+    dw = new_output((x3.shape[1],), torch.float32, x.device)
+    if x3.shape[0] * x3.shape[2] == 0:
+        dw.zero_()      # no rows: nothing depends on the weights
+    elif dw.numel():
+        LAUNCHERS[backend].cross_entropy_prob_weight_grad(x3, y3, stats, grad_out, dw,
+                                                          smoothing, reduction)
+    return dw if weight.dtype == torch.float32 else dw.to(weight.dtype)
+
+
 class CrossEntropyProbFunction(torch.autograd.Function):
     """Fused log_softmax + soft-target cross-entropy (+ weights, label smoothing) over class
     dim 1; differentiable in the logits and in the target. `ops`: the options and backend
@@ -359,16 +386,19 @@ class CrossEntropyProbFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, target, weight, stats = ctx.saved_tensors
         ops = ctx.ops
-        target_grad = ctx.needs_input_grad[1]
+        target_grad, weight_grad = ctx.needs_input_grad[1:3]
         if torch.is_grad_enabled():      # create_graph: differentiable again
             return _cross_entropy_prob_grad_graph(x, target, weight, grad_out, ops.reduction,
-                                                  ops.smoothing, target_grad, ops.backend)
+                                                  ops.smoothing, target_grad, weight_grad,
+                                                  ops.backend)
+        dw = (ops.prob_weight_backward(x, target, weight, stats, grad_out) if weight_grad
+              else None)
         dx, ctx.grad_from_forward = ctx.grad_from_forward, None
         if dx is not None and not target_grad:
             ops.scale_grad(dx, grad_out, None)
-            return dx, None, None, None, None
+            return dx, None, dw, None, None
         dx, dy = ops.prob_backward(x, target, weight, stats, grad_out, target_grad)
-        return dx, (dy if target_grad else None), None, None, None
+        return dx, (dy if target_grad else None), dw, None, None
 
 
 # --- cross-entropy's double backward ------------------------------------------------------
@@ -422,15 +452,22 @@ def _cross_entropy_grad_graph(logp: Tensor, q: Tensor, g: Tensor, backend: str) 
 
 
 def _cross_entropy_prob_grad_graph(x, target, weight, grad_out, reduction: str, smoothing: float,
-                                   target_grad: bool, backend: str):
-    """CrossEntropyProbFunction's gradients (logits, target, then Nones), differentiable."""
+                                   target_grad: bool, weight_grad: bool, backend: str):
+    """CrossEntropyProbFunction's gradients (logits, target, class weights, then Nones),
+    differentiable."""
     dim = _class_dim(x)
     w = 1.0 if weight is None else _along_classes(weight, x)
     g = _row_cotangent(grad_out, x, reduction, max(x.numel() // max(x.shape[dim], 1), 1))
     q = w * ((1.0 - smoothing) * target.to(x.dtype) + smoothing / x.shape[dim])
     logp = _log_probabilities(x, backend)
     dx = _cross_entropy_grad_graph(logp, q, g, backend)
-    dy = None
+    dy = dw = None
     if target_grad:
         dy = (-(g * (1.0 - smoothing)) * w * logp).to(target.dtype)
-    return dx, dy, None, None, None
+    if weight_grad:         # -sum over every dim but the classes of g y' log p
+        y = (1.0 - smoothing) * target.to(x.dtype) + smoothing / x.shape[dim]
+        dw = -(g * y * logp)
+        if x.dim() > 1:
+            dw = dw.sum([d for d in range(x.dim()) if d != dim])
+        dw = dw.to(weight.dtype)
+    return dx, dy, dw, None, None

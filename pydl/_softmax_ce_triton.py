@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import _env
 from ._launch import arrival_counters, cdiv, new_output, next_power_of_2, planned_once
 from ._plan import Cache, Launch
 from ._softmax_ce_common import _denominators, _prob_scale, _same_memory
@@ -351,3 +352,20 @@ class _TritonLaunch:
             launch(x3, y3, w, stats, grad_out if flat else grad_out.reshape(-1).contiguous(),
                    dx3, dx3 if dy3 is None else dy3)
         return run
+
+    @staticmethod
+    def cross_entropy_prob_weight_grad(x3, y3, stats, grad_out, dw, smoothing,
+                                       reduction) -> None:
+        """dw (fp32, (n,)): the class-probability loss's gradient w.r.t. the class weights
+        (kernels/triton/softmax_ce.py cross_entropy_prob_weight_grad), one launch: a program
+        per block of classes walks every row, the upstream gradient read as the backward
+        reads it. Not planned: it runs only where a class weight requires grad."""
+        from .kernels.triton import softmax_ce as k
+        outer, n, inner = x3.shape
+        rows = outer * inner
+        block_n = max(16, min(128, next_power_of_2(n)))
+        Launch(k.cross_entropy_prob_weight_grad, (cdiv(n, block_n),),
+               (1 if reduction == "none" else 0, _prob_scale(reduction, rows, n), rows, n, inner,
+                *x3.stride(), *y3.stride(), smoothing),
+               dict(BLOCK_R=16 if _env.INTERPRET else 32, BLOCK_N=block_n, num_warps=4))(
+            x3, y3, stats, grad_out.reshape(-1).contiguous(), dw)

@@ -97,7 +97,7 @@ def _kernel_cross_entropy(backend: str):
     def impl(x, target, weight, ignore_index, reduction, smoothing):
         ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend)
         if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
-            if needs_graph(x, target):
+            if needs_graph(x, target, weight):
                 return apply(CrossEntropyProbFunction, x, target, weight, ops,
                              _grad_in_forward(backend, x, reduction) and not target.requires_grad)
             return ops.prob_forward(x, target, weight, False)[0]
@@ -360,20 +360,21 @@ class _CrossEntropyCall(CrossEntropyKernels):
             self.fwd, self.scale = {}, {}    # fwd: by grad, and ("bwd", grad_out strides)
 
     def __call__(self, x, t, w):
-        if w is not None and w.requires_grad and self.backend != "torch" \
+        if w is not None and w.requires_grad and not self.prob and self.backend != "torch" \
                 and torch.is_grad_enabled():
             raise NotImplementedError(
-                "cross_entropy: the class weight requires grad, and pydl's kernels do not "
-                "differentiate the loss w.r.t. the class weights (torch does for "
-                "class-probability targets and raises for class indices): pass "
-                "weight.detach(), or backend='torch'")
+                "cross_entropy: the class weight requires grad with class-index targets, where "
+                "torch does not differentiate the loss w.r.t. the class weights either (it "
+                "raises: nll_loss is not differentiable with respect to argument 'weight'): "
+                "pass weight.detach() (class-probability targets do differentiate it)")
         if self.eager:
             graph = torch.is_grad_enabled() and x.requires_grad
             if self.prob:
-                target_graph = torch.is_grad_enabled() and t.requires_grad
+                target_graph = torch.is_grad_enabled() and (
+                    t.requires_grad or (w is not None and w.requires_grad))
                 if graph or target_graph:
                     return apply(CrossEntropyProbFunction, x, t, w, self,
-                                 graph and self.grad_forward and not target_graph)
+                                 graph and self.grad_forward and not t.requires_grad)
                 return self.prob_forward(x, t, w, False)[0]
             if graph:
                 return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)

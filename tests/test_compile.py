@@ -42,6 +42,14 @@ def _ce_args():
     return (_x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "mean", 0.1)
 
 
+def _ce_prob_weight_args(wdtype, reduction):
+    x, y, w = _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), _x(5).abs().to(wdtype)
+    _, stats, _ = _softmax_ce_ops._cross_entropy_prob_fwd(x, y, w, reduction, 0.1, False, BACKEND)
+    grad_out = _x(2, 3) if reduction == "none" else torch.randn((), device=DEVICE)
+    return _softmax_ce_ops._cross_entropy_prob_weight_bwd, (x, y, w, stats, grad_out, reduction,
+                                                            0.1, BACKEND)
+
+
 OPCHECKS = {
     "softmax_fwd": lambda: (_softmax_ce_ops._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
     "softmax_bwd": lambda: (_softmax_ce_ops._softmax_bwd,
@@ -70,6 +78,10 @@ OPCHECKS = {
     # raised)
     "cross_entropy_prob_fwd/grad-numba": lambda: (_softmax_ce_ops._cross_entropy_prob_fwd, (
         _x(2, 5, 3), torch.softmax(_x(2, 5, 3), 1), None, "mean", 0.0, True, "numba")),
+    # the class weights' gradient (a weight that requires grad), in the weight's dtype
+    "cross_entropy_prob_weight_bwd": lambda: _ce_prob_weight_args(torch.float32, "none"),
+    "cross_entropy_prob_weight_bwd/fp16-mean": lambda: _ce_prob_weight_args(torch.float16,
+                                                                            "mean"),
     "conv2d_fwd": lambda: (_conv_ops._conv2d_fwd, (
         _x(2, 3, 6, 6), _x(4, 3, 3, 3), _x(4), _geom_conv(), "implicit", BACKEND)),
     "conv2d_bwd_input": lambda: (_conv_ops._conv2d_bwd_input, (
@@ -241,6 +253,11 @@ CASES = {
                                              _x(4, grad=True), torch.randint(0, 4, (2,), device=DEVICE))),
     "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),
                                        _x(1, 2, 6, 8, grad=True))),
+    # probability targets and a learned class weight: the weight's gradient kernel op
+    "soft_targets_learned_weight": (
+        lambda x, y, w: pydl.cross_entropy(x, y.softmax(1), w.exp(), label_smoothing=0.1,
+                                           backend=BACKEND),
+        lambda: (_x(4, 6, grad=True), _x(4, 6, grad=True), _x(6, grad=True))),
     # one tensor in several inputs of one op (dynamo traces no autograd.Function given a
     # tensor twice: pydl._plan.apply passes views): self-attention, a state as both h and c
     "one_tensor_twice": (lambda x, s, h, w_ih, w_hh: (

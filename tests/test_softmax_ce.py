@@ -344,7 +344,7 @@ def _spy_launches(monkeypatch):
     seen = []
     for name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad",
                  "cross_entropy_mean_denominator", "cross_entropy_prob_fwd",
-                 "cross_entropy_prob_bwd"):
+                 "cross_entropy_prob_bwd", "cross_entropy_prob_weight_grad"):
         kernel = getattr(k, name)
 
         class Spy:
@@ -528,11 +528,13 @@ def test_cross_entropy_reduction_over_many_programs(monkeypatch):
 # --- cross-entropy with class-probability targets ---------------------------------------------
 
 def _check_cross_entropy_probs(x, y, backend, dtype, weight=None, scale=None, **kw):
-    """Loss and the gradients w.r.t. logits and target against torch and the reference."""
-    fn = lambda a, b: pydl.cross_entropy(a, b, weight, backend=backend, **kw)  # noqa: E731
-    out, g, (dx, dy) = run_with_grad(fn, [x, y])
-    t_out, _, (t_dx, t_dy) = run_with_grad(
-        lambda a, b: torch.nn.functional.cross_entropy(a, b, weight, **kw), [x, y], g)
+    """Loss and the gradients w.r.t. logits, target and (where given) the class weights, as
+    a learned weight has them, against torch and the reference."""
+    leaves = [x, y] + ([] if weight is None else [weight])
+    fn = lambda a, b, *w: pydl.cross_entropy(a, b, *w, backend=backend, **kw)  # noqa: E731
+    out, g, (dx, dy, *dw) = run_with_grad(fn, leaves)
+    t_out, _, (t_dx, t_dy, *t_dw) = run_with_grad(
+        lambda a, b, *w: torch.nn.functional.cross_entropy(a, b, *w, **kw), leaves, g)
     C = x.shape[0 if x.dim() == 1 else 1]
     w64 = None if weight is None else weight.double().cpu().numpy()
     args = (x.double().cpu().numpy(), y.double().cpu().numpy(), w64)
@@ -543,9 +545,15 @@ def _check_cross_entropy_probs(x, y, backend, dtype, weight=None, scale=None, **
     assert out.dtype == t_out.dtype and out.shape == t_out.shape
     assert dx.dtype == x.dtype and dy.dtype == y.dtype
     red = C * (x.numel() // C if kw.get("reduction", "mean") != "none" else 1)
-    for name, ours, theirs, r in (("loss", out, loss64, red), ("loss", out, t_out, red),
-                                  ("grad", dx, dx64, C), ("grad", dx, t_dx, C),
-                                  ("target grad", dy, dy64, C), ("target grad", dy, t_dy, C)):
+    checks = [("loss", out, loss64, red), ("loss", out, t_out, red),
+              ("grad", dx, dx64, C), ("grad", dx, t_dx, C),
+              ("target grad", dy, dy64, C), ("target grad", dy, t_dy, C)]
+    if weight is not None:      # a sum over the rows of each class
+        dw64 = ref.cross_entropy_weight_backward(g64, *args, **kw)
+        assert dw[0].dtype == weight.dtype and dw[0].shape == weight.shape
+        checks += [("weight grad", dw[0], dw64, x.numel() // C),
+                   ("weight grad", dw[0], t_dw[0], x.numel() // C)]
+    for name, ours, theirs, r in checks:
         kind = "reference" if isinstance(theirs, np.ndarray) else "torch"
         assert_close(ours, theirs, dtype, reduction=r, name=f"{name} vs {kind}", scale=scale)
 
@@ -578,6 +586,54 @@ def test_cross_entropy_probs_shapes_dtypes(backend, dtype, shape):
     x = random_tensor(shape, dtype, DEVICE, scale=2.0)
     _check_cross_entropy_probs(x, _probs(shape, dtype), backend, dtype, label_smoothing=0.05,
                                reduction="none" if len(shape) > 1 else "mean")
+
+
+@backends
+@pytest.mark.parametrize("case", ["spatial-none", "spatial-mean-smoothed", "1d-sum",
+                                  "fp16-sum", "many-rows"])
+def test_cross_entropy_probs_weight_gradient(backend, case, monkeypatch):
+    """A class weight that requires grad (a learned weight) with probability targets: torch
+    differentiates the loss w.r.t. it, dw_c = sum_r g_r y'_rc (lse_r - x_rc); so must pydl,
+    on its kernels (each backend's weight-gradient kernel runs), beside the logits' and the
+    target's gradients, for every reduction, label smoothing, (C,) and (N, C, d) logits, a
+    half-precision weight, and more rows than a program's block."""
+    dtype = torch.float16 if case == "fp16" else torch.float32
+    shape = {"spatial": (3, 6, 2, 2), "1d": (7,), "fp16": (4, 5), "many": (70, 5)}[
+        case.split("-")[0]]
+    kw = dict(reduction=next((r for r in ("none", "mean", "sum") if r in case), "mean"),
+              label_smoothing=0.2 if "smoothed" in case else 0.0)
+    x = random_tensor(shape, dtype, DEVICE, scale=2.0)
+    C = shape[0 if len(shape) == 1 else 1]
+    w = (torch.rand(C, device=DEVICE) + 0.5).to(dtype)
+    seen = _spy_launches(monkeypatch)
+    _check_cross_entropy_probs(x, _probs(shape, dtype), backend, dtype, w, **kw)
+    if backend == "triton":
+        assert "cross_entropy_prob_weight_grad" in [n for n, _ in seen]
+    # the weight alone requires grad: the graph is recorded for it
+    wl = w.clone().requires_grad_()
+    y = _probs(shape, dtype)
+    pydl.cross_entropy(x, y, wl, backend=backend, **kw).sum().backward()
+    w64 = w.double().requires_grad_()
+    torch.nn.functional.cross_entropy(x.double(), y.double(), w64, **kw).sum().backward()
+    assert_close(wl.grad, w64.grad, dtype, reduction=x.numel() // C, name="weight grad alone")
+
+
+def test_cross_entropy_probs_weight_gradient_of_gradient():
+    """Under create_graph the weight's gradient is differentiable again (the double backward's
+    pieces): d/dx of sum(dL/dw * v) against torch's."""
+    x = random_tensor((4, 6), torch.float32, DEVICE, scale=2.0)
+    y, v = _probs((4, 6)), random_tensor((6,), torch.float32, DEVICE)
+    w = torch.rand(6, device=DEVICE) + 0.5
+    grads = []
+    for fn, dt in ((lambda *a: pydl.cross_entropy(*a, label_smoothing=0.1, backend="triton"),
+                    torch.float32),
+                   (lambda *a: torch.nn.functional.cross_entropy(*a, label_smoothing=0.1),
+                    torch.float64)):
+        xl, wl = x.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+        (dw,) = torch.autograd.grad(fn(xl, y.to(dt), wl), wl, create_graph=True)
+        grads.append((dw.detach(), torch.autograd.grad((dw * v.to(dt)).sum(), xl)[0]))
+    for ours, theirs, name in zip(grads[0], grads[1], ("weight grad", "its x grad")):
+        assert_close(ours, theirs, torch.float32, reduction=24, name=name)
 
 
 @backends
@@ -670,14 +726,16 @@ def test_cross_entropy_bad_input(backend):
         ce(x, p, ignore_index=0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         ce(x.double(), t)
-    # a class weight that requires grad: refused, not a loss without its gradient
+    # a class weight that requires grad with class indices: refused, as torch refuses it
+    # (probabilities differentiate it: test_cross_entropy_probs_weight_gradient)
     w = torch.rand(5, device=DEVICE).requires_grad_()
-    for target in (t, p):
-        with pytest.raises(NotImplementedError, match="class weight requires grad"):
-            ce(x, target, weight=w)
-        with torch.no_grad():
-            ce(x, target, weight=w)
-        ce(x, target, weight=w.detach())
+    with pytest.raises(NotImplementedError, match="class weight requires grad"):
+        ce(x, t, weight=w)
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        torch.nn.functional.cross_entropy(x, t, weight=w)
+    with torch.no_grad():
+        ce(x, t, weight=w)
+    ce(x, t, weight=w.detach())
 
 
 @backends

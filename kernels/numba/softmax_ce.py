@@ -553,3 +553,32 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, scal
             store_f32(dx, o, c, i, g * (p * row_mass - a), code)
             if target_grad:
                 store_f32(dtarget, o, c, i, g * ((ONE - eps) * w) * (row_lse - v), target_code)
+
+
+@cuda.jit
+def cross_entropy_prob_weight_grad(x, target, lse, grad, grad_stride, scale, dw, inner,
+                                   smoothing, code, target_code, grad_code):
+    """The class-probability loss's gradient w.r.t. the class weights, a thread per class
+    (grid-stride): with loss_r = sum_c w_c y'_rc (lse_r - x_rc), y' = (1 - eps) y + eps / n,
+    dw_c = sum_r g_r y'_rc (lse_r - x_rc), summed in fp32 in row order.
+
+    x, target:    logits and class probabilities, (outer, C, inner) arrays, any strides
+    lse:          fp32 (rows,) logsumexp per row, from the forward
+    grad, grad_stride, scale: the upstream gradient as cross_entropy_prob_bwd takes it
+    dw:           output, fp32 (1, C, 1)
+    inner:        size of axis 2 (rows = outer * inner)
+    smoothing:    label smoothing eps in [0, 1]
+    code, target_code, grad_code: dtype_codes of x, target and grad
+    """
+    n = x.shape[1]
+    eps = float32(smoothing)
+    uniform = eps / float32(n)
+    rows = x.shape[0] * inner
+    for c in range(cuda.grid(1), n, cuda.gridsize(1)):
+        acc = ZERO
+        for row in range(rows):
+            o, i = _row_coords(row, inner)
+            g = load_f32(grad, 0, row * grad_stride, 0, grad_code) * float32(scale)
+            y = load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform
+            acc += g * y * (lse[row] - load_f32(x, o, c, i, code))
+        dw[0, c, 0] = acc

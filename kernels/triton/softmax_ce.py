@@ -668,3 +668,36 @@ def _prob_grad_rows(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, lse, mas
         _store_block(dx_ptr, dx_off, c, sdx_n, g * (p * mass - a), mask)
         if TARGET_GRAD:
             _store_block(dy_ptr, dy_off, c, sdy_n, g * ((1.0 - smoothing) * w) * (lse - x), mask)
+
+
+@triton.jit
+def cross_entropy_prob_weight_grad(
+    x_ptr, y_ptr,
+    stats_ptr,                              # the forward's: per row lse, then S
+    grad_ptr,                               # upstream gradient per row (grad_stride 0: a scalar)
+    dw_ptr,                                 # (n,) contiguous, the class weight's dtype
+    grad_stride, grad_scale,
+    n_rows, n, inner,
+    sx_outer, sx_n, sx_inner,
+    sy_outer, sy_n, sy_inner,
+    smoothing,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The class-probability loss's gradient w.r.t. the class weights: with
+    loss_r = sum_c w_c y'_rc (lse_r - x_rc) and y' = (1 - eps) y + eps / n,
+    dw_c = sum_r g_r y'_rc (lse_r - x_rc). A program owns BLOCK_N classes and walks every
+    row in blocks of BLOCK_R, summing in fp32 in row order: deterministic, no atomics."""
+    c = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = c < n
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for row0 in range(0, n_rows, BLOCK_R):
+        rows, x_off, rmask = _row_starts(row0, n_rows, inner, sx_outer, sx_inner, BLOCK_R)
+        y_off = (rows // inner) * sy_outer + (rows % inner) * sy_inner
+        mask = rmask[:, None] & cmask[None, :]
+        lse = tl.load(stats_ptr + rows, mask=rmask, other=0.0)[:, None]
+        g = (tl.load(grad_ptr + rows * grad_stride, mask=rmask, other=0.0).to(tl.float32)
+             * grad_scale)[:, None]
+        x = _load_block(x_ptr, x_off, c, sx_n, mask, 0.0)
+        y = _load_block(y_ptr, y_off, c, sy_n, mask, 0.0) * (1.0 - smoothing) + smoothing / n
+        acc += tl.sum(tl.where(mask, g * y * (lse - x), 0.0), 0)
+    tl.store(dw_ptr + c, acc.to(dw_ptr.dtype.element_ty), mask=cmask)

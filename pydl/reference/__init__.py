@@ -2,7 +2,8 @@
 torch). One module per op family; everything is re-exported here as `pydl.reference.<name>`.
 """
 from .softmax_ce import (cross_entropy, cross_entropy_backward, cross_entropy_target_backward,
-                         log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward)
+                         cross_entropy_weight_backward, log_softmax, log_softmax_backward,
+                         logsumexp, softmax, softmax_backward)
 from .conv import conv2d, conv2d_backward, pad2d, pad2d_backward
 from .pool import (adaptive_avg_pool2d, adaptive_avg_pool2d_backward, avg_pool2d,
                    avg_pool2d_backward, max_pool2d, max_pool2d_backward)

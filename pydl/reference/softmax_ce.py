@@ -144,6 +144,18 @@ def cross_entropy_target_backward(grad_loss, x, target, weight=None, reduction: 
     return _class_back(xp, d, xp.asarray(x).shape)
 
 
+def cross_entropy_weight_backward(grad_loss, x, target, weight, reduction: str = "mean",
+                                  label_smoothing: float = 0.0):
+    """dL/dw for class-probability targets y and class weights w (C,):
+    sum_i g_i y'_{i,c} (lse_i - z_{i,c}), y' = (1 - eps) y + eps / C."""
+    xp = array_module(grad_loss, x, target, weight)
+    rows, a, w, out_shape = _ce_probs_terms(xp, x, target, None, label_smoothing)
+    g = _row_grad(xp, grad_loss, len(rows), out_shape, reduction, len(rows))
+    lse = logsumexp(rows, axis=1)
+    with errstate(xp, invalid="ignore"):
+        return (g[:, None] * a * (lse[:, None] - rows)).sum(axis=0)
+
+
 def _ce_rows(xp, x, target, weight):
     """Logits as (rows, C), targets as (rows,), weights as (C,), and the output shape."""
     x = f64(xp, x)
