@@ -155,7 +155,8 @@ def _ce_args(backward, reduction, **kw):
 
 
 def _ce_prob_args(reduction, **kw):
-    """(grad_loss, x, class-probability target) for cross_entropy_target_backward."""
+    """(grad_loss, x, class-probability target) for cross_entropy_target_backward and
+    cross_entropy_weight_backward."""
     def make(rng):
         x = rng.standard_normal((6, 5, 3))
         t = rng.random((6, 5, 3))
@@ -323,6 +324,10 @@ CASES = [
     ("cross_entropy_target_backward-mean", softmax_ce.cross_entropy_target_backward,
      _ce_prob_args("mean", label_smoothing=0.1)),
     ("cross_entropy_target_backward-none", softmax_ce.cross_entropy_target_backward,
+     _ce_prob_args("none")),
+    ("cross_entropy_weight_backward-sum", softmax_ce.cross_entropy_weight_backward,
+     _ce_prob_args("sum", label_smoothing=0.2)),
+    ("cross_entropy_weight_backward-none", softmax_ce.cross_entropy_weight_backward,
      _ce_prob_args("none")),
     ("pad2d-reflect", conv.pad2d, _pad_args(False, "reflect")),
     ("pad2d-zeros", conv.pad2d, _pad_args(False, "zeros")),
