@@ -77,14 +77,15 @@ _TRITON_PLANS = Cache("conv2d triton plans")
 
 
 class _Launcher:
-    """What a conv2d launcher offers (each algorithm's class below): plans, one per step,
-    plan_forward(x, w, b, y, g), plan_backward_input(dy, w, dx, g), plan_backward_weight(dy,
-    x, dw, g), plan_backward_bias(dy, db, g) -> run(tensors), for a caller that launches the
-    same signature again (pydl/_plan.py): run takes the tensors alone (the forward's bias,
-    when absent, as a placeholder: the weight) at the addresses of those planned, and holds
-    what was built for the shapes, strides, dtypes and device it was planned with (the
-    Triton launchers' cached Launches and GEMM plans, the Numba one's NumbaLaunches); and
-    the same steps launched once into the given output, forward(x, w, b, y, g) and so on."""
+    """What a conv2d launcher offers (each algorithm's class: _conv_implicit.py,
+    _conv_im2col.py, _conv_numba.py): plans, one per step, plan_forward(x, w, b, y, g),
+    plan_backward_input(dy, w, dx, g), plan_backward_weight(dy, x, dw, g),
+    plan_backward_bias(dy, db, g) -> run(tensors), for a caller that launches the same
+    signature again (pydl/_plan.py): run takes the tensors alone (the forward's bias, when
+    absent, as a placeholder: the weight) at the addresses of those planned, and holds what
+    was built for the shapes, strides, dtypes and device it was planned with (the Triton
+    launchers' cached Launches and GEMM plans, the Numba one's NumbaLaunches); and the same
+    steps launched once into the given output, forward(x, w, b, y, g) and so on."""
 
     @classmethod
     def forward(cls, x, w, b, y, g: ConvGeometry) -> None:
