@@ -86,17 +86,17 @@ def _gpu_launch_configs() -> None:
     child only): under emulation they pick small ones, for the simulator's speed
     (pydl/_gemm_numba.py SIM_TILE, SIM_MICRO, SIM_TRIM, MMA, SIM_WARPS_MMA;
     pydl/_attention_numba.py NUMBA_SIM_MMA_WARPS; pydl/_rnn_launch.py NUMBA_SIM_TILE;
-    pydl/_launch.py numba_threads), and the tiles and thread counts are the arguments of the
+    pydl/_numba_launch.py numba_threads), and the tiles and thread counts are the arguments of the
     kernel builders. Nothing runs, so the GPU's sizes cost nothing here, and each builder
     kernel is captured with the arguments a GPU launch builds it with."""
     import pydl  # noqa: F401  (every launcher module, before their names are replaced)
-    from pydl import _attention_numba, _gemm_numba, _launch, _rnn_launch
+    from pydl import _attention_numba, _gemm_numba, _numba_launch, _rnn_launch
     _attention_numba.NUMBA_SIM_MMA_WARPS = None         # the forward's and backward's GPU warps
     _gemm_numba.SIM_TILE, _gemm_numba.SIM_MICRO = _gemm_numba.TILE, _gemm_numba.MICRO
     _gemm_numba.SIM_TRIM = False
     _gemm_numba.MMA, _gemm_numba.SIM_WARPS_MMA = True, _gemm_numba.WARPS_MMA
     _rnn_launch.NUMBA_SIM_TILE = _rnn_launch.NUMBA_TILE
-    simulated = _launch.numba_threads
+    simulated = _numba_launch.numba_threads
 
     def gpu_threads(gpu: int) -> int:
         return gpu

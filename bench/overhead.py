@@ -8,7 +8,7 @@ without a GPU (emulation, kernels stubbed)
     Every kernel launch is replaced by a counter: the Triton interpreter's launch
     (`triton.runtime.interpreter.InterpretedFunction.run`, the interpreter's counterpart of
     the GPU launch path `JITFunction.run`: its argument normalisation and grid execution) and
-    what pydl._launch.launch_numba needs of Numba on a GPU (`_NumbaRuntime` below). The stub's
+    what pydl._numba_launch.launch_numba needs of Numba on a GPU (`_NumbaRuntime` below). The stub's
     first launch of a kernel returns a stand-in compiled kernel, so a plan's later launches
     take the path they take on a GPU: pydl._plan.Launch's direct call of the compiled
     launcher (alignment, hook, device and stream reads included; the stand-in checks the
@@ -122,20 +122,20 @@ def stubbed_launches():
 
     _plan._DEVICE_INDEX, _plan._RAW_STREAM = (lambda: 0), (lambda device: 0)
     _plan.Launch._keep = keep
-    # Numba's launches likewise take pydl._launch's direct path, with a stand-in of what it
+    # Numba's launches likewise take pydl._numba_launch's direct path, with a stand-in of what it
     # needs of Numba on a GPU (_NumbaRuntime): a first launch per argument signature through
     # "Numba", then the parameter list refilled.
-    from pydl import _launch
-    old_runtime, old_direct = _launch._NUMBA_RUNTIME, _launch._launch_numba_direct
+    from pydl import _numba_launch
+    old_runtime, old_direct = _numba_launch._NUMBA_RUNTIME, _numba_launch._launch_numba_direct
 
     def unplanned(*args):
         if _COUNTS is not None:
             _COUNTS.unplanned += 1
         old_direct(*args)
 
-    _launch._launch_numba_direct = unplanned
-    _launch._NUMBA_RUNTIME, _launch._NUMBA_DIRECT_ON_CPU = _NumbaRuntime(), True
-    _launch._NUMBA_DIRECTS.clear()
+    _numba_launch._launch_numba_direct = unplanned
+    _numba_launch._NUMBA_RUNTIME, _numba_launch._NUMBA_DIRECT_ON_CPU = _NumbaRuntime(), True
+    _numba_launch._NUMBA_DIRECTS.clear()
     InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call
     _env.SCOPE_EMULATION = False
     wrapped = [(cls, name, cls.__dict__[name]) for cls, name, _ in _plan.EMULATED]
@@ -147,9 +147,9 @@ def stubbed_launches():
         InterpretedFunction.run, FakeCUDAKernel.__call__ = old_triton, old_numba
         _plan._DEVICE_INDEX, _plan._RAW_STREAM = old_device
         _plan.Launch._keep = old_keep
-        _launch._NUMBA_RUNTIME, _launch._NUMBA_DIRECT_ON_CPU = old_runtime, False
-        _launch._launch_numba_direct = old_direct
-        _launch._NUMBA_DIRECTS.clear()
+        _numba_launch._NUMBA_RUNTIME, _numba_launch._NUMBA_DIRECT_ON_CPU = old_runtime, False
+        _numba_launch._launch_numba_direct = old_direct
+        _numba_launch._NUMBA_DIRECTS.clear()
         for launch in kept:         # the interpreter runs them again
             launch.compiled = None
         softmax_ce.kernel_checks_targets = _softmax_ce_ops.kernel_checks_targets = old_check
@@ -185,7 +185,7 @@ def _count_direct(passed: int, want: int, what: str) -> None:
 
 
 class _NumbaRuntime:
-    """pydl._launch._NumbaRuntime's stand-in on a CPU: the first launch of an argument
+    """pydl._numba_launch._NumbaRuntime's stand-in on a CPU: the first launch of an argument
     signature is counted and "launches" an overload typed as Numba types the call (numpy's
     view of each tensor, Python scalars as they are) whose parameter list is made as Numba's
     _Kernel._prepare_args makes it (tests/test_numba_direct.py checks pydl's refilling

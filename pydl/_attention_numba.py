@@ -8,19 +8,16 @@ import torch
 
 from . import _env
 from ._gemm_numba import on_tensor_cores, pair_words
-from ._launch import (
+from ._launch import cdiv, new_output, output_maker, planned_once
+from ._numba_launch import (
     DYNAMIC,
     SIM_MAX_BLOCKS,
     NumbaLaunch,
     Place,
-    cdiv,
     launch_numba_1d,
     launch_numba_built,
-    new_output,
     numba_blocks,
     numba_threads,
-    output_maker,
-    planned_once,
 )
 
 

@@ -13,7 +13,8 @@ from . import _env
 from ._conv_common import ConvGeometry, _Launcher
 from ._conv_im2col import _chunks, _matrix_view, _merged_stride, _weight_chunks
 from ._gemm_numba import gemm_plan_on as gemm_plan_on_numba
-from ._launch import NumbaLaunch, numba_launch_1d, planned_once
+from ._launch import planned_once
+from ._numba_launch import NumbaLaunch, numba_launch_1d
 from ._plan import GRID_YZ_MAX
 
 # --- Numba explicit im2col + GEMM ------------------------------------------------------------

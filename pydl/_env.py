@@ -38,7 +38,7 @@ if INTERPRET:
 
 # On a GPU, a kernel launched before with arguments of the same kind is launched again with
 # the argument list kept from that launch, skipping the launcher's own per-call work (Triton:
-# pydl._plan.Launch; Numba: pydl._launch.launch_numba). PYDL_DIRECT_LAUNCH=0 keeps every
+# pydl._plan.Launch; Numba: pydl._numba_launch.launch_numba). PYDL_DIRECT_LAUNCH=0 keeps every
 # launch on Triton's and Numba's own paths.
 DIRECT_LAUNCH: bool = os.environ.get("PYDL_DIRECT_LAUNCH", "1").strip() != "0"
 

@@ -15,7 +15,8 @@ import os
 import torch
 
 from . import _env
-from ._launch import NumbaLaunch, Place, cdiv, launch_numba
+from ._launch import cdiv
+from ._numba_launch import NumbaLaunch, Place, launch_numba
 from ._plan import GRID_YZ_MAX
 
 # (TILE, MICRO): a TILE x TILE output tile per block of (TILE / MICRO)^2 threads, each

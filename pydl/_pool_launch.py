@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._launch import NumbaLaunch, cdiv, next_power_of_2, numba_launch_1d, planned_once
+from ._launch import cdiv, next_power_of_2, planned_once
 from ._library import Geometry
+from ._numba_launch import NumbaLaunch, numba_launch_1d
 from ._plan import BatchSlices, Cache, Launch, batch_launch
 from ._tune import Tuner, bucket
 

@@ -65,17 +65,14 @@ import torch
 
 from . import _env
 from ._launch import (
-    DYNAMIC,
-    NumbaLaunch,
     arrival_counters,
     cdiv,
     dot_block,
     input_precision,
     new_output,
     next_power_of_2,
-    numba_blocks,
-    numba_threads,
 )
+from ._numba_launch import DYNAMIC, NumbaLaunch, numba_blocks, numba_threads
 from ._plan import GRID_YZ_MAX, Launch, launch_each
 from ._tune import Tuner, bucket
 
@@ -623,7 +620,7 @@ def numba_code(t) -> int:
 
 def numba_launch(kernel, grid, threads, device: torch.device, tensors: tuple, ranks: tuple,
                  scalars: tuple) -> NumbaLaunch:
-    """The NumbaLaunch (pydl._launch) of kernel(*tensors, *scalars), each tensor argument in
+    """The NumbaLaunch (pydl._numba_launch) of kernel(*tensors, *scalars), each tensor argument in
     its kernel rank: a 2-D step for a 3-D sequence argument is that one step, a stack for a
     2-D one its first matrix (views at the tensor's own address, so a call may pass either
     form). An absent tensor (None; its flag is off) is a one-element placeholder of its rank,

@@ -8,16 +8,13 @@ from __future__ import annotations
 import torch
 
 from ._launch import (
-    NumbaLaunch,
     arrival_counters,
-    launch_numba_1d,
     new_output,
     next_power_of_2,
-    numba_blocks,
-    numba_threads,
     output_maker,
     planned_once,
 )
+from ._numba_launch import NumbaLaunch, launch_numba_1d, numba_blocks, numba_threads
 from ._softmax_ce_common import _denominators, _prob_scale, _same_memory
 
 

@@ -1,4 +1,4 @@
-"""pydl's direct Numba launch (pydl/_launch.py _NumbaDirect) against Numba's own argument
+"""pydl's direct Numba launch (pydl/_numba_launch.py _NumbaDirect) against Numba's own argument
 marshalling, without a GPU: run as a script in a process without the CUDA simulator
 (tests/test_numba_direct.py does), it prints "ok" or raises.
 
@@ -20,7 +20,7 @@ assert os.environ.get("NUMBA_ENABLE_CUDASIM", "").strip() not in ("1", "true"), 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pydl import _launch  # noqa: E402
+from pydl import _numba_launch  # noqa: E402
 from pydl.kernels import numba as kernels  # noqa: E402  (Numba made usable as pydl uses it)
 
 assert kernels.EXTRA        # Numba's own modules after that (NumPy 2.5 lacks a name they use)
@@ -43,8 +43,8 @@ class _ReportsCuda(torch.Tensor):
 
 
 def as_numba(t):
-    """What pydl._launch.numba_array makes of a CUDA tensor, from this CPU tensor."""
-    return cuda.as_cuda_array(_launch.numba_view(t).as_subclass(_ReportsCuda))
+    """What pydl._numba_launch.numba_array makes of a CUDA tensor, from this CPU tensor."""
+    return cuda.as_cuda_array(_numba_launch.numba_view(t).as_subclass(_ReportsCuda))
 
 
 class Overload:
@@ -78,20 +78,20 @@ def like(t, seed):
 
 
 def check(first, second, refills=True):
-    assert _launch._numba_signature(first) == _launch._numba_signature(second)
+    assert _numba_launch._numba_signature(first) == _numba_launch._numba_signature(second)
     arrays = arrays_of(first)
     overload = Overload(arrays)
-    direct = _launch._NumbaDirect(overload, first, arrays, 0, None)
+    direct = _numba_launch._NumbaDirect(overload, first, arrays, 0, None)
     got = direct.fill(second)
     if not refills:
         assert got is None, "a scalar past the first call's type was refilled"
         return
     again = arrays_of(second)
     assert [typeof(a, Purpose.argument) for a in again] == overload.argument_types
-    want = _launch._numba_params(numba_params(overload, again))
-    assert _launch._numba_params(got) == want, (got, want)
-    assert any(p != w for p, w in zip(_launch._numba_params(got),
-                                       _launch._numba_params(direct.template))) or \
+    want = _numba_launch._numba_params(numba_params(overload, again))
+    assert _numba_launch._numba_params(got) == want, (got, want)
+    assert any(p != w for p, w in zip(_numba_launch._numba_params(got),
+                                       _numba_launch._numba_params(direct.template))) or \
         all(not isinstance(a, torch.Tensor) or a.numel() == 0 for a in first)
 
 
@@ -99,7 +99,7 @@ def numba_fields(t):
     """What Numba makes of tensor t but its data pointer: its type and array fields."""
     a = as_numba(t)
     params = numba_params(Overload([a]), [a])
-    params[_launch._DATA_FIELD] = None
+    params[_numba_launch._DATA_FIELD] = None
     return typeof(a, Purpose.argument), params
 
 
@@ -109,7 +109,7 @@ def signature_decides(tensors):
     seen = {}
     for t in tensors:
         fields = numba_fields(t)
-        assert seen.setdefault(_launch._numba_signature([t]), fields) == fields, t.stride()
+        assert seen.setdefault(_numba_launch._numba_signature([t]), fields) == fields, t.stride()
 
 
 def launches_as_numba():
@@ -134,7 +134,7 @@ def launches_as_numba():
                  "shmem_size=sharedmem", "is_cooperative=self.cooperative",
                  "kernel = cufunc.kernel", "launch(stream, config, kernel, *kernelargs)"):
         assert step in launch, step
-    made = _launch._NumbaRuntime.config(4, (32, 2), False)   # (a cooperative one asks a GPU)
+    made = _numba_launch._NumbaRuntime.config(4, (32, 2), False)   # (a cooperative one asks a GPU)
     assert (made.grid, made.block, made.shmem_size, made.is_cooperative) == \
         ((4, 1, 1), (32, 2, 1), 0, False), made
 

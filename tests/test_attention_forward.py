@@ -18,7 +18,7 @@ from test_resources import REPO, _clean_env
 
 import pydl
 from bench import resources
-from pydl import _attention_triton, _env, _launch, attention_hopper
+from pydl import _attention_triton, _env, _launch, _numba_launch, attention_hopper
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor, run_with_grad
 
@@ -290,12 +290,12 @@ def numba_mma(monkeypatch):
     from pydl.kernels.numba._builder import BUILT_BY
     monkeypatch.setattr(_gemm_numba, "MMA", True)
     launched = []
-    real = _launch.launch_numba
+    real = _numba_launch.launch_numba
 
     def spy(kernel, *args):
         launched.append(getattr(kernel, BUILT_BY, None))
         return real(kernel, *args)
-    monkeypatch.setattr(_launch, "launch_numba", spy)     # every Numba launch of pydl's
+    monkeypatch.setattr(_numba_launch, "launch_numba", spy)     # every Numba launch of pydl's
     return launched
 
 
@@ -403,11 +403,10 @@ def test_numba_tensor_cores_nan_and_routing(numba_mma):
 def test_numba_attention_keeps_cuda_cores_without_mma(monkeypatch):
     from pydl import _gemm_numba
     assert not _gemm_numba.MMA or pytest.skip("PYDL_NUMBA_MMA=1 in this environment")
-    from pydl import _launch
     from pydl.kernels.numba._builder import BUILT_BY
-    launched, launch = [], _launch.launch_numba
+    launched, launch = [], _numba_launch.launch_numba
     spy = lambda kernel, *a: (launched.append(kernel), launch(kernel, *a))  # noqa: E731
-    monkeypatch.setattr(_launch, "launch_numba", spy)         # every Numba launch of pydl's
+    monkeypatch.setattr(_numba_launch, "launch_numba", spy)   # every Numba launch of pydl's
     out, _, grads = run_with_grad(lambda q, k, v: pydl.scaled_dot_product_attention(
         q, k, v, backend="numba"), list(qkv(1, 1, 1, 5, 9, 16, dtype=torch.float16)))
     made_by = [getattr(k, BUILT_BY, (k.__module__,))[0] for k in launched]

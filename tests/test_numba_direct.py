@@ -1,4 +1,4 @@
-"""The direct Numba launch (pydl/_launch.py launch_numba on a GPU): a call whose argument
+"""The direct Numba launch (pydl/_numba_launch.py launch_numba on a GPU): a call whose argument
 signature was launched before refills the parameter list Numba made then.
 
 Without a GPU: the refilled list against Numba's own marshalling (tests/numba_direct_check.py,
@@ -18,7 +18,7 @@ import torch
 from conftest import DEVICE
 
 import pydl
-from pydl import _launch, _plan
+from pydl import _numba_launch, _plan
 
 REPO = Path(__file__).resolve().parent.parent
 GPU = DEVICE == "cuda"
@@ -34,7 +34,7 @@ def test_refilled_parameters_are_numbas():
 
 
 class _Runtime:
-    """A stand-in for pydl._launch._NumbaRuntime that records what happens: first launches
+    """A stand-in for pydl._numba_launch._NumbaRuntime that records what happens: first launches
     (through "Numba") and direct ones with their parameter lists."""
 
     def __init__(self):
@@ -98,12 +98,12 @@ class _Kernel:
 
 
 def _installed(runtime, monkeypatch):
-    """`runtime` in place of pydl._launch's, the direct path on (on a CPU), nothing kept."""
-    monkeypatch.setattr(_launch, "_NUMBA_RUNTIME", runtime)
-    monkeypatch.setattr(_launch, "_NUMBA_DIRECT_ON_CPU", True)
-    monkeypatch.setattr(_launch, "NUMBA_DIRECT", True)
-    monkeypatch.setattr(_launch, "_NUMBA_DIRECTS", {})
-    monkeypatch.setattr(_launch, "NUMBA_NOT_DIRECT", [])
+    """`runtime` in place of pydl._numba_launch's, the direct path on (on a CPU), nothing kept."""
+    monkeypatch.setattr(_numba_launch, "_NUMBA_RUNTIME", runtime)
+    monkeypatch.setattr(_numba_launch, "_NUMBA_DIRECT_ON_CPU", True)
+    monkeypatch.setattr(_numba_launch, "NUMBA_DIRECT", True)
+    monkeypatch.setattr(_numba_launch, "_NUMBA_DIRECTS", {})
+    monkeypatch.setattr(_numba_launch, "NUMBA_NOT_DIRECT", [])
     return runtime
 
 
@@ -117,53 +117,53 @@ def _reference(kernel, args):
     o = kernel.overload(args)
     for ty, a in zip(o.argument_types, args):
         o._prepare_args(ty, a, 0, [], params)
-    return _launch._numba_params(params)
+    return _numba_launch._numba_params(params)
 
 
 def test_dispatch_first_launch_then_direct(runtime):
     k, cpu = _Kernel(), torch.device("cpu")
     x, y = torch.randn(4, 3), torch.randn(4, 3)
-    _launch.launch_numba(k, 2, 32, cpu, x, 5, 1.5, True)
+    _numba_launch.launch_numba(k, 2, 32, cpu, x, 5, 1.5, True)
     assert len(runtime.first) == 1 and runtime.direct == []
-    _launch.launch_numba(k, 2, 32, cpu, y, -7, 2.5, False)          # same signature
+    _numba_launch.launch_numba(k, 2, 32, cpu, y, -7, 2.5, False)          # same signature
     assert len(runtime.first) == 1 and len(runtime.direct) == 1
-    assert _launch._numba_params(runtime.direct[0][1]) == _reference(k, (y, -7, 2.5, False))
+    assert _numba_launch._numba_params(runtime.direct[0][1]) == _reference(k, (y, -7, 2.5, False))
     assert runtime.direct[0][0] == (2, 32)
     # another signature (strides), another first launch; then direct too
-    _launch.launch_numba(k, 2, 32, cpu, y.t(), 1, 0.0, True)
-    _launch.launch_numba(k, 3, 64, cpu, x.t(), 2, 0.5, True)
+    _numba_launch.launch_numba(k, 2, 32, cpu, y.t(), 1, 0.0, True)
+    _numba_launch.launch_numba(k, 3, 64, cpu, x.t(), 2, 0.5, True)
     assert len(runtime.first) == 2 and len(runtime.direct) == 2
     assert runtime.direct[1][0] == (3, 64)
-    assert _launch._numba_params(runtime.direct[1][1]) == _reference(k, (x.t(), 2, 0.5, True))
+    assert _numba_launch._numba_params(runtime.direct[1][1]) == _reference(k, (x.t(), 2, 0.5, True))
     # an int past the first call's int64: Numba's path (it types the call anew)
-    _launch.launch_numba(k, 2, 32, cpu, y, 2 ** 63, 2.5, False)
+    _numba_launch.launch_numba(k, 2, 32, cpu, y, 2 ** 63, 2.5, False)
     assert len(runtime.first) == 3 and len(runtime.direct) == 2
 
 
 def test_a_signature_it_cannot_refill_stays_on_numbas_path(runtime):
     k, cpu = _Kernel(plain=False), torch.device("cpu")
     for _ in range(3):
-        _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 4)
+        _numba_launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 4)
     assert len(runtime.first) == 3 and runtime.direct == []
 
 
 def test_a_refused_first_direct_launch_goes_back_to_numba(runtime):
     k, cpu = _Kernel(), torch.device("cpu")
-    _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 4)
+    _numba_launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 4)
     runtime.refuse = True
-    _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 5)          # refused: through Numba
+    _numba_launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 5)          # refused: through Numba
     assert len(runtime.first) == 2 and runtime.direct == []
-    assert "refused" in _launch.NUMBA_NOT_DIRECT[-1]
+    assert "refused" in _numba_launch.NUMBA_NOT_DIRECT[-1]
     runtime.refuse = False
-    _launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 6)          # stays on Numba's path
+    _numba_launch.launch_numba(k, 1, 32, cpu, torch.randn(3), 6)          # stays on Numba's path
     assert len(runtime.first) == 3 and runtime.direct == []
     # a signature that launched direct before: a later error is the launch's own, raised
-    _launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 1)
-    _launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 2)
+    _numba_launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 1)
+    _numba_launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 2)
     assert len(runtime.direct) == 1
     runtime.refuse = True
     with pytest.raises(TypeError, match="refused"):
-        _launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 3)
+        _numba_launch.launch_numba(k, 1, 32, cpu, torch.randn(2, 2), 3)
 
 
 def test_planned_launch_writes_only_the_pointers(runtime):
@@ -174,7 +174,7 @@ def test_planned_launch_writes_only_the_pointers(runtime):
     base, out = torch.randn(6, 8), torch.randn(3, 4)
     kept = torch.randn(2)
     args = (base[2:5, 4:].t(), 7, kept, out[1:], 0.5, out.view(-1)[:4])
-    launch = _launch.NumbaLaunch(k, 2, 32, cpu, args, (base, out), places=(0, None, 1, 1))
+    launch = _numba_launch.NumbaLaunch(k, 2, 32, cpu, args, (base, out), places=(0, None, 1, 1))
     for i in range(4):
         b, o = torch.randn(6, 8), torch.randn(3, 4)
         launch(b, o)
@@ -183,7 +183,7 @@ def test_planned_launch_writes_only_the_pointers(runtime):
             assert len(runtime.first) == 1 and runtime.direct == []
         else:
             assert len(runtime.first) == 1 and len(runtime.direct) == i
-            assert _launch._numba_params(runtime.direct[-1][1]) == want
+            assert _numba_launch._numba_params(runtime.direct[-1][1]) == want
     assert launch.params is not None
 
 
@@ -193,7 +193,7 @@ def test_planned_views_in_emulation():
     base = torch.arange(48.0).view(6, 8)
     words = torch.arange(16, dtype=torch.float16)
     planned = (base[1:4, 2:].t(), words[2:].view(torch.int32), 3)
-    launch = _launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), planned, (base, words))
+    launch = _numba_launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), planned, (base, words))
     b, w = torch.randn(6, 8), torch.randn(16).half()
     got = launch.arguments((b, w))
     assert torch.equal(got[0], b[1:4, 2:].t()) and got[0].stride() == (1, 8)
@@ -206,14 +206,14 @@ def test_planned_views_in_emulation():
 def test_planned_dynamic_scalars_in_their_places(runtime):
     """DYNAMIC arguments take a call's dynamic scalars in order, wherever they are in the
     list (a seed before the last argument): refilled there on the direct path."""
-    k, cpu, D = _Kernel(), torch.device("cpu"), _launch.DYNAMIC
+    k, cpu, D = _Kernel(), torch.device("cpu"), _numba_launch.DYNAMIC
     x = torch.randn(3)
-    launch = _launch.NumbaLaunch(k, 1, 32, cpu, (x, D, 2.5, D, 7), (x,))
+    launch = _numba_launch.NumbaLaunch(k, 1, 32, cpu, (x, D, 2.5, D, 7), (x,))
     for seed in range(4):
         y = torch.randn(3)
         launch(y, dynamic=(seed, seed % 2 == 0))
         if seed:        # the first through Numba, then direct (planned from the third on)
-            assert _launch._numba_params(runtime.direct[-1][1]) == _reference(
+            assert _numba_launch._numba_params(runtime.direct[-1][1]) == _reference(
                 k, (y, seed, 2.5, seed % 2 == 0, 7))
     assert len(runtime.first) == 1 and len(runtime.direct) == 3
     assert launch.params is not None
@@ -224,30 +224,30 @@ def test_planned_dynamic_scalars_in_their_places(runtime):
 def test_planned_launch_refuses_a_tensor_outside_its_source():
     a, b = torch.randn(4), torch.randn(4)
     with pytest.raises(ValueError, match="not in source 0"):
-        _launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), (b,), (a,))
+        _numba_launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), (b,), (a,))
     with pytest.raises(ValueError, match="places"):
-        _launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), (a, b), (a, b), places=(0,))
+        _numba_launch.NumbaLaunch(None, 1, 1, torch.device("cpu"), (a, b), (a, b), places=(0,))
 
 
 def test_each_refills_only_the_tail(runtime):
     k, cpu = _Kernel(), torch.device("cpu")
     a, b = torch.randn(5, 2), torch.randn(2)
-    D = _launch.DYNAMIC
-    launch = _launch.NumbaLaunch(k, 1, 32, cpu, (a, b, 0.5, D, D, D), (a, b))
+    D = _numba_launch.DYNAMIC
+    launch = _numba_launch.NumbaLaunch(k, 1, 32, cpu, (a, b, 0.5, D, D, D), (a, b))
     tails = [(s, s + 1, False) for s in range(4)]
     launch.each((a, b), tails)
     # the first step through Numba, the second through the direct path (which plans the
     # launch), the others with only the tail refilled
     assert len(runtime.first) == 1 and len(runtime.direct) == 3
     for (_, params), tail in zip(runtime.direct, tails[1:]):
-        assert _launch._numba_params(params) == _reference(k, (a, b, 0.5, *tail))
+        assert _numba_launch._numba_params(params) == _reference(k, (a, b, 0.5, *tail))
     # again: every step direct, the tensors' new pointers in place
     c = torch.randn(5, 2)
     runtime.direct.clear()
     launch.each((c, b), tails)
     assert len(runtime.first) == 1 and len(runtime.direct) == 4
     for (_, params), tail in zip(runtime.direct, tails):
-        assert _launch._numba_params(params) == _reference(k, (c, b, 0.5, *tail))
+        assert _numba_launch._numba_params(params) == _reference(k, (c, b, 0.5, *tail))
     # a tail of other kinds or past int64 goes through launch_numba
     launch.each((c, b), [(0, 1, False), (2 ** 63, 1, False), (1.0, 2, False)])
     assert len(runtime.first) == 3
@@ -281,14 +281,14 @@ def test_numba_ops_repeated_on_the_direct_path(monkeypatch, op):
     (NumbaLaunch writing the pointers alone); and both did engage: a kept parameter list per
     kernel launched, and every plan of the last call holding its own. (One op a test: each
     compiles its own kernels, a few seconds apiece on a GPU machine's host.)"""
-    _launch._NUMBA_DIRECTS.clear()
+    _numba_launch._NUMBA_DIRECTS.clear()
     plans = []
-    real_call = _launch.NumbaLaunch.__call__
+    real_call = _numba_launch.NumbaLaunch.__call__
 
     def call(self, *args, **kwargs):
         plans.append(self)
         return real_call(self, *args, **kwargs)
-    monkeypatch.setattr(_launch.NumbaLaunch, "__call__", call)
+    monkeypatch.setattr(_numba_launch.NumbaLaunch, "__call__", call)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     ours_fn, reference, shapes = _DIRECT_OPS[op]
     for _ in range(4):
@@ -301,8 +301,8 @@ def test_numba_ops_repeated_on_the_direct_path(monkeypatch, op):
         ref_grads = torch.autograd.grad(ref.sum(), cpu)
         for a, b in zip((out, *grads), (ref, *ref_grads)):
             torch.testing.assert_close(a.detach().double().cpu(), b, atol=1e-4, rtol=1e-4)
-    kept = [d for d in _launch._NUMBA_DIRECTS.values() if d is not None]
-    assert kept and len(kept) == len(_launch._NUMBA_DIRECTS), _launch.NUMBA_NOT_DIRECT
+    kept = [d for d in _numba_launch._NUMBA_DIRECTS.values() if d is not None]
+    assert kept and len(kept) == len(_numba_launch._NUMBA_DIRECTS), _numba_launch.NUMBA_NOT_DIRECT
     assert plans and all(p.params is not None for p in plans)
 
 
@@ -319,7 +319,7 @@ class _Executing(_Runtime):
     def first_launch(self, kernel, grid, threads, device, args):
         from bench.overhead import _Overload
         self.first.append(args)
-        kernel[grid, threads](*[_launch.numba_array(a) if isinstance(a, torch.Tensor) else a
+        kernel[grid, threads](*[_numba_launch.numba_array(a) if isinstance(a, torch.Tensor) else a
                                 for a in args])
         overload = _Overload(args)
         overload.kernel = kernel
@@ -355,7 +355,7 @@ def _array_at(data: int, shape, strides, itemsize: int, ty):
         return FakeCUDAArray(np.empty(shape, dtype))
     span = sum((n - 1) * s for n, s in zip(shape, strides)) + itemsize
     base = np.frombuffer((ctypes.c_char * span).from_address(data), dtype=np.uint8)
-    # a simulated device array over that memory, as pydl._launch.numba_array makes (a plain
+    # a simulated device array over that memory, as pydl._numba_launch.numba_array makes (a plain
     # NumPy argument would be copied in and out, a strided one refused)
     return FakeCUDAArray(np.lib.stride_tricks.as_strided(base.view(dtype), shape, strides))
 
@@ -449,7 +449,7 @@ def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
                 F.conv2d(x.float(), w.float(), padding=1), rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(pydl.softmax(x, 1, backend="numba").float(),
                                        x.float().softmax(1), rtol=1e-2, atol=1e-2)
-    assert len(executing.direct) > len(executing.first) > 0 and not _launch.NUMBA_NOT_DIRECT
+    assert len(executing.direct) > len(executing.first) > 0 and not _numba_launch.NUMBA_NOT_DIRECT
     # dropout: each planned launch takes its call's seed (DYNAMIC), as the plain path does
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
     seeds = (11, 12, 13, 11, 14)
@@ -462,7 +462,7 @@ def test_planned_launches_compute_the_right_answer(executing, monkeypatch):
                                                           backend="numba"))
         return outs
     planned = dropped()
-    monkeypatch.setattr(_launch, "NUMBA_DIRECT", False)     # Numba's own path, plans anew
+    monkeypatch.setattr(_numba_launch, "NUMBA_DIRECT", False)     # Numba's own path, plans anew
     _plan.clear_all()
     for ours, want in zip(planned, dropped()):
         torch.testing.assert_close(ours, want)

@@ -56,7 +56,7 @@ LAUNCHES = {
     ("lstm_cell", "triton"): (1, 6),
     ("gru_cell", "triton"): (1, 7),
     # the Numba backend: the same steps (its conv2d always by im2col, its attention the flash
-    # kernels), each launch after the first call on pydl._launch's direct path
+    # kernels), each launch after the first call on pydl._numba_launch's direct path
     ("conv2d", "numba-im2col"): (2, 4),
     ("max_pool2d", "numba"): (1, 1),
     ("softmax", "numba"): (1, 1),
@@ -93,7 +93,7 @@ BASE_RATIO, LAUNCH_RATIO = 3.0, 2.0
 # a third process running), as thread CPU time of pydl's Python path grows more with a busy
 # neighbour than torch's C++ dispatch does; at 22x and 18x they failed one suite run in two.
 # The Numba rows share the caps: planned per signature as the Triton ones are (their launches
-# NumbaLaunches, pydl/_launch.py), they measured 1-3x (6x the LSTM layer's forward, 16x its
+# NumbaLaunches, pydl/_numba_launch.py), they measured 1-3x (6x the LSTM layer's forward, 16x its
 # backward through the engine); before their plans 2-12x forward and 2-35x backward.
 MAX_RATIOS = {("attention", "triton-naive", "bwd"): 20.0,
               ("attention", "triton-naive", "fwd"): 13.0,

@@ -1,4 +1,4 @@
-"""A plan replayed on other memory (pydl/_plan.py; pydl/_launch.py NumbaLaunch): a call
+"""A plan replayed on other memory (pydl/_plan.py; pydl/_numba_launch.py NumbaLaunch): a call
 signature's plan runs every later call with that key, re-deriving each tensor argument from the
 call's own tensors. Nothing the key does not hold may leak from the call that built the plan:
 where the tensors lie in their storage (a view into a larger buffer, 16-byte aligned or not),

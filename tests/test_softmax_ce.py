@@ -781,8 +781,8 @@ def test_numba_cross_entropy_last_block_reduces(monkeypatch, reduction, targets)
     """The Numba forward sums a sum or a mean in its last block to finish (no second launch):
     with several blocks striding over the rows, every block counts its arrival, only the last
     sums, and the counter is back at zero for the next launch (two calls in a row)."""
-    from pydl import _launch
-    monkeypatch.setattr(_launch, "SIM_MAX_BLOCKS", 3)
+    from pydl import _launch, _numba_launch
+    monkeypatch.setattr(_numba_launch, "SIM_MAX_BLOCKS", 3)
     x = random_tensor((37, 11), torch.float32, DEVICE)
     w = random_tensor((11,), torch.float32, DEVICE).abs() + 0.5
     t = (torch.randint(0, 11, (37,), device=DEVICE) if targets == "indices"

@@ -2,7 +2,7 @@
 
 fp32 and fp16 tensors reach a kernel as arrays of their own type. NumPy and the CUDA array
 interface have no bfloat16, so bf16 tensors arrive as int16 arrays holding the bit patterns
-(pydl._launch.numba_array); a kernel gets a `dtype_code` argument saying which, and calls
+(pydl._numba_launch.numba_array); a kernel gets a `dtype_code` argument saying which, and calls
 `load_f32` / `store_f32`, which decode and encode bf16 when the code says so. The branch is
 uniform across a launch, so it costs next to nothing on the GPU. `load_f32` / `store_f32` are
 `device` functions (see _device.py): inlined when compiled, plain calls in the CUDA simulator.

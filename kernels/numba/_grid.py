@@ -1,7 +1,7 @@
 """Grid-stride indexing shared by the 1-D Numba kernels.
 
 pydl launches these kernels with one thread per element on a GPU and with a single block in
-the CUDA simulator (pydl._launch.numba_blocks); a grid-stride loop
+the CUDA simulator (pydl._numba_launch.numba_blocks); a grid-stride loop
 `for i in range(thread_index(), n, grid_threads())` covers every element either way.
 """
 from numba import cuda, int64
