@@ -781,8 +781,12 @@ def test_numba_cross_entropy_last_block_reduces(monkeypatch, reduction, targets)
     """The Numba forward sums a sum or a mean in its last block to finish (no second launch):
     with several blocks striding over the rows, every block counts its arrival, only the last
     sums, and the counter is back at zero for the next launch (two calls in a row)."""
-    from pydl import _launch, _numba_launch
+    from pydl import _launch, _numba_launch, _plan
     monkeypatch.setattr(_numba_launch, "SIM_MAX_BLOCKS", 3)
+    _plan.clear_all()       # plans of these shapes built earlier fixed the block count
+    grids, launch = [], _numba_launch.launch_numba
+    monkeypatch.setattr(_numba_launch, "launch_numba", lambda kernel, grid, *a: (
+        grids.append((kernel.__name__, grid)), launch(kernel, grid, *a))[1])
     x = random_tensor((37, 11), torch.float32, DEVICE)
     w = random_tensor((11,), torch.float32, DEVICE).abs() + 0.5
     t = (torch.randint(0, 11, (37,), device=DEVICE) if targets == "indices"
@@ -796,3 +800,6 @@ def test_numba_cross_entropy_last_block_reduces(monkeypatch, reduction, targets)
                                  backend="numba")
         assert_close(got, want, torch.float32, reduction=37 * 11)
     assert not _launch.arrival_counters(x.device, 1).any()
+    forward = "cross_entropy_fwd" if targets == "indices" else "cross_entropy_prob_fwd"
+    assert (forward, 3) in grids, grids      # several blocks did stride over the rows
+    _plan.clear_all()
