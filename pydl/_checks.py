@@ -16,4 +16,5 @@ def check_tensor(x, name: str, backend: str, ndims: tuple[int, ...] | None = Non
                         f"got {x.dtype} (backend='torch' handles other dtypes)")
     if ndims is not None and x.dim() not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
-        raise ValueError(f"{name} must be {want}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be {want}, got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")

@@ -89,8 +89,9 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
 def empty_like_shape(t: torch.Tensor, shape=None, dtype: torch.dtype | None = None,
                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """A fresh tensor on t's device (for fake implementations and placeholders)."""
-    return torch.empty(t.shape if shape is None else shape, dtype=t.dtype if dtype is None else dtype,
-                       device=t.device, memory_format=memory_format)
+    return torch.empty(t.shape if shape is None else shape,
+                       dtype=t.dtype if dtype is None else dtype, device=t.device,
+                       memory_format=memory_format)
 
 
 def autocast_inputs(op: str, *tensors):

@@ -159,4 +159,5 @@ def conv_output_size_padded(size: int, kernel: int, stride: int, before: int, af
     """conv_output_size with possibly uneven padding (only the total matters)."""
     if before == after:
         return conv_output_size(size, kernel, stride, before, dilation, name=name)
-    return conv_output_size(size + before + after, kernel, stride, 0, dilation, name=f"padded {name}")
+    return conv_output_size(size + before + after, kernel, stride, 0, dilation,
+                            name=f"padded {name}")

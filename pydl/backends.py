@@ -131,10 +131,11 @@ def check_device(backend: str, *tensors: torch.Tensor) -> torch.device:
     if backend in KERNEL_BACKENDS:
         if device.type == "cpu" and not _env.INTERPRET:
             raise RuntimeError(
-                f"the {backend!r} backend runs GPU kernels and got CPU tensors. Move the tensors to "
-                "a CUDA device, or set PYDL_INTERPRET=1 before importing pydl to run the kernels "
-                "in emulation on the CPU (slow; for tests and debugging), or pass "
-                "backend='torch' (or use pydl.use_backend('torch')) for PyTorch's own implementation")
+                f"the {backend!r} backend runs GPU kernels and got CPU tensors. Move the tensors "
+                "to a CUDA device, or set PYDL_INTERPRET=1 before importing pydl to run the "
+                "kernels in emulation on the CPU (slow; for tests and debugging), or pass "
+                "backend='torch' (or use pydl.use_backend('torch')) for PyTorch's own "
+                "implementation")
         if device.type not in ("cuda", "cpu"):
             raise RuntimeError(f"the {backend!r} backend does not run on {device.type} tensors")
         if backend == "triton" and _env.INTERPRET:

@@ -27,20 +27,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _rnn_launch
 from ._autograd import without_double_backward
 from ._launch import fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph
-from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
-from ._rnn_launch import (NumbaRNN, TritonRNN, cell_input_grads, check_workspace, seq_shape,
-                          seq_strides, tf32_key)
+from ._rnn_launch import (
+    NumbaRNN,
+    TritonRNN,
+    cell_input_grads,
+    check_workspace,
+    seq_shape,
+    seq_strides,
+    tf32_key,
+)
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
 from .backends import register
-from .rnn import (Plans, cell_grads_fake, layer_impl, needed, seq_rows, sig,
-                  steps_after_first)
+from .rnn import Plans, cell_grads_fake, layer_impl, needed, seq_rows, sig, steps_after_first
 
 F32 = torch.float32
 TUNERS = {name: Tuner(name) for name in ("gru_layer_fwd", "gru_layer_bwd")}
@@ -231,9 +237,9 @@ class _CellForward(Plans):
 
 
 class _CellBackward(Plans):
-    """The `need`ed gradients of (x, h, w_ih, w_hh, b_ih, b_hh): the backward kernel over one step gives the pre-activation gradients dgi, dgh (B, 3H) and
-    the direct path dh1 * z, its pseudo-step dh = dgh W_hh + dh1 z; then GEMMs and column
-    sums."""
+    """The `need`ed gradients of (x, h, w_ih, w_hh, b_ih, b_hh): the backward kernel over one
+    step gives the pre-activation gradients dgi, dgh (B, 3H) and the direct path dh1 * z, its
+    pseudo-step dh = dgh W_hh + dh1 z; then GEMMs and column sums."""
 
     def __init__(self, launch, need):
         super().__init__(launch)

@@ -34,21 +34,36 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _rnn_launch
 from ._autograd import without_double_backward
 from ._launch import fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph
-from . import _rnn_launch
 from ._rnn_checks import cell_call, run_layer
 from ._rnn_checks import rnn_weight_names as lstm_weight_names
-from ._rnn_launch import (NumbaRNN, TritonRNN, cell_input_grads, check_workspace, seq_shape,
-                          seq_strides, tf32_key)
+from ._rnn_launch import (
+    NumbaRNN,
+    TritonRNN,
+    cell_input_grads,
+    check_workspace,
+    seq_shape,
+    seq_strides,
+    tf32_key,
+)
 from ._rnn_launch import numba_code as _code
 from ._rnn_launch import strides as _strides
 from ._tune import Tuner, aliased
 from .backends import register
-from .rnn import (Plans, RNNConfig, cell_grads_fake, layer_impl, needed, seq_rows,
-                  sig, steps_after_first)
+from .rnn import (
+    Plans,
+    RNNConfig,
+    cell_grads_fake,
+    layer_impl,
+    needed,
+    seq_rows,
+    sig,
+    steps_after_first,
+)
 
 F32 = torch.float32
 
@@ -283,8 +298,9 @@ class _CellForward(Plans):
 
 
 class _CellBackward(Plans):
-    """The `need`ed gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh): the backward kernel over one step gives dg (B, 4H) and dc, its pseudo-step dh = dg W_hh;
-    then GEMMs and a column sum."""
+    """The `need`ed gradients of (x, h, c, w_ih, w_hh, b_ih, b_hh): the backward kernel over
+    one step gives dg (B, 4H) and dc, its pseudo-step dh = dg W_hh; then GEMMs and a column
+    sum."""
 
     def __init__(self, launch, need):
         super().__init__(launch, ())
@@ -520,8 +536,9 @@ def _split_state(hx, name: str):
     if hx is None:
         return None, None
     if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        length = f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""
         raise TypeError(f"{name} must be a pair (h, c) of tensors or None, got "
-                        f"{type(hx).__name__}" + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+                        f"{type(hx).__name__}{length}")
     if (hx[0] is None) != (hx[1] is None):
         raise ValueError(f"{name} must hold both h and c (or be None for zeros), got one None")
     return hx[0], hx[1]

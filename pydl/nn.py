@@ -38,7 +38,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss computed by pydl's fused kernel."""
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
-                 reduction: str = "mean", label_smoothing: float = 0.0, *, backend: str | None = None):
+                 reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 backend: str | None = None):
         # the deprecated size_average / reduce set self.reduction there, as in torch
         super().__init__(weight=weight, size_average=size_average, ignore_index=ignore_index,
                          reduce=reduce, reduction=reduction, label_smoothing=label_smoothing)
@@ -75,8 +76,9 @@ class LogSoftmax(torch.nn.LogSoftmax):
 class MaxPool2d(torch.nn.MaxPool2d):
     """torch.nn.MaxPool2d computed by pydl's kernels."""
 
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices: bool = False,
-                 ceil_mode: bool = False, *, backend: str | None = None):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1,
+                 return_indices: bool = False, ceil_mode: bool = False, *,
+                 backend: str | None = None):
         super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
         self.backend = backend
 
@@ -90,8 +92,10 @@ class AvgPool2d(torch.nn.AvgPool2d):
     """torch.nn.AvgPool2d computed by pydl's kernels."""
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-                 count_include_pad: bool = True, divisor_override=None, *, backend: str | None = None):
-        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+                 count_include_pad: bool = True, divisor_override=None, *,
+                 backend: str | None = None):
+        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad,
+                         divisor_override)
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@
 Each pydl.nn class subclasses the torch class it replaces and keeps that class's attributes,
 so patching reassigns the module's class (`module.__class__`) and sets the attributes the pydl
 class's constructor adds (its keyword-only arguments: `backend`, plus `algo` / `recompute`
-where the class has them, at their defaults). The module object stays the same: its parameters, buffers, hooks,
-training flag and state_dict keys are untouched, and an optimizer that holds the parameters
-keeps training them.
+where the class has them, at their defaults). The module object stays the same: its
+parameters, buffers, hooks, training flag and state_dict keys are untouched, and an optimizer
+that holds the parameters keeps training them.
 
 Only modules whose type is exactly one of the torch classes below are swapped; a subclass (it
 may override forward) and a module that already is a pydl one are left alone and reported.

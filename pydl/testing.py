@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._launch import input_precision
-from ._launch import poisoned_outputs  # noqa: F401  (re-exported for tests)
+from ._launch import (
+    input_precision,
+    poisoned_outputs,  # noqa: F401  (re-exported for tests)
+)
 
 # dtype -> (rtol, atol at reduction length 1)
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
