@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import attention_hopper, attention_onepass
 from ._attention_numba import _NumbaAttention
-from ._attention_seed import _new_seed, _saved_seed, _seed_mode, _seed_of
+from ._attention_seed import _op_seed, _op_seed_fake, _seed_mode, _seed_of
 from ._attention_triton import _TritonAttention
 from ._autograd import without_double_backward
 from ._launch import new_output
@@ -32,23 +32,24 @@ def _attention_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, b
     B, H, L, _ = q.shape
     return (empty_like_shape(q, (B, H, L, v.shape[3])),
             empty_like_shape(q, (B * H, L), torch.float32),
-            torch.empty((), dtype=torch.int64))
+            _op_seed_fake(dropout_p, backend, q.device))
 
 
 @kernel_op("attention_fwd", _attention_fwd_fake)
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
                    is_causal: bool, scale: float, dropout_p: float,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(output, per-row logsumexp, the dropout seed as a CPU int64 scalar). The seed is drawn
-    here, inside the op, so a compiled graph holds no data-dependent scalar."""
+    """(output, per-row logsumexp, the dropout seed: `_op_seed`'s, a device int32 tensor on
+    the Triton kernels, a CPU int64 scalar on the Numba ones). The seed is drawn here, inside
+    the op, so a compiled graph holds no data-dependent scalar."""
     B, H, L, _ = q.shape
-    seed = _new_seed(dropout_p, backend, q.device)
+    seed, saved = _op_seed(dropout_p, backend, q.device)
     o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B * H, L), torch.float32, q.device)
     if B * H * L:
         launch_forward(backend, q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
                        seed)
-    return o, lse, _saved_seed(seed, dropout_p)
+    return o, lse, saved
 
 
 def _mask_grad_fake(q, mask, mask_grad):
@@ -109,7 +110,7 @@ class AttentionKernels:
         self.dropout_p, self.backend = dropout_p, backend
 
     def forward(self, q, k, v, mask):
-        """(o, per-row logsumexp, the dropout seed as a CPU int64 scalar)."""
+        """(o, per-row logsumexp, the dropout seed: a tensor the backward reads)."""
         return _attention_fwd(q, k, v, mask, self.mask_kind, self.is_causal, self.scale,
                               self.dropout_p, self.backend)
 

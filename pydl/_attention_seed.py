@@ -1,9 +1,10 @@
 """The attention dropout's seed: drawn per call, saved for the backward, passed to the kernels.
 
-A host seed (an int from torch's default generator, `dropout_seed`) outside CUDA graph capture;
-inside capture, on the Triton kernels, a one-element int32 tensor drawn on the device, which
-the kernels read from memory (SEED_IN_MEMORY), so each replay draws anew. The Numba kernels
-take host seeds and refuse dropout inside capture.
+A host seed (an int from torch's default generator, `dropout_seed`) on the eager plan outside
+CUDA graph capture; inside capture, and always in the Triton kernel ops (what torch.compile
+traces), a one-element int32 tensor drawn on the device, which the kernels read from memory
+(SEED_IN_MEMORY), so each replay of a graph draws anew and a compiled graph holds no tensor on
+the host. The Numba kernels take host seeds and refuse dropout inside capture.
 """
 from __future__ import annotations
 
@@ -34,6 +35,36 @@ def _new_seed(dropout_p: float, backend: str, device):
     return dropout_seed()
 
 
+def _device_seeds(backend: str) -> bool:
+    """Whether the kernel ops of launcher `backend` ("triton", "numba", "triton:<algo>") take
+    their seed as a device tensor: the Triton kernels' do."""
+    return backend.split(":")[0] == "triton"
+
+
+def _op_seed(dropout_p: float, backend: str, device) -> tuple:
+    """(the seed to launch with, the seed the kernel op returns and the backward reads) of a
+    kernel op's call. On the Triton kernels both are an int32 tensor on the inputs' device:
+    (1,), drawn there by torch's generator (graph-safe; on the CPU it is the value
+    `dropout_seed` would draw) with dropout, else (0,) and a launch seed of 0. So a compiled
+    graph's attention nodes are all on the device, as CUDA graphs (mode="reduce-overhead")
+    need, and its output matches the op's fake in every mode, capture included. The Numba
+    kernels take a host seed (`_new_seed`), returned as a CPU int64 scalar (`_saved_seed`)."""
+    if not _device_seeds(backend):
+        seed = _new_seed(dropout_p, backend, device)
+        return seed, _saved_seed(seed, dropout_p)
+    if dropout_p <= 0:
+        return 0, torch.empty((0,), dtype=torch.int32, device=device)
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
+    return seed, seed
+
+
+def _op_seed_fake(dropout_p: float, backend: str, device) -> torch.Tensor:
+    """The seed output of `_op_seed`, for a kernel op's fake implementation."""
+    if not _device_seeds(backend):
+        return torch.empty((), dtype=torch.int64)
+    return torch.empty((1 if dropout_p > 0 else 0,), dtype=torch.int32, device=device)
+
+
 def _seed_mode(seed) -> tuple:
     """The launchers' trailing plan argument for a seed: (True,), in_memory, for a device
     seed (only the Triton launchers are given one), else nothing (their default)."""
@@ -53,7 +84,7 @@ def _seed_of(saved: torch.Tensor, dropout_p: float):
     capture, where it would be replayed), the device's tensor as it is."""
     if dropout_p <= 0:
         return 0
-    if saved.dtype == torch.int32:          # drawn on the device (`_new_seed`)
+    if saved.dtype == torch.int32:          # drawn on the device (`_new_seed`, `_op_seed`)
         return saved
     if capturing():
         raise RuntimeError(_DROPOUT_IN_CAPTURE)

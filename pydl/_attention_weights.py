@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ._attention_numba import _NumbaAttention
 from ._attention_ops import _mask_grad_fake
-from ._attention_seed import _new_seed, _saved_seed, _seed_of
+from ._attention_seed import _op_seed, _op_seed_fake, _seed_of
 from ._attention_triton import (
     _LAUNCHES,
     _dropout_kind,
@@ -52,24 +52,23 @@ def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
 
 def _naive_dropout_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
     o, w = _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale)
-    return o, w, empty_like_shape(w), torch.empty((), dtype=torch.int64)
+    return o, w, empty_like_shape(w), _op_seed_fake(dropout_p, "triton", q.device)
 
 
 @kernel_op("attention_naive_dropout_fwd", _naive_dropout_fwd_fake)
 def _attention_naive_dropout_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                                  mask_kind: int, is_causal: bool, scale: float,
                                  dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(output, the attention weights, the undropped P, the dropout seed as a CPU int64
-    scalar) with dropout_p > 0: the weights are torch's, P' = P * keep / (1 - p), the output
-    P' v, with the flash kernels' keep pattern for the seed; the backward's softmax gradient
-    needs P itself."""
-    seed = _new_seed(dropout_p, "triton", q.device)
-    in_memory = isinstance(seed, torch.Tensor)
+    """(output, the attention weights, the undropped P, the dropout seed: a device int32
+    tensor, `_op_seed`'s) with dropout_p > 0: the weights are torch's,
+    P' = P * keep / (1 - p), the output P' v, with the flash kernels' keep pattern for the
+    seed; the backward's softmax gradient needs P itself."""
+    seed, saved = _op_seed(dropout_p, "triton", q.device)
     o, weights, p = _LAUNCHES.get(
-        _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, in_memory),
-        _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, in_memory)(
+        _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, True),
+        _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, True)(
         q, k, v, mask, seed)
-    return o, weights, p, _saved_seed(seed, dropout_p)
+    return o, weights, p, saved
 
 
 def _weights_fake(q, k, mask, mask_kind, is_causal, scale, dropout_p, seed):

@@ -93,6 +93,12 @@ OPCHECKS = {
     "avg_pool2d_fwd": lambda: (_pool_ops._avg_pool2d_fwd, (_x(2, 3, 6, 6), _geom_pool(), False, BACKEND)),
     "attention_fwd": lambda: (_attention_ops._attention_fwd, (
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
+    # with dropout the seed output: a device int32 tensor on the Triton kernels (what the
+    # fake says, so a compiled graph keeps attention on the device), a CPU scalar on Numba's
+    "attention_fwd/dropout": lambda: (_attention_ops._attention_fwd, (
+        _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, False, 0.35, 0.2, "triton")),
+    "attention_fwd/dropout-numba": lambda: (_attention_ops._attention_fwd, (
+        _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, False, 0.35, 0.2, "numba")),
     "attention_naive_fwd": lambda: (_attention_weights._attention_naive_fwd, (
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), _x(1, 1, 7, 8), None, 0, False, 0.35)),
     # a new seed every call: its outputs differ between runs (RANDOM below)
@@ -181,7 +187,8 @@ def _geom_pool():
 
 
 # ops that draw a new dropout seed every call: no check that compares two runs' outputs
-RANDOM = {"attention_naive_dropout_fwd"}
+RANDOM = {"attention_naive_dropout_fwd", "attention_fwd/dropout",
+          "attention_fwd/dropout-numba"}
 
 
 @pytest.mark.parametrize("name", sorted(OPCHECKS))

@@ -129,8 +129,8 @@ def test_compiled_reduce_overhead_keeps_the_step_in_one_graph_each_way():
     graph (the forward, the backward) as CUDA graphs, split wherever a node cannot be
     captured (with graph partition, torch 2.13's default, a node on the CPU is run outside).
     pydl's kernel ops must not split it: one partition a graph, no graph skipped, and the
-    replayed step equals the eager one. (The attention ops return their dropout seed as a CPU
-    int64 scalar, which inductor may count as a CPU node: what this test is here to find.)"""
+    replayed step equals the eager one. (The attention ops' dropout seed, which the backward
+    reads, is a device tensor for this reason: pydl/_attention_seed.py `_op_seed`.)"""
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -156,4 +156,33 @@ def test_compiled_reduce_overhead_keeps_the_step_in_one_graph_each_way():
             assert_close(g, w.grad, torch.float32, reduction=64, tf32=True, name="gradient")
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     # counted only where a graph is split (more than one partition)
+    assert counters["inductor"]["cudagraph_partitions"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_compiled_reduce_overhead_attention_dropout_draws_anew():
+    """Attention with dropout under torch.compile(mode="reduce-overhead"): the kernel op's
+    seed is drawn on the device inside the graph, so two calls on the same inputs drop
+    different scores (a seed baked into the recorded graph would repeat one mask), gradients
+    flow, and no CPU node splits or skips the graphs."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+
+    def attend(q):
+        return pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="triton")
+
+    compiled = torch.compile(attend, mode="reduce-overhead", fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    q = torch.randn(2, 2, 64, 32, device=dev, requires_grad=True)
+    outs = []
+    for _ in range(4):
+        q.grad = None
+        out = compiled(q)
+        out.sum().backward()
+        outs.append(out.detach().clone())
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert not torch.equal(outs[-1], outs[-2]), "two replays dropped the same scores"
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert counters["inductor"]["cudagraph_partitions"] == 0, dict(counters["inductor"])
