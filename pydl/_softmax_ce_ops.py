@@ -1,6 +1,7 @@
 """softmax and cross-entropy's kernel ops and autograd Functions. Each step is a torch.library
 custom op (pydl::softmax_fwd, softmax_bwd, cross_entropy_fwd, cross_entropy_bwd,
-cross_entropy_prob_fwd, cross_entropy_prob_bwd; pydl/_library.py kernel_op, with a fake) that
+cross_entropy_prob_fwd, cross_entropy_prob_bwd, cross_entropy_prob_weight_bwd;
+pydl/_library.py kernel_op, with a fake) that
 allocates its outputs and launches through its backend's launcher (LAUNCHERS:
 pydl/_softmax_ce_triton.py, pydl/_softmax_ce_numba.py). SoftmaxKernels and CrossEntropyKernels
 hold a call's options with a method per step; the autograd Functions (SoftmaxFunction,
