@@ -398,6 +398,8 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         if dx is not None and not target_grad:
             ops.scale_grad(dx, grad_out, None)
             return dx, None, dw, None, None
+        if not (ctx.needs_input_grad[0] or target_grad):     # the class weight's alone
+            return None, None, dw, None, None
         dx, dy = ops.prob_backward(x, target, weight, stats, grad_out, target_grad)
         return dx, (dy if target_grad else None), dw, None, None
 
