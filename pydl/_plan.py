@@ -258,10 +258,11 @@ class Launch:
     the scalars and constexprs are fixed here, the tensors' dtypes are fixed by the caller's
     key (a Launch cache's key must hold the dtype of every tensor argument), and the one thing
     left, each tensor's 16-byte alignment, is compared (a mismatch, another current device or
-    a launch hook set by a profiler take Triton's path). A per-call keyword scalar (the
-    dropout seed) takes the direct path too, in its place in the argument list, where the
-    kernel does not specialise on it (`do_not_specialize`: a kernel compiled for the first
-    call's value, say 1 or a multiple of 16, could be wrong for another); elsewhere, and when
+    a launch hook set by a profiler take Triton's path). A per-call keyword (the dropout
+    seed: an int, or a device tensor the kernel reads it from) takes the direct path too, in
+    its place in the argument list, where the kernel does not specialise on it
+    (`do_not_specialize`: a kernel compiled for the first call's value, say 1 or a multiple
+    of 16, could be wrong for another); elsewhere, and when
     the keywords differ from the first call's, Triton's. `checked`: the positions of the
     tensor arguments whose alignment can differ between calls, where a launch knows the others
     repeat one of them (a placeholder passed for an absent tensor) or are its own buffers
@@ -298,27 +299,29 @@ class Launch:
 
     def _tail(self, dynamic: dict):
         """The kept argument list with this call's per-call keywords in their places; None
-        where they are not the kept call's keywords, or one is not an int32 (Triton types an
-        unspecialised int by its range: another value compiles another kernel)."""
+        where they are not the kept call's keywords, or one is not of the kept one's kind: an
+        int32 (Triton types an unspecialised int by its range: another value compiles
+        another kernel), or a tensor of the kept one's dtype (a device-drawn dropout seed)."""
         per_call = self.per_call
         if dynamic.keys() != per_call.keys():
             return None
         tail = list(self.tail)
         for name, value in dynamic.items():
-            if not _int32(value):
+            i = per_call[name]
+            if not _same_kind(value, tail[i]):
                 return None
-            tail[per_call[name]] = value
+            tail[i] = value
         return tail
 
     def _keep(self, compiled, tensors, dynamic: dict) -> None:
         """The argument list after the tensors, in the kernel's parameter order with its
         defaults, as JITFunction.run passes it to the compiled kernel, and where in it each
-        per-call keyword goes (none kept when the kernel specialises on one, or one is not an
-        int32)."""
+        per-call keyword goes (none kept when the kernel specialises on one, or one is neither
+        an int32 nor a tensor)."""
         import inspect
         sig = inspect.signature(self.kernel.fn)
         if not set(dynamic) <= _unspecialised(self.kernel, list(sig.parameters)) \
-                or not all(map(_int32, dynamic.values())):
+                or not all(_int32(v) or isinstance(v, torch.Tensor) for v in dynamic.values()):
             return
         params = [n for n in self.consts if n in sig.parameters]       # not launch options
         bound = sig.bind(*tensors, *self.scalars, **dynamic,
@@ -396,6 +399,14 @@ def _kept_like(launch: Launch, first: Launch) -> bool:
 
 def _int32(value) -> bool:
     return type(value) is int and -2 ** 31 <= value < 2 ** 31
+
+
+def _same_kind(value, kept) -> bool:
+    """A per-call argument the kept launch takes in place of `kept`: an int32 for an int32,
+    a tensor of its dtype for a tensor (an unspecialised pointer: any address will do)."""
+    if isinstance(kept, torch.Tensor):
+        return isinstance(value, torch.Tensor) and value.dtype == kept.dtype
+    return _int32(value)
 
 
 def _unspecialised(kernel, names: list) -> set:

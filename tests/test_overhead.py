@@ -416,3 +416,27 @@ def test_attention_with_dropout_takes_the_direct_path():
             b = overhead.counted(lambda: out.grad_fn.apply(g))
     assert (f.launches, f.direct) == (1, 1), f.aten_ops
     assert (b.launches, b.direct, b.aten) == (3, 3, 0), b.aten_ops
+
+
+def test_attention_with_a_device_seed_takes_the_direct_path():
+    """The kernel ops (here: inputs that broadcast, as under torch.compile) draw the dropout
+    seed on the device and pass the tensor per call; the kernels do not specialise on it, so
+    forward and backward take the direct path as with a host seed (they took Triton's whole
+    path, and the argument binding of a signature inspection, every call)."""
+    q = torch.randn(1, 2, 16, 16, requires_grad=True)
+    kv = torch.randn(1, 1, 16, 16, requires_grad=True)      # broadcast over the heads
+    with overhead.stubbed_launches(), poisoned_outputs(False):
+        def fwd():
+            return pydl.scaled_dot_product_attention(q, kv, kv, dropout_p=0.1)
+        out = fwd()
+        fwd()
+        f = overhead.counted(fwd)
+        g = torch.ones_like(out)
+
+        def bwd():      # through the engine: the output is a view of the Function's
+            return torch.autograd.grad(out, [q, kv], g, retain_graph=True)
+        bwd()
+        bwd()
+        b = overhead.counted(bwd)
+    assert (f.launches, f.direct) == (1, 1), f.aten_ops
+    assert (b.launches, b.direct) == (3, 3), b.aten_ops
