@@ -31,8 +31,14 @@ def _new_seed(dropout_p: float, backend: str, device):
     if dropout_p <= 0:
         return 0
     if backend == "triton" and capturing():
-        return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
+        return _device_seed(device)
     return dropout_seed()
+
+
+def _device_seed(device) -> torch.Tensor:
+    """A seed drawn on `device` by torch's generator, as the kernels read it from memory: a
+    one-element int32 tensor (graph-safe inside capture: each replay draws anew)."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
 
 
 def _device_seeds(backend: str) -> bool:
@@ -54,7 +60,7 @@ def _op_seed(dropout_p: float, backend: str, device) -> tuple:
         return seed, _saved_seed(seed, dropout_p)
     if dropout_p <= 0:
         return 0, torch.empty((0,), dtype=torch.int32, device=device)
-    seed = torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
+    seed = _device_seed(device)
     return seed, seed
 
 
