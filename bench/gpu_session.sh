@@ -130,7 +130,8 @@ case $mode in
         cat "$out/overhead.log"
         # 3. the benchmark, each op within its budget (later cases are recorded as skipped)
         bench_op 200 46 conv2d attention lstm gru \
-            --variants triton-implicit triton-flash triton-flash_hopper triton-persistent torch \
+            --variants triton-implicit triton-flash triton-flash_hopper triton-flash_onepass \
+                triton-flash_hopper_onepass triton-persistent torch \
             --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
                 d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
                 h1536-b32-t187 h512-b32-t1 h1024-b64-t1500

@@ -158,19 +158,20 @@ def _attention_hopper(causal: bool):
     return run
 
 
-def _attention_onepass(causal: bool):
+def _attention_onepass(causal: bool, launcher: str = "triton:flash_onepass", E: int = 128):
     """The same sweep point's backward through algo="flash_onepass" (the single-pass
-    kernel, kernels/triton/attention_onepass.py, and its dQ conversion)."""
+    kernel, kernels/triton/attention_onepass.py, and its dQ conversion), or another
+    launcher's (algo="flash_hopper_onepass": the Gluon single-pass backward)."""
     def run():
         import math
         import torch
-        from pydl import _attention_ops as ops, attention as att, attention_onepass
-        B, H, L, E = 4, 16, 4096, 128
+        from pydl import _attention_ops as ops, attention as att
+        B, H, L = 4, 16, 4096
         q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
                                       for _ in range(8))
         lse = torch.empty(B * H, L, dtype=torch.float32)
-        ops.launch_backward(attention_onepass.LAUNCHER, q, k, v, o, lse, do, dq, dk, dv, None,
-                            att.MASK_NONE, causal, 1.0 / math.sqrt(E), 0.0, 0, None)
+        ops.launch_backward(launcher, q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE,
+                            causal, 1.0 / math.sqrt(E), 0.0, 0, None)
     return run
 
 
@@ -331,6 +332,12 @@ PROBLEMS = (
     ("attention", "d128-4k-causal hopper", _attention_hopper(True)),
     ("attention", "d128-4k onepass", _attention_onepass(False)),
     ("attention", "d128-4k-causal onepass", _attention_onepass(True)),
+    ("attention", "d128-4k hopper_onepass",
+     _attention_onepass(False, "triton:flash_hopper_onepass")),
+    ("attention", "d128-4k-causal hopper_onepass",
+     _attention_onepass(True, "triton:flash_hopper_onepass")),
+    ("attention", "d64-4k hopper_onepass",
+     _attention_onepass(False, "triton:flash_hopper_onepass", E=64)),
     ("pool", "stem3x3s2 cl", _max_pool(64, 112, 3, 2, 1, True)),       # ResNet-50's stem pool
     ("pool", "stem3x3s2 nchw", _max_pool(64, 112, 3, 2, 1, False)),
     ("pool", "vgg224 2x2s2 cl", _max_pool(64, 224, 2, 2, 0, True)),     # VGG-16 pool1
@@ -498,8 +505,9 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
     mask broadcast over batch and heads, a float mask per batch, one that requires grad,
     dropout, with the seed in memory as inside CUDA graph capture, grouped-query heads when
     HKV < H), naive (no mask, causal, bool and float masks,
-    one that requires grad), flash_onepass (no mask, causal, grouped-query heads) and
-    flash_hopper where it runs (the same), each where the current backend has it; the weights
+    one that requires grad), flash_onepass (no mask, causal, grouped-query heads),
+    flash_hopper and flash_hopper_onepass where they run (the same), each where the current
+    backend has it; the weights
     MultiheadAttention(need_weights=True) returns (no mask, bool and float masks, dropout)
     with their gradient;
     and the dropout-mask kernel the tests compare against."""
@@ -546,10 +554,14 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
             q, k, v = qkv(H)
             _grad(sdpa(q, k, v, algo="flash_onepass", **kw), [q, k, v])
         if "flash_hopper" in has and attention_hopper.unsupported(q, k, v, None, 0.0, 1.0) is None:
-            algos += ("flash_hopper",)     # bf16, head dims 64 / 128 (the target is sm_90)
-            for kw in (dict(), dict(is_causal=True)):
-                q, k, v = qkv(H)
-                _grad(sdpa(q, k, v, algo="flash_hopper", **kw), [q, k, v])
+            # bf16, head dims 64 / 128 (the target is sm_90); flash_hopper_onepass's backward
+            # is the Gluon one with a key head per query head, the flash one with fewer
+            hopper = ("flash_hopper", "flash_hopper_onepass")
+            algos += hopper
+            for algo in hopper:
+                for kw in (dict(), dict(is_causal=True)):
+                    q, k, v = qkv(H)
+                    _grad(sdpa(q, k, v, algo=algo, **kw), [q, k, v])
         if HKV != H:
             for algo in algos:
                 q, k, v = qkv(HKV)

@@ -19,10 +19,13 @@ from ._library import empty_like_shape, kernel_op
 LAUNCHERS = {"triton": _TritonAttention, "numba": _NumbaAttention}
 # Triton algos with launchers of their own (each raises NotImplementedError where it cannot
 # run): "flash_hopper", the Gluon forward with the flash backward; "flash_onepass", the flash
-# forward with the single-pass backward
+# forward with the single-pass backward; "flash_hopper_onepass", the Gluon forward with the
+# Gluon single-pass backward
 VARIANT_LAUNCHERS = {"flash_hopper": attention_hopper.LAUNCHER,
-                     "flash_onepass": attention_onepass.LAUNCHER}
+                     "flash_onepass": attention_onepass.LAUNCHER,
+                     "flash_hopper_onepass": attention_hopper.ONEPASS_LAUNCHER}
 LAUNCHERS[attention_hopper.LAUNCHER] = attention_hopper.HopperAttention
+LAUNCHERS[attention_hopper.ONEPASS_LAUNCHER] = attention_hopper.HopperOnePassAttention
 LAUNCHERS[attention_onepass.LAUNCHER] = attention_onepass.OnePassAttention
 
 

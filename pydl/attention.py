@@ -48,7 +48,7 @@ from .backends import current_backend, dispatch, register, resolve_algo
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
-ALGOS = ("flash", "naive", "flash_hopper", "flash_onepass")
+ALGOS = ("flash", "naive", "flash_hopper", "flash_onepass", "flash_hopper_onepass")
 
 
 def _kernel_attention(backend):
@@ -384,8 +384,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention on pydl's flash-attention kernels.
 
     algo: "flash" (default), "naive" (triton: materialised scores, three kernels),
-    "flash_hopper" (triton: the Gluon forward for Hopper GPUs; pydl/attention_hopper.py) or
-    "flash_onepass" (triton: the single-pass backward; pydl/attention_onepass.py).
+    "flash_hopper" (triton: the Gluon forward for Hopper GPUs; pydl/attention_hopper.py),
+    "flash_onepass" (triton: the single-pass backward; pydl/attention_onepass.py) or
+    "flash_hopper_onepass" (triton: the Gluon forward and the Gluon single-pass backward).
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev), any rank from 2-D,
     their batch and head dims broadcast as torch's math backend broadcasts them (Hq a multiple
     of Hkv with enable_gqa); attn_mask bool (True = attend) or float (added), broadcastable

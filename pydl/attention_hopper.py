@@ -1,8 +1,13 @@
-"""algo="flash_hopper": the Gluon forward for Hopper GPUs (kernels/triton/attention_gluon.py).
+"""algo="flash_hopper" and "flash_hopper_onepass": the Gluon kernels for Hopper GPUs
+(kernels/triton/attention_gluon.py).
 
-Its own forward launcher beside pydl/_attention_triton.py's: the checks that say where the kernel
-cannot run, its tiles and the launch. The backward is the flash backward's (the forward
-writes the same output and log-sum-exp rows), so training works with either forward.
+Their launchers beside pydl/_attention_triton.py's: the checks that say where the kernels
+cannot run, their tiles and launches. "flash_hopper" is the Gluon forward with the flash
+backward (the forward writes the same output and log-sum-exp rows, so training works with
+either forward); "flash_hopper_onepass" the same forward with the Gluon single-pass backward
+(five products a tile, dQ summed in fp32 by atomics, as FlashAttention-3), where the flash
+backward still runs what the Gluon one does not take: grouped-query or broadcast key heads,
+and deterministic mode (`torch.use_deterministic_algorithms`: the atomics' order varies).
 
 Where it cannot run the call raises NotImplementedError naming the reason and pointing to
 algo="flash", which runs everywhere: emulation (Gluon kernels do not run in Triton's
@@ -21,6 +26,7 @@ from . import _env, _launch, _plan
 from . import _tune as tune
 
 LAUNCHER = "triton:flash_hopper"      # key of pydl.attention.LAUNCHERS for this algo
+ONEPASS_LAUNCHER = "triton:flash_hopper_onepass"     # and for the Gluon backward's
 HEAD_DIMS = (64, 128)
 ROWS_PER_PROGRAM = 128                # two consumer warpgroups of 64 query rows
 # (BLOCK_N, STAGES) per head dim, the first the default: 128-key tiles (two 64 x 128 x d
@@ -31,6 +37,11 @@ HOPPER_SPACES = {
     128: ((128, 2), (128, 3), (64, 3)),
 }
 TUNER = tune.Tuner("attention_fwd_hopper")
+# The backward's ring of query tiles (STAGES; Q and dO, 64 rows each) beside K and V (128 keys)
+# and dS^T: d = 128 takes 64 KiB of K and V, 16 of dS^T and 32 KiB a stage (2 stages: 144
+# KiB; 3: 176), d = 64 half of each.
+HOPPER_BWD_STAGES = {64: (3, 4, 2), 128: (2, 3)}
+BWD_TUNER = tune.Tuner("attention_bwd_hopper")
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float,
@@ -67,11 +78,12 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout
     return None
 
 
-def check(q, k, v, mask, dropout_p: float, scale: float) -> None:
-    """Raise NotImplementedError where algo="flash_hopper" cannot run (see `unsupported`)."""
+def check(q, k, v, mask, dropout_p: float, scale: float, algo: str = "flash_hopper") -> None:
+    """Raise NotImplementedError where `algo` (one of the Gluon forward's) cannot run (see
+    `unsupported`)."""
     why = unsupported(q, k, v, mask, dropout_p, scale)
     if why is not None:
-        raise NotImplementedError(f"scaled_dot_product_attention: algo='flash_hopper' cannot "
+        raise NotImplementedError(f"scaled_dot_product_attention: algo={algo!r} cannot "
                                   f"run here: {why}; use algo='flash'")
 
 
@@ -89,15 +101,18 @@ class HopperAttention:
     """The launcher pydl/_attention_ops.py's kernel ops plan with (plan_forward, plan_backward:
     signatures of its _TritonAttention): the Gluon forward, the Triton flash backward."""
 
-    @staticmethod
-    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+    ALGO = "flash_hopper"
+
+    @classmethod
+    def plan_forward(cls, q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
         """run(q, k, v, o, lse, mask, seed) for tensors of these shapes and strides: the
         checks and the tile chosen once; per call only the base alignment TMA needs (the
         strides are the plan's). The launch goes through Triton's own path (JITFunction.run):
         pydl._plan.Launch's direct call is not used for a Gluon kernel, which no emulated
         test can run."""
         from .kernels.triton import attention_gluon as kg
-        check(q, k, v, mask, dropout_p, scale)
+        algo = cls.ALGO
+        check(q, k, v, mask, dropout_p, scale, algo)
         B, H, L, E = q.shape
         HKV, S = k.shape[1], k.shape[2]
         if o.numel() == 0:
@@ -115,7 +130,7 @@ class HopperAttention:
 
         def run(q, k, v, o, lse, mask, seed):
             if (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
-                check(q, k, v, mask, dropout_p, scale)     # raises: not TMA-addressable
+                check(q, k, v, mask, dropout_p, scale, algo)   # raises: not TMA-addressable
             _launch.ensure_triton_allocator()      # per thread: a ContextVar
             launch(cfg, q, k, v, o, lse)
         return run
@@ -124,3 +139,73 @@ class HopperAttention:
     def plan_backward(*args):
         from ._attention_triton import _TritonAttention
         return _TritonAttention.plan_backward(*args)
+
+
+def gluon_backward_takes(q, k, do) -> bool:
+    """Whether the Gluon backward runs for these (B, H, L, E) views (the forward's checks
+    passed): one key head per query head, TMA-addressable upstream gradient rows, and not in
+    deterministic mode; elsewhere algo="flash_hopper_onepass" takes the flash backward."""
+    return (q.shape[1] == k.shape[1] and _launch.tma_compatible(do, q.shape[-1])
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+class HopperOnePassAttention(HopperAttention):
+    """algo="flash_hopper_onepass"'s launcher: the Gluon forward (HopperAttention's), the
+    Gluon single-pass backward where `gluon_backward_takes`, the flash backward elsewhere."""
+
+    ALGO = "flash_hopper_onepass"
+
+    @staticmethod
+    def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
+                      dropout_p, dmask):
+        """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) for tensors of these shapes
+        and strides: the delta with a zeroed fp32 dQ accumulator, the single pass, dQ's
+        conversion. Launched through Triton's own path, as the forward."""
+        from ._attention_triton import _TritonAttention
+        check(q, k, v, mask, dropout_p, scale, HopperOnePassAttention.ALGO)
+        if not gluon_backward_takes(q, k, do):
+            return _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask,
+                                                  mask_kind, is_causal, scale, dropout_p, dmask)
+        return _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal, scale)
+
+
+def _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: float):
+    from ._attention_triton import plan_delta
+    from .kernels.triton import attention_gluon as kg
+    from .kernels.triton import attention_onepass as k1
+    B, H, L, E = q.shape
+    S = k.shape[2]
+    if B * H * L == 0:
+        return lambda *tensors: None
+    _launch.ensure_triton_allocator()
+    delta_of = plan_delta(o, do, acc_e=E)       # the delta and a zeroed fp32 dQ accumulator
+    scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+               *dk.stride()[:3], *dv.stride()[:3], H, L, S, scale * 1.4426950408889634, scale)
+    grid = (_launch.cdiv(S, ROWS_PER_PROGRAM), B * H)
+
+    def launch(cfg, q, k, v, do, lse, delta, dk, dv, dq_acc):
+        kg.attention_bwd_hopper[grid](q, k, v, do, lse, delta, dk, dv, dq_acc, *scalars,
+                                      IS_CAUSAL=is_causal, HEAD_D=E, BLOCK_M=64, **cfg)
+
+    delta, dq_acc = delta_of(o, do)             # the tuner's trials run on the real rows
+    candidates = [dict(STAGES=stages, num_warps=4) for stages in HOPPER_BWD_STAGES[E]]
+    key = (q.dtype, E, is_causal, tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14))
+    cfg = BWD_TUNER.pick(key, candidates, lambda c: launch(c, q, k, v, do, lse, delta, dk, dv,
+                                                          dq_acc), inout=(dq_acc,))
+    convert = _plan.Launch(k1.attention_dq_convert, (_launch.cdiv(L, 64) * B * H,),
+                           (*dq.stride(), H, L, E), dict(BLOCK_M=64, BLOCK_D=E))
+
+    def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr() | do.data_ptr()) % 16:
+            # not TMA-addressable this call (the plan's strides are): the flash backward
+            from ._attention_triton import _TritonAttention
+            from .attention import MASK_NONE
+            _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, None, MASK_NONE,
+                                           is_causal, scale, 0.0, None)(
+                q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask)
+            return
+        delta, dq_acc = delta_of(o, do)
+        _launch.ensure_triton_allocator()      # per thread: a ContextVar
+        launch(cfg, q, k, v, do, lse, delta, dk, dv, dq_acc)
+        convert(dq_acc, dq)
+    return run

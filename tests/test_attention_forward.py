@@ -123,15 +123,37 @@ def test_negative_scale_gradients(backend):
 
 # --- algo="flash_hopper": where it refuses ----------------------------------------------------
 
-def test_flash_hopper_refuses_where_it_cannot_run():
+HOPPER_ALGOS = ("flash_hopper", "flash_hopper_onepass")
+
+
+@pytest.mark.parametrize("algo", HOPPER_ALGOS)
+def test_flash_hopper_refuses_where_it_cannot_run(algo):
     q, k, v = qkv(1, 2, 2, 16, 16, 64)
     if HAS_HOPPER:
         pytest.skip("this device runs it (tested below)")
-    with pytest.raises(NotImplementedError, match="algo='flash_hopper'.*use algo='flash'") as e:
-        pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo="flash_hopper")
+    with pytest.raises(NotImplementedError, match=f"algo='{algo}'.*use algo='flash'") as e:
+        pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo=algo)
     assert ("interpreter" if _env.INTERPRET else "Hopper") in str(e.value)
     with pytest.raises(ValueError, match="not available on the 'numba' backend"):
-        pydl.scaled_dot_product_attention(q, k, v, backend="numba", algo="flash_hopper")
+        pydl.scaled_dot_product_attention(q, k, v, backend="numba", algo=algo)
+
+
+def test_gluon_backward_takes_one_key_head_per_query_head_and_no_deterministic_mode():
+    """Where algo="flash_hopper_onepass" runs its Gluon backward, and where the flash one."""
+    half = torch.float16
+    q, k, v = qkv(1, 4, 4, 16, 24, 64, 64, half)
+    do = torch.empty_like(q)
+    takes = attention_hopper.gluon_backward_takes
+    assert takes(q, k, do)
+    assert takes(q, k.expand(1, 4, 24, 64), do)                      # one key head broadcast
+    assert not takes(*qkv(1, 4, 2, 16, 24, 64, 64, half)[:2], do)    # grouped-query heads
+    assert not takes(q, k, random_tensor((1, 4, 16, 128), half, DEVICE)[..., ::2])
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not takes(q, k, do)
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def test_flash_hopper_names_each_reason(monkeypatch):
@@ -190,23 +212,72 @@ HOPPER_CASES = {
 }
 
 
+@pytest.fixture
+def gluon_backwards(monkeypatch):
+    """The Gluon backward plans built (a list that grows by one per plan), every cached plan
+    forgotten first so that each call signature plans again."""
+    from pydl import _plan
+    _plan.clear_all()
+    built = []
+    real = attention_hopper._gluon_backward
+
+    def spy(*args):
+        built.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(attention_hopper, "_gluon_backward", spy)
+    yield built
+    _plan.clear_all()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", HOPPER_CASES)
-def test_flash_hopper_matches_reference(case, causal, dtype):
-    """Forward against the float64 reference and torch, and the gradients (the flash
-    backward from this forward's output and log-sum-exp); then the same output as the
-    default algo within the dtype's tolerance."""
+@pytest.mark.parametrize("algo", HOPPER_ALGOS)
+def test_flash_hopper_matches_reference(algo, case, causal, dtype, gluon_backwards):
+    """Forward against the float64 reference and torch, and the gradients (flash_hopper: the
+    flash backward from this forward's output and log-sum-exp; flash_hopper_onepass: the
+    Gluon single pass, but with grouped-query heads); then the same output as the default
+    algo within the dtype's tolerance."""
     B, H, HKV, L, S, E, layout = HOPPER_CASES[case]
     q, k, v = _hopper_case(B, H, HKV, L, S, E, dtype, layout)
     opts = dict(is_causal=causal, enable_gqa=H != HKV)
-    check_attention(q, k, v, "triton", dtype, algo="flash_hopper", **opts)
-    ours = pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo="flash_hopper",
-                                             **opts)
+    check_attention(q, k, v, "triton", dtype, algo=algo, **opts)
+    gluon = algo == "flash_hopper_onepass" and H == HKV
+    assert len(gluon_backwards) == gluon, "the Gluon backward ran where it should, only there"
+    ours = pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo=algo, **opts)
     flash = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
-    assert_close(ours, flash, dtype, reduction=S, name="flash_hopper vs flash")
+    assert_close(ours, flash, dtype, reduction=S, name=f"{algo} vs flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_flash_hopper_onepass_sweep_point_matches_flash(causal, gluon_backwards):
+    """FlashAttention's d128 4k point (many query tiles per program, dQ added by 32 key
+    tiles): the Gluon backward's gradients against the flash backward's (no float64 copy of
+    that size), and in deterministic mode the flash backward itself."""
+    q, k, v = qkv(1, 16, 16, 4096, 4096, 128, 128, torch.bfloat16)
+    do = random_tensor(q.shape, torch.bfloat16, DEVICE)
+
+    def grads(algo):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = pydl.scaled_dot_product_attention(*leaves, is_causal=causal, scale=0.05,
+                                                backend="triton", algo=algo)
+        out.backward(do)
+        return [t.grad for t in leaves]
+    for ours, flash, name in zip(grads("flash_hopper_onepass"), grads("flash"), "qkv"):
+        assert_close(ours, flash, torch.bfloat16, reduction=4096, scale=4.0,
+                     name=f"d{name} causal={causal}")
+    assert len(gluon_backwards) == 1
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        a, b = grads("flash_hopper_onepass"), grads("flash")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(gluon_backwards) == 1
 
 
 @pytest.mark.gpu
@@ -278,6 +349,40 @@ def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
     assert row["num_warps"] == 12                 # 2 consumer warpgroups + the producer's
     assert row["hgmma"] > 0 and row["hmma"] == 0 and row["tma"] > 0
     assert {24, 240} <= set(row["setmaxnreg"])    # producer and consumers' budgets
+
+
+HOPPER_BWD_COMPILE = r"""
+import json, sys
+from bench import resources as R
+E, causal = int(sys.argv[1]), sys.argv[2] == "causal"
+rows = R.capture(90, [("attention", "hopper_onepass",
+                       R._attention_onepass(causal, "triton:flash_hopper_onepass", E=E))])
+row = next(r for r in rows if r["kernel"] == "attention_bwd_hopper" and r["candidate"] == 0)
+R.measure([row], workers=1)
+print(json.dumps(R._json_row(row), default=str))
+"""
+
+
+@pytest.mark.parametrize("E,causal,spill", [(64, "causal", 0), (128, "noncausal", 256)])
+def test_flash_hopper_onepass_backward_compiles_for_sm90_offline(tmp_path, E, causal, spill):
+    """The Gluon backward's default configuration, captured from the launcher (bf16) and
+    compiled by `bench resources`: wgmma, TMA copies both ways, the partitions' register
+    budgets, within Hopper's shared memory; no spills at d = 64, at d = 128 at most the
+    bytes bench/TUNING.md reports (the consumers keep dK and dV, 128 fp32 registers a thread,
+    beside the two score tiles)."""
+    why = resources.missing_toolchain()
+    if why:
+        pytest.skip(f"no offline Triton/CUDA toolchain: {why}")
+    proc = subprocess.run([sys.executable, "-c", HOPPER_BWD_COMPILE, str(E), causal], cwd=REPO,
+                          env=_clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "error" not in row, row.get("error")
+    assert row["verdict"] in ("ok", "spills") and row["shared"] <= 227 * 1024
+    assert row.get("spill_stores", 0) <= spill, row
+    assert row["num_warps"] == 12                 # 2 consumer warpgroups + the producer's
+    assert row["hgmma"] > 0 and row["hmma"] == 0 and row["tma"] > 0
+    assert {24, 240} <= set(row["setmaxnreg"])
 
 
 # --- the Numba attention on tensor cores (kernels/numba/attention_mma.py) -------------------

@@ -11,9 +11,10 @@ contiguous, self-attention (L = S), no mask, no dropout.
            and fp16, causal and not
 
 Variants: pydl's "triton-flash" (fused online-softmax kernels), "triton-naive" (scores
-materialised: a GEMM, a softmax kernel, a GEMM) and "triton-flash_hopper" (the Gluon forward
-for Hopper GPUs, skipped elsewhere; its backward is triton-flash's), and the flash kernels of
-any other backend
+materialised: a GEMM, a softmax kernel, a GEMM), "triton-flash_hopper" (the Gluon forward
+for Hopper GPUs, skipped elsewhere; its backward is triton-flash's), "triton-flash_onepass"
+(the single-pass backward), "triton-flash_hopper_onepass" (the Gluon forward and the Gluon
+single-pass backward, Hopper only), and the flash kernels of any other backend
 pydl registers ("numba-flash"); "torch" is torch's default SDPA dispatch; "torch-flash" and
 "torch-cudnn" force SDPA's FlashAttention and cuDNN backends (torch.nn.attention.sdpa_kernel),
 GPU only, so the distance to the best kernel torch has is visible. Those two take fp16 and
@@ -134,14 +135,14 @@ class AttentionSuite(Suite):
         b, h, seq, d = case.shape
         if variant.name in ("torch-flash", "torch-cudnn") and dtype not in (F16, BF16):
             return f"{variant.name}: torch's kernel takes fp16 and bf16 only"
-        if variant.algo == "flash_hopper":
+        if variant.algo in ("flash_hopper", "flash_hopper_onepass"):
             # pydl's own reasons (device, dtype, head dim), asked of a one-row stand-in
             from pydl import attention_hopper
             q = torch.empty(1, 1, 1, d, dtype=dtype,
                             device="cuda" if torch.cuda.is_available() else "cpu")
             why = attention_hopper.unsupported(q, q, q, None, 0.0, 1.0)
             if why is not None:
-                return f"algo='flash_hopper': {why}"
+                return f"algo={variant.algo!r}: {why}"
         if variant.algo == "naive" and b * h * seq * seq >= NAIVE_MAX_SCORES:
             return (f"the naive algorithm materialises {b}x{h}x{seq}x{seq} scores "
                     f"(>= 2^31 elements; 8 bytes each across fwd+bwd)")

@@ -266,3 +266,254 @@ def attention_fwd_hopper(
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
                      kv_empty, m0, n_tiles, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
+
+
+# --- the backward: one pass, FlashAttention-3's dQ by fp32 additions --------------------------
+#
+#   program = 128 keys of one (batch, head), K and V resident; partitions (warp_specialize):
+#     producer (1 warp):  K, V once, then Q_i and dO_i (64 query rows each) by TMA into a
+#                         STAGES-deep ring (q_ready / do_ready; qdo_empty when both consumers
+#                         are done with a stage)
+#     consumer c = 0, 1:  keys n0 + 64 c + [0, 64), one warpgroup each; per query tile i:
+#       (1) S_c = Q_i K_c^T, dP_c = dO_i V_c^T    issued together (queries as rows: lse and
+#                                                  delta are two values a thread)
+#       (2) P_c = exp2(S_c c - lse_i)             while dP_c is still on the tensor cores
+#       (3) dS_c = P_c (dP_c - delta_i)
+#       (4) P_c, dS_c to shared memory (column half c of a 64 x 128 tile each), then
+#           dV_c += P_c^T dO_i, dK_c += dS_c^T Q_i (the transposed views), issued together
+#       (5) dQ_i[:, half c] += dS K[:, half c]     once both halves of dS are there (ds_ready):
+#                                                  all 128 keys, half the head dim each, so each
+#                                                  dQ element is added once per program (fp32
+#                                                  atomics); ds_free when both are done with dS
+#     then dK * scale and dV through shared memory (K's and V's buffers) by TMA stores.
+#
+# Five products a tile (the flash backward's two passes take seven). A causal program skips
+# the query tiles wholly above its keys; only the tiles that cross the diagonal are masked.
+# Query rows past L read lse = +inf (P = 0); keys past S are TMA's zero rows, whose dK and dV
+# the stores clip and whose dQ share is 0 (K's row is zero).
+
+
+@gluon.jit
+def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_ready,
+                  q_ready, do_ready, qdo_empty, n0, m_first, n_tiles, BLOCK_M: gl.constexpr,
+                  STAGES: gl.constexpr):
+    """One warp: K (128 rows) and V (each consumer's 64) under one barrier, then query tiles
+    m_first .. in order, Q_i and dO_i into stage i % STAGES once both consumers released it."""
+    mbarrier.expect(kv_ready, k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_ready, k_smem)
+    for c in gl.static_range(2):
+        tma.async_copy_global_to_shared(v_desc, [n0 + c * ROWS, 0], kv_ready, v_smem.index(c))
+    for i in range(n_tiles):
+        s = i % STAGES
+        m0 = (m_first + i) * BLOCK_M
+        mbarrier.wait(qdo_empty.index(s), ((i // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [m0, 0], q_ready.index(s), q_smem.index(s))
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(do_desc, [m0, 0], do_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem, q_ready,
+              do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base, dq_offsets, lse_base,
+              delta_base, m_first, L, qk_scale, scale, MASKED: gl.constexpr,
+              BLOCK_M: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+              add_l: gl.constexpr):
+    """Query tile m_first + i against this warpgroup's keys: steps (1) to (5) above, dK and
+    dV accumulated (returned); MASKED: the causal mask (a tile crossing the diagonal)."""
+    HALF_D: gl.constexpr = k_half.shape[1]
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HALF_D, 16])
+    dtype: gl.constexpr = v.dtype
+    st = i % STAGES
+    phase = (i // STAGES) & 1
+    m0 = (m_first + i) * BLOCK_M
+    q = q_smem.index(st)
+    do = do_smem.index(st)
+
+    # (1) S and dP, both in flight
+    s_zero = gl.zeros([BLOCK_M, ROWS], gl.float32, s_layout)
+    mbarrier.wait(q_ready.index(st), phase)
+    s_tok = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.wait(do_ready.index(st), phase)
+    dp_tok = warpgroup_mma(do, v.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    # (2) P while dP runs: lse in log2 units, +inf past L (those rows of P are zero)
+    queries = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    lse = gl.load(lse_base + queries, mask=queries < L, other=float("inf")) * LOG2E
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+    p = gl.exp2(s * qk_scale - gl.expand_dims(lse, 1))
+    if MASKED:
+        p = gl.where(gl.expand_dims(keys, 0) <= gl.expand_dims(queries, 1), p, 0.0)
+    # (3) dS
+    delta = gl.load(delta_base + queries, mask=queries < L, other=0.0)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok,))
+    ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
+    # (4) P and dS to shared memory (once both warpgroups are done reading the previous
+    # tile's dS: a fresh barrier passes), then dV and dK from their transposed views
+    mbarrier.wait(ds_free, (i & 1) ^ 1)
+    p_half.store(p.to(dtype))
+    ds_half.store(ds)
+    fence_async_shared()
+    mbarrier.arrive(ds_ready, count=1)
+    dv_tok = warpgroup_mma(p_half.permute((1, 0)), do, dv, is_async=True)
+    dk_tok = warpgroup_mma(ds_half.permute((1, 0)), q, dk, is_async=True)
+    # (5) dQ_i's half of the dims over all 128 keys
+    mbarrier.wait(ds_ready, i & 1)
+    dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, dq_layout)
+    dq_tok = warpgroup_mma(ds_smem, k_half, dq_zero, use_acc=False, is_async=True)
+    dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
+    mbarrier.arrive(qdo_empty.index(st), count=1)       # Q_i and dO_i are consumed
+    mbarrier.arrive(ds_free, count=1)                   # and P, dS
+    # rows clamped (their additions masked): the min() keeps the compiler from turning the
+    # addresses into loop-carried 64-bit pointers, which spilled
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, add_l))
+    at = gl.expand_dims(gl.minimum(rows, L - 1), 1) * dk.shape[1] + dq_offsets
+    gl.atomic_add(dq_base + at, gl.convert_layout(dq * scale, add_l),
+                  mask=gl.expand_dims(rows < L, 1), sem="relaxed")
+    return dk, dv
+
+
+@gluon.jit
+def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_smem, v_smem,
+                  do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_ready,
+                  ds_free, n0, bh, m_first, n_tiles, n_masked, L, qk_scale, scale,
+                  ROLE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr,
+                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup: keys n0 + 64 ROLE + [0, 64) against query tiles m_first ..; the first
+    n_masked of them cross the causal diagonal. dQ: columns ROLE * HEAD_D / 2 + [0, HEAD_D / 2)
+    of every query tile, over all 128 keys."""
+    HALF_D: gl.constexpr = HEAD_D // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, ROWS, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_D, 16])
+    key_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+    # dQ's additions four contiguous columns a thread (vector reductions; the accumulator's
+    # own layout holds pairs, twice the addresses)
+    add_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HALF_D, HALF_D // 4], [4, 1],
+                                           [1, 0])
+    k = k_smem.slice(ROLE * ROWS, ROWS)                 # this warpgroup's keys
+    k_half = k_smem.slice(ROLE * HALF_D, HALF_D, dim=1)  # every key, this half of the dims
+    v = v_smem.index(ROLE)
+    p_half = p_smem.slice(ROLE * ROWS, ROWS, dim=1)     # P_c, dS_c: BLOCK_M x 64 each
+    ds_half = ds_smem.slice(ROLE * ROWS, ROWS, dim=1)
+    dtype: gl.constexpr = v.dtype
+    keys = n0 + ROLE * ROWS + gl.arange(0, ROWS, layout=key_l)
+    dk = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
+    dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
+    dq_cols = ROLE * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, add_l))
+    dq_offsets = gl.expand_dims(dq_cols, 0)         # of a row's dQ (B * H, L, E) elements
+    dq_base = dq_acc_ptr + bh.to(gl.int64) * L * HEAD_D
+    lse_base = lse_ptr + bh.to(gl.int64) * L
+    delta_base = delta_ptr + bh.to(gl.int64) * L
+    mbarrier.wait(kv_ready, 0)
+
+    # the tiles that cross the causal diagonal, then the rest without a mask
+    for i in range(n_masked):
+        dk, dv = _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem,
+                           q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
+                           dq_offsets, lse_base, delta_base, m_first, L, qk_scale, scale,
+                           IS_CAUSAL, BLOCK_M, STAGES, s_layout, add_l)
+    for i in range(n_masked, n_tiles):
+        dk, dv = _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem,
+                           q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
+                           dq_offsets, lse_base, delta_base, m_first, L, qk_scale, scale,
+                           False, BLOCK_M, STAGES, s_layout, add_l)
+
+    # dK (scaled) and dV through K's and V's buffers, once the other warpgroup's last dQ
+    # product (which reads every key) has retired
+    if n_tiles > 0:
+        mbarrier.wait(ds_free, (n_tiles - 1) & 1)
+    k.store((dk * scale).to(dtype))
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [n0 + ROLE * ROWS, 0], k)
+    tma.async_copy_shared_to_global(dv_desc, [n0 + ROLE * ROWS, 0], v)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def attention_bwd_hopper(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
+    sq_b, sq_h, sq_m,                  # query strides (B, H, L, E); unit column stride
+    sk_b, sk_h, sk_n,                  # key strides (B, H, S, E)
+    sv_b, sv_h, sv_n,                  # value strides (B, H, S, E)
+    sdo_b, sdo_h, sdo_m,               # upstream gradient strides (B, H, L, E)
+    sdk_b, sdk_h, sdk_n,               # dK strides (B, H, S, E)
+    sdv_b, sdv_h, sdv_n,               # dV strides (B, H, S, E)
+    H, L, S,
+    qk_scale,                          # scale * log2(e), >= 0
+    scale,
+    IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """Grid (cdiv(S, 128), B * H), num_warps=4 (consumer 0; the other partitions add a
+    warpgroup and a warp). One key head per query head (no grouped-query heads). lse, delta:
+    (B * H, L) fp32 (natural-log lse); dq_acc: (B * H, L, E) fp32, zero on entry, dQ on exit
+    (scaled)."""
+    pid_n = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = (bh // H).to(gl.int64)
+    h = (bh % H).to(gl.int64)
+    n0 = pid_n * (2 * ROWS)
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_D], dtype)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * ROWS, HEAD_D], dtype)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 2 * ROWS], dtype)
+    q_desc = tma.make_tensor_descriptor(q_ptr + b * sq_b + h * sq_h, [L, HEAD_D], [sq_m, 1],
+                                        [BLOCK_M, HEAD_D], q_layout)
+    do_desc = tma.make_tensor_descriptor(do_ptr + b * sdo_b + h * sdo_h, [L, HEAD_D],
+                                         [sdo_m, 1], [BLOCK_M, HEAD_D], q_layout)
+    k_desc = tma.make_tensor_descriptor(k_ptr + b * sk_b + h * sk_h, [S, HEAD_D], [sk_n, 1],
+                                        [2 * ROWS, HEAD_D], k_layout)
+    v_desc = tma.make_tensor_descriptor(v_ptr + b * sv_b + h * sv_h, [S, HEAD_D], [sv_n, 1],
+                                        [ROWS, HEAD_D], kv_layout)
+    dk_desc = tma.make_tensor_descriptor(dk_ptr + b * sdk_b + h * sdk_h, [S, HEAD_D],
+                                         [sdk_n, 1], [ROWS, HEAD_D], kv_layout)
+    dv_desc = tma.make_tensor_descriptor(dv_ptr + b * sdv_b + h * sdv_h, [S, HEAD_D],
+                                         [sdv_n, 1], [ROWS, HEAD_D], kv_layout)
+
+    k_smem = gl.allocate_shared_memory(dtype, [2 * ROWS, HEAD_D], k_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], kv_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], q_layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, 2 * ROWS], ds_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, 2 * ROWS], ds_layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    mbarrier.init(ds_ready, count=2)        # both halves of dS stored
+    mbarrier.init(ds_free, count=2)         # both dQ products that read dS retired
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(qdo_empty.index(i), count=2)       # both consumers release a stage
+
+    # query tiles: a causal program starts at the tile of its first key (the rows above see
+    # none of its keys); the first n_masked of them hold rows before its last key
+    m_first = 0
+    n_masked = 0
+    if IS_CAUSAL:
+        m_first = n0 // BLOCK_M
+        n_masked = gl.cdiv(n0 + 2 * ROWS - m_first * BLOCK_M, BLOCK_M)
+    n_tiles = gl.maximum(gl.cdiv(L, BLOCK_M) - m_first, 0)
+
+    gl.warp_specialize([
+        (_bwd_consumer, (dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_smem,
+                         v_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready, qdo_empty,
+                         ds_ready, ds_free, n0, bh, m_first, n_tiles, n_masked, L, qk_scale,
+                         scale, 0, IS_CAUSAL, HEAD_D, BLOCK_M, STAGES)),
+        (_bwd_consumer, (dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_smem,
+                         v_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready, qdo_empty,
+                         ds_ready, ds_free, n0, bh, m_first, n_tiles, n_masked, L, qk_scale,
+                         scale, 1, IS_CAUSAL, HEAD_D, BLOCK_M, STAGES)),
+        (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem,
+                         kv_ready, q_ready, do_ready, qdo_empty, n0, m_first, n_tiles, BLOCK_M,
+                         STAGES)),
+    ], [4, 1], [240, 24])
