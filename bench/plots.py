@@ -24,8 +24,11 @@ def plot_result(result: dict, json_path: Path | str) -> list[Path]:
         value = {(r["case"], r["dtype"], r["direction"], r["variant"]): r for r in rows}
         fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.9 * len(groups) + 2), 7.5),
                                  sharex=True)
-        panels = [("speedup_vs_torch", "speed-up vs torch (x)", [v for v in variants if v != BASELINE]),
-                  ("peak_fraction", f"fraction of measured {'copy bandwidth' if rows[0]['bound'] == 'memory' else 'bf16 matmul rate'}", variants)]
+        panels = [("speedup_vs_torch", "speed-up vs torch (x)",
+                   [v for v in variants if v != BASELINE]),
+                  ("peak_fraction", "fraction of measured "
+                   f"{'copy bandwidth' if rows[0]['bound'] == 'memory' else 'bf16 matmul rate'}",
+                   variants)]
         for ax, (field, label, names) in zip(axes, panels):
             width = 0.8 / max(1, len(names))
             for j, v in enumerate(names):

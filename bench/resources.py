@@ -95,6 +95,7 @@ def gemm_problem(n: int):
     """An n x n x n bf16 GEMM, c = a @ b, all row-major."""
     def run():
         import torch
+
         from pydl._gemm import gemm
         a, b, c = (torch.empty(n, n, dtype=torch.bfloat16) for _ in range(3))
         gemm(a, b, c)
@@ -105,6 +106,7 @@ def _conv_resnet_l1():
     """ResNet-50's layer1 3x3 conv (64 -> 64 channels, 56 x 56, padding 1), batch 32,
     channels_last input and weight: forward, grad input, grad weight."""
     import torch
+
     from pydl import conv
     cl, bf = torch.channels_last, torch.bfloat16
     x = torch.empty(32, 64, 56, 56, dtype=bf).contiguous(memory_format=cl)
@@ -124,8 +126,11 @@ def _attention(causal: bool, dtype: str = "bfloat16", L: int = 4096, E: int = 12
     H=16, L=S, no mask or dropout; forward, then the backward (preprocess, dK/dV, dQ)."""
     def run():
         import math
+
         import torch
-        from pydl import _attention_ops as ops, attention as att
+
+        from pydl import _attention_ops as ops
+        from pydl import attention as att
         B, H = 4, 16
         q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=getattr(torch, dtype))
                                       for _ in range(8))
@@ -148,8 +153,12 @@ def _attention_hopper(causal: bool):
     Hopper, kernels/triton/attention_gluon.py; its backward is the flash backward above)."""
     def run():
         import math
+
         import torch
-        from pydl import _attention_ops as ops, attention as att, attention_hopper
+
+        from pydl import _attention_ops as ops
+        from pydl import attention as att
+        from pydl import attention_hopper
         B, H, L, E = 4, 16, 4096, 128
         q, k, v, o = (torch.empty(B, H, L, E, dtype=torch.bfloat16) for _ in range(4))
         lse = torch.empty(B * H, L, dtype=torch.float32)
@@ -164,8 +173,11 @@ def _attention_onepass(causal: bool, launcher: str = "triton:flash_onepass", E: 
     launcher's (algo="flash_hopper_onepass": the Gluon single-pass backward)."""
     def run():
         import math
+
         import torch
-        from pydl import _attention_ops as ops, attention as att
+
+        from pydl import _attention_ops as ops
+        from pydl import attention as att
         B, H, L = 4, 16, 4096
         q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
                                       for _ in range(8))
@@ -191,7 +203,9 @@ def _max_pool(C: int, H: int, kernel: int, stride: int, padding: int, channels_l
     index: another specialization)."""
     def run():
         import torch
-        from pydl import _pool_ops as ops, pool
+
+        from pydl import _pool_ops as ops
+        from pydl import pool
         from pydl._library import geometry_args
         x = _images(C, H, channels_last)
         g = pool._geometry(x.shape, kernel, stride, padding, 1, False)
@@ -234,6 +248,7 @@ def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None,
     place: the GRU's IN_WS, the LSTM's IN_ACTS)."""
     def run():
         import torch
+
         import pydl
         G = 4 if kind == "lstm" else 3
         f16 = torch.float16
@@ -253,6 +268,7 @@ def _conv_layer(C: int, OC: int, K: int, S: int, H: int, x_grad: bool = True,
     (MobileNetV2, ConvNeXt) at the same batch."""
     def run():
         import torch
+
         import pydl
         cl, bf = torch.channels_last, torch.bfloat16
         x = torch.empty(32, C, H, H, dtype=bf).contiguous(memory_format=cl)
@@ -268,6 +284,7 @@ def _cross_entropy_vocab(n: int, c: int):
     training (forward and backward, upstream gradient 1) and the inference forward."""
     def run():
         import torch
+
         import pydl
         x = torch.empty(n, c, dtype=torch.bfloat16, requires_grad=True)
         t = torch.randint(0, c, (n,))
@@ -283,6 +300,7 @@ def _cross_entropy_soft(n: int, c: int):
     inference forward."""
     def run():
         import torch
+
         import pydl
         x = torch.empty(n, c, dtype=torch.bfloat16, requires_grad=True)
         y = torch.empty(n, c, dtype=torch.bfloat16)
@@ -297,6 +315,7 @@ def _softmax_rows(rows: int, n: int):
     benchmark's softmax suite runs it (attention scores, vocabularies)."""
     def run():
         import torch
+
         import pydl
         x = torch.empty(rows, n, dtype=torch.bfloat16, requires_grad=True)
         _grad([pydl.softmax(x, -1)], [x])
@@ -417,6 +436,7 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
     losses; a learned class weight), forward and backward."""
     def run():
         import torch
+
         import pydl
         N, C = shape[0], shape[1]
         rest = tuple(shape[2:])
@@ -445,6 +465,7 @@ def _cov_pool(dtype: str, shape: tuple, channels_last: bool):
     the input), forward and backward."""
     def run():
         import torch
+
         import pydl
         x = _rand(*shape, dtype=dtype, grad=True, channels_last=channels_last)
         _grad(pydl.max_pool2d(x, 3, 2, 1), [x])
@@ -488,6 +509,7 @@ def _cov_gemm(dtype: str, m: int, n: int, k: int):
     accumulate into the output, an addend of another dtype, transposed operands, batches."""
     def run():
         import torch
+
         from pydl._gemm import gemm
         dt = _dtype(dtype)
         a, b = _rand(m, k, dtype=dtype), _rand(k, n, dtype=dtype)
@@ -513,6 +535,7 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
     and the dropout-mask kernel the tests compare against."""
     def run():
         import torch
+
         import pydl
         from pydl import attention, attention_hopper
         from pydl.backends import algorithms, current_backend
@@ -542,6 +565,7 @@ def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, 
         _grad(sdpa(q, k, v, dropout_p=0.1), [q, k, v])
         if current_backend() == "triton":       # inside CUDA graph capture: a device seed
             from unittest import mock
+
             from pydl import _attention_seed
             with mock.patch.object(attention, "capturing", lambda: True), \
                     mock.patch.object(_attention_seed, "capturing", lambda: True):
@@ -641,6 +665,7 @@ def _cov_rnn_packed(dtype: str):
     def run():
         import torch
         from torch.nn.utils.rnn import pack_padded_sequence
+
         import pydl
         from pydl import _rnn_launch
         for kind, G in (("lstm", 4), ("gru", 3)):
@@ -744,7 +769,9 @@ def triton_kernels() -> dict[str, list[str]]:
     function defined there that no other JIT function calls (those are helpers)."""
     import importlib
     import pkgutil
+
     from triton.runtime.jit import JITFunction
+
     import pydl.kernels.triton as pkg
     jits = {}
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -753,7 +780,7 @@ def triton_kernels() -> dict[str, list[str]]:
             if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__:
                 jits[(mod.__name__, name)] = obj
     out: dict[str, list[str]] = {}
-    for (module, name), fn in sorted(jits.items()):
+    for (module, name), _fn in sorted(jits.items()):
         # called, or handed to gl.warp_specialize as a partition: `(name, (args...))`
         call = re.compile(rf"\b{re.escape(name)}\s*[(,]")
         if not any(call.search(other.src) for key, other in jits.items() if key[1] != name):
@@ -857,6 +884,7 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
     coverage) once per distinct compile job over all problems. A problem whose launcher fails
     gives one row with the error."""
     import triton.runtime.jit as jit
+
     from pydl import _conv_implicit, _launch, _tune
 
     by_job = bool(coverage) if by_job is None else by_job
@@ -1006,6 +1034,7 @@ def compile_job(job: dict, keep_sass: bool = False) -> dict:
     """Compile one launch for its target; registers, spills, shared memory, instruction and
     MMA counts (or the error); with keep_sass, the SASS text too."""
     import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

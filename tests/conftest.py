@@ -21,7 +21,7 @@ if not HAS_CUDA:
     os.environ.setdefault("PYDL_INTERPRET", "1")
 os.environ.setdefault("PYDL_TUNE", "0")
 
-import pydl  # noqa: E402
+import pydl  # noqa: E402, F401  (imported for its side effect: the emulation switch)
 from pydl._plan import clear_all as clear_plans  # noqa: E402
 from pydl.testing import poisoned_outputs  # noqa: E402
 
@@ -40,7 +40,8 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     skip_full = pytest.mark.skip(reason="heavy case: run with --full")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    skip_sim = pytest.mark.skip(reason="slow in emulation (covered by lighter cases): run with --full")
+    skip_sim = pytest.mark.skip(
+        reason="slow in emulation (covered by lighter cases): run with --full")
     for item in items:
         if "full" in item.keywords and not config.getoption("--full"):
             item.add_marker(skip_full)

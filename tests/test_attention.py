@@ -8,6 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from conftest import DEVICE, DTYPES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +17,6 @@ from pydl import _attention_seed, _attention_triton, attention
 from pydl import reference as ref
 from pydl.kernels.triton import attention as kt
 from pydl.testing import assert_close, random_tensor, run_with_grad, uses_tf32
-
-from conftest import DEVICE, DTYPES
 
 BACKENDS = ("triton", "numba")
 backends = pytest.mark.parametrize("backend", BACKENDS)
@@ -43,13 +42,14 @@ def check_attention(q, k, v, backend, dtype, algo=None, **opts):
         mask = opts["attn_mask"]
         t_opts["attn_mask"] = mask.expand(mask.shape[:-2] + (q.shape[-2], k.shape[-2])).contiguous()
     t_out, _, t_grads = run_with_grad(lambda q, k, v: torch_sdpa(q, k, v, **t_opts), [q, k, v], g)
-    np64 = lambda t: None if t is None else t.detach().cpu().double().numpy() if t.dtype != torch.bool \
-        else t.cpu().numpy()  # noqa: E731
+    np64 = lambda t: None if t is None else t.detach().cpu().double().numpy() \
+        if t.dtype != torch.bool else t.cpu().numpy()  # noqa: E731
     mask = opts.get("attn_mask")
     r_opts = dict(attn_mask=np64(mask), is_causal=opts.get("is_causal", False),
                   scale=opts.get("scale"), enable_gqa=opts.get("enable_gqa", False))
     r_out = ref.scaled_dot_product_attention(np64(q), np64(k), np64(v), **r_opts)
-    r_grads = ref.scaled_dot_product_attention_backward(np64(g), np64(q), np64(k), np64(v), **r_opts)
+    r_grads = ref.scaled_dot_product_attention_backward(np64(g), np64(q), np64(k), np64(v),
+                                                        **r_opts)
     S, E = k.shape[-2], q.shape[-1]
     assert out.shape == t_out.shape and out.dtype == q.dtype
     assert_close(out, r_out, dtype, reduction=S, tf32=TF32, name="forward vs reference")
@@ -61,7 +61,8 @@ def check_attention(q, k, v, backend, dtype, algo=None, **opts):
 
 
 def qkv(B, H, HKV, L, S, E, EV=None, dtype=torch.float32):
-    return (random_tensor((B, H, L, E), dtype, DEVICE), random_tensor((B, HKV, S, E), dtype, DEVICE),
+    return (random_tensor((B, H, L, E), dtype, DEVICE),
+            random_tensor((B, HKV, S, E), dtype, DEVICE),
             random_tensor((B, HKV, S, EV or E), dtype, DEVICE))
 
 
@@ -167,7 +168,8 @@ def _mask_reference(q, k, v, mask, scale=None, keep=None, p=0.0):
     q, k, v, mask = (t.detach().double().requires_grad_() for t in (q, k, v, mask))
     G = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    probs = torch.softmax(q @ kk.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1])) + mask, -1)
+    probs = torch.softmax(q @ kk.transpose(-1, -2) * (scale or 1 / math.sqrt(q.shape[-1])) + mask,
+                          -1)
     if keep is not None:
         probs = probs * keep / (1 - p)
     return probs @ vv, (q, k, v, mask)
@@ -196,8 +198,10 @@ def test_float_mask_gets_its_gradient(backend, algo, mask_shape):
     red = 19 * 23 * 16
     assert_close(out, r_out, torch.float32, reduction=23, tf32=TF32, name="forward")
     for name, ours, leaf, theirs in zip(("q", "k", "v", "mask"), grads, leaves, t_grads):
-        assert_close(ours, leaf.grad, torch.float32, reduction=red, tf32=TF32, name=f"d{name} vs reference")
-        assert_close(ours, theirs, torch.float32, reduction=red, tf32=TF32, name=f"d{name} vs torch")
+        assert_close(ours, leaf.grad, torch.float32, reduction=red, tf32=TF32,
+                     name=f"d{name} vs reference")
+        assert_close(ours, theirs, torch.float32, reduction=red, tf32=TF32,
+                     name=f"d{name} vs torch")
 
 
 @mask_grad_variants
@@ -263,7 +267,8 @@ def _dropout_reference(q, k, v, keep, p, **opts):
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     s = q @ k.transpose(-1, -2) * (opts.get("scale") or 1 / math.sqrt(q.shape[-1]))
     if opts.get("is_causal"):
-        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(),
+                          float("-inf"))
     probs = torch.softmax(s, -1) * keep / (1 - p)
     return probs @ v, (q, k, v)
 
@@ -549,7 +554,8 @@ def test_attention_beyond_int32_offsets():
     """A (B, H, L, E) tensor past 2**31 elements: offsets must be computed in int64."""
     q = torch.randn(1, 4100, 4096, 128, device="cuda", dtype=torch.bfloat16)
     out = pydl.scaled_dot_product_attention(q, q, q, is_causal=True)
-    assert_close(out[:, -1:], F.scaled_dot_product_attention(q[:, -1:], q[:, -1:], q[:, -1:], is_causal=True),
+    assert_close(out[:, -1:],
+                 F.scaled_dot_product_attention(q[:, -1:], q[:, -1:], q[:, -1:], is_causal=True),
                  torch.bfloat16, reduction=4096)
 
 

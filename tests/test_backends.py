@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import pydl
 from pydl import _env, backends
-
-from conftest import DEVICE
 
 
 def test_registry_lists_every_backend_for_softmax_ce():
@@ -76,12 +75,15 @@ def test_mixed_devices_rejected():
 def test_interpret_switch_sets_framework_variables_before_import():
     code = ("import os, pydl; print(pydl.INTERPRET, os.environ.get('TRITON_INTERPRET'), "
             "os.environ.get('NUMBA_ENABLE_CUDASIM'))")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "NUMBA_ENABLE_CUDASIM")}
     env["PYDL_INTERPRET"] = "1"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["True", "1", "1"]
     env["PYDL_INTERPRET"] = "0"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["False", "None", "None"]
 
 

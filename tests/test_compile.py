@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import pydl
 from pydl import (
@@ -26,8 +27,6 @@ from pydl import (
 # pydl.lstm and pydl.gru are the functions; their modules by name:
 lstm, gru = importlib.import_module("pydl.lstm"), importlib.import_module("pydl.gru")
 rnn = importlib.import_module("pydl.rnn")
-
-from conftest import DEVICE
 
 BACKEND = "triton"
 
@@ -54,7 +53,8 @@ OPCHECKS = {
     "softmax_fwd": lambda: (_softmax_ce_ops._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
     "softmax_bwd": lambda: (_softmax_ce_ops._softmax_bwd,
                             (torch.softmax(_x(3, 5), 0), _x(3, 5), 0, False, BACKEND)),
-    "cross_entropy_fwd": lambda: (_softmax_ce_ops._cross_entropy_fwd, (*_ce_args(), False, BACKEND)),
+    "cross_entropy_fwd": lambda: (_softmax_ce_ops._cross_entropy_fwd,
+                                  (*_ce_args(), False, BACKEND)),
     # reductions whose kernels leave the denominators unused (zeros, not whatever was there)
     "cross_entropy_fwd/none": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "none", 0.0,
@@ -62,7 +62,8 @@ OPCHECKS = {
     "cross_entropy_fwd/sum": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "sum", 0.0, False,
         BACKEND)),
-    "cross_entropy_fwd/grad": lambda: (_softmax_ce_ops._cross_entropy_fwd,  # gradient in the forward
+    # gradient in the forward
+    "cross_entropy_fwd/grad": lambda: (_softmax_ce_ops._cross_entropy_fwd,
                                        (*_ce_args(), True, BACKEND)),
     # numba writes no gradient in the forward: an empty placeholder, as the fake says
     "cross_entropy_fwd/grad-numba": lambda: (_softmax_ce_ops._cross_entropy_fwd,
@@ -90,7 +91,8 @@ OPCHECKS = {
         _x(2, 4, 4, 4), _x(2, 3, 6, 6), _x(4, 3, 3, 3), _geom_conv(), "im2col", BACKEND)),
     "max_pool2d_fwd": lambda: (_pool_ops._max_pool2d_fwd, (
         _x(2, 3, 6, 6), _geom_pool(), _pool_ops.INDEX_LOCAL, BACKEND)),
-    "avg_pool2d_fwd": lambda: (_pool_ops._avg_pool2d_fwd, (_x(2, 3, 6, 6), _geom_pool(), False, BACKEND)),
+    "avg_pool2d_fwd": lambda: (_pool_ops._avg_pool2d_fwd,
+                               (_x(2, 3, 6, 6), _geom_pool(), False, BACKEND)),
     "attention_fwd": lambda: (_attention_ops._attention_fwd, (
         _x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8), None, 0, True, 0.35, 0.0, BACKEND)),
     # with dropout the seed output: a device int32 tensor on the Triton kernels (what the
@@ -112,7 +114,8 @@ OPCHECKS = {
     "attention_bwd/fp16": lambda: _attention_bwd_args(torch.float16, mask_grad=False),
     "attention_naive_bwd/fp16": lambda: _attention_naive_bwd_args(torch.float16,
                                                                   mask_grad=False),
-    "attention_weights": lambda: (_attention_weights._attention_weights, (   # numba's weights kernel
+    # numba's weights kernel
+    "attention_weights": lambda: (_attention_weights._attention_weights, (
         _x(1, 2, 5, 8), _x(1, 1, 7, 8), torch.rand(1, 2, 5, 7, device=DEVICE) > 0.3,
         attention.MASK_BOOL, True, 0.35, 0.0, torch.zeros((), dtype=torch.int64))),
     "attention_weights_bwd/mask_grad": lambda: (_attention_weights._attention_weights_bwd, (
@@ -143,8 +146,8 @@ def _attention_bwd_args(dtype=torch.float32, mask_grad=True):
     empty placeholder, in q's dtype as the fake implementation says)."""
     q, k, v, mask = (t.to(dtype) for t in (_x(1, 2, 5, 8), _x(1, 2, 7, 8), _x(1, 2, 7, 8),
                                            _x(1, 2, 5, 7)))
-    o, lse, seed = _attention_ops._attention_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35, 0.0,
-                                            BACKEND)
+    o, lse, seed = _attention_ops._attention_fwd(q, k, v, mask, attention.MASK_FLOAT, False, 0.35,
+                                                 0.0, BACKEND)
     return _attention_ops._attention_bwd, (q, k, v, o, lse, _x(1, 2, 5, 8).to(dtype), mask, seed,
                                       attention.MASK_FLOAT, False, 0.35, 0.0, BACKEND, mask_grad)
 
@@ -251,13 +254,15 @@ _MODEL = None
 CASES = {
     "patched_model": (_patched_model, lambda: (_x(2, 1, 8, 8, grad=True),
                                                torch.randint(0, 5, (2,), device=DEVICE))),
-    "lstm_cells": (lambda x, h, c, w_ih, w_hh: (pydl.lstm_cell(x, (h, c), w_ih, w_hh, backend=BACKEND)[1]
+    "lstm_cells": (lambda x, h, c, w_ih, w_hh: (pydl.lstm_cell(x, (h, c), w_ih, w_hh,
+                                                               backend=BACKEND)[1]
                                                 + pydl.gru_cell(x, h, w_ih[:12], w_hh[:12],
                                                                 backend=BACKEND)).sum(),
                    lambda: (_x(2, 3, grad=True), _x(2, 4, grad=True), _x(2, 4, grad=True),
                             _x(16, 3, grad=True), _x(16, 4, grad=True))),
     "conv_pool_ce": (_conv_pool_ce, lambda: (_x(2, 3, 8, 8, grad=True), _x(4, 3, 3, 3, grad=True),
-                                             _x(4, grad=True), torch.randint(0, 4, (2,), device=DEVICE))),
+                                             _x(4, grad=True),
+                                             torch.randint(0, 4, (2,), device=DEVICE))),
     "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),
                                        _x(1, 2, 6, 8, grad=True))),
     # probability targets and a learned class weight: the weight's gradient kernel op
@@ -375,7 +380,8 @@ def test_packed_lstm_with_projections_breaks_the_graph_with_a_reason():
     (it failed inside dynamo on a data-dependent list size); without fullgraph the graph
     breaks there and the result and gradients are eager's."""
     H, P, I = 4, 2, 3
-    w = [_x(4 * H, I, grad=True), _x(4 * H, P, grad=True), _x(4 * H), _x(4 * H), _x(P, H, grad=True)]
+    w = [_x(4 * H, I, grad=True), _x(4 * H, P, grad=True), _x(4 * H), _x(4 * H),
+         _x(P, H, grad=True)]
     lengths = torch.tensor([3, 2, 2])
 
     def fn(x, *_):      # the weights are leaves only for the gradients
@@ -422,7 +428,8 @@ AUTOCAST = {
     "conv2d": (lambda x, m: m.conv2d(x, x[:2, :, :3, :3].contiguous()), (3, 3, 6, 6)),
     "max_pool2d": (lambda x, m: m.max_pool2d(x, 2), (2, 3, 6, 6)),
     "softmax": (lambda x, m: m.softmax(x, -1), (3, 5)),
-    "cross_entropy": (lambda x, m: m.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=x.device)),
+    "cross_entropy": (lambda x, m: m.cross_entropy(x, torch.zeros(3, dtype=torch.long,
+                                                                  device=x.device)),
                       (3, 5)),
     "sdpa": (lambda x, m: m.scaled_dot_product_attention(x, x, x), (1, 2, 4, 8)),
 }

@@ -3,15 +3,14 @@ gradients, every option of the signature."""
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE, DTYPES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pydl
-from pydl._plan import clear_all as clear_plans
 from pydl import reference as ref
+from pydl._plan import clear_all as clear_plans
 from pydl.testing import assert_close, random_tensor, run_with_grad, uses_tf32
-
-from conftest import DEVICE, DTYPES
 
 F = torch.nn.functional
 # (backend, algo) pairs with a kernel; each is tested on every case below
@@ -33,7 +32,8 @@ def check_conv(x, w, b, backend, algo, dtype, grad_out=None, **opts):
     x64, w64 = x.double().cpu().numpy(), w.double().cpu().numpy()
     b64 = None if b is None else b.double().cpu().numpy()
     y64 = ref.conv2d(x64, w64, b64, **opts)
-    r_grads = ref.conv2d_backward(g.double().cpu().numpy(), x64, w64, has_bias=b is not None, **opts)
+    r_grads = ref.conv2d_backward(g.double().cpu().numpy(), x64, w64, has_bias=b is not None,
+                                  **opts)
     OC, CG, KH, KW = w.shape
     groups = opts.get("groups", 1)
     # grad input sums over (oc, kh, kw) of a group; grad weight and bias over all output pixels
@@ -82,7 +82,8 @@ def test_lecture_filters(backend, algo, name):
 def test_asymmetric_kernel_is_cross_correlation(backend, algo):
     """y[i, j] = sum x[i + p, j + q] w[p, q]: the kernel is not flipped."""
     x = torch.arange(25, dtype=torch.float32, device=DEVICE).reshape(1, 1, 5, 5)
-    w = torch.tensor([[0., 0, 0], [0, 0, 1], [0, 0, 0]], device=DEVICE)[None, None]  # picks x[i, j + 1]
+    # picks x[i, j + 1]
+    w = torch.tensor([[0., 0, 0], [0, 0, 1], [0, 0, 0]], device=DEVICE)[None, None]
     y = pydl.conv2d(x, w, backend=backend, algo=algo)
     assert_close(y, x[..., 1:4, 2:5], torch.float32)
     flipped = ref.conv2d(x.cpu().numpy(), w.flip(-1, -2).cpu().numpy())
@@ -158,7 +159,8 @@ def test_implicit_forward_k_orders(monkeypatch, layer, k_order):
     tap (layers with many channels), or (kh, kw, c) columns decoded one by one (few channels;
     most small test layers take this path by default)."""
     from pydl import _conv_implicit
-    monkeypatch.setattr(_conv_implicit, "FLAT_K_CHANNELS", 0 if k_order == "channel_blocks" else 10**9)
+    monkeypatch.setattr(_conv_implicit, "FLAT_K_CHANNELS",
+                        0 if k_order == "channel_blocks" else 10**9)
     xs, ws, opts = LAYERS[layer]
     dtype = torch.float16 if layer in ("grouped", "resnet_stem") else torch.float32
     x = random_tensor(xs, dtype, DEVICE)
@@ -359,7 +361,8 @@ def test_implicit_grad_weight_tap_tiles(monkeypatch, case, dtype, layout):
     _force_split(monkeypatch)
     splits = []
     real = _conv_implicit._split_k
-    monkeypatch.setattr(_conv_implicit, "_split_k", lambda *a: splits.append(real(*a)) or splits[-1])
+    monkeypatch.setattr(_conv_implicit, "_split_k",
+                        lambda *a: splits.append(real(*a)) or splits[-1])
     xs, ws, opts = TAP_TILE_CASES[case]
     x = random_tensor(xs, dtype, DEVICE)
     w = random_tensor(ws, dtype, DEVICE, scale=0.3)
@@ -792,10 +795,12 @@ def test_im2col_workspace_chunks(monkeypatch, case):
     elif case == "transposed_grad":
         g = random_tensor((N, OC, W, H), dtype, DEVICE).transpose(2, 3)
     # forward's columns of two images (the backward workspaces are larger: one image each)
-    monkeypatch.setattr(_conv_im2col, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
+    monkeypatch.setattr(_conv_im2col, "IM2COL_WORKSPACE_BYTES",
+                        2 * H * W * C * 9 * x.element_size())
     seen = []
     chunks = _conv_im2col._chunks
-    monkeypatch.setattr(_conv_im2col, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
+    monkeypatch.setattr(_conv_im2col, "_chunks",
+                        lambda n, per: seen.append(chunks(n, per)) or seen[-1])
     y = check_conv(x, w, b, "triton", "im2col", dtype, grad_out=g, padding=1, groups=groups)
     assert len(seen) == 3 and all(len(c) >= 3 for c in seen), seen
     assert seen[0] == [(0, 2), (2, 2), (4, 1)]
@@ -829,10 +834,12 @@ def test_numba_im2col_workspace_chunks(monkeypatch, case):
         w = w.to(memory_format=torch.channels_last)
         g = random_tensor((N, OC, W, H), dtype, DEVICE).transpose(2, 3)
     # the bound is read where _chunks is defined; the numba launcher calls _chunks by its own name
-    monkeypatch.setattr(_conv_im2col, "IM2COL_WORKSPACE_BYTES", 2 * H * W * C * 9 * x.element_size())
+    monkeypatch.setattr(_conv_im2col, "IM2COL_WORKSPACE_BYTES",
+                        2 * H * W * C * 9 * x.element_size())
     seen = []
     chunks = _conv_numba._chunks
-    monkeypatch.setattr(_conv_numba, "_chunks", lambda n, per: seen.append(chunks(n, per)) or seen[-1])
+    monkeypatch.setattr(_conv_numba, "_chunks",
+                        lambda n, per: seen.append(chunks(n, per)) or seen[-1])
     y = check_conv(x, w, b, "numba", "im2col", dtype, grad_out=g, padding=1, groups=groups)
     assert len(seen) == 3 and all(len(c) >= 2 for c in seen), seen
     assert seen[0] == [(0, 2), (2, 1)]
@@ -889,7 +896,8 @@ def test_conv2d_beyond_int32_offsets():
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
 def test_conv2d_module_is_drop_in(padding_mode):
     backend, algo = VARIANTS[0]
-    theirs = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode).to(DEVICE)
+    theirs = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2,
+                             padding_mode=padding_mode).to(DEVICE)
     ours = pydl.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode,
                           device=DEVICE, backend=backend, algo=algo)
     assert isinstance(ours, torch.nn.Conv2d)

@@ -3,11 +3,10 @@ odd sizes (partial tiles on every side), transposed / strided / broadcast operan
 alpha, bias, accumulate and a separate addend."""
 import pytest
 import torch
+from conftest import DEVICE, DTYPES
 
 from pydl._gemm import gemm, gemm_config
 from pydl.testing import assert_close, random_tensor, uses_tf32
-
-from conftest import DEVICE, DTYPES
 
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 TF32 = uses_tf32(DEVICE, cudnn=False)

@@ -6,11 +6,10 @@ operands (kernels/numba/gemm_mma.py) likewise, on the GPU and in the simulator w
 warp product is emulated from the PTX fragment layouts."""
 import pytest
 import torch
+from conftest import DEVICE, DTYPES
 
 import pydl._gemm_numba as G
 from pydl.testing import assert_close, random_tensor
-
-from conftest import DEVICE, DTYPES
 
 HALF = [d for d in DTYPES if d != torch.float32]
 

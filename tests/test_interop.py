@@ -1,14 +1,14 @@
 """The public ops' wrapper (pydl._interop): each op runs on its tensors' CUDA device; the
-functional ops take DLPack arrays and return the caller's kind of array. CuPy on a GPU; NumPy arrays exercise the same path on the CPU in
-emulation (both go through torch.from_dlpack and the library's from_dlpack)."""
+functional ops take DLPack arrays and return the caller's kind of array. CuPy on a GPU; NumPy
+arrays exercise the same path on the CPU in emulation (both go through torch.from_dlpack and the
+library's from_dlpack)."""
 import numpy as np
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 import pydl
 from pydl.testing import assert_close, uses_tf32
-
-from conftest import HAS_CUDA
 
 
 def _np(*shape):
@@ -25,7 +25,8 @@ def test_numpy_arrays_in_numpy_arrays_out():
     # zero copy on the way in: the kernel read the caller's memory
     t = np.array([1, 0, 6, 3])
     loss = pydl.cross_entropy(x, t, reduction="none")
-    ref = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction="none")
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
+                                            reduction="none")
     np.testing.assert_allclose(loss, ref.numpy(), rtol=1e-5)
 
 
@@ -81,7 +82,8 @@ NUMPY_CALLS = {
         a[0], a[1], a[1], attn_mask=a[2]), ((1, 2, 5, 8), (1, 2, 6, 8), (5, 6))),
     "lstm_cell": (lambda F, a: F.lstm_cell(a[0], (a[1], a[1]), a[2], a[3])[1],
                   ((2, 3), (2, 4), (16, 3), (16, 4))),
-    "gru_cell": (lambda F, a: F.gru_cell(a[0], a[1], a[2], a[3]), ((2, 3), (2, 4), (12, 3), (12, 4))),
+    "gru_cell": (lambda F, a: F.gru_cell(a[0], a[1], a[2], a[3]),
+                 ((2, 3), (2, 4), (12, 3), (12, 4))),
     "gru": (lambda F, a: F.gru(a[0], a[1], [a[2], a[3]], bias=False)[1],
             ((3, 2, 3), (1, 2, 4), (12, 3), (12, 4))),
 }

@@ -11,14 +11,22 @@ thread per CUDA thread).
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
+from rnn_checks import (
+    TF32,
+    cell_case_id,
+    check_cell,
+    check_dropout_between_layers,
+    check_layer,
+    check_module_drop_in,
+    variants,
+)
+from rnn_checks import np64 as _np
+from rnn_checks import run as _run
 
 import pydl
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor
-
-from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
-from rnn_checks import (TF32, cell_case_id, check_cell, check_dropout_between_layers, check_layer,
-                        check_module_drop_in, np64 as _np, run as _run, variants)
 
 backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -79,7 +87,8 @@ def test_lstm_cell_saturated_gates(backend):
     w_hh = torch.zeros(4 * H, H, device=DEVICE)
     h = torch.zeros(B, H, device=DEVICE)
     c = torch.full((B, H), 3.0, device=DEVICE)
-    (h1, c1), grads = _run(lambda *a: pydl.lstm_cell(a[0], (a[1], a[2]), a[3], a[4], backend=backend),
+    (h1, c1), grads = _run(lambda *a: pydl.lstm_cell(a[0], (a[1], a[2]), a[3], a[4],
+                                                     backend=backend),
                            [x, h, c, w_ih, w_hh], [torch.ones(B, H, device=DEVICE)] * 2)
     r_h1, r_c1, cache = ref.lstm_cell(_np(x), _np(h), _np(c), _np(w_ih), _np(w_hh))
     assert_close(h1, r_h1, torch.float32, name="h1")
@@ -97,7 +106,8 @@ def test_lstm_cell_module_is_drop_in(backend):
     assert isinstance(ours, torch.nn.LSTMCell)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     x = random_tensor((3, 6), torch.float32, DEVICE)
-    hx = (random_tensor((3, 7), torch.float32, DEVICE), random_tensor((3, 7), torch.float32, DEVICE))
+    hx = (random_tensor((3, 7), torch.float32, DEVICE),
+          random_tensor((3, 7), torch.float32, DEVICE))
     for hx_ in (hx, None):
         h1, c1 = ours(x, hx_)
         t_h1, t_c1 = theirs(x, hx_)
@@ -211,7 +221,8 @@ def test_lstm_bad_input(backend):
         lstm(x, None, w[:4], num_layers=2)
     with pytest.raises(ValueError, match=r"weight_hh_l1 must have shape \(4\*hidden_size"):
         lstm(x, None, w[:5] + [w[5][:, :4]] + w[6:], num_layers=2)
-    with pytest.raises(ValueError, match=r"weight_ih_l1 must have shape \(4\*hidden_size, 1\*hidden_size"):
+    with pytest.raises(ValueError,
+                       match=r"weight_ih_l1 must have shape \(4\*hidden_size, 1\*hidden_size"):
         lstm(x, None, w[:4] + [w[4][:, :3]] + w[5:], num_layers=2)
     with pytest.raises(RuntimeError, match="sequence length 0.*larger than 0"):
         lstm(x[:0], None, w, num_layers=2)

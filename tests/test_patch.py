@@ -12,12 +12,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import DEVICE, KERNEL_BACKENDS
 
 import pydl
 from pydl.patch import OPS, PatchReport
 from pydl.testing import assert_close, random_tensor, uses_tf32
-
-from conftest import DEVICE, KERNEL_BACKENDS
 
 TF32 = uses_tf32(DEVICE, cudnn=True)
 REDUCTION = 256   # longest sums: conv 3*3*3, LSTM and attention over 8, grads over the batch

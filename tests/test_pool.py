@@ -3,16 +3,15 @@ torch, forward, indices and gradient, every option of the signature."""
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pydl
 from pydl import reference as ref
-from pydl._shapes import pool_output_size
 from pydl._launch import memory_format_of
+from pydl._shapes import pool_output_size
 from pydl.testing import assert_close, poisoned_outputs, random_tensor, run_with_grad
-
-from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
 
 backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -43,7 +42,8 @@ def _check_max(x, k, s, p, d, cm, backend, dtype):
     # torch's CPU fp16 backward rounds after every add of overlapping windows; compare with its
     # fp32 result (the reference checks our own accuracy)
     t_x = x.float() if x.device.type == "cpu" else x
-    t_out, _, (t_dx,) = run_with_grad(lambda t: F.max_pool2d(t, k, s, p, d, cm), [t_x], g.to(t_x.dtype))
+    t_out, _, (t_dx,) = run_with_grad(lambda t: F.max_pool2d(t, k, s, p, d, cm), [t_x],
+                                      g.to(t_x.dtype))
     y64, idx64 = ref.max_pool2d(x.double().cpu().numpy(), k, s, p, d, cm)
     dx64 = ref.max_pool2d_backward(g.double().cpu().numpy(), idx64, tuple(x.shape))
     # an input element can be the argmax of up to KH * KW overlapping windows
@@ -325,8 +325,10 @@ AVG_CASES = [
 def test_avg_pool2d(backend, dtype, case, count_include_pad, divisor_override):
     shape, k, s, p, cm = case
     x = random_tensor(shape, dtype, DEVICE)
-    opts = dict(ceil_mode=cm, count_include_pad=count_include_pad, divisor_override=divisor_override)
-    out, g, (dx,) = run_with_grad(lambda t: pydl.avg_pool2d(t, k, s, p, backend=backend, **opts), [x])
+    opts = dict(ceil_mode=cm, count_include_pad=count_include_pad,
+                divisor_override=divisor_override)
+    out, g, (dx,) = run_with_grad(lambda t: pydl.avg_pool2d(t, k, s, p, backend=backend, **opts),
+                                  [x])
     t_out, _, (t_dx,) = run_with_grad(lambda t: F.avg_pool2d(t, k, s, p, **opts), [x], g)
     y64 = ref.avg_pool2d(x.double().cpu().numpy(), k, s, p, **opts)
     dx64 = ref.avg_pool2d_backward(g.double().cpu().numpy(), tuple(x.shape), k, s, p, **opts)
@@ -373,7 +375,8 @@ def test_adaptive_avg_pool2d(backend, output_size, layout):
     x = random_tensor((2, 3, 7, 9), torch.float32, DEVICE)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    out, g, (dx,) = run_with_grad(lambda t: pydl.adaptive_avg_pool2d(t, output_size, backend=backend), [x])
+    out, g, (dx,) = run_with_grad(
+        lambda t: pydl.adaptive_avg_pool2d(t, output_size, backend=backend), [x])
     t_out, _, (t_dx,) = run_with_grad(lambda t: F.adaptive_avg_pool2d(t, output_size), [x], g)
     y64 = ref.adaptive_avg_pool2d(x.double().cpu().numpy(), output_size)
     dx64 = ref.adaptive_avg_pool2d_backward(g.double().cpu().numpy(), tuple(x.shape))
@@ -436,8 +439,10 @@ def test_global_avg_pool2d(backend, layout):
 def test_modules_are_drop_in(backend):
     x = random_tensor((2, 3, 9, 9), torch.float32, DEVICE)
     pairs = [
-        (pydl.nn.MaxPool2d(3, 2, 1, ceil_mode=True, backend=backend), torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)),
-        (pydl.nn.AvgPool2d(2, count_include_pad=False, backend=backend), torch.nn.AvgPool2d(2, count_include_pad=False)),
+        (pydl.nn.MaxPool2d(3, 2, 1, ceil_mode=True, backend=backend),
+         torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)),
+        (pydl.nn.AvgPool2d(2, count_include_pad=False, backend=backend),
+         torch.nn.AvgPool2d(2, count_include_pad=False)),
         (pydl.nn.AdaptiveAvgPool2d(1, backend=backend), torch.nn.AdaptiveAvgPool2d(1)),
     ]
     for ours, theirs in pairs:

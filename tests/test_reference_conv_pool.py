@@ -13,8 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pydl import reference as ref
-from pydl._shapes import (conv_output_size, conv_output_size_padded, conv_padding,
-                          pool_output_size, same_padding)
+from pydl._shapes import (
+    conv_output_size,
+    conv_output_size_padded,
+    conv_padding,
+    pool_output_size,
+    same_padding,
+)
 from pydl.testing import assert_close
 
 # torch warns that it copies the input for an uneven padding="same"; that is expected here
@@ -214,13 +219,19 @@ def test_lecture_alexnet_shape_walk():
         return ref.conv2d(x, rng.standard_normal((c_out, x.shape[1], k, k)) * 0.1,
                           np.zeros(c_out), stride, padding)
 
-    x = conv(x, 4, 11, stride=4); walk.append(x.shape[-1])
-    x, _ = ref.max_pool2d(x, 3, 2); walk.append(x.shape[-1])
-    x = conv(x, 4, 5, padding=2); walk.append(x.shape[-1])
-    x, _ = ref.max_pool2d(x, 3, 2); walk.append(x.shape[-1])
+    x = conv(x, 4, 11, stride=4)
+    walk.append(x.shape[-1])
+    x, _ = ref.max_pool2d(x, 3, 2)
+    walk.append(x.shape[-1])
+    x = conv(x, 4, 5, padding=2)
+    walk.append(x.shape[-1])
+    x, _ = ref.max_pool2d(x, 3, 2)
+    walk.append(x.shape[-1])
     for _ in range(3):
-        x = conv(x, 3, 3, padding=1); walk.append(x.shape[-1])
-    x, _ = ref.max_pool2d(x, 3, 2); walk.append(x.shape[-1])
+        x = conv(x, 3, 3, padding=1)
+        walk.append(x.shape[-1])
+    x, _ = ref.max_pool2d(x, 3, 2)
+    walk.append(x.shape[-1])
     assert walk == [55, 27, 27, 13, 13, 13, 13, 6]
     assert x.shape == (1, 3, 6, 6)
 

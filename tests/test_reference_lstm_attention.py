@@ -63,10 +63,12 @@ def _cell_weights(I, H, gates, bias):
 def _check_lstm_cell(B, I, H, bias, unbatched=False, mutate=None):
     w = _cell_weights(I, H, 4, bias)
     shape = (lambda n: (n,)) if unbatched else (lambda n: (B, n))
-    x, h, c, dh1, dc1 = randn(*shape(I)), randn(*shape(H)), randn(*shape(H)), randn(*shape(H)), randn(*shape(H))
+    x, h, c, dh1, dc1 = (randn(*shape(I)), randn(*shape(H)), randn(*shape(H)), randn(*shape(H)),
+                         randn(*shape(H)))
     t_h1, t_c1, tg = _torch_lstm_cell(x, h, c, w, dh1, dc1)
     wr = mutate(w) if mutate else w
-    h1, c1, cache = ref.lstm_cell(np_(x), np_(h), np_(c), wr["w_ih"], wr["w_hh"], wr.get("b_ih"), wr.get("b_hh"))
+    h1, c1, cache = ref.lstm_cell(np_(x), np_(h), np_(c), wr["w_ih"], wr["w_hh"], wr.get("b_ih"),
+                                  wr.get("b_hh"))
     close(h1, t_h1, "h1")
     close(c1, t_c1, "c1")
     dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh = ref.lstm_cell_backward(np_(dh1), np_(dc1), cache)
@@ -133,7 +135,8 @@ def test_sigmoid_is_safe_for_large_inputs():
     w = _cell_weights(3, 4, 4, True)
     w = {k: v * 1e3 for k, v in w.items()}
     with np.errstate(over="raise", invalid="raise"):
-        h1, c1, cache = ref.lstm_cell(randn(2, 3).numpy(), randn(2, 4).numpy(), randn(2, 4).numpy(), **w)
+        h1, c1, cache = ref.lstm_cell(randn(2, 3).numpy(), randn(2, 4).numpy(),
+                                      randn(2, 4).numpy(), **w)
         grads = ref.lstm_cell_backward(np.ones((2, 4)), np.ones((2, 4)), cache)
     assert np.isfinite(h1).all() and np.isfinite(c1).all()
     assert all(np.isfinite(g).all() for g in grads)
@@ -370,7 +373,7 @@ def test_gru(T, B, I, H, num_layers, bidirectional, batch_first, with_state, bia
         close(dw[name], p.grad, f"d{name}", red)
 
 
-# ============================================================================ scaled dot-product attn
+# ======================================================================== scaled dot-product attn
 
 def _torch_sdpa(q, k, v, go, backend=None, **kw):
     q, k, v = leaf(q), leaf(k), leaf(v)
@@ -390,9 +393,11 @@ def _check_sdpa(q_shape, k_shape, v_shape, backend=None, **kw):
     go = randn(*out_shape, q_shape[-2], v_shape[-1])
     t_out, t_dq, t_dk, t_dv = _torch_sdpa(q, k, v, go, backend, **kw)
     mask = kw.get("attn_mask")
-    args = dict(attn_mask=np_(mask) if mask is not None else None, is_causal=kw.get("is_causal", False),
+    args = dict(attn_mask=np_(mask) if mask is not None else None,
+                is_causal=kw.get("is_causal", False),
                 scale=kw.get("scale"), enable_gqa=kw.get("enable_gqa", False))
-    out, lse = ref.scaled_dot_product_attention(q.numpy(), k.numpy(), v.numpy(), return_lse=True, **args)
+    out, lse = ref.scaled_dot_product_attention(q.numpy(), k.numpy(), v.numpy(), return_lse=True,
+                                                **args)
     assert lse.shape == out.shape[:-1]
     dq, dk, dv = ref.scaled_dot_product_attention_backward(go.numpy(), q.numpy(), k.numpy(),
                                                            v.numpy(), **args)

@@ -3,16 +3,15 @@ reference and against torch, forward and backward, every option of the signature
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pydl
-from pydl import reference as ref
 from pydl import _softmax_ce_ops, _softmax_ce_triton
+from pydl import reference as ref
 from pydl.reference.softmax_ce import cross_entropy_target_backward
 from pydl.testing import assert_close, random_tensor, run_with_grad, to_numpy64
-
-from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS
 
 backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -21,7 +20,8 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def _check_softmax(x, dim, log, backend, dtype, scale=None):
     op = pydl.log_softmax if log else pydl.softmax
     out, g, (dx,) = run_with_grad(lambda t: op(t, dim, backend=backend), [x])
-    t_out, _, (t_dx,) = run_with_grad(lambda t: (torch.log_softmax if log else torch.softmax)(t, dim), [x], g)
+    t_out, _, (t_dx,) = run_with_grad(
+        lambda t: (torch.log_softmax if log else torch.softmax)(t, dim), [x], g)
     n = x.shape[dim] if x.dim() else 1
     x64, g64 = x.double().cpu().numpy(), g.double().cpu().numpy()
     y64 = (ref.log_softmax if log else ref.softmax)(x64, dim)
@@ -36,7 +36,8 @@ def _check_softmax(x, dim, log, backend, dtype, scale=None):
 # --- the lecture's worked example -----------------------------------------------------------
 
 def test_reference_softmax_lecture_fixture():
-    np.testing.assert_allclose(ref.softmax([1.2, 0.9, 0.4]), [0.456590, 0.338250, 0.205159], atol=1e-6)
+    np.testing.assert_allclose(ref.softmax([1.2, 0.9, 0.4]), [0.456590, 0.338250, 0.205159],
+                               atol=1e-6)
     # rounded as the deck does
     np.testing.assert_allclose(np.round(ref.softmax([1.2, 0.9, 0.4]), 4), [0.4566, 0.3383, 0.2052])
     # shift invariance: softmax(z) = softmax(z - max z), also where exp would overflow
@@ -49,7 +50,8 @@ def test_reference_mse_vs_ce_lecture_fixture():
     assert np.isclose(((np.array([0.4, 0.4, 0.2]) - target) ** 2).sum(), 0.96)
     # both predictions put 0.2 on the true class, so their cross-entropy is the same: -log 0.2
     logits = np.log(np.array([[0.8, 1e-12, 0.2], [0.4, 0.4, 0.2]]))
-    np.testing.assert_allclose(ref.cross_entropy(logits, [2, 2], reduction="none"), [-np.log(0.2)] * 2)
+    np.testing.assert_allclose(ref.cross_entropy(logits, [2, 2], reduction="none"),
+                               [-np.log(0.2)] * 2)
 
 
 @backends
@@ -85,7 +87,8 @@ def test_softmax_multi_block_rows(backend, log, monkeypatch):
 def test_softmax_non_contiguous(backend):
     x = random_tensor((37, 6), torch.float32, DEVICE).t()          # strided rows
     _check_softmax(x, 1, False, backend, torch.float32)
-    y = random_tensor((4, 10, 8), torch.float32, DEVICE)[:, ::2, 1:7]  # sliced, not viewable as rows
+    # sliced, not viewable as rows
+    y = random_tensor((4, 10, 8), torch.float32, DEVICE)[:, ::2, 1:7]
     _check_softmax(y, 1, True, backend, torch.float32)
     z = random_tensor((2, 3, 4, 5), torch.float32, DEVICE).to(memory_format=torch.channels_last)
     _check_softmax(z, 1, False, backend, torch.float32)

@@ -8,6 +8,7 @@ uses, so forcing each candidate in turn runs the op with each tile shape of the 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE
 
 import pydl
 import pydl._gemm
@@ -15,8 +16,6 @@ from pydl import _tune
 from pydl._gemm import gemm
 from pydl._launch import dot_block
 from pydl.testing import assert_close, random_tensor
-
-from conftest import DEVICE
 
 triton_only = pytest.mark.parametrize("backend", ["triton"])
 

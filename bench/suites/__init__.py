@@ -8,8 +8,18 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (DIRECTIONS, DTYPES, SHAPE_SETS, Case, Suite, Unsupported, Variant, dtype_name,
-                   parse_dtype, variant_selected)
+from .base import (
+    DIRECTIONS,
+    DTYPES,
+    SHAPE_SETS,
+    Case,
+    Suite,
+    Unsupported,
+    Variant,
+    dtype_name,
+    parse_dtype,
+    variant_selected,
+)
 
 __all__ = ["all_suites", "select", "Case", "Suite", "Unsupported", "Variant", "DIRECTIONS",
            "DTYPES", "SHAPE_SETS", "dtype_name", "parse_dtype", "variant_selected"]

@@ -30,15 +30,21 @@ SHAPES: dict[str, tuple[Case, ...]] = {
              "emulation check: vocabulary wider than pydl's 4096-column block (online path)"),
     ),
     "quick": (
-        Case("v32k", (8192, 32768), BF16, "32k vocabulary (round size); 8192 tokens (batch 4 x sequence 2048)"),
-        Case("v128k", (4096, 131072), F32, "128k vocabulary (round size), fp32 logits; 4096 tokens (batch 2 x sequence 2048)"),
-        Case("v256k", (2048, 262144), BF16, "256k vocabulary (round size); 2048 tokens (batch 1 x sequence 2048)"),
+        Case("v32k", (8192, 32768), BF16,
+             "32k vocabulary (round size); 8192 tokens (batch 4 x sequence 2048)"),
+        Case("v128k", (4096, 131072), F32,
+             "128k vocabulary (round size), fp32 logits; 4096 tokens (batch 2 x sequence 2048)"),
+        Case("v256k", (2048, 262144), BF16,
+             "256k vocabulary (round size); 2048 tokens (batch 1 x sequence 2048)"),
     ),
 }
 SHAPES["full"] = SHAPES["quick"] + (
-    Case("llama2-32000", (8192, 32000), BF16, "Llama-2 / Mistral-7B vocabulary 32000; 8192 tokens (batch 2 x sequence 4096)"),
-    Case("llama3-128256", (8192, 128256), BF16, "Llama-3 vocabulary 128256; 8192 tokens (one 8k-context sequence)"),
-    Case("llama3-128256-fp32", (4096, 128256), F32, "Llama-3 vocabulary 128256, fp32 logits; 4096 tokens"),
+    Case("llama2-32000", (8192, 32000), BF16,
+         "Llama-2 / Mistral-7B vocabulary 32000; 8192 tokens (batch 2 x sequence 4096)"),
+    Case("llama3-128256", (8192, 128256), BF16,
+         "Llama-3 vocabulary 128256; 8192 tokens (one 8k-context sequence)"),
+    Case("llama3-128256-fp32", (4096, 128256), F32,
+         "Llama-3 vocabulary 128256, fp32 logits; 4096 tokens"),
     Case("gemma-256000", (4096, 256000), BF16, "Gemma vocabulary 256000; 4096 tokens"),
 )
 

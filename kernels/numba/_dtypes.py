@@ -29,7 +29,8 @@ def dtype_code(torch_dtype: torch.dtype) -> int:
     try:
         return _CODES[torch_dtype]
     except KeyError:
-        raise TypeError(f"Numba kernels take float32, float16 or bfloat16, got {torch_dtype}") from None
+        raise TypeError("Numba kernels take float32, float16 or bfloat16, "
+                        f"got {torch_dtype}") from None
 
 
 @cuda.jit(device=True)

@@ -69,9 +69,15 @@ import numpy as np
 from numba import cuda, float32, int8, int64
 
 from ._builder import builder
-from ._dtypes import (BF16, bf16_bits_to_f32, dtype_code, f32_to_bf16_bits,  # noqa: F401
-                      load4_f32, store4_f32)
 from ._device import device
+from ._dtypes import (
+    BF16,
+    bf16_bits_to_f32,
+    dtype_code,  # noqa: F401  (for launchers)
+    f32_to_bf16_bits,
+    load4_f32,
+    store4_f32,
+)
 from ._grid import grid_threads, thread_index
 
 MASK_NONE = 0

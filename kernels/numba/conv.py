@@ -32,8 +32,8 @@ raw elements, so its columns have x's dtype (bf16 stays int16 bits) and no round
 import numpy as np
 from numba import cuda, float32, int64
 
-from ._dtypes import dtype_code, load4_f32, store4_f32  # noqa: F401  (dtype_code: launchers)
 from ._device import device
+from ._dtypes import dtype_code, load4_f32, store4_f32  # noqa: F401  (dtype_code: launchers)
 from ._grid import grid_threads, thread_index
 from ._index import BEFORE_ALL, unravel4, unravel_nchw, window_of
 

@@ -7,8 +7,22 @@ from numba import cuda, float32, int64
 
 from ._builder import builder
 from ._dtypes import dtype_code  # noqa: F401  (for launchers)
-from .rnn import (ONE, ZERO, add_gates, bptt_step, gate_dots_device, ld2, load_gates,
-                  recurrent_dh_device, sigmoid, st2, step_time, store_gates, tanh, tile_origin)
+from .rnn import (
+    ONE,
+    ZERO,
+    add_gates,
+    bptt_step,
+    gate_dots_device,
+    ld2,
+    load_gates,
+    recurrent_dh_device,
+    sigmoid,
+    st2,
+    step_time,
+    store_gates,
+    tanh,
+    tile_origin,
+)
 
 
 @builder

@@ -30,10 +30,10 @@ Window sizes, strides and the like are runtime ints: one compiled kernel per dty
 layout, not per pooling configuration.
 """
 import numpy as np
-from numba import cuda, float32, int64
+from numba import cuda, float32
 
-from ._dtypes import BF16, FP16, FP32, dtype_code, load4_f32, store4_f32  # noqa: F401
 from ._device import device
+from ._dtypes import BF16, FP16, FP32, dtype_code, load4_f32, store4_f32  # noqa: F401
 from ._grid import grid_threads, thread_index
 from ._index import BEFORE_ALL, unravel_nchw, window_of
 

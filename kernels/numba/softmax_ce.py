@@ -2,8 +2,8 @@
 
 Same math and layout as kernels/triton/softmax_ce.py. Every tensor arrives as an
 (outer, n, inner) array of any strides (Numba arrays keep them), and row r is
-a[r // inner, :, r % inner]. One block of threads handles one row at a time (grid-stride over the rows);
-the threads stride over the row's columns, each keeping its own online (max m, sum s of
+a[r // inner, :, r % inner]. One block of threads handles one row at a time (grid-stride over
+the rows); the threads stride over the row's columns, each keeping its own online (max m, sum s of
 exp(x - m)) pair, and a shared-memory tree reduction combines the pairs, so no row length is
 capped by the block size. Block size: any power of two up to MAX_THREADS.
 

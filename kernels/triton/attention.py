@@ -570,7 +570,8 @@ def attention_naive_softmax(
         s = _masked_scores(s_base, cols, rows, L, S, m_base, sm_m, sm_n, ss_n, IS_CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, s, propagate_nan=tl.PropagateNan.ALL)   # NaN stays: torch's row
         seen = m_new != float("-inf")
-        l_i = l_i * tl.where(seen, tl.exp(m_i - m_new), 0.0) + tl.where(seen, tl.exp(s - m_new), 0.0)
+        l_i = (l_i * tl.where(seen, tl.exp(m_i - m_new), 0.0)
+               + tl.where(seen, tl.exp(s - m_new), 0.0))
         m_i = m_new
     m_row = tl.max(m_i, 1)
     l_row = tl.sum(tl.where(m_i != float("-inf"), l_i * tl.exp(m_i - m_row[:, None]), 0.0), 1)

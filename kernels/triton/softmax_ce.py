@@ -315,7 +315,8 @@ def softmax_bwd(
 
 @triton.jit
 def cross_entropy_fwd(
-    x_ptr, target_ptr, weight_ptr,          # logits (outer, C, inner) view; targets (rows,); weights (C,)
+    x_ptr, target_ptr, weight_ptr,          # logits (outer, C, inner) view; targets (rows,);
+                                            # weights (C,)
     loss_ptr,                               # REDUCE_NONE: the per-row losses, in their dtype
     lse_ptr,                                # fp32 per-row logsumexp, for a backward from the logits
     out_ptr, denom_ptr,                     # sum / mean: the reduced loss (0-d, in its dtype);
@@ -569,8 +570,10 @@ def cross_entropy_bwd(
 
 @triton.jit
 def cross_entropy_prob_fwd(
-    x_ptr, y_ptr, weight_ptr,               # logits and targets (outer, C, inner) views; weights (C,)
-    loss_ptr,                               # the loss: per row (REDUCE off), else the reduced one (0-d)
+    x_ptr, y_ptr, weight_ptr,               # logits and targets (outer, C, inner) views;
+                                            # weights (C,)
+    loss_ptr,                               # the loss: per row (REDUCE off), else the reduced
+                                            # one (0-d)
     stats_ptr,                              # fp32: per row lse, then S = sum_c w_c y'_c
     arrivals_ptr,                           # REDUCE: the grid's arrival counter (left at 0)
     parts_ptr,                              # REDUCE: fp32 scratch, a partial sum per program
@@ -624,7 +627,8 @@ def cross_entropy_prob_bwd(
     x_ptr, y_ptr, weight_ptr,
     stats_ptr,                              # the forward's: per row lse, then S
     grad_ptr,                               # upstream gradient per row (grad_stride 0: a scalar)
-    dx_ptr, dy_ptr,                         # gradients w.r.t. logits and targets (dy: TARGET_GRAD only)
+    dx_ptr, dy_ptr,                         # gradients w.r.t. logits and targets (dy:
+                                            # TARGET_GRAD only)
     grad_stride, grad_scale,                # the gradient is multiplied by grad_scale
     n_rows, n, inner,
     sx_outer, sx_n, sx_inner,
@@ -662,8 +666,8 @@ def _prob_grad_rows(x_ptr, x_off, sx_n, y_ptr, y_off, sy_n, weight_ptr, lse, mas
     with TARGET_GRAD also dy_c = g (1 - eps) w_c (lse - x_c)."""
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
-        c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse, weight_ptr, start, cols, n, rmask,
-                                          HAS_WEIGHT)
+        c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse, weight_ptr, start, cols, n,
+                                          rmask, HAS_WEIGHT)
         a = w * (_load_block(y_ptr, y_off, c, sy_n, mask, 0.0) * (1.0 - smoothing) + smoothing / n)
         _store_block(dx_ptr, dx_off, c, sdx_n, g * (p * mass - a), mask)
         if TARGET_GRAD:
