@@ -11,7 +11,6 @@ from ._gemm_numba import on_tensor_cores, pair_words
 from ._launch import cdiv, new_output, output_maker, planned_once
 from ._numba_launch import (
     DYNAMIC,
-    SIM_MAX_BLOCKS,
     NumbaLaunch,
     Place,
     launch_numba_1d,
@@ -19,12 +18,6 @@ from ._numba_launch import (
     numba_blocks,
     numba_threads,
 )
-
-
-def _numba_grid(n_items: int) -> int:
-    """Blocks for a Numba kernel that loops grid-stride over `n_items` work items: one each on
-    a GPU; a single block in the CUDA simulator, where each block costs tens of ms to start."""
-    return max(1, min(n_items, SIM_MAX_BLOCKS) if _env.INTERPRET else n_items)
 
 
 def _numba_mask(mask):
@@ -104,11 +97,11 @@ class _NumbaAttention:
             bn, BD, BDV = km.tile(E, v.shape[3])
             kernel = km.fwd_mma_kernel(warps, bn, BD, BDV, q.dtype == torch.bfloat16,
                                        *[w is not None for w in words])
-            return (kernel, _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
+            return (kernel, numba_blocks(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
                     args, places, True)
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)
-        return (kn.fwd_kernel(owned, streamed, BD, BDV, nt), _numba_grid(cdiv(L, owned) * B * H),
+        return (kn.fwd_kernel(owned, streamed, BD, BDV, nt), numba_blocks(cdiv(L, owned) * B * H),
                 nt, q.device, args, places, False)
 
     @staticmethod
@@ -163,16 +156,16 @@ class _NumbaAttention:
             warps = _mma_warps(warps)
             bf16 = q.dtype == torch.bfloat16
             dkdv = (km.dkdv_mma_kernel(warps, bn, BD, BDV, bf16),
-                    _numba_grid(cdiv(S, 16 * warps) * B * HKV), 32 * warps)
+                    numba_blocks(cdiv(S, 16 * warps) * B * HKV), 32 * warps)
             dq_ = (km.dq_mma_kernel(warps, bn, BD, BDV, bf16),
-                   _numba_grid(cdiv(L, 16 * warps) * B * H), 32 * warps)
+                   numba_blocks(cdiv(L, 16 * warps) * B * H), 32 * warps)
         else:
             owned, streamed, BD, BDV = kn.tile_sizes(E, EV)
             nt = numba_threads(128)
             dkdv = (kn.dkdv_kernel(owned, streamed, BD, BDV, nt),
-                    _numba_grid(cdiv(S, owned) * B * HKV), nt)
+                    numba_blocks(cdiv(S, owned) * B * HKV), nt)
             dq_ = (kn.dq_kernel(owned, streamed, BD, BDV, nt),
-                   _numba_grid(cdiv(L, owned) * B * H), nt)
+                   numba_blocks(cdiv(L, owned) * B * H), nt)
         return (delta_launch, (*dkdv, q.device, dkdv_args, dkdv_places),
                 (*dq_, q.device, dq_args, dq_places), words is not None)
 
