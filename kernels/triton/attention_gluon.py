@@ -56,15 +56,23 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, 
         tma.async_copy_global_to_shared(q_desc, [m0 + c * ROWS, 0], q_ready.index(c),
                                         q_smem.index(c))
     for t in range(n_tiles):
-        s = t % STAGES
-        n0 = (n_tiles - 1 - t) * BLOCK_N
-        # a fresh barrier counts as having completed the phase before 0: the first round
-        # of the ring passes
-        mbarrier.wait(kv_empty.index(s), ((t // STAGES) & 1) ^ 1)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [n0, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [n0, 0], v_ready.index(s), v_smem.index(s))
+        _ring_put(t, (n_tiles - 1 - t) * BLOCK_N, k_desc, v_desc, k_smem, v_smem, k_ready,
+                  v_ready, kv_empty, STAGES)
+
+
+@gluon.jit
+def _ring_put(t, row, a_desc, b_desc, a_smem, b_smem, a_ready, b_ready, empty,
+              STAGES: gl.constexpr):
+    """A producer's t-th load into a STAGES-deep ring: the boxes of two descriptors at `row`
+    into stage t % STAGES (a_ready, b_ready each), once the consumers released that stage
+    (`empty`; a fresh barrier counts as having completed the phase before 0, so the first
+    round of the ring passes)."""
+    s = t % STAGES
+    mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+    mbarrier.expect(a_ready.index(s), a_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [row, 0], a_ready.index(s), a_smem.index(s))
+    mbarrier.expect(b_ready.index(s), b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(b_desc, [row, 0], b_ready.index(s), b_smem.index(s))
 
 
 @gluon.jit
@@ -304,13 +312,8 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
     for c in gl.static_range(2):
         tma.async_copy_global_to_shared(v_desc, [n0 + c * ROWS, 0], kv_ready, v_smem.index(c))
     for i in range(n_tiles):
-        s = i % STAGES
-        m0 = (m_first + i) * BLOCK_M
-        mbarrier.wait(qdo_empty.index(s), ((i // STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [m0, 0], q_ready.index(s), q_smem.index(s))
-        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(do_desc, [m0, 0], do_ready.index(s), do_smem.index(s))
+        _ring_put(i, (m_first + i) * BLOCK_M, q_desc, do_desc, q_smem, do_smem, q_ready,
+                  do_ready, qdo_empty, STAGES)
 
 
 @gluon.jit
