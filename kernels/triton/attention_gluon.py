@@ -412,11 +412,12 @@ def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_sm
     mbarrier.wait(kv_ready, 0)
 
     # the tiles that cross the causal diagonal, then the rest without a mask
-    for i in range(n_masked):
-        dk, dv = _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem,
-                           q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
-                           dq_offsets, lse_base, delta_base, m_first, L, qk_scale, scale,
-                           IS_CAUSAL, BLOCK_M, STAGES, s_layout, add_l)
+    if IS_CAUSAL:
+        for i in range(n_masked):
+            dk, dv = _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half,
+                               ds_smem, q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys,
+                               dq_base, dq_offsets, lse_base, delta_base, m_first, L, qk_scale,
+                               scale, True, BLOCK_M, STAGES, s_layout, add_l)
     for i in range(n_masked, n_tiles):
         dk, dv = _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem,
                            q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
