@@ -6,8 +6,9 @@ cannot run, their tiles and launches. "flash_hopper" is the Gluon forward with t
 backward (the forward writes the same output and log-sum-exp rows, so training works with
 either forward); "flash_hopper_onepass" the same forward with the Gluon single-pass backward
 (five products a tile, dQ summed in fp32 by atomics, as FlashAttention-3), where the flash
-backward still runs what the Gluon one does not take: grouped-query or broadcast key heads,
-and deterministic mode (`torch.use_deterministic_algorithms`: the atomics' order varies).
+backward still runs what the Gluon one does not take: an upstream gradient TMA cannot read
+(such as the stride-0 one of `out.sum().backward()`), and deterministic mode
+(`torch.use_deterministic_algorithms`: the atomics' order varies).
 
 Where it cannot run the call raises NotImplementedError naming the reason and pointing to
 algo="flash", which runs everywhere: emulation (Gluon kernels do not run in Triton's
@@ -143,9 +144,9 @@ class HopperAttention:
 
 def gluon_backward_takes(q, k, do) -> bool:
     """Whether the Gluon backward runs for these (B, H, L, E) views (the forward's checks
-    passed): one key head per query head, TMA-addressable upstream gradient rows, and not in
-    deterministic mode; elsewhere algo="flash_hopper_onepass" takes the flash backward."""
-    return (q.shape[1] == k.shape[1] and _launch.tma_compatible(do, q.shape[-1])
+    passed): TMA-addressable upstream gradient rows, and not in deterministic mode; elsewhere
+    algo="flash_hopper_onepass" takes the flash backward."""
+    return (_launch.tma_compatible(do, q.shape[-1])
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -174,22 +175,24 @@ def _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: flo
     from .kernels.triton import attention_gluon as kg
     from .kernels.triton import attention_onepass as k1
     B, H, L, E = q.shape
-    S = k.shape[2]
+    HKV, S = k.shape[1], k.shape[2]
     if B * H * L == 0:
         return lambda *tensors: None
     _launch.ensure_triton_allocator()
     delta_of = plan_delta(o, do, acc_e=E)       # the delta and a zeroed fp32 dQ accumulator
     scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
                *dk.stride()[:3], *dv.stride()[:3], H, L, S, scale * 1.4426950408889634, scale)
-    grid = (_launch.cdiv(S, ROWS_PER_PROGRAM), B * H)
+    grid = (_launch.cdiv(S, ROWS_PER_PROGRAM), B * HKV)
 
     def launch(cfg, q, k, v, do, lse, delta, dk, dv, dq_acc):
         kg.attention_bwd_hopper[grid](q, k, v, do, lse, delta, dk, dv, dq_acc, *scalars,
-                                      IS_CAUSAL=is_causal, HEAD_D=E, BLOCK_M=64, **cfg)
+                                      GROUP=H // HKV, IS_CAUSAL=is_causal, HEAD_D=E, BLOCK_M=64,
+                                      **cfg)
 
     delta, dq_acc = delta_of(o, do)             # the tuner's trials run on the real rows
     candidates = [dict(STAGES=stages, num_warps=4) for stages in HOPPER_BWD_STAGES[E]]
-    key = (q.dtype, E, is_causal, tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14))
+    key = (q.dtype, E, is_causal, tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14),
+           H != HKV)
     cfg = BWD_TUNER.pick(key, candidates, lambda c: launch(c, q, k, v, do, lse, delta, dk, dv,
                                                           dq_acc), inout=(dq_acc,))
     convert = _plan.Launch(k1.attention_dq_convert, (_launch.cdiv(L, 64) * B * H,),

@@ -56,23 +56,23 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, 
         tma.async_copy_global_to_shared(q_desc, [m0 + c * ROWS, 0], q_ready.index(c),
                                         q_smem.index(c))
     for t in range(n_tiles):
-        _ring_put(t, (n_tiles - 1 - t) * BLOCK_N, k_desc, v_desc, k_smem, v_smem, k_ready,
+        _ring_put(t, ((n_tiles - 1 - t) * BLOCK_N, 0), k_desc, v_desc, k_smem, v_smem, k_ready,
                   v_ready, kv_empty, STAGES)
 
 
 @gluon.jit
-def _ring_put(t, row, a_desc, b_desc, a_smem, b_smem, a_ready, b_ready, empty,
+def _ring_put(t, coord, a_desc, b_desc, a_smem, b_smem, a_ready, b_ready, empty,
               STAGES: gl.constexpr):
-    """A producer's t-th load into a STAGES-deep ring: the boxes of two descriptors at `row`
-    into stage t % STAGES (a_ready, b_ready each), once the consumers released that stage
-    (`empty`; a fresh barrier counts as having completed the phase before 0, so the first
-    round of the ring passes)."""
+    """A producer's t-th load into a STAGES-deep ring: the boxes of two descriptors at
+    `coord` into stage t % STAGES (a_ready, b_ready each), once the consumers released that
+    stage (`empty`; a fresh barrier counts as having completed the phase before 0, so the
+    first round of the ring passes)."""
     s = t % STAGES
     mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
     mbarrier.expect(a_ready.index(s), a_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [row, 0], a_ready.index(s), a_smem.index(s))
+    tma.async_copy_global_to_shared(a_desc, coord, a_ready.index(s), a_smem.index(s))
     mbarrier.expect(b_ready.index(s), b_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(b_desc, [row, 0], b_ready.index(s), b_smem.index(s))
+    tma.async_copy_global_to_shared(b_desc, coord, b_ready.index(s), b_smem.index(s))
 
 
 @gluon.jit
@@ -303,36 +303,39 @@ def attention_fwd_hopper(
 
 @gluon.jit
 def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_ready,
-                  q_ready, do_ready, qdo_empty, n0, m_first, n_tiles, BLOCK_M: gl.constexpr,
-                  STAGES: gl.constexpr):
-    """One warp: K (128 rows) and V (each consumer's 64) under one barrier, then query tiles
-    m_first .. in order, Q_i and dO_i into stage i % STAGES once both consumers released it."""
+                  q_ready, do_ready, qdo_empty, n0, h0, m_first, n_tiles, GROUP: gl.constexpr,
+                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: K (128 rows) and V (each consumer's 64) under one barrier, then for each
+    query head h0 + g of the group, query tiles m_first .. in order: the t-th tile's Q and dO
+    (boxes of a (heads, rows, E) descriptor: rows past L are zeros, never the next head's)
+    into stage t % STAGES once both consumers released it."""
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [n0, 0], kv_ready, k_smem)
     for c in gl.static_range(2):
         tma.async_copy_global_to_shared(v_desc, [n0 + c * ROWS, 0], kv_ready, v_smem.index(c))
-    for i in range(n_tiles):
-        _ring_put(i, (m_first + i) * BLOCK_M, q_desc, do_desc, q_smem, do_smem, q_ready,
-                  do_ready, qdo_empty, STAGES)
+    for g in range(GROUP):
+        for i in range(n_tiles):
+            _ring_put(g * n_tiles + i, (h0 + g, (m_first + i) * BLOCK_M, 0), q_desc, do_desc,
+                      q_smem, do_smem, q_ready, do_ready, qdo_empty, STAGES)
 
 
 @gluon.jit
-def _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem, q_ready,
-              do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base, dq_offsets, lse_base,
-              delta_base, m_first, L, qk_scale, scale, MASKED: gl.constexpr,
+def _bwd_tile(j, m0, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem,
+              q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base, dq_offsets,
+              lse_base, delta_base, L, qk_scale, scale, MASKED: gl.constexpr,
               BLOCK_M: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
               add_l: gl.constexpr):
-    """Query tile m_first + i against this warpgroup's keys: steps (1) to (5) above, dK and
+    """The consumer's j-th query tile (rows m0 .. of one query head, whose lse, delta and dQ
+    rows start at the bases) against this warpgroup's keys: steps (1) to (5) above, dK and
     dV accumulated (returned); MASKED: the causal mask (a tile crossing the diagonal)."""
     HALF_D: gl.constexpr = k_half.shape[1]
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HALF_D, 16])
     dtype: gl.constexpr = v.dtype
-    st = i % STAGES
-    phase = (i // STAGES) & 1
-    m0 = (m_first + i) * BLOCK_M
-    q = q_smem.index(st)
-    do = do_smem.index(st)
+    st = j % STAGES
+    phase = (j // STAGES) & 1
+    q = q_smem.index(st).reshape([BLOCK_M, k.shape[1]])   # the (1, BLOCK_M, E) box's rows
+    do = do_smem.index(st).reshape([BLOCK_M, k.shape[1]])
 
     # (1) S and dP, both in flight
     s_zero = gl.zeros([BLOCK_M, ROWS], gl.float32, s_layout)
@@ -353,19 +356,19 @@ def _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem
     ds = (p * (dp - gl.expand_dims(delta, 1))).to(dtype)
     # (4) P and dS to shared memory (once both warpgroups are done reading the previous
     # tile's dS: a fresh barrier passes), then dV and dK from their transposed views
-    mbarrier.wait(ds_free, (i & 1) ^ 1)
+    mbarrier.wait(ds_free, (j & 1) ^ 1)
     p_half.store(p.to(dtype))
     ds_half.store(ds)
     fence_async_shared()
     mbarrier.arrive(ds_ready, count=1)
     dv_tok = warpgroup_mma(p_half.permute((1, 0)), do, dv, is_async=True)
     dk_tok = warpgroup_mma(ds_half.permute((1, 0)), q, dk, is_async=True)
-    # (5) dQ_i's half of the dims over all 128 keys
-    mbarrier.wait(ds_ready, i & 1)
+    # (5) dQ's half of the dims over all 128 keys
+    mbarrier.wait(ds_ready, j & 1)
     dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, dq_layout)
     dq_tok = warpgroup_mma(ds_smem, k_half, dq_zero, use_acc=False, is_async=True)
     dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
-    mbarrier.arrive(qdo_empty.index(st), count=1)       # Q_i and dO_i are consumed
+    mbarrier.arrive(qdo_empty.index(st), count=1)       # Q and dO are consumed
     mbarrier.arrive(ds_free, count=1)                   # and P, dS
     # rows clamped (their additions masked): the min() keeps the compiler from turning the
     # addresses into loop-carried 64-bit pointers, which spilled
@@ -379,12 +382,12 @@ def _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem
 @gluon.jit
 def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_smem, v_smem,
                   do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready, qdo_empty, ds_ready,
-                  ds_free, n0, bh, m_first, n_tiles, n_masked, L, qk_scale, scale,
-                  ROLE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr,
+                  ds_free, n0, bh0, m_first, n_tiles, GROUP: gl.constexpr, L, qk_scale,
+                  scale, ROLE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr,
                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """One warpgroup: keys n0 + 64 ROLE + [0, 64) against query tiles m_first ..; the first
-    n_masked of them cross the causal diagonal. dQ: columns ROLE * HEAD_D / 2 + [0, HEAD_D / 2)
-    of every query tile, over all 128 keys."""
+    """One warpgroup: keys n0 + 64 ROLE + [0, 64) against query tiles m_first .. of each
+    query head bh0 + g of the group (causal: the first two cross the diagonal).
+    dQ: columns ROLE * HEAD_D / 2 + [0, HEAD_D / 2) of every query tile, over all 128 keys."""
     HALF_D: gl.constexpr = HEAD_D // 2
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
@@ -406,28 +409,35 @@ def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_sm
     dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
     dq_cols = ROLE * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, add_l))
     dq_offsets = gl.expand_dims(dq_cols, 0)         # of a row's dQ (B * H, L, E) elements
-    dq_base = dq_acc_ptr + bh.to(gl.int64) * L * HEAD_D
-    lse_base = lse_ptr + bh.to(gl.int64) * L
-    delta_base = delta_ptr + bh.to(gl.int64) * L
     mbarrier.wait(kv_ready, 0)
 
-    # the tiles that cross the causal diagonal, then the rest without a mask
-    if IS_CAUSAL:
-        for i in range(n_masked):
-            dk, dv = _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half,
-                               ds_smem, q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys,
-                               dq_base, dq_offsets, lse_base, delta_base, m_first, L, qk_scale,
-                               scale, True, BLOCK_M, STAGES, s_layout, add_l)
-    for i in range(n_masked, n_tiles):
-        dk, dv = _bwd_tile(i, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem,
-                           q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
-                           dq_offsets, lse_base, delta_base, m_first, L, qk_scale, scale,
-                           False, BLOCK_M, STAGES, s_layout, add_l)
+    # per query head of the group: the tiles that cross the causal diagonal (the first
+    # N_MASKED: n0 is a multiple of BLOCK_M), then the rest without a mask
+    N_MASKED: gl.constexpr = 2 * ROWS // BLOCK_M if IS_CAUSAL else 0
+    for g in range(GROUP):
+        bh = (bh0 + g).to(gl.int64)
+        dq_base = dq_acc_ptr + bh * L * HEAD_D
+        lse_base = lse_ptr + bh * L
+        delta_base = delta_ptr + bh * L
+        for i in gl.static_range(N_MASKED):
+            if i < n_tiles:
+                dk, dv = _bwd_tile(g * n_tiles + i, (m_first + i) * BLOCK_M, dk, dv, q_smem,
+                                   do_smem, k, v, k_half, p_half, ds_half, ds_smem, q_ready,
+                                   do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
+                                   dq_offsets, lse_base, delta_base, L, qk_scale, scale, True,
+                                   BLOCK_M, STAGES, s_layout, add_l)
+        for i in range(N_MASKED, n_tiles):
+            dk, dv = _bwd_tile(g * n_tiles + i, (m_first + i) * BLOCK_M, dk, dv, q_smem,
+                               do_smem, k, v, k_half, p_half, ds_half, ds_smem, q_ready,
+                               do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
+                               dq_offsets, lse_base, delta_base, L, qk_scale, scale, False,
+                               BLOCK_M, STAGES, s_layout, add_l)
 
     # dK (scaled) and dV through K's and V's buffers, once the other warpgroup's last dQ
     # product (which reads every key) has retired
-    if n_tiles > 0:
-        mbarrier.wait(ds_free, (n_tiles - 1) & 1)
+    n_all = GROUP * n_tiles
+    if n_all > 0:
+        mbarrier.wait(ds_free, (n_all - 1) & 1)
     k.store((dk * scale).to(dtype))
     v.store(dv.to(dtype))
     fence_async_shared()
@@ -440,49 +450,53 @@ def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_sm
 def attention_bwd_hopper(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
     sq_b, sq_h, sq_m,                  # query strides (B, H, L, E); unit column stride
-    sk_b, sk_h, sk_n,                  # key strides (B, H, S, E)
-    sv_b, sv_h, sv_n,                  # value strides (B, H, S, E)
+    sk_b, sk_h, sk_n,                  # key strides (B, HKV, S, E)
+    sv_b, sv_h, sv_n,                  # value strides (B, HKV, S, E)
     sdo_b, sdo_h, sdo_m,               # upstream gradient strides (B, H, L, E)
-    sdk_b, sdk_h, sdk_n,               # dK strides (B, H, S, E)
-    sdv_b, sdv_h, sdv_n,               # dV strides (B, H, S, E)
+    sdk_b, sdk_h, sdk_n,               # dK strides (B, HKV, S, E)
+    sdv_b, sdv_h, sdv_n,               # dV strides (B, HKV, S, E)
     H, L, S,
     qk_scale,                          # scale * log2(e), >= 0
     scale,
+    GROUP: gl.constexpr,               # query heads per key head (GQA); 1 without
     IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_M: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """Grid (cdiv(S, 128), B * H), num_warps=4 (consumer 0; the other partitions add a
-    warpgroup and a warp). One key head per query head (no grouped-query heads). lse, delta:
-    (B * H, L) fp32 (natural-log lse); dq_acc: (B * H, L, E) fp32, zero on entry, dQ on exit
-    (scaled)."""
+    """Grid (cdiv(S, 128), B * HKV), num_warps=4 (consumer 0; the other partitions add a
+    warpgroup and a warp): 128 keys of one key head, against the GROUP query heads that read
+    it. lse, delta: (B * H, L) fp32 (natural-log lse); dq_acc: (B * H, L, E) fp32, zero on
+    entry, dQ on exit (scaled)."""
     pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = (bh // H).to(gl.int64)
-    h = (bh % H).to(gl.int64)
+    bkv = gl.program_id(1)
+    HKV = H // GROUP
+    b = (bkv // HKV).to(gl.int64)
+    hk = (bkv % HKV).to(gl.int64)
+    h0 = (bkv % HKV) * GROUP                # the group's first query head
     n0 = pid_n * (2 * ROWS)
     dtype: gl.constexpr = q_ptr.dtype.element_ty
 
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_M, HEAD_D], dtype)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_D], dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * ROWS, HEAD_D], dtype)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, 2 * ROWS], dtype)
-    q_desc = tma.make_tensor_descriptor(q_ptr + b * sq_b + h * sq_h, [L, HEAD_D], [sq_m, 1],
-                                        [BLOCK_M, HEAD_D], q_layout)
-    do_desc = tma.make_tensor_descriptor(do_ptr + b * sdo_b + h * sdo_h, [L, HEAD_D],
-                                         [sdo_m, 1], [BLOCK_M, HEAD_D], q_layout)
-    k_desc = tma.make_tensor_descriptor(k_ptr + b * sk_b + h * sk_h, [S, HEAD_D], [sk_n, 1],
+    # Q and dO of every query head of this batch: (H, L, E), rows past L zero-filled per head
+    q_desc = tma.make_tensor_descriptor(q_ptr + b * sq_b, [H, L, HEAD_D], [sq_h, sq_m, 1],
+                                        [1, BLOCK_M, HEAD_D], q_layout)
+    do_desc = tma.make_tensor_descriptor(do_ptr + b * sdo_b, [H, L, HEAD_D], [sdo_h, sdo_m, 1],
+                                         [1, BLOCK_M, HEAD_D], q_layout)
+    k_desc = tma.make_tensor_descriptor(k_ptr + b * sk_b + hk * sk_h, [S, HEAD_D], [sk_n, 1],
                                         [2 * ROWS, HEAD_D], k_layout)
-    v_desc = tma.make_tensor_descriptor(v_ptr + b * sv_b + h * sv_h, [S, HEAD_D], [sv_n, 1],
+    v_desc = tma.make_tensor_descriptor(v_ptr + b * sv_b + hk * sv_h, [S, HEAD_D], [sv_n, 1],
                                         [ROWS, HEAD_D], kv_layout)
-    dk_desc = tma.make_tensor_descriptor(dk_ptr + b * sdk_b + h * sdk_h, [S, HEAD_D],
+    dk_desc = tma.make_tensor_descriptor(dk_ptr + b * sdk_b + hk * sdk_h, [S, HEAD_D],
                                          [sdk_n, 1], [ROWS, HEAD_D], kv_layout)
-    dv_desc = tma.make_tensor_descriptor(dv_ptr + b * sdv_b + h * sdv_h, [S, HEAD_D],
+    dv_desc = tma.make_tensor_descriptor(dv_ptr + b * sdv_b + hk * sdv_h, [S, HEAD_D],
                                          [sdv_n, 1], [ROWS, HEAD_D], kv_layout)
 
     k_smem = gl.allocate_shared_memory(dtype, [2 * ROWS, HEAD_D], k_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], kv_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], q_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_D], q_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_D], q_layout)
     p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, 2 * ROWS], ds_layout)
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, 2 * ROWS], ds_layout)
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -499,25 +513,24 @@ def attention_bwd_hopper(
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(qdo_empty.index(i), count=2)       # both consumers release a stage
 
-    # query tiles: a causal program starts at the tile of its first key (the rows above see
-    # none of its keys); the first n_masked of them hold rows before its last key
+    # query tiles (per query head): a causal program starts at the tile of its first key
+    # (the rows above see none of its keys)
     m_first = 0
-    n_masked = 0
     if IS_CAUSAL:
         m_first = n0 // BLOCK_M
-        n_masked = gl.cdiv(n0 + 2 * ROWS - m_first * BLOCK_M, BLOCK_M)
     n_tiles = gl.maximum(gl.cdiv(L, BLOCK_M) - m_first, 0)
+    bh0 = (bkv // HKV) * H + h0
 
     gl.warp_specialize([
         (_bwd_consumer, (dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_smem,
-                         v_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready, qdo_empty,
-                         ds_ready, ds_free, n0, bh, m_first, n_tiles, n_masked, L, qk_scale,
-                         scale, 0, IS_CAUSAL, HEAD_D, BLOCK_M, STAGES)),
+                         v_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready,
+                         qdo_empty, ds_ready, ds_free, n0, bh0, m_first, n_tiles, GROUP, L,
+                         qk_scale, scale, 0, IS_CAUSAL, HEAD_D, BLOCK_M, STAGES)),
         (_bwd_consumer, (dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_smem,
-                         v_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready, qdo_empty,
-                         ds_ready, ds_free, n0, bh, m_first, n_tiles, n_masked, L, qk_scale,
-                         scale, 1, IS_CAUSAL, HEAD_D, BLOCK_M, STAGES)),
+                         v_smem, do_smem, p_smem, ds_smem, kv_ready, q_ready, do_ready,
+                         qdo_empty, ds_ready, ds_free, n0, bh0, m_first, n_tiles, GROUP, L,
+                         qk_scale, scale, 1, IS_CAUSAL, HEAD_D, BLOCK_M, STAGES)),
         (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem,
-                         kv_ready, q_ready, do_ready, qdo_empty, n0, m_first, n_tiles, BLOCK_M,
-                         STAGES)),
+                         kv_ready, q_ready, do_ready, qdo_empty, n0, h0, m_first, n_tiles,
+                         GROUP, BLOCK_M, STAGES)),
     ], [4, 1], [240, 24])
