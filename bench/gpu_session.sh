@@ -3,13 +3,13 @@
 # leaves every log and result under OUT (a short summary is printed last).
 #
 #   bench/gpu_session.sh session OUT                 everything one lent GPU is for, in one call of
-#                                                    at most 570 s of steps, each with a time
+#                                                    at most 575 s of steps, each with a time
 #                                                    limit (a slow step cannot eat the rest):
 #                                                    the GPU test files (185 s, one line per
 #                                                    test), the host-path table `python -m bench
 #                                                    overhead` (50 s), the benchmark at its quick
 #                                                    shapes with --op-budget (each op stops
-#                                                    starting cases after its seconds; 300 s in
+#                                                    starting cases after its seconds; 305 s in
 #                                                    all), `python -m bench rnn-steps` (35 s:
 #                                                    where a persistent recurrence's step goes);
 #                                                    logs and OUT/results.tgz (the JSON: unpack
@@ -129,18 +129,30 @@ case $mode in
         echo "overhead exit status $?"
         cat "$out/overhead.log"
         # 3. the benchmark, each op within its budget (later cases are recorded as skipped)
-        bench_op 200 46 conv2d attention lstm gru \
-            --variants triton-implicit triton-flash triton-flash_hopper triton-flash_onepass \
-                triton-flash_hopper_onepass triton-persistent torch \
+        bench_op 190 44 conv2d attention lstm gru \
+            --variants triton-implicit triton-flash triton-flash_hopper triton-persistent torch \
             --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
                 d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
                 h1536-b32-t187 h512-b32-t1 h1024-b64-t1500
-        bench_op 65 9 cross_entropy cross_entropy_soft max_pool2d avg_pool2d \
+        # the single-pass attention backwards (bench/TUNING.md v1, v21): the Gluon one only
+        # once its GPU tests passed (a kernel that hangs here would cost the rest of the step)
+        onepass=triton-flash_onepass
+        # (pytest -v lines: "... PASSED tests/...[flash_hopper_onepass-...]" under xdist,
+        # the outcome after the name without it)
+        if grep -qE "PASSED .*flash_hopper_onepass|flash_hopper_onepass.* PASSED" \
+                "$out/tests.log" && ! grep -qE \
+                "(FAILED|ERROR) .*flash_hopper_onepass|flash_hopper_onepass.* (FAILED|ERROR)" \
+                "$out/tests.log"; then
+            onepass="$onepass triton-flash_hopper_onepass"
+        fi
+        # shellcheck disable=SC2086
+        bench_op 30 30 attention --variants $onepass --cases d128-1k d128-4k
+        bench_op 55 8 cross_entropy cross_entropy_soft max_pool2d avg_pool2d \
             adaptive_avg_pool2d softmax conv2d_depthwise --variants triton numba torch
         # the Numba conv2d on its tensor-core GEMM and the Numba attention on its tensor-core
         # forward (bench/TUNING.md v10, v11; PYDL_NUMBA_MMA above), beside the triton rows of
         # the first group
-        bench_op 35 15 conv2d attention --variants numba-im2col numba-flash \
+        bench_op 30 13 conv2d attention --variants numba-im2col numba-flash \
             --cases l1-3x3-64 l3-1x1-1024-256 d128-1k
         tail -n 70 "$out/bench.log"
         # 4. where a persistent recurrence's step goes (bench/rnn_steps.py): per-step slopes,
