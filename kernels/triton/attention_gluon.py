@@ -1,8 +1,10 @@
-"""Gluon kernel for the attention forward on Hopper (sm_90): FlashAttention-3's structure.
+"""Gluon kernels for attention on Hopper (sm_90), FlashAttention-3's structure: the forward
+(`attention_fwd_hopper`, algo="flash_hopper") and a single-pass backward
+(`attention_bwd_hopper`, algo="flash_hopper_onepass"; described before it below).
 
 The `tl` forward (attention.py) leaves the schedule to Triton's pipeliner, which waits for
 every QK^T right after issuing it, so the softmax never overlaps the tensor cores. Gluon
-exposes Hopper's primitives directly, and this kernel arranges them as FlashAttention-3 does
+exposes Hopper's primitives directly, and the forward arranges them as FlashAttention-3 does
 (Shah et al., 2024, section 3):
 
     program = 128 query rows of one (batch, head); three partitions (warp_specialize):
@@ -28,7 +30,7 @@ statistics end as lse = (m + log2 l) / log2 e, the flash backward's input.
 
 Scope (the host refuses everything else, pydl/attention_hopper.py): fp16/bf16, head dims
 E = Ev in {64, 128}, no attention mask, no dropout, scale >= 0, 16-byte aligned rows.
-Gluon kernels do not run in Triton's interpreter: this one is compiled and checked on a GPU.
+Gluon kernels do not run in Triton's interpreter: these are compiled and checked on a GPU.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -278,7 +280,8 @@ def attention_fwd_hopper(
 
 # --- the backward: one pass, FlashAttention-3's dQ by fp32 additions --------------------------
 #
-#   program = 128 keys of one (batch, head), K and V resident; partitions (warp_specialize):
+#   program = 128 keys of one (batch, key head), K and V resident, against each query head of
+#   its group in turn (grouped-query heads; one without); partitions (warp_specialize):
 #     producer (1 warp):  K, V once, then Q_i and dO_i (64 query rows each) by TMA into a
 #                         STAGES-deep ring (q_ready / do_ready; qdo_empty when both consumers
 #                         are done with a stage)
