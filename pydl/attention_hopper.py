@@ -38,9 +38,9 @@ HOPPER_SPACES = {
     128: ((128, 2), (128, 3), (64, 3)),
 }
 TUNER = tune.Tuner("attention_fwd_hopper")
-# The backward's ring of query tiles (STAGES; Q and dO, 64 rows each) beside K and V (128 keys)
-# and dS^T: d = 128 takes 64 KiB of K and V, 16 of dS^T and 32 KiB a stage (2 stages: 144
-# KiB; 3: 176), d = 64 half of each.
+# The backward's ring of query tiles (STAGES; Q and dO, 64 rows each) beside K and V (128 keys),
+# P and dS: d = 128 takes 64 KiB of K and V, 32 of P and dS, 32 a stage and the layout
+# conversions' scratch (compiled: 192 KiB with 2 stages, 224 with 3), d = 64 128-144 KiB.
 HOPPER_BWD_STAGES = {64: (3, 4, 2), 128: (2, 3)}
 BWD_TUNER = tune.Tuner("attention_bwd_hopper")
 
@@ -142,10 +142,10 @@ class HopperAttention:
         return _TritonAttention.plan_backward(*args)
 
 
-def gluon_backward_takes(q, k, do) -> bool:
-    """Whether the Gluon backward runs for these (B, H, L, E) views (the forward's checks
-    passed): TMA-addressable upstream gradient rows, and not in deterministic mode; elsewhere
-    algo="flash_hopper_onepass" takes the flash backward."""
+def gluon_backward_takes(q, do) -> bool:
+    """Whether the Gluon backward runs for the upstream gradient `do` of these (B, H, L, E)
+    queries (the forward's checks passed): TMA-addressable rows, and not in deterministic
+    mode; elsewhere algo="flash_hopper_onepass" takes the flash backward."""
     return (_launch.tma_compatible(do, q.shape[-1])
             and not torch.are_deterministic_algorithms_enabled())
 
@@ -164,7 +164,7 @@ class HopperOnePassAttention(HopperAttention):
         conversion. Launched through Triton's own path, as the forward."""
         from ._attention_triton import _TritonAttention
         check(q, k, v, mask, dropout_p, scale, HopperOnePassAttention.ALGO)
-        if not gluon_backward_takes(q, k, do):
+        if not gluon_backward_takes(q, do):
             return _TritonAttention.plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask,
                                                   mask_kind, is_causal, scale, dropout_p, dmask)
         return _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal, scale)

@@ -144,15 +144,14 @@ def test_gluon_backward_takes_tma_rows_and_no_deterministic_mode():
     q, k, v = qkv(1, 4, 4, 16, 24, 64, 64, half)
     do = torch.empty_like(q)
     takes = attention_hopper.gluon_backward_takes
-    assert takes(q, k, do)
-    assert takes(q, k[:, :1].expand(1, 4, 24, 64), do)               # one key head broadcast
-    assert takes(*qkv(1, 4, 2, 16, 24, 64, 64, half)[:2], do)        # grouped-query heads
-    assert not takes(q, k, random_tensor((1, 4, 16, 128), half, DEVICE)[..., ::2])
-    assert not takes(q, k, torch.ones((), dtype=half, device=DEVICE).expand(q.shape))
+    assert takes(q, do)
+    assert takes(q, random_tensor((1, 16, 4, 64), half, DEVICE).transpose(1, 2))  # (B, L, H, E)
+    assert not takes(q, random_tensor((1, 4, 16, 128), half, DEVICE)[..., ::2])
+    assert not takes(q, torch.ones((), dtype=half, device=DEVICE).expand(q.shape))
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert not takes(q, k, do)
+        assert not takes(q, do)
     finally:
         torch.use_deterministic_algorithms(was)
 
