@@ -44,6 +44,21 @@ def test_gemm_odd_sizes_and_orientations(orient):
     assert_close(out, expected(a, b, out.shape, bias=bias), torch.float32, reduction=K)
 
 
+def test_gemm_long_reduction_keeps_small_products():
+    """fp32 products summed over K = 4096: 1 and then 4095 products of 2^-25 (each below
+    half an ulp of 1). One running sum rounds every one of them away (1.0, off by 1.2e-4:
+    outside fp32's tolerance for this reduction length, as a sequential sum of the same
+    products is); the kernel sums each K tile apart, then adds the tiles, and loses only the
+    first tile's."""
+    K = 4096
+    a = torch.full((1, 1, 1, K), 2.0 ** -25, device=DEVICE)
+    a[..., 0] = 1.0
+    b = torch.ones((1, 1, K, 1), device=DEVICE)
+    out = torch.empty((1, 1, 1, 1), device=DEVICE)
+    G.gemm(a, b, out)
+    assert_close(out, expected(a, b, out.shape), torch.float32, reduction=K)
+
+
 def test_gemm_batches_broadcast_reduce_and_c_in():
     """(B1, B2) batches with b broadcast over B2; then the B2 axis summed into a B2c = 1
     output, added to addend; a sliced output view leaves its neighbours alone."""

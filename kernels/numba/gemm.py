@@ -98,6 +98,7 @@ def _build(T, R, TRIM):
         sa = cuda.shared.array((T, TP), float32)   # sa[i, kk] = A[row0 + i, k0 + kk]
         sb = cuda.shared.array((T, TP), float32)   # sb[kk, j] = B[k0 + kk, col0 + j]
         acc = cuda.local.array((R, R), float32)    # C[row0 + ty + i TR, col0 + tx + j TR]
+        part = cuda.local.array((R, R), float32)   # the same elements' sums over one K tile
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         M = c_out.shape[2]
@@ -167,11 +168,20 @@ def _build(T, R, TRIM):
                                 nk = min(T, K - k0)
                                 ni = _span(M - row0 - ty, TR, R)
                                 nj = _span(N - col0 - tx, TR, R)
+                            # each K tile summed apart, then added: rounding error grows
+                            # with T + K / T terms, not K (one running sum lost the small
+                            # products of long reductions, bench/TUNING.md)
+                            for i in range(ni):
+                                for j in range(nj):
+                                    part[i, j] = ZERO
                             for kk in range(nk):
                                 for i in range(ni):
                                     av = sa[ty + i * TR, kk]
                                     for j in range(nj):
-                                        acc[i, j] += av * sb[kk, tx + j * TR]
+                                        part[i, j] += av * sb[kk, tx + j * TR]
+                            for i in range(ni):
+                                for j in range(nj):
+                                    acc[i, j] += part[i, j]
                             cuda.syncthreads()
                     ni = R
                     nj = R
