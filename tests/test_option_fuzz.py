@@ -9,6 +9,13 @@ given tests of their own); it stays as a net for the combinations nobody lists.
 
 Each test runs QUICK cases per op and backend (FULL with --full); a failure names its seed,
 and PYDL_FUZZ_SEED=<seed> runs that case alone.
+
+The cases are tiny (a tile or two of each kernel) so that many run in emulation. The same
+option spaces at medium sizes (`SIZES`), whose tiles cross the kernels' block boundaries
+(several query and key tiles, class counts either side of a block, split K, partial tiles of
+every kind), run in `test_option_fuzz_medium`: MEDIUM_QUICK seeds per Triton variant on
+every run, MEDIUM_FULL per variant, the Numba ones included, with --full (on a GPU: the
+compiled kernels, bf16 too). PYDL_FUZZ_SEED=<seed> runs one there as well.
 """
 import os
 
@@ -21,7 +28,22 @@ import pydl
 from pydl.testing import assert_close
 
 QUICK, FULL = 8, 150
+MEDIUM_QUICK, MEDIUM_FULL = 1, 40
 F = torch.nn.functional
+
+# The ranges the case makers draw sizes from ([lo, hi) as rng.integers; E, Ev: choices).
+# "tiny" keeps a case within a tile or two; "medium" crosses the kernels' tile and block
+# boundaries (a one-off run of 4,667 such cases found one fp32 accuracy miss: the Numba GEMM's
+# running sum, since blocked).
+SIZES = {
+    "tiny": dict(conv_c=(1, 3), conv_dw=(1, 5), conv_oc=(1, 4), conv_hw=6, pool_k=(1, 4),
+                 pool_c=(1, 5), pool_hw=(3, 9), classes=None, att_len=(1, 7), att_e=(4, 8, 16),
+                 att_ev=(4, 8), rnn_i=(1, 5), rnn_h=(1, 5), rnn_t=(1, 5), rnn_b=(1, 3)),
+    "medium": dict(conv_c=(9, 41), conv_dw=(17, 65), conv_oc=(9, 41), conv_hw=20,
+                   pool_k=(1, 8), pool_c=(1, 71), pool_hw=(8, 41), classes=(100, 5001),
+                   att_len=(17, 151), att_e=(16, 32, 40, 64, 80), att_ev=(16, 32),
+                   rnn_i=(3, 41), rnn_h=(17, 71), rnn_t=(1, 7), rnn_b=(1, 6)),
+}
 
 
 def _seeds(request):
@@ -91,23 +113,26 @@ def _check(case, ours, theirs, inputs, dtype, out_dtype, reduction, rng, grads=T
                          name=f"{case}: grad of input {i}")
 
 
-def _run(request, make, backend, algo):
-    for seed in _seeds(request):
+def _run(request, make, backend, algo, size="tiny", seeds=None):
+    for seed in seeds if seeds is not None else _seeds(request):
         rng = np.random.default_rng(seed)
         dtype = DTYPES[int(rng.integers(len(DTYPES)))]
-        case, ours, theirs, inputs, reduction, *out_dtype = make(rng, dtype, backend, algo)
+        case, ours, theirs, inputs, reduction, *out_dtype = make(rng, dtype, backend, algo,
+                                                                 size)
         _check(f"seed {seed} {dtype} {case}", ours, theirs, inputs, dtype,
                out_dtype[0] if out_dtype else dtype, reduction, rng)
 
 
 # --- the ops' option spaces -------------------------------------------------------------------
 
-def _conv(rng, dtype, backend, algo):
+def _conv(rng, dtype, backend, algo, size="tiny"):
+    z = SIZES[size]
     groups = int(rng.choice([1, 1, 2, 3]))
     depthwise = rng.random() < 0.25
-    C = groups * int(rng.integers(1, 3)) if not depthwise else int(rng.integers(1, 5))
+    C = groups * int(rng.integers(*z["conv_c"])) if not depthwise else \
+        int(rng.integers(*z["conv_dw"]))
     groups = C if depthwise else groups
-    OC = groups * int(rng.integers(1, 4))
+    OC = groups * int(rng.integers(*z["conv_oc"]))
     KH, KW = (int(v) for v in rng.integers(1, 5, 2))
     dil = [int(v) for v in rng.integers(1, 3, 2)]
     stride = [int(v) for v in rng.integers(1, 4, 2)]
@@ -116,8 +141,8 @@ def _conv(rng, dtype, backend, algo):
                "same": "same", "valid": "valid"}[padding]
     if padding == "same":
         stride = 1
-    H = int(rng.integers(dil[0] * (KH - 1) + 1, dil[0] * (KH - 1) + 6))
-    W = int(rng.integers(dil[1] * (KW - 1) + 1, dil[1] * (KW - 1) + 6))
+    H = int(rng.integers(dil[0] * (KH - 1) + 1, dil[0] * (KH - 1) + z["conv_hw"]))
+    W = int(rng.integers(dil[1] * (KW - 1) + 1, dil[1] * (KW - 1) + z["conv_hw"]))
     shape = (int(rng.integers(1, 3)), C, H, W)
     if rng.random() < 0.15:
         shape = shape[1:]                   # unbatched
@@ -130,13 +155,14 @@ def _conv(rng, dtype, backend, algo):
             lambda x, w, b: F.conv2d(x, w, b, **opts), [x, w, b], C // groups * KH * KW)
 
 
-def _pool(rng, dtype, backend, algo):
+def _pool(rng, dtype, backend, algo, size="tiny"):
+    z = SIZES[size]
     kind = str(rng.choice(["max", "avg", "adaptive"]))
-    K = [int(v) for v in rng.integers(1, 4, 2)]
+    K = [int(v) for v in rng.integers(*z["pool_k"], 2)]
     stride = None if rng.random() < 0.3 else [int(v) for v in rng.integers(1, 4, 2)]
     pad = [int(rng.integers(0, k // 2 + 1)) for k in K]
-    shape = (int(rng.integers(1, 3)), int(rng.integers(1, 5)), int(rng.integers(3, 9)),
-             int(rng.integers(3, 9)))
+    shape = (int(rng.integers(1, 3)), int(rng.integers(*z["pool_c"])),
+             int(rng.integers(*z["pool_hw"])), int(rng.integers(*z["pool_hw"])))
     if rng.random() < 0.15:
         shape = shape[1:]
     x = _tensor(rng, shape, dtype, _layout(rng))
@@ -161,9 +187,13 @@ def _pool(rng, dtype, backend, algo):
     return f"{kind}_pool x{tuple(shape)} {opts}", ours, theirs, [x], 16
 
 
-def _softmax_ce(rng, dtype, backend, algo):
+def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
+    z = SIZES[size]
     dims = int(rng.integers(1, 5))
     shape = tuple(int(v) for v in rng.integers(1, 6, dims))
+    if z["classes"]:            # one wide dimension: the softmax's, or the classes'
+        wide = 1 if dims > 1 and rng.random() < 0.7 else 0
+        shape = shape[:wide] + (int(rng.integers(*z["classes"])),) + shape[wide + 1:]
     x = _tensor(rng, shape, dtype, _layout(rng)) * 3
     if rng.random() < 0.4:
         dim = int(rng.integers(-dims, dims))
@@ -193,12 +223,14 @@ def _softmax_ce(rng, dtype, backend, algo):
             lambda x, t: F.cross_entropy(x, t, w64, **opts), [x, t], C * max(1, t.numel()))
 
 
-def _attention(rng, dtype, backend, algo):
+def _attention(rng, dtype, backend, algo, size="tiny"):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    z = SIZES[size]
     B, Hkv = int(rng.integers(1, 3)), int(rng.integers(1, 3))
     G = int(rng.integers(1, 3))
-    L, S, E = int(rng.integers(1, 7)), int(rng.integers(1, 7)), int(rng.choice([4, 8, 16]))
-    Ev = E if rng.random() < 0.7 else int(rng.choice([4, 8]))
+    L, S = int(rng.integers(*z["att_len"])), int(rng.integers(*z["att_len"]))
+    E = int(rng.choice(z["att_e"]))
+    Ev = E if rng.random() < 0.7 else int(rng.choice(z["att_ev"]))
     gqa = G > 1 and rng.random() < 0.7
     q_shape, kv_shape = [B, Hkv * G, L, E], [B, Hkv, S, E]
     if not gqa:
@@ -238,15 +270,16 @@ def _attention(rng, dtype, backend, algo):
             theirs, [q, k, v, mask], S * E)
 
 
-def _rnn(rng, dtype, backend, algo):
+def _rnn(rng, dtype, backend, algo, size="tiny"):
+    z = SIZES[size]
     lstm = rng.random() < 0.5
-    I, H = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    I, H = int(rng.integers(*z["rnn_i"])), int(rng.integers(*z["rnn_h"]))
     opts = dict(num_layers=int(rng.integers(1, 3)), bias=bool(rng.random() < 0.8),
                 batch_first=bool(rng.random() < 0.3), bidirectional=bool(rng.random() < 0.4))
     if lstm and H > 1 and rng.random() < 0.3:
         opts["proj_size"] = int(rng.integers(1, H))
     module = (torch.nn.LSTM if lstm else torch.nn.GRU)(I, H, **opts).to(DEVICE)
-    T, B = int(rng.integers(1, 5)), int(rng.integers(1, 3))
+    T, B = int(rng.integers(*z["rnn_t"])), int(rng.integers(*z["rnn_b"]))
     unbatched = rng.random() < 0.15
     shape = (T, I) if unbatched else ((B, T, I) if opts["batch_first"] else (T, B, I))
     x = _tensor(rng, shape, dtype, str(rng.choice(["contig", "transposed"])))
@@ -299,3 +332,17 @@ OPS = {
                                              for b, a in variants])
 def test_option_fuzz(request, op, backend, algo):
     _run(request, OPS[op][0], backend, algo)
+
+
+@pytest.mark.parametrize("op,backend,algo", [(op, b, a) for op, (_, variants) in OPS.items()
+                                             for b, a in variants])
+def test_option_fuzz_medium(request, op, backend, algo):
+    """The option spaces at medium sizes (SIZES): tiles that cross the kernels' block
+    boundaries. Seeds from 1000 (the tiny test's are its own)."""
+    full = request.config.getoption("--full")
+    one = os.environ.get("PYDL_FUZZ_SEED")
+    if one is None and backend == "numba" and not full:
+        pytest.skip("medium shapes on the Numba simulator take 3-45 s a case: run with --full")
+    seeds = [int(one)] if one is not None else \
+        range(1000, 1000 + (MEDIUM_FULL if full else MEDIUM_QUICK))
+    _run(request, OPS[op][0], backend, algo, size="medium", seeds=seeds)
