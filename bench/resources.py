@@ -167,10 +167,12 @@ def _attention_hopper(causal: bool):
     return run
 
 
-def _attention_onepass(causal: bool, launcher: str = "triton:flash_onepass", E: int = 128):
+def _attention_onepass(causal: bool, launcher: str = "triton:flash_onepass", E: int = 128,
+                       HKV: int = 16):
     """The same sweep point's backward through algo="flash_onepass" (the single-pass
     kernel, kernels/triton/attention_onepass.py, and its dQ conversion), or another
-    launcher's (algo="flash_hopper_onepass": the Gluon single-pass backward)."""
+    launcher's (algo="flash_hopper_onepass": the Gluon single-pass backward); HKV < 16 key
+    heads: grouped-query heads."""
     def run():
         import math
 
@@ -179,8 +181,8 @@ def _attention_onepass(causal: bool, launcher: str = "triton:flash_onepass", E: 
         from pydl import _attention_ops as ops
         from pydl import attention as att
         B, H, L = 4, 16, 4096
-        q, k, v, o, do, dq, dk, dv = (torch.empty(B, H, L, E, dtype=torch.bfloat16)
-                                      for _ in range(8))
+        q, o, do, dq = (torch.empty(B, H, L, E, dtype=torch.bfloat16) for _ in range(4))
+        k, v, dk, dv = (torch.empty(B, HKV, L, E, dtype=torch.bfloat16) for _ in range(4))
         lse = torch.empty(B * H, L, dtype=torch.float32)
         ops.launch_backward(launcher, q, k, v, o, lse, do, dq, dk, dv, None, att.MASK_NONE,
                             causal, 1.0 / math.sqrt(E), 0.0, 0, None)
@@ -357,6 +359,8 @@ PROBLEMS = (
      _attention_onepass(True, "triton:flash_hopper_onepass")),
     ("attention", "d64-4k hopper_onepass",
      _attention_onepass(False, "triton:flash_hopper_onepass", E=64)),
+    ("attention", "d128-4k-causal gqa4 hopper_onepass",
+     _attention_onepass(True, "triton:flash_hopper_onepass", HKV=4)),
     ("pool", "stem3x3s2 cl", _max_pool(64, 112, 3, 2, 1, True)),       # ResNet-50's stem pool
     ("pool", "stem3x3s2 nchw", _max_pool(64, 112, 3, 2, 1, False)),
     ("pool", "vgg224 2x2s2 cl", _max_pool(64, 224, 2, 2, 0, True)),     # VGG-16 pool1

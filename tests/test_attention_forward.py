@@ -354,27 +354,31 @@ def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
 HOPPER_BWD_COMPILE = r"""
 import json, sys
 from bench import resources as R
-E, causal = int(sys.argv[1]), sys.argv[2] == "causal"
+E, causal, HKV = int(sys.argv[1]), sys.argv[2] == "causal", int(sys.argv[3])
 rows = R.capture(90, [("attention", "hopper_onepass",
-                       R._attention_onepass(causal, "triton:flash_hopper_onepass", E=E))])
+                       R._attention_onepass(causal, "triton:flash_hopper_onepass", E=E,
+                                            HKV=HKV))])
 row = next(r for r in rows if r["kernel"] == "attention_bwd_hopper" and r["candidate"] == 0)
 R.measure([row], workers=1)
 print(json.dumps(R._json_row(row), default=str))
 """
 
 
-@pytest.mark.parametrize("E,causal,spill", [(64, "causal", 0), (128, "noncausal", 256)])
-def test_flash_hopper_onepass_backward_compiles_for_sm90_offline(tmp_path, E, causal, spill):
+@pytest.mark.parametrize("E,causal,HKV,spill", [(64, "causal", 16, 0), (128, "noncausal", 16, 256),
+                                               (128, "causal", 4, 768)])
+def test_flash_hopper_onepass_backward_compiles_for_sm90_offline(tmp_path, E, causal, HKV,
+                                                                 spill):
     """The Gluon backward's default configuration, captured from the launcher (bf16) and
     compiled by `bench resources`: wgmma, TMA copies both ways, the partitions' register
     budgets, within Hopper's shared memory; no spills at d = 64, at d = 128 at most the
     bytes bench/TUNING.md reports (the consumers keep dK and dV, 128 fp32 registers a thread,
-    beside the two score tiles)."""
+    beside the two score tiles); grouped-query heads (16 on 4) compile too."""
     why = resources.missing_toolchain()
     if why:
         pytest.skip(f"no offline Triton/CUDA toolchain: {why}")
-    proc = subprocess.run([sys.executable, "-c", HOPPER_BWD_COMPILE, str(E), causal], cwd=REPO,
-                          env=_clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", HOPPER_BWD_COMPILE, str(E), causal, str(HKV)],
+                          cwd=REPO, env=_clean_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "error" not in row, row.get("error")
