@@ -292,10 +292,12 @@ def attention_fwd_hopper(
 #       (3) dS_c = P_c (dP_c - delta_i)
 #       (4) P_c, dS_c to shared memory (column half c of a 64 x 128 tile each), then
 #           dV_c += P_c^T dO_i, dK_c += dS_c^T Q_i (the transposed views), issued together
-#       (5) dQ_i[:, half c] += dS K[:, half c]     once both halves of dS are there (ds_ready):
-#                                                  all 128 keys, half the head dim each, so each
-#                                                  dQ element is added once per program (fp32
-#                                                  atomics); ds_free when both are done with dS
+#       (5) d = 128: dQ_i[:, half c] += dS K[:, half c]   once both halves of dS are there
+#                                  (ds_ready): all 128 keys, half the head dim each, so each
+#                                  dQ element is added once per program (fp32 atomics);
+#           d = 64:  dQ_i += dS_c K_c              this warpgroup's keys, every column (two
+#                                  additions an element; no slice inside a swizzle row);
+#           ds_free when both are done with dS
 #     then dK * scale and dV through shared memory (K's and V's buffers) by TMA stores.
 #
 # Five products a tile (the flash backward's two passes take seven). A causal program skips
@@ -323,17 +325,17 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
 
 
 @gluon.jit
-def _bwd_tile(j, m0, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_smem,
-              q_ready, do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base, dq_offsets,
+def _bwd_tile(j, m0, dk, dv, q_smem, do_smem, k, v, dq_a, dq_b, p_half, ds_half, q_ready,
+              do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base, dq_offsets,
               lse_base, delta_base, L, qk_scale, scale, MASKED: gl.constexpr,
               BLOCK_M: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
               add_l: gl.constexpr):
     """The consumer's j-th query tile (rows m0 .. of one query head, whose lse, delta and dQ
     rows start at the bases) against this warpgroup's keys: steps (1) to (5) above, dK and
     dV accumulated (returned); MASKED: the causal mask (a tile crossing the diagonal)."""
-    HALF_D: gl.constexpr = k_half.shape[1]
+    DQ_N: gl.constexpr = dq_b.shape[1]
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HALF_D, 16])
+                                                        instr_shape=[16, DQ_N, 16])
     dtype: gl.constexpr = v.dtype
     st = j % STAGES
     phase = (j // STAGES) & 1
@@ -366,10 +368,10 @@ def _bwd_tile(j, m0, dk, dv, q_smem, do_smem, k, v, k_half, p_half, ds_half, ds_
     mbarrier.arrive(ds_ready, count=1)
     dv_tok = warpgroup_mma(p_half.permute((1, 0)), do, dv, is_async=True)
     dk_tok = warpgroup_mma(ds_half.permute((1, 0)), q, dk, is_async=True)
-    # (5) dQ's half of the dims over all 128 keys
+    # (5) dQ's share: dq_a @ dq_b (see _bwd_consumer's DQ_BY_DIM)
     mbarrier.wait(ds_ready, j & 1)
-    dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, dq_layout)
-    dq_tok = warpgroup_mma(ds_smem, k_half, dq_zero, use_acc=False, is_async=True)
+    dq_zero = gl.zeros([BLOCK_M, DQ_N], gl.float32, dq_layout)
+    dq_tok = warpgroup_mma(dq_a, dq_b, dq_zero, use_acc=False, is_async=True)
     dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
     mbarrier.arrive(qdo_empty.index(st), count=1)       # Q and dO are consumed
     mbarrier.arrive(ds_free, count=1)                   # and P, dS
@@ -390,8 +392,12 @@ def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_sm
                   BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """One warpgroup: keys n0 + 64 ROLE + [0, 64) against query tiles m_first .. of each
     query head bh0 + g of the group (causal: the first two cross the diagonal).
-    dQ: columns ROLE * HEAD_D / 2 + [0, HEAD_D / 2) of every query tile, over all 128 keys."""
-    HALF_D: gl.constexpr = HEAD_D // 2
+    dQ at d = 128 (DQ_BY_DIM): columns ROLE * 64 + [0, 64) of every query tile, over all 128
+    keys (one addition an element a program); at d = 64: every column over this warpgroup's
+    64 keys (two additions an element), which reads whole 128-byte swizzle rows of K where a
+    half of the head dim would be a 32-column slice inside one."""
+    DQ_BY_DIM: gl.constexpr = HEAD_D >= 128
+    DQ_N: gl.constexpr = HEAD_D // 2 if DQ_BY_DIM else HEAD_D
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -399,18 +405,24 @@ def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_sm
     key_l: gl.constexpr = gl.SliceLayout(0, s_layout)
     # dQ's additions four contiguous columns a thread (vector reductions; the accumulator's
     # own layout holds pairs, twice the addresses)
-    add_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HALF_D, HALF_D // 4], [4, 1],
+    add_l: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // DQ_N, DQ_N // 4], [4, 1],
                                            [1, 0])
     k = k_smem.slice(ROLE * ROWS, ROWS)                 # this warpgroup's keys
-    k_half = k_smem.slice(ROLE * HALF_D, HALF_D, dim=1)  # every key, this half of the dims
     v = v_smem.index(ROLE)
     p_half = p_smem.slice(ROLE * ROWS, ROWS, dim=1)     # P_c, dS_c: BLOCK_M x 64 each
     ds_half = ds_smem.slice(ROLE * ROWS, ROWS, dim=1)
+    if DQ_BY_DIM:       # dS (all 128 keys) @ K[:, this half of the dims]
+        dq_a = ds_smem
+        dq_b = k_smem.slice(ROLE * DQ_N, DQ_N, dim=1)
+    else:               # dS[:, this warpgroup's keys] @ K[its keys, :]
+        dq_a = ds_half
+        dq_b = k
     dtype: gl.constexpr = v.dtype
     keys = n0 + ROLE * ROWS + gl.arange(0, ROWS, layout=key_l)
     dk = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
     dv = gl.zeros([ROWS, HEAD_D], gl.float32, acc_layout)
-    dq_cols = ROLE * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, add_l))
+    dq_cols = (ROLE * DQ_N if DQ_BY_DIM else 0) + gl.arange(0, DQ_N,
+                                                            layout=gl.SliceLayout(0, add_l))
     dq_offsets = gl.expand_dims(dq_cols, 0)         # of a row's dQ (B * H, L, E) elements
     mbarrier.wait(kv_ready, 0)
 
@@ -425,13 +437,13 @@ def _bwd_consumer(dk_desc, dv_desc, lse_ptr, delta_ptr, dq_acc_ptr, q_smem, k_sm
         for i in gl.static_range(N_MASKED):
             if i < n_tiles:
                 dk, dv = _bwd_tile(g * n_tiles + i, (m_first + i) * BLOCK_M, dk, dv, q_smem,
-                                   do_smem, k, v, k_half, p_half, ds_half, ds_smem, q_ready,
+                                   do_smem, k, v, dq_a, dq_b, p_half, ds_half, q_ready,
                                    do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
                                    dq_offsets, lse_base, delta_base, L, qk_scale, scale, True,
                                    BLOCK_M, STAGES, s_layout, add_l)
         for i in range(N_MASKED, n_tiles):
             dk, dv = _bwd_tile(g * n_tiles + i, (m_first + i) * BLOCK_M, dk, dv, q_smem,
-                               do_smem, k, v, k_half, p_half, ds_half, ds_smem, q_ready,
+                               do_smem, k, v, dq_a, dq_b, p_half, ds_half, q_ready,
                                do_ready, qdo_empty, ds_ready, ds_free, keys, dq_base,
                                dq_offsets, lse_base, delta_base, L, qk_scale, scale, False,
                                BLOCK_M, STAGES, s_layout, add_l)
