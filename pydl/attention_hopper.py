@@ -40,7 +40,7 @@ HOPPER_SPACES = {
 TUNER = tune.Tuner("attention_fwd_hopper")
 # The backward's ring of query tiles (STAGES; Q and dO, 64 rows each) beside K and V (128 keys),
 # P and dS: d = 128 takes 64 KiB of K and V, 32 of P and dS, 32 a stage and the layout
-# conversions' scratch (compiled: 192 KiB with 2 stages, 224 with 3), d = 64 128-144 KiB.
+# conversions' scratch (compiled: 192 KiB with 2 stages, 224 with 3), d = 64 128-160 KiB.
 HOPPER_BWD_STAGES = {64: (3, 4, 2), 128: (2, 3)}
 BWD_TUNER = tune.Tuner("attention_bwd_hopper")
 
