@@ -148,9 +148,10 @@ def _attention(causal: bool, dtype: str = "bfloat16", L: int = 4096, E: int = 12
     return run
 
 
-def _attention_hopper(causal: bool):
+def _attention_hopper(causal: bool, E: int = 128, HKV: int = 16):
     """The same sweep point through algo="flash_hopper"'s forward (the Gluon kernel for
-    Hopper, kernels/triton/attention_gluon.py; its backward is the flash backward above)."""
+    Hopper, kernels/triton/attention_gluon.py; its backward is the flash backward above);
+    HKV < 16 key heads: grouped-query attention."""
     def run():
         import math
 
@@ -159,8 +160,9 @@ def _attention_hopper(causal: bool):
         from pydl import _attention_ops as ops
         from pydl import attention as att
         from pydl import attention_hopper
-        B, H, L, E = 4, 16, 4096, 128
-        q, k, v, o = (torch.empty(B, H, L, E, dtype=torch.bfloat16) for _ in range(4))
+        B, H, L = 4, 16, 4096
+        q, o = (torch.empty(B, H, L, E, dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.empty(B, HKV, L, E, dtype=torch.bfloat16) for _ in range(2))
         lse = torch.empty(B * H, L, dtype=torch.float32)
         ops.launch_forward(attention_hopper.LAUNCHER, q, k, v, o, lse, None, att.MASK_NONE,
                            causal, 1.0 / math.sqrt(E), 0.0, 0)
@@ -351,6 +353,8 @@ PROBLEMS = (
     ("attention", "d128-1k fp32", _attention(False, "float32", 1024, 128)),
     ("attention", "d128-4k hopper", _attention_hopper(False)),
     ("attention", "d128-4k-causal hopper", _attention_hopper(True)),
+    ("attention", "d64-4k hopper", _attention_hopper(False, E=64)),
+    ("attention", "d128-4k-causal gqa4 hopper", _attention_hopper(True, HKV=4)),
     ("attention", "d128-4k onepass", _attention_onepass(False)),
     ("attention", "d128-4k-causal onepass", _attention_onepass(True)),
     ("attention", "d128-4k hopper_onepass",

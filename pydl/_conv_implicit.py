@@ -6,8 +6,6 @@ takes for depthwise layers (kernels/triton/conv_depthwise.py).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._conv_common import (
@@ -25,6 +23,7 @@ from ._launch import (
     cdiv,
     dot_block,
     memory_format_of,
+    multiprocessors,
     next_power_of_2,
     output_maker,
 )
@@ -121,12 +120,7 @@ SIM_SMS = 2
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return SIM_SMS
-    return _device_multiprocessors(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return multiprocessors(device)
 
 
 def _reduce_rows(cfg: dict) -> int:

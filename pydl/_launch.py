@@ -127,6 +127,25 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# The multiprocessors a grid is sized for where there is no GPU to ask (emulation, the
+# offline compile report): an H100's and H200's.
+TARGET_SMS = 132
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (the size of a persistent grid);
+    TARGET_SMS for other devices."""
+    if device.type != "cuda":
+        return TARGET_SMS
+    return _multiprocessors(device.index if device.index is not None
+                            else torch.cuda.current_device())
+
+
 def tma_available(device: torch.device) -> bool:
     """Whether kernels on `device` may read through tensor descriptors: a GPU of compute
     capability 9.0 or newer, or emulation (Triton's interpreter runs descriptor loads)."""
@@ -147,6 +166,22 @@ def tma_compatible(t: torch.Tensor, box_cols: int) -> bool:
     if strides[-2] * size % 16:
         return False
     return all(s * size % 16 == 0 for n, s in zip(t.shape[:-2], strides[:-2]) if n > 1)
+
+
+def descriptor_strides(t: torch.Tensor) -> tuple[int, ...] | None:
+    """t's strides for a TMA descriptor over all its dims (a kernel that indexes the batch
+    and head in the descriptor, not by moving its base): a size-1 dim's stride, which no
+    index multiplies and torch leaves arbitrary, replaced by the extent of the dims inside it
+    (as a TMA stride must be, a multiple of 16 bytes where the rows' is); None where a dim of
+    several entries has stride 0 (an expanded tensor), which a descriptor cannot express.
+    For a `tma_compatible` t."""
+    strides = list(t.stride())
+    for i in range(len(strides) - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = t.shape[i + 1] * strides[i + 1]
+        elif strides[i] == 0:
+            return None
+    return tuple(strides)
 
 
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:

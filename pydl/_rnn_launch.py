@@ -57,7 +57,6 @@ and the splits count their arrivals on the stream's counters (`barrier_counters`
 """
 from __future__ import annotations
 
-import functools
 import operator
 from typing import Callable
 
@@ -69,6 +68,7 @@ from ._launch import (
     cdiv,
     dot_block,
     input_precision,
+    multiprocessors,
     new_output,
     next_power_of_2,
 )
@@ -98,22 +98,6 @@ def tf32_key(dtype: torch.dtype, cudnn: bool) -> bool:
     """Whether an fp32 model's products round to TF32 now (torch's switch, read every call:
     it keys the plans); False for a 16-bit model, whose products never use it."""
     return dtype == F32 and input_precision(F32, cudnn=cudnn) == "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-# The SM count the tiles are sized for when there is no GPU (emulation, the offline compile
-# report): an H100's / H200's.
-DEFAULT_SMS = 132
-
-
-def multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def persistent_on(device: torch.device) -> bool:

@@ -30,12 +30,15 @@ LAUNCHER = "triton:flash_hopper"      # key of pydl.attention.LAUNCHERS for this
 ONEPASS_LAUNCHER = "triton:flash_hopper_onepass"     # and for the Gluon backward's
 HEAD_DIMS = (64, 128)
 ROWS_PER_PROGRAM = 128                # two consumer warpgroups of 64 query rows
-# (BLOCK_N, STAGES) per head dim, the first the default: 128-key tiles (two 64 x 128 x d
-# products per consumer and tile) and as deep a K/V ring as shared memory allows beside Q:
-# d = 128 takes 32 KiB of Q + 64 KiB a stage (2 stages: 160 KiB; 3: 224 of 227 KiB).
+# (BLOCK_N, STAGES, PERSISTENT) per head dim, the first the default: 128-key tiles (two
+# 64 x 128 x d products per consumer and tile) and as deep a K/V ring as shared memory allows
+# beside Q (d = 128: 32 KiB of Q + 64 KiB a stage, 2 stages 160 KiB, 3 224 of 227 KiB; the
+# output leaves from the registers, so no buffer of its own). PERSISTENT: one program per
+# multiprocessor, each taking every P-th work tile (128 query rows of one head), so that the
+# next tile's loads overlap this one's last product and epilogue; else one program a tile.
 HOPPER_SPACES = {
-    64: ((128, 3), (128, 4), (64, 4)),
-    128: ((128, 2), (128, 3), (64, 3)),
+    64: ((128, 3, True), (128, 3, False), (128, 4, True), (64, 4, True)),
+    128: ((128, 3, True), (128, 3, False), (128, 2, True), (64, 3, True)),
 }
 TUNER = tune.Tuner("attention_fwd_hopper")
 # The backward's ring of query tiles (STAGES; Q and dO, 64 rows each) beside K and V (128 keys),
@@ -63,9 +66,9 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout
                 f"equal to the query's, got {E} and {EV}")
     if k.shape[2] == 0:
         return "it needs at least one key"
-    if q.shape[0] * q.shape[1] > _plan.GRID_YZ_MAX:
-        return (f"its grid has one row of programs per (batch, head), at most {_plan.GRID_YZ_MAX} "
-                f"(CUDA's cap on grid axis 1), got {q.shape[0] * q.shape[1]}")
+    if _work_tiles(q) >= 2**31:
+        return (f"it numbers its tiles of {ROWS_PER_PROGRAM} query rows with 32-bit integers, "
+                f"got {_work_tiles(q)} (batch x heads x row tiles)")
     if mask is not None:
         return "it takes no attn_mask (is_causal is supported)"
     if dropout_p > 0:
@@ -76,6 +79,11 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout
         if not _launch.tma_compatible(t, E):
             return (f"{name} rows are not TMA-addressable (unit last stride and 16-byte "
                     f"aligned data pointer and strides needed; got strides {tuple(t.stride())})")
+        if _launch.descriptor_strides(t) is None:
+            return (f"{name} is expanded (stride 0 in a dim of several entries: strides "
+                    f"{tuple(t.stride())}), which its TMA descriptors over (batch, heads, rows) "
+                    f"cannot express; for grouped-query heads pass the key heads with "
+                    f"enable_gqa=True")
     return None
 
 
@@ -88,11 +96,24 @@ def check(q, k, v, mask, dropout_p: float, scale: float, algo: str = "flash_hopp
                                   f"run here: {why}; use algo='flash'")
 
 
+def _work_tiles(q) -> int:
+    """The forward's work tiles: 128 query rows of one (batch, head) each."""
+    B, H, L, _ = q.shape
+    return B * H * _launch.cdiv(L, ROWS_PER_PROGRAM)
+
+
+def _forward_grid(q, cfg: dict) -> tuple[int]:
+    """The programs a configuration launches: one per multiprocessor (PERSISTENT), at most
+    one per work tile."""
+    n = _work_tiles(q)
+    return (min(n, _launch.multiprocessors(q.device)) if cfg["PERSISTENT"] else n,)
+
+
 def _hopper_config(q, k, is_causal: bool, launch) -> dict:
     B, H, L, E = q.shape
     HKV, S = k.shape[1], k.shape[2]
-    candidates = [dict(BLOCK_N=bn, STAGES=stages, num_warps=4)
-                  for bn, stages in HOPPER_SPACES[E]]
+    candidates = [dict(BLOCK_N=bn, STAGES=stages, PERSISTENT=persistent, num_warps=4)
+                  for bn, stages, persistent in HOPPER_SPACES[E]]
     key = (q.dtype, E, is_causal, tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14),
            H != HKV)
     return TUNER.pick(key, candidates, launch)
@@ -119,13 +140,14 @@ class HopperAttention:
         if o.numel() == 0:
             return lambda *tensors: None
         _launch.ensure_triton_allocator()          # the kernel builds its TMA descriptors
-        scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], H, L, S,
-                   H // HKV, scale * 1.4426950408889634)    # the scale in exp2 units
-        grid = (_launch.cdiv(L, ROWS_PER_PROGRAM), B * H)
+        strides = [_launch.descriptor_strides(t)[:3] for t in (q, k, v)]
+        scalars = (*strides[0], *strides[1], *strides[2], *o.stride()[:3], B, H, L, S, H // HKV,
+                   scale * 1.4426950408889634)    # the scale in exp2 units
 
         def launch(cfg, q=q, k=k, v=v, o=o, lse=lse):
-            kg.attention_fwd_hopper[grid](q, k, v, o, lse, *scalars, IS_CAUSAL=is_causal,
-                                          HEAD_D=E, **cfg)
+            consts = {n: c for n, c in cfg.items() if n != "PERSISTENT"}   # a grid, not code
+            kg.attention_fwd_hopper[_forward_grid(q, cfg)](
+                q, k, v, o, lse, *scalars, IS_CAUSAL=is_causal, HEAD_D=E, **consts)
 
         cfg = _hopper_config(q, k, is_causal, launch)
 
@@ -147,6 +169,7 @@ def gluon_backward_takes(q, do) -> bool:
     queries (the forward's checks passed): TMA-addressable rows, and not in deterministic
     mode; elsewhere algo="flash_hopper_onepass" takes the flash backward."""
     return (_launch.tma_compatible(do, q.shape[-1])
+            and _launch.descriptor_strides(do) is not None
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -180,8 +203,8 @@ def _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: flo
         return lambda *tensors: None
     _launch.ensure_triton_allocator()
     delta_of = plan_delta(o, do, acc_e=E)       # the delta and a zeroed fp32 dQ accumulator
-    scalars = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-               *dk.stride()[:3], *dv.stride()[:3], H, L, S, scale * 1.4426950408889634, scale)
+    strides = [_launch.descriptor_strides(t)[:3] for t in (q, k, v, do, dk, dv)]
+    scalars = (*[s for st in strides for s in st], H, L, S, scale * 1.4426950408889634, scale)
     grid = (_launch.cdiv(S, ROWS_PER_PROGRAM), B * HKV)
 
     def launch(cfg, q, k, v, do, lse, delta, dk, dv, dq_acc):

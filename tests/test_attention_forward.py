@@ -156,6 +156,34 @@ def test_gluon_backward_takes_tma_rows_and_no_deterministic_mode():
         torch.use_deterministic_algorithms(was)
 
 
+def test_descriptor_strides_of_size_one_and_expanded_dims():
+    """The strides a (batch, heads, rows, E) TMA descriptor takes: as the tensor's, but a
+    size-1 dim's (which no index multiplies, and torch leaves arbitrary) the extent inside
+    it; none for a dim of several entries with stride 0."""
+    half = torch.float16
+    x = torch.empty(2, 3, 5, 64, dtype=half)
+    assert _launch.descriptor_strides(x) == x.stride()
+    assert _launch.descriptor_strides(x.transpose(1, 2)) == x.transpose(1, 2).stride()
+    odd = torch.empty(80, dtype=half).as_strided((1, 1, 1, 64), (7, 3, 5, 1))
+    assert _launch.descriptor_strides(odd) == (64, 64, 64, 1)
+    one_head = torch.empty(2, 4, 8, 64, dtype=half)[:, 1:2]          # (2, 1, 8, 64)
+    assert _launch.descriptor_strides(one_head) == (2048, 512, 64, 1)
+    assert _launch.descriptor_strides(x[:, :1].expand(2, 3, 5, 64)) is None
+
+
+def test_flash_hopper_grid_one_program_per_multiprocessor_or_per_tile(monkeypatch):
+    """The forward's programs: one per multiprocessor when persistent (never more than the
+    work tiles of 128 query rows of one (batch, head)), else one per tile."""
+    monkeypatch.setattr(_launch, "multiprocessors", lambda device: 132)
+    q = torch.empty(2, 3, 300, 64)                  # 2 * 3 * 3 = 18 work tiles
+    assert attention_hopper._work_tiles(q) == 18
+    assert attention_hopper._forward_grid(q, dict(PERSISTENT=False)) == (18,)
+    assert attention_hopper._forward_grid(q, dict(PERSISTENT=True)) == (18,)
+    big = torch.empty(16, 16, 1024, 128, device="meta")
+    assert attention_hopper._forward_grid(big, dict(PERSISTENT=True)) == (132,)
+    assert attention_hopper._forward_grid(big, dict(PERSISTENT=False)) == (2048,)
+
+
 def test_flash_hopper_names_each_reason(monkeypatch):
     """Each limit of the kernel has its own message; the device and emulation checks are
     replaced so that the others can be reached on any machine."""
@@ -176,10 +204,12 @@ def test_flash_hopper_names_each_reason(monkeypatch):
     assert "attn_mask" in why(q, k, v, mask=torch.ones(16, 24, dtype=torch.bool))
     assert "dropout" in why(q, k, v, dropout_p=0.1)
     assert "scale >= 0" in why(q, k, v, scale=-1.0)
-    many = [t.expand(32768, 3, *t.shape[2:]) for t in qkv(1, 1, 1, 16, 24, 64, 64, half)]
-    assert "at most 65535" in why(*many)       # 98304 (batch, head) planes on grid axis 1
+    many = [t.expand(65536, 32769, *t.shape[2:]) for t in qkv(1, 1, 1, 16, 24, 64, 64, half)]
+    assert "32-bit" in why(*many)              # 2^31 + 2^16 tiles of 128 query rows
     strided = random_tensor((1, 2, 16, 128), half, DEVICE)[..., ::2]
     assert "query rows are not TMA-addressable" in why(strided, k, v)
+    assert "key is expanded" in why(q, k.expand(1, 2, 24, 64), v.expand(1, 2, 24, 64))
+    assert "query is expanded" in why(q[:, :1].expand(1, 2, 16, 64), k, v)
     monkeypatch.setattr(_launch, "device_capability", lambda device: (10, 0))
     assert "compute capability 10.0" in why(q, k, v)
     monkeypatch.setattr(_launch, "device_capability", lambda device: None)
@@ -249,6 +279,43 @@ def test_flash_hopper_matches_reference(algo, case, causal, dtype, gluon_backwar
     ours = pydl.scaled_dot_product_attention(q, k, v, backend="triton", algo=algo, **opts)
     flash = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
     assert_close(ours, flash, dtype, reduction=S, name=f"{algo} vs flash")
+
+
+# The forward's schedules beside the default (tuning is off in the tests: the first
+# candidate of HOPPER_SPACES runs): (BLOCK_N, STAGES, PERSISTENT) per head dim, and the
+# multiprocessors a persistent grid is sized for (3: each program walks many work tiles, so
+# the ring index and the Q buffer pass from tile to tile, across heads and batches).
+HOPPER_SCHEDULES = {
+    "one_tile_a_program": ({64: (128, 3, False), 128: (128, 3, False)}, None),
+    "persistent_3_programs": (None, 3),
+    "n64_persistent_5_programs": ({64: (64, 4, True), 128: (64, 3, True)}, 5),
+    "two_stages_persistent_3_programs": ({64: (128, 2, True), 128: (128, 2, True)}, 3),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("case", HOPPER_CASES)
+@pytest.mark.parametrize("schedule", HOPPER_SCHEDULES)
+def test_flash_hopper_schedules_match_reference(schedule, case, causal, monkeypatch):
+    """Every schedule the tuner may pick, forward and gradients (the flash backward from the
+    forward's output and log-sum-exp) against the float64 reference and torch."""
+    from pydl import _plan
+    space, sms = HOPPER_SCHEDULES[schedule]
+    if space is not None:
+        monkeypatch.setattr(attention_hopper, "HOPPER_SPACES",
+                            {e: (c,) for e, c in space.items()})
+    if sms is not None:
+        monkeypatch.setattr(_launch, "multiprocessors", lambda device: sms)
+    _plan.clear_all()
+    try:
+        B, H, HKV, L, S, E, layout = HOPPER_CASES[case]
+        q, k, v = _hopper_case(B, H, HKV, L, S, E, torch.bfloat16, layout)
+        check_attention(q, k, v, "triton", torch.bfloat16, algo="flash_hopper",
+                        is_causal=causal, enable_gqa=H != HKV)
+    finally:
+        _plan.clear_all()
 
 
 @pytest.mark.gpu
@@ -334,8 +401,8 @@ print(json.dumps(R._json_row(row), default=str))
 
 def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
     """The default configuration, captured from the launcher (d128 bf16, causal) and compiled
-    by `bench resources`: wgmma, TMA copies both ways, the producer's and consumers' register
-    budgets, no spills, within Hopper's shared memory."""
+    by `bench resources`: wgmma, TMA loads, the producer's and consumers' register budgets,
+    no spills, within Hopper's shared memory, one program per multiprocessor."""
     why = resources.missing_toolchain()
     if why:
         pytest.skip(f"no offline Triton/CUDA toolchain: {why}")
@@ -344,10 +411,11 @@ def test_flash_hopper_compiles_for_sm90_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "error" not in row, row.get("error")
-    assert row["config"] == dict(BLOCK_N=128, STAGES=2, num_warps=4)
+    assert row["config"] == dict(BLOCK_N=128, STAGES=3, PERSISTENT=True, num_warps=4)
     assert row["verdict"] == "ok"                 # no spills, fits the shared memory
     assert row["num_warps"] == 12                 # 2 consumer warpgroups + the producer's
     assert row["hgmma"] > 0 and row["hmma"] == 0 and row["tma"] > 0
+    assert row["grid"] == [132]                   # persistent: one program a multiprocessor
     assert {24, 240} <= set(row["setmaxnreg"])    # producer and consumers' budgets
 
 

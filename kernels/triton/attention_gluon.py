@@ -7,9 +7,14 @@ every QK^T right after issuing it, so the softmax never overlaps the tensor core
 exposes Hopper's primitives directly, and the forward arranges them as FlashAttention-3 does
 (Shah et al., 2024, section 3):
 
-    program = 128 query rows of one (batch, head); three partitions (warp_specialize):
-      producer (1 warp):  Q once, then K and V tiles by TMA into a STAGES-deep shared ring
-                          (k_ready / v_ready mbarriers; kv_empty when both consumers are done)
+    work tile = 128 query rows of one (batch, head); program p takes tiles p, p + P, ...
+    (P: one program per multiprocessor, persistent, or one per tile); three partitions
+    (warp_specialize), each walking the program's tiles in the same order:
+      producer (1 warp):  a tile's Q once both consumers are done with the last one's
+                          (q_empty), then its K and V tiles by TMA into a STAGES-deep shared
+                          ring that runs on across tiles (k_ready / v_ready mbarriers;
+                          kv_empty when both consumers are done): the next tile's loads
+                          overlap this one's last product and epilogue
       consumer c = 0, 1:  64 query rows each, one warpgroup (4 warps) each
         S_0 = Q K_0^T; softmax -> P_0
         for j = 1 ..:
@@ -17,7 +22,7 @@ exposes Hopper's primitives directly, and the forward arranges them as FlashAtte
             wait until one product is left (S_j ready; the PV still runs)
             softmax(S_j) on the CUDA cores while the tensor cores finish P_{j-1} V_{j-1}
             wait for the PV; release stage j-1; O *= exp2(m_old - m_new); P_j in registers
-        [my turn] O += P_last V_last [your turn]; O / l -> shared (Q's buffer) -> TMA store
+        release Q; [my turn] O += P_last V_last [your turn]; O / l stored from the registers
 
 Two overlaps: inside a warpgroup, the next QK^T is issued before the current softmax (the
 wgmma wait keeps one group outstanding); between the two warpgroups, a pair of mbarriers
@@ -28,8 +33,12 @@ S, the causal diagonal) come first and the rest run unmasked, with the scale fol
 exponent's FMA. Causal programs start longest rows first. Scores are in log2 units; the row
 statistics end as lse = (m + log2 l) / log2 e, the flash backward's input.
 
+Q, K and V are read through (batch, heads, rows, E) descriptors made once a program, so a
+box never crosses into the next head and TMA's zero rows fill the tails.
+
 Scope (the host refuses everything else, pydl/attention_hopper.py): fp16/bf16, head dims
-E = Ev in {64, 128}, no attention mask, no dropout, scale >= 0, 16-byte aligned rows.
+E = Ev in {64, 128}, no attention mask, no dropout, scale >= 0, 16-byte aligned rows, no
+expanded (stride-0) dims.
 Gluon kernels do not run in Triton's interpreter: these are compiled and checked on a GPU.
 """
 from triton.experimental import gluon
@@ -48,18 +57,52 @@ BLOCK_M = gl.constexpr(128)      # query rows per program: two consumers
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-              kv_empty, m0, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: each consumer's 64 query rows, then key tiles n_tiles - 1 .. 0 (K and V of
-    tile t into stage t % STAGES once both consumers released it). TMA fills rows past L or
-    S with zeros and still counts the whole box, so every expect matches."""
-    for c in gl.static_range(2):
-        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [m0 + c * ROWS, 0], q_ready.index(c),
-                                        q_smem.index(c))
-    for t in range(n_tiles):
-        _ring_put(t, ((n_tiles - 1 - t) * BLOCK_N, 0), k_desc, v_desc, k_smem, v_smem, k_ready,
-                  v_ready, kv_empty, STAGES)
+def _fwd_tile(w, n_m, H, GROUP, S, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Work tile w of the forward, in the order the programs take them: (batch, head) by
+    (batch, head), its query tiles in order (causal: last first, the longest rows first).
+    (b, h, its key head, b * H + h, first row m0, key tiles, masked key tiles): causal tiles
+    stop after their last row's key; the key tiles from n_tiles - n_masked on (processed
+    first) hold keys past S or past the first row."""
+    bh = w // n_m
+    pid_m = w % n_m
+    if IS_CAUSAL:
+        pid_m = n_m - 1 - pid_m
+    h = bh % H
+    m0 = pid_m * BLOCK_M
+    hi = S
+    n_unmasked = S // BLOCK_N
+    if IS_CAUSAL:
+        hi = gl.minimum(S, m0 + BLOCK_M)
+        n_unmasked = gl.minimum(n_unmasked, (m0 + 1) // BLOCK_N)
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+    return bh // H, h, h // GROUP, bh, m0, n_tiles, n_tiles - gl.minimum(n_unmasked, n_tiles)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+              v_ready, kv_empty, n_m, n_work, H, GROUP, S, IS_CAUSAL: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp, for each of the program's work tiles: each consumer's 64 query rows (once
+    it has released the last tile's: q_empty), then key tiles n_tiles - 1 .. 0 (K and V into
+    the ring, whose index runs on across work tiles, once both consumers released the
+    stage). TMA fills rows past L or S with zeros and still counts the whole box, so every
+    expect matches; the boxes of (B, heads, rows, E) descriptors never cross into the next
+    head."""
+    r = 0           # ring index of the work tile's first key tile
+    it = 0          # work tiles done
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        b, h, hk, bh, m0, n_tiles, n_masked = _fwd_tile(w, n_m, H, GROUP, S, IS_CAUSAL,
+                                                         BLOCK_N)
+        for c in gl.static_range(2):
+            mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)
+            mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * ROWS, 0], q_ready.index(c),
+                                            q_smem.index(c))
+        for t in range(n_tiles):
+            _ring_put(r + t, (b, hk, (n_tiles - 1 - t) * BLOCK_N, 0), k_desc, v_desc, k_smem,
+                      v_smem, k_ready, v_ready, kv_empty, STAGES)
+        r += n_tiles
+        it += 1
 
 
 @gluon.jit
@@ -104,22 +147,24 @@ def _softmax_tile(s, m_i, l_i, rows, n0, S, qk_scale, IS_CAUSAL: gl.constexpr,
 
 
 @gluon.jit
-def _consumer_step(t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc,
+def _consumer_step(t, r, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc,
                    m_i, l_i, p_op, rows, n_tiles, S, qk_scale, ROLE: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, MASKED: gl.constexpr, BLOCK_N: gl.constexpr,
                    STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                    p_layout: gl.constexpr):
-    """Key tile t >= 1: issue S_t = Q K_t^T and O += P_{t-1} V_{t-1} in this warpgroup's
-    turn, run the softmax of S_t while the PV product runs, then rescale O."""
-    st = t % STAGES
-    prev = (t - 1) % STAGES
+    """Key tile t >= 1 of a work tile (ring index r): issue S_t = Q K_t^T and
+    O += P_{t-1} V_{t-1} in this warpgroup's turn, run the softmax of S_t while the PV
+    product runs, then rescale O."""
+    st = r % STAGES
+    prev = (r - 1) % STAGES
+    E: gl.constexpr = q.shape[1]
     mbarrier.wait(turn.index(ROLE), turn_phase)
-    mbarrier.wait(k_ready.index(st), (t // STAGES) & 1)
+    mbarrier.wait(k_ready.index(st), (r // STAGES) & 1)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
-    mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-    o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, E]).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
+    mbarrier.wait(v_ready.index(prev), ((r - 1) // STAGES) & 1)
+    o_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, E]), acc, is_async=True)
     mbarrier.arrive(turn.index(1 - ROLE), count=1)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
     n0 = (n_tiles - 1 - t) * BLOCK_N
@@ -133,73 +178,93 @@ def _consumer_step(t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_
 
 
 @gluon.jit
-def _consumer(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, kv_empty,
-              turn, m0, bh, n_tiles, n_masked, L, S, qk_scale, ROLE: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
-    """One warpgroup: query rows m0 + 64 ROLE + [0, 64) against every key tile."""
+def _consumer(o_ptr, lse_ptr, so_b, so_h, so_m, q_smem, k_smem, v_smem, q_ready, q_empty,
+              k_ready, v_ready, kv_empty, turn, n_m, n_work, H, GROUP, L, S, qk_scale,
+              ROLE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warpgroup, for each of the program's work tiles: query rows m0 + 64 ROLE +
+    [0, 64) against every key tile."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row0 = m0 + ROLE * ROWS
-    rows = row0 + gl.arange(0, ROWS, layout=row_s)
-    q = q_smem.index(ROLE)
-    acc = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([ROWS], gl.float32, row_s)
-    # turns alternate 0, 1, 0, ...: consumer 0 first (its first wait is on the phase a fresh
-    # barrier counts as complete), each passes the turn after issuing its products
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = o_ptr.dtype.element_ty
+    q = q_smem.index(ROLE).reshape([ROWS, HEAD_D])      # the (1, 1, 64, E) box's rows
+    cols = gl.expand_dims(gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout)), 0)
+    # turns alternate 0, 1, 0, ... over every product of every work tile: consumer 0 first
+    # (its first wait is on the phase a fresh barrier counts as complete), each passes the
+    # turn after issuing its products; both issue n_tiles + 1 turns a work tile
     turn_phase = 1 - ROLE
-    mbarrier.wait(q_ready.index(ROLE), 0)
+    r = 0           # ring index of the work tile's first key tile
+    it = 0          # work tiles done
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        b, h, hk, bh, m0, n_tiles, n_masked = _fwd_tile(w, n_m, H, GROUP, S, IS_CAUSAL,
+                                                         BLOCK_N)
+        row0 = m0 + ROLE * ROWS
+        rows = row0 + gl.arange(0, ROWS, layout=row_s)
+        acc = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        mbarrier.wait(q_ready.index(ROLE), it & 1)
 
-    # tile 0 (the last key tile): QK^T alone, masked whether or not it needs it
-    mbarrier.wait(turn.index(ROLE), turn_phase)
-    mbarrier.wait(k_ready.index(0), 0)
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
-                          is_async=True)
-    mbarrier.arrive(turn.index(1 - ROLE), count=1)
-    turn_phase = turn_phase ^ 1
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-    m_i, l_i, p, alpha = _softmax_tile(s, m_i, l_i, rows, (n_tiles - 1) * BLOCK_N, S, qk_scale,
-                                       IS_CAUSAL, True, BLOCK_N, gl.SliceLayout(0, s_layout))
-    p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+        # tile 0 (the last key tile): QK^T alone, masked whether or not it needs it
+        st = r % STAGES
+        mbarrier.wait(turn.index(ROLE), turn_phase)
+        mbarrier.wait(k_ready.index(st), (r // STAGES) & 1)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, HEAD_D]).permute((1, 0)),
+                              s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - ROLE), count=1)
+        turn_phase = turn_phase ^ 1
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+        m_i, l_i, p, alpha = _softmax_tile(s, m_i, l_i, rows, (n_tiles - 1) * BLOCK_N, S,
+                                           qk_scale, IS_CAUSAL, True, BLOCK_N,
+                                           gl.SliceLayout(0, s_layout))
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
 
-    # the other tiles that need a mask, then the rest without
-    for t in range(1, n_masked):
-        acc, m_i, l_i, p_op, turn_phase = _consumer_step(
-            t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc, m_i, l_i,
-            p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, True, BLOCK_N, STAGES,
-            s_layout, o_layout, p_layout)
-    for t in range(gl.maximum(n_masked, 1), n_tiles):
-        acc, m_i, l_i, p_op, turn_phase = _consumer_step(
-            t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc, m_i, l_i,
-            p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, False, BLOCK_N, STAGES,
-            s_layout, o_layout, p_layout)
+        # the other tiles that need a mask, then the rest without
+        for t in range(1, n_masked):
+            acc, m_i, l_i, p_op, turn_phase = _consumer_step(
+                t, r + t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc,
+                m_i, l_i, p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, True, BLOCK_N,
+                STAGES, s_layout, o_layout, p_layout)
+        for t in range(gl.maximum(n_masked, 1), n_tiles):
+            acc, m_i, l_i, p_op, turn_phase = _consumer_step(
+                t, r + t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc,
+                m_i, l_i, p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, False, BLOCK_N,
+                STAGES, s_layout, o_layout, p_layout)
+        # every product reading Q has retired: the producer may load the next tile's rows
+        # while the last PV product and the epilogue run
+        mbarrier.arrive(q_empty.index(ROLE), count=1)
 
-    # the last PV product
-    last = (n_tiles - 1) % STAGES
-    mbarrier.wait(turn.index(ROLE), turn_phase)
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-    o_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-    mbarrier.arrive(turn.index(1 - ROLE), count=1)
-    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-    mbarrier.arrive(kv_empty.index(last), count=1)
+        # the last PV product
+        last = (r + n_tiles - 1) % STAGES
+        mbarrier.wait(turn.index(ROLE), turn_phase)
+        mbarrier.wait(v_ready.index(last), ((r + n_tiles - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_D]), acc,
+                              is_async=True)
+        mbarrier.arrive(turn.index(1 - ROLE), count=1)
+        turn_phase = turn_phase ^ 1
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+        mbarrier.arrive(kv_empty.index(last), count=1)
 
-    # O / l through Q's buffer (every product reading it has retired) and a TMA store, which
-    # drops rows past L; lse in natural-log units, +inf where a row saw no key
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-    q.store(out.to(q.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [row0, 0], q)
-    lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) / LOG2E)
-    gl.store(lse_ptr + bh.to(gl.int64) * L + rows, lse, mask=rows < L)
-    tma.store_wait(pendings=0)
+        # O / l straight from the registers (no shared memory: Q's buffer is already the next
+        # tile's), rows past L dropped; lse in natural-log units, +inf where a row saw no key
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+        rows_o = row0 + gl.arange(0, ROWS, layout=row_o)
+        o_rows = gl.expand_dims(b.to(gl.int64) * so_b + h.to(gl.int64) * so_h
+                                + rows_o.to(gl.int64) * so_m, 1)
+        gl.store(o_ptr + (o_rows + cols), out.to(dtype),
+                 mask=gl.expand_dims(rows_o < L, 1) & (cols < HEAD_D))
+        lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) / LOG2E)
+        gl.store(lse_ptr + bh.to(gl.int64) * L + rows, lse, mask=rows < L)
+        r += n_tiles
+        it += 1
 
 
 @gluon.jit
@@ -209,72 +274,59 @@ def attention_fwd_hopper(
     sk_b, sk_h, sk_n,                  # key strides (B, Hkv, S, E)
     sv_b, sv_h, sv_n,                  # value strides (B, Hkv, S, E)
     so_b, so_h, so_m,                  # output strides (B, Hq, L, E)
-    H, L, S,                           # query heads, lengths
+    B, H, L, S,                        # batch, query heads, lengths
     GROUP,                             # query heads per K/V head (GQA); 1 without
     qk_scale,                          # scale * log2(e), >= 0
     IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
 ):
-    """Grid (cdiv(L, 128), B * Hq), num_warps=4 (consumer 0; the other two partitions add
-    a warpgroup and a warp). lse: (B * Hq, L) fp32."""
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    if IS_CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m      # longest rows first
-    b = (bh // H).to(gl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(gl.int64)
-    h = h.to(gl.int64)
-    m0 = pid_m * BLOCK_M
+    """Grid (P,), num_warps=4 (consumer 0; the other two partitions add a warpgroup and a
+    warp): program p runs work tiles p, p + P, ... of the cdiv(L, 128) * B * Hq (one each
+    for P = all of them; persistent for P = the multiprocessors, where the producer loads the
+    next tile's Q and keys while the consumers finish the last). lse: (B * Hq, L) fp32."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
+    n_m = gl.cdiv(L, BLOCK_M)
+    n_work = n_m * B * H
 
-    # one 2-D descriptor per (batch, head) slice: boxes never cross into the next head
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_D], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
-    q_desc = tma.make_tensor_descriptor(q_ptr + b * sq_b + h * sq_h, [L, HEAD_D], [sq_m, 1],
-                                        [ROWS, HEAD_D], q_layout)
-    k_desc = tma.make_tensor_descriptor(k_ptr + b * sk_b + hk * sk_h, [S, HEAD_D], [sk_n, 1],
-                                        [BLOCK_N, HEAD_D], kv_layout)
-    v_desc = tma.make_tensor_descriptor(v_ptr + b * sv_b + hk * sv_h, [S, HEAD_D], [sv_n, 1],
-                                        [BLOCK_N, HEAD_D], kv_layout)
-    o_desc = tma.make_tensor_descriptor(o_ptr + b * so_b + h * so_h, [L, HEAD_D], [so_m, 1],
-                                        [ROWS, HEAD_D], q_layout)
+    # (B, heads, rows, E) descriptors, made once a program: a box never crosses into the
+    # next head (TMA reads zeros past L and S)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, HEAD_D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_D],
+                                                                   dtype)
+    q_desc = tma.make_tensor_descriptor(q_ptr, [B, H, L, HEAD_D], [sq_b, sq_h, sq_m, 1],
+                                        [1, 1, ROWS, HEAD_D], q_layout)
+    k_desc = tma.make_tensor_descriptor(k_ptr, [B, H // GROUP, S, HEAD_D], [sk_b, sk_h, sk_n, 1],
+                                        [1, 1, BLOCK_N, HEAD_D], kv_layout)
+    v_desc = tma.make_tensor_descriptor(v_ptr, [B, H // GROUP, S, HEAD_D], [sv_b, sv_h, sv_n, 1],
+                                        [1, 1, BLOCK_N, HEAD_D], kv_layout)
 
-    q_smem = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_D], q_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, ROWS, HEAD_D], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], kv_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=1)         # consumer i's rows
         mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=2)        # both consumers release a stage
 
-    # key tiles: causal programs stop after their last row's key; the tiles from
-    # n_tiles - n_masked on (processed first) hold keys past S or past the first row
-    hi = S
-    n_unmasked = S // BLOCK_N
-    if IS_CAUSAL:
-        hi = gl.minimum(S, m0 + BLOCK_M)
-        n_unmasked = gl.minimum(n_unmasked, (m0 + 1) // BLOCK_N)
-    n_tiles = gl.cdiv(hi, BLOCK_N)
-    n_masked = n_tiles - gl.minimum(n_unmasked, n_tiles)
-
     gl.warp_specialize([
-        (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-                     kv_empty, turn, m0, bh, n_tiles, n_masked, L, S, qk_scale, 0, IS_CAUSAL,
-                     HEAD_D, BLOCK_N, STAGES)),
-        (_consumer, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-                     kv_empty, turn, m0, bh, n_tiles, n_masked, L, S, qk_scale, 1, IS_CAUSAL,
-                     HEAD_D, BLOCK_N, STAGES)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-                     kv_empty, m0, n_tiles, BLOCK_N, STAGES)),
+        (_consumer, (o_ptr, lse_ptr, so_b, so_h, so_m, q_smem, k_smem, v_smem, q_ready,
+                     q_empty, k_ready, v_ready, kv_empty, turn, n_m, n_work, H, GROUP, L, S,
+                     qk_scale, 0, IS_CAUSAL, HEAD_D, BLOCK_N, STAGES)),
+        (_consumer, (o_ptr, lse_ptr, so_b, so_h, so_m, q_smem, k_smem, v_smem, q_ready,
+                     q_empty, k_ready, v_ready, kv_empty, turn, n_m, n_work, H, GROUP, L, S,
+                     qk_scale, 1, IS_CAUSAL, HEAD_D, BLOCK_N, STAGES)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                     v_ready, kv_empty, n_m, n_work, H, GROUP, S, IS_CAUSAL, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 
 
