@@ -130,24 +130,30 @@ case $mode in
         echo "overhead exit status $?"
         cat "$out/overhead.log"
         # 3. the benchmark, each op within its budget (later cases are recorded as skipped)
-        bench_op 190 44 conv2d attention lstm gru \
-            --variants triton-implicit triton-flash triton-flash_hopper triton-persistent torch \
+        bench_op 175 44 conv2d attention lstm gru \
+            --variants triton-implicit triton-flash triton-persistent torch \
             --cases l1-3x3-64 l2-3x3s2-128 l3-1x1-1024-256 l4-3x3-512 stem \
                 d128-1k d128-4k d128-16k-causal h1024-b32-t25 h2048-b128-t25 h256-b32-t150 \
                 h1536-b32-t187 h512-b32-t1 h1024-b64-t1500
-        # the single-pass attention backwards (bench/TUNING.md v1, v21): the Gluon one only
-        # once its GPU tests passed (a kernel that hangs here would cost the rest of the step)
-        onepass=triton-flash_onepass
-        # (pytest -v lines: "... PASSED tests/...[flash_hopper_onepass-...]" under xdist,
-        # the outcome after the name without it)
-        if grep -qE "PASSED .*flash_hopper_onepass|flash_hopper_onepass.* PASSED" \
-                "$out/tests.log" && ! grep -qE \
-                "(FAILED|ERROR) .*flash_hopper_onepass|flash_hopper_onepass.* (FAILED|ERROR)" \
-                "$out/tests.log"; then
-            onepass="$onepass triton-flash_hopper_onepass"
+        # the single-pass attention backward (bench/TUNING.md v1) and the Gluon kernels
+        # (v21, v23: the persistent forward, the single-pass backward), these only once their
+        # GPU tests passed (a kernel that hangs here would cost the rest of the step)
+        gated=triton-flash_onepass
+        tests_passed() {   # tests_passed PATTERN: a test id matching it passed, none failed
+            # (pytest -v lines: "... PASSED tests/...[...]" under xdist, the outcome after
+            # the name without it)
+            grep -qE "PASSED .*$1|$1.* PASSED" "$out/tests.log" \
+                && ! grep -qE "(FAILED|ERROR) .*$1|$1.* (FAILED|ERROR)" "$out/tests.log"
+        }
+        if tests_passed "test_flash_hopper_(matches_reference\[flash_hopper-|schedules)"; then
+            gated="$gated triton-flash_hopper"
+        fi
+        if tests_passed "flash_hopper_onepass"; then
+            gated="$gated triton-flash_hopper_onepass"
         fi
         # shellcheck disable=SC2086
-        bench_op 30 30 attention --variants $onepass --cases d128-1k d128-4k
+        bench_op 45 40 attention --variants $gated --cases d128-1k d128-1k-causal d128-4k \
+            d128-16k-causal
         bench_op 55 8 cross_entropy cross_entropy_soft max_pool2d avg_pool2d \
             adaptive_avg_pool2d softmax conv2d_depthwise --variants triton numba torch
         # the Numba conv2d on its tensor-core GEMM and the Numba attention on its tensor-core

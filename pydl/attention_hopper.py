@@ -34,8 +34,9 @@ ROWS_PER_PROGRAM = 128                # two consumer warpgroups of 64 query rows
 # 64 x 128 x d products per consumer and tile) and as deep a K/V ring as shared memory allows
 # beside Q (d = 128: 32 KiB of Q + 64 KiB a stage, 2 stages 160 KiB, 3 224 of 227 KiB; the
 # output leaves from the registers, so no buffer of its own). PERSISTENT: one program per
-# multiprocessor, each taking every P-th work tile (128 query rows of one head), so that the
-# next tile's loads overlap this one's last product and epilogue; else one program a tile.
+# multiprocessor, each taking every P-th work unit (128 query rows of one head; causal, two
+# such tiles, the longest rows with the shortest), so that the next tile's loads overlap
+# this one's last product and epilogue; else one program a unit.
 HOPPER_SPACES = {
     64: ((128, 3, True), (128, 3, False), (128, 4, True), (64, 4, True)),
     128: ((128, 3, True), (128, 3, False), (128, 2, True), (64, 3, True)),
@@ -97,15 +98,23 @@ def check(q, k, v, mask, dropout_p: float, scale: float, algo: str = "flash_hopp
 
 
 def _work_tiles(q) -> int:
-    """The forward's work tiles: 128 query rows of one (batch, head) each."""
+    """The forward's query tiles: 128 rows of one (batch, head) each."""
     B, H, L, _ = q.shape
     return B * H * _launch.cdiv(L, ROWS_PER_PROGRAM)
 
 
-def _forward_grid(q, cfg: dict) -> tuple[int]:
+def _work_units(q, is_causal: bool) -> int:
+    """What the forward's programs take in turn: a query tile, or, causal, a pair of them
+    (the longest rows with the shortest, so that units are of about equal work)."""
+    B, H, L, _ = q.shape
+    per_head = _launch.cdiv(L, ROWS_PER_PROGRAM)
+    return B * H * (_launch.cdiv(per_head, 2) if is_causal else per_head)
+
+
+def _forward_grid(q, is_causal: bool, cfg: dict) -> tuple[int]:
     """The programs a configuration launches: one per multiprocessor (PERSISTENT), at most
-    one per work tile."""
-    n = _work_tiles(q)
+    one per work unit."""
+    n = _work_units(q, is_causal)
     return (min(n, _launch.multiprocessors(q.device)) if cfg["PERSISTENT"] else n,)
 
 
@@ -146,7 +155,7 @@ class HopperAttention:
 
         def launch(cfg, q=q, k=k, v=v, o=o, lse=lse):
             consts = {n: c for n, c in cfg.items() if n != "PERSISTENT"}   # a grid, not code
-            kg.attention_fwd_hopper[_forward_grid(q, cfg)](
+            kg.attention_fwd_hopper[_forward_grid(q, is_causal, cfg)](
                 q, k, v, o, lse, *scalars, IS_CAUSAL=is_causal, HEAD_D=E, **consts)
 
         cfg = _hopper_config(q, k, is_causal, launch)

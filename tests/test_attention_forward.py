@@ -171,17 +171,22 @@ def test_descriptor_strides_of_size_one_and_expanded_dims():
     assert _launch.descriptor_strides(x[:, :1].expand(2, 3, 5, 64)) is None
 
 
-def test_flash_hopper_grid_one_program_per_multiprocessor_or_per_tile(monkeypatch):
+def test_flash_hopper_grid_one_program_per_multiprocessor_or_per_unit(monkeypatch):
     """The forward's programs: one per multiprocessor when persistent (never more than the
-    work tiles of 128 query rows of one (batch, head)), else one per tile."""
+    work units), else one per unit: a query tile of 128 rows of one (batch, head), or,
+    causal, a pair of them (the longest rows with the shortest; an odd tile alone)."""
     monkeypatch.setattr(_launch, "multiprocessors", lambda device: 132)
-    q = torch.empty(2, 3, 300, 64)                  # 2 * 3 * 3 = 18 work tiles
+    grid = attention_hopper._forward_grid
+    q = torch.empty(2, 3, 300, 64)                  # 2 * 3 * 3 = 18 query tiles
     assert attention_hopper._work_tiles(q) == 18
-    assert attention_hopper._forward_grid(q, dict(PERSISTENT=False)) == (18,)
-    assert attention_hopper._forward_grid(q, dict(PERSISTENT=True)) == (18,)
+    assert grid(q, False, dict(PERSISTENT=False)) == (18,)
+    assert grid(q, False, dict(PERSISTENT=True)) == (18,)
+    assert grid(q, True, dict(PERSISTENT=False)) == (12,)       # 2 pairs a head: (2, 0), (1)
     big = torch.empty(16, 16, 1024, 128, device="meta")
-    assert attention_hopper._forward_grid(big, dict(PERSISTENT=True)) == (132,)
-    assert attention_hopper._forward_grid(big, dict(PERSISTENT=False)) == (2048,)
+    assert grid(big, False, dict(PERSISTENT=True)) == (132,)
+    assert grid(big, True, dict(PERSISTENT=True)) == (132,)
+    assert grid(big, False, dict(PERSISTENT=False)) == (2048,)
+    assert grid(big, True, dict(PERSISTENT=False)) == (1024,)
 
 
 def test_flash_hopper_names_each_reason(monkeypatch):

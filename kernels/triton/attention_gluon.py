@@ -57,16 +57,30 @@ BLOCK_M = gl.constexpr(128)      # query rows per program: two consumers
 
 
 @gluon.jit
-def _fwd_tile(w, n_m, H, GROUP, S, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Work tile w of the forward, in the order the programs take them: (batch, head) by
-    (batch, head), its query tiles in order (causal: last first, the longest rows first).
-    (b, h, its key head, b * H + h, first row m0, key tiles, masked key tiles): causal tiles
-    stop after their last row's key; the key tiles from n_tiles - n_masked on (processed
-    first) hold keys past S or past the first row."""
-    bh = w // n_m
-    pid_m = w % n_m
+def _fwd_units(L, IS_CAUSAL: gl.constexpr):
+    """(query tiles of a head, work units of a head): a unit is one query tile, or, causal,
+    tile n_m - 1 - i with tile i (the longest rows with the shortest: every unit about
+    n_m + 1 key tiles, so programs taking every P-th unit get equal work; the middle tile of
+    an odd n_m alone)."""
+    n_m = gl.cdiv(L, BLOCK_M)
     if IS_CAUSAL:
-        pid_m = n_m - 1 - pid_m
+        return n_m, (n_m + 1) // 2
+    return n_m, n_m
+
+
+@gluon.jit
+def _fwd_tile(u, sub, n_m, per_head, H, GROUP, S, IS_CAUSAL: gl.constexpr,
+              BLOCK_N: gl.constexpr):
+    """Query tile `sub` (0, or 1 for a causal pair's short tile) of work unit u: (b, h, its
+    key head, b * H + h, first row m0, key tiles, masked key tiles). Causal tiles stop after
+    their last row's key; the key tiles from n_tiles - n_masked on (processed first) hold
+    keys past S or past the first row."""
+    bh = u // per_head
+    i = u % per_head
+    pid_m = i
+    if IS_CAUSAL:
+        if sub == 0:
+            pid_m = n_m - 1 - i        # the long tile first
     h = bh % H
     m0 = pid_m * BLOCK_M
     hi = S
@@ -79,30 +93,41 @@ def _fwd_tile(w, n_m, H, GROUP, S, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexp
 
 
 @gluon.jit
+def _fwd_subs(u, n_m, per_head, IS_CAUSAL: gl.constexpr):
+    """Query tiles in work unit u: 2 for a causal pair, else 1."""
+    if IS_CAUSAL:
+        i = u % per_head
+        return 1 + (2 * i + 1 < n_m).to(gl.int32)
+    return 1
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-              v_ready, kv_empty, n_m, n_work, H, GROUP, S, IS_CAUSAL: gl.constexpr,
+              v_ready, kv_empty, B, H, GROUP, L, S, IS_CAUSAL: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warp, for each of the program's work tiles: each consumer's 64 query rows (once
-    it has released the last tile's: q_empty), then key tiles n_tiles - 1 .. 0 (K and V into
-    the ring, whose index runs on across work tiles, once both consumers released the
-    stage). TMA fills rows past L or S with zeros and still counts the whole box, so every
-    expect matches; the boxes of (B, heads, rows, E) descriptors never cross into the next
-    head."""
+    """One warp, for each query tile of the program's work units: each consumer's 64 query
+    rows (once it has released the last tile's: q_empty), then key tiles n_tiles - 1 .. 0
+    (K and V into the ring, whose index runs on across query tiles, once both consumers
+    released the stage). TMA fills rows past L or S with zeros and still counts the whole
+    box, so every expect matches; the boxes of (B, heads, rows, E) descriptors never cross
+    into the next head."""
+    n_m, per_head = _fwd_units(L, IS_CAUSAL)
     r = 0           # ring index of the work tile's first key tile
     it = 0          # work tiles done
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        b, h, hk, bh, m0, n_tiles, n_masked = _fwd_tile(w, n_m, H, GROUP, S, IS_CAUSAL,
-                                                         BLOCK_N)
-        for c in gl.static_range(2):
-            mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)
-            mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * ROWS, 0], q_ready.index(c),
-                                            q_smem.index(c))
-        for t in range(n_tiles):
-            _ring_put(r + t, (b, hk, (n_tiles - 1 - t) * BLOCK_N, 0), k_desc, v_desc, k_smem,
-                      v_smem, k_ready, v_ready, kv_empty, STAGES)
-        r += n_tiles
-        it += 1
+    for u in range(gl.program_id(0), per_head * B * H, gl.num_programs(0)):
+        for sub in range(_fwd_subs(u, n_m, per_head, IS_CAUSAL)):
+            b, h, hk, bh, m0, n_tiles, n_masked = _fwd_tile(u, sub, n_m, per_head, H, GROUP, S,
+                                                             IS_CAUSAL, BLOCK_N)
+            for c in gl.static_range(2):
+                mbarrier.wait(q_empty.index(c), (it & 1) ^ 1)
+                mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, h, m0 + c * ROWS, 0],
+                                                q_ready.index(c), q_smem.index(c))
+            for t in range(n_tiles):
+                _ring_put(r + t, (b, hk, (n_tiles - 1 - t) * BLOCK_N, 0), k_desc, v_desc,
+                          k_smem, v_smem, k_ready, v_ready, kv_empty, STAGES)
+            r += n_tiles
+            it += 1
 
 
 @gluon.jit
@@ -179,92 +204,122 @@ def _consumer_step(t, r, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, tu
 
 @gluon.jit
 def _consumer(o_ptr, lse_ptr, so_b, so_h, so_m, q_smem, k_smem, v_smem, q_ready, q_empty,
-              k_ready, v_ready, kv_empty, turn, n_m, n_work, H, GROUP, L, S, qk_scale,
+              k_ready, v_ready, kv_empty, turn, B, H, GROUP, L, S, qk_scale,
               ROLE: gl.constexpr, IS_CAUSAL: gl.constexpr, HEAD_D: gl.constexpr,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warpgroup, for each of the program's work tiles: query rows m0 + 64 ROLE +
-    [0, 64) against every key tile."""
+    """One warpgroup, for each query tile of the program's work units: query rows
+    m0 + 64 ROLE + [0, 64) against every key tile."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
+    q = q_smem.index(ROLE).reshape([ROWS, HEAD_D])      # the (1, 1, 64, E) box's rows
+    # turns alternate 0, 1, 0, ... over every product of every query tile: consumer 0 first
+    # (its first wait is on the phase a fresh barrier counts as complete), each passes the
+    # turn after issuing its products; both issue n_tiles + 1 turns a query tile
+    turn_phase = 1 - ROLE
+    r = 0           # ring index of the query tile's first key tile
+    it = 0          # query tiles done
+    n_m, per_head = _fwd_units(L, IS_CAUSAL)
+    for u in range(gl.program_id(0), per_head * B * H, gl.num_programs(0)):
+        for sub in range(_fwd_subs(u, n_m, per_head, IS_CAUSAL)):
+            b, h, hk, bh, m0, n_tiles, n_masked = _fwd_tile(u, sub, n_m, per_head, H, GROUP,
+                                                             S, IS_CAUSAL, BLOCK_N)
+            mbarrier.wait(q_ready.index(ROLE), it & 1)
+            acc, m_i, l_i, turn_phase = _consumer_tile(
+                q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, r,
+                m0 + ROLE * ROWS, n_tiles, n_masked, S, qk_scale, ROLE, IS_CAUSAL, BLOCK_N,
+                STAGES, s_layout, o_layout)
+            # every product reading Q has retired: the producer may load the next tile's
+            # rows while the last PV product and the epilogue run
+            mbarrier.arrive(q_empty.index(ROLE), count=1)
+            acc, turn_phase = _consumer_last(acc, v_smem, v_ready, kv_empty, turn, turn_phase,
+                                             r + n_tiles - 1, ROLE, STAGES)
+            _store_rows(acc, m_i, l_i, o_ptr + b.to(gl.int64) * so_b + h.to(gl.int64) * so_h,
+                        so_m, lse_ptr + bh.to(gl.int64) * L, m0 + ROLE * ROWS, L, o_layout)
+            r += n_tiles
+            it += 1
+
+
+@gluon.jit
+def _consumer_tile(q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, r, row0,
+                   n_tiles, n_masked, S, qk_scale, ROLE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                   o_layout: gl.constexpr):
+    """Query rows row0 + [0, 64) against the tile's key tiles (ring indices r ..), up to
+    the last PV product: (O unnormalised, without the last PV; m; l; the turn's phase)."""
+    E: gl.constexpr = q.shape[1]
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows = row0 + gl.arange(0, ROWS, layout=row_s)
+    acc = gl.zeros([ROWS, E], gl.float32, o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([ROWS], gl.float32, row_s)
+
+    # key tile 0 (the last one): QK^T alone, masked whether or not it needs it
+    st = r % STAGES
+    mbarrier.wait(turn.index(ROLE), turn_phase)
+    mbarrier.wait(k_ready.index(st), (r // STAGES) & 1)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, E]).permute((1, 0)), s_zero,
+                          use_acc=False, is_async=True)
+    mbarrier.arrive(turn.index(1 - ROLE), count=1)
+    turn_phase = turn_phase ^ 1
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+    m_i, l_i, p, alpha = _softmax_tile(s, m_i, l_i, rows, (n_tiles - 1) * BLOCK_N, S, qk_scale,
+                                       IS_CAUSAL, True, BLOCK_N, gl.SliceLayout(0, s_layout))
+    p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+
+    # the other key tiles that need a mask, then the rest without
+    for t in range(1, n_masked):
+        acc, m_i, l_i, p_op, turn_phase = _consumer_step(
+            t, r + t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc, m_i,
+            l_i, p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, True, BLOCK_N, STAGES,
+            s_layout, o_layout, p_layout)
+    for t in range(gl.maximum(n_masked, 1), n_tiles):
+        acc, m_i, l_i, p_op, turn_phase = _consumer_step(
+            t, r + t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc, m_i,
+            l_i, p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, False, BLOCK_N, STAGES,
+            s_layout, o_layout, p_layout)
+    return (acc, p_op), m_i, l_i, turn_phase
+
+
+@gluon.jit
+def _consumer_last(acc_p, v_smem, v_ready, kv_empty, turn, turn_phase, r,
+                   ROLE: gl.constexpr, STAGES: gl.constexpr):
+    """The tile's last PV product (its last key tile, ring index r), in this warpgroup's
+    turn: (O unnormalised, the turn's phase)."""
+    acc, p_op = acc_p
+    st = r % STAGES
+    E: gl.constexpr = acc.shape[1]
+    mbarrier.wait(turn.index(ROLE), turn_phase)
+    mbarrier.wait(v_ready.index(st), (r // STAGES) & 1)
+    o_tok = warpgroup_mma(p_op, v_smem.index(st).reshape([p_op.shape[1], E]), acc,
+                          is_async=True)
+    mbarrier.arrive(turn.index(1 - ROLE), count=1)
+    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+    mbarrier.arrive(kv_empty.index(st), count=1)
+    return acc, turn_phase ^ 1
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, o_base, so_m, lse_base, row0, L, o_layout: gl.constexpr):
+    """O / l of rows row0 + [0, 64) straight from the registers (no shared memory: Q's
+    buffer is already the next tile's), rows past L dropped; lse in natural-log units, +inf
+    where a row saw no key."""
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    dtype: gl.constexpr = o_ptr.dtype.element_ty
-    q = q_smem.index(ROLE).reshape([ROWS, HEAD_D])      # the (1, 1, 64, E) box's rows
-    cols = gl.expand_dims(gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout)), 0)
-    # turns alternate 0, 1, 0, ... over every product of every work tile: consumer 0 first
-    # (its first wait is on the phase a fresh barrier counts as complete), each passes the
-    # turn after issuing its products; both issue n_tiles + 1 turns a work tile
-    turn_phase = 1 - ROLE
-    r = 0           # ring index of the work tile's first key tile
-    it = 0          # work tiles done
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        b, h, hk, bh, m0, n_tiles, n_masked = _fwd_tile(w, n_m, H, GROUP, S, IS_CAUSAL,
-                                                         BLOCK_N)
-        row0 = m0 + ROLE * ROWS
-        rows = row0 + gl.arange(0, ROWS, layout=row_s)
-        acc = gl.zeros([ROWS, HEAD_D], gl.float32, o_layout)
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([ROWS], gl.float32, row_s)
-        mbarrier.wait(q_ready.index(ROLE), it & 1)
-
-        # tile 0 (the last key tile): QK^T alone, masked whether or not it needs it
-        st = r % STAGES
-        mbarrier.wait(turn.index(ROLE), turn_phase)
-        mbarrier.wait(k_ready.index(st), (r // STAGES) & 1)
-        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-        s_tok = warpgroup_mma(q, k_smem.index(st).reshape([BLOCK_N, HEAD_D]).permute((1, 0)),
-                              s_zero, use_acc=False, is_async=True)
-        mbarrier.arrive(turn.index(1 - ROLE), count=1)
-        turn_phase = turn_phase ^ 1
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
-        m_i, l_i, p, alpha = _softmax_tile(s, m_i, l_i, rows, (n_tiles - 1) * BLOCK_N, S,
-                                           qk_scale, IS_CAUSAL, True, BLOCK_N,
-                                           gl.SliceLayout(0, s_layout))
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        # the other tiles that need a mask, then the rest without
-        for t in range(1, n_masked):
-            acc, m_i, l_i, p_op, turn_phase = _consumer_step(
-                t, r + t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc,
-                m_i, l_i, p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, True, BLOCK_N,
-                STAGES, s_layout, o_layout, p_layout)
-        for t in range(gl.maximum(n_masked, 1), n_tiles):
-            acc, m_i, l_i, p_op, turn_phase = _consumer_step(
-                t, r + t, q, k_smem, v_smem, k_ready, v_ready, kv_empty, turn, turn_phase, acc,
-                m_i, l_i, p_op, rows, n_tiles, S, qk_scale, ROLE, IS_CAUSAL, False, BLOCK_N,
-                STAGES, s_layout, o_layout, p_layout)
-        # every product reading Q has retired: the producer may load the next tile's rows
-        # while the last PV product and the epilogue run
-        mbarrier.arrive(q_empty.index(ROLE), count=1)
-
-        # the last PV product
-        last = (r + n_tiles - 1) % STAGES
-        mbarrier.wait(turn.index(ROLE), turn_phase)
-        mbarrier.wait(v_ready.index(last), ((r + n_tiles - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_D]), acc,
-                              is_async=True)
-        mbarrier.arrive(turn.index(1 - ROLE), count=1)
-        turn_phase = turn_phase ^ 1
-        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-        mbarrier.arrive(kv_empty.index(last), count=1)
-
-        # O / l straight from the registers (no shared memory: Q's buffer is already the next
-        # tile's), rows past L dropped; lse in natural-log units, +inf where a row saw no key
-        empty = l_i == 0.0
-        l_safe = gl.where(empty, 1.0, l_i)
-        out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
-        rows_o = row0 + gl.arange(0, ROWS, layout=row_o)
-        o_rows = gl.expand_dims(b.to(gl.int64) * so_b + h.to(gl.int64) * so_h
-                                + rows_o.to(gl.int64) * so_m, 1)
-        gl.store(o_ptr + (o_rows + cols), out.to(dtype),
-                 mask=gl.expand_dims(rows_o < L, 1) & (cols < HEAD_D))
-        lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) / LOG2E)
-        gl.store(lse_ptr + bh.to(gl.int64) * L + rows, lse, mask=rows < L)
-        r += n_tiles
-        it += 1
+    E: gl.constexpr = acc.shape[1]
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+    rows_o = row0 + gl.arange(0, ROWS, layout=row_o)
+    cols = gl.expand_dims(gl.arange(0, E, layout=gl.SliceLayout(0, o_layout)), 0)
+    offsets = gl.expand_dims(rows_o.to(gl.int64) * so_m, 1) + cols
+    gl.store(o_base + offsets, out.to(o_base.dtype.element_ty),
+             mask=gl.expand_dims(rows_o < L, 1) & (cols < E))
+    rows = row0 + gl.arange(0, ROWS, layout=m_i.type.layout)
+    lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) / LOG2E)
+    gl.store(lse_base + rows, lse, mask=rows < L)
 
 
 @gluon.jit
@@ -285,8 +340,6 @@ def attention_fwd_hopper(
     for P = all of them; persistent for P = the multiprocessors, where the producer loads the
     next tile's Q and keys while the consumers finish the last). lse: (B * Hq, L) fp32."""
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    n_m = gl.cdiv(L, BLOCK_M)
-    n_work = n_m * B * H
 
     # (B, heads, rows, E) descriptors, made once a program: a box never crosses into the
     # next head (TMA reads zeros past L and S)
@@ -320,13 +373,13 @@ def attention_fwd_hopper(
 
     gl.warp_specialize([
         (_consumer, (o_ptr, lse_ptr, so_b, so_h, so_m, q_smem, k_smem, v_smem, q_ready,
-                     q_empty, k_ready, v_ready, kv_empty, turn, n_m, n_work, H, GROUP, L, S,
+                     q_empty, k_ready, v_ready, kv_empty, turn, B, H, GROUP, L, S,
                      qk_scale, 0, IS_CAUSAL, HEAD_D, BLOCK_N, STAGES)),
         (_consumer, (o_ptr, lse_ptr, so_b, so_h, so_m, q_smem, k_smem, v_smem, q_ready,
-                     q_empty, k_ready, v_ready, kv_empty, turn, n_m, n_work, H, GROUP, L, S,
+                     q_empty, k_ready, v_ready, kv_empty, turn, B, H, GROUP, L, S,
                      qk_scale, 1, IS_CAUSAL, HEAD_D, BLOCK_N, STAGES)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                     v_ready, kv_empty, n_m, n_work, H, GROUP, S, IS_CAUSAL, BLOCK_N, STAGES)),
+                     v_ready, kv_empty, B, H, GROUP, L, S, IS_CAUSAL, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 
 
