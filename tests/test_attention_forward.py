@@ -148,6 +148,8 @@ def test_gluon_backward_takes_tma_rows_and_no_deterministic_mode():
     assert takes(q, random_tensor((1, 16, 4, 64), half, DEVICE).transpose(1, 2))  # (B, L, H, E)
     assert not takes(q, random_tensor((1, 4, 16, 128), half, DEVICE)[..., ::2])
     assert not takes(q, torch.ones((), dtype=half, device=DEVICE).expand(q.shape))
+    one_head = random_tensor((1, 1, 16, 64), half, DEVICE)
+    assert not takes(q, one_head.expand(q.shape))         # stride 0 across the heads only
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
