@@ -112,8 +112,8 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, 
     box, so every expect matches; the boxes of (B, heads, rows, E) descriptors never cross
     into the next head."""
     n_m, per_head = _fwd_units(L, IS_CAUSAL)
-    r = 0           # ring index of the work tile's first key tile
-    it = 0          # work tiles done
+    r = 0           # ring index of the query tile's first key tile
+    it = 0          # query tiles done
     for u in range(gl.program_id(0), per_head * B * H, gl.num_programs(0)):
         for sub in range(_fwd_subs(u, n_m, per_head, IS_CAUSAL)):
             b, h, hk, bh, m0, n_tiles, n_masked = _fwd_tile(u, sub, n_m, per_head, H, GROUP, S,
