@@ -31,14 +31,15 @@ def _numba_mask(mask):
     return mask, kn.BF16 if mask.dtype == torch.bfloat16 else 0
 
 
-def _numba_dropout(dropout_p: float, seed: int) -> tuple:
+def _numba_dropout(dropout_p: float, seed) -> tuple:
     """(dropout, threshold, drop_scale, seed) kernel arguments: a score is dropped when its
-    32-bit hash is below threshold = p * 2**32. The seed may be DYNAMIC (a plan's)."""
+    32-bit hash is below threshold = p * 2**32. The seed: an int, DYNAMIC (a plan's), or a
+    one-element int32 device tensor the kernels read it from (CUDA graph capture)."""
     if dropout_p > 0:
         # p = 1: the threshold 2**32 is above every hash (all dropped); the scale is unused
         return (True, int(dropout_p * 4294967296.0), 1.0 / (1.0 - dropout_p) if dropout_p < 1
                 else 0.0,
-                seed if seed is DYNAMIC else int(seed))
+                seed if seed is DYNAMIC or isinstance(seed, torch.Tensor) else int(seed))
     return False, 0, 1.0, 0
 
 
@@ -106,13 +107,16 @@ class _NumbaAttention:
 
     @staticmethod
     @planned_once
-    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
+    def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
+                     in_memory: bool = False):
         """run(q, k, v, o, lse, mask, seed) as _TritonAttention's (the mask, when given, at
-        the address of the (B, H, L, S) view planned)."""
+        the address of the (B, H, L, S) view planned). in_memory: the seed is a device tensor
+        (CUDA graph capture), an array argument: launched as called, as the tensor-core
+        kernels are (a capture's host path runs once)."""
         options = (mask_kind, is_causal, scale, dropout_p)
         *launch, places, mma = _NumbaAttention._forward(q, k, v, o, lse, mask, *options,
                                                         DYNAMIC)
-        if mma:
+        if mma or in_memory:
             mask4 = _planned_view(mask)
             return lambda q, k, v, o, lse, mask, seed: launch_numba_built(
                 _NumbaAttention._forward(q, k, v, o, lse, mask4(mask), *options, seed))
@@ -172,10 +176,11 @@ class _NumbaAttention:
     @staticmethod
     @planned_once
     def plan_backward(q, k, v, o, lse, do, dq, dk, dv, mask, mask_kind, is_causal, scale,
-                      dropout_p, dmask):
+                      dropout_p, dmask, in_memory: bool = False):
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) as _TritonAttention's: dO
         in the output's dtype (converted per call where it is not), the delta row sums into
-        a buffer allocated per call, then the dK/dV and dQ kernels."""
+        a buffer allocated per call, then the dK/dV and dQ kernels (launched as called for a
+        device seed, as plan_forward's)."""
         B, H, L, _ = q.shape
         cast, seeded = do.dtype != o.dtype, dropout_p > 0
         do = do.to(o.dtype)
@@ -184,7 +189,7 @@ class _NumbaAttention:
         options = (mask_kind, is_causal, scale, dropout_p)
         *launches, mma = _NumbaAttention._backward(q, k, v, o, lse, do, delta, dq, dk, dv,
                                                    mask, *options, DYNAMIC, dmask)
-        if mma:
+        if mma or in_memory:
             mask4 = _planned_view(mask)
 
             def per_call(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):

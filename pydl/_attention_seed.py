@@ -3,8 +3,10 @@
 A host seed (an int from torch's default generator, `dropout_seed`) on the eager plan outside
 CUDA graph capture; inside capture, and always in the Triton kernel ops (what torch.compile
 traces), a one-element int32 tensor drawn on the device, which the kernels read from memory
-(SEED_IN_MEMORY), so each replay of a graph draws anew and a compiled graph holds no tensor on
-the host. The Numba kernels take host seeds and refuse dropout inside capture.
+(the Triton kernels' SEED_IN_MEMORY, the Numba kernels' array seed: kernels/numba/attention.py
+`seed_word`), so each replay of a graph draws anew and a compiled graph holds no tensor on the
+host. The Numba kernel ops (torch.compile's path there, and the attention weights' kernels)
+take host seeds, returned as CPU scalars, and refuse dropout inside capture.
 """
 from __future__ import annotations
 
@@ -16,21 +18,23 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)     # the seed output without drop
 
 
 _DROPOUT_IN_CAPTURE = (
-    "scaled_dot_product_attention with dropout_p > 0 inside CUDA graph capture: pydl's kernels "
-    "take their dropout seed from the host, so every replay of the graph would drop the same "
-    "scores (torch's kernels read a generator state that each replay advances). Capture the "
-    "attention with dropout_p=0, keep it with dropout out of the captured region, or run it "
-    "with backend='torch'")
+    "scaled_dot_product_attention with dropout_p > 0 inside CUDA graph capture, where pydl's "
+    "kernels would take a dropout seed drawn on the host (the Numba backend's attention "
+    "weights and kernel ops, or a backward captured for a forward run outside the capture), "
+    "so every replay of the graph would drop the same scores (torch's kernels read a "
+    "generator state that each replay advances). Capture the forward and backward together, "
+    "capture the attention with dropout_p=0, keep it with dropout out of the captured region, "
+    "or run it with backend='torch'")
 
 
 def _new_seed(dropout_p: float, backend: str, device):
-    """A call's dropout seed as the kernels take it: 0 without dropout, else `dropout_seed()`;
-    inside CUDA graph capture, on the Triton kernels, a one-element int32 tensor drawn on the
-    device by torch's generator (graph-safe: each replay draws anew), which the kernels read
-    from memory (SEED_IN_MEMORY); the Numba kernels take host seeds, so there it raises."""
+    """A call's dropout seed as the eager plan's kernels take it: 0 without dropout, else
+    `dropout_seed()`; inside CUDA graph capture a one-element int32 tensor drawn on the device
+    by torch's generator (graph-safe: each replay draws anew), which the kernels of either
+    backend read from memory."""
     if dropout_p <= 0:
         return 0
-    if backend == "triton" and capturing():
+    if capturing():
         return _device_seed(device)
     return dropout_seed()
 
@@ -54,9 +58,10 @@ def _op_seed(dropout_p: float, backend: str, device) -> tuple:
     `dropout_seed` would draw) with dropout, else (0,) and a launch seed of 0. So a compiled
     graph's attention nodes are all on the device, as CUDA graphs (mode="reduce-overhead")
     need, and its output matches the op's fake in every mode, capture included. The Numba
-    kernels take a host seed (`_new_seed`), returned as a CPU int64 scalar (`_saved_seed`)."""
+    kernel ops take a host seed (`dropout_seed`, which refuses inside capture), returned as a
+    CPU int64 scalar (`_saved_seed`), as their fake says."""
     if not _device_seeds(backend):
-        seed = _new_seed(dropout_p, backend, device)
+        seed = dropout_seed() if dropout_p > 0 else 0
         return seed, _saved_seed(seed, dropout_p)
     if dropout_p <= 0:
         return 0, torch.empty((0,), dtype=torch.int32, device=device)
@@ -73,7 +78,7 @@ def _op_seed_fake(dropout_p: float, backend: str, device) -> torch.Tensor:
 
 def _seed_mode(seed) -> tuple:
     """The launchers' trailing plan argument for a seed: (True,), in_memory, for a device
-    seed (only the Triton launchers are given one), else nothing (their default)."""
+    seed, else nothing (their default)."""
     return (True,) if isinstance(seed, torch.Tensor) else ()
 
 

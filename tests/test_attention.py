@@ -300,11 +300,12 @@ def _fake_capture(monkeypatch, on: bool):
         monkeypatch.setattr(module, "capturing", lambda: on)
 
 
-@pytest.mark.parametrize("how", ["flash-numba", "weights-numba"])
+@pytest.mark.parametrize("how", ["weights-numba", "broadcast-numba"])
 def test_dropout_inside_graph_capture_raises(how, monkeypatch):
-    """The Numba kernels take a host seed, which a captured graph would replay, the same mask
-    every step: the draw refuses inside capture (the capture state faked: CUDA graphs need a
-    GPU); torch's backend, whose kernels advance a graph-safe state, still runs."""
+    """The Numba backend's attention weights and kernel ops (inputs that broadcast take the
+    op path) take a host seed, which a captured graph would replay, the same mask every step:
+    the draw refuses inside capture (the capture state faked: CUDA graphs need a GPU);
+    torch's backend, whose kernels advance a graph-safe state, still runs."""
     from pydl.attention import attention_with_weights
     _fake_capture(monkeypatch, True)
     q, k, v = qkv(1, 2, 2, 5, 6, 8)
@@ -312,25 +313,27 @@ def test_dropout_inside_graph_capture_raises(how, monkeypatch):
     with pytest.raises(RuntimeError, match="dropout.*graph capture.*same"):
         if kind == "weights":
             attention_with_weights(q, k, v, dropout_p=0.2, backend=backend)
-        else:
-            pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend=backend,
-                                              algo=kind if backend == "triton" else None)
+        else:           # one key/value head for both query heads
+            pydl.scaled_dot_product_attention(q, k[:, :1], v[:, :1], dropout_p=0.2,
+                                              backend=backend)
     pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.0, backend=backend)   # no draw
     pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend="torch")
 
 
-@pytest.mark.parametrize("case", ["flash", "flash-causal", "naive", "broadcast"])
+@pytest.mark.parametrize("case", ["flash", "flash-causal", "naive", "broadcast",
+                                  "numba-flash", "numba-flash-causal"])
 def test_dropout_inside_graph_capture_reads_a_device_seed(case, monkeypatch):
-    """Inside CUDA graph capture the Triton kernels take a seed the device draws (torch's
-    generator, which each replay advances) and read it from memory: the same keep pattern as
-    the host seed of that value, forward and backward, on the flash kernels' planned path, the
-    naive algo and the custom-op path (inputs that broadcast); the capture state faked: CUDA
-    graphs need a GPU, the tensor seed is what the kernels see there. A backward captured for
-    a host seed (the eager plan's outside capture) refuses; the kernel op's seed is on the
-    device outside capture too, so its backward runs."""
-    p, causal = 0.3, case == "flash-causal"
+    """Inside CUDA graph capture the flash kernels of either backend take a seed the device
+    draws (torch's generator, which each replay advances) and read it from memory: the same
+    keep pattern as the host seed of that value, forward and backward, on the flash kernels'
+    planned path, the naive algo and the custom-op path (inputs that broadcast; Triton's);
+    the capture state faked: CUDA graphs need a GPU, the tensor seed is what the kernels see
+    there. A backward captured for a host seed (the eager plan's outside capture) refuses;
+    the Triton kernel op's seed is on the device outside capture too, so its backward runs."""
+    p, causal = 0.3, case.endswith("causal")
+    backend = "numba" if case.startswith("numba") else "triton"
     q, k, v = qkv(2, 2, 2, 17, 21, 16)
-    opts = dict(dropout_p=p, is_causal=causal, backend="triton",
+    opts = dict(dropout_p=p, is_causal=causal, backend=backend,
                 algo="naive" if case == "naive" else None)
     _fake_capture(monkeypatch, True)
     torch.manual_seed(99)
@@ -340,7 +343,7 @@ def test_dropout_inside_graph_capture_reads_a_device_seed(case, monkeypatch):
         lambda q, k, v: pydl.scaled_dot_product_attention(q, k, v, **opts), [q, k, v])
     torch.manual_seed(99)
     seed = int(torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int32, device=q.device))
-    keep = attention.LAUNCHERS["triton"].dropout_mask(2, 2, 17, 21, p, seed, q.device)
+    keep = attention.LAUNCHERS[backend].dropout_mask(2, 2, 17, 21, p, seed, q.device)
     r_out, leaves = _dropout_reference(q, k.expand(2, 2, 21, 16), v.expand(2, 2, 21, 16), keep,
                                        p, is_causal=causal)
     r_out.backward(g.double())
@@ -350,7 +353,7 @@ def test_dropout_inside_graph_capture_reads_a_device_seed(case, monkeypatch):
         assert_close(ours, theirs, torch.float32, reduction=21 * 16, name=f"d{name}")
     _fake_capture(monkeypatch, False)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = pydl.scaled_dot_product_attention(*leaves, dropout_p=p, backend="triton")
+    out = pydl.scaled_dot_product_attention(*leaves, dropout_p=p, backend=backend)
     _fake_capture(monkeypatch, True)
     if case == "broadcast":     # the kernel op's seed is a device tensor even outside capture
         out.sum().backward()

@@ -66,7 +66,8 @@ fp64 on the GPU (math.exp / math.log of an fp32 value are fp32 in Numba).
 import math
 
 import numpy as np
-from numba import cuda, float32, int8, int64
+from numba import cuda, float32, int8, int64, types
+from numba.core.extending import overload
 
 from ._builder import builder
 from ._device import device
@@ -111,10 +112,26 @@ def _mix32(x):
     return x ^ (x >> 15)
 
 
+def seed_word(seed):
+    """A dropout seed as the kernels take it: an int (drawn on the host), or a one-element
+    device array the kernel reads it from (drawn on the device inside CUDA graph capture, so
+    each replay reads the draw of that replay). This body is the simulator's; compiled, the
+    overload below, one per argument type."""
+    return int(seed[0]) if hasattr(seed, "shape") else int(seed)
+
+
+@overload(seed_word, target="cuda")
+def _seed_word_compiled(seed):
+    if isinstance(seed, types.Array):
+        return lambda seed: int64(seed[0])
+    return lambda seed: int64(seed)
+
+
 @device
 def _dropout_base(seed, bh):
-    """The key of (seed, batch*head plane bh), computed once per plane."""
-    return _mix32(_mix32((int64(seed) & _M32) ^ 0x9E3779B9) ^ (int64(bh) & _M32))
+    """The key of (seed, batch*head plane bh), computed once per plane; seed as `seed_word`
+    takes it."""
+    return _mix32(_mix32((seed_word(seed) & _M32) ^ 0x9E3779B9) ^ (int64(bh) & _M32))
 
 
 @device
