@@ -87,17 +87,21 @@ def test_a_captured_training_step_replays_like_eager(conv_algo, attn_algo, backe
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-def test_captured_attention_dropout_draws_anew_each_replay():
-    """Inside capture the Triton flash kernels read a seed the device draws (torch's
-    generator, whose state each replay advances): two replays of one graph on the same
-    inputs drop different scores (a host seed would be baked in: the same output every
-    replay), and the backward runs in the graph."""
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_captured_attention_dropout_draws_anew_each_replay(backend):
+    """Inside capture the flash kernels of either backend read a seed the device draws
+    (torch's generator, whose state each replay advances): two replays of one graph on the
+    same inputs drop different scores (a host seed would be baked in: the same output every
+    replay), and the backward runs in the graph. (The device-seed kernels compile during the
+    capture: the warm-up runs the host-seed ones.)"""
+    if backend == "numba":
+        pytest.importorskip("numba")
     torch.manual_seed(0)
     dev = torch.device("cuda")
     q = torch.randn(2, 2, 64, 32, device=dev, requires_grad=True)
 
     def step():
-        out = pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="triton")
+        out = pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend=backend)
         out.sum().backward()
         return out
 
