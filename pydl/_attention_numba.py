@@ -31,6 +31,11 @@ def _numba_mask(mask):
     return mask, kn.BF16 if mask.dtype == torch.bfloat16 else 0
 
 
+def _seed_placeholder(device) -> torch.Tensor:
+    """A device seed's stand-in for planning a launch that reads one (its dtype and shape)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _numba_dropout(dropout_p: float, seed) -> tuple:
     """(dropout, threshold, drop_scale, seed) kernel arguments: a score is dropped when its
     32-bit hash is below threshold = p * 2**32. The seed: an int, DYNAMIC (a plan's), or a
@@ -110,16 +115,19 @@ class _NumbaAttention:
     def plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p,
                      in_memory: bool = False):
         """run(q, k, v, o, lse, mask, seed) as _TritonAttention's (the mask, when given, at
-        the address of the (B, H, L, S) view planned). in_memory: the seed is a device tensor
-        (CUDA graph capture), an array argument: launched as called, as the tensor-core
-        kernels are (a capture's host path runs once)."""
+        the address of the (B, H, L, S) view planned). in_memory: the seed is a one-element
+        int32 device tensor the kernels read (drawn on the device: CUDA graph capture, the
+        kernel ops), one more source of the plan."""
         options = (mask_kind, is_causal, scale, dropout_p)
-        *launch, places, mma = _NumbaAttention._forward(q, k, v, o, lse, mask, *options,
-                                                        DYNAMIC)
-        if mma or in_memory:
+        seed = _seed_placeholder(q.device) if in_memory else DYNAMIC
+        *launch, places, mma = _NumbaAttention._forward(q, k, v, o, lse, mask, *options, seed)
+        if mma:
             mask4 = _planned_view(mask)
             return lambda q, k, v, o, lse, mask, seed: launch_numba_built(
                 _NumbaAttention._forward(q, k, v, o, lse, mask4(mask), *options, seed))
+        if in_memory:           # the seed tensor a source of the plan, as the others
+            planned = NumbaLaunch(*launch, (q, k, v, o, lse, mask, seed), (*places, 6))
+            return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask, seed)
         planned = NumbaLaunch(*launch, (q, k, v, o, lse, mask), places)
         if dropout_p > 0:
             return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask,
@@ -179,17 +187,18 @@ class _NumbaAttention:
                       dropout_p, dmask, in_memory: bool = False):
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) as _TritonAttention's: dO
         in the output's dtype (converted per call where it is not), the delta row sums into
-        a buffer allocated per call, then the dK/dV and dQ kernels (launched as called for a
-        device seed, as plan_forward's)."""
+        a buffer allocated per call, then the dK/dV and dQ kernels (a device seed, in_memory,
+        one more source of theirs, as plan_forward's)."""
         B, H, L, _ = q.shape
         cast, seeded = do.dtype != o.dtype, dropout_p > 0
         do = do.to(o.dtype)
         new_delta = output_maker((B * H, L), torch.float32, q.device)
         delta = new_delta()
         options = (mask_kind, is_causal, scale, dropout_p)
+        planned_seed = _seed_placeholder(q.device) if in_memory else DYNAMIC
         *launches, mma = _NumbaAttention._backward(q, k, v, o, lse, do, delta, dq, dk, dv,
-                                                   mask, *options, DYNAMIC, dmask)
-        if mma or in_memory:
+                                                   mask, *options, planned_seed, dmask)
+        if mma:
             mask4 = _planned_view(mask)
 
             def per_call(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
@@ -202,15 +211,22 @@ class _NumbaAttention:
             return per_call
         (*dl, dl_at), (*dkdv, dkdv_at), (*dq_, dq_at) = launches
         delta_of = NumbaLaunch(*dl, (o, do, delta), dl_at)
-        dkdv = NumbaLaunch(*dkdv, (q, k, v, do, lse, delta, mask, dk, dv), dkdv_at)
-        dq_launch = NumbaLaunch(*dq_, (q, k, v, do, lse, delta, mask, dq, dmask), dq_at)
+        extra, at = ((planned_seed,), (9,)) if in_memory else ((), ())   # the seed's source
+        dkdv = NumbaLaunch(*dkdv, (q, k, v, do, lse, delta, mask, dk, dv, *extra),
+                           (*dkdv_at, *at))
+        dq_launch = NumbaLaunch(*dq_, (q, k, v, do, lse, delta, mask, dq, dmask, *extra),
+                                (*dq_at, *at))
 
         def run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask):
             if cast:
                 do = do.to(o.dtype)
             delta = new_delta()
-            seed = (int(seed),) if seeded else ()
             delta_of(o, do, delta)
+            if in_memory:
+                dkdv(q, k, v, do, lse, delta, mask, dk, dv, seed)
+                dq_launch(q, k, v, do, lse, delta, mask, dq, dmask, seed)
+                return
+            seed = (int(seed),) if seeded else ()
             dkdv(q, k, v, do, lse, delta, mask, dk, dv, dynamic=seed)
             dq_launch(q, k, v, do, lse, delta, mask, dq, dmask, dynamic=seed)
         return run

@@ -35,18 +35,18 @@ def _attention_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, b
     B, H, L, _ = q.shape
     return (empty_like_shape(q, (B, H, L, v.shape[3])),
             empty_like_shape(q, (B * H, L), torch.float32),
-            _op_seed_fake(dropout_p, backend, q.device))
+            _op_seed_fake(dropout_p, q.device))
 
 
 @kernel_op("attention_fwd", _attention_fwd_fake)
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], mask_kind: int,
                    is_causal: bool, scale: float, dropout_p: float,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(output, per-row logsumexp, the dropout seed: `_op_seed`'s, a device int32 tensor on
-    the Triton kernels, a CPU int64 scalar on the Numba ones). The seed is drawn here, inside
-    the op, so a compiled graph holds no data-dependent scalar."""
+    """(output, per-row logsumexp, the dropout seed: `_op_seed`'s, a device int32 tensor).
+    The seed is drawn here, inside the op, so a compiled graph holds no data-dependent
+    scalar."""
     B, H, L, _ = q.shape
-    seed, saved = _op_seed(dropout_p, backend, q.device)
+    seed, saved = _op_seed(dropout_p, q.device)
     o = new_output((B, H, L, v.shape[3]), q.dtype, q.device)
     lse = new_output((B * H, L), torch.float32, q.device)
     if B * H * L:
@@ -124,8 +124,8 @@ class AttentionKernels:
 
 
 class _SeedKept(AttentionKernels):
-    """AttentionKernels that keep the dropout seed of their last forward (a CPU int64
-    scalar): the numba backend's weights kernel drops what the flash output dropped."""
+    """AttentionKernels that keep the dropout seed of their last forward (a device int32
+    tensor): the numba backend's weights kernel drops what the flash output dropped."""
 
     __slots__ = ("seed",)
 

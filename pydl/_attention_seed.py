@@ -1,12 +1,11 @@
 """The attention dropout's seed: drawn per call, saved for the backward, passed to the kernels.
 
 A host seed (an int from torch's default generator, `dropout_seed`) on the eager plan outside
-CUDA graph capture; inside capture, and always in the Triton kernel ops (what torch.compile
-traces), a one-element int32 tensor drawn on the device, which the kernels read from memory
-(the Triton kernels' SEED_IN_MEMORY, the Numba kernels' array seed: kernels/numba/attention.py
-`seed_word`), so each replay of a graph draws anew and a compiled graph holds no tensor on the
-host. The Numba kernel ops (torch.compile's path there, and the attention weights' kernels)
-take host seeds, returned as CPU scalars, and refuse dropout inside capture.
+CUDA graph capture; inside capture, and always in the kernel ops (what torch.compile traces,
+and the numba backend's attention weights), a one-element int32 tensor drawn on the device,
+which the kernels read from memory (the Triton kernels' SEED_IN_MEMORY, the Numba kernels'
+array seed: kernels/numba/attention.py `seed_word`), so each replay of a graph draws anew and a
+compiled graph holds no tensor on the host.
 """
 from __future__ import annotations
 
@@ -18,13 +17,11 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)     # the seed output without drop
 
 
 _DROPOUT_IN_CAPTURE = (
-    "scaled_dot_product_attention with dropout_p > 0 inside CUDA graph capture, where pydl's "
-    "kernels would take a dropout seed drawn on the host (the Numba backend's attention "
-    "weights and kernel ops, or a backward captured for a forward run outside the capture), "
-    "so every replay of the graph would drop the same scores (torch's kernels read a "
-    "generator state that each replay advances). Capture the forward and backward together, "
-    "capture the attention with dropout_p=0, keep it with dropout out of the captured region, "
-    "or run it with backend='torch'")
+    "scaled_dot_product_attention with dropout_p > 0: a backward inside CUDA graph capture "
+    "for a forward run outside it, whose dropout seed was drawn on the host, so every "
+    "replay of the graph would drop the same scores (torch's kernels read a generator state "
+    "that each replay advances). Capture the forward and backward together, keep the "
+    "attention with dropout out of the captured region, or run it with backend='torch'")
 
 
 def _new_seed(dropout_p: float, backend: str, device):
@@ -45,34 +42,21 @@ def _device_seed(device) -> torch.Tensor:
     return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
 
 
-def _device_seeds(backend: str) -> bool:
-    """Whether the kernel ops of launcher `backend` ("triton", "numba", "triton:<algo>") take
-    their seed as a device tensor: the Triton kernels' do."""
-    return backend.split(":")[0] == "triton"
-
-
-def _op_seed(dropout_p: float, backend: str, device) -> tuple:
+def _op_seed(dropout_p: float, device) -> tuple:
     """(the seed to launch with, the seed the kernel op returns and the backward reads) of a
-    kernel op's call. On the Triton kernels both are an int32 tensor on the inputs' device:
-    (1,), drawn there by torch's generator (graph-safe; on the CPU it is the value
-    `dropout_seed` would draw) with dropout, else (0,) and a launch seed of 0. So a compiled
-    graph's attention nodes are all on the device, as CUDA graphs (mode="reduce-overhead")
-    need, and its output matches the op's fake in every mode, capture included. The Numba
-    kernel ops take a host seed (`dropout_seed`, which refuses inside capture), returned as a
-    CPU int64 scalar (`_saved_seed`), as their fake says."""
-    if not _device_seeds(backend):
-        seed = dropout_seed() if dropout_p > 0 else 0
-        return seed, _saved_seed(seed, dropout_p)
+    kernel op's call, on either backend: both an int32 tensor on the inputs' device, (1,),
+    drawn there by torch's generator (graph-safe; on the CPU it is the value `dropout_seed`
+    would draw) with dropout, else (0,) and a launch seed of 0. So a compiled graph's
+    attention nodes are all on the device, as CUDA graphs (mode="reduce-overhead") need, and
+    its output matches the op's fake in every mode, capture included."""
     if dropout_p <= 0:
         return 0, torch.empty((0,), dtype=torch.int32, device=device)
     seed = _device_seed(device)
     return seed, seed
 
 
-def _op_seed_fake(dropout_p: float, backend: str, device) -> torch.Tensor:
+def _op_seed_fake(dropout_p: float, device) -> torch.Tensor:
     """The seed output of `_op_seed`, for a kernel op's fake implementation."""
-    if not _device_seeds(backend):
-        return torch.empty((), dtype=torch.int64)
     return torch.empty((1 if dropout_p > 0 else 0,), dtype=torch.int32, device=device)
 
 

@@ -52,7 +52,7 @@ def _attention_naive_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]
 
 def _naive_dropout_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale, dropout_p):
     o, w = _naive_fwd_fake(q, k, v, mask, mask_kind, is_causal, scale)
-    return o, w, empty_like_shape(w), _op_seed_fake(dropout_p, "triton", q.device)
+    return o, w, empty_like_shape(w), _op_seed_fake(dropout_p, q.device)
 
 
 @kernel_op("attention_naive_dropout_fwd", _naive_dropout_fwd_fake)
@@ -63,7 +63,7 @@ def _attention_naive_dropout_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional
     tensor, `_op_seed`'s) with dropout_p > 0: the weights are torch's,
     P' = P * keep / (1 - p), the output P' v, with the flash kernels' keep pattern for the
     seed; the backward's softmax gradient needs P itself."""
-    seed, saved = _op_seed(dropout_p, "triton", q.device)
+    seed, saved = _op_seed(dropout_p, q.device)
     o, weights, p = _LAUNCHES.get(
         _naive_key(q, k, v, mask, mask_kind, is_causal, scale, dropout_p, True),
         _plan_naive_fwd, q, k, v, mask, mask_kind, is_causal, scale, dropout_p, True)(
@@ -82,9 +82,9 @@ def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], mask_kind: 
     """The numba backend's attention weights (B, H, L, S) in q's dtype
     (_NumbaAttention.weights): attention_with_weights' second output there, differentiable
     through NumbaWeightsFunction. Under dropout, dropped as the flash forward that drew `seed`
-    (a CPU int64 scalar) dropped them."""
+    (`_op_seed`'s device int32 tensor, which the kernel reads) dropped them."""
     return _NumbaAttention.weights(q, k, mask, mask_kind, is_causal, scale, dropout_p,
-                                   int(seed) if dropout_p > 0 else 0)
+                                   seed if dropout_p > 0 else 0)
 
 
 @kernel_op("attention_weights_bwd", lambda q, k, mask, dw, mask_kind, is_causal, scale, dropout_p,
@@ -96,7 +96,7 @@ def _attention_weights_bwd(q: Tensor, k: Tensor, mask: Optional[Tensor], dw: Ten
     """(dq, dk, the float mask's gradient dS with mask_grad, else empty) of the numba
     backend's weights, given dw, their gradient."""
     dq, dk, ds = _NumbaAttention.weights_backward(q, k, mask, dw, mask_kind, is_causal, scale,
-                                                  dropout_p, int(seed) if dropout_p > 0 else 0)
+                                                  dropout_p, seed if dropout_p > 0 else 0)
     return dq, dk, ds.to(mask.dtype) if mask_grad else _mask_grad_fake(q, mask, False)
 
 

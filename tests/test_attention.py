@@ -300,24 +300,31 @@ def _fake_capture(monkeypatch, on: bool):
         monkeypatch.setattr(module, "capturing", lambda: on)
 
 
-@pytest.mark.parametrize("how", ["weights-numba", "broadcast-numba"])
-def test_dropout_inside_graph_capture_raises(how, monkeypatch):
-    """The Numba backend's attention weights and kernel ops (inputs that broadcast take the
-    op path) take a host seed, which a captured graph would replay, the same mask every step:
-    the draw refuses inside capture (the capture state faked: CUDA graphs need a GPU);
-    torch's backend, whose kernels advance a graph-safe state, still runs."""
+@pytest.mark.parametrize("how", ["weights", "broadcast"])
+def test_numba_kernel_ops_dropout_is_the_same_inside_graph_capture(how, monkeypatch):
+    """The numba backend's kernel ops (inputs that broadcast: one key/value head for two
+    query heads) and its attention weights draw their dropout seed on the device whether or
+    not a CUDA graph is being captured (the capture state faked: graphs need a GPU): inside
+    capture they run, and drop what they drop outside it for the same generator state."""
     from pydl.attention import attention_with_weights
-    _fake_capture(monkeypatch, True)
     q, k, v = qkv(1, 2, 2, 5, 6, 8)
-    kind, backend = how.split("-")
-    with pytest.raises(RuntimeError, match="dropout.*graph capture.*same"):
-        if kind == "weights":
-            attention_with_weights(q, k, v, dropout_p=0.2, backend=backend)
-        else:           # one key/value head for both query heads
-            pydl.scaled_dot_product_attention(q, k[:, :1], v[:, :1], dropout_p=0.2,
-                                              backend=backend)
-    pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.0, backend=backend)   # no draw
-    pydl.scaled_dot_product_attention(q, k, v, dropout_p=0.2, backend="torch")
+
+    def run():
+        torch.manual_seed(5)
+        if how == "weights":
+            return attention_with_weights(q, k, v, dropout_p=0.4, backend="numba")
+        return (pydl.scaled_dot_product_attention(q, k[:, :1], v[:, :1], dropout_p=0.4,
+                                                  backend="numba"),)
+    outside = run()
+    _fake_capture(monkeypatch, True)
+    inside = run()
+    for a, b in zip(outside, inside):
+        assert torch.equal(a, b)
+    if how == "weights":        # some dropped, some kept
+        assert (outside[1] == 0).any() and (outside[1] != 0).any()
+    else:                       # not the output without dropout
+        plain = pydl.scaled_dot_product_attention(q, k[:, :1], v[:, :1], backend="numba")
+        assert not torch.allclose(outside[0], plain)
 
 
 @pytest.mark.parametrize("case", ["flash", "flash-causal", "naive", "broadcast",
