@@ -164,17 +164,20 @@ def test_compiled_reduce_overhead_keeps_the_step_in_one_graph_each_way():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
-def test_compiled_reduce_overhead_attention_dropout_draws_anew():
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_compiled_reduce_overhead_attention_dropout_draws_anew(backend):
     """Attention with dropout under torch.compile(mode="reduce-overhead"): the kernel op's
     seed is drawn on the device inside the graph, so two calls on the same inputs drop
     different scores (a seed baked into the recorded graph would repeat one mask), gradients
     flow, and no CPU node splits or skips the graphs."""
     from torch._dynamo.utils import counters
+    if backend == "numba":
+        pytest.importorskip("numba")
     torch.manual_seed(0)
     dev = torch.device("cuda")
 
     def attend(q):
-        return pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend="triton")
+        return pydl.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend=backend)
 
     compiled = torch.compile(attend, mode="reduce-overhead", fullgraph=True)
     torch._dynamo.reset()
