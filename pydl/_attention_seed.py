@@ -24,7 +24,7 @@ _DROPOUT_IN_CAPTURE = (
     "attention with dropout out of the captured region, or run it with backend='torch'")
 
 
-def _new_seed(dropout_p: float, backend: str, device):
+def _new_seed(dropout_p: float, device):
     """A call's dropout seed as the eager plan's kernels take it: 0 without dropout, else
     `dropout_seed()`; inside CUDA graph capture a one-element int32 tensor drawn on the device
     by torch's generator (graph-safe: each replay draws anew), which the kernels of either

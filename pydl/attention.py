@@ -331,7 +331,7 @@ class _AttentionCall(AttentionKernels):
     def forward(self, q, k, v, mask):
         if not self.planned:
             return super().forward(q, k, v, mask)
-        seed = _new_seed(self.dropout_p, self.backend, q.device)
+        seed = _new_seed(self.dropout_p, q.device)
         o, lse = fresh(self.new_o), fresh(self.new_lse)
         if not self.no_rows:
             aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
