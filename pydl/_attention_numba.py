@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import _env
+from ._attention_seed import _stand_in_seed
 from ._gemm_numba import on_tensor_cores, pair_words
 from ._launch import cdiv, new_output, output_maker, planned_once
 from ._numba_launch import (
@@ -29,11 +30,6 @@ def _numba_mask(mask):
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8), 0
     return mask, kn.BF16 if mask.dtype == torch.bfloat16 else 0
-
-
-def _seed_placeholder(device) -> torch.Tensor:
-    """A device seed's stand-in for planning a launch that reads one (its dtype and shape)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _numba_dropout(dropout_p: float, seed) -> tuple:
@@ -119,7 +115,7 @@ class _NumbaAttention:
         int32 device tensor the kernels read (drawn on the device: CUDA graph capture, the
         kernel ops), one more source of the plan."""
         options = (mask_kind, is_causal, scale, dropout_p)
-        seed = _seed_placeholder(q.device) if in_memory else DYNAMIC
+        seed = _stand_in_seed(q.device) if in_memory else DYNAMIC
         *launch, places, mma = _NumbaAttention._forward(q, k, v, o, lse, mask, *options, seed)
         if mma:
             mask4 = _planned_view(mask)
@@ -195,7 +191,7 @@ class _NumbaAttention:
         new_delta = output_maker((B * H, L), torch.float32, q.device)
         delta = new_delta()
         options = (mask_kind, is_causal, scale, dropout_p)
-        planned_seed = _seed_placeholder(q.device) if in_memory else DYNAMIC
+        planned_seed = _stand_in_seed(q.device) if in_memory else DYNAMIC
         *launches, mma = _NumbaAttention._backward(q, k, v, o, lse, do, delta, dq, dk, dv,
                                                    mask, *options, planned_seed, dmask)
         if mma:

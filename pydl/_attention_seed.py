@@ -42,6 +42,12 @@ def _device_seed(device) -> torch.Tensor:
     return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int32)
 
 
+def _stand_in_seed(device) -> torch.Tensor:
+    """A device seed's stand-in (0, in memory) for a launch planned or timed before a call's
+    seed exists: its dtype, shape and device are what the kernels are built for."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _op_seed(dropout_p: float, device) -> tuple:
     """(the seed to launch with, the seed the kernel op returns and the backward reads) of a
     kernel op's call, on either backend: both an int32 tensor on the inputs' device, (1,),

@@ -8,6 +8,7 @@ import torch
 
 from . import _env, _launch
 from . import _tune as tune
+from ._attention_seed import _stand_in_seed
 from ._launch import (
     cdiv,
     dot_block,
@@ -166,7 +167,7 @@ def _seed_scalar(dropout_p: float) -> tuple:
 
 def _trial_seed(in_memory: bool, device):
     """The seed of a tuner's trial launch: 0, in memory where the kernel reads it so."""
-    return torch.zeros(1, dtype=torch.int32, device=device) if in_memory else 0
+    return _stand_in_seed(device) if in_memory else 0
 
 
 def _dropout_kind(dropout_p: float, L: int, S: int, in_memory: bool = False) -> int:
