@@ -77,8 +77,8 @@ _NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_
 
 @contextlib.contextmanager
 def stubbed_launches():
-    """Kernel launches become counters (emulation only): Triton's interpreter and Numba's
-    simulator run nothing."""
+    """Kernel launches become counters (emulation only): Triton's interpreter, Numba's
+    simulator and pydl's Gluon simulator run nothing."""
     from numba.cuda.simulator.kernel import FakeCUDAKernel
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -134,6 +134,11 @@ def stubbed_launches():
         old_direct(*args)
 
     _numba_launch._launch_numba_direct = unplanned
+    # The Gluon kernels' simulator (emulation's stand-in for their Triton launch, which a GPU
+    # takes on its own path, not the direct one) counts too.
+    from pydl import _gluon_sim
+    old_gluon = _gluon_sim.launch
+    _gluon_sim.launch = lambda kernel, grid, *args, **kwargs: count(kernel)
     _numba_launch._NUMBA_RUNTIME, _numba_launch._NUMBA_DIRECT_ON_CPU = _NumbaRuntime(), True
     _numba_launch._NUMBA_DIRECTS.clear()
     InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call
@@ -149,6 +154,7 @@ def stubbed_launches():
         _plan.Launch._keep = old_keep
         _numba_launch._NUMBA_RUNTIME, _numba_launch._NUMBA_DIRECT_ON_CPU = old_runtime, False
         _numba_launch._launch_numba_direct = old_direct
+        _gluon_sim.launch = old_gluon
         _numba_launch._NUMBA_DIRECTS.clear()
         for launch in kept:         # the interpreter runs them again
             launch.compiled = None

@@ -452,13 +452,17 @@ class _Program:
             self.cv.notify_all()
 
     def land_one(self) -> None:
-        desc, coord, bar, dst = self.copies.pop(0)
+        """One of the copies in flight lands (any one: TMA completes them in no set order)."""
+        self.land(self.rng.randrange(len(self.copies)))
+
+    def land(self, i: int) -> None:
+        desc, coord, bar, dst = self.copies.pop(i)
         dst.arr[...] = dst.dtype.round(desc.read(coord).reshape(dst.arr.shape))
         bar.tx -= desc.block_type.nbytes
         self.complete(bar)
 
     def maybe_land(self) -> None:
-        while self.copies and self.rng.random() < 0.4:
+        while self.copies and self.rng.random() < 0.25:
             self.land_one()
 
     def check(self) -> None:
@@ -466,8 +470,8 @@ class _Program:
             raise _Aborted()
 
 
-# how long a partition sleeps where it lets the others run (seconds)
-YIELD_S = 2e-4
+# how long a partition sleeps at most where it lets the others run (seconds)
+YIELD_S = 2e-3
 # a wait that sees nothing happen this long is an error of the simulator's (every event that
 # can complete a phase notifies the waiters; a deadlock is detected, not waited out)
 STALL_S = 60
@@ -541,6 +545,7 @@ def _warp_specialize(functions_and_args, worker_num_warps, worker_num_regs=None)
             with prog.cv:
                 prog.live -= 1
                 _detect_deadlock(prog)
+                prog.cv.notify_all()         # the waiters left may be all there is
 
     threads = [threading.Thread(target=run, args=(fn, tuple(args)), daemon=True)
                for fn, args in functions_and_args[1:]]
@@ -681,7 +686,7 @@ def _yield(prog: _Program) -> None:
     """Sometimes let the other partitions run now (what an arrival released them to do:
     the producer's next copy into a buffer just released, say) before this one goes on."""
     if prog.rng.random() < 0.5:
-        time.sleep(YIELD_S)
+        time.sleep(prog.rng.random() * YIELD_S)
 
 
 def _wait(bar, phase, pred=True, deps=()):
@@ -694,10 +699,14 @@ def _wait(bar, phase, pred=True, deps=()):
         prog.check()
         prog.maybe_land()
         while (b.completed & 1) == p:
-            if prog.copies:
-                prog.land_one()
+            mine = [i for i, c in enumerate(prog.copies) if c[2] is b]
+            if mine:                         # the copies this phase waits for land
+                prog.land(prog.rng.choice(mine))
                 continue
             me = threading.get_ident()
+            if prog.copies and len(prog.waiting) + 1 >= prog.live:
+                prog.land_one()              # everyone waits: something in flight lands
+                continue
             prog.waiting[me] = (b, p)
             _detect_deadlock(prog)
             if prog.error is None and not prog.cv.wait(timeout=STALL_S):

@@ -10,10 +10,12 @@ backward still runs what the Gluon one does not take: an upstream gradient TMA c
 (such as the stride-0 one of `out.sum().backward()`), and deterministic mode
 (`torch.use_deterministic_algorithms`: the atomics' order varies).
 
-Where it cannot run the call raises NotImplementedError naming the reason and pointing to
-algo="flash", which runs everywhere: emulation (Gluon kernels do not run in Triton's
-interpreter), GPUs other than compute capability 9.x (wgmma is Hopper's instruction;
-Blackwell has tcgen05 instead), fp32, head dims other than 64 and 128 or a value head dim
+In emulation (PYDL_INTERPRET) the Gluon kernels run in pydl/_gluon_sim.py, a CPU simulator
+of the Gluon they use (Triton's interpreter cannot run Gluon), so that their logic is tested
+with every other kernel; what only hardware shows (layouts, swizzles, timing) waits for a
+GPU. Where they cannot run the call raises NotImplementedError naming the reason and
+pointing to algo="flash", which runs everywhere: GPUs other than compute capability 9.x
+(wgmma is Hopper's instruction; Blackwell has tcgen05 instead), fp32, head dims other than 64 and 128 or a value head dim
 different from the query's, no keys, an attention mask, dropout, a negative scale (the kernel
 scales inside the exponent after the row max), and rows a TMA descriptor cannot address (unit
 column stride, 16-byte aligned base and strides, no expanded dim: the descriptors span
@@ -53,11 +55,8 @@ BWD_TUNER = tune.Tuner("attention_bwd_hopper")
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float,
                 scale: float) -> str | None:
     """Why algo="flash_hopper" cannot run these (B, H, L, E) views here; None when it can."""
-    if _env.INTERPRET:
-        return ("it is a Gluon kernel, which Triton's interpreter cannot run "
-                "(PYDL_INTERPRET emulation)")
     cap = _launch.device_capability(q.device)
-    if cap is None or cap[0] != 9:
+    if not _env.INTERPRET and (cap is None or cap[0] != 9):
         where = "a CPU tensor" if cap is None else f"compute capability {cap[0]}.{cap[1]}"
         return f"it needs a Hopper GPU (compute capability 9.x: wgmma and TMA), got {where}"
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -96,6 +95,16 @@ def check(q, k, v, mask, dropout_p: float, scale: float, algo: str = "flash_hopp
     if why is not None:
         raise NotImplementedError(f"scaled_dot_product_attention: algo={algo!r} cannot "
                                   f"run here: {why}; use algo='flash'")
+
+
+def _gluon(kernel, grid: tuple):
+    """kernel[grid]: Triton's launch on a GPU; in emulation the Gluon simulator's."""
+    if _env.INTERPRET:
+        import functools
+
+        from . import _gluon_sim
+        return functools.partial(_gluon_sim.launch, kernel, grid)
+    return kernel[grid]
 
 
 def _work_tiles(q) -> int:
@@ -156,7 +165,7 @@ class HopperAttention:
 
         def launch(cfg, q=q, k=k, v=v, o=o, lse=lse):
             consts = {n: c for n, c in cfg.items() if n != "PERSISTENT"}   # a grid, not code
-            kg.attention_fwd_hopper[_forward_grid(q, is_causal, cfg)](
+            _gluon(kg.attention_fwd_hopper, _forward_grid(q, is_causal, cfg))(
                 q, k, v, o, lse, *scalars, IS_CAUSAL=is_causal, HEAD_D=E, **consts)
 
         cfg = _hopper_config(q, k, is_causal, launch)
@@ -218,9 +227,9 @@ def _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: flo
     grid = (_launch.cdiv(S, ROWS_PER_PROGRAM), B * HKV)
 
     def launch(cfg, q, k, v, do, lse, delta, dk, dv, dq_acc):
-        kg.attention_bwd_hopper[grid](q, k, v, do, lse, delta, dk, dv, dq_acc, *scalars,
-                                      GROUP=H // HKV, IS_CAUSAL=is_causal, HEAD_D=E, BLOCK_M=64,
-                                      **cfg)
+        _gluon(kg.attention_bwd_hopper, grid)(q, k, v, do, lse, delta, dk, dv, dq_acc,
+                                              *scalars, GROUP=H // HKV, IS_CAUSAL=is_causal,
+                                              HEAD_D=E, BLOCK_M=64, **cfg)
 
     delta, dq_acc = delta_of(o, do)             # the tuner's trials run on the real rows
     candidates = [dict(STAGES=stages, num_warps=4) for stages in HOPPER_BWD_STAGES[E]]
