@@ -15,12 +15,13 @@ of the Gluon they use (Triton's interpreter cannot run Gluon), so that their log
 with every other kernel; what only hardware shows (layouts, swizzles, timing) waits for a
 GPU. Where they cannot run the call raises NotImplementedError naming the reason and
 pointing to algo="flash", which runs everywhere: GPUs other than compute capability 9.x
-(wgmma is Hopper's instruction; Blackwell has tcgen05 instead), fp32, head dims other than 64 and 128 or a value head dim
-different from the query's, no keys, an attention mask, dropout, a negative scale (the kernel
-scales inside the exponent after the row max), and rows a TMA descriptor cannot address (unit
-column stride, 16-byte aligned base and strides, no expanded dim: the descriptors span
-(batch, heads, rows, E)). It is never chosen implicitly: the default
-algo stays "flash" until a GPU run shows this one correct and faster.
+(wgmma is Hopper's instruction; Blackwell has tcgen05 instead), fp32, head dims other than
+64 and 128 or a value head dim different from the query's, no keys, an attention mask,
+dropout, a negative scale (the kernel scales inside the exponent after the row max), and
+rows a TMA descriptor cannot address (unit column stride, 16-byte aligned base and strides,
+no expanded dim: the descriptors span (batch, heads, rows, E)). It is never chosen
+implicitly: the default algo stays "flash" until a GPU run shows this one correct and
+faster.
 """
 from __future__ import annotations
 
