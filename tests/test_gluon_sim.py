@@ -138,9 +138,11 @@ FWD_MUTANTS = {
                           use_acc=False, is_async=True)
     mbarrier.wait(v_ready"""),
     # a stage released before the PV product reading it retired
-    "released_early": ("""    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-    mbarrier.arrive(kv_empty.index(prev), count=1)""", """    mbarrier.arrive(kv_empty.index(prev), count=1)
-    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))"""),
+    "released_early": (
+        "    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))\n"
+        "    mbarrier.arrive(kv_empty.index(prev), count=1)",
+        "    mbarrier.arrive(kv_empty.index(prev), count=1)\n"
+        "    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))"),
     # the causal diagonal's tiles counted one too few
     "causal_mask_short": ("n_unmasked = gl.minimum(n_unmasked, (m0 + 1) // BLOCK_N)",
                           "n_unmasked = gl.minimum(n_unmasked, (m0 + BLOCK_N) // BLOCK_N)"),
