@@ -39,7 +39,9 @@ box never crosses into the next head and TMA's zero rows fill the tails.
 Scope (the host refuses everything else, pydl/attention_hopper.py): fp16/bf16, head dims
 E = Ev in {64, 128}, no attention mask, no dropout, scale >= 0, 16-byte aligned rows, no
 expanded (stride-0) dims.
-Gluon kernels do not run in Triton's interpreter: these are compiled and checked on a GPU.
+Gluon kernels do not run in Triton's interpreter: in emulation these run in pydl's Gluon
+simulator (pydl/_gluon_sim.py: their logic, barrier protocol included, on CPU tensors), and
+are compiled and checked on a GPU.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
