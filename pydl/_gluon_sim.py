@@ -337,6 +337,9 @@ class Descriptor:
                              f"{self.strides} of {size}-byte elements")
 
     def _box(self, coord):
+        if len(coord) != len(self.shape):
+            raise ValueError(f"gluon simulator: a {len(coord)}-d coordinate for a "
+                             f"{len(self.shape)}-d descriptor")
         grids = np.ix_(*[int(c) + np.arange(b) for c, b in zip(coord, self.block_shape)])
         inside = functools.reduce(np.logical_and, [(g >= 0) & (g < n) for g, n in
                                                    zip(grids, self.shape)])
@@ -498,10 +501,6 @@ class _Layout:
         return cls()
 
 
-def _unwrap(x):
-    return x.a if isinstance(x, T) else x
-
-
 def _dtype_of(*xs) -> DType:
     dt = None
     for x in xs:
@@ -515,7 +514,10 @@ def _allocate_shared_memory(element_ty: DType, shape, layout, value=None):
     shape = [int(s) for s in shape]
     if element_ty is int64 and isinstance(layout, _BarrierLayout):
         return Barriers(math.prod(shape))
-    mem = SMem(np.zeros(shape, dtype=element_ty.np), element_ty)
+    # uninitialised, as on a GPU: NaN (the integer minimum), so a read before any write shows
+    fill = np.nan if element_ty.is_float else np.iinfo(element_ty.np).min \
+        if element_ty is not int1 else False
+    mem = SMem(np.full(shape, fill, dtype=element_ty.np), element_ty)
     if value is not None:
         mem.store(value)
     return mem

@@ -89,7 +89,8 @@ def _fails(run, kg, cases, tol) -> list:
         except Exception as exc:   # noqa: BLE001 - which error is the point
             out.append(type(exc).__name__)
             continue
-        out.append("ok" if max(err if isinstance(err, tuple) else (err,)) < tol else "wrong")
+        errs = err if isinstance(err, tuple) else (err,)
+        out.append("ok" if all(e < tol for e in errs) else "wrong")      # NaN is wrong
     return out
 
 
