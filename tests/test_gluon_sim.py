@@ -191,6 +191,50 @@ def test_backward_mutants_fail(mutant, tmp_path):
     assert outcome != ["ok"] * len(BWD_CASES), f"{mutant} passed every case"
 
 
+# --- a seeded fuzz of shapes and schedules -----------------------------------------------------
+
+FUZZ_QUICK, FUZZ_FULL = 6, 60
+
+
+def _fuzz_case(seed: int, kernel: str) -> dict:
+    """Random shapes (lengths 1 to 700, short and long, grouped heads, both head dims),
+    causal or not, and one of the kernel's schedules (the forward's persistent grids of 1
+    to 7 programs)."""
+    from pydl import attention_hopper as AH
+    rng = np.random.default_rng(seed)
+    E = int(rng.choice(AH.HEAD_DIMS))
+    HKV, group, B = int(rng.integers(1, 3)), int(rng.choice([1, 2, 3])), int(rng.integers(1, 3))
+    L, S = (int(rng.integers(1, 65) if rng.random() < 0.3 else rng.integers(65, 701))
+            for _ in "LS")
+    case = dict(B=B, H=HKV * group, HKV=HKV, L=L, S=S, E=E, causal=bool(rng.integers(2)),
+                seed=seed)
+    if kernel == "forward":
+        block_n, stages, persistent = AH.HOPPER_SPACES[E][rng.integers(len(AH.HOPPER_SPACES[E]))]
+        n_m = -(-L // 128)
+        units = B * case["H"] * ((n_m + 1) // 2 if case["causal"] else n_m)
+        case.update(BLOCK_N=block_n, STAGES=stages,
+                    programs=min(units, int(rng.integers(1, 8))) if persistent else None)
+    else:
+        case.update(STAGES=int(rng.choice(AH.HOPPER_BWD_STAGES[E])))
+    return case
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def test_fuzzed_shapes_and_schedules_match_reference(kernel, request):
+    """The kernels as written on random shapes and schedules against the float64 reference;
+    a failure names its seed (PYDL_FUZZ_SEED=<seed> reruns that case alone)."""
+    import os
+    one = os.environ.get("PYDL_FUZZ_SEED")
+    seeds = [int(one)] if one is not None else \
+        range(FUZZ_FULL if request.config.getoption("--full") else FUZZ_QUICK)
+    run = forward if kernel == "forward" else backward
+    for seed in seeds:
+        case = _fuzz_case(seed, kernel)
+        err = run(attention_gluon, **case)
+        errs = err if isinstance(err, tuple) else (err,)
+        assert all(e < 5e-3 for e in errs), f"seed {seed}: {case}: error {errs}"
+
+
 # --- the pieces ----------------------------------------------------------------------------------
 
 def _run_partitions(*fns):
