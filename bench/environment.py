@@ -19,7 +19,8 @@ _TRUE = {"1", "true", "yes", "on"}
 NO_GPU_NOTE = (
     "No GPU: torch.cuda.is_available() is False on this machine.\n"
     "Running every variant once on tiny shapes in emulation (PYDL_INTERPRET=1: Triton's "
-    "interpreter, Numba's CUDA simulator) as a correctness check against torch.\n"
+    "interpreter, Numba's CUDA simulator, pydl's Gluon simulator) as a correctness check "
+    "against torch.\n"
     "Emulated runs are not timed: no performance numbers come from this machine.")
 INTERPRET_NOTE = (
     "PYDL_INTERPRET=1 is set: the kernels run in emulation, so this run checks correctness "

@@ -70,6 +70,9 @@ SHAPES: dict[str, tuple[Case, ...]] = {
                       "emulation check: 40 queries and keys (a ragged tile), head dim 16"),
         AttentionCase("tiny-causal", (1, 2, 40, 16), F16,
                       "emulation check: causal, ragged tile, head dim 16", causal=True),
+        AttentionCase("tiny-d64-causal", (1, 2, 130, 64), F16,
+                      "emulation check: causal, head dim 64 (the Gluon kernels' smallest), "
+                      "two query tiles", causal=True),
     ),
     "quick": tuple(_case(128, s, c) for s in (1024, 4096, 16384) for c in (False, True)),
 }
