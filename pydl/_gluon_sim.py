@@ -143,35 +143,11 @@ class T:
             return T(out, result)
         return T(dt.round(out) if dt in (float16, bfloat16) else out, dt)
 
-    def __add__(self, o): return self._bin(o, np.add)
-    def __radd__(self, o): return self._bin(o, np.add, swap=True)
-    def __sub__(self, o): return self._bin(o, np.subtract)
-    def __rsub__(self, o): return self._bin(o, np.subtract, swap=True)
-    def __mul__(self, o): return self._bin(o, np.multiply)
-    def __rmul__(self, o): return self._bin(o, np.multiply, swap=True)
-
     def __truediv__(self, o):
         return _float(self)._bin(o, np.divide)
 
     def __rtruediv__(self, o):
         return _float(self)._bin(o, np.divide, swap=True)
-
-    def __floordiv__(self, o): return self._bin(o, _cdiv_trunc)
-    def __rfloordiv__(self, o): return self._bin(o, _cdiv_trunc, swap=True)
-    def __mod__(self, o): return self._bin(o, _crem)
-    def __rmod__(self, o): return self._bin(o, _crem, swap=True)
-    def __and__(self, o): return self._bin(o, np.bitwise_and)
-    def __rand__(self, o): return self._bin(o, np.bitwise_and, swap=True)
-    def __or__(self, o): return self._bin(o, np.bitwise_or)
-    def __ror__(self, o): return self._bin(o, np.bitwise_or, swap=True)
-    def __xor__(self, o): return self._bin(o, np.bitwise_xor)
-    def __rxor__(self, o): return self._bin(o, np.bitwise_xor, swap=True)
-    def __lt__(self, o): return self._bin(o, np.less, int1)
-    def __le__(self, o): return self._bin(o, np.less_equal, int1)
-    def __gt__(self, o): return self._bin(o, np.greater, int1)
-    def __ge__(self, o): return self._bin(o, np.greater_equal, int1)
-    def __eq__(self, o): return self._bin(o, np.equal, int1)
-    def __ne__(self, o): return self._bin(o, np.not_equal, int1)
 
     def __neg__(self):
         return T(-self.a, self.dtype)
@@ -197,6 +173,17 @@ def _crem(a, b):
     if a.dtype.kind == "f" or b.dtype.kind == "f":
         return np.fmod(a, b)
     return a - b * _cdiv_trunc(a, b)
+
+
+# the arithmetic and bitwise operators, both ways round, and the comparisons
+for _name, _fn in (("add", np.add), ("sub", np.subtract), ("mul", np.multiply),
+                   ("floordiv", _cdiv_trunc), ("mod", _crem), ("and", np.bitwise_and),
+                   ("or", np.bitwise_or), ("xor", np.bitwise_xor)):
+    setattr(T, f"__{_name}__", lambda self, o, fn=_fn: self._bin(o, fn))
+    setattr(T, f"__r{_name}__", lambda self, o, fn=_fn: self._bin(o, fn, swap=True))
+for _name, _fn in (("lt", np.less), ("le", np.less_equal), ("gt", np.greater),
+                   ("ge", np.greater_equal), ("eq", np.equal), ("ne", np.not_equal)):
+    setattr(T, f"__{_name}__", lambda self, o, fn=_fn: self._bin(o, fn, int1))
 
 
 def _operand(x, like: DType):

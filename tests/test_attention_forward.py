@@ -308,6 +308,19 @@ HOPPER_SCHEDULES = {
 SCHEDULE_CASES = ("d64_tiles", "ragged", "queries_past_keys", "gqa", "projection_layout")
 
 
+def _use_schedule(schedule: str, monkeypatch) -> None:
+    """The forward plans only `schedule` of HOPPER_SCHEDULES from now on (cached plans
+    forgotten: the caller clears them again after)."""
+    from pydl import _plan
+    space, sms = HOPPER_SCHEDULES[schedule]
+    if space is not None:
+        monkeypatch.setattr(attention_hopper, "HOPPER_SPACES",
+                            {e: (c,) for e, c in space.items()})
+    if sms is not None:
+        monkeypatch.setattr(_launch, "multiprocessors", lambda device: sms)
+    _plan.clear_all()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -317,13 +330,7 @@ def test_flash_hopper_schedules_match_reference(schedule, case, causal, monkeypa
     """Every schedule the tuner may pick, forward and gradients (the flash backward from the
     forward's output and log-sum-exp) against the float64 reference and torch."""
     from pydl import _plan
-    space, sms = HOPPER_SCHEDULES[schedule]
-    if space is not None:
-        monkeypatch.setattr(attention_hopper, "HOPPER_SPACES",
-                            {e: (c,) for e, c in space.items()})
-    if sms is not None:
-        monkeypatch.setattr(_launch, "multiprocessors", lambda device: sms)
-    _plan.clear_all()
+    _use_schedule(schedule, monkeypatch)
     try:
         B, H, HKV, L, S, E, layout = HOPPER_CASES[case]
         q, k, v = _hopper_case(B, H, HKV, L, S, E, torch.bfloat16, layout)
@@ -383,13 +390,7 @@ def test_flash_hopper_simulated_schedules_match_reference(schedule, case, causal
     each walks tiles across heads and batches, the ring index and the Q buffer passed on):
     the forward's output against the float64 reference."""
     from pydl import _plan
-    space, sms = HOPPER_SCHEDULES[schedule]
-    if space is not None:
-        monkeypatch.setattr(attention_hopper, "HOPPER_SPACES",
-                            {e: (c,) for e, c in space.items()})
-    if sms is not None:
-        monkeypatch.setattr(_launch, "multiprocessors", lambda device: sms)
-    _plan.clear_all()
+    _use_schedule(schedule, monkeypatch)
     try:
         B, H, HKV, L, S, E, layout = SIM_CASES[case]
         q, k, v = _hopper_case(B, H, HKV, L, S, E, torch.float16, layout)
