@@ -134,11 +134,11 @@ def stubbed_launches():
         old_direct(*args)
 
     _numba_launch._launch_numba_direct = unplanned
-    # The Gluon kernels' simulator (emulation's stand-in for their Triton launch, which a GPU
-    # takes on its own path, not the direct one) counts too.
+    # The Gluon kernels' simulator (emulation's stand-in for their Triton launch) likewise:
+    # counted, a compiled stand-in returned for the direct path.
     from pydl import _gluon_sim
     old_gluon = _gluon_sim.launch
-    _gluon_sim.launch = lambda kernel, grid, *args, **kwargs: count(kernel)
+    _gluon_sim.launch = lambda kernel, grid, *args, **kwargs: triton_launch(kernel)
     _numba_launch._NUMBA_RUNTIME, _numba_launch._NUMBA_DIRECT_ON_CPU = _NumbaRuntime(), True
     _numba_launch._NUMBA_DIRECTS.clear()
     InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call

@@ -274,7 +274,7 @@ class Launch:
     def __init__(self, kernel, grid: tuple, scalars: tuple, consts: dict,
                  checked: tuple | None = None):
         self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))
-        self.run = kernel[grid]
+        self.run = runner(kernel, grid)
         self.scalars = tuple(scalars)
         self.consts = consts
         self.compiled = None
@@ -333,6 +333,16 @@ class Launch:
         self.aligned = _alignment(tensors if self.checked is None else self.checked(tensors))
         self.device = _DEVICE_INDEX()
         self.compiled = compiled
+
+
+def runner(kernel, grid: tuple) -> Callable:
+    """kernel[grid]: Triton's launch of `kernel` on `grid`; in emulation, for a Gluon kernel
+    (which Triton's interpreter cannot run), pydl's Gluon simulator (pydl/_gluon_sim.py)."""
+    is_gluon = getattr(kernel, "is_gluon", None)
+    if _env.INTERPRET and is_gluon is not None and is_gluon():
+        from . import _gluon_sim
+        return lambda *args, **kwargs: _gluon_sim.launch(kernel, grid, *args, **kwargs)
+    return kernel[grid]
 
 
 # CUDA's cap on grid axes 1 and 2 (axis 0 takes 2**31 - 1 programs): a launch past it fails.

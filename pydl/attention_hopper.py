@@ -98,16 +98,6 @@ def check(q, k, v, mask, dropout_p: float, scale: float, algo: str = "flash_hopp
                                   f"run here: {why}; use algo='flash'")
 
 
-def _gluon(kernel, grid: tuple):
-    """kernel[grid]: Triton's launch on a GPU; in emulation the Gluon simulator's."""
-    if _env.INTERPRET:
-        import functools
-
-        from . import _gluon_sim
-        return functools.partial(_gluon_sim.launch, kernel, grid)
-    return kernel[grid]
-
-
 def _work_tiles(q) -> int:
     """The forward's query tiles: 128 rows of one (batch, head) each."""
     B, H, L, _ = q.shape
@@ -149,9 +139,8 @@ class HopperAttention:
     def plan_forward(cls, q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p):
         """run(q, k, v, o, lse, mask, seed) for tensors of these shapes and strides: the
         checks and the tile chosen once; per call only the base alignment TMA needs (the
-        strides are the plan's). The launch goes through Triton's own path (JITFunction.run):
-        pydl._plan.Launch's direct call is not used for a Gluon kernel, which no emulated
-        test can run."""
+        strides are the plan's) and the launch (pydl._plan.Launch: on a GPU its direct path
+        after the first, in emulation the Gluon simulator)."""
         from .kernels.triton import attention_gluon as kg
         algo = cls.ALGO
         check(q, k, v, mask, dropout_p, scale, algo)
@@ -164,18 +153,18 @@ class HopperAttention:
         scalars = (*strides[0], *strides[1], *strides[2], *o.stride()[:3], B, H, L, S, H // HKV,
                    scale * 1.4426950408889634)    # the scale in exp2 units
 
-        def launch(cfg, q=q, k=k, v=v, o=o, lse=lse):
+        def make(cfg):
             consts = {n: c for n, c in cfg.items() if n != "PERSISTENT"}   # a grid, not code
-            _gluon(kg.attention_fwd_hopper, _forward_grid(q, is_causal, cfg))(
-                q, k, v, o, lse, *scalars, IS_CAUSAL=is_causal, HEAD_D=E, **consts)
+            return _plan.Launch(kg.attention_fwd_hopper, _forward_grid(q, is_causal, cfg),
+                                scalars, dict(IS_CAUSAL=is_causal, HEAD_D=E, **consts))
 
-        cfg = _hopper_config(q, k, is_causal, launch)
+        fwd = make(_hopper_config(q, k, is_causal, lambda c: make(c)(q, k, v, o, lse)))
 
         def run(q, k, v, o, lse, mask, seed):
             if (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
                 check(q, k, v, mask, dropout_p, scale, algo)   # raises: not TMA-addressable
             _launch.ensure_triton_allocator()      # per thread: a ContextVar
-            launch(cfg, q, k, v, o, lse)
+            fwd(q, k, v, o, lse)
         return run
 
     @staticmethod
@@ -204,7 +193,7 @@ class HopperOnePassAttention(HopperAttention):
                       dropout_p, dmask):
         """run(q, k, v, o, lse, do, dq, dk, dv, mask, seed, dmask) for tensors of these shapes
         and strides: the delta with a zeroed fp32 dQ accumulator, the single pass, dQ's
-        conversion. Launched through Triton's own path, as the forward."""
+        conversion."""
         from ._attention_triton import _TritonAttention
         check(q, k, v, mask, dropout_p, scale, HopperOnePassAttention.ALGO)
         if not gluon_backward_takes(q, do):
@@ -227,17 +216,17 @@ def _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: flo
     scalars = (*[s for st in strides for s in st], H, L, S, scale * 1.4426950408889634, scale)
     grid = (_launch.cdiv(S, ROWS_PER_PROGRAM), B * HKV)
 
-    def launch(cfg, q, k, v, do, lse, delta, dk, dv, dq_acc):
-        _gluon(kg.attention_bwd_hopper, grid)(q, k, v, do, lse, delta, dk, dv, dq_acc,
-                                              *scalars, GROUP=H // HKV, IS_CAUSAL=is_causal,
-                                              HEAD_D=E, BLOCK_M=64, **cfg)
+    def make(cfg):
+        return _plan.Launch(kg.attention_bwd_hopper, grid, scalars,
+                            dict(GROUP=H // HKV, IS_CAUSAL=is_causal, HEAD_D=E, BLOCK_M=64,
+                                 **cfg))
 
     delta, dq_acc = delta_of(o, do)             # the tuner's trials run on the real rows
     candidates = [dict(STAGES=stages, num_warps=4) for stages in HOPPER_BWD_STAGES[E]]
     key = (q.dtype, E, is_causal, tune.bucket(L, hi=1 << 14), tune.bucket(S, hi=1 << 14),
            H != HKV)
-    cfg = BWD_TUNER.pick(key, candidates, lambda c: launch(c, q, k, v, do, lse, delta, dk, dv,
-                                                          dq_acc), inout=(dq_acc,))
+    bwd = make(BWD_TUNER.pick(key, candidates, lambda c: make(c)(q, k, v, do, lse, delta, dk,
+                                                                dv, dq_acc), inout=(dq_acc,)))
     convert = _plan.Launch(k1.attention_dq_convert, (_launch.cdiv(L, 64) * B * H,),
                            (*dq.stride(), H, L, E), dict(BLOCK_M=64, BLOCK_D=E))
 
@@ -252,6 +241,6 @@ def _gluon_backward(q, k, v, o, lse, do, dq, dk, dv, is_causal: bool, scale: flo
             return
         delta, dq_acc = delta_of(o, do)
         _launch.ensure_triton_allocator()      # per thread: a ContextVar
-        launch(cfg, q, k, v, do, lse, delta, dk, dv, dq_acc)
+        bwd(q, k, v, do, lse, delta, dk, dv, dq_acc)
         convert(dq_acc, dq)
     return run
