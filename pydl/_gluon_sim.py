@@ -24,6 +24,9 @@ emulation like every other kernel in pydl:
   `warpgroup_mma_wait` that retires it), so a buffer released or overwritten before the
   product was waited for gives a wrong answer here, as it may on a GPU; a wait that returns
   a product still in flight raises;
+- a shared-memory store from registers must be followed by the storing partition's
+  `fence_async_shared` before a wgmma or a TMA store reads that memory (the hardware's
+  generic and async proxies), else the read raises;
 - global loads and stores raise on an unmasked address outside the tensor's storage.
 
 What it cannot check: how Gluon lowers the layouts, shared-memory swizzles and the
@@ -378,7 +381,12 @@ class SMem:
         return SMem(self.arr.transpose([int(o) for o in order]), self.dtype)
 
     def store(self, value: T) -> None:
+        """A generic-proxy store: the async proxy (wgmma, TMA) may read it only after the
+        storing partition's fence_async_shared."""
         self.arr[...] = self.dtype.round(value.a)
+        prog = _prog()
+        with prog.cv:
+            prog.unfenced.setdefault(threading.get_ident(), []).append(self.arr)
 
     def load(self, layout=None) -> T:
         return T(self.arr.copy(), self.dtype)
@@ -431,6 +439,7 @@ class _Program:
         self.copies: list = []          # TMA loads issued, not landed
         self.live = 0                   # partitions running
         self.waiting: dict = {}         # thread -> (barrier, parity) it blocks on
+        self.unfenced: dict = {}        # thread -> shared memory it stored, not yet fenced
         self.error: BaseException | None = None
         self.rng = random.Random(seed)
 
@@ -717,7 +726,30 @@ def _copy_global_to_shared(tensor_desc, coord, barrier, result, pred=True, multi
 
 
 def _copy_shared_to_global(tensor_desc, coord, src):
+    _async_read(src, "a TMA store")
     _STATE.stores.append((tensor_desc, [int(c) for c in coord], src))
+
+
+def _fence_async_shared() -> None:
+    """This partition's shared-memory stores become visible to the async proxy."""
+    prog = _prog()
+    with prog.cv:
+        prog.unfenced.pop(threading.get_ident(), None)
+
+
+def _async_read(mem, what: str) -> None:
+    """`mem` (shared memory the async proxy is about to read: a wgmma operand, a TMA store's
+    source) must hold no generic-proxy store left unfenced by any partition: the hardware
+    may read the old bytes."""
+    if not isinstance(mem, SMem):
+        return
+    prog = _prog()
+    with prog.cv:
+        stale = any(np.shares_memory(mem.arr, arr) for arrs in prog.unfenced.values()
+                    for arr in arrs)
+    if stale:
+        raise RuntimeError(f"gluon simulator: {what} reads shared memory stored without a "
+                           f"fence_async_shared after the store")
 
 
 def _flush_stores(pendings) -> None:
@@ -764,6 +796,8 @@ class _Product:
 
 def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None,
                    is_async=False):
+    _async_read(a, "warpgroup_mma")
+    _async_read(b, "warpgroup_mma")
     product = _Product(a, b, acc, bool(use_acc))
     if not is_async:
         return product.retire()
@@ -810,7 +844,8 @@ def _bind(module) -> dict:
         elif type(value).__name__ == "constexpr":
             env[name] = value.value
     env.update(gl=gl, mbarrier=mbarrier, tma=tma, warpgroup_mma=_warpgroup_mma,
-               warpgroup_mma_wait=_warpgroup_mma_wait, fence_async_shared=lambda: None)
+               warpgroup_mma_wait=_warpgroup_mma_wait,
+               fence_async_shared=_fence_async_shared)
     _BOUND[module.__name__] = env
     return env
 

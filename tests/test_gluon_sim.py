@@ -181,6 +181,11 @@ BWD_MUTANTS = {
                        "N_MASKED: gl.constexpr = 0"),
     # d = 128: the dQ product (all 128 keys) reads dS before the other half is stored
     "no_ds_ready_wait": ("    mbarrier.wait(ds_ready, j & 1)\n", ""),
+    # P and dS stored from registers, read by wgmma without the proxy fence between
+    "no_fence": ("    ds_half.store(ds)\n    fence_async_shared()\n", "    ds_half.store(ds)\n"),
+    # dK stored to shared memory, read by the TMA store without the proxy fence between
+    "no_fence_before_tma_store": ("    v.store(dv.to(dtype))\n    fence_async_shared()\n",
+                                  "    v.store(dv.to(dtype))\n"),
 }
 
 
@@ -255,17 +260,19 @@ def _barrier(count=1):
 def test_mbarrier_phases_as_hopper_counts_them():
     """A fresh barrier's phase of parity 1 counts as complete (a wait on it returns); the
     phase of parity 0 completes after `count` arrivals; a wait nothing can satisfy raises."""
-    bar = _barrier(count=2)
+    bar, go = _barrier(count=2), _barrier()
     seen = []
 
     def waiter():
         sim._wait(bar, 1)                 # passes at once
+        sim._arrive(go)
         sim._wait(bar, 0)                 # needs both arrivals
         seen.append("phase 0 done")
 
     def arriver():
-        sim._arrive(bar)
-        sim._arrive(bar)
+        sim._wait(go, 0)                  # (else phase 0 might complete first: then phase 1
+        sim._arrive(bar)                  # would be the current one, and the waiter's first
+        sim._arrive(bar)                  # wait would block, as it would on a GPU)
 
     _run_partitions(waiter, arriver)
     assert seen == ["phase 0 done"]
