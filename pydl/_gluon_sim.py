@@ -317,6 +317,9 @@ class Descriptor:
         self.block_shape = [int(b) for b in block_shape]
         self.block_type = _BlockType(math.prod(self.block_shape) * self.elem.itemsize)
         size = self.elem.itemsize
+        if any(b > 256 for b in self.block_shape):
+            raise ValueError(f"gluon simulator: a TMA box of {self.block_shape} (at most 256 "
+                             f"a dim)")
         if self.strides[-1] != 1:
             raise ValueError(f"gluon simulator: a TMA descriptor's last stride must be 1, got "
                              f"{self.strides}")
@@ -796,6 +799,10 @@ class _Product:
 
 def _warpgroup_mma(a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None,
                    is_async=False):
+    (m, k), n = a.shape, b.shape[-1]
+    if m % 64 or n % 8 or n > 256 or k % 16:
+        raise ValueError(f"gluon simulator: a {m} x {n} x {k} wgmma (16-bit operands: M a "
+                         f"multiple of 64, N of 8 up to 256, K of 16)")
     _async_read(a, "warpgroup_mma")
     _async_read(b, "warpgroup_mma")
     product = _Product(a, b, acc, bool(use_acc))

@@ -309,3 +309,18 @@ def test_global_access_outside_the_storage_raises():
 def test_integer_division_truncates_as_c_does():
     a = sim.T(np.array([-7, 7]), sim.int32)
     assert list((a // 2).a) == [-3, 3] and list((a % 2).a) == [-1, 1]
+
+
+def test_wgmma_and_tma_shapes_the_hardware_takes():
+    """A warpgroup product's M is a multiple of 64, N of 8 up to 256, K of 16 (16-bit
+    operands); a TMA box dim at most 256."""
+    a = sim.T(np.zeros((32, 16)), sim.float16)
+    b = sim.SMem(np.zeros((16, 64), dtype=np.float32), sim.float16)
+    with pytest.raises(ValueError, match="wgmma"):
+        sim._warpgroup_mma(a, b, sim.T(np.zeros((32, 64)), sim.float32))
+    ok = sim._warpgroup_mma(sim.T(np.ones((64, 16)), sim.float16), b,
+                            sim.T(np.zeros((64, 64)), sim.float32))
+    assert ok.shape == [64, 64]
+    x = torch.zeros(512, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="at most 256"):
+        sim.Descriptor(sim.Ptr.of(x), [512, 16], [16, 1], [512, 16])
