@@ -314,13 +314,16 @@ def test_integer_division_truncates_as_c_does():
 def test_wgmma_and_tma_shapes_the_hardware_takes():
     """A warpgroup product's M is a multiple of 64, N of 8 up to 256, K of 16 (16-bit
     operands); a TMA box dim at most 256."""
-    a = sim.T(np.zeros((32, 16)), sim.float16)
     b = sim.SMem(np.zeros((16, 64), dtype=np.float32), sim.float16)
+    out = []
+
+    def product(m):
+        out.append(sim._warpgroup_mma(sim.T(np.ones((m, 16)), sim.float16), b,
+                                      sim.T(np.zeros((m, 64)), sim.float32)))
+    _run_partitions(lambda: product(64))
+    assert out[0].shape == [64, 64]
     with pytest.raises(ValueError, match="wgmma"):
-        sim._warpgroup_mma(a, b, sim.T(np.zeros((32, 64)), sim.float32))
-    ok = sim._warpgroup_mma(sim.T(np.ones((64, 16)), sim.float16), b,
-                            sim.T(np.zeros((64, 64)), sim.float32))
-    assert ok.shape == [64, 64]
+        _run_partitions(lambda: product(32))
     x = torch.zeros(512, 16, dtype=torch.float16)
     with pytest.raises(ValueError, match="at most 256"):
         sim.Descriptor(sim.Ptr.of(x), [512, 16], [16, 1], [512, 16])
