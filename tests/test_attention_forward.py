@@ -411,6 +411,21 @@ def test_flash_hopper_simulated_schedules_match_reference(schedule, case, causal
     assert_close(out, want, torch.float16, reduction=S, name=f"{schedule} vs reference")
 
 
+@pytest.mark.full
+@pytest.mark.skipif(not _env.INTERPRET, reason="the simulator's (a GPU runs the kernels above)")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("case", HOPPER_CASES)
+def test_flash_hopper_simulated_at_the_gpu_cases(case, causal, gluon_backwards):
+    """The GPU tests' cases (up to 1000 keys, many tiles a program), simulated: the Gluon
+    forward and single-pass backward's output and gradients against the float64 reference
+    and torch (fp16)."""
+    B, H, HKV, L, S, E, layout = HOPPER_CASES[case]
+    q, k, v = _hopper_case(B, H, HKV, L, S, E, torch.float16, layout)
+    check_attention(q, k, v, "triton", torch.float16, algo="flash_hopper_onepass",
+                    is_causal=causal, enable_gqa=H != HKV)
+    assert gluon_backwards
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.x)")
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
