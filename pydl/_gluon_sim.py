@@ -575,8 +575,9 @@ def _detect_deadlock(prog: _Program) -> None:
 
 def _gl_reduce(np_fn, out_dtype=None):
     def reduce(x, axis=None, keep_dims=False, **_):
+        a = x.a if axis is not None else x.a.reshape(-1)
         with np.errstate(all="ignore"):
-            a = np_fn(x.a, axis=None if axis is None else int(axis), keepdims=keep_dims)
+            a = np_fn(a, axis=0 if axis is None else int(axis), keepdims=keep_dims)
         return T(a, out_dtype or x.dtype)
     return reduce
 
@@ -637,8 +638,10 @@ gl = types.SimpleNamespace(
     exp=_elementwise(np.exp), exp2=_elementwise(np.exp2), log=_elementwise(np.log),
     log2=_elementwise(np.log2),
     expand_dims=lambda x, axis: T(np.expand_dims(x.a, int(axis)), x.dtype),
-    max=_gl_reduce(np.max), sum=_gl_reduce(np.sum, float32),
-    maximum=_binary(np.maximum), minimum=_binary(np.minimum), where=_where,
+    # max and min as Triton lowers them by default (propagate_nan NONE: maxnum / minnum, a
+    # NaN operand loses to a number, as fmaxf on a GPU)
+    max=_gl_reduce(np.fmax.reduce), sum=_gl_reduce(np.sum, float32),
+    maximum=_binary(np.fmax), minimum=_binary(np.fmin), where=_where,
     num_programs=_num_programs, program_id=_program_id, static_range=range,
     warp_specialize=_warp_specialize,
 )
@@ -790,9 +793,10 @@ class _Product:
                 list(self.acc.a.shape) != [a.shape[0], b.shape[1]]:
             raise ValueError(f"gluon simulator: warpgroup_mma of {a.shape} by {b.shape} into "
                              f"{self.acc.a.shape}")
-        out = a.astype(np.float32) @ b.astype(np.float32)
-        if self.use_acc:
-            out = out + self.acc.a
+        with np.errstate(all="ignore"):          # inf * 0 is NaN here as on the GPU
+            out = a.astype(np.float32) @ b.astype(np.float32)
+            if self.use_acc:
+                out = out + self.acc.a
         self.value = T(out.astype(np.float32), float32)
         return self.value
 

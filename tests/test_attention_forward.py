@@ -411,6 +411,26 @@ def test_flash_hopper_simulated_schedules_match_reference(schedule, case, causal
     assert_close(out, want, torch.float16, reduction=S, name=f"{schedule} vs reference")
 
 
+@pytest.mark.skipif(not _env.INTERPRET, reason="the simulator's (a GPU runs the kernels above)")
+@pytest.mark.parametrize("where", ["nan_key", "inf_value", "nan_query"])
+@pytest.mark.parametrize("algo", HOPPER_ALGOS)
+def test_flash_hopper_simulated_nonfinite_like_torch(algo, where):
+    """A NaN or an infinity in the inputs spreads as torch's math spreads it (the kernels'
+    row max ignores a NaN as a GPU's max does, the NaN reaching the output through P V)."""
+    q, k, v = _hopper_case(1, 2, 2, 70, 150, 64, torch.float16)
+    t = {"nan_key": k, "inf_value": v, "nan_query": q}[where]
+    t[0, 1, 3, 2] = float("inf") if where == "inf_value" else float("nan")
+    out, g, grads = run_with_grad(lambda *a: pydl.scaled_dot_product_attention(
+        *a, backend="triton", algo=algo), [q, k, v])
+    t_out, _, t_grads = run_with_grad(lambda *a: pydl.scaled_dot_product_attention(
+        *a, backend="torch"), [q, k, v], g)
+    assert not out.isfinite().all()
+    for name, a, b in (("out", out, t_out), *zip(("dq", "dk", "dv"), grads, t_grads)):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), \
+            f"{name}: a NaN or an infinity where torch has none, or none where it has"
+        assert_close(a, b, torch.float16, reduction=150 * 64, name=name)
+
+
 @pytest.mark.full
 @pytest.mark.skipif(not _env.INTERPRET, reason="the simulator's (a GPU runs the kernels above)")
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
