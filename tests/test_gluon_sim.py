@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pydl import _gluon_sim as sim
+from pydl import reference as ref
 from pydl.kernels.triton import attention_gluon
 
 LOG2E = 1.4426950408889634
@@ -28,15 +29,12 @@ def _qkv(B, H, HKV, L, S, E, seed=0):
 
 
 def _reference(q, k, v, do, causal):
-    """Output, natural-log lse and gradients in float64."""
-    H, HKV, L, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-    s = qd @ kd.repeat_interleave(H // HKV, 1).transpose(-1, -2) / math.sqrt(q.shape[3])
-    if causal:
-        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
-    o = torch.softmax(s, -1) @ vd.repeat_interleave(H // HKV, 1)
-    o.backward(do.double())
-    return o.detach(), torch.logsumexp(s, -1).detach(), qd.grad, kd.grad, vd.grad
+    """Output, natural-log lse and gradients in float64 (pydl.reference)."""
+    n = [t.double().numpy() for t in (q, k, v, do)]
+    gqa = dict(is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    o, lse = ref.scaled_dot_product_attention(*n[:3], return_lse=True, **gqa)
+    grads = ref.scaled_dot_product_attention_backward(n[3], *n[:3], **gqa)
+    return [torch.from_numpy(x) for x in (o, lse, *grads)]
 
 
 def forward(kg, B=1, H=2, HKV=2, L=200, S=200, E=64, causal=False, BLOCK_N=128, STAGES=3,
