@@ -71,6 +71,15 @@ def device():
     return DEVICE
 
 
+def fuzz_seeds(request, quick: int, full: int, start: int = 0):
+    """The seeds a seeded fuzz test runs: PYDL_FUZZ_SEED=<seed> alone where it is set (to
+    rerun the case a failure names), else `quick` from `start` (`full` with --full)."""
+    one = os.environ.get("PYDL_FUZZ_SEED")
+    if one is not None:
+        return [int(one)]
+    return range(start, start + (full if request.config.getoption("--full") else quick))
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # Fresh inputs per test, reproducible per test id.

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import fuzz_seeds
 
 from pydl import _gluon_sim as sim
 from pydl import reference as ref
@@ -226,12 +227,8 @@ def _fuzz_case(seed: int, kernel: str) -> dict:
 def test_fuzzed_shapes_and_schedules_match_reference(kernel, request):
     """The kernels as written on random shapes and schedules against the float64 reference;
     a failure names its seed (PYDL_FUZZ_SEED=<seed> reruns that case alone)."""
-    import os
-    one = os.environ.get("PYDL_FUZZ_SEED")
-    seeds = [int(one)] if one is not None else \
-        range(FUZZ_FULL if request.config.getoption("--full") else FUZZ_QUICK)
     run = forward if kernel == "forward" else backward
-    for seed in seeds:
+    for seed in fuzz_seeds(request, FUZZ_QUICK, FUZZ_FULL):
         case = _fuzz_case(seed, kernel)
         err = run(attention_gluon, **case)
         errs = err if isinstance(err, tuple) else (err,)

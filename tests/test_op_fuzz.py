@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(__file__))
 import test_option_fuzz as OF  # noqa: E402
-from conftest import DEVICE  # noqa: E402
+from conftest import DEVICE, fuzz_seeds  # noqa: E402
 
 import pydl  # noqa: E402
 from pydl import _library, _plan, softmax_ce  # noqa: E402
@@ -411,19 +411,12 @@ def _describe(args):
 
 # --- the test ---------------------------------------------------------------------------------
 
-def _seeds(request):
-    one = os.environ.get("PYDL_FUZZ_SEED")
-    if one is not None:
-        return [int(one)]
-    return range(FULL if request.config.getoption("--full") else QUICK)
-
-
 @pytest.mark.parametrize("family,backend,algo", [(f, b, a) for f, (_, variants) in FAMILIES.items()
                                                  for b, a in variants])
 def test_op_fuzz(request, family, backend, algo):
     makers, _ = FAMILIES[family]
     failures = []
-    for seed in _seeds(request):
+    for seed in fuzz_seeds(request, QUICK, FULL):
         _, fails, _ = run_case(makers[seed % len(makers)], seed, backend, algo)
         failures += fails
     assert not failures, "\n".join(failures)

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, DTYPES
+from conftest import DEVICE, DTYPES, fuzz_seeds
 
 import pydl
 from pydl.testing import assert_close
@@ -44,13 +44,6 @@ SIZES = {
                    att_len=(17, 151), att_e=(16, 32, 40, 64, 80), att_ev=(16, 32),
                    rnn_i=(3, 41), rnn_h=(17, 71), rnn_t=(1, 7), rnn_b=(1, 6)),
 }
-
-
-def _seeds(request):
-    one = os.environ.get("PYDL_FUZZ_SEED")
-    if one is not None:
-        return [int(one)]
-    return range(FULL if request.config.getoption("--full") else QUICK)
 
 
 def _tensor(rng, shape, dtype, layout="contig"):
@@ -114,7 +107,7 @@ def _check(case, ours, theirs, inputs, dtype, out_dtype, reduction, rng, grads=T
 
 
 def _run(request, make, backend, algo, size="tiny", seeds=None):
-    for seed in seeds if seeds is not None else _seeds(request):
+    for seed in seeds if seeds is not None else fuzz_seeds(request, QUICK, FULL):
         rng = np.random.default_rng(seed)
         dtype = DTYPES[int(rng.integers(len(DTYPES)))]
         case, ours, theirs, inputs, reduction, *out_dtype = make(rng, dtype, backend, algo,
@@ -339,10 +332,8 @@ def test_option_fuzz(request, op, backend, algo):
 def test_option_fuzz_medium(request, op, backend, algo):
     """The option spaces at medium sizes (SIZES): tiles that cross the kernels' block
     boundaries. Seeds from 1000 (the tiny test's are its own)."""
-    full = request.config.getoption("--full")
-    one = os.environ.get("PYDL_FUZZ_SEED")
-    if one is None and backend == "numba" and not full:
+    if os.environ.get("PYDL_FUZZ_SEED") is None and backend == "numba" \
+            and not request.config.getoption("--full"):
         pytest.skip("medium shapes on the Numba simulator take 3-45 s a case: run with --full")
-    seeds = [int(one)] if one is not None else \
-        range(1000, 1000 + (MEDIUM_FULL if full else MEDIUM_QUICK))
-    _run(request, OPS[op][0], backend, algo, size="medium", seeds=seeds)
+    _run(request, OPS[op][0], backend, algo, size="medium",
+         seeds=fuzz_seeds(request, MEDIUM_QUICK, MEDIUM_FULL, start=1000))
