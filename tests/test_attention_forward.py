@@ -364,6 +364,13 @@ SIM_CASES = {
 SIM_SCHEDULE_CASES = ("ragged", "queries_past_keys", "gqa")
 
 
+def _assert_forward_matches_reference(out, q, k, v, name: str, **opts):
+    """An fp16 output against the float64 reference's (pydl.reference) for these inputs."""
+    n = [t.detach().double().cpu().numpy() for t in (q, k, v)]
+    assert_close(out, ref.scaled_dot_product_attention(*n, **opts), torch.float16,
+                 reduction=k.shape[-2], name=f"{name} vs reference")
+
+
 @pytest.mark.skipif(not _env.INTERPRET, reason="the simulator's (a GPU runs the kernels above)")
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", SIM_CASES)
@@ -381,9 +388,7 @@ def test_flash_hopper_simulated_matches_reference(algo, case, causal, gluon_back
         check_attention(q, k, v, "triton", torch.float16, algo=algo, **opts)
         assert bool(gluon_backwards) == (algo == "flash_hopper_onepass")
     else:
-        np64 = lambda t: t.detach().double().numpy()  # noqa: E731
-        want = ref.scaled_dot_product_attention(np64(q), np64(k), np64(v), **opts)
-        assert_close(ours, want, torch.float16, reduction=S, name=f"{algo} vs reference")
+        _assert_forward_matches_reference(ours, q, k, v, algo, **opts)
     flash = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
     assert_close(ours, flash, torch.float16, reduction=S, name=f"{algo} vs flash")
 
@@ -405,10 +410,8 @@ def test_flash_hopper_simulated_schedules_match_reference(schedule, case, causal
                                                 backend="triton", algo="flash_hopper")
     finally:
         _plan.clear_all()
-    np64 = lambda t: t.detach().double().numpy()  # noqa: E731
-    want = ref.scaled_dot_product_attention(np64(q), np64(k), np64(v), is_causal=causal,
-                                            enable_gqa=H != HKV)
-    assert_close(out, want, torch.float16, reduction=S, name=f"{schedule} vs reference")
+    _assert_forward_matches_reference(out, q, k, v, schedule, is_causal=causal,
+                                      enable_gqa=H != HKV)
 
 
 @pytest.mark.skipif(not _env.INTERPRET, reason="the simulator's (a GPU runs the kernels above)")
