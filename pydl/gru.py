@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import _rnn_launch
 from ._autograd import without_double_backward
-from ._launch import fresh, new_output, output_maker
+from ._launch import WriteOnly, fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph
 from ._rnn_checks import cell_call, run_layer
@@ -363,7 +363,7 @@ class _GRUCellPlan(GRUCellKernels):
     upstream gradient's strides (and, in fp32, TF32 switch). The call's key
     (pydl/_rnn_checks.py) fixes everything else they are built from."""
 
-    __slots__ = ("fp32", "empty", "new_h", "new_ws", "fwd", "bwd")
+    __slots__ = ("fp32", "empty", "new_h", "new_ws", "unread_ws", "fwd", "bwd")
 
     def __init__(self, backend: str, x, w_hh):
         super().__init__(backend)
@@ -371,15 +371,22 @@ class _GRUCellPlan(GRUCellKernels):
         self.fp32, self.empty = x.dtype == F32, not (B and H)
         self.new_h = output_maker((B, H), x.dtype, x.device)
         self.new_ws = output_maker((B, 4 * H), F32, x.device)
+        self.unread_ws = WriteOnly(self.new_ws)    # without a graph nothing reads it
         self.fwd, self.bwd = None, {}
 
     def __call__(self, x, h, w_ih, w_hh, b_ih, b_hh):
         if needs_graph(x, h, w_ih, w_hh, b_ih, b_hh):
             return apply(GRUCellFunction, x, h, w_ih, w_hh, b_ih, b_hh, self)
-        return self.forward(x, h, w_ih, w_hh, b_ih, b_hh)[0]
+        h1 = fresh(self.new_h)
+        self._run(x, h, w_ih, w_hh, b_ih, b_hh, h1, self.unread_ws())
+        return h1
 
     def forward(self, x, h, w_ih, w_hh, b_ih, b_hh):
         h1, ws = fresh(self.new_h), fresh(self.new_ws)
+        self._run(x, h, w_ih, w_hh, b_ih, b_hh, h1, ws)
+        return h1, ws
+
+    def _run(self, x, h, w_ih, w_hh, b_ih, b_hh, h1, ws):
         if not self.empty:
             plan = self.fwd
             if plan is None:
@@ -388,7 +395,6 @@ class _GRUCellPlan(GRUCellKernels):
                 if not capturing():
                     self.fwd = plan
             plan(x, h, w_ih, w_hh, b_ih, b_hh, h1, ws)
-        return h1, ws
 
     def backward(self, x, h, w_ih, w_hh, ws, dh1, need):
         key = (*need, dh1.stride())

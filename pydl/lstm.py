@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import _rnn_launch
 from ._autograd import without_double_backward
-from ._launch import fresh, new_output, output_maker
+from ._launch import WriteOnly, fresh, new_output, output_maker
 from ._library import autocast_inputs, kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph
 from ._rnn_checks import cell_call, run_layer
@@ -431,7 +431,8 @@ class _LSTMCellPlan(LSTMCellKernels):
     upstream gradients' strides (and, in fp32, TF32 switch). The call's key (pydl/_rnn_checks.py)
     fixes everything else they are built from."""
 
-    __slots__ = ("fp32", "empty", "new_h", "new_c32", "new_gates", "fwd", "bwd")
+    __slots__ = ("fp32", "empty", "new_h", "new_c32", "new_gates", "unread_c32", "unread_gates",
+                 "fwd", "bwd")
 
     def __init__(self, backend: str, x, w_hh):
         super().__init__(backend)
@@ -440,17 +441,25 @@ class _LSTMCellPlan(LSTMCellKernels):
         self.new_h = output_maker((B, H), x.dtype, x.device)
         self.new_c32 = output_maker((B, H), F32, x.device)
         self.new_gates = output_maker((B, 4 * H), F32, x.device)
+        # without a graph nothing reads them: one pair a plan, not two allocations a call
+        self.unread_c32, self.unread_gates = WriteOnly(self.new_c32), WriteOnly(self.new_gates)
         self.fwd, self.bwd = None, {}
 
     def __call__(self, x, h, c, w_ih, w_hh, b_ih, b_hh):
         if needs_graph(x, h, c, w_ih, w_hh, b_ih, b_hh):
             return apply(LSTMCellFunction, x, h, c, w_ih, w_hh, b_ih, b_hh, self)
-        h1, c1, _, _ = self.forward(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        h1, c1 = fresh(self.new_h), fresh(self.new_h)
+        self._run(x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, self.unread_c32(),
+                  self.unread_gates())
         return h1, c1
 
     def forward(self, x, h, c, w_ih, w_hh, b_ih, b_hh):
         h1, c1 = fresh(self.new_h), fresh(self.new_h)
         c32, gates = fresh(self.new_c32), fresh(self.new_gates)
+        self._run(x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, c32, gates)
+        return h1, c1, gates, c32
+
+    def _run(self, x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, c32, gates):
         if not self.empty:
             plan = self.fwd
             if plan is None:
@@ -460,7 +469,6 @@ class _LSTMCellPlan(LSTMCellKernels):
                 if not capturing():
                     self.fwd = plan
             plan(x, h, c, w_ih, w_hh, b_ih, b_hh, h1, c1, c32, gates)
-        return h1, c1, gates, c32
 
     def backward(self, x, h, c, w_ih, w_hh, gates, c32, dh1, dc1, need):
         key = (*need, sig(dh1), sig(dc1))
