@@ -4,7 +4,8 @@ On a host that is slow at Python the small ops of a real model are host-bound; c
 step in a CUDA graph removes the host from the loop. That needs every op to run without a
 host synchronisation and without allocations whose addresses change between replays: the
 conv, pooling, attention and cross-entropy forward and backward, replayed on new data, must
-give the eager step's loss and gradients."""
+give the eager step's loss and gradients. And inference: a recurrent cell's decoding loop in
+one graph."""
 
 import pytest
 import torch
@@ -84,6 +85,52 @@ def test_a_captured_training_step_replays_like_eager(conv_algo, attn_algo, backe
         for got, want in zip(replayed[1:], eager):
             assert_close(got, want.grad, torch.float32, reduction=64, tf32=True,
                          name="gradient")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_a_captured_decoding_loop_replays_like_eager(kind, backend):
+    """Inference with a recurrent cell, several steps in one graph (the host-bound case capture
+    is for): no autograd graph, the gate activations in the buffers the cells' plans kept
+    from the warm-up (pydl._launch.WriteOnly); replays on new inputs give eager's states."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    B, I, H, T = 4, 8, 16, 5
+    G = 4 if kind == "lstm" else 3
+    w = [torch.randn(s, device=dev) * 0.3 for s in ((G * H, I), (G * H, H), (G * H,), (G * H,))]
+    static = [torch.randn(s, device=dev) for s in ((T, B, I), (B, H), (B, H))]
+
+    def decode(x, h, c):
+        for t in range(T):
+            if kind == "lstm":
+                h, c = pydl.lstm_cell(x[t], (h, c), *w, backend=backend)
+            else:
+                h = pydl.gru_cell(x[t], h, *w, backend=backend)
+        return h, c
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                decode(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_h, static_c = decode(*static)
+        for seed in (1, 2):
+            gen = torch.Generator(device=dev).manual_seed(seed)
+            new = [torch.randn(t.shape, device=dev, generator=gen) for t in static]
+            for s, n in zip(static, new):
+                s.copy_(n)
+            graph.replay()
+            torch.cuda.synchronize()
+            want_h, want_c = decode(*new)
+            assert_close(static_h, want_h, torch.float32, reduction=I + H, tf32=True, name="h")
+            assert_close(static_c, want_c, torch.float32, reduction=I + H, tf32=True, name="c")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
