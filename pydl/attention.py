@@ -40,7 +40,7 @@ from ._attention_seed import _NO_SEED, _new_seed, _saved_seed, _seed_mode, _seed
 from ._attention_weights import NaiveAttentionFunction, NumbaWeightsFunction, _attention_weights
 from ._checks import check_tensor
 from ._interop import public_op
-from ._launch import fresh, output_maker, tf32_allowed
+from ._launch import WriteOnly, fresh, output_maker, tf32_allowed
 from ._library import autocast_inputs
 from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors, tensors_key
 from .backends import current_backend, dispatch, register, resolve_algo
@@ -223,8 +223,8 @@ class _AttentionCall(AttentionKernels):
     through the strides of its broadcast view."""
 
     __slots__ = ("name", "impl", "algo", "views", "mask_shape", "out_shape", "planned", "fp32",
-                 "no_rows", "new_o", "new_lse", "new_dq", "new_dk", "new_dv", "new_dmask",
-                 "fwd", "bwd")
+                 "no_rows", "new_o", "new_lse", "unread_lse", "new_dq", "new_dk", "new_dv",
+                 "new_dmask", "fwd", "bwd")
 
     def __init__(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                  backend, algo):
@@ -249,6 +249,7 @@ class _AttentionCall(AttentionKernels):
             self.no_rows = B * H * L == 0
             self.new_o = output_maker((B, H, L, value.shape[3]), dt, dev)
             self.new_lse = output_maker((B * H, L), torch.float32, dev)
+            self.unread_lse = WriteOnly(self.new_lse)    # without a graph nothing reads it
             self.new_dq = output_maker(query.shape, dt, dev)
             self.new_dk = output_maker(key.shape, dt, dev)
             self.new_dv = output_maker(value.shape, dt, dev)
@@ -265,7 +266,7 @@ class _AttentionCall(AttentionKernels):
                                             value.requires_grad or
                                             (mask is not None and mask.requires_grad)):
                 return apply(AttentionFunction, query, key, value, mask, self)
-            return self.forward(query, key, value, mask)[0]
+            return self.forward(query, key, value, mask, self.unread_lse())[0]
         q, k, v, mask = self._views(query, key, value, attn_mask)
         out = self.impl(q, k, v, mask, self.mask_kind, self.is_causal, self.scale,
                         self.dropout_p, self.algo)
@@ -328,11 +329,15 @@ class _AttentionCall(AttentionKernels):
     def _mask4(self, mask):
         return None if mask is None else _as4d(mask).expand(self.mask_shape)
 
-    def forward(self, q, k, v, mask):
+    def forward(self, q, k, v, mask, lse=None):
+        """(o, lse, the saved seed); lse: where the kernel writes the rows' log-sum-exp (a
+        fresh tensor, which the backward reads, when None)."""
         if not self.planned:
             return super().forward(q, k, v, mask)
         seed = _new_seed(self.dropout_p, q.device)
-        o, lse = fresh(self.new_o), fresh(self.new_lse)
+        o = fresh(self.new_o)
+        if lse is None:
+            lse = fresh(self.new_lse)
         if not self.no_rows:
             aligned = (q.data_ptr() | k.data_ptr() | v.data_ptr() | o.data_ptr()) % 16 == 0
             mode = _seed_mode(seed)

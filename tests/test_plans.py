@@ -405,6 +405,39 @@ def test_no_graph_calls_share_the_plan_with_training_calls():
     assert len(calls.entries) == sizes[_plan.Cache.all.index(calls)]
 
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_attention_without_graph_allocates_only_its_output(monkeypatch, backend):
+    """An attention call that records no graph writes the rows' log-sum-exp (which only a
+    backward reads) into a buffer its plan keeps (pydl._launch.WriteOnly) and allocates its
+    output alone; a training call's saved lse is its own, so inference calls between its
+    forward and backward (the first under inference_mode) leave its gradients bitwise."""
+    from pydl import attention
+    if backend == "numba":
+        pytest.importorskip("numba")
+    q, k, v = [_randn(1, 2, 20, 16).requires_grad_() for _ in range(3)]
+    out = pydl.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+    out.square().sum().backward(retain_graph=True)
+    want = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    made = []
+    real = attention.fresh
+    monkeypatch.setattr(attention, "fresh", lambda make: made.append(make) or real(make))
+    others = [(_randn(1, 2, 20, 16) * 3) for _ in range(3)]
+    for mode in (torch.inference_mode, torch.no_grad, torch.no_grad):
+        made.clear()
+        with mode():
+            got = pydl.scaled_dot_product_attention(*others, is_causal=True, backend=backend)
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(*others, is_causal=True),
+                                   **TOL)
+    assert len(made) == 1                    # the output alone, on a repeated call
+    out.square().sum().backward()
+    for t, w in zip((q, k, v), want):
+        assert torch.equal(t.grad, w)
+    torch.testing.assert_close(out.detach(), F.scaled_dot_product_attention(
+        q.detach(), k.detach(), v.detach(), is_causal=True), **TOL)
+
+
 REGISTERED = {
     "conv2d": lambda: pydl.conv2d(_randn(1, 3, 5, 5), _randn(4, 3, 3, 3)),
     "max_pool2d": lambda: pydl.max_pool2d(_randn(1, 3, 4, 4), 2),
