@@ -71,11 +71,11 @@ def fresh(make) -> torch.Tensor:
 
 
 class WriteOnly:
-    """A buffer a kernel must write and nothing reads: a recurrent cell's gate activations
-    and fp32 cell state, which only a backward reads, on a call that records no autograd
-    graph. Made once from an `output_maker` and handed to every such call of one plan, so
-    that the call allocates nothing for it (two of a cell's four allocations, about 1.2 us
-    each on these CPUs, more through the CUDA caching allocator). Calls on other streams may
+    """A buffer a kernel must write and nothing reads: what only a backward would read (a
+    recurrent cell's gate activations and fp32 cell state, attention's log-sum-exp) on a call
+    that records no autograd graph. Made once from an `output_maker` and handed to every such
+    call of one plan, so that the call allocates nothing for it. Only for what the launch
+    itself never reads back (a workspace it reads stays per call). Calls on other streams may
     write it at once: harmless, as nothing reads it. It is never an inference tensor (a
     kernel's emulation writes it in place whatever the mode); one made while a CUDA graph is
     captured is not kept (an allocation then belongs to the graph's memory pool)."""

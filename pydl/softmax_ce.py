@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_tensor
-from ._launch import fresh, output_maker
+from ._launch import WriteOnly, fresh, output_maker
 from ._library import autocast_inputs
 from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors, tensors_key
 from ._shapes import as_rows, integer, normalize_dim
@@ -313,7 +313,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
     input of those."""
 
     __slots__ = ("impl", "eager", "prob", "planned", "launcher", "grad_forward", "host_check",
-                 "classes", "shape3", "rows", "new_lse", "new_loss", "new_denom", "new_dx",
+                 "classes", "shape3", "rows", "new_lse", "new_loss", "new_denom", "unread",
+                 "new_dx",
                  "new_scratch", "fwd", "scale", "target3", "new_stats", "new_dy")
 
     def __init__(self, impl, name: str, input, target, weight, ignore_index: int,
@@ -352,6 +353,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
             self.new_lse = output_maker((self.rows,), torch.float32, dev)
             self.new_loss = output_maker(target.shape if reduction == "none" else (), dt, dev)
             self.new_denom = output_maker(DENOM_SHAPE, torch.float32, dev)
+            # without a graph nothing reads the rows' lse and the denominators
+            self.unread = (WriteOnly(self.new_lse), WriteOnly(self.new_denom))
             self.new_dx = output_maker(input.shape, dt, dev)
             # the Triton forward's reduction scratch (the Numba one allocates its own rows)
             self.new_scratch = functools.partial(
@@ -378,17 +381,23 @@ class _CrossEntropyCall(CrossEntropyKernels):
                 return self.prob_forward(x, t, w, False)[0]
             if graph:
                 return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)
-            return self.forward(x, t, w, False)[0]
+            return self.forward(x, t, w, False, unread=True)[0]
         return self.impl(x, t, w, self.ignore_index, self.reduction, self.smoothing)
 
     # the plan (eager, class indices): CrossEntropyKernels' steps with fixed arguments
 
-    def forward(self, x, target, weight, grad: bool):
+    def forward(self, x, target, weight, grad: bool, unread: bool = False):
+        """(loss, lse, denom, dx): `unread`, a call without a graph: lse and denom, which
+        only a backward reads, in the buffers the plan keeps."""
         if not self.planned:
             return super().forward(x, target, weight, grad)
         if self.host_check:
             _check_target_range(target, self.classes, self.ignore_index)
-        lse, loss, denom = fresh(self.new_lse), fresh(self.new_loss), fresh(self.new_denom)
+        loss = fresh(self.new_loss)
+        if unread:
+            lse, denom = self.unread[0](), self.unread[1]()
+        else:
+            lse, denom = fresh(self.new_lse), fresh(self.new_denom)
         dx = fresh(self.new_dx) if grad else None
         if not self.rows:
             if self.reduction != "none":

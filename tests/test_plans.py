@@ -405,37 +405,66 @@ def test_no_graph_calls_share_the_plan_with_training_calls():
     assert len(calls.entries) == sizes[_plan.Cache.all.index(calls)]
 
 
+# op -> (its module, the shapes of its differentiable inputs, pydl's call, torch's)
+_TARGET = torch.tensor([0, 4, 2, 1, 3, 4])
+WITHOUT_GRAPH = {
+    "attention": ("attention", [(1, 2, 20, 16)] * 3,
+                  lambda q, k, v, **b: pydl.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                         **b),
+                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+    "cross_entropy_mean": ("softmax_ce", [(6, 5)],
+                           lambda x, **b: pydl.cross_entropy(x, _TARGET.to(DEVICE),
+                                                             label_smoothing=0.1, **b),
+                           lambda x: F.cross_entropy(x, _TARGET.to(DEVICE), label_smoothing=0.1)),
+    "cross_entropy_none": ("softmax_ce", [(6, 5)],
+                           lambda x, **b: pydl.cross_entropy(x, _TARGET.to(DEVICE),
+                                                             reduction="none", **b),
+                           lambda x: F.cross_entropy(x, _TARGET.to(DEVICE), reduction="none")),
+}
+
+
 @pytest.mark.parametrize("backend", ["triton", "numba"])
-def test_attention_without_graph_allocates_only_its_output(monkeypatch, backend):
-    """An attention call that records no graph writes the rows' log-sum-exp (which only a
-    backward reads) into a buffer its plan keeps (pydl._launch.WriteOnly) and allocates its
-    output alone; a training call's saved lse is its own, so inference calls between its
-    forward and backward (the first under inference_mode) leave its gradients bitwise."""
-    from pydl import attention
+@pytest.mark.parametrize("op", WITHOUT_GRAPH)
+def test_a_call_without_graph_allocates_only_its_output(monkeypatch, op, backend):
+    """A call that records no graph writes what only a backward reads (attention's and
+    cross-entropy's rows' log-sum-exp, the loss's denominators) into buffers its plan keeps
+    (pydl._launch.WriteOnly) and allocates its output alone; a training call's saved tensors
+    are its own, so inference calls between its forward and its backward (the first under
+    inference_mode) leave its gradients bitwise those of a backward without them. (A second
+    backward through the retained graph: the one that reads what the forward saved, where
+    the first may take a gradient the forward wrote. The recurrent cells: test_rnn.py.)"""
+    import importlib
     if backend == "numba":
         pytest.importorskip("numba")
-    q, k, v = [_randn(1, 2, 20, 16).requires_grad_() for _ in range(3)]
-    out = pydl.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
-    out.square().sum().backward(retain_graph=True)
-    want = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
+    name, shapes, ours, theirs = WITHOUT_GRAPH[op]
+    module = importlib.import_module(f"pydl.{name}")
+    leaves = [_randn(*s).requires_grad_() for s in shapes]
+
+    def forward():
+        out = ours(*leaves, backend=backend)
+        out.square().sum().backward(retain_graph=True)
+        return out
+
+    def backward(out):
+        for t in leaves:
+            t.grad = None
+        out.square().sum().backward()
+        return [t.grad.clone() for t in leaves]
+    want = backward(forward())
+    out = forward()
     made = []
-    real = attention.fresh
-    monkeypatch.setattr(attention, "fresh", lambda make: made.append(make) or real(make))
-    others = [(_randn(1, 2, 20, 16) * 3) for _ in range(3)]
+    real = module.fresh
+    monkeypatch.setattr(module, "fresh", lambda make: made.append(make) or real(make))
+    others = [_randn(*s) * 3 for s in shapes]
     for mode in (torch.inference_mode, torch.no_grad, torch.no_grad):
         made.clear()
         with mode():
-            got = pydl.scaled_dot_product_attention(*others, is_causal=True, backend=backend)
-        torch.testing.assert_close(got, F.scaled_dot_product_attention(*others, is_causal=True),
-                                   **TOL)
+            got = ours(*others, backend=backend)
+        torch.testing.assert_close(got, theirs(*others), **TOL)
     assert len(made) == 1                    # the output alone, on a repeated call
-    out.square().sum().backward()
-    for t, w in zip((q, k, v), want):
-        assert torch.equal(t.grad, w)
-    torch.testing.assert_close(out.detach(), F.scaled_dot_product_attention(
-        q.detach(), k.detach(), v.detach(), is_causal=True), **TOL)
+    for g, w in zip(backward(out), want):
+        assert torch.equal(g, w)
+    torch.testing.assert_close(out.detach(), theirs(*[t.detach() for t in leaves]), **TOL)
 
 
 REGISTERED = {
