@@ -337,6 +337,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
             self.shape3, self.target3, self.rows = x3.shape, t3.shape, x3.shape[0] * x3.shape[2]
             none = reduction == "none"
             self.new_stats = output_maker((2 * self.rows,), torch.float32, dev)
+            self.unread = (WriteOnly(self.new_stats),)   # without a graph nothing reads it
             self.new_scratch = _no_scratch if none else output_maker((self.rows,),
                                                                      torch.float32, dev)
             self.new_loss = output_maker(_row_shape(input) if none else (),
@@ -378,7 +379,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
                 if graph or target_graph:
                     return apply(CrossEntropyProbFunction, x, t, w, self,
                                  graph and self.grad_forward and not t.requires_grad)
-                return self.prob_forward(x, t, w, False)[0]
+                return self.prob_forward(x, t, w, False, unread=True)[0]
             if graph:
                 return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)
             return self.forward(x, t, w, False, unread=True)[0]
@@ -431,10 +432,13 @@ class _CrossEntropyCall(CrossEntropyKernels):
             run(x, target, weight, lse, denom, grad_out, dx)
         return dx
 
-    def prob_forward(self, x, target, weight, grad: bool):
+    def prob_forward(self, x, target, weight, grad: bool, unread: bool = False):
+        """(loss, stats, dx): `unread`, a call without a graph: the rows' statistics, which
+        only a backward reads, in the buffer the plan keeps."""
         if not self.planned:
             return super().prob_forward(x, target, weight, grad)
-        stats, loss = fresh(self.new_stats), fresh(self.new_loss)
+        loss = fresh(self.new_loss)
+        stats = self.unread[0]() if unread else fresh(self.new_stats)
         dx = fresh(self.new_dx) if grad else None
         if not self.rows:
             if self.reduction != "none":        # torch's empty mean and sum

@@ -407,6 +407,7 @@ def test_no_graph_calls_share_the_plan_with_training_calls():
 
 # op -> (its module, the shapes of its differentiable inputs, pydl's call, torch's)
 _TARGET = torch.tensor([0, 4, 2, 1, 3, 4])
+_PROBS = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)).softmax(1)
 WITHOUT_GRAPH = {
     "attention": ("attention", [(1, 2, 20, 16)] * 3,
                   lambda q, k, v, **b: pydl.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -420,6 +421,9 @@ WITHOUT_GRAPH = {
                            lambda x, **b: pydl.cross_entropy(x, _TARGET.to(DEVICE),
                                                              reduction="none", **b),
                            lambda x: F.cross_entropy(x, _TARGET.to(DEVICE), reduction="none")),
+    "cross_entropy_probabilities": ("softmax_ce", [(6, 5)],
+                                    lambda x, **b: pydl.cross_entropy(x, _PROBS.to(DEVICE), **b),
+                                    lambda x: F.cross_entropy(x, _PROBS.to(DEVICE))),
 }
 
 
@@ -427,8 +431,9 @@ WITHOUT_GRAPH = {
 @pytest.mark.parametrize("op", WITHOUT_GRAPH)
 def test_a_call_without_graph_allocates_only_its_output(monkeypatch, op, backend):
     """A call that records no graph writes what only a backward reads (attention's and
-    cross-entropy's rows' log-sum-exp, the loss's denominators) into buffers its plan keeps
-    (pydl._launch.WriteOnly) and allocates its output alone; a training call's saved tensors
+    cross-entropy's rows' log-sum-exp, the loss's denominators, the probability loss's row
+    statistics) into buffers its plan keeps (pydl._launch.WriteOnly) and allocates its
+    output alone; a training call's saved tensors
     are its own, so inference calls between its forward and its backward (the first under
     inference_mode) leave its gradients bitwise those of a backward without them. (A second
     backward through the retained graph: the one that reads what the forward saved, where
