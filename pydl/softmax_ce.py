@@ -314,8 +314,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
 
     __slots__ = ("impl", "eager", "prob", "planned", "launcher", "grad_forward", "host_check",
                  "classes", "shape3", "rows", "new_lse", "new_loss", "new_denom", "unread",
-                 "new_dx",
-                 "new_scratch", "fwd", "scale", "target3", "new_stats", "new_dy")
+                 "new_dx", "new_scratch", "fwd", "scale", "target3", "new_stats", "new_dy")
 
     def __init__(self, impl, name: str, input, target, weight, ignore_index: int,
                  reduction: str, smoothing: float):
