@@ -34,6 +34,10 @@ on a GPU (nothing stubbed)
 The backward is timed inside pydl's autograd Function (`grad_fn.apply`, no autograd engine)
 when the op's output is the one output of one pydl Function; otherwise through the engine
 (`torch.autograd.grad`, marked "engine"; on a CPU the engine adds 20 us or more).
+
+Directions (`--directions`, default fwd bwd): fwd, the forward with inputs that require grad
+(training: the autograd Function recorded); bwd, its backward; inf, the same forward under
+torch.no_grad (inference: no graph, nothing allocated that only a backward reads).
 """
 from __future__ import annotations
 
@@ -388,9 +392,9 @@ def prepare(suite, variant, case, device, seed: int = 0) -> Prepared:
 
 def _grad_mode(direction: str):
     """The backward runs with grad mode off, as the autograd engine runs it (without
-    create_graph); the forward with it on (training)."""
+    create_graph); the forward with it on (training), and off for inference ("inf")."""
     import torch
-    return torch.no_grad() if direction == "bwd" else contextlib.nullcontext()
+    return torch.no_grad() if direction in ("bwd", "inf") else contextlib.nullcontext()
 
 
 def allocator_like_cuda() -> bool:
@@ -423,12 +427,20 @@ def torch_reference_us(device, calls: int, clock=time.perf_counter_ns) -> float:
 
 # --- the measurement ---------------------------------------------------------------------------
 
+DIRECTIONS = ("fwd", "bwd", "inf")
+
+
+def _timed(p: Prepared, directions) -> list:
+    """(direction, the call it times) for each of `directions` (DIRECTIONS)."""
+    return [(d, p.bwd if d == "bwd" else p.fwd) for d in directions]
+
+
 def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float,
-                clock=time.perf_counter_ns) -> list[dict]:
+                clock=time.perf_counter_ns, directions=("fwd", "bwd")) -> list[dict]:
     """Host time and counts per call; call inside stubbed_launches()."""
     rows = []
     for p in prepared:
-        for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
+        for direction, fn in _timed(p, directions):
             with _grad_mode(direction):
                 # the first calls build plans and one-time buffers: not counted (two: the
                 # cross-entropy's first backward scales the forward's gradient, a repeated
@@ -446,10 +458,10 @@ def measure_cpu(prepared: list[Prepared], calls: int, ref_us: float,
     return rows
 
 
-def measure_gpu(prepared: list[Prepared], calls: int) -> list[dict]:
+def measure_gpu(prepared: list[Prepared], calls: int, directions=("fwd", "bwd")) -> list[dict]:
     rows = []
     for p in prepared:
-        for direction, fn in (("fwd", p.fwd), ("bwd", p.bwd)):
+        for direction, fn in _timed(p, directions):
             with _grad_mode(direction):
                 rows.append(dict(op=p.op, case=p.case, variant=p.variant, direction=direction,
                                  engine=direction == "bwd" and p.bwd_engine,
@@ -532,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["triton", "numba"],
                    help="variants (default: pydl's triton and numba ones; add torch to compare)")
     p.add_argument("--calls", type=int, default=200, help="timed calls per row")
+    p.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=["fwd", "bwd"],
+                   help="fwd (training forward), bwd (its backward), inf (the forward under "
+                        "no_grad); default: fwd bwd")
     p.add_argument("--shapes", choices=("tiny", "quick"), default="quick")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
@@ -572,8 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"skipped {suite.op} {case.name} {v.name}: {exc}")
     ref_us = torch_reference_us(device, args.calls)
     with stack:
-        rows = measure_gpu(prepared, args.calls) if gpu else measure_cpu(prepared, args.calls,
-                                                                          ref_us)
+        rows = measure_gpu(prepared, args.calls, args.directions) if gpu else measure_cpu(
+            prepared, args.calls, ref_us, directions=args.directions)
     _print(rows, gpu, ref_us)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

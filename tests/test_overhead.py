@@ -146,6 +146,30 @@ def test_launches_and_no_torch_kernels_or_syncs(rows, key):
         assert r["numba_unplanned"] == 0, r
 
 
+# Inference (`python -m bench overhead --directions inf`: the forward under no_grad) launches
+# what the training forward does, but the Triton cross-entropy's mean denominator, which only
+# the gradient its training forward writes needs first.
+INF_LAUNCHES = {("cross_entropy", "triton"): 1}
+
+
+def test_inference_launches_no_torch_kernels_or_syncs():
+    """Every op of LAUNCHES under no_grad: the training forward's launches but those only a
+    gradient needs (all direct), no torch kernel, no host synchronisation. (What it no
+    longer allocates: tests/test_plans.py, tests/test_rnn.py.)"""
+    device = torch.device("cpu")
+    with overhead.stubbed_launches(), poisoned_outputs(False):      # no test fills
+        for key in LAUNCHES:
+            op, name, *case = key
+            suite = select([op])[0]
+            variant = next(v for v in suite.variants() if v.name == name)
+            p = overhead.prepare(suite, variant, overhead._case(suite, "quick", False, *case),
+                                 device)
+            r = overhead.measure_cpu([p], 3, 1.0, directions=("inf",))[0]
+            want = INF_LAUNCHES.get(key[:2], LAUNCHES[key][0])
+            assert (r["direction"], r["launches"], r["direct"], r["aten_kernels"],
+                    r["syncs"]) == ("inf", want, want, 0, 0), (key, r)
+
+
 @pytest.mark.parametrize("targets", ["indices", "probabilities"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction, targets):
