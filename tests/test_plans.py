@@ -405,25 +405,34 @@ def test_no_graph_calls_share_the_plan_with_training_calls():
     assert len(calls.entries) == sizes[_plan.Cache.all.index(calls)]
 
 
-# op -> (its module, the shapes of its differentiable inputs, pydl's call, torch's)
+# op -> (its module, the shapes of its differentiable inputs, pydl's call, torch's, the
+# outputs a call allocates); a cell's outputs (h1, c1) concatenated
+_CELL_SHAPES = [(5, 6), (5, 7)]
 _TARGET = torch.tensor([0, 4, 2, 1, 3, 4])
 _PROBS = torch.rand(6, 5, generator=torch.Generator().manual_seed(0)).softmax(1)
 WITHOUT_GRAPH = {
     "attention": ("attention", [(1, 2, 20, 16)] * 3,
                   lambda q, k, v, **b: pydl.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                          **b),
-                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+                  lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 1),
     "cross_entropy_mean": ("softmax_ce", [(6, 5)],
                            lambda x, **b: pydl.cross_entropy(x, _TARGET.to(DEVICE),
                                                              label_smoothing=0.1, **b),
-                           lambda x: F.cross_entropy(x, _TARGET.to(DEVICE), label_smoothing=0.1)),
+                           lambda x: F.cross_entropy(x, _TARGET.to(DEVICE), label_smoothing=0.1),
+                           1),
     "cross_entropy_none": ("softmax_ce", [(6, 5)],
                            lambda x, **b: pydl.cross_entropy(x, _TARGET.to(DEVICE),
                                                              reduction="none", **b),
-                           lambda x: F.cross_entropy(x, _TARGET.to(DEVICE), reduction="none")),
+                           lambda x: F.cross_entropy(x, _TARGET.to(DEVICE), reduction="none"), 1),
     "cross_entropy_probabilities": ("softmax_ce", [(6, 5)],
                                     lambda x, **b: pydl.cross_entropy(x, _PROBS.to(DEVICE), **b),
-                                    lambda x: F.cross_entropy(x, _PROBS.to(DEVICE))),
+                                    lambda x: F.cross_entropy(x, _PROBS.to(DEVICE)), 1),
+    "lstm_cell": ("lstm", _CELL_SHAPES + [(5, 7), (28, 6), (28, 7), (28,), (28,)],
+                  lambda x, h, c, *w, **b: torch.cat(pydl.lstm_cell(x, (h, c), *w, **b)),
+                  lambda x, h, c, *w: torch.cat(torch.lstm_cell(x, (h, c), *w)), 2),
+    "gru_cell": ("gru", _CELL_SHAPES + [(21, 6), (21, 7), (21,), (21,)],
+                 lambda x, h, *w, **b: pydl.gru_cell(x, h, *w, **b),
+                 lambda x, h, *w: torch.gru_cell(x, h, *w), 1),
 }
 
 
@@ -432,16 +441,18 @@ WITHOUT_GRAPH = {
 def test_a_call_without_graph_allocates_only_its_output(monkeypatch, op, backend):
     """A call that records no graph writes what only a backward reads (attention's and
     cross-entropy's rows' log-sum-exp, the loss's denominators, the probability loss's row
-    statistics) into buffers its plan keeps (pydl._launch.WriteOnly) and allocates its
-    output alone; a training call's saved tensors
-    are its own, so inference calls between its forward and its backward (the first under
-    inference_mode) leave its gradients bitwise those of a backward without them. (A second
-    backward through the retained graph: the one that reads what the forward saved, where
-    the first may take a gradient the forward wrote. The recurrent cells: test_rnn.py.)"""
+    statistics, the cells' gate activations and the LSTM's fp32 cell state) into buffers its
+    plan keeps (pydl._launch.WriteOnly) and allocates its outputs alone; a training call's
+    saved tensors are its own, so inference calls between its forward and its backward (the
+    first under inference_mode) leave its gradients bitwise those of a backward without them.
+    (A second backward through the retained graph: the one that reads what the forward saved,
+    where the first may take a gradient the forward wrote.) The cells compared with TF32 off,
+    as torch's cells multiply."""
     import importlib
     if backend == "numba":
         pytest.importorskip("numba")
-    name, shapes, ours, theirs = WITHOUT_GRAPH[op]
+    name, shapes, ours, theirs, allocated = WITHOUT_GRAPH[op]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     module = importlib.import_module(f"pydl.{name}")
     leaves = [_randn(*s).requires_grad_() for s in shapes]
 
@@ -466,7 +477,7 @@ def test_a_call_without_graph_allocates_only_its_output(monkeypatch, op, backend
         with mode():
             got = ours(*others, backend=backend)
         torch.testing.assert_close(got, theirs(*others), **TOL)
-    assert len(made) == 1                    # the output alone, on a repeated call
+    assert len(made) == allocated            # the outputs alone, on a repeated call
     for g, w in zip(backward(out), want):
         assert torch.equal(g, w)
     torch.testing.assert_close(out.detach(), theirs(*[t.detach() for t in leaves]), **TOL)

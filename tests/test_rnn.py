@@ -465,49 +465,6 @@ def test_no_graph_without_gradient(monkeypatch, kind, backend):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_cell_without_graph_allocates_only_its_outputs(monkeypatch, kind, backend):
-    """A cell call that records no graph writes its gate activations (and the LSTM's fp32
-    cell state) into buffers its plan keeps (pydl._launch.WriteOnly), allocating only h1 (and
-    c1). A training call's saved activations are its own: inference calls of the same
-    signature between its forward and backward (the first under inference_mode) leave its
-    gradients torch's, and every output is torch's."""
-    module = importlib.import_module(f"pydl.{kind}")
-    G, n_states = (4, 2) if kind == "lstm" else (3, 1)
-    leaves = [random_tensor(s, torch.float32, DEVICE).requires_grad_(True)
-              for s in [(5, 6)] + [(5, 7)] * n_states + [(G * 7, 6), (G * 7, 7), (G * 7,),
-                                                         (G * 7,)]]
-    x, states, ws = leaves[0], leaves[1:1 + n_states], leaves[1 + n_states:]
-    cell = _cell(kind)
-    outs = cell(x, states, *ws, backend=backend)
-    sum(y.square().sum() for y in outs).backward(retain_graph=True)
-    want = [t.grad.clone() for t in leaves]
-    for t in leaves:
-        t.grad = None
-    fresh = []
-    real = module.fresh
-    monkeypatch.setattr(module, "fresh", lambda make: fresh.append(make) or real(make))
-    others = [(torch.randn_like(t) * 3).detach() for t in leaves]
-    for mode in (torch.inference_mode, torch.no_grad, torch.no_grad):
-        fresh.clear()
-        with mode():
-            got = cell(others[0], others[1:1 + n_states], *others[1 + n_states:],
-                       backend=backend)
-            theirs = cell(others[0], others[1:1 + n_states], *others[1 + n_states:],
-                          backend="torch")
-        for a, b in zip(got, theirs):
-            assert_close(a, b, torch.float32, reduction=13, tf32=TF32)
-    assert len(fresh) == n_states            # the outputs alone, on a repeated call
-    sum(y.square().sum() for y in outs).backward()
-    for t, w in zip(leaves, want):
-        assert torch.equal(t.grad, w)
-    torch_outs = cell(*[t.detach() for t in leaves[:1]], [t.detach() for t in states],
-                      *[t.detach() for t in ws], backend="torch")
-    for a, b in zip(outs, torch_outs):
-        assert_close(a, b, torch.float32, reduction=13, tf32=TF32)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_outputs_without_gradient(kind, backend):
     """An output no gradient reaches gets None in the backward (no zeros made for it): the
     gradients when only h_n (or c_n) of a layer, or only one output of the LSTM cell, is
