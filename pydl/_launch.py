@@ -52,12 +52,16 @@ def poison(out: torch.Tensor) -> None:
 
 
 def output_maker(shape, dtype: torch.dtype, device: torch.device,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 stride: tuple | None = None):
     """new_output's allocation with its arguments fixed, for a plan that allocates the same
     output every call: a callable returning a fresh uninitialised tensor (torch.empty_strided
     with the strides of `memory_format` worked out once: 0.6 us less a call than torch.empty
-    with a memory format). Pass it to `fresh` for the poisoning of tests."""
-    stride = torch.empty(shape, dtype=dtype, device="meta", memory_format=memory_format).stride()
+    with a memory format). `stride`, when given, instead (a 0 makes the elements along that
+    axis one). Pass it to `fresh` for the poisoning of tests."""
+    if stride is None:
+        stride = torch.empty(shape, dtype=dtype, device="meta",
+                             memory_format=memory_format).stride()
     return functools.partial(torch.empty_strided, tuple(shape), stride, dtype=dtype,
                              device=device)
 

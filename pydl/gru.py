@@ -173,7 +173,7 @@ class GRURecurrence:
             ws = self.new("ws", (T, B, 4 * H), F32, dev)
             return ws, ws.narrow(2, 0, 3 * H)
 
-        def __call__(self, ws, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
+        def __call__(self, ws, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, keep=True):
             if self.dims[1]:
                 self.forward("fwd", None, None, xp, None, b_hh, h0, w_hh, out, ws, h_n, bs)
             return ws, None, None

@@ -208,14 +208,20 @@ class LSTMRecurrence:
             acts = self.new("acts", (T, B, 4 * H), F32, dev)
             return acts, acts
 
-        def __call__(self, acts, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
+        def __call__(self, acts, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, keep=True):
             T, B, H = self.dims
             dev = out.device
-            cs = self.new("cs", (T, B, H), F32, dev)
-            m = self.new("m", (T, B, H), out.dtype, dev) if w_hr is not None else None
+            # keep False: every step's c (and m) in one (B, H) plane (stride 0 over time). A
+            # step reads c_{t-1} of its elements and then writes c_t over them, in the same
+            # program or thread; m_t is read by the projection, whose step ends (a launch or a
+            # grid barrier) before the next step's cell writes m again (kernels/*/lstm.py).
+            step = None if keep else (0, H, 1)
+            cs = self.new(("cs", keep), (T, B, H), F32, dev, step)
+            m = self.new(("m", keep), (T, B, H), out.dtype, dev, step) \
+                if w_hr is not None else None
             if B:
-                self.forward("fwd", None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out, m, cs,
-                             acts, h_n, c_n, bs)
+                self.forward(("fwd", keep), None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out,
+                             m, cs, acts, h_n, c_n, bs)
             return acts, cs, m
 
     class Recompute(Forward):

@@ -31,9 +31,10 @@ class, the cell's subclass of pydl/_rnn_launch.py TritonRNN or NumbaRNN):
 
     name, gates (G: weight rows per unit), saved_gates (fp32 values saved per unit and
     step), has_cell_state
-    Forward()(xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs)
+    Forward()(xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, keep)
         -> (acts (T, B, saved_gates*H) fp32, cs (T, B, H) fp32 or None, m or None)
-        writes out (T, B, P) (a view of the layer's output), h_n (B, P), c_n (B, H)
+        writes out (T, B, P) (a view of the layer's output), h_n (B, P), c_n (B, H);
+        keep False (a call no backward follows): cs and m need only hold the running state
     Recompute()(xp, b_hh, h0, c0, w_hh, out, cs) -> (acts, m)
     Backward()(acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs)
         -> (dg_ih, dg_hh), each (T, B, G*H) fp32; writes dh0, dc0 where given
@@ -168,13 +169,14 @@ class Plans:
         self.launch, self.dims, self.mode, self.reverse = launch, dims, mode, reverse
         self.built: dict = {}
 
-    def new(self, name, shape, dtype: torch.dtype, device) -> Tensor:
+    def new(self, name, shape, dtype: torch.dtype, device, stride=None) -> Tensor:
         """A fresh output, its allocation's arguments fixed on first use (`name` says which:
-        the shapes are the plan's); `shape` may be a callable, called then only."""
+        the shapes are the plan's); `shape` may be a callable, called then only; `stride`:
+        output_maker's."""
         make = self.built.get(name)
         if make is None:
             make = self.built[name] = output_maker(shape() if callable(shape) else shape,
-                                                   dtype, device)
+                                                   dtype, device, stride=stride)
         return fresh(make)
 
     def forward(self, name, *tensors, mode: str | None = None, reverse: bool | None = None):
@@ -320,7 +322,12 @@ class _Forward:
             else None
         self.new_out = output_maker((T, B, self.D * self.P), dt, dev)
 
-    def __call__(self, x, h0, c0, weights, bs):
+    def __call__(self, x, h0, c0, weights, bs, keep: bool = True):
+        """(out, finals, saved); keep False (a call no backward follows: LayerPlan's without a
+        graph): saved is empty, and each direction's buffers are let go once its recurrence
+        is launched, so that the next direction's allocation may reuse them (the caching
+        allocator orders the reuse on the stream), and hold only the running state where
+        they can (the cell's Forward)."""
         cfg, sites = self.cfg, self.sites
         L, D, P = self.L, self.D, self.P
         dt, dev = x.dtype, x.device
@@ -334,20 +341,23 @@ class _Forward:
                 w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
                 rec = self.dirs[idx]
-                acts, xp = rec.workspace(dev)
+                ws, xp = rec.workspace(dev)
                 sites.gemm(idx, inp, w_ih, xp, None, b_ih, trans_b=True, model=dt)
                 out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
-                acts, cs, m = rec(acts, xp, b_hh, first(h0, idx), first(c0, idx), w_hh, w_hr,
-                                  out_d, first(h_n, idx), first(c_n, idx), bs)
-                if self.keep_acts:
-                    per_dir.append(acts)
-                if cs is not None:
-                    per_dir.append(cs)
-                if self.keep_m:
-                    per_dir.append(m)
+                acts, cs, m = rec(ws, xp, b_hh, first(h0, idx), first(c0, idx), w_hh, w_hr,
+                                  out_d, first(h_n, idx), first(c_n, idx), bs, keep)
+                if keep:
+                    if self.keep_acts:
+                        per_dir.append(acts)
+                    if cs is not None:
+                        per_dir.append(cs)
+                    if self.keep_m:
+                        per_dir.append(m)
+                del ws, xp, acts, cs, m
             if layer == L - 1:
                 break
-            flat.append(out)
+            if keep:
+                flat.append(out)
             if self.dropout:
                 # torch's CPU dropout: noise = empty_like(out).bernoulli_(1 - p) / (1 - p);
                 # p = 1 zeros, drawing nothing (bernoulli(0) / 0 would be NaN)
@@ -355,7 +365,8 @@ class _Forward:
                          torch.empty_like(out).bernoulli_(1 - cfg.dropout).div_(1 - cfg.dropout))
                 dropped = new_output(out.shape, dt, dev)
                 sites.mul(-1 - layer, out, noise, dropped)
-                flat += [noise, dropped]
+                if keep:
+                    flat += [noise, dropped]
                 inp = dropped
             else:
                 inp = out
@@ -609,10 +620,10 @@ class LayerPlan(LayerKernels):
         """The layer on x (T, B, I): (out, h_n, c_n or None)."""
         if needs_graph(x, h0, c0, *weights):
             return apply(RNNFunction, x, h0, c0, None, self, *weights)
-        out, finals, _ = self.forward(x, h0, c0, weights, None)
+        out, finals, _ = self.forward(x, h0, c0, weights, None, keep=False)
         return out, finals[0], finals[1] if len(finals) == 2 else None
 
-    def forward(self, x, h0, c0, weights, bs):
+    def forward(self, x, h0, c0, weights, bs, keep: bool = True):
         plan = self.fwd
         if plan is None:
             args = (*self.cfg.op_args, self.op, self.backend)
@@ -620,7 +631,7 @@ class LayerPlan(LayerKernels):
                                  weights, *args)
             if not capturing():
                 self.fwd = plan
-        return plan(x, h0, c0, weights, bs)
+        return plan(x, h0, c0, weights, bs, keep)
 
     def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need):
         key = (*need, sig(d_out), sig(d_hn), sig(d_cn))

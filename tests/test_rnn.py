@@ -7,6 +7,7 @@ gradients' fp32 x fp16), double backward, empty batches and NaN propagation.
 import contextlib
 import importlib
 import time
+import weakref
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from rnn_checks import TF32, check_layer
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pydl
+from bench import overhead
 from pydl import _rnn_launch, rnn
 from pydl.testing import assert_close, poisoned_outputs, random_tensor
 
@@ -461,6 +463,73 @@ def test_no_graph_without_gradient(monkeypatch, kind, backend):
         assert torch.equal(out, want.detach())
         for a, b in zip(finals + ys, want_finals + want_cell):
             assert torch.equal(a, b.detach())
+
+
+class _LiveBytes:
+    """Bytes of storage alive, and their peak, of the tensors handed to `track` (each counted
+    until its storage is freed, whichever views held it)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def track(self, t):
+        n = t.untyped_storage().nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t.untyped_storage(), self._free, n)
+        return t
+
+    def _free(self, n):
+        self.live -= n
+
+
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("gru", 0)])
+@pytest.mark.parametrize("backend,algo", [(b, a) for b in KERNEL_BACKENDS
+                                          for a in ((None, "steps") if b == "triton" else (None,))])
+def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj, algo, backend):
+    """A stack's call that records no graph keeps nothing for a backward: one direction's fp32
+    workspace at a time (each let go once its recurrence is launched), the LSTM's cell state
+    (and unprojected m) as one (B, H) plane every step shares, and at most two layers' outputs
+    (the one being read, the one being written); its outputs bitwise a training call's. A
+    training call holds every direction's workspace and cell states for its backward. (The
+    bytes counted with the launches stubbed in emulation: Triton's interpreter holds on to
+    its last launch's arguments; a GPU launch does not.)"""
+    T, B, I, H, L, D = 4, 3, 5, 6, 2, 2
+    P = proj or H
+    mod = (torch.nn.LSTM(I, H, L, bidirectional=True, proj_size=proj) if kind == "lstm"
+           else torch.nn.GRU(I, H, L, bidirectional=True)).to(DEVICE)
+    weights = [w.detach().requires_grad_() for w in mod._flat_weights]
+    x = random_tensor((T, B, I), torch.float32, DEVICE)
+    h0 = random_tensor((L * D, B, P), torch.float32, DEVICE)
+    hx = (h0, random_tensor((L * D, B, H), torch.float32, DEVICE)) if kind == "lstm" else h0
+
+    def call():
+        out, finals = _call(kind, x, hx, weights, num_layers=L, bidirectional=True,
+                            backend=backend, algo=algo)
+        return [out, *finals]
+    want = call()
+    with torch.no_grad():
+        got = call()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.detach())
+
+    real = rnn.fresh
+
+    def peak(mode):
+        live = _LiveBytes()
+        monkeypatch.setattr(rnn, "fresh", lambda make: live.track(real(make)))
+        with mode(), (contextlib.nullcontext() if HAS_CUDA else overhead.stubbed_launches()):
+            call()
+        monkeypatch.setattr(rnn, "fresh", real)
+        return live.peak
+    f32 = 4
+    finals = L * D * B * (P + (H if kind == "lstm" else 0)) * f32
+    ws = T * B * 4 * H * f32
+    state = B * H * f32 * ((2 if proj else 1) if kind == "lstm" else 0)
+    for mode in (torch.no_grad, torch.inference_mode):
+        assert peak(mode) == finals + 2 * T * B * D * P * f32 + ws + state
+    assert peak(contextlib.nullcontext) >= \
+        finals + L * D * (ws + (T * B * H * f32 if kind == "lstm" else 0))
 
 
 @pytest.mark.parametrize("kind", KINDS)
