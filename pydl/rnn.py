@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ._autograd import without_double_backward
 from ._launch import fresh, new_output, output_maker
-from ._library import kernel_op
+from ._library import plain, kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph
 from ._rnn_launch import schedule, tf32_key
 
@@ -714,10 +714,14 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
                 torch._dynamo.graph_break(msg=_BY_LENGTH_BREAK)
             return _by_length(impl, x, h0, c0, weights, cfg, packed)
         bs = packed.bs if packed is not None else None
-        ops = LayerKernels(layer_config(op, backend, cfg), op, backend)
+        cfg = layer_config(op, backend, cfg)
         if needs_graph(x, h0, c0, *weights):
-            return apply(RNNFunction, x, h0, c0, bs, ops, *weights)
-        out, finals, _ = ops.forward(x, h0, c0, weights, bs)
+            return apply(RNNFunction, x, h0, c0, bs, LayerKernels(cfg, op, backend), *weights)
+        if torch.compiler.is_compiling() or not plain((x, h0, c0, *weights)):
+            out, finals, _ = LayerKernels(cfg, op, backend).forward(x, h0, c0, weights, bs)
+        else:   # eager (a packed input's): the plan, keeping nothing for a backward
+            out, finals, _ = LayerPlan(cfg, op, backend, x.dtype).forward(x, h0, c0, weights, bs,
+                                                                          keep=False)
         return out, finals[0], finals[1] if has_c else None
     _LAYER_IMPLS[(op, backend)] = impl
     return impl

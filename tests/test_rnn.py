@@ -483,30 +483,34 @@ class _LiveBytes:
         self.live -= n
 
 
-@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("gru", 0)])
+@pytest.mark.parametrize("kind,proj,packed", [("lstm", 0, False), ("lstm", 3, False),
+                                              ("gru", 0, False), ("lstm", 0, True)])
 @pytest.mark.parametrize("backend,algo", [(b, a) for b in KERNEL_BACKENDS
                                           for a in ((None, "steps") if b == "triton" else (None,))])
-def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj, algo, backend):
+def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj, packed, algo,
+                                                         backend):
     """A stack's call that records no graph keeps nothing for a backward: one direction's fp32
     workspace at a time (each let go once its recurrence is launched), the LSTM's cell state
     (and unprojected m) as one (B, H) plane every step shares, and at most two layers' outputs
     (the one being read, the one being written); its outputs bitwise a training call's. A
     training call holds every direction's workspace and cell states for its backward. (The
     bytes counted with the launches stubbed in emulation: Triton's interpreter holds on to
-    its last launch's arguments; a GPU launch does not.)"""
+    its last launch's arguments; a GPU launch does not.) A packed input's call too."""
     T, B, I, H, L, D = 4, 3, 5, 6, 2, 2
     P = proj or H
     mod = (torch.nn.LSTM(I, H, L, bidirectional=True, proj_size=proj) if kind == "lstm"
            else torch.nn.GRU(I, H, L, bidirectional=True)).to(DEVICE)
     weights = [w.detach().requires_grad_() for w in mod._flat_weights]
     x = random_tensor((T, B, I), torch.float32, DEVICE)
+    if packed:
+        x = pack_padded_sequence(x, [4, 4, 2])
     h0 = random_tensor((L * D, B, P), torch.float32, DEVICE)
     hx = (h0, random_tensor((L * D, B, H), torch.float32, DEVICE)) if kind == "lstm" else h0
 
     def call():
         out, finals = _call(kind, x, hx, weights, num_layers=L, bidirectional=True,
                             backend=backend, algo=algo)
-        return [out, *finals]
+        return [out.data if packed else out, *finals]
     want = call()
     with torch.no_grad():
         got = call()
