@@ -47,7 +47,7 @@ AUTOCAST_POLICY = {
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain(args) -> bool:
+def _plain(args) -> bool:
     """No argument is a tensor subclass (FakeTensor, FunctionalTensor, ...) that needs the
     dispatcher; Parameters are plain tensors here."""
     for a in args:
@@ -77,7 +77,7 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
 
         @functools.wraps(fn)
         def call(*args):
-            if torch.compiler.is_compiling() or not plain(args):
+            if torch.compiler.is_compiling() or not _plain(args):
                 return op(*[geometry_args(a) if isinstance(a, Geometry) else a for a in args])
             return fn(*args)
 

@@ -53,8 +53,8 @@ from torch import Tensor
 
 from ._autograd import without_double_backward
 from ._launch import fresh, new_output, output_maker
-from ._library import plain, kernel_op
-from ._plan import Cache, apply, capturing, emulated, needs_graph
+from ._library import kernel_op
+from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors
 from ._rnn_launch import schedule, tf32_key
 
 F32 = torch.float32
@@ -717,7 +717,7 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
         cfg = layer_config(op, backend, cfg)
         if needs_graph(x, h0, c0, *weights):
             return apply(RNNFunction, x, h0, c0, bs, LayerKernels(cfg, op, backend), *weights)
-        if torch.compiler.is_compiling() or not plain((x, h0, c0, *weights)):
+        if torch.compiler.is_compiling() or not plain_tensors(x, h0, c0, *weights):
             out, finals, _ = LayerKernels(cfg, op, backend).forward(x, h0, c0, weights, bs)
         else:   # eager (a packed input's): the plan, keeping nothing for a backward
             out, finals, _ = LayerPlan(cfg, op, backend, x.dtype).forward(x, h0, c0, weights, bs,
