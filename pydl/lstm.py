@@ -215,13 +215,15 @@ class LSTMRecurrence:
             # step reads c_{t-1} of its elements and then writes c_t over them, in the same
             # program or thread; m_t is read by the projection, whose step ends (a launch or a
             # grid barrier) before the next step's cell writes m again (kernels/*/lstm.py).
-            step = None if keep else (0, H, 1)
-            cs = self.new(("cs", keep), (T, B, H), F32, dev, step)
-            m = self.new(("m", keep), (T, B, H), out.dtype, dev, step) \
-                if w_hr is not None else None
+            if keep:
+                cs_name, m_name, fwd_name, step = "cs", "m", "fwd", None
+            else:
+                cs_name, m_name, fwd_name, step = "cs_run", "m_run", "fwd_run", (0, H, 1)
+            cs = self.new(cs_name, (T, B, H), F32, dev, step)
+            m = self.new(m_name, (T, B, H), out.dtype, dev, step) if w_hr is not None else None
             if B:
-                self.forward(("fwd", keep), None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out,
-                             m, cs, acts, h_n, c_n, bs)
+                self.forward(fwd_name, None, None, xp, None, b_hh, h0, c0, w_hh, w_hr, out, m, cs,
+                             acts, h_n, c_n, bs)
             return acts, cs, m
 
     class Recompute(Forward):
