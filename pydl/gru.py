@@ -165,17 +165,23 @@ class GRURecurrence:
         """One direction's recurrence in a layer's forward plan: the recurrence launched
         (its launch built on the first call)."""
 
-        def workspace(self, dev):
+        def workspace(self, dev, keep=True):
             """(ws, xp): the fp32 workspace r, z, n, gh_n (T, B, 4H) and, in its first 3H
             columns, the input projection gi; each tile of the recurrence reads its elements
-            of gi before it writes r, z, n there (kernels/triton/gru.py)."""
+            of gi before it writes r, z, n there (kernels/triton/gru.py). keep False: gi
+            alone (T, B, 3H), r, z, n, gh_n (which nothing reads then) into one (B, 4H)
+            plane the plan keeps."""
             T, B, H = self.dims
+            if not keep:
+                return (self.unread("ws_run", (T, B, 4 * H), F32, dev, (0, 4 * H, 1)),
+                        self.new("xp_run", (T, B, 3 * H), F32, dev))
             ws = self.new("ws", (T, B, 4 * H), F32, dev)
             return ws, ws.narrow(2, 0, 3 * H)
 
         def __call__(self, ws, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, keep=True):
             if self.dims[1]:
-                self.forward("fwd", None, None, xp, None, b_hh, h0, w_hh, out, ws, h_n, bs)
+                self.forward("fwd" if keep else "fwd_run", None, None, xp, None, b_hh, h0, w_hh,
+                             out, ws, h_n, bs)
             return ws, None, None
 
     class Recompute(Forward):

@@ -200,11 +200,16 @@ class LSTMRecurrence:
         """One direction's recurrence in a layer's forward plan: cs (and m) allocated, the
         recurrence launched (its launch built on the first call)."""
 
-        def workspace(self, dev):
+        def workspace(self, dev, keep=True):
             """(acts, xp): the buffer of the fp32 activations, into which the input
             projection goes first; each tile of the recurrence reads its elements of xp
-            before it writes the same elements of acts (kernels/triton/lstm.py)."""
+            before it writes the same elements of acts (kernels/triton/lstm.py). keep False:
+            xp alone, the activations (which nothing reads then) into one (B, 4H) plane the
+            plan keeps."""
             T, B, H = self.dims
+            if not keep:
+                return (self.unread("acts_run", (T, B, 4 * H), F32, dev, (0, 4 * H, 1)),
+                        self.new("xp_run", (T, B, 4 * H), F32, dev))
             acts = self.new("acts", (T, B, 4 * H), F32, dev)
             return acts, acts
 

@@ -31,10 +31,13 @@ class, the cell's subclass of pydl/_rnn_launch.py TritonRNN or NumbaRNN):
 
     name, gates (G: weight rows per unit), saved_gates (fp32 values saved per unit and
     step), has_cell_state
-    Forward()(xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, keep)
+    Forward().workspace(device, keep) -> (acts, xp): where the recurrence writes the
+        activations and where the input projection goes (one buffer, or two)
+    Forward()(acts, xp, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs, keep)
         -> (acts (T, B, saved_gates*H) fp32, cs (T, B, H) fp32 or None, m or None)
         writes out (T, B, P) (a view of the layer's output), h_n (B, P), c_n (B, H);
-        keep False (a call no backward follows): cs and m need only hold the running state
+        keep False (a call no backward follows): acts, cs and m need only hold the running
+        state, and what the launch only writes may be a buffer the plan keeps
     Recompute()(xp, b_hh, h0, c0, w_hh, out, cs) -> (acts, m)
     Backward()(acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs)
         -> (dg_ih, dg_hh), each (T, B, G*H) fp32; writes dh0, dc0 where given
@@ -52,7 +55,8 @@ import torch
 from torch import Tensor
 
 from ._autograd import without_double_backward
-from ._launch import fresh, new_output, output_maker
+from ._env import INTERPRET
+from ._launch import WriteOnly, fresh, new_output, output_maker
 from ._library import kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors
 from ._rnn_launch import schedule, tf32_key
@@ -179,9 +183,31 @@ class Plans:
                                                    dtype, device, stride=stride)
         return fresh(make)
 
+    def unread(self, name, shape, dtype: torch.dtype, device, stride=None) -> Tensor:
+        """A buffer the launch only writes, on a call no backward follows (the gate
+        activations then): one the plan keeps (pydl._launch.WriteOnly), not one a call."""
+        kept = self.built.get(name)
+        if kept is None:
+            kept = self.built[name] = WriteOnly(output_maker(shape, dtype, device, stride=stride))
+        return kept()
+
+    def _layout(self, name, tensors, first: bool) -> None:
+        """Emulation only (where the tests run): a named launch keeps the layout of the
+        tensors it was built for (their strides are its arguments), so a later call under
+        that name with tensors laid out otherwise would be read as the first's: fail it here,
+        loudly, where a GPU would read the wrong elements."""
+        got = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
+        if first:
+            self.built[("layout", name)] = got
+        elif self.built[("layout", name)] != got:
+            raise AssertionError(f"rnn plan {name!r} was built for tensors laid out as "
+                                 f"{self.built[('layout', name)]}, called with {got}")
+
     def forward(self, name, *tensors, mode: str | None = None, reverse: bool | None = None):
         """The cell's forward recurrence kernel over `tensors` (its launcher's forward_plan)."""
         rec = self.built.get(name)
+        if INTERPRET:
+            self._layout(name, tensors, rec is None)
         if rec is None:
             rec = self.built[name] = self.launch.forward_plan(
                 mode or self.mode, *tensors, self.reverse if reverse is None else reverse)
@@ -191,6 +217,8 @@ class Plans:
                  reverse: bool | None = None):
         """The cell's backward recurrence kernel (backward_plan)."""
         rec = self.built.get(name)
+        if INTERPRET:
+            self._layout(name, tensors, rec is None)
         if rec is None:
             rec = self.built[name] = self.launch.backward_plan(
                 mode or self.mode, *tensors, self.reverse if reverse is None else reverse, model)
@@ -199,6 +227,8 @@ class Plans:
     def gemm(self, name, a, b, out, addend=None, bias=None, **how):
         """out = op(a) @ op(b) (+ addend) (+ bias) (pydl/_rnn_launch.py TritonRNN.gemm_plan)."""
         plan = self.built.get(name)
+        if INTERPRET:
+            self._layout(name, (a, b, out, addend, bias), plan is None)
         if plan is None:
             plan = self.built[name] = self.launch.gemm_plan(a, b, out, bias, addend, **how)
         plan(a, b, out, bias, addend)
@@ -206,6 +236,8 @@ class Plans:
     def bias_grad(self, name, dg, db1, db2=None):
         """db1 (and db2) = the column sums of dg."""
         plan = self.built.get(name)
+        if INTERPRET:
+            self._layout(name, (dg, db1, db2), plan is None)
         if plan is None:
             plan = self.built[name] = self.launch.bias_grad_plan(dg, db1, db2)
         plan(dg, db1, db2)
@@ -213,6 +245,8 @@ class Plans:
     def mul(self, name, x, s, y):
         """y = x * s (3-D; y may be x)."""
         plan = self.built.get(name)
+        if INTERPRET:
+            self._layout(name, (x, s, y), plan is None)
         if plan is None:
             plan = self.built[name] = self.launch.mul_plan(x, s, y)
         plan(x, s, y)
@@ -311,7 +345,8 @@ class _Forward:
         mode = schedule(cfg.algo, x.device)
         self.dirs = [self.cell.Forward(launch, (T, B, self.H), mode, d == 1)
                      for _ in range(self.L) for d in range(self.D)]
-        self.sites = Plans(launch)      # the input projections (by layer-direction), dropout
+        # the input projections (by layer-direction; LD + that, a call keeping nothing), dropout
+        self.sites = Plans(launch)
         self.dropout = _dropout_on(cfg)
         # what the backward gets of each direction: acts unless recomputed, cs, m (LSTMP)
         self.keep_acts = not cfg.recompute
@@ -330,6 +365,7 @@ class _Forward:
         they can (the cell's Forward)."""
         cfg, sites = self.cfg, self.sites
         L, D, P = self.L, self.D, self.P
+        LD = L * D
         dt, dev = x.dtype, x.device
         h_n = fresh(self.new_h_n)
         c_n = fresh(self.new_c_n) if self.new_c_n is not None else None
@@ -341,8 +377,10 @@ class _Forward:
                 w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
                 rec = self.dirs[idx]
-                ws, xp = rec.workspace(dev)
-                sites.gemm(idx, inp, w_ih, xp, None, b_ih, trans_b=True, model=dt)
+                ws, xp = rec.workspace(dev, keep)
+                # the projection's plan by xp's layout: index idx, LD + idx without keep
+                sites.gemm(idx if keep else LD + idx, inp, w_ih, xp, None, b_ih, trans_b=True,
+                           model=dt)
                 out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
                 acts, cs, m = rec(ws, xp, b_hh, first(h0, idx), first(c0, idx), w_hh, w_hr,
                                   out_d, first(h_n, idx), first(c_n, idx), bs, keep)
