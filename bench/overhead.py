@@ -147,6 +147,7 @@ def stubbed_launches():
     _numba_launch._NUMBA_DIRECTS.clear()
     InterpretedFunction.run, FakeCUDAKernel.__call__ = triton_launch, numba_call
     _env.SCOPE_EMULATION = False
+    old_checks, _env.CHECK_PLANS = _env.CHECK_PLANS, False
     wrapped = [(cls, name, cls.__dict__[name]) for cls, name, _ in _plan.EMULATED]
     for cls, name, method in _plan.EMULATED:     # the plans' methods as a GPU has them
         setattr(cls, name, method)
@@ -164,6 +165,7 @@ def stubbed_launches():
             launch.compiled = None
         softmax_ce.kernel_checks_targets = _softmax_ce_ops.kernel_checks_targets = old_check
         _env.SCOPE_EMULATION = True
+        _env.CHECK_PLANS = old_checks
         for cls, name, method in wrapped:
             setattr(cls, name, method)
 

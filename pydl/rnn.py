@@ -54,8 +54,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _env
 from ._autograd import without_double_backward
-from ._env import INTERPRET
 from ._launch import WriteOnly, fresh, new_output, output_maker
 from ._library import kernel_op
 from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors
@@ -206,7 +206,7 @@ class Plans:
     def forward(self, name, *tensors, mode: str | None = None, reverse: bool | None = None):
         """The cell's forward recurrence kernel over `tensors` (its launcher's forward_plan)."""
         rec = self.built.get(name)
-        if INTERPRET:
+        if _env.CHECK_PLANS:
             self._layout(name, tensors, rec is None)
         if rec is None:
             rec = self.built[name] = self.launch.forward_plan(
@@ -217,7 +217,7 @@ class Plans:
                  reverse: bool | None = None):
         """The cell's backward recurrence kernel (backward_plan)."""
         rec = self.built.get(name)
-        if INTERPRET:
+        if _env.CHECK_PLANS:
             self._layout(name, tensors, rec is None)
         if rec is None:
             rec = self.built[name] = self.launch.backward_plan(
@@ -227,7 +227,7 @@ class Plans:
     def gemm(self, name, a, b, out, addend=None, bias=None, **how):
         """out = op(a) @ op(b) (+ addend) (+ bias) (pydl/_rnn_launch.py TritonRNN.gemm_plan)."""
         plan = self.built.get(name)
-        if INTERPRET:
+        if _env.CHECK_PLANS:
             self._layout(name, (a, b, out, addend, bias), plan is None)
         if plan is None:
             plan = self.built[name] = self.launch.gemm_plan(a, b, out, bias, addend, **how)
@@ -236,7 +236,7 @@ class Plans:
     def bias_grad(self, name, dg, db1, db2=None):
         """db1 (and db2) = the column sums of dg."""
         plan = self.built.get(name)
-        if INTERPRET:
+        if _env.CHECK_PLANS:
             self._layout(name, (dg, db1, db2), plan is None)
         if plan is None:
             plan = self.built[name] = self.launch.bias_grad_plan(dg, db1, db2)
@@ -245,7 +245,7 @@ class Plans:
     def mul(self, name, x, s, y):
         """y = x * s (3-D; y may be x)."""
         plan = self.built.get(name)
-        if INTERPRET:
+        if _env.CHECK_PLANS:
             self._layout(name, (x, s, y), plan is None)
         if plan is None:
             plan = self.built[name] = self.launch.mul_plan(x, s, y)
