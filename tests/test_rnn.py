@@ -490,12 +490,14 @@ class _LiveBytes:
 def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj, packed, algo,
                                                          backend):
     """A stack's call that records no graph keeps nothing for a backward: one direction's fp32
-    workspace at a time (each let go once its recurrence is launched), the LSTM's cell state
-    (and unprojected m) as one (B, H) plane every step shares, and at most two layers' outputs
-    (the one being read, the one being written); its outputs bitwise a training call's. A
-    training call holds every direction's workspace and cell states for its backward. (The
-    bytes counted with the launches stubbed in emulation: Triton's interpreter holds on to
-    its last launch's arguments; a GPU launch does not.) A packed input's call too."""
+    input projection at a time (each let go once its recurrence is launched; the GRU's 3H
+    wide, not its 4H workspace), the activations in a plane the plan keeps, the LSTM's cell
+    state (and unprojected m) as one (B, H) plane every step shares, and at most two layers'
+    outputs (the one being read, the one being written); its outputs bitwise a training
+    call's. A training call holds every direction's workspace and cell states for its
+    backward. (The bytes counted with the launches stubbed in emulation: Triton's interpreter
+    holds on to its last launch's arguments; a GPU launch does not.) A packed input's call
+    too."""
     T, B, I, H, L, D = 4, 3, 5, 6, 2, 2
     P = proj or H
     mod = (torch.nn.LSTM(I, H, L, bidirectional=True, proj_size=proj) if kind == "lstm"
