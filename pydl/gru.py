@@ -228,7 +228,9 @@ class GRURecurrence:
             if B:
                 dhd = self.new("dhd", lambda: (self.launch.backward_planes(
                     B, H, 3 * H, w_hh.dtype, dev), B, H), F32, dev)
-                self.backward("bwd", acts, out, h0, w_hh, d_out, d_hn, bs, dgi, dgh, dhd, dh0,
+                # a launch of its own in place (its IN_WS flag is built from the aliasing)
+                self.backward("bwd_in_place" if in_place else "bwd", acts, out, h0, w_hh, d_out,
+                              d_hn, bs, dgi, dgh, dhd, dh0,
                               model=out.dtype)
             return parts, dgh
 

@@ -291,7 +291,9 @@ class LSTMRecurrence:
             dc_run = self.new("dc_run", lambda: (self.launch.backward_planes(
                 B, H, 4 * H, w_rec.dtype, dev), B, H), F32, dev)
             pas = new_output((2, B, H), F32, dev) if bs is not None else None
-            self.backward("bwd", acts, cs, c0, w_rec, d_out, d_hn, d_cn, bs, dg, dc_run, pas,
+            # a launch of its own in place (its IN_ACTS flag is built from the aliasing)
+            self.backward("bwd_in_place" if in_place else "bwd", acts, cs, c0, w_rec, d_out,
+                          d_hn, d_cn, bs, dg, dc_run, pas,
                           dh0 if w_hr is None else None, dc0, model=model)
             if dh0 is not None and w_hr is not None:
                 t_first = T - 1 if self.reverse else 0

@@ -193,10 +193,13 @@ class Plans:
 
     def _layout(self, name, tensors, first: bool) -> None:
         """Emulation only (where the tests run): a named launch keeps the layout of the
-        tensors it was built for (their strides are its arguments), so a later call under
-        that name with tensors laid out otherwise would be read as the first's: fail it here,
-        loudly, where a GPU would read the wrong elements."""
-        got = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
+        tensors it was built for (their strides are its arguments, and which of them share a
+        buffer its flags: an in-place backward), so a later call under that name with tensors
+        laid out otherwise would be read as the first's: fail it here, loudly, where a GPU
+        would read the wrong elements."""
+        ptrs = [None if t is None else t.untyped_storage().data_ptr() for t in tensors]
+        got = tuple(None if t is None else (t.shape, t.stride(), t.dtype, ptrs.index(p))
+                    for t, p in zip(tensors, ptrs))     # ptrs.index: which buffer it shares
         if first:
             self.built[("layout", name)] = got
         elif self.built[("layout", name)] != got:
@@ -453,12 +456,18 @@ class _Backward:
         LD = cfg.num_layers * cfg.D
         self.dirs = [self.cell.Backward(launch, dims, mode, idx % cfg.D == 1)
                      for idx in range(LD)]
-        self.recompute = [self.cell.Recompute(launch, dims, "steps", idx % cfg.D == 1)
-                          for idx in range(LD)] if cfg.recompute else None
+        # recomputation of a direction's activations, built on first use: always with
+        # recompute, else for a backward after one that overwrote them (retain_graph)
+        self.recompute = [None] * LD
+        self.launch, self.dims = launch, dims
         self.sites = [Plans(launch, dims, mode, idx % cfg.D == 1) for idx in range(LD)]
         self.layer_sites = Plans(launch)
 
-    def __call__(self, x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need):
+    def __call__(self, x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need,
+                 overwrite: bool = False, gone: bool = False):
+        """The `need`ed gradients. overwrite: the saved activations may take the gate
+        gradients in their place (nothing reads them after this backward: LayerPlan's eager
+        first backward); gone: an earlier backward did that, so they are recomputed first."""
         cfg, cell = self.cfg, self.cell
         inputs, outs, masks, saved = _unpack(x, last_out, saved, cfg, cell)
         L, D, G, H, P = cfg.num_layers, cfg.D, cell.gates, self.H, self.P
@@ -486,9 +495,14 @@ class _Backward:
                 out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
                 d_out_d = d_out if D == 1 or d_out is None else d_out[:, :, d * P:(d + 1) * P]
                 acts, cs, m = saved[idx]
+                if gone:
+                    acts = None
                 own = acts is None
                 if own:             # recompute: this layer-direction's activations only
                     redo = self.recompute[idx]
+                    if redo is None:
+                        redo = self.recompute[idx] = cell.Recompute(
+                            self.launch, self.dims, "steps", idx % D == 1)
                     acts, xp = redo.workspace(dev)
                     sites.gemm("xp", inp, w_ih, xp, None, b_ih, trans_b=True, model=dt)
                     acts, m = redo(acts, xp, b_hh, h0_, c0_, w_hh, out_d, cs)
@@ -497,7 +511,7 @@ class _Backward:
                 # the cell wrote the gradients in place of activations that are its own
                 dg_ih, dg_hh = self.dirs[idx](
                     acts, cs, h0_, c0_, out_d, w_hh, w_hr, d_out_d, at(d_hn, idx),
-                    at(d_cn, idx), at(dh0, idx), at(dc0, idx), bs, in_place=own)
+                    at(d_cn, idx), at(dh0, idx), at(dc0, idx), bs, in_place=own or overwrite)
                 del acts
                 if w_hr is not None and need_w[base + cfg.per_direction - 1]:
                     dweights[base + cfg.per_direction - 1] = _grad_w_hr(
@@ -599,8 +613,10 @@ class LayerKernels:
         """(out, [h_n, c_n] ([h_n] without a cell state), saved)."""
         return _rnn_fwd(x, h0, c0, list(weights), bs, *self.cfg.op_args, self.op, self.backend)
 
-    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need):
-        """The `need`ed ones of [dx, dh0, dc0, *dweights]."""
+    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need, ctx=None):
+        """The `need`ed ones of [dx, dh0, dc0, *dweights]; the saved tensors are left as they
+        are (the kernel op does not mutate its inputs; `ctx`, the autograd node, is for
+        LayerPlan)."""
         return _rnn_bwd(x, h0, c0, out, list(weights), list(saved), bs, d_out, d_hn, d_cn,
                         need, *self.cfg.op_args, self.op, self.backend)
 
@@ -620,6 +636,7 @@ class RNNFunction(torch.autograd.Function):
         out, finals, saved = ops.forward(x, h0, c0, weights, bs)
         ctx.save_for_backward(x, h0, c0, bs, out, *weights, *saved)
         ctx.n_weights, ctx.ops = len(weights), ops
+        ctx.acts_gone = False       # whether a backward overwrote the saved activations
         ctx.set_materialize_grads(False)
         return out, finals[0], finals[1] if len(finals) == 2 else None
 
@@ -635,7 +652,7 @@ def _rnn_backward(ctx, d_out, d_hn, d_cn):
     weights, saved = rest[:ctx.n_weights], rest[ctx.n_weights:]
     need = ctx.needs_input_grad
     need = [need[0], need[1] and h0 is not None, need[2] and c0 is not None, *need[5:]]
-    grads = ctx.ops.backward(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need)
+    grads = ctx.ops.backward(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need, ctx)
     dx, dh0, dc0, *dw = needed(grads, need)
     return (dx, dh0, dc0, None, None, *dw)
 
@@ -671,19 +688,29 @@ class LayerPlan(LayerKernels):
                 self.fwd = plan
         return plan(x, h0, c0, weights, bs, keep)
 
-    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need):
+    def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need, ctx):
+        """The `need`ed gradients. Without recompute the first backward of a forward (`ctx`,
+        its RNNFunction node) writes the gate gradients in place of the saved activations,
+        which its BPTT reads last (no gradient buffers: the GRU's dgi and dgh, (T, B, 3H) fp32
+        each, the LSTM's dg, (T, B, 4H)); a later one, through a retained graph, finds them
+        gone and recomputes them first, as recompute=True always does. (The kernel op,
+        LayerKernels', which torch.compile runs, leaves its inputs as they are.)"""
+        overwrite, gone = not self.cfg.recompute, False
+        if overwrite:
+            gone, ctx.acts_gone = ctx.acts_gone, True
         key = (*need, sig(d_out), sig(d_hn), sig(d_cn))
         if self.fp32:
             key += (tf32_key(F32, True),)
         plan = self.bwd.get(key)
         if plan is None:
             args = (*self.cfg.op_args, self.op, self.backend)
+            # not the kernel op's plan (_rnn_bwd's key): its launches write elsewhere
             plan = _BACKWARDS.get((_layer_key(x, h0, c0, weights, bs, *args), tuple(need),
-                                   sig(d_out), sig(d_hn), sig(d_cn)), _Backward, x, weights,
-                                  *args)
+                                   sig(d_out), sig(d_hn), sig(d_cn), "overwrite"), _Backward, x,
+                                  weights, *args)
             if not capturing():
                 self.bwd[key] = plan
-        return plan(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need)
+        return plan(x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need, overwrite, gone)
 
 
 # --- weight gradients summed over time -------------------------------------------------------
@@ -753,13 +780,15 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
             return _by_length(impl, x, h0, c0, weights, cfg, packed)
         bs = packed.bs if packed is not None else None
         cfg = layer_config(op, backend, cfg)
+        # eager (a packed input's call): a LayerPlan made for the call, as a padded input's
+        eager = not torch.compiler.is_compiling() and plain_tensors(x, h0, c0, *weights)
+        ops = LayerPlan(cfg, op, backend, x.dtype) if eager else LayerKernels(cfg, op, backend)
         if needs_graph(x, h0, c0, *weights):
-            return apply(RNNFunction, x, h0, c0, bs, LayerKernels(cfg, op, backend), *weights)
-        if torch.compiler.is_compiling() or not plain_tensors(x, h0, c0, *weights):
-            out, finals, _ = LayerKernels(cfg, op, backend).forward(x, h0, c0, weights, bs)
-        else:   # eager (a packed input's): the plan, keeping nothing for a backward
-            out, finals, _ = LayerPlan(cfg, op, backend, x.dtype).forward(x, h0, c0, weights, bs,
-                                                                          keep=False)
+            return apply(RNNFunction, x, h0, c0, bs, ops, *weights)
+        if eager:   # keeping nothing for a backward
+            out, finals, _ = ops.forward(x, h0, c0, weights, bs, keep=False)
+        else:
+            out, finals, _ = ops.forward(x, h0, c0, weights, bs)
         return out, finals[0], finals[1] if has_c else None
     _LAYER_IMPLS[(op, backend)] = impl
     return impl

@@ -92,26 +92,50 @@ def test_recompute(kind, backend, algo, L):
 
 @pytest.mark.parametrize("backend", ["triton", "numba"])
 @pytest.mark.parametrize("kind,buffers", [("gru", {"dgi", "dgh"}), ("lstm", {"dg"})])
-def test_recompute_backward_writes_its_gradients_in_place(monkeypatch, kind, buffers, backend):
-    """With recompute=True a layer's backward recomputes activations of its own, which nothing
-    reads after BPTT: the gate gradients go there in place of them (kernels/triton/gru.py
-    IN_WS, lstm.py IN_ACTS, and the Numba kernels' in_ws, in_acts), with no gradient buffers
-    (the GRU's dgi and dgh, (T, B, 3H) fp32 each, its backward's largest; the LSTM's dg,
-    (T, B, 4H)). Without recompute (the saved activations: a second backward through a
-    retained graph reads them again) they keep their buffers. The gradients are checked by
-    test_recompute and test_recompute_vs_reference."""
-    asked = []
+def test_backward_writes_its_gradients_in_place(monkeypatch, kind, buffers, backend):
+    """A layer's backward writes the gate gradients in place of the activations, which its
+    BPTT reads last (kernels/triton/gru.py IN_WS, lstm.py IN_ACTS, and the Numba kernels'
+    in_ws, in_acts), with no gradient buffers (the GRU's dgi and dgh, (T, B, 3H) fp32 each,
+    its backward's largest; the LSTM's dg, (T, B, 4H)): the activations it recomputes with
+    recompute=True, else the saved ones, on the first backward of a forward. A second
+    backward through the retained graph finds them gone and recomputes them (the Recompute
+    plan), to the first's gradients; the kernel op torch.compile runs (LayerKernels) leaves
+    the saved tensors alone and asks for the buffers. The gradients against torch and the
+    float64 reference: test_recompute, test_recompute_vs_reference and check_layer."""
+    asked, redone = [], []
     new = rnn.Plans.new
     monkeypatch.setattr(rnn.Plans, "new",
                         lambda self, name, *a: (asked.append(name), new(self, name, *a))[1])
+    recompute_cls = importlib.import_module(f"pydl.{kind}").__dict__[
+        "LSTMRecurrence" if kind == "lstm" else "GRURecurrence"].Recompute
+    real_redo = recompute_cls.__call__
+    monkeypatch.setattr(recompute_cls, "__call__",
+                        lambda self, *a: (redone.append(1), real_redo(self, *a))[1])
+    x = random_tensor((4, 2, 3), torch.float32, DEVICE)
     for recompute in (True, False):
-        asked.clear()
         cls = pydl.nn.GRU if kind == "gru" else pydl.nn.LSTM
         m = cls(3, 5, backend=backend, recompute=recompute).to(DEVICE)
-        out, hn = m(random_tensor((4, 2, 3), torch.float32, DEVICE).requires_grad_(True))
+        xg = x.clone().requires_grad_(True)
+        out, hn = m(xg)
         hn = hn if kind == "gru" else hn[0]
-        (out.square().sum() + hn.sum()).backward()
-        assert (buffers & set(asked)) == (set() if recompute else buffers), asked
+        loss = out.square().sum() + hn.sum()
+        grads = []
+        for n in range(3):
+            asked.clear()
+            redone.clear()
+            grads.append(torch.autograd.grad(loss, [xg, *m.parameters()], retain_graph=n < 2))
+            assert not buffers & set(asked), asked
+            assert len(redone) == (1 if recompute or n > 0 else 0)
+        for later in grads[1:]:
+            for a, b in zip(later, grads[0]):
+                assert_close(a, b, torch.float32, reduction=8, name="a retained graph's backward")
+    asked.clear()
+    weights = [w.detach().requires_grad_() for w in m._flat_weights]
+    cfg = rnn.layer_config(kind, backend, rnn.RNNConfig(1, False, True, 0.0, False, None))
+    ops = rnn.LayerKernels(cfg, kind, backend)
+    out, h_n, _ = rnn.RNNFunction.apply(x, None, None, None, ops, *weights)
+    out.sum().backward()
+    assert buffers <= set(asked), asked
 
 
 # --- PackedSequence inputs ---------------------------------------------------------------------
