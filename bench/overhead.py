@@ -382,9 +382,17 @@ def prepare(suite, variant, case, device, seed: int = 0) -> Prepared:
         engine = False
     else:
         leaves = gate.leaves(args, suite.differentiable)
+        # A recurrent layer's first backward of a forward writes its gradients over the saved
+        # activations (pydl/rnn.py LayerPlan.backward), a later one recomputes them first:
+        # each timed call re-arms the node, so every one is a first backward, what a training
+        # step runs (its values then meaningless: only times and counts are read here).
+        rearm = [n for n in nodes if hasattr(n, "acts_gone")]
 
         def bwd():
-            return torch.autograd.grad(out, leaves, grad, retain_graph=True)
+            grads = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+            for n in rearm:
+                n.acts_gone = False
+            return grads
         engine = True
     # the op alone where the suite combines its outputs into one (bench/suites/rnn_cell.py)
     op = functools.partial(variant.fn.op, **suite.options(case)) if hasattr(variant.fn, "op") \

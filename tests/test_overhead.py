@@ -52,7 +52,9 @@ LAUNCHES = {
     ("attention", "triton-flash"): (1, 3),
     ("attention", "triton-naive"): (3, 5),
     ("lstm", "triton-persistent"): (2, 5),
-    ("gru", "triton-persistent"): (2, 6),
+    # the GRU's backward writes dgi over its saved workspace in two column blocks ([r, z] and
+    # [n]): its input and weight gradients and b_ih's sums take one launch a block
+    ("gru", "triton-persistent"): (2, 9),
     ("lstm_cell", "triton"): (1, 6),
     ("gru_cell", "triton"): (1, 7),
     # the Numba backend: the same steps (its conv2d always by im2col, its attention the flash
