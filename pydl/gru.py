@@ -208,11 +208,15 @@ class GRURecurrence:
         """BPTT of one direction; returns (dgi, dgh), the fp32 gradients (T, B, 3H) of
         gi = x W_ih^T + b_ih and of gh = h W_hh^T + b_hh; writes dh0 where given.
 
-        in_place (the workspace is this backward's own: recomputed, so no second backward
-        reads it): both go into the workspace in place of the activations, dgh =
-        ws[..., :3H] and dgi = ws's [r, z] and [n] column blocks, returned as its parts
-        ((ws[..., :2H], 0), (ws[..., 3H:], 2H)): (T, B, 6H) fp32 less at the backward's peak
-        (kernels/triton/gru.py _bwd_cell IN_WS, the Numba kernel's in_ws)."""
+        in_place (nothing reads the activations after this backward: recomputed ones, or
+        the saved ones on a forward's first backward, pydl/rnn.py LayerPlan.backward): both
+        go into the workspace in place of the activations, dgh = ws[..., :3H] and dgi =
+        ws's [r, z] and [n] column blocks, returned as its parts ((ws[..., :2H], 0),
+        (ws[..., 3H:], 2H)): (T, B, 6H) fp32 less at the backward's peak
+        (kernels/triton/gru.py _bwd_cell IN_WS, the Numba kernel's in_ws). Otherwise dgi
+        has buffers of its own, returned as the same two column blocks, so that dX, dW_ih
+        and db_ih are the same sums either way (the kernel op torch.compile runs, which
+        never writes in place, gives eager mode's gradients bit for bit)."""
 
         def __call__(self, acts, cs, h0, c0, out, w_hh, w_hr, d_out, d_hn, d_cn, dh0, dc0, bs,
                      in_place: bool = False):
@@ -224,7 +228,7 @@ class GRURecurrence:
             else:
                 dgi = self.new("dgi", (T, B, 3 * H), F32, dev)
                 dgh = self.new("dgh", (T, B, 3 * H), F32, dev)
-                parts = dgi
+                parts = ((dgi[:, :, :2 * H], 0), (dgi[:, :, 2 * H:], 2 * H))
             if B:
                 dhd = self.new("dhd", lambda: (self.launch.backward_planes(
                     B, H, 3 * H, w_hh.dtype, dev), B, H), F32, dev)
