@@ -312,3 +312,32 @@ def test_every_rnn_step_candidate(tuning, monkeypatch, kind, algo):
         monkeypatch.setattr(tuner, "bench", bench)
     run_op()
     assert len(trials) > len(spaces[f"{kind}_layer_bwd"])
+
+
+@pytest.mark.parametrize("kind,proj", [("lstm", 3), ("gru", 0)])
+@pytest.mark.parametrize("algo", ["steps", None])
+def test_rnn_trials_without_graph_leave_no_trace(tuning, monkeypatch, kind, proj, algo):
+    """A layer call without a graph keeps the LSTM's cell state (and m) as one (B, H) plane
+    that each step reads and then overwrites, and writes its activations into a plane of the
+    plan's (pydl/rnn.py): trial launches that really run (the first step, or the whole
+    sequence, each from the initial state) leave the call's answer that of torch."""
+    from pydl import _plan
+    _plan.clear_all()
+    trials = []
+
+    def bench(fn, cfg):
+        fn()
+        trials.append(cfg)
+        return -float(len(trials))           # the last candidate wins
+    for tuner in _tune.Tuner.all.values():
+        monkeypatch.setattr(tuner, "bench", bench)
+    mod = (torch.nn.LSTM(6, 8, proj_size=proj) if kind == "lstm" else torch.nn.GRU(6, 8))
+    weights = [w.detach().to(DEVICE) for w in mod._flat_weights]
+    x = random_tensor((5, 3, 6), torch.float32, DEVICE)
+    fn = pydl.lstm if kind == "lstm" else pydl.gru
+    with torch.no_grad():
+        got = fn(x, None, weights, backend="triton", algo=algo)[0]
+        want = mod.to(DEVICE)(x)[0]
+    assert _tune.Tuner.all[f"{kind}_layer_fwd"].trials, "the recurrence was not tuned"
+    assert_close(got, want, torch.float32, reduction=8, tf32=True)
+    _plan.clear_all()
