@@ -287,6 +287,20 @@ def test_every_row_kernel_candidate(tuning, monkeypatch, backend, n):
         assert any(c["BLOCK_N"] < n for c in spaces["softmax_fwd"])
 
 
+def _real_trials(monkeypatch) -> list:
+    """Every tuner's clock runs the trial launch it is given (as the device clock does) and
+    prefers the last candidate; returns the list of the configurations tried."""
+    trials = []
+
+    def bench(fn, cfg):
+        fn()
+        trials.append(cfg)
+        return -float(len(trials))           # the last candidate wins
+    for tuner in _tune.Tuner.all.values():
+        monkeypatch.setattr(tuner, "bench", bench)
+    return trials
+
+
 @pytest.mark.parametrize("kind", ["lstm", pytest.param("gru", marks=pytest.mark.sim_heavy)])
 @pytest.mark.parametrize("algo", ["steps", pytest.param("persistent", marks=pytest.mark.sim_heavy)])
 def test_every_rnn_step_candidate(tuning, monkeypatch, kind, algo):
@@ -302,14 +316,7 @@ def test_every_rnn_step_candidate(tuning, monkeypatch, kind, algo):
     assert {f"{kind}_layer_fwd", f"{kind}_layer_bwd"} <= set(spaces)
     assert len(spaces[f"{kind}_layer_bwd"]) >= 4
     _tune.reset()
-    trials = []
-
-    def bench(fn, cfg):
-        fn()
-        trials.append(cfg)
-        return -float(len(trials))           # the last candidate wins
-    for tuner in _tune.Tuner.all.values():
-        monkeypatch.setattr(tuner, "bench", bench)
+    trials = _real_trials(monkeypatch)
     run_op()
     assert len(trials) > len(spaces[f"{kind}_layer_bwd"])
 
@@ -323,14 +330,7 @@ def test_rnn_trials_without_graph_leave_no_trace(tuning, monkeypatch, kind, proj
     sequence, each from the initial state) leave the call's answer that of torch."""
     from pydl import _plan
     _plan.clear_all()
-    trials = []
-
-    def bench(fn, cfg):
-        fn()
-        trials.append(cfg)
-        return -float(len(trials))           # the last candidate wins
-    for tuner in _tune.Tuner.all.values():
-        monkeypatch.setattr(tuner, "bench", bench)
+    trials = _real_trials(monkeypatch)
     mod = (torch.nn.LSTM(6, 8, proj_size=proj) if kind == "lstm" else torch.nn.GRU(6, 8))
     weights = [w.detach().to(DEVICE) for w in mod._flat_weights]
     x = random_tensor((5, 3, 6), torch.float32, DEVICE)
@@ -338,6 +338,6 @@ def test_rnn_trials_without_graph_leave_no_trace(tuning, monkeypatch, kind, proj
     with torch.no_grad():
         got = fn(x, None, weights, backend="triton", algo=algo)[0]
         want = mod.to(DEVICE)(x)[0]
-    assert _tune.Tuner.all[f"{kind}_layer_fwd"].trials, "the recurrence was not tuned"
+    assert trials and _tune.Tuner.all[f"{kind}_layer_fwd"].trials, "the recurrence was not tuned"
     assert_close(got, want, torch.float32, reduction=8, tf32=True)
     _plan.clear_all()
