@@ -694,19 +694,21 @@ class LayerPlan(LayerKernels):
         which its BPTT reads last (no gradient buffers: the GRU's dgi and dgh, (T, B, 3H) fp32
         each, the LSTM's dg, (T, B, 4H)); a later one, through a retained graph, finds them
         gone and recomputes them first, as recompute=True always does. (The kernel op,
-        LayerKernels', which torch.compile runs, leaves its inputs as they are.)"""
-        overwrite, gone = not self.cfg.recompute, False
+        LayerKernels', which torch.compile runs, leaves its inputs as they are.) Not while a
+        CUDA graph is captured: a captured backward may be replayed on the same saved
+        tensors, where the recomputation a later call would add is not in the graph."""
+        overwrite, gone = not self.cfg.recompute and not capturing(), False
         if overwrite:
             gone, ctx.acts_gone = ctx.acts_gone, True
-        key = (*need, sig(d_out), sig(d_hn), sig(d_cn))
+        key = (*need, sig(d_out), sig(d_hn), sig(d_cn), overwrite)
         if self.fp32:
             key += (tf32_key(F32, True),)
         plan = self.bwd.get(key)
         if plan is None:
             args = (*self.cfg.op_args, self.op, self.backend)
-            # not the kernel op's plan (_rnn_bwd's key): its launches write elsewhere
+            # a plan per overwrite (its launches write elsewhere), neither the kernel op's
             plan = _BACKWARDS.get((_layer_key(x, h0, c0, weights, bs, *args), tuple(need),
-                                   sig(d_out), sig(d_hn), sig(d_cn), "overwrite"), _Backward, x,
+                                   sig(d_out), sig(d_hn), sig(d_cn), overwrite), _Backward, x,
                                   weights, *args)
             if not capturing():
                 self.bwd[key] = plan

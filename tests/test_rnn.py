@@ -103,6 +103,7 @@ def test_backward_writes_its_gradients_in_place(monkeypatch, kind, buffers, back
     the saved tensors alone and asks for the buffers. The gradients against torch and the
     float64 reference: test_recompute, test_recompute_vs_reference and check_layer."""
     asked, redone = [], []
+    _plan_capturing = rnn.capturing
     new = rnn.Plans.new
     monkeypatch.setattr(rnn.Plans, "new",
                         lambda self, name, *a: (asked.append(name), new(self, name, *a))[1])
@@ -129,6 +130,18 @@ def test_backward_writes_its_gradients_in_place(monkeypatch, kind, buffers, back
         for later in grads[1:]:
             for a, b in zip(later, grads[0]):
                 assert_close(a, b, torch.float32, reduction=8, name="a retained graph's backward")
+    # while a CUDA graph is captured (stood in for here), the saved activations are kept: a
+    # captured backward may be replayed on them without the recomputation
+    monkeypatch.setattr(rnn, "capturing", lambda: True)
+    asked.clear()
+    xg = x.clone().requires_grad_(True)
+    out, _ = m(xg)
+    replays = []
+    for _ in range(2):
+        replays.append(torch.autograd.grad(out.square().sum(), [xg], retain_graph=True)[0])
+        assert buffers <= set(asked) and out.grad_fn.acts_gone is False, asked
+    assert torch.equal(replays[0], replays[1])
+    monkeypatch.setattr(rnn, "capturing", _plan_capturing)
     asked.clear()
     weights = [w.detach().requires_grad_() for w in m._flat_weights]
     cfg = rnn.layer_config(kind, backend, rnn.RNNConfig(1, False, True, 0.0, False, None))
