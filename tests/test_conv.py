@@ -28,7 +28,15 @@ def check_conv(x, w, b, backend, algo, dtype, grad_out=None, **opts):
     inputs = [x, w] + ([b] if b is not None else [])
     fn = lambda x, w, b=None: pydl.conv2d(x, w, b, backend=backend, algo=algo, **opts)  # noqa: E731
     out, g, grads = run_with_grad(fn, inputs, grad_out)
-    t_out, _, t_grads = run_with_grad(lambda x, w, b=None: F.conv2d(x, w, b, **opts), inputs, g)
+    # torch's CPU kernels may sum a 16-bit convolution in 16 bits (its AVX-512 depthwise grad
+    # input does: 2 ulps off the float64 answer at 7x7); cuDNN and pydl sum in fp32. On the CPU
+    # torch computes from the same 16-bit values in fp32, rounded once to `dtype`.
+    up = x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    t_in = [t.float() for t in inputs] if up else inputs
+    t_out, _, t_grads = run_with_grad(lambda x, w, b=None: F.conv2d(x, w, b, **opts), t_in,
+                                      g.float() if up else g)
+    if up:
+        t_out, t_grads = t_out.to(dtype), [t.to(dtype) for t in t_grads]
     x64, w64 = x.double().cpu().numpy(), w.double().cpu().numpy()
     b64 = None if b is None else b.double().cpu().numpy()
     y64 = ref.conv2d(x64, w64, b64, **opts)
