@@ -261,6 +261,16 @@ class Plans:
 
 _KINDS: dict[tuple[str, str], tuple[object, object]] = {}   # (op, backend) -> (cell, launcher)
 
+# A call no backward follows projects a direction's input at most this many bytes of fp32 xp
+# at a time (_Forward.chunk_steps): the layer then holds one chunk, not (T, B, G*H).
+INFERENCE_CHUNK_BYTES = 128 << 20
+
+
+def chunk_steps(T: int, B: int, width: int) -> int:
+    """The steps a chunk of an inference call's input projection holds: all T unless their
+    fp32 (T, B, width) exceeds INFERENCE_CHUNK_BYTES."""
+    return max(1, min(T, INFERENCE_CHUNK_BYTES // max(1, 4 * B * width)))
+
 
 def _cfg_args(cfg: RNNConfig) -> tuple[list[int], float, str]:
     """RNNConfig as custom-op arguments: (int flags, dropout, algo)."""
@@ -348,6 +358,11 @@ class _Forward:
         mode = schedule(cfg.algo, x.device)
         self.dirs = [self.cell.Forward(launch, (T, B, self.H), mode, d == 1)
                      for _ in range(self.L) for d in range(self.D)]
+        # a call keeping nothing, on a padded input: the steps of a chunk (T: one), and the
+        # chunks' recurrences by (layer-direction, steps, first, last), built on first use
+        self.chunk = chunk_steps(T, B, self.cell.gates * self.H)
+        self.chunks: dict = {}
+        self.launch, self.mode = launch, mode
         # the input projections (by layer-direction; LD + that, a call keeping nothing), dropout
         self.sites = Plans(launch)
         self.dropout = _dropout_on(cfg)
@@ -379,12 +394,16 @@ class _Forward:
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
+                out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
+                if not keep and bs is None and self.chunk < x.shape[0]:
+                    self._chunked(idx, inp, w_ih, b_ih, b_hh, first(h0, idx), first(c0, idx),
+                                  w_hh, w_hr, out_d, first(h_n, idx), first(c_n, idx))
+                    continue
                 rec = self.dirs[idx]
                 ws, xp = rec.workspace(dev, keep)
                 # the projection's plan by xp's layout: index idx, LD + idx without keep
                 sites.gemm(idx if keep else LD + idx, inp, w_ih, xp, None, b_ih, trans_b=True,
                            model=dt)
-                out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
                 acts, cs, m = rec(ws, xp, b_hh, first(h0, idx), first(c0, idx), w_hh, w_hr,
                                   out_d, first(h_n, idx), first(c_n, idx), bs, keep)
                 if keep:
@@ -412,6 +431,37 @@ class _Forward:
             else:
                 inp = out
         return out, [h_n] if c_n is None else [h_n, c_n], flat + per_dir
+
+    def _chunked(self, idx, inp, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n):
+        """One direction of a call keeping nothing, on a padded input whose fp32 input
+        projection would exceed INFERENCE_CHUNK_BYTES: the projection and the recurrence a
+        chunk of self.chunk steps at a time, in the direction's order, each chunk starting
+        from the state the one before ended in (its last output row, and the LSTM's cell state
+        plane), as a step of the whole sequence reads them: the same outputs. Two launches a
+        chunk, each chunk at least INFERENCE_CHUNK_BYTES of projection."""
+        T, n, dt, dev = inp.shape[0], self.chunk, inp.dtype, inp.device
+        reverse = idx % self.D == 1
+        starts = range(0, T, n)
+        if reverse:
+            starts = reversed(starts)
+        ws = xp = cs = None
+        for k, t0 in enumerate(starts):
+            t1 = min(T, t0 + n)
+            steps, last = t1 - t0, t1 == T if not reverse else t0 == 0
+            key = (idx, steps, k == 0, last)       # the launches' layouts differ by these
+            rec = self.chunks.get(key)
+            if rec is None:
+                rec = self.chunks[key] = self.cell.Forward(
+                    self.launch, (steps, out.shape[1], self.H), self.mode, reverse)
+            if k:       # where the chunk before ended: its last step's output and cell state
+                h0 = out[t0 - 1] if not reverse else out[t1]
+                c0 = None if cs is None else cs[0]
+            ws = xp = None          # the chunk before's projection goes before this one's
+            ws, xp = rec.workspace(dev, False)
+            self.sites.gemm(("chunk", idx, steps), inp[t0:t1], w_ih, xp, None, b_ih,
+                            trans_b=True, model=dt)
+            cs = rec(ws, xp, b_hh, h0, c0, w_hh, w_hr, out[t0:t1], h_n if last else None,
+                     c_n if last else None, None, False)[1]     # m goes now
 
 
 _FORWARDS = Cache("rnn layer forward launches")

@@ -576,6 +576,52 @@ def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj,
         finals + L * D * (ws + (T * B * H * f32 if kind == "lstm" else 0))
 
 
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("gru", 0)])
+@pytest.mark.parametrize("backend,algo", [("triton", None), ("triton", "steps"), ("numba", None)])
+def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, algo, backend):
+    """A call that records no graph, whose fp32 input projection would exceed
+    rnn.INFERENCE_CHUNK_BYTES, projects and runs each direction a chunk of steps at a time
+    (here 3 of 7: chunks of 3, 3, 1 forward, 1, 3, 3 reversed), each chunk starting from the
+    output row and cell state the one before ended in: its outputs bitwise an unchunked
+    call's, one chunk's projection alive at a time."""
+    from pydl import _plan
+    T, B, I, H, L, D = 7, 2, 3, 4, 2, 2
+    P, G = proj or H, 4 if kind == "lstm" else 3
+    mod = (torch.nn.LSTM(I, H, L, bidirectional=True, proj_size=proj) if kind == "lstm"
+           else torch.nn.GRU(I, H, L, bidirectional=True)).to(DEVICE)
+    weights = [w.detach() for w in mod._flat_weights]
+    x = random_tensor((T, B, I), torch.float32, DEVICE)
+    h0 = random_tensor((L * D, B, P), torch.float32, DEVICE)
+    hx = (h0, random_tensor((L * D, B, H), torch.float32, DEVICE)) if kind == "lstm" else h0
+
+    def call():
+        out, finals = _call(kind, x, hx, weights, num_layers=L, bidirectional=True,
+                            backend=backend, algo=algo)
+        return [out, *finals]
+    with torch.no_grad():
+        want = call()                                   # one chunk: the whole sequence
+        f32, steps = 4, 3
+        monkeypatch.setattr(rnn, "INFERENCE_CHUNK_BYTES", f32 * B * G * H * steps)
+        assert rnn.chunk_steps(T, B, G * H) == steps
+        _plan.clear_all()
+        got = call()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        real, live = rnn.fresh, _LiveBytes()
+        monkeypatch.setattr(rnn, "fresh", lambda make: live.track(real(make)))
+        with contextlib.nullcontext() if HAS_CUDA else overhead.stubbed_launches():
+            call()
+    # the finals, two layers' outputs, one chunk's projection, the cell state planes (the
+    # chunk's, and the one before's it starts from) and m
+    finals = L * D * B * (P + (H if kind == "lstm" else 0)) * f32
+    state = B * H * f32 * ((3 if proj else 2) if kind == "lstm" else 0)
+    assert live.peak == finals + 2 * T * B * D * P * f32 + steps * B * G * H * f32 + state
+    _plan.clear_all()
+    # the DeepBench GRU h2048-b32-t375's 295 MB projection: 3 chunks of at most 170 steps
+    monkeypatch.undo()
+    assert rnn.chunk_steps(375, 32, 3 * 2048) == 170 and rnn.chunk_steps(25, 32, 4096) == 25
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_outputs_without_gradient(kind, backend):
