@@ -5,7 +5,8 @@ through time, as one autograd Function over two kernel ops (pydl::rnn_fwd, pydl:
 Per layer and direction the forward runs the input projection of every step as one GEMM,
     xp = X W_ih^T + b_ih        (T, B, G*H) fp32,
 then the cell's recurrence (one launch for the whole sequence by default: pydl/_rnn_launch.py
-`schedule`). Dropout multiplies each layer's output but the last on its way to the next layer
+`schedule`); a call no backward follows runs both, on a long sequence, a chunk of steps at a
+time (INFERENCE_CHUNK_BYTES). Dropout multiplies each layer's output but the last on its way to the next layer
 (the mask drawn by torch's generator, bernoulli_, as torch's own CPU LSTM and GRU draw it:
 the same seed gives torch's mask for a padded input; a packed one draws over the padded
 (T, B) rows, where torch draws over the packed rows only, so there the masks differ; torch's

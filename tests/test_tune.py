@@ -323,12 +323,20 @@ def test_every_rnn_step_candidate(tuning, monkeypatch, kind, algo):
 
 @pytest.mark.parametrize("kind,proj", [("lstm", 3), ("gru", 0)])
 @pytest.mark.parametrize("algo", ["steps", None])
-def test_rnn_trials_without_graph_leave_no_trace(tuning, monkeypatch, kind, proj, algo):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_rnn_trials_without_graph_leave_no_trace(tuning, monkeypatch, kind, proj, algo,
+                                                  chunked):
     """A layer call without a graph keeps the LSTM's cell state (and m) as one (B, H) plane
     that each step reads and then overwrites, and writes its activations into a plane of the
     plan's (pydl/rnn.py): trial launches that really run (the first step, or the whole
-    sequence, each from the initial state) leave the call's answer that of torch."""
-    from pydl import _plan
+    sequence, each from the initial state) leave the call's answer that of torch. Also where
+    the sequence runs in chunks of 2 steps (rnn.INFERENCE_CHUNK_BYTES), each from the state
+    the chunk before ended in."""
+    from pydl import _plan, rnn
+    if chunked:
+        monkeypatch.setattr(rnn, "INFERENCE_CHUNK_BYTES", 4 * 3 * (4 if kind == "lstm" else 3)
+                            * 8 * 2)
+        assert rnn.chunk_steps(5, 3, (4 if kind == "lstm" else 3) * 8) == 2
     _plan.clear_all()
     trials = _real_trials(monkeypatch)
     mod = (torch.nn.LSTM(6, 8, proj_size=proj) if kind == "lstm" else torch.nn.GRU(6, 8))
