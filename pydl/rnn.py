@@ -396,9 +396,9 @@ class _Forward:
                 w_ih, w_hh, b_ih, b_hh, w_hr = direction_weights(weights, cfg, layer, d)
                 idx = layer * D + d
                 out_d = out if D == 1 else out[:, :, d * P:(d + 1) * P]
-                if not keep and bs is None and self.chunk < x.shape[0]:
+                if not keep and self.chunk < x.shape[0]:
                     self._chunked(idx, inp, w_ih, b_ih, b_hh, first(h0, idx), first(c0, idx),
-                                  w_hh, w_hr, out_d, first(h_n, idx), first(c_n, idx))
+                                  w_hh, w_hr, out_d, first(h_n, idx), first(c_n, idx), bs)
                     continue
                 rec = self.dirs[idx]
                 ws, xp = rec.workspace(dev, keep)
@@ -433,7 +433,7 @@ class _Forward:
                 inp = out
         return out, [h_n] if c_n is None else [h_n, c_n], flat + per_dir
 
-    def _chunked(self, idx, inp, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n):
+    def _chunked(self, idx, inp, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
         """One direction of a call keeping nothing, on a padded input whose fp32 input
         projection would exceed INFERENCE_CHUNK_BYTES: the projection and the recurrence a
         chunk of self.chunk steps at a time, in the direction's order, each chunk starting
@@ -462,7 +462,8 @@ class _Forward:
             self.sites.gemm(("chunk", idx, steps), inp[t0:t1], w_ih, xp, None, b_ih,
                             trans_b=True, model=dt)
             cs = rec(ws, xp, b_hh, h0, c0, w_hh, w_hr, out[t0:t1], h_n if last else None,
-                     c_n if last else None, None, False)[1]     # m goes now
+                     c_n if last else None, None if bs is None else bs[t0:t1],
+                     False)[1]      # m goes now
 
 
 _FORWARDS = Cache("rnn layer forward launches")

@@ -576,14 +576,17 @@ def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj,
         finals + L * D * (ws + (T * B * H * f32 if kind == "lstm" else 0))
 
 
-@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("gru", 0)])
+@pytest.mark.parametrize("kind,proj,packed", [("lstm", 0, False), ("lstm", 3, False),
+                                              ("gru", 0, False), ("gru", 0, True)])
 @pytest.mark.parametrize("backend,algo", [("triton", None), ("triton", "steps"), ("numba", None)])
-def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, algo, backend):
+def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, packed, algo,
+                                                      backend):
     """A call that records no graph, whose fp32 input projection would exceed
     rnn.INFERENCE_CHUNK_BYTES, projects and runs each direction a chunk of steps at a time
     (here 3 of 7: chunks of 3, 3, 1 forward, 1, 3, 3 reversed), each chunk starting from the
-    output row and cell state the one before ended in: its outputs bitwise an unchunked
-    call's, one chunk's projection alive at a time."""
+    output row and cell state the one before ended in (a packed input's ended rows carry
+    theirs): its outputs bitwise an unchunked call's, one chunk's projection alive at a
+    time."""
     from pydl import _plan
     T, B, I, H, L, D = 7, 2, 3, 4, 2, 2
     P, G = proj or H, 4 if kind == "lstm" else 3
@@ -591,13 +594,15 @@ def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, a
            else torch.nn.GRU(I, H, L, bidirectional=True)).to(DEVICE)
     weights = [w.detach() for w in mod._flat_weights]
     x = random_tensor((T, B, I), torch.float32, DEVICE)
+    if packed:
+        x = pack_padded_sequence(x, [7, 2])
     h0 = random_tensor((L * D, B, P), torch.float32, DEVICE)
     hx = (h0, random_tensor((L * D, B, H), torch.float32, DEVICE)) if kind == "lstm" else h0
 
     def call():
         out, finals = _call(kind, x, hx, weights, num_layers=L, bidirectional=True,
                             backend=backend, algo=algo)
-        return [out, *finals]
+        return [out.data if packed else out, *finals]
     with torch.no_grad():
         want = call()                                   # one chunk: the whole sequence
         f32, steps = 4, 3
