@@ -359,8 +359,8 @@ class _Forward:
         mode = schedule(cfg.algo, x.device)
         self.dirs = [self.cell.Forward(launch, (T, B, self.H), mode, d == 1)
                      for _ in range(self.L) for d in range(self.D)]
-        # a call keeping nothing, on a padded input: the steps of a chunk (T: one), and the
-        # chunks' recurrences by (layer-direction, steps, first, last), built on first use
+        # a call keeping nothing: the steps of a chunk (T: one), and the chunks' recurrences
+        # by (layer-direction, steps, first, last), built on first use
         self.chunk = chunk_steps(T, B, self.cell.gates * self.H)
         self.chunks: dict = {}
         self.launch, self.mode = launch, mode
@@ -434,12 +434,13 @@ class _Forward:
         return out, [h_n] if c_n is None else [h_n, c_n], flat + per_dir
 
     def _chunked(self, idx, inp, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, out, h_n, c_n, bs):
-        """One direction of a call keeping nothing, on a padded input whose fp32 input
-        projection would exceed INFERENCE_CHUNK_BYTES: the projection and the recurrence a
-        chunk of self.chunk steps at a time, in the direction's order, each chunk starting
-        from the state the one before ended in (its last output row, and the LSTM's cell state
-        plane), as a step of the whole sequence reads them: the same outputs. Two launches a
-        chunk, each chunk at least INFERENCE_CHUNK_BYTES of projection."""
+        """One direction of a call keeping nothing whose fp32 input projection would exceed
+        INFERENCE_CHUNK_BYTES: the projection and the recurrence a chunk of self.chunk steps
+        at a time, in the direction's order, each chunk starting from the state the one before
+        ended in (its last output row, and the LSTM's cell state plane), as a step of the
+        whole sequence reads them (a packed input's ended rows carry theirs there too): the
+        same outputs. Two launches a chunk, each chunk at least INFERENCE_CHUNK_BYTES of
+        projection."""
         T, n, dt, dev = inp.shape[0], self.chunk, inp.dtype, inp.device
         reverse = idx % self.D == 1
         starts = range(0, T, n)
