@@ -6,11 +6,11 @@ Per layer and direction the forward runs the input projection of every step as o
     xp = X W_ih^T + b_ih        (T, B, G*H) fp32,
 then the cell's recurrence (one launch for the whole sequence by default: pydl/_rnn_launch.py
 `schedule`); a call no backward follows runs both, on a long sequence, a chunk of steps at a
-time (INFERENCE_CHUNK_BYTES). Dropout multiplies each layer's output but the last on its way to the next layer
-(the mask drawn by torch's generator, bernoulli_, as torch's own CPU LSTM and GRU draw it:
-the same seed gives torch's mask for a padded input; a packed one draws over the padded
-(T, B) rows, where torch draws over the packed rows only, so there the masks differ; torch's
-CUDA layers draw with cuDNN's generator, which no other op shares).
+time (INFERENCE_CHUNK_BYTES). Dropout multiplies each layer's output but the last on its way
+to the next layer (the mask drawn by torch's generator, bernoulli_, as torch's own CPU LSTM
+and GRU draw it: the same seed gives torch's mask for a padded input; a packed one draws over
+the padded (T, B) rows, where torch draws over the packed rows only, so there the masks
+differ; torch's CUDA layers draw with cuDNN's generator, which no other op shares).
 
 The backward walks the layers top down; per direction the cell's backpropagation through
 time gives the gradients of the pre-activations of x W_ih^T (dg_ih) and of h W_hh^T (dg_hh,
