@@ -374,25 +374,31 @@ def prepare(suite, variant, case, device, seed: int = 0) -> Prepared:
     out = fn(*args)
     grad = suite.grad_output(out, gen)
     nodes = _pydl_nodes(out) if variant.kind == "pydl" else []
+    # Two ops' first backward of a forward differs from a later one through the retained
+    # graph: a recurrent layer's writes its gradients over the saved activations
+    # (pydl/rnn.py LayerPlan.backward) and cross-entropy's scales the gradient its forward
+    # wrote and hands it over (pydl/_softmax_ce_ops.py CrossEntropyFunction), where a later one
+    # recomputes them. Each timed call re-arms the nodes first (a few attribute stores), so
+    # every one is a first backward, what a training step runs (its values then meaningless:
+    # only times and counts are read here).
+    rearm = [(n, "acts_gone", False) for n in nodes if hasattr(n, "acts_gone")] + \
+        [(n, "grad_from_forward", n.grad_from_forward) for n in nodes
+         if getattr(n, "grad_from_forward", None) is not None]
     if len(nodes) == 1 and nodes[0] is out.grad_fn and len(out.grad_fn._input_metadata) == 1:
         node = out.grad_fn
 
         def bwd(out=out):         # out kept alive with its graph
+            for n, name, value in rearm:
+                setattr(n, name, value)
             return node.apply(grad)
         engine = False
     else:
         leaves = gate.leaves(args, suite.differentiable)
-        # A recurrent layer's first backward of a forward writes its gradients over the saved
-        # activations (pydl/rnn.py LayerPlan.backward), a later one recomputes them first:
-        # each timed call re-arms the node, so every one is a first backward, what a training
-        # step runs (its values then meaningless: only times and counts are read here).
-        rearm = [n for n in nodes if hasattr(n, "acts_gone")]
 
         def bwd():
-            grads = torch.autograd.grad(out, leaves, grad, retain_graph=True)
-            for n in rearm:
-                n.acts_gone = False
-            return grads
+            for n, name, value in rearm:
+                setattr(n, name, value)
+            return torch.autograd.grad(out, leaves, grad, retain_graph=True)
         engine = True
     # the op alone where the suite combines its outputs into one (bench/suites/rnn_cell.py)
     op = functools.partial(variant.fn.op, **suite.options(case)) if hasattr(variant.fn, "op") \
