@@ -627,6 +627,63 @@ def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, p
     assert rnn.chunk_steps(375, 32, 3 * 2048) == 170 and rnn.chunk_steps(25, 32, 4096) == 25
 
 
+@pytest.mark.parametrize("backend,algo", [("triton", None), ("triton", "steps"), ("numba", None)])
+def test_chunked_inference_fuzz(request, monkeypatch, backend, algo):
+    """Random stacks (LSTM with and without projections, GRU; layers, directions, biases,
+    batch-first, unbatched and packed inputs, initial states or none) under no_grad with a
+    random chunk of steps (rnn.INFERENCE_CHUNK_BYTES): outputs bitwise a training call's,
+    which never chunks. PYDL_FUZZ_SEED=<seed> reruns one case."""
+    import numpy as np
+
+    from conftest import fuzz_seeds
+    from pydl import _plan
+    for seed in fuzz_seeds(request, 2, 60):
+        rng = np.random.default_rng(1000 + seed)
+        lstm = rng.random() < 0.6
+        I, H, T, B = (int(rng.integers(1, n)) for n in (5, 6, 9, 4))
+        L, D = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        proj = int(rng.integers(1, H)) if lstm and H > 1 and rng.random() < 0.4 else 0
+        bias, batch_first = bool(rng.random() < 0.8), bool(rng.random() < 0.3)
+        form = str(rng.choice(["padded", "unbatched", "packed"]))
+        kw = dict(num_layers=L, bidirectional=D == 2, bias=bias, batch_first=batch_first)
+        mod = (torch.nn.LSTM(I, H, proj_size=proj, **kw) if lstm
+               else torch.nn.GRU(I, H, **kw)).to(DEVICE)
+        weights = [w.detach().requires_grad_() for w in mod._flat_weights]
+        P = proj or H
+        if form == "unbatched":
+            x, lead = random_tensor((T, I), torch.float32, DEVICE), (L * D,)
+        else:
+            x, lead = random_tensor((T, B, I), torch.float32, DEVICE), (L * D, B)
+            if form == "packed":
+                lengths = sorted(rng.integers(1, T + 1, B).tolist(), reverse=True)
+                lengths[0] = T
+                x = pack_padded_sequence(x, lengths)
+            elif batch_first:
+                x = x.transpose(0, 1)
+        hx = None
+        if rng.random() < 0.6:
+            h0 = random_tensor((*lead, P), torch.float32, DEVICE)
+            hx = (h0, random_tensor((*lead, H), torch.float32, DEVICE)) if lstm else h0
+        steps = int(rng.integers(1, T + 1))
+        case = f"seed {seed}: {'lstm' if lstm else 'gru'} proj={proj} {form} T={T} B={B} " \
+               f"{kw} states={hx is not None} chunk={steps}"
+
+        def call():
+            out, finals = _call("lstm" if lstm else "gru", x, hx, weights, backend=backend,
+                                algo=algo, **kw)
+            return [out.data if form == "packed" else out, *finals]
+        want = call()
+        rows = 1 if form == "unbatched" else B
+        monkeypatch.setattr(rnn, "INFERENCE_CHUNK_BYTES", 4 * rows * (4 if lstm else 3) * H * steps)
+        _plan.clear_all()
+        with torch.no_grad():
+            got = call()
+        monkeypatch.undo()
+        _plan.clear_all()
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b.detach()), f"{case}: output {i} differs"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_outputs_without_gradient(kind, backend):
