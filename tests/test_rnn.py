@@ -9,9 +9,10 @@ import importlib
 import time
 import weakref
 
+import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS
+from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS, fuzz_seeds
 from rnn_checks import TF32, check_layer
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
@@ -36,6 +37,12 @@ def _call(kind, x, hx, weights, **kw):
         return out, [hn, cn]
     out, hn = pydl.gru(x, hx, weights, **kw)
     return out, [hn]
+
+
+def _outputs(kind, x, hx, weights, **kw):
+    """A layer call's output (a packed one's data) and final states, as one list."""
+    out, finals = _call(kind, x, hx, weights, **kw)
+    return [out.data if isinstance(out, PackedSequence) else out, *finals]
 
 
 # --- recompute: no gate activations kept between forward and backward -----------------------
@@ -547,9 +554,8 @@ def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj,
     hx = (h0, random_tensor((L * D, B, H), torch.float32, DEVICE)) if kind == "lstm" else h0
 
     def call():
-        out, finals = _call(kind, x, hx, weights, num_layers=L, bidirectional=True,
-                            backend=backend, algo=algo)
-        return [out.data if packed else out, *finals]
+        return _outputs(kind, x, hx, weights, num_layers=L, bidirectional=True,
+                        backend=backend, algo=algo)
     want = call()
     with torch.no_grad():
         got = call()
@@ -600,9 +606,8 @@ def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, p
     hx = (h0, random_tensor((L * D, B, H), torch.float32, DEVICE)) if kind == "lstm" else h0
 
     def call():
-        out, finals = _call(kind, x, hx, weights, num_layers=L, bidirectional=True,
-                            backend=backend, algo=algo)
-        return [out.data if packed else out, *finals]
+        return _outputs(kind, x, hx, weights, num_layers=L, bidirectional=True,
+                        backend=backend, algo=algo)
     with torch.no_grad():
         want = call()                                   # one chunk: the whole sequence
         f32, steps = 4, 3
@@ -633,9 +638,6 @@ def test_chunked_inference_fuzz(request, monkeypatch, backend, algo):
     batch-first, unbatched and packed inputs, initial states or none) under no_grad with a
     random chunk of steps (rnn.INFERENCE_CHUNK_BYTES): outputs bitwise a training call's,
     which never chunks. PYDL_FUZZ_SEED=<seed> reruns one case."""
-    import numpy as np
-
-    from conftest import fuzz_seeds
     from pydl import _plan
     for seed in fuzz_seeds(request, 2, 60):
         rng = np.random.default_rng(1000 + seed)
@@ -668,16 +670,13 @@ def test_chunked_inference_fuzz(request, monkeypatch, backend, algo):
         case = f"seed {seed}: {'lstm' if lstm else 'gru'} proj={proj} {form} T={T} B={B} " \
                f"{kw} states={hx is not None} chunk={steps}"
 
-        def call():
-            out, finals = _call("lstm" if lstm else "gru", x, hx, weights, backend=backend,
-                                algo=algo, **kw)
-            return [out.data if form == "packed" else out, *finals]
-        want = call()
+        kind = "lstm" if lstm else "gru"
+        want = _outputs(kind, x, hx, weights, backend=backend, algo=algo, **kw)
         rows = 1 if form == "unbatched" else B
         monkeypatch.setattr(rnn, "INFERENCE_CHUNK_BYTES", 4 * rows * (4 if lstm else 3) * H * steps)
         _plan.clear_all()
         with torch.no_grad():
-            got = call()
+            got = _outputs(kind, x, hx, weights, backend=backend, algo=algo, **kw)
         monkeypatch.undo()
         _plan.clear_all()
         for i, (a, b) in enumerate(zip(got, want)):
