@@ -584,7 +584,7 @@ def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj,
 
 @pytest.mark.parametrize("kind,proj,packed", [("lstm", 0, False), ("lstm", 3, False),
                                               ("gru", 0, False), ("gru", 0, True)])
-@pytest.mark.parametrize("backend,algo", [("triton", None), ("triton", "steps"), ("numba", None)])
+@pytest.mark.parametrize("backend,algo", [("triton", None), ("numba", None)])
 def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, packed, algo,
                                                       backend):
     """A call that records no graph, whose fp32 input projection would exceed
@@ -592,7 +592,7 @@ def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, p
     (here 3 of 7: chunks of 3, 3, 1 forward, 1, 3, 3 reversed), each chunk starting from the
     output row and cell state the one before ended in (a packed input's ended rows carry
     theirs): its outputs bitwise an unchunked call's, one chunk's projection alive at a
-    time."""
+    time. (The step-by-step schedule's chunks: test_chunked_inference_fuzz.)"""
     from pydl import _plan
     T, B, I, H, L, D = 7, 2, 3, 4, 2, 2
     P, G = proj or H, 4 if kind == "lstm" else 3

@@ -321,9 +321,9 @@ def test_every_rnn_step_candidate(tuning, monkeypatch, kind, algo):
     assert len(trials) > len(spaces[f"{kind}_layer_bwd"])
 
 
-@pytest.mark.parametrize("kind,proj", [("lstm", 3), ("gru", 0)])
+@pytest.mark.parametrize("kind,proj,chunked", [("lstm", 3, False), ("gru", 0, False),
+                                               ("lstm", 3, True)])
 @pytest.mark.parametrize("algo", ["steps", None])
-@pytest.mark.parametrize("chunked", [False, True])
 def test_rnn_trials_without_graph_leave_no_trace(tuning, monkeypatch, kind, proj, algo,
                                                   chunked):
     """A layer call without a graph keeps the LSTM's cell state (and m) as one (B, H) plane
