@@ -335,14 +335,14 @@ def _unpack(x, last_out, saved, cfg: RNNConfig, cell):
     return inputs, outs, masks, per_dir
 
 
-def _rnn_fwd_fake(x, h0, c0, weights, bs, flags, dropout, algo, op, backend):
+def _rnn_fwd_fake(x, h0, c0, weights, bs, flags, dropout, algo, op, backend, keep=True):
     cfg, (cell, _) = _cfg_from(flags, dropout, algo, len(weights)), _KINDS[(op, backend)]
     T, B, _ = x.shape
     (H, P), LD = layer_sizes(weights, cfg, cell.gates), cfg.num_layers * cfg.D
     finals = [x.new_empty((LD, B, P))] + ([x.new_empty((LD, B, H))] if cell.has_cell_state else [])
     return (x.new_empty((T, B, cfg.D * P)), finals,
             [x.new_empty(shape, dtype=dtype)
-             for shape, dtype in _saved_layout(cfg, cell, T, B, H, P, x.dtype)])
+             for shape, dtype in _saved_layout(cfg, cell, T, B, H, P, x.dtype)] if keep else [])
 
 
 class _Forward:
@@ -483,11 +483,13 @@ def _layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend):
 @kernel_op("rnn_fwd", _rnn_fwd_fake)
 def _rnn_fwd(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: list[Tensor],
              bs: Optional[Tensor], flags: list[int], dropout: float, algo: str, op: str,
-             backend: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """(out, [h_n, c_n] ([h_n] without a cell state), saved) of a whole stack."""
+             backend: str, keep: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(out, [h_n, c_n] ([h_n] without a cell state), saved) of a whole stack; keep False (a
+    call no backward follows): saved is empty, and the stack holds only what it runs on
+    (_Forward's keep)."""
     key = _layer_key(x, h0, c0, weights, bs, flags, dropout, algo, op, backend)
     return _FORWARDS.get(key, _Forward, x, weights, flags, dropout, algo, op, backend)(
-        x, h0, c0, weights, bs)
+        x, h0, c0, weights, bs, keep)
 
 
 def _rnn_bwd_fake(x, h0, c0, last_out, weights, saved, bs, d_out, d_hn, d_cn, need, *rest):
@@ -662,9 +664,11 @@ class LayerKernels:
     def __init__(self, cfg: RNNConfig, op: str, backend: str):
         self.cfg, self.op, self.backend = cfg, op, backend
 
-    def forward(self, x, h0, c0, weights, bs):
-        """(out, [h_n, c_n] ([h_n] without a cell state), saved)."""
-        return _rnn_fwd(x, h0, c0, list(weights), bs, *self.cfg.op_args, self.op, self.backend)
+    def forward(self, x, h0, c0, weights, bs, keep: bool = True):
+        """(out, [h_n, c_n] ([h_n] without a cell state), saved); keep False: a call no
+        backward follows (saved empty)."""
+        return _rnn_fwd(x, h0, c0, list(weights), bs, *self.cfg.op_args, self.op, self.backend,
+                        keep)
 
     def backward(self, x, h0, c0, out, weights, saved, bs, d_out, d_hn, d_cn, need, ctx=None):
         """The `need`ed ones of [dx, dh0, dc0, *dweights]; the saved tensors are left as they
@@ -840,10 +844,7 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
         ops = LayerPlan(cfg, op, backend, x.dtype) if eager else LayerKernels(cfg, op, backend)
         if needs_graph(x, h0, c0, *weights):
             return apply(RNNFunction, x, h0, c0, bs, ops, *weights)
-        if eager:   # keeping nothing for a backward
-            out, finals, _ = ops.forward(x, h0, c0, weights, bs, keep=False)
-        else:
-            out, finals, _ = ops.forward(x, h0, c0, weights, bs)
+        out, finals, _ = ops.forward(x, h0, c0, weights, bs, keep=False)  # nothing kept
         return out, finals[0], finals[1] if has_c else None
     _LAYER_IMPLS[(op, backend)] = impl
     return impl

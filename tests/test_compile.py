@@ -138,6 +138,9 @@ OPCHECKS = {
         _x(3, 2, 3), _x(1, 2, 4), None, [_x(12, 3), _x(12, 4)],
         torch.tensor([2, 2, 1], dtype=torch.int32, device=DEVICE), [1, 0, 0, 0, 0], 0.0,
         "persistent", "gru", BACKEND)),
+    "rnn_fwd/keep_nothing": lambda: (rnn._rnn_fwd, (   # a call no backward follows
+        _x(3, 2, 3), _x(2, 2, 4), _x(2, 2, 4), [_x(16, 3), _x(16, 4)] * 2, None,
+        [1, 1, 0, 0, 0], 0.0, "persistent", "lstm", BACKEND, False)),
 }
 
 
@@ -489,3 +492,40 @@ def test_autocast_leaves_float64_alone(op):
             assert fn(x, pydl).dtype == torch.float64
         with pytest.raises(TypeError, match="float64"):
             fn(x, pydl)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_compiled_inference_keeps_nothing_for_a_backward(monkeypatch, kind):
+    """Under torch.compile a layer call without a graph runs the stack's op keeping nothing
+    (pydl::rnn_fwd with keep False: no saved tensors, a long sequence's projection in chunks,
+    pydl/rnn.py), as eager mode does: the outputs those of an eager training call, bit for
+    bit; and with a graph the op keeps what the backward reads."""
+    from pydl import _plan
+    T, B, I, H = 5, 2, 3, 4
+    G = 4 if kind == "lstm" else 3
+    w = [_x(G * H, I), _x(G * H, H), _x(G * H), _x(G * H),        # 2 layers
+         _x(G * H, H), _x(G * H, H), _x(G * H), _x(G * H)]
+    fn = pydl.lstm if kind == "lstm" else pydl.gru
+
+    def layer(x):
+        out, finals = fn(x, None, w, num_layers=2, backend=BACKEND)
+        return (out, *finals) if kind == "lstm" else (out, finals)
+    x = _x(T, B, I)
+    want = layer(x.clone().requires_grad_())
+    keeps = []
+    real = rnn._Forward.__call__
+    monkeypatch.setattr(rnn._Forward, "__call__",
+                        lambda self, *a: keeps.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr(rnn, "INFERENCE_CHUNK_BYTES", 4 * B * G * H * 2)    # chunks of 2 steps
+    _plan.clear_all()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(x)
+    assert keeps and not any(keeps)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.detach())
+    keeps.clear()
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True, backend="aot_eager")(x.clone().requires_grad_())
+    assert keeps and all(keeps)
+    _plan.clear_all()
