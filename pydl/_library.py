@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ._env import INTERPRET, emulated_launch
+from ._plan import plain_tensors
 
 NAMESPACE = "pydl"
 
@@ -42,18 +43,6 @@ AUTOCAST_POLICY = {
     "cpu": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "lstm": LOWER,
             "cross_entropy": FLOAT32},
 }
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _plain(args) -> bool:
-    """No argument is a tensor subclass (FakeTensor, FunctionalTensor, ...) that needs the
-    dispatcher; Parameters are plain tensors here."""
-    for a in args:
-        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
-            return False
-    return True
 
 
 def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
@@ -77,7 +66,7 @@ def kernel_op(name: str, fake: Callable) -> Callable[[Callable], Callable]:
 
         @functools.wraps(fn)
         def call(*args):
-            if torch.compiler.is_compiling() or not _plain(args):
+            if torch.compiler.is_compiling() or not plain_tensors(*args):
                 return op(*[geometry_args(a) if isinstance(a, Geometry) else a for a in args])
             return fn(*args)
 

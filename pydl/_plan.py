@@ -140,11 +140,13 @@ def tensors_key(*tensors) -> tuple:
 
 
 def plain_tensors(*tensors) -> bool:
-    """Every one of `tensors` (None allowed) is a plain tensor or a Parameter, not a subclass
-    (FakeTensor, FunctionalTensor, a user's) that must go through torch's dispatcher to the
-    custom op: what a plan may launch on directly. A call's key holds its tensors' types."""
+    """Every tensor among `tensors` (other values allowed: None, numbers, strings, lists) is a
+    plain tensor or a Parameter, not a subclass (FakeTensor, FunctionalTensor, a user's) that
+    must go through torch's dispatcher to the custom op: what a plan may launch on directly,
+    and what a kernel op's eager call may run without the dispatcher (pydl._library). A
+    call's key holds its tensors' types."""
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
+        if type(t) not in _PLAIN and isinstance(t, torch.Tensor):
             return False
     return True
 

@@ -36,7 +36,7 @@ import test_option_fuzz as OF  # noqa: E402
 from conftest import DEVICE, fuzz_seeds  # noqa: E402
 
 import pydl  # noqa: E402
-from pydl import _library, _plan, softmax_ce  # noqa: E402
+from pydl import _plan, softmax_ce  # noqa: E402
 
 QUICK, FULL = 2, 40
 # (rtol, atol) of the comparisons that allow rounding: float32's, or the lower precision's
@@ -61,7 +61,6 @@ def forced_op_path(grad_in_forward=True):
     dropped on both sides. grad_in_forward False: cross-entropy's two-pass form, as under
     torch.compile (else its forward writes the gradient where eager mode's does)."""
     saved = [(m, "plain_tensors", m.plain_tensors) for m in _plain_users()]
-    saved.append((_library, "_plain", _library._plain))
     if not grad_in_forward:
         saved.append((softmax_ce, "_grad_in_forward", softmax_ce._grad_in_forward))
     _plan.clear_all()
