@@ -439,8 +439,9 @@ class _Forward:
         at a time, in the direction's order, each chunk starting from the state the one before
         ended in (its last output row, and the LSTM's cell state plane), as a step of the
         whole sequence reads them (a packed input's ended rows carry theirs there too): the
-        same outputs. Two launches a chunk, each chunk at least INFERENCE_CHUNK_BYTES of
-        projection."""
+        same outputs (bitwise where a chunk's projection GEMM takes the whole one's tile; a
+        GPU's tuner may pick another for its rows). Two launches a chunk, each chunk at least
+        INFERENCE_CHUNK_BYTES of projection."""
         T, n, dt, dev = inp.shape[0], self.chunk, inp.dtype, inp.device
         reverse = idx % self.D == 1
         starts = range(0, T, n)

@@ -498,8 +498,8 @@ def test_autocast_leaves_float64_alone(op):
 def test_compiled_inference_keeps_nothing_for_a_backward(monkeypatch, kind):
     """Under torch.compile a layer call without a graph runs the stack's op keeping nothing
     (pydl::rnn_fwd with keep False: no saved tensors, a long sequence's projection in chunks,
-    pydl/rnn.py), as eager mode does: the outputs those of an eager training call, bit for
-    bit; and with a graph the op keeps what the backward reads."""
+    pydl/rnn.py), as eager mode does: the outputs those of an eager training call (bit for
+    bit in emulation); and with a graph the op keeps what the backward reads."""
     from pydl import _plan
     T, B, I, H = 5, 2, 3, 4
     G = 4 if kind == "lstm" else 3
@@ -522,8 +522,8 @@ def test_compiled_inference_keeps_nothing_for_a_backward(monkeypatch, kind):
     with torch.no_grad():
         got = compiled(x)
     assert keeps and not any(keeps)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b.detach())
+    from rnn_checks import assert_same_but_chunks
+    assert_same_but_chunks(got, want, 4 * (I + H))
     keeps.clear()
     torch._dynamo.reset()
     torch.compile(layer, fullgraph=True, backend="aot_eager")(x.clone().requires_grad_())

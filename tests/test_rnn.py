@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS, fuzz_seeds
-from rnn_checks import TF32, check_layer
+from rnn_checks import TF32, assert_same_but_chunks, check_layer
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pydl
@@ -43,6 +43,7 @@ def _outputs(kind, x, hx, weights, **kw):
     """A layer call's output (a packed one's data) and final states, as one list."""
     out, finals = _call(kind, x, hx, weights, **kw)
     return [out.data if isinstance(out, PackedSequence) else out, *finals]
+
 
 
 # --- recompute: no gate activations kept between forward and backward -----------------------
@@ -615,8 +616,7 @@ def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, p
         assert rnn.chunk_steps(T, B, G * H) == steps
         _plan.clear_all()
         got = call()
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+        assert_same_but_chunks(got, want, 4 * (I + H))
         real, live = rnn.fresh, _LiveBytes()
         monkeypatch.setattr(rnn, "fresh", lambda make: live.track(real(make)))
         with contextlib.nullcontext() if HAS_CUDA else overhead.stubbed_launches():
@@ -679,8 +679,7 @@ def test_chunked_inference_fuzz(request, monkeypatch, backend, algo):
             got = _outputs(kind, x, hx, weights, backend=backend, algo=algo, **kw)
         monkeypatch.undo()
         _plan.clear_all()
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert torch.equal(a, b.detach()), f"{case}: output {i} differs"
+        assert_same_but_chunks(got, want, 4 * (I + H + 2 * P), case)
 
 
 @pytest.mark.parametrize("kind", KINDS)
