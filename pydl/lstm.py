@@ -57,6 +57,7 @@ from .backends import register
 from .rnn import (
     Plans,
     RNNConfig,
+    at_own_ends,
     cell_grads_fake,
     layer_impl,
     needed,
@@ -296,8 +297,11 @@ class LSTMRecurrence:
                           d_hn, d_cn, bs, dg, dc_run, pas,
                           dh0 if w_hr is None else None, dc0, model=model)
             if dh0 is not None and w_hr is not None:
-                t_first = T - 1 if self.reverse else 0
-                self.gemm("dh0", dg[t_first], w_hh, dh0, model=model)
+                # from each sequence's first step: a packed batch's reversed sequences start
+                # at their own ends (the steps before keep h0)
+                first = dg[0] if not self.reverse else dg[T - 1] if bs is None else \
+                    at_own_ends(dg, bs)
+                self.gemm("dh0", first, w_hh, dh0, model=model)
             return dg, dg
 
 

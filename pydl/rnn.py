@@ -563,6 +563,10 @@ class _Backward:
                     sites.gemm("xp", inp, w_ih, xp, None, b_ih, trans_b=True, model=dt)
                     acts, m = redo(acts, xp, b_hh, h0_, c0_, w_hh, out_d, cs)
                     del xp
+                    if bs is not None and w_hr is not None:
+                        # m of the rows a step keeps as they are: 0, as the forward wrote it
+                        rows = torch.arange(m.shape[1], device=dev)
+                        m.masked_fill_((rows >= bs.unsqueeze(1)).unsqueeze(2), 0)
                 # dg_ih: a tensor, or its column blocks ((tensor, first gate row), ...) where
                 # the cell wrote the gradients in place of activations that are its own
                 dg_ih, dg_hh = self.dirs[idx](
@@ -571,7 +575,7 @@ class _Backward:
                 del acts
                 if w_hr is not None and need_w[base + cfg.per_direction - 1]:
                     dweights[base + cfg.per_direction - 1] = _grad_w_hr(
-                        sites, dg_hh, m, d_out_d, at(d_hn, idx), w_hh, w_hr)
+                        sites, dg_hh, m, d_out_d, at(d_hn, idx), w_hh, w_hr, bs)
                 del m
                 # weight gradients: sums over every (t, b) row
                 parts = _column_blocks(dg_ih)
@@ -803,11 +807,21 @@ def _sum_of_products(sites, name, terms, shape, dtype, dev, model):
     return out
 
 
-def _grad_w_hr(sites, dg, m, d_out, d_hn, w_hh, w_hr):
+def at_own_ends(seq: Tensor, bs: Tensor) -> Tensor:
+    """seq[L_b - 1, b] for each row b of a packed batch's (T, B, ...) sequence, L_b the row's
+    length (the steps whose batch size bs[t] exceeds b): (B, ...), gathered on the device
+    (no synchronisation). A sequence's last step, or a reversed direction's first."""
+    rows = torch.arange(seq.shape[1], device=seq.device)
+    return seq[(bs.unsqueeze(1) > rows).sum(0) - 1, rows]
+
+
+def _grad_w_hr(sites, dg, m, d_out, d_hn, w_hh, w_hr, bs):
     """dW_hr = sum_t dh_t^T m_t for h_t = m_t W_hr^T, where dh_t = d_out[t] (+ d_hn at the
     last step) + dg_next(t) W_hh (not at the last step). Summed over every (t, b) row without
     building dh: d_out^T M + d_hn^T m_last + W_hh^T Y, Y = sum_t dg_next(t)^T m_t (4H, H)
-    fp32, which is dW_hh's sum with m in place of the outputs."""
+    fp32, which is dW_hh's sum with m in place of the outputs. A packed batch (bs): m is 0
+    past a sequence's end and before a reversed one's start (h is kept there, not
+    projected), and m_last is each sequence's own."""
     T = m.shape[0]
     dev, model = m.device, w_hr.dtype
     terms = []
@@ -818,7 +832,8 @@ def _grad_w_hr(sites, dg, m, d_out, d_hn, w_hh, w_hr):
     if d_out is not None:
         terms.append((d_out, m, True))
     if d_hn is not None:
-        terms.append((d_hn, m[0 if sites.reverse else T - 1], True))
+        last = m[0] if sites.reverse else m[T - 1] if bs is None else at_own_ends(m, bs)
+        terms.append((d_hn, last, True))
     return _sum_of_products(sites, "dw_hr", terms, w_hr.shape, w_hr.dtype, dev, model)
 
 
@@ -834,10 +849,6 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
     has_c = cell.has_cell_state
 
     def impl(x, h0, c0, weights, cfg: RNNConfig, packed=None):
-        if packed is not None and cfg.proj:
-            if torch.compiler.is_compiling():       # (torch._dynamo is imported then)
-                torch._dynamo.graph_break(msg=_BY_LENGTH_BREAK)
-            return _by_length(impl, x, h0, c0, weights, cfg, packed)
         bs = packed.bs if packed is not None else None
         cfg = layer_config(op, backend, cfg)
         # eager (a packed input's call): a LayerPlan made for the call, as a padded input's
@@ -849,40 +860,6 @@ def layer_impl(op: str, cell, backend: str, launch, algos: tuple[str, ...]):
         return out, finals[0], finals[1] if has_c else None
     _LAYER_IMPLS[(op, backend)] = impl
     return impl
-
-
-_BY_LENGTH_BREAK = ("a packed LSTM with proj_size runs one layer call per distinct sequence "
-                    "length, read from the PackedSequence's batch_sizes, so its graph depends "
-                    "on the data: compile without fullgraph (a graph break here)")
-
-
-def _by_length(impl, x, h0, c0, weights, cfg: RNNConfig, packed):
-    """A packed LSTM with projections: the recurrences keep the rows past a sequence's end
-    frozen (packed.bs) only where h is the cell's own output, so with projections (h = W_hr m)
-    the sequences of each length run as a plain padded batch of their own, exactly that long
-    (both directions then start and end where torch's packed LSTM does). Returns the padded
-    (T, B, D*P) output, zeros past each sequence's end, and the final states, all in the
-    length-sorted order of x; autograd joins the groups. One layer call per distinct length."""
-    T, B = x.shape[0], x.shape[1]
-    ending = [0] * (B + 1)          # ending[n]: the steps with n active rows
-    for n in packed.batch_sizes.tolist():           # on the CPU, as torch keeps it
-        ending[n] += 1
-    lengths, steps = [0] * B, 0     # row r's length: the steps with more than r active rows
-    for r in range(B - 1, -1, -1):
-        steps += ending[r + 1]
-        lengths[r] = steps          # decreasing in r (the rows are sorted by length)
-    outs, finals = [], []
-    r0 = 0
-    while r0 < B:
-        r1 = r0 + lengths[r0:].count(lengths[r0])
-        n = lengths[r0]
-        out, h_n, c_n = impl(x[:n, r0:r1], None if h0 is None else h0[:, r0:r1],
-                             None if c0 is None else c0[:, r0:r1], weights, cfg)
-        outs.append(torch.nn.functional.pad(out, (0, 0, 0, 0, 0, T - n)))
-        finals.append((h_n, c_n))
-        r0 = r1
-    return (torch.cat(outs, 1), torch.cat([h for h, _ in finals], 1),
-            torch.cat([c for _, c in finals], 1))
 
 
 _LAYER_ALGOS: dict[tuple[str, str], tuple[str, ...]] = {}   # (op, backend) -> algorithms
@@ -911,4 +888,4 @@ def layer_plan(op: str, backend: str, impl, cfg: RNNConfig, dtype: torch.dtype):
 __all__ = ["RNNConfig", "RNNFunction", "LayerKernels", "LayerPlan", "Plans", "layer_impl",
            "layer_config", "layer_plan", "direction_weights",
            "layer_sizes", "seq_rows", "steps_after_first", "at", "first", "sig",
-           "cell_grads_fake", "needed"]
+           "cell_grads_fake", "needed", "at_own_ends"]

@@ -70,6 +70,14 @@ def lstm_layer_fwd_kernel(TB, TU, TK):
                     r = row0 + cuda.threadIdx.y
                     c = col0 + cuda.threadIdx.x
                     if r < B and c < P:
+                        if has_bs and r >= bs[t]:
+                            # past this sequence's end (or before a reversed one's start): h
+                            # stays, as the cell's state does (packed sequences)
+                            acc = ZERO
+                            if s > 0:
+                                acc = ld2(out[tp], r, c, code_out)
+                            elif has_h0:
+                                acc = ld2(h0, r, c, code_h0)
                         st2(out[t], r, c, acc, code_out)
                         if write_hn and s == T - 1:
                             st2(hn, r, c, acc, code_hn)
@@ -111,9 +119,13 @@ def lstm_layer_fwd_kernel(TB, TU, TK):
                         c_new = f * c + i * g
                         h_new = o * tanh(c_new)
                         if has_bs and r >= bs[t]:
-                            # past this sequence's end: the state stays (packed sequences)
+                            # past this sequence's end: the state stays (packed sequences;
+                            # with projections h is P wide: the projection keeps it, and m
+                            # is 0, so that no weight gradient sums it)
                             h_new = ZERO
-                            if s > 0:
+                            if proj:
+                                pass
+                            elif s > 0:
                                 h_new = ld2(out[tp], r, u, code_out)
                             elif has_h0:
                                 h_new = ld2(h0, r, u, code_h0)

@@ -31,7 +31,10 @@ h_t = m_t W_hr^T, into the output (after a barrier: every program needs all of m
 Packed sequences (HAS_BS): bs[t] rows are active at step t (torch's batch_sizes: sequences
 sorted by length); the others keep their state (h_t = h_{t-1}, c_t = c_{t-1}, activations 0),
 so h_n is each sequence's state after its own last step, and the backward lets their
-gradients pass through unchanged.
+gradients pass through unchanged. With projections the projection keeps h_{t-1} for them
+(h0 or zeros before a reversed sequence's start) and their m is 0; the backward runs on m,
+so the host takes what passes through there apart (pydl/lstm.py: dh0 of a reversed
+direction from each sequence's first step, the h_n term of dW_hr from each one's last m).
 
 Backward step (BPTT order u = 0, 1, ...: run-order step s = T-1-u first), tile of BLOCK_B rows
 x BLOCK_H units (BLOCK_H >= 16: the recurrent product's width):
@@ -178,11 +181,12 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
         a = add_gates(a, load_gates(bhh_ptr, u, sbhh, H, u_ok[None, :], 4))
     i, f, g, o, c1, h1 = lstm_cell_forward(*a, c)
     if HAS_BS:
-        # rows past this step's batch size keep their state (packed sequences; not with
-        # projections, so h is H wide here)
+        # rows past this step's batch size keep their state (packed sequences; with
+        # projections h is P wide: _proj_tile keeps it, and m is 0, so that no weight
+        # gradient sums it)
         live = (rows < tl.load(bs_ptr + t))[:, None]
         h = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-        if HAS_H:
+        if HAS_H and not PROJ:
             h = tl.load(h_ptr + r * sh_b + u * sh_k, mask=mask, other=0.0,
                         cache_modifier=".cg").to(tl.float32)
         h1 = tl.where(live, h1, h)
@@ -207,11 +211,14 @@ def _fwd_tile(tile, s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, 
 
 
 @triton.jit
-def _proj_tile(tile, s, t, m_ptr, whr_ptr, out_ptr, hn_ptr, T, B, H, P,
-               sm_t, sm_b, sm_k, swr_r, swr_k, so_t, so_b, so_k, shn_b, shn_k,
-               WRITE_HN: tl.constexpr, PRECISION: tl.constexpr,
+def _proj_tile(tile, s, t, tp, m_ptr, whr_ptr, out_ptr, hn_ptr, h0_ptr, bs_ptr, T, B, H, P,
+               sm_t, sm_b, sm_k, swr_r, swr_k, so_t, so_b, so_k, shn_b, shn_k, sh0_b, sh0_k,
+               WRITE_HN: tl.constexpr, HAS_H0: tl.constexpr, HAS_BS: tl.constexpr,
+               PRECISION: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """h_t[rows, cols] = m_t[rows, :] W_hr[cols, :]^T for one tile of the projection."""
+    """h_t[rows, cols] = m_t[rows, :] W_hr[cols, :]^T for one tile of the projection; HAS_BS:
+    a row past its sequence's end (or before a reversed one's start) keeps h_{t-1} (h0, or
+    zeros, at the first step), as the cell keeps its state."""
     rows, cols, _ = tile_of(tile, B, BLOCK_B, BLOCK_P)
     r_ok = rows < B
     c_ok = cols < P
@@ -221,6 +228,15 @@ def _proj_tile(tile, s, t, m_ptr, whr_ptr, out_ptr, hn_ptr, T, B, H, P,
     mask = r_ok[:, None] & c_ok[None, :]
     r = rows[:, None]
     c = cols[None, :]
+    if HAS_BS:
+        live = (rows < tl.load(bs_ptr + t))[:, None]
+        h = tl.zeros([BLOCK_B, BLOCK_P], tl.float32)
+        if s > 0:
+            h = tl.load(out_ptr + tp * so_t + r * so_b + c * so_k, mask=mask, other=0.0,
+                        cache_modifier=".cg").to(tl.float32)
+        elif HAS_H0:
+            h = tl.load(h0_ptr + r * sh0_b + c * sh0_k, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.where(live, acc, h)
     tl.store(out_ptr + t * so_t + r * so_b + c * so_k, acc.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_HN:
         if s == T - 1:
@@ -273,9 +289,10 @@ def lstm_layer_fwd(
         tp = step_time(s - 1, T, REVERSE)
         if phase == 1:
             for tile in range(pid, n_ptiles, NP):
-                _proj_tile(tile, s, t, m_ptr, whr_ptr, out_ptr, hn_ptr, T, B, H, P,
-                           sm_t, sm_b, sm_k, swr_r, swr_k, so_t, so_b, so_k, shn_b, shn_k,
-                           WRITE_HN, PRECISION, BLOCK_B, 4 * BLOCK_H, BLOCK_K)
+                _proj_tile(tile, s, t, tp, m_ptr, whr_ptr, out_ptr, hn_ptr, h0_ptr, bs_ptr,
+                           T, B, H, P, sm_t, sm_b, sm_k, swr_r, swr_k, so_t, so_b, so_k,
+                           shn_b, shn_k, sh0_b, sh0_k, WRITE_HN, HAS_H0, HAS_BS, PRECISION,
+                           BLOCK_B, 4 * BLOCK_H, BLOCK_K)
         else:
             forward_tiles(_fwd_tile, s, pid, NP, n_tiles,
                           (s, t, tp, x_ptr, wih_ptr, xp_ptr, bih_ptr, bhh_ptr, h0_ptr, c0_ptr,
