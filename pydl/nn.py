@@ -304,8 +304,7 @@ class LSTM(_RNNLayer, torch.nn.LSTM):
 
     Same constructor arguments (proj_size included: h_t = W_hr (o_t * tanh(c_t))), inputs
     (PackedSequence included) and state_dict as torch.nn.LSTM, plus `backend=`, `algo=` and
-    `recompute=`. A PackedSequence input with proj_size > 0 runs one layer call per distinct
-    sequence length (pydl/rnn.py `_by_length`).
+    `recompute=`.
     """
 
     _op = "lstm"

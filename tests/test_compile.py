@@ -377,35 +377,32 @@ def test_packed_sequence_with_state_compiles():
         torch.testing.assert_close(a, b)
 
 
-def test_packed_lstm_with_projections_breaks_the_graph_with_a_reason():
-    """A packed LSTM with proj_size runs one layer call per distinct sequence length, read from
-    batch_sizes: a graph that depends on the data. fullgraph=True refuses it with that reason
-    (it failed inside dynamo on a data-dependent list size); without fullgraph the graph
-    breaks there and the result and gradients are eager's."""
+def test_packed_lstm_with_projections_compiles():
+    """A packed LSTM with proj_size (bidirectional: the reversed direction's rows start at
+    their own ends) is one layer call like any other: fullgraph=True traces it (its per-length
+    calls, read from batch_sizes' values, broke the graph before), and the result and
+    gradients are eager's."""
     H, P, I = 4, 2, 3
     w = [_x(4 * H, I, grad=True), _x(4 * H, P, grad=True), _x(4 * H), _x(4 * H),
-         _x(P, H, grad=True)]
-    lengths = torch.tensor([3, 2, 2])
+         _x(P, H, grad=True)] * 2
+    lengths = torch.tensor([3, 2, 1])
 
     def fn(x, *_):      # the weights are leaves only for the gradients
         return _packed_lstm(torch.nn.utils.rnn.pack_padded_sequence(x, lengths))
 
     def _packed_lstm(seq):
-        out, (h, c) = pydl.lstm(seq, None, w, backend=BACKEND)
+        out, (h, c) = pydl.lstm(seq, None, w, bidirectional=True, backend=BACKEND)
         return (out.data * out.data).sum() + h.sum() + c.sum()
 
     x = _x(3, 3, I, grad=True)
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="depends on the data"):
-        torch.compile(_packed_lstm, fullgraph=True, backend="aot_eager")(
-            torch.nn.utils.rnn.pack_padded_sequence(x, lengths))
-    torch._dynamo.reset()
     out, grads = _grads(fn, (x, w[0], w[1], w[4]))
-    compiled = torch.compile(_packed_lstm, backend="aot_eager")
+    compiled = torch.compile(_packed_lstm, fullgraph=True, backend="aot_eager")
     c_out, c_grads = _grads(lambda x, *_: compiled(
         torch.nn.utils.rnn.pack_padded_sequence(x, lengths)), (x, w[0], w[1], w[4]))
     torch.testing.assert_close(c_out, out)
     for a, b in zip(c_grads, grads):
         torch.testing.assert_close(a, b)
+
 
 def test_backend_switch_recompiles():
     """The backend is read at trace time and guarded on: changing it re-traces."""

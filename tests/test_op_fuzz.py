@@ -192,9 +192,6 @@ def _rnn(rng, dtype, backend, algo):
         c = torch.compile(layer, **options)
         return lambda x, *rest: c(pack(x) if packed else x, *rest)
     ours.compiled = compiled
-    # a packed LSTM with projections runs one layer call per distinct length: control flow on
-    # batch_sizes' values, which torch.compile cannot trace (a known limitation)
-    ours.compiles = not (packed and proj)
     case = (f"{'lstm' if lstm else 'gru'} x{shape} {opts} proj={proj} states={n} {extra} "
             f"packed={packed and (lengths, enforce_sorted)} algo={algo}")
     return case, ours, None, [x, *states, *weights], 4 * T * (I + H)

@@ -174,7 +174,7 @@ def test_unsupported_options_reported_not_patched():
     assert "backend" in reasons["clash"]
     assert [s.name for s in report.patched] == ["bias_kv", "zero_attn", "kdim", "implicit_dim",
                                                 "proj"]
-    # a packed input with projections runs (pydl/rnn.py _by_length): no limit to report
+    # a packed input with projections runs (one layer call): no limit to report
     assert next(s.note for s in report.patched if s.name == "proj") == ""
     for name in reasons:
         assert type(model[name]).__module__.startswith("torch.")

@@ -183,11 +183,7 @@ _PROJ = [c for c in PACKED_CASES if c.startswith("proj")]
                          + [(k, "triton", "steps", "unsorted-bidir") for k in KINDS]
                          + [(k, "numba", None, "unsorted-bidir") for k in KINDS]
                          + [(k, "numba", "steps", "sorted-2layers") for k in KINDS]
-                         # recompute with projections: the slowest case, its parts
-                         # covered by proj-unsorted-bidir and unsorted-bidir-recompute
-                         + [("lstm", "triton", None, c) if c != "proj-unsorted-bidir-recompute"
-                            else pytest.param("lstm", "triton", None, c,
-                                              marks=pytest.mark.sim_heavy) for c in _PROJ]
+                         + [("lstm", "triton", None, c) for c in _PROJ]
                          + [("lstm", "triton", "steps", "proj-nostate-bidir-2layers"),
                             ("lstm", "numba", None, "proj-unsorted-bidir"),
                             ("lstm", "numba", "steps", "proj-sorted-2layers")])
