@@ -667,19 +667,19 @@ def _cov_lstm(dtype: str, T: int, B: int, I: int, H: int, steps_only: bool = Fal
 
 
 def _cov_rnn_packed(dtype: str):
-    """lstm and gru on a PackedSequence (the packed recurrence: rows past a sequence's end
-    keep their state), bidirectional, forward and backward; and the grid barrier's own test
-    kernel (tests/test_rnn_persistent.py)."""
+    """lstm (with and without projections) and gru on a PackedSequence (the packed
+    recurrence: rows past a sequence's end keep their state), bidirectional, forward and
+    backward; and the grid barrier's own test kernel (tests/test_rnn_persistent.py)."""
     def run():
         import torch
         from torch.nn.utils.rnn import pack_padded_sequence
 
         import pydl
         from pydl import _rnn_launch
-        for kind, G in (("lstm", 4), ("gru", 3)):
+        for kind, G, proj in (("lstm", 4, 0), ("lstm", 4, 8), ("gru", 3, 0)):
             x = _rand(5, 3, 8, dtype=dtype, grad=True)
             seq = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
-            w = _rnn_weights(G, 8, 16, 1, 2, True, dtype)
+            w = _rnn_weights(G, 8, 16, 1, 2, True, dtype, proj)
             out = getattr(pydl, kind)(seq, None, w, bidirectional=True)[0]
             _grad(out.data, [x, *w])
         _rnn_launch.grid_barrier_check(torch.device("cpu"), 8, 2)
