@@ -263,7 +263,7 @@ class Plans:
 _KINDS: dict[tuple[str, str], tuple[object, object]] = {}   # (op, backend) -> (cell, launcher)
 
 # A call no backward follows projects a direction's input at most this many bytes of fp32 xp
-# at a time (_Forward.chunk_steps): the layer then holds one chunk, not (T, B, G*H).
+# at a time (chunk_steps, _Forward._chunked): the layer then holds one chunk, not (T, B, G*H).
 INFERENCE_CHUNK_BYTES = 128 << 20
 
 
