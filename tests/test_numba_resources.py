@@ -45,12 +45,13 @@ def test_capture_names_builder_kernels_so_they_can_be_made_again(gru_launches):
         else:                                   # a module-level kernel, found by its name
             assert "<locals>" not in fn.__qualname__
     # the recurrences and the GEMMs they call, at a GPU's tiles (not the simulator's): the
-    # bf16 input projections on the tensor cores (operands staged as words where their K
-    # axis is contiguous and even, element by element elsewhere), the mixed-dtype products
-    # on the CUDA cores
+    # bf16 products on the tensor cores (the input projections, and those of the packed
+    # case's LSTM with proj_size) (operands staged as words where their K axis is contiguous and
+    # even, element by element elsewhere), the mixed-dtype products on the CUDA cores
     assert built == {"fwd": {_rnn_launch.NUMBA_TILE}, "bwd": {_rnn_launch.NUMBA_TILE},
                      "gemm": {(_gemm_numba.TILE, _gemm_numba.MICRO, False)},
                      "gemm_mma": {(*_gemm_numba.WARPS_MMA, True, True, True),
+                                  (*_gemm_numba.WARPS_MMA, True, True, False),
                                   (*_gemm_numba.WARPS_MMA, True, False, False)}}
     # the packed sequences' batch sizes (int32) reach the recurrences
     assert any(["array", "int32", 1, "C"] in r["sig"] for r in gru_launches
