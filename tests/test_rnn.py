@@ -318,6 +318,30 @@ def _layer_launches(kind, backend, algo, T, L=1, bidirectional=False, B=4, H=8):
 
 
 @stubbed
+@pytest.mark.parametrize("kind,proj", [("lstm", 0), ("lstm", 3), ("gru", 0)])
+def test_a_packed_call_launches_once_per_direction(gpu_schedule, kind, proj):
+    """A packed batch of five sequences of five lengths runs each layer and direction's
+    recurrence once, forward and backward, as a padded batch does (the LSTM with projections
+    ran one layer call per distinct length)."""
+    T, B, I, H, L = 6, 5, 3, 8, 2
+    m = (torch.nn.LSTM(I, H, L, bidirectional=True, proj_size=proj) if kind == "lstm"
+         else torch.nn.GRU(I, H, L, bidirectional=True)).to(DEVICE)
+    x = random_tensor((T, B, I), torch.float32, DEVICE).requires_grad_(True)
+    weights = [w.detach().requires_grad_(True) for w in m._flat_weights]
+    with counted_launches() as calls:
+        for _ in range(2):
+            del calls[:]
+            seq = pack_padded_sequence(x, [6, 5, 3, 2, 1])
+            out, finals = _call(kind, seq, None, weights, num_layers=L, bidirectional=True,
+                                backend="triton")
+            n_fwd = len(calls)
+            (out.data.sum() + finals[0].sum()).backward()
+    fwd = [c for c in calls[:n_fwd] if c[1].endswith("layer_fwd")]
+    bwd = [c for c in calls[n_fwd:] if c[1].endswith("layer_bwd")]
+    assert len(fwd) == L * 2 and len(bwd) == L * 2, (fwd, bwd)
+
+
+@stubbed
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_launches_do_not_grow_with_sequence_length(gpu_schedule, kind, backend):
