@@ -548,6 +548,18 @@ class _LiveBytes:
         self.live -= n
 
 
+def _peak_bytes(monkeypatch, call, mode=contextlib.nullcontext) -> int:
+    """The peak of live bytes pydl's layer plans allocate (rnn.fresh) over call() under
+    `mode`, the launches stubbed in emulation (Triton's interpreter holds on to its last
+    launch's arguments; a GPU launch does not)."""
+    real, live = rnn.fresh, _LiveBytes()
+    monkeypatch.setattr(rnn, "fresh", lambda make: live.track(real(make)))
+    with mode(), (contextlib.nullcontext() if HAS_CUDA else overhead.stubbed_launches()):
+        call()
+    monkeypatch.setattr(rnn, "fresh", real)
+    return live.peak
+
+
 @pytest.mark.parametrize("kind,proj,packed", [("lstm", 0, False), ("lstm", 3, False),
                                               ("gru", 0, False), ("lstm", 0, True)])
 @pytest.mark.parametrize("backend,algo", [(b, a) for b in KERNEL_BACKENDS
@@ -583,23 +595,15 @@ def test_a_layer_call_without_graph_holds_one_workspace(monkeypatch, kind, proj,
     for a, b in zip(got, want):
         assert torch.equal(a, b.detach())
 
-    real = rnn.fresh
-
-    def peak(mode):
-        live = _LiveBytes()
-        monkeypatch.setattr(rnn, "fresh", lambda make: live.track(real(make)))
-        with mode(), (contextlib.nullcontext() if HAS_CUDA else overhead.stubbed_launches()):
-            call()
-        monkeypatch.setattr(rnn, "fresh", real)
-        return live.peak
     f32 = 4
     finals = L * D * B * (P + (H if kind == "lstm" else 0)) * f32
     ws = T * B * 4 * H * f32        # a training call's workspace
     xp = T * B * (4 if kind == "lstm" else 3) * H * f32     # an inference call's
     state = B * H * f32 * ((2 if proj else 1) if kind == "lstm" else 0)
     for mode in (torch.no_grad, torch.inference_mode):
-        assert peak(mode) == finals + 2 * T * B * D * P * f32 + xp + state
-    assert peak(contextlib.nullcontext) >= \
+        assert _peak_bytes(monkeypatch, call, mode) == \
+            finals + 2 * T * B * D * P * f32 + xp + state
+    assert _peak_bytes(monkeypatch, call) >= \
         finals + L * D * (ws + (T * B * H * f32 if kind == "lstm" else 0))
 
 
@@ -637,15 +641,12 @@ def test_a_long_call_without_graph_projects_in_chunks(monkeypatch, kind, proj, p
         _plan.clear_all()
         got = call()
         assert_same_but_chunks(got, want, 4 * (I + H))
-        real, live = rnn.fresh, _LiveBytes()
-        monkeypatch.setattr(rnn, "fresh", lambda make: live.track(real(make)))
-        with contextlib.nullcontext() if HAS_CUDA else overhead.stubbed_launches():
-            call()
+        peak = _peak_bytes(monkeypatch, call)
     # the finals, two layers' outputs, one chunk's projection, the cell state planes (the
     # chunk's, and the one before's it starts from) and m
     finals = L * D * B * (P + (H if kind == "lstm" else 0)) * f32
     state = B * H * f32 * ((3 if proj else 2) if kind == "lstm" else 0)
-    assert live.peak == finals + 2 * T * B * D * P * f32 + steps * B * G * H * f32 + state
+    assert peak == finals + 2 * T * B * D * P * f32 + steps * B * G * H * f32 + state
     _plan.clear_all()
     # the DeepBench GRU h2048-b32-t375's 295 MB projection: 3 chunks of at most 170 steps
     monkeypatch.undo()
