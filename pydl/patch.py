@@ -13,7 +13,13 @@ parameters, buffers, hooks, training flag and state_dict keys are untouched, and
 that holds the parameters keeps training them.
 
 Only modules whose type is exactly one of the torch classes below are swapped; a subclass (it
-may override forward) and a module that already is a pydl one are left alone and reported.
+may override forward) and a module that already is a pydl one are left alone and reported. A
+module with torch parametrizations (`torch.nn.utils.parametrizations.weight_norm`,
+`spectral_norm`, `torch.nn.utils.parametrize.register_parametrization`) counts as its class
+before them: torch gives such a module a class of its own deriving from that one, which holds
+the parametrized tensors' properties and nothing else; patch and unpatch give it the same kind
+of class over the pydl (or torch) class, so each call computes the weights through the
+parametrizations as before, and `remove_parametrizations` still finds the class to return to.
 Before swapping, patch asks the pydl class itself whether it takes the module's options: it
 builds the pydl class on the meta device from the module's options (a pydl constructor raises
 for what it does not implement, e.g. LSTM proj_size) and checks that the result holds the same
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+from torch.nn.utils import parametrize as _parametrize
 
 from . import _env
 from . import nn as _pydl_nn
@@ -167,6 +174,27 @@ def _display(name: str) -> str:
     return name or "(model)"
 
 
+def _plain_type(m: torch.nn.Module) -> type:
+    """m's class, or, for a module whose class torch.nn.utils.parametrize made (a class of its
+    own deriving from the module's, with the parametrized tensors' properties and nothing
+    else), the class it derives from."""
+    cls = type(m)
+    if not _parametrize.is_parametrized(m) or len(cls.__bases__) != 1:
+        return cls
+    own = set(vars(cls)) - {"__module__", "__doc__", "__getstate__", "__deepcopy__"}
+    return cls.__bases__[0] if own <= set(m.parametrizations.keys()) else cls
+
+
+def _set_class(m: torch.nn.Module, base: type) -> None:
+    """Give m the class `base`, or, where its class is a parametrized one (_plain_type), a
+    parametrized class of `base` holding the same properties, made as torch makes one."""
+    if _plain_type(m) is type(m):
+        m.__class__ = base
+        return
+    own = {k: v for k, v in vars(type(m)).items() if k not in ("__dict__", "__weakref__")}
+    m.__class__ = type(f"Parametrized{base.__name__}", (base,), own)
+
+
 def _type_name(cls: type) -> str:
     mod = "torch.nn" if cls.__module__.startswith("torch.nn.modules.") else cls.__module__
     return f"{mod}.{cls.__qualname__}"
@@ -283,6 +311,13 @@ def _fast_path_parent(parent: torch.nn.Module | None) -> bool:
             and type(parent).forward is torch.nn.TransformerEncoderLayer.forward)
 
 
+def _parametrized_note(m: torch.nn.Module) -> str:
+    if _plain_type(m) is type(m):
+        return ""
+    return ("its parametrized tensors (" + ", ".join(m.parametrizations.keys()) + ") are "
+            "computed by their parametrizations each call, as before")
+
+
 def _note(kind: _Kind, parent_name: str | None = None,
           parent: torch.nn.Module | None = None) -> str:
     """Where torch may not call the patched module at all."""
@@ -346,7 +381,7 @@ def patch(model: torch.nn.Module, ops: str | Iterable[str] | None = None,
     parents = {f"{name}.{child}" if name else child: (name, m)
                for name, m in model.named_modules() for child, _ in m.named_children()}
     for name, m in model.named_modules():
-        cls = type(m)
+        cls = _plain_type(m)
         if cls in pydl_classes:
             if any(k.torch_cls is pydl_classes[cls] for k in kinds):
                 how = "patched earlier" if _MARK in vars(m) else "built as one"
@@ -397,12 +432,13 @@ def _patch_one(kind: _Kind, m: torch.nn.Module, backend: str | None,
         return reason
     if "backend" in added:
         added["backend"] = backend
-    m.__class__ = pydl_cls
+    _set_class(m, pydl_cls)
     for a, v in added.items():
         setattr(m, a, v)
     setattr(m, _MARK, (kind.torch_cls, tuple(added)))
     note = "; ".join(n for n in (_note(kind, parent_name, parent),
-                                 _dtype_note(m, backend, model_dtypes)) if n)
+                                 _dtype_note(m, backend, model_dtypes), _parametrized_note(m))
+                     if n)
     return Swapped("", _type_name(kind.torch_cls), _type_name(pydl_cls), note)
 
 
@@ -418,13 +454,13 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     for name, m in model.named_modules():
         mark = vars(m).get(_MARK)
         if mark is None:
-            if type(m) in pydl_classes:
-                report.skipped.append(Skipped(name, _type_name(type(m)),
+            if _plain_type(m) in pydl_classes:
+                report.skipped.append(Skipped(name, _type_name(_plain_type(m)),
                                               "built as a pydl module, not by pydl.patch"))
             continue
         torch_cls, added = mark
-        pydl_type = _type_name(type(m))
-        m.__class__ = torch_cls
+        pydl_type = _type_name(_plain_type(m))
+        _set_class(m, torch_cls)
         for a in added:
             vars(m).pop(a, None)
         del vars(m)[_MARK]

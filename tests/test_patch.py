@@ -213,6 +213,74 @@ def test_subclasses_left_alone():
     assert "built as a pydl module" in {s.name: s.reason for s in report.skipped}["2"]
 
 
+def test_parametrized_modules_patched_with_their_parametrizations():
+    """weight_norm / spectral_norm / any register_parametrization: torch gives the module a
+    class of its own over Conv2d (LSTM, MultiheadAttention); patch swaps what is under it, each
+    call computes the weights through the parametrizations (gradients reach their original
+    tensors), and remove_parametrizations and unpatch return to the right classes."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    class Twice(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    def build():
+        torch.manual_seed(0)
+        conv = parametrizations.weight_norm(torch.nn.Conv2d(3, 4, 3, padding=1))
+        parametrize.register_parametrization(conv, "bias", Twice())
+        lstm = parametrizations.weight_norm(torch.nn.LSTM(4, 5), "weight_hh_l0")
+        attn = torch.nn.MultiheadAttention(5, 1)
+        parametrize.register_parametrization(attn, "in_proj_weight", Twice())
+        return torch.nn.ModuleDict(dict(conv=conv, lstm=lstm, attn=attn)).to(DEVICE)
+
+    def run(m, x):
+        y = m["conv"](x).mean((2, 3))[None].expand(3, -1, -1)         # (3, 2, 4)
+        seq, _ = m["lstm"](y)
+        out, _ = m["attn"](seq, seq, seq, need_weights=False)
+        return out
+
+    ref, model = build(), build()
+    report = pydl.patch(model, backend="triton")
+    assert [s.name for s in report.patched] == ["conv", "lstm", "attn"]
+    assert report.skipped == []
+    notes = {s.name: s.note for s in report.patched}
+    assert "(weight, bias)" in notes["conv"] and "(weight_hh_l0)" in notes["lstm"]
+    for name, cls in (("conv", pydl.nn.Conv2d), ("lstm", pydl.nn.LSTM),
+                      ("attn", pydl.nn.MultiheadAttention)):
+        assert parametrize.type_before_parametrizations(model[name]) is cls
+        assert parametrize.is_parametrized(model[name])
+    # patch twice: already a pydl module
+    assert [s.reason for s in pydl.patch(model).skipped] == \
+        ["already a pydl module (patched earlier)"] * 3
+
+    x = random_tensor((2, 3, 6, 6), torch.float32, DEVICE)
+    for step in range(2):          # the second after an update of the parametrizations' inputs
+        out, r_out = run(model, x), run(ref, x)
+        assert_close(out, r_out, torch.float32, reduction=64, tf32=TF32, name=f"out {step}")
+        model.zero_grad()
+        ref.zero_grad()
+        out.square().sum().backward()
+        r_out.square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert_close(p.grad, q.grad, torch.float32, reduction=64, tf32=TF32, name=name)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), ref.parameters()):
+                p.add_(0.1 * p.grad)
+                q.add_(0.1 * q.grad)
+
+    # torch's remove_parametrizations returns the module to the class under its own: pydl's
+    parametrize.remove_parametrizations(model["conv"], "bias")
+    assert parametrize.type_before_parametrizations(model["conv"]) is pydl.nn.Conv2d
+    restored = pydl.unpatch(model)
+    assert [s.name for s in restored.restored] == ["conv", "lstm", "attn"]
+    for name, cls in (("conv", torch.nn.Conv2d), ("lstm", torch.nn.LSTM),
+                      ("attn", torch.nn.MultiheadAttention)):
+        assert parametrize.type_before_parametrizations(model[name]) is cls
+        assert parametrize.is_parametrized(model[name]) and not hasattr(model[name], "backend")
+    parametrize.remove_parametrizations(model["conv"], "weight")
+    assert type(model["conv"]) is torch.nn.Conv2d
+
+
 def test_ops_filter():
     model = Net()
     report = pydl.patch(model, ops=["conv2d", "LSTM"])
