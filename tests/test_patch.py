@@ -280,6 +280,16 @@ def test_parametrized_modules_patched_with_their_parametrizations():
     parametrize.remove_parametrizations(model["conv"], "weight")
     assert type(model["conv"]) is torch.nn.Conv2d
 
+    # parametrized after patching: unpatch keeps the parametrization (it dropped the class
+    # holding its property, and with it the weight)
+    conv = torch.nn.Conv2d(3, 4, 3).to(DEVICE)
+    pydl.patch(conv, backend="triton")
+    parametrizations.weight_norm(conv)
+    before = conv(x)
+    assert [s.name for s in pydl.unpatch(conv).restored] == [""]
+    assert parametrize.type_before_parametrizations(conv) is torch.nn.Conv2d
+    assert_close(conv(x), before, torch.float32, reduction=27, tf32=TF32, name="after unpatch")
+
 
 def test_ops_filter():
     model = Net()
