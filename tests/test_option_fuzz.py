@@ -186,8 +186,8 @@ def _simulated_rows(x, wide, reduced: int, backend: str):
     not that dimension (medium seeds made 20-57 thousand rows: 8-21 minutes a case)."""
     if wide is None or backend != "numba" or HAS_CUDA or wide == reduced % x.dim():
         return x
-    per = x.numel() // (x.shape[reduced] * x.shape[wide]) if x.numel() else 1
-    return x.narrow(wide, 0, max(1, min(x.shape[wide], 1024 // max(per, 1))))
+    per = x.numel() // (x.shape[reduced] * x.shape[wide])     # rows per index of `wide`
+    return x.narrow(wide, 0, min(x.shape[wide], max(1, 1024 // per)))
 
 
 def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
