@@ -39,9 +39,10 @@ LOWER, FLOAT32 = "lower", "float32"
 AUTOCAST_POLICY = {
     "cuda": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "lstm_cell": LOWER,
              "gru_cell": LOWER, "lstm": LOWER, "gru": LOWER,
-             "softmax": FLOAT32, "log_softmax": FLOAT32, "cross_entropy": FLOAT32},
+             "softmax": FLOAT32, "log_softmax": FLOAT32, "cross_entropy": FLOAT32,
+             "linear": LOWER},
     "cpu": {"conv2d": LOWER, "scaled_dot_product_attention": LOWER, "lstm": LOWER,
-            "cross_entropy": FLOAT32},
+            "cross_entropy": FLOAT32, "linear": LOWER},
 }
 
 

@@ -5,11 +5,13 @@ index users import (`import pydl.functional as F`).
 from .attention import scaled_dot_product_attention
 from .conv import conv2d
 from .gru import gru, gru_cell
+from .linear_ce import linear_cross_entropy
 from .lstm import lstm, lstm_cell
 from .pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 from .softmax_ce import cross_entropy, log_softmax, softmax
 
-__all__ = ["conv2d", "softmax", "log_softmax", "cross_entropy", "max_pool2d", "avg_pool2d",
+__all__ = ["conv2d", "softmax", "log_softmax", "cross_entropy", "linear_cross_entropy",
+           "max_pool2d", "avg_pool2d",
            "adaptive_avg_pool2d", "scaled_dot_product_attention", "lstm_cell", "lstm", "gru_cell",
            "gru"]
 

@@ -51,6 +51,33 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                backend=self.backend)
 
 
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """The cross-entropy of a linear layer's output, fused (pydl.linear_cross_entropy): a
+    language model's head and loss without the (tokens, vocabulary) logits. torch has no such
+    module; the options are torch.nn.CrossEntropyLoss's (its class `weight` buffer included),
+    and forward takes the head's weight (and bias) with the hidden states:
+
+        head = torch.nn.Linear(H, V, bias=False)
+        loss = pydl.nn.LinearCrossEntropyLoss()(hidden, head.weight, target)
+        # = torch.nn.CrossEntropyLoss()(head(hidden), target)
+    """
+
+    def __init__(self, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, chunk_rows: int | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.chunk_rows, self.backend = label_smoothing, chunk_rows, backend
+
+    def forward(self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear_cross_entropy(input, weight, target, bias, class_weight=self.weight,
+                                      ignore_index=self.ignore_index, reduction=self.reduction,
+                                      label_smoothing=self.label_smoothing,
+                                      chunk_rows=self.chunk_rows, backend=self.backend)
+
+
 class Softmax(torch.nn.Softmax):
     """torch.nn.Softmax computed by pydl's kernel."""
 
@@ -336,5 +363,5 @@ class GRU(_RNNLayer, torch.nn.GRU):
     _op = "gru"
 
 
-__all__ = ["Conv2d", "CrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
+__all__ = ["Conv2d", "CrossEntropyLoss", "LinearCrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
            "AdaptiveAvgPool2d", "MultiheadAttention", "LSTMCell", "LSTM", "GRUCell", "GRU"]

@@ -1,0 +1,434 @@
+"""linear_cross_entropy: cross_entropy(linear(input, weight, bias), target) without the logits.
+
+A language model's last layer projects N hidden states (N, H) onto a vocabulary of V classes
+and takes the cross-entropy of the (N, V) logits. At N = 8192 tokens and V = 128k classes the
+logits alone are 2 GiB in bf16, and the composite keeps them for the backward, next to its
+log-softmax and their gradient. Fused here as Liger-Kernel's fused linear cross-entropy is:
+the rows go in chunks; a chunk's logits are computed by the backend's GEMM (pydl/_gemm.py,
+pydl/_gemm_numba.py) into one buffer reused by every chunk, their loss by the cross-entropy
+kernel, and in training their gradient is written over them and multiplied into the gradients
+of input, weight and bias by the GEMM before the next chunk overwrites the buffer. Extra memory:
+one chunk of logits (at most CHUNK_BYTES), the rows' fp32 logsumexp and, for a 16-bit weight
+over several chunks, an fp32 accumulator of its gradient (a 16-bit accumulator would round the
+gradient once a chunk).
+
+Two schedules, as cross_entropy has (pydl/softmax_ce.py):
+
+    gradient in the forward   the triton backend, reduction "sum" or "mean", eager, something
+                              requiring grad: the forward kernel writes each chunk's gradient
+                              for an upstream gradient of 1 (divided by the mean's denominator
+                              in the kernel), so the forward also finishes the gradients of
+                              input, weight and bias; the backward multiplies them in place by
+                              the upstream gradient (reading it on the device: nothing to do
+                              where it is 1, the last node of a training step) and hands them
+                              over. Three GEMMs a chunk, as the composite's.
+    recompute                 otherwise (the numba backend, whose forward kernel writes no
+                              gradient; reduction "none", whose per-row upstream gradient only
+                              the backward knows; torch.compile): the forward keeps each row's
+                              logsumexp; the backward computes each chunk's logits again and
+                              writes their gradient with the cross-entropy backward kernel. Four
+                              GEMMs a chunk.
+
+Both steps are torch.library custom ops (pydl::linear_cross_entropy_fwd / _bwd), so a model
+using this compiles with torch.compile(fullgraph=True). The rows' losses are summed in fp32
+and the mean's denominator (the summed class weights of the rows that count) is taken from
+the targets with torch reductions over the N rows (not over the N x V logits, which only the
+kernels touch). Double backward is not supported (an error says so).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _env
+from ._checks import check_tensor
+from ._gemm import gemm as _triton_gemm
+from ._gemm_numba import gemm as _numba_gemm
+from ._library import autocast_inputs, empty_like_shape, kernel_op
+from ._plan import apply, needs_graph
+from ._shapes import integer
+from ._softmax_ce_common import _denominators
+from ._softmax_ce_ops import LAUNCHERS, _check_target_range, kernel_checks_targets
+from ._softmax_ce_triton import _TritonLaunch, cross_entropy_scratch
+from .backends import dispatch, register
+
+REDUCTIONS = ("none", "mean", "sum")
+GEMMS = {"triton": _triton_gemm, "numba": _numba_gemm}
+# Largest chunk of logits a call keeps (bytes): 256 MiB is 1024 rows of a 128k bf16
+# vocabulary. Fewer, larger chunks read and write a 16-bit weight's fp32 gradient accumulator
+# fewer times (8 V H bytes a chunk; at 1024 rows about a fifth of the chunk's GEMM time on an
+# H100-class GPU, at 4096 a twentieth).
+CHUNK_BYTES = 256 << 20
+F32 = torch.float32
+
+
+def chunk_rows_for(n_rows: int, n_classes: int, dtype: torch.dtype) -> int:
+    """Rows a chunk holds by default: as many as CHUNK_BYTES of logits take (a multiple of
+    64 where that is at least 64), at least one, at most n_rows."""
+    rows = max(1, CHUNK_BYTES // max(1, n_classes * dtype.itemsize))
+    if rows >= 64:
+        rows -= rows % 64
+    return max(1, min(rows, n_rows))
+
+
+def _grad_in_forward(backend: str, reduction: str) -> bool:
+    """The gradient-in-the-forward schedule (module docstring)."""
+    return backend == "triton" and reduction != "none" and not torch.compiler.is_compiling()
+
+
+# --- one chunk's steps ------------------------------------------------------------------------
+
+def _logits(gemm, x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """out = x_c w^T + b: the chunk's logits, in x's dtype."""
+    return gemm(x_c, w, out, trans_b=True, bias=b)
+
+
+def _backprop_chunk(gemm, dlogits: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, dw_acc, db,
+                    db_acc, ones, first: bool, last: bool) -> None:
+    """The chunk's share of the gradients from its logits' gradient: dx_c = dlogits w;
+    dw (+)= dlogits^T x_c; db (+)= the column sums of dlogits (a product with ones). A
+    gradient summed over chunks adds into its fp32 accumulator (dw_acc, db_acc: None where the
+    gradient itself is fp32 or one chunk makes it), and the last chunk's product is rounded
+    once, into the gradient itself."""
+    if dx_c is not None:
+        gemm(dlogits, w, dx_c)
+    if dw is not None:
+        _summed(gemm, dlogits, x_c, dw, dw_acc, first, last, trans_a=True)
+    if db is not None:
+        _summed(gemm, ones[:, :dlogits.shape[0]], dlogits, db.view(1, -1),
+                None if db_acc is None else db_acc.view(1, -1), first, last)
+
+
+def _summed(gemm, a, b, out, acc, first: bool, last: bool, trans_a: bool = False) -> None:
+    if acc is None:                                   # out itself sums the chunks
+        gemm(a, b, out, trans_a=trans_a, accumulate=not first)
+    elif last:
+        gemm(a, b, out, trans_a=trans_a, addend=acc)  # rounded once, into out's dtype
+    else:
+        gemm(a, b, acc, trans_a=trans_a, accumulate=not first)
+
+
+def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
+    """(dx, dw, dw_acc, db, db_acc, ones): the gradients' buffers (None where not needed); an
+    fp32 accumulator where a 16-bit gradient sums several chunks."""
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    dw = torch.zeros_like(w, memory_format=torch.contiguous_format) if need_w else None
+    db = torch.zeros_like(b) if need_b else None
+    several = n_chunks > 1
+    dw_acc = torch.zeros(w.shape, dtype=F32, device=w.device) \
+        if need_w and several and w.dtype != F32 else None
+    db_acc = torch.zeros(b.shape, dtype=F32, device=b.device) \
+        if need_b and several and b.dtype != F32 else None
+    ones = torch.ones(1, 1, dtype=x.dtype, device=x.device) if need_b else None
+    return dx, dw, dw_acc, db, db_acc, ones
+
+
+def _ones_row(ones, rows: int):
+    return None if ones is None else ones.expand(1, rows)
+
+
+def _mean_denominator(target: Tensor, class_weight: Tensor | None, ignore_index: int,
+                      n_classes: int) -> Tensor:
+    """The cross-entropy kernels' fp32 (2,) denominator buffer with [0] = the summed class
+    weights of the rows that count (their number without weights): the mean's denominator,
+    from the N targets ([1] the kernels write)."""
+    denom = _denominators(target.device)
+    counted = target != ignore_index
+    if class_weight is None:
+        denom[0] = counted.sum()
+    else:
+        # an out-of-range target is the kernels' error to raise (clamped here, never read)
+        safe = torch.where(counted, target, 0).clamp_(0, n_classes - 1)
+        denom[0] = (class_weight.to(F32)[safe] * counted).sum()
+    return denom
+
+
+def _finish_loss(row_losses: Tensor, denom: Tensor, reduction: str, dtype) -> Tensor:
+    """The reduced loss from the rows' fp32 losses (or the chunks' sums): torch's NaN for a
+    mean over a zero denominator."""
+    total = row_losses.sum()
+    if reduction == "mean":
+        total = torch.where(denom[0] == 0, float("nan"), total / denom[0])
+    return total.to(dtype)
+
+
+# --- the kernel ops -------------------------------------------------------------------------
+
+def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing, need_x, need_w,
+              need_b, grad_in_forward, chunk, backend):
+    grads = grad_in_forward and reduction != "none"
+    loss = empty_like_shape(x, target.shape if reduction == "none" else ())
+    return (loss, empty_like_shape(x, (target.numel(),), F32), empty_like_shape(x, (2,), F32),
+            empty_like_shape(x, x.shape if grads and need_x else (0,)),
+            empty_like_shape(w, w.shape if grads and need_w else (0,)),
+            empty_like_shape(x, b.shape if grads and need_b and b is not None else (0,)))
+
+
+@kernel_op("linear_cross_entropy_fwd", _fwd_fake)
+def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
+                              class_weight: Tensor | None, ignore_index: int, reduction: str,
+                              smoothing: float, need_x: bool, need_w: bool, need_b: bool,
+                              grad_in_forward: bool, chunk: int,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                     Tensor]:
+    """(loss, the rows' fp32 logsumexp, the mean's denominator buffer, and with
+    grad_in_forward (the triton backend, "sum" or "mean") the gradients of x, w and b that
+    need one, for an upstream gradient of 1; empty placeholders otherwise). x (N, H), w (V,
+    H), b (V,) or None, target (N,)."""
+    n, n_classes = x.shape[0], w.shape[0]
+    dev, launcher, gemm = x.device, LAUNCHERS[backend], GEMMS[backend]
+    if not kernel_checks_targets(x, backend):
+        _check_target_range(target, n_classes, ignore_index)
+    none = reduction == "none"
+    grads = grad_in_forward and not none and (need_x or need_w or need_b)
+    lse = torch.empty(n, dtype=F32, device=dev)
+    denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
+        if reduction == "mean" else _denominators(dev)
+    n_chunks = -(-n // chunk) if n else 0
+    # the losses: per row ("none": the loss itself, in x's dtype; else fp32, summed after),
+    # or with the gradient each chunk's sum (the kernel reduces a chunk when it writes the
+    # gradient; "mean" divided by the whole denominator, read from denom)
+    losses = torch.empty(n if none else (n_chunks if grads else n),
+                         dtype=x.dtype if none else F32, device=dev)
+    dx = dw = db = dw_acc = db_acc = ones = None
+    if grads:
+        dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b,
+                                                      n_chunks)
+        scratch = torch.empty(cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev)
+    buffer = torch.empty(min(chunk, n), n_classes, dtype=x.dtype, device=dev)
+    for i, start in enumerate(range(0, n, chunk)):
+        stop = min(start + chunk, n)
+        x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
+        logits = _logits(gemm, x_c, w, b, buffer[:stop - start])
+        x3 = logits.unsqueeze(2)
+        if grads:
+            # the chunk's loss into losses[i], its gradient over its logits
+            loss_c = losses[i]
+            run = _TritonLaunch.plan_cross_entropy_fwd(
+                x3, t_c, class_weight, lse_c, loss_c, denom, scratch, x3, ignore_index,
+                smoothing, reduction, True, denominator=False)
+            run(x3, t_c, class_weight, lse_c, loss_c, denom, scratch, x3)
+            _backprop_chunk(gemm, logits, x_c, w, None if dx is None else dx[start:stop], dw,
+                            dw_acc, db, db_acc, _ones_row(ones, stop - start), i == 0,
+                            i == n_chunks - 1)
+        else:
+            loss_c = losses[start:stop]
+            launcher.plan_cross_entropy_fwd(x3, t_c, class_weight, lse_c, loss_c, denom, None,
+                                            None, ignore_index, smoothing, "none", False)(
+                x3, t_c, class_weight, lse_c, loss_c, denom, None, None)
+    loss = losses.view(target.shape) if none else _finish_loss(losses, denom, reduction, x.dtype)
+    empty = x.new_empty(0)
+    return (loss, lse, denom, empty if dx is None else dx, w.new_empty(0) if dw is None else dw,
+            empty if db is None else db)
+
+
+def _bwd_fake(x, w, b, target, class_weight, lse, denom, grad_out, ignore_index, reduction,
+              smoothing, need_x, need_w, need_b, chunk, backend):
+    return (empty_like_shape(x, x.shape if need_x else (0,)),
+            empty_like_shape(w, w.shape if need_w else (0,)),
+            empty_like_shape(x, b.shape if need_b and b is not None else (0,)))
+
+
+@kernel_op("linear_cross_entropy_bwd", _bwd_fake)
+def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
+                              class_weight: Tensor | None, lse: Tensor, denom: Tensor,
+                              grad_out: Tensor, ignore_index: int, reduction: str,
+                              smoothing: float, need_x: bool, need_w: bool, need_b: bool,
+                              chunk: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The recompute schedule's backward: (dx, dw, db), an empty placeholder for one not
+    needed. Each chunk's logits again, their gradient over them (the cross-entropy backward
+    kernel, which divides a mean by denom[0] and reads W from denom[1]), then the GEMMs."""
+    n, n_classes = x.shape[0], w.shape[0]
+    launcher, gemm = LAUNCHERS[backend], GEMMS[backend]
+    n_chunks = -(-n // chunk) if n else 0
+    dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
+    # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
+    grad = grad_out.to(x.dtype).reshape(-1) if reduction == "none" else grad_out.to(x.dtype)
+    buffer = torch.empty(min(chunk, n), n_classes, dtype=x.dtype, device=x.device)
+    for i, start in enumerate(range(0, n, chunk)):
+        stop = min(start + chunk, n)
+        x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
+        logits = _logits(gemm, x_c, w, b, buffer[:stop - start])
+        x3 = logits.unsqueeze(2)
+        g = grad[start:stop] if reduction == "none" else grad
+        launcher.plan_cross_entropy_bwd(x3, t_c, class_weight, lse_c, denom, g, x3, reduction,
+                                        ignore_index, smoothing)(
+            x3, t_c, class_weight, lse_c, denom, g, x3)
+        _backprop_chunk(gemm, logits, x_c, w, None if dx is None else dx[start:stop], dw,
+                        dw_acc, db, db_acc, _ones_row(ones, stop - start), i == 0,
+                        i == n_chunks - 1)
+    empty = x.new_empty(0)
+    return (empty if dx is None else dx, w.new_empty(0) if dw is None else dw,
+            empty if db is None else db)
+
+
+def _scale_in_place(t: Tensor, grad_out: Tensor) -> None:
+    """t *= grad_out (0-d, read on the device; nothing written where it is 1): the triton
+    cross-entropy's scale kernel, on t as one row of classes."""
+    if t.numel():
+        flat = t.view(1, -1)
+        LAUNCHERS["triton"].cross_entropy_scale_grad(flat, grad_out, None, -100)
+
+
+if _env.INTERPRET:
+    _scale_in_place = _env.emulated_launch(_scale_in_place)
+
+
+class _Options:
+    """A call's options, travelling through the autograd Function."""
+
+    __slots__ = ("ignore_index", "reduction", "smoothing", "chunk", "backend", "in_forward")
+
+    def __init__(self, ignore_index, reduction, smoothing, chunk, backend, in_forward):
+        self.ignore_index, self.reduction, self.smoothing = ignore_index, reduction, smoothing
+        self.chunk, self.backend, self.in_forward = chunk, backend, in_forward
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss = cross_entropy(x w^T + b, target) over rows of x (N, H), by chunks (module
+    docstring for the two schedules). The gradient-in-the-forward schedule's first backward
+    scales the gradients the forward made and hands them over; a second one through a retained
+    graph recomputes them."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, class_weight, o: _Options):
+        need = ctx.needs_input_grad
+        need_b = b is not None and need[2]
+        loss, lse, denom, dx, dw, db = _linear_cross_entropy_fwd(
+            x, w, b, target, class_weight, o.ignore_index, o.reduction, o.smoothing, need[0],
+            need[1], need_b, o.in_forward, o.chunk, o.backend)
+        ctx.save_for_backward(x, w, b, target, class_weight, lse, denom)
+        ctx.o, ctx.need_b = o, need_b
+        ctx.from_forward = (dx, dw, db) if o.in_forward and o.reduction != "none" else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "linear_cross_entropy: double backward (create_graph=True) is not supported; "
+                "use backend='torch' (torch's linear and cross_entropy) for it")
+        x, w, b, target, class_weight, lse, denom = ctx.saved_tensors
+        o, need = ctx.o, ctx.needs_input_grad
+        grads, ctx.from_forward = ctx.from_forward, None
+        if grads is not None:
+            # made by the forward for an upstream gradient of 1: scaled in place
+            dx, dw, db = (g if n else None for g, n in zip(grads, (need[0], need[1],
+                                                                   ctx.need_b)))
+            for g in (dx, dw, db):
+                if g is not None:
+                    _scale_in_place(g, grad_out)
+        else:
+            dx, dw, db = _linear_cross_entropy_bwd(
+                x, w, b, target, class_weight, lse, denom, grad_out, o.ignore_index,
+                o.reduction, o.smoothing, need[0], need[1], ctx.need_b, o.chunk, o.backend)
+            dx, dw, db = (g if n else None for g, n in zip((dx, dw, db), (need[0], need[1],
+                                                                          ctx.need_b)))
+        return dx, dw, db, None, None, None
+
+
+# --- the implementations by backend, and the public function ---------------------------------
+
+def _kernel_linear_cross_entropy(backend: str):
+    def impl(x, w, b, target, class_weight, ignore_index, reduction, smoothing, chunk):
+        o = _Options(ignore_index, reduction, smoothing, chunk, backend,
+                     _grad_in_forward(backend, reduction))
+        if needs_graph(x, w, b):
+            return apply(LinearCrossEntropyFunction, x, w, b, target, class_weight, o)
+        return _linear_cross_entropy_fwd(x, w, b, target, class_weight, ignore_index,
+                                         reduction, smoothing, False, False, False, False,
+                                         chunk, backend)[0]
+    return impl
+
+
+for _name in LAUNCHERS:
+    register("linear_cross_entropy", _name)(_kernel_linear_cross_entropy(_name))
+
+
+@register("linear_cross_entropy", "torch")
+def _torch_linear_cross_entropy(x, w, b, target, class_weight, ignore_index, reduction,
+                                smoothing, chunk):
+    return torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(x, w, b), target, weight=class_weight,
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+
+
+def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
+           label_smoothing, chunk_rows, backend):
+    check_tensor(input, "input", backend)
+    check_tensor(weight, "weight", backend, ndims=(2,))
+    if input.dim() < 1:
+        raise ValueError("input must have at least one dimension (..., in_features)")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension {input.shape[-1]} does not match weight's "
+                         f"in_features {weight.shape[1]} (weight is (classes, in_features) = "
+                         f"{tuple(weight.shape)}, as torch.nn.Linear's)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows: cross-entropy needs at least one class")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"weight's dtype {weight.dtype} differs from input's {input.dtype}")
+    if bias is not None:
+        check_tensor(bias, "bias", backend, ndims=(1,))
+        if bias.shape[0] != weight.shape[0] or bias.dtype != input.dtype:
+            raise ValueError(f"bias must be ({weight.shape[0]},) of input's dtype "
+                             f"{input.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must hold int64 (torch.long) class indices, got {target.dtype} "
+                        f"(class probabilities: pydl.cross_entropy on the logits)")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input's leading "
+                         f"dimensions {tuple(input.shape[:-1])}")
+    n_classes = weight.shape[0]
+    if class_weight is not None:
+        if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1 \
+                or class_weight.shape[0] != n_classes:
+            got = tuple(class_weight.shape) if isinstance(class_weight, torch.Tensor) \
+                else repr(class_weight)
+            raise ValueError(f"class_weight must be a 1-D tensor of length C={n_classes}, "
+                             f"got {got}")
+        if not class_weight.dtype.is_floating_point:
+            raise TypeError(f"class_weight must be floating point, got {class_weight.dtype}")
+    for name, t in (("weight", weight), ("target", target), ("bias", bias),
+                    ("class_weight", class_weight)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{name} is on {t.device} but input is on {input.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if integer(ignore_index) is None:
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if chunk_rows is not None and (integer(chunk_rows) is None or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+
+
+def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         chunk_rows=None, backend=None):
+    """cross_entropy(linear(input, weight, bias), target, weight=class_weight, ...) without
+    materialising the (N, V) logits: the loss of a language model's head.
+
+    input (..., H) hidden states; weight (V, H) and bias (V,) as torch.nn.Linear's; target
+    (...) int64 class indices (ignore_index for rows that do not count); class_weight (V,),
+    reduction and label_smoothing as torch.nn.functional.cross_entropy's. The rows go in
+    chunks of `chunk_rows` (default: as many as 256 MiB of logits hold); the result does not
+    depend on it beyond the rounding of the summed gradients. Under torch.autocast the
+    product runs in the autocast dtype, as torch.nn.functional.linear's does.
+    """
+    input, weight, bias = autocast_inputs("linear", input, weight, bias)
+    name, impl = dispatch("linear_cross_entropy", backend, input, weight, target,
+                          *(t for t in (bias, class_weight) if isinstance(t, torch.Tensor)))
+    _check(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
+           chunk_rows, name)
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    chunk = int(chunk_rows) if chunk_rows is not None else \
+        chunk_rows_for(x.shape[0], weight.shape[0], x.dtype)
+    loss = impl(x, weight, bias, t, class_weight, int(ignore_index), reduction,
+                float(label_smoothing), chunk)
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction"]
