@@ -216,7 +216,10 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
             launcher.plan_cross_entropy_fwd(x3, t_c, class_weight, lse_c, loss_c, denom, None,
                                             None, ignore_index, smoothing, "none", False)(
                 x3, t_c, class_weight, lse_c, loss_c, denom, None, None)
-    loss = losses.view(target.shape) if none else _finish_loss(losses, denom, reduction, x.dtype)
+    if none:
+        loss = losses.view(target.shape)
+    else:       # the chunks' sums are already divided by a mean's denominator
+        loss = _finish_loss(losses, denom, "sum" if grads and n else reduction, x.dtype)
     empty = x.new_empty(0)
     return (loss, lse, denom, empty if dx is None else dx, w.new_empty(0) if dw is None else dw,
             empty if db is None else db)
@@ -428,6 +431,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
         chunk_rows_for(x.shape[0], weight.shape[0], x.dtype)
     loss = impl(x, weight, bias, t, class_weight, int(ignore_index), reduction,
                 float(label_smoothing), chunk)
+    if loss.dtype != F32 and torch._C._is_any_autocast_enabled() \
+            and torch.is_autocast_enabled(x.device.type):
+        loss = loss.float()     # torch's cross_entropy runs in float32 under autocast
     return loss.view(target.shape) if reduction == "none" else loss
 
 

@@ -1,0 +1,286 @@
+"""linear_cross_entropy: cross_entropy(linear(x, W, b), target) in row chunks, on both kernel
+backends, against the float64 reference (the logits computed in float64, then
+pydl.reference's cross-entropy and its backward) and against torch's composite, every option,
+forward and the gradients of input, weight and bias."""
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS
+
+import pydl
+from pydl import linear_ce
+from pydl import reference as ref
+from pydl.testing import assert_close, random_tensor
+
+backends = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+F = torch.nn.functional
+
+
+def _targets(n, classes, ignore_index=None, frac=0.3, shape=None):
+    t = torch.randint(0, classes, (n,))
+    if ignore_index is not None:
+        t[torch.rand(n) < frac] = ignore_index
+    return t.reshape(shape or (n,)).to(DEVICE)
+
+
+def _reference(x, w, b, t, g, class_weight, **kw):
+    """(loss, dx, dw, db) in float64: the logits, the cross-entropy and its backward by
+    pydl.reference, the linear layer's gradients by hand."""
+    x64 = x.double().cpu().numpy().reshape(-1, x.shape[-1])
+    w64 = w.double().cpu().numpy()
+    logits = x64 @ w64.T + (0.0 if b is None else b.double().cpu().numpy())
+    t64 = t.cpu().numpy().reshape(-1)
+    cw = None if class_weight is None else class_weight.double().cpu().numpy()
+    g64 = g.double().cpu().numpy().reshape(-1) if g.dim() else float(g)
+    loss = ref.cross_entropy(logits, t64, cw, **kw)
+    dlogits = ref.cross_entropy_backward(g64, logits, t64, cw, **kw)
+    return (np.asarray(loss).reshape(tuple(t.shape)) if kw.get("reduction") == "none"
+            else loss, (dlogits @ w64).reshape(x.shape), dlogits.T @ x64, dlogits.sum(0))
+
+
+def _check(backend, dtype, x, w, b, t, class_weight=None, upstream=None, chunk_rows=None,
+           scale=None, **kw):
+    """pydl against the reference and torch: the loss and every gradient; returns them."""
+    leaves = [a.detach().clone().requires_grad_() for a in (x, w) + ((b,) if b is not None
+                                                                     else ())]
+    loss = pydl.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if b is not None
+                                     else None, class_weight=class_weight,
+                                     chunk_rows=chunk_rows, backend=backend, **kw)
+    g = upstream if upstream is not None else (
+        torch.randn(loss.shape, device=DEVICE).to(loss.dtype) if loss.dim()
+        else torch.tensor(1.0, device=DEVICE, dtype=loss.dtype))
+    grads = torch.autograd.grad(loss, leaves, g)
+    t_leaves = [a.detach().clone().requires_grad_() for a in leaves]
+    logits = F.linear(t_leaves[0], t_leaves[1], t_leaves[2] if b is not None else None)
+    t_loss = F.cross_entropy(logits.reshape(-1, w.shape[0]), t.reshape(-1),
+                             weight=class_weight, **kw)
+    if kw.get("reduction") == "none":
+        t_loss = t_loss.view(t.shape)
+    t_grads = torch.autograd.grad(t_loss, t_leaves, g)
+    want = _reference(x, w, b, t, g, class_weight, **kw)
+    classes, hidden = w.shape
+    rows = t.numel()
+    assert loss.dtype == x.dtype and loss.shape == t_loss.shape
+    red = classes * hidden * (rows if kw.get("reduction", "mean") != "none" else 1)
+    assert_close(loss, want[0], dtype, reduction=red, name="loss vs reference", scale=scale)
+    assert_close(loss, t_loss, dtype, reduction=red, name="loss vs torch", scale=scale)
+    for name, got, r64, tg, k in zip(("input", "weight", "bias"), grads, want[1:], t_grads,
+                                     (classes, rows * hidden, rows)):
+        assert got.dtype == dtype and got.shape == tg.shape, name
+        assert_close(got, r64, dtype, reduction=k, name=f"d{name} vs reference", scale=scale)
+        assert_close(got, tg, dtype, reduction=k, name=f"d{name} vs torch", scale=scale)
+    return loss, grads
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_rows", [None, 4], ids=["one_chunk", "chunks_of_4"])
+def test_options(backend, reduction, weighted, smoothing, chunk_rows):
+    """Every reduction, class weights, label smoothing and an ignore_index, with a bias, in
+    one chunk and in four (the last one short), with an upstream gradient other than 1."""
+    N, H, V = 13, 24, 37
+    x = random_tensor((N, H), torch.float32, DEVICE)
+    w = random_tensor((V, H), torch.float32, DEVICE, scale=0.3)
+    b = random_tensor((V,), torch.float32, DEVICE)
+    cw = torch.rand(V, device=DEVICE) + 0.5 if weighted else None
+    g = None if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    _check(backend, torch.float32, x, w, b, _targets(N, V, 3), cw, upstream=g,
+           chunk_rows=chunk_rows, reduction=reduction, label_smoothing=smoothing,
+           ignore_index=3)
+
+
+@backends
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["one_chunk", "chunks_of_5"])
+def test_dtypes_and_leading_dims(backend, dtype, chunk_rows):
+    """16-bit hidden states and weights (their gradient summed over chunks in fp32, rounded
+    once), a (batch, sequence, hidden) input with (batch, sequence) targets, no bias."""
+    B, T, H, V = 2, 7, 16, 40
+    x = random_tensor((B, T, H), dtype, DEVICE)
+    w = random_tensor((V, H), dtype, DEVICE, scale=0.4)
+    for reduction in ("mean", "none"):
+        _check(backend, dtype, x, w, None, _targets(B * T, V, -100, shape=(B, T)),
+               chunk_rows=chunk_rows, reduction=reduction, label_smoothing=0.05)
+
+
+@backends
+@pytest.mark.parametrize("which", ["input", "weight", "bias", "weight_bias"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_of_some_inputs(backend, which, reduction):
+    """Only some of input, weight and bias require grad: those get theirs, equal to the full
+    computation's, and the others none."""
+    N, H, V = 9, 8, 21
+    x = random_tensor((N, H), torch.float32, DEVICE)
+    w = random_tensor((V, H), torch.float32, DEVICE, scale=0.5)
+    b = random_tensor((V,), torch.float32, DEVICE)
+    t = _targets(N, V, -100)
+    g = torch.ones(t.shape if reduction == "none" else (), device=DEVICE)
+    _, full = _check(backend, torch.float32, x, w, b, t, upstream=g, chunk_rows=4,
+                     reduction=reduction)
+    args = {"input": x.clone(), "weight": w.clone(), "bias": b.clone()}
+    wanted = which.split("_")
+    for name in wanted:
+        args[name].requires_grad_()
+    loss = pydl.linear_cross_entropy(args["input"], args["weight"], t, args["bias"],
+                                     chunk_rows=4, reduction=reduction, backend=backend)
+    got = torch.autograd.grad(loss, [args[n] for n in wanted], g)
+    index = {"input": 0, "weight": 1, "bias": 2}
+    for name, gr in zip(wanted, got):
+        torch.testing.assert_close(gr, full[index[name]], rtol=1e-5, atol=1e-6)
+
+
+@backends
+def test_inference_matches_training_loss(backend):
+    """Under no_grad (or with nothing requiring grad) the loss alone, the same values."""
+    N, H, V = 11, 8, 19
+    x = random_tensor((N, H), torch.float32, DEVICE)
+    w = random_tensor((V, H), torch.float32, DEVICE)
+    t = _targets(N, V, -100)
+    for reduction in ("mean", "sum", "none"):
+        with torch.no_grad():
+            a = pydl.linear_cross_entropy(x, w, t, reduction=reduction, chunk_rows=3,
+                                          backend=backend)
+        b = pydl.linear_cross_entropy(x.clone().requires_grad_(), w, t, reduction=reduction,
+                                      chunk_rows=3, backend=backend)
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+        assert_close(a, F.cross_entropy(F.linear(x, w), t, reduction=reduction),
+                     torch.float32, reduction=V * H)
+
+
+@backends
+def test_empty_and_fully_ignored(backend):
+    """No rows: a summed loss 0, a mean NaN (torch's), zero gradients of weight and bias. Every
+    row ignored: the same, as torch gives."""
+    H, V = 6, 9
+    w = random_tensor((V, H), torch.float32, DEVICE).requires_grad_()
+    b = random_tensor((V,), torch.float32, DEVICE).requires_grad_()
+    for n in (0, 5):
+        x = random_tensor((n, H), torch.float32, DEVICE).requires_grad_()
+        t = torch.full((n,), -100, dtype=torch.long, device=DEVICE)
+        for reduction in ("sum", "mean", "none"):
+            loss = pydl.linear_cross_entropy(x, w, t, b, reduction=reduction, backend=backend)
+            want = F.cross_entropy(F.linear(x, w, b), t, reduction=reduction)
+            torch.testing.assert_close(loss, want, equal_nan=True)
+            if reduction == "sum":
+                dx, dw, db = torch.autograd.grad(loss, (x, w, b))
+                assert not dx.any() and not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+def test_triton_gradient_in_the_forward(monkeypatch, reduction, upstream):
+    """Triton, a summed or averaged loss: each chunk's forward kernel writes its gradient
+    (GRAD, the whole batch's mean denominator read, not summed per chunk), the backward runs
+    only the scale kernel (on each gradient; it writes nothing where the upstream gradient is
+    1); a second backward through the retained graph recomputes, and agrees."""
+    from pydl.kernels.triton import softmax_ce as k
+    seen = []
+    for name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad",
+                 "cross_entropy_mean_denominator"):
+        kernel = getattr(k, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                def run(*args, **kwargs):
+                    seen.append((name, kwargs.get("GRAD")))
+                    return kernel[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(k, name, Spy())
+    N, H, V = 10, 8, 23
+    x = random_tensor((N, H), torch.float32, DEVICE).requires_grad_()
+    w = random_tensor((V, H), torch.float32, DEVICE).requires_grad_()
+    t = _targets(N, V, 1)
+    cw = torch.rand(V, device=DEVICE) + 0.5
+    loss = pydl.linear_cross_entropy(x, w, t, class_weight=cw, ignore_index=1,
+                                     reduction=reduction, label_smoothing=0.1, chunk_rows=4,
+                                     backend="triton")
+    assert seen == [("cross_entropy_fwd", True)] * 3
+    seen.clear()
+    g = torch.tensor(upstream, device=DEVICE)
+    first = torch.autograd.grad(loss, (x, w), g, retain_graph=True)
+    assert seen == [("cross_entropy_scale_grad", None)] * 2
+    seen.clear()
+    second = torch.autograd.grad(loss, (x, w), g)
+    assert [s[0] for s in seen] == ["cross_entropy_bwd"] * 3
+    kw = dict(reduction=reduction, label_smoothing=0.1, ignore_index=1)
+    want = _reference(x.detach(), w.detach(), None, t, g, cw, **kw)
+    for a, b, r in zip(first, second, want[1:3]):
+        assert_close(a, r, torch.float32, reduction=V)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_rows_default():
+    """CHUNK_BYTES of logits a chunk, in multiples of 64 rows, at most the rows there are."""
+    n = linear_ce.chunk_rows_for(100_000, 131072, torch.bfloat16)
+    assert n == linear_ce.CHUNK_BYTES // (131072 * 2) and n % 64 == 0
+    assert linear_ce.chunk_rows_for(10, 32000, torch.float32) == 10
+    assert linear_ce.chunk_rows_for(10 ** 6, 10 ** 9, torch.float32) == 1
+
+
+@backends
+def test_module(backend):
+    """pydl.nn.LinearCrossEntropyLoss: torch.nn.CrossEntropyLoss's options (its class weight a
+    buffer) applied to a linear head's output."""
+    N, H, V = 8, 12, 15
+    cw = torch.rand(V, device=DEVICE) + 0.5
+    head = torch.nn.Linear(H, V).to(DEVICE)
+    m = pydl.nn.LinearCrossEntropyLoss(cw, ignore_index=0, label_smoothing=0.2, chunk_rows=3,
+                                       backend=backend)
+    assert "weight" in m.state_dict()
+    x, t = random_tensor((N, H), torch.float32, DEVICE), _targets(N, V, 0)
+    want = torch.nn.CrossEntropyLoss(cw, ignore_index=0, label_smoothing=0.2)(head(x), t)
+    assert_close(m(x, head.weight, t, head.bias), want.detach(), torch.float32,
+                 reduction=N * V * H)
+
+
+def test_torch_backend_is_the_composite():
+    x = random_tensor((4, 6), torch.float32, DEVICE)
+    w = random_tensor((5, 6), torch.float32, DEVICE)
+    t = _targets(4, 5)
+    torch.testing.assert_close(pydl.linear_cross_entropy(x, w, t, backend="torch"),
+                               F.cross_entropy(F.linear(x, w), t))
+
+
+@backends
+def test_bad_input(backend):
+    x = random_tensor((4, 6), torch.float32, DEVICE)
+    w = random_tensor((5, 6), torch.float32, DEVICE)
+    t = _targets(4, 5)
+    call = pydl.linear_cross_entropy
+    with pytest.raises(ValueError, match="in_features"):
+        call(x, w[:, :5], t, backend=backend)
+    with pytest.raises(TypeError, match="dtype"):
+        call(x, w.half(), t, backend=backend)
+    with pytest.raises(TypeError, match="int64"):
+        call(x, w, t.int(), backend=backend)
+    with pytest.raises(ValueError, match="target shape"):
+        call(x, w, t[:3], backend=backend)
+    with pytest.raises(ValueError, match="bias"):
+        call(x, w, t, torch.zeros(4, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="class_weight"):
+        call(x, w, t, class_weight=torch.ones(4, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        call(x, w, t, reduction="avg", backend=backend)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        call(x, w, t, chunk_rows=0, backend=backend)
+    with pytest.raises(ValueError, match="no rows"):
+        call(x, w[:0], t, backend=backend)
+    with pytest.raises(IndexError):
+        call(x, w, torch.tensor([0, 1, 5, 2], device=DEVICE), backend=backend)
+    xg = x.clone().requires_grad_()
+    loss = call(xg, w, t, backend=backend)
+    (dx,) = torch.autograd.grad(loss, xg, create_graph=False)
+    loss = call(xg, w, t, backend=backend)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(loss, xg, create_graph=True)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="bf16 in the Triton interpreter is wrong; GPU only")
+def test_bf16_large_vocabulary_on_gpu():
+    """A language model's shape in bf16 on a GPU: 512 tokens, a 32k vocabulary, 4 chunks."""
+    N, H, V = 512, 256, 32768
+    x = random_tensor((N, H), torch.bfloat16, DEVICE)
+    w = random_tensor((V, H), torch.bfloat16, DEVICE, scale=0.1)
+    _check("triton", torch.bfloat16, x, w, None, _targets(N, V, -100), chunk_rows=128)
