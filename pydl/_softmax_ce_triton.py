@@ -154,14 +154,14 @@ class _TritonLaunch:
 
     @staticmethod
     def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
-                               ignore_index, smoothing, reduction, grad, denominator=True):
+                               ignore_index, smoothing, reduction, grad, own_denominator=True):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3): the forward's launches
         (rows > 0) into loss, lse, denom and with `grad` dx3; weight and (without `grad`) dx3
         may be None, and scratch is for the reductions (cross_entropy_scratch(rows) fp32:
         the programs' partial sums, 2 each (loss, weight) in the forward, then 1 each of the
         mean denominator's kernel), None without one. x3 and target rows by pointer (any
         tensor at their address: x for its view). dx3 may be x3 itself (each element is read
-        before it is overwritten). denominator=False: a training mean's denominator is
+        before it is overwritten). own_denominator=False: a training mean's denominator is
         already in denom[0] (the chunks of pydl.linear_cross_entropy share the whole batch's),
         so its kernel is not launched."""
         outer, n, inner = x3.shape
@@ -190,7 +190,7 @@ class _TritonLaunch:
                     lse, lse, dx if grad else x)
             return run
         denominator = None
-        if grad and reduction == "mean" and denominator:
+        if grad and reduction == "mean" and own_denominator:
             key = ("mean_denominator", rows, n, dev, target.dtype, w.dtype, not has_weight,
                    ignore_index)
             denominator = _LAUNCHES.get(key, _TritonLaunch._plan_denominator, rows, n,

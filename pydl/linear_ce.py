@@ -206,7 +206,7 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
             loss_c = losses[i]
             run = _TritonLaunch.plan_cross_entropy_fwd(
                 x3, t_c, class_weight, lse_c, loss_c, denom, scratch, x3, ignore_index,
-                smoothing, reduction, True, denominator=False)
+                smoothing, reduction, True, own_denominator=False)
             run(x3, t_c, class_weight, lse_c, loss_c, denom, scratch, x3)
             _backprop_chunk(gemm, logits, x_c, w, None if dx is None else dx[start:stop], dw,
                             dw_acc, db, db_acc, _ones_row(ones, stop - start), i == 0,
