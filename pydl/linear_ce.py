@@ -123,6 +123,13 @@ def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int)
     return dx, dw, dw_acc, db, db_acc, ones
 
 
+def _or_placeholders(x, w, dx, dw, db) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) with a fresh empty tensor for each one not computed (a custom op's outputs
+    never alias each other)."""
+    return (x.new_empty(0) if dx is None else dx, w.new_empty(0) if dw is None else dw,
+            x.new_empty(0) if db is None else db)
+
+
 def _ones_row(ones, rows: int):
     return None if ones is None else ones.expand(1, rows)
 
@@ -220,9 +227,7 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
         loss = losses.view(target.shape)
     else:       # the chunks' sums are already divided by a mean's denominator
         loss = _finish_loss(losses, denom, "sum" if grads and n else reduction, x.dtype)
-    empty = x.new_empty(0)
-    return (loss, lse, denom, empty if dx is None else dx, w.new_empty(0) if dw is None else dw,
-            empty if db is None else db)
+    return (loss, lse, denom, *_or_placeholders(x, w, dx, dw, db))
 
 
 def _bwd_fake(x, w, b, target, class_weight, lse, denom, grad_out, ignore_index, reduction,
@@ -260,9 +265,7 @@ def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
         _backprop_chunk(gemm, logits, x_c, w, None if dx is None else dx[start:stop], dw,
                         dw_acc, db, db_acc, _ones_row(ones, stop - start), i == 0,
                         i == n_chunks - 1)
-    empty = x.new_empty(0)
-    return (empty if dx is None else dx, w.new_empty(0) if dw is None else dw,
-            empty if db is None else db)
+    return _or_placeholders(x, w, dx, dw, db)
 
 
 def _scale_in_place(t: Tensor, grad_out: Tensor) -> None:

@@ -363,5 +363,6 @@ class GRU(_RNNLayer, torch.nn.GRU):
     _op = "gru"
 
 
-__all__ = ["Conv2d", "CrossEntropyLoss", "LinearCrossEntropyLoss", "Softmax", "LogSoftmax", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d", "MultiheadAttention", "LSTMCell", "LSTM", "GRUCell", "GRU"]
+__all__ = ["Conv2d", "CrossEntropyLoss", "LinearCrossEntropyLoss", "Softmax", "LogSoftmax",
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "MultiheadAttention", "LSTMCell",
+           "LSTM", "GRUCell", "GRU"]

@@ -21,6 +21,7 @@ from pydl import (
     _softmax_ce_ops,
     attention,
     conv,
+    linear_ce,
     pool,
 )
 
@@ -49,7 +50,22 @@ def _ce_prob_weight_args(wdtype, reduction):
                                                             0.1, BACKEND)
 
 
+def _lce_args(reduction="mean"):
+    return (_x(5, 4), _x(7, 4), _x(7), torch.randint(0, 7, (5,), device=DEVICE), _x(7).abs(),
+            -100, reduction, 0.1, True, True, True)
+
+
 OPCHECKS = {
+    # the recompute schedule's forward (the loss and the rows' logsumexp), its backward, and
+    # the triton forward that also makes the gradients
+    "linear_cross_entropy_fwd": lambda: (linear_ce._linear_cross_entropy_fwd,
+                                         (*_lce_args(), False, 2, BACKEND)),
+    "linear_cross_entropy_fwd/grad": lambda: (linear_ce._linear_cross_entropy_fwd,
+                                              (*_lce_args("sum"), True, 2, BACKEND)),
+    "linear_cross_entropy_bwd": lambda: (linear_ce._linear_cross_entropy_bwd, (
+        _x(5, 4), _x(7, 4), None, torch.randint(0, 7, (5,), device=DEVICE), None,
+        torch.rand(5, device=DEVICE) + 2.0, torch.tensor([5.0, 0.0], device=DEVICE),
+        _x(5), -100, "none", 0.0, True, True, False, 2, "numba")),
     "softmax_fwd": lambda: (_softmax_ce_ops._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
     "softmax_bwd": lambda: (_softmax_ce_ops._softmax_bwd,
                             (torch.softmax(_x(3, 5), 0), _x(3, 5), 0, False, BACKEND)),
@@ -266,6 +282,13 @@ CASES = {
     "conv_pool_ce": (_conv_pool_ce, lambda: (_x(2, 3, 8, 8, grad=True), _x(4, 3, 3, 3, grad=True),
                                              _x(4, grad=True),
                                              torch.randint(0, 4, (2,), device=DEVICE))),
+    "linear_cross_entropy": (
+        lambda x, w, b, t: pydl.linear_cross_entropy(x, w, t, b, label_smoothing=0.1,
+                                                     chunk_rows=3, backend=BACKEND)
+        + pydl.linear_cross_entropy(x, w, t, reduction="none", chunk_rows=4,
+                                    backend=BACKEND).sum() * 0.5,
+        lambda: (_x(7, 4, grad=True), _x(6, 4, grad=True), _x(6, grad=True),
+                 torch.randint(0, 6, (7,), device=DEVICE))),
     "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),
                                        _x(1, 2, 6, 8, grad=True))),
     # probability targets and a learned class weight: the weight's gradient kernel op
@@ -445,6 +468,19 @@ def test_autocast_dtype_matches_torch(op, dtype):
         theirs = fn(x, torch.nn.functional)
     assert ours.dtype == theirs.dtype, f"{op}: pydl gives {ours.dtype}, torch {theirs.dtype}"
     torch.testing.assert_close(ours.float(), theirs.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32_in", "fp16_in"])
+def test_autocast_linear_cross_entropy(dtype):
+    """Under autocast the product runs in the autocast dtype (linear's rule) and the loss
+    comes out in float32 (cross_entropy's), as torch's composite gives."""
+    x, w = _x(6, 8).to(dtype), _x(5, 8).to(dtype)
+    t = torch.randint(0, 5, (6,), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        ours = pydl.linear_cross_entropy(x, w, t, backend=BACKEND)
+        theirs = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w), t)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=2e-2)
 
 
 # the recurrent ops against torch's modules on the same weights: (module, pydl's call of it,
