@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -329,10 +328,7 @@ def _case(suite, shapes: str, gpu: bool, name: str | None = None):
         return case
     if case.dtype == torch.bfloat16:   # Triton's interpreter computes bf16 wrongly; fp16 path
         case = dataclasses.replace(case, dtype=torch.float16)
-    shape = list(case.shape)
-    while math.prod(shape) * 4 > CPU_MAX_INPUT_BYTES and shape[0] > 1:
-        shape[0] = max(1, shape[0] // 2)
-    return dataclasses.replace(case, shape=tuple(shape))
+    return suite.cpu_case(case, CPU_MAX_INPUT_BYTES)
 
 
 def _pydl_nodes(out):

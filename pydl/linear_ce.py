@@ -8,9 +8,9 @@ the rows go in chunks; a chunk's logits are computed by the backend's GEMM (pydl
 pydl/_gemm_numba.py) into one buffer reused by every chunk, their loss by the cross-entropy
 kernel, and in training their gradient is written over them and multiplied into the gradients
 of input, weight and bias by the GEMM before the next chunk overwrites the buffer. Extra memory:
-one chunk of logits (at most CHUNK_BYTES), the rows' fp32 logsumexp and, for a 16-bit weight
-over several chunks, an fp32 accumulator of its gradient (a 16-bit accumulator would round the
-gradient once a chunk).
+one chunk of logits (at most CHUNK_BYTES, 1 GiB), the rows' fp32 logsumexp and, for a 16-bit
+weight over several chunks, an fp32 accumulator of its gradient (a 16-bit accumulator would
+round the gradient once a chunk).
 
 Two schedules, as cross_entropy has (pydl/softmax_ce.py):
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _env
+from . import _env, _softmax_ce_ops
 from ._checks import check_tensor
 from ._gemm import gemm as _triton_gemm
 from ._gemm_numba import gemm as _numba_gemm
@@ -48,17 +48,20 @@ from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._plan import apply, needs_graph
 from ._shapes import integer
 from ._softmax_ce_common import _denominators
-from ._softmax_ce_ops import LAUNCHERS, _check_target_range, kernel_checks_targets
+from ._softmax_ce_ops import LAUNCHERS, _check_target_range
 from ._softmax_ce_triton import _TritonLaunch, cross_entropy_scratch
 from .backends import dispatch, register
 
 REDUCTIONS = ("none", "mean", "sum")
 GEMMS = {"triton": _triton_gemm, "numba": _numba_gemm}
-# Largest chunk of logits a call keeps (bytes): 256 MiB is 1024 rows of a 128k bf16
-# vocabulary. Fewer, larger chunks read and write a 16-bit weight's fp32 gradient accumulator
-# fewer times (8 V H bytes a chunk; at 1024 rows about a fifth of the chunk's GEMM time on an
-# H100-class GPU, at 4096 a twentieth).
-CHUNK_BYTES = 256 << 20
+# Largest chunk of logits a call keeps (bytes): 1 GiB is 4096 rows of a 128k bf16 vocabulary.
+# Several chunks make a 16-bit weight's gradient go through an fp32 accumulator, read and
+# written once a chunk: 8 V H bytes against the chunk's 6 c V H FLOPs, so the accumulator's
+# share of a chunk's time is about 8 F / (6 c B) for a GPU of F FLOP/s and B bytes/s (H100-class:
+# 240 / c, 6% at c = 4096 rows, 23% at 1024). At 1 GiB a Llama-3-8B head over 4096 tokens is one
+# chunk (no accumulator); the composite keeps three N x V tensors (logits, log-probabilities,
+# their gradient). `chunk_rows=` trades speed for memory.
+CHUNK_BYTES = 1 << 30
 F32 = torch.float32
 
 
@@ -184,7 +187,7 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     H), b (V,) or None, target (N,)."""
     n, n_classes = x.shape[0], w.shape[0]
     dev, launcher, gemm = x.device, LAUNCHERS[backend], GEMMS[backend]
-    if not kernel_checks_targets(x, backend):
+    if not _softmax_ce_ops.kernel_checks_targets(x, backend):   # read at call time
         _check_target_range(target, n_classes, ignore_index)
     none = reduction == "none"
     grads = grad_in_forward and not none and (need_x or need_w or need_b)
@@ -419,7 +422,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     input (..., H) hidden states; weight (V, H) and bias (V,) as torch.nn.Linear's; target
     (...) int64 class indices (ignore_index for rows that do not count); class_weight (V,),
     reduction and label_smoothing as torch.nn.functional.cross_entropy's. The rows go in
-    chunks of `chunk_rows` (default: as many as 256 MiB of logits hold); the result does not
+    chunks of `chunk_rows` (default: as many as 1 GiB of logits hold); the result does not
     depend on it beyond the rounding of the summed gradients. Under torch.autocast the
     product runs in the autocast dtype, as torch.nn.functional.linear's does.
     """

@@ -29,7 +29,7 @@ Adding an op family is one new module in bench/suites/ that defines `SUITES = [.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -157,6 +157,15 @@ class Suite:
     def unsupported(self, case: Case, dtype: torch.dtype, variant: Variant) -> str | None:
         """Why `variant` cannot run `case` in `dtype` (reported as skipped), or None."""
         return None
+
+    def cpu_case(self, case: Case, max_input_bytes: int) -> Case:
+        """`case` shrunk for a host-path measurement on a CPU (bench/overhead.py): its first
+        dimension halved until its fp32 elements take at most max_input_bytes. A suite whose
+        shape is not one tensor's (a product's sizes) overrides it."""
+        shape = list(case.shape)
+        while math.prod(shape) * 4 > max_input_bytes and shape[0] > 1:
+            shape[0] = max(1, shape[0] // 2)
+        return replace(case, shape=tuple(shape))
 
     def tf32(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether fp32 products round to TF32 on both sides here (the gate's tolerance)."""
