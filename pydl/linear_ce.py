@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import _env, _softmax_ce_ops
+from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._gemm import gemm as _triton_gemm
 from ._gemm_numba import gemm as _numba_gemm
@@ -313,10 +314,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                "linear_cross_entropy: double backward (create_graph=True) is not supported; "
-                "use backend='torch' (torch's linear and cross_entropy) for it")
+        if torch.is_grad_enabled():       # create_graph: a gradient that raises if differentiated
+            return without_double_backward("linear_cross_entropy",
+                                           LinearCrossEntropyFunction.backward, ctx, grad_out)
         x, w, b, target, class_weight, lse, denom = ctx.saved_tensors
         o, need = ctx.o, ctx.needs_input_grad
         grads, ctx.from_forward = ctx.from_forward, None

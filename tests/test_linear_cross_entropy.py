@@ -269,12 +269,15 @@ def test_bad_input(backend):
         call(x, w[:0], t, backend=backend)
     with pytest.raises(IndexError):
         call(x, w, torch.tensor([0, 1, 5, 2], device=DEVICE), backend=backend)
+    # double backward: the gradient comes, differentiating it raises (as attention's)
     xg = x.clone().requires_grad_()
-    loss = call(xg, w, t, backend=backend)
-    (dx,) = torch.autograd.grad(loss, xg, create_graph=False)
-    loss = call(xg, w, t, backend=backend)
-    with pytest.raises(NotImplementedError, match="double backward"):
-        torch.autograd.grad(loss, xg, create_graph=True)
+    for reduction in ("mean", "none"):
+        loss = call(xg, w, t, reduction=reduction, backend=backend)
+        (dx,) = torch.autograd.grad(loss.sum(), xg, create_graph=True)
+        torch.testing.assert_close(dx, torch.autograd.grad(
+            call(xg, w, t, reduction=reduction, backend=backend).sum(), xg)[0])
+        with pytest.raises(RuntimeError, match="no double backward"):
+            dx.square().sum().backward()
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 in the Triton interpreter is wrong; GPU only")
