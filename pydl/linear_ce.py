@@ -114,14 +114,16 @@ def _summed(gemm, a, b, out, acc, first: bool, last: bool, trans_a: bool = False
 
 def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
     """(dx, dw, dw_acc, db, db_acc, ones): the gradients' buffers (None where not needed); an
-    fp32 accumulator where a 16-bit gradient sums several chunks."""
+    fp32 accumulator where a 16-bit gradient sums several chunks. The first chunk writes them
+    all, so they start uninitialised (zeros where there is no chunk: no rows)."""
+    new = torch.empty_like if n_chunks else torch.zeros_like
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    dw = torch.zeros_like(w, memory_format=torch.contiguous_format) if need_w else None
-    db = torch.zeros_like(b) if need_b else None
+    dw = new(w, memory_format=torch.contiguous_format) if need_w else None
+    db = new(b) if need_b else None
     several = n_chunks > 1
-    dw_acc = torch.zeros(w.shape, dtype=F32, device=w.device) \
+    dw_acc = torch.empty(w.shape, dtype=F32, device=w.device) \
         if need_w and several and w.dtype != F32 else None
-    db_acc = torch.zeros(b.shape, dtype=F32, device=b.device) \
+    db_acc = torch.empty(b.shape, dtype=F32, device=b.device) \
         if need_b and several and b.dtype != F32 else None
     ones = torch.ones(1, 1, dtype=x.dtype, device=x.device) if need_b else None
     return dx, dw, dw_acc, db, db_acc, ones
@@ -309,7 +311,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             need[1], need_b, o.in_forward, o.chunk, o.backend)
         ctx.save_for_backward(x, w, b, target, class_weight, lse, denom)
         ctx.o, ctx.need_b = o, need_b
-        ctx.from_forward = (dx, dw, db) if o.in_forward and o.reduction != "none" else None
+        ctx.grad_from_forward = (dx, dw, db) if o.in_forward and o.reduction != "none" else None
         return loss
 
     @staticmethod
@@ -319,7 +321,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                            LinearCrossEntropyFunction.backward, ctx, grad_out)
         x, w, b, target, class_weight, lse, denom = ctx.saved_tensors
         o, need = ctx.o, ctx.needs_input_grad
-        grads, ctx.from_forward = ctx.from_forward, None
+        grads, ctx.grad_from_forward = ctx.grad_from_forward, None
         if grads is not None:
             # made by the forward for an upstream gradient of 1: scaled in place
             dx, dw, db = (g if n else None for g, n in zip(grads, (need[0], need[1],
