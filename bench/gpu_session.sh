@@ -107,7 +107,7 @@ case $mode in
             tests/test_gemm.py tests/test_overhead.py tests/test_backends.py
             tests/test_testing.py tests/test_interop.py tests/test_softmax_ce.py
             tests/test_conv.py tests/test_attention.py tests/test_attention_onepass.py tests/test_pool.py
-            tests/test_option_fuzz.py"
+            tests/test_option_fuzz.py tests/test_linear_cross_entropy.py"
         for part in "125 not numba" "60 numba"; do
             # shellcheck disable=SC2046,SC2086
             timeout -k 5 "${part%% *}" python3 -m pytest -v -p no:cacheprovider $(workers 14) \
