@@ -45,6 +45,7 @@ from ._autograd import without_double_backward
 from ._checks import check_tensor
 from ._gemm import gemm as _triton_gemm
 from ._gemm_numba import gemm as _numba_gemm
+from ._launch import new_output
 from ._library import autocast_inputs, empty_like_shape, kernel_op
 from ._plan import apply, needs_graph
 from ._shapes import integer
@@ -116,15 +117,16 @@ def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int)
     """(dx, dw, dw_acc, db, db_acc, ones): the gradients' buffers (None where not needed); an
     fp32 accumulator where a 16-bit gradient sums several chunks. The first chunk writes them
     all, so they start uninitialised (zeros where there is no chunk: no rows)."""
-    new = torch.empty_like if n_chunks else torch.zeros_like
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    dw = new(w, memory_format=torch.contiguous_format) if need_w else None
+    def new(t, dtype=None):
+        if not n_chunks:
+            return torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
+        return new_output(t.shape, dtype or t.dtype, t.device)
+    dx = new(x) if need_x else None
+    dw = new(w) if need_w else None
     db = new(b) if need_b else None
     several = n_chunks > 1
-    dw_acc = torch.empty(w.shape, dtype=F32, device=w.device) \
-        if need_w and several and w.dtype != F32 else None
-    db_acc = torch.empty(b.shape, dtype=F32, device=b.device) \
-        if need_b and several and b.dtype != F32 else None
+    dw_acc = new(w, F32) if need_w and several and w.dtype != F32 else None
+    db_acc = new(b, F32) if need_b and several and b.dtype != F32 else None
     ones = torch.ones(1, 1, dtype=x.dtype, device=x.device) if need_b else None
     return dx, dw, dw_acc, db, db_acc, ones
 
@@ -194,21 +196,21 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
         _check_target_range(target, n_classes, ignore_index)
     none = reduction == "none"
     grads = grad_in_forward and not none and (need_x or need_w or need_b)
-    lse = torch.empty(n, dtype=F32, device=dev)
+    lse = new_output(n, F32, dev)
     denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
         if reduction == "mean" else _denominators(dev)
     n_chunks = -(-n // chunk) if n else 0
     # the losses: per row ("none": the loss itself, in x's dtype; else fp32, summed after),
     # or with the gradient each chunk's sum (the kernel reduces a chunk when it writes the
     # gradient; "mean" divided by the whole denominator, read from denom)
-    losses = torch.empty(n if none else (n_chunks if grads else n),
-                         dtype=x.dtype if none else F32, device=dev)
+    losses = new_output(n if none else (n_chunks if grads else n), x.dtype if none else F32,
+                        dev)
     dx = dw = db = dw_acc = db_acc = ones = None
     if grads:
         dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b,
                                                       n_chunks)
         scratch = torch.empty(cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev)
-    buffer = torch.empty(min(chunk, n), n_classes, dtype=x.dtype, device=dev)
+    buffer = new_output((min(chunk, n), n_classes), x.dtype, dev)
     for i, start in enumerate(range(0, n, chunk)):
         stop = min(start + chunk, n)
         x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
@@ -258,7 +260,7 @@ def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
     # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
     grad = grad_out.to(x.dtype).reshape(-1) if reduction == "none" else grad_out.to(x.dtype)
-    buffer = torch.empty(min(chunk, n), n_classes, dtype=x.dtype, device=x.device)
+    buffer = new_output((min(chunk, n), n_classes), x.dtype, x.device)
     for i, start in enumerate(range(0, n, chunk)):
         stop = min(start + chunk, n)
         x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
