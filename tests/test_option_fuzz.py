@@ -231,6 +231,39 @@ def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
             lambda x, t: F.cross_entropy(x, t, w64, **opts), [x, t], C * max(1, t.numel()))
 
 
+def _linear_ce(rng, dtype, backend, algo, size="tiny"):
+    """linear_cross_entropy: leading dims, hidden and class counts, layouts of the hidden
+    states and of the weight, a bias, class weights, every reduction, smoothing and
+    ignore_index, chunks of any size (the last one short), against torch's composite."""
+    medium = size == "medium"
+    lead = tuple(int(v) for v in rng.integers(1, 9 if medium else 4, int(rng.integers(1, 4))))
+    H = int(rng.integers(17, 71) if medium else rng.integers(1, 9))
+    V = int(rng.integers(100, 1500) if medium else rng.integers(1, 13))
+    x = _tensor(rng, lead + (H,), dtype, str(rng.choice(["contig", "transposed", "sliced"])))
+    w = _tensor(rng, (V, H), dtype, str(rng.choice(["contig", "transposed", "sliced"]))) * 0.5
+    b = _tensor(rng, (V,), dtype) if rng.random() < 0.5 else None
+    t = torch.from_numpy(rng.integers(0, V, lead)).to(DEVICE)
+    opts = dict(reduction=str(rng.choice(["mean", "sum", "none"])),
+                label_smoothing=float(rng.choice([0.0, 0.0, 0.1, 0.5])))
+    if rng.random() < 0.5:
+        opts["ignore_index"] = int(rng.choice([-100, 0, V - 1]))
+        t = torch.where(torch.rand(lead, device=DEVICE) < 0.3, opts["ignore_index"], t)
+    cw = (torch.rand(V, device=DEVICE) + 0.2).to(dtype) if rng.random() < 0.4 else None
+    chunk = [None, 1, 2, 3, 5, 7][int(rng.integers(6))]
+    case = (f"linear_cross_entropy x{tuple(x.shape)} w{tuple(w.shape)} bias={b is not None} "
+            f"class_weight={cw is not None} chunk_rows={chunk} {opts}")
+    cw64 = None if cw is None else cw.double()
+
+    def ours(x, w, t, b=None):
+        return pydl.linear_cross_entropy(x, w, t, b, class_weight=cw, chunk_rows=chunk,
+                                         **opts, backend=backend)
+
+    def theirs(x, w, t, b=None):
+        loss = F.cross_entropy(F.linear(x, w, b).reshape(-1, V), t.reshape(-1), cw64, **opts)
+        return loss.view(t.shape) if opts["reduction"] == "none" else loss
+    return case, ours, theirs, [x, w, t] + ([b] if b is not None else []), H * V * t.numel()
+
+
 def _attention(rng, dtype, backend, algo, size="tiny"):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     z = SIZES[size]
@@ -331,6 +364,7 @@ OPS = {
     "conv2d": (_conv, [("triton", "implicit"), ("triton", "im2col"), ("numba", None)]),
     "pools": (_pool, [("triton", None), ("numba", None)]),
     "softmax_cross_entropy": (_softmax_ce, [("triton", None), ("numba", None)]),
+    "linear_cross_entropy": (_linear_ce, [("triton", None), ("numba", None)]),
     "attention": (_attention, [("triton", "flash"), ("triton", "naive"), ("numba", None)]),
     "rnn": (_rnn, [("triton", "persistent"), ("triton", "steps"), ("numba", None)]),
 }
