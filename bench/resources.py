@@ -466,6 +466,24 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
     return run
 
 
+def _cov_linear_cross_entropy(dtype: str, n: int, h: int, v: int):
+    """linear_cross_entropy in chunks: a trained mean with a bias (the cross-entropy forward
+    writing its gradient over the chunk's logits, IN_PLACE; the shared GEMMs of the logits,
+    dh, dW through its fp32 accumulator, db), and per-row losses (the recompute backward)."""
+    def run():
+        import torch
+
+        import pydl
+        x = _rand(n, h, dtype=dtype, grad=True)
+        w = _rand(v, h, dtype=dtype, grad=True)
+        b = _rand(v, dtype=dtype, grad=True)
+        t = torch.randint(0, v, (n,))
+        pydl.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, chunk_rows=n // 3 + 1) \
+            .backward()
+        _grad(pydl.linear_cross_entropy(x, w, t, reduction="none", chunk_rows=n // 2), [x, w])
+    return run
+
+
 def _cov_pool(dtype: str, shape: tuple, channels_last: bool):
     """max_pool2d (training: window argmax; return_indices with ceil_mode; inference without
     indices; dilation), avg_pool2d (plain; ceil_mode without the padding in the count;
@@ -721,6 +739,8 @@ def _coverage() -> tuple:
             ("cross_entropy", f"{dt} 32x64", _cov_cross_entropy(dt, (32, 64))),
             ("cross_entropy", f"{dt} 6x10x7", _cov_cross_entropy(dt, (6, 10, 7))),
             ("cross_entropy", f"{dt} 3x5000", _cov_cross_entropy(dt, (3, 5000))),
+            ("cross_entropy", f"{dt} linear 24x32>300",
+             _cov_linear_cross_entropy(dt, 24, 32, 300)),
             ("pool", f"{dt} 2x32x16x16", _cov_pool(dt, (2, 32, 16, 16), False)),
             ("pool", f"{dt} 2x32x16x16 cl", _cov_pool(dt, (2, 32, 16, 16), True)),
             ("pool", f"{dt} 3x5x17x13", _cov_pool(dt, (3, 5, 17, 13), False)),

@@ -160,10 +160,11 @@ class _TritonLaunch:
         may be None, and scratch is for the reductions (cross_entropy_scratch(rows) fp32:
         the programs' partial sums, 2 each (loss, weight) in the forward, then 1 each of the
         mean denominator's kernel), None without one. x3 and target rows by pointer (any
-        tensor at their address: x for its view). dx3 may be x3 itself (each element is read
-        before it is overwritten). own_denominator=False: a training mean's denominator is
-        already in denom[0] (the chunks of pydl.linear_cross_entropy share the whole batch's),
-        so its kernel is not launched."""
+        tensor at their address: x for its view). dx3 may be x3 itself (IN_PLACE: the kernel
+        then waits for every warp's reads of the row before it writes the gradient).
+        own_denominator=False: a training mean's denominator is already in denom[0] (the
+        chunks of pydl.linear_cross_entropy share the whole batch's), so its kernel is not
+        launched."""
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
         has_weight = weight is not None
@@ -182,7 +183,8 @@ class _TritonLaunch:
                       (rows, n, inner, *x3.stride(), *dx.stride(), ignore_index, smoothing),
                       single=True, HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing > 0,
                       REDUCTION=REDUCTION_CODES[reduction], PARTS_BLOCK=PARTS_BLOCK, GRAD=grad,
-                      CHECK_TARGETS=dev.type == "cuda")
+                      CHECK_TARGETS=dev.type == "cuda",
+                      IN_PLACE=grad and dx3 is not None and dx3.data_ptr() == x3.data_ptr())
         if none:
             def run(x, target, weight, lse, loss, denom, scratch, dx):
                 w = (weight.contiguous() if strided else weight) if has_weight else x

@@ -184,7 +184,7 @@ def test_triton_gradient_in_the_forward(monkeypatch, reduction, upstream):
         class Spy:
             def __getitem__(self, grid, name=name, kernel=kernel):
                 def run(*args, **kwargs):
-                    seen.append((name, kwargs.get("GRAD")))
+                    seen.append((name, kwargs.get("GRAD"), kwargs.get("IN_PLACE")))
                     return kernel[grid](*args, **kwargs)
                 return run
         monkeypatch.setattr(k, name, Spy())
@@ -196,11 +196,12 @@ def test_triton_gradient_in_the_forward(monkeypatch, reduction, upstream):
     loss = pydl.linear_cross_entropy(x, w, t, class_weight=cw, ignore_index=1,
                                      reduction=reduction, label_smoothing=0.1, chunk_rows=4,
                                      backend="triton")
-    assert seen == [("cross_entropy_fwd", True)] * 3
+    # the gradient over the chunk's logits, after a barrier (IN_PLACE)
+    assert seen == [("cross_entropy_fwd", True, True)] * 3
     seen.clear()
     g = torch.tensor(upstream, device=DEVICE)
     first = torch.autograd.grad(loss, (x, w), g, retain_graph=True)
-    assert seen == [("cross_entropy_scale_grad", None)] * 2
+    assert seen == [("cross_entropy_scale_grad", None, None)] * 2
     seen.clear()
     second = torch.autograd.grad(loss, (x, w), g)
     assert [s[0] for s in seen] == ["cross_entropy_bwd"] * 3

@@ -335,6 +335,7 @@ def cross_entropy_fwd(
     PARTS_BLOCK: tl.constexpr,              # the last program sums the partials this many at a time
     GRAD: tl.constexpr,                     # also write the gradient (sum and mean only)
     CHECK_TARGETS: tl.constexpr,            # trap on a target out of range (GPU)
+    IN_PLACE: tl.constexpr,                 # GRAD: dx is x itself (its memory overwritten)
     SINGLE: tl.constexpr,                   # n <= BLOCK_N: the row stays in registers
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -397,6 +398,11 @@ def cross_entropy_fwd(
     if REDUCTION == REDUCE_NONE:
         tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
     if GRAD:
+        if IN_PLACE:
+            # every warp's reads of x above (the statistics, x_t: another warp may own the
+            # target's column) before any warp overwrites x with the gradient; below, each
+            # thread stores only elements it has just loaded itself
+            tl.debug_barrier()
         r = 1.0
         if REDUCTION == REDUCE_MEAN:
             r = 1.0 / tl.load(denom_ptr)
