@@ -21,7 +21,8 @@ def _step(x, t, w_conv, w_1x1, w_dw, w_out, conv_algo="implicit", attn_algo="fla
           backend="triton"):
     """conv 3x3 -> relu -> conv 1x1 (the shared GEMM) -> depthwise 3x3 (the implicit
     algorithm's direct kernels, its weight gradient summed over pixel ranges by arrival) ->
-    max-pool -> attention over the pixels -> linear -> cross-entropy."""
+    max-pool -> attention over the pixels -> linear -> cross-entropy, and the linear layer
+    and cross-entropy fused (linear_cross_entropy)."""
     b = dict(backend=backend)
     h = torch.relu(pydl.conv2d(x, w_conv, padding=1, algo=conv_algo, **b))
     h = pydl.conv2d(h, w_1x1, algo=conv_algo, **b)
@@ -29,8 +30,10 @@ def _step(x, t, w_conv, w_1x1, w_dw, w_out, conv_algo="implicit", attn_algo="fla
     h = pydl.max_pool2d(h, 2, **b)                         # (N, C, 4, 4)
     seq = h.flatten(2).transpose(1, 2).unsqueeze(1)       # (N, 1, 16, C)
     a = pydl.scaled_dot_product_attention(seq, seq, seq, algo=attn_algo, **b)
-    logits = a.mean(2).squeeze(1) @ w_out                 # (N, classes)
-    return pydl.cross_entropy(logits, t, **b)
+    pooled = a.mean(2).squeeze(1)                         # (N, C)
+    # the head twice: its logits' cross-entropy, and fused in chunks (two for N = 4)
+    return pydl.cross_entropy(pooled @ w_out, t, **b) + 0.5 * pydl.linear_cross_entropy(
+        pooled, w_out.t(), t, label_smoothing=0.1, chunk_rows=3, **b)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
