@@ -388,8 +388,8 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype != torch.int64:
-        raise TypeError(f"target must hold int64 (torch.long) class indices, got {target.dtype} "
-                        f"(class probabilities: pydl.cross_entropy on the logits)")
+        raise TypeError(f"target must hold int64 (torch.long) or uint8 class indices, got "
+                        f"{target.dtype} (class probabilities: pydl.cross_entropy on the logits)")
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} does not match input's leading "
                          f"dimensions {tuple(input.shape[:-1])}")
@@ -424,12 +424,15 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     materialising the (N, V) logits: the loss of a language model's head.
 
     input (..., H) hidden states; weight (V, H) and bias (V,) as torch.nn.Linear's; target
-    (...) int64 class indices (ignore_index for rows that do not count); class_weight (V,),
-    reduction and label_smoothing as torch.nn.functional.cross_entropy's. The rows go in
+    (...) int64 (or uint8) class indices (ignore_index for rows that do not count);
+    class_weight (V,), reduction and label_smoothing as torch.nn.functional.cross_entropy's,
+    the loss in input's dtype (float32 under autocast, as the composite's). The rows go in
     chunks of `chunk_rows` (default: as many as 1 GiB of logits hold); the result does not
     depend on it beyond the rounding of the summed gradients. Under torch.autocast the
     product runs in the autocast dtype, as torch.nn.functional.linear's does.
     """
+    if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
+        target = target.long()          # as torch's cross_entropy takes byte targets
     input, weight, bias = autocast_inputs("linear", input, weight, bias)
     name, impl = dispatch("linear_cross_entropy", backend, input, weight, target,
                           *(t for t in (bias, class_weight) if isinstance(t, torch.Tensor)))

@@ -236,6 +236,17 @@ def test_module(backend):
                  reduction=N * V * H)
 
 
+@backends
+def test_byte_targets(backend):
+    """uint8 class indices, as torch's cross_entropy takes them."""
+    x = random_tensor((5, 6), torch.float32, DEVICE)
+    w = random_tensor((7, 6), torch.float32, DEVICE)
+    t = _targets(5, 7)
+    torch.testing.assert_close(pydl.linear_cross_entropy(x, w, t.to(torch.uint8),
+                                                         backend=backend),
+                               pydl.linear_cross_entropy(x, w, t, backend=backend))
+
+
 def test_torch_backend_is_the_composite():
     x = random_tensor((4, 6), torch.float32, DEVICE)
     w = random_tensor((5, 6), torch.float32, DEVICE)
