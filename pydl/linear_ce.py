@@ -53,8 +53,8 @@ from ._softmax_ce_common import _denominators
 from ._softmax_ce_ops import LAUNCHERS, _check_target_range
 from ._softmax_ce_triton import _TritonLaunch, cross_entropy_scratch
 from .backends import dispatch, register
+from .softmax_ce import check_loss_options
 
-REDUCTIONS = ("none", "mean", "sum")
 GEMMS = {"triton": _triton_gemm, "numba": _numba_gemm}
 # Largest chunk of logits a call keeps (bytes): 1 GiB is 4096 rows of a 128k bf16 vocabulary.
 # Several chunks make a 16-bit weight's gradient go through an fp32 accumulator, read and
@@ -393,26 +393,11 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"target shape {tuple(target.shape)} does not match input's leading "
                          f"dimensions {tuple(input.shape[:-1])}")
-    n_classes = weight.shape[0]
-    if class_weight is not None:
-        if not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1 \
-                or class_weight.shape[0] != n_classes:
-            got = tuple(class_weight.shape) if isinstance(class_weight, torch.Tensor) \
-                else repr(class_weight)
-            raise ValueError(f"class_weight must be a 1-D tensor of length C={n_classes}, "
-                             f"got {got}")
-        if not class_weight.dtype.is_floating_point:
-            raise TypeError(f"class_weight must be floating point, got {class_weight.dtype}")
-    for name, t in (("weight", weight), ("target", target), ("bias", bias),
-                    ("class_weight", class_weight)):
+    for name, t in (("weight", weight), ("target", target), ("bias", bias)):
         if t is not None and t.device != input.device:
             raise RuntimeError(f"{name} is on {t.device} but input is on {input.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if integer(ignore_index) is None:
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_loss_options(input, weight.shape[0], class_weight, "class_weight", reduction,
+                       label_smoothing, ignore_index)
     if chunk_rows is not None and (integer(chunk_rows) is None or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 

@@ -281,26 +281,34 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
                          f"of input)")
     if target.device != input.device:
         raise RuntimeError(f"target is on {target.device} but input is on {input.device}")
-    n_classes = input.shape[0 if input.dim() == 1 else 1]
+    check_loss_options(input, input.shape[0 if input.dim() == 1 else 1], weight, "weight",
+                       reduction, label_smoothing, ignore_index)
+    if probabilities and ignore_index >= 0:
+        # torch's rule: a negative ignore_index (the default -100) is ignored, others raise
+        raise ValueError(f"ignore_index is not supported for class-probability (floating) "
+                         f"targets: it must be negative (the default -100), got {ignore_index}")
+
+
+def check_loss_options(input, n_classes: int, weight, name: str, reduction, label_smoothing,
+                       ignore_index) -> None:
+    """The options cross-entropy losses share (cross_entropy, linear_cross_entropy): class
+    weights (`name`) of the classes' length, floating, on input's device; the reduction,
+    label smoothing and ignore_index."""
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1 \
                 or weight.shape[0] != n_classes:
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else repr(weight)
-            raise ValueError(f"weight must be a 1-D tensor of length C={n_classes}, got {got}")
+            raise ValueError(f"{name} must be a 1-D tensor of length C={n_classes}, got {got}")
         if not weight.dtype.is_floating_point:
-            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+            raise TypeError(f"{name} must be floating point, got {weight.dtype}")
         if weight.device != input.device:
-            raise RuntimeError(f"weight is on {weight.device} but input is on {input.device}")
+            raise RuntimeError(f"{name} is on {weight.device} but input is on {input.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if integer(ignore_index) is None:
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if probabilities and ignore_index >= 0:
-        # torch's rule: a negative ignore_index (the default -100) is ignored, others raise
-        raise ValueError(f"ignore_index is not supported for class-probability (floating) "
-                         f"targets: it must be negative (the default -100), got {ignore_index}")
 
 
 @emulated("forward", "backward", "scale_grad", "prob_forward", "prob_backward")
