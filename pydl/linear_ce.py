@@ -43,11 +43,11 @@ from torch import Tensor
 from . import _env, _softmax_ce_ops
 from ._autograd import without_double_backward
 from ._checks import check_tensor
-from ._gemm import gemm as _triton_gemm
-from ._gemm_numba import gemm as _numba_gemm
-from ._launch import new_output
+from ._gemm import gemm_plan as _triton_gemm_plan
+from ._gemm_numba import gemm_plan as _numba_gemm_plan
+from ._launch import input_precision, new_output
 from ._library import autocast_inputs, empty_like_shape, kernel_op
-from ._plan import apply, needs_graph
+from ._plan import Cache, apply, capturing, needs_graph, tensors_key
 from ._shapes import integer
 from ._softmax_ce_common import _denominators
 from ._softmax_ce_ops import LAUNCHERS, _check_target_range
@@ -55,7 +55,7 @@ from ._softmax_ce_triton import _TritonLaunch, cross_entropy_scratch
 from .backends import dispatch, register
 from .softmax_ce import check_loss_options
 
-GEMMS = {"triton": _triton_gemm, "numba": _numba_gemm}
+GEMM_PLANS = {"triton": _triton_gemm_plan, "numba": _numba_gemm_plan}
 # Largest chunk of logits a call keeps (bytes): 1 GiB is 4096 rows of a 128k bf16 vocabulary.
 # Several chunks make a 16-bit weight's gradient go through an fp32 accumulator, read and
 # written once a chunk: 8 V H bytes against the chunk's 6 c V H FLOPs, so the accumulator's
@@ -83,34 +83,93 @@ def _grad_in_forward(backend: str, reduction: str) -> bool:
 
 # --- one chunk's steps ------------------------------------------------------------------------
 
-def _logits(gemm, x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    """out = x_c w^T + b: the chunk's logits, in x's dtype."""
-    return gemm(x_c, w, out, trans_b=True, bias=b)
+class _Steps:
+    """The launches of one call signature (pydl/_plan.py's design; the key: `_steps`): each
+    GEMM plan and cross-entropy launch, one per role and chunk length, made at its first use
+    and kept, so that a repeated call makes its buffers and views and launches what it kept.
+    One built inside a CUDA graph capture is used and not kept (it could not be tuned)."""
+
+    __slots__ = ("launcher", "gemm_plan", "kept")
+
+    def __init__(self, backend: str):
+        self.launcher, self.gemm_plan, self.kept = LAUNCHERS[backend], GEMM_PLANS[backend], {}
+
+    def _kept(self, key, build, *args, **kwargs):
+        launch = self.kept.get(key)
+        if launch is None:
+            launch = build(*args, **kwargs)
+            if not capturing():
+                self.kept[key] = launch
+        return launch
+
+    def gemm(self, key, a, b, out, *, trans_a=False, trans_b=False, bias=None, addend=None):
+        """pydl's gemm(a, b, out, ...) through the plan kept for `key` (`addend` may be out:
+        accumulate)."""
+        self._kept(key, self.gemm_plan, a, b, out, trans_a=trans_a, trans_b=trans_b,
+                   bias=bias, addend=addend)(a, b, out, bias, addend)
+
+    def loss_rows(self, x3, t, cw, lse, loss, denom, ignore_index, smoothing):
+        """The chunk's per-row losses into `loss` (fp32, or the loss itself for "none") and
+        their logsumexp (the cross-entropy forward, reduction "none")."""
+        self._kept(("rows", x3.shape[0]), self.launcher.plan_cross_entropy_fwd, x3, t, cw, lse,
+                   loss, denom, None, None, ignore_index, smoothing, "none", False)(
+            x3, t, cw, lse, loss, denom, None, None)
+
+    def loss_and_grad(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
+                      reduction):
+        """The chunk's reduced loss into `loss` (0-d fp32; a mean divided by denom[0], the
+        whole batch's) and its gradient over its logits (the triton forward with GRAD,
+        IN_PLACE)."""
+        self._kept(("grad", x3.shape[0]), _TritonLaunch.plan_cross_entropy_fwd, x3, t, cw, lse,
+                   loss, denom, scratch, x3, ignore_index, smoothing, reduction, True,
+                   own_denominator=False)(x3, t, cw, lse, loss, denom, scratch, x3)
+
+    def grad_rows(self, x3, t, cw, lse, denom, g, ignore_index, smoothing, reduction):
+        """The chunk's logits' gradient over them, for upstream gradient g (the cross-entropy
+        backward)."""
+        self._kept(("bwd", x3.shape[0]), self.launcher.plan_cross_entropy_bwd, x3, t, cw, lse,
+                   denom, g, x3, reduction, ignore_index, smoothing)(x3, t, cw, lse, denom, g, x3)
+
+    def logits(self, x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> None:
+        """out = x_c w^T + b: the chunk's logits, in x's dtype."""
+        self.gemm(("logits", x_c.shape[0]), x_c, w, out, trans_b=True, bias=b)
+
+    def backprop(self, dlogits: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, dw_acc, db, db_acc,
+                 ones, first: bool, last: bool) -> None:
+        """The chunk's share of the gradients from its logits' gradient: dx_c = dlogits w;
+        dw (+)= dlogits^T x_c; db (+)= the column sums of dlogits (a product with ones). A
+        gradient summed over chunks adds into its fp32 accumulator (dw_acc, db_acc: None where
+        the gradient itself is fp32 or one chunk makes it), and the last chunk's product is
+        rounded once, into the gradient itself."""
+        rows = dlogits.shape[0]
+        if dx_c is not None:
+            self.gemm(("dx", rows), dlogits, w, dx_c)
+        if dw is not None:
+            self._summed(("dw", rows, first, last), dlogits, x_c, dw, dw_acc, first, last,
+                         trans_a=True)
+        if db is not None:
+            self._summed(("db", rows, first, last), ones.expand(1, rows), dlogits,
+                         db.view(1, -1), None if db_acc is None else db_acc.view(1, -1), first,
+                         last)
+
+    def _summed(self, key, a, b, out, acc, first: bool, last: bool, trans_a=False) -> None:
+        if acc is None:                                   # out itself sums the chunks
+            self.gemm(key, a, b, out, trans_a=trans_a, addend=None if first else out)
+        elif last:                                        # rounded once, into out's dtype
+            self.gemm(key, a, b, out, trans_a=trans_a, addend=None if first else acc)
+        else:
+            self.gemm(key, a, b, acc, trans_a=trans_a, addend=None if first else acc)
 
 
-def _backprop_chunk(gemm, dlogits: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, dw_acc, db,
-                    db_acc, ones, first: bool, last: bool) -> None:
-    """The chunk's share of the gradients from its logits' gradient: dx_c = dlogits w;
-    dw (+)= dlogits^T x_c; db (+)= the column sums of dlogits (a product with ones). A
-    gradient summed over chunks adds into its fp32 accumulator (dw_acc, db_acc: None where the
-    gradient itself is fp32 or one chunk makes it), and the last chunk's product is rounded
-    once, into the gradient itself."""
-    if dx_c is not None:
-        gemm(dlogits, w, dx_c)
-    if dw is not None:
-        _summed(gemm, dlogits, x_c, dw, dw_acc, first, last, trans_a=True)
-    if db is not None:
-        _summed(gemm, ones[:, :dlogits.shape[0]], dlogits, db.view(1, -1),
-                None if db_acc is None else db_acc.view(1, -1), first, last)
+_STEPS = Cache("linear_cross_entropy launches")
 
 
-def _summed(gemm, a, b, out, acc, first: bool, last: bool, trans_a: bool = False) -> None:
-    if acc is None:                                   # out itself sums the chunks
-        gemm(a, b, out, trans_a=trans_a, accumulate=not first)
-    elif last:
-        gemm(a, b, out, trans_a=trans_a, addend=acc)  # rounded once, into out's dtype
-    else:
-        gemm(a, b, acc, trans_a=trans_a, accumulate=not first)
+def _steps(backend: str, *tensors_and_options) -> _Steps:
+    """The kept launches of a call signature: the backend, the tensors' types, shapes,
+    strides and dtypes, the options, and torch's TF32 switch (its GEMMs' precision)."""
+    tensors, options = tensors_and_options[:5], tensors_and_options[5:]
+    key = (backend, input_precision(tensors[0].dtype), *tensors_key(*tensors), *options)
+    return _STEPS.get(key, _Steps, backend)
 
 
 def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
@@ -136,10 +195,6 @@ def _or_placeholders(x, w, dx, dw, db) -> tuple[Tensor, Tensor, Tensor]:
     never alias each other)."""
     return (x.new_empty(0) if dx is None else dx, w.new_empty(0) if dw is None else dw,
             x.new_empty(0) if db is None else db)
-
-
-def _ones_row(ones, rows: int):
-    return None if ones is None else ones.expand(1, rows)
 
 
 def _mean_denominator(target: Tensor, class_weight: Tensor | None, ignore_index: int,
@@ -191,11 +246,13 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     need one, for an upstream gradient of 1; empty placeholders otherwise). x (N, H), w (V,
     H), b (V,) or None, target (N,)."""
     n, n_classes = x.shape[0], w.shape[0]
-    dev, launcher, gemm = x.device, LAUNCHERS[backend], GEMMS[backend]
+    dev = x.device
     if not _softmax_ce_ops.kernel_checks_targets(x, backend):   # read at call time
         _check_target_range(target, n_classes, ignore_index)
     none = reduction == "none"
     grads = grad_in_forward and not none and (need_x or need_w or need_b)
+    steps = _steps(backend, x, w, b, target, class_weight, "fwd", ignore_index, reduction,
+                   smoothing, need_x, need_w, need_b, grads, chunk)
     lse = new_output(n, F32, dev)
     denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
         if reduction == "mean" else _denominators(dev)
@@ -214,23 +271,18 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     for i, start in enumerate(range(0, n, chunk)):
         stop = min(start + chunk, n)
         x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
-        logits = _logits(gemm, x_c, w, b, buffer[:stop - start])
+        logits = buffer[:stop - start]
+        steps.logits(x_c, w, b, logits)
         x3 = logits.unsqueeze(2)
         if grads:
             # the chunk's loss into losses[i], its gradient over its logits
-            loss_c = losses[i]
-            run = _TritonLaunch.plan_cross_entropy_fwd(
-                x3, t_c, class_weight, lse_c, loss_c, denom, scratch, x3, ignore_index,
-                smoothing, reduction, True, own_denominator=False)
-            run(x3, t_c, class_weight, lse_c, loss_c, denom, scratch, x3)
-            _backprop_chunk(gemm, logits, x_c, w, None if dx is None else dx[start:stop], dw,
-                            dw_acc, db, db_acc, _ones_row(ones, stop - start), i == 0,
-                            i == n_chunks - 1)
+            steps.loss_and_grad(x3, t_c, class_weight, lse_c, losses[i], denom, scratch,
+                                ignore_index, smoothing, reduction)
+            steps.backprop(logits, x_c, w, None if dx is None else dx[start:stop], dw, dw_acc,
+                           db, db_acc, ones, i == 0, i == n_chunks - 1)
         else:
-            loss_c = losses[start:stop]
-            launcher.plan_cross_entropy_fwd(x3, t_c, class_weight, lse_c, loss_c, denom, None,
-                                            None, ignore_index, smoothing, "none", False)(
-                x3, t_c, class_weight, lse_c, loss_c, denom, None, None)
+            steps.loss_rows(x3, t_c, class_weight, lse_c, losses[start:stop], denom,
+                            ignore_index, smoothing)
     if none:
         loss = losses.view(target.shape)
     else:       # the chunks' sums are already divided by a mean's denominator
@@ -254,25 +306,25 @@ def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     """The recompute schedule's backward: (dx, dw, db), an empty placeholder for one not
     needed. Each chunk's logits again, their gradient over them (the cross-entropy backward
     kernel, which divides a mean by denom[0] and reads W from denom[1]), then the GEMMs."""
-    n, n_classes = x.shape[0], w.shape[0]
-    launcher, gemm = LAUNCHERS[backend], GEMMS[backend]
+    n = x.shape[0]
+    steps = _steps(backend, x, w, b, target, class_weight, "bwd", grad_out.dtype,
+                   grad_out.stride(), ignore_index, reduction, smoothing, need_x, need_w,
+                   need_b, chunk)
     n_chunks = -(-n // chunk) if n else 0
     dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
     # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
     grad = grad_out.to(x.dtype).reshape(-1) if reduction == "none" else grad_out.to(x.dtype)
-    buffer = new_output((min(chunk, n), n_classes), x.dtype, x.device)
+    buffer = new_output((min(chunk, n), w.shape[0]), x.dtype, x.device)
     for i, start in enumerate(range(0, n, chunk)):
         stop = min(start + chunk, n)
         x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
-        logits = _logits(gemm, x_c, w, b, buffer[:stop - start])
-        x3 = logits.unsqueeze(2)
-        g = grad[start:stop] if reduction == "none" else grad
-        launcher.plan_cross_entropy_bwd(x3, t_c, class_weight, lse_c, denom, g, x3, reduction,
-                                        ignore_index, smoothing)(
-            x3, t_c, class_weight, lse_c, denom, g, x3)
-        _backprop_chunk(gemm, logits, x_c, w, None if dx is None else dx[start:stop], dw,
-                        dw_acc, db, db_acc, _ones_row(ones, stop - start), i == 0,
-                        i == n_chunks - 1)
+        logits = buffer[:stop - start]
+        steps.logits(x_c, w, b, logits)
+        steps.grad_rows(logits.unsqueeze(2), t_c, class_weight, lse_c, denom,
+                        grad[start:stop] if reduction == "none" else grad, ignore_index,
+                        smoothing, reduction)
+        steps.backprop(logits, x_c, w, None if dx is None else dx[start:stop], dw, dw_acc, db,
+                       db_acc, ones, i == 0, i == n_chunks - 1)
     return _or_placeholders(x, w, dx, dw, db)
 
 
