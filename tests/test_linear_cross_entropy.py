@@ -299,3 +299,27 @@ def test_bf16_large_vocabulary_on_gpu():
     x = random_tensor((N, H), torch.bfloat16, DEVICE)
     w = random_tensor((V, H), torch.bfloat16, DEVICE, scale=0.1)
     _check("triton", torch.bfloat16, x, w, None, _targets(N, V, -100), chunk_rows=128)
+
+
+@backends
+def test_kept_launches_follow_the_call_signature(backend):
+    """The launches kept per call signature (pydl/linear_ce.py _Steps) are not reused across
+    layouts, chunk lengths or TF32 switches: a contiguous then a transposed weight of the same
+    shape, three chunk sizes, each against the reference; the TF32 switch keys them apart."""
+    N, H, V = 10, 8, 13
+    x = random_tensor((N, H), torch.float32, DEVICE)
+    w = random_tensor((V, H), torch.float32, DEVICE)
+    t = _targets(N, V, -100)
+    for weight in (w, w.t().contiguous().t()):
+        for chunk in (3, 4, 10):
+            _check(backend, torch.float32, x, weight, None, t, chunk_rows=chunk,
+                   label_smoothing=0.1)
+    linear_ce._STEPS.clear()
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            pydl.linear_cross_entropy(x, w, t, backend=backend)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert len(linear_ce._STEPS.entries) == 2
