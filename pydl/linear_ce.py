@@ -475,6 +475,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
                           *(t for t in (bias, class_weight) if isinstance(t, torch.Tensor)))
     _check(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
            chunk_rows, name)
+    if class_weight is not None and class_weight.requires_grad and name != "torch" \
+            and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "linear_cross_entropy: class_weight requires grad, where torch does not "
+            "differentiate the loss w.r.t. the class weights either (it raises: nll_loss is "
+            "not differentiable with respect to argument 'weight'): pass class_weight.detach()")
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     chunk = int(chunk_rows) if chunk_rows is not None else \

@@ -279,6 +279,12 @@ def test_bad_input(backend):
         call(x, w, t, chunk_rows=0, backend=backend)
     with pytest.raises(ValueError, match="no rows"):
         call(x, w[:0], t, backend=backend)
+    with pytest.raises(NotImplementedError, match="class_weight requires grad"):
+        call(x, w, t, class_weight=torch.ones(5, device=DEVICE, requires_grad=True),
+             backend=backend)
+    with torch.no_grad():                   # no gradient taken: nothing to refuse
+        call(x, w, t, class_weight=torch.ones(5, device=DEVICE, requires_grad=True),
+             backend=backend)
     with pytest.raises(IndexError):
         call(x, w, torch.tensor([0, 1, 5, 2], device=DEVICE), backend=backend)
     # double backward: the gradient comes, differentiating it raises (as attention's)
