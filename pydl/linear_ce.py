@@ -33,7 +33,8 @@ Both steps are torch.library custom ops (pydl::linear_cross_entropy_fwd / _bwd),
 using this compiles with torch.compile(fullgraph=True). The rows' losses are summed in fp32
 and the mean's denominator (the summed class weights of the rows that count) is taken from
 the targets with torch reductions over the N rows (not over the N x V logits, which only the
-kernels touch). Double backward is not supported (an error says so).
+kernels touch). Double backward is not supported: differentiating the gradient raises
+(pydl/_autograd.py's rule).
 """
 from __future__ import annotations
 
