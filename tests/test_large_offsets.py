@@ -83,6 +83,16 @@ OPS = {
     "cross_entropy_probs": (lambda: [_x(3, 3), torch.softmax(_x(3, 3).float(), 1).to(DTYPE)],
                             lambda x, p, *, backend: pydl.cross_entropy(
                                 x, p, reduction="none", backend=backend)),
+    # hidden states (batch, sequence, hidden), the head's weight and bias; chunks of 4 rows
+    "linear_cross_entropy": (lambda: [_x(3, 3, 3), _x(3, 3), _x(3)],
+                             lambda x, w, b, *, backend: pydl.linear_cross_entropy(
+                                 x, w, TARGETS, b, reduction="none", chunk_rows=4,
+                                 backend=backend)),
+    "linear_cross_entropy_mean": (lambda: [_x(3, 3, 3), _x(3, 3)],
+                                  lambda x, w, *, backend: pydl.linear_cross_entropy(
+                                      x, w, TARGETS, class_weight=CLASS_WEIGHTS,
+                                      label_smoothing=0.1, chunk_rows=4,
+                                      backend=backend)[None].expand(3)),
     "attention": (lambda: [_x(3, 3, 3, 3), _x(3, 3, 3, 3), _x(3, 3, 3, 3)],
                   lambda q, k, v, *, backend: pydl.scaled_dot_product_attention(
                       q, k, v, backend=backend)),
