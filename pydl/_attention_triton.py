@@ -181,6 +181,68 @@ def _dropout_kind(dropout_p: float, L: int, S: int, in_memory: bool = False) -> 
     return kind.value + (kt.SEED_IN_MEMORY.value if in_memory else 0)
 
 
+# The keys split over programs (FlashDecoding; kernels/triton/attention.py attention_fwd_split)
+# where one program per query tile would leave the GPU mostly idle: a call with at least
+# SPLIT_MIN_KEYS keys and fewer query tiles (B * H * cdiv(L, BLOCK_M)) than SPLIT_PROGRAMS
+# programs per multiprocessor. Each split gets at least SPLIT_MIN_TILES key tiles, and there
+# are at most MAX_SPLITS; the last of a query tile's splits to finish combines them. A decoding
+# step of 2 sequences x 32 heads against 8k cached keys was 64 programs of 128 key tiles each
+# on 132 SMs (half of them idle); split 5 ways it is 320 programs of 26 tiles.
+SPLIT_MIN_KEYS = 1024
+SPLIT_PROGRAMS = 2
+SPLIT_MIN_TILES = 4
+MAX_SPLITS = 64
+# its tile: BLOCK_M follows the queries (16-64 rows), BLOCK_N keys a step (fp32 without TF32:
+# smaller, as its products' operands sit in registers)
+SPLIT_BLOCK_N, SPLIT_BLOCK_N_IEEE, SPLIT_WARPS = 64, 32, 4
+
+
+def split_count(q, k) -> tuple[int, int, int]:
+    """(splits, keys a split owns, BLOCK_N) of the split forward for q (B, H, L, E) and k
+    (.., S, E); splits 1: the plain forward."""
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    block_n = _blocks(q.shape[3], q.shape[3])["BLOCK_N"] if _env.INTERPRET else \
+        (SPLIT_BLOCK_N_IEEE if _ieee_fp32(q) else SPLIT_BLOCK_N)
+    tiles = B * H * cdiv(L, max(16, min(64, next_power_of_2(L))))
+    want = SPLIT_PROGRAMS * _launch.multiprocessors(q.device)
+    if S < SPLIT_MIN_KEYS or tiles == 0 or tiles * 2 > want:
+        return 1, S, block_n
+    splits = min(MAX_SPLITS, cdiv(want, tiles), cdiv(S, block_n * SPLIT_MIN_TILES))
+    keys = cdiv(cdiv(S, splits), block_n) * block_n
+    splits = cdiv(S, keys)
+    return (splits, keys, block_n) if splits > 1 else (1, S, block_n)
+
+
+def _split_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale):
+    """run(q, k, v, o, lse, mask, seed) of the split forward, or None where it does not pay
+    (split_count). The partials (fp32, B*H x splits x L rows of EV + 2) are allocated per
+    call; the arrival counters are the stream's (pydl._launch.arrival_counters)."""
+    from .kernels.triton import attention as kt
+    splits, keys, block_n = split_count(q, k)
+    if splits == 1:
+        return None
+    B, H, L, E = q.shape
+    HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
+    block_m = max(16, min(64, next_power_of_2(L)))
+    tiles = B * H * cdiv(L, block_m)
+    scalars = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
+               H, L, S, E, EV, _group(H, HKV), scale, keys)
+    consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
+                  INPUT_PRECISION=input_precision(q.dtype), SCALE_NEGATIVE=scale < 0,
+                  SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_D=max(16, next_power_of_2(E)), BLOCK_DV=max(16, next_power_of_2(EV)),
+                  num_warps=SPLIT_WARPS, num_stages=3)
+    launch = Launch(kt.attention_fwd_split, (splits * tiles,), scalars, consts)
+    new_part = output_maker((B * H * splits * L * (EV + 2),), torch.float32, q.device)
+    device = q.device
+
+    def run(q, k, v, o, lse, mask, seed):
+        launch(q, k, v, o, lse, q if mask is None else mask, new_part(),
+               _launch.arrival_counters(device, tiles))
+    return run
+
+
 class _TritonAttention:
     """The flash kernels' launcher: plan_forward and plan_backward (as every launcher of
     LAUNCHERS)."""
@@ -199,6 +261,10 @@ class _TritonAttention:
 
     @staticmethod
     def _forward_run(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, in_memory):
+        split = None if dropout_p > 0 else _split_forward(q, k, v, o, lse, mask, mask_kind,
+                                                           is_causal, scale)
+        if split is not None:
+            return split
         launch = _TritonAttention._plan_forward(q, k, v, o, lse, mask, mask_kind, is_causal,
                                                 scale, dropout_p, in_memory)
         tma = launch.consts["USE_TMA"] and not _env.INTERPRET

@@ -818,3 +818,88 @@ def test_attention_weights_are_differentiable(mask_kind):
     for a, b in zip(leaves, leaves32):
         assert_close(a.grad, b.grad.nan_to_num(0.0), torch.float16, reduction=S * E,
                      name="numba fp16")
+
+
+@pytest.fixture
+def split_keys(monkeypatch):
+    """The split forward (attention_fwd_split) for short test sequences: from 20 keys, into
+    splits of 2 key tiles (16 keys each in emulation) and at least 2 ways; the kernels
+    launched, recorded."""
+    monkeypatch.setattr(_attention_triton, "SPLIT_MIN_KEYS", 20)
+    monkeypatch.setattr(_attention_triton, "SPLIT_MIN_TILES", 2)
+    launched = []
+    for name in ("attention_fwd", "attention_fwd_split"):
+        kernel = getattr(kt, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                def run(*args, **kwargs):
+                    launched.append((name, kwargs.get("SPLITS")))
+                    return kernel[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(kt, name, Spy())
+    return launched
+
+
+@pytest.mark.parametrize("case", [
+    # (B, Hq, Hkv, L, S, E, Ev), options: decoding (one query), a few queries, GQA, causal
+    # (top-left: later splits see no key), masks with rows whose keys sit in one split only
+    ((2, 2, 2, 1, 70, 16, 16), {}),
+    ((1, 3, 3, 5, 83, 24, 16), {}),
+    ((1, 4, 2, 2, 64, 32, 32), dict(enable_gqa=True)),
+    ((1, 2, 2, 9, 50, 16, 16), dict(is_causal=True)),
+    ((1, 2, 2, 3, 47, 16, 16), dict(mask="bool")),
+    ((2, 1, 1, 4, 40, 16, 16), dict(mask="float", scale=-0.3)),
+], ids=["decode", "few_queries", "gqa", "causal", "bool_mask", "float_mask_negative_scale"])
+def test_split_keys_forward(split_keys, case):
+    """Few query tiles and many keys: the forward splits the keys over programs and the last
+    of each tile's splits combines them; outputs and the gradients (the flash backward on its
+    lse) against torch and the float64 reference, and every arrival counter back at zero."""
+    (B, H, HKV, L, S, E, EV), opts = case
+    q, k, v = qkv(B, H, HKV, L, S, E, EV, torch.float16)
+    kind = opts.pop("mask", None)
+    if kind == "bool":
+        mask = torch.rand(L, S, device=DEVICE) > 0.7
+        mask[0] = False
+        mask[0, 3] = True                          # row 0: one live key, in the first split
+        mask[1] = False                            # row 1: none (zeros, as torch)
+        opts["attn_mask"] = mask
+    elif kind == "float":
+        opts["attn_mask"] = random_tensor((L, S), torch.float16, DEVICE)
+    if kind == "bool":      # torch's NaN for the fully masked row is its own test's business
+        out = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
+        keep = opts["attn_mask"]
+        want = ref.scaled_dot_product_attention(*(t.double().cpu().numpy() for t in (q, k, v)),
+                                                attn_mask=keep.cpu().numpy())
+        assert_close(out, torch.from_numpy(want).nan_to_num(0.0), torch.float16, reduction=S)
+        assert not out[:, :, 1].any()
+    else:
+        check_attention(q, k, v, "triton", torch.float16, **opts)
+    assert {n for n, _ in split_keys} == {"attention_fwd_split"}
+    assert all(s >= 2 for _, s in split_keys)
+    from pydl import _launch
+    assert all(not c.any() for c in _launch._ARRIVALS.values())
+
+
+def _bf16(*shape):
+    return torch.empty(*shape, dtype=torch.bfloat16)
+
+
+def test_split_keys_only_where_it_pays(monkeypatch):
+    """The split forward's choice: not below SPLIT_MIN_KEYS keys, not where the query tiles
+    alone fill the GPU, never more than MAX_SPLITS, each split at least SPLIT_MIN_TILES key
+    tiles, and no empty split."""
+    monkeypatch.setattr(_attention_triton, "SPLIT_MIN_TILES", 4)
+    count = _attention_triton.split_count
+    monkeypatch.setattr(_attention_triton._launch, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(_attention_triton._env, "INTERPRET", False)
+    q = _bf16(2, 32, 1, 128)                   # a decoding step: 64 query tiles
+    assert count(q, _bf16(2, 32, 500, 128))[0] == 1           # too few keys
+    splits, keys, block_n = count(q, _bf16(2, 32, 8192, 128))
+    assert (splits, keys, block_n) == (5, 1664, 64)                 # 320 programs on 132 SMs
+    # 8 x 32 heads already make 256 programs (two waves): not split
+    assert count(_bf16(8, 32, 1, 128), _bf16(8, 32, 8192, 128))[0] == 1
+    splits, keys, _ = count(_bf16(1, 8, 1, 128), _bf16(1, 8, 32768, 128))
+    assert (splits, keys) == (32, 1024)          # 33 wanted, 32 after rounding to tiles
+    assert count(_bf16(1, 1, 1, 64), _bf16(1, 1, 1 << 20, 64))[0] == 64
+    assert count(_bf16(4, 32, 1024, 128), _bf16(4, 32, 8192, 128))[0] == 1

@@ -314,6 +314,103 @@ def attention_fwd(
 
 
 @triton.jit
+def attention_fwd_split(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
+    part_ptr,                          # fp32 (B*H, SPLITS, L, EV + 2): each split's rows
+    arrivals_ptr,                      # int32 (B*H * cdiv(L, BLOCK_M),), zero; left zero
+    sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    so_b, so_h, so_m, so_d, sm_b, sm_h, sm_m, sm_n,     # as attention_fwd's
+    H, L, S, E, EV, GROUP, scale,
+    KEYS,                              # keys a split owns: a multiple of BLOCK_N
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SCALE_NEGATIVE: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """attention_fwd with the keys split (FlashDecoding): for few query tiles and many keys
+    (decoding: a query or a few per head against a long cache), where one program per query
+    tile would leave most SMs idle while it streams every key. Grid (SPLITS * tiles * B*H,),
+    splits fastest: a program runs the online softmax over its KEYS keys (`_fwd_tiles`, the
+    unmasked and masked ranges of `_key_ranges` cut to its own), writes its rows' unnormalised
+    output and (m, l) to part_ptr, and counts its arrival on its query tile's counter; the
+    last of the tile's SPLITS programs to arrive combines them in split order (deterministic):
+    M = max_s m_s, out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, lse as
+    attention_fwd's (+inf and a zero output for a row with no visible key), and sets the
+    counter back to zero. No dropout (the host uses attention_fwd for it)."""
+    pid = tl.program_id(0)
+    split = pid % SPLITS
+    n_tiles = tl.cdiv(L, BLOCK_M)
+    tile = pid // SPLITS
+    pid_m = tile % n_tiles
+    bh = tile // n_tiles
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    m_base = mask_ptr + b * sm_b + h * sm_h
+    q = _load_tile(q_ptr + b * sq_b + h * sq_h, rows, d, sq_m, sq_d, L, E)
+    scale_log2 = scale * LOG2E
+    if SCALE_NEGATIVE:
+        q = -q
+        scale_log2 = -scale_log2
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo, hi = _key_ranges(pid_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
+    start = split * KEYS
+    end = start + KEYS
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    # this split's share of the unmasked tiles [0, lo), then of the masked ones [lo, hi)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n,
+                               sv_d, sm_m, sm_n, rows, d, dv, start, tl.minimum(end, lo), L, S,
+                               E, EV, scale_log2, 0.0, 0, bh, False, IS_CAUSAL, MASK_KIND,
+                               DROPOUT_OFF, INPUT_PRECISION, False, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, m_base, sk_n, sk_d, sv_n,
+                               sv_d, sm_m, sm_n, rows, d, dv, tl.maximum(start, lo),
+                               tl.minimum(end, hi), L, S, E, EV, scale_log2, 0.0, 0, bh, True,
+                               IS_CAUSAL, MASK_KIND, DROPOUT_OFF, INPUT_PRECISION, False,
+                               BLOCK_N, BLOCK_D, BLOCK_DV)
+    # the partials: row r of split s at part[bh, s, r, :EV] (acc), [EV] (m), [EV + 1] (l)
+    W = EV + 2
+    part = part_ptr + (bh.to(tl.int64) * SPLITS + split) * L * W
+    _store_tile(part, rows, dv, W, 1, L, EV, acc)
+    tl.store(part + rows.to(tl.int64) * W + EV, m_i, mask=rows < L)
+    tl.store(part + rows.to(tl.int64) * W + EV + 1, l_i, mask=rows < L)
+    counter = arrivals_ptr + tile
+    tl.debug_barrier()                  # every thread's partials before the arrival
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        plane = part_ptr + bh.to(tl.int64) * SPLITS * L * W
+        r_ok = rows < L
+        m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for s in range(0, SPLITS):
+            m_s = tl.load(plane + (s * L + rows.to(tl.int64)) * W + EV, mask=r_ok,
+                          other=float("-inf"), cache_modifier=".cg")
+            m_all = tl.maximum(m_all, m_s)
+        seen = m_all != float("-inf")
+        m_safe = tl.where(seen, m_all, 0.0)
+        l_all = tl.zeros([BLOCK_M], tl.float32)
+        out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for s in range(0, SPLITS):
+            row_s = plane + (s * L + rows.to(tl.int64)) * W
+            m_s = tl.load(row_s + EV, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(row_s + EV + 1, mask=r_ok, other=0.0, cache_modifier=".cg")
+            c = tl.math.exp2(m_s - m_safe)          # 0 for a split that saw no key
+            a_s = tl.load(row_s[:, None] + dv[None, :], mask=r_ok[:, None] & (dv < EV)[None, :],
+                          other=0.0, cache_modifier=".cg")
+            l_all += c * l_s
+            out += c[:, None] * a_s
+        empty = l_all == 0.0
+        out = out / tl.where(empty, 1.0, l_all)[:, None]
+        lse = tl.where(empty, float("inf"),
+                       (m_all + tl.math.log2(tl.where(empty, 1.0, l_all))) / LOG2E)
+        _store_tile(o_ptr + b * so_b + h * so_h, rows, dv, so_m, so_d, L, EV, out)
+        tl.store(lse_ptr + bh.to(tl.int64) * L + rows, lse, mask=r_ok)
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def attention_bwd_preprocess(
     o_ptr, do_ptr, delta_ptr, dq_acc_ptr,
     so_b, so_h, so_m, so_d,
