@@ -548,6 +548,31 @@ def _cov_gemm(dtype: str, m: int, n: int, k: int):
     return run
 
 
+def _cov_attention_split(dtype: str, L: int, E: int, HKV: int):
+    """The split-keys forward (attention_fwd_split) at the GPU's key tile: a query or a few
+    per head against 4 tiles of keys split 4 ways (no mask, causal, bool and float masks,
+    grouped heads when HKV < 2), under no_grad and with the backward on its lse."""
+    def run():
+        import torch
+
+        import pydl
+        from pydl import _attention_triton as at
+        saved = (at.SPLIT_MIN_KEYS, at.SPLIT_MIN_TILES, at.SPLIT_BLOCK_N_EMULATION)
+        block = at.SPLIT_BLOCK_N_IEEE if dtype == "fp32" else at.SPLIT_BLOCK_N
+        at.SPLIT_MIN_KEYS, at.SPLIT_MIN_TILES, at.SPLIT_BLOCK_N_EMULATION = 1, 1, block
+        try:
+            S = 4 * block
+            for kw in (dict(), dict(is_causal=True), dict(attn_mask=torch.rand(L, S) > 0.3),
+                       dict(attn_mask=_rand(1, 1, L, S, dtype=dtype))):
+                q = _rand(1, 2, L, E, dtype=dtype, grad=True)
+                k, v = (_rand(1, HKV, S, E, dtype=dtype, grad=True) for _ in range(2))
+                _grad(pydl.scaled_dot_product_attention(q, k, v, enable_gqa=HKV < 2, **kw),
+                      [q, k, v])
+        finally:
+            at.SPLIT_MIN_KEYS, at.SPLIT_MIN_TILES, at.SPLIT_BLOCK_N_EMULATION = saved
+    return run
+
+
 def _cov_attention(dtype: str, B: int, H: int, L: int, S: int, E: int, EV: int, HKV: int):
     """scaled_dot_product_attention, forward and backward: flash (no mask, causal, a bool
     mask broadcast over batch and heads, a float mask per batch, one that requires grad,
@@ -777,6 +802,8 @@ def _coverage() -> tuple:
              _cov_conv(dt, "im2col", (3, 16, 8, 8), (32, 16, 3, 3), 1, 1,
                        workspace=8 * 8 * 16 * 9 * 4)),
             ("attention", f"{dt} 2x4x64 d64 gqa", _cov_attention(dt, 2, 4, 64, 64, 64, 64, 2)),
+            ("attention", f"{dt} split 1x2 L1 d128", _cov_attention_split(dt, 1, 128, 2)),
+            ("attention", f"{dt} split 1x2 L5 d64 gqa", _cov_attention_split(dt, 5, 64, 1)),
             ("attention", f"{dt} 2x3x33x47 d40/24",
              _cov_attention(dt, 2, 3, 33, 47, 40, 24, 3)),
             ("lstm", f"{dt} T4 B16 I32 H32", _cov_lstm(dt, 4, 16, 32, 32)),

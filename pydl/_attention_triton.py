@@ -193,8 +193,10 @@ SPLIT_PROGRAMS = 2
 SPLIT_MIN_TILES = 4
 MAX_SPLITS = 64
 # its tile: BLOCK_M follows the queries (16-64 rows), BLOCK_N keys a step (fp32 without TF32:
-# smaller, as its products' operands sit in registers)
-SPLIT_BLOCK_N, SPLIT_BLOCK_N_IEEE, SPLIT_WARPS = 64, 32, 4
+# smaller, as its products' operands sit in registers; in emulation small, so that short test
+# sequences make several splits)
+SPLIT_BLOCK_N, SPLIT_BLOCK_N_IEEE, SPLIT_BLOCK_N_EMULATION = 64, 32, 16
+SPLIT_WARPS, SPLIT_WARPS_IEEE = 4, 8
 
 
 def split_count(q, k) -> tuple[int, int, int]:
@@ -202,7 +204,7 @@ def split_count(q, k) -> tuple[int, int, int]:
     (.., S, E); splits 1: the plain forward."""
     B, H, L, _ = q.shape
     S = k.shape[2]
-    block_n = _blocks(q.shape[3], q.shape[3])["BLOCK_N"] if _env.INTERPRET else \
+    block_n = SPLIT_BLOCK_N_EMULATION if _env.INTERPRET else \
         (SPLIT_BLOCK_N_IEEE if _ieee_fp32(q) else SPLIT_BLOCK_N)
     tiles = B * H * cdiv(L, max(16, min(64, next_power_of_2(L))))
     want = SPLIT_PROGRAMS * _launch.multiprocessors(q.device)
@@ -232,7 +234,7 @@ def _split_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale):
                   INPUT_PRECISION=input_precision(q.dtype), SCALE_NEGATIVE=scale < 0,
                   SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
                   BLOCK_D=max(16, next_power_of_2(E)), BLOCK_DV=max(16, next_power_of_2(EV)),
-                  num_warps=SPLIT_WARPS, num_stages=3)
+                  num_warps=SPLIT_WARPS_IEEE if _ieee_fp32(q) else SPLIT_WARPS, num_stages=3)
     launch = Launch(kt.attention_fwd_split, (splits * tiles,), scalars, consts)
     new_part = output_maker((B * H * splits * L * (EV + 2),), torch.float32, q.device)
     device = q.device
