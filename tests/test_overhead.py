@@ -51,6 +51,9 @@ LAUNCHES = {
     ("cross_entropy_soft", "triton"): (1, 1),
     ("attention", "triton-flash"): (1, 3),
     ("attention", "triton-naive"): (3, 5),
+    # decoding (one query per head, 8k keys): the split forward, one launch (its last split
+    # of a tile combines); the flash backward
+    ("attention_decode", "triton-flash"): (1, 3),
     ("lstm", "triton-persistent"): (2, 5),
     # the GRU's backward writes dgi over its saved workspace in two column blocks ([r, z] and
     # [n]): its input and weight gradients and b_ih's sums take one launch a block
