@@ -823,10 +823,12 @@ def test_attention_weights_are_differentiable(mask_kind):
 @pytest.fixture
 def split_keys(monkeypatch):
     """The split forward (attention_fwd_split) for short test sequences: from 20 keys, into
-    splits of 2 key tiles (16 keys each in emulation) and at least 2 ways; the kernels
+    splits of 2 key tiles of 16 keys (on a GPU too) and at least 2 ways; the kernels
     launched, recorded."""
     monkeypatch.setattr(_attention_triton, "SPLIT_MIN_KEYS", 20)
     monkeypatch.setattr(_attention_triton, "SPLIT_MIN_TILES", 2)
+    for name in ("SPLIT_BLOCK_N", "SPLIT_BLOCK_N_IEEE"):      # the emulation's tile on a GPU
+        monkeypatch.setattr(_attention_triton, name, 16)
     launched = []
     for name in ("attention_fwd", "attention_fwd_split"):
         kernel = getattr(kt, name)
