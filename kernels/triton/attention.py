@@ -238,6 +238,20 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, m_base, sk_n, sk_d, sv_n, sv_d, s
     return acc, l_i, m_i
 
 
+@triton.jit
+def _fwd_start(q, scale, SCALE_NEGATIVE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
+    """(q, scale in log2 units, and the online softmax's empty state m, l, acc) before the
+    first key tile. The unmasked tiles take the row max before scaling, and max(qk) * c is
+    max(qk * c) only for c >= 0: a negative scale's sign moves into q (exact)."""
+    scale_log2 = scale * LOG2E
+    if SCALE_NEGATIVE:
+        q = -q
+        scale_log2 = -scale_log2
+    return (q, scale_log2, tl.full([BLOCK_M], float("-inf"), tl.float32),
+            tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, BLOCK_DV], tl.float32))
+
+
 @triton.jit(do_not_specialize=["seed"])   # a new value every call with dropout
 def attention_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
@@ -282,16 +296,9 @@ def attention_fwd(
         k_src = k_base
         v_src = v_base
         q = _load_tile(q_base, rows, d, sq_m, sq_d, L, E)
-    # exp2 units; the unmasked tiles take the row max before scaling, and max(qk) * c is
-    # max(qk * c) only for c >= 0: a negative scale's sign moves into q (exact). Only then is
-    # q in registers; otherwise the products read it from shared memory where TMA put it.
-    scale_log2 = scale * LOG2E
-    if SCALE_NEGATIVE:
-        q = -q
-        scale_log2 = -scale_log2
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    # Only with a negative scale is q in registers; otherwise the products read it from shared
+    # memory where TMA put it.
+    q, scale_log2, m_i, l_i, acc = _fwd_start(q, scale, SCALE_NEGATIVE, BLOCK_M, BLOCK_DV)
     lo, hi = _key_ranges(pid_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, m_base, sk_n, sk_d, sv_n, sv_d,
                                sm_m, sm_n, rows, d, dv, 0, lo, L, S, E, EV, scale_log2,
@@ -350,13 +357,7 @@ def attention_fwd_split(
     dv = tl.arange(0, BLOCK_DV)
     m_base = mask_ptr + b * sm_b + h * sm_h
     q = _load_tile(q_ptr + b * sq_b + h * sq_h, rows, d, sq_m, sq_d, L, E)
-    scale_log2 = scale * LOG2E
-    if SCALE_NEGATIVE:
-        q = -q
-        scale_log2 = -scale_log2
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    q, scale_log2, m_i, l_i, acc = _fwd_start(q, scale, SCALE_NEGATIVE, BLOCK_M, BLOCK_DV)
     lo, hi = _key_ranges(pid_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
     start = split * KEYS
     end = start + KEYS
