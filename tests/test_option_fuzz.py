@@ -17,6 +17,7 @@ every kind), run in `test_option_fuzz_medium`: MEDIUM_QUICK seeds per Triton var
 every run, MEDIUM_FULL per variant, the Numba ones included, with --full (on a GPU: the
 compiled kernels, bf16 too). PYDL_FUZZ_SEED=<seed> runs one there as well.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -309,9 +310,37 @@ def _attention(rng, dtype, backend, algo, size="tiny"):
         return out.nan_to_num(0.0)      # a row with every key masked: pydl's 0 (semantics.md)
     case = (f"sdpa q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} mask={kind} {opts} "
             f"algo={algo}")
-    return (case, lambda q, k, v, m: pydl.scaled_dot_product_attention(
-                q, k, v, attn_mask=m, **opts, backend=backend, algo=algo),
-            theirs, [q, k, v, mask], S * E)
+    split = algo == "flash_split"       # the flash forward with its keys split (decoding)
+
+    def ours(q, k, v, m):
+        with _split_keys(split):
+            return pydl.scaled_dot_product_attention(q, k, v, attn_mask=m, **opts,
+                                                     backend=backend,
+                                                     algo="flash" if split else algo)
+    return case, ours, theirs, [q, k, v, mask], S * E
+
+
+@contextlib.contextmanager
+def _split_keys(on: bool):
+    """With `on`, the flash forward splits the keys of any call with two key tiles or more
+    (pydl/_attention_triton.py split_count), 16-key tiles on a GPU too; its plans are built
+    afresh (the choice is a plan's)."""
+    if not on:
+        yield
+        return
+    from pydl import _attention_triton as at
+    from pydl._plan import clear_all
+    names = ("SPLIT_MIN_KEYS", "SPLIT_MIN_TILES", "SPLIT_BLOCK_N", "SPLIT_BLOCK_N_IEEE")
+    saved = [getattr(at, n) for n in names]
+    for n, value in zip(names, (17, 1, 16, 16)):
+        setattr(at, n, value)
+    clear_all()
+    try:
+        yield
+    finally:
+        for n, value in zip(names, saved):
+            setattr(at, n, value)
+        clear_all()
 
 
 def _rnn(rng, dtype, backend, algo, size="tiny"):
@@ -368,7 +397,8 @@ OPS = {
     "pools": (_pool, [("triton", None), ("numba", None)]),
     "softmax_cross_entropy": (_softmax_ce, [("triton", None), ("numba", None)]),
     "linear_cross_entropy": (_linear_ce, [("triton", None), ("numba", None)]),
-    "attention": (_attention, [("triton", "flash"), ("triton", "naive"), ("numba", None)]),
+    "attention": (_attention, [("triton", "flash"), ("triton", "flash_split"),
+                               ("triton", "naive"), ("numba", None)]),
     "rnn": (_rnn, [("triton", "persistent"), ("triton", "steps"), ("numba", None)]),
 }
 
