@@ -17,11 +17,11 @@ from pydl import (
     _attention_ops,
     _attention_weights,
     _conv_ops,
+    _linear_ce_ops,
     _pool_ops,
     _softmax_ce_ops,
     attention,
     conv,
-    linear_ce,
     pool,
 )
 
@@ -58,11 +58,11 @@ def _lce_args(reduction="mean"):
 OPCHECKS = {
     # the recompute schedule's forward (the loss and the rows' logsumexp), its backward, and
     # the triton forward that also makes the gradients
-    "linear_cross_entropy_fwd": lambda: (linear_ce._linear_cross_entropy_fwd,
+    "linear_cross_entropy_fwd": lambda: (_linear_ce_ops._linear_cross_entropy_fwd,
                                          (*_lce_args(), False, 2, BACKEND)),
-    "linear_cross_entropy_fwd/grad": lambda: (linear_ce._linear_cross_entropy_fwd,
+    "linear_cross_entropy_fwd/grad": lambda: (_linear_ce_ops._linear_cross_entropy_fwd,
                                               (*_lce_args("sum"), True, 2, BACKEND)),
-    "linear_cross_entropy_bwd": lambda: (linear_ce._linear_cross_entropy_bwd, (
+    "linear_cross_entropy_bwd": lambda: (_linear_ce_ops._linear_cross_entropy_bwd, (
         _x(5, 4), _x(7, 4), None, torch.randint(0, 7, (5,), device=DEVICE), None,
         torch.rand(5, device=DEVICE) + 2.0, torch.tensor([5.0, 0.0], device=DEVICE),
         _x(5), -100, "none", 0.0, True, True, False, 2, "numba")),

@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS
 
 import pydl
-from pydl import linear_ce
+from pydl import _linear_ce_ops
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor
 
@@ -214,10 +214,10 @@ def test_triton_gradient_in_the_forward(monkeypatch, reduction, upstream):
 
 def test_chunk_rows_default():
     """CHUNK_BYTES of logits a chunk, in multiples of 64 rows, at most the rows there are."""
-    n = linear_ce.chunk_rows_for(100_000, 131072, torch.bfloat16)
-    assert n == linear_ce.CHUNK_BYTES // (131072 * 2) and n % 64 == 0
-    assert linear_ce.chunk_rows_for(10, 32000, torch.float32) == 10
-    assert linear_ce.chunk_rows_for(10 ** 6, 10 ** 9, torch.float32) == 1
+    n = _linear_ce_ops.chunk_rows_for(100_000, 131072, torch.bfloat16)
+    assert n == _linear_ce_ops.CHUNK_BYTES // (131072 * 2) and n % 64 == 0
+    assert _linear_ce_ops.chunk_rows_for(10, 32000, torch.float32) == 10
+    assert _linear_ce_ops.chunk_rows_for(10 ** 6, 10 ** 9, torch.float32) == 1
 
 
 @backends
@@ -309,7 +309,7 @@ def test_bf16_large_vocabulary_on_gpu():
 
 @backends
 def test_kept_launches_follow_the_call_signature(backend):
-    """The launches kept per call signature (pydl/linear_ce.py _Steps) are not reused across
+    """The launches kept per call signature (pydl/_linear_ce_ops.py _Steps) are not reused across
     layouts, chunk lengths or TF32 switches: a contiguous then a transposed weight of the same
     shape, three chunk sizes, each against the reference; the TF32 switch keys them apart."""
     N, H, V = 10, 8, 13
@@ -320,7 +320,7 @@ def test_kept_launches_follow_the_call_signature(backend):
         for chunk in (3, 4, 10):
             _check(backend, torch.float32, x, weight, None, t, chunk_rows=chunk,
                    label_smoothing=0.1)
-    linear_ce._STEPS.clear()
+    _linear_ce_ops._STEPS.clear()
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         for tf32 in (False, True):
@@ -328,7 +328,7 @@ def test_kept_launches_follow_the_call_signature(backend):
             pydl.linear_cross_entropy(x, w, t, backend=backend)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    assert len(linear_ce._STEPS.entries) == 2
+    assert len(_linear_ce_ops._STEPS.entries) == 2
 
 
 @backends

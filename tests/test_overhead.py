@@ -80,7 +80,7 @@ LAUNCHES = {
 # Torch kernels a benchmark case runs itself (none: the lstm_cell suite's torch.stack of
 # (h1, c1) is left out of the forward, which times the op alone).
 CASE_ATEN: dict = {
-    # linear_cross_entropy's bookkeeping over the N rows in torch ops (pydl/linear_ce.py): the
+    # linear_cross_entropy's bookkeeping over the N rows in torch ops (pydl/_linear_ce_ops.py): the
     # mean's denominator from the targets (zeros, !=, sum, its store), the loss's sum and cast
     # (numba: of the rows' losses, with the mean's division and NaN rule: eq, div, where)
     ("linear_cross_entropy", "triton", "fwd"): 6,

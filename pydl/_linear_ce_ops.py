@@ -1,0 +1,357 @@
+"""linear_cross_entropy's steps: the kernel ops (pydl::linear_cross_entropy_fwd and _bwd,
+with their fakes), the launches kept per call signature (_Steps), the chunks' buffers and
+bookkeeping, and the autograd Function that runs them. pydl/linear_ce.py holds the public
+function, its checks and the implementations registered per backend, and its docstring says
+how the op works.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _env, _softmax_ce_ops
+from ._autograd import without_double_backward
+from ._gemm import gemm_plan as _triton_gemm_plan
+from ._gemm_numba import gemm_plan as _numba_gemm_plan
+from ._launch import input_precision, new_output
+from ._library import empty_like_shape, kernel_op
+from ._plan import Cache, capturing, tensors_key
+from ._softmax_ce_common import _denominators
+from ._softmax_ce_ops import LAUNCHERS, _check_target_range
+from ._softmax_ce_triton import _TritonLaunch, cross_entropy_scratch
+
+GEMM_PLANS = {"triton": _triton_gemm_plan, "numba": _numba_gemm_plan}
+# Largest chunk of logits a call keeps (bytes): 1 GiB is 4096 rows of a 128k bf16 vocabulary.
+# Several chunks make a 16-bit weight's gradient go through an fp32 accumulator, read and
+# written once a chunk: 8 V H bytes against the chunk's 6 c V H FLOPs, so the accumulator's
+# share of a chunk's time is about 8 F / (6 c B) for a GPU of F FLOP/s and B bytes/s (H100-class:
+# 240 / c, 6% at c = 4096 rows, 23% at 1024). At 1 GiB a Llama-3-8B head over 4096 tokens is one
+# chunk (no accumulator); the composite keeps three N x V tensors (logits, log-probabilities,
+# their gradient). `chunk_rows=` trades speed for memory.
+CHUNK_BYTES = 1 << 30
+F32 = torch.float32
+
+
+def chunk_rows_for(n_rows: int, n_classes: int, dtype: torch.dtype) -> int:
+    """Rows a chunk holds by default: as many as CHUNK_BYTES of logits take (a multiple of
+    64 where that is at least 64), at least one, at most n_rows."""
+    rows = max(1, CHUNK_BYTES // max(1, n_classes * dtype.itemsize))
+    if rows >= 64:
+        rows -= rows % 64
+    return max(1, min(rows, n_rows))
+
+
+def _grad_in_forward(backend: str, reduction: str) -> bool:
+    """The gradient-in-the-forward schedule (module docstring)."""
+    return backend == "triton" and reduction != "none" and not torch.compiler.is_compiling()
+
+
+# --- one chunk's steps ------------------------------------------------------------------------
+
+class _Steps:
+    """The launches of one call signature (pydl/_plan.py's design; the key: `_steps`): each
+    GEMM plan and cross-entropy launch, one per role and chunk length, made at its first use
+    and kept, so that a repeated call makes its buffers and views and launches what it kept.
+    One built inside a CUDA graph capture is used and not kept (it could not be tuned)."""
+
+    __slots__ = ("launcher", "gemm_plan", "kept")
+
+    def __init__(self, backend: str):
+        self.launcher, self.gemm_plan, self.kept = LAUNCHERS[backend], GEMM_PLANS[backend], {}
+
+    def _kept(self, key, build, *args, **kwargs):
+        launch = self.kept.get(key)
+        if launch is None:
+            launch = build(*args, **kwargs)
+            if not capturing():
+                self.kept[key] = launch
+        return launch
+
+    def gemm(self, key, a, b, out, *, trans_a=False, trans_b=False, bias=None, addend=None):
+        """pydl's gemm(a, b, out, ...) through the plan kept for `key` (`addend` may be out:
+        accumulate)."""
+        self._kept(key, self.gemm_plan, a, b, out, trans_a=trans_a, trans_b=trans_b,
+                   bias=bias, addend=addend)(a, b, out, bias, addend)
+
+    def loss_rows(self, x3, t, cw, lse, loss, denom, ignore_index, smoothing):
+        """The chunk's per-row losses into `loss` (fp32, or the loss itself for "none") and
+        their logsumexp (the cross-entropy forward, reduction "none")."""
+        self._kept(("rows", x3.shape[0]), self.launcher.plan_cross_entropy_fwd, x3, t, cw, lse,
+                   loss, denom, None, None, ignore_index, smoothing, "none", False)(
+            x3, t, cw, lse, loss, denom, None, None)
+
+    def loss_and_grad(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
+                      reduction):
+        """The chunk's reduced loss into `loss` (0-d fp32; a mean divided by denom[0], the
+        whole batch's) and its gradient over its logits (the triton forward with GRAD,
+        IN_PLACE)."""
+        self._kept(("grad", x3.shape[0]), _TritonLaunch.plan_cross_entropy_fwd, x3, t, cw, lse,
+                   loss, denom, scratch, x3, ignore_index, smoothing, reduction, True,
+                   own_denominator=False)(x3, t, cw, lse, loss, denom, scratch, x3)
+
+    def grad_rows(self, x3, t, cw, lse, denom, g, ignore_index, smoothing, reduction):
+        """The chunk's logits' gradient over them, for upstream gradient g (the cross-entropy
+        backward)."""
+        self._kept(("bwd", x3.shape[0]), self.launcher.plan_cross_entropy_bwd, x3, t, cw, lse,
+                   denom, g, x3, reduction, ignore_index, smoothing)(x3, t, cw, lse, denom, g, x3)
+
+    def logits(self, x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> None:
+        """out = x_c w^T + b: the chunk's logits, in x's dtype."""
+        self.gemm(("logits", x_c.shape[0]), x_c, w, out, trans_b=True, bias=b)
+
+    def backprop(self, dlogits: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, dw_acc, db, db_acc,
+                 ones, first: bool, last: bool) -> None:
+        """The chunk's share of the gradients from its logits' gradient: dx_c = dlogits w;
+        dw (+)= dlogits^T x_c; db (+)= the column sums of dlogits (a product with ones). A
+        gradient summed over chunks adds into its fp32 accumulator (dw_acc, db_acc: None where
+        the gradient itself is fp32 or one chunk makes it), and the last chunk's product is
+        rounded once, into the gradient itself."""
+        rows = dlogits.shape[0]
+        if dx_c is not None:
+            self.gemm(("dx", rows), dlogits, w, dx_c)
+        if dw is not None:
+            self._summed(("dw", rows, first, last), dlogits, x_c, dw, dw_acc, first, last,
+                         trans_a=True)
+        if db is not None:
+            self._summed(("db", rows, first, last), ones.expand(1, rows), dlogits,
+                         db.view(1, -1), None if db_acc is None else db_acc.view(1, -1), first,
+                         last)
+
+    def _summed(self, key, a, b, out, acc, first: bool, last: bool, trans_a=False) -> None:
+        if acc is None:                                   # out itself sums the chunks
+            self.gemm(key, a, b, out, trans_a=trans_a, addend=None if first else out)
+        elif last:                                        # rounded once, into out's dtype
+            self.gemm(key, a, b, out, trans_a=trans_a, addend=None if first else acc)
+        else:
+            self.gemm(key, a, b, acc, trans_a=trans_a, addend=None if first else acc)
+
+
+_STEPS = Cache("linear_cross_entropy launches")
+
+
+def _steps(backend: str, *tensors_and_options) -> _Steps:
+    """The kept launches of a call signature: the backend, the tensors' types, shapes,
+    strides and dtypes, the options, and torch's TF32 switch (its GEMMs' precision)."""
+    tensors, options = tensors_and_options[:5], tensors_and_options[5:]
+    key = (backend, input_precision(tensors[0].dtype), *tensors_key(*tensors), *options)
+    return _STEPS.get(key, _Steps, backend)
+
+
+def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
+    """(dx, dw, dw_acc, db, db_acc, ones): the gradients' buffers (None where not needed); an
+    fp32 accumulator where a 16-bit gradient sums several chunks. The first chunk writes them
+    all, so they start uninitialised (zeros where there is no chunk: no rows)."""
+    def new(t, dtype=None):
+        if not n_chunks:
+            return torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
+        return new_output(t.shape, dtype or t.dtype, t.device)
+    dx = new(x) if need_x else None
+    dw = new(w) if need_w else None
+    db = new(b) if need_b else None
+    several = n_chunks > 1
+    dw_acc = new(w, F32) if need_w and several and w.dtype != F32 else None
+    db_acc = new(b, F32) if need_b and several and b.dtype != F32 else None
+    ones = torch.ones(1, 1, dtype=x.dtype, device=x.device) if need_b else None
+    return dx, dw, dw_acc, db, db_acc, ones
+
+
+def _or_placeholders(x, w, dx, dw, db) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db) with a fresh empty tensor for each one not computed (a custom op's outputs
+    never alias each other)."""
+    return (x.new_empty(0) if dx is None else dx, w.new_empty(0) if dw is None else dw,
+            x.new_empty(0) if db is None else db)
+
+
+def _mean_denominator(target: Tensor, class_weight: Tensor | None, ignore_index: int,
+                      n_classes: int) -> Tensor:
+    """The cross-entropy kernels' fp32 (2,) denominator buffer with [0] = the summed class
+    weights of the rows that count (their number without weights): the mean's denominator,
+    from the N targets ([1] the kernels write)."""
+    denom = _denominators(target.device)
+    counted = target != ignore_index
+    if class_weight is None:
+        denom[0] = counted.sum()
+    else:
+        # an out-of-range target is the kernels' error to raise (clamped here, never read)
+        safe = torch.where(counted, target, 0).clamp_(0, n_classes - 1)
+        denom[0] = (class_weight.to(F32)[safe] * counted).sum()
+    return denom
+
+
+def _finish_loss(row_losses: Tensor, denom: Tensor, reduction: str, dtype) -> Tensor:
+    """The reduced loss from the rows' fp32 losses (or the chunks' sums): torch's NaN for a
+    mean over a zero denominator."""
+    total = row_losses.sum()
+    if reduction == "mean":
+        total = torch.where(denom[0] == 0, float("nan"), total / denom[0])
+    return total.to(dtype)
+
+
+# --- the kernel ops -------------------------------------------------------------------------
+
+def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing, need_x, need_w,
+              need_b, grad_in_forward, chunk, backend):
+    grads = grad_in_forward and reduction != "none"
+    loss = empty_like_shape(x, target.shape if reduction == "none" else ())
+    return (loss, empty_like_shape(x, (target.numel(),), F32), empty_like_shape(x, (2,), F32),
+            empty_like_shape(x, x.shape if grads and need_x else (0,)),
+            empty_like_shape(w, w.shape if grads and need_w else (0,)),
+            empty_like_shape(x, b.shape if grads and need_b and b is not None else (0,)))
+
+
+@kernel_op("linear_cross_entropy_fwd", _fwd_fake)
+def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
+                              class_weight: Tensor | None, ignore_index: int, reduction: str,
+                              smoothing: float, need_x: bool, need_w: bool, need_b: bool,
+                              grad_in_forward: bool, chunk: int,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                     Tensor]:
+    """(loss, the rows' fp32 logsumexp, the mean's denominator buffer, and with
+    grad_in_forward (the triton backend, "sum" or "mean") the gradients of x, w and b that
+    need one, for an upstream gradient of 1; empty placeholders otherwise). x (N, H), w (V,
+    H), b (V,) or None, target (N,)."""
+    n, n_classes = x.shape[0], w.shape[0]
+    dev = x.device
+    if not _softmax_ce_ops.kernel_checks_targets(x, backend):   # read at call time
+        _check_target_range(target, n_classes, ignore_index)
+    none = reduction == "none"
+    grads = grad_in_forward and not none and (need_x or need_w or need_b)
+    steps = _steps(backend, x, w, b, target, class_weight, "fwd", ignore_index, reduction,
+                   smoothing, need_x, need_w, need_b, grads, chunk)
+    lse = new_output(n, F32, dev)
+    denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
+        if reduction == "mean" else _denominators(dev)
+    n_chunks = -(-n // chunk) if n else 0
+    # the losses: per row ("none": the loss itself, in x's dtype; else fp32, summed after),
+    # or with the gradient each chunk's sum (the kernel reduces a chunk when it writes the
+    # gradient; "mean" divided by the whole denominator, read from denom)
+    losses = new_output(n if none else (n_chunks if grads else n), x.dtype if none else F32,
+                        dev)
+    dx = dw = db = dw_acc = db_acc = ones = None
+    if grads:
+        dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b,
+                                                      n_chunks)
+        scratch = torch.empty(cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev)
+    buffer = new_output((min(chunk, n), n_classes), x.dtype, dev)
+    for i, start in enumerate(range(0, n, chunk)):
+        stop = min(start + chunk, n)
+        x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
+        logits = buffer[:stop - start]
+        steps.logits(x_c, w, b, logits)
+        x3 = logits.unsqueeze(2)
+        if grads:
+            # the chunk's loss into losses[i], its gradient over its logits
+            steps.loss_and_grad(x3, t_c, class_weight, lse_c, losses[i], denom, scratch,
+                                ignore_index, smoothing, reduction)
+            steps.backprop(logits, x_c, w, None if dx is None else dx[start:stop], dw, dw_acc,
+                           db, db_acc, ones, i == 0, i == n_chunks - 1)
+        else:
+            steps.loss_rows(x3, t_c, class_weight, lse_c, losses[start:stop], denom,
+                            ignore_index, smoothing)
+    if none:
+        loss = losses.view(target.shape)
+    else:       # the chunks' sums are already divided by a mean's denominator
+        loss = _finish_loss(losses, denom, "sum" if grads and n else reduction, x.dtype)
+    return (loss, lse, denom, *_or_placeholders(x, w, dx, dw, db))
+
+
+def _bwd_fake(x, w, b, target, class_weight, lse, denom, grad_out, ignore_index, reduction,
+              smoothing, need_x, need_w, need_b, chunk, backend):
+    return (empty_like_shape(x, x.shape if need_x else (0,)),
+            empty_like_shape(w, w.shape if need_w else (0,)),
+            empty_like_shape(x, b.shape if need_b and b is not None else (0,)))
+
+
+@kernel_op("linear_cross_entropy_bwd", _bwd_fake)
+def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
+                              class_weight: Tensor | None, lse: Tensor, denom: Tensor,
+                              grad_out: Tensor, ignore_index: int, reduction: str,
+                              smoothing: float, need_x: bool, need_w: bool, need_b: bool,
+                              chunk: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The recompute schedule's backward: (dx, dw, db), an empty placeholder for one not
+    needed. Each chunk's logits again, their gradient over them (the cross-entropy backward
+    kernel, which divides a mean by denom[0] and reads W from denom[1]), then the GEMMs."""
+    n = x.shape[0]
+    steps = _steps(backend, x, w, b, target, class_weight, "bwd", grad_out.dtype,
+                   grad_out.stride(), ignore_index, reduction, smoothing, need_x, need_w,
+                   need_b, chunk)
+    n_chunks = -(-n // chunk) if n else 0
+    dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
+    # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
+    grad = grad_out.to(x.dtype).reshape(-1) if reduction == "none" else grad_out.to(x.dtype)
+    buffer = new_output((min(chunk, n), w.shape[0]), x.dtype, x.device)
+    for i, start in enumerate(range(0, n, chunk)):
+        stop = min(start + chunk, n)
+        x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
+        logits = buffer[:stop - start]
+        steps.logits(x_c, w, b, logits)
+        steps.grad_rows(logits.unsqueeze(2), t_c, class_weight, lse_c, denom,
+                        grad[start:stop] if reduction == "none" else grad, ignore_index,
+                        smoothing, reduction)
+        steps.backprop(logits, x_c, w, None if dx is None else dx[start:stop], dw, dw_acc, db,
+                       db_acc, ones, i == 0, i == n_chunks - 1)
+    return _or_placeholders(x, w, dx, dw, db)
+
+
+def _scale_in_place(t: Tensor, grad_out: Tensor) -> None:
+    """t *= grad_out (0-d, read on the device; nothing written where it is 1): the triton
+    cross-entropy's scale kernel, on t as one row of classes."""
+    if t.numel():
+        flat = t.view(1, -1)
+        LAUNCHERS["triton"].cross_entropy_scale_grad(flat, grad_out, None, -100)
+
+
+if _env.INTERPRET:
+    _scale_in_place = _env.emulated_launch(_scale_in_place)
+
+
+class _Options:
+    """A call's options, travelling through the autograd Function."""
+
+    __slots__ = ("ignore_index", "reduction", "smoothing", "chunk", "backend", "in_forward")
+
+    def __init__(self, ignore_index, reduction, smoothing, chunk, backend, in_forward):
+        self.ignore_index, self.reduction, self.smoothing = ignore_index, reduction, smoothing
+        self.chunk, self.backend, self.in_forward = chunk, backend, in_forward
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss = cross_entropy(x w^T + b, target) over rows of x (N, H), by chunks (module
+    docstring for the two schedules). The gradient-in-the-forward schedule's first backward
+    scales the gradients the forward made and hands them over; a second one through a retained
+    graph recomputes them."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, class_weight, o: _Options):
+        need = ctx.needs_input_grad
+        need_b = b is not None and need[2]
+        loss, lse, denom, dx, dw, db = _linear_cross_entropy_fwd(
+            x, w, b, target, class_weight, o.ignore_index, o.reduction, o.smoothing, need[0],
+            need[1], need_b, o.in_forward, o.chunk, o.backend)
+        ctx.save_for_backward(x, w, b, target, class_weight, lse, denom)
+        ctx.o, ctx.need_b = o, need_b
+        ctx.grad_from_forward = (dx, dw, db) if o.in_forward and o.reduction != "none" else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():       # create_graph: a gradient that raises if differentiated
+            return without_double_backward("linear_cross_entropy",
+                                           LinearCrossEntropyFunction.backward, ctx, grad_out)
+        x, w, b, target, class_weight, lse, denom = ctx.saved_tensors
+        o, need = ctx.o, ctx.needs_input_grad
+        grads, ctx.grad_from_forward = ctx.grad_from_forward, None
+        if grads is not None:
+            # made by the forward for an upstream gradient of 1: scaled in place
+            dx, dw, db = (g if n else None for g, n in zip(grads, (need[0], need[1],
+                                                                   ctx.need_b)))
+            for g in (dx, dw, db):
+                if g is not None:
+                    _scale_in_place(g, grad_out)
+        else:
+            dx, dw, db = _linear_cross_entropy_bwd(
+                x, w, b, target, class_weight, lse, denom, grad_out, o.ignore_index,
+                o.reduction, o.smoothing, need[0], need[1], ctx.need_b, o.chunk, o.backend)
+            dx, dw, db = (g if n else None for g, n in zip((dx, dw, db), (need[0], need[1],
+                                                                          ctx.need_b)))
+        return dx, dw, db, None, None, None
