@@ -557,10 +557,8 @@ def _cov_attention_split(dtype: str, L: int, E: int, HKV: int):
 
         import pydl
         from pydl import _attention_triton as at
-        saved = (at.SPLIT_MIN_KEYS, at.SPLIT_MIN_TILES, at.SPLIT_BLOCK_N_EMULATION)
         block = at.SPLIT_BLOCK_N_IEEE if dtype == "fp32" else at.SPLIT_BLOCK_N
-        at.SPLIT_MIN_KEYS, at.SPLIT_MIN_TILES, at.SPLIT_BLOCK_N_EMULATION = 1, 1, block
-        try:
+        with at.forced_split(block):
             S = 4 * block
             for kw in (dict(), dict(is_causal=True), dict(attn_mask=torch.rand(L, S) > 0.3),
                        dict(attn_mask=_rand(1, 1, L, S, dtype=dtype))):
@@ -568,8 +566,6 @@ def _cov_attention_split(dtype: str, L: int, E: int, HKV: int):
                 k, v = (_rand(1, HKV, S, E, dtype=dtype, grad=True) for _ in range(2))
                 _grad(pydl.scaled_dot_product_attention(q, k, v, enable_gqa=HKV < 2, **kw),
                       [q, k, v])
-        finally:
-            at.SPLIT_MIN_KEYS, at.SPLIT_MIN_TILES, at.SPLIT_BLOCK_N_EMULATION = saved
     return run
 
 

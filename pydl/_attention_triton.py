@@ -4,6 +4,8 @@ pydl/attention_onepass.py build their launchers on this one.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _env, _launch
@@ -183,11 +185,12 @@ def _dropout_kind(dropout_p: float, L: int, S: int, in_memory: bool = False) -> 
 
 # The keys split over programs (FlashDecoding; kernels/triton/attention.py attention_fwd_split)
 # where one program per query tile would leave the GPU mostly idle: a call with at least
-# SPLIT_MIN_KEYS keys and fewer query tiles (B * H * cdiv(L, BLOCK_M)) than SPLIT_PROGRAMS
-# programs per multiprocessor. Each split gets at least SPLIT_MIN_TILES key tiles, and there
-# are at most MAX_SPLITS; the last of a query tile's splits to finish combines them. A decoding
-# step of 2 sequences x 32 heads against 8k cached keys was 64 programs of 128 key tiles each
-# on 132 SMs (half of them idle); split 5 ways it is 320 programs of 26 tiles.
+# SPLIT_MIN_KEYS keys and no more query tiles (B * H * cdiv(L, BLOCK_M)) than multiprocessors,
+# split into about SPLIT_PROGRAMS programs per multiprocessor. Each split gets at least
+# SPLIT_MIN_TILES key tiles, and there are at most MAX_SPLITS; the last of a query tile's
+# splits to finish combines them. A decoding step of 2 sequences x 32 heads against 8k cached
+# keys was 64 programs of 128 key tiles each on 132 SMs (half of them idle); split 5 ways it is
+# 320 programs of 26 tiles.
 SPLIT_MIN_KEYS = 1024
 SPLIT_PROGRAMS = 2
 SPLIT_MIN_TILES = 4
@@ -199,6 +202,10 @@ SPLIT_BLOCK_N, SPLIT_BLOCK_N_IEEE, SPLIT_BLOCK_N_EMULATION = 64, 32, 16
 SPLIT_WARPS, SPLIT_WARPS_IEEE = 4, 8
 
 
+def _split_block_m(L: int) -> int:
+    return dot_block(L, 64)
+
+
 def split_count(q, k) -> tuple[int, int, int]:
     """(splits, keys a split owns, BLOCK_N) of the split forward for q (B, H, L, E) and k
     (.., S, E); splits 1: the plain forward."""
@@ -206,14 +213,35 @@ def split_count(q, k) -> tuple[int, int, int]:
     S = k.shape[2]
     block_n = SPLIT_BLOCK_N_EMULATION if _env.INTERPRET else \
         (SPLIT_BLOCK_N_IEEE if _ieee_fp32(q) else SPLIT_BLOCK_N)
-    tiles = B * H * cdiv(L, max(16, min(64, next_power_of_2(L))))
-    want = SPLIT_PROGRAMS * _launch.multiprocessors(q.device)
-    if S < SPLIT_MIN_KEYS or tiles == 0 or tiles * 2 > want:
+    tiles = B * H * cdiv(L, _split_block_m(L))
+    sms = _launch.multiprocessors(q.device)
+    if S < SPLIT_MIN_KEYS or tiles == 0 or tiles > sms:
         return 1, S, block_n
-    splits = min(MAX_SPLITS, cdiv(want, tiles), cdiv(S, block_n * SPLIT_MIN_TILES))
+    splits = min(MAX_SPLITS, cdiv(SPLIT_PROGRAMS * sms, tiles),
+                 cdiv(S, block_n * SPLIT_MIN_TILES))
     keys = cdiv(cdiv(S, splits), block_n) * block_n
     splits = cdiv(S, keys)
     return (splits, keys, block_n) if splits > 1 else (1, S, block_n)
+
+
+@contextlib.contextmanager
+def forced_split(block_n: int = 16):
+    """Tests and offline compiles: the split forward for every call of two key tiles or more,
+    tiles of `block_n` keys (on a GPU too); plans built afresh on entry and exit (the choice
+    is a plan's)."""
+    from ._plan import clear_all
+    g = globals()
+    names = ("SPLIT_MIN_KEYS", "SPLIT_MIN_TILES", "SPLIT_BLOCK_N", "SPLIT_BLOCK_N_IEEE",
+             "SPLIT_BLOCK_N_EMULATION")
+    saved = {n: g[n] for n in names}
+    g.update(SPLIT_MIN_KEYS=1, SPLIT_MIN_TILES=1, SPLIT_BLOCK_N=block_n,
+             SPLIT_BLOCK_N_IEEE=block_n, SPLIT_BLOCK_N_EMULATION=block_n)
+    clear_all()
+    try:
+        yield
+    finally:
+        g.update(saved)
+        clear_all()
 
 
 def _split_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale):
@@ -226,14 +254,15 @@ def _split_forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale):
         return None
     B, H, L, E = q.shape
     HKV, S, EV = k.shape[1], k.shape[2], v.shape[3]
-    block_m = max(16, min(64, next_power_of_2(L)))
+    block_m = _split_block_m(L)
     tiles = B * H * cdiv(L, block_m)
     scalars = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *_strides4(mask),
                H, L, S, E, EV, _group(H, HKV), scale, keys)
+    blocks = _blocks(E, EV)
     consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind,
                   INPUT_PRECISION=input_precision(q.dtype), SCALE_NEGATIVE=scale < 0,
-                  SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_D=max(16, next_power_of_2(E)), BLOCK_DV=max(16, next_power_of_2(EV)),
+                  SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=blocks["BLOCK_D"],
+                  BLOCK_DV=blocks["BLOCK_DV"],
                   num_warps=SPLIT_WARPS_IEEE if _ieee_fp32(q) else SPLIT_WARPS, num_stages=3)
     launch = Launch(kt.attention_fwd_split, (splits * tiles,), scalars, consts)
     new_part = output_maker((B * H * splits * L * (EV + 2),), torch.float32, q.device)

@@ -13,7 +13,7 @@ from . import _env, _softmax_ce_ops
 from ._autograd import without_double_backward
 from ._gemm import gemm_plan as _triton_gemm_plan
 from ._gemm_numba import gemm_plan as _numba_gemm_plan
-from ._launch import input_precision, new_output
+from ._launch import cdiv, input_precision, new_output
 from ._library import empty_like_shape, kernel_op
 from ._plan import Cache, capturing, tensors_key
 from ._softmax_ce_common import _denominators
@@ -100,7 +100,7 @@ class _Steps:
         self.gemm(("logits", x_c.shape[0]), x_c, w, out, trans_b=True, bias=b)
 
     def backprop(self, dlogits: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, dw_acc, db, db_acc,
-                 ones, first: bool, last: bool) -> None:
+                 first: bool, last: bool) -> None:
         """The chunk's share of the gradients from its logits' gradient: dx_c = dlogits w;
         dw (+)= dlogits^T x_c; db (+)= the column sums of dlogits (a product with ones). A
         gradient summed over chunks adds into its fp32 accumulator (dw_acc, db_acc: None where
@@ -113,17 +113,20 @@ class _Steps:
             self._summed(("dw", rows, first, last), dlogits, x_c, dw, dw_acc, first, last,
                          trans_a=True)
         if db is not None:
-            self._summed(("db", rows, first, last), ones.expand(1, rows), dlogits,
+            self._summed(("db", rows, first, last), self.ones(dlogits).expand(1, rows), dlogits,
                          db.view(1, -1), None if db_acc is None else db_acc.view(1, -1), first,
                          last)
 
     def _summed(self, key, a, b, out, acc, first: bool, last: bool, trans_a=False) -> None:
-        if acc is None:                                   # out itself sums the chunks
-            self.gemm(key, a, b, out, trans_a=trans_a, addend=None if first else out)
-        elif last:                                        # rounded once, into out's dtype
-            self.gemm(key, a, b, out, trans_a=trans_a, addend=None if first else acc)
-        else:
-            self.gemm(key, a, b, acc, trans_a=trans_a, addend=None if first else acc)
+        """out (+)= a b, through acc where there is one: the chunks add into acc, the last
+        one's sum is rounded once, into out; without acc out itself sums them."""
+        total = out if acc is None else acc
+        self.gemm(key, a, b, out if acc is None or last else acc, trans_a=trans_a,
+                  addend=None if first else total)
+
+    def ones(self, x: Tensor) -> Tensor:
+        """A kept 1 x 1 one of x's dtype, the bias gradient's row of ones once expanded."""
+        return self._kept("ones", torch.ones, 1, 1, dtype=x.dtype, device=x.device)
 
 
 _STEPS = Cache("linear_cross_entropy launches")
@@ -138,9 +141,9 @@ def _steps(backend: str, *tensors_and_options) -> _Steps:
 
 
 def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
-    """(dx, dw, dw_acc, db, db_acc, ones): the gradients' buffers (None where not needed); an
-    fp32 accumulator where a 16-bit gradient sums several chunks. The first chunk writes them
-    all, so they start uninitialised (zeros where there is no chunk: no rows)."""
+    """(dx, dw, dw_acc, db, db_acc): the gradients' buffers (None where not needed); an fp32
+    accumulator where a 16-bit gradient sums several chunks. The first chunk writes them all,
+    so they start uninitialised (zeros where there is no chunk: no rows)."""
     def new(t, dtype=None):
         if not n_chunks:
             return torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
@@ -151,8 +154,18 @@ def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int)
     several = n_chunks > 1
     dw_acc = new(w, F32) if need_w and several and w.dtype != F32 else None
     db_acc = new(b, F32) if need_b and several and b.dtype != F32 else None
-    ones = torch.ones(1, 1, dtype=x.dtype, device=x.device) if need_b else None
-    return dx, dw, dw_acc, db, db_acc, ones
+    return dx, dw, dw_acc, db, db_acc
+
+
+def _chunks(x, target, lse, buffer, chunk: int):
+    """(first, last, rows, x's rows, their targets, their lse, their logits' buffer) of each
+    chunk of `chunk` rows in turn (the last one short)."""
+    n = x.shape[0]
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        rows = slice(start, stop)
+        yield (start == 0, stop == n, rows, x[rows], target[rows], lse[rows],
+               buffer[:stop - start])
 
 
 def _or_placeholders(x, w, dx, dw, db) -> tuple[Tensor, Tensor, Tensor]:
@@ -221,33 +234,30 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     lse = new_output(n, F32, dev)
     denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
         if reduction == "mean" else _denominators(dev)
-    n_chunks = -(-n // chunk) if n else 0
+    n_chunks = cdiv(n, chunk)
     # the losses: per row ("none": the loss itself, in x's dtype; else fp32, summed after),
     # or with the gradient each chunk's sum (the kernel reduces a chunk when it writes the
     # gradient; "mean" divided by the whole denominator, read from denom)
     losses = new_output(n if none else (n_chunks if grads else n), x.dtype if none else F32,
                         dev)
-    dx = dw = db = dw_acc = db_acc = ones = None
+    dx = dw = db = dw_acc = db_acc = None
     if grads:
-        dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b,
-                                                      n_chunks)
+        dx, dw, dw_acc, db, db_acc = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
         scratch = torch.empty(cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev)
     buffer = new_output((min(chunk, n), n_classes), x.dtype, dev)
-    for i, start in enumerate(range(0, n, chunk)):
-        stop = min(start + chunk, n)
-        x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
-        logits = buffer[:stop - start]
+    for i, (first, last, rows, x_c, t_c, lse_c, logits) in enumerate(
+            _chunks(x, target, lse, buffer, chunk)):
         steps.logits(x_c, w, b, logits)
         x3 = logits.unsqueeze(2)
         if grads:
             # the chunk's loss into losses[i], its gradient over its logits
             steps.loss_and_grad(x3, t_c, class_weight, lse_c, losses[i], denom, scratch,
                                 ignore_index, smoothing, reduction)
-            steps.backprop(logits, x_c, w, None if dx is None else dx[start:stop], dw, dw_acc,
-                           db, db_acc, ones, i == 0, i == n_chunks - 1)
+            steps.backprop(logits, x_c, w, None if dx is None else dx[rows], dw, dw_acc, db,
+                           db_acc, first, last)
         else:
-            steps.loss_rows(x3, t_c, class_weight, lse_c, losses[start:stop], denom,
-                            ignore_index, smoothing)
+            steps.loss_rows(x3, t_c, class_weight, lse_c, losses[rows], denom, ignore_index,
+                            smoothing)
     if none:
         loss = losses.view(target.shape)
     else:       # the chunks' sums are already divided by a mean's denominator
@@ -275,21 +285,17 @@ def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     steps = _steps(backend, x, w, b, target, class_weight, "bwd", grad_out.dtype,
                    grad_out.stride(), ignore_index, reduction, smoothing, need_x, need_w,
                    need_b, chunk)
-    n_chunks = -(-n // chunk) if n else 0
-    dx, dw, dw_acc, db, db_acc, ones = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
+    dx, dw, dw_acc, db, db_acc = _gradients(x, w, b, need_x, need_w, need_b, cdiv(n, chunk))
     # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
     grad = grad_out.to(x.dtype).reshape(-1) if reduction == "none" else grad_out.to(x.dtype)
     buffer = new_output((min(chunk, n), w.shape[0]), x.dtype, x.device)
-    for i, start in enumerate(range(0, n, chunk)):
-        stop = min(start + chunk, n)
-        x_c, t_c, lse_c = x[start:stop], target[start:stop], lse[start:stop]
-        logits = buffer[:stop - start]
+    for first, last, rows, x_c, t_c, lse_c, logits in _chunks(x, target, lse, buffer, chunk):
         steps.logits(x_c, w, b, logits)
         steps.grad_rows(logits.unsqueeze(2), t_c, class_weight, lse_c, denom,
-                        grad[start:stop] if reduction == "none" else grad, ignore_index,
-                        smoothing, reduction)
-        steps.backprop(logits, x_c, w, None if dx is None else dx[start:stop], dw, dw_acc, db,
-                       db_acc, ones, i == 0, i == n_chunks - 1)
+                        grad[rows] if reduction == "none" else grad, ignore_index, smoothing,
+                        reduction)
+        steps.backprop(logits, x_c, w, None if dx is None else dx[rows], dw, dw_acc, db,
+                       db_acc, first, last)
     return _or_placeholders(x, w, dx, dw, db)
 
 

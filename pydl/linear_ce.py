@@ -52,7 +52,7 @@ from ._linear_ce_ops import (
     _Options,
     chunk_rows_for,
 )
-from ._plan import apply, needs_graph
+from ._plan import _refuse_negative_views, apply, needs_graph
 from ._shapes import integer
 from ._softmax_ce_ops import LAUNCHERS
 from .backends import dispatch, register
@@ -147,6 +147,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
             "linear_cross_entropy: class_weight requires grad, where torch does not "
             "differentiate the loss w.r.t. the class weights either (it raises: nll_loss is "
             "not differentiable with respect to argument 'weight'): pass class_weight.detach()")
+    if not torch.compiler.is_compiling():     # as Cache.call checks the other ops' calls
+        _refuse_negative_views((input, weight, bias, target, class_weight))
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     chunk = int(chunk_rows) if chunk_rows is not None else \

@@ -822,13 +822,8 @@ def test_attention_weights_are_differentiable(mask_kind):
 
 @pytest.fixture
 def split_keys(monkeypatch):
-    """The split forward (attention_fwd_split) for short test sequences: from 20 keys, into
-    splits of 2 key tiles of 16 keys (on a GPU too) and at least 2 ways; the kernels
-    launched, recorded."""
-    monkeypatch.setattr(_attention_triton, "SPLIT_MIN_KEYS", 20)
-    monkeypatch.setattr(_attention_triton, "SPLIT_MIN_TILES", 2)
-    for name in ("SPLIT_BLOCK_N", "SPLIT_BLOCK_N_IEEE"):      # the emulation's tile on a GPU
-        monkeypatch.setattr(_attention_triton, name, 16)
+    """The split forward (attention_fwd_split) for short test sequences (16-key tiles, on a
+    GPU too: _attention_triton.forced_split); the kernels launched, recorded."""
     launched = []
     for name in ("attention_fwd", "attention_fwd_split"):
         kernel = getattr(kt, name)
@@ -840,7 +835,8 @@ def split_keys(monkeypatch):
                     return kernel[grid](*args, **kwargs)
                 return run
         monkeypatch.setattr(kt, name, Spy())
-    return launched
+    with _attention_triton.forced_split():
+        yield launched
 
 
 @pytest.mark.parametrize("case", [

@@ -285,6 +285,8 @@ def test_bad_input(backend):
     with torch.no_grad():                   # no gradient taken: nothing to refuse
         call(x, w, t, class_weight=torch.ones(5, device=DEVICE, requires_grad=True),
              backend=backend)
+    with pytest.raises(TypeError, match="negative bit"):      # read as stored: refused
+        call(x, torch.complex(w, w).conj().imag, t, backend=backend)
     with pytest.raises(IndexError):
         call(x, w, torch.tensor([0, 1, 5, 2], device=DEVICE), backend=backend)
     # double backward: the gradient comes, differentiating it raises (as attention's)

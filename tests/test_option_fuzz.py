@@ -313,34 +313,12 @@ def _attention(rng, dtype, backend, algo, size="tiny"):
     split = algo == "flash_split"       # the flash forward with its keys split (decoding)
 
     def ours(q, k, v, m):
-        with _split_keys(split):
+        from pydl._attention_triton import forced_split
+        with forced_split() if split else contextlib.nullcontext():
             return pydl.scaled_dot_product_attention(q, k, v, attn_mask=m, **opts,
                                                      backend=backend,
                                                      algo="flash" if split else algo)
     return case, ours, theirs, [q, k, v, mask], S * E
-
-
-@contextlib.contextmanager
-def _split_keys(on: bool):
-    """With `on`, the flash forward splits the keys of any call with two key tiles or more
-    (pydl/_attention_triton.py split_count), 16-key tiles on a GPU too; its plans are built
-    afresh (the choice is a plan's)."""
-    if not on:
-        yield
-        return
-    from pydl import _attention_triton as at
-    from pydl._plan import clear_all
-    names = ("SPLIT_MIN_KEYS", "SPLIT_MIN_TILES", "SPLIT_BLOCK_N", "SPLIT_BLOCK_N_IEEE")
-    saved = [getattr(at, n) for n in names]
-    for n, value in zip(names, (17, 1, 16, 16)):
-        setattr(at, n, value)
-    clear_all()
-    try:
-        yield
-    finally:
-        for n, value in zip(names, saved):
-            setattr(at, n, value)
-        clear_all()
 
 
 def _rnn(rng, dtype, backend, algo, size="tiny"):
