@@ -149,7 +149,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
             "not differentiable with respect to argument 'weight'): pass class_weight.detach()")
     if not torch.compiler.is_compiling():     # as Cache.call checks the other ops' calls
         _refuse_negative_views((input, weight, bias, target, class_weight))
-    x = input.reshape(-1, input.shape[-1])
+    x = input.reshape(target.numel(), input.shape[-1])     # (-1 is ambiguous for H = 0)
     t = target.reshape(-1)
     chunk = int(chunk_rows) if chunk_rows is not None else \
         chunk_rows_for(x.shape[0], weight.shape[0], x.dtype)

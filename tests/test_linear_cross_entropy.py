@@ -168,6 +168,21 @@ def test_empty_and_fully_ignored(backend):
                 assert not dx.any() and not dw.any() and not db.any()
 
 
+@backends
+def test_zero_hidden_size(backend):
+    """H = 0: the logits are the bias alone (a product over nothing), as torch's composite."""
+    x = torch.empty(5, 0, device=DEVICE).requires_grad_()
+    w = torch.empty(7, 0, device=DEVICE).requires_grad_()
+    b = random_tensor((7,), torch.float32, DEVICE).requires_grad_()
+    t = _targets(5, 7)
+    for reduction in ("mean", "none"):
+        loss = pydl.linear_cross_entropy(x, w, t, b, reduction=reduction, backend=backend)
+        want = F.cross_entropy(F.linear(x, w, b), t, reduction=reduction)
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(torch.autograd.grad(loss.sum(), b)[0],
+                                   torch.autograd.grad(want.sum(), b)[0])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("upstream", [1.0, 2.5])
 def test_triton_gradient_in_the_forward(monkeypatch, reduction, upstream):
