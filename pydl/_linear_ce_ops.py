@@ -73,21 +73,26 @@ class _Steps:
         self._kept(key, self.gemm_plan, a, b, out, trans_a=trans_a, trans_b=trans_b,
                    bias=bias, addend=addend)(a, b, out, bias, addend)
 
-    def loss_rows(self, x3, t, cw, lse, loss, denom, ignore_index, smoothing):
-        """The chunk's per-row losses into `loss` (fp32, or the loss itself for "none") and
-        their logsumexp (the cross-entropy forward, reduction "none")."""
-        self._kept(("rows", x3.shape[0]), self.launcher.plan_cross_entropy_fwd, x3, t, cw, lse,
-                   loss, denom, None, None, ignore_index, smoothing, "none", False)(
-            x3, t, cw, lse, loss, denom, None, None)
+    def loss_rows(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
+                  reduction):
+        """The chunk's logsumexp and its losses: per row into `loss` (fp32, or the loss itself
+        for "none") with reduction "none"; else reduced by the kernel into the 0-d `loss`
+        (the one chunk of a call: a mean divided by its own denominator, which it writes to
+        denom[0] for the backward)."""
+        self._kept(("rows", x3.shape[0], reduction), self.launcher.plan_cross_entropy_fwd, x3,
+                   t, cw, lse, loss, denom, scratch, None, ignore_index, smoothing, reduction,
+                   False)(x3, t, cw, lse, loss, denom, scratch, None)
 
     def loss_and_grad(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
-                      reduction):
-        """The chunk's reduced loss into `loss` (0-d fp32; a mean divided by denom[0], the
-        whole batch's) and its gradient over its logits (the triton forward with GRAD,
-        IN_PLACE)."""
-        self._kept(("grad", x3.shape[0]), _TritonLaunch.plan_cross_entropy_fwd, x3, t, cw, lse,
-                   loss, denom, scratch, x3, ignore_index, smoothing, reduction, True,
-                   own_denominator=False)(x3, t, cw, lse, loss, denom, scratch, x3)
+                      reduction, one: bool):
+        """The chunk's reduced loss into `loss` (0-d; a mean divided by denom[0], the whole
+        batch's) and its gradient over its logits (the triton forward with GRAD, IN_PLACE).
+        `one`, the call's one chunk: the launch makes a mean's denominator itself, as
+        pydl.cross_entropy's does (scratch holds its partial sums too); else denom[0] is
+        the caller's."""
+        self._kept(("grad", x3.shape[0], one), _TritonLaunch.plan_cross_entropy_fwd, x3, t, cw,
+                   lse, loss, denom, scratch, x3, ignore_index, smoothing, reduction, True,
+                   own_denominator=one)(x3, t, cw, lse, loss, denom, scratch, x3)
 
     def grad_rows(self, x3, t, cw, lse, denom, g, ignore_index, smoothing, reduction):
         """The chunk's logits' gradient over them, for upstream gradient g (the cross-entropy
@@ -159,8 +164,12 @@ def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int)
 
 def _chunks(x, target, lse, buffer, chunk: int):
     """(first, last, rows, x's rows, their targets, their lse, their logits' buffer) of each
-    chunk of `chunk` rows in turn (the last one short)."""
+    chunk of `chunk` rows in turn (the last one short); one chunk as the tensors themselves
+    (no views to make)."""
     n = x.shape[0]
+    if chunk >= n > 0:
+        yield True, True, slice(None), x, target, lse, buffer
+        return
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = slice(start, stop)
@@ -232,35 +241,40 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     steps = _steps(backend, x, w, b, target, class_weight, "fwd", ignore_index, reduction,
                    smoothing, need_x, need_w, need_b, grads, chunk)
     lse = new_output(n, F32, dev)
-    denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
-        if reduction == "mean" else _denominators(dev)
     n_chunks = cdiv(n, chunk)
-    # the losses: per row ("none": the loss itself, in x's dtype; else fp32, summed after),
-    # or with the gradient each chunk's sum (the kernel reduces a chunk when it writes the
-    # gradient; "mean" divided by the whole denominator, read from denom)
-    losses = new_output(n if none else (n_chunks if grads else n), x.dtype if none else F32,
-                        dev)
+    # One chunk (the default up to 1 GiB of logits): the kernel reduces the loss, into the
+    # loss itself, and makes a mean's denominator, as pydl.cross_entropy's. Several: the
+    # chunks' losses in fp32, per row or (with the gradient) each chunk's sum, divided by the
+    # whole batch's denominator (taken from the targets first), summed after the loop.
+    one = n_chunks == 1 and not none
+    denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
+        if reduction == "mean" and not one else _denominators(dev)
+    if one:
+        loss = new_output((), x.dtype, dev)
+    else:
+        loss = losses = new_output(n if none else (n_chunks if grads else n),
+                                   x.dtype if none else F32, dev)
+    # the Triton forward's partial sums (and its denominator's, 2 rows + 1 a block)
+    scratch = torch.empty(cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev) \
+        if backend == "triton" and (grads or one) else None
     dx = dw = db = dw_acc = db_acc = None
     if grads:
         dx, dw, dw_acc, db, db_acc = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
-        scratch = torch.empty(cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev)
     buffer = new_output((min(chunk, n), n_classes), x.dtype, dev)
     for i, (first, last, rows, x_c, t_c, lse_c, logits) in enumerate(
             _chunks(x, target, lse, buffer, chunk)):
         steps.logits(x_c, w, b, logits)
         x3 = logits.unsqueeze(2)
         if grads:
-            # the chunk's loss into losses[i], its gradient over its logits
-            steps.loss_and_grad(x3, t_c, class_weight, lse_c, losses[i], denom, scratch,
-                                ignore_index, smoothing, reduction)
+            # the chunk's loss, its gradient over its logits
+            steps.loss_and_grad(x3, t_c, class_weight, lse_c, loss if one else losses[i],
+                                denom, scratch, ignore_index, smoothing, reduction, one)
             steps.backprop(logits, x_c, w, None if dx is None else dx[rows], dw, dw_acc, db,
                            db_acc, first, last)
         else:
-            steps.loss_rows(x3, t_c, class_weight, lse_c, losses[rows], denom, ignore_index,
-                            smoothing)
-    if none:
-        loss = losses.view(target.shape)
-    else:       # the chunks' sums are already divided by a mean's denominator
+            steps.loss_rows(x3, t_c, class_weight, lse_c, loss if one else losses[rows], denom,
+                            scratch, ignore_index, smoothing, reduction if one else "none")
+    if not none and not one:    # the chunks' sums are already divided by a mean's denominator
         loss = _finish_loss(losses, denom, "sum" if grads and n else reduction, x.dtype)
     return (loss, lse, denom, *_or_placeholders(x, w, dx, dw, db))
 

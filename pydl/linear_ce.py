@@ -52,10 +52,10 @@ from ._linear_ce_ops import (
     _Options,
     chunk_rows_for,
 )
-from ._plan import _refuse_negative_views, apply, needs_graph
+from ._plan import Cache, apply, needs_graph, tensors_key
 from ._shapes import integer
 from ._softmax_ce_ops import LAUNCHERS
-from .backends import dispatch, register
+from .backends import current_backend, dispatch, register
 from .softmax_ce import check_loss_options
 
 # --- the implementations by backend, and the public function ---------------------------------
@@ -120,6 +120,52 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 
 
+class _LinearCrossEntropyCall:
+    """linear_cross_entropy for one call signature (pydl._plan's Cache.call): dispatched and
+    checked once, then called with the tensors."""
+
+    __slots__ = ("impl", "name", "shape", "chunk", "options")
+
+    def __init__(self, input, weight, target, bias, class_weight, ignore_index, reduction,
+                 label_smoothing, chunk_rows, backend):
+        self.name, self.impl = dispatch("linear_cross_entropy", backend, input, weight, target,
+                                        *(t for t in (bias, class_weight)
+                                          if isinstance(t, torch.Tensor)))
+        _check(input, weight, target, bias, class_weight, ignore_index, reduction,
+               label_smoothing, chunk_rows, self.name)
+        # input as rows (N, H) (-1 is ambiguous for H = 0)
+        self.shape = (target.numel(), input.shape[-1])
+        self.chunk = int(chunk_rows) if chunk_rows is not None else \
+            chunk_rows_for(self.shape[0], weight.shape[0], input.dtype)
+        self.options = (int(ignore_index), reduction, float(label_smoothing))
+
+    def __call__(self, input, weight, target, bias, class_weight):
+        if class_weight is not None and class_weight.requires_grad and self.name != "torch" \
+                and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "linear_cross_entropy: class_weight requires grad, where torch does not "
+                "differentiate the loss w.r.t. the class weights either (it raises: nll_loss "
+                "is not differentiable with respect to argument 'weight'): pass "
+                "class_weight.detach()")
+        loss = self.impl(input.reshape(self.shape), weight, bias, target.reshape(-1),
+                         class_weight, *self.options, self.chunk)
+        if loss.dtype != F32 and torch._C._is_any_autocast_enabled() \
+                and torch.is_autocast_enabled(input.device.type):
+            loss = loss.float()     # torch's cross_entropy runs in float32 under autocast
+        return loss.view(target.shape) if self.options[1] == "none" else loss
+
+
+def _call_key(input, weight, target, bias, class_weight, ignore_index, reduction,
+              label_smoothing, chunk_rows, backend):
+    return (backend or current_backend(), *tensors_key(input, weight, target, bias,
+                                                       class_weight),
+            ignore_index, reduction, label_smoothing, chunk_rows,
+            type(ignore_index), type(chunk_rows))     # 4.0 is not 4: _check refuses it
+
+
+_CALLS = Cache("linear_cross_entropy calls")
+
+
 def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          chunk_rows=None, backend=None):
@@ -137,28 +183,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
         target = target.long()          # as torch's cross_entropy takes byte targets
     input, weight, bias = autocast_inputs("linear", input, weight, bias)
-    name, impl = dispatch("linear_cross_entropy", backend, input, weight, target,
-                          *(t for t in (bias, class_weight) if isinstance(t, torch.Tensor)))
-    _check(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-           chunk_rows, name)
-    if class_weight is not None and class_weight.requires_grad and name != "torch" \
-            and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "linear_cross_entropy: class_weight requires grad, where torch does not "
-            "differentiate the loss w.r.t. the class weights either (it raises: nll_loss is "
-            "not differentiable with respect to argument 'weight'): pass class_weight.detach()")
-    if not torch.compiler.is_compiling():     # as Cache.call checks the other ops' calls
-        _refuse_negative_views((input, weight, bias, target, class_weight))
-    x = input.reshape(target.numel(), input.shape[-1])     # (-1 is ambiguous for H = 0)
-    t = target.reshape(-1)
-    chunk = int(chunk_rows) if chunk_rows is not None else \
-        chunk_rows_for(x.shape[0], weight.shape[0], x.dtype)
-    loss = impl(x, weight, bias, t, class_weight, int(ignore_index), reduction,
-                float(label_smoothing), chunk)
-    if loss.dtype != F32 and torch._C._is_any_autocast_enabled() \
-            and torch.is_autocast_enabled(x.device.type):
-        loss = loss.float()     # torch's cross_entropy runs in float32 under autocast
-    return loss.view(target.shape) if reduction == "none" else loss
+    call = _CALLS.call(_call_key, _LinearCrossEntropyCall, input, weight, target, bias,
+                       class_weight, ignore_index, reduction, label_smoothing, chunk_rows,
+                       backend)
+    return call(input, weight, target, bias, class_weight)
 
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyFunction"]
