@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import _env
+from . import _env, _plan
 
 BACKENDS: tuple[str, ...] = ("triton", "numba", "torch")
 KERNEL_BACKENDS: tuple[str, ...] = ("triton", "numba")
@@ -45,12 +45,14 @@ def _check_name(name: str, what: str) -> str:
 
 def register(op: str, backend: str, algos: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as the implementation of `op` on `backend`, with the
-    algorithms it offers through `algo=` (the first is the default; none: no choice)."""
+    algorithms it offers through `algo=` (the first is the default; none: no choice). The
+    calls checked so far are forgotten: each holds the implementation it dispatched to."""
     backend = _check_name(backend, "register")
 
     def wrap(fn: Callable) -> Callable:
         _registry.setdefault(op, {})[backend] = fn
         _algos.setdefault(op, {})[backend] = tuple(algos)
+        _plan.clear_all()
         return fn
 
     return wrap

@@ -30,11 +30,13 @@ Two schedules, as cross_entropy has (pydl/softmax_ce.py):
                               GEMMs a chunk.
 
 Both steps are torch.library custom ops (pydl::linear_cross_entropy_fwd / _bwd), so a model
-using this compiles with torch.compile(fullgraph=True). The rows' losses are summed in fp32
-and the mean's denominator (the summed class weights of the rows that count) is taken from
-the targets with torch reductions over the N rows (not over the N x V logits, which only the
-kernels touch). Double backward is not supported: differentiating the gradient raises
-(pydl/_autograd.py's rule).
+using this compiles with torch.compile(fullgraph=True). One chunk (the default up to 1 GiB of
+logits) is reduced by the cross-entropy kernel as pydl.cross_entropy's is (the loss in its
+dtype, a mean's denominator by the kernels); over several chunks, the mean's denominator
+(the summed class weights of the rows that count) is taken from the targets first and the
+chunks' fp32 losses summed after, with torch reductions over the N rows (not over the N x V
+logits, which only the kernels touch). Double backward is not supported: differentiating the
+gradient raises (pydl/_autograd.py's rule).
 
 The steps (kernel ops, kept launches, the Function) are in pydl/_linear_ce_ops.py.
 """

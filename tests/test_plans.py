@@ -496,6 +496,8 @@ REGISTERED = {
                               bias=False),
     "lstm_cell": lambda: pydl.lstm_cell(_randn(2, 4), None, _randn(20, 4), _randn(20, 5)),
     "gru_cell": lambda: pydl.gru_cell(_randn(2, 4), None, _randn(15, 4), _randn(15, 5)),
+    "linear_cross_entropy": lambda: pydl.linear_cross_entropy(
+        _randn(3, 4), _randn(5, 4), torch.tensor([0, 4, 2])),
 }
 
 
@@ -509,5 +511,23 @@ def test_a_registered_implementation_replaced_is_the_one_that_runs(monkeypatch, 
     real = impls["triton"]
     impls["triton"] = lambda *a, **k: calls.append(op) or real(*a, **k)
     monkeypatch.setitem(backends._registry, op, impls)
+    REGISTERED[op]()
+    assert calls == [op]
+
+
+@pytest.mark.parametrize("op", sorted(REGISTERED))
+def test_registering_an_implementation_forgets_the_calls_checked(monkeypatch, op):
+    """A call's signature keeps the implementation it dispatched to: one registered after
+    (pydl.backends.register) runs from the next call on, on the same signature."""
+    from pydl import backends
+    monkeypatch.setitem(backends._registry, op, dict(backends._registry[op]))
+    monkeypatch.setitem(backends._algos, op, dict(backends._algos[op]))
+    torch.manual_seed(0)
+    REGISTERED[op]()                         # the signature's call kept, with pydl's own
+    calls = []
+    real = backends._registry[op]["triton"]
+    backends.register(op, "triton", backends.algorithms(op, "triton"))(
+        lambda *a, **k: calls.append(op) or real(*a, **k))
+    torch.manual_seed(0)
     REGISTERED[op]()
     assert calls == [op]
