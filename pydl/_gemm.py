@@ -17,6 +17,8 @@ the default follows torch.backends.cuda.matmul.allow_tf32, as torch.matmul does.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._launch import cdiv, dot_block
@@ -58,7 +60,7 @@ _PLANS = Cache("gemm launches")
 def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
          trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
          accumulate: bool = False, addend: torch.Tensor | None = None,
-         input_precision: str | None = None) -> torch.Tensor:
+         input_precision: str | None = None, softcap: float = 0.0) -> torch.Tensor:
     """out = alpha * op(a) @ op(b) (+ bias) (+ out if accumulate, or + addend); returns out.
 
     a:      (..., M, K), or (..., K, M) with trans_a (op(a) = a^T, a stride swap, no copy)
@@ -68,6 +70,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
     accumulate: add out's previous contents (beta = 1)
     addend: (..., M, N) tensor added instead of out's contents (any dtype; may be out itself)
     input_precision: "ieee" or "tf32" for fp32 operands (default: torch's matmul setting)
+    softcap: s > 0: out = s tanh((alpha op(a) @ op(b) + bias) / s) (capped logits; no addend)
     Leading batch dims (at most two) follow out; the others broadcast to them. a and b must
     share a dtype. Checks, views and the launch config are worked out once per signature
     (shapes, strides, dtypes, options) and cached (pydl/_plan.py).
@@ -77,26 +80,39 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
             raise ValueError("gemm: give accumulate=True or addend=, not both")
         addend = out
     gemm_plan(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=alpha, bias=bias,
-              addend=addend, input_precision=input_precision)(a, b, out, bias, addend)
+              addend=addend, input_precision=input_precision, softcap=softcap)(
+        a, b, out, bias, addend)
     return out
 
 
 def gemm_plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
               trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
-              addend: torch.Tensor | None = None, input_precision: str | None = None):
+              addend: torch.Tensor | None = None, input_precision: str | None = None,
+              softcap: float = 0.0):
     """gemm's plan for this signature, built once (checks, views' strides, the config): a
     callable (a, b, out, bias, addend) that launches it on tensors of the same signature. A
-    caller that runs one signature many times (a layer's plan) keeps it and skips the key."""
+    caller that runs one signature many times (a layer's plan) keeps it and skips the key.
+    softcap s > 0: out = s tanh((alpha op(a) @ op(b) + bias) / s) (capped logits; no addend)."""
     precision = input_precision or _default_precision(a.dtype)
+    check_softcap(softcap, addend)
     key = (a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype, out.shape, out.stride(),
            out.dtype, out.device, trans_a, trans_b, alpha, precision,
            None if bias is None else (bias.shape, bias.stride(), bias.dtype),
            None if addend is None else (addend is out, addend.shape, addend.stride(),
-                                        addend.dtype))
-    return _PLANS.get(key, _plan, a, b, out, trans_a, trans_b, alpha, bias, addend, precision)
+                                        addend.dtype), softcap)
+    return _PLANS.get(key, _plan, a, b, out, trans_a, trans_b, alpha, bias, addend, precision,
+                      softcap)
 
 
-def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision):
+def check_softcap(softcap: float, addend) -> None:
+    """A GEMM's softcap (both backends): 0 (none) or positive and finite, without an addend."""
+    if not (softcap == 0.0 or 0.0 < softcap < math.inf):
+        raise ValueError(f"gemm: softcap must be 0 (none) or positive and finite, got {softcap}")
+    if softcap and addend is not None:
+        raise ValueError("gemm: softcap caps the product itself: no addend / accumulate")
+
+
+def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0.0):
     """A callable (a, b, out, bias, addend) for this signature: checks done, the batched views'
     strides and the config (autotuned on a GPU) fixed."""
     from .kernels.triton import gemm as k
@@ -124,6 +140,8 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision):
     B1, B2 = c4.shape[0], c4.shape[1]
     consts = dict(ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
                   INPUT_PRECISION=precision)
+    if softcap:
+        consts["SOFTCAP"] = float(softcap)
     # slices of the batch that fit the grid's z dimension (one launch when B1 * B2 <= 65535)
     step2 = min(B2, GRID_YZ_MAX)
     step1 = max(1, GRID_YZ_MAX // step2)
@@ -167,7 +185,7 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision):
     a0 = a.transpose(-1, -2) if trans_a else a      # the caller's tensors again
     b0 = b.transpose(-1, -2) if trans_b else b
     tune_key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
-                bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1)
+                bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1, bool(softcap))
     cfg = GEMM_TUNER.pick(tune_key, gemm_candidates(gemm_config(M, N, K, a.dtype), M, N, K,
                                                     a.dtype.itemsize, {"GROUP_M": GROUP_M}),
                           lambda c: run(launches(c), a0, b0, out, bias, addend),

@@ -15,6 +15,7 @@ import os
 import torch
 
 from . import _env
+from ._gemm import check_softcap
 from ._launch import cdiv
 from ._numba_launch import NumbaLaunch, Place, launch_numba
 from ._plan import GRID_YZ_MAX
@@ -54,7 +55,7 @@ def tile() -> tuple[int, int]:
 def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
          trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
          accumulate: bool = False, addend: torch.Tensor | None = None,
-         input_precision: str | None = None) -> torch.Tensor:
+         input_precision: str | None = None, softcap: float = 0.0) -> torch.Tensor:
     """out = op(a) @ op(b) (+ bias) (+ out if accumulate, or + addend); returns out. The
     arguments of pydl/_gemm.py's gemm, with Numba's own limits and one more rule:
 
@@ -75,7 +76,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
         if addend is not None:
             raise ValueError("gemm: give accumulate=True or addend=, not both")
         addend = out
-    launch = _arguments(*_operands(a, b, out, trans_a, trans_b, addend), bias)
+    check_softcap(softcap, addend)
+    launch = _arguments(*_operands(a, b, out, trans_a, trans_b, addend), bias, softcap)
     if launch is not None:
         launch_numba(*launch[:3], out.device, *launch[3])
     return out
@@ -83,18 +85,20 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool =
 
 def gemm_plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: bool = False,
               trans_b: bool = False, alpha: float = 1.0, bias: torch.Tensor | None = None,
-              addend: torch.Tensor | None = None, input_precision: str | None = None):
+              addend: torch.Tensor | None = None, input_precision: str | None = None,
+              softcap: float = 0.0):
     """pydl._gemm.gemm_plan's signature on this GEMM: gemm(...) planned once for tensors of
     these shapes, strides and dtypes, a callable (a, b, out, bias, addend) that launches it on
     tensors at the addresses of those planned (bias and addend None where they were): a
     NumbaLaunch, which on a GPU writes their pointers alone."""
     return gemm_plan_on((a, b, out, bias, addend), a, b, out, trans_a=trans_a,
                         trans_b=trans_b, alpha=alpha, bias=bias, addend=addend,
-                        input_precision=input_precision)
+                        input_precision=input_precision, softcap=softcap)
 
 
 def gemm_plan_on(bases: tuple, a, b, out, *, trans_a: bool = False, trans_b: bool = False,
-                 alpha: float = 1.0, bias=None, addend=None, input_precision=None):
+                 alpha: float = 1.0, bias=None, addend=None, input_precision=None,
+                 softcap: float = 0.0):
     """pydl._gemm.gemm_plan_on's: gemm_plan for operands that are views of the tensors `bases`
     (a, b, out, bias, addend: what each views, None where absent; a chunk of a batch, say),
     made the same way every call of the caller's plan: a callable on the bases themselves
@@ -105,6 +109,7 @@ def gemm_plan_on(bases: tuple, a, b, out, *, trans_a: bool = False, trans_b: boo
         raise NotImplementedError(f"gemm: the numba GEMM has no alpha (got {alpha}); scale an "
                                   f"operand or use pydl._gemm.gemm")
     del input_precision             # fp32 products are exact fp32 here (no TF32)
+    check_softcap(softcap, addend)
     operands = (a, b, out, bias, addend)
     if on_tensor_cores(a, b):
         places = [None if t is None else Place(i, t, base, i)
@@ -113,9 +118,10 @@ def gemm_plan_on(bases: tuple, a, b, out, *, trans_a: bool = False, trans_b: boo
         def per_call(*tensors):
             a, b, out, bias, addend = (None if p is None else p.view(t)
                                        for p, t in zip(places, tensors))
-            gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=addend)
+            gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, bias=bias, addend=addend,
+                 softcap=softcap)
         return per_call
-    launch = _arguments(*_operands(a, b, out, trans_a, trans_b, addend), bias)
+    launch = _arguments(*_operands(a, b, out, trans_a, trans_b, addend), bias, softcap)
     if launch is None:
         return lambda *tensors: None
     kernel, grid, threads, args, places = launch
@@ -138,7 +144,7 @@ def _as4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _arguments(a, b, out, addend, bias):
+def _arguments(a, b, out, addend, bias, softcap: float = 0.0):
     """The launch of the kernel on 4-D a, b, out and addend: (kernel, grid, threads, args,
     places), places naming for each tensor argument which of (a, b, out, bias, addend) it
     lies in (NumbaLaunch); None when out is empty."""
@@ -178,7 +184,7 @@ def _arguments(a, b, out, addend, bias):
     # placeholders the kernel does not read: out
     addend_, i_addend = (addend, 4) if addend is not None else (out, 2)
     bias_, i_bias = (bias, 3) if bias is not None else (out, 2)
-    flags = (addend is not None, bias_mode, a.stride(3) <= a.stride(2),
+    flags = (addend is not None, bias_mode, float(softcap), a.stride(3) <= a.stride(2),
              b.stride(3) <= b.stride(2))
     places = (ia, ib, i_addend, 2, i_bias)
     if on_tensor_cores(a, b):

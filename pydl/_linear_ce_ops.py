@@ -54,10 +54,11 @@ class _Steps:
     and kept, so that a repeated call makes its buffers and views and launches what it kept.
     One built inside a CUDA graph capture is used and not kept (it could not be tuned)."""
 
-    __slots__ = ("launcher", "gemm_plan", "kept")
+    __slots__ = ("launcher", "gemm_plan", "kept", "softcap")
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, softcap: float):
         self.launcher, self.gemm_plan, self.kept = LAUNCHERS[backend], GEMM_PLANS[backend], {}
+        self.softcap = softcap      # > 0: the logits s tanh(. / s), made so by their GEMM
 
     def _kept(self, key, build, *args, **kwargs):
         launch = self.kept.get(key)
@@ -67,11 +68,12 @@ class _Steps:
                 self.kept[key] = launch
         return launch
 
-    def gemm(self, key, a, b, out, *, trans_a=False, trans_b=False, bias=None, addend=None):
+    def gemm(self, key, a, b, out, *, trans_a=False, trans_b=False, bias=None, addend=None,
+             softcap=0.0):
         """pydl's gemm(a, b, out, ...) through the plan kept for `key` (`addend` may be out:
         accumulate)."""
         self._kept(key, self.gemm_plan, a, b, out, trans_a=trans_a, trans_b=trans_b,
-                   bias=bias, addend=addend)(a, b, out, bias, addend)
+                   bias=bias, addend=addend, softcap=softcap)(a, b, out, bias, addend)
 
     def loss_rows(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
                   reduction):
@@ -92,17 +94,20 @@ class _Steps:
         the caller's."""
         self._kept(("grad", x3.shape[0], one), _TritonLaunch.plan_cross_entropy_fwd, x3, t, cw,
                    lse, loss, denom, scratch, x3, ignore_index, smoothing, reduction, True,
-                   own_denominator=one)(x3, t, cw, lse, loss, denom, scratch, x3)
+                   own_denominator=one, softcap=self.softcap)(
+            x3, t, cw, lse, loss, denom, scratch, x3)
 
     def grad_rows(self, x3, t, cw, lse, denom, g, ignore_index, smoothing, reduction):
         """The chunk's logits' gradient over them, for upstream gradient g (the cross-entropy
         backward)."""
         self._kept(("bwd", x3.shape[0]), self.launcher.plan_cross_entropy_bwd, x3, t, cw, lse,
-                   denom, g, x3, reduction, ignore_index, smoothing)(x3, t, cw, lse, denom, g, x3)
+                   denom, g, x3, reduction, ignore_index, smoothing, self.softcap)(
+            x3, t, cw, lse, denom, g, x3)
 
     def logits(self, x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> None:
-        """out = x_c w^T + b: the chunk's logits, in x's dtype."""
-        self.gemm(("logits", x_c.shape[0]), x_c, w, out, trans_b=True, bias=b)
+        """out = x_c w^T + b (capped: s tanh(. / s)): the chunk's logits, in x's dtype."""
+        self.gemm(("logits", x_c.shape[0]), x_c, w, out, trans_b=True, bias=b,
+                  softcap=self.softcap)
 
     def backprop(self, dlogits: Tensor, x_c: Tensor, w: Tensor, dx_c, dw, dw_acc, db, db_acc,
                  first: bool, last: bool) -> None:
@@ -137,12 +142,13 @@ class _Steps:
 _STEPS = Cache("linear_cross_entropy launches")
 
 
-def _steps(backend: str, *tensors_and_options) -> _Steps:
-    """The kept launches of a call signature: the backend, the tensors' types, shapes,
-    strides and dtypes, the options, and torch's TF32 switch (its GEMMs' precision)."""
+def _steps(backend: str, softcap: float, *tensors_and_options) -> _Steps:
+    """The kept launches of a call signature: the backend, the softcap, the tensors' types,
+    shapes, strides and dtypes, the options, and torch's TF32 switch (its GEMMs' precision)."""
     tensors, options = tensors_and_options[:5], tensors_and_options[5:]
-    key = (backend, input_precision(tensors[0].dtype), *tensors_key(*tensors), *options)
-    return _STEPS.get(key, _Steps, backend)
+    key = (backend, softcap, input_precision(tensors[0].dtype), *tensors_key(*tensors),
+           *options)
+    return _STEPS.get(key, _Steps, backend, softcap)
 
 
 def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
@@ -211,8 +217,8 @@ def _finish_loss(row_losses: Tensor, denom: Tensor, reduction: str, dtype) -> Te
 
 # --- the kernel ops -------------------------------------------------------------------------
 
-def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing, need_x, need_w,
-              need_b, grad_in_forward, chunk, backend):
+def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing, softcap, need_x,
+              need_w, need_b, grad_in_forward, chunk, backend):
     grads = grad_in_forward and reduction != "none"
     loss = empty_like_shape(x, target.shape if reduction == "none" else ())
     return (loss, empty_like_shape(x, (target.numel(),), F32), empty_like_shape(x, (2,), F32),
@@ -224,8 +230,8 @@ def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing,
 @kernel_op("linear_cross_entropy_fwd", _fwd_fake)
 def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
                               class_weight: Tensor | None, ignore_index: int, reduction: str,
-                              smoothing: float, need_x: bool, need_w: bool, need_b: bool,
-                              grad_in_forward: bool, chunk: int,
+                              smoothing: float, softcap: float, need_x: bool, need_w: bool,
+                              need_b: bool, grad_in_forward: bool, chunk: int,
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
                                                      Tensor]:
     """(loss, the rows' fp32 logsumexp, the mean's denominator buffer, and with
@@ -238,8 +244,8 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
         _check_target_range(target, n_classes, ignore_index)
     none = reduction == "none"
     grads = grad_in_forward and not none and (need_x or need_w or need_b)
-    steps = _steps(backend, x, w, b, target, class_weight, "fwd", ignore_index, reduction,
-                   smoothing, need_x, need_w, need_b, grads, chunk)
+    steps = _steps(backend, softcap, x, w, b, target, class_weight, "fwd", ignore_index,
+                   reduction, smoothing, need_x, need_w, need_b, grads, chunk)
     lse = new_output(n, F32, dev)
     n_chunks = cdiv(n, chunk)
     # One chunk (the default up to 1 GiB of logits): the kernel reduces the loss, into the
@@ -280,7 +286,7 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
 
 
 def _bwd_fake(x, w, b, target, class_weight, lse, denom, grad_out, ignore_index, reduction,
-              smoothing, need_x, need_w, need_b, chunk, backend):
+              smoothing, softcap, need_x, need_w, need_b, chunk, backend):
     return (empty_like_shape(x, x.shape if need_x else (0,)),
             empty_like_shape(w, w.shape if need_w else (0,)),
             empty_like_shape(x, b.shape if need_b and b is not None else (0,)))
@@ -290,13 +296,14 @@ def _bwd_fake(x, w, b, target, class_weight, lse, denom, grad_out, ignore_index,
 def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
                               class_weight: Tensor | None, lse: Tensor, denom: Tensor,
                               grad_out: Tensor, ignore_index: int, reduction: str,
-                              smoothing: float, need_x: bool, need_w: bool, need_b: bool,
-                              chunk: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                              smoothing: float, softcap: float, need_x: bool, need_w: bool,
+                              need_b: bool, chunk: int,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """The recompute schedule's backward: (dx, dw, db), an empty placeholder for one not
     needed. Each chunk's logits again, their gradient over them (the cross-entropy backward
     kernel, which divides a mean by denom[0] and reads W from denom[1]), then the GEMMs."""
     n = x.shape[0]
-    steps = _steps(backend, x, w, b, target, class_weight, "bwd", grad_out.dtype,
+    steps = _steps(backend, softcap, x, w, b, target, class_weight, "bwd", grad_out.dtype,
                    grad_out.stride(), ignore_index, reduction, smoothing, need_x, need_w,
                    need_b, chunk)
     dx, dw, dw_acc, db, db_acc = _gradients(x, w, b, need_x, need_w, need_b, cdiv(n, chunk))
@@ -328,11 +335,13 @@ if _env.INTERPRET:
 class _Options:
     """A call's options, travelling through the autograd Function."""
 
-    __slots__ = ("ignore_index", "reduction", "smoothing", "chunk", "backend", "in_forward")
+    __slots__ = ("ignore_index", "reduction", "smoothing", "softcap", "chunk", "backend",
+                 "in_forward")
 
-    def __init__(self, ignore_index, reduction, smoothing, chunk, backend, in_forward):
+    def __init__(self, ignore_index, reduction, smoothing, softcap, chunk, backend, in_forward):
         self.ignore_index, self.reduction, self.smoothing = ignore_index, reduction, smoothing
-        self.chunk, self.backend, self.in_forward = chunk, backend, in_forward
+        self.softcap, self.chunk, self.backend, self.in_forward = softcap, chunk, backend, \
+            in_forward
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -346,8 +355,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_b = b is not None and need[2]
         loss, lse, denom, dx, dw, db = _linear_cross_entropy_fwd(
-            x, w, b, target, class_weight, o.ignore_index, o.reduction, o.smoothing, need[0],
-            need[1], need_b, o.in_forward, o.chunk, o.backend)
+            x, w, b, target, class_weight, o.ignore_index, o.reduction, o.smoothing, o.softcap,
+            need[0], need[1], need_b, o.in_forward, o.chunk, o.backend)
         ctx.save_for_backward(x, w, b, target, class_weight, lse, denom)
         ctx.o, ctx.need_b = o, need_b
         ctx.grad_from_forward = (dx, dw, db) if o.in_forward and o.reduction != "none" else None
@@ -371,7 +380,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             dx, dw, db = _linear_cross_entropy_bwd(
                 x, w, b, target, class_weight, lse, denom, grad_out, o.ignore_index,
-                o.reduction, o.smoothing, need[0], need[1], ctx.need_b, o.chunk, o.backend)
+                o.reduction, o.smoothing, o.softcap, need[0], need[1], ctx.need_b, o.chunk,
+                o.backend)
             dx, dw, db = (g if n else None for g, n in zip((dx, dw, db), (need[0], need[1],
                                                                           ctx.need_b)))
         return dx, dw, db, None, None, None

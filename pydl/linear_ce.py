@@ -42,6 +42,8 @@ The steps (kernel ops, kept launches, the Function) are in pydl/_linear_ce_ops.p
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import check_tensor
@@ -63,14 +65,15 @@ from .softmax_ce import check_loss_options
 # --- the implementations by backend, and the public function ---------------------------------
 
 def _kernel_linear_cross_entropy(backend: str):
-    def impl(x, w, b, target, class_weight, ignore_index, reduction, smoothing, chunk):
-        o = _Options(ignore_index, reduction, smoothing, chunk, backend,
+    def impl(x, w, b, target, class_weight, ignore_index, reduction, smoothing, softcap,
+             chunk):
+        o = _Options(ignore_index, reduction, smoothing, softcap, chunk, backend,
                      _grad_in_forward(backend, reduction))
         if needs_graph(x, w, b):
             return apply(LinearCrossEntropyFunction, x, w, b, target, class_weight, o)
         return _linear_cross_entropy_fwd(x, w, b, target, class_weight, ignore_index,
-                                         reduction, smoothing, False, False, False, False,
-                                         chunk, backend)[0]
+                                         reduction, smoothing, softcap, False, False, False,
+                                         False, chunk, backend)[0]
     return impl
 
 
@@ -80,14 +83,17 @@ for _name in LAUNCHERS:
 
 @register("linear_cross_entropy", "torch")
 def _torch_linear_cross_entropy(x, w, b, target, class_weight, ignore_index, reduction,
-                                smoothing, chunk):
+                                smoothing, softcap, chunk):
+    logits = torch.nn.functional.linear(x, w, b)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     return torch.nn.functional.cross_entropy(
-        torch.nn.functional.linear(x, w, b), target, weight=class_weight,
-        ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+        logits, target, weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=smoothing)
 
 
 def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
-           label_smoothing, chunk_rows, backend):
+           label_smoothing, softcap, chunk_rows, backend):
     check_tensor(input, "input", backend)
     check_tensor(weight, "weight", backend, ndims=(2,))
     if input.dim() < 1:
@@ -118,6 +124,10 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
             raise RuntimeError(f"{name} is on {t.device} but input is on {input.device}")
     check_loss_options(input, weight.shape[0], class_weight, "class_weight", reduction,
                        label_smoothing, ignore_index)
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(
+            softcap, (int, float)) or not 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a positive finite number (the logits become "
+                         f"softcap * tanh(logits / softcap)), got {softcap!r}")
     if chunk_rows is not None and (integer(chunk_rows) is None or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 
@@ -129,17 +139,18 @@ class _LinearCrossEntropyCall:
     __slots__ = ("impl", "name", "shape", "chunk", "options")
 
     def __init__(self, input, weight, target, bias, class_weight, ignore_index, reduction,
-                 label_smoothing, chunk_rows, backend):
+                 label_smoothing, softcap, chunk_rows, backend):
         self.name, self.impl = dispatch("linear_cross_entropy", backend, input, weight, target,
                                         *(t for t in (bias, class_weight)
                                           if isinstance(t, torch.Tensor)))
         _check(input, weight, target, bias, class_weight, ignore_index, reduction,
-               label_smoothing, chunk_rows, self.name)
+               label_smoothing, softcap, chunk_rows, self.name)
         # input as rows (N, H) (-1 is ambiguous for H = 0)
         self.shape = (target.numel(), input.shape[-1])
         self.chunk = int(chunk_rows) if chunk_rows is not None else \
             chunk_rows_for(self.shape[0], weight.shape[0], input.dtype)
-        self.options = (int(ignore_index), reduction, float(label_smoothing))
+        self.options = (int(ignore_index), reduction, float(label_smoothing),
+                        float(softcap or 0.0))
 
     def __call__(self, input, weight, target, bias, class_weight):
         if class_weight is not None and class_weight.requires_grad and self.name != "torch" \
@@ -158,10 +169,10 @@ class _LinearCrossEntropyCall:
 
 
 def _call_key(input, weight, target, bias, class_weight, ignore_index, reduction,
-              label_smoothing, chunk_rows, backend):
+              label_smoothing, softcap, chunk_rows, backend):
     return (backend or current_backend(), *tensors_key(input, weight, target, bias,
                                                        class_weight),
-            ignore_index, reduction, label_smoothing, chunk_rows,
+            ignore_index, reduction, label_smoothing, softcap, chunk_rows,
             type(ignore_index), type(chunk_rows))     # 4.0 is not 4: _check refuses it
 
 
@@ -170,14 +181,16 @@ _CALLS = Cache("linear_cross_entropy calls")
 
 def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         chunk_rows=None, backend=None):
+                         softcap=None, chunk_rows=None, backend=None):
     """cross_entropy(linear(input, weight, bias), target, weight=class_weight, ...) without
     materialising the (N, V) logits: the loss of a language model's head.
 
     input (..., H) hidden states; weight (V, H) and bias (V,) as torch.nn.Linear's; target
     (...) int64 (or uint8) class indices (ignore_index for rows that do not count);
     class_weight (V,), reduction and label_smoothing as torch.nn.functional.cross_entropy's,
-    the loss in input's dtype (float32 under autocast, as the composite's). The rows go in
+    the loss in input's dtype (float32 under autocast, as the composite's). softcap s: the
+    logits capped as s tanh(logits / s) before the loss (Gemma-2's final_logit_softcapping,
+    Liger-Kernel's `softcap`), in the GEMM's epilogue. The rows go in
     chunks of `chunk_rows` (default: as many as 1 GiB of logits hold); the result does not
     depend on it beyond the rounding of the summed gradients. Under torch.autocast the
     product runs in the autocast dtype, as torch.nn.functional.linear's does.
@@ -186,8 +199,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
         target = target.long()          # as torch's cross_entropy takes byte targets
     input, weight, bias = autocast_inputs("linear", input, weight, bias)
     call = _CALLS.call(_call_key, _LinearCrossEntropyCall, input, weight, target, bias,
-                       class_weight, ignore_index, reduction, label_smoothing, chunk_rows,
-                       backend)
+                       class_weight, ignore_index, reduction, label_smoothing, softcap,
+                       chunk_rows, backend)
     return call(input, weight, target, bias, class_weight)
 
 

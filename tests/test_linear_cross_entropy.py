@@ -23,28 +23,32 @@ def _targets(n, classes, ignore_index=None, frac=0.3, shape=None):
     return t.reshape(shape or (n,)).to(DEVICE)
 
 
-def _reference(x, w, b, t, g, class_weight, **kw):
-    """(loss, dx, dw, db) in float64: the logits, the cross-entropy and its backward by
-    pydl.reference, the linear layer's gradients by hand."""
+def _reference(x, w, b, t, g, class_weight, softcap=None, **kw):
+    """(loss, dx, dw, db) in float64: the logits (capped: s tanh(. / s)), the cross-entropy
+    and its backward by pydl.reference, the cap's and the linear layer's gradients by hand."""
     x64 = x.double().cpu().numpy().reshape(-1, x.shape[-1])
     w64 = w.double().cpu().numpy()
     logits = x64 @ w64.T + (0.0 if b is None else b.double().cpu().numpy())
+    if softcap:
+        logits = softcap * np.tanh(logits / softcap)
     t64 = t.cpu().numpy().reshape(-1)
     cw = None if class_weight is None else class_weight.double().cpu().numpy()
     g64 = g.double().cpu().numpy().reshape(-1) if g.dim() else float(g)
     loss = ref.cross_entropy(logits, t64, cw, **kw)
     dlogits = ref.cross_entropy_backward(g64, logits, t64, cw, **kw)
+    if softcap:
+        dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
     return (np.asarray(loss).reshape(tuple(t.shape)) if kw.get("reduction") == "none"
             else loss, (dlogits @ w64).reshape(x.shape), dlogits.T @ x64, dlogits.sum(0))
 
 
 def _check(backend, dtype, x, w, b, t, class_weight=None, upstream=None, chunk_rows=None,
-           scale=None, **kw):
+           scale=None, softcap=None, **kw):
     """pydl against the reference and torch: the loss and every gradient; returns them."""
     leaves = [a.detach().clone().requires_grad_() for a in (x, w) + ((b,) if b is not None
                                                                      else ())]
     loss = pydl.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if b is not None
-                                     else None, class_weight=class_weight,
+                                     else None, class_weight=class_weight, softcap=softcap,
                                      chunk_rows=chunk_rows, backend=backend, **kw)
     g = upstream if upstream is not None else (
         torch.randn(loss.shape, device=DEVICE).to(loss.dtype) if loss.dim()
@@ -52,12 +56,14 @@ def _check(backend, dtype, x, w, b, t, class_weight=None, upstream=None, chunk_r
     grads = torch.autograd.grad(loss, leaves, g)
     t_leaves = [a.detach().clone().requires_grad_() for a in leaves]
     logits = F.linear(t_leaves[0], t_leaves[1], t_leaves[2] if b is not None else None)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     t_loss = F.cross_entropy(logits.reshape(-1, w.shape[0]), t.reshape(-1),
                              weight=class_weight, **kw)
     if kw.get("reduction") == "none":
         t_loss = t_loss.view(t.shape)
     t_grads = torch.autograd.grad(t_loss, t_leaves, g)
-    want = _reference(x, w, b, t, g, class_weight, **kw)
+    want = _reference(x, w, b, t, g, class_weight, softcap, **kw)
     classes, hidden = w.shape
     rows = t.numel()
     assert loss.dtype == x.dtype and loss.shape == t_loss.shape
@@ -89,6 +95,24 @@ def test_options(backend, reduction, weighted, smoothing, chunk_rows):
     _check(backend, torch.float32, x, w, b, _targets(N, V, 3), cw, upstream=g,
            chunk_rows=chunk_rows, reduction=reduction, label_smoothing=smoothing,
            ignore_index=3)
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_rows", [None, 4], ids=["one_chunk", "chunks_of_4"])
+def test_softcap(backend, reduction, chunk_rows):
+    """Capped logits s tanh(z / s) (Gemma-2's final layer): the GEMM's epilogue caps them and
+    the gradient kernels multiply by 1 - (logit / s)^2, with weights and smoothing, in one
+    chunk and in several. Logits of tens against a cap of 2, most of them on the flat part
+    of the tanh, where a missing factor would show."""
+    N, H, V = 13, 24, 37
+    x = random_tensor((N, H), torch.float32, DEVICE, scale=3.0)
+    w = random_tensor((V, H), torch.float32, DEVICE)
+    b = random_tensor((V,), torch.float32, DEVICE)
+    g = None if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    _check(backend, torch.float32, x, w, b, _targets(N, V, 3), torch.rand(V, device=DEVICE)
+           + 0.5, upstream=g, chunk_rows=chunk_rows, reduction=reduction, softcap=2.0,
+           label_smoothing=0.1, ignore_index=3)
 
 
 @backends
@@ -268,6 +292,8 @@ def test_torch_backend_is_the_composite():
     t = _targets(4, 5)
     torch.testing.assert_close(pydl.linear_cross_entropy(x, w, t, backend="torch"),
                                F.cross_entropy(F.linear(x, w), t))
+    torch.testing.assert_close(pydl.linear_cross_entropy(x, w, t, softcap=3.0, backend="torch"),
+                               F.cross_entropy(3.0 * torch.tanh(F.linear(x, w) / 3.0), t))
 
 
 @backends
@@ -292,6 +318,9 @@ def test_bad_input(backend):
         call(x, w, t, reduction="avg", backend=backend)
     with pytest.raises(ValueError, match="chunk_rows"):
         call(x, w, t, chunk_rows=0, backend=backend)
+    for cap in (0.0, -1.0, float("inf"), float("nan"), True, "30"):
+        with pytest.raises(ValueError, match="softcap"):
+            call(x, w, t, softcap=cap, backend=backend)
     with pytest.raises(ValueError, match="no rows"):
         call(x, w[:0], t, backend=backend)
     with pytest.raises(NotImplementedError, match="class_weight requires grad"):

@@ -11,8 +11,9 @@ permuted torch view costs nothing). The two leading axes are batch axes:
 
 Epilogue, in fp32 before the one rounding to C's type:
   out = acc (+ c_in[b1, b2, m, n] when `accumulate`) (+ bias[b1, 0, 0, n] or [.., m]),
-written to c_out. c_in and c_out may be the same array (each element is read and then written
-by the same thread) or differ (an fp32 accumulator read, the final result written in fp16).
+then with `softcap` s > 0 s tanh(out / s), written to c_out. c_in and c_out may be the same
+array (each element is read and then written by the same thread) or differ (an fp32
+accumulator read, the final result written in fp16).
 
 Tiling: one block computes a TILE x TILE tile of C with (TILE / MICRO)^2 threads, each
 owning a MICRO x MICRO register tile: rows ty + i * TILE / MICRO, columns tx + j * TILE / MICRO
@@ -40,6 +41,8 @@ kernels/numba/_builder.py builder.
 All arithmetic is fp32; fp16 and bf16 (int16 bits) operands and results are decoded and
 encoded with kernels/numba/_dtypes.py, one dtype code per array.
 """
+import math
+
 import numpy as np
 from numba import cuda, float32, int64
 
@@ -92,7 +95,7 @@ def _build(T, R, TRIM):
     TR = T // R         # threads per block along each axis
 
     @cuda.jit
-    def gemm(a, b, c_in, c_out, bias, accumulate, bias_mode, a_k_fast, b_n_fast,
+    def gemm(a, b, c_in, c_out, bias, accumulate, bias_mode, softcap, a_k_fast, b_n_fast,
              code_a, code_b, code_c_in, code_c_out, code_bias):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((T, TP), float32)   # sa[i, kk] = A[row0 + i, k0 + kk]
@@ -194,8 +197,8 @@ def _build(T, R, TRIM):
                             n = col0 + tx + j * TR
                             if m < M and n < N:
                                 store_result(acc[i, j], c_in, c_out, bias, b1, b2c, m, n,
-                                             accumulate, bias_mode, code_c_in, code_c_out,
-                                             code_bias)
+                                             accumulate, bias_mode, softcap, code_c_in,
+                                             code_c_out, code_bias)
 
     return gemm
 
@@ -217,17 +220,20 @@ def batch_of(z, B2c, a, b):
 
 
 @device
-def store_result(out, c_in, c_out, bias, b1, b2c, m, n, accumulate, bias_mode, code_c_in,
-                 code_c_out, code_bias):
+def store_result(out, c_in, c_out, bias, b1, b2c, m, n, accumulate, bias_mode, softcap,
+                 code_c_in, code_c_out, code_bias):
     """The epilogue of one output element (both GEMM kernels): c_out[b1, b2c, m, n] = out (the
     fp32 product) (+ c_in's element when `accumulate`) (+ the bias of its column or row),
-    rounded once to c_out's dtype."""
+    then with softcap s > 0 s tanh(. / s) (a language model's capped logits; the launcher
+    refuses it with an addend), rounded once to c_out's dtype."""
     if accumulate:
         out += load4_f32(c_in, b1, b2c, m, n, code_c_in)
     if bias_mode == BIAS_COLS:
         out += _load_bias(bias, b1, n, code_bias)
     elif bias_mode == BIAS_ROWS:
         out += _load_bias(bias, b1, m, code_bias)
+    if softcap > 0:
+        out = float32(softcap * math.tanh(out / softcap))
     store4_f32(c_out, b1, b2c, m, n, out, code_c_out)
 
 

@@ -27,7 +27,8 @@ of consecutive words of one row a thread; the other orientation with consecutive
 consecutive rows (a_k_fast, b_n_fast, as in gemm.py). The output, addend and bias keep their
 own dtypes (dtype codes, kernels/numba/_dtypes.py).
 
-Kernel arguments: a, b (B^T), c_in, c_out, bias, accumulate, bias_mode, a_k_fast, b_n_fast,
+Kernel arguments: a, b (B^T), c_in, c_out, bias, accumulate, bias_mode, softcap, a_k_fast,
+b_n_fast,
 code_c_in, code_c_out, code_bias (gemm.py's, less the operands' codes). Launch with
 gemm_mma_kernel(wm, wn, bf16, a_pairs, b_pairs) on a (32 WM WN,)-thread block; the grid as
 gemm.py's (x over column tiles of BN, y over row tiles of BM, z over batches; grid-stride
@@ -67,7 +68,7 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
     acc_into = mma_into(BF16)
 
     @cuda.jit
-    def gemm_mma(a, b, c_in, c_out, bias, accumulate, bias_mode, a_k_fast, b_n_fast,
+    def gemm_mma(a, b, c_in, c_out, bias, accumulate, bias_mode, softcap, a_k_fast, b_n_fast,
                  code_c_in, code_c_out, code_bias):
         # One shared array per line: the simulator keys shared arrays by source line.
         sa = cuda.shared.array((BM, ROW_WORDS), uint32)   # sa[i, p] = A[row0 + i, k0 + 2p:+2]
@@ -161,8 +162,8 @@ def _build(WM, WN, BF16, A_PAIRS, B_PAIRS):
                                     if m < M and n < N:
                                         store_result(acc[16 * rt + 4 * c + 2 * hr + hc],
                                                      c_in, c_out, bias, b1, b2c, m, n,
-                                                     accumulate, bias_mode, code_c_in,
-                                                     code_c_out, code_bias)
+                                                     accumulate, bias_mode, softcap,
+                                                     code_c_in, code_c_out, code_bias)
 
     return gemm_mma
 

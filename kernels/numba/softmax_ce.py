@@ -404,7 +404,7 @@ def _last_block_reduces(arrivals, loss, row_weight, out, denom, mean, smoothing,
 
 @cuda.jit
 def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx,
-                      inner, ignore_index, smoothing, has_weight, w_code, code):
+                      inner, ignore_index, smoothing, softcap, has_weight, w_code, code):
     """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
     dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     rows with an ignored target get 0 p_c, whatever g is: zeros, NaN where the row's softmax
@@ -427,6 +427,8 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
     inner:        size of axis 2 (rows = outer * inner)
     ignore_index: target value whose rows get zero gradient
     smoothing:    label smoothing eps in [0, 1]
+    softcap:      s > 0: the logits are s tanh(u / s) (pydl.linear_cross_entropy's softcap),
+                  and dx the gradient w.r.t. u: times 1 - (x_c / s)^2; 0: none
     has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
     w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x, dx and grad
@@ -453,11 +455,14 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
         g_smooth = g * (eps / float32(n))
         total_weight = denom[1] if (has_weight and smooth) else float32(n)
         for c in range(tid, n, nthreads):
-            _, p = _softmax_at(x, o, c, i, code, row_lse)
+            xc, p = _softmax_at(x, o, c, i, code, row_lse)
             out = g_nll * (p - ONE) if c == t else g_nll * p
             if smooth:
                 out += g_smooth * (total_weight * p - _class_weight(weight, c, has_weight,
                                                                     w_code))
+            if softcap > 0:
+                r = xc / float32(softcap)
+                out *= ONE - r * r
             store_f32(dx, o, c, i, out, code)
 
 

@@ -2,6 +2,9 @@
 
     C[b] = alpha * A[b] @ B[b]  (+ bias[b] broadcast over rows)  (+ D[b] if ACCUMULATE)
 
+or, with SOFTCAP = s > 0 (a language model's capped logits, Gemma-2's final layer),
+C[b] = s tanh((alpha A[b] @ B[b] + bias[b]) / s), in fp32 before the one rounding to C's dtype.
+
 for every batch index b = (b1, b2) of a two-level batch, each operand addressed through its
 own strides, so transposed, sliced, broadcast (stride 0) and channels_last operands need no
 copy: op(A) = A^T is just A's two matrix strides swapped. D is usually C itself (accumulate
@@ -38,6 +41,7 @@ def gemm_kernel(
     INPUT_PRECISION: tl.constexpr,      # "ieee" or "tf32": how fp32 operands enter tl.dot
     GROUP_M: tl.constexpr,              # tile rows per swizzle group (L2 reuse)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # each >= 16
+    SOFTCAP: tl.constexpr = 0.0,        # > 0: s tanh(. / s) of the product and bias (no D)
 ):
     pid = tl.program_id(0)
     z = tl.program_id(2)
@@ -77,9 +81,20 @@ def gemm_kernel(
         bias = tl.load(bias_ptr + b1 * sbias_b1 + b2 * sbias_b2 + rn64 * sbias_n, mask=n_ok,
                        other=0.0)
         acc += bias.to(tl.float32)[None, :]
+    if SOFTCAP > 0.0:
+        acc = SOFTCAP * _tanh(acc * (1.0 / SOFTCAP))
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         d_off = b1 * sd_b1 + b2 * sd_b2 + rm64[:, None] * sd_m + rn64[None, :] * sd_n
         acc += tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
     c_off = b1 * sc_b1 + b2 * sc_b2 + rm64[:, None] * sc_m + rn64[None, :] * sc_n
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tanh(y):
+    """tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2 |y|) <= 1 (no overflow at any y; an
+    absolute error of about 1e-7 near 0)."""
+    e = tl.exp(-2.0 * tl.abs(y))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0.0, -t, t)

@@ -338,6 +338,7 @@ def cross_entropy_fwd(
     IN_PLACE: tl.constexpr,                 # GRAD: dx is x itself (its memory overwritten)
     SINGLE: tl.constexpr,                   # n <= BLOCK_N: the row stays in registers
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr = 0.0,            # GRAD: x = s tanh(u / s), the gradient w.r.t. u
 ):
     """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is
     ignored. Reductions: per-row losses (none), or their sum, or the sum over the summed
@@ -417,14 +418,15 @@ def cross_entropy_fwd(
         if SINGLE:
             p = s * (1.0 / tl.sum(s, 1))[:, None]
             w = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
-            _store_block(dx_ptr, dx_off, c, sdx_n,
-                         _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), mask)
+            _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
+                _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), x, SOFTCAP), mask)
         else:
             for start in range(0, n, BLOCK_N):
                 c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr,
                                                   start, cols, n, rmask, HAS_WEIGHT)
-                _store_block(dx_ptr, dx_off, c, sdx_n,
-                             _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), mask)
+                _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
+                    _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), x, SOFTCAP),
+                    mask)
     if REDUCTION != REDUCE_NONE:
         pid = tl.program_id(0)
         tl.store(parts_ptr + 2 * pid, tl.sum(loss, 0))
@@ -444,6 +446,17 @@ def cross_entropy_fwd(
                     total = tl.where(denom == 0.0, float("nan"), total)
             tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
             tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _uncapped(dx, x, SOFTCAP: tl.constexpr):
+    """The gradient dx w.r.t. logits x = s tanh(u / s) (SOFTCAP s > 0, made so by the GEMM that
+    wrote them: pydl.linear_cross_entropy's softcap) as the gradient w.r.t. u: dx (1 - (x /
+    s)^2); dx itself without a cap."""
+    if SOFTCAP > 0.0:
+        r = x * (1.0 / SOFTCAP)
+        dx = dx * (1.0 - r * r)
+    return dx
 
 
 @triton.jit
@@ -539,6 +552,7 @@ def cross_entropy_bwd(
     ignore_index, smoothing,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr = 0.0,            # x = s tanh(u / s): the gradient w.r.t. u
 ):
     """dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     one pass over the logits; rows with an ignored target get g = 0, hence zeros (NaN where
@@ -568,8 +582,8 @@ def cross_entropy_bwd(
     for start in range(0, n, BLOCK_N):
         c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr, start, cols,
                                           n, rmask, HAS_WEIGHT)
-        _store_block(dx_ptr, dx_off, c, sdx_n,
-                     _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), mask)
+        _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
+            _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), x, SOFTCAP), mask)
 
 
 # --- cross-entropy with class-probability targets --------------------------------------------
