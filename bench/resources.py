@@ -469,7 +469,9 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
 def _cov_linear_cross_entropy(dtype: str, n: int, h: int, v: int):
     """linear_cross_entropy in chunks: a trained mean with a bias (the cross-entropy forward
     writing its gradient over the chunk's logits, IN_PLACE; the shared GEMMs of the logits,
-    dh, dW through its fp32 accumulator, db), and per-row losses (the recompute backward)."""
+    dh, dW through its fp32 accumulator, db), and per-row losses (the recompute backward);
+    capped logits (softcap: the GEMM's tanh epilogue, the gradient kernels' factor) in one
+    chunk (the forward's own mean denominator) and per row."""
     def run():
         import torch
 
@@ -481,6 +483,8 @@ def _cov_linear_cross_entropy(dtype: str, n: int, h: int, v: int):
         pydl.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, chunk_rows=n // 3 + 1) \
             .backward()
         _grad(pydl.linear_cross_entropy(x, w, t, reduction="none", chunk_rows=n // 2), [x, w])
+        pydl.linear_cross_entropy(x, w, t, b, softcap=30.0).backward()
+        _grad(pydl.linear_cross_entropy(x, w, t, reduction="none", softcap=30.0), [x, w])
     return run
 
 

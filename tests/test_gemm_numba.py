@@ -249,6 +249,32 @@ def test_one_gemm_signature_for_both_backends(backend):
             gemm(a.t(), b[0].t(), out[0], alpha=0.5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_softcap_epilogue_on_both_backends(backend, dtype):
+    """softcap s: out = s tanh((a @ b + bias) / s) in fp32, rounded once, into a row-major and
+    a column-major out (the Numba GEMM computes the latter transposed, its bias along rows);
+    refused with an addend, and for a cap that is not positive and finite."""
+    import pydl._gemm as T
+    gemm = T.gemm if backend == "triton" else G.gemm
+    M, N, K = 19, 21, 24
+    a = random_tensor((M, K), dtype, DEVICE, scale=2.0)
+    b = random_tensor((N, K), dtype, DEVICE)
+    bias = random_tensor(N, dtype, DEVICE)
+    z = a.double() @ b.double().t() + bias.double()
+    want = 3.0 * torch.tanh(z / 3.0)
+    assert (z.abs() > 6).any()              # some products well past the cap
+    for out in (torch.empty(M, N, dtype=dtype, device=DEVICE),
+                torch.empty(N, M, dtype=dtype, device=DEVICE).t()):
+        gemm(a, b, out, trans_b=True, bias=bias, softcap=3.0, input_precision="ieee")
+        assert_close(out, want, dtype, reduction=K)
+    with pytest.raises(ValueError, match="addend"):
+        gemm(a, b, out, trans_b=True, softcap=3.0, accumulate=True)
+    for cap in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            gemm(a, b, out, trans_b=True, softcap=cap)
+
+
 def test_conv2d_numba_on_tensor_cores(tensor_cores):
     """An op on the tensor-core GEMM: the Numba backend's im2col conv2d in fp16, forward and
     every gradient against float64, its products (forward, grad input, grad weight) all on

@@ -235,7 +235,8 @@ def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
 def _linear_ce(rng, dtype, backend, algo, size="tiny"):
     """linear_cross_entropy: leading dims, hidden and class counts, layouts of the hidden
     states and of the weight, a bias, class weights, every reduction, smoothing and
-    ignore_index, chunks of any size (the last one short), against torch's composite."""
+    ignore_index, chunks of any size (the last one short), a softcap, against torch's
+    composite."""
     medium = size == "medium"
     lead = tuple(int(v) for v in rng.integers(1, 9 if medium else 4, int(rng.integers(1, 4))))
     H = int(rng.integers(17, 71) if medium else rng.integers(1, 9))
@@ -254,16 +255,20 @@ def _linear_ce(rng, dtype, backend, algo, size="tiny"):
         t = torch.where(torch.rand(lead, device=DEVICE) < 0.3, opts["ignore_index"], t)
     cw = (torch.rand(V, device=DEVICE) + 0.2).to(dtype) if rng.random() < 0.4 else None
     chunk = [None, 1, 2, 3, 5, 7][int(rng.integers(6))]
+    cap = float(rng.choice([0.5, 2.0, 30.0])) if rng.random() < 0.3 else None
     case = (f"linear_cross_entropy x{tuple(x.shape)} w{tuple(w.shape)} bias={b is not None} "
-            f"class_weight={cw is not None} chunk_rows={chunk} {opts}")
+            f"class_weight={cw is not None} chunk_rows={chunk} softcap={cap} {opts}")
     cw64 = None if cw is None else cw.double()
 
     def ours(x, w, t, b=None):
         return pydl.linear_cross_entropy(x, w, t, b, class_weight=cw, chunk_rows=chunk,
-                                         **opts, backend=backend)
+                                         softcap=cap, **opts, backend=backend)
 
     def theirs(x, w, t, b=None):
-        loss = F.cross_entropy(F.linear(x, w, b).reshape(-1, V), t.reshape(-1), cw64, **opts)
+        logits = F.linear(x, w, b)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        loss = F.cross_entropy(logits.reshape(-1, V), t.reshape(-1), cw64, **opts)
         return loss.view(t.shape) if opts["reduction"] == "none" else loss
     return case, ours, theirs, [x, w, t] + ([b] if b is not None else []), H * V * t.numel()
 
