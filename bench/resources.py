@@ -471,7 +471,7 @@ def _cov_linear_cross_entropy(dtype: str, n: int, h: int, v: int):
     writing its gradient over the chunk's logits, IN_PLACE; the shared GEMMs of the logits,
     dh, dW through its fp32 accumulator, db), and per-row losses (the recompute backward);
     capped logits (softcap: the GEMM's tanh epilogue, the gradient kernels' factor) in one
-    chunk (the forward's own mean denominator) and per row."""
+    chunk (the forward's own mean denominator) and per row (with a z-loss)."""
     def run():
         import torch
 
@@ -484,7 +484,8 @@ def _cov_linear_cross_entropy(dtype: str, n: int, h: int, v: int):
             .backward()
         _grad(pydl.linear_cross_entropy(x, w, t, reduction="none", chunk_rows=n // 2), [x, w])
         pydl.linear_cross_entropy(x, w, t, b, softcap=30.0).backward()
-        _grad(pydl.linear_cross_entropy(x, w, t, reduction="none", softcap=30.0), [x, w])
+        _grad(pydl.linear_cross_entropy(x, w, t, reduction="none", softcap=30.0, z_loss=1e-4),
+              [x, w])
     return run
 
 

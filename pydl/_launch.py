@@ -245,17 +245,21 @@ def planned_once(plan):
     dtype, shape, strides and device, the rest as they are) and kept (pydl._plan.Cache): the
     kernel ops, which launch a step once per call, then launch its plan as the eager plans
     do. A plan's places follow from those alone (a NumbaLaunch's tensors are views of its
-    sources at offsets their shapes and strides fix). Unhashable arguments: built per call."""
+    sources at offsets their shapes and strides fix). Keyword arguments (options) are part of
+    the key as they are. Unhashable arguments: built per call."""
     cache = Cache(f"numba {plan.__qualname__}")
 
     @functools.wraps(plan)
-    def cached(*args):
+    def cached(*args, **options):
+        build = functools.partial(plan, **options) if options else plan
         try:
             key = tuple((a.dtype, a.shape, a.stride(), a.device)
                         if isinstance(a, torch.Tensor) else a for a in args)
-            return cache.get(key, plan, *args)
+            if options:
+                key += tuple(sorted(options.items()))
+            return cache.get(key, build, *args)
         except TypeError:
-            return plan(*args)
+            return build(*args)
     return cached
 
 

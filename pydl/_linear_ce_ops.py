@@ -54,11 +54,12 @@ class _Steps:
     and kept, so that a repeated call makes its buffers and views and launches what it kept.
     One built inside a CUDA graph capture is used and not kept (it could not be tuned)."""
 
-    __slots__ = ("launcher", "gemm_plan", "kept", "softcap")
+    __slots__ = ("launcher", "gemm_plan", "kept", "softcap", "z_loss")
 
-    def __init__(self, backend: str, softcap: float):
+    def __init__(self, backend: str, softcap: float, z_loss: float):
         self.launcher, self.gemm_plan, self.kept = LAUNCHERS[backend], GEMM_PLANS[backend], {}
         self.softcap = softcap      # > 0: the logits s tanh(. / s), made so by their GEMM
+        self.z_loss = z_loss        # > 0: each counted row's loss + z lse^2
 
     def _kept(self, key, build, *args, **kwargs):
         launch = self.kept.get(key)
@@ -83,7 +84,7 @@ class _Steps:
         denom[0] for the backward)."""
         self._kept(("rows", x3.shape[0], reduction), self.launcher.plan_cross_entropy_fwd, x3,
                    t, cw, lse, loss, denom, scratch, None, ignore_index, smoothing, reduction,
-                   False)(x3, t, cw, lse, loss, denom, scratch, None)
+                   False, z_loss=self.z_loss)(x3, t, cw, lse, loss, denom, scratch, None)
 
     def loss_and_grad(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
                       reduction, one: bool):
@@ -94,14 +95,15 @@ class _Steps:
         the caller's."""
         self._kept(("grad", x3.shape[0], one), _TritonLaunch.plan_cross_entropy_fwd, x3, t, cw,
                    lse, loss, denom, scratch, x3, ignore_index, smoothing, reduction, True,
-                   own_denominator=one, softcap=self.softcap)(
+                   own_denominator=one, softcap=self.softcap, z_loss=self.z_loss)(
             x3, t, cw, lse, loss, denom, scratch, x3)
 
     def grad_rows(self, x3, t, cw, lse, denom, g, ignore_index, smoothing, reduction):
         """The chunk's logits' gradient over them, for upstream gradient g (the cross-entropy
         backward)."""
         self._kept(("bwd", x3.shape[0]), self.launcher.plan_cross_entropy_bwd, x3, t, cw, lse,
-                   denom, g, x3, reduction, ignore_index, smoothing, self.softcap)(
+                   denom, g, x3, reduction, ignore_index, smoothing, softcap=self.softcap,
+                   z_loss=self.z_loss)(
             x3, t, cw, lse, denom, g, x3)
 
     def logits(self, x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> None:
@@ -142,13 +144,14 @@ class _Steps:
 _STEPS = Cache("linear_cross_entropy launches")
 
 
-def _steps(backend: str, softcap: float, *tensors_and_options) -> _Steps:
-    """The kept launches of a call signature: the backend, the softcap, the tensors' types,
-    shapes, strides and dtypes, the options, and torch's TF32 switch (its GEMMs' precision)."""
+def _steps(backend: str, softcap: float, z_loss: float, *tensors_and_options) -> _Steps:
+    """The kept launches of a call signature: the backend, the softcap and z-loss, the
+    tensors' types, shapes, strides and dtypes, the options, and torch's TF32 switch (its
+    GEMMs' precision)."""
     tensors, options = tensors_and_options[:5], tensors_and_options[5:]
-    key = (backend, softcap, input_precision(tensors[0].dtype), *tensors_key(*tensors),
+    key = (backend, softcap, z_loss, input_precision(tensors[0].dtype), *tensors_key(*tensors),
            *options)
-    return _STEPS.get(key, _Steps, backend, softcap)
+    return _STEPS.get(key, _Steps, backend, softcap, z_loss)
 
 
 def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
@@ -217,8 +220,8 @@ def _finish_loss(row_losses: Tensor, denom: Tensor, reduction: str, dtype) -> Te
 
 # --- the kernel ops -------------------------------------------------------------------------
 
-def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing, softcap, need_x,
-              need_w, need_b, grad_in_forward, chunk, backend):
+def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing, softcap, z_loss,
+              need_x, need_w, need_b, grad_in_forward, chunk, backend):
     grads = grad_in_forward and reduction != "none"
     loss = empty_like_shape(x, target.shape if reduction == "none" else ())
     return (loss, empty_like_shape(x, (target.numel(),), F32), empty_like_shape(x, (2,), F32),
@@ -230,8 +233,8 @@ def _fwd_fake(x, w, b, target, class_weight, ignore_index, reduction, smoothing,
 @kernel_op("linear_cross_entropy_fwd", _fwd_fake)
 def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
                               class_weight: Tensor | None, ignore_index: int, reduction: str,
-                              smoothing: float, softcap: float, need_x: bool, need_w: bool,
-                              need_b: bool, grad_in_forward: bool, chunk: int,
+                              smoothing: float, softcap: float, z_loss: float, need_x: bool,
+                              need_w: bool, need_b: bool, grad_in_forward: bool, chunk: int,
                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
                                                      Tensor]:
     """(loss, the rows' fp32 logsumexp, the mean's denominator buffer, and with
@@ -244,8 +247,8 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
         _check_target_range(target, n_classes, ignore_index)
     none = reduction == "none"
     grads = grad_in_forward and not none and (need_x or need_w or need_b)
-    steps = _steps(backend, softcap, x, w, b, target, class_weight, "fwd", ignore_index,
-                   reduction, smoothing, need_x, need_w, need_b, grads, chunk)
+    steps = _steps(backend, softcap, z_loss, x, w, b, target, class_weight, "fwd",
+                   ignore_index, reduction, smoothing, need_x, need_w, need_b, grads, chunk)
     lse = new_output(n, F32, dev)
     n_chunks = cdiv(n, chunk)
     # One chunk (the default up to 1 GiB of logits): the kernel reduces the loss, into the
@@ -286,7 +289,7 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
 
 
 def _bwd_fake(x, w, b, target, class_weight, lse, denom, grad_out, ignore_index, reduction,
-              smoothing, softcap, need_x, need_w, need_b, chunk, backend):
+              smoothing, softcap, z_loss, need_x, need_w, need_b, chunk, backend):
     return (empty_like_shape(x, x.shape if need_x else (0,)),
             empty_like_shape(w, w.shape if need_w else (0,)),
             empty_like_shape(x, b.shape if need_b and b is not None else (0,)))
@@ -296,16 +299,16 @@ def _bwd_fake(x, w, b, target, class_weight, lse, denom, grad_out, ignore_index,
 def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor,
                               class_weight: Tensor | None, lse: Tensor, denom: Tensor,
                               grad_out: Tensor, ignore_index: int, reduction: str,
-                              smoothing: float, softcap: float, need_x: bool, need_w: bool,
-                              need_b: bool, chunk: int,
+                              smoothing: float, softcap: float, z_loss: float, need_x: bool,
+                              need_w: bool, need_b: bool, chunk: int,
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """The recompute schedule's backward: (dx, dw, db), an empty placeholder for one not
     needed. Each chunk's logits again, their gradient over them (the cross-entropy backward
     kernel, which divides a mean by denom[0] and reads W from denom[1]), then the GEMMs."""
     n = x.shape[0]
-    steps = _steps(backend, softcap, x, w, b, target, class_weight, "bwd", grad_out.dtype,
-                   grad_out.stride(), ignore_index, reduction, smoothing, need_x, need_w,
-                   need_b, chunk)
+    steps = _steps(backend, softcap, z_loss, x, w, b, target, class_weight, "bwd",
+                   grad_out.dtype, grad_out.stride(), ignore_index, reduction, smoothing,
+                   need_x, need_w, need_b, chunk)
     dx, dw, dw_acc, db, db_acc = _gradients(x, w, b, need_x, need_w, need_b, cdiv(n, chunk))
     # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
     grad = grad_out.to(x.dtype).reshape(-1) if reduction == "none" else grad_out.to(x.dtype)
@@ -335,13 +338,14 @@ if _env.INTERPRET:
 class _Options:
     """A call's options, travelling through the autograd Function."""
 
-    __slots__ = ("ignore_index", "reduction", "smoothing", "softcap", "chunk", "backend",
-                 "in_forward")
+    __slots__ = ("ignore_index", "reduction", "smoothing", "softcap", "z_loss", "chunk",
+                 "backend", "in_forward")
 
-    def __init__(self, ignore_index, reduction, smoothing, softcap, chunk, backend, in_forward):
+    def __init__(self, ignore_index, reduction, smoothing, softcap, z_loss, chunk, backend,
+                 in_forward):
         self.ignore_index, self.reduction, self.smoothing = ignore_index, reduction, smoothing
-        self.softcap, self.chunk, self.backend, self.in_forward = softcap, chunk, backend, \
-            in_forward
+        self.softcap, self.z_loss, self.chunk = softcap, z_loss, chunk
+        self.backend, self.in_forward = backend, in_forward
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -356,7 +360,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_b = b is not None and need[2]
         loss, lse, denom, dx, dw, db = _linear_cross_entropy_fwd(
             x, w, b, target, class_weight, o.ignore_index, o.reduction, o.smoothing, o.softcap,
-            need[0], need[1], need_b, o.in_forward, o.chunk, o.backend)
+            o.z_loss, need[0], need[1], need_b, o.in_forward, o.chunk, o.backend)
         ctx.save_for_backward(x, w, b, target, class_weight, lse, denom)
         ctx.o, ctx.need_b = o, need_b
         ctx.grad_from_forward = (dx, dw, db) if o.in_forward and o.reduction != "none" else None
@@ -380,8 +384,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             dx, dw, db = _linear_cross_entropy_bwd(
                 x, w, b, target, class_weight, lse, denom, grad_out, o.ignore_index,
-                o.reduction, o.smoothing, o.softcap, need[0], need[1], ctx.need_b, o.chunk,
-                o.backend)
+                o.reduction, o.smoothing, o.softcap, o.z_loss, need[0], need[1], ctx.need_b,
+                o.chunk, o.backend)
             dx, dw, db = (g if n else None for g, n in zip((dx, dw, db), (need[0], need[1],
                                                                           ctx.need_b)))
         return dx, dw, db, None, None, None

@@ -87,7 +87,7 @@ class _NumbaLaunch:
     @staticmethod
     @planned_once
     def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
-                               ignore_index, smoothing, reduction, grad):
+                               ignore_index, smoothing, reduction, grad, z_loss=0.0):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3) as _TritonLaunch's (scratch
         and dx3 unused: no gradient in the forward): one launch of the per-row kernel into
         per-row losses (the loss itself for "none") and weights, whose last block to finish
@@ -115,7 +115,7 @@ class _NumbaLaunch:
         out = lse[:1] if none else loss
         fwd = NumbaLaunch(*_NumbaLaunch._row(
             "cross_entropy_fwd", x3, x3, target, w, per_row.view(1, rows, 1), lse, row_weight,
-            denom, inner, ignore_index, float(smoothing), has_weight, w_code,
+            denom, inner, ignore_index, float(smoothing), float(z_loss), has_weight, w_code,
             dtype_code(x3.dtype), dtype_code(per_row.dtype), not none, reduction == "mean",
             arrivals, out.view(1, 1, 1), dtype_code(loss.dtype)),
             (x3, target, w, per_row, lse, row_weight, denom, arrivals, loss),
@@ -142,7 +142,7 @@ class _NumbaLaunch:
     @staticmethod
     @planned_once
     def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,
-                               ignore_index, smoothing, softcap=0.0):
+                               ignore_index, smoothing, softcap=0.0, z_loss=0.0):
         """run(x3, target, weight, lse, denom, grad_out, dx3), as _TritonLaunch's. The
         upstream gradient (the loss's dtype, x's) is read as it is, per row for "none" or
         broadcast, and divided by the mean's denominator in the kernel."""
@@ -155,7 +155,8 @@ class _NumbaLaunch:
         launch = NumbaLaunch(*_NumbaLaunch._row(
             "cross_entropy_bwd", x3, x3, target, w, lse, grad.view(1, grad.shape[0], 1),
             stride, denom, reduction == "mean", dx3, x3.shape[2], ignore_index,
-            float(smoothing), float(softcap), has_weight, w_code, dtype_code(x3.dtype)),
+            float(smoothing), float(softcap), float(z_loss), has_weight, w_code,
+            dtype_code(x3.dtype)),
             (x3, target, w, lse, grad, denom, dx3), (0, 1, 2 if has_weight else 3, 3, 4, 5, 6))
 
         def run(x3, target, weight, lse, denom, grad_out, dx3):

@@ -155,7 +155,7 @@ class _TritonLaunch:
     @staticmethod
     def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
                                ignore_index, smoothing, reduction, grad, own_denominator=True,
-                               softcap=0.0):
+                               softcap=0.0, z_loss=0.0):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3): the forward's launches
         (rows > 0) into loss, lse, denom and with `grad` dx3; weight and (without `grad`) dx3
         may be None, and scratch is for the reductions (cross_entropy_scratch(rows) fp32:
@@ -166,7 +166,8 @@ class _TritonLaunch:
         own_denominator=False: a training mean's denominator is already in denom[0] (the
         chunks of pydl.linear_cross_entropy share the whole batch's), so its kernel is not
         launched. softcap s > 0 (with grad): the logits are s tanh(u / s), and dx3 the
-        gradient w.r.t. u."""
+        gradient w.r.t. u. z_loss z > 0: each counted row's loss gains z lse^2 (and the
+        gradient its term)."""
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
         has_weight = weight is not None
@@ -187,7 +188,7 @@ class _TritonLaunch:
                       REDUCTION=REDUCTION_CODES[reduction], PARTS_BLOCK=PARTS_BLOCK, GRAD=grad,
                       CHECK_TARGETS=dev.type == "cuda",
                       IN_PLACE=grad and dx3 is not None and dx3.data_ptr() == x3.data_ptr(),
-                      SOFTCAP=float(softcap))
+                      SOFTCAP=float(softcap), Z_LOSS=float(z_loss))
         if none:
             def run(x, target, weight, lse, loss, denom, scratch, dx):
                 w = (weight.contiguous() if strided else weight) if has_weight else x
@@ -268,7 +269,7 @@ class _TritonLaunch:
 
     @staticmethod
     def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,
-                               ignore_index, smoothing, softcap=0.0):
+                               ignore_index, smoothing, softcap=0.0, z_loss=0.0):
         """run(x3, target, weight, lse, denom, grad_out, dx3): cross_entropy_bwd's launch; x3,
         target and dx3 by pointer (x for its view x3), grad_out as planned (strides). softcap
         s > 0: the logits are s tanh(u / s), and dx3 the gradient w.r.t. u."""
@@ -288,7 +289,7 @@ class _TritonLaunch:
                          (stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(),
                           ignore_index, smoothing),
                          HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing > 0,
-                         MEAN=reduction == "mean", SOFTCAP=float(softcap))
+                         MEAN=reduction == "mean", SOFTCAP=float(softcap), Z_LOSS=float(z_loss))
 
         def run(x3, target, weight, lse, denom, grad_out, dx3):
             if strided:

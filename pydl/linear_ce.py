@@ -66,14 +66,14 @@ from .softmax_ce import check_loss_options
 
 def _kernel_linear_cross_entropy(backend: str):
     def impl(x, w, b, target, class_weight, ignore_index, reduction, smoothing, softcap,
-             chunk):
-        o = _Options(ignore_index, reduction, smoothing, softcap, chunk, backend,
+             z_loss, chunk):
+        o = _Options(ignore_index, reduction, smoothing, softcap, z_loss, chunk, backend,
                      _grad_in_forward(backend, reduction))
         if needs_graph(x, w, b):
             return apply(LinearCrossEntropyFunction, x, w, b, target, class_weight, o)
         return _linear_cross_entropy_fwd(x, w, b, target, class_weight, ignore_index,
-                                         reduction, smoothing, softcap, False, False, False,
-                                         False, chunk, backend)[0]
+                                         reduction, smoothing, softcap, z_loss, False, False,
+                                         False, False, chunk, backend)[0]
     return impl
 
 
@@ -83,17 +83,25 @@ for _name in LAUNCHERS:
 
 @register("linear_cross_entropy", "torch")
 def _torch_linear_cross_entropy(x, w, b, target, class_weight, ignore_index, reduction,
-                                smoothing, softcap, chunk):
+                                smoothing, softcap, z_loss, chunk):
     logits = torch.nn.functional.linear(x, w, b)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return torch.nn.functional.cross_entropy(
+    loss = torch.nn.functional.cross_entropy(
         logits, target, weight=class_weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=smoothing)
+    if z_loss:
+        counted = target != ignore_index
+        z = z_loss * torch.logsumexp(logits.float(), -1).square() * counted
+        if reduction == "none":
+            return loss + z.to(loss.dtype)
+        z = z.sum() / (counted.sum() if reduction == "mean" else 1)
+        loss = loss + z.to(loss.dtype)
+    return loss
 
 
 def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
-           label_smoothing, softcap, chunk_rows, backend):
+           label_smoothing, softcap, z_loss, chunk_rows, backend):
     check_tensor(input, "input", backend)
     check_tensor(weight, "weight", backend, ndims=(2,))
     if input.dim() < 1:
@@ -128,6 +136,13 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
             softcap, (int, float)) or not 0 < softcap < math.inf):
         raise ValueError(f"softcap must be None or a positive finite number (the logits become "
                          f"softcap * tanh(logits / softcap)), got {softcap!r}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) \
+            or not 0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0 (each counted row's loss gains "
+                         f"z_loss * logsumexp(logits)^2), got {z_loss!r}")
+    if z_loss and class_weight is not None:
+        raise ValueError("z_loss with class_weight: the z-loss has no agreed weighting (its "
+                         "rows by their targets' weights or not); pass one of them")
     if chunk_rows is not None and (integer(chunk_rows) is None or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 
@@ -139,18 +154,18 @@ class _LinearCrossEntropyCall:
     __slots__ = ("impl", "name", "shape", "chunk", "options")
 
     def __init__(self, input, weight, target, bias, class_weight, ignore_index, reduction,
-                 label_smoothing, softcap, chunk_rows, backend):
+                 label_smoothing, softcap, z_loss, chunk_rows, backend):
         self.name, self.impl = dispatch("linear_cross_entropy", backend, input, weight, target,
                                         *(t for t in (bias, class_weight)
                                           if isinstance(t, torch.Tensor)))
         _check(input, weight, target, bias, class_weight, ignore_index, reduction,
-               label_smoothing, softcap, chunk_rows, self.name)
+               label_smoothing, softcap, z_loss, chunk_rows, self.name)
         # input as rows (N, H) (-1 is ambiguous for H = 0)
         self.shape = (target.numel(), input.shape[-1])
         self.chunk = int(chunk_rows) if chunk_rows is not None else \
             chunk_rows_for(self.shape[0], weight.shape[0], input.dtype)
         self.options = (int(ignore_index), reduction, float(label_smoothing),
-                        float(softcap or 0.0))
+                        float(softcap or 0.0), float(z_loss))
 
     def __call__(self, input, weight, target, bias, class_weight):
         if class_weight is not None and class_weight.requires_grad and self.name != "torch" \
@@ -169,10 +184,10 @@ class _LinearCrossEntropyCall:
 
 
 def _call_key(input, weight, target, bias, class_weight, ignore_index, reduction,
-              label_smoothing, softcap, chunk_rows, backend):
+              label_smoothing, softcap, z_loss, chunk_rows, backend):
     return (backend or current_backend(), *tensors_key(input, weight, target, bias,
                                                        class_weight),
-            ignore_index, reduction, label_smoothing, softcap, chunk_rows,
+            ignore_index, reduction, label_smoothing, softcap, z_loss, chunk_rows,
             type(ignore_index), type(chunk_rows))     # 4.0 is not 4: _check refuses it
 
 
@@ -181,7 +196,7 @@ _CALLS = Cache("linear_cross_entropy calls")
 
 def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
                          ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                         softcap=None, chunk_rows=None, backend=None):
+                         softcap=None, z_loss=0.0, chunk_rows=None, backend=None):
     """cross_entropy(linear(input, weight, bias), target, weight=class_weight, ...) without
     materialising the (N, V) logits: the loss of a language model's head.
 
@@ -190,7 +205,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     class_weight (V,), reduction and label_smoothing as torch.nn.functional.cross_entropy's,
     the loss in input's dtype (float32 under autocast, as the composite's). softcap s: the
     logits capped as s tanh(logits / s) before the loss (Gemma-2's final_logit_softcapping,
-    Liger-Kernel's `softcap`), in the GEMM's epilogue. The rows go in
+    Liger-Kernel's `softcap`), in the GEMM's epilogue. z_loss z: z logsumexp(logits)^2 added
+    to each row that counts (PaLM's z-loss, Liger's lse_square_scale; a mean divides it by the
+    rows that count, as the loss; not with class_weight). The rows go in
     chunks of `chunk_rows` (default: as many as 1 GiB of logits hold); the result does not
     depend on it beyond the rounding of the summed gradients. Under torch.autocast the
     product runs in the autocast dtype, as torch.nn.functional.linear's does.
@@ -200,7 +217,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, class_weight=None,
     input, weight, bias = autocast_inputs("linear", input, weight, bias)
     call = _CALLS.call(_call_key, _LinearCrossEntropyCall, input, weight, target, bias,
                        class_weight, ignore_index, reduction, label_smoothing, softcap,
-                       chunk_rows, backend)
+                       z_loss, chunk_rows, backend)
     return call(input, weight, target, bias, class_weight)
 
 

@@ -64,19 +64,21 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, weight=None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, softcap: float | None = None,
-                 chunk_rows: int | None = None, backend: str | None = None):
+                 z_loss: float = 0.0, chunk_rows: int | None = None,
+                 backend: str | None = None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction = ignore_index, reduction
         self.label_smoothing, self.chunk_rows, self.backend = label_smoothing, chunk_rows, backend
-        self.softcap = softcap
+        self.softcap, self.z_loss = softcap, z_loss
 
     def forward(self, input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear_cross_entropy(input, weight, target, bias, class_weight=self.weight,
                                       ignore_index=self.ignore_index, reduction=self.reduction,
                                       label_smoothing=self.label_smoothing,
-                                      softcap=self.softcap, chunk_rows=self.chunk_rows,
+                                      softcap=self.softcap, z_loss=self.z_loss,
+                                      chunk_rows=self.chunk_rows,
                                       backend=self.backend)
 
 

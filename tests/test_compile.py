@@ -52,7 +52,7 @@ def _ce_prob_weight_args(wdtype, reduction):
 
 def _lce_args(reduction="mean"):
     return (_x(5, 4), _x(7, 4), _x(7), torch.randint(0, 7, (5,), device=DEVICE), _x(7).abs(),
-            -100, reduction, 0.1, 2.5, True, True, True)     # softcap 2.5
+            -100, reduction, 0.1, 2.5, 0.0, True, True, True)     # softcap 2.5, no z-loss
 
 
 OPCHECKS = {
@@ -65,7 +65,7 @@ OPCHECKS = {
     "linear_cross_entropy_bwd": lambda: (_linear_ce_ops._linear_cross_entropy_bwd, (
         _x(5, 4), _x(7, 4), None, torch.randint(0, 7, (5,), device=DEVICE), None,
         torch.rand(5, device=DEVICE) + 2.0, torch.tensor([5.0, 0.0], device=DEVICE),
-        _x(5), -100, "none", 0.0, 2.5, True, True, False, 2, "numba")),
+        _x(5), -100, "none", 0.0, 2.5, 1e-3, True, True, False, 2, "numba")),
     "softmax_fwd": lambda: (_softmax_ce_ops._softmax_fwd, (_x(3, 5), -1, True, BACKEND)),
     "softmax_bwd": lambda: (_softmax_ce_ops._softmax_bwd,
                             (torch.softmax(_x(3, 5), 0), _x(3, 5), 0, False, BACKEND)),
@@ -285,8 +285,8 @@ CASES = {
     "linear_cross_entropy": (
         lambda x, w, b, t: pydl.linear_cross_entropy(x, w, t, b, label_smoothing=0.1,
                                                      chunk_rows=3, backend=BACKEND)
-        + pydl.linear_cross_entropy(x, w, t, reduction="none", softcap=2.0, chunk_rows=4,
-                                    backend=BACKEND).sum() * 0.5,
+        + pydl.linear_cross_entropy(x, w, t, reduction="none", softcap=2.0, z_loss=1e-2,
+                                    chunk_rows=4, backend=BACKEND).sum() * 0.5,
         lambda: (_x(7, 4, grad=True), _x(6, 4, grad=True), _x(6, grad=True),
                  torch.randint(0, 6, (7,), device=DEVICE))),
     "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),

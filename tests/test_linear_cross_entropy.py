@@ -23,9 +23,10 @@ def _targets(n, classes, ignore_index=None, frac=0.3, shape=None):
     return t.reshape(shape or (n,)).to(DEVICE)
 
 
-def _reference(x, w, b, t, g, class_weight, softcap=None, **kw):
+def _reference(x, w, b, t, g, class_weight, softcap=None, z_loss=0.0, **kw):
     """(loss, dx, dw, db) in float64: the logits (capped: s tanh(. / s)), the cross-entropy
-    and its backward by pydl.reference, the cap's and the linear layer's gradients by hand."""
+    and its backward by pydl.reference, the z-loss z lse^2 of the rows that count (divided by
+    their number for a mean), the cap's and the linear layer's gradients by hand."""
     x64 = x.double().cpu().numpy().reshape(-1, x.shape[-1])
     w64 = w.double().cpu().numpy()
     logits = x64 @ w64.T + (0.0 if b is None else b.double().cpu().numpy())
@@ -36,6 +37,17 @@ def _reference(x, w, b, t, g, class_weight, softcap=None, **kw):
     g64 = g.double().cpu().numpy().reshape(-1) if g.dim() else float(g)
     loss = ref.cross_entropy(logits, t64, cw, **kw)
     dlogits = ref.cross_entropy_backward(g64, logits, t64, cw, **kw)
+    if z_loss:
+        top = logits.max(1, keepdims=True)
+        lse = (top + np.log(np.exp(logits - top).sum(1, keepdims=True)))[:, 0]
+        counted = t64 != kw.get("ignore_index", -100)
+        per_row = z_loss * lse ** 2 * counted
+        reduction = kw.get("reduction", "mean")
+        scale = counted.sum() if reduction == "mean" else 1.0
+        loss = loss + (per_row if reduction == "none" else per_row.sum() / scale)
+        g_rows = g64 if reduction == "none" else g64 / scale
+        dlogits = dlogits + (g_rows * 2 * z_loss * lse * counted)[:, None] \
+            * np.exp(logits - lse[:, None])
     if softcap:
         dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
     return (np.asarray(loss).reshape(tuple(t.shape)) if kw.get("reduction") == "none"
@@ -43,13 +55,14 @@ def _reference(x, w, b, t, g, class_weight, softcap=None, **kw):
 
 
 def _check(backend, dtype, x, w, b, t, class_weight=None, upstream=None, chunk_rows=None,
-           scale=None, softcap=None, **kw):
+           scale=None, softcap=None, z_loss=0.0, **kw):
     """pydl against the reference and torch: the loss and every gradient; returns them."""
     leaves = [a.detach().clone().requires_grad_() for a in (x, w) + ((b,) if b is not None
                                                                      else ())]
     loss = pydl.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2] if b is not None
                                      else None, class_weight=class_weight, softcap=softcap,
-                                     chunk_rows=chunk_rows, backend=backend, **kw)
+                                     z_loss=z_loss, chunk_rows=chunk_rows, backend=backend,
+                                     **kw)
     g = upstream if upstream is not None else (
         torch.randn(loss.shape, device=DEVICE).to(loss.dtype) if loss.dim()
         else torch.tensor(1.0, device=DEVICE, dtype=loss.dtype))
@@ -60,10 +73,15 @@ def _check(backend, dtype, x, w, b, t, class_weight=None, upstream=None, chunk_r
         logits = softcap * torch.tanh(logits / softcap)
     t_loss = F.cross_entropy(logits.reshape(-1, w.shape[0]), t.reshape(-1),
                              weight=class_weight, **kw)
+    if z_loss:      # the rows that count: z lse^2 (a mean: over their number)
+        counted = t.reshape(-1) != kw.get("ignore_index", -100)
+        z = z_loss * torch.logsumexp(logits.reshape(-1, w.shape[0]), 1).square() * counted
+        t_loss = t_loss + (z if kw.get("reduction") == "none" else z.sum() / (
+            counted.sum() if kw.get("reduction", "mean") == "mean" else 1))
     if kw.get("reduction") == "none":
         t_loss = t_loss.view(t.shape)
     t_grads = torch.autograd.grad(t_loss, t_leaves, g)
-    want = _reference(x, w, b, t, g, class_weight, softcap, **kw)
+    want = _reference(x, w, b, t, g, class_weight, softcap, z_loss, **kw)
     classes, hidden = w.shape
     rows = t.numel()
     assert loss.dtype == x.dtype and loss.shape == t_loss.shape
@@ -113,6 +131,25 @@ def test_softcap(backend, reduction, chunk_rows):
     _check(backend, torch.float32, x, w, b, _targets(N, V, 3), torch.rand(V, device=DEVICE)
            + 0.5, upstream=g, chunk_rows=chunk_rows, reduction=reduction, softcap=2.0,
            label_smoothing=0.1, ignore_index=3)
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_rows", [None, 4], ids=["one_chunk", "chunks_of_4"])
+def test_z_loss(backend, reduction, chunk_rows):
+    """z lse^2 added to each row that counts (PaLM's z-loss), with smoothing, a cap and an
+    ignore_index, in one chunk and in several: the forward kernels add it to the rows' losses,
+    the gradient kernels add g 2 z lse p_c. The rows' lse is about 4-6, so the term (z = 0.1:
+    about 2-4 a row, as large as the cross-entropy) is not lost in the tolerance."""
+    N, H, V = 13, 24, 37
+    x = random_tensor((N, H), torch.float32, DEVICE)
+    w = random_tensor((V, H), torch.float32, DEVICE)
+    b = random_tensor((V,), torch.float32, DEVICE)
+    g = None if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    for softcap in (None, 3.0):
+        _check(backend, torch.float32, x, w, b, _targets(N, V, 3), upstream=g,
+               chunk_rows=chunk_rows, reduction=reduction, softcap=softcap, z_loss=0.1,
+               label_smoothing=0.1, ignore_index=3)
 
 
 @backends
@@ -294,6 +331,10 @@ def test_torch_backend_is_the_composite():
                                F.cross_entropy(F.linear(x, w), t))
     torch.testing.assert_close(pydl.linear_cross_entropy(x, w, t, softcap=3.0, backend="torch"),
                                F.cross_entropy(3.0 * torch.tanh(F.linear(x, w) / 3.0), t))
+    torch.testing.assert_close(
+        pydl.linear_cross_entropy(x, w, t, z_loss=0.1, reduction="sum", backend="torch"),
+        F.cross_entropy(F.linear(x, w), t, reduction="sum")
+        + 0.1 * torch.logsumexp(F.linear(x, w), 1).square().sum())
 
 
 @backends
@@ -321,6 +362,11 @@ def test_bad_input(backend):
     for cap in (0.0, -1.0, float("inf"), float("nan"), True, "30"):
         with pytest.raises(ValueError, match="softcap"):
             call(x, w, t, softcap=cap, backend=backend)
+    for z in (-1e-4, float("inf"), float("nan"), None, True):
+        with pytest.raises(ValueError, match="z_loss"):
+            call(x, w, t, z_loss=z, backend=backend)
+    with pytest.raises(ValueError, match="z_loss with class_weight"):
+        call(x, w, t, class_weight=torch.ones(5, device=DEVICE), z_loss=1e-4, backend=backend)
     with pytest.raises(ValueError, match="no rows"):
         call(x, w[:0], t, backend=backend)
     with pytest.raises(NotImplementedError, match="class_weight requires grad"):

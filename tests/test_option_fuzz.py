@@ -235,8 +235,8 @@ def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
 def _linear_ce(rng, dtype, backend, algo, size="tiny"):
     """linear_cross_entropy: leading dims, hidden and class counts, layouts of the hidden
     states and of the weight, a bias, class weights, every reduction, smoothing and
-    ignore_index, chunks of any size (the last one short), a softcap, against torch's
-    composite."""
+    ignore_index, chunks of any size (the last one short), a softcap, a z-loss (without class
+    weights), against torch's composite."""
     medium = size == "medium"
     lead = tuple(int(v) for v in rng.integers(1, 9 if medium else 4, int(rng.integers(1, 4))))
     H = int(rng.integers(17, 71) if medium else rng.integers(1, 9))
@@ -256,19 +256,25 @@ def _linear_ce(rng, dtype, backend, algo, size="tiny"):
     cw = (torch.rand(V, device=DEVICE) + 0.2).to(dtype) if rng.random() < 0.4 else None
     chunk = [None, 1, 2, 3, 5, 7][int(rng.integers(6))]
     cap = float(rng.choice([0.5, 2.0, 30.0])) if rng.random() < 0.3 else None
+    z = float(rng.choice([1e-4, 0.1])) if cw is None and rng.random() < 0.3 else 0.0
     case = (f"linear_cross_entropy x{tuple(x.shape)} w{tuple(w.shape)} bias={b is not None} "
-            f"class_weight={cw is not None} chunk_rows={chunk} softcap={cap} {opts}")
+            f"class_weight={cw is not None} chunk_rows={chunk} softcap={cap} z_loss={z} {opts}")
     cw64 = None if cw is None else cw.double()
 
     def ours(x, w, t, b=None):
         return pydl.linear_cross_entropy(x, w, t, b, class_weight=cw, chunk_rows=chunk,
-                                         softcap=cap, **opts, backend=backend)
+                                         softcap=cap, z_loss=z, **opts, backend=backend)
 
     def theirs(x, w, t, b=None):
         logits = F.linear(x, w, b)
         if cap:
             logits = cap * torch.tanh(logits / cap)
         loss = F.cross_entropy(logits.reshape(-1, V), t.reshape(-1), cw64, **opts)
+        if z:           # z lse^2 of the rows that count (a mean: over their number)
+            counted = t.reshape(-1) != opts.get("ignore_index", -100)
+            rows = z * torch.logsumexp(logits.reshape(-1, V), 1).square() * counted
+            loss = loss + (rows if opts["reduction"] == "none" else rows.sum() / (
+                counted.sum() if opts["reduction"] == "mean" else 1))
         return loss.view(t.shape) if opts["reduction"] == "none" else loss
     return case, ours, theirs, [x, w, t] + ([b] if b is not None else []), H * V * t.numel()
 

@@ -273,10 +273,11 @@ def _softmax_at(x, o, c, i, code, row_lse):
 
 @cuda.jit
 def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ignore_index,
-                      smoothing, has_weight, w_code, code, loss_code, reduce, mean, arrivals,
-                      out, out_code):
+                      smoothing, z_loss, has_weight, w_code, code, loss_code, reduce, mean,
+                      arrivals, out, out_code):
     """Per-row cross-entropy over class axis 1, one block per row:
-    loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is ignored.
+    loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c) (+ z lse^2); 0
+    where t is ignored.
     A target that is neither a class index nor ignore_index traps (on a GPU the launch fails,
     as torch's device-side assert; the simulator raises IndexError): no host check.
 
@@ -293,6 +294,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
     inner:        size of axis 2 (rows = outer * inner)
     ignore_index: target value whose rows contribute nothing
     smoothing:    label smoothing eps in [0, 1]
+    z_loss:       z >= 0: z lse^2 added to each counted row's loss (PaLM's z-loss; unweighted)
     has_weight:   use `weight`; otherwise every class weighs 1
     w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x
@@ -333,6 +335,9 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
                 row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
                 if smooth:
                     row_loss = (ONE - eps) * row_loss + (eps / float32(n)) * smooth_sum
+                if z_loss > 0:
+                    row_lse = m_row + log_s
+                    row_loss += float32(z_loss) * row_lse * row_lse
             store_f32(loss, 0, row, 0, row_loss, loss_code)
             lse[row] = m_row + log_s
             row_weight[row] = w_t
@@ -404,7 +409,7 @@ def _last_block_reduces(arrivals, loss, row_weight, out, denom, mean, smoothing,
 
 @cuda.jit
 def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx,
-                      inner, ignore_index, smoothing, softcap, has_weight, w_code, code):
+                      inner, ignore_index, smoothing, softcap, z_loss, has_weight, w_code, code):
     """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
     dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     rows with an ignored target get 0 p_c, whatever g is: zeros, NaN where the row's softmax
@@ -429,6 +434,7 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
     smoothing:    label smoothing eps in [0, 1]
     softcap:      s > 0: the logits are s tanh(u / s) (pydl.linear_cross_entropy's softcap),
                   and dx the gradient w.r.t. u: times 1 - (x_c / s)^2; 0: none
+    z_loss:       the forward's z (its z lse^2 per counted row): + g 2 z lse p_c
     has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
     w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x, dx and grad
@@ -453,10 +459,13 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
         g_nll = g * (ONE - eps) * _class_weight(weight, t, has_weight, w_code)
         smooth = smoothing > 0
         g_smooth = g * (eps / float32(n))
+        g_z = g * float32(2.0 * z_loss) * row_lse
         total_weight = denom[1] if (has_weight and smooth) else float32(n)
         for c in range(tid, n, nthreads):
             xc, p = _softmax_at(x, o, c, i, code, row_lse)
             out = g_nll * (p - ONE) if c == t else g_nll * p
+            if z_loss > 0:
+                out += g_z * p
             if smooth:
                 out += g_smooth * (total_weight * p - _class_weight(weight, c, has_weight,
                                                                     w_code))

@@ -339,9 +339,10 @@ def cross_entropy_fwd(
     SINGLE: tl.constexpr,                   # n <= BLOCK_N: the row stays in registers
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr = 0.0,            # GRAD: x = s tanh(u / s), the gradient w.r.t. u
+    Z_LOSS: tl.constexpr = 0.0,             # z: each counted row's loss + z lse^2 (no weights)
 ):
-    """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c); 0 where t is
-    ignored. Reductions: per-row losses (none), or their sum, or the sum over the summed
+    """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c) (+ z lse^2); 0
+    where t is ignored. Reductions: per-row losses (none), or their sum, or the sum over the summed
     weights w[t] of the rows that count (mean), finished by the last program to arrive.
 
     With GRAD, the gradient of the reduced loss is written too: dx_c = r ((1 - eps) w_t
@@ -393,8 +394,10 @@ def cross_entropy_fwd(
     loss = w_t * ((m - x_t) + log_s)
     if HAS_SMOOTHING:
         loss = (1.0 - smoothing) * loss + (smoothing / n) * smooth
-    loss = tl.where(hit, loss, tl.where(bad, float("nan"), 0.0))
     lse = m + log_s
+    if Z_LOSS > 0.0:
+        loss += Z_LOSS * lse * lse
+    loss = tl.where(hit, loss, tl.where(bad, float("nan"), 0.0))
     tl.store(lse_ptr + rows, lse, mask=rmask)
     if REDUCTION == REDUCE_NONE:
         tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=rmask)
@@ -410,6 +413,7 @@ def cross_entropy_fwd(
         g = tl.where(hit, r, 0.0)
         g_nll = (g * (1.0 - smoothing) * w_t)[:, None]
         g_smooth = (g * (smoothing / n))[:, None]
+        g_z = (g * (2.0 * Z_LOSS) * lse)[:, None]
         if HAS_WEIGHT:
             w_sum = w_sum[:, None]                      # sum_c w_c: the smoothing sum's A
         else:
@@ -419,14 +423,15 @@ def cross_entropy_fwd(
             p = s * (1.0 / tl.sum(s, 1))[:, None]
             w = _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
             _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
-                _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), x, SOFTCAP), mask)
+                _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, g_z, HAS_SMOOTHING, Z_LOSS), x,
+                SOFTCAP), mask)
         else:
             for start in range(0, n, BLOCK_N):
                 c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr,
                                                   start, cols, n, rmask, HAS_WEIGHT)
                 _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
-                    _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), x, SOFTCAP),
-                    mask)
+                    _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, g_z, HAS_SMOOTHING, Z_LOSS),
+                    x, SOFTCAP), mask)
     if REDUCTION != REDUCE_NONE:
         pid = tl.program_id(0)
         tl.store(parts_ptr + 2 * pid, tl.sum(loss, 0))
@@ -460,11 +465,15 @@ def _uncapped(dx, x, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING: tl.constexpr):
-    """The logits' gradient of a column block: g_nll (p_c - [c = t]) + g_smooth (W p_c - w_c)."""
+def _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, g_z, HAS_SMOOTHING: tl.constexpr,
+             Z_LOSS: tl.constexpr):
+    """The logits' gradient of a column block: g_nll (p_c - [c = t]) + g_smooth (W p_c - w_c)
+    (+ g_z p_c, the z-loss's: g 2 z lse p_c)."""
     dx = g_nll * (p - tl.where(c[None, :] == t[:, None], 1.0, 0.0))
     if HAS_SMOOTHING:
         dx += g_smooth * (w_sum * p - w)
+    if Z_LOSS > 0.0:
+        dx += g_z * p
     return dx
 
 
@@ -553,6 +562,7 @@ def cross_entropy_bwd(
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr = 0.0,            # x = s tanh(u / s): the gradient w.r.t. u
+    Z_LOSS: tl.constexpr = 0.0,             # z: the forward's z lse^2, its gradient g 2 z lse p_c
 ):
     """dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     one pass over the logits; rows with an ignored target get g = 0, hence zeros (NaN where
@@ -575,6 +585,7 @@ def cross_entropy_bwd(
         w_t = tl.where(valid, 1.0, 0.0)
     g_nll = (g * (1.0 - smoothing) * w_t)[:, None]
     g_smooth = (g * (smoothing / n))[:, None]
+    g_z = (g * (2.0 * Z_LOSS) * lse)[:, None]
     w_sum = n * 1.0
     if HAS_SMOOTHING and HAS_WEIGHT:
         w_sum = tl.load(denom_ptr + 1)
@@ -583,7 +594,8 @@ def cross_entropy_bwd(
         c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr, start, cols,
                                           n, rmask, HAS_WEIGHT)
         _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
-            _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, HAS_SMOOTHING), x, SOFTCAP), mask)
+            _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, g_z, HAS_SMOOTHING, Z_LOSS), x,
+            SOFTCAP), mask)
 
 
 # --- cross-entropy with class-probability targets --------------------------------------------
