@@ -94,7 +94,6 @@ def gemm_plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, trans_a: b
     caller that runs one signature many times (a layer's plan) keeps it and skips the key.
     softcap s > 0: out = s tanh((alpha op(a) @ op(b) + bias) / s) (capped logits; no addend)."""
     precision = input_precision or _default_precision(a.dtype)
-    check_softcap(softcap, addend)
     key = (a.shape, a.stride(), a.dtype, b.shape, b.stride(), b.dtype, out.shape, out.stride(),
            out.dtype, out.device, trans_a, trans_b, alpha, precision,
            None if bias is None else (bias.shape, bias.stride(), bias.dtype),
@@ -115,6 +114,7 @@ def check_softcap(softcap: float, addend) -> None:
 def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0.0):
     """A callable (a, b, out, bias, addend) for this signature: checks done, the batched views'
     strides and the config (autotuned on a GPU) fixed."""
+    check_softcap(softcap, addend)
     from .kernels.triton import gemm as k
     if a.dim() < 2 or b.dim() < 2 or out.dim() < 2 or out.dim() > 4:
         raise ValueError(f"gemm: needs matrices with at most two batch dims, got "
