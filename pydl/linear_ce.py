@@ -95,7 +95,9 @@ def _torch_linear_cross_entropy(x, w, b, target, class_weight, ignore_index, red
         z = z_loss * torch.logsumexp(logits.float(), -1).square() * counted
         if reduction == "none":
             return loss + z.to(loss.dtype)
-        z = z.sum() / (counted.sum() if reduction == "mean" else 1)
+        # a mean over no row that counts: the loss NaN (cross_entropy's), the z-loss's gradient
+        # zero (no row has one), as the kernels give
+        z = z.sum() / (counted.sum().clamp_min(1) if reduction == "mean" else 1)
         loss = loss + z.to(loss.dtype)
     return loss
 

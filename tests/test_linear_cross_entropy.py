@@ -43,7 +43,7 @@ def _reference(x, w, b, t, g, class_weight, softcap=None, z_loss=0.0, **kw):
         counted = t64 != kw.get("ignore_index", -100)
         per_row = z_loss * lse ** 2 * counted
         reduction = kw.get("reduction", "mean")
-        scale = counted.sum() if reduction == "mean" else 1.0
+        scale = max(counted.sum(), 1) if reduction == "mean" else 1.0
         loss = loss + (per_row if reduction == "none" else per_row.sum() / scale)
         g_rows = g64 if reduction == "none" else g64 / scale
         dlogits = dlogits + (g_rows * 2 * z_loss * lse * counted)[:, None] \
@@ -77,7 +77,7 @@ def _check(backend, dtype, x, w, b, t, class_weight=None, upstream=None, chunk_r
         counted = t.reshape(-1) != kw.get("ignore_index", -100)
         z = z_loss * torch.logsumexp(logits.reshape(-1, w.shape[0]), 1).square() * counted
         t_loss = t_loss + (z if kw.get("reduction") == "none" else z.sum() / (
-            counted.sum() if kw.get("reduction", "mean") == "mean" else 1))
+            counted.sum().clamp_min(1) if kw.get("reduction", "mean") == "mean" else 1))
     if kw.get("reduction") == "none":
         t_loss = t_loss.view(t.shape)
     t_grads = torch.autograd.grad(t_loss, t_leaves, g)
@@ -227,6 +227,12 @@ def test_empty_and_fully_ignored(backend):
             if reduction == "sum":
                 dx, dw, db = torch.autograd.grad(loss, (x, w, b))
                 assert not dx.any() and not dw.any() and not db.any()
+            # with a z-loss (no row has one): the torch backend's composite, gradients too
+            got, want = (pydl.linear_cross_entropy(x, w, t, b, reduction=reduction, z_loss=0.1,
+                                                   backend=be) for be in (backend, "torch"))
+            torch.testing.assert_close(got, want, equal_nan=True)
+            for a, e in zip(*(torch.autograd.grad(v.sum(), (x, w, b)) for v in (got, want))):
+                torch.testing.assert_close(a, e, equal_nan=True)
 
 
 @backends
@@ -391,12 +397,16 @@ def test_bad_input(backend):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 in the Triton interpreter is wrong; GPU only")
-def test_bf16_large_vocabulary_on_gpu():
-    """A language model's shape in bf16 on a GPU: 512 tokens, a 32k vocabulary, 4 chunks."""
+@pytest.mark.parametrize("extras", [{}, {"softcap": 30.0, "z_loss": 1e-4}],
+                         ids=["plain", "softcap_z_loss"])
+def test_bf16_large_vocabulary_on_gpu(extras):
+    """A language model's shape in bf16 on a GPU: 512 tokens, a 32k vocabulary, 4 chunks;
+    also with Gemma-2's cap and a z-loss (the GEMM's bf16 epilogue, the kernels' terms)."""
     N, H, V = 512, 256, 32768
     x = random_tensor((N, H), torch.bfloat16, DEVICE)
     w = random_tensor((V, H), torch.bfloat16, DEVICE, scale=0.1)
-    _check("triton", torch.bfloat16, x, w, None, _targets(N, V, -100), chunk_rows=128)
+    _check("triton", torch.bfloat16, x, w, None, _targets(N, V, -100), chunk_rows=128,
+           **extras)
 
 
 @backends

@@ -274,7 +274,7 @@ def _linear_ce(rng, dtype, backend, algo, size="tiny"):
             counted = t.reshape(-1) != opts.get("ignore_index", -100)
             rows = z * torch.logsumexp(logits.reshape(-1, V), 1).square() * counted
             loss = loss + (rows if opts["reduction"] == "none" else rows.sum() / (
-                counted.sum() if opts["reduction"] == "mean" else 1))
+                counted.sum().clamp_min(1) if opts["reduction"] == "mean" else 1))
         return loss.view(t.shape) if opts["reduction"] == "none" else loss
     return case, ours, theirs, [x, w, t] + ([b] if b is not None else []), H * V * t.numel()
 
