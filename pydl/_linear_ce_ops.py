@@ -42,8 +42,9 @@ def chunk_rows_for(n_rows: int, n_classes: int, dtype: torch.dtype) -> int:
 
 
 def _grad_in_forward(backend: str, reduction: str) -> bool:
-    """The gradient-in-the-forward schedule (module docstring)."""
-    return backend == "triton" and reduction != "none" and not torch.compiler.is_compiling()
+    """The gradient-in-the-forward schedule (pydl/linear_ce.py's docstring), eager or
+    compiled."""
+    return backend == "triton" and reduction != "none"
 
 
 # --- one chunk's steps ------------------------------------------------------------------------
@@ -361,9 +362,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, lse, denom, dx, dw, db = _linear_cross_entropy_fwd(
             x, w, b, target, class_weight, o.ignore_index, o.reduction, o.smoothing, o.softcap,
             o.z_loss, need[0], need[1], need_b, o.in_forward, o.chunk, o.backend)
-        ctx.save_for_backward(x, w, b, target, class_weight, lse, denom)
+        in_forward = o.in_forward and o.reduction != "none"
+        # Traced by torch.compile, the forward's gradients are saved tensors, scaled out of
+        # place in the backward (no state changes between backwards that a graph could not
+        # replay); eager, they are handed over once, scaled in place.
+        ctx.traced = in_forward and torch.compiler.is_compiling()
+        ctx.save_for_backward(x, w, b, target, class_weight, lse, denom,
+                              *((dx, dw, db) if ctx.traced else ()))
         ctx.o, ctx.need_b = o, need_b
-        ctx.grad_from_forward = (dx, dw, db) if o.in_forward and o.reduction != "none" else None
+        ctx.grad_from_forward = (dx, dw, db) if in_forward and not ctx.traced else None
         return loss
 
     @staticmethod
@@ -371,8 +378,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if torch.is_grad_enabled():       # create_graph: a gradient that raises if differentiated
             return without_double_backward("linear_cross_entropy",
                                            LinearCrossEntropyFunction.backward, ctx, grad_out)
-        x, w, b, target, class_weight, lse, denom = ctx.saved_tensors
+        x, w, b, target, class_weight, lse, denom, *traced = ctx.saved_tensors
         o, need = ctx.o, ctx.needs_input_grad
+        if traced:
+            # the forward's gradients for an upstream gradient of 1, times it (in fp32, one
+            # rounding, as the scale kernel; the compiler fuses each into one pass)
+            return (*(g.float().mul(grad_out.float()).to(g.dtype) if n else None
+                      for g, n in zip(traced, (need[0], need[1], ctx.need_b))),
+                    None, None, None)
         grads, ctx.grad_from_forward = ctx.grad_from_forward, None
         if grads is not None:
             # made by the forward for an upstream gradient of 1: scaled in place

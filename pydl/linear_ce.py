@@ -14,17 +14,19 @@ round the gradient once a chunk).
 
 Two schedules, as cross_entropy has (pydl/softmax_ce.py):
 
-    gradient in the forward   the triton backend, reduction "sum" or "mean", eager, something
+    gradient in the forward   the triton backend, reduction "sum" or "mean", something
                               requiring grad: the forward kernel writes each chunk's gradient
                               for an upstream gradient of 1 (divided by the mean's denominator
                               in the kernel), so the forward also finishes the gradients of
                               input, weight and bias; the backward multiplies them in place by
                               the upstream gradient (reading it on the device: nothing to do
                               where it is 1, the last node of a training step) and hands them
-                              over. Three GEMMs a chunk, as the composite's.
+                              over. Three GEMMs a chunk, as the composite's. Under
+                              torch.compile the same forward, its gradients saved and scaled
+                              out of place by the compiled backward (a fused multiply each).
     recompute                 otherwise (the numba backend, whose forward kernel writes no
                               gradient; reduction "none", whose per-row upstream gradient only
-                              the backward knows; torch.compile): the forward keeps each row's
+                              the backward knows): the forward keeps each row's
                               logsumexp; the backward computes each chunk's logits again and
                               writes their gradient with the cross-entropy backward kernel. Four
                               GEMMs a chunk.

@@ -294,6 +294,49 @@ def test_triton_gradient_in_the_forward(monkeypatch, reduction, upstream):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_gradient_in_the_forward_compiled(monkeypatch, reduction):
+    """Under torch.compile too (fullgraph, the custom ops traced) the Triton forward writes the
+    gradient (GRAD kernels, no backward kernel) and the compiled backward scales the saved
+    gradients out of place: equal to eager's, for an upstream gradient other than 1, and
+    again through a retained graph (nothing consumed by the first backward)."""
+    from pydl.kernels.triton import softmax_ce as k
+    seen = []
+    for name in ("cross_entropy_fwd", "cross_entropy_bwd"):
+        kernel = getattr(k, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                def run(*args, **kwargs):
+                    seen.append((name, kwargs.get("GRAD")))
+                    return kernel[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(k, name, Spy())
+    N, H, V = 10, 8, 23
+    x = random_tensor((N, H), torch.float32, DEVICE)
+    w = random_tensor((V, H), torch.float32, DEVICE)
+    b = random_tensor((V,), torch.float32, DEVICE)
+    t = _targets(N, V, -100)
+
+    def step(x, w, b):
+        return 2.5 * pydl.linear_cross_entropy(x, w, t, b, reduction=reduction, softcap=3.0,
+                                               label_smoothing=0.1, chunk_rows=4,
+                                               backend="triton")
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    want = torch.autograd.grad(step(*leaves), leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    loss = compiled(*leaves)
+    assert seen and all(s == ("cross_entropy_fwd", True) for s in seen), seen
+    seen.clear()
+    for _ in range(2):
+        got = torch.autograd.grad(loss, leaves, retain_graph=True)
+        assert seen == []                   # the backward launches no cross-entropy kernel
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_chunk_rows_default():
     """CHUNK_BYTES of logits a chunk, in multiples of 64 rows, at most the rows there are."""
     n = _linear_ce_ops.chunk_rows_for(100_000, 131072, torch.bfloat16)
