@@ -70,7 +70,8 @@ class _NumbaLaunch:
                                               dtype_code(y3.dtype)), (y3, dy3, dx3))
 
     @staticmethod
-    def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
+    def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad,
+                          z_loss=0.0):
         """As _TritonLaunch's, without the gradient (the backward computes it): one launch,
         per-row losses (reduction "none": in x's dtype, the loss itself), for a sum or a mean
         summed by the kernel's last block. The kernel checks the targets (a trap)."""
@@ -81,7 +82,7 @@ class _NumbaLaunch:
         denom = _denominators(dev)
         tensors = (x3, target, weight, lse, loss, denom, None, None)
         _NumbaLaunch.plan_cross_entropy_fwd(*tensors, ignore_index, smoothing, reduction,
-                                            False)(*tensors)
+                                            False, z_loss=z_loss)(*tensors)
         return loss, lse, denom, None
 
     @staticmethod
@@ -134,10 +135,10 @@ class _NumbaLaunch:
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
-                          ignore_index, smoothing):
+                          ignore_index, smoothing, z_loss=0.0):
         tensors = (x3, target, weight, lse, denom, grad_out, dx3)
         _NumbaLaunch.plan_cross_entropy_bwd(*tensors, reduction, ignore_index,
-                                            smoothing)(*tensors)
+                                            smoothing, z_loss=z_loss)(*tensors)
 
     @staticmethod
     @planned_once

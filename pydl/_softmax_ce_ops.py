@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autograd import without_double_backward
 from ._launch import new_output
 from ._library import empty_like_shape, kernel_op
 from ._shapes import as_rows
@@ -148,7 +149,8 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
                              f"(valid: 0..{n_classes - 1}, or ignore_index={ignore_index})")
 
 
-def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, grad, backend):
+def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, z_loss, grad,
+                        backend):
     rows = target.numel()
     out = empty_like_shape(x, target.shape if reduction == "none" else ())
     return (out, empty_like_shape(x, (rows,), torch.float32),
@@ -159,7 +161,7 @@ def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, g
 
 @kernel_op("cross_entropy_fwd", _cross_entropy_fake)
 def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       reduction: str, smoothing: float, grad: bool,
+                       reduction: str, smoothing: float, z_loss: float, grad: bool,
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss in x's dtype, per-row logsumexp, the mean's denominator: the summed weights of
     the rows that count (a placeholder for other reductions), and with `grad` the loss's
@@ -173,7 +175,8 @@ def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
     x3, outer, n, inner = as_rows(x, dim)
     t = target.reshape(outer * inner)
     loss, lse, denom, dx3 = LAUNCHERS[backend].cross_entropy_fwd(x3, t, weight, ignore_index,
-                                                                 smoothing, reduction, grad)
+                                                                 smoothing, reduction, grad,
+                                                                 z_loss)
     dx = dx3.view(x.shape) if dx3 is not None else new_output((0,), x.dtype, x.device)
     return (loss.view(target.shape) if reduction == "none" else loss), lse, denom, dx
 
@@ -181,14 +184,14 @@ def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
 @kernel_op("cross_entropy_bwd", lambda x, *rest: empty_like_shape(x))
 def _cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                        denom: Tensor, grad_out: Tensor, ignore_index: int, reduction: str,
-                       smoothing: float, backend: str) -> Tensor:
+                       smoothing: float, z_loss: float, backend: str) -> Tensor:
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     t = target.reshape(outer * inner)
     dx3 = new_output(x3.shape, x3.dtype, x3.device)
     if dx3.numel():
         LAUNCHERS[backend].cross_entropy_bwd(x3, t, weight, lse, denom, grad_out, reduction, dx3,
-                                             ignore_index, smoothing)
+                                             ignore_index, smoothing, z_loss)
     return dx3.view(x.shape)
 
 
@@ -199,20 +202,21 @@ class CrossEntropyKernels:
     call signature's plan (_CrossEntropyCall, a subclass) runs the same steps with its
     outputs' allocation and its launches fixed."""
 
-    __slots__ = ("ignore_index", "reduction", "smoothing", "backend")
+    __slots__ = ("ignore_index", "reduction", "smoothing", "backend", "z_loss")
 
-    def __init__(self, ignore_index: int, reduction: str, smoothing: float, backend: str):
+    def __init__(self, ignore_index: int, reduction: str, smoothing: float, backend: str,
+                 z_loss: float = 0.0):
         self.ignore_index, self.reduction = ignore_index, reduction
-        self.smoothing, self.backend = smoothing, backend
+        self.smoothing, self.backend, self.z_loss = smoothing, backend, z_loss
 
     def forward(self, x, target, weight, grad: bool):
         """(loss, per-row logsumexp, the mean's denominator, with `grad` the gradient)."""
         return _cross_entropy_fwd(x, target, weight, self.ignore_index, self.reduction,
-                                  self.smoothing, grad, self.backend)
+                                  self.smoothing, self.z_loss, grad, self.backend)
 
     def backward(self, x, target, weight, lse, denom, grad_out):
         return _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, self.ignore_index,
-                                  self.reduction, self.smoothing, self.backend)
+                                  self.reduction, self.smoothing, self.z_loss, self.backend)
 
     def scale_grad(self, dx, grad_out, target) -> None:
         """The forward's gradient scaled in place by the upstream gradient (the ignored rows'
@@ -260,6 +264,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         x, target, weight, lse, denom = ctx.saved_tensors
         ops = ctx.ops
         if torch.is_grad_enabled():      # create_graph: differentiable again
+            if ops.z_loss:          # the gradient comes, differentiating it raises
+                return without_double_backward("cross_entropy with z_loss",
+                                               CrossEntropyFunction.backward, ctx, grad_out)
             q = _index_target_distribution(x, target, weight, ops.ignore_index, ops.smoothing)
             g = _row_cotangent(grad_out, x, ops.reduction, denom[0])
             dx = _cross_entropy_grad_graph(_log_probabilities(x, ops.backend), q, g,

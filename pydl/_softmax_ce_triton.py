@@ -129,7 +129,8 @@ class _TritonLaunch:
                        single=True, LOG=log)
 
     @staticmethod
-    def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad):
+    def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad,
+                          z_loss=0.0):
         """(loss: per row, or reduced, in x's dtype; per-row fp32 logsumexp; the mean's fp32
         denominator; with `grad` the reduced loss's gradient w.r.t. x3, contiguous). The sum
         and mean are finished in the kernel (its last program to arrive); a training mean
@@ -149,7 +150,7 @@ class _TritonLaunch:
                    if reduction != "none" else None)
         tensors = (x3, target, weight, lse, loss, denom, scratch, dx3)
         _TritonLaunch.plan_cross_entropy_fwd(*tensors, ignore_index, smoothing, reduction,
-                                             grad)(*tensors)
+                                             grad, z_loss=z_loss)(*tensors)
         return loss, lse, denom, dx3
 
     @staticmethod
@@ -260,12 +261,12 @@ class _TritonLaunch:
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
-                          ignore_index, smoothing):
+                          ignore_index, smoothing, z_loss=0.0):
         """dx3 = the gradient of the loss w.r.t. x3, grad_out the loss's upstream gradient (per
         row, or 0-d, read on the device); the mean's division happens in the kernel."""
         tensors = (x3, target, weight, lse, denom, grad_out, dx3)
         _TritonLaunch.plan_cross_entropy_bwd(*tensors, reduction, ignore_index,
-                                             smoothing)(*tensors)
+                                             smoothing, z_loss=z_loss)(*tensors)
 
     @staticmethod
     def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,

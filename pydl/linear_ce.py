@@ -62,7 +62,7 @@ from ._plan import Cache, apply, needs_graph, tensors_key
 from ._shapes import integer
 from ._softmax_ce_ops import LAUNCHERS
 from .backends import current_backend, dispatch, register
-from .softmax_ce import check_loss_options
+from .softmax_ce import check_loss_options, check_z_loss, z_loss_term
 
 # --- the implementations by backend, and the public function ---------------------------------
 
@@ -92,15 +92,8 @@ def _torch_linear_cross_entropy(x, w, b, target, class_weight, ignore_index, red
     loss = torch.nn.functional.cross_entropy(
         logits, target, weight=class_weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=smoothing)
-    if z_loss:
-        counted = target != ignore_index
-        z = z_loss * torch.logsumexp(logits.float(), -1).square() * counted
-        if reduction == "none":
-            return loss + z.to(loss.dtype)
-        # a mean over no row that counts: the loss NaN (cross_entropy's), the z-loss's gradient
-        # zero (no row has one), as the kernels give
-        z = z.sum() / (counted.sum().clamp_min(1) if reduction == "mean" else 1)
-        loss = loss + z.to(loss.dtype)
+    if z_loss:      # logits (N, V): class dim 1
+        loss = loss + z_loss_term(logits, target, ignore_index, reduction, z_loss).to(loss.dtype)
     return loss
 
 
@@ -140,13 +133,7 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
             softcap, (int, float)) or not 0 < softcap < math.inf):
         raise ValueError(f"softcap must be None or a positive finite number (the logits become "
                          f"softcap * tanh(logits / softcap)), got {softcap!r}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) \
-            or not 0 <= z_loss < math.inf:
-        raise ValueError(f"z_loss must be a finite number >= 0 (each counted row's loss gains "
-                         f"z_loss * logsumexp(logits)^2), got {z_loss!r}")
-    if z_loss and class_weight is not None:
-        raise ValueError("z_loss with class_weight: the z-loss has no agreed weighting (its "
-                         "rows by their targets' weights or not); pass one of them")
+    check_z_loss(z_loss, class_weight, "class_weight")
     if chunk_rows is not None and (integer(chunk_rows) is None or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 

@@ -94,8 +94,8 @@ def _kernel_softmax(backend: str):
 
 
 def _kernel_cross_entropy(backend: str):
-    def impl(x, target, weight, ignore_index, reduction, smoothing):
-        ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend)
+    def impl(x, target, weight, ignore_index, reduction, smoothing, z_loss):
+        ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend, z_loss)
         if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
             if needs_graph(x, target, weight):
                 return apply(CrossEntropyProbFunction, x, target, weight, ops,
@@ -120,9 +120,24 @@ def _torch_softmax(x, dim, log):
 
 
 @register("cross_entropy", "torch")
-def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing):
-    return torch.nn.functional.cross_entropy(x, target, weight=weight, ignore_index=ignore_index,
+def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing, z_loss):
+    loss = torch.nn.functional.cross_entropy(x, target, weight=weight, ignore_index=ignore_index,
                                              reduction=reduction, label_smoothing=smoothing)
+    if z_loss:
+        loss = loss + z_loss_term(x, target, ignore_index, reduction, z_loss).to(loss.dtype)
+    return loss
+
+
+def z_loss_term(logits, target, ignore_index: int, reduction: str, z_loss: float):
+    """The composite's z-loss (class-index targets, class dim 1, or 0 for (C,) logits):
+    z logsumexp(logits)^2 of each row that counts, per row, summed or averaged over the rows
+    that count (none counting: 0 with no gradient; the cross-entropy's mean is NaN then)."""
+    counted = target != ignore_index
+    rows = z_loss * torch.logsumexp(logits.float(), 0 if logits.dim() == 1 else 1).square() \
+        * counted
+    if reduction == "none":
+        return rows
+    return rows.sum() / (counted.sum().clamp_min(1) if reduction == "mean" else 1)
 
 
 # --- argument checks and the public functions ---------------------------------------------
@@ -247,7 +262,8 @@ def log_softmax(input, dim=-1, *, dtype=None, backend=None):
     return _softmax(input, dim, True, dtype, backend)
 
 
-def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, backend):
+def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                         backend):
     check_tensor(input, "input", backend)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -283,10 +299,27 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
         raise RuntimeError(f"target is on {target.device} but input is on {input.device}")
     check_loss_options(input, input.shape[0 if input.dim() == 1 else 1], weight, "weight",
                        reduction, label_smoothing, ignore_index)
+    check_z_loss(z_loss, weight, "weight")
+    if z_loss and probabilities:
+        raise ValueError("z_loss with class-probability (floating) targets is not supported: "
+                         "give class indices")
     if probabilities and ignore_index >= 0:
         # torch's rule: a negative ignore_index (the default -100) is ignored, others raise
         raise ValueError(f"ignore_index is not supported for class-probability (floating) "
                          f"targets: it must be negative (the default -100), got {ignore_index}")
+
+
+def check_z_loss(z_loss, weight, name: str) -> None:
+    """A z-loss factor (cross_entropy, linear_cross_entropy): a finite number >= 0, and none
+    with class weights (`name`): whether a row's z-loss should weigh by its target's class
+    weight has no agreed answer."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) \
+            or not 0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0 (each counted row's loss gains "
+                         f"z_loss * logsumexp(logits)^2), got {z_loss!r}")
+    if z_loss and weight is not None:
+        raise ValueError(f"z_loss with {name}: the z-loss has no agreed weighting (its rows by "
+                         f"their targets' class weights or not); pass one of them")
 
 
 def check_loss_options(input, n_classes: int, weight, name: str, reduction, label_smoothing,
@@ -325,8 +358,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
                  "new_dx", "new_scratch", "fwd", "scale", "target3", "new_stats", "new_dy")
 
     def __init__(self, impl, name: str, input, target, weight, ignore_index: int,
-                 reduction: str, smoothing: float):
-        super().__init__(ignore_index, reduction, smoothing, name)
+                 reduction: str, smoothing: float, z_loss: float):
+        super().__init__(ignore_index, reduction, smoothing, name, z_loss)
         self.impl = impl
         self.prob = target.dtype.is_floating_point
         self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not torch.compiler.is_compiling()
@@ -390,7 +423,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
             if graph:
                 return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)
             return self.forward(x, t, w, False, unread=True)[0]
-        return self.impl(x, t, w, self.ignore_index, self.reduction, self.smoothing)
+        return self.impl(x, t, w, self.ignore_index, self.reduction, self.smoothing,
+                         self.z_loss)
 
     # the plan (eager, class indices): CrossEntropyKernels' steps with fixed arguments
 
@@ -417,7 +451,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
             run = self.launcher.plan_cross_entropy_fwd(
                 x.reshape(self.shape3), target.reshape(-1), weight, lse, loss, denom, scratch,
                 None if dx is None else dx.view(self.shape3), self.ignore_index,
-                self.smoothing, self.reduction, grad)
+                self.smoothing, self.reduction, grad, z_loss=self.z_loss)
             if not capturing():
                 self.fwd[grad] = run
         run(x, target, weight, lse, loss, denom, scratch, dx)
@@ -433,7 +467,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
             if run is None:
                 run = self.launcher.plan_cross_entropy_bwd(
                     x.reshape(self.shape3), target.reshape(-1), weight, lse, denom, grad_out,
-                    dx.view(self.shape3), self.reduction, self.ignore_index, self.smoothing)
+                    dx.view(self.shape3), self.reduction, self.ignore_index, self.smoothing,
+                    z_loss=self.z_loss)
                 if not capturing():
                     self.fwd[key] = run
             run(x, target, weight, lse, denom, grad_out, dx)
@@ -496,25 +531,28 @@ def _no_scratch() -> None:
     return None
 
 
-def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_smoothing, backend):
+def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                        backend):
     """cross_entropy for one call signature, checked once: (input, target, weight) -> loss."""
     name, impl = dispatch("cross_entropy", backend, input, target,
                           *([weight] if isinstance(weight, torch.Tensor) else []))
-    _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, name)
+    _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                         name)
     return _CrossEntropyCall(impl, name, input, target, weight, int(ignore_index), reduction,
-                             float(label_smoothing))
+                             float(label_smoothing), float(z_loss))
 
 
-def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, backend):
+def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                       backend):
     return (backend or current_backend(), *tensors_key(input, target, weight), ignore_index,
-            reduction, label_smoothing)
+            reduction, label_smoothing, z_loss, type(z_loss))
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0, *, backend=None):
+                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, backend=None):
     """Cross-entropy as torch.nn.functional.cross_entropy: `target` holds int64 class indices
     (shape (N, d1, ...)), or class probabilities (floating, input's shape; rows need not sum to
     1; "mean" divides by the number of rows; the gradient w.r.t. target is computed too).
@@ -522,6 +560,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     Fused: log_softmax is never materialised; the backward writes the gradient in one pass.
     The deprecated `size_average` / `reduce` arguments set the reduction as in torch (with
     its deprecation warning); uint8 class indices are taken as torch takes them (as int64).
+    z_loss z (pydl's, not torch's; class indices, no class weights): z logsumexp(logits)^2
+    added to each row that counts (PaLM's z-loss; a mean over the rows that count).
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -529,7 +569,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         target = target.long()
     input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
     call = _CROSS_ENTROPY_CALLS.call(_cross_entropy_key, _cross_entropy_call, input, target,
-                                     weight, ignore_index, reduction, label_smoothing, backend)
+                                     weight, ignore_index, reduction, label_smoothing, z_loss,
+                                     backend)
     return call(input, target, weight)
 
 

@@ -39,7 +39,8 @@ def _x(*shape, grad=False):
 # --- opcheck: the registration itself -----------------------------------------------------
 
 def _ce_args():
-    return (_x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "mean", 0.1)
+    return (_x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "mean", 0.1,
+            0.0)                                    # no z-loss (it takes no class weights)
 
 
 def _ce_prob_weight_args(wdtype, reduction):
@@ -74,10 +75,17 @@ OPCHECKS = {
     # reductions whose kernels leave the denominators unused (zeros, not whatever was there)
     "cross_entropy_fwd/none": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "none", 0.0,
-        False, BACKEND)),
+        0.0, False, BACKEND)),
     "cross_entropy_fwd/sum": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
-        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "sum", 0.0, False,
+        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "sum", 0.0, 0.0, False,
         BACKEND)),
+    # a z-loss, per row and with the gradient in the forward
+    "cross_entropy_fwd/z_loss": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
+        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "none", 0.1, 0.05,
+        False, BACKEND)),
+    "cross_entropy_fwd/z_loss-grad": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
+        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "mean", 0.1, 0.05,
+        True, BACKEND)),
     # gradient in the forward
     "cross_entropy_fwd/grad": lambda: (_softmax_ce_ops._cross_entropy_fwd,
                                        (*_ce_args(), True, BACKEND)),
@@ -289,6 +297,9 @@ CASES = {
                                     chunk_rows=4, backend=BACKEND).sum() * 0.5,
         lambda: (_x(7, 4, grad=True), _x(6, 4, grad=True), _x(6, grad=True),
                  torch.randint(0, 6, (7,), device=DEVICE))),
+    "cross_entropy_z_loss": (
+        lambda x, t: pydl.cross_entropy(x, t, z_loss=0.01, label_smoothing=0.1, backend=BACKEND),
+        lambda: (_x(5, 7, grad=True), torch.randint(0, 7, (5,), device=DEVICE))),
     "attention": (_attention, lambda: (_x(1, 2, 6, 8, grad=True), _x(1, 2, 6, 8, grad=True),
                                        _x(1, 2, 6, 8, grad=True))),
     # probability targets and a learned class weight: the weight's gradient kernel op

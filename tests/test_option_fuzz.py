@@ -191,6 +191,16 @@ def _simulated_rows(x, wide, reduced: int, backend: str):
     return x.narrow(wide, 0, min(x.shape[wide], max(1, 1024 // per)))
 
 
+def _z_term(logits, t, ignore_index, reduction, z):
+    """The z-loss in torch ops: z lse^2 (over class dim 1, or 0 for (C,) logits) of the rows
+    that count, per row or summed, a mean over their number (none counting: 0)."""
+    counted = t != ignore_index
+    rows = z * torch.logsumexp(logits, 0 if logits.dim() == 1 else 1).square() * counted
+    if reduction == "none":
+        return rows
+    return rows.sum() / (counted.sum().clamp_min(1) if reduction == "mean" else 1)
+
+
 def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
     z = SIZES[size]
     dims = int(rng.integers(1, 5))
@@ -224,12 +234,21 @@ def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
     if not prob and rng.random() < 0.5:
         opts["ignore_index"] = int(rng.choice([-100, 0, C - 1]))
     w = (torch.rand(C, device=DEVICE) + 0.2).to(dtype) if rng.random() < 0.4 else None
+    # pydl's z-loss (class indices, no class weights), drawn last: the earlier draws as before
+    z = float(rng.choice([1e-4, 0.1])) if not prob and w is None and rng.random() < 0.3 \
+        else 0.0
     case = (f"cross_entropy x{shape} {'probabilities' if prob else 'indices'} "
-            f"w={w is not None} {opts}")
+            f"w={w is not None} z_loss={z} {opts}")
     # the class weight needs no gradient (pydl refuses one: semantics.md)
     w64 = None if w is None else w.double()
-    return (case, lambda x, t: pydl.cross_entropy(x, t, w, **opts, backend=backend),
-            lambda x, t: F.cross_entropy(x, t, w64, **opts), [x, t], C * max(1, t.numel()))
+
+    def theirs(x, t):
+        loss = F.cross_entropy(x, t, w64, **opts)
+        if z:
+            loss = loss + _z_term(x, t, opts.get("ignore_index", -100), opts["reduction"], z)
+        return loss
+    return (case, lambda x, t: pydl.cross_entropy(x, t, w, **opts, z_loss=z, backend=backend),
+            theirs, [x, t], C * max(1, t.numel()))
 
 
 def _linear_ce(rng, dtype, backend, algo, size="tiny"):
@@ -270,11 +289,9 @@ def _linear_ce(rng, dtype, backend, algo, size="tiny"):
         if cap:
             logits = cap * torch.tanh(logits / cap)
         loss = F.cross_entropy(logits.reshape(-1, V), t.reshape(-1), cw64, **opts)
-        if z:           # z lse^2 of the rows that count (a mean: over their number)
-            counted = t.reshape(-1) != opts.get("ignore_index", -100)
-            rows = z * torch.logsumexp(logits.reshape(-1, V), 1).square() * counted
-            loss = loss + (rows if opts["reduction"] == "none" else rows.sum() / (
-                counted.sum().clamp_min(1) if opts["reduction"] == "mean" else 1))
+        if z:
+            loss = loss + _z_term(logits.reshape(-1, V), t.reshape(-1),
+                                  opts.get("ignore_index", -100), opts["reduction"], z)
         return loss.view(t.shape) if opts["reduction"] == "none" else loss
     return case, ours, theirs, [x, w, t] + ([b] if b is not None else []), H * V * t.numel()
 

@@ -161,6 +161,85 @@ def test_cross_entropy_options(backend, reduction, weighted, smoothing, ignore_i
                          label_smoothing=smoothing, ignore_index=ignore_index)
 
 
+def _z_loss_reference(x, t, g, z, ignore_index, reduction):
+    """(loss, dx) of the z-loss alone in float64: z lse^2 of each row that counts (a mean
+    over their number; none counting: 0), over class dim 1 (0 for (C,) logits)."""
+    dim = 0 if x.dim() == 1 else 1
+    x64 = np.moveaxis(x.double().cpu().numpy(), dim, -1)          # (..., C)
+    top = x64.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(x64 - top).sum(-1, keepdims=True)))[..., 0]
+    counted = t.cpu().numpy() != ignore_index
+    g64 = g.double().cpu().numpy()
+    scale = max(counted.sum(), 1) if reduction == "mean" else 1.0
+    loss = z * lse ** 2 * counted
+    if reduction != "none":
+        loss, g64 = loss.sum() / scale, g64 / scale
+    dx = (g64 * 2 * z * lse * counted)[..., None] * np.exp(x64 - lse[..., None])
+    return loss, np.moveaxis(dx, -1, dim)
+
+
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(7, 11), (3, 11, 4), (11,)], ids=str)
+def test_cross_entropy_z_loss(backend, reduction, shape):
+    """z_loss (pydl's option): z lse^2 added to each row that counts, in the forward kernels,
+    and g 2 z lse p_c in the gradient (Triton's written by the training forward, then again
+    by the backward kernel through a retained graph), with smoothing and an ignore_index:
+    against the float64 reference and torch's composite."""
+    z, C = 0.1, 11
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    x = random_tensor(shape, torch.float32, DEVICE, scale=2.0).requires_grad_()
+    t = _targets(tshape, C, 3)
+    kw = dict(reduction=reduction, label_smoothing=0.1, ignore_index=3)
+    loss = pydl.cross_entropy(x, t, z_loss=z, backend=backend, **kw)
+    g = torch.randn(loss.shape, device=DEVICE)
+    first = torch.autograd.grad(loss, x, g, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, x, g)[0]
+    xd = x.detach().requires_grad_()
+    t_loss = torch.nn.functional.cross_entropy(xd, t, **kw)
+    counted = t != 3
+    rows = z * torch.logsumexp(xd, 0 if len(shape) == 1 else 1).square() * counted
+    t_loss = t_loss + (rows if reduction == "none" else rows.sum() / (
+        counted.sum().clamp_min(1) if reduction == "mean" else 1))
+    t_dx = torch.autograd.grad(t_loss, xd, g)[0]
+    args = (x.detach().double().cpu().numpy(), t.cpu().numpy(), None)
+    z_loss64, z_dx64 = _z_loss_reference(x.detach(), t, g, z, 3, reduction)
+    loss64 = ref.cross_entropy(*args, **kw) + z_loss64
+    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw) + z_dx64
+    red = C * (x.numel() // C if reduction != "none" else 1)
+    assert_close(loss, loss64, torch.float32, reduction=red, name="loss vs reference")
+    assert_close(loss, t_loss, torch.float32, reduction=red, name="loss vs torch")
+    for name, dx in (("first", first), ("second", second)):
+        assert_close(dx, dx64, torch.float32, reduction=C, name=f"{name} grad vs reference")
+        assert_close(dx, t_dx, torch.float32, reduction=C, name=f"{name} grad vs torch")
+    torch.testing.assert_close(pydl.cross_entropy(x, t, z_loss=z, backend="torch", **kw),
+                               t_loss)
+
+
+@backends
+def test_cross_entropy_z_loss_refusals(backend):
+    """A z-loss with class weights, with class-probability targets, negative or not a
+    number: ValueError; differentiating its gradient (create_graph) raises, pydl's rule for
+    an op without double backward (the gradient itself comes)."""
+    x = random_tensor((4, 5), torch.float32, DEVICE).requires_grad_()
+    t = _targets((4,), 5)
+    with pytest.raises(ValueError, match="z_loss with weight"):
+        pydl.cross_entropy(x, t, torch.ones(5, device=DEVICE), z_loss=1e-4, backend=backend)
+    with pytest.raises(ValueError, match="class-probability"):
+        pydl.cross_entropy(x, torch.softmax(x.detach(), 1), z_loss=1e-4, backend=backend)
+    for z in (-1.0, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="z_loss"):
+            pydl.cross_entropy(x, t, z_loss=z, backend=backend)
+    loss = pydl.cross_entropy(x, t, z_loss=1e-2, backend=backend)
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    torch.testing.assert_close(dx, torch.autograd.grad(
+        pydl.cross_entropy(x, t, z_loss=1e-2, backend=backend), x)[0])
+    with pytest.raises(RuntimeError, match="no double backward"):
+        dx.square().sum().backward()
+    module = pydl.nn.CrossEntropyLoss(z_loss=1e-2, backend=backend)
+    torch.testing.assert_close(module(x, t), loss)
+
+
 @pytest.mark.parametrize("backend,dtype", [
     ("numba", torch.float16), ("numba", torch.bfloat16), ("triton", torch.float16)]
     + ([("triton", torch.bfloat16)] if HAS_CUDA else []), ids=str)
