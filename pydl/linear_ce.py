@@ -179,7 +179,8 @@ def _call_key(input, weight, target, bias, class_weight, ignore_index, reduction
     return (backend or current_backend(), *tensors_key(input, weight, target, bias,
                                                        class_weight),
             ignore_index, reduction, label_smoothing, softcap, z_loss, chunk_rows,
-            type(ignore_index), type(chunk_rows))     # 4.0 is not 4: _check refuses it
+            # 4.0 is not 4, nor True 1: _check refuses the float and the bools
+            type(ignore_index), type(chunk_rows), type(softcap), type(z_loss))
 
 
 _CALLS = Cache("linear_cross_entropy calls")

@@ -411,9 +411,12 @@ def test_bad_input(backend):
     for cap in (0.0, -1.0, float("inf"), float("nan"), True, "30"):
         with pytest.raises(ValueError, match="softcap"):
             call(x, w, t, softcap=cap, backend=backend)
-    for z in (-1e-4, float("inf"), float("nan"), None, True):
+    call(x, w, t, softcap=1.0, z_loss=0.0, backend=backend)     # a signature checked, kept:
+    for z in (-1e-4, float("inf"), float("nan"), None, True, False):   # True is 1, not 1.0
         with pytest.raises(ValueError, match="z_loss"):
-            call(x, w, t, z_loss=z, backend=backend)
+            call(x, w, t, softcap=1.0, z_loss=z, backend=backend)
+    with pytest.raises(ValueError, match="softcap"):
+        call(x, w, t, softcap=True, z_loss=0.0, backend=backend)
     with pytest.raises(ValueError, match="z_loss with class_weight"):
         call(x, w, t, class_weight=torch.ones(5, device=DEVICE), z_loss=1e-4, backend=backend)
     with pytest.raises(ValueError, match="no rows"):

@@ -227,7 +227,8 @@ def test_cross_entropy_z_loss_refusals(backend):
         pydl.cross_entropy(x, t, torch.ones(5, device=DEVICE), z_loss=1e-4, backend=backend)
     with pytest.raises(ValueError, match="class-probability"):
         pydl.cross_entropy(x, torch.softmax(x.detach(), 1), z_loss=1e-4, backend=backend)
-    for z in (-1.0, float("nan"), float("inf"), "0.1", True):
+    pydl.cross_entropy(x, t, z_loss=0.0, backend=backend)      # a signature checked, kept:
+    for z in (-1.0, float("nan"), float("inf"), "0.1", True, False):   # False is 0, not 0.0
         with pytest.raises(ValueError, match="z_loss"):
             pydl.cross_entropy(x, t, z_loss=z, backend=backend)
     loss = pydl.cross_entropy(x, t, z_loss=1e-2, backend=backend)
