@@ -545,7 +545,9 @@ def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_sm
 def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                        backend):
     return (backend or current_backend(), *tensors_key(input, target, weight), ignore_index,
-            reduction, label_smoothing, z_loss, type(z_loss))
+            reduction, label_smoothing, z_loss,
+            # 1.0 is not 1, nor False 0: the checks refuse the float and the bool
+            type(ignore_index), type(z_loss))
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")

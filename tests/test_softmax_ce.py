@@ -811,6 +811,9 @@ def test_cross_entropy_bad_input(backend):
         ce(x, p.double())
     with pytest.raises(ValueError, match="ignore_index"):
         ce(x, p, ignore_index=0)
+    ce(x, t, ignore_index=1)        # a signature checked and kept; its float twin refused
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        ce(x, t, ignore_index=1.0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         ce(x.double(), t)
     # a class weight that requires grad with class indices: refused, as torch refuses it
