@@ -71,6 +71,22 @@ def device():
     return DEVICE
 
 
+def spy_kernels(monkeypatch, module, names, record) -> None:
+    """Each Triton kernel `names` of `module` (kernel[grid](...) launches) replaced, for the
+    test, by one that calls record(name, args, kwargs) (its tensors and scalars, its keywords:
+    the constexprs) and then launches the kernel."""
+    for name in names:
+        kernel = getattr(module, name)
+
+        class Spy:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                def run(*args, **kwargs):
+                    record(name, args, kwargs)
+                    return kernel[grid](*args, **kwargs)
+                return run
+        monkeypatch.setattr(module, name, Spy())
+
+
 def fuzz_seeds(request, quick: int, full: int, start: int = 0):
     """The seeds a seeded fuzz test runs: PYDL_FUZZ_SEED=<seed> alone where it is set (to
     rerun the case a failure names), else `quick` from `start` (`full` with --full)."""

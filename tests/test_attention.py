@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICE, DTYPES
+from conftest import DEVICE, DTYPES, spy_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -825,16 +825,8 @@ def split_keys(monkeypatch):
     """The split forward (attention_fwd_split) for short test sequences (16-key tiles, on a
     GPU too: _attention_triton.forced_split); the kernels launched, recorded."""
     launched = []
-    for name in ("attention_fwd", "attention_fwd_split"):
-        kernel = getattr(kt, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                def run(*args, **kwargs):
-                    launched.append((name, kwargs.get("SPLITS")))
-                    return kernel[grid](*args, **kwargs)
-                return run
-        monkeypatch.setattr(kt, name, Spy())
+    spy_kernels(monkeypatch, kt, ("attention_fwd", "attention_fwd_split"),
+                lambda name, args, kwargs: launched.append((name, kwargs.get("SPLITS"))))
     with _attention_triton.forced_split():
         yield launched
 

@@ -5,7 +5,7 @@ forward and the gradients of input, weight and bias."""
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS
+from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS, spy_kernels
 
 import pydl
 from pydl import _linear_ce_ops
@@ -25,8 +25,8 @@ def _targets(n, classes, ignore_index=None, frac=0.3, shape=None):
 
 def _reference(x, w, b, t, g, class_weight, softcap=None, z_loss=0.0, **kw):
     """(loss, dx, dw, db) in float64: the logits (capped: s tanh(. / s)), the cross-entropy
-    and its backward by pydl.reference, the z-loss z lse^2 of the rows that count (divided by
-    their number for a mean), the cap's and the linear layer's gradients by hand."""
+    and its backward by pydl.reference (the z-loss included), the cap's and the linear layer's
+    gradients by hand."""
     x64 = x.double().cpu().numpy().reshape(-1, x.shape[-1])
     w64 = w.double().cpu().numpy()
     logits = x64 @ w64.T + (0.0 if b is None else b.double().cpu().numpy())
@@ -35,19 +35,8 @@ def _reference(x, w, b, t, g, class_weight, softcap=None, z_loss=0.0, **kw):
     t64 = t.cpu().numpy().reshape(-1)
     cw = None if class_weight is None else class_weight.double().cpu().numpy()
     g64 = g.double().cpu().numpy().reshape(-1) if g.dim() else float(g)
-    loss = ref.cross_entropy(logits, t64, cw, **kw)
-    dlogits = ref.cross_entropy_backward(g64, logits, t64, cw, **kw)
-    if z_loss:
-        top = logits.max(1, keepdims=True)
-        lse = (top + np.log(np.exp(logits - top).sum(1, keepdims=True)))[:, 0]
-        counted = t64 != kw.get("ignore_index", -100)
-        per_row = z_loss * lse ** 2 * counted
-        reduction = kw.get("reduction", "mean")
-        scale = max(counted.sum(), 1) if reduction == "mean" else 1.0
-        loss = loss + (per_row if reduction == "none" else per_row.sum() / scale)
-        g_rows = g64 if reduction == "none" else g64 / scale
-        dlogits = dlogits + (g_rows * 2 * z_loss * lse * counted)[:, None] \
-            * np.exp(logits - lse[:, None])
+    loss = ref.cross_entropy(logits, t64, cw, **kw, z_loss=z_loss)
+    dlogits = ref.cross_entropy_backward(g64, logits, t64, cw, **kw, z_loss=z_loss)
     if softcap:
         dlogits = dlogits * (1.0 - (logits / softcap) ** 2)
     return (np.asarray(loss).reshape(tuple(t.shape)) if kw.get("reduction") == "none"
@@ -259,17 +248,10 @@ def test_triton_gradient_in_the_forward(monkeypatch, reduction, upstream):
     1); a second backward through the retained graph recomputes, and agrees."""
     from pydl.kernels.triton import softmax_ce as k
     seen = []
-    for name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad",
-                 "cross_entropy_mean_denominator"):
-        kernel = getattr(k, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                def run(*args, **kwargs):
-                    seen.append((name, kwargs.get("GRAD"), kwargs.get("IN_PLACE")))
-                    return kernel[grid](*args, **kwargs)
-                return run
-        monkeypatch.setattr(k, name, Spy())
+    spy_kernels(monkeypatch, k, ("cross_entropy_fwd", "cross_entropy_bwd",
+                                 "cross_entropy_scale_grad", "cross_entropy_mean_denominator"),
+                lambda name, args, kwargs: seen.append(
+                    (name, kwargs.get("GRAD"), kwargs.get("IN_PLACE"))))
     N, H, V = 10, 8, 23
     x = random_tensor((N, H), torch.float32, DEVICE).requires_grad_()
     w = random_tensor((V, H), torch.float32, DEVICE).requires_grad_()
@@ -302,16 +284,8 @@ def test_triton_gradient_in_the_forward_compiled(monkeypatch, reduction):
     again through a retained graph (nothing consumed by the first backward)."""
     from pydl.kernels.triton import softmax_ce as k
     seen = []
-    for name in ("cross_entropy_fwd", "cross_entropy_bwd"):
-        kernel = getattr(k, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                def run(*args, **kwargs):
-                    seen.append((name, kwargs.get("GRAD")))
-                    return kernel[grid](*args, **kwargs)
-                return run
-        monkeypatch.setattr(k, name, Spy())
+    spy_kernels(monkeypatch, k, ("cross_entropy_fwd", "cross_entropy_bwd"),
+                lambda name, args, kwargs: seen.append((name, kwargs.get("GRAD"))))
     N, H, V = 10, 8, 23
     x = random_tensor((N, H), torch.float32, DEVICE)
     w = random_tensor((V, H), torch.float32, DEVICE)

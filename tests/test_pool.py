@@ -3,7 +3,7 @@ torch, forward, indices and gradient, every option of the signature."""
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
+from conftest import DEVICE, DTYPES, KERNEL_BACKENDS, spy_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,16 +153,8 @@ def test_max_pool2d_bwd_kernel_and_layout(monkeypatch, layout, dy_layout):
     layout (converted when it comes in the other), and the gradient is right."""
     from pydl.kernels.triton import pool as k
     seen = []
-    for name in ("max_pool2d_bwd", "max_pool2d_bwd_planar"):
-        kernel = getattr(k, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                def run(dy, *args, **kwargs):
-                    seen.append((name, dy))
-                    return kernel[grid](dy, *args, **kwargs)
-                return run
-        monkeypatch.setattr(k, name, Spy())
+    spy_kernels(monkeypatch, k, ("max_pool2d_bwd", "max_pool2d_bwd_planar"),
+                lambda name, args, kwargs: seen.append((name, args[0])))
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     dy_fmt = torch.channels_last if dy_layout == "channels_last" else torch.contiguous_format
     x = random_tensor((2, 5, 11, 10), torch.float32, DEVICE).to(memory_format=fmt)

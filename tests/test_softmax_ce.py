@@ -3,7 +3,7 @@ reference and against torch, forward and backward, every option of the signature
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS
+from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS, spy_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -161,23 +161,6 @@ def test_cross_entropy_options(backend, reduction, weighted, smoothing, ignore_i
                          label_smoothing=smoothing, ignore_index=ignore_index)
 
 
-def _z_loss_reference(x, t, g, z, ignore_index, reduction):
-    """(loss, dx) of the z-loss alone in float64: z lse^2 of each row that counts (a mean
-    over their number; none counting: 0), over class dim 1 (0 for (C,) logits)."""
-    dim = 0 if x.dim() == 1 else 1
-    x64 = np.moveaxis(x.double().cpu().numpy(), dim, -1)          # (..., C)
-    top = x64.max(-1, keepdims=True)
-    lse = (top + np.log(np.exp(x64 - top).sum(-1, keepdims=True)))[..., 0]
-    counted = t.cpu().numpy() != ignore_index
-    g64 = g.double().cpu().numpy()
-    scale = max(counted.sum(), 1) if reduction == "mean" else 1.0
-    loss = z * lse ** 2 * counted
-    if reduction != "none":
-        loss, g64 = loss.sum() / scale, g64 / scale
-    dx = (g64 * 2 * z * lse * counted)[..., None] * np.exp(x64 - lse[..., None])
-    return loss, np.moveaxis(dx, -1, dim)
-
-
 @backends
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(7, 11), (3, 11, 4), (11,)], ids=str)
@@ -203,9 +186,8 @@ def test_cross_entropy_z_loss(backend, reduction, shape):
         counted.sum().clamp_min(1) if reduction == "mean" else 1))
     t_dx = torch.autograd.grad(t_loss, xd, g)[0]
     args = (x.detach().double().cpu().numpy(), t.cpu().numpy(), None)
-    z_loss64, z_dx64 = _z_loss_reference(x.detach(), t, g, z, 3, reduction)
-    loss64 = ref.cross_entropy(*args, **kw) + z_loss64
-    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw) + z_dx64
+    loss64 = ref.cross_entropy(*args, **kw, z_loss=z)
+    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw, z_loss=z)
     red = C * (x.numel() // C if reduction != "none" else 1)
     assert_close(loss, loss64, torch.float32, reduction=red, name="loss vs reference")
     assert_close(loss, t_loss, torch.float32, reduction=red, name="loss vs torch")
@@ -425,18 +407,12 @@ def _spy_launches(monkeypatch):
     """The Triton cross-entropy kernels launched, with their constexprs, in order."""
     from pydl.kernels.triton import softmax_ce as k
     seen = []
-    for name in ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad",
-                 "cross_entropy_mean_denominator", "cross_entropy_prob_fwd",
-                 "cross_entropy_prob_bwd", "cross_entropy_prob_weight_grad"):
-        kernel = getattr(k, name)
-
-        class Spy:
-            def __getitem__(self, grid, name=name, kernel=kernel):
-                def run(*args, **kwargs):
-                    seen.append((name, {a: v for a, v in kwargs.items() if a.isupper()}))
-                    return kernel[grid](*args, **kwargs)
-                return run
-        monkeypatch.setattr(k, name, Spy())
+    spy_kernels(monkeypatch, k, ("cross_entropy_fwd", "cross_entropy_bwd",
+                                 "cross_entropy_scale_grad", "cross_entropy_mean_denominator",
+                                 "cross_entropy_prob_fwd", "cross_entropy_prob_bwd",
+                                 "cross_entropy_prob_weight_grad"),
+                lambda name, args, kwargs: seen.append(
+                    (name, {a: v for a, v in kwargs.items() if a.isupper()})))
     return seen
 
 

@@ -15,6 +15,10 @@ and reduction="mean" divides by the number of rows, whatever the weights. The gr
     dl/dy_{i,c} = (1 - eps) * w[c] * (lse_i - z_{i,c}).
 cross_entropy and cross_entropy_backward take either kind of target, as torch does.
 
+pydl's z-loss (z_loss=z, class indices without weights): z lse_i^2 added to each row not
+ignored, a mean over their number (none counting: 0, no gradient); its gradient
+g_i 2 z lse_i softmax(z_i).
+
 Array-module generic (see _xp.py): given CuPy arrays, the same code runs on the GPU and
 returns CuPy arrays.
 """
@@ -178,7 +182,7 @@ def _ce_terms(xp, x, target, weight, ignore_index):
 
 
 def cross_entropy(x, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0):
+                  label_smoothing: float = 0.0, z_loss: float = 0.0):
     """Mean/sum/per-row loss; `target` holds class indices, or class probabilities when it
     is floating point (then ignore_index does not apply)."""
     xp = array_module(x, target, weight)
@@ -192,16 +196,20 @@ def cross_entropy(x, target, weight=None, ignore_index: int = -100, reduction: s
         smooth = xp.where(valid, (w[None, :] * (lse[:, None] - rows)).sum(axis=1), 0.0)
     eps = float(label_smoothing)
     nll = xp.where(valid, nll, 0.0)
-    if eps == 0:
-        return _reduce(xp, nll, out_shape, reduction, w_t.sum())
     # each part reduced on its own, as torch does: a mean over a zero denominator is then
     # NaN (the NLL part's 0 / 0), not the smoothing part's inf
-    return (1.0 - eps) * _reduce(xp, nll, out_shape, reduction, w_t.sum()) + \
-        (eps / C) * _reduce(xp, smooth, out_shape, reduction, w_t.sum())
+    loss = (1.0 - eps) * _reduce(xp, nll, out_shape, reduction, w_t.sum())
+    if eps:
+        loss = loss + (eps / C) * _reduce(xp, smooth, out_shape, reduction, w_t.sum())
+    if z_loss:
+        z_rows = xp.where(valid, z_loss * lse ** 2, 0.0)
+        loss = loss + _reduce(xp, z_rows, out_shape, reduction, max(int(valid.sum()), 1))
+    return loss
 
 
 def cross_entropy_backward(grad_loss, x, target, weight=None, ignore_index: int = -100,
-                           reduction: str = "mean", label_smoothing: float = 0.0):
+                           reduction: str = "mean", label_smoothing: float = 0.0,
+                           z_loss: float = 0.0):
     """dL/dx: g_i * ((1 - eps) w[y_i] (p_i - onehot(y_i)) + (eps / C) (sum(w) p_i - w));
     for class-probability targets g_i * (p_i * sum_k w[k] y'_{i,k} - w * y'_i)."""
     xp = array_module(grad_loss, x, target, weight)
@@ -222,5 +230,9 @@ def cross_entropy_backward(grad_loss, x, target, weight=None, ignore_index: int 
         d = (1.0 - eps) * w_t[:, None] * (p - onehot) * g_rows[:, None]
         if eps:
             d = d + (eps / C) * (w.sum() * p - w[None, :]) * g_rows[:, None]
+        if z_loss:
+            z_rows = _row_grad(xp, grad_loss, len(t), out_shape, reduction,
+                               max(int(valid.sum()), 1))
+            d = d + (2.0 * z_loss * logsumexp(rows, axis=1) * z_rows)[:, None] * p
     d = xp.where(valid[:, None], d, 0.0)
     return _class_back(xp, d, x.shape)
