@@ -123,6 +123,15 @@ _capturing = capturing
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def options_key(*options) -> tuple:
+    """What a call's key holds of its non-tensor options: the values, then each one's type (of
+    a tuple, its items' types). Equal values of other types are other calls: stride=1.0,
+    True or (1.0, 1) equals 1 or (1, 1), and the checks refuse the float and the bool as
+    torch does, so a kept call of the int must not serve them (0.3-0.8 us a call)."""
+    return options + tuple([tuple(map(type, o)) if type(o) is tuple else type(o)
+                            for o in options])
+
+
 def tensors_key(*tensors) -> tuple:
     """What a call's key holds of its tensor arguments (None allowed): of each its type, shape,
     strides, dtype, device and negative bit, everything a check or a plan reads of it but its

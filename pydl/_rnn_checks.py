@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ._checks import check_tensor
 from ._launch import tf32_allowed
 from ._library import autocast_inputs
-from ._plan import Cache, plain_tensors, tensors_key
+from ._plan import Cache, options_key, plain_tensors, tensors_key
 from ._rnn_launch import ALGOS as _LAYER_ALGOS
 from ._shapes import positive_int
 from .backends import current_backend, dispatch
@@ -328,7 +328,7 @@ def _layer_key(op, gates, input, states, weights, options):
     """The call signature: what prepare_layer checks and what the layer's plans are built
     from (a PackedSequence input has no .shape: no key, checked every call)."""
     return (op, options["backend"] or current_backend(), *tensors_key(input, *states, *weights),
-            *options.values(), tf32_allowed(True))
+            *options_key(*options.values()), tf32_allowed(True))
 
 
 _LAYER_CALLS = Cache("rnn layer calls")

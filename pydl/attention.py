@@ -42,7 +42,16 @@ from ._checks import check_tensor
 from ._interop import public_op
 from ._launch import WriteOnly, fresh, output_maker, tf32_allowed
 from ._library import autocast_inputs
-from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors, tensors_key
+from ._plan import (
+    Cache,
+    apply,
+    capturing,
+    emulated,
+    needs_graph,
+    options_key,
+    plain_tensors,
+    tensors_key,
+)
 from .backends import current_backend, dispatch, register, resolve_algo
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -377,7 +386,7 @@ class _AttentionCall(AttentionKernels):
 def _call_key(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
               algo):
     return (backend or current_backend(), algo, *tensors_key(query, key, value, attn_mask),
-            dropout_p, is_causal, scale, enable_gqa, tf32_allowed(False))
+            *options_key(dropout_p, is_causal, scale, enable_gqa), tf32_allowed(False))
 
 
 _CALLS = Cache("scaled_dot_product_attention calls")

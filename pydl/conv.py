@@ -52,6 +52,7 @@ from ._plan import (
     capturing,
     emulated,
     needs_graph,
+    options_key,
     plain_tensors,
     tensors_key,
 )
@@ -242,8 +243,8 @@ _CALLS = Cache("conv2d calls")
 
 
 def _call_key(input, weight, bias, stride, padding, dilation, groups, backend, algo):
-    return (backend or current_backend(), algo, *tensors_key(input, weight, bias), stride,
-            padding, dilation, groups, tf32_allowed(True))
+    return (backend or current_backend(), algo, *tensors_key(input, weight, bias),
+            *options_key(stride, padding, dilation, groups), tf32_allowed(True))
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,

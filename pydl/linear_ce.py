@@ -58,7 +58,7 @@ from ._linear_ce_ops import (
     _Options,
     chunk_rows_for,
 )
-from ._plan import Cache, apply, needs_graph, tensors_key
+from ._plan import Cache, apply, needs_graph, options_key, tensors_key
 from ._shapes import integer
 from ._softmax_ce_ops import LAUNCHERS
 from .backends import current_backend, dispatch, register
@@ -178,9 +178,7 @@ def _call_key(input, weight, target, bias, class_weight, ignore_index, reduction
               label_smoothing, softcap, z_loss, chunk_rows, backend):
     return (backend or current_backend(), *tensors_key(input, weight, target, bias,
                                                        class_weight),
-            ignore_index, reduction, label_smoothing, softcap, z_loss, chunk_rows,
-            # 4.0 is not 4, nor True 1: _check refuses the float and the bools
-            type(ignore_index), type(chunk_rows), type(softcap), type(z_loss))
+            *options_key(ignore_index, reduction, label_smoothing, softcap, z_loss, chunk_rows))
 
 
 _CALLS = Cache("linear_cross_entropy calls")

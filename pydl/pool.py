@@ -19,7 +19,16 @@ import torch
 from ._checks import check_tensor
 from ._launch import fresh, memory_format_of, output_maker
 from ._library import memory_format
-from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors, tensors_key
+from ._plan import (
+    Cache,
+    apply,
+    capturing,
+    emulated,
+    needs_graph,
+    options_key,
+    plain_tensors,
+    tensors_key,
+)
 from ._pool_launch import INDEX_FLAT, INDEX_LOCAL, INDEX_NONE, LAUNCHERS, PoolGeometry
 from ._pool_ops import (
     AvgPool2dFunction,
@@ -217,7 +226,7 @@ class _PoolCall(PoolKernels):
 
 def _key(input, *options):
     return (*tensors_key(input), current_backend() if options[-1] is None else options[-1],
-            *options)
+            *options_key(*options))
 
 
 def _max_pool2d_call(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,

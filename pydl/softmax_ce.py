@@ -51,7 +51,16 @@ from torch import Tensor
 from ._checks import check_tensor
 from ._launch import WriteOnly, fresh, output_maker
 from ._library import autocast_inputs
-from ._plan import Cache, apply, capturing, emulated, needs_graph, plain_tensors, tensors_key
+from ._plan import (
+    Cache,
+    apply,
+    capturing,
+    emulated,
+    needs_graph,
+    options_key,
+    plain_tensors,
+    tensors_key,
+)
 from ._shapes import as_rows, integer, normalize_dim
 from ._softmax_ce_common import DENOM_SHAPE, _same_memory
 from ._softmax_ce_ops import (
@@ -238,7 +247,7 @@ def _softmax_call(input, dim, log, dtype, backend):
 def _softmax_key(input, dim, log, dtype, backend):
     if dim is None:
         raise TypeError("implicit dim: not cached (it warns on every call)")
-    return (backend or current_backend(), *tensors_key(input), dim, log)
+    return (backend or current_backend(), *tensors_key(input), *options_key(dim), log)
 
 
 _SOFTMAX_CALLS = Cache("softmax calls")
@@ -544,10 +553,8 @@ def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_sm
 
 def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                        backend):
-    return (backend or current_backend(), *tensors_key(input, target, weight), ignore_index,
-            reduction, label_smoothing, z_loss,
-            # 1.0 is not 1, nor False 0: the checks refuse the float and the bool
-            type(ignore_index), type(z_loss))
+    return (backend or current_backend(), *tensors_key(input, target, weight),
+            *options_key(ignore_index, reduction, label_smoothing, z_loss))
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")

@@ -531,3 +531,52 @@ def test_registering_an_implementation_forgets_the_calls_checked(monkeypatch, op
     torch.manual_seed(0)
     REGISTERED[op]()
     assert calls == [op]
+
+
+_X4 = _randn(1, 2, 5, 5)
+_W4 = _randn(3, 2, 3, 3)
+_ROWS = _randn(4, 6)
+_CLASSES = torch.tensor([0, 1, 2, 5], device=DEVICE)
+_SEQ = _randn(3, 2, 4)
+# (op, the options of a valid call, {option: a value equal to its valid one that is refused})
+REFUSED_EQUALS = {
+    "conv2d": (lambda **o: pydl.conv2d(_X4, _W4, **o),
+               dict(stride=1, padding=(1, 1), dilation=1, groups=1),
+               dict(stride=1.0, padding=(True, 1), dilation=True, groups=1.0)),
+    "max_pool2d": (lambda **o: pydl.max_pool2d(_X4, **o),
+                   dict(kernel_size=2, stride=(2, 2), padding=0, dilation=1),
+                   dict(kernel_size=2.0, stride=(2.0, 2), padding=False, dilation=True)),
+    "avg_pool2d": (lambda **o: pydl.avg_pool2d(_X4, **o),
+                   dict(kernel_size=2, stride=2, padding=0, divisor_override=3),
+                   dict(kernel_size=(2, 2.0), stride=2.0, padding=0.0, divisor_override=3.0)),
+    "adaptive_avg_pool2d": (lambda **o: pydl.adaptive_avg_pool2d(_X4, **o),
+                            dict(output_size=(2, 2)), dict(output_size=(2.0, 2))),
+    "softmax": (lambda **o: pydl.softmax(_ROWS, **o), dict(dim=1), dict(dim=True)),
+    "log_softmax": (lambda **o: pydl.log_softmax(_ROWS, **o), dict(dim=1), dict(dim=1.0)),
+    "cross_entropy": (lambda **o: pydl.cross_entropy(_ROWS, _CLASSES, **o),
+                      dict(ignore_index=1, z_loss=0.0), dict(ignore_index=1.0, z_loss=False)),
+    "linear_cross_entropy": (
+        lambda **o: pydl.linear_cross_entropy(_ROWS, _randn(7, 6), _CLASSES, **o),
+        dict(ignore_index=1, softcap=4.0, chunk_rows=2),
+        dict(ignore_index=True, softcap=True, chunk_rows=2.0)),
+    "lstm": (lambda **o: pydl.lstm(_SEQ, None, [_randn(20, 4), _randn(20, 5)], bias=False, **o),
+             dict(num_layers=1, recompute=False), dict(num_layers=1.0, recompute=0)),
+    "gru": (lambda **o: pydl.gru(_SEQ, None, [_randn(15, 4), _randn(15, 5)], bias=False, **o),
+            dict(num_layers=1), dict(num_layers=1.0)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(REFUSED_EQUALS))
+def test_a_refused_option_is_refused_after_an_equal_valid_one(op):
+    """The checks refuse what torch refuses (a float or bool stride, a float dim), also after a
+    call with the equal int kept its signature: a call's key holds its options' types
+    (pydl._plan.options_key), so 1.0 or True is not served by the call kept for 1."""
+    run, valid, refused = REFUSED_EQUALS[op]
+    for name, value in refused.items():
+        options = {**valid, name: value}
+        _plan.clear_all()
+        with pytest.raises((TypeError, ValueError)):
+            run(**options)                   # refused on its own
+        run(**valid)
+        with pytest.raises((TypeError, ValueError)):
+            run(**options)                   # and after the valid call
