@@ -71,7 +71,7 @@ class _NumbaLaunch:
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad,
-                          z_loss=0.0):
+                          z_loss=0.0, softcap=0.0):
         """As _TritonLaunch's, without the gradient (the backward computes it): one launch,
         per-row losses (reduction "none": in x's dtype, the loss itself), for a sum or a mean
         summed by the kernel's last block. The kernel checks the targets (a trap)."""
@@ -82,15 +82,18 @@ class _NumbaLaunch:
         denom = _denominators(dev)
         tensors = (x3, target, weight, lse, loss, denom, None, None)
         _NumbaLaunch.plan_cross_entropy_fwd(*tensors, ignore_index, smoothing, reduction,
-                                            False, z_loss=z_loss)(*tensors)
+                                            False, z_loss=z_loss, softcap=softcap,
+                                            cap_input=softcap > 0)(*tensors)
         return loss, lse, denom, None
 
     @staticmethod
     @planned_once
     def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
-                               ignore_index, smoothing, reduction, grad, z_loss=0.0):
+                               ignore_index, smoothing, reduction, grad, z_loss=0.0,
+                               softcap=0.0, cap_input=False):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3) as _TritonLaunch's (scratch
-        and dx3 unused: no gradient in the forward): one launch of the per-row kernel into
+        and dx3 unused: no gradient in the forward; softcap with cap_input: the loss of
+        s tanh(x3 / s), capped as read; without, x3 is capped already): one launch of the per-row kernel into
         per-row losses (the loss itself for "none") and weights, whose last block to finish
         sums a sum or a mean (the call's arrival counter: pydl._launch.arrival_counters). The
         two fp32 per-row buffers of a reduction are allocated per call."""
@@ -116,7 +119,8 @@ class _NumbaLaunch:
         out = lse[:1] if none else loss
         fwd = NumbaLaunch(*_NumbaLaunch._row(
             "cross_entropy_fwd", x3, x3, target, w, per_row.view(1, rows, 1), lse, row_weight,
-            denom, inner, ignore_index, float(smoothing), float(z_loss), has_weight, w_code,
+            denom, inner, ignore_index, float(smoothing), float(z_loss),
+            float(softcap) if cap_input else 0.0, has_weight, w_code,
             dtype_code(x3.dtype), dtype_code(per_row.dtype), not none, reduction == "mean",
             arrivals, out.view(1, 1, 1), dtype_code(loss.dtype)),
             (x3, target, w, per_row, lse, row_weight, denom, arrivals, loss),
@@ -135,15 +139,17 @@ class _NumbaLaunch:
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
-                          ignore_index, smoothing, z_loss=0.0):
+                          ignore_index, smoothing, z_loss=0.0, softcap=0.0):
         tensors = (x3, target, weight, lse, denom, grad_out, dx3)
         _NumbaLaunch.plan_cross_entropy_bwd(*tensors, reduction, ignore_index,
-                                            smoothing, z_loss=z_loss)(*tensors)
+                                            smoothing, softcap=softcap, z_loss=z_loss,
+                                            cap_input=softcap > 0)(*tensors)
 
     @staticmethod
     @planned_once
     def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,
-                               ignore_index, smoothing, softcap=0.0, z_loss=0.0):
+                               ignore_index, smoothing, softcap=0.0, z_loss=0.0,
+                               cap_input=False):
         """run(x3, target, weight, lse, denom, grad_out, dx3), as _TritonLaunch's. The
         upstream gradient (the loss's dtype, x's) is read as it is, per row for "none" or
         broadcast, and divided by the mean's denominator in the kernel."""
@@ -156,7 +162,7 @@ class _NumbaLaunch:
         launch = NumbaLaunch(*_NumbaLaunch._row(
             "cross_entropy_bwd", x3, x3, target, w, lse, grad.view(1, grad.shape[0], 1),
             stride, denom, reduction == "mean", dx3, x3.shape[2], ignore_index,
-            float(smoothing), float(softcap), float(z_loss), has_weight, w_code,
+            float(smoothing), float(softcap), float(z_loss), cap_input, has_weight, w_code,
             dtype_code(x3.dtype)),
             (x3, target, w, lse, grad, denom, dx3), (0, 1, 2 if has_weight else 3, 3, 4, 5, 6))
 

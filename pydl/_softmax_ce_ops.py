@@ -149,8 +149,8 @@ def _check_target_range(target, n_classes: int, ignore_index: int) -> None:
                              f"(valid: 0..{n_classes - 1}, or ignore_index={ignore_index})")
 
 
-def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, z_loss, grad,
-                        backend):
+def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, z_loss, softcap,
+                        grad, backend):
     rows = target.numel()
     out = empty_like_shape(x, target.shape if reduction == "none" else ())
     return (out, empty_like_shape(x, (rows,), torch.float32),
@@ -161,11 +161,12 @@ def _cross_entropy_fake(x, target, weight, ignore_index, reduction, smoothing, z
 
 @kernel_op("cross_entropy_fwd", _cross_entropy_fake)
 def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                       reduction: str, smoothing: float, z_loss: float, grad: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       reduction: str, smoothing: float, z_loss: float, softcap: float,
+                       grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss in x's dtype, per-row logsumexp, the mean's denominator: the summed weights of
     the rows that count (a placeholder for other reductions), and with `grad` the loss's
-    gradient w.r.t. x written by the forward (an empty placeholder without)).
+    gradient w.r.t. x written by the forward (an empty placeholder without)). softcap s > 0:
+    the loss of the logits s tanh(x / s), capped as the kernels read them.
 
     The forward kernel checks the targets (no host synchronisation: kernel_checks_targets),
     except Triton's in emulation, where the host checks them (a small reduction and a sync)."""
@@ -176,7 +177,7 @@ def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
     t = target.reshape(outer * inner)
     loss, lse, denom, dx3 = LAUNCHERS[backend].cross_entropy_fwd(x3, t, weight, ignore_index,
                                                                  smoothing, reduction, grad,
-                                                                 z_loss)
+                                                                 z_loss, softcap)
     dx = dx3.view(x.shape) if dx3 is not None else new_output((0,), x.dtype, x.device)
     return (loss.view(target.shape) if reduction == "none" else loss), lse, denom, dx
 
@@ -184,14 +185,14 @@ def _cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
 @kernel_op("cross_entropy_bwd", lambda x, *rest: empty_like_shape(x))
 def _cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                        denom: Tensor, grad_out: Tensor, ignore_index: int, reduction: str,
-                       smoothing: float, z_loss: float, backend: str) -> Tensor:
+                       smoothing: float, z_loss: float, softcap: float, backend: str) -> Tensor:
     dim = 0 if x.dim() == 1 else 1
     x3, outer, n, inner = as_rows(x, dim)
     t = target.reshape(outer * inner)
     dx3 = new_output(x3.shape, x3.dtype, x3.device)
     if dx3.numel():
         LAUNCHERS[backend].cross_entropy_bwd(x3, t, weight, lse, denom, grad_out, reduction, dx3,
-                                             ignore_index, smoothing, z_loss)
+                                             ignore_index, smoothing, z_loss, softcap)
     return dx3.view(x.shape)
 
 
@@ -202,21 +203,23 @@ class CrossEntropyKernels:
     call signature's plan (_CrossEntropyCall, a subclass) runs the same steps with its
     outputs' allocation and its launches fixed."""
 
-    __slots__ = ("ignore_index", "reduction", "smoothing", "backend", "z_loss")
+    __slots__ = ("ignore_index", "reduction", "smoothing", "backend", "z_loss", "softcap")
 
     def __init__(self, ignore_index: int, reduction: str, smoothing: float, backend: str,
-                 z_loss: float = 0.0):
+                 z_loss: float = 0.0, softcap: float = 0.0):
         self.ignore_index, self.reduction = ignore_index, reduction
         self.smoothing, self.backend, self.z_loss = smoothing, backend, z_loss
+        self.softcap = softcap
 
     def forward(self, x, target, weight, grad: bool):
         """(loss, per-row logsumexp, the mean's denominator, with `grad` the gradient)."""
         return _cross_entropy_fwd(x, target, weight, self.ignore_index, self.reduction,
-                                  self.smoothing, self.z_loss, grad, self.backend)
+                                  self.smoothing, self.z_loss, self.softcap, grad, self.backend)
 
     def backward(self, x, target, weight, lse, denom, grad_out):
         return _cross_entropy_bwd(x, target, weight, lse, denom, grad_out, self.ignore_index,
-                                  self.reduction, self.smoothing, self.z_loss, self.backend)
+                                  self.reduction, self.smoothing, self.z_loss, self.softcap,
+                                  self.backend)
 
     def scale_grad(self, dx, grad_out, target) -> None:
         """The forward's gradient scaled in place by the upstream gradient (the ignored rows'
@@ -264,8 +267,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         x, target, weight, lse, denom = ctx.saved_tensors
         ops = ctx.ops
         if torch.is_grad_enabled():      # create_graph: differentiable again
-            if ops.z_loss:          # the gradient comes, differentiating it raises
-                return without_double_backward("cross_entropy with z_loss",
+            if ops.z_loss or ops.softcap:   # the gradient comes, differentiating it raises
+                return without_double_backward("cross_entropy with z_loss or softcap",
                                                CrossEntropyFunction.backward, ctx, grad_out)
             q = _index_target_distribution(x, target, weight, ops.ignore_index, ops.smoothing)
             g = _row_cotangent(grad_out, x, ops.reduction, denom[0])

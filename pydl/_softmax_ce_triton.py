@@ -130,12 +130,13 @@ class _TritonLaunch:
 
     @staticmethod
     def cross_entropy_fwd(x3, target, weight, ignore_index, smoothing, reduction, grad,
-                          z_loss=0.0):
+                          z_loss=0.0, softcap=0.0):
         """(loss: per row, or reduced, in x's dtype; per-row fp32 logsumexp; the mean's fp32
         denominator; with `grad` the reduced loss's gradient w.r.t. x3, contiguous). The sum
         and mean are finished in the kernel (its last program to arrive); a training mean
         first sums its denominator from the targets (cross_entropy_mean_denominator), since
-        the forward scales the gradient by its inverse."""
+        the forward scales the gradient by its inverse. softcap s > 0: the loss of the
+        logits s tanh(x3 / s), capped as the kernel reads them (dx3 w.r.t. x3)."""
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
         lse = new_output(rows, torch.float32, dev)
@@ -150,13 +151,14 @@ class _TritonLaunch:
                    if reduction != "none" else None)
         tensors = (x3, target, weight, lse, loss, denom, scratch, dx3)
         _TritonLaunch.plan_cross_entropy_fwd(*tensors, ignore_index, smoothing, reduction,
-                                             grad, z_loss=z_loss)(*tensors)
+                                             grad, softcap=softcap, z_loss=z_loss,
+                                             cap_input=softcap > 0)(*tensors)
         return loss, lse, denom, dx3
 
     @staticmethod
     def plan_cross_entropy_fwd(x3, target, weight, lse, loss, denom, scratch, dx3,
                                ignore_index, smoothing, reduction, grad, own_denominator=True,
-                               softcap=0.0, z_loss=0.0):
+                               softcap=0.0, z_loss=0.0, cap_input=False):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3): the forward's launches
         (rows > 0) into loss, lse, denom and with `grad` dx3; weight and (without `grad`) dx3
         may be None, and scratch is for the reductions (cross_entropy_scratch(rows) fp32:
@@ -167,8 +169,9 @@ class _TritonLaunch:
         own_denominator=False: a training mean's denominator is already in denom[0] (the
         chunks of pydl.linear_cross_entropy share the whole batch's), so its kernel is not
         launched. softcap s > 0 (with grad): the logits are s tanh(u / s), and dx3 the
-        gradient w.r.t. u. z_loss z > 0: each counted row's loss gains z lse^2 (and the
-        gradient its term)."""
+        gradient w.r.t. u; with cap_input x3 holds u (capped as read), else the capped
+        logits themselves (the GEMM's epilogue capped them). z_loss z > 0: each counted
+        row's loss gains z lse^2 (and the gradient its term)."""
         outer, n, inner = x3.shape
         rows, dev = outer * inner, x3.device
         has_weight = weight is not None
@@ -189,7 +192,7 @@ class _TritonLaunch:
                       REDUCTION=REDUCTION_CODES[reduction], PARTS_BLOCK=PARTS_BLOCK, GRAD=grad,
                       CHECK_TARGETS=dev.type == "cuda",
                       IN_PLACE=grad and dx3 is not None and dx3.data_ptr() == x3.data_ptr(),
-                      SOFTCAP=float(softcap), Z_LOSS=float(z_loss))
+                      SOFTCAP=float(softcap), Z_LOSS=float(z_loss), CAP_INPUT=cap_input)
         if none:
             def run(x, target, weight, lse, loss, denom, scratch, dx):
                 w = (weight.contiguous() if strided else weight) if has_weight else x
@@ -261,19 +264,23 @@ class _TritonLaunch:
 
     @staticmethod
     def cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, reduction, dx3,
-                          ignore_index, smoothing, z_loss=0.0):
+                          ignore_index, smoothing, z_loss=0.0, softcap=0.0):
         """dx3 = the gradient of the loss w.r.t. x3, grad_out the loss's upstream gradient (per
-        row, or 0-d, read on the device); the mean's division happens in the kernel."""
+        row, or 0-d, read on the device); the mean's division happens in the kernel. softcap
+        s > 0: the forward's, the logits s tanh(x3 / s)."""
         tensors = (x3, target, weight, lse, denom, grad_out, dx3)
         _TritonLaunch.plan_cross_entropy_bwd(*tensors, reduction, ignore_index,
-                                             smoothing, z_loss=z_loss)(*tensors)
+                                             smoothing, softcap=softcap, z_loss=z_loss,
+                                             cap_input=softcap > 0)(*tensors)
 
     @staticmethod
     def plan_cross_entropy_bwd(x3, target, weight, lse, denom, grad_out, dx3, reduction,
-                               ignore_index, smoothing, softcap=0.0, z_loss=0.0):
+                               ignore_index, smoothing, softcap=0.0, z_loss=0.0,
+                               cap_input=False):
         """run(x3, target, weight, lse, denom, grad_out, dx3): cross_entropy_bwd's launch; x3,
         target and dx3 by pointer (x for its view x3), grad_out as planned (strides). softcap
-        s > 0: the logits are s tanh(u / s), and dx3 the gradient w.r.t. u."""
+        s > 0: the logits are s tanh(u / s), and dx3 the gradient w.r.t. u; with cap_input
+        x3 holds u, else the capped logits."""
         outer, n, inner = x3.shape
         if reduction == "none":
             grad = grad_out.reshape(-1)                 # a view where it can be
@@ -290,7 +297,8 @@ class _TritonLaunch:
                          (stride, outer * inner, n, inner, *x3.stride(), *dx3.stride(),
                           ignore_index, smoothing),
                          HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing > 0,
-                         MEAN=reduction == "mean", SOFTCAP=float(softcap), Z_LOSS=float(z_loss))
+                         MEAN=reduction == "mean", SOFTCAP=float(softcap), Z_LOSS=float(z_loss),
+                         CAP_INPUT=cap_input)
 
         def run(x3, target, weight, lse, denom, grad_out, dx3):
             if strided:

@@ -44,8 +44,6 @@ The steps (kernel ops, kept launches, the Function) are in pydl/_linear_ce_ops.p
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._checks import check_tensor
@@ -62,7 +60,7 @@ from ._plan import Cache, apply, needs_graph, options_key, tensors_key
 from ._shapes import integer
 from ._softmax_ce_ops import LAUNCHERS
 from .backends import current_backend, dispatch, register
-from .softmax_ce import check_loss_options, check_z_loss, z_loss_term
+from .softmax_ce import check_loss_options, check_softcap, check_z_loss, z_loss_term
 
 # --- the implementations by backend, and the public function ---------------------------------
 
@@ -129,10 +127,7 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
             raise RuntimeError(f"{name} is on {t.device} but input is on {input.device}")
     check_loss_options(input, weight.shape[0], class_weight, "class_weight", reduction,
                        label_smoothing, ignore_index)
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(
-            softcap, (int, float)) or not 0 < softcap < math.inf):
-        raise ValueError(f"softcap must be None or a positive finite number (the logits become "
-                         f"softcap * tanh(logits / softcap)), got {softcap!r}")
+    check_softcap(softcap)
     check_z_loss(z_loss, class_weight, "class_weight")
     if chunk_rows is not None and (integer(chunk_rows) is None or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")

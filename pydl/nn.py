@@ -35,20 +35,22 @@ class Conv2d(torch.nn.Conv2d):
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """torch.nn.CrossEntropyLoss computed by pydl's fused kernel (plus pydl's z_loss=)."""
+    """torch.nn.CrossEntropyLoss computed by pydl's fused kernel (plus pydl's z_loss= and
+    softcap=)."""
 
     def __init__(self, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
-                 z_loss: float = 0.0, backend: str | None = None):
+                 z_loss: float = 0.0, softcap: float | None = None,
+                 backend: str | None = None):
         # the deprecated size_average / reduce set self.reduction there, as in torch
         super().__init__(weight=weight, size_average=size_average, ignore_index=ignore_index,
                          reduce=reduce, reduction=reduction, label_smoothing=label_smoothing)
-        self.z_loss, self.backend = z_loss, backend
+        self.z_loss, self.softcap, self.backend = z_loss, softcap, backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
-                               z_loss=self.z_loss, backend=self.backend)
+                               z_loss=self.z_loss, softcap=self.softcap, backend=self.backend)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

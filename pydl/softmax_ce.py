@@ -103,8 +103,8 @@ def _kernel_softmax(backend: str):
 
 
 def _kernel_cross_entropy(backend: str):
-    def impl(x, target, weight, ignore_index, reduction, smoothing, z_loss):
-        ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend, z_loss)
+    def impl(x, target, weight, ignore_index, reduction, smoothing, z_loss, softcap):
+        ops = CrossEntropyKernels(ignore_index, reduction, smoothing, backend, z_loss, softcap)
         if target.dtype.is_floating_point:  # class probabilities (checked: x's shape)
             if needs_graph(x, target, weight):
                 return apply(CrossEntropyProbFunction, x, target, weight, ops,
@@ -129,7 +129,9 @@ def _torch_softmax(x, dim, log):
 
 
 @register("cross_entropy", "torch")
-def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing, z_loss):
+def _torch_cross_entropy(x, target, weight, ignore_index, reduction, smoothing, z_loss, softcap):
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
     loss = torch.nn.functional.cross_entropy(x, target, weight=weight, ignore_index=ignore_index,
                                              reduction=reduction, label_smoothing=smoothing)
     if z_loss:
@@ -272,7 +274,7 @@ def log_softmax(input, dim=-1, *, dtype=None, backend=None):
 
 
 def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                         backend):
+                         softcap, backend):
     check_tensor(input, "input", backend)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
@@ -309,9 +311,11 @@ def _check_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     check_loss_options(input, input.shape[0 if input.dim() == 1 else 1], weight, "weight",
                        reduction, label_smoothing, ignore_index)
     check_z_loss(z_loss, weight, "weight")
-    if z_loss and probabilities:
-        raise ValueError("z_loss with class-probability (floating) targets is not supported: "
-                         "give class indices")
+    check_softcap(softcap)
+    for option, value in (("z_loss", z_loss), ("softcap", softcap)):
+        if value and probabilities:
+            raise ValueError(f"{option} with class-probability (floating) targets is not "
+                             f"supported: give class indices")
     if probabilities and ignore_index >= 0:
         # torch's rule: a negative ignore_index (the default -100) is ignored, others raise
         raise ValueError(f"ignore_index is not supported for class-probability (floating) "
@@ -329,6 +333,15 @@ def check_z_loss(z_loss, weight, name: str) -> None:
     if z_loss and weight is not None:
         raise ValueError(f"z_loss with {name}: the z-loss has no agreed weighting (its rows by "
                          f"their targets' class weights or not); pass one of them")
+
+
+def check_softcap(softcap) -> None:
+    """A loss's logit cap (cross_entropy, linear_cross_entropy): None, or a positive finite
+    number s (the logits become s tanh(logits / s))."""
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(
+            softcap, (int, float)) or not 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a positive finite number (the logits become "
+                         f"softcap * tanh(logits / softcap)), got {softcap!r}")
 
 
 def check_loss_options(input, n_classes: int, weight, name: str, reduction, label_smoothing,
@@ -367,8 +380,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
                  "new_dx", "new_scratch", "fwd", "scale", "target3", "new_stats", "new_dy")
 
     def __init__(self, impl, name: str, input, target, weight, ignore_index: int,
-                 reduction: str, smoothing: float, z_loss: float):
-        super().__init__(ignore_index, reduction, smoothing, name, z_loss)
+                 reduction: str, smoothing: float, z_loss: float, softcap: float):
+        super().__init__(ignore_index, reduction, smoothing, name, z_loss, softcap)
         self.impl = impl
         self.prob = target.dtype.is_floating_point
         self.eager = (impl in _KERNEL_IMPLS.get(name, ()) and not torch.compiler.is_compiling()
@@ -433,7 +446,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
                 return apply(CrossEntropyFunction, x, t, w, self, self.grad_forward)
             return self.forward(x, t, w, False, unread=True)[0]
         return self.impl(x, t, w, self.ignore_index, self.reduction, self.smoothing,
-                         self.z_loss)
+                         self.z_loss, self.softcap)
 
     # the plan (eager, class indices): CrossEntropyKernels' steps with fixed arguments
 
@@ -460,7 +473,8 @@ class _CrossEntropyCall(CrossEntropyKernels):
             run = self.launcher.plan_cross_entropy_fwd(
                 x.reshape(self.shape3), target.reshape(-1), weight, lse, loss, denom, scratch,
                 None if dx is None else dx.view(self.shape3), self.ignore_index,
-                self.smoothing, self.reduction, grad, z_loss=self.z_loss)
+                self.smoothing, self.reduction, grad, z_loss=self.z_loss,
+                **_capping(self.softcap))
             if not capturing():
                 self.fwd[grad] = run
         run(x, target, weight, lse, loss, denom, scratch, dx)
@@ -477,7 +491,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
                 run = self.launcher.plan_cross_entropy_bwd(
                     x.reshape(self.shape3), target.reshape(-1), weight, lse, denom, grad_out,
                     dx.view(self.shape3), self.reduction, self.ignore_index, self.smoothing,
-                    z_loss=self.z_loss)
+                    z_loss=self.z_loss, **_capping(self.softcap))
                 if not capturing():
                     self.fwd[key] = run
             run(x, target, weight, lse, denom, grad_out, dx)
@@ -540,28 +554,34 @@ def _no_scratch() -> None:
     return None
 
 
+def _capping(softcap: float) -> dict:
+    """The launchers' plan arguments of a cap on the logits as the kernels read them."""
+    return dict(softcap=softcap, cap_input=True) if softcap else {}
+
+
 def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                        backend):
+                        softcap, backend):
     """cross_entropy for one call signature, checked once: (input, target, weight) -> loss."""
     name, impl = dispatch("cross_entropy", backend, input, target,
                           *([weight] if isinstance(weight, torch.Tensor) else []))
     _check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                         name)
+                         softcap, name)
     return _CrossEntropyCall(impl, name, input, target, weight, int(ignore_index), reduction,
-                             float(label_smoothing), float(z_loss))
+                             float(label_smoothing), float(z_loss), float(softcap or 0.0))
 
 
 def _cross_entropy_key(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                       backend):
+                       softcap, backend):
     return (backend or current_backend(), *tensors_key(input, target, weight),
-            *options_key(ignore_index, reduction, label_smoothing, z_loss))
+            *options_key(ignore_index, reduction, label_smoothing, z_loss, softcap))
 
 
 _CROSS_ENTROPY_CALLS = Cache("cross_entropy calls")
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, backend=None):
+                  reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                  backend=None):
     """Cross-entropy as torch.nn.functional.cross_entropy: `target` holds int64 class indices
     (shape (N, d1, ...)), or class probabilities (floating, input's shape; rows need not sum to
     1; "mean" divides by the number of rows; the gradient w.r.t. target is computed too).
@@ -571,6 +591,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     its deprecation warning); uint8 class indices are taken as torch takes them (as int64).
     z_loss z (pydl's, not torch's; class indices, no class weights): z logsumexp(logits)^2
     added to each row that counts (PaLM's z-loss; a mean over the rows that count).
+    softcap s (pydl's; class indices): the loss of the logits s tanh(logits / s) (Gemma-2's
+    final_logit_softcapping, Liger-Kernel's `softcap`), capped as the kernels read them: no
+    capped copy, and the gradient is w.r.t. the logits given.
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -579,7 +602,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     input, target, weight = autocast_inputs("cross_entropy", input, target, weight)
     call = _CROSS_ENTROPY_CALLS.call(_cross_entropy_key, _cross_entropy_call, input, target,
                                      weight, ignore_index, reduction, label_smoothing, z_loss,
-                                     backend)
+                                     softcap, backend)
     return call(input, target, weight)
 
 

@@ -223,6 +223,79 @@ def test_cross_entropy_z_loss_refusals(backend):
     torch.testing.assert_close(module(x, t), loss)
 
 
+@backends
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["weighted", "z_loss", "wide", "nd", "single"])
+def test_cross_entropy_softcap(backend, reduction, case, monkeypatch):
+    """softcap s (pydl's option): the loss of s tanh(x / s), the logits capped as the kernels
+    read them (the statistics, the target's logit, the gradient's softmax) and the gradient
+    w.r.t. the logits given, times 1 - tanh(x / s)^2: Triton's written by the training
+    forward, then by the backward kernel through a retained graph. Large logits (the cap
+    bites: near +-s, where the factor is small), a -inf logit (capped to -s, as torch's
+    composite gives), an ignored row; rows wider than a block; against the float64
+    reference and torch's composite."""
+    s, C = 5.0, 11
+    shape = {"nd": (3, C, 4), "single": (C,), "wide": (5, 101)}.get(case, (7, C))
+    C = shape[0] if len(shape) == 1 else shape[1]
+    if case == "wide":
+        monkeypatch.setattr(_softmax_ce_triton, "MAX_BLOCK_N", 16)
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    x = random_tensor(shape, torch.float32, DEVICE, scale=8.0)
+    x.view(-1)[2] = float("-inf")
+    x = x.requires_grad_()
+    t = _targets(tshape, C, 3) if tshape else torch.tensor(4, device=DEVICE)
+    kw = dict(reduction=reduction, label_smoothing=0.1, ignore_index=3)
+    if case == "weighted":
+        kw["weight"] = torch.rand(C, device=DEVICE) + 0.5
+    options = dict(softcap=s, z_loss=0.05 if case == "z_loss" else 0.0)
+    loss = pydl.cross_entropy(x, t, backend=backend, **kw, **options)
+    g = torch.randn(loss.shape, device=DEVICE)
+    first = torch.autograd.grad(loss, x, g, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, x, g)[0]
+    xd = x.detach().requires_grad_()
+    t_loss = pydl.cross_entropy(xd, t, backend="torch", **kw, **options)
+    torch.testing.assert_close(t_loss, torch.nn.functional.cross_entropy(
+        s * torch.tanh(xd / s), t, **kw) if case != "z_loss" else t_loss)
+    t_dx = torch.autograd.grad(t_loss, xd, g)[0]
+    w = kw.pop("weight", None)
+    args = (x.detach().double().cpu().numpy(), t.cpu().numpy(),
+            None if w is None else w.double().cpu().numpy())
+    loss64 = ref.cross_entropy(*args, **kw, **options)
+    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw, **options)
+    red = C * (x.numel() // C if reduction != "none" else 1)
+    assert_close(loss, loss64, torch.float32, reduction=red, name="loss vs reference")
+    assert_close(loss, t_loss, torch.float32, reduction=red, name="loss vs torch")
+    for name, dx in (("first", first), ("second", second)):
+        assert_close(dx, dx64, torch.float32, reduction=C, name=f"{name} grad vs reference")
+        assert_close(dx, t_dx, torch.float32, reduction=C, name=f"{name} grad vs torch")
+    # the cap changes the answer: without it the loss is another one
+    assert not torch.allclose(loss, pydl.cross_entropy(x, t, backend=backend, weight=w, **kw,
+                                                       z_loss=options["z_loss"]))
+
+
+@backends
+def test_cross_entropy_softcap_refusals(backend):
+    """A softcap that is not a positive finite number, or with class-probability targets:
+    ValueError; differentiating its gradient (create_graph) raises (the gradient itself
+    comes); nn.CrossEntropyLoss(softcap=) is the function's."""
+    x = random_tensor((4, 5), torch.float32, DEVICE, scale=6.0).requires_grad_()
+    t = _targets((4,), 5)
+    with pytest.raises(ValueError, match="class-probability"):
+        pydl.cross_entropy(x, torch.softmax(x.detach(), 1), softcap=3.0, backend=backend)
+    pydl.cross_entropy(x, t, softcap=1.0, backend=backend)     # a signature checked, kept:
+    for cap in (0.0, -1.0, float("nan"), float("inf"), "3", True):  # True is 1, not 1.0
+        with pytest.raises(ValueError, match="softcap"):
+            pydl.cross_entropy(x, t, softcap=cap, backend=backend)
+    loss = pydl.cross_entropy(x, t, softcap=3.0, backend=backend)
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    torch.testing.assert_close(dx, torch.autograd.grad(
+        pydl.cross_entropy(x, t, softcap=3.0, backend="torch"), x)[0])
+    with pytest.raises(RuntimeError, match="no double backward"):
+        dx.square().sum().backward()
+    module = pydl.nn.CrossEntropyLoss(softcap=3.0, backend=backend)
+    torch.testing.assert_close(module(x, t), loss)
+
+
 @pytest.mark.parametrize("backend,dtype", [
     ("numba", torch.float16), ("numba", torch.bfloat16), ("triton", torch.float16)]
     + ([("triton", torch.bfloat16)] if HAS_CUDA else []), ids=str)

@@ -209,14 +209,25 @@ def softmax_bwd(y, dy, dx, inner, log, code):
 # --- cross-entropy -------------------------------------------------------------------------
 
 @device
+def _logit(x, o, c, i, code, cap):
+    """Logit c of a row in fp32, capped as cap tanh(x_c / cap) where cap > 0 (the loss's
+    softcap: -inf becomes -cap, NaN stays NaN, as torch's composite gives)."""
+    v = load_f32(x, o, c, i, code)
+    if cap > 0:
+        v = float32(cap * math.tanh(v / cap))
+    return v
+
+
+@device
 def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has_weight,
-                  w_code, eps, weighted, probs):
+                  w_code, eps, weighted, probs, cap):
     """One row's logsumexp as (m_row, log s_row), lse = m_row + log s_row, and with `weighted`
     also the block sum of a_c (lse - x_c) and this thread's part of A = sum_c a_c (0, 0
     otherwise); every thread gets the row's values. a_c = w_c for index targets (their
     smoothing term); with `probs` a_c = w_c y'_c, y' = (1 - eps) y + eps / C, for
     class-probability targets y (the array `target`, dtype code target_code); w_c = 1 without
-    has_weight. The block's threads stride over the row's columns, one pass.
+    has_weight; the logits capped as _logit reads them with cap > 0. The block's threads
+    stride over the row's columns, one pass.
 
     Each thread keeps d = sum a (x - m) relative to its running max m, shifted by
     A_thread (m_new - m_old) when the max grows, and the sum is assembled from the threads'
@@ -232,7 +243,7 @@ def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has
     d = ZERO      # this thread's sum_c a_c (x_c - m), m its running max
     a_sum = ZERO  # this thread's sum_c a_c
     for c in range(tid, n, nthreads):
-        v = load_f32(x, o, c, i, code)
+        v = _logit(x, o, c, i, code, cap)
         # a_c is read where each kernel read it (targets before _online_add, weights after):
         # moving either read makes NVVM compile the loop differently
         a = ZERO
@@ -265,15 +276,16 @@ def _ce_row_stats(x, o, i, code, tid, nthreads, target, target_code, weight, has
 
 
 @device
-def _softmax_at(x, o, c, i, code, row_lse):
-    """Column c of a row, for the gradients: (x_c, p_c = exp(x_c - lse))."""
-    v = load_f32(x, o, c, i, code)
+def _softmax_at(x, o, c, i, code, row_lse, cap):
+    """Column c of a row, for the gradients: (x_c, p_c = exp(x_c - lse)), x_c as _logit reads
+    it."""
+    v = _logit(x, o, c, i, code, cap)
     return v, float32(math.exp(v - row_lse))
 
 
 @cuda.jit
 def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ignore_index,
-                      smoothing, z_loss, has_weight, w_code, code, loss_code, reduce, mean,
+                      smoothing, z_loss, softcap, has_weight, w_code, code, loss_code, reduce, mean,
                       arrivals, out, out_code):
     """Per-row cross-entropy over class axis 1, one block per row:
     loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c) (+ z lse^2); 0
@@ -295,6 +307,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
     ignore_index: target value whose rows contribute nothing
     smoothing:    label smoothing eps in [0, 1]
     z_loss:       z >= 0: z lse^2 added to each counted row's loss (PaLM's z-loss; unweighted)
+    softcap:      s > 0: the loss of the logits s tanh(x / s), capped as read (_logit); 0: x
     has_weight:   use `weight`; otherwise every class weighs 1
     w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x
@@ -316,7 +329,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
         o, i = _row_coords(row, inner)
         m_row, log_s, smooth_sum, a_part = _ce_row_stats(x, o, i, code, tid, nthreads, x, code,
                                                          weight, has_weight, w_code, eps, smooth,
-                                                         False)
+                                                         False, softcap)
         if row == 0 and has_weight and smooth:      # the whole block is at row 0
             w_all = _block_sum(a_part)
             if tid == 0:
@@ -332,7 +345,7 @@ def cross_entropy_fwd(x, target, weight, loss, lse, row_weight, denom, inner, ig
                          "(valid: 0..C-1, or ignore_index)")
                 w_t = _class_weight(weight, t, has_weight, w_code)
                 # (m - x_t) + log s rather than lse - x_t: m - x_t loses nothing for huge logits
-                row_loss = w_t * ((m_row - load_f32(x, o, t, i, code)) + log_s)
+                row_loss = w_t * ((m_row - _logit(x, o, t, i, code, softcap)) + log_s)
                 if smooth:
                     row_loss = (ONE - eps) * row_loss + (eps / float32(n)) * smooth_sum
                 if z_loss > 0:
@@ -409,7 +422,8 @@ def _last_block_reduces(arrivals, loss, row_weight, out, denom, mean, smoothing,
 
 @cuda.jit
 def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx,
-                      inner, ignore_index, smoothing, softcap, z_loss, has_weight, w_code, code):
+                      inner, ignore_index, smoothing, softcap, z_loss, cap_input, has_weight,
+                      w_code, code):
     """Gradient of the per-row cross-entropy w.r.t. the logits, one block per row:
     dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     rows with an ignored target get 0 p_c, whatever g is: zeros, NaN where the row's softmax
@@ -435,6 +449,7 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
     softcap:      s > 0: the logits are s tanh(u / s) (pydl.linear_cross_entropy's softcap),
                   and dx the gradient w.r.t. u: times 1 - (x_c / s)^2; 0: none
     z_loss:       the forward's z (its z lse^2 per counted row): + g 2 z lse p_c
+    cap_input:    x holds u, capped as read (the forward's softcap); else the capped logits
     has_weight:   use `weight`; otherwise every class weighs 1 (and W = C)
     w_code:       dtype_code of weight (read as it is: no fp32 copy per call)
     code:         dtype_code of x, dx and grad
@@ -445,10 +460,11 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
     for row in range(int64(cuda.blockIdx.x), x.shape[0] * inner, cuda.gridDim.x):
         o, i = _row_coords(row, inner)
         t = target[row]
+        cap = softcap if cap_input else ZERO
         if t == ignore_index:
             row_lse = lse[row]
             for c in range(tid, n, nthreads):
-                _, p = _softmax_at(x, o, c, i, code, row_lse)
+                _, p = _softmax_at(x, o, c, i, code, row_lse, cap)
                 store_f32(dx, o, c, i, ZERO * p, code)
             continue
         g = load_f32(grad, 0, row * grad_stride, 0, code)
@@ -462,7 +478,7 @@ def cross_entropy_bwd(x, target, weight, lse, grad, grad_stride, denom, mean, dx
         g_z = g * float32(2.0 * z_loss) * row_lse
         total_weight = denom[1] if (has_weight and smooth) else float32(n)
         for c in range(tid, n, nthreads):
-            xc, p = _softmax_at(x, o, c, i, code, row_lse)
+            xc, p = _softmax_at(x, o, c, i, code, row_lse, cap)
             out = g_nll * (p - ONE) if c == t else g_nll * p
             if z_loss > 0:
                 out += g_z * p
@@ -513,7 +529,7 @@ def cross_entropy_prob_fwd(x, target, weight, loss, lse, mass, inner, smoothing,
         o, i = _row_coords(row, inner)
         m_row, log_s, row_loss, a_sum = _ce_row_stats(x, o, i, code, tid, nthreads, target,
                                                       target_code, weight, has_weight, w_code,
-                                                      float32(smoothing), True, True)
+                                                      float32(smoothing), True, True, ZERO)
         row_mass = _block_sum(a_sum)
         if tid == 0:
             store_f32(loss, 0, row, 0, row_loss, loss_code)
@@ -561,7 +577,7 @@ def cross_entropy_prob_bwd(x, target, weight, lse, mass, grad, grad_stride, scal
         row_lse = lse[row]
         row_mass = mass[row]
         for c in range(tid, n, nthreads):
-            v, p = _softmax_at(x, o, c, i, code, row_lse)
+            v, p = _softmax_at(x, o, c, i, code, row_lse, ZERO)
             w = _class_weight(weight, c, has_weight, w_code)
             a = w * (load_f32(target, o, c, i, target_code) * (ONE - eps) + uniform)
             store_f32(dx, o, c, i, g * (p * row_mass - a), code)

@@ -27,6 +27,8 @@ loss, whose programs leave one partial sum each.
 import triton
 import triton.language as tl
 
+from .gemm import _tanh
+
 NEG_INF = tl.constexpr(float("-inf"))
 # cross-entropy reductions (pydl/_softmax_ce_triton.py passes them: REDUCTION_CODES)
 REDUCE_NONE = tl.constexpr(0)
@@ -81,6 +83,25 @@ def _load_block(ptr, row_off, c, stride, mask, other):
     """The [BLOCK_R, BLOCK_N] tile at columns c of the rows starting at row_off, in fp32."""
     return tl.load(ptr + row_off[:, None] + _col_offsets(c, stride), mask=mask,
                    other=other).to(tl.float32)
+
+
+@triton.jit
+def _capped(x, SOFTCAP: tl.constexpr, CAP_INPUT: tl.constexpr):
+    """Logits as the loss reads them: with CAP_INPUT, s tanh(x / s) (SOFTCAP s > 0; -inf
+    becomes -s, NaN stays NaN, as torch's composite gives); x itself otherwise."""
+    if CAP_INPUT:
+        x = SOFTCAP * _tanh(x * (1.0 / SOFTCAP))
+    return x
+
+
+@triton.jit
+def _load_logits(ptr, row_off, c, stride, mask, other, SOFTCAP: tl.constexpr,
+                 CAP_INPUT: tl.constexpr):
+    """_load_block of logits, capped with CAP_INPUT (`other` where the mask is off)."""
+    x = _load_block(ptr, row_off, c, stride, mask, other)
+    if CAP_INPUT:
+        x = tl.where(mask, _capped(x, SOFTCAP, CAP_INPUT), other)
+    return x
 
 
 @triton.jit
@@ -180,11 +201,13 @@ def _smoothing_weights(y_ptr, y_off, sy_n, weight_ptr, c, cmask, mask, n, smooth
 
 @triton.jit
 def _softmax_block(x_ptr, x_off, sx_n, lse, weight_ptr, start, cols, n, rmask,
-                   HAS_WEIGHT: tl.constexpr):
+                   HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr = 0.0,
+                   CAP_INPUT: tl.constexpr = False):
     """A column block of the rows' softmax, for the gradient kernels: (c, tile mask, x,
-    p = exp(x - lse), the class weights w as _class_weights gives them); lse: [BLOCK_R, 1]."""
+    p = exp(x - lse), the class weights w as _class_weights gives them); lse: [BLOCK_R, 1].
+    x capped as _capped does with CAP_INPUT."""
     c, cmask, mask = _col_block(start, cols, n, rmask)
-    x = _load_block(x_ptr, x_off, c, sx_n, mask, 0.0)
+    x = _load_logits(x_ptr, x_off, c, sx_n, mask, 0.0, SOFTCAP, CAP_INPUT)
     return c, mask, x, tl.exp(x - lse), _class_weights(weight_ptr, c, cmask, HAS_WEIGHT)
 
 
@@ -338,8 +361,10 @@ def cross_entropy_fwd(
     IN_PLACE: tl.constexpr,                 # GRAD: dx is x itself (its memory overwritten)
     SINGLE: tl.constexpr,                   # n <= BLOCK_N: the row stays in registers
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr = 0.0,            # GRAD: x = s tanh(u / s), the gradient w.r.t. u
+    SOFTCAP: tl.constexpr = 0.0,            # x = s tanh(u / s): GRAD's gradient w.r.t. u
     Z_LOSS: tl.constexpr = 0.0,             # z: each counted row's loss + z lse^2 (no weights)
+    CAP_INPUT: tl.constexpr = False,        # x_ptr holds u: the kernel caps it as it reads
+                                            # (pydl.cross_entropy's softcap); else x itself
 ):
     """loss = (1 - eps) w[t] (lse - x_t) + (eps / C) sum_c w[c] (lse - x_c) (+ z lse^2); 0
     where t is ignored. Reductions: per-row losses (none), or their sum, or the sum over the summed
@@ -369,14 +394,14 @@ def cross_entropy_fwd(
     if SINGLE:
         # from zero sums, s comes back as exp(x - m) itself: the gradient's numerators
         c, cmask, mask = _col_block(0, cols, n, rmask)
-        x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
+        x = _load_logits(x_ptr, x_off, c, sx_n, mask, NEG_INF, SOFTCAP, CAP_INPUT)
         a = _smoothing_weights(x_ptr, x_off, sx_n, weight_ptr, c, cmask, mask, n, smoothing,
                                HAS_WEIGHT, HAS_SMOOTHING, False)
         m, s, d, al = _ce_update(m, s, d, al, x, a, mask, HAS_SMOOTHING, False)
     else:
         for start in range(0, n, BLOCK_N):
             c, cmask, mask = _col_block(start, cols, n, rmask)
-            x = _load_block(x_ptr, x_off, c, sx_n, mask, NEG_INF)
+            x = _load_logits(x_ptr, x_off, c, sx_n, mask, NEG_INF, SOFTCAP, CAP_INPUT)
             a = _smoothing_weights(x_ptr, x_off, sx_n, weight_ptr, c, cmask, mask, n,
                                    smoothing, HAS_WEIGHT, HAS_SMOOTHING, False)
             m, s, d, al = _ce_update(m, s, d, al, x, a, mask, HAS_SMOOTHING, False)
@@ -385,7 +410,8 @@ def cross_entropy_fwd(
         # W = sum_c w_c, the same in every row: the smoothing term of a separate backward
         # reads it there (denom_ptr[1]); row 0's program writes it
         tl.store(denom_ptr + 1 + rows * 0, w_sum, mask=rows == 0)
-    x_t = tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=hit, other=0.0).to(tl.float32)
+    x_t = _capped(tl.load(x_ptr + x_off + t_safe.to(tl.int64) * sx_n, mask=hit,
+                          other=0.0).to(tl.float32), SOFTCAP, CAP_INPUT)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + t_safe, mask=hit, other=0.0).to(tl.float32)
     else:
@@ -428,7 +454,8 @@ def cross_entropy_fwd(
         else:
             for start in range(0, n, BLOCK_N):
                 c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr,
-                                                  start, cols, n, rmask, HAS_WEIGHT)
+                                                  start, cols, n, rmask, HAS_WEIGHT, SOFTCAP,
+                                                  CAP_INPUT)
                 _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
                     _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, g_z, HAS_SMOOTHING, Z_LOSS),
                     x, SOFTCAP), mask)
@@ -455,9 +482,9 @@ def cross_entropy_fwd(
 
 @triton.jit
 def _uncapped(dx, x, SOFTCAP: tl.constexpr):
-    """The gradient dx w.r.t. logits x = s tanh(u / s) (SOFTCAP s > 0, made so by the GEMM that
-    wrote them: pydl.linear_cross_entropy's softcap) as the gradient w.r.t. u: dx (1 - (x /
-    s)^2); dx itself without a cap."""
+    """The gradient dx w.r.t. logits x = s tanh(u / s) (SOFTCAP s > 0: made so by the GEMM that
+    wrote them, pydl.linear_cross_entropy's softcap, or by _capped as read) as the gradient
+    w.r.t. u: dx (1 - (x / s)^2); dx itself without a cap."""
     if SOFTCAP > 0.0:
         r = x * (1.0 / SOFTCAP)
         dx = dx * (1.0 - r * r)
@@ -563,6 +590,7 @@ def cross_entropy_bwd(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr = 0.0,            # x = s tanh(u / s): the gradient w.r.t. u
     Z_LOSS: tl.constexpr = 0.0,             # z: the forward's z lse^2, its gradient g 2 z lse p_c
+    CAP_INPUT: tl.constexpr = False,        # x_ptr holds u, capped as read (cross_entropy_fwd's)
 ):
     """dx_c = g (1 - eps) w_t (p_c - [c = t]) + g (eps / C) (W p_c - w_c), p = exp(x - lse);
     one pass over the logits; rows with an ignored target get g = 0, hence zeros (NaN where
@@ -592,7 +620,7 @@ def cross_entropy_bwd(
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
         c, mask, x, p, w = _softmax_block(x_ptr, x_off, sx_n, lse[:, None], weight_ptr, start, cols,
-                                          n, rmask, HAS_WEIGHT)
+                                          n, rmask, HAS_WEIGHT, SOFTCAP, CAP_INPUT)
         _store_block(dx_ptr, dx_off, c, sdx_n, _uncapped(
             _ce_grad(p, c, t, w, w_sum, g_nll, g_smooth, g_z, HAS_SMOOTHING, Z_LOSS), x,
             SOFTCAP), mask)

@@ -19,6 +19,9 @@ pydl's z-loss (z_loss=z, class indices without weights): z lse_i^2 added to each
 ignored, a mean over their number (none counting: 0, no gradient); its gradient
 g_i 2 z lse_i softmax(z_i).
 
+pydl's softcap (softcap=s, class indices): the loss of the logits s tanh(u / s) for the u
+given; the gradient w.r.t. u is the capped logits' times 1 - tanh(u / s)^2.
+
 Array-module generic (see _xp.py): given CuPy arrays, the same code runs on the GPU and
 returns CuPy arrays.
 """
@@ -182,10 +185,12 @@ def _ce_terms(xp, x, target, weight, ignore_index):
 
 
 def cross_entropy(x, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0):
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0):
     """Mean/sum/per-row loss; `target` holds class indices, or class probabilities when it
     is floating point (then ignore_index does not apply)."""
     xp = array_module(x, target, weight)
+    if softcap:
+        x = softcap * xp.tanh(f64(xp, x) / softcap)
     if _is_probabilities(xp, target):
         return _cross_entropy_probs(xp, x, target, weight, reduction, label_smoothing)
     rows, t, w, w_t, valid, out_shape = _ce_terms(xp, x, target, weight, ignore_index)
@@ -209,11 +214,15 @@ def cross_entropy(x, target, weight=None, ignore_index: int = -100, reduction: s
 
 def cross_entropy_backward(grad_loss, x, target, weight=None, ignore_index: int = -100,
                            reduction: str = "mean", label_smoothing: float = 0.0,
-                           z_loss: float = 0.0):
+                           z_loss: float = 0.0, softcap: float = 0.0):
     """dL/dx: g_i * ((1 - eps) w[y_i] (p_i - onehot(y_i)) + (eps / C) (sum(w) p_i - w));
     for class-probability targets g_i * (p_i * sum_k w[k] y'_{i,k} - w * y'_i)."""
     xp = array_module(grad_loss, x, target, weight)
     x = f64(xp, x)
+    if softcap:
+        capped = xp.tanh(x / softcap)
+        return cross_entropy_backward(grad_loss, softcap * capped, target, weight, ignore_index,
+                                      reduction, label_smoothing, z_loss) * (1.0 - capped ** 2)
     if _is_probabilities(xp, target):
         return _cross_entropy_probs_backward(xp, grad_loss, x, target, weight, reduction,
                                              label_smoothing)
