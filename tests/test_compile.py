@@ -40,7 +40,7 @@ def _x(*shape, grad=False):
 
 def _ce_args():
     return (_x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "mean", 0.1,
-            0.0)                                    # no z-loss (it takes no class weights)
+            0.0, 0.0)                               # no z-loss (it takes no class weights), no cap
 
 
 def _ce_prob_weight_args(wdtype, reduction):
@@ -75,17 +75,28 @@ OPCHECKS = {
     # reductions whose kernels leave the denominators unused (zeros, not whatever was there)
     "cross_entropy_fwd/none": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "none", 0.0,
-        0.0, False, BACKEND)),
+        0.0, 0.0, False, BACKEND)),
     "cross_entropy_fwd/sum": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
-        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "sum", 0.0, 0.0, False,
-        BACKEND)),
+        _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "sum", 0.0, 0.0, 0.0,
+        False, BACKEND)),
     # a z-loss, per row and with the gradient in the forward
     "cross_entropy_fwd/z_loss": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "none", 0.1, 0.05,
-        False, BACKEND)),
+        0.0, False, BACKEND)),
     "cross_entropy_fwd/z_loss-grad": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
         _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "mean", 0.1, 0.05,
-        True, BACKEND)),
+        0.0, True, BACKEND)),
+    # logits capped as read, per row and with the gradient in the forward
+    "cross_entropy_fwd/softcap": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
+        3 * _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(), -100, "none", 0.1,
+        0.0, 2.5, False, BACKEND)),
+    "cross_entropy_fwd/softcap-grad": lambda: (_softmax_ce_ops._cross_entropy_fwd, (
+        3 * _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), None, -100, "mean", 0.1, 0.05,
+        2.5, True, BACKEND)),
+    "cross_entropy_bwd/softcap": lambda: (_softmax_ce_ops._cross_entropy_bwd, (
+        3 * _x(4, 6), torch.randint(0, 6, (4,), device=DEVICE), _x(6).abs(),
+        torch.rand(4, device=DEVICE) + 2.0, torch.tensor([3.0, 0.0], device=DEVICE),
+        _x(4), -100, "none", 0.1, 0.0, 2.5, BACKEND)),
     # gradient in the forward
     "cross_entropy_fwd/grad": lambda: (_softmax_ce_ops._cross_entropy_fwd,
                                        (*_ce_args(), True, BACKEND)),

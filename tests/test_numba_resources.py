@@ -158,8 +158,9 @@ def test_cross_entropy_forward_compiles_offline(tmp_path, kernel):
     f3, f1 = ["array", "float32", 3, "A"], ["array", "float32", 1, "A"]
     i1, i64 = ["array", "int32", 1, "A"], ["array", "int64", 1, "A"]
     if kernel == "cross_entropy_fwd":   # x target weight loss lse row_weight denom, scalars
-        sig = [f3, i64, f1, f3, f1, f1, f1, "int64", "int64", "float64", "float64", "boolean",
-               "int64", "int64", "int64", "boolean", "boolean", i1, f3, "int64"]   # z_loss
+        sig = [f3, i64, f1, f3, f1, f1, f1, "int64", "int64", "float64", "float64", "float64",
+               "boolean", "int64", "int64", "int64", "boolean", "boolean", i1, f3,
+               "int64"]                 # smoothing, z_loss, softcap
     else:                               # x target weight loss lse mass, scalars
         sig = [f3, f3, f1, f3, f1, f1, "int64", "float64", "boolean", "int64", "int64",
                "int64", "int64", "boolean", "float64", i1, f3, f1, "int64"]

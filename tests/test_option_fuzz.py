@@ -237,17 +237,22 @@ def _softmax_ce(rng, dtype, backend, algo, size="tiny"):
     # pydl's z-loss (class indices, no class weights), drawn last: the earlier draws as before
     z = float(rng.choice([1e-4, 0.1])) if not prob and w is None and rng.random() < 0.3 \
         else 0.0
+    # and pydl's softcap (class indices), drawn after it
+    cap = float(rng.choice([0.5, 2.0, 30.0])) if not prob and rng.random() < 0.3 else None
     case = (f"cross_entropy x{shape} {'probabilities' if prob else 'indices'} "
-            f"w={w is not None} z_loss={z} {opts}")
+            f"w={w is not None} z_loss={z} softcap={cap} {opts}")
     # the class weight needs no gradient (pydl refuses one: semantics.md)
     w64 = None if w is None else w.double()
 
     def theirs(x, t):
+        if cap:
+            x = cap * torch.tanh(x / cap)
         loss = F.cross_entropy(x, t, w64, **opts)
         if z:
             loss = loss + _z_term(x, t, opts.get("ignore_index", -100), opts["reduction"], z)
         return loss
-    return (case, lambda x, t: pydl.cross_entropy(x, t, w, **opts, z_loss=z, backend=backend),
+    return (case, lambda x, t: pydl.cross_entropy(x, t, w, **opts, z_loss=z, softcap=cap,
+                                                  backend=backend),
             theirs, [x, t], C * max(1, t.numel()))
 
 
