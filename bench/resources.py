@@ -441,7 +441,8 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
     """cross_entropy on (N, C, ...) logits: class indices (mean; weights, ignore_index and
     label smoothing summed; per-row losses), class probabilities (weights and smoothing, the
     target's gradient too; a sum trained with the gradient from the forward; plain per-row
-    losses; a learned class weight), forward and backward."""
+    losses; a learned class weight), logits capped as read (softcap: a trained mean with a
+    z-loss, per-row losses), forward and backward."""
     def run():
         import torch
 
@@ -457,6 +458,8 @@ def _cov_cross_entropy(dtype: str, shape: tuple):
         pydl.cross_entropy(x, t_ign, weight=w, ignore_index=1, reduction="sum",
                            label_smoothing=0.1).backward()
         _grad(pydl.cross_entropy(x, t, reduction="none"), [x])
+        pydl.cross_entropy(x, t, softcap=30.0, z_loss=1e-4).backward()
+        _grad(pydl.cross_entropy(x, t, reduction="none", softcap=30.0), [x])
         y = torch.softmax(torch.randn(*shape), 1).to(_dtype(dtype)).requires_grad_(True)
         pydl.cross_entropy(x, y, weight=w, label_smoothing=0.2).backward()
         pydl.cross_entropy(x, y.detach(), reduction="sum").backward()

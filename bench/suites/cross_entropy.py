@@ -3,7 +3,10 @@
 Shapes are (tokens, vocabulary) at the vocabulary sizes of current tokenizers: 32k
 (Llama-2, Mistral-7B: 32000), 128k (Llama-3: 128256) and 256k (Gemma: 256000), plus the
 round sizes 32768 / 131072 / 262144 in the quick set. Targets are uniform random class
-indices; the upstream gradient is 1 (the loss is the last node of a training step).
+indices; the upstream gradient is 1 (the loss is the last node of a training step). One
+case caps the logits as Gemma-2 does (softcap 30: 30 tanh(logits / 30), pydl's and
+Liger-Kernel's `softcap`; torch's variant is the composite a model runs: the capped logits
+materialised, then the loss), every variant with it.
 
 Memory-bound: judged against the measured copy bandwidth. Minimal bytes per direction
 (s = element size of the logits, N tokens, C classes, int64 targets):
@@ -16,11 +19,20 @@ backward exp, subtract, scale = 3 per element.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import Case, Suite, dtype_size, randn
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@dataclass(frozen=True)
+class CECase(Case):
+    """shape = (tokens, vocabulary); softcap: the logits capped as s tanh(. / s)."""
+    softcap: float | None = None
+
 
 SHAPES: dict[str, tuple[Case, ...]] = {
     # Emulation (no GPU); bf16 only on a GPU (see tests/conftest.py).
@@ -28,6 +40,8 @@ SHAPES: dict[str, tuple[Case, ...]] = {
         Case("tiny-1k", (8, 1000), F32, "emulation check: one column block"),
         Case("tiny-5k", (4, 5000), F16,
              "emulation check: vocabulary wider than pydl's 4096-column block (online path)"),
+        CECase("tiny-cap-1k", (8, 1000), F32, "emulation check: logits capped (softcap 2)",
+               softcap=2.0),
     ),
     "quick": (
         Case("v32k", (8192, 32768), BF16,
@@ -36,6 +50,9 @@ SHAPES: dict[str, tuple[Case, ...]] = {
              "128k vocabulary (round size), fp32 logits; 4096 tokens (batch 2 x sequence 2048)"),
         Case("v256k", (2048, 262144), BF16,
              "256k vocabulary (round size); 2048 tokens (batch 1 x sequence 2048)"),
+        CECase("gemma2-256000-cap30", (4096, 256000), BF16,
+               "Gemma-2 vocabulary 256000, final_logit_softcapping 30; 4096 tokens",
+               softcap=30.0),
     ),
 }
 SHAPES["full"] = SHAPES["quick"] + (
@@ -53,8 +70,14 @@ FWD_FLOPS, BWD_FLOPS = 4, 3
 
 def _liger_cross_entropy():
     from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
-    loss = LigerCrossEntropyLoss()   # reduction="mean", as the other variants
-    return lambda x, t: loss(x, t)
+    losses = {}         # one module per softcap; reduction="mean", as the other variants
+
+    def run(x, t, softcap=None):
+        loss = losses.get(softcap)
+        if loss is None:
+            loss = losses[softcap] = LigerCrossEntropyLoss(softcap=softcap)
+        return loss(x, t)
+    return run
 
 
 class CrossEntropySuite(Suite):
@@ -70,12 +93,20 @@ class CrossEntropySuite(Suite):
         target = torch.randint(0, c, (n,), device=device, generator=generator)
         return logits, target
 
+    def options(self, case):
+        return {"softcap": case.softcap} if getattr(case, "softcap", None) else {}
+
     def pydl_fn(self, backend):
         import pydl
-        return lambda x, t: pydl.cross_entropy(x, t, backend=backend)
+        return lambda x, t, softcap=None: pydl.cross_entropy(x, t, softcap=softcap,
+                                                             backend=backend)
 
     def torch_fn(self):
-        return lambda x, t: torch.nn.functional.cross_entropy(x, t)
+        def composite(x, t, softcap=None):
+            if softcap:
+                x = softcap * torch.tanh(x / softcap)
+            return torch.nn.functional.cross_entropy(x, t)
+        return composite
 
     def grad_output(self, out, generator):
         return torch.ones_like(out)
