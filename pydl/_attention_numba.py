@@ -10,6 +10,7 @@ from . import _env
 from ._attention_seed import _stand_in_seed
 from ._gemm_numba import on_tensor_cores, pair_words
 from ._launch import cdiv, new_output, output_maker, planned_once
+from ._attention_triton import split_keys
 from ._numba_launch import (
     DYNAMIC,
     NumbaLaunch,
@@ -17,6 +18,7 @@ from ._numba_launch import (
     launch_numba_1d,
     launch_numba_built,
     numba_blocks,
+    numba_launch_1d,
     numba_threads,
 )
 
@@ -78,9 +80,12 @@ class _NumbaAttention:
     form depends on each operand's 4-byte alignment, so those launches are built per call."""
 
     @staticmethod
-    def _forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed):
-        """(kernel, grid, threads, device, arguments, places in (q, k, v, o, lse, mask), on
-        the tensor cores or not) of the forward; seed may be DYNAMIC."""
+    def _forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed,
+                 part=None, split=None):
+        """(kernel, grid, threads, device, arguments, places in (q, k, v, o, lse, mask, part),
+        on the tensor cores or not) of the forward; seed may be DYNAMIC. split: (splits, keys)
+        of the CUDA-core forward (_split), part its partials; None: unsplit (a placeholder
+        the plan keeps in part's place)."""
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         m, mask_code = _numba_mask(mask)
@@ -103,8 +108,24 @@ class _NumbaAttention:
                     args, places, True)
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)
-        return (kn.fwd_kernel(owned, streamed, BD, BDV, nt), numba_blocks(cdiv(L, owned) * B * H),
-                nt, q.device, args, places, False)
+        splits, keys = split or (1, k.shape[2])
+        if part is None:
+            part = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+        return (kn.fwd_kernel(owned, streamed, BD, BDV, nt),
+                numba_blocks(cdiv(L, owned) * B * H * splits), nt, q.device,
+                (*args, part, splits, keys), (*places, 6 if split else None), False)
+
+    @staticmethod
+    def _split(q, k, v, dropout_p) -> tuple[int, int] | None:
+        """(splits, keys a split owns) where the CUDA-core forward splits the keys over blocks
+        (pydl._attention_triton.split_keys, the Triton split forward's rule, at this kernel's
+        tiles: few query tiles, many keys; not under dropout), else None."""
+        from .kernels.numba import attention as kn
+        if dropout_p > 0 or _numba_mma_words(q, k, v) is not None:
+            return None
+        owned, streamed, _, _ = kn.tile_sizes(q.shape[3], v.shape[3])
+        splits, keys = split_keys(q, k, owned, streamed)
+        return (splits, keys) if splits > 1 else None
 
     @staticmethod
     @planned_once
@@ -116,19 +137,46 @@ class _NumbaAttention:
         kernel ops), one more source of the plan."""
         options = (mask_kind, is_causal, scale, dropout_p)
         seed = _stand_in_seed(q.device) if in_memory else DYNAMIC
+        split = _NumbaAttention._split(q, k, v, dropout_p)
+        if split is not None:
+            return _NumbaAttention._plan_split(q, k, v, o, lse, mask, options, split)
         *launch, places, mma = _NumbaAttention._forward(q, k, v, o, lse, mask, *options, seed)
         if mma:
             mask4 = _planned_view(mask)
             return lambda q, k, v, o, lse, mask, seed: launch_numba_built(
                 _NumbaAttention._forward(q, k, v, o, lse, mask4(mask), *options, seed))
         if in_memory:           # the seed tensor a source of the plan, as the others
-            planned = NumbaLaunch(*launch, (q, k, v, o, lse, mask, seed), (*places, 6))
+            # its place before the kept placeholder of the partials (the arguments' order)
+            planned = NumbaLaunch(*launch, (q, k, v, o, lse, mask, seed),
+                                  (*places[:6], 6, *places[6:]))
             return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask, seed)
         planned = NumbaLaunch(*launch, (q, k, v, o, lse, mask), places)
         if dropout_p > 0:
             return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask,
                                                                dynamic=(int(seed),))
         return lambda q, k, v, o, lse, mask, seed: planned(q, k, v, o, lse, mask)
+
+    @staticmethod
+    def _plan_split(q, k, v, o, lse, mask, options, split):
+        """run(q, k, v, o, lse, mask, seed) of the split forward: the forward kernel's
+        partials into fp32 (B*H, splits, L, EV + 2), allocated per call, then
+        attention_split_combine's rows (two launches; no dropout, so no seed)."""
+        from .kernels.numba import attention as kn
+        B, H, L, _ = q.shape
+        EV = v.shape[3]
+        new_part = output_maker((B * H, split[0], L, EV + 2), torch.float32, q.device)
+        part = new_part()
+        *launch, places, _ = _NumbaAttention._forward(q, k, v, o, lse, mask, *options, 0,
+                                                      part, split)
+        forward = NumbaLaunch(*launch, (q, k, v, o, lse, mask, part), places)
+        combine = numba_launch_1d(kn.attention_split_combine, B * H * L * EV, q.device,
+                                  (part, o, lse, kn.dtype_code(q.dtype)), (part, o, lse))
+
+        def run(q, k, v, o, lse, mask, seed):
+            part = new_part()
+            forward(q, k, v, o, lse, mask, part)
+            combine(part, o, lse)
+        return run
 
     @staticmethod
     def _backward(q, k, v, o, lse, do, delta, dq, dk, dv, mask, mask_kind, is_causal, scale,

@@ -206,29 +206,36 @@ def _split_block_m(L: int) -> int:
     return dot_block(L, 64)
 
 
-def split_count(q, k) -> tuple[int, int, int]:
-    """(splits, keys a split owns, BLOCK_N) of the split forward for q (B, H, L, E) and k
-    (.., S, E); splits 1: the plain forward."""
+def split_keys(q, k, block_m: int, block_n: int) -> tuple[int, int]:
+    """(splits, keys a split owns: a multiple of block_n) of a forward whose query tiles of
+    block_m rows stream k's keys block_n at a time, for q (B, H, L, E) and k (.., S, E);
+    (1, S): not split. Both backends' split forwards ask it."""
     B, H, L, _ = q.shape
     S = k.shape[2]
-    block_n = SPLIT_BLOCK_N_EMULATION if _env.INTERPRET else \
-        (SPLIT_BLOCK_N_IEEE if _ieee_fp32(q) else SPLIT_BLOCK_N)
-    tiles = B * H * cdiv(L, _split_block_m(L))
+    tiles = B * H * cdiv(L, block_m)
     sms = _launch.multiprocessors(q.device)
     if S < SPLIT_MIN_KEYS or tiles == 0 or tiles > sms:
-        return 1, S, block_n
+        return 1, S
     splits = min(MAX_SPLITS, cdiv(SPLIT_PROGRAMS * sms, tiles),
                  cdiv(S, block_n * SPLIT_MIN_TILES))
     keys = cdiv(cdiv(S, splits), block_n) * block_n
     splits = cdiv(S, keys)
-    return (splits, keys, block_n) if splits > 1 else (1, S, block_n)
+    return (splits, keys) if splits > 1 else (1, S)
+
+
+def split_count(q, k) -> tuple[int, int, int]:
+    """(splits, keys a split owns, BLOCK_N) of the Triton split forward for q (B, H, L, E)
+    and k (.., S, E); splits 1: the plain forward."""
+    block_n = SPLIT_BLOCK_N_EMULATION if _env.INTERPRET else \
+        (SPLIT_BLOCK_N_IEEE if _ieee_fp32(q) else SPLIT_BLOCK_N)
+    return (*split_keys(q, k, _split_block_m(q.shape[2]), block_n), block_n)
 
 
 @contextlib.contextmanager
 def forced_split(block_n: int = 16):
-    """Tests and offline compiles: the split forward for every call of two key tiles or more,
-    tiles of `block_n` keys (on a GPU too); plans built afresh on entry and exit (the choice
-    is a plan's)."""
+    """Tests and offline compiles: the split forward for every call of two key tiles or more
+    (both backends), the Triton one's tiles of `block_n` keys (on a GPU too); plans built
+    afresh on entry and exit (the choice is a plan's)."""
     from ._plan import clear_all
     g = globals()
     names = ("SPLIT_MIN_KEYS", "SPLIT_MIN_TILES", "SPLIT_BLOCK_N", "SPLIT_BLOCK_N_IEEE",

@@ -822,11 +822,20 @@ def test_attention_weights_are_differentiable(mask_kind):
 
 @pytest.fixture
 def split_keys(monkeypatch):
-    """The split forward (attention_fwd_split) for short test sequences (16-key tiles, on a
-    GPU too: _attention_triton.forced_split); the kernels launched, recorded."""
+    """The split forwards for short test sequences (on a GPU too: _attention_triton.
+    forced_split; Triton's attention_fwd_split on 16-key tiles, Numba's at its own tiles);
+    recorded: the Triton kernels launched and the Numba split plans built, with their
+    splits."""
+    from pydl._attention_numba import _NumbaAttention
     launched = []
     spy_kernels(monkeypatch, kt, ("attention_fwd", "attention_fwd_split"),
                 lambda name, args, kwargs: launched.append((name, kwargs.get("SPLITS"))))
+    plan_split = _NumbaAttention._plan_split
+
+    def recorded(q, k, v, o, lse, mask, options, split):
+        launched.append(("numba_split", split[0]))
+        return plan_split(q, k, v, o, lse, mask, options, split)
+    monkeypatch.setattr(_NumbaAttention, "_plan_split", staticmethod(recorded))
     with _attention_triton.forced_split():
         yield launched
 
@@ -841,10 +850,12 @@ def split_keys(monkeypatch):
     ((1, 2, 2, 3, 47, 16, 16), dict(mask="bool")),
     ((2, 1, 1, 4, 40, 16, 16), dict(mask="float", scale=-0.3)),
 ], ids=["decode", "few_queries", "gqa", "causal", "bool_mask", "float_mask_negative_scale"])
-def test_split_keys_forward(split_keys, case):
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_split_keys_forward(split_keys, case, backend):
     """Few query tiles and many keys: the forward splits the keys over programs and the last
-    of each tile's splits combines them; outputs and the gradients (the flash backward on its
-    lse) against torch and the float64 reference, and every arrival counter back at zero."""
+    of each tile's splits combines them (Numba: a combining launch); outputs and the gradients
+    (the flash backward on its lse) against torch and the float64 reference, and every
+    arrival counter back at zero."""
     (B, H, HKV, L, S, E, EV), opts = case
     q, k, v = qkv(B, H, HKV, L, S, E, EV, torch.float16)
     kind = opts.pop("mask", None)
@@ -857,15 +868,16 @@ def test_split_keys_forward(split_keys, case):
     elif kind == "float":
         opts["attn_mask"] = random_tensor((L, S), torch.float16, DEVICE)
     if kind == "bool":      # torch's NaN for the fully masked row is its own test's business
-        out = pydl.scaled_dot_product_attention(q, k, v, backend="triton", **opts)
+        out = pydl.scaled_dot_product_attention(q, k, v, backend=backend, **opts)
         keep = opts["attn_mask"]
         want = ref.scaled_dot_product_attention(*(t.double().cpu().numpy() for t in (q, k, v)),
                                                 attn_mask=keep.cpu().numpy())
         assert_close(out, torch.from_numpy(want).nan_to_num(0.0), torch.float16, reduction=S)
         assert not out[:, :, 1].any()
     else:
-        check_attention(q, k, v, "triton", torch.float16, **opts)
-    assert {n for n, _ in split_keys} == {"attention_fwd_split"}
+        check_attention(q, k, v, backend, torch.float16, **opts)
+    assert {n for n, _ in split_keys} == {"attention_fwd_split" if backend == "triton"
+                                          else "numba_split"}
     assert all(s >= 2 for _, s in split_keys)
     from pydl import _launch
     assert all(not c.any() for c in _launch._ARRIVALS.values())

@@ -73,6 +73,7 @@ from ._builder import builder
 from ._device import device
 from ._dtypes import (
     BF16,
+    FP32,
     bf16_bits_to_f32,
     dtype_code,  # noqa: F401  (for launchers)
     f32_to_bf16_bits,
@@ -408,11 +409,17 @@ def _store_row(dst, b, h, row, acc, n, g, G, mul, div, code):
     0 (a row with no visible key; a NaN div, a row that saw a NaN score, gives NaN).
     mul = div = 1 store acc exactly as it is."""
     for c in range(n):
-        out = ZERO if div == ZERO else acc[c] * mul / div     # a NaN div stays NaN
-        if code == BF16:
-            dst[b, h, row, g + c * G] = f32_to_bf16_bits(out)
-        else:
-            dst[b, h, row, g + c * G] = out
+        _store_at(dst, b, h, row, g + c * G,
+                  ZERO if div == ZERO else acc[c] * mul / div, code)   # a NaN div stays NaN
+
+
+@device
+def _store_at(dst, b, h, row, col, value, code):
+    """dst[b, h, row, col] = value (fp32) in dst's dtype, bf16 encoded inline."""
+    if code == BF16:
+        dst[b, h, row, col] = f32_to_bf16_bits(value)
+    else:
+        dst[b, h, row, col] = value
 
 
 @device
@@ -512,6 +519,11 @@ def fwd_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
     scale:       score scale
     dropout, threshold, drop_scale, seed: dropout on/off, p * 2**32, 1 / (1 - p), the seed
     code:        dtype code of q, k, v and o
+    part, splits, keys: with splits > 1 the keys split over blocks (FlashDecoding's scheme,
+                 as the Triton split forward): work item (query tile, split s) streams keys
+                 [s keys, (s + 1) keys) and writes its rows' unnormalised output, running max
+                 and sum to part, fp32 (B*H, splits, L, EV + 2); o and lse are then
+                 attention_split_combine's. splits 1: part is a placeholder, unread.
     """
     return _build_fwd(BM, BN, BD, BDV, NT)
 
@@ -526,7 +538,7 @@ def _build_fwd(BM, BN, BD, BDV, NT):
 
     @cuda.jit
     def attention_fwd(q, k, v, o, lse, mask, mask_kind, mask_code, is_causal, scale,
-                      dropout, threshold, drop_scale, seed, code):
+                      dropout, threshold, drop_scale, seed, code, part, splits, keys):
         # One shared array per line: the simulator keys shared arrays by source line.
         sq = cuda.shared.array((BM, BDP), float32)        # the block's query rows
         sk = cuda.shared.array((2, BN, BDP), float32)     # streamed keys, double-buffered
@@ -545,8 +557,13 @@ def _build_fwd(BM, BN, BD, BDV, NT):
         qrow = sq[i]
         srow = ss[i]
         it = 0                               # streamed tiles so far: picks the buffer
-        for w in range(cuda.blockIdx.x, nq * B * H, cuda.gridDim.x):
-            bh, q0, b, h, hk, nrows = _query_tile(w, nq, BM, H, group, L)
+        for w in range(cuda.blockIdx.x, nq * B * H * splits, cuda.gridDim.x):
+            tile = w // splits
+            split = w - tile * splits
+            bh, q0, b, h, hk, nrows = _query_tile(tile, nq, BM, H, group, L)
+            # this item's keys (all of them unsplit): [k_begin, k_stop)
+            k_begin = split * keys
+            k_stop = min(S, k_begin + keys)
             # sq was last read before the final sync of the previous item: free to overwrite
             _load_rows(sq, q, b, h, q0, nrows, E, t, NT, code)
             for c in range(NCV):
@@ -556,11 +573,11 @@ def _build_fwd(BM, BN, BD, BDV, NT):
             row = q0 + i
             live = i < nrows
             base = _dropout_base(seed, bh) if dropout else int64(0)
-            end = min(S, q0 + nrows) if is_causal else S
-            for k0 in range(0, end, BN):
+            end = min(k_stop, q0 + nrows) if is_causal else k_stop
+            for k0 in range(k_begin, end, BN):
                 buf = it & 1
                 it += 1
-                ncols = min(BN, S - k0)
+                ncols = min(BN, k_stop - k0)
                 _load_rows(sk[buf], k, b, hk, k0, ncols, E, t, NT, code)
                 _load_rows(svt[buf].T, v, b, hk, k0, ncols, EV, t, NT, code)
                 cuda.syncthreads()
@@ -591,12 +608,52 @@ def _build_fwd(BM, BN, BD, BDV, NT):
                             pl[j] = p
                         _accumulate(acc, ncv, g, G, alpha, pl, svt[buf].T, ncols)
                         m = m_new
-            if live:
+            if live and splits > 1:         # the partial: unnormalised, its max and sum
+                _store_row(part, bh, split, row, acc, ncv, g, G, ONE, ONE, FP32)
+                if g == 0:
+                    part[bh, split, row, EV] = m
+                    part[bh, split, row, EV + 1] = lsum
+            elif live:
                 _store_row(o, b, h, row, acc, ncv, g, G, ONE, lsum, code)
                 if g == 0:
                     lse[bh, row] = POS_INF if lsum == ZERO else m + math.log(lsum)
 
     return attention_fwd
+
+
+@cuda.jit
+def attention_split_combine(part, o, lse, code):
+    """The split forward's rows from its partials (attention_fwd with splits > 1), one thread
+    per output element, grid-stride: with M = max_s m_s and w_s = exp(m_s - M) (0 for a split
+    that saw no key), o = sum_s w_s acc_s / sum_s w_s l_s and lse = M + log sum_s w_s l_s,
+    summed in split order (deterministic); a row no split saw a key of gives 0 and lse +inf,
+    a NaN max (a NaN score) NaN, as the unsplit kernel. part: fp32 (B*H, splits, L, EV + 2);
+    o: (B, H, L, EV) of dtype code `code`, any strides; lse: fp32 (B*H, L)."""
+    BH, splits, L, EV = part.shape[0], part.shape[1], part.shape[2], part.shape[3] - 2
+    H = o.shape[1]
+    for r in range(thread_index(), int64(BH) * L * EV, grid_threads()):
+        rest = r // EV
+        d = r - rest * EV
+        bh = rest // L
+        row = rest - bh * L
+        top = NEG_INF
+        for s in range(splits):
+            ms = part[bh, s, row, EV]
+            if ms > top or ms != ms:            # NaN-propagating, as the kernel's max
+                top = ms
+        out = ZERO
+        total = ZERO
+        if top != NEG_INF:
+            for s in range(splits):
+                ms = part[bh, s, row, EV]
+                if ms != NEG_INF:
+                    w = math.exp(ms - top)
+                    total += w * part[bh, s, row, EV + 1]
+                    out += w * part[bh, s, row, d]
+        b = bh // H
+        _store_at(o, b, bh - b * H, row, d, ZERO if total == ZERO else out / total, code)
+        if d == 0:
+            lse[bh, row] = POS_INF if total == ZERO else top + math.log(total)
 
 
 # --- backward ------------------------------------------------------------------------------
