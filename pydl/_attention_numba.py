@@ -8,9 +8,9 @@ import torch
 
 from . import _env
 from ._attention_seed import _stand_in_seed
+from ._attention_triton import split_keys
 from ._gemm_numba import on_tensor_cores, pair_words
 from ._launch import cdiv, new_output, output_maker, planned_once
-from ._attention_triton import split_keys
 from ._numba_launch import (
     DYNAMIC,
     NumbaLaunch,

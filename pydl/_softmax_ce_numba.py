@@ -93,10 +93,11 @@ class _NumbaLaunch:
                                softcap=0.0, cap_input=False):
         """run(x3, target, weight, lse, loss, denom, scratch, dx3) as _TritonLaunch's (scratch
         and dx3 unused: no gradient in the forward; softcap with cap_input: the loss of
-        s tanh(x3 / s), capped as read; without, x3 is capped already): one launch of the per-row kernel into
-        per-row losses (the loss itself for "none") and weights, whose last block to finish
-        sums a sum or a mean (the call's arrival counter: pydl._launch.arrival_counters). The
-        two fp32 per-row buffers of a reduction are allocated per call."""
+        s tanh(x3 / s), capped as read; without, x3 is capped already): one launch of the
+        per-row kernel into per-row losses (the loss itself for "none") and weights, whose last
+        block to finish sums a sum or a mean (the call's arrival counter:
+        pydl._launch.arrival_counters). The two fp32 per-row buffers of a reduction are
+        allocated per call."""
         if grad:
             raise ValueError("the numba cross-entropy computes its gradient in the backward")
         outer, n, inner = x3.shape

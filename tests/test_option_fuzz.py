@@ -409,7 +409,7 @@ OPS = {
     "softmax_cross_entropy": (_softmax_ce, [("triton", None), ("numba", None)]),
     "linear_cross_entropy": (_linear_ce, [("triton", None), ("numba", None)]),
     "attention": (_attention, [("triton", "flash"), ("triton", "flash_split"),
-                               ("triton", "naive"), ("numba", None)]),
+                               ("triton", "naive"), ("numba", None), ("numba", "flash_split")]),
     "rnn": (_rnn, [("triton", "persistent"), ("triton", "steps"), ("numba", None)]),
 }
 
