@@ -161,6 +161,23 @@ def test_cross_entropy_options(backend, reduction, weighted, smoothing, ignore_i
                          label_smoothing=smoothing, ignore_index=ignore_index)
 
 
+def _check_option_loss(x, t, w, g, kw, options, loss, grads, t_loss, t_dx):
+    """A loss with pydl's options (z_loss, softcap) and its gradients (the forward's and a
+    retained graph's second) against the float64 reference and torch's composite (t_loss,
+    t_dx), upstream gradient g."""
+    C = x.shape[0 if x.dim() == 1 else 1]
+    args = (x.detach().double().cpu().numpy(), t.cpu().numpy(),
+            None if w is None else w.double().cpu().numpy())
+    loss64 = ref.cross_entropy(*args, **kw, **options)
+    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw, **options)
+    red = C * (x.numel() // C if kw["reduction"] != "none" else 1)
+    assert_close(loss, loss64, torch.float32, reduction=red, name="loss vs reference")
+    assert_close(loss, t_loss, torch.float32, reduction=red, name="loss vs torch")
+    for name, dx in zip(("first", "second"), grads):
+        assert_close(dx, dx64, torch.float32, reduction=C, name=f"{name} grad vs reference")
+        assert_close(dx, t_dx, torch.float32, reduction=C, name=f"{name} grad vs torch")
+
+
 @backends
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(7, 11), (3, 11, 4), (11,)], ids=str)
@@ -185,15 +202,7 @@ def test_cross_entropy_z_loss(backend, reduction, shape):
     t_loss = t_loss + (rows if reduction == "none" else rows.sum() / (
         counted.sum().clamp_min(1) if reduction == "mean" else 1))
     t_dx = torch.autograd.grad(t_loss, xd, g)[0]
-    args = (x.detach().double().cpu().numpy(), t.cpu().numpy(), None)
-    loss64 = ref.cross_entropy(*args, **kw, z_loss=z)
-    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw, z_loss=z)
-    red = C * (x.numel() // C if reduction != "none" else 1)
-    assert_close(loss, loss64, torch.float32, reduction=red, name="loss vs reference")
-    assert_close(loss, t_loss, torch.float32, reduction=red, name="loss vs torch")
-    for name, dx in (("first", first), ("second", second)):
-        assert_close(dx, dx64, torch.float32, reduction=C, name=f"{name} grad vs reference")
-        assert_close(dx, t_dx, torch.float32, reduction=C, name=f"{name} grad vs torch")
+    _check_option_loss(x, t, None, g, kw, dict(z_loss=z), loss, (first, second), t_loss, t_dx)
     torch.testing.assert_close(pydl.cross_entropy(x, t, z_loss=z, backend="torch", **kw),
                                t_loss)
 
@@ -258,16 +267,7 @@ def test_cross_entropy_softcap(backend, reduction, case, monkeypatch):
         s * torch.tanh(xd / s), t, **kw) if case != "z_loss" else t_loss)
     t_dx = torch.autograd.grad(t_loss, xd, g)[0]
     w = kw.pop("weight", None)
-    args = (x.detach().double().cpu().numpy(), t.cpu().numpy(),
-            None if w is None else w.double().cpu().numpy())
-    loss64 = ref.cross_entropy(*args, **kw, **options)
-    dx64 = ref.cross_entropy_backward(g.double().cpu().numpy(), *args, **kw, **options)
-    red = C * (x.numel() // C if reduction != "none" else 1)
-    assert_close(loss, loss64, torch.float32, reduction=red, name="loss vs reference")
-    assert_close(loss, t_loss, torch.float32, reduction=red, name="loss vs torch")
-    for name, dx in (("first", first), ("second", second)):
-        assert_close(dx, dx64, torch.float32, reduction=C, name=f"{name} grad vs reference")
-        assert_close(dx, t_dx, torch.float32, reduction=C, name=f"{name} grad vs torch")
+    _check_option_loss(x, t, w, g, kw, options, loss, (first, second), t_loss, t_dx)
     # the cap changes the answer: without it the loss is another one
     assert not torch.allclose(loss, pydl.cross_entropy(x, t, backend=backend, weight=w, **kw,
                                                        z_loss=options["z_loss"]))
