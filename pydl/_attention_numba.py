@@ -10,7 +10,7 @@ from . import _env
 from ._attention_seed import _stand_in_seed
 from ._attention_triton import split_keys
 from ._gemm_numba import on_tensor_cores, pair_words
-from ._launch import cdiv, new_output, output_maker, planned_once
+from ._launch import arrival_counters, cdiv, new_output, output_maker, planned_once
 from ._numba_launch import (
     DYNAMIC,
     NumbaLaunch,
@@ -18,7 +18,6 @@ from ._numba_launch import (
     launch_numba_1d,
     launch_numba_built,
     numba_blocks,
-    numba_launch_1d,
     numba_threads,
 )
 
@@ -81,11 +80,11 @@ class _NumbaAttention:
 
     @staticmethod
     def _forward(q, k, v, o, lse, mask, mask_kind, is_causal, scale, dropout_p, seed,
-                 part=None, split=None):
-        """(kernel, grid, threads, device, arguments, places in (q, k, v, o, lse, mask, part),
-        on the tensor cores or not) of the forward; seed may be DYNAMIC. split: (splits, keys)
-        of the CUDA-core forward (_split), part its partials; None: unsplit (a placeholder
-        the plan keeps in part's place)."""
+                 part=None, arrivals=None, split=None):
+        """(kernel, grid, threads, device, arguments, places in (q, k, v, o, lse, mask, part,
+        arrivals), on the tensor cores or not) of the forward; seed may be DYNAMIC. split:
+        (splits, keys) of the CUDA-core forward (_split), part its partials and arrivals its
+        tiles' counters; None: unsplit (placeholders the plan keeps in their places)."""
         from .kernels.numba import attention as kn
         B, H, L, E = q.shape
         m, mask_code = _numba_mask(mask)
@@ -109,11 +108,13 @@ class _NumbaAttention:
         owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
         nt = numba_threads(128)
         splits, keys = split or (1, k.shape[2])
-        if part is None:
+        if split is None:
             part = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+            arrivals = torch.zeros(1, dtype=torch.int32, device=q.device)
         return (kn.fwd_kernel(owned, streamed, BD, BDV, nt),
                 numba_blocks(cdiv(L, owned) * B * H * splits), nt, q.device,
-                (*args, part, splits, keys), (*places, 6 if split else None), False)
+                (*args, part, splits, keys, arrivals),
+                (*places, *((6, 7) if split else (None, None))), False)
 
     @staticmethod
     def _split(q, k, v, dropout_p) -> tuple[int, int] | None:
@@ -158,24 +159,21 @@ class _NumbaAttention:
 
     @staticmethod
     def _plan_split(q, k, v, o, lse, mask, options, split):
-        """run(q, k, v, o, lse, mask, seed) of the split forward: the forward kernel's
-        partials into fp32 (B*H, splits, L, EV + 2), allocated per call, then
-        attention_split_combine's rows (two launches; no dropout, so no seed)."""
+        """run(q, k, v, o, lse, mask, seed) of the split forward, one launch: the partials
+        (fp32, B*H x splits x L rows of EV + 2) allocated per call, the query tiles' arrival
+        counters the stream's (pydl._launch.arrival_counters); no dropout, so no seed."""
         from .kernels.numba import attention as kn
         B, H, L, _ = q.shape
-        EV = v.shape[3]
-        new_part = output_maker((B * H, split[0], L, EV + 2), torch.float32, q.device)
-        part = new_part()
-        *launch, places, _ = _NumbaAttention._forward(q, k, v, o, lse, mask, *options, 0,
-                                                      part, split)
-        forward = NumbaLaunch(*launch, (q, k, v, o, lse, mask, part), places)
-        combine = numba_launch_1d(kn.attention_split_combine, B * H * L * EV, q.device,
-                                  (part, o, lse, kn.dtype_code(q.dtype)), (part, o, lse))
+        tiles = cdiv(L, kn.tile_sizes(q.shape[3], v.shape[3])[0]) * B * H
+        new_part = output_maker((B * H, split[0], L, v.shape[3] + 2), torch.float32, q.device)
+        device = q.device
+        part, arrivals = new_part(), arrival_counters(device, tiles)
+        *launch, places, _ = _NumbaAttention._forward(q, k, v, o, lse, mask, *options, 0, part,
+                                                      arrivals, split)
+        forward = NumbaLaunch(*launch, (q, k, v, o, lse, mask, part, arrivals), places)
 
         def run(q, k, v, o, lse, mask, seed):
-            part = new_part()
-            forward(q, k, v, o, lse, mask, part)
-            combine(part, o, lse)
+            forward(q, k, v, o, lse, mask, new_part(), arrival_counters(device, tiles))
         return run
 
     @staticmethod

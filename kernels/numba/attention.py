@@ -66,7 +66,7 @@ fp64 on the GPU (math.exp / math.log of an fp32 value are fp32 in Numba).
 import math
 
 import numpy as np
-from numba import cuda, float32, int8, int64, types
+from numba import cuda, float32, int8, int32, int64, types
 from numba.core.extending import overload
 
 from ._builder import builder
@@ -519,11 +519,13 @@ def fwd_kernel(BM: int, BN: int, BD: int, BDV: int, NT: int):
     scale:       score scale
     dropout, threshold, drop_scale, seed: dropout on/off, p * 2**32, 1 / (1 - p), the seed
     code:        dtype code of q, k, v and o
-    part, splits, keys: with splits > 1 the keys split over blocks (FlashDecoding's scheme,
-                 as the Triton split forward): work item (query tile, split s) streams keys
-                 [s keys, (s + 1) keys) and writes its rows' unnormalised output, running max
-                 and sum to part, fp32 (B*H, splits, L, EV + 2); o and lse are then
-                 attention_split_combine's. splits 1: part is a placeholder, unread.
+    part, splits, keys, arrivals: with splits > 1 the keys split over blocks (FlashDecoding's
+                 scheme, as the Triton split forward): work item (query tile, split s) streams
+                 keys [s keys, (s + 1) keys) and writes its rows' unnormalised output, running
+                 max and sum to part, fp32 (B*H, splits, L, EV + 2); the last of a tile's
+                 splits to arrive (int32 counters `arrivals`, one per query tile, zero before
+                 the launch and after it) combines them into o and lse (_combine_partials).
+                 splits 1: part and arrivals are placeholders, unread.
     """
     return _build_fwd(BM, BN, BD, BDV, NT)
 
@@ -538,13 +540,15 @@ def _build_fwd(BM, BN, BD, BDV, NT):
 
     @cuda.jit
     def attention_fwd(q, k, v, o, lse, mask, mask_kind, mask_code, is_causal, scale,
-                      dropout, threshold, drop_scale, seed, code, part, splits, keys):
+                      dropout, threshold, drop_scale, seed, code, part, splits, keys,
+                      arrivals):
         # One shared array per line: the simulator keys shared arrays by source line.
         sq = cuda.shared.array((BM, BDP), float32)        # the block's query rows
         sk = cuda.shared.array((2, BN, BDP), float32)     # streamed keys, double-buffered
         svt = cuda.shared.array((2, BDV, BNP), float32)   # streamed values, transposed
         ss = cuda.shared.array((BM, BNP), float32)        # scores of the current tile
         skeep = cuda.shared.array((BM, BN), int8)         # dropout keep flags of the tile
+        slast = cuda.shared.array(1, int32)               # the last split of its tile
         acc = cuda.local.array(NCV, float32)              # this thread's columns of P V
         pl = cuda.local.array(BN, float32)                # the row's (dropped) P of the tile
         t, i, g = _thread_slot(G)
@@ -608,11 +612,24 @@ def _build_fwd(BM, BN, BD, BDV, NT):
                             pl[j] = p
                         _accumulate(acc, ncv, g, G, alpha, pl, svt[buf].T, ncols)
                         m = m_new
-            if live and splits > 1:         # the partial: unnormalised, its max and sum
-                _store_row(part, bh, split, row, acc, ncv, g, G, ONE, ONE, FP32)
-                if g == 0:
-                    part[bh, split, row, EV] = m
-                    part[bh, split, row, EV + 1] = lsum
+            if splits > 1:
+                if live:                    # the partial: unnormalised, its max and sum
+                    _store_row(part, bh, split, row, acc, ncv, g, G, ONE, ONE, FP32)
+                    if g == 0:
+                        part[bh, split, row, EV] = m
+                        part[bh, split, row, EV + 1] = lsum
+                # the classic threadfence reduction (as softmax_ce's _last_block_reduces):
+                # each block's partial stores before its arrival, the last one's reads after
+                cuda.threadfence()
+                cuda.syncthreads()
+                if t == 0:
+                    slast[0] = int32(cuda.atomic.add(arrivals, tile, 1) == splits - 1)
+                cuda.syncthreads()
+                if slast[0] != 0:
+                    cuda.threadfence()
+                    _combine_partials(part, o, lse, bh, b, h, q0, nrows, t, NT, code)
+                    if t == 0:
+                        arrivals[tile] = 0
             elif live:
                 _store_row(o, b, h, row, acc, ncv, g, G, ONE, lsum, code)
                 if g == 0:
@@ -621,21 +638,19 @@ def _build_fwd(BM, BN, BD, BDV, NT):
     return attention_fwd
 
 
-@cuda.jit
-def attention_split_combine(part, o, lse, code):
-    """The split forward's rows from its partials (attention_fwd with splits > 1), one thread
-    per output element, grid-stride: with M = max_s m_s and w_s = exp(m_s - M) (0 for a split
-    that saw no key), o = sum_s w_s acc_s / sum_s w_s l_s and lse = M + log sum_s w_s l_s,
-    summed in split order (deterministic); a row no split saw a key of gives 0 and lse +inf,
-    a NaN max (a NaN score) NaN, as the unsplit kernel. part: fp32 (B*H, splits, L, EV + 2);
-    o: (B, H, L, EV) of dtype code `code`, any strides; lse: fp32 (B*H, L)."""
-    BH, splits, L, EV = part.shape[0], part.shape[1], part.shape[2], part.shape[3] - 2
-    H = o.shape[1]
-    for r in range(thread_index(), int64(BH) * L * EV, grid_threads()):
-        rest = r // EV
-        d = r - rest * EV
-        bh = rest // L
-        row = rest - bh * L
+@device
+def _combine_partials(part, o, lse, bh, b, h, q0, nrows, t, nt, code):
+    """Rows q0 .. q0 + nrows of plane bh = (b, h) from the split forward's partials, the
+    block's nt threads (this one is t) an output element each in turn: with M = max_s m_s and
+    w_s = exp(m_s - M) (0 for a split that saw no key), o = sum_s w_s acc_s / sum_s w_s l_s
+    and lse = M + log sum_s w_s l_s, summed in split order (deterministic); a row no split
+    saw a key of gives 0 and lse +inf, a NaN max (a NaN score) NaN, as the unsplit kernel.
+    part: fp32 (B*H, splits, L, EV + 2)."""
+    splits, EV = part.shape[1], part.shape[3] - 2
+    for e in range(t, nrows * EV, nt):
+        r = e // EV
+        d = e - r * EV
+        row = q0 + r
         top = NEG_INF
         for s in range(splits):
             ms = part[bh, s, row, EV]
@@ -643,15 +658,12 @@ def attention_split_combine(part, o, lse, code):
                 top = ms
         out = ZERO
         total = ZERO
-        if top != NEG_INF:
+        if top != NEG_INF:          # else no split saw a key (and exp(-inf - -inf) is NaN)
             for s in range(splits):
-                ms = part[bh, s, row, EV]
-                if ms != NEG_INF:
-                    w = math.exp(ms - top)
-                    total += w * part[bh, s, row, EV + 1]
-                    out += w * part[bh, s, row, d]
-        b = bh // H
-        _store_at(o, b, bh - b * H, row, d, ZERO if total == ZERO else out / total, code)
+                w = math.exp(part[bh, s, row, EV] - top)       # 0 for a split that saw none
+                total += w * part[bh, s, row, EV + 1]
+                out += w * part[bh, s, row, d]
+        _store_at(o, b, h, row, d, ZERO if total == ZERO else out / total, code)
         if d == 0:
             lse[bh, row] = POS_INF if total == ZERO else top + math.log(total)
 
