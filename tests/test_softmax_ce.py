@@ -273,6 +273,24 @@ def test_cross_entropy_softcap(backend, reduction, case, monkeypatch):
                                                        z_loss=options["z_loss"]))
 
 
+@pytest.mark.parametrize("backend,dtype", [
+    ("numba", torch.float16), ("numba", torch.bfloat16), ("triton", torch.float16)]
+    + ([("triton", torch.bfloat16)] if HAS_CUDA else []), ids=str)
+def test_cross_entropy_softcap_16bit(backend, dtype):
+    """16-bit logits capped in fp32 as read (torch's composite rounds x / s, the tanh and the
+    product to 16 bits each): the loss and the gradient against the float64 reference at
+    the dtype's tolerance, rows wider than a Numba block, logits well past the cap."""
+    x = random_tensor((16, 300), dtype, DEVICE, scale=20.0).requires_grad_()
+    t = _targets((16,), 300, 3)
+    loss = pydl.cross_entropy(x, t, ignore_index=3, softcap=30.0, backend=backend)
+    loss.backward()
+    args = (x.detach().double().cpu().numpy(), t.cpu().numpy())
+    assert_close(loss, ref.cross_entropy(*args, ignore_index=3, softcap=30.0), dtype,
+                 reduction=300 * 16, name="loss vs reference")
+    assert_close(x.grad, ref.cross_entropy_backward(1.0, *args, ignore_index=3, softcap=30.0),
+                 dtype, reduction=300, name="grad vs reference")
+
+
 @backends
 def test_cross_entropy_softcap_refusals(backend):
     """A softcap that is not a positive finite number, or with class-probability targets:
