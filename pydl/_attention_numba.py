@@ -105,7 +105,7 @@ class _NumbaAttention:
                                        *[w is not None for w in words])
             return (kernel, numba_blocks(cdiv(L, 16 * warps) * B * H), 32 * warps, q.device,
                     args, places, True)
-        owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3])
+        owned, streamed, BD, BDV = kn.tile_sizes(E, v.shape[3], L)
         nt = numba_threads(128)
         splits, keys = split or (1, k.shape[2])
         if split is None:
@@ -124,7 +124,7 @@ class _NumbaAttention:
         from .kernels.numba import attention as kn
         if dropout_p > 0 or _numba_mma_words(q, k, v) is not None:
             return None
-        owned, streamed, _, _ = kn.tile_sizes(q.shape[3], v.shape[3])
+        owned, streamed, _, _ = kn.tile_sizes(q.shape[3], v.shape[3], q.shape[2])
         splits, keys = split_keys(q, k, owned, streamed)
         return (splits, keys) if splits > 1 else None
 
@@ -164,7 +164,7 @@ class _NumbaAttention:
         counters the stream's (pydl._launch.arrival_counters); no dropout, so no seed."""
         from .kernels.numba import attention as kn
         B, H, L, _ = q.shape
-        tiles = cdiv(L, kn.tile_sizes(q.shape[3], v.shape[3])[0]) * B * H
+        tiles = cdiv(L, kn.tile_sizes(q.shape[3], v.shape[3], L)[0]) * B * H
         new_part = output_maker((B * H, split[0], L, v.shape[3] + 2), torch.float32, q.device)
         device = q.device
         part, arrivals = new_part(), arrival_counters(device, tiles)

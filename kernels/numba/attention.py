@@ -334,7 +334,7 @@ def _global_score(q, k, b, h, hk, i, j, E, sc, mask, mask_kind, mask_code, is_ca
 
 # --- tiles -----------------------------------------------------------------------------------
 
-def tile_sizes(E: int, EV: int) -> tuple[int, int, int, int]:
+def tile_sizes(E: int, EV: int, rows: int | None = None) -> tuple[int, int, int, int]:
     """(owned, streamed, BD, BDV): rows a block owns, rows per streamed tile, and the padded
     head dims (powers of two, at least 16) the shared arrays are sized for.
 
@@ -343,6 +343,11 @@ def tile_sizes(E: int, EV: int) -> tuple[int, int, int, int]:
       dQ, dK/dV: owned (BD+1 + BDV+1) + 2 streamed (BD+1 + BDV+1)
     so owned 16 / streamed 1024 / max(BD, BDV) (16, 8, 4 for 64, 128, 256) and owned 8 for 256
     keep every kernel near 33 KiB.
+
+    rows (the forward's query rows per plane, L): a block owns no more rows than the next
+    power of two of L, so that at decoding (L = 1) its threads serve the live row rather than
+    15 empty ones (the forward's P V columns spread over all of them); with 4 rows or fewer
+    it streams twice the keys a tile (2048 / max(BD, BDV), at most 32: 35-40 KiB).
     """
     BD = max(16, 1 << (max(E, 1) - 1).bit_length())
     BDV = max(16, 1 << (max(EV, 1) - 1).bit_length())
@@ -351,6 +356,10 @@ def tile_sizes(E: int, EV: int) -> tuple[int, int, int, int]:
         raise ValueError(f"Numba attention supports head dims up to 256, got {E} and {EV}")
     owned = 16 if big <= 128 else 8
     streamed = min(16, 1024 // big)
+    if rows is not None:
+        owned = min(owned, 1 << (max(rows, 1) - 1).bit_length())
+        if owned <= 4:
+            streamed = min(32, 2048 // big)
     return owned, streamed, BD, BDV
 
 
