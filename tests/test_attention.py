@@ -1,6 +1,7 @@
 """scaled_dot_product_attention: flash kernels against the float64 reference and torch, forward
 and the three gradients: odd lengths, Lq != Lk with causal, masks of every broadcast shape, GQA,
 head dims 24/80, fully masked rows, dropout statistics and reproducibility."""
+import contextlib
 import functools
 import math
 
@@ -881,6 +882,37 @@ def test_split_keys_forward(split_keys, case, backend):
     assert all(s >= 2 for _, s in split_keys)
     from pydl import _launch
     assert all(not c.any() for c in _launch._ARRIVALS.values())
+
+
+@pytest.mark.parametrize("case", [
+    # (B, Hq, Hkv, L, S, E, Ev), options: decoding, a few queries (2 and 4 rows a block), GQA,
+    # causal, a bool mask, head dims that the parts do not divide (40) or that pad (24)
+    ((2, 2, 2, 1, 37, 16, 16), {}),
+    ((1, 2, 2, 2, 29, 40, 24), dict(is_causal=True)),
+    ((1, 4, 2, 3, 21, 64, 64), dict(enable_gqa=True)),
+    ((1, 1, 1, 1, 19, 128, 128), dict(mask="bool")),
+], ids=["decode", "causal_two_rows", "gqa_three_rows", "bool_mask_d128"])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_keys"])
+def test_numba_forward_splits_a_score_dot(monkeypatch, case, split):
+    """The Numba forward with few owned rows splits each score's dot over several of a row's
+    threads (SPLIT_DOT of kernels/numba/attention.py _build_fwd; on a GPU the decoding
+    tiles, in the simulator's 32 threads only at d128 unless, as here, the tiles stream
+    4 keys): outputs and gradients against torch and float64, unsplit keys and split."""
+    from pydl.kernels.numba import attention as kn
+    tile_sizes = kn.tile_sizes
+
+    def small_tiles(E, EV, rows=None):
+        owned, streamed, BD, BDV = tile_sizes(E, EV, rows)
+        return (owned, 4 if rows is not None and owned <= 4 else streamed, BD, BDV)
+    monkeypatch.setattr(kn, "tile_sizes", small_tiles)
+    (B, H, HKV, L, S, E, EV), opts = case
+    q, k, v = qkv(B, H, HKV, L, S, E, EV, torch.float16)
+    if opts.pop("mask", None):
+        mask = torch.rand(L, S, device=DEVICE) > 0.5
+        mask[:, 0] = True
+        opts["attn_mask"] = mask
+    with _attention_triton.forced_split() if split else contextlib.nullcontext():
+        check_attention(q, k, v, "numba", torch.float16, **opts)
 
 
 def _bf16(*shape):

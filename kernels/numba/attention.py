@@ -451,6 +451,17 @@ def _score(qrow, krow, E, sc, mask, b, h, row, col, mask_kind, mask_code, is_cau
 
 
 @device
+def _score_of_parts(parts, n, sc, mask, b, h, row, col, mask_kind, mask_code, is_causal):
+    """_score's s from the n parts of its dot (summed in part order), -inf where hidden."""
+    if _hidden(mask, b, h, row, col, mask_kind, is_causal):
+        return NEG_INF
+    dot = ZERO
+    for p in range(n):
+        dot += parts[p]
+    return _plus_mask(dot * sc, mask, b, h, row, col, mask_kind, mask_code)
+
+
+@device
 def _hidden(mask, b, h, row, col, mask_kind, is_causal):
     """Whether the causal or the boolean mask hides key col from query row of plane (b, h)."""
     if is_causal and col > row:
@@ -545,7 +556,12 @@ def _build_fwd(BM, BN, BD, BDV, NT):
     assert G * BM == NT and G >= 1, (BM, NT)
     NCV = max(1, BDV // G)
     BDP, BNP = BD + 1, BN + 1
-    _check_shared(4 * (BM * BDP + 2 * BN * BDP + 2 * BDV * BNP + BM * BNP) + BM * BN)
+    # With at least two threads of a row per key of a tile (few owned rows: decoding), a
+    # score's dot is split over SPLIT_DOT of them (strided parts of the head dim, summed in
+    # part order by one thread: deterministic), not left to one thread while the rest wait
+    SPLIT_DOT = G // BN if G >= 2 * BN else 1
+    _check_shared(4 * (BM * BDP + 2 * BN * BDP + 2 * BDV * BNP + BM * BNP + BM * BN * SPLIT_DOT)
+                  + BM * BN)
 
     @cuda.jit
     def attention_fwd(q, k, v, o, lse, mask, mask_kind, mask_code, is_causal, scale,
@@ -558,6 +574,7 @@ def _build_fwd(BM, BN, BD, BDV, NT):
         ss = cuda.shared.array((BM, BNP), float32)        # scores of the current tile
         skeep = cuda.shared.array((BM, BN), int8)         # dropout keep flags of the tile
         slast = cuda.shared.array(1, int32)               # the last split of its tile
+        sdot = cuda.shared.array((BM, BN, SPLIT_DOT), float32)   # parts of the tile's dots
         acc = cuda.local.array(NCV, float32)              # this thread's columns of P V
         pl = cuda.local.array(BN, float32)                # the row's (dropped) P of the tile
         t, i, g = _thread_slot(G)
@@ -594,11 +611,25 @@ def _build_fwd(BM, BN, BD, BDV, NT):
                 _load_rows(sk[buf], k, b, hk, k0, ncols, E, t, NT, code)
                 _load_rows(svt[buf].T, v, b, hk, k0, ncols, EV, t, NT, code)
                 cuda.syncthreads()
+                if SPLIT_DOT > 1:
+                    jd = g // SPLIT_DOT              # this thread's key and part of its dot
+                    pd = g - jd * SPLIT_DOT
+                    if live and jd < ncols:
+                        dot = ZERO
+                        for d in range(pd, E, SPLIT_DOT):
+                            dot += qrow[d] * sk[buf, jd, d]
+                        sdot[i, jd, pd] = dot
+                    cuda.syncthreads()
                 if live:
                     for j in range(g, ncols, G):
                         col = k0 + j
-                        _, srow[j] = _score(qrow, sk[buf, j], E, sc, mask, b, h, row, col,
-                                            mask_kind, mask_code, is_causal)
+                        if SPLIT_DOT > 1:
+                            srow[j] = _score_of_parts(sdot[i, j], SPLIT_DOT, sc, mask, b, h,
+                                                      row, col, mask_kind, mask_code,
+                                                      is_causal)
+                        else:
+                            _, srow[j] = _score(qrow, sk[buf, j], E, sc, mask, b, h, row, col,
+                                                mask_kind, mask_code, is_causal)
                         if dropout:
                             skeep[i, j] = 1 if _dropout_keep(base, row * S + col, threshold) else 0
                 cuda.syncthreads()
