@@ -474,7 +474,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
                 x.reshape(self.shape3), target.reshape(-1), weight, lse, loss, denom, scratch,
                 None if dx is None else dx.view(self.shape3), self.ignore_index,
                 self.smoothing, self.reduction, grad, z_loss=self.z_loss,
-                **_capping(self.softcap))
+                softcap=self.softcap, cap_input=self.softcap > 0)
             if not capturing():
                 self.fwd[grad] = run
         run(x, target, weight, lse, loss, denom, scratch, dx)
@@ -491,7 +491,7 @@ class _CrossEntropyCall(CrossEntropyKernels):
                 run = self.launcher.plan_cross_entropy_bwd(
                     x.reshape(self.shape3), target.reshape(-1), weight, lse, denom, grad_out,
                     dx.view(self.shape3), self.reduction, self.ignore_index, self.smoothing,
-                    z_loss=self.z_loss, **_capping(self.softcap))
+                    z_loss=self.z_loss, softcap=self.softcap, cap_input=self.softcap > 0)
                 if not capturing():
                     self.fwd[key] = run
             run(x, target, weight, lse, denom, grad_out, dx)
@@ -552,11 +552,6 @@ class _CrossEntropyCall(CrossEntropyKernels):
 
 def _no_scratch() -> None:
     return None
-
-
-def _capping(softcap: float) -> dict:
-    """The launchers' plan arguments of a cap on the logits as the kernels read them."""
-    return dict(softcap=softcap, cap_input=True) if softcap else {}
 
 
 def _cross_entropy_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
