@@ -1,7 +1,8 @@
 """Shape arithmetic, once for the whole library (kernels, references, tests and benchmarks).
 
 The output-size rule of convolution and pooling, argument normalisation for int-or-pair
-options, and the (outer, n, inner) view that row-wise kernels (softmax, cross-entropy) use.
+options (int-or-single for the 1-d ops), and the (outer, n, inner) view that row-wise kernels
+(softmax, cross-entropy) use.
 """
 from __future__ import annotations
 
@@ -43,6 +44,19 @@ def pair(value, name: str) -> tuple[int, int]:
         if None not in vs:
             return (vs[0], vs[-1])
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def single(value, name: str) -> int:
+    """An integer or a length-1 sequence of one (a 1-d op's option, as torch's conv1d and
+    pools take it) as a Python int; a clear error otherwise."""
+    v = integer(value)
+    if v is None and isinstance(value, Sequence) and not isinstance(value, str) \
+            and len(value) == 1:
+        v = integer(value[0])
+    if v is None:
+        raise TypeError(f"{name} must be an int or a sequence of one int (a 1-d op's option), "
+                        f"got {value!r}")
+    return v
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0,

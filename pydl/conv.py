@@ -1,5 +1,5 @@
-"""conv2d: the public function, its argument checks and per-call plans, and the
-implementations registered per backend.
+"""conv2d (and conv1d, on its kernels): the public functions, the argument checks and per-call
+plans, and the implementations registered per backend.
 
 Algorithms (`algo=`), each a handwritten kernel path:
   "implicit"  Triton implicit GEMM (kernels/triton/conv.py): input patches are gathered inside
@@ -56,7 +56,7 @@ from ._plan import (
     plain_tensors,
     tensors_key,
 )
-from ._shapes import conv_output_size_padded, conv_padding, pair, positive_int
+from ._shapes import conv_output_size_padded, conv_padding, pair, positive_int, single
 from .backends import current_backend, dispatch, register, resolve_algo
 
 # --- implementations by backend -------------------------------------------------------------
@@ -261,4 +261,23 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return call(input, weight, bias)
 
 
-__all__ = ["conv2d", "conv_geometry", "ConvGeometry", "Conv2dFunction", "Conv2dKernels", "ALGOS"]
+def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+           backend=None, algo=None):
+    """torch.nn.functional.conv1d on conv2d's kernels and plans: a length-L signal is a 1 x L
+    image (cuDNN runs conv1d so too). The input and weight go in as unsqueezed views (no copy:
+    an input laid out (N, L, C), as a transposed (N, L, C) activation is, is channels_last
+    there and its output keeps that layout), each option as (1, option), and the output comes
+    back as a view; gradients flow through the views. Options: int or one-int sequences as in
+    torch, padding also "same" / "valid"; `algo=` as conv2d's."""
+    name = backend or current_backend()
+    check_tensor(input, "input", name, ndims=(2, 3))
+    check_tensor(weight, "weight", name, ndims=(3,))
+    if not isinstance(padding, str):
+        padding = (0, single(padding, "padding"))
+    return conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, single(stride, "stride")),
+                  padding, (1, single(dilation, "dilation")), groups, backend=backend,
+                  algo=algo).squeeze(-2)
+
+
+__all__ = ["conv1d", "conv2d", "conv_geometry", "ConvGeometry", "Conv2dFunction", "Conv2dKernels",
+           "ALGOS"]

@@ -8,13 +8,13 @@ from . import functional as F
 from .attention import attention_with_weights
 
 
-class Conv2d(torch.nn.Conv2d):
-    """torch.nn.Conv2d computed by pydl's kernels; `algo=` picks the kernel variant.
+class _Conv:
+    """pydl.nn.Conv1d's and Conv2d's constructor (torch's, plus `backend=` and `algo=`) and
+    forward: padding_mode "reflect" / "replicate" / "circular" pads the input with
+    torch.nn.functional.pad first (a copy), exactly as torch's module does, then runs pydl's
+    convolution with no padding."""
 
-    padding_mode "reflect" / "replicate" / "circular" pads the input with
-    torch.nn.functional.pad first (a copy), exactly as torch.nn.Conv2d does, then runs pydl's
-    convolution with no padding.
-    """
+    _op = ""    # the pydl.functional op
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
@@ -30,8 +30,22 @@ class Conv2d(torch.nn.Conv2d):
             padding = 0
         else:
             padding = self.padding
-        return F.conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups,
-                        backend=self.backend, algo=self.algo)
+        return getattr(F, self._op)(input, weight, bias, self.stride, padding, self.dilation,
+                                    self.groups, backend=self.backend, algo=self.algo)
+
+
+class Conv2d(_Conv, torch.nn.Conv2d):
+    """torch.nn.Conv2d computed by pydl's kernels; `algo=` picks the kernel variant (padding
+    modes: _Conv)."""
+
+    _op = "conv2d"
+
+
+class Conv1d(_Conv, torch.nn.Conv1d):
+    """torch.nn.Conv1d computed by pydl's conv2d kernels (pydl.conv1d); `algo=` picks the
+    kernel variant (padding modes: _Conv)."""
+
+    _op = "conv1d"
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -106,8 +120,10 @@ class LogSoftmax(torch.nn.LogSoftmax):
         return F.log_softmax(input, self.dim, backend=self.backend)
 
 
-class MaxPool2d(torch.nn.MaxPool2d):
-    """torch.nn.MaxPool2d computed by pydl's kernels."""
+class _MaxPool:
+    """pydl.nn.MaxPool1d's and MaxPool2d's constructor (torch's, plus `backend=`) and forward."""
+
+    _op = ""
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1,
                  return_indices: bool = False, ceil_mode: bool = False, *,
@@ -116,9 +132,21 @@ class MaxPool2d(torch.nn.MaxPool2d):
         self.backend = backend
 
     def forward(self, input: torch.Tensor):
-        return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                            ceil_mode=self.ceil_mode, return_indices=self.return_indices,
-                            backend=self.backend)
+        return getattr(F, self._op)(input, self.kernel_size, self.stride, self.padding,
+                                    self.dilation, ceil_mode=self.ceil_mode,
+                                    return_indices=self.return_indices, backend=self.backend)
+
+
+class MaxPool2d(_MaxPool, torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d computed by pydl's kernels."""
+
+    _op = "max_pool2d"
+
+
+class MaxPool1d(_MaxPool, torch.nn.MaxPool1d):
+    """torch.nn.MaxPool1d computed by pydl's max-pool kernels (pydl.max_pool1d)."""
+
+    _op = "max_pool1d"
 
 
 class AvgPool2d(torch.nn.AvgPool2d):
@@ -136,15 +164,43 @@ class AvgPool2d(torch.nn.AvgPool2d):
                             self.count_include_pad, self.divisor_override, backend=self.backend)
 
 
-class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
-    """torch.nn.AdaptiveAvgPool2d computed by pydl's kernels."""
+class AvgPool1d(torch.nn.AvgPool1d):
+    """torch.nn.AvgPool1d computed by pydl's average-pool kernels (pydl.avg_pool1d)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+                 count_include_pad: bool = True, *, backend: str | None = None):
+        super().__init__(kernel_size, stride, padding, ceil_mode, count_include_pad)
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                            self.count_include_pad, backend=self.backend)
+
+
+class _AdaptiveAvgPool:
+    """pydl.nn.AdaptiveAvgPool1d's and AdaptiveAvgPool2d's constructor (torch's, plus
+    `backend=`) and forward."""
+
+    _op = ""
 
     def __init__(self, output_size, *, backend: str | None = None):
         super().__init__(output_size)
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(input, self.output_size, backend=self.backend)
+        return getattr(F, self._op)(input, self.output_size, backend=self.backend)
+
+
+class AdaptiveAvgPool2d(_AdaptiveAvgPool, torch.nn.AdaptiveAvgPool2d):
+    """torch.nn.AdaptiveAvgPool2d computed by pydl's kernels."""
+
+    _op = "adaptive_avg_pool2d"
+
+
+class AdaptiveAvgPool1d(_AdaptiveAvgPool, torch.nn.AdaptiveAvgPool1d):
+    """torch.nn.AdaptiveAvgPool1d computed by pydl's kernels (pydl.adaptive_avg_pool1d)."""
+
+    _op = "adaptive_avg_pool1d"
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):

@@ -80,6 +80,11 @@ def _conv_options(m) -> dict:
                 bias=m.bias is not None, padding_mode=m.padding_mode, device="meta")
 
 
+def _max_pool_options(m) -> dict:
+    return dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                dilation=m.dilation, return_indices=m.return_indices, ceil_mode=m.ceil_mode)
+
+
 def _mha_options(m) -> dict:
     return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout,
                 bias=m.in_proj_bias is not None, add_bias_kv=m.bias_k is not None,
@@ -89,13 +94,18 @@ def _mha_options(m) -> dict:
 
 _KINDS: tuple[_Kind, ...] = (
     _Kind("conv2d", torch.nn.Conv2d, "Conv2d", _conv_options),
-    _Kind("max_pool2d", torch.nn.MaxPool2d, "MaxPool2d", lambda m: dict(
-        kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-        return_indices=m.return_indices, ceil_mode=m.ceil_mode)),
+    _Kind("max_pool2d", torch.nn.MaxPool2d, "MaxPool2d", _max_pool_options),
     _Kind("avg_pool2d", torch.nn.AvgPool2d, "AvgPool2d", lambda m: dict(
         kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
         count_include_pad=m.count_include_pad, divisor_override=m.divisor_override)),
     _Kind("adaptive_avg_pool2d", torch.nn.AdaptiveAvgPool2d, "AdaptiveAvgPool2d",
+          lambda m: dict(output_size=m.output_size)),
+    _Kind("conv1d", torch.nn.Conv1d, "Conv1d", _conv_options),
+    _Kind("max_pool1d", torch.nn.MaxPool1d, "MaxPool1d", _max_pool_options),
+    _Kind("avg_pool1d", torch.nn.AvgPool1d, "AvgPool1d", lambda m: dict(
+        kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
+        count_include_pad=m.count_include_pad)),
+    _Kind("adaptive_avg_pool1d", torch.nn.AdaptiveAvgPool1d, "AdaptiveAvgPool1d",
           lambda m: dict(output_size=m.output_size)),
     _Kind("lstm", torch.nn.LSTM, "LSTM", _rnn_options),
     _Kind("lstm_cell", torch.nn.LSTMCell, "LSTMCell", _cell_options),
@@ -361,7 +371,8 @@ def patch(model: torch.nn.Module, ops: str | Iterable[str] | None = None,
     a torch class pydl replaces for the pydl.nn class; returns a PatchReport.
 
     ops:     op names selecting the kinds to swap (see `OPS`: "conv2d", "max_pool2d",
-             "avg_pool2d", "adaptive_avg_pool2d", "lstm", "lstm_cell", "gru", "gru_cell",
+             "avg_pool2d", "adaptive_avg_pool2d", "conv1d", "max_pool1d", "avg_pool1d",
+             "adaptive_avg_pool1d", "lstm", "lstm_cell", "gru", "gru_cell",
              "multihead_attention", "cross_entropy", "softmax", "log_softmax"); None = all.
     backend: the `backend=` the swapped modules get: a name in pydl.BACKENDS, or None to let
              each call choose (pydl.use_backend, PYDL_BACKEND, then "triton").

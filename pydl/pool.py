@@ -1,7 +1,7 @@
-"""max_pool2d, avg_pool2d and adaptive_avg_pool2d: the public functions, their argument checks,
-the implementations by backend and the per-signature call (the eager plan). The op's other
-parts: pydl/_pool_ops.py (the kernel ops and autograd Functions), pydl/_pool_launch.py (the
-geometry and the Triton and Numba launchers).
+"""max_pool2d, avg_pool2d and adaptive_avg_pool2d (and their 1-d forms, on the same kernels): the
+public functions, their argument checks, the implementations by backend and the per-signature
+call (the eager plan). The op's other parts: pydl/_pool_ops.py (the kernel ops and autograd
+Functions), pydl/_pool_launch.py (the geometry and the Triton and Numba launchers).
 
 Kernels: kernels/{triton,numba}/pool.py. The launchers here size the grid and allocate outputs
 in the input's memory format (channels_last stays channels_last, as in torch); the kernels read
@@ -38,7 +38,7 @@ from ._pool_ops import (
     _index_dtype,
     _y_shape,
 )
-from ._shapes import integer, pair, pool_output_size, positive_int
+from ._shapes import integer, pair, pool_output_size, positive_int, single
 from .backends import current_backend, dispatch, register
 
 # --- implementations by backend -------------------------------------------------------------
@@ -294,5 +294,47 @@ def adaptive_avg_pool2d(input, output_size, *, backend=None):
                                    backend)(input)
 
 
-__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "PoolGeometry",
+# The 1-d pools run on the 2-d ones' kernels and plans: a length-L signal is a 1 x L image (an
+# unsqueezed view, no copy; a (N, L, C)-strided input is channels_last there), each option
+# (1, option) as torch's own 1-d pools do, and the outputs come back as views.
+
+def _image(input, backend):
+    """input (C, L) or (N, C, L) as a 1 x L image's view, checked as a 1-d pool's input."""
+    check_tensor(input, "input", backend or current_backend(), ndims=(2, 3))
+    return input.unsqueeze(-2)
+
+
+def _stride_1d(stride):
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        return None     # the kernel size, as in torch
+    return (1, single(stride, "stride"))
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False, *, backend=None):
+    """torch.nn.functional.max_pool1d; with return_indices, (output, int64 indices along L)."""
+    out = max_pool2d(_image(input, backend), (1, single(kernel_size, "kernel_size")),
+                     _stride_1d(stride), (0, single(padding, "padding")),
+                     (1, single(dilation, "dilation")), ceil_mode, return_indices,
+                     backend=backend)
+    # a 1 x L image's flat indices are the positions along L
+    return (out[0].squeeze(-2), out[1].squeeze(-2)) if return_indices else out.squeeze(-2)
+
+
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, *, backend=None):
+    """torch.nn.functional.avg_pool1d."""
+    return avg_pool2d(_image(input, backend), (1, single(kernel_size, "kernel_size")),
+                      _stride_1d(stride), (0, single(padding, "padding")), ceil_mode,
+                      count_include_pad, backend=backend).squeeze(-2)
+
+
+def adaptive_avg_pool1d(input, output_size, *, backend=None):
+    """torch.nn.functional.adaptive_avg_pool1d; output_size an int (or a sequence of one)."""
+    return adaptive_avg_pool2d(_image(input, backend), (1, single(output_size, "output_size")),
+                               backend=backend).squeeze(-2)
+
+
+__all__ = ["max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
+           "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "PoolGeometry",
            "MaxPool2dFunction", "AvgPool2dFunction"]

@@ -308,6 +308,13 @@ CASES = {
                                     chunk_rows=4, backend=BACKEND).sum() * 0.5,
         lambda: (_x(7, 4, grad=True), _x(6, 4, grad=True), _x(6, grad=True),
                  torch.randint(0, 6, (7,), device=DEVICE))),
+    # the 1-d ops: views around the 2-d kernel ops, with a transposed (N, L, C) input
+    "one_d": (lambda x, w: pydl.adaptive_avg_pool1d(
+        pydl.max_pool1d(pydl.conv1d(x.transpose(1, 2), w, padding=1, groups=2, backend=BACKEND),
+                        2, backend=BACKEND)
+        + pydl.avg_pool1d(x.transpose(1, 2), 3, 2, 1, backend=BACKEND)[..., :4],
+        2, backend=BACKEND).sum(),
+        lambda: (_x(2, 9, 4, grad=True), _x(4, 2, 3, grad=True))),
     "cross_entropy_z_loss": (
         lambda x, t: pydl.cross_entropy(x, t, z_loss=0.01, label_smoothing=0.1, backend=BACKEND),
         lambda: (_x(5, 7, grad=True), torch.randint(0, 7, (5,), device=DEVICE))),

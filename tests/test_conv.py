@@ -855,6 +855,101 @@ def test_numba_im2col_workspace_chunks(monkeypatch, case):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+# --- conv1d: conv2d's kernels on a 1 x L image -----------------------------------------------
+
+# (input shape, out channels, kernel, options)
+CONV1D = {
+    "plain": ((2, 4, 11), 6, 3, {}),
+    "strided": ((2, 4, 13), 6, 3, dict(stride=2, padding=1)),
+    "same_dilated": ((1, 4, 12), 4, 3, dict(padding="same", dilation=2)),
+    "causal_depthwise": ((2, 8, 10), 8, 4, dict(padding=3, groups=8)),   # Mamba's mixer conv
+    "one_int_tuples": ((2, 4, 9), 6, 2, dict(stride=(2,), padding=(1,), dilation=(2,),
+                                             groups=2)),
+}
+
+
+def _options_2d(opts: dict) -> dict:
+    """conv1d's options as conv2d's on a 1 x L image, for the float64 reference."""
+    def one(v):
+        return v[0] if isinstance(v, tuple) else v
+    padding = opts.get("padding", 0)
+    return dict(stride=(1, one(opts.get("stride", 1))), dilation=(1, one(opts.get("dilation", 1))),
+                padding=padding if isinstance(padding, str) else (0, one(padding)),
+                groups=opts.get("groups", 1))
+
+
+@variants
+@pytest.mark.parametrize("layout", ["ncl", "nlc"])
+@pytest.mark.parametrize("case", CONV1D)
+def test_conv1d(backend, algo, case, layout):
+    """conv1d forward and its three gradients against torch's conv1d and the float64 reference
+    (a 1 x L conv2d); an (N, L, C) activation seen as (N, C, L) keeps its layout, uncopied."""
+    (N, C, L), OC, K, opts = CONV1D[case]
+    groups = opts.get("groups", 1)
+    x = random_tensor((N, C, L) if layout == "ncl" else (N, L, C), torch.float32, DEVICE)
+    x = x if layout == "ncl" else x.transpose(1, 2)
+    w = random_tensor((OC, C // groups, K), torch.float32, DEVICE)
+    b = random_tensor((OC,), torch.float32, DEVICE)
+    out, g, grads = run_with_grad(
+        lambda x, w, b: pydl.conv1d(x, w, b, backend=backend, algo=algo, **opts), [x, w, b])
+    t_out, _, t_grads = run_with_grad(lambda x, w, b: F.conv1d(x, w, b, **opts), [x, w, b], g)
+    x64, w64 = x.double().cpu().numpy()[:, :, None], w.double().cpu().numpy()[:, :, None]
+    o2 = _options_2d(opts)
+    y64 = ref.conv2d(x64, w64, b.double().cpu().numpy(), **o2)[:, :, 0]
+    r_grads = ref.conv2d_backward(g.double().cpu().numpy()[:, :, None], x64, w64, has_bias=True,
+                                  **o2)
+    r_grads = [r_grads[0][:, :, 0], r_grads[1][:, :, 0], r_grads[2]]
+    assert out.shape == t_out.shape == y64.shape
+    if layout == "nlc" and backend == "triton":     # the output in the input's layout
+        assert out.transpose(1, 2).is_contiguous()
+    reductions = [C // groups * K, OC // groups * K, out.numel() // OC, out.numel() // OC]
+    assert_close(out, y64, torch.float32, reduction=reductions[0], tf32=TF32, name="forward")
+    assert_close(out, t_out, torch.float32, reduction=reductions[0], tf32=TF32,
+                 name="forward vs torch")
+    for name, ours, theirs, r, red in zip(("grad input", "grad weight", "grad bias"), grads,
+                                          t_grads, r_grads, reductions[1:]):
+        assert_close(ours, r, torch.float32, reduction=red, tf32=TF32, name=name)
+        assert_close(ours, theirs, torch.float32, reduction=red, tf32=TF32,
+                     name=f"{name} vs torch")
+
+
+def test_conv1d_unbatched_and_refusals():
+    backend, algo = VARIANTS[0]
+    x = random_tensor((4, 9), torch.float32, DEVICE)
+    w = random_tensor((6, 4, 3), torch.float32, DEVICE)
+    conv = lambda *a, **k: pydl.conv1d(*a, backend=backend, algo=algo, **k)  # noqa: E731
+    assert_close(conv(x, w, padding=1), F.conv1d(x, w, padding=1), torch.float32, reduction=12,
+                 tf32=TF32)
+    for option, value in (("stride", (2, 2)), ("stride", 2.0), ("padding", (1, 1)),
+                          ("dilation", True), ("stride", [])):
+        with pytest.raises(TypeError, match=f"{option} must be an int or a sequence of one int"):
+            conv(x, w, **{option: value})
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        conv(x[0], w)
+    with pytest.raises(ValueError, match="weight must be 3-D"):
+        conv(x, w[..., None])
+    with pytest.raises(ValueError, match="padding must be"):
+        conv(x, w, padding="full")
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        conv(x.double(), w.double())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_conv1d_module_is_drop_in(padding_mode):
+    theirs = torch.nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2,
+                             padding_mode=padding_mode).to(DEVICE)
+    ours = pydl.nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode=padding_mode,
+                          device=DEVICE, backend="triton")
+    assert isinstance(ours, torch.nn.Conv1d) and repr(ours) == repr(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor((2, 4, 11), torch.float32, DEVICE)
+    out, g, (dx,) = run_with_grad(lambda x: ours(x), [x])
+    t_out, _, (t_dx,) = run_with_grad(lambda x: theirs(x), [x], g)
+    assert_close(out, t_out, torch.float32, reduction=6, tf32=TF32)
+    assert_close(dx, t_dx, torch.float32, reduction=9, tf32=TF32)
+    assert_close(ours.weight.grad, theirs.weight.grad, torch.float32, reduction=12, tf32=TF32)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 @variants

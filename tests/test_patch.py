@@ -156,6 +156,29 @@ def test_cells_and_softmax_patched():
         assert_close(p.grad, q.grad, torch.float32, reduction=64, tf32=TF32, name=name)
 
 
+def test_one_d_layers_patched():
+    """Conv1d, MaxPool1d, AvgPool1d, AdaptiveAvgPool1d: swapped, and the same answers."""
+    ref = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 3, padding=1, padding_mode="replicate"),
+                              torch.nn.MaxPool1d(2), torch.nn.AvgPool1d(2, stride=1),
+                              torch.nn.AdaptiveAvgPool1d(2)).to(DEVICE)
+    model = copy.deepcopy(ref)
+    report = pydl.patch(model, backend="triton")
+    assert [s.pydl_type for s in report.patched] == [
+        "pydl.nn.Conv1d", "pydl.nn.MaxPool1d", "pydl.nn.AvgPool1d", "pydl.nn.AdaptiveAvgPool1d"]
+    assert report.skipped == []
+    x = random_tensor((2, 3, 9), torch.float32, DEVICE)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, r_out = model(xa), ref(xb)
+    assert_close(out, r_out, torch.float32, reduction=9, tf32=TF32)
+    out.square().sum().backward()
+    r_out.square().sum().backward()
+    assert_close(xa.grad, xb.grad, torch.float32, reduction=16, tf32=TF32, name="grad x")
+    assert_close(model[0].weight.grad, ref[0].weight.grad, torch.float32, reduction=16,
+                 tf32=TF32, name="grad weight")
+    pydl.unpatch(model)
+    assert [type(m) for m in model] == [type(m) for m in ref]
+
+
 def test_unsupported_options_reported_not_patched():
     model = torch.nn.ModuleDict({
         "bias_kv": torch.nn.MultiheadAttention(8, 2, add_bias_kv=True),      # supported

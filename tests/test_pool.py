@@ -445,6 +445,91 @@ def test_modules_are_drop_in(backend):
     assert torch.equal(idx, torch.nn.MaxPool2d(2, return_indices=True)(x)[1])
 
 
+# --- the 1-d pools: the 2-d kernels on a 1 x L image -----------------------------------------
+
+# (kind, options): max (kernel, stride, padding, dilation, ceil_mode), avg (kernel, stride,
+# padding, ceil_mode, count_include_pad), adaptive (output size)
+POOL1D = [
+    ("max", (3, 2, 1, 1, False)),
+    ("max", ((2,), (3,), (1,), (2,), True)),
+    ("max", (4, None, 2, 1, False)),
+    ("avg", (3, 2, 1, True, False)),
+    ("avg", ((4,), (3,), (2,), False, True)),
+    ("adaptive", 5),
+    ("adaptive", (1,)),
+]
+
+
+def _first(v):
+    return v[0] if isinstance(v, tuple) else v
+
+
+@backends
+@pytest.mark.parametrize("layout", ["ncl", "nlc", "unbatched"])
+@pytest.mark.parametrize("kind,opts", POOL1D, ids=lambda v: str(v).replace(" ", ""))
+def test_pool1d(backend, layout, kind, opts):
+    """max_pool1d (and its indices), avg_pool1d and adaptive_avg_pool1d, forward and gradient,
+    against torch's 1-d pools and the float64 reference (the 2-d one on a 1 x L image)."""
+    N, C, L = 2, 3, 13
+    x = random_tensor((N, C, L) if layout != "nlc" else (N, L, C), torch.float32, DEVICE)
+    x = x.transpose(1, 2) if layout == "nlc" else x[0] if layout == "unbatched" else x
+    ours = {"max": pydl.max_pool1d, "avg": pydl.avg_pool1d,
+            "adaptive": pydl.adaptive_avg_pool1d}[kind]
+    theirs = {"max": F.max_pool1d, "avg": F.avg_pool1d, "adaptive": F.adaptive_avg_pool1d}[kind]
+    args = opts if isinstance(opts, tuple) and kind != "adaptive" else (opts,)
+    out, g, (dx,) = run_with_grad(lambda t: ours(t, *args, backend=backend), [x])
+    t_out, _, (t_dx,) = run_with_grad(lambda t: theirs(t, *args), [x], g)
+    x64, g64 = x.double().cpu().numpy()[..., None, :], g.double().cpu().numpy()[..., None, :]
+    if kind == "max":
+        k, s, p, d, cm = map(_first, args)
+        s = k if s is None else s
+        y64, idx64 = ref.max_pool2d(x64, (1, k), (1, s), (0, p), (1, d), cm)
+        dx64 = ref.max_pool2d_backward(g64, idx64, x64.shape)
+        y, idx = ours(x, *args, return_indices=True, backend=backend)
+        assert torch.equal(idx, theirs(x, *args, return_indices=True)[1])
+        assert torch.equal(y, out)
+        window = k
+    elif kind == "avg":
+        k, s, p, cm, cip = map(_first, args)
+        o2 = dict(ceil_mode=cm, count_include_pad=cip)
+        y64 = ref.avg_pool2d(x64, (1, k), (1, s), (0, p), **o2)
+        dx64 = ref.avg_pool2d_backward(g64, x64.shape, (1, k), (1, s), (0, p), **o2)
+        window = k
+    else:
+        y64 = ref.adaptive_avg_pool2d(x64, (1, _first(opts)))
+        dx64 = ref.adaptive_avg_pool2d_backward(g64, x64.shape)
+        window = L
+    assert out.shape == t_out.shape
+    assert_close(out, y64[..., 0, :], torch.float32, reduction=window, name="forward")
+    assert_close(out, t_out, torch.float32, reduction=window, name="forward vs torch")
+    assert_close(dx, dx64[..., 0, :], torch.float32, reduction=window, name="grad")
+    assert_close(dx, t_dx, torch.float32, reduction=window, name="grad vs torch")
+
+
+def test_pool1d_modules_and_refusals():
+    x = random_tensor((2, 3, 10), torch.float32, DEVICE)
+    pairs = [
+        (pydl.nn.MaxPool1d(3, 2, 1, ceil_mode=True, backend="triton"),
+         torch.nn.MaxPool1d(3, 2, 1, ceil_mode=True)),
+        (pydl.nn.AvgPool1d(2, count_include_pad=False, backend="triton"),
+         torch.nn.AvgPool1d(2, count_include_pad=False)),
+        (pydl.nn.AdaptiveAvgPool1d(3, backend="triton"), torch.nn.AdaptiveAvgPool1d(3)),
+    ]
+    for ours, theirs in pairs:
+        assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+        assert_close(ours(x), theirs(x), torch.float32, reduction=10)
+    _, idx = pydl.nn.MaxPool1d(2, return_indices=True)(x)
+    assert torch.equal(idx, torch.nn.MaxPool1d(2, return_indices=True)(x)[1])
+    for call in (lambda: pydl.max_pool1d(x, (3, 3)), lambda: pydl.avg_pool1d(x, 2, 1.0),
+                 lambda: pydl.adaptive_avg_pool1d(x, (None,))):
+        with pytest.raises(TypeError, match="must be an int or a sequence of one int"):
+            call()
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        pydl.max_pool1d(x[..., None], 2)
+    with pytest.raises(ValueError, match="half the kernel"):
+        pydl.max_pool1d(x, 3, 1, 2)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 @backends
