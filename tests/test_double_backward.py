@@ -1,10 +1,10 @@
 """Double backward (gradients of gradients, create_graph=True) on the kernel backends.
 
-Supported ops (conv2d, the three pools, softmax, log_softmax, cross_entropy) must give the torch
-backend's second (and third) derivatives; attention (flash and naive, as torch's own fused
-attention kernels) must raise when its gradient is differentiated, never return a gradient that
-silently lacks its share. Kernels take no float64, so the comparison is with torch at fp32
-tolerance.
+Supported ops (conv2d, the three pools, the 1-d ops on them, softmax, log_softmax,
+cross_entropy) must give the torch backend's second (and third) derivatives; attention (flash
+and naive, as torch's own fused attention kernels) must raise when its gradient is
+differentiated, never return a gradient that silently lacks its share. Kernels take no
+float64, so the comparison is with torch at fp32 tolerance.
 """
 
 import pytest
@@ -86,6 +86,21 @@ def test_conv2d_gradient_penalty(backend, algo, opts):
 
     for name, a, b in zip("xwb", run(backend, algo), run("torch")):
         close(a, b, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_one_d_ops_second_order(backend):
+    """conv1d and the 1-d pools: the 2-d kernels' derivatives through the views."""
+    x = random_tensor((2, 4, 9), device=DEVICE)
+    w = random_tensor((6, 2, 3), device=DEVICE)
+
+    def fn(x, w, backend):
+        y = pydl.conv1d(x, w, padding=1, stride=(2,), groups=2, backend=backend)
+        return (pydl.avg_pool1d(y, 2, 1, backend=backend)[..., :3]
+                + pydl.adaptive_avg_pool1d(y, 3, backend=backend)
+                + pydl.max_pool1d(y, 2, 1, backend=backend)[..., :3])
+
+    check_second_order(fn, [x, w], backend)
 
 
 @pytest.mark.parametrize("backend,algo", CONV_VARIANTS)

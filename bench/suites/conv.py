@@ -61,6 +61,36 @@ class ConvCase(Case):
         ow = (w + 2 * self.padding - self.kernel) // self.stride + 1
         return n, c, self.out_channels, self.kernel, oh, ow, self.stride
 
+    @property
+    def taps(self) -> int:
+        """The kernel's positions: K x K."""
+        return self.kernel * self.kernel
+
+    @property
+    def pixels(self) -> int:
+        """The input's positions per channel and image."""
+        return self.shape[2] * self.shape[3]
+
+
+@dataclass(frozen=True)
+class Conv1dCase(ConvCase):
+    """shape = the input (N, C, L), a 1 x L image to the kernels; channels_last: laid out
+    (N, L, C), a transposed (N, L, C) activation (as a sequence model's conv1d gets it)."""
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int, int, int, int]:
+        n, c, length = self.shape
+        ol = (length + 2 * self.padding - self.kernel) // self.stride + 1
+        return n, c, self.out_channels, self.kernel, 1, ol, self.stride
+
+    @property
+    def taps(self) -> int:
+        return self.kernel
+
+    @property
+    def pixels(self) -> int:
+        return self.shape[2]
+
 
 # ResNet-50 v1.5's distinct convolutions: (name, C_in, C_out, kernel, stride, input size,
 # layers of torchvision's resnet50 with this shape, count in the network). 53 in all.
@@ -166,23 +196,21 @@ class Conv2dSuite(Suite):
         return dtype == F32 and uses_tf32(device, cudnn=True)
 
     def reduction_length(self, case):
-        _, c, _, k, _, _, _ = case.geometry
-        return c // case.groups * k * k
+        return case.shape[1] // case.groups * case.taps
 
     def reduction_lengths(self, case):
-        n, c, oc, k, oh, ow, _ = case.geometry
+        n, c, oc, _, oh, ow, _ = case.geometry
         # output: C K K terms a group; grad input: at most OC K K a group; grad weight: N OH OW
-        return (c // case.groups * k * k, oc // case.groups * k * k, n * oh * ow)
+        return (c // case.groups * case.taps, oc // case.groups * case.taps, n * oh * ow)
 
     def flops(self, case, direction):
-        n, c, oc, k, oh, ow, _ = case.geometry
-        fwd = 2 * n * oc * oh * ow * (c // case.groups) * k * k
+        n, c, oc, _, oh, ow, _ = case.geometry
+        fwd = 2 * n * oc * oh * ow * (c // case.groups) * case.taps
         return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[direction]
 
     def bytes(self, case, dtype, direction):
-        n, c, oc, k, oh, ow, _ = case.geometry
-        _, _, h, w = case.shape
-        x, wt, y = n * c * h * w, oc * (c // case.groups) * k * k, n * oc * oh * ow
+        n, c, oc, _, oh, ow, _ = case.geometry
+        x, wt, y = n * c * case.pixels, oc * (c // case.groups) * case.taps, n * oc * oh * ow
         fwd = x + wt + y
         bwd = y + x + wt + x + wt          # read dy, x, w; write dx, dw
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[direction] * dtype_size(dtype)
@@ -248,4 +276,82 @@ class DepthwiseConv2dSuite(Conv2dSuite):
             algos={"triton": ("implicit", "im2col"), "numba": ("im2col",)})
 
 
-SUITES = [Conv2dSuite(), DepthwiseConv2dSuite()]
+# conv1d: the convolutions of sequence models, on conv2d's kernels (pydl.conv1d): Whisper's
+# audio stem (two 3-wide convs over 3000 log-mel frames, the second strided; the mel features
+# arrive (N, 80, 3000) contiguous), and Mamba's causal depthwise mixer conv (4 taps, padding 3,
+# the first L outputs kept; its input is the in-projection's (N, L, D) output transposed, so
+# channels are contiguous). bf16.
+CONV1D = {
+    "tiny": (
+        Conv1dCase("tiny-1d-k3", (2, 4, 11), F32, "emulation check: conv1d k3/1 pad 1, 4->6 "
+                   "channels, (N, C, L)", out_channels=6, kernel=3, padding=1,
+                   channels_last=False),
+        Conv1dCase("tiny-1d-k3s2", (2, 8, 13), F16, "emulation check: conv1d k3/2 pad 1, 8->8 "
+                   "channels, (N, L, C) layout", out_channels=8, kernel=3, stride=2, padding=1),
+    ),
+    "quick": (
+        Conv1dCase("whisper-base-conv1", (16, 80, 3000), BF16,
+                   "Whisper base encoder conv1: 80 mel bins -> 512, k3/1 pad 1, 3000 frames; "
+                   "batch 16, (N, C, L)", out_channels=512, kernel=3, padding=1,
+                   channels_last=False),
+        Conv1dCase("whisper-base-conv2", (16, 512, 3000), BF16,
+                   "Whisper base encoder conv2: 512 -> 512, k3/2 pad 1, 3000 -> 1500 frames; "
+                   "batch 16, (N, C, L)", out_channels=512, kernel=3, stride=2, padding=1,
+                   channels_last=False),
+    ),
+}
+CONV1D["full"] = CONV1D["quick"] + (
+    Conv1dCase("whisper-large-conv2", (16, 1280, 3000), BF16,
+               "Whisper large encoder conv2: 1280 -> 1280, k3/2 pad 1, 3000 -> 1500 frames; "
+               "batch 16, (N, C, L)", out_channels=1280, kernel=3, stride=2, padding=1,
+               channels_last=False),)
+DEPTHWISE_CONV1D = {
+    "tiny": (
+        Conv1dCase("tiny-1d-causal-dw4", (2, 8, 10), F32, "emulation check: depthwise conv1d "
+                   "k4 pad 3 (causal), 8 channels, (N, L, C) layout", out_channels=8, kernel=4,
+                   padding=3, groups=8),
+    ),
+    "quick": (
+        Conv1dCase("mamba-1.4b-conv", (8, 4096, 2048), BF16,
+                   "Mamba-1.4B mixer conv1d: depthwise k4 pad 3 (causal), d_inner 4096, 2048 "
+                   "tokens; batch 8, (N, L, C) layout", out_channels=4096, kernel=4,
+                   padding=3, groups=4096),
+    ),
+}
+DEPTHWISE_CONV1D["full"] = DEPTHWISE_CONV1D["quick"] + (
+    Conv1dCase("mamba-130m-conv", (16, 1536, 2048), BF16,
+               "Mamba-130M mixer conv1d: depthwise k4 pad 3 (causal), d_inner 1536, 2048 "
+               "tokens; batch 16, (N, L, C) layout", out_channels=1536, kernel=4, padding=3,
+               groups=1536),)
+
+
+class Conv1dSuite(Conv2dSuite):
+    """conv1d (pydl.conv1d: conv2d's kernels on a 1 x L image) against torch's conv1d
+    (cuDNN's, which runs it as a 1 x L conv2d too)."""
+
+    def __init__(self, op="conv1d", shape_sets=CONV1D, bound="compute"):
+        Suite.__init__(
+            self, op=op, registry_op="conv2d", shape_sets=shape_sets, bound=bound,
+            differentiable=(0, 1),
+            notes="conv1d(x, w, stride, padding, groups), no bias; grads of x and w",
+            algos={"triton": ("implicit", "im2col"), "numba": ("im2col",)})
+
+    def make_inputs(self, case, dtype, device, generator):
+        n, c, length = case.shape
+        x = randn((n, length, c) if case.channels_last else (n, c, length), dtype, device,
+                  generator)
+        wt = randn((case.out_channels, c // case.groups, case.kernel), dtype, device, generator)
+        return (x.transpose(1, 2) if case.channels_last else x), wt
+
+    def pydl_fn(self, backend, algo=None):
+        import pydl
+        return lambda x, w, stride, padding, groups: pydl.conv1d(
+            x, w, None, stride, padding, groups=groups, backend=backend, algo=algo)
+
+    def torch_fn(self):
+        return lambda x, w, stride, padding, groups: torch.nn.functional.conv1d(
+            x, w, None, stride, padding, groups=groups)
+
+
+SUITES = [Conv2dSuite(), DepthwiseConv2dSuite(), Conv1dSuite(),
+          Conv1dSuite("conv1d_depthwise", DEPTHWISE_CONV1D, "memory")]
