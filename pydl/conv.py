@@ -35,6 +35,7 @@ The parts, a module each:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -191,11 +192,18 @@ class _Conv2dCall(Conv2dKernels):
     def kernels(self) -> Conv2dKernels:
         return Conv2dKernels(self.g, self.algo, self.backend)
 
+    @staticmethod
+    def image(t):
+        """A tensor of the call as the kernels see it, for planning (conv1d: its 1 x L view;
+        the launches then take the call's own tensors by pointer, pydl/_plan.py's rule)."""
+        return t
+
     def forward(self, x, w, b):
         y = fresh(self.new_y)
         run = self.fwd
         if run is None:
-            run = self.launcher.plan_forward(x, w, b, y, self.g)
+            image = self.image
+            run = self.launcher.plan_forward(image(x), image(w), b, image(y), self.g)
             if not capturing():
                 self.fwd = run
         run(x, w, w if b is None else b, y)
@@ -217,7 +225,7 @@ class _Conv2dCall(Conv2dKernels):
                 self.bwd[key] = runs
         run = runs[which]
         if run is None:
-            run = runs[which] = plan(dy, *tensors, self.g)
+            run = runs[which] = plan(*map(self.image, (dy, *tensors)), self.g)
         return run
 
     def backward_input(self, dy, w, x):
@@ -261,22 +269,99 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return call(input, weight, bias)
 
 
+# --- conv1d: the same kernels and plans on a 1 x L image -------------------------------------
+
+def _one_d(t):
+    """A conv1d tensor (input, weight, output, their gradients: 3-d) as the 1 x L image
+    conv2d's kernels take (a view); a bias, and what already is 4-d, as they are."""
+    return t.unsqueeze(-2) if t is not None and t.dim() == 3 else t
+
+
+def _one_d_maker(make):
+    """An output_maker of the 1 x L image's tensor, making it in its 1-d form: the same
+    strides without the unit axis's. Not a view, so a caller may write it in place."""
+    shape, stride = make.args
+    return functools.partial(torch.empty_strided, shape[:2] + shape[3:], stride[:2] + stride[3:],
+                             **make.keywords)
+
+
+class _Conv1dKernels(Conv2dKernels):
+    """conv2d's kernel ops on conv1d's tensors, for the double backward's Functions: each on
+    the 1 x L images, its output back in the 1-d shape (a copy: a view made inside a Function
+    would refuse in-place use)."""
+
+    __slots__ = ()
+
+    def forward(self, x, w, b):
+        return super().forward(_one_d(x), _one_d(w), b).squeeze(-2).clone()
+
+    def grad_output(self, dy, x):
+        return super().grad_output(_one_d(dy), _one_d(x)).squeeze(-2)
+
+    def backward_input(self, dy, w, x):
+        return super().backward_input(_one_d(dy), _one_d(w), _one_d(x)).squeeze(-2).clone()
+
+    def backward_weight(self, dy, x, w):
+        return super().backward_weight(_one_d(dy), _one_d(x), _one_d(w)).squeeze(-2).clone()
+
+    def backward_bias(self, dy):
+        return super().backward_bias(_one_d(dy))
+
+
+class _Conv1dCall(_Conv2dCall):
+    """conv1d for one call signature: conv2d's call of the 1 x L image, checked on views of
+    the tensors. In eager mode on a kernel backend its Function takes the 1-d tensors
+    themselves: the launches are planned on their 1 x L views and take the tensors by pointer,
+    and the outputs are made in their 1-d shapes, so a call adds no view, and no view's
+    autograd node, to conv2d's. Otherwise (torch.compile, another implementation, an
+    unbatched input) the 2-d call runs on the views."""
+
+    __slots__ = ()
+    image = staticmethod(_one_d)
+
+    def __init__(self, input, weight, bias, stride, padding, dilation, groups, backend, algo):
+        name = backend or current_backend()
+        check_tensor(input, "input", name, ndims=(2, 3))
+        check_tensor(weight, "weight", name, ndims=(3,))
+        if not isinstance(padding, str):
+            padding = (0, single(padding, "padding"))
+        super().__init__(input.unsqueeze(-2), weight.unsqueeze(-2), bias,
+                         (1, single(stride, "stride")), padding,
+                         (1, single(dilation, "dilation")), groups, backend, algo)
+        if self.eager:
+            self.new_y, self.new_dx, self.new_dw = map(_one_d_maker,
+                                                       (self.new_y, self.new_dx, self.new_dw))
+
+    def __call__(self, input, weight, bias):
+        if self.eager:
+            return super().__call__(input, weight, bias)
+        return super().__call__(input.unsqueeze(-2), weight.unsqueeze(-2), bias).squeeze(-2)
+
+    def kernels(self) -> Conv2dKernels:
+        return _Conv1dKernels(self.g, self.algo, self.backend)
+
+    def grad_output(self, dy, x):
+        if not self.grad_layout:
+            return dy
+        # in the 1-d shape again: the double backward's Functions take it as an input
+        return super().grad_output(_one_d(dy), x).squeeze(-2)
+
+
+def _call_key_1d(*args):
+    return ("conv1d", *_call_key(*args))
+
+
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
            backend=None, algo=None):
     """torch.nn.functional.conv1d on conv2d's kernels and plans: a length-L signal is a 1 x L
-    image (cuDNN runs conv1d so too). The input and weight go in as unsqueezed views (no copy:
-    an input laid out (N, L, C), as a transposed (N, L, C) activation is, is channels_last
-    there and its output keeps that layout), each option as (1, option), and the output comes
-    back as a view; gradients flow through the views. Options: int or one-int sequences as in
-    torch, padding also "same" / "valid"; `algo=` as conv2d's."""
-    name = backend or current_backend()
-    check_tensor(input, "input", name, ndims=(2, 3))
-    check_tensor(weight, "weight", name, ndims=(3,))
-    if not isinstance(padding, str):
-        padding = (0, single(padding, "padding"))
-    return conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, single(stride, "stride")),
-                  padding, (1, single(dilation, "dilation")), groups, backend=backend,
-                  algo=algo).squeeze(-2)
+    image (cuDNN runs conv1d so too; _Conv1dCall). An input laid out (N, L, C), as a
+    transposed (N, L, C) activation is, is channels_last as an image, uncopied, and its output
+    keeps that layout. Options: an int or a sequence of one int as in torch, padding also
+    "same" / "valid"; `algo=` as conv2d's."""
+    input, weight, bias = autocast_inputs("conv2d", input, weight, bias)
+    call = _CALLS.call(_call_key_1d, _Conv1dCall, input, weight, bias, stride, padding, dilation,
+                       groups, backend, algo)
+    return call(input, weight, bias)
 
 
 __all__ = ["conv1d", "conv2d", "conv_geometry", "ConvGeometry", "Conv2dFunction", "Conv2dKernels",

@@ -913,6 +913,21 @@ def test_conv1d(backend, algo, case, layout):
                      name=f"{name} vs torch")
 
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_conv1d_output_takes_in_place_ops(backend):
+    """The planned conv1d makes its output in its 1-d shape (not a view of a 1 x L image, which
+    autograd would refuse to modify in place inside a custom Function's output)."""
+    x = random_tensor((2, 4, 9), torch.float32, DEVICE).requires_grad_()
+    w = random_tensor((6, 4, 3), torch.float32, DEVICE).requires_grad_()
+    y = pydl.conv1d(x, w, padding=1, backend=backend)
+    assert y._base is None
+    y.relu_().sum().backward()
+    xt, wt = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.conv1d(xt, wt, padding=1).relu_().sum().backward()
+    assert_close(x.grad, xt.grad, torch.float32, reduction=18, tf32=TF32)
+    assert_close(w.grad, wt.grad, torch.float32, reduction=18, tf32=TF32)
+
+
 def test_conv1d_unbatched_and_refusals():
     backend, algo = VARIANTS[0]
     x = random_tensor((4, 9), torch.float32, DEVICE)

@@ -42,6 +42,10 @@ LAUNCHES = {
     ("conv2d", "triton-im2col"): (2, 4),
     ("conv2d", "triton-implicit", "l1-1x1-64-256"): (1, 2),
     ("conv2d_depthwise", "triton-implicit"): (1, 2),
+    # conv1d: conv2d's launches, on the 1-d tensors themselves (no view, no copy)
+    ("conv1d", "triton-implicit"): (1, 2),
+    ("conv1d_depthwise", "triton-implicit"): (1, 2),
+    ("conv1d", "numba-im2col"): (2, 4),
     ("max_pool2d", "triton"): (1, 1),
     ("avg_pool2d", "triton"): (1, 1),
     ("adaptive_avg_pool2d", "triton"): (1, 1),
