@@ -144,6 +144,15 @@ def _conv(rng, dtype, backend, algo, size="tiny"):
     w = _tensor(rng, (OC, C // groups, KH, KW), dtype, _layout(rng))
     b = _tensor(rng, (OC,), dtype) if rng.random() < 0.6 else None
     opts = dict(stride=stride, padding=padding, dilation=dil, groups=groups)
+    if rng.random() < 0.2:      # conv1d: the case's W axis alone, options as ints or 1-tuples
+        def one(v):
+            v = v[1] if isinstance(v, list) else v
+            return v if isinstance(v, str) or rng.random() < 0.5 else (v,)
+        x, w = x[..., 0, :], w[..., 0, :]
+        opts = dict(stride=one(stride), padding=one(padding), dilation=one(dil), groups=groups)
+        case = f"conv1d x{tuple(x.shape)} w{tuple(w.shape)} bias={b is not None} {opts}"
+        return (case, lambda x, w, b: pydl.conv1d(x, w, b, **opts, backend=backend, algo=algo),
+                lambda x, w, b: F.conv1d(x, w, b, **opts), [x, w, b], C // groups * KW)
     case = f"conv2d x{tuple(shape)} w{tuple(w.shape)} bias={b is not None} {opts} algo={algo}"
     return (case, lambda x, w, b: pydl.conv2d(x, w, b, **opts, backend=backend, algo=algo),
             lambda x, w, b: F.conv2d(x, w, b, **opts), [x, w, b], C // groups * KH * KW)
@@ -178,6 +187,16 @@ def _pool(rng, dtype, backend, algo, size="tiny"):
         opts = dict(output_size=size if rng.random() < 0.7 else (size[0] or 2))
         ours = lambda x: pydl.adaptive_avg_pool2d(x, **opts, backend=backend)  # noqa: E731
         theirs = lambda x: F.adaptive_avg_pool2d(x, **opts)  # noqa: E731
+    if rng.random() < 0.2:      # the 1-d pool: the case's W axis alone, options as ints
+        x = x[..., 0, :]
+        opts = {k: v[1] if isinstance(v, list) else v for k, v in opts.items()
+                if k != "divisor_override"}
+        if kind == "adaptive":
+            opts["output_size"] = opts["output_size"] or 3
+        name = {"max": "max_pool1d", "avg": "avg_pool1d", "adaptive": "adaptive_avg_pool1d"}[kind]
+        ours = lambda x: getattr(pydl, name)(x, **opts, backend=backend)  # noqa: E731
+        theirs = lambda x: getattr(F, name)(x, **opts)  # noqa: E731
+        return f"{name} x{tuple(x.shape)} {opts}", ours, theirs, [x], 16
     return f"{kind}_pool x{tuple(shape)} {opts}", ours, theirs, [x], 16
 
 
