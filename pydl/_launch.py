@@ -66,6 +66,22 @@ def output_maker(shape, dtype: torch.dtype, device: torch.device,
                              device=device)
 
 
+def image_view(t):
+    """A 1-d op's (N, C, L) tensor as the 1 x L image the 2-d kernels take (a view): conv1d's
+    and the 1-d pools' plans plan their launches on it, then give the launches the 1-d tensors
+    by pointer. Anything else (a bias, an already 4-d tensor, None, a geometry) as it is."""
+    return t.unsqueeze(-2) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+
+
+def signal_maker(make):
+    """An output_maker of a 1 x L image's tensor, making it in its 1-d form instead: the same
+    strides without the unit axis's. Not a view, so the caller may write it in place (a view
+    made inside a custom Function refuses in-place use)."""
+    shape, stride = make.args
+    return functools.partial(torch.empty_strided, shape[:2] + shape[3:], stride[:2] + stride[3:],
+                             **make.keywords)
+
+
 def fresh(make) -> torch.Tensor:
     """A new output from an `output_maker` (NaN-filled under `poisoned_outputs`)."""
     out = make()

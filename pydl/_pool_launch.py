@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._launch import cdiv, next_power_of_2, planned_once
+from ._launch import cdiv, image_view, next_power_of_2, planned_once
 from ._library import Geometry
 from ._numba_launch import NumbaLaunch, numba_launch_1d
 from ._plan import BatchSlices, Cache, Launch, batch_launch
@@ -234,7 +234,8 @@ def _plan_cells_bwd(name: str, dy, idx, dx, g: PoolGeometry, **consts):
     fmt = torch.channels_last if _channels_fastest(dx) else torch.contiguous_format
     if not dy.is_contiguous(memory_format=fmt):
         launch = _plan_cells_bwd(name, dy.contiguous(memory_format=fmt), idx, dx, g, **consts)
-        return lambda dy, *rest: launch(dy.contiguous(memory_format=fmt), *rest)
+        # (a 1-d pool's plan passes its (N, C, L) gradient: as its 1 x L image)
+        return lambda dy, *rest: launch(image_view(dy).contiguous(memory_format=fmt), *rest)
     # cells (i, j) of SH x SW input positions each, one per stride phase
     ni, nj = cdiv(g.H, g.SH), cdiv(g.W, g.SW)
     dim = 1 if _channels_fastest(dx) else 3             # the contiguous one

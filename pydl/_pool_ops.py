@@ -108,6 +108,10 @@ class PoolKernels:
         """The ops for tensors of any strides (the double backward's)."""
         return self
 
+    def like(self, t: Tensor) -> "PoolKernels":
+        """These ops for a gradient laid out as `t` (the double backward's)."""
+        return PoolKernels(self.g, self.backend, self.adaptive, _channels_last(t))
+
     def max_forward(self, x, mode: int):
         """(y, argmax in `mode`'s format; unused for INDEX_NONE)."""
         return _max_pool2d_fwd(x, self.g, mode, self.backend)
@@ -160,8 +164,8 @@ class _MaxPool2dBackward(torch.autograd.Function):
     def backward(ctx, ddx):
         (idx,) = ctx.saved_tensors
         flat = _flat_indices(idx, ctx.mode, ctx.g)
-        N, C, OH, OW = flat.shape
-        return (ddx.reshape(N, C, -1).gather(2, flat.reshape(N, C, -1)).view(N, C, OH, OW), None,
+        n, c = flat.shape[:2]       # (N, C, OH, OW), or (N, C, OL) for a 1-d pool
+        return (ddx.reshape(n, c, -1).gather(2, flat.reshape(n, c, -1)).view(flat.shape), None,
                 None, None)
 
 
@@ -204,6 +208,4 @@ class _AvgPool2dBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ddx):
-        ops = ctx.ops
-        return AvgPool2dFunction.apply(ddx, PoolKernels(ops.g, ops.backend, ops.adaptive,
-                                                        _channels_last(ddx))), None
+        return AvgPool2dFunction.apply(ddx, ctx.ops.like(ddx)), None

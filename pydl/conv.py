@@ -35,7 +35,6 @@ The parts, a module each:
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -44,7 +43,14 @@ from ._checks import check_tensor
 from ._conv_common import ConvGeometry, _launch_nothing
 from ._conv_implicit import _depthwise
 from ._conv_ops import ALGOS, Conv2dFunction, Conv2dKernels, _weight_grad_format, _y_shape
-from ._launch import fresh, memory_format_of, output_maker, tf32_allowed
+from ._launch import (
+    fresh,
+    image_view,
+    memory_format_of,
+    output_maker,
+    signal_maker,
+    tf32_allowed,
+)
 from ._library import autocast_inputs
 from ._plan import (
     GRID_YZ_MAX,
@@ -271,20 +277,6 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 
 # --- conv1d: the same kernels and plans on a 1 x L image -------------------------------------
 
-def _one_d(t):
-    """A conv1d tensor (input, weight, output, their gradients: 3-d) as the 1 x L image
-    conv2d's kernels take (a view); a bias, and what already is 4-d, as they are."""
-    return t.unsqueeze(-2) if t is not None and t.dim() == 3 else t
-
-
-def _one_d_maker(make):
-    """An output_maker of the 1 x L image's tensor, making it in its 1-d form: the same
-    strides without the unit axis's. Not a view, so a caller may write it in place."""
-    shape, stride = make.args
-    return functools.partial(torch.empty_strided, shape[:2] + shape[3:], stride[:2] + stride[3:],
-                             **make.keywords)
-
-
 class _Conv1dKernels(Conv2dKernels):
     """conv2d's kernel ops on conv1d's tensors, for the double backward's Functions: each on
     the 1 x L images, its output back in the 1-d shape (a copy: a view made inside a Function
@@ -293,19 +285,21 @@ class _Conv1dKernels(Conv2dKernels):
     __slots__ = ()
 
     def forward(self, x, w, b):
-        return super().forward(_one_d(x), _one_d(w), b).squeeze(-2).clone()
+        return super().forward(image_view(x), image_view(w), b).squeeze(-2).clone()
 
     def grad_output(self, dy, x):
-        return super().grad_output(_one_d(dy), _one_d(x)).squeeze(-2)
+        return super().grad_output(image_view(dy), image_view(x)).squeeze(-2)
 
     def backward_input(self, dy, w, x):
-        return super().backward_input(_one_d(dy), _one_d(w), _one_d(x)).squeeze(-2).clone()
+        dx = super().backward_input(image_view(dy), image_view(w), image_view(x))
+        return dx.squeeze(-2).clone()
 
     def backward_weight(self, dy, x, w):
-        return super().backward_weight(_one_d(dy), _one_d(x), _one_d(w)).squeeze(-2).clone()
+        dw = super().backward_weight(image_view(dy), image_view(x), image_view(w))
+        return dw.squeeze(-2).clone()
 
     def backward_bias(self, dy):
-        return super().backward_bias(_one_d(dy))
+        return super().backward_bias(image_view(dy))
 
 
 class _Conv1dCall(_Conv2dCall):
@@ -317,7 +311,7 @@ class _Conv1dCall(_Conv2dCall):
     unbatched input) the 2-d call runs on the views."""
 
     __slots__ = ()
-    image = staticmethod(_one_d)
+    image = staticmethod(image_view)
 
     def __init__(self, input, weight, bias, stride, padding, dilation, groups, backend, algo):
         name = backend or current_backend()
@@ -329,7 +323,7 @@ class _Conv1dCall(_Conv2dCall):
                          (1, single(stride, "stride")), padding,
                          (1, single(dilation, "dilation")), groups, backend, algo)
         if self.eager:
-            self.new_y, self.new_dx, self.new_dw = map(_one_d_maker,
+            self.new_y, self.new_dx, self.new_dw = map(signal_maker,
                                                        (self.new_y, self.new_dx, self.new_dw))
 
     def __call__(self, input, weight, bias):
@@ -344,7 +338,7 @@ class _Conv1dCall(_Conv2dCall):
         if not self.grad_layout:
             return dy
         # in the 1-d shape again: the double backward's Functions take it as an input
-        return super().grad_output(_one_d(dy), x).squeeze(-2)
+        return super().grad_output(image_view(dy), x).squeeze(-2)
 
 
 def _call_key_1d(*args):

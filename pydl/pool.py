@@ -17,7 +17,7 @@ import math
 import torch
 
 from ._checks import check_tensor
-from ._launch import fresh, memory_format_of, output_maker
+from ._launch import fresh, image_view, memory_format_of, output_maker, signal_maker
 from ._library import memory_format
 from ._plan import (
     Cache,
@@ -179,9 +179,16 @@ class _PoolCall(PoolKernels):
     def kernels(self) -> PoolKernels:
         return PoolKernels(self.g, self.backend, self.adaptive, self.channels_last)
 
+    @staticmethod
+    def image(t):
+        """A tensor of the call as the kernels see it, for planning (a 1-d pool: its 1 x L
+        view; the launches then take the call's own tensors by pointer)."""
+        return t
+
     def _run(self, runs: dict, key, plan, *args):
-        """runs[key], else plan(*args) kept there (not under a CUDA graph capture)."""
-        run = plan(*args)
+        """runs[key], else plan(*args) kept there (not under a CUDA graph capture); args'
+        tensors as the kernels see them."""
+        run = plan(*map(self.image, args))
         if not capturing():
             runs[key] = run
         return run
@@ -230,25 +237,25 @@ def _key(input, *options):
 
 
 def _max_pool2d_call(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                     backend):
+                     backend, cls=_PoolCall):
     name, impl = dispatch("max_pool2d", backend, input)
     shape, unbatched = _batched_shape(input, name)
     g = _geometry(shape, kernel_size, stride, padding, dilation, bool(ceil_mode))
-    return _PoolCall(impl, name, g, input, unbatched, True, indices=bool(return_indices))
+    return cls(impl, name, g, input, unbatched, True, indices=bool(return_indices))
 
 
 def _avg_pool2d_call(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override, backend):
+                     divisor_override, backend, cls=_PoolCall):
     name, impl = dispatch("avg_pool2d", backend, input)
     shape, unbatched = _batched_shape(input, name)
     if divisor_override is not None:
         divisor_override = positive_int(divisor_override, "divisor_override")
     g = _geometry(shape, kernel_size, stride, padding, 1, bool(ceil_mode),
                   count_include_pad=bool(count_include_pad), divisor=divisor_override or 0)
-    return _PoolCall(impl, name, g, input, unbatched, False)
+    return cls(impl, name, g, input, unbatched, False)
 
 
-def _adaptive_avg_pool2d_call(input, output_size, backend):
+def _adaptive_avg_pool2d_call(input, output_size, backend, cls=_PoolCall):
     name, impl = dispatch("adaptive_avg_pool2d", backend, input)
     (N, C, H, W), unbatched = _batched_shape(input, name)
     if isinstance(output_size, (list, tuple)):
@@ -265,8 +272,8 @@ def _adaptive_avg_pool2d_call(input, output_size, backend):
     if OH < 0 or OW < 0:
         raise ValueError(f"output_size must be non-negative, got {output_size}")
     _check_not_empty((N, 1, H, W))      # 0 channels: an empty output, as torch gives
-    return _PoolCall(impl, name, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), input,
-                     unbatched, False, adaptive=True)
+    return cls(impl, name, PoolGeometry(N, C, H, W, int(OH), int(OW), 1, 1, 1, 1), input,
+               unbatched, False, adaptive=True)
 
 
 _CALLS = {"max": Cache("max_pool2d calls"), "avg": Cache("avg_pool2d calls"),
@@ -294,12 +301,64 @@ def adaptive_avg_pool2d(input, output_size, *, backend=None):
                                    backend)(input)
 
 
-# The 1-d pools run on the 2-d ones' kernels and plans: a length-L signal is a 1 x L image (an
-# unsqueezed view, no copy; a (N, L, C)-strided input is channels_last there), each option
-# (1, option) as torch's own 1-d pools do, and the outputs come back as views.
+# --- the 1-d pools: the same kernels and plans on a 1 x L image ------------------------------
+
+class _Pool1dKernels(PoolKernels):
+    """The pools' kernel ops on a 1-d pool's tensors, for the double backward's Functions:
+    each on the 1 x L images, its output back in the 1-d shape (a copy: a view made inside a
+    Function would refuse in-place use)."""
+
+    __slots__ = ()
+
+    def like(self, t) -> PoolKernels:
+        return _Pool1dKernels(self.g, self.backend, self.adaptive,
+                              _channels_last(image_view(t)))
+
+    def max_forward(self, x, mode: int):
+        y, idx = super().max_forward(image_view(x), mode)
+        return y.squeeze(-2).clone(), idx if mode == INDEX_NONE else idx.squeeze(-2).clone()
+
+    def max_backward(self, dy, idx, mode: int):
+        return super().max_backward(image_view(dy), image_view(idx), mode).squeeze(-2).clone()
+
+    def avg_forward(self, x):
+        return super().avg_forward(image_view(x)).squeeze(-2).clone()
+
+    def avg_backward(self, dy):
+        return super().avg_backward(image_view(dy)).squeeze(-2).clone()
+
+
+class _Pool1dCall(_PoolCall):
+    """A 1-d pool for one call signature: the 2-d pool's call of the 1 x L image (built on a
+    view of the input). In eager mode on a kernel backend its Function takes the 1-d tensor
+    itself: the launches are planned on 1 x L views and take the tensors by pointer, the
+    outputs are made in their 1-d shapes (conv1d's design). Otherwise (torch.compile, another
+    implementation, an unbatched input) the 2-d call runs on a view."""
+
+    __slots__ = ()
+    image = staticmethod(image_view)
+
+    def __init__(self, impl, name: str, g: PoolGeometry, input, unbatched: bool, max_pool: bool,
+                 adaptive: bool = False, indices: bool = False):
+        super().__init__(impl, name, g, input, unbatched, max_pool, adaptive, indices)
+        if self.eager:
+            self.new_y, self.new_dx = signal_maker(self.new_y), signal_maker(self.new_dx)
+            self.new_idx = {mode: signal_maker(make) for mode, make in self.new_idx.items()}
+
+    def __call__(self, input):
+        if self.eager:
+            return super().__call__(input)
+        out = super().__call__(input.unsqueeze(-2))
+        if self.max and self.indices:    # a 1 x L image's flat indices: positions along L
+            return out[0].squeeze(-2), out[1].squeeze(-2)
+        return out.squeeze(-2)
+
+    def kernels(self) -> PoolKernels:
+        return _Pool1dKernels(self.g, self.backend, self.adaptive, self.channels_last)
+
 
 def _image(input, backend):
-    """input (C, L) or (N, C, L) as a 1 x L image's view, checked as a 1-d pool's input."""
+    """input (C, L) or (N, C, L), checked as a 1-d pool's input, as a 1 x L image's view."""
     check_tensor(input, "input", backend or current_backend(), ndims=(2, 3))
     return input.unsqueeze(-2)
 
@@ -310,29 +369,49 @@ def _stride_1d(stride):
     return (1, single(stride, "stride"))
 
 
+def _max_pool1d_call(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
+                     backend):
+    return _max_pool2d_call(_image(input, backend), (1, single(kernel_size, "kernel_size")),
+                            _stride_1d(stride), (0, single(padding, "padding")),
+                            (1, single(dilation, "dilation")), ceil_mode, return_indices,
+                            backend, _Pool1dCall)
+
+
+def _avg_pool1d_call(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     backend):
+    return _avg_pool2d_call(_image(input, backend), (1, single(kernel_size, "kernel_size")),
+                            _stride_1d(stride), (0, single(padding, "padding")), ceil_mode,
+                            count_include_pad, None, backend, _Pool1dCall)
+
+
+def _adaptive_avg_pool1d_call(input, output_size, backend):
+    return _adaptive_avg_pool2d_call(_image(input, backend),
+                                     (1, single(output_size, "output_size")), backend,
+                                     _Pool1dCall)
+
+
+_CALLS_1D = {"max": Cache("max_pool1d calls"), "avg": Cache("avg_pool1d calls"),
+             "adaptive": Cache("adaptive_avg_pool1d calls")}
+
+
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False, *, backend=None):
     """torch.nn.functional.max_pool1d; with return_indices, (output, int64 indices along L)."""
-    out = max_pool2d(_image(input, backend), (1, single(kernel_size, "kernel_size")),
-                     _stride_1d(stride), (0, single(padding, "padding")),
-                     (1, single(dilation, "dilation")), ceil_mode, return_indices,
-                     backend=backend)
-    # a 1 x L image's flat indices are the positions along L
-    return (out[0].squeeze(-2), out[1].squeeze(-2)) if return_indices else out.squeeze(-2)
+    return _CALLS_1D["max"].call(_key, _max_pool1d_call, input, kernel_size, stride, padding,
+                                 dilation, ceil_mode, return_indices, backend)(input)
 
 
 def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                count_include_pad=True, *, backend=None):
     """torch.nn.functional.avg_pool1d."""
-    return avg_pool2d(_image(input, backend), (1, single(kernel_size, "kernel_size")),
-                      _stride_1d(stride), (0, single(padding, "padding")), ceil_mode,
-                      count_include_pad, backend=backend).squeeze(-2)
+    return _CALLS_1D["avg"].call(_key, _avg_pool1d_call, input, kernel_size, stride, padding,
+                                 ceil_mode, count_include_pad, backend)(input)
 
 
 def adaptive_avg_pool1d(input, output_size, *, backend=None):
     """torch.nn.functional.adaptive_avg_pool1d; output_size an int (or a sequence of one)."""
-    return adaptive_avg_pool2d(_image(input, backend), (1, single(output_size, "output_size")),
-                               backend=backend).squeeze(-2)
+    return _CALLS_1D["adaptive"].call(_key, _adaptive_avg_pool1d_call, input, output_size,
+                                      backend)(input)
 
 
 __all__ = ["max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",

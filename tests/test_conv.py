@@ -863,6 +863,7 @@ CONV1D = {
     "strided": ((2, 4, 13), 6, 3, dict(stride=2, padding=1)),
     "same_dilated": ((1, 4, 12), 4, 3, dict(padding="same", dilation=2)),
     "causal_depthwise": ((2, 8, 10), 8, 4, dict(padding=3, groups=8)),   # Mamba's mixer conv
+    "pointwise_strided": ((2, 8, 9), 6, 1, dict(stride=2)),       # the shared GEMM's route
     "one_int_tuples": ((2, 4, 9), 6, 2, dict(stride=(2,), padding=(1,), dilation=(2,),
                                              groups=2)),
 }

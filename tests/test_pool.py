@@ -520,6 +520,15 @@ def test_pool1d_modules_and_refusals():
         assert_close(ours(x), theirs(x), torch.float32, reduction=10)
     _, idx = pydl.nn.MaxPool1d(2, return_indices=True)(x)
     assert torch.equal(idx, torch.nn.MaxPool1d(2, return_indices=True)(x)[1])
+    # the planned 1-d pools make their outputs in their 1-d shapes (not views of a 1 x L
+    # image, which autograd would refuse to modify in place inside a Function's output)
+    for ours, theirs in ((pydl.max_pool1d, F.max_pool1d), (pydl.avg_pool1d, F.avg_pool1d)):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = ours(xa, 3, 2)
+        assert y._base is None
+        y.mul_(2).sum().backward()
+        theirs(xb, 3, 2).mul_(2).sum().backward()
+        assert_close(xa.grad, xb.grad, torch.float32, reduction=3)
     for call in (lambda: pydl.max_pool1d(x, (3, 3)), lambda: pydl.avg_pool1d(x, 2, 1.0),
                  lambda: pydl.adaptive_avg_pool1d(x, (None,))):
         with pytest.raises(TypeError, match="must be an int or a sequence of one int"):
