@@ -283,6 +283,24 @@ def _conv_layer(C: int, OC: int, K: int, S: int, H: int, x_grad: bool = True,
     return run
 
 
+def _conv1d_layer(N: int, C: int, OC: int, K: int, S: int, L: int, padding: int,
+                  groups: int = 1, channels_last: bool = False):
+    """A conv1d of bench/suites/conv.py (Whisper's stem, Mamba's mixer conv), bf16, through
+    pydl.conv1d forward and backward as the benchmark runs it: channels_last an (N, L, C)
+    input transposed, with its upstream gradient in the output's layout."""
+    def run():
+        import torch
+
+        import pydl
+        bf = torch.bfloat16
+        x = (torch.empty(N, L, C, dtype=bf).transpose(1, 2) if channels_last
+             else torch.empty(N, C, L, dtype=bf)).requires_grad_()
+        w = torch.empty(OC, C // groups, K, dtype=bf, requires_grad=True)
+        y = pydl.conv1d(x, w, None, S, padding, groups=groups)
+        torch.autograd.grad(y, [x, w], torch.empty_like(y))
+    return run
+
+
 def _cross_entropy_vocab(n: int, c: int):
     """cross_entropy(logits (n, c) bf16, class indices), mean, as the benchmark runs it:
     training (forward and backward, upstream gradient 1) and the inference forward."""
@@ -340,6 +358,10 @@ PROBLEMS = (
     ("conv", "mbv2 dw 3x3 32 112^2", _conv_layer(32, 32, 3, 1, 112, groups=32)),
     ("conv", "mbv2 dw 3x3/2 144 56^2", _conv_layer(144, 144, 3, 2, 56, groups=144)),
     ("conv", "convnext dw 7x7 96 56^2", _conv_layer(96, 96, 7, 1, 56, groups=96)),
+    ("conv", "conv1d whisper-base-conv1", _conv1d_layer(16, 80, 512, 3, 1, 3000, 1)),
+    ("conv", "conv1d whisper-base-conv2", _conv1d_layer(16, 512, 512, 3, 2, 3000, 1)),
+    ("conv", "conv1d mamba-1.4b dw k4", _conv1d_layer(8, 4096, 4096, 4, 1, 2048, 3,
+                                                      groups=4096, channels_last=True)),
     ("cross_entropy", "v32k bf16", _cross_entropy_vocab(8192, 32768)),
     ("cross_entropy", "distill-v32k soft bf16", _cross_entropy_soft(8192, 32768)),
     ("softmax", "attn-2k bf16", _softmax_rows(32 * 2048, 2048)),
