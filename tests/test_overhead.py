@@ -208,6 +208,33 @@ def test_inference_launches_no_torch_kernels_or_syncs():
                     r["syncs"]) == ("inf", want, want, INF_ATEN.get(key[:2], 0), 0), (key, r)
 
 
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+@pytest.mark.parametrize("layout", ["ncl", "nlc"])
+@pytest.mark.parametrize("op", ["max_pool1d", "avg_pool1d", "adaptive_avg_pool1d"])
+def test_one_d_pools_launch_as_the_2d_ones(op, layout, backend):
+    """A 1-d pool's planned call (pydl.pool._Pool1dCall) launches the 2-d pool's kernel on the
+    1-d tensors: one launch forward and one backward, each on the direct path after the
+    first call (the 1-d tensors' pointers in the 2-d launch's place), no torch kernel, no
+    synchronisation (an (N, L, C) gradient of an (N, L, C) input is not copied)."""
+    x = torch.randn(4, 16, 50) if layout == "ncl" else torch.randn(4, 50, 16).transpose(1, 2)
+    x.requires_grad_()
+    args = (5,) if op == "adaptive_avg_pool1d" else (3, 2)
+    call = lambda: getattr(pydl, op)(x, *args, backend=backend)  # noqa: E731
+    with overhead.stubbed_launches(), poisoned_outputs(False):      # no test fills
+        for _ in range(3):                          # past the first calls' own paths
+            y = call()
+            g = torch.empty_like(y)
+            with torch.no_grad():
+                y.grad_fn.apply(g)
+        fwd = overhead.counted(call)
+        with torch.no_grad():       # as the engine runs a backward without create_graph
+            bwd = overhead.counted(lambda: y.grad_fn.apply(g))
+    assert y.dim() == 3 and y._base is None
+    for counts in (fwd, bwd):
+        assert (counts.launches, counts.aten, counts.syncs) == (1, 0, 0), counts.aten_ops
+        assert counts.direct == 1 and counts.unplanned == 0
+
+
 @pytest.mark.parametrize("targets", ["indices", "probabilities"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction, targets):
