@@ -304,7 +304,16 @@ CONV1D["full"] = CONV1D["quick"] + (
     Conv1dCase("whisper-large-conv2", (16, 1280, 3000), BF16,
                "Whisper large encoder conv2: 1280 -> 1280, k3/2 pad 1, 3000 -> 1500 frames; "
                "batch 16, (N, C, L)", out_channels=1280, kernel=3, stride=2, padding=1,
-               channels_last=False),)
+               channels_last=False),
+    # the quick cases in the (N, L, C) layout: what the (N, C, L) one costs (bench/TUNING.md
+    # v37: the NCHW-form kernels against the channels-last ones)
+    Conv1dCase("whisper-base-conv1-nlc", (16, 80, 3000), BF16,
+               "Whisper base encoder conv1 on an (N, L, C) input", out_channels=512, kernel=3,
+               padding=1),
+    Conv1dCase("whisper-base-conv2-nlc", (16, 512, 3000), BF16,
+               "Whisper base encoder conv2 on an (N, L, C) input", out_channels=512, kernel=3,
+               stride=2, padding=1),
+)
 DEPTHWISE_CONV1D = {
     "tiny": (
         Conv1dCase("tiny-1d-causal-dw4", (2, 8, 10), F32, "emulation check: depthwise conv1d "
