@@ -85,6 +85,10 @@ def _max_pool_options(m) -> dict:
                 dilation=m.dilation, return_indices=m.return_indices, ceil_mode=m.ceil_mode)
 
 
+def _adaptive_options(m) -> dict:
+    return dict(output_size=m.output_size)
+
+
 def _mha_options(m) -> dict:
     return dict(embed_dim=m.embed_dim, num_heads=m.num_heads, dropout=m.dropout,
                 bias=m.in_proj_bias is not None, add_bias_kv=m.bias_k is not None,
@@ -99,14 +103,14 @@ _KINDS: tuple[_Kind, ...] = (
         kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
         count_include_pad=m.count_include_pad, divisor_override=m.divisor_override)),
     _Kind("adaptive_avg_pool2d", torch.nn.AdaptiveAvgPool2d, "AdaptiveAvgPool2d",
-          lambda m: dict(output_size=m.output_size)),
+          _adaptive_options),
     _Kind("conv1d", torch.nn.Conv1d, "Conv1d", _conv_options),
     _Kind("max_pool1d", torch.nn.MaxPool1d, "MaxPool1d", _max_pool_options),
     _Kind("avg_pool1d", torch.nn.AvgPool1d, "AvgPool1d", lambda m: dict(
         kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, ceil_mode=m.ceil_mode,
         count_include_pad=m.count_include_pad)),
     _Kind("adaptive_avg_pool1d", torch.nn.AdaptiveAvgPool1d, "AdaptiveAvgPool1d",
-          lambda m: dict(output_size=m.output_size)),
+          _adaptive_options),
     _Kind("lstm", torch.nn.LSTM, "LSTM", _rnn_options),
     _Kind("lstm_cell", torch.nn.LSTMCell, "LSTMCell", _cell_options),
     _Kind("gru", torch.nn.GRU, "GRU", _rnn_options),

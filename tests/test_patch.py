@@ -125,6 +125,21 @@ def test_patched_model_matches_torch(backend):
     assert next(s.note for s in report.patched if s.name == "attn") == ""
 
 
+def _matches(model, ref, x, reduction: int, grad_reduction: int):
+    """model(x) and its gradients (of x and of every parameter, after backpropagating the
+    squared output) against the unpatched ref's."""
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, r_out = model(xa), ref(xb)
+    assert_close(out, r_out, torch.float32, reduction=reduction, tf32=TF32)
+    out.square().sum().backward()
+    r_out.square().sum().backward()
+    assert_close(xa.grad, xb.grad, torch.float32, reduction=grad_reduction, tf32=TF32,
+                 name="grad x")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, reduction=grad_reduction, tf32=TF32,
+                     name=name)
+
+
 def test_cells_and_softmax_patched():
     """The kinds the model above lacks: LSTMCell, GRUCell, Softmax, LogSoftmax."""
     class Cells(torch.nn.Module):
@@ -145,15 +160,7 @@ def test_cells_and_softmax_patched():
     report = pydl.patch(model, backend="triton")
     assert {s.name for s in report.patched} == {"lstm_cell", "gru_cell", "softmax", "log_softmax"}
     assert type(model.gru_cell) is pydl.nn.GRUCell and type(model.softmax) is pydl.nn.Softmax
-    x = random_tensor((2, 3), torch.float32, DEVICE)
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out, r_out = model(xa), ref(xb)
-    assert_close(out, r_out, torch.float32, reduction=16, tf32=TF32)
-    out.square().sum().backward()
-    r_out.square().sum().backward()
-    assert_close(xa.grad, xb.grad, torch.float32, reduction=64, tf32=TF32, name="grad x")
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        assert_close(p.grad, q.grad, torch.float32, reduction=64, tf32=TF32, name=name)
+    _matches(model, ref, random_tensor((2, 3), torch.float32, DEVICE), 16, 64)
 
 
 def test_one_d_layers_patched():
@@ -166,15 +173,7 @@ def test_one_d_layers_patched():
     assert [s.pydl_type for s in report.patched] == [
         "pydl.nn.Conv1d", "pydl.nn.MaxPool1d", "pydl.nn.AvgPool1d", "pydl.nn.AdaptiveAvgPool1d"]
     assert report.skipped == []
-    x = random_tensor((2, 3, 9), torch.float32, DEVICE)
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out, r_out = model(xa), ref(xb)
-    assert_close(out, r_out, torch.float32, reduction=9, tf32=TF32)
-    out.square().sum().backward()
-    r_out.square().sum().backward()
-    assert_close(xa.grad, xb.grad, torch.float32, reduction=16, tf32=TF32, name="grad x")
-    assert_close(model[0].weight.grad, ref[0].weight.grad, torch.float32, reduction=16,
-                 tf32=TF32, name="grad weight")
+    _matches(model, ref, random_tensor((2, 3, 9), torch.float32, DEVICE), 9, 16)
     pydl.unpatch(model)
     assert [type(m) for m in model] == [type(m) for m in ref]
 

@@ -183,14 +183,18 @@ class Conv2dSuite(Suite):
                    generator)
         return x, wt.contiguous(memory_format=fmt)
 
+    fn = "conv2d"       # the op's name in pydl and in torch.nn.functional
+
     def pydl_fn(self, backend, algo=None):
         import pydl
-        return lambda x, w, stride, padding, groups: pydl.conv2d(
+        op = getattr(pydl, self.fn)
+        return lambda x, w, stride, padding, groups: op(
             x, w, None, stride, padding, groups=groups, backend=backend, algo=algo)
 
     def torch_fn(self):
-        return lambda x, w, stride, padding, groups: torch.nn.functional.conv2d(
-            x, w, None, stride, padding, groups=groups)
+        op = getattr(torch.nn.functional, self.fn)
+        return lambda x, w, stride, padding, groups: op(x, w, None, stride, padding,
+                                                        groups=groups)
 
     def tf32(self, dtype, device):
         return dtype == F32 and uses_tf32(device, cudnn=True)
@@ -338,6 +342,8 @@ class Conv1dSuite(Conv2dSuite):
     """conv1d (pydl.conv1d: conv2d's kernels on a 1 x L image) against torch's conv1d
     (cuDNN's, which runs it as a 1 x L conv2d too)."""
 
+    fn = "conv1d"
+
     def __init__(self, op="conv1d", shape_sets=CONV1D, bound="compute"):
         Suite.__init__(
             self, op=op, registry_op="conv2d", shape_sets=shape_sets, bound=bound,
@@ -357,15 +363,6 @@ class Conv1dSuite(Conv2dSuite):
         output gets an (N, L, C) gradient (a sequence model transposes it back)."""
         g = randn(out.shape, out.dtype, out.device, generator)
         return g if out.is_contiguous() else torch.empty_like(out).copy_(g)
-
-    def pydl_fn(self, backend, algo=None):
-        import pydl
-        return lambda x, w, stride, padding, groups: pydl.conv1d(
-            x, w, None, stride, padding, groups=groups, backend=backend, algo=algo)
-
-    def torch_fn(self):
-        return lambda x, w, stride, padding, groups: torch.nn.functional.conv1d(
-            x, w, None, stride, padding, groups=groups)
 
 
 SUITES = [Conv2dSuite(), DepthwiseConv2dSuite(), Conv1dSuite(),
