@@ -6,6 +6,8 @@ how the op works.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -13,10 +15,10 @@ from . import _env, _softmax_ce_ops
 from ._autograd import without_double_backward
 from ._gemm import gemm_plan as _triton_gemm_plan
 from ._gemm_numba import gemm_plan as _numba_gemm_plan
-from ._launch import cdiv, input_precision, new_output
+from ._launch import WriteOnly, cdiv, fresh, input_precision, output_maker
 from ._library import empty_like_shape, kernel_op
 from ._plan import Cache, capturing, tensors_key
-from ._softmax_ce_common import _denominators
+from ._softmax_ce_common import DENOM_SHAPE, _denominators
 from ._softmax_ce_ops import LAUNCHERS, _check_target_range
 from ._softmax_ce_triton import _TritonLaunch, cross_entropy_scratch
 
@@ -50,17 +52,59 @@ def _grad_in_forward(backend: str, reduction: str) -> bool:
 # --- one chunk's steps ------------------------------------------------------------------------
 
 class _Steps:
-    """The launches of one call signature (pydl/_plan.py's design; the key: `_steps`): each
-    GEMM plan and cross-entropy launch, one per role and chunk length, made at its first use
-    and kept, so that a repeated call makes its buffers and views and launches what it kept.
-    One built inside a CUDA graph capture is used and not kept (it could not be tuned)."""
+    """The steps of one call signature (pydl/_plan.py's design): its options, its buffers'
+    allocations with their arguments fixed, and each GEMM plan and cross-entropy launch, one
+    per role and chunk length, made at its first use and kept, so that a repeated call makes
+    its buffers and views and launches what it kept. The kernel ops look one up by their key
+    (`_steps`); an eager call's plan (pydl/linear_ce.py _LinearCrossEntropyCall) keeps its own
+    (`planned`: the buffers only a kernel writes before anything reads them uninitialised, and
+    those nothing reads, without a graph, kept). A launch built inside a CUDA graph capture is
+    used and not kept (it could not be tuned)."""
 
-    __slots__ = ("launcher", "gemm_plan", "kept", "softcap", "z_loss")
+    __slots__ = ("launcher", "gemm_plan", "kept", "softcap", "z_loss", "ignore_index",
+                 "reduction", "smoothing", "grads", "chunk", "n_classes", "one",
+                 "mean_from_targets", "host_check", "new_lse", "new_loss", "new_denom",
+                 "new_scratch", "new_grads", "new_buffer", "unread")
 
-    def __init__(self, backend: str, softcap: float, z_loss: float):
+    def __init__(self, backend: str, softcap: float, z_loss: float, x, w, b, target,
+                 ignore_index: int, reduction: str, smoothing: float, need_x: bool,
+                 need_w: bool, need_b: bool, grads: bool, chunk: int, planned: bool = False):
         self.launcher, self.gemm_plan, self.kept = LAUNCHERS[backend], GEMM_PLANS[backend], {}
         self.softcap = softcap      # > 0: the logits s tanh(. / s), made so by their GEMM
         self.z_loss = z_loss        # > 0: each counted row's loss + z lse^2
+        self.ignore_index, self.reduction, self.smoothing = ignore_index, reduction, smoothing
+        self.grads, self.chunk = grads, chunk   # grads: the forward writes the gradients
+        n, dev = x.shape[0], x.device
+        self.n_classes = w.shape[0]
+        none = reduction == "none"
+        n_chunks = cdiv(n, chunk)
+        # One chunk (the default up to 1 GiB of logits): the kernel reduces the loss, into
+        # the loss itself, and makes a mean's denominator, as pydl.cross_entropy's. Several:
+        # the chunks' losses in fp32, per row or (with the gradient) each chunk's sum, divided
+        # by the whole batch's denominator (taken from the targets first), summed after the
+        # loop.
+        self.one = one = n_chunks == 1 and not none
+        self.mean_from_targets = reduction == "mean" and not one
+        # read here, not imported: bench/overhead.py replaces it (a GPU's kernels check)
+        self.host_check = not _softmax_ce_ops.kernel_checks_targets(x, backend)
+        self.new_lse = output_maker((n,), F32, dev)
+        self.new_loss = output_maker((), x.dtype, dev) if one else output_maker(
+            (n if none or not grads else n_chunks,), x.dtype if none else F32, dev)
+        # the denominators: an output of the kernel op, which torch.library.opcheck compares
+        # between runs, zeroed there; a plan's, uninitialised where the kernels write what is
+        # read (one chunk, or per-row losses: as pydl.cross_entropy's plan)
+        self.new_denom = functools.partial(fresh, output_maker(DENOM_SHAPE, F32, dev)) \
+            if planned and (one or none) else functools.partial(_denominators, dev)
+        # the Triton forward's partial sums (and its denominator's, 2 rows + 1 a block)
+        self.new_scratch = functools.partial(
+            torch.empty, cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev) \
+            if backend == "triton" and (grads or one) else _nothing
+        self.new_grads = _gradient_makers(x, w, b, need_x, need_w, need_b, n_chunks)
+        self.new_buffer = output_maker((min(chunk, n), self.n_classes), x.dtype, dev)
+        # without a graph nothing reads the rows' logsumexp and the denominators the kernels
+        # write (several chunks' zeroed ones: made per call)
+        self.unread = (WriteOnly(self.new_lse), WriteOnly(self.new_denom) if one or none
+                       else self.new_denom) if planned else None
 
     def _kept(self, key, build, *args, **kwargs):
         launch = self.kept.get(key)
@@ -77,35 +121,33 @@ class _Steps:
         self._kept(key, self.gemm_plan, a, b, out, trans_a=trans_a, trans_b=trans_b,
                    bias=bias, addend=addend, softcap=softcap)(a, b, out, bias, addend)
 
-    def loss_rows(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
-                  reduction):
+    def loss_rows(self, x3, t, cw, lse, loss, denom, scratch, reduction):
         """The chunk's logsumexp and its losses: per row into `loss` (fp32, or the loss itself
         for "none") with reduction "none"; else reduced by the kernel into the 0-d `loss`
         (the one chunk of a call: a mean divided by its own denominator, which it writes to
         denom[0] for the backward)."""
         self._kept(("rows", x3.shape[0], reduction), self.launcher.plan_cross_entropy_fwd, x3,
-                   t, cw, lse, loss, denom, scratch, None, ignore_index, smoothing, reduction,
-                   False, z_loss=self.z_loss)(x3, t, cw, lse, loss, denom, scratch, None)
+                   t, cw, lse, loss, denom, scratch, None, self.ignore_index, self.smoothing,
+                   reduction, False, z_loss=self.z_loss)(x3, t, cw, lse, loss, denom, scratch,
+                                                         None)
 
-    def loss_and_grad(self, x3, t, cw, lse, loss, denom, scratch, ignore_index, smoothing,
-                      reduction, one: bool):
+    def loss_and_grad(self, x3, t, cw, lse, loss, denom, scratch, one: bool):
         """The chunk's reduced loss into `loss` (0-d; a mean divided by denom[0], the whole
         batch's) and its gradient over its logits (the triton forward with GRAD, IN_PLACE).
         `one`, the call's one chunk: the launch makes a mean's denominator itself, as
         pydl.cross_entropy's does (scratch holds its partial sums too); else denom[0] is
         the caller's."""
         self._kept(("grad", x3.shape[0], one), _TritonLaunch.plan_cross_entropy_fwd, x3, t, cw,
-                   lse, loss, denom, scratch, x3, ignore_index, smoothing, reduction, True,
-                   own_denominator=one, softcap=self.softcap, z_loss=self.z_loss)(
-            x3, t, cw, lse, loss, denom, scratch, x3)
+                   lse, loss, denom, scratch, x3, self.ignore_index, self.smoothing,
+                   self.reduction, True, own_denominator=one, softcap=self.softcap,
+                   z_loss=self.z_loss)(x3, t, cw, lse, loss, denom, scratch, x3)
 
-    def grad_rows(self, x3, t, cw, lse, denom, g, ignore_index, smoothing, reduction):
+    def grad_rows(self, x3, t, cw, lse, denom, g):
         """The chunk's logits' gradient over them, for upstream gradient g (the cross-entropy
         backward)."""
         self._kept(("bwd", x3.shape[0]), self.launcher.plan_cross_entropy_bwd, x3, t, cw, lse,
-                   denom, g, x3, reduction, ignore_index, smoothing, softcap=self.softcap,
-                   z_loss=self.z_loss)(
-            x3, t, cw, lse, denom, g, x3)
+                   denom, g, x3, self.reduction, self.ignore_index, self.smoothing,
+                   softcap=self.softcap, z_loss=self.z_loss)(x3, t, cw, lse, denom, g, x3)
 
     def logits(self, x_c: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> None:
         """out = x_c w^T + b (capped: s tanh(. / s)): the chunk's logits, in x's dtype."""
@@ -141,45 +183,105 @@ class _Steps:
         """A kept 1 x 1 one of x's dtype, the bias gradient's row of ones once expanded."""
         return self._kept("ones", torch.ones, 1, 1, dtype=x.dtype, device=x.device)
 
+    def forward(self, x, w, b, target, class_weight, unread: bool = False):
+        """(loss, the rows' fp32 logsumexp, the mean's denominator buffer, and with `grads`
+        the gradients of x, w and b that need one for an upstream gradient of 1, else None).
+        `unread` (a plan's call without a graph): the logsumexp and denominators in the
+        buffers the plan keeps."""
+        if self.host_check:
+            _check_target_range(target, self.n_classes, self.ignore_index)
+        reduction, one, grads = self.reduction, self.one, self.grads
+        none = reduction == "none"
+        lse = self.unread[0]() if unread else fresh(self.new_lse)
+        denom = _mean_denominator(target, class_weight, self.ignore_index, self.n_classes) \
+            if self.mean_from_targets else (self.unread[1] if unread else self.new_denom)()
+        loss = losses = fresh(self.new_loss)
+        scratch = self.new_scratch()
+        dx, dw, dw_acc, db, db_acc = self.new_grads() if grads else (None,) * 5
+        buffer = fresh(self.new_buffer)
+        for i, (first, last, rows, x_c, t_c, lse_c, logits) in enumerate(
+                _chunks(x, target, lse, buffer, self.chunk)):
+            self.logits(x_c, w, b, logits)
+            x3 = logits.unsqueeze(2)
+            if grads:
+                # the chunk's loss, its gradient over its logits
+                self.loss_and_grad(x3, t_c, class_weight, lse_c, loss if one else losses[i],
+                                   denom, scratch, one)
+                self.backprop(logits, x_c, w, None if dx is None else dx[rows], dw, dw_acc, db,
+                              db_acc, first, last)
+            else:
+                self.loss_rows(x3, t_c, class_weight, lse_c, loss if one else losses[rows],
+                               denom, scratch, reduction if one else "none")
+        if not none and not one:   # the chunks' sums are already divided by a mean's denominator
+            loss = _finish_loss(losses, denom, "sum" if grads and x.shape[0] else reduction,
+                                x.dtype)
+        return loss, lse, denom, dx, dw, db
+
+    def backward(self, x, w, b, target, class_weight, lse, denom, grad_out):
+        """The recompute schedule's backward: (dx, dw, db), None where not needed. Each
+        chunk's logits again, their gradient over them (the cross-entropy backward kernel,
+        which divides a mean by denom[0] and reads W from denom[1]), then the GEMMs."""
+        dx, dw, dw_acc, db, db_acc = self.new_grads()
+        none = self.reduction == "none"
+        # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
+        grad = grad_out.to(x.dtype).reshape(-1) if none else grad_out.to(x.dtype)
+        buffer = fresh(self.new_buffer)
+        for first, last, rows, x_c, t_c, lse_c, logits in _chunks(x, target, lse, buffer,
+                                                                   self.chunk):
+            self.logits(x_c, w, b, logits)
+            self.grad_rows(logits.unsqueeze(2), t_c, class_weight, lse_c, denom,
+                           grad[rows] if none else grad)
+            self.backprop(logits, x_c, w, None if dx is None else dx[rows], dw, dw_acc, db,
+                          db_acc, first, last)
+        return dx, dw, db
+
 
 _STEPS = Cache("linear_cross_entropy launches")
 
 
-def _steps(backend: str, softcap: float, z_loss: float, *tensors_and_options) -> _Steps:
-    """The kept launches of a call signature: the backend, the softcap and z-loss, the
-    tensors' types, shapes, strides and dtypes, the options, and torch's TF32 switch (its
-    GEMMs' precision)."""
-    tensors, options = tensors_and_options[:5], tensors_and_options[5:]
-    key = (backend, softcap, z_loss, input_precision(tensors[0].dtype), *tensors_key(*tensors),
-           *options)
-    return _STEPS.get(key, _Steps, backend, softcap, z_loss)
+def _steps(backend: str, softcap: float, z_loss: float, x, w, b, target, class_weight,
+           direction, *options) -> _Steps:
+    """The kernel ops' steps of a call signature: the backend, the softcap and z-loss, the
+    tensors' types, shapes, strides and dtypes, the direction (the backward's also the
+    upstream gradient's dtype and strides), the options (_Steps' from ignore_index on), and
+    torch's TF32 switch (its GEMMs' precision)."""
+    key = (backend, softcap, z_loss, input_precision(x.dtype),
+           *tensors_key(x, w, b, target, class_weight), *direction, *options)
+    return _STEPS.get(key, _Steps, backend, softcap, z_loss, x, w, b, target, *options)
 
 
-def _gradients(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
-    """(dx, dw, dw_acc, db, db_acc): the gradients' buffers (None where not needed); an fp32
-    accumulator where a 16-bit gradient sums several chunks. The first chunk writes them all,
-    so they start uninitialised (zeros where there is no chunk: no rows)."""
-    def new(t, dtype=None):
+def _nothing() -> None:
+    return None
+
+
+def _gradient_makers(x, w, b, need_x: bool, need_w: bool, need_b: bool, n_chunks: int):
+    """new_grads() -> (dx, dw, dw_acc, db, db_acc): the gradients' buffers (None where not
+    needed); an fp32 accumulator where a 16-bit gradient sums several chunks. The first chunk
+    writes them all, so they start uninitialised (zeros where there is no chunk: no rows)."""
+    def maker(t, dtype=None):
+        shape, dtype = t.shape, dtype or t.dtype
         if not n_chunks:
-            return torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
-        return new_output(t.shape, dtype or t.dtype, t.device)
-    dx = new(x) if need_x else None
-    dw = new(w) if need_w else None
-    db = new(b) if need_b else None
+            return functools.partial(torch.zeros, shape, dtype=dtype, device=t.device)
+        return functools.partial(fresh, output_maker(shape, dtype, t.device))
     several = n_chunks > 1
-    dw_acc = new(w, F32) if need_w and several and w.dtype != F32 else None
-    db_acc = new(b, F32) if need_b and several and b.dtype != F32 else None
-    return dx, dw, dw_acc, db, db_acc
+    makers = (maker(x) if need_x else _nothing, maker(w) if need_w else _nothing,
+              maker(w, F32) if need_w and several and w.dtype != F32 else _nothing,
+              maker(b) if need_b else _nothing,
+              maker(b, F32) if need_b and several and b.dtype != F32 else _nothing)
+    return lambda: tuple([make() for make in makers])
 
 
 def _chunks(x, target, lse, buffer, chunk: int):
     """(first, last, rows, x's rows, their targets, their lse, their logits' buffer) of each
     chunk of `chunk` rows in turn (the last one short); one chunk as the tensors themselves
     (no views to make)."""
+    if chunk >= x.shape[0] > 0:
+        return ((True, True, slice(None), x, target, lse, buffer),)
+    return _chunk_views(x, target, lse, buffer, chunk)
+
+
+def _chunk_views(x, target, lse, buffer, chunk: int):
     n = x.shape[0]
-    if chunk >= n > 0:
-        yield True, True, slice(None), x, target, lse, buffer
-        return
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = slice(start, stop)
@@ -242,50 +344,10 @@ def _linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
     grad_in_forward (the triton backend, "sum" or "mean") the gradients of x, w and b that
     need one, for an upstream gradient of 1; empty placeholders otherwise). x (N, H), w (V,
     H), b (V,) or None, target (N,)."""
-    n, n_classes = x.shape[0], w.shape[0]
-    dev = x.device
-    if not _softmax_ce_ops.kernel_checks_targets(x, backend):   # read at call time
-        _check_target_range(target, n_classes, ignore_index)
-    none = reduction == "none"
-    grads = grad_in_forward and not none and (need_x or need_w or need_b)
-    steps = _steps(backend, softcap, z_loss, x, w, b, target, class_weight, "fwd",
+    grads = grad_in_forward and reduction != "none" and (need_x or need_w or need_b)
+    steps = _steps(backend, softcap, z_loss, x, w, b, target, class_weight, ("fwd",),
                    ignore_index, reduction, smoothing, need_x, need_w, need_b, grads, chunk)
-    lse = new_output(n, F32, dev)
-    n_chunks = cdiv(n, chunk)
-    # One chunk (the default up to 1 GiB of logits): the kernel reduces the loss, into the
-    # loss itself, and makes a mean's denominator, as pydl.cross_entropy's. Several: the
-    # chunks' losses in fp32, per row or (with the gradient) each chunk's sum, divided by the
-    # whole batch's denominator (taken from the targets first), summed after the loop.
-    one = n_chunks == 1 and not none
-    denom = _mean_denominator(target, class_weight, ignore_index, n_classes) \
-        if reduction == "mean" and not one else _denominators(dev)
-    if one:
-        loss = new_output((), x.dtype, dev)
-    else:
-        loss = losses = new_output(n if none else (n_chunks if grads else n),
-                                   x.dtype if none else F32, dev)
-    # the Triton forward's partial sums (and its denominator's, 2 rows + 1 a block)
-    scratch = torch.empty(cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev) \
-        if backend == "triton" and (grads or one) else None
-    dx = dw = db = dw_acc = db_acc = None
-    if grads:
-        dx, dw, dw_acc, db, db_acc = _gradients(x, w, b, need_x, need_w, need_b, n_chunks)
-    buffer = new_output((min(chunk, n), n_classes), x.dtype, dev)
-    for i, (first, last, rows, x_c, t_c, lse_c, logits) in enumerate(
-            _chunks(x, target, lse, buffer, chunk)):
-        steps.logits(x_c, w, b, logits)
-        x3 = logits.unsqueeze(2)
-        if grads:
-            # the chunk's loss, its gradient over its logits
-            steps.loss_and_grad(x3, t_c, class_weight, lse_c, loss if one else losses[i],
-                                denom, scratch, ignore_index, smoothing, reduction, one)
-            steps.backprop(logits, x_c, w, None if dx is None else dx[rows], dw, dw_acc, db,
-                           db_acc, first, last)
-        else:
-            steps.loss_rows(x3, t_c, class_weight, lse_c, loss if one else losses[rows], denom,
-                            scratch, ignore_index, smoothing, reduction if one else "none")
-    if not none and not one:    # the chunks' sums are already divided by a mean's denominator
-        loss = _finish_loss(losses, denom, "sum" if grads and n else reduction, x.dtype)
+    loss, lse, denom, dx, dw, db = steps.forward(x, w, b, target, class_weight)
     return (loss, lse, denom, *_or_placeholders(x, w, dx, dw, db))
 
 
@@ -303,25 +365,13 @@ def _linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Tensor | None, target: Te
                               smoothing: float, softcap: float, z_loss: float, need_x: bool,
                               need_w: bool, need_b: bool, chunk: int,
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The recompute schedule's backward: (dx, dw, db), an empty placeholder for one not
-    needed. Each chunk's logits again, their gradient over them (the cross-entropy backward
-    kernel, which divides a mean by denom[0] and reads W from denom[1]), then the GEMMs."""
-    n = x.shape[0]
-    steps = _steps(backend, softcap, z_loss, x, w, b, target, class_weight, "bwd",
-                   grad_out.dtype, grad_out.stride(), ignore_index, reduction, smoothing,
-                   need_x, need_w, need_b, chunk)
-    dx, dw, dw_acc, db, db_acc = _gradients(x, w, b, need_x, need_w, need_b, cdiv(n, chunk))
-    # the kernels read the upstream gradient in the logits' dtype (numba), per row for "none"
-    grad = grad_out.to(x.dtype).reshape(-1) if reduction == "none" else grad_out.to(x.dtype)
-    buffer = new_output((min(chunk, n), w.shape[0]), x.dtype, x.device)
-    for first, last, rows, x_c, t_c, lse_c, logits in _chunks(x, target, lse, buffer, chunk):
-        steps.logits(x_c, w, b, logits)
-        steps.grad_rows(logits.unsqueeze(2), t_c, class_weight, lse_c, denom,
-                        grad[rows] if reduction == "none" else grad, ignore_index, smoothing,
-                        reduction)
-        steps.backprop(logits, x_c, w, None if dx is None else dx[rows], dw, dw_acc, db,
-                       db_acc, first, last)
-    return _or_placeholders(x, w, dx, dw, db)
+    """The recompute schedule's backward (_Steps.backward): (dx, dw, db), an empty placeholder
+    for one not needed."""
+    steps = _steps(backend, softcap, z_loss, x, w, b, target, class_weight,
+                   ("bwd", grad_out.dtype, grad_out.stride()), ignore_index, reduction,
+                   smoothing, need_x, need_w, need_b, False, chunk)
+    return _or_placeholders(x, w, *steps.backward(x, w, b, target, class_weight, lse, denom,
+                                                  grad_out))
 
 
 def _scale_in_place(t: Tensor, grad_out: Tensor) -> None:
@@ -336,40 +386,66 @@ if _env.INTERPRET:
     _scale_in_place = _env.emulated_launch(_scale_in_place)
 
 
-class _Options:
-    """A call's options, travelling through the autograd Function."""
+class LinearCEKernels:
+    """linear_cross_entropy's steps for one set of options on one backend: what
+    LinearCrossEntropyFunction runs, the kernel ops (pydl::linear_cross_entropy_fwd and _bwd,
+    custom ops under torch.compile). In eager mode a call signature's plan
+    (pydl/linear_ce.py _LinearCrossEntropyCall, a subclass) runs the same steps (_Steps) with
+    no key built per call. `in_forward`: the gradient-in-the-forward schedule (pydl/
+    linear_ce.py's docstring)."""
 
     __slots__ = ("ignore_index", "reduction", "smoothing", "softcap", "z_loss", "chunk",
                  "backend", "in_forward")
 
-    def __init__(self, ignore_index, reduction, smoothing, softcap, z_loss, chunk, backend,
-                 in_forward):
+    def __init__(self, ignore_index: int, reduction: str, smoothing: float, softcap: float,
+                 z_loss: float, chunk: int, backend: str):
         self.ignore_index, self.reduction, self.smoothing = ignore_index, reduction, smoothing
         self.softcap, self.z_loss, self.chunk = softcap, z_loss, chunk
-        self.backend, self.in_forward = backend, in_forward
+        self.backend, self.in_forward = backend, _grad_in_forward(backend, reduction)
+
+    def forward(self, x, w, b, target, class_weight, need_x: bool, need_w: bool,
+                need_b: bool):
+        """(loss, lse, denom, dx, dw, db): the gradients with in_forward, for an upstream
+        gradient of 1 (an empty placeholder, or None, where not made)."""
+        return _linear_cross_entropy_fwd(
+            x, w, b, target, class_weight, self.ignore_index, self.reduction, self.smoothing,
+            self.softcap, self.z_loss, need_x, need_w, need_b, self.in_forward, self.chunk,
+            self.backend)
+
+    def backward(self, x, w, b, target, class_weight, lse, denom, grad_out, need_x: bool,
+                 need_w: bool, need_b: bool):
+        """(dx, dw, db) by the recompute schedule (an empty placeholder, or None, where not
+        needed)."""
+        return _linear_cross_entropy_bwd(
+            x, w, b, target, class_weight, lse, denom, grad_out, self.ignore_index,
+            self.reduction, self.smoothing, self.softcap, self.z_loss, need_x, need_w, need_b,
+            self.chunk, self.backend)
+
+    def scale(self, g, grad_out) -> None:
+        """g *= grad_out in place (the gradient-in-the-forward schedule's backward)."""
+        _scale_in_place(g, grad_out)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss = cross_entropy(x w^T + b, target) over rows of x (N, H), by chunks (module
-    docstring for the two schedules). The gradient-in-the-forward schedule's first backward
-    scales the gradients the forward made and hands them over; a second one through a retained
-    graph recomputes them."""
+    docstring for the two schedules), running `ops`' steps (a LinearCEKernels). The
+    gradient-in-the-forward schedule's first backward scales the gradients the forward made
+    and hands them over; a second one through a retained graph recomputes them."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, class_weight, o: _Options):
-        need = ctx.needs_input_grad
-        need_b = b is not None and need[2]
-        loss, lse, denom, dx, dw, db = _linear_cross_entropy_fwd(
-            x, w, b, target, class_weight, o.ignore_index, o.reduction, o.smoothing, o.softcap,
-            o.z_loss, need[0], need[1], need_b, o.in_forward, o.chunk, o.backend)
-        in_forward = o.in_forward and o.reduction != "none"
+    def forward(ctx, x, w, b, target, class_weight, ops: LinearCEKernels):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and b is not None
+        loss, lse, denom, dx, dw, db = ops.forward(x, w, b, target, class_weight, need_x,
+                                                   need_w, need_b)
+        in_forward = ops.in_forward and ops.reduction != "none"
         # Traced by torch.compile, the forward's gradients are saved tensors, scaled out of
         # place in the backward (no state changes between backwards that a graph could not
         # replay); eager, they are handed over once, scaled in place.
         ctx.traced = in_forward and torch.compiler.is_compiling()
         ctx.save_for_backward(x, w, b, target, class_weight, lse, denom,
                               *((dx, dw, db) if ctx.traced else ()))
-        ctx.o, ctx.need_b = o, need_b
+        ctx.ops, ctx.need = ops, (need_x, need_w, need_b)
         ctx.grad_from_forward = (dx, dw, db) if in_forward and not ctx.traced else None
         return loss
 
@@ -379,26 +455,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             return without_double_backward("linear_cross_entropy",
                                            LinearCrossEntropyFunction.backward, ctx, grad_out)
         x, w, b, target, class_weight, lse, denom, *traced = ctx.saved_tensors
-        o, need = ctx.o, ctx.needs_input_grad
+        need = ctx.need
         if traced:
             # the forward's gradients for an upstream gradient of 1, times it (in fp32, one
             # rounding, as the scale kernel; the compiler fuses each into one pass)
             return (*(g.float().mul(grad_out.float()).to(g.dtype) if n else None
-                      for g, n in zip(traced, (need[0], need[1], ctx.need_b))),
-                    None, None, None)
+                      for g, n in zip(traced, need)), None, None, None)
         grads, ctx.grad_from_forward = ctx.grad_from_forward, None
         if grads is not None:
             # made by the forward for an upstream gradient of 1: scaled in place
-            dx, dw, db = (g if n else None for g, n in zip(grads, (need[0], need[1],
-                                                                   ctx.need_b)))
-            for g in (dx, dw, db):
+            grads = [g if n else None for g, n in zip(grads, need)]
+            for g in grads:
                 if g is not None:
-                    _scale_in_place(g, grad_out)
+                    ctx.ops.scale(g, grad_out)
         else:
-            dx, dw, db = _linear_cross_entropy_bwd(
-                x, w, b, target, class_weight, lse, denom, grad_out, o.ignore_index,
-                o.reduction, o.smoothing, o.softcap, o.z_loss, need[0], need[1], ctx.need_b,
-                o.chunk, o.backend)
-            dx, dw, db = (g if n else None for g, n in zip((dx, dw, db), (need[0], need[1],
-                                                                          ctx.need_b)))
-        return dx, dw, db, None, None, None
+            grads = [g if n else None for g, n in zip(ctx.ops.backward(
+                x, w, b, target, class_weight, lse, denom, grad_out, *need), need)]
+        return (*grads, None, None, None)

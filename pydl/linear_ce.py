@@ -47,16 +47,25 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_tensor
+from ._launch import tf32_allowed
 from ._library import autocast_inputs
 from ._linear_ce_ops import (
     F32,
+    LinearCEKernels,
     LinearCrossEntropyFunction,
-    _grad_in_forward,
-    _linear_cross_entropy_fwd,
-    _Options,
+    _Steps,
     chunk_rows_for,
 )
-from ._plan import Cache, apply, needs_graph, options_key, tensors_key
+from ._plan import (
+    Cache,
+    apply,
+    capturing,
+    emulated,
+    needs_graph,
+    options_key,
+    plain_tensors,
+    tensors_key,
+)
 from ._shapes import integer
 from ._softmax_ce_ops import LAUNCHERS
 from .backends import current_backend, dispatch, register
@@ -67,18 +76,16 @@ from .softmax_ce import check_loss_options, check_softcap, check_z_loss, z_loss_
 def _kernel_linear_cross_entropy(backend: str):
     def impl(x, w, b, target, class_weight, ignore_index, reduction, smoothing, softcap,
              z_loss, chunk):
-        o = _Options(ignore_index, reduction, smoothing, softcap, z_loss, chunk, backend,
-                     _grad_in_forward(backend, reduction))
+        ops = LinearCEKernels(ignore_index, reduction, smoothing, softcap, z_loss, chunk,
+                              backend)
         if needs_graph(x, w, b):
-            return apply(LinearCrossEntropyFunction, x, w, b, target, class_weight, o)
-        return _linear_cross_entropy_fwd(x, w, b, target, class_weight, ignore_index,
-                                         reduction, smoothing, softcap, z_loss, False, False,
-                                         False, False, chunk, backend)[0]
+            return apply(LinearCrossEntropyFunction, x, w, b, target, class_weight, ops)
+        return ops.forward(x, w, b, target, class_weight, False, False, False)[0]
     return impl
 
 
-for _name in LAUNCHERS:
-    register("linear_cross_entropy", _name)(_kernel_linear_cross_entropy(_name))
+_KERNEL_IMPLS = {_name: register("linear_cross_entropy", _name)(
+    _kernel_linear_cross_entropy(_name)) for _name in LAUNCHERS}
 
 
 @register("linear_cross_entropy", "torch")
@@ -133,25 +140,34 @@ def _check(input, weight, target, bias, class_weight, ignore_index, reduction,
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 
 
-class _LinearCrossEntropyCall:
+@emulated("forward", "backward", "scale", "loss_only")
+class _LinearCrossEntropyCall(LinearCEKernels):
     """linear_cross_entropy for one call signature (pydl._plan's Cache.call): dispatched and
-    checked once, then called with the tensors."""
+    checked once, then called with the tensors. On pydl's backends in eager mode it is also
+    the signature's plan: LinearCrossEntropyFunction runs its methods, which run the steps
+    (pydl/_linear_ce_ops.py _Steps) kept here by the gradients needed (and for the backward
+    the upstream gradient's dtype and strides) instead of the kernel ops, which build a key
+    of every tensor per call."""
 
-    __slots__ = ("impl", "name", "shape", "chunk", "options")
+    __slots__ = ("impl", "name", "shape", "flat", "planned", "steps", "scales")
 
     def __init__(self, input, weight, target, bias, class_weight, ignore_index, reduction,
                  label_smoothing, softcap, z_loss, chunk_rows, backend):
-        self.name, self.impl = dispatch("linear_cross_entropy", backend, input, weight, target,
-                                        *(t for t in (bias, class_weight)
-                                          if isinstance(t, torch.Tensor)))
+        name, impl = dispatch("linear_cross_entropy", backend, input, weight, target,
+                              *(t for t in (bias, class_weight) if isinstance(t, torch.Tensor)))
         _check(input, weight, target, bias, class_weight, ignore_index, reduction,
-               label_smoothing, softcap, z_loss, chunk_rows, self.name)
+               label_smoothing, softcap, z_loss, chunk_rows, name)
         # input as rows (N, H) (-1 is ambiguous for H = 0)
         self.shape = (target.numel(), input.shape[-1])
-        self.chunk = int(chunk_rows) if chunk_rows is not None else \
-            chunk_rows_for(self.shape[0], weight.shape[0], input.dtype)
-        self.options = (int(ignore_index), reduction, float(label_smoothing),
-                        float(softcap or 0.0), float(z_loss))
+        self.flat = input.dim() == 2 and target.dim() == 1      # rows already
+        super().__init__(int(ignore_index), reduction, float(label_smoothing),
+                         float(softcap or 0.0), float(z_loss),
+                         int(chunk_rows) if chunk_rows is not None else
+                         chunk_rows_for(self.shape[0], weight.shape[0], input.dtype), name)
+        self.impl, self.name = impl, name
+        self.planned = impl is _KERNEL_IMPLS.get(name) and not torch.compiler.is_compiling() \
+            and plain_tensors(input, weight, target, bias, class_weight)
+        self.steps, self.scales = {}, {}
 
     def __call__(self, input, weight, target, bias, class_weight):
         if class_weight is not None and class_weight.requires_grad and self.name != "torch" \
@@ -161,19 +177,65 @@ class _LinearCrossEntropyCall:
                 "differentiate the loss w.r.t. the class weights either (it raises: nll_loss "
                 "is not differentiable with respect to argument 'weight'): pass "
                 "class_weight.detach()")
-        loss = self.impl(input.reshape(self.shape), weight, bias, target.reshape(-1),
-                         class_weight, *self.options, self.chunk)
+        x, t = (input, target) if self.flat else (input.reshape(self.shape), target.reshape(-1))
+        if not self.planned:
+            loss = self.impl(x, weight, bias, t, class_weight, self.ignore_index,
+                             self.reduction, self.smoothing, self.softcap, self.z_loss,
+                             self.chunk)
+        elif needs_graph(input, weight, bias):
+            loss = apply(LinearCrossEntropyFunction, x, weight, bias, t, class_weight, self)
+        else:
+            loss = self.loss_only(x, weight, bias, t, class_weight)
         if loss.dtype != F32 and torch._C._is_any_autocast_enabled() \
                 and torch.is_autocast_enabled(input.device.type):
             loss = loss.float()     # torch's cross_entropy runs in float32 under autocast
-        return loss.view(target.shape) if self.options[1] == "none" else loss
+        return loss.view(target.shape) if self.reduction == "none" else loss
+
+    # the plan (eager, pydl's backends): LinearCEKernels' steps without their keys
+
+    def _steps(self, key, x, w, b, target, need_x, need_w, need_b, grads) -> _Steps:
+        steps = self.steps.get(key)
+        if steps is None:
+            steps = self.steps[key] = _Steps(
+                self.backend, self.softcap, self.z_loss, x, w, b, target, self.ignore_index,
+                self.reduction, self.smoothing, need_x, need_w, need_b, grads, self.chunk,
+                planned=True)
+        return steps
+
+    def loss_only(self, x, w, b, target, class_weight):
+        """The loss of a call without a graph (what only a backward reads, in buffers kept)."""
+        return self._steps((False, False, False), x, w, b, target, False, False, False,
+                           False).forward(x, w, b, target, class_weight, unread=True)[0]
+
+    def forward(self, x, w, b, target, class_weight, need_x, need_w, need_b):
+        return self._steps((need_x, need_w, need_b), x, w, b, target, need_x, need_w, need_b,
+                           self.in_forward and (need_x or need_w or need_b)).forward(
+            x, w, b, target, class_weight)
+
+    def backward(self, x, w, b, target, class_weight, lse, denom, grad_out, need_x, need_w,
+                 need_b):
+        return self._steps((need_x, need_w, need_b, grad_out.dtype, grad_out.stride()), x, w, b,
+                           target, need_x, need_w, need_b, False).backward(
+            x, w, b, target, class_weight, lse, denom, grad_out)
+
+    def scale(self, g, grad_out) -> None:
+        """g *= grad_out in place (0-d, read on the device): the launch kept by g's size and
+        grad_out's dtype."""
+        key = (g.numel(), grad_out.dtype)
+        run = self.scales.get(key)
+        if run is None:
+            run = LAUNCHERS["triton"].plan_scale_grad(g.view(1, -1), grad_out, None, -100)
+            if not capturing():
+                self.scales[key] = run
+        run(g, grad_out, None)
 
 
 def _call_key(input, weight, target, bias, class_weight, ignore_index, reduction,
               label_smoothing, softcap, z_loss, chunk_rows, backend):
     return (backend or current_backend(), *tensors_key(input, weight, target, bias,
                                                        class_weight),
-            *options_key(ignore_index, reduction, label_smoothing, softcap, z_loss, chunk_rows))
+            *options_key(ignore_index, reduction, label_smoothing, softcap, z_loss, chunk_rows),
+            tf32_allowed(False))
 
 
 _CALLS = Cache("linear_cross_entropy calls")

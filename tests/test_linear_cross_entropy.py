@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS, spy_kernels
 
 import pydl
-from pydl import _linear_ce_ops
+from pydl import _linear_ce_ops, linear_ce
 from pydl import reference as ref
 from pydl.testing import assert_close, random_tensor
 
@@ -442,15 +442,21 @@ def test_kept_launches_follow_the_call_signature(backend):
         for chunk in (3, 4, 10):
             _check(backend, torch.float32, x, weight, None, t, chunk_rows=chunk,
                    label_smoothing=0.1)
+    # the eager call's plan (pydl/linear_ce.py) and the kernel op's steps, by the switch
     _linear_ce_ops._STEPS.clear()
+    linear_ce._CALLS.clear()
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         for tf32 in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = tf32
             pydl.linear_cross_entropy(x, w, t, backend=backend)
+            _linear_ce_ops._linear_cross_entropy_fwd(x, w, None, t, None, -100, "mean", 0.0,
+                                                     0.0, 0.0, False, False, False, False, N,
+                                                     backend)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert len(_linear_ce_ops._STEPS.entries) == 2
+    assert len(linear_ce._CALLS.entries) == 2
 
 
 @backends
