@@ -104,6 +104,24 @@ def test_one_d_ops_second_order(backend):
 
 
 @pytest.mark.parametrize("backend,algo", CONV_VARIANTS)
+def test_conv1d_forward_through_the_double_backward(backend, algo):
+    """The double-vjp trick: differentiating conv1d's input gradient (made with a graph)
+    w.r.t. its upstream gradient v, along u, runs the double backward's conv1d forward and
+    gives conv1d(u, w) itself; that output, and the weight gradient's and the input
+    gradient's, are tensors of their own that take in-place ops (a view made inside a
+    Function would refuse them)."""
+    x, w, u = (random_tensor(s, device=DEVICE) for s in ((2, 4, 9), (6, 2, 3), (2, 4, 9)))
+    xx, ww = _leaves([x, w])
+    y = pydl.conv1d(xx, ww, padding=1, groups=2, backend=backend, algo=algo)
+    v = random_tensor(y.shape, device=DEVICE).requires_grad_()
+    gx, gw = autograd.grad(y, [xx, ww], v, create_graph=True)
+    (gv,) = autograd.grad(gx, v, u, create_graph=True)
+    close(gv, torch.nn.functional.conv1d(u, w, padding=1, groups=2), "conv1d(u, w)")
+    for g in (gx, gw, gv):
+        g.mul_(2)
+
+
+@pytest.mark.parametrize("backend,algo", CONV_VARIANTS)
 def test_conv2d_second_order_and_constant_cotangent(backend, algo):
     x, w, b = (random_tensor(s, device=DEVICE) for s in ((1, 3, 6, 5), (4, 3, 3, 3), (4,)))
     fn = lambda x, w, b, **kw: pydl.conv2d(x, w, b, padding=1, **kw)  # noqa: E731

@@ -228,6 +228,7 @@ FAMILIES = {
     "conv2d": ((OF._conv,), [("triton", "implicit"), ("triton", "im2col"), ("numba", None)]),
     "pools": ((OF._pool,), [("triton", None), ("numba", None)]),
     "softmax_cross_entropy": ((OF._softmax_ce,), [("triton", None), ("numba", None)]),
+    "linear_cross_entropy": ((OF._linear_ce,), [("triton", None), ("numba", None)]),
     "attention": ((OF._attention, _attention_weights, _attention_dropout),
                   [("triton", "flash"), ("triton", "naive"), ("numba", None)]),
     "rnn": ((_rnn,), [("triton", "persistent"), ("triton", "steps"), ("numba", None)]),
