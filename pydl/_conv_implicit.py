@@ -60,6 +60,74 @@ def _grad_input_routes(g: ConvGeometry) -> tuple:
     return ("col2im",) if _flat_taps(g) and g.groups == 1 else ()
 
 
+# An NCHW operand's K steps gather two bytes at a time (its channels are a plane apart): the
+# sm_90 compile of such a layer (Whisper's conv1d stem, bench/TUNING.md v37) takes 255
+# registers, no cp.async and no 16-byte load, against 72-114 registers and 16-byte async copies
+# for the channels_last layers. The "channels_last" route copies each NCHW operand once a
+# call into a channels_last workspace (kernels/triton/conv.py planes_to_channels_last: one
+# read and one write of it) and runs the kernel the channels_last layers run on the copies,
+# writing its output in the caller's layout. A candidate of each implicit kernel's tuning
+# space where the activation operand (x; dy) is NCHW, never the default: a GPU's tuner
+# measures whether the copy pays (bench/TUNING.md v38).
+LAYOUT_ROUTE = "channels_last"
+LAYOUT_BLOCK = (64, 64)     # the copy's [pixels, channels] tile
+
+
+def _nchw_planes(t: torch.Tensor) -> bool:
+    """An (N, C, H, W) tensor stored as planes: each (h, w) plane contiguous, the channels not
+    at unit stride (what planes_to_channels_last reads; channels_last is not)."""
+    return t.numel() > 0 and t.shape[1] > 1 and t.stride(1) != 1 and t[:1, :1].is_contiguous()
+
+
+def _layout_routes(g: ConvGeometry, activation: torch.Tensor) -> tuple:
+    """The layout route (LAYOUT_ROUTE) where the kernel's activation operand is NCHW planes and
+    the K steps run over channel blocks (with FLAT taps, few channels, there is nothing to
+    vectorise along them)."""
+    return (LAYOUT_ROUTE,) if not _flat_taps(g) and _nchw_planes(activation) else ()
+
+
+def _tile(cfg: dict) -> dict:
+    """A route's candidate without its ROUTE entry: the tile its kernel runs."""
+    return {k: v for k, v in cfg.items() if k != "ROUTE"}
+
+
+class _ChannelsLastCopy:
+    """copy(t): a channels_last copy of an NCHW-planes tensor laid out as the planned one, in a
+    workspace allocated per call; `like`, a tensor laid out as the copies (for planning the
+    kernel that reads them)."""
+
+    __slots__ = ("make", "launch", "like")
+
+    def __init__(self, t: torch.Tensor):
+        from .kernels.triton import conv as k
+        N, C, H, W = t.shape
+        bp, bc = LAYOUT_BLOCK
+        self.make = output_maker(t.shape, t.dtype, t.device, torch.channels_last)
+        self.like = torch.empty(t.shape, dtype=t.dtype, device="meta",
+                                memory_format=torch.channels_last)
+        self.launch = Launch(k.planes_to_channels_last, (N * cdiv(H * W, bp), cdiv(C, bc)),
+                             (C, H * W, t.stride(0), t.stride(1)),
+                             dict(BLOCK_P=bp, BLOCK_C=bc))
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        out = self.make()
+        self.launch(t, out)
+        return out
+
+
+def _via_channels_last(plan, a: torch.Tensor, b: torch.Tensor):
+    """The layout route of a kernel whose first two tensor arguments are its operands a and b
+    (x and w; dy and w; dy and x): `plan(a', b')`, the kernel's callable planned for operands
+    laid out as a' and b', is given channels_last copies of those of a and b that are NCHW
+    planes (the others as they are); the callable takes the tensors of the caller's layouts."""
+    ca, cb = (_ChannelsLastCopy(t) if _nchw_planes(t) else None for t in (a, b))
+    run = plan(ca.like if ca else a, cb.like if cb else b)
+
+    def routed(a, b, *rest):
+        run(ca(a) if ca else a, cb(b) if cb else b, *rest)
+    return routed
+
+
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
 # dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
 IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
@@ -69,8 +137,8 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
                      launch, routes: tuple = ()) -> dict:
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
     steps run over channels (forward, grad input) or pixels (grad weight). `routes`: other
-    ways to the same result the tuner also times, as candidates {"ROUTE": name} that
-    `launch` runs (never the default)."""
+    ways to the same result the tuner also times, as candidates {"ROUTE": name} (with the
+    default tile, for a route that runs the kernel) that `launch` runs (never the default)."""
     flat_n = direction == "bwd_weight" and _flat_taps(g)
     # the grad weight's 16-bit tap tiles step 64 deep: 168 registers a thread at 64 x 64 on 4
     # warps in the sm_90 compile, 3 programs a multiprocessor; 32 deep took 178, 2 of them
@@ -96,7 +164,7 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     if direction == "bwd_weight":
         # each tile also at the other split-K target (the launch reads SPLIT_WAVES)
         candidates += [dict(c, SPLIT_WAVES=w) for w in SPLIT_WAVES[1:] for c in candidates]
-    candidates += [{"ROUTE": r} for r in routes]
+    candidates += [dict(default, ROUTE=r) for r in routes]     # a route at the default tile
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
            g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
@@ -206,18 +274,24 @@ class _TritonImplicit(_Launcher):
             return _unit_stride_bias(_TritonImplicit._plan_forward, x, w, b, y, g)
         M = g.N * g.OH * g.OW
         flat_k = _flat_taps(g)
-        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
-                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
         consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
                       INPUT_PRECISION=_input_precision(x.dtype), FLAT_K=flat_k)
 
-        def launch(cfg):
+        def kernel(cfg, x, w):          # the kernel on operands laid out as x and w
             grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
-            return Launch(k.conv2d_implicit_fwd, grid, scalars, {**consts, **cfg})
+            return Launch(k.conv2d_implicit_fwd, grid, (
+                g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
+                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {**consts, **cfg})
+
+        def launch(cfg):
+            if cfg.get("ROUTE") == LAYOUT_ROUTE:
+                return _via_channels_last(lambda x, w: kernel(_tile(cfg), x, w), x, w)
+            return kernel(cfg, x, w)
 
         k_len = g.CG * g.KH * g.KW if flat_k else g.CG
         cfg = _implicit_config("fwd", g, x, M, g.OCG, k_len,
-                               lambda c: launch(c)(x, w, w if b is None else b, y))
+                               lambda c: launch(c)(x, w, w if b is None else b, y),
+                               _layout_routes(g, x))
         return launch(cfg)
 
     @staticmethod
@@ -243,8 +317,6 @@ class _TritonImplicit(_Launcher):
             return lambda dy, w, dx: product(dy, weight(w), dx, None, None)
         M = g.N * g.H * g.W
         phases = _stride_phases(g)
-        scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
-                   g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
         consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, STRIDE_PHASES=phases > 1,
                       INPUT_PRECISION=_input_precision(dy.dtype))
         # with stride phases, each phase's pixels (n, h // SH, w // SW) are tiled apart
@@ -252,17 +324,25 @@ class _TritonImplicit(_Launcher):
 
         col2im = []     # the im2col algorithm's grad input, planned on first use
 
+        def kernel(cfg, dy, w):         # the kernel on operands laid out as dy and w
+            grid = (phases * cdiv(phase_pixels, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]),
+                    g.groups)
+            return Launch(k.conv2d_implicit_bwd_input, grid, (
+                g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
+                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {**consts, **cfg})
+
         def launch(cfg):
             if cfg.get("ROUTE") == "col2im":
                 if not col2im:
                     col2im.append(_TritonIm2col._plan_backward_input(dy, w, dx, g))
                 return col2im[0]
-            grid = (phases * cdiv(phase_pixels, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]),
-                    g.groups)
-            return Launch(k.conv2d_implicit_bwd_input, grid, scalars, {**consts, **cfg})
+            if cfg.get("ROUTE") == LAYOUT_ROUTE:
+                return _via_channels_last(lambda dy, w: kernel(_tile(cfg), dy, w), dy, w)
+            return kernel(cfg, dy, w)
 
         cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,
-                               lambda c: launch(c)(dy, w, dx), _grad_input_routes(g))
+                               lambda c: launch(c)(dy, w, dx),
+                               _grad_input_routes(g) + _layout_routes(g, dy))
         return launch(cfg)
 
     @staticmethod
@@ -284,7 +364,7 @@ class _TritonImplicit(_Launcher):
         consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, FLAT_N=flat_n,
                       INPUT_PRECISION=_input_precision(dy.dtype))
 
-        def launch(cfg):
+        def kernel(cfg, dy, x):         # the kernel on operands laid out as dy and x
             cfg = dict(cfg)
             waves = cfg.pop("SPLIT_WAVES", SPLIT_WAVES[0])      # the host's, not a constexpr
             bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -307,8 +387,14 @@ class _TritonImplicit(_Launcher):
                 main(dy, x, dw, ws, arrival_counters(dw.device, tiles))
             return run
 
+        def launch(cfg):
+            if cfg.get("ROUTE") == LAYOUT_ROUTE:
+                return _via_channels_last(lambda dy, x: kernel(_tile(cfg), dy, x), dy, x)
+            return kernel(cfg, dy, x)
+
         n = g.CG * g.KH * g.KW if flat_n else g.CG
-        cfg = _implicit_config("bwd_weight", g, dy, g.OCG, n, P, lambda c: launch(c)(dy, x, dw))
+        cfg = _implicit_config("bwd_weight", g, dy, g.OCG, n, P, lambda c: launch(c)(dy, x, dw),
+                               _layout_routes(g, x) or _layout_routes(g, dy))
         return launch(cfg)
 
     @staticmethod

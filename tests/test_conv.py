@@ -312,7 +312,88 @@ def test_implicit_grad_input_col2im_route(monkeypatch, layout):
     x = random_tensor((2, 16, 6, 6), torch.float32, DEVICE)
     w = random_tensor((8, 16, 3, 3), torch.float32, DEVICE, scale=0.3)
     check_conv(x, w, None, "triton", "implicit", torch.float32, padding=1)
-    assert offered and not any("ROUTE" in c for c in offered[0])
+    assert offered and not any(c.get("ROUTE") == "col2im" for c in offered[0])
+    clear_plans()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_implicit_channels_last_route(monkeypatch, dtype):
+    """NCHW layers: each implicit kernel's tuning space also holds the "channels_last" route
+    (its NCHW operands copied into channels_last workspaces, the kernel the channels_last
+    layers run on them, the output in the caller's layout), never as the default; taken by
+    every kernel, it gives torch's forward and gradients, launches the copies, and leaves the
+    output's layout as it was. No route where nothing is NCHW planes (a channels_last layer, a
+    sliced input whose planes are not contiguous) or for the few-channel (FLAT) layers."""
+    from pydl import _conv_implicit
+    from pydl.kernels.triton import conv as k
+    offered = {}
+
+    def take_route(direction):
+        def pick(key, candidates, launch, inout=()):
+            assert "ROUTE" not in candidates[0]
+            offered.setdefault(direction, []).append(
+                [c["ROUTE"] for c in candidates if "ROUTE" in c])
+            return next((c for c in candidates if c.get("ROUTE") == "channels_last"),
+                        candidates[0])
+        return pick
+    for direction, tuner in _conv_implicit.IMPLICIT_TUNERS.items():
+        monkeypatch.setattr(tuner, "pick", take_route(direction))
+    copied = []
+    real = k.planes_to_channels_last
+    monkeypatch.setattr(k, "planes_to_channels_last", type("Spy", (), {
+        "__getitem__": lambda self, grid: copied.append(grid) or real[grid]})())
+    cases = [((2, 16, 7, 6), (24, 16, 3, 3), dict(padding=1)),
+             ((1, 32, 9, 8), (16, 16, 3, 2), dict(stride=2, padding=(1, 0), groups=2)),
+             ((2, 16, 8, 7), (16, 16, 3, 3), dict(dilation=2, padding=2))]
+    for xs, ws, opts in cases:
+        clear_plans()
+        offered.clear()
+        copied.clear()
+        x = random_tensor(xs, dtype, DEVICE)
+        w = random_tensor(ws, dtype, DEVICE, scale=0.3)
+        b = random_tensor((ws[0],), dtype, DEVICE)
+        out = check_conv(x, w, b, "triton", "implicit", dtype, **opts)
+        assert out.is_contiguous(), out.stride()            # NCHW in, NCHW out
+        assert {d: r[0] for d, r in offered.items()} == {
+            d: ["channels_last"] for d in ("fwd", "bwd_input", "bwd_weight")}, offered
+        # the forward copies x and w, the grad input dy and w, the grad weight dy and x
+        assert len(copied) == 6, copied
+    # conv1d's (N, C, L) input: the 2-d kernels' NCHW form, so the route too
+    clear_plans()
+    offered.clear()
+    x = random_tensor((2, 16, 11), dtype, DEVICE)
+    w = random_tensor((8, 16, 3), dtype, DEVICE, scale=0.3)
+    xx, ww = (t.detach().requires_grad_() for t in (x, w))
+    y = pydl.conv1d(xx, ww, padding=1, backend="triton")
+    y.backward(torch.ones_like(y))
+    theirs = [t.detach().float().requires_grad_() for t in (x, w)]
+    t_y = torch.nn.functional.conv1d(*theirs, padding=1)
+    t_y.backward(torch.ones_like(t_y))
+    assert_close(y, t_y.to(dtype), dtype, reduction=48, name="conv1d forward")
+    for ours, t in zip((xx, ww), theirs):
+        assert_close(ours.grad, t.grad.to(dtype), dtype, reduction=8 * 11, name="conv1d grad")
+    assert offered["fwd"] == [["channels_last"]], offered
+    # nothing NCHW planes, or few channels: no route offered
+    for x, w in ((random_tensor((2, 16, 6, 6), dtype, DEVICE).to(
+                      memory_format=torch.channels_last),
+                  random_tensor((8, 16, 3, 3), dtype, DEVICE).to(
+                      memory_format=torch.channels_last)),
+                 (random_tensor((2, 3, 6, 6), dtype, DEVICE),
+                  random_tensor((8, 3, 3, 3), dtype, DEVICE))):
+        clear_plans()
+        offered.clear()
+        check_conv(x, w, None, "triton", "implicit", dtype, padding=1)
+        assert len(offered) == 3 and not any("channels_last" in r for rs in offered.values()
+                                             for r in rs), offered
+    # a sliced input (its planes not contiguous), forward alone
+    clear_plans()
+    offered.clear()
+    x = random_tensor((2, 16, 6, 9), dtype, DEVICE)[..., ::2]
+    w = random_tensor((8, 16, 3, 3), dtype, DEVICE, scale=0.3)
+    assert_close(pydl.conv2d(x, w, padding=1, backend="triton", algo="implicit"),
+                 torch.nn.functional.conv2d(x.float(), w.float(), padding=1).to(dtype), dtype,
+                 reduction=16 * 9, name="sliced input")
+    assert offered == {"fwd": [[]]}, offered
     clear_plans()
 
 

@@ -303,6 +303,29 @@ def conv2d_implicit_bwd_weight(
 
 
 @triton.jit
+def planes_to_channels_last(
+    x_ptr, y_ptr,
+    C, HW,                              # channels, elements of a plane (H * W)
+    sx_n, sx_c,                         # x's image and channel strides; a plane is contiguous
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """y (N, HW, C) contiguous = x's N x C planes of HW contiguous elements (an NCHW tensor,
+    its image and channel strides free): the implicit kernels' channels_last operand made from
+    an NCHW one (pydl/_conv_implicit.py's "channels_last" route). A program copies a
+    [BLOCK_P pixels, BLOCK_C channels] tile of one image, read along the pixels (unit stride
+    in x) and written along the channels (unit stride in y); Triton moves it between the two
+    layouts through shared memory."""
+    tiles = tl.cdiv(HW, BLOCK_P)
+    pid = tl.program_id(0)
+    n = (pid // tiles).to(tl.int64)
+    p = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (p < HW)[:, None] & (c < C)[None, :]
+    v = tl.load(x_ptr + n * sx_n + c.to(tl.int64)[None, :] * sx_c + p[:, None], mask=ok)
+    tl.store(y_ptr + (n * HW + p)[:, None] * C + c[None, :], v, mask=ok)
+
+
+@triton.jit
 def conv2d_bwd_bias(
     dy_ptr, db_ptr,
     N, OC, OH, OW,
