@@ -1030,6 +1030,20 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                                    or k in ("num_warps", "num_stages")}
                             add_once(row(base, name or fn.fn.__name__, fn,
                                          None if name is None else 0, cfg, grid, args, kwargs))
+                        # the kernels only a route reaches (a tuner's candidate, never the
+                        # default: the layout route's copies), each route launched once
+                        for _, candidates, launch, _ in list(picks):
+                            for cfg in candidates:
+                                if "ROUTE" not in cfg:
+                                    continue
+                                sink.clear()
+                                launch(cfg)
+                                for fn, grid, args, kwargs in list(sink):
+                                    shown = {k: v for k, v in kwargs.items()
+                                             if k.startswith("BLOCK")
+                                             or k in ("num_warps", "num_stages")}
+                                    add_once(row(base, fn.fn.__name__, fn, None, shown, grid,
+                                                 args, kwargs))
                         continue
                     tuned_fns, untuned, routed = set(), {}, []
                     for tuner, candidates, launch, _ in picks:    # grows: a route's own picks
@@ -1039,8 +1053,20 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                             calls = list(sink)
                             if not calls:
                                 raise RuntimeError(f"{tuner}: launch({cfg}) launched no kernel")
-                            if "ROUTE" in cfg:      # another algorithm's kernels, by their names
-                                routed += calls
+                            if "ROUTE" in cfg:
+                                # the route's kernels: the tuned kernel's own a row of the
+                                # candidate (as the route launches it: the layout route's on
+                                # its copies), another algorithm's and the copies' by their names
+                                for call in calls:
+                                    fn, grid, args, kwargs = call
+                                    if fn not in tuned_fns:
+                                        routed.append(call)
+                                        continue
+                                    shown = {**cfg, **{k: v for k, v in kwargs.items()
+                                                       if k.startswith("BLOCK_")}}
+                                    r = row(base, tuner, fn, i, shown, grid, args, kwargs)
+                                    rows.append(r)
+                                    seen.add(_job_key(r["job"]))
                                 continue
                             fn, grid, args, kwargs = calls[0]
                             tuned_fns.add(fn)
