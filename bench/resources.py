@@ -265,16 +265,17 @@ def _rnn_layer(kind: str, hidden: int, batch: int, algo: str | None = None,
 
 
 def _conv_layer(C: int, OC: int, K: int, S: int, H: int, x_grad: bool = True,
-                groups: int = 1, algo: str | None = None):
+                groups: int = 1, algo: str | None = None, channels_last: bool = True):
     """A ResNet-50 convolution at batch 32 (bench/suites/conv.py), bf16, input and weight
-    channels_last, through pydl.conv2d forward and backward as the benchmark runs it: its
-    upstream gradient comes from torch.randn, so it is NCHW. groups = C: a depthwise layer
-    (MobileNetV2, ConvNeXt) at the same batch."""
+    channels_last (else NCHW, the full set's "-nchw" layers), through pydl.conv2d forward and
+    backward as the benchmark runs it: its upstream gradient comes from torch.randn, so it is
+    NCHW. groups = C: a depthwise layer (MobileNetV2, ConvNeXt) at the same batch."""
     def run():
         import torch
 
         import pydl
-        cl, bf = torch.channels_last, torch.bfloat16
+        cl = torch.channels_last if channels_last else torch.contiguous_format
+        bf = torch.bfloat16
         x = torch.empty(32, C, H, H, dtype=bf).contiguous(memory_format=cl)
         w = torch.empty(OC, C // groups, K, K, dtype=bf).contiguous(
             memory_format=cl).requires_grad_()
@@ -354,6 +355,7 @@ PROBLEMS = (
     ("conv", "stem 7x7/2", _conv_layer(3, 64, 7, 2, 224, x_grad=False)),
     ("conv", "stem 7x7/2 +dx", _conv_layer(3, 64, 7, 2, 224)),
     ("conv", "l2-3x3s2-128", _conv_layer(128, 128, 3, 2, 56)),
+    ("conv", "l2-3x3s2-128 nchw", _conv_layer(128, 128, 3, 2, 56, channels_last=False)),
     ("conv", "l1-3x3-64 im2col", _conv_layer(64, 64, 3, 1, 56, algo="im2col")),
     ("conv", "mbv2 dw 3x3 32 112^2", _conv_layer(32, 32, 3, 1, 112, groups=32)),
     ("conv", "mbv2 dw 3x3/2 144 56^2", _conv_layer(144, 144, 3, 2, 56, groups=144)),

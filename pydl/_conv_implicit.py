@@ -60,22 +60,24 @@ def _grad_input_routes(g: ConvGeometry) -> tuple:
     return ("col2im",) if _flat_taps(g) and g.groups == 1 else ()
 
 
-# An NCHW operand's K steps gather two bytes at a time (its channels are a plane apart): the
-# sm_90 compile of such a layer (Whisper's conv1d stem, bench/TUNING.md v37) takes 255
-# registers, no cp.async and no 16-byte load, against 72-114 registers and 16-byte async copies
-# for the channels_last layers. The "channels_last" route copies each NCHW operand once a
-# call into a channels_last workspace (kernels/triton/conv.py planes_to_channels_last: one
-# read and one write of it) and runs the kernel the channels_last layers run on the copies,
-# writing its output in the caller's layout. A candidate of each implicit kernel's tuning
-# space where the activation operand (x; dy) is NCHW, never the default: a GPU's tuner
-# measures whether the copy pays (bench/TUNING.md v38).
+# An NCHW layer's implicit kernels gather their operands two bytes at a time (the channels are
+# a plane apart) and store their output two bytes at a time with an address per element: the
+# sm_90 compile of ResNet-50's l2 3x3/2 layer in NCHW takes 255 registers and spills (24 bytes
+# forward, 184 grad input, in every candidate), Whisper's conv1d stem 255 registers, with no
+# cp.async and no 16-byte load; the channels_last layers 72-127 registers, 16-byte async
+# copies, no spill (bench/TUNING.md v37, v38). The "channels_last" route runs the kernel the
+# channels_last layers run: each NCHW tensor of the kernel (operands and output) is given as
+# a channels_last workspace, the operands copied in before and the output copied out after
+# (kernels/triton/conv.py relayout_planes: one read and one write of each). A candidate of
+# each implicit kernel's tuning space where the activation operand (x; dy; x or dy) is NCHW,
+# never the default: a GPU's tuner measures whether the copies pay.
 LAYOUT_ROUTE = "channels_last"
-LAYOUT_BLOCK = (64, 64)     # the copy's [pixels, channels] tile
+LAYOUT_BLOCK = (64, 64)     # the copies' [pixels, channels] tile
 
 
 def _nchw_planes(t: torch.Tensor) -> bool:
     """An (N, C, H, W) tensor stored as planes: each (h, w) plane contiguous, the channels not
-    at unit stride (what planes_to_channels_last reads; channels_last is not)."""
+    at unit stride (what relayout_planes reads and writes; channels_last is not)."""
     return t.numel() > 0 and t.shape[1] > 1 and t.stride(1) != 1 and t[:1, :1].is_contiguous()
 
 
@@ -84,6 +86,52 @@ def _layout_routes(g: ConvGeometry, activation: torch.Tensor) -> tuple:
     the K steps run over channel blocks (with FLAT taps, few channels, there is nothing to
     vectorise along them)."""
     return (LAYOUT_ROUTE,) if not _flat_taps(g) and _nchw_planes(activation) else ()
+
+
+class _ChannelsLast:
+    """An NCHW-planes tensor's channels_last stand-in, laid out as the planned tensor: `make`
+    allocates its workspace (per call), `like` is laid out as it (for planning the kernel that
+    reads or writes it), and `launch(src, dst)` copies into it (an operand) or out of it (the
+    output, `out`)."""
+
+    __slots__ = ("make", "like", "launch")
+
+    def __init__(self, t: torch.Tensor, out: bool):
+        from .kernels.triton import conv as k
+        N, C, H, W = t.shape
+        bp, bc = LAYOUT_BLOCK
+        self.make = output_maker(t.shape, t.dtype, t.device, torch.channels_last)
+        self.like = torch.empty(t.shape, dtype=t.dtype, device="meta",
+                                memory_format=torch.channels_last)
+        planes, packed = (t.stride(0), t.stride(1), 1), (H * W * C, 1, C)
+        src, dst = (packed, planes) if out else (planes, packed)
+        self.launch = Launch(k.relayout_planes, (N * cdiv(H * W, bp), cdiv(C, bc)),
+                             (C, H * W, *src, *dst), dict(BLOCK_P=bp, BLOCK_C=bc))
+
+
+def _via_channels_last(plan, tensors: tuple, out: int):
+    """The layout route of a kernel callable over `tensors` (its arguments: the two operands
+    first, tensors[out] its output): `plan(*tensors')` plans it for the tensors laid out as
+    their channels_last stand-ins (_ChannelsLast) where they are NCHW planes; the callable
+    returned takes tensors of the caller's layouts."""
+    stand_in = {i: _ChannelsLast(tensors[i], i == out) for i in (0, 1, out)
+                if _nchw_planes(tensors[i])}
+    run = plan(*[stand_in[i].like if i in stand_in else t for i, t in enumerate(tensors)])
+    operands = [(i, c) for i, c in stand_in.items() if i != out]
+    result = stand_in.get(out)
+
+    def routed(*args):
+        args = list(args)
+        for i, c in operands:
+            t, args[i] = args[i], c.make()
+            c.launch(t, args[i])
+        if result is None:
+            run(*args)
+            return
+        y, args[out] = args[out], result.make()
+        run(*args)
+        result.launch(args[out], y)
+    return routed
 
 
 def _once_per_candidate(build):
@@ -105,43 +153,6 @@ def _once_per_candidate(build):
 def _tile(cfg: dict) -> dict:
     """A route's candidate without its ROUTE entry: the tile its kernel runs."""
     return {k: v for k, v in cfg.items() if k != "ROUTE"}
-
-
-class _ChannelsLastCopy:
-    """copy(t): a channels_last copy of an NCHW-planes tensor laid out as the planned one, in a
-    workspace allocated per call; `like`, a tensor laid out as the copies (for planning the
-    kernel that reads them)."""
-
-    __slots__ = ("make", "launch", "like")
-
-    def __init__(self, t: torch.Tensor):
-        from .kernels.triton import conv as k
-        N, C, H, W = t.shape
-        bp, bc = LAYOUT_BLOCK
-        self.make = output_maker(t.shape, t.dtype, t.device, torch.channels_last)
-        self.like = torch.empty(t.shape, dtype=t.dtype, device="meta",
-                                memory_format=torch.channels_last)
-        self.launch = Launch(k.planes_to_channels_last, (N * cdiv(H * W, bp), cdiv(C, bc)),
-                             (C, H * W, t.stride(0), t.stride(1)),
-                             dict(BLOCK_P=bp, BLOCK_C=bc))
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        out = self.make()
-        self.launch(t, out)
-        return out
-
-
-def _via_channels_last(plan, a: torch.Tensor, b: torch.Tensor):
-    """The layout route of a kernel whose first two tensor arguments are its operands a and b
-    (x and w; dy and w; dy and x): `plan(a', b')`, the kernel's callable planned for operands
-    laid out as a' and b', is given channels_last copies of those of a and b that are NCHW
-    planes (the others as they are); the callable takes the tensors of the caller's layouts."""
-    ca, cb = (_ChannelsLastCopy(t) if _nchw_planes(t) else None for t in (a, b))
-    run = plan(ca.like if ca else a, cb.like if cb else b)
-
-    def routed(a, b, *rest):
-        run(ca(a) if ca else a, cb(b) if cb else b, *rest)
-    return routed
 
 
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
@@ -293,7 +304,7 @@ class _TritonImplicit(_Launcher):
         consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, HAS_BIAS=b is not None,
                       INPUT_PRECISION=_input_precision(x.dtype), FLAT_K=flat_k)
 
-        def kernel(cfg, x, w):          # the kernel on operands laid out as x and w
+        def kernel(cfg, x, w, b, y):    # the kernel on tensors laid out as these
             grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
             return Launch(k.conv2d_implicit_fwd, grid, (
                 g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
@@ -302,8 +313,8 @@ class _TritonImplicit(_Launcher):
         @_once_per_candidate
         def launch(cfg):
             if cfg.get("ROUTE") == LAYOUT_ROUTE:
-                return _via_channels_last(lambda x, w: kernel(_tile(cfg), x, w), x, w)
-            return kernel(cfg, x, w)
+                return _via_channels_last(lambda *t: kernel(_tile(cfg), *t), (x, w, b, y), 3)
+            return kernel(cfg, x, w, b, y)
 
         k_len = g.CG * g.KH * g.KW if flat_k else g.CG
         cfg = _implicit_config("fwd", g, x, M, g.OCG, k_len,
@@ -339,7 +350,7 @@ class _TritonImplicit(_Launcher):
         # with stride phases, each phase's pixels (n, h // SH, w // SW) are tiled apart
         phase_pixels = g.N * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else M
 
-        def kernel(cfg, dy, w):         # the kernel on operands laid out as dy and w
+        def kernel(cfg, dy, w, dx):     # the kernel on tensors laid out as these
             grid = (phases * cdiv(phase_pixels, cfg["BLOCK_M"]), cdiv(g.CG, cfg["BLOCK_N"]),
                     g.groups)
             return Launch(k.conv2d_implicit_bwd_input, grid, (
@@ -351,8 +362,8 @@ class _TritonImplicit(_Launcher):
             if cfg.get("ROUTE") == "col2im":     # the im2col algorithm's grad input
                 return _TritonIm2col._plan_backward_input(dy, w, dx, g)
             if cfg.get("ROUTE") == LAYOUT_ROUTE:
-                return _via_channels_last(lambda dy, w: kernel(_tile(cfg), dy, w), dy, w)
-            return kernel(cfg, dy, w)
+                return _via_channels_last(lambda *t: kernel(_tile(cfg), *t), (dy, w, dx), 2)
+            return kernel(cfg, dy, w, dx)
 
         cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,
                                lambda c: launch(c)(dy, w, dx),
@@ -377,15 +388,15 @@ class _TritonImplicit(_Launcher):
         flat_n = _flat_taps(g)
         consts = dict(KH=g.KH, KW=g.KW, CG=g.CG, OCG=g.OCG, FLAT_N=flat_n,
                       INPUT_PRECISION=_input_precision(dy.dtype))
+        device = dw.device      # not the planned tensors': a route's stand-ins are on "meta"
 
-        def kernel(cfg, dy, x):         # the kernel on operands laid out as dy and x
+        def kernel(cfg, dy, x, dw):     # the kernel on tensors laid out as these
             cfg = dict(cfg)
             waves = cfg.pop("SPLIT_WAVES", SPLIT_WAVES[0])      # the host's, not a constexpr
             bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
             cols = cdiv(g.CG * g.KH * g.KW, bn) if flat_n else g.KH * g.KW * cdiv(g.CG, bn)
             tiles = cdiv(g.OCG, bm) * cols * g.groups
-            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], tiles * bm * bn, dw.device,
-                                      waves)
+            split, p_split = _split_k(tiles, P, cfg["BLOCK_K"], tiles * bm * bn, device, waves)
             main = Launch(k.conv2d_implicit_bwd_weight, (cdiv(g.OCG, bm), cols, g.groups * split),
                           (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
                            *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
@@ -397,15 +408,15 @@ class _TritonImplicit(_Launcher):
 
             def run(dy, x, dw):
                 # fp32 partials; the tile's last-arriving program sums them in split order
-                ws = torch.empty(ws_numel, dtype=torch.float32, device=dw.device)
-                main(dy, x, dw, ws, arrival_counters(dw.device, tiles))
+                ws = torch.empty(ws_numel, dtype=torch.float32, device=device)
+                main(dy, x, dw, ws, arrival_counters(device, tiles))
             return run
 
         @_once_per_candidate
         def launch(cfg):
             if cfg.get("ROUTE") == LAYOUT_ROUTE:
-                return _via_channels_last(lambda dy, x: kernel(_tile(cfg), dy, x), dy, x)
-            return kernel(cfg, dy, x)
+                return _via_channels_last(lambda *t: kernel(_tile(cfg), *t), (dy, x, dw), 2)
+            return kernel(cfg, dy, x, dw)
 
         n = g.CG * g.KH * g.KW if flat_n else g.CG
         cfg = _implicit_config("bwd_weight", g, dy, g.OCG, n, P, lambda c: launch(c)(dy, x, dw),

@@ -319,10 +319,10 @@ def test_implicit_grad_input_col2im_route(monkeypatch, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_implicit_channels_last_route(monkeypatch, dtype):
     """NCHW layers: each implicit kernel's tuning space also holds the "channels_last" route
-    (its NCHW operands copied into channels_last workspaces, the kernel the channels_last
-    layers run on them, the output in the caller's layout), never as the default; taken by
-    every kernel, it gives torch's forward and gradients, launches the copies, and leaves the
-    output's layout as it was. No route where nothing is NCHW planes (a channels_last layer, a
+    (the kernel the channels_last layers run, on channels_last stand-ins of its NCHW tensors:
+    the operands copied in, the output copied out), never as the default; taken by every
+    kernel, it gives torch's forward and gradients, launches the copies, and leaves every
+    result in its usual layout. No route where nothing is NCHW planes (a channels_last layer, a
     sliced input whose planes are not contiguous) or for the few-channel (FLAT) layers."""
     from pydl import _conv_implicit
     from pydl.kernels.triton import conv as k
@@ -339,8 +339,8 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
     for direction, tuner in _conv_implicit.IMPLICIT_TUNERS.items():
         monkeypatch.setattr(tuner, "pick", take_route(direction))
     copied = []
-    real = k.planes_to_channels_last
-    monkeypatch.setattr(k, "planes_to_channels_last", type("Spy", (), {
+    real = k.relayout_planes
+    monkeypatch.setattr(k, "relayout_planes", type("Spy", (), {
         "__getitem__": lambda self, grid: copied.append(grid) or real[grid]})())
     cases = [((2, 16, 7, 6), (24, 16, 3, 3), dict(padding=1)),
              ((1, 32, 9, 8), (16, 16, 3, 2), dict(stride=2, padding=(1, 0), groups=2)),
@@ -356,8 +356,12 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
         assert out.is_contiguous(), out.stride()            # NCHW in, NCHW out
         assert {d: r[0] for d, r in offered.items()} == {
             d: ["channels_last"] for d in ("fwd", "bwd_input", "bwd_weight")}, offered
-        # the forward copies x and w, the grad input dy and w, the grad weight dy and x
-        assert len(copied) == 6, copied
+        # in: the forward's x and w, the grad input's dy and w, the grad weight's dy and x;
+        # out: y, dx, dw
+        assert len(copied) == 9, copied
+        xx, ww = (t.detach().requires_grad_() for t in (x, w))
+        pydl.conv2d(xx, ww, b, backend="triton", algo="implicit", **opts).sum().backward()
+        assert xx.grad.is_contiguous() and ww.grad.is_contiguous()
     # conv1d's (N, C, L) input: the 2-d kernels' NCHW form, so the route too
     clear_plans()
     offered.clear()

@@ -303,26 +303,27 @@ def conv2d_implicit_bwd_weight(
 
 
 @triton.jit
-def planes_to_channels_last(
+def relayout_planes(
     x_ptr, y_ptr,
-    C, HW,                              # channels, elements of a plane (H * W)
-    sx_n, sx_c,                         # x's image and channel strides; a plane is contiguous
+    C, HW,                              # channels, pixels of an image (H * W)
+    sx_n, sx_c, sx_p,                   # x's image, channel and pixel strides
+    sy_n, sy_c, sy_p,                   # y's
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """y (N, HW, C) contiguous = x's N x C planes of HW contiguous elements (an NCHW tensor,
-    its image and channel strides free): the implicit kernels' channels_last operand made from
-    an NCHW one (pydl/_conv_implicit.py's "channels_last" route). A program copies a
-    [BLOCK_P pixels, BLOCK_C channels] tile of one image, read along the pixels (unit stride
-    in x) and written along the channels (unit stride in y); Triton moves it between the two
-    layouts through shared memory."""
+    """y = x between an NCHW tensor stored as planes (pixel stride 1) and a channels_last one
+    (channel stride 1), either way: the implicit kernels' channels_last operands made from NCHW
+    ones and their channels_last results written back (pydl/_conv_implicit.py's
+    "channels_last" route). A program copies a [BLOCK_P pixels, BLOCK_C channels] tile of one
+    image; the unit strides are specialised constants, so the load runs along one axis and the
+    store along the other, Triton moving the tile between the layouts through shared memory."""
     tiles = tl.cdiv(HW, BLOCK_P)
     pid = tl.program_id(0)
     n = (pid // tiles).to(tl.int64)
-    p = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = ((pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     ok = (p < HW)[:, None] & (c < C)[None, :]
-    v = tl.load(x_ptr + n * sx_n + c.to(tl.int64)[None, :] * sx_c + p[:, None], mask=ok)
-    tl.store(y_ptr + (n * HW + p)[:, None] * C + c[None, :], v, mask=ok)
+    v = tl.load(x_ptr + n * sx_n + c[None, :] * sx_c + p[:, None] * sx_p, mask=ok)
+    tl.store(y_ptr + n * sy_n + c[None, :] * sy_c + p[:, None] * sy_p, v, mask=ok)
 
 
 @triton.jit
