@@ -449,3 +449,27 @@ def test_option_fuzz_medium(request, op, backend, algo):
         pytest.skip("medium shapes on the Numba simulator take 3-45 s a case: run with --full")
     _run(request, OPS[op][0], backend, algo, size="medium",
          seeds=fuzz_seeds(request, MEDIUM_QUICK, MEDIUM_FULL, start=1000))
+
+
+def test_conv_layout_route(request, monkeypatch):
+    """conv2d's and conv1d's option space with the implicit kernels' layout route taken
+    wherever a kernel offers it (an NCHW operand; FLAT taps off, so that this file's small
+    channel counts get it too): torch's answers, as the default path gives them. Seeds from
+    2000."""
+    from pydl import _conv_implicit, _plan
+    monkeypatch.setattr(_conv_implicit, "FLAT_K_CHANNELS", 0)
+    taken = []
+
+    def pick(key, candidates, launch, inout=()):
+        route = next((c for c in candidates if c.get("ROUTE") == "channels_last"), None)
+        taken.append(route is not None)
+        return route or candidates[0]
+    for tuner in _conv_implicit.IMPLICIT_TUNERS.values():
+        monkeypatch.setattr(tuner, "pick", pick)
+    _plan.clear_all()          # no plan built without the route serves these calls
+    try:
+        _run(request, _conv, "triton", "implicit",
+             seeds=fuzz_seeds(request, QUICK, FULL, start=2000))
+    finally:
+        _plan.clear_all()      # nor one built with it later calls
+    assert any(taken) or os.environ.get("PYDL_FUZZ_SEED") is not None
