@@ -6,6 +6,8 @@ takes for depthwise layers (kernels/triton/conv_depthwise.py).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._conv_common import (
@@ -103,10 +105,11 @@ class _ChannelsLast:
         self.make = output_maker(t.shape, t.dtype, t.device, torch.channels_last)
         self.like = torch.empty(t.shape, dtype=t.dtype, device="meta",
                                 memory_format=torch.channels_last)
-        planes, packed = (t.stride(0), t.stride(1), 1), (H * W * C, 1, C)
-        src, dst = (packed, planes) if out else (planes, packed)
+        sizes = (C, H * W, t.stride(0), t.stride(1))
+        align = math.gcd(16, *sizes)        # a power of two: 16's divisors are
         self.launch = Launch(k.relayout_planes, (N * cdiv(H * W, bp), cdiv(C, bc)),
-                             (C, H * W, *src, *dst), dict(BLOCK_P=bp, BLOCK_C=bc))
+                             tuple(v // align for v in sizes),
+                             dict(BLOCK_P=bp, BLOCK_C=bc, OUT=out, ALIGN=align))
 
 
 def _via_channels_last(plan, tensors: tuple, out: int):
