@@ -41,7 +41,7 @@ import torch
 
 from ._checks import check_tensor
 from ._conv_common import ConvGeometry, _launch_nothing
-from ._conv_implicit import _depthwise
+from ._conv_implicit import _depthwise, to_channels_last
 from ._conv_ops import ALGOS, Conv2dFunction, Conv2dKernels, _weight_grad_format, _y_shape
 from ._launch import (
     fresh,
@@ -125,7 +125,7 @@ def conv_geometry(x_shape, w_shape, stride=1, padding=0, dilation=1, groups=1) -
                         bottom, right)
 
 
-@emulated("forward", "backward_input", "backward_weight", "backward_bias")
+@emulated("forward", "grad_output", "backward_input", "backward_weight", "backward_bias")
 class _Conv2dCall(Conv2dKernels):
     """conv2d for one call signature (pydl._plan), checked once: the implementation, the
     geometry and the algorithm. On a kernel backend in eager mode it is also the signature's
@@ -217,7 +217,7 @@ class _Conv2dCall(Conv2dKernels):
 
     def grad_output(self, dy, x):
         if self.grad_layout and not dy.is_contiguous(memory_format=torch.channels_last):
-            return dy.contiguous(memory_format=torch.channels_last)
+            return to_channels_last(dy)     # an NCHW gradient by pydl's relayout kernel
         return dy
 
     def _backward_run(self, which: int, plan, dy, *tensors):

@@ -696,8 +696,15 @@ def test_implicit_grad_input_stride_phases_channel_blocks(monkeypatch, dtype):
 @pytest.mark.parametrize("dy_layout", ["nchw", "channels_last"])
 def test_implicit_backward_gets_grad_output_in_input_layout(monkeypatch, dy_layout):
     """A channels_last layer given an NCHW upstream gradient: both backward kernels receive it
-    converted to channels_last (converted once), and the gradients are right."""
+    converted to channels_last (converted once, by pydl's relayout kernel), and the gradients
+    are right."""
     from pydl import _conv_implicit
+    from pydl.kernels.triton import conv as k
+    copied = []
+    real_copy = k.relayout_planes
+    monkeypatch.setattr(k, "relayout_planes", type("Spy", (), {
+        "__getitem__": lambda self, grid: copied.append(grid) or real_copy[grid]})())
+    clear_plans()
     seen = []
     impl = _conv_implicit._TritonImplicit
     for name in ("plan_backward_input", "plan_backward_weight"):
@@ -715,6 +722,8 @@ def test_implicit_backward_gets_grad_output_in_input_layout(monkeypatch, dy_layo
     check_conv(x, w, None, "triton", "implicit", torch.float32, grad_out=g, padding=1)
     assert len(seen) == 2 and seen[0] is seen[1]
     assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert len(copied) == (dy_layout == "nchw")
+    clear_plans()
 
 
 # 1x1 layers at stride 1 without padding are matrix products: (input, weight, options, layout)

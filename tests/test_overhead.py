@@ -222,6 +222,25 @@ def test_one_d_pools_launch_as_the_2d_ones(op, layout, backend):
         assert counts.direct == 1 and counts.unplanned == 0
 
 
+def test_nchw_gradient_of_a_channels_last_conv_is_relaid_by_pydl():
+    """A channels_last conv2d given an NCHW upstream gradient (one made by torch.randn, as the
+    benchmark's and many losses' are): its backward converts it once with pydl's relayout
+    kernel, then the two gradient kernels: three launches, all direct, no torch kernel."""
+    x = torch.randn(2, 32, 9, 9).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(16, 32, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    call = lambda: pydl.conv2d(x, w, padding=1, backend="triton")  # noqa: E731
+    with overhead.stubbed_launches(), poisoned_outputs(False):
+        for _ in range(3):
+            y = call()
+            g = torch.empty(y.shape)                # NCHW, y channels_last
+            with torch.no_grad():
+                y.grad_fn.apply(g)
+        with torch.no_grad():
+            bwd = overhead.counted(lambda: y.grad_fn.apply(g))
+    assert not g.is_contiguous(memory_format=torch.channels_last)
+    assert (bwd.launches, bwd.direct, bwd.aten, bwd.syncs) == (3, 3, 0, 0), bwd.aten_ops
+
+
 @pytest.mark.parametrize("targets", ["indices", "probabilities"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_numba_cross_entropy_checks_and_reduces_on_the_device(reduction, targets):
