@@ -419,16 +419,48 @@ def allocator_like_cuda() -> bool:
     pays (the caching allocator hands the freed block back). Serving large buffers from glibc's
     heap and keeping freed memory there makes a repeated allocation cost here what it costs on
     a GPU, about 1 us, so the table shows pydl's host time, not the CPU allocator's. Linux's
-    glibc only (mallopt); False elsewhere. Process-wide: for this command, not the tests."""
-    import ctypes
-    import ctypes.util
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    glibc only (mallopt); False elsewhere. Process-wide: for this command; the tests take it
+    for their measurement alone (cuda_like_allocator)."""
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold,
                                                                      (1 << 31) - 1))
+
+
+# glibc's own bounds for its dynamic thresholds on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX, twice
+# it for trimming): what a long-running process's allocator converges to.
+_GLIBC_MMAP_MAX, _GLIBC_TRIM_MAX = 32 * 2**20, 64 * 2**20
+
+
+@contextlib.contextmanager
+def cuda_like_allocator():
+    """allocator_like_cuda() for the duration (the tests' host-time rows: a buffer the
+    measured op allocates every call would otherwise cost what the worker's heap history
+    makes it, an mmap and munmap or not: conv2d im2col's forward 18 us served from the heap,
+    37 with glibc's dynamic threshold in a fresh process, 49 mapped afresh), then glibc's
+    thresholds at the bounds its dynamic ones reach (setting them ends the dynamic
+    adjustment; the values are what a long-running process converges to)."""
+    mallopt = _mallopt()
+    if mallopt is None or not allocator_like_cuda():
+        yield
+        return
+    try:
+        yield
+    finally:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mallopt(m_mmap_threshold, _GLIBC_MMAP_MAX)
+        mallopt(m_trim_threshold, _GLIBC_TRIM_MAX)
+
+
+def _mallopt():
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
 
 
 def torch_reference_us(device, calls: int, clock=time.perf_counter_ns) -> float:
