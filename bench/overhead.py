@@ -169,6 +169,10 @@ def stubbed_launches():
         _env.CHECK_PLANS = old_checks
         for cls, name, method in wrapped:
             setattr(cls, name, method)
+        # nothing built here serves a later call: plans decided by the stubs (a stand-in
+        # compiled kernel, targets taken as checked in the kernel, which the interpreter
+        # cannot do)
+        _plan.clear_all()
 
 
 class _Compiled:

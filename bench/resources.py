@@ -1012,6 +1012,14 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
             seen.add(key)
             rows.append(r)
 
+    def add_candidate(base, tuner, i, cfg, fn, grid, args, kwargs) -> None:
+        """The row of a tuner's candidate i: the blocks the kernel got (a launcher may adapt
+        a candidate's: the depthwise grad weight narrows its channel block)."""
+        shown = {**cfg, **{k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}}
+        r = row(base, tuner, fn, i, shown, grid, args, kwargs)
+        rows.append(r)
+        seen.add(_job_key(r["job"]))
+
     try:
         with _triton_backend_on_cpu():
             for replay, (family, case, run) in [(True, p) for p in problems] + \
@@ -1060,25 +1068,13 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                                 # candidate (as the route launches it: the layout route's on
                                 # its copies), another algorithm's and the copies' by their names
                                 for call in calls:
-                                    fn, grid, args, kwargs = call
-                                    if fn not in tuned_fns:
+                                    if call[0] in tuned_fns:
+                                        add_candidate(base, tuner, i, cfg, *call)
+                                    else:
                                         routed.append(call)
-                                        continue
-                                    shown = {**cfg, **{k: v for k, v in kwargs.items()
-                                                       if k.startswith("BLOCK_")}}
-                                    r = row(base, tuner, fn, i, shown, grid, args, kwargs)
-                                    rows.append(r)
-                                    seen.add(_job_key(r["job"]))
                                 continue
-                            fn, grid, args, kwargs = calls[0]
-                            tuned_fns.add(fn)
-                            # the blocks the kernel got (a launcher may adapt a candidate's:
-                            # the depthwise grad weight narrows its channel block)
-                            shown = {**cfg, **{k: v for k, v in kwargs.items()
-                                               if k.startswith("BLOCK_")}}
-                            r = row(base, tuner, fn, i, shown, grid, args, kwargs)
-                            rows.append(r)
-                            seen.add(_job_key(r["job"]))
+                            tuned_fns.add(calls[0][0])
+                            add_candidate(base, tuner, i, cfg, *calls[0])
                             for call in calls[1:]:          # e.g. the split-K reduction
                                 untuned.setdefault(call[0].fn.__name__, []).append(call)
                     for call in direct + routed:

@@ -112,10 +112,6 @@ class _ChannelsLast:
                              dict(BLOCK_P=bp, BLOCK_C=bc, OUT=out, ALIGN=align))
 
 
-def _planned_copy(t: torch.Tensor) -> _ChannelsLast:
-    return _ChannelsLast(t, False)
-
-
 def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     """A channels_last copy of t (an upstream gradient, for the kernels of a channels_last
     layer): pydl's relayout_planes kernel where t is NCHW planes (its launch kept per layout),
@@ -123,7 +119,7 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     if not _nchw_planes(t):
         return t.contiguous(memory_format=torch.channels_last)
     copy = _TRITON_PLANS.get(("to_channels_last", t.shape, t.stride(), t.dtype, t.device),
-                             _planned_copy, t)
+                             _ChannelsLast, t, False)
     out = copy.make()
     copy.launch(t, out)
     return out

@@ -93,8 +93,10 @@ class _Steps:
         # the denominators: an output of the kernel op, which torch.library.opcheck compares
         # between runs, zeroed there; a plan's, uninitialised where the kernels write what is
         # read (one chunk, or per-row losses: as pydl.cross_entropy's plan)
-        self.new_denom = functools.partial(fresh, output_maker(DENOM_SHAPE, F32, dev)) \
-            if planned and (one or none) else functools.partial(_denominators, dev)
+        kernel_written = planned and (one or none)
+        denom = output_maker(DENOM_SHAPE, F32, dev)
+        self.new_denom = functools.partial(fresh, denom) if kernel_written else \
+            functools.partial(_denominators, dev)
         # the Triton forward's partial sums (and its denominator's, 2 rows + 1 a block)
         self.new_scratch = functools.partial(
             torch.empty, cross_entropy_scratch(min(chunk, n)), dtype=F32, device=dev) \
@@ -103,7 +105,7 @@ class _Steps:
         self.new_buffer = output_maker((min(chunk, n), self.n_classes), x.dtype, dev)
         # without a graph nothing reads the rows' logsumexp and the denominators the kernels
         # write (several chunks' zeroed ones: made per call)
-        self.unread = (WriteOnly(self.new_lse), WriteOnly(self.new_denom) if one or none
+        self.unread = (WriteOnly(self.new_lse), WriteOnly(denom) if kernel_written
                        else self.new_denom) if planned else None
 
     def _kept(self, key, build, *args, **kwargs):
