@@ -30,7 +30,7 @@ from ._launch import (
     output_maker,
 )
 from ._plan import Launch
-from ._tune import Tuner, bucket, gemm_candidates
+from ._tune import Tuner, bucket, gemm_candidates, unique
 
 # --- Triton implicit GEMM -------------------------------------------------------------------
 
@@ -171,6 +171,36 @@ def _tile(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k != "ROUTE"}
 
 
+# The forward's and grad input's tiles where their activation operand is gathered (NCHW: a
+# channel block's elements a plane apart, loaded 2 bytes a lane with a 64-bit address each,
+# and the output stored the same way; not the FLAT few-channel layers). In the sm_90 compile
+# of ResNet-50's l2 3x3/2 layer in NCHW (`python -m bench resources conv2d_implicit`), the
+# channels_last layers' default 64 x 128 x 32 tile on 4 warps took 255 registers and spilled
+# (forward 24 bytes, grad input 184), as did every candidate of GEMM_SPACE (up to 4 KiB); on
+# 8 warps it took 128 and 167, no spill, half the instructions a thread, and twice the warps
+# an SM to hide the gathers' latency (bench/TUNING.md v39): the default there. The tuner's
+# alternatives, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), compiled without a spill there and at
+# Whisper's conv1d layers: at most 32 accumulators and 16 gathered activation elements a
+# thread.
+GATHERED_SPACE = ((64, 64, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8), (64, 64, 32, 4))
+
+
+def _gathered(direction: str, g: ConvGeometry, t: torch.Tensor) -> bool:
+    """Whether an implicit kernel's activation operand t (x; dy) is gathered: the forward or
+    grad input of a layer whose channel blocks are not at unit stride."""
+    return direction != "bwd_weight" and not _flat_taps(g) and t.stride(1) != 1
+
+
+def _gathered_candidates(default: dict, m: int, n: int, k: int) -> list[dict]:
+    """The default tile on 8 warps, then GATHERED_SPACE, clipped to an (m x k) @ (k x n)
+    problem (4 warps for a clipped tile of fewer than 64 x 64 outputs)."""
+    tiles = [(default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_K"], 8)]
+    tiles += [(dot_block(m, bm), dot_block(n, bn), dot_block(k, bk), w)
+              for bm, bn, bk, w in GATHERED_SPACE]
+    return unique([dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                        num_warps=w if bm * bn >= 64 * 64 else 4) for bm, bn, bk, w in tiles])
+
+
 # One tuner per implicit-GEMM kernel. Keys: everything of the geometry but the batch, the
 # dtype and rounding, the layout, and a coarse bucket of the GEMM's batch-dependent extent.
 IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input", "bwd_weight")}
@@ -195,7 +225,12 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
         default["BLOCK_N"] = min(default["BLOCK_N"], 64)
         if t.dtype.itemsize > 2:
             default["BLOCK_K"] = dot_block(k, 16)       # fp32 at 32 deep spilled 28-88 bytes
-    candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
+    tile = default      # the channels_last kernels' default: a layout route's tile
+    if _gathered(direction, g, t):
+        candidates = _gathered_candidates(default, m, n, k)
+        default = candidates[0]
+    else:
+        candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
     if direction == "bwd_weight":
         # more than 64 accumulators a thread leave no registers for the split-K reduction
         # (128 x 256 on 8 warps spilled 1.2 KiB)
@@ -207,7 +242,7 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     if direction == "bwd_weight":
         # each tile also at the other split-K target (the launch reads SPLIT_WAVES)
         candidates += [dict(c, SPLIT_WAVES=w) for w in SPLIT_WAVES[1:] for c in candidates]
-    candidates += [dict(default, ROUTE=r) for r in routes]     # a route at the default tile
+    candidates += [dict(tile, ROUTE=r) for r in routes]     # a route at the default tile
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
            g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)

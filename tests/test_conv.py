@@ -401,6 +401,42 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
     clear_plans()
 
 
+def test_gathered_tiles(monkeypatch):
+    """An NCHW layer's forward and grad input gather their activation's channel blocks: their
+    default tile is the channels_last one on 8 warps (4 spilled in the sm_90 compile), every
+    alternative holds at most 32 accumulators and 16 gathered activation elements a thread,
+    and the layout route runs the channels_last kernels' own default tile (4 warps). The
+    channels_last layer and the grad weight keep the GEMM space."""
+    from pydl import _conv_implicit as ci
+    from pydl._conv_common import ConvGeometry
+    seen = {}
+    for direction, tuner in ci.IMPLICIT_TUNERS.items():
+        monkeypatch.setattr(tuner, "pick", lambda key, candidates, launch, inout=(), d=direction:
+                            seen.__setitem__(d, candidates) or candidates[0])
+    g = ConvGeometry(N=32, C=128, H=56, W=56, OC=128, KH=3, KW=3, OH=28, OW=28, SH=2, SW=2,
+                     PH=1, PW=1)
+    nchw = torch.empty((32, 128, 56, 56), dtype=torch.bfloat16, device="meta")
+    m = g.N * g.OH * g.OW
+    for direction in ("fwd", "bwd_input"):
+        cfg = ci._implicit_config(direction, g, nchw, m, 128, 128, None, (ci.LAYOUT_ROUTE,))
+        tiles = [c for c in seen[direction] if "ROUTE" not in c]
+        assert cfg == tiles[0] == dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8), cfg
+        assert len(tiles) == 1 + len(ci.GATHERED_SPACE), tiles
+        for c in tiles:
+            threads = 32 * c["num_warps"]
+            assert c["BLOCK_M"] * c["BLOCK_N"] <= 32 * threads, c
+            assert c["BLOCK_M"] * c["BLOCK_K"] <= 16 * threads, c
+        assert [c for c in seen[direction] if "ROUTE" in c] == [dict(
+            BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, ROUTE=ci.LAYOUT_ROUTE)]
+    cl = nchw.to(memory_format=torch.channels_last)
+    assert ci._implicit_config("fwd", g, cl, m, 128, 128, None) == dict(
+        BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4)
+    assert seen["fwd"][1:] == ci.gemm_candidates(seen["fwd"][0], m, 128, 128, 2)[1:]
+    # the grad weight reads both operands along pixels: its 4-warp tap tile stays the default
+    assert ci._implicit_config("bwd_weight", g, nchw, 128, 128 * 9, m, None) == dict(
+        BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+
+
 def _small_tiles(monkeypatch, block=16):
     """Every implicit-GEMM tile `block` wide in M, N and K, and every layer on the (kh, kw,
     channel block) paths (no FLAT_K / FLAT_N): small test layers then have several channel
