@@ -185,10 +185,18 @@ def _tile(cfg: dict) -> dict:
 GATHERED_SPACE = ((64, 64, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8), (64, 64, 32, 4))
 
 
+def _pixel_major(t: torch.Tensor) -> bool:
+    """Whether an implicit kernel loads or stores t's tiles pixel-major (the kernels'
+    GATHER_PIXELS, STORE_PIXELS: a warp's lanes along the pixels): its channels are not at
+    unit stride (NCHW, conv1d's (N, C, L)), so a channel-major warp would touch one plane, one
+    32-byte sector, a lane."""
+    return t.stride(1) != 1
+
+
 def _gathered(direction: str, g: ConvGeometry, t: torch.Tensor) -> bool:
     """Whether an implicit kernel's activation operand t (x; dy) is gathered: the forward or
     grad input of a layer whose channel blocks are not at unit stride."""
-    return direction != "bwd_weight" and not _flat_taps(g) and t.stride(1) != 1
+    return direction != "bwd_weight" and not _flat_taps(g) and _pixel_major(t)
 
 
 def _gathered_candidates(default: dict, m: int, n: int, k: int) -> list[dict]:
@@ -359,7 +367,9 @@ class _TritonImplicit(_Launcher):
             grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(g.OCG, cfg["BLOCK_N"]), g.groups)
             return Launch(k.conv2d_implicit_fwd, grid, (
                 g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
-                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {**consts, **cfg})
+                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {
+                    **consts, **cfg, "GATHER_PIXELS": not flat_k and _pixel_major(x),
+                    "STORE_PIXELS": _pixel_major(y)})
 
         @_once_per_candidate
         def launch(cfg):
@@ -406,7 +416,9 @@ class _TritonImplicit(_Launcher):
                     g.groups)
             return Launch(k.conv2d_implicit_bwd_input, grid, (
                 g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
-                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {**consts, **cfg})
+                g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {
+                    **consts, **cfg, "GATHER_PIXELS": _pixel_major(dy),
+                    "STORE_PIXELS": _pixel_major(dx)})
 
         @_once_per_candidate
         def launch(cfg):
@@ -452,7 +464,8 @@ class _TritonImplicit(_Launcher):
                           (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
                            *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
                           {**consts, "SPLIT": split, "P_SPLIT": p_split,
-                           "REDUCE_ROWS": _reduce_rows(cfg), **cfg})
+                           "REDUCE_ROWS": _reduce_rows(cfg),
+                           "GATHER_PIXELS": not flat_n and _pixel_major(x), **cfg})
             if split == 1:
                 return lambda dy, x, dw: main(dy, x, dw, dw, dw)   # placeholders: never read
             ws_numel = tiles * split * bm * bn

@@ -3,7 +3,8 @@
 - `unravel3`: the coordinates of flat indices over a row-major (A, B, C) extent, e.g. the pixels
   (n, oh, ow) of an implicit-GEMM row block or the (c, kh, kw) of a weight column block.
 - `pixel_offsets`: int64 element offsets of a [pixels, channels] tile of an (N, C, H, W)
-  tensor with any strides.
+  tensor with any strides; `plane_offsets` of the [channels, pixels] tile, for tensors whose
+  pixels, not channels, lie at unit stride (NCHW).
 - `window_of`: the gather side of a sliding window. Output index o's window reads input
   coordinate o*S - P + k*D at kernel offset k; a backward pass that owns input coordinates x
   finds, for each offset k, the one window (if any) that reads x there.
@@ -36,6 +37,15 @@ def pixel_offsets(n, a, b, c, s_n, s_a, s_b, s_c):
     """[len(a), len(c)] int64 offsets of pixels (n, a, b) and channels c of a tensor with
     strides s_n, s_c, s_a, s_b: n (per pixel, or one image) and c are int64 already."""
     return (n * s_n + a.to(tl.int64) * s_a + b.to(tl.int64) * s_b)[:, None] + c[None, :] * s_c
+
+
+@triton.jit
+def plane_offsets(n, a, b, c, s_n, s_a, s_b, s_c):
+    """pixel_offsets transposed: [len(c), len(a)] offsets, channels by pixels. Where the
+    strides prove no axis contiguous (a gather), Triton lays a tile's last axis along a warp's
+    lanes: the pixels here, the axis an NCHW tensor holds at unit stride, so that a warp's
+    loads or stores cover a run of a row (2-4 sectors) instead of 32 planes (32 sectors)."""
+    return c[:, None] * s_c + (n * s_n + a.to(tl.int64) * s_a + b.to(tl.int64) * s_b)[None, :]
 
 
 @triton.jit

@@ -28,7 +28,7 @@ setting).
 import triton
 import triton.language as tl
 
-from ._index import pixel_offsets, program_pixels, unravel3, window_of
+from ._index import pixel_offsets, plane_offsets, program_pixels, unravel3, window_of
 from ._split import sum_partials
 
 
@@ -44,12 +44,17 @@ def conv2d_implicit_fwd(
     CG, OCG,                            # channels per group in and out
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     FLAT_K: tl.constexpr,               # K steps over (kh, kw, c) jointly: few input channels
+    GATHER_PIXELS: tl.constexpr,        # x's channels not at unit stride (NCHW): pixel-major
+    STORE_PIXELS: tl.constexpr,         # y's likewise
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Y = X @ Wt by output tiles. With FLAT_K (a layer with few input channels, like an RGB
     stem: 3 channels would fill 3 of a 16-deep channel block) each K step takes BLOCK_K
     consecutive (kh, kw, c) columns as im2col orders them, decoded per column, so the tensor
-    cores see no channel padding."""
+    cores see no channel padding. GATHER_PIXELS (x's channels a plane apart, not FLAT_K): the
+    A tile is loaded as [channels, pixels] and transposed, so that a warp's lanes run along
+    the pixels, which lie at unit stride (a row's run: 2-4 sectors a load, not one a lane);
+    STORE_PIXELS likewise for y's tile (plane_offsets)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
@@ -89,15 +94,23 @@ def conv2d_implicit_fwd(
             c = cb * BLOCK_K + kc
             c_ok = c < CG
             c_abs = (group * CG + c).to(tl.int64)
-            a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
-                        mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+            if GATHER_PIXELS:
+                a = tl.trans(tl.load(a_row[None, :] + c_abs[:, None] * sx_c,
+                                     mask=a_ok[None, :] & c_ok[:, None], other=0.0))
+            else:
+                a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
+                            mask=a_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
                         mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc_abs, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
-    y_off = pixel_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c)
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
+    if STORE_PIXELS:
+        tl.store(y_ptr + plane_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c),
+                 tl.trans(acc.to(y_ptr.dtype.element_ty)), mask=oc_ok[:, None] & m_ok[None, :])
+    else:
+        tl.store(y_ptr + pixel_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c),
+                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
 
 
 @triton.jit
@@ -112,6 +125,8 @@ def conv2d_implicit_bwd_input(
     CG, OCG,
     STRIDE_PHASES: tl.constexpr,        # tiles of one stride phase (stride > 1, dilation 1)
     INPUT_PRECISION: tl.constexpr,
+    GATHER_PIXELS: tl.constexpr,        # dy's channels not at unit stride (NCHW): pixel-major
+    STORE_PIXELS: tl.constexpr,         # dx's likewise
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dX[(n, h, w), c] = sum_(kh, kw, oc) dY[n, oc, oh, ow] W[oc, c, kh, kw]: a gather over
@@ -130,6 +145,8 @@ def conv2d_implicit_bwd_input(
     (likewise along w); only the border checks 0 <= oh < OH remain. A phase no tap reaches
     (kh0 >= KH: kernel 1 at stride 2) runs no K step and writes zeros. Consecutive programs
     are the phases of one pixel region, which read the same dY rows (shared in L2).
+
+    GATHER_PIXELS and STORE_PIXELS: dY's and dX's tiles pixel-major, as in the forward.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -183,13 +200,21 @@ def conv2d_implicit_bwd_input(
         o = ob * BLOCK_K + ko
         o_ok = o < OCG
         o_abs = (group * OCG + o).to(tl.int64)
-        a = tl.load(a_row[:, None] + o_abs[None, :] * sdy_c,
-                    mask=a_ok[:, None] & o_ok[None, :], other=0.0)
+        if GATHER_PIXELS:
+            a = tl.trans(tl.load(a_row[None, :] + o_abs[:, None] * sdy_c,
+                                 mask=a_ok[None, :] & o_ok[:, None], other=0.0))
+        else:
+            a = tl.load(a_row[:, None] + o_abs[None, :] * sdy_c,
+                        mask=a_ok[:, None] & o_ok[None, :], other=0.0)
         b = tl.load(b_col[None, :] + o_abs[:, None] * sw_o,
                     mask=o_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    dx_off = pixel_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c)
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    if STORE_PIXELS:
+        tl.store(dx_ptr + plane_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c),
+                 tl.trans(acc.to(dx_ptr.dtype.element_ty)), mask=c_ok[:, None] & m_ok[None, :])
+    else:
+        tl.store(dx_ptr + pixel_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c),
+                 acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -207,6 +232,7 @@ def conv2d_implicit_bwd_weight(
     FLAT_N: tl.constexpr,                # columns over (kh, kw, c) jointly: few input channels
     REDUCE_ROWS: tl.constexpr,           # split-K: rows of the tile the last program sums at once
     INPUT_PRECISION: tl.constexpr,
+    GATHER_PIXELS: tl.constexpr,         # x's channels not at unit stride (NCHW): pixel-major
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW[oc, (kh, kw, c)] = sum over pixels (n, oh, ow) of dY[n, oc, oh, ow] X[...]:
@@ -218,7 +244,9 @@ def conv2d_implicit_bwd_weight(
     it loads with 16-byte vectors (and cp.async) like the forward's; the (h, w) of a row and
     its padding mask are computed once per pixel, not per element. With FLAT_N (fewer input
     channels than a 16-wide block would use, like an RGB stem) a column tile is BLOCK_N
-    consecutive (kh, kw, c) columns, decoded per column instead.
+    consecutive (kh, kw, c) columns, decoded per column instead. GATHER_PIXELS (not FLAT_N):
+    an NCHW input's X tile is loaded as [channels, pixels] and transposed, a warp's lanes
+    along the pixels, as the forward's A tile (dY's tile runs along the pixels already).
 
     Split-K: the weight gradient is a small M x N output with a very long K (every pixel of
     the batch), so its tiles alone cannot fill the GPU. program_id(2) = group * SPLIT + split;
@@ -271,8 +299,12 @@ def conv2d_implicit_bwd_weight(
             w = ow * SW - PW + kw * DW
             row_ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             row = n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-            b = tl.load(x_ptr + row[:, None] + c_abs[None, :] * sx_c,
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if GATHER_PIXELS:
+                b = tl.trans(tl.load(x_ptr + row[None, :] + c_abs[:, None] * sx_c,
+                                     mask=row_ok[None, :] & col_ok[:, None], other=0.0))
+            else:
+                b = tl.load(x_ptr + row[:, None] + c_abs[None, :] * sx_c,
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     # dW's offsets are formed only where it is stored: live across the split-K reduction,
     # a tile of int64 offsets would take two registers per accumulator element
