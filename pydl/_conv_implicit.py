@@ -186,10 +186,11 @@ GATHERED_SPACE = ((64, 64, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8), (64, 64, 
 
 
 def _pixel_major(t: torch.Tensor) -> bool:
-    """Whether an implicit kernel loads or stores t's tiles pixel-major (the kernels'
-    GATHER_PIXELS, STORE_PIXELS: a warp's lanes along the pixels): its channels are not at
-    unit stride (NCHW, conv1d's (N, C, L)), so a channel-major warp would touch one plane, one
-    32-byte sector, a lane."""
+    """Whether t's channels (axis 1) are not at unit stride (NCHW, conv1d's (N, C, L)): an
+    activation's tiles are then loaded or stored pixel-major (the kernels' GATHER_PIXELS,
+    STORE_PIXELS: a warp's lanes along the pixels; channel-major, a warp would touch one plane,
+    one 32-byte sector, a lane), and for a weight (OC, C, KH, KW) the K steps run a channel
+    block's taps together (TAPS_INNER)."""
     return t.stride(1) != 1
 
 
@@ -369,7 +370,7 @@ class _TritonImplicit(_Launcher):
                 g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
                 g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {
                     **consts, **cfg, "GATHER_PIXELS": not flat_k and _pixel_major(x),
-                    "STORE_PIXELS": _pixel_major(y)})
+                    "STORE_PIXELS": _pixel_major(y), "TAPS_INNER": _pixel_major(w)})
 
         @_once_per_candidate
         def launch(cfg):
@@ -418,7 +419,7 @@ class _TritonImplicit(_Launcher):
                 g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *w.stride(), *dx.stride(),
                 g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {
                     **consts, **cfg, "GATHER_PIXELS": _pixel_major(dy),
-                    "STORE_PIXELS": _pixel_major(dx)})
+                    "STORE_PIXELS": _pixel_major(dx), "TAPS_INNER": _pixel_major(w)})
 
         @_once_per_candidate
         def launch(cfg):

@@ -10,8 +10,11 @@ gathered tile by tile inside the K loop. The reduction runs over (kh, kw) outerm
 innermost, so for channels_last inputs each A tile is BLOCK_M rows of contiguous channels. It is
 one flat loop over t = (kh, kw, channel block), not three nested loops, because Triton
 software-pipelines (prefetches the next K tile in) only the innermost loop, and a loop over the
-channel blocks alone is often only one or two iterations long.
-Every tensor comes with its four strides, so NCHW, channels_last and sliced tensors need no copy.
+channel blocks alone is often only one or two iterations long (with an (OC, C, KH, KW)
+weight, TAPS_INNER, t = (channel block, kh, kw): a block's taps, which share the weight's
+sectors, one after another).
+Every tensor comes with its four strides, so NCHW, channels_last and sliced tensors need no copy
+(an NCHW tile is loaded and stored pixel-major: GATHER_PIXELS, STORE_PIXELS).
 
 The backward passes are implicit GEMMs of the same shape family:
   grad_input  dX[(n, h, w), c]  = sum over (kh, kw, oc) of dY[n, oc, oh, ow] * W[oc, c, kh, kw]
@@ -46,6 +49,7 @@ def conv2d_implicit_fwd(
     FLAT_K: tl.constexpr,               # K steps over (kh, kw, c) jointly: few input channels
     GATHER_PIXELS: tl.constexpr,        # x's channels not at unit stride (NCHW): pixel-major
     STORE_PIXELS: tl.constexpr,         # y's likewise
+    TAPS_INNER: tl.constexpr,           # w's channels not at unit stride: K steps (cb, kh, kw)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Y = X @ Wt by output tiles. With FLAT_K (a layer with few input channels, like an RGB
@@ -54,7 +58,10 @@ def conv2d_implicit_fwd(
     cores see no channel padding. GATHER_PIXELS (x's channels a plane apart, not FLAT_K): the
     A tile is loaded as [channels, pixels] and transposed, so that a warp's lanes run along
     the pixels, which lie at unit stride (a row's run: 2-4 sectors a load, not one a lane);
-    STORE_PIXELS likewise for y's tile (plane_offsets)."""
+    STORE_PIXELS likewise for y's tile (plane_offsets). TAPS_INNER (an (OC, C, KH, KW)
+    weight, its taps at unit stride): the K steps visit a channel block's taps one after
+    another, so the 32-byte sectors its weight tile touches (each holding a channel's taps)
+    and x's planes are read again from L1 at the next tap, not after every other block."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
@@ -85,7 +92,10 @@ def conv2d_implicit_fwd(
     else:
         NC = tl.cdiv(CG, BLOCK_K)                        # channel blocks per (kh, kw)
         for t in range(KH * KW * NC):                    # t = (kh, kw, channel block)
-            kh, kw, cb = unravel3(t, KW, NC)
+            if TAPS_INNER:
+                cb, kh, kw = unravel3(t, KH, KW)
+            else:
+                kh, kw, cb = unravel3(t, KW, NC)
             h = oh * SH - PH + kh * DH
             w = ow * SW - PW + kw * DW
             a_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
@@ -127,6 +137,7 @@ def conv2d_implicit_bwd_input(
     INPUT_PRECISION: tl.constexpr,
     GATHER_PIXELS: tl.constexpr,        # dy's channels not at unit stride (NCHW): pixel-major
     STORE_PIXELS: tl.constexpr,         # dx's likewise
+    TAPS_INNER: tl.constexpr,           # w's channels not at unit stride: K steps (ob, i, j)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dX[(n, h, w), c] = sum_(kh, kw, oc) dY[n, oc, oh, ow] W[oc, c, kh, kw]: a gather over
@@ -146,7 +157,8 @@ def conv2d_implicit_bwd_input(
     (kh0 >= KH: kernel 1 at stride 2) runs no K step and writes zeros. Consecutive programs
     are the phases of one pixel region, which read the same dY rows (shared in L2).
 
-    GATHER_PIXELS and STORE_PIXELS: dY's and dX's tiles pixel-major, as in the forward.
+    GATHER_PIXELS, STORE_PIXELS: dY's and dX's tiles pixel-major; TAPS_INNER: an output-
+    channel block's taps one after another; as in the forward.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -182,7 +194,10 @@ def conv2d_implicit_bwd_input(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     NC = tl.cdiv(OCG, BLOCK_K)                           # output-channel blocks per (kh, kw)
     for t in range(TH * TW * NC):                        # t = (tap row, tap column, oc block)
-        i, j, ob = unravel3(t, TW, NC)
+        if TAPS_INNER:
+            ob, i, j = unravel3(t, TH, TW)
+        else:
+            i, j, ob = unravel3(t, TW, NC)
         if STRIDE_PHASES:
             kh = kh0 + i * SH
             kw = kw0 + j * SW
