@@ -171,18 +171,21 @@ def _tile(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k != "ROUTE"}
 
 
-# The forward's and grad input's tiles where their activation operand is gathered (NCHW: a
-# channel block's elements a plane apart, loaded 2 bytes a lane with a 64-bit address each,
-# and the output stored the same way; not the FLAT few-channel layers). In the sm_90 compile
-# of ResNet-50's l2 3x3/2 layer in NCHW (`python -m bench resources conv2d_implicit`), the
-# channels_last layers' default 64 x 128 x 32 tile on 4 warps took 255 registers and spilled
-# (forward 24 bytes, grad input 184), as did every candidate of GEMM_SPACE (up to 4 KiB); on
-# 8 warps it took 128 and 167, no spill, half the instructions a thread, and twice the warps
-# an SM to hide the gathers' latency (bench/TUNING.md v39): the default there. The tuner's
-# alternatives, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), compiled without a spill there and at
-# Whisper's conv1d layers: at most 32 accumulators and 16 gathered activation elements a
-# thread.
+# The tiles of a kernel whose activation operand is gathered: NCHW (or conv1d's (N, C, L)),
+# a channel block's elements a plane apart, loaded 2 bytes a lane with a 64-bit address each
+# (pixel-major: GATHER_PIXELS), and, forward and grad input, the output stored the same way;
+# not the FLAT few-channel layers. In the sm_90 compile of ResNet-50's l2 3x3/2 layer in NCHW
+# (`python -m bench resources conv2d_implicit`; bench/TUNING.md v39), the channels_last
+# layers' default tiles on 4 warps took 255 registers and spilled (forward 24 bytes, grad
+# input 184 before the tiles were pixel-major; the grad weight's 64-deep tile 368 after), as
+# did nearly every candidate of GEMM_SPACE; on 8 warps at most 32 deep, they took 124, 128
+# and 186 registers, no spill, and an SM holds twice the warps to hide the gathers' latency:
+# the default there. The tuner's alternatives, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps),
+# compiled without a spill there and at Whisper's conv1d layers (at most 32 accumulators and
+# 16 gathered activation elements a thread); the grad weight takes those at most 32 deep
+# (64 x 128 x 64 took 254 registers).
 GATHERED_SPACE = ((64, 64, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8), (64, 64, 32, 4))
+GATHERED_WEIGHT_DEPTH = 32
 
 
 def _pixel_major(t: torch.Tensor) -> bool:
@@ -194,18 +197,22 @@ def _pixel_major(t: torch.Tensor) -> bool:
     return t.stride(1) != 1
 
 
-def _gathered(direction: str, g: ConvGeometry, t: torch.Tensor) -> bool:
-    """Whether an implicit kernel's activation operand t (x; dy) is gathered: the forward or
-    grad input of a layer whose channel blocks are not at unit stride."""
-    return direction != "bwd_weight" and not _flat_taps(g) and _pixel_major(t)
+def _gathered(g: ConvGeometry, x: torch.Tensor) -> bool:
+    """Whether the forward and the grad weight gather x pixel-major: its channels are not at
+    unit stride, and their K steps or columns run over channel blocks (not FLAT taps). (The
+    grad input's K steps run over dy's channel blocks whatever the layer: _pixel_major(dy).)"""
+    return not _flat_taps(g) and _pixel_major(x)
 
 
-def _gathered_candidates(default: dict, m: int, n: int, k: int) -> list[dict]:
+def _gathered_candidates(default: dict, m: int, n: int, k: int,
+                         max_k: int | None = None) -> list[dict]:
     """The default tile on 8 warps, then GATHERED_SPACE, clipped to an (m x k) @ (k x n)
-    problem (4 warps for a clipped tile of fewer than 64 x 64 outputs)."""
-    tiles = [(default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_K"], 8)]
+    problem, K blocks at most max_k deep (4 warps for a clipped tile of fewer than 64 x 64
+    outputs)."""
+    bk = default["BLOCK_K"] if max_k is None else min(default["BLOCK_K"], dot_block(k, max_k))
+    tiles = [(default["BLOCK_M"], default["BLOCK_N"], bk, 8)]
     tiles += [(dot_block(m, bm), dot_block(n, bn), dot_block(k, bk), w)
-              for bm, bn, bk, w in GATHERED_SPACE]
+              for bm, bn, bk, w in GATHERED_SPACE if max_k is None or bk <= max_k]
     return unique([dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                         num_warps=w if bm * bn >= 64 * 64 else 4) for bm, bn, bk, w in tiles])
 
@@ -216,11 +223,12 @@ IMPLICIT_TUNERS = {d: Tuner(f"conv2d_implicit_{d}") for d in ("fwd", "bwd_input"
 
 
 def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n: int, k: int,
-                     launch, routes: tuple = ()) -> dict:
+                     launch, routes: tuple = (), gathered: bool = False) -> dict:
     """The launch config of one implicit-GEMM kernel: an (m x k) @ (k x n) tile loop whose K
     steps run over channels (forward, grad input) or pixels (grad weight). `routes`: other
     ways to the same result the tuner also times, as candidates {"ROUTE": name} (with the
-    default tile, for a route that runs the kernel) that `launch` runs (never the default)."""
+    default tile, for a route that runs the kernel) that `launch` runs (never the default).
+    gathered: the kernel gathers its activation operand pixel-major (`_gathered`)."""
     flat_n = direction == "bwd_weight" and _flat_taps(g)
     # the grad weight's 16-bit tap tiles step 64 deep: 168 registers a thread at 64 x 64 on 4
     # warps in the sm_90 compile, 3 programs a multiprocessor; 32 deep took 178, 2 of them
@@ -235,8 +243,9 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
         if t.dtype.itemsize > 2:
             default["BLOCK_K"] = dot_block(k, 16)       # fp32 at 32 deep spilled 28-88 bytes
     tile = default      # the channels_last kernels' default: a layout route's tile
-    if _gathered(direction, g, t):
-        candidates = _gathered_candidates(default, m, n, k)
+    if gathered:
+        candidates = _gathered_candidates(default, m, n, k, GATHERED_WEIGHT_DEPTH
+                                          if direction == "bwd_weight" else None)
         default = candidates[0]
     else:
         candidates = gemm_candidates(default, m, n, k, t.dtype.itemsize)
@@ -253,7 +262,8 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
         candidates += [dict(c, SPLIT_WAVES=w) for w in SPLIT_WAVES[1:] for c in candidates]
     candidates += [dict(tile, ROUTE=r) for r in routes]     # a route at the default tile
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
-           g.groups, memory_format_of(t) == torch.channels_last, bucket(m), bucket(n), bucket(k))
+           g.groups, memory_format_of(t) == torch.channels_last, gathered, bucket(m), bucket(n),
+           bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
 
 
@@ -369,7 +379,7 @@ class _TritonImplicit(_Launcher):
             return Launch(k.conv2d_implicit_fwd, grid, (
                 g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
                 g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {
-                    **consts, **cfg, "GATHER_PIXELS": not flat_k and _pixel_major(x),
+                    **consts, **cfg, "GATHER_PIXELS": _gathered(g, x),
                     "STORE_PIXELS": _pixel_major(y), "TAPS_INNER": _pixel_major(w)})
 
         @_once_per_candidate
@@ -381,7 +391,7 @@ class _TritonImplicit(_Launcher):
         k_len = g.CG * g.KH * g.KW if flat_k else g.CG
         cfg = _implicit_config("fwd", g, x, M, g.OCG, k_len,
                                lambda c: launch(c)(x, w, w if b is None else b, y),
-                               _layout_routes(g, x))
+                               _layout_routes(g, x), _gathered(g, x))
         return launch(cfg)
 
     @staticmethod
@@ -431,7 +441,8 @@ class _TritonImplicit(_Launcher):
 
         cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,
                                lambda c: launch(c)(dy, w, dx),
-                               _grad_input_routes(g) + _layout_routes(g, dy))
+                               _grad_input_routes(g) + _layout_routes(g, dy),
+                               _pixel_major(dy))     # its K steps: output-channel blocks
         return launch(cfg)
 
     @staticmethod
@@ -466,7 +477,7 @@ class _TritonImplicit(_Launcher):
                            *dw.stride(), g.SH, g.SW, g.PH, g.PW, g.DH, g.DW),
                           {**consts, "SPLIT": split, "P_SPLIT": p_split,
                            "REDUCE_ROWS": _reduce_rows(cfg),
-                           "GATHER_PIXELS": not flat_n and _pixel_major(x), **cfg})
+                           "GATHER_PIXELS": _gathered(g, x), **cfg})
             if split == 1:
                 return lambda dy, x, dw: main(dy, x, dw, dw, dw)   # placeholders: never read
             ws_numel = tiles * split * bm * bn
@@ -485,7 +496,7 @@ class _TritonImplicit(_Launcher):
 
         n = g.CG * g.KH * g.KW if flat_n else g.CG
         cfg = _implicit_config("bwd_weight", g, dy, g.OCG, n, P, lambda c: launch(c)(dy, x, dw),
-                               _layout_routes(g, x) or _layout_routes(g, dy))
+                               _layout_routes(g, x) or _layout_routes(g, dy), _gathered(g, x))
         return launch(cfg)
 
     @staticmethod

@@ -402,39 +402,83 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
 
 
 def test_gathered_tiles(monkeypatch):
-    """An NCHW layer's forward and grad input gather their activation's channel blocks: their
-    default tile is the channels_last one on 8 warps (4 spilled in the sm_90 compile), every
-    alternative holds at most 32 accumulators and 16 gathered activation elements a thread,
-    and the layout route runs the channels_last kernels' own default tile (4 warps). The
-    channels_last layer and the grad weight keep the GEMM space."""
+    """An NCHW layer's kernels gather their activation pixel-major: their default tile is the
+    channels_last one on 8 warps (on 4 they spilled in the sm_90 compile), the grad weight's
+    at most 32 deep; every alternative holds at most 32 accumulators and 16 gathered
+    activation elements a thread, and the layout route runs the channels_last kernels' own
+    default tile (4 warps). A channels_last layer keeps the GEMM space. Which kernels gather
+    follows the layouts: x for the forward and grad weight (not FLAT taps), dy for the grad
+    input."""
     from pydl import _conv_implicit as ci
     from pydl._conv_common import ConvGeometry
     seen = {}
     for direction, tuner in ci.IMPLICIT_TUNERS.items():
         monkeypatch.setattr(tuner, "pick", lambda key, candidates, launch, inout=(), d=direction:
-                            seen.__setitem__(d, candidates) or candidates[0])
+                            seen.__setitem__(d, (key, candidates)) or candidates[0])
     g = ConvGeometry(N=32, C=128, H=56, W=56, OC=128, KH=3, KW=3, OH=28, OW=28, SH=2, SW=2,
                      PH=1, PW=1)
     nchw = torch.empty((32, 128, 56, 56), dtype=torch.bfloat16, device="meta")
+    cl = nchw.to(memory_format=torch.channels_last)
+    assert ci._gathered(g, nchw) and not ci._gathered(g, cl)
+    assert not ci._gathered(ConvGeometry(N=1, C=3, H=8, W=8, OC=8, KH=3, KW=3, OH=6, OW=6),
+                            torch.empty((1, 3, 8, 8), device="meta"))      # FLAT taps
     m = g.N * g.OH * g.OW
-    for direction in ("fwd", "bwd_input"):
-        cfg = ci._implicit_config(direction, g, nchw, m, 128, 128, None, (ci.LAYOUT_ROUTE,))
-        tiles = [c for c in seen[direction] if "ROUTE" not in c]
+    for direction, n, k, deepest in (("fwd", 128, 128, 64), ("bwd_input", 128, 128, 64),
+                                     ("bwd_weight", 128 * 9, m, 32)):
+        cfg = ci._implicit_config(direction, g, nchw, *((m, n, k) if direction != "bwd_weight"
+                                                         else (128, n, k)),
+                                  None, (ci.LAYOUT_ROUTE,), gathered=True)
+        key, candidates = seen[direction]
+        tiles = [c for c in candidates if "ROUTE" not in c and "SPLIT_WAVES" not in c]
         assert cfg == tiles[0] == dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8), cfg
-        assert len(tiles) == 1 + len(ci.GATHERED_SPACE), tiles
+        assert 2 < len(tiles) <= 1 + len(ci.GATHERED_SPACE), tiles
         for c in tiles:
             threads = 32 * c["num_warps"]
             assert c["BLOCK_M"] * c["BLOCK_N"] <= 32 * threads, c
             assert c["BLOCK_M"] * c["BLOCK_K"] <= 16 * threads, c
-        assert [c for c in seen[direction] if "ROUTE" in c] == [dict(
-            BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, ROUTE=ci.LAYOUT_ROUTE)]
-    cl = nchw.to(memory_format=torch.channels_last)
+            assert c["BLOCK_K"] <= deepest, c
+        routes = [c for c in candidates if "ROUTE" in c]
+        assert routes == [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if direction == "bwd_weight"
+                               else 32, num_warps=4, ROUTE=ci.LAYOUT_ROUTE)], routes
+        ci._implicit_config(direction, g, nchw, m, n, k, None, gathered=False)
+        assert seen[direction][0] != key             # the tuned choice is kept apart
     assert ci._implicit_config("fwd", g, cl, m, 128, 128, None) == dict(
         BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4)
-    assert seen["fwd"][1:] == ci.gemm_candidates(seen["fwd"][0], m, 128, 128, 2)[1:]
-    # the grad weight reads both operands along pixels: its 4-warp tap tile stays the default
-    assert ci._implicit_config("bwd_weight", g, nchw, 128, 128 * 9, m, None) == dict(
-        BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+    assert seen["fwd"][1][1:] == ci.gemm_candidates(seen["fwd"][1][0], m, 128, 128, 2)[1:]
+
+
+@pytest.mark.parametrize("layouts", ["nchw", "channels_last", "x_nchw_w_cl", "x_cl_dy_nchw_w",
+                                     "x_nchw_dy_cl"])
+def test_pixel_major_flags(monkeypatch, layouts):
+    """Each implicit kernel loads and stores pixel-major exactly the tensors whose channels are
+    not at unit stride (GATHER_PIXELS: the forward's and grad weight's x, the grad input's dy;
+    STORE_PIXELS: y, dx), and runs a channel block's taps together where the weight is
+    (OC, C, KH, KW) (TAPS_INNER); the results match torch in every mix of layouts."""
+    from pydl.kernels.triton import conv as k
+    launches = _spy_launches(monkeypatch)
+    clear_plans()
+    cl = torch.channels_last
+    x = random_tensor((2, 16, 7, 6), torch.float32, DEVICE)
+    w = random_tensor((24, 16, 3, 3), torch.float32, DEVICE, scale=0.3)
+    dy = random_tensor((2, 24, 7, 6), torch.float32, DEVICE)
+    x_cl, w_cl, dy_cl = {"nchw": (False, False, False), "channels_last": (True, True, True),
+                         "x_nchw_w_cl": (False, True, False), "x_cl_dy_nchw_w": (True, False, False),
+                         "x_nchw_dy_cl": (False, False, True)}[layouts]
+    x = x.to(memory_format=cl) if x_cl else x
+    w = w.to(memory_format=cl) if w_cl else w
+    dy = dy.to(memory_format=cl) if dy_cl else dy
+    check_conv(x, w, None, "triton", "implicit", torch.float32, grad_out=dy, padding=1)
+    (_, fwd), = _planned(launches, k.conv2d_implicit_fwd)
+    assert (fwd["GATHER_PIXELS"], fwd["STORE_PIXELS"], fwd["TAPS_INNER"]) == (
+        not x_cl, not x_cl, not w_cl), fwd          # y is allocated in x's layout
+    # a channels_last layer's NCHW dy is made channels_last first (relayout_planes)
+    dy_planes = not dy_cl and not x_cl
+    (_, bwd_in), = _planned(launches, k.conv2d_implicit_bwd_input)
+    assert (bwd_in["GATHER_PIXELS"], bwd_in["STORE_PIXELS"], bwd_in["TAPS_INNER"]) == (
+        dy_planes, not x_cl, not w_cl), bwd_in
+    (_, bwd_w), = _planned(launches, k.conv2d_implicit_bwd_weight)
+    assert bwd_w["GATHER_PIXELS"] == (not x_cl), bwd_w
+    clear_plans()
 
 
 def _small_tiles(monkeypatch, block=16):
