@@ -462,7 +462,8 @@ def test_pixel_major_flags(monkeypatch, layouts):
     w = random_tensor((24, 16, 3, 3), torch.float32, DEVICE, scale=0.3)
     dy = random_tensor((2, 24, 7, 6), torch.float32, DEVICE)
     x_cl, w_cl, dy_cl = {"nchw": (False, False, False), "channels_last": (True, True, True),
-                         "x_nchw_w_cl": (False, True, False), "x_cl_dy_nchw_w": (True, False, False),
+                         "x_nchw_w_cl": (False, True, False),
+                         "x_cl_dy_nchw_w": (True, False, False),
                          "x_nchw_dy_cl": (False, False, True)}[layouts]
     x = x.to(memory_format=cl) if x_cl else x
     w = w.to(memory_format=cl) if w_cl else w
