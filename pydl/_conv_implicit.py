@@ -539,7 +539,7 @@ def _depthwise_config(direction: str, g: ConvGeometry, t: torch.Tensor, channels
     channels x 256 pixels. The tuner also tries tiles twice as deep in each direction, and
     twice the pixels on the same warps (each thread's channel weights, scalar loads a tap,
     then serve twice the outputs)."""
-    cl = t.stride(1) == 1
+    cl = not _pixel_major(t)
     bc = min(64, max(8, next_power_of_2(channels))) if cl else 4
     bp = max(16, 2048 // bc)
     space = [(bp, bc, 4), (2 * bp, bc, 8), (bp, 2 * bc, 8), (bp // 2, bc, 4), (2 * bp, bc, 4)] \
@@ -584,7 +584,8 @@ class _TritonDepthwise:
         P = g.N * g.OH * g.OW
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *_weight_strides(w),
                    *y.stride(), *_depthwise_args(g))
-        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, HAS_BIAS=b is not None)
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, HAS_BIAS=b is not None,
+                      PIXEL_MAJOR=_pixel_major(x))
 
         def launch(cfg):
             return Launch(k.conv2d_depthwise_fwd, (cdiv(P, cfg["BLOCK_P"]),
@@ -601,7 +602,8 @@ class _TritonDepthwise:
         P = g.N * cdiv(g.H, g.SH) * cdiv(g.W, g.SW) if phases > 1 else g.N * g.H * g.W
         scalars = (g.N, g.C, g.H, g.W, g.OH, g.OW, *dy.stride(), *_weight_strides(w),
                    *dx.stride(), *_depthwise_args(g))
-        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, STRIDE_PHASES=phases > 1)
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, STRIDE_PHASES=phases > 1,
+                      PIXEL_MAJOR=_pixel_major(dx))
 
         def launch(cfg):
             return Launch(k.conv2d_depthwise_bwd_input, (phases * cdiv(P, cfg["BLOCK_P"]),

@@ -4,7 +4,8 @@
   (n, oh, ow) of an implicit-GEMM row block or the (c, kh, kw) of a weight column block.
 - `pixel_offsets`: int64 element offsets of a [pixels, channels] tile of an (N, C, H, W)
   tensor with any strides; `plane_offsets` of the [channels, pixels] tile, for tensors whose
-  pixels, not channels, lie at unit stride (NCHW).
+  pixels, not channels, lie at unit stride (NCHW); `tile_offsets`, `tile_mask`,
+  `per_channel`: either orientation, chosen by a constexpr.
 - `window_of`: the gather side of a sliding window. Output index o's window reads input
   coordinate o*S - P + k*D at kernel offset k; a backward pass that owns input coordinates x
   finds, for each offset k, the one window (if any) that reads x there.
@@ -46,6 +47,34 @@ def plane_offsets(n, a, b, c, s_n, s_a, s_b, s_c):
     lanes: the pixels here, the axis an NCHW tensor holds at unit stride, so that a warp's
     loads or stores cover a run of a row (2-4 sectors) instead of 32 planes (32 sectors)."""
     return c[:, None] * s_c + (n * s_n + a.to(tl.int64) * s_a + b.to(tl.int64) * s_b)[None, :]
+
+
+@triton.jit
+def tile_offsets(n, a, b, c, s_n, s_a, s_b, s_c, PIXEL_MAJOR: tl.constexpr):
+    """A tile's offsets: [pixels, channels] (pixel_offsets), or with PIXEL_MAJOR [channels,
+    pixels] (plane_offsets), for kernels whose whole tile turns with the layout."""
+    if PIXEL_MAJOR:
+        return plane_offsets(n, a, b, c, s_n, s_a, s_b, s_c)
+    else:
+        return pixel_offsets(n, a, b, c, s_n, s_a, s_b, s_c)
+
+
+@triton.jit
+def tile_mask(p_ok, c_ok, PIXEL_MAJOR: tl.constexpr):
+    """The tile of tile_offsets' orientation where a pixel's and a channel's masks both hold."""
+    if PIXEL_MAJOR:
+        return c_ok[:, None] & p_ok[None, :]
+    else:
+        return p_ok[:, None] & c_ok[None, :]
+
+
+@triton.jit
+def per_channel(v, PIXEL_MAJOR: tl.constexpr):
+    """A per-channel vector broadcast along tile_offsets' pixel axis."""
+    if PIXEL_MAJOR:
+        return v[:, None]
+    else:
+        return v[None, :]
 
 
 @triton.jit

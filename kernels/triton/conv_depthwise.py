@@ -23,7 +23,15 @@ accumulation, one rounding to the output's dtype.
 import triton
 import triton.language as tl
 
-from ._index import pixel_offsets, program_pixels, unravel3, window_of
+from ._index import (
+    per_channel,
+    pixel_offsets,
+    program_pixels,
+    tile_mask,
+    tile_offsets,
+    unravel3,
+    window_of,
+)
 from ._split import arrive_last, sum_partials
 
 
@@ -37,32 +45,38 @@ def conv2d_depthwise_fwd(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PIXEL_MAJOR: tl.constexpr,          # NCHW: the tile [channels, pixels], lanes along pixels
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grid (cdiv(N*OH*OW, BLOCK_P), cdiv(OC, BLOCK_C)): a tile of output pixels x output
-    channels, summed over the window's taps."""
+    channels, summed over the window's taps. PIXEL_MAJOR (x's channels a plane apart): the
+    tile is held as [channels, pixels], so that a warp's lanes run along a row's pixels (a
+    [pixels, channels] tile of 4 channels spreads a warp over 4 planes: 4 sectors and 4 L1
+    wavefronts a load where 2 sectors and 1 serve)."""
     n, oh, ow, p_ok, _, _, _, _ = program_pixels(tl.program_id(0), N, OH, OW, 1, 1, 0, 0,
                                                  BLOCK_P, False)   # output pixels
     n = n.to(tl.int64)
     oc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     oc_ok = oc < OC
     ci = (oc // M).to(tl.int64)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_P] if PIXEL_MAJOR else [BLOCK_P, BLOCK_C], tl.float32)
     for kh in range(KH):
         h = oh * SH - PH + kh * DH
         h_ok = p_ok & (h >= 0) & (h < H)
         for kw in range(KW):
             w = ow * SW - PW + kw * DW
             ok = h_ok & (w >= 0) & (w < W)
-            xv = tl.load(x_ptr + pixel_offsets(n, h, w, ci, sx_n, sx_h, sx_w, sx_c),
-                         mask=ok[:, None] & oc_ok[None, :], other=0.0)
+            xv = tl.load(x_ptr + tile_offsets(n, h, w, ci, sx_n, sx_h, sx_w, sx_c, PIXEL_MAJOR),
+                         mask=tile_mask(ok, oc_ok, PIXEL_MAJOR), other=0.0)
             wv = tl.load(w_ptr + oc.to(tl.int64) * sw_o + tl.cast(kh, tl.int64) * sw_h
                          + tl.cast(kw, tl.int64) * sw_w, mask=oc_ok, other=0.0)
-            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            acc += xv.to(tl.float32) * per_channel(wv.to(tl.float32), PIXEL_MAJOR)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + pixel_offsets(n, oh, ow, oc.to(tl.int64), sy_n, sy_h, sy_w, sy_c),
-             acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & oc_ok[None, :])
+        acc += per_channel(tl.load(b_ptr + oc, mask=oc_ok, other=0.0).to(tl.float32),
+                           PIXEL_MAJOR)
+    tl.store(y_ptr + tile_offsets(n, oh, ow, oc.to(tl.int64), sy_n, sy_h, sy_w, sy_c,
+                                  PIXEL_MAJOR),
+             acc.to(y_ptr.dtype.element_ty), mask=tile_mask(p_ok, oc_ok, PIXEL_MAJOR))
 
 
 @triton.jit
@@ -75,6 +89,7 @@ def conv2d_depthwise_bwd_input(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr,
     STRIDE_PHASES: tl.constexpr,        # by stride phase (a stride > 1, no dilation)
+    PIXEL_MAJOR: tl.constexpr,          # NCHW dx: the tile [channels, pixels], as the forward's
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """A tile of input pixels x input channels, each element the sum over the M output
@@ -89,22 +104,23 @@ def conv2d_depthwise_bwd_input(
     n = n.to(tl.int64)
     ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = ci < C
-    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_P] if PIXEL_MAJOR else [BLOCK_P, BLOCK_C], tl.float32)
     for kh in range(kh0, KH, kh_step):
         oh, oh_ok = window_of(h, kh, PH, DH, SH, OH)
         h_ok = p_ok & oh_ok
         for kw in range(kw0, KW, kw_step):
             ow, ow_ok = window_of(w, kw, PW, DW, SW, OW)
-            ok = (h_ok & ow_ok)[:, None] & c_ok[None, :]
+            ok = tile_mask(h_ok & ow_ok, c_ok, PIXEL_MAJOR)
             for m in range(M):
                 oc = (ci * M + m).to(tl.int64)
-                g = tl.load(dy_ptr + pixel_offsets(n, oh, ow, oc, sdy_n, sdy_h, sdy_w, sdy_c),
-                            mask=ok, other=0.0)
+                g = tl.load(dy_ptr + tile_offsets(n, oh, ow, oc, sdy_n, sdy_h, sdy_w, sdy_c,
+                                                  PIXEL_MAJOR), mask=ok, other=0.0)
                 wv = tl.load(w_ptr + oc * sw_o + tl.cast(kh, tl.int64) * sw_h
                              + tl.cast(kw, tl.int64) * sw_w, mask=c_ok, other=0.0)
-                acc += g.to(tl.float32) * wv.to(tl.float32)[None, :]
-    tl.store(dx_ptr + pixel_offsets(n, h, w, ci.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c),
-             acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+                acc += g.to(tl.float32) * per_channel(wv.to(tl.float32), PIXEL_MAJOR)
+    tl.store(dx_ptr + tile_offsets(n, h, w, ci.to(tl.int64), sdx_n, sdx_h, sdx_w, sdx_c,
+                                   PIXEL_MAJOR),
+             acc.to(dx_ptr.dtype.element_ty), mask=tile_mask(p_ok, c_ok, PIXEL_MAJOR))
 
 
 @triton.jit
