@@ -358,6 +358,8 @@ PROBLEMS = (
     ("conv", "l2-3x3s2-128 nchw", _conv_layer(128, 128, 3, 2, 56, channels_last=False)),
     ("conv", "l1-3x3-64 im2col", _conv_layer(64, 64, 3, 1, 56, algo="im2col")),
     ("conv", "mbv2 dw 3x3 32 112^2", _conv_layer(32, 32, 3, 1, 112, groups=32)),
+    ("conv", "mbv2 dw 3x3 32 112^2 nchw", _conv_layer(32, 32, 3, 1, 112, groups=32,
+                                                     channels_last=False)),
     ("conv", "mbv2 dw 3x3/2 144 56^2", _conv_layer(144, 144, 3, 2, 56, groups=144)),
     ("conv", "convnext dw 7x7 96 56^2", _conv_layer(96, 96, 7, 1, 56, groups=96)),
     ("conv", "conv1d whisper-base-conv1", _conv1d_layer(16, 80, 512, 3, 1, 3000, 1)),
