@@ -618,7 +618,7 @@ class _TritonDepthwise:
         P = g.N * g.OH * g.OW
         scalars = (g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *dy.stride(), *x.stride(),
                    *_weight_strides(dw), *_depthwise_args(g))
-        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG)
+        consts = dict(KH=g.KH, KW=g.KW, M=g.OCG, PIXEL_MAJOR=_pixel_major(dy))
         block_kw = next_power_of_2(g.KW)
 
         def launch(cfg):

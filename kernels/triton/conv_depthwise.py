@@ -25,7 +25,6 @@ import triton.language as tl
 
 from ._index import (
     per_channel,
-    pixel_offsets,
     program_pixels,
     tile_mask,
     tile_offsets,
@@ -135,6 +134,7 @@ def conv2d_depthwise_bwd_weight(
                                         # kernel for every batch size, the sum not unrolled)
     KH: tl.constexpr, KW: tl.constexpr, M: tl.constexpr, ONE_RANGE: tl.constexpr,
     IN_FLIGHT: tl.constexpr,            # partials loaded at a time by the tile's last program
+    PIXEL_MAJOR: tl.constexpr,          # NCHW: tiles [channels, pixels], [taps, channels, pixels]
     BLOCK_KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grid (KH, cdiv(OC, BLOCK_C), SPLIT): one kernel row kh of a channel block, all its KW
@@ -145,7 +145,10 @@ def conv2d_depthwise_bwd_weight(
     (they read the same dY, from L2 after the first). With several ranges each program stores
     its fp32 partial (parts: (KH*cdiv(OC, BLOCK_C), SPLIT, BLOCK_KW, BLOCK_C)) and the last of
     a (row, channel block) to arrive writes their sum; ONE_RANGE (SPLIT == 1) writes directly
-    (parts and arrivals are not read)."""
+    (parts and arrivals are not read). PIXEL_MAJOR (NCHW): the pixels are the tiles' last axis
+    ([channels, pixels] of dY, [taps, channels, pixels] of X), so that a warp's lanes run
+    along the taps and a row's pixels (overlapping windows: a sector or two a load) instead of
+    across 4 channel planes."""
     kh = tl.program_id(0)
     pid_c = tl.program_id(1)
     s = tl.program_id(2)
@@ -156,24 +159,30 @@ def conv2d_depthwise_bwd_weight(
     oc_ok = oc < OC
     oc64 = oc.to(tl.int64)
     ci = (oc // M).to(tl.int64)
-    acc = tl.zeros([BLOCK_KW, BLOCK_P, BLOCK_C], tl.float32)
+    acc = tl.zeros([BLOCK_KW, BLOCK_C, BLOCK_P] if PIXEL_MAJOR else
+                   [BLOCK_KW, BLOCK_P, BLOCK_C], tl.float32)
     P = N * OH * OW
     for p0 in range(s * P_SPLIT, s * P_SPLIT + P_SPLIT, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < P
         n, oh, ow = unravel3(p, OH, OW)
         n = n.to(tl.int64)
-        g = tl.load(dy_ptr + pixel_offsets(n, oh, ow, oc64, sdy_n, sdy_h, sdy_w, sdy_c),
-                    mask=p_ok[:, None] & oc_ok[None, :], other=0.0)
+        g = tl.load(dy_ptr + tile_offsets(n, oh, ow, oc64, sdy_n, sdy_h, sdy_w, sdy_c,
+                                          PIXEL_MAJOR),
+                    mask=tile_mask(p_ok, oc_ok, PIXEL_MAJOR), other=0.0)
         h = oh * SH - PH + kh * DH
         row_ok = p_ok & (h >= 0) & (h < H)
         w = ow[None, :] * SW - PW + kw[:, None] * DW                  # [BLOCK_KW, BLOCK_P]
         ok = kw_ok[:, None] & row_ok[None, :] & (w >= 0) & (w < W)
         at = (n * sx_n + h.to(tl.int64) * sx_h)[None, :] + w.to(tl.int64) * sx_w
-        xv = tl.load(x_ptr + at[:, :, None] + (ci * sx_c)[None, None, :],
-                     mask=ok[:, :, None] & oc_ok[None, None, :], other=0.0)
+        if PIXEL_MAJOR:
+            xv = tl.load(x_ptr + at[:, None, :] + (ci * sx_c)[None, :, None],
+                         mask=ok[:, None, :] & oc_ok[None, :, None], other=0.0)
+        else:
+            xv = tl.load(x_ptr + at[:, :, None] + (ci * sx_c)[None, None, :],
+                         mask=ok[:, :, None] & oc_ok[None, None, :], other=0.0)
         acc += g.to(tl.float32)[None, :, :] * xv.to(tl.float32)
-    total = tl.sum(acc, 1)                                             # [BLOCK_KW, BLOCK_C]
+    total = tl.sum(acc, 2 if PIXEL_MAJOR else 1)                       # [BLOCK_KW, BLOCK_C]
     dw = dw_ptr + oc64[None, :] * sdw_o + kh * sdw_h + kw[:, None] * sdw_w
     dw_ok = kw_ok[:, None] & oc_ok[None, :]
     if ONE_RANGE:
