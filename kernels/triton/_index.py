@@ -5,7 +5,8 @@
 - `pixel_offsets`: int64 element offsets of a [pixels, channels] tile of an (N, C, H, W)
   tensor with any strides; `plane_offsets` of the [channels, pixels] tile, for tensors whose
   pixels, not channels, lie at unit stride (NCHW); `tile_offsets`, `tile_mask`,
-  `per_channel`: either orientation, chosen by a constexpr.
+  `per_channel`, `oriented`: either orientation, chosen by a constexpr; `gather_tile`: a
+  [pixels, channels] tile loaded in either.
 - `window_of`: the gather side of a sliding window. Output index o's window reads input
   coordinate o*S - P + k*D at kernel offset k; a backward pass that owns input coordinates x
   finds, for each offset k, the one window (if any) that reads x there.
@@ -75,6 +76,28 @@ def per_channel(v, PIXEL_MAJOR: tl.constexpr):
         return v[:, None]
     else:
         return v[None, :]
+
+
+@triton.jit
+def oriented(tile, PIXEL_MAJOR: tl.constexpr):
+    """A [pixels, channels] tile in tile_offsets' orientation (transposed with PIXEL_MAJOR)."""
+    if PIXEL_MAJOR:
+        return tl.trans(tile)
+    else:
+        return tile
+
+
+@triton.jit
+def gather_tile(rows, cols, row_ok, col_ok, PIXEL_MAJOR: tl.constexpr):
+    """The [len(rows), len(cols)] tile at rows[:, None] + cols[None, :] (per-pixel pointers,
+    per-channel offsets), zero where a mask fails; with PIXEL_MAJOR loaded as [cols, rows],
+    a warp's lanes along the pixels, and transposed (for tl.dot, through shared memory)."""
+    if PIXEL_MAJOR:
+        return tl.trans(tl.load(rows[None, :] + cols[:, None],
+                                mask=row_ok[None, :] & col_ok[:, None], other=0.0))
+    else:
+        return tl.load(rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                       other=0.0)
 
 
 @triton.jit

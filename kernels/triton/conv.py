@@ -31,7 +31,16 @@ setting).
 import triton
 import triton.language as tl
 
-from ._index import pixel_offsets, plane_offsets, program_pixels, unravel3, window_of
+from ._index import (
+    gather_tile,
+    oriented,
+    pixel_offsets,
+    program_pixels,
+    tile_mask,
+    tile_offsets,
+    unravel3,
+    window_of,
+)
 from ._split import sum_partials
 
 
@@ -58,7 +67,7 @@ def conv2d_implicit_fwd(
     cores see no channel padding. GATHER_PIXELS (x's channels a plane apart, not FLAT_K): the
     A tile is loaded as [channels, pixels] and transposed, so that a warp's lanes run along
     the pixels, which lie at unit stride (a row's run: 2-4 sectors a load, not one a lane);
-    STORE_PIXELS likewise for y's tile (plane_offsets). TAPS_INNER (an (OC, C, KH, KW)
+    STORE_PIXELS likewise for y's tile (tile_offsets). TAPS_INNER (an (OC, C, KH, KW)
     weight, its taps at unit stride): the K steps visit a channel block's taps one after
     another, so the 32-byte sectors its weight tile touches (each holding a channel's taps)
     and x's planes are read again from L1 at the next tap, not after every other block."""
@@ -104,23 +113,15 @@ def conv2d_implicit_fwd(
             c = cb * BLOCK_K + kc
             c_ok = c < CG
             c_abs = (group * CG + c).to(tl.int64)
-            if GATHER_PIXELS:
-                a = tl.trans(tl.load(a_row[None, :] + c_abs[:, None] * sx_c,
-                                     mask=a_ok[None, :] & c_ok[:, None], other=0.0))
-            else:
-                a = tl.load(a_row[:, None] + c_abs[None, :] * sx_c,
-                            mask=a_ok[:, None] & c_ok[None, :], other=0.0)
+            a = gather_tile(a_row, c_abs * sx_c, a_ok, c_ok, GATHER_PIXELS)
             b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
                         mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc_abs, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
-    if STORE_PIXELS:
-        tl.store(y_ptr + plane_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c),
-                 tl.trans(acc.to(y_ptr.dtype.element_ty)), mask=oc_ok[:, None] & m_ok[None, :])
-    else:
-        tl.store(y_ptr + pixel_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c),
-                 acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
+    tl.store(y_ptr + tile_offsets(n, oh, ow, oc_abs, sy_n, sy_h, sy_w, sy_c, STORE_PIXELS),
+             oriented(acc.to(y_ptr.dtype.element_ty), STORE_PIXELS),
+             mask=tile_mask(m_ok, oc_ok, STORE_PIXELS))
 
 
 @triton.jit
@@ -215,21 +216,13 @@ def conv2d_implicit_bwd_input(
         o = ob * BLOCK_K + ko
         o_ok = o < OCG
         o_abs = (group * OCG + o).to(tl.int64)
-        if GATHER_PIXELS:
-            a = tl.trans(tl.load(a_row[None, :] + o_abs[:, None] * sdy_c,
-                                 mask=a_ok[None, :] & o_ok[:, None], other=0.0))
-        else:
-            a = tl.load(a_row[:, None] + o_abs[None, :] * sdy_c,
-                        mask=a_ok[:, None] & o_ok[None, :], other=0.0)
+        a = gather_tile(a_row, o_abs * sdy_c, a_ok, o_ok, GATHER_PIXELS)
         b = tl.load(b_col[None, :] + o_abs[:, None] * sw_o,
                     mask=o_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if STORE_PIXELS:
-        tl.store(dx_ptr + plane_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c),
-                 tl.trans(acc.to(dx_ptr.dtype.element_ty)), mask=c_ok[:, None] & m_ok[None, :])
-    else:
-        tl.store(dx_ptr + pixel_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c),
-                 acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    tl.store(dx_ptr + tile_offsets(n, h, w, c_abs, sdx_n, sdx_h, sdx_w, sdx_c, STORE_PIXELS),
+             oriented(acc.to(dx_ptr.dtype.element_ty), STORE_PIXELS),
+             mask=tile_mask(m_ok, c_ok, STORE_PIXELS))
 
 
 @triton.jit
@@ -314,12 +307,7 @@ def conv2d_implicit_bwd_weight(
             w = ow * SW - PW + kw * DW
             row_ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             row = n * sx_n + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w
-            if GATHER_PIXELS:
-                b = tl.trans(tl.load(x_ptr + row[None, :] + c_abs[:, None] * sx_c,
-                                     mask=row_ok[None, :] & col_ok[:, None], other=0.0))
-            else:
-                b = tl.load(x_ptr + row[:, None] + c_abs[None, :] * sx_c,
-                            mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            b = gather_tile(x_ptr + row, c_abs * sx_c, row_ok, col_ok, GATHER_PIXELS)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     # dW's offsets are formed only where it is stored: live across the split-K reduction,
     # a tile of int64 offsets would take two registers per accumulator element
