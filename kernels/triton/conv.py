@@ -114,8 +114,14 @@ def conv2d_implicit_fwd(
             c_ok = c < CG
             c_abs = (group * CG + c).to(tl.int64)
             a = gather_tile(a_row, c_abs * sx_c, a_ok, c_ok, GATHER_PIXELS)
-            b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
-                        mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
+            if TAPS_INNER:
+                # an (OC, C, KH, KW) weight: loaded as [out channels, channels], a warp's
+                # lanes along the channels (KH*KW apart: 5 lines a warp-load at 3x3, where
+                # lanes along the out channels, C*KH*KW apart, took 32)
+                b = tl.trans(gather_tile(b_col, c.to(tl.int64) * sw_c, oc_ok, c_ok, False))
+            else:
+                b = tl.load(b_col[None, :] + c.to(tl.int64)[:, None] * sw_c,
+                            mask=c_ok[:, None] & oc_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + oc_abs, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
