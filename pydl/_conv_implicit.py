@@ -178,12 +178,12 @@ def _tile(cfg: dict) -> dict:
 # (`python -m bench resources conv2d_implicit`; bench/TUNING.md v39), the channels_last
 # layers' default tiles on 4 warps took 255 registers and spilled (forward 24 bytes, grad
 # input 184 before the tiles were pixel-major; the grad weight's 64-deep tile 368 after), as
-# did nearly every candidate of GEMM_SPACE; on 8 warps at most 32 deep, they took 124, 128
-# and 186 registers, no spill, and an SM holds twice the warps to hide the gathers' latency:
+# did nearly every candidate of GEMM_SPACE; on 8 warps at most 32 deep, they took 127, 128
+# and 204 registers, no spill, and an SM holds twice the warps to hide the gathers' latency:
 # the default there. The tuner's alternatives, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps),
 # compiled without a spill there and at Whisper's conv1d layers (at most 32 accumulators and
-# 16 gathered activation elements a thread); the grad weight takes those at most 32 deep
-# (64 x 128 x 64 took 254 registers).
+# 16 gathered activation elements a thread; the forward's 64 x 128 x 64 at 254-255
+# registers); the grad weight takes those at most 32 deep (its 64 x 128 x 64 took 254).
 GATHERED_SPACE = ((64, 64, 32, 8), (128, 64, 32, 8), (64, 128, 64, 8), (64, 64, 32, 4))
 GATHERED_WEIGHT_DEPTH = 32
 
