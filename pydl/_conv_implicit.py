@@ -75,6 +75,13 @@ def _grad_input_routes(g: ConvGeometry) -> tuple:
 # never the default: a GPU's tuner measures whether the copies pay.
 LAYOUT_ROUTE = "channels_last"
 LAYOUT_BLOCK = (64, 64)     # the copies' [pixels, channels] tile
+# The weight alone relaid: an (OC, C, KH, KW) weight copied into an (OC, KH, KW, C) workspace
+# (295 KB at ResNet-50's l2 layer) for the forward and grad input, so that their weight tile
+# loads along contiguous channels (16 bytes a lane, cp.async) instead of gathering 2 bytes a
+# lane KH*KW apart (5 L1 lines a warp-load at 3x3: by count the forward's largest cost once
+# its activation is gathered pixel-major; bench/TUNING.md v41), the activation and output
+# left as they are. A candidate at the kernel's own default tile, never the default.
+WEIGHT_ROUTE = "weight_channels_last"
 
 
 def _nchw_planes(t: torch.Tensor) -> bool:
@@ -88,6 +95,12 @@ def _layout_routes(g: ConvGeometry, activation: torch.Tensor) -> tuple:
     the K steps run over channel blocks (with FLAT taps, few channels, there is nothing to
     vectorise along them)."""
     return (LAYOUT_ROUTE,) if not _flat_taps(g) and _nchw_planes(activation) else ()
+
+
+def _weight_routes(g: ConvGeometry, w: torch.Tensor) -> tuple:
+    """The weight route (WEIGHT_ROUTE) of the forward and grad input where the weight is
+    (OC, C, KH, KW) planes and the K steps run over channel blocks."""
+    return (WEIGHT_ROUTE,) if not _flat_taps(g) and _nchw_planes(w) else ()
 
 
 class _ChannelsLast:
@@ -125,13 +138,14 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _via_channels_last(plan, tensors: tuple, out: int):
+def _via_channels_last(plan, tensors: tuple, out: int, only: tuple | None = None):
     """The layout route of a kernel callable over `tensors` (its arguments: the two operands
     first, tensors[out] its output): `plan(*tensors')` plans it for the tensors laid out as
-    their channels_last stand-ins (_ChannelsLast) where they are NCHW planes; the callable
-    returned takes tensors of the caller's layouts."""
+    their channels_last stand-ins (_ChannelsLast) where they are NCHW planes (of those at the
+    positions `only`, when given); the callable returned takes tensors of the caller's
+    layouts."""
     stand_in = {i: _ChannelsLast(tensors[i], i == out) for i in (0, 1, out)
-                if _nchw_planes(tensors[i])}
+                if (only is None or i in only) and _nchw_planes(tensors[i])}
     run = plan(*[stand_in[i].like if i in stand_in else t for i, t in enumerate(tensors)])
     operands = [(i, c) for i, c in stand_in.items() if i != out]
     result = stand_in.get(out)
@@ -260,10 +274,12 @@ def _implicit_config(direction: str, g: ConvGeometry, t: torch.Tensor, m: int, n
     if direction == "bwd_weight":
         # each tile also at the other split-K target (the launch reads SPLIT_WAVES)
         candidates += [dict(c, SPLIT_WAVES=w) for w in SPLIT_WAVES[1:] for c in candidates]
-    candidates += [dict(tile, ROUTE=r) for r in routes]     # a route at the default tile
+    # a route at the default tile: the channels_last kernels' for the layout route, the
+    # kernel's own (gathered: 8 warps) for the weight route
+    candidates += [dict(default if r == WEIGHT_ROUTE else tile, ROUTE=r) for r in routes]
     key = (t.dtype, _input_precision(t.dtype), g.C, g.OC, g.KH, g.KW, g.SH, g.SW, g.DH, g.DW,
-           g.groups, memory_format_of(t) == torch.channels_last, gathered, bucket(m), bucket(n),
-           bucket(k))
+           g.groups, memory_format_of(t) == torch.channels_last, gathered, routes, bucket(m),
+           bucket(n), bucket(k))
     return IMPLICIT_TUNERS[direction].pick(key, candidates, launch)
 
 
@@ -384,14 +400,15 @@ class _TritonImplicit(_Launcher):
 
         @_once_per_candidate
         def launch(cfg):
-            if cfg.get("ROUTE") == LAYOUT_ROUTE:
-                return _via_channels_last(lambda *t: kernel(_tile(cfg), *t), (x, w, b, y), 3)
+            if "ROUTE" in cfg:
+                return _via_channels_last(lambda *t: kernel(_tile(cfg), *t), (x, w, b, y), 3,
+                                          (1,) if cfg["ROUTE"] == WEIGHT_ROUTE else None)
             return kernel(cfg, x, w, b, y)
 
         k_len = g.CG * g.KH * g.KW if flat_k else g.CG
         cfg = _implicit_config("fwd", g, x, M, g.OCG, k_len,
                                lambda c: launch(c)(x, w, w if b is None else b, y),
-                               _layout_routes(g, x), _gathered(g, x))
+                               _layout_routes(g, x) + _weight_routes(g, w), _gathered(g, x))
         return launch(cfg)
 
     @staticmethod
@@ -435,13 +452,15 @@ class _TritonImplicit(_Launcher):
         def launch(cfg):
             if cfg.get("ROUTE") == "col2im":     # the im2col algorithm's grad input
                 return _TritonIm2col._plan_backward_input(dy, w, dx, g)
-            if cfg.get("ROUTE") == LAYOUT_ROUTE:
-                return _via_channels_last(lambda *t: kernel(_tile(cfg), *t), (dy, w, dx), 2)
+            if "ROUTE" in cfg:
+                return _via_channels_last(lambda *t: kernel(_tile(cfg), *t), (dy, w, dx), 2,
+                                          (1,) if cfg["ROUTE"] == WEIGHT_ROUTE else None)
             return kernel(cfg, dy, w, dx)
 
         cfg = _implicit_config("bwd_input", g, dy, M, g.CG, g.OCG,
                                lambda c: launch(c)(dy, w, dx),
-                               _grad_input_routes(g) + _layout_routes(g, dy),
+                               _grad_input_routes(g) + _layout_routes(g, dy)
+                               + _weight_routes(g, w),
                                _pixel_major(dy))     # its K steps: output-channel blocks
         return launch(cfg)
 

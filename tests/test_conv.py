@@ -354,8 +354,11 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
         b = random_tensor((ws[0],), dtype, DEVICE)
         out = check_conv(x, w, b, "triton", "implicit", dtype, **opts)
         assert out.is_contiguous(), out.stride()            # NCHW in, NCHW out
+        # (and the weight route, where the weight is NCHW too: test_implicit_weight_route)
         assert {d: r[0] for d, r in offered.items()} == {
-            d: ["channels_last"] for d in ("fwd", "bwd_input", "bwd_weight")}, offered
+            "fwd": ["channels_last", "weight_channels_last"],
+            "bwd_input": ["channels_last", "weight_channels_last"],
+            "bwd_weight": ["channels_last"]}, offered
         # in: the forward's x and w, the grad input's dy and w, the grad weight's dy and x;
         # out: y, dx, dw
         assert len(copied) == 9, copied
@@ -376,7 +379,7 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
     assert_close(y, t_y.to(dtype), dtype, reduction=48, name="conv1d forward")
     for ours, t in zip((xx, ww), theirs):
         assert_close(ours.grad, t.grad.to(dtype), dtype, reduction=8 * 11, name="conv1d grad")
-    assert offered["fwd"] == [["channels_last"]], offered
+    assert offered["fwd"] == [["channels_last", "weight_channels_last"]], offered
     # nothing NCHW planes, or few channels: no route offered
     for x, w in ((random_tensor((2, 16, 6, 6), dtype, DEVICE).to(
                       memory_format=torch.channels_last),
@@ -397,7 +400,7 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
     assert_close(pydl.conv2d(x, w, padding=1, backend="triton", algo="implicit"),
                  torch.nn.functional.conv2d(x.float(), w.float(), padding=1).to(dtype), dtype,
                  reduction=16 * 9, name="sliced input")
-    assert offered == {"fwd": [[]]}, offered
+    assert offered == {"fwd": [["weight_channels_last"]]}, offered     # its weight is NCHW
     clear_plans()
 
 
@@ -427,7 +430,8 @@ def test_gathered_tiles(monkeypatch):
                                      ("bwd_weight", 128 * 9, m, 32)):
         cfg = ci._implicit_config(direction, g, nchw, *((m, n, k) if direction != "bwd_weight"
                                                          else (128, n, k)),
-                                  None, (ci.LAYOUT_ROUTE,), gathered=True)
+                                  None, (ci.LAYOUT_ROUTE,) if direction == "bwd_weight" else
+                                  (ci.LAYOUT_ROUTE, ci.WEIGHT_ROUTE), gathered=True)
         key, candidates = seen[direction]
         tiles = [c for c in candidates if "ROUTE" not in c and "SPLIT_WAVES" not in c]
         assert cfg == tiles[0] == dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8), cfg
@@ -437,9 +441,11 @@ def test_gathered_tiles(monkeypatch):
             assert c["BLOCK_M"] * c["BLOCK_N"] <= 32 * threads, c
             assert c["BLOCK_M"] * c["BLOCK_K"] <= 16 * threads, c
             assert c["BLOCK_K"] <= deepest, c
+        # the layout route at the channels_last kernels' default, the weight route at this one
         routes = [c for c in candidates if "ROUTE" in c]
         assert routes == [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64 if direction == "bwd_weight"
-                               else 32, num_warps=4, ROUTE=ci.LAYOUT_ROUTE)], routes
+                               else 32, num_warps=4, ROUTE=ci.LAYOUT_ROUTE)] + (
+            [] if direction == "bwd_weight" else [dict(cfg, ROUTE=ci.WEIGHT_ROUTE)]), routes
         ci._implicit_config(direction, g, nchw, m, n, k, None, gathered=False)
         assert seen[direction][0] != key             # the tuned choice is kept apart
     assert ci._implicit_config("fwd", g, cl, m, 128, 128, None) == dict(
@@ -479,6 +485,61 @@ def test_pixel_major_flags(monkeypatch, layouts):
         dy_planes, not x_cl, not w_cl), bwd_in
     (_, bwd_w), = _planned(launches, k.conv2d_implicit_bwd_weight)
     assert bwd_w["GATHER_PIXELS"] == (not x_cl), bwd_w
+    clear_plans()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_implicit_weight_route(monkeypatch, dtype):
+    """Where the weight is (OC, C, KH, KW) planes, the forward's and grad input's tuning
+    spaces hold the weight route (never the default): taken, the weight alone is copied into
+    an (OC, KH, KW, C) workspace (one relayout_planes launch a kernel), the activation and
+    output stay as they are (the kernel still gathers them pixel-major), and the results
+    match torch. A channels_last weight is offered none."""
+    from pydl import _conv_implicit as ci
+    from pydl.kernels.triton import conv as k
+    offered = {}
+
+    def take_route(direction):
+        def pick(key, candidates, launch, inout=()):
+            assert "ROUTE" not in candidates[0]
+            offered.setdefault(direction, []).append(
+                [c["ROUTE"] for c in candidates if "ROUTE" in c])
+            return next((c for c in candidates if c.get("ROUTE") == ci.WEIGHT_ROUTE),
+                        candidates[0])
+        return pick
+    for direction, tuner in ci.IMPLICIT_TUNERS.items():
+        monkeypatch.setattr(tuner, "pick", take_route(direction))
+    launches = _spy_launches(monkeypatch)
+    for x_cl in (False, True):
+        clear_plans()
+        offered.clear()
+        launches.clear()
+        x = random_tensor((2, 16, 7, 6), dtype, DEVICE)
+        x = x.to(memory_format=torch.channels_last) if x_cl else x
+        w = random_tensor((24, 16, 3, 2), dtype, DEVICE, scale=0.3)
+        b = random_tensor((24,), dtype, DEVICE)
+        dy = random_tensor((2, 24, 4, 7), dtype, DEVICE)
+        dy = dy.to(memory_format=torch.channels_last) if x_cl else dy
+        out = check_conv(x, w, b, "triton", "implicit", dtype, grad_out=dy, stride=(2, 1),
+                         padding=1)
+        assert out.is_contiguous(memory_format=torch.channels_last if x_cl else
+                                 torch.contiguous_format)
+        for d in ("fwd", "bwd_input"):
+            assert ci.WEIGHT_ROUTE in offered[d][0], offered
+        assert ci.WEIGHT_ROUTE not in offered["bwd_weight"][0], offered
+        copies = [consts for kn, _, _, consts in launches if kn is k.relayout_planes]
+        assert len(copies) == 2 and not any(c["OUT"] for c in copies), copies   # w, in
+        fwd, bwd = (_planned(launches, kn)[0][1] for kn in (k.conv2d_implicit_fwd,
+                                                            k.conv2d_implicit_bwd_input))
+        assert not fwd["TAPS_INNER"] and not bwd["TAPS_INNER"]       # a channels_last weight
+        assert fwd["GATHER_PIXELS"] == bwd["GATHER_PIXELS"] == (not x_cl)
+    clear_plans()
+    offered.clear()
+    check_conv(random_tensor((2, 16, 7, 6), dtype, DEVICE),
+               random_tensor((24, 16, 3, 3), dtype, DEVICE, scale=0.3).to(
+                   memory_format=torch.channels_last), None, "triton", "implicit", dtype,
+               padding=1)
+    assert not any(ci.WEIGHT_ROUTE in r for rs in offered.values() for r in rs), offered
     clear_plans()
 
 
