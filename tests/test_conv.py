@@ -316,6 +316,24 @@ def test_implicit_grad_input_col2im_route(monkeypatch, layout):
     clear_plans()
 
 
+def _take_route(monkeypatch, route: str) -> dict:
+    """Every implicit kernel's tuner made to take `route` where offered (its default
+    otherwise, never a route); returns {direction: [the routes offered, per pick]}."""
+    from pydl import _conv_implicit
+    offered: dict = {}
+
+    def take(direction):
+        def pick(key, candidates, launch, inout=()):
+            assert "ROUTE" not in candidates[0]
+            offered.setdefault(direction, []).append(
+                [c["ROUTE"] for c in candidates if "ROUTE" in c])
+            return next((c for c in candidates if c.get("ROUTE") == route), candidates[0])
+        return pick
+    for direction, tuner in _conv_implicit.IMPLICIT_TUNERS.items():
+        monkeypatch.setattr(tuner, "pick", take(direction))
+    return offered
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_implicit_channels_last_route(monkeypatch, dtype):
     """NCHW layers: each implicit kernel's tuning space also holds the "channels_last" route
@@ -324,20 +342,8 @@ def test_implicit_channels_last_route(monkeypatch, dtype):
     kernel, it gives torch's forward and gradients, launches the copies, and leaves every
     result in its usual layout. No route where nothing is NCHW planes (a channels_last layer, a
     sliced input whose planes are not contiguous) or for the few-channel (FLAT) layers."""
-    from pydl import _conv_implicit
     from pydl.kernels.triton import conv as k
-    offered = {}
-
-    def take_route(direction):
-        def pick(key, candidates, launch, inout=()):
-            assert "ROUTE" not in candidates[0]
-            offered.setdefault(direction, []).append(
-                [c["ROUTE"] for c in candidates if "ROUTE" in c])
-            return next((c for c in candidates if c.get("ROUTE") == "channels_last"),
-                        candidates[0])
-        return pick
-    for direction, tuner in _conv_implicit.IMPLICIT_TUNERS.items():
-        monkeypatch.setattr(tuner, "pick", take_route(direction))
+    offered = _take_route(monkeypatch, "channels_last")
     copied = []
     real = k.relayout_planes
     monkeypatch.setattr(k, "relayout_planes", type("Spy", (), {
@@ -497,18 +503,7 @@ def test_implicit_weight_route(monkeypatch, dtype):
     match torch. A channels_last weight is offered none."""
     from pydl import _conv_implicit as ci
     from pydl.kernels.triton import conv as k
-    offered = {}
-
-    def take_route(direction):
-        def pick(key, candidates, launch, inout=()):
-            assert "ROUTE" not in candidates[0]
-            offered.setdefault(direction, []).append(
-                [c["ROUTE"] for c in candidates if "ROUTE" in c])
-            return next((c for c in candidates if c.get("ROUTE") == ci.WEIGHT_ROUTE),
-                        candidates[0])
-        return pick
-    for direction, tuner in ci.IMPLICIT_TUNERS.items():
-        monkeypatch.setattr(tuner, "pick", take_route(direction))
+    offered = _take_route(monkeypatch, ci.WEIGHT_ROUTE)
     launches = _spy_launches(monkeypatch)
     for x_cl in (False, True):
         clear_plans()
