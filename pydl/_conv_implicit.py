@@ -63,11 +63,11 @@ def _grad_input_routes(g: ConvGeometry) -> tuple:
 
 
 # An NCHW layer's implicit kernels gather their operands two bytes at a time (the channels are
-# a plane apart) and store their output two bytes at a time with an address per element: the
-# sm_90 compile of ResNet-50's l2 3x3/2 layer in NCHW takes 255 registers and spills (24 bytes
-# forward, 184 grad input, in every candidate), Whisper's conv1d stem 255 registers, with no
-# cp.async and no 16-byte load; the channels_last layers 72-127 registers, 16-byte async
-# copies, no spill (bench/TUNING.md v37, v38). The "channels_last" route runs the kernel the
+# a plane apart) and store their output two bytes at a time with an address per element: no
+# cp.async and no 16-byte load in the sm_90 compile (ResNet-50's l2 3x3/2 layer in NCHW took
+# 255 registers and spilled until v39 gave these kernels pixel-major 8-warp tiles: 127-204
+# registers, a fifth of the instructions); the channels_last layers 72-157 registers, 16-byte
+# async copies, no spill (bench/TUNING.md v37-v39). The "channels_last" route runs the kernel the
 # channels_last layers run: each NCHW tensor of the kernel (operands and output) is given as
 # a channels_last workspace, the operands copied in before and the output copied out after
 # (kernels/triton/conv.py relayout_planes: one read and one write of each). A candidate of
