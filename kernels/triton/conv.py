@@ -70,7 +70,9 @@ def conv2d_implicit_fwd(
     STORE_PIXELS likewise for y's tile (tile_offsets). TAPS_INNER (an (OC, C, KH, KW)
     weight, its taps at unit stride): the K steps visit a channel block's taps one after
     another, so the 32-byte sectors its weight tile touches (each holding a channel's taps)
-    and x's planes are read again from L1 at the next tap, not after every other block."""
+    and x's planes are read again from L1 at the next tap, not after every other block; and
+    the weight tile is loaded with its lanes along the channels (KH*KW apart), not the out
+    channels (C*KH*KW apart)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group = tl.program_id(2)
