@@ -354,6 +354,8 @@ PROBLEMS = (
     ("conv", "l1-1x1-64-256", _conv_layer(64, 256, 1, 1, 56)),      # one K step (K = 64)
     ("conv", "stem 7x7/2", _conv_layer(3, 64, 7, 2, 224, x_grad=False)),
     ("conv", "stem 7x7/2 +dx", _conv_layer(3, 64, 7, 2, 224)),
+    ("conv", "stem 7x7/2 nchw", _conv_layer(3, 64, 7, 2, 224, x_grad=False,
+                                            channels_last=False)),
     ("conv", "l2-3x3s2-128", _conv_layer(128, 128, 3, 2, 56)),
     ("conv", "l2-3x3s2-128 nchw", _conv_layer(128, 128, 3, 2, 56, channels_last=False)),
     ("conv", "l1-3x3-64 im2col", _conv_layer(64, 64, 3, 1, 56, algo="im2col")),

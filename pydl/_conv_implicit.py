@@ -395,7 +395,7 @@ class _TritonImplicit(_Launcher):
             return Launch(k.conv2d_implicit_fwd, grid, (
                 g.N, g.C, g.H, g.W, g.OC, g.OH, g.OW, *x.stride(), *w.stride(), *y.stride(),
                 g.SH, g.SW, g.PH, g.PW, g.DH, g.DW), {
-                    **consts, **cfg, "GATHER_PIXELS": _gathered(g, x),
+                    **consts, **cfg, "GATHER_PIXELS": _pixel_major(x),  # FLAT_K's too
                     "STORE_PIXELS": _pixel_major(y), "TAPS_INNER": _pixel_major(w)})
 
         @_once_per_candidate

@@ -64,9 +64,10 @@ def conv2d_implicit_fwd(
     """Y = X @ Wt by output tiles. With FLAT_K (a layer with few input channels, like an RGB
     stem: 3 channels would fill 3 of a 16-deep channel block) each K step takes BLOCK_K
     consecutive (kh, kw, c) columns as im2col orders them, decoded per column, so the tensor
-    cores see no channel padding. GATHER_PIXELS (x's channels a plane apart, not FLAT_K): the
-    A tile is loaded as [channels, pixels] and transposed, so that a warp's lanes run along
-    the pixels, which lie at unit stride (a row's run: 2-4 sectors a load, not one a lane);
+    cores see no channel padding. GATHER_PIXELS (x's channels a plane apart): the A tile is
+    loaded as [channels, pixels] ([columns, pixels] with FLAT_K) and transposed, so that a
+    warp's lanes run along the pixels, which lie at unit stride (a row's run: 2-4 sectors a
+    load, not one a lane);
     STORE_PIXELS likewise for y's tile (tile_offsets). TAPS_INNER (an (OC, C, KH, KW)
     weight, its taps at unit stride): the K steps visit a channel block's taps one after
     another, so the 32-byte sectors its weight tile touches (each holding a channel's taps)
@@ -90,12 +91,21 @@ def conv2d_implicit_fwd(
             j = j0 + kc
             j_ok = j < KH * KW * CG
             kh, kw, c = unravel3(j, KW, CG)
-            h = oh[:, None] * SH - PH + kh[None, :] * DH
-            w = ow[:, None] * SW - PW + kw[None, :] * DW
-            a_ok = m_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             c_abs = (group * CG + c).to(tl.int64)
-            a = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c
-                        + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w, mask=a_ok, other=0.0)
+            if GATHER_PIXELS:       # [columns, pixels], a warp's lanes along the pixels
+                h = oh[None, :] * SH - PH + kh[:, None] * DH
+                w = ow[None, :] * SW - PW + kw[:, None] * DW
+                a_ok = j_ok[:, None] & m_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                a = tl.trans(tl.load(x_ptr + n[None, :] * sx_n + c_abs[:, None] * sx_c
+                                     + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w,
+                                     mask=a_ok, other=0.0))
+            else:
+                h = oh[:, None] * SH - PH + kh[None, :] * DH
+                w = ow[:, None] * SW - PW + kw[None, :] * DW
+                a_ok = m_ok[:, None] & j_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                a = tl.load(x_ptr + n[:, None] * sx_n + c_abs[None, :] * sx_c
+                            + h.to(tl.int64) * sx_h + w.to(tl.int64) * sx_w, mask=a_ok,
+                            other=0.0)
             w_off = c.to(tl.int64) * sw_c + kh.to(tl.int64) * sw_h + kw.to(tl.int64) * sw_w
             b = tl.load(w_ptr + oc_abs[None, :] * sw_o + w_off[:, None],
                         mask=j_ok[:, None] & oc_ok[None, :], other=0.0)
