@@ -451,19 +451,21 @@ def test_option_fuzz_medium(request, op, backend, algo):
          seeds=fuzz_seeds(request, MEDIUM_QUICK, MEDIUM_FULL, start=1000))
 
 
-def test_conv_layout_route(request, monkeypatch):
-    """conv2d's and conv1d's option space with the implicit kernels' layout route taken
-    wherever a kernel offers it (an NCHW operand; FLAT taps off, so that this file's small
-    channel counts get it too): torch's answers, as the default path gives them. Seeds from
-    2000."""
+@pytest.mark.parametrize("route", ["channels_last", "weight_channels_last"])
+def test_conv_layout_route(request, monkeypatch, route):
+    """conv2d's and conv1d's option space with one of the implicit kernels' layout routes
+    taken wherever a kernel offers it (the channels_last route: an NCHW operand; the weight
+    route: an NCHW weight, forward and grad input; FLAT taps off, so that this file's small
+    channel counts get them too): torch's answers, as the default path gives them. Seeds
+    from 2000."""
     from pydl import _conv_implicit, _plan
     monkeypatch.setattr(_conv_implicit, "FLAT_K_CHANNELS", 0)
     taken = []
 
     def pick(key, candidates, launch, inout=()):
-        route = next((c for c in candidates if c.get("ROUTE") == "channels_last"), None)
-        taken.append(route is not None)
-        return route or candidates[0]
+        route_cfg = next((c for c in candidates if c.get("ROUTE") == route), None)
+        taken.append(route_cfg is not None)
+        return route_cfg or candidates[0]
     for tuner in _conv_implicit.IMPLICIT_TUNERS.values():
         monkeypatch.setattr(tuner, "pick", pick)
     _plan.clear_all()          # no plan built without the route serves these calls
