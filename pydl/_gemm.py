@@ -21,12 +21,22 @@ import math
 
 import torch
 
-from ._launch import cdiv, dot_block
+from . import _env
+from ._launch import (
+    cdiv,
+    dot_block,
+    ensure_triton_allocator,
+    multiprocessors,
+    tma_available,
+)
 from ._launch import input_precision as _default_precision
 from ._plan import GRID_YZ_MAX, Cache, Launch
 from ._tune import Tuner, aliased, bucket, gemm_candidates
 
 GROUP_M = 8
+# Shared memory an sm_90 multiprocessor gives its blocks (bytes): two TMA GEMM programs share
+# one where both fit.
+SMEM_PER_SM = 227 * 1024
 GEMM_TUNER = Tuner("gemm")
 
 
@@ -147,9 +157,15 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     step1 = max(1, GRID_YZ_MAX // step2)
     single = B1 <= step1 and B2 <= step2
 
+    layouts = _tma_layouts(a4, b4, B1 * B2)     # None: no TMA kernel
+
     def launches(cfg: dict):
         """[(launch, (i1, i2) batch slice start)], one per slice of the batch."""
         tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+        if cfg.get("TMA"):
+            launch = _tma_launch(k, cfg, consts, layouts, tiles, out.device, M, N, K, a4, b4,
+                                 c4, d4, bias4, alpha)
+            return [(_aligned_or(launch, launches(cfg0)[0][0]), (slice(None), slice(None)))]
         out_ = []
         for i1 in range(0, B1, step1):
             for i2 in range(0, B2, step2):
@@ -184,18 +200,73 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     # which operand is contiguous along K changes the loads, so it is part of the key.
     a0 = a.transpose(-1, -2) if trans_a else a      # the caller's tensors again
     b0 = b.transpose(-1, -2) if trans_b else b
+    # The last entry: whether the persistent TMA kernel is among the candidates.
     tune_key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
-                bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1, bool(softcap))
-    cfg = GEMM_TUNER.pick(tune_key, gemm_candidates(gemm_config(M, N, K, a.dtype), M, N, K,
-                                                    a.dtype.itemsize, {"GROUP_M": GROUP_M}),
+                bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1, bool(softcap),
+                layouts is not None)
+    cfg0 = gemm_config(M, N, K, a.dtype)
+    cfg = GEMM_TUNER.pick(tune_key, gemm_candidates(cfg0, M, N, K, a.dtype.itemsize,
+                                                    {"GROUP_M": GROUP_M}, layouts is not None),
                           lambda c: run(launches(c), a0, b0, out, bias, addend),
                           inout=aliased((out,), (addend,)))
     chosen = launches(cfg)
-    if single:      # one launch on the callers' tensors: no frame in between
-        launch = chosen[0][0]
+    if single:      # one launch on the callers' tensors: no frame in between (TMA: the TMA
+        launch = chosen[0][0]       # launch, or for an unaligned base the default tile's)
         return _by_pointer(lambda a, b, out, bias, addend: launch(
             a, b, out, out if addend is None else addend, out if bias is None else bias))
     return lambda a, b, out, bias, addend: run(chosen, a, b, out, bias, addend)
+
+
+def _tma_layouts(a4, b4, batch: int) -> tuple[bool, bool] | None:
+    """(A_ROWS, B_ROWS) where the persistent TMA kernel can read this product's operands, else
+    None: one matrix (no batch), 16-bit operands (wgmma reads them from shared memory along
+    either axis), on a device with TMA (Hopper and newer; emulation), each operand with unit
+    stride along one axis and a multiple of 16 bytes along the other (a descriptor's row
+    pitch). Their bases' alignment is checked per call."""
+    if batch != 1 or a4.dtype not in (torch.float16, torch.bfloat16) \
+            or not tma_available(a4.device):
+        return None
+    layouts = []
+    for t in (a4[0, 0], b4[0, 0]):
+        rows, cols = t.stride()
+        if cols == 1 and rows * 2 % 16 == 0 and rows >= t.shape[1]:
+            layouts.append(True)            # stored (rows, cols): unit stride along cols
+        elif rows == 1 and cols * 2 % 16 == 0 and cols >= t.shape[0]:
+            layouts.append(False)           # stored (cols, rows)
+        else:
+            return None
+    return tuple(layouts)
+
+
+def _aligned_or(tma, fallback):
+    """A launch (a, b, out, addend, bias) by `tma`, the TMA kernel's, where A's and B's bases
+    are 16-byte aligned (what a descriptor addresses: the usual case), else by `fallback`, the
+    pointer kernel's default tile (a view starting mid-row)."""
+    per_thread = not _env.INTERPRET
+
+    def run(a, b, out, addend, bias):
+        if (a.data_ptr() | b.data_ptr()) & 15:
+            fallback(a, b, out, addend, bias)
+            return
+        if per_thread:
+            ensure_triton_allocator()       # a ContextVar: set per thread
+        tma(a, b, out, addend, bias)
+    return run
+
+
+def _tma_launch(k, cfg: dict, consts: dict, layouts: tuple, tiles: int, device, M, N, K, a4,
+                b4, c4, d4, bias4, alpha: float):
+    """The persistent TMA kernel's launch on one matrix: about one program per multiprocessor
+    (two where two fit in shared memory), each taking every grid-th tile. Its tensors: (a, b,
+    c, d, bias) as gemm_kernel's (data pointers read only)."""
+    cfg = {n: v for n, v in cfg.items() if n != "TMA"}
+    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2
+    programs = min(tiles, multiprocessors(device) * max(1, min(2, SMEM_PER_SM // smem)))
+    vv = bias4[0, 0] if bias4 is not None else None
+    return Launch(k.gemm_tma_kernel, (programs,), (
+        M, N, K, *a4[0, 0].stride(), *b4[0, 0].stride(), *c4[0, 0].stride(),
+        *d4[0, 0].stride(), vv.stride(0) if vv is not None else 0, float(alpha)),
+        {**consts, **cfg, "A_ROWS": layouts[0], "B_ROWS": layouts[1]})
 
 
 def _by_pointer(plan):

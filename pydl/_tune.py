@@ -78,14 +78,20 @@ GEMM_SPACE = (
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 3),
 )
+# The tiles also tried on the persistent TMA kernel (kernels/triton/gemm.py gemm_tma_kernel):
+# the large ones, where the pointer kernel's per-thread address arithmetic and masks for
+# 24-36 cp.async copies a K step cost the most issue slots (`python -m bench resources gemm`).
+GEMM_TMA_SPACE = ((128, 128, 64), (128, 256, 64), (256, 128, 64))
 
 
 def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
-                    extra: dict | None = None) -> list[dict]:
+                    extra: dict | None = None, tma: bool = False) -> list[dict]:
     """The launcher's default followed by GEMM_SPACE clipped to an (m x k) @ (k x n) problem:
     no block larger than its extent needs, 4 warps for tiles of at most 64 x 64. A tile whose
     K block covers all of k (one step: a 1x1 convolution over 64 channels) is also tried at
-    one stage: nothing to prefetch, a third of the shared memory, more programs an SM."""
+    one stage: nothing to prefetch, a third of the shared memory, more programs an SM.
+    `tma` (the plain GEMM of one matrix whose operands TMA can address): the pipelined tiles
+    of GEMM_TMA_SPACE are also tried as TMA=True, the persistent TMA kernel's."""
     out = [default]
     for bm, bn, bk, warps, stages in GEMM_SPACE:
         bm, bn = dot_block(m, bm), dot_block(n, bn)
@@ -94,6 +100,8 @@ def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
                         num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
         if k <= bk:
             out.append(dict(out[-1], num_stages=1))
+        elif tma and (bm, bn, bk) in GEMM_TMA_SPACE:
+            out.append(dict(out[-1], TMA=True))
     return unique(out)
 
 

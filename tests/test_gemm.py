@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import DEVICE, DTYPES
 
+from pydl import _gemm
 from pydl._gemm import gemm, gemm_config
+from pydl._plan import clear_all as clear_plans
 from pydl.testing import assert_close, random_tensor, uses_tf32
 
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -83,6 +85,90 @@ def test_gemm_grouped_ordering_covers_every_tile():
     out = torch.full((M, N), float("nan"), device=DEVICE)
     gemm(a, b, out)
     assert_close(out, expected(a, b), torch.float32, reduction=K)
+
+
+def _take_tma(monkeypatch) -> tuple[list, list]:
+    """The GEMM tuner made to take the persistent TMA kernel wherever it is offered (the key's
+    last entry; on a 64 x 32 x 64 tile, as emulation's small problems clip the TMA tiles
+    away), on a grid sized for one multiprocessor (two programs: each loops over several
+    tiles).
+    Returns (whether each pick offered it, the grid of each launch of the TMA kernel)."""
+    from pydl.kernels.triton import gemm as k
+    offered, grids = [], []
+
+    def pick(key, candidates, launch, inout=()):
+        offered.append(key[-1])
+        assert not any(c.get("TMA") for c in candidates) or key[-1]
+        return dict(candidates[0], TMA=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64) if key[-1] \
+            else candidates[0]
+    monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
+    monkeypatch.setattr(_gemm, "multiprocessors", lambda device: 1)
+    real = k.gemm_tma_kernel
+
+    def launcher(grid):
+        def launch(*args, **kwargs):
+            grids.append(grid)
+            return real[grid](*args, **kwargs)
+        return launch
+    monkeypatch.setattr(k, "gemm_tma_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launcher(grid)})())
+    clear_plans()
+    return offered, grids
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=str)
+@pytest.mark.parametrize("trans_a", [False, True], ids=["a", "aT"])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
+def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b):
+    """The persistent TMA kernel (a 16-bit matrix product whose operands TMA can address) on
+    each stored layout of A and B (read along either axis through its descriptor), ragged
+    edges on every side (the descriptor's zero fill), several tiles a program, with alpha and
+    a bias, accumulating, with an fp32 addend and capped; and where an operand's base is not
+    16-byte aligned, the pointer kernel (the descriptor could not address it)."""
+    offered, grids = _take_tma(monkeypatch)
+    M, N, K = 136, 72, 88       # 3 x 3 tiles, each ragged last; K in two steps, one partial
+    a = random_tensor((K, M) if trans_a else (M, K), dtype, DEVICE)
+    b = random_tensor((N, K) if trans_b else (K, N), dtype, DEVICE)
+    bias = random_tensor(N, dtype, DEVICE)
+    out = torch.empty(M, N, dtype=dtype, device=DEVICE)
+    product = expected(a, b, trans_a, trans_b)
+    gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=0.5, bias=bias)
+    assert offered == [True] and grids == [(2,)], (offered, grids)
+    want = 0.5 * product + bias.double()
+    assert_close(out, want, dtype, reduction=K)
+    gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, accumulate=True)
+    assert_close(out, want + product, dtype, reduction=2 * K)
+    acc = random_tensor((M, N), torch.float32, DEVICE)
+    gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, addend=acc)
+    assert_close(out, product + acc.double(), dtype, reduction=K)
+    gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, softcap=4.0)
+    assert_close(out, 4.0 * torch.tanh(product / 4.0), dtype, reduction=K)
+    assert len(grids) == 4
+    # A's base one element into a row (its row pitch still 16-byte): the pointer kernel
+    big = random_tensor((K, M + 8) if trans_a else (M, K + 8), dtype, DEVICE)
+    shifted = big[:, 1:1 + M] if trans_a else big[:, 1:1 + K]
+    clear_plans()
+    grids.clear()
+    gemm(shifted, b, out, trans_a=trans_a, trans_b=trans_b)
+    assert grids == [] and offered[-1]
+    assert_close(out, expected(shifted, b, trans_a, trans_b), dtype, reduction=K)
+
+
+def test_gemm_tma_kernel_not_offered(monkeypatch):
+    """No TMA kernel where a descriptor could not address an operand or the product is not one
+    16-bit matrix: a row pitch not a multiple of 16 bytes, fp32, a batch."""
+    offered, grids = _take_tma(monkeypatch)
+    h = torch.float16
+    cases = [((40, 36), (36, 24), h),           # A's rows 72 bytes apart
+             ((40, 32), (32, 20), h),           # B's rows 40 bytes apart
+             ((40, 32), (32, 24), torch.float32),
+             ((2, 40, 32), (32, 24), h)]
+    for sa, sb, dtype in cases:
+        a, b = random_tensor(sa, dtype, DEVICE), random_tensor(sb, dtype, DEVICE)
+        out = torch.empty(*sa[:-1], sb[-1], dtype=dtype, device=DEVICE)
+        gemm(a, b, out)
+        assert_close(out, a.double() @ b.double(), dtype, reduction=sa[-1], tf32=TF32)
+    assert offered == [False] * len(cases) and grids == []
 
 
 def test_gemm_bad_arguments():

@@ -43,20 +43,10 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,   # each >= 16
     SOFTCAP: tl.constexpr = 0.0,        # > 0: s tanh(. / s) of the product and bias (no D)
 ):
-    pid = tl.program_id(0)
     z = tl.program_id(2)
     b1 = (z // B2).to(tl.int64)
     b2 = (z % B2).to(tl.int64)
-    # grouped ordering: GROUP_M tile rows are swept column by column
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, GROUP_M, BLOCK_M, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -76,19 +66,99 @@ def gemm_kernel(
         b = tl.load(b_cols[None, :] + k64[:, None] * sb_k, mask=k_ok[:, None] & n_ok[None, :],
                     other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    _epilogue(acc, rm64, rn64, m_ok, n_ok, c_ptr + b1 * sc_b1 + b2 * sc_b2, sc_m, sc_n,
+              d_ptr + b1 * sd_b1 + b2 * sd_b2, sd_m, sd_n,
+              bias_ptr + b1 * sbias_b1 + b2 * sbias_b2, sbias_n, alpha, ACCUMULATE, HAS_BIAS,
+              SOFTCAP)
+
+
+@triton.jit
+def gemm_tma_kernel(
+    a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr,
+    M, N, K,
+    sa_m, sa_k, sb_k, sb_n, sc_m, sc_n, sd_m, sd_n, sbias_n,    # as gemm_kernel's (no batch)
+    alpha,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_ROWS: tl.constexpr,               # A is stored with unit stride along K (else along M)
+    B_ROWS: tl.constexpr,               # B is stored with unit stride along N (else along K)
+    SOFTCAP: tl.constexpr = 0.0,
+):
+    """gemm_kernel's product for one matrix (no batch) whose operands TMA can address (Hopper
+    and newer): each operand read through a tensor descriptor over its stored layout (a
+    16-byte aligned base, unit stride along one of its two axes, the other a multiple of 16
+    bytes: checked by the launcher), so its tiles arrive in shared memory by TMA copies with
+    no address arithmetic or load masks in the threads (the descriptor zero-fills past the
+    edges); an operand stored along the other axis (A^T, B^T) is read in boxes of its own
+    layout and transposed in shared memory, which wgmma reads either way for 16-bit types.
+    Persistent: a grid of about one program per multiprocessor, each taking every
+    num_programs-th tile in gemm_kernel's swizzled order, the K loops of its tiles flattened
+    into one software pipeline (the next tile's first loads issue under this tile's last
+    products). The epilogue is gemm_kernel's."""
+    if A_ROWS:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [sa_m, 1], [BLOCK_M, BLOCK_K])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [K, M], [sa_k, 1], [BLOCK_K, BLOCK_M])
+    if B_ROWS:
+        b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [sb_k, 1], [BLOCK_K, BLOCK_N])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [sb_n, 1], [BLOCK_N, BLOCK_K])
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _tile(tile, M, N, GROUP_M, BLOCK_M, BLOCK_N)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if A_ROWS:
+                a = a_desc.load([off_m, k0])
+            else:
+                a = a_desc.load([k0, off_m]).T
+            if B_ROWS:
+                b = b_desc.load([k0, off_n])
+            else:
+                b = b_desc.load([off_n, k0]).T
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        _epilogue(acc, rm.to(tl.int64), rn.to(tl.int64), rm < M, rn < N, c_ptr, sc_m, sc_n,
+                  d_ptr, sd_m, sd_n, bias_ptr, sbias_n, alpha, ACCUMULATE, HAS_BIAS, SOFTCAP)
+
+
+@triton.jit
+def _tile(pid, M, N, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(tile row, tile column) of tile `pid` in the grouped order: GROUP_M tile rows are swept
+    column by column."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, rm64, rn64, m_ok, n_ok, c_base, sc_m, sc_n, d_base, sd_m, sd_n, bias_base,
+              sbias_n, alpha, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SOFTCAP: tl.constexpr):
+    """C's tile (rows rm64, columns rn64) = alpha acc (+ bias) (capped) (+ D), rounded once to
+    C's dtype; the bases are the batch's."""
     acc = acc * alpha
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + b1 * sbias_b1 + b2 * sbias_b2 + rn64 * sbias_n, mask=n_ok,
-                       other=0.0)
+        bias = tl.load(bias_base + rn64 * sbias_n, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if SOFTCAP > 0.0:
         acc = SOFTCAP * _tanh(acc * (1.0 / SOFTCAP))
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
-        d_off = b1 * sd_b1 + b2 * sd_b2 + rm64[:, None] * sd_m + rn64[None, :] * sd_n
-        acc += tl.load(d_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
-    c_off = b1 * sc_b1 + b2 * sc_b2 + rm64[:, None] * sc_m + rn64[None, :] * sc_n
-    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        d_off = rm64[:, None] * sd_m + rn64[None, :] * sd_n
+        acc += tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
+    c_off = rm64[:, None] * sc_m + rn64[None, :] * sc_n
+    tl.store(c_base + c_off, acc.to(c_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
