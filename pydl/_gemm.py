@@ -34,9 +34,6 @@ from ._plan import GRID_YZ_MAX, Cache, Launch
 from ._tune import Tuner, aliased, bucket, gemm_candidates
 
 GROUP_M = 8
-# Shared memory an sm_90 multiprocessor gives its blocks (bytes): two TMA GEMM programs share
-# one where both fit.
-SMEM_PER_SM = 227 * 1024
 GEMM_TUNER = Tuner("gemm")
 
 
@@ -256,12 +253,12 @@ def _aligned_or(tma, fallback):
 
 def _tma_launch(k, cfg: dict, consts: dict, layouts: tuple, tiles: int, device, M, N, K, a4,
                 b4, c4, d4, bias4, alpha: float):
-    """The persistent TMA kernel's launch on one matrix: about one program per multiprocessor
-    (two where two fit in shared memory), each taking every grid-th tile. Its tensors: (a, b,
-    c, d, bias) as gemm_kernel's (data pointers read only)."""
+    """The persistent TMA kernel's launch on one matrix: one program per multiprocessor (its
+    tiles' pipeline, 128-176 KiB of shared memory at sm_90, leaves room for no second), each
+    taking every grid-th tile. Its tensors: (a, b, c, d, bias) as gemm_kernel's (data
+    pointers read only)."""
     cfg = {n: v for n, v in cfg.items() if n != "TMA"}
-    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * 2
-    programs = min(tiles, multiprocessors(device) * max(1, min(2, SMEM_PER_SM // smem)))
+    programs = min(tiles, multiprocessors(device))
     vv = bias4[0, 0] if bias4 is not None else None
     return Launch(k.gemm_tma_kernel, (programs,), (
         M, N, K, *a4[0, 0].stride(), *b4[0, 0].stride(), *c4[0, 0].stride(),

@@ -90,7 +90,7 @@ def test_gemm_grouped_ordering_covers_every_tile():
 def _take_tma(monkeypatch) -> tuple[list, list]:
     """The GEMM tuner made to take the persistent TMA kernel wherever it is offered (the key's
     last entry; on a 64 x 32 x 64 tile, as emulation's small problems clip the TMA tiles
-    away), on a grid sized for one multiprocessor (two programs: each loops over several
+    away), on a grid sized for two multiprocessors (two programs: each loops over several
     tiles).
     Returns (whether each pick offered it, the grid of each launch of the TMA kernel)."""
     from pydl.kernels.triton import gemm as k
@@ -102,7 +102,7 @@ def _take_tma(monkeypatch) -> tuple[list, list]:
         return dict(candidates[0], TMA=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64) if key[-1] \
             else candidates[0]
     monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
-    monkeypatch.setattr(_gemm, "multiprocessors", lambda device: 1)
+    monkeypatch.setattr(_gemm, "multiprocessors", lambda device: 2)
     real = k.gemm_tma_kernel
 
     def launcher(grid):
