@@ -116,19 +116,29 @@ def _take_tma(monkeypatch) -> tuple[list, list]:
     return offered, grids
 
 
+def _nan_padded(shape, dtype):
+    """A random matrix viewed in a larger one whose other elements are NaN (8 more along each
+    axis: its row pitch stays a multiple of 16 bytes): a kernel reading past its edges along
+    K gives NaN, as a zero fill would not."""
+    big = torch.full((shape[0] + 8, shape[1] + 8), float("nan"), dtype=dtype, device=DEVICE)
+    view = big[:shape[0], :shape[1]]
+    view.copy_(random_tensor(shape, dtype, DEVICE))
+    return view
+
+
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=str)
 @pytest.mark.parametrize("trans_a", [False, True], ids=["a", "aT"])
 @pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
 def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b):
     """The persistent TMA kernel (a 16-bit matrix product whose operands TMA can address) on
     each stored layout of A and B (read along either axis through its descriptor), ragged
-    edges on every side (the descriptor's zero fill), several tiles a program, with alpha and
+    edges on every side (the descriptor's bounds: NaN lies past them), several tiles a program, with alpha and
     a bias, accumulating, with an fp32 addend and capped; and where an operand's base is not
     16-byte aligned, the pointer kernel (the descriptor could not address it)."""
     offered, grids = _take_tma(monkeypatch)
     M, N, K = 136, 72, 88       # 3 x 3 tiles, each ragged last; K in two steps, one partial
-    a = random_tensor((K, M) if trans_a else (M, K), dtype, DEVICE)
-    b = random_tensor((N, K) if trans_b else (K, N), dtype, DEVICE)
+    a = _nan_padded((K, M) if trans_a else (M, K), dtype)
+    b = _nan_padded((N, K) if trans_b else (K, N), dtype)
     bias = random_tensor(N, dtype, DEVICE)
     out = torch.empty(M, N, dtype=dtype, device=DEVICE)
     product = expected(a, b, trans_a, trans_b)
