@@ -50,7 +50,8 @@ off (the launchers pick their tiles by it). Every launch is specialized as above
 are deduplicated by compile job (kernel, signature, constexprs, divisibility attributes,
 options), so each distinct specialization is compiled and reported once; a tuned kernel's
 launch there is its default candidate (what runs untuned; its other candidates are compiled
-for the PROBLEMS). The table's last column says what distinguishes a row (its constexprs and
+for the PROBLEMS), and a kernel only a candidate launches (a layout route's, the GEMM's TMA
+kernel) is launched once too. The table's last column says what distinguishes a row (its constexprs and
 a signature summary: pointer dtypes, 16-divisible integer arguments, integers specialized to
 1); after it come the failures with their errors, the spills, and any kernel of
 kernels/triton (a @triton.jit function no other one calls) that no problem launched.
@@ -99,6 +100,23 @@ def gemm_problem(n: int):
         from pydl._gemm import gemm
         a, b, c = (torch.empty(n, n, dtype=torch.bfloat16) for _ in range(3))
         gemm(a, b, c)
+    return run
+
+
+def gemm_head_problem(tokens: int, hidden: int, vocab: int):
+    """A language model head's three bf16 GEMMs, as pydl.linear_cross_entropy's one chunk runs
+    them: the logits x W^T (W stored (vocab, hidden)), the grad input G W and the grad weight
+    G^T x (G the (tokens, vocab) logits' gradient, read along its rows as A^T)."""
+    def run():
+        import torch
+
+        from pydl._gemm import gemm
+        bf = torch.bfloat16
+        x, w = torch.empty(tokens, hidden, dtype=bf), torch.empty(vocab, hidden, dtype=bf)
+        g = torch.empty(tokens, vocab, dtype=bf)
+        gemm(x, w, g, trans_b=True)
+        gemm(g, w, torch.empty_like(x))
+        gemm(g, x, torch.empty_like(w), trans_a=True)
     return run
 
 
@@ -348,6 +366,7 @@ def _softmax_rows(rows: int, n: int):
 # (family, case name, runner)
 PROBLEMS = (
     ("gemm", "4096^3", gemm_problem(4096)),
+    ("gemm", "llama3-8b head", gemm_head_problem(4096, 4096, 128256)),
     ("conv", "l1-3x3-64 n32", _conv_resnet_l1),
     ("conv", "l1-3x3-64 bench", _conv_layer(64, 64, 3, 1, 56)),
     ("conv", "l3-1x1-1024-256", _conv_layer(1024, 256, 1, 1, 14)),
@@ -804,6 +823,7 @@ def _coverage() -> tuple:
             ("pool", f"{dt} 3x5x17x13 cl", _cov_pool(dt, (3, 5, 17, 13), True)),
             ("gemm", f"{dt} 64x48x32", _cov_gemm(dt, 64, 48, 32)),
             ("gemm", f"{dt} 33x17x50", _cov_gemm(dt, 33, 17, 50)),
+            ("gemm", f"{dt} 256x256x128", _cov_gemm(dt, 256, 256, 128)),   # TMA tiles (bf16)
         ]
         for algo in ("implicit", "im2col"):
             a = algo[:3]
@@ -1045,10 +1065,12 @@ def capture(arch: int, problems=PROBLEMS, coverage=(), by_job: bool | None = Non
                             add_once(row(base, name or fn.fn.__name__, fn,
                                          None if name is None else 0, cfg, grid, args, kwargs))
                         # the kernels only a route reaches (a tuner's candidate, never the
-                        # default: the layout route's copies), each route launched once
+                        # default: the layout route's copies), each route launched once, and
+                        # the GEMM's TMA kernel (its first candidate)
                         for _, candidates, launch, _ in list(picks):
+                            tma = [c for c in candidates if c.get("TMA")][:1]
                             for cfg in candidates:
-                                if "ROUTE" not in cfg:
+                                if "ROUTE" not in cfg and cfg not in tma:
                                     continue
                                 sink.clear()
                                 launch(cfg)
