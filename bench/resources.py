@@ -51,9 +51,9 @@ are deduplicated by compile job (kernel, signature, constexprs, divisibility att
 options), so each distinct specialization is compiled and reported once; a tuned kernel's
 launch there is its default candidate (what runs untuned; its other candidates are compiled
 for the PROBLEMS), and a kernel only a candidate launches (a layout route's, the GEMM's TMA
-kernel) is launched once too. The table's last column says what distinguishes a row (its constexprs and
-a signature summary: pointer dtypes, 16-divisible integer arguments, integers specialized to
-1); after it come the failures with their errors, the spills, and any kernel of
+kernel) is launched once too. The table's last column says what distinguishes a row (its
+constexprs and a signature summary: pointer dtypes, 16-divisible integer arguments, integers
+specialized to 1); after it come the failures with their errors, the spills, and any kernel of
 kernels/triton (a @triton.jit function no other one calls) that no problem launched.
 
 Exit status: 0; 1 when a default configuration (what runs with PYDL_TUNE=0) or an untuned

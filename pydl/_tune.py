@@ -91,17 +91,20 @@ def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
     K block covers all of k (one step: a 1x1 convolution over 64 channels) is also tried at
     one stage: nothing to prefetch, a third of the shared memory, more programs an SM.
     `tma` (the plain GEMM of one matrix whose operands TMA can address): the pipelined tiles
-    of GEMM_TMA_SPACE are also tried as TMA=True, the persistent TMA kernel's."""
+    of GEMM_TMA_SPACE are also tried as TMA=True, the persistent TMA kernel's (at one K step
+    too: its pipeline runs across a program's tiles, loading the next ones under this one's
+    products and stores)."""
     out = [default]
-    for bm, bn, bk, warps, stages in GEMM_SPACE:
-        bm, bn = dot_block(m, bm), dot_block(n, bn)
-        bk = dot_block(k, bk if itemsize <= 2 else bk // 2)
+    for bm0, bn0, bk0, warps, stages in GEMM_SPACE:
+        bm, bn = dot_block(m, bm0), dot_block(n, bn0)
+        bk = dot_block(k, bk0 if itemsize <= 2 else bk0 // 2)
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **(extra or {}),
                         num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
+        tile = out[-1]
         if k <= bk:
-            out.append(dict(out[-1], num_stages=1))
-        elif tma and (bm, bn, bk) in GEMM_TMA_SPACE:
-            out.append(dict(out[-1], TMA=True))
+            out.append(dict(tile, num_stages=1))
+        if tma and (bm0, bn0, bk0) in GEMM_TMA_SPACE:      # as clipped to the problem
+            out.append(dict(tile, TMA=True))
     return unique(out)
 
 

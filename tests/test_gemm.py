@@ -132,9 +132,10 @@ def _nan_padded(shape, dtype):
 def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b):
     """The persistent TMA kernel (a 16-bit matrix product whose operands TMA can address) on
     each stored layout of A and B (read along either axis through its descriptor), ragged
-    edges on every side (the descriptor's bounds: NaN lies past them), several tiles a program, with alpha and
-    a bias, accumulating, with an fp32 addend and capped; and where an operand's base is not
-    16-byte aligned, the pointer kernel (the descriptor could not address it)."""
+    edges on every side (the descriptor's bounds: NaN lies past them), several tiles a
+    program, with alpha and a bias, accumulating, with an fp32 addend and capped; and where an
+    operand's base is not 16-byte aligned, the pointer kernel (the descriptor could not
+    address it)."""
     offered, grids = _take_tma(monkeypatch)
     M, N, K = 136, 72, 88       # 3 x 3 tiles, each ragged last; K in two steps, one partial
     a = _nan_padded((K, M) if trans_a else (M, K), dtype)

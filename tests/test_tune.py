@@ -117,6 +117,12 @@ def test_helpers():
     assert len(cands) == len({tuple(sorted(c.items())) for c in cands})
     fp32 = _tune.gemm_candidates({}, 4096, 4096, 4096, 4)
     assert max(c.get("BLOCK_K", 0) for c in fp32) == 32     # half the K depth of 16-bit
+    # the GEMM's TMA kernel: offered only where asked (its operands addressable), on the
+    # large pipelined tiles, at one K step too
+    assert not any(c.get("TMA") for c in _tune.gemm_candidates({}, 4096, 4096, 64, 2))
+    tma = [c for c in _tune.gemm_candidates({}, 4096, 4096, 64, 2, tma=True) if c.get("TMA")]
+    assert sorted((c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) for c in tma) == \
+        sorted(_tune.GEMM_TMA_SPACE) and all(c["num_stages"] > 1 for c in tma)
 
 
 def test_gemm_accumulate_is_not_doubled_by_trials(tuning, monkeypatch):
