@@ -154,7 +154,7 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     step1 = max(1, GRID_YZ_MAX // step2)
     single = B1 <= step1 and B2 <= step2
 
-    layouts = _tma_layouts(a4, b4, B1 * B2)     # None: no TMA kernel
+    layouts = _tma_layouts(a4, b4, c4, B1 * B2)     # None: no TMA kernel
 
     def launches(cfg: dict):
         """[(launch, (i1, i2) batch slice start)], one per slice of the batch."""
@@ -162,7 +162,8 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
         if cfg.get("TMA"):
             launch = _tma_launch(k, cfg, consts, layouts, tiles, out.device, M, N, K, a4, b4,
                                  c4, d4, bias4, alpha)
-            return [(_aligned_or(launch, launches(cfg0)[0][0]), (slice(None), slice(None)))]
+            return [(_aligned_or(launch, launches(cfg0)[0][0], layouts[2]),
+                     (slice(None), slice(None)))]
         out_ = []
         for i1 in range(0, B1, step1):
             for i2 in range(0, B2, step2):
@@ -214,35 +215,43 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     return lambda a, b, out, bias, addend: run(chosen, a, b, out, bias, addend)
 
 
-def _tma_layouts(a4, b4, batch: int) -> tuple[bool, bool] | None:
-    """(A_ROWS, B_ROWS) where the persistent TMA kernel can read this product's operands, else
-    None: one matrix (no batch), 16-bit operands (wgmma reads them from shared memory along
-    either axis), on a device with TMA (Hopper and newer; emulation), each operand with unit
-    stride along one axis and a multiple of 16 bytes along the other (a descriptor's row
-    pitch). Their bases' alignment is checked per call."""
+def _tma_layouts(a4, b4, c4, batch: int) -> tuple[bool, bool, bool] | None:
+    """(A_ROWS, B_ROWS, C_ROWS) where the persistent TMA kernel can read this product's
+    operands, else None: one matrix (no batch), 16-bit operands (wgmma reads them from shared
+    memory along either axis), on a device with TMA (Hopper and newer; emulation), each
+    operand with unit stride along one axis and a multiple of 16 bytes along the other (a
+    descriptor's row pitch). C_ROWS: the output too, as rows (unit stride along N), is
+    written by TMA stores. The bases' alignment is checked per call."""
     if batch != 1 or a4.dtype not in (torch.float16, torch.bfloat16) \
             or not tma_available(a4.device):
         return None
-    layouts = []
-    for t in (a4[0, 0], b4[0, 0]):
-        rows, cols = t.stride()
-        if cols == 1 and rows * 2 % 16 == 0 and rows >= t.shape[1]:
-            layouts.append(True)            # stored (rows, cols): unit stride along cols
-        elif rows == 1 and cols * 2 % 16 == 0 and cols >= t.shape[0]:
-            layouts.append(False)           # stored (cols, rows)
-        else:
-            return None
-    return tuple(layouts)
+    layouts = [_rows(a4[0, 0]), _rows(b4[0, 0])]
+    if None in layouts:
+        return None
+    return (*layouts, _rows(c4[0, 0]) is True)
 
 
-def _aligned_or(tma, fallback):
+def _rows(t: torch.Tensor) -> bool | None:
+    """True where the matrix t is TMA-addressable as stored rows (unit stride along its
+    columns, its rows a multiple of 16 bytes apart and not overlapping), False where as stored
+    columns, None where neither."""
+    rows, cols = t.stride()
+    size = t.element_size()
+    if cols == 1 and rows * size % 16 == 0 and rows >= t.shape[1]:
+        return True
+    if rows == 1 and cols * size % 16 == 0 and cols >= t.shape[0]:
+        return False
+    return None
+
+
+def _aligned_or(tma, fallback, out_too: bool):
     """A launch (a, b, out, addend, bias) by `tma`, the TMA kernel's, where A's and B's bases
-    are 16-byte aligned (what a descriptor addresses: the usual case), else by `fallback`, the
-    pointer kernel's default tile (a view starting mid-row)."""
+    (with `out_too` C's) are 16-byte aligned (what a descriptor addresses: the usual case),
+    else by `fallback`, the pointer kernel's default tile (a view starting mid-row)."""
     per_thread = not _env.INTERPRET
 
     def run(a, b, out, addend, bias):
-        if (a.data_ptr() | b.data_ptr()) & 15:
+        if (a.data_ptr() | b.data_ptr() | (out.data_ptr() if out_too else 0)) & 15:
             fallback(a, b, out, addend, bias)
             return
         if per_thread:
@@ -263,7 +272,7 @@ def _tma_launch(k, cfg: dict, consts: dict, layouts: tuple, tiles: int, device, 
     return Launch(k.gemm_tma_kernel, (programs,), (
         M, N, K, *a4[0, 0].stride(), *b4[0, 0].stride(), *c4[0, 0].stride(),
         *d4[0, 0].stride(), vv.stride(0) if vv is not None else 0, float(alpha)),
-        {**consts, **cfg, "A_ROWS": layouts[0], "B_ROWS": layouts[1]})
+        {**consts, **cfg, "A_ROWS": layouts[0], "B_ROWS": layouts[1], "C_ROWS": layouts[2]})
 
 
 def _by_pointer(plan):

@@ -92,7 +92,8 @@ def _take_tma(monkeypatch) -> tuple[list, list]:
     last entry; on a 64 x 32 x 64 tile, as emulation's small problems clip the TMA tiles
     away), on a grid sized for two multiprocessors (two programs: each loops over several
     tiles).
-    Returns (whether each pick offered it, the grid of each launch of the TMA kernel)."""
+    Returns (whether each pick offered it, (grid, C_ROWS) of each launch of the TMA
+    kernel)."""
     from pydl.kernels.triton import gemm as k
     offered, grids = [], []
 
@@ -107,7 +108,7 @@ def _take_tma(monkeypatch) -> tuple[list, list]:
 
     def launcher(grid):
         def launch(*args, **kwargs):
-            grids.append(grid)
+            grids.append((grid, kwargs["C_ROWS"]))
             return real[grid](*args, **kwargs)
         return launch
     monkeypatch.setattr(k, "gemm_tma_kernel", type("Spy", (), {
@@ -129,22 +130,26 @@ def _nan_padded(shape, dtype):
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=str)
 @pytest.mark.parametrize("trans_a", [False, True], ids=["a", "aT"])
 @pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
-def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b):
+@pytest.mark.parametrize("tma_out", [True, False], ids=["c-tma", "c-ptr"])
+def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out):
     """The persistent TMA kernel (a 16-bit matrix product whose operands TMA can address) on
-    each stored layout of A and B (read along either axis through its descriptor), ragged
-    edges on every side (the descriptor's bounds: NaN lies past them), several tiles a
-    program, with alpha and a bias, accumulating, with an fp32 addend and capped; and where an
-    operand's base is not 16-byte aligned, the pointer kernel (the descriptor could not
-    address it)."""
+    each stored layout of A and B (read along either axis through its descriptor), its output
+    written by TMA stores (rows 16 bytes apart) or by pointer stores (rows 8 bytes apart),
+    ragged edges on every side (the descriptors' bounds: NaN lies past A's and B's, and C's
+    must stay), several tiles a program, with alpha and a bias, accumulating, with an fp32
+    addend and capped; and where a base is not 16-byte aligned, the pointer kernel (a
+    descriptor could not address it)."""
     offered, grids = _take_tma(monkeypatch)
     M, N, K = 136, 72, 88       # 3 x 3 tiles, each ragged last; K in two steps, one partial
     a = _nan_padded((K, M) if trans_a else (M, K), dtype)
     b = _nan_padded((N, K) if trans_b else (K, N), dtype)
     bias = random_tensor(N, dtype, DEVICE)
-    out = torch.empty(M, N, dtype=dtype, device=DEVICE)
+    c_big = torch.full((M + 8, N + (8 if tma_out else 4)), float("nan"), dtype=dtype,
+                       device=DEVICE)
+    out = c_big[:M, :N]
     product = expected(a, b, trans_a, trans_b)
     gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=0.5, bias=bias)
-    assert offered == [True] and grids == [(2,)], (offered, grids)
+    assert offered == [True] and grids == [((2,), tma_out)], (offered, grids)
     want = 0.5 * product + bias.double()
     assert_close(out, want, dtype, reduction=K)
     gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, accumulate=True)
@@ -155,7 +160,10 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b):
     gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, softcap=4.0)
     assert_close(out, 4.0 * torch.tanh(product / 4.0), dtype, reduction=K)
     assert len(grids) == 4
-    # A's base one element into a row (its row pitch still 16-byte): the pointer kernel
+    assert torch.isnan(c_big[M:]).all() and torch.isnan(c_big[:, N:]).all(), \
+        "wrote outside the output"
+    # A's base one element into a row (its row pitch still 16-byte), then C's: the pointer
+    # kernel
     big = random_tensor((K, M + 8) if trans_a else (M, K + 8), dtype, DEVICE)
     shifted = big[:, 1:1 + M] if trans_a else big[:, 1:1 + K]
     clear_plans()
@@ -163,6 +171,11 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b):
     gemm(shifted, b, out, trans_a=trans_a, trans_b=trans_b)
     assert grids == [] and offered[-1]
     assert_close(out, expected(shifted, b, trans_a, trans_b), dtype, reduction=K)
+    if tma_out:         # an output starting one element into its storage (pitch kept)
+        shifted_out = c_big.view(-1)[1:1 + M * (N + 8)].view(M, N + 8)[:, :N]
+        gemm(a, b, shifted_out, trans_a=trans_a, trans_b=trans_b)
+        assert grids == []
+        assert_close(shifted_out, product, dtype, reduction=K)
 
 
 def test_gemm_tma_kernel_not_offered(monkeypatch):

@@ -83,6 +83,7 @@ def gemm_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     A_ROWS: tl.constexpr,               # A is stored with unit stride along K (else along M)
     B_ROWS: tl.constexpr,               # B is stored with unit stride along N (else along K)
+    C_ROWS: tl.constexpr,               # C is TMA-addressable rows (else stored by pointers)
     SOFTCAP: tl.constexpr = 0.0,
 ):
     """gemm_kernel's product for one matrix (no batch) whose operands TMA can address (Hopper
@@ -95,7 +96,9 @@ def gemm_tma_kernel(
     Persistent: a grid of about one program per multiprocessor, each taking every
     num_programs-th tile in gemm_kernel's swizzled order, the K loops of its tiles flattened
     into one software pipeline (the next tile's first loads issue under this tile's last
-    products). The epilogue is gemm_kernel's."""
+    products). The epilogue is gemm_kernel's; with C_ROWS its tile leaves by a TMA store (one
+    bulk copy from shared memory, clipped at C's edges by the descriptor) instead of masked
+    stores from every thread."""
     if A_ROWS:
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [sa_m, 1], [BLOCK_M, BLOCK_K])
     else:
@@ -104,6 +107,8 @@ def gemm_tma_kernel(
         b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [sb_k, 1], [BLOCK_K, BLOCK_N])
     else:
         b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [sb_n, 1], [BLOCK_N, BLOCK_K])
+    if C_ROWS:
+        c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [sc_m, 1], [BLOCK_M, BLOCK_N])
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
         pid_m, pid_n = _tile(tile, M, N, GROUP_M, BLOCK_M, BLOCK_N)
@@ -122,8 +127,14 @@ def gemm_tma_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
-        _epilogue(acc, rm.to(tl.int64), rn.to(tl.int64), rm < M, rn < N, c_ptr, sc_m, sc_n,
-                  d_ptr, sd_m, sd_n, bias_ptr, sbias_n, alpha, ACCUMULATE, HAS_BIAS, SOFTCAP)
+        if C_ROWS:
+            out = _result(acc, rm.to(tl.int64), rn.to(tl.int64), rm < M, rn < N, d_ptr, sd_m,
+                          sd_n, bias_ptr, sbias_n, alpha, ACCUMULATE, HAS_BIAS, SOFTCAP)
+            c_desc.store([off_m, off_n], out.to(c_desc.dtype))
+        else:
+            _epilogue(acc, rm.to(tl.int64), rn.to(tl.int64), rm < M, rn < N, c_ptr, sc_m, sc_n,
+                      d_ptr, sd_m, sd_n, bias_ptr, sbias_n, alpha, ACCUMULATE, HAS_BIAS,
+                      SOFTCAP)
 
 
 @triton.jit
@@ -145,20 +156,30 @@ def _tile(pid, M, N, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 def _epilogue(acc, rm64, rn64, m_ok, n_ok, c_base, sc_m, sc_n, d_base, sd_m, sd_n, bias_base,
               sbias_n, alpha, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
               SOFTCAP: tl.constexpr):
-    """C's tile (rows rm64, columns rn64) = alpha acc (+ bias) (capped) (+ D), rounded once to
-    C's dtype; the bases are the batch's."""
+    """C's tile (rows rm64, columns rn64) = _result(acc, ...) rounded once to C's dtype; the
+    bases are the batch's."""
+    acc = _result(acc, rm64, rn64, m_ok, n_ok, d_base, sd_m, sd_n, bias_base, sbias_n, alpha,
+                  ACCUMULATE, HAS_BIAS, SOFTCAP)
+    mask = m_ok[:, None] & n_ok[None, :]
+    c_off = rm64[:, None] * sc_m + rn64[None, :] * sc_n
+    tl.store(c_base + c_off, acc.to(c_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _result(acc, rm64, rn64, m_ok, n_ok, d_base, sd_m, sd_n, bias_base, sbias_n, alpha,
+            ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """C's tile in fp32 before its rounding: alpha acc (+ bias) (capped) (+ D)."""
     acc = acc * alpha
     if HAS_BIAS:
         bias = tl.load(bias_base + rn64 * sbias_n, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if SOFTCAP > 0.0:
         acc = SOFTCAP * _tanh(acc * (1.0 / SOFTCAP))
-    mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         d_off = rm64[:, None] * sd_m + rn64[None, :] * sd_n
-        acc += tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
-    c_off = rm64[:, None] * sc_m + rn64[None, :] * sc_n
-    tl.store(c_base + c_off, acc.to(c_base.dtype.element_ty), mask=mask)
+        acc += tl.load(d_base + d_off, mask=m_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(tl.float32)
+    return acc
 
 
 @triton.jit
