@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import environment, numba_resources, overhead, resources, rnn_steps, schema, tables
+from . import environment, gemm, numba_resources, overhead, resources, rnn_steps, schema, tables
 
 DIRECTION_CHOICES = ("fwd", "bwd", "fwd+bwd", "all")
 
@@ -376,4 +376,6 @@ COMMANDS = {
                                 "stubbed)"),
     "rnn-steps": (rnn_steps.main, "where a persistent LSTM/GRU time step goes: per-step "
                                   "slopes, tile latency, barrier (GPU)"),
+    "gemm": (gemm.main, "the shared GEMM's every tuning candidate against cuBLAS at the "
+                        "products pydl's ops run (GPU)"),
 }

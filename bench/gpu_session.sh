@@ -36,6 +36,9 @@
 #                                                    DeepBench's quick shapes against torch
 #                                                    (cuDNN): the issue-17 targets, with peak memory,
 #                                                    then `python -m bench rnn-steps --configs`
+#   bench/gpu_session.sh gemm    OUT [cases]         `python -m bench gemm`: the shared GEMM's every
+#                                                    tuning candidate (pointer and TMA kernels)
+#                                                    against cuBLAS, results checked against it
 #   bench/gpu_session.sh ncu     OUT                 Nsight Compute, one launch each, on the last
 #                                                    run's kernel outliers (about two minutes)
 #
@@ -45,8 +48,8 @@
 # Uses the machine's installed packages; installs pydl itself in place without dependencies,
 # and stops (exit 3) when that install or `import pydl.kernels` fails.
 set -uo pipefail
-mode=${1:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn|ncu OUT [args...]}
-out=${2:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn|ncu OUT [args...]}
+mode=${1:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn|gemm|ncu OUT [args...]}
+out=${2:?usage: bench/gpu_session.sh session|overhead|verify|tests|bench|untuned|rnn|gemm|ncu OUT [args...]}
 shift 2
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -236,6 +239,14 @@ case $mode in
             --configs --json "$out/results/rnn_steps.json" >"$out/rnn_steps.log" 2>&1
         echo "rnn-steps exit status $?"
         cat "$out/rnn_steps.log"
+        ;;
+    gemm)
+        # the shared GEMM alone against cuBLAS: every tuning candidate (the TMA kernel's among
+        # them) at the head's, the 1x1 layers' and a square product (about three minutes)
+        timeout 400 python3 -m bench gemm --json "$out/results/gemm.json" "$@" \
+            >"$out/gemm.log" 2>&1
+        echo "bench gemm exit status $?"
+        cat "$out/gemm.log"
         ;;
     ncu)
         # Nsight Compute on the kernel-level outliers of the last run, one launch each, at

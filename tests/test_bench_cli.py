@@ -1031,3 +1031,31 @@ def test_rnn_steps_plumbing(monkeypatch):
     assert "one_program" in schedules
     assert rnn_steps.split_step(10.0, 64.0, 16) == {"tile_us": 4.0, "barrier_and_skew_us": 6.0}
     assert cli.main(["rnn-steps", "lstm-h1024-b32"]) == 2
+
+
+def test_gemm_plumbing(monkeypatch):
+    """`python -m bench gemm` (GPU only) in emulation with a faked timer: every candidate of
+    the shared GEMM is timed by it (the persistent TMA kernel's among them, at a layout TMA
+    addresses), checked against torch's product, the fastest is the tuner's choice; cuBLAS
+    is timed by the same timer; without a GPU the command refuses."""
+    from bench import gemm as gemm_bench
+    from pydl import _tune
+    monkeypatch.setattr(_tune, "enabled", lambda: True)
+    calls = []
+
+    def ms(fn):
+        fn()
+        calls.append(1)
+        return float(len(calls))
+    try:
+        row = gemm_bench.measure("tiny", 40, 48, 64, "nt", ms, device="cpu",
+                                 dtype=torch.float16)
+    finally:
+        _tune.reset()
+    rows = row["candidates"]
+    assert len(rows) >= 4 and all(r["error"] is None for r in rows), rows
+    assert any(r["config"].get("TMA") for r in rows)
+    assert all(r["max_err"] < 1e-2 for r in rows), [r["max_err"] for r in rows]
+    assert row["chosen"] == min(rows, key=lambda r: r["ms"])["config"]
+    assert row["cublas_ms"] == float(len(calls))          # timed last, by the same clock
+    assert cli.main(["gemm", "4096^3"]) == 2
