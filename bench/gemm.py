@@ -16,10 +16,9 @@ a^T @ b with a stored (k, m) (a gradient's rows read as columns). Times: do_benc
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
+
+from .timing import case_command
 
 # name: (m, n, k, layout of (a, b): "n" as stored, "t" transposed)
 CASES = {
@@ -107,38 +106,12 @@ def _print(row: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench gemm", description=__doc__.split("\n\n")[0])
-    p.add_argument("cases", nargs="*", default=list(DEFAULT_CASES),
-                   help=f"of {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)})")
-    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    p.add_argument("--rep-ms", type=int, default=50, help="do_bench's rep per timing")
-    p.add_argument("--json", type=Path, help="write the rows here")
-    args = p.parse_args(argv)
-    unknown = [c for c in args.cases if c not in CASES]
-    if unknown:
-        p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
-    from . import environment
-    mode, relaunch = environment.prepare()
-    if relaunch:
-        return environment.relaunch(["gemm", *(argv if argv is not None else sys.argv[2:])])
-    if mode != "gpu":
-        print("python -m bench gemm times kernels on a GPU; there is none here (an emulated "
-              "time says nothing about a GPU's GEMM)", file=sys.stderr)
-        return 2
-    import torch
+    def arguments(p):
+        p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
 
-    from .rnn_steps import gpu_ms
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    rows = []
-    for name in args.cases:
-        try:
-            rows.append(measure(name, *CASES[name], gpu_ms(args.rep_ms), dtype=dtype))
-        except Exception as exc:  # noqa: BLE001 - one case's failure leaves the others
-            rows.append({"case": name, "error": f"{type(exc).__name__}: {exc}"})
-            print(f"{name}: {rows[-1]['error']}", file=sys.stderr)
-            continue
-        _print(rows[-1])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1, default=str))
-    return 0 if all("error" not in r for r in rows) else 1
+    def case(name, args, ms):
+        import torch
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        return measure(name, *CASES[name], ms, dtype=dtype)
+    return case_command("gemm", __doc__.split("\n\n")[0], CASES, DEFAULT_CASES, argv,
+                        arguments, case, _print)

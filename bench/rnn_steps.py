@@ -24,10 +24,7 @@ CUDA events; per-step figures in us.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from .timing import case_command
 
 # (kind, hidden, batch): DeepBench's quick recurrent shapes (bench/suites/lstm.py, gru.py)
 CASES = {
@@ -114,21 +111,10 @@ def _chosen_forward(kind: str) -> dict | None:
     return chosen[-1] if chosen else None
 
 
-def gpu_ms(rep_ms: int):
-    """The timer of a GPU run: fn's median time in ms (after one untimed call)."""
-    import torch
-    from triton.testing import do_bench
-
-    def ms(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        return float(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
-    return ms
-
-
 def measure(name: str, kind: str, H: int, B: int, steps: int, configs: bool, ms,
             device: str = "cuda") -> dict:
-    """The row of one case; `ms(fn)` times a thunk in ms (gpu_ms on a GPU)."""
+    """The row of one case; `ms(fn)` times a thunk in ms (bench/timing.py gpu_ms on a
+    GPU)."""
     import torch
 
     from pydl import _rnn_launch
@@ -190,37 +176,11 @@ def _print(row: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench rnn-steps",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("cases", nargs="*", default=list(DEFAULT_CASES),
-                   help=f"of {', '.join(CASES)} (default: {', '.join(DEFAULT_CASES)})")
-    p.add_argument("--steps", type=int, default=25, help="T of the slope (T and 2T steps)")
-    p.add_argument("--configs", action="store_true",
-                   help="also the persistent step with each forward tuning candidate forced")
-    p.add_argument("--rep-ms", type=int, default=50, help="do_bench's rep per timing")
-    p.add_argument("--json", type=Path, help="write the rows here")
-    args = p.parse_args(argv)
-    unknown = [c for c in args.cases if c not in CASES]
-    if unknown:
-        p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
-    from . import environment
-    mode, relaunch = environment.prepare()
-    if relaunch:
-        return environment.relaunch(["rnn-steps", *(argv if argv is not None else sys.argv[2:])])
-    if mode != "gpu":
-        print("python -m bench rnn-steps times kernels on a GPU; there is none here (an emulated "
-              "time says nothing about a GPU's step)", file=sys.stderr)
-        return 2
-    rows = []
-    for name in args.cases:
-        try:
-            rows.append(measure(name, *CASES[name], args.steps, args.configs,
-                                gpu_ms(args.rep_ms)))
-        except Exception as exc:  # noqa: BLE001 - one case's failure leaves the others
-            rows.append({"case": name, "error": f"{type(exc).__name__}: {exc}"})
-            print(f"{name}: {rows[-1]['error']}", file=sys.stderr)
-            continue
-        _print(rows[-1])
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str))
-    return 0 if all("error" not in r for r in rows) else 1
+    def arguments(p):
+        p.add_argument("--steps", type=int, default=25, help="T of the slope (T and 2T steps)")
+        p.add_argument("--configs", action="store_true",
+                       help="also the persistent step with each forward tuning candidate "
+                            "forced")
+    return case_command("rnn-steps", __doc__.split("\n\n")[0], CASES, DEFAULT_CASES, argv,
+                        arguments, lambda name, args, ms: measure(
+                            name, *CASES[name], args.steps, args.configs, ms), _print)

@@ -105,3 +105,62 @@ def synchronized_perf_counter() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def gpu_ms(rep_ms: int):
+    """A thunk's median GPU time in ms (triton.testing.do_bench, after one untimed call): the
+    clock of the GPU-only commands that time kernels apart from the benchmark (`rnn-steps`,
+    `gemm`)."""
+    import torch
+    from triton.testing import do_bench
+
+    def ms(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        return float(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+    return ms
+
+
+def case_command(command: str, doc: str, cases: dict, defaults: tuple, argv, add_arguments,
+                 measure_case, print_row) -> int:
+    """The frame of a GPU-only command over named cases (`python -m bench <command> [cases]
+    [--rep-ms] [--json]`): arguments parsed (`add_arguments(parser)` adds the command's own),
+    unknown cases refused, emulation left (a fresh process), a refusal without a GPU (exit
+    2), then `measure_case(name, args, ms)` per case (ms: gpu_ms) with `print_row(row)`,
+    one case's failure recorded as its row's error; the rows as JSON with --json. Exit 0
+    when every case ran."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+    p = argparse.ArgumentParser(prog=f"python -m bench {command}", description=doc)
+    p.add_argument("cases", nargs="*", default=list(defaults),
+                   help=f"of {', '.join(cases)} (default: {', '.join(defaults)})")
+    add_arguments(p)
+    p.add_argument("--rep-ms", type=int, default=50, help="do_bench's rep per timing")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args(argv)
+    unknown = [c for c in args.cases if c not in cases]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(cases)}")
+    from . import environment
+    mode, relaunch = environment.prepare()
+    if relaunch:
+        return environment.relaunch([command, *(argv if argv is not None else sys.argv[2:])])
+    if mode != "gpu":
+        print(f"python -m bench {command} times kernels on a GPU; there is none here (an "
+              "emulated time is no GPU time)", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.cases:
+        try:
+            rows.append(measure_case(name, args, gpu_ms(args.rep_ms)))
+        except Exception as exc:  # noqa: BLE001 - one case's failure leaves the others
+            rows.append({"case": name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"{name}: {rows[-1]['error']}", file=sys.stderr)
+            continue
+        print_row(rows[-1])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 0 if all("error" not in r for r in rows) else 1

@@ -994,6 +994,18 @@ def test_progress_on_a_terminal_is_a_bar():
     assert quiet.getvalue() == ""
 
 
+def _counting_clock():
+    """(ms, calls): a stand-in for a GPU command's clock that runs the thunk and returns how
+    many it has timed so far (each later timing slower)."""
+    calls = []
+
+    def ms(fn):
+        fn()
+        calls.append(1)
+        return float(len(calls))
+    return ms, calls
+
+
 def test_rnn_steps_plumbing(monkeypatch):
     """`python -m bench rnn-steps` (GPU only) in emulation, its timer and the tuner's clock
     faked: every mode runs the layer, the one-program schedule runs with the persistent step's
@@ -1014,12 +1026,7 @@ def test_rnn_steps_plumbing(monkeypatch):
         schedules.append(_rnn_launch.schedule("persistent", torch.device("cuda")))
         return original(kind, H, B, T, train, device)
     monkeypatch.setattr(rnn_steps, "_layer", layer)
-    calls = []
-
-    def ms(fn):
-        fn()
-        calls.append(1)
-        return float(len(calls))
+    ms, _ = _counting_clock()
     try:
         row = rnn_steps.measure("tiny", "lstm", 12, 3, 2, True, ms, device="cpu")
     finally:
@@ -1041,12 +1048,7 @@ def test_gemm_plumbing(monkeypatch):
     from bench import gemm as gemm_bench
     from pydl import _tune
     monkeypatch.setattr(_tune, "enabled", lambda: True)
-    calls = []
-
-    def ms(fn):
-        fn()
-        calls.append(1)
-        return float(len(calls))
+    ms, calls = _counting_clock()
     try:
         row = gemm_bench.measure("tiny", 40, 48, 64, "nt", ms, device="cpu",
                                  dtype=torch.float16)
