@@ -158,12 +158,18 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
 
     def launches(cfg: dict):
         """[(launch, (i1, i2) batch slice start)], one per slice of the batch."""
-        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         if cfg.get("TMA"):
-            launch = _tma_launch(k, cfg, consts, layouts, tiles, out.device, M, N, K, a4, b4,
+            tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+            launch = _tma_launch(k, cfg, consts, layouts, tiles, c4.device, M, N, K, a4, b4,
                                  c4, d4, bias4, alpha)
-            return [(_aligned_or(launch, launches(cfg0)[0][0], layouts[2]),
+            return [(_aligned_or(launch, pointer_launches(cfg0)[0][0], layouts[2]),
                      (slice(None), slice(None)))]
+        return pointer_launches(cfg)
+
+    def pointer_launches(cfg: dict):
+        """launches(cfg) of the pointer kernel (not a call of launches: a closure that called
+        itself would be a reference cycle holding the operands until the next collection)."""
+        tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         out_ = []
         for i1 in range(0, B1, step1):
             for i2 in range(0, B2, step2):

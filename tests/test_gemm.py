@@ -195,6 +195,26 @@ def test_gemm_tma_kernel_not_offered(monkeypatch):
     assert offered == [False] * len(cases) and grids == []
 
 
+def test_gemm_plan_holds_no_operand():
+    """A kept plan holds none of the tensors it was built on, nor a reference cycle that would
+    until the next collection (a recurrent layer frees its input projection as soon as its
+    recurrence is launched): the TMA kernel's signature and the pointer kernel's."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        for dtype in (torch.float16, torch.float32):
+            clear_plans()
+            a, b = random_tensor((40, 32), dtype, DEVICE), random_tensor((24, 32), dtype, DEVICE)
+            out = torch.empty(40, 24, dtype=dtype, device=DEVICE)
+            refs = [weakref.ref(t) for t in (a, b, out)]
+            gemm(a, b, out, trans_b=True)
+            del a, b, out
+            assert [r() for r in refs] == [None] * 3, dtype
+    finally:
+        gc.enable()
+
+
 def test_gemm_bad_arguments():
     a = torch.zeros(4, 5, device=DEVICE)
     with pytest.raises(ValueError, match="shapes"):
