@@ -229,7 +229,7 @@ def _tma_layouts(a4, b4, c4, batch: int) -> tuple[bool, bool, bool] | None:
     descriptor's row pitch). C_ROWS: the output too, as rows (unit stride along N), is
     written by TMA stores. The bases' alignment is checked per call."""
     if batch != 1 or a4.dtype not in (torch.float16, torch.bfloat16) \
-            or not tma_available(a4.device):
+            or not tma_available(a4.device) or a4.shape[-1] == 0:     # (no K: no descriptor)
         return None
     layouts = [_rows(a4[0, 0]), _rows(b4[0, 0])]
     if None in layouts:

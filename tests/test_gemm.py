@@ -180,18 +180,22 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out):
 
 def test_gemm_tma_kernel_not_offered(monkeypatch):
     """No TMA kernel where a descriptor could not address an operand or the product is not one
-    16-bit matrix: a row pitch not a multiple of 16 bytes, fp32, a batch."""
+    16-bit matrix: a row pitch not a multiple of 16 bytes, fp32, a batch, K = 0."""
     offered, grids = _take_tma(monkeypatch)
     h = torch.float16
-    cases = [((40, 36), (36, 24), h),           # A's rows 72 bytes apart
-             ((40, 32), (32, 20), h),           # B's rows 40 bytes apart
-             ((40, 32), (32, 24), torch.float32),
-             ((2, 40, 32), (32, 24), h)]
-    for sa, sb, dtype in cases:
-        a, b = random_tensor(sa, dtype, DEVICE), random_tensor(sb, dtype, DEVICE)
-        out = torch.empty(*sa[:-1], sb[-1], dtype=dtype, device=DEVICE)
+
+    def rand(*shape, dtype=h):
+        return random_tensor(shape, dtype, DEVICE)
+    cases = [(rand(40, 36), rand(36, 24)),                  # A's rows 72 bytes apart
+             (rand(40, 32), rand(32, 20)),                  # B's rows 40 bytes apart
+             (rand(40, 32, dtype=torch.float32), rand(32, 24, dtype=torch.float32)),
+             (rand(2, 40, 32), rand(32, 24)),
+             (rand(40, 8)[:, :0], rand(8, 24)[:0])]         # K = 0: a descriptor needs K
+    for a, b in cases:
+        out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=a.dtype, device=DEVICE)
         gemm(a, b, out)
-        assert_close(out, a.double() @ b.double(), dtype, reduction=sa[-1], tf32=TF32)
+        assert_close(out, a.double() @ b.double(), a.dtype, reduction=max(1, a.shape[-1]),
+                     tf32=TF32)
     assert offered == [False] * len(cases) and grids == []
 
 
