@@ -268,12 +268,12 @@ def _aligned_or(tma, fallback, out_too: bool):
 
 def _tma_launch(k, cfg: dict, consts: dict, layouts: tuple, tiles: int, device, M, N, K, a4,
                 b4, c4, d4, bias4, alpha: float):
-    """The persistent TMA kernel's launch on one matrix: one program per multiprocessor (its
-    tiles' pipeline, 128-176 KiB of shared memory at sm_90, leaves room for no second), each
-    taking every grid-th tile. Its tensors: (a, b, c, d, bias) as gemm_kernel's (data
-    pointers read only)."""
-    cfg = {n: v for n, v in cfg.items() if n != "TMA"}
-    programs = min(tiles, multiprocessors(device))
+    """The persistent TMA kernel's launch on one matrix: cfg["PER_SM"] programs per
+    multiprocessor (default one: a 3-stage pipeline takes 128-208 KiB of shared memory at
+    sm_90), each taking every grid-th tile. Its tensors: (a, b, c, d, bias) as
+    gemm_kernel's (data pointers read only)."""
+    programs = min(tiles, multiprocessors(device) * cfg.get("PER_SM", 1))
+    cfg = {n: v for n, v in cfg.items() if n not in ("TMA", "PER_SM")}
     vv = bias4[0, 0] if bias4 is not None else None
     return Launch(k.gemm_tma_kernel, (programs,), (
         M, N, K, *a4[0, 0].stride(), *b4[0, 0].stride(), *c4[0, 0].stride(),

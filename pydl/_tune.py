@@ -80,7 +80,11 @@ GEMM_SPACE = (
 )
 # The tiles also tried on the persistent TMA kernel (kernels/triton/gemm.py gemm_tma_kernel):
 # the large ones, where the pointer kernel's per-thread address arithmetic and masks for
-# 24-36 cp.async copies a K step cost the most issue slots (`python -m bench resources gemm`).
+# 24-36 cp.async copies a K step cost the most issue slots (`python -m bench resources gemm`),
+# each as one program a multiprocessor with one pipeline across its tiles; the 128 x 128 tile
+# also as two programs a multiprocessor (2 stages: 96 KiB each) whose pipelines drain per
+# tile, so one's products fill the tensor cores while the other runs its epilogue (Triton's
+# own persistent Hopper matmul found this faster than the flattened pipeline on an H200).
 GEMM_TMA_SPACE = ((128, 128, 64), (128, 256, 64), (256, 128, 64))
 
 
@@ -105,6 +109,8 @@ def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
             out.append(dict(tile, num_stages=1))
         if tma and (bm0, bn0, bk0) in GEMM_TMA_SPACE:      # as clipped to the problem
             out.append(dict(tile, TMA=True))
+            if (bm0, bn0) == (128, 128):
+                out.append(dict(tile, TMA=True, FLATTEN=False, PER_SM=2, num_stages=2))
     return unique(out)
 
 

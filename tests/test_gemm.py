@@ -87,21 +87,20 @@ def test_gemm_grouped_ordering_covers_every_tile():
     assert_close(out, expected(a, b), torch.float32, reduction=K)
 
 
-def _take_tma(monkeypatch) -> tuple[list, list]:
+def _take_tma(monkeypatch, **schedule) -> tuple[list, list]:
     """The GEMM tuner made to take the persistent TMA kernel wherever it is offered (the key's
     last entry; on a 64 x 32 x 64 tile, as emulation's small problems clip the TMA tiles
-    away), on a grid sized for two multiprocessors (two programs: each loops over several
-    tiles).
-    Returns (whether each pick offered it, (grid, C_ROWS) of each launch of the TMA
-    kernel)."""
+    away) with `schedule` (FLATTEN, PER_SM), on a grid sized for two multiprocessors (2 or 4
+    programs: each loops over several tiles). Returns (whether each pick offered it, (grid,
+    C_ROWS) of each launch of the TMA kernel)."""
     from pydl.kernels.triton import gemm as k
     offered, grids = [], []
 
     def pick(key, candidates, launch, inout=()):
         offered.append(key[-1])
         assert not any(c.get("TMA") for c in candidates) or key[-1]
-        return dict(candidates[0], TMA=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64) if key[-1] \
-            else candidates[0]
+        return dict(candidates[0], TMA=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64,
+                    **schedule) if key[-1] else candidates[0]
     monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
     monkeypatch.setattr(_gemm, "multiprocessors", lambda device: 2)
     real = k.gemm_tma_kernel
@@ -131,15 +130,18 @@ def _nan_padded(shape, dtype):
 @pytest.mark.parametrize("trans_a", [False, True], ids=["a", "aT"])
 @pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
 @pytest.mark.parametrize("tma_out", [True, False], ids=["c-tma", "c-ptr"])
-def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out):
+@pytest.mark.parametrize("flatten", [True, False], ids=["flat", "per-tile"])
+def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out, flatten):
     """The persistent TMA kernel (a 16-bit matrix product whose operands TMA can address) on
     each stored layout of A and B (read along either axis through its descriptor), its output
     written by TMA stores (rows 16 bytes apart) or by pointer stores (rows 8 bytes apart),
     ragged edges on every side (the descriptors' bounds: NaN lies past A's and B's, and C's
     must stay), several tiles a program, with alpha and a bias, accumulating, with an fp32
-    addend and capped; and where a base is not 16-byte aligned, the pointer kernel (a
-    descriptor could not address it)."""
-    offered, grids = _take_tma(monkeypatch)
+    addend and capped; each tile's pipeline flattened into one per program (one program a
+    multiprocessor) or drained per tile (two); and where a base is not 16-byte aligned, the
+    pointer kernel (a descriptor could not address it)."""
+    offered, grids = _take_tma(monkeypatch, FLATTEN=flatten, PER_SM=1 if flatten else 2)
+    programs = 2 if flatten else 4
     M, N, K = 136, 72, 88       # 3 x 3 tiles, each ragged last; K in two steps, one partial
     a = _nan_padded((K, M) if trans_a else (M, K), dtype)
     b = _nan_padded((N, K) if trans_b else (K, N), dtype)
@@ -149,7 +151,7 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out):
     out = c_big[:M, :N]
     product = expected(a, b, trans_a, trans_b)
     gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, alpha=0.5, bias=bias)
-    assert offered == [True] and grids == [((2,), tma_out)], (offered, grids)
+    assert offered == [True] and grids == [((programs,), tma_out)], (offered, grids)
     want = 0.5 * product + bias.double()
     assert_close(out, want, dtype, reduction=K)
     gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, accumulate=True)

@@ -118,11 +118,13 @@ def test_helpers():
     fp32 = _tune.gemm_candidates({}, 4096, 4096, 4096, 4)
     assert max(c.get("BLOCK_K", 0) for c in fp32) == 32     # half the K depth of 16-bit
     # the GEMM's TMA kernel: offered only where asked (its operands addressable), on the
-    # large pipelined tiles, at one K step too
+    # large pipelined tiles, at one K step too; the 128 x 128 tile also two to a
+    # multiprocessor, each tile's pipeline drained before its epilogue
     assert not any(c.get("TMA") for c in _tune.gemm_candidates({}, 4096, 4096, 64, 2))
     tma = [c for c in _tune.gemm_candidates({}, 4096, 4096, 64, 2, tma=True) if c.get("TMA")]
     assert sorted((c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) for c in tma) == \
-        sorted(_tune.GEMM_TMA_SPACE) and all(c["num_stages"] > 1 for c in tma)
+        sorted([*_tune.GEMM_TMA_SPACE, (128, 128, 64)]) and all(c["num_stages"] > 1 for c in tma)
+    assert [(c.get("FLATTEN", True), c.get("PER_SM", 1)) for c in tma].count((False, 2)) == 1
 
 
 def test_gemm_accumulate_is_not_doubled_by_trials(tuning, monkeypatch):

@@ -84,6 +84,7 @@ def gemm_tma_kernel(
     A_ROWS: tl.constexpr,               # A is stored with unit stride along K (else along M)
     B_ROWS: tl.constexpr,               # B is stored with unit stride along N (else along K)
     C_ROWS: tl.constexpr,               # C is TMA-addressable rows (else stored by pointers)
+    FLATTEN: tl.constexpr = True,       # one pipeline across a program's tiles (else per tile)
     SOFTCAP: tl.constexpr = 0.0,
 ):
     """gemm_kernel's product for one matrix (no batch) whose operands TMA can address (Hopper
@@ -93,12 +94,14 @@ def gemm_tma_kernel(
     no address arithmetic or load masks in the threads (the descriptor zero-fills past the
     edges); an operand stored along the other axis (A^T, B^T) is read in boxes of its own
     layout and transposed in shared memory, which wgmma reads either way for 16-bit types.
-    Persistent: a grid of about one program per multiprocessor, each taking every
-    num_programs-th tile in gemm_kernel's swizzled order, the K loops of its tiles flattened
-    into one software pipeline (the next tile's first loads issue under this tile's last
-    products). The epilogue is gemm_kernel's; with C_ROWS its tile leaves by a TMA store (one
-    bulk copy from shared memory, clipped at C's edges by the descriptor) instead of masked
-    stores from every thread."""
+    Persistent: a grid of one or two programs per multiprocessor (the launcher's choice),
+    each taking every num_programs-th tile in gemm_kernel's swizzled order; with FLATTEN the
+    K loops of its tiles are flattened into one software pipeline (the next tile's first
+    loads issue under this tile's last products and its epilogue), without it each tile's
+    pipeline drains before its epilogue (with two programs on a multiprocessor, the other's
+    products fill the tensor cores meanwhile). The epilogue is gemm_kernel's; with C_ROWS
+    its tile leaves by a TMA store (one bulk copy from shared memory, clipped at C's edges by
+    the descriptor) instead of masked stores from every thread."""
     if A_ROWS:
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [sa_m, 1], [BLOCK_M, BLOCK_K])
     else:
@@ -110,7 +113,7 @@ def gemm_tma_kernel(
     if C_ROWS:
         c_desc = tl.make_tensor_descriptor(c_ptr, [M, N], [sc_m, 1], [BLOCK_M, BLOCK_N])
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _tile(tile, M, N, GROUP_M, BLOCK_M, BLOCK_N)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
