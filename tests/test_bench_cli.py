@@ -847,7 +847,7 @@ def test_help_lists_every_command_from_the_dispatch_table(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert set(cli.COMMANDS) == {"list", "compare", "report", "floors", "resources",
-                                 "numba-resources", "overhead", "rnn-steps"}
+                                 "numba-resources", "overhead", "rnn-steps", "gemm"}
     for name, (_, summary) in cli.COMMANDS.items():
         line = next((ln for ln in out.splitlines() if ln.split()[:1] == [name]), None)
         assert line is not None and summary[:30] in line, (name, out)
