@@ -144,6 +144,10 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     bias4 = _batched(bias, batch, (N,), "bias") if bias is not None else None
     if out.numel() == 0:
         return _by_pointer(lambda *tensors: None)
+    folded = _fold_batch(a4, b4, c4, d4, bias4)
+    if folded is not None:          # one matrix of every batch's rows
+        a4, b4, c4, d4, bias4 = folded
+        M = c4.shape[2]
     B1, B2 = c4.shape[0], c4.shape[1]
     consts = dict(ACCUMULATE=addend is not None, HAS_BIAS=bias4 is not None,
                   INPUT_PRECISION=precision)
@@ -219,6 +223,25 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
         return _by_pointer(lambda a, b, out, bias, addend: launch(
             a, b, out, out if addend is None else addend, out if bias is None else bias))
     return lambda a, b, out, bias, addend: run(chosen, a, b, out, bias, addend)
+
+
+def _fold_batch(a4, b4, c4, d4, bias4):
+    """(a4, b4, c4, d4, bias4) as one product of B1 B2 M rows where B and the bias are the same
+    for every batch (broadcast: stride 0) and the batches of A, C and D lie one after another
+    (their rows viewable as one matrix): a recurrent layer's projection of every time step by
+    one weight, x (T, B, I) W^T. One matrix takes full-height tiles, reads B once per row of
+    tiles instead of once per batch, and is one the TMA kernel can read. None where the
+    batch does not fold (or there is none)."""
+    if a4.shape[0] * a4.shape[1] == 1:
+        return None
+    for t in (b4, bias4):
+        if t is not None and any(s for n, s in zip(t.shape[:2], t.stride()[:2]) if n > 1):
+            return None
+    try:
+        a, c, d = (t.view(1, 1, -1, t.shape[-1]) for t in (a4, c4, d4))
+    except RuntimeError:            # a batch stride that is not its rows' extent
+        return None
+    return a, b4[:1, :1], c, d, None if bias4 is None else bias4[:1, :1]
 
 
 def _tma_layouts(a4, b4, c4, batch: int) -> tuple[bool, bool, bool] | None:

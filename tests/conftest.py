@@ -71,20 +71,45 @@ def device():
     return DEVICE
 
 
-def spy_kernels(monkeypatch, module, names, record) -> None:
+def spy_kernels(monkeypatch, module, names, record, with_grid: bool = False) -> None:
     """Each Triton kernel `names` of `module` (kernel[grid](...) launches) replaced, for the
     test, by one that calls record(name, args, kwargs) (its tensors and scalars, its keywords:
-    the constexprs) and then launches the kernel."""
+    the constexprs; with_grid: record(name, args, kwargs, grid)) and then launches the
+    kernel."""
     for name in names:
         kernel = getattr(module, name)
 
         class Spy:
             def __getitem__(self, grid, name=name, kernel=kernel):
                 def run(*args, **kwargs):
-                    record(name, args, kwargs)
+                    record(name, args, kwargs, *((grid,) if with_grid else ()))
                     return kernel[grid](*args, **kwargs)
                 return run
         monkeypatch.setattr(module, name, Spy())
+
+
+def take_tma_gemm(monkeypatch, **schedule) -> tuple[list, list]:
+    """The shared GEMM's tuner made to take its persistent TMA kernel wherever it is offered
+    (the tuner key's last entry; on a 64 x 32 x 64 tile, as emulation's small problems clip
+    the TMA tiles away) with `schedule` (FLATTEN, PER_SM), on a grid sized for two
+    multiprocessors (2 or 4 programs: each loops over several tiles). Returns (whether each
+    pick offered it, (grid, C_ROWS) of each launch of the TMA kernel)."""
+    from pydl import _gemm
+    from pydl.kernels.triton import gemm as k
+    offered, grids = [], []
+
+    def pick(key, candidates, launch, inout=()):
+        offered.append(key[-1])
+        assert not any(c.get("TMA") for c in candidates) or key[-1]
+        return dict(candidates[0], TMA=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64,
+                    **schedule) if key[-1] else candidates[0]
+    monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
+    monkeypatch.setattr(_gemm, "multiprocessors", lambda device: 2)
+    spy_kernels(monkeypatch, k, ["gemm_tma_kernel"],
+                lambda name, args, kwargs, grid: grids.append((grid, kwargs["C_ROWS"])),
+                with_grid=True)
+    clear_plans()
+    return offered, grids
 
 
 def fuzz_seeds(request, quick: int, full: int, start: int = 0):

@@ -494,6 +494,28 @@ def test_pixel_major_flags(monkeypatch, layouts):
     clear_plans()
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=str)
+def test_1x1_on_the_tma_gemm(monkeypatch, dtype):
+    """A channels_last 16-bit 1x1 convolution (forward and grad input: the shared GEMM on the
+    pixel matrix) with the GEMM's persistent TMA kernel taken where it is offered, with a
+    bias and stride 1, against torch in float64."""
+    from conftest import take_tma_gemm
+    offered, grids = take_tma_gemm(monkeypatch)
+    cl = torch.channels_last
+    x = random_tensor((2, 64, 9, 7), dtype, DEVICE).contiguous(memory_format=cl)
+    w = random_tensor((32, 64, 1, 1), dtype, DEVICE, scale=0.1).contiguous(memory_format=cl)
+    b = random_tensor(32, dtype, DEVICE)
+    out, g, grads = run_with_grad(lambda x, w, b: pydl.conv2d(x, w, b, backend="triton"),
+                                  (x, w, b))
+    _, _, want = run_with_grad(lambda x, w, b: torch.nn.functional.conv2d(x, w, b),
+                               (x.double(), w.double(), b.double()), g.double())
+    assert_close(out, torch.nn.functional.conv2d(x.double(), w.double(), b.double()), dtype,
+                 reduction=64)
+    for got, ref64, k in zip(grads, want, (32, 2 * 9 * 7, 2 * 9 * 7)):
+        assert_close(got, ref64, dtype, reduction=k)
+    assert offered[:2] == [True, True] and len(grids) == 2, (offered, grids)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_implicit_weight_route(monkeypatch, dtype):
     """Where the weight is (OC, C, KH, KW) planes, the forward's and grad input's tuning

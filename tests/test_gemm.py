@@ -3,9 +3,8 @@ odd sizes (partial tiles on every side), transposed / strided / broadcast operan
 alpha, bias, accumulate and a separate addend."""
 import pytest
 import torch
-from conftest import DEVICE, DTYPES
+from conftest import DEVICE, DTYPES, take_tma_gemm
 
-from pydl import _gemm
 from pydl._gemm import gemm, gemm_config
 from pydl._plan import clear_all as clear_plans
 from pydl.testing import assert_close, random_tensor, uses_tf32
@@ -87,35 +86,6 @@ def test_gemm_grouped_ordering_covers_every_tile():
     assert_close(out, expected(a, b), torch.float32, reduction=K)
 
 
-def _take_tma(monkeypatch, **schedule) -> tuple[list, list]:
-    """The GEMM tuner made to take the persistent TMA kernel wherever it is offered (the key's
-    last entry; on a 64 x 32 x 64 tile, as emulation's small problems clip the TMA tiles
-    away) with `schedule` (FLATTEN, PER_SM), on a grid sized for two multiprocessors (2 or 4
-    programs: each loops over several tiles). Returns (whether each pick offered it, (grid,
-    C_ROWS) of each launch of the TMA kernel)."""
-    from pydl.kernels.triton import gemm as k
-    offered, grids = [], []
-
-    def pick(key, candidates, launch, inout=()):
-        offered.append(key[-1])
-        assert not any(c.get("TMA") for c in candidates) or key[-1]
-        return dict(candidates[0], TMA=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64,
-                    **schedule) if key[-1] else candidates[0]
-    monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
-    monkeypatch.setattr(_gemm, "multiprocessors", lambda device: 2)
-    real = k.gemm_tma_kernel
-
-    def launcher(grid):
-        def launch(*args, **kwargs):
-            grids.append((grid, kwargs["C_ROWS"]))
-            return real[grid](*args, **kwargs)
-        return launch
-    monkeypatch.setattr(k, "gemm_tma_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: launcher(grid)})())
-    clear_plans()
-    return offered, grids
-
-
 def _nan_padded(shape, dtype):
     """A random matrix viewed in a larger one whose other elements are NaN (8 more along each
     axis: its row pitch stays a multiple of 16 bytes): a kernel reading past its edges along
@@ -140,7 +110,7 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out, flatten)
     addend and capped; each tile's pipeline flattened into one per program (one program a
     multiprocessor) or drained per tile (two); and where a base is not 16-byte aligned, the
     pointer kernel (a descriptor could not address it)."""
-    offered, grids = _take_tma(monkeypatch, FLATTEN=flatten, PER_SM=1 if flatten else 2)
+    offered, grids = take_tma_gemm(monkeypatch, FLATTEN=flatten, PER_SM=1 if flatten else 2)
     programs = 2 if flatten else 4
     M, N, K = 136, 72, 88       # 3 x 3 tiles, each ragged last; K in two steps, one partial
     a = _nan_padded((K, M) if trans_a else (M, K), dtype)
@@ -183,7 +153,7 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out, flatten)
 def test_gemm_tma_kernel_not_offered(monkeypatch):
     """No TMA kernel where a descriptor could not address an operand or the product is not one
     16-bit matrix: a row pitch not a multiple of 16 bytes, fp32, a batch, K = 0."""
-    offered, grids = _take_tma(monkeypatch)
+    offered, grids = take_tma_gemm(monkeypatch)
     h = torch.float16
 
     def rand(*shape, dtype=h):
@@ -191,7 +161,7 @@ def test_gemm_tma_kernel_not_offered(monkeypatch):
     cases = [(rand(40, 36), rand(36, 24)),                  # A's rows 72 bytes apart
              (rand(40, 32), rand(32, 20)),                  # B's rows 40 bytes apart
              (rand(40, 32, dtype=torch.float32), rand(32, 24, dtype=torch.float32)),
-             (rand(2, 40, 32), rand(32, 24)),
+             (rand(2, 40, 32), rand(2, 32, 24)),             # a batch of products
              (rand(40, 8)[:, :0], rand(8, 24)[:0])]         # K = 0: a descriptor needs K
     for a, b in cases:
         out = torch.empty(*a.shape[:-1], b.shape[-1], dtype=a.dtype, device=DEVICE)
@@ -219,6 +189,36 @@ def test_gemm_plan_holds_no_operand():
             assert [r() for r in refs] == [None] * 3, dtype
     finally:
         gc.enable()
+
+
+def test_gemm_broadcast_batch_is_one_matrix(monkeypatch):
+    """A batch of products by one B (broadcast over the batch, as a recurrent layer projects
+    every time step by one weight), with A's and C's batches one after another, runs as one
+    product of every batch's rows: one tile grid (no batch axis), full-height tiles; with a
+    bias too. A's batches apart (a strided view), or B per batch, keep the batch."""
+    from conftest import spy_kernels
+
+    from pydl.kernels.triton import gemm as k
+    grids = []
+    spy_kernels(monkeypatch, k, ["gemm_kernel"],
+                lambda name, args, kwargs, grid: grids.append((grid, args[5])), with_grid=True)
+    T, B, K, N = 5, 6, 24, 20
+    w = random_tensor((N, K), torch.float32, DEVICE)
+    bias = random_tensor(N, torch.float32, DEVICE)
+    x = random_tensor((T, B, K), torch.float32, DEVICE)
+    out = torch.empty(T, B, N, device=DEVICE)
+    gemm(x, w, out, trans_b=True, bias=bias)
+    assert_close(out, expected(x, w, trans_b=True) + bias.double(), torch.float32, reduction=K,
+                 tf32=TF32)
+    cfg = gemm_config(T * B, N, K, torch.float32)
+    tiles = -(-T * B // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"])
+    assert grids == [((tiles, 1, 1), T * B)]        # one grid over the T B rows (M, 6th arg)
+    for a, b in ((random_tensor((T, 2 * B, K), torch.float32, DEVICE)[:, :B], w.t()),
+                 (x, random_tensor((T, K, N), torch.float32, DEVICE))):
+        grids.clear()
+        gemm(a, b, out)
+        assert_close(out, expected(a, b), torch.float32, reduction=K, tf32=TF32)
+        assert [g[0][2] for g in grids] == [T]      # the batch kept: T programs deep
 
 
 def test_gemm_bad_arguments():

@@ -5,7 +5,7 @@ forward and the gradients of input, weight and bias."""
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS, spy_kernels
+from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS, spy_kernels, take_tma_gemm
 
 import pydl
 from pydl import _linear_ce_ops, linear_ce
@@ -153,6 +153,27 @@ def test_dtypes_and_leading_dims(backend, dtype, chunk_rows):
     for reduction in ("mean", "none"):
         _check(backend, dtype, x, w, None, _targets(B * T, V, -100, shape=(B, T)),
                chunk_rows=chunk_rows, reduction=reduction, label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=str)
+@pytest.mark.parametrize("chunk_rows", [None, 8], ids=["one_chunk", "chunks_of_8"])
+def test_triton_on_the_tma_gemm(monkeypatch, dtype, chunk_rows):
+    """The triton backend with its shared GEMM's persistent TMA kernel taken wherever the
+    tuner is offered it: the logits x W^T (W read as stored), dh = G W and dW = G^T x (the
+    logits' gradient read along its rows as A^T), over chunks (each a view of x at a row
+    offset) with a bias and a mean's gradient in the forward, and reduction "none" (the
+    recompute schedule's backward GEMMs), against the reference and torch."""
+    offered, grids = take_tma_gemm(monkeypatch)
+    N, H, V = 24, 32, 40        # rows 64 and 80 bytes apart: every operand TMA-addressable
+    x = random_tensor((N, H), dtype, DEVICE)
+    w = random_tensor((V, H), dtype, DEVICE, scale=0.4)
+    b = random_tensor(V, dtype, DEVICE)
+    for reduction in ("mean", "none"):
+        _check("triton", dtype, x, w, b, _targets(N, V, -100), chunk_rows=chunk_rows,
+               reduction=reduction)
+    # the logits', dh's and dW's products at least (not the bias gradient's: a broadcast row
+    # of ones, which no descriptor addresses)
+    assert offered.count(True) >= 3 and len(grids) >= 3, (offered, grids)
 
 
 @backends

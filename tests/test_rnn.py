@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, KERNEL_BACKENDS, fuzz_seeds
+from conftest import DEVICE, DTYPES, HAS_CUDA, KERNEL_BACKENDS, fuzz_seeds, take_tma_gemm
 from rnn_checks import TF32, assert_same_but_chunks, check_layer
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
@@ -54,6 +54,17 @@ def test_recompute_vs_reference(kind, case):
     later steps), and a zero initial state."""
     check_layer("triton", None, torch.float32, *case, kind=kind, recompute=True,
                 with_state=kind == "lstm", bias=kind == "lstm")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=str)
+def test_layers_on_the_tma_gemm(monkeypatch, kind, dtype):
+    """A 16-bit stack (2 layers, both directions) with the shared GEMM's persistent TMA
+    kernel taken wherever the tuner is offered it (the input projections into their fp32
+    workspaces, the weight gradients), against the float64 reference and torch."""
+    offered, grids = take_tma_gemm(monkeypatch)
+    check_layer("triton", None, dtype, 3, 2, 8, 8, 2, True, kind=kind)
+    assert any(offered) and grids, (offered, grids)
 
 
 def _saved_gate_activations(out, H):
