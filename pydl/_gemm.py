@@ -34,6 +34,8 @@ from ._plan import GRID_YZ_MAX, Cache, Launch
 from ._tune import Tuner, aliased, bucket, gemm_candidates
 
 GROUP_M = 8
+# Shared memory a block may take on sm_90 (bytes).
+SMEM_PER_BLOCK = 227 * 1024
 GEMM_TUNER = Tuner("gemm")
 
 
@@ -213,8 +215,10 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
                 bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1, bool(softcap),
                 layouts is not None)
     cfg0 = gemm_config(M, N, K, a.dtype)
-    cfg = GEMM_TUNER.pick(tune_key, gemm_candidates(cfg0, M, N, K, a.dtype.itemsize,
-                                                    {"GROUP_M": GROUP_M}, layouts is not None),
+    candidates = [c for c in gemm_candidates(cfg0, M, N, K, a.dtype.itemsize,
+                                             {"GROUP_M": GROUP_M}, layouts is not None)
+                  if not c.get("TMA") or _tma_fits(c, a.element_size(), out.element_size())]
+    cfg = GEMM_TUNER.pick(tune_key, candidates,
                           lambda c: run(launches(c), a0, b0, out, bias, addend),
                           inout=aliased((out,), (addend,)))
     chosen = launches(cfg)
@@ -271,6 +275,14 @@ def _rows(t: torch.Tensor) -> bool | None:
     if rows == 1 and cols * size % 16 == 0 and cols >= t.shape[0]:
         return False
     return None
+
+
+def _tma_fits(cfg: dict, operand_size: int, out_size: int) -> bool:
+    """Whether a TMA candidate's shared memory fits a block: its operands' ring and C's tile
+    (its epilogue's staging, which the persistent pipeline cannot lay over the ring: the next
+    tile's loads are in flight there). An fp32 output of a 128 x 256 tile takes 272 KiB."""
+    ring = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * operand_size
+    return ring + cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_size <= SMEM_PER_BLOCK
 
 
 def _aligned_or(tma, fallback, out_too: bool):

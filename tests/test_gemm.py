@@ -171,6 +171,25 @@ def test_gemm_tma_kernel_not_offered(monkeypatch):
     assert offered == [False] * len(cases) and grids == []
 
 
+def test_gemm_tma_candidates_fit_shared_memory(monkeypatch):
+    """A TMA candidate is offered only where its operands' ring and its output tile's staging
+    fit a block's shared memory: a 16-bit product's 128 x 256 tiles into a 16-bit output,
+    not into an fp32 one (272 KiB; the 128 x 128 tile still fits)."""
+    from pydl import _gemm
+    seen = {}
+
+    def pick(key, candidates, launch, inout=()):
+        seen[key[1]] = {(c["BLOCK_M"], c["BLOCK_N"]) for c in candidates if c.get("TMA")}
+        return candidates[0]
+    monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
+    a = random_tensor((256, 64), torch.float16, DEVICE)
+    b = random_tensor((64, 512), torch.float16, DEVICE)
+    for dtype in (torch.float16, torch.float32):
+        gemm(a, b, torch.empty(256, 512, dtype=dtype, device=DEVICE))
+    assert seen[torch.float16] == {(128, 128), (128, 256), (256, 128)}
+    assert seen[torch.float32] == {(128, 128)}
+
+
 def test_gemm_plan_holds_no_operand():
     """A kept plan holds none of the tensors it was built on, nor a reference cycle that would
     until the next collection (a recurrent layer frees its input projection as soon as its
