@@ -20,6 +20,10 @@ columns of B, so both stay in L2 instead of streaming all of B per row of tiles.
 Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), 1, B1 * B2). program_id(2) = b1 * B2 + b2.
 Every load and store is masked, so M, N, K need not be multiples of the blocks; all offsets
 are computed in int64, so operands may exceed 2**31 elements. The result is cast to C's dtype.
+
+gemm_tma_kernel is the same product for one matrix whose operands TMA can address (Hopper):
+persistent, its operands through tensor descriptors; the launcher (pydl/_gemm.py) offers it
+to the tuner beside gemm_kernel's tiles.
 """
 import triton
 import triton.language as tl
