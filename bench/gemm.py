@@ -31,7 +31,7 @@ CASES = {
     "lstm-h1024-proj": (800, 4096, 1024, "nt"),         # 25 steps x 32 rows against W_ih
 }
 DEFAULT_CASES = ("4096^3", "llama3-8b-logits", "llama3-8b-dx", "llama3-8b-dw",
-                 "r50-1x1-64-256")
+                 "r50-1x1-64-256", "lstm-h1024-proj")
 
 
 def operands(m: int, n: int, k: int, layout: str, dtype, device, generator):
