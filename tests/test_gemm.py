@@ -3,7 +3,7 @@ odd sizes (partial tiles on every side), transposed / strided / broadcast operan
 alpha, bias, accumulate and a separate addend."""
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, take_tma_gemm
+from conftest import DEVICE, DTYPES, fuzz_seeds, take_tma_gemm
 
 from pydl._gemm import gemm, gemm_config
 from pydl._plan import clear_all as clear_plans
@@ -148,6 +148,68 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out, flatten)
         gemm(a, b, shifted_out, trans_a=trans_a, trans_b=trans_b)
         assert grids == []
         assert_close(shifted_out, product, dtype, reduction=K)
+
+
+def test_gemm_tma_fuzz(request, monkeypatch):
+    """Random 16-bit products with the TMA kernel taken wherever offered: sizes (multiples of
+    8 or not: descriptors or the pointer kernel), each operand stored either way, sometimes a
+    view into wider rows, maybe one element in (an unaligned base: the fallback), outputs with
+    padded rows or a column-major one, a batch by one broadcast B (folded), alpha and a bias,
+    accumulate, an fp32 addend or output, softcap; both schedules. Each against float64.
+    PYDL_FUZZ_SEED=<seed> reruns one case."""
+    for seed in fuzz_seeds(request, 6, 150):
+        _tma_fuzz_case(monkeypatch, seed)
+        clear_plans()
+
+
+def _tma_fuzz_case(monkeypatch, seed: int) -> None:
+    import numpy as np
+    rng = np.random.default_rng(5000 + seed)
+    dtypes = [d for d in DTYPES if d.itemsize == 2]
+    flatten = bool(rng.random() < 0.5)
+    offered, grids = take_tma_gemm(monkeypatch, FLATTEN=flatten, PER_SM=1 if flatten else 2)
+
+    def size():
+        return int(rng.choice([8, 16, 24, 40, 72, 80, 136])) if rng.random() < 0.7 \
+            else int(rng.integers(1, 90))
+    M, N, K = size(), size(), size()
+    T = int(rng.integers(2, 4)) if rng.random() < 0.25 else 0      # a batch by one B
+    dtype = dtypes[int(rng.integers(len(dtypes)))]
+    trans_a = not T and bool(rng.random() < 0.5)
+    trans_b = bool(rng.random() < 0.5)
+
+    def operand(*shape):
+        if rng.random() < 0.3:              # a view into wider rows, maybe one element in
+            start = int(rng.integers(0, 2))
+            big = random_tensor((*shape[:-1], shape[-1] + 8), dtype, DEVICE)
+            return big[..., start:start + shape[-1]]
+        return random_tensor(shape, dtype, DEVICE)
+    a = operand(K, M) if trans_a else operand(*((T,) if T else ()), M, K)
+    b = operand(N, K) if trans_b else operand(K, N)
+    out_dtype = torch.float32 if rng.random() < 0.2 else dtype
+    if rng.random() < 0.2 and not T:
+        out = torch.empty(N, M, dtype=out_dtype, device=DEVICE).t()        # column-major
+    else:
+        out = torch.empty(*((T,) if T else ()), M, N + int(rng.choice([0, 4, 8])),
+                          dtype=out_dtype, device=DEVICE)[..., :N]
+    kind = str(rng.choice(["plain", "bias", "accumulate", "addend", "softcap"]))
+    want = expected(a, b, trans_a, trans_b)
+    kw = {}
+    if kind == "bias":
+        bias = random_tensor(N, dtype, DEVICE)
+        kw, want = dict(bias=bias, alpha=0.5), 0.5 * want + bias.double()
+    elif kind == "accumulate":
+        out.copy_(random_tensor(out.shape, out_dtype, DEVICE))
+        kw, want = dict(accumulate=True), want + out.double()
+    elif kind == "addend":
+        addend = random_tensor(out.shape, torch.float32, DEVICE)
+        kw, want = dict(addend=addend), want + addend.double()
+    elif kind == "softcap":
+        kw, want = dict(softcap=3.0), 3.0 * torch.tanh(want / 3.0)
+    gemm(a, b, out, trans_a=trans_a, trans_b=trans_b, **kw)
+    case = (seed, M, N, K, T, dtype, trans_a, trans_b, kind, out_dtype, flatten, offered, grids)
+    # the tolerance of the operands' dtype: an fp32 output holds a 16-bit product
+    assert_close(out, want, dtype, reduction=2 * max(K, 1), name=str(case))
 
 
 def test_gemm_tma_kernel_not_offered(monkeypatch):
