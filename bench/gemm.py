@@ -93,15 +93,17 @@ def measure(name: str, m: int, n: int, k: int, layout: str, ms, device: str = "c
 def _print(row: dict) -> None:
     print(f"{row['case']:18} {row['m']}x{row['n']}x{row['k']} {row['layout']}  cuBLAS "
           f"{row['cublas_ms']:.3f} ms ({row['cublas_tflops']:.0f} TFLOP/s)")
-    for r in row["candidates"]:
+    for i, r in enumerate(row["candidates"]):
         c = r["config"]
         name = (f"{'TMA ' if c.get('TMA') else ''}M{c.get('BLOCK_M')} N{c.get('BLOCK_N')} "
-                f"K{c.get('BLOCK_K')} w{c.get('num_warps')} s{c.get('num_stages')}")
+                f"K{c.get('BLOCK_K')} w{c.get('num_warps')} s{c.get('num_stages')}"
+                + (" 2/SM per-tile" if c.get("FLATTEN") is False else "")
+                + (" (default)" if i == 0 else ""))
         mark = "*" if c == row["chosen"] else " "
         if r["ms"] is None:
-            print(f"  {mark} {name:30} {r['error'][:90]}")
+            print(f"  {mark} {name:42} {r['error'][:90]}")
             continue
-        print(f"  {mark} {name:30} {r['ms']:.3f} ms {r['tflops']:6.0f} TFLOP/s "
+        print(f"  {mark} {name:42} {r['ms']:.3f} ms {r['tflops']:6.0f} TFLOP/s "
               f"{r['vs_cublas']:.2f}x cuBLAS  max_err {r['max_err']:.1e}")
 
 

@@ -1040,7 +1040,7 @@ def test_rnn_steps_plumbing(monkeypatch):
     assert cli.main(["rnn-steps", "lstm-h1024-b32"]) == 2
 
 
-def test_gemm_plumbing(monkeypatch):
+def test_gemm_plumbing(monkeypatch, capsys):
     """`python -m bench gemm` (GPU only) in emulation with a faked timer: every candidate of
     the shared GEMM is timed by it (the persistent TMA kernel's among them, at a layout TMA
     addresses), checked against torch's product, the fastest is the tuner's choice; cuBLAS
@@ -1060,4 +1060,7 @@ def test_gemm_plumbing(monkeypatch):
     assert all(r["max_err"] < 1e-2 for r in rows), [r["max_err"] for r in rows]
     assert row["chosen"] == min(rows, key=lambda r: r["ms"])["config"]
     assert row["cublas_ms"] == float(len(calls))          # timed last, by the same clock
+    gemm_bench._print(row)
+    printed = capsys.readouterr().out
+    assert "(default)" in printed and "TMA M" in printed and "x cuBLAS" in printed
     assert cli.main(["gemm", "4096^3"]) == 2
