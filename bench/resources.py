@@ -587,7 +587,8 @@ def _cov_conv(dtype: str, algo: str, x_shape: tuple, w_shape: tuple, stride=1, p
 
 def _cov_gemm(dtype: str, m: int, n: int, k: int):
     """The shared GEMM's options (pydl/_gemm.py; no public function): bias and alpha,
-    accumulate into the output, an addend of another dtype, transposed operands, batches."""
+    accumulate into the output, an addend of another dtype, transposed operands, TF32,
+    batches."""
     def run():
         import torch
 
@@ -599,7 +600,10 @@ def _cov_gemm(dtype: str, m: int, n: int, k: int):
         gemm(a, b, out, accumulate=True)
         gemm(a, b, out, addend=torch.empty(m, n))
         gemm(a.t().contiguous(), b.t().contiguous(), out, trans_a=True, trans_b=True)
-        gemm(_rand(3, 2, m, k, dtype=dtype), b, torch.empty(3, 2, m, n, dtype=dt))
+        gemm(a, b.t().contiguous(), out, trans_b=True, input_precision="tf32")   # x W^T in TF32
+        # a batch (B per batch: a batch by one broadcast B folds into one matrix)
+        gemm(_rand(3, 2, m, k, dtype=dtype), _rand(3, 2, k, n, dtype=dtype),
+             torch.empty(3, 2, m, n, dtype=dt))
     return run
 
 

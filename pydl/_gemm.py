@@ -34,8 +34,9 @@ from ._plan import GRID_YZ_MAX, Cache, Launch
 from ._tune import Tuner, aliased, bucket, gemm_candidates
 
 GROUP_M = 8
-# Shared memory a block may take on sm_90 (bytes).
+# Shared memory a block may take on sm_90, and a multiprocessor holds (bytes).
 SMEM_PER_BLOCK = 227 * 1024
+SMEM_PER_SM = 228 * 1024
 GEMM_TUNER = Tuner("gemm")
 
 
@@ -160,7 +161,7 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     step1 = max(1, GRID_YZ_MAX // step2)
     single = B1 <= step1 and B2 <= step2
 
-    layouts = _tma_layouts(a4, b4, c4, B1 * B2)     # None: no TMA kernel
+    layouts = _tma_layouts(a4, b4, c4, B1 * B2, precision)    # None: no TMA kernel
 
     def launches(cfg: dict):
         """[(launch, (i1, i2) batch slice start)], one per slice of the batch."""
@@ -248,18 +249,22 @@ def _fold_batch(a4, b4, c4, d4, bias4):
     return a, b4[:1, :1], c, d, None if bias4 is None else bias4[:1, :1]
 
 
-def _tma_layouts(a4, b4, c4, batch: int) -> tuple[bool, bool, bool] | None:
+def _tma_layouts(a4, b4, c4, batch: int, precision: str) -> tuple[bool, bool, bool] | None:
     """(A_ROWS, B_ROWS, C_ROWS) where the persistent TMA kernel can read this product's
-    operands, else None: one matrix (no batch), 16-bit operands (wgmma reads them from shared
-    memory along either axis), on a device with TMA (Hopper and newer; emulation), each
-    operand with unit stride along one axis and a multiple of 16 bytes along the other (a
-    descriptor's row pitch). C_ROWS: the output too, as rows (unit stride along N), is
-    written by TMA stores. The bases' alignment is checked per call."""
-    if batch != 1 or a4.dtype not in (torch.float16, torch.bfloat16) \
-            or not tma_available(a4.device) or a4.shape[-1] == 0:     # (no K: no descriptor)
+    operands, else None: one matrix (no batch), on a device with TMA (Hopper and newer;
+    emulation), each operand with unit stride along one axis and a multiple of 16 bytes along
+    the other (a descriptor's row pitch); 16-bit operands (wgmma reads them from shared memory
+    along either axis), or fp32 ones multiplied as TF32 with both stored along K (wgmma's
+    TF32 reads K-major operands only: x W^T, as a linear layer or a recurrent projection
+    stores them). C_ROWS: the output too, as rows (unit stride along N), is written by TMA
+    stores. The bases' alignment is checked per call."""
+    if batch != 1 or not tma_available(a4.device) or a4.shape[-1] == 0:   # (K = 0: none)
         return None
     layouts = [_rows(a4[0, 0]), _rows(b4[0, 0])]
     if None in layouts:
+        return None
+    if a4.dtype not in (torch.float16, torch.bfloat16) and not (
+            a4.dtype == torch.float32 and precision == "tf32" and layouts == [True, False]):
         return None
     return (*layouts, _rows(c4[0, 0]) is True)
 
@@ -278,11 +283,14 @@ def _rows(t: torch.Tensor) -> bool | None:
 
 
 def _tma_fits(cfg: dict, operand_size: int, out_size: int) -> bool:
-    """Whether a TMA candidate's shared memory fits a block: its operands' ring and C's tile
-    (its epilogue's staging, which the persistent pipeline cannot lay over the ring: the next
-    tile's loads are in flight there). An fp32 output of a 128 x 256 tile takes 272 KiB."""
+    """Whether a TMA candidate's shared memory fits: its operands' ring and C's tile (its
+    epilogue's staging, which the persistent pipeline cannot lay over the ring: the next
+    tile's loads are in flight there) in a block (an fp32 output of a 128 x 256 tile takes
+    272 KiB), and PER_SM of them in a multiprocessor (two 128 x 128 programs with an fp32
+    output: 256 KiB)."""
     ring = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * operand_size
-    return ring + cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_size <= SMEM_PER_BLOCK
+    block = ring + cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_size
+    return block <= SMEM_PER_BLOCK and cfg.get("PER_SM", 1) * block <= SMEM_PER_SM
 
 
 def _aligned_or(tma, fallback, out_too: bool):

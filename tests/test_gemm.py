@@ -150,6 +150,24 @@ def test_gemm_tma_kernel(monkeypatch, dtype, trans_a, trans_b, tma_out, flatten)
         assert_close(shifted_out, product, dtype, reduction=K)
 
 
+def test_gemm_tma_kernel_tf32(monkeypatch):
+    """fp32 operands multiplied as TF32 take the TMA kernel where both are stored along K
+    (wgmma's TF32 reads K-major operands only): x W^T with W (N, K), as a linear layer keeps
+    it; not x W with W (K, N), nor as exact fp32 ("ieee": not the tensor cores)."""
+    offered, grids = take_tma_gemm(monkeypatch)
+    M, N, K = 72, 40, 48
+    x = random_tensor((M, K), torch.float32, DEVICE)
+    w = random_tensor((N, K), torch.float32, DEVICE)
+    out = torch.empty(M, N, device=DEVICE)
+    gemm(x, w, out, trans_b=True, input_precision="tf32")
+    assert offered == [True] and len(grids) == 1
+    assert_close(out, expected(x, w, trans_b=True), torch.float32, reduction=K, tf32=True)
+    gemm(x, w.t().contiguous(), out, input_precision="tf32")
+    gemm(x, w, out, trans_b=True, input_precision="ieee")
+    assert offered == [True, False, False] and len(grids) == 1
+    assert_close(out, expected(x, w, trans_b=True), torch.float32, reduction=K)
+
+
 def test_gemm_tma_fuzz(request, monkeypatch):
     """Random 16-bit products with the TMA kernel taken wherever offered: sizes (multiples of
     8 or not: descriptors or the pointer kernel), each operand stored either way, sometimes a
@@ -235,21 +253,24 @@ def test_gemm_tma_kernel_not_offered(monkeypatch):
 
 def test_gemm_tma_candidates_fit_shared_memory(monkeypatch):
     """A TMA candidate is offered only where its operands' ring and its output tile's staging
-    fit a block's shared memory: a 16-bit product's 128 x 256 tiles into a 16-bit output,
-    not into an fp32 one (272 KiB; the 128 x 128 tile still fits)."""
+    fit a block's shared memory, and two of them a multiprocessor's where it runs two: a
+    16-bit product's 128 x 256 tiles and two-a-multiprocessor 128 x 128 ones into a 16-bit
+    output, not into an fp32 one (272 KiB; 2 x 128 KiB); the one-a-multiprocessor 128 x 128
+    tile fits either way."""
     from pydl import _gemm
     seen = {}
 
     def pick(key, candidates, launch, inout=()):
-        seen[key[1]] = {(c["BLOCK_M"], c["BLOCK_N"]) for c in candidates if c.get("TMA")}
+        seen[key[1]] = {(c["BLOCK_M"], c["BLOCK_N"], c.get("PER_SM", 1)) for c in candidates
+                        if c.get("TMA")}
         return candidates[0]
     monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
     a = random_tensor((256, 64), torch.float16, DEVICE)
     b = random_tensor((64, 512), torch.float16, DEVICE)
     for dtype in (torch.float16, torch.float32):
         gemm(a, b, torch.empty(256, 512, dtype=dtype, device=DEVICE))
-    assert seen[torch.float16] == {(128, 128), (128, 256), (256, 128)}
-    assert seen[torch.float32] == {(128, 128)}
+    assert seen[torch.float16] == {(128, 128, 1), (128, 128, 2), (128, 256, 1), (256, 128, 1)}
+    assert seen[torch.float32] == {(128, 128, 1)}
 
 
 def test_gemm_plan_holds_no_operand():
