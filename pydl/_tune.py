@@ -81,11 +81,16 @@ GEMM_SPACE = (
 # The tiles also tried on the persistent TMA kernel (kernels/triton/gemm.py gemm_tma_kernel):
 # the large ones, where the pointer kernel's per-thread address arithmetic and masks for
 # 24-36 cp.async copies a K step cost the most issue slots (`python -m bench resources gemm`),
-# each as one program a multiprocessor with one pipeline across its tiles; the 128 x 128 tile
-# also as two programs a multiprocessor (2 stages: 96 KiB each) whose pipelines drain per
-# tile, so one's products fill the tensor cores while the other runs its epilogue (Triton's
-# own persistent Hopper matmul found this faster than the flattened pipeline on an H200).
-GEMM_TMA_SPACE = ((128, 128, 64), (128, 256, 64), (256, 128, 64))
+# each as one program a multiprocessor with one pipeline across its tiles ({}: the kernel's
+# defaults) and with the schedules listed: the 128 x 128 tile also as two programs a
+# multiprocessor (2 stages: 96 KiB each) whose pipelines drain per tile, so one's products
+# fill the tensor cores while the other runs its epilogue (Triton's own persistent Hopper
+# matmul found this faster than the flattened pipeline on an H200).
+GEMM_TMA_SPACE = {
+    (128, 128, 64): ({}, dict(FLATTEN=False, PER_SM=2, num_stages=2)),
+    (128, 256, 64): ({},),
+    (256, 128, 64): ({},),
+}
 
 
 def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
@@ -107,10 +112,9 @@ def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
         tile = out[-1]
         if k <= bk:
             out.append(dict(tile, num_stages=1))
-        if tma and (bm0, bn0, bk0) in GEMM_TMA_SPACE:      # as clipped to the problem
-            out.append(dict(tile, TMA=True))
-            if (bm0, bn0) == (128, 128):
-                out.append(dict(tile, TMA=True, FLATTEN=False, PER_SM=2, num_stages=2))
+        if tma:                     # the schedules of the tile, as clipped to the problem
+            out += [dict(tile, TMA=True, **schedule)
+                    for schedule in GEMM_TMA_SPACE.get((bm0, bn0, bk0), ())]
     return unique(out)
 
 

@@ -123,7 +123,8 @@ def test_helpers():
     assert not any(c.get("TMA") for c in _tune.gemm_candidates({}, 4096, 4096, 64, 2))
     tma = [c for c in _tune.gemm_candidates({}, 4096, 4096, 64, 2, tma=True) if c.get("TMA")]
     assert sorted((c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) for c in tma) == \
-        sorted([*_tune.GEMM_TMA_SPACE, (128, 128, 64)]) and all(c["num_stages"] > 1 for c in tma)
+        sorted([(128, 128, 64), (128, 128, 64), (128, 256, 64), (256, 128, 64)]) \
+        and all(c["num_stages"] > 1 for c in tma)
     assert [(c.get("FLATTEN", True), c.get("PER_SM", 1)) for c in tma].count((False, 2)) == 1
 
 
