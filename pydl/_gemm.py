@@ -40,16 +40,48 @@ SMEM_PER_SM = 228 * 1024
 GEMM_TUNER = Tuner("gemm")
 
 
-def gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
+def gemm_config(m: int, n: int, k: int, dtype: torch.dtype, vector_loads: bool = True) -> dict:
     """The default block sizes (and, on a GPU, the first tuning candidate; pydl/_tune.py)
     for an (m x k) @ (k x n) product: up to 128 x 128 output tiles (8 warps for
     the full tile), never below 16 (tl.dot's minimum); 16-bit operands take 64-deep K steps,
-    fp32 ones 32 (the same shared-memory bytes)."""
+    fp32 ones 32 (the same shared-memory bytes).
+
+    vector_loads False (an operand whose tiles load element by element: no unit-stride axis,
+    or another stride not a multiple of 16 elements, as Triton specializes them; e.g. the
+    im2col columns of a 7x7 stem, 147 wide): 32-deep K steps and 8 warps from 128 x 64 up.
+    Each element is then its own load with its own 64-bit address in registers, (BLOCK_M +
+    BLOCK_N) BLOCK_K / threads of them a step: the 128 x 64 x 64 tile on 4 warps took 255
+    registers and spilled 392 bytes inside its K loop on sm_90 (`python -m bench resources
+    --all gemm`); 32 deep on 8 warps, 128 registers and no spill."""
     block_m, block_n = dot_block(m, 128), dot_block(n, 128)
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    block_k = dot_block(k, 64 if dtype.itemsize <= 2 else 32)
+    if vector_loads:
+        num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+        block_k = dot_block(k, 64 if dtype.itemsize <= 2 else 32)
+    else:
+        num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+        block_k = dot_block(k, 32)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
                 num_warps=num_warps, num_stages=3)
+
+
+def vector_loads(a4: torch.Tensor, b4: torch.Tensor) -> bool:
+    """Whether both operands' tiles load in vectors, as Triton proves it from the integer
+    arguments it specializes as multiples of 16: each (batched, 4-D) operand with a unit stride
+    along one of its last two axes, every other stride a multiple of 16 (broadcast axes'
+    stride 0 included), and that axis's extent too (the load masks along it are then constant
+    over 16 elements). a4 (.., M, K), b4 (.., K, N). The base addresses' alignment is
+    Triton's own per-call specialization."""
+    for t in (a4, b4):
+        strides = t.stride()
+        if strides[-1] == 1:
+            extent, rest = t.shape[-1], strides[:-1]
+        elif strides[-2] == 1:
+            extent, rest = t.shape[-2], strides[:-2] + strides[-1:]
+        else:
+            return False
+        if extent % 16 or any(s % 16 for s in rest):
+            return False
+    return True
 
 
 def _batched(t: torch.Tensor, batch: tuple[int, ...], tail: tuple[int, ...], name: str):
@@ -212,10 +244,12 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     a0 = a.transpose(-1, -2) if trans_a else a      # the caller's tensors again
     b0 = b.transpose(-1, -2) if trans_b else b
     # The last entry: whether the persistent TMA kernel is among the candidates.
+    # Whether the operands load in vectors changes the default (gemm_config) and the best tile.
+    vectors = vector_loads(a4, b4)
     tune_key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
                 bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1, bool(softcap),
-                layouts is not None)
-    cfg0 = gemm_config(M, N, K, a.dtype)
+                vectors, layouts is not None)
+    cfg0 = gemm_config(M, N, K, a.dtype, vectors)
     candidates = [c for c in gemm_candidates(cfg0, M, N, K, a.dtype.itemsize,
                                              {"GROUP_M": GROUP_M}, layouts is not None)
                   if not c.get("TMA") or _tma_fits(c, a.element_size(), out.element_size())]

@@ -323,6 +323,41 @@ def test_gemm_broadcast_batch_is_one_matrix(monkeypatch):
         assert [g[0][2] for g in grids] == [T]      # the batch kept: T programs deep
 
 
+def test_gemm_default_for_element_loads(monkeypatch):
+    """Operands that Triton cannot load in vectors (an extent or a stride not a multiple of
+    16: the 147-wide im2col columns of a 7x7 stem) take a default tile of 32-deep K steps on 8
+    warps from 128 x 64 up, one that compiles without spills for sm_90 (gemm_config); aligned
+    ones keep the 64-deep 16-bit steps on 4 warps. The default is the tuner's first candidate,
+    and the tuning key says which kind the operands are."""
+    from pydl import _gemm, _plan
+    from pydl._gemm import vector_loads
+    picked = []
+
+    def pick(key, candidates, launch, inout=()):
+        picked.append((key, candidates[0]))
+        return candidates[0]
+    monkeypatch.setattr(_gemm.GEMM_TUNER, "pick", pick)
+    _plan.clear_all()
+    try:
+        for K, vectors in ((147, False), (160, True)):
+            a = random_tensor((128, K), torch.float16, DEVICE)
+            w = random_tensor((64, K), torch.float16, DEVICE)
+            out = torch.empty(128, 64, dtype=torch.float16, device=DEVICE)
+            gemm(a, w, out, trans_b=True)
+            assert_close(out, expected(a, w, trans_b=True), torch.float16, reduction=K)
+            key, cfg = picked[-1]
+            assert key[-2] is vectors
+            assert (cfg["BLOCK_K"], cfg["num_warps"]) == ((64, 4) if vectors else (32, 8)), K
+    finally:
+        _plan.clear_all()
+    m = torch.empty(64, 48)
+    assert vector_loads(m[None, None], m.t()[None, None])           # unit stride either way
+    assert not vector_loads(m[None, None, :, :40], m[None, None])   # a 40-element extent
+    assert not vector_loads(torch.empty(64, 50)[None, None, :, :48], m[None, None])  # stride 50
+    assert not vector_loads(m[None, None, :, ::2], m[None, None])   # no unit stride
+    assert vector_loads(m.expand(3, 64, 48)[None], m[None, None])   # broadcast: stride 0
+
+
 def test_gemm_bad_arguments():
     a = torch.zeros(4, 5, device=DEVICE)
     with pytest.raises(ValueError, match="shapes"):
