@@ -251,7 +251,8 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
                 vectors, layouts is not None)
     cfg0 = gemm_config(M, N, K, a.dtype, vectors)
     candidates = [c for c in gemm_candidates(cfg0, M, N, K, a.dtype.itemsize,
-                                             {"GROUP_M": GROUP_M}, layouts is not None)
+                                             {"GROUP_M": GROUP_M}, layouts is not None,
+                                             vectors)
                   if not c.get("TMA") or _tma_fits(c, a.element_size(), out.element_size())]
     cfg = GEMM_TUNER.pick(tune_key, candidates,
                           lambda c: run(launches(c), a0, b0, out, bias, addend),

@@ -94,7 +94,8 @@ GEMM_TMA_SPACE = {
 
 
 def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
-                    extra: dict | None = None, tma: bool = False) -> list[dict]:
+                    extra: dict | None = None, tma: bool = False,
+                    vector_loads: bool = True) -> list[dict]:
     """The launcher's default followed by GEMM_SPACE clipped to an (m x k) @ (k x n) problem:
     no block larger than its extent needs, 4 warps for tiles of at most 64 x 64. A tile whose
     K block covers all of k (one step: a 1x1 convolution over 64 channels) is also tried at
@@ -102,16 +103,22 @@ def gemm_candidates(default: dict, m: int, n: int, k: int, itemsize: int,
     `tma` (the plain GEMM of one matrix whose operands TMA can address): the pipelined tiles
     of GEMM_TMA_SPACE are also tried as TMA=True, the persistent TMA kernel's (at one K step
     too: its pipeline runs across a program's tiles, loading the next ones under this one's
-    products and stores)."""
+    products and stores). `vector_loads` False (operands loaded element by element, an
+    address a register each: pydl/_gemm.py gemm_config): the pointer kernel's tiles up to
+    128 x 128, at most 32 deep, 8 warps from 128 x 64 up; deeper, wider or on fewer warps
+    they spilled inside the K loop on sm_90 (the 7x7 stem's im2col products)."""
     out = [default]
     for bm0, bn0, bk0, warps, stages in GEMM_SPACE:
         bm, bn = dot_block(m, bm0), dot_block(n, bn0)
         bk = dot_block(k, bk0 if itemsize <= 2 else bk0 // 2)
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **(extra or {}),
-                        num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
-        tile = out[-1]
-        if k <= bk:
-            out.append(dict(tile, num_stages=1))
+        tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **(extra or {}),
+                    num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages)
+        pointer = tile if vector_loads else None if bm * bn > 128 * 128 else dict(
+            tile, BLOCK_K=min(bk, dot_block(k, 32)), num_warps=8 if bm * bn >= 128 * 64 else 4)
+        if pointer is not None:
+            out.append(pointer)
+            if k <= pointer["BLOCK_K"]:
+                out.append(dict(pointer, num_stages=1))
         if tma:                     # the schedules of the tile, as clipped to the problem
             out += [dict(tile, TMA=True, **schedule)
                     for schedule in GEMM_TMA_SPACE.get((bm0, bn0, bk0), ())]

@@ -126,6 +126,14 @@ def test_helpers():
         sorted([(128, 128, 64), (128, 128, 64), (128, 256, 64), (256, 128, 64)]) \
         and all(c["num_stages"] > 1 for c in tma)
     assert [(c.get("FLATTEN", True), c.get("PER_SM", 1)) for c in tma].count((False, 2)) == 1
+    # operands loaded element by element: the pointer tiles up to 128 x 128, at most 32 deep,
+    # 8 warps from 128 x 64 up (the TMA kernel's tiles, which load no element alone, as they are)
+    elem = _tune.gemm_candidates({}, 4096, 4096, 4096, 2, tma=True, vector_loads=False)
+    pointer = [c for c in elem[1:] if not c.get("TMA")]
+    assert pointer and all(c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128 and c["BLOCK_K"] <= 32
+                           and c["num_warps"] == (8 if c["BLOCK_M"] * c["BLOCK_N"] >= 128 * 64
+                                                  else 4) for c in pointer)
+    assert [c for c in elem if c.get("TMA")] == tma
 
 
 def test_gemm_accumulate_is_not_doubled_by_trials(tuning, monkeypatch):
