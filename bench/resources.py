@@ -1471,10 +1471,15 @@ def _findings(rows: list[dict], launched: set, kernels: dict[str, list[str]]) ->
     for r in failed:
         out.append(f"  {name(r)}\n    {r['verdict']}")
     spills = [r for r in rows if "spills" in r["verdict"]]
-    out.append(f"SPILLS ({len(spills)}):" if spills else "SPILLS: none")
+    # what runs untuned (emulation, PYDL_TUNE=0, a key with one candidate): the first
+    # candidate of a tuned kernel, or a kernel without a tuner; the rule is no spill there
+    defaults = sum(r["candidate"] in (0, None) for r in spills)
+    out.append(f"SPILLS ({len(spills)}; {defaults} in a default configuration, marked *):"
+               if spills else "SPILLS: none")
     for r in spills:
-        out.append(f"  {name(r)}: {_spill_bytes(r)} bytes spilled, {r['regs']} registers, "
-                   f"{_local_text(r)}")
+        mark = "*" if r["candidate"] in (0, None) else " "
+        out.append(f"  {mark}{name(r)}: {_spill_bytes(r)} bytes spilled, {r['regs']} "
+                   f"registers, {_local_text(r)}")
     frames = [r for r in rows if "regs" in r and (r["stack"] or r["local"])
               and "spills" not in r["verdict"]]
     if frames:

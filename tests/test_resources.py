@@ -121,6 +121,21 @@ def test_verdicts():
     assert resources.verdict(dict(fits, spill_stores=0, spill_loads=0, stack=8), 90) == "ok"
 
 
+def test_findings_mark_the_default_configurations_that_spill():
+    """--all's summary marks the spills of what runs untuned (a tuned kernel's first
+    candidate, a kernel without a tuner): the rule is none there; a later candidate's spill
+    only costs the tuner a trial."""
+    def row(candidate, spill):
+        return dict(kernel="gemm", case="c", candidate=candidate, constexpr_args={},
+                    num_warps=4, regs=255, spill_stores=spill, stack=spill, local=0,
+                    local_instrs=3, local_in_loops=1, verdict="spills" if spill else "ok")
+    text = resources._findings([row(0, 8), row(None, 4), row(3, 16), row(1, 0)], set(), {})
+    assert "SPILLS (3; 2 in a default configuration, marked *):" in text
+    marked = [ln for ln in text.splitlines() if ln.startswith("  *")]
+    assert [ln.split()[:3] for ln in marked] == [["*gemm", "[c]", "#0"], ["*gemm", "[c]", "#-"]]
+    assert any(ln.startswith("   gemm [c] #3") for ln in text.splitlines())
+
+
 def test_local_accesses_inside_and_outside_loops():
     """Spilled registers saved before a loop and restored after it are not in the loop; an
     access between a backward branch and its target is, nested or not."""
