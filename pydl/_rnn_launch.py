@@ -74,7 +74,7 @@ from ._launch import (
 )
 from ._numba_launch import DYNAMIC, NumbaLaunch, numba_blocks, numba_threads
 from ._plan import GRID_YZ_MAX, Launch, launch_each
-from ._tune import Tuner, bucket
+from ._tune import Tuner, aliased, bucket, unique
 
 F32 = torch.float32
 ALGOS = ("persistent", "steps")     # algo= of the layers, the default first
@@ -448,6 +448,36 @@ def tile_configs(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: t
                                 FWD_SPACE)
 
 
+# The recurrent layers' own GEMMs (kernels/triton/rnn.py gemm_batched: the weight gradients
+# summed over time and the input gradient, an fp32 gate gradient times a 16-bit weight or
+# input by the "split" rule, and a batch of products that the shared GEMM does not fold):
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), tried after the default on a GPU.
+RNN_GEMM_TUNER = Tuner("rnn_gemm")
+RNN_GEMM_SPACE = (
+    (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 64, 32, 4, 3),
+    (64, 128, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+)
+
+
+def rnn_gemm_candidates(M: int, N: int, K: int) -> list[dict]:
+    """gemm_batched's default, then RNN_GEMM_SPACE clipped to the product: 128 x 128 tiles on
+    8 warps for the big products (a layer's weight and input gradients over all T*B rows, K
+    >= 512: each operand re-read from L2 half as often as at 64 x 64), 64 x 64 on 4 below;
+    32-deep K steps (an fp32 operand's tile is twice a 16-bit one's bytes)."""
+    big = M >= 128 and N >= 128 and K >= 512
+    side = 128 if big else 64
+    out = [dict(BLOCK_M=dot_block(M, side), BLOCK_N=dot_block(N, side),
+                BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)]
+    for bm, bn, bk, warps, stages in RNN_GEMM_SPACE:
+        bm, bn = dot_block(M, bm), dot_block(N, bn)
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=dot_block(K, bk),
+                        num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
+    return unique(out)
+
+
 class TritonRNN:
     """The Triton launches every recurrent layer shares: the recurrence launch, the GEMMs
     (input projection, weight and input gradients), the bias column sums, dropout's product.
@@ -526,18 +556,23 @@ class TritonRNN:
             # the fp32 operand goes first ("split" splits the first): out^T = b^T a^T
             if bias is not None:
                 raise ValueError("gemm: a bias needs the fp32 operand first")
+            tensors = (b, a, out if addend is None else addend, out, out)
             launch = cls._batched(b4.transpose(2, 3), a4.transpose(2, 3), out4.transpose(2, 3),
-                                  None if c4 is None else c4.transpose(2, 3), None, model)
+                                  None if c4 is None else c4.transpose(2, 3), None, model,
+                                  tensors)
             return lambda a, b, out, bias, addend: launch(
                 b, a, out if addend is None else addend, out, out)
-        launch = cls._batched(a4, b4, out4, c4, bias, model)
+        tensors = (a, b, out if addend is None else addend, out, out if bias is None else bias)
+        launch = cls._batched(a4, b4, out4, c4, bias, model, tensors)
         return lambda a, b, out, bias, addend: launch(
             a, b, out if addend is None else addend, out, out if bias is None else bias)
 
     @classmethod
-    def _batched(cls, a, b, out, addend, bias, model) -> Launch:
+    def _batched(cls, a, b, out, addend, bias, model, tensors) -> Launch:
         """The Launch of kernels/triton/rnn.py gemm_batched for 4-D views (out's second batch
-        axis of size 1 sums over the operands'): tensors (a, b, addend, out, bias)."""
+        axis of size 1 sums over the operands'): tensors (a, b, addend, out, bias), `tensors`
+        the call's own in that order (the tuner's trials launch on them; out restored where
+        the addend is out)."""
         from .kernels.triton import rnn as k
         B1, B2c, M, N = out.shape
         K = a.shape[3]
@@ -548,19 +583,24 @@ class TritonRNN:
             return (tuple(0 if t.shape[i] == 1 else t.stride(i) for i in (0, 1))
                     + tuple(t.stride()[2:]))
 
-        # 128 x 128 tiles for the big products (a layer's weight and input gradients over all
-        # T*B rows): each operand re-read from L2 half as often as at 64 x 64
-        big = M >= 128 and N >= 128 and K >= 512
-        side = 128 if big else 64
-        cfg = dict(BLOCK_M=dot_block(M, side), BLOCK_N=dot_block(N, side),
-                   BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)
-        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), min(B1 * B2c, GRID_YZ_MAX))
         scalars = (M, N, K, B1 * B2c, B2c, n_red, *batch_strides(a), *batch_strides(b),
                    *(batch_strides(addend) if addend is not None else (0,) * 4), *out.stride(),
                    *((0, bias.stride(0)) if bias is not None else (0, 0)))
-        return Launch(k.gemm_batched, grid, scalars,
-                      dict(ACCUMULATE=addend is not None, HAS_BIAS=bias is not None,
-                           PRECISION=cls.precision(a.dtype, b.dtype, model), **cfg))
+        precision = cls.precision(a.dtype, b.dtype, model)
+        flags = dict(ACCUMULATE=addend is not None, HAS_BIAS=bias is not None,
+                     PRECISION=precision)
+
+        def make(cfg: dict) -> Launch:
+            grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),
+                    min(B1 * B2c, GRID_YZ_MAX))
+            return Launch(k.gemm_batched, grid, scalars, dict(flags, **cfg))
+
+        key = ("gemm_batched", a.dtype, b.dtype, out.dtype, precision, bucket(M), bucket(N),
+               bucket(K), bucket(B1 * B2c, lo=1, hi=1 << 10), n_red > 1, addend is not None,
+               bias is not None, a.stride(3) == 1, b.stride(2) == 1)
+        cfg = RNN_GEMM_TUNER.pick(key, rnn_gemm_candidates(M, N, K), lambda c: make(c)(*tensors),
+                                  inout=aliased((tensors[3],), (tensors[2],)))
+        return make(cfg)
 
     @staticmethod
     def bias_grad_plan(dg, db1, db2) -> Callable:

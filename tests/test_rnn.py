@@ -67,6 +67,29 @@ def test_layers_on_the_tma_gemm(monkeypatch, kind, dtype):
     assert any(offered) and grids, (offered, grids)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("pick", [1, 2, -1])
+def test_layers_on_each_rnn_gemm_candidate(monkeypatch, kind, pick):
+    """The layers' own GEMM (gemm_batched: the weight gradients summed over time, an fp32
+    gate gradient times a 16-bit input by the "split" rule) on one of its tuning candidates
+    instead of the default (the tuner's choice on a GPU), against the float64 reference and
+    torch: a 16-bit stack of 2 layers, both directions, 4H = 128 gate rows."""
+    from pydl import _plan, _rnn_launch
+    taken = []
+
+    def take(key, candidates, launch, inout=()):
+        cfg = candidates[min(pick, len(candidates) - 1)]
+        taken.append((cfg, candidates[0]))
+        return cfg
+    monkeypatch.setattr(_rnn_launch.RNN_GEMM_TUNER, "pick", take)
+    _plan.clear_all()
+    try:
+        check_layer("triton", None, torch.float16, 3, 2, 24, 32, 2, True, kind=kind)
+    finally:
+        _plan.clear_all()
+    assert any(cfg != default for cfg, default in taken), taken
+
+
 def _saved_gate_activations(out, H):
     """The per-step gate activations (fp32 (T, B, 4H)) the layer's autograd node keeps, and
     every tensor it holds."""
