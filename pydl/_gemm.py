@@ -243,8 +243,8 @@ def _plan(a, b, out, trans_a, trans_b, alpha, bias, addend, precision, softcap=0
     # which operand is contiguous along K changes the loads, so it is part of the key.
     a0 = a.transpose(-1, -2) if trans_a else a      # the caller's tensors again
     b0 = b.transpose(-1, -2) if trans_b else b
-    # The last entry: whether the persistent TMA kernel is among the candidates.
-    # Whether the operands load in vectors changes the default (gemm_config) and the best tile.
+    # Whether the operands load in vectors changes the default (gemm_config) and the best
+    # tile. The key's last entry: whether the persistent TMA kernel is among the candidates.
     vectors = vector_loads(a4, b4)
     tune_key = (a.dtype, out.dtype, precision, bucket(M), bucket(N), bucket(K), addend is not None,
                 bias4 is not None, a4.stride(-1) == 1, b4.stride(-2) == 1, bool(softcap),

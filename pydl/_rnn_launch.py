@@ -599,7 +599,8 @@ class TritonRNN:
                bucket(K), bucket(B1 * B2c, lo=1, hi=1 << 10), n_red > 1, addend is not None,
                bias is not None, a.stride(3) == 1, b.stride(2) == 1)
         cfg = RNN_GEMM_TUNER.pick(key, rnn_gemm_candidates(M, N, K), lambda c: make(c)(*tensors),
-                                  inout=aliased((tensors[3],), (tensors[2],)))
+                                  inout=() if addend is None else aliased((tensors[3],),
+                                                                          (tensors[2],)))
         return make(cfg)
 
     @staticmethod
