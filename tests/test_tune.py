@@ -340,6 +340,18 @@ def test_every_rnn_step_candidate(tuning, monkeypatch, kind, algo):
     assert len(trials) > len(spaces[f"{kind}_layer_bwd"])
 
 
+def test_rnn_gemm_trials_restore_what_they_accumulate(tuning, monkeypatch):
+    """A 16-bit layer's weight gradient adds its h0 term to the product over time (the
+    layers' own GEMM, gemm_batched, with an addend): trial launches that really run, as the
+    device clock's do, leave no trace (an output that is its own addend is restored by the
+    tuner), so the gradients match the float64 reference and torch."""
+    from rnn_checks import check_layer
+    trials = _real_trials(monkeypatch)
+    check_layer("triton", "steps", torch.float16, 2, 20, 24, 40, kind="lstm")
+    keys = [key for key, _ in _tune.Tuner.all["rnn_gemm"].trials]
+    assert any(key[10] for key in keys) and len(trials) > len(keys)  # an accumulating one
+
+
 @pytest.mark.parametrize("kind,proj,chunked", [("lstm", 3, False), ("gru", 0, False),
                                                ("lstm", 3, True)])
 @pytest.mark.parametrize("algo", ["steps", None])
