@@ -312,7 +312,8 @@ def test_list_shows_every_suite_and_algorithm_variants(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     for op in ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "attention", "lstm",
-               "gru", "lstm_cell", "gru_cell", "softmax", "cross_entropy"):
+               "gru", "lstm_cell", "gru_cell", "softmax", "cross_entropy", "max_pool1d",
+               "avg_pool1d", "adaptive_avg_pool1d"):
         assert f"\n{op}: " in "\n" + out, op
     for name in ("triton-implicit", "triton-im2col", "numba-im2col", "triton-flash",
                  "triton-naive", "torch-cudnn (GPU only)", "torch-flash (GPU only)",
@@ -340,7 +341,8 @@ def test_variants_of_the_new_suites():
     for name in ("torch-flash", "torch-cudnn"):
         assert attn[name].gpu_only and attn[name].kind == "torch" and attn[name].backend == "torch"
     assert attn["torch"].kind == "baseline" and not attn["torch"].gpu_only
-    for op in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d"):
+    for op in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "max_pool1d", "avg_pool1d",
+               "adaptive_avg_pool1d"):
         assert _names(op) == ["triton", "numba", "torch"]
     for op in ("lstm", "gru"):
         assert _names(op) == ["triton-persistent", "triton-persistent-recompute", "triton-steps",
@@ -475,6 +477,21 @@ def test_flop_and_byte_conventions():
     assert ap.bytes(case, torch.float32, "bwd") == 4 * (case.numel + case.out_numel)
     head = s["adaptive_avg_pool2d"].cases("quick")[0]
     assert head.shape == (256, 2048, 7, 7) and head.out_numel == 256 * 2048
+    # the 1-d pools: an (N, C, L) signal, its windows along L only
+    mp1 = s["max_pool1d"]
+    m5 = mp1.cases("quick")[0]
+    x, y = 64 * 128 * 7981, 64 * 128 * 1995
+    assert m5.out_numel == y and mp1.bytes(m5, torch.bfloat16, "bwd") == 2 * (x + y) + y
+    assert mp1.reduction_lengths(m5) == (4, 1) and mp1.flops(m5, "fwd") == 4 * y
+    funnel = s["avg_pool1d"].cases("quick")[0]
+    assert s["avg_pool1d"].reduction_lengths(funnel) == (2, 1) and funnel.out_numel == \
+        32 * 768 * 256
+    mean = s["adaptive_avg_pool1d"].cases("quick")[0]
+    assert s["adaptive_avg_pool1d"].reduction_lengths(mean) == (1500, 1) and \
+        mean.out_numel == 64 * 512
+    (xt,) = mp1.make_inputs(mp1.cases("full")[-1], torch.float32, "cpu",
+                            torch.Generator().manual_seed(0))
+    assert xt.shape == (64, 128, 7981) and xt.stride() == (128 * 7981, 1, 128)  # (N, L, C)
 
 
 def test_skips_for_algorithm_limits_and_torch_backend_dtypes():

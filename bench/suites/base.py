@@ -196,13 +196,11 @@ class Suite:
 
     def grad_output(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The upstream gradient used for backward: normal random like the output, in the
-        output's memory format (what the layer after a channels_last layer sends back; an NCHW
-        gradient would make every implementation convert it first)."""
+        output's memory layout (what the layer after sends back: a channels_last image's, or an
+        (N, L, C) sequence's transposed view; a contiguous gradient would make every
+        implementation convert it first)."""
         g = randn(out.shape, out.dtype, out.device, generator)
-        if out.dim() == 4 and not out.is_contiguous() \
-                and out.is_contiguous(memory_format=torch.channels_last):
-            g = g.contiguous(memory_format=torch.channels_last)
-        return g
+        return g if out.is_contiguous() else torch.empty_like(out).copy_(g)
 
     # --- generic ---------------------------------------------------------------------
     def cases(self, shape_set: str) -> tuple[Case, ...]:

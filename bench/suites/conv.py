@@ -358,12 +358,6 @@ class Conv1dSuite(Conv2dSuite):
         wt = randn((case.out_channels, c // case.groups, case.kernel), dtype, device, generator)
         return (x.transpose(1, 2) if case.channels_last else x), wt
 
-    def grad_output(self, out, generator):
-        """In the output's layout, as the base class's for a channels_last image: an (N, L, C)
-        output gets an (N, L, C) gradient (a sequence model transposes it back)."""
-        g = randn(out.shape, out.dtype, out.device, generator)
-        return g if out.is_contiguous() else torch.empty_like(out).copy_(g)
-
 
 SUITES = [Conv2dSuite(), DepthwiseConv2dSuite(), Conv1dSuite(),
           Conv1dSuite("conv1d_depthwise", DEPTHWISE_CONV1D, "memory")]

@@ -13,6 +13,14 @@ Shapes (input (N, C, H, W); bf16 channels_last is the main set, NCHW alongside):
   adaptive_avg_pool2d   global average pooling of classifier heads: ResNet-50 (2048x7x7) at
                 batch 256, Inception-v3 (2048x8x8), MobileNetV2 / EfficientNet-B0 (1280x7x7)
   tiny          emulation checks: small fp32 / fp16 inputs, NCHW and channels_last
+  max_pool1d, avg_pool1d, adaptive_avg_pool1d (pydl's 1-d pools: the 2-d kernels on a 1 x L
+                image; input (N, C, L), or an (N, L, C) sequence transposed, as a sequence
+                model's activation arrives): M5's first pool, 4/4 over 128 channels of 7981
+                samples (Dai et al. 2017, raw-waveform CNNs: 4 s at 8 kHz after its 80/4 conv)
+                at batch 64; Funnel-Transformer's sequence pooling, 2/2 mean over 512 tokens
+                of a BERT-base-wide (768) activation at batch 32 (Dai et al. 2020); the global
+                average over the 1500 frames of a Whisper-base encoder output (512 wide), an
+                audio classification head's pooling, at batch 64
 
 Memory-bound: judged against the measured copy bandwidth. Minimal bytes (s = element size,
 X input elements, Y output elements):
@@ -29,6 +37,7 @@ backward (KH KW Y each way; global pooling: X).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +68,26 @@ class PoolCase(Case):
     def out_numel(self) -> int:
         oh, ow = self.out_hw
         return self.shape[0] * self.shape[1] * oh * ow
+
+
+@dataclass(frozen=True)
+class Pool1dCase(PoolCase):
+    """shape = the input (N, C, L); channels_last: laid out (N, L, C) (a transposed sequence)."""
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        length = self.shape[2]
+        if self.kernel == 0:
+            return 1, 1
+        return 1, (length + 2 * self.padding - self.kernel) // self.stride + 1
+
+
+def _case1d(name, n, c, length, k, s, p, source, dtype=BF16, channels_last=False) -> Pool1dCase:
+    layout = "(N, L, C)" if channels_last else "(N, C, L)"
+    window = f"{k}/{s}" + (f" pad {p}" if p else "") if k else "global (length 1 output)"
+    return Pool1dCase(name, (n, c, length), dtype, f"{source}: {window} on {c} x {length}, "
+                      f"batch {n}, {layout}", kernel=k, stride=s, padding=p,
+                      channels_last=channels_last)
 
 
 def _case(name, n, c, h, k, s, p, source, dtype=BF16, channels_last=True) -> PoolCase:
@@ -135,16 +164,63 @@ ADAPTIVE_SHAPES["full"] = ADAPTIVE_SHAPES["quick"] + (
 )
 
 
-class PoolSuite(Suite):
-    """kind: "max", "avg" or "adaptive" (global average)."""
+MAX1D_SHAPES: dict[str, tuple[Case, ...]] = {
+    "tiny": (
+        _case1d("tiny-1d-3s2", 2, 8, 37, 3, 2, 1, "emulation check: overlapping windows with "
+                "padding, ragged length", F32),
+        _case1d("tiny-1d-4s4-nlc", 1, 4, 16, 4, 4, 0, "emulation check: M5's 4/4", F16,
+                channels_last=True),
+    ),
+    "quick": (
+        _case1d("m5-pool1", 64, 128, 7981, 4, 4, 0, "M5 raw-waveform CNN pool1"),
+    ),
+}
+MAX1D_SHAPES["full"] = MAX1D_SHAPES["quick"] + (
+    _case1d("m5-pool1-nlc", 64, 128, 7981, 4, 4, 0, "M5 raw-waveform CNN pool1",
+            channels_last=True),)
+AVG1D_SHAPES: dict[str, tuple[Case, ...]] = {
+    "tiny": (
+        _case1d("tiny-1d-2s2-nlc", 2, 6, 17, 2, 2, 0, "emulation check: Funnel's 2/2 on a "
+                "ragged length", F32, channels_last=True),
+        _case1d("tiny-1d-3s1", 1, 4, 9, 3, 1, 1, "emulation check: 3/1 pad 1 (padding "
+                "counted in the divisor)", F16),
+    ),
+    "quick": (
+        _case1d("funnel-512", 32, 768, 512, 2, 2, 0, "Funnel-Transformer sequence pooling",
+                channels_last=True),
+    ),
+}
+AVG1D_SHAPES["full"] = AVG1D_SHAPES["quick"] + (
+    _case1d("funnel-512-ncl", 32, 768, 512, 2, 2, 0, "Funnel-Transformer sequence pooling"),)
+ADAPTIVE1D_SHAPES: dict[str, tuple[Case, ...]] = {
+    "tiny": (
+        _case1d("tiny-1d-global-nlc", 2, 8, 15, 0, 0, 0, "emulation check: global pooling",
+                F16, channels_last=True),
+    ),
+    "quick": (
+        _case1d("whisper-base-mean", 64, 512, 1500, 0, 0, 0, "Whisper-base encoder output, "
+                "an audio classification head's mean over time", channels_last=True),
+    ),
+}
+ADAPTIVE1D_SHAPES["full"] = ADAPTIVE1D_SHAPES["quick"]
 
-    def __init__(self, kind: str):
-        self.kind = kind
-        op = {"max": "max_pool2d", "avg": "avg_pool2d", "adaptive": "adaptive_avg_pool2d"}[kind]
-        shapes = {"max": MAX_SHAPES, "avg": AVG_SHAPES, "adaptive": ADAPTIVE_SHAPES}[kind]
+
+class PoolSuite(Suite):
+    """kind: "max", "avg" or "adaptive" (global average); dims 2 (the 2-d pools) or 1
+    (pydl's 1-d pools on the same kernels)."""
+
+    def __init__(self, kind: str, dims: int = 2):
+        self.kind, self.dims = kind, dims
+        op = {"max": "max_pool", "avg": "avg_pool", "adaptive": "adaptive_avg_pool"}[kind] + \
+            f"{dims}d"
+        shapes = ({"max": MAX_SHAPES, "avg": AVG_SHAPES, "adaptive": ADAPTIVE_SHAPES} if dims == 2
+                  else {"max": MAX1D_SHAPES, "avg": AVG1D_SHAPES,
+                        "adaptive": ADAPTIVE1D_SHAPES})[kind]
         notes = (f"{op}(x, output_size=1): global average pooling" if kind == "adaptive" else
                  f"{op}(x, kernel_size, stride, padding)")
-        super().__init__(op=op, registry_op=op, shape_sets=shapes, bound="memory", notes=notes)
+        # the 1-d pools run the 2-d kernels (a 1 x L image): the registry's 2-d entry
+        super().__init__(op=op, registry_op=op[:-2] + "2d", shape_sets=shapes, bound="memory",
+                         notes=notes)
 
     def options(self, case):
         if self.kind == "adaptive":
@@ -152,39 +228,50 @@ class PoolSuite(Suite):
         return {"kernel_size": case.kernel, "stride": case.stride, "padding": case.padding}
 
     def make_inputs(self, case, dtype, device, generator):
+        if self.dims == 1:
+            n, c, length = case.shape
+            x = randn((n, length, c) if case.channels_last else case.shape, dtype, device,
+                      generator)
+            return (x.transpose(1, 2) if case.channels_last else x,)
         fmt = torch.channels_last if case.channels_last else torch.contiguous_format
         return (randn(case.shape, dtype, device, generator).contiguous(memory_format=fmt),)
 
+    def _fn(self, module):
+        """The op of this kind and dims in `module` (pydl or torch.nn.functional)."""
+        return getattr(module, self.op)
+
     def pydl_fn(self, backend, algo=None):
         import pydl
+        f = self._fn(pydl)
         if self.kind == "adaptive":
-            return lambda x: pydl.adaptive_avg_pool2d(x, 1, backend=backend)
-        f = pydl.max_pool2d if self.kind == "max" else pydl.avg_pool2d
+            return lambda x: f(x, 1, backend=backend)
         return lambda x, kernel_size, stride, padding: f(x, kernel_size, stride, padding,
                                                           backend=backend)
 
     def torch_fn(self):
-        F = torch.nn.functional
+        f = self._fn(torch.nn.functional)
         if self.kind == "adaptive":
-            return lambda x: F.adaptive_avg_pool2d(x, 1)
-        f = F.max_pool2d if self.kind == "max" else F.avg_pool2d
+            return lambda x: f(x, 1)
         return lambda x, kernel_size, stride, padding: f(x, kernel_size, stride, padding)
 
-    def reduction_length(self, case):
+    def _window(self, case) -> int:
+        """Input elements a window covers (the whole image or signal for global pooling)."""
         if self.kind == "adaptive":
-            return case.shape[2] * case.shape[3]
-        return case.kernel * case.kernel
+            return math.prod(case.shape[2:])
+        return case.kernel ** self.dims
+
+    def reduction_length(self, case):
+        return self._window(case)
 
     def reduction_lengths(self, case):
-        k = self.reduction_length(case)
+        k = self._window(case)
         if self.kind == "adaptive":
             return (k, 1)          # each input's gradient is one output's gradient, scaled
-        overlap = -(-case.kernel // case.stride) ** 2   # windows that cover one input element
+        overlap = -(-case.kernel // case.stride) ** self.dims   # windows over one input element
         return (k, overlap)
 
     def flops(self, case, direction):
-        per = (case.shape[0] * case.shape[1] * case.shape[2] * case.shape[3]
-               if self.kind == "adaptive" else case.kernel * case.kernel * case.out_numel)
+        per = case.numel if self.kind == "adaptive" else self._window(case) * case.out_numel
         return per * (2 if direction == "fwd+bwd" else 1)
 
     def bytes(self, case, dtype, direction):
@@ -194,4 +281,5 @@ class PoolSuite(Suite):
         return {"fwd": data, "bwd": data + index, "fwd+bwd": 2 * data + 2 * index}[direction]
 
 
-SUITES = [PoolSuite("max"), PoolSuite("avg"), PoolSuite("adaptive")]
+SUITES = [PoolSuite("max"), PoolSuite("avg"), PoolSuite("adaptive"),
+          PoolSuite("max", 1), PoolSuite("avg", 1), PoolSuite("adaptive", 1)]
