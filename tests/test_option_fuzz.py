@@ -475,3 +475,28 @@ def test_conv_layout_route(request, monkeypatch, route):
     finally:
         _plan.clear_all()      # nor one built with it later calls
     assert any(taken) or os.environ.get("PYDL_FUZZ_SEED") is not None
+
+
+if __name__ == "__main__":
+    # `python tests/test_option_fuzz.py [tiny|medium] N FIRST_SEED [ops...]`: a long run outside
+    # pytest, N seeds of every variant of each op (default: all), each failure printed with its
+    # seed (rerun one with PYDL_FUZZ_SEED=<seed> and -k). Emulation unless a GPU is present.
+    import sys
+    import time
+    size, n, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    fails = 0
+    for op in sys.argv[4:] or list(OPS):
+        make, variants = OPS[op]
+        for backend, algo in variants:
+            t0, failed = time.time(), 0
+            for seed in range(first, first + n):
+                try:
+                    _run(None, make, backend, algo, size=size, seeds=[seed])
+                except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
+                    failed += 1
+                    print(f"FAIL {op} {backend} {algo} seed {seed}: {type(exc).__name__}: "
+                          f"{str(exc)[:600]}", flush=True)
+            fails += failed
+            print(f"# {op} {backend} {algo}: {n} seeds from {first}, {failed} failed, "
+                  f"{time.time() - t0:.0f} s", flush=True)
+    sys.exit(1 if fails else 0)
