@@ -74,7 +74,7 @@ from ._launch import (
 )
 from ._numba_launch import DYNAMIC, NumbaLaunch, numba_blocks, numba_threads
 from ._plan import GRID_YZ_MAX, Launch, launch_each
-from ._tune import Tuner, aliased, bucket, unique
+from ._tune import Tuner, aliased, bucket, gemm_candidates
 
 F32 = torch.float32
 ALGOS = ("persistent", "steps")     # algo= of the layers, the default first
@@ -450,32 +450,27 @@ def tile_configs(name: str, B: int, H: int, K: int, dtype: torch.dtype, flags: t
 
 # The recurrent layers' own GEMMs (kernels/triton/rnn.py gemm_batched: the weight gradients
 # summed over time and the input gradient, an fp32 gate gradient times a 16-bit weight or
-# input by the "split" rule, and a batch of products that the shared GEMM does not fold):
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), tried after the default on a GPU.
+# input by the "split" rule, and a batch of products that the shared GEMM does not fold),
+# tuned over the shared GEMM's tiles after their own default.
 RNN_GEMM_TUNER = Tuner("rnn_gemm")
-RNN_GEMM_SPACE = (
-    (128, 128, 32, 8, 3),
-    (128, 128, 64, 8, 3),
-    (128, 64, 32, 4, 3),
-    (64, 128, 32, 4, 3),
-    (64, 64, 32, 4, 3),
-)
 
 
-def rnn_gemm_candidates(M: int, N: int, K: int) -> list[dict]:
-    """gemm_batched's default, then RNN_GEMM_SPACE clipped to the product: 128 x 128 tiles on
-    8 warps for the big products (a layer's weight and input gradients over all T*B rows, K
-    >= 512: each operand re-read from L2 half as often as at 64 x 64), 64 x 64 on 4 below;
-    32-deep K steps (an fp32 operand's tile is twice a 16-bit one's bytes)."""
+def rnn_gemm_candidates(M: int, N: int, K: int, itemsize: int) -> list[dict]:
+    """gemm_batched's default, then the shared GEMM's tiles (pydl/_tune.py GEMM_SPACE) clipped
+    to the product, as deep as for `itemsize` (the first operand's: an fp32 gate gradient's
+    tile is twice a 16-bit one's bytes), those of at most 128 rows and columns, the 128 x 128
+    one on 8 warps only: a "split" product holds both 16-bit halves of its fp32 operand, and
+    the wider tiles, or 128 x 128 on 4 warps, spilled 48-256 bytes on sm_90 (`python -m bench
+    resources rnn_gemm`). The default: 128 x 128 x 32 on 8 warps for the big products (a
+    layer's weight and input gradients over all T*B rows, K >= 512: each operand re-read from
+    L2 half as often as at 64 x 64), 64 x 64 x 32 on 4 below."""
     big = M >= 128 and N >= 128 and K >= 512
     side = 128 if big else 64
-    out = [dict(BLOCK_M=dot_block(M, side), BLOCK_N=dot_block(N, side),
-                BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)]
-    for bm, bn, bk, warps, stages in RNN_GEMM_SPACE:
-        bm, bn = dot_block(M, bm), dot_block(N, bn)
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=dot_block(K, bk),
-                        num_warps=warps if bm * bn > 64 * 64 else 4, num_stages=stages))
-    return unique(out)
+    default = dict(BLOCK_M=dot_block(M, side), BLOCK_N=dot_block(N, side),
+                   BLOCK_K=dot_block(K, 32), num_warps=8 if big else 4)
+    return [c for c in gemm_candidates(default, M, N, K, itemsize)
+            if max(c["BLOCK_M"], c["BLOCK_N"]) <= 128
+            and (c["BLOCK_M"] * c["BLOCK_N"] < 128 * 128 or c["num_warps"] == 8)]
 
 
 class TritonRNN:
@@ -598,7 +593,8 @@ class TritonRNN:
         key = ("gemm_batched", a.dtype, b.dtype, out.dtype, precision, bucket(M), bucket(N),
                bucket(K), bucket(B1 * B2c, lo=1, hi=1 << 10), n_red > 1, addend is not None,
                bias is not None, a.stride(3) == 1, b.stride(2) == 1)
-        cfg = RNN_GEMM_TUNER.pick(key, rnn_gemm_candidates(M, N, K), lambda c: make(c)(*tensors),
+        cfg = RNN_GEMM_TUNER.pick(key, rnn_gemm_candidates(M, N, K, a.element_size()),
+                                  lambda c: make(c)(*tensors),
                                   inout=() if addend is None else aliased((tensors[3],),
                                                                           (tensors[2],)))
         return make(cfg)
