@@ -136,6 +136,15 @@ def test_findings_mark_the_default_configurations_that_spill():
     assert any(ln.startswith("   gemm [c] #3") for ln in text.splitlines())
 
 
+def test_defaults_keep_what_runs_untuned():
+    """--defaults: a tuned kernel's first candidate, a kernel without a tuner, a problem whose
+    capture failed; not the later candidates."""
+    rows = [dict(candidate=0), dict(candidate=None), dict(candidate=2),
+            dict(candidate=None, job=None, error="capture failed")]
+    assert resources.defaults(rows) == [rows[0], rows[1], rows[3]]
+    assert resources.build_parser().parse_args(["--defaults", "gemm"]).defaults
+
+
 def test_local_accesses_inside_and_outside_loops():
     """Spilled registers saved before a loop and restored after it are not in the loop; an
     access between a backward branch and its target is, nested or not."""
