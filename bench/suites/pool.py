@@ -254,24 +254,22 @@ class PoolSuite(Suite):
             return lambda x: f(x, 1)
         return lambda x, kernel_size, stride, padding: f(x, kernel_size, stride, padding)
 
-    def _window(self, case) -> int:
+    def reduction_length(self, case):
         """Input elements a window covers (the whole image or signal for global pooling)."""
         if self.kind == "adaptive":
             return math.prod(case.shape[2:])
         return case.kernel ** self.dims
 
-    def reduction_length(self, case):
-        return self._window(case)
-
     def reduction_lengths(self, case):
-        k = self._window(case)
+        k = self.reduction_length(case)
         if self.kind == "adaptive":
             return (k, 1)          # each input's gradient is one output's gradient, scaled
         overlap = -(-case.kernel // case.stride) ** self.dims   # windows over one input element
         return (k, overlap)
 
     def flops(self, case, direction):
-        per = case.numel if self.kind == "adaptive" else self._window(case) * case.out_numel
+        per = case.numel if self.kind == "adaptive" else self.reduction_length(case) * \
+            case.out_numel
         return per * (2 if direction == "fwd+bwd" else 1)
 
     def bytes(self, case, dtype, direction):
